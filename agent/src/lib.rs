@@ -1,0 +1,1 @@
+//! The tokenfleet fleet agent (being written).

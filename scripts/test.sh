@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: `bash scripts/test.sh` from anywhere in the checkout.
+#
+#   1. install the real components the tests use (scripts/test-setup.sh; quick when present)
+#   2. rustfmt and clippy, to fail fast on the cheap checks
+#   3. doctests (nextest does not run them)
+#   4. every unit, integration and end-to-end test under nextest, profile `ci`
+#      (.config/nextest.toml) — last, so its summary is the run's closing line
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+step "test setup"
+bash scripts/test-setup.sh
+export PATH="$PWD/.tools/bin:$PWD/.venv-test/bin:$PATH"
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "doctests"
+cargo test --workspace --doc
+
+step "cargo nextest"
+cargo nextest run --workspace --all-targets --profile ci

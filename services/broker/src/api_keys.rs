@@ -1,0 +1,270 @@
+//! Admin API keys.
+//!
+//! A key reads `tfk_<id>_<secret>`: `id` is 12 characters `[a-z0-9]` (public, names the key in
+//! logs and the audit log), `secret` is 32 random bytes, base64url without padding. The store
+//! keeps only the hex SHA-256 of the whole key string (the secret has 256 bits of entropy, so a
+//! fast hash is enough); authentication compares hashes in constant time.
+//!
+//! A tenant-bound key stops working when its tenant is deleted, and stays dead if a tenant of
+//! the same name is created later (the key predates the tenant record).
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokenfleet_domain::{ApiKey, AuditEvent, Role, Tenant, ValidationError};
+use tokenfleet_seal::Secret;
+use tokenfleet_store::{Precondition, Scope, StoreError};
+use tonic::Status;
+
+use crate::admin::store_status;
+use crate::audit;
+use crate::authz::Principal;
+use crate::records::{Records, api_key_key, tenant_key};
+use crate::state::BrokerState;
+
+/// Prefix of every key.
+pub const PREFIX: &str = "tfk_";
+/// Length of the public id.
+pub const ID_LEN: usize = 12;
+/// Random bytes in the secret part.
+const SECRET_BYTES: usize = 32;
+
+/// Errors of [`create`].
+#[derive(Debug, thiserror::Error)]
+pub enum ApiKeyError {
+    /// The role/tenant combination or the description is not acceptable.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// The tenant the key should be bound to does not exist.
+    #[error("tenant `{0}` not found")]
+    TenantNotFound(String),
+    /// The operating system's random source failed.
+    #[error("random number generator failed")]
+    Random,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Creates a key with `role`, bound to `tenant` (required for `tenant-admin`, optional for
+/// `viewer`, not allowed for `fleet-admin`). Returns the stored record and the key itself, which
+/// is shown once and never stored. Recorded in the global audit log with actor `system`.
+pub async fn create(
+    state: &BrokerState,
+    role: Role,
+    tenant: Option<&str>,
+    description: impl Into<String>,
+) -> Result<(ApiKey, Secret), ApiKeyError> {
+    create_as(state, "system", role, tenant, &description.into()).await
+}
+
+/// Number of stored API keys (a broker with none needs a bootstrap key).
+pub async fn count(state: &BrokerState) -> Result<u64, StoreError> {
+    Records::new(state.store.as_ref())
+        .count::<ApiKey>(&Scope::Global)
+        .await
+}
+
+/// [`create`] on behalf of `actor` (as the audit log names it).
+pub async fn create_as(
+    state: &BrokerState,
+    actor: &str,
+    role: Role,
+    tenant: Option<&str>,
+    description: &str,
+) -> Result<(ApiKey, Secret), ApiKeyError> {
+    let tenant = tenant.filter(|t| !t.is_empty());
+    match (role, tenant) {
+        (Role::TenantAdmin, None) => {
+            return Err(ValidationError::new(
+                "api_key.tenant",
+                "a tenant-admin key needs a tenant",
+            )
+            .into());
+        }
+        (Role::FleetAdmin, Some(_)) => {
+            return Err(ValidationError::new(
+                "api_key.tenant",
+                "a fleet-admin key is fleet-wide and cannot be bound to a tenant",
+            )
+            .into());
+        }
+        _ => {}
+    }
+    tokenfleet_domain::text(
+        "api_key.description",
+        description,
+        tokenfleet_domain::MAX_TEXT_LEN,
+    )?;
+    let records = Records::new(state.store.as_ref());
+    if let Some(t) = tenant {
+        tokenfleet_domain::name("api_key.tenant", t)?;
+        if records.get::<Tenant>(&tenant_key(t)).await?.is_none() {
+            return Err(ApiKeyError::TenantNotFound(t.to_owned()));
+        }
+    }
+    let mut attempts = 0;
+    loop {
+        let id = random_id()?;
+        let secret = random_secret()?;
+        let key = Secret::new(format!("{PREFIX}{id}_{secret}"));
+        let record = ApiKey {
+            id: id.clone(),
+            role,
+            tenant: tenant.map(str::to_owned),
+            hash: hash_hex(key.expose()),
+            description: description.to_owned(),
+            created: state.clock.now(),
+        };
+        match records.put(&record, Precondition::Absent).await {
+            Ok(_) => {
+                audit::record(
+                    state,
+                    &Scope::Global,
+                    AuditEvent {
+                        time: state.clock.now(),
+                        actor: actor.to_owned(),
+                        action: "apikey.create".to_owned(),
+                        target: format!("apikeys/{id}"),
+                        tenant: tenant.unwrap_or_default().to_owned(),
+                        result: "ok".to_owned(),
+                        detail: format!("role {role}"),
+                    },
+                )
+                .await;
+                tracing::info!(key_id = %id, %role, tenant = tenant.unwrap_or(""), "API key created");
+                return Ok((record, key));
+            }
+            // 36^12 ids make a collision practically impossible; retry anyway rather than fail.
+            Err(StoreError::AlreadyExists(_)) if attempts < 3 => attempts += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Resolves a bearer key to its principal. UNAUTHENTICATED for a malformed, unknown or stale key
+/// (the message never contains the key); store failures map as everywhere else.
+pub async fn authenticate(state: &BrokerState, bearer: &str) -> Result<Principal, Status> {
+    let unknown = || Status::unauthenticated("API key not recognised");
+    let id = parse_id(bearer).ok_or_else(unknown)?;
+    let records = Records::new(state.store.as_ref());
+    let stored = records
+        .get::<ApiKey>(&api_key_key(id))
+        .await
+        .map_err(store_status)?
+        .ok_or_else(unknown)?
+        .value;
+    let presented = hash_hex(bearer);
+    if !bool::from(presented.as_bytes().ct_eq(stored.hash.as_bytes())) {
+        return Err(unknown());
+    }
+    if let Some(t) = &stored.tenant {
+        let tenant = records
+            .get::<Tenant>(&tenant_key(t))
+            .await
+            .map_err(store_status)?;
+        match tenant {
+            Some(t) if t.value.stamps.created <= stored.created => {}
+            _ => {
+                tracing::warn!(key_id = %stored.id, tenant = %t, "API key's tenant no longer exists");
+                return Err(Status::unauthenticated(
+                    "API key not recognised (its tenant no longer exists)",
+                ));
+            }
+        }
+    }
+    Ok(Principal {
+        key_id: stored.id,
+        role: stored.role,
+        tenant: stored.tenant,
+    })
+}
+
+/// The id part of a well-formed key.
+fn parse_id(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix(PREFIX)?;
+    let id = rest.get(..ID_LEN)?;
+    let secret = rest.get(ID_LEN..)?.strip_prefix('_')?;
+    let id_ok = id
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let secret_ok = !secret.is_empty()
+        && secret.len() <= 128
+        && secret
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    (id_ok && secret_ok).then_some(id)
+}
+
+/// Hex SHA-256.
+fn hash_hex(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn random_id() -> Result<String, ApiKeyError> {
+    const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut id = String::with_capacity(ID_LEN);
+    let mut buf = [0u8; 32];
+    while id.len() < ID_LEN {
+        getrandom::fill(&mut buf).map_err(|_| ApiKeyError::Random)?;
+        // Rejection sampling keeps every character equally likely.
+        for b in buf.iter().filter(|b| **b < 252) {
+            if id.len() == ID_LEN {
+                break;
+            }
+            id.push(char::from(ALPHABET[usize::from(*b % 36)]));
+        }
+    }
+    Ok(id)
+}
+
+fn random_secret() -> Result<String, ApiKeyError> {
+    let mut bytes = zeroize::Zeroizing::new([0u8; SECRET_BYTES]);
+    getrandom::fill(bytes.as_mut_slice()).map_err(|_| ApiKeyError::Random)?;
+    Ok(B64URL.encode(bytes.as_slice()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_parse() {
+        let id = random_id().unwrap();
+        assert_eq!(id.len(), ID_LEN);
+        let key = format!("{PREFIX}{id}_{}", random_secret().unwrap());
+        assert_eq!(parse_id(&key), Some(id.as_str()));
+        assert!(key.len() > 50);
+    }
+
+    #[test]
+    fn malformed_keys_do_not_parse() {
+        for bad in [
+            "",
+            "tfk_",
+            "tfk_abc_def",
+            "tfk_ABCDEFGHIJKL_secret",
+            "tfk_abcdefghijkl",
+            "tfk_abcdefghijkl_",
+            "tfk_abcdefghijklsecret",
+            "xyz_abcdefghijkl_secret",
+            "tfk_abcdefghijkl_sec ret",
+        ] {
+            assert_eq!(parse_id(bad), None, "{bad}");
+        }
+        // Non-ASCII input must not panic on a char boundary.
+        assert_eq!(parse_id("tfk_ééééééééééé_x"), None);
+    }
+
+    #[test]
+    fn hash_is_hex_sha256() {
+        assert_eq!(
+            hash_hex("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,766 @@
+//! Broker configuration: built-in defaults, overlaid by a TOML file (`--config PATH`), overlaid by
+//! environment variables `TOKENFLEET_*` (nested keys joined with `__`, e.g.
+//! `TOKENFLEET_GRPC__LISTEN=0.0.0.0:50051`).
+//!
+//! [`RawConfig`] is what the sources say (every field documented, unknown keys rejected);
+//! [`RawConfig::validate`] turns it into a [`BrokerConfig`] whose values are parsed, checked and
+//! whose secrets (sealing keys) are read from their files or variables. Raw key material never
+//! appears in the configuration itself, only paths and variable names.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::{Deserialize, Serialize};
+use tokenfleet_seal::{Keyring, Secret};
+use tokenfleet_store::redis_store::RedisConfig;
+
+/// Prefix of the environment variables that overlay the configuration.
+pub const ENV_PREFIX: &str = "TOKENFLEET_";
+
+/// Separator of nested keys in environment variable names (`TOKENFLEET_STORE__BACKEND`).
+pub const ENV_SEPARATOR: &str = "__";
+
+/// `TOKENFLEET_*` variables that belong to `tokenfleetctl` (the operator CLI), not to the broker's
+/// configuration; the broker ignores them so one shell can serve both.
+pub const CLIENT_ENV_VARS: &[&str] = &[
+    "TOKENFLEET_BROKER",
+    "TOKENFLEET_API_KEY",
+    "TOKENFLEET_API_KEY_FILE",
+    "TOKENFLEET_CA_FILE",
+    "TOKENFLEET_TENANT",
+];
+
+/// Name of the embedded database file inside `state_dir` unless `store.embedded.path` says otherwise.
+pub const EMBEDDED_DB_FILE: &str = "tokenfleet.redb";
+
+/// Configuration errors. Every message names the field (or the source) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A source could not be read or does not fit the schema (unknown key, wrong type).
+    #[error("configuration: {0}")]
+    Source(String),
+    /// A value is present but not acceptable.
+    #[error("configuration: `{field}`: {problem}")]
+    Invalid {
+        /// Dotted path of the field (`grpc.listen`, `seal.keys[0].key_file`).
+        field: String,
+        /// What is wrong and, where possible, how to fix it.
+        problem: String,
+    },
+    /// No sealing key is configured and the command needs one.
+    #[error(
+        "configuration: `seal.keys` is empty: the broker needs a sealing key to encrypt secrets at rest.\n\
+         Create one and point the configuration at it:\n\
+         \n    tokenfleet-broker generate-key > /etc/tokenfleet/seal.key\n    \
+         chmod 600 /etc/tokenfleet/seal.key\n\
+         \nand in the configuration file:\n\
+         \n    [seal]\n    current_key_id = \"k1\"\n    \
+         keys = [{{ id = \"k1\", key_file = \"/etc/tokenfleet/seal.key\" }}]\n\
+         \n(or run `tokenfleet-broker serve --dev` to try things out with generated keys)"
+    )]
+    NoSealingKey,
+}
+
+impl ConfigError {
+    fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw configuration (what the sources say)
+// ---------------------------------------------------------------------------------------------
+
+/// The configuration as read from defaults, the TOML file and the environment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    /// The gRPC listener (Admin, TokenBroker, health, reflection).
+    pub grpc: GrpcSection,
+    /// The HTTP listener (`/healthz`, `/readyz`, `/metrics`).
+    pub http: HttpSection,
+    /// Directory for local state: the embedded database and, in `--dev` mode, the generated key
+    /// files. Created with mode 0700 when the broker needs it.
+    pub state_dir: PathBuf,
+    /// Where all persistent state lives.
+    pub store: StoreSection,
+    /// Sealing keys that encrypt secrets before they reach the store.
+    pub seal: SealSection,
+    /// Logging.
+    pub log: LogSection,
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT before connections are cut.
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            grpc: GrpcSection::default(),
+            http: HttpSection::default(),
+            state_dir: PathBuf::from("./tokenfleet-data"),
+            store: StoreSection::default(),
+            seal: SealSection::default(),
+            log: LogSection::default(),
+            shutdown_grace_seconds: 20,
+        }
+    }
+}
+
+/// `[grpc]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcSection {
+    /// Socket address the gRPC server binds (`host:port`; `0.0.0.0:50051` for all IPv4 interfaces).
+    pub listen: String,
+}
+
+impl Default for GrpcSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50051".to_owned(),
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// Socket address the HTTP server (health, readiness, metrics) binds.
+    pub listen: String,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".to_owned(),
+        }
+    }
+}
+
+/// Which store backend holds the broker's state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// A single-file database in `state_dir` (one broker replica).
+    #[default]
+    Embedded,
+    /// Redis standalone, Sentinel or Cluster (any number of replicas).
+    Redis,
+}
+
+impl StoreBackend {
+    /// The configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Embedded => "embedded",
+            Self::Redis => "redis",
+        }
+    }
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// `embedded` (default) or `redis`.
+    pub backend: StoreBackend,
+    /// Settings of the embedded backend.
+    pub embedded: EmbeddedSection,
+    /// Settings of the Redis backend (required when `backend = "redis"`); see [`RedisSection`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisSection>,
+}
+
+/// `[store.redis]`: the keys of the store's [`RedisConfig`] (`mode`, `urls`, `sentinel_master`,
+/// `username`, `password`, `tls`, `tls_ca_file`, `key_prefix`, `connect_timeout_ms`,
+/// `command_timeout_ms`; unknown keys are rejected) plus `password_file`, a file holding the
+/// Redis password — the way to give it without writing it into the configuration.
+///
+/// Kept as a table until validation so the store crate's type stays the one definition of the
+/// Redis settings. `Debug` redacts the password.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RedisSection(pub toml::Table);
+
+impl fmt::Debug for RedisSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut shown = toml::Value::Table(self.0.clone());
+        redact(&mut shown);
+        write!(f, "RedisSection({shown})")
+    }
+}
+
+impl RedisSection {
+    /// The section for a standalone server at `url`.
+    pub fn standalone(url: &str) -> Self {
+        let mut table = toml::Table::new();
+        table.insert("urls".into(), toml::Value::Array(vec![url.into()]));
+        Self(table)
+    }
+
+    /// The section for a Redis Cluster with these seed nodes.
+    pub fn cluster(seeds: &[String]) -> Self {
+        let mut table = toml::Table::new();
+        table.insert("mode".into(), "cluster".into());
+        table.insert(
+            "urls".into(),
+            toml::Value::Array(seeds.iter().map(|s| s.as_str().into()).collect()),
+        );
+        Self(table)
+    }
+
+    /// Checks the keys against the store's schema without reading `password_file`.
+    fn check_keys(&self) -> Result<(), ConfigError> {
+        let mut table = self.0.clone();
+        if table.remove(PASSWORD_FILE).is_some() {
+            table.insert("password".into(), "[checked later]".into());
+        }
+        parse_redis_table(table).map(drop)
+    }
+
+    /// The store's Redis settings, with the password read from `password_file` if given.
+    pub fn to_redis_config(&self) -> Result<RedisConfig, ConfigError> {
+        let mut table = self.0.clone();
+        if let Some(file) = table.remove(PASSWORD_FILE) {
+            let field = "store.redis.password_file";
+            if table.contains_key("password") {
+                return Err(ConfigError::invalid(
+                    field,
+                    "give either `password` or `password_file`, not both",
+                ));
+            }
+            let Some(path) = file.as_str() else {
+                return Err(ConfigError::invalid(field, "must be a file path"));
+            };
+            let password = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::invalid(field, format!("reading {path}: {e}")))?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                return Err(ConfigError::invalid(field, format!("{path} is empty")));
+            }
+            table.insert("password".into(), password.into());
+        }
+        let config = parse_redis_table(table)?;
+        config
+            .validate()
+            .map_err(|e| ConfigError::Source(format!("store.{}", store_problem(&e))))?;
+        Ok(config)
+    }
+}
+
+const PASSWORD_FILE: &str = "password_file";
+
+fn parse_redis_table(table: toml::Table) -> Result<RedisConfig, ConfigError> {
+    toml::Value::Table(table)
+        .try_into::<RedisConfig>()
+        .map_err(|e| {
+            let message = e.message().to_owned();
+            let mut line = format!("`store.redis`: {message}");
+            if let Some(field) = message
+                .strip_prefix("unknown field `")
+                .and_then(|rest| rest.split('`').next())
+            {
+                line = format!(
+                    "unknown key `store.redis.{field}` (expected one of: {PASSWORD_FILE}, {})",
+                    message
+                        .split_once("expected ")
+                        .map(|(_, rest)| rest.replace('`', ""))
+                        .unwrap_or_default()
+                        .trim_start_matches("one of ")
+                );
+                let var = format!("{ENV_PREFIX}STORE__REDIS__{}", field.to_ascii_uppercase());
+                if std::env::var_os(&var).is_some() {
+                    line.push_str(&format!(" (from environment variable {var})"));
+                }
+            }
+            ConfigError::Source(line)
+        })
+}
+
+/// The message of a store configuration error without the store's own prefix.
+fn store_problem(error: &tokenfleet_store::StoreError) -> String {
+    match error {
+        tokenfleet_store::StoreError::Config(message) => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `[store.embedded]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedSection {
+    /// Database file. Default: `<state_dir>/tokenfleet.redb`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+}
+
+/// `[seal]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SealSection {
+    /// Id of the key that seals new secrets. May be left out when exactly one key is configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_key_id: Option<String>,
+    /// All keys that may have sealed stored secrets (older keys stay readable after rotation).
+    pub keys: Vec<SealKeySource>,
+}
+
+/// One entry of `seal.keys`: an id and where its base64 key is read from — a file
+/// (`key_file`) or an environment variable (`key_env`), exactly one of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealKeySource {
+    /// Key id (1-32 characters of `A-Z a-z 0-9 - _`), stored with every sealed secret.
+    pub id: String,
+    /// File holding the base64 key (as written by `tokenfleet-broker generate-key`); mode 0600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// Name of an environment variable holding the base64 key (not starting with `TOKENFLEET_`:
+    /// those are configuration keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_env: Option<String>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// Filter in `tracing` `EnvFilter` syntax: `info`, `debug`, `info,tokenfleet_broker=debug`.
+    pub level: String,
+    /// `text` (default) or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl RawConfig {
+    /// The layered sources: defaults, then the TOML file (if any), then `TOKENFLEET_*` variables.
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut figment = Figment::new();
+        if let Some(path) = file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let client_keys: Vec<&str> = CLIENT_ENV_VARS
+            .iter()
+            .filter_map(|var| var.strip_prefix(ENV_PREFIX))
+            .collect();
+        figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .ignore(&client_keys)
+                .split(ENV_SEPARATOR),
+        )
+    }
+
+    /// Loads the configuration from defaults, `file` and the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        if let Some(path) = file
+            && !path.is_file()
+        {
+            return Err(ConfigError::Source(format!(
+                "configuration file {} does not exist or is not a file",
+                path.display()
+            )));
+        }
+        let raw: Self = Self::figment(file)
+            .extract()
+            .map_err(describe_figment_error)?;
+        raw.check_schema()?;
+        Ok(raw)
+    }
+
+    /// Schema checks figment cannot do itself (the Redis section's keys).
+    fn check_schema(&self) -> Result<(), ConfigError> {
+        match &self.store.redis {
+            Some(redis) => redis.check_keys(),
+            None => Ok(()),
+        }
+    }
+
+    /// Parses a TOML document alone (no environment), as `load` would read it from a file.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let raw: Self = Figment::new()
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(describe_figment_error)?;
+        raw.check_schema()?;
+        Ok(raw)
+    }
+
+    /// The embedded database path: `store.embedded.path`, or `<state_dir>/tokenfleet.redb`.
+    pub fn embedded_path(&self) -> PathBuf {
+        self.store
+            .embedded
+            .path
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join(EMBEDDED_DB_FILE))
+    }
+
+    /// The configuration as `print-config` shows it: computed defaults filled in, secrets
+    /// (passwords, credentials inside URLs) replaced by `[redacted]`.
+    pub fn to_redacted_toml(&self) -> Result<String, ConfigError> {
+        let mut effective = self.clone();
+        if effective.store.backend == StoreBackend::Embedded {
+            effective.store.embedded.path = Some(self.embedded_path());
+        }
+        let mut value = toml::Value::try_from(&effective)
+            .map_err(|e| ConfigError::Source(format!("rendering the configuration: {e}")))?;
+        redact(&mut value);
+        toml::to_string_pretty(&value)
+            .map_err(|e| ConfigError::Source(format!("rendering the configuration: {e}")))
+    }
+
+    /// Checks every value and reads the sealing keys.
+    pub fn validate(&self) -> Result<BrokerConfig, ConfigError> {
+        let grpc_listen = parse_listen("grpc.listen", &self.grpc.listen)?;
+        let http_listen = parse_listen("http.listen", &self.http.listen)?;
+        if grpc_listen.port() != 0 && grpc_listen == http_listen {
+            return Err(ConfigError::invalid(
+                "http.listen",
+                format!("{http_listen} is already `grpc.listen`; pick another port"),
+            ));
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("state_dir", "must not be empty"));
+        }
+        let store = match self.store.backend {
+            StoreBackend::Embedded => StoreConfig::Embedded {
+                path: self.embedded_path(),
+            },
+            StoreBackend::Redis => match &self.store.redis {
+                Some(redis) => StoreConfig::Redis(Box::new(redis.to_redis_config()?)),
+                None => {
+                    return Err(ConfigError::invalid(
+                        "store.redis",
+                        "missing: `store.backend = \"redis\"` needs a `[store.redis]` section",
+                    ));
+                }
+            },
+        };
+        let keyring = self.seal.load_keyring()?;
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(ConfigError::invalid(
+                "log.level",
+                format!(
+                    "`{}` is not a log filter (use e.g. `info`, `debug` or `info,tokenfleet_broker=debug`)",
+                    self.log.level
+                ),
+            ));
+        }
+        if self.shutdown_grace_seconds > 3600 {
+            return Err(ConfigError::invalid(
+                "shutdown_grace_seconds",
+                "must be at most 3600",
+            ));
+        }
+        Ok(BrokerConfig {
+            grpc_listen,
+            http_listen,
+            state_dir: self.state_dir.clone(),
+            store,
+            keyring: keyring.map(Arc::new),
+            log: LogConfig {
+                level: self.log.level.clone(),
+                format: self.log.format,
+            },
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+        })
+    }
+}
+
+impl SealSection {
+    /// Reads every key; `None` when no key is configured at all.
+    fn load_keyring(&self) -> Result<Option<Keyring>, ConfigError> {
+        if self.keys.is_empty() {
+            if let Some(id) = &self.current_key_id {
+                return Err(ConfigError::invalid(
+                    "seal.current_key_id",
+                    format!("`{id}` is set but `seal.keys` is empty"),
+                ));
+            }
+            return Ok(None);
+        }
+        let mut material: Vec<(String, Secret)> = Vec::with_capacity(self.keys.len());
+        for (i, key) in self.keys.iter().enumerate() {
+            let field = format!("seal.keys[{i}]");
+            let text = match (&key.key_file, &key.key_env) {
+                (Some(path), None) => Keyring::read_key_file(path).map_err(|e| {
+                    ConfigError::invalid(format!("{field}.key_file"), e.to_string())
+                })?,
+                (None, Some(var)) => std::env::var(var).map_err(|_| {
+                    ConfigError::invalid(
+                        format!("{field}.key_env"),
+                        format!("environment variable `{var}` is not set or not UTF-8"),
+                    )
+                })?,
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::invalid(
+                        field,
+                        "give either `key_file` or `key_env`, not both",
+                    ));
+                }
+                (None, None) => {
+                    return Err(ConfigError::invalid(
+                        field,
+                        "needs `key_file` (a file holding the base64 key) or `key_env` (a variable holding it)",
+                    ));
+                }
+            };
+            material.push((key.id.clone(), Secret::new(text.trim())));
+        }
+        let current = match (&self.current_key_id, self.keys.as_slice()) {
+            (Some(id), _) => id.clone(),
+            (None, [only]) => only.id.clone(),
+            (None, _) => {
+                return Err(ConfigError::invalid(
+                    "seal.current_key_id",
+                    "required when more than one key is configured",
+                ));
+            }
+        };
+        let pairs = material.iter().map(|(id, key)| (id.as_str(), key.expose()));
+        Keyring::from_base64(&current, pairs)
+            .map(Some)
+            .map_err(|e| ConfigError::invalid("seal", e.to_string()))
+    }
+}
+
+fn parse_listen(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.trim().parse().map_err(|_| {
+        ConfigError::invalid(
+            field,
+            format!("`{value}` is not a socket address (expected `host:port` with an IP address, e.g. `127.0.0.1:50051` or `[::]:50051`)"),
+        )
+    })
+}
+
+/// Turns figment's error into one line that names the key and where it came from.
+fn describe_figment_error(error: figment::Error) -> ConfigError {
+    let mut lines = Vec::new();
+    for e in error {
+        let mut path = e.path.join(".");
+        let mut line = match &e.kind {
+            figment::error::Kind::UnknownField(field, expected) => {
+                // Figment's path usually ends with the unknown key already.
+                if e.path.last() != Some(field) {
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(field);
+                }
+                format!(
+                    "unknown key `{path}` (expected one of: {})",
+                    expected.join(", ")
+                )
+            }
+            figment::error::Kind::UnknownVariant(value, expected) => format!(
+                "`{path}`: unknown value `{value}` (expected one of: {})",
+                expected.join(", ")
+            ),
+            kind if path.is_empty() => kind.to_string(),
+            kind => format!("`{path}`: {kind}"),
+        };
+        if let Some(md) = &e.metadata {
+            if md.name.contains("environment") {
+                let var = format!(
+                    "{ENV_PREFIX}{}",
+                    path.to_ascii_uppercase().replace('.', ENV_SEPARATOR)
+                );
+                line.push_str(&format!(" (from environment variable {var})"));
+            } else if let Some(figment::Source::File(file)) = &md.source {
+                line.push_str(&format!(" (in {})", file.display()));
+            } else if let Some(source) = &md.source {
+                line.push_str(&format!(" (in {source})"));
+            }
+        }
+        lines.push(line);
+    }
+    ConfigError::Source(lines.join("; "))
+}
+
+/// Field names whose values are secrets wherever they appear.
+const SECRET_FIELDS: &[&str] = &["password", "secret", "token", "api_key"];
+
+fn redact(value: &mut toml::Value) {
+    match value {
+        toml::Value::Table(table) => {
+            for (key, v) in table.iter_mut() {
+                if SECRET_FIELDS.contains(&key.as_str()) {
+                    *v = toml::Value::String("[redacted]".to_owned());
+                } else {
+                    redact(v);
+                }
+            }
+        }
+        toml::Value::Array(items) => items.iter_mut().for_each(redact),
+        toml::Value::String(s) => {
+            if let Some(clean) = redact_url_password(s) {
+                *s = clean;
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `redis://user:pw@host` → `redis://user:[redacted]@host`.
+fn redact_url_password(text: &str) -> Option<String> {
+    let (scheme, rest) = text.split_once("://")?;
+    let (userinfo, host) = rest.split_once('@')?;
+    if userinfo.contains('/') {
+        return None;
+    }
+    let (user, _password) = userinfo.split_once(':')?;
+    Some(format!("{scheme}://{user}:[redacted]@{host}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated configuration
+// ---------------------------------------------------------------------------------------------
+
+/// The validated configuration the broker runs with. `Debug` shows no key material.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// gRPC listen address.
+    pub grpc_listen: SocketAddr,
+    /// HTTP listen address.
+    pub http_listen: SocketAddr,
+    /// Local state directory.
+    pub state_dir: PathBuf,
+    /// Store backend and its settings.
+    pub store: StoreConfig,
+    /// Sealing keys, read from their files/variables; `None` when none is configured (serving
+    /// refuses to start then, see [`BrokerConfig::require_keyring`]).
+    pub keyring: Option<Arc<Keyring>>,
+    /// Logging.
+    pub log: LogConfig,
+    /// How long draining may take after a shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+impl BrokerConfig {
+    /// The keyring, or the error that explains how to create a key.
+    pub fn require_keyring(&self) -> Result<Arc<Keyring>, ConfigError> {
+        self.keyring.clone().ok_or(ConfigError::NoSealingKey)
+    }
+}
+
+/// Validated store settings. `Debug` redacts credentials.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// Embedded single-file database.
+    Embedded {
+        /// Database file.
+        path: PathBuf,
+    },
+    /// Redis (boxed: it is much larger than the other variant).
+    Redis(Box<RedisConfig>),
+}
+
+impl StoreConfig {
+    /// A log-safe one-line description (no credentials).
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Embedded { path } => format!("embedded ({})", path.display()),
+            Self::Redis(_) => "redis".to_owned(),
+        }
+    }
+}
+
+/// Validated log settings.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// `EnvFilter` directive.
+    pub level: String,
+    /// Line format.
+    pub format: LogFormat,
+}
+
+/// A commented TOML file holding every default, as `tokenfleet-broker default-config` prints it.
+/// It parses back to [`RawConfig::default`].
+pub const DEFAULT_CONFIG_TOML: &str = r#"# tokenfleet-broker configuration.
+#
+# Sources, later ones win: built-in defaults < this file (--config PATH) < environment variables
+# TOKENFLEET_<SECTION>__<KEY>, e.g. TOKENFLEET_GRPC__LISTEN=0.0.0.0:50051,
+# TOKENFLEET_STORE__BACKEND=redis. Unknown keys are errors. Secrets are never written here: they
+# are read from files (`*_file`) or environment variables (`key_env`).
+
+# Directory for local state: the embedded database and, in --dev mode, generated key files.
+# Created with mode 0700 when needed.
+state_dir = "./tokenfleet-data"
+
+# Seconds in-flight requests get to finish after SIGTERM/SIGINT before connections are cut.
+shutdown_grace_seconds = 20
+
+[grpc]
+# Address of the gRPC server (Admin, TokenBroker, health, reflection).
+listen = "127.0.0.1:50051"
+
+[http]
+# Address of the HTTP server (/healthz, /readyz, /metrics).
+listen = "127.0.0.1:8080"
+
+[store]
+# "embedded" (one file, one broker replica) or "redis" (standalone, Sentinel or Cluster).
+backend = "embedded"
+
+[store.embedded]
+# Database file; default "<state_dir>/tokenfleet.redb".
+# path = "/var/lib/tokenfleet/tokenfleet.redb"
+
+# Required when the backend is "redis".
+# [store.redis]
+# mode = "standalone"                 # "standalone", "sentinel" or "cluster"
+# urls = ["redis://127.0.0.1:6379"]   # the server, the cluster seed nodes, or the sentinels
+# sentinel_master = "mymaster"        # sentinel mode only
+# username = "tokenfleet"             # ACL user
+# password_file = "/etc/tokenfleet/redis.password"   # or `password` (prefer the file)
+# tls = false                         # true: every URL must be rediss://
+# tls_ca_file = "/etc/tokenfleet/redis-ca.pem"
+# key_prefix = "tf"                   # lets several deployments share one Redis
+# connect_timeout_ms = 2000
+# command_timeout_ms = 2000
+
+[seal]
+# Sealing keys encrypt secrets (client secrets, refresh tokens) before they reach the store.
+# Create one with:  tokenfleet-broker generate-key > /etc/tokenfleet/seal.key; chmod 600 it.
+# Keep old keys listed after a rotation so older secrets stay readable; then run
+# `tokenfleet-broker reseal`.
+# current_key_id = "k1"
+keys = []
+# keys = [
+#   { id = "k1", key_file = "/etc/tokenfleet/seal.key" },
+#   { id = "k0", key_env = "SEAL_KEY_K0" },
+# ]
+
+[log]
+# Filter in tracing EnvFilter syntax: "info", "debug", "info,tokenfleet_broker=debug".
+level = "info"
+# "text" or "json".
+format = "text"
+"#;

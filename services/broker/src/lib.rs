@@ -1,0 +1,28 @@
+//! The tokenfleet broker: the only holder of provider credentials and refresh tokens. Serves the
+//! operator-facing `Admin` API and the agent-facing `TokenBroker` API on one gRPC listener (plus
+//! health and reflection), and health/metrics on an HTTP listener.
+//!
+//! Dependency direction: proto, domain, seal and store are below this crate; only binaries
+//! (`tokenfleet-broker`) and the test kit depend on it.
+
+pub mod state;
+
+// Admin API (CRUD, validation, conversion, authorization, audit, API keys).
+pub mod admin;
+pub mod api_keys;
+pub mod audit;
+pub mod authz;
+pub mod convert;
+pub mod records;
+
+// Runtime (configuration, gRPC + HTTP serving, dev mode).
+pub mod config;
+pub mod dev;
+pub mod http;
+pub mod metrics;
+pub mod server;
+
+// Agent-facing API.
+pub mod token_broker;
+
+pub mod tokens;

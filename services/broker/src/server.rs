@@ -1,0 +1,342 @@
+//! Serving: opens the store and keyring ([`build_state`]), then runs the gRPC server (Admin,
+//! TokenBroker, `grpc.health.v1.Health`, server reflection v1 and v1alpha) and the HTTP server
+//! (health, readiness, metrics) on listeners the caller bound, until the shutdown future
+//! completes; then drains both, bounded by `shutdown_grace_seconds` ([`run`], [`serve`]).
+//!
+//! Taking bound listeners and a shutdown future lets tests run the broker in-process on
+//! `127.0.0.1:0` and stop it deterministically.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokenfleet_domain::SystemClock;
+use tokenfleet_store::Store;
+use tokenfleet_store::embedded::EmbeddedStore;
+use tokenfleet_store::redis_store::RedisStore;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::config::{BrokerConfig, ConfigError, StoreConfig};
+use crate::http::{HttpState, router};
+use crate::metrics::{GrpcMetricsLayer, Metrics};
+use crate::state::BrokerState;
+
+/// How often the background health check pings the store.
+pub const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(3);
+
+/// How long one store ping may take before it counts as failed.
+pub const STORE_PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Names under which gRPC health reports the broker: the whole server and each service.
+pub const HEALTH_SERVICES: [&str; 3] = [
+    "",
+    tokenfleet_proto::v1::admin_server::SERVICE_NAME,
+    tokenfleet_proto::v1::token_broker_server::SERVICE_NAME,
+];
+
+/// Errors of starting or running the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration does not allow starting (for example no sealing key).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store could not be opened.
+    #[error("opening the {backend} store: {error}")]
+    Store {
+        /// Log-safe description of the backend.
+        backend: String,
+        /// What failed.
+        error: tokenfleet_store::StoreError,
+    },
+    /// The state directory could not be created.
+    #[error("state directory {path}: {error}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// What failed.
+        error: io::Error,
+    },
+    /// A listener could not be bound.
+    #[error("binding the {listener} listener on {address}: {error}")]
+    Bind {
+        /// `grpc` or `http`.
+        listener: &'static str,
+        /// The configured address.
+        address: SocketAddr,
+        /// What failed.
+        error: io::Error,
+    },
+    /// Reading a listener's address failed.
+    #[error("reading the listener address: {0}")]
+    ListenerAddress(io::Error),
+    /// The reflection service could not be built from the descriptor sets.
+    #[error("building the reflection service: {0}")]
+    Reflection(String),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Grpc(tonic::transport::Error),
+    /// The HTTP server failed.
+    #[error("HTTP server: {0}")]
+    Http(io::Error),
+    /// A server task ended before shutdown was requested (or panicked).
+    #[error("{0} server stopped unexpectedly")]
+    Stopped(&'static str),
+}
+
+/// Creates `path` (and missing parents) with mode 0700 if it does not exist yet.
+pub fn ensure_private_dir(path: &Path) -> Result<(), ServeError> {
+    if path.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|error| ServeError::StateDir {
+            path: path.to_path_buf(),
+            error,
+        })
+}
+
+/// Opens the configured store.
+pub async fn open_store(config: &BrokerConfig) -> Result<Arc<dyn Store>, ServeError> {
+    let backend = config.store.describe();
+    let store: Arc<dyn Store> = match &config.store {
+        StoreConfig::Embedded { path } => {
+            if path.starts_with(&config.state_dir) {
+                ensure_private_dir(&config.state_dir)?;
+            }
+            let store = EmbeddedStore::open(path)
+                .await
+                .map_err(|error| ServeError::Store { backend, error })?;
+            Arc::new(store)
+        }
+        StoreConfig::Redis(redis) => {
+            let store = RedisStore::connect(redis)
+                .await
+                .map_err(|error| ServeError::Store { backend, error })?;
+            Arc::new(store)
+        }
+    };
+    Ok(store)
+}
+
+/// Opens the store and takes the keyring: everything the services share. Fails with
+/// [`ConfigError::NoSealingKey`] when no sealing key is configured.
+pub async fn build_state(config: &BrokerConfig) -> Result<BrokerState, ServeError> {
+    let keyring = config.require_keyring()?;
+    let store = open_store(config).await?;
+    Ok(BrokerState {
+        store,
+        keyring,
+        clock: Arc::new(SystemClock),
+    })
+}
+
+/// Binds the configured gRPC and HTTP listeners.
+pub async fn bind(config: &BrokerConfig) -> Result<(TcpListener, TcpListener), ServeError> {
+    let grpc = TcpListener::bind(config.grpc_listen)
+        .await
+        .map_err(|error| ServeError::Bind {
+            listener: "grpc",
+            address: config.grpc_listen,
+            error,
+        })?;
+    let http = TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|error| ServeError::Bind {
+            listener: "http",
+            address: config.http_listen,
+            error,
+        })?;
+    Ok((grpc, http))
+}
+
+/// Builds the state and serves until `shutdown` completes; see [`serve`].
+pub async fn run(
+    config: BrokerConfig,
+    grpc: TcpListener,
+    http: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let state = build_state(&config).await?;
+    serve(config, state, grpc, http, shutdown).await
+}
+
+/// Serves gRPC on `grpc` and HTTP on `http` with `state` until `shutdown` completes, then stops
+/// accepting, lets in-flight requests finish for up to `config.shutdown_grace` and returns.
+/// Returns an error when a server fails before that.
+pub async fn serve(
+    config: BrokerConfig,
+    state: BrokerState,
+    grpc: TcpListener,
+    http: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let metrics = Metrics::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::Serving).await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tokenfleet_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tokenfleet_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+    let grpc_addr = grpc.local_addr().map_err(ServeError::ListenerAddress)?;
+    let http_addr = http.local_addr().map_err(ServeError::ListenerAddress)?;
+
+    let grpc_server = tonic::transport::Server::builder()
+        .layer(GrpcMetricsLayer::new(metrics.clone()))
+        .add_service(health_service)
+        .add_service(crate::admin::admin_server(state.clone()))
+        .add_service(crate::token_broker::token_broker_server(state.clone()))
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
+
+    let http_router = router(HttpState {
+        store: state.store.clone(),
+        metrics: metrics.clone(),
+    });
+    let http_server =
+        axum::serve(http, http_router).with_graceful_shutdown(stopped(stop_rx.clone()));
+
+    let mut servers = JoinSet::new();
+    servers.spawn(async move { ("gRPC", grpc_server.await.map_err(ServeError::Grpc)) });
+    servers.spawn(async move { ("HTTP", http_server.await.map_err(ServeError::Http)) });
+    tracing::info!(address = %grpc_addr, "gRPC listening (tokenfleet.v1.Admin, tokenfleet.v1.TokenBroker, health, reflection)");
+    tracing::info!(address = %http_addr, "HTTP listening (/healthz, /readyz, /metrics)");
+    tracing::info!(store = %config.store.describe(), seal_key = %state.keyring.current_key_id(), "broker ready");
+
+    let health_task = tokio::spawn(watch_store_health(
+        state.store.clone(),
+        health.clone(),
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
+
+    let mut failure = None;
+    tokio::select! {
+        () = shutdown => {
+            tracing::info!(
+                grace_seconds = config.shutdown_grace.as_secs(),
+                "shutdown requested: draining in-flight requests"
+            );
+        }
+        Some(ended) = servers.join_next() => {
+            let error = match flatten(ended) {
+                (name, Ok(())) => ServeError::Stopped(name),
+                (_, Err(error)) => error,
+            };
+            tracing::error!(%error, "a server stopped unexpectedly; shutting down");
+            failure = Some(error);
+        }
+    }
+
+    set_health(&health, ServingStatus::NotServing).await;
+    // Receivers may all be gone already when both servers ended; nothing to tell then.
+    let _ = stop_tx.send(true);
+    let drain = async {
+        let mut first = None;
+        while let Some(ended) = servers.join_next().await {
+            if let (_, Err(error)) = flatten(ended) {
+                first.get_or_insert(error);
+            }
+        }
+        first
+    };
+    match tokio::time::timeout(config.shutdown_grace, drain).await {
+        Ok(error) => {
+            if failure.is_none() {
+                failure = error;
+            }
+        }
+        Err(_) => {
+            tracing::warn!(
+                grace_seconds = config.shutdown_grace.as_secs(),
+                "requests still running after the shutdown grace period; closing their connections"
+            );
+            servers.abort_all();
+        }
+    }
+    health_task.abort();
+    match failure {
+        Some(error) => Err(error),
+        None => {
+            tracing::info!("broker stopped");
+            Ok(())
+        }
+    }
+}
+
+type ServerEnd = (&'static str, Result<(), ServeError>);
+
+fn flatten(ended: Result<ServerEnd, tokio::task::JoinError>) -> ServerEnd {
+    ended.unwrap_or_else(|join| {
+        tracing::error!(error = %join, "server task failed");
+        ("gRPC or HTTP", Err(ServeError::Stopped("gRPC or HTTP")))
+    })
+}
+
+/// Completes once the stop flag is set (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    // An error means the sender is gone, which also means stop.
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    for name in HEALTH_SERVICES {
+        health.set_service_status(name, status).await;
+    }
+}
+
+/// Pings the store every [`HEALTH_CHECK_INTERVAL`] and reports gRPC health accordingly.
+async fn watch_store_health(
+    store: Arc<dyn Store>,
+    health: HealthReporter,
+    metrics: Metrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut healthy = true;
+    loop {
+        let ping = tokio::time::timeout(STORE_PING_TIMEOUT, store.ping()).await;
+        let ok = matches!(ping, Ok(Ok(())));
+        metrics.store_ping(ok);
+        if ok != healthy {
+            healthy = ok;
+            if ok {
+                tracing::info!("store reachable again: health SERVING");
+                set_health(&health, ServingStatus::Serving).await;
+            } else {
+                match ping {
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "store ping failed: health NOT_SERVING")
+                    }
+                    _ => tracing::warn!("store ping timed out: health NOT_SERVING"),
+                }
+                set_health(&health, ServingStatus::NotServing).await;
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(HEALTH_CHECK_INTERVAL) => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+    }
+}

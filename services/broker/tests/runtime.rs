@@ -1,0 +1,558 @@
+//! The broker's runtime: configuration layering and checks (in-process), and the real
+//! `tokenfleet-broker` binary (refusing to start without a key, `--dev`, health, SIGTERM drain,
+//! one-shot commands).
+
+// Helpers outside #[test] functions panic on failure too, which is what a test wants.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tokenfleet_broker::config::{
+    DEFAULT_CONFIG_TOML, LogFormat, RawConfig, StoreBackend, StoreConfig,
+};
+use tokenfleet_seal::Keyring;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tokenfleet-broker");
+
+fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, content).unwrap();
+    path
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// The binary with a clean environment (no stray `TOKENFLEET_*` from the caller).
+fn broker() -> Command {
+    let mut command = Command::new(BIN);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("TOKENFLEET_") {
+            command.env_remove(name);
+        }
+    }
+    command.kill_on_drop(true);
+    command
+}
+
+async fn run(command: &mut Command) -> Output {
+    tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("command finished in time")
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn sigterm(child: &Child) {
+    let pid = child.id().expect("child still running");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("broker exited in time")
+        .unwrap()
+}
+
+async fn read_all(pipe: Option<impl tokio::io::AsyncRead + Unpin>) -> String {
+    let mut out = String::new();
+    if let Some(mut pipe) = pipe {
+        pipe.read_to_string(&mut out).await.unwrap();
+    }
+    out
+}
+
+/// Polls gRPC health on `port` until SERVING or the deadline.
+async fn wait_serving(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = async {
+            let channel =
+                tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+                    .ok()?
+                    .connect()
+                    .await
+                    .ok()?;
+            let mut client = HealthClient::new(channel);
+            let response = client
+                .check(HealthCheckRequest {
+                    service: "tokenfleet.v1.Admin".to_owned(),
+                })
+                .await
+                .ok()?;
+            Some(response.into_inner().status())
+        }
+        .await;
+        if status == Some(ServingStatus::Serving) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "broker on port {port} never SERVING (last: {status:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Configuration, in-process
+// ----------------------------------------------------------------------------------------------
+
+#[test]
+fn defaults_are_documented_values() {
+    let raw = RawConfig::default();
+    assert_eq!(raw.grpc.listen, "127.0.0.1:50051");
+    assert_eq!(raw.http.listen, "127.0.0.1:8080");
+    assert_eq!(raw.state_dir, PathBuf::from("./tokenfleet-data"));
+    assert_eq!(raw.store.backend, StoreBackend::Embedded);
+    assert_eq!(raw.shutdown_grace_seconds, 20);
+    assert_eq!(raw.log.format, LogFormat::Text);
+    let config = raw.validate().unwrap();
+    match &config.store {
+        StoreConfig::Embedded { path } => {
+            assert_eq!(path, &PathBuf::from("./tokenfleet-data/tokenfleet.redb"))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(config.keyring.is_none());
+    assert!(
+        config
+            .require_keyring()
+            .unwrap_err()
+            .to_string()
+            .contains("generate-key")
+    );
+}
+
+#[test]
+fn file_overrides_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "broker.toml",
+        "shutdown_grace_seconds = 3\n[grpc]\nlisten = \"127.0.0.1:6000\"\n[log]\nformat = \"json\"\n",
+    );
+    let raw = RawConfig::load(Some(&file)).unwrap();
+    assert_eq!(raw.grpc.listen, "127.0.0.1:6000");
+    assert_eq!(
+        raw.http.listen, "127.0.0.1:8080",
+        "untouched keys keep their defaults"
+    );
+    assert_eq!(raw.shutdown_grace_seconds, 3);
+    assert_eq!(raw.log.format, LogFormat::Json);
+    assert_eq!(raw.log.level, "info");
+}
+
+#[test]
+fn unknown_toml_keys_are_rejected_by_name() {
+    let err = RawConfig::from_toml_str("[grpc]\nlisten = \"127.0.0.1:1\"\nlisen = \"x\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`grpc.lisen`"), "{err}");
+    assert!(
+        err.contains("listen"),
+        "the message lists the valid keys: {err}"
+    );
+
+    let err = RawConfig::from_toml_str("stat_dir = \"/tmp\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`stat_dir`"), "{err}");
+
+    let err = RawConfig::from_toml_str("[seal]\nkeys = [{ id = \"a\", keyfile = \"/k\" }]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("keyfile"), "{err}");
+
+    let err = RawConfig::from_toml_str(
+        "[store]\nbackend = \"redis\"\n[store.redis]\nurls = [\"redis://127.0.0.1:1\"]\npasword = \"x\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("`store.redis.pasword`"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "bad.toml", "[http]\nport = 80\n");
+    let err = RawConfig::load(Some(&file)).unwrap_err().to_string();
+    assert!(err.contains("`http.port`"), "{err}");
+    assert!(
+        err.contains("bad.toml"),
+        "the message names the file: {err}"
+    );
+}
+
+#[test]
+fn bad_values_name_the_field() {
+    let cases = [
+        ("[grpc]\nlisten = \"localhost\"\n", "grpc.listen"),
+        ("[http]\nlisten = \"127.0.0.1:x\"\n", "http.listen"),
+        ("[store]\nbackend = \"postgres\"\n", "store.backend"),
+        ("[store]\nbackend = \"redis\"\n", "store.redis"),
+        ("[log]\nformat = \"xml\"\n", "log.format"),
+        ("[seal]\nkeys = [{ id = \"a\" }]\n", "seal.keys[0]"),
+        (
+            "[seal]\nkeys = [{ id = \"a\", key_file = \"/nonexistent/k\" }]\n",
+            "seal.keys[0].key_file",
+        ),
+        ("[seal]\ncurrent_key_id = \"a\"\n", "seal.current_key_id"),
+        ("shutdown_grace_seconds = -1\n", "shutdown_grace_seconds"),
+    ];
+    for (toml, field) in cases {
+        let err = RawConfig::from_toml_str(toml)
+            .and_then(|raw| raw.validate())
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(field), "{toml:?} → {err}");
+    }
+}
+
+#[test]
+fn secrets_come_from_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Keyring::generate_key_base64().unwrap();
+    let key_file = write(dir.path(), "seal.key", &format!("{key}\n"));
+    let password_file = write(dir.path(), "redis.password", "s3cr3t-pw\n");
+    let toml = format!(
+        "[seal]\nkeys = [{{ id = \"k1\", key_file = {key_file:?} }}]\n\
+         [store]\nbackend = \"redis\"\n[store.redis]\nurls = [\"redis://127.0.0.1:6379\"]\npassword_file = {password_file:?}\n"
+    );
+    let config = RawConfig::from_toml_str(&toml).unwrap().validate().unwrap();
+    let keyring = config.require_keyring().unwrap();
+    assert_eq!(keyring.current_key_id(), "k1");
+    let sealed = keyring.seal("r", b"x").unwrap();
+    assert_eq!(keyring.open("r", &sealed).unwrap().as_slice(), b"x");
+    match &config.store {
+        StoreConfig::Redis(redis) => {
+            assert_eq!(redis.password.as_deref(), Some("s3cr3t-pw"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let debug = format!("{config:?}");
+    assert!(
+        !debug.contains("s3cr3t-pw") && !debug.contains(&key),
+        "{debug}"
+    );
+
+    // A key that is not 32 bytes of base64 is named.
+    let short = write(dir.path(), "short.key", "AAAA\n");
+    let err = RawConfig::from_toml_str(&format!(
+        "[seal]\nkeys = [{{ id = \"k1\", key_file = {short:?} }}]\n"
+    ))
+    .unwrap()
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("seal") && err.contains("32 bytes"), "{err}");
+}
+
+#[test]
+fn print_config_redacts_secrets() {
+    let raw = RawConfig::from_toml_str(
+        "[store]\nbackend = \"redis\"\n[store.redis]\nurls = [\"redis://app:url-pw@127.0.0.1:6379\"]\npassword = \"inline-pw\"\n",
+    )
+    .unwrap();
+    let printed = raw.to_redacted_toml().unwrap();
+    assert!(!printed.contains("url-pw"), "{printed}");
+    assert!(!printed.contains("inline-pw"), "{printed}");
+    assert!(printed.contains("[redacted]"), "{printed}");
+    assert!(
+        printed.contains("redis://app:[redacted]@127.0.0.1:6379"),
+        "{printed}"
+    );
+    let debug = format!("{raw:?}");
+    assert!(
+        !debug.contains("inline-pw") && !debug.contains("url-pw"),
+        "{debug}"
+    );
+}
+
+#[test]
+fn default_config_parses_back_to_the_defaults() {
+    let parsed = RawConfig::from_toml_str(DEFAULT_CONFIG_TOML).unwrap();
+    assert_eq!(parsed, RawConfig::default());
+    // Every commented-out example parses too (and is therefore a real key).
+    let uncommented: String = DEFAULT_CONFIG_TOML
+        .lines()
+        .map(|line| match line.strip_prefix("# ") {
+            Some(rest)
+                if rest.starts_with('[')
+                    || rest.starts_with("  {")
+                    || rest.starts_with(']')
+                    || rest.contains(" = ") =>
+            {
+                rest.to_owned()
+            }
+            _ => line.to_owned(),
+        })
+        .filter(|line| !line.starts_with("keys = []"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    RawConfig::from_toml_str(&uncommented).unwrap_or_else(|e| panic!("{e}\n---\n{uncommented}"));
+}
+
+// ----------------------------------------------------------------------------------------------
+// The binary
+// ----------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn env_overrides_file_overrides_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "broker.toml",
+        "[grpc]\nlisten = \"127.0.0.1:6000\"\n[http]\nlisten = \"127.0.0.1:6001\"\n",
+    );
+    let out = run(broker()
+        .arg("print-config")
+        .arg("--config")
+        .arg(&file)
+        .env("TOKENFLEET_GRPC__LISTEN", "127.0.0.1:7000")
+        .env("TOKENFLEET_SHUTDOWN_GRACE_SECONDS", "7"))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed = RawConfig::from_toml_str(&text(&out.stdout)).unwrap();
+    assert_eq!(printed.grpc.listen, "127.0.0.1:7000", "env beats file");
+    assert_eq!(printed.http.listen, "127.0.0.1:6001", "file beats default");
+    assert_eq!(printed.shutdown_grace_seconds, 7);
+    assert_eq!(printed.log.level, "info", "default");
+    assert_eq!(
+        printed.store.embedded.path,
+        Some(PathBuf::from("./tokenfleet-data/tokenfleet.redb")),
+        "computed defaults are shown"
+    );
+}
+
+#[tokio::test]
+async fn unknown_env_keys_are_rejected_by_name() {
+    let out = run(broker()
+        .arg("print-config")
+        .env("TOKENFLEET_GRPC__LISEN", "x"))
+    .await;
+    assert_eq!(out.status.code(), Some(64));
+    let err = text(&out.stderr);
+    assert!(err.contains("`grpc.lisen`"), "{err}");
+    assert!(err.contains("TOKENFLEET_GRPC__LISEN"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+
+    let out = run(broker()
+        .arg("print-config")
+        .env("TOKENFLEET_STATEDIR", "/x"))
+    .await;
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out.stderr).contains("`statedir`"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn bad_value_in_env_exits_64_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(broker()
+        .arg("serve")
+        .env("TOKENFLEET_STATE_DIR", dir.path())
+        .env("TOKENFLEET_GRPC__LISTEN", "nonsense"))
+    .await;
+    assert_eq!(out.status.code(), Some(64));
+    let err = text(&out.stderr);
+    assert!(err.contains("grpc.listen"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}
+
+#[tokio::test]
+async fn refuses_to_start_without_a_sealing_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(broker().env("TOKENFLEET_STATE_DIR", dir.path().join("state"))).await;
+    assert_eq!(out.status.code(), Some(64));
+    let err = text(&out.stderr);
+    assert!(err.contains("seal.keys"), "{err}");
+    assert!(err.contains("tokenfleet-broker generate-key >"), "{err}");
+    assert!(err.contains("chmod 600"), "{err}");
+    assert!(err.contains("key_file"), "{err}");
+    assert!(out.stdout.is_empty());
+}
+
+#[tokio::test]
+async fn default_config_command_parses_back() {
+    let out = run(broker().arg("default-config")).await;
+    assert!(out.status.success());
+    let parsed = RawConfig::from_toml_str(&text(&out.stdout)).unwrap();
+    assert_eq!(parsed, RawConfig::default());
+}
+
+#[tokio::test]
+async fn print_config_command_redacts_secrets() {
+    let out = run(broker()
+        .arg("print-config")
+        .env("TOKENFLEET_STORE__BACKEND", "redis")
+        .env(
+            "TOKENFLEET_STORE__REDIS__URLS",
+            "[\"redis://:envpw@127.0.0.1:6379\"]",
+        )
+        .env("TOKENFLEET_STORE__REDIS__PASSWORD", "hunter2"))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    assert!(
+        !printed.contains("hunter2") && !printed.contains("envpw"),
+        "{printed}"
+    );
+    assert!(printed.contains("password = \"[redacted]\""), "{printed}");
+}
+
+#[tokio::test]
+async fn generate_key_prints_a_usable_key() {
+    let out = run(broker().arg("generate-key")).await;
+    assert!(out.status.success());
+    let key = text(&out.stdout);
+    assert_eq!(key.lines().count(), 1);
+    Keyring::from_base64("k", [("k", key.trim())]).unwrap();
+}
+
+#[tokio::test]
+async fn dev_mode_creates_keys_once_serves_and_drains_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    let grpc_port = free_port();
+
+    let start = || {
+        let mut command = broker();
+        command
+            .args(["serve", "--dev"])
+            .env("TOKENFLEET_STATE_DIR", &state_dir)
+            .env("TOKENFLEET_GRPC__LISTEN", format!("127.0.0.1:{grpc_port}"))
+            .env("TOKENFLEET_HTTP__LISTEN", "127.0.0.1:0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command.spawn().unwrap()
+    };
+
+    // First start: keys are generated, the API key is printed once.
+    let mut child = start();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut key_line = String::new();
+    tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut key_line))
+        .await
+        .expect("the API key is printed")
+        .unwrap();
+    let api_key = key_line.trim().to_owned();
+    assert!(!api_key.is_empty());
+    wait_serving(grpc_port).await;
+
+    assert_eq!(mode(&state_dir), 0o700);
+    assert_eq!(mode(&state_dir.join("seal.key")), 0o600);
+    assert_eq!(mode(&state_dir.join("admin.key")), 0o600);
+    let admin_key_file = std::fs::read_to_string(state_dir.join("admin.key")).unwrap();
+    assert_eq!(admin_key_file.trim(), api_key);
+    let seal_key = std::fs::read_to_string(state_dir.join("seal.key")).unwrap();
+
+    sigterm(&child);
+    let status = wait_exit(&mut child).await;
+    assert_eq!(status.code(), Some(0), "SIGTERM drains and exits 0");
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).await.unwrap();
+    assert_eq!(rest, "", "nothing but the key on stdout");
+    let stderr = read_all(child.stderr.take()).await;
+    assert!(stderr.contains("DEV MODE"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{grpc_port}")),
+        "bound address logged: {stderr}"
+    );
+    assert!(stderr.contains("HTTP listening"), "{stderr}");
+    assert!(
+        !stderr.contains(&api_key),
+        "the key is not logged: {stderr}"
+    );
+
+    // Second start: same keys, no new API key printed, still says it is dev mode.
+    let mut child = start();
+    wait_serving(grpc_port).await;
+    sigterm(&child);
+    let status = wait_exit(&mut child).await;
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        read_all(child.stdout.take()).await,
+        "",
+        "no new key on the second start"
+    );
+    assert!(read_all(child.stderr.take()).await.contains("DEV MODE"));
+    assert_eq!(
+        std::fs::read_to_string(state_dir.join("seal.key")).unwrap(),
+        seal_key
+    );
+    assert_eq!(
+        std::fs::read_to_string(state_dir.join("admin.key")).unwrap(),
+        admin_key_file
+    );
+}
+
+#[tokio::test]
+async fn create_api_key_prints_only_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Keyring::generate_key_base64().unwrap();
+    let key_file = write(dir.path(), "seal.key", &key);
+    let config = write(
+        dir.path(),
+        "broker.toml",
+        &format!(
+            "state_dir = {:?}\n[seal]\nkeys = [{{ id = \"k1\", key_file = {key_file:?} }}]\n",
+            dir.path().join("state")
+        ),
+    );
+    let out = run(broker()
+        .args([
+            "create-api-key",
+            "--role",
+            "viewer",
+            "--description",
+            "dashboards",
+            "--config",
+        ])
+        .arg(&config))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(
+        !text(&out.stderr).contains(stdout.trim()),
+        "the key is not logged"
+    );
+
+    let out = run(broker()
+        .args(["create-api-key", "--role", "admin", "--config"])
+        .arg(&config))
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("fleet-admin"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -1,0 +1,145 @@
+//! `agent create|list|show|update|delete`.
+
+use tokenfleet_proto::v1 as pb;
+
+use super::{Changes, Ctx, collect_pages, version_of};
+use crate::cli::{AgentCommand, AgentFields, ScopedName, VersionArg};
+use crate::error::CtlError;
+use crate::view::{AgentView, DeletedView};
+
+pub(super) async fn run(cmd: AgentCommand, ctx: &Ctx) -> Result<(), CtlError> {
+    match cmd {
+        AgentCommand::Create { id, fields } => {
+            let req = create_request(id, fields);
+            let a = ctx
+                .call(|mut c| async move { c.create_agent(req).await })
+                .await?;
+            ctx.printer.object(&AgentView::from(&a))
+        }
+        AgentCommand::List { scope, list } => {
+            let tenant = scope.tenant;
+            let all = collect_pages(list, |page_size, page_token| {
+                let req = pb::ListAgentsRequest {
+                    tenant: tenant.clone(),
+                    page_size,
+                    page_token,
+                };
+                async move {
+                    let page = ctx
+                        .call(|mut c| async move { c.list_agents(req).await })
+                        .await?;
+                    Ok((page.agents, page.next_page_token))
+                }
+            })
+            .await?;
+            ctx.printer
+                .list(&all.iter().map(AgentView::from).collect::<Vec<_>>())
+        }
+        AgentCommand::Show { id } => {
+            let req = pb::GetAgentRequest {
+                tenant: id.tenant,
+                name: id.name,
+            };
+            let a = ctx
+                .call(|mut c| async move { c.get_agent(req).await })
+                .await?;
+            ctx.printer.object(&AgentView::from(&a))
+        }
+        AgentCommand::Update {
+            id,
+            fields,
+            version,
+        } => {
+            let req = update_request(id, fields, version)?;
+            let a = ctx
+                .call(|mut c| async move { c.update_agent(req).await })
+                .await?;
+            ctx.printer.object(&AgentView::from(&a))
+        }
+        AgentCommand::Delete { id, version } => {
+            let req = pb::DeleteAgentRequest {
+                tenant: id.tenant.clone(),
+                name: id.name.clone(),
+                version: version_of(version.version),
+            };
+            ctx.call(|mut c| async move { c.delete_agent(req).await })
+                .await?;
+            ctx.printer.deleted(&DeletedView {
+                deleted: true,
+                kind: "agent",
+                tenant: Some(id.tenant),
+                name: id.name,
+            })
+        }
+    }
+}
+
+fn apply(f: AgentFields, a: &mut pb::Agent, changes: &mut Changes) {
+    changes.set("display_name", f.display_name, &mut a.display_name);
+}
+
+fn create_request(id: ScopedName, fields: AgentFields) -> pb::CreateAgentRequest {
+    let mut agent = pb::Agent {
+        tenant: id.tenant,
+        name: id.name,
+        ..Default::default()
+    };
+    apply(fields, &mut agent, &mut Changes::default());
+    pb::CreateAgentRequest { agent: Some(agent) }
+}
+
+fn update_request(
+    id: ScopedName,
+    fields: AgentFields,
+    version: VersionArg,
+) -> Result<pb::UpdateAgentRequest, CtlError> {
+    let mut agent = pb::Agent {
+        tenant: id.tenant,
+        name: id.name,
+        version: version_of(version.version),
+        ..Default::default()
+    };
+    let mut changes = Changes::default();
+    apply(fields, &mut agent, &mut changes);
+    Ok(pb::UpdateAgentRequest {
+        agent: Some(agent),
+        update_mask: Some(changes.into_mask("agent")?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> ScopedName {
+        ScopedName {
+            tenant: "acme".into(),
+            name: "site-a".into(),
+        }
+    }
+
+    #[test]
+    fn create_and_update_map_the_display_name() {
+        let fields = AgentFields {
+            display_name: Some("Head office".into()),
+        };
+        let a = create_request(id(), fields.clone()).agent.unwrap();
+        assert_eq!((a.tenant.as_str(), a.name.as_str()), ("acme", "site-a"));
+        assert_eq!(a.display_name, "Head office");
+        let req = update_request(id(), fields, VersionArg { version: None }).unwrap();
+        assert_eq!(req.update_mask.unwrap().paths, vec!["display_name"]);
+        assert_eq!(req.agent.unwrap().version, 0);
+    }
+
+    #[test]
+    fn update_without_fields_is_refused() {
+        assert!(
+            update_request(
+                id(),
+                AgentFields::default(),
+                VersionArg { version: Some(1) }
+            )
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,610 @@
+//! `device create|list|show|update|delete`.
+
+use tokenfleet_proto::v1 as pb;
+
+use super::{Changes, Ctx, collect_pages, leaf, version_of};
+use crate::cli::{
+    DeviceClear, DeviceCommand, DeviceFields, FetchFields, IngressFields, ScopedName, SmtpFields,
+    VersionArg,
+};
+use crate::enums::TlsVersion;
+use crate::error::CtlError;
+use crate::input::FileInput;
+use crate::view::{DeletedView, DeviceView};
+
+pub(super) async fn run(cmd: DeviceCommand, ctx: &Ctx) -> Result<(), CtlError> {
+    match cmd {
+        DeviceCommand::Create { id, fields } => {
+            let req = create_request(id, fields, &mut FileInput::new())?;
+            let d = ctx
+                .call(|mut c| async move { c.create_device(req).await })
+                .await?;
+            ctx.printer.object(&DeviceView::from(&d))
+        }
+        DeviceCommand::List { scope, list } => {
+            let tenant = scope.tenant;
+            let all = collect_pages(list, |page_size, page_token| {
+                let req = pb::ListDevicesRequest {
+                    tenant: tenant.clone(),
+                    page_size,
+                    page_token,
+                };
+                async move {
+                    let page = ctx
+                        .call(|mut c| async move { c.list_devices(req).await })
+                        .await?;
+                    Ok((page.devices, page.next_page_token))
+                }
+            })
+            .await?;
+            ctx.printer
+                .list(&all.iter().map(DeviceView::from).collect::<Vec<_>>())
+        }
+        DeviceCommand::Show { id } => {
+            let d = get(ctx, &id).await?;
+            ctx.printer.object(&DeviceView::from(&d))
+        }
+        DeviceCommand::Update {
+            id,
+            fields,
+            clear,
+            version,
+        } => {
+            // Local input first: a bad file fails before anything is sent.
+            let files = DeviceFiles::read(&fields, &mut FileInput::new())?;
+            let current = if needs_current(&fields, &clear) {
+                Some(get(ctx, &id).await?)
+            } else {
+                None
+            };
+            let req = update_request(id, fields, files, clear, version, current.as_ref())?;
+            let d = ctx
+                .call(|mut c| async move { c.update_device(req).await })
+                .await?;
+            ctx.printer.object(&DeviceView::from(&d))
+        }
+        DeviceCommand::Delete { id, version } => {
+            let req = pb::DeleteDeviceRequest {
+                tenant: id.tenant.clone(),
+                name: id.name.clone(),
+                version: version_of(version.version),
+            };
+            ctx.call(|mut c| async move { c.delete_device(req).await })
+                .await?;
+            ctx.printer.deleted(&DeletedView {
+                deleted: true,
+                kind: "device",
+                tenant: Some(id.tenant),
+                name: id.name,
+            })
+        }
+    }
+}
+
+async fn get(ctx: &Ctx, id: &ScopedName) -> Result<pb::Device, CtlError> {
+    let req = pb::GetDeviceRequest {
+        tenant: id.tenant.clone(),
+        name: id.name.clone(),
+    };
+    ctx.call(|mut c| async move { c.get_device(req).await })
+        .await
+}
+
+/// Contents of the files the flags name.
+#[derive(Debug, Default)]
+struct DeviceFiles {
+    smtp_extra_ca_pem: Option<String>,
+    fetch_extra_ca_pem: Option<String>,
+    ingress_password: Option<String>,
+}
+
+impl DeviceFiles {
+    fn read(f: &DeviceFields, input: &mut FileInput) -> Result<Self, CtlError> {
+        Ok(Self {
+            smtp_extra_ca_pem: f
+                .smtp
+                .smtp_extra_ca_file
+                .as_deref()
+                .map(|p| input.document("--smtp-extra-ca-file", p))
+                .transpose()?,
+            fetch_extra_ca_pem: f
+                .fetch
+                .fetch_extra_ca_file
+                .as_deref()
+                .map(|p| input.document("--fetch-extra-ca-file", p))
+                .transpose()?,
+            ingress_password: f
+                .ingress
+                .ingress_password_file
+                .as_deref()
+                .map(|p| input.secret("--ingress-password-file", p))
+                .transpose()?,
+        })
+    }
+}
+
+fn smtp_given(s: &SmtpFields, clear: &DeviceClear) -> bool {
+    s.smtp_server.is_some()
+        || s.smtp_port.is_some()
+        || s.smtp_security.is_some()
+        || s.smtp_timeout.is_some()
+        || s.smtp_sender_name.is_some()
+        || s.smtp_sender_address.is_some()
+        || s.smtp_skip_certificate_verification.is_some()
+        || s.smtp_extra_ca_file.is_some()
+        || s.smtp_tls_min_version.is_some()
+        || s.smtp_tls_max_version.is_some()
+        || clear.clear_smtp_extra_ca
+}
+
+fn fetch_given(x: &FetchFields, clear: &DeviceClear) -> bool {
+    x.fetch_protocol.is_some()
+        || x.fetch_server.is_some()
+        || x.fetch_port.is_some()
+        || x.fetch_security.is_some()
+        || x.fetch_interval.is_some()
+        || x.fetch_skip_certificate_verification.is_some()
+        || x.fetch_extra_ca_file.is_some()
+        || x.fetch_tls_min_version.is_some()
+        || x.fetch_tls_max_version.is_some()
+        || x.fetch_folder.is_some()
+        || clear.clear_fetch_extra_ca
+}
+
+/// Ingress fields other than the password (which the API can change alone).
+fn ingress_given(i: &IngressFields, clear: &DeviceClear) -> bool {
+    i.ingress_username.is_some() || !i.allowed_sources.is_empty() || clear.clear_allowed_sources
+}
+
+/// The API replaces `smtp`, `fetch` and `ingress` whole; changing part of one needs the rest as
+/// it is now.
+fn needs_current(f: &DeviceFields, clear: &DeviceClear) -> bool {
+    smtp_given(&f.smtp, clear) || fetch_given(&f.fetch, clear) || ingress_given(&f.ingress, clear)
+}
+
+fn version(v: Option<TlsVersion>) -> Option<i32> {
+    v.map(TlsVersion::to_proto)
+}
+
+/// Applies the flags to `d`. `current` is the stored device (update) whose profiles the given
+/// leaves are merged into; `None` on create.
+fn apply(
+    f: DeviceFields,
+    files: DeviceFiles,
+    clear: &DeviceClear,
+    current: Option<&pb::Device>,
+    d: &mut pb::Device,
+    changes: &mut Changes,
+) {
+    changes.set("display_name", f.display_name, &mut d.display_name);
+    changes.set("agent", f.agent, &mut d.agent);
+    changes.set(
+        "sender_mode",
+        f.sender_mode.map(|m| m.to_proto()),
+        &mut d.sender_mode,
+    );
+    changes.set("admin_mailbox", f.admin_mailbox, &mut d.admin_mailbox);
+    changes.set("bulk_mailbox", f.bulk_mailbox, &mut d.bulk_mailbox);
+    changes.set_list(
+        "allowed_mailboxes",
+        f.allowed_mailboxes,
+        clear.clear_allowed_mailboxes,
+        &mut d.allowed_mailboxes,
+    );
+
+    if clear.clear_smtp {
+        d.smtp = Some(pb::SmtpProfile::default());
+        changes.touch("smtp");
+    } else if smtp_given(&f.smtp, clear) {
+        let s = f.smtp;
+        let mut smtp = current.and_then(|c| c.smtp.clone()).unwrap_or_default();
+        leaf(s.smtp_server, &mut smtp.server);
+        leaf(s.smtp_port, &mut smtp.port);
+        leaf(s.smtp_security.map(|m| m.to_proto()), &mut smtp.security);
+        leaf(s.smtp_timeout, &mut smtp.timeout_seconds);
+        leaf(s.smtp_sender_name, &mut smtp.sender_name);
+        leaf(s.smtp_sender_address, &mut smtp.sender_address);
+        leaf(
+            s.smtp_skip_certificate_verification,
+            &mut smtp.skip_certificate_verification,
+        );
+        if clear.clear_smtp_extra_ca {
+            smtp.extra_ca_pem.clear();
+        }
+        leaf(files.smtp_extra_ca_pem, &mut smtp.extra_ca_pem);
+        leaf(version(s.smtp_tls_min_version), &mut smtp.tls_min_version);
+        leaf(version(s.smtp_tls_max_version), &mut smtp.tls_max_version);
+        d.smtp = Some(smtp);
+        changes.touch("smtp");
+    }
+
+    if clear.clear_fetch {
+        d.fetch = Some(pb::FetchProfile::default());
+        changes.touch("fetch");
+    } else if fetch_given(&f.fetch, clear) {
+        let x = f.fetch;
+        let mut fetch = current.and_then(|c| c.fetch.clone()).unwrap_or_default();
+        leaf(x.fetch_protocol.map(|p| p.to_proto()), &mut fetch.protocol);
+        leaf(x.fetch_server, &mut fetch.server);
+        leaf(x.fetch_port, &mut fetch.port);
+        leaf(x.fetch_security.map(|m| m.to_proto()), &mut fetch.security);
+        leaf(x.fetch_interval, &mut fetch.interval_seconds);
+        leaf(
+            x.fetch_skip_certificate_verification,
+            &mut fetch.skip_certificate_verification,
+        );
+        if clear.clear_fetch_extra_ca {
+            fetch.extra_ca_pem.clear();
+        }
+        leaf(files.fetch_extra_ca_pem, &mut fetch.extra_ca_pem);
+        leaf(version(x.fetch_tls_min_version), &mut fetch.tls_min_version);
+        leaf(version(x.fetch_tls_max_version), &mut fetch.tls_max_version);
+        leaf(x.fetch_folder, &mut fetch.folder);
+        d.fetch = Some(fetch);
+        changes.touch("fetch");
+    }
+
+    // `ingress` replaces user name and sources (an empty password there keeps the stored one);
+    // `ingress.password` alone sets or, empty, clears the password.
+    let i = f.ingress;
+    let password_change = files.ingress_password.is_some() || clear.clear_ingress_password;
+    if ingress_given(&i, clear) || password_change {
+        let mut ingress = if ingress_given(&i, clear) {
+            current.and_then(|c| c.ingress.clone()).unwrap_or_default()
+        } else {
+            pb::IngressCredentials::default()
+        };
+        ingress.password_set = false;
+        ingress.password = files.ingress_password.unwrap_or_default();
+        if ingress_given(&i, clear) {
+            leaf(i.ingress_username, &mut ingress.username);
+            if !i.allowed_sources.is_empty() || clear.clear_allowed_sources {
+                ingress.allowed_sources = i.allowed_sources;
+            }
+            changes.touch("ingress");
+        }
+        if password_change {
+            changes.touch("ingress.password");
+        }
+        d.ingress = Some(ingress);
+    }
+}
+
+fn create_request(
+    id: ScopedName,
+    fields: DeviceFields,
+    input: &mut FileInput,
+) -> Result<pb::CreateDeviceRequest, CtlError> {
+    let files = DeviceFiles::read(&fields, input)?;
+    let mut device = pb::Device {
+        tenant: id.tenant,
+        name: id.name,
+        ..Default::default()
+    };
+    apply(
+        fields,
+        files,
+        &DeviceClear::default(),
+        None,
+        &mut device,
+        &mut Changes::default(),
+    );
+    Ok(pb::CreateDeviceRequest {
+        device: Some(device),
+    })
+}
+
+/// The update request. When `current` was read (to merge profile fields), the update is
+/// conditional on its version unless `--version` says otherwise, so a concurrent change is not
+/// overwritten.
+fn update_request(
+    id: ScopedName,
+    fields: DeviceFields,
+    files: DeviceFiles,
+    clear: DeviceClear,
+    version: VersionArg,
+    current: Option<&pb::Device>,
+) -> Result<pb::UpdateDeviceRequest, CtlError> {
+    let mut device = pb::Device {
+        tenant: id.tenant,
+        name: id.name,
+        version: version_of(version.version.or(current.map(|c| c.version))),
+        ..Default::default()
+    };
+    let mut changes = Changes::default();
+    apply(fields, files, &clear, current, &mut device, &mut changes);
+    Ok(pb::UpdateDeviceRequest {
+        device: Some(device),
+        update_mask: Some(changes.into_mask("device")?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> DeviceCommand {
+        let cli = Cli::try_parse_from(
+            ["tokenfleetctl", "device"]
+                .into_iter()
+                .chain(args.iter().copied()),
+        );
+        match cli {
+            Ok(Cli {
+                command: Command::Device(cmd),
+                ..
+            }) => cmd,
+            other => panic!("did not parse: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn create_maps_profiles_and_reads_the_password_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "local-pass\n").unwrap();
+        let DeviceCommand::Create { id, fields } = parse(&[
+            "create",
+            "--tenant",
+            "acme",
+            "--name",
+            "mfp-1",
+            "--sender-mode",
+            "bulk",
+            "--bulk-mailbox",
+            "scan",
+            "--agent",
+            "site-a",
+            "--smtp-server",
+            "smtp.office365.com",
+            "--smtp-port",
+            "587",
+            "--smtp-security",
+            "starttls",
+            "--smtp-tls-min-version",
+            "1.2",
+            "--ingress-username",
+            "mfp1",
+            "--ingress-password-file",
+            pw.to_str().unwrap(),
+            "--allowed-source",
+            "192.168.1.20/32",
+        ]) else {
+            panic!("expected create");
+        };
+        let d = create_request(id, fields, &mut FileInput::new())
+            .unwrap()
+            .device
+            .unwrap();
+        assert_eq!(d.sender_mode, pb::SenderMode::Bulk as i32);
+        assert_eq!(d.bulk_mailbox, "scan");
+        assert_eq!(d.agent, "site-a");
+        let smtp = d.smtp.unwrap();
+        assert_eq!(smtp.server, "smtp.office365.com");
+        assert_eq!(smtp.port, 587);
+        assert_eq!(smtp.security, pb::TlsMode::Starttls as i32);
+        assert_eq!(smtp.tls_min_version, pb::TlsVersion::TlsVersion12 as i32);
+        assert!(
+            d.fetch.is_none(),
+            "no fetch flag given, no fetch profile sent"
+        );
+        let ingress = d.ingress.unwrap();
+        assert_eq!(ingress.username, "mfp1");
+        assert_eq!(ingress.password, "local-pass");
+        assert_eq!(ingress.allowed_sources, vec!["192.168.1.20/32"]);
+    }
+
+    fn stored() -> pb::Device {
+        pb::Device {
+            tenant: "acme".into(),
+            name: "mfp-1".into(),
+            sender_mode: pb::SenderMode::Bulk as i32,
+            bulk_mailbox: "scan".into(),
+            smtp: Some(pb::SmtpProfile {
+                server: "smtp.office365.com".into(),
+                port: 587,
+                security: pb::TlsMode::Starttls as i32,
+                sender_name: "Scanner".into(),
+                ..Default::default()
+            }),
+            ingress: Some(pb::IngressCredentials {
+                username: "mfp1".into(),
+                password: String::new(),
+                password_set: true,
+                allowed_sources: vec!["192.168.1.20/32".into()],
+            }),
+            version: 9,
+            ..Default::default()
+        }
+    }
+
+    fn update(args: &[&str], current: Option<&pb::Device>) -> pb::UpdateDeviceRequest {
+        let DeviceCommand::Update {
+            id,
+            fields,
+            clear,
+            version,
+        } = parse(args)
+        else {
+            panic!("expected update");
+        };
+        assert_eq!(
+            needs_current(&fields, &clear),
+            current.is_some(),
+            "{args:?}"
+        );
+        let files = DeviceFiles::read(&fields, &mut FileInput::new()).unwrap();
+        update_request(id, fields, files, clear, version, current).unwrap()
+    }
+
+    #[test]
+    fn update_merges_given_leaves_into_the_stored_profiles() {
+        let req = update(
+            &[
+                "update",
+                "--tenant",
+                "acme",
+                "--name",
+                "mfp-1",
+                "--smtp-port",
+                "465",
+                "--smtp-security",
+                "implicit_tls",
+                "--fetch-server",
+                "outlook.office365.com",
+                "--fetch-protocol",
+                "pop3",
+                "--fetch-security",
+                "implicit_tls",
+                "--fetch-interval",
+                "300",
+                "--clear-allowed-sources",
+            ],
+            Some(&stored()),
+        );
+        assert_eq!(
+            req.update_mask.unwrap().paths,
+            vec!["smtp", "fetch", "ingress"]
+        );
+        let d = req.device.unwrap();
+        assert_eq!(d.version, 9, "conditional on the version that was read");
+        let smtp = d.smtp.unwrap();
+        assert_eq!(smtp.port, 465);
+        assert_eq!(smtp.security, pb::TlsMode::ImplicitTls as i32);
+        assert_eq!(
+            smtp.server, "smtp.office365.com",
+            "kept from the stored profile"
+        );
+        assert_eq!(smtp.sender_name, "Scanner", "kept from the stored profile");
+        let fetch = d.fetch.unwrap();
+        assert_eq!(fetch.server, "outlook.office365.com");
+        assert_eq!(fetch.interval_seconds, 300);
+        let ingress = d.ingress.unwrap();
+        assert_eq!(ingress.username, "mfp1");
+        assert!(ingress.allowed_sources.is_empty());
+        assert!(
+            ingress.password.is_empty(),
+            "an empty password keeps the stored one"
+        );
+        assert_eq!(d.sender_mode, 0);
+    }
+
+    #[test]
+    fn password_alone_is_its_own_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "new-pass\n").unwrap();
+        let req = update(
+            &[
+                "update",
+                "--tenant",
+                "acme",
+                "--name",
+                "mfp-1",
+                "--ingress-password-file",
+                pw.to_str().unwrap(),
+            ],
+            None,
+        );
+        assert_eq!(req.update_mask.unwrap().paths, vec!["ingress.password"]);
+        let d = req.device.unwrap();
+        assert_eq!(d.version, 0);
+        assert_eq!(d.ingress.unwrap().password, "new-pass");
+
+        let req = update(
+            &[
+                "update",
+                "--tenant",
+                "acme",
+                "--name",
+                "mfp-1",
+                "--clear-ingress-password",
+            ],
+            None,
+        );
+        assert_eq!(req.update_mask.unwrap().paths, vec!["ingress.password"]);
+        assert_eq!(req.device.unwrap().ingress.unwrap().password, "");
+    }
+
+    #[test]
+    fn explicit_version_wins_and_profiles_can_be_removed() {
+        let req = update(
+            &[
+                "update",
+                "--tenant",
+                "acme",
+                "--name",
+                "mfp-1",
+                "--clear-smtp",
+                "--clear-fetch",
+                "--version",
+                "3",
+            ],
+            None,
+        );
+        assert_eq!(req.update_mask.unwrap().paths, vec!["smtp", "fetch"]);
+        let d = req.device.unwrap();
+        assert_eq!(d.version, 3);
+        assert_eq!(d.smtp, Some(pb::SmtpProfile::default()));
+        let req = update(
+            &[
+                "update",
+                "--tenant",
+                "acme",
+                "--name",
+                "mfp-1",
+                "--smtp-timeout",
+                "30",
+                "--version",
+                "4",
+            ],
+            Some(&stored()),
+        );
+        assert_eq!(req.device.unwrap().version, 4);
+    }
+
+    #[test]
+    fn update_of_top_level_fields_sends_no_profiles() {
+        let req = update(
+            &[
+                "update",
+                "--tenant",
+                "acme",
+                "--name",
+                "mfp-1",
+                "--agent",
+                "",
+                "--allowed-mailbox",
+                "a",
+                "--allowed-mailbox",
+                "b",
+            ],
+            None,
+        );
+        assert_eq!(
+            req.update_mask.unwrap().paths,
+            vec!["agent", "allowed_mailboxes"]
+        );
+        let d = req.device.unwrap();
+        assert!(d.smtp.is_none() && d.fetch.is_none() && d.ingress.is_none());
+        assert_eq!(d.allowed_mailboxes, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn bad_port_is_a_usage_error() {
+        let cli = Cli::try_parse_from([
+            "tokenfleetctl",
+            "device",
+            "update",
+            "--tenant",
+            "a",
+            "--name",
+            "d",
+            "--smtp-port",
+            "70000",
+        ]);
+        assert!(cli.is_err());
+    }
+}

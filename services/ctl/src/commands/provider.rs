@@ -1,0 +1,423 @@
+//! `provider create|list|show|update|delete`.
+
+use tokenfleet_proto::v1 as pb;
+
+use super::{Changes, Ctx, collect_pages, leaf, version_of};
+use crate::cli::{ProviderClear, ProviderCommand, ProviderFields, ScopedName, VersionArg};
+use crate::enums::ProviderKind;
+use crate::error::CtlError;
+use crate::input::FileInput;
+use crate::view::{DeletedView, ProviderView};
+
+pub(super) async fn run(cmd: ProviderCommand, ctx: &Ctx) -> Result<(), CtlError> {
+    match cmd {
+        ProviderCommand::Create { id, kind, fields } => {
+            let req = create_request(id, kind, fields, &mut FileInput::new())?;
+            let p = ctx
+                .call(|mut c| async move { c.create_provider(req).await })
+                .await?;
+            ctx.printer.object(&ProviderView::from(&p))
+        }
+        ProviderCommand::List { scope, list } => {
+            let tenant = scope.tenant;
+            let all = collect_pages(list, |page_size, page_token| {
+                let req = pb::ListProvidersRequest {
+                    tenant: tenant.clone(),
+                    page_size,
+                    page_token,
+                };
+                async move {
+                    let page = ctx
+                        .call(|mut c| async move { c.list_providers(req).await })
+                        .await?;
+                    Ok((page.providers, page.next_page_token))
+                }
+            })
+            .await?;
+            ctx.printer
+                .list(&all.iter().map(ProviderView::from).collect::<Vec<_>>())
+        }
+        ProviderCommand::Show { id } => {
+            let p = get(ctx, &id).await?;
+            ctx.printer.object(&ProviderView::from(&p))
+        }
+        ProviderCommand::Update {
+            id,
+            fields,
+            clear,
+            version,
+        } => {
+            // Local input first: a bad file fails before anything is sent.
+            let mut input = FileInput::new();
+            let files = ProviderFiles::read(&fields, &mut input)?;
+            let current = if needs_current(&fields) {
+                Some(get(ctx, &id).await?)
+            } else {
+                None
+            };
+            let req = update_request(id, fields, files, clear, version, current.as_ref())?;
+            let p = ctx
+                .call(|mut c| async move { c.update_provider(req).await })
+                .await?;
+            ctx.printer.object(&ProviderView::from(&p))
+        }
+        ProviderCommand::Delete { id, version } => {
+            let req = pb::DeleteProviderRequest {
+                tenant: id.tenant.clone(),
+                name: id.name.clone(),
+                version: version_of(version.version),
+            };
+            ctx.call(|mut c| async move { c.delete_provider(req).await })
+                .await?;
+            ctx.printer.deleted(&DeletedView {
+                deleted: true,
+                kind: "provider",
+                tenant: Some(id.tenant),
+                name: id.name,
+            })
+        }
+    }
+}
+
+async fn get(ctx: &Ctx, id: &ScopedName) -> Result<pb::Provider, CtlError> {
+    let req = pb::GetProviderRequest {
+        tenant: id.tenant.clone(),
+        name: id.name.clone(),
+    };
+    ctx.call(|mut c| async move { c.get_provider(req).await })
+        .await
+}
+
+/// Contents of the files the flags name.
+#[derive(Debug, Default)]
+struct ProviderFiles {
+    client_secret: Option<String>,
+    service_account_key: Option<String>,
+    extra_ca_pem: Option<String>,
+}
+
+impl ProviderFiles {
+    fn read(f: &ProviderFields, input: &mut FileInput) -> Result<Self, CtlError> {
+        Ok(Self {
+            client_secret: f
+                .client_secret_file
+                .as_deref()
+                .map(|p| input.secret("--client-secret-file", p))
+                .transpose()?,
+            service_account_key: f
+                .service_account_key_file
+                .as_deref()
+                .map(|p| input.document("--service-account-key-file", p))
+                .transpose()?,
+            extra_ca_pem: f
+                .extra_ca_file
+                .as_deref()
+                .map(|p| input.document("--extra-ca-file", p))
+                .transpose()?,
+        })
+    }
+}
+
+/// The API replaces `endpoints` whole; changing one URL needs the others as they are now.
+fn needs_current(f: &ProviderFields) -> bool {
+    f.authorize_url.is_some()
+        || f.token_url.is_some()
+        || f.device_code_url.is_some()
+        || f.revoke_url.is_some()
+}
+
+/// Applies the flags to `p`. `current` is the stored provider (update) whose endpoints the given
+/// URLs are merged into; `None` on create.
+fn apply(
+    f: ProviderFields,
+    files: ProviderFiles,
+    clear: &ProviderClear,
+    current: Option<&pb::Provider>,
+    p: &mut pb::Provider,
+    changes: &mut Changes,
+) {
+    changes.set("authority", f.authority, &mut p.authority);
+    changes.set("client_id", f.client_id, &mut p.client_id);
+    if let Some(secret) = files.client_secret {
+        p.client_secret = secret;
+        changes.touch("client_secret");
+    } else if clear.clear_client_secret {
+        p.client_secret.clear();
+        changes.touch("client_secret");
+    }
+    if let Some(key) = files.service_account_key {
+        p.service_account_key = key;
+        changes.touch("service_account_key");
+    } else if clear.clear_service_account_key {
+        p.service_account_key.clear();
+        changes.touch("service_account_key");
+    }
+
+    let mut endpoints = current
+        .and_then(|c| c.endpoints.clone())
+        .unwrap_or_default();
+    let mut touched = false;
+    touched |= leaf(f.authorize_url, &mut endpoints.authorize_url);
+    touched |= leaf(f.token_url, &mut endpoints.token_url);
+    touched |= leaf(f.device_code_url, &mut endpoints.device_code_url);
+    touched |= leaf(f.revoke_url, &mut endpoints.revoke_url);
+    if touched {
+        p.endpoints = Some(endpoints);
+        changes.touch("endpoints");
+    }
+
+    changes.set("http_proxy", f.http_proxy, &mut p.http_proxy);
+    if let Some(pem) = files.extra_ca_pem {
+        p.tls = Some(pb::ProviderTls { extra_ca_pem: pem });
+        changes.touch("tls");
+    } else if clear.clear_extra_ca {
+        p.tls = Some(pb::ProviderTls::default());
+        changes.touch("tls");
+    }
+    changes.set_list("scopes", f.scopes, clear.clear_scopes, &mut p.scopes);
+}
+
+fn create_request(
+    id: ScopedName,
+    kind: ProviderKind,
+    fields: ProviderFields,
+    input: &mut FileInput,
+) -> Result<pb::CreateProviderRequest, CtlError> {
+    let files = ProviderFiles::read(&fields, input)?;
+    let mut provider = pb::Provider {
+        tenant: id.tenant,
+        name: id.name,
+        kind: kind.to_proto(),
+        ..Default::default()
+    };
+    apply(
+        fields,
+        files,
+        &ProviderClear::default(),
+        None,
+        &mut provider,
+        &mut Changes::default(),
+    );
+    Ok(pb::CreateProviderRequest {
+        provider: Some(provider),
+    })
+}
+
+/// The update request. When `current` was read (to merge endpoint URLs), the update is
+/// conditional on its version unless `--version` says otherwise, so a concurrent change is not
+/// overwritten.
+fn update_request(
+    id: ScopedName,
+    fields: ProviderFields,
+    files: ProviderFiles,
+    clear: ProviderClear,
+    version: VersionArg,
+    current: Option<&pb::Provider>,
+) -> Result<pb::UpdateProviderRequest, CtlError> {
+    let mut provider = pb::Provider {
+        tenant: id.tenant,
+        name: id.name,
+        version: version_of(version.version.or(current.map(|c| c.version))),
+        ..Default::default()
+    };
+    let mut changes = Changes::default();
+    apply(fields, files, &clear, current, &mut provider, &mut changes);
+    Ok(pb::UpdateProviderRequest {
+        provider: Some(provider),
+        update_mask: Some(changes.into_mask("provider")?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> ProviderCommand {
+        let cli = Cli::try_parse_from(
+            ["tokenfleetctl", "provider"]
+                .into_iter()
+                .chain(args.iter().copied()),
+        );
+        match cli {
+            Ok(Cli {
+                command: Command::Provider(cmd),
+                ..
+            }) => cmd,
+            other => panic!("did not parse: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn create_maps_every_flag_and_reads_the_secret_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let ProviderCommand::Create { id, kind, fields } = parse(&[
+            "create",
+            "--tenant",
+            "acme",
+            "--name",
+            "m365",
+            "--kind",
+            "microsoft",
+            "--authority",
+            "organizations",
+            "--client-id",
+            "ID",
+            "--client-secret-file",
+            secret.to_str().unwrap(),
+            "--token-url",
+            "http://127.0.0.1:9/token",
+            "--scope",
+            "a",
+            "--scope",
+            "b",
+        ]) else {
+            panic!("expected create");
+        };
+        let req = create_request(id, kind, fields, &mut FileInput::new()).unwrap();
+        let p = req.provider.unwrap();
+        assert_eq!(p.tenant, "acme");
+        assert_eq!(p.name, "m365");
+        assert_eq!(p.kind, pb::ProviderKind::Microsoft as i32);
+        assert_eq!(p.authority, "organizations");
+        assert_eq!(p.client_id, "ID");
+        assert_eq!(p.client_secret, "s3cret");
+        let endpoints = p.endpoints.unwrap();
+        assert_eq!(endpoints.token_url, "http://127.0.0.1:9/token");
+        assert_eq!(endpoints.authorize_url, "");
+        assert_eq!(p.scopes, vec!["a", "b"]);
+        assert!(p.tls.is_none());
+        assert_eq!(p.version, 0);
+    }
+
+    fn stored() -> pb::Provider {
+        pb::Provider {
+            tenant: "acme".into(),
+            name: "m365".into(),
+            kind: pb::ProviderKind::Microsoft as i32,
+            endpoints: Some(pb::ProviderEndpoints {
+                token_url: "http://127.0.0.1:9/token".into(),
+                ..Default::default()
+            }),
+            version: 5,
+            ..Default::default()
+        }
+    }
+
+    fn update(args: &[&str], current: Option<&pb::Provider>) -> pb::UpdateProviderRequest {
+        let ProviderCommand::Update {
+            id,
+            fields,
+            clear,
+            version,
+        } = parse(args)
+        else {
+            panic!("expected update");
+        };
+        let files = ProviderFiles::read(&fields, &mut FileInput::new()).unwrap();
+        update_request(id, fields, files, clear, version, current).unwrap()
+    }
+
+    #[test]
+    fn update_mask_names_exactly_the_given_flags() {
+        let req = update(
+            &[
+                "update",
+                "--tenant",
+                "acme",
+                "--name",
+                "m365",
+                "--authority",
+                "common",
+                "--device-code-url",
+                "http://127.0.0.1:9/devicecode",
+                "--clear-client-secret",
+                "--version",
+                "7",
+            ],
+            Some(&stored()),
+        );
+        assert_eq!(
+            req.update_mask.unwrap().paths,
+            vec!["authority", "client_secret", "endpoints"]
+        );
+        let p = req.provider.unwrap();
+        assert_eq!(p.version, 7, "an explicit --version wins");
+        assert_eq!(p.authority, "common");
+        assert_eq!(p.client_secret, "");
+        assert_eq!(p.kind, 0);
+        // The API replaces `endpoints` whole: the stored token URL goes along unchanged.
+        let endpoints = p.endpoints.unwrap();
+        assert_eq!(endpoints.device_code_url, "http://127.0.0.1:9/devicecode");
+        assert_eq!(endpoints.token_url, "http://127.0.0.1:9/token");
+    }
+
+    #[test]
+    fn merged_update_is_conditional_on_the_version_read() {
+        let args = [
+            "update",
+            "--tenant",
+            "acme",
+            "--name",
+            "m365",
+            "--revoke-url",
+            "",
+        ];
+        let ProviderCommand::Update { fields, .. } = parse(&args) else {
+            panic!("expected update");
+        };
+        assert!(needs_current(&fields));
+        let req = update(&args, Some(&stored()));
+        assert_eq!(req.provider.unwrap().version, 5);
+        let ProviderCommand::Update { fields, .. } =
+            parse(&["update", "--tenant", "a", "--name", "p", "--client-id", "x"])
+        else {
+            panic!("expected update");
+        };
+        assert!(!needs_current(&fields));
+    }
+
+    #[test]
+    fn update_can_empty_scopes_and_the_ca() {
+        let req = update(
+            &[
+                "update",
+                "--tenant",
+                "a",
+                "--name",
+                "p",
+                "--clear-scopes",
+                "--clear-extra-ca",
+            ],
+            None,
+        );
+        assert_eq!(req.update_mask.unwrap().paths, vec!["tls", "scopes"]);
+        let p = req.provider.unwrap();
+        assert!(p.scopes.is_empty());
+        assert_eq!(p.tls, Some(pb::ProviderTls::default()));
+        assert_eq!(p.version, 0);
+    }
+
+    #[test]
+    fn kind_cannot_be_updated_and_set_conflicts_with_clear() {
+        for extra in [
+            &["--kind", "google"][..],
+            &["--scope", "x", "--clear-scopes"][..],
+        ] {
+            let args = [
+                "tokenfleetctl",
+                "provider",
+                "update",
+                "--tenant",
+                "a",
+                "--name",
+                "p",
+            ];
+            let cli = Cli::try_parse_from(args.iter().chain(extra.iter()));
+            assert!(cli.is_err(), "{extra:?}");
+        }
+    }
+}

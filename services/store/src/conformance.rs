@@ -1,0 +1,821 @@
+//! The conformance suite every [`Store`] backend must pass.
+//!
+//! [`run_all`] runs every check; each check is also public so a failing one can be run alone.
+//! Every check works in its own freshly named tenants, streams and leases, so several suites (and
+//! other tests) can share one server. Checks panic with a message naming what went wrong.
+
+// This module is test support: panicking on a failed expectation is its job.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::{Precondition, RecordKey, Scope, Store, StoreError};
+
+const COLL: &str = "cf_item";
+const COLL_LONGER: &str = "cf_items";
+const STREAM: &str = "cf_events";
+
+/// A name no other check (in this or a concurrent process) uses.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "{prefix}-{:x}-{:x}-{n}",
+        nanos & 0xffff_ffff_ffff,
+        std::process::id()
+    )
+}
+
+/// Runs every check against `store`.
+pub async fn run_all(store: Arc<dyn Store>) {
+    let s = store.as_ref();
+    ping(s).await;
+    create_get_update(s).await;
+    put_preconditions(s).await;
+    delete_preconditions(s).await;
+    versions_after_delete(s).await;
+    list_order_and_paging(s).await;
+    scope_isolation(s).await;
+    count(s).await;
+    binary_round_trip(s).await;
+    concurrent_cas(Arc::clone(&store)).await;
+    stream_order_and_paging(s).await;
+    stream_bounded(s).await;
+    stream_isolation(s).await;
+    lease_exclusive_and_fenced(s).await;
+    lease_expiry(s).await;
+}
+
+/// `ping` answers.
+pub async fn ping(s: &dyn Store) {
+    s.ping().await.expect("ping");
+}
+
+/// Create, read, update and versions.
+pub async fn create_get_update(s: &dyn Store) {
+    let t = unique("cf-crud");
+    let key = RecordKey::tenant(&t, COLL, "a");
+    assert!(
+        s.get(&key).await.unwrap().is_none(),
+        "fresh key must be missing"
+    );
+    assert_eq!(
+        s.put(&key, b"one".to_vec(), Precondition::Absent)
+            .await
+            .unwrap(),
+        1
+    );
+    let rec = s.get(&key).await.unwrap().expect("record after create");
+    assert_eq!((rec.version, rec.data.as_slice()), (1, b"one".as_slice()));
+    assert_eq!(
+        s.put(&key, b"two".to_vec(), Precondition::Version(1))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        s.put(&key, b"three".to_vec(), Precondition::Exists)
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(
+        s.put(&key, b"four".to_vec(), Precondition::Any)
+            .await
+            .unwrap(),
+        4
+    );
+    let rec = s.get(&key).await.unwrap().unwrap();
+    assert_eq!((rec.version, rec.data.as_slice()), (4, b"four".as_slice()));
+    // `Any` on a missing record creates it at version 1.
+    let other = RecordKey::tenant(&t, COLL, "b");
+    assert_eq!(
+        s.put(&other, b"x".to_vec(), Precondition::Any)
+            .await
+            .unwrap(),
+        1
+    );
+    // Ids with separators and non-ASCII characters are just ids.
+    let odd = RecordKey::tenant(&t, COLL, "x:y/z{w}ü");
+    assert_eq!(
+        s.put(&odd, b"odd".to_vec(), Precondition::Absent)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(s.get(&odd).await.unwrap().unwrap().data, b"odd");
+}
+
+/// Every precondition of `put`, including the versions a conflict reports.
+pub async fn put_preconditions(s: &dyn Store) {
+    let t = unique("cf-pre");
+    let key = RecordKey::tenant(&t, COLL, "p");
+    // Missing record.
+    match s.put(&key, b"x".to_vec(), Precondition::Exists).await {
+        Err(StoreError::NotFound(k)) => assert!(k.contains('p'), "NotFound names the key: {k}"),
+        other => panic!("Exists on a missing record: expected NotFound, got {other:?}"),
+    }
+    match s.put(&key, b"x".to_vec(), Precondition::Version(1)).await {
+        Err(StoreError::NotFound(_)) => {}
+        other => panic!("Version on a missing record: expected NotFound, got {other:?}"),
+    }
+    assert!(
+        s.get(&key).await.unwrap().is_none(),
+        "failed puts must not create"
+    );
+    // Existing record.
+    s.put(&key, b"v1".to_vec(), Precondition::Absent)
+        .await
+        .unwrap();
+    match s.put(&key, b"x".to_vec(), Precondition::Absent).await {
+        Err(StoreError::AlreadyExists(k)) => assert!(k.contains(&t), "names the key: {k}"),
+        other => panic!("Absent on an existing record: expected AlreadyExists, got {other:?}"),
+    }
+    s.put(&key, b"v2".to_vec(), Precondition::Version(1))
+        .await
+        .unwrap();
+    s.put(&key, b"v3".to_vec(), Precondition::Version(2))
+        .await
+        .unwrap();
+    match s.put(&key, b"x".to_vec(), Precondition::Version(1)).await {
+        Err(StoreError::Conflict {
+            key: k,
+            expected,
+            found,
+        }) => {
+            assert_eq!((expected, found), (1, 3), "conflict versions");
+            assert!(k.contains(&t), "conflict names the key: {k}");
+        }
+        other => panic!("stale Version: expected Conflict, got {other:?}"),
+    }
+    match s.put(&key, b"x".to_vec(), Precondition::Version(7)).await {
+        Err(StoreError::Conflict {
+            expected: 7,
+            found: 3,
+            ..
+        }) => {}
+        other => panic!("future Version: expected Conflict 7/3, got {other:?}"),
+    }
+    let rec = s.get(&key).await.unwrap().unwrap();
+    assert_eq!(
+        (rec.version, rec.data.as_slice()),
+        (3, b"v3".as_slice()),
+        "failed puts wrote"
+    );
+}
+
+/// Every precondition of `delete`.
+pub async fn delete_preconditions(s: &dyn Store) {
+    let t = unique("cf-del");
+    let key = RecordKey::tenant(&t, COLL, "d");
+    // Missing record.
+    assert!(
+        !s.delete(&key, Precondition::Any).await.unwrap(),
+        "Any on missing: false"
+    );
+    assert!(
+        !s.delete(&key, Precondition::Absent).await.unwrap(),
+        "Absent on missing: false"
+    );
+    match s.delete(&key, Precondition::Exists).await {
+        Err(StoreError::NotFound(_)) => {}
+        other => panic!("delete Exists on missing: expected NotFound, got {other:?}"),
+    }
+    match s.delete(&key, Precondition::Version(1)).await {
+        Err(StoreError::NotFound(_)) => {}
+        other => panic!("delete Version on missing: expected NotFound, got {other:?}"),
+    }
+    // Existing record.
+    s.put(&key, b"1".to_vec(), Precondition::Absent)
+        .await
+        .unwrap();
+    s.put(&key, b"2".to_vec(), Precondition::Any).await.unwrap();
+    match s.delete(&key, Precondition::Absent).await {
+        Err(StoreError::AlreadyExists(_)) => {}
+        other => panic!("delete Absent on existing: expected AlreadyExists, got {other:?}"),
+    }
+    match s.delete(&key, Precondition::Version(1)).await {
+        Err(StoreError::Conflict {
+            expected: 1,
+            found: 2,
+            ..
+        }) => {}
+        other => panic!("delete stale Version: expected Conflict 1/2, got {other:?}"),
+    }
+    assert!(
+        s.get(&key).await.unwrap().is_some(),
+        "failed deletes removed the record"
+    );
+    assert!(s.delete(&key, Precondition::Version(2)).await.unwrap());
+    assert!(s.get(&key).await.unwrap().is_none());
+    assert_eq!(s.count(&Scope::Tenant(t.clone()), COLL).await.unwrap(), 0);
+    assert_eq!(
+        s.list(&Scope::Tenant(t.clone()), COLL, None, 10)
+            .await
+            .unwrap()
+            .len(),
+        0
+    );
+    s.put(&key, b"3".to_vec(), Precondition::Absent)
+        .await
+        .unwrap();
+    assert!(s.delete(&key, Precondition::Exists).await.unwrap());
+    s.put(&key, b"4".to_vec(), Precondition::Absent)
+        .await
+        .unwrap();
+    assert!(s.delete(&key, Precondition::Any).await.unwrap());
+    assert!(
+        !s.delete(&key, Precondition::Any).await.unwrap(),
+        "second delete: false"
+    );
+}
+
+/// A record created again after a delete starts at version 1.
+pub async fn versions_after_delete(s: &dyn Store) {
+    let t = unique("cf-ver");
+    let key = RecordKey::tenant(&t, COLL, "r");
+    s.put(&key, b"a".to_vec(), Precondition::Absent)
+        .await
+        .unwrap();
+    s.put(&key, b"b".to_vec(), Precondition::Any).await.unwrap();
+    s.delete(&key, Precondition::Any).await.unwrap();
+    assert_eq!(
+        s.put(&key, b"c".to_vec(), Precondition::Absent)
+            .await
+            .unwrap(),
+        1
+    );
+}
+
+/// Lists come in id (byte) order and page with `start_after`.
+pub async fn list_order_and_paging(s: &dyn Store) {
+    let t = unique("cf-list");
+    let scope = Scope::Tenant(t.clone());
+    let mut ids: Vec<String> = (0..23).map(|i| format!("id-{i:02}")).collect();
+    ids.extend(["A", "a", "id-1", "id-100", "z", "ü", "~"].map(String::from));
+    // Insert in an order unrelated to the sort order.
+    for (n, id) in ids.iter().rev().enumerate() {
+        let data = format!("data-{id}").into_bytes();
+        s.put(&RecordKey::tenant(&t, COLL, id), data, Precondition::Absent)
+            .await
+            .unwrap();
+        if n % 5 == 0 {
+            // Some records at a higher version, which must not affect order.
+            s.put(
+                &RecordKey::tenant(&t, COLL, id),
+                format!("data-{id}").into_bytes(),
+                Precondition::Any,
+            )
+            .await
+            .unwrap();
+        }
+    }
+    // A neighbouring collection whose name extends this one must not leak in.
+    s.put(
+        &RecordKey::tenant(&t, COLL_LONGER, "id-00"),
+        b"other".to_vec(),
+        Precondition::Absent,
+    )
+    .await
+    .unwrap();
+    let mut expected = ids.clone();
+    expected.sort();
+
+    let all = s.list(&scope, COLL, None, 1000).await.unwrap();
+    let got: Vec<&str> = all.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(got, expected, "full list in byte order");
+    for (id, rec) in &all {
+        assert_eq!(rec.data, format!("data-{id}").into_bytes(), "data of {id}");
+        assert!(rec.version >= 1);
+    }
+
+    let mut paged = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = s.list(&scope, COLL, cursor.as_deref(), 7).await.unwrap();
+        assert!(page.len() <= 7, "page longer than limit: {}", page.len());
+        pages += 1;
+        assert!(pages < 20, "paging does not end");
+        if page.is_empty() {
+            break;
+        }
+        cursor = page.last().map(|(id, _)| id.clone());
+        paged.extend(page.into_iter().map(|(id, _)| id));
+    }
+    assert_eq!(paged, expected, "paged list");
+    assert!(
+        pages >= 5,
+        "expected more than 4 pages of 7 for {} ids",
+        expected.len()
+    );
+
+    // start_after need not be an existing id.
+    let after = s.list(&scope, COLL, Some("id-05x"), 3).await.unwrap();
+    let got: Vec<&str> = after.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(got, ["id-06", "id-07", "id-08"]);
+    let last = expected.last().unwrap();
+    assert!(
+        s.list(&scope, COLL, Some(last), 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "after the last"
+    );
+    assert!(
+        s.list(&scope, COLL, None, 0).await.unwrap().is_empty(),
+        "limit 0"
+    );
+    let longer = s.list(&scope, COLL_LONGER, None, 10).await.unwrap();
+    assert_eq!(longer.len(), 1, "neighbouring collection");
+}
+
+/// The same id in two tenants and the global scope are three records.
+pub async fn scope_isolation(s: &dyn Store) {
+    let a = unique("cf-iso");
+    // A tenant whose name extends the other's must not see its records.
+    let b = format!("{a}-2");
+    let ka = RecordKey::tenant(&a, COLL, "same");
+    let kb = RecordKey::tenant(&b, COLL, "same");
+    let gid = unique("same");
+    let kg = RecordKey::global(COLL, &gid);
+    let ka2 = RecordKey::tenant(&a, COLL, &gid);
+    s.put(&ka, b"a".to_vec(), Precondition::Absent)
+        .await
+        .unwrap();
+    s.put(&kb, b"b".to_vec(), Precondition::Absent)
+        .await
+        .unwrap();
+    s.put(&kg, b"g".to_vec(), Precondition::Absent)
+        .await
+        .unwrap();
+    s.put(&ka2, b"a2".to_vec(), Precondition::Absent)
+        .await
+        .unwrap();
+    assert_eq!(s.get(&ka).await.unwrap().unwrap().data, b"a");
+    assert_eq!(s.get(&kb).await.unwrap().unwrap().data, b"b");
+    assert_eq!(s.get(&kg).await.unwrap().unwrap().data, b"g");
+    assert_eq!(s.get(&ka2).await.unwrap().unwrap().data, b"a2");
+    // Versions are per record.
+    s.put(&ka, b"a'".to_vec(), Precondition::Version(1))
+        .await
+        .unwrap();
+    assert_eq!(s.get(&kb).await.unwrap().unwrap().version, 1);
+
+    let la = s
+        .list(&Scope::Tenant(a.clone()), COLL, None, 100)
+        .await
+        .unwrap();
+    let ids: BTreeSet<&str> = la.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(
+        ids,
+        BTreeSet::from(["same", gid.as_str()]),
+        "tenant a lists its own"
+    );
+    let lb = s
+        .list(&Scope::Tenant(b.clone()), COLL, None, 100)
+        .await
+        .unwrap();
+    assert_eq!(lb.len(), 1, "tenant b lists its own");
+    assert_eq!(lb[0].1.data, b"b");
+    assert_eq!(s.count(&Scope::Tenant(b.clone()), COLL).await.unwrap(), 1);
+
+    assert!(s.delete(&ka, Precondition::Any).await.unwrap());
+    assert!(
+        s.get(&kb).await.unwrap().is_some(),
+        "delete in a must not touch b"
+    );
+    assert!(
+        s.get(&kg).await.unwrap().is_some(),
+        "delete in a must not touch global"
+    );
+    assert!(s.delete(&kg, Precondition::Exists).await.unwrap());
+    assert!(
+        s.get(&ka2).await.unwrap().is_some(),
+        "delete in global must not touch a"
+    );
+}
+
+/// `count` follows creates and deletes.
+pub async fn count(s: &dyn Store) {
+    let t = unique("cf-count");
+    let scope = Scope::Tenant(t.clone());
+    assert_eq!(s.count(&scope, COLL).await.unwrap(), 0);
+    for i in 0..12 {
+        s.put(
+            &RecordKey::tenant(&t, COLL, &format!("c{i}")),
+            vec![i],
+            Precondition::Absent,
+        )
+        .await
+        .unwrap();
+    }
+    // Updates do not count twice.
+    s.put(
+        &RecordKey::tenant(&t, COLL, "c0"),
+        vec![9],
+        Precondition::Any,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.count(&scope, COLL).await.unwrap(), 12);
+    assert_eq!(s.count(&scope, COLL_LONGER).await.unwrap(), 0);
+    s.delete(&RecordKey::tenant(&t, COLL, "c3"), Precondition::Exists)
+        .await
+        .unwrap();
+    assert_eq!(s.count(&scope, COLL).await.unwrap(), 11);
+}
+
+/// Data is bytes: every byte value, non-UTF-8, empty and large values survive.
+pub async fn binary_round_trip(s: &dyn Store) {
+    let t = unique("cf-bin");
+    let all: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("all-bytes", all),
+        ("not-utf8", vec![0xff, 0xfe, 0x00, 0xc3, 0x28, 0x80]),
+        ("empty", Vec::new()),
+        ("nul", vec![0; 17]),
+        (
+            "large",
+            (0..300_000u32)
+                .map(|i| (i.wrapping_mul(7919) >> 3) as u8)
+                .collect(),
+        ),
+    ];
+    for (id, data) in &cases {
+        let key = RecordKey::tenant(&t, COLL, id);
+        s.put(&key, data.clone(), Precondition::Absent)
+            .await
+            .unwrap();
+        let rec = s
+            .get(&key)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{id} missing"));
+        assert!(rec.data == *data, "{id}: data differs after round trip");
+    }
+    let listed = s
+        .list(&Scope::Tenant(t.clone()), COLL, None, 10)
+        .await
+        .unwrap();
+    for (id, rec) in listed {
+        let (_, data) = cases.iter().find(|(c, _)| *c == id).unwrap();
+        assert!(rec.data == *data, "{id}: listed data differs");
+    }
+    let scope = Scope::Tenant(t);
+    let payload = vec![0x00, 0xff, 0x80, b'\n', b'"'];
+    s.append(&scope, STREAM, payload.clone(), 10).await.unwrap();
+    let back = s.read_back(&scope, STREAM, None, 1).await.unwrap();
+    assert_eq!(back[0].data, payload, "stream data round trip");
+}
+
+/// 20 tasks increment one counter with compare-and-set: every version is won exactly once and
+/// no increment is lost.
+pub async fn concurrent_cas(store: Arc<dyn Store>) {
+    const TASKS: u64 = 20;
+    const PER_TASK: u64 = 5;
+    let t = unique("cf-cas");
+    let key = RecordKey::tenant(&t, COLL, "counter");
+    store
+        .put(&key, b"0".to_vec(), Precondition::Absent)
+        .await
+        .unwrap();
+    let mut handles = Vec::new();
+    for _ in 0..TASKS {
+        let store = Arc::clone(&store);
+        let key = key.clone();
+        handles.push(tokio::spawn(async move {
+            let mut won = Vec::new();
+            let mut conflicts = 0u64;
+            for _ in 0..PER_TASK {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    assert!(Instant::now() < deadline, "increment starved");
+                    let rec = store.get(&key).await.unwrap().unwrap();
+                    let n: u64 = std::str::from_utf8(&rec.data).unwrap().parse().unwrap();
+                    let next = (n + 1).to_string().into_bytes();
+                    match store
+                        .put(&key, next, Precondition::Version(rec.version))
+                        .await
+                    {
+                        Ok(v) => {
+                            assert_eq!(v, rec.version + 1, "new version");
+                            won.push(v);
+                            break;
+                        }
+                        Err(StoreError::Conflict {
+                            expected, found, ..
+                        }) => {
+                            assert_eq!(expected, rec.version);
+                            assert!(found > expected, "conflict found {found} <= {expected}");
+                            conflicts += 1;
+                        }
+                        Err(e) => panic!("unexpected error in CAS loop: {e}"),
+                    }
+                }
+            }
+            (won, conflicts)
+        }));
+    }
+    let mut versions = Vec::new();
+    for h in handles {
+        let (won, _conflicts) = h.await.unwrap();
+        versions.extend(won);
+    }
+    versions.sort_unstable();
+    let expected: Vec<u64> = (2..=TASKS * PER_TASK + 1).collect();
+    assert_eq!(versions, expected, "each version must be won exactly once");
+    let rec = store.get(&key).await.unwrap().unwrap();
+    assert_eq!(rec.version, TASKS * PER_TASK + 1);
+    assert_eq!(
+        rec.data,
+        (TASKS * PER_TASK).to_string().into_bytes(),
+        "lost updates"
+    );
+}
+
+/// Streams read back newest first, in id order, and page with `before`.
+pub async fn stream_order_and_paging(s: &dyn Store) {
+    let scope = Scope::Tenant(unique("cf-stream"));
+    assert!(
+        s.read_back(&scope, STREAM, None, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "empty stream"
+    );
+    let mut ids = Vec::new();
+    // More than 10 appends, quickly: ids within one millisecond must still sort as strings.
+    for i in 0..25u32 {
+        let id = s
+            .append(&scope, STREAM, format!("e{i}").into_bytes(), 1000)
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    for pair in ids.windows(2) {
+        assert!(
+            pair[0] < pair[1],
+            "ids must increase as strings: {} !< {}",
+            pair[0],
+            pair[1]
+        );
+    }
+    let all = s.read_back(&scope, STREAM, None, 100).await.unwrap();
+    assert_eq!(all.len(), 25);
+    for (n, e) in all.iter().enumerate() {
+        let i = 24 - n;
+        assert_eq!(e.id, ids[i], "newest first");
+        assert_eq!(e.data, format!("e{i}").into_bytes());
+    }
+    let mut paged = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let page = s
+            .read_back(&scope, STREAM, before.as_deref(), 10)
+            .await
+            .unwrap();
+        assert!(page.len() <= 10);
+        if page.is_empty() {
+            break;
+        }
+        assert!(paged.len() < 100, "paging does not end");
+        before = page.last().map(|e| e.id.clone());
+        paged.extend(page.into_iter().map(|e| e.id));
+    }
+    let mut newest_first = ids.clone();
+    newest_first.reverse();
+    assert_eq!(paged, newest_first, "paging with before");
+    let two = s.read_back(&scope, STREAM, Some(&ids[5]), 2).await.unwrap();
+    assert_eq!(
+        two.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        [&ids[4], &ids[3]]
+    );
+    assert!(
+        s.read_back(&scope, STREAM, Some(&ids[0]), 5)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.read_back(&scope, STREAM, None, 0)
+            .await
+            .unwrap()
+            .is_empty(),
+        "limit 0"
+    );
+}
+
+/// Streams keep only the newest `max_len` entries.
+pub async fn stream_bounded(s: &dyn Store) {
+    let scope = Scope::Tenant(unique("cf-bound"));
+    for i in 0..15u32 {
+        s.append(&scope, STREAM, i.to_string().into_bytes(), 4)
+            .await
+            .unwrap();
+    }
+    let back = s.read_back(&scope, STREAM, None, 100).await.unwrap();
+    let data: Vec<Vec<u8>> = back.into_iter().map(|e| e.data).collect();
+    assert_eq!(
+        data,
+        [
+            b"14".to_vec(),
+            b"13".to_vec(),
+            b"12".to_vec(),
+            b"11".to_vec()
+        ]
+    );
+    // A larger bound later keeps growing from there.
+    for i in 15..18u32 {
+        s.append(&scope, STREAM, i.to_string().into_bytes(), 6)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        s.read_back(&scope, STREAM, None, 100).await.unwrap().len(),
+        6
+    );
+}
+
+/// Streams of different scopes and names are separate.
+pub async fn stream_isolation(s: &dyn Store) {
+    let a = Scope::Tenant(unique("cf-siso"));
+    let b = Scope::Tenant(unique("cf-siso"));
+    s.append(&a, STREAM, b"a".to_vec(), 10).await.unwrap();
+    s.append(&b, STREAM, b"b".to_vec(), 10).await.unwrap();
+    s.append(&a, "cf_other", b"other".to_vec(), 10)
+        .await
+        .unwrap();
+    let ra = s.read_back(&a, STREAM, None, 10).await.unwrap();
+    assert_eq!(ra.len(), 1);
+    assert_eq!(ra[0].data, b"a");
+    let rb = s.read_back(&b, STREAM, None, 10).await.unwrap();
+    assert_eq!(rb.len(), 1);
+    assert_eq!(rb[0].data, b"b");
+}
+
+/// A lease is exclusive, re-acquiring keeps its fence, only the owner releases, and every new
+/// acquisition gets a higher fence.
+pub async fn lease_exclusive_and_fenced(s: &dyn Store) {
+    let name = unique("cf-lease");
+    let ttl = Duration::from_secs(30);
+    let first = s
+        .try_lease(&name, "alice", ttl)
+        .await
+        .unwrap()
+        .expect("free lease");
+    assert_eq!(
+        (first.name.as_str(), first.owner.as_str()),
+        (name.as_str(), "alice")
+    );
+    assert!(
+        s.try_lease(&name, "bob", ttl).await.unwrap().is_none(),
+        "held by alice"
+    );
+    let again = s
+        .try_lease(&name, "alice", ttl)
+        .await
+        .unwrap()
+        .expect("own lease");
+    assert_eq!(again.fence, first.fence, "re-acquiring keeps the fence");
+    assert!(
+        !s.release_lease(&name, "bob").await.unwrap(),
+        "bob cannot release"
+    );
+    assert!(
+        s.try_lease(&name, "bob", ttl).await.unwrap().is_none(),
+        "still alice's"
+    );
+    assert!(s.release_lease(&name, "alice").await.unwrap());
+    assert!(
+        !s.release_lease(&name, "alice").await.unwrap(),
+        "second release"
+    );
+    let bob = s
+        .try_lease(&name, "bob", ttl)
+        .await
+        .unwrap()
+        .expect("released lease");
+    assert!(
+        bob.fence > first.fence,
+        "fence {} !> {}",
+        bob.fence,
+        first.fence
+    );
+    assert!(s.release_lease(&name, "bob").await.unwrap());
+    let alice = s
+        .try_lease(&name, "alice", ttl)
+        .await
+        .unwrap()
+        .expect("released lease");
+    assert!(
+        alice.fence > bob.fence,
+        "fence {} !> {}",
+        alice.fence,
+        bob.fence
+    );
+    // Leases of other names are independent.
+    let other = unique("cf-lease");
+    assert!(s.try_lease(&other, "bob", ttl).await.unwrap().is_some());
+    s.release_lease(&other, "bob").await.unwrap();
+    s.release_lease(&name, "alice").await.unwrap();
+}
+
+/// An expired lease goes to the next owner with a higher fence, and the old owner can no longer
+/// release it.
+pub async fn lease_expiry(s: &dyn Store) {
+    let name = unique("cf-expiry");
+    let short = Duration::from_millis(300);
+    let first = s
+        .try_lease(&name, "alice", short)
+        .await
+        .unwrap()
+        .expect("free lease");
+    assert!(
+        s.try_lease(&name, "bob", short).await.unwrap().is_none(),
+        "not yet expired"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let bob = loop {
+        if let Some(l) = s
+            .try_lease(&name, "bob", Duration::from_secs(30))
+            .await
+            .unwrap()
+        {
+            break l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lease did not expire within 10 s of a 300 ms TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        bob.fence > first.fence,
+        "fence {} !> {}",
+        bob.fence,
+        first.fence
+    );
+    assert!(
+        !s.release_lease(&name, "alice").await.unwrap(),
+        "expired owner released"
+    );
+    assert!(
+        s.try_lease(&name, "alice", short).await.unwrap().is_none(),
+        "bob holds it"
+    );
+    // Extending keeps the lease alive past the first TTL.
+    let name2 = unique("cf-extend");
+    let c1 = s
+        .try_lease(&name2, "carol", Duration::from_secs(1))
+        .await
+        .unwrap()
+        .unwrap();
+    let c2 = s
+        .try_lease(&name2, "carol", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c1.fence, c2.fence);
+    // Waiting out the first TTL is the point here, so this sleep is the test, not a guess.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        s.try_lease(&name2, "dave", short).await.unwrap().is_none(),
+        "extended lease expired with its first TTL"
+    );
+    // After expiry even the same owner starts a new tenure with a higher fence.
+    let name3 = unique("cf-retake");
+    let e1 = s.try_lease(&name3, "erin", short).await.unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if s.try_lease(&name3, "frank", short).await.unwrap().is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lease did not expire");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let e2 = loop {
+        if let Some(l) = s.try_lease(&name3, "erin", short).await.unwrap() {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "lease did not expire");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        e2.fence > e1.fence + 1,
+        "fence {} after frank's, first {}",
+        e2.fence,
+        e1.fence
+    );
+    s.release_lease(&name, "bob").await.unwrap();
+    s.release_lease(&name2, "carol").await.unwrap();
+    s.release_lease(&name3, "erin").await.unwrap();
+}

@@ -1,0 +1,679 @@
+//! The embedded backend: one redb file, for a single broker node with zero setup.
+//!
+//! Layout (redb tables):
+//! - `records`: `(scope, collection, id)` → 8-byte big-endian version followed by the data.
+//! - `streams`: `(scope, stream, id)` → data; ids are zero-padded sequence numbers, so string order
+//!   is append order.
+//! - `stream_meta`: `(scope, stream)` → `(last sequence number, entry count)`.
+//! - `leases`: name → `(owner, fence, expiry in Unix milliseconds)`; a released or expired lease
+//!   keeps its row so the next owner gets a higher fence.
+//!
+//! redb is synchronous: every operation runs in one redb transaction on tokio's blocking pool, and
+//! every precondition is checked inside the write transaction that performs the write. redb locks
+//! the file, so a second process opening it gets [`StoreError::Unavailable`] naming the path.
+
+use std::fmt;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::{
+    Lease, Precondition, Record, RecordKey, Scope, Store, StoreError, StoreResult, StreamEntry,
+};
+
+type Key3<'a> = (&'a str, &'a str, &'a str);
+
+const RECORDS: TableDefinition<Key3, &[u8]> = TableDefinition::new("records");
+const STREAMS: TableDefinition<Key3, &[u8]> = TableDefinition::new("streams");
+const STREAM_META: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("stream_meta");
+const LEASES: TableDefinition<&str, (&str, u64, u64)> = TableDefinition::new("leases");
+
+const VERSION_LEN: usize = 8;
+
+/// The embedded single-file store. Cheap to clone; the file closes when the last clone drops.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    path: Arc<PathBuf>,
+}
+
+impl fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens the store at `path`, creating the file (mode 0600) and its parent directories (mode
+    /// 0700) if missing.
+    ///
+    /// Fails with [`StoreError::Unavailable`] naming the path when another process (or another
+    /// `EmbeddedStore` in this process) has the file open, and with [`StoreError::Corrupt`] when
+    /// the file is not a redb database.
+    pub async fn open(path: impl AsRef<Path>) -> StoreResult<Self> {
+        let path = path.as_ref().to_path_buf();
+        let opened = tokio::task::spawn_blocking(move || open_blocking(&path).map(|db| (db, path)))
+            .await
+            .map_err(|e| {
+                StoreError::Unavailable(format!("embedded store open task failed: {e}"))
+            })?;
+        let (db, path) = opened?;
+        Ok(Self {
+            db: Arc::new(db),
+            path: Arc::new(path),
+        })
+    }
+
+    /// The file this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn run<T, F>(&self, op: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database, &Path) -> StoreResult<T> + Send + 'static,
+    {
+        let db = Arc::clone(&self.db);
+        let path = Arc::clone(&self.path);
+        tokio::task::spawn_blocking(move || op(&db, &path))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("embedded store task failed: {e}")))?
+    }
+}
+
+fn open_blocking(path: &Path) -> StoreResult<Database> {
+    let shown = path.display();
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_private_dir(parent).map_err(|e| {
+            StoreError::Config(format!(
+                "cannot create directory {} for the embedded store: {e}",
+                parent.display()
+            ))
+        })?;
+    }
+    create_private_file(path).map_err(|e| {
+        StoreError::Config(format!("cannot create embedded store file {shown}: {e}"))
+    })?;
+    let db = Database::create(path).map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
+            "embedded store {shown} is already open in another process (or another store in this \
+             one); only one broker may use an embedded store file"
+        )),
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(problem)) => {
+            StoreError::Corrupt {
+                key: shown.to_string(),
+                problem,
+            }
+        }
+        other => StoreError::Unavailable(format!("cannot open embedded store {shown}: {other}")),
+    })?;
+    // Create every table up front so read transactions never meet a missing table.
+    let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
+    {
+        txn.open_table(RECORDS).map_err(|e| storage_err(path, e))?;
+        txn.open_table(STREAMS).map_err(|e| storage_err(path, e))?;
+        txn.open_table(STREAM_META)
+            .map_err(|e| storage_err(path, e))?;
+        txn.open_table(LEASES).map_err(|e| storage_err(path, e))?;
+    }
+    txn.commit().map_err(|e| storage_err(path, e))?;
+    Ok(db)
+}
+
+#[cfg(unix)]
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+#[cfg(not(unix))]
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)
+}
+
+/// Creates the file with mode 0600 if it does not exist (redb then initialises the empty file).
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn storage_err(path: &Path, e: impl fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("embedded store {}: {e}", path.display()))
+}
+
+fn scope_key(scope: &Scope) -> String {
+    match scope {
+        Scope::Global => "g".to_owned(),
+        Scope::Tenant(t) => format!("t:{t}"),
+    }
+}
+
+fn encode_record(version: u64, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(VERSION_LEN + data.len());
+    out.extend_from_slice(&version.to_be_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+fn decode_record(key: &dyn fmt::Display, raw: &[u8]) -> StoreResult<Record> {
+    let (head, data) = raw
+        .split_at_checked(VERSION_LEN)
+        .ok_or_else(|| StoreError::Corrupt {
+            key: key.to_string(),
+            problem: format!("record is {} bytes, shorter than its version", raw.len()),
+        })?;
+    let mut version = [0u8; VERSION_LEN];
+    version.copy_from_slice(head);
+    Ok(Record {
+        version: u64::from_be_bytes(version),
+        data: data.to_vec(),
+    })
+}
+
+/// Stream ids are zero-padded so that string order is append order.
+fn stream_id(seq: u64) -> String {
+    format!("{seq:020}")
+}
+
+fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn ttl_millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Checks `pre` against the current version (`None`: missing) of the record shown as `key`.
+fn check_precondition(
+    key: &dyn fmt::Display,
+    current: Option<u64>,
+    pre: Precondition,
+) -> StoreResult<()> {
+    match (pre, current) {
+        (Precondition::Any, _) => Ok(()),
+        (Precondition::Absent, None) => Ok(()),
+        (Precondition::Absent, Some(_)) => Err(StoreError::AlreadyExists(key.to_string())),
+        (Precondition::Exists | Precondition::Version(_), None) => {
+            Err(StoreError::NotFound(key.to_string()))
+        }
+        (Precondition::Exists, Some(_)) => Ok(()),
+        (Precondition::Version(expected), Some(found)) if expected == found => Ok(()),
+        (Precondition::Version(expected), Some(found)) => Err(StoreError::Conflict {
+            key: key.to_string(),
+            expected,
+            found,
+        }),
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn get(&self, key: &RecordKey) -> StoreResult<Option<Record>> {
+        let key = key.clone();
+        self.run(move |db, path| {
+            let txn = db.begin_read().map_err(|e| storage_err(path, e))?;
+            let table = txn.open_table(RECORDS).map_err(|e| storage_err(path, e))?;
+            let scope = scope_key(&key.scope);
+            let raw = table
+                .get((scope.as_str(), key.collection, key.id.as_str()))
+                .map_err(|e| storage_err(path, e))?;
+            raw.map(|v| decode_record(&key, v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn put(&self, key: &RecordKey, data: Vec<u8>, pre: Precondition) -> StoreResult<u64> {
+        let key = key.clone();
+        self.run(move |db, path| {
+            let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
+            let version = {
+                let mut table = txn.open_table(RECORDS).map_err(|e| storage_err(path, e))?;
+                let scope = scope_key(&key.scope);
+                let k = (scope.as_str(), key.collection, key.id.as_str());
+                let current = table
+                    .get(k)
+                    .map_err(|e| storage_err(path, e))?
+                    .map(|v| decode_record(&key, v.value()).map(|r| r.version))
+                    .transpose()?;
+                check_precondition(&key, current, pre)?;
+                let version = current.unwrap_or(0) + 1;
+                table
+                    .insert(k, encode_record(version, &data).as_slice())
+                    .map_err(|e| storage_err(path, e))?;
+                version
+            };
+            txn.commit().map_err(|e| storage_err(path, e))?;
+            Ok(version)
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &RecordKey, pre: Precondition) -> StoreResult<bool> {
+        let key = key.clone();
+        self.run(move |db, path| {
+            let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
+            let removed = {
+                let mut table = txn.open_table(RECORDS).map_err(|e| storage_err(path, e))?;
+                let scope = scope_key(&key.scope);
+                let k = (scope.as_str(), key.collection, key.id.as_str());
+                let current = table
+                    .get(k)
+                    .map_err(|e| storage_err(path, e))?
+                    .map(|v| decode_record(&key, v.value()).map(|r| r.version))
+                    .transpose()?;
+                check_precondition(&key, current, pre)?;
+                current.is_some() && table.remove(k).map_err(|e| storage_err(path, e))?.is_some()
+            };
+            if removed {
+                txn.commit().map_err(|e| storage_err(path, e))?;
+            } else {
+                txn.abort().map_err(|e| storage_err(path, e))?;
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        scope: &Scope,
+        collection: &'static str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<(String, Record)>> {
+        let scope = scope_key(scope);
+        let start_after = start_after.map(str::to_owned);
+        self.run(move |db, path| {
+            let txn = db.begin_read().map_err(|e| storage_err(path, e))?;
+            let table = txn.open_table(RECORDS).map_err(|e| storage_err(path, e))?;
+            let lower = match &start_after {
+                Some(after) => Bound::Excluded((scope.as_str(), collection, after.as_str())),
+                None => Bound::Included((scope.as_str(), collection, "")),
+            };
+            let mut out = Vec::new();
+            for item in table
+                .range::<Key3>((lower, Bound::Unbounded))
+                .map_err(|e| storage_err(path, e))?
+            {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, v) = item.map_err(|e| storage_err(path, e))?;
+                let (s, c, id) = k.value();
+                if s != scope || c != collection {
+                    break;
+                }
+                let shown = format!("{s}/{c}/{id}");
+                out.push((id.to_owned(), decode_record(&shown, v.value())?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn count(&self, scope: &Scope, collection: &'static str) -> StoreResult<u64> {
+        let scope = scope_key(scope);
+        self.run(move |db, path| {
+            let txn = db.begin_read().map_err(|e| storage_err(path, e))?;
+            let table = txn.open_table(RECORDS).map_err(|e| storage_err(path, e))?;
+            let mut n = 0u64;
+            for item in table
+                .range::<Key3>((scope.as_str(), collection, "")..)
+                .map_err(|e| storage_err(path, e))?
+            {
+                let (k, _) = item.map_err(|e| storage_err(path, e))?;
+                let (s, c, _) = k.value();
+                if s != scope || c != collection {
+                    break;
+                }
+                n += 1;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn append(
+        &self,
+        scope: &Scope,
+        stream: &'static str,
+        data: Vec<u8>,
+        max_len: usize,
+    ) -> StoreResult<String> {
+        let scope = scope_key(scope);
+        let max_len = u64::try_from(max_len.max(1)).unwrap_or(u64::MAX);
+        self.run(move |db, path| {
+            let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
+            let id = {
+                let mut meta = txn
+                    .open_table(STREAM_META)
+                    .map_err(|e| storage_err(path, e))?;
+                let mut entries = txn.open_table(STREAMS).map_err(|e| storage_err(path, e))?;
+                let (last, len) = meta
+                    .get((scope.as_str(), stream))
+                    .map_err(|e| storage_err(path, e))?
+                    .map(|v| v.value())
+                    .unwrap_or((0, 0));
+                let seq = last + 1;
+                let id = stream_id(seq);
+                entries
+                    .insert((scope.as_str(), stream, id.as_str()), data.as_slice())
+                    .map_err(|e| storage_err(path, e))?;
+                let mut len = len + 1;
+                if len > max_len {
+                    let excess = usize::try_from(len - max_len).unwrap_or(usize::MAX);
+                    let mut oldest = Vec::with_capacity(excess.min(1024));
+                    for item in entries
+                        .range::<Key3>((scope.as_str(), stream, "")..)
+                        .map_err(|e| storage_err(path, e))?
+                        .take(excess)
+                    {
+                        let (k, _) = item.map_err(|e| storage_err(path, e))?;
+                        let (s, st, old) = k.value();
+                        if s != scope || st != stream {
+                            break;
+                        }
+                        oldest.push(old.to_owned());
+                    }
+                    for old in &oldest {
+                        entries
+                            .remove((scope.as_str(), stream, old.as_str()))
+                            .map_err(|e| storage_err(path, e))?;
+                    }
+                    len -= u64::try_from(oldest.len()).unwrap_or(0);
+                }
+                meta.insert((scope.as_str(), stream), (seq, len))
+                    .map_err(|e| storage_err(path, e))?;
+                id
+            };
+            txn.commit().map_err(|e| storage_err(path, e))?;
+            Ok(id)
+        })
+        .await
+    }
+
+    async fn read_back(
+        &self,
+        scope: &Scope,
+        stream: &'static str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<StreamEntry>> {
+        let scope = scope_key(scope);
+        let before = before.map(str::to_owned);
+        self.run(move |db, path| {
+            let txn = db.begin_read().map_err(|e| storage_err(path, e))?;
+            let table = txn.open_table(STREAMS).map_err(|e| storage_err(path, e))?;
+            let lower = Bound::Included((scope.as_str(), stream, ""));
+            let upper = match &before {
+                Some(b) => Bound::Excluded((scope.as_str(), stream, b.as_str())),
+                // Every id is digits only, so "~" (after all digits) bounds the stream.
+                None => Bound::Included((scope.as_str(), stream, "~")),
+            };
+            let mut out = Vec::new();
+            for item in table
+                .range::<Key3>((lower, upper))
+                .map_err(|e| storage_err(path, e))?
+                .rev()
+            {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, v) = item.map_err(|e| storage_err(path, e))?;
+                let (s, st, id) = k.value();
+                if s != scope || st != stream {
+                    break;
+                }
+                out.push(StreamEntry {
+                    id: id.to_owned(),
+                    data: v.value().to_vec(),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn try_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> StoreResult<Option<Lease>> {
+        let name = name.to_owned();
+        let owner = owner.to_owned();
+        let ttl = ttl_millis(ttl);
+        self.run(move |db, path| {
+            let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
+            let now = now_millis();
+            let lease = {
+                let mut table = txn.open_table(LEASES).map_err(|e| storage_err(path, e))?;
+                let current = table
+                    .get(name.as_str())
+                    .map_err(|e| storage_err(path, e))?
+                    .map(|v| {
+                        let (o, f, exp) = v.value();
+                        (o.to_owned(), f, exp)
+                    });
+                let fence = match current {
+                    Some((o, f, exp)) if exp > now && o == owner => Some(f),
+                    Some((_, _, exp)) if exp > now => None,
+                    Some((_, f, _)) => Some(f + 1),
+                    None => Some(1),
+                };
+                if let Some(fence) = fence {
+                    table
+                        .insert(
+                            name.as_str(),
+                            (owner.as_str(), fence, now.saturating_add(ttl)),
+                        )
+                        .map_err(|e| storage_err(path, e))?;
+                }
+                fence.map(|fence| Lease {
+                    name: name.clone(),
+                    owner: owner.clone(),
+                    fence,
+                })
+            };
+            if lease.is_some() {
+                txn.commit().map_err(|e| storage_err(path, e))?;
+            } else {
+                txn.abort().map_err(|e| storage_err(path, e))?;
+            }
+            Ok(lease)
+        })
+        .await
+    }
+
+    async fn release_lease(&self, name: &str, owner: &str) -> StoreResult<bool> {
+        let name = name.to_owned();
+        let owner = owner.to_owned();
+        self.run(move |db, path| {
+            let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
+            let now = now_millis();
+            let released = {
+                let mut table = txn.open_table(LEASES).map_err(|e| storage_err(path, e))?;
+                let current = table
+                    .get(name.as_str())
+                    .map_err(|e| storage_err(path, e))?
+                    .map(|v| {
+                        let (o, f, exp) = v.value();
+                        (o.to_owned(), f, exp)
+                    });
+                match current {
+                    Some((o, fence, exp)) if exp > now && o == owner => {
+                        // Keep the fence so the next owner's is higher.
+                        table
+                            .insert(name.as_str(), ("", fence, 0))
+                            .map_err(|e| storage_err(path, e))?;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if released {
+                txn.commit().map_err(|e| storage_err(path, e))?;
+            } else {
+                txn.abort().map_err(|e| storage_err(path, e))?;
+            }
+            Ok(released)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.run(|db, path| {
+            let txn = db.begin_read().map_err(|e| storage_err(path, e))?;
+            let table = txn.open_table(RECORDS).map_err(|e| storage_err(path, e))?;
+            table.len().map_err(|e| storage_err(path, e))?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path().join("sub/store.redb"))
+            .await
+            .unwrap();
+        crate::conformance::run_all(Arc::new(store)).await;
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn creates_private_file_and_dir() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a/b/store.redb");
+        let _store = EmbeddedStore::open(&path).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "file mode {mode:o}");
+        let mode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "dir mode {mode:o}");
+    }
+
+    #[tokio::test]
+    async fn second_open_is_refused_with_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let _first = EmbeddedStore::open(&path).await.unwrap();
+        let err = EmbeddedStore::open(&path).await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "error should name the file: {err}"
+        );
+    }
+
+    const OPEN_FROM_ENV: &str = "TOKENFLEET_STORE_TEST_OPEN";
+
+    /// Run by `second_process_is_refused` in a child process: opens the file the parent holds.
+    #[tokio::test]
+    async fn open_from_env() {
+        let Some(path) = std::env::var_os(OPEN_FROM_ENV) else {
+            return;
+        };
+        let err = EmbeddedStore::open(&path).await.unwrap_err();
+        println!("CHILD-ERROR: {err}");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn second_process_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let _held = EmbeddedStore::open(&path).await.unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "embedded::tests::open_from_env", "--nocapture"])
+            .env(OPEN_FROM_ENV, &path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "child failed: {stdout}");
+        let line = stdout
+            .lines()
+            .find(|l| l.contains("CHILD-ERROR"))
+            .unwrap_or_else(|| panic!("child did not try to open: {stdout}"));
+        assert!(line.contains(&path.display().to_string()), "{line}");
+    }
+
+    #[tokio::test]
+    async fn not_a_database_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        std::fs::write(
+            &path,
+            b"this is not a redb file, just some text padding it out",
+        )
+        .unwrap();
+        let err = EmbeddedStore::open(&path).await.unwrap_err();
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "error should name the file: {err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let key = RecordKey::tenant("acme", "mailbox", "m1");
+        {
+            let store = EmbeddedStore::open(&path).await.unwrap();
+            store
+                .put(&key, b"one".to_vec(), Precondition::Absent)
+                .await
+                .unwrap();
+            store
+                .append(&Scope::Global, "audit", b"e1".to_vec(), 10)
+                .await
+                .unwrap();
+        }
+        let store = EmbeddedStore::open(&path).await.unwrap();
+        let rec = store.get(&key).await.unwrap().unwrap();
+        assert_eq!((rec.version, rec.data.as_slice()), (1, b"one".as_slice()));
+        let id = store
+            .append(&Scope::Global, "audit", b"e2".to_vec(), 10)
+            .await
+            .unwrap();
+        let back = store
+            .read_back(&Scope::Global, "audit", None, 10)
+            .await
+            .unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[0].id, id);
+        assert!(back[1].id < back[0].id);
+    }
+}

@@ -1,0 +1,244 @@
+//! The tokenfleet store: versioned records with compare-and-set, bounded event streams (audit),
+//! and leases with fencing tokens (single-flight refresh, consent polling ownership).
+//!
+//! Records are opaque bytes to the store; the broker serializes domain records and seals secrets
+//! before they reach it. Every record and stream lives in a [`Scope`]: global, or one tenant. In
+//! Redis every key of one scope carries the same hash tag, so multi-key operations on a scope work
+//! in Cluster.
+//!
+//! Dependency direction: depends on no other tokenfleet crate (it sees only bytes); the broker
+//! depends on it. Backends: [`embedded::EmbeddedStore`] (redb, one file) and
+//! [`redis_store::RedisStore`] (standalone, Sentinel or Cluster).
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+/// Where a record lives.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    /// Broker-wide objects: tenants, API keys, global audit.
+    Global,
+    /// Objects of one tenant (the tenant's name).
+    Tenant(String),
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scope::Global => f.write_str("global"),
+            Scope::Tenant(t) => write!(f, "tenant:{t}"),
+        }
+    }
+}
+
+/// Identity of one record: scope, collection (`provider`, `mailbox`, …) and id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RecordKey {
+    pub scope: Scope,
+    pub collection: &'static str,
+    pub id: String,
+}
+
+impl RecordKey {
+    /// A record in a tenant.
+    pub fn tenant(tenant: &str, collection: &'static str, id: &str) -> Self {
+        Self {
+            scope: Scope::Tenant(tenant.to_owned()),
+            collection,
+            id: id.to_owned(),
+        }
+    }
+    /// A broker-wide record.
+    pub fn global(collection: &'static str, id: &str) -> Self {
+        Self {
+            scope: Scope::Global,
+            collection,
+            id: id.to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for RecordKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.scope, self.collection, self.id)
+    }
+}
+
+/// A stored record and its version (starts at 1, +1 on every write).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Record {
+    pub version: u64,
+    pub data: Vec<u8>,
+}
+
+impl fmt::Debug for Record {
+    // Record bytes may hold sealed secrets; never print them.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Record")
+            .field("version", &self.version)
+            .field("len", &self.data.len())
+            .finish()
+    }
+}
+
+/// Condition a write must meet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    /// Write unconditionally (create or overwrite).
+    Any,
+    /// The record must not exist (create).
+    Absent,
+    /// The record must exist (any version).
+    Exists,
+    /// The record must exist at exactly this version.
+    Version(u64),
+}
+
+/// One event of a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamEntry {
+    /// Ordered id: larger ids are newer. Opaque to callers beyond ordering.
+    pub id: String,
+    pub data: Vec<u8>,
+}
+
+/// A held lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Name of the leased thing.
+    pub name: String,
+    /// Owner token given at acquisition.
+    pub owner: String,
+    /// Strictly increasing per name across all owners: writes guarded by a lease carry it so a
+    /// stale owner's late write can be recognised.
+    pub fence: u64,
+}
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Precondition `Absent` failed.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// Precondition `Exists`/`Version` failed because the record is missing.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// Precondition `Version` failed: someone else wrote first.
+    #[error("{key} was changed concurrently (expected version {expected}, found {found})")]
+    Conflict {
+        key: String,
+        expected: u64,
+        found: u64,
+    },
+    /// The backend is unreachable or failed; retrying later may succeed.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data is not what this version of tokenfleet expects.
+    #[error("store data corrupt at {key}: {problem}")]
+    Corrupt { key: String, problem: String },
+    /// The store configuration is invalid.
+    #[error("store configuration: {0}")]
+    Config(String),
+}
+
+/// Result of store operations.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The storage every broker replica shares.
+///
+/// Implementations must be safe for concurrent use from many tasks and many processes: every
+/// precondition is checked atomically with its write.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// Reads one record.
+    async fn get(&self, key: &RecordKey) -> StoreResult<Option<Record>>;
+
+    /// Writes one record if `pre` holds; returns the new version.
+    async fn put(&self, key: &RecordKey, data: Vec<u8>, pre: Precondition) -> StoreResult<u64>;
+
+    /// Deletes one record if `pre` holds (`Any` on a missing record is not an error); returns
+    /// whether a record was removed.
+    async fn delete(&self, key: &RecordKey, pre: Precondition) -> StoreResult<bool>;
+
+    /// Lists a collection in id order: up to `limit` records with ids strictly greater than
+    /// `start_after`.
+    async fn list(
+        &self,
+        scope: &Scope,
+        collection: &'static str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<(String, Record)>>;
+
+    /// Counts the records of a collection.
+    async fn count(&self, scope: &Scope, collection: &'static str) -> StoreResult<u64>;
+
+    /// Appends to a bounded stream (oldest entries beyond `max_len` are dropped); returns the id.
+    async fn append(
+        &self,
+        scope: &Scope,
+        stream: &'static str,
+        data: Vec<u8>,
+        max_len: usize,
+    ) -> StoreResult<String>;
+
+    /// Reads a stream newest first: up to `limit` entries with ids strictly smaller than `before`.
+    async fn read_back(
+        &self,
+        scope: &Scope,
+        stream: &'static str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<StreamEntry>>;
+
+    /// Takes the lease `name` for `owner` for `ttl` if nobody else holds it (re-acquiring one's own
+    /// lease extends it and keeps the fence). `None` when another owner holds it.
+    async fn try_lease(&self, name: &str, owner: &str, ttl: Duration)
+    -> StoreResult<Option<Lease>>;
+
+    /// Releases a lease if `owner` still holds it; returns whether it did.
+    async fn release_lease(&self, name: &str, owner: &str) -> StoreResult<bool>;
+
+    /// Checks the backend answers (for health endpoints).
+    async fn ping(&self) -> StoreResult<()>;
+}
+
+pub mod embedded;
+pub mod redis_store;
+
+/// Which backend the broker uses, as it appears in the broker configuration: a table with one
+/// key, `embedded` or `redis`, e.g. `[store.embedded] path = "/var/lib/tokenfleet/store.redb"`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum StoreConfig {
+    /// One redb file on this node (single broker replica).
+    Embedded(EmbeddedConfig),
+    /// Redis standalone, Sentinel or Cluster (any number of broker replicas).
+    Redis(redis_store::RedisConfig),
+}
+
+/// Configuration of the embedded store.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    /// The database file; created (mode 0600, parent directories 0700) if missing.
+    pub path: std::path::PathBuf,
+}
+
+/// Opens the store `config` describes.
+///
+/// Errors: [`StoreError::Config`] for a bad configuration (naming the field), and
+/// [`StoreError::Unavailable`] when the backend cannot be reached or the file is in use.
+pub async fn connect(config: &StoreConfig) -> StoreResult<std::sync::Arc<dyn Store>> {
+    Ok(match config {
+        StoreConfig::Embedded(c) => {
+            std::sync::Arc::new(embedded::EmbeddedStore::open(&c.path).await?)
+        }
+        StoreConfig::Redis(c) => std::sync::Arc::new(redis_store::RedisStore::connect(c).await?),
+    })
+}
+
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;

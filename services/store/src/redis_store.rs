@@ -1,0 +1,1184 @@
+//! The Redis backend: standalone, Sentinel or Cluster, async and reconnecting.
+//!
+//! Key layout (`tf` is [`RedisConfig::key_prefix`]); every key of one [`Scope`] carries the same
+//! hash tag, so the scripts below touch one Cluster slot:
+//! - record: `tf:{t:acme}:rec:mailbox:m1`, a hash `{v: version, d: data}`;
+//! - collection index: `tf:{t:acme}:idx:mailbox`, a sorted set of ids, all with score 0, paged
+//!   with `ZRANGEBYLEX`;
+//! - stream: `tf:{t:acme}:stream:audit`, a Redis stream with one field `d`, trimmed exactly;
+//! - global scope: tag `{g}`;
+//! - lease: `tf:{lease:<name>}:owner` (owner, expiring) and `tf:{lease:<name>}:fence` (counter
+//!   that survives the owner key, so fences only grow).
+//!
+//! Every conditional write and delete is one Lua script covering record and index, so it is atomic
+//! on any topology. Stream ids are Redis ids re-printed zero-padded (`<ms:15>-<seq:10>`) so that
+//! string order is append order.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisError,
+    RedisFuture, Script, ScriptInvocation, TlsCertificates, TlsMode, Value,
+};
+use serde::Deserialize;
+
+use crate::{
+    Lease, Precondition, Record, RecordKey, Scope, Store, StoreError, StoreResult, StreamEntry,
+};
+
+/// Which Redis deployment [`RedisConfig::urls`] points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One server (`urls` holds exactly one URL).
+    #[default]
+    Standalone,
+    /// A master found through Sentinel (`urls` are the sentinels; `sentinel_master` names it).
+    Sentinel,
+    /// Redis Cluster (`urls` are seed nodes; the rest is discovered).
+    Cluster,
+}
+
+/// How to reach Redis. Deserialized from the broker configuration (`deny_unknown_fields`).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `standalone` (default), `sentinel` or `cluster`.
+    #[serde(default)]
+    pub mode: RedisMode,
+    /// `redis://host:port` URLs (`rediss://` with TLS): the server (standalone), the seed nodes
+    /// (cluster) or the sentinels (sentinel; their URLs may carry the sentinels' own credentials).
+    pub urls: Vec<String>,
+    /// Name of the master the sentinels watch (required in `sentinel` mode).
+    #[serde(default)]
+    pub sentinel_master: Option<String>,
+    /// ACL user name for the Redis servers (overrides one given in a URL).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password for the Redis servers (overrides one given in a URL). Never printed.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Connect to the Redis servers with TLS. In `standalone` and `cluster` mode every URL must
+    /// then be `rediss://` (and without it `redis://`); in `sentinel` mode it applies to the
+    /// master, and each sentinel URL's scheme decides for that sentinel.
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM file with the CA certificates that sign the servers' certificates (default: the
+    /// platform's trust store).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Prefix of every key, so several deployments can share one Redis (default `tf`; no braces,
+    /// no whitespace).
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// Time allowed to open one connection, in milliseconds (default 2000).
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Time allowed for one command's answer, in milliseconds (default 2000).
+    #[serde(default = "default_command_timeout_ms")]
+    pub command_timeout_ms: u64,
+}
+
+fn default_key_prefix() -> String {
+    "tf".to_owned()
+}
+fn default_connect_timeout_ms() -> u64 {
+    2000
+}
+fn default_command_timeout_ms() -> u64 {
+    2000
+}
+
+impl RedisConfig {
+    /// A standalone configuration for one URL with every other field at its default.
+    pub fn standalone(url: impl Into<String>) -> Self {
+        Self::with_urls(RedisMode::Standalone, vec![url.into()])
+    }
+
+    /// A cluster configuration for these seed URLs with every other field at its default.
+    pub fn cluster(seeds: Vec<String>) -> Self {
+        Self::with_urls(RedisMode::Cluster, seeds)
+    }
+
+    /// A sentinel configuration with every other field at its default.
+    pub fn sentinel(sentinels: Vec<String>, master: impl Into<String>) -> Self {
+        Self {
+            sentinel_master: Some(master.into()),
+            ..Self::with_urls(RedisMode::Sentinel, sentinels)
+        }
+    }
+
+    fn with_urls(mode: RedisMode, urls: Vec<String>) -> Self {
+        Self {
+            mode,
+            urls,
+            sentinel_master: None,
+            username: None,
+            password: None,
+            tls: false,
+            tls_ca_file: None,
+            key_prefix: default_key_prefix(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+            command_timeout_ms: default_command_timeout_ms(),
+        }
+    }
+
+    /// Checks the configuration without connecting; errors name the field at fault.
+    pub fn validate(&self) -> StoreResult<()> {
+        let bad = |field: &str, problem: String| {
+            Err(StoreError::Config(format!("redis.{field}: {problem}")))
+        };
+        if self.urls.is_empty() {
+            return bad("urls", "at least one URL is required".into());
+        }
+        if self.mode == RedisMode::Standalone && self.urls.len() != 1 {
+            return bad(
+                "urls",
+                format!(
+                    "standalone mode takes exactly one URL, got {}",
+                    self.urls.len()
+                ),
+            );
+        }
+        for (i, url) in self.urls.iter().enumerate() {
+            let field = format!("urls[{i}]");
+            let secure = url.starts_with("rediss://");
+            if !secure && !url.starts_with("redis://") {
+                return bad(
+                    &field,
+                    format!(
+                        "`{}` must start with redis:// or rediss://",
+                        redact_url(url)
+                    ),
+                );
+            }
+            if self.mode != RedisMode::Sentinel && secure != self.tls {
+                return bad(
+                    &field,
+                    if self.tls {
+                        format!("`{}` must use rediss:// because tls is on", redact_url(url))
+                    } else {
+                        format!(
+                            "`{}` uses rediss://; set tls = true to connect with TLS",
+                            redact_url(url)
+                        )
+                    },
+                );
+            }
+            if let Err(e) = url.as_str().into_connection_info() {
+                return bad(
+                    &field,
+                    format!("`{}` is not a valid Redis URL: {e}", redact_url(url)),
+                );
+            }
+        }
+        match (&self.mode, &self.sentinel_master) {
+            (RedisMode::Sentinel, None) => {
+                return bad("sentinel_master", "required in sentinel mode".into());
+            }
+            (RedisMode::Sentinel, Some(m)) if m.trim().is_empty() => {
+                return bad("sentinel_master", "must not be empty".into());
+            }
+            (RedisMode::Standalone | RedisMode::Cluster, Some(_)) => {
+                return bad("sentinel_master", "only used in sentinel mode".into());
+            }
+            _ => {}
+        }
+        if self.tls_ca_file.is_some() && !self.tls {
+            return bad("tls_ca_file", "set, but tls is off".into());
+        }
+        if self.key_prefix.is_empty() || self.key_prefix.len() > 64 {
+            return bad("key_prefix", "must be 1 to 64 characters".into());
+        }
+        if self
+            .key_prefix
+            .chars()
+            .any(|c| c == '{' || c == '}' || c.is_whitespace() || c.is_control())
+        {
+            return bad(
+                "key_prefix",
+                format!(
+                    "`{}` must not contain braces or whitespace",
+                    self.key_prefix.escape_debug()
+                ),
+            );
+        }
+        if self.connect_timeout_ms == 0 {
+            return bad("connect_timeout_ms", "must be greater than 0".into());
+        }
+        if self.command_timeout_ms == 0 {
+            return bad("command_timeout_ms", "must be greater than 0".into());
+        }
+        Ok(())
+    }
+
+    fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    fn command_timeout(&self) -> Duration {
+        Duration::from_millis(self.command_timeout_ms)
+    }
+
+    /// Connection info of URL `i` with the configured credentials applied.
+    fn connection_info(&self, i: usize) -> StoreResult<ConnectionInfo> {
+        let url = self.urls.get(i).map(String::as_str).unwrap_or_default();
+        let info = url.into_connection_info().map_err(|e| {
+            StoreError::Config(format!(
+                "redis.urls[{i}]: `{}` is not a valid Redis URL: {e}",
+                redact_url(url)
+            ))
+        })?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(user) = &self.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(password) = &self.password {
+            settings = settings.set_password(password);
+        }
+        Ok(info.set_redis_settings(settings))
+    }
+
+    fn certificates(&self) -> StoreResult<Option<TlsCertificates>> {
+        let Some(path) = &self.tls_ca_file else {
+            return Ok(None);
+        };
+        let pem = std::fs::read(path).map_err(|e| {
+            StoreError::Config(format!(
+                "redis.tls_ca_file: cannot read {}: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(Some(TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        }))
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let urls: Vec<String> = self.urls.iter().map(|u| redact_url(u)).collect();
+        f.debug_struct("RedisConfig")
+            .field("mode", &self.mode)
+            .field("urls", &urls)
+            .field("sentinel_master", &self.sentinel_master)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .field("tls", &self.tls)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("key_prefix", &self.key_prefix)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("command_timeout_ms", &self.command_timeout_ms)
+            .finish()
+    }
+}
+
+/// A URL with any password in it replaced by `[redacted]`, for messages.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:[redacted]{}", &rest[at..])
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// One connection handle of whichever topology; cheap to clone.
+#[derive(Clone)]
+enum Conn {
+    Manager(ConnectionManager),
+    Cluster(ClusterConnection),
+    Plain(MultiplexedConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Manager(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Plain(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Manager(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Plain(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Manager(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+            Conn::Plain(c) => c.get_db(),
+        }
+    }
+}
+
+/// The master's connection in Sentinel mode: asked of the sentinels again after a connection
+/// failure or a `READONLY` answer (the old master was demoted by a failover).
+struct SentinelLink {
+    client: tokio::sync::Mutex<SentinelClient>,
+    current: std::sync::Mutex<Option<MultiplexedConnection>>,
+    config: AsyncConnectionConfig,
+}
+
+impl SentinelLink {
+    async fn connection(&self) -> Result<MultiplexedConnection, RedisError> {
+        if let Some(conn) = self.cached() {
+            return Ok(conn);
+        }
+        let mut client = self.client.lock().await;
+        // Another task may have connected while this one waited for the lock.
+        if let Some(conn) = self.cached() {
+            return Ok(conn);
+        }
+        let conn = client
+            .get_async_connection_with_config(&self.config)
+            .await?;
+        if let Ok(mut current) = self.current.lock() {
+            *current = Some(conn.clone());
+        }
+        Ok(conn)
+    }
+
+    fn cached(&self) -> Option<MultiplexedConnection> {
+        self.current.lock().ok().and_then(|c| c.clone())
+    }
+
+    fn forget(&self) {
+        if let Ok(mut current) = self.current.lock() {
+            *current = None;
+        }
+    }
+}
+
+enum Backend {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+    Sentinel(Arc<SentinelLink>),
+}
+
+/// The Redis store. Cheap to clone; all clones share the connections.
+#[derive(Clone)]
+pub struct RedisStore {
+    backend: Arc<Backend>,
+    prefix: Arc<str>,
+    mode: RedisMode,
+    /// Where it connects, without credentials, for Debug and messages.
+    target: Arc<str>,
+    op_timeout: Duration,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("mode", &self.mode)
+            .field("target", &self.target)
+            .field("key_prefix", &self.prefix)
+            .finish()
+    }
+}
+
+static PUT: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::new(
+        r"
+local cur = redis.call('HGET', KEYS[1], 'v')
+local mode = ARGV[1]
+if mode == 'absent' and cur then return {1, tonumber(cur)} end
+if (mode == 'exists' or mode == 'version') and not cur then return {2, 0} end
+if mode == 'version' and cur ~= ARGV[2] then return {3, tonumber(cur)} end
+local v = redis.call('HINCRBY', KEYS[1], 'v', 1)
+redis.call('HSET', KEYS[1], 'd', ARGV[3])
+redis.call('ZADD', KEYS[2], 0, ARGV[4])
+return {0, v}
+",
+    )
+});
+
+static DELETE: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::new(
+        r"
+local cur = redis.call('HGET', KEYS[1], 'v')
+local mode = ARGV[1]
+if mode == 'absent' and cur then return {1, tonumber(cur)} end
+if (mode == 'exists' or mode == 'version') and not cur then return {2, 0} end
+if mode == 'version' and cur ~= ARGV[2] then return {3, tonumber(cur)} end
+if not cur then return {0, 0} end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[3])
+return {0, 1}
+",
+    )
+});
+
+// The record keys are built from the index key's scope prefix, so they share its hash tag.
+static LIST: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::new(
+        r"
+local ids = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[1], '+', 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, id in ipairs(ids) do
+  local r = redis.call('HMGET', ARGV[3] .. id, 'v', 'd')
+  out[#out + 1] = id
+  out[#out + 1] = r[1]
+  out[#out + 1] = r[2]
+end
+return out
+",
+    )
+});
+
+static TRY_LEASE: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::new(
+        r"
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  local f = redis.call('GET', KEYS[2])
+  if f then return tonumber(f) end
+  return redis.call('INCR', KEYS[2])
+end
+if cur then return 0 end
+local f = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return f
+",
+    )
+});
+
+static RELEASE_LEASE: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+",
+    )
+});
+
+/// Escapes what would end or confuse a hash tag.
+fn escape_tag(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn precondition_args(pre: Precondition) -> (&'static str, u64) {
+    match pre {
+        Precondition::Any => ("any", 0),
+        Precondition::Absent => ("absent", 0),
+        Precondition::Exists => ("exists", 0),
+        Precondition::Version(v) => ("version", v),
+    }
+}
+
+/// Maps a script's `{status, version}` answer to the precondition error it reports.
+fn precondition_result(key: &RecordKey, pre: Precondition, answer: (i64, i64)) -> StoreResult<u64> {
+    let (status, n) = answer;
+    let n = u64::try_from(n).map_err(|_| StoreError::Corrupt {
+        key: key.to_string(),
+        problem: format!("negative version {n}"),
+    })?;
+    match status {
+        0 => Ok(n),
+        1 => Err(StoreError::AlreadyExists(key.to_string())),
+        2 => Err(StoreError::NotFound(key.to_string())),
+        3 => Err(StoreError::Conflict {
+            key: key.to_string(),
+            expected: match pre {
+                Precondition::Version(v) => v,
+                _ => 0,
+            },
+            found: n,
+        }),
+        other => Err(StoreError::Corrupt {
+            key: key.to_string(),
+            problem: format!("unexpected script status {other}"),
+        }),
+    }
+}
+
+/// Redis stream id `ms-seq` → the store's zero-padded form.
+fn store_stream_id(redis_id: &str) -> Option<String> {
+    let (ms, seq) = redis_id.split_once('-')?;
+    let ms: u64 = ms.parse().ok()?;
+    let seq: u64 = seq.parse().ok()?;
+    Some(format!("{ms:015}-{seq:010}"))
+}
+
+/// The store's zero-padded stream id → Redis form.
+fn redis_stream_id(store_id: &str) -> Option<String> {
+    let (ms, seq) = store_id.split_once('-')?;
+    let ms: u64 = ms.parse().ok()?;
+    let seq: u64 = seq.parse().ok()?;
+    Some(format!("{ms}-{seq}"))
+}
+
+fn limit_arg(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+fn bytes_of(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+impl RedisStore {
+    /// Connects according to `config` (validated first). Fails with [`StoreError::Config`] for a
+    /// bad configuration and [`StoreError::Unavailable`] when Redis cannot be reached; once
+    /// connected, the store reconnects by itself.
+    pub async fn connect(config: &RedisConfig) -> StoreResult<Self> {
+        config.validate()?;
+        let target = config
+            .urls
+            .iter()
+            .map(|u| redact_url(u))
+            .collect::<Vec<_>>()
+            .join(",");
+        let certs = config.certificates()?;
+        let unavailable = |e: RedisError| {
+            StoreError::Unavailable(format!("cannot connect to redis at {target}: {e}"))
+        };
+        let connect_timeout = config.connect_timeout();
+        let command_timeout = config.command_timeout();
+        let backend = match config.mode {
+            RedisMode::Standalone => {
+                let info = config.connection_info(0)?;
+                let client = match certs {
+                    Some(certs) => Client::build_with_tls(info, certs),
+                    None => Client::open(info),
+                }
+                .map_err(|e| StoreError::Config(format!("redis.urls[0]: {e}")))?;
+                let manager_config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(connect_timeout))
+                    .set_response_timeout(Some(command_timeout))
+                    .set_number_of_retries(2)
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_millis(500));
+                let manager = tokio::time::timeout(
+                    connect_timeout * 4,
+                    ConnectionManager::new_with_config(client, manager_config),
+                )
+                .await
+                .map_err(|_| {
+                    StoreError::Unavailable(format!(
+                        "cannot connect to redis at {target}: timed out"
+                    ))
+                })?
+                .map_err(unavailable)?;
+                Backend::Standalone(manager)
+            }
+            RedisMode::Cluster => {
+                let infos = (0..config.urls.len())
+                    .map(|i| config.connection_info(i))
+                    .collect::<StoreResult<Vec<_>>>()?;
+                let mut builder = ClusterClientBuilder::new(infos)
+                    .connection_timeout(connect_timeout)
+                    .response_timeout(command_timeout)
+                    .retries(3);
+                if let Some(user) = &config.username {
+                    builder = builder.username(user);
+                }
+                if let Some(password) = &config.password {
+                    builder = builder.password(password);
+                }
+                if config.tls {
+                    builder = builder.tls(TlsMode::Secure);
+                }
+                if let Some(certs) = certs {
+                    builder = builder.certs(certs);
+                }
+                let client = builder
+                    .build()
+                    .map_err(|e| StoreError::Config(format!("redis.urls: {e}")))?;
+                let conn = tokio::time::timeout(connect_timeout * 4, client.get_async_connection())
+                    .await
+                    .map_err(|_| {
+                        StoreError::Unavailable(format!(
+                            "cannot connect to redis cluster at {target}: timed out"
+                        ))
+                    })?
+                    .map_err(unavailable)?;
+                Backend::Cluster(conn)
+            }
+            RedisMode::Sentinel => {
+                let master = config.sentinel_master.clone().unwrap_or_default();
+                let mut sentinels = Vec::with_capacity(config.urls.len());
+                let mut sentinel_auth = None;
+                for (i, url) in config.urls.iter().enumerate() {
+                    let info = url
+                        .as_str()
+                        .into_connection_info()
+                        .map_err(|e| StoreError::Config(format!("redis.urls[{i}]: {e}")))?;
+                    let settings = info.redis_settings();
+                    if settings.password().is_some() || settings.username().is_some() {
+                        sentinel_auth = Some((
+                            settings.username().map(str::to_owned),
+                            settings.password().map(str::to_owned),
+                        ));
+                    }
+                    sentinels.push(info.addr().clone());
+                }
+                let sentinel_tls = config.urls.iter().any(|u| u.starts_with("rediss://"));
+                let mut builder =
+                    SentinelClientBuilder::new(sentinels, &master, SentinelServerType::Master)
+                        .map_err(|e| StoreError::Config(format!("redis.urls: {e}")))?;
+                if let Some(user) = &config.username {
+                    builder = builder.set_client_to_redis_username(user);
+                }
+                if let Some(password) = &config.password {
+                    builder = builder.set_client_to_redis_password(password);
+                }
+                if let Some((user, password)) = sentinel_auth {
+                    if let Some(user) = user {
+                        builder = builder.set_client_to_sentinel_username(user);
+                    }
+                    if let Some(password) = password {
+                        builder = builder.set_client_to_sentinel_password(password);
+                    }
+                }
+                if config.tls {
+                    builder = builder.set_client_to_redis_tls_mode(TlsMode::Secure);
+                }
+                if sentinel_tls {
+                    builder = builder.set_client_to_sentinel_tls_mode(TlsMode::Secure);
+                }
+                if let Some(certs) = certs {
+                    if config.tls {
+                        builder = builder.set_client_to_redis_certificates(certs.clone());
+                    }
+                    if sentinel_tls {
+                        builder = builder.set_client_to_sentinel_certificates(certs);
+                    }
+                }
+                let client = builder
+                    .build()
+                    .map_err(|e| StoreError::Config(format!("redis.urls: {e}")))?;
+                let link = Arc::new(SentinelLink {
+                    client: tokio::sync::Mutex::new(client),
+                    current: std::sync::Mutex::new(None),
+                    config: AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(connect_timeout))
+                        .set_response_timeout(Some(command_timeout)),
+                });
+                tokio::time::timeout(connect_timeout * 4, link.connection())
+                    .await
+                    .map_err(|_| {
+                        StoreError::Unavailable(format!(
+                            "cannot reach redis master `{master}` through sentinels {target}: \
+                             timed out"
+                        ))
+                    })?
+                    .map_err(|e| {
+                        StoreError::Unavailable(format!(
+                            "cannot reach redis master `{master}` through sentinels {target}: {e}"
+                        ))
+                    })?;
+                Backend::Sentinel(link)
+            }
+        };
+        Ok(Self {
+            backend: Arc::new(backend),
+            prefix: config.key_prefix.as_str().into(),
+            mode: config.mode,
+            target: target.into(),
+            // Room for a reconnect plus a script's EVALSHA/EVAL round trips.
+            op_timeout: connect_timeout + command_timeout * 2,
+        })
+    }
+
+    async fn conn(&self) -> StoreResult<Conn> {
+        match &*self.backend {
+            Backend::Standalone(m) => Ok(Conn::Manager(m.clone())),
+            Backend::Cluster(c) => Ok(Conn::Cluster(c.clone())),
+            Backend::Sentinel(link) => {
+                match tokio::time::timeout(self.op_timeout, link.connection()).await {
+                    Ok(Ok(c)) => Ok(Conn::Plain(c)),
+                    Ok(Err(e)) => Err(self.unavailable(&e)),
+                    Err(_) => Err(StoreError::Unavailable(format!(
+                        "redis at {}: no master connection within {} ms",
+                        self.target,
+                        self.op_timeout.as_millis()
+                    ))),
+                }
+            }
+        }
+    }
+
+    fn unavailable(&self, e: &RedisError) -> StoreError {
+        StoreError::Unavailable(format!("redis at {}: {e}", self.target))
+    }
+
+    /// Maps a failed command; in Sentinel mode a broken or demoted master is looked up again.
+    fn failed(&self, e: &RedisError) -> StoreError {
+        if let Backend::Sentinel(link) = &*self.backend
+            && (e.is_unrecoverable_error()
+                || e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_timeout()
+                || e.code() == Some("READONLY"))
+        {
+            link.forget();
+        }
+        self.unavailable(e)
+    }
+
+    fn timed_out(&self) -> StoreError {
+        StoreError::Unavailable(format!(
+            "redis at {}: no answer within {} ms",
+            self.target,
+            self.op_timeout.as_millis()
+        ))
+    }
+
+    async fn query(&self, cmd: &Cmd) -> StoreResult<Value> {
+        let mut conn = self.conn().await?;
+        match tokio::time::timeout(self.op_timeout, cmd.query_async::<Value>(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.failed(&e)),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+
+    async fn invoke(&self, script: &ScriptInvocation<'_>) -> StoreResult<Value> {
+        let mut conn = self.conn().await?;
+        match tokio::time::timeout(self.op_timeout, script.invoke_async::<Value>(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.failed(&e)),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+
+    fn tag(scope: &Scope) -> String {
+        match scope {
+            Scope::Global => "{g}".to_owned(),
+            Scope::Tenant(t) => format!("{{t:{}}}", escape_tag(t)),
+        }
+    }
+
+    fn check_name(kind: &str, name: &str) -> StoreResult<()> {
+        if name.is_empty() || name.contains(':') {
+            return Err(StoreError::Config(format!(
+                "{kind} name `{}` must be non-empty and free of `:`",
+                name.escape_debug()
+            )));
+        }
+        Ok(())
+    }
+
+    fn record_prefix(&self, scope: &Scope, collection: &str) -> String {
+        format!("{}:{}:rec:{collection}:", self.prefix, Self::tag(scope))
+    }
+
+    fn index_key(&self, scope: &Scope, collection: &str) -> String {
+        format!("{}:{}:idx:{collection}", self.prefix, Self::tag(scope))
+    }
+
+    fn stream_key(&self, scope: &Scope, stream: &str) -> String {
+        format!("{}:{}:stream:{stream}", self.prefix, Self::tag(scope))
+    }
+
+    fn lease_keys(&self, name: &str) -> (String, String) {
+        let base = format!("{}:{{lease:{}}}", self.prefix, escape_tag(name));
+        (format!("{base}:owner"), format!("{base}:fence"))
+    }
+
+    fn decode<T: redis::FromRedisValue>(
+        &self,
+        what: &dyn fmt::Display,
+        v: Value,
+    ) -> StoreResult<T> {
+        redis::from_redis_value(v).map_err(|e| StoreError::Corrupt {
+            key: what.to_string(),
+            problem: format!("unexpected answer from redis: {e}"),
+        })
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn get(&self, key: &RecordKey) -> StoreResult<Option<Record>> {
+        Self::check_name("collection", key.collection)?;
+        let rec = format!(
+            "{}{}",
+            self.record_prefix(&key.scope, key.collection),
+            key.id
+        );
+        let answer = self
+            .query(redis::cmd("HMGET").arg(&rec).arg("v").arg("d"))
+            .await?;
+        let (version, data): (Option<u64>, Option<Vec<u8>>) = self.decode(key, answer)?;
+        match (version, data) {
+            (None, _) => Ok(None),
+            (Some(version), Some(data)) => Ok(Some(Record { version, data })),
+            (Some(_), None) => Err(StoreError::Corrupt {
+                key: key.to_string(),
+                problem: "record has a version but no data".into(),
+            }),
+        }
+    }
+
+    async fn put(&self, key: &RecordKey, data: Vec<u8>, pre: Precondition) -> StoreResult<u64> {
+        Self::check_name("collection", key.collection)?;
+        let rec = format!(
+            "{}{}",
+            self.record_prefix(&key.scope, key.collection),
+            key.id
+        );
+        let idx = self.index_key(&key.scope, key.collection);
+        let (mode, expected) = precondition_args(pre);
+        let mut inv = PUT.prepare_invoke();
+        inv.key(&rec)
+            .key(&idx)
+            .arg(mode)
+            .arg(expected)
+            .arg(data)
+            .arg(&key.id);
+        let answer = self.invoke(&inv).await?;
+        precondition_result(key, pre, self.decode(key, answer)?)
+    }
+
+    async fn delete(&self, key: &RecordKey, pre: Precondition) -> StoreResult<bool> {
+        Self::check_name("collection", key.collection)?;
+        let rec = format!(
+            "{}{}",
+            self.record_prefix(&key.scope, key.collection),
+            key.id
+        );
+        let idx = self.index_key(&key.scope, key.collection);
+        let (mode, expected) = precondition_args(pre);
+        let mut inv = DELETE.prepare_invoke();
+        inv.key(&rec).key(&idx).arg(mode).arg(expected).arg(&key.id);
+        let answer = self.invoke(&inv).await?;
+        Ok(precondition_result(key, pre, self.decode(key, answer)?)? == 1)
+    }
+
+    async fn list(
+        &self,
+        scope: &Scope,
+        collection: &'static str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<(String, Record)>> {
+        Self::check_name("collection", collection)?;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let idx = self.index_key(scope, collection);
+        let min = match start_after {
+            Some(after) => {
+                let mut m = b"(".to_vec();
+                m.extend_from_slice(after.as_bytes());
+                m
+            }
+            None => b"-".to_vec(),
+        };
+        let mut inv = LIST.prepare_invoke();
+        inv.key(&idx)
+            .arg(min)
+            .arg(limit_arg(limit))
+            .arg(self.record_prefix(scope, collection));
+        let answer = self.invoke(&inv).await?;
+        let shown = format!("{scope}/{collection}");
+        let Value::Array(items) = answer else {
+            return Err(StoreError::Corrupt {
+                key: shown,
+                problem: "list script answered with a non-array".into(),
+            });
+        };
+        let mut out = Vec::with_capacity(items.len() / 3);
+        let mut items = items.into_iter();
+        while let (Some(id), Some(version), Some(data)) = (items.next(), items.next(), items.next())
+        {
+            let id = bytes_of(id)
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: shown.clone(),
+                    problem: "index holds an id that is not UTF-8".into(),
+                })?;
+            // A record missing behind its index entry cannot happen with the scripts above;
+            // skip it rather than fail the whole page.
+            let Some(version) = bytes_of(version) else {
+                continue;
+            };
+            let version = std::str::from_utf8(&version)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: format!("{shown}/{id}"),
+                    problem: "version is not a number".into(),
+                })?;
+            let data = bytes_of(data).ok_or_else(|| StoreError::Corrupt {
+                key: format!("{shown}/{id}"),
+                problem: "record has a version but no data".into(),
+            })?;
+            out.push((id, Record { version, data }));
+        }
+        Ok(out)
+    }
+
+    async fn count(&self, scope: &Scope, collection: &'static str) -> StoreResult<u64> {
+        Self::check_name("collection", collection)?;
+        let answer = self
+            .query(redis::cmd("ZCARD").arg(self.index_key(scope, collection)))
+            .await?;
+        self.decode(&format!("{scope}/{collection}"), answer)
+    }
+
+    async fn append(
+        &self,
+        scope: &Scope,
+        stream: &'static str,
+        data: Vec<u8>,
+        max_len: usize,
+    ) -> StoreResult<String> {
+        Self::check_name("stream", stream)?;
+        let key = self.stream_key(scope, stream);
+        let answer = self
+            .query(
+                redis::cmd("XADD")
+                    .arg(&key)
+                    .arg("MAXLEN")
+                    .arg("=")
+                    .arg(max_len.max(1))
+                    .arg("*")
+                    .arg("d")
+                    .arg(data),
+            )
+            .await?;
+        let shown = format!("{scope}/stream/{stream}");
+        let id: String = self.decode(&shown, answer)?;
+        store_stream_id(&id).ok_or_else(|| StoreError::Corrupt {
+            key: shown,
+            problem: format!("unexpected stream id `{id}`"),
+        })
+    }
+
+    async fn read_back(
+        &self,
+        scope: &Scope,
+        stream: &'static str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<StreamEntry>> {
+        Self::check_name("stream", stream)?;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let shown = format!("{scope}/stream/{stream}");
+        let end = match before {
+            Some(b) => {
+                let id = redis_stream_id(b).ok_or_else(|| StoreError::Corrupt {
+                    key: shown.clone(),
+                    problem: format!("`{}` is not a stream id of this store", b.escape_debug()),
+                })?;
+                format!("({id}")
+            }
+            None => "+".to_owned(),
+        };
+        let answer = self
+            .query(
+                redis::cmd("XREVRANGE")
+                    .arg(self.stream_key(scope, stream))
+                    .arg(end)
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(limit_arg(limit)),
+            )
+            .await?;
+        let entries: Vec<(String, Vec<Vec<u8>>)> = self.decode(&shown, answer)?;
+        entries
+            .into_iter()
+            .map(|(id, fields)| {
+                let store_id = store_stream_id(&id).ok_or_else(|| StoreError::Corrupt {
+                    key: shown.clone(),
+                    problem: format!("unexpected stream id `{id}`"),
+                })?;
+                let data = fields
+                    .chunks_exact(2)
+                    .find(|kv| kv[0] == b"d")
+                    .map(|kv| kv[1].clone())
+                    .ok_or_else(|| StoreError::Corrupt {
+                        key: format!("{shown}/{store_id}"),
+                        problem: "stream entry has no data field".into(),
+                    })?;
+                Ok(StreamEntry { id: store_id, data })
+            })
+            .collect()
+    }
+
+    async fn try_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> StoreResult<Option<Lease>> {
+        if owner.is_empty() {
+            return Err(StoreError::Config("lease owner must not be empty".into()));
+        }
+        let (owner_key, fence_key) = self.lease_keys(name);
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut inv = TRY_LEASE.prepare_invoke();
+        inv.key(&owner_key).key(&fence_key).arg(owner).arg(ttl_ms);
+        let answer = self.invoke(&inv).await?;
+        let fence: i64 = self.decode(&format!("lease {name}"), answer)?;
+        Ok(u64::try_from(fence)
+            .ok()
+            .filter(|f| *f > 0)
+            .map(|fence| Lease {
+                name: name.to_owned(),
+                owner: owner.to_owned(),
+                fence,
+            }))
+    }
+
+    async fn release_lease(&self, name: &str, owner: &str) -> StoreResult<bool> {
+        let (owner_key, _) = self.lease_keys(name);
+        let mut inv = RELEASE_LEASE.prepare_invoke();
+        inv.key(&owner_key).arg(owner);
+        let answer = self.invoke(&inv).await?;
+        let released: i64 = self.decode(&format!("lease {name}"), answer)?;
+        Ok(released == 1)
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        let answer = self.query(&redis::cmd("PING")).await?;
+        match answer {
+            Value::SimpleString(s) if s == "PONG" => Ok(()),
+            Value::Okay => Ok(()),
+            other => Err(StoreError::Unavailable(format!(
+                "redis at {} answered PING with {other:?}",
+                self.target
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_in_urls() {
+        assert_eq!(
+            redact_url("redis://user:hunter2@127.0.0.1:6379/0"),
+            "redis://user:[redacted]@127.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redact_url("rediss://:hunter2@127.0.0.1"),
+            "rediss://:[redacted]@127.0.0.1"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        let mut config = RedisConfig::standalone("redis://u:hunter2@127.0.0.1:1");
+        config.password = Some("s3cret".into());
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let err = |c: RedisConfig| c.validate().unwrap_err().to_string();
+        assert!(err(RedisConfig::cluster(vec![])).contains("redis.urls"));
+        assert!(err(RedisConfig::standalone("http://127.0.0.1")).contains("redis.urls[0]"),);
+        let mut c = RedisConfig::standalone("redis://127.0.0.1");
+        c.tls = true;
+        assert!(err(c).contains("rediss://"));
+        let mut c = RedisConfig::standalone("redis://127.0.0.1");
+        c.key_prefix = "a{b}".into();
+        assert!(err(c).contains("redis.key_prefix"));
+        let c = RedisConfig {
+            mode: RedisMode::Sentinel,
+            ..RedisConfig::standalone("redis://127.0.0.1:26379")
+        };
+        assert!(err(c).contains("redis.sentinel_master"));
+        let mut c = RedisConfig::standalone("redis://127.0.0.1");
+        c.command_timeout_ms = 0;
+        assert!(err(c).contains("redis.command_timeout_ms"));
+    }
+
+    #[test]
+    fn config_deserializes_and_rejects_unknown_fields() {
+        let c: RedisConfig = serde_json::from_str(
+            r#"{"mode":"cluster","urls":["redis://127.0.0.1:1","redis://127.0.0.1:2"]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.mode, RedisMode::Cluster);
+        assert_eq!(c.key_prefix, "tf");
+        c.validate().unwrap();
+        let e = serde_json::from_str::<RedisConfig>(r#"{"urls":["redis://x"],"pasword":"x"}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("pasword"), "{e}");
+    }
+
+    #[test]
+    fn stream_ids_sort_as_strings() {
+        let a = store_stream_id("999-9").unwrap();
+        let b = store_stream_id("999-10").unwrap();
+        let c = store_stream_id("1000-0").unwrap();
+        assert!(a < b && b < c, "{a} {b} {c}");
+        assert_eq!(redis_stream_id(&b).unwrap(), "999-10");
+    }
+
+    #[test]
+    fn hash_tags_cannot_be_broken_out_of() {
+        assert_eq!(
+            RedisStore::tag(&Scope::Tenant("a}b{c%".into())),
+            "{t:a%7Db%7Bc%25}"
+        );
+        assert_eq!(RedisStore::tag(&Scope::Global), "{g}");
+    }
+
+    #[tokio::test]
+    async fn unreachable_server_is_unavailable_without_password() {
+        // Port 1 on loopback: nothing listens there.
+        let mut config = RedisConfig::standalone("redis://:hunter2@127.0.0.1:1");
+        config.connect_timeout_ms = 200;
+        let err = RedisStore::connect(&config).await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+}

@@ -1,0 +1,356 @@
+//! An in-process broker for tests.
+//!
+//! [`TestBroker::start`] runs the real broker (`tokenfleet_broker::server::serve`) inside the
+//! test's tokio runtime, on `127.0.0.1:0` listeners, with a freshly generated sealing key kept in
+//! its state directory and a fleet-admin API key ([`TestBroker::admin_key`]):
+//!
+//! ```no_run
+//! # async fn example() -> anyhow::Result<()> {
+//! use tokenfleet_testkit::broker::{TestBroker, TestStore};
+//! use tokenfleet_proto::v1::{ListTenantsRequest};
+//!
+//! let broker = TestBroker::start(TestStore::Embedded).await?;
+//! let mut admin = broker.admin_client();
+//! admin.list_tenants(ListTenantsRequest::default()).await?;
+//! let broker = broker.restart().await; // same store, same key, new ports
+//! broker.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! The broker stops when the [`TestBroker`] is dropped (abruptly); [`TestBroker::shutdown`] stops
+//! it gracefully and waits, which a test needs before opening the same embedded store again.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use tokenfleet_broker::api_keys;
+use tokenfleet_broker::config::{RawConfig, RedisSection, SealKeySource, StoreBackend};
+use tokenfleet_broker::server::{self, ServeError};
+use tokenfleet_broker::state::BrokerState;
+use tokenfleet_domain::Role;
+use tokenfleet_proto::v1::admin_client::AdminClient;
+use tokenfleet_seal::{Keyring, Secret};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// Name of the sealing key file the test broker keeps in its state directory.
+pub const SEAL_KEY_FILE: &str = "seal.key";
+
+/// Where a [`TestBroker`] keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TestStore {
+    /// The embedded store in a fresh temporary state directory (deleted when the broker is
+    /// dropped; kept across [`TestBroker::restart`]).
+    Embedded,
+    /// The embedded store in this state directory (created if missing, never deleted). A sealing
+    /// key already there is reused, so brokers started one after another share their secrets.
+    EmbeddedAt(PathBuf),
+    /// A standalone Redis server at this `redis://` URL (e.g. from
+    /// [`crate::redis::RedisServer`]).
+    Redis(String),
+    /// A Redis Cluster reached through these seed node URLs.
+    RedisCluster(Vec<String>),
+}
+
+/// A client of the `Admin` service that sends an API key with every call.
+pub type TestAdminClient = AdminClient<InterceptedService<Channel, BearerAuth>>;
+
+/// Interceptor adding `authorization: Bearer <API key>` to every request.
+#[derive(Clone)]
+pub struct BearerAuth {
+    header: Option<MetadataValue<Ascii>>,
+}
+
+impl BearerAuth {
+    /// Sends `key` as a bearer token.
+    pub fn new(key: &Secret) -> Self {
+        let header = MetadataValue::try_from(format!("Bearer {}", key.expose()))
+            .ok()
+            .map(|mut value| {
+                value.set_sensitive(true);
+                value
+            });
+        Self { header }
+    }
+}
+
+impl fmt::Debug for BearerAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BearerAuth([redacted])")
+    }
+}
+
+impl Interceptor for BearerAuth {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        let header = self.header.clone().ok_or_else(|| {
+            tonic::Status::invalid_argument("test API key is not valid ASCII metadata")
+        })?;
+        request.metadata_mut().insert("authorization", header);
+        Ok(request)
+    }
+}
+
+/// The server task and the state it shares with the test.
+struct Running {
+    state: BrokerState,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), ServeError>>,
+}
+
+/// A broker running in this process. See the module documentation.
+pub struct TestBroker {
+    /// Address of the gRPC listener (Admin, TokenBroker, health, reflection).
+    pub grpc_addr: SocketAddr,
+    /// Address of the HTTP listener (`/healthz`, `/readyz`, `/metrics`).
+    pub http_addr: SocketAddr,
+    /// A fleet-admin API key.
+    pub admin_key: Secret,
+    /// The broker's state directory (sealing key, embedded database).
+    pub state_dir: PathBuf,
+    store: TestStore,
+    channel: Channel,
+    running: Option<Running>,
+    // Last field: the directory goes after everything that may still use it.
+    temp_dir: Option<tempfile::TempDir>,
+}
+
+impl fmt::Debug for TestBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TestBroker")
+            .field("grpc_addr", &self.grpc_addr)
+            .field("http_addr", &self.http_addr)
+            .field("state_dir", &self.state_dir)
+            .field("store", &self.store)
+            .field("running", &self.running.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TestBroker {
+    /// Starts a broker on `store` with a new fleet-admin API key.
+    pub async fn start(store: TestStore) -> anyhow::Result<TestBroker> {
+        let (temp_dir, state_dir) = match &store {
+            TestStore::EmbeddedAt(dir) => (None, dir.clone()),
+            TestStore::Embedded | TestStore::Redis(_) | TestStore::RedisCluster(_) => {
+                let temp = tempfile::Builder::new()
+                    .prefix("tokenfleet-broker-")
+                    .tempdir()
+                    .context("creating the test broker's state directory")?;
+                let dir = temp.path().to_path_buf();
+                (Some(temp), dir)
+            }
+        };
+        Self::launch(store, temp_dir, state_dir, None).await
+    }
+
+    /// Stops the broker gracefully and starts it again on the same store with the same sealing
+    /// key and admin key. The new broker listens on new ports (read `grpc_addr`/`http_addr` and
+    /// make new clients). Panics if the broker fails to stop or start.
+    pub async fn restart(mut self) -> TestBroker {
+        if let Err(error) = self.stop().await {
+            panic!("test broker failed while stopping for a restart: {error:#}");
+        }
+        let store = self.store.clone();
+        let state_dir = self.state_dir.clone();
+        let admin_key = self.admin_key.clone();
+        let temp_dir = self.temp_dir.take();
+        drop(self);
+        match Self::launch(store, temp_dir, state_dir, Some(admin_key)).await {
+            Ok(broker) => broker,
+            Err(error) => panic!("test broker failed to start again: {error:#}"),
+        }
+    }
+
+    /// Starts a second broker on the same Redis store with the same sealing key (another replica),
+    /// with its own ports and the same admin key. Not possible with the embedded store (one
+    /// process owns the file).
+    pub async fn replica(&self) -> anyhow::Result<TestBroker> {
+        if matches!(self.store, TestStore::Embedded | TestStore::EmbeddedAt(_)) {
+            anyhow::bail!("replicas need a Redis store: the embedded store has one owner");
+        }
+        let temp = tempfile::Builder::new()
+            .prefix("tokenfleet-broker-replica-")
+            .tempdir()
+            .context("creating the replica's state directory")?;
+        std::fs::copy(
+            self.state_dir.join(SEAL_KEY_FILE),
+            temp.path().join(SEAL_KEY_FILE),
+        )
+        .context("copying the sealing key")?;
+        let dir = temp.path().to_path_buf();
+        Self::launch(
+            self.store.clone(),
+            Some(temp),
+            dir,
+            Some(self.admin_key.clone()),
+        )
+        .await
+    }
+
+    /// An `Admin` client that authenticates with [`TestBroker::admin_key`] (fleet-admin).
+    pub fn admin_client(&self) -> TestAdminClient {
+        self.client_with_key(&self.admin_key)
+    }
+
+    /// An `Admin` client that authenticates with `key`.
+    pub fn client_with_key(&self, key: &Secret) -> TestAdminClient {
+        AdminClient::with_interceptor(self.channel.clone(), BearerAuth::new(key))
+    }
+
+    /// A plain channel to the gRPC listener (for health, reflection, `TokenBroker` clients).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// Creates an API key directly in the store (as `tokenfleet-broker create-api-key` does).
+    /// Panics if that fails.
+    pub async fn create_key(&self, role: Role, tenant: Option<&str>) -> Secret {
+        let Some(running) = &self.running else {
+            panic!("create_key on a stopped test broker");
+        };
+        match api_keys::create(&running.state, role, tenant, format!("test {role} key")).await {
+            Ok((_, secret)) => secret,
+            Err(error) => panic!("creating a {role} API key (tenant {tenant:?}): {error}"),
+        }
+    }
+
+    /// The state the broker serves from (store, keyring, clock), for tests that look behind the API.
+    pub fn state(&self) -> &BrokerState {
+        match &self.running {
+            Some(running) => &running.state,
+            None => panic!("state() on a stopped test broker"),
+        }
+    }
+
+    /// Stops the broker gracefully and waits until it has. Panics if the broker failed.
+    pub async fn shutdown(mut self) {
+        if let Err(error) = self.stop().await {
+            panic!("test broker failed: {error:#}");
+        }
+    }
+
+    async fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(running) = self.running.take() else {
+            return Ok(());
+        };
+        let Running { state, stop, task } = running;
+        // The server may already have ended (and dropped the receiver); its result says why.
+        let _ = stop.send(());
+        let result = task.await.context("test broker task panicked")?;
+        drop(state);
+        result.context("test broker")
+    }
+
+    async fn launch(
+        store: TestStore,
+        temp_dir: Option<tempfile::TempDir>,
+        state_dir: PathBuf,
+        admin_key: Option<Secret>,
+    ) -> anyhow::Result<TestBroker> {
+        server::ensure_private_dir(&state_dir)?;
+        let key_file = ensure_seal_key(&state_dir)?;
+
+        let mut raw = RawConfig {
+            state_dir: state_dir.clone(),
+            shutdown_grace_seconds: 5,
+            ..RawConfig::default()
+        };
+        raw.seal.current_key_id = Some("test".to_owned());
+        raw.seal.keys = vec![SealKeySource {
+            id: "test".to_owned(),
+            key_file: Some(key_file),
+            key_env: None,
+        }];
+        match &store {
+            TestStore::Embedded | TestStore::EmbeddedAt(_) => {
+                raw.store.backend = StoreBackend::Embedded;
+            }
+            TestStore::Redis(url) => {
+                raw.store.backend = StoreBackend::Redis;
+                raw.store.redis = Some(RedisSection::standalone(url));
+            }
+            TestStore::RedisCluster(seeds) => {
+                raw.store.backend = StoreBackend::Redis;
+                raw.store.redis = Some(RedisSection::cluster(seeds));
+            }
+        }
+        let config = raw.validate().context("test broker configuration")?;
+        let state = server::build_state(&config)
+            .await
+            .context("opening the test broker's store")?;
+        let admin_key = match admin_key {
+            Some(key) => key,
+            None => {
+                api_keys::create(
+                    &state,
+                    Role::FleetAdmin,
+                    None,
+                    "test broker admin".to_owned(),
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("creating the test admin key: {e}"))?
+                .1
+            }
+        };
+
+        let grpc = TcpListener::bind("127.0.0.1:0").await?;
+        let http = TcpListener::bind("127.0.0.1:0").await?;
+        let grpc_addr = grpc.local_addr()?;
+        let http_addr = http.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::serve(config, state.clone(), grpc, http, async {
+            // A dropped sender (TestBroker dropped) stops the broker too.
+            let _ = stopped.await;
+        }));
+        let channel = Endpoint::from_shared(format!("http://{grpc_addr}"))?.connect_lazy();
+        Ok(TestBroker {
+            grpc_addr,
+            http_addr,
+            admin_key,
+            state_dir,
+            store,
+            channel,
+            running: Some(Running { state, stop, task }),
+            temp_dir,
+        })
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take() {
+            // Not awaited: stop accepting right away and cut open connections.
+            let _ = running.stop.send(());
+            running.task.abort();
+        }
+    }
+}
+
+/// Reuses `<dir>/seal.key` or writes a new one (mode 0600); returns its path.
+fn ensure_seal_key(dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join(SEAL_KEY_FILE);
+    if path.exists() {
+        return Ok(path);
+    }
+    let key = Secret::new(Keyring::generate_key_base64()?);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(key.expose().as_bytes())?;
+    Ok(path)
+}

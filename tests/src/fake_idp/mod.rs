@@ -1,0 +1,645 @@
+//! A fake identity provider that reproduces the documented behaviour of Microsoft Entra ID and
+//! Google's OAuth endpoints (see `FACTS.md`), plus RFC 7662 introspection for Dovecot's `oauth2`
+//! passdb. The real providers are unreachable here; every other component in the tests is real.
+//!
+//! ```text
+//! Microsoft  /{tenant}/oauth2/v2.0/devicecode   POST  device authorization (RFC 8628)
+//!            /{tenant}/oauth2/v2.0/token        POST  device_code, authorization_code (+PKCE),
+//!                                                     refresh_token (rotating), client_credentials
+//!            /{tenant}/oauth2/v2.0/authorize    GET   302 to redirect_uri for the default user
+//!            /devicelogin                       GET/POST  a small page to approve a user code by hand
+//! Google     /o/oauth2/v2/auth                  GET   302 to redirect_uri for the default user
+//!            /token                             POST  authorization_code (+PKCE), refresh_token,
+//!                                                     urn:ietf:params:oauth:grant-type:jwt-bearer
+//!            /revoke                            POST  RFC 7009
+//! Both       /introspect                        POST  RFC 7662 (`token=`)
+//! ```
+//!
+//! Tests script it ([`FakeIdp::script`], [`FakeIdp::set_outage`], [`FakeIdp::fail_next_refresh`],
+//! …), drive the person's side ([`FakeIdp::approve_device_code`], [`FakeIdp::authorize`]), move its
+//! clock ([`FakeIdp::advance`]) and inspect what it saw ([`FakeIdp::requests`],
+//! [`FakeIdp::assert_no_violations`]). Requests to unknown paths or with the wrong method are
+//! violations: strict by default.
+
+mod server;
+mod state;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use time::OffsetDateTime;
+use tokenfleet_domain::ProviderEndpoints;
+
+use state::{DeviceStatus, State};
+
+/// The private key (PKCS#8 PEM) of every fake service account. Test-only.
+pub const SERVICE_ACCOUNT_KEY_PEM: &str = include_str!("../../fixtures/service-account-key.pem");
+/// Public half of [`SERVICE_ACCOUNT_KEY_PEM`].
+pub const SERVICE_ACCOUNT_PUBLIC_PEM: &str =
+    include_str!("../../fixtures/service-account-key.pub.pem");
+/// Another RSA key, for "signed with the wrong key" tests. Test-only.
+pub const OTHER_RSA_KEY_PEM: &str = include_str!("../../fixtures/other-rsa-key.pem");
+/// The audience Google requires in service-account assertions.
+pub const GOOGLE_TOKEN_AUDIENCE: &str = "https://oauth2.googleapis.com/token";
+
+/// An endpoint of the fake, for scripting and recording.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// `/{tenant}/oauth2/v2.0/devicecode`
+    MicrosoftDeviceCode,
+    /// `/{tenant}/oauth2/v2.0/token`
+    MicrosoftToken,
+    /// `/{tenant}/oauth2/v2.0/authorize`
+    MicrosoftAuthorize,
+    /// `/o/oauth2/v2/auth`
+    GoogleAuthorize,
+    /// `/token`
+    GoogleToken,
+    /// `/revoke`
+    GoogleRevoke,
+    /// `/introspect`
+    Introspect,
+    /// `/devicelogin`
+    DeviceLogin,
+}
+
+/// A registered app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientSpec {
+    /// OAuth client id.
+    pub client_id: String,
+    /// Client secret; `None` = public client.
+    pub client_secret: Option<String>,
+    /// "Allow public client flows" (needed for device code on Microsoft).
+    pub public_client_flows: bool,
+    /// Allowed redirect URIs; empty = any.
+    pub redirect_uris: Vec<String>,
+    /// The secret has expired (Microsoft answers AADSTS7000222).
+    pub secret_expired: bool,
+    /// For app-only tokens: the `username` introspection reports (the mailbox the app acts on).
+    pub app_only_mailbox: Option<String>,
+}
+
+impl ClientSpec {
+    /// A public client (no secret) with public client flows allowed.
+    pub fn public(client_id: &str) -> Self {
+        Self {
+            client_id: client_id.to_owned(),
+            client_secret: None,
+            public_client_flows: true,
+            redirect_uris: Vec::new(),
+            secret_expired: false,
+            app_only_mailbox: None,
+        }
+    }
+
+    /// A confidential client with a secret; public client flows allowed too.
+    pub fn confidential(client_id: &str, client_secret: &str) -> Self {
+        Self {
+            client_secret: Some(client_secret.to_owned()),
+            ..Self::public(client_id)
+        }
+    }
+}
+
+/// A canned answer served instead of the normal behaviour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptedResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// Body (JSON unless a `Content-Type` header says otherwise).
+    pub body: String,
+    /// Extra headers (`Retry-After`, `Content-Type`, …).
+    pub headers: Vec<(String, String)>,
+    /// Delay before answering.
+    pub delay: Duration,
+    /// Serve only to requests with this `grant_type` (others pass it by).
+    pub only_grant_type: Option<String>,
+}
+
+impl ScriptedResponse {
+    /// A JSON answer.
+    pub fn json(status: u16, body: serde_json::Value) -> Self {
+        Self {
+            status,
+            body: body.to_string(),
+            headers: Vec::new(),
+            delay: Duration::ZERO,
+            only_grant_type: None,
+        }
+    }
+
+    /// A Microsoft error body with `error`, `error_description` (`AADSTS<code>: …`),
+    /// `error_codes`, `trace_id`, `correlation_id`, `timestamp`.
+    pub fn microsoft_error(status: u16, error: &str, aadsts: u64, description: &str) -> Self {
+        Self::json(
+            status,
+            state::microsoft_error_body(error, aadsts, description, "http://127.0.0.1"),
+        )
+    }
+
+    /// An HTTP status with a plain-text body (for example a 503 from a load balancer).
+    pub fn status(status: u16) -> Self {
+        Self {
+            status,
+            body: format!("HTTP {status}"),
+            headers: vec![("content-type".into(), "text/plain".into())],
+            delay: Duration::ZERO,
+            only_grant_type: None,
+        }
+    }
+
+    /// Adds a header.
+    #[must_use]
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Adds `Retry-After: <seconds>`.
+    #[must_use]
+    pub fn retry_after(self, seconds: u64) -> Self {
+        self.header("retry-after", &seconds.to_string())
+    }
+
+    /// Delays the answer.
+    #[must_use]
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// Serves only requests with this `grant_type`.
+    #[must_use]
+    pub fn for_grant_type(mut self, grant_type: &str) -> Self {
+        self.only_grant_type = Some(grant_type.to_owned());
+        self
+    }
+}
+
+/// The browser step of an authorization code flow, done by [`FakeIdp::authorize`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizeRequest {
+    /// Client id.
+    pub client_id: String,
+    /// Where the browser is sent back to.
+    pub redirect_uri: String,
+    /// The client's state, echoed back.
+    pub state: String,
+    /// PKCE S256 challenge (`None` = no PKCE).
+    pub code_challenge: Option<String>,
+    /// Space-separated scopes.
+    pub scope: String,
+    /// The person who signs in (must be a known user).
+    pub user: String,
+    /// Google `access_type=offline` (Microsoft uses the `offline_access` scope instead).
+    pub offline: bool,
+}
+
+/// One request the fake received. Secrets in `form` and `query` are visible: tests only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedRequest {
+    /// Which endpoint (`None` for an unknown path).
+    pub endpoint: Option<Endpoint>,
+    /// HTTP method.
+    pub method: String,
+    /// Request path.
+    pub path: String,
+    /// Query parameters.
+    pub query: Vec<(String, String)>,
+    /// Form parameters.
+    pub form: Vec<(String, String)>,
+    /// The form's `grant_type`, if any.
+    pub grant_type: Option<String>,
+    /// HTTP status the fake answered.
+    pub status: u16,
+    /// When (on the fake's clock).
+    pub time: OffsetDateTime,
+}
+
+impl RecordedRequest {
+    /// A form parameter.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.form
+            .iter()
+            .chain(self.query.iter())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What a device code sign-in looks like from the person's side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingDeviceCode {
+    /// The code shown to the person.
+    pub user_code: String,
+    /// The client that started it.
+    pub client_id: String,
+    /// Requested scopes.
+    pub scope: String,
+}
+
+/// The running fake. Stops when dropped.
+pub struct FakeIdp {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for FakeIdp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeIdp")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for FakeIdp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.abort();
+    }
+}
+
+impl FakeIdp {
+    /// Starts the fake on `127.0.0.1:0`.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Starts the fake on a given loopback address.
+    pub async fn start_on(addr: SocketAddr) -> anyhow::Result<Self> {
+        if !addr.ip().is_loopback() {
+            bail!("the fake identity provider listens on loopback addresses only, not {addr}");
+        }
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State::new(format!("http://{addr}"))));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let app = server::router(state.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        Ok(Self {
+            addr,
+            state,
+            shutdown: Some(tx),
+            task,
+        })
+    }
+
+    fn st(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock poisons it; the state is still usable for inspection.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Replaces `https://login.microsoftonline.com`: `{base}/{tenant}/oauth2/v2.0/token` etc.
+    pub fn microsoft_authority_base(&self) -> String {
+        self.base_url()
+    }
+
+    /// Endpoint overrides for a Microsoft provider with authority `tenant`.
+    pub fn microsoft_endpoints(&self, tenant: &str) -> ProviderEndpoints {
+        let base = format!("{}/{tenant}/oauth2/v2.0", self.base_url());
+        ProviderEndpoints {
+            authorize_url: format!("{base}/authorize"),
+            token_url: format!("{base}/token"),
+            device_code_url: format!("{base}/devicecode"),
+            revoke_url: String::new(),
+        }
+    }
+
+    /// Endpoint overrides for a Google provider.
+    pub fn google_endpoints(&self) -> ProviderEndpoints {
+        ProviderEndpoints {
+            authorize_url: self.google_authorize_url(),
+            token_url: self.google_token_url(),
+            device_code_url: String::new(),
+            revoke_url: self.revoke_url(),
+        }
+    }
+
+    /// Google's authorization endpoint on the fake.
+    pub fn google_authorize_url(&self) -> String {
+        format!("{}/o/oauth2/v2/auth", self.base_url())
+    }
+
+    /// Google's token endpoint on the fake.
+    pub fn google_token_url(&self) -> String {
+        format!("{}/token", self.base_url())
+    }
+
+    /// Google's revocation endpoint on the fake.
+    pub fn revoke_url(&self) -> String {
+        format!("{}/revoke", self.base_url())
+    }
+
+    /// RFC 7662 introspection (for Dovecot: `introspection_mode = post`).
+    pub fn introspection_url(&self) -> String {
+        format!("{}/introspect", self.base_url())
+    }
+
+    /// The device login page (the `verification_uri` the fake hands out).
+    pub fn device_login_url(&self) -> String {
+        format!("{}/devicelogin", self.base_url())
+    }
+
+    // ---- registration -------------------------------------------------------------------
+
+    /// Registers (or replaces) an app.
+    pub fn register_client(&self, spec: ClientSpec) {
+        self.st().clients.insert(spec.client_id.clone(), spec);
+    }
+
+    /// Adds a user (mailbox) that can sign in.
+    pub fn add_user(&self, address: &str) {
+        self.st()
+            .users
+            .insert(address.to_ascii_lowercase(), state::UserState::default());
+    }
+
+    /// Disables a user: refreshes answer AADSTS50057, introspection reports their tokens inactive.
+    pub fn disable_user(&self, address: &str) {
+        if let Some(u) = self.st().users.get_mut(&address.to_ascii_lowercase()) {
+            u.disabled = true;
+        }
+    }
+
+    /// The user the `/authorize` pages sign in without asking (demos, browser tests).
+    pub fn set_default_user(&self, address: Option<&str>) {
+        self.st().default_user = address.map(str::to_ascii_lowercase);
+    }
+
+    /// Registers a Google service account (signing key: [`SERVICE_ACCOUNT_KEY_PEM`]) allowed to
+    /// act for users with `https://mail.google.com/` (domain-wide delegation), and returns its
+    /// JSON key file.
+    pub fn service_account_json(&self, email: &str) -> String {
+        let client_id = {
+            let mut st = self.st();
+            let n = st.service_accounts.len() + 1;
+            st.service_accounts
+                .entry(email.to_owned())
+                .or_insert_with(|| state::ServiceAccount {
+                    client_id: format!("1000000000000000000{n:02}"),
+                    scopes: vec!["https://mail.google.com/".to_owned()],
+                })
+                .client_id
+                .clone()
+        };
+        let project = email
+            .split('@')
+            .nth(1)
+            .and_then(|d| d.split('.').next())
+            .unwrap_or("fake-project");
+        serde_json::json!({
+            "type": "service_account",
+            "project_id": project,
+            "private_key_id": "fake0000000000000000000000000000000000kid",
+            "private_key": SERVICE_ACCOUNT_KEY_PEM,
+            "client_email": email,
+            "client_id": client_id,
+            "auth_uri": self.google_authorize_url(),
+            "token_uri": self.google_token_url(),
+        })
+        .to_string()
+    }
+
+    /// Sets the scopes a service account is delegated (empty = none: `unauthorized_client`).
+    pub fn set_service_account_scopes(&self, email: &str, scopes: &[&str]) {
+        if let Some(sa) = self.st().service_accounts.get_mut(email) {
+            sa.scopes = scopes.iter().map(|s| s.to_string()).collect();
+        }
+    }
+
+    // ---- the person's side ---------------------------------------------------------------
+
+    /// Device code sign-ins waiting for a person.
+    pub fn pending_device_codes(&self) -> Vec<PendingDeviceCode> {
+        self.st()
+            .device_codes
+            .values()
+            .filter(|d| d.status == DeviceStatus::Pending)
+            .map(|d| PendingDeviceCode {
+                user_code: d.user_code.clone(),
+                client_id: d.client_id.clone(),
+                scope: d.scope.clone(),
+            })
+            .collect()
+    }
+
+    /// The person signs in as `user` and consents.
+    pub fn approve_device_code(&self, user_code: &str, user: &str) -> anyhow::Result<()> {
+        self.st()
+            .decide_device_code(user_code, Some(user))
+            .map_err(|e| anyhow!(e))
+    }
+
+    /// The person declines.
+    pub fn decline_device_code(&self, user_code: &str) -> anyhow::Result<()> {
+        self.st()
+            .decide_device_code(user_code, None)
+            .map_err(|e| anyhow!(e))
+    }
+
+    /// The browser step: signs `user` in and returns the redirect URL (`…?code=…&state=…`).
+    pub fn authorize(&self, request: AuthorizeRequest) -> anyhow::Result<String> {
+        self.st().authorize(&request).map_err(|e| anyhow!(e))
+    }
+
+    /// The browser step for a whole authorization URL (as a client built it): signs `user` in
+    /// and returns the redirect URL.
+    pub fn authorize_url(&self, authorization_url: &str, user: &str) -> anyhow::Result<String> {
+        let url = url::Url::parse(authorization_url).context("authorization URL")?;
+        let q = |name: &str| {
+            url.query_pairs()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
+        };
+        if let Some(m) = q("code_challenge_method")
+            && m != "S256"
+        {
+            bail!("code_challenge_method is {m}, the fake supports S256 only");
+        }
+        self.authorize(AuthorizeRequest {
+            client_id: q("client_id").context("authorization URL has no client_id")?,
+            redirect_uri: q("redirect_uri").context("authorization URL has no redirect_uri")?,
+            state: q("state").unwrap_or_default(),
+            code_challenge: q("code_challenge"),
+            scope: q("scope").unwrap_or_default(),
+            user: user.to_owned(),
+            offline: q("access_type").as_deref() == Some("offline"),
+        })
+    }
+
+    // ---- scripting -----------------------------------------------------------------------
+
+    /// Queues a canned answer for `endpoint`, served before normal behaviour (first in, first out).
+    pub fn script(&self, endpoint: Endpoint, response: ScriptedResponse) {
+        self.st()
+            .scripts
+            .entry(endpoint)
+            .or_default()
+            .push_back(response);
+    }
+
+    /// While on, every endpoint answers 503 (with `Retry-After` if `retry_after` is set).
+    pub fn set_outage(&self, on: bool) {
+        self.st().outage = on;
+    }
+
+    /// `Retry-After` seconds sent with outage answers.
+    pub fn set_outage_retry_after(&self, seconds: Option<u64>) {
+        self.st().outage_retry_after = seconds;
+    }
+
+    /// Delay added to every answer.
+    pub fn set_latency(&self, latency: Duration) {
+        self.st().latency = latency;
+    }
+
+    /// The next refresh with this refresh token fails with `AADSTS<aadsts>` (Microsoft) and the
+    /// `error` Microsoft uses with that code (`invalid_grant`, `interaction_required`,
+    /// `invalid_client`).
+    pub fn fail_next_refresh(&self, refresh_token: &str, aadsts: u64) {
+        self.st()
+            .forced_refresh_failures
+            .push((state::RefreshMatch::Token(refresh_token.to_owned()), aadsts));
+    }
+
+    /// The next refresh of any of this user's refresh tokens fails with `AADSTS<aadsts>`.
+    pub fn fail_next_refresh_for_user(&self, user: &str, aadsts: u64) {
+        self.st()
+            .forced_refresh_failures
+            .push((state::RefreshMatch::User(user.to_ascii_lowercase()), aadsts));
+    }
+
+    /// The next `n` Microsoft refresh answers carry no `refresh_token` (RFC 6749 §6: the client
+    /// keeps the old one).
+    pub fn omit_refresh_token_next(&self, n: usize) {
+        self.st().omit_refresh_token = n;
+    }
+
+    /// Lifetime of issued access tokens (`expires_in`). Default 3599 s, as Microsoft.
+    pub fn set_access_token_lifetime(&self, lifetime: Duration) {
+        self.st().access_token_lifetime = lifetime;
+    }
+
+    /// Lifetime of device codes. Default 900 s.
+    pub fn set_device_code_lifetime(&self, lifetime: Duration) {
+        self.st().device_code_lifetime = lifetime;
+    }
+
+    /// `interval` handed out with device codes (seconds; 0 = polls are never too fast). Default 5.
+    pub fn set_device_interval(&self, seconds: u64) {
+        self.st().device_interval = seconds;
+    }
+
+    /// Revokes the grant behind a refresh token or access token (all its tokens die; Microsoft
+    /// answers AADSTS50173, Google "Token has been expired or revoked.").
+    pub fn revoke_grant(&self, token: &str) -> anyhow::Result<()> {
+        self.st().revoke_grant_of(token).map_err(|e| anyhow!(e))
+    }
+
+    /// Revokes every grant of a user.
+    pub fn revoke_user_grants(&self, user: &str) {
+        self.st().revoke_user(&user.to_ascii_lowercase());
+    }
+
+    /// Moves the fake's clock forward (device code expiry, token lifetimes, poll intervals, the
+    /// `Date` header).
+    pub fn advance(&self, by: Duration) {
+        self.st().clock_offset += by;
+    }
+
+    /// The fake's clock.
+    pub fn now(&self) -> OffsetDateTime {
+        self.st().now()
+    }
+
+    /// Turns strict mode off (unknown paths are then only recorded).
+    pub fn set_strict(&self, strict: bool) {
+        self.st().strict = strict;
+    }
+
+    // ---- inspection ------------------------------------------------------------------------
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.st().requests.clone()
+    }
+
+    /// Requests to one endpoint.
+    pub fn requests_to(&self, endpoint: Endpoint) -> Vec<RecordedRequest> {
+        self.st()
+            .requests
+            .iter()
+            .filter(|r| r.endpoint == Some(endpoint))
+            .cloned()
+            .collect()
+    }
+
+    /// How many token requests (both token endpoints) had this `grant_type`.
+    pub fn token_requests(&self, grant_type: &str) -> usize {
+        self.st()
+            .requests
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.endpoint,
+                    Some(Endpoint::MicrosoftToken | Endpoint::GoogleToken)
+                )
+            })
+            .filter(|r| r.grant_type.as_deref() == Some(grant_type))
+            .count()
+    }
+
+    /// Refresh tokens issued to a user that are still valid (newest last).
+    pub fn live_refresh_tokens(&self, user: &str) -> Vec<String> {
+        self.st().live_refresh_tokens(&user.to_ascii_lowercase())
+    }
+
+    /// Whether an access token is live (issued, not expired on the fake's clock, not revoked).
+    pub fn access_token_is_live(&self, token: &str) -> bool {
+        self.st().introspect(token).is_some()
+    }
+
+    /// Protocol violations seen (unknown paths, wrong methods, wrong content types).
+    pub fn violations(&self) -> Vec<String> {
+        self.st().violations.clone()
+    }
+
+    /// Fails (returns an error) if there were violations.
+    pub fn assert_no_violations(&self) -> anyhow::Result<()> {
+        let v = self.violations();
+        if v.is_empty() {
+            Ok(())
+        } else {
+            Err(anyhow!(
+                "the fake identity provider saw {} violation(s):\n  {}",
+                v.len(),
+                v.join("\n  ")
+            ))
+        }
+    }
+}

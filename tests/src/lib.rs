@@ -1,0 +1,9 @@
+//! Test kit: real servers for the tests, started on free loopback ports and stopped on drop (also
+//! when a test panics) — Redis standalone and Cluster, an in-process broker — and the end-to-end
+//! suites under `tests/tests/`.
+//!
+//! Dependency direction: depends on every tokenfleet crate; nothing ships depending on it.
+
+pub mod broker;
+pub mod fake_idp;
+pub mod redis;

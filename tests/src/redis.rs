@@ -1,0 +1,526 @@
+//! Real Redis servers for tests: a standalone [`RedisServer`], a three-master [`RedisCluster`] and
+//! a [`RedisSentinel`] watching a server, each on free 127.0.0.1 ports in its own temporary
+//! directory, killed when dropped (also when the test panics).
+//!
+//! They run the `redis-server` and `redis-cli` found on `PATH`; `scripts/test-setup.sh` installs
+//! them.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+const SERVER_BIN: &str = "redis-server";
+const CLI_BIN: &str = "redis-cli";
+const START_DEADLINE: Duration = Duration::from_secs(15);
+const CLUSTER_DEADLINE: Duration = Duration::from_secs(30);
+/// Attempts at finding a port that is still free when redis binds it.
+const PORT_ATTEMPTS: usize = 8;
+
+fn missing_binary(bin: &str) -> anyhow::Error {
+    anyhow!(
+        "`{bin}` was not found on PATH: the Redis tests need Redis 7 (`redis-server` and \
+         `redis-cli`); run scripts/test-setup.sh to install the test dependencies"
+    )
+}
+
+/// A free loopback port (bound, read, released; redis may still lose a race for it, which the
+/// launchers detect and retry).
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).context("binding 127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn port_is_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// A free port whose cluster bus port (port + 10000) is free too.
+fn free_cluster_port() -> Result<u16> {
+    for _ in 0..100 {
+        let port = free_port()?;
+        if port <= u16::MAX - 10_000 && port_is_free(port + 10_000) {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port p with p+10000 also free after 100 tries")
+}
+
+/// Sends one command to 127.0.0.1:`port` over RESP and returns the reply as text: simple and
+/// bulk strings as they are, integers in decimal, arrays one item per line. Error replies become
+/// `Err`. Gives up after 5 s.
+pub async fn command(port: u16, args: &[&str]) -> Result<String> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .with_context(|| format!("connecting to 127.0.0.1:{port}"))?;
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        stream.write_all(req.as_bytes()).await?;
+        let mut reader = BufReader::new(stream);
+        read_reply(&mut reader).await
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .map_err(|_| anyhow!("no reply from 127.0.0.1:{port} within 5 s"))?
+}
+
+fn read_reply(
+    reader: &mut BufReader<TcpStream>,
+) -> Pin<Box<dyn Future<Output = Result<String>> + Send + '_>> {
+    Box::pin(async move {
+        let mut line = String::new();
+        if reader.read_line(&mut line).await? == 0 {
+            bail!("connection closed before a reply");
+        }
+        let line = line.trim_end_matches(['\r', '\n']);
+        let (kind, rest) = line
+            .split_at_checked(1)
+            .ok_or_else(|| anyhow!("empty reply"))?;
+        match kind {
+            "+" | ":" => Ok(rest.to_owned()),
+            "-" => bail!("redis error: {rest}"),
+            "$" => {
+                let len: i64 = rest.parse().context("bulk length")?;
+                if len < 0 {
+                    return Ok(String::new());
+                }
+                let mut buf = vec![0u8; usize::try_from(len)? + 2];
+                reader.read_exact(&mut buf).await?;
+                buf.truncate(buf.len() - 2);
+                Ok(String::from_utf8_lossy(&buf).into_owned())
+            }
+            "*" => {
+                let n: i64 = rest.parse().context("array length")?;
+                let mut items = Vec::new();
+                for _ in 0..n.max(0) {
+                    items.push(read_reply(reader).await?);
+                }
+                Ok(items.join("\n"))
+            }
+            other => bail!("unexpected reply type `{other}`"),
+        }
+    })
+}
+
+/// Polls `check` every 25 ms until it says `true`, failing after `deadline` with the last error.
+async fn wait_until<F, Fut>(deadline: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    let end = Instant::now() + deadline;
+    let mut last = None;
+    loop {
+        match check().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last = Some(e),
+        }
+        if Instant::now() >= end {
+            return Err(match last {
+                Some(e) => e.context(format!("{what}: not reached within {deadline:?}")),
+                None => anyhow!("{what}: not reached within {deadline:?}"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Fails if the child has exited (with the tail of its log).
+fn check_alive(child: &mut Option<Child>, log: &Path, what: &str) -> Result<()> {
+    if let Some(c) = child.as_mut()
+        && let Some(status) = c.try_wait()?
+    {
+        bail!("{what} exited with {status}; log:\n{}", tail(log));
+    }
+    Ok(())
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// One `redis-server` process on 127.0.0.1, with its own directory.
+#[derive(Debug)]
+pub struct RedisServer {
+    port: u16,
+    dir: TempDir,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a throwaway server: no RDB snapshots, no AOF.
+    pub async fn start() -> Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts a server with extra `redis-server` arguments appended (later ones win), e.g.
+    /// `["--appendonly", "yes", "--appendfsync", "always"]` for persistence tests.
+    pub async fn start_with(args: &[&str]) -> Result<Self> {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        Self::launch("tf-redis-", free_port, |_| args.clone()).await
+    }
+
+    /// Starts redis-server in a fresh directory on a port from `pick`, retrying with another port
+    /// when it lost the race for the port.
+    async fn launch(
+        prefix: &str,
+        pick: fn() -> Result<u16>,
+        make_args: impl Fn(&Path) -> Vec<String>,
+    ) -> Result<Self> {
+        let mut last_err = None;
+        for _ in 0..PORT_ATTEMPTS {
+            let dir = tempfile::Builder::new()
+                .prefix(prefix)
+                .tempdir()
+                .context("creating redis temp dir")?;
+            let args = make_args(dir.path());
+            let mut server = Self {
+                port: pick()?,
+                dir,
+                args,
+                child: None,
+            };
+            match server.spawn().await {
+                Ok(()) => return Ok(server),
+                Err(e) if server.lost_port_race() => last_err = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err
+            .unwrap_or_else(|| anyhow!("no attempt made"))
+            .context(format!(
+                "redis-server could not bind a free port in {PORT_ATTEMPTS} tries"
+            )))
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    fn lost_port_race(&self) -> bool {
+        std::fs::read_to_string(self.log_path())
+            .map(|log| log.contains("Address already in use"))
+            .unwrap_or(false)
+    }
+
+    /// Launches redis-server on `self.port` and waits until it answers PING.
+    async fn spawn(&mut self) -> Result<()> {
+        // A fresh log per launch, so a bind failure is judged on this launch only.
+        let _ = std::fs::remove_file(self.log_path());
+        let mut cmd = Command::new(SERVER_BIN);
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1"])
+            .args(["--protected-mode", "yes"])
+            .args(["--daemonize", "no"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.log_path())
+            .args(&self.args);
+        self.child = Some(spawn_quiet(&mut cmd, "redis-server")?);
+        let port = self.port;
+        let log = self.log_path();
+        let end = Instant::now() + START_DEADLINE;
+        loop {
+            if let Err(e) = check_alive(&mut self.child, &log, "redis-server") {
+                self.kill();
+                return Err(e.context(format!("redis-server on 127.0.0.1:{port}")));
+            }
+            if command(port, &["PING"]).await.is_ok_and(|r| r == "PONG") {
+                return Ok(());
+            }
+            if Instant::now() >= end {
+                self.kill();
+                bail!(
+                    "redis-server on 127.0.0.1:{port} did not answer PING within \
+                     {START_DEADLINE:?}; log:\n{}",
+                    tail(&log)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Its working directory (AOF/RDB files, `redis.log`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Kills the process at once (like a crash) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Shuts the server down cleanly (`SHUTDOWN`, so an AOF is flushed) and waits for the process
+    /// to exit; kills it and fails if it has not exited within the deadline.
+    pub async fn stop(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        // SHUTDOWN closes the connection instead of answering.
+        let _ = command(self.port, &["SHUTDOWN"]).await;
+        let end = Instant::now() + START_DEADLINE;
+        loop {
+            if child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            if Instant::now() >= end {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "redis-server on port {} ignored SHUTDOWN; killed",
+                    self.port
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts the server again on the same port and directory (after [`stop`](Self::stop) or
+    /// [`kill`](Self::kill)).
+    pub async fn start_again(&mut self) -> Result<()> {
+        if self.is_running() {
+            bail!("redis-server on port {} is still running", self.port);
+        }
+        self.spawn().await
+    }
+
+    /// [`stop`](Self::stop), then [`start_again`](Self::start_again).
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop().await?;
+        self.start_again().await
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn_quiet(cmd: &mut Command, what: &str) -> Result<Child> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                missing_binary(SERVER_BIN)
+            } else {
+                anyhow!(e).context(format!("starting {what}"))
+            }
+        })
+}
+
+/// A Redis Cluster of three masters (no replicas) on 127.0.0.1.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts three cluster-enabled servers, joins them with `redis-cli --cluster create` and
+    /// waits until every node reports `cluster_state:ok`.
+    pub async fn start() -> Result<Self> {
+        let mut nodes = Vec::with_capacity(3);
+        for _ in 0..3 {
+            let node = RedisServer::launch("tf-redis-cluster-", free_cluster_port, |dir| {
+                vec![
+                    "--cluster-enabled".to_owned(),
+                    "yes".to_owned(),
+                    "--cluster-config-file".to_owned(),
+                    dir.join("nodes.conf").display().to_string(),
+                    "--cluster-node-timeout".to_owned(),
+                    "5000".to_owned(),
+                ]
+            })
+            .await?;
+            nodes.push(node);
+        }
+        let cluster = Self { nodes };
+        cluster.create().await?;
+        Ok(cluster)
+    }
+
+    async fn create(&self) -> Result<()> {
+        let addrs: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let output = tokio::process::Command::new(CLI_BIN)
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(CLUSTER_DEADLINE, output)
+            .await
+            .map_err(|_| anyhow!("redis-cli --cluster create took over {CLUSTER_DEADLINE:?}"))?
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    missing_binary(CLI_BIN)
+                } else {
+                    anyhow!(e).context("running redis-cli --cluster create")
+                }
+            })?;
+        if !output.status.success() {
+            bail!(
+                "redis-cli --cluster create {} failed ({}):\n{}{}",
+                addrs.join(" "),
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        for node in &self.nodes {
+            let port = node.port();
+            wait_until(CLUSTER_DEADLINE, "cluster_state:ok", || async move {
+                let info = command(port, &["CLUSTER", "INFO"]).await?;
+                Ok(info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3"))
+            })
+            .await
+            .with_context(|| format!("cluster node 127.0.0.1:{port}"))?;
+        }
+        Ok(())
+    }
+
+    /// `redis://127.0.0.1:<port>` of every master.
+    pub fn seed_urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The masters.
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+}
+
+/// A Redis Sentinel watching one [`RedisServer`] as master `master_name`.
+#[derive(Debug)]
+pub struct RedisSentinel {
+    server: RedisServer,
+    master_name: String,
+}
+
+impl RedisSentinel {
+    /// Starts a sentinel (quorum 1) for `master` under the name `master_name` and waits until it
+    /// reports the master's address.
+    pub async fn start(master: &RedisServer, master_name: &str) -> Result<Self> {
+        let mut last_err = None;
+        for _ in 0..PORT_ATTEMPTS {
+            let dir = tempfile::Builder::new()
+                .prefix("tf-redis-sentinel-")
+                .tempdir()
+                .context("creating sentinel temp dir")?;
+            let port = free_port()?;
+            // Sentinel rewrites its config file, so it must be a writable file of its own.
+            let conf = dir.path().join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\nlogfile {}\n\
+                     sentinel monitor {master_name} 127.0.0.1 {} 1\n\
+                     sentinel down-after-milliseconds {master_name} 5000\n",
+                    dir.path().display(),
+                    dir.path().join("redis.log").display(),
+                    master.port()
+                ),
+            )
+            .context("writing sentinel.conf")?;
+            let mut server = RedisServer {
+                port,
+                dir,
+                args: Vec::new(),
+                child: None,
+            };
+            server.child = Some(spawn_quiet(
+                Command::new(SERVER_BIN).arg(&conf).arg("--sentinel"),
+                "redis sentinel",
+            )?);
+            let log = server.log_path();
+            let expected = format!("127.0.0.1\n{}", master.port());
+            let end = Instant::now() + START_DEADLINE;
+            let ready = loop {
+                if let Err(e) = check_alive(&mut server.child, &log, "sentinel") {
+                    break Err(e);
+                }
+                let answer =
+                    command(port, &["SENTINEL", "get-master-addr-by-name", master_name]).await;
+                if answer.is_ok_and(|r| r == expected) {
+                    break Ok(());
+                }
+                if Instant::now() >= end {
+                    break Err(anyhow!(
+                        "sentinel did not report master {master_name} within {START_DEADLINE:?}; \
+                         log:\n{}",
+                        tail(&log)
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            };
+            match ready {
+                Ok(()) => {
+                    return Ok(Self {
+                        server,
+                        master_name: master_name.to_owned(),
+                    });
+                }
+                Err(e) if server.lost_port_race() => last_err = Some(e),
+                Err(e) => return Err(e.context(format!("sentinel on 127.0.0.1:{port}"))),
+            }
+        }
+        Err(last_err
+            .unwrap_or_else(|| anyhow!("no attempt made"))
+            .context("sentinel could not bind a free port"))
+    }
+
+    /// `redis://127.0.0.1:<port>` of the sentinel.
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    /// The master name it watches.
+    pub fn master_name(&self) -> &str {
+        &self.master_name
+    }
+}

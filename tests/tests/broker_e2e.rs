@@ -1,0 +1,372 @@
+//! End-to-end checks of the broker runtime through the in-process [`TestBroker`]: the gRPC
+//! surface (reflection, health, TokenBroker placeholder), the HTTP surface (health, readiness,
+//! metrics), persistence across a restart on the embedded store and on a real Redis server, and
+//! `grpcurl` as an outside client.
+
+// Helpers outside #[test] functions panic on failure too, which is what a test wants.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokenfleet_proto::v1::token_broker_client::TokenBrokerClient;
+use tokenfleet_proto::v1::{
+    CreateTenantRequest, GetTenantRequest, IssueAccessTokenRequest, Tenant,
+};
+use tokenfleet_testkit::broker::{TestBroker, TestStore};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+/// `GET path` over plain HTTP/1.1; returns status code and body.
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+async fn list_services(broker: &TestBroker) -> Vec<String> {
+    let mut client = ServerReflectionClient::new(broker.channel());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().expect("one response");
+    match response.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection response: {other:?}"),
+    }
+}
+
+async fn health(broker: &TestBroker, service: &str) -> ServingStatus {
+    let mut client = HealthClient::new(broker.channel());
+    let response = client
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("health check of {service:?}: {status}"));
+    response.into_inner().status()
+}
+
+async fn create_tenant(broker: &TestBroker, name: &str) {
+    broker
+        .admin_client()
+        .create_tenant(CreateTenantRequest {
+            tenant: Some(Tenant {
+                name: name.to_owned(),
+                display_name: format!("Tenant {name}"),
+                ..Tenant::default()
+            }),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("creating tenant {name}: {status}"));
+}
+
+async fn get_tenant(broker: &TestBroker, name: &str) -> Result<Tenant, tonic::Status> {
+    broker
+        .admin_client()
+        .get_tenant(GetTenantRequest {
+            name: name.to_owned(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn reflection_lists_every_service() {
+    let broker = TestBroker::start(TestStore::Embedded).await.unwrap();
+    let services = list_services(&broker).await;
+    for expected in [
+        "tokenfleet.v1.Admin",
+        "tokenfleet.v1.TokenBroker",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(
+            services.iter().any(|s| s == expected),
+            "{expected} missing from {services:?}"
+        );
+    }
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_reports_serving_for_the_server_and_each_service() {
+    let broker = TestBroker::start(TestStore::Embedded).await.unwrap();
+    for service in ["", "tokenfleet.v1.Admin", "tokenfleet.v1.TokenBroker"] {
+        assert_eq!(
+            health(&broker, service).await,
+            ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
+    let status = HealthClient::new(broker.channel())
+        .check(HealthCheckRequest {
+            service: "no.such.Service".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn http_serves_health_readiness_and_metrics() {
+    let broker = TestBroker::start(TestStore::Embedded).await.unwrap();
+    assert_eq!(
+        http_get(broker.http_addr, "/healthz").await,
+        (200, "ok".to_owned())
+    );
+    assert_eq!(http_get(broker.http_addr, "/readyz").await.0, 200);
+
+    // One gRPC call of each outcome, then read the counters.
+    assert_eq!(health(&broker, "").await, ServingStatus::Serving);
+    let denied = TokenBrokerClient::new(broker.channel())
+        .issue_access_token(IssueAccessTokenRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::Unimplemented);
+    let (status, metrics) = http_get(broker.http_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("tokenfleet_build_info{"), "{metrics}");
+    assert!(
+        metrics.contains(
+            r#"tokenfleet_grpc_requests_total{method="/grpc.health.v1.Health/Check",code="OK"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"tokenfleet_grpc_requests_total{method="/tokenfleet.v1.TokenBroker/IssueAccessToken",code="UNIMPLEMENTED"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tokenfleet_store_ping_failures_total 0"),
+        "{metrics}"
+    );
+    assert_eq!(http_get(broker.http_addr, "/nope").await.0, 404);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn token_issuance_is_refused_until_enrollment_exists() {
+    let broker = TestBroker::start(TestStore::Embedded).await.unwrap();
+    let status = TokenBrokerClient::new(broker.channel())
+        .issue_access_token(IssueAccessTokenRequest {
+            device: "printer-1".into(),
+            mailbox: "scans".into(),
+            purpose: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+    assert!(status.message().contains("agent enrollment"), "{status}");
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn embedded_store_keeps_a_tenant_across_restart() {
+    let broker = TestBroker::start(TestStore::Embedded).await.unwrap();
+    create_tenant(&broker, "acme").await;
+    let old_grpc = broker.grpc_addr;
+    let broker = broker.restart().await;
+    assert_ne!(
+        broker.grpc_addr, old_grpc,
+        "a restarted broker gets new listeners"
+    );
+    let tenant = get_tenant(&broker, "acme").await.unwrap();
+    assert_eq!(tenant.name, "acme");
+    assert_eq!(health(&broker, "").await, ServingStatus::Serving);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn embedded_at_a_directory_is_reused_by_the_next_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    let first = TestBroker::start(TestStore::EmbeddedAt(state_dir.clone()))
+        .await
+        .unwrap();
+    create_tenant(&first, "globex").await;
+    first.shutdown().await;
+    let second = TestBroker::start(TestStore::EmbeddedAt(state_dir))
+        .await
+        .unwrap();
+    assert_eq!(get_tenant(&second, "globex").await.unwrap().name, "globex");
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn redis_store_keeps_a_tenant_across_restart() {
+    let redis = tokenfleet_testkit::redis::RedisServer::start()
+        .await
+        .unwrap();
+    let broker = TestBroker::start(TestStore::Redis(redis.url()))
+        .await
+        .unwrap();
+    create_tenant(&broker, "initech").await;
+    let broker = broker.restart().await;
+    assert_eq!(
+        get_tenant(&broker, "initech").await.unwrap().name,
+        "initech"
+    );
+    assert_eq!(http_get(broker.http_addr, "/readyz").await.0, 200);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn redis_cluster_store_keeps_a_tenant_across_restart() {
+    let cluster = tokenfleet_testkit::redis::RedisCluster::start()
+        .await
+        .unwrap();
+    let broker = TestBroker::start(TestStore::RedisCluster(cluster.seed_urls()))
+        .await
+        .unwrap();
+    create_tenant(&broker, "umbrella").await;
+    let broker = broker.restart().await;
+    assert_eq!(
+        get_tenant(&broker, "umbrella").await.unwrap().name,
+        "umbrella"
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn replicas_on_one_redis_share_state() {
+    let redis = tokenfleet_testkit::redis::RedisServer::start()
+        .await
+        .unwrap();
+    let first = TestBroker::start(TestStore::Redis(redis.url()))
+        .await
+        .unwrap();
+    let second = first.replica().await.unwrap();
+    assert_ne!(first.grpc_addr, second.grpc_addr);
+    create_tenant(&first, "hooli").await;
+    assert_eq!(get_tenant(&second, "hooli").await.unwrap().name, "hooli");
+    assert!(
+        TestBroker::start(TestStore::Embedded)
+            .await
+            .unwrap()
+            .replica()
+            .await
+            .is_err(),
+        "the embedded store has one owner"
+    );
+    second.shutdown().await;
+    first.shutdown().await;
+}
+
+/// Polls gRPC health of the Admin service until it is `want`.
+async fn wait_health(broker: &TestBroker, want: ServingStatus) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = health(broker, "tokenfleet.v1.Admin").await;
+        if status == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health still {status:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn redis_outage_turns_health_and_readiness_off_and_back_on() {
+    let mut redis = tokenfleet_testkit::redis::RedisServer::start()
+        .await
+        .unwrap();
+    let broker = TestBroker::start(TestStore::Redis(redis.url()))
+        .await
+        .unwrap();
+    assert_eq!(health(&broker, "").await, ServingStatus::Serving);
+
+    redis.stop().await.unwrap();
+    wait_health(&broker, ServingStatus::NotServing).await;
+    assert_eq!(health(&broker, "").await, ServingStatus::NotServing);
+    assert_eq!(http_get(broker.http_addr, "/readyz").await.0, 503);
+    assert_eq!(
+        http_get(broker.http_addr, "/healthz").await.0,
+        200,
+        "the process is still up"
+    );
+    let (_, metrics) = http_get(broker.http_addr, "/metrics").await;
+    assert!(metrics.contains("tokenfleet_store_up 0"), "{metrics}");
+    assert!(
+        !metrics.contains("tokenfleet_store_ping_failures_total 0"),
+        "{metrics}"
+    );
+
+    redis.start_again().await.unwrap();
+    wait_health(&broker, ServingStatus::Serving).await;
+    assert_eq!(http_get(broker.http_addr, "/readyz").await.0, 200);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn grpcurl_lists_the_services() {
+    let Some(grpcurl) = find_on_path("grpcurl") else {
+        if std::env::var_os("CI").is_some() {
+            panic!("grpcurl is not on PATH: run scripts/test-setup.sh");
+        }
+        eprintln!("NOTICE: grpcurl is not on PATH; skipping (scripts/test-setup.sh installs it)");
+        return;
+    };
+    let broker = TestBroker::start(TestStore::Embedded).await.unwrap();
+    let output = tokio::process::Command::new(grpcurl)
+        .args(["-plaintext", &broker.grpc_addr.to_string(), "list"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "grpcurl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for expected in [
+        "tokenfleet.v1.Admin",
+        "tokenfleet.v1.TokenBroker",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l.trim() == expected),
+            "{expected} missing: {stdout}"
+        );
+    }
+    broker.shutdown().await;
+}
+
+fn find_on_path(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}

@@ -1,0 +1,662 @@
+//! The Helm chart in `charts/tokenfleet`, checked with the real `helm` binary: `helm lint
+//! --strict`, rendering with the default values and with production-like value sets, the rendered
+//! broker configuration parsed by the broker's own configuration loader, every file the
+//! configuration names found on a mounted volume, the manifests validated against the Kubernetes
+//! API schemas (`kubernetes-validate`), and invalid values refused with a message that names the
+//! problem.
+//!
+//! `helm` and `kubernetes-validate` come from `scripts/test-setup.sh` (`.tools/bin`,
+//! `.venv-test/bin`) or from `PATH`. Without them the tests fail when `CI` is set and are skipped
+//! with a notice otherwise.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use serde::Deserialize as _;
+use serde_json::Value;
+use tokenfleet_broker::config::{RawConfig, StoreBackend};
+
+/// A production-like installation: three replicas on a TLS Redis Cluster with a password, two
+/// sealing keys (after a rotation) and a ServiceMonitor.
+const PRODUCTION_VALUES: &str = r#"
+replicaCount: 3
+image:
+  tag: "1.2.3"
+store:
+  backend: redis
+  redis:
+    mode: cluster
+    urls:
+      - rediss://redis-0.redis:6379
+      - rediss://redis-1.redis:6379
+      - rediss://redis-2.redis:6379
+    username: tokenfleet
+    existingSecret: redis-auth
+    existingSecretPasswordKey: redis-password
+    tls: true
+    tlsCaSecret: redis-ca
+    keyPrefix: prod
+seal:
+  existingSecret: broker-seal-keys
+  keyIds: [k1, k2]
+  currentKeyId: k2
+log:
+  level: info,tokenfleet_broker=debug
+  format: json
+serviceMonitor:
+  enabled: true
+  labels:
+    release: prometheus
+"#;
+
+/// The zero-setup installation: one replica, embedded store on a PersistentVolumeClaim.
+const EMBEDDED_VALUES: &str = r#"
+replicaCount: 1
+store:
+  backend: embedded
+  embedded:
+    persistence:
+      size: 2Gi
+      storageClass: fast
+"#;
+
+const CHART: &str = "charts/tokenfleet";
+
+// ------------------------------------------------------------------------------------------------
+// Tools
+// ------------------------------------------------------------------------------------------------
+
+fn workspace_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
+
+/// `name` on `PATH`, else in the workspace's `dir` (where `scripts/test-setup.sh` puts it).
+fn find_tool(name: &str, dir: &str) -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join(name));
+    let local = std::iter::once(workspace_root().join(dir).join(name));
+    on_path.chain(local).find(|candidate| candidate.is_file())
+}
+
+/// The real tools the chart is checked with.
+struct Tools {
+    helm: PathBuf,
+    kubernetes_validate: PathBuf,
+    /// helm's cache, config and data directories, kept out of the user's home.
+    helm_home: tempfile::TempDir,
+}
+
+/// The tools, or `None` (after a notice) outside CI when they are not installed.
+fn tools() -> Result<Option<Tools>> {
+    let helm = find_tool("helm", ".tools/bin");
+    let kubernetes_validate = find_tool("kubernetes-validate", ".venv-test/bin");
+    let (Some(helm), Some(kubernetes_validate)) = (helm, kubernetes_validate) else {
+        let message = "helm or kubernetes-validate not found on PATH, in .tools/bin or in \
+                       .venv-test/bin: run scripts/test-setup.sh";
+        if std::env::var_os("CI").is_some() {
+            bail!("{message}");
+        }
+        eprintln!("SKIPPED (not in CI): {message}");
+        return Ok(None);
+    };
+    Ok(Some(Tools {
+        helm,
+        kubernetes_validate,
+        helm_home: tempfile::tempdir()?,
+    }))
+}
+
+impl Tools {
+    fn helm(&self, args: &[&str]) -> Result<Output> {
+        let home = self.helm_home.path();
+        Command::new(&self.helm)
+            .args(args)
+            .current_dir(workspace_root())
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"))
+            .output()
+            .with_context(|| format!("running {} {}", self.helm.display(), args.join(" ")))
+    }
+
+    /// `helm template` with `values` (YAML) on top of the chart's defaults.
+    fn template(&self, values: Option<&str>) -> Result<Output> {
+        let dir = tempfile::tempdir()?;
+        let mut args = vec!["template", "tf", CHART, "--namespace", "printing"];
+        let values_file = dir.path().join("values.yaml");
+        let values_arg = values_file.display().to_string();
+        if let Some(values) = values {
+            std::fs::write(&values_file, values)?;
+            args.extend(["--values", &values_arg]);
+        }
+        self.helm(&args)
+    }
+
+    /// The rendered manifests, which must render.
+    fn render(&self, values: Option<&str>) -> Result<Manifests> {
+        let output = self.template(values)?;
+        ensure!(
+            output.status.success(),
+            "helm template failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let yaml = String::from_utf8(output.stdout)?;
+        Manifests::parse(&yaml)
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Rendered manifests
+// ------------------------------------------------------------------------------------------------
+
+struct Manifests {
+    yaml: String,
+    docs: Vec<Value>,
+}
+
+impl Manifests {
+    fn parse(yaml: &str) -> Result<Self> {
+        let mut docs = Vec::new();
+        for doc in serde_norway::Deserializer::from_str(yaml) {
+            let value = Value::deserialize(doc).context("helm template printed invalid YAML")?;
+            if !value.is_null() {
+                docs.push(value);
+            }
+        }
+        Ok(Self {
+            yaml: yaml.to_owned(),
+            docs,
+        })
+    }
+
+    fn kinds(&self) -> BTreeSet<String> {
+        self.docs
+            .iter()
+            .map(|doc| text(doc, "/kind").to_owned())
+            .collect()
+    }
+
+    fn find(&self, kind: &str) -> Option<&Value> {
+        self.docs.iter().find(|doc| doc["kind"] == kind)
+    }
+
+    fn one(&self, kind: &str) -> Result<&Value> {
+        let found: Vec<_> = self.docs.iter().filter(|doc| doc["kind"] == kind).collect();
+        match found.as_slice() {
+            [one] => Ok(one),
+            other => bail!("expected one {kind}, found {}", other.len()),
+        }
+    }
+
+    fn deployment(&self) -> Result<&Value> {
+        self.one("Deployment")
+    }
+
+    fn container(&self) -> Result<&Value> {
+        let containers = self.deployment()?["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .context("Deployment without containers")?;
+        containers
+            .iter()
+            .find(|c| c["name"] == "broker")
+            .context("no container named broker")
+    }
+
+    /// The broker configuration file from the ConfigMap, as written and as the broker reads it.
+    fn broker_config(&self) -> Result<(String, RawConfig)> {
+        let text = text(self.one("ConfigMap")?, "/data/broker.toml").to_owned();
+        let raw = RawConfig::from_toml_str(&text)
+            .with_context(|| format!("the broker rejects the rendered configuration:\n{text}"))?;
+        Ok((text, raw))
+    }
+
+    /// The volume of the pod named `name`.
+    fn volume(&self, name: &str) -> Result<&Value> {
+        self.deployment()?["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .context("Deployment without volumes")?
+            .iter()
+            .find(|v| v["name"] == name)
+            .with_context(|| format!("no volume named {name}"))
+    }
+
+    /// The volume mount whose directory holds `path`, and the file name relative to it.
+    fn mount_for<'a>(&'a self, path: &str) -> Result<(&'a Value, String)> {
+        let mounts = self.container()?["volumeMounts"]
+            .as_array()
+            .context("broker container without volume mounts")?;
+        mounts
+            .iter()
+            .filter_map(|m| {
+                let at = m["mountPath"].as_str()?;
+                let rest = path.strip_prefix(at)?;
+                let rest = if rest.is_empty() {
+                    String::new()
+                } else if m["subPath"].is_string() {
+                    return None;
+                } else {
+                    rest.strip_prefix('/')?.to_owned()
+                };
+                Some((m, rest))
+            })
+            .max_by_key(|(m, _)| m["mountPath"].as_str().map_or(0, str::len))
+            .with_context(|| format!("{path} is on no mounted volume"))
+    }
+
+    /// Asserts that `path` is a file served from Secret `secret`'s key `key`.
+    fn assert_secret_file(&self, path: &str, secret: &str, key: &str) -> Result<()> {
+        let (mount, file) = self.mount_for(path)?;
+        ensure!(mount["readOnly"] == true, "{path}: mount is not read-only");
+        let volume = self.volume(text(mount, "/name"))?;
+        ensure!(
+            volume["secret"]["secretName"] == secret,
+            "{path}: volume {} is not Secret {secret}: {volume}",
+            mount["name"]
+        );
+        let items = volume["secret"]["items"].as_array().context("no items")?;
+        ensure!(
+            items
+                .iter()
+                .any(|i| i["key"] == key && i["path"] == file.as_str()),
+            "{path}: Secret {secret} key {key} is not projected as {file}: {volume}"
+        );
+        Ok(())
+    }
+}
+
+fn text<'a>(value: &'a Value, pointer: &str) -> &'a str {
+    value.pointer(pointer).and_then(Value::as_str).unwrap_or("")
+}
+
+fn redis_string<'a>(raw: &'a RawConfig, key: &str) -> Option<&'a str> {
+    raw.store.redis.as_ref()?.0.get(key)?.as_str()
+}
+
+/// The checks every rendering must pass, whatever the values.
+fn assert_common_invariants(manifests: &Manifests, grpc_port: u16, http_port: u16) -> Result<()> {
+    let deployment = manifests.deployment()?;
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = manifests.container()?;
+    let (config_text, raw) = manifests.broker_config()?;
+
+    // The configuration file is mounted where the container's arguments point.
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .context("no args")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let config_path = args
+        .windows(2)
+        .find(|w| w[0] == "--config")
+        .map(|w| w[1])
+        .context("no --config argument")?;
+    let (mount, _) = manifests.mount_for(config_path)?;
+    ensure!(manifests.volume(text(mount, "/name"))?["configMap"].is_object());
+
+    // Listeners: all interfaces inside the pod, on the ports the container and Service declare.
+    ensure!(
+        raw.grpc.listen == format!("0.0.0.0:{grpc_port}"),
+        "{config_text}"
+    );
+    ensure!(
+        raw.http.listen == format!("0.0.0.0:{http_port}"),
+        "{config_text}"
+    );
+    let ports = container["ports"].as_array().context("no ports")?;
+    for (name, port) in [("grpc", grpc_port), ("http", http_port)] {
+        ensure!(
+            ports
+                .iter()
+                .any(|p| p["name"] == name && p["containerPort"] == u64::from(port)),
+            "container port {name} is not {port}: {ports:?}"
+        );
+        let service = manifests.one("Service")?;
+        ensure!(
+            service["spec"]["ports"].as_array().is_some_and(|ps| ps
+                .iter()
+                .any(|p| p["name"] == name && p["targetPort"] == name)),
+            "Service does not route {name}"
+        );
+    }
+
+    // Probes: liveness /healthz, readiness /readyz, both on the HTTP port.
+    for (probe, path) in [
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+        ("startupProbe", "/healthz"),
+    ] {
+        let get = &container[probe]["httpGet"];
+        ensure!(
+            get["path"] == path && get["port"] == "http",
+            "{probe}: {get}"
+        );
+    }
+
+    // Hardening.
+    let security = &container["securityContext"];
+    ensure!(security["runAsNonRoot"] == true, "{security}");
+    ensure!(security["readOnlyRootFilesystem"] == true, "{security}");
+    ensure!(security["allowPrivilegeEscalation"] == false, "{security}");
+    ensure!(
+        security["capabilities"]["drop"] == serde_json::json!(["ALL"]),
+        "{security}"
+    );
+    ensure!(pod["securityContext"]["runAsNonRoot"] == true);
+    ensure!(pod["automountServiceAccountToken"] == false);
+    ensure!(
+        container["resources"]["limits"]["memory"].is_string(),
+        "no memory limit"
+    );
+
+    // The root filesystem is read-only: the state directory must be a writable volume.
+    let state_dir = raw.state_dir.display().to_string();
+    let (state_mount, rest) = manifests.mount_for(&state_dir)?;
+    ensure!(
+        rest.is_empty() && state_mount["readOnly"] != true,
+        "state_dir {state_dir} is not a writable mount"
+    );
+
+    // Every sealing key the configuration names is a file from the sealing-key Secret, readable
+    // by the owner and the pod's group only.
+    let seal_volume = manifests.volume("seal-keys")?;
+    ensure!(
+        seal_volume["secret"]["defaultMode"] == 0o440,
+        "{seal_volume}"
+    );
+    let seal_secret = text(seal_volume, "/secret/secretName").to_owned();
+    ensure!(!raw.seal.keys.is_empty(), "no sealing keys configured");
+    for key in &raw.seal.keys {
+        let file = key
+            .key_file
+            .as_ref()
+            .with_context(|| format!("seal key {} has no key_file", key.id))?;
+        manifests.assert_secret_file(&file.display().to_string(), &seal_secret, &key.id)?;
+    }
+    ensure!(
+        raw.seal.current_key_id.as_ref().is_some_and(|id| raw
+            .seal
+            .keys
+            .iter()
+            .any(|k| &k.id == id)),
+        "current_key_id is not a configured key"
+    );
+
+    // Secrets never reach the ConfigMap or environment.
+    ensure!(
+        !config_text.contains("password ="),
+        "a password in the ConfigMap:\n{config_text}"
+    );
+    let env = container["env"].as_array().cloned().unwrap_or_default();
+    ensure!(
+        env.iter().all(|e| !text(e, "/name").contains("PASSWORD")),
+        "{env:?}"
+    );
+
+    // Pods roll when the configuration changes.
+    ensure!(
+        deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"].is_string()
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tests
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn chart_lints_strictly_with_every_value_set() -> Result<()> {
+    let Some(tools) = tools()? else { return Ok(()) };
+    let dir = tempfile::tempdir()?;
+    for (name, values) in [
+        ("default", None),
+        ("production", Some(PRODUCTION_VALUES)),
+        ("embedded", Some(EMBEDDED_VALUES)),
+    ] {
+        let mut args = vec!["lint", "--strict", CHART];
+        let file = dir.path().join(format!("{name}.yaml"));
+        let file_arg = file.display().to_string();
+        if let Some(values) = values {
+            std::fs::write(&file, values)?;
+            args.extend(["--values", &file_arg]);
+        }
+        let output = tools.helm(&args)?;
+        ensure!(
+            output.status.success(),
+            "helm lint --strict ({name} values) failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn default_values_render_two_brokers_on_redis() -> Result<()> {
+    let Some(tools) = tools()? else { return Ok(()) };
+    let manifests = tools.render(None)?;
+
+    let kinds = manifests.kinds();
+    let expected: BTreeSet<String> = [
+        "ConfigMap",
+        "Deployment",
+        "PodDisruptionBudget",
+        "Service",
+        "ServiceAccount",
+    ]
+    .map(String::from)
+    .into();
+    ensure!(kinds == expected, "rendered kinds: {kinds:?}");
+
+    let deployment = manifests.deployment()?;
+    ensure!(
+        deployment["spec"]["replicas"] == 2,
+        "{}",
+        deployment["spec"]
+    );
+    ensure!(deployment["spec"]["strategy"]["type"] == "RollingUpdate");
+    ensure!(
+        text(manifests.container()?, "/image") == "tokenfleet/tokenfleet-broker:0.1.0",
+        "image defaults to the appVersion"
+    );
+    assert_common_invariants(&manifests, 50051, 8080)?;
+
+    let (_, raw) = manifests.broker_config()?;
+    ensure!(raw.store.backend == StoreBackend::Redis);
+    let redis = raw.store.redis.as_ref().context("no [store.redis]")?;
+    let redis = redis.to_redis_config()?;
+    ensure!(redis.urls == ["redis://redis:6379"], "{:?}", redis.urls);
+
+    // The sealing keys come from `<fullname>-seal`, which the chart does not create.
+    ensure!(text(manifests.volume("seal-keys")?, "/secret/secretName") == "tf-tokenfleet-seal");
+    ensure!(
+        manifests.find("Secret").is_none(),
+        "the chart must not create Secrets"
+    );
+    ensure!(manifests.one("PodDisruptionBudget")?["spec"]["maxUnavailable"] == 1);
+    Ok(())
+}
+
+#[test]
+fn production_values_render_three_replicas_on_a_tls_redis_cluster() -> Result<()> {
+    let Some(tools) = tools()? else { return Ok(()) };
+    let manifests = tools.render(Some(PRODUCTION_VALUES))?;
+
+    let deployment = manifests.deployment()?;
+    ensure!(
+        deployment["spec"]["replicas"] == 3,
+        "{}",
+        deployment["spec"]
+    );
+    ensure!(deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0);
+    ensure!(text(manifests.container()?, "/image") == "tokenfleet/tokenfleet-broker:1.2.3");
+    assert_common_invariants(&manifests, 50051, 8080)?;
+
+    let (config_text, raw) = manifests.broker_config()?;
+    ensure!(raw.store.backend == StoreBackend::Redis);
+    ensure!(
+        config_text.contains(
+            r#"urls = ["rediss://redis-0.redis:6379","rediss://redis-1.redis:6379","rediss://redis-2.redis:6379"]"#
+        ),
+        "redis URLs missing:\n{config_text}"
+    );
+    ensure!(redis_string(&raw, "mode") == Some("cluster"));
+    ensure!(redis_string(&raw, "username") == Some("tokenfleet"));
+    ensure!(redis_string(&raw, "key_prefix") == Some("prod"));
+    ensure!(raw.log.level == "info,tokenfleet_broker=debug");
+
+    // The Redis password and CA arrive as files from their Secrets.
+    let password_file = redis_string(&raw, "password_file").context("no password_file")?;
+    manifests.assert_secret_file(password_file, "redis-auth", "redis-password")?;
+    ensure!(manifests.volume("redis-password")?["secret"]["defaultMode"] == 0o440);
+    let ca_file = redis_string(&raw, "tls_ca_file").context("no tls_ca_file")?;
+    manifests.assert_secret_file(ca_file, "redis-ca", "ca.crt")?;
+
+    // Both sealing keys, the newer one current.
+    let ids: Vec<&str> = raw.seal.keys.iter().map(|k| k.id.as_str()).collect();
+    ensure!(ids == ["k1", "k2"], "{ids:?}");
+    ensure!(raw.seal.current_key_id.as_deref() == Some("k2"));
+    ensure!(text(manifests.volume("seal-keys")?, "/secret/secretName") == "broker-seal-keys");
+
+    let monitor = manifests.one("ServiceMonitor")?;
+    ensure!(monitor["metadata"]["labels"]["release"] == "prometheus");
+    ensure!(monitor["spec"]["endpoints"][0]["port"] == "http");
+    ensure!(monitor["spec"]["endpoints"][0]["path"] == "/metrics");
+    Ok(())
+}
+
+#[test]
+fn embedded_store_renders_one_replica_on_a_kept_volume() -> Result<()> {
+    let Some(tools) = tools()? else { return Ok(()) };
+    let manifests = tools.render(Some(EMBEDDED_VALUES))?;
+
+    let deployment = manifests.deployment()?;
+    ensure!(deployment["spec"]["replicas"] == 1);
+    ensure!(
+        deployment["spec"]["strategy"]["type"] == "Recreate",
+        "two pods must never open the database file at once"
+    );
+    assert_common_invariants(&manifests, 50051, 8080)?;
+
+    let (_, raw) = manifests.broker_config()?;
+    ensure!(raw.store.backend == StoreBackend::Embedded);
+    ensure!(raw.store.redis.is_none());
+    let db = raw.embedded_path().display().to_string();
+    let (mount, _) = manifests.mount_for(&db)?;
+    let volume = manifests.volume(text(mount, "/name"))?;
+    let claim = text(volume, "/persistentVolumeClaim/claimName");
+    let pvc = manifests.one("PersistentVolumeClaim")?;
+    ensure!(text(pvc, "/metadata/name") == claim, "{volume}");
+    ensure!(text(pvc, "/spec/resources/requests/storage") == "2Gi");
+    ensure!(text(pvc, "/spec/storageClassName") == "fast");
+    ensure!(text(pvc, "/metadata/annotations/helm.sh~1resource-policy") == "keep");
+    Ok(())
+}
+
+#[test]
+fn rendered_manifests_pass_kubernetes_schema_validation() -> Result<()> {
+    let Some(tools) = tools()? else { return Ok(()) };
+    let dir = tempfile::tempdir()?;
+    for (name, values) in [
+        ("default", None),
+        ("production", Some(PRODUCTION_VALUES)),
+        ("embedded", Some(EMBEDDED_VALUES)),
+    ] {
+        let manifests = tools.render(values)?;
+        let file = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&file, &manifests.yaml)?;
+        // The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest known.
+        for version in ["1.25.0", "1.37.0"] {
+            let output = Command::new(&tools.kubernetes_validate)
+                .args(["--strict", "--quiet", "--kubernetes-version", version])
+                .arg(&file)
+                .output()
+                .context("running kubernetes-validate")?;
+            ensure!(
+                output.status.success(),
+                "{name} values, Kubernetes {version}: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn kubernetes_validate_catches_a_broken_manifest() -> Result<()> {
+    // The validation above must be able to fail.
+    let Some(tools) = tools()? else { return Ok(()) };
+    let manifests = tools.render(None)?;
+    let broken = manifests.yaml.replacen("replicas: 2", "replicas: two", 1);
+    ensure!(broken != manifests.yaml);
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("broken.yaml");
+    std::fs::write(&file, broken)?;
+    let output = Command::new(&tools.kubernetes_validate)
+        .args(["--strict", "--quiet"])
+        .arg(&file)
+        .output()?;
+    ensure!(!output.status.success());
+    ensure!(String::from_utf8_lossy(&output.stdout).contains("spec.replicas"));
+    Ok(())
+}
+
+#[test]
+fn invalid_values_are_refused_with_the_reason() -> Result<()> {
+    let Some(tools) = tools()? else { return Ok(()) };
+    let cases = [
+        (
+            "replicaCount: 3\nstore:\n  backend: embedded\n",
+            "store.backend=embedded allows exactly one replica",
+        ),
+        (
+            "replicas: 3\n",
+            "additional properties 'replicas' not allowed",
+        ),
+        (
+            "store:\n  redis:\n    url: redis://redis:6379\n",
+            "additional properties 'url' not allowed",
+        ),
+        ("store:\n  backend: postgres\n", "/store/backend"),
+        ("replicaCount: 0\n", "/replicaCount"),
+        (
+            "store:\n  redis:\n    mode: sentinel\n",
+            "store.redis.sentinelMaster is required",
+        ),
+        (
+            "seal:\n  keyIds: [k1]\n  currentKeyId: k2\n",
+            "seal.currentKeyId \"k2\" is not one of seal.keyIds",
+        ),
+        (
+            "store:\n  redis:\n    tls: true\n",
+            "must start with rediss:// because store.redis.tls is true",
+        ),
+        (
+            "store:\n  redis:\n    urls: [\"redis://:hunter2@redis:6379\"]\n",
+            "put no password in a URL",
+        ),
+    ];
+    for (values, expected) in cases {
+        let output = tools.template(Some(values))?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        ensure!(
+            !output.status.success(),
+            "helm template accepted invalid values:\n{values}"
+        );
+        ensure!(
+            stderr.contains(expected),
+            "values:\n{values}\nexpected the error to say {expected:?}, helm said:\n{stderr}"
+        );
+        ensure!(
+            !stderr.contains("hunter2"),
+            "the error repeats the password: {stderr}"
+        );
+    }
+    Ok(())
+}

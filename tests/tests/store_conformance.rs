@@ -1,0 +1,205 @@
+//! The store conformance suite on every backend: the embedded file, a standalone redis-server, a
+//! three-master Redis Cluster and a Sentinel-watched master; plus persistence and reconnection.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokenfleet_store::embedded::EmbeddedStore;
+use tokenfleet_store::redis_store::{RedisConfig, RedisStore};
+use tokenfleet_store::{
+    Precondition, RecordKey, Scope, Store, StoreConfig, StoreError, conformance,
+};
+use tokenfleet_testkit::redis::{RedisCluster, RedisSentinel, RedisServer};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_conformance() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path().join("data/store.redb"))
+        .await
+        .unwrap();
+    conformance::run_all(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_standalone_conformance() {
+    let server = RedisServer::start().await.unwrap();
+    let store = RedisStore::connect(&RedisConfig::standalone(server.url()))
+        .await
+        .unwrap();
+    conformance::run_all(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_cluster_conformance() {
+    let cluster = RedisCluster::start().await.unwrap();
+    let store = RedisStore::connect(&RedisConfig::cluster(cluster.seed_urls()))
+        .await
+        .unwrap();
+    conformance::run_all(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_sentinel_conformance() {
+    let master = RedisServer::start().await.unwrap();
+    let sentinel = RedisSentinel::start(&master, "tfmaster").await.unwrap();
+    let config = RedisConfig::sentinel(vec![sentinel.url()], sentinel.master_name());
+    let store = RedisStore::connect(&config).await.unwrap();
+    conformance::run_all(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_data_survives_close_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let key = RecordKey::tenant("acme", "mailbox", "m1");
+    let config: StoreConfig =
+        serde_json::from_value(serde_json::json!({ "embedded": { "path": path } })).unwrap();
+    let lease_fence;
+    {
+        let store = tokenfleet_store::connect(&config).await.unwrap();
+        store
+            .put(&key, vec![0, 159, 146, 150], Precondition::Absent)
+            .await
+            .unwrap();
+        store
+            .put(&key, vec![1, 2, 3], Precondition::Version(1))
+            .await
+            .unwrap();
+        store
+            .append(&Scope::Global, "audit", b"first".to_vec(), 100)
+            .await
+            .unwrap();
+        let lease = store
+            .try_lease("refresh:m1", "replica-a", Duration::from_millis(1))
+            .await
+            .unwrap()
+            .unwrap();
+        lease_fence = lease.fence;
+        // Dropping the last handle closes the file.
+    }
+    let store = tokenfleet_store::connect(&config).await.unwrap();
+    let rec = store.get(&key).await.unwrap().expect("record after reopen");
+    assert_eq!((rec.version, rec.data), (2, vec![1, 2, 3]));
+    let listed = store
+        .list(&Scope::Tenant("acme".into()), "mailbox", None, 10)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    let second = store
+        .append(&Scope::Global, "audit", b"second".to_vec(), 100)
+        .await
+        .unwrap();
+    let back = store
+        .read_back(&Scope::Global, "audit", None, 10)
+        .await
+        .unwrap();
+    assert_eq!(back.len(), 2);
+    assert_eq!(back[0].id, second, "stream ids keep growing after reopen");
+    assert_eq!(back[1].data, b"first");
+    // Fences keep growing across restarts too.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let lease = loop {
+        if let Some(l) = store
+            .try_lease("refresh:m1", "replica-b", Duration::from_secs(10))
+            .await
+            .unwrap()
+        {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "1 ms lease never expired");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(lease.fence > lease_fence);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_store_reconnects_after_server_restart() {
+    let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
+        .await
+        .unwrap();
+    let mut config = RedisConfig::standalone(server.url());
+    config.connect_timeout_ms = 300;
+    config.command_timeout_ms = 500;
+    let store = RedisStore::connect(&config).await.unwrap();
+    let key = RecordKey::tenant("acme", "mailbox", "m1");
+    store
+        .put(&key, b"before".to_vec(), Precondition::Absent)
+        .await
+        .unwrap();
+
+    server.stop().await.unwrap();
+    let started = Instant::now();
+    match store.get(&key).await {
+        Err(StoreError::Unavailable(msg)) => {
+            assert!(
+                msg.contains(&server.port().to_string()),
+                "names the server: {msg}"
+            );
+        }
+        other => panic!("expected Unavailable while redis is down, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "Unavailable took {:?}",
+        started.elapsed()
+    );
+    assert!(matches!(
+        store.ping().await,
+        Err(StoreError::Unavailable(_))
+    ));
+
+    server.start_again().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match store.get(&key).await {
+            Ok(rec) => {
+                let rec = rec.expect("record kept by the AOF across the restart");
+                assert_eq!(rec.data, b"before");
+                break;
+            }
+            Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("store did not recover after the restart: {e}"),
+        }
+    }
+    store
+        .put(&key, b"after".to_vec(), Precondition::Version(1))
+        .await
+        .unwrap();
+    store.ping().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_keys_of_one_tenant_share_a_hash_slot() {
+    // The layout the scripts rely on in Cluster: one hash tag per scope.
+    let server = RedisServer::start().await.unwrap();
+    let store = RedisStore::connect(&RedisConfig::standalone(server.url()))
+        .await
+        .unwrap();
+    store
+        .put(
+            &RecordKey::tenant("acme", "mailbox", "m1"),
+            b"x".to_vec(),
+            Precondition::Absent,
+        )
+        .await
+        .unwrap();
+    store
+        .append(&Scope::Tenant("acme".into()), "audit", b"e".to_vec(), 10)
+        .await
+        .unwrap();
+    let keys = tokenfleet_testkit::redis::command(server.port(), &["KEYS", "tf:*"])
+        .await
+        .unwrap();
+    let mut keys: Vec<&str> = keys.lines().collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "tf:{t:acme}:idx:mailbox",
+            "tf:{t:acme}:rec:mailbox:m1",
+            "tf:{t:acme}:stream:audit"
+        ]
+    );
+}
