@@ -19,11 +19,22 @@ use serde_json::Value;
 use tokenfleet_broker::config::{RawConfig, StoreBackend};
 
 /// A production-like installation: three replicas on a TLS Redis Cluster with a password, two
-/// sealing keys (after a rotation) and a ServiceMonitor.
+/// sealing keys (after a rotation), TLS on gRPC, an own agent CA, a public URL, token tuning and
+/// a ServiceMonitor.
 const PRODUCTION_VALUES: &str = r#"
 replicaCount: 3
 image:
   tag: "1.2.3"
+http:
+  publicUrl: https://tokenfleet.example.com
+tls:
+  existingSecret: broker-tls
+agents:
+  certificateLifetimeSeconds: 86400
+  caSecret: agent-ca
+tokens:
+  leaseTtlSeconds: 90
+  schedulerConcurrency: 8
 store:
   backend: redis
   redis:
@@ -273,6 +284,21 @@ fn text<'a>(value: &'a Value, pointer: &str) -> &'a str {
     value.pointer(pointer).and_then(Value::as_str).unwrap_or("")
 }
 
+/// The values of every `*_file` key, at any depth.
+fn file_paths(config: &Value) -> Vec<String> {
+    match config {
+        Value::Object(map) => map
+            .iter()
+            .flat_map(|(key, value)| match value.as_str() {
+                Some(path) if key.ends_with("_file") => vec![path.to_owned()],
+                _ => file_paths(value),
+            })
+            .collect(),
+        Value::Array(items) => items.iter().flat_map(file_paths).collect(),
+        _ => Vec::new(),
+    }
+}
+
 fn redis_string<'a>(raw: &'a RawConfig, key: &str) -> Option<&'a str> {
     raw.store.redis.as_ref()?.0.get(key)?.as_str()
 }
@@ -387,6 +413,12 @@ fn assert_common_invariants(manifests: &Manifests, grpc_port: u16, http_port: u1
         "current_key_id is not a configured key"
     );
 
+    // Every file the configuration names is on a read-only mounted volume.
+    for path in file_paths(&serde_json::to_value(&raw)?) {
+        let (mount, _) = manifests.mount_for(&path)?;
+        ensure!(mount["readOnly"] == true, "{path} is on a writable mount");
+    }
+
     // Secrets never reach the ConfigMap or environment.
     ensure!(
         !config_text.contains("password ="),
@@ -479,6 +511,7 @@ fn default_values_render_two_brokers_on_redis() -> Result<()> {
         "the chart must not create Secrets"
     );
     ensure!(manifests.one("PodDisruptionBudget")?["spec"]["maxUnavailable"] == 1);
+    ensure!(raw.tls.cert_file.is_none() && raw.agents.ca_cert_file.is_none());
     Ok(())
 }
 
@@ -516,6 +549,35 @@ fn production_values_render_three_replicas_on_a_tls_redis_cluster() -> Result<()
     ensure!(manifests.volume("redis-password")?["secret"]["defaultMode"] == 0o440);
     let ca_file = redis_string(&raw, "tls_ca_file").context("no tls_ca_file")?;
     manifests.assert_secret_file(ca_file, "redis-ca", "ca.crt")?;
+
+    // gRPC TLS and the agent CA from their kubernetes.io/tls Secrets.
+    ensure!(raw.http.public_url == "https://tokenfleet.example.com");
+    for (file, key) in [
+        (&raw.tls.cert_file, "tls.crt"),
+        (&raw.tls.key_file, "tls.key"),
+    ] {
+        let file = file.as_ref().context("[tls] incomplete")?;
+        manifests.assert_secret_file(&file.display().to_string(), "broker-tls", key)?;
+    }
+    for (file, key) in [
+        (&raw.agents.ca_cert_file, "tls.crt"),
+        (&raw.agents.ca_key_file, "tls.key"),
+    ] {
+        let file = file.as_ref().context("[agents] CA incomplete")?;
+        manifests.assert_secret_file(&file.display().to_string(), "agent-ca", key)?;
+    }
+    ensure!(raw.agents.certificate_lifetime_seconds == 86_400);
+    ensure!(raw.tokens.lease_ttl_seconds == 90);
+    ensure!(raw.tokens.scheduler_concurrency == 8);
+    ensure!(
+        raw.tokens.provider_timeout_seconds == 30,
+        "unset token settings keep the broker's defaults"
+    );
+    let grpc_port = &manifests.one("Service")?["spec"]["ports"][0];
+    ensure!(
+        grpc_port["name"] == "grpc" && grpc_port.get("appProtocol").is_none(),
+        "TLS gRPC is not h2c: {grpc_port}"
+    );
 
     // Both sealing keys, the newer one current.
     let ids: Vec<&str> = raw.seal.keys.iter().map(|k| k.id.as_str()).collect();
@@ -640,6 +702,10 @@ fn invalid_values_are_refused_with_the_reason() -> Result<()> {
         (
             "store:\n  redis:\n    urls: [\"redis://:hunter2@redis:6379\"]\n",
             "put no password in a URL",
+        ),
+        (
+            "tokens:\n  lease_ttl_seconds: 90\n",
+            "additional properties 'lease_ttl_seconds' not allowed",
         ),
     ];
     for (values, expected) in cases {

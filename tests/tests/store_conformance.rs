@@ -75,6 +75,9 @@ async fn embedded_data_survives_close_and_reopen() {
             .unwrap()
             .unwrap();
         lease_fence = lease.fence;
+        store.schedule("refresh", "acme/m1", 42).await.unwrap();
+        store.schedule("refresh", "acme/m2", 7).await.unwrap();
+        store.schedule("refresh", "acme/m1", 50).await.unwrap();
         // Dropping the last handle closes the file.
     }
     let store = tokenfleet_store::connect(&config).await.unwrap();
@@ -96,6 +99,11 @@ async fn embedded_data_survives_close_and_reopen() {
     assert_eq!(back.len(), 2);
     assert_eq!(back[0].id, second, "stream ids keep growing after reopen");
     assert_eq!(back[1].data, b"first");
+    assert_eq!(
+        store.due("refresh", 100, 10).await.unwrap(),
+        [("acme/m2".to_owned(), 7), ("acme/m1".to_owned(), 50)],
+        "schedule after reopen"
+    );
     // Fences keep growing across restarts too.
     let deadline = Instant::now() + Duration::from_secs(5);
     let lease = loop {
@@ -201,5 +209,36 @@ async fn redis_keys_of_one_tenant_share_a_hash_slot() {
             "tf:{t:acme}:rec:mailbox:m1",
             "tf:{t:acme}:stream:audit"
         ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_schedule_is_one_sorted_set() {
+    // One key per schedule (one Cluster slot), scored by due time, members as given.
+    let server = RedisServer::start().await.unwrap();
+    let store = RedisStore::connect(&RedisConfig::standalone(server.url()))
+        .await
+        .unwrap();
+    store.schedule("refresh", "acme/m1", 1234).await.unwrap();
+    store.schedule("refresh", "beta/m{2}", 99).await.unwrap();
+    store.schedule("refresh", "acme/m1", 1500).await.unwrap();
+    let port = server.port();
+    let keys = tokenfleet_testkit::redis::command(port, &["KEYS", "tf:*"])
+        .await
+        .unwrap();
+    assert_eq!(keys.trim(), "tf:{sched:refresh}");
+    let kind = tokenfleet_testkit::redis::command(port, &["TYPE", "tf:{sched:refresh}"])
+        .await
+        .unwrap();
+    assert_eq!(kind.trim(), "zset");
+    let range = tokenfleet_testkit::redis::command(
+        port,
+        &["ZRANGE", "tf:{sched:refresh}", "0", "-1", "WITHSCORES"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        range.lines().collect::<Vec<_>>(),
+        ["beta/m{2}", "99", "acme/m1", "1500"]
     );
 }

@@ -87,6 +87,23 @@ Paths inside the broker container.
 {{- define "tokenfleet.paths.seal" -}}/etc/tokenfleet/seal{{- end }}
 {{- define "tokenfleet.paths.redisPassword" -}}/etc/tokenfleet/redis/password{{- end }}
 {{- define "tokenfleet.paths.redisCa" -}}/etc/tokenfleet/redis-ca/ca.pem{{- end }}
+{{- define "tokenfleet.paths.tls" -}}/etc/tokenfleet/tls{{- end }}
+{{- define "tokenfleet.paths.agentCa" -}}/etc/tokenfleet/agent-ca{{- end }}
+
+{{/*
+`[tokens]` keys of the broker configuration by their camelCase names in values.yaml.
+*/}}
+{{- define "tokenfleet.tokenKeys" -}}
+refreshMarginSeconds: refresh_margin_seconds
+maxRefreshIntervalSeconds: max_refresh_interval_seconds
+providerTimeoutSeconds: provider_timeout_seconds
+leaseTtlSeconds: lease_ttl_seconds
+backoffMinSeconds: backoff_min_seconds
+backoffMaxSeconds: backoff_max_seconds
+schedulerIntervalMs: scheduler_interval_ms
+schedulerBatch: scheduler_batch
+schedulerConcurrency: scheduler_concurrency
+{{- end }}
 
 {{/*
 Combinations the schema cannot express; `helm template` and `helm install` stop with the message.

@@ -12,10 +12,13 @@
 //! single mapping [`store_status`].
 
 mod agents;
+mod consent;
 mod devices;
+mod enrollment;
 mod mailboxes;
 mod providers;
 mod tenants;
+mod tokens;
 
 use std::future::Future;
 
@@ -34,6 +37,8 @@ use crate::records::{CAS_ATTEMPTS, Records, StoredRecord, Versioned};
 use crate::state::BrokerState;
 use crate::{api_keys, audit, convert};
 
+pub use consent::{ConsentSettings, mailbox_with_grant};
+
 /// Default page size of `List*` RPCs.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 /// Largest page size of `List*` RPCs.
@@ -43,12 +48,37 @@ pub const MAX_PAGE_SIZE: usize = 1000;
 #[derive(Debug, Clone)]
 pub struct AdminService {
     state: BrokerState,
+    consent: ConsentSettings,
+    tokens: crate::tokens::lifecycle::TokenService,
 }
 
 impl AdminService {
     /// A service over `state`.
     pub fn new(state: BrokerState) -> Self {
-        Self { state }
+        let tokens = crate::tokens::lifecycle::TokenService::new(
+            state.clone(),
+            crate::tokens::lifecycle::TokenConfig::default(),
+        );
+        Self {
+            state,
+            consent: ConsentSettings::default(),
+            tokens,
+        }
+    }
+
+    /// Uses `tokens` for the token RPCs (`DeleteToken`, `RefreshNow`): the server shares one
+    /// [`crate::tokens::lifecycle::TokenService`] with its refresh scheduler.
+    #[must_use]
+    pub fn with_token_service(mut self, tokens: crate::tokens::lifecycle::TokenService) -> Self {
+        self.tokens = tokens;
+        self
+    }
+
+    /// Uses `consent` (the broker's public URL) for consent flows.
+    #[must_use]
+    pub fn with_consent_settings(mut self, consent: ConsentSettings) -> Self {
+        self.consent = consent;
+        self
     }
 
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
@@ -64,6 +94,14 @@ impl AdminService {
 /// The `Admin` service ready to add to a tonic server.
 pub fn admin_server(state: BrokerState) -> AdminServer<AdminService> {
     AdminServer::new(AdminService::new(state))
+}
+
+/// The `Admin` service with the configuration's consent settings.
+pub fn admin_server_with(
+    state: BrokerState,
+    consent: ConsentSettings,
+) -> AdminServer<AdminService> {
+    AdminServer::new(AdminService::new(state).with_consent_settings(consent))
 }
 
 /// The one mapping from store errors to gRPC status. Details of internal failures are logged,
@@ -407,7 +445,7 @@ async fn list_audit_events(
 
 /// Runs one RPC: a tracing span, authentication, then the handler with the principal.
 macro_rules! rpc {
-    ($self:ident, $request:ident, $method:literal, $handler:path) => {{
+    ($self:ident, $request:ident, $method:literal, $handler:path $(, $extra:expr)?) => {{
         let span = tracing::info_span!(
             "admin",
             method = $method,
@@ -418,7 +456,7 @@ macro_rules! rpc {
         async {
             let principal = $self.authenticate(&$request).await?;
             tracing::Span::current().record("principal", principal.key_id.as_str());
-            $handler(&$self.state, &principal, $request.into_inner())
+            $handler(&$self.state, &principal, $request.into_inner() $(, $extra)?)
                 .await
                 .map(Response::new)
         }
@@ -595,6 +633,18 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::DeleteAgentResponse>, Status> {
         rpc!(self, request, "DeleteAgent", agents::delete)
     }
+    async fn create_enrollment_code(
+        &self,
+        request: Request<pb::CreateEnrollmentCodeRequest>,
+    ) -> Result<Response<pb::CreateEnrollmentCodeResponse>, Status> {
+        rpc!(self, request, "CreateEnrollmentCode", enrollment::create_code)
+    }
+    async fn revoke_agent(
+        &self,
+        request: Request<pb::RevokeAgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        rpc!(self, request, "RevokeAgent", enrollment::revoke)
+    }
 
     async fn list_audit_events(
         &self,
@@ -612,27 +662,27 @@ impl Admin for AdminService {
     // Token lifecycle RPCs: being built (issue 3); answer UNIMPLEMENTED until then.
     async fn start_consent(
         &self,
-        _request: Request<pb::StartConsentRequest>,
+        request: Request<pb::StartConsentRequest>,
     ) -> Result<Response<pb::StartConsentResponse>, Status> {
-        Err(Status::unimplemented("StartConsent is not available yet"))
+        rpc!(self, request, "StartConsent", consent::start, &self.consent)
     }
     async fn complete_consent(
         &self,
-        _request: Request<pb::CompleteConsentRequest>,
+        request: Request<pb::CompleteConsentRequest>,
     ) -> Result<Response<pb::Mailbox>, Status> {
-        Err(Status::unimplemented("CompleteConsent is not available yet"))
+        rpc!(self, request, "CompleteConsent", consent::complete)
     }
     async fn delete_token(
         &self,
-        _request: Request<pb::DeleteTokenRequest>,
+        request: Request<pb::DeleteTokenRequest>,
     ) -> Result<Response<pb::Mailbox>, Status> {
-        Err(Status::unimplemented("DeleteToken is not available yet"))
+        rpc!(self, request, "DeleteToken", tokens::delete_token, &self.tokens)
     }
     async fn refresh_now(
         &self,
-        _request: Request<pb::RefreshNowRequest>,
+        request: Request<pb::RefreshNowRequest>,
     ) -> Result<Response<pb::Mailbox>, Status> {
-        Err(Status::unimplemented("RefreshNow is not available yet"))
+        rpc!(self, request, "RefreshNow", tokens::refresh_now, &self.tokens)
     }
 }
 

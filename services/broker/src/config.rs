@@ -19,6 +19,11 @@ use serde::{Deserialize, Serialize};
 use tokenfleet_seal::{Keyring, Secret};
 use tokenfleet_store::redis_store::RedisConfig;
 
+use crate::tokens::lifecycle::TokenConfig;
+
+mod tls;
+pub use tls::{AgentsConfig, AgentsSection, TlsConfig, TlsSection};
+
 /// Prefix of the environment variables that overlay the configuration.
 pub const ENV_PREFIX: &str = "TOKENFLEET_";
 
@@ -96,6 +101,12 @@ pub struct RawConfig {
     pub seal: SealSection,
     /// Logging.
     pub log: LogSection,
+    /// Token lifecycle: refresh timing, per-mailbox leases, the refresh scheduler.
+    pub tokens: TokensSection,
+    /// TLS of the gRPC listener (needed by agents: they authenticate with client certificates).
+    pub tls: TlsSection,
+    /// Agent identity: the agent CA and the lifetime of agent certificates.
+    pub agents: AgentsSection,
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT before connections are cut.
     pub shutdown_grace_seconds: u64,
 }
@@ -109,6 +120,9 @@ impl Default for RawConfig {
             store: StoreSection::default(),
             seal: SealSection::default(),
             log: LogSection::default(),
+            tokens: TokensSection::default(),
+            tls: TlsSection::default(),
+            agents: AgentsSection::default(),
             shutdown_grace_seconds: 20,
         }
     }
@@ -136,14 +150,53 @@ impl Default for GrpcSection {
 pub struct HttpSection {
     /// Socket address the HTTP server (health, readiness, metrics) binds.
     pub listen: String,
+    /// The broker's externally reachable HTTP base URL (`http(s)://host[:port][/path]`), as a
+    /// browser reaches it: consent redirects come back to `<public_url>/oauth/callback`.
+    pub public_url: String,
 }
 
 impl Default for HttpSection {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".to_owned(),
+            public_url: DEFAULT_PUBLIC_URL.to_owned(),
         }
     }
+}
+
+/// Default of `http.public_url`.
+pub const DEFAULT_PUBLIC_URL: &str = "http://127.0.0.1:8080";
+
+/// Checks `http.public_url` and returns it without a trailing `/`.
+fn parse_public_url(value: &str) -> Result<String, ConfigError> {
+    let field = "http.public_url";
+    let value = value.trim().trim_end_matches('/');
+    let Some((scheme, rest)) = value.split_once("://") else {
+        return Err(ConfigError::invalid(
+            field,
+            format!("`{value}` is not a URL (expected e.g. `https://tokenfleet.example.com`)"),
+        ));
+    };
+    if !matches!(scheme, "http" | "https") {
+        return Err(ConfigError::invalid(
+            field,
+            format!("scheme must be http or https, not `{scheme}`"),
+        ));
+    }
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() || host.contains('@') {
+        return Err(ConfigError::invalid(
+            field,
+            "needs a host and no user name or password",
+        ));
+    }
+    if value.contains(['?', '#']) || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ConfigError::invalid(
+            field,
+            "must be a base URL without query, fragment or spaces",
+        ));
+    }
+    Ok(value.to_owned())
 }
 
 /// Which store backend holds the broker's state.
@@ -360,6 +413,81 @@ impl Default for LogSection {
     }
 }
 
+/// `[tokens]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokensSection {
+    /// An agent's request refreshes the mailbox's token when the cached one has less than this
+    /// many seconds left.
+    pub refresh_margin_seconds: u64,
+    /// Delegated grants are refreshed at least this often, used or not (Microsoft refresh tokens
+    /// die after 90 days without use; Google's after 6 months).
+    pub max_refresh_interval_seconds: u64,
+    /// Timeout of one request to the identity provider.
+    pub provider_timeout_seconds: u64,
+    /// How long one replica holds a mailbox's refresh lease; longer than
+    /// `provider_timeout_seconds`.
+    pub lease_ttl_seconds: u64,
+    /// Retry delay after the first failed refresh; doubles per failure (with jitter).
+    pub backoff_min_seconds: u64,
+    /// Longest retry delay (a provider's `Retry-After` may ask for more and is honoured).
+    pub backoff_max_seconds: u64,
+    /// How often each replica looks for mailboxes due for a refresh, in milliseconds.
+    pub scheduler_interval_ms: u64,
+    /// Most due mailboxes taken per look.
+    pub scheduler_batch: usize,
+    /// Most refreshes one replica runs at once.
+    pub scheduler_concurrency: usize,
+}
+
+impl Default for TokensSection {
+    fn default() -> Self {
+        Self {
+            refresh_margin_seconds: 300,
+            max_refresh_interval_seconds: 86_400,
+            provider_timeout_seconds: 30,
+            lease_ttl_seconds: 60,
+            backoff_min_seconds: 30,
+            backoff_max_seconds: 1800,
+            scheduler_interval_ms: 2000,
+            scheduler_batch: 256,
+            scheduler_concurrency: 16,
+        }
+    }
+}
+
+impl TokensSection {
+    /// The validated token settings (the error names the `tokens.*` field at fault).
+    pub fn to_config(&self) -> Result<TokenConfig, ConfigError> {
+        let config = TokenConfig {
+            refresh_margin: Duration::from_secs(self.refresh_margin_seconds),
+            max_refresh_interval: Duration::from_secs(self.max_refresh_interval_seconds),
+            provider_timeout: Duration::from_secs(self.provider_timeout_seconds),
+            lease_ttl: Duration::from_secs(self.lease_ttl_seconds),
+            backoff: crate::tokens::backoff::Backoff {
+                min: Duration::from_secs(self.backoff_min_seconds),
+                max: Duration::from_secs(self.backoff_max_seconds),
+            },
+            scheduler: crate::tokens::scheduler::SchedulerConfig {
+                interval: Duration::from_millis(self.scheduler_interval_ms),
+                batch: self.scheduler_batch,
+                concurrency: self.scheduler_concurrency,
+            },
+            ..TokenConfig::default()
+        };
+        config
+            .check()
+            .map_err(|e| ConfigError::invalid(e.field, e.problem))?;
+        if self.refresh_margin_seconds > 1800 {
+            return Err(ConfigError::invalid(
+                "tokens.refresh_margin_seconds",
+                "must be at most 1800 (access tokens usually live one hour)",
+            ));
+        }
+        Ok(config)
+    }
+}
+
 impl RawConfig {
     /// The layered sources: defaults, then the TOML file (if any), then `TOKENFLEET_*` variables.
     pub fn figment(file: Option<&Path>) -> Figment {
@@ -446,6 +574,7 @@ impl RawConfig {
                 format!("{http_listen} is already `grpc.listen`; pick another port"),
             ));
         }
+        let public_url = parse_public_url(&self.http.public_url)?;
         if self.state_dir.as_os_str().is_empty() {
             return Err(ConfigError::invalid("state_dir", "must not be empty"));
         }
@@ -482,6 +611,7 @@ impl RawConfig {
         Ok(BrokerConfig {
             grpc_listen,
             http_listen,
+            public_url,
             state_dir: self.state_dir.clone(),
             store,
             keyring: keyring.map(Arc::new),
@@ -490,6 +620,9 @@ impl RawConfig {
                 format: self.log.format,
             },
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+            tokens: self.tokens.to_config()?,
+            tls: self.tls.load()?,
+            agents: self.agents.load()?,
         })
     }
 }
@@ -650,6 +783,8 @@ pub struct BrokerConfig {
     pub grpc_listen: SocketAddr,
     /// HTTP listen address.
     pub http_listen: SocketAddr,
+    /// Externally reachable HTTP base URL, without a trailing `/` (consent redirect URIs).
+    pub public_url: String,
     /// Local state directory.
     pub state_dir: PathBuf,
     /// Store backend and its settings.
@@ -661,6 +796,12 @@ pub struct BrokerConfig {
     pub log: LogConfig,
     /// How long draining may take after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// Token lifecycle settings.
+    pub tokens: TokenConfig,
+    /// TLS of the gRPC listener; `None` serves plaintext (agents cannot authenticate then).
+    pub tls: Option<TlsConfig>,
+    /// Agent identity settings.
+    pub agents: AgentsConfig,
 }
 
 impl BrokerConfig {
@@ -722,8 +863,12 @@ shutdown_grace_seconds = 20
 listen = "127.0.0.1:50051"
 
 [http]
-# Address of the HTTP server (/healthz, /readyz, /metrics).
+# Address of the HTTP server (/healthz, /readyz, /metrics, /oauth/callback).
 listen = "127.0.0.1:8080"
+# The broker's HTTP base URL as a browser reaches it (behind a proxy or ingress: the public
+# address). Consent redirects come back to <public_url>/oauth/callback; register that URL as a
+# redirect URI in the app registration.
+public_url = "http://127.0.0.1:8080"
 
 [store]
 # "embedded" (one file, one broker replica) or "redis" (standalone, Sentinel or Cluster).
@@ -763,4 +908,40 @@ keys = []
 level = "info"
 # "text" or "json".
 format = "text"
+
+[tokens]
+# An agent's request refreshes a mailbox's token when the cached one has less than this left.
+refresh_margin_seconds = 300
+# Delegated grants are refreshed at least this often, used or not (Microsoft refresh tokens die
+# after 90 days without use). Otherwise refreshes come at ~75 % of each access token's lifetime.
+max_refresh_interval_seconds = 86400
+# Timeout of one request to the identity provider.
+provider_timeout_seconds = 30
+# How long one replica holds a mailbox's refresh lease; must exceed provider_timeout_seconds.
+lease_ttl_seconds = 60
+# Retry delays after failed refreshes: doubling from min to max, with jitter, never shorter than
+# the provider's Retry-After.
+backoff_min_seconds = 30
+backoff_max_seconds = 1800
+# How often each replica looks for mailboxes due for a refresh (milliseconds), how many it takes
+# per look, and how many refreshes it runs at once.
+scheduler_interval_ms = 2000
+scheduler_batch = 256
+scheduler_concurrency = 16
+
+[tls]
+# TLS of the gRPC listener (Admin and TokenBroker; TLS 1.2 and 1.3). Agents need it: they
+# authenticate with client certificates. Without both files the listener is plaintext.
+# (--dev generates a local CA and a certificate for localhost in the state directory.)
+# cert_file = "/etc/tokenfleet/tls/server.pem"   # certificate chain, leaf first (PEM)
+# key_file = "/etc/tokenfleet/tls/server.key"    # its private key (PEM, mode 0600)
+
+[agents]
+# Lifetime of agent client certificates in seconds (default 7 days). Agents renew at about two
+# thirds of it.
+certificate_lifetime_seconds = 604800
+# The CA that issues agent certificates. Default: generated on first start and kept in the store
+# with its key sealed. To use your own CA, give both files:
+# ca_cert_file = "/etc/tokenfleet/agent-ca.pem"
+# ca_key_file = "/etc/tokenfleet/agent-ca.key"
 "#;

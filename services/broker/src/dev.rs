@@ -1,8 +1,12 @@
 //! `serve --dev`: a broker to try things out with no setup. It keeps everything in `state_dir`
 //! (mode 0700): a generated sealing key `seal.key` (mode 0600, created only if missing) when no
 //! key is configured, and — while the store holds no API key at all — a bootstrap fleet-admin
-//! API key in `admin.key` (mode 0600), printed once. Dev mode is not for production: key
-//! material next to the data protects nothing, and it says so at every start.
+//! API key in `admin.key` (mode 0600), printed once; and, when `[tls]` is not configured, a local
+//! CA (`dev-ca.pem`, key `dev-ca.key`, created once) and a server certificate for `localhost`,
+//! `127.0.0.1` and `::1` signed by it (`server.pem`, `server.key`, renewed at every start), so
+//! the gRPC listener serves TLS and agents can enroll. Clients trust `dev-ca.pem`
+//! (`tokenfleetctl` finds it by itself). Dev mode is not for production: key material next to the
+//! data protects nothing, and it says so at every start.
 
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -21,6 +25,27 @@ pub const SEAL_KEY_FILE: &str = "seal.key";
 /// Bootstrap API key file inside `state_dir`.
 pub const ADMIN_KEY_FILE: &str = "admin.key";
 
+/// Dev CA certificate inside `state_dir` (what clients trust).
+pub const DEV_CA_CERT_FILE: &str = "dev-ca.pem";
+
+/// Dev CA private key inside `state_dir`.
+pub const DEV_CA_KEY_FILE: &str = "dev-ca.key";
+
+/// Dev server certificate inside `state_dir`.
+pub const SERVER_CERT_FILE: &str = "server.pem";
+
+/// Dev server private key inside `state_dir`.
+pub const SERVER_KEY_FILE: &str = "server.key";
+
+/// Names the dev server certificate is valid for.
+pub const SERVER_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+/// Validity of the dev CA.
+const DEV_CA_VALIDITY: std::time::Duration = std::time::Duration::from_secs(10 * 366 * 24 * 3600);
+
+/// Validity of a dev server certificate (it is renewed at every start).
+const SERVER_CERT_VALIDITY: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);
+
 /// Id of the generated sealing key.
 pub const DEV_KEY_ID: &str = "dev";
 
@@ -30,6 +55,8 @@ pub const BANNER: &str = "\
 #  DEV MODE: tokenfleet-broker is running with --dev.                          #
 #  Key files are generated next to the data in the state directory; this       #
 #  protects nothing. Use it to try things out, never for real tenants.         #
+#  gRPC serves TLS with a generated local CA (dev-ca.pem in the state          #
+#  directory): use https://localhost:<port> and trust dev-ca.pem.              #
 ################################################################################";
 
 /// Errors of preparing dev mode.
@@ -49,6 +76,9 @@ pub enum DevError {
     /// Generating a key failed.
     #[error("dev mode: generating a sealing key: {0}")]
     Seal(tokenfleet_seal::SealError),
+    /// Generating the dev CA or server certificate failed.
+    #[error("dev mode: generating TLS certificates: {0}")]
+    Tls(crate::identity::IdentityError),
     /// Creating the bootstrap API key failed.
     #[error("dev mode: creating the bootstrap API key: {0}")]
     ApiKey(String),
@@ -59,6 +89,11 @@ pub enum DevError {
 /// configures it as the only key.
 pub fn prepare(raw: &mut RawConfig) -> Result<(), DevError> {
     ensure_private_dir(&raw.state_dir)?;
+    if raw.tls.cert_file.is_none() && raw.tls.key_file.is_none() {
+        let (cert, key) = ensure_dev_tls(&raw.state_dir)?;
+        raw.tls.cert_file = Some(cert);
+        raw.tls.key_file = Some(key);
+    }
     if !raw.seal.keys.is_empty() {
         return Ok(());
     }
@@ -75,6 +110,56 @@ pub fn prepare(raw: &mut RawConfig) -> Result<(), DevError> {
         key_env: None,
     }];
     Ok(())
+}
+
+/// Makes sure `dir` holds a dev CA (`dev-ca.pem`/`dev-ca.key`, kept once created) and writes a
+/// fresh server certificate for [`SERVER_NAMES`] signed by it (`server.pem`/`server.key`); returns
+/// the server certificate and key paths. Keys are written with mode 0600.
+pub fn ensure_dev_tls(dir: &Path) -> Result<(PathBuf, PathBuf), DevError> {
+    use crate::identity::pki;
+    let now = time::OffsetDateTime::now_utc();
+    let ca_cert_path = dir.join(DEV_CA_CERT_FILE);
+    let ca_key_path = dir.join(DEV_CA_KEY_FILE);
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|error| DevError::File {
+            path: path.to_path_buf(),
+            error,
+        })
+    };
+    let (ca_cert, ca_key) = if ca_cert_path.is_file() && ca_key_path.is_file() {
+        (read(&ca_cert_path)?, Secret::new(read(&ca_key_path)?))
+    } else {
+        let ca =
+            pki::generate_ca("tokenfleet dev CA", now, DEV_CA_VALIDITY).map_err(DevError::Tls)?;
+        write_private_file(&ca_key_path, ca.key_pem.expose(), true)?;
+        write_public_file(&ca_cert_path, &ca.cert_pem)?;
+        (ca.cert_pem, ca.key_pem)
+    };
+    let server =
+        pki::generate_server_cert(&ca_cert, &ca_key, &SERVER_NAMES, now, SERVER_CERT_VALIDITY)
+            .map_err(DevError::Tls)?;
+    let cert_path = dir.join(SERVER_CERT_FILE);
+    let key_path = dir.join(SERVER_KEY_FILE);
+    write_private_file(&key_path, server.key_pem.expose(), true)?;
+    write_public_file(&cert_path, &server.cert_pem)?;
+    Ok((cert_path, key_path))
+}
+
+/// Writes a certificate (not secret) with mode 0644, replacing the file.
+fn write_public_file(path: &Path, content: &str) -> Result<(), DevError> {
+    let io = |error| DevError::File {
+        path: path.to_path_buf(),
+        error,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(path)
+        .map_err(io)?;
+    file.write_all(content.as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)
 }
 
 /// When the store holds no API key at all, creates a fleet-admin key, writes it to
@@ -157,6 +242,44 @@ mod tests {
             config.require_keyring().unwrap().current_key_id(),
             DEV_KEY_ID
         );
+    }
+
+    #[test]
+    fn prepare_generates_a_dev_ca_once_and_a_fresh_server_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let mut raw = RawConfig {
+            state_dir: state_dir.clone(),
+            ..RawConfig::default()
+        };
+        prepare(&mut raw).unwrap();
+        assert_eq!(raw.tls.cert_file, Some(state_dir.join(SERVER_CERT_FILE)));
+        assert_eq!(raw.tls.key_file, Some(state_dir.join(SERVER_KEY_FILE)));
+        for key in [DEV_CA_KEY_FILE, SERVER_KEY_FILE] {
+            let mode = std::fs::metadata(state_dir.join(key))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{key}");
+        }
+        let ca = std::fs::read_to_string(state_dir.join(DEV_CA_CERT_FILE)).unwrap();
+        let server = std::fs::read_to_string(state_dir.join(SERVER_CERT_FILE)).unwrap();
+        assert!(raw.validate().unwrap().tls.is_some());
+
+        let mut again = RawConfig {
+            state_dir: state_dir.clone(),
+            ..RawConfig::default()
+        };
+        prepare(&mut again).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(state_dir.join(DEV_CA_CERT_FILE)).unwrap(),
+            ca
+        );
+        assert_ne!(
+            std::fs::read_to_string(state_dir.join(SERVER_CERT_FILE)).unwrap(),
+            server
+        );
+        assert!(again.validate().unwrap().tls.is_some());
     }
 
     #[test]

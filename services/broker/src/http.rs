@@ -1,17 +1,20 @@
 //! The broker's HTTP surface: `GET /healthz` (the process is up), `GET /readyz` (the store
-//! answers) and `GET /metrics` (Prometheus text).
+//! answers), `GET /metrics` (Prometheus text) and `GET /oauth/callback` (the browser redirect
+//! of auth-code consents, see [`crate::tokens::consent::callback_page`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{StatusCode, header};
+use axum::response::Html;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokenfleet_store::Store;
 
 use crate::metrics::Metrics;
+use crate::state::BrokerState;
 
 /// How long `/readyz` waits for the store before answering 503.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -23,6 +26,8 @@ pub struct HttpState {
     pub store: Arc<dyn Store>,
     /// Rendered by `/metrics`.
     pub metrics: Metrics,
+    /// Used by `/oauth/callback` to complete consents.
+    pub broker: BrokerState,
 }
 
 /// The HTTP routes.
@@ -31,6 +36,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route(crate::tokens::consent::CALLBACK_PATH, get(oauth_callback))
         .with_state(state)
 }
 
@@ -70,4 +76,15 @@ async fn metrics(State(state): State<HttpState>) -> Response {
             .into_response(),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed").into_response(),
     }
+}
+
+async fn oauth_callback(State(state): State<HttpState>, RawQuery(query): RawQuery) -> Response {
+    let page = crate::tokens::consent::callback_page(&state.broker, query.as_deref()).await;
+    let status = StatusCode::from_u16(page.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        [(header::CACHE_CONTROL, "no-store"), (header::REFERRER_POLICY, "no-referrer")],
+        Html(page.html),
+    )
+        .into_response()
 }

@@ -22,7 +22,8 @@ pub mod http;
 pub mod metrics;
 pub mod server;
 
-// Agent-facing API.
+// Agent-facing API and agent identity (CA, enrollment, client certificates).
+pub mod identity;
 pub mod token_broker;
 
 pub mod tokens;

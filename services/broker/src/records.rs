@@ -13,6 +13,7 @@ use tokenfleet_seal::{Keyring, SealError, Sealed, Secret};
 use tokenfleet_store::{Precondition, RecordKey, Scope, Store, StoreError, StoreResult};
 
 use crate::state::BrokerState;
+use crate::tokens::grant::{GrantField, GrantRecord, PendingConsent, grant_aad};
 
 /// Collection of [`Tenant`] records (global scope).
 pub const TENANTS: &str = "tenant";
@@ -299,8 +300,8 @@ pub enum ResealError {
     Contended(String),
 }
 
-/// Re-seals every sealed value in the store with the keyring's current key, so old keys can be
-/// retired after a rotation. Each record is rewritten with compare-and-set on the version it was
+/// Re-seals every sealed value in the store (provider secrets and keys, grant tokens and pending
+/// consent secrets) with the keyring's current key, so old keys can be retired after a rotation. Each record is rewritten with compare-and-set on the version it was
 /// read at; a record changed concurrently is re-read and retried.
 pub async fn reseal_all(state: &BrokerState) -> Result<ResealReport, ResealError> {
     let records = Records::new(state.store.as_ref());
@@ -309,6 +310,11 @@ pub async fn reseal_all(state: &BrokerState) -> Result<ResealReport, ResealError
         let scope = Scope::Tenant(tenant.value.name.clone());
         for provider in records.list_all::<Provider>(&scope).await? {
             let (examined, resealed) = reseal_provider(&records, &state.keyring, provider).await?;
+            report.examined += examined;
+            report.resealed += resealed;
+        }
+        for grant in records.list_all::<GrantRecord>(&scope).await? {
+            let (examined, resealed) = reseal_grant(&records, &state.keyring, grant).await?;
             report.examined += examined;
             report.resealed += resealed;
         }
@@ -341,6 +347,65 @@ fn reseal_field(
     let plain = keyring.open(aad, sealed).map_err(seal_err)?;
     *field = Some(keyring.seal(aad, &plain).map_err(seal_err)?);
     Ok(true)
+}
+
+/// Re-seals the sealed fields of a mailbox's grant (refresh and access token, a pending device
+/// code or PKCE verifier).
+async fn reseal_grant(
+    records: &Records<'_>,
+    keyring: &Keyring,
+    mut current: Versioned<GrantRecord>,
+) -> Result<(u64, u64), ResealError> {
+    let key = current.value.key();
+    for _ in 0..CAS_ATTEMPTS {
+        let mut grant = current.value.clone();
+        let (tenant, mailbox) = (grant.tenant.clone(), grant.mailbox.clone());
+        let aad = |field| grant_aad(&tenant, &mailbox, field);
+        let mut examined = 0;
+        let mut resealed = 0;
+        let mut count = |field: &mut Option<Sealed>, f: GrantField| -> Result<(), ResealError> {
+            examined += u64::from(field.is_some());
+            if reseal_field(keyring, &aad(f), field)? {
+                resealed += 1;
+            }
+            Ok(())
+        };
+        count(&mut grant.refresh_token, GrantField::RefreshToken)?;
+        count(&mut grant.access_token, GrantField::AccessToken)?;
+        match &mut grant.pending {
+            Some(PendingConsent::DeviceCode { device_code, .. }) => {
+                let mut field = Some(device_code.clone());
+                count(&mut field, GrantField::DeviceCode)?;
+                if let Some(v) = field {
+                    *device_code = v;
+                }
+            }
+            Some(PendingConsent::AuthCode { pkce_verifier, .. }) => {
+                let mut field = Some(pkce_verifier.clone());
+                count(&mut field, GrantField::PkceVerifier)?;
+                if let Some(v) = field {
+                    *pkce_verifier = v;
+                }
+            }
+            None => {}
+        }
+        if resealed == 0 {
+            return Ok((examined, 0));
+        }
+        match records
+            .put(&grant, Precondition::Version(current.version))
+            .await
+        {
+            Ok(_) => return Ok((examined, resealed)),
+            Err(StoreError::Conflict { .. }) => match records.get::<GrantRecord>(&key).await? {
+                Some(fresh) => current = fresh,
+                None => return Ok((0, 0)),
+            },
+            Err(StoreError::NotFound(_)) => return Ok((0, 0)),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ResealError::Contended(key.to_string()))
 }
 
 async fn reseal_provider(

@@ -81,6 +81,12 @@ pub enum ServeError {
     /// The reflection service could not be built from the descriptor sets.
     #[error("building the reflection service: {0}")]
     Reflection(String),
+    /// TLS could not be set up with the configured certificate.
+    #[error("TLS of the gRPC listener: {0}")]
+    Tls(String),
+    /// The agent CA could not be loaded or created.
+    #[error(transparent)]
+    Identity(crate::identity::IdentityError),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Grpc(tonic::transport::Error),
@@ -182,6 +188,7 @@ pub async fn serve(
     http: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    let (grpc_builder, identity) = grpc_tls(&config, &state).await?;
     let metrics = Metrics::new();
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -202,11 +209,24 @@ pub async fn serve(
     let grpc_addr = grpc.local_addr().map_err(ServeError::ListenerAddress)?;
     let http_addr = http.local_addr().map_err(ServeError::ListenerAddress)?;
 
-    let grpc_server = tonic::transport::Server::builder()
+    // One token service per replica: the admin RPCs and the refresh scheduler share its
+    // in-process single flight and provider clients.
+    let tokens = crate::tokens::lifecycle::TokenService::new(state.clone(), config.tokens.clone());
+    let grpc_server = grpc_builder
         .layer(GrpcMetricsLayer::new(metrics.clone()))
         .add_service(health_service)
-        .add_service(crate::admin::admin_server(state.clone()))
-        .add_service(crate::token_broker::token_broker_server(state.clone()))
+        .add_service(tokenfleet_proto::v1::admin_server::AdminServer::new(
+            crate::admin::AdminService::new(state.clone())
+                .with_consent_settings(crate::admin::ConsentSettings {
+                    public_url: config.public_url.clone(),
+                })
+                .with_token_service(tokens.clone()),
+        ))
+        .add_service(crate::token_broker::token_broker_server(
+            state.clone(),
+            identity,
+            tokens.clone(),
+        ))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
@@ -214,6 +234,7 @@ pub async fn serve(
     let http_router = router(HttpState {
         store: state.store.clone(),
         metrics: metrics.clone(),
+        broker: state.clone(),
     });
     let http_server =
         axum::serve(http, http_router).with_graceful_shutdown(stopped(stop_rx.clone()));
@@ -225,6 +246,13 @@ pub async fn serve(
     tracing::info!(address = %http_addr, "HTTP listening (/healthz, /readyz, /metrics)");
     tracing::info!(store = %config.store.describe(), seal_key = %state.keyring.current_key_id(), "broker ready");
 
+    // Every replica polls pending device codes; store leases keep it to one poller per code.
+    let poller_task = tokio::spawn(
+        crate::tokens::device_poller::DevicePoller::new(state.clone()).run(stop_rx.clone()),
+    );
+    // Every replica refreshes due mailboxes; per-mailbox store leases keep it to one at a time.
+    let scheduler_task =
+        crate::tokens::scheduler::RefreshScheduler::spawn(tokens, stopped(stop_rx.clone()));
     let health_task = tokio::spawn(watch_store_health(
         state.store.clone(),
         health.clone(),
@@ -277,6 +305,8 @@ pub async fn serve(
         }
     }
     health_task.abort();
+    poller_task.abort();
+    scheduler_task.abort();
     match failure {
         Some(error) => Err(error),
         None => {
@@ -284,6 +314,67 @@ pub async fn serve(
             Ok(())
         }
     }
+}
+
+/// How long a client may take for the TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The gRPC server builder, with TLS when `[tls]` is configured, and the agent identity the
+/// `TokenBroker` service works with (`None` without TLS). Client certificates are optional at the
+/// TLS layer, so admin clients (API keys) need none; when one is presented it must chain to the
+/// agent CA, and `TokenBroker` requires one on every call but `Enroll`.
+async fn grpc_tls(
+    config: &BrokerConfig,
+    state: &BrokerState,
+) -> Result<
+    (
+        tonic::transport::Server,
+        Option<crate::identity::AgentIdentity>,
+    ),
+    ServeError,
+> {
+    let builder = tonic::transport::Server::builder();
+    let Some(tls) = &config.tls else {
+        tracing::warn!(
+            "gRPC without TLS (`[tls]` is not configured): agents cannot enroll or authenticate"
+        );
+        return Ok((builder, None));
+    };
+    // ring is the only provider compiled in; installing it explicitly keeps that so even if
+    // another dependency ever enables a second one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = match &config.agents.ca {
+        Some(ca) => ca.clone(),
+        None => Arc::new(
+            crate::identity::AgentCa::load_or_create(state)
+                .await
+                .map_err(ServeError::Identity)?,
+        ),
+    };
+    let tls_config = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(
+            &tls.cert_pem,
+            tls.key_pem.expose(),
+        ))
+        .client_ca_root(tonic::transport::Certificate::from_pem(ca.cert_pem()))
+        .client_auth_optional(true)
+        .timeout(TLS_HANDSHAKE_TIMEOUT);
+    let builder = builder
+        .tls_config(tls_config)
+        .map_err(|e| ServeError::Tls(format!("{} ({e})", tls.cert_file.display())))?;
+    tracing::info!(
+        certificate = %tls.cert_file.display(),
+        agent_ca_expires = %ca.not_after(),
+        agent_certificate_lifetime_seconds = config.agents.certificate_lifetime.as_secs(),
+        "gRPC TLS on (client certificates of the agent CA accepted)"
+    );
+    Ok((
+        builder,
+        Some(crate::identity::AgentIdentity {
+            ca,
+            certificate_lifetime: config.agents.certificate_lifetime,
+        }),
+    ))
 }
 
 type ServerEnd = (&'static str, Result<(), ServeError>);

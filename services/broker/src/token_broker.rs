@@ -1,42 +1,505 @@
-//! The agent-facing `tokenfleet.v1.TokenBroker` service. Until agent enrollment exists there is
-//! no caller identity to check, so every call is refused with UNIMPLEMENTED; the enrollment
-//! feature replaces this file.
+//! The agent-facing `tokenfleet.v1.TokenBroker` service.
+//!
+//! - `Enroll` (the only RPC without a client certificate): a one-time code and a CSR become a
+//!   client certificate of the agent CA ([`crate::identity`]).
+//! - Every other RPC authenticates the caller from its TLS client certificate alone
+//!   ([`crate::identity::peer::authenticate`]: CA, validity, revocation, current certificate),
+//!   on every call.
+//! - `Renew` issues a fresh certificate to the caller's identity.
+//! - `IssueAccessToken` checks that the calling agent hosts the device, then hands over to the
+//!   token lifecycle's [`crate::tokens::issue::issue`] (device in the agent's tenant, sender mode,
+//!   purpose; audited there). The tenant is always the agent's own, so no call reaches across
+//!   tenants.
+//!
+//! Without TLS (`[tls]` not configured) there are no client certificates, so every RPC answers
+//! FAILED_PRECONDITION.
 
+use tokenfleet_domain::{Agent, AuditEvent, Device};
+use tokenfleet_proto::v1 as pb;
 use tokenfleet_proto::v1::token_broker_server::{TokenBroker, TokenBrokerServer};
-use tokenfleet_proto::v1::{IssueAccessTokenRequest, IssueAccessTokenResponse};
+use tokenfleet_store::{Precondition, Scope, StoreError};
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
+use crate::admin::{shown, store_status};
+use crate::audit;
+use crate::convert::{self, timestamp};
+use crate::identity::ca::IssuedCertificate;
+use crate::identity::codes::{self, CodeError};
+use crate::identity::peer::{self, AgentPeer, PeerError};
+use crate::identity::{AgentCertificates, AgentId, AgentIdentity, IdentityError};
+use crate::records::{CAS_ATTEMPTS, Records, agent_key, device_key};
 use crate::state::BrokerState;
+use crate::tokens::issue::{ISSUE_ACTION, issue};
+use crate::tokens::lifecycle::TokenService;
 
-/// What `IssueAccessToken` answers until agent enrollment exists.
-pub const NOT_AVAILABLE: &str =
-    "token issuance is not available yet: it arrives with agent enrollment";
+/// What every RPC answers when the broker serves without TLS.
+pub const NO_TLS: &str = "this broker serves gRPC without TLS, so agents cannot authenticate; \
+     configure `[tls] cert_file` and `key_file` (or run `tokenfleet-broker serve --dev`)";
+
+/// Longest software version string kept.
+const MAX_VERSION_LEN: usize = 100;
 
 /// `tokenfleet.v1.TokenBroker` implementation.
 #[derive(Debug, Clone)]
 pub struct TokenBrokerService {
-    #[allow(dead_code)] // used once issuance is implemented
     state: BrokerState,
+    identity: Option<AgentIdentity>,
+    tokens: TokenService,
 }
 
 impl TokenBrokerService {
-    /// A service over the shared broker state.
-    pub fn new(state: BrokerState) -> Self {
-        Self { state }
+    /// A service over the shared broker state. `identity` is `None` when the broker serves
+    /// without TLS (then every call is refused).
+    pub fn new(state: BrokerState, identity: Option<AgentIdentity>, tokens: TokenService) -> Self {
+        Self {
+            state,
+            identity,
+            tokens,
+        }
+    }
+
+    fn identity(&self) -> Result<&AgentIdentity, Status> {
+        self.identity
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition(NO_TLS))
+    }
+
+    /// Authenticates the caller of `request` from its client certificate.
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<AgentPeer, PeerError> {
+        let Some(identity) = &self.identity else {
+            return Err(PeerError::NoCertificate);
+        };
+        let leaf = peer::peer_certificate(request);
+        let peer = peer::authenticate(&self.state, &identity.ca, leaf.as_deref()).await;
+        match &peer {
+            Ok(p) => {
+                let span = tracing::Span::current();
+                span.record("agent", p.id.to_string().as_str());
+            }
+            Err(error) => tracing::info!(%error, "agent call not authenticated"),
+        }
+        peer
+    }
+
+    async fn enroll(&self, req: pb::EnrollRequest) -> Result<pb::AgentCertificate, Status> {
+        let identity = self.identity()?;
+        // Check the request before the code is spent, so a bad CSR does not burn it.
+        crate::identity::ca::check_csr(&req.csr_der).map_err(identity_status)?;
+        let version = software_version(&req.software_version)?;
+        let code = codes::consume(&self.state, &req.code)
+            .await
+            .map_err(|e| match e {
+                CodeError::Store(e) => store_status(e),
+                other => {
+                    tracing::info!(error = %other, "enrollment refused");
+                    Status::unauthenticated(other.to_string())
+                }
+            })?;
+        let id = AgentId {
+            tenant: code.tenant.clone(),
+            name: code.agent.clone(),
+        };
+        tracing::Span::current().record("agent", id.to_string().as_str());
+        let result = self
+            .enroll_agent(identity, &id, &req.csr_der, version)
+            .await;
+        self.audit_certificate("agent.enroll", &id, &result).await;
+        result.map(|issued| certificate_response(identity, &id, &issued))
+    }
+
+    async fn enroll_agent(
+        &self,
+        identity: &AgentIdentity,
+        id: &AgentId,
+        csr_der: &[u8],
+        version: &str,
+    ) -> Result<IssuedCertificate, Status> {
+        let records = Records::new(self.state.store.as_ref());
+        let Some(agent) = records
+            .get::<Agent>(&agent_key(&id.tenant, &id.name))
+            .await
+            .map_err(store_status)?
+        else {
+            return Err(Status::failed_precondition(format!(
+                "agent `{id}` was deleted after the enrollment code was created; create a new code"
+            )));
+        };
+        if agent.value.revoked {
+            return Err(Status::permission_denied(format!(
+                "agent `{id}` has been revoked"
+            )));
+        }
+        let issued = identity
+            .ca
+            .issue(
+                csr_der,
+                id,
+                self.state.clock.now(),
+                identity.certificate_lifetime,
+            )
+            .map_err(identity_status)?;
+        // Enrollment replaces every earlier certificate of the agent.
+        let certificates = AgentCertificates {
+            tenant: id.tenant.clone(),
+            agent: id.name.clone(),
+            agent_created: agent.value.stamps.created,
+            serials: vec![issued.serial.clone()],
+        };
+        peer::write_certificates(&self.state, &certificates, Precondition::Any)
+            .await
+            .map_err(store_status)?;
+        self.record_certificate(id, &issued, version).await?;
+        Ok(issued)
+    }
+
+    async fn renew(
+        &self,
+        peer: AgentPeer,
+        req: pb::RenewRequest,
+    ) -> Result<pb::AgentCertificate, Status> {
+        let identity = self.identity()?;
+        let version = software_version(&req.software_version)?;
+        let id = peer.id.clone();
+        let result = self
+            .renew_agent(identity, &peer, &req.csr_der, version)
+            .await;
+        self.audit_certificate("agent.renew", &id, &result).await;
+        result.map(|issued| certificate_response(identity, &id, &issued))
+    }
+
+    async fn renew_agent(
+        &self,
+        identity: &AgentIdentity,
+        peer: &AgentPeer,
+        csr_der: &[u8],
+        version: &str,
+    ) -> Result<IssuedCertificate, Status> {
+        let id = &peer.id;
+        let issued = identity
+            .ca
+            .issue(
+                csr_der,
+                id,
+                self.state.clock.now(),
+                identity.certificate_lifetime,
+            )
+            .map_err(identity_status)?;
+        // Keep the certificate this call came with (connections still use it) and the new one.
+        let mut committed = false;
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((stored_version, mut certificates)) = peer::read_certificates(&self.state, id)
+                .await
+                .map_err(store_status)?
+            else {
+                return Err(PeerError::Superseded(id.clone()).into_status());
+            };
+            if !certificates.serials.contains(&peer.certificate.serial) {
+                return Err(PeerError::Superseded(id.clone()).into_status());
+            }
+            certificates.serials = vec![issued.serial.clone(), peer.certificate.serial.clone()];
+            match peer::write_certificates(
+                &self.state,
+                &certificates,
+                Precondition::Version(stored_version),
+            )
+            .await
+            {
+                Ok(_) => {
+                    committed = true;
+                    break;
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(store_status(e)),
+            }
+        }
+        if !committed {
+            return Err(Status::aborted(format!(
+                "the certificates of agent `{id}` changed concurrently; retry"
+            )));
+        }
+        self.record_certificate(id, &issued, version).await?;
+        Ok(issued)
+    }
+
+    /// Writes the new certificate's expiry, the software version and `last_seen` to the agent.
+    async fn record_certificate(
+        &self,
+        id: &AgentId,
+        issued: &IssuedCertificate,
+        version: &str,
+    ) -> Result<(), Status> {
+        let records = Records::new(self.state.store.as_ref());
+        let key = agent_key(&id.tenant, &id.name);
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(stored) = records.get::<Agent>(&key).await.map_err(store_status)? else {
+                return Err(Status::failed_precondition(format!(
+                    "agent `{id}` was deleted meanwhile"
+                )));
+            };
+            let mut agent = stored.value.clone();
+            let now = self.state.clock.now();
+            agent.certificate_expires = Some(issued.not_after);
+            agent.last_seen = Some(now);
+            if !version.is_empty() {
+                agent.software_version = version.to_owned();
+            }
+            agent.stamps.updated = now;
+            match records
+                .put(&agent, Precondition::Version(stored.version))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(store_status(e)),
+            }
+        }
+        Err(Status::aborted(format!(
+            "agent `{id}` changed concurrently; retry"
+        )))
+    }
+
+    async fn audit_certificate(
+        &self,
+        action: &str,
+        id: &AgentId,
+        result: &Result<IssuedCertificate, Status>,
+    ) {
+        let (outcome, detail) = match result {
+            Ok(issued) => (
+                "ok",
+                format!(
+                    "certificate serial {} valid until {}",
+                    issued.serial,
+                    rfc3339(issued.not_after)
+                ),
+            ),
+            Err(status) => (
+                audit::result_of(status.code()),
+                status.message().chars().take(300).collect(),
+            ),
+        };
+        match result {
+            Ok(issued) => tracing::info!(
+                action,
+                agent = %id,
+                serial = %issued.serial,
+                expires = %rfc3339(issued.not_after),
+                "agent certificate issued"
+            ),
+            Err(status) => {
+                tracing::info!(action, agent = %id, code = ?status.code(), message = status.message(), "agent certificate refused")
+            }
+        }
+        self.audit(action, id, id.path(), outcome, detail).await;
+    }
+
+    async fn audit(
+        &self,
+        action: &str,
+        id: &AgentId,
+        target: String,
+        result: &str,
+        detail: String,
+    ) {
+        let event = AuditEvent {
+            time: self.state.clock.now(),
+            actor: id.actor(),
+            action: action.to_owned(),
+            target,
+            tenant: id.tenant.clone(),
+            result: result.to_owned(),
+            detail,
+        };
+        audit::record(&self.state, &Scope::Tenant(id.tenant.clone()), event).await;
+    }
+
+    /// Audits a refused call of an agent that presented a certificate of this CA but may not call
+    /// (revoked, deleted, superseded).
+    async fn audit_refused_peer(&self, action: &str, error: &PeerError) {
+        let id = match error {
+            PeerError::Revoked(id) | PeerError::UnknownAgent(id) | PeerError::Superseded(id) => id,
+            _ => return,
+        };
+        self.audit(
+            action,
+            id,
+            id.path(),
+            audit::result_of(tonic::Code::PermissionDenied),
+            error.to_string(),
+        )
+        .await;
+    }
+
+    async fn issue_access_token(
+        &self,
+        peer: AgentPeer,
+        req: pb::IssueAccessTokenRequest,
+    ) -> Result<pb::IssueAccessTokenResponse, Status> {
+        let id = &peer.id;
+        let actor = id.actor();
+        let purpose = convert::mail_purpose_in("purpose", req.purpose)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
+            .ok_or_else(|| {
+                Status::invalid_argument("purpose: must be set (UNSPECIFIED is not a value)")
+            })?;
+        // The agent must host the device. A missing device (or bad names) is left to `issue`,
+        // which refuses and audits it.
+        if tokenfleet_domain::name("device", &req.device).is_ok()
+            && let Some(device) = Records::new(self.state.store.as_ref())
+                .get::<Device>(&device_key(&id.tenant, &req.device))
+                .await
+                .map_err(store_status)?
+            && device.value.agent != id.name
+        {
+            let message = format!(
+                "device `{}` is not hosted by agent `{id}`",
+                shown(&req.device)
+            );
+            tracing::info!(agent = %id, device = %shown(&req.device), mailbox = %shown(&req.mailbox), "access token refused: device hosted elsewhere");
+            self.audit(
+                ISSUE_ACTION,
+                id,
+                crate::admin::object_path(&id.tenant, "mailboxes", &req.mailbox),
+                audit::result_of(tonic::Code::PermissionDenied),
+                format!(
+                    "device `{}`, purpose {purpose}: {message}",
+                    shown(&req.device)
+                ),
+            )
+            .await;
+            return Err(Status::permission_denied(message));
+        }
+        let token = issue(
+            &self.tokens,
+            &actor,
+            &id.tenant,
+            &req.device,
+            &req.mailbox,
+            purpose,
+        )
+        .await
+        .map_err(|e| e.to_status())?;
+        Ok(pb::IssueAccessTokenResponse {
+            access_token: token.access_token.expose().to_owned(),
+            expire_time: Some(timestamp(token.expires)),
+            sasl_username: token.sasl_username,
+        })
     }
 }
 
 /// The tonic server for [`TokenBrokerService`].
-pub fn token_broker_server(state: BrokerState) -> TokenBrokerServer<TokenBrokerService> {
-    TokenBrokerServer::new(TokenBrokerService::new(state))
+pub fn token_broker_server(
+    state: BrokerState,
+    identity: Option<AgentIdentity>,
+    tokens: TokenService,
+) -> TokenBrokerServer<TokenBrokerService> {
+    TokenBrokerServer::new(TokenBrokerService::new(state, identity, tokens))
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn software_version(value: &str) -> Result<&str, Status> {
+    let value = value.trim();
+    if value.chars().count() > MAX_VERSION_LEN || value.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!(
+            "software_version: must be at most {MAX_VERSION_LEN} printable characters"
+        )));
+    }
+    Ok(value)
+}
+
+/// Maps identity errors: bad CSRs are the caller's fault, everything else is internal.
+fn identity_status(e: IdentityError) -> Status {
+    match e {
+        IdentityError::Csr(_) => Status::invalid_argument(e.to_string()),
+        IdentityError::Store(e) => store_status(e),
+        other => {
+            tracing::error!(error = %other, "issuing an agent certificate failed");
+            Status::internal(
+                "internal error while issuing the certificate (details in the broker log)",
+            )
+        }
+    }
+}
+
+fn certificate_response(
+    identity: &AgentIdentity,
+    id: &AgentId,
+    issued: &IssuedCertificate,
+) -> pb::AgentCertificate {
+    pb::AgentCertificate {
+        tenant: id.tenant.clone(),
+        agent: id.name.clone(),
+        identity_uri: id.uri(),
+        certificate_pem: issued.cert_pem.clone(),
+        ca_chain_pem: identity.ca.cert_pem().to_owned(),
+        not_before: Some(timestamp(issued.not_before)),
+        expire_time: Some(timestamp(issued.not_after)),
+    }
+}
+
+fn span(method: &'static str) -> tracing::Span {
+    tracing::info_span!("token_broker", method, agent = tracing::field::Empty)
 }
 
 #[tonic::async_trait]
 impl TokenBroker for TokenBrokerService {
     async fn issue_access_token(
         &self,
-        _request: Request<IssueAccessTokenRequest>,
-    ) -> Result<Response<IssueAccessTokenResponse>, Status> {
-        Err(Status::unimplemented(NOT_AVAILABLE))
+        request: Request<pb::IssueAccessTokenRequest>,
+    ) -> Result<Response<pb::IssueAccessTokenResponse>, Status> {
+        async {
+            self.identity()?;
+            let peer = match self.authenticate(&request).await {
+                Ok(peer) => peer,
+                Err(error) => {
+                    self.audit_refused_peer(ISSUE_ACTION, &error).await;
+                    return Err(error.into_status());
+                }
+            };
+            TokenBrokerService::issue_access_token(self, peer, request.into_inner())
+                .await
+                .map(Response::new)
+        }
+        .instrument(span("IssueAccessToken"))
+        .await
+    }
+
+    async fn enroll(
+        &self,
+        request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::AgentCertificate>, Status> {
+        async {
+            TokenBrokerService::enroll(self, request.into_inner())
+                .await
+                .map(Response::new)
+        }
+        .instrument(span("Enroll"))
+        .await
+    }
+
+    async fn renew(
+        &self,
+        request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::AgentCertificate>, Status> {
+        async {
+            self.identity()?;
+            let peer = match self.authenticate(&request).await {
+                Ok(peer) => peer,
+                Err(error) => {
+                    self.audit_refused_peer("agent.renew", &error).await;
+                    return Err(error.into_status());
+                }
+            };
+            TokenBrokerService::renew(self, peer, request.into_inner())
+                .await
+                .map(Response::new)
+        }
+        .instrument(span("Renew"))
+        .await
     }
 }

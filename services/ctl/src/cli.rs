@@ -387,6 +387,13 @@ pub enum MailboxCommand {
         #[command(flatten)]
         version: VersionArg,
     },
+    /// Obtain the mailbox's grant: show the device code or sign-in URL and wait for the person
+    /// (app-only and service-account mailboxes get their token at once). Exit 0 only when ACTIVE.
+    Consent(crate::commands::consent::ConsentArgs),
+    /// Delete the mailbox's stored tokens (revoked at the provider where possible).
+    DeleteToken(crate::commands::consent::MailboxRef),
+    /// Refresh the mailbox's access token now.
+    Refresh(crate::commands::consent::MailboxRef),
 }
 
 /// Settable fields of a mailbox.

@@ -22,6 +22,8 @@ pub const ENV_API_KEY: &str = "TOKENFLEET_API_KEY";
 /// Environment variable naming a file that holds the API key.
 pub const ENV_API_KEY_FILE: &str = "TOKENFLEET_API_KEY_FILE";
 
+const CERT_PEM_TAG: &str = "-----BEGIN CERTIFICATE-----";
+
 /// The Admin client with the API key attached to every call.
 pub type Admin = AdminClient<InterceptedService<Channel, BearerAuth>>;
 
@@ -134,6 +136,15 @@ impl Broker {
                         crate::input::io_problem(&e)
                     ))
                 })?;
+                if !pem
+                    .windows(CERT_PEM_TAG.len())
+                    .any(|w| w == CERT_PEM_TAG.as_bytes())
+                {
+                    return Err(CtlError::usage(format!(
+                        "--ca-file {}: no PEM certificate (\"{CERT_PEM_TAG}\") in the file",
+                        path.display()
+                    )));
+                }
                 tls = tls.ca_certificate(Certificate::from_pem(pem));
             }
             endpoint = endpoint.tls_config(tls).map_err(|e| {

@@ -64,8 +64,14 @@ impl fmt::Display for CtlError {
             }
             CtlError::Unreachable { url, cause } => {
                 write!(f, "cannot reach broker at {url} ({cause})")?;
+                let refused = ["connection refused", "timed out", "unreachable", "lookup"]
+                    .iter()
+                    .any(|c| cause.contains(c));
                 if cause.contains("certificate") {
                     f.write_str(" — is it the right broker? set --ca-file or TOKENFLEET_CA_FILE")
+                } else if url.starts_with("http://") && !refused {
+                    // A TLS listener hangs up on plain HTTP/2 without a word.
+                    f.write_str(" — if the broker serves TLS, use an https:// URL")
                 } else {
                     f.write_str(" — is it running? set --broker or TOKENFLEET_BROKER")
                 }
@@ -179,6 +185,34 @@ mod tests {
              set --broker or TOKENFLEET_BROKER"
         );
         assert_eq!(err.exit_code(), 69);
+    }
+
+    #[test]
+    fn hints_follow_the_cause() {
+        let hint = |url: &str, cause: &str| {
+            CtlError::Unreachable {
+                url: url.into(),
+                cause: cause.into(),
+            }
+            .to_string()
+        };
+        assert!(
+            hint(
+                "http://127.0.0.1:1",
+                "stream closed because of a broken pipe"
+            )
+            .ends_with("use an https:// URL")
+        );
+        assert!(
+            hint(
+                "https://localhost:1",
+                "invalid peer certificate: UnknownIssuer"
+            )
+            .ends_with("set --ca-file or TOKENFLEET_CA_FILE")
+        );
+        assert!(
+            hint("http://127.0.0.1:1", "timed out").ends_with("set --broker or TOKENFLEET_BROKER")
+        );
     }
 
     #[test]

@@ -262,7 +262,6 @@ fn check_listed(lists: &[Value]) {
     assert_eq!(m["grant_type"], "delegated_device_code");
     assert_eq!(m["kind"], "bulk");
     assert_eq!(m["purposes"], json!(["send", "pop"]));
-    assert_eq!(m["token"]["status"], "not_retrieved");
     let created = m["create_time"].as_str().unwrap_or_default();
     assert!(
         time::OffsetDateTime::parse(created, &time::format_description::well_known::Rfc3339)
@@ -276,7 +275,6 @@ fn check_listed(lists: &[Value]) {
     assert_eq!(d["bulk_mailbox"], "scan");
     assert_eq!(d["agent"], "site-a");
     assert_eq!(d["smtp"]["server"], "smtp.office365.com");
-    assert_eq!(d["smtp"]["security"], "starttls");
     assert_eq!(d["ingress"]["username"], "mfp1");
     assert_eq!(d["ingress"]["password_set"], true);
     assert_eq!(d["ingress"]["allowed_sources"], json!(["192.168.1.20/32"]));
@@ -298,6 +296,10 @@ async fn fleet_survives_restart(store: TestStore) {
     create_fleet(&broker, dir.path()).await;
     let before = list_all(&broker).await;
     check_listed(&before);
+    assert_eq!(before[2][0]["token"]["status"], "not_retrieved");
+    assert_eq!(before[2][0]["token"]["last_error"], Value::Null);
+    assert_eq!(before[3][0]["smtp"]["security"], "starttls");
+    assert_eq!(before[3][0]["smtp"]["port"], 587);
 
     // A partial profile update keeps the rest of the profile.
     let updated = admin(
@@ -387,7 +389,9 @@ async fn fleet_survives_restart(store: TestStore) {
     );
     assert_eq!(after[4], before[4], "agents unchanged across the restart");
     assert_eq!(after[2][0]["disabled"], true);
+    assert_eq!(after[2][0]["token"]["status"], "disabled");
     assert_eq!(after[3][0]["smtp"]["port"], 465);
+    assert_eq!(after[3][0]["smtp"]["security"], "implicit_tls");
 
     // Secrets survived too (sealed in the store), still never shown.
     let shown = admin(

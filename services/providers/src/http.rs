@@ -96,10 +96,7 @@ fn transport_error(host: String, err: &reqwest::Error, timeout: Duration) -> Tra
     let tls = chain.contains("certificate") || chain.contains("UnknownIssuer");
     let timeout_hit = err.is_timeout();
     let summary = if timeout_hit {
-        format!(
-            "could not reach {host}: no answer within {} s",
-            timeout.as_secs()
-        )
+        format!("could not reach {host}: no answer within {timeout:?}")
     } else if refused {
         format!("could not reach {host}: connection refused")
     } else if tls {

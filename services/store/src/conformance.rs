@@ -51,6 +51,269 @@ pub async fn run_all(store: Arc<dyn Store>) {
     stream_isolation(s).await;
     lease_exclusive_and_fenced(s).await;
     lease_expiry(s).await;
+    schedule_replaces_and_orders(s).await;
+    schedule_due_limit_and_future(s).await;
+    schedule_unschedule(s).await;
+    schedule_isolation(s).await;
+    schedule_rejects_bad_input(s).await;
+    schedule_concurrent(Arc::clone(&store)).await;
+}
+
+/// A schedule name no other check uses. Schedule names are `&'static str` (callers use
+/// constants), so each check leaks one short name; the suite runs a handful of times per process.
+fn unique_schedule(prefix: &str) -> &'static str {
+    unique(prefix).leak()
+}
+
+/// Everything in schedule `name`, earliest first.
+async fn all_due(s: &dyn Store, name: &'static str) -> Vec<(String, i64)> {
+    s.due(name, i64::MAX, 100_000).await.unwrap()
+}
+
+/// `schedule` sets and re-`schedule` replaces (never duplicates); `due` orders by due time, ties
+/// by member, and keeps entries (it is an index, not a queue).
+pub async fn schedule_replaces_and_orders(s: &dyn Store) {
+    let name = unique_schedule("cf-sched");
+    let base = 1_700_000_000_000i64;
+    s.schedule(name, "acme/m3", base + 30).await.unwrap();
+    s.schedule(name, "acme/m1", base + 10).await.unwrap();
+    s.schedule(name, "beta/m2", base + 20).await.unwrap();
+    s.schedule(name, "odd:{x}/ü m", base + 5).await.unwrap();
+    let want = |v: &[(&str, i64)]| -> Vec<(String, i64)> {
+        v.iter().map(|(m, d)| ((*m).to_owned(), *d)).collect()
+    };
+    assert_eq!(
+        all_due(s, name).await,
+        want(&[
+            ("odd:{x}/ü m", base + 5),
+            ("acme/m1", base + 10),
+            ("beta/m2", base + 20),
+            ("acme/m3", base + 30),
+        ]),
+        "due order"
+    );
+    // `due` does not consume.
+    assert_eq!(all_due(s, name).await.len(), 4, "due removed entries");
+    // Rescheduling moves the member, later or earlier, and never duplicates it.
+    s.schedule(name, "acme/m1", base + 40).await.unwrap();
+    s.schedule(name, "acme/m3", base + 1).await.unwrap();
+    s.schedule(name, "beta/m2", base + 20).await.unwrap();
+    assert_eq!(
+        all_due(s, name).await,
+        want(&[
+            ("acme/m3", base + 1),
+            ("odd:{x}/ü m", base + 5),
+            ("beta/m2", base + 20),
+            ("acme/m1", base + 40),
+        ]),
+        "after rescheduling"
+    );
+    // Equal due times come in member order; negative and zero times are times like others.
+    s.schedule(name, "b", base + 20).await.unwrap();
+    s.schedule(name, "a", base + 20).await.unwrap();
+    s.schedule(name, "neg", -5).await.unwrap();
+    s.schedule(name, "zero", 0).await.unwrap();
+    assert_eq!(
+        s.due(name, base + 20, 100).await.unwrap(),
+        want(&[
+            ("neg", -5),
+            ("zero", 0),
+            ("acme/m3", base + 1),
+            ("odd:{x}/ü m", base + 5),
+            ("a", base + 20),
+            ("b", base + 20),
+            ("beta/m2", base + 20),
+        ]),
+        "ties and signs"
+    );
+}
+
+/// `due` includes entries due exactly at `now`, excludes later ones, and honours `limit`.
+pub async fn schedule_due_limit_and_future(s: &dyn Store) {
+    let name = unique_schedule("cf-due");
+    let now = 1_800_000_000_000i64;
+    for i in 0..20i64 {
+        s.schedule(name, &format!("t/m{i:02}"), now - 100 + i * 10)
+            .await
+            .unwrap();
+    }
+    // m00..m10 are due at or before `now` (m10 exactly at it); m11..m19 are in the future.
+    let due = s.due(name, now, 100).await.unwrap();
+    let members: Vec<&str> = due.iter().map(|(m, _)| m.as_str()).collect();
+    let expected: Vec<String> = (0..=10).map(|i| format!("t/m{i:02}")).collect();
+    assert_eq!(members, expected, "due at or before now");
+    assert_eq!(due.last().map(|(_, d)| *d), Some(now), "due exactly now");
+    assert!(
+        s.due(name, now - 101, 100).await.unwrap().is_empty(),
+        "nothing due before the first"
+    );
+    // Limit: the earliest first.
+    let three = s.due(name, now, 3).await.unwrap();
+    assert_eq!(
+        three,
+        vec![
+            ("t/m00".to_owned(), now - 100),
+            ("t/m01".to_owned(), now - 90),
+            ("t/m02".to_owned(), now - 80),
+        ],
+        "limit 3"
+    );
+    assert!(s.due(name, now, 0).await.unwrap().is_empty(), "limit 0");
+    assert_eq!(s.due(name, i64::MAX, 100).await.unwrap().len(), 20);
+    // Moving a future entry into the past makes it due; doing the work means rescheduling.
+    s.schedule(name, "t/m19", now - 1000).await.unwrap();
+    assert_eq!(
+        s.due(name, now, 1).await.unwrap(),
+        vec![("t/m19".to_owned(), now - 1000)]
+    );
+    s.schedule(name, "t/m19", now + 1).await.unwrap();
+    assert_eq!(s.due(name, now, 100).await.unwrap().len(), 11);
+    assert_eq!(s.due(name, now + 1, 100).await.unwrap().len(), 12);
+    // An empty or never-used schedule has nothing due.
+    let fresh = unique_schedule("cf-due-empty");
+    assert!(s.due(fresh, i64::MAX, 10).await.unwrap().is_empty());
+}
+
+/// `unschedule` removes one member; removing an absent one is not an error.
+pub async fn schedule_unschedule(s: &dyn Store) {
+    let name = unique_schedule("cf-unsched");
+    s.schedule(name, "t/a", 10).await.unwrap();
+    s.schedule(name, "t/b", 20).await.unwrap();
+    s.unschedule(name, "t/a").await.unwrap();
+    assert_eq!(all_due(s, name).await, vec![("t/b".to_owned(), 20)]);
+    s.unschedule(name, "t/a").await.unwrap();
+    s.unschedule(name, "never").await.unwrap();
+    s.unschedule(unique_schedule("cf-unsched-none"), "x")
+        .await
+        .unwrap();
+    // A removed member can come back, once.
+    s.schedule(name, "t/a", 30).await.unwrap();
+    s.schedule(name, "t/a", 5).await.unwrap();
+    assert_eq!(
+        all_due(s, name).await,
+        vec![("t/a".to_owned(), 5), ("t/b".to_owned(), 20)]
+    );
+    s.unschedule(name, "t/a").await.unwrap();
+    s.unschedule(name, "t/b").await.unwrap();
+    assert!(all_due(s, name).await.is_empty());
+}
+
+/// Schedules of different names are separate, also for equal members; schedules do not touch
+/// records of the same name.
+pub async fn schedule_isolation(s: &dyn Store) {
+    let a = unique_schedule("cf-siso");
+    let b = unique_schedule("cf-siso");
+    s.schedule(a, "same/member", 1).await.unwrap();
+    s.schedule(b, "same/member", 2).await.unwrap();
+    s.schedule(b, "only/b", 3).await.unwrap();
+    assert_eq!(all_due(s, a).await, vec![("same/member".to_owned(), 1)]);
+    assert_eq!(
+        all_due(s, b).await,
+        vec![("same/member".to_owned(), 2), ("only/b".to_owned(), 3)]
+    );
+    s.unschedule(a, "same/member").await.unwrap();
+    assert!(all_due(s, a).await.is_empty());
+    assert_eq!(all_due(s, b).await.len(), 2, "unschedule in a touched b");
+    // A name that is a prefix of another is still its own schedule.
+    let long: &'static str = format!("{a}x").leak();
+    s.schedule(long, "m", 1).await.unwrap();
+    assert!(all_due(s, a).await.is_empty(), "prefix schedule leaked");
+}
+
+/// Bad schedule names and out-of-range due times are refused, naming the fault.
+pub async fn schedule_rejects_bad_input(s: &dyn Store) {
+    for name in ["", "has:colon"] {
+        match s.schedule(name, "m", 1).await {
+            Err(StoreError::Config(msg)) => assert!(msg.contains("schedule name"), "{msg}"),
+            other => panic!("schedule name {name:?}: expected Config, got {other:?}"),
+        }
+        assert!(
+            matches!(s.due(name, 1, 1).await, Err(StoreError::Config(_))),
+            "due with name {name:?}"
+        );
+        assert!(
+            matches!(s.unschedule(name, "m").await, Err(StoreError::Config(_))),
+            "unschedule with name {name:?}"
+        );
+    }
+    let name = unique_schedule("cf-sbad");
+    for due in [i64::MAX, i64::MIN, crate::MAX_DUE_MS + 1] {
+        match s.schedule(name, "m", due).await {
+            Err(StoreError::Config(msg)) => assert!(msg.contains(&due.to_string()), "{msg}"),
+            other => panic!("due {due}: expected Config, got {other:?}"),
+        }
+    }
+    s.schedule(name, "max", crate::MAX_DUE_MS).await.unwrap();
+    s.schedule(name, "min", -crate::MAX_DUE_MS).await.unwrap();
+    assert_eq!(
+        all_due(s, name).await,
+        vec![
+            ("min".to_owned(), -crate::MAX_DUE_MS),
+            ("max".to_owned(), crate::MAX_DUE_MS)
+        ],
+        "extreme due times round-trip exactly"
+    );
+}
+
+/// 100 concurrent `schedule` calls of distinct members all land; concurrent calls for one member
+/// leave exactly one entry, at one of the times written.
+pub async fn schedule_concurrent(store: Arc<dyn Store>) {
+    let name = unique_schedule("cf-sconc");
+    let mut tasks = Vec::new();
+    for i in 0..100i64 {
+        let s = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            s.schedule(name, &format!("tenant/m{i:03}"), 1000 + (i * 37) % 100)
+                .await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let all = all_due(store.as_ref(), name).await;
+    let members: BTreeSet<&str> = all.iter().map(|(m, _)| m.as_str()).collect();
+    assert_eq!(all.len(), 100, "entries after 100 concurrent schedules");
+    assert_eq!(members.len(), 100, "distinct members");
+    assert!(
+        all.windows(2).all(|w| w[0].1 <= w[1].1),
+        "due order after concurrent schedules"
+    );
+    for (m, d) in &all {
+        let i: i64 = m.trim_start_matches("tenant/m").parse().unwrap();
+        assert_eq!(*d, 1000 + (i * 37) % 100, "due of {m}");
+    }
+
+    // One member, scheduled concurrently: a few rounds, since one may not overlap.
+    for round in 0..5i64 {
+        let name = unique_schedule("cf-sone");
+        let times = [100 + round, 200 + round];
+        let mut tasks = Vec::new();
+        for due in times {
+            let s = Arc::clone(&store);
+            tasks.push(tokio::spawn(async move {
+                s.schedule(name, "t/same", due).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let all = all_due(store.as_ref(), name).await;
+        assert_eq!(all.len(), 1, "one member scheduled twice: {all:?}");
+        assert_eq!(all[0].0, "t/same");
+        assert!(times.contains(&all[0].1), "due {} not written", all[0].1);
+        // The index agrees with the member: a time between the two sees it only if it is the
+        // earlier one.
+        let between = due_count(store.as_ref(), name, 150 + round).await;
+        assert_eq!(
+            between,
+            usize::from(all[0].1 == times[0]),
+            "stale index entry"
+        );
+    }
+}
+
+async fn due_count(s: &dyn Store, name: &'static str, now: i64) -> usize {
+    s.due(name, now, 10).await.unwrap().len()
 }
 
 /// `ping` answers.

@@ -7,6 +7,9 @@
 //! - `stream_meta`: `(scope, stream)` → `(last sequence number, entry count)`.
 //! - `leases`: name → `(owner, fence, expiry in Unix milliseconds)`; a released or expired lease
 //!   keeps its row so the next owner gets a higher fence.
+//! - `schedule`: `(schedule, member)` → due time (Unix milliseconds), and `schedule_due`:
+//!   `(schedule, due, member)` → `()`, its index in due order. Both change in one write
+//!   transaction, so [`Store::due`] is a range scan of the index.
 //!
 //! redb is synchronous: every operation runs in one redb transaction on tokio's blocking pool, and
 //! every precondition is checked inside the write transaction that performs the write. redb locks
@@ -31,6 +34,8 @@ const RECORDS: TableDefinition<Key3, &[u8]> = TableDefinition::new("records");
 const STREAMS: TableDefinition<Key3, &[u8]> = TableDefinition::new("streams");
 const STREAM_META: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("stream_meta");
 const LEASES: TableDefinition<&str, (&str, u64, u64)> = TableDefinition::new("leases");
+const SCHEDULE: TableDefinition<(&str, &str), i64> = TableDefinition::new("schedule");
+const SCHEDULE_DUE: TableDefinition<(&str, i64, &str), ()> = TableDefinition::new("schedule_due");
 
 const VERSION_LEN: usize = 8;
 
@@ -122,6 +127,9 @@ fn open_blocking(path: &Path) -> StoreResult<Database> {
         txn.open_table(STREAM_META)
             .map_err(|e| storage_err(path, e))?;
         txn.open_table(LEASES).map_err(|e| storage_err(path, e))?;
+        txn.open_table(SCHEDULE).map_err(|e| storage_err(path, e))?;
+        txn.open_table(SCHEDULE_DUE)
+            .map_err(|e| storage_err(path, e))?;
     }
     txn.commit().map_err(|e| storage_err(path, e))?;
     Ok(db)
@@ -540,6 +548,99 @@ impl Store for EmbeddedStore {
                 txn.abort().map_err(|e| storage_err(path, e))?;
             }
             Ok(released)
+        })
+        .await
+    }
+
+    async fn schedule(&self, name: &'static str, member: &str, due_ms: i64) -> StoreResult<()> {
+        crate::check_schedule(name, Some(due_ms))?;
+        let member = member.to_owned();
+        self.run(move |db, path| {
+            let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
+            {
+                let mut by_member = txn.open_table(SCHEDULE).map_err(|e| storage_err(path, e))?;
+                let mut by_due = txn
+                    .open_table(SCHEDULE_DUE)
+                    .map_err(|e| storage_err(path, e))?;
+                let old = by_member
+                    .insert((name, member.as_str()), due_ms)
+                    .map_err(|e| storage_err(path, e))?
+                    .map(|v| v.value());
+                if let Some(old) = old {
+                    by_due
+                        .remove((name, old, member.as_str()))
+                        .map_err(|e| storage_err(path, e))?;
+                }
+                by_due
+                    .insert((name, due_ms, member.as_str()), ())
+                    .map_err(|e| storage_err(path, e))?;
+            }
+            txn.commit().map_err(|e| storage_err(path, e))
+        })
+        .await
+    }
+
+    async fn unschedule(&self, name: &'static str, member: &str) -> StoreResult<()> {
+        crate::check_schedule(name, None)?;
+        let member = member.to_owned();
+        self.run(move |db, path| {
+            let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
+            let removed = {
+                let mut by_member = txn.open_table(SCHEDULE).map_err(|e| storage_err(path, e))?;
+                let mut by_due = txn
+                    .open_table(SCHEDULE_DUE)
+                    .map_err(|e| storage_err(path, e))?;
+                let old = by_member
+                    .remove((name, member.as_str()))
+                    .map_err(|e| storage_err(path, e))?
+                    .map(|v| v.value());
+                if let Some(old) = old {
+                    by_due
+                        .remove((name, old, member.as_str()))
+                        .map_err(|e| storage_err(path, e))?;
+                }
+                old.is_some()
+            };
+            if removed {
+                txn.commit().map_err(|e| storage_err(path, e))
+            } else {
+                txn.abort().map_err(|e| storage_err(path, e))
+            }
+        })
+        .await
+    }
+
+    async fn due(
+        &self,
+        name: &'static str,
+        now_ms: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<(String, i64)>> {
+        crate::check_schedule(name, None)?;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.run(move |db, path| {
+            let txn = db.begin_read().map_err(|e| storage_err(path, e))?;
+            let table = txn
+                .open_table(SCHEDULE_DUE)
+                .map_err(|e| storage_err(path, e))?;
+            let mut out = Vec::new();
+            for item in table
+                .range::<(&str, i64, &str)>((name, i64::MIN, "")..)
+                .map_err(|e| storage_err(path, e))?
+            {
+                let (k, _) = item.map_err(|e| storage_err(path, e))?;
+                let (n, due, member) = k.value();
+                if n != name || due > now_ms {
+                    break;
+                }
+                out.push((member.to_owned(), due));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
         })
         .await
     }

@@ -201,8 +201,52 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Releases a lease if `owner` still holds it; returns whether it did.
     async fn release_lease(&self, name: &str, owner: &str) -> StoreResult<bool>;
 
+    /// Sets when `member` of schedule `name` is next due (unix ms), replacing any earlier entry.
+    ///
+    /// A schedule is an index of when things (e.g. the refresh of each mailbox, member
+    /// `<tenant>/<mailbox>`) are due, not a queue: [`Store::due`] does not remove entries, so a
+    /// caller re-schedules (or unschedules) a member after doing its work. Members are any UTF-8
+    /// (`/` included); `name` must be non-empty and free of `:`, and `due_ms` within ±2^53
+    /// (Redis keeps due times as doubles), else [`StoreError::Config`] naming the bad input.
+    async fn schedule(&self, name: &'static str, member: &str, due_ms: i64) -> StoreResult<()>;
+
+    /// Removes `member` from schedule `name` (absent is not an error).
+    async fn unschedule(&self, name: &'static str, member: &str) -> StoreResult<()>;
+
+    /// Members of `name` due at or before `now_ms`, earliest first, at most `limit`.
+    ///
+    /// Each comes with its due time. Members due at the same time come in member order.
+    async fn due(
+        &self,
+        name: &'static str,
+        now_ms: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<(String, i64)>>;
+
     /// Checks the backend answers (for health endpoints).
     async fn ping(&self) -> StoreResult<()>;
+}
+
+/// Largest magnitude of a schedule due time: Redis keeps sorted-set scores as doubles, which hold
+/// every integer up to 2^53 exactly (unix milliseconds reach that in the year 287,396).
+pub const MAX_DUE_MS: i64 = 1 << 53;
+
+/// Checks a schedule name and due time the same way on every backend.
+fn check_schedule(name: &str, due_ms: Option<i64>) -> StoreResult<()> {
+    if name.is_empty() || name.contains(':') {
+        return Err(StoreError::Config(format!(
+            "schedule name `{}` must be non-empty and free of `:`",
+            name.escape_debug()
+        )));
+    }
+    if let Some(due) = due_ms
+        && !(-MAX_DUE_MS..=MAX_DUE_MS).contains(&due)
+    {
+        return Err(StoreError::Config(format!(
+            "schedule {name}: due time {due} ms is outside ±2^53"
+        )));
+    }
+    Ok(())
 }
 
 pub mod embedded;

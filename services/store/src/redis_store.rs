@@ -8,7 +8,9 @@
 //! - stream: `tf:{t:acme}:stream:audit`, a Redis stream with one field `d`, trimmed exactly;
 //! - global scope: tag `{g}`;
 //! - lease: `tf:{lease:<name>}:owner` (owner, expiring) and `tf:{lease:<name>}:fence` (counter
-//!   that survives the owner key, so fences only grow).
+//!   that survives the owner key, so fences only grow);
+//! - schedule: `tf:{sched:refresh}`, a sorted set of members scored by due time (Unix ms); one key,
+//!   so one slot per schedule.
 //!
 //! Every conditional write and delete is one Lua script covering record and index, so it is atomic
 //! on any topology. Stream ids are Redis ids re-printed zero-padded (`<ms:15>-<seq:10>`) so that
@@ -548,6 +550,13 @@ fn redis_stream_id(store_id: &str) -> Option<String> {
     Some(format!("{ms}-{seq}"))
 }
 
+/// A sorted-set score back as the due time it was written as (every one this store writes is a
+/// whole number within ±2^53, which a double holds exactly).
+fn due_of_score(score: f64) -> Option<i64> {
+    let limit = crate::MAX_DUE_MS as f64;
+    (score.fract() == 0.0 && (-limit..=limit).contains(&score)).then_some(score as i64)
+}
+
 fn limit_arg(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
@@ -821,6 +830,10 @@ impl RedisStore {
         (format!("{base}:owner"), format!("{base}:fence"))
     }
 
+    fn schedule_key(&self, name: &str) -> String {
+        format!("{}:{{sched:{}}}", self.prefix, escape_tag(name))
+    }
+
     fn decode<T: redis::FromRedisValue>(
         &self,
         what: &dyn fmt::Display,
@@ -1077,6 +1090,62 @@ impl Store for RedisStore {
         let answer = self.invoke(&inv).await?;
         let released: i64 = self.decode(&format!("lease {name}"), answer)?;
         Ok(released == 1)
+    }
+
+    async fn schedule(&self, name: &'static str, member: &str, due_ms: i64) -> StoreResult<()> {
+        crate::check_schedule(name, Some(due_ms))?;
+        self.query(
+            redis::cmd("ZADD")
+                .arg(self.schedule_key(name))
+                .arg(due_ms)
+                .arg(member),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn unschedule(&self, name: &'static str, member: &str) -> StoreResult<()> {
+        crate::check_schedule(name, None)?;
+        self.query(redis::cmd("ZREM").arg(self.schedule_key(name)).arg(member))
+            .await?;
+        Ok(())
+    }
+
+    async fn due(
+        &self,
+        name: &'static str,
+        now_ms: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<(String, i64)>> {
+        crate::check_schedule(name, None)?;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let answer = self
+            .query(
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(self.schedule_key(name))
+                    .arg("-inf")
+                    .arg(now_ms)
+                    .arg("WITHSCORES")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit_arg(limit)),
+            )
+            .await?;
+        let shown = format!("schedule {name}");
+        let entries: Vec<(String, f64)> = self.decode(&shown, answer)?;
+        entries
+            .into_iter()
+            .map(|(member, score)| {
+                due_of_score(score)
+                    .map(|due| (member, due))
+                    .ok_or_else(|| StoreError::Corrupt {
+                        key: shown.clone(),
+                        problem: format!("due time {score} is not a whole number of milliseconds"),
+                    })
+            })
+            .collect()
     }
 
     async fn ping(&self) -> StoreResult<()> {

@@ -14,6 +14,8 @@ use crate::authz::{Access, Principal, Target, authorize};
 use crate::convert::{self, MAILBOX_FIELDS, UpdateMask};
 use crate::records::{CAS_ATTEMPTS, mailbox_key, provider_key};
 use crate::state::BrokerState;
+use crate::tokens::grant::{GrantRecord, grant_key};
+use crate::tokens::lifecycle::discard_grant;
 
 fn what(tenant: &str, name: &str) -> String {
     format!("mailbox `{}` in tenant `{}`", shown(name), shown(tenant))
@@ -106,13 +108,7 @@ pub(super) async fn get(
     authorize(principal, Target::Tenant(&req.tenant), Access::Read)?;
     tokenfleet_domain::name("tenant", &req.tenant).map_err(invalid)?;
     tokenfleet_domain::name("name", &req.name).map_err(invalid)?;
-    let m = must_get::<Mailbox>(
-        state,
-        &mailbox_key(&req.tenant, &req.name),
-        &what(&req.tenant, &req.name),
-    )
-    .await?;
-    Ok(convert::mailbox_to_proto(&m.value, m.version))
+    super::tokens::mailbox_view(state, &req.tenant, &req.name).await
 }
 
 pub(super) async fn list(
@@ -125,15 +121,51 @@ pub(super) async fn list(
     tokenfleet_domain::name("tenant", &req.tenant).map_err(invalid)?;
     let page = page_request(req.page_size, &req.page_token)?;
     require_tenant(state, &req.tenant).await?;
-    let (items, next_page_token) =
-        list_page::<Mailbox>(state, &Scope::Tenant(req.tenant.clone()), &page).await?;
+    let scope = Scope::Tenant(req.tenant.clone());
+    let (items, next_page_token) = list_page::<Mailbox>(state, &scope, &page).await?;
+    let grants = grants_of(state, &scope, &page, &items).await?;
     Ok(pb::ListMailboxesResponse {
         mailboxs: items
             .iter()
-            .map(|m| convert::mailbox_to_proto(&m.value, m.version))
+            .map(|m| super::mailbox_with_grant(&m.value, m.version, grants.get(&m.value.name)))
             .collect(),
         next_page_token,
     })
+}
+
+/// The grant records of a page of mailboxes. Grants share their mailbox's id, so one listing
+/// from the same cursor finds them; mailboxes beyond a full listing (possible only with orphaned
+/// grants) are read one by one.
+async fn grants_of(
+    state: &BrokerState,
+    scope: &Scope,
+    page: &super::PageRequest,
+    items: &[crate::records::Versioned<Mailbox>],
+) -> Result<std::collections::HashMap<String, GrantRecord>, Status> {
+    let limit = page.size + 1;
+    let listed = records(state)
+        .list::<GrantRecord>(scope, page.cursor.as_deref(), limit)
+        .await
+        .map_err(store_status)?;
+    let complete_up_to = (listed.len() >= limit)
+        .then(|| listed.last().map(|g| g.value.mailbox.clone()))
+        .flatten();
+    let mut grants: std::collections::HashMap<String, GrantRecord> = listed
+        .into_iter()
+        .map(|g| (g.value.mailbox.clone(), g.value))
+        .collect();
+    if let Some(last) = complete_up_to {
+        for m in items.iter().filter(|m| m.value.name > last) {
+            if let Some(g) = records(state)
+                .get::<GrantRecord>(&grant_key(&m.value.tenant, &m.value.name))
+                .await
+                .map_err(store_status)?
+            {
+                grants.insert(m.value.name.clone(), g.value);
+            }
+        }
+    }
+    Ok(grants)
 }
 
 pub(super) async fn update(
@@ -180,8 +212,24 @@ pub(super) async fn update(
                 if let Some(v) =
                     commit(state, &what, &next, stored.version, input.version, attempt).await?
                 {
+                    let same_grant = next.address == old.address
+                        && next.provider == old.provider
+                        && next.grant_type == old.grant_type;
+                    let grant = if same_grant {
+                        records(state)
+                            .get::<GrantRecord>(&grant_key(&next.tenant, &next.name))
+                            .await
+                            .map_err(store_status)?
+                            .map(|g| g.value)
+                    } else {
+                        // The grant belongs to the old address, app or flow.
+                        discard_grant(state, &next.tenant, &next.name)
+                            .await
+                            .map_err(store_status)?;
+                        None
+                    };
                     return Ok((
-                        convert::mailbox_to_proto(&next, v),
+                        super::mailbox_with_grant(&next, v, grant.as_ref()),
                         format!("fields: {}", mask.describe()),
                     ));
                 }
@@ -228,6 +276,10 @@ pub(super) async fn delete(
                 )));
             }
             delete_record(state, &key, &what, req.version).await?;
+            // Its tokens must not outlive it.
+            discard_grant(state, &req.tenant, &req.name)
+                .await
+                .map_err(store_status)?;
             Ok((pb::DeleteMailboxResponse {}, String::new()))
         },
     )

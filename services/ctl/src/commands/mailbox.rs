@@ -71,6 +71,9 @@ pub(super) async fn run(cmd: MailboxCommand, ctx: &Ctx) -> Result<(), CtlError> 
                 name: id.name,
             })
         }
+        MailboxCommand::Consent(args) => super::consent::run_consent(args, ctx).await,
+        MailboxCommand::DeleteToken(target) => super::consent::run_delete_token(target, ctx).await,
+        MailboxCommand::Refresh(target) => super::consent::run_refresh(target, ctx).await,
     }
 }
 

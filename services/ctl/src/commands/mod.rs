@@ -4,6 +4,7 @@
 
 mod agent;
 mod audit;
+pub mod consent;
 mod device;
 mod mailbox;
 mod provider;

@@ -1,0 +1,169 @@
+//! `tokenfleet-agent`: enrollment and certificate renewal so far. Thin: parsing, logging, and the
+//! library's [`tokenfleet_agent::identity`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use tokenfleet_agent::identity::{self, EnrollmentCode};
+
+/// The tokenfleet fleet agent.
+#[derive(Debug, Parser)]
+#[command(name = "tokenfleet-agent", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct StateDir {
+    /// Directory for the agent's key, certificate and state (created with mode 0700).
+    #[arg(
+        long,
+        env = "TOKENFLEET_AGENT_STATE_DIR",
+        default_value = "./tokenfleet-agent-data",
+        value_name = "DIR"
+    )]
+    state_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enroll with the broker: generate a key pair here (it never leaves this machine), send a
+    /// certificate request with the one-time code, store the certificate the broker issues.
+    Enroll {
+        /// The broker's gRPC URL, e.g. https://broker.example.com:50051.
+        #[arg(long, env = "TOKENFLEET_BROKER", value_name = "URL")]
+        broker: String,
+        /// The one-time enrollment code (`tokenfleetctl agent enroll-code`).
+        #[arg(
+            long,
+            env = "TOKENFLEET_ENROLLMENT_CODE",
+            value_name = "CODE",
+            hide_env_values = true,
+            required_unless_present = "code_file"
+        )]
+        code: Option<String>,
+        /// File holding the enrollment code (keeps it out of the process list).
+        #[arg(long, value_name = "PATH", conflicts_with = "code")]
+        code_file: Option<PathBuf>,
+        /// CA certificate (PEM) to check the broker's certificate against instead of the system
+        /// roots; kept in the state directory for later calls.
+        #[arg(long, value_name = "PATH")]
+        ca_file: Option<PathBuf>,
+        #[command(flatten)]
+        state: StateDir,
+    },
+    /// Renew the client certificate now (with a new key pair); with --watch, keep it renewed at
+    /// two thirds of each certificate's lifetime until stopped.
+    Renew {
+        /// Keep renewing until SIGTERM/SIGINT.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        state: StateDir,
+    },
+    /// Show the agent's identity and certificate expiry.
+    Status {
+        #[command(flatten)]
+        state: StateDir,
+    },
+}
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("tokenfleet-agent: error: starting the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tokenfleet-agent: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn describe(identity: &identity::StoredIdentity) -> String {
+    format!(
+        "agent {}/{} at {}\ncertificate valid until {}, renewal due {}",
+        identity.info.tenant,
+        identity.info.agent,
+        identity.info.broker_url,
+        identity.not_after,
+        identity.renewal_time()
+    )
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Enroll {
+            broker,
+            code,
+            code_file,
+            ca_file,
+            state,
+        } => {
+            let code = match (code, code_file) {
+                (Some(code), _) => EnrollmentCode::new(&code),
+                (None, Some(path)) => EnrollmentCode::new(
+                    &std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading --code-file {}", path.display()))?,
+                ),
+                (None, None) => anyhow::bail!("give --code or --code-file"),
+            };
+            let ca = ca_file
+                .map(|path| {
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading --ca-file {}", path.display()))
+                })
+                .transpose()?;
+            let enrolled = identity::enroll(&broker, &code, ca, &state.state_dir, VERSION).await?;
+            println!("enrolled {}", describe(&enrolled));
+            Ok(())
+        }
+        Command::Renew { watch, state } => {
+            let renewed = identity::renew(&state.state_dir, VERSION).await?;
+            println!("renewed {}", describe(&renewed));
+            if watch {
+                identity::keep_renewed(&state.state_dir, VERSION, |_| {}, shutdown_signal()?)
+                    .await?;
+            }
+            Ok(())
+        }
+        Command::Status { state } => {
+            let current = identity::load(&state.state_dir)?;
+            println!("{}", describe(&current));
+            Ok(())
+        }
+    }
+}
+
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("installing signal handlers")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing signal handlers")?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    })
+}

@@ -1,0 +1,226 @@
+//! Agent enrollment RPCs of the admin API: `CreateEnrollmentCode` (creates the agent record when
+//! missing and a one-time code, returned once, stored hashed) and `RevokeAgent` (every later call
+//! of the agent is refused; see [`crate::identity::peer`]). Both are audited; the code never
+//! appears in the audit log or the broker log.
+
+use std::time::Duration;
+
+use tokenfleet_domain::{Agent, Stamps};
+use tokenfleet_proto::v1 as pb;
+use tokenfleet_store::{Precondition, StoreError};
+use tonic::Status;
+
+use super::{
+    Change, audited, commit, invalid, must_get, object_path, records, require_tenant, shown,
+    span_object, store_status,
+};
+use crate::authz::{Access, Principal, Target, authorize};
+use crate::convert;
+use crate::identity::IdentityError;
+use crate::identity::codes::{self, DEFAULT_TTL, MAX_TTL, MIN_TTL};
+use crate::records::{CAS_ATTEMPTS, Versioned, agent_key};
+use crate::state::BrokerState;
+
+fn what(tenant: &str, name: &str) -> String {
+    format!("agent `{}` in tenant `{}`", shown(name), shown(tenant))
+}
+
+fn change(action: &'static str, tenant: &str, name: &str) -> Change {
+    Change {
+        action,
+        target: object_path(tenant, "agents", name),
+        tenant: tenant.to_owned(),
+    }
+}
+
+/// Validates `ttl_seconds` (0 = default).
+fn code_ttl(ttl_seconds: i32) -> Result<Duration, Status> {
+    if ttl_seconds == 0 {
+        return Ok(DEFAULT_TTL);
+    }
+    let ttl = u64::try_from(ttl_seconds)
+        .map(Duration::from_secs)
+        .map_err(|_| ttl_error(ttl_seconds))?;
+    if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
+        return Err(ttl_error(ttl_seconds));
+    }
+    Ok(ttl)
+}
+
+fn ttl_error(got: i32) -> Status {
+    Status::invalid_argument(format!(
+        "ttl_seconds: must be {}-{} (0 = {}), got {got}",
+        MIN_TTL.as_secs(),
+        MAX_TTL.as_secs(),
+        DEFAULT_TTL.as_secs()
+    ))
+}
+
+fn identity_status(e: IdentityError) -> Status {
+    match e {
+        IdentityError::Store(e) => store_status(e),
+        other => {
+            tracing::error!(error = %other, "creating an enrollment code failed");
+            Status::internal("internal error while creating the code (details in the broker log)")
+        }
+    }
+}
+
+/// The agent record, created (with `display_name`) when missing.
+async fn agent_for_enrollment(
+    state: &BrokerState,
+    tenant: &str,
+    name: &str,
+    display_name: &str,
+) -> Result<(Versioned<Agent>, bool), Status> {
+    let key = agent_key(tenant, name);
+    for _ in 0..CAS_ATTEMPTS {
+        if let Some(existing) = records(state)
+            .get::<Agent>(&key)
+            .await
+            .map_err(store_status)?
+        {
+            return Ok((existing, false));
+        }
+        let input = pb::Agent {
+            tenant: tenant.to_owned(),
+            name: name.to_owned(),
+            display_name: display_name.to_owned(),
+            ..Default::default()
+        };
+        let agent =
+            convert::agent_from_proto(&input, Stamps::new(state.clock.now())).map_err(invalid)?;
+        match records(state).put(&agent, Precondition::Absent).await {
+            Ok(version) => {
+                return Ok((
+                    Versioned {
+                        version,
+                        value: agent,
+                    },
+                    true,
+                ));
+            }
+            // Created concurrently: use that one.
+            Err(StoreError::AlreadyExists(_)) => continue,
+            Err(e) => return Err(store_status(e)),
+        }
+    }
+    Err(Status::aborted(format!(
+        "{} was changed concurrently; retry",
+        what(tenant, name)
+    )))
+}
+
+pub(super) async fn create_code(
+    state: &BrokerState,
+    principal: &Principal,
+    req: pb::CreateEnrollmentCodeRequest,
+) -> Result<pb::CreateEnrollmentCodeResponse, Status> {
+    span_object(&req.tenant, &req.agent);
+    audited(
+        state,
+        principal,
+        change("agent.enrollment_code.create", &req.tenant, &req.agent),
+        async {
+            authorize(principal, Target::Tenant(&req.tenant), Access::Write)?;
+            tokenfleet_domain::name("tenant", &req.tenant).map_err(invalid)?;
+            tokenfleet_domain::name("agent", &req.agent).map_err(invalid)?;
+            tokenfleet_domain::text(
+                "display_name",
+                &req.display_name,
+                tokenfleet_domain::MAX_TEXT_LEN,
+            )
+            .map_err(invalid)?;
+            let ttl = code_ttl(req.ttl_seconds)?;
+            require_tenant(state, &req.tenant).await?;
+            let (agent, created) =
+                agent_for_enrollment(state, &req.tenant, &req.agent, &req.display_name).await?;
+            if agent.value.revoked {
+                return Err(Status::failed_precondition(format!(
+                    "{} has been revoked; revocation is final, so enroll the site as a new agent (another name)",
+                    what(&req.tenant, &req.agent)
+                )));
+            }
+            let (code, record) =
+                codes::create(state, &req.tenant, &req.agent, ttl, &principal.actor())
+                    .await
+                    .map_err(identity_status)?;
+            let detail = format!(
+                "{}code expires {}",
+                if created { "agent created; " } else { "" },
+                record
+                    .expires
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default()
+            );
+            Ok((
+                pb::CreateEnrollmentCodeResponse {
+                    code: code.expose().to_owned(),
+                    expire_time: Some(convert::timestamp(record.expires)),
+                    agent: Some(convert::agent_to_proto(&agent.value, agent.version)),
+                },
+                detail,
+            ))
+        },
+    )
+    .await
+}
+
+pub(super) async fn revoke(
+    state: &BrokerState,
+    principal: &Principal,
+    req: pb::RevokeAgentRequest,
+) -> Result<pb::Agent, Status> {
+    span_object(&req.tenant, &req.name);
+    audited(
+        state,
+        principal,
+        change("agent.revoke", &req.tenant, &req.name),
+        async {
+            authorize(principal, Target::Tenant(&req.tenant), Access::Write)?;
+            tokenfleet_domain::name("tenant", &req.tenant).map_err(invalid)?;
+            tokenfleet_domain::name("name", &req.name).map_err(invalid)?;
+            let what = what(&req.tenant, &req.name);
+            let key = agent_key(&req.tenant, &req.name);
+            for attempt in 0..CAS_ATTEMPTS {
+                let stored = must_get::<Agent>(state, &key, &what).await?;
+                if stored.value.revoked {
+                    return Ok((
+                        convert::agent_to_proto(&stored.value, stored.version),
+                        "already revoked".to_owned(),
+                    ));
+                }
+                let mut next = stored.value.clone();
+                next.revoked = true;
+                next.stamps.updated = state.clock.now();
+                if let Some(v) = commit(state, &what, &next, stored.version, 0, attempt).await? {
+                    return Ok((convert::agent_to_proto(&next, v), String::new()));
+                }
+            }
+            Err(Status::aborted(format!(
+                "{what} was changed concurrently; retry"
+            )))
+        },
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_ttls() {
+        assert_eq!(code_ttl(0).unwrap(), DEFAULT_TTL);
+        assert_eq!(code_ttl(60).unwrap(), Duration::from_secs(60));
+        assert_eq!(code_ttl(86_400).unwrap(), MAX_TTL);
+        for bad in [-1, 59, 86_401] {
+            let err = code_ttl(bad).unwrap_err();
+            assert!(
+                err.message().starts_with("ttl_seconds:"),
+                "{}",
+                err.message()
+            );
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! Authenticating a `TokenBroker` caller from its TLS client certificate, on every call.
+//!
+//! The TLS layer already refuses certificates of other CAs and expired ones; this check repeats
+//! both (with the broker's clock), reads the identity from the certificate, and then consults the
+//! store, so revocation and re-enrollment take effect on the next call without a restart:
+//! the agent record must exist and not be revoked, and the certificate's serial must be one of
+//! the agent's current certificates ([`super::AgentCertificates`]).
+
+use time::OffsetDateTime;
+use tokenfleet_domain::Agent;
+use tokenfleet_store::{Precondition, StoreError};
+use tonic::{Request, Status};
+
+use super::ca::{CertificateProblem, VerifiedCert};
+use super::{AgentCa, AgentCertificates, AgentId, certificates_key};
+use crate::records::{Records, Versioned, agent_key};
+use crate::state::BrokerState;
+
+/// `last_seen` is written at most this often per agent (every call would be a write otherwise).
+pub const LAST_SEEN_GRANULARITY: time::Duration = time::Duration::seconds(30);
+
+/// An authenticated agent.
+#[derive(Debug, Clone)]
+pub struct AgentPeer {
+    /// Who it is.
+    pub id: AgentId,
+    /// The certificate it called with.
+    pub certificate: VerifiedCert,
+    /// Its agent record as read for this call.
+    pub agent: Versioned<Agent>,
+}
+
+/// Why a caller was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// No client certificate on the connection.
+    #[error(
+        "a client certificate is required: enroll the agent (`tokenfleet-agent enroll`) and call with the certificate it received"
+    )]
+    NoCertificate,
+    /// The certificate is not acceptable.
+    #[error(transparent)]
+    Certificate(#[from] CertificateProblem),
+    /// The agent does not exist (any more).
+    #[error("agent `{0}` does not exist; enroll it again")]
+    UnknownAgent(AgentId),
+    /// The agent has been revoked.
+    #[error("agent `{0}` has been revoked")]
+    Revoked(AgentId),
+    /// The certificate has been replaced (re-enrollment, or an older renewal).
+    #[error(
+        "this certificate of agent `{0}` has been replaced by a newer enrollment; use the current certificate or enroll again"
+    )]
+    Superseded(AgentId),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl PeerError {
+    /// The gRPC status for the caller; details of store failures are logged, not sent.
+    pub fn into_status(self) -> Status {
+        match self {
+            Self::Store(e) => crate::admin::store_status(e),
+            Self::NoCertificate | Self::Certificate(_) => Status::unauthenticated(self.to_string()),
+            Self::UnknownAgent(_) | Self::Revoked(_) | Self::Superseded(_) => {
+                Status::permission_denied(self.to_string())
+            }
+        }
+    }
+}
+
+/// The leaf client certificate (DER) of the connection `request` came on, if any.
+pub fn peer_certificate<T>(request: &Request<T>) -> Option<Vec<u8>> {
+    let certs = request.peer_certs()?;
+    certs.first().map(|c| c.as_ref().to_vec())
+}
+
+/// Verifies `leaf_der` and checks the agent against the store; records `last_seen`.
+pub async fn authenticate(
+    state: &BrokerState,
+    ca: &AgentCa,
+    leaf_der: Option<&[u8]>,
+) -> Result<AgentPeer, PeerError> {
+    let leaf = leaf_der.ok_or(PeerError::NoCertificate)?;
+    let now = state.clock.now();
+    let certificate = ca.verify(leaf, now)?;
+    let id = certificate.id.clone();
+    let records = Records::new(state.store.as_ref());
+    let Some(agent) = records
+        .get::<Agent>(&agent_key(&id.tenant, &id.name))
+        .await?
+    else {
+        return Err(PeerError::UnknownAgent(id));
+    };
+    if agent.value.revoked {
+        return Err(PeerError::Revoked(id));
+    }
+    let current = read_certificates(state, &id).await?;
+    let listed = current.as_ref().is_some_and(|(_, c)| {
+        c.agent_created == agent.value.stamps.created && c.serials.contains(&certificate.serial)
+    });
+    if !listed {
+        return Err(PeerError::Superseded(id));
+    }
+    let agent = touch_last_seen(state, agent, now).await;
+    Ok(AgentPeer {
+        id,
+        certificate,
+        agent,
+    })
+}
+
+/// Reads an agent's certificate record.
+pub async fn read_certificates(
+    state: &BrokerState,
+    id: &AgentId,
+) -> Result<Option<(u64, AgentCertificates)>, StoreError> {
+    let key = certificates_key(&id.tenant, &id.name);
+    let Some(record) = state.store.get(&key).await? else {
+        return Ok(None);
+    };
+    let value: AgentCertificates =
+        serde_json::from_slice(&record.data).map_err(|e| StoreError::Corrupt {
+            key: key.to_string(),
+            problem: format!("not a valid agent certificate record: {e}"),
+        })?;
+    Ok(Some((record.version, value)))
+}
+
+/// Writes an agent's certificate record if `pre` holds.
+pub async fn write_certificates(
+    state: &BrokerState,
+    value: &AgentCertificates,
+    pre: Precondition,
+) -> Result<u64, StoreError> {
+    let key = certificates_key(&value.tenant, &value.agent);
+    let data = serde_json::to_vec(value).map_err(|e| StoreError::Corrupt {
+        key: key.to_string(),
+        problem: format!("cannot encode agent certificate record: {e}"),
+    })?;
+    state.store.put(&key, data, pre).await
+}
+
+/// Records that the agent was seen at `now`, unless that was recorded less than
+/// [`LAST_SEEN_GRANULARITY`] ago. Best effort: a concurrent change wins and a failure is logged.
+async fn touch_last_seen(
+    state: &BrokerState,
+    mut agent: Versioned<Agent>,
+    now: OffsetDateTime,
+) -> Versioned<Agent> {
+    if agent
+        .value
+        .last_seen
+        .is_some_and(|seen| now - seen < LAST_SEEN_GRANULARITY)
+    {
+        return agent;
+    }
+    let mut next = agent.value.clone();
+    next.last_seen = Some(now);
+    match Records::new(state.store.as_ref())
+        .put(&next, Precondition::Version(agent.version))
+        .await
+    {
+        Ok(version) => {
+            agent = Versioned {
+                version,
+                value: next,
+            };
+        }
+        Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => {}
+        Err(error) => tracing::warn!(%error, agent = %next.name, "recording last_seen failed"),
+    }
+    agent
+}

@@ -1,0 +1,1330 @@
+//! [`TokenService`]: access tokens for mailboxes, refreshed when needed, exactly one refresh per
+//! mailbox at a time across all replicas; on-demand and forced refreshes, token deletion, and the
+//! status transitions every surface shows.
+//!
+//! One refresh at a time:
+//! - in this process, callers that find the cached token too old join one in-flight refresh per
+//!   mailbox (a spawned task, so a caller that gives up does not abandon a half-done refresh);
+//! - across replicas, the refresh runs under the store lease `refresh/<tenant>/<mailbox>` (TTL
+//!   longer than the provider timeout). The lease holder re-reads the grant first: another
+//!   replica may have refreshed while it waited, and then its token is used without calling the
+//!   provider. The result is written with compare-and-set on the version read under the lease and
+//!   carries the lease's fence. A replica that does not get the lease polls the grant with a
+//!   short backoff until a fresh token (or a recorded failure) appears or the lease frees, bounded
+//!   by a deadline; it never calls the provider itself meanwhile.
+//!
+//! Status transitions of a refresh (see [`tokenfleet_providers::ErrorClass::refresh_status`]):
+//! success → `ACTIVE` (failures reset); a dead grant (`invalid_grant`, grant-killing AADSTS codes)
+//! → `REAUTH_REQUIRED` with the provider's code, the reason and `tokenfleetctl mailbox consent
+//! <mailbox>` as the fix, taken off the schedule; anything else (network, 5xx, 429, a broken app
+//! registration) → `REFRESH_FAILING` with the reason and fix, retried with exponential backoff
+//! (at least `Retry-After`), never `REAUTH_REQUIRED`. While `REFRESH_FAILING`, an access token
+//! that is still valid is still handed out.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
+use time::OffsetDateTime;
+use tokenfleet_domain::{GrantType, Mailbox, Provider, TokenStatus};
+use tokenfleet_providers::{
+    ErrorClass, ProviderClient, ProviderError, ProviderSettings, SKEW_REPORT_THRESHOLD,
+};
+use tokenfleet_seal::{SealError, Secret};
+use tokenfleet_store::{Lease, Precondition, StoreError};
+use tonic::Status;
+
+use super::backoff::{Backoff, unit_random};
+use super::grant::{GrantField, GrantRecord, grant_key, open_field, seal_field};
+use super::scheduler::{
+    SchedulerConfig, next_refresh_at, schedule_refresh, unschedule_refresh,
+};
+use crate::records::{
+    Records, Versioned, mailbox_key, open_client_secret, open_service_account_key, provider_key,
+};
+use crate::state::BrokerState;
+
+/// Largest validity a caller may ask for; asking for more than a token lives would refresh on
+/// every call.
+pub const MAX_MIN_VALIDITY: Duration = Duration::from_secs(30 * 60);
+
+/// A still-valid token is handed out during `REFRESH_FAILING` only if it has at least this left.
+pub const FALLBACK_FLOOR: Duration = Duration::from_secs(30);
+
+/// How long a disabled mailbox's schedule entry waits before it is looked at again (cheap: no
+/// provider call), so a mailbox that is enabled again is picked up.
+pub const DISABLED_RECHECK: Duration = Duration::from_secs(3600);
+
+/// First and largest pause while waiting for another replica's refresh.
+const WAIT_PAUSE: (Duration, Duration) = (Duration::from_millis(20), Duration::from_millis(250));
+
+/// Settings of the token lifecycle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenConfig {
+    /// Refresh on demand when the cached access token has less than this left.
+    pub refresh_margin: Duration,
+    /// Delegated grants are refreshed at least this often (Microsoft refresh tokens die after 90
+    /// days without use).
+    pub max_refresh_interval: Duration,
+    /// Timeout of one provider request.
+    pub provider_timeout: Duration,
+    /// TTL of a mailbox's refresh lease; longer than `provider_timeout`.
+    pub lease_ttl: Duration,
+    /// Retry timing after failed refreshes.
+    pub backoff: Backoff,
+    /// The background scheduler.
+    pub scheduler: SchedulerConfig,
+    /// Names this replica in lease owners and logs (random by default).
+    pub replica_id: String,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        Self {
+            refresh_margin: Duration::from_secs(5 * 60),
+            max_refresh_interval: Duration::from_secs(24 * 3600),
+            provider_timeout: Duration::from_secs(30),
+            lease_ttl: Duration::from_secs(60),
+            backoff: Backoff::default(),
+            scheduler: SchedulerConfig::default(),
+            replica_id: format!("broker-{}", uuid::Uuid::new_v4().simple()),
+        }
+    }
+}
+
+impl TokenConfig {
+    /// Checks the settings fit together; the error names the field (as in the `[tokens]`
+    /// configuration section).
+    pub fn check(&self) -> Result<(), tokenfleet_domain::ValidationError> {
+        use tokenfleet_domain::ValidationError as E;
+        if self.provider_timeout.is_zero() {
+            return Err(E::new("tokens.provider_timeout_seconds", "must be positive"));
+        }
+        if self.lease_ttl <= self.provider_timeout {
+            return Err(E::new(
+                "tokens.lease_ttl_seconds",
+                format!(
+                    "must be longer than tokens.provider_timeout_seconds ({} s): a replica must still hold the lease when the provider answers",
+                    self.provider_timeout.as_secs()
+                ),
+            ));
+        }
+        if self.max_refresh_interval < Duration::from_secs(60) {
+            return Err(E::new(
+                "tokens.max_refresh_interval_seconds",
+                "must be at least 60",
+            ));
+        }
+        if self.backoff.min.is_zero() || self.backoff.max < self.backoff.min {
+            return Err(E::new(
+                "tokens.backoff_max_seconds",
+                "backoff_min_seconds must be positive and backoff_max_seconds at least as large",
+            ));
+        }
+        if self.scheduler.interval.is_zero() {
+            return Err(E::new("tokens.scheduler_interval_ms", "must be positive"));
+        }
+        if self.scheduler.batch == 0 || self.scheduler.concurrency == 0 {
+            return Err(E::new(
+                "tokens.scheduler_concurrency",
+                "scheduler_batch and scheduler_concurrency must be positive",
+            ));
+        }
+        Ok(())
+    }
+
+    /// How long a caller waits for another replica's refresh before giving up.
+    pub fn wait_timeout(&self) -> Duration {
+        self.lease_ttl + Duration::from_secs(5)
+    }
+}
+
+/// An access token handed out. `Debug` redacts the token.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    /// The access token.
+    pub access_token: Secret,
+    /// When it expires (broker clock).
+    pub expires: OffsetDateTime,
+    /// The SASL user name to log in with (the mailbox address).
+    pub sasl_username: String,
+}
+
+/// Why no token could be had. Never holds secrets. Cheap to clone (shared by every caller that
+/// waited for the same refresh).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    /// The mailbox does not exist.
+    #[error("mailbox `{mailbox}` in tenant `{tenant}` not found")]
+    MailboxNotFound {
+        /// Tenant.
+        tenant: String,
+        /// Mailbox.
+        mailbox: String,
+    },
+    /// An operator disabled the mailbox.
+    #[error("mailbox `{mailbox}` is disabled; enable it with `tokenfleetctl mailbox update {mailbox} --disabled=false`")]
+    Disabled {
+        /// Mailbox.
+        mailbox: String,
+    },
+    /// No grant was obtained yet (or it was deleted).
+    #[error("no token has been obtained for mailbox `{mailbox}` yet; run `tokenfleetctl mailbox consent {mailbox}`")]
+    NotRetrieved {
+        /// Mailbox.
+        mailbox: String,
+    },
+    /// A consent is in progress.
+    #[error("the consent for mailbox `{mailbox}` is still waiting for a person to sign in")]
+    ConsentPending {
+        /// Mailbox.
+        mailbox: String,
+    },
+    /// The grant is dead; a person must consent again.
+    #[error("mailbox `{mailbox}` needs a new consent: {} [{}]. Fix: {}", .error.reason, .error.code, .error.fix)]
+    ReauthRequired {
+        /// Mailbox.
+        mailbox: String,
+        /// Why, and what fixes it.
+        error: tokenfleet_domain::TokenError,
+    },
+    /// Refreshing failed; it is retried automatically.
+    #[error("refreshing the token of mailbox `{mailbox}` failed: {} [{}]. Fix: {}", .error.reason, .error.code, .error.fix)]
+    RefreshFailing {
+        /// Mailbox.
+        mailbox: String,
+        /// Why, and what fixes it.
+        error: tokenfleet_domain::TokenError,
+        /// When the next attempt is scheduled.
+        retry_at: Option<OffsetDateTime>,
+    },
+    /// Another replica held the mailbox's refresh lease for longer than the wait allows.
+    #[error("the token of mailbox `{mailbox}` is being refreshed elsewhere and did not become ready in time; retry")]
+    Busy {
+        /// Mailbox.
+        mailbox: String,
+    },
+    /// The mailbox's provider record is missing or unusable.
+    #[error("provider of mailbox `{mailbox}`: {problem}")]
+    Provider {
+        /// Mailbox.
+        mailbox: String,
+        /// What is wrong (names the field).
+        problem: String,
+    },
+    /// The grant changed while it was refreshed (a consent completed or the token was deleted).
+    #[error("the grant of mailbox `{mailbox}` changed while it was refreshed; retry")]
+    Changed {
+        /// Mailbox.
+        mailbox: String,
+    },
+    /// Issuance refused: the device may not have this token.
+    #[error("{0}")]
+    Denied(String),
+    /// Invalid input (names the field).
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(Arc<StoreError>),
+    /// Something internal failed (details in the log).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for TokenError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(Arc::new(e))
+    }
+}
+
+impl TokenError {
+    /// The gRPC status for this error (the one mapping; internal details are logged, not sent).
+    pub fn to_status(&self) -> Status {
+        match self {
+            Self::MailboxNotFound { .. } => Status::not_found(self.to_string()),
+            Self::Disabled { .. }
+            | Self::NotRetrieved { .. }
+            | Self::ConsentPending { .. }
+            | Self::ReauthRequired { .. }
+            | Self::Provider { .. } => Status::failed_precondition(self.to_string()),
+            Self::RefreshFailing { .. } | Self::Busy { .. } => {
+                Status::unavailable(self.to_string())
+            }
+            Self::Changed { .. } => Status::aborted(self.to_string()),
+            Self::Denied(m) => Status::permission_denied(m.clone()),
+            Self::Invalid(m) => Status::invalid_argument(m.clone()),
+            Self::Store(e) => match e.as_ref() {
+                StoreError::Conflict { .. } => Status::aborted("changed concurrently; retry"),
+                StoreError::Unavailable(_) => {
+                    tracing::warn!(error = %e, "store unavailable");
+                    Status::unavailable("the store is unavailable; retry later")
+                }
+                other => {
+                    tracing::error!(error = %other, "store failure");
+                    Status::internal("internal store error (details in the broker log)")
+                }
+            },
+            Self::Internal(_) => {
+                tracing::error!(error = %self, "token lifecycle failure");
+                Status::internal("internal error (details in the broker log)")
+            }
+        }
+    }
+}
+
+/// What started a refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// A caller needs a token valid for at least this long.
+    OnDemand(Duration),
+    /// The scheduler found the mailbox due.
+    Scheduled,
+    /// An operator asked (`RefreshNow`): refresh even if the cached token is fine.
+    Forced,
+}
+
+/// What [`TokenService::delete_token`] did at the provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revocation {
+    /// Nothing was stored.
+    NothingStored,
+    /// The provider revoked the grant.
+    Revoked,
+    /// The provider has no revocation endpoint (Microsoft); only the stored tokens were wiped.
+    Unsupported {
+        /// What the operator can do instead.
+        fix: String,
+    },
+    /// Revocation failed; the stored tokens were wiped anyway.
+    Failed {
+        /// Code of the failure.
+        code: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl fmt::Display for Revocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NothingStored => f.write_str("no tokens were stored"),
+            Self::Revoked => f.write_str("grant revoked at the provider; stored tokens wiped"),
+            Self::Unsupported { fix } => write!(
+                f,
+                "stored tokens wiped; the provider has no revocation endpoint ({fix})"
+            ),
+            Self::Failed { code, reason } => write!(
+                f,
+                "stored tokens wiped, but revoking at the provider failed: {reason} [{code}]"
+            ),
+        }
+    }
+}
+
+type Flight = Shared<BoxFuture<'static, Result<IssuedToken, TokenError>>>;
+
+#[derive(Debug)]
+struct CachedClient {
+    version: u64,
+    created: OffsetDateTime,
+    client: Arc<ProviderClient>,
+}
+
+struct Inner {
+    state: BrokerState,
+    config: TokenConfig,
+    clients: Mutex<HashMap<(String, String), CachedClient>>,
+    flights: Mutex<HashMap<(String, String), (u64, Flight)>>,
+    next_flight: AtomicU64,
+}
+
+/// Access tokens for mailboxes; see the module documentation. Cheap to clone.
+#[derive(Clone)]
+pub struct TokenService {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for TokenService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenService")
+            .field("replica_id", &self.inner.config.replica_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The maps stay consistent even if a holder panicked (every update is a single insert/remove).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn seal_error(record: &str) -> impl Fn(SealError) -> TokenError + '_ {
+    move |e| {
+        tracing::error!(error = %e, record, "sealing failed");
+        TokenError::Internal(format!("sealing failed for {record}"))
+    }
+}
+
+/// The lease that serializes work on a mailbox's grant.
+pub fn lease_name(tenant: &str, mailbox: &str) -> String {
+    format!("refresh/{tenant}/{mailbox}")
+}
+
+/// Whether a grant of this type has a refresh token.
+pub fn is_delegated(grant_type: GrantType) -> bool {
+    matches!(
+        grant_type,
+        GrantType::DelegatedDeviceCode | GrantType::DelegatedAuthCode
+    )
+}
+
+/// Whether a grant in this state may hand out its cached token and be refreshed.
+fn usable(status: TokenStatus) -> bool {
+    matches!(status, TokenStatus::Active | TokenStatus::RefreshFailing)
+}
+
+/// How long the grant's access token is still valid at `now` (zero when expired or missing).
+fn remaining(grant: &GrantRecord, now: OffsetDateTime) -> Duration {
+    match (&grant.access_token, grant.state.access_token_expires) {
+        (Some(_), Some(exp)) if exp > now => (exp - now).unsigned_abs(),
+        _ => Duration::ZERO,
+    }
+}
+
+/// The validity to insist on: what the caller wants, but at most half the token's lifetime (a
+/// provider issuing short tokens must not cause a refresh on every call).
+fn needed(grant: &GrantRecord, want: Duration) -> Duration {
+    let want = want.min(MAX_MIN_VALIDITY);
+    match (grant.state.last_refresh, grant.state.access_token_expires) {
+        (Some(from), Some(to)) if to > from => want.min((to - from).unsigned_abs() / 2),
+        _ => want,
+    }
+}
+
+/// The error a grant's recorded state stands for, when it cannot hand out a token.
+fn state_error(grant: &GrantRecord, mailbox: &str) -> TokenError {
+    let mailbox = mailbox.to_owned();
+    match grant.state.status {
+        TokenStatus::ReauthRequired => match &grant.state.last_error {
+            Some(error) => TokenError::ReauthRequired {
+                mailbox,
+                error: error.clone(),
+            },
+            None => TokenError::NotRetrieved { mailbox },
+        },
+        TokenStatus::RefreshFailing => match &grant.state.last_error {
+            Some(error) => TokenError::RefreshFailing {
+                mailbox,
+                error: error.clone(),
+                retry_at: grant.next_refresh,
+            },
+            None => TokenError::Busy { mailbox },
+        },
+        TokenStatus::ConsentPending => TokenError::ConsentPending { mailbox },
+        TokenStatus::Disabled => TokenError::Disabled { mailbox },
+        TokenStatus::NotRetrieved | TokenStatus::Active => TokenError::NotRetrieved { mailbox },
+    }
+}
+
+impl TokenService {
+    /// A service over the shared state.
+    pub fn new(state: BrokerState, config: TokenConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                state,
+                config,
+                clients: Mutex::new(HashMap::new()),
+                flights: Mutex::new(HashMap::new()),
+                next_flight: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The shared broker state.
+    pub fn state(&self) -> &BrokerState {
+        &self.inner.state
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &TokenConfig {
+        &self.inner.config
+    }
+
+    fn records(&self) -> Records<'_> {
+        Records::new(self.inner.state.store.as_ref())
+    }
+
+    fn now(&self) -> OffsetDateTime {
+        self.inner.state.clock.now()
+    }
+
+    /// Reads a mailbox's grant.
+    pub async fn grant(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+    ) -> Result<Option<Versioned<GrantRecord>>, TokenError> {
+        Ok(self
+            .records()
+            .get::<GrantRecord>(&grant_key(tenant, mailbox))
+            .await?)
+    }
+
+    async fn mailbox(&self, tenant: &str, mailbox: &str) -> Result<Mailbox, TokenError> {
+        self.records()
+            .get::<Mailbox>(&mailbox_key(tenant, mailbox))
+            .await?
+            .map(|m| m.value)
+            .ok_or_else(|| TokenError::MailboxNotFound {
+                tenant: tenant.to_owned(),
+                mailbox: mailbox.to_owned(),
+            })
+    }
+
+    fn check_names(tenant: &str, mailbox: &str) -> Result<(), TokenError> {
+        tokenfleet_domain::name("tenant", tenant).map_err(|e| TokenError::Invalid(e.to_string()))?;
+        tokenfleet_domain::name("mailbox", mailbox)
+            .map_err(|e| TokenError::Invalid(e.to_string()))?;
+        Ok(())
+    }
+
+    fn open_access(
+        &self,
+        grant: &GrantRecord,
+        address: &str,
+    ) -> Result<Option<IssuedToken>, TokenError> {
+        let (Some(sealed), Some(expires)) = (&grant.access_token, grant.state.access_token_expires)
+        else {
+            return Ok(None);
+        };
+        let record = format!("{}#access_token", grant.key());
+        let access_token = open_field(
+            &self.inner.state.keyring,
+            &grant.tenant,
+            &grant.mailbox,
+            GrantField::AccessToken,
+            sealed,
+        )
+        .map_err(seal_error(&record))?;
+        Ok(Some(IssuedToken {
+            access_token,
+            expires,
+            sasl_username: address.to_owned(),
+        }))
+    }
+
+    /// An access token for the mailbox valid for at least `min_validity` (capped at
+    /// [`MAX_MIN_VALIDITY`] and half the token lifetime): the cached one if it is, else a refreshed
+    /// one (one refresh per mailbox across all replicas; see the module documentation).
+    pub async fn access_token(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+        min_validity: Duration,
+    ) -> Result<IssuedToken, TokenError> {
+        Self::check_names(tenant, mailbox)?;
+        for round in 0..2 {
+            let m = self.mailbox(tenant, mailbox).await?;
+            if m.disabled {
+                return Err(TokenError::Disabled {
+                    mailbox: mailbox.to_owned(),
+                });
+            }
+            let Some(grant) = self.grant(tenant, mailbox).await? else {
+                return Err(TokenError::NotRetrieved {
+                    mailbox: mailbox.to_owned(),
+                });
+            };
+            let grant = grant.value;
+            if !usable(grant.state.status) {
+                return Err(state_error(&grant, mailbox));
+            }
+            let now = self.now();
+            let need = needed(&grant, min_validity);
+            if remaining(&grant, now) >= need
+                && let Some(token) = self.open_access(&grant, &m.address)?
+            {
+                return Ok(token);
+            }
+            let token = self
+                .flight(tenant, mailbox, Trigger::OnDemand(need))
+                .await?;
+            let now = self.now();
+            if token.expires >= now + need || (round == 1 && token.expires > now) {
+                return Ok(token);
+            }
+        }
+        Err(TokenError::Busy {
+            mailbox: mailbox.to_owned(),
+        })
+    }
+
+    /// Joins the in-flight refresh of the mailbox in this process, or starts one.
+    fn flight(&self, tenant: &str, mailbox: &str, trigger: Trigger) -> Flight {
+        let key = (tenant.to_owned(), mailbox.to_owned());
+        let mut flights = lock(&self.inner.flights);
+        if let Some((_, flight)) = flights.get(&key) {
+            return flight.clone();
+        }
+        let id = self.inner.next_flight.fetch_add(1, Ordering::Relaxed);
+        let this = self.clone();
+        let (t, m) = key.clone();
+        let task = tokio::spawn(async move {
+            let result = this.refresh_exclusive(&t, &m, trigger).await;
+            let mut flights = lock(&this.inner.flights);
+            if flights.get(&(t.clone(), m.clone())).map(|(i, _)| *i) == Some(id) {
+                flights.remove(&(t, m));
+            }
+            result
+        });
+        let flight = async move {
+            task.await.unwrap_or_else(|e| {
+                Err(TokenError::Internal(format!("refresh task failed: {e}")))
+            })
+        }
+        .boxed()
+        .shared();
+        flights.insert(key, (id, flight.clone()));
+        flight
+    }
+
+    /// Refreshes now, even if the cached token is fine (`RefreshNow`). Waits for a refresh that
+    /// is already running. Provider failures are recorded in the grant and returned.
+    pub async fn refresh_now(&self, tenant: &str, mailbox: &str) -> Result<IssuedToken, TokenError> {
+        Self::check_names(tenant, mailbox)?;
+        self.refresh_exclusive(tenant, mailbox, Trigger::Forced)
+            .await
+    }
+
+    /// One scheduled refresh (called by the scheduler); outcomes are logged and the schedule
+    /// entry is moved to when the mailbox should be looked at next.
+    pub async fn scheduled_refresh(&self, tenant: &str, mailbox: &str) {
+        let store = self.inner.state.store.as_ref();
+        let result = self.flight(tenant, mailbox, Trigger::Scheduled).await;
+        let now = self.now();
+        let next = match &result {
+            Ok(_) => return,
+            // Failures are rescheduled (or taken off) where they are recorded.
+            Err(TokenError::RefreshFailing { .. }) | Err(TokenError::ReauthRequired { .. }) => {
+                return;
+            }
+            Err(TokenError::MailboxNotFound { .. }) => {
+                // The mailbox was deleted: its grant must not outlive it.
+                tracing::info!(tenant, mailbox, "mailbox gone: discarding its grant");
+                if let Err(error) = discard_grant(&self.inner.state, tenant, mailbox).await {
+                    tracing::warn!(%error, tenant, mailbox, "discarding an orphaned grant failed");
+                }
+                None
+            }
+            Err(TokenError::NotRetrieved { .. }) | Err(TokenError::ConsentPending { .. }) => None,
+            Err(TokenError::Disabled { .. }) => Some(now + DISABLED_RECHECK),
+            Err(error @ (TokenError::Busy { .. } | TokenError::Changed { .. })) => {
+                tracing::debug!(%error, tenant, mailbox, "scheduled refresh deferred");
+                Some(now + self.inner.config.lease_ttl)
+            }
+            Err(error) => {
+                tracing::warn!(%error, tenant, mailbox, "scheduled refresh failed; retrying later");
+                Some(
+                    now + self
+                        .inner
+                        .config
+                        .backoff
+                        .delay(1, None, unit_random()),
+                )
+            }
+        };
+        let written = match next {
+            Some(at) => schedule_refresh(store, tenant, mailbox, at).await,
+            None => unschedule_refresh(store, tenant, mailbox).await,
+        };
+        if let Err(error) = written {
+            tracing::warn!(%error, tenant, mailbox, "updating the refresh schedule failed");
+        }
+    }
+
+    /// Takes the mailbox's lease (waiting for another holder, bounded by a deadline) and runs the
+    /// refresh under it; while waiting, returns early when the holder's result shows up.
+    async fn refresh_exclusive(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+        trigger: Trigger,
+    ) -> Result<IssuedToken, TokenError> {
+        let store = self.inner.state.store.as_ref();
+        let name = lease_name(tenant, mailbox);
+        let owner = format!(
+            "{}:{}",
+            self.inner.config.replica_id,
+            uuid::Uuid::new_v4().simple()
+        );
+        let deadline = tokio::time::Instant::now() + self.inner.config.wait_timeout();
+        let mut pause = WAIT_PAUSE.0;
+        let mut first_version: Option<u64> = None;
+        let mut address: Option<String> = None;
+        loop {
+            if let Some(lease) = store
+                .try_lease(&name, &owner, self.inner.config.lease_ttl)
+                .await?
+            {
+                let result = self.refresh_under_lease(tenant, mailbox, trigger, &lease).await;
+                match store.release_lease(&name, &owner).await {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(
+                        tenant,
+                        mailbox,
+                        "the refresh lease expired before the refresh finished; consider a longer tokens.lease_ttl_seconds"
+                    ),
+                    Err(error) => {
+                        tracing::warn!(%error, tenant, mailbox, "releasing the refresh lease failed; it expires on its own")
+                    }
+                }
+                return result;
+            }
+            // Another replica (or a forced refresh here) works on the grant: watch its record
+            // instead of calling the provider.
+            if trigger != Trigger::Forced {
+                if address.is_none() {
+                    address = Some(self.mailbox(tenant, mailbox).await?.address);
+                }
+                if let Some(done) = self
+                    .check_while_waiting(
+                        tenant,
+                        mailbox,
+                        trigger,
+                        &mut first_version,
+                        address.as_deref().unwrap_or_default(),
+                    )
+                    .await?
+                {
+                    return done;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(TokenError::Busy {
+                    mailbox: mailbox.to_owned(),
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(WAIT_PAUSE.1);
+        }
+    }
+
+    /// While another holder refreshes: `Some` when its result is visible in the record.
+    async fn check_while_waiting(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+        trigger: Trigger,
+        first_version: &mut Option<u64>,
+        address: &str,
+    ) -> Result<Option<Result<IssuedToken, TokenError>>, TokenError> {
+        let Some(stored) = self.grant(tenant, mailbox).await? else {
+            return Ok(Some(Err(TokenError::NotRetrieved {
+                mailbox: mailbox.to_owned(),
+            })));
+        };
+        let first = *first_version.get_or_insert(stored.version);
+        let grant = &stored.value;
+        let now = self.now();
+        let fresh = match trigger {
+            Trigger::OnDemand(want) => remaining(grant, now) >= needed(grant, want),
+            Trigger::Scheduled => grant.next_refresh.is_some_and(|t| t > now),
+            Trigger::Forced => false,
+        };
+        if usable(grant.state.status)
+            && fresh
+            && let Some(token) = self.open_access(grant, address)?
+        {
+            return Ok(Some(Ok(token)));
+        }
+        if stored.version != first
+            && matches!(
+                grant.state.status,
+                TokenStatus::ReauthRequired
+                    | TokenStatus::RefreshFailing
+                    | TokenStatus::NotRetrieved
+                    | TokenStatus::ConsentPending
+            )
+        {
+            // The holder finished without a usable token.
+            if grant.state.status == TokenStatus::RefreshFailing
+                && remaining(grant, now) >= FALLBACK_FLOOR
+                && let Some(token) = self.open_access(grant, address)?
+            {
+                return Ok(Some(Ok(token)));
+            }
+            return Ok(Some(Err(state_error(grant, mailbox))));
+        }
+        Ok(None)
+    }
+
+    /// The provider client for a provider record (cached; rebuilt when the record changes).
+    fn client_for(
+        &self,
+        provider: &Versioned<Provider>,
+        mailbox: &str,
+    ) -> Result<Arc<ProviderClient>, TokenError> {
+        let p = &provider.value;
+        let key = (p.tenant.clone(), p.name.clone());
+        if let Some(c) = lock(&self.inner.clients).get(&key)
+            && c.version == provider.version
+            && c.created == p.stamps.created
+        {
+            return Ok(c.client.clone());
+        }
+        let record = format!("{}#client_secret", provider_key(&p.tenant, &p.name));
+        let secret =
+            open_client_secret(&self.inner.state.keyring, p).map_err(seal_error(&record))?;
+        let bad = |e: tokenfleet_domain::ValidationError| TokenError::Provider {
+            mailbox: mailbox.to_owned(),
+            problem: format!("provider `{}`: {e}", p.name),
+        };
+        let settings = ProviderSettings::from_provider(p, secret)
+            .map_err(bad)?
+            .with_timeout(self.inner.config.provider_timeout);
+        let client = Arc::new(
+            ProviderClient::new(settings)
+                .map_err(bad)?
+                .with_clock(self.inner.state.clock.clone()),
+        );
+        lock(&self.inner.clients).insert(
+            key,
+            CachedClient {
+                version: provider.version,
+                created: p.stamps.created,
+                client: client.clone(),
+            },
+        );
+        Ok(client)
+    }
+
+    async fn provider_of(
+        &self,
+        m: &Mailbox,
+    ) -> Result<(Versioned<Provider>, Arc<ProviderClient>), TokenError> {
+        let provider = self
+            .records()
+            .get::<Provider>(&provider_key(&m.tenant, &m.provider))
+            .await?
+            .ok_or_else(|| TokenError::Provider {
+                mailbox: m.name.clone(),
+                problem: format!(
+                    "provider `{}` does not exist in tenant `{}`",
+                    m.provider, m.tenant
+                ),
+            })?;
+        let client = self.client_for(&provider, &m.name)?;
+        Ok((provider, client))
+    }
+
+    /// The refresh itself, under the mailbox's lease.
+    async fn refresh_under_lease(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+        trigger: Trigger,
+        lease: &Lease,
+    ) -> Result<IssuedToken, TokenError> {
+        let m = self.mailbox(tenant, mailbox).await?;
+        let Some(stored) = self.grant(tenant, mailbox).await? else {
+            return Err(TokenError::NotRetrieved {
+                mailbox: mailbox.to_owned(),
+            });
+        };
+        if m.disabled {
+            return Err(TokenError::Disabled {
+                mailbox: mailbox.to_owned(),
+            });
+        }
+        let grant = stored.value;
+        let now = self.now();
+
+        // Re-read under the lease: another replica may have refreshed meanwhile.
+        match trigger {
+            Trigger::OnDemand(want) if usable(grant.state.status) => {
+                if remaining(&grant, now) >= needed(&grant, want)
+                    && let Some(token) = self.open_access(&grant, &m.address)?
+                {
+                    return Ok(token);
+                }
+            }
+            Trigger::Scheduled if usable(grant.state.status) => {
+                if let Some(next) = grant.next_refresh
+                    && next > now
+                {
+                    // Done elsewhere; make the schedule agree with the record.
+                    schedule_refresh(self.inner.state.store.as_ref(), tenant, mailbox, next)
+                        .await?;
+                    return match self.open_access(&grant, &m.address)? {
+                        Some(token) => Ok(token),
+                        None => Err(TokenError::NotRetrieved {
+                            mailbox: mailbox.to_owned(),
+                        }),
+                    };
+                }
+            }
+            _ => {}
+        }
+        match grant.state.status {
+            TokenStatus::Active | TokenStatus::RefreshFailing => {}
+            // An operator may retry a dead grant by hand (e.g. after a Conditional Access block
+            // was lifted); nothing else calls the provider for it.
+            TokenStatus::ReauthRequired
+                if trigger == Trigger::Forced
+                    && (grant.refresh_token.is_some() || !is_delegated(m.grant_type)) => {}
+            _ => return Err(state_error(&grant, mailbox)),
+        }
+        let delegated = is_delegated(m.grant_type);
+        let refresh_token = match (&grant.refresh_token, delegated) {
+            (Some(sealed), true) => Some(
+                open_field(
+                    &self.inner.state.keyring,
+                    tenant,
+                    mailbox,
+                    GrantField::RefreshToken,
+                    sealed,
+                )
+                .map_err(seal_error(&format!("{}#refresh_token", grant.key())))?,
+            ),
+            (None, true) => {
+                return Err(TokenError::NotRetrieved {
+                    mailbox: mailbox.to_owned(),
+                });
+            }
+            (_, false) => None,
+        };
+
+        let (provider, client) = self.provider_of(&m).await?;
+        let scopes = if grant.scopes.is_empty() {
+            match client.scopes_for(m.grant_type, &m.purposes) {
+                Ok(s) => s,
+                Err(e) => return self.record_failure(&m, stored.version, grant, e, lease).await,
+            }
+        } else {
+            grant.scopes.clone()
+        };
+        let started = std::time::Instant::now();
+        let response = match (m.grant_type, refresh_token) {
+            (_, Some(rt)) => client.refresh(&rt, &scopes).await,
+            (GrantType::ServiceAccount, _) => {
+                let record = format!(
+                    "{}#service_account_key",
+                    provider_key(&provider.value.tenant, &provider.value.name)
+                );
+                match open_service_account_key(&self.inner.state.keyring, &provider.value)
+                    .map_err(seal_error(&record))?
+                {
+                    Some(key) => client.jwt_bearer(&key, &m.address, &scopes).await,
+                    None => Err(ProviderError::new(
+                        ErrorClass::AppMisconfigured,
+                        "service_account_key_missing",
+                        format!(
+                            "provider `{}` has no service-account key",
+                            provider.value.name
+                        ),
+                        "store the service account's JSON key with `tokenfleetctl provider update`",
+                    )),
+                }
+            }
+            _ => client.client_credentials(&scopes).await,
+        };
+        tracing::debug!(
+            tenant,
+            mailbox,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            ok = response.is_ok(),
+            "provider token request"
+        );
+        match response {
+            Ok(granted) => {
+                self.record_success(&m, stored.version, grant, granted, lease)
+                    .await
+            }
+            Err(e) => {
+                let fallback = matches!(trigger, Trigger::OnDemand(_));
+                let result = self.record_failure(&m, stored.version, grant, e, lease).await;
+                if fallback
+                    && let Err(TokenError::RefreshFailing { .. }) = &result
+                    && let Some(fresh) = self.grant(tenant, mailbox).await?
+                    && remaining(&fresh.value, self.now()) >= FALLBACK_FLOOR
+                    && let Some(token) = self.open_access(&fresh.value, &m.address)?
+                {
+                    return Ok(token);
+                }
+                result
+            }
+        }
+    }
+
+    async fn record_success(
+        &self,
+        m: &Mailbox,
+        version: u64,
+        mut grant: GrantRecord,
+        granted: tokenfleet_providers::TokenGrant,
+        lease: &Lease,
+    ) -> Result<IssuedToken, TokenError> {
+        let keyring = &self.inner.state.keyring;
+        let (tenant, mailbox) = (m.tenant.as_str(), m.name.as_str());
+        let now = self.now();
+        let record = grant.key().to_string();
+        grant.access_token = Some(
+            seal_field(
+                keyring,
+                tenant,
+                mailbox,
+                GrantField::AccessToken,
+                &granted.access_token,
+            )
+            .map_err(seal_error(&record))?,
+        );
+        // RFC 6749 §6: a new refresh token replaces the old one in the same write; none means keep.
+        if let Some(rt) = &granted.refresh_token {
+            grant.refresh_token = Some(
+                seal_field(keyring, tenant, mailbox, GrantField::RefreshToken, rt)
+                    .map_err(seal_error(&record))?,
+            );
+            grant.refresh_token_obtained = Some(now);
+        }
+        let expires = now + granted.expires_in;
+        grant.state.status = TokenStatus::Active;
+        grant.state.last_refresh = Some(now);
+        grant.state.access_token_expires = Some(expires);
+        grant.state.last_error = None;
+        grant.consecutive_failures = 0;
+        grant.clock_skew_secs = match granted.server_date {
+            Some(date) => {
+                let skew = (date - now).whole_seconds();
+                if skew.unsigned_abs() > SKEW_REPORT_THRESHOLD.as_secs() {
+                    tracing::warn!(
+                        tenant,
+                        mailbox,
+                        skew_seconds = skew,
+                        "the provider's clock differs from the broker's by more than 60 s; check NTP on the broker hosts"
+                    );
+                    skew
+                } else {
+                    0
+                }
+            }
+            None => grant.clock_skew_secs,
+        };
+        if let Some(scope) = granted.scope.as_deref()
+            && grant.scopes.is_empty()
+        {
+            grant.scopes = scope.split_whitespace().map(str::to_owned).collect();
+        }
+        let next = next_refresh_at(
+            now,
+            granted.expires_in,
+            is_delegated(m.grant_type),
+            self.inner.config.max_refresh_interval,
+            unit_random(),
+        );
+        grant.next_refresh = Some(next);
+        self.write(&grant, version, lease).await?;
+        schedule_refresh(self.inner.state.store.as_ref(), tenant, mailbox, next).await?;
+        tracing::info!(
+            tenant,
+            mailbox,
+            rotated = granted.refresh_token.is_some(),
+            expires = %expires,
+            next_refresh = %next,
+            "token refreshed"
+        );
+        Ok(IssuedToken {
+            access_token: granted.access_token,
+            expires,
+            sasl_username: m.address.clone(),
+        })
+    }
+
+    async fn record_failure(
+        &self,
+        m: &Mailbox,
+        version: u64,
+        mut grant: GrantRecord,
+        error: ProviderError,
+        lease: &Lease,
+    ) -> Result<IssuedToken, TokenError> {
+        let (tenant, mailbox) = (m.tenant.as_str(), m.name.as_str());
+        let now = self.now();
+        let status = error.class.refresh_status();
+        let token_error = error.to_token_error(mailbox, now);
+        grant.state.status = status;
+        grant.state.last_error = Some(token_error.clone());
+        grant.consecutive_failures = grant.consecutive_failures.saturating_add(1);
+        let store = self.inner.state.store.as_ref();
+        if status == TokenStatus::ReauthRequired {
+            grant.next_refresh = None;
+            self.write(&grant, version, lease).await?;
+            unschedule_refresh(store, tenant, mailbox).await?;
+            tracing::warn!(
+                tenant,
+                mailbox,
+                code = %error.code,
+                reason = %error.reason,
+                "grant is dead: the mailbox needs a new consent"
+            );
+            return Err(TokenError::ReauthRequired {
+                mailbox: mailbox.to_owned(),
+                error: token_error,
+            });
+        }
+        let delay = self.inner.config.backoff.delay(
+            grant.consecutive_failures,
+            error.retry_after,
+            unit_random(),
+        );
+        let next = now + delay;
+        grant.next_refresh = Some(next);
+        self.write(&grant, version, lease).await?;
+        schedule_refresh(store, tenant, mailbox, next).await?;
+        tracing::warn!(
+            tenant,
+            mailbox,
+            class = %error.class,
+            code = %error.code,
+            reason = %error.reason,
+            failures = grant.consecutive_failures,
+            retry_in_s = delay.as_secs(),
+            "token refresh failed; retrying with backoff"
+        );
+        Err(TokenError::RefreshFailing {
+            mailbox: mailbox.to_owned(),
+            error: token_error,
+            retry_at: Some(next),
+        })
+    }
+
+    /// Writes a grant read at `version` under `lease` (compare-and-set; the record carries the
+    /// lease's fence). A concurrent write by someone not holding the lease (a consent that just
+    /// completed) wins: this result belongs to the grant that was read, not to the new one.
+    async fn write(
+        &self,
+        grant: &GrantRecord,
+        version: u64,
+        lease: &Lease,
+    ) -> Result<u64, TokenError> {
+        let mut grant = grant.clone();
+        grant.fence = lease.fence;
+        match self
+            .records()
+            .put(&grant, Precondition::Version(version))
+            .await
+        {
+            Ok(v) => Ok(v),
+            Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => {
+                tracing::info!(
+                    tenant = %grant.tenant,
+                    mailbox = %grant.mailbox,
+                    "the grant changed during the refresh; keeping the newer record"
+                );
+                Err(TokenError::Changed {
+                    mailbox: grant.mailbox.clone(),
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Revokes the grant at the provider where possible, then wipes every stored secret (status
+    /// `NOT_RETRIEVED`) and takes the mailbox off the refresh schedule. A failed revocation is
+    /// reported (in the result and the grant's `last_error`), but the wipe happens anyway.
+    pub async fn delete_token(&self, tenant: &str, mailbox: &str) -> Result<Revocation, TokenError> {
+        Self::check_names(tenant, mailbox)?;
+        let m = self.mailbox(tenant, mailbox).await?;
+        let store = self.inner.state.store.as_ref();
+        let name = lease_name(tenant, mailbox);
+        let owner = format!(
+            "{}:delete:{}",
+            self.inner.config.replica_id,
+            uuid::Uuid::new_v4().simple()
+        );
+        let deadline = tokio::time::Instant::now() + self.inner.config.wait_timeout();
+        let mut pause = WAIT_PAUSE.0;
+        let lease = loop {
+            if let Some(lease) = store
+                .try_lease(&name, &owner, self.inner.config.lease_ttl)
+                .await?
+            {
+                break lease;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(TokenError::Busy {
+                    mailbox: mailbox.to_owned(),
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(WAIT_PAUSE.1);
+        };
+        let result = self.delete_under_lease(&m, &lease).await;
+        if let Err(error) = store.release_lease(&name, &owner).await {
+            tracing::warn!(%error, tenant, mailbox, "releasing the lease failed; it expires on its own");
+        }
+        result
+    }
+
+    async fn delete_under_lease(&self, m: &Mailbox, lease: &Lease) -> Result<Revocation, TokenError> {
+        let (tenant, mailbox) = (m.tenant.as_str(), m.name.as_str());
+        let keyring = &self.inner.state.keyring;
+        let stored = self.grant(tenant, mailbox).await?;
+        let store = self.inner.state.store.as_ref();
+        let Some(stored) = stored else {
+            unschedule_refresh(store, tenant, mailbox).await?;
+            return Ok(Revocation::NothingStored);
+        };
+        let grant = &stored.value;
+        // The refresh token stands for the whole grant; without one, the access token.
+        let to_revoke = match (&grant.refresh_token, &grant.access_token) {
+            (Some(rt), _) => Some((GrantField::RefreshToken, rt)),
+            (None, Some(at)) => Some((GrantField::AccessToken, at)),
+            (None, None) => None,
+        };
+        let revocation = match to_revoke {
+            None => Revocation::NothingStored,
+            Some((field, sealed)) => match self.provider_of(m).await {
+                Err(e) => Revocation::Failed {
+                    code: "provider_unavailable".to_owned(),
+                    reason: e.to_string(),
+                },
+                Ok((_, client)) if client.settings().endpoints.revoke.is_none() => {
+                    let unsupported = client
+                        .revoke(&Secret::new(String::new()))
+                        .await
+                        .err()
+                        .map(|e| e.fix)
+                        .unwrap_or_default();
+                    Revocation::Unsupported { fix: unsupported }
+                }
+                Ok((_, client)) => {
+                    let token = open_field(keyring, tenant, mailbox, field, sealed)
+                        .map_err(seal_error(&grant.key().to_string()))?;
+                    match client.revoke(&token).await {
+                        Ok(()) => Revocation::Revoked,
+                        Err(e) => Revocation::Failed {
+                            code: e.code.clone(),
+                            reason: e.reason.clone(),
+                        },
+                    }
+                }
+            },
+        };
+        let mut wiped = GrantRecord::empty(tenant, mailbox);
+        wiped.fence = lease.fence;
+        if let Revocation::Failed { code, reason } = &revocation {
+            wiped.state.last_error = Some(tokenfleet_domain::TokenError {
+                code: code.clone(),
+                reason: format!(
+                    "the stored tokens were wiped, but revoking the grant at the provider failed: {reason}"
+                ),
+                fix: "revoke the app's access in the provider's console (Google: myaccount.google.com → Security → Third-party access; admin console → Security → API controls)".to_owned(),
+                time: self.now(),
+            });
+        }
+        // Under the lease nobody else refreshes; a consent finishing right now loses to the
+        // explicit delete, which is what the operator asked for.
+        self.records().put(&wiped, Precondition::Any).await?;
+        unschedule_refresh(store, tenant, mailbox).await?;
+        tracing::info!(tenant, mailbox, outcome = %revocation, "token deleted");
+        Ok(revocation)
+    }
+}
+
+/// Removes a mailbox's grant record and schedule entry (no revocation): for a mailbox that was
+/// deleted, or whose address, provider or grant type changed so the grant no longer fits.
+pub async fn discard_grant(
+    state: &BrokerState,
+    tenant: &str,
+    mailbox: &str,
+) -> Result<(), StoreError> {
+    state
+        .store
+        .delete(&grant_key(tenant, mailbox), Precondition::Any)
+        .await?;
+    unschedule_refresh(state.store.as_ref(), tenant, mailbox).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant_with(
+        status: TokenStatus,
+        from: Option<OffsetDateTime>,
+        to: Option<OffsetDateTime>,
+    ) -> GrantRecord {
+        let mut g = GrantRecord::empty("acme", "scan");
+        g.state.status = status;
+        g.state.last_refresh = from;
+        g.state.access_token_expires = to;
+        g
+    }
+
+    #[test]
+    fn needed_validity_is_capped_by_half_the_lifetime() {
+        let t = OffsetDateTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let g = grant_with(
+            TokenStatus::Active,
+            Some(t),
+            Some(t + Duration::from_secs(240)),
+        );
+        assert_eq!(needed(&g, Duration::from_secs(300)), Duration::from_secs(120));
+        let g = grant_with(TokenStatus::Active, Some(t), Some(t + Duration::from_secs(3600)));
+        assert_eq!(needed(&g, Duration::from_secs(300)), Duration::from_secs(300));
+        assert_eq!(needed(&g, Duration::from_secs(7200)), Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn remaining_needs_a_token() {
+        let t = OffsetDateTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let g = grant_with(TokenStatus::Active, Some(t), Some(t + Duration::from_secs(60)));
+        assert_eq!(remaining(&g, t), Duration::ZERO, "no access token stored");
+    }
+
+    #[test]
+    fn config_checks_name_the_field() {
+        let mut c = TokenConfig::default();
+        c.check().unwrap();
+        c.lease_ttl = c.provider_timeout;
+        assert_eq!(c.check().unwrap_err().field, "tokens.lease_ttl_seconds");
+    }
+
+    #[test]
+    fn errors_map_to_status_codes() {
+        use tonic::Code;
+        let e = tokenfleet_domain::TokenError {
+            code: "AADSTS700082".into(),
+            reason: "the refresh token expired after 90 days without use".into(),
+            fix: "run `tokenfleetctl mailbox consent scan`".into(),
+            time: OffsetDateTime::UNIX_EPOCH,
+        };
+        let dead = TokenError::ReauthRequired {
+            mailbox: "scan".into(),
+            error: e.clone(),
+        };
+        assert_eq!(dead.to_status().code(), Code::FailedPrecondition);
+        assert!(dead.to_string().contains("90 days") && dead.to_string().contains("consent scan"));
+        let failing = TokenError::RefreshFailing {
+            mailbox: "scan".into(),
+            error: e,
+            retry_at: None,
+        };
+        assert_eq!(failing.to_status().code(), Code::Unavailable);
+        assert_eq!(
+            TokenError::Denied("no".into()).to_status().code(),
+            Code::PermissionDenied
+        );
+        let internal = TokenError::from(StoreError::Corrupt {
+            key: "k".into(),
+            problem: "secret-ish detail".into(),
+        })
+        .to_status();
+        assert_eq!(internal.code(), Code::Internal);
+        assert!(!internal.message().contains("secret-ish"));
+    }
+}

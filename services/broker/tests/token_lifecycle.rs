@@ -1,0 +1,1202 @@
+//! The token lifecycle against the fake identity provider over HTTP, on the embedded store and a
+//! real `redis-server`: rotation, error classification and status transitions, backoff and
+//! recovery, the refresh scheduler with a controlled clock, secrets at rest, disabled mailboxes,
+//! issuance checks, token deletion with and without revocation, and the token admin RPCs.
+
+// Test helpers panic on setup failures: that is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tempfile::TempDir;
+use time::OffsetDateTime;
+use tokenfleet_broker::admin::AdminService;
+use tokenfleet_broker::api_keys;
+use tokenfleet_broker::records::{Records, mailbox_key};
+use tokenfleet_broker::state::BrokerState;
+use tokenfleet_broker::tokens::grant::{
+    GrantField, GrantRecord, grant_key, open_field, seal_field,
+};
+use tokenfleet_broker::tokens::issue::issue;
+use tokenfleet_broker::tokens::lifecycle::{Revocation, TokenConfig, TokenError, TokenService};
+use tokenfleet_broker::tokens::scheduler::{
+    REFRESH_SCHEDULE, RefreshScheduler, SchedulerConfig, member, schedule_refresh, unix_ms,
+};
+use tokenfleet_domain::{
+    Clock, Device, GrantType, MailPurpose, Mailbox, MailboxKind, Provider,
+    ProviderKind, Role, SenderMode, Stamps, Tenant, TokenState, TokenStatus,
+};
+use tokenfleet_proto::v1 as pb;
+use tokenfleet_proto::v1::admin_client::AdminClient;
+use tokenfleet_proto::v1::admin_server::AdminServer;
+use tokenfleet_providers::{ProviderClient, ProviderSettings};
+use tokenfleet_seal::{Keyring, Secret};
+use tokenfleet_store::embedded::EmbeddedStore;
+use tokenfleet_store::redis_store::{RedisConfig, RedisStore};
+use tokenfleet_store::{Precondition, Scope, Store};
+use tokenfleet_testkit::fake_idp::{ClientSpec, Endpoint, FakeIdp, ScriptedResponse};
+use tokenfleet_testkit::redis::RedisServer;
+
+const TENANT: &str = "acme";
+const PROVIDER: &str = "m365";
+const CLIENT_ID: &str = "app-lifecycle";
+const CLIENT_SECRET: &str = "client-secret-lifecycle-do-not-leak";
+const ENTRA_TENANT: &str = "contoso.example";
+const REDIRECT: &str = "http://127.0.0.1:9/oauth/callback";
+
+// ----------------------------------------------------------------------------------------------
+// Harness
+// ----------------------------------------------------------------------------------------------
+
+/// A clock the test moves by hand.
+#[derive(Debug)]
+struct ManualClock(Mutex<OffsetDateTime>);
+
+impl ManualClock {
+    fn new() -> Arc<Self> {
+        Arc::new(Self(Mutex::new(OffsetDateTime::now_utc())))
+    }
+    fn advance(&self, by: Duration) {
+        *self.0.lock().unwrap() += by;
+    }
+    fn set(&self, to: OffsetDateTime) {
+        *self.0.lock().unwrap() = to;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> OffsetDateTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+fn keyring() -> Keyring {
+    let key = Keyring::generate_key_base64().unwrap();
+    Keyring::from_base64("k1", [("k1", key.as_str())]).unwrap()
+}
+
+fn config() -> TokenConfig {
+    TokenConfig {
+        provider_timeout: Duration::from_secs(5),
+        lease_ttl: Duration::from_secs(10),
+        scheduler: SchedulerConfig {
+            interval: Duration::from_millis(20),
+            batch: 64,
+            concurrency: 8,
+        },
+        ..TokenConfig::default()
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing after `within`.
+async fn eventually<T>(what: &str, within: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+struct Env {
+    fake: FakeIdp,
+    state: BrokerState,
+    service: TokenService,
+    kind: ProviderKind,
+    _dir: Option<TempDir>,
+    _redis: Option<RedisServer>,
+}
+
+enum Backend {
+    Embedded,
+    Redis,
+}
+
+impl Env {
+    async fn start(backend: Backend, kind: ProviderKind, clock: Arc<dyn Clock>) -> Env {
+        let (store, dir, redis): (Arc<dyn Store>, _, _) = match backend {
+            Backend::Embedded => {
+                let dir = tempfile::tempdir().unwrap();
+                let store = EmbeddedStore::open(dir.path().join("store.redb"))
+                    .await
+                    .unwrap();
+                (Arc::new(store), Some(dir), None)
+            }
+            Backend::Redis => {
+                let redis = RedisServer::start().await.unwrap();
+                let store = RedisStore::connect(&RedisConfig::standalone(redis.url()))
+                    .await
+                    .unwrap();
+                (Arc::new(store), None, Some(redis))
+            }
+        };
+        let state = BrokerState {
+            store,
+            keyring: Arc::new(keyring()),
+            clock,
+        };
+        let fake = FakeIdp::start().await.unwrap();
+        fake.register_client(ClientSpec::confidential(CLIENT_ID, CLIENT_SECRET));
+        let records = Records::new(state.store.as_ref());
+        let now = state.clock.now();
+        records
+            .put(
+                &Tenant {
+                    name: TENANT.into(),
+                    display_name: "Acme".into(),
+                    stamps: Stamps::new(now),
+                },
+                Precondition::Absent,
+            )
+            .await
+            .unwrap();
+        let endpoints = match kind {
+            ProviderKind::Google => fake.google_endpoints(),
+            _ => fake.microsoft_endpoints(ENTRA_TENANT),
+        };
+        let secret = state
+            .keyring
+            .seal_secret(
+                &Provider::client_secret_aad(TENANT, PROVIDER),
+                &Secret::new(CLIENT_SECRET),
+            )
+            .unwrap();
+        records
+            .put(
+                &Provider {
+                    tenant: TENANT.into(),
+                    name: PROVIDER.into(),
+                    kind,
+                    authority: if kind == ProviderKind::Microsoft {
+                        ENTRA_TENANT.into()
+                    } else {
+                        String::new()
+                    },
+                    client_id: CLIENT_ID.into(),
+                    client_secret: Some(secret),
+                    endpoints,
+                    http_proxy: String::new(),
+                    extra_ca_pem: String::new(),
+                    scopes: vec![],
+                    service_account_key: None,
+                    stamps: Stamps::new(now),
+                },
+                Precondition::Absent,
+            )
+            .await
+            .unwrap();
+        let service = TokenService::new(state.clone(), config());
+        Env {
+            fake,
+            state,
+            service,
+            kind,
+            _dir: dir,
+            _redis: redis,
+        }
+    }
+
+    fn records(&self) -> Records<'_> {
+        Records::new(self.state.store.as_ref())
+    }
+
+    fn now(&self) -> OffsetDateTime {
+        self.state.clock.now()
+    }
+
+    fn address(name: &str) -> String {
+        format!("{name}@contoso.example")
+    }
+
+    async fn add_mailbox(&self, name: &str, grant_type: GrantType) {
+        self.records()
+            .put(
+                &Mailbox {
+                    tenant: TENANT.into(),
+                    name: name.into(),
+                    address: Self::address(name),
+                    provider: PROVIDER.into(),
+                    grant_type,
+                    kind: MailboxKind::Bulk,
+                    purposes: vec![MailPurpose::Send, MailPurpose::Pop],
+                    disabled: false,
+                    token: TokenState::default(),
+                    stamps: Stamps::new(self.now()),
+                },
+                Precondition::Absent,
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn provider_client(&self) -> ProviderClient {
+        let p = self
+            .records()
+            .get::<Provider>(&tokenfleet_broker::records::provider_key(TENANT, PROVIDER))
+            .await
+            .unwrap()
+            .unwrap()
+            .value;
+        ProviderClient::new(
+            ProviderSettings::from_provider(&p, Some(Secret::new(CLIENT_SECRET))).unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// A delegated mailbox whose owner consented through the fake's auth-code path; the grant is
+    /// written sealed and ACTIVE, as a completed consent leaves it. Returns the refresh token.
+    async fn consented_mailbox(&self, name: &str) -> String {
+        self.add_mailbox(name, GrantType::DelegatedAuthCode).await;
+        let user = Self::address(name);
+        self.fake.add_user(&user);
+        let client = self.provider_client().await;
+        let scopes = client
+            .scopes_for(
+                GrantType::DelegatedAuthCode,
+                &[MailPurpose::Send, MailPurpose::Pop],
+            )
+            .unwrap();
+        let auth = client
+            .authorization_url(&scopes, REDIRECT, "st", None)
+            .unwrap();
+        let redirect = self.fake.authorize_url(&auth.url, &user).unwrap();
+        let code = url_param(&redirect, "code");
+        let granted = client
+            .exchange_code(&Secret::new(code), &auth.pkce_verifier, REDIRECT)
+            .await
+            .unwrap();
+        let rt = granted.refresh_token.clone().expect("refresh token");
+        let now = self.now();
+        let mut g = GrantRecord::empty(TENANT, name);
+        g.state.status = TokenStatus::Active;
+        g.state.last_refresh = Some(now);
+        g.state.access_token_expires = Some(now + granted.expires_in);
+        g.access_token = Some(self.seal(name, GrantField::AccessToken, &granted.access_token));
+        g.refresh_token = Some(self.seal(name, GrantField::RefreshToken, &rt));
+        g.refresh_token_obtained = Some(now);
+        g.scopes = scopes;
+        let next = now + granted.expires_in.mul_f64(0.75);
+        g.next_refresh = Some(next);
+        self.records().put(&g, Precondition::Absent).await.unwrap();
+        schedule_refresh(self.state.store.as_ref(), TENANT, name, next)
+            .await
+            .unwrap();
+        rt.expose().to_owned()
+    }
+
+    fn seal(&self, mailbox: &str, field: GrantField, value: &Secret) -> tokenfleet_seal::Sealed {
+        seal_field(&self.state.keyring, TENANT, mailbox, field, value).unwrap()
+    }
+
+    async fn grant(&self, mailbox: &str) -> GrantRecord {
+        self.records()
+            .get::<GrantRecord>(&grant_key(TENANT, mailbox))
+            .await
+            .unwrap()
+            .expect("grant record")
+            .value
+    }
+
+    fn open(&self, g: &GrantRecord, field: GrantField) -> String {
+        let sealed = match field {
+            GrantField::RefreshToken => g.refresh_token.as_ref(),
+            GrantField::AccessToken => g.access_token.as_ref(),
+            _ => None,
+        }
+        .expect("sealed field");
+        open_field(&self.state.keyring, TENANT, &g.mailbox, field, sealed)
+            .unwrap()
+            .expose()
+            .to_owned()
+    }
+
+    /// Schedule entries due at or before `at` (unix ms).
+    async fn due_at(&self, at: OffsetDateTime) -> Vec<(String, i64)> {
+        self.state
+            .store
+            .due(REFRESH_SCHEDULE, unix_ms(at), 1000)
+            .await
+            .unwrap()
+    }
+
+    async fn scheduled_time(&self, mailbox: &str) -> Option<i64> {
+        let far = OffsetDateTime::now_utc() + Duration::from_secs(3650 * 24 * 3600);
+        self.due_at(far)
+            .await
+            .into_iter()
+            .find(|(m, _)| *m == member(TENANT, mailbox))
+            .map(|(_, t)| t)
+    }
+
+    /// Refresh requests the fake saw, with the refresh token each carried.
+    fn refreshes(&self) -> Vec<String> {
+        self.fake
+            .requests()
+            .into_iter()
+            .filter(|r| r.grant_type.as_deref() == Some("refresh_token"))
+            .map(|r| r.param("refresh_token").unwrap_or_default().to_owned())
+            .collect()
+    }
+}
+
+fn url_param(url: &str, name: &str) -> String {
+    url::Url::parse(url)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| panic!("no {name} in {url}"))
+}
+
+// ----------------------------------------------------------------------------------------------
+// Rotation
+// ----------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn rotated_refresh_tokens_are_persisted_and_kept_when_none_comes_back() {
+    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, Arc::new(tokenfleet_domain::SystemClock)).await;
+    let rt0 = env.consented_mailbox("scan").await;
+
+    // Rotation: the fake answers with a new refresh token, which replaces the old one.
+    let before = env.grant("scan").await;
+    let token = env.service.refresh_now(TENANT, "scan").await.unwrap();
+    assert_eq!(env.refreshes(), vec![rt0.clone()]);
+    let g = env.grant("scan").await;
+    let rt1 = env.open(&g, GrantField::RefreshToken);
+    assert_ne!(rt1, rt0, "the rotated refresh token is stored");
+    assert_eq!(env.fake.live_refresh_tokens(&Env::address("scan")).last(), Some(&rt1));
+    assert_eq!(env.open(&g, GrantField::AccessToken), token.access_token.expose());
+    assert!(env.fake.access_token_is_live(token.access_token.expose()));
+    assert_eq!(token.sasl_username, Env::address("scan"));
+    assert_eq!(g.state.status, TokenStatus::Active);
+    assert!(g.refresh_token_obtained >= before.refresh_token_obtained);
+    assert!(g.fence > 0, "written under a lease");
+
+    // RFC 6749 §6: a response without refresh_token keeps the old one…
+    env.fake.omit_refresh_token_next(1);
+    env.service.refresh_now(TENANT, "scan").await.unwrap();
+    let g = env.grant("scan").await;
+    assert_eq!(env.open(&g, GrantField::RefreshToken), rt1, "old refresh token kept");
+    // …and the next refresh uses it.
+    env.service.refresh_now(TENANT, "scan").await.unwrap();
+    assert_eq!(env.refreshes(), vec![rt0, rt1.clone(), rt1.clone()]);
+    let rt3 = env.open(&env.grant("scan").await, GrantField::RefreshToken);
+    assert_ne!(rt3, rt1);
+    env.fake.assert_no_violations().unwrap();
+}
+
+#[tokio::test]
+async fn cached_tokens_are_served_until_the_margin_then_refreshed_once() {
+    let clock = ManualClock::new();
+    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, clock.clone()).await;
+    env.consented_mailbox("scan").await;
+    let first = env.service.access_token(TENANT, "scan", Duration::from_secs(300)).await.unwrap();
+    assert!(env.refreshes().is_empty(), "a fresh cached token needs no provider call");
+
+    // 56 minutes later the token has less than the 5 minute margin left.
+    clock.advance(Duration::from_secs(56 * 60));
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let service = env.service.clone();
+        calls.spawn(async move {
+            service.access_token(TENANT, "scan", Duration::from_secs(300)).await
+        });
+    }
+    let mut tokens = std::collections::HashSet::new();
+    while let Some(r) = calls.join_next().await {
+        tokens.insert(r.unwrap().unwrap().access_token.expose().to_owned());
+    }
+    assert_eq!(env.refreshes().len(), 1, "twenty callers, one refresh");
+    assert_eq!(tokens.len(), 1);
+    assert!(!tokens.contains(first.access_token.expose()));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Error classification and status transitions
+// ----------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_dead_grant_needs_a_new_consent_with_reason_and_fix() {
+    let clock = ManualClock::new();
+    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, clock.clone()).await;
+    env.consented_mailbox("scan").await;
+    env.fake
+        .fail_next_refresh_for_user(&Env::address("scan"), 700082);
+    clock.advance(Duration::from_secs(3600));
+
+    let err = env
+        .service
+        .access_token(TENANT, "scan", Duration::from_secs(300))
+        .await
+        .unwrap_err();
+    let TokenError::ReauthRequired { error, .. } = &err else {
+        panic!("expected REAUTH_REQUIRED, got {err:?}");
+    };
+    assert_eq!(error.code, "AADSTS700082");
+    assert!(error.reason.contains("90 days without use"), "{}", error.reason);
+    assert!(error.fix.contains("tokenfleetctl mailbox consent scan"), "{}", error.fix);
+    assert_eq!(err.to_status().code(), tonic::Code::FailedPrecondition);
+
+    let g = env.grant("scan").await;
+    assert_eq!(g.state.status, TokenStatus::ReauthRequired);
+    assert_eq!(g.state.last_error.as_ref().unwrap().code, "AADSTS700082");
+    assert_eq!(g.consecutive_failures, 1);
+    assert_eq!(g.next_refresh, None);
+    assert_eq!(env.scheduled_time("scan").await, None, "a dead grant is not retried");
+
+    // Nobody calls the provider for it again until someone consents.
+    let refreshes = env.refreshes().len();
+    for _ in 0..3 {
+        assert!(matches!(
+            env.service.access_token(TENANT, "scan", Duration::from_secs(60)).await,
+            Err(TokenError::ReauthRequired { .. })
+        ));
+    }
+    assert_eq!(env.refreshes().len(), refreshes);
+}
+
+#[tokio::test]
+async fn outages_mean_refresh_failing_with_backoff_and_recovery_never_reauth() {
+    let clock = ManualClock::new();
+    let env = Env::start(Backend::Redis, ProviderKind::Microsoft, clock.clone()).await;
+    env.consented_mailbox("scan").await;
+
+    // Every state the grant passes through is observed.
+    let seen = Arc::new(Mutex::new(Vec::<TokenStatus>::new()));
+    let watcher = {
+        let (state, seen) = (env.state.clone(), seen.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Some(g) = Records::new(state.store.as_ref())
+                    .get::<GrantRecord>(&grant_key(TENANT, "scan"))
+                    .await
+                    .unwrap()
+                {
+                    let mut seen = seen.lock().unwrap();
+                    if seen.last() != Some(&g.value.state.status) {
+                        seen.push(g.value.state.status);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let scheduler = RefreshScheduler::spawn(env.service.clone(), async {
+        let _ = stopped.await;
+    });
+
+    env.fake.set_outage(true);
+    env.fake.set_outage_retry_after(Some(120));
+    // The scheduled refresh comes due; every attempt meets a 503 with Retry-After: 120.
+    let mut last_failures = 0;
+    for round in 1..=3u32 {
+        let due = env.grant("scan").await.next_refresh.unwrap();
+        clock.set(due + Duration::from_millis(1));
+        let g = eventually("a failed attempt", Duration::from_secs(10), async || {
+            let g = env.grant("scan").await;
+            (g.consecutive_failures > last_failures).then_some(g)
+        })
+        .await;
+        last_failures = g.consecutive_failures;
+        assert_eq!(g.consecutive_failures, round);
+        assert_eq!(g.state.status, TokenStatus::RefreshFailing);
+        let e = g.state.last_error.as_ref().unwrap();
+        assert_eq!(e.code, "http_503");
+        assert!(e.reason.contains("unavailable"), "{}", e.reason);
+        let next = g.next_refresh.unwrap();
+        let wait = next - clock.now();
+        assert!(wait >= time::Duration::seconds(119), "Retry-After honoured: {wait}");
+        // The backoff is on the schedule (eventually: written right after the record).
+        eventually("the retry on the schedule", Duration::from_secs(5), async || {
+            (env.scheduled_time("scan").await == Some(unix_ms(next))).then_some(())
+        })
+        .await;
+    }
+    // While failing, the last good token is still handed out as long as it is valid.
+    let failing = env.grant("scan").await;
+    assert!(failing.state.access_token_expires.unwrap() > clock.now());
+
+    // Without Retry-After the delay grows exponentially from 30 s.
+    env.fake.set_outage_retry_after(None);
+    let due = env.grant("scan").await.next_refresh.unwrap();
+    clock.set(due + Duration::from_millis(1));
+    let g = eventually("a fourth failure", Duration::from_secs(10), async || {
+        let g = env.grant("scan").await;
+        (g.consecutive_failures == 4).then_some(g)
+    })
+    .await;
+    let wait = g.next_refresh.unwrap() - clock.now();
+    assert!(wait >= time::Duration::seconds(180), "30 s · 2^3 with jitter: {wait}");
+
+    // Recovery: ACTIVE again, failures reset, next refresh at ~75 % of the lifetime.
+    env.fake.set_outage(false);
+    clock.set(g.next_refresh.unwrap() + Duration::from_millis(1));
+    let g = eventually("recovery", Duration::from_secs(10), async || {
+        let g = env.grant("scan").await;
+        (g.state.status == TokenStatus::Active && g.consecutive_failures == 0).then_some(g)
+    })
+    .await;
+    assert!(g.state.last_error.is_none());
+    let wait = g.next_refresh.unwrap() - clock.now();
+    assert!(wait > time::Duration::minutes(35) && wait < time::Duration::minutes(52), "{wait}");
+
+    let _ = stop.send(());
+    scheduler.await.unwrap();
+    watcher.abort();
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        !seen.contains(&TokenStatus::ReauthRequired),
+        "transient failures must never look like a dead grant: {seen:?}"
+    );
+    assert_eq!(
+        seen,
+        vec![TokenStatus::Active, TokenStatus::RefreshFailing, TokenStatus::Active]
+    );
+}
+
+#[tokio::test]
+async fn an_app_registration_problem_is_refresh_failing_with_the_app_fix() {
+    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, Arc::new(tokenfleet_domain::SystemClock)).await;
+    env.consented_mailbox("scan").await;
+    env.fake.fail_next_refresh_for_user(&Env::address("scan"), 7000222);
+    let err = env.service.refresh_now(TENANT, "scan").await.unwrap_err();
+    let TokenError::RefreshFailing { error, retry_at, .. } = &err else {
+        panic!("expected REFRESH_FAILING, got {err:?}");
+    };
+    assert_eq!(error.code, "AADSTS7000222");
+    assert!(error.reason.contains("client secret has expired"), "{}", error.reason);
+    assert!(error.fix.contains("tokenfleetctl provider update"), "{}", error.fix);
+    assert!(retry_at.is_some());
+    assert_eq!(env.grant("scan").await.state.status, TokenStatus::RefreshFailing);
+}
+
+#[tokio::test]
+async fn clock_skew_is_recorded() {
+    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, Arc::new(tokenfleet_domain::SystemClock)).await;
+    env.consented_mailbox("scan").await;
+    env.fake.advance(Duration::from_secs(150));
+    env.service.refresh_now(TENANT, "scan").await.unwrap();
+    let skew = env.grant("scan").await.clock_skew_secs;
+    assert!((145..=155).contains(&skew), "{skew}");
+    env.fake.advance(Duration::ZERO);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Scheduler
+// ----------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_scheduler_refreshes_before_expiry() {
+    let clock = ManualClock::new();
+    let env = Env::start(Backend::Redis, ProviderKind::Microsoft, clock.clone()).await;
+    env.consented_mailbox("scan").await;
+    env.consented_mailbox("fax").await;
+    let start = clock.now();
+    let old = env.grant("scan").await;
+    let old_expiry = old.state.access_token_expires.unwrap();
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let scheduler = RefreshScheduler::spawn(env.service.clone(), async {
+        let _ = stopped.await;
+    });
+
+    // Nothing is due at 60 % of the lifetime.
+    clock.set(start + Duration::from_secs(36 * 60));
+    assert!(env.due_at(clock.now()).await.is_empty());
+
+    // At 90 % both are due and get refreshed, before the old token expires.
+    clock.set(start + Duration::from_secs(54 * 60));
+    eventually("both refreshed", Duration::from_secs(10), async || {
+        (env.refreshes().len() == 2).then_some(())
+    })
+    .await;
+    let g = eventually("the new grant", Duration::from_secs(5), async || {
+        let g = env.grant("scan").await;
+        (g.state.access_token_expires > Some(old_expiry)).then_some(g)
+    })
+    .await;
+    assert!(g.state.last_refresh.unwrap() < old_expiry, "refreshed before expiry");
+    let next = g.next_refresh.unwrap() - clock.now();
+    assert!(next >= time::Duration::minutes(38) && next <= time::Duration::minutes(51), "{next}");
+    assert_eq!(env.scheduled_time("scan").await, Some(unix_ms(g.next_refresh.unwrap())));
+
+    // A long-lived delegated token is still refreshed within 24 h.
+    env.fake.set_access_token_lifetime(Duration::from_secs(7 * 24 * 3600));
+    env.service.refresh_now(TENANT, "fax").await.unwrap();
+    let g = env.grant("fax").await;
+    let next = g.next_refresh.unwrap() - clock.now();
+    assert!(next <= time::Duration::hours(24) && next >= time::Duration::hours(21), "{next}");
+
+    let _ = stop.send(());
+    scheduler.await.unwrap();
+    env.fake.assert_no_violations().unwrap();
+}
+
+#[tokio::test]
+async fn replicas_find_grants_missing_from_the_schedule_at_start() {
+    let clock = ManualClock::new();
+    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, clock.clone()).await;
+    env.consented_mailbox("scan").await;
+    env.state
+        .store
+        .unschedule(REFRESH_SCHEDULE, &member(TENANT, "scan"))
+        .await
+        .unwrap();
+    let written = tokenfleet_broker::tokens::scheduler::reconcile(&env.service)
+        .await
+        .unwrap();
+    assert_eq!(written, 1);
+    let g = env.grant("scan").await;
+    assert_eq!(
+        env.scheduled_time("scan").await,
+        Some(unix_ms(g.next_refresh.unwrap()))
+    );
+    // At most once a day across all replicas.
+    assert_eq!(
+        tokenfleet_broker::tokens::scheduler::reconcile(&env.service)
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+// ----------------------------------------------------------------------------------------------
+// Secrets at rest
+// ----------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn no_token_is_stored_in_plaintext_and_sealed_tokens_do_not_move() {
+    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, Arc::new(tokenfleet_domain::SystemClock)).await;
+    let mut secrets = vec![
+        env.consented_mailbox("scan").await,
+        env.consented_mailbox("fax").await,
+    ];
+    for _ in 0..2 {
+        for m in ["scan", "fax"] {
+            let t = env.service.refresh_now(TENANT, m).await.unwrap();
+            secrets.push(t.access_token.expose().to_owned());
+        }
+    }
+    for m in ["scan", "fax"] {
+        let g = env.grant(m).await;
+        secrets.push(env.open(&g, GrantField::RefreshToken));
+        secrets.push(env.open(&g, GrantField::AccessToken));
+        secrets.extend(env.fake.live_refresh_tokens(&Env::address(m)));
+    }
+    secrets.push(CLIENT_SECRET.to_owned());
+    secrets.sort();
+    secrets.dedup();
+    assert!(secrets.len() >= 10, "{}", secrets.len());
+
+    // Every record of the tenant, the audit streams, and the database file itself.
+    let scope = Scope::Tenant(TENANT.into());
+    let mut raw: Vec<Vec<u8>> = Vec::new();
+    for collection in ["provider", "mailbox", "device", "agent", "grant"] {
+        for (_, record) in env.state.store.list(&scope, collection, None, 1000).await.unwrap() {
+            raw.push(record.data);
+        }
+    }
+    for s in [&scope, &Scope::Global] {
+        for e in env.state.store.read_back(s, "audit", None, 1000).await.unwrap() {
+            raw.push(e.data);
+        }
+    }
+    assert!(raw.iter().any(|r| r.windows(5).any(|w| w == b"grant" || w == b"scan@")));
+    let file = std::fs::read(env._dir.as_ref().unwrap().path().join("store.redb")).unwrap();
+    raw.push(file);
+    for secret in &secrets {
+        for bytes in &raw {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "a secret is stored in plaintext"
+            );
+        }
+    }
+
+    // A sealed refresh token copied onto another mailbox's grant does not open there.
+    let scan = env.grant("scan").await;
+    let stored = env
+        .records()
+        .get::<GrantRecord>(&grant_key(TENANT, "fax"))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut fax = stored.value.clone();
+    fax.refresh_token = scan.refresh_token.clone();
+    assert!(
+        open_field(
+            &env.state.keyring,
+            TENANT,
+            "fax",
+            GrantField::RefreshToken,
+            fax.refresh_token.as_ref().unwrap()
+        )
+        .is_err()
+    );
+    // Nor as another field of the same mailbox.
+    assert!(
+        open_field(
+            &env.state.keyring,
+            TENANT,
+            "scan",
+            GrantField::AccessToken,
+            scan.refresh_token.as_ref().unwrap()
+        )
+        .is_err()
+    );
+    // The lifecycle refuses it without calling the provider or leaking anything.
+    env.records()
+        .put(&fax, Precondition::Version(stored.version))
+        .await
+        .unwrap();
+    let before = env.refreshes().len();
+    let err = env.service.refresh_now(TENANT, "fax").await.unwrap_err();
+    assert!(matches!(err, TokenError::Internal(_)), "{err:?}");
+    assert_eq!(env.refreshes().len(), before);
+    for secret in &secrets {
+        assert!(!format!("{err} {err:?}").contains(secret.as_str()));
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Disabled mailboxes, issuance
+// ----------------------------------------------------------------------------------------------
+
+async fn set_disabled(env: &Env, mailbox: &str, disabled: bool) {
+    let stored = env
+        .records()
+        .get::<Mailbox>(&mailbox_key(TENANT, mailbox))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut m = stored.value;
+    m.disabled = disabled;
+    env.records()
+        .put(&m, Precondition::Version(stored.version))
+        .await
+        .unwrap();
+}
+
+async fn add_device(env: &Env, name: &str, mode: SenderMode, mailboxes: &[&str]) {
+    env.records()
+        .put(
+            &Device {
+                tenant: TENANT.into(),
+                name: name.into(),
+                display_name: String::new(),
+                agent: String::new(),
+                sender_mode: mode,
+                admin_mailbox: if mode == SenderMode::FixedAdmin {
+                    mailboxes[0].into()
+                } else {
+                    String::new()
+                },
+                bulk_mailbox: if mode == SenderMode::Bulk {
+                    mailboxes[0].into()
+                } else {
+                    String::new()
+                },
+                allowed_mailboxes: if matches!(mode, SenderMode::LoginUser | SenderMode::AllowUserChange) {
+                    mailboxes.iter().map(|m| (*m).to_owned()).collect()
+                } else {
+                    Vec::new()
+                },
+                smtp: Default::default(),
+                fetch: Default::default(),
+                ingress: Default::default(),
+                stamps: Stamps::new(env.now()),
+            },
+            Precondition::Absent,
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_disabled_mailbox_is_neither_refreshed_nor_issued() {
+    let clock = ManualClock::new();
+    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, clock.clone()).await;
+    env.consented_mailbox("scan").await;
+    add_device(&env, "mfp", SenderMode::Bulk, &["scan"]).await;
+    set_disabled(&env, "scan", true).await;
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let scheduler = RefreshScheduler::spawn(env.service.clone(), async {
+        let _ = stopped.await;
+    });
+    // The refresh comes due: the scheduler looks, calls nobody, and looks again in an hour.
+    clock.advance(Duration::from_secs(3000));
+    let later = eventually("the disabled mailbox put back", Duration::from_secs(10), async || {
+        env.scheduled_time("scan")
+            .await
+            .filter(|t| *t >= unix_ms(clock.now() + Duration::from_secs(3500)))
+    })
+    .await;
+    assert!(later <= unix_ms(clock.now() + Duration::from_secs(3600)));
+    assert!(env.refreshes().is_empty());
+
+    for result in [
+        env.service.access_token(TENANT, "scan", Duration::from_secs(1)).await,
+        env.service.refresh_now(TENANT, "scan").await,
+        issue(&env.service, "test", TENANT, "mfp", "scan", MailPurpose::Send).await,
+    ] {
+        let err = result.unwrap_err();
+        assert!(matches!(err, TokenError::Disabled { .. }), "{err:?}");
+        assert_eq!(err.to_status().code(), tonic::Code::FailedPrecondition);
+    }
+    assert!(env.refreshes().is_empty());
+
+    // Enabled again: tokens flow (the old one expired meanwhile, so one refresh).
+    set_disabled(&env, "scan", false).await;
+    clock.advance(Duration::from_secs(3600));
+    issue(&env.service, "test", TENANT, "mfp", "scan", MailPurpose::Send)
+        .await
+        .unwrap();
+    assert_eq!(env.refreshes().len(), 1);
+    let _ = stop.send(());
+    scheduler.await.unwrap();
+}
+
+#[tokio::test]
+async fn issuance_follows_sender_modes_and_purposes_and_is_audited() {
+    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, Arc::new(tokenfleet_domain::SystemClock)).await;
+    for m in ["admin", "bulk", "alice"] {
+        env.consented_mailbox(m).await;
+    }
+    add_device(&env, "fixed", SenderMode::FixedAdmin, &["admin"]).await;
+    add_device(&env, "bulky", SenderMode::Bulk, &["bulk"]).await;
+    add_device(&env, "login", SenderMode::LoginUser, &["alice"]).await;
+
+    let ok = issue(&env.service, "apikey:k1", TENANT, "fixed", "admin", MailPurpose::Send)
+        .await
+        .unwrap();
+    assert_eq!(ok.sasl_username, Env::address("admin"));
+    assert!(env.fake.access_token_is_live(ok.access_token.expose()));
+    assert!(ok.expires > OffsetDateTime::now_utc() + Duration::from_secs(3000));
+    issue(&env.service, "apikey:k1", TENANT, "bulky", "bulk", MailPurpose::Pop)
+        .await
+        .unwrap();
+    issue(&env.service, "apikey:k1", TENANT, "login", "alice", MailPurpose::Send)
+        .await
+        .unwrap();
+
+    let refused = [
+        ("fixed", "bulk", MailPurpose::Send, "may use only its admin mailbox `admin`"),
+        ("bulky", "admin", MailPurpose::Send, "may use only its bulk mailbox `bulk`"),
+        ("login", "bulk", MailPurpose::Send, "allowed mailboxes [alice]"),
+        ("ghost", "admin", MailPurpose::Send, "device `ghost` does not exist"),
+        ("fixed", "admin", MailPurpose::Imap, "not set up for imap"),
+    ];
+    for (device, mailbox, purpose, needle) in refused {
+        let err = issue(&env.service, "apikey:k1", TENANT, device, mailbox, purpose)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TokenError::Denied(_)), "{err:?}");
+        assert!(err.to_string().contains(needle), "{err}");
+        assert_eq!(err.to_status().code(), tonic::Code::PermissionDenied);
+    }
+
+    let events = env
+        .state
+        .store
+        .read_back(&Scope::Tenant(TENANT.into()), "audit", None, 100)
+        .await
+        .unwrap();
+    let issued: Vec<tokenfleet_domain::AuditEvent> = events
+        .iter()
+        .map(|e| serde_json::from_slice(&e.data).unwrap())
+        .filter(|e: &tokenfleet_domain::AuditEvent| e.action == "token.issue")
+        .collect();
+    assert_eq!(issued.len(), 8);
+    assert_eq!(issued.iter().filter(|e| e.result == "ok").count(), 3);
+    assert_eq!(
+        issued.iter().filter(|e| e.result == "permission_denied").count(),
+        5
+    );
+    let e = issued.iter().find(|e| e.result == "ok" && e.target.ends_with("/admin")).unwrap();
+    assert_eq!(e.actor, "apikey:k1");
+    assert!(e.detail.contains("device `fixed`") && e.detail.contains("purpose send"), "{}", e.detail);
+    let raw: Vec<u8> = events.iter().flat_map(|e| e.data.clone()).collect();
+    assert!(!raw.windows(ok.access_token.expose().len()).any(|w| w == ok.access_token.expose().as_bytes()));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Other grant types
+// ----------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn app_only_grants_are_renewed_with_client_credentials() {
+    let clock = ManualClock::new();
+    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, clock.clone()).await;
+    env.add_mailbox("relay", GrantType::AppOnly).await;
+    let mut g = GrantRecord::empty(TENANT, "relay");
+    g.state.status = TokenStatus::Active;
+    g.state.last_refresh = Some(clock.now() - Duration::from_secs(3600));
+    g.state.access_token_expires = Some(clock.now() - Duration::from_secs(1));
+    g.access_token = Some(env.seal("relay", GrantField::AccessToken, &Secret::new("expired-at")));
+    env.records().put(&g, Precondition::Absent).await.unwrap();
+
+    let t = env.service.access_token(TENANT, "relay", Duration::from_secs(300)).await.unwrap();
+    assert!(env.fake.access_token_is_live(t.access_token.expose()));
+    assert_eq!(env.fake.token_requests("client_credentials"), 1);
+    let g = env.grant("relay").await;
+    assert_eq!(g.state.status, TokenStatus::Active);
+    assert!(g.refresh_token.is_none(), "app-only grants have no refresh token");
+    let scope = env.fake.requests_to(Endpoint::MicrosoftToken)[0]
+        .param("scope")
+        .unwrap()
+        .to_owned();
+    assert_eq!(scope, "https://outlook.office365.com/.default");
+}
+
+// ----------------------------------------------------------------------------------------------
+// Token deletion
+// ----------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn deleting_a_google_token_revokes_it_and_wipes_everything() {
+    let env = Env::start(Backend::Embedded, ProviderKind::Google, Arc::new(tokenfleet_domain::SystemClock)).await;
+    let rt = env.consented_mailbox("scan").await;
+    assert_eq!(env.kind, ProviderKind::Google);
+    let outcome = env.service.delete_token(TENANT, "scan").await.unwrap();
+    assert_eq!(outcome, Revocation::Revoked);
+    let revokes = env.fake.requests_to(Endpoint::GoogleRevoke);
+    assert_eq!(revokes.len(), 1);
+    assert_eq!(revokes[0].param("token"), Some(rt.as_str()));
+    assert!(env.fake.live_refresh_tokens(&Env::address("scan")).is_empty());
+
+    let g = env.grant("scan").await;
+    assert_eq!(g.state.status, TokenStatus::NotRetrieved);
+    assert!(g.refresh_token.is_none() && g.access_token.is_none() && g.pending.is_none());
+    assert!(g.state.last_error.is_none());
+    assert_eq!(env.scheduled_time("scan").await, None);
+    assert!(matches!(
+        env.service.access_token(TENANT, "scan", Duration::from_secs(1)).await,
+        Err(TokenError::NotRetrieved { .. })
+    ));
+
+    // A failing revocation is reported, and the tokens are wiped anyway.
+    env.consented_mailbox("fax").await;
+    env.fake.script(Endpoint::GoogleRevoke, ScriptedResponse::status(503));
+    let outcome = env.service.delete_token(TENANT, "fax").await.unwrap();
+    assert!(matches!(&outcome, Revocation::Failed { code, .. } if code == "http_503"), "{outcome:?}");
+    let g = env.grant("fax").await;
+    assert!(g.refresh_token.is_none() && g.access_token.is_none());
+    assert_eq!(g.state.status, TokenStatus::NotRetrieved);
+    let e = g.state.last_error.unwrap();
+    assert!(e.reason.contains("wiped") && e.reason.contains("revoking"), "{}", e.reason);
+}
+
+#[tokio::test]
+async fn deleting_a_microsoft_token_wipes_it_without_revocation() {
+    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, Arc::new(tokenfleet_domain::SystemClock)).await;
+    env.consented_mailbox("scan").await;
+    let outcome = env.service.delete_token(TENANT, "scan").await.unwrap();
+    let Revocation::Unsupported { fix } = &outcome else {
+        panic!("{outcome:?}");
+    };
+    assert!(fix.contains("Revoke sessions"), "{fix}");
+    assert!(env.fake.requests_to(Endpoint::GoogleRevoke).is_empty());
+    let g = env.grant("scan").await;
+    assert!(g.refresh_token.is_none() && g.access_token.is_none());
+    assert_eq!(g.state.status, TokenStatus::NotRetrieved);
+    assert_eq!(
+        env.service.delete_token(TENANT, "scan").await.unwrap(),
+        Revocation::NothingStored
+    );
+    env.fake.assert_no_violations().unwrap();
+}
+
+// ----------------------------------------------------------------------------------------------
+// Admin RPCs
+// ----------------------------------------------------------------------------------------------
+
+type Admin = AdminClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
+
+#[derive(Clone)]
+struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut().insert("authorization", self.0.clone());
+        Ok(r)
+    }
+}
+
+async fn admin_client(env: &Env, role: Role) -> (Admin, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let service = AdminServer::new(
+        AdminService::new(env.state.clone()).with_token_service(env.service.clone()),
+    );
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = rx.await;
+                },
+            )
+            .await
+            .unwrap();
+    });
+    let tenant = (role != Role::FleetAdmin).then_some(TENANT);
+    let (_, key) = api_keys::create(&env.state, role, tenant, "test").await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    let header = format!("Bearer {}", key.expose()).parse().unwrap();
+    (AdminClient::with_interceptor(channel, Bearer(header)), tx)
+}
+
+#[tokio::test]
+async fn admin_rpcs_show_refresh_and_delete_tokens() {
+    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, Arc::new(tokenfleet_domain::SystemClock)).await;
+    env.consented_mailbox("scan").await;
+    env.add_mailbox("fresh", GrantType::DelegatedDeviceCode).await;
+    let (mut admin, _stop) = admin_client(&env, Role::TenantAdmin).await;
+
+    let m = admin
+        .get_mailbox(pb::GetMailboxRequest {
+            tenant: TENANT.into(),
+            name: "scan".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let token = m.token.unwrap();
+    assert_eq!(token.status, pb::TokenStatus::Active as i32);
+    assert!(token.access_token_expire_time.is_some() && token.next_refresh_time.is_some());
+    assert!(token.last_refresh_time.is_some());
+
+    // RefreshNow: a provider failure comes back as the mailbox's state, not as an error.
+    env.fake.set_outage(true);
+    let m = admin
+        .refresh_now(pb::RefreshNowRequest {
+            tenant: TENANT.into(),
+            mailbox: "scan".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let token = m.token.unwrap();
+    assert_eq!(token.status, pb::TokenStatus::RefreshFailing as i32);
+    assert_eq!(token.consecutive_failures, 1);
+    let e = token.last_error.unwrap();
+    assert_eq!(e.code, "http_503");
+    assert!(!e.fix.is_empty());
+    env.fake.set_outage(false);
+    let m = admin
+        .refresh_now(pb::RefreshNowRequest {
+            tenant: TENANT.into(),
+            mailbox: "scan".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.token.unwrap().status, pb::TokenStatus::Active as i32);
+
+    // ListMailboxes shows each mailbox's grant state.
+    let list = admin
+        .list_mailboxes(pb::ListMailboxesRequest {
+            tenant: TENANT.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let statuses: Vec<(String, i32)> = list
+        .mailboxs
+        .iter()
+        .map(|m| (m.name.clone(), m.token.as_ref().unwrap().status))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![
+            ("fresh".to_owned(), pb::TokenStatus::NotRetrieved as i32),
+            ("scan".to_owned(), pb::TokenStatus::Active as i32)
+        ]
+    );
+
+    // RefreshNow on a mailbox without a grant says what to do.
+    let err = admin
+        .refresh_now(pb::RefreshNowRequest {
+            tenant: TENANT.into(),
+            mailbox: "fresh".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("tokenfleetctl mailbox consent fresh"), "{}", err.message());
+
+    // DeleteToken.
+    let m = admin
+        .delete_token(pb::DeleteTokenRequest {
+            tenant: TENANT.into(),
+            mailbox: "scan".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.token.unwrap().status, pb::TokenStatus::NotRetrieved as i32);
+    assert!(env.grant("scan").await.refresh_token.is_none());
+
+    // Viewers may look but not refresh or delete; other tenants are not reachable.
+    let (mut viewer, _stop2) = admin_client(&env, Role::Viewer).await;
+    let err = viewer
+        .refresh_now(pb::RefreshNowRequest {
+            tenant: TENANT.into(),
+            mailbox: "scan".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let err = admin
+        .delete_token(pb::DeleteTokenRequest {
+            tenant: "other".into(),
+            mailbox: "scan".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let err = admin
+        .delete_token(pb::DeleteTokenRequest {
+            tenant: TENANT.into(),
+            mailbox: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    // Every token RPC is audited.
+    let events: Vec<tokenfleet_domain::AuditEvent> = env
+        .state
+        .store
+        .read_back(&Scope::Tenant(TENANT.into()), "audit", None, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| serde_json::from_slice(&e.data).unwrap())
+        .collect();
+    let actions: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e.action.as_str(), e.result.as_str()))
+        .collect();
+    assert!(actions.contains(&("mailbox.delete_token", "ok")), "{actions:?}");
+    assert!(actions.contains(&("mailbox.refresh_now", "ok")), "{actions:?}");
+    assert!(actions.contains(&("mailbox.refresh_now", "failed_precondition")), "{actions:?}");
+    let deleted = events.iter().find(|e| e.action == "mailbox.delete_token" && e.result == "ok").unwrap();
+    assert!(deleted.detail.contains("no revocation endpoint"), "{}", deleted.detail);
+}
