@@ -399,7 +399,9 @@ pub async fn renew(
 
 /// Keeps the certificate in `state_dir` renewed until `stop` completes: sleeps until two thirds
 /// of the lifetime, renews, and retries failures with [`retry_delay`]. `on_renewed` sees every
-/// new identity (to rebuild channels).
+/// new identity (to rebuild channels). Returns an error when renewing cannot succeed any more: the
+/// broker refused the agent (revoked, replaced) or the certificate expired meanwhile (then the
+/// agent must be enrolled again).
 pub async fn keep_renewed(
     state_dir: &Path,
     software_version: &str,
@@ -423,9 +425,27 @@ pub async fn keep_renewed(
                     on_renewed(&renewed);
                     current = renewed;
                 }
+                Err(
+                    error @ IdentityError::Refused {
+                        code: tonic::Code::PermissionDenied | tonic::Code::Unauthenticated,
+                        ..
+                    },
+                ) => return Err(error),
                 Err(error) => {
-                    let wait = retry_delay(OffsetDateTime::now_utc(), current.not_after);
-                    tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "renewing the agent certificate failed");
+                    let now = OffsetDateTime::now_utc();
+                    if now >= current.not_after {
+                        return Err(IdentityError::Missing(format!(
+                            "the agent certificate expired at {} before it could be renewed \
+                             ({error}); enroll the agent again",
+                            current.not_after
+                        )));
+                    }
+                    let wait = retry_delay(now, current.not_after);
+                    tracing::warn!(
+                        %error,
+                        retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        "renewing the agent certificate failed"
+                    );
                     tokio::time::sleep(wait).await;
                 }
             }
@@ -433,7 +453,7 @@ pub async fn keep_renewed(
     };
     tokio::select! {
         () = stop => Ok(()),
-        () = run => Ok(()),
+        result = run => result,
     }
 }
 
@@ -605,13 +625,13 @@ mod tests {
                 .as_ref(),
             key.public_key.as_slice()
         );
-        let private = KeyPair::from_pem(&key.key_pem).unwrap().serialize_der();
-        assert!(
-            !key.csr_der
-                .windows(32)
-                .any(|w| private.windows(32).any(|p| p == w)),
-            "the CSR shares no 32-byte run with the private key"
-        );
+        // PKCS#8 of an EC key holds the public key too; the secret is the 32-byte scalar, the
+        // first OCTET STRING of length 32 (04 20 ...).
+        let pkcs8 = KeyPair::from_pem(&key.key_pem).unwrap().serialize_der();
+        let at = pkcs8.windows(2).position(|w| w == [0x04, 0x20]).unwrap() + 2;
+        let scalar = &pkcs8[at..at + 32];
+        assert!(!key.csr_der.windows(32).any(|w| w == scalar));
+        assert!(!key.public_key.windows(32).any(|w| w == scalar));
     }
 
     #[test]

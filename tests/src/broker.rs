@@ -19,10 +19,16 @@
 //!
 //! The broker stops when the [`TestBroker`] is dropped (abruptly); [`TestBroker::shutdown`] stops
 //! it gracefully and waits, which a test needs before opening the same embedded store again.
+//!
+//! [`TestBroker::start_tls`] (or [`TestBroker::start_with`]) serves gRPC over TLS with a local CA
+//! and a server certificate for `127.0.0.1`/`localhost` generated in the state directory (as
+//! `--dev` does), so agents can enroll and call `TokenBroker` with client certificates;
+//! [`TestBroker::grpc_url`] and [`TestBroker::tls_ca_pem`] are what a client needs.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokenfleet_broker::api_keys;
@@ -38,7 +44,7 @@ use tokio::task::JoinHandle;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// Name of the sealing key file the test broker keeps in its state directory.
 pub const SEAL_KEY_FILE: &str = "seal.key";
@@ -57,6 +63,16 @@ pub enum TestStore {
     Redis(String),
     /// A Redis Cluster reached through these seed node URLs.
     RedisCluster(Vec<String>),
+}
+
+/// How a [`TestBroker`] runs beyond its store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TestOptions {
+    /// Serve gRPC over TLS (generated local CA and server certificate in the state directory).
+    pub tls: bool,
+    /// Lifetime of agent certificates (`[agents] certificate_lifetime_seconds`); `None` = the
+    /// default (7 days).
+    pub agent_certificate_lifetime: Option<Duration>,
 }
 
 /// A client of the `Admin` service that sends an API key with every call.
@@ -118,6 +134,7 @@ pub struct TestBroker {
     /// The broker's state directory (sealing key, embedded database).
     pub state_dir: PathBuf,
     store: TestStore,
+    options: TestOptions,
     channel: Channel,
     running: Option<Running>,
     // Last field: the directory goes after everything that may still use it.
@@ -139,6 +156,23 @@ impl fmt::Debug for TestBroker {
 impl TestBroker {
     /// Starts a broker on `store` with a new fleet-admin API key.
     pub async fn start(store: TestStore) -> anyhow::Result<TestBroker> {
+        Self::start_with(store, TestOptions::default()).await
+    }
+
+    /// Starts a broker on `store` that serves gRPC over TLS; see [`TestBroker::start_with`].
+    pub async fn start_tls(store: TestStore) -> anyhow::Result<TestBroker> {
+        Self::start_with(
+            store,
+            TestOptions {
+                tls: true,
+                ..TestOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// Starts a broker on `store` with `options`.
+    pub async fn start_with(store: TestStore, options: TestOptions) -> anyhow::Result<TestBroker> {
         let (temp_dir, state_dir) = match &store {
             TestStore::EmbeddedAt(dir) => (None, dir.clone()),
             TestStore::Embedded | TestStore::Redis(_) | TestStore::RedisCluster(_) => {
@@ -150,7 +184,36 @@ impl TestBroker {
                 (Some(temp), dir)
             }
         };
-        Self::launch(store, temp_dir, state_dir, None).await
+        Self::launch(store, temp_dir, state_dir, None, options).await
+    }
+
+    /// The gRPC URL: `https://127.0.0.1:<port>` with TLS, else `http://127.0.0.1:<port>`.
+    pub fn grpc_url(&self) -> String {
+        let scheme = if self.options.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.grpc_addr)
+    }
+
+    /// The CA (PEM) that signed the broker's TLS server certificate; `None` without TLS.
+    pub fn tls_ca_pem(&self) -> Option<String> {
+        self.options
+            .tls
+            .then(|| std::fs::read_to_string(self.tls_ca_file()).ok())
+            .flatten()
+    }
+
+    /// Path of the CA file that signed the broker's TLS server certificate (exists with TLS).
+    pub fn tls_ca_file(&self) -> PathBuf {
+        self.state_dir
+            .join(tokenfleet_broker::dev::DEV_CA_CERT_FILE)
+    }
+
+    /// Paths of the broker's TLS server certificate and key (exist with TLS).
+    pub fn tls_server_files(&self) -> (PathBuf, PathBuf) {
+        (
+            self.state_dir
+                .join(tokenfleet_broker::dev::SERVER_CERT_FILE),
+            self.state_dir.join(tokenfleet_broker::dev::SERVER_KEY_FILE),
+        )
     }
 
     /// Stops the broker gracefully and starts it again on the same store with the same sealing
@@ -163,9 +226,10 @@ impl TestBroker {
         let store = self.store.clone();
         let state_dir = self.state_dir.clone();
         let admin_key = self.admin_key.clone();
+        let options = self.options.clone();
         let temp_dir = self.temp_dir.take();
         drop(self);
-        match Self::launch(store, temp_dir, state_dir, Some(admin_key)).await {
+        match Self::launch(store, temp_dir, state_dir, Some(admin_key), options).await {
             Ok(broker) => broker,
             Err(error) => panic!("test broker failed to start again: {error:#}"),
         }
@@ -193,6 +257,7 @@ impl TestBroker {
             Some(temp),
             dir,
             Some(self.admin_key.clone()),
+            self.options.clone(),
         )
         .await
     }
@@ -256,6 +321,7 @@ impl TestBroker {
         temp_dir: Option<tempfile::TempDir>,
         state_dir: PathBuf,
         admin_key: Option<Secret>,
+        options: TestOptions,
     ) -> anyhow::Result<TestBroker> {
         server::ensure_private_dir(&state_dir)?;
         let key_file = ensure_seal_key(&state_dir)?;
@@ -283,6 +349,15 @@ impl TestBroker {
                 raw.store.backend = StoreBackend::Redis;
                 raw.store.redis = Some(RedisSection::cluster(seeds));
             }
+        }
+        if options.tls {
+            let (cert, key) = tokenfleet_broker::dev::ensure_dev_tls(&state_dir)
+                .context("generating the test broker's TLS certificate")?;
+            raw.tls.cert_file = Some(cert);
+            raw.tls.key_file = Some(key);
+        }
+        if let Some(lifetime) = options.agent_certificate_lifetime {
+            raw.agents.certificate_lifetime_seconds = lifetime.as_secs();
         }
         let config = raw.validate().context("test broker configuration")?;
         let state = server::build_state(&config)
@@ -312,13 +387,23 @@ impl TestBroker {
             // A dropped sender (TestBroker dropped) stops the broker too.
             let _ = stopped.await;
         }));
-        let channel = Endpoint::from_shared(format!("http://{grpc_addr}"))?.connect_lazy();
+        let channel = if options.tls {
+            let ca =
+                std::fs::read_to_string(state_dir.join(tokenfleet_broker::dev::DEV_CA_CERT_FILE))
+                    .context("reading the test broker's CA")?;
+            Endpoint::from_shared(format!("https://{grpc_addr}"))?
+                .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))?
+                .connect_lazy()
+        } else {
+            Endpoint::from_shared(format!("http://{grpc_addr}"))?.connect_lazy()
+        };
         Ok(TestBroker {
             grpc_addr,
             http_addr,
             admin_key,
             state_dir,
             store,
+            options,
             channel,
             running: Some(Running { state, stop, task }),
             temp_dir,

@@ -150,7 +150,8 @@ async fn http_serves_health_readiness_and_metrics() {
         .issue_access_token(IssueAccessTokenRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(denied.code(), tonic::Code::Unimplemented);
+    // Without TLS there are no agents to serve.
+    assert_eq!(denied.code(), tonic::Code::FailedPrecondition);
     let (status, metrics) = http_get(broker.http_addr, "/metrics").await;
     assert_eq!(status, 200);
     assert!(metrics.contains("tokenfleet_build_info{"), "{metrics}");
@@ -162,7 +163,7 @@ async fn http_serves_health_readiness_and_metrics() {
     );
     assert!(
         metrics.contains(
-            r#"tokenfleet_grpc_requests_total{method="/tokenfleet.v1.TokenBroker/IssueAccessToken",code="UNIMPLEMENTED"} 1"#
+            r#"tokenfleet_grpc_requests_total{method="/tokenfleet.v1.TokenBroker/IssueAccessToken",code="FAILED_PRECONDITION"} 1"#
         ),
         "{metrics}"
     );
@@ -175,18 +176,31 @@ async fn http_serves_health_readiness_and_metrics() {
 }
 
 #[tokio::test]
-async fn token_issuance_is_refused_until_enrollment_exists() {
+async fn token_issuance_needs_tls_and_an_agent_certificate() {
+    let request = || IssueAccessTokenRequest {
+        device: "printer-1".into(),
+        mailbox: "scans".into(),
+        purpose: 0,
+    };
     let broker = TestBroker::start(TestStore::Embedded).await.unwrap();
     let status = TokenBrokerClient::new(broker.channel())
-        .issue_access_token(IssueAccessTokenRequest {
-            device: "printer-1".into(),
-            mailbox: "scans".into(),
-            purpose: 0,
-        })
+        .issue_access_token(request())
         .await
         .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::Unimplemented);
-    assert!(status.message().contains("agent enrollment"), "{status}");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(status.message().contains("[tls]"), "{status}");
+    broker.shutdown().await;
+
+    let broker = TestBroker::start_tls(TestStore::Embedded).await.unwrap();
+    let status = TokenBrokerClient::new(broker.channel())
+        .issue_access_token(request())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    assert!(
+        status.message().contains("client certificate is required"),
+        "{status}"
+    );
     broker.shutdown().await;
 }
 

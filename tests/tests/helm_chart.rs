@@ -620,6 +620,69 @@ fn embedded_store_renders_one_replica_on_a_kept_volume() -> Result<()> {
     Ok(())
 }
 
+/// Sentinel Redis with a password file and tuned token settings: everything but TLS, whose
+/// certificates a test cannot fake without a CA.
+const SENTINEL_VALUES: &str = r#"
+store:
+  redis:
+    mode: sentinel
+    sentinelMaster: mymaster
+    urls: [redis://sentinel-0:26379, redis://sentinel-1:26379]
+    existingSecret: redis-auth
+tokens:
+  leaseTtlSeconds: 90
+  schedulerConcurrency: 4
+"#;
+
+/// Validates the rendered configuration as the broker does when it starts in the pod: absolute
+/// paths moved under a temporary root holding the mounted files (sealing keys, Redis password).
+fn validate_in_fake_pod(manifests: &Manifests) -> Result<()> {
+    let (text, raw) = manifests.broker_config()?;
+    let pod = tempfile::tempdir()?;
+    let root = pod.path().display().to_string();
+    for path in file_paths(&serde_json::to_value(&raw)?) {
+        let file = PathBuf::from(format!("{root}{path}"));
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let content = if raw
+            .seal
+            .keys
+            .iter()
+            .any(|k| k.key_file.as_deref() == Some(Path::new(&path)))
+        {
+            tokenfleet_seal::Keyring::generate_key_base64()?
+        } else {
+            "not-a-real-password\n".to_owned()
+        };
+        std::fs::write(file, content)?;
+    }
+    // Every absolute path in the file is a quoted string starting with "/.
+    let moved = text.replace("\"/", &format!("\"{root}/"));
+    RawConfig::from_toml_str(&moved)?.validate()?;
+    Ok(())
+}
+
+#[test]
+fn rendered_configuration_passes_the_brokers_start_up_validation() -> Result<()> {
+    let Some(tools) = tools()? else { return Ok(()) };
+    for values in [None, Some(EMBEDDED_VALUES), Some(SENTINEL_VALUES)] {
+        let manifests = tools.render(values)?;
+        validate_in_fake_pod(&manifests)
+            .with_context(|| format!("values: {}", values.unwrap_or("(defaults)")))?;
+    }
+    // A value the schema allows but the broker refuses is caught here, not in the pod.
+    let manifests = tools.render(Some("tokens:\n  refreshMarginSeconds: 3600\n"))?;
+    let error = validate_in_fake_pod(&manifests)
+        .err()
+        .context("the broker accepted tokens.refresh_margin_seconds = 3600")?;
+    ensure!(
+        format!("{error:#}").contains("tokens.refresh_margin_seconds"),
+        "{error:#}"
+    );
+    Ok(())
+}
+
 #[test]
 fn rendered_manifests_pass_kubernetes_schema_validation() -> Result<()> {
     let Some(tools) = tools()? else { return Ok(()) };

@@ -265,7 +265,12 @@ async fn a_thousand_requests_on_three_replicas_refresh_each_mailbox_exactly_once
     );
     assert_eq!(per_mailbox.len(), MAILBOXES);
     for (m, tokens) in &per_mailbox {
-        assert_eq!(tokens.len(), 1, "{}: every caller got the one refreshed token", mailbox_name(*m));
+        assert_eq!(
+            tokens.len(),
+            1,
+            "{}: every caller got the one refreshed token",
+            mailbox_name(*m)
+        );
         let token = tokens.iter().next().unwrap();
         assert!(fake.access_token_is_live(token), "{}", mailbox_name(*m));
     }
@@ -289,7 +294,9 @@ async fn a_thousand_requests_on_three_replicas_refresh_each_mailbox_exactly_once
         )
         .unwrap();
         assert_eq!(
-            fake.live_refresh_tokens(&address(i)).last().map(String::as_str),
+            fake.live_refresh_tokens(&address(i))
+                .last()
+                .map(String::as_str),
             Some(stored.expose())
         );
     }

@@ -96,14 +96,6 @@ pub fn admin_server(state: BrokerState) -> AdminServer<AdminService> {
     AdminServer::new(AdminService::new(state))
 }
 
-/// The `Admin` service with the configuration's consent settings.
-pub fn admin_server_with(
-    state: BrokerState,
-    consent: ConsentSettings,
-) -> AdminServer<AdminService> {
-    AdminServer::new(AdminService::new(state).with_consent_settings(consent))
-}
-
 /// The one mapping from store errors to gRPC status. Details of internal failures are logged,
 /// never sent to the client.
 pub fn store_status(err: StoreError) -> Status {
@@ -443,7 +435,8 @@ async fn list_audit_events(
     })
 }
 
-/// Runs one RPC: a tracing span, authentication, then the handler with the principal.
+/// Runs one RPC: a tracing span, authentication, then the handler with the principal (and an
+/// optional extra argument, e.g. the consent settings).
 macro_rules! rpc {
     ($self:ident, $request:ident, $method:literal, $handler:path $(, $extra:expr)?) => {{
         let span = tracing::info_span!(
@@ -637,7 +630,12 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateEnrollmentCodeRequest>,
     ) -> Result<Response<pb::CreateEnrollmentCodeResponse>, Status> {
-        rpc!(self, request, "CreateEnrollmentCode", enrollment::create_code)
+        rpc!(
+            self,
+            request,
+            "CreateEnrollmentCode",
+            enrollment::create_code
+        )
     }
     async fn revoke_agent(
         &self,
@@ -676,13 +674,25 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DeleteTokenRequest>,
     ) -> Result<Response<pb::Mailbox>, Status> {
-        rpc!(self, request, "DeleteToken", tokens::delete_token, &self.tokens)
+        rpc!(
+            self,
+            request,
+            "DeleteToken",
+            tokens::delete_token,
+            &self.tokens
+        )
     }
     async fn refresh_now(
         &self,
         request: Request<pb::RefreshNowRequest>,
     ) -> Result<Response<pb::Mailbox>, Status> {
-        rpc!(self, request, "RefreshNow", tokens::refresh_now, &self.tokens)
+        rpc!(
+            self,
+            request,
+            "RefreshNow",
+            tokens::refresh_now,
+            &self.tokens
+        )
     }
 }
 

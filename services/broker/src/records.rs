@@ -319,6 +319,9 @@ pub async fn reseal_all(state: &BrokerState) -> Result<ResealReport, ResealError
             report.resealed += resealed;
         }
     }
+    let (examined, resealed) = crate::identity::ca::reseal(state).await?;
+    report.examined += examined;
+    report.resealed += resealed;
     tracing::info!(
         examined = report.examined,
         resealed = report.resealed,

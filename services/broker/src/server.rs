@@ -243,7 +243,7 @@ pub async fn serve(
     servers.spawn(async move { ("gRPC", grpc_server.await.map_err(ServeError::Grpc)) });
     servers.spawn(async move { ("HTTP", http_server.await.map_err(ServeError::Http)) });
     tracing::info!(address = %grpc_addr, "gRPC listening (tokenfleet.v1.Admin, tokenfleet.v1.TokenBroker, health, reflection)");
-    tracing::info!(address = %http_addr, "HTTP listening (/healthz, /readyz, /metrics)");
+    tracing::info!(address = %http_addr, "HTTP listening (/healthz, /readyz, /metrics, /oauth/callback)");
     tracing::info!(store = %config.store.describe(), seal_key = %state.keyring.current_key_id(), "broker ready");
 
     // Every replica polls pending device codes; store leases keep it to one poller per code.
@@ -307,6 +307,9 @@ pub async fn serve(
     health_task.abort();
     poller_task.abort();
     scheduler_task.abort();
+    // Wait until the aborted tasks are gone: they hold the state (and so the store); a caller that
+    // reopens the embedded store right after `serve` returns must not find it still open.
+    let _ = tokio::join!(health_task, poller_task, scheduler_task);
     match failure {
         Some(error) => Err(error),
         None => {

@@ -17,9 +17,11 @@ use tokenfleet_broker::tokens::consent::{
     self, CONSENT_POLL_SCHEDULE, CONSENT_STATES, Challenge, ConsentError, REFRESH_SCHEDULE,
 };
 use tokenfleet_broker::tokens::device_poller::{DevicePoller, PollOutcome};
-use tokenfleet_broker::tokens::grant::{GrantField, GrantRecord, PendingConsent, open_field, seal_field};
+use tokenfleet_broker::tokens::grant::{
+    GrantField, GrantRecord, PendingConsent, open_field, seal_field,
+};
 use tokenfleet_domain::{
-    Clock, GrantType, Mailbox, MailboxKind, MailPurpose, Provider, ProviderKind, Stamps, Tenant,
+    Clock, GrantType, MailPurpose, Mailbox, MailboxKind, Provider, ProviderKind, Stamps, Tenant,
     TokenStatus,
 };
 use tokenfleet_proto::v1 as pb;
@@ -233,9 +235,15 @@ impl Env {
 
     /// Starts an auth-code consent and returns (authorization URL, state).
     async fn start_auth(&self, mailbox: &str) -> (String, String) {
-        let started = consent::start(&self.state, TENANT, mailbox, Some(REDIRECT), "http://unused")
-            .await
-            .unwrap();
+        let started = consent::start(
+            &self.state,
+            TENANT,
+            mailbox,
+            Some(REDIRECT),
+            "http://unused",
+        )
+        .await
+        .unwrap();
         match started.challenge {
             Challenge::Authorization {
                 url,
@@ -348,15 +356,26 @@ async fn device_code_consent_succeeds_and_hands_over_to_refresh() {
     assert_eq!(grant.state.status, TokenStatus::Active);
     assert!(grant.pending.is_none());
     assert!(grant.state.last_error.is_none());
-    let refresh = env.open("scan", GrantField::RefreshToken, grant.refresh_token.as_ref().unwrap());
+    let refresh = env.open(
+        "scan",
+        GrantField::RefreshToken,
+        grant.refresh_token.as_ref().unwrap(),
+    );
     assert_eq!(env.fake.live_refresh_tokens(USER), vec![refresh.clone()]);
-    let access = env.open("scan", GrantField::AccessToken, grant.access_token.as_ref().unwrap());
+    let access = env.open(
+        "scan",
+        GrantField::AccessToken,
+        grant.access_token.as_ref().unwrap(),
+    );
     assert!(env.fake.access_token_is_live(&access));
     let raw = serde_json::to_string(&grant).unwrap();
     assert!(!raw.contains(&refresh) && !raw.contains(&access));
     let now = env.clock.now();
     assert_eq!(grant.state.last_refresh, Some(now));
-    assert_eq!(grant.state.access_token_expires, Some(now + Duration::from_secs(3599)));
+    assert_eq!(
+        grant.state.access_token_expires,
+        Some(now + Duration::from_secs(3599))
+    );
     // First refresh at ~75 % (65-85 %) of the lifetime, on the `refresh` schedule; polling is
     // over.
     let next = grant.next_refresh.unwrap();
@@ -497,7 +516,10 @@ async fn a_declined_consent_ends_and_an_earlier_grant_needs_reauth() {
 
     // A second one is declined: the earlier grant was being replaced → REAUTH_REQUIRED.
     let code = env.start_device("scan").await;
-    assert_eq!(env.grant("scan").await.state.status, TokenStatus::ConsentPending);
+    assert_eq!(
+        env.grant("scan").await.state.status,
+        TokenStatus::ConsentPending
+    );
     env.fake.decline_device_code(&code).unwrap();
     env.advance(Duration::from_secs(5));
     let outcome = round(&poller).await;
@@ -582,7 +604,10 @@ async fn a_pasted_redirect_url_completes_an_auth_code_consent() {
     assert!(q("scope").unwrap().contains("offline_access"));
     let grant = env.grant("scan").await;
     assert_eq!(grant.state.status, TokenStatus::ConsentPending);
-    assert!(matches!(grant.pending, Some(PendingConsent::AuthCode { .. })));
+    assert!(matches!(
+        grant.pending,
+        Some(PendingConsent::AuthCode { .. })
+    ));
     let index = env
         .state
         .store
@@ -606,7 +631,10 @@ async fn a_pasted_redirect_url_completes_an_auth_code_consent() {
         message.contains("state does not match the consent that was started; start again"),
         "{message}"
     );
-    assert_eq!(env.grant("scan").await.state.status, TokenStatus::ConsentPending);
+    assert_eq!(
+        env.grant("scan").await.state.status,
+        TokenStatus::ConsentPending
+    );
 
     let done = consent::complete(&env.state, TENANT, "scan", &redirected, "test")
         .await
@@ -615,7 +643,11 @@ async fn a_pasted_redirect_url_completes_an_auth_code_consent() {
     let grant = env.grant("scan").await;
     assert_eq!(grant.state.status, TokenStatus::Active);
     assert!(grant.pending.is_none());
-    let refresh = env.open("scan", GrantField::RefreshToken, grant.refresh_token.as_ref().unwrap());
+    let refresh = env.open(
+        "scan",
+        GrantField::RefreshToken,
+        grant.refresh_token.as_ref().unwrap(),
+    );
     assert_eq!(env.fake.live_refresh_tokens(USER), vec![refresh]);
     assert_eq!(env.due(REFRESH_SCHEDULE).await.len(), 1);
     // The state index is used up.
@@ -638,7 +670,10 @@ async fn a_pasted_redirect_url_completes_an_auth_code_consent() {
     let err = consent::complete(&env.state, TENANT, "scan", &redirected, "test")
         .await
         .unwrap_err();
-    assert!(matches!(err, ConsentError::FailedPrecondition(_)), "{err:?}");
+    assert!(
+        matches!(err, ConsentError::FailedPrecondition(_)),
+        "{err:?}"
+    );
     env.fake.assert_no_violations().unwrap();
 }
 
@@ -649,7 +684,9 @@ async fn the_fake_rejects_a_wrong_pkce_verifier_and_the_consent_stays_pending() 
         .await;
     let (url, _state) = env.start_auth("scan").await;
     // Swap the stored verifier for another one.
-    let stored = consent::load_grant(&env.state, TENANT, "scan").await.unwrap();
+    let stored = consent::load_grant(&env.state, TENANT, "scan")
+        .await
+        .unwrap();
     let mut grant = stored.grant.clone();
     let Some(PendingConsent::AuthCode { pkce_verifier, .. }) = &mut grant.pending else {
         panic!("no pending auth code");
@@ -688,7 +725,10 @@ async fn the_fake_rejects_a_wrong_pkce_verifier_and_the_consent_stays_pending() 
         .find(|r| r.grant_type.as_deref() == Some("authorization_code"))
         .unwrap();
     assert_eq!(exchange.status, 400);
-    assert_eq!(env.grant("scan").await.state.status, TokenStatus::ConsentPending);
+    assert_eq!(
+        env.grant("scan").await.state.status,
+        TokenStatus::ConsentPending
+    );
     assert!(env.fake.live_refresh_tokens(USER).is_empty());
 }
 
@@ -699,12 +739,17 @@ async fn the_callback_page_completes_the_consent_and_escapes_errors() {
         .await;
     let (url, state) = env.start_auth("scan").await;
     let redirected = env.fake.authorize_url(&url, USER).unwrap();
-    let query = url::Url::parse(&redirected).unwrap().query().unwrap().to_owned();
+    let query = url::Url::parse(&redirected)
+        .unwrap()
+        .query()
+        .unwrap()
+        .to_owned();
     let page = consent::callback_page(&env.state, Some(&query)).await;
     assert_eq!(page.status, 200, "{}", page.html);
     assert!(
-        page.html
-            .contains(&format!("Consent recorded for <strong>{USER}</strong>; you can close this window")),
+        page.html.contains(&format!(
+            "Consent recorded for <strong>{USER}</strong>; you can close this window"
+        )),
         "{}",
         page.html
     );
@@ -722,7 +767,11 @@ async fn the_callback_page_completes_the_consent_and_escapes_errors() {
     let page = consent::callback_page(&env.state, Some(&query)).await;
     assert_eq!(page.status, 409, "{}", page.html);
     assert!(!page.html.contains("<script>"), "{}", page.html);
-    assert!(page.html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "{}", page.html);
+    assert!(
+        page.html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{}",
+        page.html
+    );
     assert!(page.html.contains("access_denied"), "{}", page.html);
     let grant = env.grant("scan").await;
     assert_eq!(grant.state.status, TokenStatus::ReauthRequired);
@@ -755,7 +804,11 @@ async fn client_credentials_and_jwt_bearer_obtain_tokens_at_once() {
     let grant = env.grant("relay").await;
     assert_eq!(grant.state.status, TokenStatus::Active);
     assert!(grant.refresh_token.is_none());
-    let access = env.open("relay", GrantField::AccessToken, grant.access_token.as_ref().unwrap());
+    let access = env.open(
+        "relay",
+        GrantField::AccessToken,
+        grant.access_token.as_ref().unwrap(),
+    );
     assert!(env.fake.access_token_is_live(&access));
     assert_eq!(env.fake.token_requests("client_credentials"), 1);
     let cc = env
@@ -763,7 +816,10 @@ async fn client_credentials_and_jwt_bearer_obtain_tokens_at_once() {
         .requests_to(Endpoint::MicrosoftToken)
         .pop()
         .unwrap();
-    assert_eq!(cc.param("scope"), Some("https://outlook.office365.com/.default"));
+    assert_eq!(
+        cc.param("scope"),
+        Some("https://outlook.office365.com/.default")
+    );
 
     let started = consent::start(&env.state, TENANT, "gmail", None, "http://unused")
         .await
@@ -771,7 +827,11 @@ async fn client_credentials_and_jwt_bearer_obtain_tokens_at_once() {
     assert_eq!(started.challenge, Challenge::None);
     let grant = env.grant("gmail").await;
     assert_eq!(grant.state.status, TokenStatus::Active);
-    let access = env.open("gmail", GrantField::AccessToken, grant.access_token.as_ref().unwrap());
+    let access = env.open(
+        "gmail",
+        GrantField::AccessToken,
+        grant.access_token.as_ref().unwrap(),
+    );
     assert!(env.fake.access_token_is_live(&access));
     assert_eq!(
         env.fake

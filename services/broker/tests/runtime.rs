@@ -87,17 +87,22 @@ async fn read_all(pipe: Option<impl tokio::io::AsyncRead + Unpin>) -> String {
     out
 }
 
-/// Polls gRPC health on `port` until SERVING or the deadline.
-async fn wait_serving(port: u16) {
+/// Polls gRPC health on `port` until SERVING or the deadline, over TLS with the server
+/// certificate checked against `ca_file` (the `--dev` broker serves TLS with its generated CA).
+async fn wait_serving_tls(port: u16, ca_file: &std::path::Path) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let status = async {
-            let channel =
-                tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            let pem = std::fs::read(ca_file).ok()?;
+            let endpoint =
+                tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
                     .ok()?
-                    .connect()
-                    .await
+                    .tls_config(
+                        tonic::transport::ClientTlsConfig::new()
+                            .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+                    )
                     .ok()?;
+            let channel = endpoint.connect().await.ok()?;
             let mut client = HealthClient::new(channel);
             let response = client
                 .check(HealthCheckRequest {
@@ -464,11 +469,13 @@ async fn dev_mode_creates_keys_once_serves_and_drains_on_sigterm() {
         .unwrap();
     let api_key = key_line.trim().to_owned();
     assert!(!api_key.is_empty());
-    wait_serving(grpc_port).await;
+    wait_serving_tls(grpc_port, &state_dir.join("dev-ca.pem")).await;
 
     assert_eq!(mode(&state_dir), 0o700);
     assert_eq!(mode(&state_dir.join("seal.key")), 0o600);
     assert_eq!(mode(&state_dir.join("admin.key")), 0o600);
+    assert_eq!(mode(&state_dir.join("dev-ca.key")), 0o600);
+    assert_eq!(mode(&state_dir.join("server.key")), 0o600);
     let admin_key_file = std::fs::read_to_string(state_dir.join("admin.key")).unwrap();
     assert_eq!(admin_key_file.trim(), api_key);
     let seal_key = std::fs::read_to_string(state_dir.join("seal.key")).unwrap();
@@ -493,7 +500,7 @@ async fn dev_mode_creates_keys_once_serves_and_drains_on_sigterm() {
 
     // Second start: same keys, no new API key printed, still says it is dev mode.
     let mut child = start();
-    wait_serving(grpc_port).await;
+    wait_serving_tls(grpc_port, &state_dir.join("dev-ca.pem")).await;
     sigterm(&child);
     let status = wait_exit(&mut child).await;
     assert_eq!(status.code(), Some(0));

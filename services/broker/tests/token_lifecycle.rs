@@ -25,8 +25,8 @@ use tokenfleet_broker::tokens::scheduler::{
     REFRESH_SCHEDULE, RefreshScheduler, SchedulerConfig, member, schedule_refresh, unix_ms,
 };
 use tokenfleet_domain::{
-    Clock, Device, GrantType, MailPurpose, Mailbox, MailboxKind, Provider,
-    ProviderKind, Role, SenderMode, Stamps, Tenant, TokenState, TokenStatus,
+    Clock, Device, GrantType, MailPurpose, Mailbox, MailboxKind, Provider, ProviderKind, Role,
+    SenderMode, Stamps, Tenant, TokenState, TokenStatus,
 };
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_proto::v1::admin_client::AdminClient;
@@ -72,9 +72,8 @@ impl Clock for ManualClock {
     }
 }
 
-fn keyring() -> Keyring {
-    let key = Keyring::generate_key_base64().unwrap();
-    Keyring::from_base64("k1", [("k1", key.as_str())]).unwrap()
+fn keyring(key: &str) -> Keyring {
+    Keyring::from_base64("k1", [("k1", key)]).unwrap()
 }
 
 fn config() -> TokenConfig {
@@ -91,7 +90,11 @@ fn config() -> TokenConfig {
 }
 
 /// Polls `check` until it returns `Some`, failing after `within`.
-async fn eventually<T>(what: &str, within: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+async fn eventually<T>(
+    what: &str,
+    within: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         if let Some(v) = check().await {
@@ -110,6 +113,8 @@ struct Env {
     state: BrokerState,
     service: TokenService,
     kind: ProviderKind,
+    /// The sealing key (`k1`), base64.
+    key: String,
     _dir: Option<TempDir>,
     _redis: Option<RedisServer>,
 }
@@ -137,9 +142,10 @@ impl Env {
                 (Arc::new(store), None, Some(redis))
             }
         };
+        let key = Keyring::generate_key_base64().unwrap();
         let state = BrokerState {
             store,
-            keyring: Arc::new(keyring()),
+            keyring: Arc::new(keyring(&key)),
             clock,
         };
         let fake = FakeIdp::start().await.unwrap();
@@ -198,6 +204,7 @@ impl Env {
             state,
             service,
             kind,
+            key,
             _dir: dir,
             _redis: redis,
         }
@@ -361,7 +368,12 @@ fn url_param(url: &str, name: &str) -> String {
 
 #[tokio::test]
 async fn rotated_refresh_tokens_are_persisted_and_kept_when_none_comes_back() {
-    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, Arc::new(tokenfleet_domain::SystemClock)).await;
+    let env = Env::start(
+        Backend::Embedded,
+        ProviderKind::Microsoft,
+        Arc::new(tokenfleet_domain::SystemClock),
+    )
+    .await;
     let rt0 = env.consented_mailbox("scan").await;
 
     // Rotation: the fake answers with a new refresh token, which replaces the old one.
@@ -371,8 +383,14 @@ async fn rotated_refresh_tokens_are_persisted_and_kept_when_none_comes_back() {
     let g = env.grant("scan").await;
     let rt1 = env.open(&g, GrantField::RefreshToken);
     assert_ne!(rt1, rt0, "the rotated refresh token is stored");
-    assert_eq!(env.fake.live_refresh_tokens(&Env::address("scan")).last(), Some(&rt1));
-    assert_eq!(env.open(&g, GrantField::AccessToken), token.access_token.expose());
+    assert_eq!(
+        env.fake.live_refresh_tokens(&Env::address("scan")).last(),
+        Some(&rt1)
+    );
+    assert_eq!(
+        env.open(&g, GrantField::AccessToken),
+        token.access_token.expose()
+    );
     assert!(env.fake.access_token_is_live(token.access_token.expose()));
     assert_eq!(token.sasl_username, Env::address("scan"));
     assert_eq!(g.state.status, TokenStatus::Active);
@@ -383,7 +401,11 @@ async fn rotated_refresh_tokens_are_persisted_and_kept_when_none_comes_back() {
     env.fake.omit_refresh_token_next(1);
     env.service.refresh_now(TENANT, "scan").await.unwrap();
     let g = env.grant("scan").await;
-    assert_eq!(env.open(&g, GrantField::RefreshToken), rt1, "old refresh token kept");
+    assert_eq!(
+        env.open(&g, GrantField::RefreshToken),
+        rt1,
+        "old refresh token kept"
+    );
     // …and the next refresh uses it.
     env.service.refresh_now(TENANT, "scan").await.unwrap();
     assert_eq!(env.refreshes(), vec![rt0, rt1.clone(), rt1.clone()]);
@@ -397,8 +419,15 @@ async fn cached_tokens_are_served_until_the_margin_then_refreshed_once() {
     let clock = ManualClock::new();
     let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, clock.clone()).await;
     env.consented_mailbox("scan").await;
-    let first = env.service.access_token(TENANT, "scan", Duration::from_secs(300)).await.unwrap();
-    assert!(env.refreshes().is_empty(), "a fresh cached token needs no provider call");
+    let first = env
+        .service
+        .access_token(TENANT, "scan", Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert!(
+        env.refreshes().is_empty(),
+        "a fresh cached token needs no provider call"
+    );
 
     // 56 minutes later the token has less than the 5 minute margin left.
     clock.advance(Duration::from_secs(56 * 60));
@@ -406,7 +435,9 @@ async fn cached_tokens_are_served_until_the_margin_then_refreshed_once() {
     for _ in 0..20 {
         let service = env.service.clone();
         calls.spawn(async move {
-            service.access_token(TENANT, "scan", Duration::from_secs(300)).await
+            service
+                .access_token(TENANT, "scan", Duration::from_secs(300))
+                .await
         });
     }
     let mut tokens = std::collections::HashSet::new();
@@ -440,8 +471,16 @@ async fn a_dead_grant_needs_a_new_consent_with_reason_and_fix() {
         panic!("expected REAUTH_REQUIRED, got {err:?}");
     };
     assert_eq!(error.code, "AADSTS700082");
-    assert!(error.reason.contains("90 days without use"), "{}", error.reason);
-    assert!(error.fix.contains("tokenfleetctl mailbox consent scan"), "{}", error.fix);
+    assert!(
+        error.reason.contains("90 days without use"),
+        "{}",
+        error.reason
+    );
+    assert!(
+        error.fix.contains("tokenfleetctl mailbox consent scan"),
+        "{}",
+        error.fix
+    );
     assert_eq!(err.to_status().code(), tonic::Code::FailedPrecondition);
 
     let g = env.grant("scan").await;
@@ -449,13 +488,19 @@ async fn a_dead_grant_needs_a_new_consent_with_reason_and_fix() {
     assert_eq!(g.state.last_error.as_ref().unwrap().code, "AADSTS700082");
     assert_eq!(g.consecutive_failures, 1);
     assert_eq!(g.next_refresh, None);
-    assert_eq!(env.scheduled_time("scan").await, None, "a dead grant is not retried");
+    assert_eq!(
+        env.scheduled_time("scan").await,
+        None,
+        "a dead grant is not retried"
+    );
 
     // Nobody calls the provider for it again until someone consents.
     let refreshes = env.refreshes().len();
     for _ in 0..3 {
         assert!(matches!(
-            env.service.access_token(TENANT, "scan", Duration::from_secs(60)).await,
+            env.service
+                .access_token(TENANT, "scan", Duration::from_secs(60))
+                .await,
             Err(TokenError::ReauthRequired { .. })
         ));
     }
@@ -513,11 +558,16 @@ async fn outages_mean_refresh_failing_with_backoff_and_recovery_never_reauth() {
         assert!(e.reason.contains("unavailable"), "{}", e.reason);
         let next = g.next_refresh.unwrap();
         let wait = next - clock.now();
-        assert!(wait >= time::Duration::seconds(119), "Retry-After honoured: {wait}");
+        assert!(
+            wait >= time::Duration::seconds(119),
+            "Retry-After honoured: {wait}"
+        );
         // The backoff is on the schedule (eventually: written right after the record).
-        eventually("the retry on the schedule", Duration::from_secs(5), async || {
-            (env.scheduled_time("scan").await == Some(unix_ms(next))).then_some(())
-        })
+        eventually(
+            "the retry on the schedule",
+            Duration::from_secs(5),
+            async || (env.scheduled_time("scan").await == Some(unix_ms(next))).then_some(()),
+        )
         .await;
     }
     // While failing, the last good token is still handed out as long as it is valid.
@@ -534,7 +584,10 @@ async fn outages_mean_refresh_failing_with_backoff_and_recovery_never_reauth() {
     })
     .await;
     let wait = g.next_refresh.unwrap() - clock.now();
-    assert!(wait >= time::Duration::seconds(180), "30 s · 2^3 with jitter: {wait}");
+    assert!(
+        wait >= time::Duration::seconds(180),
+        "30 s · 2^3 with jitter: {wait}"
+    );
 
     // Recovery: ACTIVE again, failures reset, next refresh at ~75 % of the lifetime.
     env.fake.set_outage(false);
@@ -546,10 +599,19 @@ async fn outages_mean_refresh_failing_with_backoff_and_recovery_never_reauth() {
     .await;
     assert!(g.state.last_error.is_none());
     let wait = g.next_refresh.unwrap() - clock.now();
-    assert!(wait > time::Duration::minutes(35) && wait < time::Duration::minutes(52), "{wait}");
+    assert!(
+        wait > time::Duration::minutes(35) && wait < time::Duration::minutes(52),
+        "{wait}"
+    );
 
     let _ = stop.send(());
     scheduler.await.unwrap();
+    eventually(
+        "the watcher to see the recovery",
+        Duration::from_secs(5),
+        async || (seen.lock().unwrap().last() == Some(&TokenStatus::Active)).then_some(()),
+    )
+    .await;
     watcher.abort();
     let seen = seen.lock().unwrap().clone();
     assert!(
@@ -558,29 +620,58 @@ async fn outages_mean_refresh_failing_with_backoff_and_recovery_never_reauth() {
     );
     assert_eq!(
         seen,
-        vec![TokenStatus::Active, TokenStatus::RefreshFailing, TokenStatus::Active]
+        vec![
+            TokenStatus::Active,
+            TokenStatus::RefreshFailing,
+            TokenStatus::Active
+        ]
     );
 }
 
 #[tokio::test]
 async fn an_app_registration_problem_is_refresh_failing_with_the_app_fix() {
-    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, Arc::new(tokenfleet_domain::SystemClock)).await;
+    let env = Env::start(
+        Backend::Embedded,
+        ProviderKind::Microsoft,
+        Arc::new(tokenfleet_domain::SystemClock),
+    )
+    .await;
     env.consented_mailbox("scan").await;
-    env.fake.fail_next_refresh_for_user(&Env::address("scan"), 7000222);
+    env.fake
+        .fail_next_refresh_for_user(&Env::address("scan"), 7000222);
     let err = env.service.refresh_now(TENANT, "scan").await.unwrap_err();
-    let TokenError::RefreshFailing { error, retry_at, .. } = &err else {
+    let TokenError::RefreshFailing {
+        error, retry_at, ..
+    } = &err
+    else {
         panic!("expected REFRESH_FAILING, got {err:?}");
     };
     assert_eq!(error.code, "AADSTS7000222");
-    assert!(error.reason.contains("client secret has expired"), "{}", error.reason);
-    assert!(error.fix.contains("tokenfleetctl provider update"), "{}", error.fix);
+    assert!(
+        error.reason.contains("client secret has expired"),
+        "{}",
+        error.reason
+    );
+    assert!(
+        error.fix.contains("tokenfleetctl provider update"),
+        "{}",
+        error.fix
+    );
     assert!(retry_at.is_some());
-    assert_eq!(env.grant("scan").await.state.status, TokenStatus::RefreshFailing);
+    assert_eq!(
+        env.grant("scan").await.state.status,
+        TokenStatus::RefreshFailing
+    );
 }
 
 #[tokio::test]
 async fn clock_skew_is_recorded() {
-    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, Arc::new(tokenfleet_domain::SystemClock)).await;
+    let env = Env::start(
+        Backend::Embedded,
+        ProviderKind::Microsoft,
+        Arc::new(tokenfleet_domain::SystemClock),
+    )
+    .await;
     env.consented_mailbox("scan").await;
     env.fake.advance(Duration::from_secs(150));
     env.service.refresh_now(TENANT, "scan").await.unwrap();
@@ -623,17 +714,30 @@ async fn the_scheduler_refreshes_before_expiry() {
         (g.state.access_token_expires > Some(old_expiry)).then_some(g)
     })
     .await;
-    assert!(g.state.last_refresh.unwrap() < old_expiry, "refreshed before expiry");
+    assert!(
+        g.state.last_refresh.unwrap() < old_expiry,
+        "refreshed before expiry"
+    );
     let next = g.next_refresh.unwrap() - clock.now();
-    assert!(next >= time::Duration::minutes(38) && next <= time::Duration::minutes(51), "{next}");
-    assert_eq!(env.scheduled_time("scan").await, Some(unix_ms(g.next_refresh.unwrap())));
+    assert!(
+        next >= time::Duration::minutes(38) && next <= time::Duration::minutes(51),
+        "{next}"
+    );
+    assert_eq!(
+        env.scheduled_time("scan").await,
+        Some(unix_ms(g.next_refresh.unwrap()))
+    );
 
     // A long-lived delegated token is still refreshed within 24 h.
-    env.fake.set_access_token_lifetime(Duration::from_secs(7 * 24 * 3600));
+    env.fake
+        .set_access_token_lifetime(Duration::from_secs(7 * 24 * 3600));
     env.service.refresh_now(TENANT, "fax").await.unwrap();
     let g = env.grant("fax").await;
     let next = g.next_refresh.unwrap() - clock.now();
-    assert!(next <= time::Duration::hours(24) && next >= time::Duration::hours(21), "{next}");
+    assert!(
+        next <= time::Duration::hours(24) && next >= time::Duration::hours(21),
+        "{next}"
+    );
 
     let _ = stop.send(());
     scheduler.await.unwrap();
@@ -674,7 +778,12 @@ async fn replicas_find_grants_missing_from_the_schedule_at_start() {
 
 #[tokio::test]
 async fn no_token_is_stored_in_plaintext_and_sealed_tokens_do_not_move() {
-    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, Arc::new(tokenfleet_domain::SystemClock)).await;
+    let env = Env::start(
+        Backend::Embedded,
+        ProviderKind::Microsoft,
+        Arc::new(tokenfleet_domain::SystemClock),
+    )
+    .await;
     let mut secrets = vec![
         env.consented_mailbox("scan").await,
         env.consented_mailbox("fax").await,
@@ -700,16 +809,31 @@ async fn no_token_is_stored_in_plaintext_and_sealed_tokens_do_not_move() {
     let scope = Scope::Tenant(TENANT.into());
     let mut raw: Vec<Vec<u8>> = Vec::new();
     for collection in ["provider", "mailbox", "device", "agent", "grant"] {
-        for (_, record) in env.state.store.list(&scope, collection, None, 1000).await.unwrap() {
+        for (_, record) in env
+            .state
+            .store
+            .list(&scope, collection, None, 1000)
+            .await
+            .unwrap()
+        {
             raw.push(record.data);
         }
     }
     for s in [&scope, &Scope::Global] {
-        for e in env.state.store.read_back(s, "audit", None, 1000).await.unwrap() {
+        for e in env
+            .state
+            .store
+            .read_back(s, "audit", None, 1000)
+            .await
+            .unwrap()
+        {
             raw.push(e.data);
         }
     }
-    assert!(raw.iter().any(|r| r.windows(5).any(|w| w == b"grant" || w == b"scan@")));
+    assert!(
+        raw.iter()
+            .any(|r| r.windows(5).any(|w| w == b"grant" || w == b"scan@"))
+    );
     let file = std::fs::read(env._dir.as_ref().unwrap().path().join("store.redb")).unwrap();
     raw.push(file);
     for secret in &secrets {
@@ -804,7 +928,10 @@ async fn add_device(env: &Env, name: &str, mode: SenderMode, mailboxes: &[&str])
                 } else {
                     String::new()
                 },
-                allowed_mailboxes: if matches!(mode, SenderMode::LoginUser | SenderMode::AllowUserChange) {
+                allowed_mailboxes: if matches!(
+                    mode,
+                    SenderMode::LoginUser | SenderMode::AllowUserChange
+                ) {
                     mailboxes.iter().map(|m| (*m).to_owned()).collect()
                 } else {
                     Vec::new()
@@ -834,19 +961,33 @@ async fn a_disabled_mailbox_is_neither_refreshed_nor_issued() {
     });
     // The refresh comes due: the scheduler looks, calls nobody, and looks again in an hour.
     clock.advance(Duration::from_secs(3000));
-    let later = eventually("the disabled mailbox put back", Duration::from_secs(10), async || {
-        env.scheduled_time("scan")
-            .await
-            .filter(|t| *t >= unix_ms(clock.now() + Duration::from_secs(3500)))
-    })
+    let later = eventually(
+        "the disabled mailbox put back",
+        Duration::from_secs(10),
+        async || {
+            env.scheduled_time("scan")
+                .await
+                .filter(|t| *t >= unix_ms(clock.now() + Duration::from_secs(3500)))
+        },
+    )
     .await;
     assert!(later <= unix_ms(clock.now() + Duration::from_secs(3600)));
     assert!(env.refreshes().is_empty());
 
     for result in [
-        env.service.access_token(TENANT, "scan", Duration::from_secs(1)).await,
+        env.service
+            .access_token(TENANT, "scan", Duration::from_secs(1))
+            .await,
         env.service.refresh_now(TENANT, "scan").await,
-        issue(&env.service, "test", TENANT, "mfp", "scan", MailPurpose::Send).await,
+        issue(
+            &env.service,
+            "test",
+            TENANT,
+            "mfp",
+            "scan",
+            MailPurpose::Send,
+        )
+        .await,
     ] {
         let err = result.unwrap_err();
         assert!(matches!(err, TokenError::Disabled { .. }), "{err:?}");
@@ -857,9 +998,16 @@ async fn a_disabled_mailbox_is_neither_refreshed_nor_issued() {
     // Enabled again: tokens flow (the old one expired meanwhile, so one refresh).
     set_disabled(&env, "scan", false).await;
     clock.advance(Duration::from_secs(3600));
-    issue(&env.service, "test", TENANT, "mfp", "scan", MailPurpose::Send)
-        .await
-        .unwrap();
+    issue(
+        &env.service,
+        "test",
+        TENANT,
+        "mfp",
+        "scan",
+        MailPurpose::Send,
+    )
+    .await
+    .unwrap();
     assert_eq!(env.refreshes().len(), 1);
     let _ = stop.send(());
     scheduler.await.unwrap();
@@ -867,7 +1015,12 @@ async fn a_disabled_mailbox_is_neither_refreshed_nor_issued() {
 
 #[tokio::test]
 async fn issuance_follows_sender_modes_and_purposes_and_is_audited() {
-    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, Arc::new(tokenfleet_domain::SystemClock)).await;
+    let env = Env::start(
+        Backend::Embedded,
+        ProviderKind::Microsoft,
+        Arc::new(tokenfleet_domain::SystemClock),
+    )
+    .await;
     for m in ["admin", "bulk", "alice"] {
         env.consented_mailbox(m).await;
     }
@@ -875,24 +1028,65 @@ async fn issuance_follows_sender_modes_and_purposes_and_is_audited() {
     add_device(&env, "bulky", SenderMode::Bulk, &["bulk"]).await;
     add_device(&env, "login", SenderMode::LoginUser, &["alice"]).await;
 
-    let ok = issue(&env.service, "apikey:k1", TENANT, "fixed", "admin", MailPurpose::Send)
-        .await
-        .unwrap();
+    let ok = issue(
+        &env.service,
+        "apikey:k1",
+        TENANT,
+        "fixed",
+        "admin",
+        MailPurpose::Send,
+    )
+    .await
+    .unwrap();
     assert_eq!(ok.sasl_username, Env::address("admin"));
     assert!(env.fake.access_token_is_live(ok.access_token.expose()));
     assert!(ok.expires > OffsetDateTime::now_utc() + Duration::from_secs(3000));
-    issue(&env.service, "apikey:k1", TENANT, "bulky", "bulk", MailPurpose::Pop)
-        .await
-        .unwrap();
-    issue(&env.service, "apikey:k1", TENANT, "login", "alice", MailPurpose::Send)
-        .await
-        .unwrap();
+    issue(
+        &env.service,
+        "apikey:k1",
+        TENANT,
+        "bulky",
+        "bulk",
+        MailPurpose::Pop,
+    )
+    .await
+    .unwrap();
+    issue(
+        &env.service,
+        "apikey:k1",
+        TENANT,
+        "login",
+        "alice",
+        MailPurpose::Send,
+    )
+    .await
+    .unwrap();
 
     let refused = [
-        ("fixed", "bulk", MailPurpose::Send, "may use only its admin mailbox `admin`"),
-        ("bulky", "admin", MailPurpose::Send, "may use only its bulk mailbox `bulk`"),
-        ("login", "bulk", MailPurpose::Send, "allowed mailboxes [alice]"),
-        ("ghost", "admin", MailPurpose::Send, "device `ghost` does not exist"),
+        (
+            "fixed",
+            "bulk",
+            MailPurpose::Send,
+            "may use only its admin mailbox `admin`",
+        ),
+        (
+            "bulky",
+            "admin",
+            MailPurpose::Send,
+            "may use only its bulk mailbox `bulk`",
+        ),
+        (
+            "login",
+            "bulk",
+            MailPurpose::Send,
+            "allowed mailboxes [alice]",
+        ),
+        (
+            "ghost",
+            "admin",
+            MailPurpose::Send,
+            "device `ghost` does not exist",
+        ),
         ("fixed", "admin", MailPurpose::Imap, "not set up for imap"),
     ];
     for (device, mailbox, purpose, needle) in refused {
@@ -918,14 +1112,27 @@ async fn issuance_follows_sender_modes_and_purposes_and_is_audited() {
     assert_eq!(issued.len(), 8);
     assert_eq!(issued.iter().filter(|e| e.result == "ok").count(), 3);
     assert_eq!(
-        issued.iter().filter(|e| e.result == "permission_denied").count(),
+        issued
+            .iter()
+            .filter(|e| e.result == "permission_denied")
+            .count(),
         5
     );
-    let e = issued.iter().find(|e| e.result == "ok" && e.target.ends_with("/admin")).unwrap();
+    let e = issued
+        .iter()
+        .find(|e| e.result == "ok" && e.target.ends_with("/admin"))
+        .unwrap();
     assert_eq!(e.actor, "apikey:k1");
-    assert!(e.detail.contains("device `fixed`") && e.detail.contains("purpose send"), "{}", e.detail);
+    assert!(
+        e.detail.contains("device `fixed`") && e.detail.contains("purpose send"),
+        "{}",
+        e.detail
+    );
     let raw: Vec<u8> = events.iter().flat_map(|e| e.data.clone()).collect();
-    assert!(!raw.windows(ok.access_token.expose().len()).any(|w| w == ok.access_token.expose().as_bytes()));
+    assert!(
+        !raw.windows(ok.access_token.expose().len())
+            .any(|w| w == ok.access_token.expose().as_bytes())
+    );
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -944,12 +1151,19 @@ async fn app_only_grants_are_renewed_with_client_credentials() {
     g.access_token = Some(env.seal("relay", GrantField::AccessToken, &Secret::new("expired-at")));
     env.records().put(&g, Precondition::Absent).await.unwrap();
 
-    let t = env.service.access_token(TENANT, "relay", Duration::from_secs(300)).await.unwrap();
+    let t = env
+        .service
+        .access_token(TENANT, "relay", Duration::from_secs(300))
+        .await
+        .unwrap();
     assert!(env.fake.access_token_is_live(t.access_token.expose()));
     assert_eq!(env.fake.token_requests("client_credentials"), 1);
     let g = env.grant("relay").await;
     assert_eq!(g.state.status, TokenStatus::Active);
-    assert!(g.refresh_token.is_none(), "app-only grants have no refresh token");
+    assert!(
+        g.refresh_token.is_none(),
+        "app-only grants have no refresh token"
+    );
     let scope = env.fake.requests_to(Endpoint::MicrosoftToken)[0]
         .param("scope")
         .unwrap()
@@ -963,7 +1177,12 @@ async fn app_only_grants_are_renewed_with_client_credentials() {
 
 #[tokio::test]
 async fn deleting_a_google_token_revokes_it_and_wipes_everything() {
-    let env = Env::start(Backend::Embedded, ProviderKind::Google, Arc::new(tokenfleet_domain::SystemClock)).await;
+    let env = Env::start(
+        Backend::Embedded,
+        ProviderKind::Google,
+        Arc::new(tokenfleet_domain::SystemClock),
+    )
+    .await;
     let rt = env.consented_mailbox("scan").await;
     assert_eq!(env.kind, ProviderKind::Google);
     let outcome = env.service.delete_token(TENANT, "scan").await.unwrap();
@@ -971,7 +1190,11 @@ async fn deleting_a_google_token_revokes_it_and_wipes_everything() {
     let revokes = env.fake.requests_to(Endpoint::GoogleRevoke);
     assert_eq!(revokes.len(), 1);
     assert_eq!(revokes[0].param("token"), Some(rt.as_str()));
-    assert!(env.fake.live_refresh_tokens(&Env::address("scan")).is_empty());
+    assert!(
+        env.fake
+            .live_refresh_tokens(&Env::address("scan"))
+            .is_empty()
+    );
 
     let g = env.grant("scan").await;
     assert_eq!(g.state.status, TokenStatus::NotRetrieved);
@@ -979,25 +1202,40 @@ async fn deleting_a_google_token_revokes_it_and_wipes_everything() {
     assert!(g.state.last_error.is_none());
     assert_eq!(env.scheduled_time("scan").await, None);
     assert!(matches!(
-        env.service.access_token(TENANT, "scan", Duration::from_secs(1)).await,
+        env.service
+            .access_token(TENANT, "scan", Duration::from_secs(1))
+            .await,
         Err(TokenError::NotRetrieved { .. })
     ));
 
     // A failing revocation is reported, and the tokens are wiped anyway.
     env.consented_mailbox("fax").await;
-    env.fake.script(Endpoint::GoogleRevoke, ScriptedResponse::status(503));
+    env.fake
+        .script(Endpoint::GoogleRevoke, ScriptedResponse::status(503));
     let outcome = env.service.delete_token(TENANT, "fax").await.unwrap();
-    assert!(matches!(&outcome, Revocation::Failed { code, .. } if code == "http_503"), "{outcome:?}");
+    assert!(
+        matches!(&outcome, Revocation::Failed { code, .. } if code == "http_503"),
+        "{outcome:?}"
+    );
     let g = env.grant("fax").await;
     assert!(g.refresh_token.is_none() && g.access_token.is_none());
     assert_eq!(g.state.status, TokenStatus::NotRetrieved);
     let e = g.state.last_error.unwrap();
-    assert!(e.reason.contains("wiped") && e.reason.contains("revoking"), "{}", e.reason);
+    assert!(
+        e.reason.contains("wiped") && e.reason.contains("revoking"),
+        "{}",
+        e.reason
+    );
 }
 
 #[tokio::test]
 async fn deleting_a_microsoft_token_wipes_it_without_revocation() {
-    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, Arc::new(tokenfleet_domain::SystemClock)).await;
+    let env = Env::start(
+        Backend::Embedded,
+        ProviderKind::Microsoft,
+        Arc::new(tokenfleet_domain::SystemClock),
+    )
+    .await;
     env.consented_mailbox("scan").await;
     let outcome = env.service.delete_token(TENANT, "scan").await.unwrap();
     let Revocation::Unsupported { fix } = &outcome else {
@@ -1019,9 +1257,8 @@ async fn deleting_a_microsoft_token_wipes_it_without_revocation() {
 // Admin RPCs
 // ----------------------------------------------------------------------------------------------
 
-type Admin = AdminClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
->;
+type Admin =
+    AdminClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
 
 #[derive(Clone)]
 struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
@@ -1053,7 +1290,9 @@ async fn admin_client(env: &Env, role: Role) -> (Admin, tokio::sync::oneshot::Se
             .unwrap();
     });
     let tenant = (role != Role::FleetAdmin).then_some(TENANT);
-    let (_, key) = api_keys::create(&env.state, role, tenant, "test").await.unwrap();
+    let (_, key) = api_keys::create(&env.state, role, tenant, "test")
+        .await
+        .unwrap();
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_lazy();
@@ -1063,9 +1302,15 @@ async fn admin_client(env: &Env, role: Role) -> (Admin, tokio::sync::oneshot::Se
 
 #[tokio::test]
 async fn admin_rpcs_show_refresh_and_delete_tokens() {
-    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, Arc::new(tokenfleet_domain::SystemClock)).await;
+    let env = Env::start(
+        Backend::Embedded,
+        ProviderKind::Microsoft,
+        Arc::new(tokenfleet_domain::SystemClock),
+    )
+    .await;
     env.consented_mailbox("scan").await;
-    env.add_mailbox("fresh", GrantType::DelegatedDeviceCode).await;
+    env.add_mailbox("fresh", GrantType::DelegatedDeviceCode)
+        .await;
     let (mut admin, _stop) = admin_client(&env, Role::TenantAdmin).await;
 
     let m = admin
@@ -1139,7 +1384,12 @@ async fn admin_rpcs_show_refresh_and_delete_tokens() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-    assert!(err.message().contains("tokenfleetctl mailbox consent fresh"), "{}", err.message());
+    assert!(
+        err.message()
+            .contains("tokenfleetctl mailbox consent fresh"),
+        "{}",
+        err.message()
+    );
 
     // DeleteToken.
     let m = admin
@@ -1150,7 +1400,10 @@ async fn admin_rpcs_show_refresh_and_delete_tokens() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(m.token.unwrap().status, pb::TokenStatus::NotRetrieved as i32);
+    assert_eq!(
+        m.token.unwrap().status,
+        pb::TokenStatus::NotRetrieved as i32
+    );
     assert!(env.grant("scan").await.refresh_token.is_none());
 
     // Viewers may look but not refresh or delete; other tenants are not reachable.
@@ -1194,9 +1447,256 @@ async fn admin_rpcs_show_refresh_and_delete_tokens() {
         .iter()
         .map(|e| (e.action.as_str(), e.result.as_str()))
         .collect();
-    assert!(actions.contains(&("mailbox.delete_token", "ok")), "{actions:?}");
-    assert!(actions.contains(&("mailbox.refresh_now", "ok")), "{actions:?}");
-    assert!(actions.contains(&("mailbox.refresh_now", "failed_precondition")), "{actions:?}");
-    let deleted = events.iter().find(|e| e.action == "mailbox.delete_token" && e.result == "ok").unwrap();
-    assert!(deleted.detail.contains("no revocation endpoint"), "{}", deleted.detail);
+    assert!(
+        actions.contains(&("mailbox.delete_token", "ok")),
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&("mailbox.refresh_now", "ok")),
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&("mailbox.refresh_now", "failed_precondition")),
+        "{actions:?}"
+    );
+    let deleted = events
+        .iter()
+        .find(|e| e.action == "mailbox.delete_token" && e.result == "ok")
+        .unwrap();
+    assert!(
+        deleted.detail.contains("no revocation endpoint"),
+        "{}",
+        deleted.detail
+    );
+}
+
+// ----------------------------------------------------------------------------------------------
+// On-demand requests during backoff; writes racing with consents
+// ----------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn on_demand_requests_honour_the_backoff() {
+    let clock = ManualClock::new();
+    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, clock.clone()).await;
+    env.consented_mailbox("scan").await;
+    env.fake.script(
+        Endpoint::MicrosoftToken,
+        ScriptedResponse::status(429).retry_after(600),
+    );
+    // 50 minutes in: refresh attempt meets 429; the still-valid token is handed out.
+    clock.advance(Duration::from_secs(56 * 60));
+    let t = env
+        .service
+        .access_token(TENANT, "scan", Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert!(t.expires > clock.now());
+    assert_eq!(env.refreshes().len(), 1);
+    let g = env.grant("scan").await;
+    assert_eq!(g.state.status, TokenStatus::RefreshFailing);
+    assert_eq!(g.state.last_error.as_ref().unwrap().code, "http_429");
+    assert!(g.next_refresh.unwrap() - clock.now() >= time::Duration::seconds(600));
+
+    // Later requests during the backoff do not call the provider: the old token while it
+    // lasts, then the recorded error.
+    for _ in 0..5 {
+        env.service
+            .access_token(TENANT, "scan", Duration::from_secs(300))
+            .await
+            .unwrap();
+    }
+    clock.advance(Duration::from_secs(5 * 60));
+    let err = env
+        .service
+        .access_token(TENANT, "scan", Duration::from_secs(300))
+        .await
+        .unwrap_err();
+    let TokenError::RefreshFailing { retry_at, .. } = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(*retry_at, g.next_refresh);
+    assert_eq!(
+        env.refreshes().len(),
+        1,
+        "no provider call while backing off"
+    );
+
+    // After the backoff, the next request refreshes.
+    clock.set(g.next_refresh.unwrap() + Duration::from_secs(1));
+    env.service
+        .access_token(TENANT, "scan", Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert_eq!(env.refreshes().len(), 2);
+    assert_eq!(env.grant("scan").await.state.status, TokenStatus::Active);
+}
+
+/// Starts a refresh whose provider answer is held back, and returns once the fake has it.
+async fn slow_refresh(
+    env: &Env,
+    rotated: &str,
+) -> tokio::task::JoinHandle<Result<tokenfleet_broker::tokens::lifecycle::IssuedToken, TokenError>>
+{
+    env.fake.script(
+        Endpoint::MicrosoftToken,
+        ScriptedResponse::json(
+            200,
+            serde_json::json!({
+                "token_type": "Bearer",
+                "access_token": "at-from-the-slow-refresh",
+                "refresh_token": rotated,
+                "expires_in": 3599,
+            }),
+        )
+        .delay(Duration::from_millis(300)),
+    );
+    let before = env.refreshes().len();
+    let service = env.service.clone();
+    let task = tokio::spawn(async move { service.refresh_now(TENANT, "scan").await });
+    eventually(
+        "the refresh at the provider",
+        Duration::from_secs(5),
+        async || (env.refreshes().len() > before).then_some(()),
+    )
+    .await;
+    task
+}
+
+#[tokio::test]
+async fn a_refresh_racing_a_consent_keeps_the_rotated_token_or_yields_to_a_new_grant() {
+    let env = Env::start(
+        Backend::Embedded,
+        ProviderKind::Microsoft,
+        Arc::new(tokenfleet_domain::SystemClock),
+    )
+    .await;
+    env.consented_mailbox("scan").await;
+
+    // A re-consent starts while the refresh is at the provider: the rotated refresh token is
+    // still stored, and the record stays CONSENT_PENDING.
+    let refresh = slow_refresh(&env, "rt-rotated-during-consent").await;
+    let stored = env
+        .records()
+        .get::<GrantRecord>(&grant_key(TENANT, "scan"))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut g = stored.value.clone();
+    g.state.status = TokenStatus::ConsentPending;
+    env.records()
+        .put(&g, Precondition::Version(stored.version))
+        .await
+        .unwrap();
+    let token = refresh.await.unwrap().unwrap();
+    assert_eq!(token.access_token.expose(), "at-from-the-slow-refresh");
+    let g = env.grant("scan").await;
+    assert_eq!(
+        env.open(&g, GrantField::RefreshToken),
+        "rt-rotated-during-consent"
+    );
+    assert_eq!(g.state.status, TokenStatus::ConsentPending);
+    // While the consent is pending, the valid token of the earlier grant is still handed out.
+    let t = env
+        .service
+        .access_token(TENANT, "scan", Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert_eq!(t.access_token.expose(), "at-from-the-slow-refresh");
+
+    // The consent completes (new credentials) while another refresh is at the provider: the
+    // new grant wins and the refresh's outcome is dropped.
+    let mut g = env.grant("scan").await;
+    g.state.status = TokenStatus::Active;
+    let v = env
+        .records()
+        .get::<GrantRecord>(&grant_key(TENANT, "scan"))
+        .await
+        .unwrap()
+        .unwrap()
+        .version;
+    env.records()
+        .put(&g, Precondition::Version(v))
+        .await
+        .unwrap();
+    let refresh = slow_refresh(&env, "rt-stale").await;
+    let stored = env
+        .records()
+        .get::<GrantRecord>(&grant_key(TENANT, "scan"))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut g = stored.value.clone();
+    g.refresh_token = Some(env.seal(
+        "scan",
+        GrantField::RefreshToken,
+        &Secret::new("rt-from-the-new-consent"),
+    ));
+    env.records()
+        .put(&g, Precondition::Version(stored.version))
+        .await
+        .unwrap();
+    let err = refresh.await.unwrap().unwrap_err();
+    assert!(matches!(err, TokenError::Changed { .. }), "{err:?}");
+    let g = env.grant("scan").await;
+    assert_eq!(
+        env.open(&g, GrantField::RefreshToken),
+        "rt-from-the-new-consent"
+    );
+}
+
+// ----------------------------------------------------------------------------------------------
+// Key rotation
+// ----------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn reseal_moves_grant_secrets_to_the_new_key() {
+    let env = Env::start(
+        Backend::Embedded,
+        ProviderKind::Microsoft,
+        Arc::new(tokenfleet_domain::SystemClock),
+    )
+    .await;
+    let rt = env.consented_mailbox("scan").await;
+    let at = env.open(&env.grant("scan").await, GrantField::AccessToken);
+
+    let k2 = Keyring::generate_key_base64().unwrap();
+    let rotated = BrokerState {
+        keyring: Arc::new(
+            Keyring::from_base64("k2", [("k1", env.key.as_str()), ("k2", k2.as_str())]).unwrap(),
+        ),
+        ..env.state.clone()
+    };
+    let report = tokenfleet_broker::records::reseal_all(&rotated)
+        .await
+        .unwrap();
+    // The provider's client secret, the grant's refresh and access token.
+    assert_eq!((report.examined, report.resealed), (3, 3));
+    let again = tokenfleet_broker::records::reseal_all(&rotated)
+        .await
+        .unwrap();
+    assert_eq!((again.examined, again.resealed), (3, 0));
+
+    // Only the new key is needed now, and the lifecycle still refreshes with it.
+    let only_k2 = BrokerState {
+        keyring: Arc::new(Keyring::from_base64("k2", [("k2", k2.as_str())]).unwrap()),
+        ..env.state.clone()
+    };
+    let g = env.grant("scan").await;
+    let open = |field, sealed: &tokenfleet_seal::Sealed| {
+        open_field(&only_k2.keyring, TENANT, "scan", field, sealed)
+            .unwrap()
+            .expose()
+            .to_owned()
+    };
+    assert_eq!(
+        open(GrantField::RefreshToken, g.refresh_token.as_ref().unwrap()),
+        rt
+    );
+    assert_eq!(
+        open(GrantField::AccessToken, g.access_token.as_ref().unwrap()),
+        at
+    );
+    let service = TokenService::new(only_k2, config());
+    service.refresh_now(TENANT, "scan").await.unwrap();
+    assert_eq!(env.refreshes(), vec![rt]);
 }

@@ -671,6 +671,11 @@ pub enum AgentCommand {
         #[command(flatten)]
         version: VersionArg,
     },
+    /// Create a one-time enrollment code for `tokenfleet-agent enroll` (creating the agent when
+    /// it is new). The code is printed once.
+    EnrollCode(crate::agent_identity::EnrollCodeArgs),
+    /// Revoke an agent: its next call to the broker is refused. Final for this agent name.
+    Revoke(crate::agent_identity::RevokeArgs),
     /// Delete an agent (only when it hosts no devices).
     Delete {
         #[command(flatten)]

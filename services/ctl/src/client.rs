@@ -125,10 +125,14 @@ impl Broker {
             // certificate should not also be accepted from any public CA, and a minimal host may
             // have no system roots at all.
             let mut tls = ClientTlsConfig::new();
-            if global.ca_file.is_none() {
+            // A local `--dev` broker's generated CA is found without --ca-file.
+            let ca_file = global.ca_file.clone().or_else(|| {
+                crate::agent_identity::dev_ca_file(&global.broker, |k| std::env::var_os(k))
+            });
+            if ca_file.is_none() {
                 tls = tls.with_native_roots();
             }
-            if let Some(path) = &global.ca_file {
+            if let Some(path) = &ca_file {
                 let pem = std::fs::read(path).map_err(|e| {
                     CtlError::usage(format!(
                         "cannot read --ca-file {}: {}",

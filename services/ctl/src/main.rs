@@ -3,6 +3,7 @@
 //! Exit codes: 0 ok, 1 the broker refused or failed the request, 2 usage or local input error,
 //! 69 broker unreachable or unavailable.
 
+mod agent_identity;
 mod cli;
 mod client;
 mod commands;

@@ -42,17 +42,16 @@ impl Printer {
 
     /// One object (`show`, `create`, `update`, `whoami`).
     pub fn object<T: Serialize>(&self, object: &T) -> Result<(), CtlError> {
-        let value = to_value(object)?;
         match self.format {
-            OutputFormat::Json => emit(&json_text(&value)?),
-            OutputFormat::Table => emit(&field_table(&value).to_string()),
+            OutputFormat::Json => emit(&json_text(object)?),
+            OutputFormat::Table => emit(&field_table(&to_value(object)?).to_string()),
         }
     }
 
     /// A list of objects.
     pub fn list<T: Listed>(&self, objects: &[T]) -> Result<(), CtlError> {
         match self.format {
-            OutputFormat::Json => emit(&json_text(&to_value(&objects)?)?),
+            OutputFormat::Json => emit(&json_text(objects)?),
             OutputFormat::Table if objects.is_empty() => emit(&format!("no {}", T::PLURAL)),
             OutputFormat::Table => emit(&list_table(objects).to_string()),
         }
@@ -61,7 +60,7 @@ impl Printer {
     /// Confirmation of a delete.
     pub fn deleted(&self, deleted: &DeletedView) -> Result<(), CtlError> {
         match self.format {
-            OutputFormat::Json => emit(&json_text(&to_value(deleted)?)?),
+            OutputFormat::Json => emit(&json_text(deleted)?),
             OutputFormat::Table => {
                 let what = match &deleted.tenant {
                     Some(tenant) => format!("{tenant}/{}", deleted.name),
@@ -82,8 +81,10 @@ fn to_value<T: Serialize + ?Sized>(object: &T) -> Result<Value, CtlError> {
     serde_json::to_value(object).map_err(|e| CtlError::Output(format!("encoding JSON: {e}")))
 }
 
-fn json_text(value: &Value) -> Result<String, CtlError> {
-    serde_json::to_string_pretty(value).map_err(|e| CtlError::Output(format!("encoding JSON: {e}")))
+/// JSON text straight from the view structs, so keys keep their documented order.
+fn json_text<T: Serialize + ?Sized>(object: &T) -> Result<String, CtlError> {
+    serde_json::to_string_pretty(object)
+        .map_err(|e| CtlError::Output(format!("encoding JSON: {e}")))
 }
 
 fn emit(text: &str) -> Result<(), CtlError> {
@@ -123,12 +124,25 @@ fn list_table<T: Listed>(objects: &[T]) -> Table {
 fn field_table(value: &Value) -> Table {
     let mut rows = Vec::new();
     flatten("", value, &mut rows);
+    // Identity first, bookkeeping last, the rest by name.
+    rows.sort_by_key(|(field, _)| field_rank(field));
     let mut table = new_table();
     table.set_header(["FIELD", "VALUE"]);
     for (field, text) in rows {
         table.add_row([field, text]);
     }
     table
+}
+
+fn field_rank(field: &str) -> u8 {
+    match field {
+        "tenant" | "key_id" => 0,
+        "name" => 1,
+        "create_time" => 3,
+        "update_time" => 4,
+        "version" => 5,
+        _ => 2,
+    }
 }
 
 fn flatten(prefix: &str, value: &Value, rows: &mut Vec<(String, String)>) {
@@ -142,6 +156,9 @@ fn flatten(prefix: &str, value: &Value, rows: &mut Vec<(String, String)>) {
                 };
                 flatten(&name, inner, rows);
             }
+        }
+        Value::String(s) if prefix.ends_with("time") => {
+            rows.push((prefix.to_owned(), when(&Some(s.clone()))));
         }
         other => rows.push((prefix.to_owned(), scalar_text(other))),
     }
@@ -256,7 +273,33 @@ impl Listed for MailboxView {
                 text
             }
             None if self.disabled => "disabled by an operator".to_owned(),
-            None => "-".to_owned(),
+            None => match &self.token.pending_device_code {
+                Some(c) => format!(
+                    "waiting for sign-in: enter {} at {}",
+                    c.user_code, c.verification_uri
+                ),
+                None => "-".to_owned(),
+            },
+        };
+        let problem = match (
+            self.token.consecutive_failures,
+            self.token.clock_skew_seconds,
+        ) {
+            (0, skew) if skew.abs() <= 60 => problem,
+            (failures, skew) => {
+                let mut notes = Vec::new();
+                if failures > 0 {
+                    notes.push(format!("{failures} failed refreshes"));
+                }
+                if skew.abs() > 60 {
+                    notes.push(format!("clock skew {skew}s"));
+                }
+                if problem == "-" {
+                    notes.join("; ")
+                } else {
+                    format!("{problem} ({})", notes.join("; "))
+                }
+            }
         };
         vec![
             self.name.clone(),
@@ -414,6 +457,11 @@ mod tests {
                 last_refresh_time: None,
                 access_token_expire_time: None,
                 last_error: error,
+                pending_device_code: None,
+                refresh_token_expire_time: None,
+                next_refresh_time: None,
+                consecutive_failures: 0,
+                clock_skew_seconds: 0,
             },
             create_time: Some("2024-05-06T07:08:09.123456Z".into()),
             update_time: None,
@@ -439,6 +487,37 @@ mod tests {
             "AADSTS700082: refresh token expired after inactivity — fix: run the consent again"
         );
         assert_eq!(row.len(), MailboxView::columns().len());
+    }
+
+    #[test]
+    fn mailbox_rows_show_pending_consent_and_failures() {
+        let mut m = mailbox("consent_pending", None);
+        m.token.pending_device_code = Some(crate::view::DeviceCodeChallengeView {
+            user_code: "ABCD-EFGH".into(),
+            verification_uri: "https://login.example/device".into(),
+            expire_time: None,
+            message: String::new(),
+            interval_seconds: 5,
+        });
+        assert_eq!(
+            m.row()[7],
+            "waiting for sign-in: enter ABCD-EFGH at https://login.example/device"
+        );
+        let mut m = mailbox(
+            "refresh_failing",
+            Some(TokenErrorView {
+                code: "temporarily_unavailable".into(),
+                reason: "provider answered 503".into(),
+                fix: String::new(),
+                time: None,
+            }),
+        );
+        m.token.consecutive_failures = 3;
+        m.token.clock_skew_seconds = -120;
+        assert_eq!(
+            m.row()[7],
+            "temporarily_unavailable: provider answered 503 (3 failed refreshes; clock skew -120s)"
+        );
     }
 
     #[test]
@@ -468,6 +547,32 @@ mod tests {
             "-----BEGIN CERTIFICATE----- … (3 lines)"
         );
         assert_eq!(find("display_name"), "-");
+    }
+
+    #[test]
+    fn field_table_puts_identity_first_and_bookkeeping_last() {
+        let value = serde_json::json!({
+            "version": 2,
+            "address": "a@b.c",
+            "update_time": "2024-05-06T07:08:09.5Z",
+            "name": "scan",
+            "tenant": "acme",
+            "create_time": null
+        });
+        let text = field_table(&value).to_string();
+        let order: Vec<usize> = [
+            "tenant",
+            "name",
+            "address",
+            "create_time",
+            "update_time",
+            "version",
+        ]
+        .iter()
+        .map(|f| text.find(&format!(" {f} ")).unwrap_or(usize::MAX))
+        .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{text}");
+        assert!(text.contains("2024-05-06T07:08:09Z"), "{text}");
     }
 
     #[test]

@@ -122,6 +122,16 @@ pub struct TokenErrorView {
     pub time: Option<String>,
 }
 
+/// A device-code consent waiting for a person.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceCodeChallengeView {
+    pub user_code: String,
+    pub verification_uri: String,
+    pub expire_time: Option<String>,
+    pub message: String,
+    pub interval_seconds: u32,
+}
+
 /// State of the grant behind a mailbox.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TokenStateView {
@@ -129,6 +139,11 @@ pub struct TokenStateView {
     pub last_refresh_time: Option<String>,
     pub access_token_expire_time: Option<String>,
     pub last_error: Option<TokenErrorView>,
+    pub pending_device_code: Option<DeviceCodeChallengeView>,
+    pub refresh_token_expire_time: Option<String>,
+    pub next_refresh_time: Option<String>,
+    pub consecutive_failures: u32,
+    pub clock_skew_seconds: i64,
 }
 
 /// A mailbox, with its token state.
@@ -170,6 +185,19 @@ impl From<&pb::Mailbox> for MailboxView {
                     fix: e.fix.clone(),
                     time: rfc3339(e.time.as_ref()),
                 }),
+                pending_device_code: token.pending_device_code.as_ref().map(|c| {
+                    DeviceCodeChallengeView {
+                        user_code: c.user_code.clone(),
+                        verification_uri: c.verification_uri.clone(),
+                        expire_time: rfc3339(c.expire_time.as_ref()),
+                        message: c.message.clone(),
+                        interval_seconds: c.interval_seconds,
+                    }
+                }),
+                refresh_token_expire_time: rfc3339(token.refresh_token_expire_time.as_ref()),
+                next_refresh_time: rfc3339(token.next_refresh_time.as_ref()),
+                consecutive_failures: token.consecutive_failures,
+                clock_skew_seconds: token.clock_skew_seconds,
             },
             create_time: rfc3339(m.create_time.as_ref()),
             update_time: rfc3339(m.update_time.as_ref()),
@@ -403,6 +431,8 @@ mod tests {
                     fix: "consent again".into(),
                     time: ts(1_700_000_100),
                 }),
+                consecutive_failures: 2,
+                ..Default::default()
             }),
             create_time: ts(0),
             update_time: Some(Timestamp {
@@ -432,7 +462,12 @@ mod tests {
                         "reason": "refresh token expired",
                         "fix": "consent again",
                         "time": "2023-11-14T22:15:00Z"
-                    }
+                    },
+                    "pending_device_code": null,
+                    "refresh_token_expire_time": null,
+                    "next_refresh_time": null,
+                    "consecutive_failures": 2,
+                    "clock_skew_seconds": 0
                 },
                 "create_time": "1970-01-01T00:00:00Z",
                 "update_time": "2023-11-14T22:13:20.5Z",

@@ -38,9 +38,7 @@ pub(super) async fn mailbox_view(
     )
     .await?;
     let grant = super::records(state)
-        .get::<crate::tokens::grant::GrantRecord>(&crate::tokens::grant::grant_key(
-            tenant, mailbox,
-        ))
+        .get::<crate::tokens::grant::GrantRecord>(&crate::tokens::grant::grant_key(tenant, mailbox))
         .await
         .map_err(store_status)?;
     Ok(super::mailbox_with_grant(
@@ -100,9 +98,9 @@ pub(super) async fn refresh_now(
                         .format(&time::format_description::well_known::Rfc3339)
                         .unwrap_or_default()
                 ),
-                Err(e @ (TokenError::RefreshFailing { .. } | TokenError::ReauthRequired { .. })) => {
-                    e.to_string().chars().take(300).collect()
-                }
+                Err(
+                    e @ (TokenError::RefreshFailing { .. } | TokenError::ReauthRequired { .. }),
+                ) => e.to_string().chars().take(300).collect(),
                 Err(e) => return Err(e.to_status()),
             };
             let mailbox = mailbox_view(state, &req.tenant, &req.mailbox).await?;

@@ -221,7 +221,8 @@ impl AgentCa {
     ) -> Result<IssuedCertificate, IdentityError> {
         let public_key = check_csr(csr_der)?;
         let now = whole_seconds(now);
-        let backdate = (lifetime / 10).min(MAX_BACKDATE);
+        // Whole seconds, so the certificate spans exactly its lifetime plus the backdating.
+        let backdate = Duration::from_secs((lifetime / 10).as_secs()).min(MAX_BACKDATE);
         let not_before = whole_seconds(now - backdate);
         let not_after = whole_seconds((now + lifetime).min(self.not_after));
         if not_after <= now {
@@ -287,6 +288,52 @@ impl AgentCa {
             not_after: validity.not_after.to_datetime(),
         })
     }
+}
+
+/// Re-seals the stored CA key with the keyring's current key if another key sealed it (after a
+/// key rotation); returns (sealed values examined, re-sealed). Written with compare-and-set.
+pub async fn reseal(state: &BrokerState) -> Result<(u64, u64), crate::records::ResealError> {
+    use crate::records::ResealError;
+    let key = ca_key();
+    for _ in 0..crate::records::CAS_ATTEMPTS {
+        let Some(record) = state.store.get(&key).await? else {
+            return Ok((0, 0));
+        };
+        let mut stored: CaRecord =
+            serde_json::from_slice(&record.data).map_err(|e| StoreError::Corrupt {
+                key: key.to_string(),
+                problem: format!("not a valid agent CA record: {e}"),
+            })?;
+        if !state.keyring.needs_reseal(&stored.key) {
+            return Ok((1, 0));
+        }
+        let seal_error = |source| ResealError::Seal {
+            record: ca_key_aad(),
+            source,
+        };
+        let key_pem = state
+            .keyring
+            .open_secret(&ca_key_aad(), &stored.key)
+            .map_err(seal_error)?;
+        stored.key = state
+            .keyring
+            .seal_secret(&ca_key_aad(), &key_pem)
+            .map_err(seal_error)?;
+        let data = serde_json::to_vec(&stored).map_err(|e| StoreError::Corrupt {
+            key: key.to_string(),
+            problem: format!("cannot encode the agent CA record: {e}"),
+        })?;
+        match state
+            .store
+            .put(&key, data, Precondition::Version(record.version))
+            .await
+        {
+            Ok(_) => return Ok((1, 1)),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ResealError::Contended(key.to_string()))
 }
 
 /// Seals the CA private key for the store.

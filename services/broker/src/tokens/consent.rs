@@ -34,7 +34,9 @@ use crate::records::{
     provider_key,
 };
 use crate::state::BrokerState;
-use crate::tokens::grant::{GrantField, GrantRecord, PendingConsent, grant_key, open_field, seal_field};
+use crate::tokens::grant::{
+    GrantField, GrantRecord, PendingConsent, grant_key, open_field, seal_field,
+};
 
 /// Store schedule of device-code polls (member `<tenant>/<mailbox>`).
 pub const CONSENT_POLL_SCHEDULE: &str = "consent-poll";
@@ -301,7 +303,15 @@ pub fn activate(
     let refresh = token
         .refresh_token
         .as_ref()
-        .map(|r| seal_field(&state.keyring, &tenant, &mailbox, GrantField::RefreshToken, r))
+        .map(|r| {
+            seal_field(
+                &state.keyring,
+                &tenant,
+                &mailbox,
+                GrantField::RefreshToken,
+                r,
+            )
+        })
         .transpose()
         .map_err(ConsentError::seal(record))?;
     let lifetime = token.expires_in;
@@ -527,8 +537,10 @@ async fn start_device_code(
     // Scheduled before the grant is written: a crash in between leaves a schedule entry the
     // poller drops, never a pending consent nobody polls.
     schedule_poll(state, &tenant, &name, next_poll).await?;
-    let (grant, previous) =
-        update_grant(state, &tenant, &name, |g| Ok(begin_pending(g, pending.clone()))).await?;
+    let (grant, previous) = update_grant(state, &tenant, &name, |g| {
+        Ok(begin_pending(g, pending.clone()))
+    })
+    .await?;
     forget_previous(state, previous).await;
     Ok(StartOutcome {
         mailbox: target.mailbox,
@@ -588,15 +600,17 @@ async fn start_auth_code(
         expires,
         scopes,
     };
-    let (grant, previous) =
-        match update_grant(state, &tenant, &name, |g| Ok(begin_pending(g, pending.clone()))).await
-        {
-            Ok(done) => done,
-            Err(e) => {
-                delete_state_index(state, &oauth_state).await;
-                return Err(e);
-            }
-        };
+    let (grant, previous) = match update_grant(state, &tenant, &name, |g| {
+        Ok(begin_pending(g, pending.clone()))
+    })
+    .await
+    {
+        Ok(done) => done,
+        Err(e) => {
+            delete_state_index(state, &oauth_state).await;
+            return Err(e);
+        }
+    };
     forget_previous(state, previous).await;
     if let Err(error) = unschedule_poll(state, &tenant, &name).await {
         tracing::warn!(%error, tenant, mailbox = name, "could not unschedule an earlier device-code poll");
@@ -742,7 +756,16 @@ pub async fn complete(
             let text = describe_provider_error(&e, name);
             let error = e.to_token_error(name, now);
             end_auth_code(state, tenant, name, &expected, error).await?;
-            audit(state, actor, "consent.failed", tenant, name, "failed", &text).await;
+            audit(
+                state,
+                actor,
+                "consent.failed",
+                tenant,
+                name,
+                "failed",
+                &text,
+            )
+            .await;
             return Err(ConsentError::FailedPrecondition(text));
         }
         Err(e) => {
@@ -861,10 +884,12 @@ pub async fn callback_page(state: &BrokerState, query: Option<&str>) -> Callback
             _ => {}
         }
     }
-    let provider_said = provider_error.as_ref().map(|e| match &provider_description {
-        Some(d) => format!("The identity provider answered `{e}`: {d}"),
-        None => format!("The identity provider answered `{e}`."),
-    });
+    let provider_said = provider_error
+        .as_ref()
+        .map(|e| match &provider_description {
+            Some(d) => format!("The identity provider answered `{e}`: {d}"),
+            None => format!("The identity provider answered `{e}`."),
+        });
     let Some(oauth_state) = oauth_state.filter(|s| !s.is_empty()) else {
         return failure_page(
             400,
@@ -895,7 +920,11 @@ pub async fn callback_page(state: &BrokerState, query: Option<&str>) -> Callback
     match complete(state, tenant, name, &input, CALLBACK_ACTOR).await {
         Ok(done) => {
             let address = done.mailbox.value.address.clone();
-            tracing::info!(tenant, mailbox = name, "consent completed through the browser redirect");
+            tracing::info!(
+                tenant,
+                mailbox = name,
+                "consent completed through the browser redirect"
+            );
             audit(
                 state,
                 CALLBACK_ACTOR,

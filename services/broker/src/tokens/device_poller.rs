@@ -267,7 +267,12 @@ impl DevicePoller {
             DevicePoll::SlowDown => {
                 let interval_secs = interval_secs + SLOW_DOWN_STEP.as_secs();
                 let next_poll = now + Duration::from_secs(interval_secs);
-                tracing::info!(tenant, mailbox, interval_secs, "provider asked to slow down: polling interval raised");
+                tracing::info!(
+                    tenant,
+                    mailbox,
+                    interval_secs,
+                    "provider asked to slow down: polling interval raised"
+                );
                 let written = self
                     .write(tenant, mailbox, lease, &user_code, |g| {
                         set_next_poll(g, interval_secs, next_poll);
@@ -328,11 +333,19 @@ impl DevicePoller {
                     return Err(e);
                 }
                 let Some(grant) = written else {
-                    tracing::warn!(tenant, mailbox, "a device-code sign-in finished, but the consent was replaced meanwhile; its tokens are discarded");
+                    tracing::warn!(
+                        tenant,
+                        mailbox,
+                        "a device-code sign-in finished, but the consent was replaced meanwhile; its tokens are discarded"
+                    );
                     return Ok(PollOutcome::Superseded);
                 };
                 consent::hand_over(state, &grant).await?;
-                tracing::info!(tenant, mailbox, "device-code consent completed: mailbox ACTIVE");
+                tracing::info!(
+                    tenant,
+                    mailbox,
+                    "device-code consent completed: mailbox ACTIVE"
+                );
                 consent::audit(
                     state,
                     POLLER_ACTOR,
@@ -396,7 +409,13 @@ impl DevicePoller {
             return Ok(PollOutcome::Superseded);
         };
         consent::unschedule_poll(&self.state, tenant, mailbox).await?;
-        tracing::info!(tenant, mailbox, code, reason, "device-code consent ended without a grant");
+        tracing::info!(
+            tenant,
+            mailbox,
+            code,
+            reason,
+            "device-code consent ended without a grant"
+        );
         consent::audit(
             &self.state,
             POLLER_ACTOR,

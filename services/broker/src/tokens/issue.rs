@@ -108,7 +108,10 @@ async fn authorize_and_issue(
             SenderMode::FixedAdmin => format!("its admin mailbox `{}`", d.value.admin_mailbox),
             SenderMode::Bulk => format!("its bulk mailbox `{}`", d.value.bulk_mailbox),
             SenderMode::LoginUser | SenderMode::AllowUserChange => {
-                format!("its allowed mailboxes [{}]", d.value.allowed_mailboxes.join(", "))
+                format!(
+                    "its allowed mailboxes [{}]",
+                    d.value.allowed_mailboxes.join(", ")
+                )
             }
         };
         return Err(TokenError::Denied(format!(
@@ -116,7 +119,10 @@ async fn authorize_and_issue(
             d.value.sender_mode
         )));
     }
-    let Some(m) = records.get::<Mailbox>(&mailbox_key(tenant, mailbox)).await? else {
+    let Some(m) = records
+        .get::<Mailbox>(&mailbox_key(tenant, mailbox))
+        .await?
+    else {
         return Err(TokenError::MailboxNotFound {
             tenant: tenant.to_owned(),
             mailbox: mailbox.to_owned(),

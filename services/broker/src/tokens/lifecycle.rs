@@ -40,11 +40,10 @@ use tonic::Status;
 
 use super::backoff::{Backoff, unit_random};
 use super::grant::{GrantField, GrantRecord, grant_key, open_field, seal_field};
-use super::scheduler::{
-    SchedulerConfig, next_refresh_at, schedule_refresh, unschedule_refresh,
-};
+use super::scheduler::{SchedulerConfig, next_refresh_at, schedule_refresh, unschedule_refresh};
 use crate::records::{
-    Records, Versioned, mailbox_key, open_client_secret, open_service_account_key, provider_key,
+    CAS_ATTEMPTS, Records, Versioned, mailbox_key, open_client_secret, open_service_account_key,
+    provider_key,
 };
 use crate::state::BrokerState;
 
@@ -102,7 +101,10 @@ impl TokenConfig {
     pub fn check(&self) -> Result<(), tokenfleet_domain::ValidationError> {
         use tokenfleet_domain::ValidationError as E;
         if self.provider_timeout.is_zero() {
-            return Err(E::new("tokens.provider_timeout_seconds", "must be positive"));
+            return Err(E::new(
+                "tokens.provider_timeout_seconds",
+                "must be positive",
+            ));
         }
         if self.lease_ttl <= self.provider_timeout {
             return Err(E::new(
@@ -167,13 +169,17 @@ pub enum TokenError {
         mailbox: String,
     },
     /// An operator disabled the mailbox.
-    #[error("mailbox `{mailbox}` is disabled; enable it with `tokenfleetctl mailbox update {mailbox} --disabled=false`")]
+    #[error(
+        "mailbox `{mailbox}` is disabled; enable it with `tokenfleetctl mailbox update {mailbox} --disabled=false`"
+    )]
     Disabled {
         /// Mailbox.
         mailbox: String,
     },
     /// No grant was obtained yet (or it was deleted).
-    #[error("no token has been obtained for mailbox `{mailbox}` yet; run `tokenfleetctl mailbox consent {mailbox}`")]
+    #[error(
+        "no token has been obtained for mailbox `{mailbox}` yet; run `tokenfleetctl mailbox consent {mailbox}`"
+    )]
     NotRetrieved {
         /// Mailbox.
         mailbox: String,
@@ -190,7 +196,7 @@ pub enum TokenError {
         /// Mailbox.
         mailbox: String,
         /// Why, and what fixes it.
-        error: tokenfleet_domain::TokenError,
+        error: Box<tokenfleet_domain::TokenError>,
     },
     /// Refreshing failed; it is retried automatically.
     #[error("refreshing the token of mailbox `{mailbox}` failed: {} [{}]. Fix: {}", .error.reason, .error.code, .error.fix)]
@@ -198,12 +204,14 @@ pub enum TokenError {
         /// Mailbox.
         mailbox: String,
         /// Why, and what fixes it.
-        error: tokenfleet_domain::TokenError,
+        error: Box<tokenfleet_domain::TokenError>,
         /// When the next attempt is scheduled.
         retry_at: Option<OffsetDateTime>,
     },
     /// Another replica held the mailbox's refresh lease for longer than the wait allows.
-    #[error("the token of mailbox `{mailbox}` is being refreshed elsewhere and did not become ready in time; retry")]
+    #[error(
+        "the token of mailbox `{mailbox}` is being refreshed elsewhere and did not become ready in time; retry"
+    )]
     Busy {
         /// Mailbox.
         mailbox: String,
@@ -412,14 +420,14 @@ fn state_error(grant: &GrantRecord, mailbox: &str) -> TokenError {
         TokenStatus::ReauthRequired => match &grant.state.last_error {
             Some(error) => TokenError::ReauthRequired {
                 mailbox,
-                error: error.clone(),
+                error: Box::new(error.clone()),
             },
             None => TokenError::NotRetrieved { mailbox },
         },
         TokenStatus::RefreshFailing => match &grant.state.last_error {
             Some(error) => TokenError::RefreshFailing {
                 mailbox,
-                error: error.clone(),
+                error: Box::new(error.clone()),
                 retry_at: grant.next_refresh,
             },
             None => TokenError::Busy { mailbox },
@@ -486,7 +494,8 @@ impl TokenService {
     }
 
     fn check_names(tenant: &str, mailbox: &str) -> Result<(), TokenError> {
-        tokenfleet_domain::name("tenant", tenant).map_err(|e| TokenError::Invalid(e.to_string()))?;
+        tokenfleet_domain::name("tenant", tenant)
+            .map_err(|e| TokenError::Invalid(e.to_string()))?;
         tokenfleet_domain::name("mailbox", mailbox)
             .map_err(|e| TokenError::Invalid(e.to_string()))?;
         Ok(())
@@ -540,15 +549,9 @@ impl TokenService {
                 });
             };
             let grant = grant.value;
-            if !usable(grant.state.status) {
-                return Err(state_error(&grant, mailbox));
-            }
-            let now = self.now();
             let need = needed(&grant, min_validity);
-            if remaining(&grant, now) >= need
-                && let Some(token) = self.open_access(&grant, &m.address)?
-            {
-                return Ok(token);
+            if let Some(done) = self.without_refresh(&grant, need, &m.address)? {
+                return done;
             }
             let token = self
                 .flight(tenant, mailbox, Trigger::OnDemand(need))
@@ -561,6 +564,49 @@ impl TokenService {
         Err(TokenError::Busy {
             mailbox: mailbox.to_owned(),
         })
+    }
+
+    /// What an on-demand request gets without calling the provider: `Some` when the cached token
+    /// is good enough, or when no refresh may happen now (the grant's state forbids it, or a
+    /// failed refresh is backing off — then a still-valid token is handed out, else the recorded
+    /// error). `None`: refresh.
+    fn without_refresh(
+        &self,
+        grant: &GrantRecord,
+        need: Duration,
+        address: &str,
+    ) -> Result<Option<Result<IssuedToken, TokenError>>, TokenError> {
+        let now = self.now();
+        let left = remaining(grant, now);
+        let cached = |floor: Duration| -> Result<Option<IssuedToken>, TokenError> {
+            if left >= floor && !left.is_zero() {
+                self.open_access(grant, address)
+            } else {
+                Ok(None)
+            }
+        };
+        let mailbox = grant.mailbox.as_str();
+        match grant.state.status {
+            // A re-consent in progress does not take the earlier grant's valid token away.
+            TokenStatus::ConsentPending => Ok(Some(
+                cached(need)?.ok_or_else(|| state_error(grant, mailbox)),
+            )),
+            status if !usable(status) => Ok(Some(Err(state_error(grant, mailbox)))),
+            _ => {
+                if let Some(token) = cached(need)? {
+                    return Ok(Some(Ok(token)));
+                }
+                let backing_off = grant.state.status == TokenStatus::RefreshFailing
+                    && grant.next_refresh.is_some_and(|t| t > now);
+                if backing_off {
+                    // Retry-After and the backoff are honoured; the scheduler retries.
+                    return Ok(Some(
+                        cached(FALLBACK_FLOOR)?.ok_or_else(|| state_error(grant, mailbox)),
+                    ));
+                }
+                Ok(None)
+            }
+        }
     }
 
     /// Joins the in-flight refresh of the mailbox in this process, or starts one.
@@ -582,9 +628,8 @@ impl TokenService {
             result
         });
         let flight = async move {
-            task.await.unwrap_or_else(|e| {
-                Err(TokenError::Internal(format!("refresh task failed: {e}")))
-            })
+            task.await
+                .unwrap_or_else(|e| Err(TokenError::Internal(format!("refresh task failed: {e}"))))
         }
         .boxed()
         .shared();
@@ -594,7 +639,11 @@ impl TokenService {
 
     /// Refreshes now, even if the cached token is fine (`RefreshNow`). Waits for a refresh that
     /// is already running. Provider failures are recorded in the grant and returned.
-    pub async fn refresh_now(&self, tenant: &str, mailbox: &str) -> Result<IssuedToken, TokenError> {
+    pub async fn refresh_now(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+    ) -> Result<IssuedToken, TokenError> {
         Self::check_names(tenant, mailbox)?;
         self.refresh_exclusive(tenant, mailbox, Trigger::Forced)
             .await
@@ -628,13 +677,7 @@ impl TokenService {
             }
             Err(error) => {
                 tracing::warn!(%error, tenant, mailbox, "scheduled refresh failed; retrying later");
-                Some(
-                    now + self
-                        .inner
-                        .config
-                        .backoff
-                        .delay(1, None, unit_random()),
-                )
+                Some(now + self.inner.config.backoff.delay(1, None, unit_random()))
             }
         };
         let written = match next {
@@ -670,7 +713,9 @@ impl TokenService {
                 .try_lease(&name, &owner, self.inner.config.lease_ttl)
                 .await?
             {
-                let result = self.refresh_under_lease(tenant, mailbox, trigger, &lease).await;
+                let result = self
+                    .refresh_under_lease(tenant, mailbox, trigger, &lease)
+                    .await;
                 match store.release_lease(&name, &owner).await {
                     Ok(true) => {}
                     Ok(false) => tracing::warn!(
@@ -845,11 +890,11 @@ impl TokenService {
 
         // Re-read under the lease: another replica may have refreshed meanwhile.
         match trigger {
-            Trigger::OnDemand(want) if usable(grant.state.status) => {
-                if remaining(&grant, now) >= needed(&grant, want)
-                    && let Some(token) = self.open_access(&grant, &m.address)?
+            Trigger::OnDemand(want) => {
+                if let Some(done) =
+                    self.without_refresh(&grant, needed(&grant, want), &m.address)?
                 {
-                    return Ok(token);
+                    return done;
                 }
             }
             Trigger::Scheduled if usable(grant.state.status) => {
@@ -902,7 +947,11 @@ impl TokenService {
         let scopes = if grant.scopes.is_empty() {
             match client.scopes_for(m.grant_type, &m.purposes) {
                 Ok(s) => s,
-                Err(e) => return self.record_failure(&m, stored.version, grant, e, lease).await,
+                Err(e) => {
+                    return self
+                        .record_failure(&m, stored.version, grant, e, lease)
+                        .await;
+                }
             }
         } else {
             grant.scopes.clone()
@@ -946,7 +995,9 @@ impl TokenService {
             }
             Err(e) => {
                 let fallback = matches!(trigger, Trigger::OnDemand(_));
-                let result = self.record_failure(&m, stored.version, grant, e, lease).await;
+                let result = self
+                    .record_failure(&m, stored.version, grant, e, lease)
+                    .await;
                 if fallback
                     && let Err(TokenError::RefreshFailing { .. }) = &result
                     && let Some(fresh) = self.grant(tenant, mailbox).await?
@@ -968,6 +1019,7 @@ impl TokenService {
         granted: tokenfleet_providers::TokenGrant,
         lease: &Lease,
     ) -> Result<IssuedToken, TokenError> {
+        let original = grant.clone();
         let keyring = &self.inner.state.keyring;
         let (tenant, mailbox) = (m.tenant.as_str(), m.name.as_str());
         let now = self.now();
@@ -1026,7 +1078,7 @@ impl TokenService {
             unit_random(),
         );
         grant.next_refresh = Some(next);
-        self.write(&grant, version, lease).await?;
+        self.write(&original, &grant, version, lease).await?;
         schedule_refresh(self.inner.state.store.as_ref(), tenant, mailbox, next).await?;
         tracing::info!(
             tenant,
@@ -1051,6 +1103,7 @@ impl TokenService {
         error: ProviderError,
         lease: &Lease,
     ) -> Result<IssuedToken, TokenError> {
+        let original = grant.clone();
         let (tenant, mailbox) = (m.tenant.as_str(), m.name.as_str());
         let now = self.now();
         let status = error.class.refresh_status();
@@ -1061,7 +1114,7 @@ impl TokenService {
         let store = self.inner.state.store.as_ref();
         if status == TokenStatus::ReauthRequired {
             grant.next_refresh = None;
-            self.write(&grant, version, lease).await?;
+            self.write(&original, &grant, version, lease).await?;
             unschedule_refresh(store, tenant, mailbox).await?;
             tracing::warn!(
                 tenant,
@@ -1072,7 +1125,7 @@ impl TokenService {
             );
             return Err(TokenError::ReauthRequired {
                 mailbox: mailbox.to_owned(),
-                error: token_error,
+                error: Box::new(token_error),
             });
         }
         let delay = self.inner.config.backoff.delay(
@@ -1082,7 +1135,7 @@ impl TokenService {
         );
         let next = now + delay;
         grant.next_refresh = Some(next);
-        self.write(&grant, version, lease).await?;
+        self.write(&original, &grant, version, lease).await?;
         schedule_refresh(store, tenant, mailbox, next).await?;
         tracing::warn!(
             tenant,
@@ -1096,46 +1149,91 @@ impl TokenService {
         );
         Err(TokenError::RefreshFailing {
             mailbox: mailbox.to_owned(),
-            error: token_error,
+            error: Box::new(token_error),
             retry_at: Some(next),
         })
     }
 
-    /// Writes a grant read at `version` under `lease` (compare-and-set; the record carries the
-    /// lease's fence). A concurrent write by someone not holding the lease (a consent that just
-    /// completed) wins: this result belongs to the grant that was read, not to the new one.
+    /// Writes `updated`, the refresh's outcome for the grant `original` read at `version` under
+    /// `lease` (compare-and-set; the record carries the lease's fence).
+    ///
+    /// Someone not holding the lease may have written meanwhile (a consent starting or
+    /// completing). If the stored credentials are still the ones this refresh started from, the
+    /// refresh's fields are applied on top of the newer record (a rotated refresh token must not
+    /// be lost), keeping its status when that is not a refreshable one (e.g. a consent in
+    /// progress). If the credentials were replaced or wiped, the newer record wins and this
+    /// outcome is dropped.
     async fn write(
         &self,
-        grant: &GrantRecord,
+        original: &GrantRecord,
+        updated: &GrantRecord,
         version: u64,
         lease: &Lease,
     ) -> Result<u64, TokenError> {
-        let mut grant = grant.clone();
-        grant.fence = lease.fence;
-        match self
-            .records()
-            .put(&grant, Precondition::Version(version))
-            .await
-        {
-            Ok(v) => Ok(v),
-            Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => {
-                tracing::info!(
-                    tenant = %grant.tenant,
-                    mailbox = %grant.mailbox,
-                    "the grant changed during the refresh; keeping the newer record"
-                );
-                Err(TokenError::Changed {
-                    mailbox: grant.mailbox.clone(),
-                })
+        let mut target = updated.clone();
+        target.fence = lease.fence;
+        let mut version = version;
+        let changed = || {
+            tracing::info!(
+                tenant = %updated.tenant,
+                mailbox = %updated.mailbox,
+                "the grant was replaced during the refresh; keeping the newer record"
+            );
+            TokenError::Changed {
+                mailbox: updated.mailbox.clone(),
             }
-            Err(e) => Err(e.into()),
+        };
+        for _ in 0..CAS_ATTEMPTS {
+            match self
+                .records()
+                .put(&target, Precondition::Version(version))
+                .await
+            {
+                Ok(v) => return Ok(v),
+                Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let Some(fresh) = self.grant(&updated.tenant, &updated.mailbox).await? else {
+                return Err(changed());
+            };
+            let mut merged = fresh.value;
+            if merged.refresh_token != original.refresh_token
+                || merged.access_token != original.access_token
+                || merged.fence > lease.fence
+            {
+                return Err(changed());
+            }
+            merged.refresh_token.clone_from(&updated.refresh_token);
+            merged.access_token.clone_from(&updated.access_token);
+            merged.refresh_token_obtained = updated.refresh_token_obtained;
+            merged.scopes.clone_from(&updated.scopes);
+            merged.consecutive_failures = updated.consecutive_failures;
+            merged.next_refresh = updated.next_refresh;
+            merged.clock_skew_secs = updated.clock_skew_secs;
+            merged.state.last_refresh = updated.state.last_refresh;
+            merged.state.access_token_expires = updated.state.access_token_expires;
+            if usable(merged.state.status) {
+                merged.state.status = updated.state.status;
+                merged
+                    .state
+                    .last_error
+                    .clone_from(&updated.state.last_error);
+            }
+            merged.fence = lease.fence;
+            target = merged;
+            version = fresh.version;
         }
+        Err(changed())
     }
 
     /// Revokes the grant at the provider where possible, then wipes every stored secret (status
     /// `NOT_RETRIEVED`) and takes the mailbox off the refresh schedule. A failed revocation is
     /// reported (in the result and the grant's `last_error`), but the wipe happens anyway.
-    pub async fn delete_token(&self, tenant: &str, mailbox: &str) -> Result<Revocation, TokenError> {
+    pub async fn delete_token(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+    ) -> Result<Revocation, TokenError> {
         Self::check_names(tenant, mailbox)?;
         let m = self.mailbox(tenant, mailbox).await?;
         let store = self.inner.state.store.as_ref();
@@ -1169,7 +1267,11 @@ impl TokenService {
         result
     }
 
-    async fn delete_under_lease(&self, m: &Mailbox, lease: &Lease) -> Result<Revocation, TokenError> {
+    async fn delete_under_lease(
+        &self,
+        m: &Mailbox,
+        lease: &Lease,
+    ) -> Result<Revocation, TokenError> {
         let (tenant, mailbox) = (m.tenant.as_str(), m.name.as_str());
         let keyring = &self.inner.state.keyring;
         let stored = self.grant(tenant, mailbox).await?;
@@ -1273,16 +1375,33 @@ mod tests {
             Some(t),
             Some(t + Duration::from_secs(240)),
         );
-        assert_eq!(needed(&g, Duration::from_secs(300)), Duration::from_secs(120));
-        let g = grant_with(TokenStatus::Active, Some(t), Some(t + Duration::from_secs(3600)));
-        assert_eq!(needed(&g, Duration::from_secs(300)), Duration::from_secs(300));
-        assert_eq!(needed(&g, Duration::from_secs(7200)), Duration::from_secs(1800));
+        assert_eq!(
+            needed(&g, Duration::from_secs(300)),
+            Duration::from_secs(120)
+        );
+        let g = grant_with(
+            TokenStatus::Active,
+            Some(t),
+            Some(t + Duration::from_secs(3600)),
+        );
+        assert_eq!(
+            needed(&g, Duration::from_secs(300)),
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            needed(&g, Duration::from_secs(7200)),
+            Duration::from_secs(1800)
+        );
     }
 
     #[test]
     fn remaining_needs_a_token() {
         let t = OffsetDateTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let g = grant_with(TokenStatus::Active, Some(t), Some(t + Duration::from_secs(60)));
+        let g = grant_with(
+            TokenStatus::Active,
+            Some(t),
+            Some(t + Duration::from_secs(60)),
+        );
         assert_eq!(remaining(&g, t), Duration::ZERO, "no access token stored");
     }
 
@@ -1305,13 +1424,13 @@ mod tests {
         };
         let dead = TokenError::ReauthRequired {
             mailbox: "scan".into(),
-            error: e.clone(),
+            error: Box::new(e.clone()),
         };
         assert_eq!(dead.to_status().code(), Code::FailedPrecondition);
         assert!(dead.to_string().contains("90 days") && dead.to_string().contains("consent scan"));
         let failing = TokenError::RefreshFailing {
             mailbox: "scan".into(),
-            error: e,
+            error: Box::new(e),
             retry_at: None,
         };
         assert_eq!(failing.to_status().code(), Code::Unavailable);

@@ -7,9 +7,9 @@
 //! put on a store schedule, which any replica may pick up; a store lease per mailbox makes sure only
 //! one replica works on a mailbox at a time.
 
+pub mod backoff;
 pub mod consent;
 pub mod device_poller;
-pub mod backoff;
 pub mod grant;
 pub mod issue;
 pub mod lifecycle;

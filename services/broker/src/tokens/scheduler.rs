@@ -323,9 +323,9 @@ async fn sweep(service: &TokenService) -> StoreResult<u64> {
                     ) {
                         continue;
                     }
-                    let at = g.next_refresh.unwrap_or_else(|| {
-                        now + RECONCILE_SPREAD.mul_f64(unit_random())
-                    });
+                    let at = g
+                        .next_refresh
+                        .unwrap_or_else(|| now + RECONCILE_SPREAD.mul_f64(unit_random()));
                     schedule_refresh(store, &g.tenant, &g.mailbox, at).await?;
                     written += 1;
                 }
@@ -367,7 +367,10 @@ mod tests {
         for unit in [0.0, 0.25, 0.5, 0.75, 0.999] {
             let at = next_refresh_at(t0(), HOUR, true, DAY, unit);
             let wait = at - t0();
-            assert!(wait >= HOUR.mul_f64(0.65) && wait <= HOUR.mul_f64(0.85), "{wait}");
+            assert!(
+                wait >= HOUR.mul_f64(0.65) && wait <= HOUR.mul_f64(0.85),
+                "{wait}"
+            );
             assert!(at < t0() + HOUR, "refresh must come before expiry");
         }
         assert_eq!(

@@ -1,4 +1,5 @@
-//! `agent create|list|show|update|delete`.
+//! `agent create|list|show|update|delete|enroll-code|revoke` (the last two with
+//! [`crate::agent_identity`]).
 
 use tokenfleet_proto::v1 as pb;
 
@@ -53,6 +54,23 @@ pub(super) async fn run(cmd: AgentCommand, ctx: &Ctx) -> Result<(), CtlError> {
             let req = update_request(id, fields, version)?;
             let a = ctx
                 .call(|mut c| async move { c.update_agent(req).await })
+                .await?;
+            ctx.printer.object(&AgentView::from(&a))
+        }
+        AgentCommand::EnrollCode(args) => {
+            let req = crate::agent_identity::enroll_code_request(args);
+            let created = ctx
+                .call(|mut c| async move { c.create_enrollment_code(req).await })
+                .await?;
+            ctx.printer.object(&crate::agent_identity::enroll_code_view(
+                &created,
+                &ctx.global.broker,
+            ))
+        }
+        AgentCommand::Revoke(args) => {
+            let req = crate::agent_identity::revoke_request(args);
+            let a = ctx
+                .call(|mut c| async move { c.revoke_agent(req).await })
                 .await?;
             ctx.printer.object(&AgentView::from(&a))
         }

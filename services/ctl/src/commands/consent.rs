@@ -21,7 +21,7 @@ use super::Ctx;
 use crate::cli::OutputFormat;
 use crate::enums::token_status_name;
 use crate::error::CtlError;
-use crate::view::{MailboxView, datetime, rfc3339};
+use crate::view::{MailboxView, datetime};
 
 /// How often the mailbox is read while waiting.
 const WATCH_EVERY: Duration = Duration::from_secs(2);
@@ -158,6 +158,13 @@ pub(super) async fn run_consent(args: ConsentArgs, ctx: &Ctx) -> Result<(), CtlE
     };
     let m = watch(ctx, &args.tenant, &args.mailbox, limit).await?;
     finish(&m, json)
+}
+
+/// A wire timestamp as RFC 3339 to the second (for people and for `-o json`).
+fn rfc3339(ts: Option<&prost_types::Timestamp>) -> Option<String> {
+    let t = datetime(ts)?.replace_nanosecond(0).ok()?;
+    t.format(&time::format_description::well_known::Rfc3339)
+        .ok()
 }
 
 fn read_stdin_line() -> Result<String, CtlError> {

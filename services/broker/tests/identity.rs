@@ -1,0 +1,914 @@
+//! Agent identity against a real broker (`server::serve` over TLS on 127.0.0.1, embedded store):
+//! enrollment codes (once, expiry, concurrency), who may call `TokenBroker` (no certificate,
+//! another CA, an expired certificate, revoked, superseded), renewal, the device-host check of
+//! `IssueAccessToken`, the Admin API over TLS without a client certificate, audit entries, and
+//! that no secret reaches the log at trace level.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use rcgen::{CertificateParams, KeyPair};
+use time::OffsetDateTime;
+use tokenfleet_broker::api_keys;
+use tokenfleet_broker::config::RawConfig;
+use tokenfleet_broker::identity::{AgentCa, AgentId};
+use tokenfleet_broker::records::Records;
+use tokenfleet_broker::server;
+use tokenfleet_broker::state::BrokerState;
+use tokenfleet_domain::{
+    Clock, Device, GrantType, MailPurpose, Mailbox, MailboxKind, Role, SenderMode, Stamps, Tenant,
+};
+use tokenfleet_proto::v1 as pb;
+use tokenfleet_proto::v1::admin_client::AdminClient;
+use tokenfleet_proto::v1::token_broker_client::TokenBrokerClient;
+use tokenfleet_seal::{Keyring, Secret};
+use tokenfleet_store::Precondition;
+use tokenfleet_store::embedded::EmbeddedStore;
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+// ----------------------------------------------------------------------------------------------
+// Harness
+// ----------------------------------------------------------------------------------------------
+
+/// Everything logged by this test binary, at trace level.
+fn log_capture() -> Arc<Mutex<Vec<u8>>> {
+    static CAPTURE: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    CAPTURE
+        .get_or_init(|| {
+            let buffer = Arc::new(Mutex::new(Vec::new()));
+            let sink = buffer.clone();
+            let _ = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_ansi(false)
+                .with_writer(move || LogSink(sink.clone()))
+                .try_init();
+            buffer
+        })
+        .clone()
+}
+
+struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Asserts that none of `secrets` appears in anything logged so far (and that something was).
+fn assert_not_logged(secrets: &[&str]) {
+    let log = String::from_utf8_lossy(&log_capture().lock().unwrap()).into_owned();
+    assert!(log.contains("TRACE"), "trace logging is on");
+    for secret in secrets {
+        assert!(!secret.is_empty());
+        assert!(!log.contains(secret), "a secret was logged: {secret}");
+    }
+}
+
+/// The system clock moved by an offset the test sets.
+#[derive(Debug, Default)]
+struct ShiftedClock(AtomicI64);
+
+impl ShiftedClock {
+    fn advance(&self, by: Duration) {
+        self.0.fetch_add(by.as_secs() as i64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ShiftedClock {
+    fn now(&self) -> OffsetDateTime {
+        OffsetDateTime::now_utc() + time::Duration::seconds(self.0.load(Ordering::SeqCst))
+    }
+}
+
+#[derive(Clone)]
+struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+type Admin = AdminClient<InterceptedService<Channel, Bearer>>;
+
+/// A broker serving over TLS on 127.0.0.1; stopped on drop.
+struct Broker {
+    state: BrokerState,
+    clock: Arc<ShiftedClock>,
+    addr: SocketAddr,
+    server_ca: String,
+    admin_key: Secret,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.abort();
+    }
+}
+
+impl Broker {
+    async fn start(tls: bool, lifetime: Option<Duration>) -> Broker {
+        log_capture();
+        let dir = tempfile::tempdir().unwrap();
+        let mut raw = RawConfig {
+            state_dir: dir.path().to_path_buf(),
+            shutdown_grace_seconds: 1,
+            ..RawConfig::default()
+        };
+        if tls {
+            let (cert, key) = tokenfleet_broker::dev::ensure_dev_tls(dir.path()).unwrap();
+            raw.tls.cert_file = Some(cert);
+            raw.tls.key_file = Some(key);
+        }
+        if let Some(lifetime) = lifetime {
+            raw.agents.certificate_lifetime_seconds = lifetime.as_secs();
+        }
+        let config = raw.validate().unwrap();
+        let key = Keyring::generate_key_base64().unwrap();
+        let clock = Arc::new(ShiftedClock::default());
+        let state = BrokerState {
+            store: Arc::new(
+                EmbeddedStore::open(dir.path().join("store.redb"))
+                    .await
+                    .unwrap(),
+            ),
+            keyring: Arc::new(Keyring::from_base64("k1", [("k1", key.as_str())]).unwrap()),
+            clock: clock.clone(),
+        };
+        let (_, admin_key) = api_keys::create(&state, Role::FleetAdmin, None, "test".to_owned())
+            .await
+            .unwrap();
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = state.clone();
+        let task = tokio::spawn(async move {
+            server::serve(config, serving, grpc, http, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        let server_ca = if tls {
+            std::fs::read_to_string(dir.path().join(tokenfleet_broker::dev::DEV_CA_CERT_FILE))
+                .unwrap()
+        } else {
+            String::new()
+        };
+        let broker = Broker {
+            state,
+            clock,
+            addr,
+            server_ca,
+            admin_key,
+            stop: Some(stop),
+            task,
+            _dir: dir,
+        };
+        broker.put_tenant("acme").await;
+        broker.put_tenant("other").await;
+        broker
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        if self.server_ca.is_empty() {
+            return Endpoint::from_shared(format!("http://{}", self.addr)).unwrap();
+        }
+        Endpoint::from_shared(format!("https://{}", self.addr))
+            .unwrap()
+            .timeout(Duration::from_secs(20))
+    }
+
+    /// A TLS channel without a client certificate.
+    fn anonymous(&self) -> Channel {
+        let mut endpoint = self.endpoint();
+        if !self.server_ca.is_empty() {
+            endpoint = endpoint
+                .tls_config(
+                    ClientTlsConfig::new()
+                        .ca_certificate(Certificate::from_pem(self.server_ca.clone())),
+                )
+                .unwrap();
+        }
+        endpoint.connect_lazy()
+    }
+
+    /// A TLS channel that presents `cert_pem` with `key`.
+    fn with_certificate(&self, cert_pem: &str, key: &KeyPair) -> Channel {
+        self.endpoint()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(self.server_ca.clone()))
+                    .identity(Identity::from_pem(cert_pem, key.serialize_pem())),
+            )
+            .unwrap()
+            .connect_lazy()
+    }
+
+    fn admin(&self) -> Admin {
+        let mut value: MetadataValue<_> = format!("Bearer {}", self.admin_key.expose())
+            .parse()
+            .unwrap();
+        value.set_sensitive(true);
+        AdminClient::with_interceptor(self.anonymous(), Bearer(value))
+    }
+
+    fn broker_client(&self, channel: Channel) -> TokenBrokerClient<Channel> {
+        TokenBrokerClient::new(channel)
+    }
+
+    async fn put_tenant(&self, name: &str) {
+        let tenant = Tenant {
+            name: name.to_owned(),
+            display_name: name.to_owned(),
+            stamps: Stamps::new(OffsetDateTime::now_utc()),
+        };
+        Records::new(self.state.store.as_ref())
+            .put(&tenant, Precondition::Any)
+            .await
+            .unwrap();
+    }
+
+    /// Stores device `name` of `tenant`, hosted by `agent`, sender mode fixed_admin with the
+    /// admin mailbox `scan` (created too; no grant).
+    async fn put_device(&self, tenant: &str, name: &str, agent: &str) {
+        let records = Records::new(self.state.store.as_ref());
+        records
+            .put(&device(tenant, name, agent), Precondition::Any)
+            .await
+            .unwrap();
+        records
+            .put(&mailbox(tenant, "scan"), Precondition::Any)
+            .await
+            .unwrap();
+    }
+
+    async fn code(&self, tenant: &str, agent: &str) -> String {
+        self.admin()
+            .create_enrollment_code(pb::CreateEnrollmentCodeRequest {
+                tenant: tenant.to_owned(),
+                agent: agent.to_owned(),
+                display_name: format!("site {agent}"),
+                ttl_seconds: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .code
+    }
+
+    /// Enrolls `agent` of `tenant` with a new key; returns the key and the certificate.
+    async fn enroll(&self, tenant: &str, agent: &str) -> (KeyPair, pb::AgentCertificate) {
+        let code = self.code(tenant, agent).await;
+        let key = KeyPair::generate().unwrap();
+        let cert = self
+            .broker_client(self.anonymous())
+            .enroll(pb::EnrollRequest {
+                code,
+                csr_der: csr(&key),
+                software_version: "1.2.3".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (key, cert)
+    }
+
+    async fn audit(&self, tenant: &str) -> Vec<pb::AuditEvent> {
+        self.admin()
+            .list_audit_events(pb::ListAuditEventsRequest {
+                tenant: tenant.to_owned(),
+                page_size: 1000,
+                page_token: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events
+    }
+
+    async fn agent(&self, tenant: &str, name: &str) -> pb::Agent {
+        self.admin()
+            .get_agent(pb::GetAgentRequest {
+                tenant: tenant.to_owned(),
+                name: name.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+}
+
+fn device(tenant: &str, name: &str, agent: &str) -> Device {
+    Device {
+        tenant: tenant.into(),
+        name: name.into(),
+        display_name: String::new(),
+        agent: agent.into(),
+        sender_mode: SenderMode::FixedAdmin,
+        admin_mailbox: "scan".into(),
+        bulk_mailbox: String::new(),
+        allowed_mailboxes: Vec::new(),
+        smtp: Default::default(),
+        fetch: Default::default(),
+        ingress: Default::default(),
+        stamps: Stamps::new(OffsetDateTime::now_utc()),
+    }
+}
+
+fn mailbox(tenant: &str, name: &str) -> Mailbox {
+    Mailbox {
+        tenant: tenant.into(),
+        name: name.into(),
+        address: format!("{name}@example.com"),
+        provider: "m365".into(),
+        grant_type: GrantType::DelegatedDeviceCode,
+        kind: MailboxKind::Admin,
+        purposes: vec![MailPurpose::Send],
+        disabled: false,
+        token: Default::default(),
+        stamps: Stamps::new(OffsetDateTime::now_utc()),
+    }
+}
+
+fn csr(key: &KeyPair) -> Vec<u8> {
+    CertificateParams::default()
+        .serialize_request(key)
+        .unwrap()
+        .der()
+        .to_vec()
+}
+
+async fn renew(
+    client: &mut TokenBrokerClient<Channel>,
+) -> Result<pb::AgentCertificate, tonic::Status> {
+    client
+        .renew(pb::RenewRequest {
+            csr_der: csr(&KeyPair::generate().unwrap()),
+            software_version: String::new(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn issue_request(device: &str, mailbox: &str) -> pb::IssueAccessTokenRequest {
+    pb::IssueAccessTokenRequest {
+        device: device.to_owned(),
+        mailbox: mailbox.to_owned(),
+        purpose: pb::MailPurpose::Send as i32,
+    }
+}
+
+/// A refused call: a status from the broker, or a failed TLS handshake (transport error).
+fn refused_by_tls_or(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some()
+        || matches!(status.code(), Code::Unavailable | Code::Unknown)
+}
+
+// ----------------------------------------------------------------------------------------------
+// Tests
+// ----------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_enrollment_code_issues_one_certificate_for_its_agent() {
+    let broker = Broker::start(true, None).await;
+    // The Admin API works over TLS with an API key and no client certificate.
+    let created = broker
+        .admin()
+        .create_enrollment_code(pb::CreateEnrollmentCodeRequest {
+            tenant: "acme".into(),
+            agent: "site-a".into(),
+            display_name: "Head office".into(),
+            ttl_seconds: 600,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(created.code.starts_with("tfe_"));
+    let agent = created.agent.unwrap();
+    assert_eq!(agent.display_name, "Head office");
+    assert!(agent.certificate_expire_time.is_none());
+
+    let key = KeyPair::generate().unwrap();
+    let cert = broker
+        .broker_client(broker.anonymous())
+        .enroll(pb::EnrollRequest {
+            code: format!("{}\n", created.code),
+            csr_der: csr(&key),
+            software_version: "1.2.3".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (cert.tenant.as_str(), cert.agent.as_str()),
+        ("acme", "site-a")
+    );
+    assert_eq!(
+        cert.identity_uri,
+        "spiffe://tokenfleet/tenants/acme/agents/site-a"
+    );
+    assert!(cert.ca_chain_pem.contains("BEGIN CERTIFICATE"));
+    let lifetime = cert.expire_time.unwrap().seconds - cert.not_before.unwrap().seconds;
+    assert!(
+        (7 * 24 * 3600..=7 * 24 * 3600 + 60).contains(&lifetime),
+        "{lifetime}"
+    );
+
+    // The certificate authenticates the agent.
+    let mut client = broker.broker_client(broker.with_certificate(&cert.certificate_pem, &key));
+    let renewed = renew(&mut client).await.unwrap();
+    assert_eq!(renewed.identity_uri, cert.identity_uri);
+
+    // A code works once.
+    let again = broker
+        .broker_client(broker.anonymous())
+        .enroll(pb::EnrollRequest {
+            code: created.code.clone(),
+            csr_der: csr(&KeyPair::generate().unwrap()),
+            software_version: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::Unauthenticated);
+    assert!(
+        again.message().contains("used already"),
+        "{}",
+        again.message()
+    );
+
+    let record = broker.agent("acme", "site-a").await;
+    assert!(record.certificate_expire_time.is_some());
+    assert!(record.last_seen_time.is_some());
+    assert_eq!(record.software_version, "1.2.3");
+
+    let events = broker.audit("acme").await;
+    for action in [
+        "agent.enrollment_code.create",
+        "agent.enroll",
+        "agent.renew",
+    ] {
+        let event = events
+            .iter()
+            .find(|e| e.action == action)
+            .unwrap_or_else(|| panic!("no {action} in {events:#?}"));
+        assert_eq!(event.result, "ok", "{event:?}");
+        assert_eq!(event.target, "tenants/acme/agents/site-a");
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == "agent.enroll" && e.actor == "agent:acme/site-a")
+    );
+    let audit_text = format!("{events:?}");
+    assert!(!audit_text.contains(&created.code));
+    assert_not_logged(&[
+        &created.code,
+        broker.admin_key.expose(),
+        &key.serialize_pem(),
+    ]);
+}
+
+#[tokio::test]
+async fn expired_garbage_and_bad_requests_do_not_enroll() {
+    let broker = Broker::start(true, None).await;
+    let code = broker.code("acme", "site-a").await;
+    let mut client = broker.broker_client(broker.anonymous());
+
+    // A bad CSR is refused without spending the code.
+    let bad = client
+        .enroll(pb::EnrollRequest {
+            code: code.clone(),
+            csr_der: b"not a csr".to_vec(),
+            software_version: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().starts_with("csr_der:"), "{}", bad.message());
+
+    // Unknown codes.
+    for garbage in ["", "tfe_0000000000000000000000000000000000000000", "hello"] {
+        let err = client
+            .enroll(pb::EnrollRequest {
+                code: garbage.into(),
+                csr_der: csr(&KeyPair::generate().unwrap()),
+                software_version: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{garbage}");
+    }
+
+    // After its TTL (default one hour) the code is refused.
+    broker.clock.advance(Duration::from_secs(3601));
+    let expired = client
+        .enroll(pb::EnrollRequest {
+            code: code.clone(),
+            csr_der: csr(&KeyPair::generate().unwrap()),
+            software_version: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(expired.code(), Code::Unauthenticated);
+    assert!(
+        expired.message().contains("expired"),
+        "{}",
+        expired.message()
+    );
+    assert!(
+        broker
+            .agent("acme", "site-a")
+            .await
+            .certificate_expire_time
+            .is_none()
+    );
+
+    // Bad TTLs are refused with the field named.
+    let err = broker
+        .admin()
+        .create_enrollment_code(pb::CreateEnrollmentCodeRequest {
+            tenant: "acme".into(),
+            agent: "site-b".into(),
+            display_name: String::new(),
+            ttl_seconds: 5,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("ttl_seconds:"),
+        "{}",
+        err.message()
+    );
+    assert_not_logged(&[&code]);
+}
+
+#[tokio::test]
+async fn of_concurrent_enrollments_with_one_code_exactly_one_wins() {
+    let broker = Broker::start(true, None).await;
+    let code = broker.code("acme", "site-a").await;
+    let attempts = (0..8).map(|_| {
+        let mut client = broker.broker_client(broker.anonymous());
+        let code = code.clone();
+        async move {
+            client
+                .enroll(pb::EnrollRequest {
+                    code,
+                    csr_der: csr(&KeyPair::generate().unwrap()),
+                    software_version: String::new(),
+                })
+                .await
+        }
+    });
+    let results = futures::future::join_all(attempts).await;
+    let won = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(won, 1, "{results:?}");
+    for lost in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(lost.code(), Code::Unauthenticated, "{lost:?}");
+    }
+}
+
+#[tokio::test]
+async fn callers_without_a_valid_certificate_are_refused() {
+    let broker = Broker::start(true, None).await;
+    let (_key, _cert) = broker.enroll("acme", "site-a").await;
+
+    // No certificate.
+    let mut anonymous = broker.broker_client(broker.anonymous());
+    let err = anonymous
+        .issue_access_token(issue_request("mfp", "scan"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(
+        err.message().contains("client certificate is required"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        renew(&mut anonymous).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+
+    // A certificate naming the same agent, from another CA.
+    let other = tokenfleet_broker::identity::pki::generate_ca(
+        "not the broker",
+        OffsetDateTime::now_utc(),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let other_ca = AgentCa::from_pem(&other.cert_pem, &other.key_pem).unwrap();
+    let id = AgentId::new("acme", "site-a").unwrap();
+    let key = KeyPair::generate().unwrap();
+    let forged = other_ca
+        .issue(
+            &csr(&key),
+            &id,
+            OffsetDateTime::now_utc(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let err = broker
+        .broker_client(broker.with_certificate(&forged.cert_pem, &key))
+        .issue_access_token(issue_request("mfp", "scan"))
+        .await
+        .unwrap_err();
+    assert!(refused_by_tls_or(&err), "{err:?}");
+
+    // A certificate of the broker's own CA that has expired.
+    let ca = AgentCa::load_or_create(&broker.state).await.unwrap();
+    let key = KeyPair::generate().unwrap();
+    let expired = ca
+        .issue(
+            &csr(&key),
+            &id,
+            OffsetDateTime::now_utc() - time::Duration::hours(2),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let err = broker
+        .broker_client(broker.with_certificate(&expired.cert_pem, &key))
+        .issue_access_token(issue_request("mfp", "scan"))
+        .await
+        .unwrap_err();
+    assert!(refused_by_tls_or(&err), "{err:?}");
+
+    // Anything else the CA signed for the agent but never handed out is not a current
+    // certificate of the agent.
+    let key = KeyPair::generate().unwrap();
+    let unknown = ca
+        .issue(
+            &csr(&key),
+            &id,
+            OffsetDateTime::now_utc(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let err = broker
+        .broker_client(broker.with_certificate(&unknown.cert_pem, &key))
+        .issue_access_token(issue_request("mfp", "scan"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("replaced"), "{}", err.message());
+
+    // The Admin API still works on a TLS connection without a client certificate.
+    broker.admin().who_am_i(pb::WhoAmIRequest {}).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_revoked_agent_is_refused_on_its_next_call_without_restart() {
+    let broker = Broker::start(true, None).await;
+    let (key, cert) = broker.enroll("acme", "site-a").await;
+    let mut client = broker.broker_client(broker.with_certificate(&cert.certificate_pem, &key));
+    renew(&mut client).await.unwrap();
+
+    let revoked = broker
+        .admin()
+        .revoke_agent(pb::RevokeAgentRequest {
+            tenant: "acme".into(),
+            name: "site-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(revoked.revoked);
+
+    // Same connection, next call: refused.
+    let err = renew(&mut client).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("revoked"), "{}", err.message());
+    let err = client
+        .issue_access_token(issue_request("mfp", "scan"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Revocation is final for the name.
+    let err = broker
+        .admin()
+        .create_enrollment_code(pb::CreateEnrollmentCodeRequest {
+            tenant: "acme".into(),
+            agent: "site-a".into(),
+            display_name: String::new(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    let events = broker.audit("acme").await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == "agent.revoke" && e.result == "ok")
+    );
+    assert!(events.iter().any(|e| e.action == "token.issue"
+        && e.actor == "agent:acme/site-a"
+        && e.result == "permission_denied"));
+}
+
+/// Whether `client`'s certificate authenticates: asks for the token of `mfp-a` (hosted by
+/// `acme/site-a`, mailbox `scan`), which an authenticated agent gets as far as the missing grant
+/// (FAILED_PRECONDITION).
+async fn authenticates(client: &mut TokenBrokerClient<Channel>) -> Result<(), tonic::Status> {
+    let err = client
+        .issue_access_token(issue_request("mfp-a", "scan"))
+        .await
+        .unwrap_err();
+    if err.code() == Code::FailedPrecondition {
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
+
+#[tokio::test]
+async fn renewal_keeps_the_last_certificate_and_re_enrollment_retires_all() {
+    let broker = Broker::start(true, None).await;
+    let (key1, cert1) = broker.enroll("acme", "site-a").await;
+    broker.put_device("acme", "mfp-a", "site-a").await;
+    let mut first = broker.broker_client(broker.with_certificate(&cert1.certificate_pem, &key1));
+    authenticates(&mut first).await.unwrap();
+    let key2 = KeyPair::generate().unwrap();
+    let cert2 = first
+        .renew(pb::RenewRequest {
+            csr_der: csr(&key2),
+            software_version: "2.0".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut second = broker.broker_client(broker.with_certificate(&cert2.certificate_pem, &key2));
+    // Both the renewed-from and the new certificate work...
+    authenticates(&mut first).await.unwrap();
+    authenticates(&mut second).await.unwrap();
+    assert_eq!(broker.agent("acme", "site-a").await.software_version, "2.0");
+    // ...until the next renewal, which keeps only the one it was made with.
+    renew(&mut second).await.unwrap();
+    let mut stale = broker.broker_client(broker.with_certificate(&cert1.certificate_pem, &key1));
+    let err = authenticates(&mut stale).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("replaced"), "{}", err.message());
+    authenticates(&mut second).await.unwrap();
+
+    // Enrolling again retires every older certificate.
+    let (key4, cert4) = broker.enroll("acme", "site-a").await;
+    let err = authenticates(&mut second).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let mut newest = broker.broker_client(broker.with_certificate(&cert4.certificate_pem, &key4));
+    authenticates(&mut newest).await.unwrap();
+}
+
+#[tokio::test]
+async fn issuance_needs_the_agent_to_host_the_device_in_its_own_tenant() {
+    let broker = Broker::start(true, None).await;
+    let (key_a, cert_a) = broker.enroll("acme", "site-a").await;
+    broker.enroll("acme", "site-b").await;
+    broker.enroll("other", "site-a").await;
+    broker.put_device("acme", "mfp-a", "site-a").await;
+    broker.put_device("acme", "mfp-b", "site-b").await;
+    broker.put_device("other", "mfp-x", "site-a").await;
+    Records::new(broker.state.store.as_ref())
+        .put(&mailbox("acme", "ceo"), Precondition::Any)
+        .await
+        .unwrap();
+    let mut a = broker.broker_client(broker.with_certificate(&cert_a.certificate_pem, &key_a));
+
+    // Its own device and the mailbox its sender mode allows: authorized; no grant exists yet, so
+    // the answer is FAILED_PRECONDITION from the token lifecycle.
+    let err = a
+        .issue_access_token(issue_request("mfp-a", "scan"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    // A device hosted by another agent.
+    let err = a
+        .issue_access_token(issue_request("mfp-b", "scan"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("not hosted by agent `acme/site-a`"),
+        "{}",
+        err.message()
+    );
+
+    // A mailbox the sender mode does not allow.
+    let err = a
+        .issue_access_token(issue_request("mfp-a", "ceo"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // Another tenant's device (hosted there by an agent of the same name): not visible.
+    let err = a
+        .issue_access_token(issue_request("mfp-x", "scan"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    let events: Vec<_> = broker
+        .audit("acme")
+        .await
+        .into_iter()
+        .filter(|e| e.action == "token.issue")
+        .collect();
+    assert_eq!(events.len(), 4, "{events:#?}");
+    assert!(events.iter().all(|e| e.actor == "agent:acme/site-a"));
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.result == "permission_denied")
+            .count(),
+        3
+    );
+    assert!(
+        broker
+            .audit("other")
+            .await
+            .iter()
+            .all(|e| e.action != "token.issue")
+    );
+}
+
+#[tokio::test]
+async fn a_broker_without_tls_refuses_agents() {
+    let broker = Broker::start(false, None).await;
+    let err = broker
+        .broker_client(broker.anonymous())
+        .enroll(pb::EnrollRequest {
+            code: "tfe_0000000000000000000000000000000000000000".into(),
+            csr_der: csr(&KeyPair::generate().unwrap()),
+            software_version: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("[tls]"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn the_agent_ca_survives_a_sealing_key_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<EmbeddedStore> = Arc::new(
+        EmbeddedStore::open(dir.path().join("store.redb"))
+            .await
+            .unwrap(),
+    );
+    let (k1, k2) = (
+        Keyring::generate_key_base64().unwrap(),
+        Keyring::generate_key_base64().unwrap(),
+    );
+    let state = |current: &str, keys: &[(&str, &str)]| BrokerState {
+        store: store.clone(),
+        keyring: Arc::new(Keyring::from_base64(current, keys.iter().copied()).unwrap()),
+        clock: Arc::new(ShiftedClock::default()),
+    };
+    let old = state("k1", &[("k1", &k1)]);
+    let ca = AgentCa::load_or_create(&old).await.unwrap();
+    // Loading again gives the same CA.
+    let again = AgentCa::load_or_create(&old).await.unwrap();
+    assert_eq!(ca.cert_pem(), again.cert_pem());
+
+    let rotated = state("k2", &[("k1", &k1), ("k2", &k2)]);
+    let report = tokenfleet_broker::records::reseal_all(&rotated)
+        .await
+        .unwrap();
+    assert_eq!((report.examined, report.resealed), (1, 1));
+    let only_new = state("k2", &[("k2", &k2)]);
+    let reloaded = AgentCa::load_or_create(&only_new).await.unwrap();
+    assert_eq!(reloaded.cert_pem(), ca.cert_pem());
+    let report = tokenfleet_broker::records::reseal_all(&only_new)
+        .await
+        .unwrap();
+    assert_eq!((report.examined, report.resealed), (1, 0));
+}
