@@ -16,14 +16,14 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use oauth2::basic::{BasicTokenIntrospectionResponse, BasicTokenResponse};
+use oauth2::basic::{BasicTokenIntrospectionResponse, BasicTokenType};
 use oauth2::http;
 use oauth2::url::{Url, form_urlencoded};
 use oauth2::{
     AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken,
     DeviceAuthorizationUrl, EndpointMaybeSet, EndpointNotSet, EndpointSet, PkceCodeChallenge,
     PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope, StandardRevocableToken,
-    TokenResponse, TokenUrl,
+    StandardTokenResponse, TokenResponse, TokenUrl,
 };
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -49,9 +49,30 @@ pub const SKEW_REPORT_THRESHOLD: Duration = Duration::from_secs(60);
 /// Lifetime assumed when a token response has no `expires_in`.
 const DEFAULT_EXPIRES_IN: Duration = Duration::from_secs(3600);
 
+/// Token response fields beyond RFC 6749 that tokenfleet reads.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct ExtraTokenFields {
+    /// Google: remaining lifetime of the refresh token in seconds (apps in "Testing" publishing
+    /// status get 7-day refresh tokens). A number or a numeric string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token_expires_in: Option<serde_json::Value>,
+}
+impl oauth2::ExtraTokenFields for ExtraTokenFields {}
+
+type TokenResponseBody = StandardTokenResponse<ExtraTokenFields, BasicTokenType>;
+
+/// Seconds as a JSON number or numeric string (providers send both).
+fn seconds(value: Option<&serde_json::Value>) -> Option<Duration> {
+    match value? {
+        serde_json::Value::Number(n) => n.as_u64().map(Duration::from_secs),
+        serde_json::Value::String(s) => s.trim().parse().ok().map(Duration::from_secs),
+        _ => None,
+    }
+}
+
 type OAuthClient = oauth2::Client<
     OAuthErrorBody,
-    BasicTokenResponse,
+    TokenResponseBody,
     BasicTokenIntrospectionResponse,
     StandardRevocableToken,
     OAuthErrorBody,
@@ -72,6 +93,9 @@ pub struct TokenGrant {
     pub refresh_token: Option<Secret>,
     /// Lifetime of the access token.
     pub expires_in: Duration,
+    /// Remaining lifetime of the refresh token, when the provider says (Google's
+    /// `refresh_token_expires_in`: apps in "Testing" publishing status get 7-day refresh tokens).
+    pub refresh_token_expires_in: Option<Duration>,
     /// Granted scopes (space-separated), if the provider said.
     pub scope: Option<String>,
     /// The provider's `Date` header, for clock-skew checks (see [`skew`]).
@@ -163,6 +187,8 @@ struct RawToken {
     refresh_token: Option<Secret>,
     #[serde(default)]
     expires_in: Option<serde_json::Value>,
+    #[serde(default)]
+    refresh_token_expires_in: Option<serde_json::Value>,
     #[serde(default)]
     scope: Option<String>,
 }
@@ -285,8 +311,11 @@ impl ProviderClient {
         self.finish(op, e, &meta)
     }
 
-    fn grant_from(resp: &BasicTokenResponse, meta: &ResponseMeta) -> TokenGrant {
+    fn grant_from(resp: &TokenResponseBody, meta: &ResponseMeta) -> TokenGrant {
         TokenGrant {
+            refresh_token_expires_in: seconds(
+                resp.extra_fields().refresh_token_expires_in.as_ref(),
+            ),
             access_token: Secret::new(resp.access_token().secret().clone()),
             refresh_token: resp
                 .refresh_token()
@@ -625,15 +654,12 @@ impl ProviderClient {
                     .push_str(&format!(" (line {} column {})", err.line(), err.column()));
                 self.finish(op, e, &meta)
             })?;
-            let expires_in = match raw.expires_in {
-                Some(serde_json::Value::Number(n)) => n.as_u64().map(Duration::from_secs),
-                Some(serde_json::Value::String(s)) => s.parse().ok().map(Duration::from_secs),
-                _ => None,
-            };
+            let expires_in = seconds(raw.expires_in.as_ref());
             return Ok(TokenGrant {
                 access_token: raw.access_token,
                 refresh_token: raw.refresh_token.filter(|r| !r.is_empty()),
                 expires_in: expires_in.unwrap_or(DEFAULT_EXPIRES_IN),
+                refresh_token_expires_in: seconds(raw.refresh_token_expires_in.as_ref()),
                 scope: raw.scope,
                 server_date: meta.server_date,
             });
@@ -707,6 +733,34 @@ mod tests {
         );
         assert!(DevicePoll::Denied(err(ErrorClass::Declined, None)).is_terminal());
         assert!(!DevicePoll::Retry(err(ErrorClass::Transient, None)).is_terminal());
+    }
+
+    #[test]
+    fn refresh_token_lifetimes_parse_from_numbers_and_strings() {
+        let body: TokenResponseBody = serde_json::from_value(serde_json::json!({
+            "access_token": "at", "token_type": "Bearer", "expires_in": 3599,
+            "refresh_token_expires_in": 604799
+        }))
+        .unwrap();
+        let grant = ProviderClient::grant_from(&body, &ResponseMeta::default());
+        assert_eq!(
+            grant.refresh_token_expires_in,
+            Some(Duration::from_secs(604_799))
+        );
+        assert_eq!(
+            seconds(Some(&serde_json::json!("120"))),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(seconds(Some(&serde_json::json!(-1))), None);
+        assert_eq!(seconds(None), None);
+        let plain: TokenResponseBody = serde_json::from_value(serde_json::json!({
+            "access_token": "at", "token_type": "Bearer"
+        }))
+        .unwrap();
+        assert_eq!(
+            ProviderClient::grant_from(&plain, &ResponseMeta::default()).refresh_token_expires_in,
+            None
+        );
     }
 
     #[test]

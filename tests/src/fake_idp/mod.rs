@@ -41,6 +41,8 @@ pub const SERVICE_ACCOUNT_PUBLIC_PEM: &str =
     include_str!("../../fixtures/service-account-key.pub.pem");
 /// Another RSA key, for "signed with the wrong key" tests. Test-only.
 pub const OTHER_RSA_KEY_PEM: &str = include_str!("../../fixtures/other-rsa-key.pem");
+/// Lifetime of refresh tokens of Google apps in "Testing" publishing status.
+pub const GOOGLE_TESTING_REFRESH_TOKEN_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The audience Google requires in service-account assertions.
 pub const GOOGLE_TOKEN_AUDIENCE: &str = "https://oauth2.googleapis.com/token";
 
@@ -80,6 +82,11 @@ pub struct ClientSpec {
     pub secret_expired: bool,
     /// For app-only tokens: the `username` introspection reports (the mailbox the app acts on).
     pub app_only_mailbox: Option<String>,
+    /// Lifetime of the refresh tokens of this client's user grants, as Google gives apps left in
+    /// "Testing" publishing status (7 days, see [`ClientSpec::google_testing`]): Google token
+    /// answers carry the remaining lifetime as `refresh_token_expires_in`, and refreshing after
+    /// it fails with `invalid_grant` "Token has been expired or revoked.". `None`: no expiry.
+    pub refresh_token_lifetime: Option<Duration>,
 }
 
 impl ClientSpec {
@@ -92,6 +99,16 @@ impl ClientSpec {
             redirect_uris: Vec::new(),
             secret_expired: false,
             app_only_mailbox: None,
+            refresh_token_lifetime: None,
+        }
+    }
+
+    /// This client as a Google app in "Testing" publishing status: refresh tokens live 7 days.
+    #[must_use]
+    pub fn google_testing(self) -> Self {
+        Self {
+            refresh_token_lifetime: Some(GOOGLE_TESTING_REFRESH_TOKEN_LIFETIME),
+            ..self
         }
     }
 

@@ -227,6 +227,8 @@ struct Grant {
     user: Option<String>,
     scope: String,
     revoked: bool,
+    /// When the grant's refresh tokens stop working (Google "Testing" apps).
+    refresh_expires_at: Option<OffsetDateTime>,
 }
 
 #[derive(Debug, Clone)]
@@ -491,11 +493,18 @@ impl State {
     // ---- tokens ----------------------------------------------------------------------------
 
     fn new_grant(&mut self, client_id: &str, user: Option<&str>, scope: &str) -> usize {
+        let lifetime = self
+            .clients
+            .get(client_id)
+            .and_then(|c| c.refresh_token_lifetime)
+            .filter(|_| user.is_some());
+        let refresh_expires_at = lifetime.map(|l| self.now() + l);
         self.grants.push(Grant {
             client_id: client_id.to_owned(),
             user: user.map(str::to_owned),
             scope: scope.to_owned(),
             revoked: false,
+            refresh_expires_at,
         });
         self.grants.len() - 1
     }
@@ -524,6 +533,12 @@ impl State {
         });
         if flavor == Flavor::Microsoft {
             body["ext_expires_in"] = json!(lifetime.as_secs());
+        }
+        if flavor == Flavor::Google
+            && let Some(at) = self.grants.get(grant).and_then(|g| g.refresh_expires_at)
+        {
+            let left = (at - self.now()).whole_seconds().max(0);
+            body["refresh_token_expires_in"] = json!(left);
         }
         if with_refresh {
             let rt = random("fake-rt-");
@@ -1069,9 +1084,12 @@ impl State {
                 Flavor::Google => self.error(flavor, 401, "unauthorized_client", 0, "Unauthorized"),
             };
         }
-        if grant.revoked {
+        let expired = grant
+            .refresh_expires_at
+            .is_some_and(|at| at <= self.now());
+        if grant.revoked || expired {
             return match flavor {
-                Flavor::Microsoft => self.ms_aadsts(50173),
+                Flavor::Microsoft => self.ms_aadsts(if expired { 700082 } else { 50173 }),
                 Flavor::Google => self.error(
                     flavor,
                     400,

@@ -19,7 +19,13 @@
 //! <mailbox>` as the fix, taken off the schedule; anything else (network, 5xx, 429, a broken app
 //! registration) → `REFRESH_FAILING` with the reason and fix, retried with exponential backoff
 //! (at least `Retry-After`), never `REAUTH_REQUIRED`. While `REFRESH_FAILING`, an access token
-//! that is still valid is still handed out.
+//! that is still valid is still handed out, and requests do not call the provider before the
+//! retry time (the scheduler retries; `RefreshNow` retries at once). A consent started for a
+//! mailbox (`CONSENT_PENDING`) does not take the earlier grant's still-valid token away.
+//!
+//! Consents write grant records without the lease. A refresh whose write meets such a change
+//! applies its result on top of it when the stored credentials are still the ones it started from
+//! (a rotated refresh token is never lost), and drops it when a new grant replaced them.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -657,10 +663,10 @@ impl TokenService {
         let now = self.now();
         let next = match &result {
             Ok(_) => return,
-            // Failures are rescheduled (or taken off) where they are recorded.
-            Err(TokenError::RefreshFailing { .. }) | Err(TokenError::ReauthRequired { .. }) => {
-                return;
-            }
+            // Rescheduled where the failure was recorded (or by whoever recorded it).
+            Err(TokenError::RefreshFailing { .. }) => return,
+            // A dead grant waits for a person; nothing to schedule.
+            Err(TokenError::ReauthRequired { .. }) => None,
             Err(TokenError::MailboxNotFound { .. }) => {
                 // The mailbox was deleted: its grant must not outlive it.
                 tracing::info!(tenant, mailbox, "mailbox gone: discarding its grant");
@@ -675,9 +681,15 @@ impl TokenService {
                 tracing::debug!(%error, tenant, mailbox, "scheduled refresh deferred");
                 Some(now + self.inner.config.lease_ttl)
             }
+            Err(error @ TokenError::Store(_)) => {
+                tracing::warn!(%error, tenant, mailbox, "scheduled refresh failed; retrying soon");
+                Some(now + self.inner.config.lease_ttl)
+            }
             Err(error) => {
+                // A configuration problem (provider missing or invalid, unreadable secret):
+                // retrying often does not help; an operator's RefreshNow retries at once.
                 tracing::warn!(%error, tenant, mailbox, "scheduled refresh failed; retrying later");
-                Some(now + self.inner.config.backoff.delay(1, None, unit_random()))
+                Some(now + self.inner.config.backoff.max)
             }
         };
         let written = match next {
@@ -1295,6 +1307,8 @@ impl TokenService {
                     reason: e.to_string(),
                 },
                 Ok((_, client)) if client.settings().endpoints.revoke.is_none() => {
+                    // Without a revocation URL the client answers at once, without a request
+                    // and without looking at the token, with what to do instead.
                     let unsupported = client
                         .revoke(&Secret::new(String::new()))
                         .await
