@@ -5,7 +5,10 @@
 #   2. rustfmt and clippy, to fail fast on the cheap checks
 #   3. doctests (nextest does not run them)
 #   4. every unit, integration and end-to-end test under nextest, profile `ci`
-#      (.config/nextest.toml) — last, so its summary is the run's closing line
+#      (.config/nextest.toml), each writing its TRACE logs and the secrets it made to
+#      target/test-logs (tokenfleet_testkit::logs)
+#   5. the log scan (tests/tests/zz_log_scan.rs): no secret in any of those logs — last, after
+#      every test has logged
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,4 +28,10 @@ step "doctests"
 cargo test --workspace --doc
 
 step "cargo nextest"
+# Fresh logs: the scan must see this run's tests only.
+rm -rf "${TOKENFLEET_TEST_LOG_DIR:-target/test-logs}"
+# The default filter (.config/nextest.toml) leaves out the log scan, which runs after everything.
 cargo nextest run --workspace --all-targets --profile ci
+
+step "log scan: no secret in any test log"
+cargo nextest run -p tokenfleet-testkit --test zz_log_scan --profile log-scan

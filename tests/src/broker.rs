@@ -173,6 +173,7 @@ impl TestBroker {
 
     /// Starts a broker on `store` with `options`.
     pub async fn start_with(store: TestStore, options: TestOptions) -> anyhow::Result<TestBroker> {
+        crate::logs::capture();
         let (temp_dir, state_dir) = match &store {
             TestStore::EmbeddedAt(dir) => (None, dir.clone()),
             TestStore::Embedded | TestStore::Redis(_) | TestStore::RedisCluster(_) => {
@@ -284,7 +285,10 @@ impl TestBroker {
             panic!("create_key on a stopped test broker");
         };
         match api_keys::create(&running.state, role, tenant, format!("test {role} key")).await {
-            Ok((_, secret)) => secret,
+            Ok((_, secret)) => {
+                crate::logs::secret(secret.expose());
+                secret
+            }
             Err(error) => panic!("creating a {role} API key (tenant {tenant:?}): {error}"),
         }
     }
@@ -353,6 +357,15 @@ impl TestBroker {
         if options.tls {
             let (cert, key) = tokenfleet_broker::dev::ensure_dev_tls(&state_dir)
                 .context("generating the test broker's TLS certificate")?;
+            // The TLS and CA private keys must stay out of the logs too.
+            for file in [
+                &key,
+                &state_dir.join(tokenfleet_broker::dev::DEV_CA_KEY_FILE),
+            ] {
+                if let Ok(pem) = std::fs::read_to_string(file) {
+                    crate::logs::secret(&pem);
+                }
+            }
             raw.tls.cert_file = Some(cert);
             raw.tls.key_file = Some(key);
         }
@@ -377,6 +390,7 @@ impl TestBroker {
                 .1
             }
         };
+        crate::logs::secret(admin_key.expose());
 
         let grpc = TcpListener::bind("127.0.0.1:0").await?;
         let http = TcpListener::bind("127.0.0.1:0").await?;
@@ -430,6 +444,7 @@ fn ensure_seal_key(dir: &Path) -> anyhow::Result<PathBuf> {
         return Ok(path);
     }
     let key = Secret::new(Keyring::generate_key_base64()?);
+    crate::logs::secret(key.expose());
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -5,5 +5,7 @@
 //! Dependency direction: depends on every tokenfleet crate; nothing ships depending on it.
 
 pub mod broker;
+pub mod dovecot;
 pub mod fake_idp;
+pub mod logs;
 pub mod redis;

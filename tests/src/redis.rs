@@ -181,6 +181,7 @@ impl RedisServer {
         pick: fn() -> Result<u16>,
         make_args: impl Fn(&Path) -> Vec<String>,
     ) -> Result<Self> {
+        crate::logs::capture();
         let mut last_err = None;
         for _ in 0..PORT_ATTEMPTS {
             let dir = tempfile::Builder::new()

@@ -71,7 +71,15 @@ async fn enrollment_code(broker: &TestBroker, agent: &str) -> EnrollmentCode {
         .await
         .unwrap()
         .into_inner();
+    tokenfleet_testkit::logs::secret(&created.code);
     EnrollmentCode::new(&created.code)
+}
+
+/// Registers the agent's current private key (in `state_dir`) as a secret the logs must not show.
+fn register_agent_key(state_dir: &Path) {
+    if let Ok(pem) = std::fs::read_to_string(state_dir.join(identity::KEY_FILE)) {
+        tokenfleet_testkit::logs::secret(&pem);
+    }
 }
 
 /// Stores device `mfp` of `acme`, hosted by `agent`, whose sender mode allows mailbox `scan`.
@@ -280,10 +288,12 @@ async fn the_agent_enrolls_and_renews_without_ever_sending_its_private_key() {
     assert_eq!(mode(&state_dir), 0o700);
     assert_eq!(mode(&state_dir.join(identity::KEY_FILE)), 0o600);
     let key_pem = std::fs::read_to_string(state_dir.join(identity::KEY_FILE)).unwrap();
+    register_agent_key(&state_dir);
 
     let renewed = identity::renew(&state_dir, VERSION).await.unwrap();
     assert!(renewed.not_after >= enrolled.not_after);
     let new_key_pem = std::fs::read_to_string(state_dir.join(identity::KEY_FILE)).unwrap();
+    register_agent_key(&state_dir);
     assert_ne!(new_key_pem, key_pem, "renewal uses a new key");
 
     let requests = received.all();
@@ -431,6 +441,7 @@ async fn renewal_at_two_thirds_keeps_the_agent_working_across_expiry() {
     )
     .await
     .unwrap();
+    register_agent_key(&state_dir);
     assert_eq!(
         (first.not_after - first.not_before).whole_seconds(),
         6,
@@ -445,11 +456,13 @@ async fn renewal_at_two_thirds_keeps_the_agent_working_across_expiry() {
         let current = current.clone();
         let renewals = renewals.clone();
         let state_dir = state_dir.clone();
+        let key_dir = state_dir.clone();
         tokio::spawn(async move {
             identity::keep_renewed(
                 &state_dir,
                 VERSION,
                 move |renewed| {
+                    register_agent_key(&key_dir);
                     renewals.lock().unwrap().push(OffsetDateTime::now_utc());
                     *current.lock().unwrap() = renewed.clone();
                 },
@@ -515,6 +528,7 @@ async fn a_revoked_agent_is_refused_on_its_next_call() {
     )
     .await
     .unwrap();
+    register_agent_key(dir.path());
     let channel: Channel = enrolled.channel().unwrap();
     let mut client = TokenBrokerClient::new(channel);
     let request = || pb::IssueAccessTokenRequest {

@@ -23,6 +23,8 @@ use crate::tokens::lifecycle::TokenConfig;
 
 mod tls;
 pub use tls::{AgentsConfig, AgentsSection, TlsConfig, TlsSection};
+mod alerts;
+pub use alerts::AlertsSection;
 
 /// Prefix of the environment variables that overlay the configuration.
 pub const ENV_PREFIX: &str = "TOKENFLEET_";
@@ -107,6 +109,8 @@ pub struct RawConfig {
     pub tls: TlsSection,
     /// Agent identity: the agent CA and the lifetime of agent certificates.
     pub agents: AgentsSection,
+    /// Alerts about mailboxes that need a person: signed webhook and/or e-mail.
+    pub alerts: AlertsSection,
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT before connections are cut.
     pub shutdown_grace_seconds: u64,
 }
@@ -123,6 +127,7 @@ impl Default for RawConfig {
             tokens: TokensSection::default(),
             tls: TlsSection::default(),
             agents: AgentsSection::default(),
+            alerts: AlertsSection::default(),
             shutdown_grace_seconds: 20,
         }
     }
@@ -623,6 +628,7 @@ impl RawConfig {
             tokens: self.tokens.to_config()?,
             tls: self.tls.load()?,
             agents: self.agents.load()?,
+            alerts: self.alerts.to_config()?,
         })
     }
 }
@@ -802,6 +808,8 @@ pub struct BrokerConfig {
     pub tls: Option<TlsConfig>,
     /// Agent identity settings.
     pub agents: AgentsConfig,
+    /// Alert settings (off unless a webhook or e-mail is configured).
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 impl BrokerConfig {
@@ -944,4 +952,38 @@ certificate_lifetime_seconds = 604800
 # with its key sealed. To use your own CA, give both files:
 # ca_cert_file = "/etc/tokenfleet/agent-ca.pem"
 # ca_key_file = "/etc/tokenfleet/agent-ca.key"
+
+[alerts]
+# Tell an operator when a mailbox needs a person: its grant is dead (REAUTH_REQUIRED) or its
+# refresh token expires within expiry_horizon_hours (Google apps in "Testing" publishing status
+# get 7-day refresh tokens). One problem is one alert, across all replicas. Off unless a webhook
+# or e-mail is configured.
+#
+# Webhook: the event as JSON, POSTed with X-Tokenfleet-Signature: sha256=<hex HMAC-SHA256 of the
+# body>, X-Tokenfleet-Timestamp and X-Tokenfleet-Event-Id (deduplicate by it: delivery is at least
+# once). https only (http for loopback receivers); redirects are not followed.
+# webhook_url = "https://hooks.example.com/tokenfleet"
+# webhook_secret_file = "/etc/tokenfleet/alerts-webhook.key"   # the HMAC key, mode 0600
+#
+# E-mail: plain text, sent from a tokenfleet mailbox (<tenant>/<mailbox>) with its own access
+# token (XOAUTH2), or without login through a local relay (smtp_auth "none").
+# email_to = ["ops@example.com"]
+# email_from_mailbox = "acme/alerts"
+# smtp_host = "smtp.office365.com"
+smtp_port = 587
+# "starttls", "implicit_tls" (port 465) or "none" (a relay on the same host only).
+smtp_security = "starttls"
+# "xoauth2" or "none".
+smtp_auth = "xoauth2"
+expiry_horizon_hours = 48
+# Timeout of one webhook request or SMTP session.
+timeout_seconds = 10
+# Each delivery round tries up to retry_attempts times, pausing retry_min_ms, doubling up to
+# retry_max_ms (network errors, HTTP 408/429/5xx, SMTP 4xx; other refusals are not retried).
+retry_attempts = 5
+retry_min_ms = 1000
+retry_max_ms = 60000
+# What a round leaves undelivered (or a replica that died) is tried again this much later by any
+# replica, for up to a day.
+redeliver_after_seconds = 600
 "#;

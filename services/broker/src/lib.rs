@@ -27,3 +27,6 @@ pub mod identity;
 pub mod token_broker;
 
 pub mod tokens;
+
+// Operator alerts (REAUTH_REQUIRED, expiring refresh tokens): signed webhooks and e-mail.
+pub mod alerts;

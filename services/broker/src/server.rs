@@ -212,6 +212,17 @@ pub async fn serve(
     // One token service per replica: the admin RPCs and the refresh scheduler share its
     // in-process single flight and provider clients.
     let tokens = crate::tokens::lifecycle::TokenService::new(state.clone(), config.tokens.clone());
+    // Alerts (when configured) about mailboxes that need a person, delivered in the background.
+    let alerter = crate::alerts::Alerter::for_config(&state, &config.alerts).map_err(|e| {
+        ServeError::Config(ConfigError::Invalid {
+            field: e.field,
+            problem: e.problem,
+        })
+    })?;
+    let tokens = match &alerter {
+        Some(alerter) => tokens.with_alerts(alerter.clone()),
+        None => tokens,
+    };
     let grpc_server = grpc_builder
         .layer(GrpcMetricsLayer::new(metrics.clone()))
         .add_service(health_service)
@@ -247,9 +258,12 @@ pub async fn serve(
     tracing::info!(store = %config.store.describe(), seal_key = %state.keyring.current_key_id(), "broker ready");
 
     // Every replica polls pending device codes; store leases keep it to one poller per code.
-    let poller_task = tokio::spawn(
-        crate::tokens::device_poller::DevicePoller::new(state.clone()).run(stop_rx.clone()),
-    );
+    let mut poller = crate::tokens::device_poller::DevicePoller::new(state.clone());
+    if let Some(alerter) = &alerter {
+        poller = poller.with_alerts(alerter.clone());
+    }
+    let poller_task = tokio::spawn(poller.run(stop_rx.clone()));
+    let alerts_task = alerter.map(|a| a.spawn_worker(tokens.clone(), stopped(stop_rx.clone())));
     // Every replica refreshes due mailboxes; per-mailbox store leases keep it to one at a time.
     let scheduler_task =
         crate::tokens::scheduler::RefreshScheduler::spawn(tokens, stopped(stop_rx.clone()));
@@ -310,6 +324,10 @@ pub async fn serve(
     // Wait until the aborted tasks are gone: they hold the state (and so the store); a caller that
     // reopens the embedded store right after `serve` returns must not find it still open.
     let _ = tokio::join!(health_task, poller_task, scheduler_task);
+    if let Some(task) = alerts_task {
+        task.abort();
+        let _ = task.await;
+    }
     match failure {
         Some(error) => Err(error),
         None => {

@@ -30,6 +30,8 @@ const SECRET: &str = "client-secret-8f3k2-do-not-leak";
 const SA_PRIVATE_KEY: &str =
     "-----BEGIN PRIVATE KEY-----\nMIIsa-private-key-material-xyz\n-----END PRIVATE KEY-----\n";
 const INGRESS_PASSWORD: &str = "printer-pass-q9w8e7";
+/// The client secret a rotation test replaces [`SECRET`] with.
+const ROTATED_SECRET: &str = "rotated-secret-value-77";
 
 fn key_b64(byte: u8) -> String {
     base64::engine::general_purpose::STANDARD.encode([byte; 32])
@@ -80,6 +82,10 @@ impl Drop for Broker {
 
 impl Broker {
     async fn start() -> Self {
+        tokenfleet_testkit::logs::capture();
+        for secret in [SECRET, SA_PRIVATE_KEY, INGRESS_PASSWORD, ROTATED_SECRET] {
+            tokenfleet_testkit::logs::secret(secret);
+        }
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path().join("store.redb"))
             .await
@@ -113,6 +119,7 @@ impl Broker {
         let (_, key) = api_keys::create(&state, Role::FleetAdmin, None, "test bootstrap")
             .await
             .unwrap();
+        tokenfleet_testkit::logs::secret(key.expose());
         Self {
             state,
             addr,
@@ -137,6 +144,7 @@ impl Broker {
         let (record, key) = api_keys::create(&self.state, role, tenant, "test")
             .await
             .unwrap();
+        tokenfleet_testkit::logs::secret(key.expose());
         (record.id, key.expose().to_owned())
     }
 }
@@ -1579,7 +1587,7 @@ async fn changes_are_audited_with_actor_and_outcome() {
         .await
         .unwrap();
     let mut p = microsoft("acme", "p");
-    p.client_secret = "rotated-secret-value-77".into();
+    p.client_secret = ROTATED_SECRET.into();
     admin
         .update_provider(pb::UpdateProviderRequest {
             provider: Some(p),

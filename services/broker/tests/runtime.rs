@@ -563,3 +563,81 @@ async fn create_api_key_prints_only_the_key() {
         text(&out.stderr)
     );
 }
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+/// The README's quick start: `tokenfleet-broker serve --dev` on a fresh state directory, then
+/// grpcurl with the dev CA lists the services and the health check answers SERVING.
+#[tokio::test]
+async fn readme_quick_start_is_discoverable_with_grpcurl() {
+    let Some(grpcurl) = find_on_path("grpcurl") else {
+        if std::env::var_os("CI").is_some() {
+            panic!("grpcurl is not on PATH: run scripts/test-setup.sh");
+        }
+        eprintln!("NOTICE: grpcurl is not on PATH; skipping (scripts/test-setup.sh installs it)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let grpc_port = free_port();
+    let mut child = broker()
+        .args(["serve", "--dev"])
+        .current_dir(dir.path())
+        .env("TOKENFLEET_GRPC__LISTEN", format!("127.0.0.1:{grpc_port}"))
+        .env("TOKENFLEET_HTTP__LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The README's default state directory, relative to where the broker runs.
+    let ca = dir.path().join("tokenfleet-data").join("dev-ca.pem");
+    wait_serving_tls(grpc_port, &ca).await;
+
+    let grpcurl_run = |args: Vec<String>| {
+        let grpcurl = grpcurl.clone();
+        async move {
+            let output = tokio::process::Command::new(grpcurl)
+                .args(args)
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "grpcurl failed: {}",
+                text(&output.stderr)
+            );
+            text(&output.stdout)
+        }
+    };
+    let common = |extra: &[&str]| {
+        let mut args = vec![
+            "-cacert".to_owned(),
+            ca.display().to_string(),
+            "-authority".to_owned(),
+            "localhost".to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    };
+    let target = format!("127.0.0.1:{grpc_port}");
+    let listed = grpcurl_run(common(&[&target, "list"])).await;
+    for expected in [
+        "tokenfleet.v1.Admin",
+        "tokenfleet.v1.TokenBroker",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            listed.lines().any(|l| l.trim() == expected),
+            "{expected} missing: {listed}"
+        );
+    }
+    let health = grpcurl_run(common(&[&target, "grpc.health.v1.Health/Check"])).await;
+    assert!(health.contains("\"SERVING\""), "{health}");
+
+    sigterm(&child);
+    assert_eq!(wait_exit(&mut child).await.code(), Some(0));
+}

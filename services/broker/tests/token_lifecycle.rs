@@ -126,6 +126,8 @@ enum Backend {
 
 impl Env {
     async fn start(backend: Backend, kind: ProviderKind, clock: Arc<dyn Clock>) -> Env {
+        tokenfleet_testkit::logs::capture();
+        tokenfleet_testkit::logs::secret(CLIENT_SECRET);
         let (store, dir, redis): (Arc<dyn Store>, _, _) = match backend {
             Backend::Embedded => {
                 let dir = tempfile::tempdir().unwrap();
@@ -1293,6 +1295,7 @@ async fn admin_client(env: &Env, role: Role) -> (Admin, tokio::sync::oneshot::Se
     let (_, key) = api_keys::create(&env.state, role, tenant, "test")
         .await
         .unwrap();
+    tokenfleet_testkit::logs::secret(key.expose());
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_lazy();

@@ -91,6 +91,8 @@ fn write(dir: &Path, name: &str, content: &str) -> String {
 
 /// Creates a tenant, provider, agent, mailbox and device through the CLI.
 async fn create_fleet(broker: &TestBroker, dir: &Path) {
+    tokenfleet_testkit::logs::secret(CLIENT_SECRET);
+    tokenfleet_testkit::logs::secret(INGRESS_PASSWORD);
     let secret_file = write(dir, "client-secret", &format!("{CLIENT_SECRET}\n"));
     let password_file = write(dir, "ingress-password", &format!("{INGRESS_PASSWORD}\n"));
 

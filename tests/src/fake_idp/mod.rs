@@ -291,6 +291,9 @@ impl FakeIdp {
 
     /// Starts the fake on a given loopback address.
     pub async fn start_on(addr: SocketAddr) -> anyhow::Result<Self> {
+        crate::logs::capture();
+        crate::logs::secret(SERVICE_ACCOUNT_KEY_PEM);
+        crate::logs::secret(OTHER_RSA_KEY_PEM);
         if !addr.ip().is_loopback() {
             bail!("the fake identity provider listens on loopback addresses only, not {addr}");
         }
@@ -386,6 +389,9 @@ impl FakeIdp {
 
     /// Registers (or replaces) an app.
     pub fn register_client(&self, spec: ClientSpec) {
+        if let Some(secret) = &spec.client_secret {
+            crate::logs::secret(secret);
+        }
         self.st().clients.insert(spec.client_id.clone(), spec);
     }
 

@@ -271,12 +271,15 @@ pub(super) struct State {
     pub violations: Vec<String>,
 }
 
+/// A new token or code; registered as a secret the logs must never show.
 fn random(prefix: &str) -> String {
-    format!(
+    let value = format!(
         "{prefix}{}{}",
         uuid::Uuid::new_v4().simple(),
         uuid::Uuid::new_v4().simple()
-    )
+    );
+    crate::logs::secret(&value);
+    value
 }
 
 fn get<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -401,6 +404,10 @@ impl State {
         auth: &ClientAuth,
         grant: &str,
     ) -> Result<ClientSpec, Reply> {
+        // Whatever secret the broker sends (right or wrong) must stay out of its logs.
+        if let Some(secret) = &auth.secret {
+            crate::logs::secret(secret);
+        }
         let Some(id) = auth.client_id.as_deref() else {
             return Err(match flavor {
                 Flavor::Microsoft => self.error(
@@ -1084,9 +1091,7 @@ impl State {
                 Flavor::Google => self.error(flavor, 401, "unauthorized_client", 0, "Unauthorized"),
             };
         }
-        let expired = grant
-            .refresh_expires_at
-            .is_some_and(|at| at <= self.now());
+        let expired = grant.refresh_expires_at.is_some_and(|at| at <= self.now());
         if grant.revoked || expired {
             return match flavor {
                 Flavor::Microsoft => self.ms_aadsts(if expired { 700082 } else { 50173 }),
@@ -1178,6 +1183,8 @@ impl State {
                 "Missing required parameter: assertion",
             );
         };
+        // A signed assertion is a credential for an hour: the broker must not log it either.
+        crate::logs::secret(assertion);
         let Ok(header) = jsonwebtoken::decode_header(assertion) else {
             return self.error(
                 g,

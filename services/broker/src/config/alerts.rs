@@ -205,12 +205,12 @@ impl AlertsSection {
         let redeliver_after = Duration::from_secs(self.redeliver_after_seconds);
         // A round (every attempt timing out, every pause at its longest, both channels) must
         // finish before another replica may take the alert over.
-        let round = (timeout + retry.max) * retry.attempts * 2;
+        let round = (timeout * retry.attempts + retry.max * (retry.attempts - 1)) * 2;
         if redeliver_after < round {
             return Err(ConfigError::invalid(
                 "alerts.redeliver_after_seconds",
                 format!(
-                    "must be at least {} s: a delivery round (retry_attempts × (timeout_seconds + retry_max_ms), for webhook and e-mail) must end before another replica takes the alert over",
+                    "must be at least {} s: a delivery round (retry_attempts × timeout_seconds plus the pauses, for webhook and e-mail) must end before another replica takes the alert over",
                     round.as_secs()
                 ),
             ));
@@ -224,5 +224,95 @@ impl AlertsSection {
             redeliver_after,
             ..AlertsConfig::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(result: Result<AlertsConfig, ConfigError>) -> String {
+        match result {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("expected a field error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_off() {
+        let config = AlertsSection::default().to_config().unwrap();
+        assert!(!config.enabled());
+        assert_eq!(config.expiry_horizon, Duration::from_secs(48 * 3600));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("hook.key");
+        std::fs::write(&key, "0123456789abcdef0123\n").unwrap();
+        let short = dir.path().join("short.key");
+        std::fs::write(&short, "short").unwrap();
+
+        let webhook = |url: &str, file: Option<&std::path::Path>| AlertsSection {
+            webhook_url: Some(url.to_owned()),
+            webhook_secret_file: file.map(Into::into),
+            ..AlertsSection::default()
+        };
+        let ok = webhook("https://hooks.example.com/x", Some(&key))
+            .to_config()
+            .unwrap();
+        let hook = ok.webhook.unwrap();
+        assert_eq!(hook.secret.expose(), "0123456789abcdef0123");
+        assert!(!format!("{hook:?}").contains("0123456789abcdef0123"));
+        assert_eq!(
+            field(webhook("https://hooks.example.com/x", None).to_config()),
+            "alerts.webhook_secret_file"
+        );
+        assert_eq!(
+            field(webhook("http://hooks.example.com/x", Some(&key)).to_config()),
+            "alerts.webhook_url"
+        );
+        assert_eq!(
+            field(webhook("https://hooks.example.com/x", Some(&short)).to_config()),
+            "alerts.webhook_secret_file"
+        );
+
+        let email = |from: Option<&str>, host: Option<&str>| AlertsSection {
+            email_to: vec!["ops@example.com".into()],
+            email_from_mailbox: from.map(Into::into),
+            smtp_host: host.map(Into::into),
+            ..AlertsSection::default()
+        };
+        let ok = email(Some("acme/alerts"), Some("smtp.example.com"))
+            .to_config()
+            .unwrap();
+        let mail = ok.email.unwrap();
+        assert_eq!(
+            (mail.from_tenant.as_str(), mail.from_mailbox.as_str()),
+            ("acme", "alerts")
+        );
+        assert_eq!(
+            field(email(None, Some("smtp.example.com")).to_config()),
+            "alerts.email_from_mailbox"
+        );
+        assert_eq!(
+            field(email(Some("alerts"), Some("smtp.example.com")).to_config()),
+            "alerts.email_from_mailbox"
+        );
+        assert_eq!(
+            field(email(Some("acme/alerts"), None).to_config()),
+            "alerts.smtp_host"
+        );
+        let mut bad_to = email(Some("acme/alerts"), Some("smtp.example.com"));
+        bad_to.email_to.push("not-an-address".into());
+        assert_eq!(field(bad_to.to_config()), "alerts.email_to[1]");
+        let too_soon = AlertsSection {
+            redeliver_after_seconds: 10,
+            ..AlertsSection::default()
+        };
+        assert_eq!(
+            field(too_soon.to_config()),
+            "alerts.redeliver_after_seconds"
+        );
     }
 }

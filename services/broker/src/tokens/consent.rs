@@ -323,8 +323,12 @@ pub fn activate(
         crate::tokens::backoff::unit_random(),
     );
     grant.refresh_token_obtained = refresh.as_ref().map(|_| now);
+    // Google apps in "Testing" publishing status: 7-day refresh tokens (alerted before expiry).
+    grant.refresh_token_expires = refresh
+        .as_ref()
+        .and(token.refresh_token_expires_in)
+        .map(|d| now + d);
     grant.refresh_token = refresh;
-    grant.refresh_token_expires = None;
     grant.access_token = Some(access);
     grant.scopes = token
         .scope

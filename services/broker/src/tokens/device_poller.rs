@@ -89,6 +89,7 @@ pub struct DevicePoller {
     state: BrokerState,
     owner: String,
     settings: PollerSettings,
+    alerts: Option<crate::alerts::Alerter>,
 }
 
 impl DevicePoller {
@@ -98,7 +99,16 @@ impl DevicePoller {
             state,
             owner: format!("consent-poller-{}", uuid::Uuid::new_v4().simple()),
             settings: PollerSettings::default(),
+            alerts: None,
         }
+    }
+
+    /// Reports consents that end with the mailbox in `REAUTH_REQUIRED` (an earlier grant exists
+    /// and nobody completed the new sign-in) to `alerter`.
+    #[must_use]
+    pub fn with_alerts(mut self, alerter: crate::alerts::Alerter) -> Self {
+        self.alerts = Some(alerter);
+        self
     }
 
     /// Uses `settings`.
@@ -416,6 +426,30 @@ impl DevicePoller {
             reason,
             "device-code consent ended without a grant"
         );
+        if grant.state.status == TokenStatus::ReauthRequired
+            && let Some(alerts) = &self.alerts
+        {
+            let address = crate::records::Records::new(self.state.store.as_ref())
+                .get::<tokenfleet_domain::Mailbox>(&crate::records::mailbox_key(tenant, mailbox))
+                .await
+                .ok()
+                .flatten()
+                .map(|m| m.value.address)
+                .unwrap_or_default();
+            let event = crate::alerts::AlertEvent::reauth_required(
+                tenant,
+                mailbox,
+                &address,
+                &error,
+                self.state.clock.now(),
+            );
+            if let Err(e) = alerts
+                .raise(event, &crate::alerts::grant_problem(&grant))
+                .await
+            {
+                tracing::warn!(error = %e, tenant, mailbox, "raising the alert failed");
+            }
+        }
         consent::audit(
             &self.state,
             POLLER_ACTOR,

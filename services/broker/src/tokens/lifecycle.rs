@@ -355,6 +355,8 @@ struct Inner {
     clients: Mutex<HashMap<(String, String), CachedClient>>,
     flights: Mutex<HashMap<(String, String), (u64, Flight)>>,
     next_flight: AtomicU64,
+    /// Where status problems are reported (set once, see [`TokenService::with_alerts`]).
+    alerts: std::sync::OnceLock<crate::alerts::Alerter>,
 }
 
 /// Access tokens for mailboxes; see the module documentation. Cheap to clone.
@@ -454,8 +456,25 @@ impl TokenService {
                 clients: Mutex::new(HashMap::new()),
                 flights: Mutex::new(HashMap::new()),
                 next_flight: AtomicU64::new(1),
+                alerts: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Reports transitions into `REAUTH_REQUIRED` and refresh tokens nearing their expiry to
+    /// `alerter`, and resolves the dead-grant alert when the mailbox is ACTIVE again. Set once;
+    /// later calls are ignored.
+    #[must_use]
+    pub fn with_alerts(self, alerter: crate::alerts::Alerter) -> Self {
+        if self.inner.alerts.set(alerter).is_err() {
+            tracing::warn!("token service already has an alerter; keeping the first");
+        }
+        self
+    }
+
+    /// The alerter, if alerts are configured.
+    pub fn alerts(&self) -> Option<&crate::alerts::Alerter> {
+        self.inner.alerts.get()
     }
 
     /// The shared broker state.
@@ -1053,6 +1072,11 @@ impl TokenService {
                     .map_err(seal_error(&record))?,
             );
             grant.refresh_token_obtained = Some(now);
+            grant.refresh_token_expires = granted.refresh_token_expires_in.map(|d| now + d);
+        } else if grant.refresh_token_expires.is_none() {
+            // Same refresh token: its expiry does not move (providers report the remaining
+            // lifetime, which would drift by the request's latency).
+            grant.refresh_token_expires = granted.refresh_token_expires_in.map(|d| now + d);
         }
         let expires = now + granted.expires_in;
         grant.state.status = TokenStatus::Active;
@@ -1089,9 +1113,32 @@ impl TokenService {
             self.inner.config.max_refresh_interval,
             unit_random(),
         );
+        // Be back when the refresh token enters the alert horizon, so the alert goes out in time.
+        let next = match (self.alerts(), grant.refresh_token_expires) {
+            (Some(alerts), Some(expiry)) => alerts
+                .expiry_check_at(expiry, now)
+                .map_or(next, |check| next.min(check)),
+            _ => next,
+        };
         grant.next_refresh = Some(next);
         self.write(&original, &grant, version, lease).await?;
         schedule_refresh(self.inner.state.store.as_ref(), tenant, mailbox, next).await?;
+        if let Some(alerts) = self.alerts() {
+            if original.state.status != TokenStatus::Active
+                && let Err(error) = alerts
+                    .resolve(tenant, mailbox, crate::alerts::AlertKind::ReauthRequired)
+                    .await
+            {
+                tracing::warn!(%error, tenant, mailbox, "clearing the mailbox's alert failed");
+            }
+            if let Some(expiry) = grant.refresh_token_expires
+                && let Err(error) = alerts
+                    .check_expiry(tenant, mailbox, &m.address, expiry, now)
+                    .await
+            {
+                tracing::warn!(%error, tenant, mailbox, "raising the expiry alert failed");
+            }
+        }
         tracing::info!(
             tenant,
             mailbox,
@@ -1135,6 +1182,24 @@ impl TokenService {
                 reason = %error.reason,
                 "grant is dead: the mailbox needs a new consent"
             );
+            // Alert on the transition only: a forced retry of a dead grant is no new problem.
+            if original.state.status != TokenStatus::ReauthRequired
+                && let Some(alerts) = self.alerts()
+            {
+                let event = crate::alerts::AlertEvent::reauth_required(
+                    tenant,
+                    mailbox,
+                    &m.address,
+                    &token_error,
+                    now,
+                );
+                if let Err(error) = alerts
+                    .raise(event, &crate::alerts::grant_problem(&grant))
+                    .await
+                {
+                    tracing::warn!(%error, tenant, mailbox, "raising the alert failed");
+                }
+            }
             return Err(TokenError::ReauthRequired {
                 mailbox: mailbox.to_owned(),
                 error: Box::new(token_error),
@@ -1218,6 +1283,7 @@ impl TokenService {
             merged.refresh_token.clone_from(&updated.refresh_token);
             merged.access_token.clone_from(&updated.access_token);
             merged.refresh_token_obtained = updated.refresh_token_obtained;
+            merged.refresh_token_expires = updated.refresh_token_expires;
             merged.scopes.clone_from(&updated.scopes);
             merged.consecutive_failures = updated.consecutive_failures;
             merged.next_refresh = updated.next_refresh;

@@ -1,0 +1,527 @@
+//! One SMTP session: the command loop, AUTH exchanges and DATA.
+
+use std::io;
+use std::net::SocketAddr;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::watch;
+
+use super::{IngressConfig, IngressHandler, Password};
+use crate::spool::Envelope;
+
+/// One line read from the client.
+enum Line {
+    /// A line, without its CRLF (or bare LF).
+    Text(Vec<u8>),
+    /// A line longer than the limit; all of it has been consumed and discarded.
+    TooLong,
+    /// The client went away, timed out (already answered) or the server is stopping.
+    Closed,
+}
+
+/// Reads one line of at most `limit` bytes (line end included). Over-long lines are consumed to
+/// their end and reported as [`Line::TooLong`]; a partial line at EOF is dropped.
+async fn read_limited(reader: &mut BufReader<OwnedReadHalf>, limit: usize) -> io::Result<Line> {
+    let mut line = Vec::new();
+    let mut too_long = false;
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(Line::Closed);
+        }
+        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..=i], true),
+            None => (buf, false),
+        };
+        let n = chunk.len();
+        if !too_long && line.len() + n <= limit {
+            line.extend_from_slice(chunk);
+        } else {
+            too_long = true;
+            line = Vec::new();
+        }
+        reader.consume(n);
+        if done {
+            if too_long {
+                return Ok(Line::TooLong);
+            }
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            return Ok(Line::Text(line));
+        }
+    }
+}
+
+struct Conn<'a> {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    config: &'a IngressConfig,
+    errors: u32,
+}
+
+impl Conn<'_> {
+    /// Sends a reply (lines joined with CRLF). Returns `false` when the session must end
+    /// because of too many errors (after telling the client).
+    async fn reply(&mut self, text: &str) -> io::Result<bool> {
+        let mut out = text.replace('\n', "\r\n");
+        out.push_str("\r\n");
+        if text.starts_with('5') {
+            self.errors += 1;
+            if self.errors >= self.config.max_errors {
+                out.push_str(&format!(
+                    "421 4.7.0 {} Too many errors, closing connection\r\n",
+                    self.config.hostname
+                ));
+                self.writer.write_all(out.as_bytes()).await?;
+                self.writer.flush().await?;
+                return Ok(false);
+            }
+        }
+        self.writer.write_all(out.as_bytes()).await?;
+        self.writer.flush().await?;
+        Ok(true)
+    }
+
+    /// Reads the next command line, answering `421 4.4.2` on timeout.
+    async fn read(&mut self) -> io::Result<Line> {
+        self.read_max(self.config.max_line_length).await
+    }
+
+    /// Reads the next line of at most `limit` bytes, answering `421 4.4.2` on timeout.
+    async fn read_max(&mut self, limit: usize) -> io::Result<Line> {
+        match tokio::time::timeout(
+            self.config.command_timeout,
+            read_limited(&mut self.reader, limit),
+        )
+        .await
+        {
+            Ok(line) => line,
+            Err(_) => {
+                let msg = format!(
+                    "421 4.4.2 {} Timeout waiting for client input\r\n",
+                    self.config.hostname
+                );
+                self.writer.write_all(msg.as_bytes()).await?;
+                self.writer.flush().await?;
+                Ok(Line::Closed)
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    greeted: bool,
+    authenticated: bool,
+    device: Option<String>,
+    from: Option<String>,
+    rcpts: Vec<String>,
+}
+
+impl State {
+    fn reset(&mut self) {
+        self.from = None;
+        self.rcpts.clear();
+    }
+}
+
+/// Outcome of handling one command.
+enum Flow {
+    Continue,
+    Close,
+}
+
+fn flow(keep: bool) -> Flow {
+    if keep { Flow::Continue } else { Flow::Close }
+}
+
+pub(super) async fn run<H: IngressHandler>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    config: &IngressConfig,
+    handler: &H,
+    mut stop: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let (reader, writer) = stream.into_split();
+    let mut conn = Conn {
+        reader: BufReader::new(reader),
+        writer,
+        config,
+        errors: 0,
+    };
+    let mut state = State {
+        device: handler.device_for_peer(peer),
+        ..State::default()
+    };
+    conn.reply(&format!(
+        "220 {} ESMTP tokenfleet-agent ready",
+        config.hostname
+    ))
+    .await?;
+    loop {
+        let line = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => None,
+            line = conn.read() => Some(line?),
+        };
+        let Some(line) = line else {
+            conn.reply(&format!(
+                "421 4.3.2 {} Service shutting down",
+                config.hostname
+            ))
+            .await?;
+            return Ok(());
+        };
+        let line = match line {
+            Line::Closed => return Ok(()),
+            Line::TooLong => {
+                if !conn.reply("500 5.5.2 Line too long").await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            Line::Text(line) => line,
+        };
+        if let Flow::Close = command(&mut conn, &mut state, peer, handler, &line).await? {
+            return Ok(());
+        }
+    }
+}
+
+async fn command<H: IngressHandler>(
+    conn: &mut Conn<'_>,
+    state: &mut State,
+    peer: SocketAddr,
+    handler: &H,
+    line: &[u8],
+) -> io::Result<Flow> {
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim_end();
+    let (verb, args) = match text.split_once(' ') {
+        Some((v, a)) => (v.to_ascii_uppercase(), a.trim()),
+        None => (text.to_ascii_uppercase(), ""),
+    };
+    let cfg = conn.config;
+    let keep = match verb.as_str() {
+        "EHLO" if args.is_empty() => conn.reply("501 5.5.4 Syntax: EHLO hostname").await?,
+        "EHLO" => {
+            state.greeted = true;
+            state.reset();
+            let reply = format!(
+                "250-{} greets {}\n250-SIZE {}\n250-8BITMIME\n250-PIPELINING\n250-ENHANCEDSTATUSCODES\n250 AUTH PLAIN LOGIN",
+                cfg.hostname,
+                printable(args.split(' ').next().unwrap_or_default()),
+                cfg.max_message_size
+            );
+            conn.reply(&reply).await?
+        }
+        "HELO" if args.is_empty() => conn.reply("501 5.5.4 Syntax: HELO hostname").await?,
+        "HELO" => {
+            state.greeted = true;
+            state.reset();
+            conn.reply(&format!("250 {}", cfg.hostname)).await?
+        }
+        "MAIL" => mail(conn, state, args).await?,
+        "RCPT" => rcpt(conn, state, args).await?,
+        "DATA" => return data(conn, state, handler, args).await,
+        "AUTH" => return auth(conn, state, peer, handler, args).await,
+        "RSET" => {
+            state.reset();
+            conn.reply("250 2.0.0 Ok").await?
+        }
+        "NOOP" => conn.reply("250 2.0.0 Ok").await?,
+        "VRFY" => {
+            conn.reply("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+                .await?
+        }
+        "HELP" => {
+            conn.reply("214 2.0.0 Commands: EHLO HELO AUTH MAIL RCPT DATA RSET NOOP QUIT VRFY")
+                .await?
+        }
+        "QUIT" => {
+            conn.reply(&format!("221 2.0.0 {} Bye", cfg.hostname))
+                .await?;
+            return Ok(Flow::Close);
+        }
+        "STARTTLS" | "EXPN" | "TURN" | "ETRN" | "BDAT" => {
+            conn.reply("502 5.5.1 Command not implemented").await?
+        }
+        "" => conn.reply("500 5.5.2 Syntax error, empty command").await?,
+        _ => conn.reply("500 5.5.1 Command unrecognized").await?,
+    };
+    Ok(flow(keep))
+}
+
+/// The client's EHLO name as echoed back: printable ASCII only, at most 64 characters.
+fn printable(name: &str) -> String {
+    name.chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(64)
+        .collect()
+}
+
+/// Parses `<prefix><path> params…` (prefix `FROM:` or `TO:`, case-insensitive, optional space
+/// after the colon) into the address inside the angle brackets and the parameters.
+fn parse_path<'a>(args: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
+    let head = args.get(..prefix.len())?;
+    if !head.eq_ignore_ascii_case(prefix) {
+        return None;
+    }
+    let rest = args[prefix.len()..].trim_start();
+    let rest = rest.strip_prefix('<')?;
+    let end = rest.find('>')?;
+    let addr = &rest[..end];
+    if addr.chars().any(|c| c.is_control() || c == '<') {
+        return None;
+    }
+    Some((addr, rest[end + 1..].trim()))
+}
+
+async fn mail(conn: &mut Conn<'_>, state: &mut State, args: &str) -> io::Result<bool> {
+    if !state.greeted {
+        return conn.reply("503 5.5.1 Send EHLO or HELO first").await;
+    }
+    if state.from.is_some() {
+        return conn.reply("503 5.5.1 Nested MAIL command").await;
+    }
+    if conn.config.require_auth && state.device.is_none() {
+        return conn.reply("530 5.7.0 Authentication required").await;
+    }
+    let Some((addr, params)) = parse_path(args, "FROM:") else {
+        return conn.reply("501 5.5.4 Syntax: MAIL FROM:<address>").await;
+    };
+    for param in params.split_ascii_whitespace() {
+        let (key, value) = param.split_once('=').unwrap_or((param, ""));
+        match key.to_ascii_uppercase().as_str() {
+            "SIZE" => match value.parse::<u64>() {
+                Ok(size) if size > conn.config.max_message_size as u64 => {
+                    return conn
+                        .reply("552 5.3.4 Message size exceeds fixed maximum message size")
+                        .await;
+                }
+                Ok(_) => {}
+                Err(_) => return conn.reply("501 5.5.4 Bad SIZE parameter").await,
+            },
+            "BODY"
+                if value.eq_ignore_ascii_case("7BIT") || value.eq_ignore_ascii_case("8BITMIME") => {
+            }
+            "AUTH" => {}
+            _ => return conn.reply("555 5.5.4 Unsupported MAIL parameter").await,
+        }
+    }
+    state.from = Some(addr.to_owned());
+    conn.reply("250 2.1.0 Ok").await
+}
+
+async fn rcpt(conn: &mut Conn<'_>, state: &mut State, args: &str) -> io::Result<bool> {
+    if state.from.is_none() {
+        return conn.reply("503 5.5.1 Need MAIL before RCPT").await;
+    }
+    let Some((addr, _params)) = parse_path(args, "TO:") else {
+        return conn.reply("501 5.5.4 Syntax: RCPT TO:<address>").await;
+    };
+    if addr.is_empty() {
+        return conn.reply("501 5.1.3 Empty recipient address").await;
+    }
+    if state.rcpts.len() >= conn.config.max_recipients {
+        return conn.reply("452 4.5.3 Too many recipients").await;
+    }
+    state.rcpts.push(addr.to_owned());
+    conn.reply("250 2.1.5 Ok").await
+}
+
+async fn data<H: IngressHandler>(
+    conn: &mut Conn<'_>,
+    state: &mut State,
+    handler: &H,
+    args: &str,
+) -> io::Result<Flow> {
+    if !args.is_empty() {
+        return Ok(flow(conn.reply("501 5.5.4 Syntax: DATA").await?));
+    }
+    if state.from.is_none() {
+        return Ok(flow(conn.reply("503 5.5.1 Need MAIL command").await?));
+    }
+    if state.rcpts.is_empty() {
+        return Ok(flow(conn.reply("503 5.5.1 Need RCPT command").await?));
+    }
+    if !conn.reply("354 End data with <CR><LF>.<CR><LF>").await? {
+        return Ok(Flow::Close);
+    }
+    let max = conn.config.max_message_size;
+    let mut message = Vec::new();
+    let (mut too_long, mut oversize) = (false, false);
+    loop {
+        // One more byte than a command line: the dot a client adds when it stuffs a full line.
+        match conn.read_max(conn.config.max_line_length + 1).await? {
+            // Disconnect or timeout mid-DATA: nothing is queued.
+            Line::Closed => return Ok(Flow::Close),
+            Line::TooLong => too_long = true,
+            Line::Text(line) if line == b"." => break,
+            Line::Text(line) => {
+                let line = line.strip_prefix(b".").unwrap_or(&line);
+                if oversize || too_long {
+                    continue;
+                }
+                if message.len() + line.len() + 2 > max {
+                    oversize = true;
+                    message = Vec::new();
+                    continue;
+                }
+                message.extend_from_slice(line);
+                message.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+    let envelope = Envelope {
+        device: state
+            .device
+            .clone()
+            .unwrap_or_else(|| "unauthenticated".to_owned()),
+        from: state.from.take().unwrap_or_default(),
+        rcpts: std::mem::take(&mut state.rcpts),
+    };
+    state.reset();
+    let keep = if too_long {
+        conn.reply("500 5.5.2 Line too long").await?
+    } else if oversize {
+        conn.reply("552 5.3.4 Message size exceeds fixed maximum message size")
+            .await?
+    } else {
+        match handler.deliver(envelope, message).await {
+            Ok(id) => conn.reply(&format!("250 2.0.0 Ok: queued as {id}")).await?,
+            Err(e) => {
+                tracing::warn!(error = %e, "message not accepted");
+                conn.reply("451 4.3.0 Local error in processing, try again later")
+                    .await?
+            }
+        }
+    };
+    Ok(flow(keep))
+}
+
+/// Reads one SASL response line and base64-decodes it. `Err(reply)` is the error to send.
+async fn sasl_response(
+    conn: &mut Conn<'_>,
+    challenge: &str,
+) -> io::Result<Result<Vec<u8>, &'static str>> {
+    conn.writer
+        .write_all(format!("334 {challenge}\r\n").as_bytes())
+        .await?;
+    conn.writer.flush().await?;
+    match conn.read().await? {
+        Line::Closed => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "client left during AUTH",
+        )),
+        Line::TooLong => Ok(Err("500 5.5.2 Line too long")),
+        Line::Text(line) => Ok(decode_sasl(&line)),
+    }
+}
+
+fn decode_sasl(line: &[u8]) -> Result<Vec<u8>, &'static str> {
+    let text = line.trim_ascii();
+    if text == b"*" {
+        return Err("501 5.0.0 Authentication cancelled");
+    }
+    if text == b"=" {
+        return Ok(Vec::new());
+    }
+    STANDARD
+        .decode(text)
+        .map_err(|_| "501 5.5.2 Invalid base64 data")
+}
+
+async fn auth<H: IngressHandler>(
+    conn: &mut Conn<'_>,
+    state: &mut State,
+    peer: SocketAddr,
+    handler: &H,
+    args: &str,
+) -> io::Result<Flow> {
+    if !state.greeted {
+        return Ok(flow(conn.reply("503 5.5.1 Send EHLO first").await?));
+    }
+    if state.authenticated {
+        return Ok(flow(conn.reply("503 5.5.1 Already authenticated").await?));
+    }
+    if state.from.is_some() {
+        return Ok(flow(
+            conn.reply("503 5.5.1 AUTH not allowed during a mail transaction")
+                .await?,
+        ));
+    }
+    let (mechanism, initial) = match args.split_once(' ') {
+        Some((m, i)) => (m.to_ascii_uppercase(), Some(i.trim())),
+        None => (args.to_ascii_uppercase(), None),
+    };
+    let credentials = match mechanism.as_str() {
+        "PLAIN" => {
+            let response = match initial {
+                Some(i) => decode_sasl(i.as_bytes()),
+                None => match sasl_response(conn, "").await {
+                    Ok(r) => r,
+                    Err(_) => return Ok(Flow::Close),
+                },
+            };
+            response.and_then(|bytes| {
+                let mut parts = bytes.split(|&b| b == 0);
+                match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                    (Some(_authzid), Some(user), Some(pass), None) => {
+                        Ok((user.to_vec(), pass.to_vec()))
+                    }
+                    _ => Err("501 5.5.2 Invalid PLAIN response"),
+                }
+            })
+        }
+        "LOGIN" => {
+            let user = match initial {
+                Some(i) => decode_sasl(i.as_bytes()),
+                None => match sasl_response(conn, "VXNlcm5hbWU6").await {
+                    Ok(r) => r,
+                    Err(_) => return Ok(Flow::Close),
+                },
+            };
+            match user {
+                Ok(user) => match sasl_response(conn, "UGFzc3dvcmQ6").await {
+                    Ok(pass) => pass.map(|p| (user, p)),
+                    Err(_) => return Ok(Flow::Close),
+                },
+                Err(e) => Err(e),
+            }
+        }
+        "" => Err("501 5.5.4 Syntax: AUTH mechanism"),
+        _ => Err("504 5.5.4 Unrecognized authentication type"),
+    };
+    let (user, pass) = match credentials {
+        Ok(c) => c,
+        Err(reply) => return Ok(flow(conn.reply(reply).await?)),
+    };
+    let (Ok(user), Ok(pass)) = (String::from_utf8(user), String::from_utf8(pass)) else {
+        return Ok(flow(
+            conn.reply("501 5.5.2 Credentials are not UTF-8").await?,
+        ));
+    };
+    match handler.authenticate(peer, user, Password::new(pass)).await {
+        Some(device) => {
+            state.authenticated = true;
+            state.device = Some(device);
+            Ok(flow(
+                conn.reply("235 2.7.0 Authentication successful").await?,
+            ))
+        }
+        None => {
+            tracing::info!(%peer, "smtp ingress authentication failed");
+            Ok(flow(
+                conn.reply("535 5.7.8 Authentication credentials invalid")
+                    .await?,
+            ))
+        }
+    }
+}

@@ -1,0 +1,563 @@
+//! The durable spool: every message the agent acknowledges to a device is on disk, fsynced,
+//! before the acknowledgement is sent, and stays there until the upstream accepted it or it is
+//! dead-lettered.
+//!
+//! Layout of the spool directory (mode 0700; files 0600):
+//!
+//! | path | content |
+//! |---|---|
+//! | `tmp/` | entries being written; anything here at open was never acknowledged and is removed |
+//! | `queue/<id>.eml` | the message as received (dot-unstuffed, CRLF line ends) |
+//! | `queue/<id>.json` | its [`EntryMeta`]: device, envelope, attempts, next attempt, last error |
+//! | `dead/<id>.{eml,json}` | dead-lettered entries, kept for the operator |
+//!
+//! An entry exists when its `.eml` is in `queue/`. [`Spool::accept`] writes both files to `tmp/`,
+//! fsyncs them, renames the sidecar and then the message into `queue/` and fsyncs the directory;
+//! only then does it return. A crash before that fsync leaves an unacknowledged entry that
+//! recovery may drop; a crash after it cannot lose the entry.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+const TMP: &str = "tmp";
+const QUEUE: &str = "queue";
+const DEAD: &str = "dead";
+const MESSAGE_EXT: &str = "eml";
+const META_EXT: &str = "json";
+
+/// Errors of the spool.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// A file or directory operation failed.
+    #[error("spool {path}: {error}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What failed.
+        error: io::Error,
+    },
+    /// A sidecar could not be parsed.
+    #[error("spool {path}: bad metadata: {error}")]
+    Meta {
+        /// The sidecar file.
+        path: PathBuf,
+        /// What is wrong with it.
+        error: serde_json::Error,
+    },
+    /// No entry with this id is queued.
+    #[error("spool entry {0} not found")]
+    NotFound(SpoolId),
+    /// The text is not a spool id.
+    #[error("invalid spool id {0:?}: expected <13 digits>-<16 hex digits>")]
+    InvalidId(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
+    move |error| SpoolError::Io {
+        path: path.to_path_buf(),
+        error,
+    }
+}
+
+/// The id of a spool entry: `<unix milliseconds, 13 digits>-<16 random hex digits>`, so ids sort
+/// by acceptance time and are safe as file names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SpoolId(String);
+
+impl SpoolId {
+    fn generate(now: SystemTime) -> Result<Self, SpoolError> {
+        let millis = now
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let mut random = [0u8; 8];
+        getrandom::fill(&mut random).map_err(|e| SpoolError::Io {
+            path: PathBuf::from("getrandom"),
+            error: io::Error::other(e.to_string()),
+        })?;
+        Ok(Self(format!(
+            "{millis:013}-{:016x}",
+            u64::from_be_bytes(random)
+        )))
+    }
+
+    /// Parses and validates an id.
+    pub fn parse(text: &str) -> Result<Self, SpoolError> {
+        let valid = match text.split_once('-') {
+            Some((ms, rnd)) => {
+                ms.len() >= 13
+                    && ms.bytes().all(|b| b.is_ascii_digit())
+                    && rnd.len() == 16
+                    && rnd
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            }
+            None => false,
+        };
+        if valid {
+            Ok(Self(text.to_owned()))
+        } else {
+            Err(SpoolError::InvalidId(text.to_owned()))
+        }
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for SpoolId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for SpoolId {
+    type Error = SpoolError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse(&value)
+    }
+}
+
+impl From<SpoolId> for String {
+    fn from(id: SpoolId) -> Self {
+        id.0
+    }
+}
+
+/// The SMTP envelope of a message and the device that sent it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The device (by name) the message came from.
+    pub device: String,
+    /// `MAIL FROM` reverse path (may be empty for bounces).
+    pub from: String,
+    /// `RCPT TO` forward paths, in order.
+    pub rcpts: Vec<String>,
+}
+
+/// The sidecar of a spool entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntryMeta {
+    /// The entry's id.
+    pub id: SpoolId,
+    /// Device and envelope.
+    pub envelope: Envelope,
+    /// Size of the message in bytes.
+    pub size: u64,
+    /// When the message was accepted (Unix milliseconds).
+    pub accepted_at_ms: u64,
+    /// Delivery attempts so far.
+    pub attempts: u32,
+    /// Earliest time of the next attempt (Unix milliseconds).
+    pub next_attempt_ms: u64,
+    /// The last delivery error, or the dead-letter reason.
+    pub last_error: Option<String>,
+}
+
+impl EntryMeta {
+    /// When the message was accepted.
+    pub fn accepted_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.accepted_at_ms)
+    }
+}
+
+/// Queue depth and age, for status reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SpoolStats {
+    /// Entries waiting in `queue/`.
+    pub depth: usize,
+    /// Age of the oldest queued entry (zero when empty).
+    pub oldest_age: Duration,
+    /// Entries in `dead/`.
+    pub dead: usize,
+}
+
+/// What recovery found when the spool was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Recovery {
+    /// Temporary files removed (never acknowledged).
+    pub removed_temp: usize,
+    /// Sidecars without a message removed (an unacknowledged or completed entry).
+    pub removed_orphans: usize,
+    /// Entries kept in the queue.
+    pub queued: usize,
+}
+
+/// The durable spool. Cheap to share behind an `Arc`; all methods take `&self` and are
+/// blocking (call them from `spawn_blocking` in async code).
+#[derive(Debug)]
+pub struct Spool {
+    root: PathBuf,
+    recovery: Recovery,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
+}
+
+fn create_dir_0700(path: &Path) -> Result<(), SpoolError> {
+    match DirBuilder::new().recursive(true).mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(error) => {
+            return Err(SpoolError::Io {
+                path: path.to_path_buf(),
+                error,
+            });
+        }
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io_err(path))
+}
+
+fn fsync_dir(path: &Path) -> Result<(), SpoolError> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(path))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    file.write_all(bytes).map_err(io_err(path))?;
+    file.sync_all().map_err(io_err(path))
+}
+
+fn remove_if_exists(path: &Path) -> Result<bool, SpoolError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(SpoolError::Io {
+            path: path.to_path_buf(),
+            error,
+        }),
+    }
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool in `dir` and recovers from a crash: temporary files
+    /// are removed, queued entries are kept, a sidecar whose message was moved to `dead/`
+    /// follows it there, and other sidecars without a message are removed.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, SpoolError> {
+        let root = dir.as_ref().to_path_buf();
+        create_dir_0700(&root)?;
+        for sub in [TMP, QUEUE, DEAD] {
+            create_dir_0700(&root.join(sub))?;
+        }
+        let mut recovery = Recovery::default();
+        let tmp = root.join(TMP);
+        for entry in fs::read_dir(&tmp).map_err(io_err(&tmp))? {
+            let entry = entry.map_err(io_err(&tmp))?;
+            remove_if_exists(&entry.path())?;
+            recovery.removed_temp += 1;
+        }
+        fsync_dir(&tmp)?;
+        let queue = root.join(QUEUE);
+        let dead = root.join(DEAD);
+        let mut dead_changed = false;
+        for entry in fs::read_dir(&queue).map_err(io_err(&queue))? {
+            let path = entry.map_err(io_err(&queue))?.path();
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_owned();
+            match path.extension().and_then(|e| e.to_str()) {
+                Some(MESSAGE_EXT) if path.with_extension(META_EXT).exists() => recovery.queued += 1,
+                Some(META_EXT) if path.with_extension(MESSAGE_EXT).exists() => {}
+                Some(META_EXT) if dead.join(format!("{stem}.{MESSAGE_EXT}")).exists() => {
+                    let to = dead.join(format!("{stem}.{META_EXT}"));
+                    fs::rename(&path, &to).map_err(io_err(&path))?;
+                    dead_changed = true;
+                }
+                // A message without a sidecar or a sidecar without a message: never acknowledged
+                // (accept renames the sidecar first) or already completed.
+                _ => {
+                    remove_if_exists(&path)?;
+                    recovery.removed_orphans += 1;
+                }
+            }
+        }
+        fsync_dir(&queue)?;
+        if dead_changed {
+            fsync_dir(&dead)?;
+        }
+        Ok(Self { root, recovery })
+    }
+
+    /// What recovery did when this spool was opened.
+    pub fn recovery(&self) -> Recovery {
+        self.recovery
+    }
+
+    fn path(&self, sub: &str, id: &SpoolId, ext: &str) -> PathBuf {
+        self.root.join(sub).join(format!("{id}.{ext}"))
+    }
+
+    /// Stores a message durably and returns its id. When this returns `Ok`, the message and its
+    /// sidecar are renamed into `queue/` and the directory is fsynced: the caller may acknowledge.
+    pub fn accept(&self, envelope: &Envelope, message: &[u8]) -> Result<SpoolId, SpoolError> {
+        let now = SystemTime::now();
+        let id = SpoolId::generate(now)?;
+        let meta = EntryMeta {
+            id: id.clone(),
+            envelope: envelope.clone(),
+            size: message.len() as u64,
+            accepted_at_ms: unix_ms(now),
+            attempts: 0,
+            next_attempt_ms: unix_ms(now),
+            last_error: None,
+        };
+        let tmp_msg = self.path(TMP, &id, MESSAGE_EXT);
+        let tmp_meta = self.path(TMP, &id, META_EXT);
+        let result = (|| {
+            write_synced(&tmp_msg, message)?;
+            let json = serde_json::to_vec(&meta).map_err(|error| SpoolError::Meta {
+                path: tmp_meta.clone(),
+                error,
+            })?;
+            write_synced(&tmp_meta, &json)?;
+            let q_meta = self.path(QUEUE, &id, META_EXT);
+            fs::rename(&tmp_meta, &q_meta).map_err(io_err(&tmp_meta))?;
+            let q_msg = self.path(QUEUE, &id, MESSAGE_EXT);
+            fs::rename(&tmp_msg, &q_msg).map_err(io_err(&tmp_msg))?;
+            fsync_dir(&self.root.join(QUEUE))
+        })();
+        if let Err(e) = result {
+            // Best effort: leftovers are also removed by the next open.
+            let _ = remove_if_exists(&tmp_msg);
+            let _ = remove_if_exists(&tmp_meta);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// The sidecar of a queued entry.
+    pub fn entry(&self, id: &SpoolId) -> Result<EntryMeta, SpoolError> {
+        self.read_meta(&self.path(QUEUE, id, META_EXT), id)
+    }
+
+    fn read_meta(&self, path: &Path, id: &SpoolId) -> Result<EntryMeta, SpoolError> {
+        let bytes = match fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(SpoolError::NotFound(id.clone()));
+            }
+            Err(error) => {
+                return Err(SpoolError::Io {
+                    path: path.to_path_buf(),
+                    error,
+                });
+            }
+        };
+        serde_json::from_slice(&bytes).map_err(|error| SpoolError::Meta {
+            path: path.to_path_buf(),
+            error,
+        })
+    }
+
+    /// The message bytes of a queued entry.
+    pub fn message(&self, id: &SpoolId) -> Result<Vec<u8>, SpoolError> {
+        let path = self.path(QUEUE, id, MESSAGE_EXT);
+        fs::read(&path).map_err(|error| {
+            if error.kind() == io::ErrorKind::NotFound {
+                SpoolError::NotFound(id.clone())
+            } else {
+                SpoolError::Io { path, error }
+            }
+        })
+    }
+
+    fn list(&self, sub: &str) -> Result<Vec<SpoolId>, SpoolError> {
+        let dir = self.root.join(sub);
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let path = entry.map_err(io_err(&dir))?.path();
+            if path.extension().and_then(|e| e.to_str()) == Some(MESSAGE_EXT)
+                && let Some(id) = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .and_then(|s| SpoolId::parse(s).ok())
+            {
+                ids.push(id);
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Ids of all queued entries, oldest first.
+    pub fn queued(&self) -> Result<Vec<SpoolId>, SpoolError> {
+        self.list(QUEUE)
+    }
+
+    /// Ids of all dead-lettered entries, oldest first.
+    pub fn dead(&self) -> Result<Vec<SpoolId>, SpoolError> {
+        self.list(DEAD)
+    }
+
+    /// The sidecar of a dead-lettered entry.
+    pub fn dead_entry(&self, id: &SpoolId) -> Result<EntryMeta, SpoolError> {
+        self.read_meta(&self.path(DEAD, id, META_EXT), id)
+    }
+
+    /// Entries whose next attempt is due at `now`, earliest first.
+    pub fn due(&self, now: SystemTime) -> Result<Vec<EntryMeta>, SpoolError> {
+        let now = unix_ms(now);
+        let mut due = Vec::new();
+        for id in self.queued()? {
+            match self.entry(&id) {
+                Ok(meta) if meta.next_attempt_ms <= now => due.push(meta),
+                Ok(_) | Err(SpoolError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        due.sort_by(|a, b| {
+            a.next_attempt_ms
+                .cmp(&b.next_attempt_ms)
+                .then(a.id.cmp(&b.id))
+        });
+        Ok(due)
+    }
+
+    /// Records a failed attempt: increments `attempts`, stores the error and the next attempt time.
+    pub fn retry_later(
+        &self,
+        id: &SpoolId,
+        error: &str,
+        next_at: SystemTime,
+    ) -> Result<EntryMeta, SpoolError> {
+        let mut meta = self.entry(id)?;
+        meta.attempts = meta.attempts.saturating_add(1);
+        meta.last_error = Some(error.to_owned());
+        meta.next_attempt_ms = unix_ms(next_at);
+        let tmp = self.path(TMP, id, META_EXT);
+        let _ = remove_if_exists(&tmp);
+        let json = serde_json::to_vec(&meta).map_err(|error| SpoolError::Meta {
+            path: tmp.clone(),
+            error,
+        })?;
+        write_synced(&tmp, &json)?;
+        let dest = self.path(QUEUE, id, META_EXT);
+        fs::rename(&tmp, &dest).map_err(io_err(&tmp))?;
+        fsync_dir(&self.root.join(QUEUE))?;
+        Ok(meta)
+    }
+
+    /// Removes a delivered entry (message first, so a crash in between leaves an orphan sidecar
+    /// that recovery removes, never a message without its envelope).
+    pub fn complete(&self, id: &SpoolId) -> Result<(), SpoolError> {
+        if !remove_if_exists(&self.path(QUEUE, id, MESSAGE_EXT))? {
+            return Err(SpoolError::NotFound(id.clone()));
+        }
+        remove_if_exists(&self.path(QUEUE, id, META_EXT))?;
+        fsync_dir(&self.root.join(QUEUE))
+    }
+
+    /// Moves an entry to `dead/` with the reason in its sidecar.
+    pub fn dead_letter(&self, id: &SpoolId, reason: &str) -> Result<(), SpoolError> {
+        let mut meta = self.entry(id)?;
+        meta.last_error = Some(reason.to_owned());
+        let tmp = self.path(TMP, id, META_EXT);
+        let _ = remove_if_exists(&tmp);
+        let json = serde_json::to_vec(&meta).map_err(|error| SpoolError::Meta {
+            path: tmp.clone(),
+            error,
+        })?;
+        write_synced(&tmp, &json)?;
+        // Message first: recovery moves a queued sidecar whose message is in dead/ after it.
+        let from = self.path(QUEUE, id, MESSAGE_EXT);
+        fs::rename(&from, self.path(DEAD, id, MESSAGE_EXT)).map_err(io_err(&from))?;
+        fs::rename(&tmp, self.path(DEAD, id, META_EXT)).map_err(io_err(&tmp))?;
+        remove_if_exists(&self.path(QUEUE, id, META_EXT))?;
+        fsync_dir(&self.root.join(DEAD))?;
+        fsync_dir(&self.root.join(QUEUE))
+    }
+
+    /// Queue depth, oldest age and dead-letter count.
+    pub fn stats(&self, now: SystemTime) -> Result<SpoolStats, SpoolError> {
+        let queued = self.queued()?;
+        let mut oldest_age = Duration::ZERO;
+        if let Some(first) = queued.first() {
+            match self.entry(first) {
+                Ok(meta) => oldest_age = now.duration_since(meta.accepted_at()).unwrap_or_default(),
+                Err(SpoolError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(SpoolStats {
+            depth: queued.len(),
+            oldest_age,
+            dead: self.dead()?.len(),
+        })
+    }
+}
+
+/// Delay before retry number `attempt` (0 = the first retry): `base · 2^attempt`, capped at
+/// `max`, then jittered into `[delay/2, delay)` by `jitter` (a random value in `[0, 1)`; clamped).
+/// Pure, so callers pass their own randomness and tests pass fixed values.
+pub fn backoff(attempt: u32, base: Duration, max: Duration, jitter: f64) -> Duration {
+    let factor = 2u32.checked_pow(attempt.min(31)).unwrap_or(u32::MAX);
+    let delay = base.checked_mul(factor).unwrap_or(max).min(max);
+    let jitter = if jitter.is_finite() {
+        jitter.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    delay / 2 + (delay / 2).mul_f64(jitter)
+}
+
+/// A random jitter value in `[0, 1)` for [`backoff`] (0.5 if the system has no randomness).
+pub fn random_jitter() -> f64 {
+    let mut b = [0u8; 8];
+    match getrandom::fill(&mut b) {
+        Ok(()) => (u64::from_be_bytes(b) >> 11) as f64 / (1u64 << 53) as f64,
+        Err(_) => 0.5,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let s = Duration::from_secs;
+        assert_eq!(backoff(0, s(10), s(3600), 0.0), s(5));
+        assert_eq!(backoff(0, s(10), s(3600), 1.0), s(10));
+        assert_eq!(backoff(3, s(10), s(3600), 0.0), s(40));
+        assert_eq!(backoff(30, s(10), s(3600), 0.0), s(1800));
+        assert_eq!(backoff(u32::MAX, s(10), s(3600), 0.5), s(2700));
+        assert_eq!(backoff(1, s(10), s(3600), f64::NAN), s(10));
+        for _ in 0..100 {
+            let j = random_jitter();
+            assert!((0.0..1.0).contains(&j));
+        }
+    }
+
+    #[test]
+    fn ids_are_validated() {
+        let id = SpoolId::generate(SystemTime::now()).unwrap();
+        assert_eq!(SpoolId::parse(id.as_str()).unwrap(), id);
+        for bad in [
+            "",
+            "../etc",
+            "1234567890123-zz",
+            "1234567890123-0123456789abcdeF",
+            "123-0123456789abcdef",
+        ] {
+            assert!(SpoolId::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
