@@ -17,16 +17,32 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde::Deserialize as _;
 use serde_json::Value;
 use tokenfleet_broker::config::{RawConfig, StoreBackend};
+use tokenfleet_broker::identity::pki;
 
 /// A production-like installation: three replicas on a TLS Redis Cluster with a password, two
-/// sealing keys (after a rotation), TLS on gRPC, an own agent CA, a public URL, token tuning and
-/// a ServiceMonitor.
+/// sealing keys (after a rotation), TLS on gRPC, an own agent CA, a public URL behind an Ingress,
+/// alerts by signed webhook and e-mail, token tuning and a ServiceMonitor.
 const PRODUCTION_VALUES: &str = r#"
 replicaCount: 3
 image:
   tag: "1.2.3"
 http:
   publicUrl: https://tokenfleet.example.com
+ingress:
+  enabled: true
+  className: nginx
+  host: tokenfleet.example.com
+  tlsSecret: tokenfleet-ingress-tls
+alerts:
+  webhook:
+    url: https://hooks.example.com/tokenfleet
+    secretName: alerts-webhook
+    secretKey: hmac
+  email:
+    to: [ops@example.com, oncall@example.com]
+    fromMailbox: acme/alerts
+    smtpHost: smtp.office365.com
+  expiryHorizonHours: 72
 tls:
   existingSecret: broker-tls
 agents:
@@ -512,6 +528,41 @@ fn default_values_render_two_brokers_on_redis() -> Result<()> {
     );
     ensure!(manifests.one("PodDisruptionBudget")?["spec"]["maxUnavailable"] == 1);
     ensure!(raw.tls.cert_file.is_none() && raw.agents.ca_cert_file.is_none());
+    ensure!(
+        raw.alerts.webhook_url.is_none() && raw.alerts.email_to.is_empty(),
+        "alerts are off by default"
+    );
+    ensure!(raw.http.public_url == tokenfleet_broker::config::DEFAULT_PUBLIC_URL);
+    Ok(())
+}
+
+#[test]
+fn ingress_host_becomes_the_public_url() -> Result<()> {
+    let Some(tools) = tools()? else { return Ok(()) };
+    for (values, url) in [
+        (
+            "ingress:\n  enabled: true\n  host: tf.example.com\n  tlsSecret: tf-tls\n",
+            "https://tf.example.com",
+        ),
+        (
+            "ingress:\n  enabled: true\n  host: tf.example.com\n",
+            "http://tf.example.com",
+        ),
+        (
+            "ingress:\n  enabled: true\n  host: tf.example.com\nhttp:\n  publicUrl: https://other.example.com/\n",
+            "https://other.example.com",
+        ),
+    ] {
+        let manifests = tools.render(Some(values))?;
+        assert_common_invariants(&manifests, 50051, 8080)?;
+        let (_, raw) = manifests.broker_config()?;
+        ensure!(
+            raw.http.public_url.trim_end_matches('/') == url,
+            "{values}: {}",
+            raw.http.public_url
+        );
+        ensure!(manifests.one("Ingress")?["spec"]["rules"][0]["host"] == "tf.example.com");
+    }
     Ok(())
 }
 
@@ -573,6 +624,40 @@ fn production_values_render_three_replicas_on_a_tls_redis_cluster() -> Result<()
         raw.tokens.provider_timeout_seconds == 30,
         "unset token settings keep the broker's defaults"
     );
+    // Alerts: the webhook's HMAC key from its Secret, e-mail settings as given.
+    let alerts = &raw.alerts;
+    ensure!(alerts.webhook_url.as_deref() == Some("https://hooks.example.com/tokenfleet"));
+    let hook_key = alerts
+        .webhook_secret_file
+        .as_ref()
+        .context("no alerts.webhook_secret_file")?;
+    manifests.assert_secret_file(&hook_key.display().to_string(), "alerts-webhook", "hmac")?;
+    ensure!(manifests.volume("alerts-webhook")?["secret"]["defaultMode"] == 0o440);
+    ensure!(alerts.email_to == ["ops@example.com", "oncall@example.com"]);
+    ensure!(alerts.email_from_mailbox.as_deref() == Some("acme/alerts"));
+    ensure!(alerts.smtp_host.as_deref() == Some("smtp.office365.com"));
+    ensure!(alerts.smtp_port == 587 && alerts.expiry_horizon_hours == 72);
+    ensure!(
+        !config_text.contains("secret =") && !config_text.contains("hmac"),
+        "{config_text}"
+    );
+
+    // The Ingress exposes the consent callback only, on the public host, with TLS.
+    let ingress = manifests.one("Ingress")?;
+    ensure!(ingress["spec"]["ingressClassName"] == "nginx", "{ingress}");
+    ensure!(ingress["spec"]["tls"][0]["secretName"] == "tokenfleet-ingress-tls");
+    let rule = &ingress["spec"]["rules"][0];
+    ensure!(rule["host"] == "tokenfleet.example.com", "{rule}");
+    let paths = rule["http"]["paths"].as_array().context("no paths")?;
+    ensure!(
+        paths.len() == 1
+            && paths[0]["path"] == "/oauth/callback"
+            && paths[0]["backend"]["service"]["port"]["name"] == "http"
+            && paths[0]["backend"]["service"]["name"]
+                == text(manifests.one("Service")?, "/metadata/name"),
+        "{paths:?}"
+    );
+
     let grpc_port = &manifests.one("Service")?["spec"]["ports"][0];
     ensure!(
         grpc_port["name"] == "grpc" && grpc_port.get("appProtocol").is_none(),
@@ -620,8 +705,7 @@ fn embedded_store_renders_one_replica_on_a_kept_volume() -> Result<()> {
     Ok(())
 }
 
-/// Sentinel Redis with a password file and tuned token settings: everything but TLS, whose
-/// certificates a test cannot fake without a CA.
+/// Sentinel Redis with a password file and tuned token settings.
 const SENTINEL_VALUES: &str = r#"
 store:
   redis:
@@ -635,23 +719,49 @@ tokens:
 "#;
 
 /// Validates the rendered configuration as the broker does when it starts in the pod: absolute
-/// paths moved under a temporary root holding the mounted files (sealing keys, Redis password).
-fn validate_in_fake_pod(manifests: &Manifests) -> Result<()> {
+/// paths moved under a temporary root holding the mounted files (sealing keys, Redis password and
+/// CA, gRPC server certificate and key, agent CA, webhook HMAC key), generated for real. `edit`
+/// changes the configuration text first (to break it on purpose).
+fn validate_in_fake_pod(manifests: &Manifests, edit: impl Fn(&str) -> String) -> Result<()> {
     let (text, raw) = manifests.broker_config()?;
+    let text = edit(&text);
+    let raw = if text == manifests.broker_config()?.0 {
+        raw
+    } else {
+        RawConfig::from_toml_str(&text)?
+    };
     let pod = tempfile::tempdir()?;
     let root = pod.path().display().to_string();
+    let now = time::OffsetDateTime::now_utc();
+    let day = std::time::Duration::from_secs(86_400);
+    let ca = pki::generate_ca("helm test CA", now, day)?;
+    let server = pki::generate_server_cert(
+        &ca.cert_pem,
+        &ca.key_pem,
+        &["tf-tokenfleet-broker.printing.svc"],
+        now,
+        day,
+    )?;
+    let is = |file: &Option<PathBuf>, path: &str| file.as_deref() == Some(Path::new(path));
     for path in file_paths(&serde_json::to_value(&raw)?) {
         let file = PathBuf::from(format!("{root}{path}"));
         if let Some(dir) = file.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let content = if raw
-            .seal
-            .keys
-            .iter()
-            .any(|k| k.key_file.as_deref() == Some(Path::new(&path)))
-        {
+        let content = if raw.seal.keys.iter().any(|k| is(&k.key_file, &path)) {
             tokenfleet_seal::Keyring::generate_key_base64()?
+        } else if is(&raw.tls.cert_file, &path) {
+            server.cert_pem.clone()
+        } else if is(&raw.tls.key_file, &path) {
+            server.key_pem.expose().to_owned()
+        } else if is(&raw.agents.ca_cert_file, &path)
+            || redis_string(&raw, "tls_ca_file") == Some(path.as_str())
+        {
+            ca.cert_pem.clone()
+        } else if is(&raw.agents.ca_key_file, &path) {
+            ca.key_pem.expose().to_owned()
+        } else if is(&raw.alerts.webhook_secret_file, &path) {
+            "0123456789abcdef0123456789abcdef\n".to_owned()
         } else {
             "not-a-real-password\n".to_owned()
         };
@@ -659,27 +769,70 @@ fn validate_in_fake_pod(manifests: &Manifests) -> Result<()> {
     }
     // Every absolute path in the file is a quoted string starting with "/.
     let moved = text.replace("\"/", &format!("\"{root}/"));
-    RawConfig::from_toml_str(&moved)?.validate()?;
+    let config = RawConfig::from_toml_str(&moved)?.validate()?;
+    ensure!(config.tls.is_some() == raw.tls.cert_file.is_some());
+    ensure!(config.agents.ca.is_some() == raw.agents.ca_cert_file.is_some());
+    ensure!(config.alerts.webhook.is_some() == raw.alerts.webhook_url.is_some());
+    ensure!(config.alerts.email.is_some() == !raw.alerts.email_to.is_empty());
     Ok(())
+}
+
+/// The configuration text unchanged.
+fn as_rendered(text: &str) -> String {
+    text.to_owned()
+}
+
+/// The configuration text without the lines that contain `fragment`.
+fn without(fragment: &'static str) -> impl Fn(&str) -> String {
+    move |text: &str| {
+        text.lines()
+            .filter(|line| !line.contains(fragment))
+            .map(|line| format!("{line}\n"))
+            .collect()
+    }
 }
 
 #[test]
 fn rendered_configuration_passes_the_brokers_start_up_validation() -> Result<()> {
     let Some(tools) = tools()? else { return Ok(()) };
-    for values in [None, Some(EMBEDDED_VALUES), Some(SENTINEL_VALUES)] {
+    for values in [
+        None,
+        Some(EMBEDDED_VALUES),
+        Some(SENTINEL_VALUES),
+        Some(PRODUCTION_VALUES),
+    ] {
         let manifests = tools.render(values)?;
-        validate_in_fake_pod(&manifests)
+        validate_in_fake_pod(&manifests, as_rendered)
             .with_context(|| format!("values: {}", values.unwrap_or("(defaults)")))?;
     }
     // A value the schema allows but the broker refuses is caught here, not in the pod.
     let manifests = tools.render(Some("tokens:\n  refreshMarginSeconds: 3600\n"))?;
-    let error = validate_in_fake_pod(&manifests)
+    let error = validate_in_fake_pod(&manifests, as_rendered)
         .err()
         .context("the broker accepted tokens.refresh_margin_seconds = 3600")?;
     ensure!(
         format!("{error:#}").contains("tokens.refresh_margin_seconds"),
         "{error:#}"
     );
+    // The fake pod is strict enough to notice a half-configured section: the checks above can
+    // fail.
+    let manifests = tools.render(Some(PRODUCTION_VALUES))?;
+    for (fragment, field) in [
+        ("/tls/tls.key\"", "tls.key_file"),
+        ("/tls/tls.crt\"", "tls.cert_file"),
+        ("/agent-ca/tls.key\"", "agents.ca_key_file"),
+        ("webhook_secret_file =", "alerts.webhook_secret_file"),
+        ("webhook_url =", "alerts.webhook_url"),
+        ("smtp_host =", "alerts.smtp_host"),
+    ] {
+        let error = validate_in_fake_pod(&manifests, without(fragment))
+            .err()
+            .with_context(|| format!("the broker accepted the configuration without {fragment}"))?;
+        ensure!(
+            format!("{error:#}").contains(&format!("`{field}`")),
+            "{fragment}: {error:#}"
+        );
+    }
     Ok(())
 }
 
@@ -769,6 +922,51 @@ fn invalid_values_are_refused_with_the_reason() -> Result<()> {
         (
             "tokens:\n  lease_ttl_seconds: 90\n",
             "additional properties 'lease_ttl_seconds' not allowed",
+        ),
+        (
+            "alerts:\n  webhook:\n    url: https://hooks.example.com/x\n",
+            "alerts.webhook.secretName is required with alerts.webhook.url",
+        ),
+        (
+            "alerts:\n  webhook:\n    secretName: alerts-webhook\n",
+            "alerts.webhook.url is required with alerts.webhook.secretName",
+        ),
+        (
+            "alerts:\n  email:\n    to: [ops@example.com]\n    smtpHost: smtp.example.com\n",
+            "alerts.email.fromMailbox (<tenant>/<mailbox>) is required",
+        ),
+        (
+            "alerts:\n  email:\n    to: [ops@example.com]\n    fromMailbox: acme/alerts\n",
+            "alerts.email.smtpHost is required",
+        ),
+        ("alerts:\n  email:\n    to: [ops]\n", "/alerts/email/to/0"),
+        (
+            "alerts:\n  email:\n    smtpSecurity: tls\n",
+            "/alerts/email/smtpSecurity",
+        ),
+        (
+            "alerts:\n  webhook:\n    url: ftp://hooks.example.com\n",
+            "/alerts/webhook/url",
+        ),
+        (
+            "alerts:\n  webhookUrl: https://hooks.example.com/x\n",
+            "additional properties 'webhookUrl' not allowed",
+        ),
+        (
+            "alerts:\n  timeoutSeconds: 300\n",
+            "alerts.redeliverAfterSeconds must be at least 3480",
+        ),
+        (
+            "alerts:\n  retryMinMs: 5000\n  retryMaxMs: 1000\n",
+            "alerts.retryMaxMs (1000) must be at least alerts.retryMinMs (5000)",
+        ),
+        (
+            "ingress:\n  enabled: true\n",
+            "ingress.host is required with ingress.enabled=true",
+        ),
+        (
+            "tls:\n  certFile: /etc/server.pem\n",
+            "additional properties 'certFile' not allowed",
         ),
     ];
     for (values, expected) in cases {

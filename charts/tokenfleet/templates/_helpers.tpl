@@ -89,6 +89,19 @@ Paths inside the broker container.
 {{- define "tokenfleet.paths.redisCa" -}}/etc/tokenfleet/redis-ca/ca.pem{{- end }}
 {{- define "tokenfleet.paths.tls" -}}/etc/tokenfleet/tls{{- end }}
 {{- define "tokenfleet.paths.agentCa" -}}/etc/tokenfleet/agent-ca{{- end }}
+{{- define "tokenfleet.paths.alertsWebhook" -}}/etc/tokenfleet/alerts-webhook/secret{{- end }}
+
+{{/*
+The broker's public HTTP base URL: http.publicUrl, else the Ingress host, else empty (the
+broker's default).
+*/}}
+{{- define "tokenfleet.publicUrl" -}}
+{{- if .Values.http.publicUrl }}
+{{- .Values.http.publicUrl }}
+{{- else if .Values.ingress.enabled }}
+{{- printf "%s://%s" (ternary "https" "http" (ne .Values.ingress.tlsSecret "")) .Values.ingress.host }}
+{{- end }}
+{{- end }}
 
 {{/*
 `[tokens]` keys of the broker configuration by their camelCase names in values.yaml.
@@ -118,6 +131,31 @@ Combinations the schema cannot express; `helm template` and `helm install` stop 
 {{- end }}
 {{- if and (eq $v.store.backend "redis") (eq $v.store.redis.mode "sentinel") (not $v.store.redis.sentinelMaster) }}
 {{- fail "store.redis.sentinelMaster is required with store.redis.mode=sentinel" }}
+{{- end }}
+{{- if and $v.ingress.enabled (not $v.ingress.host) }}
+{{- fail "ingress.host is required with ingress.enabled=true" }}
+{{- end }}
+{{- $hook := $v.alerts.webhook }}
+{{- if and $hook.url (not $hook.secretName) }}
+{{- fail "alerts.webhook.secretName is required with alerts.webhook.url: the broker signs every alert request with the HMAC key from that Secret" }}
+{{- end }}
+{{- if and $hook.secretName (not $hook.url) }}
+{{- fail "alerts.webhook.url is required with alerts.webhook.secretName: there is no URL to send alerts to" }}
+{{- end }}
+{{- $mail := $v.alerts.email }}
+{{- if and $mail.to (not $mail.fromMailbox) }}
+{{- fail "alerts.email.fromMailbox (<tenant>/<mailbox>) is required with alerts.email.to" }}
+{{- end }}
+{{- if and $mail.to (not $mail.smtpHost) }}
+{{- fail "alerts.email.smtpHost is required with alerts.email.to" }}
+{{- end }}
+{{- if gt (int64 $v.alerts.retryMinMs) (int64 $v.alerts.retryMaxMs) }}
+{{- fail (printf "alerts.retryMaxMs (%d) must be at least alerts.retryMinMs (%d)" (int64 $v.alerts.retryMaxMs) (int64 $v.alerts.retryMinMs)) }}
+{{- end }}
+{{- $a := $v.alerts }}
+{{- $roundMs := mul 2 (add (mul (int64 $a.timeoutSeconds) 1000 (int64 $a.retryAttempts)) (mul (int64 $a.retryMaxMs) (sub (int64 $a.retryAttempts) 1))) }}
+{{- if lt (mul (int64 $a.redeliverAfterSeconds) 1000) $roundMs }}
+{{- fail (printf "alerts.redeliverAfterSeconds must be at least %d: a delivery round (retryAttempts × timeoutSeconds plus the pauses up to retryMaxMs, for webhook and e-mail) must end before another replica takes the alert over" (div (add $roundMs 999) 1000)) }}
 {{- end }}
 {{- if eq $v.store.backend "redis" }}
 {{- range $v.store.redis.urls }}

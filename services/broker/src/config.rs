@@ -443,6 +443,9 @@ pub struct TokensSection {
     pub scheduler_batch: usize,
     /// Most refreshes one replica runs at once.
     pub scheduler_concurrency: usize,
+    /// Tokens of `user`-kind mailboxes (the signed-in people of `login_user` devices) are deleted
+    /// after this many days without an issuance instead of being refreshed; 0 = never.
+    pub user_token_idle_days: u64,
 }
 
 impl Default for TokensSection {
@@ -457,6 +460,7 @@ impl Default for TokensSection {
             scheduler_interval_ms: 2000,
             scheduler_batch: 256,
             scheduler_concurrency: 16,
+            user_token_idle_days: 30,
         }
     }
 }
@@ -477,6 +481,10 @@ impl TokensSection {
                 interval: Duration::from_millis(self.scheduler_interval_ms),
                 batch: self.scheduler_batch,
                 concurrency: self.scheduler_concurrency,
+            },
+            user_token_idle: match self.user_token_idle_days {
+                0 => None,
+                days => Some(Duration::from_secs(days.saturating_mul(86_400))),
             },
             ..TokenConfig::default()
         };
@@ -936,6 +944,9 @@ backoff_max_seconds = 1800
 scheduler_interval_ms = 2000
 scheduler_batch = 256
 scheduler_concurrency = 16
+# Tokens of user mailboxes (created on demand for the people who sign in at login_user devices)
+# are deleted, instead of refreshed, after this many days without an issuance; 0 means never.
+user_token_idle_days = 30
 
 [tls]
 # TLS of the gRPC listener (Admin and TokenBroker; TLS 1.2 and 1.3). Agents need it: they
@@ -952,6 +963,11 @@ certificate_lifetime_seconds = 604800
 # with its key sealed. To use your own CA, give both files:
 # ca_cert_file = "/etc/tokenfleet/agent-ca.pem"
 # ca_key_file = "/etc/tokenfleet/agent-ca.key"
+# IssueAccessToken calls per agent: a token bucket refilling issue_rate_per_minute (0 means
+# unlimited) and holding up to issue_burst. Kept in each replica's memory, so N replicas allow up
+# to N times the rate. Over the limit an agent gets RESOURCE_EXHAUSTED with a retry-after hint.
+issue_rate_per_minute = 600
+issue_burst = 60
 
 [alerts]
 # Tell an operator when a mailbox needs a person: its grant is dead (REAUTH_REQUIRED) or its

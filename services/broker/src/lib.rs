@@ -24,6 +24,7 @@ pub mod server;
 
 // Agent-facing API and agent identity (CA, enrollment, client certificates).
 pub mod identity;
+pub mod rate_limit;
 pub mod token_broker;
 
 pub mod tokens;

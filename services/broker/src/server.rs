@@ -233,11 +233,16 @@ pub async fn serve(
                 })
                 .with_token_service(tokens.clone()),
         ))
-        .add_service(crate::token_broker::token_broker_server(
-            state.clone(),
-            identity,
-            tokens.clone(),
-        ))
+        .add_service(
+            tokenfleet_proto::v1::token_broker_server::TokenBrokerServer::new(
+                crate::token_broker::TokenBrokerService::new(
+                    state.clone(),
+                    identity,
+                    tokens.clone(),
+                )
+                .with_issue_rate(config.agents.issue_rate),
+            ),
+        )
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));

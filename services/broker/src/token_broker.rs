@@ -28,6 +28,7 @@ use crate::identity::ca::IssuedCertificate;
 use crate::identity::codes::{self, CodeError};
 use crate::identity::peer::{self, AgentPeer, PeerError};
 use crate::identity::{AgentCertificates, AgentId, AgentIdentity, IdentityError};
+use crate::rate_limit::{Rate, RateLimiter};
 use crate::records::{CAS_ATTEMPTS, Records, agent_key, device_key};
 use crate::state::BrokerState;
 use crate::tokens::issue::{ISSUE_ACTION, issue};
@@ -40,12 +41,19 @@ pub const NO_TLS: &str = "this broker serves gRPC without TLS, so agents cannot 
 /// Longest software version string kept.
 const MAX_VERSION_LEN: usize = 100;
 
+/// Default per-agent `IssueAccessToken` rate (`[agents] issue_rate_per_minute`, `issue_burst`).
+pub const DEFAULT_ISSUE_RATE: Rate = Rate {
+    per_minute: 600,
+    burst: 60,
+};
+
 /// `tokenfleet.v1.TokenBroker` implementation.
 #[derive(Debug, Clone)]
 pub struct TokenBrokerService {
     state: BrokerState,
     identity: Option<AgentIdentity>,
     tokens: TokenService,
+    issue_limit: RateLimiter,
 }
 
 impl TokenBrokerService {
@@ -56,7 +64,16 @@ impl TokenBrokerService {
             state,
             identity,
             tokens,
+            issue_limit: RateLimiter::new(DEFAULT_ISSUE_RATE),
         }
+    }
+
+    /// Limits each agent's `IssueAccessToken` calls to `rate` (in this replica; default
+    /// [`DEFAULT_ISSUE_RATE`]).
+    #[must_use]
+    pub fn with_issue_rate(mut self, rate: Rate) -> Self {
+        self.issue_limit = RateLimiter::new(rate);
+        self
     }
 
     fn identity(&self) -> Result<&AgentIdentity, Status> {
@@ -338,6 +355,12 @@ impl TokenBrokerService {
     ) -> Result<pb::IssueAccessTokenResponse, Status> {
         let id = &peer.id;
         let actor = id.actor();
+        if let Err(wait) = self
+            .issue_limit
+            .check(&id.to_string(), std::time::Instant::now())
+        {
+            return Err(rate_limited(id, wait));
+        }
         let purpose = convert::mail_purpose_in("purpose", req.purpose)
             .map_err(|e| Status::invalid_argument(e.to_string()))?
             .ok_or_else(|| {
@@ -395,6 +418,21 @@ pub fn token_broker_server(
     tokens: TokenService,
 ) -> TokenBrokerServer<TokenBrokerService> {
     TokenBrokerServer::new(TokenBrokerService::new(state, identity, tokens))
+}
+
+/// RESOURCE_EXHAUSTED for an agent over its issue rate, with the wait in the message and in a
+/// `retry-after` metadata entry (whole seconds, at least 1).
+fn rate_limited(id: &AgentId, wait: std::time::Duration) -> Status {
+    let secs = wait.as_secs_f64().ceil().max(1.0);
+    tracing::info!(agent = %id, retry_after_seconds = secs, "access token refused: rate limited");
+    let mut status = Status::resource_exhausted(format!(
+        "agent `{id}` is over its IssueAccessToken rate (`[agents] issue_rate_per_minute`); \
+         retry after {secs} s"
+    ));
+    if let Ok(value) = format!("{secs}").parse() {
+        status.metadata_mut().insert("retry-after", value);
+    }
+    status
 }
 
 fn rfc3339(t: time::OffsetDateTime) -> String {

@@ -16,6 +16,7 @@ use super::ConfigError;
 use crate::identity::{
     AgentCa, DEFAULT_CERTIFICATE_LIFETIME, MAX_CERTIFICATE_LIFETIME, MIN_CERTIFICATE_LIFETIME,
 };
+use crate::rate_limit::Rate;
 
 /// `[tls]`
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -44,6 +45,11 @@ pub struct AgentsSection {
     /// Private key (PEM, PKCS#8) of `ca_cert_file`; keep it mode 0600.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_key_file: Option<PathBuf>,
+    /// `IssueAccessToken` calls each agent may make per minute, sustained (0 = unlimited). The
+    /// limit is kept in each replica's memory: N replicas allow up to N times this.
+    pub issue_rate_per_minute: u32,
+    /// Calls an agent may make at once after a quiet period (at least 1).
+    pub issue_burst: u32,
 }
 
 impl Default for AgentsSection {
@@ -52,6 +58,8 @@ impl Default for AgentsSection {
             certificate_lifetime_seconds: DEFAULT_CERTIFICATE_LIFETIME.as_secs(),
             ca_cert_file: None,
             ca_key_file: None,
+            issue_rate_per_minute: 600,
+            issue_burst: 60,
         }
     }
 }
@@ -75,6 +83,8 @@ pub struct AgentsConfig {
     pub certificate_lifetime: Duration,
     /// The agent CA from `ca_cert_file`/`ca_key_file`; `None` = the CA kept in the store.
     pub ca: Option<Arc<AgentCa>>,
+    /// Per-agent `IssueAccessToken` rate (per replica).
+    pub issue_rate: Rate,
 }
 
 fn read(field: &str, path: &Path) -> Result<String, ConfigError> {
@@ -192,9 +202,19 @@ impl AgentsSection {
                 Some(Arc::new(ca))
             }
         };
+        if self.issue_burst == 0 {
+            return Err(ConfigError::invalid(
+                "agents.issue_burst",
+                "must be at least 1".to_owned(),
+            ));
+        }
         Ok(AgentsConfig {
             certificate_lifetime: lifetime,
             ca,
+            issue_rate: Rate {
+                per_minute: self.issue_rate_per_minute,
+                burst: self.issue_burst,
+            },
         })
     }
 }

@@ -142,7 +142,15 @@ pub struct GrantRecord {
     /// Fence of the lease under which this record was last written (stale writers detectable).
     #[serde(default)]
     pub fence: u64,
+    /// When an agent was last handed an access token of this grant (updated at most every
+    /// [`LAST_ISSUED_GRANULARITY`]); drives the idle deletion of user tokens.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub last_issued: Option<OffsetDateTime>,
 }
+
+/// `last_issued` is rewritten only when it is older than this (one store write per mailbox per
+/// hour at most, however many tokens are issued).
+pub const LAST_ISSUED_GRANULARITY: time::Duration = time::Duration::hours(1);
 
 impl GrantRecord {
     /// A grant with nothing retrieved yet.
@@ -161,6 +169,7 @@ impl GrantRecord {
             clock_skew_secs: 0,
             pending: None,
             fence: 0,
+            last_issued: None,
         }
     }
 

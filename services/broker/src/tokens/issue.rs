@@ -42,6 +42,11 @@ pub async fn issue(
     purpose: MailPurpose,
 ) -> Result<IssuedToken, TokenError> {
     let result = authorize_and_issue(service, tenant, device, mailbox, purpose).await;
+    if result.is_ok()
+        && let Err(error) = service.record_issued(tenant, mailbox).await
+    {
+        tracing::warn!(%error, tenant, mailbox, "recording the issuance time failed");
+    }
     let state = service.state();
     let (outcome, detail) = match &result {
         Ok(token) => (

@@ -26,6 +26,12 @@
 //! Consents write grant records without the lease. A refresh whose write meets such a change
 //! applies its result on top of it when the stored credentials are still the ones it started from
 //! (a rotated refresh token is never lost), and drops it when a new grant replaced them.
+//!
+//! Idle user tokens: every issuance notes `last_issued` on the grant (hourly granularity). When
+//! the scheduler comes to a `user`-kind mailbox whose grant has not been issued for
+//! `[tokens] user_token_idle_days` ([`idle_beyond`]), it deletes the token (revoked where
+//! possible, wiped, `NOT_RETRIEVED` with the reason "deleted after N idle days"), audited as
+//! `token.idle_delete`, instead of refreshing it.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -36,7 +42,7 @@ use std::time::Duration;
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
 use time::OffsetDateTime;
-use tokenfleet_domain::{GrantType, Mailbox, Provider, TokenStatus};
+use tokenfleet_domain::{GrantType, Mailbox, MailboxKind, Provider, TokenStatus};
 use tokenfleet_providers::{
     ErrorClass, ProviderClient, ProviderError, ProviderSettings, SKEW_REPORT_THRESHOLD,
 };
@@ -45,7 +51,9 @@ use tokenfleet_store::{Lease, Precondition, StoreError};
 use tonic::Status;
 
 use super::backoff::{Backoff, unit_random};
-use super::grant::{GrantField, GrantRecord, grant_key, open_field, seal_field};
+use super::grant::{
+    GrantField, GrantRecord, LAST_ISSUED_GRANULARITY, grant_key, open_field, seal_field,
+};
 use super::scheduler::{SchedulerConfig, next_refresh_at, schedule_refresh, unschedule_refresh};
 use crate::records::{
     CAS_ATTEMPTS, Records, Versioned, mailbox_key, open_client_secret, open_service_account_key,
@@ -85,6 +93,9 @@ pub struct TokenConfig {
     pub scheduler: SchedulerConfig,
     /// Names this replica in lease owners and logs (random by default).
     pub replica_id: String,
+    /// Grants of `user`-kind mailboxes unused (no issuance) for this long are deleted by the
+    /// scheduler instead of refreshed; `None` = never.
+    pub user_token_idle: Option<Duration>,
 }
 
 impl Default for TokenConfig {
@@ -97,6 +108,7 @@ impl Default for TokenConfig {
             backoff: Backoff::default(),
             scheduler: SchedulerConfig::default(),
             replica_id: format!("broker-{}", uuid::Uuid::new_v4().simple()),
+            user_token_idle: Some(Duration::from_secs(30 * 86_400)),
         }
     }
 }
@@ -678,6 +690,13 @@ impl TokenService {
     /// entry is moved to when the mailbox should be looked at next.
     pub async fn scheduled_refresh(&self, tenant: &str, mailbox: &str) {
         let store = self.inner.state.store.as_ref();
+        match self.delete_if_idle(tenant, mailbox).await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(%error, tenant, mailbox, "checking an idle user token failed");
+            }
+        }
         let result = self.flight(tenant, mailbox, Trigger::Scheduled).await;
         let now = self.now();
         let next = match &result {
@@ -1304,6 +1323,77 @@ impl TokenService {
         Err(changed())
     }
 
+    /// Notes that an agent was just handed a token of this mailbox (`last_issued`, at most one
+    /// write per [`LAST_ISSUED_GRANULARITY`]). Best effort: a lost race is retried by the next
+    /// issuance.
+    pub async fn record_issued(&self, tenant: &str, mailbox: &str) -> Result<(), TokenError> {
+        let now = self.now();
+        let Some(stored) = self.grant(tenant, mailbox).await? else {
+            return Ok(());
+        };
+        if stored
+            .value
+            .last_issued
+            .is_some_and(|t| now - t < LAST_ISSUED_GRANULARITY)
+        {
+            return Ok(());
+        }
+        let mut updated = stored.value;
+        updated.last_issued = Some(now);
+        match self
+            .records()
+            .put(&updated, Precondition::Version(stored.version))
+            .await
+        {
+            Ok(_) | Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes (revokes and wipes, like [`Self::delete_token`]) the grant of a `user` mailbox idle
+    /// beyond `user_token_idle` (see [`idle_beyond`]), audited; `true` when it did.
+    pub async fn delete_if_idle(&self, tenant: &str, mailbox: &str) -> Result<bool, TokenError> {
+        let Some(idle) = self.inner.config.user_token_idle else {
+            return Ok(false);
+        };
+        let m = match self.mailbox(tenant, mailbox).await {
+            Ok(m) => m,
+            Err(TokenError::MailboxNotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if m.kind != MailboxKind::User {
+            return Ok(false);
+        }
+        let Some(stored) = self.grant(tenant, mailbox).await? else {
+            return Ok(false);
+        };
+        if !idle_beyond(m.kind, &stored.value, Some(idle), self.now()) {
+            return Ok(false);
+        }
+        let days = idle.as_secs() / 86_400;
+        let reason = format!("deleted after {days} idle days");
+        let revocation = self
+            .delete_token_noting(tenant, mailbox, Some(&reason))
+            .await?;
+        tracing::info!(tenant, mailbox, idle_days = days, outcome = %revocation, "idle user token deleted");
+        let event = tokenfleet_domain::AuditEvent {
+            time: self.now(),
+            actor: SCHEDULER_ACTOR.to_owned(),
+            action: IDLE_DELETE_ACTION.to_owned(),
+            target: crate::admin::object_path(tenant, "mailboxes", mailbox),
+            tenant: tenant.to_owned(),
+            result: "ok".to_owned(),
+            detail: format!("{reason} (user_token_idle_days); revocation: {revocation}"),
+        };
+        crate::audit::record(
+            &self.inner.state,
+            &tokenfleet_store::Scope::Tenant(tenant.to_owned()),
+            event,
+        )
+        .await;
+        Ok(true)
+    }
+
     /// Revokes the grant at the provider where possible, then wipes every stored secret (status
     /// `NOT_RETRIEVED`) and takes the mailbox off the refresh schedule. A failed revocation is
     /// reported (in the result and the grant's `last_error`), but the wipe happens anyway.
@@ -1311,6 +1401,17 @@ impl TokenService {
         &self,
         tenant: &str,
         mailbox: &str,
+    ) -> Result<Revocation, TokenError> {
+        self.delete_token_noting(tenant, mailbox, None).await
+    }
+
+    /// [`Self::delete_token`], leaving `note` (why) as the wiped grant's `last_error` reason
+    /// unless the revocation failed.
+    async fn delete_token_noting(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+        note: Option<&str>,
     ) -> Result<Revocation, TokenError> {
         Self::check_names(tenant, mailbox)?;
         let m = self.mailbox(tenant, mailbox).await?;
@@ -1338,7 +1439,7 @@ impl TokenService {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(WAIT_PAUSE.1);
         };
-        let result = self.delete_under_lease(&m, &lease).await;
+        let result = self.delete_under_lease(&m, &lease, note).await;
         if let Err(error) = store.release_lease(&name, &owner).await {
             tracing::warn!(%error, tenant, mailbox, "releasing the lease failed; it expires on its own");
         }
@@ -1349,6 +1450,7 @@ impl TokenService {
         &self,
         m: &Mailbox,
         lease: &Lease,
+        note: Option<&str>,
     ) -> Result<Revocation, TokenError> {
         let (tenant, mailbox) = (m.tenant.as_str(), m.name.as_str());
         let keyring = &self.inner.state.keyring;
@@ -1398,13 +1500,23 @@ impl TokenService {
         };
         let mut wiped = GrantRecord::empty(tenant, mailbox);
         wiped.fence = lease.fence;
+        let noted = note.map(|n| format!("{n}; ")).unwrap_or_default();
         if let Revocation::Failed { code, reason } = &revocation {
             wiped.state.last_error = Some(tokenfleet_domain::TokenError {
                 code: code.clone(),
                 reason: format!(
-                    "the stored tokens were wiped, but revoking the grant at the provider failed: {reason}"
+                    "{noted}the stored tokens were wiped, but revoking the grant at the provider failed: {reason}"
                 ),
                 fix: "revoke the app's access in the provider's console (Google: myaccount.google.com → Security → Third-party access; admin console → Security → API controls)".to_owned(),
+                time: self.now(),
+            });
+        } else if let Some(note) = note {
+            wiped.state.last_error = Some(tokenfleet_domain::TokenError {
+                code: "idle_deleted".to_owned(),
+                reason: note.to_owned(),
+                fix: format!(
+                    "the next sign-in at a device asks the person to consent again (`tokenfleetctl mailbox consent --tenant {tenant} --name {mailbox}`)"
+                ),
                 time: self.now(),
             });
         }
@@ -1415,6 +1527,36 @@ impl TokenService {
         tracing::info!(tenant, mailbox, outcome = %revocation, "token deleted");
         Ok(revocation)
     }
+}
+
+/// Audit action of an idle user token's deletion.
+pub const IDLE_DELETE_ACTION: &str = "token.idle_delete";
+
+/// Actor of the scheduler's own actions in the audit log.
+pub const SCHEDULER_ACTOR: &str = "broker:refresh-scheduler";
+
+/// Whether the grant of a mailbox of `kind` has been idle longer than `idle` at `now`, so the
+/// scheduler deletes it instead of refreshing: only `user` mailboxes, only grants holding tokens,
+/// idle since the last issuance (or, never issued, since the refresh token was obtained).
+/// `idle` = `None` never deletes.
+pub fn idle_beyond(
+    kind: MailboxKind,
+    grant: &GrantRecord,
+    idle: Option<Duration>,
+    now: OffsetDateTime,
+) -> bool {
+    let Some(idle) = idle else {
+        return false;
+    };
+    if kind != MailboxKind::User || (grant.refresh_token.is_none() && grant.access_token.is_none())
+    {
+        return false;
+    }
+    let Some(since) = grant.last_issued.or(grant.refresh_token_obtained) else {
+        return false;
+    };
+    let elapsed = now - since;
+    elapsed.is_positive() && elapsed.unsigned_abs() > idle
 }
 
 /// Removes a mailbox's grant record and schedule entry (no revocation): for a mailbox that was
@@ -1445,6 +1587,37 @@ mod tests {
         g.state.last_refresh = from;
         g.state.access_token_expires = to;
         g
+    }
+
+    #[test]
+    fn only_user_grants_idle_beyond_the_limit_are_deleted() {
+        let t0 = OffsetDateTime::UNIX_EPOCH + time::Duration::days(20_000);
+        let day = Duration::from_secs(86_400);
+        let limit = Some(30 * day);
+        let mut g = GrantRecord::empty("acme", "user-alice");
+        g.refresh_token = Some(tokenfleet_seal::Sealed {
+            kid: "k1".into(),
+            nonce: String::new(),
+            ct: String::new(),
+        });
+        g.refresh_token_obtained = Some(t0);
+        let after = |days: i64| t0 + time::Duration::days(days);
+        // Never issued: idle since the consent.
+        assert!(!idle_beyond(MailboxKind::User, &g, limit, after(30)));
+        assert!(idle_beyond(MailboxKind::User, &g, limit, after(31)));
+        // An issuance restarts the count.
+        g.last_issued = Some(after(20));
+        assert!(!idle_beyond(MailboxKind::User, &g, limit, after(31)));
+        assert!(!idle_beyond(MailboxKind::User, &g, limit, after(50)));
+        assert!(idle_beyond(MailboxKind::User, &g, limit, after(51)));
+        // Other kinds, no limit, nothing stored: never.
+        assert!(!idle_beyond(MailboxKind::Admin, &g, limit, after(400)));
+        assert!(!idle_beyond(MailboxKind::Bulk, &g, limit, after(400)));
+        assert!(!idle_beyond(MailboxKind::User, &g, None, after(400)));
+        let empty = GrantRecord::empty("acme", "user-bob");
+        assert!(!idle_beyond(MailboxKind::User, &empty, limit, after(400)));
+        // A clock that went backwards is not idle.
+        assert!(!idle_beyond(MailboxKind::User, &g, limit, after(-100)));
     }
 
     #[test]
