@@ -210,6 +210,35 @@ pub(crate) async fn commit<T: StoredRecord>(
 }
 
 /// Deletes a record, conditionally on `version` when non-zero.
+/// Refuses to delete `what` while records of kind `T` in `tenant` still refer to it: answers
+/// FAILED_PRECONDITION naming them (`"{what} {blocked} {names}; {fix}"`).
+pub(crate) async fn refuse_if_referenced<T: StoredRecord>(
+    state: &BrokerState,
+    tenant: &str,
+    what: &str,
+    refers: impl Fn(&T) -> bool,
+    name_of: impl Fn(&T) -> &str,
+    blocked: &str,
+    fix: &str,
+) -> Result<(), Status> {
+    let all = records(state)
+        .list_all::<T>(&Scope::Tenant(tenant.to_owned()))
+        .await
+        .map_err(store_status)?;
+    let referring: Vec<&str> = all
+        .iter()
+        .filter(|r| refers(&r.value))
+        .map(|r| name_of(&r.value))
+        .collect();
+    if referring.is_empty() {
+        return Ok(());
+    }
+    Err(Status::failed_precondition(format!(
+        "{what} {blocked} {}; {fix}",
+        name_list(referring)
+    )))
+}
+
 pub(crate) async fn delete_record(
     state: &BrokerState,
     key: &RecordKey,

@@ -7,8 +7,9 @@ use tokenfleet_store::{Precondition, Scope, StoreError};
 use tonic::Status;
 
 use super::{
-    Change, audited, check_version, commit, delete_record, invalid, list_page, must_get, name_list,
-    object_path, page_request, records, require_tenant, shown, span_object, store_status,
+    Change, audited, check_version, commit, delete_record, invalid, list_page, must_get,
+    object_path, page_request, records, refuse_if_referenced, require_tenant, shown, span_object,
+    store_status,
 };
 use crate::authz::{Access, Principal, Target, authorize};
 use crate::convert::{self, AGENT_FIELDS, UpdateMask};
@@ -167,21 +168,16 @@ pub(super) async fn delete(
             let key = agent_key(&req.tenant, &req.name);
             let stored = must_get::<Agent>(state, &key, &what).await?;
             check_version(&what, req.version, stored.version)?;
-            let devices = records(state)
-                .list_all::<Device>(&Scope::Tenant(req.tenant.clone()))
-                .await
-                .map_err(store_status)?;
-            let hosted: Vec<&str> = devices
-                .iter()
-                .filter(|d| d.value.agent == req.name)
-                .map(|d| d.value.name.as_str())
-                .collect();
-            if !hosted.is_empty() {
-                return Err(Status::failed_precondition(format!(
-                    "{what} still hosts devices {}; move or delete them first",
-                    name_list(hosted)
-                )));
-            }
+            refuse_if_referenced::<Device>(
+                state,
+                &req.tenant,
+                &what,
+                |d| d.agent == req.name,
+                |d| d.name.as_str(),
+                "still hosts devices",
+                "move or delete them first",
+            )
+            .await?;
             delete_record(state, &key, &what, req.version).await?;
             Ok((pb::DeleteAgentResponse {}, String::new()))
         },

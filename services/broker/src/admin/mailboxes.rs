@@ -6,9 +6,9 @@ use tokenfleet_store::{Precondition, Scope, StoreError};
 use tonic::Status;
 
 use super::{
-    Change, audited, check_version, commit, delete_record, invalid, list_page, must_get, name_list,
-    object_path, page_request, precondition, records, require_tenant, shown, span_object,
-    store_status,
+    Change, audited, check_version, commit, delete_record, invalid, list_page, must_get,
+    object_path, page_request, precondition, records, refuse_if_referenced, require_tenant, shown,
+    span_object, store_status,
 };
 use crate::authz::{Access, Principal, Target, authorize};
 use crate::convert::{self, MAILBOX_FIELDS, UpdateMask};
@@ -260,21 +260,16 @@ pub(super) async fn delete(
             let key = mailbox_key(&req.tenant, &req.name);
             let stored = must_get::<Mailbox>(state, &key, &what).await?;
             check_version(&what, req.version, stored.version)?;
-            let devices = records(state)
-                .list_all::<Device>(&Scope::Tenant(req.tenant.clone()))
-                .await
-                .map_err(store_status)?;
-            let users: Vec<&str> = devices
-                .iter()
-                .filter(|d| d.value.referenced_mailboxes().any(|m| m == req.name))
-                .map(|d| d.value.name.as_str())
-                .collect();
-            if !users.is_empty() {
-                return Err(Status::failed_precondition(format!(
-                    "{what} is still used by devices {}; change or delete them first",
-                    name_list(users)
-                )));
-            }
+            refuse_if_referenced::<Device>(
+                state,
+                &req.tenant,
+                &what,
+                |d| d.referenced_mailboxes().any(|m| m == req.name),
+                |d| d.name.as_str(),
+                "is still used by devices",
+                "change or delete them first",
+            )
+            .await?;
             delete_record(state, &key, &what, req.version).await?;
             // Its tokens must not outlive it.
             discard_grant(state, &req.tenant, &req.name)

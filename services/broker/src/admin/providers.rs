@@ -8,9 +8,9 @@ use tokenfleet_store::{Precondition, Scope, StoreError};
 use tonic::Status;
 
 use super::{
-    Change, audited, check_version, commit, delete_record, invalid, list_page, must_get, name_list,
-    object_path, page_request, records, require_tenant, seal_status, shown, span_object,
-    store_status,
+    Change, audited, check_version, commit, delete_record, invalid, list_page, must_get,
+    object_path, page_request, records, refuse_if_referenced, require_tenant, seal_status, shown,
+    span_object, store_status,
 };
 use crate::authz::{Access, Principal, Target, authorize};
 use crate::convert::{self, PROVIDER_FIELDS, SecretChange, UpdateMask, secret_change};
@@ -242,21 +242,16 @@ pub(super) async fn delete(
             let key = provider_key(&req.tenant, &req.name);
             let stored = must_get::<Provider>(state, &key, &what).await?;
             check_version(&what, req.version, stored.version)?;
-            let mailboxes = records(state)
-                .list_all::<Mailbox>(&Scope::Tenant(req.tenant.clone()))
-                .await
-                .map_err(store_status)?;
-            let users: Vec<&str> = mailboxes
-                .iter()
-                .filter(|m| m.value.provider == req.name)
-                .map(|m| m.value.name.as_str())
-                .collect();
-            if !users.is_empty() {
-                return Err(Status::failed_precondition(format!(
-                    "{what} is still used by mailboxes {}; change or delete them first",
-                    name_list(users)
-                )));
-            }
+            refuse_if_referenced::<Mailbox>(
+                state,
+                &req.tenant,
+                &what,
+                |m| m.provider == req.name,
+                |m| m.name.as_str(),
+                "is still used by mailboxes",
+                "change or delete them first",
+            )
+            .await?;
             delete_record(state, &key, &what, req.version).await?;
             Ok((pb::DeleteProviderResponse {}, String::new()))
         },
