@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let files = [
         "tokenfleet/v1/types.proto",
+        "tokenfleet/v1/fleet.proto",
         "tokenfleet/v1/admin.proto",
         "tokenfleet/v1/broker.proto",
     ];

@@ -5,7 +5,16 @@
 //! Dependency direction: depends only on `tokenfleet-proto` (the wire types) and general crates,
 //! never on broker crates.
 
+pub mod config;
+mod durable;
+pub mod fetch;
 pub mod identity;
 pub mod ingress;
+mod line_server;
+pub mod maildrop;
+pub mod pop3_server;
+pub mod probe;
+pub mod runtime;
 pub mod sasl;
 pub mod spool;
+pub mod upstream;

@@ -1,4 +1,4 @@
-//! `tokenfleet-agent`: enrollment and certificate renewal so far. Thin: parsing, logging, and the
+//! `tokenfleet-agent`: enrollment, certificate renewal and `run` (the running agent). Thin: parsing, logging, and the
 //! library's [`tokenfleet_agent::identity`].
 
 use std::path::PathBuf;
@@ -64,6 +64,16 @@ enum Command {
         #[command(flatten)]
         state: StateDir,
     },
+    /// Run the agent: SMTP ingress for the devices, durable spool, delivery upstream with
+    /// tokens from the broker, status stream; until SIGTERM/SIGINT.
+    Run {
+        /// Local configuration file (TOML); TOKENFLEET_AGENT_* variables override it.
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// State directory (overrides `state_dir` of the file and the environment).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// Show the agent's identity and certificate expiry.
     Status {
         #[command(flatten)]
@@ -81,7 +91,12 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never into log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+    if let Command::Run { config, state_dir } = &cli.command {
+        return run_agent(config.as_deref(), state_dir.as_deref());
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -93,6 +108,39 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tokenfleet-agent: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `run`: bad configuration exits 64 (EX_USAGE), other failures 1, a clean stop 0.
+fn run_agent(config: Option<&std::path::Path>, state_dir: Option<&std::path::Path>) -> ExitCode {
+    let settings = match tokenfleet_agent::config::AgentSettings::load(config, state_dir) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("tokenfleet-agent: error: {error}");
+            return ExitCode::from(64);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("tokenfleet-agent: error: starting the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = shutdown_signal()?;
+        tokenfleet_agent::runtime::run(settings, shutdown).await
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("tokenfleet-agent: error: {error:#}");
@@ -148,6 +196,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Run { .. } => anyhow::bail!("`run` is started by main"),
         Command::Status { state } => {
             let current = identity::load(&state.state_dir)?;
             println!("{}", describe(&current));

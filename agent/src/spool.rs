@@ -16,12 +16,14 @@
 //! only then does it return. A crash before that fsync leaves an unacknowledged entry that
 //! recovery may drop; a crash after it cannot lose the entry.
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Write as _};
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::durable;
 use serde::{Deserialize, Serialize};
 
 const TMP: &str = "tmp";
@@ -71,11 +73,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
 pub struct SpoolId(String);
 
 impl SpoolId {
-    fn generate(now: SystemTime) -> Result<Self, SpoolError> {
-        let millis = now
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
+    fn generate(millis: u64) -> Result<Self, SpoolError> {
         let mut random = [0u8; 8];
         getrandom::fill(&mut random).map_err(|e| SpoolError::Io {
             path: PathBuf::from("getrandom"),
@@ -141,6 +139,13 @@ pub struct Envelope {
     pub from: String,
     /// `RCPT TO` forward paths, in order.
     pub rcpts: Vec<String>,
+    /// The mailbox (by name) the device's sender mode chose to send as; empty when the mailbox
+    /// is the signed-in user's (then `user_address` is set) or not yet decided.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mailbox: String,
+    /// LOGIN_USER / ALLOW_USER_CHANGE: the address of the user the message is sent as.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user_address: String,
 }
 
 /// The sidecar of a spool entry.
@@ -194,44 +199,83 @@ pub struct Recovery {
 
 /// The durable spool. Cheap to share behind an `Arc`; all methods take `&self` and are
 /// blocking (call them from `spawn_blocking` in async code).
+///
+/// The queue's due times are also kept in memory (built from the sidecars at [`Spool::open`],
+/// kept current by every method that changes an entry), so finding what is due reads only the
+/// sidecars of due entries instead of every queued one. Hence: one `Spool` per directory per
+/// process — entries added by another instance are seen only after opening it again.
 #[derive(Debug)]
 pub struct Spool {
     root: PathBuf,
     recovery: Recovery,
+    index: Mutex<DueIndex>,
+    /// Millisecond stamp of the last accepted entry: stamps (and so ids and first due times)
+    /// increase strictly within the process, so messages accepted one after another are
+    /// delivered in that order even within one millisecond.
+    last_ms: Mutex<u64>,
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
-    u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
+/// Queued entries by next attempt time, with what the status needs of each.
+#[derive(Debug, Default)]
+struct DueIndex {
+    by_time: BTreeSet<(u64, SpoolId)>,
+    by_id: HashMap<SpoolId, Indexed>,
+}
+
+#[derive(Debug, Clone)]
+struct Indexed {
+    next_attempt_ms: u64,
+    device: String,
+    accepted_at_ms: u64,
+}
+
+impl DueIndex {
+    fn set(&mut self, id: &SpoolId, entry: Indexed) {
+        let at = entry.next_attempt_ms;
+        if let Some(old) = self.by_id.insert(id.clone(), entry) {
+            self.by_time.remove(&(old.next_attempt_ms, id.clone()));
+        }
+        self.by_time.insert((at, id.clone()));
+    }
+
+    fn set_meta(&mut self, meta: &EntryMeta) {
+        self.set(
+            &meta.id,
+            Indexed {
+                next_attempt_ms: meta.next_attempt_ms,
+                device: meta.envelope.device.clone(),
+                accepted_at_ms: meta.accepted_at_ms,
+            },
+        );
+    }
+
+    fn remove(&mut self, id: &SpoolId) {
+        if let Some(old) = self.by_id.remove(id) {
+            self.by_time.remove(&(old.next_attempt_ms, id.clone()));
+        }
+    }
+
+    /// Up to `limit` ids due at `now_ms`, earliest first.
+    fn due(&self, now_ms: u64, limit: usize) -> Vec<SpoolId> {
+        self.by_time
+            .iter()
+            .take_while(|(at, _)| *at <= now_ms)
+            .take(limit)
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
 }
 
 fn create_dir_0700(path: &Path) -> Result<(), SpoolError> {
-    match DirBuilder::new().recursive(true).mode(0o700).create(path) {
-        Ok(()) => {}
-        Err(error) => {
-            return Err(SpoolError::Io {
-                path: path.to_path_buf(),
-                error,
-            });
-        }
-    }
-    fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io_err(path))
+    durable::create_dir_0700(path).map_err(io_err(path))
 }
 
 fn fsync_dir(path: &Path) -> Result<(), SpoolError> {
-    File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(path))
+    durable::fsync_dir(path).map_err(io_err(path))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err(path))?;
-    file.write_all(bytes).map_err(io_err(path))?;
-    file.sync_all().map_err(io_err(path))
+    durable::write_synced(path, bytes).map_err(io_err(path))
 }
 
 fn remove_if_exists(path: &Path) -> Result<bool, SpoolError> {
@@ -293,7 +337,34 @@ impl Spool {
         if dead_changed {
             fsync_dir(&dead)?;
         }
-        Ok(Self { root, recovery })
+        let spool = Self {
+            root,
+            recovery,
+            index: Mutex::new(DueIndex::default()),
+            last_ms: Mutex::new(0),
+        };
+        let mut index = DueIndex::default();
+        for id in spool.queued()? {
+            match spool.entry(&id) {
+                Ok(meta) => index.set_meta(&meta),
+                // An unreadable sidecar is due at once: the worker reports it rather than skip
+                // it.
+                Err(_) => index.set(
+                    &id,
+                    Indexed {
+                        next_attempt_ms: 0,
+                        device: String::new(),
+                        accepted_at_ms: 0,
+                    },
+                ),
+            }
+        }
+        *spool.lock_index() = index;
+        Ok(spool)
+    }
+
+    fn lock_index(&self) -> MutexGuard<'_, DueIndex> {
+        self.index.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// What recovery did when this spool was opened.
@@ -308,15 +379,19 @@ impl Spool {
     /// Stores a message durably and returns its id. When this returns `Ok`, the message and its
     /// sidecar are renamed into `queue/` and the directory is fsynced: the caller may acknowledge.
     pub fn accept(&self, envelope: &Envelope, message: &[u8]) -> Result<SpoolId, SpoolError> {
-        let now = SystemTime::now();
-        let id = SpoolId::generate(now)?;
+        let stamp = {
+            let mut last = self.last_ms.lock().unwrap_or_else(PoisonError::into_inner);
+            *last = durable::unix_ms(SystemTime::now()).max(*last + 1);
+            *last
+        };
+        let id = SpoolId::generate(stamp)?;
         let meta = EntryMeta {
             id: id.clone(),
             envelope: envelope.clone(),
             size: message.len() as u64,
-            accepted_at_ms: unix_ms(now),
+            accepted_at_ms: stamp,
             attempts: 0,
-            next_attempt_ms: unix_ms(now),
+            next_attempt_ms: stamp,
             last_error: None,
         };
         let tmp_msg = self.path(TMP, &id, MESSAGE_EXT);
@@ -340,6 +415,7 @@ impl Spool {
             let _ = remove_if_exists(&tmp_meta);
             return Err(e);
         }
+        self.lock_index().set_meta(&meta);
         Ok(id)
     }
 
@@ -414,20 +490,22 @@ impl Spool {
 
     /// Entries whose next attempt is due at `now`, earliest first.
     pub fn due(&self, now: SystemTime) -> Result<Vec<EntryMeta>, SpoolError> {
-        let now = unix_ms(now);
-        let mut due = Vec::new();
-        for id in self.queued()? {
+        self.due_up_to(now, usize::MAX)
+    }
+
+    /// Like [`Spool::due`], but at most `limit` entries (the earliest): reads only their
+    /// sidecars, however long the queue is.
+    pub fn due_up_to(&self, now: SystemTime, limit: usize) -> Result<Vec<EntryMeta>, SpoolError> {
+        let ids = self.lock_index().due(durable::unix_ms(now), limit);
+        let mut due = Vec::with_capacity(ids.len());
+        for id in ids {
             match self.entry(&id) {
-                Ok(meta) if meta.next_attempt_ms <= now => due.push(meta),
-                Ok(_) | Err(SpoolError::NotFound(_)) => {}
+                Ok(meta) => due.push(meta),
+                // Completed or dead-lettered meanwhile (or by another process).
+                Err(SpoolError::NotFound(_)) => self.lock_index().remove(&id),
                 Err(e) => return Err(e),
             }
         }
-        due.sort_by(|a, b| {
-            a.next_attempt_ms
-                .cmp(&b.next_attempt_ms)
-                .then(a.id.cmp(&b.id))
-        });
         Ok(due)
     }
 
@@ -441,7 +519,7 @@ impl Spool {
         let mut meta = self.entry(id)?;
         meta.attempts = meta.attempts.saturating_add(1);
         meta.last_error = Some(error.to_owned());
-        meta.next_attempt_ms = unix_ms(next_at);
+        meta.next_attempt_ms = durable::unix_ms(next_at);
         let tmp = self.path(TMP, id, META_EXT);
         let _ = remove_if_exists(&tmp);
         let json = serde_json::to_vec(&meta).map_err(|error| SpoolError::Meta {
@@ -452,6 +530,7 @@ impl Spool {
         let dest = self.path(QUEUE, id, META_EXT);
         fs::rename(&tmp, &dest).map_err(io_err(&tmp))?;
         fsync_dir(&self.root.join(QUEUE))?;
+        self.lock_index().set_meta(&meta);
         Ok(meta)
     }
 
@@ -459,8 +538,10 @@ impl Spool {
     /// that recovery removes, never a message without its envelope).
     pub fn complete(&self, id: &SpoolId) -> Result<(), SpoolError> {
         if !remove_if_exists(&self.path(QUEUE, id, MESSAGE_EXT))? {
+            self.lock_index().remove(id);
             return Err(SpoolError::NotFound(id.clone()));
         }
+        self.lock_index().remove(id);
         remove_if_exists(&self.path(QUEUE, id, META_EXT))?;
         fsync_dir(&self.root.join(QUEUE))
     }
@@ -479,10 +560,25 @@ impl Spool {
         // Message first: recovery moves a queued sidecar whose message is in dead/ after it.
         let from = self.path(QUEUE, id, MESSAGE_EXT);
         fs::rename(&from, self.path(DEAD, id, MESSAGE_EXT)).map_err(io_err(&from))?;
+        self.lock_index().remove(id);
         fs::rename(&tmp, self.path(DEAD, id, META_EXT)).map_err(io_err(&tmp))?;
         remove_if_exists(&self.path(QUEUE, id, META_EXT))?;
         fsync_dir(&self.root.join(DEAD))?;
         fsync_dir(&self.root.join(QUEUE))
+    }
+
+    /// Queue depth and age of the oldest queued message per device, from memory (no disk
+    /// reads; entries with an unreadable sidecar count under the device name `""`).
+    pub fn queue_by_device(&self, now: SystemTime) -> BTreeMap<String, (usize, Duration)> {
+        let now_ms = durable::unix_ms(now);
+        let mut out: BTreeMap<String, (usize, Duration)> = BTreeMap::new();
+        for entry in self.lock_index().by_id.values() {
+            let age = Duration::from_millis(now_ms.saturating_sub(entry.accepted_at_ms));
+            let slot = out.entry(entry.device.clone()).or_default();
+            slot.0 += 1;
+            slot.1 = slot.1.max(age);
+        }
+        out
     }
 
     /// Queue depth, oldest age and dead-letter count.
@@ -548,7 +644,7 @@ mod tests {
 
     #[test]
     fn ids_are_validated() {
-        let id = SpoolId::generate(SystemTime::now()).unwrap();
+        let id = SpoolId::generate(durable::unix_ms(SystemTime::now())).unwrap();
         assert_eq!(SpoolId::parse(id.as_str()).unwrap(), id);
         for bad in [
             "",

@@ -12,12 +12,31 @@ use std::time::Duration;
 use argon2::{Argon2, PasswordHasher as _};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use tokenfleet_agent::ingress::{IngressConfig, IngressServer, LocalDevice, LocalDevices};
+use tokenfleet_agent::ingress::{
+    IngressConfig, IngressServer, IngressTls, LocalDevice, LocalDevices, SenderPolicy, parse_source,
+};
 use tokenfleet_agent::spool::Spool;
 use tokio::sync::oneshot;
 
 const USER: &str = "mfd1";
 const PASSWORD: &str = "printer-pass-1";
+const FIXED_ADDRESS: &str = "scan-admin@contoso.example";
+
+fn fixed_mailbox() -> SenderPolicy {
+    SenderPolicy::FixedMailbox {
+        mailbox: "scan-admin".into(),
+        address: FIXED_ADDRESS.into(),
+        display_name: "Scanner 2nd floor".into(),
+    }
+}
+
+/// `mfd-1`, logging in with [`USER`]/[`PASSWORD`].
+fn login_device(sender: SenderPolicy) -> LocalDevice {
+    let mut d = LocalDevice::new("mfd-1", sender);
+    d.username = Some(USER.into());
+    d.password_hash = Some(phc(PASSWORD));
+    d
+}
 
 fn phc(password: &str) -> String {
     Argon2::default()
@@ -37,27 +56,22 @@ struct Server {
 }
 
 impl Server {
+    /// The usual devices: `mfd-1` logs in (sender mode LOGIN_USER); `mfd-allowlisted` sends
+    /// from 127.0.0.1 (an exact address) without logging in, as a fixed mailbox.
     fn start(config: IngressConfig, allow_loopback: bool) -> Self {
+        let mut allowlisted = LocalDevice::new("mfd-allowlisted", fixed_mailbox());
+        if allow_loopback {
+            allowlisted.allowed_addresses = vec![parse_source("127.0.0.1").unwrap()];
+        }
+        Self::start_with(
+            config,
+            vec![login_device(SenderPolicy::LoginUser), allowlisted],
+        )
+    }
+
+    fn start_with(config: IngressConfig, devices: Vec<LocalDevice>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let spool = Arc::new(Spool::open(dir.path().join("spool")).unwrap());
-        let devices = vec![
-            LocalDevice {
-                device: "mfd-1".into(),
-                username: Some(USER.into()),
-                password_hash: Some(phc(PASSWORD)),
-                allowed_addresses: vec![],
-            },
-            LocalDevice {
-                device: "mfd-allowlisted".into(),
-                username: None,
-                password_hash: None,
-                allowed_addresses: if allow_loopback {
-                    vec!["127.0.0.1".parse().unwrap()]
-                } else {
-                    vec![]
-                },
-            },
-        ];
         let handler = Arc::new(LocalDevices::new(devices, Arc::clone(&spool)));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -252,6 +266,9 @@ fn smtplib_printer_message_with_attachment_is_spooled_exactly() {
         meta.envelope.rcpts,
         vec!["alice@example.com", "bob@example.com"]
     );
+    // LOGIN_USER: the From address is the user; the message is untouched.
+    assert_eq!(meta.envelope.user_address, "scanner@example.com");
+    assert_eq!(meta.envelope.mailbox, "");
 }
 
 #[test]
@@ -305,9 +322,18 @@ fn allowlisted_source_address_needs_no_auth() {
     assert_eq!(c.reply().0, 250);
     let ids = server.spool.queued().unwrap();
     let meta = server.spool.entry(&ids[0]).unwrap();
+    // The device sends as its fixed mailbox: envelope sender and From are the mailbox's.
     assert_eq!(
-        (meta.envelope.device.as_str(), meta.envelope.from.as_str()),
-        ("mfd-allowlisted", "")
+        (
+            meta.envelope.device.as_str(),
+            meta.envelope.from.as_str(),
+            meta.envelope.mailbox.as_str()
+        ),
+        ("mfd-allowlisted", FIXED_ADDRESS, "scan-admin")
+    );
+    assert_eq!(
+        server.spool.message(&ids[0]).unwrap(),
+        b"From: \"Scanner 2nd floor\" <scan-admin@contoso.example>\r\nSubject: status\r\n\r\ntoner low\r\n"
     );
 }
 
@@ -480,5 +506,415 @@ fn random_garbage_never_breaks_the_server() {
     let mut c = Client::connect(server.addr);
     c.login();
     c.expect("QUIT", 221, "2.0.0");
+    assert!(server.spool.queued().unwrap().is_empty());
+}
+
+/// A test CA and a leaf for 127.0.0.1 signed by it, as PEM files in `dir`: (ca, cert, key).
+fn ca_signed_files(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "ingress test CA");
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf_params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap();
+    leaf_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "agent.test");
+    leaf_params.use_authority_key_identifier_extension = true;
+    leaf_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
+    let (ca_file, cert_file, key_file) = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&cert_file, leaf.pem()).unwrap();
+    std::fs::write(&key_file, leaf_key.serialize_pem()).unwrap();
+    (ca_file, cert_file, key_file)
+}
+
+/// Python's smtplib: EHLO, STARTTLS verifying against `cafile`, EHLO, AUTH, send. Prints the
+/// features seen before and after TLS (one line each, sorted).
+const SMTPLIB_STARTTLS: &str = r#"
+import smtplib, ssl, sys
+port, user, password, cafile = sys.argv[1:5]
+ctx = ssl.create_default_context(cafile=cafile)
+ctx.verify_flags &= ~getattr(ssl, "VERIFY_X509_STRICT", 0)
+data = b"From: Jane Doe <jane@example.com>\r\nTo: ops@example.com\r\nSubject: over tls\r\n\r\nsecret scan\r\n"
+with smtplib.SMTP("127.0.0.1", int(port), timeout=30) as s:
+    s.ehlo("mfd-1")
+    print(" ".join(sorted(s.esmtp_features)))
+    code, msg = s.mail("jane@example.com")
+    print("MAIL", code, msg.decode())
+    s.starttls(context=ctx)
+    s.ehlo("mfd-1")
+    print(" ".join(sorted(s.esmtp_features)))
+    s.login(user, password)
+    s.sendmail("jane@example.com", ["ops@example.com"], data)
+"#;
+
+fn run_python(script: &str, args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn starttls_with_pem_files_then_auth_then_send() {
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = ca_signed_files(certs.path());
+    let config = IngressConfig {
+        tls: Some(IngressTls::from_pem_files(&cert, &key).unwrap()),
+        allow_plaintext_auth: false,
+        ..Server::config()
+    };
+    let server = Server::start(config, false);
+
+    // Without TLS: STARTTLS offered, AUTH neither offered nor accepted.
+    let mut c = Client::connect(server.addr);
+    let ehlo = c.expect("EHLO printer", 250, "STARTTLS");
+    assert!(!ehlo.contains("AUTH"), "{ehlo}");
+    let plain = STANDARD.encode(format!("\0{USER}\0{PASSWORD}"));
+    c.expect(&format!("AUTH PLAIN {plain}"), 538, "5.7.11");
+    c.expect("STARTTLS now", 501, "5.5.4");
+    drop(c);
+
+    let port = server.addr.port().to_string();
+    let out = run_python(
+        SMTPLIB_STARTTLS,
+        &[&port, USER, PASSWORD, ca.to_str().unwrap()],
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].contains("starttls") && !lines[0].contains("auth"),
+        "{out}"
+    );
+    // require_tls is off: MAIL before STARTTLS is refused only for want of AUTH.
+    assert!(lines[1].starts_with("MAIL 530"), "{out}");
+    assert!(
+        lines[2].contains("auth") && !lines[2].contains("starttls"),
+        "{out}"
+    );
+    let ids = server.spool.queued().unwrap();
+    assert_eq!(ids.len(), 1);
+    assert_eq!(
+        server.spool.message(&ids[0]).unwrap(),
+        b"From: Jane Doe <jane@example.com>\r\nTo: ops@example.com\r\nSubject: over tls\r\n\r\nsecret scan\r\n"
+    );
+    let meta = server.spool.entry(&ids[0]).unwrap();
+    assert_eq!(
+        (
+            meta.envelope.device.as_str(),
+            meta.envelope.user_address.as_str()
+        ),
+        ("mfd-1", "jane@example.com")
+    );
+    assert!(IngressTls::from_pem_files(&key, &key).is_err());
+    let err = IngressTls::from_pem_files(&cert, &certs.path().join("missing.pem")).unwrap_err();
+    assert!(err.to_string().contains("missing.pem"), "{err}");
+}
+
+#[test]
+fn require_tls_refuses_auth_and_mail_before_starttls() {
+    let tls = IngressTls::self_signed(&["127.0.0.1".to_owned()]).unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let ca = certs.path().join("self-signed.pem");
+    std::fs::write(&ca, tls.certificate_pem()).unwrap();
+    let config = IngressConfig {
+        tls: Some(tls),
+        require_tls: true,
+        ..Server::config()
+    };
+    // Even an allowlisted source must use TLS first.
+    let server = Server::start(config, true);
+    let mut c = Client::connect(server.addr);
+    let ehlo = c.expect("EHLO printer", 250, "STARTTLS");
+    assert!(!ehlo.contains("AUTH"), "{ehlo}");
+    c.expect(
+        "MAIL FROM:<scan@example.com>",
+        530,
+        "5.7.0 Must issue a STARTTLS command first",
+    );
+    let plain = STANDARD.encode(format!("\0{USER}\0{PASSWORD}"));
+    c.expect(
+        &format!("AUTH PLAIN {plain}"),
+        530,
+        "5.7.0 Must issue a STARTTLS command first",
+    );
+    c.expect("STARTTLS", 220, "2.0.0");
+    drop(c);
+    assert!(server.spool.queued().unwrap().is_empty());
+
+    // The self-signed certificate, trusted by the client: the whole submission works.
+    let port = server.addr.port().to_string();
+    let out = run_python(
+        SMTPLIB_STARTTLS,
+        &[&port, USER, PASSWORD, ca.to_str().unwrap()],
+    );
+    assert!(out.lines().nth(1).unwrap().starts_with("MAIL 530"), "{out}");
+    assert_eq!(server.spool.queued().unwrap().len(), 1);
+
+    // require_tls without a certificate is a configuration error, not a silent downgrade.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let err = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let handler = Arc::new(LocalDevices::new(vec![], Arc::clone(&server.spool)));
+        let config = IngressConfig {
+            require_tls: true,
+            ..Server::config()
+        };
+        IngressServer::serve(listener, config, handler, async {})
+            .await
+            .unwrap_err()
+    });
+    assert!(err.to_string().contains("require_tls"), "{err}");
+}
+
+#[test]
+fn cidr_allowlist_admits_the_range_only() {
+    let mut inside = LocalDevice::new("mfd-lan", fixed_mailbox());
+    inside.allowed_addresses = vec![parse_source("127.0.0.0/8").unwrap()];
+    let server = Server::start_with(Server::config(), vec![inside]);
+    let mut c = Client::connect(server.addr);
+    c.expect("EHLO printer", 250, "");
+    c.expect("MAIL FROM:<>", 250, "2.1.0");
+    drop(c);
+
+    let mut outside = LocalDevice::new("mfd-elsewhere", fixed_mailbox());
+    outside.allowed_addresses = vec![
+        parse_source("10.20.0.0/16").unwrap(),
+        parse_source("::1").unwrap(),
+        parse_source("127.0.0.2").unwrap(),
+    ];
+    let server = Server::start_with(Server::config(), vec![outside]);
+    let mut c = Client::connect(server.addr);
+    c.expect("EHLO printer", 250, "");
+    c.expect("MAIL FROM:<>", 530, "5.7.0");
+    assert!(parse_source("printer.lan").is_err());
+    assert_eq!(
+        parse_source("192.168.7.9/24").unwrap().to_string(),
+        "192.168.7.0/24"
+    );
+}
+
+#[test]
+fn fixed_mailbox_rewrites_from_and_keeps_the_body_identical() {
+    let server = Server::start(Server::config(), true);
+    let mut c = Client::connect(server.addr);
+    c.expect("EHLO printer", 250, "");
+    c.expect("MAIL FROM:<device@printer.lan>", 250, "");
+    c.expect("RCPT TO:<ops@example.com>", 250, "");
+    c.expect("DATA", 354, "");
+    let headers = "Subject: scan\r\nFrom: \"Front\r\n Desk\" <frontdesk@example.com>\r\nTo: ops@example.com\r\n";
+    let body =
+        "\r\nFrom: in the body, not a header\r\n\r\nFrom: also body\r\n\u{e9}t\u{e9} bytes\r\n";
+    c.write(format!("{headers}{body}.\r\n").as_bytes());
+    let (code, text) = c.reply();
+    assert_eq!(code, 250, "{text}");
+    let ids = server.spool.queued().unwrap();
+    let spooled = server.spool.message(&ids[0]).unwrap();
+    let expected = format!(
+        "Subject: scan\r\nFrom: \"Scanner 2nd floor\" <{FIXED_ADDRESS}>\r\nReply-To: \"Front Desk\" <frontdesk@example.com>\r\nTo: ops@example.com\r\n{body}"
+    );
+    assert_eq!(String::from_utf8_lossy(&spooled), expected);
+    assert!(spooled.ends_with(body.as_bytes()), "body bytes changed");
+    let meta = server.spool.entry(&ids[0]).unwrap();
+    assert_eq!(
+        (
+            meta.envelope.from.as_str(),
+            meta.envelope.mailbox.as_str(),
+            meta.envelope.user_address.as_str()
+        ),
+        (FIXED_ADDRESS, "scan-admin", "")
+    );
+}
+
+#[test]
+fn login_user_mode_sets_the_user_or_refuses_with_550() {
+    let policy = SenderPolicy::AllowUserChange {
+        allowed: vec![("frontdesk".into(), "frontdesk@example.com".into())],
+    };
+    let mut changer = LocalDevice::new("mfd-change", policy);
+    changer.username = Some("mfd2".into());
+    changer.password_hash = Some(phc("printer-pass-2"));
+    let server = Server::start_with(
+        Server::config(),
+        vec![login_device(SenderPolicy::LoginUser), changer],
+    );
+    let send = |c: &mut Client, from: &str, data: &str| {
+        c.expect(&format!("MAIL FROM:<{from}>"), 250, "");
+        c.expect("RCPT TO:<ops@example.com>", 250, "");
+        c.expect("DATA", 354, "");
+        c.write(format!("{data}.\r\n").as_bytes());
+        c.reply()
+    };
+    let mut c = Client::connect(server.addr);
+    c.login();
+    // The From header decides, over MAIL FROM.
+    let (code, text) = send(
+        &mut c,
+        "device@printer.lan",
+        "From: Jane <Jane@Example.com>\r\n\r\nhi\r\n",
+    );
+    assert_eq!(code, 250, "{text}");
+    // No From header and an empty MAIL FROM: nobody to send as.
+    let (code, text) = send(&mut c, "", "Subject: anonymous\r\n\r\nhi\r\n");
+    assert_eq!(code, 550, "{text}");
+    assert!(
+        text.contains("5.7.1") && text.contains("no From header"),
+        "{text}"
+    );
+    assert!(text.contains("\"mfd-1\""), "{text}");
+    // A From that is no address.
+    let (code, text) = send(&mut c, "jane@example.com", "From: Jane Doe\r\n\r\nhi\r\n");
+    assert_eq!(code, 550, "{text}");
+    assert!(
+        text.starts_with("550 5.7.1 Sender <jane doe> is not allowed for device \"mfd-1\": "),
+        "{text}"
+    );
+    // The session goes on after a refusal.
+    c.expect("NOOP", 250, "2.0.0");
+    drop(c);
+
+    let mut c = Client::connect(server.addr);
+    c.expect("EHLO printer", 250, "");
+    let plain = STANDARD.encode("\0mfd2\0printer-pass-2");
+    c.expect(&format!("AUTH PLAIN {plain}"), 235, "2.7.0");
+    let (code, text) = send(&mut c, "", "From: frontdesk@example.com\r\n\r\nhi\r\n");
+    assert_eq!(code, 250, "{text}");
+    let (code, text) = send(&mut c, "", "From: bob@example.com\r\n\r\nhi\r\n");
+    assert_eq!(code, 250, "{text}");
+
+    // Only the three accepted messages were spooled.
+    let mut seen: Vec<(String, String, String)> = server
+        .spool
+        .queued()
+        .unwrap()
+        .iter()
+        .map(|id| {
+            let e = server.spool.entry(id).unwrap().envelope;
+            (e.device, e.mailbox, e.user_address)
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            (
+                "mfd-1".to_owned(),
+                String::new(),
+                "jane@example.com".to_owned()
+            ),
+            (
+                "mfd-change".to_owned(),
+                String::new(),
+                "bob@example.com".to_owned()
+            ),
+            (
+                "mfd-change".to_owned(),
+                "frontdesk".to_owned(),
+                String::new()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn starttls_discards_pipelined_plaintext_and_starts_over() {
+    use tokenfleet_agent::upstream::tls::TlsSettings;
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+
+    let tls = IngressTls::self_signed(&["127.0.0.1".to_owned()]).unwrap();
+    let pem = tls.certificate_pem().to_owned();
+    let config = IngressConfig {
+        tls: Some(tls),
+        ..Server::config()
+    };
+    let server = Server::start(config, true);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut tcp =
+            tokio::io::BufReader::new(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+        let mut line = String::new();
+        tcp.read_line(&mut line).await.unwrap();
+        assert!(line.starts_with("220 "), "{line}");
+        // An injection attempt: a command sent in clear right behind STARTTLS.
+        tcp.get_mut()
+            .write_all(b"EHLO x\r\nSTARTTLS\r\nMAIL FROM:<evil@example.com>\r\n")
+            .await
+            .unwrap();
+        let mut seen = String::new();
+        while !seen.contains("220 2.0.0") {
+            line.clear();
+            assert!(tcp.read_line(&mut line).await.unwrap() > 0, "{seen}");
+            seen.push_str(&line);
+        }
+        assert!(tcp.buffer().is_empty());
+        let settings = TlsSettings {
+            extra_ca_pem: Some(pem),
+            no_system_roots: true,
+            ..TlsSettings::default()
+        };
+        let stream = settings
+            .connect("127.0.0.1", tcp.into_inner(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        let mut tls = tokio::io::BufReader::new(stream);
+        // The session started over: the pipelined MAIL was never run, EHLO is needed again.
+        tls.get_mut()
+            .write_all(b"MAIL FROM:<scan@example.com>\r\n")
+            .await
+            .unwrap();
+        line.clear();
+        tls.read_line(&mut line).await.unwrap();
+        assert!(line.starts_with("503 5.5.1"), "{line}");
+        tls.get_mut().write_all(b"EHLO printer\r\n").await.unwrap();
+        let mut ehlo = String::new();
+        loop {
+            line.clear();
+            tls.read_line(&mut line).await.unwrap();
+            ehlo.push_str(&line);
+            if line.as_bytes().get(3) == Some(&b' ') {
+                break;
+            }
+        }
+        assert!(
+            ehlo.contains("AUTH PLAIN LOGIN") && !ehlo.contains("STARTTLS"),
+            "{ehlo}"
+        );
+        tls.get_mut().write_all(b"STARTTLS\r\n").await.unwrap();
+        line.clear();
+        tls.read_line(&mut line).await.unwrap();
+        assert!(line.starts_with("503 5.5.1"), "{line}");
+    });
     assert!(server.spool.queued().unwrap().is_empty());
 }

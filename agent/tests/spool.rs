@@ -18,6 +18,8 @@ fn envelope(device: &str) -> Envelope {
         device: device.into(),
         from: "scanner@example.com".into(),
         rcpts: vec!["a@example.com".into(), "b@example.com".into()],
+        mailbox: String::new(),
+        user_address: String::new(),
     }
 }
 
@@ -204,6 +206,89 @@ fn concurrent_accepts_all_land() {
 }
 
 const CHILD_ENV: &str = "TOKENFLEET_SPOOL_CRASH_CHILD";
+
+#[test]
+fn due_entries_come_from_the_index_earliest_first_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let accepted: Vec<SpoolId> = (0..5)
+        .map(|i| {
+            spool
+                .accept(&envelope("mfp"), format!("m{i}\r\n").as_bytes())
+                .unwrap()
+        })
+        .collect();
+    let now = SystemTime::now() + Duration::from_secs(1);
+    // One entry waits an hour; the rest are due, earliest next attempt first (ids accepted in
+    // the same millisecond are ordered by id).
+    let waiting = accepted[0].clone();
+    spool
+        .retry_later(&waiting, "451 later", now + Duration::from_secs(3600))
+        .unwrap();
+    let mut order: Vec<(u64, SpoolId)> = accepted[1..]
+        .iter()
+        .map(|id| (spool.entry(id).unwrap().next_attempt_ms, id.clone()))
+        .collect();
+    order.sort();
+    let expected: Vec<SpoolId> = order.into_iter().map(|(_, id)| id).collect();
+    let ids = |metas: Vec<tokenfleet_agent::spool::EntryMeta>| -> Vec<SpoolId> {
+        metas.into_iter().map(|m| m.id).collect()
+    };
+    assert_eq!(ids(spool.due_up_to(now, 2).unwrap()), expected[..2]);
+    spool.complete(&expected[0]).unwrap();
+    spool.dead_letter(&expected[1], "550 no").unwrap();
+    assert_eq!(ids(spool.due(now).unwrap()), expected[2..]);
+    // The waiting entry is due once its time has come, after the others.
+    let later = now + Duration::from_secs(3601);
+    let mut all_due = expected[2..].to_vec();
+    all_due.push(waiting.clone());
+    assert_eq!(ids(spool.due(later).unwrap()), all_due);
+
+    let other = spool.accept(&envelope("fax"), b"f\r\n").unwrap();
+    let by_device = spool.queue_by_device(now + Duration::from_secs(60));
+    assert_eq!(by_device.len(), 2, "{by_device:?}");
+    assert_eq!(by_device["mfp"].0, 3);
+    assert_eq!(by_device["fax"].0, 1);
+    assert!(
+        by_device["mfp"].1 >= Duration::from_secs(60),
+        "{by_device:?}"
+    );
+    drop(spool);
+
+    // A new instance rebuilds the index from the sidecars.
+    let spool = Spool::open(dir.path()).unwrap();
+    let mut after_reopen = expected[2..].to_vec();
+    after_reopen.push(other.clone());
+    assert_eq!(ids(spool.due(now).unwrap()), after_reopen);
+    assert_eq!(spool.queue_by_device(now)["mfp"].0, 3);
+    spool.complete(&other).unwrap();
+    assert!(!spool.queue_by_device(now).contains_key("fax"));
+}
+
+#[test]
+fn messages_accepted_in_a_burst_are_due_in_acceptance_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    // Many land in the same millisecond; their order must still be the order they came in.
+    let accepted: Vec<SpoolId> = (0..200)
+        .map(|i| {
+            spool
+                .accept(&envelope("mfp"), format!("page {i}\r\n").as_bytes())
+                .unwrap()
+        })
+        .collect();
+    let later = SystemTime::now() + Duration::from_secs(5);
+    let due: Vec<SpoolId> = spool
+        .due(later)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(due, accepted);
+    let mut sorted = accepted.clone();
+    sorted.sort();
+    assert_eq!(sorted, accepted, "ids sort in acceptance order");
+}
 
 fn crash_message(seq: u64) -> Vec<u8> {
     // Varying sizes (up to ~200 KiB) so a kill can land mid-write.

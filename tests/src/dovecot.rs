@@ -8,11 +8,13 @@
 //! through submission can be read back over POP3 or IMAP. `scripts/test-setup.sh` installs the
 //! Debian packages.
 //!
-//! Plain text only (no TLS). Failed logins answer without Dovecot's 2 s `auth_failure_delay` and
+//! Plain text by default. [`Dovecot::start_with`] adds [`DovecotFeatures`]: the SASL mechanisms
+//! offered, and TLS ([`DovecotTls`]: `ssl = yes` with a given certificate, STARTTLS/STLS on the
+//! plain listeners and implicit-TLS listeners for IMAPS, POP3S and submission). Failed logins answer without Dovecot's 2 s `auth_failure_delay` and
 //! without the anvil penalty, but still cost about 0.5 s each. Run as root, mail processes use the
 //! `dovecot` user; run unprivileged, every process runs as the current user (no chroots).
 
-use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -24,6 +26,8 @@ use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+
+use crate::ports::free_ports;
 
 const DOVECOT_BIN: &str = "dovecot";
 const START_DEADLINE: Duration = Duration::from_secs(20);
@@ -39,6 +43,37 @@ pub struct DovecotOptions {
     pub introspection_url: String,
 }
 
+/// What [`Dovecot::start_with`] adds to [`DovecotOptions`] (a separate struct so that existing
+/// `DovecotOptions { .. }` literals stay valid). The default adds nothing.
+#[derive(Debug, Clone, Default)]
+pub struct DovecotFeatures {
+    /// `auth_mechanisms` (space separated, e.g. `oauthbearer`); `None` = `xoauth2 oauthbearer`.
+    pub auth_mechanisms: Option<String>,
+    /// Serve TLS with this certificate; `None` = no TLS at all (`ssl = no`).
+    pub tls: Option<DovecotTls>,
+}
+
+/// TLS for the Dovecot under test.
+#[derive(Clone)]
+pub struct DovecotTls {
+    /// Server certificate chain, PEM (leaf first).
+    pub cert_pem: String,
+    /// The certificate's private key, PEM.
+    pub key_pem: String,
+    /// `ssl_min_protocol`, e.g. `TLSv1.3`; `None` = Dovecot's default (TLSv1.2).
+    pub min_protocol: Option<String>,
+}
+
+impl std::fmt::Debug for DovecotTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DovecotTls")
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &"[redacted]")
+            .field("min_protocol", &self.min_protocol)
+            .finish()
+    }
+}
+
 /// The running Dovecot. Stops (and its temporary directory goes) when dropped.
 #[derive(Debug)]
 pub struct Dovecot {
@@ -49,6 +84,11 @@ pub struct Dovecot {
     submission: SocketAddr,
     lmtp: SocketAddr,
     relay: SocketAddr,
+    /// Implicit-TLS listeners (only with [`DovecotFeatures::tls`]).
+    imaps: Option<SocketAddr>,
+    pop3s: Option<SocketAddr>,
+    submissions: Option<SocketAddr>,
+    features: DovecotFeatures,
     bridge: JoinHandle<()>,
     /// Where the bridge delivers: this launch's LMTP listener.
     bridge_target: Arc<Mutex<SocketAddr>>,
@@ -71,11 +111,6 @@ fn missing_binary() -> anyhow::Error {
          dovecot-imapd, dovecot-pop3d, dovecot-submissiond, dovecot-lmtpd); run \
          scripts/test-setup.sh to install the test dependencies"
     )
-}
-
-fn free_port() -> Result<u16> {
-    let listener = StdTcpListener::bind(("127.0.0.1", 0)).context("binding 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// `(uid, gid)` of `user` from `/etc/passwd`.
@@ -144,14 +179,59 @@ struct Ports {
     pop3: u16,
     submission: u16,
     lmtp: u16,
+    /// Implicit-TLS ports; 0 = no listener.
+    imaps: u16,
+    pop3s: u16,
+    submissions: u16,
 }
 
-fn config(dir: &Path, owner: &MailOwner, ports: &Ports, relay: SocketAddr) -> String {
+fn config(
+    dir: &Path,
+    owner: &MailOwner,
+    ports: &Ports,
+    relay: SocketAddr,
+    features: &DovecotFeatures,
+) -> String {
     let d = dir.display();
     let uid = owner.uid;
     let gid = owner.gid;
     let (imap, pop3, submission, lmtp) = (ports.imap, ports.pop3, ports.submission, ports.lmtp);
     let relay_port = relay.port();
+    let (imaps, pop3s) = (ports.imaps, ports.pop3s);
+    let mechanisms = features
+        .auth_mechanisms
+        .as_deref()
+        .unwrap_or("xoauth2 oauthbearer");
+    let ssl = match &features.tls {
+        None => "ssl = no".to_owned(),
+        Some(tls) => {
+            let mut lines =
+                format!("ssl = yes\nssl_cert = <{d}/tls-cert.pem\nssl_key = <{d}/tls-key.pem");
+            if let Some(min) = &tls.min_protocol {
+                lines.push_str(&format!("\nssl_min_protocol = {min}"));
+            }
+            lines
+        }
+    };
+    let submissions = if ports.submissions == 0 {
+        String::new()
+    } else {
+        format!(
+            "  inet_listener submissions {{\n    address = 127.0.0.1\n    port = {}\n    ssl = yes\n  }}\n",
+            ports.submissions
+        )
+    };
+    let tls_listener = |name: &str, port: u16| {
+        if port == 0 {
+            format!("  inet_listener {name} {{\n    port = 0\n  }}")
+        } else {
+            format!(
+                "  inet_listener {name} {{\n    address = 127.0.0.1\n    port = {port}\n    ssl = yes\n  }}"
+            )
+        }
+    };
+    let imaps_listener = tls_listener("imaps", imaps);
+    let pop3s_listener = tls_listener("pop3s", pop3s);
     let unprivileged = match &owner.unprivileged_user {
         Some(user) => {
             let mut lines =
@@ -170,9 +250,9 @@ listen = 127.0.0.1
 base_dir = {d}/run
 state_dir = {d}/state
 log_path = {d}/dovecot.log
-ssl = no
+{ssl}
 disable_plaintext_auth = no
-auth_mechanisms = xoauth2 oauthbearer
+auth_mechanisms = {mechanisms}
 auth_verbose = yes
 # Failed logins answer at once (default 2 s), so failure tests stay fast.
 auth_failure_delay = 0
@@ -198,9 +278,7 @@ service imap-login {{
     address = 127.0.0.1
     port = {imap}
   }}
-  inet_listener imaps {{
-    port = 0
-  }}
+{imaps_listener}
 }}
 service pop3-login {{
   chroot =
@@ -208,9 +286,7 @@ service pop3-login {{
     address = 127.0.0.1
     port = {pop3}
   }}
-  inet_listener pop3s {{
-    port = 0
-  }}
+{pop3s_listener}
 }}
 service submission-login {{
   chroot =
@@ -218,7 +294,7 @@ service submission-login {{
     address = 127.0.0.1
     port = {submission}
   }}
-}}
+{submissions}}}
 service lmtp {{
   inet_listener lmtp {{
     address = 127.0.0.1
@@ -272,6 +348,13 @@ impl Dovecot {
     /// Starts Dovecot and the SMTP→LMTP bridge; returns once IMAP, POP3, submission and LMTP
     /// all answer their greetings.
     pub async fn start(options: DovecotOptions) -> Result<Self> {
+        Self::start_with(options, DovecotFeatures::default()).await
+    }
+
+    /// [`Dovecot::start`] with `features` (mechanisms, TLS). With TLS, the implicit-TLS
+    /// listeners are bound too ([`Dovecot::imaps_addr`], [`Dovecot::pop3s_addr`],
+    /// [`Dovecot::submissions_addr`]) and the plain ones offer STARTTLS/STLS.
+    pub async fn start_with(options: DovecotOptions, features: DovecotFeatures) -> Result<Self> {
         validate(&options)?;
         let owner = mail_owner()?;
         let dir = tempfile::Builder::new()
@@ -290,13 +373,21 @@ impl Dovecot {
             oauth2_args(&options),
         )
         .context("writing the oauth2 passdb args file")?;
+        if let Some(tls) = &features.tls {
+            std::fs::write(dir.path().join("tls-cert.pem"), &tls.cert_pem)
+                .context("writing Dovecot's TLS certificate")?;
+            let key = dir.path().join("tls-key.pem");
+            std::fs::write(&key, &tls.key_pem).context("writing Dovecot's TLS key")?;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+                .context("chmod 600 Dovecot's TLS key")?;
+        }
 
         let listener = TcpListener::bind(("127.0.0.1", 0))
             .await
             .context("binding the SMTP→LMTP bridge on 127.0.0.1:0")?;
         let relay = listener.local_addr()?;
-        let lmtp_port = free_port()?;
-        let lmtp = SocketAddr::from(([127, 0, 0, 1], lmtp_port));
+        // Placeholders until `launch` sets this attempt's ports.
+        let lmtp = relay;
         let bridge_target = Arc::new(Mutex::new(lmtp));
         let bridge = tokio::spawn(bridge::serve(listener, bridge_target.clone()));
         let mut me = Self {
@@ -307,20 +398,26 @@ impl Dovecot {
             submission: lmtp,
             lmtp,
             relay,
+            imaps: None,
+            pop3s: None,
+            submissions: None,
+            features,
             bridge,
             bridge_target,
         };
         let mut last = None;
-        for attempt in 0..PORT_ATTEMPTS {
+        for _ in 0..PORT_ATTEMPTS {
+            // All ports of one attempt come from one call, so they are distinct.
+            let [imap, pop3, submission, lmtp, imaps, pop3s, submissions] = free_ports::<7>()?;
+            let tls = me.features.tls.is_some();
             let ports = Ports {
-                imap: free_port()?,
-                pop3: free_port()?,
-                submission: free_port()?,
-                lmtp: if attempt == 0 {
-                    lmtp_port
-                } else {
-                    free_port()?
-                },
+                imap,
+                pop3,
+                submission,
+                lmtp,
+                imaps: if tls { imaps } else { 0 },
+                pop3s: if tls { pop3s } else { 0 },
+                submissions: if tls { submissions } else { 0 },
             };
             match me.launch(&owner, &ports).await {
                 Ok(()) => return Ok(me),
@@ -349,10 +446,17 @@ impl Dovecot {
         self.imap = SocketAddr::from(([127, 0, 0, 1], ports.imap));
         self.pop3 = SocketAddr::from(([127, 0, 0, 1], ports.pop3));
         self.submission = SocketAddr::from(([127, 0, 0, 1], ports.submission));
+        let tls_addr = |port: u16| (port != 0).then(|| SocketAddr::from(([127, 0, 0, 1], port)));
+        self.imaps = tls_addr(ports.imaps);
+        self.pop3s = tls_addr(ports.pop3s);
+        self.submissions = tls_addr(ports.submissions);
 
         let conf = self.dir.path().join("dovecot.conf");
-        std::fs::write(&conf, config(self.dir.path(), owner, ports, self.relay))
-            .context("writing dovecot.conf")?;
+        std::fs::write(
+            &conf,
+            config(self.dir.path(), owner, ports, self.relay, &self.features),
+        )
+        .context("writing dovecot.conf")?;
         let stderr =
             std::fs::File::create(self.stderr_path()).context("creating dovecot.stderr")?;
         let child = Command::new(DOVECOT_BIN)
@@ -423,6 +527,7 @@ impl Dovecot {
             std::fs::read_to_string(self.log_path()).unwrap_or_default(),
             std::fs::read_to_string(self.stderr_path()).unwrap_or_default()
         );
+        // A port taken by another process between choosing and binding.
         log.contains("Address already in use")
     }
 
@@ -447,6 +552,23 @@ impl Dovecot {
     /// Submission (SMTP with AUTH) listener (no TLS); it relays to the SMTP→LMTP bridge.
     pub fn submission_addr(&self) -> SocketAddr {
         self.submission
+    }
+
+    /// IMAPS listener (implicit TLS); `None` without [`DovecotFeatures::tls`].
+    pub fn imaps_addr(&self) -> Option<SocketAddr> {
+        self.imaps
+    }
+
+    /// POP3S listener (implicit TLS); `None` without [`DovecotFeatures::tls`].
+    pub fn pop3s_addr(&self) -> Option<SocketAddr> {
+        self.pop3s
+    }
+
+    /// Submission over implicit TLS (the port-465 style); `None` without
+    /// [`DovecotFeatures::tls`]. With TLS the plain [`Dovecot::submission_addr`] offers
+    /// STARTTLS.
+    pub fn submissions_addr(&self) -> Option<SocketAddr> {
+        self.submissions
     }
 
     /// Dovecot's LMTP listener.

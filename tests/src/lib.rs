@@ -4,8 +4,11 @@
 //!
 //! Dependency direction: depends on every tokenfleet crate; nothing ships depending on it.
 
+pub mod agent_site;
 pub mod broker;
 pub mod dovecot;
 pub mod fake_idp;
+pub mod fake_mail_api;
 pub mod logs;
+pub mod ports;
 pub mod redis;

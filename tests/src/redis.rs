@@ -17,6 +17,8 @@ use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
+use crate::ports::free_port;
+
 const SERVER_BIN: &str = "redis-server";
 const CLI_BIN: &str = "redis-cli";
 const START_DEADLINE: Duration = Duration::from_secs(15);
@@ -29,13 +31,6 @@ fn missing_binary(bin: &str) -> anyhow::Error {
         "`{bin}` was not found on PATH: the Redis tests need Redis 7 (`redis-server` and \
          `redis-cli`); run scripts/test-setup.sh to install the test dependencies"
     )
-}
-
-/// A free loopback port (bound, read, released; redis may still lose a race for it, which the
-/// launchers detect and retry).
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind(("127.0.0.1", 0)).context("binding 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }
 
 fn port_is_free(port: u16) -> bool {

@@ -181,6 +181,7 @@ async fn token_issuance_needs_tls_and_an_agent_certificate() {
         device: "printer-1".into(),
         mailbox: "scans".into(),
         purpose: 0,
+        user_address: String::new(),
     };
     let broker = TestBroker::start(TestStore::Embedded).await.unwrap();
     let status = TokenBrokerClient::new(broker.channel())

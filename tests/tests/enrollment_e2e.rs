@@ -98,6 +98,7 @@ async fn hosted_device(broker: &TestBroker, agent: &str) {
         smtp: Default::default(),
         fetch: Default::default(),
         ingress: Default::default(),
+        user_provider: String::new(),
         stamps: Stamps::new(now),
     };
     let mailbox = Mailbox {
@@ -125,6 +126,7 @@ async fn call(identity: &StoredIdentity) -> Result<(), tonic::Status> {
             device: "mfp".into(),
             mailbox: "scan".into(),
             purpose: pb::MailPurpose::Send as i32,
+            ..Default::default()
         })
         .await;
     match result {
@@ -535,6 +537,7 @@ async fn a_revoked_agent_is_refused_on_its_next_call() {
         device: "mfp".into(),
         mailbox: "scan".into(),
         purpose: pb::MailPurpose::Send as i32,
+        ..Default::default()
     };
     let before = client.issue_access_token(request()).await.unwrap_err();
     assert_eq!(before.code(), Code::FailedPrecondition, "{before:?}");

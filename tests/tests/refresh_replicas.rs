@@ -135,6 +135,7 @@ async fn seed(state: &BrokerState, fake: &FakeIdp) {
                     smtp: Default::default(),
                     fetch: Default::default(),
                     ingress: Default::default(),
+                    user_provider: String::new(),
                     stamps: Stamps::new(now),
                 },
                 Precondition::Absent,

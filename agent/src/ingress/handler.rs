@@ -1,15 +1,19 @@
 //! [`LocalDevices`]: the production [`IngressHandler`] — per-device local credentials (argon2 PHC
-//! hashes) or source-address allowlists, and delivery into the spool.
+//! hashes) or source allowlists (addresses and CIDR ranges), the device's [`SenderPolicy`], and
+//! delivery into the spool.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use argon2::{Argon2, PasswordVerifier as _};
+use ipnet::IpNet;
+use tokenfleet_proto::v1 as pb;
 
+use super::sender::{SenderPolicy, apply_sender_policy};
 use super::{DeliverError, IngressHandler, Password};
 use crate::spool::{Envelope, Spool, SpoolId};
 
-/// One device's local ingress credentials.
+/// One device as the ingress sees it: local credentials, source allowlist, sender policy.
 #[derive(Debug, Clone)]
 pub struct LocalDevice {
     /// The device name (recorded in the spool envelope).
@@ -18,8 +22,146 @@ pub struct LocalDevice {
     pub username: Option<String>,
     /// Argon2 PHC string of its password (`$argon2id$v=19$...`).
     pub password_hash: Option<String>,
-    /// Source addresses that may send as this device without `AUTH`.
-    pub allowed_addresses: Vec<IpAddr>,
+    /// Source addresses and ranges that may send as this device without `AUTH` (an exact
+    /// address is a `/32` or `/128`: `IpNet::from(ip)`; text via [`parse_source`]).
+    pub allowed_addresses: Vec<IpNet>,
+    /// Who the device's messages are sent as.
+    pub sender: SenderPolicy,
+}
+
+/// Parses an allowed source: an address (`192.168.1.20`, `fd00::7`) or a CIDR range
+/// (`192.168.1.0/24`; host bits are cleared).
+pub fn parse_source(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    text.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("{text:?} is not an IP address or CIDR range"))
+}
+
+/// An IPv4 client on a dual-stack socket (`::ffff:192.0.2.7`) is matched as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+impl LocalDevice {
+    /// A device with no credentials, no allowed sources, and the given sender policy.
+    pub fn new(device: impl Into<String>, sender: SenderPolicy) -> Self {
+        Self {
+            device: device.into(),
+            username: None,
+            password_hash: None,
+            allowed_addresses: Vec::new(),
+            sender,
+        }
+    }
+
+    /// Whether `ip` is one of the device's allowed sources.
+    pub fn allows_source(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.allowed_addresses.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The ingress view of a device the broker configured ([`pb::AgentDevice`]):
+    /// `ingress_username`/`ingress_password_hash` (empty = none), `ingress_allowed_sources`
+    /// (addresses or CIDR ranges) and the sender mode —
+    ///
+    /// * FIXED_ADMIN / BULK → [`SenderPolicy::FixedMailbox`] with the admin / bulk mailbox; the
+    ///   address is `smtp.sender_address` when set, else the mailbox address; the display name
+    ///   is `smtp.sender_name`, else the device's display name;
+    /// * LOGIN_USER → [`SenderPolicy::LoginUser`];
+    /// * ALLOW_USER_CHANGE → [`SenderPolicy::AllowUserChange`] with `allowed_mailboxes` (and the
+    ///   admin mailbox, when set).
+    ///
+    /// Errors name the device and the field (an unparsable source, a fixed mode without its
+    /// mailbox, an unspecified mode). [`SenderPolicy::Misconfigured`] is for callers that want
+    /// to keep such a device on the table and refuse its mail with `451` instead.
+    pub fn from_agent_device(device: &pb::AgentDevice) -> Result<Self, String> {
+        let name = &device.name;
+        if name.is_empty() {
+            return Err("agent device without a name".to_owned());
+        }
+        let mut sources = Vec::new();
+        for s in &device.ingress_allowed_sources {
+            sources.push(
+                parse_source(s)
+                    .map_err(|e| format!("device {name:?}: ingress_allowed_sources: {e}"))?,
+            );
+        }
+        let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        Ok(Self {
+            device: name.clone(),
+            username: nonempty(&device.ingress_username),
+            password_hash: nonempty(&device.ingress_password_hash),
+            allowed_addresses: sources,
+            sender: SenderPolicy::from_agent_device(device)?,
+        })
+    }
+}
+
+impl SenderPolicy {
+    /// The sender policy of a broker-configured device (the mapping is described at
+    /// [`LocalDevice::from_agent_device`]); the error names the device and the field. Callers
+    /// that keep the device anyway use `.unwrap_or_else(SenderPolicy::Misconfigured)`.
+    pub fn from_agent_device(device: &pb::AgentDevice) -> Result<Self, String> {
+        sender_policy(device)
+    }
+}
+
+fn sender_policy(device: &pb::AgentDevice) -> Result<SenderPolicy, String> {
+    let name = &device.name;
+    let usable = |m: &Option<pb::MailboxRef>| {
+        m.as_ref()
+            .filter(|m| !m.name.is_empty() && !m.address.is_empty())
+            .cloned()
+    };
+    let fixed = |m: Option<pb::MailboxRef>, field: &str| -> Result<SenderPolicy, String> {
+        let m = m.ok_or_else(|| {
+            format!("device {name:?}: sender mode needs {field} with a name and an address")
+        })?;
+        let smtp = device.smtp.clone().unwrap_or_default();
+        let address = if smtp.sender_address.trim().is_empty() {
+            m.address
+        } else {
+            smtp.sender_address.trim().to_owned()
+        };
+        let display_name = if smtp.sender_name.trim().is_empty() {
+            device.display_name.trim().to_owned()
+        } else {
+            smtp.sender_name.trim().to_owned()
+        };
+        Ok(SenderPolicy::FixedMailbox {
+            mailbox: m.name,
+            address,
+            display_name,
+        })
+    };
+    match pb::SenderMode::try_from(device.sender_mode) {
+        Ok(pb::SenderMode::FixedAdmin) => fixed(usable(&device.admin_mailbox), "admin_mailbox"),
+        Ok(pb::SenderMode::Bulk) => fixed(usable(&device.bulk_mailbox), "bulk_mailbox"),
+        Ok(pb::SenderMode::LoginUser) => Ok(SenderPolicy::LoginUser),
+        Ok(pb::SenderMode::AllowUserChange) => {
+            let mut allowed: Vec<(String, String)> = device
+                .allowed_mailboxes
+                .iter()
+                .filter(|m| !m.name.is_empty() && !m.address.is_empty())
+                .map(|m| (m.name.clone(), m.address.clone()))
+                .collect();
+            if let Some(admin) = usable(&device.admin_mailbox) {
+                allowed.push((admin.name, admin.address));
+            }
+            Ok(SenderPolicy::AllowUserChange { allowed })
+        }
+        Ok(pb::SenderMode::Unspecified) | Err(_) => Err(format!(
+            "device {name:?}: sender_mode {} is not a known sender mode",
+            device.sender_mode
+        )),
+    }
 }
 
 /// The ingress handler of the agent: authenticates devices and spools their mail.
@@ -43,7 +185,7 @@ impl IngressHandler for LocalDevices {
     fn device_for_peer(&self, peer: SocketAddr) -> Option<String> {
         self.devices
             .iter()
-            .find(|d| d.allowed_addresses.contains(&peer.ip()))
+            .find(|d| d.allows_source(peer.ip()))
             .map(|d| d.device.clone())
     }
 
@@ -70,15 +212,92 @@ impl IngressHandler for LocalDevices {
         ok.then_some(device.device)
     }
 
-    async fn deliver(&self, envelope: Envelope, message: Vec<u8>) -> Result<SpoolId, DeliverError> {
+    async fn deliver(
+        &self,
+        mut envelope: Envelope,
+        message: Vec<u8>,
+    ) -> Result<SpoolId, DeliverError> {
+        // A session without a known device (only when `require_auth` is off) is spooled as is.
+        let message = match self.devices.iter().find(|d| d.device == envelope.device) {
+            Some(device) => {
+                apply_sender_policy(&device.sender, &device.device, &mut envelope, message)?
+            }
+            None => message,
+        };
         let spool = Arc::clone(&self.spool);
         match tokio::task::spawn_blocking(move || spool.accept(&envelope, &message)).await {
             Ok(Ok(id)) => Ok(id),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "spooling a message failed");
-                Err(DeliverError(e.to_string()))
+                Err(DeliverError::Temporary(e.to_string()))
             }
-            Err(e) => Err(DeliverError(format!("spool task failed: {e}"))),
+            Err(e) => Err(DeliverError::Temporary(format!("spool task failed: {e}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mailbox(name: &str, address: &str) -> Option<pb::MailboxRef> {
+        Some(pb::MailboxRef {
+            name: name.into(),
+            address: address.into(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn agent_devices_map_to_local_devices() {
+        let mut d = pb::AgentDevice {
+            name: "mfd-3".into(),
+            display_name: "MFD 3rd floor".into(),
+            sender_mode: pb::SenderMode::FixedAdmin as i32,
+            admin_mailbox: mailbox("admin-3", "admin3@x.org"),
+            ingress_username: "mfd3".into(),
+            ingress_allowed_sources: vec!["10.1.2.3".into(), "10.9.0.0/16".into()],
+            ..Default::default()
+        };
+        let local = LocalDevice::from_agent_device(&d).unwrap();
+        assert_eq!(local.username.as_deref(), Some("mfd3"));
+        assert_eq!(local.password_hash, None);
+        assert!(local.allows_source("10.1.2.3".parse().unwrap()));
+        assert!(local.allows_source("::ffff:10.9.200.1".parse().unwrap()));
+        assert!(!local.allows_source("10.1.2.4".parse().unwrap()));
+        assert_eq!(
+            local.sender,
+            SenderPolicy::FixedMailbox {
+                mailbox: "admin-3".into(),
+                address: "admin3@x.org".into(),
+                display_name: "MFD 3rd floor".into(),
+            }
+        );
+
+        d.sender_mode = pb::SenderMode::Bulk as i32;
+        let err = LocalDevice::from_agent_device(&d).unwrap_err();
+        assert!(
+            err.contains("bulk_mailbox") && err.contains("mfd-3"),
+            "{err}"
+        );
+        assert!(matches!(
+            SenderPolicy::from_agent_device(&d).unwrap_or_else(SenderPolicy::Misconfigured),
+            SenderPolicy::Misconfigured(_)
+        ));
+
+        d.sender_mode = pb::SenderMode::AllowUserChange as i32;
+        d.allowed_mailboxes = vec![mailbox("frontdesk", "fd@x.org").unwrap_or_default()];
+        assert_eq!(
+            LocalDevice::from_agent_device(&d).unwrap().sender,
+            SenderPolicy::AllowUserChange {
+                allowed: vec![
+                    ("frontdesk".into(), "fd@x.org".into()),
+                    ("admin-3".into(), "admin3@x.org".into())
+                ]
+            }
+        );
+        d.ingress_allowed_sources.push("printer.lan".into());
+        let err = LocalDevice::from_agent_device(&d).unwrap_err();
+        assert!(err.contains("ingress_allowed_sources"), "{err}");
     }
 }

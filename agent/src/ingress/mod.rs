@@ -1,7 +1,17 @@
 //! The legacy SMTP ingress: the server side of RFC 5321 that printers and scanners submit to on
-//! the LAN, with `AUTH PLAIN`/`LOGIN` against per-device local credentials (or a per-device
-//! source-address allowlist), handing each message to an [`IngressHandler`] — normally
-//! [`LocalDevices`], which stores it in the [`Spool`](crate::spool::Spool).
+//! the LAN, with optional `STARTTLS` (RFC 3207, [`IngressTls`]), `AUTH PLAIN`/`LOGIN` against
+//! per-device local credentials (or a per-device source allowlist of addresses and CIDR ranges),
+//! handing each message to an [`IngressHandler`] — normally [`LocalDevices`], which applies the
+//! device's [`SenderPolicy`] and stores it in the [`Spool`](crate::spool::Spool).
+//!
+//! TLS: with [`IngressConfig::tls`] set, `STARTTLS` is advertised; after the handshake the
+//! session starts over (the client must `EHLO` again; an earlier `AUTH` is forgotten, bytes the
+//! client pipelined behind `STARTTLS` are discarded). [`IngressConfig::require_tls`] refuses
+//! `AUTH` and `MAIL` before it with `530 5.7.0 Must issue a STARTTLS command first`.
+//! [`IngressConfig::allow_plaintext_auth`] decides whether `AUTH PLAIN`/`LOGIN` are offered on a
+//! connection without TLS: printers on a LAN often cannot do TLS at all, so it defaults to
+//! allowed; set it to `false` wherever the devices can use `STARTTLS` (the password then never
+//! crosses the network in clear; a plain-text `AUTH` gets `538 5.7.11`).
 //!
 //! `250` after `DATA` is sent only once the handler returned, i.e. after the spool fsync. The
 //! session never panics on input: over-long lines get `500 5.5.2`, bad base64 `501 5.5.2`,
@@ -9,7 +19,9 @@
 //! with `421`.
 
 mod handler;
+mod sender;
 mod session;
+mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,11 +29,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinSet;
 
-pub use handler::{LocalDevice, LocalDevices};
+pub use handler::{LocalDevice, LocalDevices, parse_source};
+pub use sender::{SenderPolicy, apply_sender_policy};
+pub use tls::{IngressTls, IngressTlsError};
 
+use crate::line_server;
 use crate::spool::{Envelope, SpoolId};
 
 /// Settings of the ingress server.
@@ -41,6 +54,13 @@ pub struct IngressConfig {
     pub max_recipients: usize,
     /// Whether `MAIL` needs prior authentication (or an allowlisted source address).
     pub require_auth: bool,
+    /// The certificate for `STARTTLS`; `None` = no TLS (`STARTTLS` answers `502`).
+    pub tls: Option<IngressTls>,
+    /// Refuse `AUTH` and `MAIL` until `STARTTLS` succeeded (needs [`IngressConfig::tls`]).
+    pub require_tls: bool,
+    /// Offer and accept `AUTH PLAIN`/`LOGIN` on a connection without TLS (default `true`: LAN
+    /// printers often have no TLS; see the module documentation).
+    pub allow_plaintext_auth: bool,
 }
 
 impl Default for IngressConfig {
@@ -53,6 +73,9 @@ impl Default for IngressConfig {
             max_errors: 10,
             max_recipients: 100,
             require_auth: true,
+            tls: None,
+            require_tls: false,
+            allow_plaintext_auth: true,
         }
     }
 }
@@ -79,10 +102,24 @@ impl std::fmt::Debug for Password {
     }
 }
 
-/// Why a message could not be accepted; the session answers `451 4.3.0` (try again later).
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct DeliverError(pub String);
+/// Why a message could not be accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeliverError {
+    /// A local problem (spool full, disk error): the session answers `451 4.3.0` and the client
+    /// tries again later. The text is logged, not sent.
+    #[error("{0}")]
+    Temporary(String),
+    /// The message is refused as it is (sender not allowed, no sender): the session answers
+    /// `code text`, e.g. `550` and `5.7.1 Sender <x> is not allowed for device "d": …`.
+    /// Nothing is queued.
+    #[error("{code} {text}")]
+    Rejected {
+        /// The SMTP reply code (`4xx` or `5xx`).
+        code: u16,
+        /// The rest of the reply: enhanced status code and explanation (one line).
+        text: String,
+    },
+}
 
 /// What the ingress asks of its owner: who a client is and where messages go.
 pub trait IngressHandler: Send + Sync + 'static {
@@ -119,38 +156,23 @@ impl IngressServer {
         handler: Arc<H>,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let config = Arc::new(config);
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let mut sessions = JoinSet::new();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => break,
-                accepted = listener.accept() => {
-                    match accepted {
-                        Ok((stream, peer)) => {
-                            let _ = stream.set_nodelay(true);
-                            let config = Arc::clone(&config);
-                            let handler = Arc::clone(&handler);
-                            let stop = stop_rx.clone();
-                            sessions.spawn(async move {
-                                if let Err(e) = session::run(stream, peer, &config, &*handler, stop).await {
-                                    tracing::debug!(%peer, error = %e, "smtp ingress session ended with an error");
-                                }
-                            });
-                        }
-                        Err(e) => {
-                            // Out of file descriptors and the like: log, back off a little, go on.
-                            tracing::warn!(error = %e, "smtp ingress accept failed");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
-                }
-                Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
-            }
+        if config.require_tls && config.tls.is_none() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "ingress require_tls is set but no tls certificate is configured",
+            ));
         }
-        let _ = stop_tx.send(true);
-        while sessions.join_next().await.is_some() {}
-        Ok(())
+        let config = Arc::new(config);
+        line_server::serve(
+            listener,
+            shutdown,
+            "smtp ingress",
+            move |stream, peer, stop| {
+                let config = Arc::clone(&config);
+                let handler = Arc::clone(&handler);
+                async move { session::run(stream, peer, &config, &*handler, stop).await }
+            },
+        )
+        .await
     }
 }

@@ -2,70 +2,89 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 
-use super::{IngressConfig, IngressHandler, Password};
+use super::{DeliverError, IngressConfig, IngressHandler, Password};
+use crate::line_server::{self, Line, read_limited};
 use crate::spool::Envelope;
 
-/// One line read from the client.
-enum Line {
-    /// A line, without its CRLF (or bare LF).
-    Text(Vec<u8>),
-    /// A line longer than the limit; all of it has been consumed and discarded.
-    TooLong,
-    /// The client went away, timed out (already answered) or the server is stopping.
-    Closed,
+/// The client connection: plain TCP, or TLS after `STARTTLS`.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// Only while the stream is handed to the TLS handshake (reads EOF, writes fail).
+    Gone,
 }
 
-/// Reads one line of at most `limit` bytes (line end included). Over-long lines are consumed to
-/// their end and reported as [`Line::TooLong`]; a partial line at EOF is dropped.
-async fn read_limited(reader: &mut BufReader<OwnedReadHalf>, limit: usize) -> io::Result<Line> {
-    let mut line = Vec::new();
-    let mut too_long = false;
-    loop {
-        let buf = reader.fill_buf().await?;
-        if buf.is_empty() {
-            return Ok(Line::Closed);
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Self::Gone => Poll::Ready(Ok(())),
         }
-        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (&buf[..=i], true),
-            None => (buf, false),
-        };
-        let n = chunk.len();
-        if !too_long && line.len() + n <= limit {
-            line.extend_from_slice(chunk);
-        } else {
-            too_long = true;
-            line = Vec::new();
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection is being upgraded")
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Self::Gone => Poll::Ready(Err(gone())),
         }
-        reader.consume(n);
-        if done {
-            if too_long {
-                return Ok(Line::TooLong);
-            }
-            line.pop();
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            return Ok(Line::Text(line));
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Self::Gone => Poll::Ready(Err(gone())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Self::Gone => Poll::Ready(Ok(())),
         }
     }
 }
 
 struct Conn<'a> {
-    reader: BufReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    io: BufReader<Stream>,
+    /// Whether `STARTTLS` succeeded.
+    tls: bool,
     config: &'a IngressConfig,
     errors: u32,
 }
 
 impl Conn<'_> {
+    /// Writes `bytes` and flushes.
+    async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        line_server::send(self.io.get_mut(), bytes).await
+    }
+
     /// Sends a reply (lines joined with CRLF). Returns `false` when the session must end
     /// because of too many errors (after telling the client).
     async fn reply(&mut self, text: &str) -> io::Result<bool> {
@@ -78,13 +97,11 @@ impl Conn<'_> {
                     "421 4.7.0 {} Too many errors, closing connection\r\n",
                     self.config.hostname
                 ));
-                self.writer.write_all(out.as_bytes()).await?;
-                self.writer.flush().await?;
+                self.send(out.as_bytes()).await?;
                 return Ok(false);
             }
         }
-        self.writer.write_all(out.as_bytes()).await?;
-        self.writer.flush().await?;
+        self.send(out.as_bytes()).await?;
         Ok(true)
     }
 
@@ -97,7 +114,7 @@ impl Conn<'_> {
     async fn read_max(&mut self, limit: usize) -> io::Result<Line> {
         match tokio::time::timeout(
             self.config.command_timeout,
-            read_limited(&mut self.reader, limit),
+            read_limited(&mut self.io, limit),
         )
         .await
         {
@@ -107,8 +124,7 @@ impl Conn<'_> {
                     "421 4.4.2 {} Timeout waiting for client input\r\n",
                     self.config.hostname
                 );
-                self.writer.write_all(msg.as_bytes()).await?;
-                self.writer.flush().await?;
+                self.send(msg.as_bytes()).await?;
                 Ok(Line::Closed)
             }
         }
@@ -148,10 +164,9 @@ pub(super) async fn run<H: IngressHandler>(
     handler: &H,
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
-    let (reader, writer) = stream.into_split();
     let mut conn = Conn {
-        reader: BufReader::new(reader),
-        writer,
+        io: BufReader::new(Stream::Plain(stream)),
+        tls: false,
         config,
         errors: 0,
     };
@@ -213,13 +228,30 @@ async fn command<H: IngressHandler>(
         "EHLO" => {
             state.greeted = true;
             state.reset();
-            let reply = format!(
-                "250-{} greets {}\n250-SIZE {}\n250-8BITMIME\n250-PIPELINING\n250-ENHANCEDSTATUSCODES\n250 AUTH PLAIN LOGIN",
-                cfg.hostname,
-                printable(args.split(' ').next().unwrap_or_default()),
-                cfg.max_message_size
-            );
-            conn.reply(&reply).await?
+            let mut lines = vec![
+                format!(
+                    "{} greets {}",
+                    cfg.hostname,
+                    printable(args.split(' ').next().unwrap_or_default())
+                ),
+                format!("SIZE {}", cfg.max_message_size),
+                "8BITMIME".to_owned(),
+                "PIPELINING".to_owned(),
+                "ENHANCEDSTATUSCODES".to_owned(),
+            ];
+            if cfg.tls.is_some() && !conn.tls {
+                lines.push("STARTTLS".to_owned());
+            }
+            if auth_offered(conn) {
+                lines.push("AUTH PLAIN LOGIN".to_owned());
+            }
+            let last = lines.len() - 1;
+            let reply: Vec<String> = lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| format!("250{}{l}", if i == last { ' ' } else { '-' }))
+                .collect();
+            conn.reply(&reply.join("\n")).await?
         }
         "HELO" if args.is_empty() => conn.reply("501 5.5.4 Syntax: HELO hostname").await?,
         "HELO" => {
@@ -249,6 +281,7 @@ async fn command<H: IngressHandler>(
                 .await?;
             return Ok(Flow::Close);
         }
+        "STARTTLS" if cfg.tls.is_some() => return starttls(conn, state, peer, handler, args).await,
         "STARTTLS" | "EXPN" | "TURN" | "ETRN" | "BDAT" => {
             conn.reply("502 5.5.1 Command not implemented").await?
         }
@@ -289,6 +322,9 @@ async fn mail(conn: &mut Conn<'_>, state: &mut State, args: &str) -> io::Result<
     }
     if state.from.is_some() {
         return conn.reply("503 5.5.1 Nested MAIL command").await;
+    }
+    if conn.config.require_tls && !conn.tls {
+        return conn.reply(MUST_STARTTLS).await;
     }
     if conn.config.require_auth && state.device.is_none() {
         return conn.reply("530 5.7.0 Authentication required").await;
@@ -386,6 +422,8 @@ async fn data<H: IngressHandler>(
             .unwrap_or_else(|| "unauthenticated".to_owned()),
         from: state.from.take().unwrap_or_default(),
         rcpts: std::mem::take(&mut state.rcpts),
+        mailbox: String::new(),
+        user_address: String::new(),
     };
     state.reset();
     let keep = if too_long {
@@ -394,12 +432,27 @@ async fn data<H: IngressHandler>(
         conn.reply("552 5.3.4 Message size exceeds fixed maximum message size")
             .await?
     } else {
+        let device = envelope.device.clone();
         match handler.deliver(envelope, message).await {
             Ok(id) => conn.reply(&format!("250 2.0.0 Ok: queued as {id}")).await?,
-            Err(e) => {
+            Err(DeliverError::Temporary(e)) => {
                 tracing::warn!(error = %e, "message not accepted");
                 conn.reply("451 4.3.0 Local error in processing, try again later")
                     .await?
+            }
+            Err(DeliverError::Rejected { code, text }) => {
+                let code = if (400..600).contains(&code) {
+                    code
+                } else {
+                    554
+                };
+                // One line: the handler's text must not smuggle in further replies.
+                let text: String = text
+                    .chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .collect();
+                tracing::info!(%device, code, reply = %text, "message refused");
+                conn.reply(&format!("{code} {text}")).await?
             }
         }
     };
@@ -411,10 +464,7 @@ async fn sasl_response(
     conn: &mut Conn<'_>,
     challenge: &str,
 ) -> io::Result<Result<Vec<u8>, &'static str>> {
-    conn.writer
-        .write_all(format!("334 {challenge}\r\n").as_bytes())
-        .await?;
-    conn.writer.flush().await?;
+    conn.send(format!("334 {challenge}\r\n").as_bytes()).await?;
     match conn.read().await? {
         Line::Closed => Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
@@ -447,6 +497,15 @@ async fn auth<H: IngressHandler>(
 ) -> io::Result<Flow> {
     if !state.greeted {
         return Ok(flow(conn.reply("503 5.5.1 Send EHLO first").await?));
+    }
+    if conn.config.require_tls && !conn.tls {
+        return Ok(flow(conn.reply(MUST_STARTTLS).await?));
+    }
+    if !auth_offered(conn) {
+        return Ok(flow(
+            conn.reply("538 5.7.11 Encryption required for requested authentication mechanism")
+                .await?,
+        ));
     }
     if state.authenticated {
         return Ok(flow(conn.reply("503 5.5.1 Already authenticated").await?));
@@ -522,6 +581,61 @@ async fn auth<H: IngressHandler>(
                 conn.reply("535 5.7.8 Authentication credentials invalid")
                     .await?,
             ))
+        }
+    }
+}
+
+const MUST_STARTTLS: &str = "530 5.7.0 Must issue a STARTTLS command first";
+
+/// Whether `AUTH PLAIN`/`LOGIN` are offered on this connection now.
+fn auth_offered(conn: &Conn<'_>) -> bool {
+    conn.tls || (conn.config.allow_plaintext_auth && !conn.config.require_tls)
+}
+
+/// `STARTTLS` (RFC 3207): `220`, the handshake, and a fresh session (the client must `EHLO`
+/// again; authentication and transaction are forgotten; bytes pipelined after the command are
+/// discarded, so nothing sent in clear is taken as if it came over TLS).
+async fn starttls<H: IngressHandler>(
+    conn: &mut Conn<'_>,
+    state: &mut State,
+    peer: SocketAddr,
+    handler: &H,
+    args: &str,
+) -> io::Result<Flow> {
+    let Some(tls) = conn.config.tls.clone() else {
+        return Ok(flow(conn.reply("502 5.5.1 Command not implemented").await?));
+    };
+    if conn.tls {
+        return Ok(flow(conn.reply("503 5.5.1 TLS already active").await?));
+    }
+    if !args.is_empty() {
+        return Ok(flow(conn.reply("501 5.5.4 Syntax: STARTTLS").await?));
+    }
+    conn.reply("220 2.0.0 Ready to start TLS").await?;
+    let io = std::mem::replace(&mut conn.io, BufReader::new(Stream::Gone));
+    if !io.buffer().is_empty() {
+        tracing::info!(%peer, bytes = io.buffer().len(), "discarding input pipelined after STARTTLS");
+    }
+    let Stream::Plain(tcp) = io.into_inner() else {
+        return Ok(Flow::Close);
+    };
+    match tokio::time::timeout(conn.config.command_timeout, tls.acceptor().accept(tcp)).await {
+        Ok(Ok(stream)) => {
+            conn.io = BufReader::new(Stream::Tls(Box::new(stream)));
+            conn.tls = true;
+            *state = State {
+                device: handler.device_for_peer(peer),
+                ..State::default()
+            };
+            Ok(Flow::Continue)
+        }
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "smtp ingress tls handshake failed");
+            Ok(Flow::Close)
+        }
+        Err(_) => {
+            tracing::info!(%peer, "smtp ingress tls handshake timed out");
+            Ok(Flow::Close)
         }
     }
 }

@@ -685,6 +685,28 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
         rpc!(self, request, "WhoAmI", who_am_i)
     }
+    async fn get_fleet_status(
+        &self,
+        request: Request<pb::GetFleetStatusRequest>,
+    ) -> Result<Response<pb::GetFleetStatusResponse>, Status> {
+        rpc!(
+            self,
+            request,
+            "GetFleetStatus",
+            crate::fleet::get_fleet_status
+        )
+    }
+    async fn test_connection(
+        &self,
+        request: Request<pb::TestConnectionRequest>,
+    ) -> Result<Response<pb::ConnectionTestResult>, Status> {
+        rpc!(
+            self,
+            request,
+            "TestConnection",
+            crate::fleet::test_connection
+        )
+    }
 
     // Token lifecycle RPCs: being built (issue 3); answer UNIMPLEMENTED until then.
     async fn start_consent(

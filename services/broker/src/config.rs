@@ -968,6 +968,9 @@ certificate_lifetime_seconds = 604800
 # to N times the rate. Over the limit an agent gets RESOURCE_EXHAUSTED with a retry-after hint.
 issue_rate_per_minute = 600
 issue_burst = 60
+# Seconds between an agent's status reports (1-3600). A device whose last report is older than
+# three heartbeats shows as UNKNOWN in `tokenfleetctl fleet status`.
+heartbeat_seconds = 30
 
 [alerts]
 # Tell an operator when a mailbox needs a person: its grant is dead (REAUTH_REQUIRED) or its

@@ -111,6 +111,11 @@ wire_enum!(tls_version_in, tls_version_out, TlsVersion, TlsVersion, {
     TlsVersion12 <=> V1_2,
     TlsVersion13 <=> V1_3,
 });
+wire_enum!(send_method_in, send_method_out, SendMethod, SendMethod, {
+    Smtp <=> Smtp,
+    Graph <=> Graph,
+    GmailApi <=> GmailApi,
+});
 wire_enum!(fetch_protocol_in, fetch_protocol_out, FetchProtocol, FetchProtocol, {
     Pop3 <=> Pop3,
     Imap <=> Imap,
@@ -193,6 +198,7 @@ pub const DEVICE_FIELDS: FieldTable = FieldTable {
         "fetch",
         "ingress",
         "ingress.password",
+        "user_provider",
     ],
     immutable: &["tenant", "name"],
     output_only: &[
@@ -743,7 +749,7 @@ pub fn merge_mailbox(dst: &mut pb::Mailbox, src: &pb::Mailbox, mask: &UpdateMask
 // Device
 
 fn smtp_to_proto(s: &dom::SmtpProfile) -> Option<pb::SmtpProfile> {
-    if s.server.is_empty() {
+    if s.server.is_empty() && s.method == dom::SendMethod::Smtp {
         return None;
     }
     Some(pb::SmtpProfile {
@@ -757,6 +763,8 @@ fn smtp_to_proto(s: &dom::SmtpProfile) -> Option<pb::SmtpProfile> {
         extra_ca_pem: s.extra_ca_pem.clone(),
         tls_min_version: s.tls_min_version.map(tls_version_out).unwrap_or_default(),
         tls_max_version: s.tls_max_version.map(tls_version_out).unwrap_or_default(),
+        method: send_method_out(s.method),
+        api_base_url: s.api_base_url.clone(),
     })
 }
 
@@ -764,11 +772,17 @@ fn smtp_from_proto(s: Option<&pb::SmtpProfile>) -> Valid<dom::SmtpProfile> {
     let Some(s) = s.filter(|s| **s != pb::SmtpProfile::default()) else {
         return Ok(dom::SmtpProfile::default());
     };
-    dom::host("device.smtp.server", &s.server)?;
-    let security = required(
-        "device.smtp.security",
-        tls_mode_in("device.smtp.security", s.security)?,
-    )?;
+    let method = send_method_in("device.smtp.method", s.method)?.unwrap_or(dom::SendMethod::Smtp);
+    // A mail API needs no SMTP server; its TLS settings (CA, versions, verification) still apply.
+    let api = method != dom::SendMethod::Smtp;
+    if !(api && s.server.is_empty()) {
+        dom::host("device.smtp.server", &s.server)?;
+    }
+    let security = match tls_mode_in("device.smtp.security", s.security)? {
+        Some(mode) => mode,
+        None if api => dom::TlsMode::ImplicitTls,
+        None => required("device.smtp.security", None)?,
+    };
     let port = match s.port {
         0 => match security {
             dom::TlsMode::Starttls => 587,
@@ -785,6 +799,9 @@ fn smtp_from_proto(s: Option<&pb::SmtpProfile>) -> Valid<dom::SmtpProfile> {
     dom::pem("device.smtp.extra_ca_pem", &s.extra_ca_pem)?;
     let (tls_min_version, tls_max_version) =
         tls_range("device.smtp", s.tls_min_version, s.tls_max_version)?;
+    if !s.api_base_url.is_empty() {
+        dom::url("device.smtp.api_base_url", &s.api_base_url, false)?;
+    }
     Ok(dom::SmtpProfile {
         server: s.server.clone(),
         port,
@@ -796,6 +813,8 @@ fn smtp_from_proto(s: Option<&pb::SmtpProfile>) -> Valid<dom::SmtpProfile> {
         extra_ca_pem: s.extra_ca_pem.clone(),
         tls_min_version,
         tls_max_version,
+        method,
+        api_base_url: s.api_base_url.clone(),
     })
 }
 
@@ -940,6 +959,7 @@ pub fn device_to_proto(d: &dom::Device, version: u64) -> pb::Device {
         create_time: Some(timestamp(d.stamps.created)),
         update_time: Some(timestamp(d.stamps.updated)),
         version,
+        user_provider: d.user_provider.clone(),
     }
 }
 
@@ -983,6 +1003,7 @@ pub fn device_from_proto(d: &pb::Device, stamps: Stamps) -> Valid<(dom::Device, 
         }
         _ => {}
     }
+    dom::optional_name("device.user_provider", &d.user_provider)?;
     let smtp = smtp_from_proto(d.smtp.as_ref())?;
     let fetch = fetch_from_proto(d.fetch.as_ref())?;
     let (ingress, password) = ingress_from_proto(d.ingress.as_ref())?;
@@ -999,6 +1020,7 @@ pub fn device_from_proto(d: &pb::Device, stamps: Stamps) -> Valid<(dom::Device, 
             smtp,
             fetch,
             ingress,
+            user_provider: d.user_provider.clone(),
             stamps,
         },
         password,
@@ -1029,6 +1051,7 @@ pub fn merge_device(dst: &mut pb::Device, src: &pb::Device, mask: &UpdateMask) {
             "allowed_mailboxes" => dst.allowed_mailboxes.clone_from(&src.allowed_mailboxes),
             "smtp" => dst.smtp.clone_from(&src.smtp),
             "fetch" => dst.fetch.clone_from(&src.fetch),
+            "user_provider" => dst.user_provider.clone_from(&src.user_provider),
             "ingress" => {
                 let mut ingress = src.ingress.clone().unwrap_or_default();
                 // Keep the password field for validation; whether it applies is decided apart.
@@ -1138,6 +1161,7 @@ mod tests {
             admin_mailbox: "scan".into(),
             bulk_mailbox: String::new(),
             allowed_mailboxes: vec!["a".into(), "b".into()],
+            user_provider: String::new(),
             smtp: Some(pb::SmtpProfile {
                 server: "smtp.office365.com".into(),
                 port: 587,
@@ -1149,6 +1173,8 @@ mod tests {
                 extra_ca_pem: String::new(),
                 tls_min_version: pb::TlsVersion::TlsVersion12 as i32,
                 tls_max_version: pb::TlsVersion::TlsVersion13 as i32,
+                method: pb::SendMethod::Smtp as i32,
+                api_base_url: String::new(),
             }),
             fetch: Some(pb::FetchProfile {
                 protocol: pb::FetchProtocol::Imap as i32,
@@ -1427,6 +1453,36 @@ mod tests {
         assert_eq!(d.smtp.port, 465);
         assert_eq!(d.fetch.port, 995);
         assert_eq!(d.fetch.folder, "INBOX");
+    }
+
+    #[test]
+    fn mail_api_profiles_need_no_smtp_server() {
+        let mut d = device();
+        d.smtp = Some(pb::SmtpProfile {
+            method: pb::SendMethod::Graph as i32,
+            api_base_url: "http://127.0.0.1:9/v1.0".into(),
+            ..Default::default()
+        });
+        let (dom_device, _) = device_from_proto(&d, stamps()).unwrap();
+        assert_eq!(dom_device.smtp.method, dom::SendMethod::Graph);
+        let back = device_to_proto(&dom_device, 1).smtp.unwrap();
+        assert_eq!(back.method, pb::SendMethod::Graph as i32);
+        assert_eq!(back.api_base_url, "http://127.0.0.1:9/v1.0");
+        // SMTP still needs its server, and a bad API URL is named.
+        d.smtp = Some(pb::SmtpProfile {
+            method: pb::SendMethod::Smtp as i32,
+            security: pb::TlsMode::Starttls as i32,
+            ..Default::default()
+        });
+        let err = device_from_proto(&d, stamps()).unwrap_err().to_string();
+        assert!(err.starts_with("device.smtp.server"), "{err}");
+        d.smtp = Some(pb::SmtpProfile {
+            method: pb::SendMethod::GmailApi as i32,
+            api_base_url: "ftp://x".into(),
+            ..Default::default()
+        });
+        let err = device_from_proto(&d, stamps()).unwrap_err().to_string();
+        assert!(err.starts_with("device.smtp.api_base_url"), "{err}");
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub mod identity;
 pub mod rate_limit;
 pub mod token_broker;
 
+// Fleet status, agent configuration and commands (status streams, connection tests).
+pub mod fleet;
+
 pub mod tokens;
 
 // Operator alerts (REAUTH_REQUIRED, expiring refresh tokens): signed webhooks and e-mail.

@@ -240,7 +240,12 @@ pub async fn serve(
                     identity,
                     tokens.clone(),
                 )
-                .with_issue_rate(config.agents.issue_rate),
+                .with_issue_rate(config.agents.issue_rate)
+                .with_fleet_settings(
+                    crate::fleet::FleetSettings::new(config.agents.heartbeat_seconds)
+                        .with_shutdown(stop_rx.clone()),
+                )
+                .with_public_url(config.public_url.clone()),
             ),
         )
         .add_service(reflection_v1)

@@ -7,8 +7,9 @@
 //!   on every call.
 //! - `Renew` issues a fresh certificate to the caller's identity.
 //! - `IssueAccessToken` checks that the calling agent hosts the device, then hands over to the
-//!   token lifecycle's [`crate::tokens::issue::issue`] (device in the agent's tenant, sender mode,
-//!   purpose; audited there). The tenant is always the agent's own, so no call reaches across
+//!   token lifecycle's [`crate::tokens::issue::issue_for_agent`] (device in the agent's tenant,
+//!   sender mode, purpose; user mailboxes created on demand and answered with a consent to
+//!   complete when they have no grant; audited there). The tenant is always the agent's own, so no call reaches across
 //!   tenants.
 //!
 //! Without TLS (`[tls]` not configured) there are no client certificates, so every RPC answers
@@ -31,7 +32,7 @@ use crate::identity::{AgentCertificates, AgentId, AgentIdentity, IdentityError};
 use crate::rate_limit::{Rate, RateLimiter};
 use crate::records::{CAS_ATTEMPTS, Records, agent_key, device_key};
 use crate::state::BrokerState;
-use crate::tokens::issue::{ISSUE_ACTION, issue};
+use crate::tokens::issue::{ISSUE_ACTION, IssueRequest, Issued, issue_for_agent};
 use crate::tokens::lifecycle::TokenService;
 
 /// What every RPC answers when the broker serves without TLS.
@@ -54,6 +55,10 @@ pub struct TokenBrokerService {
     identity: Option<AgentIdentity>,
     tokens: TokenService,
     issue_limit: RateLimiter,
+    fleet: crate::fleet::FleetSettings,
+    /// `http.public_url`: auth-code consents of user mailboxes redirect to
+    /// `<public_url>/oauth/callback`.
+    public_url: String,
 }
 
 impl TokenBrokerService {
@@ -65,7 +70,25 @@ impl TokenBrokerService {
             identity,
             tokens,
             issue_limit: RateLimiter::new(DEFAULT_ISSUE_RATE),
+            fleet: crate::fleet::FleetSettings::default(),
+            public_url: crate::config::DEFAULT_PUBLIC_URL.to_owned(),
         }
+    }
+
+    /// Sets the broker's externally reachable HTTP base URL (`http.public_url`), where
+    /// auth-code consents started for user mailboxes redirect to.
+    #[must_use]
+    pub fn with_public_url(mut self, public_url: impl Into<String>) -> Self {
+        self.public_url = public_url.into();
+        self
+    }
+
+    /// Uses `fleet` (heartbeat, replica id, shutdown signal) for `GetAgentConfig` and
+    /// `StatusStream` (default: [`crate::fleet::FleetSettings::default`]).
+    #[must_use]
+    pub fn with_fleet_settings(mut self, fleet: crate::fleet::FleetSettings) -> Self {
+        self.fleet = fleet;
+        self
     }
 
     /// Limits each agent's `IssueAccessToken` calls to `rate` (in this replica; default
@@ -383,7 +406,15 @@ impl TokenBrokerService {
             self.audit(
                 ISSUE_ACTION,
                 id,
-                crate::admin::object_path(&id.tenant, "mailboxes", &req.mailbox),
+                crate::admin::object_path(
+                    &id.tenant,
+                    "mailboxes",
+                    if req.mailbox.is_empty() {
+                        &req.user_address
+                    } else {
+                        &req.mailbox
+                    },
+                ),
                 audit::result_of(tonic::Code::PermissionDenied),
                 format!(
                     "device `{}`, purpose {purpose}: {message}",
@@ -393,20 +424,37 @@ impl TokenBrokerService {
             .await;
             return Err(Status::permission_denied(message));
         }
-        let token = issue(
-            &self.tokens,
-            &actor,
-            &id.tenant,
-            &req.device,
-            &req.mailbox,
+        let request = IssueRequest {
+            device: &req.device,
+            mailbox: &req.mailbox,
+            user_address: &req.user_address,
             purpose,
-        )
-        .await
-        .map_err(|e| e.to_status())?;
-        Ok(pb::IssueAccessTokenResponse {
-            access_token: token.access_token.expose().to_owned(),
-            expire_time: Some(timestamp(token.expires)),
-            sasl_username: token.sasl_username,
+        };
+        let issued = issue_for_agent(&self.tokens, &actor, &id.tenant, &request, &self.public_url)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(match issued {
+            Issued::Token { mailbox, token } => pb::IssueAccessTokenResponse {
+                access_token: token.access_token.expose().to_owned(),
+                expire_time: Some(timestamp(token.expires)),
+                sasl_username: token.sasl_username,
+                mailbox,
+                consent_required: None,
+            },
+            Issued::ConsentRequired(c) => pb::IssueAccessTokenResponse {
+                access_token: String::new(),
+                expire_time: None,
+                sasl_username: String::new(),
+                mailbox: c.mailbox.clone(),
+                consent_required: Some(pb::ConsentRequired {
+                    mailbox: c.mailbox,
+                    user_code: c.user_code,
+                    verification_uri: c.verification_uri,
+                    expire_time: Some(timestamp(c.expires)),
+                    message: c.message,
+                    authorization_url: c.authorization_url,
+                }),
+            },
         })
     }
 }
@@ -538,6 +586,50 @@ impl TokenBroker for TokenBrokerService {
                 .map(Response::new)
         }
         .instrument(span("Renew"))
+        .await
+    }
+
+    async fn get_agent_config(
+        &self,
+        request: Request<pb::GetAgentConfigRequest>,
+    ) -> Result<Response<pb::AgentConfig>, Status> {
+        async {
+            self.identity()?;
+            let peer = match self.authenticate(&request).await {
+                Ok(peer) => peer,
+                Err(error) => {
+                    self.audit_refused_peer("agent.config", &error).await;
+                    return Err(error.into_status());
+                }
+            };
+            crate::fleet::agent_config(&self.state, &self.fleet, &peer, request.into_inner())
+                .await
+                .map(Response::new)
+        }
+        .instrument(span("GetAgentConfig"))
+        .await
+    }
+
+    type StatusStreamStream = crate::fleet::CommandStream;
+
+    async fn status_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::AgentReport>>,
+    ) -> Result<Response<Self::StatusStreamStream>, Status> {
+        async {
+            self.identity()?;
+            let peer = match self.authenticate(&request).await {
+                Ok(peer) => peer,
+                Err(error) => {
+                    self.audit_refused_peer("agent.status", &error).await;
+                    return Err(error.into_status());
+                }
+            };
+            crate::fleet::status_stream(&self.state, &self.fleet, peer, request.into_inner())
+                .await
+                .map(Response::new)
+        }
+        .instrument(span("StatusStream"))
         .await
     }
 }

@@ -4,6 +4,8 @@
 // Test helpers panic on setup failures: that is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -16,15 +18,14 @@ use tokenfleet_broker::state::BrokerState;
 use tokenfleet_broker::{api_keys, audit};
 use tokenfleet_domain::{Role, SystemClock};
 use tokenfleet_proto::v1 as pb;
-use tokenfleet_proto::v1::admin_client::AdminClient;
 use tokenfleet_seal::{Keyring, SealError};
 use tokenfleet_store::embedded::EmbeddedStore;
 use tokenfleet_store::{Precondition, RecordKey, Scope, Store};
-use tonic::codegen::InterceptedService;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
-use tonic::transport::{Channel, Server};
+use tonic::service::Routes;
+use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
+
+use support::{Admin as Client, admin_client, serve_plaintext};
 
 const SECRET: &str = "client-secret-8f3k2-do-not-leak";
 const SA_PRIVATE_KEY: &str =
@@ -44,21 +45,6 @@ fn keyring(current: &str, ids: &[&str]) -> Keyring {
         .collect();
     Keyring::from_base64(current, keys.iter().map(|(a, b)| (a.as_str(), b.as_str()))).unwrap()
 }
-
-/// Adds `authorization: Bearer <key>` to every call.
-#[derive(Clone)]
-struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
-            request.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(request)
-    }
-}
-
-type Client = AdminClient<InterceptedService<Channel, Bearer>>;
 
 /// A broker serving only the Admin API; stopped on drop.
 struct Broker {
@@ -95,22 +81,7 @@ impl Broker {
             keyring: Arc::new(keyring("k1", &["k1"])),
             clock: Arc::new(SystemClock),
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let service = admin_server(state.clone());
-        let server = tokio::spawn(async move {
-            Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async {
-                        let _ = rx.await;
-                    },
-                )
-                .await
-                .unwrap();
-        });
+        let (addr, tx, server) = serve_plaintext(Routes::new(admin_server(state.clone()))).await;
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()
@@ -132,8 +103,7 @@ impl Broker {
     }
 
     fn client(&self, key: Option<&str>) -> Client {
-        let value = key.map(|k| format!("Bearer {k}").parse().unwrap());
-        AdminClient::with_interceptor(self.channel.clone(), Bearer(value))
+        admin_client(self.channel.clone(), key)
     }
 
     fn admin(&self) -> Client {

@@ -11,6 +11,8 @@
 // Test helpers panic on setup failures: that is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -19,7 +21,6 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use base64::Engine as _;
-use tempfile::TempDir;
 use time::OffsetDateTime;
 use tokenfleet_broker::alerts::webhook::{
     EVENT_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify,
@@ -32,26 +33,24 @@ use tokenfleet_broker::records::Records;
 use tokenfleet_broker::state::BrokerState;
 use tokenfleet_broker::tokens::grant::{GrantField, GrantRecord, grant_key, seal_field};
 use tokenfleet_broker::tokens::lifecycle::{TokenConfig, TokenError, TokenService};
-use tokenfleet_broker::tokens::scheduler::{SchedulerConfig, schedule_refresh};
+use tokenfleet_broker::tokens::scheduler::schedule_refresh;
 use tokenfleet_domain::{
-    Clock, GrantType, MailPurpose, Mailbox, MailboxKind, Provider, ProviderKind, Stamps, Tenant,
+    Clock, GrantType, MailPurpose, Mailbox, MailboxKind, Provider, ProviderKind, Stamps,
     TokenState, TokenStatus,
 };
 use tokenfleet_providers::{ProviderClient, ProviderSettings};
-use tokenfleet_seal::{Keyring, Secret};
-use tokenfleet_store::embedded::EmbeddedStore;
-use tokenfleet_store::redis_store::{RedisConfig, RedisStore};
-use tokenfleet_store::{Precondition, Store};
+use tokenfleet_seal::Secret;
+use tokenfleet_store::Precondition;
 use tokenfleet_testkit::fake_idp::{ClientSpec, FakeIdp};
-use tokenfleet_testkit::redis::RedisServer;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpListener;
+
+use support::{Backend, IdpEnv, ManualClock, StoreHome, eventually, idp_env};
 
 const TENANT: &str = "acme";
 const PROVIDER: &str = "idp";
 const CLIENT_ID: &str = "app-alerts";
 const CLIENT_SECRET: &str = "client-secret-alerts-do-not-leak";
-const ENTRA_TENANT: &str = "contoso.example";
 const REDIRECT: &str = "http://127.0.0.1:9/oauth/callback";
 const WEBHOOK_SECRET: &str = "webhook-hmac-key-0123456789abcdef";
 
@@ -59,53 +58,11 @@ const WEBHOOK_SECRET: &str = "webhook-hmac-key-0123456789abcdef";
 // Harness
 // ----------------------------------------------------------------------------------------------
 
-#[derive(Debug)]
-struct ManualClock(Mutex<OffsetDateTime>);
-
-impl ManualClock {
-    fn new() -> Arc<Self> {
-        Arc::new(Self(Mutex::new(OffsetDateTime::now_utc())))
-    }
-    fn advance(&self, by: Duration) {
-        *self.0.lock().unwrap() += by;
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> OffsetDateTime {
-        *self.0.lock().unwrap()
-    }
-}
-
-async fn eventually<T>(
-    what: &str,
-    within: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
+/// The shared token settings, refreshing at most every ten days.
 fn token_config() -> TokenConfig {
     TokenConfig {
-        provider_timeout: Duration::from_secs(5),
-        lease_ttl: Duration::from_secs(10),
         max_refresh_interval: Duration::from_secs(10 * 24 * 3600),
-        scheduler: SchedulerConfig {
-            interval: Duration::from_millis(20),
-            batch: 64,
-            concurrency: 8,
-        },
-        ..TokenConfig::default()
+        ..support::token_config()
     }
 }
 
@@ -128,17 +85,11 @@ fn alerts_config(webhook: Option<String>, email: Option<EmailConfig>) -> AlertsC
     }
 }
 
-enum Backend {
-    Embedded,
-    Redis,
-}
-
 /// The shared pieces: store, fake IdP, records. Replicas ([`Replica`]) are built on top.
 struct Env {
     fake: FakeIdp,
     state: BrokerState,
-    _dir: Option<TempDir>,
-    _redis: Option<RedisServer>,
+    _store: StoreHome,
 }
 
 /// One broker replica's token service with its alerter and delivery worker.
@@ -158,86 +109,14 @@ impl Env {
         client: ClientSpec,
         clock: Arc<dyn Clock>,
     ) -> Env {
-        // Every log line is scanned for secrets at the end of the suite.
-        tokenfleet_testkit::logs::capture();
+        let IdpEnv {
+            fake, state, home, ..
+        } = idp_env(backend, clock, client, TENANT, PROVIDER, kind).await;
         tokenfleet_testkit::logs::secret(WEBHOOK_SECRET);
-        let (store, dir, redis): (Arc<dyn Store>, _, _) = match backend {
-            Backend::Embedded => {
-                let dir = tempfile::tempdir().unwrap();
-                let store = EmbeddedStore::open(dir.path().join("store.redb"))
-                    .await
-                    .unwrap();
-                (Arc::new(store), Some(dir), None)
-            }
-            Backend::Redis => {
-                let redis = RedisServer::start().await.unwrap();
-                let store = RedisStore::connect(&RedisConfig::standalone(redis.url()))
-                    .await
-                    .unwrap();
-                (Arc::new(store), None, Some(redis))
-            }
-        };
-        let key = Keyring::generate_key_base64().unwrap();
-        let state = BrokerState {
-            store,
-            keyring: Arc::new(Keyring::from_base64("k1", [("k1", key.as_str())]).unwrap()),
-            clock,
-        };
-        let fake = FakeIdp::start().await.unwrap();
-        fake.register_client(client);
-        let records = Records::new(state.store.as_ref());
-        let now = state.clock.now();
-        records
-            .put(
-                &Tenant {
-                    name: TENANT.into(),
-                    display_name: "Acme".into(),
-                    stamps: Stamps::new(now),
-                },
-                Precondition::Absent,
-            )
-            .await
-            .unwrap();
-        let endpoints = match kind {
-            ProviderKind::Google => fake.google_endpoints(),
-            _ => fake.microsoft_endpoints(ENTRA_TENANT),
-        };
-        let secret = state
-            .keyring
-            .seal_secret(
-                &Provider::client_secret_aad(TENANT, PROVIDER),
-                &Secret::new(CLIENT_SECRET),
-            )
-            .unwrap();
-        records
-            .put(
-                &Provider {
-                    tenant: TENANT.into(),
-                    name: PROVIDER.into(),
-                    kind,
-                    authority: if kind == ProviderKind::Microsoft {
-                        ENTRA_TENANT.into()
-                    } else {
-                        String::new()
-                    },
-                    client_id: CLIENT_ID.into(),
-                    client_secret: Some(secret),
-                    endpoints,
-                    http_proxy: String::new(),
-                    extra_ca_pem: String::new(),
-                    scopes: vec![],
-                    service_account_key: None,
-                    stamps: Stamps::new(now),
-                },
-                Precondition::Absent,
-            )
-            .await
-            .unwrap();
         Env {
             fake,
             state,
-            _dir: dir,
-            _redis: redis,
+            _store: home,
         }
     }
 

@@ -5,7 +5,9 @@
 // Helpers outside #[test] functions panic on failure too, which is what a test wants.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::{Arc, Mutex};
+mod support;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use time::OffsetDateTime;
@@ -21,17 +23,17 @@ use tokenfleet_broker::tokens::grant::{
     GrantField, GrantRecord, PendingConsent, open_field, seal_field,
 };
 use tokenfleet_domain::{
-    Clock, GrantType, MailPurpose, Mailbox, MailboxKind, Provider, ProviderKind, Stamps, Tenant,
+    Clock, GrantType, MailPurpose, Mailbox, MailboxKind, Provider, ProviderKind, Stamps,
     TokenStatus,
 };
 use tokenfleet_proto::v1 as pb;
-use tokenfleet_seal::{Keyring, Secret};
-use tokenfleet_store::embedded::EmbeddedStore;
-use tokenfleet_store::{Precondition, RecordKey, Scope, Store};
+use tokenfleet_seal::Secret;
+use tokenfleet_store::{Precondition, RecordKey, Scope};
 use tokenfleet_testkit::fake_idp::{ClientSpec, Endpoint, FakeIdp, ScriptedResponse};
 
+use support::{Backend, ManualClock, StoreHome, fake_provider, open_state, put_tenant};
+
 const TENANT: &str = "acme";
-const ENTRA: &str = "contoso.example";
 const USER: &str = "scanner@contoso.example";
 const CLIENT_ID: &str = "11111111-2222-3333-4444-555555555555";
 const CLIENT_SECRET: &str = "s3cret-client-value";
@@ -39,28 +41,11 @@ const REDIRECT: &str = "http://127.0.0.1:9/oauth/callback";
 const DEVICE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 const SERVICE_ACCOUNT: &str = "relay@acme-project.iam.gserviceaccount.com";
 
-/// A clock the test moves.
-#[derive(Debug)]
-struct ManualClock(Mutex<OffsetDateTime>);
-
-impl ManualClock {
-    fn advance(&self, by: Duration) {
-        let mut now = self.0.lock().unwrap();
-        *now += by;
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> OffsetDateTime {
-        *self.0.lock().unwrap()
-    }
-}
-
 struct Env {
     fake: FakeIdp,
     clock: Arc<ManualClock>,
     state: BrokerState,
-    _dir: tempfile::TempDir,
+    _store: StoreHome,
 }
 
 impl Env {
@@ -68,38 +53,15 @@ impl Env {
         let fake = FakeIdp::start().await.unwrap();
         fake.add_user(USER);
         fake.register_client(ClientSpec::confidential(CLIENT_ID, CLIENT_SECRET));
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(
-            EmbeddedStore::open(dir.path().join("store.redb"))
-                .await
-                .unwrap(),
-        );
-        let key = Keyring::generate_key_base64().unwrap();
-        let keyring = Arc::new(Keyring::from_base64("k1", [("k1", key.as_str())]).unwrap());
-        let clock = Arc::new(ManualClock(Mutex::new(OffsetDateTime::now_utc())));
-        let state = BrokerState {
-            store,
-            keyring,
-            clock: clock.clone(),
-        };
+        let clock = ManualClock::new();
+        let (state, _key, store) = open_state(Backend::Embedded, clock.clone()).await;
+        put_tenant(&state, TENANT, "Acme").await;
         let env = Env {
             fake,
             clock,
             state,
-            _dir: dir,
+            _store: store,
         };
-        let now = env.clock.now();
-        env.records()
-            .put(
-                &Tenant {
-                    name: TENANT.into(),
-                    display_name: "Acme".into(),
-                    stamps: Stamps::new(now),
-                },
-                Precondition::Absent,
-            )
-            .await
-            .unwrap();
         env.add_provider("m365", ProviderKind::Microsoft).await;
         env.add_provider("gws", ProviderKind::Google).await;
         env
@@ -116,56 +78,19 @@ impl Env {
     }
 
     async fn add_provider(&self, name: &str, kind: ProviderKind) {
-        let keyring = &self.state.keyring;
-        let (endpoints, authority, client_secret, service_account_key) = match kind {
-            ProviderKind::Google => (
-                self.fake.google_endpoints(),
-                String::new(),
-                Some(
-                    keyring
-                        .seal_secret(
-                            &Provider::client_secret_aad(TENANT, name),
-                            &Secret::new(CLIENT_SECRET),
-                        )
-                        .unwrap(),
-                ),
-                Some(
-                    keyring
-                        .seal_secret(
-                            &Provider::service_account_key_aad(TENANT, name),
-                            &Secret::new(self.fake.service_account_json(SERVICE_ACCOUNT)),
-                        )
-                        .unwrap(),
-                ),
-            ),
-            _ => (
-                self.fake.microsoft_endpoints(ENTRA),
-                ENTRA.to_owned(),
-                Some(
-                    keyring
-                        .seal_secret(
-                            &Provider::client_secret_aad(TENANT, name),
-                            &Secret::new(CLIENT_SECRET),
-                        )
-                        .unwrap(),
-                ),
-                None,
-            ),
-        };
-        let provider = Provider {
-            tenant: TENANT.into(),
-            name: name.into(),
-            kind,
-            authority,
-            client_id: CLIENT_ID.into(),
-            client_secret,
-            endpoints,
-            http_proxy: String::new(),
-            extra_ca_pem: String::new(),
-            scopes: vec![],
-            service_account_key,
-            stamps: Stamps::new(self.clock.now()),
-        };
+        let client = ClientSpec::confidential(CLIENT_ID, CLIENT_SECRET);
+        let mut provider = fake_provider(&self.state, &self.fake, &client, TENANT, name, kind);
+        if kind == ProviderKind::Google {
+            provider.service_account_key = Some(
+                self.state
+                    .keyring
+                    .seal_secret(
+                        &Provider::service_account_key_aad(TENANT, name),
+                        &Secret::new(self.fake.service_account_json(SERVICE_ACCOUNT)),
+                    )
+                    .unwrap(),
+            );
+        }
         self.records()
             .put(&provider, Precondition::Absent)
             .await

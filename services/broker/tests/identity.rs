@@ -6,33 +6,26 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
+mod support;
+
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use rcgen::{CertificateParams, KeyPair};
+use rcgen::KeyPair;
 use time::OffsetDateTime;
-use tokenfleet_broker::api_keys;
-use tokenfleet_broker::config::RawConfig;
 use tokenfleet_broker::identity::{AgentCa, AgentId};
 use tokenfleet_broker::records::Records;
-use tokenfleet_broker::server;
 use tokenfleet_broker::state::BrokerState;
-use tokenfleet_domain::{
-    Clock, Device, GrantType, MailPurpose, Mailbox, MailboxKind, Role, SenderMode, Stamps, Tenant,
-};
+use tokenfleet_domain::{Mailbox, MailboxKind};
 use tokenfleet_proto::v1 as pb;
-use tokenfleet_proto::v1::admin_client::AdminClient;
 use tokenfleet_proto::v1::token_broker_client::TokenBrokerClient;
-use tokenfleet_seal::{Keyring, Secret};
+use tokenfleet_seal::Keyring;
 use tokenfleet_store::Precondition;
 use tokenfleet_store::embedded::EmbeddedStore;
 use tonic::Code;
-use tonic::metadata::MetadataValue;
-use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
+
+use support::{Broker, Launch, ShiftedClock, csr, fixed_admin_device, send_mailbox};
 
 // ----------------------------------------------------------------------------------------------
 // Harness
@@ -77,227 +70,42 @@ fn assert_not_logged(secrets: &[&str]) {
     }
 }
 
-/// The system clock moved by an offset the test sets.
-#[derive(Debug, Default)]
-struct ShiftedClock(AtomicI64);
-
-impl ShiftedClock {
-    fn advance(&self, by: Duration) {
-        self.0.fetch_add(by.as_secs() as i64, Ordering::SeqCst);
-    }
-}
-
-impl Clock for ShiftedClock {
-    fn now(&self) -> OffsetDateTime {
-        OffsetDateTime::now_utc() + time::Duration::seconds(self.0.load(Ordering::SeqCst))
-    }
-}
-
-#[derive(Clone)]
-struct Bearer(MetadataValue<tonic::metadata::Ascii>);
-
-impl Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
-
-type Admin = AdminClient<InterceptedService<Channel, Bearer>>;
-
-/// A broker serving over TLS on 127.0.0.1; stopped on drop.
-struct Broker {
-    state: BrokerState,
-    clock: Arc<ShiftedClock>,
-    addr: SocketAddr,
-    server_ca: String,
-    admin_key: Secret,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        self.task.abort();
-    }
-}
-
 impl Broker {
+    /// A broker (over TLS when `tls`) with tenants `acme` and `other`, logging into
+    /// [`log_capture`]; agent certificates live `lifetime` when given.
     async fn start(tls: bool, lifetime: Option<Duration>) -> Broker {
         log_capture();
-        let dir = tempfile::tempdir().unwrap();
-        let mut raw = RawConfig {
-            state_dir: dir.path().to_path_buf(),
-            shutdown_grace_seconds: 1,
-            ..RawConfig::default()
+        let launch = Launch {
+            tls,
+            ..Launch::default()
         };
-        if tls {
-            let (cert, key) = tokenfleet_broker::dev::ensure_dev_tls(dir.path()).unwrap();
-            raw.tls.cert_file = Some(cert);
-            raw.tls.key_file = Some(key);
-        }
-        if let Some(lifetime) = lifetime {
-            raw.agents.certificate_lifetime_seconds = lifetime.as_secs();
-        }
-        let config = raw.validate().unwrap();
-        let key = Keyring::generate_key_base64().unwrap();
-        let clock = Arc::new(ShiftedClock::default());
-        let state = BrokerState {
-            store: Arc::new(
-                EmbeddedStore::open(dir.path().join("store.redb"))
-                    .await
-                    .unwrap(),
-            ),
-            keyring: Arc::new(Keyring::from_base64("k1", [("k1", key.as_str())]).unwrap()),
-            clock: clock.clone(),
-        };
-        let (_, admin_key) = api_keys::create(&state, Role::FleetAdmin, None, "test".to_owned())
-            .await
-            .unwrap();
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = grpc.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let serving = state.clone();
-        let task = tokio::spawn(async move {
-            server::serve(config, serving, grpc, http, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        let server_ca = if tls {
-            std::fs::read_to_string(dir.path().join(tokenfleet_broker::dev::DEV_CA_CERT_FILE))
-                .unwrap()
-        } else {
-            String::new()
-        };
-        let broker = Broker {
-            state,
-            clock,
-            addr,
-            server_ca,
-            admin_key,
-            stop: Some(stop),
-            task,
-            _dir: dir,
-        };
+        let broker = Broker::launch(launch, |raw| {
+            if let Some(lifetime) = lifetime {
+                raw.agents.certificate_lifetime_seconds = lifetime.as_secs();
+            }
+        })
+        .await;
         broker.put_tenant("acme").await;
         broker.put_tenant("other").await;
         broker
-    }
-
-    fn endpoint(&self) -> Endpoint {
-        if self.server_ca.is_empty() {
-            return Endpoint::from_shared(format!("http://{}", self.addr)).unwrap();
-        }
-        Endpoint::from_shared(format!("https://{}", self.addr))
-            .unwrap()
-            .timeout(Duration::from_secs(20))
-    }
-
-    /// A TLS channel without a client certificate.
-    fn anonymous(&self) -> Channel {
-        let mut endpoint = self.endpoint();
-        if !self.server_ca.is_empty() {
-            endpoint = endpoint
-                .tls_config(
-                    ClientTlsConfig::new()
-                        .ca_certificate(Certificate::from_pem(self.server_ca.clone())),
-                )
-                .unwrap();
-        }
-        endpoint.connect_lazy()
-    }
-
-    /// A TLS channel that presents `cert_pem` with `key`.
-    fn with_certificate(&self, cert_pem: &str, key: &KeyPair) -> Channel {
-        self.endpoint()
-            .tls_config(
-                ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(self.server_ca.clone()))
-                    .identity(Identity::from_pem(cert_pem, key.serialize_pem())),
-            )
-            .unwrap()
-            .connect_lazy()
-    }
-
-    fn admin(&self) -> Admin {
-        let mut value: MetadataValue<_> = format!("Bearer {}", self.admin_key.expose())
-            .parse()
-            .unwrap();
-        value.set_sensitive(true);
-        AdminClient::with_interceptor(self.anonymous(), Bearer(value))
     }
 
     fn broker_client(&self, channel: Channel) -> TokenBrokerClient<Channel> {
         TokenBrokerClient::new(channel)
     }
 
-    async fn put_tenant(&self, name: &str) {
-        let tenant = Tenant {
-            name: name.to_owned(),
-            display_name: name.to_owned(),
-            stamps: Stamps::new(OffsetDateTime::now_utc()),
-        };
-        Records::new(self.state.store.as_ref())
-            .put(&tenant, Precondition::Any)
-            .await
-            .unwrap();
-    }
-
     /// Stores device `name` of `tenant`, hosted by `agent`, sender mode fixed_admin with the
     /// admin mailbox `scan` (created too; no grant).
     async fn put_device(&self, tenant: &str, name: &str, agent: &str) {
-        let records = Records::new(self.state.store.as_ref());
+        let records = self.records();
         records
-            .put(&device(tenant, name, agent), Precondition::Any)
+            .put(&fixed_admin_device(tenant, name, agent), Precondition::Any)
             .await
             .unwrap();
         records
             .put(&mailbox(tenant, "scan"), Precondition::Any)
             .await
             .unwrap();
-    }
-
-    async fn code(&self, tenant: &str, agent: &str) -> String {
-        self.admin()
-            .create_enrollment_code(pb::CreateEnrollmentCodeRequest {
-                tenant: tenant.to_owned(),
-                agent: agent.to_owned(),
-                display_name: format!("site {agent}"),
-                ttl_seconds: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .code
-    }
-
-    /// Enrolls `agent` of `tenant` with a new key; returns the key and the certificate.
-    async fn enroll(&self, tenant: &str, agent: &str) -> (KeyPair, pb::AgentCertificate) {
-        let code = self.code(tenant, agent).await;
-        let key = KeyPair::generate().unwrap();
-        let cert = self
-            .broker_client(self.anonymous())
-            .enroll(pb::EnrollRequest {
-                code,
-                csr_der: csr(&key),
-                software_version: "1.2.3".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        (key, cert)
     }
 
     async fn audit(&self, tenant: &str) -> Vec<pb::AuditEvent> {
@@ -325,44 +133,13 @@ impl Broker {
     }
 }
 
-fn device(tenant: &str, name: &str, agent: &str) -> Device {
-    Device {
-        tenant: tenant.into(),
-        name: name.into(),
-        display_name: String::new(),
-        agent: agent.into(),
-        sender_mode: SenderMode::FixedAdmin,
-        admin_mailbox: "scan".into(),
-        bulk_mailbox: String::new(),
-        allowed_mailboxes: Vec::new(),
-        smtp: Default::default(),
-        fetch: Default::default(),
-        ingress: Default::default(),
-        stamps: Stamps::new(OffsetDateTime::now_utc()),
-    }
-}
-
 fn mailbox(tenant: &str, name: &str) -> Mailbox {
-    Mailbox {
-        tenant: tenant.into(),
-        name: name.into(),
-        address: format!("{name}@example.com"),
-        provider: "m365".into(),
-        grant_type: GrantType::DelegatedDeviceCode,
-        kind: MailboxKind::Admin,
-        purposes: vec![MailPurpose::Send],
-        disabled: false,
-        token: Default::default(),
-        stamps: Stamps::new(OffsetDateTime::now_utc()),
-    }
-}
-
-fn csr(key: &KeyPair) -> Vec<u8> {
-    CertificateParams::default()
-        .serialize_request(key)
-        .unwrap()
-        .der()
-        .to_vec()
+    send_mailbox(
+        tenant,
+        name,
+        format!("{name}@example.com"),
+        MailboxKind::Admin,
+    )
 }
 
 async fn renew(
@@ -382,6 +159,7 @@ fn issue_request(device: &str, mailbox: &str) -> pb::IssueAccessTokenRequest {
         device: device.to_owned(),
         mailbox: mailbox.to_owned(),
         purpose: pb::MailPurpose::Send as i32,
+        user_address: String::new(),
     }
 }
 
@@ -498,7 +276,7 @@ async fn an_enrollment_code_issues_one_certificate_for_its_agent() {
 #[tokio::test]
 async fn expired_garbage_and_bad_requests_do_not_enroll() {
     let broker = Broker::start(true, None).await;
-    let code = broker.code("acme", "site-a").await;
+    let code = broker.enrollment_code("acme", "site-a").await;
     let mut client = broker.broker_client(broker.anonymous());
 
     // A bad CSR is refused without spending the code.
@@ -573,7 +351,7 @@ async fn expired_garbage_and_bad_requests_do_not_enroll() {
 #[tokio::test]
 async fn of_concurrent_enrollments_with_one_code_exactly_one_wins() {
     let broker = Broker::start(true, None).await;
-    let code = broker.code("acme", "site-a").await;
+    let code = broker.enrollment_code("acme", "site-a").await;
     let attempts = (0..8).map(|_| {
         let mut client = broker.broker_client(broker.anonymous());
         let code = code.clone();

@@ -6,11 +6,11 @@
 // Test helpers panic on setup failures: that is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
+mod support;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tempfile::TempDir;
 use time::OffsetDateTime;
 use tokenfleet_broker::admin::AdminService;
 use tokenfleet_broker::api_keys;
@@ -20,93 +20,35 @@ use tokenfleet_broker::tokens::grant::{
     GrantField, GrantRecord, grant_key, open_field, seal_field,
 };
 use tokenfleet_broker::tokens::issue::issue;
-use tokenfleet_broker::tokens::lifecycle::{Revocation, TokenConfig, TokenError, TokenService};
+use tokenfleet_broker::tokens::lifecycle::{Revocation, TokenError, TokenService};
 use tokenfleet_broker::tokens::scheduler::{
-    REFRESH_SCHEDULE, RefreshScheduler, SchedulerConfig, member, schedule_refresh, unix_ms,
+    REFRESH_SCHEDULE, RefreshScheduler, member, schedule_refresh, unix_ms,
 };
 use tokenfleet_domain::{
     Clock, Device, GrantType, MailPurpose, Mailbox, MailboxKind, Provider, ProviderKind, Role,
-    SenderMode, Stamps, Tenant, TokenState, TokenStatus,
+    SenderMode, Stamps, TokenState, TokenStatus,
 };
 use tokenfleet_proto::v1 as pb;
-use tokenfleet_proto::v1::admin_client::AdminClient;
 use tokenfleet_proto::v1::admin_server::AdminServer;
 use tokenfleet_providers::{ProviderClient, ProviderSettings};
 use tokenfleet_seal::{Keyring, Secret};
-use tokenfleet_store::embedded::EmbeddedStore;
-use tokenfleet_store::redis_store::{RedisConfig, RedisStore};
-use tokenfleet_store::{Precondition, Scope, Store};
+use tokenfleet_store::{Precondition, Scope};
 use tokenfleet_testkit::fake_idp::{ClientSpec, Endpoint, FakeIdp, ScriptedResponse};
-use tokenfleet_testkit::redis::RedisServer;
+
+use support::{
+    Admin, Backend, IdpEnv, ManualClock, StoreHome, eventually, idp_env, serve_plaintext,
+    token_config,
+};
 
 const TENANT: &str = "acme";
 const PROVIDER: &str = "m365";
 const CLIENT_ID: &str = "app-lifecycle";
 const CLIENT_SECRET: &str = "client-secret-lifecycle-do-not-leak";
-const ENTRA_TENANT: &str = "contoso.example";
 const REDIRECT: &str = "http://127.0.0.1:9/oauth/callback";
 
 // ----------------------------------------------------------------------------------------------
 // Harness
 // ----------------------------------------------------------------------------------------------
-
-/// A clock the test moves by hand.
-#[derive(Debug)]
-struct ManualClock(Mutex<OffsetDateTime>);
-
-impl ManualClock {
-    fn new() -> Arc<Self> {
-        Arc::new(Self(Mutex::new(OffsetDateTime::now_utc())))
-    }
-    fn advance(&self, by: Duration) {
-        *self.0.lock().unwrap() += by;
-    }
-    fn set(&self, to: OffsetDateTime) {
-        *self.0.lock().unwrap() = to;
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> OffsetDateTime {
-        *self.0.lock().unwrap()
-    }
-}
-
-fn keyring(key: &str) -> Keyring {
-    Keyring::from_base64("k1", [("k1", key)]).unwrap()
-}
-
-fn config() -> TokenConfig {
-    TokenConfig {
-        provider_timeout: Duration::from_secs(5),
-        lease_ttl: Duration::from_secs(10),
-        scheduler: SchedulerConfig {
-            interval: Duration::from_millis(20),
-            batch: 64,
-            concurrency: 8,
-        },
-        ..TokenConfig::default()
-    }
-}
-
-/// Polls `check` until it returns `Some`, failing after `within`.
-async fn eventually<T>(
-    what: &str,
-    within: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 struct Env {
     fake: FakeIdp,
@@ -115,100 +57,26 @@ struct Env {
     kind: ProviderKind,
     /// The sealing key (`k1`), base64.
     key: String,
-    _dir: Option<TempDir>,
-    _redis: Option<RedisServer>,
-}
-
-enum Backend {
-    Embedded,
-    Redis,
+    store: StoreHome,
 }
 
 impl Env {
     async fn start(backend: Backend, kind: ProviderKind, clock: Arc<dyn Clock>) -> Env {
-        tokenfleet_testkit::logs::capture();
-        tokenfleet_testkit::logs::secret(CLIENT_SECRET);
-        let (store, dir, redis): (Arc<dyn Store>, _, _) = match backend {
-            Backend::Embedded => {
-                let dir = tempfile::tempdir().unwrap();
-                let store = EmbeddedStore::open(dir.path().join("store.redb"))
-                    .await
-                    .unwrap();
-                (Arc::new(store), Some(dir), None)
-            }
-            Backend::Redis => {
-                let redis = RedisServer::start().await.unwrap();
-                let store = RedisStore::connect(&RedisConfig::standalone(redis.url()))
-                    .await
-                    .unwrap();
-                (Arc::new(store), None, Some(redis))
-            }
-        };
-        let key = Keyring::generate_key_base64().unwrap();
-        let state = BrokerState {
-            store,
-            keyring: Arc::new(keyring(&key)),
-            clock,
-        };
-        let fake = FakeIdp::start().await.unwrap();
-        fake.register_client(ClientSpec::confidential(CLIENT_ID, CLIENT_SECRET));
-        let records = Records::new(state.store.as_ref());
-        let now = state.clock.now();
-        records
-            .put(
-                &Tenant {
-                    name: TENANT.into(),
-                    display_name: "Acme".into(),
-                    stamps: Stamps::new(now),
-                },
-                Precondition::Absent,
-            )
-            .await
-            .unwrap();
-        let endpoints = match kind {
-            ProviderKind::Google => fake.google_endpoints(),
-            _ => fake.microsoft_endpoints(ENTRA_TENANT),
-        };
-        let secret = state
-            .keyring
-            .seal_secret(
-                &Provider::client_secret_aad(TENANT, PROVIDER),
-                &Secret::new(CLIENT_SECRET),
-            )
-            .unwrap();
-        records
-            .put(
-                &Provider {
-                    tenant: TENANT.into(),
-                    name: PROVIDER.into(),
-                    kind,
-                    authority: if kind == ProviderKind::Microsoft {
-                        ENTRA_TENANT.into()
-                    } else {
-                        String::new()
-                    },
-                    client_id: CLIENT_ID.into(),
-                    client_secret: Some(secret),
-                    endpoints,
-                    http_proxy: String::new(),
-                    extra_ca_pem: String::new(),
-                    scopes: vec![],
-                    service_account_key: None,
-                    stamps: Stamps::new(now),
-                },
-                Precondition::Absent,
-            )
-            .await
-            .unwrap();
-        let service = TokenService::new(state.clone(), config());
+        let client = ClientSpec::confidential(CLIENT_ID, CLIENT_SECRET);
+        let IdpEnv {
+            fake,
+            state,
+            key,
+            home,
+        } = idp_env(backend, clock, client, TENANT, PROVIDER, kind).await;
+        let service = TokenService::new(state.clone(), token_config());
         Env {
             fake,
             state,
             service,
             kind,
             key,
-            _dir: dir,
-            _redis: redis,
+            store: home,
         }
     }
 
@@ -836,7 +704,7 @@ async fn no_token_is_stored_in_plaintext_and_sealed_tokens_do_not_move() {
         raw.iter()
             .any(|r| r.windows(5).any(|w| w == b"grant" || w == b"scan@"))
     );
-    let file = std::fs::read(env._dir.as_ref().unwrap().path().join("store.redb")).unwrap();
+    let file = std::fs::read(env.store.dir.as_ref().unwrap().path().join("store.redb")).unwrap();
     raw.push(file);
     for secret in &secrets {
         for bytes in &raw {
@@ -941,6 +809,7 @@ async fn add_device(env: &Env, name: &str, mode: SenderMode, mailboxes: &[&str])
                 smtp: Default::default(),
                 fetch: Default::default(),
                 ingress: Default::default(),
+                user_provider: String::new(),
                 stamps: Stamps::new(env.now()),
             },
             Precondition::Absent,
@@ -1259,38 +1128,11 @@ async fn deleting_a_microsoft_token_wipes_it_without_revocation() {
 // Admin RPCs
 // ----------------------------------------------------------------------------------------------
 
-type Admin =
-    AdminClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
-
-#[derive(Clone)]
-struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        r.metadata_mut().insert("authorization", self.0.clone());
-        Ok(r)
-    }
-}
-
 async fn admin_client(env: &Env, role: Role) -> (Admin, tokio::sync::oneshot::Sender<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let service = AdminServer::new(
         AdminService::new(env.state.clone()).with_token_service(env.service.clone()),
     );
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async {
-                    let _ = rx.await;
-                },
-            )
-            .await
-            .unwrap();
-    });
+    let (addr, tx, _) = serve_plaintext(tonic::service::Routes::new(service)).await;
     let tenant = (role != Role::FleetAdmin).then_some(TENANT);
     let (_, key) = api_keys::create(&env.state, role, tenant, "test")
         .await
@@ -1299,8 +1141,7 @@ async fn admin_client(env: &Env, role: Role) -> (Admin, tokio::sync::oneshot::Se
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_lazy();
-    let header = format!("Bearer {}", key.expose()).parse().unwrap();
-    (AdminClient::with_interceptor(channel, Bearer(header)), tx)
+    (support::admin_client(channel, Some(key.expose())), tx)
 }
 
 #[tokio::test]
@@ -1699,7 +1540,7 @@ async fn reseal_moves_grant_secrets_to_the_new_key() {
         open(GrantField::AccessToken, g.access_token.as_ref().unwrap()),
         at
     );
-    let service = TokenService::new(only_k2, config());
+    let service = TokenService::new(only_k2, token_config());
     service.refresh_now(TENANT, "scan").await.unwrap();
     assert_eq!(env.refreshes(), vec![rt]);
 }

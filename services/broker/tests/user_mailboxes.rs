@@ -1,249 +1,62 @@
 //! Issuance limits for agents and user mailboxes: the per-agent `IssueAccessToken` rate limit
 //! over a real broker (`server::serve` over TLS on 127.0.0.1, embedded store), and the deletion
 //! of idle user tokens by the refresh scheduler's per-mailbox step, under a controlled clock.
+//!
+//! User mailboxes of `login_user` / `allow_user_change` devices over the same real broker, with
+//! the fake identity provider: created on demand by `user_address` (exactly once under
+//! concurrency), answered with "consent required" (device code for Microsoft, authorization URL
+//! for Google) until the person consents, then a token; the sender-mode refusals; every outcome
+//! audited.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
+mod support;
 
-use rcgen::{CertificateParams, KeyPair};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use time::OffsetDateTime;
-use tokenfleet_broker::api_keys;
 use tokenfleet_broker::config::RawConfig;
 use tokenfleet_broker::records::Records;
-use tokenfleet_broker::server;
 use tokenfleet_broker::state::BrokerState;
+use tokenfleet_broker::tokens::consent;
 use tokenfleet_broker::tokens::grant::{GrantField, GrantRecord, grant_key, seal_field};
+use tokenfleet_broker::tokens::issue::{
+    CONSENT_REQUIRED_RESULT, ISSUE_ACTION, MAILBOX_CREATE_ACTION, MAILBOX_UPDATE_ACTION,
+    user_mailbox_name,
+};
 use tokenfleet_broker::tokens::lifecycle::{IDLE_DELETE_ACTION, TokenConfig, TokenService};
 use tokenfleet_domain::{
-    Clock, Device, GrantType, MailPurpose, Mailbox, MailboxKind, Role, SenderMode, Stamps, Tenant,
-    TokenStatus,
+    AuditEvent, Clock, Device, GrantType, MailPurpose, Mailbox, MailboxKind, ProviderKind,
+    SenderMode, TokenStatus,
 };
 use tokenfleet_proto::v1 as pb;
-use tokenfleet_proto::v1::admin_client::AdminClient;
-use tokenfleet_proto::v1::token_broker_client::TokenBrokerClient;
-use tokenfleet_seal::{Keyring, Secret};
-use tokenfleet_store::embedded::EmbeddedStore;
+use tokenfleet_seal::Secret;
 use tokenfleet_store::{Precondition, Scope};
+use tokenfleet_testkit::fake_idp::{ClientSpec, Endpoint as IdpEndpoint, FakeIdp};
 use tonic::Code;
-use tonic::metadata::MetadataValue;
-use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use support::{
+    Backend, Broker, Launch, ShiftedClock, fake_provider, fixed_admin_device, send_mailbox,
+};
 
 // ----------------------------------------------------------------------------------------------
 // Harness
 // ----------------------------------------------------------------------------------------------
 
-/// The system clock moved by an offset the test sets.
-#[derive(Debug, Default)]
-struct ShiftedClock(AtomicI64);
-
-impl ShiftedClock {
-    fn advance(&self, by: Duration) {
-        self.0.fetch_add(by.as_secs() as i64, Ordering::SeqCst);
-    }
-}
-
-impl Clock for ShiftedClock {
-    fn now(&self) -> OffsetDateTime {
-        OffsetDateTime::now_utc() + time::Duration::seconds(self.0.load(Ordering::SeqCst))
-    }
-}
-
-#[derive(Clone)]
-struct Bearer(MetadataValue<tonic::metadata::Ascii>);
-
-impl Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
-
-type Admin = AdminClient<InterceptedService<Channel, Bearer>>;
-
-fn state_in(dir: &std::path::Path, clock: Arc<ShiftedClock>) -> impl Future<Output = BrokerState> {
-    let path = dir.join("store.redb");
-    async move {
-        let key = Keyring::generate_key_base64().unwrap();
-        BrokerState {
-            store: Arc::new(EmbeddedStore::open(path).await.unwrap()),
-            keyring: Arc::new(Keyring::from_base64("k1", [("k1", key.as_str())]).unwrap()),
-            clock,
-        }
-    }
-}
-
-async fn put_tenant(state: &BrokerState, name: &str) {
-    let tenant = Tenant {
-        name: name.to_owned(),
-        display_name: name.to_owned(),
-        stamps: Stamps::new(OffsetDateTime::now_utc()),
-    };
-    Records::new(state.store.as_ref())
-        .put(&tenant, Precondition::Any)
-        .await
-        .unwrap();
-}
-
-/// A broker serving over TLS on 127.0.0.1; stopped on drop.
-struct Broker {
-    state: BrokerState,
-    addr: SocketAddr,
-    server_ca: String,
-    admin_key: Secret,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        self.task.abort();
-    }
-}
-
 impl Broker {
+    /// A broker over TLS with tenant `acme`, `edit` applied to its configuration.
     async fn start(edit: impl FnOnce(&mut RawConfig)) -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        let mut raw = RawConfig {
-            state_dir: dir.path().to_path_buf(),
-            shutdown_grace_seconds: 1,
-            ..RawConfig::default()
-        };
-        let (cert, key) = tokenfleet_broker::dev::ensure_dev_tls(dir.path()).unwrap();
-        raw.tls.cert_file = Some(cert);
-        raw.tls.key_file = Some(key);
-        edit(&mut raw);
-        let config = raw.validate().unwrap();
-        let state = state_in(dir.path(), Arc::new(ShiftedClock::default())).await;
-        let (_, admin_key) = api_keys::create(&state, Role::FleetAdmin, None, "test".to_owned())
-            .await
-            .unwrap();
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = grpc.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let serving = state.clone();
-        let task = tokio::spawn(async move {
-            server::serve(config, serving, grpc, http, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        let server_ca =
-            std::fs::read_to_string(dir.path().join(tokenfleet_broker::dev::DEV_CA_CERT_FILE))
-                .unwrap();
-        let broker = Broker {
-            state,
-            addr,
-            server_ca,
-            admin_key,
-            stop: Some(stop),
-            task,
-            _dir: dir,
-        };
-        put_tenant(&broker.state, "acme").await;
+        tokenfleet_testkit::logs::capture();
+        let broker = Broker::launch(Launch::tls(), edit).await;
+        broker.put_tenant("acme").await;
         broker
-    }
-
-    fn endpoint(&self) -> Endpoint {
-        Endpoint::from_shared(format!("https://{}", self.addr))
-            .unwrap()
-            .timeout(Duration::from_secs(20))
-    }
-
-    fn anonymous(&self) -> Channel {
-        self.endpoint()
-            .tls_config(
-                ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(self.server_ca.clone())),
-            )
-            .unwrap()
-            .connect_lazy()
-    }
-
-    fn with_certificate(&self, cert_pem: &str, key: &KeyPair) -> Channel {
-        self.endpoint()
-            .tls_config(
-                ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(self.server_ca.clone()))
-                    .identity(Identity::from_pem(cert_pem, key.serialize_pem())),
-            )
-            .unwrap()
-            .connect_lazy()
-    }
-
-    fn admin(&self) -> Admin {
-        let mut value: MetadataValue<_> = format!("Bearer {}", self.admin_key.expose())
-            .parse()
-            .unwrap();
-        value.set_sensitive(true);
-        AdminClient::with_interceptor(self.anonymous(), Bearer(value))
-    }
-
-    /// Enrolls `agent` of `acme` and returns a client that presents its new certificate.
-    async fn enrolled(&self, agent: &str) -> TokenBrokerClient<Channel> {
-        let code = self
-            .admin()
-            .create_enrollment_code(pb::CreateEnrollmentCodeRequest {
-                tenant: "acme".to_owned(),
-                agent: agent.to_owned(),
-                display_name: format!("site {agent}"),
-                ttl_seconds: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .code;
-        let key = KeyPair::generate().unwrap();
-        let csr = CertificateParams::default()
-            .serialize_request(&key)
-            .unwrap()
-            .der()
-            .to_vec();
-        let cert = TokenBrokerClient::new(self.anonymous())
-            .enroll(pb::EnrollRequest {
-                code,
-                csr_der: csr,
-                software_version: "1.2.3".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        TokenBrokerClient::new(self.with_certificate(&cert.certificate_pem, &key))
     }
 
     /// Device `name` hosted by `agent`, fixed_admin with admin mailbox `scan` (no grant).
     async fn put_device(&self, name: &str, agent: &str) {
         let records = Records::new(self.state.store.as_ref());
-        let device = Device {
-            tenant: "acme".into(),
-            name: name.into(),
-            display_name: String::new(),
-            agent: agent.into(),
-            sender_mode: SenderMode::FixedAdmin,
-            admin_mailbox: "scan".into(),
-            bulk_mailbox: String::new(),
-            allowed_mailboxes: Vec::new(),
-            smtp: Default::default(),
-            fetch: Default::default(),
-            ingress: Default::default(),
-            stamps: Stamps::new(OffsetDateTime::now_utc()),
-        };
+        let device = fixed_admin_device("acme", name, agent);
         records.put(&device, Precondition::Any).await.unwrap();
         records
             .put(&mailbox("scan", MailboxKind::Admin), Precondition::Any)
@@ -253,18 +66,7 @@ impl Broker {
 }
 
 fn mailbox(name: &str, kind: MailboxKind) -> Mailbox {
-    Mailbox {
-        tenant: "acme".into(),
-        name: name.into(),
-        address: format!("{name}@example.com"),
-        provider: "m365".into(),
-        grant_type: GrantType::DelegatedDeviceCode,
-        kind,
-        purposes: vec![MailPurpose::Send],
-        disabled: false,
-        token: Default::default(),
-        stamps: Stamps::new(OffsetDateTime::now_utc()),
-    }
+    send_mailbox("acme", name, format!("{name}@example.com"), kind)
 }
 
 fn issue_request(device: &str) -> pb::IssueAccessTokenRequest {
@@ -272,6 +74,7 @@ fn issue_request(device: &str) -> pb::IssueAccessTokenRequest {
         device: device.to_owned(),
         mailbox: "scan".to_owned(),
         purpose: pb::MailPurpose::Send as i32,
+        ..Default::default()
     }
 }
 
@@ -286,8 +89,8 @@ async fn issue_access_token_is_rate_limited_per_agent() {
         raw.agents.issue_burst = 2;
     })
     .await;
-    let mut a = broker.enrolled("site-a").await;
-    let mut b = broker.enrolled("site-b").await;
+    let mut a = broker.agent_client("acme", "site-a").await;
+    let mut b = broker.agent_client("acme", "site-b").await;
     broker.put_device("mfp-a", "site-a").await;
     broker.put_device("mfp-b", "site-b").await;
 
@@ -365,10 +168,9 @@ async fn grant(state: &BrokerState, name: &str) -> GrantRecord {
 
 #[tokio::test]
 async fn idle_user_tokens_are_deleted_instead_of_refreshed() {
-    let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ShiftedClock::default());
-    let state = state_in(dir.path(), clock.clone()).await;
-    put_tenant(&state, "acme").await;
+    let (state, _key, _store) = support::open_state(Backend::Embedded, clock.clone()).await;
+    support::put_tenant(&state, "acme", "acme").await;
     let records = Records::new(state.store.as_ref());
     for (name, kind) in [
         ("user-alice", MailboxKind::User),
@@ -423,4 +225,489 @@ async fn idle_user_tokens_are_deleted_instead_of_refreshed() {
     assert!(deletions[0].1.detail.contains("30 idle days"));
     // Nothing more to delete.
     assert!(!service.delete_if_idle("acme", "user-alice").await.unwrap());
+}
+
+// ----------------------------------------------------------------------------------------------
+// User mailboxes
+// ----------------------------------------------------------------------------------------------
+
+const CLIENT_ID: &str = "11111111-2222-3333-4444-555555555555";
+const CLIENT_SECRET: &str = "user-mailboxes-client-secret";
+const ALICE: &str = "alice.smith@contoso.example";
+const BOB: &str = "bob@contoso.example";
+
+/// The fake identity provider with the users and the app, and providers `m365` (Microsoft) and
+/// `gws` (Google) in tenant `acme` pointing at it.
+async fn idp(broker: &Broker) -> FakeIdp {
+    let fake = FakeIdp::start().await.unwrap();
+    for user in [ALICE, BOB] {
+        fake.add_user(user);
+    }
+    let client = ClientSpec::confidential(CLIENT_ID, CLIENT_SECRET);
+    fake.set_device_interval(1);
+    for (name, kind) in [
+        ("m365", ProviderKind::Microsoft),
+        ("gws", ProviderKind::Google),
+    ] {
+        let provider = fake_provider(&broker.state, &fake, &client, "acme", name, kind);
+        broker
+            .records()
+            .put(&provider, Precondition::Absent)
+            .await
+            .unwrap();
+    }
+    fake.register_client(client);
+    fake
+}
+
+/// Device `name` hosted by `agent` in `mode` with user provider `provider` (may be empty),
+/// admin mailbox `scan` and allowed mailbox `shared` (both exist, without grants).
+async fn put_user_device(
+    broker: &Broker,
+    name: &str,
+    agent: &str,
+    mode: SenderMode,
+    provider: &str,
+) {
+    broker.put_device(name, agent).await;
+    let records = Records::new(broker.state.store.as_ref());
+    records
+        .put(&mailbox("shared", MailboxKind::Bulk), Precondition::Any)
+        .await
+        .unwrap();
+    let key = tokenfleet_broker::records::device_key("acme", name);
+    let mut device = records.get::<Device>(&key).await.unwrap().unwrap().value;
+    device.sender_mode = mode;
+    device.user_provider = provider.to_owned();
+    device.allowed_mailboxes = vec!["shared".into()];
+    records.put(&device, Precondition::Any).await.unwrap();
+}
+
+fn user_request(device: &str, user: &str) -> pb::IssueAccessTokenRequest {
+    pb::IssueAccessTokenRequest {
+        device: device.to_owned(),
+        mailbox: String::new(),
+        purpose: pb::MailPurpose::Send as i32,
+        user_address: user.to_owned(),
+    }
+}
+
+/// The user mailboxes of `acme`.
+async fn user_mailboxes(state: &BrokerState) -> Vec<Mailbox> {
+    Records::new(state.store.as_ref())
+        .list_all::<Mailbox>(&Scope::Tenant("acme".into()))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.value)
+        .filter(|m| m.kind == MailboxKind::User)
+        .collect()
+}
+
+async fn audit_events(state: &BrokerState) -> Vec<AuditEvent> {
+    tokenfleet_broker::audit::list(state, &Scope::Tenant("acme".into()), None, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect()
+}
+
+/// Issuance audit results for mailbox target `mailbox`, oldest first.
+async fn issue_results(state: &BrokerState, mailbox: &str) -> Vec<String> {
+    let target = format!("tenants/acme/mailboxes/{mailbox}");
+    let mut results: Vec<(OffsetDateTime, String)> = audit_events(state)
+        .await
+        .into_iter()
+        .filter(|e| e.action == ISSUE_ACTION && e.target == target)
+        .map(|e| (e.time, e.result))
+        .collect();
+    results.sort();
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Waits (with a deadline) until the mailbox's grant is ACTIVE.
+async fn wait_active(state: &BrokerState, mailbox: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let grant = consent::load_grant(state, "acme", mailbox)
+            .await
+            .unwrap()
+            .grant;
+        if grant.state.status == TokenStatus::Active {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the grant of {mailbox} did not become active: {:?}",
+            grant.state
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn token_of(response: &pb::IssueAccessTokenResponse) -> &str {
+    assert!(
+        response.consent_required.is_none(),
+        "expected a token, got consent_required"
+    );
+    assert!(!response.access_token.is_empty());
+    tokenfleet_testkit::logs::secret(&response.access_token);
+    &response.access_token
+}
+
+#[tokio::test]
+async fn a_user_mailbox_is_created_on_demand_and_consented_by_device_code() {
+    let broker = Broker::start(|_| {}).await;
+    let fake = idp(&broker).await;
+    let mut agent = broker.agent_client("acme", "site-a").await;
+    put_user_device(&broker, "kiosk", "site-a", SenderMode::LoginUser, "m365").await;
+    let name = user_mailbox_name(ALICE);
+
+    // First request: the mailbox is created and a device-code consent started.
+    let first = agent
+        .issue_access_token(user_request("kiosk", ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.mailbox, name);
+    assert!(first.access_token.is_empty() && first.expire_time.is_none());
+    let consent = first.consent_required.clone().expect("consent_required");
+    assert_eq!(consent.mailbox, name);
+    assert!(!consent.user_code.is_empty());
+    assert!(consent.verification_uri.starts_with("http"), "{consent:?}");
+    assert!(!consent.message.is_empty());
+    assert!(consent.authorization_url.is_empty());
+    let expires = consent.expire_time.unwrap();
+    assert!(expires.seconds > OffsetDateTime::now_utc().unix_timestamp());
+
+    let mailboxes = user_mailboxes(&broker.state).await;
+    assert_eq!(mailboxes.len(), 1, "{mailboxes:?}");
+    let m = &mailboxes[0];
+    assert_eq!(
+        (m.name.as_str(), m.address.as_str(), m.provider.as_str()),
+        (name.as_str(), ALICE, "m365")
+    );
+    assert_eq!(m.grant_type, GrantType::DelegatedDeviceCode);
+    assert_eq!(m.purposes, vec![MailPurpose::Send]);
+
+    // Second request: the same pending code; one start at the provider, still one mailbox.
+    let second = agent
+        .issue_access_token(user_request("kiosk", ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.consent_required, first.consent_required);
+    assert_eq!(fake.requests_to(IdpEndpoint::MicrosoftDeviceCode).len(), 1);
+    assert_eq!(user_mailboxes(&broker.state).await.len(), 1);
+    // Naming the user's own mailbox is the same request.
+    let mut named = user_request("kiosk", ALICE);
+    named.mailbox = name.clone();
+    let third = agent.issue_access_token(named).await.unwrap().into_inner();
+    assert_eq!(third.consent_required, first.consent_required);
+
+    // The person signs in; the broker's poller stores the grant; the next request gets a token.
+    fake.approve_device_code(&consent.user_code, ALICE).unwrap();
+    wait_active(&broker.state, &name).await;
+    let issued = agent
+        .issue_access_token(user_request("kiosk", ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    token_of(&issued);
+    assert_eq!(issued.sasl_username, ALICE);
+    assert_eq!(issued.mailbox, name);
+    assert!(issued.expire_time.is_some());
+
+    // A new purpose is added to the mailbox; the grant lacks its scope, so the person consents
+    // again (a new code), this time for both.
+    let mut fetch = user_request("kiosk", ALICE);
+    fetch.purpose = pb::MailPurpose::Pop as i32;
+    let again = agent.issue_access_token(fetch).await.unwrap().into_inner();
+    let renewed = again
+        .consent_required
+        .expect("consent_required for the new purpose");
+    assert_ne!(renewed.user_code, consent.user_code);
+    assert_eq!(
+        user_mailboxes(&broker.state).await[0].purposes,
+        vec![MailPurpose::Send, MailPurpose::Pop]
+    );
+    let scope = fake.requests_to(IdpEndpoint::MicrosoftDeviceCode)[1]
+        .param("scope")
+        .unwrap()
+        .to_owned();
+    assert!(
+        scope.contains("SMTP.Send") && scope.contains("POP.AccessAsUser.All"),
+        "{scope}"
+    );
+
+    // Audited: one creation by the agent, then consent_required ×3 and ok.
+    let events = audit_events(&broker.state).await;
+    let created: Vec<_> = events
+        .iter()
+        .filter(|e| e.action == MAILBOX_CREATE_ACTION)
+        .collect();
+    assert_eq!(created.len(), 1, "{events:?}");
+    assert_eq!(created[0].actor, "agent:acme/site-a");
+    assert_eq!(created[0].target, format!("tenants/acme/mailboxes/{name}"));
+    assert_eq!(
+        issue_results(&broker.state, &name).await,
+        vec![
+            CONSENT_REQUIRED_RESULT,
+            CONSENT_REQUIRED_RESULT,
+            CONSENT_REQUIRED_RESULT,
+            "ok",
+            CONSENT_REQUIRED_RESULT
+        ]
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.action == MAILBOX_UPDATE_ACTION && e.detail.contains("pop"))
+            .count(),
+        1,
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .filter(|e| e.action == ISSUE_ACTION)
+            .all(|e| e.actor == "agent:acme/site-a" && e.detail.contains("device `kiosk`")),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_google_user_mailbox_answers_with_an_authorization_url() {
+    let broker = Broker::start(|_| {}).await;
+    let fake = idp(&broker).await;
+    let mut agent = broker.agent_client("acme", "site-a").await;
+    put_user_device(&broker, "mfp", "site-a", SenderMode::AllowUserChange, "gws").await;
+    let name = user_mailbox_name(BOB);
+
+    let first = agent
+        .issue_access_token(user_request("mfp", BOB))
+        .await
+        .unwrap()
+        .into_inner();
+    let consent = first.consent_required.clone().expect("consent_required");
+    assert_eq!(first.mailbox, name);
+    assert!(consent.user_code.is_empty() && consent.verification_uri.is_empty());
+    let url = consent.authorization_url.clone();
+    assert!(url.starts_with(&fake.google_authorize_url()), "{url}");
+    assert!(url.contains("code_challenge="), "{url}");
+    let m = &user_mailboxes(&broker.state).await[0];
+    assert_eq!(m.grant_type, GrantType::DelegatedAuthCode);
+    assert_eq!(m.provider, "gws");
+
+    // Pending: the same URL again.
+    let second = agent
+        .issue_access_token(user_request("mfp", BOB))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.consent_required.unwrap().authorization_url, url);
+
+    // allow_user_change: another allowed mailbox by name is that mailbox (no grant yet: refused
+    // as before, not a consent); a mailbox outside the device's list is denied.
+    let mut other = user_request("mfp", BOB);
+    other.mailbox = "shared".into();
+    let err = agent.issue_access_token(other).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("shared"), "{}", err.message());
+    let mut other = user_request("mfp", BOB);
+    other.mailbox = "elsewhere".into();
+    let err = agent.issue_access_token(other).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // The person consents in the browser; the redirect completes the consent.
+    let redirect = fake.authorize_url(&url, BOB).unwrap();
+    consent::complete(&broker.state, "acme", &name, &redirect, "test")
+        .await
+        .unwrap();
+    let issued = agent
+        .issue_access_token(user_request("mfp", BOB))
+        .await
+        .unwrap()
+        .into_inner();
+    token_of(&issued);
+    assert_eq!(issued.sasl_username, BOB);
+    assert_eq!(
+        issue_results(&broker.state, &name).await,
+        vec![CONSENT_REQUIRED_RESULT, CONSENT_REQUIRED_RESULT, "ok"]
+    );
+    assert_eq!(
+        issue_results(&broker.state, "shared").await,
+        vec!["failed_precondition"]
+    );
+    assert_eq!(
+        issue_results(&broker.state, "elsewhere").await,
+        vec!["permission_denied"]
+    );
+}
+
+#[tokio::test]
+async fn concurrent_first_requests_create_one_mailbox_and_one_consent() {
+    let broker = Broker::start(|_| {}).await;
+    let fake = idp(&broker).await;
+    let agent = broker.agent_client("acme", "site-a").await;
+    put_user_device(&broker, "kiosk", "site-a", SenderMode::LoginUser, "m365").await;
+
+    let calls = (0..20).map(|_| {
+        let mut agent = agent.clone();
+        async move {
+            agent
+                .issue_access_token(user_request("kiosk", ALICE))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let codes: std::collections::BTreeSet<String> = answers
+        .iter()
+        .map(|a| {
+            a.consent_required
+                .as_ref()
+                .expect("consent_required")
+                .user_code
+                .clone()
+        })
+        .collect();
+    assert_eq!(codes.len(), 1, "{codes:?}");
+    assert_eq!(user_mailboxes(&broker.state).await.len(), 1);
+    assert_eq!(fake.requests_to(IdpEndpoint::MicrosoftDeviceCode).len(), 1);
+    let events = audit_events(&broker.state).await;
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.action == MAILBOX_CREATE_ACTION)
+            .count(),
+        1
+    );
+    assert_eq!(
+        issue_results(&broker.state, &user_mailbox_name(ALICE)).await,
+        vec![CONSENT_REQUIRED_RESULT; 20]
+    );
+}
+
+#[tokio::test]
+async fn sender_modes_limit_user_addresses() {
+    let broker = Broker::start(|_| {}).await;
+    let _fake = idp(&broker).await;
+    let mut agent = broker.agent_client("acme", "site-a").await;
+    broker.put_device("fixed", "site-a").await;
+    put_user_device(&broker, "kiosk", "site-a", SenderMode::LoginUser, "m365").await;
+    put_user_device(&broker, "bare", "site-a", SenderMode::LoginUser, "").await;
+    put_user_device(&broker, "gone", "site-a", SenderMode::LoginUser, "m365").await;
+    let name = user_mailbox_name(ALICE);
+
+    // fixed_admin with a user address: refused, naming the mode.
+    let err = agent
+        .issue_access_token(user_request("fixed", ALICE))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("fixed_admin"), "{}", err.message());
+
+    // login_user naming another mailbox than the user's own: refused.
+    let mut other = user_request("kiosk", ALICE);
+    other.mailbox = "scan".into();
+    let err = agent.issue_access_token(other).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains(&name), "{}", err.message());
+
+    // No user provider: FAILED_PRECONDITION naming device.user_provider.
+    let err = agent
+        .issue_access_token(user_request("bare", BOB))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("device.user_provider"),
+        "{}",
+        err.message()
+    );
+
+    // Not an address: INVALID_ARGUMENT naming user_address.
+    let err = agent
+        .issue_access_token(user_request("kiosk", "not an address"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("user_address"), "{}", err.message());
+
+    // A device hosted by another agent: refused before anything is created.
+    broker.agent_client("acme", "site-b").await;
+    put_user_device(&broker, "theirs", "site-b", SenderMode::LoginUser, "m365").await;
+    let err = agent
+        .issue_access_token(user_request("theirs", BOB))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(user_mailboxes(&broker.state).await.is_empty());
+
+    // Every refusal is audited.
+    let events = audit_events(&broker.state).await;
+    let results: Vec<(String, String)> = events
+        .iter()
+        .filter(|e| e.action == ISSUE_ACTION)
+        .map(|e| (e.result.clone(), e.detail.clone()))
+        .collect();
+    for (device, result) in [
+        ("fixed", "permission_denied"),
+        ("kiosk", "permission_denied"),
+        ("bare", "failed_precondition"),
+        ("kiosk", "invalid_argument"),
+        ("theirs", "permission_denied"),
+    ] {
+        assert!(
+            results
+                .iter()
+                .any(|(r, d)| r == result && d.contains(&format!("device `{device}`"))),
+            "no {result} for {device}: {results:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn user_providers_are_checked_references() {
+    let broker = Broker::start(|_| {}).await;
+    let _fake = idp(&broker).await;
+    let mut admin = broker.admin();
+    let device = |provider: &str| pb::Device {
+        tenant: "acme".into(),
+        name: "kiosk".into(),
+        sender_mode: pb::SenderMode::LoginUser as i32,
+        user_provider: provider.into(),
+        ..Default::default()
+    };
+    let err = admin
+        .create_device(pb::CreateDeviceRequest {
+            device: Some(device("nope")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("device.user_provider"),
+        "{}",
+        err.message()
+    );
+    admin
+        .create_device(pb::CreateDeviceRequest {
+            device: Some(device("m365")),
+        })
+        .await
+        .unwrap();
+    let err = admin
+        .delete_provider(pb::DeleteProviderRequest {
+            tenant: "acme".into(),
+            name: "m365".into(),
+            version: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("kiosk"), "{}", err.message());
 }

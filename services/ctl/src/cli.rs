@@ -6,12 +6,14 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::enums::{
-    FetchProtocol, GrantType, MailPurpose, MailboxKind, ProviderKind, SenderMode, TlsMode,
-    TlsVersion,
+    FetchProtocol, GrantType, MailPurpose, MailboxKind, ProviderKind, SendMethod, SenderMode,
+    TlsMode, TlsVersion,
 };
 
 /// Broker address used when neither `--broker` nor `TOKENFLEET_BROKER` is set.
-pub const DEFAULT_BROKER: &str = "http://127.0.0.1:50051";
+/// (`https://localhost`: the broker serves TLS, and `serve --dev` issues its certificate for
+/// `localhost`; the dev CA is found in `./tokenfleet-data/`.)
+pub const DEFAULT_BROKER: &str = "https://localhost:50051";
 
 const ENV_HELP: &str = "\
 Environment:
@@ -106,6 +108,9 @@ pub enum Command {
     /// Agents (site processes hosting devices).
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Fleet status: what the agents report about their devices.
+    #[command(subcommand)]
+    Fleet(crate::commands::fleet::FleetCommand),
     /// List audit events, newest first.
     Audit(AuditArgs),
     /// Show the role and tenant of the API key in use.
@@ -463,6 +468,8 @@ pub enum DeviceCommand {
         #[command(flatten)]
         version: VersionArg,
     },
+    /// Test a device's upstream connection from its agent (exit 0 only when the verdict is ok).
+    Test(crate::commands::fleet::DeviceTestArgs),
 }
 
 /// Settable fields of a device.
@@ -486,6 +493,10 @@ pub struct DeviceFields {
     /// Further mailbox the device may use (allow_user_change); repeat. Replaces the list on update.
     #[arg(long = "allowed-mailbox", value_name = "NAME")]
     pub allowed_mailboxes: Vec<String>,
+    /// Provider (in the same tenant) of the user mailboxes the broker creates on demand
+    /// (login_user, allow_user_change); "" unsets it.
+    #[arg(long, value_name = "NAME")]
+    pub user_provider: Option<String>,
 
     #[command(flatten)]
     pub smtp: SmtpFields,
@@ -529,6 +540,12 @@ pub struct SmtpFields {
     /// Highest TLS version for SMTP.
     #[arg(long, value_enum)]
     pub smtp_tls_max_version: Option<TlsVersion>,
+    /// How mail is sent upstream: SMTP submission, or the Graph / Gmail mail API.
+    #[arg(long, value_enum)]
+    pub smtp_method: Option<SendMethod>,
+    /// Mail API base URL override for graph / gmail_api ("" = the public endpoint).
+    #[arg(long, value_name = "URL")]
+    pub smtp_api_base_url: Option<String>,
 }
 
 /// Upstream fetch profile of a device.
@@ -609,7 +626,7 @@ pub struct DeviceClear {
     pub clear_fetch_extra_ca: bool,
 }
 
-const SMTP_FLAGS: [&str; 11] = [
+const SMTP_FLAGS: [&str; 13] = [
     "smtp_server",
     "smtp_port",
     "smtp_security",
@@ -620,6 +637,8 @@ const SMTP_FLAGS: [&str; 11] = [
     "smtp_extra_ca_file",
     "smtp_tls_min_version",
     "smtp_tls_max_version",
+    "smtp_method",
+    "smtp_api_base_url",
     "clear_smtp_extra_ca",
 ];
 

@@ -105,6 +105,18 @@ cli_enum!(
 );
 
 cli_enum!(
+    /// How a device's mail leaves the agent.
+    SendMethod => SendMethod {
+        /// SMTP submission with XOAUTH2.
+        Smtp = "smtp" => Smtp,
+        /// Microsoft Graph sendMail (tenants with SMTP AUTH off).
+        Graph = "graph" => Graph,
+        /// Gmail API messages.send.
+        GmailApi = "gmail_api" => GmailApi,
+    }
+);
+
+cli_enum!(
     /// TLS protocol version.
     TlsVersion => TlsVersion {
         /// TLS 1.2.
@@ -200,6 +212,16 @@ pub fn tls_mode_name(value: i32) -> String {
     wire_name(
         pb::TlsMode::try_from(value).ok().map(|v| v.as_str_name()),
         "TLS_MODE_",
+    )
+}
+
+/// Output name of a `SendMethod`.
+pub fn send_method_name(value: i32) -> String {
+    wire_name(
+        pb::SendMethod::try_from(value)
+            .ok()
+            .map(|v| v.as_str_name()),
+        "SEND_METHOD_",
     )
 }
 

@@ -14,7 +14,7 @@ use tokenfleet_proto::v1 as pb;
 
 use crate::enums::{
     fetch_protocol_name, grant_type_name, mail_purpose_name, mailbox_kind_name, provider_kind_name,
-    sender_mode_name, tls_mode_name, tls_version_name, token_status_name,
+    send_method_name, sender_mode_name, tls_mode_name, tls_version_name, token_status_name,
 };
 
 /// A wire timestamp as a date-time, if it is set and in range.
@@ -219,6 +219,8 @@ pub struct SmtpView {
     pub extra_ca_pem: String,
     pub tls_min_version: String,
     pub tls_max_version: String,
+    pub method: String,
+    pub api_base_url: String,
 }
 
 /// Upstream fetch settings of a device.
@@ -258,6 +260,7 @@ pub struct DeviceView {
     pub smtp: Option<SmtpView>,
     pub fetch: Option<FetchView>,
     pub ingress: Option<IngressView>,
+    pub user_provider: String,
     pub create_time: Option<String>,
     pub update_time: Option<String>,
     pub version: u64,
@@ -285,6 +288,8 @@ impl From<&pb::Device> for DeviceView {
                 extra_ca_pem: s.extra_ca_pem.clone(),
                 tls_min_version: tls_version_name(s.tls_min_version),
                 tls_max_version: tls_version_name(s.tls_max_version),
+                method: send_method_name(s.method),
+                api_base_url: s.api_base_url.clone(),
             }),
             fetch: d.fetch.as_ref().map(|f| FetchView {
                 protocol: fetch_protocol_name(f.protocol),
@@ -303,6 +308,7 @@ impl From<&pb::Device> for DeviceView {
                 password_set: i.password_set,
                 allowed_sources: i.allowed_sources.clone(),
             }),
+            user_provider: d.user_provider.clone(),
             create_time: rfc3339(d.create_time.as_ref()),
             update_time: rfc3339(d.update_time.as_ref()),
             version: d.version,

@@ -110,6 +110,15 @@ named_enum!(
 );
 
 named_enum!(
+    /// How a device's mail leaves the agent.
+    SendMethod {
+        Smtp => "smtp",
+        Graph => "graph",
+        GmailApi => "gmail_api",
+    }
+);
+
+named_enum!(
     /// TLS protocol version.
     TlsVersion {
         V1_2 => "1.2",
@@ -279,6 +288,9 @@ pub struct SmtpProfile {
     pub extra_ca_pem: String,
     pub tls_min_version: Option<TlsVersion>,
     pub tls_max_version: Option<TlsVersion>,
+    pub method: SendMethod,
+    /// Mail API base URL override (GRAPH / GMAIL_API); empty = the public endpoint.
+    pub api_base_url: String,
 }
 
 impl Default for SmtpProfile {
@@ -294,6 +306,8 @@ impl Default for SmtpProfile {
             extra_ca_pem: String::new(),
             tls_min_version: None,
             tls_max_version: None,
+            method: SendMethod::Smtp,
+            api_base_url: String::new(),
         }
     }
 }
@@ -364,6 +378,9 @@ pub struct Device {
     pub fetch: FetchProfile,
     #[serde(default)]
     pub ingress: IngressCredentials,
+    /// Provider used to create user mailboxes on demand (LOGIN_USER / ALLOW_USER_CHANGE).
+    #[serde(default)]
+    pub user_provider: String,
     pub stamps: Stamps,
 }
 

@@ -1,7 +1,7 @@
 //! Device RPCs. A device's agent and mailboxes must exist in its tenant. The ingress password is
 //! stored only as an Argon2id hash (PHC string).
 
-use tokenfleet_domain::{Agent, Device, Mailbox, Stamps};
+use tokenfleet_domain::{Agent, Device, Mailbox, Provider, Stamps};
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_seal::Secret;
 use tokenfleet_store::{Precondition, Scope, StoreError};
@@ -14,7 +14,7 @@ use super::{
 };
 use crate::authz::{Access, Principal, Target, authorize};
 use crate::convert::{self, DEVICE_FIELDS, SecretChange, UpdateMask};
-use crate::records::{CAS_ATTEMPTS, agent_key, device_key, mailbox_key};
+use crate::records::{CAS_ATTEMPTS, agent_key, device_key, mailbox_key, provider_key};
 use crate::state::BrokerState;
 
 fn what(tenant: &str, name: &str) -> String {
@@ -55,7 +55,7 @@ async fn hash_password(password: Secret) -> Result<String, Status> {
     }
 }
 
-/// The agent and every mailbox the device names exist in its tenant.
+/// The agent, every mailbox and the user provider the device names exist in its tenant.
 async fn check_references(state: &BrokerState, d: &Device) -> Result<(), Status> {
     let r = records(state);
     if !d.agent.is_empty()
@@ -69,6 +69,20 @@ async fn check_references(state: &BrokerState, d: &Device) -> Result<(), Status>
             format!(
                 "no agent `{}` in tenant `{}`; create it first",
                 d.agent, d.tenant
+            ),
+        ));
+    }
+    if !d.user_provider.is_empty()
+        && r.get::<Provider>(&provider_key(&d.tenant, &d.user_provider))
+            .await
+            .map_err(store_status)?
+            .is_none()
+    {
+        return Err(precondition(
+            "device.user_provider",
+            format!(
+                "no provider `{}` in tenant `{}`; create it first",
+                d.user_provider, d.tenant
             ),
         ));
     }

@@ -1,7 +1,7 @@
 //! Provider RPCs. Client secrets and service-account keys are sealed before they are stored,
 //! bound to the provider through the associated data, and never returned.
 
-use tokenfleet_domain::{Mailbox, Provider, Stamps};
+use tokenfleet_domain::{Device, Mailbox, Provider, Stamps};
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_seal::{Sealed, Secret};
 use tokenfleet_store::{Precondition, Scope, StoreError};
@@ -250,6 +250,16 @@ pub(super) async fn delete(
                 |m| m.name.as_str(),
                 "is still used by mailboxes",
                 "change or delete them first",
+            )
+            .await?;
+            refuse_if_referenced::<Device>(
+                state,
+                &req.tenant,
+                &what,
+                |d| d.user_provider == req.name,
+                |d| d.name.as_str(),
+                "is still the user provider of devices",
+                "change their `user_provider` or delete them first",
             )
             .await?;
             delete_record(state, &key, &what, req.version).await?;

@@ -50,6 +50,9 @@ pub struct AgentsSection {
     pub issue_rate_per_minute: u32,
     /// Calls an agent may make at once after a quiet period (at least 1).
     pub issue_burst: u32,
+    /// Seconds between an agent's status reports (1 to 3600; default 30). A device whose last
+    /// report is older than three heartbeats shows as UNKNOWN in the fleet status.
+    pub heartbeat_seconds: u32,
 }
 
 impl Default for AgentsSection {
@@ -60,6 +63,7 @@ impl Default for AgentsSection {
             ca_key_file: None,
             issue_rate_per_minute: 600,
             issue_burst: 60,
+            heartbeat_seconds: crate::fleet::DEFAULT_HEARTBEAT_SECONDS,
         }
     }
 }
@@ -85,6 +89,8 @@ pub struct AgentsConfig {
     pub ca: Option<Arc<AgentCa>>,
     /// Per-agent `IssueAccessToken` rate (per replica).
     pub issue_rate: Rate,
+    /// Seconds between an agent's status reports.
+    pub heartbeat_seconds: u32,
 }
 
 fn read(field: &str, path: &Path) -> Result<String, ConfigError> {
@@ -208,6 +214,16 @@ impl AgentsSection {
                 "must be at least 1".to_owned(),
             ));
         }
+        if !(1..=crate::fleet::MAX_HEARTBEAT_SECONDS).contains(&self.heartbeat_seconds) {
+            return Err(ConfigError::invalid(
+                "agents.heartbeat_seconds",
+                format!(
+                    "must be 1-{}, got {}",
+                    crate::fleet::MAX_HEARTBEAT_SECONDS,
+                    self.heartbeat_seconds
+                ),
+            ));
+        }
         Ok(AgentsConfig {
             certificate_lifetime: lifetime,
             ca,
@@ -215,6 +231,7 @@ impl AgentsSection {
                 per_minute: self.issue_rate_per_minute,
                 burst: self.issue_burst,
             },
+            heartbeat_seconds: self.heartbeat_seconds,
         })
     }
 }

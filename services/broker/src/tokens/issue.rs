@@ -2,33 +2,276 @@
 //!
 //! [`issue`] checks that the device exists in the tenant, that its sender mode lets it use the
 //! mailbox (`fixed_admin` → its admin mailbox only, `bulk` → its bulk mailbox only, `login_user`
-//! and `allow_user_change` → its allowed mailboxes), and that the mailbox serves the purpose; then
-//! it hands out [`TokenService::access_token`]. Every issuance, granted or refused, is audited
-//! (actor, device, mailbox, purpose, result; never the token).
+//! → its allowed mailboxes, `allow_user_change` → its allowed mailboxes and its admin mailbox),
+//! and that the mailbox serves the purpose; then it hands out [`TokenService::access_token`].
+//! Every issuance, granted or refused, is audited (actor, device, mailbox, purpose, result;
+//! never the token).
 //!
-//! Checking that the calling agent hosts the device needs agent identity, which arrives with
-//! agent enrollment; until then the agent-facing gRPC `IssueAccessToken` stays closed and only
-//! this domain function exists.
+//! [`issue_for_agent`] adds the user's own mailbox (`login_user` / `allow_user_change` devices,
+//! request field `user_address`):
+//!
+//! - The user mailbox has a deterministic name derived from the address, [`user_mailbox_name`]
+//!   (`user-<local part slug>-<10 hex digits of SHA-256 of the lower-cased address>`), so finding
+//!   it is one key lookup and concurrent first requests race on one key: the mailbox is created
+//!   with compare-and-set `Absent`, so exactly one is created (kind `user`, provider =
+//!   `device.user_provider`, grant type `delegated_device_code` for Microsoft providers and
+//!   `delegated_auth_code` for Google and generic ones, purposes = the requested one, more
+//!   added as they are asked for). The creation is audited as `mailbox.create` by the agent.
+//! - Without a usable grant (NOT_RETRIEVED, CONSENT_PENDING, REAUTH_REQUIRED) the answer is a
+//!   [`UserConsent`] instead of a token: the pending consent if one is pending (and not about to
+//!   expire), else a new one started with [`consent::start`] (device code: user code,
+//!   verification URI, message; auth code: the authorization URL, which is kept in a
+//!   `user-consent-url/<mailbox>` record because the grant keeps only its `state`). Starts are
+//!   serialized across replicas by the store lease `consent-start/<tenant>/<mailbox>`, so
+//!   concurrent requests share one start at the provider. Audited with result
+//!   `consent_required`.
+//! - Once the person consented (the device-code poller or the browser callback stored the
+//!   grant), the next request gets the token.
+//!
+//! Checking that the calling agent hosts the device is the caller's job
+//! ([`crate::token_broker`]), as is the per-agent rate limit.
 
-use tokenfleet_domain::{AuditEvent, Device, MailPurpose, Mailbox, SenderMode};
-use tokenfleet_store::Scope;
+use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use time::OffsetDateTime;
+use tokenfleet_domain::{
+    AuditEvent, Device, GrantType, MailPurpose, Mailbox, MailboxKind, Provider, ProviderKind,
+    SenderMode, Stamps, TokenStatus,
+};
+use tokenfleet_store::{Precondition, RecordKey, Scope, StoreError};
+use tonic::Status;
+
+use super::consent::{self, Challenge, ConsentError};
+use super::grant::PendingConsent;
 use super::lifecycle::{IssuedToken, TokenError, TokenService};
 use crate::audit;
-use crate::records::{Records, device_key, mailbox_key};
+use crate::records::{CAS_ATTEMPTS, Records, Versioned, device_key, mailbox_key, provider_key};
 
 /// Audit action of an issuance.
 pub const ISSUE_ACTION: &str = "token.issue";
+/// Audit action of a user mailbox created on demand.
+pub const MAILBOX_CREATE_ACTION: &str = "mailbox.create";
+/// Audit action of a purpose added to a user mailbox on demand.
+pub const MAILBOX_UPDATE_ACTION: &str = "mailbox.update";
+/// Audit result of an issuance answered with a consent for the person to complete.
+pub const CONSENT_REQUIRED_RESULT: &str = "consent_required";
+/// Collection (tenant scope) of [`UserConsentUrl`] records, id = mailbox name.
+pub const USER_CONSENT_URLS: &str = "user-consent-url";
+/// A pending consent with less than this left is replaced by a new one (the person would not
+/// make it in time).
+pub const PENDING_MIN_LEFT: Duration = Duration::from_secs(60);
+/// Prefix of user mailbox names.
+pub const USER_MAILBOX_PREFIX: &str = "user-";
 
-/// Whether `device`'s sender mode lets it use `mailbox`.
+/// First and largest pause while another request starts the consent.
+const START_WAIT_PAUSE: (Duration, Duration) =
+    (Duration::from_millis(20), Duration::from_millis(250));
+
+/// Whether `device`'s sender mode lets it use `mailbox` by name (user mailboxes found by
+/// address are checked by [`issue_for_agent`]).
 pub fn device_may_use(device: &Device, mailbox: &str) -> bool {
     match device.sender_mode {
         SenderMode::FixedAdmin => device.admin_mailbox == mailbox,
         SenderMode::Bulk => device.bulk_mailbox == mailbox,
-        SenderMode::LoginUser | SenderMode::AllowUserChange => {
-            device.allowed_mailboxes.iter().any(|m| m == mailbox)
+        SenderMode::LoginUser => device.allowed_mailboxes.iter().any(|m| m == mailbox),
+        SenderMode::AllowUserChange => {
+            (!device.admin_mailbox.is_empty() && device.admin_mailbox == mailbox)
+                || device.allowed_mailboxes.iter().any(|m| m == mailbox)
         }
     }
+}
+
+/// The name of the user mailbox of `address` (see the module documentation). Case-insensitive
+/// in the address; always a valid resource name.
+pub fn user_mailbox_name(address: &str) -> String {
+    let normalized = address.trim().to_ascii_lowercase();
+    let digest = Sha256::digest(normalized.as_bytes());
+    let hash: String = digest.iter().take(5).map(|b| format!("{b:02x}")).collect();
+    let local = normalized
+        .rsplit_once('@')
+        .map_or(normalized.as_str(), |(l, _)| l);
+    let mut slug = String::new();
+    for c in local.chars() {
+        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            c
+        } else {
+            '-'
+        };
+        if c == '-' && (slug.is_empty() || slug.ends_with('-')) {
+            continue;
+        }
+        slug.push(c);
+    }
+    // "user-" + slug + "-" + 10 hex digits ≤ 63 characters.
+    let room = tokenfleet_domain::MAX_NAME_LEN - USER_MAILBOX_PREFIX.len() - 1 - hash.len();
+    slug.truncate(room);
+    let slug = slug.trim_end_matches('-');
+    if slug.is_empty() {
+        format!("{USER_MAILBOX_PREFIX}{hash}")
+    } else {
+        format!("{USER_MAILBOX_PREFIX}{slug}-{hash}")
+    }
+}
+
+/// What the person at the device must do before the user mailbox has a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserConsent {
+    /// The user mailbox.
+    pub mailbox: String,
+    /// Device code flow: the code to enter at `verification_uri` (empty for auth code).
+    pub user_code: String,
+    /// Device code flow: where to enter it.
+    pub verification_uri: String,
+    /// When the code or the authorization request expires.
+    pub expires: OffsetDateTime,
+    /// The provider's instruction text (device code).
+    pub message: String,
+    /// Auth code flow: the URL to open (empty for device code).
+    pub authorization_url: String,
+}
+
+/// The authorization URL of an auth-code consent started for a user mailbox (not a secret: it
+/// is what the person's browser opens), with the `state` of the consent it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserConsentUrl {
+    /// Tenant.
+    pub tenant: String,
+    /// Mailbox.
+    pub mailbox: String,
+    /// OAuth `state` of the pending consent.
+    pub state: String,
+    /// The URL.
+    pub url: String,
+    /// When the consent expires.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires: OffsetDateTime,
+}
+
+fn consent_url_key(tenant: &str, mailbox: &str) -> RecordKey {
+    RecordKey::tenant(tenant, USER_CONSENT_URLS, mailbox)
+}
+
+/// The answer to an agent's request.
+#[derive(Debug, Clone)]
+pub enum Issued {
+    /// A token of `mailbox`.
+    Token {
+        /// The mailbox the token is for.
+        mailbox: String,
+        /// The token (`Debug` redacts it).
+        token: IssuedToken,
+    },
+    /// No token yet: the person must consent first.
+    ConsentRequired(UserConsent),
+}
+
+/// An agent's request, as [`issue_for_agent`] takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct IssueRequest<'a> {
+    /// Device name.
+    pub device: &'a str,
+    /// Mailbox name (may be empty when `user_address` is set).
+    pub mailbox: &'a str,
+    /// Address of the user signed in at the device (empty: none).
+    pub user_address: &'a str,
+    /// What the token is for.
+    pub purpose: MailPurpose,
+}
+
+/// Why [`issue_for_agent`] gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    /// From the token lifecycle (authorization, grant state, store).
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// The device or tenant is not set up for user mailboxes (names the field).
+    #[error("{0}")]
+    Precondition(String),
+    /// Starting the consent failed.
+    #[error(transparent)]
+    Consent(#[from] ConsentError),
+}
+
+impl From<StoreError> for IssueError {
+    fn from(e: StoreError) -> Self {
+        Self::Token(e.into())
+    }
+}
+
+impl IssueError {
+    /// The gRPC status for this error (internal details are logged, not sent).
+    pub fn to_status(&self) -> Status {
+        match self {
+            Self::Token(e) => e.to_status(),
+            Self::Precondition(m) => Status::failed_precondition(m.clone()),
+            Self::Consent(e) => match e {
+                ConsentError::NotFound(m) => Status::not_found(m.clone()),
+                ConsentError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
+                ConsentError::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
+                ConsentError::Unavailable(m) => Status::unavailable(m.clone()),
+                ConsentError::Conflict(m) => Status::aborted(m.clone()),
+                ConsentError::Store(_) | ConsentError::Seal { .. } => {
+                    tracing::error!(error = %e, "starting a user consent failed");
+                    Status::internal(
+                        "internal error while starting the consent (details in the broker log)",
+                    )
+                }
+            },
+        }
+    }
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Records one issuance outcome in the audit log (and the log). `detail` follows
+/// "device `d`, purpose p" (start it with `: ` or `; `).
+#[allow(clippy::too_many_arguments)]
+async fn audit_issue(
+    service: &TokenService,
+    actor: &str,
+    tenant: &str,
+    device: &str,
+    mailbox: &str,
+    purpose: MailPurpose,
+    outcome: &str,
+    detail: String,
+) {
+    let state = service.state();
+    let scope = if tokenfleet_domain::name("tenant", tenant).is_ok() {
+        Scope::Tenant(tenant.to_owned())
+    } else {
+        Scope::Global
+    };
+    let event = AuditEvent {
+        time: state.clock.now(),
+        actor: actor.to_owned(),
+        action: ISSUE_ACTION.to_owned(),
+        target: crate::admin::object_path(tenant, "mailboxes", mailbox),
+        tenant: crate::admin::shown(tenant),
+        result: outcome.to_owned(),
+        detail: format!(
+            "device `{}`, purpose {purpose}{detail}",
+            crate::admin::shown(device)
+        )
+        .chars()
+        .take(300)
+        .collect(),
+    };
+    match outcome {
+        "ok" => tracing::info!(tenant, device, mailbox, %purpose, actor, "access token issued"),
+        CONSENT_REQUIRED_RESULT => {
+            tracing::info!(tenant, device, mailbox, %purpose, actor, "access token not issued: consent required")
+        }
+        _ => {
+            tracing::info!(tenant, device, mailbox, %purpose, actor, result = outcome, "access token refused")
+        }
+    }
+    audit::record(state, &scope, event).await;
 }
 
 /// An access token for `device` to use `mailbox` for `purpose`, on behalf of `actor` (who asked,
@@ -42,54 +285,24 @@ pub async fn issue(
     purpose: MailPurpose,
 ) -> Result<IssuedToken, TokenError> {
     let result = authorize_and_issue(service, tenant, device, mailbox, purpose).await;
-    if result.is_ok()
-        && let Err(error) = service.record_issued(tenant, mailbox).await
-    {
+    let (outcome, detail) = match &result {
+        Ok(token) => {
+            record_issued(service, tenant, mailbox).await;
+            ("ok", format!("; token expires {}", rfc3339(token.expires)))
+        }
+        Err(e) => (audit::result_of(e.to_status().code()), format!(": {e}")),
+    };
+    audit_issue(
+        service, actor, tenant, device, mailbox, purpose, outcome, detail,
+    )
+    .await;
+    result
+}
+
+async fn record_issued(service: &TokenService, tenant: &str, mailbox: &str) {
+    if let Err(error) = service.record_issued(tenant, mailbox).await {
         tracing::warn!(%error, tenant, mailbox, "recording the issuance time failed");
     }
-    let state = service.state();
-    let (outcome, detail) = match &result {
-        Ok(token) => (
-            "ok",
-            format!(
-                "device `{device}`, purpose {purpose}; token expires {}",
-                token
-                    .expires
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default()
-            ),
-        ),
-        Err(e) => (
-            audit::result_of(e.to_status().code()),
-            format!("device `{device}`, purpose {purpose}: {e}")
-                .chars()
-                .take(300)
-                .collect(),
-        ),
-    };
-    let valid_tenant = tokenfleet_domain::name("tenant", tenant).is_ok();
-    let scope = if valid_tenant {
-        Scope::Tenant(tenant.to_owned())
-    } else {
-        Scope::Global
-    };
-    let event = AuditEvent {
-        time: state.clock.now(),
-        actor: actor.to_owned(),
-        action: ISSUE_ACTION.to_owned(),
-        target: crate::admin::object_path(tenant, "mailboxes", mailbox),
-        tenant: crate::admin::shown(tenant),
-        result: outcome.to_owned(),
-        detail,
-    };
-    match &result {
-        Ok(_) => tracing::info!(tenant, device, mailbox, %purpose, actor, "access token issued"),
-        Err(error) => {
-            tracing::info!(tenant, device, mailbox, %purpose, actor, %error, "access token refused")
-        }
-    }
-    audit::record(state, &scope, event).await;
-    result
 }
 
 async fn authorize_and_issue(
@@ -102,29 +315,53 @@ async fn authorize_and_issue(
     for (field, value) in [("tenant", tenant), ("device", device), ("mailbox", mailbox)] {
         tokenfleet_domain::name(field, value).map_err(|e| TokenError::Invalid(e.to_string()))?;
     }
-    let records = Records::new(service.state().store.as_ref());
-    let Some(d) = records.get::<Device>(&device_key(tenant, device)).await? else {
-        return Err(TokenError::Denied(format!(
-            "device `{device}` does not exist in tenant `{tenant}`"
-        )));
-    };
-    if !device_may_use(&d.value, mailbox) {
-        let allowed = match d.value.sender_mode {
-            SenderMode::FixedAdmin => format!("its admin mailbox `{}`", d.value.admin_mailbox),
-            SenderMode::Bulk => format!("its bulk mailbox `{}`", d.value.bulk_mailbox),
-            SenderMode::LoginUser | SenderMode::AllowUserChange => {
-                format!(
-                    "its allowed mailboxes [{}]",
-                    d.value.allowed_mailboxes.join(", ")
-                )
-            }
+    let d = load_device(service, tenant, device).await?;
+    if !device_may_use(&d, mailbox) {
+        let allowed = match d.sender_mode {
+            SenderMode::FixedAdmin => format!("its admin mailbox `{}`", d.admin_mailbox),
+            SenderMode::Bulk => format!("its bulk mailbox `{}`", d.bulk_mailbox),
+            SenderMode::LoginUser => format!(
+                "the user's own mailbox (by `user_address`) and its allowed mailboxes [{}]",
+                d.allowed_mailboxes.join(", ")
+            ),
+            SenderMode::AllowUserChange => format!(
+                "the user's own mailbox (by `user_address`), its admin mailbox `{}` and its allowed mailboxes [{}]",
+                d.admin_mailbox,
+                d.allowed_mailboxes.join(", ")
+            ),
         };
         return Err(TokenError::Denied(format!(
             "device `{device}` (sender mode {}) may use only {allowed}, not mailbox `{mailbox}`",
-            d.value.sender_mode
+            d.sender_mode
         )));
     }
-    let Some(m) = records
+    issue_mailbox(service, tenant, mailbox, purpose).await
+}
+
+async fn load_device(
+    service: &TokenService,
+    tenant: &str,
+    device: &str,
+) -> Result<Device, TokenError> {
+    Records::new(service.state().store.as_ref())
+        .get::<Device>(&device_key(tenant, device))
+        .await?
+        .map(|d| d.value)
+        .ok_or_else(|| {
+            TokenError::Denied(format!(
+                "device `{device}` does not exist in tenant `{tenant}`"
+            ))
+        })
+}
+
+/// The token of a mailbox the device may use: the mailbox must exist and serve `purpose`.
+async fn issue_mailbox(
+    service: &TokenService,
+    tenant: &str,
+    mailbox: &str,
+    purpose: MailPurpose,
+) -> Result<IssuedToken, TokenError> {
+    let Some(m) = Records::new(service.state().store.as_ref())
         .get::<Mailbox>(&mailbox_key(tenant, mailbox))
         .await?
     else {
@@ -149,6 +386,525 @@ async fn authorize_and_issue(
         .await
 }
 
+/// The answer to an agent's `IssueAccessToken`: [`issue`] when the request names no user, else
+/// the user's own mailbox (or, for `allow_user_change`, another mailbox the device may use);
+/// see the module documentation. `public_url` is the broker's HTTP base URL (auth-code
+/// consents redirect to `<public_url>/oauth/callback`). Every outcome is audited.
+pub async fn issue_for_agent(
+    service: &TokenService,
+    actor: &str,
+    tenant: &str,
+    req: &IssueRequest<'_>,
+    public_url: &str,
+) -> Result<Issued, IssueError> {
+    if req.user_address.is_empty() {
+        let token = issue(service, actor, tenant, req.device, req.mailbox, req.purpose).await?;
+        return Ok(Issued::Token {
+            mailbox: req.mailbox.to_owned(),
+            token,
+        });
+    }
+    // The audit target: the mailbox once it is known.
+    let mut target = if req.mailbox.is_empty() {
+        crate::admin::shown(req.user_address)
+    } else {
+        req.mailbox.to_owned()
+    };
+    let result = for_user(service, actor, tenant, req, public_url, &mut target).await;
+    let (outcome, detail) = match &result {
+        Ok(Issued::Token { token, .. }) => {
+            record_issued(service, tenant, &target).await;
+            ("ok", format!("; token expires {}", rfc3339(token.expires)))
+        }
+        Ok(Issued::ConsentRequired(c)) => (
+            CONSENT_REQUIRED_RESULT,
+            format!(
+                ": consent required for user `{}` ({}, expires {})",
+                crate::admin::shown(req.user_address),
+                if c.authorization_url.is_empty() {
+                    "device code"
+                } else {
+                    "authorization URL"
+                },
+                rfc3339(c.expires)
+            ),
+        ),
+        Err(e) => (audit::result_of(e.to_status().code()), format!(": {e}")),
+    };
+    audit_issue(
+        service,
+        actor,
+        tenant,
+        req.device,
+        &target,
+        req.purpose,
+        outcome,
+        detail,
+    )
+    .await;
+    result
+}
+
+async fn for_user(
+    service: &TokenService,
+    actor: &str,
+    tenant: &str,
+    req: &IssueRequest<'_>,
+    public_url: &str,
+    target: &mut String,
+) -> Result<Issued, IssueError> {
+    let invalid = |e: tokenfleet_domain::ValidationError| TokenError::Invalid(e.to_string());
+    tokenfleet_domain::name("tenant", tenant).map_err(invalid)?;
+    tokenfleet_domain::name("device", req.device).map_err(invalid)?;
+    tokenfleet_domain::optional_name("mailbox", req.mailbox).map_err(invalid)?;
+    tokenfleet_domain::email("user_address", req.user_address).map_err(invalid)?;
+    let device = load_device(service, tenant, req.device).await?;
+    if !matches!(
+        device.sender_mode,
+        SenderMode::LoginUser | SenderMode::AllowUserChange
+    ) {
+        return Err(TokenError::Denied(format!(
+            "device `{}` has sender mode {}, which has no user mailboxes; `user_address` is only for login_user and allow_user_change devices",
+            req.device, device.sender_mode
+        ))
+        .into());
+    }
+    let name = user_mailbox_name(req.user_address);
+    if !req.mailbox.is_empty() && req.mailbox != name {
+        // Another mailbox than the user's own.
+        if device.sender_mode == SenderMode::AllowUserChange && device_may_use(&device, req.mailbox)
+        {
+            let token = issue_mailbox(service, tenant, req.mailbox, req.purpose).await?;
+            return Ok(Issued::Token {
+                mailbox: req.mailbox.to_owned(),
+                token,
+            });
+        }
+        return Err(TokenError::Denied(format!(
+            "device `{}` (sender mode {}) may use only the user's own mailbox `{name}`{}, not mailbox `{}`",
+            req.device,
+            device.sender_mode,
+            if device.sender_mode == SenderMode::AllowUserChange {
+                ", its admin mailbox and its allowed mailboxes"
+            } else {
+                ""
+            },
+            req.mailbox
+        ))
+        .into());
+    }
+    target.clone_from(&name);
+    let (mailbox, purpose_added) = user_mailbox(
+        service,
+        actor,
+        tenant,
+        &device,
+        req.user_address,
+        &name,
+        req.purpose,
+    )
+    .await?;
+    if mailbox.disabled {
+        return Err(TokenError::Disabled { mailbox: name }.into());
+    }
+    // A grant obtained before the purpose was added may lack its scopes.
+    let mut stale_scopes = purpose_added && lacks_scopes(service, tenant, &mailbox).await?;
+    for _ in 0..CAS_ATTEMPTS {
+        let status = service
+            .grant(tenant, &name)
+            .await?
+            .map_or(TokenStatus::NotRetrieved, |g| g.value.state.status);
+        if !stale_scopes && matches!(status, TokenStatus::Active | TokenStatus::RefreshFailing) {
+            match service
+                .access_token(tenant, &name, service.config().refresh_margin)
+                .await
+            {
+                Ok(token) => {
+                    return Ok(Issued::Token {
+                        mailbox: name,
+                        token,
+                    });
+                }
+                // The grant died meanwhile: a person must consent (again).
+                Err(
+                    TokenError::NotRetrieved { .. }
+                    | TokenError::ReauthRequired { .. }
+                    | TokenError::ConsentPending { .. },
+                ) => {}
+                Err(e) => return Err(e.into()),
+            }
+        } else if status == TokenStatus::Disabled {
+            return Err(TokenError::Disabled { mailbox: name }.into());
+        }
+        match user_consent(service, tenant, &name, public_url, stale_scopes).await? {
+            Some(consent) => return Ok(Issued::ConsentRequired(consent)),
+            // Granted meanwhile: hand out the token.
+            None => stale_scopes = false,
+        }
+    }
+    Err(TokenError::Changed { mailbox: name }.into())
+}
+
+/// The user mailbox `name` of `address`, created on demand; `purpose` is added to its purposes
+/// when missing (the `bool`: whether it was).
+async fn user_mailbox(
+    service: &TokenService,
+    actor: &str,
+    tenant: &str,
+    device: &Device,
+    address: &str,
+    name: &str,
+    purpose: MailPurpose,
+) -> Result<(Mailbox, bool), IssueError> {
+    let state = service.state();
+    let records = Records::new(state.store.as_ref());
+    let key = mailbox_key(tenant, name);
+    for _ in 0..CAS_ATTEMPTS {
+        let Some(stored) = records.get::<Mailbox>(&key).await? else {
+            let mailbox = new_user_mailbox(service, tenant, device, address, name, purpose).await?;
+            match records.put(&mailbox, Precondition::Absent).await {
+                Ok(_) => {
+                    tracing::info!(tenant, mailbox = name, device = %device.name, actor, "user mailbox created on demand");
+                    audit_mailbox(
+                        service,
+                        actor,
+                        MAILBOX_CREATE_ACTION,
+                        &mailbox,
+                        format!(
+                            "user mailbox of `{}` created on demand for device `{}` (provider `{}`, {}, purposes {})",
+                            crate::admin::shown(address),
+                            device.name,
+                            mailbox.provider,
+                            mailbox.grant_type,
+                            purpose
+                        ),
+                    )
+                    .await;
+                    return Ok((mailbox, false));
+                }
+                // Another request created it first: use that one.
+                Err(StoreError::AlreadyExists(_) | StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let Versioned { version, value } = stored;
+        if value.kind != MailboxKind::User || !value.address.eq_ignore_ascii_case(address) {
+            return Err(IssueError::Precondition(format!(
+                "mailbox `{name}` in tenant `{tenant}` (kind {}, address `{}`) is not the user mailbox of `{}`; rename or delete it",
+                value.kind,
+                crate::admin::shown(&value.address),
+                crate::admin::shown(address)
+            )));
+        }
+        if value.purposes.contains(&purpose) {
+            return Ok((value, false));
+        }
+        let mut updated = value;
+        updated.purposes.push(purpose);
+        updated.stamps.updated = state.clock.now();
+        match records.put(&updated, Precondition::Version(version)).await {
+            Ok(_) => {
+                audit_mailbox(
+                    service,
+                    actor,
+                    MAILBOX_UPDATE_ACTION,
+                    &updated,
+                    format!(
+                        "purpose {purpose} added on demand for device `{}`",
+                        device.name
+                    ),
+                )
+                .await;
+                return Ok((updated, true));
+            }
+            Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(TokenError::Changed {
+        mailbox: name.to_owned(),
+    }
+    .into())
+}
+
+/// A new user mailbox record from the device's `user_provider`.
+async fn new_user_mailbox(
+    service: &TokenService,
+    tenant: &str,
+    device: &Device,
+    address: &str,
+    name: &str,
+    purpose: MailPurpose,
+) -> Result<Mailbox, IssueError> {
+    let state = service.state();
+    if device.user_provider.is_empty() {
+        return Err(IssueError::Precondition(format!(
+            "device.user_provider: device `{}` has no provider for user mailboxes; set one with `tokenfleetctl device update --tenant {tenant} --name {} --user-provider <provider>`",
+            device.name, device.name
+        )));
+    }
+    let provider = Records::new(state.store.as_ref())
+        .get::<Provider>(&provider_key(tenant, &device.user_provider))
+        .await?
+        .ok_or_else(|| {
+            IssueError::Precondition(format!(
+                "device.user_provider: provider `{}` of device `{}` does not exist in tenant `{tenant}`",
+                device.user_provider, device.name
+            ))
+        })?
+        .value;
+    let grant_type = match provider.kind {
+        ProviderKind::Microsoft => GrantType::DelegatedDeviceCode,
+        ProviderKind::Google | ProviderKind::Generic => GrantType::DelegatedAuthCode,
+    };
+    Ok(Mailbox {
+        tenant: tenant.to_owned(),
+        name: name.to_owned(),
+        address: address.to_owned(),
+        provider: provider.name,
+        grant_type,
+        kind: MailboxKind::User,
+        purposes: vec![purpose],
+        disabled: false,
+        token: Default::default(),
+        stamps: Stamps::new(state.clock.now()),
+    })
+}
+
+async fn audit_mailbox(
+    service: &TokenService,
+    actor: &str,
+    action: &str,
+    mailbox: &Mailbox,
+    detail: String,
+) {
+    let state = service.state();
+    let event = AuditEvent {
+        time: state.clock.now(),
+        actor: actor.to_owned(),
+        action: action.to_owned(),
+        target: crate::admin::object_path(&mailbox.tenant, "mailboxes", &mailbox.name),
+        tenant: mailbox.tenant.clone(),
+        result: "ok".to_owned(),
+        detail: detail.chars().take(300).collect(),
+    };
+    audit::record(state, &Scope::Tenant(mailbox.tenant.clone()), event).await;
+}
+
+/// Whether the mailbox's grant was obtained without a scope its purposes now need.
+async fn lacks_scopes(
+    service: &TokenService,
+    tenant: &str,
+    mailbox: &Mailbox,
+) -> Result<bool, IssueError> {
+    let Some(grant) = service.grant(tenant, &mailbox.name).await? else {
+        return Ok(false);
+    };
+    if grant.value.scopes.is_empty() {
+        return Ok(false);
+    }
+    let target = consent::load_target(service.state(), tenant, &mailbox.name).await?;
+    let Ok(needed) = target
+        .client
+        .scopes_for(mailbox.grant_type, &mailbox.purposes)
+    else {
+        return Ok(false);
+    };
+    // Providers do not echo these in the token response.
+    const IMPLIED: [&str; 4] = ["offline_access", "openid", "profile", "email"];
+    Ok(needed
+        .iter()
+        .filter(|s| !IMPLIED.contains(&s.as_str()))
+        .any(|s| !grant.value.scopes.iter().any(|g| g.eq_ignore_ascii_case(s))))
+}
+
+/// What [`pending_consent`] found.
+enum Pending {
+    /// A consent is pending, with this much time left.
+    Waiting(UserConsent),
+    /// The grant is usable now.
+    Granted,
+    /// Nothing usable is pending.
+    Nothing,
+}
+
+/// The consent pending for the mailbox, if one is and it has at least [`PENDING_MIN_LEFT`]
+/// left.
+async fn pending_consent(
+    service: &TokenService,
+    tenant: &str,
+    name: &str,
+) -> Result<Pending, IssueError> {
+    let state = service.state();
+    let stored = consent::load_grant(state, tenant, name).await?;
+    let grant = stored.grant;
+    if grant.pending.is_none()
+        && matches!(
+            grant.state.status,
+            TokenStatus::Active | TokenStatus::RefreshFailing
+        )
+    {
+        return Ok(Pending::Granted);
+    }
+    let fresh = |expires: OffsetDateTime| expires - state.clock.now() >= PENDING_MIN_LEFT;
+    match &grant.pending {
+        Some(PendingConsent::DeviceCode {
+            user_code,
+            verification_uri,
+            message,
+            expires,
+            ..
+        }) if fresh(*expires) => Ok(Pending::Waiting(UserConsent {
+            mailbox: name.to_owned(),
+            user_code: user_code.clone(),
+            verification_uri: verification_uri.clone(),
+            expires: *expires,
+            message: message.clone(),
+            authorization_url: String::new(),
+        })),
+        Some(PendingConsent::AuthCode {
+            state: oauth_state,
+            expires,
+            ..
+        }) if fresh(*expires) => {
+            let key = consent_url_key(tenant, name);
+            let Some(record) = state.store.get(&key).await? else {
+                return Ok(Pending::Nothing);
+            };
+            let url: UserConsentUrl =
+                serde_json::from_slice(&record.data).map_err(|e| StoreError::Corrupt {
+                    key: key.to_string(),
+                    problem: format!("not a valid user consent URL record: {e}"),
+                })?;
+            if url.state != *oauth_state {
+                // Started elsewhere (e.g. `tokenfleetctl mailbox consent`): its URL is unknown here.
+                return Ok(Pending::Nothing);
+            }
+            Ok(Pending::Waiting(UserConsent {
+                mailbox: name.to_owned(),
+                user_code: String::new(),
+                verification_uri: String::new(),
+                expires: *expires,
+                message: String::new(),
+                authorization_url: url.url,
+            }))
+        }
+        _ => Ok(Pending::Nothing),
+    }
+}
+
+/// The consent the person must complete for the user mailbox: the pending one, or a new one
+/// (one start at a time across replicas). `None` when the grant became usable meanwhile.
+/// `replace` starts a new consent even when the grant is usable (its scopes are stale).
+async fn user_consent(
+    service: &TokenService,
+    tenant: &str,
+    name: &str,
+    public_url: &str,
+    replace: bool,
+) -> Result<Option<UserConsent>, IssueError> {
+    let state = service.state();
+    let lease = format!("consent-start/{tenant}/{name}");
+    let owner = format!(
+        "{}-{}",
+        service.config().replica_id,
+        uuid::Uuid::new_v4().simple()
+    );
+    let deadline = tokio::time::Instant::now() + service.config().wait_timeout();
+    let mut pause = START_WAIT_PAUSE.0;
+    loop {
+        match pending_consent(service, tenant, name).await? {
+            Pending::Waiting(c) => return Ok(Some(c)),
+            Pending::Granted if !replace => return Ok(None),
+            Pending::Granted | Pending::Nothing => {}
+        }
+        if state
+            .store
+            .try_lease(&lease, &owner, service.config().lease_ttl)
+            .await?
+            .is_some()
+        {
+            let result = start_user_consent(service, tenant, name, public_url, replace).await;
+            if let Err(error) = state.store.release_lease(&lease, &owner).await {
+                tracing::warn!(%error, tenant, mailbox = name, "releasing the consent-start lease failed");
+            }
+            return result;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(TokenError::Busy {
+                mailbox: name.to_owned(),
+            }
+            .into());
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(START_WAIT_PAUSE.1);
+    }
+}
+
+/// Starts the consent, holding the consent-start lease.
+async fn start_user_consent(
+    service: &TokenService,
+    tenant: &str,
+    name: &str,
+    public_url: &str,
+    replace: bool,
+) -> Result<Option<UserConsent>, IssueError> {
+    let state = service.state();
+    // Re-read under the lease: another request may have started it just before.
+    match pending_consent(service, tenant, name).await? {
+        Pending::Waiting(c) => return Ok(Some(c)),
+        Pending::Granted if !replace => return Ok(None),
+        Pending::Granted | Pending::Nothing => {}
+    }
+    let outcome = consent::start(state, tenant, name, None, public_url).await?;
+    tracing::info!(tenant, mailbox = name, "consent started for a user mailbox");
+    match outcome.challenge {
+        Challenge::None => Ok(None),
+        Challenge::DeviceCode {
+            user_code,
+            verification_uri,
+            message,
+            expires,
+            ..
+        } => Ok(Some(UserConsent {
+            mailbox: name.to_owned(),
+            user_code,
+            verification_uri,
+            expires,
+            message,
+            authorization_url: String::new(),
+        })),
+        Challenge::Authorization {
+            url,
+            state: oauth_state,
+            expires,
+            ..
+        } => {
+            let record = UserConsentUrl {
+                tenant: tenant.to_owned(),
+                mailbox: name.to_owned(),
+                state: oauth_state,
+                url: url.clone(),
+                expires,
+            };
+            let key = consent_url_key(tenant, name);
+            let data = serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt {
+                key: key.to_string(),
+                problem: format!("cannot encode user consent URL record: {e}"),
+            })?;
+            state.store.put(&key, data, Precondition::Any).await?;
+            Ok(Some(UserConsent {
+                mailbox: name.to_owned(),
+                user_code: String::new(),
+                verification_uri: String::new(),
+                expires,
+                message: String::new(),
+                authorization_url: url,
+            }))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +924,7 @@ mod tests {
             smtp: Default::default(),
             fetch: Default::default(),
             ingress: Default::default(),
+            user_provider: String::new(),
             stamps: Stamps::new(OffsetDateTime::UNIX_EPOCH),
         }
     }
@@ -180,10 +937,30 @@ mod tests {
         let d = device(SenderMode::Bulk);
         assert!(device_may_use(&d, "bulk"));
         assert!(!device_may_use(&d, "admin") && !device_may_use(&d, "alice"));
-        for mode in [SenderMode::LoginUser, SenderMode::AllowUserChange] {
-            let d = device(mode);
-            assert!(device_may_use(&d, "alice") && device_may_use(&d, "bob"));
-            assert!(!device_may_use(&d, "admin") && !device_may_use(&d, "carol"));
+        let d = device(SenderMode::LoginUser);
+        assert!(device_may_use(&d, "alice") && device_may_use(&d, "bob"));
+        assert!(!device_may_use(&d, "admin") && !device_may_use(&d, "carol"));
+        let d = device(SenderMode::AllowUserChange);
+        assert!(device_may_use(&d, "alice") && device_may_use(&d, "admin"));
+        assert!(!device_may_use(&d, "bulk") && !device_may_use(&d, "carol"));
+    }
+
+    #[test]
+    fn user_mailbox_names_are_valid_stable_and_distinct() {
+        let a = user_mailbox_name("Alice.Smith@Example.com");
+        assert_eq!(a, user_mailbox_name("alice.smith@example.com"));
+        assert!(a.starts_with("user-alice-smith-"), "{a}");
+        assert_ne!(a, user_mailbox_name("alice.smith@example.org"));
+        for address in [
+            "a@b.c",
+            "---@x.org",
+            "ü+tag@x.org",
+            &format!("{}@example.com", "x".repeat(64)),
+            &format!("{}-@example.com", "y".repeat(48)),
+        ] {
+            let name = user_mailbox_name(address);
+            tokenfleet_domain::name("mailbox", &name).unwrap_or_else(|e| panic!("{address}: {e}"));
         }
+        assert_eq!(user_mailbox_name("---@x.org").len(), "user-".len() + 10);
     }
 }

@@ -63,6 +63,7 @@ pub(super) async fn run(cmd: DeviceCommand, ctx: &Ctx) -> Result<(), CtlError> {
                 .await?;
             ctx.printer.object(&DeviceView::from(&d))
         }
+        DeviceCommand::Test(args) => super::fleet::run_test(args, ctx).await,
         DeviceCommand::Delete { id, version } => {
             let req = pb::DeleteDeviceRequest {
                 tenant: id.tenant.clone(),
@@ -134,6 +135,8 @@ fn smtp_given(s: &SmtpFields, clear: &DeviceClear) -> bool {
         || s.smtp_extra_ca_file.is_some()
         || s.smtp_tls_min_version.is_some()
         || s.smtp_tls_max_version.is_some()
+        || s.smtp_method.is_some()
+        || s.smtp_api_base_url.is_some()
         || clear.clear_smtp_extra_ca
 }
 
@@ -191,6 +194,7 @@ fn apply(
         clear.clear_allowed_mailboxes,
         &mut d.allowed_mailboxes,
     );
+    changes.set("user_provider", f.user_provider, &mut d.user_provider);
 
     if clear.clear_smtp {
         d.smtp = Some(pb::SmtpProfile::default());
@@ -214,6 +218,8 @@ fn apply(
         leaf(files.smtp_extra_ca_pem, &mut smtp.extra_ca_pem);
         leaf(version(s.smtp_tls_min_version), &mut smtp.tls_min_version);
         leaf(version(s.smtp_tls_max_version), &mut smtp.tls_max_version);
+        leaf(s.smtp_method.map(|m| m.to_proto()), &mut smtp.method);
+        leaf(s.smtp_api_base_url, &mut smtp.api_base_url);
         d.smtp = Some(smtp);
         changes.touch("smtp");
     }
@@ -590,6 +596,24 @@ mod tests {
         let d = req.device.unwrap();
         assert!(d.smtp.is_none() && d.fetch.is_none() && d.ingress.is_none());
         assert_eq!(d.allowed_mailboxes, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn user_provider_is_a_top_level_field() {
+        let req = update(
+            &[
+                "update",
+                "--tenant",
+                "acme",
+                "--name",
+                "mfp-1",
+                "--user-provider",
+                "m365",
+            ],
+            None,
+        );
+        assert_eq!(req.update_mask.unwrap().paths, vec!["user_provider"]);
+        assert_eq!(req.device.unwrap().user_provider, "m365");
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod agent;
 mod audit;
 pub mod consent;
 mod device;
+pub mod fleet;
 mod mailbox;
 mod provider;
 mod tenant;
@@ -35,6 +36,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Mailbox(cmd) => mailbox::run(cmd, &ctx).await,
         Command::Device(cmd) => device::run(cmd, &ctx).await,
         Command::Agent(cmd) => agent::run(cmd, &ctx).await,
+        Command::Fleet(cmd) => fleet::run(cmd, &ctx).await,
         Command::Audit(args) => audit::run_audit(args, &ctx).await,
         Command::Whoami => audit::run_whoami(&ctx).await,
         Command::Completions { shell } => {

@@ -1,0 +1,1103 @@
+//! SMTP submission client: delivers a spooled message upstream (Exchange Online, Gmail, any
+//! RFC 6409 submission server) with an OAuth bearer token over XOAUTH2 or OAUTHBEARER.
+//!
+//! Two layers:
+//! - [`SmtpConnection`]: one SMTP client connection — bounded reply reader (lines of at most
+//!   [`MAX_LINE`] octets, at most [`MAX_REPLY_LINES`] lines per reply, so a hostile server
+//!   cannot exhaust memory), per-command timeouts, EHLO capabilities, the STARTTLS command and
+//!   the SASL exchange including the error challenge. The connection test
+//!   ([`crate::probe::smtp`]) drives it step by step.
+//! - [`SmtpDelivery`]: the [`Delivery`] implementation: connect, greeting, EHLO, STARTTLS,
+//!   EHLO, AUTH, MAIL/RCPT/DATA, QUIT — one connection per message.
+//!
+//! The token is only ever on the wire: never in logs, errors or `Debug` output.
+//!
+//! AUTH initial response: the one-line form `AUTH XOAUTH2 <payload>` is used only when the whole
+//! command fits the RFC 5321 command line limit of 512 octets. Otherwise (every real Exchange or
+//! Google token: they are 1–3 KB) the client sends `AUTH XOAUTH2`, waits for `334 `, and sends the
+//! payload on its own line (RFC 4954 §4 requires this fallback; it is the exchange Microsoft
+//! documents for Exchange Online, and servers with a short command line limit accept it too).
+//!
+//! How failures are classified for the spool ([`FailureKind`]):
+//! - Anything about the connection or the server as a whole — network errors, timeouts, a
+//!   greeting other than 220, EHLO refused, STARTTLS not offered, no OAuth mechanism offered, TLS
+//!   failures, 4xx anywhere — is [`FailureKind::Transient`]: it is not this message's fault,
+//!   the message stays queued and the status shows the reason until the operator fixes it.
+//! - AUTH refused with 535/530/534 or an enhanced code `5.7.x` is [`FailureKind::AuthRejected`]
+//!   (the worker fetches a fresh token once), except `5.7.139` ("SmtpClientAuthentication is
+//!   disabled", Exchange Online): a new token cannot fix that, so it is
+//!   [`FailureKind::Transient`] with the reply kept — an administrator must enable Authenticated
+//!   SMTP, and until then messages keep queueing rather than bouncing.
+//! - 5xx to MAIL FROM, to every RCPT TO, or to DATA is [`FailureKind::Permanent`]: the server
+//!   will never take this message. When only some recipients are refused the message goes to the
+//!   others and the refused ones are named in the receipt.
+
+use std::fmt;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+use super::tls::{TlsError, TlsSettings};
+use super::{Credentials, Delivery, DeliveryError, DeliveryReceipt, FailureKind, OutgoingMessage};
+use crate::sasl::{self, Mechanism};
+
+/// Longest reply line accepted from a server, CRLF included.
+pub const MAX_LINE: usize = 8192;
+/// Most lines accepted in one (multi-line) reply.
+pub const MAX_REPLY_LINES: usize = 256;
+/// Longest `AUTH <mechanism> <initial response>` line sent; longer payloads go on their own line
+/// after `334 ` (RFC 5321 §4.5.3.1.4 command line limit).
+pub const MAX_INITIAL_RESPONSE_LINE: usize = 512;
+/// Longest reply text kept in an error or receipt.
+const MAX_REPORTED: usize = 1024;
+/// QUIT after the work is done gets at most this long.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// DATA is written in chunks of this size, each within the command timeout.
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// How the connection to the upstream is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// Plain connection upgraded with STARTTLS (port 587). Refuses to go on if not offered.
+    Starttls,
+    /// TLS from the first byte (port 465).
+    ImplicitTls,
+    /// No TLS at all (lab servers on a trusted network only: the token crosses in clear).
+    None,
+}
+
+impl Security {
+    /// `starttls` / `implicit_tls` / `none`, as in the device profile.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starttls => "starttls",
+            Self::ImplicitTls => "implicit_tls",
+            Self::None => "none",
+        }
+    }
+}
+
+/// Where and how to submit (from a device's send profile).
+#[derive(Debug, Clone)]
+pub struct SmtpSettings {
+    /// Server host name (also the TLS server name and OAUTHBEARER `host=`).
+    pub host: String,
+    /// Server port (587 STARTTLS, 465 implicit TLS).
+    pub port: u16,
+    /// How the connection is secured.
+    pub security: Security,
+    /// Limit for connecting, the TLS handshake and each command's reply.
+    pub timeout: Duration,
+    /// TLS settings (extra CA, versions, verification).
+    pub tls: TlsSettings,
+    /// The name sent with EHLO.
+    pub helo_name: String,
+    /// SASL mechanisms in order of preference; the first one the server offers is used.
+    pub mechanisms: Vec<Mechanism>,
+}
+
+impl SmtpSettings {
+    /// Settings with the defaults: 60 s timeout, default TLS, EHLO `localhost`, XOAUTH2 before
+    /// OAUTHBEARER.
+    pub fn new(host: impl Into<String>, port: u16, security: Security) -> Self {
+        Self {
+            host: host.into(),
+            port,
+            security,
+            timeout: Duration::from_secs(60),
+            tls: TlsSettings::default(),
+            helo_name: "localhost".to_owned(),
+            mechanisms: vec![Mechanism::XOAuth2, Mechanism::OAuthBearer],
+        }
+    }
+
+    /// `host:port`.
+    pub fn endpoint(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// One SMTP reply: the code and the text of each line (without the `250-`/`250 ` prefix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The three-digit reply code.
+    pub code: u16,
+    /// The text of each line, control characters replaced by `?`.
+    pub lines: Vec<String>,
+}
+
+impl Reply {
+    /// 2xx or 3xx.
+    pub fn is_positive(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+
+    /// 4xx.
+    pub fn is_transient(&self) -> bool {
+        (400..500).contains(&self.code)
+    }
+
+    /// The enhanced status code (RFC 3463) at the start of the first line, e.g. `5.7.139`.
+    pub fn enhanced_code(&self) -> Option<&str> {
+        let first = self.lines.first()?.split_whitespace().next()?;
+        let mut parts = first.split('.');
+        let class = parts.next()?;
+        let subject = parts.next()?;
+        let detail = parts.next()?;
+        let ok = parts.next().is_none()
+            && matches!(class, "2" | "4" | "5")
+            && [subject, detail]
+                .iter()
+                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()));
+        ok.then_some(first)
+    }
+}
+
+impl fmt::Display for Reply {
+    /// `535 5.7.3 Authentication unsuccessful` (lines joined with ` / `, length bounded).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut text = format!("{}", self.code);
+        let joined = self.lines.join(" / ");
+        if !joined.is_empty() {
+            text.push(' ');
+            text.push_str(&joined);
+        }
+        f.write_str(&truncate(text))
+    }
+}
+
+fn truncate(mut text: String) -> String {
+    if text.len() > MAX_REPORTED {
+        let mut end = MAX_REPORTED;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
+/// Parses one reply line (CRLF already removed): `(code, is_last, text)`.
+///
+/// Accepts `NNN`, `NNN text`, `NNN-text`; the code's first digit must be 2–5.
+pub fn parse_reply_line(line: &[u8]) -> Result<(u16, bool, String), String> {
+    let shown = || truncate(printable(line));
+    if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
+        return Err(format!("not an SMTP reply line: {:?}", shown()));
+    }
+    if !(b'2'..=b'5').contains(&line[0]) {
+        return Err(format!("reply code out of range: {:?}", shown()));
+    }
+    let code = u16::from(line[0] - b'0') * 100
+        + u16::from(line[1] - b'0') * 10
+        + u16::from(line[2] - b'0');
+    match line.get(3) {
+        None => Ok((code, true, String::new())),
+        Some(b' ') => Ok((code, true, printable(&line[4..]))),
+        Some(b'-') => Ok((code, false, printable(&line[4..]))),
+        Some(_) => Err(format!("malformed reply line: {:?}", shown())),
+    }
+}
+
+/// The bytes as text with control characters (and invalid UTF-8) made harmless.
+fn printable(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// What the server announced in its EHLO reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The EHLO keyword lines, as sent (e.g. `SIZE 35882577`, `AUTH XOAUTH2 OAUTHBEARER`).
+    pub lines: Vec<String>,
+    /// SASL mechanisms from `AUTH`/`AUTH=` lines, upper case.
+    pub auth: Vec<String>,
+    /// `STARTTLS` offered.
+    pub starttls: bool,
+    /// `SIZE` offered, with its limit in octets (`Some(0)`: offered without a limit).
+    pub size: Option<u64>,
+    /// `8BITMIME` offered.
+    pub eight_bit_mime: bool,
+}
+
+impl Capabilities {
+    /// Parses the lines of a 250 EHLO reply (the first line is the server's name).
+    pub fn parse(reply: &Reply) -> Self {
+        let mut caps = Self::default();
+        for line in reply.lines.iter().skip(1) {
+            caps.lines.push(line.clone());
+            let mut words = line.split_whitespace();
+            let Some(keyword) = words.next() else {
+                continue;
+            };
+            let keyword = keyword.to_ascii_uppercase();
+            if keyword == "AUTH" || keyword.starts_with("AUTH=") {
+                let first = keyword.strip_prefix("AUTH=").filter(|m| !m.is_empty());
+                for m in first
+                    .map(str::to_owned)
+                    .into_iter()
+                    .chain(words.map(str::to_ascii_uppercase))
+                {
+                    if !caps.auth.contains(&m) {
+                        caps.auth.push(m);
+                    }
+                }
+            } else if keyword == "STARTTLS" {
+                caps.starttls = true;
+            } else if keyword == "SIZE" {
+                caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0));
+            } else if keyword == "8BITMIME" {
+                caps.eight_bit_mime = true;
+            }
+        }
+        caps
+    }
+
+    /// Whether `mechanism` is offered.
+    pub fn offers(&self, mechanism: Mechanism) -> bool {
+        self.auth.iter().any(|m| m == mechanism.as_str())
+    }
+
+    /// The offered mechanisms for messages: `PLAIN LOGIN`, or `none`.
+    pub fn auth_list(&self) -> String {
+        if self.auth.is_empty() {
+            "none".to_owned()
+        } else {
+            self.auth.join(" ")
+        }
+    }
+}
+
+/// Why an SMTP exchange failed. Never carries a token.
+#[derive(Debug, thiserror::Error)]
+pub enum SmtpError {
+    /// TCP connection (or name resolution) failed.
+    #[error("connecting to {endpoint}: {source}")]
+    Connect {
+        /// `host:port`.
+        endpoint: String,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No reply (or write progress) within the timeout.
+    #[error("{what} at {peer}: no answer within {after:?}")]
+    Timeout {
+        /// What was waited for, e.g. `reply to EHLO`.
+        what: String,
+        /// `host:port`.
+        peer: String,
+        /// The timeout.
+        after: Duration,
+    },
+    /// Reading or writing failed, or the server closed the connection.
+    #[error("{what} at {peer}: {reason}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// `host:port`.
+        peer: String,
+        /// The error.
+        reason: String,
+    },
+    /// The server sent something that is not SMTP (bad line, overlong line, data after the
+    /// STARTTLS reply).
+    #[error("protocol error from {peer}: {reason}")]
+    Protocol {
+        /// `host:port`.
+        peer: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// TLS setup or handshake failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The server answered a step with an unexpected reply.
+    #[error("{step} refused by {peer}: {reply}")]
+    Refused {
+        /// The command or stage, e.g. `greeting`, `EHLO`, `MAIL FROM`.
+        step: String,
+        /// `host:port`.
+        peer: String,
+        /// The reply.
+        reply: Reply,
+    },
+    /// STARTTLS is required by the profile but the server does not offer it.
+    #[error("{peer} does not offer STARTTLS (offers: {offers}); the send profile requires it")]
+    StartTlsNotOffered {
+        /// `host:port`.
+        peer: String,
+        /// The EHLO keywords the server did offer.
+        offers: String,
+    },
+    /// None of the configured OAuth mechanisms is offered.
+    #[error("server offers no {wanted} (offers: {offered})")]
+    NoMechanism {
+        /// The configured mechanisms, e.g. `XOAUTH2/OAUTHBEARER`.
+        wanted: String,
+        /// What the server offers, e.g. `PLAIN LOGIN`.
+        offered: String,
+    },
+    /// AUTH failed.
+    #[error("AUTH {} refused by {peer}: {reply}{}", mechanism.as_str(),
+        challenge_json.as_deref().map(|j| format!(" (challenge {j})")).unwrap_or_default())]
+    AuthFailed {
+        /// The mechanism used.
+        mechanism: Mechanism,
+        /// `host:port`.
+        peer: String,
+        /// The final reply (`535 5.7.3 …`).
+        reply: Reply,
+        /// The decoded JSON of the error challenge, if the server sent one.
+        challenge_json: Option<String>,
+    },
+}
+
+impl SmtpError {
+    /// How the spool should treat this failure (see the module documentation).
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            Self::AuthFailed { reply, .. } => auth_failure_kind(reply),
+            _ => FailureKind::Transient,
+        }
+    }
+
+    /// The reply the server sent, if this error is one.
+    pub fn reply(&self) -> Option<&Reply> {
+        match self {
+            Self::Refused { reply, .. } | Self::AuthFailed { reply, .. } => Some(reply),
+            _ => None,
+        }
+    }
+}
+
+/// `5.7.139` (SMTP AUTH disabled for the mailbox or tenant) is [`FailureKind::Transient`]: a new
+/// token does not help; 4xx is transient; other 5xx on AUTH means the token was refused.
+fn auth_failure_kind(reply: &Reply) -> FailureKind {
+    if reply.enhanced_code() == Some("5.7.139") || reply.is_transient() {
+        FailureKind::Transient
+    } else if matches!(reply.code, 530 | 534 | 535)
+        || reply.enhanced_code().is_some_and(|c| c.starts_with("5.7."))
+    {
+        FailureKind::AuthRejected
+    } else {
+        // 501/504 and the like: the server and this client disagree about AUTH itself; no
+        // message-specific reason to bounce.
+        FailureKind::Transient
+    }
+}
+
+impl From<SmtpError> for DeliveryError {
+    fn from(e: SmtpError) -> Self {
+        let kind = e.kind();
+        let auth_challenge_json = match &e {
+            SmtpError::AuthFailed { challenge_json, .. } => challenge_json.clone(),
+            _ => None,
+        };
+        let final_reply = match &e {
+            // The reply first, so status surfaces and tests see `535 …` at the start.
+            SmtpError::AuthFailed {
+                reply,
+                mechanism,
+                peer,
+                ..
+            } => format!("{reply} (AUTH {} at {peer})", mechanism.as_str()),
+            other => other.to_string(),
+        };
+        DeliveryError {
+            kind,
+            final_reply: truncate(final_reply),
+            auth_challenge_json,
+            retry_after: None,
+        }
+    }
+}
+
+/// A byte stream an SMTP connection runs over (TCP, or TLS over TCP).
+pub trait SmtpIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> SmtpIo for T {}
+
+/// One SMTP client connection: bounded reply reading and commands with a timeout each.
+pub struct SmtpConnection {
+    io: Box<dyn SmtpIo>,
+    buf: Vec<u8>,
+    peer: String,
+    timeout: Duration,
+}
+
+impl fmt::Debug for SmtpConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmtpConnection")
+            .field("peer", &self.peer)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SmtpConnection {
+    /// Wraps a connected stream to `peer` (`host:port`, for messages).
+    pub fn new(io: impl SmtpIo + 'static, peer: impl Into<String>, timeout: Duration) -> Self {
+        Self {
+            io: Box::new(io),
+            buf: Vec::new(),
+            peer: peer.into(),
+            timeout,
+        }
+    }
+
+    /// Changes the per-command timeout (the connection test shrinks it to its deadline).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// `host:port` of the server.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    fn io_error(&self, what: &str, e: impl fmt::Display) -> SmtpError {
+        SmtpError::Io {
+            what: what.to_owned(),
+            peer: self.peer.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn timeout_error(&self, what: &str) -> SmtpError {
+        SmtpError::Timeout {
+            what: what.to_owned(),
+            peer: self.peer.clone(),
+            after: self.timeout,
+        }
+    }
+
+    /// One line without its line end; at most [`MAX_LINE`] octets.
+    async fn read_line(&mut self, what: &str) -> Result<Vec<u8>, SmtpError> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=i).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(line);
+            }
+            if self.buf.len() >= MAX_LINE {
+                return Err(SmtpError::Protocol {
+                    peer: self.peer.clone(),
+                    reason: format!("{what}: reply line longer than {MAX_LINE} octets"),
+                });
+            }
+            let mut chunk = [0u8; 4096];
+            let room = (MAX_LINE - self.buf.len()).min(chunk.len());
+            let n = match tokio::time::timeout(self.timeout, self.io.read(&mut chunk[..room])).await
+            {
+                Err(_) => return Err(self.timeout_error(what)),
+                Ok(Err(e)) => return Err(self.io_error(what, e)),
+                Ok(Ok(n)) => n,
+            };
+            if n == 0 {
+                return Err(self.io_error(what, "the server closed the connection"));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads one (possibly multi-line) reply; `what` names it in errors (`reply to EHLO`).
+    pub async fn read_reply(&mut self, what: &str) -> Result<Reply, SmtpError> {
+        let mut lines = Vec::new();
+        let mut code = None;
+        loop {
+            let raw = self.read_line(what).await?;
+            let (c, last, text) = parse_reply_line(&raw).map_err(|reason| SmtpError::Protocol {
+                peer: self.peer.clone(),
+                reason: format!("{what}: {reason}"),
+            })?;
+            if *code.get_or_insert(c) != c {
+                return Err(SmtpError::Protocol {
+                    peer: self.peer.clone(),
+                    reason: format!(
+                        "{what}: reply code changed from {} to {c} mid-reply",
+                        code.unwrap_or_default()
+                    ),
+                });
+            }
+            lines.push(text);
+            if last {
+                return Ok(Reply { code: c, lines });
+            }
+            if lines.len() >= MAX_REPLY_LINES {
+                return Err(SmtpError::Protocol {
+                    peer: self.peer.clone(),
+                    reason: format!("{what}: reply longer than {MAX_REPLY_LINES} lines"),
+                });
+            }
+        }
+    }
+
+    /// Writes `bytes` (in chunks, each within the timeout).
+    async fn write(&mut self, bytes: &[u8], what: &str) -> Result<(), SmtpError> {
+        for chunk in bytes.chunks(WRITE_CHUNK) {
+            match tokio::time::timeout(self.timeout, self.io.write_all(chunk)).await {
+                Err(_) => return Err(self.timeout_error(what)),
+                Ok(Err(e)) => return Err(self.io_error(what, e)),
+                Ok(Ok(())) => {}
+            }
+        }
+        match tokio::time::timeout(self.timeout, self.io.flush()).await {
+            Err(_) => Err(self.timeout_error(what)),
+            Ok(Err(e)) => Err(self.io_error(what, e)),
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+
+    /// Sends `line` + CRLF and reads the reply. `verb` names the command in errors, so a line
+    /// carrying a secret is never quoted.
+    pub async fn command(&mut self, line: &str, verb: &str) -> Result<Reply, SmtpError> {
+        // Zeroized: the line may carry a SASL payload.
+        let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(line.len() + 2));
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.extend_from_slice(b"\r\n");
+        self.write(&bytes, &format!("sending {verb}")).await?;
+        self.read_reply(&format!("reply to {verb}")).await
+    }
+
+    /// Reads the greeting; anything but 220 is an error.
+    pub async fn greeting(&mut self) -> Result<Reply, SmtpError> {
+        let reply = self.read_reply("greeting").await?;
+        if reply.code == 220 {
+            Ok(reply)
+        } else {
+            Err(self.refused("greeting", reply))
+        }
+    }
+
+    fn refused(&self, step: &str, reply: Reply) -> SmtpError {
+        SmtpError::Refused {
+            step: step.to_owned(),
+            peer: self.peer.clone(),
+            reply,
+        }
+    }
+
+    /// EHLO. There is no HELO fallback: AUTH needs ESMTP, so a server refusing EHLO is an error.
+    pub async fn ehlo(&mut self, name: &str) -> Result<Capabilities, SmtpError> {
+        let reply = self.command(&format!("EHLO {name}"), "EHLO").await?;
+        if reply.code == 250 {
+            Ok(Capabilities::parse(&reply))
+        } else {
+            Err(SmtpError::Refused {
+                step: "EHLO (ESMTP is required for AUTH, so HELO is no use)".to_owned(),
+                peer: self.peer.clone(),
+                reply,
+            })
+        }
+    }
+
+    /// Sends STARTTLS (refusing if `caps` does not offer it) and hands back the raw stream for
+    /// the TLS handshake. Data the server sent after its 220 (a response-injection attempt) is
+    /// a protocol error.
+    pub async fn starttls(mut self, caps: &Capabilities) -> Result<Box<dyn SmtpIo>, SmtpError> {
+        if !caps.starttls {
+            return Err(SmtpError::StartTlsNotOffered {
+                peer: self.peer.clone(),
+                offers: if caps.lines.is_empty() {
+                    "nothing".to_owned()
+                } else {
+                    caps.lines.join(", ")
+                },
+            });
+        }
+        let reply = self.command("STARTTLS", "STARTTLS").await?;
+        if reply.code != 220 {
+            return Err(self.refused("STARTTLS", reply));
+        }
+        if !self.buf.is_empty() {
+            return Err(SmtpError::Protocol {
+                peer: self.peer.clone(),
+                reason: "data arrived after the STARTTLS reply, before the TLS handshake"
+                    .to_owned(),
+            });
+        }
+        Ok(self.io)
+    }
+
+    /// Authenticates with the first mechanism of `preference` that `caps` offers. On a
+    /// rejected token the server's error challenge is answered and decoded, and the final reply
+    /// returned in [`SmtpError::AuthFailed`].
+    pub async fn authenticate(
+        &mut self,
+        caps: &Capabilities,
+        preference: &[Mechanism],
+        credentials: &Credentials,
+        host: &str,
+        port: u16,
+    ) -> Result<(Mechanism, Reply), SmtpError> {
+        let Some(mechanism) = preference.iter().copied().find(|m| caps.offers(*m)) else {
+            return Err(SmtpError::NoMechanism {
+                wanted: preference
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join("/"),
+                offered: caps.auth_list(),
+            });
+        };
+        let payload = match mechanism {
+            Mechanism::XOAuth2 => sasl::xoauth2_payload(&credentials.username, &credentials.token),
+            Mechanism::OAuthBearer => {
+                sasl::oauthbearer_payload(&credentials.username, host, port, &credentials.token)
+            }
+        };
+        let verb = format!("AUTH {}", mechanism.as_str());
+        let one_line = verb.len() + 1 + payload.expose().len() + 2 <= MAX_INITIAL_RESPONSE_LINE;
+        let mut reply = if one_line {
+            let line = zeroize::Zeroizing::new(format!("{verb} {}", payload.expose()));
+            self.command(&line, &verb).await?
+        } else {
+            let reply = self.command(&verb, &verb).await?;
+            if reply.code != 334 {
+                return Err(self.auth_failed(mechanism, reply, None));
+            }
+            self.command(payload.expose(), &format!("{verb} response"))
+                .await?
+        };
+        let mut challenge_json = None;
+        if reply.code == 334 {
+            // The error challenge: base64 JSON. Answer it so the server sends its final reply.
+            let text = reply.lines.first().map(String::as_str).unwrap_or_default();
+            challenge_json = Some(match sasl::decode_error_challenge(text) {
+                Some(json) => json.to_string(),
+                None => serde_json::Value::String(truncate(text.to_owned())).to_string(),
+            });
+            reply = self
+                .command(
+                    sasl::challenge_answer(mechanism),
+                    &format!("{verb} challenge answer"),
+                )
+                .await?;
+        }
+        if reply.code == 235 {
+            Ok((mechanism, reply))
+        } else {
+            Err(self.auth_failed(mechanism, reply, challenge_json))
+        }
+    }
+
+    fn auth_failed(
+        &self,
+        mechanism: Mechanism,
+        reply: Reply,
+        challenge_json: Option<String>,
+    ) -> SmtpError {
+        SmtpError::AuthFailed {
+            mechanism,
+            peer: self.peer.clone(),
+            reply,
+            challenge_json,
+        }
+    }
+
+    /// Sends QUIT and reads the reply (best effort: errors are returned but harmless).
+    pub async fn quit(&mut self) -> Result<Reply, SmtpError> {
+        let reply = self.command("QUIT", "QUIT").await;
+        let _ = tokio::time::timeout(self.timeout, self.io.shutdown()).await;
+        reply
+    }
+
+    /// MAIL, RCPT and DATA for one message on an authenticated connection.
+    pub async fn send_message(
+        &mut self,
+        caps: &Capabilities,
+        message: OutgoingMessage<'_>,
+    ) -> Result<DeliveryReceipt, DeliveryError> {
+        if message.rcpts.is_empty() {
+            return Err(DeliveryError::permanent("message has no recipients"));
+        }
+        let data = dot_stuff(message.data);
+        let size = message_size(message.data);
+        let eight_bit = message.data.iter().any(|b| *b >= 0x80);
+        if let Some(limit) = caps.size.filter(|l| *l > 0 && size > *l) {
+            return Err(DeliveryError::permanent(format!(
+                "message of {size} octets exceeds {}'s limit (SIZE {limit})",
+                self.peer
+            )));
+        }
+        let mut mail = format!("MAIL FROM:<{}>", message.from);
+        if caps.size.is_some() {
+            mail.push_str(&format!(" SIZE={size}"));
+        }
+        if eight_bit && caps.eight_bit_mime {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        let reply = self.command(&mail, "MAIL FROM").await?;
+        if reply.code != 250 {
+            return Err(message_failure(&self.peer, "MAIL FROM", &reply));
+        }
+        let mut accepted = 0usize;
+        let mut refused = Vec::new();
+        for rcpt in message.rcpts {
+            let reply = self
+                .command(&format!("RCPT TO:<{rcpt}>"), "RCPT TO")
+                .await?;
+            if reply.code == 250 || reply.code == 251 {
+                accepted += 1;
+            } else if reply.is_transient() || !(500..600).contains(&reply.code) {
+                // Keep it simple: any temporary refusal retries the whole message later.
+                let _ = self.command("RSET", "RSET").await;
+                return Err(message_failure(
+                    &self.peer,
+                    &format!("RCPT TO:<{rcpt}>"),
+                    &reply,
+                ));
+            } else {
+                refused.push(format!("<{rcpt}>: {reply}"));
+            }
+        }
+        if accepted == 0 {
+            let _ = self.command("RSET", "RSET").await;
+            return Err(DeliveryError::permanent(truncate(format!(
+                "every recipient refused by {}: {}",
+                self.peer,
+                refused.join("; ")
+            ))));
+        }
+        let reply = self.command("DATA", "DATA").await?;
+        if reply.code != 354 {
+            return Err(message_failure(&self.peer, "DATA", &reply));
+        }
+        self.write(&data, "sending the message").await?;
+        let reply = self.read_reply("reply to the end of DATA").await?;
+        if reply.code != 250 {
+            return Err(message_failure(&self.peer, "message data", &reply));
+        }
+        let mut final_reply = reply.to_string();
+        if !refused.is_empty() {
+            final_reply.push_str(&format!("; refused recipients: {}", refused.join("; ")));
+        }
+        Ok(DeliveryReceipt {
+            final_reply: truncate(final_reply),
+        })
+    }
+}
+
+/// 4xx (and anything outside 5xx) → transient; 5xx → permanent.
+fn message_failure(peer: &str, step: &str, reply: &Reply) -> DeliveryError {
+    let text = truncate(format!("{reply} ({step} at {peer})"));
+    if (500..600).contains(&reply.code) {
+        DeliveryError::permanent(text)
+    } else {
+        DeliveryError::transient(text)
+    }
+}
+
+/// The RFC 1870 size: the message with CRLF line ends, without dot-stuffing.
+fn message_size(data: &[u8]) -> u64 {
+    let bare_lf = data
+        .iter()
+        .enumerate()
+        .filter(|(i, b)| **b == b'\n' && (*i == 0 || data[i - 1] != b'\r'))
+        .count();
+    let unterminated = u64::from(!data.is_empty() && !data.ends_with(b"\n")) * 2;
+    (data.len() + bare_lf) as u64 + unterminated
+}
+
+/// The DATA payload: CRLF line ends (a bare LF becomes CRLF), a `.` at the start of a line
+/// doubled (RFC 5321 §4.5.2), a final CRLF if missing, and the terminating `.` line.
+pub fn dot_stuff(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len() + raw.len() / 64 + 8);
+    let mut at_line_start = true;
+    let mut prev = 0u8;
+    for &b in raw {
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        if b == b'\n' && prev != b'\r' {
+            out.push(b'\r');
+        }
+        out.push(b);
+        at_line_start = b == b'\n';
+        prev = b;
+    }
+    if !raw.is_empty() && !at_line_start {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+/// Submits messages over SMTP with XOAUTH2/OAUTHBEARER, one connection per message.
+#[derive(Debug, Clone)]
+pub struct SmtpDelivery {
+    settings: SmtpSettings,
+}
+
+impl SmtpDelivery {
+    /// A delivery to the server `settings` describes.
+    pub fn new(settings: SmtpSettings) -> Self {
+        Self { settings }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &SmtpSettings {
+        &self.settings
+    }
+
+    /// Connects and secures the connection (greeting, EHLO, STARTTLS, EHLO): returns it ready
+    /// for AUTH, with the capabilities the server announced.
+    pub async fn connect(&self) -> Result<(SmtpConnection, Capabilities), SmtpError> {
+        let s = &self.settings;
+        let endpoint = s.endpoint();
+        let tcp =
+            match tokio::time::timeout(s.timeout, TcpStream::connect((s.host.as_str(), s.port)))
+                .await
+            {
+                Err(_) => {
+                    return Err(SmtpError::Timeout {
+                        what: "connecting".to_owned(),
+                        peer: endpoint,
+                        after: s.timeout,
+                    });
+                }
+                Ok(Err(source)) => return Err(SmtpError::Connect { endpoint, source }),
+                Ok(Ok(tcp)) => tcp,
+            };
+        let _ = tcp.set_nodelay(true);
+        let mut conn = match s.security {
+            Security::ImplicitTls => {
+                let tls = s.tls.connect(&s.host, tcp, s.timeout).await?;
+                SmtpConnection::new(tls, endpoint.clone(), s.timeout)
+            }
+            Security::Starttls | Security::None => {
+                SmtpConnection::new(tcp, endpoint.clone(), s.timeout)
+            }
+        };
+        conn.greeting().await?;
+        let mut caps = conn.ehlo(&s.helo_name).await?;
+        if s.security == Security::Starttls {
+            let io = conn.starttls(&caps).await?;
+            let tls = s.tls.connect(&s.host, io, s.timeout).await?;
+            conn = SmtpConnection::new(tls, endpoint, s.timeout);
+            caps = conn.ehlo(&s.helo_name).await?;
+        }
+        Ok((conn, caps))
+    }
+}
+
+#[async_trait::async_trait]
+impl Delivery for SmtpDelivery {
+    async fn send(
+        &self,
+        message: OutgoingMessage<'_>,
+        credentials: &Credentials,
+    ) -> Result<DeliveryReceipt, DeliveryError> {
+        let s = &self.settings;
+        let (mut conn, caps) = self.connect().await?;
+        let result = match conn
+            .authenticate(&caps, &s.mechanisms, credentials, &s.host, s.port)
+            .await
+        {
+            Ok(_) => conn.send_message(&caps, message).await,
+            Err(e) => Err(e.into()),
+        };
+        conn.set_timeout(s.timeout.min(QUIT_TIMEOUT));
+        let _ = conn.quit().await;
+        if let Err(e) = &result {
+            tracing::debug!(
+                upstream = %self.settings.endpoint(),
+                kind = ?e.kind,
+                reply = %e.final_reply,
+                "SMTP delivery failed"
+            );
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(code: u16, lines: &[&str]) -> Reply {
+        Reply {
+            code,
+            lines: lines.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn reply_lines_parse_and_hostile_ones_are_refused() {
+        assert_eq!(
+            parse_reply_line(b"250-SIZE 100"),
+            Ok((250, false, "SIZE 100".to_owned()))
+        );
+        assert_eq!(
+            parse_reply_line(b"250 OK"),
+            Ok((250, true, "OK".to_owned()))
+        );
+        assert_eq!(parse_reply_line(b"334"), Ok((334, true, String::new())));
+        assert_eq!(
+            parse_reply_line(b"220 a\x1b[31mb\xff"),
+            Ok((220, true, "a?[31mb\u{fffd}".to_owned()))
+        );
+        for bad in [
+            &b""[..],
+            b"25",
+            b"abc hello",
+            b"2x0 ok",
+            b"650 too high",
+            b"099 too low",
+            b"250xOK",
+            b"\xff\xfe\xfd",
+        ] {
+            assert!(parse_reply_line(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn enhanced_codes() {
+        assert_eq!(
+            reply(535, &["5.7.139 Authentication unsuccessful"]).enhanced_code(),
+            Some("5.7.139")
+        );
+        assert_eq!(reply(535, &["5.7.3 x"]).enhanced_code(), Some("5.7.3"));
+        assert_eq!(reply(535, &["Authentication failed"]).enhanced_code(), None);
+        assert_eq!(reply(535, &["5.7.1234 x"]).enhanced_code(), None);
+        assert_eq!(reply(535, &[]).enhanced_code(), None);
+    }
+
+    #[test]
+    fn auth_failures_are_classified() {
+        let k = |r: Reply| auth_failure_kind(&r);
+        assert_eq!(
+            k(reply(
+                535,
+                &[
+                    "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant."
+                ]
+            )),
+            FailureKind::Transient
+        );
+        assert_eq!(
+            k(reply(535, &["5.7.3 Authentication unsuccessful"])),
+            FailureKind::AuthRejected
+        );
+        assert_eq!(
+            k(reply(535, &["Authentication failed"])),
+            FailureKind::AuthRejected
+        );
+        assert_eq!(k(reply(454, &["4.7.0 try later"])), FailureKind::Transient);
+        assert_eq!(k(reply(504, &["5.5.4 unknown"])), FailureKind::Transient);
+    }
+
+    #[test]
+    fn capabilities_parse() {
+        let caps = Capabilities::parse(&reply(
+            250,
+            &[
+                "mx.example",
+                "SIZE 35882577",
+                "8BITMIME",
+                "AUTH LOGIN xoauth2",
+                "AUTH=PLAIN",
+                "STARTTLS",
+            ],
+        ));
+        assert_eq!(caps.size, Some(35882577));
+        assert!(caps.eight_bit_mime && caps.starttls);
+        assert_eq!(caps.auth, vec!["LOGIN", "XOAUTH2", "PLAIN"]);
+        assert!(caps.offers(Mechanism::XOAuth2));
+        assert!(!caps.offers(Mechanism::OAuthBearer));
+        let none = Capabilities::parse(&reply(250, &["only-name"]));
+        assert_eq!(none.auth_list(), "none");
+        assert_eq!(none.size, None);
+    }
+
+    #[test]
+    fn dot_stuffing_and_crlf() {
+        assert_eq!(dot_stuff(b"a\r\n.b\r\n"), b"a\r\n..b\r\n.\r\n");
+        assert_eq!(dot_stuff(b".\nx\n"), b"..\r\nx\r\n.\r\n");
+        assert_eq!(dot_stuff(b"no end"), b"no end\r\n.\r\n");
+        assert_eq!(dot_stuff(b""), b".\r\n");
+        assert_eq!(message_size(b"a\nb"), 6);
+        assert_eq!(message_size(b"a\r\n"), 3);
+    }
+
+    #[test]
+    fn reply_display_is_bounded() {
+        let long = "x".repeat(5000);
+        let shown = reply(250, &[&long]).to_string();
+        assert!(shown.len() <= MAX_REPORTED + 4);
+    }
+
+    /// A fake server that sends `script` and then reads forever.
+    async fn scripted(script: Vec<u8>) -> SmtpConnection {
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let _ = server.write_all(&script).await;
+            let mut sink = vec![0u8; 4096];
+            while matches!(server.read(&mut sink).await, Ok(n) if n > 0) {}
+        });
+        SmtpConnection::new(client, "test:25", Duration::from_secs(5))
+    }
+
+    #[tokio::test]
+    async fn hostile_replies_do_not_panic_or_grow() {
+        let mut c = scripted(vec![b'2'; 100_000]).await;
+        let e = c.read_reply("greeting").await.err().map(|e| e.to_string());
+        assert!(
+            e.unwrap_or_default().contains("longer than 8192"),
+            "overlong line"
+        );
+
+        let mut many = Vec::new();
+        for _ in 0..1000 {
+            many.extend_from_slice(b"250-x\r\n");
+        }
+        let mut c = scripted(many).await;
+        let e = c.read_reply("EHLO").await.err().map(|e| e.to_string());
+        assert!(e.unwrap_or_default().contains("256 lines"));
+
+        let mut c = scripted(b"250-a\r\n251 b\r\n".to_vec()).await;
+        assert!(c.read_reply("x").await.is_err());
+
+        let mut c = scripted(b"hello\r\n".to_vec()).await;
+        let e = c.read_reply("greeting").await.err().map(|e| e.to_string());
+        assert!(e.unwrap_or_default().contains("not an SMTP reply line"));
+
+        let mut c = scripted(b"220 ok\r\n".to_vec()).await;
+        assert_eq!(c.greeting().await.ok().map(|r| r.code), Some(220));
+        // The script is exhausted; the next read times out or sees the end, never panics.
+        c.set_timeout(Duration::from_millis(50));
+        assert!(c.read_reply("more").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn starttls_refuses_injected_data() {
+        let caps = Capabilities {
+            starttls: true,
+            ..Capabilities::default()
+        };
+        let c = scripted(b"220 go ahead\r\n250 injected\r\n".to_vec()).await;
+        let err = c.starttls(&caps).await.err().map(|e| e.to_string());
+        assert!(
+            err.unwrap_or_default()
+                .contains("data arrived after the STARTTLS reply")
+        );
+        let c = scripted(Vec::new()).await;
+        let err = c
+            .starttls(&Capabilities::default())
+            .await
+            .err()
+            .map(|e| e.to_string());
+        assert!(err.unwrap_or_default().contains("does not offer STARTTLS"));
+    }
+}

@@ -1,0 +1,265 @@
+//! `Admin.GetFleetStatus`: every device the caller may see, joined with its last report.
+
+use std::collections::HashMap;
+
+use time::OffsetDateTime;
+use tokenfleet_domain::{Agent, Device, Tenant};
+use tokenfleet_proto::v1 as pb;
+use tokenfleet_store::Scope;
+use tonic::Status;
+
+use super::STALE_HEARTBEATS;
+use super::store::{AgentPresence, DeviceStatusRecord};
+use crate::admin::{invalid, records, span_object, store_status};
+use crate::authz::{Access, Principal, Target, authorize};
+use crate::convert::timestamp;
+use crate::state::BrokerState;
+
+pub(super) async fn fleet_status(
+    state: &BrokerState,
+    principal: &Principal,
+    req: pb::GetFleetStatusRequest,
+) -> Result<pb::GetFleetStatusResponse, Status> {
+    let tenants = if req.tenant.is_empty() {
+        match &principal.tenant {
+            Some(own) => vec![own.clone()],
+            None => {
+                authorize(principal, Target::Fleet, Access::Read)?;
+                records(state)
+                    .list_all::<Tenant>(&Scope::Global)
+                    .await
+                    .map_err(store_status)?
+                    .into_iter()
+                    .map(|t| t.value.name)
+                    .collect()
+            }
+        }
+    } else {
+        authorize(principal, Target::Tenant(&req.tenant), Access::Read)?;
+        tokenfleet_domain::name("tenant", &req.tenant).map_err(invalid)?;
+        span_object(&req.tenant, "");
+        vec![req.tenant.clone()]
+    };
+    let now = state.clock.now();
+    let mut devices = Vec::new();
+    for tenant in &tenants {
+        devices.extend(tenant_status(state, tenant, now).await?);
+    }
+    devices.sort_by(|a, b| {
+        (rank(a.health), &a.tenant, &a.device).cmp(&(rank(b.health), &b.tenant, &b.device))
+    });
+    Ok(pb::GetFleetStatusResponse { devices })
+}
+
+/// Problems first: FAILING, UNKNOWN, DEGRADED, OK.
+fn rank(health: i32) -> u8 {
+    match pb::DeviceHealth::try_from(health) {
+        Ok(pb::DeviceHealth::Failing) => 0,
+        Ok(pb::DeviceHealth::Unknown) => 1,
+        Ok(pb::DeviceHealth::Degraded) => 2,
+        Ok(pb::DeviceHealth::Ok) => 3,
+        Ok(pb::DeviceHealth::Unspecified) | Err(_) => 4,
+    }
+}
+
+async fn tenant_status(
+    state: &BrokerState,
+    tenant: &str,
+    now: OffsetDateTime,
+) -> Result<Vec<pb::FleetDeviceStatus>, Status> {
+    let r = records(state);
+    let scope = Scope::Tenant(tenant.to_owned());
+    let devices = r.list_all::<Device>(&scope).await.map_err(store_status)?;
+    if devices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let agents: HashMap<String, Agent> = r
+        .list_all::<Agent>(&scope)
+        .await
+        .map_err(store_status)?
+        .into_iter()
+        .map(|a| (a.value.name.clone(), a.value))
+        .collect();
+    let presence: HashMap<String, AgentPresence> = r
+        .list_all::<AgentPresence>(&scope)
+        .await
+        .map_err(store_status)?
+        .into_iter()
+        .map(|p| (p.value.agent.clone(), p.value))
+        .collect();
+    let reports: HashMap<String, DeviceStatusRecord> = r
+        .list_all::<DeviceStatusRecord>(&scope)
+        .await
+        .map_err(store_status)?
+        .into_iter()
+        .map(|s| (s.value.device.clone(), s.value))
+        .collect();
+    Ok(devices
+        .into_iter()
+        .map(|d| {
+            let device = d.value;
+            let presence = presence.get(&device.agent).filter(|p| p.live(now));
+            // A report by an agent that no longer hosts the device says nothing about it.
+            let report = reports
+                .get(&device.name)
+                .filter(|s| s.agent == device.agent);
+            device_status(&device, agents.get(&device.agent), presence, report, now)
+        })
+        .collect())
+}
+
+fn device_status(
+    device: &Device,
+    agent: Option<&Agent>,
+    presence: Option<&AgentPresence>,
+    report: Option<&DeviceStatusRecord>,
+    now: OffsetDateTime,
+) -> pb::FleetDeviceStatus {
+    let mut out = pb::FleetDeviceStatus {
+        tenant: device.tenant.clone(),
+        device: device.name.clone(),
+        agent: device.agent.clone(),
+        agent_connected: presence.is_some(),
+        last_report_time: report.map(|r| timestamp(r.report_time)),
+        health: pb::DeviceHealth::Unknown as i32,
+        problem: String::new(),
+        status: None,
+        agent_software_version: agent
+            .map(|a| a.software_version.clone())
+            .unwrap_or_default(),
+    };
+    if device.agent.is_empty() {
+        out.problem = "no agent assigned".to_owned();
+        return out;
+    }
+    let agent_name = &device.agent;
+    let Some(report) = report else {
+        out.problem = match (presence, agent.and_then(|a| a.last_seen)) {
+            (Some(_), _) => format!("agent \"{agent_name}\" has not reported this device yet"),
+            (None, Some(seen)) => {
+                format!(
+                    "agent \"{agent_name}\" not seen for {}",
+                    format_age(now - seen)
+                )
+            }
+            (None, None) => format!("agent \"{agent_name}\" has never reported"),
+        };
+        return out;
+    };
+    let status = match report.decode_status() {
+        Ok(status) => status,
+        Err(error) => {
+            tracing::error!(%error, "stored device status is damaged");
+            out.problem = "the stored status of this device is damaged (details in the broker log)"
+                .to_owned();
+            return out;
+        }
+    };
+    let age = now - report.report_time;
+    let stale =
+        age > time::Duration::seconds(i64::from(report.heartbeat_seconds)) * STALE_HEARTBEATS;
+    if stale {
+        out.problem = match presence {
+            Some(_) => format!(
+                "agent \"{agent_name}\" has not reported this device for {}",
+                format_age(age)
+            ),
+            None => format!("agent \"{agent_name}\" not seen for {}", format_age(age)),
+        };
+    } else {
+        match pb::DeviceHealth::try_from(status.health) {
+            Ok(
+                h @ (pb::DeviceHealth::Ok | pb::DeviceHealth::Degraded | pb::DeviceHealth::Failing),
+            ) => {
+                out.health = h as i32;
+                out.problem.clone_from(&status.problem);
+            }
+            Ok(pb::DeviceHealth::Unknown) => out.problem.clone_from(&status.problem),
+            Ok(pb::DeviceHealth::Unspecified) | Err(_) => {
+                out.problem = format!("agent \"{agent_name}\" reported no health for this device");
+            }
+        }
+    }
+    out.status = Some(status);
+    out
+}
+
+/// A duration as people read it: `45s`, `4m 10s`, `3h 5m`, `2d 4h` (negative counts as 0).
+pub fn format_age(age: time::Duration) -> String {
+    let s = age.whole_seconds().max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {}s", s / 60, s % 60),
+        3600..86_400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenfleet_domain::{SenderMode, Stamps};
+
+    #[test]
+    fn ages_read_like_people_write_them() {
+        let s = time::Duration::seconds;
+        assert_eq!(format_age(s(-5)), "0s");
+        assert_eq!(format_age(s(45)), "45s");
+        assert_eq!(format_age(s(250)), "4m 10s");
+        assert_eq!(format_age(s(3 * 3600 + 301)), "3h 5m");
+        assert_eq!(format_age(s(2 * 86_400 + 4 * 3600 + 9)), "2d 4h");
+    }
+
+    fn device(agent: &str) -> Device {
+        Device {
+            tenant: "acme".into(),
+            name: "mfp".into(),
+            display_name: String::new(),
+            agent: agent.into(),
+            sender_mode: SenderMode::FixedAdmin,
+            admin_mailbox: "scan".into(),
+            bulk_mailbox: String::new(),
+            allowed_mailboxes: vec![],
+            smtp: Default::default(),
+            fetch: Default::default(),
+            ingress: Default::default(),
+            user_provider: String::new(),
+            stamps: Stamps::new(OffsetDateTime::UNIX_EPOCH),
+        }
+    }
+
+    #[test]
+    fn stale_reports_and_missing_agents_are_unknown() {
+        let now = OffsetDateTime::UNIX_EPOCH + time::Duration::hours(1);
+        let out = device_status(&device(""), None, None, None, now);
+        assert_eq!(out.health, pb::DeviceHealth::Unknown as i32);
+        assert_eq!(out.problem, "no agent assigned");
+
+        let failing = pb::DeviceStatus {
+            device: "mfp".into(),
+            health: pb::DeviceHealth::Failing as i32,
+            problem: "535 5.7.139".into(),
+            ..Default::default()
+        };
+        let report = DeviceStatusRecord {
+            tenant: "acme".into(),
+            device: "mfp".into(),
+            agent: "site-a".into(),
+            report_time: now - time::Duration::seconds(10),
+            heartbeat_seconds: 30,
+            status: super::super::store::encode_wire(&failing),
+        };
+        let out = device_status(&device("site-a"), None, None, Some(&report), now);
+        assert_eq!(out.health, pb::DeviceHealth::Failing as i32);
+        assert_eq!(out.problem, "535 5.7.139");
+
+        let old = DeviceStatusRecord {
+            report_time: now - time::Duration::seconds(250),
+            ..report
+        };
+        let out = device_status(&device("site-a"), None, None, Some(&old), now);
+        assert_eq!(out.health, pb::DeviceHealth::Unknown as i32);
+        assert_eq!(out.problem, "agent \"site-a\" not seen for 4m 10s");
+        assert!(out.status.is_some());
+    }
+}

@@ -1,0 +1,275 @@
+//! `Admin.TestConnection`: queue a connection test for the device's agent, wait for its answer
+//! until the deadline. An agent that is not connected, or does not answer in time, gives the
+//! verdict AGENT_UNREACHABLE (not an error: the operator learns why). Audited as `device.test`.
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokenfleet_domain::Device;
+use tokenfleet_proto::v1 as pb;
+use tokenfleet_store::{Precondition, StoreError};
+use tonic::Status;
+
+use super::format_age;
+use super::store::{
+    AgentPresence, CommandAnswer, QueuedCommand, command_key, command_result_key, encode_wire,
+    new_command_id, presence_key,
+};
+use crate::admin::{
+    Change, audited, invalid, must_get, object_path, precondition, records, shown, span_object,
+    store_status,
+};
+use crate::authz::{Access, Principal, Target, authorize};
+use crate::convert::timestamp;
+use crate::records::device_key;
+use crate::state::BrokerState;
+
+/// Test deadline when the request gives none.
+pub const DEFAULT_TIMEOUT_SECONDS: u32 = 30;
+/// Longest test deadline.
+pub const MAX_TIMEOUT_SECONDS: u32 = 120;
+/// How often the waiting replica looks for the answer.
+const ANSWER_POLL: Duration = Duration::from_millis(100);
+
+pub(super) async fn run(
+    state: &BrokerState,
+    principal: &Principal,
+    req: pb::TestConnectionRequest,
+) -> Result<pb::ConnectionTestResult, Status> {
+    let change = Change {
+        action: "device.test",
+        target: object_path(&req.tenant, "devices", &req.device),
+        tenant: req.tenant.clone(),
+    };
+    audited(state, principal, change, async {
+        authorize(principal, Target::Tenant(&req.tenant), Access::Read)?;
+        let result = test(state, &req).await?;
+        let detail = format!(
+            "{}: {}",
+            pb::ConnectionVerdict::try_from(result.verdict)
+                .map(|v| v.as_str_name())
+                .unwrap_or("UNKNOWN_VERDICT"),
+            result.summary.chars().take(200).collect::<String>()
+        );
+        Ok((result, detail))
+    })
+    .await
+}
+
+async fn test(
+    state: &BrokerState,
+    req: &pb::TestConnectionRequest,
+) -> Result<pb::ConnectionTestResult, Status> {
+    tokenfleet_domain::name("tenant", &req.tenant).map_err(invalid)?;
+    tokenfleet_domain::name("device", &req.device).map_err(invalid)?;
+    span_object(&req.tenant, &req.device);
+    let timeout = match req.timeout_seconds {
+        0 => DEFAULT_TIMEOUT_SECONDS,
+        t if t <= MAX_TIMEOUT_SECONDS => t,
+        t => {
+            return Err(Status::invalid_argument(format!(
+                "timeout_seconds: must be 0-{MAX_TIMEOUT_SECONDS} (0 = {DEFAULT_TIMEOUT_SECONDS}), got {t}"
+            )));
+        }
+    };
+    let target = match pb::ConnectionTarget::try_from(req.target) {
+        Ok(pb::ConnectionTarget::Unspecified) => pb::ConnectionTarget::Send,
+        Ok(t) => t,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "target: unknown value {}",
+                req.target
+            )));
+        }
+    };
+    let device = must_get::<Device>(
+        state,
+        &device_key(&req.tenant, &req.device),
+        &format!(
+            "device `{}` in tenant `{}`",
+            shown(&req.device),
+            shown(&req.tenant)
+        ),
+    )
+    .await?
+    .value;
+    if device.agent.is_empty() {
+        return Err(precondition(
+            "device.agent",
+            format!(
+                "device `{}` has no agent assigned, so nothing can test its connections; set its agent",
+                device.name
+            ),
+        ));
+    }
+    if target == pb::ConnectionTarget::Fetch && device.fetch.server.is_empty() {
+        return Err(precondition(
+            "target",
+            format!("device `{}` has no fetch profile to test", device.name),
+        ));
+    }
+    let now = state.clock.now();
+    let unreachable = |summary: String, fix: &str| pb::ConnectionTestResult {
+        device: device.name.clone(),
+        target: target as i32,
+        verdict: pb::ConnectionVerdict::AgentUnreachable as i32,
+        summary,
+        fix: fix.to_owned(),
+        time: Some(timestamp(now)),
+        ..Default::default()
+    };
+    let presence = records(state)
+        .get::<AgentPresence>(&presence_key(&device.tenant, &device.agent))
+        .await
+        .map_err(store_status)?
+        .map(|p| p.value)
+        .filter(|p| p.live(now));
+    if presence.is_none() {
+        return Ok(unreachable(
+            format!(
+                "agent \"{}\" is not connected to the broker{}",
+                device.agent,
+                last_seen(state, &device, now).await
+            ),
+            "check that the agent runs and can reach the broker (its log names the problem)",
+        ));
+    }
+
+    let id = new_command_id(now);
+    let command = pb::AgentCommand {
+        id: id.clone(),
+        command: Some(pb::agent_command::Command::TestConnection(
+            pb::ConnectionTestCommand {
+                device: device.name.clone(),
+                target: target as i32,
+                timeout_seconds: timeout,
+            },
+        )),
+    };
+    let queued = QueuedCommand {
+        tenant: device.tenant.clone(),
+        agent: device.agent.clone(),
+        id: id.clone(),
+        expires: now + time::Duration::seconds(i64::from(timeout)),
+        command: encode_wire(&command),
+    };
+    records(state)
+        .put(&queued, Precondition::Absent)
+        .await
+        .map_err(store_status)?;
+    tracing::info!(command = %id, agent = %device.agent, "connection test queued");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(timeout));
+    let answer_key = command_result_key(&device.tenant, &id);
+    loop {
+        if let Some(answer) = records(state)
+            .get::<CommandAnswer>(&answer_key)
+            .await
+            .map_err(store_status)?
+        {
+            let _ = records(state)
+                .delete(&answer_key, Precondition::Version(answer.version))
+                .await;
+            return Ok(answer_result(
+                &answer.value,
+                &device,
+                target,
+                state.clock.now(),
+            ));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(ANSWER_POLL).await;
+    }
+
+    // Nobody answered: take the command back if it was never sent.
+    let never_sent = match records(state)
+        .delete(
+            &command_key(&device.tenant, &device.agent, &id),
+            Precondition::Exists,
+        )
+        .await
+    {
+        Ok(removed) => removed,
+        Err(StoreError::NotFound(_)) => false,
+        Err(e) => return Err(store_status(e)),
+    };
+    let connected = records(state)
+        .get::<AgentPresence>(&presence_key(&device.tenant, &device.agent))
+        .await
+        .map_err(store_status)?
+        .is_some_and(|p| p.value.live(state.clock.now()));
+    let summary = match (never_sent, connected) {
+        (_, false) => format!(
+            "agent \"{}\" disconnected before answering within {timeout} s",
+            device.agent
+        ),
+        (true, true) => format!(
+            "agent \"{}\" is connected but the test was not delivered within {timeout} s",
+            device.agent
+        ),
+        (false, true) => format!(
+            "agent \"{}\" is connected but did not answer within {timeout} s",
+            device.agent
+        ),
+    };
+    Ok(unreachable(
+        summary,
+        "retry with a longer timeout_seconds; if it persists, check the agent's log and version",
+    ))
+}
+
+/// ` (last seen 4m 10s ago)`, ` (never seen)` for the device's agent.
+async fn last_seen(state: &BrokerState, device: &Device, now: OffsetDateTime) -> String {
+    let agent = records(state)
+        .get::<tokenfleet_domain::Agent>(&crate::records::agent_key(&device.tenant, &device.agent))
+        .await
+        .ok()
+        .flatten();
+    match agent.and_then(|a| a.value.last_seen) {
+        Some(seen) => format!(" (last seen {} ago)", format_age(now - seen)),
+        None => " (never seen)".to_owned(),
+    }
+}
+
+fn answer_result(
+    answer: &CommandAnswer,
+    device: &Device,
+    target: pb::ConnectionTarget,
+    now: OffsetDateTime,
+) -> pb::ConnectionTestResult {
+    let result = match answer.decode_result() {
+        Ok(result) => result,
+        Err(error) => {
+            tracing::error!(%error, "stored command result is damaged");
+            pb::CommandResult::default()
+        }
+    };
+    let mut test = result
+        .connection_test
+        .unwrap_or_else(|| pb::ConnectionTestResult {
+            // The agent answered without a structured result (an old agent, or it failed early).
+            verdict: if result.ok {
+                pb::ConnectionVerdict::Ok as i32
+            } else {
+                pb::ConnectionVerdict::Unspecified as i32
+            },
+            summary: if result.detail.is_empty() {
+                "the agent answered without a test result".to_owned()
+            } else {
+                result.detail.clone()
+            },
+            ..Default::default()
+        });
+    if test.device.is_empty() {
+        test.device.clone_from(&device.name);
+    }
+    if test.target == pb::ConnectionTarget::Unspecified as i32 {
+        test.target = target as i32;
+    }
+    if test.time.is_none() {
+        test.time = Some(timestamp(now));
+    }
+    test
+}
