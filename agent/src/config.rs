@@ -13,6 +13,7 @@
 //! pop3_listen = "127.0.0.1:1110"             # "" = no local POP3 server
 //! # ingress_tls_cert_file = "/etc/tokenfleet-agent/ingress.pem"  # STARTTLS for devices
 //! # ingress_tls_key_file = "/etc/tokenfleet-agent/ingress.key"
+//! ingress_require_tls = false                # true: no AUTH/MAIL (SMTP), USER/PASS (POP3) before TLS
 //! delivery_concurrency = 4
 //! retry_base_seconds = 30
 //! retry_max_seconds = 3600
@@ -59,6 +60,9 @@ pub struct RawAgentConfig {
     pub ingress_tls_cert_file: String,
     /// Private key (PEM) for STARTTLS on the ingress.
     pub ingress_tls_key_file: String,
+    /// Refuse logins and mail from devices until they have started TLS (SMTP `STARTTLS`, POP3
+    /// `STLS`); needs the ingress certificate.
+    pub ingress_require_tls: bool,
     /// Deliveries running at once.
     pub delivery_concurrency: u32,
     /// First retry delay in seconds (doubled per attempt, with jitter).
@@ -93,6 +97,7 @@ impl Default for RawAgentConfig {
             pop3_listen: "127.0.0.1:1110".to_owned(),
             ingress_tls_cert_file: String::new(),
             ingress_tls_key_file: String::new(),
+            ingress_require_tls: false,
             delivery_concurrency: 4,
             retry_base_seconds: 30,
             retry_max_seconds: 3600,
@@ -120,8 +125,11 @@ pub struct AgentSettings {
     pub smtp_listen: SocketAddr,
     /// POP3 server listen address, if any.
     pub pop3_listen: Option<SocketAddr>,
-    /// Ingress STARTTLS certificate and key files, if configured.
+    /// Ingress STARTTLS certificate and key files, if configured (SMTP `STARTTLS` and POP3
+    /// `STLS`).
     pub ingress_tls: Option<(PathBuf, PathBuf)>,
+    /// Devices must start TLS before logging in or sending.
+    pub ingress_require_tls: bool,
     /// Deliveries at once (at least 1).
     pub delivery_concurrency: usize,
     /// First retry delay.
@@ -218,6 +226,12 @@ impl AgentSettings {
                 ));
             }
         };
+        if raw.ingress_require_tls && ingress_tls.is_none() {
+            return Err(ConfigError(
+                "ingress_require_tls: needs ingress_tls_cert_file and ingress_tls_key_file"
+                    .to_owned(),
+            ));
+        }
         if raw.delivery_concurrency == 0 || raw.delivery_concurrency > 256 {
             return Err(ConfigError(format!(
                 "delivery_concurrency = {}: must be 1 to 256",
@@ -247,6 +261,7 @@ impl AgentSettings {
             spool_dir,
             pop3_listen,
             ingress_tls,
+            ingress_require_tls: raw.ingress_require_tls,
             delivery_concurrency: raw.delivery_concurrency as usize,
             retry_base: Duration::from_secs(raw.retry_base_seconds),
             retry_max: Duration::from_secs(raw.retry_max_seconds),
@@ -327,5 +342,6 @@ mod tests {
             |r| r.ingress_tls_cert_file = "a.pem".into(),
             "ingress_tls_key_file",
         );
+        bad(|r| r.ingress_require_tls = true, "ingress_require_tls");
     }
 }

@@ -41,6 +41,9 @@ pub struct Pop3ServerConfig {
     pub max_errors: u32,
     /// When set, `STLS` is offered and upgrades the session with this rustls configuration.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Refuse `USER`/`PASS` until `STLS` succeeded, and leave `USER` out of `CAPA` before it
+    /// (RFC 2595 §4). Needs [`Pop3ServerConfig::tls`].
+    pub require_tls: bool,
 }
 
 impl Default for Pop3ServerConfig {
@@ -51,6 +54,7 @@ impl Default for Pop3ServerConfig {
             command_timeout: Duration::from_secs(600),
             max_errors: 10,
             tls: None,
+            require_tls: false,
         }
     }
 }
@@ -63,6 +67,7 @@ impl std::fmt::Debug for Pop3ServerConfig {
             .field("command_timeout", &self.command_timeout)
             .field("max_errors", &self.max_errors)
             .field("tls", &self.tls.is_some())
+            .field("require_tls", &self.require_tls)
             .finish()
     }
 }
@@ -279,12 +284,15 @@ impl Session {
                 None => (text.to_ascii_uppercase(), ""),
             };
             let in_auth = matches!(state, State::Authorization { .. });
+            let tls_first = self.config.require_tls && !self.tls;
             let keep_going = match (&mut state, verb.as_str()) {
                 (_, "CAPA") => {
                     let stls = self.config.tls.is_some() && !self.tls && in_auth;
-                    let mut out = String::from(
-                        "+OK capability list follows\r\nUSER\r\nUIDL\r\nTOP\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n",
-                    );
+                    let mut out = String::from("+OK capability list follows\r\n");
+                    if !tls_first {
+                        out.push_str("USER\r\n");
+                    }
+                    out.push_str("UIDL\r\nTOP\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n");
                     if stls {
                         out.push_str("STLS\r\n");
                     }
@@ -306,6 +314,12 @@ impl Session {
                         Some(_) => self.reply("-ERR already using TLS").await?,
                         None => self.reply("-ERR STLS not available").await?,
                     }
+                }
+                (State::Authorization { user }, "USER" | "PASS") if tls_first => {
+                    // Forget a name given earlier: nothing of a login survives into TLS.
+                    *user = None;
+                    self.reply("-ERR [AUTH] this server takes passwords only over TLS: STLS first")
+                        .await?
                 }
                 (State::Authorization { user }, "USER") => {
                     if arg.is_empty() {

@@ -454,8 +454,9 @@ open(out, "wb").write(b"\r\n".join(lines) + b"\r\n")
 p.quit()
 "#;
 
-#[test]
-fn poplib_over_stls_collects_the_message() {
+/// A self-signed certificate for 127.0.0.1: the server's rustls configuration and the PEM a
+/// client trusts.
+fn self_signed_tls() -> (Arc<rustls::ServerConfig>, String) {
     let key = rcgen::KeyPair::generate().unwrap();
     let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
     let cert = params.self_signed(&key).unwrap();
@@ -470,15 +471,14 @@ fn poplib_over_stls_collects_the_message() {
         rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
     )
     .unwrap();
-    let server = Server::start(Pop3ServerConfig {
-        tls: Some(Arc::new(tls)),
-        ..Server::config()
-    });
-    let m = message_with_dots();
-    server.store("up-1", &m);
+    (Arc::new(tls), cert.pem())
+}
+
+/// Runs [`POPLIB_STLS`] against `server` and returns the message it retrieved.
+fn poplib_over_stls(server: &Server, ca_pem: &str) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, cert.pem()).unwrap();
+    std::fs::write(&ca, ca_pem).unwrap();
     let out = dir.path().join("msg");
     let status = Command::new("python3")
         .args([
@@ -493,5 +493,45 @@ fn poplib_over_stls_collects_the_message() {
         .status()
         .unwrap();
     assert!(status.success(), "poplib over STLS failed: {status}");
-    assert_eq!(std::fs::read(&out).unwrap(), m);
+    std::fs::read(&out).unwrap()
+}
+
+#[test]
+fn poplib_over_stls_collects_the_message() {
+    let (tls, ca) = self_signed_tls();
+    let server = Server::start(Pop3ServerConfig {
+        tls: Some(tls),
+        ..Server::config()
+    });
+    let m = message_with_dots();
+    server.store("up-1", &m);
+    assert_eq!(poplib_over_stls(&server, &ca), m);
+}
+
+#[test]
+fn with_require_tls_passwords_are_refused_until_stls() {
+    let (tls, ca) = self_signed_tls();
+    let server = Server::start(Pop3ServerConfig {
+        tls: Some(tls),
+        require_tls: true,
+        ..Server::config()
+    });
+    let m = message_with_dots();
+    server.store("up-1", &m);
+
+    let mut c = Raw::connect(server.addr);
+    assert!(c.cmd("CAPA").starts_with("+OK"));
+    let caps = c.multiline();
+    assert!(!caps.contains(&"USER".to_owned()), "{caps:?}");
+    assert!(caps.contains(&"STLS".to_owned()), "{caps:?}");
+    let refused = "-ERR [AUTH] this server takes passwords only over TLS: STLS first";
+    assert_eq!(c.cmd(&format!("USER {USER}")), refused);
+    // The right password in clear is refused too, and opens nothing.
+    assert_eq!(c.cmd(&format!("PASS {PASSWORD}")), refused);
+    assert_eq!(c.cmd("STAT"), "-ERR not logged in");
+    assert_eq!(c.cmd("QUIT"), "+OK bye");
+    assert_eq!(server.maildrop.list(DEVICE).unwrap().len(), 1);
+
+    // Over STLS the same device logs in and collects its message (poplib asserts USER works).
+    assert_eq!(poplib_over_stls(&server, &ca), m);
 }

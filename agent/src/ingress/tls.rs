@@ -95,6 +95,11 @@ impl IngressTls {
         &self.certificate_pem
     }
 
+    /// The rustls server configuration, shared with the local POP3 server's `STLS`.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        Arc::clone(&self.config)
+    }
+
     pub(super) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(Arc::clone(&self.config))
     }

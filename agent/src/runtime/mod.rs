@@ -410,6 +410,7 @@ pub async fn run(
     }
 
     let ingress_config = wiring::ingress_config(&settings)?;
+    let pop3_config = wiring::pop3_config(&ingress_config);
     let listener = TcpListener::bind(settings.smtp_listen)
         .await
         .with_context(|| format!("smtp_listen {}: cannot listen", settings.smtp_listen))?;
@@ -428,7 +429,15 @@ pub async fn run(
         });
     }
     if let Some(addr) = settings.pop3_listen {
-        wiring::start_pop3(addr, &rt, maildrop.clone(), stop_rx.clone(), &mut tasks).await?;
+        wiring::start_pop3(
+            addr,
+            pop3_config,
+            &rt,
+            maildrop.clone(),
+            stop_rx.clone(),
+            &mut tasks,
+        )
+        .await?;
     }
     {
         let scheduler = Arc::new(fetcher::FetchScheduler::new(

@@ -271,7 +271,8 @@ impl super::ConnectionTester for ProbeTester {
 }
 
 /// Ingress settings from the local configuration: STARTTLS with `ingress_tls_cert_file` /
-/// `ingress_tls_key_file` when both are set.
+/// `ingress_tls_key_file` when both are set, required before AUTH and MAIL with
+/// `ingress_require_tls`.
 pub fn ingress_config(
     settings: &crate::config::AgentSettings,
 ) -> anyhow::Result<crate::ingress::IngressConfig> {
@@ -287,7 +288,24 @@ pub fn ingress_config(
             })?,
         );
     }
+    config.require_tls = settings.ingress_require_tls;
     Ok(config)
+}
+
+/// The local POP3 server follows the SMTP ingress: the same certificate for `STLS`, and the same
+/// rule on whether devices must start TLS before they log in.
+pub fn pop3_config(
+    ingress: &crate::ingress::IngressConfig,
+) -> crate::pop3_server::Pop3ServerConfig {
+    crate::pop3_server::Pop3ServerConfig {
+        hostname: ingress.hostname.clone(),
+        tls: ingress
+            .tls
+            .as_ref()
+            .map(crate::ingress::IngressTls::server_config),
+        require_tls: ingress.require_tls,
+        ..crate::pop3_server::Pop3ServerConfig::default()
+    }
 }
 
 /// Directory (in the state directory) of the maildrop the local POP3 server serves.
@@ -311,6 +329,7 @@ pub async fn open_maildrop(
 /// maildrop are started separately, see [`super::fetcher`].)
 pub async fn start_pop3(
     addr: std::net::SocketAddr,
+    config: crate::pop3_server::Pop3ServerConfig,
     runtime: &Arc<super::AgentRuntime>,
     maildrop: crate::maildrop::Maildrop,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -327,7 +346,7 @@ pub async fn start_pop3(
         };
         if let Err(error) = crate::pop3_server::Pop3Server::serve(
             listener,
-            crate::pop3_server::Pop3ServerConfig::default(),
+            config,
             auth,
             Arc::new(maildrop),
             stopped,
@@ -338,4 +357,33 @@ pub async fn start_pop3(
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pop3_server_follows_the_ingress_tls_settings() {
+        let plain = crate::ingress::IngressConfig::default();
+        let pop3 = pop3_config(&plain);
+        assert!(pop3.tls.is_none());
+        assert!(!pop3.require_tls);
+
+        let Ok(tls) = crate::ingress::IngressTls::self_signed(&["127.0.0.1".to_owned()]) else {
+            panic!("self-signed certificate");
+        };
+        let strict = crate::ingress::IngressConfig {
+            tls: Some(tls.clone()),
+            require_tls: true,
+            ..crate::ingress::IngressConfig::default()
+        };
+        let pop3 = pop3_config(&strict);
+        assert!(pop3.require_tls);
+        let Some(config) = pop3.tls else {
+            panic!("no STLS configuration")
+        };
+        // The very same rustls configuration (certificate) as the SMTP ingress.
+        assert!(Arc::ptr_eq(&config, &tls.server_config()));
+    }
 }
