@@ -129,8 +129,11 @@ impl FakeMailApi {
             .context("binding 127.0.0.1:0 for the fake mail API")?;
         let addr = listener.local_addr()?;
         let state: Shared = Arc::default();
+        // Gmail takes messages up to 35 MB (base64url in JSON: ~47 MB); axum's own 2 MB default
+        // would refuse real-sized scans before the fake saw them.
         let app = Router::new()
             .fallback(handle)
+            .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
             .with_state(Arc::clone(&state));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {

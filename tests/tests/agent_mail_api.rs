@@ -131,6 +131,61 @@ async fn graph_and_gmail_deliver_byte_identical_mime() {
     assert_eq!(requests[1].user, GMAIL_MAILBOX);
 }
 
+/// `message()` padded with body lines to `size` bytes.
+fn message_of_size(size: usize) -> Vec<u8> {
+    let mut m = message();
+    let line = format!("{}\r\n", "y".repeat(76));
+    while m.len() + line.len() <= size {
+        m.extend_from_slice(line.as_bytes());
+    }
+    m.resize(size - 2, b'z');
+    m.extend_from_slice(b"\r\n");
+    m
+}
+
+#[tokio::test]
+async fn graph_takes_up_to_4_mb_per_request_and_refuses_larger_without_sending() {
+    let fake = fake().await;
+    let rcpts = rcpts();
+    let send = |data: Vec<u8>| {
+        let graph = graph(&fake);
+        let rcpts = &rcpts;
+        async move {
+            let message = OutgoingMessage {
+                from: MAILBOX,
+                rcpts,
+                data: &data,
+            };
+            graph.send(message, &creds(MAILBOX, TOKEN)).await
+        }
+    };
+    // 3 MiB of MIME is exactly 4 MiB of base64: the largest message Graph takes.
+    let fits = message_of_size(3 * 1024 * 1024);
+    fake.expect_mime(&fits);
+    let receipt = send(fits.clone()).await.unwrap();
+    assert!(
+        receipt.final_reply.starts_with("HTTP 202"),
+        "{}",
+        receipt.final_reply
+    );
+    assert_eq!(fake.requests().len(), 1);
+    assert!(fake.requests()[0].mime == fits);
+
+    // Three bytes more is one base64 quantum over: refused here, nothing is posted.
+    let err = send(message_of_size(3 * 1024 * 1024 + 3))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FailureKind::Permanent);
+    assert!(
+        err.final_reply.contains("3145731 bytes, 4194308 as base64")
+            && err.final_reply.contains("at most 4194304 bytes"),
+        "{}",
+        err.final_reply
+    );
+    assert_eq!(fake.requests().len(), 1, "nothing was posted");
+    assert_eq!(fake.violations(), Vec::<String>::new());
+}
+
 #[tokio::test]
 async fn envelope_only_recipients_become_bcc_and_header_only_ones_are_refused() {
     let fake = fake().await;

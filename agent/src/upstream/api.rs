@@ -47,6 +47,9 @@ pub const GMAIL_DEFAULT_BASE: &str = "https://gmail.googleapis.com";
 /// Largest message sent with the simple `messages/send` JSON call; larger ones go through the
 /// media upload endpoint (`uploadType=media`), which Google recommends above about 5 MB.
 pub const GMAIL_SIMPLE_SEND_LIMIT: usize = 5 * 1024 * 1024;
+/// Largest request body Graph's `sendMail` takes (4 MB); the base64 of the MIME must fit, so
+/// about 3 MB of message. Larger messages fail permanently before anything is sent.
+pub const GRAPH_REQUEST_LIMIT: usize = 4 * 1024 * 1024;
 /// Default request timeout (the whole exchange, upload included).
 pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(120);
 /// How much of an error body is read and kept.
@@ -478,8 +481,9 @@ fn check_message(api: Api, message: &OutgoingMessage<'_>) -> Result<(), Delivery
 /// Microsoft Graph `sendMail` with the raw MIME: `POST {base}/users/{address}/sendMail`,
 /// `Content-Type: text/plain`, body = base64 of the message; `202 Accepted` = sent. The message
 /// is saved in the mailbox's Sent Items (Graph's MIME mode cannot switch that off). Graph
-/// limits a request to about 4 MB, i.e. roughly 3 MB of MIME; larger messages get `413`
-/// (permanent).
+/// limits a request to 4 MB ([`GRAPH_REQUEST_LIMIT`]), i.e. roughly 3 MB of MIME: a larger
+/// message fails permanently here, naming both sizes, without a request (Graph would answer
+/// `413`, also permanent).
 #[derive(Debug, Clone)]
 pub struct GraphDelivery {
     http: Http,
@@ -515,6 +519,16 @@ impl Delivery for GraphDelivery {
         check_message(Api::Graph, &message)?;
         let mime = reconcile_recipients(message.data, message.rcpts)?;
         let body = STANDARD.encode(&mime).into_bytes();
+        if body.len() > GRAPH_REQUEST_LIMIT {
+            return Err(DeliveryError::permanent(format!(
+                "Graph: the message is {} bytes, {} as base64; sendMail takes at most {} bytes \
+                 per request (about 3 MB of message): send large scans over SMTP or the Gmail API, \
+                 or lower the device's scan resolution",
+                mime.len(),
+                body.len(),
+                GRAPH_REQUEST_LIMIT
+            )));
+        }
         let url = self.http.url(&["users", &credentials.username, "sendMail"]);
         let (status, _) = self
             .http
