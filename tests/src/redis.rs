@@ -37,15 +37,20 @@ fn port_is_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
-/// A free port whose cluster bus port (port + 10000) is free too.
+/// A free port whose cluster bus port (port + 10000) is free too (and, like the port, below the
+/// ephemeral range: see [`crate::ports`]).
 fn free_cluster_port() -> Result<u16> {
     for _ in 0..100 {
         let port = free_port()?;
-        if port <= u16::MAX - 10_000 && port_is_free(port + 10_000) {
+        let bus = port.checked_add(10_000);
+        if let Some(bus) = bus
+            && bus < crate::ports::ephemeral_start()
+            && port_is_free(bus)
+        {
             return Ok(port);
         }
     }
-    bail!("no free loopback port p with p+10000 also free after 100 tries")
+    bail!("no free loopback port p with p+10000 free and below the ephemeral range after 100 tries")
 }
 
 /// Sends one command to 127.0.0.1:`port` over RESP and returns the reply as text: simple and

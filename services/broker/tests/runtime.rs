@@ -55,12 +55,10 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// A port for a broker that is started twice on it: below the ephemeral range, so no client
+/// socket can hold it in between (see `tokenfleet_testkit::ports`).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    tokenfleet_testkit::ports::free_port().unwrap()
 }
 
 fn sigterm(child: &Child) {
