@@ -215,11 +215,16 @@ impl TestPki {
 
     /// Dovecot features serving this certificate (STARTTLS/STLS and the implicit-TLS ports).
     pub fn dovecot_features(&self) -> DovecotFeatures {
+        self.dovecot_features_with_min_tls(None)
+    }
+
+    /// [`TestPki::dovecot_features`] with Dovecot's `ssl_min_protocol` (e.g. `TLSv1.3`).
+    pub fn dovecot_features_with_min_tls(&self, min_protocol: Option<&str>) -> DovecotFeatures {
         DovecotFeatures {
             tls: Some(DovecotTls {
                 cert_pem: self.cert_pem.clone(),
                 key_pem: self.key_pem.clone(),
-                min_protocol: None,
+                min_protocol: min_protocol.map(str::to_owned),
             }),
             ..DovecotFeatures::default()
         }

@@ -15,7 +15,6 @@ use std::os::unix::process::ExitStatusExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tokenfleet_agent::fetch::imap::ImapClient;
 use tokenfleet_agent::fetch::pop3::Pop3Client;
 use tokenfleet_agent::fetch::{FetchProtocol, FetchSettings, Security, fetch_once};
@@ -27,7 +26,8 @@ use tokenfleet_agent::sasl::AccessToken;
 use tokenfleet_agent::upstream::tls::TlsSettings;
 use tokenfleet_agent::upstream::{Credentials, FailureKind};
 use tokenfleet_proto::v1::ConnectionVerdict;
-use tokenfleet_testkit::dovecot::{Dovecot, DovecotFeatures, DovecotOptions, DovecotTls};
+use tokenfleet_testkit::agent_site::TestPki;
+use tokenfleet_testkit::dovecot::{Dovecot, DovecotFeatures, DovecotOptions};
 use tokenfleet_testkit::fake_idp::{ClientSpec, FakeIdp};
 use tokenfleet_testkit::logs;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -462,44 +462,6 @@ async fn child_fetch_and_die() {
     unreachable!("the hook kills the process");
 }
 
-/// A CA and a certificate for 127.0.0.1 it issued.
-struct Pki {
-    ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
-}
-
-fn pki() -> Pki {
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "tokenfleet fetch test CA");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
-    let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
-    leaf.distinguished_name
-        .push(rcgen::DnType::CommonName, "dovecot.test");
-    let key = KeyPair::generate().unwrap();
-    let cert = leaf.signed_by(&key, &issuer).unwrap();
-    let key_pem = key.serialize_pem();
-    logs::secret(&key_pem);
-    Pki {
-        ca_pem: issuer.pem(),
-        cert_pem: cert.pem(),
-        key_pem,
-    }
-}
-
-fn tls_features(pki: &Pki) -> DovecotFeatures {
-    DovecotFeatures {
-        tls: Some(DovecotTls {
-            cert_pem: pki.cert_pem.clone(),
-            key_pem: pki.key_pem.clone(),
-            min_protocol: None,
-        }),
-        ..DovecotFeatures::default()
-    }
-}
-
 fn secured(
     protocol: FetchProtocol,
     addr: SocketAddr,
@@ -518,8 +480,8 @@ fn secured(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_over_stls_starttls_and_implicit_tls_with_a_private_ca() {
-    let pki = pki();
-    let (fake, token, dovecot) = setup_with(tls_features(&pki)).await;
+    let pki = TestPki::new("tokenfleet fetch test CA");
+    let (fake, token, dovecot) = setup_with(pki.dovecot_features()).await;
     for n in 1..=4 {
         dovecot.deliver(MAILBOX, &scan_message(n)).await.unwrap();
     }
@@ -574,8 +536,8 @@ async fn fetch_over_stls_starttls_and_implicit_tls_with_a_private_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_untrusted_certificate_fails_the_fetch_before_any_token_is_sent() {
-    let pki = pki();
-    let (fake, token, dovecot) = setup_with(tls_features(&pki)).await;
+    let pki = TestPki::new("tokenfleet fetch test CA");
+    let (fake, token, dovecot) = setup_with(pki.dovecot_features()).await;
     dovecot.deliver(MAILBOX, &scan_message(1)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let maildrop = Maildrop::open(dir.path()).unwrap();
@@ -609,8 +571,8 @@ async fn an_untrusted_certificate_fails_the_fetch_before_any_token_is_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_test_verdicts_for_fetch_profiles() {
-    let pki = pki();
-    let (_fake, token, dovecot) = setup_with(tls_features(&pki)).await;
+    let pki = TestPki::new("tokenfleet fetch test CA");
+    let (_fake, token, dovecot) = setup_with(pki.dovecot_features()).await;
     dovecot.deliver(MAILBOX, &scan_message(1)).await.unwrap();
     let ca = Some(pki.ca_pem.as_str());
     let deadline = || tokio::time::Instant::now() + Duration::from_secs(30);
@@ -708,7 +670,7 @@ async fn connection_test_verdicts_for_fetch_profiles() {
             "{r:?}"
         );
         let cert = r.certificate.as_ref().expect("certificate details");
-        assert!(cert.subject.contains("dovecot.test"), "{cert:?}");
+        assert_eq!(cert.subject, "O=tokenfleet, CN=127.0.0.1", "{cert:?}");
         assert!(
             r.summary.contains("tokenfleet fetch test CA"),
             "{}",

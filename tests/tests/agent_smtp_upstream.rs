@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tokenfleet_agent::probe::smtp::{TOKEN_REJECTED_FIX, test_send};
 use tokenfleet_agent::sasl::{AccessToken, Mechanism};
 use tokenfleet_agent::upstream::smtp::{Security, SmtpDelivery, SmtpSettings};
@@ -22,7 +21,8 @@ use tokenfleet_agent::upstream::{
     Credentials, Delivery, DeliveryError, FailureKind, OutgoingMessage,
 };
 use tokenfleet_proto::v1::ConnectionVerdict;
-use tokenfleet_testkit::dovecot::{Dovecot, DovecotFeatures, DovecotOptions, DovecotTls};
+use tokenfleet_testkit::agent_site::TestPki;
+use tokenfleet_testkit::dovecot::{Dovecot, DovecotFeatures, DovecotOptions};
 use tokenfleet_testkit::fake_idp::{ClientSpec, FakeIdp};
 use tokenfleet_testkit::logs;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -37,33 +37,6 @@ const MESSAGE: &[u8] = b"From: printer@contoso.example\r\nTo: printer@contoso.ex
 Subject: scan 42\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\
 Content-Transfer-Encoding: 8bit\r\n\r\n.leading dot\r\n..two dots\r\n.\r\n\
 caf\xc3\xa9 \xe2\x82\xac 8-bit body\r\nlast line\r\n";
-
-/// A CA and a certificate for 127.0.0.1 it issued.
-struct Pki {
-    ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
-}
-
-fn pki(ca_name: &str) -> Pki {
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, ca_name);
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
-    let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
-    leaf.distinguished_name
-        .push(rcgen::DnType::CommonName, "dovecot.test");
-    let key = KeyPair::generate().unwrap();
-    let cert = leaf.signed_by(&key, &issuer).unwrap();
-    let key_pem = key.serialize_pem();
-    logs::secret(&key_pem);
-    Pki {
-        ca_pem: issuer.pem(),
-        cert_pem: cert.pem(),
-        key_pem,
-    }
-}
 
 /// The fake IdP, an app-only token for [`MAILBOX`] and a Dovecot with `features`.
 async fn setup(features: DovecotFeatures) -> (FakeIdp, String, Dovecot) {
@@ -91,17 +64,6 @@ async fn setup(features: DovecotFeatures) -> (FakeIdp, String, Dovecot) {
     .await
     .unwrap();
     (fake, token, dovecot)
-}
-
-fn tls_features(pki: &Pki, min_protocol: Option<&str>) -> DovecotFeatures {
-    DovecotFeatures {
-        tls: Some(DovecotTls {
-            cert_pem: pki.cert_pem.clone(),
-            key_pem: pki.key_pem.clone(),
-            min_protocol: min_protocol.map(str::to_owned),
-        }),
-        ..DovecotFeatures::default()
-    }
 }
 
 async fn post_form(url: &str, body: &str) -> (u16, String) {
@@ -317,8 +279,8 @@ async fn oauthbearer_only_dovecot() {
 
 #[tokio::test]
 async fn starttls_and_implicit_tls_with_a_private_ca() {
-    let pki = pki("tokenfleet test CA");
-    let (_fake, token, dovecot) = setup(tls_features(&pki, None)).await;
+    let pki = TestPki::new("tokenfleet test CA");
+    let (_fake, token, dovecot) = setup(pki.dovecot_features()).await;
     let ca = Some(pki.ca_pem.as_str());
 
     send(
@@ -390,8 +352,8 @@ async fn starttls_and_implicit_tls_with_a_private_ca() {
         ]
     );
     let c = r.certificate.as_ref().unwrap();
-    assert_eq!(c.subject, "CN=dovecot.test");
-    assert_eq!(c.issuer, "CN=tokenfleet test CA");
+    assert_eq!(c.subject, "O=tokenfleet, CN=127.0.0.1");
+    assert_eq!(c.issuer, "O=tokenfleet, CN=tokenfleet test CA");
     assert!(c.tls_version.starts_with("TLSv1."), "{c:?}");
     assert!(!c.cipher_suite.is_empty() && c.sha256_fingerprint.len() == 64);
 
@@ -408,14 +370,17 @@ async fn starttls_and_implicit_tls_with_a_private_ca() {
         ConnectionVerdict::CertificateUntrusted,
         "{r:?}"
     );
-    assert_eq!(r.certificate.as_ref().unwrap().subject, "CN=dovecot.test");
+    assert_eq!(
+        r.certificate.as_ref().unwrap().subject,
+        "O=tokenfleet, CN=127.0.0.1"
+    );
     assert!(!format!("{r:?}").contains(&token));
 }
 
 #[tokio::test]
 async fn tls13_only_dovecot_refuses_a_tls12_client() {
-    let pki = pki("tokenfleet test CA");
-    let (_fake, token, dovecot) = setup(tls_features(&pki, Some("TLSv1.3"))).await;
+    let pki = TestPki::new("tokenfleet test CA");
+    let (_fake, token, dovecot) = setup(pki.dovecot_features_with_min_tls(Some("TLSv1.3"))).await;
     let mut s = settings(
         dovecot.submission_addr(),
         Security::Starttls,
