@@ -316,6 +316,71 @@ async fn imap_fetch_then_the_device_collects_the_same_bytes_and_the_upstream_cop
     fake.assert_no_violations().unwrap();
 }
 
+/// Another IMAP client (Python's `imaplib`, XOAUTH2) creates `folder` — given in modified UTF-7,
+/// as it goes on the wire — and appends `message` to it.
+const IMAPLIB_APPEND: &str = r#"
+import imaplib, os, sys
+port, user, folder, path = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+token = os.environ["TF_TOKEN"]
+m = imaplib.IMAP4("127.0.0.1", port, timeout=30)
+m.authenticate("XOAUTH2", lambda _: f"user={user}\x01auth=Bearer {token}\x01\x01".encode())
+quoted = '"' + folder + '"'
+typ, data = m.create(quoted)
+assert typ == "OK", data
+typ, data = m.append(quoted, None, None, open(path, "rb").read())
+assert typ == "OK", data
+m.logout()
+"#;
+
+async fn imaplib_append(dovecot: &Dovecot, token: &str, folder_mutf7: &str, message: &[u8]) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("message.eml");
+    std::fs::write(&path, message).unwrap();
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", IMAPLIB_APPEND])
+        .arg(dovecot.imap_addr().port().to_string())
+        .arg(MAILBOX)
+        .arg(folder_mutf7)
+        .arg(&path)
+        .env("TF_TOKEN", token)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "imaplib APPEND failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        dovecot.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imap_fetch_from_a_folder_with_a_non_ascii_name() {
+    let (fake, token, dovecot) = setup().await;
+    let scan = scan_message(7);
+    imaplib_append(&dovecot, &token, "Scans B&APw-ro &- Fax", &scan).await;
+    dovecot.deliver(MAILBOX, &scan_message(8)).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let maildrop = Maildrop::open(dir.path()).unwrap();
+    let mut s = imap_settings(&dovecot);
+    // Configured as the operator writes it; the agent sends it in modified UTF-7.
+    s.folder = "Scans Büro & Fax".into();
+    let report = fetch_once(&s, &credentials(&token), &maildrop, DEVICE)
+        .await
+        .unwrap();
+    assert_eq!(report.fetched, 1, "{report:?}");
+    assert_eq!(device_collects(&maildrop).await, vec![scan]);
+    // INBOX is another folder: untouched (LMTP put its trace headers in front).
+    let inbox = upstream_imap(&dovecot, &token).await;
+    assert!(
+        inbox.len() == 1 && inbox[0].ends_with(&scan_message(8)),
+        "INBOX holds {} messages",
+        inbox.len()
+    );
+    fake.assert_no_violations().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_token_is_auth_rejected_with_the_challenge_json_and_the_final_reply() {
     let (_fake, token, dovecot) = setup().await;

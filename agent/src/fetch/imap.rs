@@ -18,6 +18,10 @@
 //! must still reach it; what was already stored is recognised by its upstream id
 //! (`imap <user> <folder> <UIDVALIDITY> <UID>`), not by flags. With `keep_upstream` the message
 //! is flagged `\Seen` instead of deleted and stays upstream.
+//!
+//! Folder names are configured as plain Unicode (`Gescannte Dokumente/Büro`) and sent in IMAP's
+//! modified UTF-7 ([`mailbox_name`], RFC 3501 §5.1.3), which Exchange Online, Gmail and Dovecot
+//! all understand.
 
 use super::{
     Conn, ErrorChallenge, FetchError, FetchReport, FetchSettings, Security, already_stored, store,
@@ -97,6 +101,48 @@ fn parse_tagged(line: &str) -> Option<(String, Status)> {
                 && !matches!(b, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b'+')
         });
     valid_tag.then(|| (tag.to_owned(), status))
+}
+
+/// `folder` in IMAP's modified UTF-7 (RFC 3501 §5.1.3): printable ASCII stands for itself
+/// except `&`, which becomes `&-`; every run of other characters becomes `&`, the base64 of its
+/// UTF-16BE with `,` for `/` and no padding, and `-`. Control characters are refused.
+pub fn mailbox_name(folder: &str) -> Result<String, FetchError> {
+    use base64::Engine as _;
+    const MUTF7: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::IMAP_MUTF7,
+        base64::engine::general_purpose::NO_PAD,
+    );
+    if let Some(c) = folder.chars().find(|c| c.is_control()) {
+        return Err(FetchError::permanent(format!(
+            "IMAP folder {folder:?} contains the control character U+{:04X}",
+            u32::from(c)
+        )));
+    }
+    let mut out = String::with_capacity(folder.len());
+    let mut run: Vec<u8> = Vec::new();
+    let flush = |run: &mut Vec<u8>, out: &mut String| {
+        if !run.is_empty() {
+            out.push('&');
+            out.push_str(&MUTF7.encode(&run));
+            out.push('-');
+            run.clear();
+        }
+    };
+    for c in folder.chars() {
+        if c.is_ascii() {
+            flush(&mut run, &mut out);
+            out.push(c);
+            if c == '&' {
+                out.push('-');
+            }
+        } else {
+            for unit in c.encode_utf16(&mut [0; 2]) {
+                run.extend_from_slice(&unit.to_be_bytes());
+            }
+        }
+    }
+    flush(&mut run, &mut out);
+    Ok(out)
 }
 
 /// Quotes `text` as an IMAP quoted string (only printable ASCII is accepted).
@@ -516,11 +562,12 @@ impl ImapClient {
         }
     }
 
-    /// `SELECT folder`; records `UIDVALIDITY` and `EXISTS`.
+    /// `SELECT folder` (`folder` as Unicode; sent as [`mailbox_name`]); records `UIDVALIDITY`
+    /// and `EXISTS`.
     pub async fn select(&mut self, folder: &str) -> Result<String, FetchError> {
         self.uidvalidity = None;
         self.exists = None;
-        let command = format!("SELECT {}", quoted(folder)?);
+        let command = format!("SELECT {}", quoted(&mailbox_name(folder)?)?);
         self.command(&command).await.map(|(_, line)| line)
     }
 
@@ -840,6 +887,23 @@ mod tests {
         assert_eq!(uidvalidity("* OK [UIDVALIDITY x]"), None);
         assert!(quoted("IN\"BOX").unwrap() == "\"IN\\\"BOX\"");
         assert!(quoted("bad\r\nfolder").is_err());
+    }
+
+    #[test]
+    fn folder_names_are_sent_in_modified_utf7() {
+        let name = |f: &str| mailbox_name(f).unwrap();
+        assert_eq!(name("INBOX"), "INBOX");
+        // RFC 3501 §5.1.3's example.
+        assert_eq!(
+            name("~peter/mail/\u{53F0}\u{5317}/\u{65E5}\u{672C}\u{8A9E}"),
+            "~peter/mail/&U,BTFw-/&ZeVnLIqe-"
+        );
+        assert_eq!(name("Entwürfe"), "Entw&APw-rfe");
+        assert_eq!(name("Scans & Faxe"), "Scans &- Faxe");
+        assert_eq!(name("Gelöschte Elemente"), "Gel&APY-schte Elemente");
+        // A character outside the BMP is a surrogate pair in one run.
+        assert_eq!(name("Fax \u{1F4E0}"), "Fax &2D3c4A-");
+        assert!(mailbox_name("bad\r\nfolder").is_err());
     }
 
     use std::time::Duration;

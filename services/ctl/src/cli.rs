@@ -579,7 +579,8 @@ pub struct FetchFields {
     /// Highest TLS version for fetching.
     #[arg(long, value_enum)]
     pub fetch_tls_max_version: Option<TlsVersion>,
-    /// IMAP folder to fetch from (default INBOX).
+    /// IMAP folder to fetch from (default INBOX), as users see it (e.g. "Scans Büro"); the agent
+    /// sends it in IMAP's modified UTF-7.
     #[arg(long, value_name = "FOLDER")]
     pub fetch_folder: Option<String>,
 }
