@@ -277,6 +277,8 @@ pub async fn serve(
     // Every replica refreshes due mailboxes; per-mailbox store leases keep it to one at a time.
     let scheduler_task =
         crate::tokens::scheduler::RefreshScheduler::spawn(tokens, stopped(stop_rx.clone()));
+    // Every replica removes agent commands and answers nobody will read (conditional deletes).
+    let sweep_task = crate::fleet::housekeeping::spawn(state.clone(), stop_rx.clone());
     let health_task = tokio::spawn(watch_store_health(
         state.store.clone(),
         health.clone(),
@@ -331,9 +333,10 @@ pub async fn serve(
     health_task.abort();
     poller_task.abort();
     scheduler_task.abort();
+    sweep_task.abort();
     // Wait until the aborted tasks are gone: they hold the state (and so the store); a caller that
     // reopens the embedded store right after `serve` returns must not find it still open.
-    let _ = tokio::join!(health_task, poller_task, scheduler_task);
+    let _ = tokio::join!(health_task, poller_task, scheduler_task, sweep_task);
     if let Some(task) = alerts_task {
         task.abort();
         let _ = task.await;

@@ -812,3 +812,82 @@ async fn answers_nobody_waits_for_are_not_stored() {
     assert_eq!(results().await, 0);
     answering.abort();
 }
+
+/// Queued commands past their expiry and answers nobody waits for any more are removed by the
+/// periodic sweep; live ones stay, and a second sweep finds nothing.
+#[tokio::test]
+async fn expired_commands_and_unread_answers_are_swept() {
+    use tokenfleet_broker::fleet::housekeeping::{self, ANSWER_KEEP, Swept};
+    use tokenfleet_broker::fleet::store::{CommandAnswer, QueuedCommand};
+    use tokenfleet_broker::records::Records;
+    use tokenfleet_store::Scope;
+
+    let broker = Broker::start().await;
+    let now = broker.state.clock.now();
+    let records = Records::new(broker.state.store.as_ref());
+    let command = |tenant: &str, id: &str, expires| QueuedCommand {
+        tenant: tenant.into(),
+        agent: "site-a".into(),
+        id: id.into(),
+        expires,
+        command: String::new(),
+    };
+    let answer = |tenant: &str, id: &str, time| CommandAnswer {
+        tenant: tenant.into(),
+        agent: "site-a".into(),
+        id: id.into(),
+        time,
+        result: String::new(),
+    };
+    let second = time::Duration::seconds(1);
+    for queued in [
+        command("acme", "1-expired", now - second),
+        command("beta", "2-expired", now),
+        command("acme", "3-waiting", now + 60 * second),
+    ] {
+        records.put(&queued, Precondition::Absent).await.unwrap();
+    }
+    for stored in [
+        answer("acme", "4-unread", now - ANSWER_KEEP),
+        answer("acme", "5-fresh", now - ANSWER_KEEP + second),
+    ] {
+        records.put(&stored, Precondition::Absent).await.unwrap();
+    }
+
+    let swept = housekeeping::sweep(&broker.state, now).await.unwrap();
+    assert_eq!(
+        swept,
+        Swept {
+            commands: 2,
+            answers: 1
+        }
+    );
+    let ids = |scope: &str| {
+        let scope = Scope::Tenant(scope.into());
+        let records = &records;
+        async move {
+            let mut ids: Vec<String> = records
+                .list_all::<QueuedCommand>(&scope)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|c| c.value.id)
+                .collect();
+            ids.extend(
+                records
+                    .list_all::<CommandAnswer>(&scope)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|a| a.value.id),
+            );
+            ids
+        }
+    };
+    assert_eq!(ids("acme").await, ["3-waiting", "5-fresh"]);
+    assert!(ids("beta").await.is_empty());
+    assert_eq!(
+        housekeeping::sweep(&broker.state, now).await.unwrap(),
+        Swept::default()
+    );
+}

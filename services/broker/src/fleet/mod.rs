@@ -6,10 +6,12 @@
 //! ([`store`]): the last status per device, a presence marker per connected agent (which replica
 //! holds its stream, valid for three heartbeats), commands queued for an agent (taken and sent by
 //! whichever replica holds the agent's stream, polled every [`COMMAND_POLL`]) and the agents'
-//! answers (read by whoever waits). Depends on `records`, `convert`, `authz`, `admin` (audit and
+//! answers (read by whoever waits); [`housekeeping`] removes the commands and answers nobody
+//! will read. Depends on `records`, `convert`, `authz`, `admin` (audit and
 //! error mapping) and `identity` (the authenticated peer).
 
 mod agent_config;
+pub mod housekeeping;
 mod status;
 pub mod store;
 mod stream;
