@@ -813,8 +813,8 @@ async fn answers_nobody_waits_for_are_not_stored() {
     answering.abort();
 }
 
-/// Queued commands past their expiry and answers nobody waits for any more are removed by the
-/// periodic sweep; live ones stay, and a second sweep finds nothing.
+/// Queued commands past their expiry, answers nobody waits for any more and statuses of deleted
+/// devices are removed by the periodic sweep; live ones stay, and a second sweep finds nothing.
 #[tokio::test]
 async fn expired_commands_and_unread_answers_are_swept() {
     use tokenfleet_broker::fleet::housekeeping::{self, ANSWER_KEEP, Swept};
@@ -854,14 +854,37 @@ async fn expired_commands_and_unread_answers_are_swept() {
         records.put(&stored, Precondition::Absent).await.unwrap();
     }
 
+    // Statuses: one of a device that exists, one of a device deleted since it reported.
+    broker.put_device(&device("acme", "mfp", "site-a")).await;
+    for name in ["mfp", "gone"] {
+        let status = DeviceStatusRecord {
+            tenant: "acme".into(),
+            device: name.into(),
+            agent: "site-a".into(),
+            report_time: now,
+            heartbeat_seconds: 30,
+            status: String::new(),
+        };
+        records.put(&status, Precondition::Any).await.unwrap();
+    }
+
     let swept = housekeeping::sweep(&broker.state, now).await.unwrap();
     assert_eq!(
         swept,
         Swept {
             commands: 2,
-            answers: 1
+            answers: 1,
+            statuses: 1,
         }
     );
+    let statuses: Vec<String> = records
+        .list_all::<DeviceStatusRecord>(&Scope::Tenant("acme".into()))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.value.device)
+        .collect();
+    assert_eq!(statuses, ["mfp"]);
     let ids = |scope: &str| {
         let scope = Scope::Tenant(scope.into());
         let records = &records;

@@ -1,16 +1,18 @@
-//! Removes agent command records nobody will read again: a connection test queued for an agent
-//! that did not take it before it expired (the agent stayed away, or the waiting replica died
-//! before taking it back), and an answer stored for a waiter that had already given up (possible
-//! only when replicas' clocks disagree). Every replica sweeps; deletes are conditional on the
-//! version read, so replicas never remove a record another one has just rewritten.
+//! Removes fleet records nobody will read again: a connection test queued for an agent that did
+//! not take it before it expired (the agent stayed away, or the waiting replica died before
+//! taking it back), an answer stored for a waiter that had already given up (possible only when
+//! replicas' clocks disagree), and the last status of a device that was deleted (a device created
+//! again under its name would otherwise show it until its agent reports). Every replica sweeps;
+//! deletes are conditional on the version read, so replicas never remove a record another one
+//! has just rewritten.
 
 use std::time::Duration;
 
 use time::OffsetDateTime;
-use tokenfleet_domain::Tenant;
+use tokenfleet_domain::{Device, Tenant};
 use tokenfleet_store::{Precondition, Scope, StoreError, StoreResult};
 
-use super::store::{CommandAnswer, QueuedCommand};
+use super::store::{CommandAnswer, DeviceStatusRecord, QueuedCommand};
 use crate::records::{Records, StoredRecord};
 use crate::state::BrokerState;
 
@@ -27,10 +29,12 @@ pub struct Swept {
     pub commands: usize,
     /// Answers older than [`ANSWER_KEEP`].
     pub answers: usize,
+    /// Last statuses of devices that no longer exist.
+    pub statuses: usize,
 }
 
-/// Removes, in every tenant, queued commands that expired before `now` and answers stored
-/// [`ANSWER_KEEP`] or longer before it.
+/// Removes, in every tenant, queued commands that expired before `now`, answers stored
+/// [`ANSWER_KEEP`] or longer before it, and statuses of devices that are gone.
 pub async fn sweep(state: &BrokerState, now: OffsetDateTime) -> StoreResult<Swept> {
     let records = Records::new(state.store.as_ref());
     let mut swept = Swept::default();
@@ -48,6 +52,24 @@ pub async fn sweep(state: &BrokerState, now: OffsetDateTime) -> StoreResult<Swep
                 && remove(&records, &answer.value, answer.version).await?
             {
                 swept.answers += 1;
+            }
+        }
+        // Statuses first, devices second: a device created in between has no status in the
+        // first list, so nothing of it can be taken for an orphan.
+        let statuses = records.list_all::<DeviceStatusRecord>(&scope).await?;
+        if !statuses.is_empty() {
+            let devices: std::collections::HashSet<String> = records
+                .list_all::<Device>(&scope)
+                .await?
+                .into_iter()
+                .map(|d| d.value.name)
+                .collect();
+            for status in statuses {
+                if !devices.contains(&status.value.device)
+                    && remove(&records, &status.value, status.version).await?
+                {
+                    swept.statuses += 1;
+                }
             }
         }
     }
@@ -70,13 +92,16 @@ async fn remove<T: StoredRecord>(
     }
 }
 
-/// Sweeps every [`SWEEP_INTERVAL`] until `stop` turns true.
+/// Sweeps every [`SWEEP_INTERVAL`], the first time one interval after the call, until `stop` turns
+/// true.
 pub fn spawn(
     state: BrokerState,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(SWEEP_INTERVAL);
+        // The first sweep one interval after start: nothing is urgent, and start-up stays quiet.
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + SWEEP_INTERVAL, SWEEP_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -84,16 +109,14 @@ pub fn spawn(
                 _ = stop.wait_for(|s| *s) => return,
             }
             match sweep(&state, state.clock.now()).await {
-                Ok(Swept {
-                    commands: 0,
-                    answers: 0,
-                }) => {}
+                Ok(swept) if swept == Swept::default() => {}
                 Ok(swept) => tracing::info!(
                     commands = swept.commands,
                     answers = swept.answers,
-                    "removed expired agent commands and unread answers"
+                    statuses = swept.statuses,
+                    "removed expired agent commands, unread answers and statuses of deleted devices"
                 ),
-                Err(error) => tracing::warn!(%error, "sweeping agent commands failed"),
+                Err(error) => tracing::warn!(%error, "sweeping fleet records failed"),
             }
         }
     })
