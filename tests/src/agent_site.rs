@@ -231,6 +231,34 @@ impl TestPki {
     }
 }
 
+/// The fake identity provider with an app-only client for `mailbox`, an access token for it
+/// from the fake's token endpoint (client credentials; registered as a secret for the log scan),
+/// and a Dovecot with `features` validating tokens at the fake's `/introspect`: the upstream of
+/// the agent's fetch and send tests.
+pub async fn dovecot_with_app_token(
+    mailbox: &str,
+    features: DovecotFeatures,
+) -> (FakeIdp, String, Dovecot) {
+    crate::logs::capture();
+    let fake = FakeIdp::start()
+        .await
+        .unwrap_or_else(|e| panic!("starting the fake IdP: {e:#}"));
+    let mut spec = ClientSpec::confidential("daemon-app", "daemon-secret");
+    spec.app_only_mailbox = Some(mailbox.into());
+    fake.register_client(spec);
+    let token =
+        client_credentials_token(&fake, "organizations", "daemon-app", "daemon-secret").await;
+    let dovecot = Dovecot::start_with(
+        DovecotOptions {
+            introspection_url: fake.introspection_url(),
+        },
+        features,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("starting Dovecot: {e:#}"));
+    (fake, token, dovecot)
+}
+
 /// A TCP forwarder from a loopback port of its own to `to` that can be paused: while paused,
 /// new connections are accepted and closed at once (before any greeting), as if the server
 /// behind it were down; connections forwarded earlier go on. Put it between the agent and an
@@ -592,6 +620,30 @@ async fn post_form(url: &str, body: &str) -> String {
     out.split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default()
+}
+
+/// An app-only access token for Exchange Online from `fake`'s token endpoint of `tenant`
+/// (client credentials); registered as a secret for the log scan.
+async fn client_credentials_token(
+    fake: &FakeIdp,
+    tenant: &str,
+    client_id: &str,
+    secret: &str,
+) -> String {
+    let body = format!(
+        "grant_type=client_credentials&client_id={client_id}&client_secret={secret}\
+         &scope=https%3A%2F%2Foutlook.office365.com%2F.default"
+    );
+    let url = format!("{}/{tenant}/oauth2/v2.0/token", fake.base_url());
+    let out = post_form(&url, &body).await;
+    let json: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("token answer {out:?}: {e}"));
+    let token = json["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no token: {out}"))
+        .to_owned();
+    crate::logs::secret(&token);
+    token
 }
 
 impl AgentSite {
@@ -1012,20 +1064,7 @@ impl AgentSite {
 
     /// An app-only token for [`ADDRESS`] straight from the fake (to read the mailbox upstream).
     pub async fn reader_token(&self) -> String {
-        let body = format!(
-            "grant_type=client_credentials&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}\
-             &scope=https%3A%2F%2Foutlook.office365.com%2F.default"
-        );
-        let url = format!("{}/{ENTRA}/oauth2/v2.0/token", self.fake.base_url());
-        let out = post_form(&url, &body).await;
-        let json: serde_json::Value =
-            serde_json::from_str(&out).unwrap_or_else(|e| panic!("token answer {out:?}: {e}"));
-        let token = json["access_token"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no token: {out}"))
-            .to_owned();
-        crate::logs::secret(&token);
-        token
+        client_credentials_token(&self.fake, ENTRA, CLIENT_ID, CLIENT_SECRET).await
     }
 
     /// Runs the real `tokenfleetctl` with `args` against the site's broker (fleet-admin key,

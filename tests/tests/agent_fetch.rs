@@ -26,12 +26,9 @@ use tokenfleet_agent::sasl::AccessToken;
 use tokenfleet_agent::upstream::tls::TlsSettings;
 use tokenfleet_agent::upstream::{Credentials, FailureKind};
 use tokenfleet_proto::v1::ConnectionVerdict;
-use tokenfleet_testkit::agent_site::TestPki;
-use tokenfleet_testkit::dovecot::{Dovecot, DovecotFeatures, DovecotOptions};
-use tokenfleet_testkit::fake_idp::{ClientSpec, FakeIdp};
-use tokenfleet_testkit::logs;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokenfleet_testkit::agent_site::{TestPki, dovecot_with_app_token};
+use tokenfleet_testkit::dovecot::{Dovecot, DovecotFeatures};
+use tokenfleet_testkit::fake_idp::FakeIdp;
 
 const MAILBOX: &str = "printer@contoso.example";
 const DEVICE: &str = "mfd-1";
@@ -51,46 +48,7 @@ async fn setup() -> (FakeIdp, String, Dovecot) {
 
 /// [`setup`] with Dovecot `features` (TLS, mechanisms).
 async fn setup_with(features: DovecotFeatures) -> (FakeIdp, String, Dovecot) {
-    logs::capture();
-    let fake = FakeIdp::start().await.unwrap();
-    let mut spec = ClientSpec::confidential("daemon-app", "daemon-secret");
-    spec.app_only_mailbox = Some(MAILBOX.into());
-    fake.register_client(spec);
-    let (status, body) = post_form(
-        &format!("{}/organizations/oauth2/v2.0/token", fake.base_url()),
-        "grant_type=client_credentials&client_id=daemon-app&client_secret=daemon-secret\
-         &scope=https%3A%2F%2Foutlook.office365.com%2F.default",
-    )
-    .await;
-    assert_eq!(status, 200, "token request failed: {body}");
-    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let token = json["access_token"].as_str().unwrap().to_owned();
-    logs::secret(&token);
-    let dovecot = Dovecot::start_with(
-        DovecotOptions {
-            introspection_url: fake.introspection_url(),
-        },
-        features,
-    )
-    .await
-    .unwrap();
-    (fake, token, dovecot)
-}
-
-/// A minimal HTTP/1.1 form POST.
-async fn post_form(url: &str, body: &str) -> (u16, String) {
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = TcpStream::connect(host).await.unwrap();
-    let req = format!(
-        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let status = out[9..12].parse().unwrap();
-    (status, out.split_once("\r\n\r\n").unwrap().1.to_owned())
+    dovecot_with_app_token(MAILBOX, features).await
 }
 
 fn credentials(token: &str) -> Credentials {

@@ -21,11 +21,10 @@ use tokenfleet_agent::upstream::{
     Credentials, Delivery, DeliveryError, FailureKind, OutgoingMessage,
 };
 use tokenfleet_proto::v1::ConnectionVerdict;
-use tokenfleet_testkit::agent_site::TestPki;
-use tokenfleet_testkit::dovecot::{Dovecot, DovecotFeatures, DovecotOptions};
-use tokenfleet_testkit::fake_idp::{ClientSpec, FakeIdp};
-use tokenfleet_testkit::logs;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokenfleet_testkit::agent_site::{TestPki, dovecot_with_app_token};
+use tokenfleet_testkit::dovecot::{Dovecot, DovecotFeatures};
+use tokenfleet_testkit::fake_idp::FakeIdp;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -40,45 +39,7 @@ caf\xc3\xa9 \xe2\x82\xac 8-bit body\r\nlast line\r\n";
 
 /// The fake IdP, an app-only token for [`MAILBOX`] and a Dovecot with `features`.
 async fn setup(features: DovecotFeatures) -> (FakeIdp, String, Dovecot) {
-    logs::capture();
-    let fake = FakeIdp::start().await.unwrap();
-    let mut spec = ClientSpec::confidential("daemon-app", "daemon-secret");
-    spec.app_only_mailbox = Some(MAILBOX.into());
-    fake.register_client(spec);
-    let (status, body) = post_form(
-        &format!("{}/organizations/oauth2/v2.0/token", fake.base_url()),
-        "grant_type=client_credentials&client_id=daemon-app&client_secret=daemon-secret\
-         &scope=https%3A%2F%2Foutlook.office365.com%2F.default",
-    )
-    .await;
-    assert_eq!(status, 200, "token request failed: {body}");
-    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let token = json["access_token"].as_str().unwrap().to_owned();
-    logs::secret(&token);
-    let dovecot = Dovecot::start_with(
-        DovecotOptions {
-            introspection_url: fake.introspection_url(),
-        },
-        features,
-    )
-    .await
-    .unwrap();
-    (fake, token, dovecot)
-}
-
-async fn post_form(url: &str, body: &str) -> (u16, String) {
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = TcpStream::connect(host).await.unwrap();
-    let req = format!(
-        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let status = out[9..12].parse().unwrap();
-    (status, out.split_once("\r\n\r\n").unwrap().1.to_owned())
+    dovecot_with_app_token(MAILBOX, features).await
 }
 
 fn settings(addr: SocketAddr, security: Security, ca_pem: Option<&str>) -> SmtpSettings {
