@@ -499,6 +499,8 @@ pub struct SiteOptions {
     pub device: Box<dyn FnOnce(&Dovecot) -> pb::Device + Send>,
     /// Extra lines for the agent's configuration file.
     pub agent_config: String,
+    /// The agent's local heartbeat override (default [`HEARTBEAT_SECONDS`]).
+    pub heartbeat_seconds: u64,
 }
 
 impl std::fmt::Debug for SiteOptions {
@@ -524,6 +526,7 @@ impl Default for SiteOptions {
                 ..Default::default()
             }),
             agent_config: String::new(),
+            heartbeat_seconds: HEARTBEAT_SECONDS,
         }
     }
 }
@@ -748,6 +751,7 @@ impl AgentSite {
                 agent: AGENT.into(),
                 display_name: "site one".into(),
                 ttl_seconds: 600,
+                re_enroll: false,
             })
             .await
         {
@@ -815,8 +819,9 @@ impl AgentSite {
         ));
         let config = format!(
             "state_dir = {state:?}\nsmtp_listen = \"{smtp}\"\npop3_listen = \"{pop3}\"\n\
-             retry_base_seconds = 1\nretry_max_seconds = 3\nheartbeat_seconds = {HEARTBEAT_SECONDS}\n\
+             retry_base_seconds = 1\nretry_max_seconds = 3\nheartbeat_seconds = {}\n\
              shutdown_grace_seconds = 5\n{}",
+            options.heartbeat_seconds,
             options.agent_config
         );
         std::fs::write(dir.path().join("agent.toml"), config)

@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_testkit::agent_site::{
-    AgentSite, DEVICE, SiteOptions, TENANT, TestPki, eventually, free_port, plain_fetch, plain_smtp,
+    AGENT, AgentSite, DEVICE, MAILBOX, SiteOptions, TENANT, TestPki, eventually, free_port,
+    plain_fetch, plain_smtp,
 };
 use tokenfleet_testkit::dovecot::Dovecot;
 
@@ -373,4 +374,190 @@ mod mail_api {
             "{refused:#?}"
         );
     }
+}
+
+/// `tokenfleetctl device test <device>`: (exit code, printed verdict, stdout, stderr).
+async fn ctl_test(site: &AgentSite, device: &str) -> (i32, String, String, String) {
+    let (code, stdout, stderr) = site
+        .ctl(&[
+            "device", "test", device, "--tenant", TENANT, "--timeout", "20",
+        ])
+        .await;
+    let verdict = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("verdict:"))
+        .map(|v| v.trim().to_ascii_uppercase().replace('-', "_"))
+        .unwrap_or_default();
+    (code, verdict, stdout, stderr)
+}
+
+fn applied(site: &AgentSite) -> usize {
+    site.log_text()
+        .matches("agent configuration applied")
+        .count()
+}
+
+/// With the agent's default-like heartbeat (30 s), a device created or changed through the real
+/// `tokenfleetctl` reaches the running agent within a second, and a test right after the change
+/// tests the device as changed. When the mailbox's grant dies, `mailbox refresh` exits non-zero
+/// saying why, and `fleet status` shows the broker's grant status (not the agent's cached token)
+/// with each token's purpose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_reach_the_running_agent_at_once_and_status_tells_the_truth() {
+    let site = AgentSite::start(SiteOptions {
+        heartbeat_seconds: 30,
+        ..SiteOptions::default()
+    })
+    .await;
+    eventually("the agent's status stream", Duration::from_secs(20), || async {
+        site.fleet_status()
+            .await
+            .filter(|s| s.agent_connected)
+            .map(|_| ())
+    })
+    .await;
+    let submission = site.dovecot.submission_addr().port().to_string();
+
+    // A new device, tested at once: the agent runs it already.
+    let (code, _, stderr) = site
+        .ctl(&[
+            "device",
+            "create",
+            "--tenant",
+            TENANT,
+            "--name",
+            "mfp2",
+            "--agent",
+            AGENT,
+            "--sender-mode",
+            "fixed_admin",
+            "--admin-mailbox",
+            MAILBOX,
+            "--smtp-server",
+            "127.0.0.1",
+            "--smtp-port",
+            &submission,
+            "--smtp-security",
+            "none",
+        ])
+        .await;
+    assert_eq!(code, 0, "device create: {stderr}");
+    let (code, verdict, stdout, stderr) = ctl_test(&site, "mfp2").await;
+    assert_eq!(
+        (code, verdict.as_str()),
+        (0, "OK"),
+        "device test right after device create\nstdout:\n{stdout}\nstderr:\n{stderr}\nagent log:\n{}",
+        site.log_text()
+    );
+
+    // A changed port, tested at once: the new port is tested.
+    let closed = free_port().to_string();
+    let (code, _, stderr) = site
+        .ctl(&[
+            "device",
+            "update",
+            "--tenant",
+            TENANT,
+            "--name",
+            "mfp2",
+            "--smtp-port",
+            &closed,
+        ])
+        .await;
+    assert_eq!(code, 0, "device update: {stderr}");
+    let (code, verdict, stdout, stderr) = ctl_test(&site, "mfp2").await;
+    assert_eq!(
+        (code, verdict.as_str()),
+        (1, "CONNECTION_REFUSED"),
+        "device test right after device update --smtp-port\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains(&closed), "{stdout}");
+
+    // How long a change takes to reach the agent (no test waiting for it this time).
+    let before = applied(&site);
+    let (code, _, stderr) = site
+        .ctl(&[
+            "device",
+            "update",
+            "--tenant",
+            TENANT,
+            "--name",
+            "mfp2",
+            "--smtp-timeout",
+            "17",
+        ])
+        .await;
+    assert_eq!(code, 0, "device update: {stderr}");
+    let changed = std::time::Instant::now();
+    let took = loop {
+        if applied(&site) > before {
+            break changed.elapsed();
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(30),
+            "the agent never applied the change:\n{}",
+            site.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    println!("device update reached the running agent {took:?} after tokenfleetctl returned");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+
+    // The agent caches a token of the mailbox (the OK test above fetched one) and reports it.
+    eventually("the agent's token in the fleet status", Duration::from_secs(40), || async {
+        let status = site.fleet_status().await?.status?;
+        status
+            .tokens
+            .iter()
+            .any(|t| t.status == pb::TokenStatus::Active as i32)
+            .then_some(())
+    })
+    .await;
+
+    // The grant dies at the provider (the app's secret expired): the refresh says so and fails.
+    let mut spec = tokenfleet_testkit::fake_idp::ClientSpec::confidential(
+        tokenfleet_testkit::agent_site::CLIENT_ID,
+        tokenfleet_testkit::agent_site::CLIENT_SECRET,
+    );
+    spec.app_only_mailbox = Some(tokenfleet_testkit::agent_site::ADDRESS.into());
+    spec.secret_expired = true;
+    site.fake.register_client(spec);
+    let (code, stdout, stderr) = site
+        .ctl(&["mailbox", "refresh", MAILBOX, "--tenant", TENANT])
+        .await;
+    assert_ne!(code, 0, "mailbox refresh of a dead grant\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        stderr.contains("did not succeed") && stderr.contains("client secret has expired"),
+        "{stderr}"
+    );
+
+    // The fleet status goes by the broker's grant, at once, although the agent still holds a
+    // valid access token; each token names its purpose.
+    let (code, stdout, stderr) = site
+        .ctl(&["-o", "json", "fleet", "status", "--tenant", TENANT])
+        .await;
+    assert_eq!(code, 0, "{stderr}");
+    let devices: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let mfp = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == DEVICE)
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert_eq!(mfp["health"], "failing", "{mfp:#}");
+    assert!(
+        mfp["problem"].as_str().unwrap().contains(MAILBOX)
+            && mfp["problem"].as_str().unwrap().contains("client secret has expired"),
+        "{mfp:#}"
+    );
+    assert_eq!(mfp["grants"][0]["mailbox"], MAILBOX, "{mfp:#}");
+    assert_ne!(mfp["grants"][0]["status"], "active", "{mfp:#}");
+    let tokens = mfp["status"]["tokens"].as_array().unwrap();
+    assert!(!tokens.is_empty(), "{mfp:#}");
+    for token in tokens {
+        assert_ne!(token["status"], "active", "{mfp:#}");
+        assert_eq!(token["purpose"], "send", "{mfp:#}");
+    }
+    // Problems first.
+    assert_eq!(devices[0]["health"], "failing", "{stdout}");
 }

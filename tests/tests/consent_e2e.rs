@@ -462,6 +462,7 @@ async fn a_replica_killed_mid_poll_leaves_the_consent_to_another_replica() {
     records
         .put(
             &Mailbox {
+                consent_account: String::new(),
                 tenant: TENANT.into(),
                 name: "scan".into(),
                 address: USER.into(),

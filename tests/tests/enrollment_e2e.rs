@@ -67,6 +67,7 @@ async fn enrollment_code(broker: &TestBroker, agent: &str) -> EnrollmentCode {
             agent: agent.into(),
             display_name: format!("site {agent}"),
             ttl_seconds: 600,
+            re_enroll: false,
         })
         .await
         .unwrap()
@@ -102,6 +103,7 @@ async fn hosted_device(broker: &TestBroker, agent: &str) {
         stamps: Stamps::new(now),
     };
     let mailbox = Mailbox {
+        consent_account: String::new(),
         tenant: "acme".into(),
         name: "scan".into(),
         address: "scan@example.com".into(),
@@ -394,7 +396,14 @@ async fn reused_and_expired_codes_are_refused() {
     assert!(!dir.path().join("b").join(identity::KEY_FILE).exists());
 
     // A code whose lifetime is over (created already expired).
-    let (expired, _) = codes::create(broker.state(), "acme", "site-b", Duration::ZERO, "test")
+    enrollment_code(&broker, "site-b").await;
+    let site_b = Records::new(broker.state().store.as_ref())
+        .get::<tokenfleet_domain::Agent>(&tokenfleet_broker::records::agent_key("acme", "site-b"))
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    let (expired, _) = codes::create(broker.state(), &site_b, Duration::ZERO, false, "test")
         .await
         .unwrap();
     let err = identity::enroll(
@@ -582,4 +591,130 @@ async fn a_revoked_agent_is_refused_on_its_next_call() {
             .iter()
             .any(|a| a.name == "site-a" && a.revoked)
     );
+}
+
+// ----------------------------------------------------------------------------------------------
+// Leftover codes, through the real binaries: `tokenfleetctl agent enroll-code` and
+// `tokenfleet-agent enroll`.
+// ----------------------------------------------------------------------------------------------
+
+/// Runs `tokenfleetctl` against `broker` (fleet-admin key, the broker's CA).
+async fn ctl(broker: &TestBroker, args: &[&str]) -> (i32, String, String) {
+    let binary = tokio::task::spawn_blocking(tokenfleet_testkit::agent_site::ctl_binary)
+        .await
+        .unwrap();
+    let out = tokio::process::Command::new(binary)
+        .args(args)
+        .env("TOKENFLEET_BROKER", broker.grpc_url())
+        .env("TOKENFLEET_API_KEY", broker.admin_key.expose())
+        .env("TOKENFLEET_CA_FILE", broker.tls_ca_file())
+        .env_remove("TOKENFLEET_API_KEY_FILE")
+        .env_remove("TOKENFLEET_TENANT")
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `tokenfleetctl agent enroll-code <agent> --tenant acme [extra]`: the code, or the failure.
+async fn ctl_code(broker: &TestBroker, agent: &str, extra: &[&str]) -> Result<String, String> {
+    let mut args = vec![
+        "-o",
+        "json",
+        "agent",
+        "enroll-code",
+        "--name",
+        agent,
+        "--tenant",
+        "acme",
+    ];
+    args.extend_from_slice(extra);
+    let (code, stdout, stderr) = ctl(broker, &args).await;
+    if code != 0 {
+        return Err(format!("exit {code}: {stderr}"));
+    }
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let code = json["code"].as_str().unwrap().to_owned();
+    tokenfleet_testkit::logs::secret(&code);
+    Ok(code)
+}
+
+/// `tokenfleet-agent enroll` with `code` into `state_dir`: Ok, or the agent's stderr.
+async fn agent_enroll(broker: &TestBroker, code: &str, state_dir: &Path) -> Result<(), String> {
+    let binary = tokio::task::spawn_blocking(tokenfleet_testkit::agent_site::agent_binary)
+        .await
+        .unwrap();
+    let code_file = state_dir.with_extension("code");
+    std::fs::write(&code_file, code).unwrap();
+    let out = tokio::process::Command::new(binary)
+        .args(["enroll", "--broker", &broker.grpc_url(), "--code-file"])
+        .arg(&code_file)
+        .arg("--ca-file")
+        .arg(broker.tls_ca_file())
+        .env("TOKENFLEET_AGENT_STATE_DIR", state_dir)
+        .output()
+        .await
+        .unwrap();
+    register_agent_key(state_dir);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftover_codes_do_not_take_over_agents_through_ctl_and_agent() {
+    let broker = tls_broker(None).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // Two codes for one agent: only the newer one works.
+    let older = ctl_code(&broker, "site-a", &[]).await.unwrap();
+    let newer = ctl_code(&broker, "site-a", &[]).await.unwrap();
+    let err = agent_enroll(&broker, &older, &dir.path().join("older"))
+        .await
+        .unwrap_err();
+    assert!(err.contains("replaced by a newer code"), "{err}");
+    agent_enroll(&broker, &newer, &dir.path().join("running"))
+        .await
+        .unwrap();
+    let running = identity::load(&dir.path().join("running")).unwrap();
+    hosted_device(&broker, "site-a").await;
+    call(&running).await.unwrap();
+
+    // The agent runs with a current certificate: a plain code is refused, naming the option.
+    let err = ctl_code(&broker, "site-a", &[]).await.unwrap_err();
+    assert!(err.contains("holds a current certificate") && err.contains("--re-enroll"), "{err}");
+    call(&running).await.unwrap();
+    // An explicit re-enroll code replaces the running agent's certificate.
+    let re_enroll = ctl_code(&broker, "site-a", &["--re-enroll"]).await.unwrap();
+    agent_enroll(&broker, &re_enroll, &dir.path().join("rebuilt"))
+        .await
+        .unwrap();
+    let rebuilt = identity::load(&dir.path().join("rebuilt")).unwrap();
+    call(&rebuilt).await.unwrap();
+    assert_eq!(call(&running).await.unwrap_err().code(), Code::PermissionDenied);
+    // It worked once.
+    assert!(
+        agent_enroll(&broker, &re_enroll, &dir.path().join("again"))
+            .await
+            .unwrap_err()
+            .contains("used already")
+    );
+
+    // A code made before the agent was deleted and re-created does not enroll the new one.
+    let stale = ctl_code(&broker, "site-b", &[]).await.unwrap();
+    let (code, _, stderr) = ctl(&broker, &["agent", "delete", "--name", "site-b", "--tenant", "acme"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let (code, _, stderr) = ctl(&broker, &["agent", "create", "--name", "site-b", "--tenant", "acme"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let err = agent_enroll(&broker, &stale, &dir.path().join("stale"))
+        .await
+        .unwrap_err();
+    assert!(err.contains("unknown or has been used"), "{err}");
+    assert!(!dir.path().join("stale").join(identity::KEY_FILE).exists());
 }

@@ -106,6 +106,7 @@ async fn seed(state: &BrokerState, fake: &FakeIdp) {
         records
             .put(
                 &Mailbox {
+                    consent_account: String::new(),
                     tenant: TENANT.into(),
                     name: name.clone(),
                     address: address(i),

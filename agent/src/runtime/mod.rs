@@ -188,8 +188,23 @@ impl AgentRuntime {
                 match (&self.tester, self.registry.device(&test.device)) {
                     (None, _) => result.detail = wiring::NO_CONNECTION_TESTS.to_owned(),
                     (Some(_), None) => {
-                        result.detail =
-                            format!("device `{}` is not hosted by this agent", test.device)
+                        // A verdict of its own: the device may be new or just moved here, and
+                        // the configuration with it has not been applied yet.
+                        let summary = format!(
+                            "device `{}` is not in the configuration this agent runs (revision {})",
+                            test.device,
+                            self.registry.current().config.revision
+                        );
+                        result.detail.clone_from(&summary);
+                        result.connection_test = Some(pb::ConnectionTestResult {
+                            device: test.device.clone(),
+                            target: test.target,
+                            verdict: pb::ConnectionVerdict::DeviceNotLoaded as i32,
+                            summary,
+                            fix: "check that the device names this agent; the broker sends changes to a connected agent within a second, so retry the test".to_owned(),
+                            time: Some(timestamp(SystemTime::now())),
+                            ..Default::default()
+                        });
                     }
                     (Some(tester), Some(device)) => {
                         let outcome = tester.test(&device, &test, &self.tokens).await;

@@ -354,17 +354,19 @@ impl TokenCache {
             .collect();
         let mut views: Vec<pb::MailboxTokenView> = slots
             .into_iter()
-            .filter_map(|(_, slot)| {
+            .filter_map(|(key, slot)| {
                 let slot = slot.try_lock().ok()?;
                 Some(pb::MailboxTokenView {
                     mailbox: slot.mailbox.clone(),
                     status: slot.status as i32,
                     expire_time: slot.token.as_ref().map(|t| timestamp(t.expires)),
                     error: slot.error.clone(),
+                    // One token per mailbox and purpose: say which.
+                    purpose: key.purpose as i32,
                 })
             })
             .collect();
-        views.sort_by(|a, b| a.mailbox.cmp(&b.mailbox));
+        views.sort_by(|a, b| (&a.mailbox, a.purpose).cmp(&(&b.mailbox, b.purpose)));
         views
     }
 }

@@ -425,6 +425,10 @@ pub(crate) async fn audited<T>(
         detail,
     };
     audit::record(state, &scope, event).await;
+    if outcome.is_ok() && crate::fleet::CONFIG_ACTIONS.contains(&change.action) {
+        // The tenant's connected agents learn about it now, not with their next report.
+        crate::fleet::config_changed(state, &change.tenant).await;
+    }
     outcome.map(|(value, _)| value)
 }
 

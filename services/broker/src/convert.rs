@@ -178,6 +178,7 @@ pub const MAILBOX_FIELDS: FieldTable = FieldTable {
         "kind",
         "purposes",
         "disabled",
+        "consent_account",
     ],
     immutable: &["tenant", "name"],
     output_only: &["token", "create_time", "update_time", "version"],
@@ -666,6 +667,7 @@ pub fn mailbox_to_proto(m: &dom::Mailbox, version: u64) -> pb::Mailbox {
         create_time: Some(timestamp(m.stamps.created)),
         update_time: Some(timestamp(m.stamps.updated)),
         version,
+        consent_account: m.consent_account.clone(),
     }
 }
 
@@ -705,7 +707,28 @@ pub fn mailbox_from_proto(m: &pb::Mailbox, stamps: Stamps) -> Valid<dom::Mailbox
         disabled: m.disabled,
         token: dom::TokenState::default(),
         stamps,
+        consent_account: consent_account(&m.consent_account, grant_type)?,
     })
+}
+
+/// `mailbox.consent_account`: empty, or an e-mail address (compared case-insensitively), and
+/// only for grant types where a person signs in.
+fn consent_account(raw: &str, grant_type: dom::GrantType) -> Valid<String> {
+    let account = raw.trim();
+    if account.is_empty() {
+        return Ok(String::new());
+    }
+    dom::email("mailbox.consent_account", account)?;
+    if !matches!(
+        grant_type,
+        dom::GrantType::DelegatedDeviceCode | dom::GrantType::DelegatedAuthCode
+    ) {
+        return Err(ValidationError::new(
+            "mailbox.consent_account",
+            "only delegated mailboxes (delegated_device_code, delegated_auth_code) have a person signing in; leave it empty for app_only and service_account",
+        ));
+    }
+    Ok(account.to_owned())
 }
 
 /// Whether a provider of `kind` can obtain tokens with `grant`. The error names
@@ -740,6 +763,7 @@ pub fn merge_mailbox(dst: &mut pb::Mailbox, src: &pb::Mailbox, mask: &UpdateMask
             "kind" => dst.kind = src.kind,
             "purposes" => dst.purposes.clone_from(&src.purposes),
             "disabled" => dst.disabled = src.disabled,
+            "consent_account" => dst.consent_account.clone_from(&src.consent_account),
             _ => {}
         }
     }

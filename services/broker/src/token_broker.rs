@@ -127,13 +127,19 @@ impl TokenBrokerService {
         // Check the request before the code is spent, so a bad CSR does not burn it.
         crate::identity::ca::check_csr(&req.csr_der).map_err(identity_status)?;
         let version = software_version(&req.software_version)?;
-        let code = codes::consume(&self.state, &req.code)
+        let (code, agent) = codes::redeem(&self.state, &req.code)
             .await
-            .map_err(|e| match e {
-                CodeError::Store(e) => store_status(e),
-                other => {
-                    tracing::info!(error = %other, "enrollment refused");
-                    Status::unauthenticated(other.to_string())
+            .map_err(|e| {
+                tracing::info!(error = %e, "enrollment refused");
+                match e {
+                    CodeError::Store(e) => store_status(e),
+                    CodeError::Unknown | CodeError::Expired | CodeError::Superseded => {
+                        Status::unauthenticated(e.to_string())
+                    }
+                    CodeError::AgentReplaced(_) | CodeError::ReEnrollRequired(..) => {
+                        Status::failed_precondition(e.to_string())
+                    }
+                    CodeError::Revoked(_) => Status::permission_denied(e.to_string()),
                 }
             })?;
         let id = AgentId {
@@ -142,34 +148,31 @@ impl TokenBrokerService {
         };
         tracing::Span::current().record("agent", id.to_string().as_str());
         let result = self
-            .enroll_agent(identity, &id, &req.csr_der, version)
+            .enroll_agent(identity, &id, &agent.value, &req.csr_der, version)
             .await;
-        self.audit_certificate("agent.enroll", &id, &result).await;
+        self.audit_certificate(
+            if code.re_enroll {
+                "agent.re_enroll"
+            } else {
+                "agent.enroll"
+            },
+            &id,
+            &result,
+        )
+        .await;
         result.map(|issued| certificate_response(identity, &id, &issued))
     }
 
+    /// Issues the certificate for an agent whose code [`codes::redeem`] accepted (so the agent
+    /// record `agent` exists, is the one the code was made for, and is not revoked).
     async fn enroll_agent(
         &self,
         identity: &AgentIdentity,
         id: &AgentId,
+        agent: &Agent,
         csr_der: &[u8],
         version: &str,
     ) -> Result<IssuedCertificate, Status> {
-        let records = Records::new(self.state.store.as_ref());
-        let Some(agent) = records
-            .get::<Agent>(&agent_key(&id.tenant, &id.name))
-            .await
-            .map_err(store_status)?
-        else {
-            return Err(Status::failed_precondition(format!(
-                "agent `{id}` was deleted after the enrollment code was created; create a new code"
-            )));
-        };
-        if agent.value.revoked {
-            return Err(Status::permission_denied(format!(
-                "agent `{id}` has been revoked"
-            )));
-        }
         let issued = identity
             .ca
             .issue(
@@ -183,7 +186,7 @@ impl TokenBrokerService {
         let certificates = AgentCertificates {
             tenant: id.tenant.clone(),
             agent: id.name.clone(),
-            agent_created: agent.value.stamps.created,
+            agent_created: agent.stamps.created,
             serials: vec![issued.serial.clone()],
         };
         peer::write_certificates(&self.state, &certificates, Precondition::Any)

@@ -144,6 +144,7 @@ impl Env {
         self.records()
             .put(
                 &Mailbox {
+                    consent_account: String::new(),
                     tenant: TENANT.into(),
                     name: name.into(),
                     address: address(name),

@@ -99,6 +99,7 @@ impl Env {
 
     async fn add_mailbox(&self, name: &str, provider: &str, grant_type: GrantType) {
         let mailbox = Mailbox {
+            consent_account: String::new(),
             tenant: TENANT.into(),
             name: name.into(),
             address: USER.into(),

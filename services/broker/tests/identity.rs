@@ -557,8 +557,8 @@ async fn renewal_keeps_the_last_certificate_and_re_enrollment_retires_all() {
     assert!(err.message().contains("replaced"), "{}", err.message());
     authenticates(&mut second).await.unwrap();
 
-    // Enrolling again retires every older certificate.
-    let (key4, cert4) = broker.enroll("acme", "site-a").await;
+    // Enrolling again (with a re-enroll code) retires every older certificate.
+    let (key4, cert4) = broker.enroll_with("acme", "site-a", true).await;
     let err = authenticates(&mut second).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     let mut newest = broker.broker_client(broker.with_certificate(&cert4.certificate_pem, &key4));
@@ -689,4 +689,93 @@ async fn the_agent_ca_survives_a_sealing_key_rotation() {
         .await
         .unwrap();
     assert_eq!((report.examined, report.resealed), (1, 0));
+}
+
+/// Enrolls with `code` and a new key; the broker's answer.
+async fn enroll_with_code(broker: &Broker, code: &str) -> Result<pb::AgentCertificate, tonic::Status> {
+    broker
+        .broker_client(broker.anonymous())
+        .enroll(pb::EnrollRequest {
+            code: code.to_owned(),
+            csr_der: csr(&KeyPair::generate().unwrap()),
+            software_version: "1.0".into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn leftover_codes_cannot_take_an_agent_over() {
+    let broker = Broker::start(true, None).await;
+    // One live code per agent: a newer code replaces the older one.
+    let first = broker.enrollment_code("acme", "site-a").await;
+    let second = broker.enrollment_code("acme", "site-a").await;
+    let err = enroll_with_code(&broker, &first).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("replaced by a newer code"), "{}", err.message());
+    enroll_with_code(&broker, &second).await.unwrap();
+
+    // The agent holds a current certificate now: a plain code is refused, naming --re-enroll.
+    let err = broker
+        .admin()
+        .create_enrollment_code(pb::CreateEnrollmentCodeRequest {
+            tenant: "acme".into(),
+            agent: "site-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("--re-enroll"), "{}", err.message());
+    // A re-enroll code works, once; a plain code made before it is void.
+    let re_enroll = broker.enrollment_code_with("acme", "site-a", true).await;
+    enroll_with_code(&broker, &re_enroll).await.unwrap();
+    assert_eq!(
+        enroll_with_code(&broker, &re_enroll).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+
+    // A code does not survive deleting and re-creating its agent.
+    let stale = broker.enrollment_code("acme", "site-b").await;
+    let fresh_for_b = broker.enrollment_code("acme", "site-c").await;
+    broker
+        .admin()
+        .delete_agent(pb::DeleteAgentRequest {
+            tenant: "acme".into(),
+            name: "site-b".into(),
+            version: 0,
+        })
+        .await
+        .unwrap();
+    broker
+        .admin()
+        .create_agent(pb::CreateAgentRequest {
+            agent: Some(pb::Agent {
+                tenant: "acme".into(),
+                name: "site-b".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let err = enroll_with_code(&broker, &stale).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    // Nor does it when the record is replaced behind the admin API's back (same name, new
+    // creation time): the code is bound to the record it was made for.
+    let bound = broker.enrollment_code("acme", "site-b").await;
+    let records = broker.records();
+    let key = tokenfleet_broker::records::agent_key("acme", "site-b");
+    let mut agent = records
+        .get::<tokenfleet_domain::Agent>(&key)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    agent.stamps.created += time::Duration::seconds(1);
+    records.put(&agent, Precondition::Any).await.unwrap();
+    let err = enroll_with_code(&broker, &bound).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("re-created"), "{}", err.message());
+    // Other agents' codes are untouched by all this.
+    enroll_with_code(&broker, &fresh_for_b).await.unwrap();
 }

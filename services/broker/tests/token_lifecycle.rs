@@ -96,6 +96,7 @@ impl Env {
         self.records()
             .put(
                 &Mailbox {
+                    consent_account: String::new(),
                     tenant: TENANT.into(),
                     name: name.into(),
                     address: Self::address(name),

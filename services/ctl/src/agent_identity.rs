@@ -29,6 +29,10 @@ pub struct EnrollCodeArgs {
     /// How long the code works: seconds, or with a unit (`90s`, `15m`, `2h`); 1m-24h, default 1h.
     #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
     pub ttl: Option<i32>,
+    /// Make a re-enroll code: needed when the agent holds a current certificate. Enrolling with
+    /// it replaces that certificate and cuts off the agent process running with it.
+    #[arg(long)]
+    pub re_enroll: bool,
 }
 
 /// `agent revoke`
@@ -67,6 +71,7 @@ pub fn enroll_code_request(args: EnrollCodeArgs) -> pb::CreateEnrollmentCodeRequ
         agent: args.id.name,
         display_name: args.display_name.unwrap_or_default(),
         ttl_seconds: args.ttl.unwrap_or(0),
+        re_enroll: args.re_enroll,
     }
 }
 
@@ -170,6 +175,7 @@ mod tests {
             id: id(),
             display_name: Some("Head office".into()),
             ttl: Some(600),
+            re_enroll: true,
         });
         assert_eq!(
             (req.tenant.as_str(), req.agent.as_str(), req.ttl_seconds),
@@ -180,8 +186,10 @@ mod tests {
             id: id(),
             display_name: None,
             ttl: None,
+            re_enroll: false,
         });
         assert_eq!(req.ttl_seconds, 0);
+        assert!(!req.re_enroll);
         let req = revoke_request(RevokeArgs { id: id() });
         assert_eq!((req.tenant.as_str(), req.name.as_str()), ("acme", "site-a"));
     }

@@ -422,6 +422,11 @@ pub struct MailboxFields {
     /// Disable the mailbox (no refreshes, no issuance); `--disabled=false` enables it.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub disabled: Option<bool>,
+    /// Account expected to sign in at consent when it is not the mailbox's address (e.g. one
+    /// with Send As rights on it); `--consent-account ""` clears it. A consent signed in with any
+    /// other account fails and stores nothing. Changing it discards the grant.
+    #[arg(long, value_name = "EMAIL")]
+    pub consent_account: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------

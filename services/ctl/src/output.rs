@@ -466,6 +466,7 @@ mod tests {
             create_time: Some("2024-05-06T07:08:09.123456Z".into()),
             update_time: None,
             version: 1,
+            consent_account: String::new(),
         }
     }
 

@@ -161,6 +161,8 @@ pub struct MailboxView {
     pub create_time: Option<String>,
     pub update_time: Option<String>,
     pub version: u64,
+    /// Account expected to sign in at consent; empty = the address.
+    pub consent_account: String,
 }
 
 impl From<&pb::Mailbox> for MailboxView {
@@ -202,6 +204,7 @@ impl From<&pb::Mailbox> for MailboxView {
             create_time: rfc3339(m.create_time.as_ref()),
             update_time: rfc3339(m.update_time.as_ref()),
             version: m.version,
+            consent_account: m.consent_account.clone(),
         }
     }
 }

@@ -289,3 +289,140 @@ async fn json_and_no_wait_print_the_challenge_and_return() {
     );
     assert!(stdout.trim_end().ends_with(": ACTIVE"), "{stdout}");
 }
+
+const OTHER: &str = "someone-else@contoso.example";
+
+async fn mailbox_state(broker: &TestBroker, name: &str) -> pb::Mailbox {
+    broker
+        .admin_client()
+        .get_mailbox(pb::GetMailboxRequest {
+            tenant: TENANT.into(),
+            name: name.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test]
+async fn a_consent_signed_in_as_another_account_fails_and_stores_nothing() {
+    let (fake, broker) = start().await;
+    fake.add_user(OTHER);
+
+    // Device code: the person signs in as someone else.
+    let (code, stdout, stderr) = consent_with(&broker, &fake, "scan", |user_code| {
+        fake.approve_device_code(user_code, OTHER).unwrap();
+    })
+    .await;
+    assert_eq!(code, 1, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("NOT_RETRIEVED"), "{stdout}");
+    assert!(
+        stderr.contains(&format!("the sign-in was made as {OTHER}"))
+            && stderr.contains(USER)
+            && stderr.contains("--consent-account"),
+        "{stderr}"
+    );
+    let m = mailbox_state(&broker, "scan").await;
+    let token = m.token.unwrap();
+    assert_eq!(token.status, pb::TokenStatus::NotRetrieved as i32);
+    assert_eq!(token.last_error.unwrap().code, "account_mismatch");
+
+    // Auth code: the same, through `--code` with the redirect of the wrong account.
+    let output = command(
+        &broker,
+        &[
+            "-o", "json", "mailbox", "consent", "browser", "--tenant", TENANT, "--no-wait",
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    let challenge: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let url = challenge["authorization_url"].as_str().unwrap();
+    assert!(url.contains("openid"), "{url}");
+    let redirected = fake.authorize_url(url, OTHER).unwrap();
+    let output = command(
+        &broker,
+        &[
+            "mailbox", "consent", "browser", "--tenant", TENANT, "--code", &redirected,
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_ne!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains(&format!("the sign-in was made as {OTHER}")), "{stderr}");
+    let token = mailbox_state(&broker, "browser").await.token.unwrap();
+    assert_ne!(token.status, pb::TokenStatus::Active as i32);
+    assert_eq!(token.last_error.unwrap().code, "account_mismatch");
+
+    // Once the mailbox says that account is intended (Send As), its consent binds.
+    let output = command(
+        &broker,
+        &[
+            "mailbox",
+            "update",
+            "--tenant",
+            TENANT,
+            "--name",
+            "scan",
+            "--consent-account",
+            OTHER,
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (code, stdout, stderr) = consent_with(&broker, &fake, "scan", |user_code| {
+        fake.approve_device_code(user_code, OTHER).unwrap();
+    })
+    .await;
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(mailbox_state(&broker, "scan").await.consent_account, OTHER);
+    // ...and then the mailbox's own address no longer does.
+    let (code, _, stderr) = consent_with(&broker, &fake, "scan", |user_code| {
+        fake.approve_device_code(user_code, USER).unwrap();
+    })
+    .await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("expects someone-else@contoso.example"), "{stderr}");
+}
+
+#[tokio::test]
+async fn refresh_exits_non_zero_with_the_reason_when_the_grant_is_dead() {
+    let (fake, broker) = start().await;
+    let (code, stdout, stderr) = consent_with(&broker, &fake, "scan", |user_code| {
+        fake.approve_device_code(user_code, USER).unwrap();
+    })
+    .await;
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let ok = command(&broker, &["mailbox", "refresh", "scan", "--tenant", TENANT])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    fake.revoke_user_grants(USER);
+    let dead = command(&broker, &["mailbox", "refresh", "scan", "--tenant", TENANT])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&dead.stderr);
+    assert_eq!(dead.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("did not succeed") && stderr.contains("REAUTH_REQUIRED"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("fix:"), "{stderr}");
+}

@@ -272,6 +272,10 @@ pub struct Mailbox {
     #[serde(default)]
     pub token: TokenState,
     pub stamps: Stamps,
+    /// Account expected to sign in at a delegated consent when it is not `address` (e.g. one
+    /// with Send As rights); empty = `address`.
+    #[serde(default)]
+    pub consent_account: String,
 }
 
 /// Upstream SMTP settings.

@@ -56,6 +56,9 @@ struct ExtraTokenFields {
     /// status get 7-day refresh tokens). A number or a numeric string.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     refresh_token_expires_in: Option<serde_json::Value>,
+    /// OpenID Connect ID token (when `openid` was requested): who signed in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id_token: Option<String>,
 }
 impl oauth2::ExtraTokenFields for ExtraTokenFields {}
 
@@ -100,6 +103,9 @@ pub struct TokenGrant {
     pub scope: Option<String>,
     /// The provider's `Date` header, for clock-skew checks (see [`skew`]).
     pub server_date: Option<OffsetDateTime>,
+    /// The OpenID Connect ID token, when the request asked for `openid` (read it with
+    /// [`crate::signed_in_account`]).
+    pub id_token: Option<Secret>,
 }
 
 /// The start of a device code sign-in.
@@ -191,6 +197,8 @@ struct RawToken {
     refresh_token_expires_in: Option<serde_json::Value>,
     #[serde(default)]
     scope: Option<String>,
+    #[serde(default)]
+    id_token: Option<Secret>,
 }
 
 /// OAuth calls for one app registration.
@@ -325,6 +333,12 @@ impl ProviderClient {
                 .scopes()
                 .map(|s| s.iter().map(|x| x.as_str()).collect::<Vec<_>>().join(" ")),
             server_date: meta.server_date,
+            id_token: resp
+                .extra_fields()
+                .id_token
+                .as_ref()
+                .filter(|t| !t.is_empty())
+                .map(|t| Secret::new(t.clone())),
         }
     }
 
@@ -662,6 +676,7 @@ impl ProviderClient {
                 refresh_token_expires_in: seconds(raw.refresh_token_expires_in.as_ref()),
                 scope: raw.scope,
                 server_date: meta.server_date,
+                id_token: raw.id_token,
             });
         }
         match serde_json::from_slice::<OAuthErrorBody>(&body) {

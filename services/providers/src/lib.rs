@@ -8,6 +8,8 @@
 //!   [`next_poll_interval`]), authorization code + PKCE ([`ProviderClient::authorization_url`],
 //!   [`parse_pasted_code`], [`ProviderClient::exchange_code`]), refresh, client credentials, Google
 //!   service accounts (JWT bearer), revocation.
+//! - [`signed_in_account`]: who signed in at a delegated consent, from the ID token
+//!   ([`identity_scopes`] make the provider send one).
 //! - [`ProviderError`]: every failure classified ([`ErrorClass`]) from the OAuth `error` and
 //!   Microsoft's AADSTS codes, with a reason and a fix in plain words, `Retry-After` and the
 //!   provider's `Date` (see [`skew`]).
@@ -22,6 +24,7 @@
 mod client;
 mod error;
 mod http;
+mod id_token;
 mod jwt;
 mod pasted;
 mod scopes;
@@ -36,6 +39,10 @@ pub use error::{
     classify,
 };
 pub use http::TransportError;
+pub use id_token::{
+    GOOGLE_IDENTITY_SCOPES, MICROSOFT_IDENTITY_SCOPES, SignedInAccount, identity_scopes,
+    signed_in_account,
+};
 pub use jwt::{JWT_BEARER_GRANT, MAX_ASSERTION_LIFETIME, ServiceAccountKey};
 pub use pasted::parse_pasted_code;
 pub use scopes::{

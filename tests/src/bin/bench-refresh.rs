@@ -394,6 +394,7 @@ mod e2e {
                     }
                     let name = format!("mbx{i:06}");
                     let mailbox = Mailbox {
+                        consent_account: String::new(),
                         tenant: TENANT.into(),
                         name: name.clone(),
                         address: address(i),

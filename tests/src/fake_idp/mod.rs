@@ -15,6 +15,11 @@
 //! Both       /introspect                        POST  RFC 7662 (`token=`)
 //! ```
 //!
+//! Token answers of user grants whose request asked for `openid` carry an ID token naming the
+//! user who signed in (Microsoft: `preferred_username`, `oid`, `tid`; Google: `email`,
+//! `email_verified`), as the real providers send; the test chooses that user in
+//! [`FakeIdp::approve_device_code`] and [`FakeIdp::authorize_url`].
+//!
 //! Tests script it ([`FakeIdp::script`], [`FakeIdp::set_outage`], [`FakeIdp::fail_next_refresh`],
 //! …), drive the person's side ([`FakeIdp::approve_device_code`], [`FakeIdp::authorize`]), move its
 //! clock ([`FakeIdp::advance`]) and inspect what it saw ([`FakeIdp::requests`],
@@ -41,6 +46,8 @@ pub const SERVICE_ACCOUNT_PUBLIC_PEM: &str =
     include_str!("../../fixtures/service-account-key.pub.pem");
 /// Another RSA key, for "signed with the wrong key" tests. Test-only.
 pub const OTHER_RSA_KEY_PEM: &str = include_str!("../../fixtures/other-rsa-key.pem");
+/// The key the fake signs ID tokens with (RS256, like both real providers). Test-only.
+pub const ID_TOKEN_SIGNING_KEY_PEM: &str = OTHER_RSA_KEY_PEM;
 /// Lifetime of refresh tokens of Google apps in "Testing" publishing status.
 pub const GOOGLE_TESTING_REFRESH_TOKEN_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The audience Google requires in service-account assertions.

@@ -552,7 +552,77 @@ impl State {
             self.refresh_tokens.push((rt.clone(), grant));
             body["refresh_token"] = json!(rt);
         }
+        if let Some(id_token) = self.id_token(flavor, grant) {
+            body["id_token"] = json!(id_token);
+        }
         Reply::json(200, body)
+    }
+
+    /// The OpenID Connect ID token of a user grant whose request asked for `openid`, with the
+    /// claims the real providers put in (Microsoft v2.0: `preferred_username`, `oid`, `tid`,
+    /// `name`, `email` with the `email` scope; Google: `email`, `email_verified`), naming the
+    /// user who signed in at the fake (the test chooses who). Signed RS256 with
+    /// [`super::ID_TOKEN_SIGNING_KEY_PEM`].
+    fn id_token(&self, flavor: Flavor, grant: usize) -> Option<String> {
+        let g = self.grants.get(grant)?;
+        let user = g.user.as_deref()?;
+        let requested = scopes(&g.scope);
+        if !requested.contains(&"openid") {
+            return None;
+        }
+        let now = self.now().unix_timestamp();
+        let id_of = |what: &str| {
+            let digest = Sha256::digest(what.to_ascii_lowercase().as_bytes());
+            let mut bytes = [0_u8; 16];
+            bytes.copy_from_slice(&digest[..16]);
+            uuid::Uuid::from_bytes(bytes).to_string()
+        };
+        let claims = match flavor {
+            Flavor::Microsoft => {
+                let tid = id_of(user.rsplit_once('@').map_or(user, |(_, domain)| domain));
+                let mut claims = json!({
+                    "ver": "2.0",
+                    "iss": format!("{}/{tid}/v2.0", self.base),
+                    "aud": g.client_id,
+                    "iat": now,
+                    "nbf": now,
+                    "exp": now + 3600,
+                    "sub": id_of(&format!("{}:{user}", g.client_id)),
+                    "oid": id_of(user),
+                    "tid": tid,
+                });
+                if requested.contains(&"profile") {
+                    claims["preferred_username"] = json!(user);
+                    claims["name"] = json!(user.split('@').next().unwrap_or(user));
+                }
+                if requested.contains(&"email") {
+                    claims["email"] = json!(user);
+                }
+                claims
+            }
+            Flavor::Google => {
+                let mut claims = json!({
+                    "iss": self.base,
+                    "aud": g.client_id,
+                    "azp": g.client_id,
+                    "iat": now,
+                    "exp": now + 3600,
+                    "sub": id_of(user).replace('-', ""),
+                });
+                if requested.contains(&"email") {
+                    claims["email"] = json!(user);
+                    claims["email_verified"] = json!(true);
+                }
+                claims
+            }
+        };
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(super::ID_TOKEN_SIGNING_KEY_PEM.as_bytes()).ok()?;
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+            &claims,
+            &key,
+        )
+        .ok()
     }
 
     fn granted_scope(flavor: Flavor, scope: &str) -> String {

@@ -179,6 +179,10 @@ pub(super) async fn delete(
             )
             .await?;
             delete_record(state, &key, &what, req.version).await?;
+            // Its enrollment codes are bound to this record and useless now; remove them.
+            crate::identity::codes::remove_all(state, &req.tenant, &req.name)
+                .await
+                .map_err(store_status)?;
             Ok((pb::DeleteAgentResponse {}, String::new()))
         },
     )

@@ -1,5 +1,7 @@
 //! Agent enrollment RPCs of the admin API: `CreateEnrollmentCode` (creates the agent record when
-//! missing and a one-time code, returned once, stored hashed) and `RevokeAgent` (every later call
+//! missing and a one-time code, returned once, stored hashed; the agent's one live code, bound to
+//! the agent record; a re-enroll code only on request when the agent holds a current
+//! certificate, see [`crate::identity::codes`]) and `RevokeAgent` (every later call
 //! of the agent is refused; see [`crate::identity::peer`]). Both are audited; the code never
 //! appears in the audit log or the broker log.
 
@@ -11,8 +13,8 @@ use tokenfleet_store::{Precondition, StoreError};
 use tonic::Status;
 
 use super::{
-    Change, audited, commit, invalid, must_get, object_path, records, require_tenant, shown,
-    span_object, store_status,
+    Change, audited, commit, invalid, must_get, object_path, precondition, records,
+    require_tenant, shown, span_object, store_status,
 };
 use crate::authz::{Access, Principal, Target, authorize};
 use crate::convert;
@@ -54,6 +56,11 @@ fn ttl_error(got: i32) -> Status {
         MAX_TTL.as_secs(),
         DEFAULT_TTL.as_secs()
     ))
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 fn identity_status(e: IdentityError) -> Status {
@@ -141,17 +148,30 @@ pub(super) async fn create_code(
                     what(&req.tenant, &req.agent)
                 )));
             }
+            let held = codes::current_certificate(state, &agent.value, state.clock.now())
+                .await
+                .map_err(store_status)?;
+            if let (Some(expires), false) = (held, req.re_enroll) {
+                return Err(precondition(
+                    "re_enroll",
+                    format!(
+                        "{} holds a current certificate (valid until {}); enrolling again replaces it and cuts off the agent running with it. If that is intended (the site was rebuilt, the key lost), create a re-enroll code: `tokenfleetctl agent enroll-code {} --tenant {} --re-enroll`",
+                        what(&req.tenant, &req.agent),
+                        rfc3339(expires),
+                        shown(&req.agent),
+                        shown(&req.tenant)
+                    ),
+                ));
+            }
             let (code, record) =
-                codes::create(state, &req.tenant, &req.agent, ttl, &principal.actor())
+                codes::create(state, &agent.value, ttl, req.re_enroll, &principal.actor())
                     .await
                     .map_err(identity_status)?;
             let detail = format!(
-                "{}code expires {}",
+                "{}{}code expires {}; earlier codes of the agent no longer work",
                 if created { "agent created; " } else { "" },
-                record
-                    .expires
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default()
+                if req.re_enroll { "re-enroll " } else { "" },
+                rfc3339(record.expires)
             );
             Ok((
                 pb::CreateEnrollmentCodeResponse {

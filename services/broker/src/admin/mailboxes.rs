@@ -198,12 +198,13 @@ pub(super) async fn update(
                     updated: state.clock.now(),
                 };
                 let mut next = convert::mailbox_from_proto(&merged, stamps).map_err(invalid)?;
-                // A grant belongs to one address, app registration and flow: changing any of them
-                // means a new consent.
-                next.token = if next.address == old.address
+                // A grant belongs to one address, app registration, flow and signed-in account:
+                // changing any of them means a new consent.
+                let same_grant = next.address == old.address
                     && next.provider == old.provider
                     && next.grant_type == old.grant_type
-                {
+                    && next.consent_account.eq_ignore_ascii_case(&old.consent_account);
+                next.token = if same_grant {
                     old.token.clone()
                 } else {
                     TokenState::default()
@@ -212,9 +213,6 @@ pub(super) async fn update(
                 if let Some(v) =
                     commit(state, &what, &next, stored.version, input.version, attempt).await?
                 {
-                    let same_grant = next.address == old.address
-                        && next.provider == old.provider
-                        && next.grant_type == old.grant_type;
                     let grant = if same_grant {
                         records(state)
                             .get::<GrantRecord>(&grant_key(&next.tenant, &next.name))
@@ -222,7 +220,7 @@ pub(super) async fn update(
                             .map_err(store_status)?
                             .map(|g| g.value)
                     } else {
-                        // The grant belongs to the old address, app or flow.
+                        // The grant belongs to the old address, app, flow or account.
                         discard_grant(state, &next.tenant, &next.name)
                             .await
                             .map_err(store_status)?;

@@ -1,9 +1,13 @@
-//! `Admin.GetFleetStatus`: every device the caller may see, joined with its last report.
+//! `Admin.GetFleetStatus`: every device the caller may see, joined with its last report and
+//! with the broker's own grant status of the mailboxes it names. The agent reports the access
+//! token it caches, which stays usable for up to an hour after the grant behind it died; the
+//! broker knows at once (REAUTH_REQUIRED), so a grant that is not ACTIVE makes the device's
+//! health at least as bad as the grant's and is named as its problem.
 
 use std::collections::HashMap;
 
 use time::OffsetDateTime;
-use tokenfleet_domain::{Agent, Device, Tenant};
+use tokenfleet_domain::{Agent, Device, Mailbox, Tenant, TokenStatus};
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_store::Scope;
 use tonic::Status;
@@ -14,6 +18,7 @@ use crate::admin::{invalid, records, span_object, store_status};
 use crate::authz::{Access, Principal, Target, authorize};
 use crate::convert::timestamp;
 use crate::state::BrokerState;
+use crate::tokens::grant::GrantRecord;
 
 pub(super) async fn fleet_status(
     state: &BrokerState,
@@ -94,6 +99,20 @@ async fn tenant_status(
         .into_iter()
         .map(|s| (s.value.device.clone(), s.value))
         .collect();
+    let mailboxes: HashMap<String, Mailbox> = r
+        .list_all::<Mailbox>(&scope)
+        .await
+        .map_err(store_status)?
+        .into_iter()
+        .map(|m| (m.value.name.clone(), m.value))
+        .collect();
+    let grants: HashMap<String, GrantRecord> = r
+        .list_all::<GrantRecord>(&scope)
+        .await
+        .map_err(store_status)?
+        .into_iter()
+        .map(|g| (g.value.mailbox.clone(), g.value))
+        .collect();
     Ok(devices
         .into_iter()
         .map(|d| {
@@ -103,9 +122,135 @@ async fn tenant_status(
             let report = reports
                 .get(&device.name)
                 .filter(|s| s.agent == device.agent);
-            device_status(&device, agents.get(&device.agent), presence, report, now)
+            let mut out = device_status(&device, agents.get(&device.agent), presence, report, now);
+            apply_grants(&mut out, &device, &mailboxes, &grants);
+            out
         })
         .collect())
+}
+
+/// The broker's status of mailbox `name`'s grant, and its problem when not ACTIVE.
+fn grant_view(
+    name: &str,
+    mailboxes: &HashMap<String, Mailbox>,
+    grants: &HashMap<String, GrantRecord>,
+) -> pb::FleetMailboxGrant {
+    let Some(mailbox) = mailboxes.get(name) else {
+        return pb::FleetMailboxGrant {
+            mailbox: name.to_owned(),
+            address: String::new(),
+            status: pb::TokenStatus::Unspecified as i32,
+            problem: format!("mailbox {name} does not exist"),
+        };
+    };
+    let state = grants
+        .get(name)
+        .map_or(&mailbox.token, |g| &g.state);
+    let status = if mailbox.disabled {
+        TokenStatus::Disabled
+    } else {
+        state.status
+    };
+    let problem = match (status, &state.last_error) {
+        (TokenStatus::Active, _) => String::new(),
+        (TokenStatus::Disabled, _) => format!("mailbox {name} is disabled"),
+        (TokenStatus::NotRetrieved, None) => format!(
+            "mailbox {name} has no grant yet; run `tokenfleetctl mailbox consent {name} --tenant {}`",
+            mailbox.tenant
+        ),
+        (TokenStatus::ConsentPending, _) => {
+            format!("mailbox {name}: consent pending, waiting for the sign-in")
+        }
+        (status, Some(e)) => format!(
+            "mailbox {name}: {} at the broker: {}{}",
+            status_name(status),
+            e.reason,
+            if e.fix.is_empty() {
+                String::new()
+            } else {
+                format!("; fix: {}", e.fix)
+            }
+        ),
+        (status, None) => format!("mailbox {name}: {} at the broker", status_name(status)),
+    };
+    pb::FleetMailboxGrant {
+        mailbox: name.to_owned(),
+        address: mailbox.address.clone(),
+        status: crate::convert::token_status_out(status),
+        problem,
+    }
+}
+
+/// `REAUTH_REQUIRED`, `REFRESH_FAILING`, …
+fn status_name(status: TokenStatus) -> &'static str {
+    pb::TokenStatus::try_from(crate::convert::token_status_out(status))
+        .map_or("UNKNOWN", |s| s.as_str_name())
+        .trim_start_matches("TOKEN_STATUS_")
+}
+
+/// Health a grant status gives a device: FAILING when a person must act, DEGRADED while
+/// refreshing fails or a consent is pending, nothing (`None`) when ACTIVE.
+fn grant_health(status: i32) -> Option<pb::DeviceHealth> {
+    match pb::TokenStatus::try_from(status).unwrap_or_default() {
+        pb::TokenStatus::Active => None,
+        pb::TokenStatus::RefreshFailing | pb::TokenStatus::ConsentPending => {
+            Some(pb::DeviceHealth::Degraded)
+        }
+        _ => Some(pb::DeviceHealth::Failing),
+    }
+}
+
+/// How bad a health is, for "the worse of two" (UNKNOWN ranks between DEGRADED and FAILING).
+fn severity(health: i32) -> u8 {
+    4 - rank(health).min(4)
+}
+
+/// Adds the broker's grant status of every mailbox `device` names to `out`: the worst grant that
+/// is not ACTIVE sets health and problem when it is worse than what the agent reported, and the
+/// agent's view of each such mailbox's tokens shows the broker's status.
+fn apply_grants(
+    out: &mut pb::FleetDeviceStatus,
+    device: &Device,
+    mailboxes: &HashMap<String, Mailbox>,
+    grants: &HashMap<String, GrantRecord>,
+) {
+    let mut names: Vec<&str> = [device.admin_mailbox.as_str(), device.bulk_mailbox.as_str()]
+        .into_iter()
+        .chain(device.allowed_mailboxes.iter().map(String::as_str))
+        .filter(|n| !n.is_empty())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    out.grants = names
+        .iter()
+        .map(|n| grant_view(n, mailboxes, grants))
+        .collect();
+    let mut worst: Option<(pb::DeviceHealth, &pb::FleetMailboxGrant)> = None;
+    for grant in &out.grants {
+        if let Some(health) = grant_health(grant.status)
+            && worst.is_none_or(|(h, _)| severity(health as i32) > severity(h as i32))
+        {
+            worst = Some((health, grant));
+        }
+    }
+    if let Some((health, grant)) = worst {
+        if severity(health as i32) > severity(out.health) {
+            out.health = health as i32;
+            out.problem.clone_from(&grant.problem);
+        }
+    }
+    if let Some(status) = out.status.as_mut() {
+        for view in &mut status.tokens {
+            if let Some(grant) = out
+                .grants
+                .iter()
+                .find(|g| g.mailbox == view.mailbox && grant_health(g.status).is_some())
+            {
+                view.status = grant.status;
+                view.error.clone_from(&grant.problem);
+            }
+        }
+    }
 }
 
 fn device_status(
@@ -127,6 +272,7 @@ fn device_status(
         agent_software_version: agent
             .map(|a| a.software_version.clone())
             .unwrap_or_default(),
+        grants: Vec::new(),
     };
     if device.agent.is_empty() {
         out.problem = "no agent assigned".to_owned();

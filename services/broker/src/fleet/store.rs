@@ -79,6 +79,12 @@ pub struct AgentPresence {
     /// Connected until then unless refreshed (three heartbeats after the last report).
     #[serde(with = "time::serde::rfc3339")]
     pub expires: OffsetDateTime,
+    /// Revision of the configuration the agent said (in its last report) it runs.
+    #[serde(default)]
+    pub config_revision: String,
+    /// Heartbeat the stream's replica sends in the agent configuration (part of the revision).
+    #[serde(default)]
+    pub heartbeat_seconds: u32,
 }
 
 impl AgentPresence {

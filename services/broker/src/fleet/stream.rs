@@ -1,6 +1,9 @@
 //! One agent's `StatusStream`: a task per stream that stores each report, keeps the agent's
-//! presence marker fresh, sends down the commands queued for the agent in the store (by any
-//! replica) and a `ReloadConfig` when the agent runs an old configuration revision.
+//! presence marker fresh (with the configuration revision the agent runs), sends down the
+//! commands queued for the agent in the store (by any replica) and a `ReloadConfig` when the agent
+//! runs an old configuration revision: checked with every report, and at once when a change of a
+//! device or mailbox queued a `ReloadConfig` for the agent ([`super::config_changed`]; sent on
+//! only when the agent's configuration did change).
 //!
 //! The stream ends
 //! - cleanly when the agent closes its side or goes away;
@@ -40,8 +43,8 @@ const MAX_VERSION_LEN: usize = 100;
 /// Largest device status kept (encoded); bigger ones are dropped with a warning.
 const MAX_STATUS_BYTES: usize = 64 * 1024;
 /// How long a built agent configuration serves further reports of the same stream. Short: the
-/// agent may report more often than the broker's heartbeat (a local override), and a device
-/// change should reach it with its next regular report.
+/// agent may report more often than the broker's heartbeat (a local override). A device change
+/// does not wait for it: it queues a `ReloadConfig`, which rebuilds the configuration.
 const CONFIG_REUSE: time::Duration = time::Duration::seconds(1);
 /// Longest command id accepted in a result.
 const MAX_COMMAND_ID_LEN: usize = 64;
@@ -63,6 +66,7 @@ pub fn start(
         presence_version: None,
         agent_written: None,
         pushed_revision: None,
+        running_revision: String::new(),
         awaited: std::collections::HashMap::new(),
         config: None,
     };
@@ -90,6 +94,8 @@ struct Session {
     agent_written: Option<OffsetDateTime>,
     /// The configuration revision a ReloadConfig was last sent for.
     pushed_revision: Option<String>,
+    /// The configuration revision the agent said (in its last report) it runs.
+    running_revision: String,
     /// Commands sent down this stream that someone waits for an answer to, with when the
     /// waiter gives up. Only their answers are stored: a late answer, or one for a command this
     /// stream never sent, would otherwise stay in the store with nobody to read it.
@@ -158,6 +164,7 @@ impl Session {
     async fn on_report(&mut self, report: pb::AgentReport, tx: &Tx) -> Result<(), Status> {
         let now = self.state.clock.now();
         let agent = self.check_agent().await?;
+        self.running_revision.clone_from(&report.config_revision);
         self.refresh_presence(now).await?;
         let config = self.current_config(now).await?;
         self.store_statuses(&report, &config, now).await?;
@@ -166,25 +173,46 @@ impl Session {
         }
         self.touch_agent(agent, &report.software_version, now)
             .await?;
-        if report.config_revision != config.revision
-            && self.pushed_revision.as_deref() != Some(config.revision.as_str())
+        self.push_config(&config, new_command_id(now), tx).await;
+        Ok(())
+    }
+
+    /// Sends `ReloadConfig` (with id `id`) when the agent runs another revision than `config`'s
+    /// and none was sent for that revision yet.
+    async fn push_config(&mut self, config: &pb::AgentConfig, id: String, tx: &Tx) {
+        if self.running_revision == config.revision
+            || self.pushed_revision.as_deref() == Some(config.revision.as_str())
         {
-            let command = pb::AgentCommand {
-                id: new_command_id(now),
-                command: Some(pb::agent_command::Command::ReloadConfig(
-                    pb::ReloadConfig {},
-                )),
-            };
-            tracing::info!(
-                running = %report.config_revision,
-                current = %config.revision,
-                "agent runs an old configuration; sending ReloadConfig"
-            );
-            if tx.send(Ok(command)).await.is_ok() {
-                self.pushed_revision = Some(config.revision);
+            return;
+        }
+        let command = pb::AgentCommand {
+            id,
+            command: Some(pb::agent_command::Command::ReloadConfig(
+                pb::ReloadConfig {},
+            )),
+        };
+        tracing::info!(
+            running = %self.running_revision,
+            current = %config.revision,
+            "agent runs an old configuration; sending ReloadConfig"
+        );
+        if tx.send(Ok(command)).await.is_ok() {
+            self.pushed_revision = Some(config.revision.clone());
+        }
+    }
+
+    /// A `ReloadConfig` queued because a record the agent's configuration is built from changed:
+    /// the configuration is built afresh and the command sent on only if the agent does not run
+    /// it already.
+    async fn on_config_changed(&mut self, id: String, tx: &Tx) {
+        let now = self.state.clock.now();
+        self.config = None;
+        match self.current_config(now).await {
+            Ok(config) => self.push_config(&config, id, tx).await,
+            Err(status) => {
+                tracing::warn!(message = status.message(), "building the agent configuration failed");
             }
         }
-        Ok(())
     }
 
     /// The agent's configuration, built again when the cached one is older than
@@ -238,6 +266,8 @@ impl Session {
             stream: self.stream.clone(),
             last_report: now,
             expires: now + self.heartbeat() * STALE_HEARTBEATS,
+            config_revision: self.running_revision.clone(),
+            heartbeat_seconds: self.settings.heartbeat_seconds,
         };
         let pre = match self.presence_version {
             None => Precondition::Any,
@@ -438,6 +468,10 @@ impl Session {
                 continue;
             }
             match entry.value.decode_command() {
+                Ok(pb::AgentCommand {
+                    id,
+                    command: Some(pb::agent_command::Command::ReloadConfig(_)),
+                }) => self.on_config_changed(id, tx).await,
                 Ok(command) => {
                     tracing::info!(command = %entry.value.id, "sending command");
                     if tx.send(Ok(command)).await.is_err() {

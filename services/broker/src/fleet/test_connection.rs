@@ -1,5 +1,6 @@
 //! `Admin.TestConnection`: queue a connection test for the device's agent, wait for its answer
-//! until the deadline. An agent that is not connected, or does not answer in time, gives the
+//! until the deadline. The test waits (a few seconds at most) until the agent runs the current
+//! configuration, so it tests the device as it is now, not as it was. An agent that is not connected, or does not answer in time, gives the
 //! verdict AGENT_UNREACHABLE (not an error: the operator learns why). Audited as `device.test`.
 
 use std::time::Duration;
@@ -28,6 +29,8 @@ use crate::state::BrokerState;
 pub const DEFAULT_TIMEOUT_SECONDS: u32 = 30;
 /// Longest test deadline.
 pub const MAX_TIMEOUT_SECONDS: u32 = 120;
+/// Longest wait for the agent to apply the current configuration before a test.
+const CONFIG_WAIT: Duration = Duration::from_secs(5);
 /// How often the waiting replica looks for the answer.
 const ANSWER_POLL: Duration = Duration::from_millis(100);
 
@@ -135,6 +138,9 @@ async fn test(
         ));
     }
 
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(timeout));
+    await_current_config(state, &device, deadline).await?;
+
     let id = new_command_id(now);
     let command = pb::AgentCommand {
         id: id.clone(),
@@ -159,7 +165,6 @@ async fn test(
         .map_err(store_status)?;
     tracing::info!(command = %id, agent = %device.agent, "connection test queued");
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(timeout));
     let answer_key = command_result_key(&device.tenant, &id);
     loop {
         if let Some(answer) = records(state)
@@ -218,6 +223,56 @@ async fn test(
         summary,
         "retry with a longer timeout_seconds; if it persists, check the agent's log and version",
     ))
+}
+
+/// Waits (at most [`CONFIG_WAIT`], and not past `deadline`) until the device's agent reports
+/// that it runs the current configuration, so a test right after a change of the device tests
+/// the changed device (the change itself queued a `ReloadConfig`; one is queued here too in case
+/// that was lost). When the agent still runs another configuration the test goes ahead: the agent
+/// tests what it runs, or answers DEVICE_NOT_LOADED when it does not run the device at all.
+async fn await_current_config(
+    state: &BrokerState,
+    device: &Device,
+    deadline: tokio::time::Instant,
+) -> Result<(), Status> {
+    let deadline = deadline.min(tokio::time::Instant::now() + CONFIG_WAIT);
+    let key = presence_key(&device.tenant, &device.agent);
+    let mut nudged = false;
+    loop {
+        let Some(presence) = records(state)
+            .get::<AgentPresence>(&key)
+            .await
+            .map_err(store_status)?
+            .map(|p| p.value)
+        else {
+            return Ok(());
+        };
+        // The revision covers the heartbeat the stream sends, which the presence marker keeps.
+        let current = super::agent_config::build(
+            state,
+            &device.tenant,
+            &device.agent,
+            presence.heartbeat_seconds,
+        )
+        .await
+        .map_err(store_status)?
+        .revision;
+        if presence.config_revision == current {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::info!(
+                agent = %device.agent,
+                "the agent has not applied the current configuration yet; testing anyway"
+            );
+            return Ok(());
+        }
+        if !nudged {
+            super::queue_reload(state, &device.tenant, &device.agent).await;
+            nudged = true;
+        }
+        tokio::time::sleep(ANSWER_POLL).await;
+    }
 }
 
 /// ` (last seen 4m 10s ago)`, ` (never seen)` for the device's agent.

@@ -12,6 +12,11 @@
 //! - App-only (client credentials) and Google service accounts (JWT bearer): [`start`] obtains a
 //!   token at once; nobody has to sign in.
 //!
+//! Delegated consents also ask for the OpenID Connect scopes, and the ID token that comes back
+//! must name the mailbox's address (or its `consent_account`): a sign-in with another account
+//! ends the consent with `account_mismatch` and stores nothing of it
+//! ([`ConsentTarget::check_signed_in_account`]).
+//!
 //! Every success stores the sealed tokens, sets the mailbox ACTIVE and puts it on the `refresh`
 //! schedule at ~75 % of the access token's lifetime, where the refresh lifecycle takes over.
 //! Tokens, device codes and verifiers never appear in logs, errors or audit details.
@@ -23,8 +28,8 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokenfleet_domain::{AuditEvent, GrantType, Mailbox, Provider, TokenError, TokenStatus};
 use tokenfleet_providers::{
-    ErrorClass, ProviderClient, ProviderError, ProviderSettings, TokenGrant, new_state,
-    parse_pasted_code,
+    ErrorClass, ProviderClient, ProviderError, ProviderSettings, TokenGrant, identity_scopes,
+    new_state, parse_pasted_code, signed_in_account,
 };
 use tokenfleet_seal::SealError;
 use tokenfleet_store::{Precondition, RecordKey, Scope, StoreError};
@@ -436,10 +441,96 @@ impl ConsentTarget {
     }
     fn scopes(&self) -> Result<Vec<String>, ConsentError> {
         let m = &self.mailbox.value;
-        self.client
+        let mut scopes = self
+            .client
             .scopes_for(m.grant_type, &m.purposes)
-            .map_err(|e| provider_failure(&e, &m.name))
+            .map_err(|e| provider_failure(&e, &m.name))?;
+        if delegated(m.grant_type) {
+            // An ID token naming who signed in, to check against the mailbox.
+            for s in identity_scopes(self.provider.kind) {
+                if !scopes.iter().any(|have| have == s) {
+                    scopes.push((*s).to_owned());
+                }
+            }
+        }
+        Ok(scopes)
     }
+
+    /// Checks that the account that signed in for `token` is the one the mailbox expects: its
+    /// `consent_account`, or else its address. Generic providers are not checked (their ID
+    /// tokens follow no known convention). The error is the mailbox's new `last_error`.
+    pub fn check_signed_in_account(
+        &self,
+        token: &TokenGrant,
+        now: OffsetDateTime,
+    ) -> Result<(), TokenError> {
+        let m = &self.mailbox.value;
+        if identity_scopes(self.provider.kind).is_empty() || !delegated(m.grant_type) {
+            return Ok(());
+        }
+        let expected = if m.consent_account.is_empty() {
+            &m.address
+        } else {
+            &m.consent_account
+        };
+        let (tenant, name) = (&m.tenant, &m.name);
+        let failure = |code: &str, reason: String, fix: String| TokenError {
+            code: code.to_owned(),
+            reason,
+            fix,
+            time: now,
+        };
+        let Some(id_token) = &token.id_token else {
+            return Err(failure(
+                "id_token_missing",
+                format!(
+                    "the provider returned no ID token, so the account that signed in for mailbox `{name}` cannot be checked; the grant was not stored"
+                ),
+                "check that the app registration may sign users in (OpenID Connect scopes openid, profile, email) and consent again".to_owned(),
+            ));
+        };
+        let account = signed_in_account(self.provider.kind, id_token, &self.provider.client_id)
+            .map_err(|e| {
+                failure(
+                    &e.code,
+                    format!("{}; the grant of mailbox `{name}` was not stored", e.reason),
+                    e.fix_for(name),
+                )
+            })?;
+        if account.is(expected) {
+            return Ok(());
+        }
+        let signed = &account.username;
+        let address = &m.address;
+        let (reason, fix) = if m.consent_account.is_empty() {
+            (
+                format!(
+                    "the sign-in was made as {signed}, but mailbox `{name}` is {address}; the grant was not stored (it would have sent as {signed})"
+                ),
+                format!(
+                    "consent again and sign in as {address}; if {signed} is meant to send as {address} (e.g. it has Send As rights), set it with `tokenfleetctl mailbox update --tenant {tenant} --name {name} --consent-account {signed}` first"
+                ),
+            )
+        } else {
+            (
+                format!(
+                    "the sign-in was made as {signed}, but mailbox `{name}` expects {expected} (its consent_account); the grant was not stored"
+                ),
+                format!(
+                    "consent again and sign in as {expected}, or change the mailbox's consent account with `tokenfleetctl mailbox update --tenant {tenant} --name {name} --consent-account <account>`"
+                ),
+            )
+        };
+        Err(failure("account_mismatch", reason, fix))
+    }
+}
+
+/// Whether a person signs in to obtain grants of `grant_type`.
+fn delegated(grant_type: GrantType) -> bool {
+    matches!(
+        grant_type,
+        GrantType::DelegatedDeviceCode | GrantType::DelegatedAuthCode
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -793,6 +884,22 @@ pub async fn complete(
         .await
         .map_err(|e| provider_failure(&e, name))?;
     let now = state.clock.now();
+    if let Err(error) = target.check_signed_in_account(&token, now) {
+        // The wrong person signed in: this attempt is over and nothing of it is kept.
+        let text = format!("{} Fix: {}", error.reason, error.fix);
+        end_auth_code(state, tenant, name, &expected, error).await?;
+        audit(
+            state,
+            actor,
+            "consent.failed",
+            tenant,
+            name,
+            "failed",
+            &text,
+        )
+        .await;
+        return Err(ConsentError::FailedPrecondition(text));
+    }
     let (grant, ()) = update_grant(state, tenant, name, |g| {
         if !matches!(&g.pending, Some(PendingConsent::AuthCode { state: s, .. }) if *s == expected)
         {

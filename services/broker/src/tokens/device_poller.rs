@@ -331,6 +331,14 @@ impl DevicePoller {
                 Ok(PollOutcome::Retry { next_poll })
             }
             DevicePoll::Granted(token) => {
+                if let Err(error) = target.check_signed_in_account(&token, now) {
+                    // Signed in with the wrong account: the consent ends and its tokens are
+                    // dropped unstored.
+                    let detail = format!("{} Fix: {}", error.reason, error.fix);
+                    return self
+                        .end(tenant, mailbox, lease, &user_code, error, &detail)
+                        .await;
+                }
                 let mut failure = None;
                 let written = self
                     .write(tenant, mailbox, lease, &user_code, |g| {

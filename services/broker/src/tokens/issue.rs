@@ -658,6 +658,7 @@ async fn new_user_mailbox(
         ProviderKind::Google | ProviderKind::Generic => GrantType::DelegatedAuthCode,
     };
     Ok(Mailbox {
+        consent_account: String::new(),
         tenant: tenant.to_owned(),
         name: name.to_owned(),
         address: address.to_owned(),

@@ -561,6 +561,11 @@ impl Broker {
 
     /// A new enrollment code for `agent` of `tenant` (display name "site <agent>").
     pub async fn enrollment_code(&self, tenant: &str, agent: &str) -> String {
+        self.enrollment_code_with(tenant, agent, false).await
+    }
+
+    /// A new enrollment code for `agent` of `tenant`; a re-enroll code if `re_enroll`.
+    pub async fn enrollment_code_with(&self, tenant: &str, agent: &str, re_enroll: bool) -> String {
         let code = self
             .admin()
             .create_enrollment_code(pb::CreateEnrollmentCodeRequest {
@@ -568,6 +573,7 @@ impl Broker {
                 agent: agent.to_owned(),
                 display_name: format!("site {agent}"),
                 ttl_seconds: 0,
+                re_enroll,
             })
             .await
             .unwrap()
@@ -579,7 +585,17 @@ impl Broker {
 
     /// Enrolls `agent` of `tenant` with a new key; returns the key and the certificate.
     pub async fn enroll(&self, tenant: &str, agent: &str) -> (KeyPair, pb::AgentCertificate) {
-        let code = self.enrollment_code(tenant, agent).await;
+        self.enroll_with(tenant, agent, false).await
+    }
+
+    /// Enrolls `agent` of `tenant` with a new key and a code made with `re_enroll`.
+    pub async fn enroll_with(
+        &self,
+        tenant: &str,
+        agent: &str,
+        re_enroll: bool,
+    ) -> (KeyPair, pb::AgentCertificate) {
+        let code = self.enrollment_code_with(tenant, agent, re_enroll).await;
         let key = KeyPair::generate().unwrap();
         logs::secret(&key.serialize_pem());
         let cert = TokenBrokerClient::new(self.anonymous())
@@ -634,6 +650,7 @@ pub fn fixed_admin_device(tenant: &str, name: &str, agent: &str) -> Device {
 /// grant yet.
 pub fn send_mailbox(tenant: &str, name: &str, address: String, kind: MailboxKind) -> Mailbox {
     Mailbox {
+        consent_account: String::new(),
         tenant: tenant.into(),
         name: name.into(),
         address,

@@ -95,7 +95,32 @@ pub(super) async fn run_refresh(target: MailboxRef, ctx: &Ctx) -> Result<(), Ctl
     let m = ctx
         .call(|mut c| async move { c.refresh_now(req).await })
         .await?;
-    ctx.printer.object(&MailboxView::from(&m))
+    ctx.printer.object(&MailboxView::from(&m))?;
+    refresh_outcome(&m)
+}
+
+/// Ok when the refresh left the mailbox ACTIVE; otherwise an error (non-zero exit) saying what
+/// the status is, why, and the fix: a refresh that failed must not look like a success.
+fn refresh_outcome(m: &pb::Mailbox) -> Result<(), CtlError> {
+    let token = m.token.clone().unwrap_or_default();
+    if token.status == pb::TokenStatus::Active as i32 {
+        return Ok(());
+    }
+    let status = token_status_name(token.status).to_ascii_uppercase();
+    let mut message = format!("the refresh of mailbox {} did not succeed: {status}", m.name);
+    if let Some(e) = token.last_error.as_ref() {
+        message.push_str(&format!(": {}", e.reason));
+        if !e.code.is_empty() {
+            message.push_str(&format!(" [{}]", e.code));
+        }
+        if !e.fix.is_empty() {
+            message.push_str(&format!("; fix: {}", e.fix));
+        }
+    }
+    Err(CtlError::Api {
+        code: Code::FailedPrecondition,
+        message,
+    })
 }
 
 /// `mailbox consent`.

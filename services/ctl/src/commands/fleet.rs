@@ -228,6 +228,8 @@ pub struct FleetDeviceView {
     pub problem: String,
     pub status: Option<DeviceStatusView>,
     pub agent_software_version: String,
+    /// The broker's own status of each mailbox's grant (what health and problem go by).
+    pub grants: Vec<MailboxGrantView>,
     /// Seconds since the last report when it was printed (not in the API; `null` if never).
     #[serde(skip)]
     report_age: Option<i64>,
@@ -245,6 +247,7 @@ impl FleetDeviceView {
             problem: d.problem.clone(),
             status: d.status.as_ref().map(DeviceStatusView::from),
             agent_software_version: d.agent_software_version.clone(),
+            grants: d.grants.iter().map(MailboxGrantView::from).collect(),
             report_age: datetime(d.last_report_time.as_ref()).map(|t| (now - t).whole_seconds()),
         }
     }
@@ -347,6 +350,8 @@ impl From<&pb::DeviceStatus> for DeviceStatusView {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MailboxTokenView {
     pub mailbox: String,
+    /// What the token is for (`send`, `pop`, `imap`): the agent keeps one per mailbox and purpose.
+    pub purpose: String,
     pub status: String,
     pub expire_time: Option<String>,
     pub error: String,
@@ -356,9 +361,35 @@ impl From<&pb::MailboxTokenView> for MailboxTokenView {
     fn from(t: &pb::MailboxTokenView) -> Self {
         Self {
             mailbox: t.mailbox.clone(),
+            purpose: wire_name(
+                pb::MailPurpose::try_from(t.purpose)
+                    .ok()
+                    .map(|v| v.as_str_name()),
+                "MAIL_PURPOSE_",
+            ),
             status: token_status_name(t.status),
             expire_time: rfc3339(t.expire_time.as_ref()),
             error: t.error.clone(),
+        }
+    }
+}
+
+/// A mailbox's grant as the broker holds it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MailboxGrantView {
+    pub mailbox: String,
+    pub address: String,
+    pub status: String,
+    pub problem: String,
+}
+
+impl From<&pb::FleetMailboxGrant> for MailboxGrantView {
+    fn from(g: &pb::FleetMailboxGrant) -> Self {
+        Self {
+            mailbox: g.mailbox.clone(),
+            address: g.address.clone(),
+            status: token_status_name(g.status),
+            problem: g.problem.clone(),
         }
     }
 }

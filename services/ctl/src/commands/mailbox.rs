@@ -89,6 +89,7 @@ fn apply(f: MailboxFields, m: &mut pb::Mailbox, changes: &mut Changes) {
     let purposes = f.purposes.iter().map(|p| p.to_proto()).collect();
     changes.set_list("purposes", purposes, false, &mut m.purposes);
     changes.set("disabled", f.disabled, &mut m.disabled);
+    changes.set("consent_account", f.consent_account, &mut m.consent_account);
 }
 
 fn create_request(id: ScopedName, fields: MailboxFields) -> pb::CreateMailboxRequest {
