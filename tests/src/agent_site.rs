@@ -889,6 +889,16 @@ impl AgentSite {
         self.child = Some(child);
     }
 
+    /// Freezes (`true`: SIGSTOP) or resumes (`false`: SIGCONT) the running agent process.
+    pub fn freeze_agent(&self, frozen: bool) {
+        if let Some(child) = &self.child {
+            let signal = if frozen { "-STOP" } else { "-CONT" };
+            let _ = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status();
+        }
+    }
+
     /// Kills the agent with SIGKILL (no chance to clean up) and reaps it.
     pub fn kill_agent(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -503,10 +503,72 @@ async fn changes_reach_the_running_agent_at_once_and_status_tells_the_truth() {
     println!("device update reached the running agent {took:?} after tokenfleetctl returned");
     assert!(took < Duration::from_secs(1), "took {took:?}");
 
+    // A device the agent does not run yet says so as its verdict. The agent is frozen while the
+    // device is created and the test queued (the broker waits a few seconds for the agent to
+    // apply the change, then sends the test anyway); resumed, it receives the reload and the
+    // test together and answers the test before the new configuration is in.
+    site.freeze_agent(true);
+    let (code, _, stderr) = site
+        .ctl(&[
+            "device",
+            "create",
+            "--tenant",
+            TENANT,
+            "--name",
+            "mfp3",
+            "--agent",
+            AGENT,
+            "--sender-mode",
+            "fixed_admin",
+            "--admin-mailbox",
+            MAILBOX,
+            "--smtp-server",
+            "127.0.0.1",
+            "--smtp-port",
+            &submission,
+            "--smtp-security",
+            "none",
+        ])
+        .await;
+    if code != 0 {
+        site.freeze_agent(false);
+        panic!("device create: {stderr}");
+    }
+    let test = async { ctl_test(&site, "mfp3").await };
+    let resume = async {
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        site.freeze_agent(false);
+    };
+    let ((code, verdict, stdout, stderr), ()) = tokio::join!(test, resume);
+    assert_eq!(
+        (code, verdict.as_str()),
+        (1, "DEVICE_NOT_LOADED"),
+        "device test of a device the agent does not run yet
+stdout:
+{stdout}
+stderr:
+{stderr}"
+    );
+    assert!(stdout.contains("not in the configuration this agent runs"), "{stdout}");
+    // Once applied, it is tested like any other.
+    let (_, verdict, stdout, _) = ctl_test(&site, "mfp3").await;
+    assert_eq!(verdict, "OK", "{stdout}");
+
     // The agent caches a token of the mailbox (the OK test above fetched one) and reports it.
     eventually("the agent's token in the fleet status", Duration::from_secs(40), || async {
-        let status = site.fleet_status().await?.status?;
+        let status = site
+            .admin()
+            .get_fleet_status(pb::GetFleetStatusRequest {
+                tenant: TENANT.into(),
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .devices
+            .into_iter()
+            .find(|d| d.device == "mfp2")?;
         status
+            .status?
             .tokens
             .iter()
             .any(|t| t.status == pb::TokenStatus::Active as i32)
@@ -542,7 +604,7 @@ async fn changes_reach_the_running_agent_at_once_and_status_tells_the_truth() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|d| d["device"] == DEVICE)
+        .find(|d| d["device"] == "mfp2")
         .unwrap_or_else(|| panic!("{stdout}"));
     assert_eq!(mfp["health"], "failing", "{mfp:#}");
     assert!(

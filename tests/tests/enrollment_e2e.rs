@@ -715,6 +715,6 @@ async fn leftover_codes_do_not_take_over_agents_through_ctl_and_agent() {
     let err = agent_enroll(&broker, &stale, &dir.path().join("stale"))
         .await
         .unwrap_err();
-    assert!(err.contains("unknown or has been used"), "{err}");
+    assert!(err.contains("unknown, has been used already"), "{err}");
     assert!(!dir.path().join("stale").join(identity::KEY_FILE).exists());
 }

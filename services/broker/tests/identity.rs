@@ -184,6 +184,7 @@ async fn an_enrollment_code_issues_one_certificate_for_its_agent() {
             agent: "site-a".into(),
             display_name: "Head office".into(),
             ttl_seconds: 600,
+            re_enroll: false,
         })
         .await
         .unwrap()
@@ -336,6 +337,7 @@ async fn expired_garbage_and_bad_requests_do_not_enroll() {
             agent: "site-b".into(),
             display_name: String::new(),
             ttl_seconds: 5,
+            re_enroll: false,
         })
         .await
         .unwrap_err();
@@ -497,6 +499,7 @@ async fn a_revoked_agent_is_refused_on_its_next_call_without_restart() {
             agent: "site-a".into(),
             display_name: String::new(),
             ttl_seconds: 0,
+            re_enroll: false,
         })
         .await
         .unwrap_err();

@@ -430,6 +430,7 @@ mod tests {
             kind: pb::MailboxKind::Bulk as i32,
             purposes: vec![pb::MailPurpose::Send as i32, pb::MailPurpose::Pop as i32],
             disabled: false,
+            consent_account: String::new(),
             token: Some(pb::TokenState {
                 status: pb::TokenStatus::ReauthRequired as i32,
                 last_refresh_time: ts(1_700_000_000),

@@ -233,11 +233,11 @@ fn apply_grants(
             worst = Some((health, grant));
         }
     }
-    if let Some((health, grant)) = worst {
-        if severity(health as i32) > severity(out.health) {
-            out.health = health as i32;
-            out.problem.clone_from(&grant.problem);
-        }
+    if let Some((health, grant)) = worst
+        && severity(health as i32) > severity(out.health)
+    {
+        out.health = health as i32;
+        out.problem.clone_from(&grant.problem);
     }
     if let Some(status) = out.status.as_mut() {
         for view in &mut status.tokens {

@@ -77,9 +77,9 @@ pub struct CurrentCode {
 /// Why a code was not accepted. The messages do not tell an unknown code from a used one.
 #[derive(Debug, thiserror::Error)]
 pub enum CodeError {
-    /// No such code, or it was used already.
+    /// No such code, it was used already, or a newer code of its agent removed it.
     #[error(
-        "the enrollment code is unknown or has been used already (a code works once); create a new one with `tokenfleetctl agent enroll-code`"
+        "the enrollment code is unknown, has been used already or was replaced by a newer code for the same agent (a code works once, and only an agent's newest code works); create a new one with `tokenfleetctl agent enroll-code`"
     )]
     Unknown,
     /// The code expired.
@@ -202,7 +202,16 @@ pub async fn create(
     .map_err(|e| corrupt(&pointer_key, "cannot encode enrollment code pointer", &e))?;
     state.store.put(&pointer_key, pointer, Precondition::Any).await?;
     // Every other code of the agent is void now; remove them.
-    purge(state, now, Some((&record.tenant, &record.agent, &record.hash))).await?;
+    purge(
+        state,
+        now,
+        Some((
+            record.tenant.as_str(),
+            record.agent.as_str(),
+            record.hash.as_str(),
+        )),
+    )
+    .await?;
     Ok((code, record))
 }
 
@@ -223,10 +232,10 @@ pub async fn redeem(
     };
     let record: EnrollmentCode = serde_json::from_slice(&stored.data)
         .map_err(|e| corrupt(&key, "not a valid enrollment code record", &e))?;
-    let discard = || discard(state, &key, stored.version);
+    let drop_code = || discard(state, &key, stored.version);
     let now = state.clock.now();
     if now >= record.expires {
-        discard().await?;
+        drop_code().await?;
         return Err(CodeError::Expired);
     }
     let pointer_key = current_code_key(&record.tenant, &record.agent);
@@ -235,7 +244,7 @@ pub async fn redeem(
         serde_json::from_slice::<CurrentCode>(&p.data).is_ok_and(|c| c.hash == record.hash)
     });
     if !live {
-        discard().await?;
+        drop_code().await?;
         return Err(if pointer.is_some() {
             CodeError::Superseded
         } else {
@@ -249,12 +258,12 @@ pub async fn redeem(
     let agent = match agent {
         Some(a) if Some(a.value.stamps.created) == record.agent_created => a,
         _ => {
-            discard().await?;
+            drop_code().await?;
             return Err(CodeError::AgentReplaced(who));
         }
     };
     if agent.value.revoked {
-        discard().await?;
+        drop_code().await?;
         return Err(CodeError::Revoked(who));
     }
     if !record.re_enroll
@@ -281,8 +290,8 @@ pub async fn redeem(
         }
         Err(e) => return Err(e.into()),
     }
-    discard().await?;
-    purge(state, now, Some((&record.tenant, &record.agent, ""))).await?;
+    drop_code().await?;
+    purge(state, now, Some((record.tenant.as_str(), record.agent.as_str(), ""))).await?;
     Ok((record, agent))
 }
 

@@ -8,8 +8,9 @@
 //!   (global record `agent_ca/current`), so every replica issues and trusts the same CA; or it is
 //!   read from files (`[agents] ca_cert_file`, `ca_key_file`).
 //! - Enrollment ([`codes`]): an operator creates a one-time code (stored as its SHA-256 hash, with
-//!   an expiry); the agent sends it with a CSR. Consuming a code is a compare-and-set delete, so of
-//!   two concurrent uses exactly one wins.
+//!   an expiry); the agent sends it with a CSR. An agent has one live code, bound to its agent
+//!   record; replacing a current certificate takes a re-enroll code. Consuming a code is a
+//!   compare-and-set delete, so of two concurrent uses exactly one wins.
 //! - Every call ([`peer::authenticate`]) verifies the certificate against the CA and the clock,
 //!   then reads the agent record (revoked? still the same agent?) and the agent's certificate
 //!   record (is this one of its current certificates?): revocation and re-enrollment take effect

@@ -448,7 +448,7 @@ impl ConsentTarget {
         if delegated(m.grant_type) {
             // An ID token naming who signed in, to check against the mailbox.
             for s in identity_scopes(self.provider.kind) {
-                if !scopes.iter().any(|have| have == s) {
+                if !scopes.iter().any(|have| have.as_str() == *s) {
                     scopes.push((*s).to_owned());
                 }
             }

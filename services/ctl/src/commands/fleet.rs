@@ -638,6 +638,7 @@ mod tests {
                 ..Default::default()
             }),
             agent_software_version: "1.0".into(),
+            grants: Vec::new(),
         };
         let view = FleetDeviceView::new(&d, now);
         assert_eq!(
