@@ -333,10 +333,11 @@ async fn purge(
         for (id, record) in &page {
             let remove = match serde_json::from_slice::<EnrollmentCode>(&record.data) {
                 Ok(code) => {
-                    code.expires <= now
-                        || agent.is_some_and(|(tenant, name, keep)| {
-                            code.tenant == tenant && code.agent == name && code.hash != keep
-                        })
+                    let kept = agent.is_some_and(|(_, _, keep)| code.hash == keep);
+                    let of_agent = agent.is_some_and(|(tenant, name, _)| {
+                        code.tenant == tenant && code.agent == name
+                    });
+                    !kept && (code.expires <= now || of_agent)
                 }
                 Err(_) => true,
             };
