@@ -188,15 +188,17 @@ fn status_name(status: TokenStatus) -> &'static str {
         .trim_start_matches("TOKEN_STATUS_")
 }
 
-/// Health a grant status gives a device: FAILING when a person must act, DEGRADED while
-/// refreshing fails or a consent is pending, nothing (`None`) when ACTIVE.
+/// Health a grant status gives a device, where the agent's cached token can hide it: FAILING
+/// when the grant died or the mailbox is disabled (a person must act), DEGRADED while refreshing
+/// fails. A grant not obtained yet or a pending consent the agent reports itself (it gets no
+/// token), so they add nothing here.
 fn grant_health(status: i32) -> Option<pb::DeviceHealth> {
     match pb::TokenStatus::try_from(status).unwrap_or_default() {
-        pb::TokenStatus::Active => None,
-        pb::TokenStatus::RefreshFailing | pb::TokenStatus::ConsentPending => {
-            Some(pb::DeviceHealth::Degraded)
+        pb::TokenStatus::ReauthRequired | pb::TokenStatus::Disabled => {
+            Some(pb::DeviceHealth::Failing)
         }
-        _ => Some(pb::DeviceHealth::Failing),
+        pb::TokenStatus::RefreshFailing => Some(pb::DeviceHealth::Degraded),
+        _ => None,
     }
 }
 

@@ -85,6 +85,10 @@ pub struct AgentPresence {
     /// Heartbeat the stream's replica sends in the agent configuration (part of the revision).
     #[serde(default)]
     pub heartbeat_seconds: u32,
+    /// The configuration revision of the last `ReloadConfig` the agent answered (applied or
+    /// not): the agent has acted on that change.
+    #[serde(default)]
+    pub reloaded_revision: String,
 }
 
 impl AgentPresence {

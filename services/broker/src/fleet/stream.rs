@@ -67,6 +67,8 @@ pub fn start(
         agent_written: None,
         pushed_revision: None,
         running_revision: String::new(),
+        reload_sent: None,
+        reloaded_revision: String::new(),
         awaited: std::collections::HashMap::new(),
         config: None,
     };
@@ -96,6 +98,10 @@ struct Session {
     pushed_revision: Option<String>,
     /// The configuration revision the agent said (in its last report) it runs.
     running_revision: String,
+    /// Id and configuration revision of the last `ReloadConfig` sent.
+    reload_sent: Option<(String, String)>,
+    /// Revision of the last `ReloadConfig` the agent answered.
+    reloaded_revision: String,
     /// Commands sent down this stream that someone waits for an answer to, with when the
     /// waiter gives up. Only their answers are stored: a late answer, or one for a command this
     /// stream never sent, would otherwise stay in the store with nobody to read it.
@@ -165,6 +171,11 @@ impl Session {
         let now = self.state.clock.now();
         let agent = self.check_agent().await?;
         self.running_revision.clone_from(&report.config_revision);
+        if let (Some(result), Some((id, revision))) = (&report.command_result, &self.reload_sent)
+            && result.command_id == *id
+        {
+            self.reloaded_revision.clone_from(revision);
+        }
         self.refresh_presence(now).await?;
         let config = self.current_config(now).await?;
         self.store_statuses(&report, &config, now).await?;
@@ -186,7 +197,7 @@ impl Session {
             return;
         }
         let command = pb::AgentCommand {
-            id,
+            id: id.clone(),
             command: Some(pb::agent_command::Command::ReloadConfig(
                 pb::ReloadConfig {},
             )),
@@ -198,6 +209,7 @@ impl Session {
         );
         if tx.send(Ok(command)).await.is_ok() {
             self.pushed_revision = Some(config.revision.clone());
+            self.reload_sent = Some((id, config.revision.clone()));
         }
     }
 
@@ -268,6 +280,7 @@ impl Session {
             expires: now + self.heartbeat() * STALE_HEARTBEATS,
             config_revision: self.running_revision.clone(),
             heartbeat_seconds: self.settings.heartbeat_seconds,
+            reloaded_revision: self.reloaded_revision.clone(),
         };
         let pre = match self.presence_version {
             None => Precondition::Any,

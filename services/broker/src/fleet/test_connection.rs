@@ -139,7 +139,7 @@ async fn test(
     }
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(timeout));
-    await_current_config(state, &device, deadline).await?;
+    await_current_config(state, &device, Duration::from_secs(u64::from(timeout))).await?;
 
     let id = new_command_id(now);
     let command = pb::AgentCommand {
@@ -225,17 +225,18 @@ async fn test(
     ))
 }
 
-/// Waits (at most [`CONFIG_WAIT`], and not past `deadline`) until the device's agent reports
-/// that it runs the current configuration, so a test right after a change of the device tests
+/// Waits (at most [`CONFIG_WAIT`], and a quarter of the test's `timeout`) until the device's
+/// agent reports that it runs the current configuration (or answered the `ReloadConfig` for it), so a test right after a change of the device tests
 /// the changed device (the change itself queued a `ReloadConfig`; one is queued here too in case
 /// that was lost). When the agent still runs another configuration the test goes ahead: the agent
 /// tests what it runs, or answers DEVICE_NOT_LOADED when it does not run the device at all.
 async fn await_current_config(
     state: &BrokerState,
     device: &Device,
-    deadline: tokio::time::Instant,
+    timeout: Duration,
 ) -> Result<(), Status> {
-    let deadline = deadline.min(tokio::time::Instant::now() + CONFIG_WAIT);
+    let wait = CONFIG_WAIT.min(timeout / 4);
+    let deadline = tokio::time::Instant::now() + wait;
     let key = presence_key(&device.tenant, &device.agent);
     let mut nudged = false;
     loop {
@@ -257,7 +258,8 @@ async fn await_current_config(
         .await
         .map_err(store_status)?
         .revision;
-        if presence.config_revision == current {
+        // Applied, or at least acted on (an agent that could not apply it tests what it runs).
+        if presence.config_revision == current || presence.reloaded_revision == current {
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
