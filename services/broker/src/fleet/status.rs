@@ -410,4 +410,104 @@ mod tests {
         assert_eq!(out.problem, "agent \"site-a\" not seen for 4m 10s");
         assert!(out.status.is_some());
     }
+
+    fn mailbox(name: &str) -> Mailbox {
+        Mailbox {
+            tenant: "acme".into(),
+            name: name.into(),
+            address: format!("{name}@acme.example"),
+            provider: "m365".into(),
+            grant_type: tokenfleet_domain::GrantType::DelegatedDeviceCode,
+            kind: tokenfleet_domain::MailboxKind::Admin,
+            purposes: vec![tokenfleet_domain::MailPurpose::Send],
+            disabled: false,
+            token: Default::default(),
+            stamps: Stamps::new(OffsetDateTime::UNIX_EPOCH),
+            consent_account: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_dead_grant_outranks_the_agents_cached_token() {
+        let now = OffsetDateTime::UNIX_EPOCH + time::Duration::hours(1);
+        // The agent reports OK: it holds an access token that has not expired.
+        let healthy = pb::DeviceStatus {
+            device: "mfp".into(),
+            health: pb::DeviceHealth::Ok as i32,
+            tokens: vec![pb::MailboxTokenView {
+                mailbox: "scan".into(),
+                status: pb::TokenStatus::Active as i32,
+                purpose: pb::MailPurpose::Send as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let report = DeviceStatusRecord {
+            tenant: "acme".into(),
+            device: "mfp".into(),
+            agent: "site-a".into(),
+            report_time: now - time::Duration::seconds(5),
+            heartbeat_seconds: 30,
+            status: super::super::store::encode_wire(&healthy),
+        };
+        let device = device("site-a");
+        let mailboxes: HashMap<String, Mailbox> =
+            [("scan".to_owned(), mailbox("scan"))].into_iter().collect();
+        let mut grant = GrantRecord::empty("acme", "scan");
+        grant.state.status = TokenStatus::Active;
+        let mut grants: HashMap<String, GrantRecord> =
+            [("scan".to_owned(), grant.clone())].into_iter().collect();
+
+        // Grant ACTIVE: the report stands.
+        let mut out = device_status(&device, None, None, Some(&report), now);
+        apply_grants(&mut out, &device, &mailboxes, &grants);
+        assert_eq!(out.health, pb::DeviceHealth::Ok as i32);
+        assert_eq!(out.grants.len(), 1);
+        assert_eq!(out.grants[0].status, pb::TokenStatus::Active as i32);
+
+        // The grant died at the broker: FAILING, the mailbox and the fix named, the agent's
+        // token shown with the broker's status.
+        grant.state.status = TokenStatus::ReauthRequired;
+        grant.state.last_error = Some(tokenfleet_domain::TokenError {
+            code: "invalid_grant".into(),
+            reason: "the refresh token was revoked".into(),
+            fix: "consent again".into(),
+            time: now,
+        });
+        grants.insert("scan".into(), grant.clone());
+        let mut out = device_status(&device, None, None, Some(&report), now);
+        apply_grants(&mut out, &device, &mailboxes, &grants);
+        assert_eq!(out.health, pb::DeviceHealth::Failing as i32);
+        assert!(out.problem.starts_with("mailbox scan: REAUTH_REQUIRED"), "{}", out.problem);
+        assert!(out.problem.contains("consent again"), "{}", out.problem);
+        let token = &out.status.as_ref().unwrap().tokens[0];
+        assert_eq!(token.status, pb::TokenStatus::ReauthRequired as i32);
+        assert_eq!(token.purpose, pb::MailPurpose::Send as i32);
+
+        // Refreshing fails for now: DEGRADED. A worse report (FAILING) is kept.
+        grant.state.status = TokenStatus::RefreshFailing;
+        grants.insert("scan".into(), grant);
+        let mut out = device_status(&device, None, None, Some(&report), now);
+        apply_grants(&mut out, &device, &mailboxes, &grants);
+        assert_eq!(out.health, pb::DeviceHealth::Degraded as i32);
+        let failing = DeviceStatusRecord {
+            status: super::super::store::encode_wire(&pb::DeviceStatus {
+                health: pb::DeviceHealth::Failing as i32,
+                problem: "535 5.7.139".into(),
+                ..healthy
+            }),
+            ..report
+        };
+        let mut out = device_status(&device, None, None, Some(&failing), now);
+        apply_grants(&mut out, &device, &mailboxes, &grants);
+        assert_eq!(out.health, pb::DeviceHealth::Failing as i32);
+        assert_eq!(out.problem, "535 5.7.139");
+
+        // A disabled mailbox is FAILING whatever its grant says.
+        let mut disabled = mailboxes.clone();
+        disabled.get_mut("scan").unwrap().disabled = true;
+        let mut out = device_status(&device, None, None, Some(&failing), now);
+        apply_grants(&mut out, &device, &disabled, &grants);
+        assert_eq!(out.grants[0].status, pb::TokenStatus::Disabled as i32);
+    }
 }
