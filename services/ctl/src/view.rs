@@ -463,6 +463,7 @@ mod tests {
                 "kind": "bulk",
                 "purposes": ["send", "pop"],
                 "disabled": false,
+                "consent_account": "",
                 "token": {
                     "status": "reauth_required",
                     "last_refresh_time": "2023-11-14T22:13:20Z",
