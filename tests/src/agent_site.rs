@@ -821,8 +821,7 @@ impl AgentSite {
             "state_dir = {state:?}\nsmtp_listen = \"{smtp}\"\npop3_listen = \"{pop3}\"\n\
              retry_base_seconds = 1\nretry_max_seconds = 3\nheartbeat_seconds = {}\n\
              shutdown_grace_seconds = 5\n{}",
-            options.heartbeat_seconds,
-            options.agent_config
+            options.heartbeat_seconds, options.agent_config
         );
         std::fs::write(dir.path().join("agent.toml"), config)
             .unwrap_or_else(|e| panic!("agent.toml: {e}"));

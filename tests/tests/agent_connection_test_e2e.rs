@@ -380,7 +380,13 @@ mod mail_api {
 async fn ctl_test(site: &AgentSite, device: &str) -> (i32, String, String, String) {
     let (code, stdout, stderr) = site
         .ctl(&[
-            "device", "test", device, "--tenant", TENANT, "--timeout", "20",
+            "device",
+            "test",
+            device,
+            "--tenant",
+            TENANT,
+            "--timeout",
+            "20",
         ])
         .await;
     let verdict = stdout
@@ -410,12 +416,16 @@ async fn changes_reach_the_running_agent_at_once_and_status_tells_the_truth() {
         ..SiteOptions::default()
     })
     .await;
-    eventually("the agent's status stream", Duration::from_secs(20), || async {
-        site.fleet_status()
-            .await
-            .filter(|s| s.agent_connected)
-            .map(|_| ())
-    })
+    eventually(
+        "the agent's status stream",
+        Duration::from_secs(20),
+        || async {
+            site.fleet_status()
+                .await
+                .filter(|s| s.agent_connected)
+                .map(|_| ())
+        },
+    )
     .await;
     let submission = site.dovecot.submission_addr().port().to_string();
 
@@ -550,31 +560,38 @@ stdout:
 stderr:
 {stderr}"
     );
-    assert!(stdout.contains("not in the configuration this agent runs"), "{stdout}");
+    assert!(
+        stdout.contains("not in the configuration this agent runs"),
+        "{stdout}"
+    );
     // Once applied, it is tested like any other.
     let (_, verdict, stdout, _) = ctl_test(&site, "mfp3").await;
     assert_eq!(verdict, "OK", "{stdout}");
 
     // The agent caches a token of the mailbox (the OK test above fetched one) and reports it.
-    eventually("the agent's token in the fleet status", Duration::from_secs(40), || async {
-        let status = site
-            .admin()
-            .get_fleet_status(pb::GetFleetStatusRequest {
-                tenant: TENANT.into(),
-            })
-            .await
-            .ok()?
-            .into_inner()
-            .devices
-            .into_iter()
-            .find(|d| d.device == "mfp2")?;
-        status
-            .status?
-            .tokens
-            .iter()
-            .any(|t| t.status == pb::TokenStatus::Active as i32)
-            .then_some(())
-    })
+    eventually(
+        "the agent's token in the fleet status",
+        Duration::from_secs(40),
+        || async {
+            let status = site
+                .admin()
+                .get_fleet_status(pb::GetFleetStatusRequest {
+                    tenant: TENANT.into(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .devices
+                .into_iter()
+                .find(|d| d.device == "mfp2")?;
+            status
+                .status?
+                .tokens
+                .iter()
+                .any(|t| t.status == pb::TokenStatus::Active as i32)
+                .then_some(())
+        },
+    )
     .await;
 
     // The grant dies at the provider (the app's secret expired): the refresh says so and fails.
@@ -588,7 +605,10 @@ stderr:
     let (code, stdout, stderr) = site
         .ctl(&["mailbox", "refresh", MAILBOX, "--tenant", TENANT])
         .await;
-    assert_ne!(code, 0, "mailbox refresh of a dead grant\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_ne!(
+        code, 0,
+        "mailbox refresh of a dead grant\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     assert!(
         stderr.contains("did not succeed") && stderr.contains("client secret has expired"),
         "{stderr}"
@@ -615,7 +635,10 @@ stderr:
     assert_eq!(mfp["health"], "degraded", "{mfp:#}");
     assert!(
         mfp["problem"].as_str().unwrap().contains(MAILBOX)
-            && mfp["problem"].as_str().unwrap().contains("client secret has expired"),
+            && mfp["problem"]
+                .as_str()
+                .unwrap()
+                .contains("client secret has expired"),
         "{mfp:#}"
     );
     assert_eq!(mfp["grants"][0]["mailbox"], MAILBOX, "{mfp:#}");

@@ -688,7 +688,10 @@ async fn leftover_codes_do_not_take_over_agents_through_ctl_and_agent() {
 
     // The agent runs with a current certificate: a plain code is refused, naming the option.
     let err = ctl_code(&broker, "site-a", &[]).await.unwrap_err();
-    assert!(err.contains("holds a current certificate") && err.contains("--re-enroll"), "{err}");
+    assert!(
+        err.contains("holds a current certificate") && err.contains("--re-enroll"),
+        "{err}"
+    );
     call(&running).await.unwrap();
     // An explicit re-enroll code replaces the running agent's certificate.
     let re_enroll = ctl_code(&broker, "site-a", &["--re-enroll"]).await.unwrap();
@@ -697,7 +700,10 @@ async fn leftover_codes_do_not_take_over_agents_through_ctl_and_agent() {
         .unwrap();
     let rebuilt = identity::load(&dir.path().join("rebuilt")).unwrap();
     call(&rebuilt).await.unwrap();
-    assert_eq!(call(&running).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(
+        call(&running).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
     // It worked once.
     assert!(
         agent_enroll(&broker, &re_enroll, &dir.path().join("again"))
@@ -708,9 +714,17 @@ async fn leftover_codes_do_not_take_over_agents_through_ctl_and_agent() {
 
     // A code made before the agent was deleted and re-created does not enroll the new one.
     let stale = ctl_code(&broker, "site-b", &[]).await.unwrap();
-    let (code, _, stderr) = ctl(&broker, &["agent", "delete", "--name", "site-b", "--tenant", "acme"]).await;
+    let (code, _, stderr) = ctl(
+        &broker,
+        &["agent", "delete", "--name", "site-b", "--tenant", "acme"],
+    )
+    .await;
     assert_eq!(code, 0, "{stderr}");
-    let (code, _, stderr) = ctl(&broker, &["agent", "create", "--name", "site-b", "--tenant", "acme"]).await;
+    let (code, _, stderr) = ctl(
+        &broker,
+        &["agent", "create", "--name", "site-b", "--tenant", "acme"],
+    )
+    .await;
     assert_eq!(code, 0, "{stderr}");
     let err = agent_enroll(&broker, &stale, &dir.path().join("stale"))
         .await

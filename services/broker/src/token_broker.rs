@@ -127,21 +127,19 @@ impl TokenBrokerService {
         // Check the request before the code is spent, so a bad CSR does not burn it.
         crate::identity::ca::check_csr(&req.csr_der).map_err(identity_status)?;
         let version = software_version(&req.software_version)?;
-        let (code, agent) = codes::redeem(&self.state, &req.code)
-            .await
-            .map_err(|e| {
-                tracing::info!(error = %e, "enrollment refused");
-                match e {
-                    CodeError::Store(e) => store_status(e),
-                    CodeError::Unknown | CodeError::Expired | CodeError::Superseded => {
-                        Status::unauthenticated(e.to_string())
-                    }
-                    CodeError::AgentReplaced(_) | CodeError::ReEnrollRequired(..) => {
-                        Status::failed_precondition(e.to_string())
-                    }
-                    CodeError::Revoked(_) => Status::permission_denied(e.to_string()),
+        let (code, agent) = codes::redeem(&self.state, &req.code).await.map_err(|e| {
+            tracing::info!(error = %e, "enrollment refused");
+            match e {
+                CodeError::Store(e) => store_status(e),
+                CodeError::Unknown | CodeError::Expired | CodeError::Superseded => {
+                    Status::unauthenticated(e.to_string())
                 }
-            })?;
+                CodeError::AgentReplaced(_) | CodeError::ReEnrollRequired(..) => {
+                    Status::failed_precondition(e.to_string())
+                }
+                CodeError::Revoked(_) => Status::permission_denied(e.to_string()),
+            }
+        })?;
         let id = AgentId {
             tenant: code.tenant.clone(),
             name: code.agent.clone(),

@@ -695,7 +695,10 @@ async fn the_agent_ca_survives_a_sealing_key_rotation() {
 }
 
 /// Enrolls with `code` and a new key; the broker's answer.
-async fn enroll_with_code(broker: &Broker, code: &str) -> Result<pb::AgentCertificate, tonic::Status> {
+async fn enroll_with_code(
+    broker: &Broker,
+    code: &str,
+) -> Result<pb::AgentCertificate, tonic::Status> {
     broker
         .broker_client(broker.anonymous())
         .enroll(pb::EnrollRequest {
@@ -715,7 +718,11 @@ async fn leftover_codes_cannot_take_an_agent_over() {
     let second = broker.enrollment_code("acme", "site-a").await;
     let err = enroll_with_code(&broker, &first).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    assert!(err.message().contains("replaced by a newer code"), "{}", err.message());
+    assert!(
+        err.message().contains("replaced by a newer code"),
+        "{}",
+        err.message()
+    );
     enroll_with_code(&broker, &second).await.unwrap();
 
     // The agent holds a current certificate now: a plain code is refused, naming --re-enroll.
@@ -734,7 +741,10 @@ async fn leftover_codes_cannot_take_an_agent_over() {
     let re_enroll = broker.enrollment_code_with("acme", "site-a", true).await;
     enroll_with_code(&broker, &re_enroll).await.unwrap();
     assert_eq!(
-        enroll_with_code(&broker, &re_enroll).await.unwrap_err().code(),
+        enroll_with_code(&broker, &re_enroll)
+            .await
+            .unwrap_err()
+            .code(),
         Code::Unauthenticated
     );
 

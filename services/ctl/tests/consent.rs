@@ -331,7 +331,14 @@ async fn a_consent_signed_in_as_another_account_fails_and_stores_nothing() {
     let output = command(
         &broker,
         &[
-            "-o", "json", "mailbox", "consent", "browser", "--tenant", TENANT, "--no-wait",
+            "-o",
+            "json",
+            "mailbox",
+            "consent",
+            "browser",
+            "--tenant",
+            TENANT,
+            "--no-wait",
         ],
     )
     .output()
@@ -344,7 +351,13 @@ async fn a_consent_signed_in_as_another_account_fails_and_stores_nothing() {
     let output = command(
         &broker,
         &[
-            "mailbox", "consent", "browser", "--tenant", TENANT, "--code", &redirected,
+            "mailbox",
+            "consent",
+            "browser",
+            "--tenant",
+            TENANT,
+            "--code",
+            &redirected,
         ],
     )
     .output()
@@ -352,7 +365,10 @@ async fn a_consent_signed_in_as_another_account_fails_and_stores_nothing() {
     .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_ne!(output.status.code(), Some(0), "{stderr}");
-    assert!(stderr.contains(&format!("the sign-in was made as {OTHER}")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("the sign-in was made as {OTHER}")),
+        "{stderr}"
+    );
     let token = mailbox_state(&broker, "browser").await.token.unwrap();
     assert_ne!(token.status, pb::TokenStatus::Active as i32);
     assert_eq!(token.last_error.unwrap().code, "account_mismatch");
@@ -392,7 +408,10 @@ async fn a_consent_signed_in_as_another_account_fails_and_stores_nothing() {
     })
     .await;
     assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("expects someone-else@contoso.example"), "{stderr}");
+    assert!(
+        stderr.contains("expects someone-else@contoso.example"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

@@ -185,7 +185,11 @@ mod tests {
         let t = token(serde_json::json!({
             "aud": "app", "email": "a@b.example", "email_verified": true
         }));
-        assert!(signed_in_account(ProviderKind::Google, &t, "app").unwrap().is("a@b.example"));
+        assert!(
+            signed_in_account(ProviderKind::Google, &t, "app")
+                .unwrap()
+                .is("a@b.example")
+        );
         let unverified = token(serde_json::json!({
             "aud": "app", "email": "a@b.example", "email_verified": false
         }));

@@ -616,7 +616,9 @@ impl State {
                 claims
             }
         };
-        let key = jsonwebtoken::EncodingKey::from_rsa_pem(super::ID_TOKEN_SIGNING_KEY_PEM.as_bytes()).ok()?;
+        let key =
+            jsonwebtoken::EncodingKey::from_rsa_pem(super::ID_TOKEN_SIGNING_KEY_PEM.as_bytes())
+                .ok()?;
         jsonwebtoken::encode(
             &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
             &claims,

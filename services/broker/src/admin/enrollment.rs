@@ -13,8 +13,8 @@ use tokenfleet_store::{Precondition, StoreError};
 use tonic::Status;
 
 use super::{
-    Change, audited, commit, invalid, must_get, object_path, precondition, records,
-    require_tenant, shown, span_object, store_status,
+    Change, audited, commit, invalid, must_get, object_path, precondition, records, require_tenant,
+    shown, span_object, store_status,
 };
 use crate::authz::{Access, Principal, Target, authorize};
 use crate::convert;

@@ -203,7 +203,9 @@ pub(super) async fn update(
                 let same_grant = next.address == old.address
                     && next.provider == old.provider
                     && next.grant_type == old.grant_type
-                    && next.consent_account.eq_ignore_ascii_case(&old.consent_account);
+                    && next
+                        .consent_account
+                        .eq_ignore_ascii_case(&old.consent_account);
                 next.token = if same_grant {
                     old.token.clone()
                 } else {

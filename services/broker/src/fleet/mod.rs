@@ -158,7 +158,9 @@ pub(crate) async fn queue_reload(state: &BrokerState, tenant: &str, agent: &str)
     let id = store::new_command_id(now);
     let command = pb::AgentCommand {
         id: id.clone(),
-        command: Some(pb::agent_command::Command::ReloadConfig(pb::ReloadConfig {})),
+        command: Some(pb::agent_command::Command::ReloadConfig(
+            pb::ReloadConfig {},
+        )),
     };
     let queued = store::QueuedCommand {
         tenant: tenant.to_owned(),

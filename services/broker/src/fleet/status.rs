@@ -143,9 +143,7 @@ fn grant_view(
             problem: format!("mailbox {name} does not exist"),
         };
     };
-    let state = grants
-        .get(name)
-        .map_or(&mailbox.token, |g| &g.state);
+    let state = grants.get(name).map_or(&mailbox.token, |g| &g.state);
     let status = if mailbox.disabled {
         TokenStatus::Disabled
     } else {
@@ -478,7 +476,11 @@ mod tests {
         let mut out = device_status(&device, None, None, Some(&report), now);
         apply_grants(&mut out, &device, &mailboxes, &grants);
         assert_eq!(out.health, pb::DeviceHealth::Failing as i32);
-        assert!(out.problem.starts_with("mailbox scan: REAUTH_REQUIRED"), "{}", out.problem);
+        assert!(
+            out.problem.starts_with("mailbox scan: REAUTH_REQUIRED"),
+            "{}",
+            out.problem
+        );
         assert!(out.problem.contains("consent again"), "{}", out.problem);
         let token = &out.status.as_ref().unwrap().tokens[0];
         assert_eq!(token.status, pb::TokenStatus::ReauthRequired as i32);

@@ -222,7 +222,10 @@ impl Session {
         match self.current_config(now).await {
             Ok(config) => self.push_config(&config, id, tx).await,
             Err(status) => {
-                tracing::warn!(message = status.message(), "building the agent configuration failed");
+                tracing::warn!(
+                    message = status.message(),
+                    "building the agent configuration failed"
+                );
             }
         }
     }

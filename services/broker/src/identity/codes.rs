@@ -193,14 +193,18 @@ pub async fn create(
         re_enroll,
     };
     let key = code_key(&record.hash);
-    let data = serde_json::to_vec(&record).map_err(|e| corrupt(&key, "cannot encode enrollment code", &e))?;
+    let data = serde_json::to_vec(&record)
+        .map_err(|e| corrupt(&key, "cannot encode enrollment code", &e))?;
     state.store.put(&key, data, Precondition::Absent).await?;
     let pointer_key = current_code_key(&agent.tenant, &agent.name);
     let pointer = serde_json::to_vec(&CurrentCode {
         hash: record.hash.clone(),
     })
     .map_err(|e| corrupt(&pointer_key, "cannot encode enrollment code pointer", &e))?;
-    state.store.put(&pointer_key, pointer, Precondition::Any).await?;
+    state
+        .store
+        .put(&pointer_key, pointer, Precondition::Any)
+        .await?;
     // Every other code of the agent is void now; remove them.
     purge(
         state,
@@ -291,13 +295,22 @@ pub async fn redeem(
         Err(e) => return Err(e.into()),
     }
     drop_code().await?;
-    purge(state, now, Some((record.tenant.as_str(), record.agent.as_str(), ""))).await?;
+    purge(
+        state,
+        now,
+        Some((record.tenant.as_str(), record.agent.as_str(), "")),
+    )
+    .await?;
     Ok((record, agent))
 }
 
 /// Deletes the code record `key` if it is still at `version`.
 async fn discard(state: &BrokerState, key: &RecordKey, version: u64) -> Result<(), CodeError> {
-    match state.store.delete(key, Precondition::Version(version)).await {
+    match state
+        .store
+        .delete(key, Precondition::Version(version))
+        .await
+    {
         Ok(_) | Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => Ok(()),
         Err(e) => Err(CodeError::Store(e)),
     }

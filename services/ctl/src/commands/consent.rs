@@ -107,7 +107,10 @@ fn refresh_outcome(m: &pb::Mailbox) -> Result<(), CtlError> {
         return Ok(());
     }
     let status = token_status_name(token.status).to_ascii_uppercase();
-    let mut message = format!("the refresh of mailbox {} did not succeed: {status}", m.name);
+    let mut message = format!(
+        "the refresh of mailbox {} did not succeed: {status}",
+        m.name
+    );
     if let Some(e) = token.last_error.as_ref() {
         message.push_str(&format!(": {}", e.reason));
         if !e.code.is_empty() {
