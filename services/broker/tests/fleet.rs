@@ -914,3 +914,109 @@ async fn expired_commands_and_unread_answers_are_swept() {
         Swept::default()
     );
 }
+
+/// A device created through one replica reaches the agent streaming to another replica at once:
+/// the change queues a `ReloadConfig` in the store, the replica holding the stream sends it. A
+/// change that leaves the agent's configuration as it is sends nothing.
+#[tokio::test]
+async fn a_change_on_one_replica_reaches_an_agent_streaming_to_another_at_once() {
+    let redis = RedisServer::start().await.unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = seal_key(keys.path());
+    let a = Broker::on_redis(&redis.url(), &key_file, None).await;
+    a.put_tenant("acme").await;
+    a.put_mailbox("acme", "scan", MailboxKind::Admin).await;
+    let b = Broker::on_redis(&redis.url(), &key_file, Some(a.admin_key.clone())).await;
+    let mut client = a.agent_client("acme", "site-a").await;
+    a.put_device(&device("acme", "mfp", "site-a")).await;
+    // The agent runs the current configuration: nothing to push.
+    let current = client
+        .get_agent_config(pb::GetAgentConfigRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(current.devices.len(), 1);
+    let mut agent = FakeAgent::connect(&mut client, report(&current.revision, vec![])).await;
+    a.agent_present("the agent's presence").await;
+
+    // A mailbox no device names: the agent's configuration stays the same, so nothing is sent.
+    logs::secret("fleet-app-secret");
+    b.admin()
+        .create_provider(pb::CreateProviderRequest {
+            provider: Some(pb::Provider {
+                tenant: "acme".into(),
+                name: "m365".into(),
+                kind: pb::ProviderKind::Microsoft as i32,
+                authority: "organizations".into(),
+                client_id: "fleet-app".into(),
+                client_secret: "fleet-app-secret".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    b.admin()
+        .create_mailbox(pb::CreateMailboxRequest {
+            mailbox: Some(pb::Mailbox {
+                tenant: "acme".into(),
+                name: "unused".into(),
+                address: "unused@acme.example".into(),
+                provider: "m365".into(),
+                grant_type: pb::GrantType::AppOnly as i32,
+                kind: pb::MailboxKind::Admin as i32,
+                purposes: vec![pb::MailPurpose::Send as i32],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), agent.commands.message())
+            .await
+            .is_err(),
+        "a change that does not touch the agent's configuration sent a command"
+    );
+
+    // A device for the agent, created through replica B: ReloadConfig within a second.
+    let started = Instant::now();
+    b.admin()
+        .create_device(pb::CreateDeviceRequest {
+            device: Some(pb::Device {
+                tenant: "acme".into(),
+                name: "mfp2".into(),
+                agent: "site-a".into(),
+                sender_mode: pb::SenderMode::FixedAdmin as i32,
+                admin_mailbox: "scan".into(),
+                smtp: Some(pb::SmtpProfile {
+                    server: "smtp.office365.com".into(),
+                    port: 587,
+                    security: pb::TlsMode::Starttls as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let command = agent
+        .next(Duration::from_secs(1))
+        .await
+        .unwrap()
+        .expect("a command");
+    let took = started.elapsed();
+    assert!(
+        matches!(
+            command.command,
+            Some(pb::agent_command::Command::ReloadConfig(_))
+        ),
+        "{command:?}"
+    );
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    let reloaded = client
+        .get_agent_config(pb::GetAgentConfigRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reloaded.devices.len(), 2);
+    assert_ne!(reloaded.revision, current.revision);
+}
