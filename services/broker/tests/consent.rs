@@ -774,3 +774,43 @@ async fn client_credentials_and_jwt_bearer_obtain_tokens_at_once() {
     assert!(env.fake.pending_device_codes().is_empty());
     env.fake.assert_no_violations().unwrap();
 }
+
+/// Google: the ID token's verified `email` must be the mailbox; another account's consent ends
+/// the attempt with `account_mismatch`, audited, and stores no token; the mailbox's own account
+/// then succeeds.
+#[tokio::test]
+async fn a_google_consent_by_another_account_is_refused_and_stores_nothing() {
+    let env = Env::new().await;
+    let other = "intruder@contoso.example";
+    env.fake.add_user(other);
+    env.add_mailbox("gmail", "gws", GrantType::DelegatedAuthCode)
+        .await;
+    let (url, _) = env.start_auth("gmail").await;
+    assert!(url.contains("openid") && url.contains("email"), "{url}");
+    let redirected = env.fake.authorize_url(&url, other).unwrap();
+    let err = consent::complete(&env.state, TENANT, "gmail", &redirected, "test")
+        .await
+        .unwrap_err();
+    let ConsentError::FailedPrecondition(message) = err else {
+        panic!("expected FailedPrecondition, got {err:?}");
+    };
+    assert!(
+        message.contains(&format!("the sign-in was made as {other}"))
+            && message.contains(USER)
+            && message.contains("--consent-account"),
+        "{message}"
+    );
+    let grant = env.grant("gmail").await;
+    assert_eq!(grant.state.status, TokenStatus::NotRetrieved);
+    assert!(grant.access_token.is_none() && grant.refresh_token.is_none());
+    assert!(grant.pending.is_none());
+    assert_eq!(grant.state.last_error.unwrap().code, "account_mismatch");
+
+    // The mailbox's own account binds.
+    let (url, _) = env.start_auth("gmail").await;
+    let redirected = env.fake.authorize_url(&url, USER).unwrap();
+    consent::complete(&env.state, TENANT, "gmail", &redirected, "test")
+        .await
+        .unwrap();
+    assert_eq!(env.grant("gmail").await.state.status, TokenStatus::Active);
+}

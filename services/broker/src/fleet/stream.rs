@@ -171,15 +171,19 @@ impl Session {
         let now = self.state.clock.now();
         let agent = self.check_agent().await?;
         self.running_revision.clone_from(&report.config_revision);
-        if let (Some(result), Some((id, revision))) = (&report.command_result, &self.reload_sent)
-            && result.command_id == *id
-        {
-            self.reloaded_revision.clone_from(revision);
-        }
+        // The answer to the last ReloadConfig: the agent acted on that revision (nobody else
+        // waits for it, so it is not stored).
+        let reload_answer = match (&report.command_result, &self.reload_sent) {
+            (Some(result), Some((id, revision))) if result.command_id == *id => {
+                self.reloaded_revision.clone_from(revision);
+                true
+            }
+            _ => false,
+        };
         self.refresh_presence(now).await?;
         let config = self.current_config(now).await?;
         self.store_statuses(&report, &config, now).await?;
-        if let Some(result) = &report.command_result {
+        if let Some(result) = report.command_result.as_ref().filter(|_| !reload_answer) {
             self.store_result(result, now).await?;
         }
         self.touch_agent(agent, &report.software_version, now)
