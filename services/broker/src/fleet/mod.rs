@@ -8,7 +8,8 @@
 //! whichever replica holds the agent's stream, polled every [`COMMAND_POLL`]) and the agents'
 //! answers (read by whoever waits); [`housekeeping`] removes the commands and answers nobody
 //! will read. A change of a device or mailbox queues a `ReloadConfig` for the tenant's connected
-//! agents ([`config_changed`]), so the change reaches them within a second. Depends on `records`, `convert`, `authz`, `admin` (audit and
+//! agents ([`config_changed`]), so the change reaches them within a second; a stream held by this
+//! process is woken at once ([`wake`]), one on another replica takes it at its next poll. Depends on `records`, `convert`, `authz`, `admin` (audit and
 //! error mapping) and `identity` (the authenticated peer).
 
 mod agent_config;
@@ -17,6 +18,7 @@ mod status;
 pub mod store;
 mod stream;
 mod test_connection;
+mod wake;
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -169,11 +171,14 @@ pub(crate) async fn queue_reload(state: &BrokerState, tenant: &str, agent: &str)
         expires: now + CONFIG_NUDGE_TTL,
         command: store::encode_wire(&command),
     };
-    if let Err(error) = crate::records::Records::new(state.store.as_ref())
+    match crate::records::Records::new(state.store.as_ref())
         .put(&queued, tokenfleet_store::Precondition::Absent)
         .await
     {
-        tracing::warn!(%error, tenant, agent, "queueing a configuration reload failed");
+        Ok(_) => wake::wake(state, tenant, agent),
+        Err(error) => {
+            tracing::warn!(%error, tenant, agent, "queueing a configuration reload failed");
+        }
     }
 }
 

@@ -119,6 +119,8 @@ impl Session {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.settings.shutdown.clone();
         let mut ticks: u32 = 0;
+        // Woken when a command is queued for the agent on this replica (see `super::wake`).
+        let woken = super::wake::register(&self.state, &self.tenant, &self.agent);
         let end: Result<&'static str, Status> = loop {
             tokio::select! {
                 () = tx.closed() => break Ok("agent went away"),
@@ -137,6 +139,13 @@ impl Session {
                         break Ok("stream broken");
                     }
                 },
+                () = woken.notified() => {
+                    if self.presence_version.is_some()
+                        && let Err(status) = self.poll(&tx, false).await
+                    {
+                        break Err(status);
+                    }
+                }
                 _ = poll.tick() => {
                     if self.presence_version.is_some() {
                         ticks = ticks.wrapping_add(1);

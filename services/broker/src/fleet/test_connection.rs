@@ -163,6 +163,7 @@ async fn test(
         .put(&queued, Precondition::Absent)
         .await
         .map_err(store_status)?;
+    super::wake::wake(state, &device.tenant, &device.agent);
     tracing::info!(command = %id, agent = %device.agent, "connection test queued");
 
     let answer_key = command_result_key(&device.tenant, &id);
