@@ -805,6 +805,9 @@ async fn a_google_consent_by_another_account_is_refused_and_stores_nothing() {
     assert!(grant.access_token.is_none() && grant.refresh_token.is_none());
     assert!(grant.pending.is_none());
     assert_eq!(grant.state.last_error.unwrap().code, "account_mismatch");
+    // The wrong account's grant does not linger at the provider: revoked (Google has an endpoint).
+    assert_eq!(env.fake.requests_to(Endpoint::GoogleRevoke).len(), 1);
+    assert!(env.fake.live_refresh_tokens(other).is_empty());
 
     // The mailbox's own account binds.
     let (url, _) = env.start_auth("gmail").await;

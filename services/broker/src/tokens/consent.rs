@@ -525,6 +525,25 @@ impl ConsentTarget {
     }
 }
 
+impl ConsentTarget {
+    /// Best effort: revokes at the provider the tokens a consent with the wrong account obtained
+    /// (where the provider has a revocation endpoint: Google, not Microsoft), so that grant does
+    /// not linger unused. The tokens are never stored either way.
+    pub async fn revoke_unbound(&self, token: &TokenGrant) {
+        let revoked = match &token.refresh_token {
+            Some(refresh) => self.client.revoke(refresh).await,
+            None => self.client.revoke(&token.access_token).await,
+        };
+        if let Err(e) = revoked {
+            tracing::info!(
+                mailbox = %self.name(),
+                code = %e.code,
+                "the tokens of a consent with the wrong account could not be revoked at the provider; they are not stored"
+            );
+        }
+    }
+}
+
 /// Whether a person signs in to obtain grants of `grant_type`.
 fn delegated(grant_type: GrantType) -> bool {
     matches!(
@@ -886,6 +905,7 @@ pub async fn complete(
     let now = state.clock.now();
     if let Err(error) = target.check_signed_in_account(&token, now) {
         // The wrong person signed in: this attempt is over and nothing of it is kept.
+        target.revoke_unbound(&token).await;
         let text = format!("{} Fix: {}", error.reason, error.fix);
         end_auth_code(state, tenant, name, &expected, error).await?;
         audit(

@@ -333,7 +333,8 @@ impl DevicePoller {
             DevicePoll::Granted(token) => {
                 if let Err(error) = target.check_signed_in_account(&token, now) {
                     // Signed in with the wrong account: the consent ends and its tokens are
-                    // dropped unstored.
+                    // dropped unstored (and revoked where the provider can).
+                    target.revoke_unbound(&token).await;
                     let detail = format!("{} Fix: {}", error.reason, error.fix);
                     return self
                         .end(tenant, mailbox, lease, &user_code, error, &detail)
