@@ -1,5 +1,5 @@
 //! Agent RPCs. Only the display name is set here; enrollment, certificates and heartbeats fill in
-//! the rest.
+//! the rest. Deleting an agent also removes its enrollment codes.
 
 use tokenfleet_domain::{Agent, Device, Stamps};
 use tokenfleet_proto::v1 as pb;
@@ -179,10 +179,13 @@ pub(super) async fn delete(
             )
             .await?;
             delete_record(state, &key, &what, req.version).await?;
-            // Its enrollment codes are bound to this record and useless now; remove them.
-            crate::identity::codes::remove_all(state, &req.tenant, &req.name)
-                .await
-                .map_err(store_status)?;
+            // Its enrollment codes are bound to this record and useless now; remove them (best
+            // effort: a code left behind still cannot enroll a re-created agent).
+            if let Err(error) =
+                crate::identity::codes::remove_all(state, &req.tenant, &req.name).await
+            {
+                tracing::warn!(%error, "removing the enrollment codes of a deleted agent failed");
+            }
             Ok((pb::DeleteAgentResponse {}, String::new()))
         },
     )
