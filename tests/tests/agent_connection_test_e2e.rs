@@ -547,7 +547,7 @@ async fn changes_reach_the_running_agent_at_once_and_status_tells_the_truth() {
     }
     let test = async { ctl_test(&site, "mfp3").await };
     let resume = async {
-        tokio::time::sleep(Duration::from_secs(7)).await;
+        tokio::time::sleep(Duration::from_secs(9)).await;
         site.freeze_agent(false);
     };
     let ((code, verdict, stdout, stderr), ()) = tokio::join!(test, resume);
