@@ -244,6 +244,23 @@ pub fn open_client_secret(
         .transpose()
 }
 
+/// Opens a provider's proxy password (`None` when it has none).
+pub fn open_http_proxy_password(
+    keyring: &Keyring,
+    provider: &Provider,
+) -> Result<Option<Secret>, SealError> {
+    provider
+        .http_proxy_password
+        .as_ref()
+        .map(|s| {
+            keyring.open_secret(
+                &Provider::http_proxy_password_aad(&provider.tenant, &provider.name),
+                s,
+            )
+        })
+        .transpose()
+}
+
 /// Opens a provider's service-account key (`None` when it has none).
 pub fn open_service_account_key(
     keyring: &Keyring,
@@ -421,7 +438,8 @@ async fn reseal_provider(
         let mut provider = current.value.clone();
         let (tenant, name) = (provider.tenant.clone(), provider.name.clone());
         let examined = u64::from(provider.client_secret.is_some())
-            + u64::from(provider.service_account_key.is_some());
+            + u64::from(provider.service_account_key.is_some())
+            + u64::from(provider.http_proxy_password.is_some());
         let mut resealed = 0;
         if reseal_field(
             keyring,
@@ -434,6 +452,13 @@ async fn reseal_provider(
             keyring,
             &Provider::service_account_key_aad(&tenant, &name),
             &mut provider.service_account_key,
+        )? {
+            resealed += 1;
+        }
+        if reseal_field(
+            keyring,
+            &Provider::http_proxy_password_aad(&tenant, &name),
+            &mut provider.http_proxy_password,
         )? {
             resealed += 1;
         }

@@ -277,12 +277,14 @@ async fn all_store_bytes(store: &dyn Store) -> Vec<(String, Vec<u8>)> {
                 out.push((format!("{scope}/{collection}/{id}"), record.data));
             }
         }
-        for entry in store
-            .read_back(scope, audit::STREAM, None, 10_000)
-            .await
-            .unwrap()
-        {
-            out.push((format!("{scope}/audit/{}", entry.id), entry.data));
+        for kind in audit::AuditKind::ALL {
+            for entry in store
+                .read_back(scope, kind.stream(), None, 10_000)
+                .await
+                .unwrap()
+            {
+                out.push((format!("{scope}/{}/{}", kind.stream(), entry.id), entry.data));
+            }
         }
     }
     out
@@ -1646,6 +1648,7 @@ async fn changes_are_audited_with_actor_and_outcome() {
                 tenant: "acme".into(),
                 page_size: 2,
                 page_token: token,
+                kind: String::new(),
             })
             .await
             .unwrap()
