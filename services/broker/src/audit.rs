@@ -378,3 +378,55 @@ pub fn result_of(code: tonic::Code) -> &'static str {
         Code::Unauthenticated => "unauthenticated",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(action: &str, result: &str) -> AuditEvent {
+        AuditEvent {
+            time: time::OffsetDateTime::UNIX_EPOCH,
+            actor: "apikey:x".into(),
+            action: action.into(),
+            target: "t".into(),
+            tenant: String::new(),
+            result: result.into(),
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn events_are_sorted_into_their_kind() {
+        assert_eq!(AuditKind::of(&event("provider.update", "ok")), AuditKind::Changes);
+        assert_eq!(
+            AuditKind::of(&event("provider.update", "permission_denied")),
+            AuditKind::Refused
+        );
+        assert_eq!(AuditKind::of(&event("token.issue", "ok")), AuditKind::Issuance);
+        assert_eq!(
+            AuditKind::of(&event("token.issue", "permission_denied")),
+            AuditKind::Issuance
+        );
+        for kind in AuditKind::ALL {
+            assert_eq!(AuditKind::parse(kind.as_str()), Some(kind));
+        }
+        assert_eq!(AuditKind::parse("everything"), None);
+    }
+
+    #[test]
+    fn cursors_round_trip_and_reject_tampering() {
+        let kinds = AuditKind::ALL;
+        let cursor = Cursor(vec![
+            (AuditKind::Changes, Position::Before("00000000000000000042".into())),
+            (AuditKind::Refused, Position::Done),
+            (AuditKind::Issuance, Position::Start),
+        ]);
+        assert_eq!(Cursor::parse(&cursor.token(), &kinds), Some(cursor.clone()));
+        assert_eq!(Cursor::parse(&cursor.token(), &[AuditKind::Changes]), None);
+        for bad in ["", "!!", &B64URL.encode("changes=1 OR 1"), &B64URL.encode("nope=1")] {
+            assert_eq!(Cursor::parse(bad, &kinds), None, "{bad}");
+        }
+        let start = Cursor::start(&[AuditKind::Refused]);
+        assert_eq!(Cursor::parse(&start.token(), &[AuditKind::Refused]), Some(start));
+    }
+}

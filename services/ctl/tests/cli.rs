@@ -1107,3 +1107,224 @@ mod keys_providers_audit {
         broker.shutdown().await;
     }
 }
+
+/// Every value of every enum flag of `tokenfleetctl`, through the binary against a broker: each
+/// is accepted and comes back in the JSON output under the same name. The values exercised are
+/// checked against the `[possible values: …]` the binary's help lists, so a new value without a
+/// case here fails the test.
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod every_enum_value {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use serde_json::Value;
+    use tokenfleet_testkit::broker::{TestBroker, TestStore};
+
+    use super::{admin, ctl_at};
+
+    /// `flag → possible values` from `tokenfleetctl <command…> --help`.
+    async fn possible_values(command: &[&str]) -> BTreeMap<String, BTreeSet<String>> {
+        let mut args = command.to_vec();
+        // `-h`: the short help lists `[possible values: …]` on the flag's line.
+        args.push("-h");
+        let help = ctl_at("http://127.0.0.1:9", None, &args).await.ok().stdout;
+        let mut out = BTreeMap::new();
+        let mut flag = String::new();
+        for line in help.lines() {
+            let t = line.trim();
+            // `--flag <V>` or `-o, --output <FORMAT>`
+            if t.starts_with('-')
+                && let Some((_, rest)) = t.split_once("--")
+            {
+                flag = rest.split([' ', '=', '<', '[']).next().unwrap_or_default().to_owned();
+            }
+            if let Some(values) = t
+                .split_once("[possible values: ")
+                .map(|(_, v)| v.trim_end_matches(']'))
+            {
+                let set: BTreeSet<String> = values.split(", ").map(str::to_owned).collect();
+                // Booleans (`--smtp-skip-certificate-verification[=BOOL]`) are not enums.
+                if set != BTreeSet::from(["false".to_owned(), "true".to_owned()]) {
+                    out.insert(flag.clone(), set);
+                }
+            }
+        }
+        out
+    }
+
+    fn used(seen: &mut BTreeMap<String, BTreeSet<String>>, flag: &str, value: &str) {
+        seen.entry(flag.to_owned())
+            .or_default()
+            .insert(value.to_owned());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_enum_flag_value_round_trips_through_the_binary() {
+        let broker = TestBroker::start(TestStore::Embedded).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        admin(&broker, &["tenant", "create", "--name", "acme"]).await.ok();
+        let mut seen: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+
+        // provider --kind (with the credentials app_only and service_account mailboxes need)
+        let secret = super::write(dir.path(), "secret", "enum-test-client-secret\n");
+        tokenfleet_testkit::logs::secret("enum-test-client-secret");
+        let sa_key = super::write(
+            dir.path(),
+            "sa.json",
+            &serde_json::json!({
+                "client_email": "printer@acme.iam.gserviceaccount.com",
+                "private_key": "not-checked-until-used",
+            })
+            .to_string(),
+        );
+        for (name, kind, extra) in [
+            ("ms", "microsoft", vec!["--client-secret-file", secret.as_str()]),
+            ("goog", "google", vec!["--service-account-key-file", sa_key.as_str()]),
+            (
+                "gen",
+                "generic",
+                vec![
+                    "--authorize-url",
+                    "https://idp.example/authorize",
+                    "--token-url",
+                    "https://idp.example/token",
+                    "--scope",
+                    "mail",
+                ],
+            ),
+        ] {
+            let mut args = vec![
+                "provider", "create", "--tenant", "acme", "--name", name, "--kind", kind,
+                "--client-id", "client-1", "-o", "json",
+            ];
+            args.extend(extra);
+            let json = admin(&broker, &args).await.ok().json();
+            assert_eq!(json["kind"], kind);
+            used(&mut seen, "kind", kind);
+        }
+
+        // mailbox --grant-type, --kind, --purpose
+        for (name, provider, grant, kind, purposes) in [
+            ("m-dc", "ms", "delegated_device_code", "admin", vec!["send", "pop", "imap"]),
+            ("m-ac", "goog", "delegated_auth_code", "bulk", vec!["send"]),
+            ("m-app", "ms", "app_only", "user", vec!["send"]),
+            ("m-sa", "goog", "service_account", "bulk", vec!["send"]),
+        ] {
+            let address = format!("{name}@acme.example");
+            let mut args = vec![
+                "mailbox", "create", "--tenant", "acme", "--name", name, "--address", &address,
+                "--provider", provider, "--grant-type", grant, "--kind", kind, "-o", "json",
+            ];
+            for p in &purposes {
+                args.extend(["--purpose", p]);
+            }
+            let json = admin(&broker, &args).await.ok().json();
+            assert_eq!(json["grant_type"], grant);
+            assert_eq!(json["kind"], kind);
+            assert_eq!(json["purposes"], Value::from(purposes.clone()));
+            used(&mut seen, "grant-type", grant);
+            used(&mut seen, "kind", kind);
+            for p in purposes {
+                used(&mut seen, "purpose", p);
+            }
+        }
+
+        // device --sender-mode, --smtp-security, --smtp-method, --smtp-tls-*-version,
+        // --fetch-protocol, --fetch-security, --fetch-tls-*-version
+        let cases = [
+            ("d1", "fixed_admin", "starttls", "smtp", "1.2", "1.3", "pop3", "implicit_tls"),
+            ("d2", "bulk", "implicit_tls", "graph", "1.3", "1.3", "imap", "starttls"),
+            ("d3", "login_user", "none", "smtp", "1.2", "1.2", "pop3", "none"),
+            ("d4", "allow_user_change", "starttls", "gmail_api", "1.2", "1.3", "imap", "implicit_tls"),
+        ];
+        for (name, mode, security, method, min, max, protocol, fetch_security) in cases {
+            let mailbox_flag = match mode {
+                "fixed_admin" => vec!["--admin-mailbox", "m-dc"],
+                "bulk" => vec!["--bulk-mailbox", if method == "graph" { "m-dc" } else { "m-ac" }],
+                _ => vec!["--user-provider", if method == "gmail_api" { "goog" } else { "ms" }],
+            };
+            let mut args = vec![
+                "device", "create", "--tenant", "acme", "--name", name, "--sender-mode", mode,
+                "--smtp-server", "127.0.0.1", "--smtp-port", "2525", "--smtp-security", security,
+                "--smtp-method", method, "--smtp-tls-min-version", min, "--smtp-tls-max-version",
+                max, "--fetch-protocol", protocol, "--fetch-server", "127.0.0.1", "--fetch-port",
+                "1110", "--fetch-security", fetch_security, "--fetch-tls-min-version", min,
+                "--fetch-tls-max-version", max, "-o", "json",
+            ];
+            args.extend(mailbox_flag);
+            if mode == "allow_user_change" {
+                args.extend(["--allowed-mailbox", "m-ac"]);
+            }
+            let run = admin(&broker, &args).await;
+            assert_eq!(run.code, 0, "{args:?}: {}", run.stderr);
+            let json = run.json();
+            assert_eq!(json["sender_mode"], mode);
+            assert_eq!(json["smtp"]["security"], security);
+            assert_eq!(json["smtp"]["method"], method);
+            assert_eq!(json["smtp"]["tls_min_version"], min);
+            assert_eq!(json["smtp"]["tls_max_version"], max);
+            assert_eq!(json["fetch"]["protocol"], protocol);
+            assert_eq!(json["fetch"]["security"], fetch_security);
+            used(&mut seen, "sender-mode", mode);
+            used(&mut seen, "smtp-security", security);
+            used(&mut seen, "smtp-method", method);
+            used(&mut seen, "smtp-tls-min-version", min);
+            used(&mut seen, "smtp-tls-max-version", max);
+            used(&mut seen, "fetch-protocol", protocol);
+            used(&mut seen, "fetch-security", fetch_security);
+            used(&mut seen, "fetch-tls-min-version", min);
+            used(&mut seen, "fetch-tls-max-version", max);
+        }
+
+        // api-key --role (with the tenant it needs)
+        for (role, tenant) in [("fleet-admin", None), ("tenant-admin", Some("acme")), ("viewer", None)] {
+            let mut args = vec!["api-key", "create", "--role", role, "-o", "json"];
+            if let Some(t) = tenant {
+                args.extend(["--tenant", t]);
+            }
+            let run = admin(&broker, &args).await.ok();
+            let json = run.json();
+            tokenfleet_testkit::logs::secret(json["key"].as_str().unwrap());
+            assert_eq!(json["role"], role);
+            used(&mut seen, "role", role);
+        }
+
+        // audit --kind, and the output format itself
+        for kind in ["changes", "refused", "issuance", "all"] {
+            admin(&broker, &["audit", "--tenant", "acme", "--kind", kind, "-o", "json"])
+                .await
+                .ok();
+            used(&mut seen, "kind", kind);
+        }
+        for output in ["table", "json"] {
+            admin(&broker, &["whoami", "-o", output]).await.ok();
+            used(&mut seen, "output", output);
+        }
+
+        // Every value the binary's help offers was exercised.
+        let mut offered: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for command in [
+            vec!["provider", "create"],
+            vec!["mailbox", "create"],
+            vec!["device", "create"],
+            vec!["api-key", "create"],
+            vec!["audit"],
+        ] {
+            for (flag, values) in possible_values(&command).await {
+                offered.entry(flag).or_default().extend(values);
+            }
+        }
+        for flag in [
+            "kind", "grant-type", "purpose", "sender-mode", "smtp-security", "smtp-method",
+            "smtp-tls-min-version", "fetch-protocol", "fetch-security", "role", "output",
+        ] {
+            assert!(offered.contains_key(flag), "--{flag} not found in help: {offered:?}");
+        }
+        for (flag, values) in &offered {
+            let exercised = seen.get(flag).cloned().unwrap_or_default();
+            let missing: Vec<&String> = values.difference(&exercised).collect();
+            assert!(missing.is_empty(), "--{flag}: values never exercised: {missing:?}");
+        }
+        let _ = dir;
+        broker.shutdown().await;
+    }
+}
