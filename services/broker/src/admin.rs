@@ -33,10 +33,10 @@ use tokenfleet_store::{Precondition, RecordKey, Scope, StoreError};
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
+use crate::audit::AuditKind;
 use crate::authz::{self, Access, Principal, Target};
 use crate::records::{CAS_ATTEMPTS, Records, StoredRecord, Versioned};
 use crate::state::BrokerState;
-use crate::audit::AuditKind;
 use crate::{api_keys, audit, convert};
 
 pub use consent::{ConsentSettings, mailbox_with_grant};

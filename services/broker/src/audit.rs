@@ -339,10 +339,7 @@ pub async fn list_merged(
             .filter(|(_, k, _)| k == kind)
             .map(|(id, _, _)| id)
             .collect();
-        let read_here = read
-            .iter()
-            .find(|(k, _)| k == kind)
-            .map_or(0, |(_, n)| *n);
+        let read_here = read.iter().find(|(k, _)| k == kind).map_or(0, |(_, n)| *n);
         // Everything this stream had left was read (no more than `limit`) and returned.
         if read_here <= limit && taken.len() == read_here {
             *pos = Position::Done;
@@ -397,12 +394,18 @@ mod tests {
 
     #[test]
     fn events_are_sorted_into_their_kind() {
-        assert_eq!(AuditKind::of(&event("provider.update", "ok")), AuditKind::Changes);
+        assert_eq!(
+            AuditKind::of(&event("provider.update", "ok")),
+            AuditKind::Changes
+        );
         assert_eq!(
             AuditKind::of(&event("provider.update", "permission_denied")),
             AuditKind::Refused
         );
-        assert_eq!(AuditKind::of(&event("token.issue", "ok")), AuditKind::Issuance);
+        assert_eq!(
+            AuditKind::of(&event("token.issue", "ok")),
+            AuditKind::Issuance
+        );
         assert_eq!(
             AuditKind::of(&event("token.issue", "permission_denied")),
             AuditKind::Issuance
@@ -417,16 +420,27 @@ mod tests {
     fn cursors_round_trip_and_reject_tampering() {
         let kinds = AuditKind::ALL;
         let cursor = Cursor(vec![
-            (AuditKind::Changes, Position::Before("00000000000000000042".into())),
+            (
+                AuditKind::Changes,
+                Position::Before("00000000000000000042".into()),
+            ),
             (AuditKind::Refused, Position::Done),
             (AuditKind::Issuance, Position::Start),
         ]);
         assert_eq!(Cursor::parse(&cursor.token(), &kinds), Some(cursor.clone()));
         assert_eq!(Cursor::parse(&cursor.token(), &[AuditKind::Changes]), None);
-        for bad in ["", "!!", &B64URL.encode("changes=1 OR 1"), &B64URL.encode("nope=1")] {
+        for bad in [
+            "",
+            "!!",
+            &B64URL.encode("changes=1 OR 1"),
+            &B64URL.encode("nope=1"),
+        ] {
             assert_eq!(Cursor::parse(bad, &kinds), None, "{bad}");
         }
         let start = Cursor::start(&[AuditKind::Refused]);
-        assert_eq!(Cursor::parse(&start.token(), &[AuditKind::Refused]), Some(start));
+        assert_eq!(
+            Cursor::parse(&start.token(), &[AuditKind::Refused]),
+            Some(start)
+        );
     }
 }

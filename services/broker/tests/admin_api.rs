@@ -283,7 +283,10 @@ async fn all_store_bytes(store: &dyn Store) -> Vec<(String, Vec<u8>)> {
                 .await
                 .unwrap()
             {
-                out.push((format!("{scope}/{}/{}", kind.stream(), entry.id), entry.data));
+                out.push((
+                    format!("{scope}/{}/{}", kind.stream(), entry.id),
+                    entry.data,
+                ));
             }
         }
     }

@@ -581,7 +581,10 @@ async fn create_api_key_accepts_every_role() {
     );
     // The key's tenant must exist: create it in the store first (the broker is not running).
     {
-        let cfg = RawConfig::load(Some(config.as_path())).unwrap().validate().unwrap();
+        let cfg = RawConfig::load(Some(config.as_path()))
+            .unwrap()
+            .validate()
+            .unwrap();
         let state = tokenfleet_broker::server::build_state(&cfg).await.unwrap();
         let now = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
         tokenfleet_broker::records::Records::new(state.store.as_ref())
@@ -622,7 +625,10 @@ async fn create_api_key_accepts_every_role() {
             created.push((*role, tenant, printed));
         }
     }
-    let cfg = RawConfig::load(Some(config.as_path())).unwrap().validate().unwrap();
+    let cfg = RawConfig::load(Some(config.as_path()))
+        .unwrap()
+        .validate()
+        .unwrap();
     let state = tokenfleet_broker::server::build_state(&cfg).await.unwrap();
     for (role, tenant, key) in created {
         let principal = tokenfleet_broker::api_keys::authenticate(&state, &key)

@@ -14,8 +14,8 @@ use time::format_description::well_known::Rfc3339;
 use crate::cli::OutputFormat;
 use crate::error::CtlError;
 use crate::view::{
-    AgentView, ApiKeyView, AuditEventView, DeletedView, DeviceView, MailboxView, ProviderView, TenantView,
-    WhoAmIView,
+    AgentView, ApiKeyView, AuditEventView, DeletedView, DeviceView, MailboxView, ProviderView,
+    TenantView, WhoAmIView,
 };
 
 /// An object that can be printed as a row of a list.

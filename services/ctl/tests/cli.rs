@@ -722,23 +722,39 @@ mod keys_providers_audit {
                 .ok()
                 .json();
             assert_eq!(me["role"], canonical);
-            made.push((json["id"].as_str().unwrap().to_owned(), canonical, tenant, key));
+            made.push((
+                json["id"].as_str().unwrap().to_owned(),
+                canonical,
+                tenant,
+                key,
+            ));
         }
 
         // The list names every key and shows none.
-        let listed = admin(&broker, &["api-key", "list", "-o", "json"]).await.ok();
+        let listed = admin(&broker, &["api-key", "list", "-o", "json"])
+            .await
+            .ok();
         for (id, _, _, key) in &made {
             assert!(listed.stdout.contains(id.as_str()), "{}", listed.stdout);
             assert!(!listed.stdout.contains(key.expose()));
         }
-        assert!(listed.json().as_array().unwrap().iter().all(|k| k.get("key").is_none()));
+        assert!(
+            listed
+                .json()
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|k| k.get("key").is_none())
+        );
 
         // A tenant admin: keys of its own tenant up to its own role, nothing else.
         let acme_admin = &made[2].3;
         let run = ctl(
             &broker,
             acme_admin,
-            &["api-key", "create", "--role", "viewer", "--tenant", "acme", "-o", "json"],
+            &[
+                "api-key", "create", "--role", "viewer", "--tenant", "acme", "-o", "json",
+            ],
         )
         .await
         .ok();
@@ -748,7 +764,14 @@ mod keys_providers_audit {
         for args in [
             vec!["api-key", "create", "--role", "fleet-admin"],
             vec!["api-key", "create", "--role", "viewer"],
-            vec!["api-key", "create", "--role", "tenant-admin", "--tenant", "beta"],
+            vec![
+                "api-key",
+                "create",
+                "--role",
+                "tenant-admin",
+                "--tenant",
+                "beta",
+            ],
         ] {
             let run = ctl(&broker, acme_admin, &args).await;
             assert_eq!(run.code, 1, "{args:?}: {}", run.stderr);
@@ -764,10 +787,18 @@ mod keys_providers_audit {
             .iter()
             .map(|k| k["tenant"].as_str().unwrap())
             .collect();
-        assert!(!tenants.is_empty() && tenants.iter().all(|t| *t == "acme"), "{own}");
+        assert!(
+            !tenants.is_empty() && tenants.iter().all(|t| *t == "acme"),
+            "{own}"
+        );
         // Another tenant's key is out of reach (and looks like no key at all).
         let beta_admin_id = made[3].0.clone();
-        let run = ctl(&broker, acme_admin, &["api-key", "revoke", "--id", &beta_admin_id]).await;
+        let run = ctl(
+            &broker,
+            acme_admin,
+            &["api-key", "revoke", "--id", &beta_admin_id],
+        )
+        .await;
         assert_eq!(run.code, 1, "{}", run.stderr);
         assert!(run.stderr.contains("not found"), "{}", run.stderr);
         // A viewer manages no keys.
@@ -777,9 +808,13 @@ mod keys_providers_audit {
 
         // Revoked: the very next call fails.
         ctl(&broker, &acme_viewer, &["whoami"]).await.ok();
-        ctl(&broker, acme_admin, &["api-key", "revoke", "--id", &acme_viewer_id])
-            .await
-            .ok();
+        ctl(
+            &broker,
+            acme_admin,
+            &["api-key", "revoke", "--id", &acme_viewer_id],
+        )
+        .await
+        .ok();
         let run = ctl(&broker, &acme_viewer, &["whoami"]).await;
         assert_eq!(run.code, 1, "{}", run.stderr);
         assert!(run.stderr.contains("unauthenticated"), "{}", run.stderr);
@@ -788,11 +823,16 @@ mod keys_providers_audit {
         let events = audit_events(
             admin(
                 &broker,
-                &["audit", "--tenant", "acme", "--kind", "changes", "-o", "json"],
+                &[
+                    "audit", "--tenant", "acme", "--kind", "changes", "-o", "json",
+                ],
             )
             .await,
         );
-        let actions: Vec<&str> = events.iter().map(|e| e["action"].as_str().unwrap()).collect();
+        let actions: Vec<&str> = events
+            .iter()
+            .map(|e| e["action"].as_str().unwrap())
+            .collect();
         assert!(actions.contains(&"apikey.create"), "{actions:?}");
         assert!(actions.contains(&"apikey.revoke"), "{actions:?}");
         let text = serde_json::to_string(&events).unwrap();
@@ -862,7 +902,12 @@ mod keys_providers_audit {
         // A host outside the well-known ones and the allowlist: fleet-admin only.
         let run = run_as(
             &ta,
-            update(&["--token-url", "https://evil.example/token", "--client-secret-file", &secret_file]),
+            update(&[
+                "--token-url",
+                "https://evil.example/token",
+                "--client-secret-file",
+                &secret_file,
+            ]),
         )
         .await;
         assert_eq!(run.code, 1, "{}", run.stderr);
@@ -877,7 +922,11 @@ mod keys_providers_audit {
             .join(tokenfleet_broker::dev::DEV_CA_CERT_FILE)
             .display()
             .to_string();
-        let run = run_as(&ta, update(&["--extra-ca-file", &ca, "--client-secret-file", &secret_file])).await;
+        let run = run_as(
+            &ta,
+            update(&["--extra-ca-file", &ca, "--client-secret-file", &secret_file]),
+        )
+        .await;
         assert_eq!(run.code, 1, "{}", run.stderr);
         assert!(run.stderr.contains("permission denied"), "{}", run.stderr);
         assert!(run.stderr.contains("extra_ca_pem"), "{}", run.stderr);
@@ -887,24 +936,41 @@ mod keys_providers_audit {
         let run = run_as(&ta, update(&["--token-url", &new_url])).await;
         assert_eq!(run.code, 1, "{}", run.stderr);
         assert!(run.stderr.contains("client_secret"), "{}", run.stderr);
-        let shown = admin(&broker, &["mailbox", "show", "--tenant", "acme", "--name", "scan", "-o", "json"])
-            .await
-            .ok()
-            .json();
+        let shown = admin(
+            &broker,
+            &[
+                "mailbox", "show", "--tenant", "acme", "--name", "scan", "-o", "json",
+            ],
+        )
+        .await
+        .ok()
+        .json();
         assert_eq!(shown["token"]["status"], "active", "{shown}");
 
         // With the secret given again: re-pointed, and the grant is gone.
         let run = run_as(
             &ta,
-            update(&["--token-url", &new_url, "--client-secret-file", &secret_file, "-o", "json"]),
+            update(&[
+                "--token-url",
+                &new_url,
+                "--client-secret-file",
+                &secret_file,
+                "-o",
+                "json",
+            ]),
         )
         .await
         .ok();
         assert_eq!(run.json()["endpoints"]["token_url"], new_url.as_str());
-        let shown = admin(&broker, &["mailbox", "show", "--tenant", "acme", "--name", "scan", "-o", "json"])
-            .await
-            .ok()
-            .json();
+        let shown = admin(
+            &broker,
+            &[
+                "mailbox", "show", "--tenant", "acme", "--name", "scan", "-o", "json",
+            ],
+        )
+        .await
+        .ok()
+        .json();
         assert_eq!(shown["token"]["status"], "not_retrieved", "{shown}");
         let stored = Records::new(state.store.as_ref())
             .get::<GrantRecord>(&grant_key("acme", "scan"))
@@ -919,7 +985,13 @@ mod keys_providers_audit {
 
         // The audit entry names both hosts and the discarded grant.
         let events = audit_events(
-            admin(&broker, &["audit", "--tenant", "acme", "--kind", "changes", "-o", "json"]).await,
+            admin(
+                &broker,
+                &[
+                    "audit", "--tenant", "acme", "--kind", "changes", "-o", "json",
+                ],
+            )
+            .await,
         );
         let moved = events
             .iter()
@@ -934,10 +1006,15 @@ mod keys_providers_audit {
         // A fleet admin may point anywhere (still with the secret).
         admin(
             &broker,
-            &update(&["--token-url", "https://login.example.net/token", "--client-secret-file", &secret_file])
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
+            &update(&[
+                "--token-url",
+                "https://login.example.net/token",
+                "--client-secret-file",
+                &secret_file,
+            ])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
         )
         .await
         .ok();
@@ -956,31 +1033,58 @@ mod keys_providers_audit {
         let created = admin(
             &broker,
             &[
-                "provider", "create", "--tenant", "acme", "--name", "m365", "--kind", "microsoft",
-                "--client-id", "11111111-2222-3333-4444-555555555555", "--http-proxy", &proxy,
-                "-o", "json",
+                "provider",
+                "create",
+                "--tenant",
+                "acme",
+                "--name",
+                "m365",
+                "--kind",
+                "microsoft",
+                "--client-id",
+                "11111111-2222-3333-4444-555555555555",
+                "--http-proxy",
+                &proxy,
+                "-o",
+                "json",
             ],
         )
         .await
         .ok();
-        assert!(!created.stdout.contains(PROXY_PASSWORD), "{}", created.stdout);
+        assert!(
+            !created.stdout.contains(PROXY_PASSWORD),
+            "{}",
+            created.stdout
+        );
         assert_eq!(
             created.json()["http_proxy"],
             "http://proxyuser:[redacted]@127.0.0.1:3128"
         );
         for args in [
             vec!["provider", "show", "--tenant", "acme", "--name", "m365"],
-            vec!["provider", "show", "--tenant", "acme", "--name", "m365", "-o", "json"],
+            vec![
+                "provider", "show", "--tenant", "acme", "--name", "m365", "-o", "json",
+            ],
             vec!["provider", "list", "--tenant", "acme"],
             vec!["audit", "--tenant", "acme", "-o", "json"],
         ] {
             let run = admin(&broker, &args).await.ok();
-            assert!(!run.stdout.contains(PROXY_PASSWORD), "{args:?}: {}", run.stdout);
+            assert!(
+                !run.stdout.contains(PROXY_PASSWORD),
+                "{args:?}: {}",
+                run.stdout
+            );
         }
         let viewer = broker.create_key(Role::Viewer, Some("acme")).await;
-        let run = ctl(&broker, &viewer, &["provider", "show", "--tenant", "acme", "--name", "m365", "-o", "json"])
-            .await
-            .ok();
+        let run = ctl(
+            &broker,
+            &viewer,
+            &[
+                "provider", "show", "--tenant", "acme", "--name", "m365", "-o", "json",
+            ],
+        )
+        .await
+        .ok();
         assert!(!run.stdout.contains(PROXY_PASSWORD), "{}", run.stdout);
 
         let stored = || async {
@@ -998,18 +1102,45 @@ mod keys_providers_audit {
         let (text, provider) = stored().await;
         assert!(!text.contains(PROXY_PASSWORD), "stored in clear: {text}");
         assert_eq!(provider.http_proxy, "http://proxyuser@127.0.0.1:3128");
-        let opened = tokenfleet_broker::records::open_http_proxy_password(&broker.state().keyring, &provider)
-            .unwrap()
-            .unwrap();
+        let opened = tokenfleet_broker::records::open_http_proxy_password(
+            &broker.state().keyring,
+            &provider,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(opened.expose(), PROXY_PASSWORD);
 
         // Changing another field keeps the sealed password; giving the shown URL back too.
-        admin(&broker, &["provider", "update", "--tenant", "acme", "--name", "m365", "--client-id", "22222222-2222-3333-4444-555555555555"])
-            .await
-            .ok();
-        admin(&broker, &["provider", "update", "--tenant", "acme", "--name", "m365", "--http-proxy", "http://proxyuser:[redacted]@127.0.0.1:3128"])
-            .await
-            .ok();
+        admin(
+            &broker,
+            &[
+                "provider",
+                "update",
+                "--tenant",
+                "acme",
+                "--name",
+                "m365",
+                "--client-id",
+                "22222222-2222-3333-4444-555555555555",
+            ],
+        )
+        .await
+        .ok();
+        admin(
+            &broker,
+            &[
+                "provider",
+                "update",
+                "--tenant",
+                "acme",
+                "--name",
+                "m365",
+                "--http-proxy",
+                "http://proxyuser:[redacted]@127.0.0.1:3128",
+            ],
+        )
+        .await
+        .ok();
         let (text, provider) = stored().await;
         assert!(!text.contains(PROXY_PASSWORD));
         assert!(provider.http_proxy_password.is_some());
@@ -1024,15 +1155,31 @@ mod keys_providers_audit {
         let broker = broker().await;
         // Small bounds so the test floods them quickly (the defaults are documented in README).
         tokenfleet_broker::audit::configure(AuditRetention {
-            changes: Retention { max_entries: 50, max_age: None },
-            refused: Retention { max_entries: 20, max_age: None },
+            changes: Retention {
+                max_entries: 50,
+                max_age: None,
+            },
+            refused: Retention {
+                max_entries: 20,
+                max_age: None,
+            },
             ..AuditRetention::DEFAULT
         });
         tenant(&broker, "acme").await;
         admin(
             &broker,
-            &["provider", "create", "--tenant", "acme", "--name", "m365", "--kind", "microsoft",
-              "--client-id", "11111111-2222-3333-4444-555555555555"],
+            &[
+                "provider",
+                "create",
+                "--tenant",
+                "acme",
+                "--name",
+                "m365",
+                "--kind",
+                "microsoft",
+                "--client-id",
+                "11111111-2222-3333-4444-555555555555",
+            ],
         )
         .await
         .ok();
@@ -1052,26 +1199,61 @@ mod keys_providers_audit {
         }
         // Some through the binary too.
         for _ in 0..3 {
-            let run = ctl(&broker, &viewer, &["provider", "delete", "--tenant", "acme", "--name", "m365"]).await;
+            let run = ctl(
+                &broker,
+                &viewer,
+                &["provider", "delete", "--tenant", "acme", "--name", "m365"],
+            )
+            .await;
             assert_eq!(run.code, 1, "{}", run.stderr);
         }
 
         let changes = audit_events(
-            admin(&broker, &["audit", "--tenant", "acme", "--kind", "changes", "--limit", "1000", "-o", "json"]).await,
+            admin(
+                &broker,
+                &[
+                    "audit", "--tenant", "acme", "--kind", "changes", "--limit", "1000", "-o",
+                    "json",
+                ],
+            )
+            .await,
         );
         assert!(
-            changes.iter().any(|e| e["action"] == "provider.create" && e["result"] == "ok"),
+            changes
+                .iter()
+                .any(|e| e["action"] == "provider.create" && e["result"] == "ok"),
             "{changes:?}"
         );
         assert!(changes.iter().all(|e| e["result"] == "ok"));
         let refused = audit_events(
-            admin(&broker, &["audit", "--tenant", "acme", "--kind", "refused", "--limit", "1000", "-o", "json"]).await,
+            admin(
+                &broker,
+                &[
+                    "audit", "--tenant", "acme", "--kind", "refused", "--limit", "1000", "-o",
+                    "json",
+                ],
+            )
+            .await,
         );
         assert_eq!(refused.len(), 20, "the refusals' own bound");
         assert!(refused.iter().all(|e| e["result"] == "permission_denied"));
         // All kinds merged, newest first, over several pages.
         let all = audit_events(
-            admin(&broker, &["audit", "--tenant", "acme", "--page-size", "7", "--limit", "1000", "-o", "json"]).await,
+            admin(
+                &broker,
+                &[
+                    "audit",
+                    "--tenant",
+                    "acme",
+                    "--page-size",
+                    "7",
+                    "--limit",
+                    "1000",
+                    "-o",
+                    "json",
+                ],
+            )
+            .await,
         );
         assert_eq!(all.len(), changes.len() + refused.len());
         let times: Vec<&str> = all.iter().map(|e| e["time"].as_str().unwrap()).collect();
@@ -1086,22 +1268,53 @@ mod keys_providers_audit {
         ids.dedup();
         assert_eq!(ids.len(), all.len(), "no event twice");
         // The viewer may read its tenant's log, and sees the same.
-        let seen = audit_events(ctl(&broker, &viewer, &["audit", "--tenant", "acme", "--kind", "changes", "-o", "json"]).await);
+        let seen = audit_events(
+            ctl(
+                &broker,
+                &viewer,
+                &[
+                    "audit", "--tenant", "acme", "--kind", "changes", "-o", "json",
+                ],
+            )
+            .await,
+        );
         assert!(seen.iter().any(|e| e["action"] == "provider.create"));
 
         // Age: refusals older than the bound go at the next append.
         tokenfleet_broker::audit::configure(AuditRetention {
-            refused: Retention { max_entries: 20, max_age: Some(Duration::from_millis(500)) },
+            refused: Retention {
+                max_entries: 20,
+                max_age: Some(Duration::from_millis(500)),
+            },
             ..AuditRetention::DEFAULT
         });
         tokio::time::sleep(Duration::from_millis(700)).await;
-        let run = ctl(&broker, &viewer, &["provider", "delete", "--tenant", "acme", "--name", "m365"]).await;
+        let run = ctl(
+            &broker,
+            &viewer,
+            &["provider", "delete", "--tenant", "acme", "--name", "m365"],
+        )
+        .await;
         assert_eq!(run.code, 1);
         let refused = audit_events(
-            admin(&broker, &["audit", "--tenant", "acme", "--kind", "refused", "-o", "json"]).await,
+            admin(
+                &broker,
+                &[
+                    "audit", "--tenant", "acme", "--kind", "refused", "-o", "json",
+                ],
+            )
+            .await,
         );
         assert_eq!(refused.len(), 1, "{refused:?}");
-        let still = audit_events(admin(&broker, &["audit", "--tenant", "acme", "--kind", "changes", "-o", "json"]).await);
+        let still = audit_events(
+            admin(
+                &broker,
+                &[
+                    "audit", "--tenant", "acme", "--kind", "changes", "-o", "json",
+                ],
+            )
+            .await,
+        );
         assert!(still.iter().any(|e| e["action"] == "provider.create"));
         tokenfleet_broker::audit::configure(AuditRetention::DEFAULT);
         broker.shutdown().await;
@@ -1135,7 +1348,11 @@ mod every_enum_value {
             if t.starts_with('-')
                 && let Some((_, rest)) = t.split_once("--")
             {
-                flag = rest.split([' ', '=', '<', '[']).next().unwrap_or_default().to_owned();
+                flag = rest
+                    .split([' ', '=', '<', '['])
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
             }
             if let Some(values) = t
                 .split_once("[possible values: ")
@@ -1161,7 +1378,9 @@ mod every_enum_value {
     async fn every_enum_flag_value_round_trips_through_the_binary() {
         let broker = TestBroker::start(TestStore::Embedded).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
-        admin(&broker, &["tenant", "create", "--name", "acme"]).await.ok();
+        admin(&broker, &["tenant", "create", "--name", "acme"])
+            .await
+            .ok();
         let mut seen: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
 
         // provider --kind (with the credentials app_only and service_account mailboxes need)
@@ -1177,8 +1396,16 @@ mod every_enum_value {
             .to_string(),
         );
         for (name, kind, extra) in [
-            ("ms", "microsoft", vec!["--client-secret-file", secret.as_str()]),
-            ("goog", "google", vec!["--service-account-key-file", sa_key.as_str()]),
+            (
+                "ms",
+                "microsoft",
+                vec!["--client-secret-file", secret.as_str()],
+            ),
+            (
+                "goog",
+                "google",
+                vec!["--service-account-key-file", sa_key.as_str()],
+            ),
             (
                 "gen",
                 "generic",
@@ -1193,8 +1420,18 @@ mod every_enum_value {
             ),
         ] {
             let mut args = vec![
-                "provider", "create", "--tenant", "acme", "--name", name, "--kind", kind,
-                "--client-id", "client-1", "-o", "json",
+                "provider",
+                "create",
+                "--tenant",
+                "acme",
+                "--name",
+                name,
+                "--kind",
+                kind,
+                "--client-id",
+                "client-1",
+                "-o",
+                "json",
             ];
             args.extend(extra);
             let json = admin(&broker, &args).await.ok().json();
@@ -1204,15 +1441,35 @@ mod every_enum_value {
 
         // mailbox --grant-type, --kind, --purpose
         for (name, provider, grant, kind, purposes) in [
-            ("m-dc", "ms", "delegated_device_code", "admin", vec!["send", "pop", "imap"]),
+            (
+                "m-dc",
+                "ms",
+                "delegated_device_code",
+                "admin",
+                vec!["send", "pop", "imap"],
+            ),
             ("m-ac", "goog", "delegated_auth_code", "bulk", vec!["send"]),
             ("m-app", "ms", "app_only", "user", vec!["send"]),
             ("m-sa", "goog", "service_account", "bulk", vec!["send"]),
         ] {
             let address = format!("{name}@acme.example");
             let mut args = vec![
-                "mailbox", "create", "--tenant", "acme", "--name", name, "--address", &address,
-                "--provider", provider, "--grant-type", grant, "--kind", kind, "-o", "json",
+                "mailbox",
+                "create",
+                "--tenant",
+                "acme",
+                "--name",
+                name,
+                "--address",
+                &address,
+                "--provider",
+                provider,
+                "--grant-type",
+                grant,
+                "--kind",
+                kind,
+                "-o",
+                "json",
             ];
             for p in &purposes {
                 args.extend(["--purpose", p]);
@@ -1231,24 +1488,94 @@ mod every_enum_value {
         // device --sender-mode, --smtp-security, --smtp-method, --smtp-tls-*-version,
         // --fetch-protocol, --fetch-security, --fetch-tls-*-version
         let cases = [
-            ("d1", "fixed_admin", "starttls", "smtp", "1.2", "1.3", "pop3", "implicit_tls"),
-            ("d2", "bulk", "implicit_tls", "graph", "1.3", "1.3", "imap", "starttls"),
-            ("d3", "login_user", "none", "smtp", "1.2", "1.2", "pop3", "none"),
-            ("d4", "allow_user_change", "starttls", "gmail_api", "1.2", "1.3", "imap", "implicit_tls"),
+            (
+                "d1",
+                "fixed_admin",
+                "starttls",
+                "smtp",
+                "1.2",
+                "1.3",
+                "pop3",
+                "implicit_tls",
+            ),
+            (
+                "d2",
+                "bulk",
+                "implicit_tls",
+                "graph",
+                "1.3",
+                "1.3",
+                "imap",
+                "starttls",
+            ),
+            (
+                "d3",
+                "login_user",
+                "none",
+                "smtp",
+                "1.2",
+                "1.2",
+                "pop3",
+                "none",
+            ),
+            (
+                "d4",
+                "allow_user_change",
+                "starttls",
+                "gmail_api",
+                "1.2",
+                "1.3",
+                "imap",
+                "implicit_tls",
+            ),
         ];
         for (name, mode, security, method, min, max, protocol, fetch_security) in cases {
             let mailbox_flag = match mode {
                 "fixed_admin" => vec!["--admin-mailbox", "m-dc"],
-                "bulk" => vec!["--bulk-mailbox", if method == "graph" { "m-dc" } else { "m-ac" }],
-                _ => vec!["--user-provider", if method == "gmail_api" { "goog" } else { "ms" }],
+                "bulk" => vec![
+                    "--bulk-mailbox",
+                    if method == "graph" { "m-dc" } else { "m-ac" },
+                ],
+                _ => vec![
+                    "--user-provider",
+                    if method == "gmail_api" { "goog" } else { "ms" },
+                ],
             };
             let mut args = vec![
-                "device", "create", "--tenant", "acme", "--name", name, "--sender-mode", mode,
-                "--smtp-server", "127.0.0.1", "--smtp-port", "2525", "--smtp-security", security,
-                "--smtp-method", method, "--smtp-tls-min-version", min, "--smtp-tls-max-version",
-                max, "--fetch-protocol", protocol, "--fetch-server", "127.0.0.1", "--fetch-port",
-                "1110", "--fetch-security", fetch_security, "--fetch-tls-min-version", min,
-                "--fetch-tls-max-version", max, "-o", "json",
+                "device",
+                "create",
+                "--tenant",
+                "acme",
+                "--name",
+                name,
+                "--sender-mode",
+                mode,
+                "--smtp-server",
+                "127.0.0.1",
+                "--smtp-port",
+                "2525",
+                "--smtp-security",
+                security,
+                "--smtp-method",
+                method,
+                "--smtp-tls-min-version",
+                min,
+                "--smtp-tls-max-version",
+                max,
+                "--fetch-protocol",
+                protocol,
+                "--fetch-server",
+                "127.0.0.1",
+                "--fetch-port",
+                "1110",
+                "--fetch-security",
+                fetch_security,
+                "--fetch-tls-min-version",
+                min,
+                "--fetch-tls-max-version",
+                max,
+                "-o",
+                "json",
             ];
             args.extend(mailbox_flag);
             if mode == "allow_user_change" {
@@ -1276,7 +1603,11 @@ mod every_enum_value {
         }
 
         // api-key --role (with the tenant it needs)
-        for (role, tenant) in [("fleet-admin", None), ("tenant-admin", Some("acme")), ("viewer", None)] {
+        for (role, tenant) in [
+            ("fleet-admin", None),
+            ("tenant-admin", Some("acme")),
+            ("viewer", None),
+        ] {
             let mut args = vec!["api-key", "create", "--role", role, "-o", "json"];
             if let Some(t) = tenant {
                 args.extend(["--tenant", t]);
@@ -1290,9 +1621,12 @@ mod every_enum_value {
 
         // audit --kind, and the output format itself
         for kind in ["changes", "refused", "issuance", "all"] {
-            admin(&broker, &["audit", "--tenant", "acme", "--kind", kind, "-o", "json"])
-                .await
-                .ok();
+            admin(
+                &broker,
+                &["audit", "--tenant", "acme", "--kind", kind, "-o", "json"],
+            )
+            .await
+            .ok();
             used(&mut seen, "kind", kind);
         }
         for output in ["table", "json"] {
@@ -1314,15 +1648,30 @@ mod every_enum_value {
             }
         }
         for flag in [
-            "kind", "grant-type", "purpose", "sender-mode", "smtp-security", "smtp-method",
-            "smtp-tls-min-version", "fetch-protocol", "fetch-security", "role", "output",
+            "kind",
+            "grant-type",
+            "purpose",
+            "sender-mode",
+            "smtp-security",
+            "smtp-method",
+            "smtp-tls-min-version",
+            "fetch-protocol",
+            "fetch-security",
+            "role",
+            "output",
         ] {
-            assert!(offered.contains_key(flag), "--{flag} not found in help: {offered:?}");
+            assert!(
+                offered.contains_key(flag),
+                "--{flag} not found in help: {offered:?}"
+            );
         }
         for (flag, values) in &offered {
             let exercised = seen.get(flag).cloned().unwrap_or_default();
             let missing: Vec<&String> = values.difference(&exercised).collect();
-            assert!(missing.is_empty(), "--{flag}: values never exercised: {missing:?}");
+            assert!(
+                missing.is_empty(),
+                "--{flag}: values never exercised: {missing:?}"
+            );
         }
         let _ = dir;
         broker.shutdown().await;

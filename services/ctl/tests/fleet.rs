@@ -249,7 +249,15 @@ async fn device_test_prints_the_verdict_and_exits_1_unless_ok() {
     let refused = ctl(
         &broker,
         &viewer,
-        &["device", "test", "mfp", "--tenant", "acme", "--timeout", "5"],
+        &[
+            "device",
+            "test",
+            "mfp",
+            "--tenant",
+            "acme",
+            "--timeout",
+            "5",
+        ],
     )
     .await
     .code(1);

@@ -492,7 +492,11 @@ mod tests {
         parses_every_value(TlsMode::ALL, TlsMode::as_str, TlsMode::parse);
         parses_every_value(SendMethod::ALL, SendMethod::as_str, SendMethod::parse);
         parses_every_value(TlsVersion::ALL, TlsVersion::as_str, TlsVersion::parse);
-        parses_every_value(FetchProtocol::ALL, FetchProtocol::as_str, FetchProtocol::parse);
+        parses_every_value(
+            FetchProtocol::ALL,
+            FetchProtocol::as_str,
+            FetchProtocol::parse,
+        );
         parses_every_value(Role::ALL, Role::as_str, Role::parse);
         assert_eq!(Role::parse("fleet-admin"), Some(Role::FleetAdmin));
         assert_eq!(Role::parse("tenant_admin"), Some(Role::TenantAdmin));

@@ -181,7 +181,10 @@ pub fn url(field: &str, value: &str, required: bool) -> Valid {
         .ok_or_else(|| {
             ValidationError::new(
                 field,
-                format!("`{}` must start with https:// or http://", printable(&shown)),
+                format!(
+                    "`{}` must start with https:// or http://",
+                    printable(&shown)
+                ),
             )
         })?;
     let host = rest.split(['/', '?', '#']).next().unwrap_or_default();

@@ -972,11 +972,23 @@ pub async fn stream_trim_by_age(s: &dyn Store) {
     // A missing stream trims to nothing without error.
     let empty = Scope::Tenant(unique("cf-age-empty"));
     assert_eq!(
-        s.trim_stream(&empty, STREAM, now_ms() + 1000).await.unwrap(),
+        s.trim_stream(&empty, STREAM, now_ms() + 1000)
+            .await
+            .unwrap(),
         0
     );
-    assert_eq!(s.trim_stream(&scope, STREAM, now_ms() + 1000).await.unwrap(), 3);
-    assert!(s.read_back(&scope, STREAM, None, 10).await.unwrap().is_empty());
+    assert_eq!(
+        s.trim_stream(&scope, STREAM, now_ms() + 1000)
+            .await
+            .unwrap(),
+        3
+    );
+    assert!(
+        s.read_back(&scope, STREAM, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// Streams of different scopes and names are separate.

@@ -473,8 +473,11 @@ impl Store for EmbeddedStore {
                 }
                 let removed = u64::try_from(old.len()).unwrap_or(u64::MAX);
                 if removed > 0 {
-                    meta.insert((scope.as_str(), stream), (last, len.saturating_sub(removed)))
-                        .map_err(|e| storage_err(path, e))?;
+                    meta.insert(
+                        (scope.as_str(), stream),
+                        (last, len.saturating_sub(removed)),
+                    )
+                    .map_err(|e| storage_err(path, e))?;
                 }
                 removed
             };

@@ -32,9 +32,7 @@ fn may_manage(principal: &Principal, role: Role, tenant: Option<&str>) -> bool {
     match principal.role {
         Role::FleetAdmin => true,
         Role::TenantAdmin => {
-            role != Role::FleetAdmin
-                && tenant.is_some()
-                && tenant == principal.tenant.as_deref()
+            role != Role::FleetAdmin && tenant.is_some() && tenant == principal.tenant.as_deref()
         }
         Role::Viewer => false,
     }
@@ -154,9 +152,7 @@ pub(super) async fn revoke(
     let change = Change {
         action: "apikey.revoke",
         target: format!("apikeys/{}", shown(&req.id)),
-        tenant: visible
-            .and_then(|k| k.tenant.clone())
-            .unwrap_or_default(),
+        tenant: visible.and_then(|k| k.tenant.clone()).unwrap_or_default(),
     };
     audited(state, principal, change, async {
         no_key_rights(principal)?;
@@ -166,7 +162,10 @@ pub(super) async fn revoke(
                 shown(&req.id)
             )));
         };
-        if !api_keys::revoke(state, &key.id).await.map_err(store_status)? {
+        if !api_keys::revoke(state, &key.id)
+            .await
+            .map_err(store_status)?
+        {
             return Err(Status::not_found(format!(
                 "API key `{}` not found (revoked concurrently)",
                 shown(&req.id)

@@ -23,9 +23,13 @@ pub(super) async fn run(cmd: ApiKeyCommand, ctx: &Ctx) -> Result<(), CtlError> {
             let created = ctx
                 .call(|mut c| async move { c.create_api_key(req).await })
                 .await?;
-            let api_key = created.api_key.as_ref().map(ApiKeyView::from).ok_or_else(|| {
-                CtlError::Output("the broker's answer has no key record".to_owned())
-            })?;
+            let api_key = created
+                .api_key
+                .as_ref()
+                .map(ApiKeyView::from)
+                .ok_or_else(|| {
+                    CtlError::Output("the broker's answer has no key record".to_owned())
+                })?;
             eprintln!(
                 "The API key is shown this once; store it now (the broker keeps only its hash)."
             );
