@@ -1890,6 +1890,56 @@ async fn a_sealed_secret_copied_to_another_provider_does_not_open() {
     assert!(!e.message().contains("victim"), "{}", e.message());
 }
 
+/// A provider stored before proxy passwords were sealed (password inside the URL) is shown
+/// redacted, and `reseal` moves the password out of the URL into a sealed field.
+#[tokio::test]
+async fn reseal_seals_proxy_passwords_of_older_records() {
+    const LEGACY: &str = "legacy-proxy-pa55";
+    tokenfleet_testkit::logs::secret(LEGACY);
+    let broker = Broker::start().await;
+    let mut c = broker.admin();
+    populate(&mut c, "acme").await;
+    let records = Records::new(broker.state.store.as_ref());
+    let key = records::provider_key("acme", "p");
+    let mut p = records
+        .get::<tokenfleet_domain::Provider>(&key)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    p.http_proxy = format!("http://proxy-user:{LEGACY}@127.0.0.1:3128");
+    records
+        .put(&p, tokenfleet_store::Precondition::Any)
+        .await
+        .unwrap();
+    let shown = c
+        .get_provider(pb::GetProviderRequest {
+            tenant: "acme".into(),
+            name: "p".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        shown.http_proxy,
+        "http://proxy-user:[redacted]@127.0.0.1:3128"
+    );
+    records::reseal_all(&broker.state).await.unwrap();
+    let p = records
+        .get::<tokenfleet_domain::Provider>(&key)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    assert_eq!(p.http_proxy, "http://proxy-user@127.0.0.1:3128");
+    let opened = records::open_http_proxy_password(&broker.state.keyring, &p)
+        .unwrap()
+        .unwrap();
+    assert_eq!(opened.expose(), LEGACY);
+    let raw = broker.state.store.get(&key).await.unwrap().unwrap().data;
+    assert!(!contains(&raw, LEGACY));
+}
+
 #[tokio::test]
 async fn reseal_all_moves_every_secret_to_the_new_key() {
     let broker = Broker::start().await;

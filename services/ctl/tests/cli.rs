@@ -914,6 +914,28 @@ mod keys_providers_audit {
         assert!(run.stderr.contains("permission denied"), "{}", run.stderr);
         assert!(run.stderr.contains("evil.example"), "{}", run.stderr);
         assert!(run.stderr.contains("fleet-admin"), "{}", run.stderr);
+        // The same holds for a new provider.
+        let run = ctl(
+            &broker,
+            &ta,
+            &[
+                "provider",
+                "create",
+                "--tenant",
+                "acme",
+                "--name",
+                "rogue",
+                "--kind",
+                "microsoft",
+                "--client-id",
+                "client-1",
+                "--token-url",
+                "https://evil.example/token",
+            ],
+        )
+        .await;
+        assert_eq!(run.code, 1, "{}", run.stderr);
+        assert!(run.stderr.contains("permission denied"), "{}", run.stderr);
         // An extra trusted CA: fleet-admin only.
         let ca_dir = tempfile::tempdir().unwrap();
         tokenfleet_broker::dev::ensure_dev_tls(ca_dir.path()).unwrap();
