@@ -163,6 +163,20 @@ impl<'a> Destination<'a> {
     }
 }
 
+/// Endpoint URLs must not carry credentials (`https://user:password@host/…`): they would be shown
+/// and stored in clear, and a provider authenticates with its client secret, not with the URL.
+fn no_credentials_in_endpoints(dest: &Destination<'_>) -> Result<(), Status> {
+    for (field, url) in dest.overrides() {
+        if tokenfleet_domain::split_url_password(url).1.is_some() {
+            return Err(Status::invalid_argument(format!(
+                "{field}: must not carry a password (`user:password@`); the provider \
+                 authenticates with its client secret"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Checks that `principal` may point a provider at `dest` (all of it on create, only what changes
 /// on update). Fleet admins may use any host; others only well-known or allowlisted hosts, and
 /// only fleet admins may add trust roots.
@@ -256,6 +270,7 @@ pub(super) async fn create(
             let (mut provider, secrets) =
                 convert::provider_from_proto(&input, Stamps::new(state.clock.now()))
                     .map_err(invalid)?;
+            no_credentials_in_endpoints(&Destination::of(&provider))?;
             check_destination(principal, policy, &Destination::of(&provider), None)?;
             require_tenant(state, &provider.tenant).await?;
             let (tenant, name) = (provider.tenant.clone(), provider.name.clone());
@@ -474,6 +489,7 @@ pub(super) async fn update(
             let (before, after) = (Destination::of(&stored.value), Destination::of(&next));
             let moved = before != after;
             if moved {
+                no_credentials_in_endpoints(&after)?;
                 check_destination(principal, policy, &after, Some(&before))?;
                 require_secrets_again(
                     &stored.value,
@@ -613,6 +629,71 @@ pub(super) async fn delete(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn provider(token_url: &str, proxy: &str, ca: &str) -> Provider {
+        Provider {
+            tenant: "acme".into(),
+            name: "p".into(),
+            kind: tokenfleet_domain::ProviderKind::Microsoft,
+            authority: "organizations".into(),
+            client_id: "c".into(),
+            client_secret: None,
+            endpoints: tokenfleet_domain::ProviderEndpoints {
+                token_url: token_url.into(),
+                ..Default::default()
+            },
+            http_proxy: proxy.into(),
+            http_proxy_password: None,
+            extra_ca_pem: ca.into(),
+            scopes: Vec::new(),
+            service_account_key: None,
+            stamps: Stamps::new(time::OffsetDateTime::UNIX_EPOCH),
+        }
+    }
+
+    fn principal(role: Role) -> Principal {
+        Principal {
+            key_id: "k".into(),
+            role,
+            tenant: (role != Role::FleetAdmin).then(|| "acme".to_owned()),
+        }
+    }
+
+    #[test]
+    fn destinations_outside_the_policy_need_a_fleet_admin() {
+        let policy = ProviderPolicy {
+            allowed_hosts: vec!["127.0.0.1".into()],
+        };
+        let ta = principal(Role::TenantAdmin);
+        let fa = principal(Role::FleetAdmin);
+        let ok = provider("https://login.microsoftonline.com/x/token", "", "");
+        assert!(check_destination(&ta, &policy, &Destination::of(&ok), None).is_ok());
+        let local = provider("http://127.0.0.1:9/token", "http://127.0.0.1:3128", "");
+        assert!(check_destination(&ta, &policy, &Destination::of(&local), None).is_ok());
+        let evil = provider("https://evil.example/token", "", "");
+        let err = check_destination(&ta, &policy, &Destination::of(&evil), None).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(err.message().starts_with("provider.endpoints.token_url:"));
+        assert!(check_destination(&fa, &policy, &Destination::of(&evil), None).is_ok());
+        // What a fleet admin set stays usable by a tenant admin as long as it does not change.
+        let before = Destination::of(&evil);
+        assert!(check_destination(&ta, &policy, &Destination::of(&evil), Some(&before)).is_ok());
+        let proxy = provider("", "http://proxy.example:3128", "");
+        assert!(check_destination(&ta, &policy, &Destination::of(&proxy), None).is_err());
+        let ca = provider("", "", "-----BEGIN CERTIFICATE-----");
+        let err = check_destination(&ta, &policy, &Destination::of(&ca), None).unwrap_err();
+        assert!(err.message().contains("extra_ca_pem"));
+    }
+
+    #[test]
+    fn endpoints_may_not_carry_passwords() {
+        let p = provider("https://u:pw@login.microsoftonline.com/x/token", "", "");
+        let err = no_credentials_in_endpoints(&Destination::of(&p)).unwrap_err();
+        assert!(!err.message().contains("pw@"), "{}", err.message());
+        assert!(err.message().starts_with("provider.endpoints.token_url:"));
+        let p = provider("https://login.microsoftonline.com/x/token", "", "");
+        assert!(no_credentials_in_endpoints(&Destination::of(&p)).is_ok());
+    }
 
     #[test]
     fn policy_allows_well_known_and_listed_hosts() {
