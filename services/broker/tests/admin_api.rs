@@ -2014,3 +2014,85 @@ async fn reseal_all_moves_every_secret_to_the_new_key() {
     assert!(p.client_secret_set);
     let _ = broker.addr;
 }
+
+/// `ListAuditEvents.kind` lists changes, refusals and issuances apart (or merged), pages over
+/// the merge without losing or repeating events, and names the field for a bad kind or token.
+#[tokio::test]
+async fn audit_kinds_are_listed_apart_and_merged() {
+    let broker = Broker::start().await;
+    let mut c = broker.admin();
+    populate(&mut c, "acme").await;
+    let (_, viewer) = api_keys::create(&broker.state, Role::Viewer, Some("acme"), "v")
+        .await
+        .unwrap();
+    tokenfleet_testkit::logs::secret(viewer.expose());
+    let mut v = broker.client(Some(viewer.expose()));
+    for i in 0..5 {
+        let e = v
+            .delete_device(pb::DeleteDeviceRequest {
+                tenant: "acme".into(),
+                name: format!("d{i}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+    }
+    let list = |kind: &str, page_size: i32, page_token: String| pb::ListAuditEventsRequest {
+        tenant: "acme".into(),
+        page_size,
+        page_token,
+        kind: kind.into(),
+    };
+    let changes = c
+        .list_audit_events(list("changes", 1000, String::new()))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(!changes.is_empty());
+    assert!(changes.iter().all(|e| e.result == "ok"), "{changes:?}");
+    let refused = c
+        .list_audit_events(list("refused", 1000, String::new()))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(refused.len(), 5);
+    assert!(refused.iter().all(|e| e.result == "permission_denied"));
+    // Merged, two at a time.
+    let mut merged = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_audit_events(list("", 2, token))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.events.len() <= 2);
+        merged.extend(page.events);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(merged.len(), changes.len() + refused.len());
+    for e in changes.iter().chain(&refused) {
+        assert_eq!(merged.iter().filter(|m| *m == e).count(), 1, "{e:?}");
+    }
+    let e = c
+        .list_audit_events(list("everything", 0, String::new()))
+        .await
+        .unwrap_err();
+    assert_status(&e, Code::InvalidArgument, "kind:");
+    let first = c
+        .list_audit_events(list("refused", 2, String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    let e = c
+        .list_audit_events(list("changes", 2, first.next_page_token))
+        .await
+        .unwrap_err();
+    assert_status(&e, Code::InvalidArgument, "page_token:");
+}
