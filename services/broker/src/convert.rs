@@ -431,6 +431,8 @@ pub struct ProviderSecrets {
     pub client_secret: Option<Secret>,
     /// `service_account_key`.
     pub service_account_key: Option<Secret>,
+    /// The password inside `http_proxy` (`http://user:password@host`), taken out of the URL.
+    pub http_proxy_password: Option<Secret>,
 }
 
 /// Wire form of a provider; secrets appear only as `*_set` flags.
@@ -449,7 +451,13 @@ pub fn provider_to_proto(p: &dom::Provider, version: u64) -> pb::Provider {
             device_code_url: p.endpoints.device_code_url.clone(),
             revoke_url: p.endpoints.revoke_url.clone(),
         }),
-        http_proxy: p.http_proxy.clone(),
+        // Never the password: `http://user:[redacted]@proxy:3128` says one is stored.
+        http_proxy: match &p.http_proxy_password {
+            Some(_) if !p.http_proxy.is_empty() => {
+                dom::with_url_password(&dom::split_url_password(&p.http_proxy).0, dom::REDACTED)
+            }
+            _ => dom::redact_url_password(&p.http_proxy),
+        },
         tls: Some(pb::ProviderTls {
             extra_ca_pem: p.extra_ca_pem.clone(),
         }),
@@ -588,6 +596,8 @@ pub fn provider_from_proto(
         service_account_key("provider.service_account_key", &p.service_account_key)?;
     }
     let nonempty = |s: &str| (!s.is_empty()).then(|| Secret::new(s));
+    // A proxy password is kept apart from the URL and sealed like the other secrets.
+    let (proxy_url, proxy_password) = dom::split_url_password(&p.http_proxy);
     Ok((
         dom::Provider {
             tenant: p.tenant.clone(),
@@ -602,7 +612,8 @@ pub fn provider_from_proto(
                 device_code_url: e.device_code_url,
                 revoke_url: e.revoke_url,
             },
-            http_proxy: p.http_proxy.clone(),
+            http_proxy: proxy_url,
+            http_proxy_password: None,
             extra_ca_pem,
             scopes: p.scopes.clone(),
             service_account_key: None,
@@ -611,6 +622,7 @@ pub fn provider_from_proto(
         ProviderSecrets {
             client_secret: nonempty(&p.client_secret),
             service_account_key: nonempty(&p.service_account_key),
+            http_proxy_password: proxy_password.as_deref().and_then(nonempty),
         },
     ))
 }

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::enums::{
-    FetchProtocol, GrantType, MailPurpose, MailboxKind, ProviderKind, SendMethod, SenderMode,
-    TlsMode, TlsVersion,
+    ApiKeyRole, AuditKind, FetchProtocol, GrantType, MailPurpose, MailboxKind, ProviderKind,
+    SendMethod, SenderMode, TlsMode, TlsVersion,
 };
 
 /// Broker address used when neither `--broker` nor `TOKENFLEET_BROKER` is set.
@@ -113,6 +113,9 @@ pub enum Command {
     Fleet(crate::commands::fleet::FleetCommand),
     /// List audit events, newest first.
     Audit(AuditArgs),
+    /// Admin API keys: create (the key is shown once), list, revoke.
+    #[command(subcommand)]
+    ApiKey(ApiKeyCommand),
     /// Show the role and tenant of the API key in use.
     Whoami,
     /// Print a shell completion script.
@@ -728,6 +731,41 @@ pub struct AuditArgs {
     /// Events per request to the broker (1-1000).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=1000))]
     pub page_size: Option<i32>,
+    /// Which records: changes that took effect, refused attempts, token issuances, or all.
+    #[arg(long, value_enum, default_value_t = AuditKind::All)]
+    pub kind: AuditKind,
+}
+
+// ---------------------------------------------------------------------------------------------
+// API keys
+
+/// `api-key …`
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Create an API key and print it once (the broker keeps only its hash).
+    Create {
+        /// Role of the key.
+        #[arg(long, value_enum)]
+        role: ApiKeyRole,
+        /// Tenant the key is limited to (required for tenant-admin; optional for viewer).
+        #[arg(long, value_name = "TENANT")]
+        tenant: Option<String>,
+        /// What the key is for.
+        #[arg(long, default_value = "", value_name = "TEXT")]
+        description: String,
+    },
+    /// List API keys (ids, roles, tenants; never the keys themselves).
+    List {
+        /// Only keys bound to this tenant.
+        #[arg(long, env = "TOKENFLEET_TENANT", value_name = "TENANT")]
+        tenant: Option<String>,
+    },
+    /// Revoke an API key: it stops working on its next call.
+    Revoke {
+        /// The key's id (`tfk_<id>_…`, as `api-key list` shows it).
+        #[arg(long, value_name = "ID")]
+        id: String,
+    },
 }
 
 #[cfg(test)]

@@ -376,6 +376,37 @@ impl From<&pb::AuditEvent> for AuditEventView {
     }
 }
 
+/// An admin API key as listed (never the key itself).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApiKeyView {
+    pub id: String,
+    pub role: String,
+    pub tenant: String,
+    pub description: String,
+    pub create_time: Option<String>,
+}
+
+impl From<&pb::ApiKey> for ApiKeyView {
+    fn from(k: &pb::ApiKey) -> Self {
+        Self {
+            id: k.id.clone(),
+            role: k.role.clone(),
+            tenant: k.tenant.clone(),
+            description: k.description.clone(),
+            create_time: rfc3339(k.create_time.as_ref()),
+        }
+    }
+}
+
+/// A key just created: the key itself (shown this once) and its record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CreatedApiKeyView {
+    /// The key (`tfk_<id>_<secret>`); the broker keeps only its hash.
+    pub key: String,
+    #[serde(flatten)]
+    pub api_key: ApiKeyView,
+}
+
 /// The caller's identity.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WhoAmIView {

@@ -878,8 +878,12 @@ impl TokenService {
             mailbox: mailbox.to_owned(),
             problem: format!("provider `{}`: {e}", p.name),
         };
+        let proxy_record = format!("{}#http_proxy_password", provider_key(&p.tenant, &p.name));
+        let proxy_password = crate::records::open_http_proxy_password(&self.inner.state.keyring, p)
+            .map_err(seal_error(&proxy_record))?;
         let settings = ProviderSettings::from_provider(p, secret)
             .map_err(bad)?
+            .with_proxy_password(proxy_password)
             .with_timeout(self.inner.config.provider_timeout);
         let client = Arc::new(
             ProviderClient::new(settings)
