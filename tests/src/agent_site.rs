@@ -884,6 +884,11 @@ impl AgentSite {
         self.child = Some(child);
     }
 
+    /// Process id of the running agent, if any (benchmarks read its `/proc/<pid>/status`).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the agent with SIGKILL (no chance to clean up) and reaps it.
     pub fn kill_agent(&mut self) {
         if let Some(mut child) = self.child.take() {

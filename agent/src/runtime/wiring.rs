@@ -272,11 +272,20 @@ impl super::ConnectionTester for ProbeTester {
 
 /// Ingress settings from the local configuration: STARTTLS with `ingress_tls_cert_file` /
 /// `ingress_tls_key_file` when both are set, required before AUTH and MAIL with
-/// `ingress_require_tls`.
+/// `ingress_require_tls`; sessions, timeouts, message memory and login throttling from
+/// `[ingress_limits]`.
 pub fn ingress_config(
     settings: &crate::config::AgentSettings,
 ) -> anyhow::Result<crate::ingress::IngressConfig> {
-    let mut config = crate::ingress::IngressConfig::default();
+    let limits = &settings.ingress_limits;
+    let mut config = crate::ingress::IngressConfig {
+        limits: limits.sessions,
+        command_timeout: limits.idle_timeout,
+        message_memory: limits.message_memory,
+        max_message_size: limits.max_message_size,
+        login_guard: Arc::new(crate::ingress::LoginGuard::new(limits.logins)),
+        ..crate::ingress::IngressConfig::default()
+    };
     if let Some((cert, key)) = &settings.ingress_tls {
         config.tls = Some(
             crate::ingress::IngressTls::from_pem_files(cert, key).map_err(|e| {
@@ -292,8 +301,9 @@ pub fn ingress_config(
     Ok(config)
 }
 
-/// The local POP3 server follows the SMTP ingress: the same certificate for `STLS`, and the same
-/// rule on whether devices must start TLS before they log in.
+/// The local POP3 server follows the SMTP ingress: the same certificate for `STLS`, the same
+/// rule on whether devices must start TLS before they log in, the same session caps and idle
+/// timeout, and the same [`crate::ingress::LoginGuard`] (failures on one count on the other).
 pub fn pop3_config(
     ingress: &crate::ingress::IngressConfig,
 ) -> crate::pop3_server::Pop3ServerConfig {
@@ -304,6 +314,9 @@ pub fn pop3_config(
             .as_ref()
             .map(crate::ingress::IngressTls::server_config),
         require_tls: ingress.require_tls,
+        limits: ingress.limits,
+        command_timeout: ingress.command_timeout,
+        login_guard: Arc::clone(&ingress.login_guard),
         ..crate::pop3_server::Pop3ServerConfig::default()
     }
 }
