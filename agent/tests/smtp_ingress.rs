@@ -1115,7 +1115,7 @@ fn large_messages_stream_to_disk_and_a_full_spool_answers_452() {
             max_messages: 3,
         },
     );
-    let body: String = (0..16_000)
+    let body: String = (0..18_000)
         .map(|i| format!("line {i:06} of a scanned document .............................\r\n"))
         .collect();
     assert!(body.len() > 1024 * 1024);

@@ -531,6 +531,7 @@ mod tests {
                 password: "pw".into(),
                 password_set: true,
                 allowed_sources: vec!["192.168.1.20/32".into()],
+                ..Default::default()
             }),
             ..Default::default()
         };

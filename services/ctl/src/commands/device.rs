@@ -427,6 +427,7 @@ mod tests {
                 password: String::new(),
                 password_set: true,
                 allowed_sources: vec!["192.168.1.20/32".into()],
+                ..Default::default()
             }),
             version: 9,
             ..Default::default()
