@@ -138,14 +138,21 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
         Ok(s) if s.success() => {}
         other => panic!("building {bin} ({package}) failed: {other:?}"),
     }
-    // target/debug/deps/<this test> → target/debug/<bin>
+    // target/debug/deps/<this test> → target/debug/<bin>; a benchmark binary of this crate
+    // (target/debug/<bench>) finds it next to itself.
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(e) => panic!("the test executable's path: {e}"),
     };
     let path = exe
         .parent()
-        .and_then(Path::parent)
+        .and_then(|dir| {
+            if dir.file_name().is_some_and(|n| n == "deps") {
+                dir.parent()
+            } else {
+                Some(dir)
+            }
+        })
         .map(|dir| dir.join(bin))
         .unwrap_or_else(|| PathBuf::from(bin));
     assert!(path.is_file(), "{} missing", path.display());

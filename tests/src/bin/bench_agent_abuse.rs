@@ -2,11 +2,13 @@
 //! executable (enrolled at a TLS broker, delivering to a real Dovecot through the fake identity
 //! provider — the [`AgentSite`] of the end-to-end suites) with its default `[ingress_limits]`,
 //! attacked over loopback, while a printer keeps sending. Not part of any test suite; run it by
-//! hand, in release:
+//! hand (in the dev profile: it starts the agent binary the end-to-end tests build, see
+//! [`tokenfleet_testkit::agent_site::workspace_binary`]; dependencies such as argon2 are
+//! optimized there):
 //!
 //! ```text
-//! cargo run --release -p tokenfleet-testkit --bin bench-agent-abuse
-//! cargo run --release -p tokenfleet-testkit --bin bench-agent-abuse -- --no-lockout
+//! cargo run -p tokenfleet-testkit --bin bench-agent-abuse
+//! cargo run -p tokenfleet-testkit --bin bench-agent-abuse -- --no-lockout
 //! ```
 //!
 //! Phases, each from its own loopback source addresses (the agent counts sessions per source):
