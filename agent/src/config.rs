@@ -204,12 +204,7 @@ impl RawIngressLimits {
             u64::from(self.max_sessions),
         )?;
         range("idle_timeout_seconds", self.idle_timeout_seconds, 5, 3600)?;
-        range(
-            "max_message_bytes",
-            self.max_message_bytes,
-            1024,
-            1 << 30,
-        )?;
+        range("max_message_bytes", self.max_message_bytes, 1024, 1 << 30)?;
         range(
             "message_memory_bytes",
             self.message_memory_bytes,
@@ -240,7 +235,12 @@ impl RawIngressLimits {
             1,
             1_000_000,
         )?;
-        range("login_max_delay_seconds", self.login_max_delay_seconds, 0, 60)?;
+        range(
+            "login_max_delay_seconds",
+            self.login_max_delay_seconds,
+            0,
+            60,
+        )?;
         range(
             "login_failure_window_seconds",
             self.login_failure_window_seconds,

@@ -126,18 +126,26 @@ impl Pop3Server {
         let limits = config.limits;
         let guard = Arc::clone(&config.login_guard);
         let known = move |peer: SocketAddr| guard.known_source(peer.ip());
-        line_server::serve(listener, shutdown, "pop3", limits, busy, known, move |stream, peer, stop| {
-            let session = Session {
-                reader: BufReader::new(Box::new(stream)),
-                peer,
-                config: Arc::clone(&config),
-                maildrop: Arc::clone(&maildrop),
-                errors: 0,
-                tls: false,
-            };
-            let auth = Arc::clone(&auth);
-            async move { session.run(&*auth, stop).await }
-        })
+        line_server::serve(
+            listener,
+            shutdown,
+            "pop3",
+            limits,
+            busy,
+            known,
+            move |stream, peer, stop| {
+                let session = Session {
+                    reader: BufReader::new(Box::new(stream)),
+                    peer,
+                    config: Arc::clone(&config),
+                    maildrop: Arc::clone(&maildrop),
+                    errors: 0,
+                    tls: false,
+                };
+                let auth = Arc::clone(&auth);
+                async move { session.run(&*auth, stop).await }
+            },
+        )
         .await
     }
 }
@@ -387,22 +395,22 @@ impl Session {
                             self.reply("-ERR [AUTH] invalid user name or password")
                                 .await?
                         }
-                        Some(device) => match {
+                        Some(device) => {
                             guard.succeeded(self.peer.ip(), &name);
-                            self.open_maildrop(&device).await
-                        } {
-                            Ok(tx) => {
-                                let count = tx.entries.len();
-                                let size: u64 = tx.entries.iter().map(|e| e.size).sum();
-                                tracing::info!(peer = %self.peer, device, messages = count, "pop3 login");
-                                state = State::Transaction(Box::new(tx));
-                                self.reply(&format!(
-                                    "+OK maildrop has {count} messages ({size} octets)"
-                                ))
-                                .await?
+                            match self.open_maildrop(&device).await {
+                                Ok(tx) => {
+                                    let count = tx.entries.len();
+                                    let size: u64 = tx.entries.iter().map(|e| e.size).sum();
+                                    tracing::info!(peer = %self.peer, device, messages = count, "pop3 login");
+                                    state = State::Transaction(Box::new(tx));
+                                    self.reply(&format!(
+                                        "+OK maildrop has {count} messages ({size} octets)"
+                                    ))
+                                    .await?
+                                }
+                                Err(reply) => self.reply(reply).await?,
                             }
-                            Err(reply) => self.reply(reply).await?,
-                        },
+                        }
                     }
                 }
                 (_, "QUIT") => {

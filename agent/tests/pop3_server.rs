@@ -603,7 +603,10 @@ fn sessions_are_capped_and_failed_logins_locked_out() {
         held.push(r);
     }
     let (_, line) = greeting_from([127, 0, 0, 4], server.addr);
-    assert!(line.starts_with("-ERR [SYS/TEMP] too many connections"), "{line}");
+    assert!(
+        line.starts_with("-ERR [SYS/TEMP] too many connections"),
+        "{line}"
+    );
     held.clear();
 
     // Three wrong passwords from one source lock it, even for the right password.

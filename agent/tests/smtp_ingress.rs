@@ -1031,13 +1031,19 @@ fn sessions_are_capped_per_source_and_in_total_but_known_devices_get_in() {
         if line.starts_with("220 ") {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "slot not freed: {line}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slot not freed: {line}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 fn plain(user: &str, password: &str) -> String {
-    format!("AUTH PLAIN {}", STANDARD.encode(format!("\0{user}\0{password}")))
+    format!(
+        "AUTH PLAIN {}",
+        STANDARD.encode(format!("\0{user}\0{password}"))
+    )
 }
 
 /// One login attempt from `source` on a new connection: the reply code and text.
@@ -1081,7 +1087,10 @@ fn failed_logins_are_slowed_then_locked_out_per_source_and_user() {
     c.expect("EHLO printer", 250, "");
     let (code, text) = c.cmd(&plain(USER, PASSWORD));
     assert_eq!(code, 421, "locked even with the right password: {text}");
-    assert!(text.contains("4.7.0") && text.contains("try again in"), "{text}");
+    assert!(
+        text.contains("4.7.0") && text.contains("try again in"),
+        "{text}"
+    );
     c.assert_closed();
 
     // The user name guessed from four more sources: the user is locked for strangers...
@@ -1132,7 +1141,10 @@ fn large_messages_stream_to_disk_and_a_full_spool_answers_452() {
     let stored = server.spool.message(&ids[0]).unwrap();
     // The From line is rewritten; every body byte arrives as sent.
     assert!(stored.ends_with(body.as_bytes()));
-    assert_eq!(server.spool.entry(&ids[0]).unwrap().size, stored.len() as u64);
+    assert_eq!(
+        server.spool.entry(&ids[0]).unwrap().size,
+        stored.len() as u64
+    );
     // No temporary file is left behind.
     let tmp: Vec<_> = std::fs::read_dir(server._dir.path().join("spool/tmp"))
         .unwrap()

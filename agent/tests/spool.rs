@@ -448,5 +448,10 @@ fn the_quota_refuses_what_does_not_fit_and_delivery_frees_it() {
     )
     .unwrap();
     assert_eq!(spool.room(), 1000 - 17);
-    assert_eq!(std::fs::read_dir(dir.path().join("spool/tmp")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("spool/tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
 }

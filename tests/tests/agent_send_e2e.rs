@@ -448,7 +448,10 @@ async fn session_caps_and_login_lockout_hold_while_the_printer_is_served() {
         }
     }
     assert_eq!((refused_535, locked_421), (5, 15));
-    assert!(site.log_text().contains("too many failed logins: locked out"));
+    assert!(
+        site.log_text()
+            .contains("too many failed logins: locked out")
+    );
 
     // 50 idle connections from 127.0.1.1–10: 40 sessions, 10 refused with 421.
     let mut idle = Vec::new();
@@ -468,9 +471,11 @@ async fn session_caps_and_login_lockout_hold_while_the_printer_is_served() {
     let (_, line) = greeting_from([127, 0, 3, 1], site.smtp).await;
     assert!(line.starts_with("421 4.7.0"), "{line}");
     site.print(1, None).await;
-    eventually("both messages delivered", Duration::from_secs(30), || async {
-        (site.upstream_count().await >= 2).then_some(())
-    })
+    eventually(
+        "both messages delivered",
+        Duration::from_secs(30),
+        || async { (site.upstream_count().await >= 2).then_some(()) },
+    )
     .await;
     drop(idle);
 }

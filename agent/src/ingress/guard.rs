@@ -293,10 +293,7 @@ mod tests {
         let guard = LoginGuard::new(limits());
         let ip: IpAddr = [10, 0, 0, 1].into();
         let delays: Vec<Duration> = (0..4).map(|_| guard.failed(ip, "x")).collect();
-        assert_eq!(
-            delays,
-            [0, 0, 100, 200].map(Duration::from_millis).to_vec()
-        );
+        assert_eq!(delays, [0, 0, 100, 200].map(Duration::from_millis).to_vec());
         assert!(matches!(
             guard.check(ip, "other"),
             Admission::LockedOut { source: true, .. }
@@ -318,7 +315,10 @@ mod tests {
             Admission::LockedOut { source: false, .. }
         ));
         assert_eq!(guard.check(printer, "mfd"), Admission::Allowed);
-        assert_eq!(guard.check([192, 0, 2, 9].into(), "other"), Admission::Allowed);
+        assert_eq!(
+            guard.check([192, 0, 2, 9].into(), "other"),
+            Admission::Allowed
+        );
     }
 
     #[test]

@@ -240,9 +240,7 @@ impl IngressServer {
             "smtp ingress",
             config.limits,
             busy,
-            move |peer| {
-                guard.known_source(peer.ip()) || devices.device_for_peer(peer).is_some()
-            },
+            move |peer| guard.known_source(peer.ip()) || devices.device_for_peer(peer).is_some(),
             move |stream, peer, stop| {
                 let config = Arc::clone(&config);
                 let handler = Arc::clone(&handler);

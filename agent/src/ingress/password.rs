@@ -106,7 +106,11 @@ impl PasswordChecker {
         let Ok(mut mac) = HmacSha256::new_from_slice(&self.cache_key) else {
             return [0; 32];
         };
-        for part in [user.as_bytes(), phc.as_bytes(), password.expose().as_bytes()] {
+        for part in [
+            user.as_bytes(),
+            phc.as_bytes(),
+            password.expose().as_bytes(),
+        ] {
             mac.update(&(part.len() as u64).to_be_bytes());
             mac.update(part);
         }
@@ -155,7 +159,12 @@ impl PasswordChecker {
                 .unwrap_or_else(PoisonError::into_inner)
                 .pop()
                 .unwrap_or_default();
-            let result = verify_in(&mut block, password.expose().as_bytes(), &phc, this.settings);
+            let result = verify_in(
+                &mut block,
+                password.expose().as_bytes(),
+                &phc,
+                this.settings,
+            );
             this.memory
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -242,7 +251,11 @@ mod tests {
         assert_eq!(checker.cache.lock().map(|c| c.len()).unwrap_or(0), 1);
         // The cache hit needs the same user, hash and password.
         assert!(checker.verify("u", Password::new("right"), &hash).await);
-        assert!(!checker.verify("u", Password::new("right"), &phc("other")).await);
+        assert!(
+            !checker
+                .verify("u", Password::new("right"), &phc("other"))
+                .await
+        );
     }
 
     #[test]

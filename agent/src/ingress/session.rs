@@ -317,7 +317,8 @@ fn parse_path<'a>(args: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
 }
 
 /// The spool is over its quota (RFC 3463 X.3.1 "mail system full"); the client tries later.
-const SPOOL_FULL: &str = "452 4.3.1 Insufficient system storage: the agent's spool is full, try again later";
+const SPOOL_FULL: &str =
+    "452 4.3.1 Insufficient system storage: the agent's spool is full, try again later";
 
 async fn mail<H: IngressHandler>(
     conn: &mut Conn<'_>,
@@ -456,29 +457,29 @@ async fn data<H: IngressHandler>(
                 .await?
         }
         Ok(message) => {
-        let device = envelope.device.clone();
-        match handler.deliver(envelope, message).await {
-            Ok(id) => conn.reply(&format!("250 2.0.0 Ok: queued as {id}")).await?,
-            Err(DeliverError::Temporary(e)) => {
-                tracing::warn!(error = %e, "message not accepted");
-                conn.reply("451 4.3.0 Local error in processing, try again later")
-                    .await?
+            let device = envelope.device.clone();
+            match handler.deliver(envelope, message).await {
+                Ok(id) => conn.reply(&format!("250 2.0.0 Ok: queued as {id}")).await?,
+                Err(DeliverError::Temporary(e)) => {
+                    tracing::warn!(error = %e, "message not accepted");
+                    conn.reply("451 4.3.0 Local error in processing, try again later")
+                        .await?
+                }
+                Err(DeliverError::Rejected { code, text }) => {
+                    let code = if (400..600).contains(&code) {
+                        code
+                    } else {
+                        554
+                    };
+                    // One line: the handler's text must not smuggle in further replies.
+                    let text: String = text
+                        .chars()
+                        .map(|c| if c.is_control() { ' ' } else { c })
+                        .collect();
+                    tracing::info!(%device, code, reply = %text, "message refused");
+                    conn.reply(&format!("{code} {text}")).await?
+                }
             }
-            Err(DeliverError::Rejected { code, text }) => {
-                let code = if (400..600).contains(&code) {
-                    code
-                } else {
-                    554
-                };
-                // One line: the handler's text must not smuggle in further replies.
-                let text: String = text
-                    .chars()
-                    .map(|c| if c.is_control() { ' ' } else { c })
-                    .collect();
-                tracing::info!(%device, code, reply = %text, "message refused");
-                conn.reply(&format!("{code} {text}")).await?
-            }
-        }
         }
     };
     Ok(flow(keep))
@@ -509,7 +510,12 @@ struct MessageSink {
 }
 
 impl MessageSink {
-    fn new(max: usize, memory: usize, tail_path: Option<std::path::PathBuf>, room: Option<u64>) -> Self {
+    fn new(
+        max: usize,
+        memory: usize,
+        tail_path: Option<std::path::PathBuf>,
+        room: Option<u64>,
+    ) -> Self {
         Self {
             max,
             memory,
@@ -545,7 +551,9 @@ impl MessageSink {
         }
         self.len += n;
         let to_memory = self.tail.is_none()
-            && (self.in_header || self.tail_path.is_none() || self.head.len() + line.len() + 2 <= self.memory);
+            && (self.in_header
+                || self.tail_path.is_none()
+                || self.head.len() + line.len() + 2 <= self.memory);
         if self.in_header && line.is_empty() {
             self.in_header = false;
         }
@@ -716,7 +724,11 @@ async fn auth<H: IngressHandler>(
         ));
     };
     let guard = std::sync::Arc::clone(&conn.config.login_guard);
-    if let Admission::LockedOut { retry_after, source } = guard.check(peer.ip(), &user) {
+    if let Admission::LockedOut {
+        retry_after,
+        source,
+    } = guard.check(peer.ip(), &user)
+    {
         tracing::info!(%peer, locked = if source { "source" } else { "user name" }, "smtp ingress login refused: locked out");
         conn.reply(&format!(
             "421 4.7.0 {} Too many failed logins from your address or for this user; try again in {} seconds",

@@ -251,7 +251,11 @@ impl IngressHandler for FleetIngress {
         table.authenticate(peer, user, password).await
     }
 
-    async fn deliver(&self, envelope: Envelope, message: Incoming) -> Result<SpoolId, DeliverError> {
+    async fn deliver(
+        &self,
+        envelope: Envelope,
+        message: Incoming,
+    ) -> Result<SpoolId, DeliverError> {
         let table = self.table();
         let id = table.deliver(envelope, message).await?;
         self.wake.notify_one();

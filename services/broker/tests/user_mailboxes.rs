@@ -733,7 +733,12 @@ async fn user_tokens_are_bound_to_the_device_addresses_and_limited() {
     })
     .await;
     let fake = idp(&broker).await;
-    for user in ["carol@contoso.example", "dan@contoso.example", "erin@fabrikam.example", "ceo@contoso.example"] {
+    for user in [
+        "carol@contoso.example",
+        "dan@contoso.example",
+        "erin@fabrikam.example",
+        "ceo@contoso.example",
+    ] {
         fake.add_user(user);
     }
     let mut agent = broker.agent_client("acme", "site-a").await;
@@ -747,7 +752,8 @@ async fn user_tokens_are_bound_to_the_device_addresses_and_limited() {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert!(
-        err.message().contains("device `kiosk` may not send as user `ceo@contoso.example`")
+        err.message()
+            .contains("device `kiosk` may not send as user `ceo@contoso.example`")
             && err.message().contains("ingress user addresses"),
         "{}",
         err.message()
@@ -781,7 +787,12 @@ async fn user_tokens_are_bound_to_the_device_addresses_and_limited() {
 
     // A second device: the tenant limit (3) stops the fourth user mailbox.
     put_user_device(&broker, "lobby", "site-a", SenderMode::LoginUser, "m365").await;
-    set_user_addresses(&broker, "lobby", &["@fabrikam.example", "dan@contoso.example"]).await;
+    set_user_addresses(
+        &broker,
+        "lobby",
+        &["@fabrikam.example", "dan@contoso.example"],
+    )
+    .await;
     agent
         .issue_access_token(user_request("lobby", "erin@fabrikam.example"))
         .await

@@ -91,6 +91,8 @@ pub enum OutputFormat {
 }
 
 /// Top-level commands.
+// Parsed once per run: the size of the largest variant (device flags) does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Tenants (MSP customers).

@@ -212,8 +212,18 @@ async fn main() -> Result<()> {
     let first = print_one(&site).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_rss = status_kib(pid, "VmRSS").unwrap_or(0);
-    println!("agent pid {pid}; defaults of [ingress_limits]{}", if args.no_lockout { " with lockout and slowdown disabled" } else { "" });
-    println!("baseline: first message acknowledged in {first:?}; idle RSS {}", mib(idle_rss));
+    println!(
+        "agent pid {pid}; defaults of [ingress_limits]{}",
+        if args.no_lockout {
+            " with lockout and slowdown disabled"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "baseline: first message acknowledged in {first:?}; idle RSS {}",
+        mib(idle_rss)
+    );
 
     let run = Arc::new(AtomicBool::new(true));
     let peak_login = Arc::new(AtomicU64::new(idle_rss));
@@ -282,9 +292,11 @@ async fn main() -> Result<()> {
     );
     drop(held);
 
-    eventually("the printer's three messages delivered", Duration::from_secs(60), || async {
-        (site.upstream_count().await >= 3).then_some(())
-    })
+    eventually(
+        "the printer's three messages delivered",
+        Duration::from_secs(60),
+        || async { (site.upstream_count().await >= 3).then_some(()) },
+    )
     .await;
     let hwm = status_kib(pid, "VmHWM").unwrap_or(0);
     let peak = login_peak.max(idle_peak);
