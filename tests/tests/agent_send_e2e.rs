@@ -548,3 +548,67 @@ async fn open_sources_and_shared_logins_are_refused_naming_the_field() {
         .await;
     assert_eq!(code, 0, "{err}");
 }
+
+/// Sender binding through the real agent: a `login_user` device configured (at the broker) with
+/// one user address may send as that user; a message whose `From:` names another user of the
+/// tenant is refused with `553 5.7.1` naming the login and the address, and nothing is queued
+/// for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_user_device_sends_only_as_its_configured_users() {
+    let site = AgentSite::start(SiteOptions {
+        purposes: vec![pb::MailPurpose::Send],
+        device: Box::new(|dovecot| pb::Device {
+            sender_mode: pb::SenderMode::LoginUser as i32,
+            smtp: Some(plain_smtp(dovecot.submission_addr())),
+            ingress: Some(pb::IngressCredentials {
+                username: DEVICE_USER.into(),
+                password: DEVICE_PASSWORD.into(),
+                user_addresses: vec!["alice@contoso.example".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..SiteOptions::default()
+    })
+    .await;
+    let send = |from: &'static str| {
+        let addr = site.smtp;
+        async move {
+            let (mut c, line) = greeting_from([127, 0, 0, 1], addr).await;
+            assert!(line.starts_with("220 "), "{line}");
+            command(&mut c, "EHLO mfp").await;
+            let auth = command(
+                &mut c,
+                &format!("AUTH PLAIN {}", base64_plain(DEVICE_USER, DEVICE_PASSWORD)),
+            )
+            .await;
+            assert!(auth.starts_with("235"), "{auth}");
+            assert!(
+                command(&mut c, "MAIL FROM:<mfp@printer.lan>")
+                    .await
+                    .starts_with("250")
+            );
+            assert!(
+                command(&mut c, "RCPT TO:<bob@fabrikam.example>")
+                    .await
+                    .starts_with("250")
+            );
+            assert!(command(&mut c, "DATA").await.starts_with("354"));
+            command(
+                &mut c,
+                &format!("From: {from}\r\nSubject: scan\r\n\r\nscanned page\r\n."),
+            )
+            .await
+        }
+    };
+    let reply = send("The CEO <ceo@contoso.example>").await;
+    assert!(
+        reply.starts_with(&format!(
+            "553 5.7.1 Sender <ceo@contoso.example> is not an address login \"{DEVICE_USER}\" (device \"{DEVICE}\") may send as"
+        )),
+        "{reply}"
+    );
+    let reply = send("Alice <Alice@Contoso.example>").await;
+    assert!(reply.starts_with("250 2.0.0"), "{reply}");
+    assert!(site.log_text().contains("message refused"));
+}

@@ -429,4 +429,59 @@ mod tests {
         let err = LocalDevice::from_agent_device(&d).unwrap_err();
         assert!(err.contains("ingress_allowed_sources"), "{err}");
     }
+
+    #[test]
+    fn the_whole_internet_is_not_a_source() {
+        for wide in ["0.0.0.0/0", "::/0", "128.0.0.0/1", "10.0.0.0/7", "fc00::/7"] {
+            let err = parse_source(wide).unwrap_err();
+            assert!(err.contains("too wide"), "{wide}: {err}");
+        }
+        for fine in ["10.0.0.0/8", "192.168.1.20", "fd00::/16", "2001:db8::/48"] {
+            assert!(parse_source(fine).is_ok(), "{fine}");
+        }
+        let d = pb::AgentDevice {
+            name: "mfd".into(),
+            sender_mode: pb::SenderMode::LoginUser as i32,
+            ingress_allowed_sources: vec!["0.0.0.0/0".into()],
+            ..Default::default()
+        };
+        let err = LocalDevice::from_agent_device(&d).unwrap_err();
+        assert!(
+            err.contains("ingress_allowed_sources") && err.contains("too wide"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_login_shared_by_two_devices_is_reported_for_both() {
+        let device = |name: &str, user: &str| pb::AgentDevice {
+            name: name.into(),
+            ingress_username: user.into(),
+            ..Default::default()
+        };
+        let problems = check_devices(&[
+            device("a", "scanner"),
+            device("b", "Scanner"),
+            device("c", "other"),
+            device("d", ""),
+            device("e", ""),
+        ]);
+        let named: Vec<&str> = problems.iter().map(|(d, _)| d.as_str()).collect();
+        assert_eq!(named, ["a", "b"]);
+        assert!(
+            problems[0].1.contains("ingress_username") && problems[0].1.contains('b'),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn user_addresses_match_exactly_or_by_domain() {
+        let mut d = LocalDevice::new("mfd", SenderPolicy::LoginUser);
+        d.user_addresses = vec!["alice@contoso.example".into(), "@fabrikam.example".into()];
+        assert!(d.may_send_as("Alice@Contoso.example"));
+        assert!(d.may_send_as("anyone@fabrikam.example"));
+        assert!(!d.may_send_as("bob@contoso.example"));
+        assert!(!d.may_send_as("x@sub.fabrikam.example"));
+        assert!(!d.may_send_as("fabrikam.example"));
+    }
 }
