@@ -28,7 +28,8 @@
 //! [ingress_limits]                           # SMTP ingress and local POP3 server (each)
 //! max_sessions = 100                         # sessions at once, all sources
 //! max_sessions_per_source = 10               # per IPv4 address / IPv6 /64
-//! idle_timeout_seconds = 120                 # wait for the next command (and each DATA line)
+//! idle_timeout_seconds = 300                 # SMTP: wait for a command / DATA line (RFC 5321: ≥ 5 min)
+//! pop3_idle_timeout_seconds = 600            # POP3 autologout (RFC 1939: ≥ 10 min)
 //! message_memory_bytes = 65536               # of a message in memory; the rest streams to disk
 //! max_message_bytes = 36700160               # largest message (35 MiB)
 //! password_hash_concurrency = 2              # argon2 checks at once (~19 MiB each)
@@ -118,6 +119,8 @@ pub struct RawIngressLimits {
     pub max_sessions_per_source: u32,
     /// Longest wait for a command or a DATA line, in seconds.
     pub idle_timeout_seconds: u64,
+    /// POP3: longest wait for a command, in seconds (RFC 1939 asks for at least 600).
+    pub pop3_idle_timeout_seconds: u64,
     /// Bytes of an arriving message kept in memory (the header block must fit).
     pub message_memory_bytes: u64,
     /// Largest message accepted, in bytes.
@@ -149,7 +152,8 @@ impl Default for RawIngressLimits {
         Self {
             max_sessions: 100,
             max_sessions_per_source: 10,
-            idle_timeout_seconds: 120,
+            idle_timeout_seconds: 300,
+            pop3_idle_timeout_seconds: 600,
             message_memory_bytes: 64 * 1024,
             max_message_bytes: 35 * 1024 * 1024,
             password_hash_concurrency: 2,
@@ -173,6 +177,8 @@ pub struct IngressLimits {
     pub sessions: crate::line_server::SessionLimits,
     /// Idle timeout.
     pub idle_timeout: Duration,
+    /// POP3 idle timeout.
+    pub pop3_idle_timeout: Duration,
     /// Bytes of a message in memory.
     pub message_memory: usize,
     /// Largest message.
@@ -204,6 +210,12 @@ impl RawIngressLimits {
             u64::from(self.max_sessions),
         )?;
         range("idle_timeout_seconds", self.idle_timeout_seconds, 5, 3600)?;
+        range(
+            "pop3_idle_timeout_seconds",
+            self.pop3_idle_timeout_seconds,
+            5,
+            3600,
+        )?;
         range("max_message_bytes", self.max_message_bytes, 1024, 1 << 30)?;
         range(
             "message_memory_bytes",
@@ -262,6 +274,7 @@ impl RawIngressLimits {
                 max_sessions_per_source: usize_of(self.max_sessions_per_source.into()),
             },
             idle_timeout: Duration::from_secs(self.idle_timeout_seconds),
+            pop3_idle_timeout: Duration::from_secs(self.pop3_idle_timeout_seconds),
             message_memory: usize_of(self.message_memory_bytes),
             max_message_size: usize_of(self.max_message_bytes),
             passwords: crate::ingress::PasswordSettings {
@@ -570,6 +583,7 @@ mod tests {
         assert_eq!(l.passwords.concurrency, 2);
         assert_eq!(l.logins.lockout_after, 10);
         assert_eq!(l.spool.max_bytes, 1 << 30);
-        assert_eq!(l.idle_timeout, Duration::from_secs(120));
+        assert_eq!(l.idle_timeout, Duration::from_secs(300));
+        assert_eq!(l.pop3_idle_timeout, Duration::from_secs(600));
     }
 }

@@ -417,7 +417,7 @@ pub async fn run(
     }
 
     let ingress_config = wiring::ingress_config(&settings)?;
-    let pop3_config = wiring::pop3_config(&ingress_config);
+    let pop3_config = wiring::pop3_limits(wiring::pop3_config(&ingress_config), &settings);
     let listener = TcpListener::bind(settings.smtp_listen)
         .await
         .with_context(|| format!("smtp_listen {}: cannot listen", settings.smtp_listen))?;

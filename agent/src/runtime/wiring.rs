@@ -302,8 +302,9 @@ pub fn ingress_config(
 }
 
 /// The local POP3 server follows the SMTP ingress: the same certificate for `STLS`, the same
-/// rule on whether devices must start TLS before they log in, the same session caps and idle
-/// timeout, and the same [`crate::ingress::LoginGuard`] (failures on one count on the other).
+/// rule on whether devices must start TLS before they log in, the same session caps, and the
+/// same [`crate::ingress::LoginGuard`] (failures on one count on the other). Its idle timeout is
+/// the default (600 s, RFC 1939's minimum autologout) until [`pop3_limits`] sets it.
 pub fn pop3_config(
     ingress: &crate::ingress::IngressConfig,
 ) -> crate::pop3_server::Pop3ServerConfig {
@@ -315,10 +316,18 @@ pub fn pop3_config(
             .map(crate::ingress::IngressTls::server_config),
         require_tls: ingress.require_tls,
         limits: ingress.limits,
-        command_timeout: ingress.command_timeout,
         login_guard: Arc::clone(&ingress.login_guard),
         ..crate::pop3_server::Pop3ServerConfig::default()
     }
+}
+
+/// The POP3 settings of `[ingress_limits]` applied to `config` (the idle timeout).
+pub fn pop3_limits(
+    mut config: crate::pop3_server::Pop3ServerConfig,
+    settings: &crate::config::AgentSettings,
+) -> crate::pop3_server::Pop3ServerConfig {
+    config.command_timeout = settings.ingress_limits.pop3_idle_timeout;
+    config
 }
 
 /// Directory (in the state directory) of the maildrop the local POP3 server serves.
