@@ -28,6 +28,7 @@
 //! [ingress_limits]                           # SMTP ingress and local POP3 server (each)
 //! max_sessions = 100                         # sessions at once, all sources
 //! max_sessions_per_source = 10               # per IPv4 address / IPv6 /64
+//! max_session_seconds = 1800                 # then a session is closed, whatever it does
 //! idle_timeout_seconds = 300                 # SMTP: wait for a command / DATA line (RFC 5321: ≥ 5 min)
 //! pop3_idle_timeout_seconds = 600            # POP3 autologout (RFC 1939: ≥ 10 min)
 //! message_memory_bytes = 65536               # of a message in memory; the rest streams to disk
@@ -117,6 +118,8 @@ pub struct RawIngressLimits {
     pub max_sessions: u32,
     /// Sessions at once per listener from one IPv4 address or IPv6 /64.
     pub max_sessions_per_source: u32,
+    /// Longest a session may last, in seconds.
+    pub max_session_seconds: u64,
     /// Longest wait for a command or a DATA line, in seconds.
     pub idle_timeout_seconds: u64,
     /// POP3: longest wait for a command, in seconds (RFC 1939 asks for at least 600).
@@ -152,6 +155,7 @@ impl Default for RawIngressLimits {
         Self {
             max_sessions: 100,
             max_sessions_per_source: 10,
+            max_session_seconds: 1800,
             idle_timeout_seconds: 300,
             pop3_idle_timeout_seconds: 600,
             message_memory_bytes: 64 * 1024,
@@ -210,6 +214,7 @@ impl RawIngressLimits {
             u64::from(self.max_sessions),
         )?;
         range("idle_timeout_seconds", self.idle_timeout_seconds, 5, 3600)?;
+        range("max_session_seconds", self.max_session_seconds, 10, 86_400)?;
         range(
             "pop3_idle_timeout_seconds",
             self.pop3_idle_timeout_seconds,
@@ -272,6 +277,7 @@ impl RawIngressLimits {
             sessions: crate::line_server::SessionLimits {
                 max_sessions: usize_of(self.max_sessions.into()),
                 max_sessions_per_source: usize_of(self.max_sessions_per_source.into()),
+                max_session: Duration::from_secs(self.max_session_seconds),
             },
             idle_timeout: Duration::from_secs(self.idle_timeout_seconds),
             pop3_idle_timeout: Duration::from_secs(self.pop3_idle_timeout_seconds),

@@ -82,6 +82,9 @@ pub struct SessionLimits {
     /// Sessions at once from one source: one IPv4 address, or one IPv6 /64 (what one host
     /// usually holds).
     pub max_sessions_per_source: usize,
+    /// Longest a session may last, whatever it does (a client trickling one line just inside
+    /// each idle timeout cannot hold its slot for ever); then the connection is closed.
+    pub max_session: Duration,
 }
 
 impl Default for SessionLimits {
@@ -89,6 +92,7 @@ impl Default for SessionLimits {
         Self {
             max_sessions: 100,
             max_sessions_per_source: 10,
+            max_session: Duration::from_secs(1800),
         }
     }
 }
@@ -214,10 +218,17 @@ where
                         };
                         let _ = stream.set_nodelay(true);
                         let run = session(stream, peer, stop_rx.clone());
+                        let lifetime = limits.max_session;
                         sessions.spawn(async move {
                             let _slot = slot;
-                            if let Err(e) = run.await {
-                                tracing::debug!(%peer, error = %e, "{what} session ended with an error");
+                            match tokio::time::timeout(lifetime, run).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "{what} session ended with an error");
+                                }
+                                Err(_) => {
+                                    tracing::info!(%peer, seconds = lifetime.as_secs(), "{what} session closed: it reached the longest session time");
+                                }
                             }
                         });
                     }
@@ -245,6 +256,7 @@ mod tests {
         let limits = SessionLimits {
             max_sessions: 3,
             max_sessions_per_source: 2,
+            ..SessionLimits::default()
         };
         let a: IpAddr = "10.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap_or(a);

@@ -581,6 +581,7 @@ fn sessions_are_capped_and_failed_logins_locked_out() {
         limits: SessionLimits {
             max_sessions: 4,
             max_sessions_per_source: 2,
+            ..SessionLimits::default()
         },
         login_guard: Arc::clone(&guard),
         ..Server::config()

@@ -995,6 +995,7 @@ fn sessions_are_capped_per_source_and_in_total_but_known_devices_get_in() {
         limited(SessionLimits {
             max_sessions: 6,
             max_sessions_per_source: 3,
+            ..SessionLimits::default()
         }),
         true,
     );
@@ -1196,4 +1197,32 @@ fn a_header_block_larger_than_the_message_memory_is_refused() {
     }
     c.expect("\r\nbody\r\n.", 552, "5.3.4");
     assert!(server.spool.queued().unwrap().is_empty());
+}
+
+#[test]
+fn a_client_that_keeps_talking_is_closed_at_the_longest_session_time() {
+    let server = Server::start(
+        limited(SessionLimits {
+            max_session: Duration::from_secs(1),
+            ..SessionLimits::default()
+        }),
+        false,
+    );
+    let mut c = Client::connect(server.addr);
+    let started = std::time::Instant::now();
+    // A NOOP every 200 ms: never idle, but the session ends after a second.
+    loop {
+        c.write(b"NOOP\r\n");
+        let mut line = String::new();
+        match c.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => assert!(line.starts_with("250"), "{line}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the session was not closed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(started.elapsed() >= Duration::from_millis(900));
 }
