@@ -299,19 +299,20 @@ async fn main() -> Result<()> {
     )
     .await;
     let hwm = status_kib(pid, "VmHWM").unwrap_or(0);
-    let peak = login_peak.max(idle_peak);
+    // The kernel updates VmHWM lazily; a sample can be a little higher.
+    let peak = login_peak.max(idle_peak).max(hwm);
     let ceiling = args.ceiling_mib * 1024;
     println!(
-        "agent RSS: idle {} -> peak {} (VmHWM {}); ceiling {} MiB: {}",
+        "agent RSS: idle {} -> peak {} (sampled VmRSS and VmHWM {}); ceiling {} MiB: {}",
         mib(idle_rss),
         mib(peak),
         mib(hwm),
         args.ceiling_mib,
-        if hwm <= ceiling { "under" } else { "OVER" }
+        if peak <= ceiling { "under" } else { "OVER" }
     );
     println!("printer: 3 messages acknowledged and delivered to Dovecot during the attacks");
-    if hwm > ceiling {
-        bail!("the agent's peak RSS {} exceeds the ceiling", mib(hwm));
+    if peak > ceiling {
+        bail!("the agent's peak RSS {} exceeds the ceiling", mib(peak));
     }
     Ok(())
 }
