@@ -160,8 +160,12 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     path
 }
 
-/// The agent binary.
+/// The agent binary: `TOKENFLEET_TEST_AGENT_BINARY` when set (benchmarks compare another build,
+/// e.g. main's), else the one [`E2E_BINARIES_BUILD`] builds.
 pub fn agent_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("TOKENFLEET_TEST_AGENT_BINARY") {
+        return PathBuf::from(path);
+    }
     workspace_binary("tokenfleet-agent", "tokenfleet-agent")
 }
 

@@ -7,7 +7,8 @@
 //!
 //! * at most [`PasswordSettings::concurrency`] checks run at once (a semaphore; others wait),
 //!   each in a memory block taken from a pool of at most that many blocks that are allocated once
-//!   and reused, never freed — the hashing memory is `concurrency × m_cost`, whatever the load;
+//!   and reused, never freed — the hashing memory is `concurrency × m_cost`, whatever the load
+//!   (and stays allocated after the first logins: a fixed cost instead of allocator churn);
 //! * a hash asking for more than [`PasswordSettings::max_memory_kib`] is refused (a mistaken or
 //!   hostile PHC string cannot make the agent allocate gigabytes);
 //! * a verified credential is remembered for [`PasswordSettings::cache_for`] under an HMAC-SHA256

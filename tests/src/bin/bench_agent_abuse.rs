@@ -9,6 +9,8 @@
 //! ```text
 //! cargo run -p tokenfleet-testkit --bin bench-agent-abuse
 //! cargo run -p tokenfleet-testkit --bin bench-agent-abuse -- --no-lockout
+//! # the same attack on another build of the agent (e.g. main's, before the limits):
+//! TOKENFLEET_TEST_AGENT_BINARY=/path/to/tokenfleet-agent cargo run -p tokenfleet-testkit --bin bench-agent-abuse
 //! ```
 //!
 //! Phases, each from its own loopback source addresses (the agent counts sessions per source):
