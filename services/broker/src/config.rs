@@ -454,6 +454,12 @@ pub struct TokensSection {
     /// Tokens of `user`-kind mailboxes (the signed-in people of `login_user` devices) are deleted
     /// after this many days without an issuance instead of being refreshed; 0 = never.
     pub user_token_idle_days: u64,
+    /// Most user mailboxes (created on demand for the people of `login_user` /
+    /// `allow_user_change` devices) that one device's ingress user addresses admit; a further
+    /// user gets no mailbox (RESOURCE_EXHAUSTED naming the setting).
+    pub max_user_mailboxes_per_device: u64,
+    /// Most user mailboxes in one tenant.
+    pub max_user_mailboxes_per_tenant: u64,
 }
 
 impl Default for TokensSection {
@@ -469,6 +475,8 @@ impl Default for TokensSection {
             scheduler_batch: 256,
             scheduler_concurrency: 16,
             user_token_idle_days: 30,
+            max_user_mailboxes_per_device: 500,
+            max_user_mailboxes_per_tenant: 5000,
         }
     }
 }
@@ -494,8 +502,29 @@ impl TokensSection {
                 0 => None,
                 days => Some(Duration::from_secs(days.saturating_mul(86_400))),
             },
+            max_user_mailboxes_per_device: usize::try_from(self.max_user_mailboxes_per_device)
+                .unwrap_or(usize::MAX),
+            max_user_mailboxes_per_tenant: usize::try_from(self.max_user_mailboxes_per_tenant)
+                .unwrap_or(usize::MAX),
             ..TokenConfig::default()
         };
+        for (field, value) in [
+            (
+                "tokens.max_user_mailboxes_per_device",
+                self.max_user_mailboxes_per_device,
+            ),
+            (
+                "tokens.max_user_mailboxes_per_tenant",
+                self.max_user_mailboxes_per_tenant,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(
+                    field,
+                    "must be at least 1 (devices without user addresses create no user mailboxes)",
+                ));
+            }
+        }
         config
             .check()
             .map_err(|e| ConfigError::invalid(e.field, e.problem))?;
@@ -961,6 +990,11 @@ scheduler_concurrency = 16
 # Tokens of user mailboxes (created on demand for the people who sign in at login_user devices)
 # are deleted, instead of refreshed, after this many days without an issuance; 0 means never.
 user_token_idle_days = 30
+# User mailboxes are created on demand only for addresses a device's ingress user addresses
+# admit; at most this many per device (counting the tenant's user mailboxes its addresses admit)
+# and per tenant. Over a limit the token request is refused (RESOURCE_EXHAUSTED).
+max_user_mailboxes_per_device = 500
+max_user_mailboxes_per_tenant = 5000
 
 [admin]
 # Hosts ("host" or "host:port") that tenant-admin keys may use in provider endpoint overrides and

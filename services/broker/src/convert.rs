@@ -911,7 +911,64 @@ fn ingress_to_proto(i: &dom::IngressCredentials) -> Option<pb::IngressCredential
         password: String::new(),
         password_set: i.password_hash.is_some(),
         allowed_sources: i.allowed_sources.clone(),
+        user_addresses: i.user_addresses.clone(),
     })
+}
+
+/// Most user addresses of one device.
+const MAX_USER_ADDRESSES: usize = 1000;
+/// Shortest prefix of an ingress source range (IPv4, IPv6): anything wider, such as
+/// `0.0.0.0/0` or `::/0`, would let the whole internet send as the device (an open relay when
+/// the agent listens publicly). The agent refuses the same ranges.
+const MIN_SOURCE_PREFIX: (u8, u8) = (8, 16);
+
+/// A source range no wider than [`MIN_SOURCE_PREFIX`] (the text already passed `dom::cidr`).
+fn source_width(field: &str, source: &str) -> Valid {
+    let Some((addr, prefix)) = source.split_once('/') else {
+        return Ok(());
+    };
+    let (Ok(ip), Ok(prefix)) = (addr.parse::<std::net::IpAddr>(), prefix.parse::<u8>()) else {
+        return Ok(());
+    };
+    let (min, family) = if ip.is_ipv4() {
+        (MIN_SOURCE_PREFIX.0, "IPv4")
+    } else {
+        (MIN_SOURCE_PREFIX.1, "IPv6")
+    };
+    if prefix < min {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "`{source}` is too wide: it would let any host send as the device (an open relay if the agent is reachable); an {family} range must be /{min} or narrower — list the devices' addresses or their LAN range"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A user address entry: `local@domain`, or `@domain` for every address of the domain; kept in
+/// lower case.
+fn user_address(field: &str, value: &str) -> Result<String, ValidationError> {
+    let value = value.trim().to_ascii_lowercase();
+    match value.strip_prefix('@') {
+        Some(domain) => {
+            dom::email(field, &format!("user@{domain}")).map_err(|_| {
+                ValidationError::new(
+                    field,
+                    format!(
+                        "`{}` is not an address (jane@contoso.com) or a domain (@contoso.com)",
+                        value
+                            .chars()
+                            .filter(|c| !c.is_control())
+                            .take(100)
+                            .collect::<String>()
+                    ),
+                )
+            })?;
+        }
+        None => dom::email(field, &value)?,
+    }
+    Ok(value)
 }
 
 fn ingress_from_proto(
@@ -942,13 +999,28 @@ fn ingress_from_proto(
         MAX_SOURCES,
     )?;
     for (n, source) in i.allowed_sources.iter().enumerate() {
-        dom::cidr(&format!("device.ingress.allowed_sources[{n}]"), source)?;
+        let field = format!("device.ingress.allowed_sources[{n}]");
+        dom::cidr(&field, source)?;
+        source_width(&field, source)?;
+    }
+    list_len(
+        "device.ingress.user_addresses",
+        i.user_addresses.len(),
+        MAX_USER_ADDRESSES,
+    )?;
+    let mut user_addresses = Vec::with_capacity(i.user_addresses.len());
+    for (n, a) in i.user_addresses.iter().enumerate() {
+        let a = user_address(&format!("device.ingress.user_addresses[{n}]"), a)?;
+        if !user_addresses.contains(&a) {
+            user_addresses.push(a);
+        }
     }
     Ok((
         dom::IngressCredentials {
             username: i.username.clone(),
             password_hash: None,
             allowed_sources: i.allowed_sources.clone(),
+            user_addresses,
         },
         (!i.password.is_empty()).then(|| Secret::new(i.password.as_str())),
     ))
@@ -1205,6 +1277,7 @@ mod tests {
                 password: String::new(),
                 password_set: false,
                 allowed_sources: vec!["192.168.1.0/24".into()],
+                user_addresses: Vec::new(),
             }),
             create_time: Some(timestamp(stamps().created)),
             update_time: Some(timestamp(stamps().updated)),
@@ -1436,6 +1509,36 @@ mod tests {
                         .push("printer".into())
                 },
                 "device.ingress.allowed_sources[1]",
+            ),
+            (
+                |d| {
+                    d.ingress
+                        .as_mut()
+                        .unwrap()
+                        .allowed_sources
+                        .push("0.0.0.0/0".into())
+                },
+                "device.ingress.allowed_sources[1]",
+            ),
+            (
+                |d| {
+                    d.ingress
+                        .as_mut()
+                        .unwrap()
+                        .allowed_sources
+                        .push("::/0".into())
+                },
+                "device.ingress.allowed_sources[1]",
+            ),
+            (
+                |d| {
+                    d.ingress
+                        .as_mut()
+                        .unwrap()
+                        .user_addresses
+                        .push("not-an-address".into())
+                },
+                "device.ingress.user_addresses[0]",
             ),
         ];
         for (mutate, field) in cases {

@@ -265,6 +265,7 @@ async fn agent_config_lists_the_agents_devices_and_a_change_pushes_reload() {
         username: "scanner".into(),
         password_hash: Some(HASH.into()),
         allowed_sources: vec!["10.0.0.0/24".into()],
+        ..IngressCredentials::default()
     };
     broker.put_device(&mfp).await;
     broker

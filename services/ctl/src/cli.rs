@@ -91,6 +91,8 @@ pub enum OutputFormat {
 }
 
 /// Top-level commands.
+// Parsed once per run: the size of the largest variant (device flags) does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Tenants (MSP customers).
@@ -602,6 +604,11 @@ pub struct IngressFields {
     /// list on update.
     #[arg(long = "allowed-source", value_name = "CIDR")]
     pub allowed_sources: Vec<String>,
+    /// login_user / allow_user_change: a user address the device may send as (and get the
+    /// token of), or @domain for every address of a domain; repeat. Replaces the list on
+    /// update. Without any, no user mailbox may be used.
+    #[arg(long = "ingress-user-address", value_name = "ADDRESS")]
+    pub user_addresses: Vec<String>,
 }
 
 /// Fields of a device that `update` can empty.
@@ -613,6 +620,9 @@ pub struct DeviceClear {
     /// Empty the allowed-source list.
     #[arg(long, conflicts_with = "allowed_sources")]
     pub clear_allowed_sources: bool,
+    /// Empty the ingress user-address list.
+    #[arg(long, conflicts_with = "user_addresses")]
+    pub clear_ingress_user_addresses: bool,
     /// Remove the local ingress password.
     #[arg(long, conflicts_with = "ingress_password_file")]
     pub clear_ingress_password: bool,

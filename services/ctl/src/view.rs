@@ -244,6 +244,8 @@ pub struct IngressView {
     pub username: String,
     pub password_set: bool,
     pub allowed_sources: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub user_addresses: Vec<String>,
 }
 
 /// A device.
@@ -307,6 +309,7 @@ impl From<&pb::Device> for DeviceView {
                 username: i.username.clone(),
                 password_set: i.password_set,
                 allowed_sources: i.allowed_sources.clone(),
+                user_addresses: i.user_addresses.clone(),
             }),
             user_provider: d.user_provider.clone(),
             create_time: rfc3339(d.create_time.as_ref()),
@@ -559,6 +562,7 @@ mod tests {
                 password: "pw".into(),
                 password_set: true,
                 allowed_sources: vec!["192.168.1.20/32".into()],
+                ..Default::default()
             }),
             ..Default::default()
         };

@@ -365,6 +365,23 @@ pub struct IngressCredentials {
     /// Password hash (PHC string); never the password.
     pub password_hash: Option<String>,
     pub allowed_sources: Vec<String>,
+    /// LOGIN_USER / ALLOW_USER_CHANGE: the user addresses (lower case) the device may send as
+    /// and get tokens for; `@domain` = every address of the domain. Empty = none.
+    pub user_addresses: Vec<String>,
+}
+
+impl IngressCredentials {
+    /// Whether the device may send as the user `address` (an entry equal to it, or its
+    /// `@domain`; case-insensitive).
+    pub fn admits_user(&self, address: &str) -> bool {
+        let address = address.trim().to_ascii_lowercase();
+        let domain = address.rsplit_once('@').map(|(_, d)| d);
+        self.user_addresses.iter().any(|a| {
+            *a == address
+                || a.strip_prefix('@')
+                    .is_some_and(|d| domain.is_some_and(|domain| domain == d))
+        })
+    }
 }
 
 /// A printer or MFD.

@@ -96,6 +96,10 @@ pub struct TokenConfig {
     /// Grants of `user`-kind mailboxes unused (no issuance) for this long are deleted by the
     /// scheduler instead of refreshed; `None` = never.
     pub user_token_idle: Option<Duration>,
+    /// Most user mailboxes created on demand that one device's user addresses admit.
+    pub max_user_mailboxes_per_device: usize,
+    /// Most user mailboxes in one tenant; further ones are not created on demand.
+    pub max_user_mailboxes_per_tenant: usize,
 }
 
 impl Default for TokenConfig {
@@ -109,6 +113,8 @@ impl Default for TokenConfig {
             scheduler: SchedulerConfig::default(),
             replica_id: format!("broker-{}", uuid::Uuid::new_v4().simple()),
             user_token_idle: Some(Duration::from_secs(30 * 86_400)),
+            max_user_mailboxes_per_device: 500,
+            max_user_mailboxes_per_tenant: 5000,
         }
     }
 }
