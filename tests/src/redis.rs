@@ -1,6 +1,7 @@
-//! Real Redis servers for tests: a standalone [`RedisServer`], a three-master [`RedisCluster`] and
-//! a [`RedisSentinel`] watching a server, each on free 127.0.0.1 ports in its own temporary
-//! directory, killed when dropped (also when the test panics).
+//! Real Redis servers for tests: a standalone [`RedisServer`] (optionally a replica of another,
+//! [`RedisServer::start_replica_of`]), a three-master [`RedisCluster`] and a [`RedisSentinel`]
+//! watching a master (and discovering its replicas, so it can fail over), each on free 127.0.0.1
+//! ports in its own temporary directory, killed when dropped (also when the test panics).
 //!
 //! They run the `redis-server` and `redis-cli` found on `PATH`; `scripts/test-setup.sh` installs
 //! them.
@@ -174,6 +175,30 @@ impl RedisServer {
         Self::launch("tf-redis-", free_port, |_| args.clone()).await
     }
 
+    /// Starts a replica of `master` and waits until its replication link is up (the initial sync
+    /// is done).
+    pub async fn start_replica_of(master: &RedisServer) -> Result<Self> {
+        let port = master.port().to_string();
+        let replica = Self::start_with(&["--replicaof", "127.0.0.1", &port]).await?;
+        let own = replica.port();
+        wait_until(START_DEADLINE, "replica link up", || async move {
+            Ok(command(own, &["INFO", "replication"])
+                .await?
+                .contains("master_link_status:up"))
+        })
+        .await
+        .with_context(|| format!("replica 127.0.0.1:{own} of 127.0.0.1:{port}"))?;
+        Ok(replica)
+    }
+
+    /// The first line of `ROLE`: `master`, `slave` or `sentinel` (empty while it does not answer).
+    pub async fn role(&self) -> String {
+        command(self.port, &["ROLE"])
+            .await
+            .map(|r| r.lines().next().unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    }
+
     /// Starts redis-server in a fresh directory on a port from `pick`, retrying with another port
     /// when it lost the race for the port.
     async fn launch(
@@ -279,6 +304,24 @@ impl RedisServer {
         self.child
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Stops (`SIGSTOP`) or continues (`SIGCONT`) the process, e.g. to make a replica lag.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .map(Child::id)
+            .ok_or_else(|| anyhow!("redis-server on port {} is not running", self.port))?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -{signal} {pid} failed with {status}");
+        }
+        Ok(())
     }
 
     /// Kills the process at once (like a crash) and waits for it to exit.
@@ -444,9 +487,41 @@ pub struct RedisSentinel {
 }
 
 impl RedisSentinel {
-    /// Starts a sentinel (quorum 1) for `master` under the name `master_name` and waits until it
-    /// reports the master's address.
+    /// Starts a sentinel (quorum 1, master down after 5 s) for `master` under the name
+    /// `master_name` and waits until it reports the master's address.
     pub async fn start(master: &RedisServer, master_name: &str) -> Result<Self> {
+        Self::start_watching(master, master_name, 5000, 0).await
+    }
+
+    /// Like [`start`](Self::start), declaring the master down after `down_after_ms` without an
+    /// answer, and waiting until the sentinel has discovered `replicas` replicas of it (so it can
+    /// fail over to them).
+    pub async fn start_watching(
+        master: &RedisServer,
+        master_name: &str,
+        down_after_ms: u64,
+        replicas: usize,
+    ) -> Result<Self> {
+        let sentinel = Self::launch(master, master_name, down_after_ms).await?;
+        let port = sentinel.server.port();
+        let name = master_name.to_owned();
+        wait_until(
+            Duration::from_secs(30),
+            "sentinel discovers the replicas",
+            || {
+                let name = name.clone();
+                async move {
+                    let listed = command(port, &["SENTINEL", "replicas", &name]).await?;
+                    // Each replica is a list of field/value lines; healthy ones have flags `slave`.
+                    Ok(listed.lines().filter(|l| *l == "slave").count() >= replicas)
+                }
+            },
+        )
+        .await?;
+        Ok(sentinel)
+    }
+
+    async fn launch(master: &RedisServer, master_name: &str, down_after_ms: u64) -> Result<Self> {
         let mut last_err = None;
         for _ in 0..PORT_ATTEMPTS {
             let dir = tempfile::Builder::new()
@@ -461,7 +536,8 @@ impl RedisSentinel {
                 format!(
                     "port {port}\nbind 127.0.0.1\ndir {}\nlogfile {}\n\
                      sentinel monitor {master_name} 127.0.0.1 {} 1\n\
-                     sentinel down-after-milliseconds {master_name} 5000\n",
+                     sentinel down-after-milliseconds {master_name} {down_after_ms}\n\
+                     sentinel failover-timeout {master_name} 10000\n",
                     dir.path().display(),
                     dir.path().join("redis.log").display(),
                     master.port()
@@ -524,4 +600,214 @@ impl RedisSentinel {
     pub fn master_name(&self) -> &str {
         &self.master_name
     }
+
+    /// The port of the master as the sentinel reports it now.
+    pub async fn master_port(&self) -> Result<u16> {
+        let addr = command(
+            self.server.port(),
+            &["SENTINEL", "get-master-addr-by-name", &self.master_name],
+        )
+        .await?;
+        addr.lines()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| anyhow!("sentinel answered get-master-addr-by-name with `{addr}`"))
+    }
+
+    /// `SENTINEL FAILOVER`: promotes a replica without waiting for the master to fail.
+    pub async fn failover(&self) -> Result<()> {
+        command(
+            self.server.port(),
+            &["SENTINEL", "FAILOVER", &self.master_name],
+        )
+        .await
+        .map(drop)
+    }
+}
+
+/// How a failover probe makes the master go away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failover {
+    /// `SENTINEL FAILOVER`: a replica is promoted while the old master keeps running (and keeps
+    /// accepting writes from clients still connected to it) until Sentinel demotes it.
+    Forced,
+    /// SIGKILL of the master while its replica lags (stopped for 300 ms, so the master holds
+    /// writes the replica has not received); it is started again (empty, as a supervisor would)
+    /// once Sentinel has promoted the replica, and Sentinel turns it into a replica of the new
+    /// master.
+    Kill,
+}
+
+/// What a write-loss probe saw: every write the store acknowledged must be on the master that
+/// Sentinel names afterwards.
+#[derive(Debug, Default)]
+pub struct WriteLossReport {
+    /// Writes the store acknowledged.
+    pub acked: usize,
+    /// Writes that failed with [`StoreError::Unavailable`](tokenfleet_store::StoreError) (the
+    /// caller was told to retry: not acknowledged, so not lost).
+    pub unavailable: usize,
+    /// Writes that failed with any other error (should be none).
+    pub other_errors: Vec<String>,
+    /// Acknowledged writes missing from the final master (must be none).
+    pub missing: Vec<String>,
+    /// Longest run of consecutive failed writes, in time.
+    pub longest_outage: Duration,
+    /// Writes acknowledged after the failover began.
+    pub acked_after_failover: usize,
+    /// Median latency of an acknowledged write.
+    pub ack_latency_p50: Duration,
+    /// Largest latency of an acknowledged write.
+    pub ack_latency_max: Duration,
+}
+
+impl std::fmt::Display for WriteLossReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "acknowledged {} (after the failover began: {}), failed unavailable {}, failed \
+             otherwise {}, acknowledged but missing afterwards {}, longest outage {:?}, ack \
+             latency p50 {:?} max {:?}",
+            self.acked,
+            self.acked_after_failover,
+            self.unavailable,
+            self.other_errors.len(),
+            self.missing.len(),
+            self.longest_outage,
+            self.ack_latency_p50,
+            self.ack_latency_max,
+        )
+    }
+}
+
+/// Runs a Sentinel failover under write load and counts acknowledged writes that are gone.
+///
+/// Starts a master, one replica and a sentinel (master down after 1 s); a writer task creates one
+/// record after another through the store API (`put` with `Precondition::Absent`) via a
+/// [`RedisStore`](tokenfleet_store::redis_store::RedisStore) that `tune` may adjust; after about
+/// a second the master goes away as `how` says. The probe waits until the old master has been
+/// demoted and has resynchronised from the new one (which is when writes only it held are
+/// discarded), lets the writer go on for `settle`, then looks every acknowledged record up on the
+/// master Sentinel names.
+pub async fn sentinel_write_loss_probe(
+    how: Failover,
+    settle: Duration,
+    tune: impl FnOnce(&mut tokenfleet_store::redis_store::RedisConfig),
+) -> Result<WriteLossReport> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokenfleet_store::redis_store::{RedisConfig, RedisStore};
+    use tokenfleet_store::{Precondition, RecordKey, Store, StoreError};
+
+    const NAME: &str = "tfprobe";
+    let mut master = RedisServer::start().await?;
+    let replica = RedisServer::start_replica_of(&master).await?;
+    let sentinel = RedisSentinel::start_watching(&master, NAME, 1000, 1).await?;
+    let old_port = master.port();
+
+    let mut config = RedisConfig::sentinel(vec![sentinel.url()], NAME);
+    config.connect_timeout_ms = 500;
+    config.command_timeout_ms = 1000;
+    tune(&mut config);
+    let store = RedisStore::connect(&config)
+        .await
+        .map_err(|e| anyhow!("connecting the store: {e}"))?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failover_at: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let writer = {
+        let stop = Arc::clone(&stop);
+        let failover_at = Arc::clone(&failover_at);
+        tokio::spawn(async move {
+            let mut report = WriteLossReport::default();
+            let mut acked_ids = Vec::new();
+            let mut latencies = Vec::new();
+            let mut outage_since: Option<Instant> = None;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let id = format!("w{i:07}");
+                let key = RecordKey::tenant("probe", "probe", &id);
+                let started = Instant::now();
+                match store
+                    .put(&key, id.clone().into_bytes(), Precondition::Absent)
+                    .await
+                {
+                    Ok(_) => {
+                        latencies.push(started.elapsed());
+                        if let Some(since) = outage_since.take() {
+                            report.longest_outage = report.longest_outage.max(since.elapsed());
+                        }
+                        if failover_at.lock().ok().and_then(|t| *t).is_some() {
+                            report.acked_after_failover += 1;
+                        }
+                        acked_ids.push(id);
+                    }
+                    Err(e) => {
+                        outage_since.get_or_insert(started);
+                        match e {
+                            StoreError::Unavailable(_) => report.unavailable += 1,
+                            other => report.other_errors.push(other.to_string()),
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            if let Some(since) = outage_since {
+                report.longest_outage = report.longest_outage.max(since.elapsed());
+            }
+            latencies.sort_unstable();
+            report.ack_latency_p50 = latencies.get(latencies.len() / 2).copied().unwrap_or_default();
+            report.ack_latency_max = latencies.last().copied().unwrap_or_default();
+            report.acked = acked_ids.len();
+            (report, acked_ids)
+        })
+    };
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    if let Ok(mut at) = failover_at.lock() {
+        *at = Some(Instant::now());
+    }
+    match how {
+        Failover::Forced => sentinel.failover().await?,
+        Failover::Kill => {
+            replica.signal("STOP")?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            master.kill();
+            replica.signal("CONT")?;
+        }
+    }
+    let s = &sentinel;
+    wait_until(Duration::from_secs(30), "sentinel names a new master", || async move {
+        Ok(s.master_port().await? != old_port)
+    })
+    .await?;
+    if how == Failover::Kill {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        master.start_again().await?;
+    }
+    // The old master is back as a replica of the new one once it reports a live link: by then
+    // it has thrown away whatever only it held.
+    wait_until(Duration::from_secs(40), "old master demoted and resynced", || async move {
+        let info = command(old_port, &["INFO", "replication"]).await?;
+        Ok(info.contains("role:slave") && info.contains("master_link_status:up"))
+    })
+    .await?;
+    tokio::time::sleep(settle).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut report, acked_ids) = writer.await.context("writer task")?;
+
+    let new_port = sentinel.master_port().await?;
+    let role = command(new_port, &["ROLE"]).await?;
+    if !role.starts_with("master") {
+        bail!("127.0.0.1:{new_port}, named master by the sentinel, reports role `{role}`");
+    }
+    let present = command(new_port, &["ZRANGE", "tf:{t:probe}:idx:probe", "0", "-1"]).await?;
+    let present: std::collections::HashSet<&str> = present.lines().collect();
+    report.missing = acked_ids
+        .into_iter()
+        .filter(|id| !present.contains(id.as_str()))
+        .collect();
+    Ok(report)
 }

@@ -242,3 +242,42 @@ async fn redis_schedule_is_one_sorted_set() {
         ["beta/m{2}", "99", "acme/m1", "1500"]
     );
 }
+
+/// Checks a write-loss probe: nothing acknowledged is missing, every failed call failed as
+/// "unavailable" (retry later) rather than otherwise, and the store recovered.
+fn assert_nothing_lost(what: &str, report: &tokenfleet_testkit::redis::WriteLossReport) {
+    println!("{what}: {report}");
+    assert!(
+        report.missing.is_empty(),
+        "{what}: {} acknowledged writes lost in the failover: {:?}",
+        report.missing.len(),
+        &report.missing[..report.missing.len().min(20)]
+    );
+    assert!(
+        report.other_errors.is_empty(),
+        "{what}: failed calls must fail as unavailable: {:?}",
+        report.other_errors
+    );
+    assert!(
+        report.acked_after_failover > 0,
+        "{what}: no write was acknowledged after the failover: {report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_sentinel_forced_failover_loses_no_acknowledged_write() {
+    use tokenfleet_testkit::redis::{Failover, sentinel_write_loss_probe};
+    let report = sentinel_write_loss_probe(Failover::Forced, Duration::from_millis(500), |_| {})
+        .await
+        .unwrap();
+    assert_nothing_lost("SENTINEL FAILOVER", &report);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_sentinel_master_kill_loses_no_acknowledged_write() {
+    use tokenfleet_testkit::redis::{Failover, sentinel_write_loss_probe};
+    let report = sentinel_write_loss_probe(Failover::Kill, Duration::from_millis(500), |_| {})
+        .await
+        .unwrap();
+    assert_nothing_lost("master SIGKILL", &report);
+}
