@@ -40,8 +40,12 @@ async fn redis_cluster_conformance() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_sentinel_conformance() {
+    // A replica too: in sentinel mode every write waits for one (`min_replicas_acked`).
     let master = RedisServer::start().await.unwrap();
-    let sentinel = RedisSentinel::start(&master, "tfmaster").await.unwrap();
+    let _replica = RedisServer::start_replica_of(&master).await.unwrap();
+    let sentinel = RedisSentinel::start_watching(&master, "tfmaster", 5000, 1)
+        .await
+        .unwrap();
     let config = RedisConfig::sentinel(vec![sentinel.url()], sentinel.master_name());
     let store = RedisStore::connect(&config).await.unwrap();
     conformance::run_all(Arc::new(store)).await;
