@@ -740,7 +740,10 @@ pub async fn sentinel_write_loss_probe(
                 report.longest_outage = report.longest_outage.max(since.elapsed());
             }
             latencies.sort_unstable();
-            report.ack_latency_p50 = latencies.get(latencies.len() / 2).copied().unwrap_or_default();
+            report.ack_latency_p50 = latencies
+                .get(latencies.len() / 2)
+                .copied()
+                .unwrap_or_default();
             report.ack_latency_max = latencies.last().copied().unwrap_or_default();
             report.acked = acked_ids.len();
             (report, acked_ids)
@@ -756,9 +759,11 @@ pub async fn sentinel_write_loss_probe(
         Failover::Kill => master.kill(),
     }
     let s = &sentinel;
-    wait_until(Duration::from_secs(30), "sentinel names a new master", || async move {
-        Ok(s.master_port().await? != old_port)
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "sentinel names a new master",
+        || async move { Ok(s.master_port().await? != old_port) },
+    )
     .await?;
     if how == Failover::Kill {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -766,10 +771,14 @@ pub async fn sentinel_write_loss_probe(
     }
     // The old master is back as a replica of the new one once it reports a live link: by then
     // it has thrown away whatever only it held.
-    wait_until(Duration::from_secs(40), "old master demoted and resynced", || async move {
-        let info = command(old_port, &["INFO", "replication"]).await?;
-        Ok(info.contains("role:slave") && info.contains("master_link_status:up"))
-    })
+    wait_until(
+        Duration::from_secs(40),
+        "old master demoted and resynced",
+        || async move {
+            let info = command(old_port, &["INFO", "replication"]).await?;
+            Ok(info.contains("role:slave") && info.contains("master_link_status:up"))
+        },
+    )
     .await?;
     tokio::time::sleep(settle).await;
     stop.store(true, Ordering::Relaxed);

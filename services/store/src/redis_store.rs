@@ -841,7 +841,8 @@ impl RedisStore {
                     Duration::from_millis(config.role_check_interval_ms),
                 ));
                 for (i, info) in sentinel_infos.into_iter().enumerate() {
-                    let sentinel = match (&sentinel_certs, config.urls[i].starts_with("rediss://")) {
+                    let sentinel = match (&sentinel_certs, config.urls[i].starts_with("rediss://"))
+                    {
                         (Some(certs), true) => Client::build_with_tls(info, certs.clone()),
                         _ => Client::open(info),
                     }
@@ -1463,6 +1464,30 @@ mod tests {
         let mut c = RedisConfig::standalone("redis://127.0.0.1");
         c.command_timeout_ms = 0;
         assert!(err(c).contains("redis.command_timeout_ms"));
+        // The wait for replicas must fit in a command's answer.
+        let mut c = RedisConfig::sentinel(vec!["redis://127.0.0.1:26379".into()], "m");
+        c.replication_timeout_ms = 2000;
+        assert!(err(c).contains("redis.replication_timeout_ms"));
+        let mut c = RedisConfig::standalone("redis://127.0.0.1");
+        c.role_check_interval_ms = 0;
+        assert!(err(c).contains("redis.role_check_interval_ms"));
+    }
+
+    #[test]
+    fn writes_wait_for_a_replica_by_default_only_in_sentinel_mode() {
+        let sentinel = RedisConfig::sentinel(vec!["redis://127.0.0.1:26379".into()], "m");
+        assert_eq!(sentinel.replicas_to_wait(), 1);
+        assert_eq!(RedisConfig::standalone("redis://x").replicas_to_wait(), 0);
+        let mut cluster = RedisConfig::cluster(vec!["redis://127.0.0.1:1".into()]);
+        assert_eq!(cluster.replicas_to_wait(), 0);
+        cluster.min_replicas_acked = Some(2);
+        assert_eq!(cluster.replicas_to_wait(), 2);
+        let c: RedisConfig = serde_json::from_str(
+            r#"{"mode":"sentinel","urls":["redis://127.0.0.1:1"],"sentinel_master":"m",
+                "min_replicas_acked":0,"replication_timeout_ms":250}"#,
+        )
+        .unwrap();
+        assert_eq!((c.replicas_to_wait(), c.replication_timeout_ms), (0, 250));
     }
 
     #[test]
