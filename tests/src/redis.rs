@@ -375,7 +375,8 @@ fn spawn_quiet(cmd: &mut Command, what: &str) -> Result<Child> {
         })
 }
 
-/// A Redis Cluster of three masters (no replicas) on 127.0.0.1.
+/// A Redis Cluster of three masters on 127.0.0.1, without replicas ([`start`](Self::start)) or
+/// with one each ([`start_with_replicas`](Self::start_with_replicas)).
 #[derive(Debug)]
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
@@ -385,8 +386,19 @@ impl RedisCluster {
     /// Starts three cluster-enabled servers, joins them with `redis-cli --cluster create` and
     /// waits until every node reports `cluster_state:ok`.
     pub async fn start() -> Result<Self> {
-        let mut nodes = Vec::with_capacity(3);
-        for _ in 0..3 {
+        Self::launch(0, 5000).await
+    }
+
+    /// Three masters with one replica each (six servers), a node declared failed after
+    /// `node_timeout_ms` without an answer; waits until every replica's link is up.
+    pub async fn start_with_replicas(node_timeout_ms: u64) -> Result<Self> {
+        Self::launch(1, node_timeout_ms).await
+    }
+
+    async fn launch(replicas: usize, node_timeout_ms: u64) -> Result<Self> {
+        let count = 3 * (1 + replicas);
+        let mut nodes = Vec::with_capacity(count);
+        for _ in 0..count {
             let node = RedisServer::launch("tf-redis-cluster-", free_cluster_port, |dir| {
                 vec![
                     "--cluster-enabled".to_owned(),
@@ -394,18 +406,18 @@ impl RedisCluster {
                     "--cluster-config-file".to_owned(),
                     dir.join("nodes.conf").display().to_string(),
                     "--cluster-node-timeout".to_owned(),
-                    "5000".to_owned(),
+                    node_timeout_ms.to_string(),
                 ]
             })
             .await?;
             nodes.push(node);
         }
         let cluster = Self { nodes };
-        cluster.create().await?;
+        cluster.create(replicas).await?;
         Ok(cluster)
     }
 
-    async fn create(&self) -> Result<()> {
+    async fn create(&self, replicas: usize) -> Result<()> {
         let addrs: Vec<String> = self
             .nodes
             .iter()
@@ -415,7 +427,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output();
@@ -438,11 +450,17 @@ impl RedisCluster {
                 String::from_utf8_lossy(&output.stderr)
             );
         }
+        let known = format!("cluster_known_nodes:{}", self.nodes.len());
         for node in &self.nodes {
             let port = node.port();
+            let known = known.as_str();
             wait_until(CLUSTER_DEADLINE, "cluster_state:ok", || async move {
                 let info = command(port, &["CLUSTER", "INFO"]).await?;
-                Ok(info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3"))
+                let replication = command(port, &["INFO", "replication"]).await?;
+                Ok(info.contains("cluster_state:ok")
+                    && info.contains(known)
+                    && (replication.contains("role:master")
+                        || replication.contains("master_link_status:up")))
             })
             .await
             .with_context(|| format!("cluster node 127.0.0.1:{port}"))?;
@@ -450,14 +468,106 @@ impl RedisCluster {
         Ok(())
     }
 
-    /// `redis://127.0.0.1:<port>` of every master.
+    /// `redis://127.0.0.1:<port>` of every node.
     pub fn seed_urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
     }
 
-    /// The masters.
+    /// The nodes (masters first as created; roles change with failovers).
     pub fn nodes(&self) -> &[RedisServer] {
         &self.nodes
+    }
+
+    /// The node on `port`, to kill or restart it.
+    pub fn node_mut(&mut self, port: u16) -> Option<&mut RedisServer> {
+        self.nodes.iter_mut().find(|n| n.port() == port)
+    }
+
+    /// `CLUSTER NODES` as some node that answers sees it.
+    async fn topology(&self) -> Result<Vec<ClusterNode>> {
+        let mut last = anyhow!("no cluster node");
+        for node in &self.nodes {
+            match command(node.port(), &["CLUSTER", "NODES"]).await {
+                Ok(text) => return Ok(text.lines().filter_map(ClusterNode::parse).collect()),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Port and node id of the master that serves `key`'s slot now (as a live node sees it).
+    pub async fn master_of(&self, key: &str) -> Result<(u16, String)> {
+        let mut last = anyhow!("no cluster node");
+        let mut slot = None;
+        for node in &self.nodes {
+            match command(node.port(), &["CLUSTER", "KEYSLOT", key]).await {
+                Ok(s) => {
+                    slot = Some(s.parse::<u16>().context("CLUSTER KEYSLOT")?);
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let slot = slot.ok_or(last)?;
+        self.topology()
+            .await?
+            .into_iter()
+            .find(|n| n.master && !n.failed && n.slots.iter().any(|r| r.contains(&slot)))
+            .map(|n| (n.port, n.id))
+            .ok_or_else(|| anyhow!("no live master serves slot {slot}"))
+    }
+
+    /// Port of a replica of the master with node id `master_id`.
+    pub async fn replica_of(&self, master_id: &str) -> Result<u16> {
+        self.topology()
+            .await?
+            .into_iter()
+            .find(|n| !n.master && !n.failed && n.master_id == master_id)
+            .map(|n| n.port)
+            .ok_or_else(|| anyhow!("no live replica of cluster node {master_id}"))
+    }
+}
+
+/// One line of `CLUSTER NODES`.
+struct ClusterNode {
+    id: String,
+    port: u16,
+    master: bool,
+    failed: bool,
+    master_id: String,
+    slots: Vec<std::ops::RangeInclusive<u16>>,
+}
+
+impl ClusterNode {
+    /// `<id> <ip:port@bus> <flags> <master> <ping> <pong> <epoch> <link> <slot>...`
+    fn parse(line: &str) -> Option<Self> {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let port = fields
+            .get(1)?
+            .split('@')
+            .next()?
+            .rsplit(':')
+            .next()?
+            .parse()
+            .ok()?;
+        let flags = fields.get(2)?;
+        let slots = fields
+            .iter()
+            .skip(8)
+            .filter(|s| !s.starts_with('['))
+            .filter_map(|s| match s.split_once('-') {
+                Some((a, b)) => Some(a.parse().ok()?..=b.parse().ok()?),
+                None => s.parse().ok().map(|n| n..=n),
+            })
+            .collect();
+        Some(Self {
+            id: (*fields.first()?).to_owned(),
+            port,
+            master: flags.contains("master"),
+            failed: flags.contains("fail"),
+            master_id: (*fields.get(3)?).to_owned(),
+            slots,
+        })
     }
 }
 
@@ -662,6 +772,121 @@ impl std::fmt::Display for WriteLossReport {
     }
 }
 
+/// A task creating one record after another through the store API (`put` with
+/// `Precondition::Absent` in tenant `probe`, collection `probe`), recording what was acknowledged.
+struct ProbeWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    failover_at: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
+    task: tokio::task::JoinHandle<(WriteLossReport, Vec<String>)>,
+}
+
+/// The index of the probe's records, in the store's key layout (default prefix).
+const PROBE_INDEX: &str = "tf:{t:probe}:idx:probe";
+
+impl ProbeWriter {
+    fn start(store: impl tokenfleet_store::Store) -> Self {
+        use std::sync::atomic::Ordering;
+        use tokenfleet_store::{Precondition, RecordKey, StoreError};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let failover_at: std::sync::Arc<std::sync::Mutex<Option<Instant>>> = Default::default();
+        let task = {
+            let stop = std::sync::Arc::clone(&stop);
+            let failover_at = std::sync::Arc::clone(&failover_at);
+            tokio::spawn(async move {
+                let mut report = WriteLossReport::default();
+                let mut acked_ids = Vec::new();
+                let mut latencies = Vec::new();
+                let mut outage_since: Option<Instant> = None;
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let id = format!("w{i:07}");
+                    let key = RecordKey::tenant("probe", "probe", &id);
+                    let started = Instant::now();
+                    match store
+                        .put(&key, id.clone().into_bytes(), Precondition::Absent)
+                        .await
+                    {
+                        Ok(_) => {
+                            latencies.push(started.elapsed());
+                            if let Some(since) = outage_since.take() {
+                                report.longest_outage = report.longest_outage.max(since.elapsed());
+                            }
+                            if failover_at.lock().ok().and_then(|t| *t).is_some() {
+                                report.acked_after_failover += 1;
+                            }
+                            acked_ids.push(id);
+                        }
+                        Err(e) => {
+                            outage_since.get_or_insert(started);
+                            match e {
+                                StoreError::Unavailable(_) => report.unavailable += 1,
+                                other => report.other_errors.push(other.to_string()),
+                            }
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                if let Some(since) = outage_since {
+                    report.longest_outage = report.longest_outage.max(since.elapsed());
+                }
+                latencies.sort_unstable();
+                report.ack_latency_p50 = latencies
+                    .get(latencies.len() / 2)
+                    .copied()
+                    .unwrap_or_default();
+                report.ack_latency_max = latencies.last().copied().unwrap_or_default();
+                report.acked = acked_ids.len();
+                (report, acked_ids)
+            })
+        };
+        Self {
+            stop,
+            failover_at,
+            task,
+        }
+    }
+
+    /// From now on, acknowledged writes count as "after the failover began".
+    fn failover_begins(&self) {
+        if let Ok(mut at) = self.failover_at.lock() {
+            *at = Some(Instant::now());
+        }
+    }
+
+    /// Stops the writer and checks its acknowledged ids against the index on `master_port`.
+    async fn finish(self, master_port: u16) -> Result<WriteLossReport> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut report, acked_ids) = self.task.await.context("writer task")?;
+        let role = command(master_port, &["ROLE"]).await?;
+        if !role.starts_with("master") {
+            bail!("127.0.0.1:{master_port}, taken for the master, reports role `{role}`");
+        }
+        let present = command(master_port, &["ZRANGE", PROBE_INDEX, "0", "-1"]).await?;
+        let present: std::collections::HashSet<&str> = present.lines().collect();
+        report.missing = acked_ids
+            .into_iter()
+            .filter(|id| !present.contains(id.as_str()))
+            .collect();
+        Ok(report)
+    }
+}
+
+/// Waits until the server on `port` is a replica with a live link to its master: a demoted old
+/// master has then thrown away whatever only it held.
+async fn demoted_and_resynced(port: u16) -> Result<()> {
+    wait_until(
+        Duration::from_secs(40),
+        "old master demoted and resynced",
+        || async move {
+            let info = command(port, &["INFO", "replication"]).await?;
+            Ok(info.contains("role:slave") && info.contains("master_link_status:up"))
+        },
+    )
+    .await
+}
+
 /// Runs a Sentinel failover under write load and counts acknowledged writes that are gone.
 ///
 /// Starts a master, one replica and a sentinel (master down after 1 s); a writer task creates one
@@ -676,10 +901,7 @@ pub async fn sentinel_write_loss_probe(
     settle: Duration,
     tune: impl FnOnce(&mut tokenfleet_store::redis_store::RedisConfig),
 ) -> Result<WriteLossReport> {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
     use tokenfleet_store::redis_store::{RedisConfig, RedisStore};
-    use tokenfleet_store::{Precondition, RecordKey, Store, StoreError};
 
     const NAME: &str = "tfprobe";
     let mut master = RedisServer::start().await?;
@@ -694,66 +916,10 @@ pub async fn sentinel_write_loss_probe(
     let store = RedisStore::connect(&config)
         .await
         .map_err(|e| anyhow!("connecting the store: {e}"))?;
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let failover_at: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
-    let writer = {
-        let stop = Arc::clone(&stop);
-        let failover_at = Arc::clone(&failover_at);
-        tokio::spawn(async move {
-            let mut report = WriteLossReport::default();
-            let mut acked_ids = Vec::new();
-            let mut latencies = Vec::new();
-            let mut outage_since: Option<Instant> = None;
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                i += 1;
-                let id = format!("w{i:07}");
-                let key = RecordKey::tenant("probe", "probe", &id);
-                let started = Instant::now();
-                match store
-                    .put(&key, id.clone().into_bytes(), Precondition::Absent)
-                    .await
-                {
-                    Ok(_) => {
-                        latencies.push(started.elapsed());
-                        if let Some(since) = outage_since.take() {
-                            report.longest_outage = report.longest_outage.max(since.elapsed());
-                        }
-                        if failover_at.lock().ok().and_then(|t| *t).is_some() {
-                            report.acked_after_failover += 1;
-                        }
-                        acked_ids.push(id);
-                    }
-                    Err(e) => {
-                        outage_since.get_or_insert(started);
-                        match e {
-                            StoreError::Unavailable(_) => report.unavailable += 1,
-                            other => report.other_errors.push(other.to_string()),
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            if let Some(since) = outage_since {
-                report.longest_outage = report.longest_outage.max(since.elapsed());
-            }
-            latencies.sort_unstable();
-            report.ack_latency_p50 = latencies
-                .get(latencies.len() / 2)
-                .copied()
-                .unwrap_or_default();
-            report.ack_latency_max = latencies.last().copied().unwrap_or_default();
-            report.acked = acked_ids.len();
-            (report, acked_ids)
-        })
-    };
+    let writer = ProbeWriter::start(store);
 
     tokio::time::sleep(Duration::from_secs(1)).await;
-    if let Ok(mut at) = failover_at.lock() {
-        *at = Some(Instant::now());
-    }
+    writer.failover_begins();
     match how {
         Failover::Forced => sentinel.failover().await?,
         Failover::Kill => master.kill(),
@@ -769,31 +935,60 @@ pub async fn sentinel_write_loss_probe(
         tokio::time::sleep(Duration::from_millis(500)).await;
         master.start_again().await?;
     }
-    // The old master is back as a replica of the new one once it reports a live link: by then
-    // it has thrown away whatever only it held.
+    demoted_and_resynced(old_port).await?;
+    tokio::time::sleep(settle).await;
+    writer.finish(sentinel.master_port().await?).await
+}
+
+/// [`sentinel_write_loss_probe`] for a Redis Cluster of three masters with a replica each (node
+/// timeout 1 s): `Forced` is `CLUSTER FAILOVER` on the replica of the master serving the probe's
+/// records, `Kill` a SIGKILL of that master (started again, empty, after its replica took over).
+pub async fn cluster_write_loss_probe(
+    how: Failover,
+    settle: Duration,
+    tune: impl FnOnce(&mut tokenfleet_store::redis_store::RedisConfig),
+) -> Result<WriteLossReport> {
+    use tokenfleet_store::redis_store::{RedisConfig, RedisStore};
+
+    let mut cluster = RedisCluster::start_with_replicas(1000).await?;
+    let (old_port, old_id) = cluster.master_of(PROBE_INDEX).await?;
+    let mut config = RedisConfig::cluster(cluster.seed_urls());
+    config.connect_timeout_ms = 500;
+    config.command_timeout_ms = 1000;
+    tune(&mut config);
+    let store = RedisStore::connect(&config)
+        .await
+        .map_err(|e| anyhow!("connecting the store: {e}"))?;
+    let writer = ProbeWriter::start(store);
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    writer.failover_begins();
+    match how {
+        Failover::Forced => {
+            let replica = cluster.replica_of(&old_id).await?;
+            command(replica, &["CLUSTER", "FAILOVER"]).await?;
+        }
+        Failover::Kill => cluster
+            .node_mut(old_port)
+            .ok_or_else(|| anyhow!("no node on port {old_port}"))?
+            .kill(),
+    }
+    let c = &cluster;
     wait_until(
-        Duration::from_secs(40),
-        "old master demoted and resynced",
-        || async move {
-            let info = command(old_port, &["INFO", "replication"]).await?;
-            Ok(info.contains("role:slave") && info.contains("master_link_status:up"))
-        },
+        Duration::from_secs(30),
+        "the cluster names a new master for the probe's slot",
+        || async move { Ok(c.master_of(PROBE_INDEX).await?.0 != old_port) },
     )
     .await?;
-    tokio::time::sleep(settle).await;
-    stop.store(true, Ordering::Relaxed);
-    let (mut report, acked_ids) = writer.await.context("writer task")?;
-
-    let new_port = sentinel.master_port().await?;
-    let role = command(new_port, &["ROLE"]).await?;
-    if !role.starts_with("master") {
-        bail!("127.0.0.1:{new_port}, named master by the sentinel, reports role `{role}`");
+    if how == Failover::Kill {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cluster
+            .node_mut(old_port)
+            .ok_or_else(|| anyhow!("no node on port {old_port}"))?
+            .start_again()
+            .await?;
     }
-    let present = command(new_port, &["ZRANGE", "tf:{t:probe}:idx:probe", "0", "-1"]).await?;
-    let present: std::collections::HashSet<&str> = present.lines().collect();
-    report.missing = acked_ids
-        .into_iter()
-        .filter(|id| !present.contains(id.as_str()))
-        .collect();
-    Ok(report)
+    demoted_and_resynced(old_port).await?;
+    tokio::time::sleep(settle).await;
+    writer.finish(cluster.master_of(PROBE_INDEX).await?.0).await
 }

@@ -285,3 +285,25 @@ async fn redis_sentinel_master_kill_loses_no_acknowledged_write() {
         .unwrap();
     assert_nothing_lost("master SIGKILL", &report);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_cluster_failover_loses_no_acknowledged_write() {
+    use tokenfleet_testkit::redis::{Failover, cluster_write_loss_probe};
+    let report = cluster_write_loss_probe(Failover::Forced, Duration::from_millis(500), |c| {
+        c.min_replicas_acked = Some(1);
+    })
+    .await
+    .unwrap();
+    assert_nothing_lost("CLUSTER FAILOVER", &report);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_cluster_master_kill_loses_no_acknowledged_write() {
+    use tokenfleet_testkit::redis::{Failover, cluster_write_loss_probe};
+    let report = cluster_write_loss_probe(Failover::Kill, Duration::from_millis(500), |c| {
+        c.min_replicas_acked = Some(1);
+    })
+    .await
+    .unwrap();
+    assert_nothing_lost("cluster master SIGKILL", &report);
+}
