@@ -5,10 +5,12 @@
 //! cargo run -p tokenfleet-testkit --bin chaos-store -- [rounds] [settle-secs] [min-replicas-acked]
 //! ```
 //!
-//! Each round starts a fresh Redis master, one replica and a sentinel on loopback ports, runs a
-//! writer through the Redis store (Sentinel mode) and fails the master over twice: once with
-//! `SENTINEL FAILOVER`, once with SIGKILL (see
-//! [`sentinel_write_loss_probe`](tokenfleet_testkit::redis::sentinel_write_loss_probe)). It prints
+//! Each round runs four scenarios, each on fresh Redis processes on loopback ports with a writer
+//! going through the Redis store: a master, one replica and a sentinel (Sentinel mode), failed
+//! over with `SENTINEL FAILOVER` and with SIGKILL (see
+//! [`sentinel_write_loss_probe`](tokenfleet_testkit::redis::sentinel_write_loss_probe)); and a
+//! three-master Cluster with a replica each, failed over with `CLUSTER FAILOVER` and with SIGKILL
+//! ([`cluster_write_loss_probe`](tokenfleet_testkit::redis::cluster_write_loss_probe)). It prints
 //! what each scenario acknowledged, what failed (as "unavailable", so the caller retries) and what
 //! was acknowledged but lost; it exits 1 if anything acknowledged was lost. `min-replicas-acked 0`
 //! shows what the store did before it waited for replicas.
@@ -16,7 +18,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use tokenfleet_testkit::redis::{Failover, sentinel_write_loss_probe};
+use tokenfleet_testkit::redis::{Failover, cluster_write_loss_probe, sentinel_write_loss_probe};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -31,18 +33,29 @@ async fn main() -> ExitCode {
     let replicas = u32::try_from(num(2, 1)).unwrap_or(1);
     let mut lost = 0;
     for round in 1..=rounds {
-        for how in [Failover::Forced, Failover::Kill] {
-            let result = sentinel_write_loss_probe(how, settle, |c| {
+        for (mode, how) in [
+            ("sentinel", Failover::Forced),
+            ("sentinel", Failover::Kill),
+            ("cluster", Failover::Forced),
+            ("cluster", Failover::Kill),
+        ] {
+            let tune = |c: &mut tokenfleet_store::redis_store::RedisConfig| {
                 c.min_replicas_acked = Some(replicas);
-            })
-            .await;
+            };
+            let result = if mode == "sentinel" {
+                sentinel_write_loss_probe(how, settle, tune).await
+            } else {
+                cluster_write_loss_probe(how, settle, tune).await
+            };
             match result {
                 Ok(report) => {
-                    println!("round {round} {how:?} (min_replicas_acked {replicas}): {report}");
+                    println!(
+                        "round {round} {mode} {how:?} (min_replicas_acked {replicas}): {report}"
+                    );
                     lost += report.missing.len();
                 }
                 Err(e) => {
-                    eprintln!("round {round} {how:?}: probe failed: {e:#}");
+                    eprintln!("round {round} {mode} {how:?}: probe failed: {e:#}");
                     return ExitCode::from(2);
                 }
             }
