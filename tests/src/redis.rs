@@ -3,6 +3,9 @@
 //! watching a master (and discovering its replicas, so it can fail over), each on free 127.0.0.1
 //! ports in its own temporary directory, killed when dropped (also when the test panics).
 //!
+//! [`sentinel_write_loss_probe`] and [`cluster_write_loss_probe`] fail a master over under write
+//! load through the store and count acknowledged writes that are gone afterwards (issue 11).
+//!
 //! They run the `redis-server` and `redis-cli` found on `PATH`; `scripts/test-setup.sh` installs
 //! them.
 

@@ -12,6 +12,13 @@
 //! - schedule: `tf:{sched:refresh}`, a sorted set of members scored by due time (Unix ms); one key,
 //!   so one slot per schedule.
 //!
+//! Durability across failover: with [`RedisConfig::min_replicas_acked`] above 0 (the default in
+//! Sentinel mode) every mutation shares a pipeline with `WAIT` and is acknowledged only once that
+//! many replicas hold it, else it fails as [`StoreError::Unavailable`]; in Sentinel mode a master
+//! connection is trusted only while it answers `ROLE` master (checked on connect, on an interval,
+//! and dropped after any error or a `+switch-master` announcement). README: "Store durability
+//! across Redis failover".
+//!
 //! Every conditional write and delete is one Lua script covering record and index, so it is atomic
 //! on any topology. Stream ids are Redis ids re-printed zero-padded (`<ms:15>-<seq:10>`) so that
 //! string order is append order.
