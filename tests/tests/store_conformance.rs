@@ -40,8 +40,12 @@ async fn redis_cluster_conformance() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_sentinel_conformance() {
+    // A replica too: in sentinel mode every write waits for one (`min_replicas_acked`).
     let master = RedisServer::start().await.unwrap();
-    let sentinel = RedisSentinel::start(&master, "tfmaster").await.unwrap();
+    let _replica = RedisServer::start_replica_of(&master).await.unwrap();
+    let sentinel = RedisSentinel::start_watching(&master, "tfmaster", 5000, 1)
+        .await
+        .unwrap();
     let config = RedisConfig::sentinel(vec![sentinel.url()], sentinel.master_name());
     let store = RedisStore::connect(&config).await.unwrap();
     conformance::run_all(Arc::new(store)).await;
@@ -240,5 +244,134 @@ async fn redis_schedule_is_one_sorted_set() {
     assert_eq!(
         range.lines().collect::<Vec<_>>(),
         ["beta/m{2}", "99", "acme/m1", "1500"]
+    );
+}
+
+/// Checks a write-loss probe: nothing acknowledged is missing, every failed call failed as
+/// "unavailable" (retry later) rather than otherwise, and the store recovered.
+fn assert_nothing_lost(what: &str, report: &tokenfleet_testkit::redis::WriteLossReport) {
+    println!("{what}: {report}");
+    assert!(
+        report.missing.is_empty(),
+        "{what}: {} acknowledged writes lost in the failover: {:?}",
+        report.missing.len(),
+        &report.missing[..report.missing.len().min(20)]
+    );
+    assert!(
+        report.other_errors.is_empty(),
+        "{what}: failed calls must fail as unavailable: {:?}",
+        report.other_errors
+    );
+    assert!(
+        report.acked_after_failover > 0,
+        "{what}: no write was acknowledged after the failover: {report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_sentinel_forced_failover_loses_no_acknowledged_write() {
+    use tokenfleet_testkit::redis::{Failover, sentinel_write_loss_probe};
+    let report = sentinel_write_loss_probe(Failover::Forced, Duration::from_millis(500), |_| {})
+        .await
+        .unwrap();
+    assert_nothing_lost("SENTINEL FAILOVER", &report);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_sentinel_master_kill_loses_no_acknowledged_write() {
+    use tokenfleet_testkit::redis::{Failover, sentinel_write_loss_probe};
+    let report = sentinel_write_loss_probe(Failover::Kill, Duration::from_millis(500), |_| {})
+        .await
+        .unwrap();
+    assert_nothing_lost("master SIGKILL", &report);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_cluster_failover_loses_no_acknowledged_write() {
+    use tokenfleet_testkit::redis::{Failover, cluster_write_loss_probe};
+    let report = cluster_write_loss_probe(Failover::Forced, Duration::from_millis(500), |c| {
+        c.min_replicas_acked = Some(1);
+    })
+    .await
+    .unwrap();
+    assert_nothing_lost("CLUSTER FAILOVER", &report);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_cluster_master_kill_loses_no_acknowledged_write() {
+    use tokenfleet_testkit::redis::{Failover, cluster_write_loss_probe};
+    let report = cluster_write_loss_probe(Failover::Kill, Duration::from_millis(500), |c| {
+        c.min_replicas_acked = Some(1);
+    })
+    .await
+    .unwrap();
+    assert_nothing_lost("cluster master SIGKILL", &report);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_sentinel_store_follows_switch_master_at_once() {
+    // Without the replication wait and with the periodic ROLE check out of the way, only
+    // Sentinel's `+switch-master` announcement can move the store off the old master, which keeps
+    // accepting writes for about 10 s after a forced failover.
+    let master = RedisServer::start().await.unwrap();
+    let _replica = RedisServer::start_replica_of(&master).await.unwrap();
+    let sentinel = RedisSentinel::start_watching(&master, "tfswitch", 1000, 1)
+        .await
+        .unwrap();
+    let mut config = RedisConfig::sentinel(vec![sentinel.url()], sentinel.master_name());
+    config.min_replicas_acked = Some(0);
+    config.role_check_interval_ms = 600_000;
+    let store = RedisStore::connect(&config).await.unwrap();
+    let key = RecordKey::tenant("acme", "mailbox", "before");
+    store
+        .put(&key, b"x".to_vec(), Precondition::Absent)
+        .await
+        .unwrap();
+    // Let the subscriptions settle before the failover.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    sentinel.failover().await.unwrap();
+    let switched = Instant::now();
+    let new_port = loop {
+        let port = sentinel.master_port().await.unwrap();
+        if port != master.port() {
+            break port;
+        }
+        assert!(switched.elapsed() < Duration::from_secs(15), "no failover");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let mut n = 0;
+    loop {
+        n += 1;
+        let id = format!("after{n}");
+        let key = RecordKey::tenant("acme", "mailbox", &id);
+        if store
+            .put(&key, b"x".to_vec(), Precondition::Absent)
+            .await
+            .is_ok()
+        {
+            let on_new = tokenfleet_testkit::redis::command(
+                new_port,
+                &["HEXISTS", &format!("tf:{{t:acme}}:rec:mailbox:{id}"), "v"],
+            )
+            .await
+            .unwrap();
+            if on_new == "1" {
+                break;
+            }
+        }
+        assert!(
+            switched.elapsed() < Duration::from_secs(5),
+            "writes still went to the old master {:?} after the failover; the old master still \
+             says {}",
+            switched.elapsed(),
+            master.role().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        master.role().await,
+        "master",
+        "the old master was not demoted yet"
     );
 }

@@ -248,7 +248,8 @@ pub struct StoreSection {
 
 /// `[store.redis]`: the keys of the store's [`RedisConfig`] (`mode`, `urls`, `sentinel_master`,
 /// `username`, `password`, `tls`, `tls_ca_file`, `key_prefix`, `connect_timeout_ms`,
-/// `command_timeout_ms`; unknown keys are rejected) plus `password_file`, a file holding the
+/// `command_timeout_ms`, `min_replicas_acked`, `replication_timeout_ms`, `role_check_interval_ms`;
+/// unknown keys are rejected) plus `password_file`, a file holding the
 /// Redis password — the way to give it without writing it into the configuration.
 ///
 /// Kept as a table until validation so the store crate's type stays the one definition of the
@@ -949,6 +950,10 @@ backend = "embedded"
 # key_prefix = "tf"                   # lets several deployments share one Redis
 # connect_timeout_ms = 2000
 # command_timeout_ms = 2000
+# min_replicas_acked = 1              # replicas each write waits for (WAIT); default 1 in
+#                                     # sentinel mode, 0 otherwise (README: "Store durability")
+# replication_timeout_ms = 500        # how long a write waits for them
+# role_check_interval_ms = 1000       # sentinel mode: ROLE check of the master connection
 
 [seal]
 # Sealing keys encrypt secrets (client secrets, refresh tokens) before they reach the store.

@@ -12,6 +12,13 @@
 //! - schedule: `tf:{sched:refresh}`, a sorted set of members scored by due time (Unix ms); one key,
 //!   so one slot per schedule.
 //!
+//! Durability across failover: with [`RedisConfig::min_replicas_acked`] above 0 (the default in
+//! Sentinel mode) every mutation shares a pipeline with `WAIT` and is acknowledged only once that
+//! many replicas hold it, else it fails as [`StoreError::Unavailable`]; in Sentinel mode a master
+//! connection is trusted only while it answers `ROLE` master (checked on connect, on an interval,
+//! and dropped after any error or a `+switch-master` announcement). README: "Store durability
+//! across Redis failover".
+//!
 //! Every conditional write and delete is one Lua script covering record and index, so it is atomic
 //! on any topology. Stream ids are Redis ids re-printed zero-padded (`<ms:15>-<seq:10>`) so that
 //! string order is append order.
@@ -89,6 +96,22 @@ pub struct RedisConfig {
     /// Time allowed for one command's answer, in milliseconds (default 2000).
     #[serde(default = "default_command_timeout_ms")]
     pub command_timeout_ms: u64,
+    /// How many replicas must confirm every write (`WAIT`) before the store acknowledges it;
+    /// a write that fewer confirm within `replication_timeout_ms` fails as unavailable instead.
+    /// Default: 1 in `sentinel` mode (a failover promotes a replica, so a write only the master
+    /// holds can be discarded), 0 in `standalone` and `cluster` mode (set it to 1 or more for a
+    /// Cluster whose masters have replicas). See the README, "Store durability across Redis
+    /// failover".
+    #[serde(default)]
+    pub min_replicas_acked: Option<u32>,
+    /// How long a write waits for its replicas, in milliseconds (default 500; less than
+    /// `command_timeout_ms`).
+    #[serde(default = "default_replication_timeout_ms")]
+    pub replication_timeout_ms: u64,
+    /// Sentinel mode: how often the master connection is checked with `ROLE` (besides after
+    /// every error and on Sentinel's `+switch-master`), in milliseconds (default 1000).
+    #[serde(default = "default_role_check_interval_ms")]
+    pub role_check_interval_ms: u64,
 }
 
 fn default_key_prefix() -> String {
@@ -99,6 +122,12 @@ fn default_connect_timeout_ms() -> u64 {
 }
 fn default_command_timeout_ms() -> u64 {
     2000
+}
+fn default_replication_timeout_ms() -> u64 {
+    500
+}
+fn default_role_check_interval_ms() -> u64 {
+    1000
 }
 
 impl RedisConfig {
@@ -132,7 +161,17 @@ impl RedisConfig {
             key_prefix: default_key_prefix(),
             connect_timeout_ms: default_connect_timeout_ms(),
             command_timeout_ms: default_command_timeout_ms(),
+            min_replicas_acked: None,
+            replication_timeout_ms: default_replication_timeout_ms(),
+            role_check_interval_ms: default_role_check_interval_ms(),
         }
+    }
+
+    /// Replicas every write waits for: [`min_replicas_acked`](Self::min_replicas_acked), or the
+    /// mode's default.
+    pub fn replicas_to_wait(&self) -> u32 {
+        self.min_replicas_acked
+            .unwrap_or(u32::from(self.mode == RedisMode::Sentinel))
     }
 
     /// Checks the configuration without connecting; errors name the field at fault.
@@ -221,6 +260,22 @@ impl RedisConfig {
         if self.command_timeout_ms == 0 {
             return bad("command_timeout_ms", "must be greater than 0".into());
         }
+        if self.replication_timeout_ms == 0 {
+            return bad("replication_timeout_ms", "must be greater than 0".into());
+        }
+        if self.replicas_to_wait() > 0 && self.replication_timeout_ms >= self.command_timeout_ms {
+            return bad(
+                "replication_timeout_ms",
+                format!(
+                    "{} must be less than command_timeout_ms ({}): the wait for replicas is \
+                     part of a write's answer",
+                    self.replication_timeout_ms, self.command_timeout_ms
+                ),
+            );
+        }
+        if self.role_check_interval_ms == 0 {
+            return bad("role_check_interval_ms", "must be greater than 0".into());
+        }
         Ok(())
     }
 
@@ -282,6 +337,9 @@ impl fmt::Debug for RedisConfig {
             .field("key_prefix", &self.key_prefix)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("command_timeout_ms", &self.command_timeout_ms)
+            .field("min_replicas_acked", &self.min_replicas_acked)
+            .field("replication_timeout_ms", &self.replication_timeout_ms)
+            .field("role_check_interval_ms", &self.role_check_interval_ms)
             .finish()
     }
 }
@@ -341,16 +399,21 @@ impl ConnectionLike for Conn {
     }
 }
 
-/// The master's connection in Sentinel mode: asked of the sentinels again after a connection
-/// failure or a `READONLY` answer (the old master was demoted by a failover).
+/// The master's connection in Sentinel mode. A connection is trusted only while the server
+/// behind it says `ROLE` master: checked when it is opened, every
+/// [`RedisConfig::role_check_interval_ms`], and dropped (so the next call asks the sentinels
+/// again) after any error, a `READONLY` answer, a write its replicas did not confirm, or
+/// Sentinel's `+switch-master` for this master.
 struct SentinelLink {
     client: tokio::sync::Mutex<SentinelClient>,
     current: std::sync::Mutex<Option<MultiplexedConnection>>,
     config: AsyncConnectionConfig,
+    master: String,
+    command_timeout: Duration,
 }
 
 impl SentinelLink {
-    async fn connection(&self) -> Result<MultiplexedConnection, RedisError> {
+    async fn connection(&self) -> Result<MultiplexedConnection, String> {
         if let Some(conn) = self.cached() {
             return Ok(conn);
         }
@@ -359,13 +422,29 @@ impl SentinelLink {
         if let Some(conn) = self.cached() {
             return Ok(conn);
         }
-        let conn = client
+        let mut conn = client
             .get_async_connection_with_config(&self.config)
-            .await?;
+            .await
+            .map_err(|e| e.to_string())?;
+        // The sentinels may still name a master that a failover has just demoted.
+        if !self.is_master(&mut conn).await {
+            return Err(format!(
+                "the server the sentinels name as master `{}` is not (yet) a master",
+                self.master
+            ));
+        }
         if let Ok(mut current) = self.current.lock() {
             *current = Some(conn.clone());
         }
         Ok(conn)
+    }
+
+    /// Whether the server behind `conn` answers `ROLE` with `master` in time.
+    async fn is_master(&self, conn: &mut MultiplexedConnection) -> bool {
+        let role =
+            tokio::time::timeout(self.command_timeout, redis::cmd("ROLE").query_async(conn)).await;
+        matches!(role, Ok(Ok(Value::Array(items)))
+            if items.first().and_then(|v| bytes_of(v.clone())).as_deref() == Some(b"master"))
     }
 
     fn cached(&self) -> Option<MultiplexedConnection> {
@@ -376,6 +455,69 @@ impl SentinelLink {
         if let Ok(mut current) = self.current.lock() {
             *current = None;
         }
+    }
+}
+
+/// Checks the trusted master connection's `ROLE` every `interval` until the link is dropped.
+async fn watch_role(link: std::sync::Weak<SentinelLink>, interval: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(link) = link.upgrade() else { return };
+        let Some(mut conn) = link.cached() else {
+            continue;
+        };
+        if !link.is_master(&mut conn).await {
+            tracing::warn!(
+                master = %link.master,
+                "redis master connection no longer answers ROLE master; asking the sentinels again"
+            );
+            link.forget();
+        }
+    }
+}
+
+/// Follows one sentinel's `+switch-master` announcements for the link's master, dropping the
+/// master connection at once when it moves; reconnects to the sentinel until the link is dropped.
+async fn watch_switch_master(link: std::sync::Weak<SentinelLink>, sentinel: Client) {
+    use futures::StreamExt;
+    const RETRY: Duration = Duration::from_secs(1);
+    loop {
+        let Some(master) = link.upgrade().map(|l| l.master.clone()) else {
+            return;
+        };
+        let subscribed = async {
+            let mut pubsub = sentinel.get_async_pubsub().await?;
+            pubsub.subscribe("+switch-master").await?;
+            Ok::<_, RedisError>(pubsub)
+        };
+        let pubsub = match tokio::time::timeout(RETRY * 2, subscribed).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+        };
+        let mut messages = pubsub.into_on_message();
+        loop {
+            tokio::select! {
+                msg = messages.next() => {
+                    let Some(msg) = msg else { break };
+                    // `<master name> <old ip> <old port> <new ip> <new port>`
+                    let payload: String = msg.get_payload().unwrap_or_default();
+                    if payload.split(' ').next() == Some(master.as_str()) {
+                        let Some(link) = link.upgrade() else { return };
+                        tracing::warn!(%master, switch = %payload, "sentinel announced a new redis master");
+                        link.forget();
+                    }
+                }
+                () = tokio::time::sleep(RETRY) => {
+                    if link.strong_count() == 0 {
+                        return;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(RETRY).await;
     }
 }
 
@@ -394,6 +536,10 @@ pub struct RedisStore {
     /// Where it connects, without credentials, for Debug and messages.
     target: Arc<str>,
     op_timeout: Duration,
+    /// Replicas every write waits for (`WAIT`); 0: none.
+    replicas: u32,
+    /// How long a write waits for them.
+    replication_timeout: Duration,
 }
 
 impl fmt::Debug for RedisStore {
@@ -406,9 +552,7 @@ impl fmt::Debug for RedisStore {
     }
 }
 
-static PUT: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
-    Script::new(
-        r"
+const PUT: &str = r"
 local cur = redis.call('HGET', KEYS[1], 'v')
 local mode = ARGV[1]
 if mode == 'absent' and cur then return {1, tonumber(cur)} end
@@ -418,13 +562,9 @@ local v = redis.call('HINCRBY', KEYS[1], 'v', 1)
 redis.call('HSET', KEYS[1], 'd', ARGV[3])
 redis.call('ZADD', KEYS[2], 0, ARGV[4])
 return {0, v}
-",
-    )
-});
+";
 
-static DELETE: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
-    Script::new(
-        r"
+const DELETE: &str = r"
 local cur = redis.call('HGET', KEYS[1], 'v')
 local mode = ARGV[1]
 if mode == 'absent' and cur then return {1, tonumber(cur)} end
@@ -434,9 +574,7 @@ if not cur then return {0, 0} end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[3])
 return {0, 1}
-",
-    )
-});
+";
 
 // The record keys are built from the index key's scope prefix, so they share its hash tag.
 static LIST: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
@@ -455,9 +593,7 @@ return out
     )
 });
 
-static TRY_LEASE: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
-    Script::new(
-        r"
+const TRY_LEASE: &str = r"
 local cur = redis.call('GET', KEYS[1])
 if cur == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -469,21 +605,15 @@ if cur then return 0 end
 local f = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return f
-",
-    )
-});
+";
 
-static RELEASE_LEASE: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
-    Script::new(
-        r"
+const RELEASE_LEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   return 1
 end
 return 0
-",
-    )
-});
+";
 
 /// Escapes what would end or confuse a hash tag.
 fn escape_tag(s: &str) -> String {
@@ -652,6 +782,7 @@ impl RedisStore {
                 let master = config.sentinel_master.clone().unwrap_or_default();
                 let mut sentinels = Vec::with_capacity(config.urls.len());
                 let mut sentinel_auth = None;
+                let mut sentinel_infos = Vec::with_capacity(config.urls.len());
                 for (i, url) in config.urls.iter().enumerate() {
                     let info = url
                         .as_str()
@@ -665,7 +796,9 @@ impl RedisStore {
                         ));
                     }
                     sentinels.push(info.addr().clone());
+                    sentinel_infos.push(info);
                 }
+                let sentinel_certs = certs.clone();
                 let sentinel_tls = config.urls.iter().any(|u| u.starts_with("rediss://"));
                 let mut builder =
                     SentinelClientBuilder::new(sentinels, &master, SentinelServerType::Master)
@@ -707,7 +840,22 @@ impl RedisStore {
                     config: AsyncConnectionConfig::new()
                         .set_connection_timeout(Some(connect_timeout))
                         .set_response_timeout(Some(command_timeout)),
+                    master: master.clone(),
+                    command_timeout,
                 });
+                tokio::spawn(watch_role(
+                    Arc::downgrade(&link),
+                    Duration::from_millis(config.role_check_interval_ms),
+                ));
+                for (i, info) in sentinel_infos.into_iter().enumerate() {
+                    let sentinel = match (&sentinel_certs, config.urls[i].starts_with("rediss://"))
+                    {
+                        (Some(certs), true) => Client::build_with_tls(info, certs.clone()),
+                        _ => Client::open(info),
+                    }
+                    .map_err(|e| StoreError::Config(format!("redis.urls[{i}]: {e}")))?;
+                    tokio::spawn(watch_switch_master(Arc::downgrade(&link), sentinel));
+                }
                 tokio::time::timeout(connect_timeout * 4, link.connection())
                     .await
                     .map_err(|_| {
@@ -731,6 +879,8 @@ impl RedisStore {
             target: target.into(),
             // Room for a reconnect plus a script's EVALSHA/EVAL round trips.
             op_timeout: connect_timeout + command_timeout * 2,
+            replicas: config.replicas_to_wait(),
+            replication_timeout: Duration::from_millis(config.replication_timeout_ms),
         })
     }
 
@@ -741,7 +891,10 @@ impl RedisStore {
             Backend::Sentinel(link) => {
                 match tokio::time::timeout(self.op_timeout, link.connection()).await {
                     Ok(Ok(c)) => Ok(Conn::Plain(c)),
-                    Ok(Err(e)) => Err(self.unavailable(&e)),
+                    Ok(Err(e)) => Err(StoreError::Unavailable(format!(
+                        "redis at {}: {e}",
+                        self.target
+                    ))),
                     Err(_) => Err(StoreError::Unavailable(format!(
                         "redis at {}: no master connection within {} ms",
                         self.target,
@@ -756,18 +909,93 @@ impl RedisStore {
         StoreError::Unavailable(format!("redis at {}: {e}", self.target))
     }
 
-    /// Maps a failed command; in Sentinel mode a broken or demoted master is looked up again.
+    /// Maps a failed command; in Sentinel mode the connection is no longer trusted after any
+    /// error (a broken or demoted master is looked up again, and a new connection must answer
+    /// `ROLE` master).
     fn failed(&self, e: &RedisError) -> StoreError {
-        if let Backend::Sentinel(link) = &*self.backend
-            && (e.is_unrecoverable_error()
-                || e.is_io_error()
-                || e.is_connection_dropped()
-                || e.is_timeout()
-                || e.code() == Some("READONLY"))
-        {
+        if let Backend::Sentinel(link) = &*self.backend {
             link.forget();
         }
         self.unavailable(e)
+    }
+
+    /// Runs one mutation. With replicas to wait for, it is pipelined with `WAIT` on the same
+    /// connection (in Cluster the pipeline goes to the key's master): the store acknowledges it
+    /// only if enough replicas confirm it in time, and otherwise fails as unavailable, since a
+    /// failover could discard a write only the master holds. The write may still have been
+    /// applied (and may survive): callers retry with their preconditions, as after any
+    /// unavailable answer.
+    async fn write(&self, cmd: &Cmd) -> StoreResult<Value> {
+        if self.replicas == 0 {
+            return self.query(cmd).await;
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd.clone()).add_command(
+            redis::cmd("WAIT")
+                .arg(self.replicas)
+                .arg(u64::try_from(self.replication_timeout.as_millis()).unwrap_or(u64::MAX))
+                .clone(),
+        );
+        let mut conn = self.conn().await?;
+        let answer = tokio::time::timeout(
+            self.op_timeout + self.replication_timeout,
+            pipe.query_async::<Vec<Value>>(&mut conn),
+        )
+        .await;
+        let mut answers = match answer {
+            Ok(Ok(v)) => v.into_iter(),
+            Ok(Err(e)) => return Err(self.failed(&e)),
+            Err(_) => return Err(self.timed_out()),
+        };
+        let (Some(value), Some(acked)) = (answers.next(), answers.next()) else {
+            return Err(StoreError::Unavailable(format!(
+                "redis at {}: a write and its WAIT got fewer than two answers",
+                self.target
+            )));
+        };
+        let acked = match acked {
+            Value::Int(n) => n,
+            Value::ServerError(e) => {
+                return Err(StoreError::Unavailable(format!(
+                    "redis at {}: WAIT failed: {e:?}",
+                    self.target
+                )));
+            }
+            other => {
+                return Err(StoreError::Unavailable(format!(
+                    "redis at {}: WAIT answered {other:?}",
+                    self.target
+                )));
+            }
+        };
+        if acked < i64::from(self.replicas) {
+            // The master may have lost its replicas to a failover: look it up again.
+            if let Backend::Sentinel(link) = &*self.backend {
+                link.forget();
+            }
+            return Err(StoreError::Unavailable(format!(
+                "redis at {}: write confirmed by {acked} of the {} replicas required within \
+                 {} ms; not acknowledged, as a failover could discard it",
+                self.target,
+                self.replicas,
+                self.replication_timeout.as_millis()
+            )));
+        }
+        if let Value::ServerError(e) = value {
+            return Err(StoreError::Unavailable(format!(
+                "redis at {}: {e:?}",
+                self.target
+            )));
+        }
+        Ok(value)
+    }
+
+    /// The start of a script's `EVAL` command with `keys` keys (so a write script can share a
+    /// pipeline with `WAIT`); the caller adds the keys, then the arguments.
+    fn eval(source: &str, keys: usize) -> Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(source).arg(keys);
+        cmd
     }
 
     fn timed_out(&self) -> StoreError {
@@ -878,14 +1106,17 @@ impl Store for RedisStore {
         );
         let idx = self.index_key(&key.scope, key.collection);
         let (mode, expected) = precondition_args(pre);
-        let mut inv = PUT.prepare_invoke();
-        inv.key(&rec)
-            .key(&idx)
-            .arg(mode)
-            .arg(expected)
-            .arg(data)
-            .arg(&key.id);
-        let answer = self.invoke(&inv).await?;
+        let answer = self
+            .write(
+                Self::eval(PUT, 2)
+                    .arg(&rec)
+                    .arg(&idx)
+                    .arg(mode)
+                    .arg(expected)
+                    .arg(data)
+                    .arg(&key.id),
+            )
+            .await?;
         precondition_result(key, pre, self.decode(key, answer)?)
     }
 
@@ -898,9 +1129,16 @@ impl Store for RedisStore {
         );
         let idx = self.index_key(&key.scope, key.collection);
         let (mode, expected) = precondition_args(pre);
-        let mut inv = DELETE.prepare_invoke();
-        inv.key(&rec).key(&idx).arg(mode).arg(expected).arg(&key.id);
-        let answer = self.invoke(&inv).await?;
+        let answer = self
+            .write(
+                Self::eval(DELETE, 2)
+                    .arg(&rec)
+                    .arg(&idx)
+                    .arg(mode)
+                    .arg(expected)
+                    .arg(&key.id),
+            )
+            .await?;
         Ok(precondition_result(key, pre, self.decode(key, answer)?)? == 1)
     }
 
@@ -986,7 +1224,7 @@ impl Store for RedisStore {
         Self::check_name("stream", stream)?;
         let key = self.stream_key(scope, stream);
         let answer = self
-            .query(
+            .write(
                 redis::cmd("XADD")
                     .arg(&key)
                     .arg("MAXLEN")
@@ -1014,7 +1252,7 @@ impl Store for RedisStore {
         Self::check_name("stream", stream)?;
         // Redis stream ids are `<ms>-<seq>` from the server's clock: MINID drops every older one.
         let answer = self
-            .query(
+            .write(
                 redis::cmd("XTRIM")
                     .arg(self.stream_key(scope, stream))
                     .arg("MINID")
@@ -1089,9 +1327,15 @@ impl Store for RedisStore {
         }
         let (owner_key, fence_key) = self.lease_keys(name);
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let mut inv = TRY_LEASE.prepare_invoke();
-        inv.key(&owner_key).key(&fence_key).arg(owner).arg(ttl_ms);
-        let answer = self.invoke(&inv).await?;
+        let answer = self
+            .write(
+                Self::eval(TRY_LEASE, 2)
+                    .arg(&owner_key)
+                    .arg(&fence_key)
+                    .arg(owner)
+                    .arg(ttl_ms),
+            )
+            .await?;
         let fence: i64 = self.decode(&format!("lease {name}"), answer)?;
         Ok(u64::try_from(fence)
             .ok()
@@ -1105,16 +1349,16 @@ impl Store for RedisStore {
 
     async fn release_lease(&self, name: &str, owner: &str) -> StoreResult<bool> {
         let (owner_key, _) = self.lease_keys(name);
-        let mut inv = RELEASE_LEASE.prepare_invoke();
-        inv.key(&owner_key).arg(owner);
-        let answer = self.invoke(&inv).await?;
+        let answer = self
+            .write(Self::eval(RELEASE_LEASE, 1).arg(&owner_key).arg(owner))
+            .await?;
         let released: i64 = self.decode(&format!("lease {name}"), answer)?;
         Ok(released == 1)
     }
 
     async fn schedule(&self, name: &'static str, member: &str, due_ms: i64) -> StoreResult<()> {
         crate::check_schedule(name, Some(due_ms))?;
-        self.query(
+        self.write(
             redis::cmd("ZADD")
                 .arg(self.schedule_key(name))
                 .arg(due_ms)
@@ -1126,7 +1370,7 @@ impl Store for RedisStore {
 
     async fn unschedule(&self, name: &'static str, member: &str) -> StoreResult<()> {
         crate::check_schedule(name, None)?;
-        self.query(redis::cmd("ZREM").arg(self.schedule_key(name)).arg(member))
+        self.write(redis::cmd("ZREM").arg(self.schedule_key(name)).arg(member))
             .await?;
         Ok(())
     }
@@ -1227,6 +1471,30 @@ mod tests {
         let mut c = RedisConfig::standalone("redis://127.0.0.1");
         c.command_timeout_ms = 0;
         assert!(err(c).contains("redis.command_timeout_ms"));
+        // The wait for replicas must fit in a command's answer.
+        let mut c = RedisConfig::sentinel(vec!["redis://127.0.0.1:26379".into()], "m");
+        c.replication_timeout_ms = 2000;
+        assert!(err(c).contains("redis.replication_timeout_ms"));
+        let mut c = RedisConfig::standalone("redis://127.0.0.1");
+        c.role_check_interval_ms = 0;
+        assert!(err(c).contains("redis.role_check_interval_ms"));
+    }
+
+    #[test]
+    fn writes_wait_for_a_replica_by_default_only_in_sentinel_mode() {
+        let sentinel = RedisConfig::sentinel(vec!["redis://127.0.0.1:26379".into()], "m");
+        assert_eq!(sentinel.replicas_to_wait(), 1);
+        assert_eq!(RedisConfig::standalone("redis://x").replicas_to_wait(), 0);
+        let mut cluster = RedisConfig::cluster(vec!["redis://127.0.0.1:1".into()]);
+        assert_eq!(cluster.replicas_to_wait(), 0);
+        cluster.min_replicas_acked = Some(2);
+        assert_eq!(cluster.replicas_to_wait(), 2);
+        let c: RedisConfig = serde_json::from_str(
+            r#"{"mode":"sentinel","urls":["redis://127.0.0.1:1"],"sentinel_master":"m",
+                "min_replicas_acked":0,"replication_timeout_ms":250}"#,
+        )
+        .unwrap();
+        assert_eq!((c.replicas_to_wait(), c.replication_timeout_ms), (0, 250));
     }
 
     #[test]
