@@ -103,7 +103,10 @@ async fn tenant_status(
             let report = reports
                 .get(&device.name)
                 .filter(|s| s.agent == device.agent);
-            device_status(&device, agents.get(&device.agent), presence, report, now)
+            let mut status =
+                device_status(&device, agents.get(&device.agent), presence, report, now);
+            flag_insecure_token_transport(&device, &mut status);
+            status
         })
         .collect())
 }
@@ -182,6 +185,21 @@ fn device_status(
     }
     out.status = Some(status);
     out
+}
+
+/// A device whose profile lets tokens leave in clear text (`insecure_allow_cleartext_tokens`)
+/// says so in its problem, whatever its health.
+fn flag_insecure_token_transport(device: &Device, out: &mut pb::FleetDeviceStatus) {
+    let warnings = crate::convert::cleartext_token_warnings(device);
+    if warnings.is_empty() {
+        return;
+    }
+    let insecure = warnings.join("; ");
+    out.problem = if out.problem.is_empty() {
+        insecure
+    } else {
+        format!("{}; {insecure}", out.problem)
+    };
 }
 
 /// A duration as people read it: `45s`, `4m 10s`, `3h 5m`, `2d 4h` (negative counts as 0).
