@@ -842,6 +842,7 @@ async fn grpc_advertises_and_enforces_the_stream_limit_and_ends_half_open_calls(
     // Others are still served meanwhile.
     assert_eq!(health(grpc).await, Some(ServingStatus::Serving));
 
+    drop(s);
     sigterm(&child);
     assert_eq!(wait_exit(&mut child).await.code(), Some(0));
 }
