@@ -696,7 +696,11 @@ async fn a_graph_device_gets_a_token_for_the_graph_audience_through_the_real_age
     .await;
     assert!(request.authorized);
     assert!(request.user.eq_ignore_ascii_case(ADDRESS), "{request:?}");
-    let refused: Vec<_> = api.requests().into_iter().filter(|r| r.status == 401).collect();
+    let refused: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.status == 401)
+        .collect();
     assert!(refused.is_empty(), "Graph refused a token: {refused:?}");
     assert!(api.violations().is_empty(), "{:?}", api.violations());
 
@@ -709,7 +713,9 @@ async fn a_graph_device_gets_a_token_for_the_graph_audience_through_the_real_age
         .filter_map(|r| r.param("scope").map(str::to_owned))
         .collect();
     assert!(
-        scopes.iter().any(|s| s == tokenfleet_providers::MS_GRAPH_APP_ONLY),
+        scopes
+            .iter()
+            .any(|s| s == tokenfleet_providers::MS_GRAPH_APP_ONLY),
         "no Graph token was requested: {scopes:?}"
     );
     let introspections = site.fake.requests_to(Endpoint::Introspect);
@@ -742,7 +748,8 @@ async fn the_agent_refuses_to_send_tokens_in_clear_to_other_hosts() {
     let plain = SmtpDelivery::new(SmtpSettings::new("smtp.invalid", 25, Security::None));
     let err = plain.send(msg, &creds(MAILBOX, TOKEN)).await.unwrap_err();
     assert!(
-        err.final_reply.contains("refusing to send the access token in clear text"),
+        err.final_reply
+            .contains("refusing to send the access token in clear text"),
         "{}",
         err.final_reply
     );
@@ -756,7 +763,8 @@ async fn the_agent_refuses_to_send_tokens_in_clear_to_other_hosts() {
         .await
         .unwrap_err();
     assert!(
-        err.final_reply.contains("smtp.skip_certificate_verification"),
+        err.final_reply
+            .contains("smtp.skip_certificate_verification"),
         "{}",
         err.final_reply
     );

@@ -503,12 +503,22 @@ async fn cleartext_token_profiles_are_refused_unless_loudly_allowed() {
     .await;
     assert_eq!(code, 0, "{stderr}");
     let (code, stdout, stderr) = run(vec![
-        "device", "show", "--tenant", "acme", "--name", "lab-relay", "-o", "json",
+        "device",
+        "show",
+        "--tenant",
+        "acme",
+        "--name",
+        "lab-relay",
+        "-o",
+        "json",
     ])
     .await;
     assert_eq!(code, 0, "{stderr}");
     let shown: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(shown["smtp"]["insecure_allow_cleartext_tokens"], true, "{shown}");
+    assert_eq!(
+        shown["smtp"]["insecure_allow_cleartext_tokens"], true,
+        "{shown}"
+    );
     let (_, table, _) = run(vec!["device", "list", "--tenant", "acme"]).await;
     let row = table.lines().find(|l| l.contains("lab-relay")).unwrap();
     assert!(row.contains("INSECURE-CLEARTEXT-TOKENS"), "{table}");
@@ -525,10 +535,8 @@ async fn cleartext_token_profiles_are_refused_unless_loudly_allowed() {
         "the audit entry names the insecure setting: {stdout}"
     );
 
-    let (code, stdout, stderr) = run(vec![
-        "fleet", "status", "--tenant", "acme", "-o", "json",
-    ])
-    .await;
+    let (code, stdout, stderr) =
+        run(vec!["fleet", "status", "--tenant", "acme", "-o", "json"]).await;
     assert_eq!(code, 0, "{stderr}");
     let fleet: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let problem = |device: &str| {

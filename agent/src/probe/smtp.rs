@@ -217,11 +217,9 @@ pub fn smtp_finding(e: SmtpError) -> Finding {
     match e {
         SmtpError::Timeout { what, peer, after } => timeout_finding(&what, &peer, after),
         SmtpError::Tls(tls) => classify_tls_error("the server", &tls, &Default::default()),
-        SmtpError::CleartextToken(reason) => Finding::new(
-            ConnectionVerdict::TlsFailed,
-            reason,
-            CLEARTEXT_TOKEN_FIX,
-        ),
+        SmtpError::CleartextToken(reason) => {
+            Finding::new(ConnectionVerdict::TlsFailed, reason, CLEARTEXT_TOKEN_FIX)
+        }
         SmtpError::StartTlsNotOffered { .. } => Finding::new(
             ConnectionVerdict::TlsFailed,
             e.to_string(),

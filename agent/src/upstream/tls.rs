@@ -300,9 +300,18 @@ mod tests {
     #[test]
     fn tokens_go_in_clear_only_to_loopback_or_when_the_profile_says_so() {
         let strict = TlsSettings::default();
-        for host in ["127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost", "LocalHost"] {
+        for host in [
+            "127.0.0.1",
+            "127.8.9.10",
+            "::1",
+            "[::1]",
+            "localhost",
+            "LocalHost",
+        ] {
             assert!(is_loopback_host(host), "{host}");
-            strict.check_token_transport("smtp", host, 25, false).unwrap();
+            strict
+                .check_token_transport("smtp", host, 25, false)
+                .unwrap();
         }
         for host in ["mail.lan", "10.0.0.5", "0.0.0.0", "localhost.example", "::"] {
             assert!(!is_loopback_host(host), "{host}");
@@ -311,7 +320,9 @@ mod tests {
                 .unwrap_err();
             assert!(e.contains("smtp.security none"), "{e}");
             assert!(e.contains("smtp.insecure_allow_cleartext_tokens"), "{e}");
-            strict.check_token_transport("fetch", host, 995, true).unwrap();
+            strict
+                .check_token_transport("fetch", host, 995, true)
+                .unwrap();
         }
         let unverified = TlsSettings {
             skip_verification: true,
@@ -329,8 +340,12 @@ mod tests {
             allow_cleartext_tokens: true,
             ..TlsSettings::default()
         };
-        allowed.check_token_transport("smtp", "mail.lan", 25, false).unwrap();
-        allowed.check_token_transport("smtp", "mail.lan", 465, true).unwrap();
+        allowed
+            .check_token_transport("smtp", "mail.lan", 25, false)
+            .unwrap();
+        allowed
+            .check_token_transport("smtp", "mail.lan", 465, true)
+            .unwrap();
     }
 
     #[test]

@@ -836,8 +836,14 @@ fn fetch_exposure(f: &dom::FetchProfile) -> Option<(String, String)> {
 /// surface. Empty for a device that sends tokens only over verified TLS or to loopback.
 pub fn cleartext_token_warnings(d: &dom::Device) -> Vec<String> {
     [
-        (smtp_exposure(&d.smtp), d.smtp.insecure_allow_cleartext_tokens),
-        (fetch_exposure(&d.fetch), d.fetch.insecure_allow_cleartext_tokens),
+        (
+            smtp_exposure(&d.smtp),
+            d.smtp.insecure_allow_cleartext_tokens,
+        ),
+        (
+            fetch_exposure(&d.fetch),
+            d.fetch.insecure_allow_cleartext_tokens,
+        ),
     ]
     .into_iter()
     .filter_map(|(exposure, allowed)| {
@@ -1651,7 +1657,10 @@ mod tests {
             .unwrap();
             // (The fixture's fetch profile is the insecure one.)
             let warnings = cleartext_token_warnings(&d);
-            assert!(warnings.iter().all(|w| !w.contains("device.smtp")), "{warnings:?}");
+            assert!(
+                warnings.iter().all(|w| !w.contains("device.smtp")),
+                "{warnings:?}"
+            );
         }
         with_smtp(&|s| {
             s.method = pb::SendMethod::Graph as i32;
@@ -1667,12 +1676,20 @@ mod tests {
         assert!(d.smtp.insecure_allow_cleartext_tokens);
         let warnings = cleartext_token_warnings(&d);
         assert_eq!(warnings.len(), 2, "{warnings:?}");
-        assert!(warnings[0].starts_with("INSECURE: device.smtp.security"), "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("INSECURE: device.smtp.security"),
+            "{warnings:?}"
+        );
         assert!(
             warnings[1].starts_with("INSECURE: device.fetch.skip_certificate_verification"),
             "{warnings:?}"
         );
-        assert!(device_to_proto(&d, 1).smtp.unwrap().insecure_allow_cleartext_tokens);
+        assert!(
+            device_to_proto(&d, 1)
+                .smtp
+                .unwrap()
+                .insecure_allow_cleartext_tokens
+        );
     }
 
     #[test]

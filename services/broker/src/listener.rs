@@ -124,7 +124,8 @@ impl Acceptor {
             };
             match self.slots.clone().try_acquire_owned() {
                 Ok(slot) => {
-                    let _ = io.set_nodelay(true);
+                    // TCP options stay as the listener gave them (as tonic's own
+                    // `TcpListenerStream` path does).
                     return LimitedStream { io, _slot: slot };
                 }
                 Err(_) => {

@@ -705,13 +705,20 @@ mod raw_h2 {
         let mut frames = Vec::new();
         let mut at = 0;
         while buf.len() >= at + 9 {
-            let len = (usize::from(buf[at]) << 16) | (usize::from(buf[at + 1]) << 8) | usize::from(buf[at + 2]);
+            let len = (usize::from(buf[at]) << 16)
+                | (usize::from(buf[at + 1]) << 8)
+                | usize::from(buf[at + 2]);
             if buf.len() < at + 9 + len {
                 break;
             }
             let stream = u32::from_be_bytes([buf[at + 5], buf[at + 6], buf[at + 7], buf[at + 8]])
                 & 0x7fff_ffff;
-            frames.push((buf[at + 3], buf[at + 4], stream, buf[at + 9..at + 9 + len].to_vec()));
+            frames.push((
+                buf[at + 3],
+                buf[at + 4],
+                stream,
+                buf[at + 9..at + 9 + len].to_vec(),
+            ));
             at += 9 + len;
         }
         frames
@@ -826,7 +833,11 @@ async fn grpc_advertises_and_enforces_the_stream_limit_and_ends_half_open_calls(
         })
         .map(|(_, _, stream, _)| *stream)
         .collect();
-    assert_eq!(refused.len(), 7, "streams refused: {refused:?} (frames {frames:?})");
+    assert_eq!(
+        refused.len(),
+        7,
+        "streams refused: {refused:?} (frames {frames:?})"
+    );
     // The 5 accepted half-open calls are answered (timed out) within the request timeout
     // instead of being held forever.
     let answered: std::collections::BTreeSet<u32> = frames

@@ -1056,9 +1056,15 @@ async fn graph_tokens_are_minted_per_resource_from_one_grant_and_cached_apart() 
     let rt0 = env.consented_mailbox("scan").await;
     let want = Duration::from_secs(300);
 
-    let mail = env.service.access_token(TENANT, "scan", want).await.unwrap();
+    let mail = env
+        .service
+        .access_token(TENANT, "scan", want)
+        .await
+        .unwrap();
     assert_eq!(
-        env.fake.token_audience(mail.access_token.expose()).as_deref(),
+        env.fake
+            .token_audience(mail.access_token.expose())
+            .as_deref(),
         Some("https://outlook.office.com")
     );
     assert!(env.refreshes().is_empty());
@@ -1069,19 +1075,28 @@ async fn graph_tokens_are_minted_per_resource_from_one_grant_and_cached_apart() 
         .await
         .unwrap();
     assert_eq!(
-        env.fake.token_audience(graph.access_token.expose()).as_deref(),
+        env.fake
+            .token_audience(graph.access_token.expose())
+            .as_deref(),
         Some("https://graph.microsoft.com"),
         "a token for Graph, not for Exchange Online"
     );
     assert_eq!(graph.sasl_username, Env::address("scan"));
-    assert_eq!(env.refreshes(), vec![rt0.clone()], "the one refresh token redeemed");
+    assert_eq!(
+        env.refreshes(),
+        vec![rt0.clone()],
+        "the one refresh token redeemed"
+    );
     let scope = env
         .fake
         .requests_to(Endpoint::MicrosoftToken)
         .last()
         .and_then(|r| r.param("scope").map(str::to_owned))
         .unwrap();
-    assert_eq!(scope, "https://graph.microsoft.com/Mail.Send offline_access");
+    assert_eq!(
+        scope,
+        "https://graph.microsoft.com/Mail.Send offline_access"
+    );
     // The rotated refresh token is the grant's now.
     let g = env.grant("scan").await;
     let rt1 = env.open(&g, GrantField::RefreshToken);
@@ -1096,7 +1111,11 @@ async fn graph_tokens_are_minted_per_resource_from_one_grant_and_cached_apart() 
         .await
         .unwrap();
     assert_eq!(again.access_token.expose(), graph.access_token.expose());
-    let mail_again = env.service.access_token(TENANT, "scan", want).await.unwrap();
+    let mail_again = env
+        .service
+        .access_token(TENANT, "scan", want)
+        .await
+        .unwrap();
     assert_eq!(mail_again.access_token.expose(), mail.access_token.expose());
     assert_eq!(env.refreshes().len(), 1);
 
@@ -1115,18 +1134,39 @@ async fn graph_tokens_are_minted_per_resource_from_one_grant_and_cached_apart() 
         .put(&d, Precondition::Version(stored.version))
         .await
         .unwrap();
-    let via_graph = issue(&env.service, "agent:t", TENANT, "mfp-graph", "scan", MailPurpose::Send)
-        .await
-        .unwrap();
+    let via_graph = issue(
+        &env.service,
+        "agent:t",
+        TENANT,
+        "mfp-graph",
+        "scan",
+        MailPurpose::Send,
+    )
+    .await
+    .unwrap();
     assert_eq!(via_graph.access_token.expose(), graph.access_token.expose());
-    let via_smtp = issue(&env.service, "agent:t", TENANT, "mfp-smtp", "scan", MailPurpose::Send)
-        .await
-        .unwrap();
+    let via_smtp = issue(
+        &env.service,
+        "agent:t",
+        TENANT,
+        "mfp-smtp",
+        "scan",
+        MailPurpose::Send,
+    )
+    .await
+    .unwrap();
     assert_eq!(via_smtp.access_token.expose(), mail.access_token.expose());
     // Fetching with a Graph device still uses the mail protocols.
-    let pop = issue(&env.service, "agent:t", TENANT, "mfp-graph", "scan", MailPurpose::Pop)
-        .await
-        .unwrap();
+    let pop = issue(
+        &env.service,
+        "agent:t",
+        TENANT,
+        "mfp-graph",
+        "scan",
+        MailPurpose::Pop,
+    )
+    .await
+    .unwrap();
     assert_eq!(pop.access_token.expose(), mail.access_token.expose());
 
     // App-only: client credentials for Graph's `.default`.
@@ -1140,7 +1180,9 @@ async fn graph_tokens_are_minted_per_resource_from_one_grant_and_cached_apart() 
         .await
         .unwrap();
     assert_eq!(
-        env.fake.token_audience(app.access_token.expose()).as_deref(),
+        env.fake
+            .token_audience(app.access_token.expose())
+            .as_deref(),
         Some("https://graph.microsoft.com")
     );
     let scope = env

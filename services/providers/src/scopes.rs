@@ -377,7 +377,11 @@ mod tests {
             TokenResource::MicrosoftGraph,
         )
         .unwrap_err();
-        assert!(e.reason.contains("Microsoft Graph needs a Microsoft provider"), "{e}");
+        assert!(
+            e.reason
+                .contains("Microsoft Graph needs a Microsoft provider"),
+            "{e}"
+        );
         for r in TokenResource::ALL {
             assert_eq!(TokenResource::parse(r.as_str()), Some(r));
         }

@@ -43,7 +43,10 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 #[derive(Debug, Parser)]
-#[command(name = "bench-broker-abuse", about = "The broker under half-open HTTP/2 streams and slow HTTP clients")]
+#[command(
+    name = "bench-broker-abuse",
+    about = "The broker under half-open HTTP/2 streams and slow HTTP clients"
+)]
 struct Args {
     /// Half-open HTTP/2 streams to attempt with the `h2` client (and again as raw frames).
     #[arg(long, default_value_t = 20_000)]
@@ -127,7 +130,12 @@ fn write_config(dir: &Path, grpc: u16, http: u16, limits: &str) -> Result<PathBu
 
 /// The `h2` client's half-open streams: `(opened, held back by the server's limit)`. The
 /// connections and streams stay open until `stop`.
-async fn polite_streams(port: u16, total: u32, connections: u32, stop: Arc<AtomicBool>) -> (u32, u32) {
+async fn polite_streams(
+    port: u16,
+    total: u32,
+    connections: u32,
+    stop: Arc<AtomicBool>,
+) -> (u32, u32) {
     let per_connection = total.div_ceil(connections.max(1));
     let mut tasks = Vec::new();
     for _ in 0..connections.max(1) {
@@ -148,7 +156,8 @@ async fn polite_streams(port: u16, total: u32, connections: u32, stop: Arc<Atomi
             let mut held = Vec::new();
             let mut opened = 0u32;
             for _ in 0..per_connection {
-                let ready = tokio::time::timeout(Duration::from_secs(2), send.clone().ready()).await;
+                let ready =
+                    tokio::time::timeout(Duration::from_secs(2), send.clone().ready()).await;
                 let Ok(Ok(mut ready)) = ready else {
                     break;
                 };
@@ -187,7 +196,11 @@ async fn polite_streams(port: u16, total: u32, connections: u32, stop: Arc<Atomi
 
 /// `n` streams as raw frames on one connection, ignoring the server's SETTINGS:
 /// `(refused with REFUSED_STREAM, answered by the server, advertised max streams)`.
-async fn hostile_streams(port: u16, n: u32, stop: Arc<AtomicBool>) -> Result<(u64, u64, Option<u32>)> {
+async fn hostile_streams(
+    port: u16,
+    n: u32,
+    stop: Arc<AtomicBool>,
+) -> Result<(u64, u64, Option<u32>)> {
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let len = payload.len() as u32;
         let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
@@ -238,7 +251,9 @@ async fn hostile_streams(port: u16, n: u32, stop: Arc<AtomicBool>) -> Result<(u6
         }
         let mut at = 0;
         while buf.len() >= at + 9 {
-            let len = (usize::from(buf[at]) << 16) | (usize::from(buf[at + 1]) << 8) | usize::from(buf[at + 2]);
+            let len = (usize::from(buf[at]) << 16)
+                | (usize::from(buf[at + 1]) << 8)
+                | usize::from(buf[at + 2]);
             if buf.len() < at + 9 + len {
                 break;
             }
@@ -274,8 +289,7 @@ async fn slow_clients(port: u16, n: u32, stop: Arc<AtomicBool>) -> Vec<Option<Du
             let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await else {
                 return Some(Duration::ZERO);
             };
-            if s
-                .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
                 .await
                 .is_err()
             {
@@ -284,12 +298,18 @@ async fn slow_clients(port: u16, n: u32, stop: Arc<AtomicBool>) -> Vec<Option<Du
             let mut i = 0u64;
             let mut buf = [0u8; 512];
             while !stop.load(Ordering::Relaxed) {
-                match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
-                    Ok(_) => return Some(started.elapsed()),
-                    Err(_) => {}
+                // Anything read (EOF, an error, a 408) means the broker is done with us.
+                if tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf))
+                    .await
+                    .is_ok()
+                {
+                    return Some(started.elapsed());
                 }
                 i += 1;
-                if s.write_all(format!("X-Slow-{i}: a\r\n").as_bytes()).await.is_err() {
+                if s.write_all(format!("X-Slow-{i}: a\r\n").as_bytes())
+                    .await
+                    .is_err()
+                {
                     return Some(started.elapsed());
                 }
             }

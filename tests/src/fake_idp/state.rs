@@ -621,10 +621,7 @@ impl State {
     }
 
     /// `Some((username, scope, exp, client_id, aud))` for a live access token.
-    pub fn introspect(
-        &self,
-        token: &str,
-    ) -> Option<(Option<String>, String, i64, String, String)> {
+    pub fn introspect(&self, token: &str) -> Option<(Option<String>, String, i64, String, String)> {
         let at = self.access_tokens.get(token)?;
         if at.expires_at <= self.now() {
             return None;

@@ -363,6 +363,9 @@ impl fmt::Display for Revocation {
 
 type Flight = Shared<BoxFuture<'static, Result<IssuedToken, TokenError>>>;
 
+/// One in-flight refresh per (tenant, mailbox, resource).
+type FlightKey = (String, String, TokenResource);
+
 #[derive(Debug)]
 struct CachedClient {
     version: u64,
@@ -374,7 +377,7 @@ struct Inner {
     state: BrokerState,
     config: TokenConfig,
     clients: Mutex<HashMap<(String, String), CachedClient>>,
-    flights: Mutex<HashMap<(String, String, TokenResource), (u64, Flight)>>,
+    flights: Mutex<HashMap<FlightKey, (u64, Flight)>>,
     next_flight: AtomicU64,
     /// Where status problems are reported (set once, see [`TokenService::with_alerts`]).
     alerts: std::sync::OnceLock<crate::alerts::Alerter>,
@@ -712,8 +715,13 @@ impl TokenService {
         mailbox: &str,
     ) -> Result<IssuedToken, TokenError> {
         Self::check_names(tenant, mailbox)?;
-        self.refresh_exclusive(tenant, mailbox, Trigger::Forced, TokenResource::MailProtocols)
-            .await
+        self.refresh_exclusive(
+            tenant,
+            mailbox,
+            Trigger::Forced,
+            TokenResource::MailProtocols,
+        )
+        .await
     }
 
     /// One scheduled refresh (called by the scheduler); outcomes are logged and the schedule
