@@ -128,8 +128,9 @@ fn write_config(dir: &Path, grpc: u16, http: u16, limits: &str) -> Result<PathBu
     Ok(config)
 }
 
-/// The `h2` client's half-open streams: `(opened, held back by the server's limit)`. The
-/// connections and streams stay open until `stop`.
+/// The `h2` client's half-open streams: `(requests issued, streams the server lets be open at
+/// once on each connection)`; the client queues the rest locally. The connections and streams
+/// stay open until `stop`.
 async fn polite_streams(
     port: u16,
     total: u32,
@@ -153,11 +154,23 @@ async fn polite_streams(
             let driver = tokio::spawn(async move {
                 let _ = connection.await;
             });
+            // Wait for the server's SETTINGS (until then the client assumes no stream limit).
+            for _ in 0..40 {
+                if send.current_max_send_streams() != usize::MAX {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let mut held = Vec::new();
             let mut opened = 0u32;
+            // One handle throughout: `ready` waits while its last stream cannot be opened yet
+            // (the server's limit is reached); a fresh clone would not wait.
+            let mut sender = Some(send);
             for _ in 0..per_connection {
-                let ready =
-                    tokio::time::timeout(Duration::from_secs(2), send.clone().ready()).await;
+                let Some(handle) = sender.take() else {
+                    break;
+                };
+                let ready = tokio::time::timeout(Duration::from_secs(2), handle.ready()).await;
                 let Ok(Ok(mut ready)) = ready else {
                     break;
                 };
@@ -175,20 +188,22 @@ async fn polite_streams(
                     }
                     Err(_) => break,
                 }
+                sender = Some(ready);
             }
+            let allowed = sender.as_ref().map_or(0, |s| s.current_max_send_streams());
             while !stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             drop(held);
             driver.abort();
-            (opened, per_connection - opened)
+            (opened, u32::try_from(allowed).unwrap_or(u32::MAX))
         }));
     }
     let mut totals = (0, 0);
     for task in tasks {
-        if let Ok((opened, held_back)) = task.await {
+        if let Ok((opened, allowed)) = task.await {
             totals.0 += opened;
-            totals.1 += held_back;
+            totals.1 += allowed.min(opened);
         }
     }
     totals
@@ -418,7 +433,7 @@ async fn main() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(args.hold_seconds)).await;
     let during = memory(pid).unwrap_or_default();
     stop.store(true, Ordering::Relaxed);
-    let (opened, held_back) = polite.await.unwrap_or((0, 0));
+    let (opened, open_at_broker) = polite.await.unwrap_or((0, 0));
     let (refused, answered, advertised) = hostile.await?.unwrap_or((0, 0, None));
     let slow = slow.await.unwrap_or_default();
     let attack = started.elapsed();
@@ -436,7 +451,7 @@ async fn main() -> Result<()> {
     };
     println!("advertised SETTINGS_MAX_CONCURRENT_STREAMS: {advertised:?}");
     println!(
-        "h2 client (obeys SETTINGS): {opened} streams opened, {held_back} held back by the server's limit"
+        "h2 client (obeys SETTINGS): {opened} half-open requests issued; the broker lets {open_at_broker} be open at once, the client queues the rest"
     );
     println!(
         "raw client (ignores SETTINGS): {refused} streams refused (REFUSED_STREAM), {answered} answered by the broker (request timeout)"
