@@ -39,4 +39,7 @@ rm -rf "${TOKENFLEET_TEST_LOG_DIR:-target/test-logs}"
 cargo nextest run --workspace --all-targets --profile ci
 
 step "log scan: no secret in any test log"
-cargo nextest run -p tokenfleet-testkit --test zz_log_scan --profile log-scan
+# `--workspace --all-targets` like the run above, so cargo unifies features the same way and reuses
+# every artefact (with `-p tokenfleet-testkit` alone it rebuilt the broker and agent libraries); the
+# profile's default filter selects only the scan.
+cargo nextest run --workspace --all-targets --profile log-scan

@@ -24,6 +24,25 @@
 //! shutdown_grace_seconds = 30
 //! # heartbeat_seconds = 2                    # overrides the broker's value (tests)
 //! connection_test_interval_seconds = 3600    # periodic connection tests; 0 = off
+//!
+//! [ingress_limits]                           # SMTP ingress and local POP3 server (each)
+//! max_sessions = 100                         # sessions at once, all sources
+//! max_sessions_per_source = 10               # per IPv4 address / IPv6 /64
+//! max_session_seconds = 1800                 # then a session is closed, whatever it does
+//! idle_timeout_seconds = 300                 # SMTP: wait for a command / DATA line (RFC 5321: ≥ 5 min)
+//! pop3_idle_timeout_seconds = 600            # POP3 autologout (RFC 1939: ≥ 10 min)
+//! message_memory_bytes = 65536               # of a message in memory; the rest streams to disk
+//! max_message_bytes = 36700160               # largest message (35 MiB)
+//! password_hash_concurrency = 2              # argon2 checks at once (~19 MiB each)
+//! password_hash_max_memory_kib = 65536       # larger argon2 memory costs are refused
+//! verified_login_cache_seconds = 300         # remember a verified login (keyed hash); 0 = off
+//! login_slowdown_after = 3                   # failures (per source / user) before delays
+//! login_max_delay_seconds = 5                # longest delay of a failure answer
+//! login_lockout_after = 10                   # failures within the window that lock
+//! login_failure_window_seconds = 900
+//! login_lockout_seconds = 900
+//! spool_max_bytes = 1073741824               # spool quota (queued messages); then 452 4.3.1
+//! spool_max_messages = 10000
 //! ```
 
 use std::net::SocketAddr;
@@ -85,6 +104,205 @@ pub struct RawAgentConfig {
     /// Seconds between periodic connection tests of each device's send and fetch profiles;
     /// 0 = no periodic tests (on-demand tests still work).
     pub connection_test_interval_seconds: u64,
+    /// Limits of the SMTP ingress and the local POP3 server.
+    pub ingress_limits: RawIngressLimits,
+}
+
+/// `[ingress_limits]`: what one device, or anyone who can reach the listeners, may use. See the
+/// module documentation for the defaults; the README's "Agent listener limits" section explains
+/// how they bound the agent's memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawIngressLimits {
+    /// Sessions at once per listener, all sources together.
+    pub max_sessions: u32,
+    /// Sessions at once per listener from one IPv4 address or IPv6 /64.
+    pub max_sessions_per_source: u32,
+    /// Longest a session may last, in seconds.
+    pub max_session_seconds: u64,
+    /// Longest wait for a command or a DATA line, in seconds.
+    pub idle_timeout_seconds: u64,
+    /// POP3: longest wait for a command, in seconds (RFC 1939 asks for at least 600).
+    pub pop3_idle_timeout_seconds: u64,
+    /// Bytes of an arriving message kept in memory (the header block must fit).
+    pub message_memory_bytes: u64,
+    /// Largest message accepted, in bytes.
+    pub max_message_bytes: u64,
+    /// Password (argon2) checks running at once.
+    pub password_hash_concurrency: u32,
+    /// Largest argon2 memory cost, in KiB, accepted in a stored password hash.
+    pub password_hash_max_memory_kib: u32,
+    /// Seconds a verified login is remembered (as a keyed hash); 0 = always check.
+    pub verified_login_cache_seconds: u64,
+    /// Failed logins per source or user name before answers are delayed.
+    pub login_slowdown_after: u32,
+    /// Longest delay of one failed-login answer, in seconds.
+    pub login_max_delay_seconds: u64,
+    /// Failed logins per source or user name within the window that lock it.
+    pub login_lockout_after: u32,
+    /// Window in which failed logins are counted, in seconds.
+    pub login_failure_window_seconds: u64,
+    /// How long a lock lasts, in seconds.
+    pub login_lockout_seconds: u64,
+    /// Spool quota: bytes of queued messages.
+    pub spool_max_bytes: u64,
+    /// Spool quota: queued messages.
+    pub spool_max_messages: u64,
+}
+
+impl Default for RawIngressLimits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 100,
+            max_sessions_per_source: 10,
+            max_session_seconds: 1800,
+            idle_timeout_seconds: 300,
+            pop3_idle_timeout_seconds: 600,
+            message_memory_bytes: 64 * 1024,
+            max_message_bytes: 35 * 1024 * 1024,
+            password_hash_concurrency: 2,
+            password_hash_max_memory_kib: 64 * 1024,
+            verified_login_cache_seconds: 300,
+            login_slowdown_after: 3,
+            login_max_delay_seconds: 5,
+            login_lockout_after: 10,
+            login_failure_window_seconds: 900,
+            login_lockout_seconds: 900,
+            spool_max_bytes: 1 << 30,
+            spool_max_messages: 10_000,
+        }
+    }
+}
+
+/// The validated `[ingress_limits]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngressLimits {
+    /// Session caps (per listener).
+    pub sessions: crate::line_server::SessionLimits,
+    /// Idle timeout.
+    pub idle_timeout: Duration,
+    /// POP3 idle timeout.
+    pub pop3_idle_timeout: Duration,
+    /// Bytes of a message in memory.
+    pub message_memory: usize,
+    /// Largest message.
+    pub max_message_size: usize,
+    /// Password checking.
+    pub passwords: crate::ingress::PasswordSettings,
+    /// Failed-login throttling.
+    pub logins: crate::ingress::LoginLimits,
+    /// Spool quota.
+    pub spool: crate::spool::SpoolLimits,
+}
+
+impl RawIngressLimits {
+    fn validate(&self) -> Result<IngressLimits, ConfigError> {
+        let range = |key: &str, value: u64, min: u64, max: u64| -> Result<(), ConfigError> {
+            if (min..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(ConfigError(format!(
+                    "ingress_limits.{key} = {value}: must be {min} to {max}"
+                )))
+            }
+        };
+        range("max_sessions", self.max_sessions.into(), 1, 100_000)?;
+        range(
+            "max_sessions_per_source",
+            self.max_sessions_per_source.into(),
+            1,
+            u64::from(self.max_sessions),
+        )?;
+        range("idle_timeout_seconds", self.idle_timeout_seconds, 5, 3600)?;
+        range("max_session_seconds", self.max_session_seconds, 10, 86_400)?;
+        range(
+            "pop3_idle_timeout_seconds",
+            self.pop3_idle_timeout_seconds,
+            5,
+            3600,
+        )?;
+        range("max_message_bytes", self.max_message_bytes, 1024, 1 << 30)?;
+        range(
+            "message_memory_bytes",
+            self.message_memory_bytes,
+            4096,
+            self.max_message_bytes.max(4096),
+        )?;
+        range(
+            "password_hash_concurrency",
+            self.password_hash_concurrency.into(),
+            1,
+            64,
+        )?;
+        range(
+            "password_hash_max_memory_kib",
+            self.password_hash_max_memory_kib.into(),
+            8,
+            4 * 1024 * 1024,
+        )?;
+        range(
+            "verified_login_cache_seconds",
+            self.verified_login_cache_seconds,
+            0,
+            86_400,
+        )?;
+        range(
+            "login_lockout_after",
+            self.login_lockout_after.into(),
+            1,
+            1_000_000,
+        )?;
+        range(
+            "login_max_delay_seconds",
+            self.login_max_delay_seconds,
+            0,
+            60,
+        )?;
+        range(
+            "login_failure_window_seconds",
+            self.login_failure_window_seconds,
+            1,
+            7 * 86_400,
+        )?;
+        range(
+            "login_lockout_seconds",
+            self.login_lockout_seconds,
+            1,
+            7 * 86_400,
+        )?;
+        range("spool_max_bytes", self.spool_max_bytes, 1024, u64::MAX)?;
+        range("spool_max_messages", self.spool_max_messages, 1, 10_000_000)?;
+        let usize_of = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        Ok(IngressLimits {
+            sessions: crate::line_server::SessionLimits {
+                max_sessions: usize_of(self.max_sessions.into()),
+                max_sessions_per_source: usize_of(self.max_sessions_per_source.into()),
+                max_session: Duration::from_secs(self.max_session_seconds),
+            },
+            idle_timeout: Duration::from_secs(self.idle_timeout_seconds),
+            pop3_idle_timeout: Duration::from_secs(self.pop3_idle_timeout_seconds),
+            message_memory: usize_of(self.message_memory_bytes),
+            max_message_size: usize_of(self.max_message_bytes),
+            passwords: crate::ingress::PasswordSettings {
+                concurrency: usize_of(self.password_hash_concurrency.into()),
+                max_memory_kib: self.password_hash_max_memory_kib,
+                cache_for: Duration::from_secs(self.verified_login_cache_seconds),
+                ..crate::ingress::PasswordSettings::default()
+            },
+            logins: crate::ingress::LoginLimits {
+                slowdown_after: self.login_slowdown_after,
+                max_delay: Duration::from_secs(self.login_max_delay_seconds),
+                lockout_after: self.login_lockout_after,
+                failure_window: Duration::from_secs(self.login_failure_window_seconds),
+                lockout: Duration::from_secs(self.login_lockout_seconds),
+                ..crate::ingress::LoginLimits::default()
+            },
+            spool: crate::spool::SpoolLimits {
+                max_bytes: self.spool_max_bytes,
+                max_messages: usize_of(self.spool_max_messages),
+            },
+        })
+    }
 }
 
 impl Default for RawAgentConfig {
@@ -108,6 +326,7 @@ impl Default for RawAgentConfig {
             shutdown_grace_seconds: 30,
             heartbeat_seconds: 0,
             connection_test_interval_seconds: 3600,
+            ingress_limits: RawIngressLimits::default(),
         }
     }
 }
@@ -150,6 +369,8 @@ pub struct AgentSettings {
     pub heartbeat: Option<Duration>,
     /// Interval of the periodic connection tests (`None` = off).
     pub connection_test_interval: Option<Duration>,
+    /// Limits of the SMTP ingress, the local POP3 server and the spool.
+    pub ingress_limits: IngressLimits,
 }
 
 impl AgentSettings {
@@ -254,7 +475,9 @@ impl AgentSettings {
                 "max_age_seconds: must be at least 1".to_owned(),
             ));
         }
+        let ingress_limits = raw.ingress_limits.validate()?;
         Ok(Self {
+            ingress_limits,
             smtp_listen: addr("smtp_listen", &raw.smtp_listen)?,
             state_dir: raw.state_dir,
             broker_url,
@@ -343,5 +566,30 @@ mod tests {
             "ingress_tls_key_file",
         );
         bad(|r| r.ingress_require_tls = true, "ingress_require_tls");
+        bad(
+            |r| r.ingress_limits.max_sessions_per_source = 1000,
+            "ingress_limits.max_sessions_per_source",
+        );
+        bad(
+            |r| r.ingress_limits.password_hash_concurrency = 0,
+            "ingress_limits.password_hash_concurrency",
+        );
+        bad(
+            |r| r.ingress_limits.message_memory_bytes = 10,
+            "ingress_limits.message_memory_bytes",
+        );
+    }
+
+    #[test]
+    fn ingress_limit_defaults() {
+        let s = AgentSettings::validate(RawAgentConfig::default()).unwrap();
+        let l = &s.ingress_limits;
+        assert_eq!(l.sessions.max_sessions, 100);
+        assert_eq!(l.sessions.max_sessions_per_source, 10);
+        assert_eq!(l.passwords.concurrency, 2);
+        assert_eq!(l.logins.lockout_after, 10);
+        assert_eq!(l.spool.max_bytes, 1 << 30);
+        assert_eq!(l.idle_timeout, Duration::from_secs(300));
+        assert_eq!(l.pop3_idle_timeout, Duration::from_secs(600));
     }
 }

@@ -9,6 +9,12 @@
 //! sends `QUIT` — a dropped connection, a timeout or a server shutdown deletes nothing. The
 //! session never panics on input: over-long lines, unknown or out-of-state commands and bad
 //! arguments get `-ERR`, and a client that keeps erring or stays silent is disconnected.
+//!
+//! Limits: sessions at once, in total and per source ([`SessionLimits`]; over them a
+//! connection gets `-ERR [SYS/TEMP]` and is closed), and failed logins slowed down, then locked
+//! out per source and user by the [`LoginGuard`] the SMTP ingress shares (a locked login gets
+//! `-ERR [AUTH] … try again in N seconds` and the connection is closed, without a password
+//! check).
 
 use std::future::Future;
 use std::io;
@@ -21,8 +27,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::fetch::Io;
-use crate::ingress::{LocalDevices, Password};
-use crate::line_server::{self, Line, read_limited};
+use crate::ingress::{Admission, LocalDevices, LoginGuard, Password};
+use crate::line_server::{self, Line, Refusal, SessionLimits, read_limited};
 use crate::maildrop::{Maildrop, MaildropEntry, MaildropLock};
 // POP3 byte-stuffing (RFC 1939 §3) is SMTP's (RFC 5321 §4.5.2), with the same CRLF line ends.
 use crate::upstream::smtp::dot_stuff;
@@ -44,6 +50,10 @@ pub struct Pop3ServerConfig {
     /// Refuse `USER`/`PASS` until `STLS` succeeded, and leave `USER` out of `CAPA` before it
     /// (RFC 2595 §4). Needs [`Pop3ServerConfig::tls`].
     pub require_tls: bool,
+    /// Sessions at once, in total and per source.
+    pub limits: SessionLimits,
+    /// Failed-login throttling (the runtime shares the SMTP ingress's).
+    pub login_guard: Arc<LoginGuard>,
 }
 
 impl Default for Pop3ServerConfig {
@@ -55,6 +65,8 @@ impl Default for Pop3ServerConfig {
             max_errors: 10,
             tls: None,
             require_tls: false,
+            limits: SessionLimits::default(),
+            login_guard: Arc::new(LoginGuard::default()),
         }
     }
 }
@@ -68,7 +80,8 @@ impl std::fmt::Debug for Pop3ServerConfig {
             .field("max_errors", &self.max_errors)
             .field("tls", &self.tls.is_some())
             .field("require_tls", &self.require_tls)
-            .finish()
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
     }
 }
 
@@ -110,19 +123,40 @@ impl Pop3Server {
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
         let config = Arc::new(config);
-        line_server::serve(listener, shutdown, "pop3", move |stream, peer, stop| {
-            let session = Session {
-                reader: BufReader::new(Box::new(stream)),
-                peer,
-                config: Arc::clone(&config),
-                maildrop: Arc::clone(&maildrop),
-                errors: 0,
-                tls: false,
-            };
-            let auth = Arc::clone(&auth);
-            async move { session.run(&*auth, stop).await }
-        })
+        let limits = config.limits;
+        let guard = Arc::clone(&config.login_guard);
+        let known = move |peer: SocketAddr| guard.known_source(peer.ip());
+        line_server::serve(
+            listener,
+            shutdown,
+            "pop3",
+            limits,
+            busy,
+            known,
+            move |stream, peer, stop| {
+                let session = Session {
+                    reader: BufReader::new(Box::new(stream)),
+                    peer,
+                    config: Arc::clone(&config),
+                    maildrop: Arc::clone(&maildrop),
+                    errors: 0,
+                    tls: false,
+                };
+                let auth = Arc::clone(&auth);
+                async move { session.run(&*auth, stop).await }
+            },
+        )
         .await
+    }
+}
+
+/// The answer to a connection over a session limit (RFC 3206 `SYS/TEMP`), instead of the greeting.
+fn busy(refusal: Refusal) -> &'static [u8] {
+    match refusal {
+        Refusal::Total => b"-ERR [SYS/TEMP] too many connections, try again later\r\n",
+        Refusal::PerSource => {
+            b"-ERR [SYS/TEMP] too many connections from your address, try again later\r\n"
+        }
     }
 }
 
@@ -336,25 +370,47 @@ impl Session {
                         }
                         continue;
                     };
-                    match auth.authenticate(self.peer, name, Password::new(arg)).await {
+                    let guard = Arc::clone(&self.config.login_guard);
+                    if let Admission::LockedOut { retry_after, .. } =
+                        guard.check(self.peer.ip(), &name)
+                    {
+                        tracing::info!(peer = %self.peer, "pop3 login refused: locked out");
+                        let reply = format!(
+                            "-ERR [AUTH] too many failed logins from your address or for this user; try again in {} seconds\r\n",
+                            retry_after.as_secs().max(1)
+                        );
+                        self.write(reply.as_bytes()).await?;
+                        return Ok(Next::Close);
+                    }
+                    match auth
+                        .authenticate(self.peer, name.clone(), Password::new(arg))
+                        .await
+                    {
                         None => {
                             tracing::info!(peer = %self.peer, "pop3 login failed");
+                            let delay = guard.failed(self.peer.ip(), &name);
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
                             self.reply("-ERR [AUTH] invalid user name or password")
                                 .await?
                         }
-                        Some(device) => match self.open_maildrop(&device).await {
-                            Ok(tx) => {
-                                let count = tx.entries.len();
-                                let size: u64 = tx.entries.iter().map(|e| e.size).sum();
-                                tracing::info!(peer = %self.peer, device, messages = count, "pop3 login");
-                                state = State::Transaction(Box::new(tx));
-                                self.reply(&format!(
-                                    "+OK maildrop has {count} messages ({size} octets)"
-                                ))
-                                .await?
+                        Some(device) => {
+                            guard.succeeded(self.peer.ip(), &name);
+                            match self.open_maildrop(&device).await {
+                                Ok(tx) => {
+                                    let count = tx.entries.len();
+                                    let size: u64 = tx.entries.iter().map(|e| e.size).sum();
+                                    tracing::info!(peer = %self.peer, device, messages = count, "pop3 login");
+                                    state = State::Transaction(Box::new(tx));
+                                    self.reply(&format!(
+                                        "+OK maildrop has {count} messages ({size} octets)"
+                                    ))
+                                    .await?
+                                }
+                                Err(reply) => self.reply(reply).await?,
                             }
-                            Err(reply) => self.reply(reply).await?,
-                        },
+                        }
                     }
                 }
                 (_, "QUIT") => {

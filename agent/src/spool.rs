@@ -15,6 +15,15 @@
 //! fsyncs them, renames the sidecar and then the message into `queue/` and fsyncs the directory;
 //! only then does it return. A crash before that fsync leaves an unacknowledged entry that
 //! recovery may drop; a crash after it cannot lose the entry.
+//!
+//! Quota ([`SpoolLimits`]): the queue holds at most `max_bytes` of messages and `max_messages`
+//! entries (dead letters are not counted: they are the operator's to clear). A message that
+//! does not fit is refused with [`SpoolError::Full`] before anything is written; the ingress
+//! answers `452 4.3.1` and the device tries again later.
+//!
+//! Large messages are not held in memory while they arrive: the ingress keeps the first bytes
+//! (the header block and the start of the body) in memory and streams the rest into a
+//! [`TailFile`] in `tmp/`; [`Spool::accept_incoming`] joins both into the entry.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
@@ -57,6 +66,82 @@ pub enum SpoolError {
     /// The text is not a spool id.
     #[error("invalid spool id {0:?}: expected <13 digits>-<16 hex digits>")]
     InvalidId(String),
+    /// The message does not fit in the spool's quota.
+    #[error(
+        "spool full: {queued_bytes} bytes in {queued_messages} messages queued, a message of {size} bytes exceeds the quota ({max_bytes} bytes, {max_messages} messages)"
+    )]
+    Full {
+        /// Size of the refused message.
+        size: u64,
+        /// Bytes queued (and being written).
+        queued_bytes: u64,
+        /// Messages queued (and being written).
+        queued_messages: usize,
+        /// [`SpoolLimits::max_bytes`].
+        max_bytes: u64,
+        /// [`SpoolLimits::max_messages`].
+        max_messages: usize,
+    },
+}
+
+/// The spool's quota (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpoolLimits {
+    /// Most bytes of queued messages.
+    pub max_bytes: u64,
+    /// Most queued messages.
+    pub max_messages: usize,
+}
+
+impl Default for SpoolLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 1 << 30,
+            max_messages: 10_000,
+        }
+    }
+}
+
+/// The part of an arriving message that did not stay in memory: a file in the spool's `tmp/`,
+/// removed when this is dropped (after [`Spool::accept_incoming`] copied it, or when the message
+/// was refused).
+#[derive(Debug)]
+pub struct TailFile {
+    path: PathBuf,
+}
+
+impl TailFile {
+    /// Creates the new, empty file `path` (mode 0600) for writing.
+    pub fn create(path: PathBuf) -> io::Result<(Self, fs::File)> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        Ok((Self { path }, file))
+    }
+
+    /// Where the file is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Its size now.
+    pub fn len(&self) -> u64 {
+        fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for TailFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
@@ -213,6 +298,7 @@ pub struct Spool {
     /// increase strictly within the process, so messages accepted one after another are
     /// delivered in that order even within one millisecond.
     last_ms: Mutex<u64>,
+    limits: SpoolLimits,
 }
 
 /// Queued entries by next attempt time, with what the status needs of each.
@@ -220,6 +306,11 @@ pub struct Spool {
 struct DueIndex {
     by_time: BTreeSet<(u64, SpoolId)>,
     by_id: HashMap<SpoolId, Indexed>,
+    /// Sum of the sizes of the queued entries.
+    bytes: u64,
+    /// Bytes and entries being written by [`Spool::accept_incoming`] (quota reservations).
+    reserved_bytes: u64,
+    reserved_messages: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -227,13 +318,16 @@ struct Indexed {
     next_attempt_ms: u64,
     device: String,
     accepted_at_ms: u64,
+    size: u64,
 }
 
 impl DueIndex {
     fn set(&mut self, id: &SpoolId, entry: Indexed) {
         let at = entry.next_attempt_ms;
+        self.bytes += entry.size;
         if let Some(old) = self.by_id.insert(id.clone(), entry) {
             self.by_time.remove(&(old.next_attempt_ms, id.clone()));
+            self.bytes = self.bytes.saturating_sub(old.size);
         }
         self.by_time.insert((at, id.clone()));
     }
@@ -245,6 +339,7 @@ impl DueIndex {
                 next_attempt_ms: meta.next_attempt_ms,
                 device: meta.envelope.device.clone(),
                 accepted_at_ms: meta.accepted_at_ms,
+                size: meta.size,
             },
         );
     }
@@ -252,6 +347,7 @@ impl DueIndex {
     fn remove(&mut self, id: &SpoolId) {
         if let Some(old) = self.by_id.remove(id) {
             self.by_time.remove(&(old.next_attempt_ms, id.clone()));
+            self.bytes = self.bytes.saturating_sub(old.size);
         }
     }
 
@@ -278,6 +374,22 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
     durable::write_synced(path, bytes).map_err(io_err(path))
 }
 
+/// Creates `path` (0600, new) with `head` followed by the contents of the file `tail`, fsynced.
+fn write_joined(path: &Path, head: &[u8], tail: &Path) -> Result<(), SpoolError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    file.write_all(head).map_err(io_err(path))?;
+    let mut source = fs::File::open(tail).map_err(io_err(tail))?;
+    io::copy(&mut source, &mut file).map_err(io_err(path))?;
+    file.sync_all().map_err(io_err(path))
+}
+
 fn remove_if_exists(path: &Path) -> Result<bool, SpoolError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(true),
@@ -294,6 +406,11 @@ impl Spool {
     /// are removed, queued entries are kept, a sidecar whose message was moved to `dead/`
     /// follows it there, and other sidecars without a message are removed.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, SpoolError> {
+        Self::open_with(dir, SpoolLimits::default())
+    }
+
+    /// [`Spool::open`] with a quota.
+    pub fn open_with(dir: impl AsRef<Path>, limits: SpoolLimits) -> Result<Self, SpoolError> {
         let root = dir.as_ref().to_path_buf();
         create_dir_0700(&root)?;
         for sub in [TMP, QUEUE, DEAD] {
@@ -342,6 +459,7 @@ impl Spool {
             recovery,
             index: Mutex::new(DueIndex::default()),
             last_ms: Mutex::new(0),
+            limits,
         };
         let mut index = DueIndex::default();
         for id in spool.queued()? {
@@ -355,6 +473,9 @@ impl Spool {
                         next_attempt_ms: 0,
                         device: String::new(),
                         accepted_at_ms: 0,
+                        size: fs::metadata(spool.path(QUEUE, &id, MESSAGE_EXT))
+                            .map(|m| m.len())
+                            .unwrap_or(0),
                     },
                 ),
             }
@@ -379,6 +500,84 @@ impl Spool {
     /// Stores a message durably and returns its id. When this returns `Ok`, the message and its
     /// sidecar are renamed into `queue/` and the directory is fsynced: the caller may acknowledge.
     pub fn accept(&self, envelope: &Envelope, message: &[u8]) -> Result<SpoolId, SpoolError> {
+        self.accept_incoming(envelope, message, None)
+    }
+
+    /// Where the ingress streams the tail of an arriving message (a new name in `tmp/`, which
+    /// recovery empties): create it with [`TailFile::create`].
+    pub fn tail_path(&self) -> Result<PathBuf, SpoolError> {
+        let id = SpoolId::generate(durable::unix_ms(SystemTime::now()))?;
+        Ok(self.root.join(TMP).join(format!("{id}.part")))
+    }
+
+    /// Bytes the quota still has room for (messages being written count as queued).
+    pub fn room(&self) -> u64 {
+        let index = self.lock_index();
+        if index.by_id.len() + index.reserved_messages >= self.limits.max_messages {
+            return 0;
+        }
+        self.limits
+            .max_bytes
+            .saturating_sub(index.bytes + index.reserved_bytes)
+    }
+
+    /// The quota.
+    pub fn limits(&self) -> SpoolLimits {
+        self.limits
+    }
+
+    fn reserve(&self, size: u64) -> Result<(), SpoolError> {
+        let mut index = self.lock_index();
+        let queued_bytes = index.bytes + index.reserved_bytes;
+        let queued_messages = index.by_id.len() + index.reserved_messages;
+        if queued_bytes + size > self.limits.max_bytes
+            || queued_messages + 1 > self.limits.max_messages
+        {
+            return Err(SpoolError::Full {
+                size,
+                queued_bytes,
+                queued_messages,
+                max_bytes: self.limits.max_bytes,
+                max_messages: self.limits.max_messages,
+            });
+        }
+        index.reserved_bytes += size;
+        index.reserved_messages += 1;
+        Ok(())
+    }
+
+    fn unreserve(index: &mut DueIndex, size: u64) {
+        index.reserved_bytes = index.reserved_bytes.saturating_sub(size);
+        index.reserved_messages = index.reserved_messages.saturating_sub(1);
+    }
+
+    /// [`Spool::accept`] for a message received in two parts: `head` (in memory) followed by
+    /// the contents of `tail`, if any. The message is refused with [`SpoolError::Full`] when it
+    /// does not fit in the quota.
+    pub fn accept_incoming(
+        &self,
+        envelope: &Envelope,
+        head: &[u8],
+        tail: Option<&TailFile>,
+    ) -> Result<SpoolId, SpoolError> {
+        let size = head.len() as u64 + tail.map_or(0, TailFile::len);
+        self.reserve(size)?;
+        let result = self.write_entry(envelope, head, tail, size);
+        let mut index = self.lock_index();
+        Self::unreserve(&mut index, size);
+        if let Ok((_, meta)) = &result {
+            index.set_meta(meta);
+        }
+        result.map(|(id, _)| id)
+    }
+
+    fn write_entry(
+        &self,
+        envelope: &Envelope,
+        head: &[u8],
+        tail: Option<&TailFile>,
+        size: u64,
+    ) -> Result<(SpoolId, EntryMeta), SpoolError> {
         let stamp = {
             let mut last = self.last_ms.lock().unwrap_or_else(PoisonError::into_inner);
             *last = durable::unix_ms(SystemTime::now()).max(*last + 1);
@@ -388,7 +587,7 @@ impl Spool {
         let meta = EntryMeta {
             id: id.clone(),
             envelope: envelope.clone(),
-            size: message.len() as u64,
+            size,
             accepted_at_ms: stamp,
             attempts: 0,
             next_attempt_ms: stamp,
@@ -397,7 +596,10 @@ impl Spool {
         let tmp_msg = self.path(TMP, &id, MESSAGE_EXT);
         let tmp_meta = self.path(TMP, &id, META_EXT);
         let result = (|| {
-            write_synced(&tmp_msg, message)?;
+            match tail {
+                None => write_synced(&tmp_msg, head)?,
+                Some(tail) => write_joined(&tmp_msg, head, tail.path())?,
+            }
             let json = serde_json::to_vec(&meta).map_err(|error| SpoolError::Meta {
                 path: tmp_meta.clone(),
                 error,
@@ -415,8 +617,7 @@ impl Spool {
             let _ = remove_if_exists(&tmp_meta);
             return Err(e);
         }
-        self.lock_index().set_meta(&meta);
-        Ok(id)
+        Ok((id, meta))
     }
 
     /// The sidecar of a queued entry.

@@ -535,3 +535,108 @@ fn with_require_tls_passwords_are_refused_until_stls() {
     // Over STLS the same device logs in and collects its message (poplib asserts USER works).
     assert_eq!(poplib_over_stls(&server, &ca), m);
 }
+
+/// A connection from the loopback address `source` and the server's first line.
+fn greeting_from(source: [u8; 4], addr: SocketAddr) -> (BufReader<TcpStream>, String) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stream = runtime
+        .block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::from((source, 0)))?;
+            socket.connect(addr).await
+        })
+        .unwrap()
+        .into_std()
+        .unwrap();
+    stream.set_nonblocking(false).unwrap();
+    stream.set_read_timeout(Some(IO)).unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    (reader, line)
+}
+
+fn say(reader: &mut BufReader<TcpStream>, line: &str) -> String {
+    reader
+        .get_mut()
+        .write_all(format!("{line}\r\n").as_bytes())
+        .unwrap();
+    let mut reply = String::new();
+    reader.read_line(&mut reply).unwrap();
+    reply
+}
+
+#[test]
+fn sessions_are_capped_and_failed_logins_locked_out() {
+    use tokenfleet_agent::ingress::{LoginGuard, LoginLimits, SessionLimits};
+    let guard = Arc::new(LoginGuard::new(LoginLimits {
+        slowdown_after: 10,
+        lockout_after: 3,
+        ..LoginLimits::default()
+    }));
+    let server = Server::start(Pop3ServerConfig {
+        limits: SessionLimits {
+            max_sessions: 4,
+            max_sessions_per_source: 2,
+            ..SessionLimits::default()
+        },
+        login_guard: Arc::clone(&guard),
+        ..Server::config()
+    });
+    // Per source, then in total.
+    let mut held = Vec::new();
+    for source in [[127, 0, 0, 2], [127, 0, 0, 2]] {
+        let (r, line) = greeting_from(source, server.addr);
+        assert!(line.starts_with("+OK"), "{line}");
+        held.push(r);
+    }
+    let (_, line) = greeting_from([127, 0, 0, 2], server.addr);
+    assert!(
+        line.starts_with("-ERR [SYS/TEMP]") && line.contains("from your address"),
+        "{line}"
+    );
+    for _ in 0..2 {
+        let (r, line) = greeting_from([127, 0, 0, 3], server.addr);
+        assert!(line.starts_with("+OK"), "{line}");
+        held.push(r);
+    }
+    let (_, line) = greeting_from([127, 0, 0, 4], server.addr);
+    assert!(
+        line.starts_with("-ERR [SYS/TEMP] too many connections"),
+        "{line}"
+    );
+    held.clear();
+
+    // Three wrong passwords from one source lock it, even for the right password.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut r, line) = loop {
+        let (r, line) = greeting_from([127, 0, 0, 5], server.addr);
+        if line.starts_with("+OK") || Instant::now() > deadline {
+            break (r, line);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(line.starts_with("+OK"), "{line}");
+    for _ in 0..3 {
+        assert!(say(&mut r, &format!("USER {USER}")).starts_with("+OK"));
+        let reply = say(&mut r, "PASS wrong");
+        assert!(reply.starts_with("-ERR [AUTH] invalid"), "{reply}");
+    }
+    assert!(say(&mut r, &format!("USER {USER}")).starts_with("+OK"));
+    let reply = say(&mut r, &format!("PASS {PASSWORD}"));
+    assert!(
+        reply.starts_with("-ERR [AUTH] too many failed logins") && reply.contains("try again in"),
+        "{reply}"
+    );
+    // The session is closed after the refusal.
+    let mut rest = String::new();
+    assert_eq!(r.read_to_string(&mut rest).unwrap_or(0), 0, "{rest}");
+    // The same guard refuses that source on the SMTP side too (shared by the runtime).
+    assert!(matches!(
+        guard.check([127, 0, 0, 5].into(), "anyone"),
+        tokenfleet_agent::ingress::Admission::LockedOut { source: true, .. }
+    ));
+}

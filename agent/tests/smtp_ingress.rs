@@ -1,5 +1,8 @@
 //! The SMTP ingress driven by a real client (Python `smtplib`, as a printer would be) and by raw
-//! sockets for every malformed-input case, against a real spool on disk.
+//! sockets for every malformed-input case, against a real spool on disk; and its limits over real
+//! sockets from several loopback source addresses: session caps (total, per source, known
+//! sources exempt), failed-login slowdown and lockout per source and user, messages streamed to
+//! disk, the spool quota (`452 4.3.1`) and the sender binding of LOGIN_USER devices (`553`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,9 +16,10 @@ use argon2::{Argon2, PasswordHasher as _};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use tokenfleet_agent::ingress::{
-    IngressConfig, IngressServer, IngressTls, LocalDevice, LocalDevices, SenderPolicy, parse_source,
+    IngressConfig, IngressServer, IngressTls, LocalDevice, LocalDevices, LoginLimits, SenderPolicy,
+    SessionLimits, parse_source,
 };
-use tokenfleet_agent::spool::Spool;
+use tokenfleet_agent::spool::{Spool, SpoolLimits};
 use tokio::sync::oneshot;
 
 const USER: &str = "mfd1";
@@ -30,11 +34,13 @@ fn fixed_mailbox() -> SenderPolicy {
     }
 }
 
-/// `mfd-1`, logging in with [`USER`]/[`PASSWORD`].
+/// `mfd-1`, logging in with [`USER`]/[`PASSWORD`], and allowed to send as any user of
+/// `example.com`.
 fn login_device(sender: SenderPolicy) -> LocalDevice {
     let mut d = LocalDevice::new("mfd-1", sender);
     d.username = Some(USER.into());
     d.password_hash = Some(phc(PASSWORD));
+    d.user_addresses = vec!["@example.com".into()];
     d
 }
 
@@ -70,8 +76,12 @@ impl Server {
     }
 
     fn start_with(config: IngressConfig, devices: Vec<LocalDevice>) -> Self {
+        Self::start_limited(config, devices, SpoolLimits::default())
+    }
+
+    fn start_limited(config: IngressConfig, devices: Vec<LocalDevice>, quota: SpoolLimits) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Arc::new(Spool::open(dir.path().join("spool")).unwrap());
+        let spool = Arc::new(Spool::open_with(dir.path().join("spool"), quota).unwrap());
         let handler = Arc::new(LocalDevices::new(devices, Arc::clone(&spool)));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -138,9 +148,46 @@ struct Client {
     reader: BufReader<TcpStream>,
 }
 
+/// A TCP connection to `addr` from the loopback address `source` (any of 127.0.0.0/8).
+fn connect_from(source: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stream = runtime
+        .block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::from((source, 0)))?;
+            socket.connect(addr).await
+        })
+        .unwrap();
+    let std = stream.into_std().unwrap();
+    std.set_nonblocking(false).unwrap();
+    std
+}
+
+/// The first line the server sends on a new connection from `source`.
+fn greeting_from(source: [u8; 4], addr: SocketAddr) -> (TcpStream, String) {
+    let stream = connect_from(source, addr);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    (stream, line)
+}
+
 impl Client {
     fn connect(addr: SocketAddr) -> Self {
-        let stream = TcpStream::connect(addr).unwrap();
+        Self::from_stream(TcpStream::connect(addr).unwrap())
+    }
+
+    fn connect_from(source: [u8; 4], addr: SocketAddr) -> Self {
+        Self::from_stream(connect_from(source, addr))
+    }
+
+    fn from_stream(stream: TcpStream) -> Self {
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
@@ -763,6 +810,7 @@ fn login_user_mode_sets_the_user_or_refuses_with_550() {
     let mut changer = LocalDevice::new("mfd-change", policy);
     changer.username = Some("mfd2".into());
     changer.password_hash = Some(phc("printer-pass-2"));
+    changer.user_addresses = vec!["bob@example.com".into()];
     let server = Server::start_with(
         Server::config(),
         vec![login_device(SenderPolicy::LoginUser), changer],
@@ -798,6 +846,17 @@ fn login_user_mode_sets_the_user_or_refuses_with_550() {
         text.starts_with("550 5.7.1 Sender <jane doe> is not allowed for device \"mfd-1\": "),
         "{text}"
     );
+    // Sender binding: a user outside the device's user addresses is refused, naming the login.
+    let (code, text) = send(
+        &mut c,
+        "jane@example.com",
+        "From: The CEO <ceo@contoso.example>\r\n\r\nwire the money\r\n",
+    );
+    assert_eq!(code, 553, "{text}");
+    assert!(
+        text.starts_with("553 5.7.1 Sender <ceo@contoso.example> is not an address login \"mfd1\" (device \"mfd-1\") may send as"),
+        "{text}"
+    );
     // The session goes on after a refusal.
     c.expect("NOOP", 250, "2.0.0");
     drop(c);
@@ -810,6 +869,10 @@ fn login_user_mode_sets_the_user_or_refuses_with_550() {
     assert_eq!(code, 250, "{text}");
     let (code, text) = send(&mut c, "", "From: bob@example.com\r\n\r\nhi\r\n");
     assert_eq!(code, 250, "{text}");
+    // An exact list: another user of the same domain is refused.
+    let (code, text) = send(&mut c, "", "From: carol@example.com\r\n\r\nhi\r\n");
+    assert_eq!(code, 553, "{text}");
+    assert!(text.contains("login \"mfd2\""), "{text}");
 
     // Only the three accepted messages were spooled.
     let mut seen: Vec<(String, String, String)> = server
@@ -917,4 +980,249 @@ fn starttls_discards_pipelined_plaintext_and_starts_over() {
         assert!(line.starts_with("503 5.5.1"), "{line}");
     });
     assert!(server.spool.queued().unwrap().is_empty());
+}
+
+fn limited(limits: SessionLimits) -> IngressConfig {
+    IngressConfig {
+        limits,
+        ..Server::config()
+    }
+}
+
+#[test]
+fn sessions_are_capped_per_source_and_in_total_but_known_devices_get_in() {
+    let server = Server::start(
+        limited(SessionLimits {
+            max_sessions: 6,
+            max_sessions_per_source: 3,
+            ..SessionLimits::default()
+        }),
+        true,
+    );
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let (stream, line) = greeting_from([127, 0, 0, 2], server.addr);
+        assert!(line.starts_with("220 "), "{line}");
+        held.push(stream);
+    }
+    let (_, line) = greeting_from([127, 0, 0, 2], server.addr);
+    assert!(
+        line.starts_with("421 4.7.0") && line.contains("from your address"),
+        "{line}"
+    );
+    for _ in 0..3 {
+        let (stream, line) = greeting_from([127, 0, 0, 3], server.addr);
+        assert!(line.starts_with("220 "), "{line}");
+        held.push(stream);
+    }
+    // Six sessions: a stranger is refused...
+    let (_, line) = greeting_from([127, 0, 0, 4], server.addr);
+    assert!(
+        line.starts_with("421 4.7.0") && line.contains("Too many connections"),
+        "{line}"
+    );
+    // ...the allowlisted device's address is known and still served.
+    let (_, line) = greeting_from([127, 0, 0, 1], server.addr);
+    assert!(line.starts_with("220 "), "{line}");
+    // A closed session frees its slot.
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, line) = greeting_from([127, 0, 0, 4], server.addr);
+        if line.starts_with("220 ") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slot not freed: {line}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn plain(user: &str, password: &str) -> String {
+    format!(
+        "AUTH PLAIN {}",
+        STANDARD.encode(format!("\0{user}\0{password}"))
+    )
+}
+
+/// One login attempt from `source` on a new connection: the reply code and text.
+fn try_login(server: &Server, source: [u8; 4], user: &str, password: &str) -> (u16, String) {
+    let mut c = Client::connect_from(source, server.addr);
+    c.expect("EHLO printer", 250, "");
+    c.cmd(&plain(user, password))
+}
+
+#[test]
+fn failed_logins_are_slowed_then_locked_out_per_source_and_user() {
+    let guard = tokenfleet_agent::ingress::LoginGuard::new(LoginLimits {
+        slowdown_after: 2,
+        delay_step: Duration::from_millis(300),
+        max_delay: Duration::from_millis(600),
+        lockout_after: 4,
+        lockout: Duration::from_secs(3),
+        ..LoginLimits::default()
+    });
+    let server = Server::start(
+        IngressConfig {
+            login_guard: Arc::new(guard),
+            ..Server::config()
+        },
+        false,
+    );
+    // The printer logs in once: its source is now trusted for its user.
+    assert_eq!(try_login(&server, [127, 0, 0, 1], USER, PASSWORD).0, 235);
+
+    // One attacker source: answers slow down, then the source is locked.
+    let mut took = Vec::new();
+    for _ in 0..4 {
+        let started = std::time::Instant::now();
+        let (code, text) = try_login(&server, [127, 0, 0, 5], "nobody", "guess");
+        assert_eq!(code, 535, "{text}");
+        took.push(started.elapsed());
+    }
+    assert!(took[0] < Duration::from_millis(300), "{took:?}");
+    assert!(took[3] >= Duration::from_millis(600), "{took:?}");
+    let mut c = Client::connect_from([127, 0, 0, 5], server.addr);
+    c.expect("EHLO printer", 250, "");
+    let (code, text) = c.cmd(&plain(USER, PASSWORD));
+    assert_eq!(code, 421, "locked even with the right password: {text}");
+    assert!(
+        text.contains("4.7.0") && text.contains("try again in"),
+        "{text}"
+    );
+    c.assert_closed();
+
+    // The user name guessed from four more sources: the user is locked for strangers...
+    for i in 10..14 {
+        assert_eq!(try_login(&server, [127, 0, 0, i], USER, "wrong").0, 535);
+    }
+    let (code, text) = try_login(&server, [127, 0, 0, 20], USER, PASSWORD);
+    assert_eq!(code, 421, "{text}");
+    // ...but not for the printer that logged in before from its own address.
+    let (code, text) = try_login(&server, [127, 0, 0, 1], USER, PASSWORD);
+    assert_eq!(code, 235, "{text}");
+
+    // The lock ends.
+    std::thread::sleep(Duration::from_secs(3));
+    let (code, text) = try_login(&server, [127, 0, 0, 5], USER, PASSWORD);
+    assert_eq!(code, 235, "{text}");
+}
+
+#[test]
+fn large_messages_stream_to_disk_and_a_full_spool_answers_452() {
+    let config = IngressConfig {
+        message_memory: 8 * 1024,
+        max_message_size: 4 * 1024 * 1024,
+        ..Server::config()
+    };
+    let server = Server::start_limited(
+        config,
+        vec![login_device(fixed_mailbox())],
+        SpoolLimits {
+            max_bytes: 1536 * 1024,
+            max_messages: 3,
+        },
+    );
+    let body: String = (0..18_000)
+        .map(|i| format!("line {i:06} of a scanned document .............................\r\n"))
+        .collect();
+    assert!(body.len() > 1024 * 1024);
+    let message = format!("From: jane@example.com\r\nSubject: big scan\r\n\r\n{body}");
+    let mut c = Client::connect(server.addr);
+    c.login();
+    c.expect("MAIL FROM:<jane@example.com>", 250, "");
+    c.expect("RCPT TO:<a@example.com>", 250, "");
+    c.expect("DATA", 354, "");
+    c.write(message.as_bytes());
+    c.expect(".", 250, "2.0.0");
+    let ids = server.spool.queued().unwrap();
+    assert_eq!(ids.len(), 1);
+    let stored = server.spool.message(&ids[0]).unwrap();
+    // The From line is rewritten; every body byte arrives as sent.
+    assert!(stored.ends_with(body.as_bytes()));
+    assert_eq!(
+        server.spool.entry(&ids[0]).unwrap().size,
+        stored.len() as u64
+    );
+    // No temporary file is left behind.
+    let tmp: Vec<_> = std::fs::read_dir(server._dir.path().join("spool/tmp"))
+        .unwrap()
+        .collect();
+    assert!(tmp.is_empty(), "{tmp:?}");
+
+    // A second one does not fit the 1.5 MiB quota: announced with SIZE, refused at MAIL...
+    c.expect(
+        &format!("MAIL FROM:<jane@example.com> SIZE={}", message.len()),
+        452,
+        "4.3.1",
+    );
+    // ...unannounced, refused after DATA, and nothing is queued.
+    c.expect("MAIL FROM:<jane@example.com>", 250, "");
+    c.expect("RCPT TO:<a@example.com>", 250, "");
+    c.expect("DATA", 354, "");
+    c.write(message.as_bytes());
+    c.expect(".", 452, "4.3.1");
+    assert_eq!(server.spool.queued().unwrap().len(), 1);
+    // Small ones fit until the message count is reached, then MAIL itself gets 452.
+    for _ in 0..2 {
+        c.expect("MAIL FROM:<jane@example.com>", 250, "");
+        c.expect("RCPT TO:<a@example.com>", 250, "");
+        c.expect("DATA", 354, "");
+        c.expect("Subject: small\r\n\r\nhi\r\n.", 250, "2.0.0");
+    }
+    c.expect("MAIL FROM:<jane@example.com>", 452, "4.3.1");
+    // Delivered entries free the quota.
+    for id in server.spool.queued().unwrap() {
+        server.spool.complete(&id).unwrap();
+    }
+    c.expect("MAIL FROM:<jane@example.com>", 250, "2.1.0");
+}
+
+#[test]
+fn a_header_block_larger_than_the_message_memory_is_refused() {
+    let config = IngressConfig {
+        message_memory: 4096,
+        ..Server::config()
+    };
+    let server = Server::start_with(config, vec![login_device(fixed_mailbox())]);
+    let mut c = Client::connect(server.addr);
+    c.login();
+    c.expect("MAIL FROM:<jane@example.com>", 250, "");
+    c.expect("RCPT TO:<a@example.com>", 250, "");
+    c.expect("DATA", 354, "");
+    for i in 0..100 {
+        c.write(format!("X-Filler-{i}: {}\r\n", "x".repeat(60)).as_bytes());
+    }
+    c.expect("\r\nbody\r\n.", 552, "5.3.4");
+    assert!(server.spool.queued().unwrap().is_empty());
+}
+
+#[test]
+fn a_client_that_keeps_talking_is_closed_at_the_longest_session_time() {
+    let server = Server::start(
+        limited(SessionLimits {
+            max_session: Duration::from_secs(1),
+            ..SessionLimits::default()
+        }),
+        false,
+    );
+    let mut c = Client::connect(server.addr);
+    let started = std::time::Instant::now();
+    // A NOOP every 200 ms: never idle, but the session ends after a second.
+    loop {
+        c.write(b"NOOP\r\n");
+        let mut line = String::new();
+        match c.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => assert!(line.starts_with("250"), "{line}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the session was not closed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(started.elapsed() >= Duration::from_millis(900));
 }

@@ -403,3 +403,55 @@ fn sigkill_never_loses_an_acknowledged_message() {
         }
     }
 }
+
+#[test]
+fn the_quota_refuses_what_does_not_fit_and_delivery_frees_it() {
+    use tokenfleet_agent::spool::{SpoolError, SpoolLimits, TailFile};
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open_with(
+        dir.path().join("spool"),
+        SpoolLimits {
+            max_bytes: 1000,
+            max_messages: 2,
+        },
+    )
+    .unwrap();
+    let env = envelope("mfd");
+    let a = spool.accept(&env, &[b'a'; 600]).unwrap();
+    assert_eq!(spool.room(), 400);
+    let err = spool.accept(&env, &[b'b'; 500]).unwrap_err();
+    assert!(matches!(err, SpoolError::Full { size: 500, .. }), "{err}");
+    assert!(err.to_string().contains("spool full"), "{err}");
+    // A message in two parts: head in memory, tail in a file under tmp/.
+    let (tail, mut file) = TailFile::create(spool.tail_path().unwrap()).unwrap();
+    std::io::Write::write_all(&mut file, b" and the tail").unwrap();
+    drop(file);
+    let b = spool.accept_incoming(&env, b"head", Some(&tail)).unwrap();
+    drop(tail);
+    assert_eq!(spool.message(&b).unwrap(), b"head and the tail");
+    // Two messages: the count is reached.
+    assert_eq!(spool.room(), 0);
+    assert!(matches!(
+        spool.accept(&env, b"x").unwrap_err(),
+        SpoolError::Full { .. }
+    ));
+    spool.complete(&a).unwrap();
+    assert_eq!(spool.room(), 1000 - 17);
+    // Reopening counts what is queued.
+    drop(spool);
+    let spool = Spool::open_with(
+        dir.path().join("spool"),
+        SpoolLimits {
+            max_bytes: 1000,
+            max_messages: 2,
+        },
+    )
+    .unwrap();
+    assert_eq!(spool.room(), 1000 - 17);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("spool/tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
+}

@@ -138,14 +138,21 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
         Ok(s) if s.success() => {}
         other => panic!("building {bin} ({package}) failed: {other:?}"),
     }
-    // target/debug/deps/<this test> → target/debug/<bin>
+    // target/debug/deps/<this test> → target/debug/<bin>; a benchmark binary of this crate
+    // (target/debug/<bench>) finds it next to itself.
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(e) => panic!("the test executable's path: {e}"),
     };
     let path = exe
         .parent()
-        .and_then(Path::parent)
+        .and_then(|dir| {
+            if dir.file_name().is_some_and(|n| n == "deps") {
+                dir.parent()
+            } else {
+                Some(dir)
+            }
+        })
         .map(|dir| dir.join(bin))
         .unwrap_or_else(|| PathBuf::from(bin));
     assert!(path.is_file(), "{} missing", path.display());
@@ -153,8 +160,12 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     path
 }
 
-/// The agent binary.
+/// The agent binary: `TOKENFLEET_TEST_AGENT_BINARY` when set (benchmarks compare another build,
+/// e.g. main's), else the one [`E2E_BINARIES_BUILD`] builds.
 pub fn agent_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("TOKENFLEET_TEST_AGENT_BINARY") {
+        return PathBuf::from(path);
+    }
     workspace_binary("tokenfleet-agent", "tokenfleet-agent")
 }
 
@@ -882,6 +893,11 @@ impl AgentSite {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         self.child = Some(child);
+    }
+
+    /// Process id of the running agent, if any (benchmarks read its `/proc/<pid>/status`).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Kills the agent with SIGKILL (no chance to clean up) and reaps it.

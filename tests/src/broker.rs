@@ -335,6 +335,9 @@ impl TestBroker {
             shutdown_grace_seconds: 5,
             ..RawConfig::default()
         };
+        // The fake identity provider and the fake mail APIs run on loopback: tenant-admin keys of
+        // the tests may point providers there (`[admin] provider_hosts`).
+        raw.admin.provider_hosts = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
         raw.seal.current_key_id = Some("test".to_owned());
         raw.seal.keys = vec![SealKeySource {
             id: "test".to_owned(),

@@ -368,3 +368,247 @@ async fn a_connection_test_runs_on_the_agent_against_dovecot() {
         "{result:#?}"
     );
 }
+
+/// A TCP connection from the loopback address `source` to `addr`, and the server's first line.
+async fn greeting_from(
+    source: [u8; 4],
+    addr: std::net::SocketAddr,
+) -> (tokio::io::BufReader<tokio::net::TcpStream>, String) {
+    use tokio::io::AsyncBufReadExt as _;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((source, 0)))
+        .unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let mut reader = tokio::io::BufReader::new(stream);
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(20), reader.read_line(&mut line))
+        .await
+        .expect("a first line within 20 s")
+        .unwrap();
+    (reader, line)
+}
+
+/// Sends `line` and reads one reply line.
+async fn command(reader: &mut tokio::io::BufReader<tokio::net::TcpStream>, line: &str) -> String {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    reader
+        .get_mut()
+        .write_all(format!("{line}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    loop {
+        let mut l = String::new();
+        tokio::time::timeout(Duration::from_secs(20), reader.read_line(&mut l))
+            .await
+            .expect("a reply within 20 s")
+            .unwrap();
+        reply.push_str(&l);
+        if l.len() < 4 || l.as_bytes()[3] != b'-' {
+            return reply;
+        }
+    }
+}
+
+/// The real agent under a small-scale attack, with small `[ingress_limits]`: 20 wrong-password
+/// logins from one source are slowed and then locked out (without further password checks), 50
+/// idle connections from ten sources fill the session cap (the rest are refused with `421`),
+/// and the printer — known from its earlier login — is still served and its message delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_caps_and_login_lockout_hold_while_the_printer_is_served() {
+    let site = AgentSite::start(SiteOptions {
+        purposes: vec![pb::MailPurpose::Send],
+        agent_config: "[ingress_limits]\nmax_sessions = 40\nmax_sessions_per_source = 5\n\
+                       login_slowdown_after = 2\nlogin_max_delay_seconds = 1\n\
+                       login_lockout_after = 5\nidle_timeout_seconds = 60\n"
+            .into(),
+        ..SiteOptions::default()
+    })
+    .await;
+    site.print(1, None).await;
+
+    // 20 wrong passwords for the device's user name from 127.0.2.1.
+    let wrong = format!(
+        "AUTH PLAIN {}",
+        base64_plain(DEVICE_USER, "not-the-password")
+    );
+    let (mut refused_535, mut locked_421) = (0, 0);
+    for _ in 0..20 {
+        let (mut c, line) = greeting_from([127, 0, 2, 1], site.smtp).await;
+        assert!(line.starts_with("220 "), "{line}");
+        command(&mut c, "EHLO attacker").await;
+        let reply = command(&mut c, &wrong).await;
+        if reply.starts_with("535 5.7.8") {
+            refused_535 += 1;
+        } else if reply.starts_with("421 4.7.0") && reply.contains("try again in") {
+            locked_421 += 1;
+        } else {
+            panic!("unexpected reply to a wrong password: {reply}");
+        }
+    }
+    assert_eq!((refused_535, locked_421), (5, 15));
+    assert!(
+        site.log_text()
+            .contains("too many failed logins: locked out")
+    );
+
+    // 50 idle connections from 127.0.1.1–10: 40 sessions, 10 refused with 421.
+    let mut idle = Vec::new();
+    let (mut greeted, mut busy) = (0, 0);
+    for i in 0..50u8 {
+        let (c, line) = greeting_from([127, 0, 1, 1 + i % 10], site.smtp).await;
+        if line.starts_with("220 ") {
+            greeted += 1;
+            idle.push(c);
+        } else {
+            assert!(line.starts_with("421 4.7.0"), "{line}");
+            busy += 1;
+        }
+    }
+    assert_eq!((greeted, busy), (40, 10));
+    // A stranger is refused now; the printer (known from its login) is served.
+    let (_, line) = greeting_from([127, 0, 3, 1], site.smtp).await;
+    assert!(line.starts_with("421 4.7.0"), "{line}");
+    site.print(1, None).await;
+    eventually(
+        "both messages delivered",
+        Duration::from_secs(30),
+        || async { (site.upstream_count().await >= 2).then_some(()) },
+    )
+    .await;
+    drop(idle);
+}
+
+fn base64_plain(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"))
+}
+
+/// Ingress settings that would open the agent are refused by the broker through the real CLI,
+/// naming the field: a source range of the whole internet, and a second device on the same
+/// agent with the same login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_sources_and_shared_logins_are_refused_naming_the_field() {
+    let site = site().await;
+    for range in ["0.0.0.0/0", "::/0", "128.0.0.0/1"] {
+        let (code, _, err) = site
+            .ctl(&[
+                "device",
+                "update",
+                "--tenant",
+                TENANT,
+                "--name",
+                DEVICE,
+                "--allowed-source",
+                range,
+            ])
+            .await;
+        assert_ne!(code, 0, "{range} accepted");
+        assert!(
+            err.contains("device.ingress.allowed_sources[0]") && err.contains("too wide"),
+            "{range}: {err}"
+        );
+    }
+    let (code, _, err) = site
+        .ctl(&[
+            "device",
+            "create",
+            "--tenant",
+            TENANT,
+            "--name",
+            "mfp-2",
+            "--agent",
+            "site1",
+            "--sender-mode",
+            "fixed_admin",
+            "--admin-mailbox",
+            "scan",
+            "--ingress-username",
+            &DEVICE_USER.to_uppercase(),
+        ])
+        .await;
+    assert_ne!(code, 0, "a second device with the same login was created");
+    assert!(
+        err.contains("device.ingress.username") && err.contains(DEVICE),
+        "{err}"
+    );
+    // A range of the LAN is fine.
+    let (code, _, err) = site
+        .ctl(&[
+            "device",
+            "update",
+            "--tenant",
+            TENANT,
+            "--name",
+            DEVICE,
+            "--allowed-source",
+            "10.0.0.0/8",
+        ])
+        .await;
+    assert_eq!(code, 0, "{err}");
+}
+
+/// Sender binding through the real agent: a `login_user` device configured (at the broker) with
+/// one user address may send as that user; a message whose `From:` names another user of the
+/// tenant is refused with `553 5.7.1` naming the login and the address, and nothing is queued
+/// for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_user_device_sends_only_as_its_configured_users() {
+    let site = AgentSite::start(SiteOptions {
+        purposes: vec![pb::MailPurpose::Send],
+        device: Box::new(|dovecot| pb::Device {
+            sender_mode: pb::SenderMode::LoginUser as i32,
+            smtp: Some(plain_smtp(dovecot.submission_addr())),
+            ingress: Some(pb::IngressCredentials {
+                username: DEVICE_USER.into(),
+                password: DEVICE_PASSWORD.into(),
+                user_addresses: vec!["alice@contoso.example".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..SiteOptions::default()
+    })
+    .await;
+    let send = |from: &'static str| {
+        let addr = site.smtp;
+        async move {
+            let (mut c, line) = greeting_from([127, 0, 0, 1], addr).await;
+            assert!(line.starts_with("220 "), "{line}");
+            command(&mut c, "EHLO mfp").await;
+            let auth = command(
+                &mut c,
+                &format!("AUTH PLAIN {}", base64_plain(DEVICE_USER, DEVICE_PASSWORD)),
+            )
+            .await;
+            assert!(auth.starts_with("235"), "{auth}");
+            assert!(
+                command(&mut c, "MAIL FROM:<mfp@printer.lan>")
+                    .await
+                    .starts_with("250")
+            );
+            assert!(
+                command(&mut c, "RCPT TO:<bob@fabrikam.example>")
+                    .await
+                    .starts_with("250")
+            );
+            assert!(command(&mut c, "DATA").await.starts_with("354"));
+            command(
+                &mut c,
+                &format!("From: {from}\r\nSubject: scan\r\n\r\nscanned page\r\n."),
+            )
+            .await
+        }
+    };
+    let reply = send("The CEO <ceo@contoso.example>").await;
+    assert!(
+        reply.starts_with(&format!(
+            "553 5.7.1 Sender <ceo@contoso.example> is not an address login \"{DEVICE_USER}\" (device \"{DEVICE}\") may send as"
+        )),
+        "{reply}"
+    );
+    let reply = send("Alice <Alice@Contoso.example>").await;
+    assert!(reply.starts_with("250 2.0.0"), "{reply}");
+    assert!(site.log_text().contains("message refused"));
+}

@@ -450,6 +450,7 @@ async fn a_replica_killed_mid_poll_leaves_the_consent_to_another_replica() {
                 client_secret: None,
                 endpoints: e,
                 http_proxy: String::new(),
+                http_proxy_password: None,
                 extra_ca_pem: String::new(),
                 scopes: vec![],
                 service_account_key: None,

@@ -37,6 +37,7 @@ fn provider(kind: ProviderKind, endpoints: ProviderEndpoints, client_id: &str) -
         client_secret: None,
         endpoints,
         http_proxy: String::new(),
+        http_proxy_password: None,
         extra_ca_pem: String::new(),
         scopes: vec![],
         service_account_key: None,

@@ -1,17 +1,31 @@
 //! [`LocalDevices`]: the production [`IngressHandler`] — per-device local credentials (argon2 PHC
-//! hashes) or source allowlists (addresses and CIDR ranges), the device's [`SenderPolicy`], and
-//! delivery into the spool.
+//! hashes, checked by a shared [`PasswordChecker`]) or source allowlists (addresses and CIDR
+//! ranges), the device's [`SenderPolicy`], and delivery into the spool.
+//!
+//! Sender binding (LOGIN_USER / ALLOW_USER_CHANGE): the user a message is sent as comes from
+//! its `From`, which the device's login does not vouch for. Like Postfix's
+//! `reject_sender_login_mismatch`, the user address must be one the device is configured to
+//! send as ([`LocalDevice::user_addresses`]: exact addresses, or `@domain` for every address of
+//! a domain); any other is refused with `553 5.7.1` naming the login and the address. No
+//! addresses configured = no user may be sent as. The broker checks the same list before it
+//! hands out a user's token, so an agent cannot get around it either.
+//!
+//! Refused configurations (the device's logins and sources are not used, and the problem is
+//! reported): a source range wider than /8 (IPv4) or /16 (IPv6) — `0.0.0.0/0` would make an
+//! open relay of an agent that listens publicly — and a user name that two devices share.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use argon2::{Argon2, PasswordVerifier as _};
 use ipnet::IpNet;
 use tokenfleet_proto::v1 as pb;
 
+use super::password::PasswordChecker;
 use super::sender::{SenderPolicy, apply_sender_policy};
-use super::{DeliverError, IngressHandler, Password};
-use crate::spool::{Envelope, Spool, SpoolId};
+use super::{DeliverError, Incoming, IngressHandler, Password};
+use crate::spool::{Envelope, Spool, SpoolError, SpoolId};
 
 /// One device as the ingress sees it: local credentials, source allowlist, sender policy.
 #[derive(Debug, Clone)]
@@ -27,18 +41,69 @@ pub struct LocalDevice {
     pub allowed_addresses: Vec<IpNet>,
     /// Who the device's messages are sent as.
     pub sender: SenderPolicy,
+    /// The user addresses (lower case) a LOGIN_USER / ALLOW_USER_CHANGE device may send as:
+    /// `jane@contoso.example`, or `@contoso.example` for any address of the domain.
+    pub user_addresses: Vec<String>,
 }
 
+/// Shortest prefix of an allowed IPv4 range (`10.0.0.0/8` is the largest private block).
+pub const MIN_IPV4_PREFIX: u8 = 8;
+/// Shortest prefix of an allowed IPv6 range.
+pub const MIN_IPV6_PREFIX: u8 = 16;
+
 /// Parses an allowed source: an address (`192.168.1.20`, `fd00::7`) or a CIDR range
-/// (`192.168.1.0/24`; host bits are cleared).
+/// (`192.168.1.0/24`; host bits are cleared). Ranges wider than /8 (IPv4) or /16 (IPv6), such
+/// as `0.0.0.0/0` or `::/0`, are refused: they would admit the whole internet.
 pub fn parse_source(text: &str) -> Result<IpNet, String> {
     let text = text.trim();
-    if let Ok(net) = text.parse::<IpNet>() {
-        return Ok(net.trunc());
+    let net = match text.parse::<IpNet>() {
+        Ok(net) => net.trunc(),
+        Err(_) => text
+            .parse::<IpAddr>()
+            .map(IpNet::from)
+            .map_err(|_| format!("{text:?} is not an IP address or CIDR range"))?,
+    };
+    let min = match net {
+        IpNet::V4(_) => MIN_IPV4_PREFIX,
+        IpNet::V6(_) => MIN_IPV6_PREFIX,
+    };
+    if net.prefix_len() < min {
+        return Err(format!(
+            "{text:?} is too wide (at most /{MIN_IPV4_PREFIX} for IPv4, /{MIN_IPV6_PREFIX} for IPv6): it would let any host send as the device; list the devices' addresses or their LAN range"
+        ));
     }
-    text.parse::<IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| format!("{text:?} is not an IP address or CIDR range"))
+    Ok(net)
+}
+
+/// Problems the agent refuses in a set of devices that each device alone does not show: a
+/// user name that two devices share (the login could not say which device it is). Returns
+/// (device, problem) for every device involved.
+pub fn check_devices(devices: &[pb::AgentDevice]) -> Vec<(String, String)> {
+    let mut by_user: HashMap<String, Vec<&str>> = HashMap::new();
+    for d in devices.iter().filter(|d| !d.ingress_username.is_empty()) {
+        by_user
+            .entry(d.ingress_username.to_lowercase())
+            .or_default()
+            .push(&d.name);
+    }
+    let mut problems = Vec::new();
+    for d in devices {
+        let Some(names) = by_user.get(&d.ingress_username.to_lowercase()) else {
+            continue;
+        };
+        if names.len() > 1 {
+            let others: Vec<&str> = names.iter().copied().filter(|n| *n != d.name).collect();
+            problems.push((
+                d.name.clone(),
+                format!(
+                    "ingress_username {:?} is also the login of device(s) {}; logins with it are refused until each device has its own",
+                    d.ingress_username,
+                    others.join(", ")
+                ),
+            ));
+        }
+    }
+    problems
 }
 
 /// An IPv4 client on a dual-stack socket (`::ffff:192.0.2.7`) is matched as IPv4.
@@ -58,6 +123,26 @@ impl LocalDevice {
             password_hash: None,
             allowed_addresses: Vec::new(),
             sender,
+            user_addresses: Vec::new(),
+        }
+    }
+
+    /// Whether the device may send as the user `address` (see the module documentation).
+    pub fn may_send_as(&self, address: &str) -> bool {
+        let address = address.trim().to_lowercase();
+        let domain = address.rsplit_once('@').map(|(_, d)| d);
+        self.user_addresses.iter().any(|a| {
+            a == &address
+                || a.strip_prefix('@')
+                    .is_some_and(|d| domain.is_some_and(|domain| domain == d))
+        })
+    }
+
+    /// Who submitted, for replies: the device's login, else its name and the source allowlist.
+    fn login(&self) -> String {
+        match &self.username {
+            Some(user) => format!("login \"{user}\" (device \"{}\")", self.device),
+            None => format!("device \"{}\" (source allowlist, no login)", self.device),
         }
     }
 
@@ -100,6 +185,12 @@ impl LocalDevice {
             password_hash: nonempty(&device.ingress_password_hash),
             allowed_addresses: sources,
             sender: SenderPolicy::from_agent_device(device)?,
+            user_addresses: device
+                .ingress_user_addresses
+                .iter()
+                .map(|a| a.trim().to_lowercase())
+                .filter(|a| !a.is_empty())
+                .collect(),
         })
     }
 }
@@ -169,14 +260,25 @@ fn sender_policy(device: &pb::AgentDevice) -> Result<SenderPolicy, String> {
 pub struct LocalDevices {
     devices: Arc<Vec<LocalDevice>>,
     spool: Arc<Spool>,
+    passwords: Arc<PasswordChecker>,
 }
 
 impl LocalDevices {
-    /// A handler for these devices, spooling into `spool`.
+    /// A handler for these devices, spooling into `spool`, with its own [`PasswordChecker`].
     pub fn new(devices: Vec<LocalDevice>, spool: Arc<Spool>) -> Self {
+        Self::with_checker(devices, spool, Arc::new(PasswordChecker::default()))
+    }
+
+    /// A handler whose password checks go through `passwords` (shared across device tables).
+    pub fn with_checker(
+        devices: Vec<LocalDevice>,
+        spool: Arc<Spool>,
+        passwords: Arc<PasswordChecker>,
+    ) -> Self {
         Self {
             devices: Arc::new(devices),
             spool,
+            passwords,
         }
     }
 }
@@ -201,38 +303,65 @@ impl IngressHandler for LocalDevices {
             .find(|d| d.username.as_deref() == Some(user.as_str()))?
             .clone();
         let hash = device.password_hash?;
-        // Argon2 is deliberately slow: keep it off the async worker threads.
-        let ok = tokio::task::spawn_blocking(move || {
-            Argon2::default()
-                .verify_password(password.expose().as_bytes(), hash.as_str())
-                .is_ok()
-        })
-        .await
-        .unwrap_or(false);
+        let ok = self.passwords.verify(&user, password, &hash).await;
         ok.then_some(device.device)
     }
 
     async fn deliver(
         &self,
         mut envelope: Envelope,
-        message: Vec<u8>,
+        message: Incoming,
     ) -> Result<SpoolId, DeliverError> {
+        let Incoming { head, tail } = message;
+        // The sender policy reads and rewrites only the header block, which is all in `head`.
         // A session without a known device (only when `require_auth` is off) is spooled as is.
-        let message = match self.devices.iter().find(|d| d.device == envelope.device) {
+        let head = match self.devices.iter().find(|d| d.device == envelope.device) {
             Some(device) => {
-                apply_sender_policy(&device.sender, &device.device, &mut envelope, message)?
+                let head =
+                    apply_sender_policy(&device.sender, &device.device, &mut envelope, head)?;
+                if !envelope.user_address.is_empty() && !device.may_send_as(&envelope.user_address)
+                {
+                    return Err(DeliverError::Rejected {
+                        code: 553,
+                        text: format!(
+                            "5.7.1 Sender <{}> is not an address {} may send as: add it to the device's ingress user addresses",
+                            envelope.user_address,
+                            device.login()
+                        ),
+                    });
+                }
+                head
             }
-            None => message,
+            None => head,
         };
         let spool = Arc::clone(&self.spool);
-        match tokio::task::spawn_blocking(move || spool.accept(&envelope, &message)).await {
+        let stored = tokio::task::spawn_blocking(move || {
+            spool.accept_incoming(&envelope, &head, tail.as_ref())
+        })
+        .await;
+        match stored {
             Ok(Ok(id)) => Ok(id),
+            Ok(Err(e @ SpoolError::Full { .. })) => {
+                tracing::warn!(error = %e, "message refused: the spool is full");
+                Err(DeliverError::Rejected {
+                    code: 452,
+                    text: "4.3.1 Insufficient system storage: the agent's spool is full, try again later".to_owned(),
+                })
+            }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "spooling a message failed");
                 Err(DeliverError::Temporary(e.to_string()))
             }
             Err(e) => Err(DeliverError::Temporary(format!("spool task failed: {e}"))),
         }
+    }
+
+    fn tail_path(&self) -> Option<PathBuf> {
+        self.spool.tail_path().ok()
+    }
+
+    fn room(&self) -> Option<u64> {
+        Some(self.spool.room())
     }
 }
 
@@ -299,5 +428,60 @@ mod tests {
         d.ingress_allowed_sources.push("printer.lan".into());
         let err = LocalDevice::from_agent_device(&d).unwrap_err();
         assert!(err.contains("ingress_allowed_sources"), "{err}");
+    }
+
+    #[test]
+    fn the_whole_internet_is_not_a_source() {
+        for wide in ["0.0.0.0/0", "::/0", "128.0.0.0/1", "10.0.0.0/7", "fc00::/7"] {
+            let err = parse_source(wide).unwrap_err();
+            assert!(err.contains("too wide"), "{wide}: {err}");
+        }
+        for fine in ["10.0.0.0/8", "192.168.1.20", "fd00::/16", "2001:db8::/48"] {
+            assert!(parse_source(fine).is_ok(), "{fine}");
+        }
+        let d = pb::AgentDevice {
+            name: "mfd".into(),
+            sender_mode: pb::SenderMode::LoginUser as i32,
+            ingress_allowed_sources: vec!["0.0.0.0/0".into()],
+            ..Default::default()
+        };
+        let err = LocalDevice::from_agent_device(&d).unwrap_err();
+        assert!(
+            err.contains("ingress_allowed_sources") && err.contains("too wide"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_login_shared_by_two_devices_is_reported_for_both() {
+        let device = |name: &str, user: &str| pb::AgentDevice {
+            name: name.into(),
+            ingress_username: user.into(),
+            ..Default::default()
+        };
+        let problems = check_devices(&[
+            device("a", "scanner"),
+            device("b", "Scanner"),
+            device("c", "other"),
+            device("d", ""),
+            device("e", ""),
+        ]);
+        let named: Vec<&str> = problems.iter().map(|(d, _)| d.as_str()).collect();
+        assert_eq!(named, ["a", "b"]);
+        assert!(
+            problems[0].1.contains("ingress_username") && problems[0].1.contains('b'),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn user_addresses_match_exactly_or_by_domain() {
+        let mut d = LocalDevice::new("mfd", SenderPolicy::LoginUser);
+        d.user_addresses = vec!["alice@contoso.example".into(), "@fabrikam.example".into()];
+        assert!(d.may_send_as("Alice@Contoso.example"));
+        assert!(d.may_send_as("anyone@fabrikam.example"));
+        assert!(!d.may_send_as("bob@contoso.example"));
+        assert!(!d.may_send_as("x@sub.fabrikam.example"));
+        assert!(!d.may_send_as("fabrikam.example"));
     }
 }

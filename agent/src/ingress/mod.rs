@@ -17,25 +17,41 @@
 //! session never panics on input: over-long lines get `500 5.5.2`, bad base64 `501 5.5.2`,
 //! sequence errors `503 5.5.1`, and a client that keeps erring or stays silent is disconnected
 //! with `421`.
+//!
+//! Limits (all in [`IngressConfig`], set from the agent configuration's `[ingress_limits]`):
+//! sessions at once, in total and per source ([`SessionLimits`]; over them a connection gets
+//! `421 4.7.0` and is closed); idle time per command ([`IngressConfig::command_timeout`]);
+//! failed logins slowed down and then locked out per source and user ([`LoginGuard`]; a locked
+//! login gets `421 4.7.0 … try again in N seconds` without its password being checked);
+//! concurrent password hashing ([`PasswordChecker`]); a message's memory
+//! ([`IngressConfig::message_memory`]; the rest streams to the spool's `tmp/`); and the spool's
+//! quota (`452 4.3.1` at `MAIL` when the spool is full, or after `DATA` when the message does
+//! not fit).
 
+mod guard;
 mod handler;
+mod password;
 mod sender;
 mod session;
 mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-pub use handler::{LocalDevice, LocalDevices, parse_source};
+pub use guard::{Admission, LoginGuard, LoginLimits};
+pub use handler::{LocalDevice, LocalDevices, check_devices, parse_source};
+pub use password::{PasswordChecker, PasswordSettings};
 pub use sender::{SenderPolicy, apply_sender_policy};
 pub use tls::{IngressTls, IngressTlsError};
 
-use crate::line_server;
-use crate::spool::{Envelope, SpoolId};
+pub use crate::line_server::SessionLimits;
+use crate::line_server::{self, Refusal};
+use crate::spool::{Envelope, SpoolId, TailFile};
 
 /// Settings of the ingress server.
 #[derive(Debug, Clone)]
@@ -61,6 +77,13 @@ pub struct IngressConfig {
     /// Offer and accept `AUTH PLAIN`/`LOGIN` on a connection without TLS (default `true`: LAN
     /// printers often have no TLS; see the module documentation).
     pub allow_plaintext_auth: bool,
+    /// Sessions at once, in total and per source.
+    pub limits: SessionLimits,
+    /// Bytes of a message held in memory while it arrives (the header block must fit; it gets
+    /// `552 5.3.4` otherwise); the rest streams to [`IngressHandler::tail_path`].
+    pub message_memory: usize,
+    /// Failed-login throttling (share one between the SMTP and POP3 listeners).
+    pub login_guard: Arc<LoginGuard>,
 }
 
 impl Default for IngressConfig {
@@ -76,6 +99,29 @@ impl Default for IngressConfig {
             tls: None,
             require_tls: false,
             allow_plaintext_auth: true,
+            limits: SessionLimits::default(),
+            message_memory: 64 * 1024,
+            login_guard: Arc::new(LoginGuard::default()),
+        }
+    }
+}
+
+/// A message as the session received it: the first bytes (at least the header block) in
+/// memory, the rest, if any, in a file.
+#[derive(Debug)]
+pub struct Incoming {
+    /// The header block and as much of the body as [`IngressConfig::message_memory`] allows.
+    pub head: Vec<u8>,
+    /// The rest of the message.
+    pub tail: Option<TailFile>,
+}
+
+impl Incoming {
+    /// A message held wholly in memory.
+    pub fn in_memory(message: Vec<u8>) -> Self {
+        Self {
+            head: message,
+            tail: None,
         }
     }
 }
@@ -138,13 +184,36 @@ pub trait IngressHandler: Send + Sync + 'static {
     fn deliver(
         &self,
         envelope: Envelope,
-        message: Vec<u8>,
+        message: Incoming,
     ) -> impl Future<Output = Result<SpoolId, DeliverError>> + Send;
+
+    /// A new file name for the part of a message beyond [`IngressConfig::message_memory`];
+    /// `None` keeps whole messages in memory.
+    fn tail_path(&self) -> Option<PathBuf> {
+        None
+    }
+
+    /// Bytes the store can still take (`None`: no limit). `0` refuses `MAIL` with `452 4.3.1`.
+    fn room(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The SMTP ingress server.
 #[derive(Debug)]
 pub struct IngressServer;
+
+/// The reply to a connection over a session limit (RFC 5321 §3.1: `421` instead of the greeting).
+fn busy(refusal: Refusal) -> &'static [u8] {
+    match refusal {
+        Refusal::Total => {
+            b"421 4.7.0 tokenfleet-agent Too many connections, try again later\r\n"
+        }
+        Refusal::PerSource => {
+            b"421 4.7.0 tokenfleet-agent Too many connections from your address, try again later\r\n"
+        }
+    }
+}
 
 impl IngressServer {
     /// Serves `listener` until `shutdown` completes, then stops accepting, tells idle sessions
@@ -163,10 +232,15 @@ impl IngressServer {
             ));
         }
         let config = Arc::new(config);
+        let guard = Arc::clone(&config.login_guard);
+        let devices = Arc::clone(&handler);
         line_server::serve(
             listener,
             shutdown,
             "smtp ingress",
+            config.limits,
+            busy,
+            move |peer| guard.known_source(peer.ip()) || devices.device_for_peer(peer).is_some(),
             move |stream, peer, stop| {
                 let config = Arc::clone(&config);
                 let handler = Arc::clone(&handler);

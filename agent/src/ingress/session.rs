@@ -11,9 +11,9 @@ use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::{DeliverError, IngressConfig, IngressHandler, Password};
+use super::{Admission, DeliverError, Incoming, IngressConfig, IngressHandler, Password};
 use crate::line_server::{self, Line, read_limited};
-use crate::spool::Envelope;
+use crate::spool::{Envelope, TailFile};
 
 /// The client connection: plain TCP, or TLS after `STARTTLS`.
 enum Stream {
@@ -259,7 +259,7 @@ async fn command<H: IngressHandler>(
             state.reset();
             conn.reply(&format!("250 {}", cfg.hostname)).await?
         }
-        "MAIL" => mail(conn, state, args).await?,
+        "MAIL" => mail(conn, state, handler, args).await?,
         "RCPT" => rcpt(conn, state, args).await?,
         "DATA" => return data(conn, state, handler, args).await,
         "AUTH" => return auth(conn, state, peer, handler, args).await,
@@ -316,7 +316,16 @@ fn parse_path<'a>(args: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
     Some((addr, rest[end + 1..].trim()))
 }
 
-async fn mail(conn: &mut Conn<'_>, state: &mut State, args: &str) -> io::Result<bool> {
+/// The spool is over its quota (RFC 3463 X.3.1 "mail system full"); the client tries later.
+const SPOOL_FULL: &str =
+    "452 4.3.1 Insufficient system storage: the agent's spool is full, try again later";
+
+async fn mail<H: IngressHandler>(
+    conn: &mut Conn<'_>,
+    state: &mut State,
+    handler: &H,
+    args: &str,
+) -> io::Result<bool> {
     if !state.greeted {
         return conn.reply("503 5.5.1 Send EHLO or HELO first").await;
     }
@@ -332,6 +341,10 @@ async fn mail(conn: &mut Conn<'_>, state: &mut State, args: &str) -> io::Result<
     let Some((addr, params)) = parse_path(args, "FROM:") else {
         return conn.reply("501 5.5.4 Syntax: MAIL FROM:<address>").await;
     };
+    let room = handler.room();
+    if room == Some(0) {
+        return conn.reply(SPOOL_FULL).await;
+    }
     for param in params.split_ascii_whitespace() {
         let (key, value) = param.split_once('=').unwrap_or((param, ""));
         match key.to_ascii_uppercase().as_str() {
@@ -340,6 +353,9 @@ async fn mail(conn: &mut Conn<'_>, state: &mut State, args: &str) -> io::Result<
                     return conn
                         .reply("552 5.3.4 Message size exceeds fixed maximum message size")
                         .await;
+                }
+                Ok(size) if room.is_some_and(|room| size > room) => {
+                    return conn.reply(SPOOL_FULL).await;
                 }
                 Ok(_) => {}
                 Err(_) => return conn.reply("501 5.5.4 Bad SIZE parameter").await,
@@ -390,31 +406,26 @@ async fn data<H: IngressHandler>(
     if !conn.reply("354 End data with <CR><LF>.<CR><LF>").await? {
         return Ok(Flow::Close);
     }
-    let max = conn.config.max_message_size;
-    let mut message = Vec::new();
-    let (mut too_long, mut oversize) = (false, false);
+    let mut sink = MessageSink::new(
+        conn.config.max_message_size,
+        conn.config.message_memory,
+        handler.tail_path(),
+        handler.room(),
+    );
     loop {
         // One more byte than a command line: the dot a client adds when it stuffs a full line.
         match conn.read_max(conn.config.max_line_length + 1).await? {
-            // Disconnect or timeout mid-DATA: nothing is queued.
+            // Disconnect or timeout mid-DATA: nothing is queued (a tail file is removed).
             Line::Closed => return Ok(Flow::Close),
-            Line::TooLong => too_long = true,
+            Line::TooLong => sink.refuse(Refused::LineTooLong),
             Line::Text(line) if line == b"." => break,
             Line::Text(line) => {
                 let line = line.strip_prefix(b".").unwrap_or(&line);
-                if oversize || too_long {
-                    continue;
-                }
-                if message.len() + line.len() + 2 > max {
-                    oversize = true;
-                    message = Vec::new();
-                    continue;
-                }
-                message.extend_from_slice(line);
-                message.extend_from_slice(b"\r\n");
+                sink.push(line).await;
             }
         }
     }
+    let received = sink.finish().await;
     let envelope = Envelope {
         device: state
             .device
@@ -426,37 +437,182 @@ async fn data<H: IngressHandler>(
         user_address: String::new(),
     };
     state.reset();
-    let keep = if too_long {
-        conn.reply("500 5.5.2 Line too long").await?
-    } else if oversize {
-        conn.reply("552 5.3.4 Message size exceeds fixed maximum message size")
+    let keep = match received {
+        Err(Refused::LineTooLong) => conn.reply("500 5.5.2 Line too long").await?,
+        Err(Refused::TooBig) => {
+            conn.reply("552 5.3.4 Message size exceeds fixed maximum message size")
+                .await?
+        }
+        Err(Refused::HeaderTooBig) => {
+            conn.reply(&format!(
+                "552 5.3.4 Message header block exceeds {} bytes",
+                conn.config.message_memory
+            ))
             .await?
-    } else {
-        let device = envelope.device.clone();
-        match handler.deliver(envelope, message).await {
-            Ok(id) => conn.reply(&format!("250 2.0.0 Ok: queued as {id}")).await?,
-            Err(DeliverError::Temporary(e)) => {
-                tracing::warn!(error = %e, "message not accepted");
-                conn.reply("451 4.3.0 Local error in processing, try again later")
-                    .await?
-            }
-            Err(DeliverError::Rejected { code, text }) => {
-                let code = if (400..600).contains(&code) {
-                    code
-                } else {
-                    554
-                };
-                // One line: the handler's text must not smuggle in further replies.
-                let text: String = text
-                    .chars()
-                    .map(|c| if c.is_control() { ' ' } else { c })
-                    .collect();
-                tracing::info!(%device, code, reply = %text, "message refused");
-                conn.reply(&format!("{code} {text}")).await?
+        }
+        Err(Refused::NoRoom) => conn.reply(SPOOL_FULL).await?,
+        Err(Refused::Io(e)) => {
+            tracing::error!(error = %e, "storing an arriving message failed");
+            conn.reply("451 4.3.0 Local error in processing, try again later")
+                .await?
+        }
+        Ok(message) => {
+            let device = envelope.device.clone();
+            match handler.deliver(envelope, message).await {
+                Ok(id) => conn.reply(&format!("250 2.0.0 Ok: queued as {id}")).await?,
+                Err(DeliverError::Temporary(e)) => {
+                    tracing::warn!(error = %e, "message not accepted");
+                    conn.reply("451 4.3.0 Local error in processing, try again later")
+                        .await?
+                }
+                Err(DeliverError::Rejected { code, text }) => {
+                    let code = if (400..600).contains(&code) {
+                        code
+                    } else {
+                        554
+                    };
+                    // One line: the handler's text must not smuggle in further replies.
+                    let text: String = text
+                        .chars()
+                        .map(|c| if c.is_control() { ' ' } else { c })
+                        .collect();
+                    tracing::info!(%device, code, reply = %text, "message refused");
+                    conn.reply(&format!("{code} {text}")).await?
+                }
             }
         }
     };
     Ok(flow(keep))
+}
+
+/// Why a message in `DATA` is not taken (the rest of it is read and discarded).
+enum Refused {
+    LineTooLong,
+    TooBig,
+    HeaderTooBig,
+    NoRoom,
+    Io(io::Error),
+}
+
+/// Collects a message in `DATA`: the header block and the first `memory` bytes in memory, the
+/// rest streamed to a tail file (when the handler gives a path). The first problem wins; later
+/// lines are only counted.
+struct MessageSink {
+    max: usize,
+    memory: usize,
+    tail_path: Option<std::path::PathBuf>,
+    room: Option<u64>,
+    head: Vec<u8>,
+    in_header: bool,
+    tail: Option<(TailFile, tokio::io::BufWriter<tokio::fs::File>)>,
+    len: u64,
+    refused: Option<Refused>,
+}
+
+impl MessageSink {
+    fn new(
+        max: usize,
+        memory: usize,
+        tail_path: Option<std::path::PathBuf>,
+        room: Option<u64>,
+    ) -> Self {
+        Self {
+            max,
+            memory,
+            tail_path,
+            room,
+            head: Vec::new(),
+            in_header: true,
+            tail: None,
+            len: 0,
+            refused: None,
+        }
+    }
+
+    fn refuse(&mut self, why: Refused) {
+        if self.refused.is_none() {
+            self.refused = Some(why);
+            self.head = Vec::new();
+            // Dropping the tail file removes it.
+            self.tail = None;
+        }
+    }
+
+    async fn push(&mut self, line: &[u8]) {
+        if self.refused.is_some() {
+            return;
+        }
+        let n = line.len() as u64 + 2;
+        if self.len + n > self.max as u64 {
+            return self.refuse(Refused::TooBig);
+        }
+        if self.room.is_some_and(|room| self.len + n > room) {
+            return self.refuse(Refused::NoRoom);
+        }
+        self.len += n;
+        let to_memory = self.tail.is_none()
+            && (self.in_header
+                || self.tail_path.is_none()
+                || self.head.len() + line.len() + 2 <= self.memory);
+        if self.in_header && line.is_empty() {
+            self.in_header = false;
+        }
+        if to_memory {
+            if self.in_header && self.head.len() + line.len() + 2 > self.memory {
+                return self.refuse(Refused::HeaderTooBig);
+            }
+            self.head.extend_from_slice(line);
+            self.head.extend_from_slice(b"\r\n");
+            return;
+        }
+        if self.tail.is_none() {
+            let Some(path) = self.tail_path.take() else {
+                return self.refuse(Refused::Io(io::Error::other("no tail file")));
+            };
+            match TailFile::create(path) {
+                Ok((tail, file)) => {
+                    let writer = tokio::io::BufWriter::with_capacity(
+                        32 * 1024,
+                        tokio::fs::File::from_std(file),
+                    );
+                    self.tail = Some((tail, writer));
+                }
+                Err(e) => return self.refuse(Refused::Io(e)),
+            }
+        }
+        if let Some((_, writer)) = self.tail.as_mut() {
+            use tokio::io::AsyncWriteExt as _;
+            let written = async {
+                writer.write_all(line).await?;
+                writer.write_all(b"\r\n").await
+            }
+            .await;
+            if let Err(e) = written {
+                self.refuse(Refused::Io(e));
+            }
+        }
+    }
+
+    async fn finish(mut self) -> Result<Incoming, Refused> {
+        if let Some(why) = self.refused.take() {
+            return Err(why);
+        }
+        let tail = match self.tail.take() {
+            Some((tail, mut writer)) => {
+                use tokio::io::AsyncWriteExt as _;
+                writer.flush().await.map_err(Refused::Io)?;
+                let mut file = writer.into_inner();
+                file.flush().await.map_err(Refused::Io)?;
+                drop(file);
+                Some(tail)
+            }
+            None => None,
+        };
+        Ok(Incoming {
+            head: self.head,
+            tail,
+        })
+    }
 }
 
 /// Reads one SASL response line and base64-decodes it. `Err(reply)` is the error to send.
@@ -567,8 +723,27 @@ async fn auth<H: IngressHandler>(
             conn.reply("501 5.5.2 Credentials are not UTF-8").await?,
         ));
     };
-    match handler.authenticate(peer, user, Password::new(pass)).await {
+    let guard = std::sync::Arc::clone(&conn.config.login_guard);
+    if let Admission::LockedOut {
+        retry_after,
+        source,
+    } = guard.check(peer.ip(), &user)
+    {
+        tracing::info!(%peer, locked = if source { "source" } else { "user name" }, "smtp ingress login refused: locked out");
+        conn.reply(&format!(
+            "421 4.7.0 {} Too many failed logins from your address or for this user; try again in {} seconds",
+            conn.config.hostname,
+            retry_after.as_secs().max(1)
+        ))
+        .await?;
+        return Ok(Flow::Close);
+    }
+    match handler
+        .authenticate(peer, user.clone(), Password::new(pass))
+        .await
+    {
         Some(device) => {
+            guard.succeeded(peer.ip(), &user);
             state.authenticated = true;
             state.device = Some(device);
             Ok(flow(
@@ -577,6 +752,10 @@ async fn auth<H: IngressHandler>(
         }
         None => {
             tracing::info!(%peer, "smtp ingress authentication failed");
+            let delay = guard.failed(peer.ip(), &user);
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             Ok(flow(
                 conn.reply("535 5.7.8 Authentication credentials invalid")
                     .await?,

@@ -11,7 +11,8 @@ use tokenfleet_proto::v1 as pb;
 use tokio::sync::Notify;
 
 use crate::ingress::{
-    DeliverError, IngressHandler, LocalDevice, LocalDevices, Password, SenderPolicy, parse_source,
+    DeliverError, Incoming, IngressHandler, LocalDevice, LocalDevices, Password, PasswordChecker,
+    SenderPolicy, check_devices, parse_source,
 };
 use crate::spool::{Envelope, Spool, SpoolId};
 use crate::upstream::Delivery;
@@ -147,16 +148,32 @@ pub struct FleetIngress {
     spool: Arc<Spool>,
     table: RwLock<Arc<LocalDevices>>,
     wake: Arc<Notify>,
+    passwords: Arc<PasswordChecker>,
 }
 
 impl FleetIngress {
     /// A handler spooling into `spool`, waking `wake` for each accepted message.
     pub fn new(spool: Arc<Spool>, wake: Arc<Notify>) -> Self {
-        let table = Arc::new(LocalDevices::new(Vec::new(), Arc::clone(&spool)));
+        Self::with_passwords(spool, wake, Arc::new(PasswordChecker::default()))
+    }
+
+    /// [`FleetIngress::new`] checking passwords with `passwords` (its concurrency, memory and
+    /// cache limits hold across configuration changes).
+    pub fn with_passwords(
+        spool: Arc<Spool>,
+        wake: Arc<Notify>,
+        passwords: Arc<PasswordChecker>,
+    ) -> Self {
+        let table = Arc::new(LocalDevices::with_checker(
+            Vec::new(),
+            Arc::clone(&spool),
+            Arc::clone(&passwords),
+        ));
         Self {
             spool,
             table: RwLock::new(table),
             wake,
+            passwords,
         }
     }
 
@@ -169,12 +186,14 @@ impl FleetIngress {
         )
     }
 
-    /// Installs the ingress view of `devices`. A device whose settings are unusable (a bad
-    /// source entry, a sender mode without its mailbox) stays on the table with its mail refused
-    /// with `451` (the device retries; nothing is lost); the problems are returned as
-    /// (device, problem).
+    /// Installs the ingress view of `devices`. A device whose settings are unusable (a bad or
+    /// too wide source entry, a sender mode without its mailbox) stays on the table with its
+    /// mail refused with `451` (the device retries; nothing is lost) and only its valid sources;
+    /// a user name that several devices share is the login of none of them
+    /// ([`check_devices`]). The problems are returned as (device, problem).
     pub fn apply(&self, devices: &[pb::AgentDevice]) -> Vec<(String, String)> {
-        let mut problems = Vec::new();
+        let mut problems = check_devices(devices);
+        let shared_login: Vec<String> = problems.iter().map(|(d, _)| d.clone()).collect();
         let mut locals = Vec::new();
         for d in devices {
             match LocalDevice::from_agent_device(d) {
@@ -198,7 +217,17 @@ impl FleetIngress {
                 }
             }
         }
-        let table = Arc::new(LocalDevices::new(locals, Arc::clone(&self.spool)));
+        for local in &mut locals {
+            if shared_login.contains(&local.device) {
+                local.username = None;
+                local.password_hash = None;
+            }
+        }
+        let table = Arc::new(LocalDevices::with_checker(
+            locals,
+            Arc::clone(&self.spool),
+            Arc::clone(&self.passwords),
+        ));
         *self
             .table
             .write()
@@ -222,11 +251,23 @@ impl IngressHandler for FleetIngress {
         table.authenticate(peer, user, password).await
     }
 
-    async fn deliver(&self, envelope: Envelope, message: Vec<u8>) -> Result<SpoolId, DeliverError> {
+    async fn deliver(
+        &self,
+        envelope: Envelope,
+        message: Incoming,
+    ) -> Result<SpoolId, DeliverError> {
         let table = self.table();
         let id = table.deliver(envelope, message).await?;
         self.wake.notify_one();
         Ok(id)
+    }
+
+    fn tail_path(&self) -> Option<std::path::PathBuf> {
+        self.table().tail_path()
+    }
+
+    fn room(&self) -> Option<u64> {
+        self.table().room()
     }
 }
 

@@ -297,8 +297,9 @@ pub async fn run(
         &settings.state_dir,
     )?);
     let spool_dir = settings.spool_dir.clone();
+    let spool_limits = settings.ingress_limits.spool;
     let spool = Arc::new(
-        tokio::task::spawn_blocking(move || Spool::open(spool_dir))
+        tokio::task::spawn_blocking(move || Spool::open_with(spool_dir, spool_limits))
             .await
             .context("opening the spool")??,
     );
@@ -319,7 +320,13 @@ pub async fn run(
     ));
     let wake = Arc::new(Notify::new());
     let registry = Arc::new(DeviceRegistry::new(Arc::new(UpstreamDeliveries)));
-    let ingress = Arc::new(FleetIngress::new(Arc::clone(&spool), Arc::clone(&wake)));
+    let ingress = Arc::new(FleetIngress::with_passwords(
+        Arc::clone(&spool),
+        Arc::clone(&wake),
+        Arc::new(crate::ingress::PasswordChecker::new(
+            settings.ingress_limits.passwords,
+        )),
+    ));
     let rt = Arc::new(AgentRuntime {
         settings: settings.clone(),
         spool: Arc::clone(&spool),
@@ -410,7 +417,7 @@ pub async fn run(
     }
 
     let ingress_config = wiring::ingress_config(&settings)?;
-    let pop3_config = wiring::pop3_config(&ingress_config);
+    let pop3_config = wiring::pop3_limits(wiring::pop3_config(&ingress_config), &settings);
     let listener = TcpListener::bind(settings.smtp_listen)
         .await
         .with_context(|| format!("smtp_listen {}: cannot listen", settings.smtp_listen))?;

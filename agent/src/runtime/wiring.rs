@@ -274,11 +274,20 @@ impl super::ConnectionTester for ProbeTester {
 
 /// Ingress settings from the local configuration: STARTTLS with `ingress_tls_cert_file` /
 /// `ingress_tls_key_file` when both are set, required before AUTH and MAIL with
-/// `ingress_require_tls`.
+/// `ingress_require_tls`; sessions, timeouts, message memory and login throttling from
+/// `[ingress_limits]`.
 pub fn ingress_config(
     settings: &crate::config::AgentSettings,
 ) -> anyhow::Result<crate::ingress::IngressConfig> {
-    let mut config = crate::ingress::IngressConfig::default();
+    let limits = &settings.ingress_limits;
+    let mut config = crate::ingress::IngressConfig {
+        limits: limits.sessions,
+        command_timeout: limits.idle_timeout,
+        message_memory: limits.message_memory,
+        max_message_size: limits.max_message_size,
+        login_guard: Arc::new(crate::ingress::LoginGuard::new(limits.logins)),
+        ..crate::ingress::IngressConfig::default()
+    };
     if let Some((cert, key)) = &settings.ingress_tls {
         config.tls = Some(
             crate::ingress::IngressTls::from_pem_files(cert, key).map_err(|e| {
@@ -294,8 +303,10 @@ pub fn ingress_config(
     Ok(config)
 }
 
-/// The local POP3 server follows the SMTP ingress: the same certificate for `STLS`, and the same
-/// rule on whether devices must start TLS before they log in.
+/// The local POP3 server follows the SMTP ingress: the same certificate for `STLS`, the same
+/// rule on whether devices must start TLS before they log in, the same session caps, and the
+/// same [`crate::ingress::LoginGuard`] (failures on one count on the other). Its idle timeout is
+/// the default (600 s, RFC 1939's minimum autologout) until [`pop3_limits`] sets it.
 pub fn pop3_config(
     ingress: &crate::ingress::IngressConfig,
 ) -> crate::pop3_server::Pop3ServerConfig {
@@ -306,8 +317,19 @@ pub fn pop3_config(
             .as_ref()
             .map(crate::ingress::IngressTls::server_config),
         require_tls: ingress.require_tls,
+        limits: ingress.limits,
+        login_guard: Arc::clone(&ingress.login_guard),
         ..crate::pop3_server::Pop3ServerConfig::default()
     }
+}
+
+/// The POP3 settings of `[ingress_limits]` applied to `config` (the idle timeout).
+pub fn pop3_limits(
+    mut config: crate::pop3_server::Pop3ServerConfig,
+    settings: &crate::config::AgentSettings,
+) -> crate::pop3_server::Pop3ServerConfig {
+    config.command_timeout = settings.ingress_limits.pop3_idle_timeout;
+    config
 }
 
 /// Directory (in the state directory) of the maildrop the local POP3 server serves.

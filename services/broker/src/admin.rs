@@ -15,6 +15,7 @@ mod agents;
 mod consent;
 mod devices;
 mod enrollment;
+mod keys;
 mod mailboxes;
 mod providers;
 mod tenants;
@@ -32,12 +33,14 @@ use tokenfleet_store::{Precondition, RecordKey, Scope, StoreError};
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
+use crate::audit::AuditKind;
 use crate::authz::{self, Access, Principal, Target};
 use crate::records::{CAS_ATTEMPTS, Records, StoredRecord, Versioned};
 use crate::state::BrokerState;
 use crate::{api_keys, audit, convert};
 
 pub use consent::{ConsentSettings, mailbox_with_grant};
+pub use providers::{ProviderPolicy, WELL_KNOWN_PROVIDER_HOSTS};
 
 /// Default page size of `List*` RPCs.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
@@ -50,6 +53,7 @@ pub struct AdminService {
     state: BrokerState,
     consent: ConsentSettings,
     tokens: crate::tokens::lifecycle::TokenService,
+    providers: ProviderPolicy,
 }
 
 impl AdminService {
@@ -63,7 +67,15 @@ impl AdminService {
             state,
             consent: ConsentSettings::default(),
             tokens,
+            providers: ProviderPolicy::default(),
         }
+    }
+
+    /// Uses `policy` for where non-fleet-admin callers may point providers (`[admin]` section).
+    #[must_use]
+    pub fn with_provider_policy(mut self, policy: ProviderPolicy) -> Self {
+        self.providers = policy;
+        self
     }
 
     /// Uses `tokens` for the token RPCs (`DeleteToken`, `RefreshNow`): the server shares one
@@ -442,25 +454,36 @@ async fn list_audit_events(
         Scope::Tenant(req.tenant.clone())
     };
     span_object(&req.tenant, "");
-    let page = page_request(req.page_size, &req.page_token)?;
-    let mut entries = audit::list(state, &scope, page.cursor.as_deref(), page.size + 1)
+    let kinds: Vec<AuditKind> = if req.kind.trim().is_empty() || req.kind.trim() == "all" {
+        AuditKind::ALL.to_vec()
+    } else {
+        vec![AuditKind::parse(&req.kind).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "kind: unknown audit kind `{}` (expected changes, refused, issuance or all)",
+                shown(&req.kind)
+            ))
+        })?]
+    };
+    // Page tokens are per-kind cursors; only the page size is checked the common way.
+    let size = page_request(req.page_size, "")?.size;
+    let cursor = if req.page_token.is_empty() {
+        audit::Cursor::start(&kinds)
+    } else {
+        audit::Cursor::parse(&req.page_token, &kinds).ok_or_else(|| {
+            Status::invalid_argument(
+                "page_token: malformed (pass `next_page_token` back unchanged, with the same kind)",
+            )
+        })?
+    };
+    let (entries, next) = audit::list_merged(state, &scope, &cursor, size)
         .await
         .map_err(store_status)?;
-    let next_page_token = if entries.len() > page.size {
-        entries.truncate(page.size);
-        entries
-            .last()
-            .map(|(id, _)| page_token(id))
-            .unwrap_or_default()
-    } else {
-        String::new()
-    };
     Ok(pb::ListAuditEventsResponse {
         events: entries
             .iter()
             .map(|(id, e)| convert::audit_event_to_proto(id, e))
             .collect(),
-        next_page_token,
+        next_page_token: next.map(|c| c.token()).unwrap_or_default(),
     })
 }
 
@@ -536,7 +559,13 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateProviderRequest>,
     ) -> Result<Response<pb::Provider>, Status> {
-        rpc!(self, request, "CreateProvider", providers::create)
+        rpc!(
+            self,
+            request,
+            "CreateProvider",
+            providers::create,
+            &self.providers
+        )
     }
     async fn get_provider(
         &self,
@@ -554,7 +583,13 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::UpdateProviderRequest>,
     ) -> Result<Response<pb::Provider>, Status> {
-        rpc!(self, request, "UpdateProvider", providers::update)
+        rpc!(
+            self,
+            request,
+            "UpdateProvider",
+            providers::update,
+            (&self.tokens, &self.providers)
+        )
     }
     async fn delete_provider(
         &self,
@@ -744,6 +779,25 @@ impl Admin for AdminService {
             tokens::refresh_now,
             &self.tokens
         )
+    }
+
+    async fn create_api_key(
+        &self,
+        request: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        rpc!(self, request, "CreateApiKey", keys::create)
+    }
+    async fn list_api_keys(
+        &self,
+        request: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        rpc!(self, request, "ListApiKeys", keys::list)
+    }
+    async fn revoke_api_key(
+        &self,
+        request: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
+        rpc!(self, request, "RevokeApiKey", keys::revoke)
     }
 }
 

@@ -5,6 +5,10 @@
 //! keeps only the hex SHA-256 of the whole key string (the secret has 256 bits of entropy, so a
 //! fast hash is enough); authentication compares hashes in constant time.
 //!
+//! Keys are managed offline (`tokenfleet-broker create-api-key`) or through the Admin API
+//! (`CreateApiKey`, `ListApiKeys`, `RevokeApiKey`, see [`crate::admin`]). Revoking deletes the
+//! record, and every call looks the key up again, so a revoked key fails its next call.
+//!
 //! A tenant-bound key stops working when its tenant is deleted, and stays dead if a tenant of
 //! the same name is created later (the key predates the tenant record).
 
@@ -74,6 +78,75 @@ pub async fn create_as(
     tenant: Option<&str>,
     description: &str,
 ) -> Result<(ApiKey, Secret), ApiKeyError> {
+    let (record, key) = create_unaudited(state, role, tenant, description).await?;
+    let id = &record.id;
+    audit::record(
+        state,
+        &Scope::Global,
+        AuditEvent {
+            time: state.clock.now(),
+            actor: actor.to_owned(),
+            action: "apikey.create".to_owned(),
+            target: format!("apikeys/{id}"),
+            tenant: record.tenant.clone().unwrap_or_default(),
+            result: "ok".to_owned(),
+            detail: format!("role {role}"),
+        },
+    )
+    .await;
+    Ok((record, key))
+}
+
+/// Every stored key (hashes included: for the broker only), in id order.
+pub async fn list_all(state: &BrokerState) -> Result<Vec<ApiKey>, StoreError> {
+    Ok(Records::new(state.store.as_ref())
+        .list_all::<ApiKey>(&Scope::Global)
+        .await?
+        .into_iter()
+        .map(|v| v.value)
+        .collect())
+}
+
+/// Reads one key record.
+pub async fn get(state: &BrokerState, id: &str) -> Result<Option<ApiKey>, StoreError> {
+    if !valid_id(id) {
+        return Ok(None);
+    }
+    Ok(Records::new(state.store.as_ref())
+        .get::<ApiKey>(&api_key_key(id))
+        .await?
+        .map(|v| v.value))
+}
+
+/// Deletes a key record; the key fails authentication from its next call on. Returns whether it
+/// existed.
+pub async fn revoke(state: &BrokerState, id: &str) -> Result<bool, StoreError> {
+    if !valid_id(id) {
+        return Ok(false);
+    }
+    let removed = Records::new(state.store.as_ref())
+        .delete(&api_key_key(id), Precondition::Any)
+        .await?;
+    if removed {
+        tracing::info!(key_id = %id, "API key revoked");
+    }
+    Ok(removed)
+}
+
+fn valid_id(id: &str) -> bool {
+    id.len() == ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// Creates a key without writing an audit event (the caller audits).
+pub(crate) async fn create_unaudited(
+    state: &BrokerState,
+    role: Role,
+    tenant: Option<&str>,
+    description: &str,
+) -> Result<(ApiKey, Secret), ApiKeyError> {
     let tenant = tenant.filter(|t| !t.is_empty());
     match (role, tenant) {
         (Role::TenantAdmin, None) => {
@@ -119,20 +192,6 @@ pub async fn create_as(
         };
         match records.put(&record, Precondition::Absent).await {
             Ok(_) => {
-                audit::record(
-                    state,
-                    &Scope::Global,
-                    AuditEvent {
-                        time: state.clock.now(),
-                        actor: actor.to_owned(),
-                        action: "apikey.create".to_owned(),
-                        target: format!("apikeys/{id}"),
-                        tenant: tenant.unwrap_or_default().to_owned(),
-                        result: "ok".to_owned(),
-                        detail: format!("role {role}"),
-                    },
-                )
-                .await;
                 tracing::info!(key_id = %id, %role, tenant = tenant.unwrap_or(""), "API key created");
                 return Ok((record, key));
             }

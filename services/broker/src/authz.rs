@@ -4,8 +4,10 @@
 //! - `tenant-admin` (always bound to one tenant): reads and changes the providers, mailboxes,
 //!   devices, agents and audit log of its tenant, and reads its own tenant record. It cannot
 //!   create, change or delete tenant records, and sees only its own tenant in `ListTenants`.
-//! - `viewer`: reads only (`Get*`, `List*`, `ListAuditEvents`, `WhoAmI`); fleet-wide when not bound
-//!   to a tenant, else only its tenant. The global audit log is for fleet admins only.
+//! - `viewer`: reads only (`Get*`, `List*`, `ListAuditEvents`, `WhoAmI`, `GetFleetStatus`);
+//!   fleet-wide when not bound to a tenant, else only its tenant. The global audit log is for
+//!   fleet admins only. `TestConnection` needs write access (the agent connects upstream with the
+//!   device's tokens), and API keys are managed by admins only (see `admin::keys`).
 //!
 //! A request for another tenant's objects is answered PERMISSION_DENIED, before anything is read,
 //! whether or not the tenant or object exists, so the answer reveals nothing about the other

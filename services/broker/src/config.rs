@@ -27,6 +27,8 @@ mod alerts;
 pub use alerts::AlertsSection;
 mod limits;
 pub use limits::{LimitsSection, ListenerLimits};
+mod admin;
+pub use admin::{AdminSection, AuditSection};
 
 /// Prefix of the environment variables that overlay the configuration.
 pub const ENV_PREFIX: &str = "TOKENFLEET_";
@@ -115,6 +117,10 @@ pub struct RawConfig {
     pub alerts: AlertsSection,
     /// Limits of the gRPC and HTTP listeners (connections, HTTP/2 streams, header timeouts).
     pub limits: LimitsSection,
+    /// Who may point providers where (endpoint and proxy host allowlist for tenant admins).
+    pub admin: AdminSection,
+    /// Audit log retention per kind (changes, refused attempts, issuances).
+    pub audit: AuditSection,
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT before connections are cut.
     pub shutdown_grace_seconds: u64,
 }
@@ -133,6 +139,8 @@ impl Default for RawConfig {
             agents: AgentsSection::default(),
             alerts: AlertsSection::default(),
             limits: LimitsSection::default(),
+            admin: AdminSection::default(),
+            audit: AuditSection::default(),
             shutdown_grace_seconds: 20,
         }
     }
@@ -451,6 +459,12 @@ pub struct TokensSection {
     /// Tokens of `user`-kind mailboxes (the signed-in people of `login_user` devices) are deleted
     /// after this many days without an issuance instead of being refreshed; 0 = never.
     pub user_token_idle_days: u64,
+    /// Most user mailboxes (created on demand for the people of `login_user` /
+    /// `allow_user_change` devices) that one device's ingress user addresses admit; a further
+    /// user gets no mailbox (RESOURCE_EXHAUSTED naming the setting).
+    pub max_user_mailboxes_per_device: u64,
+    /// Most user mailboxes in one tenant.
+    pub max_user_mailboxes_per_tenant: u64,
 }
 
 impl Default for TokensSection {
@@ -466,6 +480,8 @@ impl Default for TokensSection {
             scheduler_batch: 256,
             scheduler_concurrency: 16,
             user_token_idle_days: 30,
+            max_user_mailboxes_per_device: 500,
+            max_user_mailboxes_per_tenant: 5000,
         }
     }
 }
@@ -491,8 +507,29 @@ impl TokensSection {
                 0 => None,
                 days => Some(Duration::from_secs(days.saturating_mul(86_400))),
             },
+            max_user_mailboxes_per_device: usize::try_from(self.max_user_mailboxes_per_device)
+                .unwrap_or(usize::MAX),
+            max_user_mailboxes_per_tenant: usize::try_from(self.max_user_mailboxes_per_tenant)
+                .unwrap_or(usize::MAX),
             ..TokenConfig::default()
         };
+        for (field, value) in [
+            (
+                "tokens.max_user_mailboxes_per_device",
+                self.max_user_mailboxes_per_device,
+            ),
+            (
+                "tokens.max_user_mailboxes_per_tenant",
+                self.max_user_mailboxes_per_tenant,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(
+                    field,
+                    "must be at least 1 (devices without user addresses create no user mailboxes)",
+                ));
+            }
+        }
         config
             .check()
             .map_err(|e| ConfigError::invalid(e.field, e.problem))?;
@@ -643,6 +680,8 @@ impl RawConfig {
             agents: self.agents.load()?,
             alerts: self.alerts.to_config()?,
             limits: self.limits.to_limits()?,
+            providers: self.admin.to_policy()?,
+            audit: self.audit.to_retention()?,
         })
     }
 }
@@ -826,6 +865,10 @@ pub struct BrokerConfig {
     pub alerts: crate::alerts::AlertsConfig,
     /// Listener limits.
     pub limits: ListenerLimits,
+    /// Where non-fleet-admin callers may point providers.
+    pub providers: crate::admin::ProviderPolicy,
+    /// Audit log retention.
+    pub audit: crate::audit::AuditRetention,
 }
 
 impl BrokerConfig {
@@ -955,6 +998,29 @@ scheduler_concurrency = 16
 # Tokens of user mailboxes (created on demand for the people who sign in at login_user devices)
 # are deleted, instead of refreshed, after this many days without an issuance; 0 means never.
 user_token_idle_days = 30
+# User mailboxes are created on demand only for addresses a device's ingress user addresses
+# admit; at most this many per device (counting the tenant's user mailboxes its addresses admit)
+# and per tenant. Over a limit the token request is refused (RESOURCE_EXHAUSTED).
+max_user_mailboxes_per_device = 500
+max_user_mailboxes_per_tenant = 5000
+
+[admin]
+# Hosts ("host" or "host:port") that tenant-admin keys may use in provider endpoint overrides and
+# as a provider's HTTP proxy, besides the well-known Microsoft and Google sign-in hosts. Where a
+# provider's requests go decides who receives its client secret and refresh tokens, so anything
+# else (and extra trusted CAs) needs a fleet-admin key.
+provider_hosts = []
+
+[audit]
+# Retention per kind of audit record, per scope (each tenant's log and the global one): the
+# newest *_max_entries are kept, and with *_max_age_days > 0 nothing older than that many days.
+# Kinds are separate streams, so refused attempts and token issuances never evict changes.
+changes_max_entries = 100000
+changes_max_age_days = 0
+refused_max_entries = 10000
+refused_max_age_days = 30
+issuance_max_entries = 100000
+issuance_max_age_days = 90
 
 [tls]
 # TLS of the gRPC listener (Admin and TokenBroker; TLS 1.2 and 1.3). Agents need it: they

@@ -431,6 +431,8 @@ pub struct ProviderSecrets {
     pub client_secret: Option<Secret>,
     /// `service_account_key`.
     pub service_account_key: Option<Secret>,
+    /// The password inside `http_proxy` (`http://user:password@host`), taken out of the URL.
+    pub http_proxy_password: Option<Secret>,
 }
 
 /// Wire form of a provider; secrets appear only as `*_set` flags.
@@ -449,7 +451,13 @@ pub fn provider_to_proto(p: &dom::Provider, version: u64) -> pb::Provider {
             device_code_url: p.endpoints.device_code_url.clone(),
             revoke_url: p.endpoints.revoke_url.clone(),
         }),
-        http_proxy: p.http_proxy.clone(),
+        // Never the password: `http://user:[redacted]@proxy:3128` says one is stored.
+        http_proxy: match &p.http_proxy_password {
+            Some(_) if !p.http_proxy.is_empty() => {
+                dom::with_url_password(&dom::split_url_password(&p.http_proxy).0, dom::REDACTED)
+            }
+            _ => dom::redact_url_password(&p.http_proxy),
+        },
         tls: Some(pb::ProviderTls {
             extra_ca_pem: p.extra_ca_pem.clone(),
         }),
@@ -588,6 +596,8 @@ pub fn provider_from_proto(
         service_account_key("provider.service_account_key", &p.service_account_key)?;
     }
     let nonempty = |s: &str| (!s.is_empty()).then(|| Secret::new(s));
+    // A proxy password is kept apart from the URL and sealed like the other secrets.
+    let (proxy_url, proxy_password) = dom::split_url_password(&p.http_proxy);
     Ok((
         dom::Provider {
             tenant: p.tenant.clone(),
@@ -602,7 +612,8 @@ pub fn provider_from_proto(
                 device_code_url: e.device_code_url,
                 revoke_url: e.revoke_url,
             },
-            http_proxy: p.http_proxy.clone(),
+            http_proxy: proxy_url,
+            http_proxy_password: None,
             extra_ca_pem,
             scopes: p.scopes.clone(),
             service_account_key: None,
@@ -611,6 +622,7 @@ pub fn provider_from_proto(
         ProviderSecrets {
             client_secret: nonempty(&p.client_secret),
             service_account_key: nonempty(&p.service_account_key),
+            http_proxy_password: proxy_password.as_deref().and_then(nonempty),
         },
     ))
 }
@@ -1020,7 +1032,64 @@ fn ingress_to_proto(i: &dom::IngressCredentials) -> Option<pb::IngressCredential
         password: String::new(),
         password_set: i.password_hash.is_some(),
         allowed_sources: i.allowed_sources.clone(),
+        user_addresses: i.user_addresses.clone(),
     })
+}
+
+/// Most user addresses of one device.
+const MAX_USER_ADDRESSES: usize = 1000;
+/// Shortest prefix of an ingress source range (IPv4, IPv6): anything wider, such as
+/// `0.0.0.0/0` or `::/0`, would let the whole internet send as the device (an open relay when
+/// the agent listens publicly). The agent refuses the same ranges.
+const MIN_SOURCE_PREFIX: (u8, u8) = (8, 16);
+
+/// A source range no wider than [`MIN_SOURCE_PREFIX`] (the text already passed `dom::cidr`).
+fn source_width(field: &str, source: &str) -> Valid {
+    let Some((addr, prefix)) = source.split_once('/') else {
+        return Ok(());
+    };
+    let (Ok(ip), Ok(prefix)) = (addr.parse::<std::net::IpAddr>(), prefix.parse::<u8>()) else {
+        return Ok(());
+    };
+    let (min, family) = if ip.is_ipv4() {
+        (MIN_SOURCE_PREFIX.0, "IPv4")
+    } else {
+        (MIN_SOURCE_PREFIX.1, "IPv6")
+    };
+    if prefix < min {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "`{source}` is too wide: it would let any host send as the device (an open relay if the agent is reachable); an {family} range must be /{min} or narrower — list the devices' addresses or their LAN range"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A user address entry: `local@domain`, or `@domain` for every address of the domain; kept in
+/// lower case.
+fn user_address(field: &str, value: &str) -> Result<String, ValidationError> {
+    let value = value.trim().to_ascii_lowercase();
+    match value.strip_prefix('@') {
+        Some(domain) => {
+            dom::email(field, &format!("user@{domain}")).map_err(|_| {
+                ValidationError::new(
+                    field,
+                    format!(
+                        "`{}` is not an address (jane@contoso.com) or a domain (@contoso.com)",
+                        value
+                            .chars()
+                            .filter(|c| !c.is_control())
+                            .take(100)
+                            .collect::<String>()
+                    ),
+                )
+            })?;
+        }
+        None => dom::email(field, &value)?,
+    }
+    Ok(value)
 }
 
 fn ingress_from_proto(
@@ -1051,13 +1120,28 @@ fn ingress_from_proto(
         MAX_SOURCES,
     )?;
     for (n, source) in i.allowed_sources.iter().enumerate() {
-        dom::cidr(&format!("device.ingress.allowed_sources[{n}]"), source)?;
+        let field = format!("device.ingress.allowed_sources[{n}]");
+        dom::cidr(&field, source)?;
+        source_width(&field, source)?;
+    }
+    list_len(
+        "device.ingress.user_addresses",
+        i.user_addresses.len(),
+        MAX_USER_ADDRESSES,
+    )?;
+    let mut user_addresses = Vec::with_capacity(i.user_addresses.len());
+    for (n, a) in i.user_addresses.iter().enumerate() {
+        let a = user_address(&format!("device.ingress.user_addresses[{n}]"), a)?;
+        if !user_addresses.contains(&a) {
+            user_addresses.push(a);
+        }
     }
     Ok((
         dom::IngressCredentials {
             username: i.username.clone(),
             password_hash: None,
             allowed_sources: i.allowed_sources.clone(),
+            user_addresses,
         },
         (!i.password.is_empty()).then(|| Secret::new(i.password.as_str())),
     ))
@@ -1317,6 +1401,7 @@ mod tests {
                 password: String::new(),
                 password_set: false,
                 allowed_sources: vec!["192.168.1.0/24".into()],
+                user_addresses: Vec::new(),
             }),
             create_time: Some(timestamp(stamps().created)),
             update_time: Some(timestamp(stamps().updated)),
@@ -1548,6 +1633,36 @@ mod tests {
                         .push("printer".into())
                 },
                 "device.ingress.allowed_sources[1]",
+            ),
+            (
+                |d| {
+                    d.ingress
+                        .as_mut()
+                        .unwrap()
+                        .allowed_sources
+                        .push("0.0.0.0/0".into())
+                },
+                "device.ingress.allowed_sources[1]",
+            ),
+            (
+                |d| {
+                    d.ingress
+                        .as_mut()
+                        .unwrap()
+                        .allowed_sources
+                        .push("::/0".into())
+                },
+                "device.ingress.allowed_sources[1]",
+            ),
+            (
+                |d| {
+                    d.ingress
+                        .as_mut()
+                        .unwrap()
+                        .user_addresses
+                        .push("not-an-address".into())
+                },
+                "device.ingress.user_addresses[0]",
             ),
         ];
         for (mutate, field) in cases {

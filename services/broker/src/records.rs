@@ -244,6 +244,23 @@ pub fn open_client_secret(
         .transpose()
 }
 
+/// Opens a provider's proxy password (`None` when it has none).
+pub fn open_http_proxy_password(
+    keyring: &Keyring,
+    provider: &Provider,
+) -> Result<Option<Secret>, SealError> {
+    provider
+        .http_proxy_password
+        .as_ref()
+        .map(|s| {
+            keyring.open_secret(
+                &Provider::http_proxy_password_aad(&provider.tenant, &provider.name),
+                s,
+            )
+        })
+        .transpose()
+}
+
 /// Opens a provider's service-account key (`None` when it has none).
 pub fn open_service_account_key(
     keyring: &Keyring,
@@ -420,9 +437,27 @@ async fn reseal_provider(
     for _ in 0..CAS_ATTEMPTS {
         let mut provider = current.value.clone();
         let (tenant, name) = (provider.tenant.clone(), provider.name.clone());
-        let examined = u64::from(provider.client_secret.is_some())
-            + u64::from(provider.service_account_key.is_some());
+        let mut examined = u64::from(provider.client_secret.is_some())
+            + u64::from(provider.service_account_key.is_some())
+            + u64::from(provider.http_proxy_password.is_some());
         let mut resealed = 0;
+        // Records from before proxy passwords were sealed keep the password in the URL: move it
+        // out and seal it.
+        if let (url, Some(password)) = tokenfleet_domain::split_url_password(&provider.http_proxy)
+            && provider.http_proxy_password.is_none()
+        {
+            let aad = Provider::http_proxy_password_aad(&tenant, &name);
+            let sealed = keyring
+                .seal_secret(&aad, &Secret::new(password))
+                .map_err(|source| ResealError::Seal {
+                    record: aad.clone(),
+                    source,
+                })?;
+            provider.http_proxy = url;
+            provider.http_proxy_password = Some(sealed);
+            examined += 1;
+            resealed += 1;
+        }
         if reseal_field(
             keyring,
             &Provider::client_secret_aad(&tenant, &name),
@@ -434,6 +469,13 @@ async fn reseal_provider(
             keyring,
             &Provider::service_account_key_aad(&tenant, &name),
             &mut provider.service_account_key,
+        )? {
+            resealed += 1;
+        }
+        if reseal_field(
+            keyring,
+            &Provider::http_proxy_password_aad(&tenant, &name),
+            &mut provider.http_proxy_password,
         )? {
             resealed += 1;
         }

@@ -144,6 +144,7 @@ pub async fn open_store(config: &BrokerConfig) -> Result<Arc<dyn Store>, ServeEr
 pub async fn build_state(config: &BrokerConfig) -> Result<BrokerState, ServeError> {
     let keyring = config.require_keyring()?;
     let store = open_store(config).await?;
+    crate::audit::configure(config.audit);
     Ok(BrokerState {
         store,
         keyring,
@@ -234,7 +235,8 @@ pub async fn serve(
                 .with_consent_settings(crate::admin::ConsentSettings {
                     public_url: config.public_url.clone(),
                 })
-                .with_token_service(tokens.clone()),
+                .with_token_service(tokens.clone())
+                .with_provider_policy(config.providers.clone()),
         ))
         .add_service(
             tokenfleet_proto::v1::token_broker_server::TokenBrokerServer::new(

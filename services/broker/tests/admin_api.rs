@@ -277,12 +277,17 @@ async fn all_store_bytes(store: &dyn Store) -> Vec<(String, Vec<u8>)> {
                 out.push((format!("{scope}/{collection}/{id}"), record.data));
             }
         }
-        for entry in store
-            .read_back(scope, audit::STREAM, None, 10_000)
-            .await
-            .unwrap()
-        {
-            out.push((format!("{scope}/audit/{}", entry.id), entry.data));
+        for kind in audit::AuditKind::ALL {
+            for entry in store
+                .read_back(scope, kind.stream(), None, 10_000)
+                .await
+                .unwrap()
+            {
+                out.push((
+                    format!("{scope}/{}/{}", kind.stream(), entry.id),
+                    entry.data,
+                ));
+            }
         }
     }
     out
@@ -1646,6 +1651,7 @@ async fn changes_are_audited_with_actor_and_outcome() {
                 tenant: "acme".into(),
                 page_size: 2,
                 page_token: token,
+                kind: String::new(),
             })
             .await
             .unwrap()
@@ -1884,6 +1890,56 @@ async fn a_sealed_secret_copied_to_another_provider_does_not_open() {
     assert!(!e.message().contains("victim"), "{}", e.message());
 }
 
+/// A provider stored before proxy passwords were sealed (password inside the URL) is shown
+/// redacted, and `reseal` moves the password out of the URL into a sealed field.
+#[tokio::test]
+async fn reseal_seals_proxy_passwords_of_older_records() {
+    const LEGACY: &str = "legacy-proxy-pa55";
+    tokenfleet_testkit::logs::secret(LEGACY);
+    let broker = Broker::start().await;
+    let mut c = broker.admin();
+    populate(&mut c, "acme").await;
+    let records = Records::new(broker.state.store.as_ref());
+    let key = records::provider_key("acme", "p");
+    let mut p = records
+        .get::<tokenfleet_domain::Provider>(&key)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    p.http_proxy = format!("http://proxy-user:{LEGACY}@127.0.0.1:3128");
+    records
+        .put(&p, tokenfleet_store::Precondition::Any)
+        .await
+        .unwrap();
+    let shown = c
+        .get_provider(pb::GetProviderRequest {
+            tenant: "acme".into(),
+            name: "p".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        shown.http_proxy,
+        "http://proxy-user:[redacted]@127.0.0.1:3128"
+    );
+    records::reseal_all(&broker.state).await.unwrap();
+    let p = records
+        .get::<tokenfleet_domain::Provider>(&key)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    assert_eq!(p.http_proxy, "http://proxy-user@127.0.0.1:3128");
+    let opened = records::open_http_proxy_password(&broker.state.keyring, &p)
+        .unwrap()
+        .unwrap();
+    assert_eq!(opened.expose(), LEGACY);
+    let raw = broker.state.store.get(&key).await.unwrap().unwrap().data;
+    assert!(!contains(&raw, LEGACY));
+}
+
 #[tokio::test]
 async fn reseal_all_moves_every_secret_to_the_new_key() {
     let broker = Broker::start().await;
@@ -1957,4 +2013,86 @@ async fn reseal_all_moves_every_secret_to_the_new_key() {
         .into_inner();
     assert!(p.client_secret_set);
     let _ = broker.addr;
+}
+
+/// `ListAuditEvents.kind` lists changes, refusals and issuances apart (or merged), pages over
+/// the merge without losing or repeating events, and names the field for a bad kind or token.
+#[tokio::test]
+async fn audit_kinds_are_listed_apart_and_merged() {
+    let broker = Broker::start().await;
+    let mut c = broker.admin();
+    populate(&mut c, "acme").await;
+    let (_, viewer) = api_keys::create(&broker.state, Role::Viewer, Some("acme"), "v")
+        .await
+        .unwrap();
+    tokenfleet_testkit::logs::secret(viewer.expose());
+    let mut v = broker.client(Some(viewer.expose()));
+    for i in 0..5 {
+        let e = v
+            .delete_device(pb::DeleteDeviceRequest {
+                tenant: "acme".into(),
+                name: format!("d{i}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+    }
+    let list = |kind: &str, page_size: i32, page_token: String| pb::ListAuditEventsRequest {
+        tenant: "acme".into(),
+        page_size,
+        page_token,
+        kind: kind.into(),
+    };
+    let changes = c
+        .list_audit_events(list("changes", 1000, String::new()))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(!changes.is_empty());
+    assert!(changes.iter().all(|e| e.result == "ok"), "{changes:?}");
+    let refused = c
+        .list_audit_events(list("refused", 1000, String::new()))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(refused.len(), 5);
+    assert!(refused.iter().all(|e| e.result == "permission_denied"));
+    // Merged, two at a time.
+    let mut merged = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_audit_events(list("", 2, token))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.events.len() <= 2);
+        merged.extend(page.events);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(merged.len(), changes.len() + refused.len());
+    for e in changes.iter().chain(&refused) {
+        assert_eq!(merged.iter().filter(|m| *m == e).count(), 1, "{e:?}");
+    }
+    let e = c
+        .list_audit_events(list("everything", 0, String::new()))
+        .await
+        .unwrap_err();
+    assert_status(&e, Code::InvalidArgument, "kind:");
+    let first = c
+        .list_audit_events(list("refused", 2, String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    let e = c
+        .list_audit_events(list("changes", 2, first.next_page_token))
+        .await
+        .unwrap_err();
+    assert_status(&e, Code::InvalidArgument, "page_token:");
 }

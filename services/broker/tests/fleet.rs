@@ -265,6 +265,7 @@ async fn agent_config_lists_the_agents_devices_and_a_change_pushes_reload() {
         username: "scanner".into(),
         password_hash: Some(HASH.into()),
         allowed_sources: vec!["10.0.0.0/24".into()],
+        ..IngressCredentials::default()
     };
     broker.put_device(&mfp).await;
     broker
@@ -516,11 +517,19 @@ async fn a_connection_test_is_answered_by_the_agent_and_audited() {
     broker.agent_present("the agent's presence").await;
     let answering = answer_tests(agent);
 
-    // A viewer of the tenant may run tests.
+    // A viewer of the tenant may not run tests (the agent would connect with the device's
+    // tokens); a tenant admin may.
     let viewer = broker.key(Role::Viewer, Some("acme")).await;
+    let err = broker
+        .admin_with(&viewer)
+        .test_connection(test_request("mfp", 10))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let tenant_admin = broker.key(Role::TenantAdmin, Some("acme")).await;
     let started = Instant::now();
     let result = broker
-        .admin_with(&viewer)
+        .admin_with(&tenant_admin)
         .test_connection(test_request("mfp", 10))
         .await
         .unwrap()
@@ -560,6 +569,7 @@ async fn a_connection_test_is_answered_by_the_agent_and_audited() {
             tenant: "acme".into(),
             page_size: 1000,
             page_token: String::new(),
+            kind: String::new(),
         })
         .await
         .unwrap()

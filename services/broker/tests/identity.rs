@@ -114,6 +114,7 @@ impl Broker {
                 tenant: tenant.to_owned(),
                 page_size: 1000,
                 page_token: String::new(),
+                kind: String::new(),
             })
             .await
             .unwrap()

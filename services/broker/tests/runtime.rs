@@ -562,6 +562,83 @@ async fn create_api_key_prints_only_the_key() {
     );
 }
 
+/// Every role, in every spelling an operator types, through the real binary: each run prints a
+/// key that authenticates with the role (and tenant) asked for. `tenant-admin` and `fleet-admin`
+/// failed before the role parse normalised both sides of its comparison.
+#[tokio::test]
+async fn create_api_key_accepts_every_role() {
+    use tokenfleet_domain::Role;
+    let dir = tempfile::tempdir().unwrap();
+    let key = Keyring::generate_key_base64().unwrap();
+    let key_file = write(dir.path(), "seal.key", &key);
+    let config = write(
+        dir.path(),
+        "broker.toml",
+        &format!(
+            "state_dir = {:?}\n[seal]\nkeys = [{{ id = \"k1\", key_file = {key_file:?} }}]\n",
+            dir.path().join("state")
+        ),
+    );
+    // The key's tenant must exist: create it in the store first (the broker is not running).
+    {
+        let cfg = RawConfig::load(Some(config.as_path()))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let state = tokenfleet_broker::server::build_state(&cfg).await.unwrap();
+        let now = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
+        tokenfleet_broker::records::Records::new(state.store.as_ref())
+            .put(
+                &tokenfleet_domain::Tenant {
+                    name: "acme".into(),
+                    display_name: "Acme".into(),
+                    stamps: tokenfleet_domain::Stamps::new(now),
+                },
+                tokenfleet_store::Precondition::Absent,
+            )
+            .await
+            .unwrap();
+    }
+    let mut created = Vec::new();
+    for role in Role::ALL {
+        let tenant = (*role != Role::FleetAdmin).then_some("acme");
+        let name = role.as_str();
+        for spelling in [
+            name.to_owned(),
+            name.replace('-', "_"),
+            name.to_ascii_uppercase(),
+        ] {
+            let mut command = broker();
+            command.args(["create-api-key", "--role", &spelling, "--config"]);
+            command.arg(&config);
+            if let Some(t) = tenant {
+                command.args(["--tenant", t]);
+            }
+            let out = run(&mut command).await;
+            assert!(
+                out.status.success(),
+                "--role {spelling}: {}",
+                text(&out.stderr)
+            );
+            let printed = text(&out.stdout).trim().to_owned();
+            assert!(printed.starts_with("tfk_"), "--role {spelling}: {printed}");
+            created.push((*role, tenant, printed));
+        }
+    }
+    let cfg = RawConfig::load(Some(config.as_path()))
+        .unwrap()
+        .validate()
+        .unwrap();
+    let state = tokenfleet_broker::server::build_state(&cfg).await.unwrap();
+    for (role, tenant, key) in created {
+        let principal = tokenfleet_broker::api_keys::authenticate(&state, &key)
+            .await
+            .unwrap();
+        assert_eq!(principal.role, role);
+        assert_eq!(principal.tenant.as_deref(), tenant);
+    }
+}
+
 fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)

@@ -692,14 +692,16 @@ async fn no_token_is_stored_in_plaintext_and_sealed_tokens_do_not_move() {
         }
     }
     for s in [&scope, &Scope::Global] {
-        for e in env
-            .state
-            .store
-            .read_back(s, "audit", None, 1000)
-            .await
-            .unwrap()
-        {
-            raw.push(e.data);
+        for kind in tokenfleet_broker::audit::AuditKind::ALL {
+            for e in env
+                .state
+                .store
+                .read_back(s, kind.stream(), None, 1000)
+                .await
+                .unwrap()
+            {
+                raw.push(e.data);
+            }
         }
     }
     assert!(
@@ -971,10 +973,16 @@ async fn issuance_follows_sender_modes_and_purposes_and_is_audited() {
         assert_eq!(err.to_status().code(), tonic::Code::PermissionDenied);
     }
 
+    // Issuances have their own audit stream.
     let events = env
         .state
         .store
-        .read_back(&Scope::Tenant(TENANT.into()), "audit", None, 100)
+        .read_back(
+            &Scope::Tenant(TENANT.into()),
+            tokenfleet_broker::audit::ISSUANCE_STREAM,
+            None,
+            100,
+        )
         .await
         .unwrap();
     let issued: Vec<tokenfleet_domain::AuditEvent> = events
@@ -1432,15 +1440,14 @@ async fn admin_rpcs_show_refresh_and_delete_tokens() {
     assert_eq!(err.code(), tonic::Code::NotFound);
 
     // Every token RPC is audited.
-    let events: Vec<tokenfleet_domain::AuditEvent> = env
-        .state
-        .store
-        .read_back(&Scope::Tenant(TENANT.into()), "audit", None, 100)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| serde_json::from_slice(&e.data).unwrap())
-        .collect();
+    // (All audit streams: changes, refusals and issuances.)
+    let events: Vec<tokenfleet_domain::AuditEvent> =
+        tokenfleet_broker::audit::list(&env.state, &Scope::Tenant(TENANT.into()), None, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect();
     let actions: Vec<(&str, &str)> = events
         .iter()
         .map(|e| (e.action.as_str(), e.result.as_str()))

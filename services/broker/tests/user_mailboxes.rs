@@ -280,6 +280,16 @@ async fn put_user_device(
     device.sender_mode = mode;
     device.user_provider = provider.to_owned();
     device.allowed_mailboxes = vec!["shared".into()];
+    device.ingress.user_addresses = vec![ALICE.into(), "@contoso.example".into()];
+    records.put(&device, Precondition::Any).await.unwrap();
+}
+
+/// Sets the user addresses of device `name`.
+async fn set_user_addresses(broker: &Broker, name: &str, addresses: &[&str]) {
+    let records = Records::new(broker.state.store.as_ref());
+    let key = tokenfleet_broker::records::device_key("acme", name);
+    let mut device = records.get::<Device>(&key).await.unwrap().unwrap().value;
+    device.ingress.user_addresses = addresses.iter().map(|a| (*a).to_owned()).collect();
     records.put(&device, Precondition::Any).await.unwrap();
 }
 
@@ -710,4 +720,92 @@ async fn user_providers_are_checked_references() {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("kiosk"), "{}", err.message());
+}
+
+/// A `login_user` device gets only the users its ingress user addresses admit (the message's
+/// `From:` is not proof of who signed in), and on-demand user mailboxes are limited per device
+/// and per tenant; over the real broker's TokenBroker API.
+#[tokio::test]
+async fn user_tokens_are_bound_to_the_device_addresses_and_limited() {
+    let broker = Broker::start(|raw| {
+        raw.tokens.max_user_mailboxes_per_device = 2;
+        raw.tokens.max_user_mailboxes_per_tenant = 3;
+    })
+    .await;
+    let fake = idp(&broker).await;
+    for user in [
+        "carol@contoso.example",
+        "dan@contoso.example",
+        "erin@fabrikam.example",
+        "ceo@contoso.example",
+    ] {
+        fake.add_user(user);
+    }
+    let mut agent = broker.agent_client("acme", "site-a").await;
+    put_user_device(&broker, "kiosk", "site-a", SenderMode::LoginUser, "m365").await;
+    set_user_addresses(&broker, "kiosk", &[ALICE, BOB, "carol@contoso.example"]).await;
+
+    // The CEO consented somewhere in the tenant; the kiosk may not ask for the CEO's token.
+    let err = agent
+        .issue_access_token(user_request("kiosk", "ceo@contoso.example"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message()
+            .contains("device `kiosk` may not send as user `ceo@contoso.example`")
+            && err.message().contains("ingress user addresses"),
+        "{}",
+        err.message()
+    );
+    assert!(user_mailboxes(&broker.state).await.is_empty());
+
+    // Listed users get their mailbox (consent required first), up to two for this device.
+    for user in [ALICE, BOB] {
+        let answer = agent
+            .issue_access_token(user_request("kiosk", user))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(answer.access_token.is_empty(), "{answer:?}");
+    }
+    let err = agent
+        .issue_access_token(user_request("kiosk", "carol@contoso.example"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("max_user_mailboxes_per_device"),
+        "{}",
+        err.message()
+    );
+    // Existing user mailboxes keep working at the limit.
+    agent
+        .issue_access_token(user_request("kiosk", ALICE))
+        .await
+        .unwrap();
+
+    // A second device: the tenant limit (3) stops the fourth user mailbox.
+    put_user_device(&broker, "lobby", "site-a", SenderMode::LoginUser, "m365").await;
+    set_user_addresses(
+        &broker,
+        "lobby",
+        &["@fabrikam.example", "dan@contoso.example"],
+    )
+    .await;
+    agent
+        .issue_access_token(user_request("lobby", "erin@fabrikam.example"))
+        .await
+        .unwrap();
+    let err = agent
+        .issue_access_token(user_request("lobby", "dan@contoso.example"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("max_user_mailboxes_per_tenant"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(user_mailboxes(&broker.state).await.len(), 3);
 }

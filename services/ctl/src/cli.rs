@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::enums::{
-    FetchProtocol, GrantType, MailPurpose, MailboxKind, ProviderKind, SendMethod, SenderMode,
-    TlsMode, TlsVersion,
+    ApiKeyRole, AuditKind, FetchProtocol, GrantType, MailPurpose, MailboxKind, ProviderKind,
+    SendMethod, SenderMode, TlsMode, TlsVersion,
 };
 
 /// Broker address used when neither `--broker` nor `TOKENFLEET_BROKER` is set.
@@ -91,6 +91,8 @@ pub enum OutputFormat {
 }
 
 /// Top-level commands.
+// Parsed once per run: the size of the largest variant (device flags) does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Tenants (MSP customers).
@@ -113,6 +115,9 @@ pub enum Command {
     Fleet(crate::commands::fleet::FleetCommand),
     /// List audit events, newest first.
     Audit(AuditArgs),
+    /// Admin API keys: create (the key is shown once), list, revoke.
+    #[command(subcommand)]
+    ApiKey(ApiKeyCommand),
     /// Show the role and tenant of the API key in use.
     Whoami,
     /// Print a shell completion script.
@@ -609,6 +614,11 @@ pub struct IngressFields {
     /// list on update.
     #[arg(long = "allowed-source", value_name = "CIDR")]
     pub allowed_sources: Vec<String>,
+    /// login_user / allow_user_change: a user address the device may send as (and get the
+    /// token of), or @domain for every address of a domain; repeat. Replaces the list on
+    /// update. Without any, no user mailbox may be used.
+    #[arg(long = "ingress-user-address", value_name = "ADDRESS")]
+    pub user_addresses: Vec<String>,
 }
 
 /// Fields of a device that `update` can empty.
@@ -620,6 +630,9 @@ pub struct DeviceClear {
     /// Empty the allowed-source list.
     #[arg(long, conflicts_with = "allowed_sources")]
     pub clear_allowed_sources: bool,
+    /// Empty the ingress user-address list.
+    #[arg(long, conflicts_with = "user_addresses")]
+    pub clear_ingress_user_addresses: bool,
     /// Remove the local ingress password.
     #[arg(long, conflicts_with = "ingress_password_file")]
     pub clear_ingress_password: bool,
@@ -740,6 +753,41 @@ pub struct AuditArgs {
     /// Events per request to the broker (1-1000).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=1000))]
     pub page_size: Option<i32>,
+    /// Which records: changes that took effect, refused attempts, token issuances, or all.
+    #[arg(long, value_enum, default_value_t = AuditKind::All)]
+    pub kind: AuditKind,
+}
+
+// ---------------------------------------------------------------------------------------------
+// API keys
+
+/// `api-key …`
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Create an API key and print it once (the broker keeps only its hash).
+    Create {
+        /// Role of the key.
+        #[arg(long, value_enum)]
+        role: ApiKeyRole,
+        /// Tenant the key is limited to (required for tenant-admin; optional for viewer).
+        #[arg(long, value_name = "TENANT")]
+        tenant: Option<String>,
+        /// What the key is for.
+        #[arg(long, default_value = "", value_name = "TEXT")]
+        description: String,
+    },
+    /// List API keys (ids, roles, tenants; never the keys themselves).
+    List {
+        /// Only keys bound to this tenant.
+        #[arg(long, env = "TOKENFLEET_TENANT", value_name = "TENANT")]
+        tenant: Option<String>,
+    },
+    /// Revoke an API key: it stops working on its next call.
+    Revoke {
+        /// The key's id (`tfk_<id>_…`, as `api-key list` shows it).
+        #[arg(long, value_name = "ID")]
+        id: String,
+    },
 }
 
 #[cfg(test)]

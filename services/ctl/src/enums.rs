@@ -136,6 +136,56 @@ cli_enum!(
     }
 );
 
+/// Role of an admin API key (sent as its name; `_` works as well as `-`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ApiKeyRole {
+    /// Everything, every tenant.
+    #[value(name = "fleet-admin", alias = "fleet_admin")]
+    FleetAdmin,
+    /// Everything inside one tenant.
+    #[value(name = "tenant-admin", alias = "tenant_admin")]
+    TenantAdmin,
+    /// Read only (fleet-wide, or one tenant when bound to it).
+    #[value(name = "viewer")]
+    Viewer,
+}
+
+impl ApiKeyRole {
+    /// The name the API takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FleetAdmin => "fleet-admin",
+            Self::TenantAdmin => "tenant-admin",
+            Self::Viewer => "viewer",
+        }
+    }
+}
+
+/// Which audit records to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuditKind {
+    /// Changes that took effect.
+    Changes,
+    /// Refused or failed attempts.
+    Refused,
+    /// Access tokens issued to agents.
+    Issuance,
+    /// Everything, merged newest first.
+    All,
+}
+
+impl AuditKind {
+    /// The name the API takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Changes => "changes",
+            Self::Refused => "refused",
+            Self::Issuance => "issuance",
+            Self::All => "all",
+        }
+    }
+}
+
 /// Output name of a wire enum value: the proto value name without the enum prefix, lower-case
 /// (`GRANT_TYPE_APP_ONLY` → `app_only`); `unspecified` for 0 and `unknown` for a value this CLI
 /// does not know (a newer broker).

@@ -14,8 +14,8 @@ use time::format_description::well_known::Rfc3339;
 use crate::cli::OutputFormat;
 use crate::error::CtlError;
 use crate::view::{
-    AgentView, AuditEventView, DeletedView, DeviceView, MailboxView, ProviderView, TenantView,
-    WhoAmIView,
+    AgentView, ApiKeyView, AuditEventView, DeletedView, DeviceView, MailboxView, ProviderView,
+    TenantView, WhoAmIView,
 };
 
 /// An object that can be printed as a row of a list.
@@ -422,6 +422,26 @@ impl Listed for AuditEventView {
             cell(&self.target),
             self.result.clone(),
             cell(&self.detail),
+        ]
+    }
+}
+
+impl Listed for ApiKeyView {
+    const PLURAL: &'static str = "API keys";
+    fn columns() -> &'static [&'static str] {
+        &["ID", "ROLE", "TENANT", "DESCRIPTION", "CREATED"]
+    }
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.id.clone(),
+            self.role.clone(),
+            if self.tenant.is_empty() {
+                "(all tenants)".to_owned()
+            } else {
+                self.tenant.clone()
+            },
+            cell(&self.description),
+            when(&self.create_time),
         ]
     }
 }

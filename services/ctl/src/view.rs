@@ -248,6 +248,8 @@ pub struct IngressView {
     pub username: String,
     pub password_set: bool,
     pub allowed_sources: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub user_addresses: Vec<String>,
 }
 
 /// A device.
@@ -313,6 +315,7 @@ impl From<&pb::Device> for DeviceView {
                 username: i.username.clone(),
                 password_set: i.password_set,
                 allowed_sources: i.allowed_sources.clone(),
+                user_addresses: i.user_addresses.clone(),
             }),
             user_provider: d.user_provider.clone(),
             create_time: rfc3339(d.create_time.as_ref()),
@@ -380,6 +383,37 @@ impl From<&pb::AuditEvent> for AuditEventView {
             detail: e.detail.clone(),
         }
     }
+}
+
+/// An admin API key as listed (never the key itself).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApiKeyView {
+    pub id: String,
+    pub role: String,
+    pub tenant: String,
+    pub description: String,
+    pub create_time: Option<String>,
+}
+
+impl From<&pb::ApiKey> for ApiKeyView {
+    fn from(k: &pb::ApiKey) -> Self {
+        Self {
+            id: k.id.clone(),
+            role: k.role.clone(),
+            tenant: k.tenant.clone(),
+            description: k.description.clone(),
+            create_time: rfc3339(k.create_time.as_ref()),
+        }
+    }
+}
+
+/// A key just created: the key itself (shown this once) and its record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CreatedApiKeyView {
+    /// The key (`tfk_<id>_<secret>`); the broker keeps only its hash.
+    pub key: String,
+    #[serde(flatten)]
+    pub api_key: ApiKeyView,
 }
 
 /// The caller's identity.
@@ -534,6 +568,7 @@ mod tests {
                 password: "pw".into(),
                 password_set: true,
                 allowed_sources: vec!["192.168.1.20/32".into()],
+                ..Default::default()
             }),
             ..Default::default()
         };

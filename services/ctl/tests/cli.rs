@@ -653,3 +653,1049 @@ async fn completions_mention_the_binary() {
     let run = ctl_at("http://127.0.0.1:1", None, &["completions", "tcsh"]).await;
     assert_eq!(run.code, 2);
 }
+
+/// Issue 10: API keys through the CLI, provider re-pointing, proxy passwords and the audit
+/// streams, all through the real `tokenfleetctl` binary against a running broker.
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod keys_providers_audit {
+    use std::time::Duration;
+
+    use serde_json::Value;
+    use tokenfleet_broker::audit::{AuditRetention, Retention};
+    use tokenfleet_broker::records::{Records, provider_key};
+    use tokenfleet_broker::tokens::grant::{GrantField, GrantRecord, grant_key, seal_field};
+    use tokenfleet_domain::{Provider, Role, TokenStatus};
+    use tokenfleet_proto::v1 as pb;
+    use tokenfleet_seal::Secret;
+    use tokenfleet_store::Precondition;
+    use tokenfleet_testkit::broker::{TestBroker, TestStore};
+
+    use super::{CLIENT_SECRET, admin, create_fleet, ctl, write};
+
+    async fn broker() -> TestBroker {
+        TestBroker::start(TestStore::Embedded).await.unwrap()
+    }
+
+    async fn tenant(broker: &TestBroker, name: &str) {
+        admin(broker, &["tenant", "create", "--name", name])
+            .await
+            .ok();
+    }
+
+    fn audit_events(run: super::Run) -> Vec<Value> {
+        run.ok().json().as_array().cloned().unwrap_or_default()
+    }
+
+    /// Every role through `api-key create` (both spellings where they differ), list without
+    /// secrets, the limits of a tenant admin and a viewer, revocation effective on the next call,
+    /// and the audit trail.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn api_keys_are_created_listed_and_revoked_through_the_cli() {
+        let broker = broker().await;
+        tenant(&broker, "acme").await;
+        tenant(&broker, "beta").await;
+
+        let mut made = Vec::new();
+        for (role, canonical, tenant) in [
+            ("fleet-admin", "fleet-admin", None),
+            ("fleet_admin", "fleet-admin", None),
+            ("tenant-admin", "tenant-admin", Some("acme")),
+            ("tenant_admin", "tenant-admin", Some("beta")),
+            ("viewer", "viewer", Some("acme")),
+            ("viewer", "viewer", None),
+        ] {
+            let mut args = vec!["api-key", "create", "--role", role, "-o", "json"];
+            if let Some(t) = tenant {
+                args.extend(["--tenant", t]);
+            }
+            let run = admin(&broker, &args).await.ok();
+            assert!(run.stderr.contains("shown this once"), "{}", run.stderr);
+            let json = run.json();
+            assert_eq!(json["role"], canonical, "{json}");
+            assert_eq!(json["tenant"], tenant.unwrap_or(""), "{json}");
+            let key = json["key"].as_str().unwrap().to_owned();
+            assert!(key.starts_with(&format!("tfk_{}_", json["id"].as_str().unwrap())));
+            tokenfleet_testkit::logs::secret(&key);
+            let key = Secret::new(key);
+            let me = ctl(&broker, &key, &["whoami", "-o", "json"])
+                .await
+                .ok()
+                .json();
+            assert_eq!(me["role"], canonical);
+            made.push((
+                json["id"].as_str().unwrap().to_owned(),
+                canonical,
+                tenant,
+                key,
+            ));
+        }
+
+        // The list names every key and shows none.
+        let listed = admin(&broker, &["api-key", "list", "-o", "json"])
+            .await
+            .ok();
+        for (id, _, _, key) in &made {
+            assert!(listed.stdout.contains(id.as_str()), "{}", listed.stdout);
+            assert!(!listed.stdout.contains(key.expose()));
+        }
+        assert!(
+            listed
+                .json()
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|k| k.get("key").is_none())
+        );
+
+        // A tenant admin: keys of its own tenant up to its own role, nothing else.
+        let acme_admin = &made[2].3;
+        let run = ctl(
+            &broker,
+            acme_admin,
+            &[
+                "api-key", "create", "--role", "viewer", "--tenant", "acme", "-o", "json",
+            ],
+        )
+        .await
+        .ok();
+        let acme_viewer = Secret::new(run.json()["key"].as_str().unwrap().to_owned());
+        tokenfleet_testkit::logs::secret(acme_viewer.expose());
+        let acme_viewer_id = run.json()["id"].as_str().unwrap().to_owned();
+        for args in [
+            vec!["api-key", "create", "--role", "fleet-admin"],
+            vec!["api-key", "create", "--role", "viewer"],
+            vec![
+                "api-key",
+                "create",
+                "--role",
+                "tenant-admin",
+                "--tenant",
+                "beta",
+            ],
+        ] {
+            let run = ctl(&broker, acme_admin, &args).await;
+            assert_eq!(run.code, 1, "{args:?}: {}", run.stderr);
+            assert!(run.stderr.contains("permission denied"), "{}", run.stderr);
+        }
+        let own = ctl(&broker, acme_admin, &["api-key", "list", "-o", "json"])
+            .await
+            .ok()
+            .json();
+        let tenants: Vec<&str> = own
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["tenant"].as_str().unwrap())
+            .collect();
+        assert!(
+            !tenants.is_empty() && tenants.iter().all(|t| *t == "acme"),
+            "{own}"
+        );
+        // Another tenant's key is out of reach (and looks like no key at all).
+        let beta_admin_id = made[3].0.clone();
+        let run = ctl(
+            &broker,
+            acme_admin,
+            &["api-key", "revoke", "--id", &beta_admin_id],
+        )
+        .await;
+        assert_eq!(run.code, 1, "{}", run.stderr);
+        assert!(run.stderr.contains("not found"), "{}", run.stderr);
+        // A viewer manages no keys.
+        let run = ctl(&broker, &acme_viewer, &["api-key", "list"]).await;
+        assert_eq!(run.code, 1, "{}", run.stderr);
+        assert!(run.stderr.contains("permission denied"), "{}", run.stderr);
+
+        // Revoked: the very next call fails.
+        ctl(&broker, &acme_viewer, &["whoami"]).await.ok();
+        ctl(
+            &broker,
+            acme_admin,
+            &["api-key", "revoke", "--id", &acme_viewer_id],
+        )
+        .await
+        .ok();
+        let run = ctl(&broker, &acme_viewer, &["whoami"]).await;
+        assert_eq!(run.code, 1, "{}", run.stderr);
+        assert!(run.stderr.contains("unauthenticated"), "{}", run.stderr);
+
+        // Audited in the tenant's log, as changes.
+        let events = audit_events(
+            admin(
+                &broker,
+                &[
+                    "audit", "--tenant", "acme", "--kind", "changes", "-o", "json",
+                ],
+            )
+            .await,
+        );
+        let actions: Vec<&str> = events
+            .iter()
+            .map(|e| e["action"].as_str().unwrap())
+            .collect();
+        assert!(actions.contains(&"apikey.create"), "{actions:?}");
+        assert!(actions.contains(&"apikey.revoke"), "{actions:?}");
+        let text = serde_json::to_string(&events).unwrap();
+        for (_, _, _, key) in &made {
+            assert!(!text.contains(key.expose()));
+        }
+        broker.shutdown().await;
+    }
+
+    /// A tenant admin cannot send the stored secrets elsewhere: foreign hosts and extra CAs need
+    /// a fleet admin; re-pointing needs the client secret again and discards the grant, so a
+    /// refresh afterwards reaches nobody. The audit entry names the old and the new host.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn re_pointing_a_provider_needs_its_secret_again_and_drops_its_grants() {
+        let broker = broker().await;
+        let dir = tempfile::tempdir().unwrap();
+        create_fleet(&broker, dir.path()).await;
+        let state = broker.state();
+        // The grant a completed consent leaves behind.
+        const REFRESH_TOKEN: &str = "planted-refresh-token-value";
+        tokenfleet_testkit::logs::secret(REFRESH_TOKEN);
+        let mut grant = GrantRecord::empty("acme", "scan");
+        grant.refresh_token = Some(
+            seal_field(
+                &state.keyring,
+                "acme",
+                "scan",
+                GrantField::RefreshToken,
+                &Secret::new(REFRESH_TOKEN),
+            )
+            .unwrap(),
+        );
+        grant.state.status = TokenStatus::Active;
+        Records::new(state.store.as_ref())
+            .put(&grant, Precondition::Any)
+            .await
+            .unwrap();
+
+        // The host a rogue admin would point at: it counts every connection.
+        let trap = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let trap_addr = trap.local_addr().unwrap();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = connections.clone();
+        let trap_task = tokio::spawn(async move {
+            while trap.accept().await.is_ok() {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+
+        let ta = broker.create_key(Role::TenantAdmin, Some("acme")).await;
+        let secret_file = write(dir.path(), "new-secret", "a-new-client-secret\n");
+        tokenfleet_testkit::logs::secret("a-new-client-secret");
+        let update = |extra: &[&str]| {
+            let mut args = vec!["provider", "update", "--tenant", "acme", "--name", "m365"];
+            args.extend_from_slice(extra);
+            args.into_iter().map(str::to_owned).collect::<Vec<String>>()
+        };
+        let run_as = |key: &Secret, args: Vec<String>| {
+            let key = key.clone();
+            let broker = &broker;
+            async move {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                ctl(broker, &key, &args).await
+            }
+        };
+
+        // A host outside the well-known ones and the allowlist: fleet-admin only.
+        let run = run_as(
+            &ta,
+            update(&[
+                "--token-url",
+                "https://evil.example/token",
+                "--client-secret-file",
+                &secret_file,
+            ]),
+        )
+        .await;
+        assert_eq!(run.code, 1, "{}", run.stderr);
+        assert!(run.stderr.contains("permission denied"), "{}", run.stderr);
+        assert!(run.stderr.contains("evil.example"), "{}", run.stderr);
+        assert!(run.stderr.contains("fleet-admin"), "{}", run.stderr);
+        // The same holds for a new provider.
+        let run = ctl(
+            &broker,
+            &ta,
+            &[
+                "provider",
+                "create",
+                "--tenant",
+                "acme",
+                "--name",
+                "rogue",
+                "--kind",
+                "microsoft",
+                "--client-id",
+                "client-1",
+                "--token-url",
+                "https://evil.example/token",
+            ],
+        )
+        .await;
+        assert_eq!(run.code, 1, "{}", run.stderr);
+        assert!(run.stderr.contains("permission denied"), "{}", run.stderr);
+        // An extra trusted CA: fleet-admin only.
+        let ca_dir = tempfile::tempdir().unwrap();
+        tokenfleet_broker::dev::ensure_dev_tls(ca_dir.path()).unwrap();
+        let ca = ca_dir
+            .path()
+            .join(tokenfleet_broker::dev::DEV_CA_CERT_FILE)
+            .display()
+            .to_string();
+        let run = run_as(
+            &ta,
+            update(&["--extra-ca-file", &ca, "--client-secret-file", &secret_file]),
+        )
+        .await;
+        assert_eq!(run.code, 1, "{}", run.stderr);
+        assert!(run.stderr.contains("permission denied"), "{}", run.stderr);
+        assert!(run.stderr.contains("extra_ca_pem"), "{}", run.stderr);
+
+        // An allowed host, but without the secret: refused, nothing changes.
+        let new_url = format!("http://{trap_addr}/token");
+        let run = run_as(&ta, update(&["--token-url", &new_url])).await;
+        assert_eq!(run.code, 1, "{}", run.stderr);
+        assert!(run.stderr.contains("client_secret"), "{}", run.stderr);
+        let shown = admin(
+            &broker,
+            &[
+                "mailbox", "show", "--tenant", "acme", "--name", "scan", "-o", "json",
+            ],
+        )
+        .await
+        .ok()
+        .json();
+        assert_eq!(shown["token"]["status"], "active", "{shown}");
+
+        // With the secret given again: re-pointed, and the grant is gone.
+        let run = run_as(
+            &ta,
+            update(&[
+                "--token-url",
+                &new_url,
+                "--client-secret-file",
+                &secret_file,
+                "-o",
+                "json",
+            ]),
+        )
+        .await
+        .ok();
+        assert_eq!(run.json()["endpoints"]["token_url"], new_url.as_str());
+        let shown = admin(
+            &broker,
+            &[
+                "mailbox", "show", "--tenant", "acme", "--name", "scan", "-o", "json",
+            ],
+        )
+        .await
+        .ok()
+        .json();
+        assert_eq!(shown["token"]["status"], "not_retrieved", "{shown}");
+        let stored = Records::new(state.store.as_ref())
+            .get::<GrantRecord>(&grant_key("acme", "scan"))
+            .await
+            .unwrap();
+        assert!(stored.is_none_or(|g| g.value.refresh_token.is_none()));
+        // A refresh now has nothing to send, and the new host hears nothing.
+        let _ = admin(&broker, &["mailbox", "refresh", "scan", "--tenant", "acme"]).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 0);
+        trap_task.abort();
+
+        // The audit entry names both hosts and the discarded grant.
+        let events = audit_events(
+            admin(
+                &broker,
+                &[
+                    "audit", "--tenant", "acme", "--kind", "changes", "-o", "json",
+                ],
+            )
+            .await,
+        );
+        let moved = events
+            .iter()
+            .find(|e| e["action"] == "provider.update")
+            .unwrap_or_else(|| panic!("no provider.update in {events:?}"));
+        let detail = moved["detail"].as_str().unwrap();
+        assert!(detail.contains("127.0.0.1:9"), "{detail}");
+        assert!(detail.contains(&trap_addr.to_string()), "{detail}");
+        assert!(detail.contains("`scan`"), "{detail}");
+        assert!(!detail.contains(CLIENT_SECRET) && !detail.contains(REFRESH_TOKEN));
+
+        // A fleet admin may point anywhere (still with the secret).
+        admin(
+            &broker,
+            &update(&[
+                "--token-url",
+                "https://login.example.net/token",
+                "--client-secret-file",
+                &secret_file,
+            ])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        )
+        .await
+        .ok();
+        broker.shutdown().await;
+    }
+
+    /// A proxy password never appears in output or in the stored record (it is sealed), and
+    /// survives updates of other fields.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn proxy_passwords_are_sealed_and_never_shown() {
+        const PROXY_PASSWORD: &str = "Pr0xy-Pa55word";
+        tokenfleet_testkit::logs::secret(PROXY_PASSWORD);
+        let broker = broker().await;
+        tenant(&broker, "acme").await;
+        let proxy = format!("http://proxyuser:{PROXY_PASSWORD}@127.0.0.1:3128");
+        let created = admin(
+            &broker,
+            &[
+                "provider",
+                "create",
+                "--tenant",
+                "acme",
+                "--name",
+                "m365",
+                "--kind",
+                "microsoft",
+                "--client-id",
+                "11111111-2222-3333-4444-555555555555",
+                "--http-proxy",
+                &proxy,
+                "-o",
+                "json",
+            ],
+        )
+        .await
+        .ok();
+        assert!(
+            !created.stdout.contains(PROXY_PASSWORD),
+            "{}",
+            created.stdout
+        );
+        assert_eq!(
+            created.json()["http_proxy"],
+            "http://proxyuser:[redacted]@127.0.0.1:3128"
+        );
+        for args in [
+            vec!["provider", "show", "--tenant", "acme", "--name", "m365"],
+            vec![
+                "provider", "show", "--tenant", "acme", "--name", "m365", "-o", "json",
+            ],
+            vec!["provider", "list", "--tenant", "acme"],
+            vec!["audit", "--tenant", "acme", "-o", "json"],
+        ] {
+            let run = admin(&broker, &args).await.ok();
+            assert!(
+                !run.stdout.contains(PROXY_PASSWORD),
+                "{args:?}: {}",
+                run.stdout
+            );
+        }
+        let viewer = broker.create_key(Role::Viewer, Some("acme")).await;
+        let run = ctl(
+            &broker,
+            &viewer,
+            &[
+                "provider", "show", "--tenant", "acme", "--name", "m365", "-o", "json",
+            ],
+        )
+        .await
+        .ok();
+        assert!(!run.stdout.contains(PROXY_PASSWORD), "{}", run.stdout);
+
+        let stored = || async {
+            let record = broker
+                .state()
+                .store
+                .get(&provider_key("acme", "m365"))
+                .await
+                .unwrap()
+                .unwrap();
+            let text = String::from_utf8_lossy(&record.data).into_owned();
+            let provider: Provider = serde_json::from_slice(&record.data).unwrap();
+            (text, provider)
+        };
+        let (text, provider) = stored().await;
+        assert!(!text.contains(PROXY_PASSWORD), "stored in clear: {text}");
+        assert_eq!(provider.http_proxy, "http://proxyuser@127.0.0.1:3128");
+        let opened = tokenfleet_broker::records::open_http_proxy_password(
+            &broker.state().keyring,
+            &provider,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(opened.expose(), PROXY_PASSWORD);
+
+        // Changing another field keeps the sealed password; giving the shown URL back too.
+        admin(
+            &broker,
+            &[
+                "provider",
+                "update",
+                "--tenant",
+                "acme",
+                "--name",
+                "m365",
+                "--client-id",
+                "22222222-2222-3333-4444-555555555555",
+            ],
+        )
+        .await
+        .ok();
+        admin(
+            &broker,
+            &[
+                "provider",
+                "update",
+                "--tenant",
+                "acme",
+                "--name",
+                "m365",
+                "--http-proxy",
+                "http://proxyuser:[redacted]@127.0.0.1:3128",
+            ],
+        )
+        .await
+        .ok();
+        let (text, provider) = stored().await;
+        assert!(!text.contains(PROXY_PASSWORD));
+        assert!(provider.http_proxy_password.is_some());
+        assert!(!text.contains("[redacted]"), "{text}");
+        broker.shutdown().await;
+    }
+
+    /// Refused calls go to their own bounded stream: however many a read-only key makes, the
+    /// tenant's changes stay. Retention by count and by age per kind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refused_calls_never_evict_changes() {
+        let broker = broker().await;
+        // Small bounds so the test floods them quickly (the defaults are documented in README).
+        tokenfleet_broker::audit::configure(AuditRetention {
+            changes: Retention {
+                max_entries: 50,
+                max_age: None,
+            },
+            refused: Retention {
+                max_entries: 20,
+                max_age: None,
+            },
+            ..AuditRetention::DEFAULT
+        });
+        tenant(&broker, "acme").await;
+        admin(
+            &broker,
+            &[
+                "provider",
+                "create",
+                "--tenant",
+                "acme",
+                "--name",
+                "m365",
+                "--kind",
+                "microsoft",
+                "--client-id",
+                "11111111-2222-3333-4444-555555555555",
+            ],
+        )
+        .await
+        .ok();
+        let viewer = broker.create_key(Role::Viewer, Some("acme")).await;
+        // 200 refused attempts, 10 times the bound of refusals and 4 times that of changes.
+        let mut client = broker.client_with_key(&viewer);
+        for i in 0..200 {
+            let err = client
+                .delete_provider(pb::DeleteProviderRequest {
+                    tenant: "acme".into(),
+                    name: format!("p{i}"),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        }
+        // Some through the binary too.
+        for _ in 0..3 {
+            let run = ctl(
+                &broker,
+                &viewer,
+                &["provider", "delete", "--tenant", "acme", "--name", "m365"],
+            )
+            .await;
+            assert_eq!(run.code, 1, "{}", run.stderr);
+        }
+
+        let changes = audit_events(
+            admin(
+                &broker,
+                &[
+                    "audit", "--tenant", "acme", "--kind", "changes", "--limit", "1000", "-o",
+                    "json",
+                ],
+            )
+            .await,
+        );
+        assert!(
+            changes
+                .iter()
+                .any(|e| e["action"] == "provider.create" && e["result"] == "ok"),
+            "{changes:?}"
+        );
+        assert!(changes.iter().all(|e| e["result"] == "ok"));
+        let refused = audit_events(
+            admin(
+                &broker,
+                &[
+                    "audit", "--tenant", "acme", "--kind", "refused", "--limit", "1000", "-o",
+                    "json",
+                ],
+            )
+            .await,
+        );
+        assert_eq!(refused.len(), 20, "the refusals' own bound");
+        assert!(refused.iter().all(|e| e["result"] == "permission_denied"));
+        // All kinds merged, newest first, over several pages.
+        let all = audit_events(
+            admin(
+                &broker,
+                &[
+                    "audit",
+                    "--tenant",
+                    "acme",
+                    "--page-size",
+                    "7",
+                    "--limit",
+                    "1000",
+                    "-o",
+                    "json",
+                ],
+            )
+            .await,
+        );
+        assert_eq!(all.len(), changes.len() + refused.len());
+        let times: Vec<&str> = all.iter().map(|e| e["time"].as_str().unwrap()).collect();
+        assert!(times.windows(2).all(|w| w[0] >= w[1]), "{times:?}");
+        // Ids are ordered per stream (two streams may hold the same id); with the result they
+        // identify an event here.
+        let mut ids: Vec<String> = all
+            .iter()
+            .map(|e| format!("{}/{}", e["id"].as_str().unwrap(), e["result"]))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), all.len(), "no event twice");
+        // The viewer may read its tenant's log, and sees the same.
+        let seen = audit_events(
+            ctl(
+                &broker,
+                &viewer,
+                &[
+                    "audit", "--tenant", "acme", "--kind", "changes", "-o", "json",
+                ],
+            )
+            .await,
+        );
+        assert!(seen.iter().any(|e| e["action"] == "provider.create"));
+
+        // Age: refusals older than the bound go at the next append.
+        tokenfleet_broker::audit::configure(AuditRetention {
+            refused: Retention {
+                max_entries: 20,
+                max_age: Some(Duration::from_millis(500)),
+            },
+            ..AuditRetention::DEFAULT
+        });
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let run = ctl(
+            &broker,
+            &viewer,
+            &["provider", "delete", "--tenant", "acme", "--name", "m365"],
+        )
+        .await;
+        assert_eq!(run.code, 1);
+        let refused = audit_events(
+            admin(
+                &broker,
+                &[
+                    "audit", "--tenant", "acme", "--kind", "refused", "-o", "json",
+                ],
+            )
+            .await,
+        );
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        let still = audit_events(
+            admin(
+                &broker,
+                &[
+                    "audit", "--tenant", "acme", "--kind", "changes", "-o", "json",
+                ],
+            )
+            .await,
+        );
+        assert!(still.iter().any(|e| e["action"] == "provider.create"));
+        tokenfleet_broker::audit::configure(AuditRetention::DEFAULT);
+        broker.shutdown().await;
+    }
+}
+
+/// Every value of every enum flag of `tokenfleetctl`, through the binary against a broker: each
+/// is accepted and comes back in the JSON output under the same name. The values exercised are
+/// checked against the `[possible values: …]` the binary's help lists, so a new value without a
+/// case here fails the test.
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod every_enum_value {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use serde_json::Value;
+    use tokenfleet_testkit::broker::{TestBroker, TestStore};
+
+    use super::{admin, ctl_at};
+
+    /// `flag → possible values` from `tokenfleetctl <command…> --help`.
+    async fn possible_values(command: &[&str]) -> BTreeMap<String, BTreeSet<String>> {
+        let mut args = command.to_vec();
+        // `-h`: the short help lists `[possible values: …]` on the flag's line.
+        args.push("-h");
+        let help = ctl_at("http://127.0.0.1:9", None, &args).await.ok().stdout;
+        let mut out = BTreeMap::new();
+        let mut flag = String::new();
+        for line in help.lines() {
+            let t = line.trim();
+            // `--flag <V>` or `-o, --output <FORMAT>`
+            if t.starts_with('-')
+                && let Some((_, rest)) = t.split_once("--")
+            {
+                flag = rest
+                    .split([' ', '=', '<', '['])
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+            }
+            if let Some(values) = t
+                .split_once("[possible values: ")
+                .map(|(_, v)| v.trim_end_matches(']'))
+            {
+                let set: BTreeSet<String> = values.split(", ").map(str::to_owned).collect();
+                // Booleans (`--smtp-skip-certificate-verification[=BOOL]`) are not enums.
+                if set != BTreeSet::from(["false".to_owned(), "true".to_owned()]) {
+                    out.insert(flag.clone(), set);
+                }
+            }
+        }
+        out
+    }
+
+    fn used(seen: &mut BTreeMap<String, BTreeSet<String>>, flag: &str, value: &str) {
+        seen.entry(flag.to_owned())
+            .or_default()
+            .insert(value.to_owned());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_enum_flag_value_round_trips_through_the_binary() {
+        let broker = TestBroker::start(TestStore::Embedded).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        admin(&broker, &["tenant", "create", "--name", "acme"])
+            .await
+            .ok();
+        let mut seen: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+
+        // provider --kind (with the credentials app_only and service_account mailboxes need)
+        let secret = super::write(dir.path(), "secret", "enum-test-client-secret\n");
+        tokenfleet_testkit::logs::secret("enum-test-client-secret");
+        let sa_key = super::write(
+            dir.path(),
+            "sa.json",
+            &serde_json::json!({
+                "client_email": "printer@acme.iam.gserviceaccount.com",
+                "private_key": "not-checked-until-used",
+            })
+            .to_string(),
+        );
+        for (name, kind, extra) in [
+            (
+                "ms",
+                "microsoft",
+                vec!["--client-secret-file", secret.as_str()],
+            ),
+            (
+                "goog",
+                "google",
+                vec!["--service-account-key-file", sa_key.as_str()],
+            ),
+            (
+                "gen",
+                "generic",
+                vec![
+                    "--authorize-url",
+                    "https://idp.example/authorize",
+                    "--token-url",
+                    "https://idp.example/token",
+                    "--scope",
+                    "mail",
+                ],
+            ),
+        ] {
+            let mut args = vec![
+                "provider",
+                "create",
+                "--tenant",
+                "acme",
+                "--name",
+                name,
+                "--kind",
+                kind,
+                "--client-id",
+                "client-1",
+                "-o",
+                "json",
+            ];
+            args.extend(extra);
+            let json = admin(&broker, &args).await.ok().json();
+            assert_eq!(json["kind"], kind);
+            used(&mut seen, "kind", kind);
+        }
+
+        // mailbox --grant-type, --kind, --purpose
+        for (name, provider, grant, kind, purposes) in [
+            (
+                "m-dc",
+                "ms",
+                "delegated_device_code",
+                "admin",
+                vec!["send", "pop", "imap"],
+            ),
+            ("m-ac", "goog", "delegated_auth_code", "bulk", vec!["send"]),
+            ("m-app", "ms", "app_only", "user", vec!["send"]),
+            ("m-sa", "goog", "service_account", "bulk", vec!["send"]),
+        ] {
+            let address = format!("{name}@acme.example");
+            let mut args = vec![
+                "mailbox",
+                "create",
+                "--tenant",
+                "acme",
+                "--name",
+                name,
+                "--address",
+                &address,
+                "--provider",
+                provider,
+                "--grant-type",
+                grant,
+                "--kind",
+                kind,
+                "-o",
+                "json",
+            ];
+            for p in &purposes {
+                args.extend(["--purpose", p]);
+            }
+            let json = admin(&broker, &args).await.ok().json();
+            assert_eq!(json["grant_type"], grant);
+            assert_eq!(json["kind"], kind);
+            assert_eq!(json["purposes"], Value::from(purposes.clone()));
+            used(&mut seen, "grant-type", grant);
+            used(&mut seen, "kind", kind);
+            for p in purposes {
+                used(&mut seen, "purpose", p);
+            }
+        }
+
+        // device --sender-mode, --smtp-security, --smtp-method, --smtp-tls-*-version,
+        // --fetch-protocol, --fetch-security, --fetch-tls-*-version
+        let cases = [
+            (
+                "d1",
+                "fixed_admin",
+                "starttls",
+                "smtp",
+                "1.2",
+                "1.3",
+                "pop3",
+                "implicit_tls",
+            ),
+            (
+                "d2",
+                "bulk",
+                "implicit_tls",
+                "graph",
+                "1.3",
+                "1.3",
+                "imap",
+                "starttls",
+            ),
+            (
+                "d3",
+                "login_user",
+                "none",
+                "smtp",
+                "1.2",
+                "1.2",
+                "pop3",
+                "none",
+            ),
+            (
+                "d4",
+                "allow_user_change",
+                "starttls",
+                "gmail_api",
+                "1.2",
+                "1.3",
+                "imap",
+                "implicit_tls",
+            ),
+        ];
+        for (name, mode, security, method, min, max, protocol, fetch_security) in cases {
+            let mailbox_flag = match mode {
+                "fixed_admin" => vec!["--admin-mailbox", "m-dc"],
+                "bulk" => vec![
+                    "--bulk-mailbox",
+                    if method == "graph" { "m-dc" } else { "m-ac" },
+                ],
+                _ => vec![
+                    "--user-provider",
+                    if method == "gmail_api" { "goog" } else { "ms" },
+                ],
+            };
+            let mut args = vec![
+                "device",
+                "create",
+                "--tenant",
+                "acme",
+                "--name",
+                name,
+                "--sender-mode",
+                mode,
+                "--smtp-server",
+                "127.0.0.1",
+                "--smtp-port",
+                "2525",
+                "--smtp-security",
+                security,
+                "--smtp-method",
+                method,
+                "--smtp-tls-min-version",
+                min,
+                "--smtp-tls-max-version",
+                max,
+                "--fetch-protocol",
+                protocol,
+                "--fetch-server",
+                "127.0.0.1",
+                "--fetch-port",
+                "1110",
+                "--fetch-security",
+                fetch_security,
+                "--fetch-tls-min-version",
+                min,
+                "--fetch-tls-max-version",
+                max,
+                "-o",
+                "json",
+            ];
+            args.extend(mailbox_flag);
+            if mode == "allow_user_change" {
+                args.extend(["--allowed-mailbox", "m-ac"]);
+            }
+            let run = admin(&broker, &args).await;
+            assert_eq!(run.code, 0, "{args:?}: {}", run.stderr);
+            let json = run.json();
+            assert_eq!(json["sender_mode"], mode);
+            assert_eq!(json["smtp"]["security"], security);
+            assert_eq!(json["smtp"]["method"], method);
+            assert_eq!(json["smtp"]["tls_min_version"], min);
+            assert_eq!(json["smtp"]["tls_max_version"], max);
+            assert_eq!(json["fetch"]["protocol"], protocol);
+            assert_eq!(json["fetch"]["security"], fetch_security);
+            used(&mut seen, "sender-mode", mode);
+            used(&mut seen, "smtp-security", security);
+            used(&mut seen, "smtp-method", method);
+            used(&mut seen, "smtp-tls-min-version", min);
+            used(&mut seen, "smtp-tls-max-version", max);
+            used(&mut seen, "fetch-protocol", protocol);
+            used(&mut seen, "fetch-security", fetch_security);
+            used(&mut seen, "fetch-tls-min-version", min);
+            used(&mut seen, "fetch-tls-max-version", max);
+        }
+
+        // api-key --role (with the tenant it needs)
+        for (role, tenant) in [
+            ("fleet-admin", None),
+            ("tenant-admin", Some("acme")),
+            ("viewer", None),
+        ] {
+            let mut args = vec!["api-key", "create", "--role", role, "-o", "json"];
+            if let Some(t) = tenant {
+                args.extend(["--tenant", t]);
+            }
+            let run = admin(&broker, &args).await.ok();
+            let json = run.json();
+            tokenfleet_testkit::logs::secret(json["key"].as_str().unwrap());
+            assert_eq!(json["role"], role);
+            used(&mut seen, "role", role);
+        }
+
+        // audit --kind, and the output format itself
+        for kind in ["changes", "refused", "issuance", "all"] {
+            admin(
+                &broker,
+                &["audit", "--tenant", "acme", "--kind", kind, "-o", "json"],
+            )
+            .await
+            .ok();
+            used(&mut seen, "kind", kind);
+        }
+        for output in ["table", "json"] {
+            admin(&broker, &["whoami", "-o", output]).await.ok();
+            used(&mut seen, "output", output);
+        }
+
+        // Every value the binary's help offers was exercised.
+        let mut offered: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for command in [
+            vec!["provider", "create"],
+            vec!["mailbox", "create"],
+            vec!["device", "create"],
+            vec!["api-key", "create"],
+            vec!["audit"],
+        ] {
+            for (flag, values) in possible_values(&command).await {
+                offered.entry(flag).or_default().extend(values);
+            }
+        }
+        for flag in [
+            "kind",
+            "grant-type",
+            "purpose",
+            "sender-mode",
+            "smtp-security",
+            "smtp-method",
+            "smtp-tls-min-version",
+            "fetch-protocol",
+            "fetch-security",
+            "role",
+            "output",
+        ] {
+            assert!(
+                offered.contains_key(flag),
+                "--{flag} not found in help: {offered:?}"
+            );
+        }
+        for (flag, values) in &offered {
+            let exercised = seen.get(flag).cloned().unwrap_or_default();
+            let missing: Vec<&String> = values.difference(&exercised).collect();
+            assert!(
+                missing.is_empty(),
+                "--{flag}: values never exercised: {missing:?}"
+            );
+        }
+        let _ = dir;
+        broker.shutdown().await;
+    }
+}

@@ -244,11 +244,30 @@ async fn device_test_prints_the_verdict_and_exits_1_unless_ok() {
     assert!(text.stdout.contains("fix:"), "{}", text.stdout);
     assert!(text.stderr.contains("agent_unreachable"), "{}", text.stderr);
 
-    // A viewer may test; JSON carries the whole result.
+    // A viewer may not test (the agent would connect upstream with the device's tokens).
     let viewer = broker.create_key(Role::Viewer, Some("acme")).await;
-    let json = ctl(
+    let refused = ctl(
         &broker,
         &viewer,
+        &[
+            "device",
+            "test",
+            "mfp",
+            "--tenant",
+            "acme",
+            "--timeout",
+            "5",
+        ],
+    )
+    .await
+    .code(1);
+    assert!(refused.stderr.contains("read-only"), "{}", refused.stderr);
+    assert!(refused.stdout.is_empty(), "{}", refused.stdout);
+    // A tenant admin may; JSON carries the whole result.
+    let tenant_admin = broker.create_key(Role::TenantAdmin, Some("acme")).await;
+    let json = ctl(
+        &broker,
+        &tenant_admin,
         &[
             "device",
             "test",

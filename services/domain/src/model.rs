@@ -19,10 +19,13 @@ macro_rules! named_enum {
             pub fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $text),+ }
             }
-            /// Parses a name (case-insensitive, `-` or `_`).
+            /// Parses a name (case-insensitive; `-` and `_` are the same character, on both
+            /// sides of the comparison, so `fleet-admin`, `fleet_admin` and `FLEET-ADMIN` all
+            /// name [`Role::FleetAdmin`]).
             pub fn parse(text: &str) -> Option<Self> {
-                let t = text.trim().to_ascii_lowercase().replace('-', "_");
-                $(if t == $text { return Some($name::$variant); })+
+                let normal = |s: &str| s.trim().to_ascii_lowercase().replace('-', "_");
+                let t = normal(text);
+                $(if t == normal($text) { return Some($name::$variant); })+
                 None
             }
         }
@@ -197,8 +200,12 @@ pub struct Provider {
     pub client_secret: Option<Sealed>,
     #[serde(default)]
     pub endpoints: ProviderEndpoints,
+    /// Proxy URL without its password (a user name may stay in it).
     #[serde(default)]
     pub http_proxy: String,
+    /// The proxy's password, sealed with AAD [`Provider::http_proxy_password_aad`].
+    #[serde(default)]
+    pub http_proxy_password: Option<Sealed>,
     #[serde(default)]
     pub extra_ca_pem: String,
     #[serde(default)]
@@ -217,6 +224,10 @@ impl Provider {
     /// Associated data binding a client secret to this provider.
     pub fn client_secret_aad(tenant: &str, name: &str) -> String {
         format!("{}#client_secret", Self::path(tenant, name))
+    }
+    /// Associated data binding a proxy password to this provider.
+    pub fn http_proxy_password_aad(tenant: &str, name: &str) -> String {
+        format!("{}#http_proxy_password", Self::path(tenant, name))
     }
     /// Associated data binding a service-account key to this provider.
     pub fn service_account_key_aad(tenant: &str, name: &str) -> String {
@@ -360,6 +371,23 @@ pub struct IngressCredentials {
     /// Password hash (PHC string); never the password.
     pub password_hash: Option<String>,
     pub allowed_sources: Vec<String>,
+    /// LOGIN_USER / ALLOW_USER_CHANGE: the user addresses (lower case) the device may send as
+    /// and get tokens for; `@domain` = every address of the domain. Empty = none.
+    pub user_addresses: Vec<String>,
+}
+
+impl IngressCredentials {
+    /// Whether the device may send as the user `address` (an entry equal to it, or its
+    /// `@domain`; case-insensitive).
+    pub fn admits_user(&self, address: &str) -> bool {
+        let address = address.trim().to_ascii_lowercase();
+        let domain = address.rsplit_once('@').map(|(_, d)| d);
+        self.user_addresses.iter().any(|a| {
+            *a == address
+                || a.strip_prefix('@')
+                    .is_some_and(|d| domain.is_some_and(|domain| domain == d))
+        })
+    }
 }
 
 /// A printer or MFD.
@@ -447,4 +475,53 @@ pub struct AuditEvent {
     pub result: String,
     #[serde(default)]
     pub detail: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every value of every `named_enum!` parses from its own name, with `-` and `_` swapped and
+    /// in upper case (the parse once normalised only the input, so `fleet-admin` never matched).
+    fn parses_every_value<E: Copy + PartialEq + std::fmt::Debug>(
+        all: &[E],
+        as_str: fn(E) -> &'static str,
+        parse: fn(&str) -> Option<E>,
+    ) {
+        for &value in all {
+            let name = as_str(value);
+            for text in [
+                name.to_owned(),
+                name.replace('-', "_"),
+                name.replace('_', "-"),
+                name.to_ascii_uppercase(),
+                format!("  {name} "),
+            ] {
+                assert_eq!(parse(&text), Some(value), "`{text}`");
+            }
+        }
+        assert_eq!(parse("no-such-value"), None);
+        assert_eq!(parse(""), None);
+    }
+
+    #[test]
+    fn every_named_enum_parses_every_value() {
+        parses_every_value(TokenStatus::ALL, TokenStatus::as_str, TokenStatus::parse);
+        parses_every_value(ProviderKind::ALL, ProviderKind::as_str, ProviderKind::parse);
+        parses_every_value(GrantType::ALL, GrantType::as_str, GrantType::parse);
+        parses_every_value(MailboxKind::ALL, MailboxKind::as_str, MailboxKind::parse);
+        parses_every_value(MailPurpose::ALL, MailPurpose::as_str, MailPurpose::parse);
+        parses_every_value(SenderMode::ALL, SenderMode::as_str, SenderMode::parse);
+        parses_every_value(TlsMode::ALL, TlsMode::as_str, TlsMode::parse);
+        parses_every_value(SendMethod::ALL, SendMethod::as_str, SendMethod::parse);
+        parses_every_value(TlsVersion::ALL, TlsVersion::as_str, TlsVersion::parse);
+        parses_every_value(
+            FetchProtocol::ALL,
+            FetchProtocol::as_str,
+            FetchProtocol::parse,
+        );
+        parses_every_value(Role::ALL, Role::as_str, Role::parse);
+        assert_eq!(Role::parse("fleet-admin"), Some(Role::FleetAdmin));
+        assert_eq!(Role::parse("tenant_admin"), Some(Role::TenantAdmin));
+    }
 }

@@ -173,20 +173,25 @@ pub fn url(field: &str, value: &str, required: bool) -> Valid {
             format!("must be at most {MAX_URL_LEN} characters"),
         ));
     }
+    // Error messages show the URL without any password it carries.
+    let shown = redact_url_password(value);
     let rest = value
         .strip_prefix("https://")
         .or_else(|| value.strip_prefix("http://"))
         .ok_or_else(|| {
             ValidationError::new(
                 field,
-                format!("`{}` must start with https:// or http://", printable(value)),
+                format!(
+                    "`{}` must start with https:// or http://",
+                    printable(&shown)
+                ),
             )
         })?;
     let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
     if host.is_empty() || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(ValidationError::new(
             field,
-            format!("`{}` is not a valid URL", printable(value)),
+            format!("`{}` is not a valid URL", printable(&shown)),
         ));
     }
     Ok(())
@@ -280,6 +285,51 @@ pub fn secret_len(field: &str, value: &str) -> Valid {
 }
 
 /// Shortens and escapes a value for an error message.
+/// What replaces a secret in output.
+pub const REDACTED: &str = "[redacted]";
+
+/// Splits `scheme://user:password@host…` into the URL without the password
+/// (`scheme://user@host…`) and the password; URLs without a password come back unchanged.
+/// Works on the text (no normalisation), so what is kept is exactly what was given.
+pub fn split_url_password(url: &str) -> (String, Option<String>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_owned(), None);
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return (url.to_owned(), None);
+    };
+    let userinfo = &authority[..at];
+    let Some((user, password)) = userinfo.split_once(':') else {
+        return (url.to_owned(), None);
+    };
+    let kept = format!("{scheme}://{user}@{}", &rest[at + 1..]);
+    (kept, Some(password.to_owned()))
+}
+
+/// The URL with its password (if any) replaced by [`REDACTED`]: `http://u:[redacted]@proxy:3128`.
+pub fn redact_url_password(url: &str) -> String {
+    match split_url_password(url) {
+        (kept, Some(_)) => with_url_password(&kept, REDACTED),
+        (kept, None) => kept,
+    }
+}
+
+/// Puts `password` into a URL that carries a user name but no password
+/// (`http://u@host` → `http://u:password@host`); a URL without a user name gets `:password`
+/// as the whole user information.
+pub fn with_url_password(url: &str, password: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://{}:{password}{}", &rest[..at], &rest[at..]),
+        None => format!("{scheme}://:{password}@{rest}"),
+    }
+}
+
 fn printable(value: &str) -> String {
     let mut s: String = value
         .chars()
@@ -295,6 +345,35 @@ fn printable(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_passwords_split_and_redact() {
+        assert_eq!(
+            split_url_password("http://user:pa:ss@proxy.example:3128/x"),
+            (
+                "http://user@proxy.example:3128/x".to_owned(),
+                Some("pa:ss".to_owned())
+            )
+        );
+        assert_eq!(
+            split_url_password("http://proxy.example:3128"),
+            ("http://proxy.example:3128".to_owned(), None)
+        );
+        assert_eq!(
+            split_url_password("http://user@proxy.example"),
+            ("http://user@proxy.example".to_owned(), None)
+        );
+        assert_eq!(
+            redact_url_password("https://u:secret@p.example/a@b"),
+            "https://u:[redacted]@p.example/a@b"
+        );
+        assert_eq!(
+            with_url_password("http://u@p.example:1", "pw"),
+            "http://u:pw@p.example:1"
+        );
+        let err = url("f", "ftp://u:topsecret@x", false).unwrap_err();
+        assert!(!err.to_string().contains("topsecret"), "{err}");
+    }
 
     #[test]
     fn names() {

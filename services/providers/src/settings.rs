@@ -246,6 +246,17 @@ impl ProviderSettings {
         })
     }
 
+    /// Puts the proxy's password (kept sealed apart from the URL) back into the proxy URL.
+    #[must_use]
+    pub fn with_proxy_password(mut self, password: Option<Secret>) -> Self {
+        if let (Some(url), Some(password)) = (self.http_proxy.as_mut(), password)
+            && url.set_password(Some(password.expose())).is_err()
+        {
+            tracing::warn!("the provider's proxy URL cannot carry a password; connecting without");
+        }
+        self
+    }
+
     /// Sets the request timeout.
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
@@ -274,6 +285,7 @@ mod tests {
             client_secret: None,
             endpoints: ProviderEndpoints::default(),
             http_proxy: String::new(),
+            http_proxy_password: None,
             extra_ca_pem: String::new(),
             scopes: vec![],
             service_account_key: None,

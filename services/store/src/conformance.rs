@@ -48,6 +48,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     concurrent_cas(Arc::clone(&store)).await;
     stream_order_and_paging(s).await;
     stream_bounded(s).await;
+    stream_trim_by_age(s).await;
     stream_isolation(s).await;
     lease_exclusive_and_fenced(s).await;
     lease_expiry(s).await;
@@ -904,6 +905,89 @@ pub async fn stream_bounded(s: &dyn Store) {
     assert_eq!(
         s.read_back(&scope, STREAM, None, 100).await.unwrap().len(),
         6
+    );
+}
+
+/// `trim_stream` removes exactly the entries appended before the cut, keeps the newer ones (and
+/// paging over them), touches no other stream, and a later length bound still counts right.
+pub async fn stream_trim_by_age(s: &dyn Store) {
+    let scope = Scope::Tenant(unique("cf-age"));
+    let now_ms = || {
+        u64::try_from(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap()
+    };
+    for i in 0..3u32 {
+        s.append(&scope, STREAM, format!("old{i}").into_bytes(), 100)
+            .await
+            .unwrap();
+    }
+    s.append(&scope, "cf_other", b"other".to_vec(), 100)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let cut = now_ms();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    for i in 0..2u32 {
+        s.append(&scope, STREAM, format!("new{i}").into_bytes(), 100)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        s.trim_stream(&scope, STREAM, 0).await.unwrap(),
+        0,
+        "nothing is older than the epoch"
+    );
+    assert_eq!(s.trim_stream(&scope, STREAM, cut).await.unwrap(), 3);
+    let left: Vec<Vec<u8>> = s
+        .read_back(&scope, STREAM, None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.data)
+        .collect();
+    assert_eq!(left, [b"new1".to_vec(), b"new0".to_vec()]);
+    assert_eq!(s.trim_stream(&scope, STREAM, cut).await.unwrap(), 0);
+    assert_eq!(
+        s.read_back(&scope, "cf_other", None, 10)
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "other streams are untouched"
+    );
+    // The length bound counts only what is left: 2 + 2 appended, bound 3 keeps the newest 3.
+    for i in 2..4u32 {
+        s.append(&scope, STREAM, format!("new{i}").into_bytes(), 3)
+            .await
+            .unwrap();
+    }
+    let left = s.read_back(&scope, STREAM, None, 100).await.unwrap();
+    assert_eq!(left.len(), 3);
+    assert_eq!(left[0].data, b"new3");
+    // A missing stream trims to nothing without error.
+    let empty = Scope::Tenant(unique("cf-age-empty"));
+    assert_eq!(
+        s.trim_stream(&empty, STREAM, now_ms() + 1000)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        s.trim_stream(&scope, STREAM, now_ms() + 1000)
+            .await
+            .unwrap(),
+        3
+    );
+    assert!(
+        s.read_back(&scope, STREAM, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
     );
 }
 

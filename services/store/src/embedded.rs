@@ -203,6 +203,17 @@ fn stream_id(seq: u64) -> String {
     format!("{seq:020}")
 }
 
+/// Bits of a stream sequence number below the append time: a sequence number is
+/// `max(previous + 1, now_ms << TIME_SHIFT)`, so ids grow with the append time (and stay
+/// strictly increasing when the clock steps back), and "appended before T" is "id below
+/// `stream_id(T << TIME_SHIFT)`". (Entries of stores written before this scheme have small
+/// sequence numbers and count as appended at the epoch.)
+const TIME_SHIFT: u32 = 20;
+
+fn time_seq(now_ms: u64) -> u64 {
+    now_ms.checked_shl(TIME_SHIFT).unwrap_or(u64::MAX >> 1)
+}
+
 fn now_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -385,7 +396,7 @@ impl Store for EmbeddedStore {
                     .map_err(|e| storage_err(path, e))?
                     .map(|v| v.value())
                     .unwrap_or((0, 0));
-                let seq = last + 1;
+                let seq = (last + 1).max(time_seq(now_millis()));
                 let id = stream_id(seq);
                 entries
                     .insert((scope.as_str(), stream, id.as_str()), data.as_slice())
@@ -419,6 +430,59 @@ impl Store for EmbeddedStore {
             };
             txn.commit().map_err(|e| storage_err(path, e))?;
             Ok(id)
+        })
+        .await
+    }
+
+    async fn trim_stream(
+        &self,
+        scope: &Scope,
+        stream: &'static str,
+        before_ms: u64,
+    ) -> StoreResult<u64> {
+        let scope = scope_key(scope);
+        let cutoff = stream_id(time_seq(before_ms));
+        self.run(move |db, path| {
+            let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
+            let removed = {
+                let mut meta = txn
+                    .open_table(STREAM_META)
+                    .map_err(|e| storage_err(path, e))?;
+                let mut entries = txn.open_table(STREAMS).map_err(|e| storage_err(path, e))?;
+                let Some((last, len)) = meta
+                    .get((scope.as_str(), stream))
+                    .map_err(|e| storage_err(path, e))?
+                    .map(|v| v.value())
+                else {
+                    return Ok(0);
+                };
+                let mut old = Vec::new();
+                for item in entries
+                    .range::<Key3>(
+                        (scope.as_str(), stream, "")..(scope.as_str(), stream, cutoff.as_str()),
+                    )
+                    .map_err(|e| storage_err(path, e))?
+                {
+                    let (k, _) = item.map_err(|e| storage_err(path, e))?;
+                    old.push(k.value().2.to_owned());
+                }
+                for id in &old {
+                    entries
+                        .remove((scope.as_str(), stream, id.as_str()))
+                        .map_err(|e| storage_err(path, e))?;
+                }
+                let removed = u64::try_from(old.len()).unwrap_or(u64::MAX);
+                if removed > 0 {
+                    meta.insert(
+                        (scope.as_str(), stream),
+                        (last, len.saturating_sub(removed)),
+                    )
+                    .map_err(|e| storage_err(path, e))?;
+                }
+                removed
+            };
+            txn.commit().map_err(|e| storage_err(path, e))?;
+            Ok(removed)
         })
         .await
     }

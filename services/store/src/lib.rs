@@ -184,6 +184,17 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         max_len: usize,
     ) -> StoreResult<String>;
 
+    /// Removes the entries of a stream appended before `before_ms` (unix milliseconds by the
+    /// store's clock: the Redis server's, or this host's for the embedded store); returns how many
+    /// were removed. Stream ids grow with the append time in both backends, so this is a cut at
+    /// one id, as cheap as the length bound.
+    async fn trim_stream(
+        &self,
+        scope: &Scope,
+        stream: &'static str,
+        before_ms: u64,
+    ) -> StoreResult<u64>;
+
     /// Reads a stream newest first: up to `limit` entries with ids strictly smaller than `before`.
     async fn read_back(
         &self,

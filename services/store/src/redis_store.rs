@@ -1005,6 +1005,26 @@ impl Store for RedisStore {
         })
     }
 
+    async fn trim_stream(
+        &self,
+        scope: &Scope,
+        stream: &'static str,
+        before_ms: u64,
+    ) -> StoreResult<u64> {
+        Self::check_name("stream", stream)?;
+        // Redis stream ids are `<ms>-<seq>` from the server's clock: MINID drops every older one.
+        let answer = self
+            .query(
+                redis::cmd("XTRIM")
+                    .arg(self.stream_key(scope, stream))
+                    .arg("MINID")
+                    .arg("=")
+                    .arg(before_ms),
+            )
+            .await?;
+        self.decode(&format!("{scope}/stream/{stream}"), answer)
+    }
+
     async fn read_back(
         &self,
         scope: &Scope,

@@ -363,6 +363,7 @@ mod e2e {
             )?),
             endpoints: fake.microsoft_endpoints(ENTRA_TENANT),
             http_proxy: String::new(),
+            http_proxy_password: None,
             extra_ca_pem: String::new(),
             scopes: vec![],
             service_account_key: None,

@@ -115,6 +115,36 @@ async fn check_references(state: &BrokerState, d: &Device) -> Result<(), Status>
     Ok(())
 }
 
+/// The device's ingress user name is not the login of another device on the same agent (the
+/// agent could not tell which device logged in; it refuses such a configuration too). Compared
+/// without regard to case. Two concurrent writes can still both pass; the agent then refuses
+/// the login of both devices until one is changed.
+async fn check_unique_login(state: &BrokerState, d: &Device) -> Result<(), Status> {
+    if d.agent.is_empty() || d.ingress.username.is_empty() {
+        return Ok(());
+    }
+    let devices = records(state)
+        .list_all::<Device>(&Scope::Tenant(d.tenant.clone()))
+        .await
+        .map_err(store_status)?;
+    if let Some(other) = devices.iter().map(|v| &v.value).find(|o| {
+        o.name != d.name
+            && o.agent == d.agent
+            && o.ingress.username.eq_ignore_ascii_case(&d.ingress.username)
+    }) {
+        return Err(precondition(
+            "device.ingress.username",
+            format!(
+                "`{}` is already the ingress login of device `{}` on agent `{}`; each device of an agent needs its own user name",
+                shown(&d.ingress.username),
+                other.name,
+                d.agent
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub(super) async fn create(
     state: &BrokerState,
     principal: &Principal,
@@ -138,6 +168,7 @@ pub(super) async fn create(
             convert::check_device_ingress(&device).map_err(invalid)?;
             require_tenant(state, &device.tenant).await?;
             check_references(state, &device).await?;
+            check_unique_login(state, &device).await?;
             if let Some(password) = password {
                 device.ingress.password_hash = Some(hash_password(password).await?);
             }
@@ -249,6 +280,7 @@ pub(super) async fn update(
                 };
                 convert::check_device_ingress(&next).map_err(invalid)?;
                 check_references(state, &next).await?;
+                check_unique_login(state, &next).await?;
                 if let SecretChange::Set(p) = &password_change {
                     // Hashed once, after validation, and reused if the write must be retried.
                     if new_hash.is_none() {

@@ -109,6 +109,7 @@ fn agent_device(d: &Device, mailboxes: &HashMap<String, Mailbox>) -> pb::AgentDe
         ingress_username: d.ingress.username.clone(),
         ingress_password_hash: d.ingress.password_hash.clone().unwrap_or_default(),
         ingress_allowed_sources: d.ingress.allowed_sources.clone(),
+        ingress_user_addresses: d.ingress.user_addresses.clone(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! `Admin.TestConnection`: queue a connection test for the device's agent, wait for its answer
 //! until the deadline. An agent that is not connected, or does not answer in time, gives the
-//! verdict AGENT_UNREACHABLE (not an error: the operator learns why). Audited as `device.test`.
+//! verdict AGENT_UNREACHABLE (not an error: the operator learns why). Needs write access to the
+//! device's tenant (a viewer may not make agents connect and use tokens). Audited as `device.test`.
 
 use std::time::Duration;
 
@@ -42,7 +43,9 @@ pub(super) async fn run(
         tenant: req.tenant.clone(),
     };
     audited(state, principal, change, async {
-        authorize(principal, Target::Tenant(&req.tenant), Access::Read)?;
+        // A test makes the agent open connections and use the device's tokens: write access
+        // (viewers only read).
+        authorize(principal, Target::Tenant(&req.tenant), Access::Write)?;
         let result = test(state, &req).await?;
         let detail = format!(
             "{}: {}",

@@ -418,7 +418,13 @@ pub async fn load_target(
             "provider `{provider_name}` cannot be used: {e}; fix it with `tokenfleetctl provider update`"
         ))
     };
-    let settings = ProviderSettings::from_provider(&provider, secret).map_err(bad_provider)?;
+    let proxy_password = crate::records::open_http_proxy_password(&state.keyring, &provider)
+        .map_err(ConsentError::seal(format!(
+            "provider `{provider_name}` in tenant `{tenant}`"
+        )))?;
+    let settings = ProviderSettings::from_provider(&provider, secret)
+        .map_err(bad_provider)?
+        .with_proxy_password(proxy_password);
     let client = ProviderClient::new(settings)
         .map_err(bad_provider)?
         .with_clock(state.clock.clone());

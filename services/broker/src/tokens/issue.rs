@@ -27,6 +27,15 @@
 //!   `consent_required`.
 //! - Once the person consented (the device-code poller or the browser callback stored the
 //!   grant), the next request gets the token.
+//! - Sender binding: the user address must be one the device's ingress user addresses admit
+//!   (an exact address or its `@domain`), else the request is denied naming the device and the
+//!   address; the agent checks the same list before it accepts the message, so a device cannot
+//!   obtain the token of any user who consented elsewhere in the tenant by writing their address
+//!   into `From:`.
+//! - Limits: a user mailbox is created on demand only while the tenant has fewer than
+//!   `max_user_mailboxes_per_tenant` user mailboxes and the device's user addresses admit
+//!   fewer than `max_user_mailboxes_per_device` of them ([`TokenService::config`]); otherwise
+//!   [`IssueError::Limit`] (RESOURCE_EXHAUSTED naming the setting).
 //!
 //! The token's resource follows the device: a device that sends with Microsoft Graph
 //! (`smtp.method graph`) gets a Graph token for `send`, every other use a token for the mail
@@ -208,6 +217,9 @@ pub enum IssueError {
     /// Starting the consent failed.
     #[error(transparent)]
     Consent(#[from] ConsentError),
+    /// A user-mailbox limit is reached (names the setting).
+    #[error("{0}")]
+    Limit(String),
 }
 
 impl From<StoreError> for IssueError {
@@ -222,6 +234,7 @@ impl IssueError {
         match self {
             Self::Token(e) => e.to_status(),
             Self::Precondition(m) => Status::failed_precondition(m.clone()),
+            Self::Limit(m) => Status::resource_exhausted(m.clone()),
             Self::Consent(e) => match e {
                 ConsentError::NotFound(m) => Status::not_found(m.clone()),
                 ConsentError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
@@ -517,6 +530,16 @@ async fn for_user(
         ))
         .into());
     }
+    if !device.ingress.admits_user(req.user_address) {
+        return Err(TokenError::Denied(format!(
+            "device `{}` may not send as user `{}`: the address is not among the device's ingress user addresses [{}]; add it (or its @domain) with `tokenfleetctl device update --tenant {tenant} --name {} --ingress-user-address <address>`",
+            req.device,
+            crate::admin::shown(req.user_address),
+            device.ingress.user_addresses.join(", "),
+            req.device
+        ))
+        .into());
+    }
     target.clone_from(&name);
     let (mailbox, purpose_added) = user_mailbox(
         service,
@@ -590,6 +613,7 @@ async fn user_mailbox(
     let key = mailbox_key(tenant, name);
     for _ in 0..CAS_ATTEMPTS {
         let Some(stored) = records.get::<Mailbox>(&key).await? else {
+            check_user_mailbox_limits(service, tenant, device).await?;
             let mailbox = new_user_mailbox(service, tenant, device, address, name, purpose).await?;
             match records.put(&mailbox, Precondition::Absent).await {
                 Ok(_) => {
@@ -654,6 +678,41 @@ async fn user_mailbox(
         mailbox: name.to_owned(),
     }
     .into())
+}
+
+/// Room for one more user mailbox in the tenant and for the device (see the module
+/// documentation). Two concurrent creations may both pass at the limit.
+async fn check_user_mailbox_limits(
+    service: &TokenService,
+    tenant: &str,
+    device: &Device,
+) -> Result<(), IssueError> {
+    let config = service.config();
+    let users: Vec<Mailbox> = Records::new(service.state().store.as_ref())
+        .list_all::<Mailbox>(&Scope::Tenant(tenant.to_owned()))
+        .await?
+        .into_iter()
+        .map(|m| m.value)
+        .filter(|m| m.kind == MailboxKind::User)
+        .collect();
+    if users.len() >= config.max_user_mailboxes_per_tenant {
+        return Err(IssueError::Limit(format!(
+            "tenant `{tenant}` has {} user mailboxes, the limit (`[tokens] max_user_mailboxes_per_tenant` = {}); delete unused ones or raise the limit",
+            users.len(),
+            config.max_user_mailboxes_per_tenant
+        )));
+    }
+    let admitted = users
+        .iter()
+        .filter(|m| device.ingress.admits_user(&m.address))
+        .count();
+    if admitted >= config.max_user_mailboxes_per_device {
+        return Err(IssueError::Limit(format!(
+            "device `{}` already reaches {admitted} user mailboxes, the limit (`[tokens] max_user_mailboxes_per_device` = {}); delete unused ones or raise the limit",
+            device.name, config.max_user_mailboxes_per_device
+        )));
+    }
+    Ok(())
 }
 
 /// A new user mailbox record from the device's `user_provider`.

@@ -105,6 +105,10 @@ pub struct TokenConfig {
     /// Grants of `user`-kind mailboxes unused (no issuance) for this long are deleted by the
     /// scheduler instead of refreshed; `None` = never.
     pub user_token_idle: Option<Duration>,
+    /// Most user mailboxes created on demand that one device's user addresses admit.
+    pub max_user_mailboxes_per_device: usize,
+    /// Most user mailboxes in one tenant; further ones are not created on demand.
+    pub max_user_mailboxes_per_tenant: usize,
 }
 
 impl Default for TokenConfig {
@@ -118,6 +122,8 @@ impl Default for TokenConfig {
             scheduler: SchedulerConfig::default(),
             replica_id: format!("broker-{}", uuid::Uuid::new_v4().simple()),
             user_token_idle: Some(Duration::from_secs(30 * 86_400)),
+            max_user_mailboxes_per_device: 500,
+            max_user_mailboxes_per_tenant: 5000,
         }
     }
 }
@@ -928,8 +934,12 @@ impl TokenService {
             mailbox: mailbox.to_owned(),
             problem: format!("provider `{}`: {e}", p.name),
         };
+        let proxy_record = format!("{}#http_proxy_password", provider_key(&p.tenant, &p.name));
+        let proxy_password = crate::records::open_http_proxy_password(&self.inner.state.keyring, p)
+            .map_err(seal_error(&proxy_record))?;
         let settings = ProviderSettings::from_provider(p, secret)
             .map_err(bad)?
+            .with_proxy_password(proxy_password)
             .with_timeout(self.inner.config.provider_timeout);
         let client = Arc::new(
             ProviderClient::new(settings)

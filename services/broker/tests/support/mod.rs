@@ -315,6 +315,7 @@ pub fn fake_provider(
         client_secret,
         endpoints,
         http_proxy: String::new(),
+        http_proxy_password: None,
         extra_ca_pem: String::new(),
         scopes: vec![],
         service_account_key: None,

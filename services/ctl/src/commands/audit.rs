@@ -9,6 +9,7 @@ use crate::view::{AuditEventView, WhoAmIView};
 
 pub(super) async fn run_audit(args: AuditArgs, ctx: &Ctx) -> Result<(), CtlError> {
     let tenant = args.tenant.unwrap_or_default();
+    let kind = args.kind.as_str().to_owned();
     let list = ListArgs {
         page_size: args.page_size,
         limit: Some(args.limit),
@@ -18,6 +19,7 @@ pub(super) async fn run_audit(args: AuditArgs, ctx: &Ctx) -> Result<(), CtlError
             tenant: tenant.clone(),
             page_size,
             page_token,
+            kind: kind.clone(),
         };
         async move {
             let page = ctx

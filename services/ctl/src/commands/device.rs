@@ -158,7 +158,11 @@ fn fetch_given(x: &FetchFields, clear: &DeviceClear) -> bool {
 
 /// Ingress fields other than the password (which the API can change alone).
 fn ingress_given(i: &IngressFields, clear: &DeviceClear) -> bool {
-    i.ingress_username.is_some() || !i.allowed_sources.is_empty() || clear.clear_allowed_sources
+    i.ingress_username.is_some()
+        || !i.allowed_sources.is_empty()
+        || clear.clear_allowed_sources
+        || !i.user_addresses.is_empty()
+        || clear.clear_ingress_user_addresses
 }
 
 /// The API replaces `smtp`, `fetch` and `ingress` whole; changing part of one needs the rest as
@@ -276,6 +280,9 @@ fn apply(
             leaf(i.ingress_username, &mut ingress.username);
             if !i.allowed_sources.is_empty() || clear.clear_allowed_sources {
                 ingress.allowed_sources = i.allowed_sources;
+            }
+            if !i.user_addresses.is_empty() || clear.clear_ingress_user_addresses {
+                ingress.user_addresses = i.user_addresses;
             }
             changes.touch("ingress");
         }
@@ -430,6 +437,7 @@ mod tests {
                 password: String::new(),
                 password_set: true,
                 allowed_sources: vec!["192.168.1.20/32".into()],
+                ..Default::default()
             }),
             version: 9,
             ..Default::default()

@@ -3,6 +3,7 @@
 //! before the broker is contacted.
 
 mod agent;
+mod api_key;
 mod audit;
 pub mod consent;
 mod device;
@@ -38,6 +39,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Agent(cmd) => agent::run(cmd, &ctx).await,
         Command::Fleet(cmd) => fleet::run(cmd, &ctx).await,
         Command::Audit(args) => audit::run_audit(args, &ctx).await,
+        Command::ApiKey(cmd) => api_key::run(cmd, &ctx).await,
         Command::Whoami => audit::run_whoami(&ctx).await,
         Command::Completions { shell } => {
             let mut script = Vec::new();

@@ -1,0 +1,320 @@
+//! Benchmark of the agent's listener limits under abuse: the real `tokenfleet-agent run`
+//! executable (enrolled at a TLS broker, delivering to a real Dovecot through the fake identity
+//! provider — the [`AgentSite`] of the end-to-end suites) with its default `[ingress_limits]`,
+//! attacked over loopback, while a printer keeps sending. Not part of any test suite; run it by
+//! hand (in the dev profile: it starts the agent binary the end-to-end tests build, see
+//! [`tokenfleet_testkit::agent_site::workspace_binary`]; dependencies such as argon2 are
+//! optimized there):
+//!
+//! ```text
+//! cargo run -p tokenfleet-testkit --bin bench-agent-abuse
+//! cargo run -p tokenfleet-testkit --bin bench-agent-abuse -- --no-lockout
+//! # the same attack on another build of the agent (e.g. main's, before the limits):
+//! TOKENFLEET_TEST_AGENT_BINARY=/path/to/tokenfleet-agent cargo run -p tokenfleet-testkit --bin bench-agent-abuse
+//! ```
+//!
+//! Phases, each from its own loopback source addresses (the agent counts sessions per source):
+//!
+//! 1. baseline: the printer (Python `smtplib` from 127.0.0.1, logging in with the device's local
+//!    password) sends one message; the agent's idle RSS is read from `/proc/<pid>/status`;
+//! 2. `--wrong-logins` (150) parallel connections, one per source `127.4.x.y`, each sending
+//!    `AUTH PLAIN` with the device's user name and a wrong password, `--rounds` times per
+//!    connection (new connection when the agent closes one), while the printer sends a message;
+//! 3. `--idle` (2000) connections from 200 sources `127.5.x.y` that send nothing and are held
+//!    open, while the printer sends a message.
+//!
+//! The agent's RSS is sampled every 10 ms throughout (`VmRSS`), and its `VmHWM` read at the end.
+//! Printed: idle RSS, peak RSS per phase, `VmHWM`, the documented ceiling
+//! (`--ceiling-mib`, README "Agent listener limits and sender binding"), the replies the
+//! attackers got (535 / 421 locked / refused at connect), how many idle connections were
+//! accepted, and how long the printer's messages took. `--no-lockout` raises the lockout and
+//! slowdown thresholds out of reach, so every wrong password costs a password check: it shows
+//! the bound on concurrent hashing alone. Exits non-zero when the peak exceeds the ceiling or a
+//! printer message was not acknowledged and delivered.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use base64::Engine as _;
+use clap::Parser;
+use tokenfleet_proto::v1 as pb;
+use tokenfleet_testkit::agent_site::{AgentSite, DEVICE_USER, SiteOptions, eventually};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Agent listener abuse benchmark (see the file header).
+#[derive(Debug, Parser)]
+#[command(name = "bench-agent-abuse")]
+struct Args {
+    /// Parallel wrong-password connections (one source address each).
+    #[arg(long, default_value_t = 150)]
+    wrong_logins: usize,
+    /// Wrong passwords each of them sends.
+    #[arg(long, default_value_t = 4)]
+    rounds: usize,
+    /// Idle connections opened and held.
+    #[arg(long, default_value_t = 2000)]
+    idle: usize,
+    /// Source addresses the idle connections come from.
+    #[arg(long, default_value_t = 200)]
+    idle_sources: usize,
+    /// The documented memory ceiling of the agent with default limits, in MiB.
+    #[arg(long, default_value_t = 160)]
+    ceiling_mib: u64,
+    /// Lockout and slowdown out of reach: every wrong password is checked.
+    #[arg(long)]
+    no_lockout: bool,
+}
+
+/// A field of `/proc/<pid>/status` in KiB ("VmRSS:  1234 kB").
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// Samples the agent's RSS every 10 ms while `run` is set; the peak is in `peak`.
+fn sample_rss(pid: u32, peak: Arc<AtomicU64>, run: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while run.load(Ordering::Relaxed) {
+            if let Some(rss) = status_kib(pid, "VmRSS") {
+                peak.fetch_max(rss, Ordering::Relaxed);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+}
+
+async fn connect_from(source: [u8; 4], addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((source, 0)))?;
+    socket.connect(addr).await
+}
+
+async fn line(reader: &mut BufReader<TcpStream>) -> Option<String> {
+    let mut reply = String::new();
+    loop {
+        let mut l = String::new();
+        match tokio::time::timeout(Duration::from_secs(60), reader.read_line(&mut l)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return None,
+        }
+        reply.push_str(&l);
+        if l.len() < 4 || l.as_bytes()[3] != b'-' {
+            return Some(reply);
+        }
+    }
+}
+
+async fn say(reader: &mut BufReader<TcpStream>, text: &str) -> Option<String> {
+    reader
+        .get_mut()
+        .write_all(format!("{text}\r\n").as_bytes())
+        .await
+        .ok()?;
+    line(reader).await
+}
+
+#[derive(Default)]
+struct Outcomes {
+    refused_535: AtomicUsize,
+    locked_421: AtomicUsize,
+    busy_at_connect: AtomicUsize,
+    other: AtomicUsize,
+}
+
+/// One attacker: `rounds` wrong passwords for the device's user name from `source`.
+async fn attacker(source: [u8; 4], addr: SocketAddr, rounds: usize, out: Arc<Outcomes>) {
+    let wrong = format!(
+        "AUTH PLAIN {}",
+        base64::engine::general_purpose::STANDARD
+            .encode(format!("\0{DEVICE_USER}\0wrong-{}", source[3]))
+    );
+    let mut done = 0;
+    while done < rounds {
+        let Ok(stream) = connect_from(source, addr).await else {
+            out.other.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let mut c = BufReader::new(stream);
+        match line(&mut c).await {
+            Some(g) if g.starts_with("220") => {}
+            Some(g) if g.starts_with("421") => {
+                out.busy_at_connect.fetch_add(1, Ordering::Relaxed);
+                done += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            _ => {
+                out.other.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        if say(&mut c, "EHLO attacker").await.is_none() {
+            return;
+        }
+        while done < rounds {
+            done += 1;
+            match say(&mut c, &wrong).await {
+                Some(r) if r.starts_with("535") => {
+                    out.refused_535.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(r) if r.starts_with("421") => {
+                    out.locked_421.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                _ => {
+                    out.other.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The printer sends one message; returns how long until it was acknowledged.
+async fn print_one(site: &AgentSite) -> Duration {
+    let started = Instant::now();
+    site.print(1, None).await;
+    started.elapsed()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut agent_config = String::new();
+    if args.no_lockout {
+        agent_config.push_str(
+            "[ingress_limits]\nlogin_slowdown_after = 1000000\nlogin_lockout_after = 1000000\n",
+        );
+    }
+    let site = AgentSite::start(SiteOptions {
+        purposes: vec![pb::MailPurpose::Send],
+        agent_config,
+        ..SiteOptions::default()
+    })
+    .await;
+    let Some(pid) = site.agent_pid() else {
+        bail!("the agent is not running");
+    };
+
+    // 1. Baseline.
+    let first = print_one(&site).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_rss = status_kib(pid, "VmRSS").unwrap_or(0);
+    println!(
+        "agent pid {pid}; defaults of [ingress_limits]{}",
+        if args.no_lockout {
+            " with lockout and slowdown disabled"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "baseline: first message acknowledged in {first:?}; idle RSS {}",
+        mib(idle_rss)
+    );
+
+    let run = Arc::new(AtomicBool::new(true));
+    let peak_login = Arc::new(AtomicU64::new(idle_rss));
+    let sampler = sample_rss(pid, Arc::clone(&peak_login), Arc::clone(&run));
+
+    // 2. Wrong-password storm.
+    let out = Arc::new(Outcomes::default());
+    let started = Instant::now();
+    let mut attackers = tokio::task::JoinSet::new();
+    for i in 0..args.wrong_logins {
+        let source = [127, 4, (i / 250) as u8, (i % 250 + 1) as u8];
+        attackers.spawn(attacker(source, site.smtp, args.rounds, Arc::clone(&out)));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during_logins = print_one(&site).await;
+    while attackers.join_next().await.is_some() {}
+    let storm = started.elapsed();
+    run.store(false, Ordering::Relaxed);
+    let _ = sampler.join();
+    let login_peak = peak_login.load(Ordering::Relaxed);
+    println!(
+        "wrong-password storm: {} connections x {} attempts in {storm:?}: 535 {} / locked 421 {} / refused at connect {} / other {}; printer acknowledged in {during_logins:?}; peak RSS {}",
+        args.wrong_logins,
+        args.rounds,
+        out.refused_535.load(Ordering::Relaxed),
+        out.locked_421.load(Ordering::Relaxed),
+        out.busy_at_connect.load(Ordering::Relaxed),
+        out.other.load(Ordering::Relaxed),
+        mib(login_peak)
+    );
+
+    // 3. Idle flood.
+    let run = Arc::new(AtomicBool::new(true));
+    let peak_idle = Arc::new(AtomicU64::new(0));
+    let sampler = sample_rss(pid, Arc::clone(&peak_idle), Arc::clone(&run));
+    let mut held = Vec::new();
+    let (mut accepted, mut refused, mut failed) = (0usize, 0usize, 0usize);
+    for i in 0..args.idle {
+        let s = i % args.idle_sources.max(1);
+        let source = [127, 5, (s / 250) as u8, (s % 250 + 1) as u8];
+        match connect_from(source, site.smtp).await {
+            Ok(stream) => {
+                let mut c = BufReader::new(stream);
+                match line(&mut c).await {
+                    Some(g) if g.starts_with("220") => {
+                        accepted += 1;
+                        held.push(c);
+                    }
+                    Some(g) if g.starts_with("421") => refused += 1,
+                    _ => failed += 1,
+                }
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    let during_idle = print_one(&site).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    run.store(false, Ordering::Relaxed);
+    let _ = sampler.join();
+    let idle_peak = peak_idle.load(Ordering::Relaxed);
+    println!(
+        "idle flood: {} connections from {} sources: accepted {accepted} (held open) / refused with 421 {refused} / failed {failed}; printer acknowledged in {during_idle:?}; peak RSS {}",
+        args.idle,
+        args.idle_sources,
+        mib(idle_peak)
+    );
+    drop(held);
+
+    eventually(
+        "the printer's three messages delivered",
+        Duration::from_secs(60),
+        || async { (site.upstream_count().await >= 3).then_some(()) },
+    )
+    .await;
+    let hwm = status_kib(pid, "VmHWM").unwrap_or(0);
+    // The kernel updates VmHWM lazily; a sample can be a little higher.
+    let peak = login_peak.max(idle_peak).max(hwm);
+    let ceiling = args.ceiling_mib * 1024;
+    println!(
+        "agent RSS: idle {} -> peak {} (sampled VmRSS and VmHWM {}); ceiling {} MiB: {}",
+        mib(idle_rss),
+        mib(peak),
+        mib(hwm),
+        args.ceiling_mib,
+        if peak <= ceiling { "under" } else { "OVER" }
+    );
+    println!("printer: 3 messages acknowledged and delivered to Dovecot during the attacks");
+    if peak > ceiling {
+        bail!("the agent's peak RSS {} exceeds the ceiling", mib(peak));
+    }
+    Ok(())
+}
