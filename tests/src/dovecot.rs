@@ -1,5 +1,6 @@
 //! A real Dovecot 2.3 (IMAP, POP3, submission, LMTP) for mail tests, validating XOAUTH2 and
-//! OAUTHBEARER tokens by RFC 7662 introspection at the fake identity provider.
+//! OAUTHBEARER tokens by RFC 7662 introspection at the fake identity provider — for the mail
+//! protocols' audiences only ([`MAIL_AUDIENCES`]), so a Microsoft Graph token is refused.
 //!
 //! [`Dovecot::start`] writes its own `dovecot.conf` in a temporary directory (base, state, log
 //! and mail all inside it), runs `dovecot -F -c <conf>` with listeners on free 127.0.0.1 ports and
@@ -316,14 +317,29 @@ submission_relay_trusted = yes
     )
 }
 
+/// The audiences (`aud`) Dovecot accepts, as a mail server for Exchange Online and Gmail: the
+/// mail protocols' resources. A token for Microsoft Graph (or any other API) is refused at login,
+/// as Exchange Online refuses it (`535 5.7.3`). Dovecot names them to the identity provider's
+/// introspection as a resource server (`?audience=…`), which answers `active: false` otherwise.
+pub const MAIL_AUDIENCES: [&str; 3] = [
+    "https://outlook.office.com",
+    "https://outlook.office365.com",
+    "https://mail.google.com",
+];
+
 fn oauth2_args(options: &DovecotOptions) -> String {
+    let audiences: Vec<String> = MAIL_AUDIENCES
+        .iter()
+        .map(|a| format!("audience={a}"))
+        .collect();
     format!(
         "introspection_mode = post\n\
-         introspection_url = {}\n\
+         introspection_url = {}?{}\n\
          username_attribute = username\n\
          active_attribute = active\n\
          active_value = true\n",
-        options.introspection_url
+        options.introspection_url,
+        audiences.join("&")
     )
 }
 

@@ -10,7 +10,11 @@
 //!
 //! Every request is checked exactly — method, path, the bearer token registered for the address
 //! ([`FakeMailApi::expect_token`]), content type, body encoding and (if set) the expected MIME —
-//! and recorded ([`FakeMailApi::requests`]). A wrong or missing token gets the API's real 401
+//! and recorded ([`FakeMailApi::requests`]). With [`FakeMailApi::validate_with_introspection`]
+//! the fake also accepts tokens the way the real APIs do: it asks the identity provider's RFC 7662
+//! introspection whether the token is live, belongs to the address and was issued for this API's
+//! audience (Graph: `https://graph.microsoft.com`; Gmail: `https://mail.google.com`), so a token
+//! for another resource (Exchange Online's mail protocols) gets the real 401. A wrong or missing token gets the API's real 401
 //! answer; anything else that is wrong is a violation ([`FakeMailApi::violations`]) and gets a
 //! 400. Tests script the next answers per API ([`FakeMailApi::script`]): 429 with `Retry-After`,
 //! 503, 401, 400.
@@ -93,6 +97,7 @@ pub struct ApiRequest {
 #[derive(Debug, Default)]
 struct State {
     tokens: HashMap<String, String>,
+    introspection_url: Option<String>,
     expected_mime: Option<Vec<u8>>,
     scripts: HashMap<MailApi, VecDeque<Scripted>>,
     requests: Vec<ApiRequest>,
@@ -176,6 +181,13 @@ impl FakeMailApi {
         self.st()
             .tokens
             .insert(address.to_ascii_lowercase(), token.to_owned());
+    }
+
+    /// Also accepts tokens that the RFC 7662 introspection endpoint at `url` (the fake identity
+    /// provider's [`crate::fake_idp::FakeIdp::introspection_url`], loopback `http://`) reports
+    /// active for the request's address and this API's audience; see the module documentation.
+    pub fn validate_with_introspection(&self, url: &str) {
+        self.st().introspection_url = Some(url.to_owned());
     }
 
     /// Every following request's body must decode to exactly `mime` (else a violation and 400).
@@ -267,6 +279,79 @@ fn unauthorized(api: MailApi) -> Response {
     }
 }
 
+/// The audience (`aud`) a token must have for `api`.
+pub fn audience_of(api: MailApi) -> &'static str {
+    if api.is_google() {
+        "https://mail.google.com"
+    } else {
+        "https://graph.microsoft.com"
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// Whether the introspection endpoint at `url` reports `token` active for `user` with the
+/// audience of `api` (asked as a resource server: `?audience=<aud>`).
+async fn introspection_accepts(url: &str, token: &str, api: MailApi, user: &str) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let audience: String =
+        url::form_urlencoded::byte_serialize(audience_of(api).as_bytes()).collect();
+    let body: String = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("token", token)
+        .finish();
+    let request = format!(
+        "POST /{path}?audience={audience} HTTP/1.1\r\nHost: {host}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let Ok(mut stream) = tokio::net::TcpStream::connect(host).await else {
+        return false;
+    };
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut answer = String::new();
+    if stream.read_to_string(&mut answer).await.is_err() {
+        return false;
+    }
+    let Some((_, json)) = answer.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return false;
+    };
+    v["active"] == serde_json::Value::Bool(true)
+        && v["username"]
+            .as_str()
+            .is_some_and(|u| u.eq_ignore_ascii_case(user))
+}
+
+/// `(api, user)` of a request that carries a token: the send endpoints and Gmail's profile.
+fn token_target(method: &Method, uri: &Uri) -> Option<(MailApi, String)> {
+    if *method == Method::GET {
+        let segments: Vec<&str> = uri.path().trim_start_matches('/').split('/').collect();
+        if let ["gmail", "v1", "users", user, "profile"] = segments.as_slice() {
+            let user =
+                url::form_urlencoded::parse(format!("u={}", user.replace('+', "%2B")).as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())?;
+            return Some((MailApi::GmailProfile, user));
+        }
+        return None;
+    }
+    route(uri)
+}
+
 /// `(api, user)` for a path, percent-decoded.
 fn route(uri: &Uri) -> Option<(MailApi, String)> {
     let segments: Vec<&str> = uri.path().trim_start_matches('/').split('/').collect();
@@ -286,7 +371,12 @@ fn route(uri: &Uri) -> Option<(MailApi, String)> {
 
 /// The read-only endpoints connection tests use: Gmail `users.getProfile` (with the address's
 /// token) and Graph's service root (no token). `None` for any other path.
-fn read_only(st: &mut State, uri: &Uri, headers: &HeaderMap) -> Option<Response> {
+fn read_only(
+    st: &mut State,
+    uri: &Uri,
+    headers: &HeaderMap,
+    introspected: bool,
+) -> Option<Response> {
     let segments: Vec<&str> = uri.path().trim_start_matches('/').split('/').collect();
     let (api, user, response) = match segments.as_slice() {
         ["v1.0"] | ["v1.0", ""] => (
@@ -303,11 +393,9 @@ fn read_only(st: &mut State, uri: &Uri, headers: &HeaderMap) -> Option<Response>
                 url::form_urlencoded::parse(format!("u={}", user.replace('+', "%2B")).as_bytes())
                     .next()
                     .map(|(_, v)| v.into_owned())?;
-            let presented = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            let authorized = matches!((presented, st.tokens.get(&user.to_ascii_lowercase())), (Some(p), Some(t)) if p == t);
+            let presented = bearer(headers);
+            let authorized = introspected
+                || matches!((presented, st.tokens.get(&user.to_ascii_lowercase())), (Some(p), Some(t)) if p == t);
             let response = if authorized {
                 json(
                     StatusCode::OK,
@@ -341,9 +429,21 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    // Token validation at the identity provider happens before the state is locked.
+    let introspection = state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .introspection_url
+        .clone();
+    let introspected = match (introspection, bearer(&headers), token_target(&method, &uri)) {
+        (Some(url), Some(token), Some((api, user))) => {
+            introspection_accepts(&url, token, api, &user).await
+        }
+        _ => false,
+    };
     let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
     if method == Method::GET
-        && let Some(response) = read_only(&mut st, &uri, &headers)
+        && let Some(response) = read_only(&mut st, &uri, &headers, introspected)
     {
         return response;
     }
@@ -410,11 +510,9 @@ async fn handle(
             expected.len()
         ));
     }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let authorized = matches!((presented, st.tokens.get(&user.to_ascii_lowercase())), (Some(p), Some(t)) if p == t);
+    let presented = bearer(&headers);
+    let authorized = introspected
+        || matches!((presented, st.tokens.get(&user.to_ascii_lowercase())), (Some(p), Some(t)) if p == t);
     let response = if !problems.is_empty() {
         let message = format!("{api:?} {user}: {}", problems.join("; "));
         st.violations.push(message.clone());

@@ -653,3 +653,150 @@ async fn the_delivery_worker_honours_retry_after_on_both_apis() {
     assert!(requests.iter().all(|r| r.authorized && r.mime == data));
     assert!(fake.violations().is_empty(), "{:?}", fake.violations());
 }
+
+/// End to end through the real broker and agent binaries: a Microsoft device that sends with
+/// Graph (`smtp.method graph`) is handed a token for the Graph resource, minted from the same
+/// app-only grant as the mailbox's Exchange Online token. The fake Graph validates every token at
+/// the identity provider's introspection, audience included, as Graph does: a token for
+/// `outlook.office365.com` (what the broker handed out before tokens were per resource) gets 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graph_device_gets_a_token_for_the_graph_audience_through_the_real_agent() {
+    use tokenfleet_proto::v1 as pb;
+    use tokenfleet_testkit::agent_site::{ADDRESS, AgentSite, SiteOptions, eventually};
+    use tokenfleet_testkit::fake_idp::Endpoint;
+
+    let api = FakeMailApi::start().await.unwrap();
+    let base = api.graph_base_url();
+    let mut site = AgentSite::start(SiteOptions {
+        purposes: vec![pb::MailPurpose::Send],
+        device: Box::new(move |_| pb::Device {
+            smtp: Some(pb::SmtpProfile {
+                method: pb::SendMethod::Graph as i32,
+                api_base_url: base,
+                timeout_seconds: 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..SiteOptions::default()
+    })
+    .await;
+    api.validate_with_introspection(&site.fake.introspection_url());
+
+    site.print(1, None).await;
+    let request = eventually(
+        "the message at the fake Graph",
+        Duration::from_secs(40),
+        || async {
+            api.requests()
+                .into_iter()
+                .find(|r| r.api == MailApi::Graph && r.status == 202)
+        },
+    )
+    .await;
+    assert!(request.authorized);
+    assert!(request.user.eq_ignore_ascii_case(ADDRESS), "{request:?}");
+    let refused: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.status == 401)
+        .collect();
+    assert!(refused.is_empty(), "Graph refused a token: {refused:?}");
+    assert!(api.violations().is_empty(), "{:?}", api.violations());
+
+    // The broker asked the identity provider for the Graph resource (client credentials with
+    // Graph's `.default`), and Graph checked the audience at the introspection endpoint.
+    let scopes: Vec<String> = site
+        .fake
+        .requests_to(Endpoint::MicrosoftToken)
+        .iter()
+        .filter_map(|r| r.param("scope").map(str::to_owned))
+        .collect();
+    assert!(
+        scopes
+            .iter()
+            .any(|s| s == tokenfleet_providers::MS_GRAPH_APP_ONLY),
+        "no Graph token was requested: {scopes:?}"
+    );
+    let introspections = site.fake.requests_to(Endpoint::Introspect);
+    assert!(
+        introspections.iter().any(|r| r
+            .query
+            .iter()
+            .any(|(k, v)| k == "audience" && v == "https://graph.microsoft.com")),
+        "{introspections:?}"
+    );
+    assert_eq!(site.stop_agent(), Some(0));
+    site.fake.assert_no_violations().unwrap();
+}
+
+/// The agent's own check, in front of every upstream: no token in clear text (no TLS, `http://`,
+/// or verification off) to a host that is not loopback unless the profile allows it. Refused
+/// before any connection is made (the `.invalid` hosts would fail DNS otherwise).
+#[tokio::test]
+async fn the_agent_refuses_to_send_tokens_in_clear_to_other_hosts() {
+    use tokenfleet_agent::upstream::smtp::{Security, SmtpDelivery, SmtpSettings};
+    use tokenfleet_agent::upstream::tls::TlsSettings;
+
+    let rcpts = rcpts();
+    let data = message();
+    let msg = OutgoingMessage {
+        from: MAILBOX,
+        rcpts: &rcpts,
+        data: &data,
+    };
+    let plain = SmtpDelivery::new(SmtpSettings::new("smtp.invalid", 25, Security::None));
+    let err = plain.send(msg, &creds(MAILBOX, TOKEN)).await.unwrap_err();
+    assert!(
+        err.final_reply
+            .contains("refusing to send the access token in clear text"),
+        "{}",
+        err.final_reply
+    );
+    assert!(err.final_reply.contains("insecure_allow_cleartext_tokens"));
+    assert!(!err.final_reply.contains(TOKEN));
+
+    let mut unverified = SmtpSettings::new("smtp.invalid", 465, Security::ImplicitTls);
+    unverified.tls.skip_verification = true;
+    let err = SmtpDelivery::new(unverified)
+        .send(msg, &creds(MAILBOX, TOKEN))
+        .await
+        .unwrap_err();
+    assert!(
+        err.final_reply
+            .contains("smtp.skip_certificate_verification"),
+        "{}",
+        err.final_reply
+    );
+
+    // With the profile's explicit setting the check lets it through (and DNS then fails).
+    let mut allowed = SmtpSettings::new("smtp.invalid", 25, Security::None);
+    allowed.tls.allow_cleartext_tokens = true;
+    let err = SmtpDelivery::new(allowed)
+        .send(msg, &creds(MAILBOX, TOKEN))
+        .await
+        .unwrap_err();
+    assert!(!err.final_reply.contains("refusing"), "{}", err.final_reply);
+
+    // A Bearer token over http:// only to loopback.
+    let err = GraphDelivery::new(&ApiSettings {
+        base_url: Some("http://graph.invalid/v1.0".into()),
+        ..ApiSettings::default()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("in clear text"), "{err}");
+    GraphDelivery::new(&ApiSettings {
+        base_url: Some("http://graph.invalid/v1.0".into()),
+        tls: TlsSettings {
+            allow_cleartext_tokens: true,
+            ..TlsSettings::default()
+        },
+        ..ApiSettings::default()
+    })
+    .unwrap();
+    let fake = fake().await;
+    graph(&fake)
+        .send(msg, &creds(MAILBOX, TOKEN))
+        .await
+        .expect("http:// to 127.0.0.1 stays allowed");
+}

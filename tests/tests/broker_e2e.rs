@@ -385,3 +385,168 @@ fn find_on_path(name: &str) -> Option<std::path::PathBuf> {
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
 }
+
+/// `tokenfleetctl` (the real binary) against the broker: a device profile that would send the
+/// OAuth token without TLS, over `http://`, or without certificate verification to a host that
+/// is not loopback is refused with the field named; loopback stays allowed; the loudly named
+/// `insecure_allow_cleartext_tokens` lets it through, and its use is in the audit entry, the
+/// device output and `fleet status`.
+#[tokio::test]
+async fn cleartext_token_profiles_are_refused_unless_loudly_allowed() {
+    let broker = TestBroker::start(TestStore::Embedded).await.unwrap();
+    create_tenant(&broker, "acme").await;
+    let ctl = tokio::task::spawn_blocking(tokenfleet_testkit::agent_site::ctl_binary)
+        .await
+        .unwrap();
+    let run = |args: Vec<&str>| {
+        let mut cmd = tokio::process::Command::new(&ctl);
+        cmd.args(&args)
+            .env("TOKENFLEET_BROKER", format!("http://{}", broker.grpc_addr))
+            .env("TOKENFLEET_API_KEY", broker.admin_key.expose())
+            .env_remove("TOKENFLEET_API_KEY_FILE")
+            .env_remove("TOKENFLEET_TENANT")
+            .env_remove("TOKENFLEET_CA_FILE")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        async move {
+            let out = cmd.output().await.unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let create = |name: &'static str, extra: &'static [&'static str]| {
+        let mut args = vec![
+            "device",
+            "create",
+            "--tenant",
+            "acme",
+            "--name",
+            name,
+            "--sender-mode",
+            "login_user",
+        ];
+        args.extend_from_slice(extra);
+        run(args)
+    };
+
+    for (name, extra, field) in [
+        (
+            "plain-lan",
+            &["--smtp-server", "mail.lan", "--smtp-security", "none"][..],
+            "device.smtp.security",
+        ),
+        (
+            "unverified-lan",
+            &[
+                "--smtp-server",
+                "mail.lan",
+                "--smtp-security",
+                "starttls",
+                "--smtp-skip-certificate-verification",
+            ][..],
+            "device.smtp.skip_certificate_verification",
+        ),
+        (
+            "http-api",
+            &[
+                "--smtp-method",
+                "graph",
+                "--smtp-api-base-url",
+                "http://graph.lan/v1.0",
+            ][..],
+            "device.smtp.api_base_url",
+        ),
+        (
+            "plain-pop",
+            &[
+                "--fetch-server",
+                "pop.lan",
+                "--fetch-protocol",
+                "pop3",
+                "--fetch-security",
+                "none",
+            ][..],
+            "device.fetch.security",
+        ),
+    ] {
+        let (code, stdout, stderr) = create(name, extra).await;
+        assert_ne!(code, 0, "{name} was accepted: {stdout}");
+        assert!(stderr.contains(field), "{name}: {stderr}");
+        assert!(
+            stderr.contains("insecure_allow_cleartext_tokens"),
+            "{name}: the way out is named: {stderr}"
+        );
+    }
+
+    // Loopback (a relay on the agent's host) needs no flag.
+    let (code, _, stderr) = create(
+        "local-relay",
+        &["--smtp-server", "127.0.0.1", "--smtp-security", "none"],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+
+    // The explicit setting: accepted, shown, audited, flagged in fleet status.
+    let (code, _, stderr) = create(
+        "lab-relay",
+        &[
+            "--smtp-server",
+            "mail.lan",
+            "--smtp-security",
+            "none",
+            "--smtp-insecure-allow-cleartext-tokens",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let (code, stdout, stderr) = run(vec![
+        "device",
+        "show",
+        "--tenant",
+        "acme",
+        "--name",
+        "lab-relay",
+        "-o",
+        "json",
+    ])
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let shown: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        shown["smtp"]["insecure_allow_cleartext_tokens"], true,
+        "{shown}"
+    );
+    let (_, table, _) = run(vec!["device", "list", "--tenant", "acme"]).await;
+    let row = table.lines().find(|l| l.contains("lab-relay")).unwrap();
+    assert!(row.contains("INSECURE-CLEARTEXT-TOKENS"), "{table}");
+    let local = table.lines().find(|l| l.contains("local-relay")).unwrap();
+    assert!(!local.contains("INSECURE"), "{table}");
+
+    let (code, stdout, stderr) = run(vec![
+        "audit", "--tenant", "acme", "-o", "json", "--limit", "100",
+    ])
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("INSECURE: device.smtp.security"),
+        "the audit entry names the insecure setting: {stdout}"
+    );
+
+    let (code, stdout, stderr) =
+        run(vec!["fleet", "status", "--tenant", "acme", "-o", "json"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let fleet: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let problem = |device: &str| {
+        fleet
+            .as_array()
+            .and_then(|a| a.iter().find(|d| d["device"] == device))
+            .map(|d| d["problem"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_else(|| panic!("{device} not in fleet status: {fleet}"))
+    };
+    assert!(problem("lab-relay").contains("INSECURE"), "{fleet}");
+    assert!(!problem("local-relay").contains("INSECURE"), "{fleet}");
+    broker.shutdown().await;
+}

@@ -229,6 +229,62 @@ async fn imap_xoauth2_with_a_garbage_token_gets_a_json_challenge_then_no() {
 }
 
 #[tokio::test]
+async fn a_live_token_for_microsoft_graph_is_refused_like_exchange_refuses_it() {
+    // Same app, same mailbox, a live token — but for the Graph resource, not the mail protocols.
+    let (fake, mail_token, dovecot) = setup().await;
+    let (status, body) = post_form(
+        &format!("{}/organizations/oauth2/v2.0/token", fake.base_url()),
+        "grant_type=client_credentials&client_id=daemon-app&client_secret=daemon-secret\
+         &scope=https%3A%2F%2Fgraph.microsoft.com%2F.default",
+    )
+    .await;
+    assert_eq!(status, 200, "token request failed: {body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let graph_token = json["access_token"].as_str().unwrap().to_owned();
+    assert!(fake.access_token_is_live(&graph_token));
+
+    let mut c = Conn::connect(dovecot.imap_addr()).await;
+    c.line().await;
+    c.send(&format!(
+        "a1 AUTHENTICATE XOAUTH2 {}",
+        xoauth2(MAILBOX, &graph_token)
+    ))
+    .await;
+    let challenge = c.line().await;
+    assert!(challenge.starts_with("+ "), "{challenge}");
+    c.send("").await;
+    let (_, done) = c.imap_until("a1").await;
+    assert!(done.starts_with("a1 NO"), "a Graph token logged in: {done}");
+
+    // Dovecot asked as a resource server for the mail audiences; the fake saw the Graph audience.
+    let introspections = fake.requests_to(Endpoint::Introspect);
+    assert_eq!(introspections.len(), 1, "{introspections:?}");
+    let audiences: Vec<&str> = introspections[0]
+        .query
+        .iter()
+        .filter(|(k, _)| k == "audience")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(
+        audiences,
+        tokenfleet_testkit::dovecot::MAIL_AUDIENCES.to_vec(),
+        "Dovecot names the audiences it accepts"
+    );
+
+    // The mail protocols' token of the same app still logs in.
+    let mut c = Conn::connect(dovecot.imap_addr()).await;
+    c.line().await;
+    let (_, done) = c
+        .imap(
+            "b1",
+            &format!("AUTHENTICATE XOAUTH2 {}", xoauth2(MAILBOX, &mail_token)),
+        )
+        .await;
+    assert!(done.starts_with("b1 OK"), "{done}\n{}", dovecot.log());
+    fake.assert_no_violations().unwrap();
+}
+
+#[tokio::test]
 async fn pop3_xoauth2_exchange_style_logs_in() {
     let (fake, token, dovecot) = setup().await;
     let mut c = pop3_login(&dovecot, &token).await;

@@ -748,6 +748,71 @@ async fn introspection_reports_issued_tokens_active_and_others_inactive() {
     fake.assert_no_violations().unwrap();
 }
 
+/// Tokens carry their resource as `aud`: one refresh token redeemed for Graph gives a token whose
+/// audience is Graph (only with consent for it), and a resource server that names its audiences
+/// in the introspection request gets `active: false` for a token of another resource.
+#[tokio::test]
+async fn tokens_carry_their_audience_and_resource_servers_get_only_theirs() {
+    use tokenfleet_providers::{MS_GRAPH_MAIL_SEND, MS_OFFLINE_ACCESS, TokenResource};
+    let (fake, c) = microsoft(ClientSpec::public("app-1")).await;
+    let grant = consent_by_device_code(&fake, &c).await;
+    let mail = introspect(&fake, grant.access_token.expose()).await;
+    assert_eq!(mail["aud"], "https://outlook.office.com", "{mail}");
+    let rt = grant.refresh_token.clone().unwrap();
+    let graph_scopes = c
+        .scopes_for_resource(
+            GrantType::DelegatedDeviceCode,
+            &[MailPurpose::Send],
+            TokenResource::MicrosoftGraph,
+        )
+        .unwrap();
+    assert_eq!(graph_scopes, [MS_GRAPH_MAIL_SEND, MS_OFFLINE_ACCESS]);
+    // Without consent for Graph (the person consented to the mail protocols only): 65001.
+    let e = c.refresh(&rt, &graph_scopes).await.unwrap_err();
+    assert_eq!(e.code, "AADSTS65001", "{e}");
+
+    // An admin consented the app for Graph's Mail.Send: the same refresh token now mints it.
+    let mut spec = ClientSpec::public("app-1");
+    spec.consented_scopes = vec![MS_GRAPH_MAIL_SEND.to_owned()];
+    fake.register_client(spec);
+    let graph = c.refresh(&rt, &graph_scopes).await.unwrap();
+    let body = introspect(&fake, graph.access_token.expose()).await;
+    assert_eq!(body["aud"], "https://graph.microsoft.com", "{body}");
+    assert_eq!(body["scope"], MS_GRAPH_MAIL_SEND);
+    assert_eq!(body["username"], USER);
+
+    // Asked as a resource server: only tokens of the audiences it names are active.
+    let as_server = |audience: &'static str, token: String| {
+        let url = format!("{}?audience={audience}", fake.introspection_url());
+        async move {
+            let (status, body) = post_form(&url, &format!("token={token}")).await;
+            assert_eq!(status, 200, "{body}");
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["active"].clone()
+        }
+    };
+    let (mail_token, graph_token) = (
+        grant.access_token.expose().to_owned(),
+        graph.access_token.expose().to_owned(),
+    );
+    assert_eq!(
+        as_server("https://graph.microsoft.com", graph_token.clone()).await,
+        true
+    );
+    assert_eq!(
+        as_server("https://graph.microsoft.com", mail_token.clone()).await,
+        false
+    );
+    assert_eq!(
+        as_server("https://outlook.office.com", mail_token).await,
+        true
+    );
+    assert_eq!(
+        as_server("https://outlook.office.com", graph_token).await,
+        false
+    );
+    fake.assert_no_violations().unwrap();
+}
+
 #[tokio::test]
 async fn strict_mode_records_unexpected_requests() {
     let fake = FakeIdp::start().await.unwrap();

@@ -269,6 +269,17 @@ impl Conn {
         settings: &FetchSettings,
         max_line: usize,
     ) -> Result<Self, FetchError> {
+        // Every fetch connection logs in with a token: refuse before connecting. Transient, so
+        // the schedule keeps trying (and reporting) until the profile is fixed.
+        settings
+            .tls
+            .check_token_transport(
+                "fetch",
+                &settings.host,
+                settings.port,
+                settings.security != Security::None,
+            )
+            .map_err(FetchError::transient)?;
         let tcp = Self::connect_tcp(settings).await?;
         let mut conn = Self {
             reader: BufReader::new(Box::new(tcp)),

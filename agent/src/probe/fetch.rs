@@ -380,6 +380,19 @@ async fn client_steps<C: ProbeClient>(
         quit(run, client).await;
         return Err(mechanism_not_offered(summary));
     }
+    // The agent's own check: no token in clear text to a host that is not loopback.
+    if let Err(refusal) =
+        s.tls
+            .check_token_transport("fetch", &s.host, s.port, s.security != Security::None)
+    {
+        run.record("auth", false, refusal.clone(), started);
+        quit(run, client).await;
+        return Err(Finding::new(
+            ConnectionVerdict::TlsFailed,
+            refusal,
+            super::smtp::CLEARTEXT_TOKEN_FIX,
+        ));
+    }
     client.set_timeout(run.step_timeout(s.timeout));
     match client.authenticate(credentials).await {
         Ok(reply) => run.record(

@@ -601,6 +601,8 @@ where
         min_version: None,
         max_version: None,
         no_system_roots: settings.no_system_roots,
+        // Only looks at the certificate: no token is sent on this connection.
+        allow_cleartext_tokens: false,
     };
     let stream = look_only.connect(host, io, timeout).await.ok()?;
     negotiated_certificate(stream.get_ref().1)

@@ -30,6 +30,11 @@ pub const TOKEN_REJECTED_FIX: &str = "token audience or scope: the mailbox's tok
 
 pub use super::NO_TOKEN_FIX;
 
+/// The fix when a profile would send the token in clear text (or unverified) to a LAN host.
+pub const CLEARTEXT_TOKEN_FIX: &str = "set the profile's security to starttls or implicit_tls \
+    with certificate verification on (a private CA goes in extra_ca_pem); only for a trusted \
+    relay, set insecure_allow_cleartext_tokens on the profile (audited and shown in fleet status)";
+
 /// Tests the send profile `settings`: connects, secures, and authenticates with `credentials`
 /// (a fresh token for the mailbox), all before `deadline`. With `credentials` `None` (the broker
 /// gave no token) the connection steps still run and the verdict is NO_TOKEN with
@@ -126,6 +131,15 @@ async fn steps(
         quit(run, &mut conn).await;
         return Err(no_token_finding(no_token_summary));
     };
+    // The agent's own check: no token in clear text to a host that is not loopback.
+    if let Err(refusal) =
+        s.tls
+            .check_token_transport("smtp", &s.host, s.port, s.security != Security::None)
+    {
+        run.record("auth", false, refusal.clone(), started);
+        quit(run, &mut conn).await;
+        return Err(smtp_finding(SmtpError::CleartextToken(refusal)));
+    }
     conn.set_timeout(run.step_timeout(s.timeout));
     let auth = conn
         .authenticate(&caps, &s.mechanisms, credentials, &s.host, s.port)
@@ -203,6 +217,9 @@ pub fn smtp_finding(e: SmtpError) -> Finding {
     match e {
         SmtpError::Timeout { what, peer, after } => timeout_finding(&what, &peer, after),
         SmtpError::Tls(tls) => classify_tls_error("the server", &tls, &Default::default()),
+        SmtpError::CleartextToken(reason) => {
+            Finding::new(ConnectionVerdict::TlsFailed, reason, CLEARTEXT_TOKEN_FIX)
+        }
         SmtpError::StartTlsNotOffered { .. } => Finding::new(
             ConnectionVerdict::TlsFailed,
             e.to_string(),

@@ -354,6 +354,20 @@ async fn api_steps(
             crate::probe::fetch::NO_TOKEN_FIX,
         ));
     };
+    // The agent's own check: no token in clear text to a host that is not loopback.
+    if let Err(refusal) = tls.check_token_transport(
+        "smtp",
+        base.host_str().unwrap_or_default(),
+        base.port_or_known_default().unwrap_or(443),
+        base.scheme() == "https",
+    ) {
+        run.record("token", false, refusal.clone(), started);
+        return Err(Finding::new(
+            pb::ConnectionVerdict::TlsFailed,
+            refusal,
+            crate::probe::smtp::CLEARTEXT_TOKEN_FIX,
+        ));
+    }
     run.record(
         "token",
         true,

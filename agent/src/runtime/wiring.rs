@@ -28,6 +28,7 @@ pub fn tls_settings(profile: &pb::SmtpProfile) -> TlsSettings {
         min_version: version(profile.tls_min_version),
         max_version: version(profile.tls_max_version),
         no_system_roots: false,
+        allow_cleartext_tokens: profile.insecure_allow_cleartext_tokens,
     }
 }
 
@@ -137,6 +138,7 @@ pub fn fetch_settings(profile: &pb::FetchProfile) -> Result<FetchSettings, Strin
         min_version: version(profile.tls_min_version),
         max_version: version(profile.tls_max_version),
         no_system_roots: false,
+        allow_cleartext_tokens: profile.insecure_allow_cleartext_tokens,
     };
     if !profile.folder.trim().is_empty() {
         settings.folder = profile.folder.trim().to_owned();

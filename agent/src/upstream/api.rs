@@ -108,6 +108,16 @@ impl Http {
                 "api_base_url {base} must not have a query or fragment"
             )));
         }
+        // Every request carries the bearer token: none in clear text to a non-loopback host.
+        settings
+            .tls
+            .check_token_transport(
+                "smtp",
+                base.host_str().unwrap_or_default(),
+                base.port_or_known_default().unwrap_or(443),
+                base.scheme() == "https",
+            )
+            .map_err(ApiSettingsError)?;
         let tls = settings
             .tls
             .client_config()

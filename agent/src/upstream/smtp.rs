@@ -320,6 +320,10 @@ pub enum SmtpError {
     /// TLS setup or handshake failed.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The profile would send the token in clear text to a non-loopback host (see
+    /// [`TlsSettings::check_token_transport`]); nothing was sent.
+    #[error("{0}")]
+    CleartextToken(String),
     /// The server answered a step with an unexpected reply.
     #[error("{step} refused by {peer}: {reply}")]
     Refused {
@@ -366,6 +370,7 @@ impl SmtpError {
     pub fn kind(&self) -> FailureKind {
         match self {
             Self::AuthFailed { reply, .. } => auth_failure_kind(reply),
+            // Queued messages wait (with backoff) until the operator fixes the profile.
             _ => FailureKind::Transient,
         }
     }
@@ -856,6 +861,10 @@ impl SmtpDelivery {
     pub async fn connect(&self) -> Result<(SmtpConnection, Capabilities), SmtpError> {
         let s = &self.settings;
         let endpoint = s.endpoint();
+        // Every connection opened here carries a token (AUTH follows): refuse before connecting.
+        s.tls
+            .check_token_transport("smtp", &s.host, s.port, s.security != Security::None)
+            .map_err(SmtpError::CleartextToken)?;
         let tcp =
             match tokio::time::timeout(s.timeout, TcpStream::connect((s.host.as_str(), s.port)))
                 .await

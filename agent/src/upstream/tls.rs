@@ -1,6 +1,12 @@
 //! TLS for every upstream connection of the agent (SMTP, POP3, IMAP, connection tests): rustls
 //! with the ring provider, the system roots plus an optional extra CA, verification on by default,
 //! and the profile's minimum/maximum protocol versions.
+//!
+//! [`TlsSettings::check_token_transport`] is the agent's own check (the broker validates the
+//! same when a profile is saved) that no bearer token leaves this machine in clear text: every
+//! upstream (SMTP, POP3, IMAP, the mail APIs, connection tests) calls it before it connects, and
+//! refuses a connection without TLS, or with certificate verification off, to a host that is not
+//! loopback — unless the profile says `insecure_allow_cleartext_tokens`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +50,19 @@ pub struct TlsSettings {
     pub max_version: Option<TlsVersion>,
     /// Use only the extra CA, not the system roots (tests; a private mail server).
     pub no_system_roots: bool,
+    /// The profile's `insecure_allow_cleartext_tokens`: tokens may go to a non-loopback host
+    /// without TLS or with verification off (see [`TlsSettings::check_token_transport`]).
+    pub allow_cleartext_tokens: bool,
+}
+
+/// Whether `host` is this machine: `localhost` or a loopback address (127.0.0.0/8, `::1`). A
+/// token sent there in clear text does not cross a network.
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim().trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl std::fmt::Debug for TlsSettings {
@@ -53,6 +72,7 @@ impl std::fmt::Debug for TlsSettings {
             .field("extra_ca", &self.extra_ca_pem.is_some())
             .field("min_version", &self.min_version)
             .field("max_version", &self.max_version)
+            .field("allow_cleartext_tokens", &self.allow_cleartext_tokens)
             .finish()
     }
 }
@@ -108,6 +128,37 @@ fn system_roots() -> &'static [CertificateDer<'static>] {
 }
 
 impl TlsSettings {
+    /// Refuses to carry a bearer token to `host:port` without TLS (`encrypted` false) or with
+    /// certificate verification off, unless `host` is loopback or the profile allows it
+    /// (`allow_cleartext_tokens`). `section` is the profile (`smtp`, `fetch`) the error names.
+    pub fn check_token_transport(
+        &self,
+        section: &str,
+        host: &str,
+        port: u16,
+        encrypted: bool,
+    ) -> Result<(), String> {
+        if self.allow_cleartext_tokens || is_loopback_host(host) {
+            return Ok(());
+        }
+        if !encrypted {
+            return Err(format!(
+                "refusing to send the access token in clear text to {host}:{port} \
+                 ({section}.security none or an http:// URL): use starttls or implicit_tls \
+                 (https), or set {section}.insecure_allow_cleartext_tokens for a trusted relay"
+            ));
+        }
+        if self.skip_verification {
+            return Err(format!(
+                "refusing to send the access token to {host}:{port} with certificate \
+                 verification off ({section}.skip_certificate_verification): trust the server's \
+                 CA with {section}.extra_ca_pem instead, or set \
+                 {section}.insecure_allow_cleartext_tokens"
+            ));
+        }
+        Ok(())
+    }
+
     /// Builds the rustls client configuration these settings describe.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
         let min = self.min_version.unwrap_or(TlsVersion::Tls12);
@@ -245,6 +296,57 @@ impl rustls::client::danger::ServerCertVerifier for NoVerification {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_go_in_clear_only_to_loopback_or_when_the_profile_says_so() {
+        let strict = TlsSettings::default();
+        for host in [
+            "127.0.0.1",
+            "127.8.9.10",
+            "::1",
+            "[::1]",
+            "localhost",
+            "LocalHost",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+            strict
+                .check_token_transport("smtp", host, 25, false)
+                .unwrap();
+        }
+        for host in ["mail.lan", "10.0.0.5", "0.0.0.0", "localhost.example", "::"] {
+            assert!(!is_loopback_host(host), "{host}");
+            let e = strict
+                .check_token_transport("smtp", host, 25, false)
+                .unwrap_err();
+            assert!(e.contains("smtp.security none"), "{e}");
+            assert!(e.contains("smtp.insecure_allow_cleartext_tokens"), "{e}");
+            strict
+                .check_token_transport("fetch", host, 995, true)
+                .unwrap();
+        }
+        let unverified = TlsSettings {
+            skip_verification: true,
+            ..TlsSettings::default()
+        };
+        let e = unverified
+            .check_token_transport("fetch", "pop.lan", 995, true)
+            .unwrap_err();
+        assert!(e.contains("fetch.skip_certificate_verification"), "{e}");
+        unverified
+            .check_token_transport("fetch", "127.0.0.1", 995, true)
+            .unwrap();
+        let allowed = TlsSettings {
+            skip_verification: true,
+            allow_cleartext_tokens: true,
+            ..TlsSettings::default()
+        };
+        allowed
+            .check_token_transport("smtp", "mail.lan", 25, false)
+            .unwrap();
+        allowed
+            .check_token_transport("smtp", "mail.lan", 465, true)
+            .unwrap();
+    }
 
     #[test]
     fn min_above_max_is_refused_by_name() {

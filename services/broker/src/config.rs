@@ -25,6 +25,8 @@ mod tls;
 pub use tls::{AgentsConfig, AgentsSection, TlsConfig, TlsSection};
 mod alerts;
 pub use alerts::AlertsSection;
+mod limits;
+pub use limits::{LimitsSection, ListenerLimits};
 mod admin;
 pub use admin::{AdminSection, AuditSection};
 
@@ -113,6 +115,8 @@ pub struct RawConfig {
     pub agents: AgentsSection,
     /// Alerts about mailboxes that need a person: signed webhook and/or e-mail.
     pub alerts: AlertsSection,
+    /// Limits of the gRPC and HTTP listeners (connections, HTTP/2 streams, header timeouts).
+    pub limits: LimitsSection,
     /// Who may point providers where (endpoint and proxy host allowlist for tenant admins).
     pub admin: AdminSection,
     /// Audit log retention per kind (changes, refused attempts, issuances).
@@ -134,6 +138,7 @@ impl Default for RawConfig {
             tls: TlsSection::default(),
             agents: AgentsSection::default(),
             alerts: AlertsSection::default(),
+            limits: LimitsSection::default(),
             admin: AdminSection::default(),
             audit: AuditSection::default(),
             shutdown_grace_seconds: 20,
@@ -675,6 +680,7 @@ impl RawConfig {
             tls: self.tls.load()?,
             agents: self.agents.load()?,
             alerts: self.alerts.to_config()?,
+            limits: self.limits.to_limits()?,
             providers: self.admin.to_policy()?,
             audit: self.audit.to_retention()?,
         })
@@ -858,6 +864,8 @@ pub struct BrokerConfig {
     pub agents: AgentsConfig,
     /// Alert settings (off unless a webhook or e-mail is configured).
     pub alerts: crate::alerts::AlertsConfig,
+    /// Listener limits.
+    pub limits: ListenerLimits,
     /// Where non-fleet-admin callers may point providers.
     pub providers: crate::admin::ProviderPolicy,
     /// Audit log retention.
@@ -1076,4 +1084,22 @@ retry_max_ms = 60000
 # What a round leaves undelivered (or a replica that died) is tried again this much later by any
 # replica, for up to a day.
 redeliver_after_seconds = 600
+
+[limits]
+# What a client may hold on the listeners before it has authenticated. Over a connection limit,
+# new connections are accepted and closed at once.
+# gRPC: open connections (every agent holds one), concurrent HTTP/2 streams per connection
+# (advertised in SETTINGS; more are refused with REFUSED_STREAM), largest request header list,
+# keep-alive pings on idle connections, and how long a call may take to produce its response (a
+# half-open call that never sends its request is ended then; StatusStream only needs to open).
+grpc_max_connections = 10000
+grpc_max_concurrent_streams = 100
+grpc_max_header_list_bytes = 16384
+grpc_keepalive_interval_seconds = 30
+grpc_keepalive_timeout_seconds = 20
+grpc_request_timeout_seconds = 60
+# HTTP/1.1 (health, metrics, consent callback): open connections, and how long a client may take
+# to send a complete request header (slow or idle clients are disconnected).
+http_max_connections = 1024
+http_header_read_timeout_seconds = 10
 "#;

@@ -784,6 +784,111 @@ pub fn merge_mailbox(dst: &mut pb::Mailbox, src: &pb::Mailbox, mask: &UpdateMask
 // ---------------------------------------------------------------------------------------------
 // Device
 
+/// Whether `host` is this machine (`localhost`, 127.0.0.0/8, `::1`): a token sent there in clear
+/// text does not cross a network.
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim().trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// How a profile would carry the access token to `host`, when that exposes it: `Some((field,
+/// problem))` for no TLS (`cleartext_field`, e.g. `security none` or an `http://` URL) or TLS
+/// without certificate verification, to a host that is not loopback.
+fn token_exposure(
+    section: &str,
+    host: &str,
+    cleartext_field: Option<&str>,
+    skip_verification: bool,
+) -> Option<(String, String)> {
+    if is_loopback_host(host) {
+        return None;
+    }
+    if let Some(field) = cleartext_field {
+        return Some((
+            format!("device.{section}.{field}"),
+            format!("would send the OAuth access token in clear text to `{host}`"),
+        ));
+    }
+    skip_verification.then(|| {
+        (
+            format!("device.{section}.skip_certificate_verification"),
+            format!(
+                "would send the OAuth access token to `{host}` without checking who holds its certificate"
+            ),
+        )
+    })
+}
+
+/// Refuses an exposure (see [`token_exposure`]) unless the profile explicitly allows it.
+fn check_token_exposure(section: &str, exposure: Option<(String, String)>, allowed: bool) -> Valid {
+    match exposure {
+        Some((field, problem)) if !allowed => Err(ValidationError::new(
+            field,
+            format!(
+                "{problem}; use TLS with verification (security starttls or implicit_tls, an \
+                 https:// URL, a private CA in extra_ca_pem), or for a relay on a trusted network \
+                 set device.{section}.insecure_allow_cleartext_tokens (audited)"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// How the send profile carries the token, when that exposes it (see [`token_exposure`]).
+fn smtp_exposure(s: &dom::SmtpProfile) -> Option<(String, String)> {
+    if s.method == dom::SendMethod::Smtp {
+        let cleartext = (s.security == dom::TlsMode::None).then_some("security");
+        return token_exposure("smtp", &s.server, cleartext, !s.verify_certificate);
+    }
+    let base = match (s.api_base_url.as_str(), s.method) {
+        ("", dom::SendMethod::Graph) => "https://graph.microsoft.com/v1.0",
+        ("", _) => "https://gmail.googleapis.com",
+        (url, _) => url,
+    };
+    let url = url::Url::parse(base).ok()?;
+    let cleartext = (url.scheme() == "http").then_some("api_base_url");
+    token_exposure(
+        "smtp",
+        url.host_str().unwrap_or_default(),
+        cleartext,
+        !s.verify_certificate,
+    )
+}
+
+/// How the fetch profile carries the token, when that exposes it (see [`token_exposure`]).
+fn fetch_exposure(f: &dom::FetchProfile) -> Option<(String, String)> {
+    if f.server.is_empty() {
+        return None;
+    }
+    let cleartext = (f.security == dom::TlsMode::None).then_some("security");
+    token_exposure("fetch", &f.server, cleartext, !f.verify_certificate)
+}
+
+/// The insecure settings a device uses, one line each (`device.smtp.security would send …
+/// (allowed by insecure_allow_cleartext_tokens)`), for audit entries and warnings on every
+/// surface. Empty for a device that sends tokens only over verified TLS or to loopback.
+pub fn cleartext_token_warnings(d: &dom::Device) -> Vec<String> {
+    [
+        (
+            smtp_exposure(&d.smtp),
+            d.smtp.insecure_allow_cleartext_tokens,
+        ),
+        (
+            fetch_exposure(&d.fetch),
+            d.fetch.insecure_allow_cleartext_tokens,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(exposure, allowed)| {
+        let (field, problem) = exposure?;
+        allowed.then(|| format!("INSECURE: {field} {problem} (insecure_allow_cleartext_tokens)"))
+    })
+    .collect()
+}
+
 fn smtp_to_proto(s: &dom::SmtpProfile) -> Option<pb::SmtpProfile> {
     if s.server.is_empty() && s.method == dom::SendMethod::Smtp {
         return None;
@@ -801,6 +906,7 @@ fn smtp_to_proto(s: &dom::SmtpProfile) -> Option<pb::SmtpProfile> {
         tls_max_version: s.tls_max_version.map(tls_version_out).unwrap_or_default(),
         method: send_method_out(s.method),
         api_base_url: s.api_base_url.clone(),
+        insecure_allow_cleartext_tokens: s.insecure_allow_cleartext_tokens,
     })
 }
 
@@ -838,7 +944,7 @@ fn smtp_from_proto(s: Option<&pb::SmtpProfile>) -> Valid<dom::SmtpProfile> {
     if !s.api_base_url.is_empty() {
         dom::url("device.smtp.api_base_url", &s.api_base_url, false)?;
     }
-    Ok(dom::SmtpProfile {
+    let profile = dom::SmtpProfile {
         server: s.server.clone(),
         port,
         security,
@@ -851,7 +957,14 @@ fn smtp_from_proto(s: Option<&pb::SmtpProfile>) -> Valid<dom::SmtpProfile> {
         tls_max_version,
         method,
         api_base_url: s.api_base_url.clone(),
-    })
+        insecure_allow_cleartext_tokens: s.insecure_allow_cleartext_tokens,
+    };
+    check_token_exposure(
+        "smtp",
+        smtp_exposure(&profile),
+        profile.insecure_allow_cleartext_tokens,
+    )?;
+    Ok(profile)
 }
 
 fn fetch_to_proto(f: &dom::FetchProfile) -> Option<pb::FetchProfile> {
@@ -869,6 +982,7 @@ fn fetch_to_proto(f: &dom::FetchProfile) -> Option<pb::FetchProfile> {
         tls_min_version: f.tls_min_version.map(tls_version_out).unwrap_or_default(),
         tls_max_version: f.tls_max_version.map(tls_version_out).unwrap_or_default(),
         folder: f.folder.clone(),
+        insecure_allow_cleartext_tokens: f.insecure_allow_cleartext_tokens,
     })
 }
 
@@ -912,7 +1026,7 @@ fn fetch_from_proto(f: Option<&pb::FetchProfile>) -> Valid<dom::FetchProfile> {
         dom::text("device.fetch.folder", &f.folder, MAX_TEXT_LEN)?;
         f.folder.clone()
     };
-    Ok(dom::FetchProfile {
+    let profile = dom::FetchProfile {
         protocol,
         server: f.server.clone(),
         port,
@@ -923,7 +1037,14 @@ fn fetch_from_proto(f: Option<&pb::FetchProfile>) -> Valid<dom::FetchProfile> {
         tls_min_version,
         tls_max_version,
         folder,
-    })
+        insecure_allow_cleartext_tokens: f.insecure_allow_cleartext_tokens,
+    };
+    check_token_exposure(
+        "fetch",
+        fetch_exposure(&profile),
+        profile.insecure_allow_cleartext_tokens,
+    )?;
+    Ok(profile)
 }
 
 fn ingress_to_proto(i: &dom::IngressCredentials) -> Option<pb::IngressCredentials> {
@@ -1283,6 +1404,7 @@ mod tests {
                 tls_max_version: pb::TlsVersion::TlsVersion13 as i32,
                 method: pb::SendMethod::Smtp as i32,
                 api_base_url: String::new(),
+                insecure_allow_cleartext_tokens: false,
             }),
             fetch: Some(pb::FetchProfile {
                 protocol: pb::FetchProtocol::Imap as i32,
@@ -1295,6 +1417,8 @@ mod tests {
                 tls_min_version: 0,
                 tls_max_version: 0,
                 folder: "Fax".into(),
+                // Verification is off (above) for a host that is not loopback.
+                insecure_allow_cleartext_tokens: true,
             }),
             ingress: Some(pb::IngressCredentials {
                 username: "printer".into(),
@@ -1622,6 +1746,89 @@ mod tests {
         });
         let err = device_from_proto(&d, stamps()).unwrap_err().to_string();
         assert!(err.starts_with("device.smtp.api_base_url"), "{err}");
+    }
+
+    #[test]
+    fn cleartext_tokens_are_refused_except_to_loopback_or_when_allowed() {
+        let with_smtp = |change: &dyn Fn(&mut pb::SmtpProfile)| {
+            let mut d = device();
+            change(d.smtp.as_mut().unwrap());
+            device_from_proto(&d, stamps())
+        };
+        let with_fetch = |change: &dyn Fn(&mut pb::FetchProfile)| {
+            let mut d = device();
+            change(d.fetch.as_mut().unwrap());
+            device_from_proto(&d, stamps())
+        };
+        // No TLS to a LAN host: refused, naming the field and the way out.
+        let e = with_smtp(&|s| s.security = pb::TlsMode::None as i32).unwrap_err();
+        assert_eq!(e.field, "device.smtp.security", "{e}");
+        assert!(e.problem.contains("in clear text"), "{e}");
+        assert!(
+            e.problem
+                .contains("device.smtp.insecure_allow_cleartext_tokens"),
+            "{e}"
+        );
+        let e = with_fetch(&|f| {
+            f.insecure_allow_cleartext_tokens = false;
+            f.skip_certificate_verification = false;
+            f.security = pb::TlsMode::None as i32;
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "device.fetch.security", "{e}");
+        // Certificate verification off to a LAN host: refused.
+        let e = with_smtp(&|s| s.skip_certificate_verification = true).unwrap_err();
+        assert_eq!(e.field, "device.smtp.skip_certificate_verification", "{e}");
+        // A Bearer token over http:// to any host but loopback: refused.
+        let e = with_smtp(&|s| {
+            s.method = pb::SendMethod::Graph as i32;
+            s.api_base_url = "http://graph.lan/v1.0".into();
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "device.smtp.api_base_url", "{e}");
+        // Loopback stays allowed, without the flag.
+        for host in ["127.0.0.1", "localhost", "::1"] {
+            let (d, _) = with_smtp(&|s| {
+                s.server = host.into();
+                s.security = pb::TlsMode::None as i32;
+                s.skip_certificate_verification = true;
+            })
+            .unwrap();
+            // (The fixture's fetch profile is the insecure one.)
+            let warnings = cleartext_token_warnings(&d);
+            assert!(
+                warnings.iter().all(|w| !w.contains("device.smtp")),
+                "{warnings:?}"
+            );
+        }
+        with_smtp(&|s| {
+            s.method = pb::SendMethod::Graph as i32;
+            s.api_base_url = "http://127.0.0.1:8080/v1.0".into();
+        })
+        .unwrap();
+        // The explicit, loudly named setting allows it, and says so for the audit and output.
+        let (d, _) = with_smtp(&|s| {
+            s.security = pb::TlsMode::None as i32;
+            s.insecure_allow_cleartext_tokens = true;
+        })
+        .unwrap();
+        assert!(d.smtp.insecure_allow_cleartext_tokens);
+        let warnings = cleartext_token_warnings(&d);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("INSECURE: device.smtp.security"),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings[1].starts_with("INSECURE: device.fetch.skip_certificate_verification"),
+            "{warnings:?}"
+        );
+        assert!(
+            device_to_proto(&d, 1)
+                .smtp
+                .unwrap()
+                .insecure_allow_cleartext_tokens
+        );
     }
 
     #[test]

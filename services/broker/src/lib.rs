@@ -19,6 +19,7 @@ pub mod records;
 pub mod config;
 pub mod dev;
 pub mod http;
+pub mod listener;
 pub mod metrics;
 pub mod server;
 

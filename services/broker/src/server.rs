@@ -2,6 +2,9 @@
 //! TokenBroker, `grpc.health.v1.Health`, server reflection v1 and v1alpha) and the HTTP server
 //! (health, readiness, metrics) on listeners the caller bound, until the shutdown future
 //! completes; then drains both, bounded by `shutdown_grace_seconds` ([`run`], [`serve`]).
+//! Both listeners apply the `[limits]` of the configuration: connection counts, HTTP/2 stream
+//! and header limits, keep-alive, a per-call timeout on gRPC and a header-read timeout on HTTP/1
+//! (see [`crate::listener`]).
 //!
 //! Taking bound listeners and a shutdown future lets tests run the broker in-process on
 //! `127.0.0.1:0` and stop it deterministically.
@@ -21,12 +24,12 @@ use tokenfleet_store::redis_store::RedisStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::config::{BrokerConfig, ConfigError, StoreConfig};
 use crate::http::{HttpState, router};
+use crate::listener::{limited_incoming, serve_http};
 use crate::metrics::{GrpcMetricsLayer, Metrics};
 use crate::state::BrokerState;
 
@@ -252,15 +255,22 @@ pub async fn serve(
         )
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            limited_incoming(grpc, config.limits.grpc_max_connections),
+            stopped(stop_rx.clone()),
+        );
 
     let http_router = router(HttpState {
         store: state.store.clone(),
         metrics: metrics.clone(),
         broker: state.clone(),
     });
-    let http_server =
-        axum::serve(http, http_router).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let http_server = serve_http(
+        http,
+        http_router,
+        config.limits.clone(),
+        stopped(stop_rx.clone()),
+    );
 
     let mut servers = JoinSet::new();
     servers.spawn(async move { ("gRPC", grpc_server.await.map_err(ServeError::Grpc)) });
@@ -369,7 +379,19 @@ async fn grpc_tls(
     ),
     ServeError,
 > {
-    let builder = tonic::transport::Server::builder();
+    let limits = &config.limits;
+    let builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.grpc_max_concurrent_streams)
+        .http2_max_header_list_size(limits.grpc_max_header_list_bytes)
+        .http2_keepalive_interval(Some(limits.grpc_keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.grpc_keepalive_timeout))
+        .timeout(limits.grpc_request_timeout);
+    tracing::info!(
+        max_connections = limits.grpc_max_connections,
+        max_concurrent_streams = limits.grpc_max_concurrent_streams,
+        max_header_list_bytes = limits.grpc_max_header_list_bytes,
+        "gRPC listener limits"
+    );
     let Some(tls) = &config.tls else {
         tracing::warn!(
             "gRPC without TLS (`[tls]` is not configured): agents cannot enroll or authenticate"

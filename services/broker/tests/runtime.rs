@@ -716,3 +716,303 @@ async fn readme_quick_start_is_discoverable_with_grpcurl() {
     sigterm(&child);
     assert_eq!(wait_exit(&mut child).await.code(), Some(0));
 }
+
+// ----------------------------------------------------------------------------------------------
+// Listener limits ([limits]), through the real binary and raw sockets
+// ----------------------------------------------------------------------------------------------
+
+/// Raw HTTP/2 (prior knowledge, cleartext) so the test can do what an attacker does: ignore the
+/// server's SETTINGS and open more streams than allowed, never sending a request body.
+mod raw_h2 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpStream;
+
+    pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    pub const HEADERS: u8 = 0x1;
+    pub const RST_STREAM: u8 = 0x3;
+    pub const SETTINGS: u8 = 0x4;
+    pub const GOAWAY: u8 = 0x7;
+    pub const REFUSED_STREAM: u32 = 0x7;
+    pub const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    pub const SETTINGS_MAX_HEADER_LIST_SIZE: u16 = 0x6;
+
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn string(out: &mut Vec<u8>, s: &str) {
+        assert!(s.len() < 127);
+        out.push(s.len() as u8);
+        out.extend_from_slice(s.as_bytes());
+    }
+
+    /// HPACK of a gRPC health check request, literals without indexing (no dynamic table).
+    pub fn health_check_headers() -> Vec<u8> {
+        let mut h = vec![0x83, 0x86]; // :method POST, :scheme http
+        h.push(0x04); // :path
+        string(&mut h, "/grpc.health.v1.Health/Check");
+        h.push(0x01); // :authority
+        string(&mut h, "127.0.0.1");
+        h.extend_from_slice(&[0x0f, 0x10]); // content-type (static index 31)
+        string(&mut h, "application/grpc");
+        h.push(0x00); // te (new name)
+        string(&mut h, "te");
+        string(&mut h, "trailers");
+        h
+    }
+
+    /// The frames the server sends within `wait`: `(type, flags, stream, payload)`.
+    pub async fn read_frames(
+        s: &mut TcpStream,
+        wait: std::time::Duration,
+    ) -> Vec<(u8, u8, u32, Vec<u8>)> {
+        let mut buf = Vec::new();
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while buf.len() >= at + 9 {
+            let len = (usize::from(buf[at]) << 16)
+                | (usize::from(buf[at + 1]) << 8)
+                | usize::from(buf[at + 2]);
+            if buf.len() < at + 9 + len {
+                break;
+            }
+            let stream = u32::from_be_bytes([buf[at + 5], buf[at + 6], buf[at + 7], buf[at + 8]])
+                & 0x7fff_ffff;
+            frames.push((
+                buf[at + 3],
+                buf[at + 4],
+                stream,
+                buf[at + 9..at + 9 + len].to_vec(),
+            ));
+            at += 9 + len;
+        }
+        frames
+    }
+
+    /// Opens `n` streams (ids 1, 3, …) with HEADERS but no END_STREAM and no data.
+    pub async fn open_half_open_streams(s: &mut TcpStream, n: u32) {
+        let mut out = PREFACE.to_vec();
+        out.extend(frame(SETTINGS, 0, 0, &[]));
+        let block = health_check_headers();
+        for i in 0..n {
+            out.extend(frame(HEADERS, 0x4, 2 * i + 1, &block));
+        }
+        s.write_all(&out).await.unwrap();
+    }
+
+    /// The value of `id` in a SETTINGS payload.
+    pub fn setting(payload: &[u8], id: u16) -> Option<u32> {
+        payload.chunks_exact(6).find_map(|p| {
+            (u16::from_be_bytes([p[0], p[1]]) == id)
+                .then(|| u32::from_be_bytes([p[2], p[3], p[4], p[5]]))
+        })
+    }
+}
+
+/// Starts the real broker (plaintext gRPC, embedded store) with `limits` as its `[limits]`
+/// section; returns the child and the gRPC and HTTP ports once gRPC health is SERVING.
+async fn broker_with_limits(dir: &Path, limits: &str) -> (Child, u16, u16) {
+    let key = Keyring::generate_key_base64().unwrap();
+    let key_file = write(dir, "seal.key", &key);
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let [grpc, http] = tokenfleet_testkit::ports::free_ports::<2>().unwrap();
+    let config = write(
+        dir,
+        "broker.toml",
+        &format!(
+            "state_dir = {:?}\n[grpc]\nlisten = \"127.0.0.1:{grpc}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n\
+             [seal]\nkeys = [{{ id = \"k1\", key_file = {key_file:?} }}]\n[limits]\n{limits}\n",
+            dir.join("state")
+        ),
+    );
+    let child = broker()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while health(grpc).await != Some(ServingStatus::Serving) {
+        assert!(Instant::now() < deadline, "broker never SERVING");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (child, grpc, http)
+}
+
+/// gRPC health of the whole server over plaintext, on a new connection.
+async fn health(port: u16) -> Option<ServingStatus> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .ok()?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .ok()?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
+    Some(response.into_inner().status())
+}
+
+#[tokio::test]
+async fn grpc_advertises_and_enforces_the_stream_limit_and_ends_half_open_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, grpc, _) = broker_with_limits(
+        dir.path(),
+        "grpc_max_concurrent_streams = 5\ngrpc_request_timeout_seconds = 2",
+    )
+    .await;
+
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", grpc))
+        .await
+        .unwrap();
+    raw_h2::open_half_open_streams(&mut s, 12).await;
+    let frames = raw_h2::read_frames(&mut s, Duration::from_secs(4)).await;
+
+    // Advertised: the server's first SETTINGS carry the limits.
+    let settings = frames
+        .iter()
+        .find(|(kind, flags, _, _)| *kind == raw_h2::SETTINGS && flags & 0x1 == 0)
+        .expect("the server sent SETTINGS");
+    assert_eq!(
+        raw_h2::setting(&settings.3, raw_h2::SETTINGS_MAX_CONCURRENT_STREAMS),
+        Some(5),
+        "max concurrent streams advertised"
+    );
+    assert_eq!(
+        raw_h2::setting(&settings.3, raw_h2::SETTINGS_MAX_HEADER_LIST_SIZE),
+        Some(16 * 1024),
+        "header list size advertised"
+    );
+    // Enforced: the 7 streams over the limit are refused at once.
+    let refused: Vec<u32> = frames
+        .iter()
+        .filter(|(kind, _, _, p)| {
+            *kind == raw_h2::RST_STREAM
+                && p.len() == 4
+                && u32::from_be_bytes([p[0], p[1], p[2], p[3]]) == raw_h2::REFUSED_STREAM
+        })
+        .map(|(_, _, stream, _)| *stream)
+        .collect();
+    assert_eq!(
+        refused.len(),
+        7,
+        "streams refused: {refused:?} (frames {frames:?})"
+    );
+    // The 5 accepted half-open calls are answered (timed out) within the request timeout
+    // instead of being held forever.
+    let answered: std::collections::BTreeSet<u32> = frames
+        .iter()
+        .filter(|(kind, _, stream, _)| *kind == raw_h2::HEADERS && !refused.contains(stream))
+        .map(|(_, _, stream, _)| *stream)
+        .collect();
+    assert_eq!(answered.len(), 5, "half-open calls ended: {answered:?}");
+    assert!(
+        !frames.iter().any(|(kind, ..)| *kind == raw_h2::GOAWAY),
+        "the connection itself stays up"
+    );
+    // Others are still served meanwhile.
+    assert_eq!(health(grpc).await, Some(ServingStatus::Serving));
+
+    drop(s);
+    sigterm(&child);
+    assert_eq!(wait_exit(&mut child).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn http_disconnects_slow_header_clients_and_caps_connections() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, grpc, http) = broker_with_limits(
+        dir.path(),
+        "http_header_read_timeout_seconds = 1\nhttp_max_connections = 3",
+    )
+    .await;
+    let connect = || tokio::net::TcpStream::connect(("127.0.0.1", http));
+
+    // A client sending its header a line every 300 ms is cut off after about 1 s.
+    let mut slow = connect().await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let cut = async {
+        for i in 0..40 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if slow
+                .write_all(format!("X-Slow-{i}: a\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let mut buf = [0u8; 256];
+            match tokio::time::timeout(Duration::from_millis(1), slow.read(&mut buf)).await {
+                Ok(Ok(_)) | Ok(Err(_)) => return,
+                Err(_) => {}
+            }
+        }
+        panic!("a slow-header client was never disconnected");
+    };
+    cut.await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "disconnected after {took:?}, expected about 1 s"
+    );
+
+    // Three idle connections hold every slot: a fourth is closed at once.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect().await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fourth = connect().await.unwrap();
+    let _ = fourth
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_millis(800), fourth.read_to_end(&mut answer))
+        .await
+        .expect("the connection over the limit is closed at once");
+    assert!(
+        read.is_err() || answer.is_empty(),
+        "over the limit, got an answer: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    // gRPC is another listener: unaffected.
+    assert_eq!(health(grpc).await, Some(ServingStatus::Serving));
+
+    // Once the idle ones are timed out, requests are served again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(held);
+    let mut ok = connect().await.unwrap();
+    ok.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), ok.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    sigterm(&child);
+    assert_eq!(wait_exit(&mut child).await.code(), Some(0));
+}

@@ -62,7 +62,9 @@ struct Env {
 
 impl Env {
     async fn start(backend: Backend, kind: ProviderKind, clock: Arc<dyn Clock>) -> Env {
-        let client = ClientSpec::confidential(CLIENT_ID, CLIENT_SECRET);
+        let mut client = ClientSpec::confidential(CLIENT_ID, CLIENT_SECRET);
+        // An admin consented the app for Graph's Mail.Send tenant-wide (static permission).
+        client.consented_scopes = vec![tokenfleet_providers::MS_GRAPH_MAIL_SEND.to_owned()];
         let IdpEnv {
             fake,
             state,
@@ -1049,6 +1051,158 @@ async fn app_only_grants_are_renewed_with_client_credentials() {
         .unwrap()
         .to_owned();
     assert_eq!(scope, "https://outlook.office365.com/.default");
+}
+
+/// One grant, a token per resource: a device that sends with Graph gets a token whose audience is
+/// Graph (delegated: the refresh token redeemed for `Mail.Send`, its rotation persisted;
+/// app-only: client credentials for Graph's `.default`), cached apart from the mail protocols'
+/// token, which keeps its own audience.
+#[tokio::test]
+async fn graph_tokens_are_minted_per_resource_from_one_grant_and_cached_apart() {
+    use tokenfleet_providers::TokenResource;
+    let clock = ManualClock::new();
+    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, clock.clone()).await;
+    let rt0 = env.consented_mailbox("scan").await;
+    let want = Duration::from_secs(300);
+
+    let mail = env
+        .service
+        .access_token(TENANT, "scan", want)
+        .await
+        .unwrap();
+    assert_eq!(
+        env.fake
+            .token_audience(mail.access_token.expose())
+            .as_deref(),
+        Some("https://outlook.office.com")
+    );
+    assert!(env.refreshes().is_empty());
+
+    let graph = env
+        .service
+        .access_token_for(TENANT, "scan", TokenResource::MicrosoftGraph, want)
+        .await
+        .unwrap();
+    assert_eq!(
+        env.fake
+            .token_audience(graph.access_token.expose())
+            .as_deref(),
+        Some("https://graph.microsoft.com"),
+        "a token for Graph, not for Exchange Online"
+    );
+    assert_eq!(graph.sasl_username, Env::address("scan"));
+    assert_eq!(
+        env.refreshes(),
+        vec![rt0.clone()],
+        "the one refresh token redeemed"
+    );
+    let scope = env
+        .fake
+        .requests_to(Endpoint::MicrosoftToken)
+        .last()
+        .and_then(|r| r.param("scope").map(str::to_owned))
+        .unwrap();
+    assert_eq!(
+        scope,
+        "https://graph.microsoft.com/Mail.Send offline_access"
+    );
+    // The rotated refresh token is the grant's now.
+    let g = env.grant("scan").await;
+    let rt1 = env.open(&g, GrantField::RefreshToken);
+    assert_ne!(rt1, rt0);
+    assert_eq!(g.state.status, TokenStatus::Active);
+    assert!(g.resource_tokens.contains_key("graph"), "{g:?}");
+
+    // Cached per resource: no provider call for either, and each keeps its own token.
+    let again = env
+        .service
+        .access_token_for(TENANT, "scan", TokenResource::MicrosoftGraph, want)
+        .await
+        .unwrap();
+    assert_eq!(again.access_token.expose(), graph.access_token.expose());
+    let mail_again = env
+        .service
+        .access_token(TENANT, "scan", want)
+        .await
+        .unwrap();
+    assert_eq!(mail_again.access_token.expose(), mail.access_token.expose());
+    assert_eq!(env.refreshes().len(), 1);
+
+    // Issuance picks the resource from the device's send method.
+    add_device(&env, "mfp-smtp", SenderMode::FixedAdmin, &["scan"]).await;
+    add_device(&env, "mfp-graph", SenderMode::FixedAdmin, &["scan"]).await;
+    let stored = env
+        .records()
+        .get::<Device>(&tokenfleet_broker::records::device_key(TENANT, "mfp-graph"))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut d = stored.value;
+    d.smtp.method = tokenfleet_domain::SendMethod::Graph;
+    env.records()
+        .put(&d, Precondition::Version(stored.version))
+        .await
+        .unwrap();
+    let via_graph = issue(
+        &env.service,
+        "agent:t",
+        TENANT,
+        "mfp-graph",
+        "scan",
+        MailPurpose::Send,
+    )
+    .await
+    .unwrap();
+    assert_eq!(via_graph.access_token.expose(), graph.access_token.expose());
+    let via_smtp = issue(
+        &env.service,
+        "agent:t",
+        TENANT,
+        "mfp-smtp",
+        "scan",
+        MailPurpose::Send,
+    )
+    .await
+    .unwrap();
+    assert_eq!(via_smtp.access_token.expose(), mail.access_token.expose());
+    // Fetching with a Graph device still uses the mail protocols.
+    let pop = issue(
+        &env.service,
+        "agent:t",
+        TENANT,
+        "mfp-graph",
+        "scan",
+        MailPurpose::Pop,
+    )
+    .await
+    .unwrap();
+    assert_eq!(pop.access_token.expose(), mail.access_token.expose());
+
+    // App-only: client credentials for Graph's `.default`.
+    env.add_mailbox("relay", GrantType::AppOnly).await;
+    let mut g = GrantRecord::empty(TENANT, "relay");
+    g.state.status = TokenStatus::Active;
+    env.records().put(&g, Precondition::Absent).await.unwrap();
+    let app = env
+        .service
+        .access_token_for(TENANT, "relay", TokenResource::MicrosoftGraph, want)
+        .await
+        .unwrap();
+    assert_eq!(
+        env.fake
+            .token_audience(app.access_token.expose())
+            .as_deref(),
+        Some("https://graph.microsoft.com")
+    );
+    let scope = env
+        .fake
+        .requests_to(Endpoint::MicrosoftToken)
+        .last()
+        .and_then(|r| r.param("scope").map(str::to_owned))
+        .unwrap();
+    assert_eq!(scope, "https://graph.microsoft.com/.default");
+
+    env.fake.assert_no_violations().unwrap();
 }
 
 // ----------------------------------------------------------------------------------------------

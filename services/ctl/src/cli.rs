@@ -556,6 +556,11 @@ pub struct SmtpFields {
     /// Mail API base URL override for graph / gmail_api ("" = the public endpoint).
     #[arg(long, value_name = "URL")]
     pub smtp_api_base_url: Option<String>,
+    /// INSECURE: let the agent send the OAuth token to a non-loopback host without TLS
+    /// (`--smtp-security none`, an http:// API URL) or without certificate verification. Refused
+    /// otherwise; audited and flagged in device output and fleet status. `=false` turns it off.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub smtp_insecure_allow_cleartext_tokens: Option<bool>,
 }
 
 /// Upstream fetch profile of a device.
@@ -593,6 +598,11 @@ pub struct FetchFields {
     /// sends it in IMAP's modified UTF-7.
     #[arg(long, value_name = "FOLDER")]
     pub fetch_folder: Option<String>,
+    /// INSECURE: let the agent log in to a non-loopback POP3/IMAP server with the OAuth token
+    /// without TLS or without certificate verification. Audited and flagged in device output and
+    /// fleet status. `=false` turns it off.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub fetch_insecure_allow_cleartext_tokens: Option<bool>,
 }
 
 /// Local ingress credentials of a device.
@@ -645,7 +655,7 @@ pub struct DeviceClear {
     pub clear_fetch_extra_ca: bool,
 }
 
-const SMTP_FLAGS: [&str; 13] = [
+const SMTP_FLAGS: [&str; 14] = [
     "smtp_server",
     "smtp_port",
     "smtp_security",
@@ -658,10 +668,11 @@ const SMTP_FLAGS: [&str; 13] = [
     "smtp_tls_max_version",
     "smtp_method",
     "smtp_api_base_url",
+    "smtp_insecure_allow_cleartext_tokens",
     "clear_smtp_extra_ca",
 ];
 
-const FETCH_FLAGS: [&str; 11] = [
+const FETCH_FLAGS: [&str; 12] = [
     "fetch_protocol",
     "fetch_server",
     "fetch_port",
@@ -672,6 +683,7 @@ const FETCH_FLAGS: [&str; 11] = [
     "fetch_tls_min_version",
     "fetch_tls_max_version",
     "fetch_folder",
+    "fetch_insecure_allow_cleartext_tokens",
     "clear_fetch_extra_ca",
 ];
 

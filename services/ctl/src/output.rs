@@ -334,10 +334,17 @@ impl Listed for DeviceView {
             _ if self.allowed_mailboxes.is_empty() => "(per user)".to_owned(),
             _ => format!("(per user) + {}", self.allowed_mailboxes.join(",")),
         };
-        let smtp = match &self.smtp {
+        let mut smtp = match &self.smtp {
             Some(s) if !s.server.is_empty() => format!("{}:{} {}", s.server, s.port, s.security),
             _ => "-".to_owned(),
         };
+        if self
+            .smtp
+            .as_ref()
+            .is_some_and(|s| s.insecure_allow_cleartext_tokens)
+        {
+            smtp.push_str(" INSECURE-CLEARTEXT-TOKENS");
+        }
         let fetch = match &self.fetch {
             Some(f) if !f.server.is_empty() && f.interval_seconds > 0 => format!(
                 "{} {}:{} every {}s",

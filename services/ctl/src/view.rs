@@ -224,6 +224,8 @@ pub struct SmtpView {
     pub tls_max_version: String,
     pub method: String,
     pub api_base_url: String,
+    /// INSECURE when true: tokens may leave without TLS or unverified.
+    pub insecure_allow_cleartext_tokens: bool,
 }
 
 /// Upstream fetch settings of a device.
@@ -239,6 +241,8 @@ pub struct FetchView {
     pub tls_min_version: String,
     pub tls_max_version: String,
     pub folder: String,
+    /// INSECURE when true: tokens may leave without TLS or unverified.
+    pub insecure_allow_cleartext_tokens: bool,
 }
 
 /// Local ingress credentials of a device (the password only as `password_set`).
@@ -295,6 +299,7 @@ impl From<&pb::Device> for DeviceView {
                 tls_max_version: tls_version_name(s.tls_max_version),
                 method: send_method_name(s.method),
                 api_base_url: s.api_base_url.clone(),
+                insecure_allow_cleartext_tokens: s.insecure_allow_cleartext_tokens,
             }),
             fetch: d.fetch.as_ref().map(|f| FetchView {
                 protocol: fetch_protocol_name(f.protocol),
@@ -307,6 +312,7 @@ impl From<&pb::Device> for DeviceView {
                 tls_min_version: tls_version_name(f.tls_min_version),
                 tls_max_version: tls_version_name(f.tls_max_version),
                 folder: f.folder.clone(),
+                insecure_allow_cleartext_tokens: f.insecure_allow_cleartext_tokens,
             }),
             ingress: d.ingress.as_ref().map(|i| IngressView {
                 username: i.username.clone(),

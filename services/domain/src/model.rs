@@ -306,6 +306,8 @@ pub struct SmtpProfile {
     pub method: SendMethod,
     /// Mail API base URL override (GRAPH / GMAIL_API); empty = the public endpoint.
     pub api_base_url: String,
+    /// INSECURE: tokens may go without TLS or unverified to a non-loopback host.
+    pub insecure_allow_cleartext_tokens: bool,
 }
 
 impl Default for SmtpProfile {
@@ -323,6 +325,7 @@ impl Default for SmtpProfile {
             tls_max_version: None,
             method: SendMethod::Smtp,
             api_base_url: String::new(),
+            insecure_allow_cleartext_tokens: false,
         }
     }
 }
@@ -342,6 +345,8 @@ pub struct FetchProfile {
     pub tls_min_version: Option<TlsVersion>,
     pub tls_max_version: Option<TlsVersion>,
     pub folder: String,
+    /// INSECURE: tokens may go without TLS or unverified to a non-loopback host.
+    pub insecure_allow_cleartext_tokens: bool,
 }
 
 impl Default for FetchProfile {
@@ -357,6 +362,7 @@ impl Default for FetchProfile {
             tls_min_version: None,
             tls_max_version: None,
             folder: "INBOX".to_owned(),
+            insecure_allow_cleartext_tokens: false,
         }
     }
 }

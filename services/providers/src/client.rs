@@ -253,6 +253,22 @@ impl ProviderClient {
         )
     }
 
+    /// Scopes for a token of `resource` (see [`crate::scopes_for_resource`]).
+    pub fn scopes_for_resource(
+        &self,
+        grant_type: GrantType,
+        purposes: &[MailPurpose],
+        resource: crate::TokenResource,
+    ) -> Result<Vec<String>, ProviderError> {
+        crate::scopes_for_resource(
+            self.settings.kind,
+            grant_type,
+            purposes,
+            &self.settings.scopes,
+            resource,
+        )
+    }
+
     fn oauth(&self, with_secret: bool) -> Result<OAuthClient, ProviderError> {
         let e = &self.settings.endpoints;
         let bad = |what: &str, err: oauth2::url::ParseError| {

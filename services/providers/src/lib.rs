@@ -3,7 +3,8 @@
 //!
 //! - [`ProviderSettings`]: a provider record resolved into endpoints (defaults per kind, overrides
 //!   win), credentials and HTTP options (proxy, extra trusted CAs, timeout).
-//! - [`scopes_for`]: which scopes a mailbox needs, per kind, grant type and purposes.
+//! - [`scopes_for`]: which scopes a mailbox needs, per kind, grant type and purposes;
+//!   [`scopes_for_resource`] per [`TokenResource`] (Exchange Online mail protocols or Graph).
 //! - [`ProviderClient`]: device code (start + one poll; the caller schedules polls with
 //!   [`next_poll_interval`]), authorization code + PKCE ([`ProviderClient::authorization_url`],
 //!   [`parse_pasted_code`], [`ProviderClient::exchange_code`]), refresh, client credentials, Google
@@ -46,8 +47,9 @@ pub use id_token::{
 pub use jwt::{JWT_BEARER_GRANT, MAX_ASSERTION_LIFETIME, ServiceAccountKey};
 pub use pasted::parse_pasted_code;
 pub use scopes::{
-    GOOGLE_MAIL, MS_APP_ONLY, MS_IMAP, MS_OFFLINE_ACCESS, MS_POP, MS_SMTP_SEND,
-    check_single_resource, google_device_code_refused, scopes_for,
+    GOOGLE_MAIL, MS_APP_ONLY, MS_GRAPH_APP_ONLY, MS_GRAPH_MAIL_SEND, MS_IMAP, MS_OFFLINE_ACCESS,
+    MS_POP, MS_SMTP_SEND, TokenResource, check_single_resource, google_device_code_refused,
+    scopes_for, scopes_for_resource,
 };
 pub use settings::{
     DEFAULT_TIMEOUT, Endpoints, GOOGLE_AUTHORIZE_URL, GOOGLE_REVOKE_URL, GOOGLE_TOKEN_URL,

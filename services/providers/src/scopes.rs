@@ -1,4 +1,10 @@
-//! Which scopes to request for a mailbox, per provider kind, grant type and purposes.
+//! Which scopes to request for a mailbox, per provider kind, grant type, purposes and the
+//! resource (API) the token is for ([`TokenResource`]).
+//!
+//! Microsoft issues every access token for one resource: a token for Exchange Online's mail
+//! protocols (`outlook.office.com`) is refused by Microsoft Graph and the other way round. One
+//! grant (one refresh token, or one app registration) mints a token per resource, so callers
+//! cache tokens per resource too.
 
 use tokenfleet_domain::{GrantType, MailPurpose, ProviderKind};
 
@@ -14,8 +20,82 @@ pub const MS_IMAP: &str = "https://outlook.office.com/IMAP.AccessAsUser.All";
 pub const MS_OFFLINE_ACCESS: &str = "offline_access";
 /// Microsoft app-only (client credentials) scope for Exchange Online.
 pub const MS_APP_ONLY: &str = "https://outlook.office365.com/.default";
+/// Microsoft Graph delegated scope for `sendMail`.
+pub const MS_GRAPH_MAIL_SEND: &str = "https://graph.microsoft.com/Mail.Send";
+/// Microsoft Graph app-only (client credentials) scope (the app needs the Mail.Send application
+/// permission).
+pub const MS_GRAPH_APP_ONLY: &str = "https://graph.microsoft.com/.default";
 /// Google's full mail scope (the only one that covers SMTP, POP3 and IMAP).
 pub const GOOGLE_MAIL: &str = "https://mail.google.com/";
+
+/// The API an access token is for. One grant mints a token per resource.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TokenResource {
+    /// SMTP, POP3 and IMAP: Exchange Online (`outlook.office.com`) for Microsoft, the mail scope
+    /// for Google (which the Gmail API takes as well), the configured scopes for generic
+    /// providers. What consents ask for.
+    #[default]
+    MailProtocols,
+    /// Microsoft Graph (`graph.microsoft.com`), for `sendMail`.
+    MicrosoftGraph,
+}
+
+impl TokenResource {
+    /// Every resource.
+    pub const ALL: [TokenResource; 2] = [Self::MailProtocols, Self::MicrosoftGraph];
+
+    /// Stable short name (store keys, logs, audit).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MailProtocols => "mail",
+            Self::MicrosoftGraph => "graph",
+        }
+    }
+
+    /// The resource of a short name.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for TokenResource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Scopes for a token request for `resource`: [`scopes_for`] for the mail protocols; Graph's
+/// `Mail.Send` (delegated, with `offline_access`) or `.default` (app-only) for Microsoft Graph,
+/// which only Microsoft providers have.
+pub fn scopes_for_resource(
+    kind: ProviderKind,
+    grant_type: GrantType,
+    purposes: &[MailPurpose],
+    configured: &[String],
+    resource: TokenResource,
+) -> Result<Vec<String>, ProviderError> {
+    match resource {
+        TokenResource::MailProtocols => scopes_for(kind, grant_type, purposes, configured),
+        TokenResource::MicrosoftGraph => match (kind, grant_type) {
+            (
+                ProviderKind::Microsoft,
+                GrantType::DelegatedDeviceCode | GrantType::DelegatedAuthCode,
+            ) => Ok(vec![
+                MS_GRAPH_MAIL_SEND.to_owned(),
+                MS_OFFLINE_ACCESS.to_owned(),
+            ]),
+            (ProviderKind::Microsoft, GrantType::AppOnly) => Ok(vec![MS_GRAPH_APP_ONLY.to_owned()]),
+            (ProviderKind::Microsoft, GrantType::ServiceAccount) => Err(invalid(
+                "grant_type",
+                "service_account is Google's domain-wide delegation; Microsoft Graph needs a Microsoft grant",
+            )),
+            (ProviderKind::Google | ProviderKind::Generic, _) => Err(invalid(
+                "smtp.method",
+                "Microsoft Graph needs a Microsoft provider; use smtp or gmail_api for this mailbox",
+            )),
+        },
+    }
+}
 
 /// Scopes for a token request. `configured` are the provider's own scopes, used by generic
 /// providers. The list never spans two resources (Microsoft refuses that with AADSTS700022).
@@ -254,6 +334,57 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn graph_tokens_use_the_graph_resource_and_only_microsoft_has_it() {
+        let delegated = scopes_for_resource(
+            ProviderKind::Microsoft,
+            GrantType::DelegatedDeviceCode,
+            &[MailPurpose::Send],
+            &[],
+            TokenResource::MicrosoftGraph,
+        )
+        .unwrap();
+        assert_eq!(delegated, s(&[MS_GRAPH_MAIL_SEND, MS_OFFLINE_ACCESS]));
+        check_single_resource(ProviderKind::Microsoft, &delegated).unwrap();
+        let app = scopes_for_resource(
+            ProviderKind::Microsoft,
+            GrantType::AppOnly,
+            &[MailPurpose::Send],
+            &[],
+            TokenResource::MicrosoftGraph,
+        )
+        .unwrap();
+        assert_eq!(app, s(&[MS_GRAPH_APP_ONLY]));
+        // The mail protocols keep the Exchange Online scopes.
+        assert_eq!(
+            scopes_for_resource(
+                ProviderKind::Microsoft,
+                GrantType::AppOnly,
+                &[MailPurpose::Send],
+                &[],
+                TokenResource::MailProtocols,
+            )
+            .unwrap(),
+            s(&[MS_APP_ONLY])
+        );
+        let e = scopes_for_resource(
+            ProviderKind::Google,
+            GrantType::DelegatedAuthCode,
+            &[MailPurpose::Send],
+            &[],
+            TokenResource::MicrosoftGraph,
+        )
+        .unwrap_err();
+        assert!(
+            e.reason
+                .contains("Microsoft Graph needs a Microsoft provider"),
+            "{e}"
+        );
+        for r in TokenResource::ALL {
+            assert_eq!(TokenResource::parse(r.as_str()), Some(r));
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //!            /token                             POST  authorization_code (+PKCE), refresh_token,
 //!                                                     urn:ietf:params:oauth:grant-type:jwt-bearer
 //!            /revoke                            POST  RFC 7009
-//! Both       /introspect                        POST  RFC 7662 (`token=`)
+//! Both       /introspect                        POST  RFC 7662 (`token=`; answers `aud`; `?audience=` → inactive for others)
 //! ```
 //!
 //! Token answers of user grants whose request asked for `openid` carry an ID token naming the
@@ -94,6 +94,10 @@ pub struct ClientSpec {
     /// answers carry the remaining lifetime as `refresh_token_expires_in`, and refreshing after
     /// it fails with `invalid_grant` "Token has been expired or revoked.". `None`: no expiry.
     pub refresh_token_lifetime: Option<Duration>,
+    /// Scopes an admin consented the app for tenant-wide: a user's refresh token may also be
+    /// redeemed for these (e.g. `https://graph.microsoft.com/Mail.Send` next to the SMTP scope
+    /// the person consented to). Empty: only what the person consented to.
+    pub consented_scopes: Vec<String>,
 }
 
 impl ClientSpec {
@@ -107,6 +111,7 @@ impl ClientSpec {
             secret_expired: false,
             app_only_mailbox: None,
             refresh_token_lifetime: None,
+            consented_scopes: Vec::new(),
         }
     }
 
@@ -652,6 +657,12 @@ impl FakeIdp {
     /// Whether an access token is live (issued, not expired on the fake's clock, not revoked).
     pub fn access_token_is_live(&self, token: &str) -> bool {
         self.st().introspect(token).is_some()
+    }
+
+    /// The audience (`aud`: the resource, e.g. `https://graph.microsoft.com`) of a live access
+    /// token, as introspection reports it.
+    pub fn token_audience(&self, token: &str) -> Option<String> {
+        self.st().introspect(token).map(|(_, _, _, _, aud)| aud)
     }
 
     /// Protocol violations seen (unknown paths, wrong methods, wrong content types).

@@ -170,7 +170,7 @@ async fn handle(
                                 form.iter().chain(query.iter()).cloned().collect();
                             st.google_revoke(&params)
                         }
-                        Endpoint::Introspect => st.introspection_reply(&form),
+                        Endpoint::Introspect => st.introspection_reply(&form, &query),
                         Endpoint::DeviceLogin if method == Method::GET => st.device_login_page(),
                         Endpoint::DeviceLogin => st.device_login_post(&form),
                     }

@@ -235,6 +235,22 @@ struct Grant {
 struct AccessToken {
     grant: usize,
     expires_at: OffsetDateTime,
+    /// The scopes this token was issued for (a grant's refresh token may be redeemed for
+    /// another resource than the grant's first token).
+    scope: String,
+    /// The resource the token is for (`https://<host>` of its scopes, e.g.
+    /// `https://outlook.office.com` or `https://graph.microsoft.com`); the client id when no
+    /// scope names a resource. Reported by introspection, which refuses a token for another
+    /// audience than the resource server asks about.
+    aud: String,
+}
+
+/// The audience of a token issued for `scope` to `client_id` (see [`AccessToken::aud`]).
+fn audience(scope: &str, client_id: &str) -> String {
+    scopes(scope)
+        .into_iter()
+        .find_map(resource)
+        .map_or_else(|| client_id.to_owned(), |r| format!("https://{r}"))
 }
 
 #[derive(Debug, Clone)]
@@ -525,11 +541,18 @@ impl State {
     ) -> Reply {
         let lifetime = self.access_token_lifetime;
         let at = random("fake-at-");
+        let client_id = self
+            .grants
+            .get(grant)
+            .map(|g| g.client_id.clone())
+            .unwrap_or_default();
         self.access_tokens.insert(
             at.clone(),
             AccessToken {
                 grant,
                 expires_at: self.now() + lifetime,
+                scope: scope_out.to_owned(),
+                aud: audience(scope_out, &client_id),
             },
         );
         let mut body = json!({
@@ -669,8 +692,8 @@ impl State {
         }
     }
 
-    /// `Some((username, scope, exp, client_id))` for a live access token.
-    pub fn introspect(&self, token: &str) -> Option<(Option<String>, String, i64, String)> {
+    /// `Some((username, scope, exp, client_id, aud))` for a live access token.
+    pub fn introspect(&self, token: &str) -> Option<(Option<String>, String, i64, String, String)> {
         let at = self.access_tokens.get(token)?;
         if at.expires_at <= self.now() {
             return None;
@@ -693,26 +716,45 @@ impl State {
         };
         Some((
             username,
-            g.scope.clone(),
+            at.scope.clone(),
             at.expires_at.unix_timestamp(),
             g.client_id.clone(),
+            at.aud.clone(),
         ))
     }
 
-    pub fn introspection_reply(&self, form: &[(String, String)]) -> Reply {
+    /// RFC 7662 answer. A resource server that names the audiences it accepts
+    /// (`?audience=…`, repeatable) gets `active: false` for a token of another audience, as
+    /// RFC 7662 §2.2 lets an authorization server answer for tokens not meant for the asker.
+    pub fn introspection_reply(
+        &self,
+        form: &[(String, String)],
+        query: &[(String, String)],
+    ) -> Reply {
         let Some(token) = get(form, "token") else {
             return Reply::json(
                 400,
                 json!({"error": "invalid_request", "error_description": "token is required"}),
             );
         };
+        let accepted: Vec<&str> = query
+            .iter()
+            .filter(|(k, _)| k == "audience")
+            .flat_map(|(_, v)| v.split_whitespace())
+            .collect();
         match self.introspect(token) {
-            Some((username, scope, exp, client_id)) => {
+            Some((_, _, _, _, aud))
+                if !accepted.is_empty() && !accepted.contains(&aud.as_str()) =>
+            {
+                Reply::json(200, json!({"active": false}))
+            }
+            Some((username, scope, exp, client_id, aud)) => {
                 let mut body = json!({
                     "active": true,
                     "scope": scope,
                     "exp": exp,
                     "client_id": client_id,
+                    "aud": aud,
                     "token_type": "Bearer",
                 });
                 if let Some(u) = username {
@@ -1192,10 +1234,11 @@ impl State {
         }
         let requested = get(form, "scope").unwrap_or(&grant.scope).to_owned();
         let granted = scopes(&grant.scope);
-        if scopes(&requested)
-            .iter()
-            .any(|s| !is_oidc(s) && !granted.contains(s))
-        {
+        // Microsoft redeems a refresh token for any resource the app has consent for: what the
+        // person consented to, or what an admin consented tenant-wide.
+        if scopes(&requested).iter().any(|s| {
+            !is_oidc(s) && !granted.contains(s) && !client.consented_scopes.iter().any(|c| c == s)
+        }) {
             return match flavor {
                 Flavor::Microsoft => self.ms_aadsts(65001),
                 Flavor::Google => self.error(

@@ -182,7 +182,9 @@ pub(super) async fn create(
                 }
                 Err(e) => return Err(store_status(e)),
             };
-            Ok((convert::device_to_proto(&device, version), String::new()))
+            // Insecure token transport allowed by the profile: written into the audit entry.
+            let detail = convert::cleartext_token_warnings(&device).join("; ");
+            Ok((convert::device_to_proto(&device, version), detail))
         },
     )
     .await
@@ -294,6 +296,10 @@ pub(super) async fn update(
                         SecretChange::Keep => {}
                         SecretChange::Clear => detail.push_str("; ingress password cleared"),
                         SecretChange::Set(_) => detail.push_str("; ingress password replaced"),
+                    }
+                    for warning in convert::cleartext_token_warnings(&next) {
+                        detail.push_str("; ");
+                        detail.push_str(&warning);
                     }
                     return Ok((convert::device_to_proto(&next, v), detail));
                 }

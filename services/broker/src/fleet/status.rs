@@ -124,6 +124,7 @@ async fn tenant_status(
                 .filter(|s| s.agent == device.agent);
             let mut out = device_status(&device, agents.get(&device.agent), presence, report, now);
             apply_grants(&mut out, &device, &mailboxes, &grants);
+            flag_insecure_token_transport(&device, &mut out);
             out
         })
         .collect())
@@ -328,6 +329,21 @@ fn device_status(
     }
     out.status = Some(status);
     out
+}
+
+/// A device whose profile lets tokens leave in clear text (`insecure_allow_cleartext_tokens`)
+/// says so in its problem, whatever its health.
+fn flag_insecure_token_transport(device: &Device, out: &mut pb::FleetDeviceStatus) {
+    let warnings = crate::convert::cleartext_token_warnings(device);
+    if warnings.is_empty() {
+        return;
+    }
+    let insecure = warnings.join("; ");
+    out.problem = if out.problem.is_empty() {
+        insecure
+    } else {
+        format!("{}; {insecure}", out.problem)
+    };
 }
 
 /// A duration as people read it: `45s`, `4m 10s`, `3h 5m`, `2d 4h` (negative counts as 0).

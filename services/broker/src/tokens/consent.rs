@@ -335,6 +335,8 @@ pub fn activate(
         .map(|d| now + d);
     grant.refresh_token = refresh;
     grant.access_token = Some(access);
+    // Tokens of other resources came from the replaced grant (maybe another account).
+    grant.resource_tokens.clear();
     grant.scopes = token
         .scope
         .as_deref()

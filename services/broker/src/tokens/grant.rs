@@ -1,10 +1,17 @@
 //! The grant record: everything the broker keeps about a mailbox's OAuth grant. Secret material
 //! (refresh token, access token, device code, PKCE verifier) is sealed with associated data that
 //! names the mailbox and the field, so it cannot be moved to another mailbox or field.
+//!
+//! One grant mints access tokens per resource ([`TokenResource`]): the mail protocols' token is
+//! `access_token` (refreshed on schedule); tokens of other resources (Microsoft Graph) are kept
+//! in `resource_tokens`, each sealed under its own field name, and minted on demand.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokenfleet_domain::TokenState;
+use tokenfleet_providers::TokenResource;
 use tokenfleet_seal::{Keyring, SealError, Sealed, Secret};
 use tokenfleet_store::RecordKey;
 
@@ -27,6 +34,8 @@ pub enum GrantField {
     DeviceCode,
     /// A pending PKCE verifier.
     PkceVerifier,
+    /// The cached access token of a resource other than the mail protocols.
+    ResourceAccessToken(TokenResource),
 }
 
 impl GrantField {
@@ -36,6 +45,8 @@ impl GrantField {
             GrantField::AccessToken => "access_token",
             GrantField::DeviceCode => "device_code",
             GrantField::PkceVerifier => "pkce_verifier",
+            GrantField::ResourceAccessToken(TokenResource::MailProtocols) => "access_token",
+            GrantField::ResourceAccessToken(TokenResource::MicrosoftGraph) => "access_token@graph",
         }
     }
 }
@@ -104,6 +115,19 @@ pub enum PendingConsent {
     },
 }
 
+/// An access token of a resource other than the mail protocols, minted from the grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceToken {
+    /// Sealed ([`GrantField::ResourceAccessToken`]).
+    pub access_token: Sealed,
+    /// When it expires.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires: OffsetDateTime,
+    /// When it was obtained.
+    #[serde(with = "time::serde::rfc3339")]
+    pub obtained: OffsetDateTime,
+}
+
 /// Everything the broker keeps about one mailbox's grant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GrantRecord {
@@ -146,6 +170,10 @@ pub struct GrantRecord {
     /// [`LAST_ISSUED_GRANULARITY`]); drives the idle deletion of user tokens.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub last_issued: Option<OffsetDateTime>,
+    /// Cached access tokens of resources other than the mail protocols (Microsoft Graph), by
+    /// [`TokenResource::as_str`]. Cleared whenever the grant's credentials are replaced.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub resource_tokens: BTreeMap<String, ResourceToken>,
 }
 
 /// `last_issued` is rewritten only when it is older than this (one store write per mailbox per
@@ -170,12 +198,44 @@ impl GrantRecord {
             pending: None,
             fence: 0,
             last_issued: None,
+            resource_tokens: BTreeMap::new(),
         }
     }
 
     /// Store key of this record.
     pub fn key(&self) -> RecordKey {
         grant_key(&self.tenant, &self.mailbox)
+    }
+
+    /// The cached access token of `resource`: the sealed token, its expiry and when it was
+    /// obtained (each `None` when there is none).
+    pub fn cached(
+        &self,
+        resource: TokenResource,
+    ) -> (
+        Option<&Sealed>,
+        Option<OffsetDateTime>,
+        Option<OffsetDateTime>,
+    ) {
+        match resource {
+            TokenResource::MailProtocols => (
+                self.access_token.as_ref(),
+                self.state.access_token_expires,
+                self.state.last_refresh,
+            ),
+            other => match self.resource_tokens.get(other.as_str()) {
+                Some(t) => (Some(&t.access_token), Some(t.expires), Some(t.obtained)),
+                None => (None, None, None),
+            },
+        }
+    }
+
+    /// The sealed-field name of `resource`'s access token.
+    pub fn access_field(resource: TokenResource) -> GrantField {
+        match resource {
+            TokenResource::MailProtocols => GrantField::AccessToken,
+            other => GrantField::ResourceAccessToken(other),
+        }
     }
 }
 

@@ -37,6 +37,10 @@
 //!   fewer than `max_user_mailboxes_per_device` of them ([`TokenService::config`]); otherwise
 //!   [`IssueError::Limit`] (RESOURCE_EXHAUSTED naming the setting).
 //!
+//! The token's resource follows the device: a device that sends with Microsoft Graph
+//! (`smtp.method graph`) gets a Graph token for `send`, every other use a token for the mail
+//! protocols ([`resource_for`]). The agent only names the purpose.
+//!
 //! Checking that the calling agent hosts the device is the caller's job
 //! ([`crate::token_broker`]), as is the per-agent rate limit.
 
@@ -49,6 +53,7 @@ use tokenfleet_domain::{
     AuditEvent, Device, GrantType, MailPurpose, Mailbox, MailboxKind, Provider, ProviderKind,
     SenderMode, Stamps, TokenStatus,
 };
+use tokenfleet_providers::TokenResource;
 use tokenfleet_store::{Precondition, RecordKey, Scope, StoreError};
 use tonic::Status;
 
@@ -89,6 +94,17 @@ pub fn device_may_use(device: &Device, mailbox: &str) -> bool {
             (!device.admin_mailbox.is_empty() && device.admin_mailbox == mailbox)
                 || device.allowed_mailboxes.iter().any(|m| m == mailbox)
         }
+    }
+}
+
+/// The resource of the token `device` needs for `purpose`: Microsoft Graph for sending from a
+/// device whose send method is Graph, else the mail protocols (SMTP, POP3, IMAP; Google's
+/// mail scope also covers the Gmail API).
+pub fn resource_for(device: &Device, purpose: MailPurpose) -> TokenResource {
+    if purpose == MailPurpose::Send && device.smtp.method == tokenfleet_domain::SendMethod::Graph {
+        TokenResource::MicrosoftGraph
+    } else {
+        TokenResource::MailProtocols
     }
 }
 
@@ -348,7 +364,7 @@ async fn authorize_and_issue(
             d.sender_mode
         )));
     }
-    issue_mailbox(service, tenant, mailbox, purpose).await
+    issue_mailbox(service, tenant, mailbox, purpose, resource_for(&d, purpose)).await
 }
 
 async fn load_device(
@@ -373,6 +389,7 @@ async fn issue_mailbox(
     tenant: &str,
     mailbox: &str,
     purpose: MailPurpose,
+    resource: TokenResource,
 ) -> Result<IssuedToken, TokenError> {
     let Some(m) = Records::new(service.state().store.as_ref())
         .get::<Mailbox>(&mailbox_key(tenant, mailbox))
@@ -395,7 +412,7 @@ async fn issue_mailbox(
         )));
     }
     service
-        .access_token(tenant, mailbox, service.config().refresh_margin)
+        .access_token_for(tenant, mailbox, resource, service.config().refresh_margin)
         .await
 }
 
@@ -487,7 +504,14 @@ async fn for_user(
         // Another mailbox than the user's own.
         if device.sender_mode == SenderMode::AllowUserChange && device_may_use(&device, req.mailbox)
         {
-            let token = issue_mailbox(service, tenant, req.mailbox, req.purpose).await?;
+            let token = issue_mailbox(
+                service,
+                tenant,
+                req.mailbox,
+                req.purpose,
+                resource_for(&device, req.purpose),
+            )
+            .await?;
             return Ok(Issued::Token {
                 mailbox: req.mailbox.to_owned(),
                 token,
@@ -539,7 +563,12 @@ async fn for_user(
             .map_or(TokenStatus::NotRetrieved, |g| g.value.state.status);
         if !stale_scopes && matches!(status, TokenStatus::Active | TokenStatus::RefreshFailing) {
             match service
-                .access_token(tenant, &name, service.config().refresh_margin)
+                .access_token_for(
+                    tenant,
+                    &name,
+                    resource_for(&device, req.purpose),
+                    service.config().refresh_margin,
+                )
                 .await
             {
                 Ok(token) => {

@@ -27,6 +27,13 @@
 //! applies its result on top of it when the stored credentials are still the ones it started from
 //! (a rotated refresh token is never lost), and drops it when a new grant replaced them.
 //!
+//! Per resource: one grant mints an access token per [`TokenResource`] (Microsoft issues each
+//! token for one API: Exchange Online's mail protocols or Microsoft Graph). The mail protocols'
+//! token is the one the scheduler keeps fresh; others (Graph, for devices that send with
+//! `sendMail`) are minted on demand from the same refresh token (or app registration), under the
+//! same lease, and cached per resource ([`TokenService::access_token_for`]). A rotated refresh
+//! token from either is persisted the same way.
+//!
 //! Idle user tokens: every issuance notes `last_issued` on the grant (hourly granularity). When
 //! the scheduler comes to a `user`-kind mailbox whose grant has not been issued for
 //! `[tokens] user_token_idle_days` ([`idle_beyond`]), it deletes the token (revoked where
@@ -45,6 +52,7 @@ use time::OffsetDateTime;
 use tokenfleet_domain::{GrantType, Mailbox, MailboxKind, Provider, TokenStatus};
 use tokenfleet_providers::{
     ErrorClass, ProviderClient, ProviderError, ProviderSettings, SKEW_REPORT_THRESHOLD,
+    TokenResource,
 };
 use tokenfleet_seal::{SealError, Secret};
 use tokenfleet_store::{Lease, Precondition, StoreError};
@@ -52,7 +60,8 @@ use tonic::Status;
 
 use super::backoff::{Backoff, unit_random};
 use super::grant::{
-    GrantField, GrantRecord, LAST_ISSUED_GRANULARITY, grant_key, open_field, seal_field,
+    GrantField, GrantRecord, LAST_ISSUED_GRANULARITY, ResourceToken, grant_key, open_field,
+    seal_field,
 };
 use super::scheduler::{SchedulerConfig, next_refresh_at, schedule_refresh, unschedule_refresh};
 use crate::records::{
@@ -360,6 +369,9 @@ impl fmt::Display for Revocation {
 
 type Flight = Shared<BoxFuture<'static, Result<IssuedToken, TokenError>>>;
 
+/// One in-flight refresh per (tenant, mailbox, resource).
+type FlightKey = (String, String, TokenResource);
+
 #[derive(Debug)]
 struct CachedClient {
     version: u64,
@@ -371,7 +383,7 @@ struct Inner {
     state: BrokerState,
     config: TokenConfig,
     clients: Mutex<HashMap<(String, String), CachedClient>>,
-    flights: Mutex<HashMap<(String, String), (u64, Flight)>>,
+    flights: Mutex<HashMap<FlightKey, (u64, Flight)>>,
     next_flight: AtomicU64,
     /// Where status problems are reported (set once, see [`TokenService::with_alerts`]).
     alerts: std::sync::OnceLock<crate::alerts::Alerter>,
@@ -421,20 +433,21 @@ fn usable(status: TokenStatus) -> bool {
     matches!(status, TokenStatus::Active | TokenStatus::RefreshFailing)
 }
 
-/// How long the grant's access token is still valid at `now` (zero when expired or missing).
-fn remaining(grant: &GrantRecord, now: OffsetDateTime) -> Duration {
-    match (&grant.access_token, grant.state.access_token_expires) {
-        (Some(_), Some(exp)) if exp > now => (exp - now).unsigned_abs(),
+/// How long the grant's access token of `resource` is still valid at `now` (zero when expired
+/// or missing).
+fn remaining(grant: &GrantRecord, now: OffsetDateTime, resource: TokenResource) -> Duration {
+    match grant.cached(resource) {
+        (Some(_), Some(exp), _) if exp > now => (exp - now).unsigned_abs(),
         _ => Duration::ZERO,
     }
 }
 
 /// The validity to insist on: what the caller wants, but at most half the token's lifetime (a
 /// provider issuing short tokens must not cause a refresh on every call).
-fn needed(grant: &GrantRecord, want: Duration) -> Duration {
+fn needed(grant: &GrantRecord, want: Duration, resource: TokenResource) -> Duration {
     let want = want.min(MAX_MIN_VALIDITY);
-    match (grant.state.last_refresh, grant.state.access_token_expires) {
-        (Some(from), Some(to)) if to > from => want.min((to - from).unsigned_abs() / 2),
+    match grant.cached(resource) {
+        (_, Some(to), Some(from)) if to > from => want.min((to - from).unsigned_abs() / 2),
         _ => want,
     }
 }
@@ -548,17 +561,17 @@ impl TokenService {
         &self,
         grant: &GrantRecord,
         address: &str,
+        resource: TokenResource,
     ) -> Result<Option<IssuedToken>, TokenError> {
-        let (Some(sealed), Some(expires)) = (&grant.access_token, grant.state.access_token_expires)
-        else {
+        let (Some(sealed), Some(expires), _) = grant.cached(resource) else {
             return Ok(None);
         };
-        let record = format!("{}#access_token", grant.key());
+        let record = format!("{}#access_token@{resource}", grant.key());
         let access_token = open_field(
             &self.inner.state.keyring,
             &grant.tenant,
             &grant.mailbox,
-            GrantField::AccessToken,
+            GrantRecord::access_field(resource),
             sealed,
         )
         .map_err(seal_error(&record))?;
@@ -578,6 +591,19 @@ impl TokenService {
         mailbox: &str,
         min_validity: Duration,
     ) -> Result<IssuedToken, TokenError> {
+        self.access_token_for(tenant, mailbox, TokenResource::MailProtocols, min_validity)
+            .await
+    }
+
+    /// [`Self::access_token`] for `resource`: the token of the mail protocols, or one of another
+    /// API (Microsoft Graph) minted from the same grant and cached per resource.
+    pub async fn access_token_for(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+        resource: TokenResource,
+        min_validity: Duration,
+    ) -> Result<IssuedToken, TokenError> {
         Self::check_names(tenant, mailbox)?;
         for round in 0..2 {
             let m = self.mailbox(tenant, mailbox).await?;
@@ -592,12 +618,12 @@ impl TokenService {
                 });
             };
             let grant = grant.value;
-            let need = needed(&grant, min_validity);
-            if let Some(done) = self.without_refresh(&grant, need, &m.address)? {
+            let need = needed(&grant, min_validity, resource);
+            if let Some(done) = self.without_refresh(&grant, need, &m.address, resource)? {
                 return done;
             }
             let token = self
-                .flight(tenant, mailbox, Trigger::OnDemand(need))
+                .flight(tenant, mailbox, Trigger::OnDemand(need), resource)
                 .await?;
             let now = self.now();
             if token.expires >= now + need || (round == 1 && token.expires > now) {
@@ -618,12 +644,13 @@ impl TokenService {
         grant: &GrantRecord,
         need: Duration,
         address: &str,
+        resource: TokenResource,
     ) -> Result<Option<Result<IssuedToken, TokenError>>, TokenError> {
         let now = self.now();
-        let left = remaining(grant, now);
+        let left = remaining(grant, now, resource);
         let cached = |floor: Duration| -> Result<Option<IssuedToken>, TokenError> {
             if left >= floor && !left.is_zero() {
-                self.open_access(grant, address)
+                self.open_access(grant, address, resource)
             } else {
                 Ok(None)
             }
@@ -653,20 +680,26 @@ impl TokenService {
     }
 
     /// Joins the in-flight refresh of the mailbox in this process, or starts one.
-    fn flight(&self, tenant: &str, mailbox: &str, trigger: Trigger) -> Flight {
-        let key = (tenant.to_owned(), mailbox.to_owned());
+    fn flight(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+        trigger: Trigger,
+        resource: TokenResource,
+    ) -> Flight {
+        let key = (tenant.to_owned(), mailbox.to_owned(), resource);
         let mut flights = lock(&self.inner.flights);
         if let Some((_, flight)) = flights.get(&key) {
             return flight.clone();
         }
         let id = self.inner.next_flight.fetch_add(1, Ordering::Relaxed);
         let this = self.clone();
-        let (t, m) = key.clone();
+        let (t, m, r) = key.clone();
         let task = tokio::spawn(async move {
-            let result = this.refresh_exclusive(&t, &m, trigger).await;
+            let result = this.refresh_exclusive(&t, &m, trigger, r).await;
             let mut flights = lock(&this.inner.flights);
-            if flights.get(&(t.clone(), m.clone())).map(|(i, _)| *i) == Some(id) {
-                flights.remove(&(t, m));
+            if flights.get(&(t.clone(), m.clone(), r)).map(|(i, _)| *i) == Some(id) {
+                flights.remove(&(t, m, r));
             }
             result
         });
@@ -688,8 +721,13 @@ impl TokenService {
         mailbox: &str,
     ) -> Result<IssuedToken, TokenError> {
         Self::check_names(tenant, mailbox)?;
-        self.refresh_exclusive(tenant, mailbox, Trigger::Forced)
-            .await
+        self.refresh_exclusive(
+            tenant,
+            mailbox,
+            Trigger::Forced,
+            TokenResource::MailProtocols,
+        )
+        .await
     }
 
     /// One scheduled refresh (called by the scheduler); outcomes are logged and the schedule
@@ -703,7 +741,14 @@ impl TokenService {
                 tracing::warn!(%error, tenant, mailbox, "checking an idle user token failed");
             }
         }
-        let result = self.flight(tenant, mailbox, Trigger::Scheduled).await;
+        let result = self
+            .flight(
+                tenant,
+                mailbox,
+                Trigger::Scheduled,
+                TokenResource::MailProtocols,
+            )
+            .await;
         let now = self.now();
         let next = match &result {
             Ok(_) => return,
@@ -752,6 +797,7 @@ impl TokenService {
         tenant: &str,
         mailbox: &str,
         trigger: Trigger,
+        resource: TokenResource,
     ) -> Result<IssuedToken, TokenError> {
         let store = self.inner.state.store.as_ref();
         let name = lease_name(tenant, mailbox);
@@ -770,7 +816,7 @@ impl TokenService {
                 .await?
             {
                 let result = self
-                    .refresh_under_lease(tenant, mailbox, trigger, &lease)
+                    .refresh_under_lease(tenant, mailbox, trigger, resource, &lease)
                     .await;
                 match store.release_lease(&name, &owner).await {
                     Ok(true) => {}
@@ -798,6 +844,7 @@ impl TokenService {
                         trigger,
                         &mut first_version,
                         address.as_deref().unwrap_or_default(),
+                        resource,
                     )
                     .await?
                 {
@@ -822,6 +869,7 @@ impl TokenService {
         trigger: Trigger,
         first_version: &mut Option<u64>,
         address: &str,
+        resource: TokenResource,
     ) -> Result<Option<Result<IssuedToken, TokenError>>, TokenError> {
         let Some(stored) = self.grant(tenant, mailbox).await? else {
             return Ok(Some(Err(TokenError::NotRetrieved {
@@ -832,13 +880,15 @@ impl TokenService {
         let grant = &stored.value;
         let now = self.now();
         let fresh = match trigger {
-            Trigger::OnDemand(want) => remaining(grant, now) >= needed(grant, want),
+            Trigger::OnDemand(want) => {
+                remaining(grant, now, resource) >= needed(grant, want, resource)
+            }
             Trigger::Scheduled => grant.next_refresh.is_some_and(|t| t > now),
             Trigger::Forced => false,
         };
         if usable(grant.state.status)
             && fresh
-            && let Some(token) = self.open_access(grant, address)?
+            && let Some(token) = self.open_access(grant, address, resource)?
         {
             return Ok(Some(Ok(token)));
         }
@@ -853,8 +903,8 @@ impl TokenService {
         {
             // The holder finished without a usable token.
             if grant.state.status == TokenStatus::RefreshFailing
-                && remaining(grant, now) >= FALLBACK_FLOOR
-                && let Some(token) = self.open_access(grant, address)?
+                && remaining(grant, now, resource) >= FALLBACK_FLOOR
+                && let Some(token) = self.open_access(grant, address, resource)?
             {
                 return Ok(Some(Ok(token)));
             }
@@ -932,6 +982,7 @@ impl TokenService {
         tenant: &str,
         mailbox: &str,
         trigger: Trigger,
+        resource: TokenResource,
         lease: &Lease,
     ) -> Result<IssuedToken, TokenError> {
         let m = self.mailbox(tenant, mailbox).await?;
@@ -951,9 +1002,12 @@ impl TokenService {
         // Re-read under the lease: another replica may have refreshed meanwhile.
         match trigger {
             Trigger::OnDemand(want) => {
-                if let Some(done) =
-                    self.without_refresh(&grant, needed(&grant, want), &m.address)?
-                {
+                if let Some(done) = self.without_refresh(
+                    &grant,
+                    needed(&grant, want, resource),
+                    &m.address,
+                    resource,
+                )? {
                     return done;
                 }
             }
@@ -964,7 +1018,7 @@ impl TokenService {
                     // Done elsewhere; make the schedule agree with the record.
                     schedule_refresh(self.inner.state.store.as_ref(), tenant, mailbox, next)
                         .await?;
-                    return match self.open_access(&grant, &m.address)? {
+                    return match self.open_access(&grant, &m.address, resource)? {
                         Some(token) => Ok(token),
                         None => Err(TokenError::NotRetrieved {
                             mailbox: mailbox.to_owned(),
@@ -1004,8 +1058,10 @@ impl TokenService {
         };
 
         let (provider, client) = self.provider_of(&m).await?;
-        let scopes = if grant.scopes.is_empty() {
-            match client.scopes_for(m.grant_type, &m.purposes) {
+        // The mail protocols keep the scopes the grant was consented with; another resource
+        // gets its own (one resource per token request).
+        let scopes = if resource != TokenResource::MailProtocols || grant.scopes.is_empty() {
+            match client.scopes_for_resource(m.grant_type, &m.purposes, resource) {
                 Ok(s) => s,
                 Err(e) => {
                     return self
@@ -1044,11 +1100,16 @@ impl TokenService {
         tracing::debug!(
             tenant,
             mailbox,
+            %resource,
             elapsed_ms = started.elapsed().as_millis() as u64,
             ok = response.is_ok(),
             "provider token request"
         );
         match response {
+            Ok(granted) if resource != TokenResource::MailProtocols => {
+                self.record_resource_success(&m, stored.version, grant, granted, resource, lease)
+                    .await
+            }
             Ok(granted) => {
                 self.record_success(&m, stored.version, grant, granted, lease)
                     .await
@@ -1061,8 +1122,8 @@ impl TokenService {
                 if fallback
                     && let Err(TokenError::RefreshFailing { .. }) = &result
                     && let Some(fresh) = self.grant(tenant, mailbox).await?
-                    && remaining(&fresh.value, self.now()) >= FALLBACK_FLOOR
-                    && let Some(token) = self.open_access(&fresh.value, &m.address)?
+                    && remaining(&fresh.value, self.now(), resource) >= FALLBACK_FLOOR
+                    && let Some(token) = self.open_access(&fresh.value, &m.address, resource)?
                 {
                     return Ok(token);
                 }
@@ -1175,6 +1236,71 @@ impl TokenService {
             expires = %expires,
             next_refresh = %next,
             "token refreshed"
+        );
+        Ok(IssuedToken {
+            access_token: granted.access_token,
+            expires,
+            sasl_username: m.address.clone(),
+        })
+    }
+
+    /// A token of `resource` (not the mail protocols) was minted: cache it under its resource and
+    /// keep a rotated refresh token. The grant's refresh schedule (driven by the mail protocols'
+    /// token) does not move.
+    async fn record_resource_success(
+        &self,
+        m: &Mailbox,
+        version: u64,
+        mut grant: GrantRecord,
+        granted: tokenfleet_providers::TokenGrant,
+        resource: TokenResource,
+        lease: &Lease,
+    ) -> Result<IssuedToken, TokenError> {
+        let original = grant.clone();
+        let keyring = &self.inner.state.keyring;
+        let (tenant, mailbox) = (m.tenant.as_str(), m.name.as_str());
+        let now = self.now();
+        let record = grant.key().to_string();
+        let sealed = seal_field(
+            keyring,
+            tenant,
+            mailbox,
+            GrantRecord::access_field(resource),
+            &granted.access_token,
+        )
+        .map_err(seal_error(&record))?;
+        let expires = now + granted.expires_in;
+        grant.resource_tokens.insert(
+            resource.as_str().to_owned(),
+            ResourceToken {
+                access_token: sealed,
+                expires,
+                obtained: now,
+            },
+        );
+        // RFC 6749 §6, as for the mail protocols' token: a new refresh token replaces the old.
+        if let Some(rt) = &granted.refresh_token {
+            grant.refresh_token = Some(
+                seal_field(keyring, tenant, mailbox, GrantField::RefreshToken, rt)
+                    .map_err(seal_error(&record))?,
+            );
+            grant.refresh_token_obtained = Some(now);
+            grant.refresh_token_expires = granted.refresh_token_expires_in.map(|d| now + d);
+        }
+        if grant.state.status == TokenStatus::RefreshFailing {
+            // The grant works again; the scheduler's next look refreshes the mail token.
+            grant.state.status = TokenStatus::Active;
+            grant.state.last_error = None;
+            grant.consecutive_failures = 0;
+        }
+        self.write(&original, &grant, version, lease).await?;
+        tracing::info!(
+            tenant,
+            mailbox,
+            %resource,
+            rotated = granted.refresh_token.is_some(),
+            expires = %expires,
+            "access token minted for another resource"
         );
         Ok(IssuedToken {
             access_token: granted.access_token,
@@ -1314,6 +1440,7 @@ impl TokenService {
             merged.refresh_token_obtained = updated.refresh_token_obtained;
             merged.refresh_token_expires = updated.refresh_token_expires;
             merged.scopes.clone_from(&updated.scopes);
+            merged.resource_tokens.clone_from(&updated.resource_tokens);
             merged.consecutive_failures = updated.consecutive_failures;
             merged.next_refresh = updated.next_refresh;
             merged.clock_skew_secs = updated.clock_skew_secs;
@@ -1639,7 +1766,7 @@ mod tests {
             Some(t + Duration::from_secs(240)),
         );
         assert_eq!(
-            needed(&g, Duration::from_secs(300)),
+            needed(&g, Duration::from_secs(300), TokenResource::MailProtocols),
             Duration::from_secs(120)
         );
         let g = grant_with(
@@ -1648,11 +1775,11 @@ mod tests {
             Some(t + Duration::from_secs(3600)),
         );
         assert_eq!(
-            needed(&g, Duration::from_secs(300)),
+            needed(&g, Duration::from_secs(300), TokenResource::MailProtocols),
             Duration::from_secs(300)
         );
         assert_eq!(
-            needed(&g, Duration::from_secs(7200)),
+            needed(&g, Duration::from_secs(7200), TokenResource::MailProtocols),
             Duration::from_secs(1800)
         );
     }
@@ -1665,7 +1792,16 @@ mod tests {
             Some(t),
             Some(t + Duration::from_secs(60)),
         );
-        assert_eq!(remaining(&g, t), Duration::ZERO, "no access token stored");
+        assert_eq!(
+            remaining(&g, t, TokenResource::MailProtocols),
+            Duration::ZERO,
+            "no access token stored"
+        );
+        assert_eq!(
+            remaining(&g, t, TokenResource::MicrosoftGraph),
+            Duration::ZERO,
+            "no Graph token stored"
+        );
     }
 
     #[test]

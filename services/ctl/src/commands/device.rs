@@ -137,6 +137,7 @@ fn smtp_given(s: &SmtpFields, clear: &DeviceClear) -> bool {
         || s.smtp_tls_max_version.is_some()
         || s.smtp_method.is_some()
         || s.smtp_api_base_url.is_some()
+        || s.smtp_insecure_allow_cleartext_tokens.is_some()
         || clear.clear_smtp_extra_ca
 }
 
@@ -151,6 +152,7 @@ fn fetch_given(x: &FetchFields, clear: &DeviceClear) -> bool {
         || x.fetch_tls_min_version.is_some()
         || x.fetch_tls_max_version.is_some()
         || x.fetch_folder.is_some()
+        || x.fetch_insecure_allow_cleartext_tokens.is_some()
         || clear.clear_fetch_extra_ca
 }
 
@@ -224,6 +226,10 @@ fn apply(
         leaf(version(s.smtp_tls_max_version), &mut smtp.tls_max_version);
         leaf(s.smtp_method.map(|m| m.to_proto()), &mut smtp.method);
         leaf(s.smtp_api_base_url, &mut smtp.api_base_url);
+        leaf(
+            s.smtp_insecure_allow_cleartext_tokens,
+            &mut smtp.insecure_allow_cleartext_tokens,
+        );
         d.smtp = Some(smtp);
         changes.touch("smtp");
     }
@@ -250,6 +256,10 @@ fn apply(
         leaf(version(x.fetch_tls_min_version), &mut fetch.tls_min_version);
         leaf(version(x.fetch_tls_max_version), &mut fetch.tls_max_version);
         leaf(x.fetch_folder, &mut fetch.folder);
+        leaf(
+            x.fetch_insecure_allow_cleartext_tokens,
+            &mut fetch.insecure_allow_cleartext_tokens,
+        );
         d.fetch = Some(fetch);
         changes.touch("fetch");
     }
