@@ -267,7 +267,6 @@ impl Drop for LeaseKeeper {
         self.task.abort();
     }
 }
-}
 
 /// An access token handed out. `Debug` redacts the token.
 #[derive(Debug, Clone)]
