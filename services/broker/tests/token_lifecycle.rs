@@ -1665,6 +1665,8 @@ async fn a_slow_refresh_renews_its_short_lease_and_waiters_get_unavailable_in_bo
     env.consented_mailbox("scan").await;
     let short = |replica: &str| tokenfleet_broker::tokens::lifecycle::TokenConfig {
         replica_id: replica.into(),
+        // A provider call may outlast the lease by far.
+        provider_timeout: Duration::from_secs(20),
         lease_ttl: Duration::from_secs(2),
         lease_wait: Duration::from_secs(1),
         ..token_config()
