@@ -2,6 +2,11 @@
 //! with its own store connection) on one real `redis-server`, and the fake identity provider
 //! over HTTP. 1,000 concurrent requests for 50 mailboxes whose access tokens just expired must
 //! cause exactly 50 refreshes, and every caller must get a valid token.
+//!
+//! A replica killed while it holds a mailbox's refresh lease (its provider call hanging) must not
+//! block the mailbox for long: the survivor's `RefreshNow` and token issuance answer UNAVAILABLE
+//! within a bounded wait while the lease is held, and the mailbox is refreshable through the
+//! survivor within seconds of the death (the lease is short and only lives while renewed).
 
 // Test helpers panic on setup failures: that is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -303,5 +308,199 @@ async fn a_thousand_requests_on_three_replicas_refresh_each_mailbox_exactly_once
             Some(stored.expose())
         );
     }
+    fake.assert_no_violations().unwrap();
+}
+
+/// A replica's state on its own Redis connection (made on the current runtime).
+async fn replica_state(redis_url: &str, key: &str) -> BrokerState {
+    let store: Arc<dyn Store> = Arc::new(
+        RedisStore::connect(&RedisConfig::standalone(redis_url.to_owned()))
+            .await
+            .unwrap(),
+    );
+    BrokerState {
+        store,
+        keyring: Arc::new(Keyring::from_base64("k1", [("k1", key)]).unwrap()),
+        clock: Arc::new(SystemClock),
+    }
+}
+
+/// What a client of the survivor sees: its own deadline on every call.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(15);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_killed_while_refreshing_frees_the_mailbox_within_seconds() {
+    let redis = RedisServer::start().await.unwrap();
+    let fake = FakeIdp::start().await.unwrap();
+    fake.register_client(ClientSpec::confidential(CLIENT_ID, CLIENT_SECRET));
+    let key = Keyring::generate_key_base64().unwrap();
+    let redis_url = redis.url().to_owned();
+
+    // Replica B (the survivor) lives on the test's runtime; replica A on its own runtime, so
+    // shutting that runtime down kills everything A does (its refresh, its lease renewals), as
+    // a SIGKILL would. Both use the broker's default token settings.
+    let b_state = replica_state(&redis_url, &key).await;
+    seed(&b_state, &fake).await;
+    let b = TokenService::new(
+        b_state.clone(),
+        TokenConfig {
+            replica_id: "replica-b".into(),
+            ..TokenConfig::default()
+        },
+    );
+    let mailbox = mailbox_name(0);
+    let a_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    // A starts a forced refresh; the provider takes the request (and rotates the refresh token)
+    // but its answer hangs, so A sits in the provider call holding the lease.
+    fake.set_latency(Duration::from_secs(3600));
+    let (url, k, m) = (redis_url.clone(), key.clone(), mailbox.clone());
+    let a_refresh = a_runtime.spawn(async move {
+        let a = TokenService::new(
+            replica_state(&url, &k).await,
+            TokenConfig {
+                replica_id: "replica-a".into(),
+                ..TokenConfig::default()
+            },
+        );
+        a.refresh_now(TENANT, &m).await
+    });
+    let asked = tokio::time::Instant::now() + Duration::from_secs(10);
+    while fake.token_requests("refresh_token") == 0 {
+        assert!(
+            tokio::time::Instant::now() < asked,
+            "replica A never called the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // While A (alive) holds the lease: RefreshNow and agent issuance on B answer UNAVAILABLE
+    // with retry advice within a bounded wait, well before the client's deadline.
+    let held_since = std::time::Instant::now();
+    let (forced, issued) = tokio::join!(
+        tokio::time::timeout(CLIENT_DEADLINE, b.refresh_now(TENANT, &mailbox)),
+        tokio::time::timeout(
+            CLIENT_DEADLINE,
+            issue(
+                &b,
+                "test:agent",
+                TENANT,
+                "mfp-00",
+                &mailbox,
+                MailPurpose::Send
+            )
+        ),
+    );
+    let waited = held_since.elapsed();
+    for (what, answer) in [("RefreshNow", forced), ("issuance", issued)] {
+        let answer = answer.unwrap_or_else(|_| {
+            panic!(
+                "{what} on replica B hung past the client's {CLIENT_DEADLINE:?} deadline while replica A held the lease"
+            )
+        });
+        let error = answer.expect_err("A still holds the lease");
+        let status = error.to_status();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{what}: {error}");
+        assert!(
+            status.message().contains("retry"),
+            "{what}: retry advice in {:?}",
+            status.message()
+        );
+    }
+    println!("while replica A held the lease, replica B answered UNAVAILABLE after {waited:?}");
+    assert_eq!(
+        fake.token_requests("refresh_token"),
+        1,
+        "B never calls the provider while A holds the lease"
+    );
+
+    // Kill A mid-refresh; the provider answers promptly again.
+    a_runtime.shutdown_background();
+    let killed = std::time::Instant::now();
+    fake.set_latency(Duration::ZERO);
+    assert!(a_refresh.await.is_err(), "A's refresh died with it");
+
+    // B's RefreshNow: every answer within the client's deadline (UNAVAILABLE while the dead
+    // replica's lease lingers), success within seconds of the death.
+    let refreshed = loop {
+        let called = std::time::Instant::now();
+        let answer = tokio::time::timeout(CLIENT_DEADLINE, b.refresh_now(TENANT, &mailbox))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "RefreshNow on replica B hung past the client's {CLIENT_DEADLINE:?} deadline ({:?} after A died)",
+                    killed.elapsed()
+                )
+            });
+        match answer {
+            Ok(token) => break token,
+            Err(error) => {
+                assert_eq!(
+                    error.to_status().code(),
+                    tonic::Code::Unavailable,
+                    "{error}"
+                );
+                println!(
+                    "RefreshNow on B: UNAVAILABLE after {:?} ({:?} after A died)",
+                    called.elapsed(),
+                    killed.elapsed()
+                );
+                assert!(
+                    killed.elapsed() < Duration::from_secs(30),
+                    "the dead replica's lease still blocks the mailbox {:?} after its death",
+                    killed.elapsed()
+                );
+            }
+        }
+    };
+    let recovered = killed.elapsed();
+    println!("mailbox refreshed through replica B {recovered:?} after replica A died");
+    assert!(
+        recovered < Duration::from_secs(8),
+        "refreshable through the survivor {recovered:?} after the holder died (want a few seconds)"
+    );
+    assert_eq!(refreshed.sasl_username, address(0));
+    assert!(fake.access_token_is_live(refreshed.access_token.expose()));
+    assert_eq!(fake.token_requests("refresh_token"), 2);
+
+    // The survivor's result is stored under a newer fence than the dead holder's lease, with a
+    // refresh token the provider still honours; issuance through B works again.
+    let records = Records::new(b_state.store.as_ref());
+    let g = records
+        .get::<GrantRecord>(&grant_key(TENANT, &mailbox))
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    assert_eq!(g.state.status, TokenStatus::Active);
+    assert!(g.fence >= 2, "fence {} after a second tenure", g.fence);
+    let stored = tokenfleet_broker::tokens::grant::open_field(
+        &b_state.keyring,
+        TENANT,
+        &mailbox,
+        GrantField::RefreshToken,
+        g.refresh_token.as_ref().unwrap(),
+    )
+    .unwrap();
+    assert!(
+        fake.live_refresh_tokens(&address(0))
+            .iter()
+            .any(|t| t == stored.expose())
+    );
+    let token = issue(
+        &b,
+        "test:agent",
+        TENANT,
+        "mfp-00",
+        &mailbox,
+        MailPurpose::Send,
+    )
+    .await
+    .unwrap();
+    assert_eq!(token.access_token.expose(), refreshed.access_token.expose());
     fake.assert_no_violations().unwrap();
 }

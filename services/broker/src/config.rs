@@ -444,9 +444,13 @@ pub struct TokensSection {
     pub max_refresh_interval_seconds: u64,
     /// Timeout of one request to the identity provider.
     pub provider_timeout_seconds: u64,
-    /// How long one replica holds a mailbox's refresh lease; longer than
-    /// `provider_timeout_seconds`.
+    /// TTL of a mailbox's refresh lease (2–300). The holder renews it every third of this while
+    /// it refreshes, so it need not outlast a provider call: it is how long a replica that died
+    /// mid-refresh blocks the mailbox.
     pub lease_ttl_seconds: u64,
+    /// Longest a request waits for a refresh lease another replica holds before it answers
+    /// UNAVAILABLE with retry advice (1–300); keep it below the clients' deadlines.
+    pub lease_wait_seconds: u64,
     /// Retry delay after the first failed refresh; doubles per failure (with jitter).
     pub backoff_min_seconds: u64,
     /// Longest retry delay (a provider's `Retry-After` may ask for more and is honoured).
@@ -474,7 +478,8 @@ impl Default for TokensSection {
             refresh_margin_seconds: 300,
             max_refresh_interval_seconds: 86_400,
             provider_timeout_seconds: 30,
-            lease_ttl_seconds: 60,
+            lease_ttl_seconds: 5,
+            lease_wait_seconds: 10,
             backoff_min_seconds: 30,
             backoff_max_seconds: 1800,
             scheduler_interval_ms: 2000,
@@ -495,6 +500,7 @@ impl TokensSection {
             max_refresh_interval: Duration::from_secs(self.max_refresh_interval_seconds),
             provider_timeout: Duration::from_secs(self.provider_timeout_seconds),
             lease_ttl: Duration::from_secs(self.lease_ttl_seconds),
+            lease_wait: Duration::from_secs(self.lease_wait_seconds),
             backoff: crate::tokens::backoff::Backoff {
                 min: Duration::from_secs(self.backoff_min_seconds),
                 max: Duration::from_secs(self.backoff_max_seconds),
@@ -989,8 +995,13 @@ refresh_margin_seconds = 300
 max_refresh_interval_seconds = 86400
 # Timeout of one request to the identity provider.
 provider_timeout_seconds = 30
-# How long one replica holds a mailbox's refresh lease; must exceed provider_timeout_seconds.
-lease_ttl_seconds = 60
+# A mailbox's refresh lease (one refresh at a time across replicas) lasts this long and is
+# renewed every third of it while the refresh runs, so a replica that dies mid-refresh blocks
+# the mailbox for at most this long (2-300).
+lease_ttl_seconds = 5
+# A request that finds the lease held waits at most this long for the holder, then answers
+# UNAVAILABLE with retry advice (1-300; keep it below your clients' deadlines).
+lease_wait_seconds = 10
 # Retry delays after failed refreshes: doubling from min to max, with jitter, never shorter than
 # the provider's Retry-After.
 backoff_min_seconds = 30

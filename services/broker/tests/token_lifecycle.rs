@@ -1650,6 +1650,99 @@ async fn a_refresh_racing_a_consent_keeps_the_rotated_token_or_yields_to_a_new_g
     );
 }
 
+/// The refresh lease is short but renewed while its holder works: a provider call lasting
+/// several lease TTLs keeps the lease, so another replica neither calls the provider nor takes
+/// over; that replica's callers get UNAVAILABLE with retry advice after the bounded wait instead
+/// of hanging; and once the holder is done the mailbox is free again at once.
+#[tokio::test]
+async fn a_slow_refresh_renews_its_short_lease_and_waiters_get_unavailable_in_bounded_time() {
+    let env = Env::start(
+        Backend::Embedded,
+        ProviderKind::Microsoft,
+        Arc::new(tokenfleet_domain::SystemClock),
+    )
+    .await;
+    env.consented_mailbox("scan").await;
+    let short = |replica: &str| tokenfleet_broker::tokens::lifecycle::TokenConfig {
+        replica_id: replica.into(),
+        // A provider call may outlast the lease by far.
+        provider_timeout: Duration::from_secs(20),
+        lease_ttl: Duration::from_secs(2),
+        lease_wait: Duration::from_secs(1),
+        ..token_config()
+    };
+    let holder = TokenService::new(env.state.clone(), short("holder"));
+    let other = TokenService::new(env.state.clone(), short("other"));
+    env.fake.script(
+        Endpoint::MicrosoftToken,
+        ScriptedResponse::json(
+            200,
+            serde_json::json!({
+                "token_type": "Bearer",
+                "access_token": "at-from-the-slow-refresh",
+                "refresh_token": "rt-from-the-slow-refresh",
+                "expires_in": 3599,
+            }),
+        )
+        // Three lease TTLs.
+        .delay(Duration::from_secs(6)),
+    );
+    let started = tokio::time::Instant::now();
+    let slow = tokio::spawn(async move { holder.refresh_now(TENANT, "scan").await });
+    eventually(
+        "the refresh at the provider",
+        Duration::from_secs(5),
+        async || (env.refreshes().len() == 1).then_some(()),
+    )
+    .await;
+    // Past the first TTL (the lease lives on renewals only), the other replica still finds it
+    // held: each of its calls answers UNAVAILABLE after about the 1 s wait.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    while started.elapsed() < Duration::from_millis(5000) {
+        let asked = tokio::time::Instant::now();
+        let err = other.refresh_now(TENANT, "scan").await.unwrap_err();
+        let waited = asked.elapsed();
+        assert!(matches!(err, TokenError::Busy { .. }), "{err:?}");
+        let status = err.to_status();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            status.message().contains("retry in a few seconds"),
+            "{status:?}"
+        );
+        assert!(
+            waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+            "bounded wait took {waited:?}"
+        );
+    }
+    assert_eq!(env.refreshes().len(), 1, "nobody else called the provider");
+    let token = slow.await.unwrap().unwrap();
+    assert_eq!(token.access_token.expose(), "at-from-the-slow-refresh");
+    let g = env.grant("scan").await;
+    assert_eq!(
+        env.open(&g, GrantField::RefreshToken),
+        "rt-from-the-slow-refresh",
+        "the slow holder's rotated refresh token is stored: its lease never lapsed"
+    );
+    // Released on completion: the other replica refreshes at once.
+    env.fake.script(
+        Endpoint::MicrosoftToken,
+        ScriptedResponse::json(
+            200,
+            serde_json::json!({
+                "token_type": "Bearer",
+                "access_token": "at-from-the-other-replica",
+                "refresh_token": "rt-from-the-other-replica",
+                "expires_in": 3599,
+            }),
+        ),
+    );
+    let asked = tokio::time::Instant::now();
+    other.refresh_now(TENANT, "scan").await.unwrap();
+    assert!(asked.elapsed() < Duration::from_secs(1));
+    assert_eq!(env.refreshes().len(), 2);
+    assert!(env.grant("scan").await.fence > g.fence);
+}
+
 // ----------------------------------------------------------------------------------------------
 // Key rotation
 // ----------------------------------------------------------------------------------------------

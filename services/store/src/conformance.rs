@@ -52,6 +52,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     stream_isolation(s).await;
     lease_exclusive_and_fenced(s).await;
     lease_expiry(s).await;
+    lease_renewal(s).await;
     schedule_replaces_and_orders(s).await;
     schedule_due_limit_and_future(s).await;
     schedule_unschedule(s).await;
@@ -1165,4 +1166,81 @@ pub async fn lease_expiry(s: &dyn Store) {
     s.release_lease(&name, "bob").await.unwrap();
     s.release_lease(&name2, "carol").await.unwrap();
     s.release_lease(&name3, "erin").await.unwrap();
+}
+
+/// Renewing extends only a lease its owner still holds, keeps the fence, never acquires, and a
+/// lease that is no longer renewed expires with its TTL (a dead holder frees it within seconds).
+pub async fn lease_renewal(s: &dyn Store) {
+    let name = unique("cf-renew");
+    let short = Duration::from_millis(600);
+    assert!(
+        !s.renew_lease(&name, "alice", short).await.unwrap(),
+        "renewing a lease nobody holds must not acquire it"
+    );
+    assert!(
+        s.try_lease(&name, "bob", short).await.unwrap().is_some(),
+        "a refused renewal left nothing behind"
+    );
+    s.release_lease(&name, "bob").await.unwrap();
+    let first = s
+        .try_lease(&name, "alice", short)
+        .await
+        .unwrap()
+        .expect("free lease");
+    // Renewed every 200 ms for 1.8 s (three TTLs): still alice's throughout.
+    for _ in 0..9 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            s.renew_lease(&name, "alice", short).await.unwrap(),
+            "the holder renews"
+        );
+        assert!(
+            !s.renew_lease(&name, "bob", short).await.unwrap(),
+            "another owner cannot renew"
+        );
+        assert!(
+            s.try_lease(&name, "bob", short).await.unwrap().is_none(),
+            "a renewed lease stays held past its first TTL"
+        );
+    }
+    // The holder stops renewing (it died): the lease goes to the next owner within about a TTL,
+    // with a higher fence, and the old holder can no longer renew it.
+    let stopped = Instant::now();
+    let bob = loop {
+        if let Some(l) = s.try_lease(&name, "bob", short).await.unwrap() {
+            break l;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "an unrenewed 600 ms lease did not expire within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(300),
+        "the lease freed {:?} after the last renewal, before its TTL",
+        stopped.elapsed()
+    );
+    assert!(
+        bob.fence > first.fence,
+        "fence {} !> {}",
+        bob.fence,
+        first.fence
+    );
+    assert!(
+        !s.renew_lease(&name, "alice", short).await.unwrap(),
+        "the expired holder's renewal must fail"
+    );
+    assert!(s.renew_lease(&name, "bob", short).await.unwrap());
+    let again = s
+        .try_lease(&name, "bob", short)
+        .await
+        .unwrap()
+        .expect("own lease");
+    assert_eq!(again.fence, bob.fence, "renewing keeps the fence");
+    assert!(s.release_lease(&name, "bob").await.unwrap());
+    assert!(
+        !s.renew_lease(&name, "bob", short).await.unwrap(),
+        "a released lease cannot be renewed"
+    );
 }

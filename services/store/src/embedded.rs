@@ -616,6 +616,45 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn renew_lease(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool> {
+        let name = name.to_owned();
+        let owner = owner.to_owned();
+        let ttl = ttl_millis(ttl);
+        self.run(move |db, path| {
+            let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
+            let now = now_millis();
+            let renewed = {
+                let mut table = txn.open_table(LEASES).map_err(|e| storage_err(path, e))?;
+                let current = table
+                    .get(name.as_str())
+                    .map_err(|e| storage_err(path, e))?
+                    .map(|v| {
+                        let (o, f, exp) = v.value();
+                        (o.to_owned(), f, exp)
+                    });
+                match current {
+                    Some((o, fence, exp)) if exp > now && o == owner => {
+                        table
+                            .insert(
+                                name.as_str(),
+                                (owner.as_str(), fence, now.saturating_add(ttl)),
+                            )
+                            .map_err(|e| storage_err(path, e))?;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if renewed {
+                txn.commit().map_err(|e| storage_err(path, e))?;
+            } else {
+                txn.abort().map_err(|e| storage_err(path, e))?;
+            }
+            Ok(renewed)
+        })
+        .await
+    }
+
     async fn schedule(&self, name: &'static str, member: &str, due_ms: i64) -> StoreResult<()> {
         crate::check_schedule(name, Some(due_ms))?;
         let member = member.to_owned();

@@ -212,6 +212,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Releases a lease if `owner` still holds it; returns whether it did.
     async fn release_lease(&self, name: &str, owner: &str) -> StoreResult<bool>;
 
+    /// Extends a lease `owner` still holds to expire `ttl` from now, keeping its fence; returns
+    /// whether it did. Unlike [`Store::try_lease`] it never acquires: once the lease expired (or
+    /// went to another owner) the holder's tenure is over and renewing answers `false`, so a
+    /// holder that stalled past its TTL learns it lost the lease instead of silently starting a
+    /// new tenure under a new fence.
+    async fn renew_lease(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool>;
+
     /// Sets when `member` of schedule `name` is next due (unix ms), replacing any earlier entry.
     ///
     /// A schedule is an index of when things (e.g. the refresh of each mailbox, member

@@ -607,6 +607,14 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return f
 ";
 
+const RENEW_LEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
 const RELEASE_LEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
@@ -1354,6 +1362,21 @@ impl Store for RedisStore {
             .await?;
         let released: i64 = self.decode(&format!("lease {name}"), answer)?;
         Ok(released == 1)
+    }
+
+    async fn renew_lease(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool> {
+        let (owner_key, _) = self.lease_keys(name);
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let answer = self
+            .write(
+                Self::eval(RENEW_LEASE, 1)
+                    .arg(&owner_key)
+                    .arg(owner)
+                    .arg(ttl_ms),
+            )
+            .await?;
+        let renewed: i64 = self.decode(&format!("lease {name}"), answer)?;
+        Ok(renewed == 1)
     }
 
     async fn schedule(&self, name: &'static str, member: &str, due_ms: i64) -> StoreResult<()> {

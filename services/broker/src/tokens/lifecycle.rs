@@ -5,13 +5,18 @@
 //! One refresh at a time:
 //! - in this process, callers that find the cached token too old join one in-flight refresh per
 //!   mailbox (a spawned task, so a caller that gives up does not abandon a half-done refresh);
-//! - across replicas, the refresh runs under the store lease `refresh/<tenant>/<mailbox>` (TTL
-//!   longer than the provider timeout). The lease holder re-reads the grant first: another
-//!   replica may have refreshed while it waited, and then its token is used without calling the
-//!   provider. The result is written with compare-and-set on the version read under the lease and
-//!   carries the lease's fence. A replica that does not get the lease polls the grant with a
-//!   short backoff until a fresh token (or a recorded failure) appears or the lease frees, bounded
-//!   by a deadline; it never calls the provider itself meanwhile.
+//! - across replicas, the refresh runs under the store lease `refresh/<tenant>/<mailbox>`. The
+//!   lease is short (`lease_ttl`, 5 s by default) and renewed every third of it by a
+//!   [`LeaseKeeper`] while its holder works, so it lasts as long as a slow provider call but dies
+//!   with its holder: a replica killed mid-refresh blocks the mailbox for at most one TTL. The
+//!   lease holder re-reads the grant first: another replica may have refreshed while it waited,
+//!   and then its token is used without calling the provider. The result is written with
+//!   compare-and-set on the version read under the lease and carries the lease's fence, so a
+//!   holder that stalled past its lease cannot overwrite the next holder's result. A replica
+//!   that does not get the lease polls the grant with a short backoff until a fresh token (or a
+//!   recorded failure) appears or the lease frees, for at most `lease_wait`; then the caller gets
+//!   [`TokenError::Busy`] (gRPC `UNAVAILABLE`, "retry in a few seconds") instead of hanging. It
+//!   never calls the provider itself meanwhile.
 //!
 //! Status transitions of a refresh (see [`tokenfleet_providers::ErrorClass::refresh_status`]):
 //! success → `ACTIVE` (failures reset); a dead grant (`invalid_grant`, grant-killing AADSTS codes)
@@ -94,8 +99,14 @@ pub struct TokenConfig {
     pub max_refresh_interval: Duration,
     /// Timeout of one provider request.
     pub provider_timeout: Duration,
-    /// TTL of a mailbox's refresh lease; longer than `provider_timeout`.
+    /// TTL of a mailbox's refresh lease. The holder renews it every third of this while it
+    /// works, so it bounds how long a dead holder blocks the mailbox, not how long a refresh may
+    /// take.
     pub lease_ttl: Duration,
+    /// Longest a caller waits for a lease another holder has (for that holder's result or for
+    /// the lease to free) before it gets [`TokenError::Busy`]; keep it below the clients' gRPC
+    /// deadlines and, so a caller outlasts a dead holder's lease, at least `lease_ttl`.
+    pub lease_wait: Duration,
     /// Retry timing after failed refreshes.
     pub backoff: Backoff,
     /// The background scheduler.
@@ -117,7 +128,8 @@ impl Default for TokenConfig {
             refresh_margin: Duration::from_secs(5 * 60),
             max_refresh_interval: Duration::from_secs(24 * 3600),
             provider_timeout: Duration::from_secs(30),
-            lease_ttl: Duration::from_secs(60),
+            lease_ttl: Duration::from_secs(5),
+            lease_wait: Duration::from_secs(10),
             backoff: Backoff::default(),
             scheduler: SchedulerConfig::default(),
             replica_id: format!("broker-{}", uuid::Uuid::new_v4().simple()),
@@ -139,12 +151,22 @@ impl TokenConfig {
                 "must be positive",
             ));
         }
-        if self.lease_ttl <= self.provider_timeout {
+        if !(MIN_LEASE_TTL..=MAX_LEASE_TTL).contains(&self.lease_ttl) {
             return Err(E::new(
                 "tokens.lease_ttl_seconds",
                 format!(
-                    "must be longer than tokens.provider_timeout_seconds ({} s): a replica must still hold the lease when the provider answers",
-                    self.provider_timeout.as_secs()
+                    "must be between {} and {} (seconds): the lease is renewed while its holder works, so this is how long a dead replica blocks a mailbox",
+                    MIN_LEASE_TTL.as_secs(),
+                    MAX_LEASE_TTL.as_secs()
+                ),
+            ));
+        }
+        if self.lease_wait.is_zero() || self.lease_wait > MAX_LEASE_WAIT {
+            return Err(E::new(
+                "tokens.lease_wait_seconds",
+                format!(
+                    "must be between 1 and {} (seconds) and below the clients' deadlines",
+                    MAX_LEASE_WAIT.as_secs()
                 ),
             ));
         }
@@ -174,7 +196,75 @@ impl TokenConfig {
 
     /// How long a caller waits for another replica's refresh before giving up.
     pub fn wait_timeout(&self) -> Duration {
-        self.lease_ttl + Duration::from_secs(5)
+        self.lease_wait
+    }
+
+    /// How often a lease holder renews its lease: a third of the TTL, so two renewals may fail
+    /// (a store hiccup) before the lease lapses under a live holder.
+    pub fn lease_renew_every(&self) -> Duration {
+        (self.lease_ttl / 3).max(Duration::from_millis(100))
+    }
+}
+
+/// Shortest and longest refresh lease TTL (`tokens.lease_ttl_seconds`).
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
+/// See [`MIN_LEASE_TTL`].
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(300);
+/// Longest bounded wait for a held lease (`tokens.lease_wait_seconds`).
+pub const MAX_LEASE_WAIT: Duration = Duration::from_secs(300);
+
+/// Keeps a held store lease alive while its holder works: renews it every `every` (for `ttl`)
+/// until dropped. When the holder dies, so does the keeper, and the lease expires one TTL after
+/// the last renewal. A renewal the store refuses means the lease was lost (it lapsed, e.g. the
+/// store was unreachable for a whole TTL); the keeper then stops and says so, and the lease's
+/// fence keeps the holder's late write from overwriting the next holder's.
+#[derive(Debug)]
+pub struct LeaseKeeper {
+    task: tokio::task::JoinHandle<()>,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LeaseKeeper {
+    /// Starts renewing `lease` (held by `lease.owner`).
+    pub fn start(
+        store: Arc<dyn tokenfleet_store::Store>,
+        lease: &Lease,
+        ttl: Duration,
+        every: Duration,
+    ) -> Self {
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (name, owner, flag) = (lease.name.clone(), lease.owner.clone(), lost.clone());
+        let task = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                match store.renew_lease(&name, &owner, ttl).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        flag.store(true, Ordering::Relaxed);
+                        tracing::warn!(lease = %name, "lost a lease while holding it (it lapsed before a renewal); its fence guards the late write");
+                        return;
+                    }
+                    // Retried at the next tick; the lease outlives two missed renewals.
+                    Err(error) => {
+                        tracing::warn!(%error, lease = %name, "renewing a lease failed; retrying")
+                    }
+                }
+            }
+        });
+        Self { task, lost }
+    }
+
+    /// Whether a renewal found the lease gone.
+    pub fn lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -243,7 +333,7 @@ pub enum TokenError {
     },
     /// Another replica held the mailbox's refresh lease for longer than the wait allows.
     #[error(
-        "the token of mailbox `{mailbox}` is being refreshed elsewhere and did not become ready in time; retry"
+        "the token of mailbox `{mailbox}` is being refreshed by another broker replica and was not ready within the wait (tokens.lease_wait_seconds); retry in a few seconds (a lease whose holder died expires within tokens.lease_ttl_seconds)"
     )]
     Busy {
         /// Mailbox.
@@ -815,15 +905,19 @@ impl TokenService {
                 .try_lease(&name, &owner, self.inner.config.lease_ttl)
                 .await?
             {
+                let keeper = self.keep(&lease);
                 let result = self
                     .refresh_under_lease(tenant, mailbox, trigger, resource, &lease)
                     .await;
+                let lost = keeper.lost();
+                drop(keeper);
                 match store.release_lease(&name, &owner).await {
                     Ok(true) => {}
                     Ok(false) => tracing::warn!(
                         tenant,
                         mailbox,
-                        "the refresh lease expired before the refresh finished; consider a longer tokens.lease_ttl_seconds"
+                        lost,
+                        "the refresh lease lapsed before the refresh finished (renewals failed); its fence kept a later holder's result"
                     ),
                     Err(error) => {
                         tracing::warn!(%error, tenant, mailbox, "releasing the refresh lease failed; it expires on its own")
@@ -859,6 +953,16 @@ impl TokenService {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(WAIT_PAUSE.1);
         }
+    }
+
+    /// Renews `lease` until the returned keeper is dropped.
+    pub fn keep(&self, lease: &Lease) -> LeaseKeeper {
+        LeaseKeeper::start(
+            self.inner.state.store.clone(),
+            lease,
+            self.inner.config.lease_ttl,
+            self.inner.config.lease_renew_every(),
+        )
     }
 
     /// While another holder refreshes: `Some` when its result is visible in the record.
@@ -1576,7 +1680,9 @@ impl TokenService {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(WAIT_PAUSE.1);
         };
+        let keeper = self.keep(&lease);
         let result = self.delete_under_lease(&m, &lease, note).await;
+        drop(keeper);
         if let Err(error) = store.release_lease(&name, &owner).await {
             tracing::warn!(%error, tenant, mailbox, "releasing the lease failed; it expires on its own");
         }
@@ -1808,8 +1914,20 @@ mod tests {
     fn config_checks_name_the_field() {
         let mut c = TokenConfig::default();
         c.check().unwrap();
-        c.lease_ttl = c.provider_timeout;
+        // The lease no longer has to outlast a provider call: it is renewed while held.
+        c.lease_ttl = Duration::from_secs(2);
+        c.provider_timeout = Duration::from_secs(30);
+        c.check().unwrap();
+        c.lease_ttl = Duration::from_secs(1);
         assert_eq!(c.check().unwrap_err().field, "tokens.lease_ttl_seconds");
+        c.lease_ttl = Duration::from_secs(301);
+        assert_eq!(c.check().unwrap_err().field, "tokens.lease_ttl_seconds");
+        c.lease_ttl = Duration::from_secs(5);
+        c.lease_wait = Duration::ZERO;
+        assert_eq!(c.check().unwrap_err().field, "tokens.lease_wait_seconds");
+        c.lease_wait = Duration::from_secs(10);
+        assert_eq!(c.wait_timeout(), Duration::from_secs(10));
+        assert!(c.lease_renew_every() * 3 <= c.lease_ttl);
     }
 
     #[test]

@@ -156,7 +156,9 @@ async fn run(service: TokenService, shutdown: impl Future<Output = ()> + Send + 
     let mut shutdown = std::pin::pin!(shutdown);
     let config = service.config().scheduler.clone();
     let store = service.state().store.clone();
-    let lease_ttl = service.config().lease_ttl;
+    // A claimed entry is not taken again before its refresh could have finished: one provider
+    // call plus a lease TTL (the lease itself is short and renewed while the refresh runs).
+    let claim_for = service.config().provider_timeout + service.config().lease_ttl;
     let semaphore = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let mut running: JoinSet<String> = JoinSet::new();
     let mut in_flight: HashSet<String> = HashSet::new();
@@ -225,9 +227,9 @@ async fn run(service: TokenService, shutdown: impl Future<Output = ()> + Send + 
                 continue;
             };
             let (tenant, mailbox) = (tenant.to_owned(), mailbox.to_owned());
-            // Claim: nobody (here or elsewhere) takes it again before the lease would expire.
+            // Claim: nobody (here or elsewhere) takes it again before the refresh could be done.
             if let Err(error) = store
-                .schedule(REFRESH_SCHEDULE, &entry, unix_ms(now + lease_ttl))
+                .schedule(REFRESH_SCHEDULE, &entry, unix_ms(now + claim_for))
                 .await
             {
                 tracing::warn!(%error, "cannot claim a due refresh; retrying later");
