@@ -907,12 +907,14 @@ async fn user_consent(
             Pending::Granted if !replace => return Ok(None),
             Pending::Granted | Pending::Nothing => {}
         }
-        if state
+        if let Some(held) = state
             .store
             .try_lease(&lease, &owner, service.config().lease_ttl)
             .await?
-            .is_some()
         {
+            // The lease is short (seconds) and the start calls the provider: keep it renewed while
+            // the start runs, so no second replica starts a parallel consent meanwhile.
+            let _keep = service.keep(&held);
             let result = start_user_consent(service, tenant, name, public_url, replace).await;
             if let Err(error) = state.store.release_lease(&lease, &owner).await {
                 tracing::warn!(%error, tenant, mailbox = name, "releasing the consent-start lease failed");
