@@ -177,8 +177,10 @@ pub async fn append(state: &BrokerState, scope: &Scope, event: &AuditEvent) -> S
         .store
         .append(scope, kind.stream(), data, keep.max_entries.max(1))
         .await?;
-    if let Some(age) = keep.max_age {
-        // The store's clock decides what is old (stream ids carry the append time).
+    if let Some(age) = keep.max_age
+        && age_trim_due(scope, kind, age)
+    {
+        // Stream ids carry the wall-clock append time (the store's, not the injected clock's).
         let now_ms = u64::try_from(
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -191,6 +193,41 @@ pub async fn append(state: &BrokerState, scope: &Scope, event: &AuditEvent) -> S
     }
     Ok(id)
 }
+
+/// How often one process trims a stream by age at most: a tenth of the age bound, and at least once
+/// a minute. Ages are days, so a minute late costs nothing, while trimming on every append doubled
+/// the store calls of each token issuance.
+fn age_trim_every(age: std::time::Duration) -> std::time::Duration {
+    (age / 10).min(std::time::Duration::from_secs(60))
+}
+
+/// Whether the stream of `kind` in `scope` is due for its age trim (and marks it done). The table
+/// is bounded: past [`AGE_TRIM_TABLE_MAX`] scopes it starts afresh, which only trims early.
+fn age_trim_due(scope: &Scope, kind: AuditKind, age: std::time::Duration) -> bool {
+    static LAST_TRIM: std::sync::Mutex<
+        Option<std::collections::HashMap<(String, &'static str), std::time::Instant>>,
+    > = std::sync::Mutex::new(None);
+    let now = std::time::Instant::now();
+    let mut table = match LAST_TRIM.lock() {
+        Ok(t) => t,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    let table = table.get_or_insert_with(Default::default);
+    if table.len() >= AGE_TRIM_TABLE_MAX {
+        table.clear();
+    }
+    let key = (scope.to_string(), kind.stream());
+    match table.get(&key) {
+        Some(last) if now.duration_since(*last) < age_trim_every(age) => false,
+        _ => {
+            table.insert(key, now);
+            true
+        }
+    }
+}
+
+/// Scopes (tenants) whose last age trim one process remembers.
+const AGE_TRIM_TABLE_MAX: usize = 100_000;
 
 /// Appends `event`, logging (at error level) instead of returning a failure.
 pub async fn record(state: &BrokerState, scope: &Scope, event: AuditEvent) {
@@ -379,6 +416,32 @@ pub fn result_of(code: tonic::Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn age_trims_run_once_per_period_per_stream() {
+        let day = std::time::Duration::from_secs(86_400);
+        let scope = Scope::Tenant("age-trim-test".into());
+        assert!(
+            age_trim_due(&scope, AuditKind::Issuance, day),
+            "the first append trims"
+        );
+        assert!(
+            !age_trim_due(&scope, AuditKind::Issuance, day),
+            "the next append within the period does not"
+        );
+        assert!(
+            age_trim_due(&scope, AuditKind::Refused, day),
+            "another stream of the scope has its own period"
+        );
+        let short = std::time::Duration::from_millis(200);
+        let other = Scope::Tenant("age-trim-short".into());
+        assert!(age_trim_due(&other, AuditKind::Refused, short));
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert!(
+            age_trim_due(&other, AuditKind::Refused, short),
+            "a short age bound trims after a tenth of it"
+        );
+    }
 
     fn event(action: &str, result: &str) -> AuditEvent {
         AuditEvent {

@@ -55,6 +55,53 @@ impl fmt::Debug for EmbeddedStore {
 }
 
 impl EmbeddedStore {
+    /// Release (`ttl` = `None`: no owner, expired) or renewal (`Some`: the owner, `now + ttl`) of a
+    /// lease `owner` still holds; the fence is kept either way. Returns whether `owner` held it.
+    async fn rewrite_held_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        ttl: Option<Duration>,
+    ) -> StoreResult<bool> {
+        let name = name.to_owned();
+        let owner = owner.to_owned();
+        let ttl = ttl.map(ttl_millis);
+        self.run(move |db, path| {
+            let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
+            let now = now_millis();
+            let held = {
+                let mut table = txn.open_table(LEASES).map_err(|e| storage_err(path, e))?;
+                let current = table
+                    .get(name.as_str())
+                    .map_err(|e| storage_err(path, e))?
+                    .map(|v| {
+                        let (o, f, exp) = v.value();
+                        (o.to_owned(), f, exp)
+                    });
+                match current {
+                    Some((o, fence, exp)) if exp > now && o == owner => {
+                        let value = match ttl {
+                            Some(ttl) => (owner.as_str(), fence, now.saturating_add(ttl)),
+                            None => ("", fence, 0),
+                        };
+                        table
+                            .insert(name.as_str(), value)
+                            .map_err(|e| storage_err(path, e))?;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if held {
+                txn.commit().map_err(|e| storage_err(path, e))?;
+            } else {
+                txn.abort().map_err(|e| storage_err(path, e))?;
+            }
+            Ok(held)
+        })
+        .await
+    }
+
     /// Opens the store at `path`, creating the file (mode 0600) and its parent directories (mode
     /// 0700) if missing.
     ///
@@ -581,78 +628,12 @@ impl Store for EmbeddedStore {
     }
 
     async fn release_lease(&self, name: &str, owner: &str) -> StoreResult<bool> {
-        let name = name.to_owned();
-        let owner = owner.to_owned();
-        self.run(move |db, path| {
-            let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
-            let now = now_millis();
-            let released = {
-                let mut table = txn.open_table(LEASES).map_err(|e| storage_err(path, e))?;
-                let current = table
-                    .get(name.as_str())
-                    .map_err(|e| storage_err(path, e))?
-                    .map(|v| {
-                        let (o, f, exp) = v.value();
-                        (o.to_owned(), f, exp)
-                    });
-                match current {
-                    Some((o, fence, exp)) if exp > now && o == owner => {
-                        // Keep the fence so the next owner's is higher.
-                        table
-                            .insert(name.as_str(), ("", fence, 0))
-                            .map_err(|e| storage_err(path, e))?;
-                        true
-                    }
-                    _ => false,
-                }
-            };
-            if released {
-                txn.commit().map_err(|e| storage_err(path, e))?;
-            } else {
-                txn.abort().map_err(|e| storage_err(path, e))?;
-            }
-            Ok(released)
-        })
-        .await
+        // Keep the fence so the next owner's is higher.
+        self.rewrite_held_lease(name, owner, None).await
     }
 
     async fn renew_lease(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool> {
-        let name = name.to_owned();
-        let owner = owner.to_owned();
-        let ttl = ttl_millis(ttl);
-        self.run(move |db, path| {
-            let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
-            let now = now_millis();
-            let renewed = {
-                let mut table = txn.open_table(LEASES).map_err(|e| storage_err(path, e))?;
-                let current = table
-                    .get(name.as_str())
-                    .map_err(|e| storage_err(path, e))?
-                    .map(|v| {
-                        let (o, f, exp) = v.value();
-                        (o.to_owned(), f, exp)
-                    });
-                match current {
-                    Some((o, fence, exp)) if exp > now && o == owner => {
-                        table
-                            .insert(
-                                name.as_str(),
-                                (owner.as_str(), fence, now.saturating_add(ttl)),
-                            )
-                            .map_err(|e| storage_err(path, e))?;
-                        true
-                    }
-                    _ => false,
-                }
-            };
-            if renewed {
-                txn.commit().map_err(|e| storage_err(path, e))?;
-            } else {
-                txn.abort().map_err(|e| storage_err(path, e))?;
-            }
-            Ok(renewed)
-        })
-        .await
+        self.rewrite_held_lease(name, owner, Some(ttl)).await
     }
 
     async fn schedule(&self, name: &'static str, member: &str, due_ms: i64) -> StoreResult<()> {

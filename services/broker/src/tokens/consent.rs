@@ -877,18 +877,7 @@ pub async fn complete(
             // The provider sent the browser back with an error: this attempt is over.
             let text = describe_provider_error(&e, name);
             let error = e.to_token_error(name, now);
-            end_auth_code(state, tenant, name, &expected, error).await?;
-            audit(
-                state,
-                actor,
-                "consent.failed",
-                tenant,
-                name,
-                "failed",
-                &text,
-            )
-            .await;
-            return Err(ConsentError::FailedPrecondition(text));
+            return Err(fail_auth_code(state, actor, tenant, name, &expected, error, text).await);
         }
         Err(e) => {
             return Err(ConsentError::InvalidArgument(format!(
@@ -915,18 +904,7 @@ pub async fn complete(
         // The wrong person signed in: this attempt is over and nothing of it is kept.
         target.revoke_unbound(&token).await;
         let text = format!("{} Fix: {}", error.reason, error.fix);
-        end_auth_code(state, tenant, name, &expected, error).await?;
-        audit(
-            state,
-            actor,
-            "consent.failed",
-            tenant,
-            name,
-            "failed",
-            &text,
-        )
-        .await;
-        return Err(ConsentError::FailedPrecondition(text));
+        return Err(fail_auth_code(state, actor, tenant, name, &expected, error, text).await);
     }
     let (grant, ()) = update_grant(state, tenant, name, |g| {
         if !matches!(&g.pending, Some(PendingConsent::AuthCode { state: s, .. }) if *s == expected)
@@ -947,23 +925,41 @@ pub async fn complete(
 }
 
 /// Ends the pending auth-code consent `expected_state` with `error`.
-async fn end_auth_code(
+/// Ends the auth-code attempt `expected_state` as failed with `error` (if it is still the pending
+/// one), audits `consent.failed` with `text`, and returns the caller's answer: FAILED_PRECONDITION
+/// with `text`, or the store error that kept the failure from being recorded.
+async fn fail_auth_code(
     state: &BrokerState,
+    actor: &str,
     tenant: &str,
     name: &str,
     expected_state: &str,
     error: TokenError,
-) -> Result<(), ConsentError> {
-    update_grant(state, tenant, name, |g| {
+    text: String,
+) -> ConsentError {
+    let recorded = update_grant(state, tenant, name, |g| {
         if matches!(&g.pending, Some(PendingConsent::AuthCode { state: s, .. }) if s == expected_state)
         {
             fail_consent(g, error.clone());
         }
         Ok(())
     })
-    .await?;
+    .await;
+    if let Err(e) = recorded {
+        return e;
+    }
     delete_state_index(state, expected_state).await;
-    Ok(())
+    audit(
+        state,
+        actor,
+        "consent.failed",
+        tenant,
+        name,
+        "failed",
+        &text,
+    )
+    .await;
+    ConsentError::FailedPrecondition(text)
 }
 
 fn rfc3339(t: OffsetDateTime) -> String {

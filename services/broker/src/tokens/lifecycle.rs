@@ -505,6 +505,31 @@ fn seal_error(record: &str) -> impl Fn(SealError) -> TokenError + '_ {
     }
 }
 
+/// RFC 6749 §6: a refresh token in `granted` replaces the grant's in the same write; none means
+/// keep the old one, whose expiry then does not move (providers report the remaining lifetime,
+/// which would drift by the request's latency) unless none was known. Shared by every token the
+/// grant mints, whatever its resource.
+fn keep_refresh_token(
+    keyring: &tokenfleet_seal::Keyring,
+    m: &Mailbox,
+    record: &str,
+    grant: &mut GrantRecord,
+    granted: &tokenfleet_providers::TokenGrant,
+    now: OffsetDateTime,
+) -> Result<(), TokenError> {
+    if let Some(rt) = &granted.refresh_token {
+        grant.refresh_token = Some(
+            seal_field(keyring, &m.tenant, &m.name, GrantField::RefreshToken, rt)
+                .map_err(seal_error(record))?,
+        );
+        grant.refresh_token_obtained = Some(now);
+        grant.refresh_token_expires = granted.refresh_token_expires_in.map(|d| now + d);
+    } else if grant.refresh_token_expires.is_none() {
+        grant.refresh_token_expires = granted.refresh_token_expires_in.map(|d| now + d);
+    }
+    Ok(())
+}
+
 /// The lease that serializes work on a mailbox's grant.
 pub fn lease_name(tenant: &str, mailbox: &str) -> String {
     format!("refresh/{tenant}/{mailbox}")
@@ -1259,19 +1284,7 @@ impl TokenService {
             )
             .map_err(seal_error(&record))?,
         );
-        // RFC 6749 §6: a new refresh token replaces the old one in the same write; none means keep.
-        if let Some(rt) = &granted.refresh_token {
-            grant.refresh_token = Some(
-                seal_field(keyring, tenant, mailbox, GrantField::RefreshToken, rt)
-                    .map_err(seal_error(&record))?,
-            );
-            grant.refresh_token_obtained = Some(now);
-            grant.refresh_token_expires = granted.refresh_token_expires_in.map(|d| now + d);
-        } else if grant.refresh_token_expires.is_none() {
-            // Same refresh token: its expiry does not move (providers report the remaining
-            // lifetime, which would drift by the request's latency).
-            grant.refresh_token_expires = granted.refresh_token_expires_in.map(|d| now + d);
-        }
+        keep_refresh_token(keyring, m, &record, &mut grant, &granted, now)?;
         let expires = now + granted.expires_in;
         grant.state.status = TokenStatus::Active;
         grant.state.last_refresh = Some(now);
@@ -1382,15 +1395,7 @@ impl TokenService {
                 obtained: now,
             },
         );
-        // RFC 6749 §6, as for the mail protocols' token: a new refresh token replaces the old.
-        if let Some(rt) = &granted.refresh_token {
-            grant.refresh_token = Some(
-                seal_field(keyring, tenant, mailbox, GrantField::RefreshToken, rt)
-                    .map_err(seal_error(&record))?,
-            );
-            grant.refresh_token_obtained = Some(now);
-            grant.refresh_token_expires = granted.refresh_token_expires_in.map(|d| now + d);
-        }
+        keep_refresh_token(keyring, m, &record, &mut grant, &granted, now)?;
         if grant.state.status == TokenStatus::RefreshFailing {
             // The grant works again; the scheduler's next look refreshes the mail token.
             grant.state.status = TokenStatus::Active;

@@ -107,11 +107,19 @@ fn refresh_outcome(m: &pb::Mailbox) -> Result<(), CtlError> {
         return Ok(());
     }
     let status = token_status_name(token.status).to_ascii_uppercase();
-    let mut message = format!(
-        "the refresh of mailbox {} did not succeed: {status}",
-        m.name
-    );
-    if let Some(e) = token.last_error.as_ref() {
+    Err(not_active(
+        format!(
+            "the refresh of mailbox {} did not succeed: {status}",
+            m.name
+        ),
+        token.last_error.as_ref(),
+    ))
+}
+
+/// The error of a command whose mailbox did not end ACTIVE: `message`, then the reason, the
+/// provider's code and the fix of the grant's last error.
+fn not_active(mut message: String, error: Option<&pb::TokenError>) -> CtlError {
+    if let Some(e) = error {
         message.push_str(&format!(": {}", e.reason));
         if !e.code.is_empty() {
             message.push_str(&format!(" [{}]", e.code));
@@ -120,10 +128,10 @@ fn refresh_outcome(m: &pb::Mailbox) -> Result<(), CtlError> {
             message.push_str(&format!("; fix: {}", e.fix));
         }
     }
-    Err(CtlError::Api {
+    CtlError::Api {
         code: Code::FailedPrecondition,
         message,
-    })
+    }
 }
 
 /// `mailbox consent`.
@@ -423,20 +431,7 @@ fn finish(m: &pb::Mailbox, json: bool) -> Result<(), CtlError> {
     if token.status == pb::TokenStatus::Active as i32 {
         return Ok(());
     }
-    let mut message = format!("mailbox {} is {status}", m.name);
-    if let Some(e) = error {
-        message.push_str(&format!(": {}", e.reason));
-        if !e.code.is_empty() {
-            message.push_str(&format!(" [{}]", e.code));
-        }
-        if !e.fix.is_empty() {
-            message.push_str(&format!("; fix: {}", e.fix));
-        }
-    }
-    Err(CtlError::Api {
-        code: Code::FailedPrecondition,
-        message,
-    })
+    Err(not_active(format!("mailbox {} is {status}", m.name), error))
 }
 
 fn print_json_line<T: Serialize>(value: &T) -> Result<(), CtlError> {
