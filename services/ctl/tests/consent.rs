@@ -240,8 +240,33 @@ async fn json_and_no_wait_print_the_challenge_and_return() {
     assert_eq!(challenge["user_code"], pending[0].user_code.as_str());
 
     // An auth-code mailbox prints the authorization URL.
-    let output = command(
-        &broker,
+    let output = start_browser_consent(&broker).await;
+    assert_eq!(output.status.code(), Some(0));
+    let challenge: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(challenge["challenge"], "authorization");
+    let url = challenge["authorization_url"].as_str().unwrap();
+    assert!(url.starts_with(&fake.base_url()), "{url}");
+    assert!(url.contains("code_challenge_method=S256"), "{url}");
+
+    // ... and `--code` completes it with the redirect URL.
+    let redirected = fake.authorize_url(url, USER).unwrap();
+    let output = complete_browser_consent(&broker, &redirected).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.trim_end().ends_with(": ACTIVE"), "{stdout}");
+}
+
+const OTHER: &str = "someone-else@contoso.example";
+
+/// `tokenfleetctl -o json mailbox consent browser --no-wait`: prints the authorization URL.
+async fn start_browser_consent(broker: &TestBroker) -> std::process::Output {
+    command(
+        broker,
         &[
             "-o",
             "json",
@@ -255,42 +280,21 @@ async fn json_and_no_wait_print_the_challenge_and_return() {
     )
     .output()
     .await
-    .unwrap();
-    assert_eq!(output.status.code(), Some(0));
-    let challenge: Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(challenge["challenge"], "authorization");
-    let url = challenge["authorization_url"].as_str().unwrap();
-    assert!(url.starts_with(&fake.base_url()), "{url}");
-    assert!(url.contains("code_challenge_method=S256"), "{url}");
+    .unwrap()
+}
 
-    // ... and `--code` completes it with the redirect URL.
-    let redirected = fake.authorize_url(url, USER).unwrap();
-    let output = command(
-        &broker,
+/// `tokenfleetctl mailbox consent browser --code <redirect URL>`: completes the consent.
+async fn complete_browser_consent(broker: &TestBroker, redirected: &str) -> std::process::Output {
+    command(
+        broker,
         &[
-            "mailbox",
-            "consent",
-            "browser",
-            "--tenant",
-            TENANT,
-            "--code",
-            &redirected,
+            "mailbox", "consent", "browser", "--tenant", TENANT, "--code", redirected,
         ],
     )
     .output()
     .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(stdout.trim_end().ends_with(": ACTIVE"), "{stdout}");
+    .unwrap()
 }
-
-const OTHER: &str = "someone-else@contoso.example";
 
 async fn mailbox_state(broker: &TestBroker, name: &str) -> pb::Mailbox {
     broker
@@ -328,41 +332,12 @@ async fn a_consent_signed_in_as_another_account_fails_and_stores_nothing() {
     assert_eq!(token.last_error.unwrap().code, "account_mismatch");
 
     // Auth code: the same, through `--code` with the redirect of the wrong account.
-    let output = command(
-        &broker,
-        &[
-            "-o",
-            "json",
-            "mailbox",
-            "consent",
-            "browser",
-            "--tenant",
-            TENANT,
-            "--no-wait",
-        ],
-    )
-    .output()
-    .await
-    .unwrap();
+    let output = start_browser_consent(&broker).await;
     let challenge: Value = serde_json::from_slice(&output.stdout).unwrap();
     let url = challenge["authorization_url"].as_str().unwrap();
     assert!(url.contains("openid"), "{url}");
     let redirected = fake.authorize_url(url, OTHER).unwrap();
-    let output = command(
-        &broker,
-        &[
-            "mailbox",
-            "consent",
-            "browser",
-            "--tenant",
-            TENANT,
-            "--code",
-            &redirected,
-        ],
-    )
-    .output()
-    .await
-    .unwrap();
+    let output = complete_browser_consent(&broker, &redirected).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_ne!(output.status.code(), Some(0), "{stderr}");
     assert!(
