@@ -5,7 +5,6 @@
 // Helpers outside #[test] functions panic on failure too, which is what a test wants.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +30,7 @@ use tokenfleet_seal::Secret;
 use tokenfleet_store::{Precondition, RecordKey, Scope};
 use tokenfleet_testkit::fake_idp::{ClientSpec, Endpoint, FakeIdp, ScriptedResponse};
 
-use support::{Backend, ManualClock, StoreHome, fake_provider, open_state, put_tenant};
+use crate::support::{Backend, ManualClock, StoreHome, fake_provider, open_state, put_tenant};
 
 const TENANT: &str = "acme";
 const USER: &str = "scanner@contoso.example";

@@ -4,7 +4,6 @@
 // Test helpers panic on setup failures: that is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,7 +24,7 @@ use tonic::service::Routes;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-use support::{Admin as Client, admin_client, serve_plaintext};
+use crate::support::{Admin as Client, admin_client, serve_plaintext};
 
 const SECRET: &str = "client-secret-8f3k2-do-not-leak";
 const SA_PRIVATE_KEY: &str =

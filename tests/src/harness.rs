@@ -1,9 +1,6 @@
-//! The harness the broker's integration tests share, included by each with `mod support;`
-//! (Cargo builds `tests/*.rs` as test binaries, not `tests/support/mod.rs`).
-//!
-//! It is part of these test binaries, not of `tokenfleet-testkit` (which depends on the broker
-//! and serves the workspace's end-to-end suites); the test kit still provides the fake identity
-//! provider, Redis and the log capture.
+//! The harness the broker's integration tests share (`services/broker/tests/integration`, where
+//! it is `crate::support`): services driven directly and the real server, beside the rest of the
+//! test kit (the fake identity provider, Redis, the log capture).
 //!
 //! - clocks the tests move: [`ManualClock`] (stands still), [`ShiftedClock`] (the system clock
 //!   plus an offset);
@@ -15,8 +12,9 @@
 //! - [`Broker`]: the real server (`server::serve`) on 127.0.0.1, over TLS with the dev CA, with
 //!   [`Broker::enroll`] / [`Broker::agent_client`] for agents with client certificates.
 
-// Every test binary includes this module and uses a subset of it.
-#![allow(dead_code)]
+
+// A test harness: a failed step is a failed test, so it panics with the reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

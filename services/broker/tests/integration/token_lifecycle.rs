@@ -6,7 +6,6 @@
 // Test helpers panic on setup failures: that is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,7 +34,7 @@ use tokenfleet_seal::{Keyring, Secret};
 use tokenfleet_store::{Precondition, Scope};
 use tokenfleet_testkit::fake_idp::{ClientSpec, Endpoint, FakeIdp, ScriptedResponse};
 
-use support::{
+use crate::support::{
     Admin, Backend, IdpEnv, ManualClock, StoreHome, eventually, idp_env, serve_plaintext,
     token_config,
 };
@@ -1304,7 +1303,7 @@ async fn admin_client(env: &Env, role: Role) -> (Admin, tokio::sync::oneshot::Se
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_lazy();
-    (support::admin_client(channel, Some(key.expose())), tx)
+    (crate::support::admin_client(channel, Some(key.expose())), tx)
 }
 
 #[tokio::test]

@@ -10,7 +10,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,7 +35,7 @@ use tokenfleet_store::{Precondition, Scope};
 use tokenfleet_testkit::fake_idp::{ClientSpec, Endpoint as IdpEndpoint, FakeIdp};
 use tonic::Code;
 
-use support::{
+use crate::support::{
     Backend, Broker, Launch, ShiftedClock, fake_provider, fixed_admin_device, send_mailbox,
 };
 
@@ -169,8 +168,8 @@ async fn grant(state: &BrokerState, name: &str) -> GrantRecord {
 #[tokio::test]
 async fn idle_user_tokens_are_deleted_instead_of_refreshed() {
     let clock = Arc::new(ShiftedClock::default());
-    let (state, _key, _store) = support::open_state(Backend::Embedded, clock.clone()).await;
-    support::put_tenant(&state, "acme", "acme").await;
+    let (state, _key, _store) = crate::support::open_state(Backend::Embedded, clock.clone()).await;
+    crate::support::put_tenant(&state, "acme", "acme").await;
     let records = Records::new(state.store.as_ref());
     for (name, kind) in [
         ("user-alice", MailboxKind::User),

@@ -1,15 +1,14 @@
 //! The SMTP connection test against scripted servers on 127.0.0.1: every verdict a real server
 //! can cause (OK with the certificate, refused, untrusted, name mismatch, expired, TLS version,
 //! STARTTLS or mechanism missing, 535 5.7.139, 535 5.7.3, no token, silence). The same test
-//! against a real Dovecot is in `tests/tests/agent_smtp_upstream.rs`.
+//! against a real Dovecot is in `tests/tests/e2e/agent_smtp_upstream.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod smtp_support;
 
 use std::time::Duration;
 
-use smtp_support::{AuthAnswer, Script, ScriptedSmtp, TestCa, server_config};
+use crate::smtp_support::{AuthAnswer, Script, ScriptedSmtp, TestCa, server_config};
 use tokenfleet_agent::probe::smtp::{SMTP_AUTH_DISABLED_FIX, TOKEN_REJECTED_FIX, test_send};
 use tokenfleet_agent::sasl::AccessToken;
 use tokenfleet_agent::upstream::Credentials;

@@ -1,6 +1,6 @@
 //! End-to-end: `tokenfleetctl fleet status` and `tokenfleetctl device test`, the real binary
 //! against an in-process broker (embedded store) on 127.0.0.1. No agent is connected here (the
-//! broker's own tests in services/broker/tests/fleet.rs stream from fake agents), so devices are
+//! broker's own tests in services/broker/tests/integration/fleet.rs stream from fake agents), so devices are
 //! UNKNOWN and tests answer AGENT_UNREACHABLE.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]

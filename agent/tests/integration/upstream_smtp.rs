@@ -1,16 +1,15 @@
 //! The SMTP upstream client against a scripted submission server on 127.0.0.1: STARTTLS and
 //! implicit TLS with a private CA, AUTH in one line and in two steps, the error challenge,
 //! Exchange's `535 5.7.139`, partial recipient refusal, hostile and silent servers. The same
-//! client against a real Dovecot is in `tests/tests/agent_smtp_upstream.rs`.
+//! client against a real Dovecot is in `tests/tests/e2e/agent_smtp_upstream.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod smtp_support;
 
 use std::time::Duration;
 
 use base64::Engine as _;
-use smtp_support::{AuthAnswer, Script, ScriptedSmtp, TestCa, server_config};
+use crate::smtp_support::{AuthAnswer, Script, ScriptedSmtp, TestCa, server_config};
 use tokenfleet_agent::sasl::{AccessToken, Mechanism};
 use tokenfleet_agent::upstream::smtp::{Security, SmtpDelivery, SmtpSettings};
 use tokenfleet_agent::upstream::tls::TlsSettings;

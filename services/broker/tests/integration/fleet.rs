@@ -9,7 +9,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -28,7 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use support::{Broker, Launch, eventually, fixed_admin_device, seal_key, send_mailbox};
+use crate::support::{Broker, Launch, eventually, fixed_admin_device, seal_key, send_mailbox};
 
 // ----------------------------------------------------------------------------------------------
 // Harness

@@ -11,7 +11,6 @@
 // Test helpers panic on setup failures: that is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -45,7 +44,7 @@ use tokenfleet_testkit::fake_idp::{ClientSpec, FakeIdp};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpListener;
 
-use support::{Backend, IdpEnv, ManualClock, StoreHome, eventually, idp_env};
+use crate::support::{Backend, IdpEnv, ManualClock, StoreHome, eventually, idp_env};
 
 const TENANT: &str = "acme";
 const PROVIDER: &str = "idp";
@@ -62,7 +61,7 @@ const WEBHOOK_SECRET: &str = "webhook-hmac-key-0123456789abcdef";
 fn token_config() -> TokenConfig {
     TokenConfig {
         max_refresh_interval: Duration::from_secs(10 * 24 * 3600),
-        ..support::token_config()
+        ..crate::support::token_config()
     }
 }
 

@@ -6,7 +6,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -25,7 +24,7 @@ use tokenfleet_store::embedded::EmbeddedStore;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use support::{Broker, Launch, ShiftedClock, csr, fixed_admin_device, send_mailbox};
+use crate::support::{Broker, Launch, ShiftedClock, csr, fixed_admin_device, send_mailbox};
 
 // ----------------------------------------------------------------------------------------------
 // Harness
