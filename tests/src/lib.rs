@@ -1,6 +1,6 @@
 //! Test kit: real servers for the tests, started on free loopback ports and stopped on drop (also
 //! when a test panics) — Redis standalone and Cluster, an in-process broker — and the end-to-end
-//! suites under `tests/tests/`; [`harness`] is what the broker's own integration tests share.
+//! suites under `tests/tests/`.
 //!
 //! Dependency direction: depends on every tokenfleet crate; nothing ships depending on it.
 
@@ -9,7 +9,6 @@ pub mod broker;
 pub mod dovecot;
 pub mod fake_idp;
 pub mod fake_mail_api;
-pub mod harness;
 pub mod logs;
 pub mod ports;
 pub mod redis;

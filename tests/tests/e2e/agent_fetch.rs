@@ -394,7 +394,12 @@ async fn sigkill_between_local_fsync_and_upstream_delete(protocol: FetchProtocol
     let dir = tempfile::tempdir().unwrap();
 
     let status = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args([&crate::libtest_name(module_path!(), "child_fetch_and_die"), "--exact", "--ignored", "--nocapture"])
+        .args([
+            &crate::libtest_name(module_path!(), "child_fetch_and_die"),
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
         .env(CHILD_DIR, dir.path())
         .env(CHILD_PORT, settings.port.to_string())
         .env(
@@ -747,4 +752,3 @@ async fn messages_above_the_size_limit_stay_upstream_and_are_not_downloaded() {
     assert_eq!(left.len(), 1);
     assert!(left[0].ends_with(&scan_message(1)));
 }
-

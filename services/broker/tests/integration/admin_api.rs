@@ -4,7 +4,6 @@
 // Test helpers panic on setup failures: that is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 

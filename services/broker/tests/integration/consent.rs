@@ -5,7 +5,6 @@
 // Helpers outside #[test] functions panic on failure too, which is what a test wants.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-
 use std::sync::Arc;
 use std::time::Duration;
 

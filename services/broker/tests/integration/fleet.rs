@@ -9,7 +9,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -41,7 +40,20 @@ fn heartbeat(raw: &mut tokenfleet_broker::config::RawConfig) {
     raw.agents.heartbeat_seconds = 1;
 }
 
-impl Broker {
+/// This module's helpers on the shared test broker.
+trait FleetBroker {
+    async fn start() -> Broker;
+    async fn on_redis(url: &str, key_file: &Path, admin_key: Option<Secret>) -> Broker;
+    async fn key(&self, role: Role, tenant: Option<&str>) -> Secret;
+    async fn put_mailbox(&self, tenant: &str, name: &str, kind: MailboxKind);
+    async fn put_device(&self, device: &Device);
+    async fn fleet(&self, tenant: &str) -> Vec<pb::FleetDeviceStatus>;
+    async fn fleet_device(&self, tenant: &str, device: &str) -> pb::FleetDeviceStatus;
+    async fn site_a_with_mfp(&self) -> TokenBrokerClient<Channel>;
+    async fn agent_present(&self, what: &str);
+}
+
+impl FleetBroker for Broker {
     /// A broker over TLS on the embedded store, with tenants `acme` and `beta`.
     async fn start() -> Broker {
         logs::capture();

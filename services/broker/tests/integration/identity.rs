@@ -6,7 +6,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -69,7 +68,16 @@ fn assert_not_logged(secrets: &[&str]) {
     }
 }
 
-impl Broker {
+/// This module's helpers on the shared test broker.
+trait IdentityBroker {
+    async fn start(tls: bool, lifetime: Option<Duration>) -> Broker;
+    fn broker_client(&self, channel: Channel) -> TokenBrokerClient<Channel>;
+    async fn put_device(&self, tenant: &str, name: &str, agent: &str);
+    async fn audit(&self, tenant: &str) -> Vec<pb::AuditEvent>;
+    async fn agent(&self, tenant: &str, name: &str) -> pb::Agent;
+}
+
+impl IdentityBroker for Broker {
     /// A broker (over TLS when `tls`) with tenants `acme` and `other`, logging into
     /// [`log_capture`]; agent certificates live `lifetime` when given.
     async fn start(tls: bool, lifetime: Option<Duration>) -> Broker {

@@ -1,8 +1,5 @@
 //! The broker's integration tests, one test binary with a module per area (one binary links the
-//! broker once instead of once per file). The shared harness is `tokenfleet_testkit::harness`,
-//! used here as `crate::support`.
-
-use tokenfleet_testkit::harness as support;
+//! broker once instead of once per file). `support` is the harness they share.
 
 mod admin_api;
 mod alerts;
@@ -10,5 +7,6 @@ mod consent;
 mod fleet;
 mod identity;
 mod runtime;
+mod support;
 mod token_lifecycle;
 mod user_mailboxes;

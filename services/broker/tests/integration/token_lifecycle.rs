@@ -6,7 +6,6 @@
 // Test helpers panic on setup failures: that is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -1303,7 +1302,10 @@ async fn admin_client(env: &Env, role: Role) -> (Admin, tokio::sync::oneshot::Se
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_lazy();
-    (crate::support::admin_client(channel, Some(key.expose())), tx)
+    (
+        crate::support::admin_client(channel, Some(key.expose())),
+        tx,
+    )
 }
 
 #[tokio::test]

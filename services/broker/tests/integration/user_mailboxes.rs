@@ -10,7 +10,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,7 +42,13 @@ use crate::support::{
 // Harness
 // ----------------------------------------------------------------------------------------------
 
-impl Broker {
+/// This module's helpers on the shared test broker.
+trait UserMailboxBroker {
+    async fn start(edit: impl FnOnce(&mut RawConfig)) -> Broker;
+    async fn put_device(&self, name: &str, agent: &str);
+}
+
+impl UserMailboxBroker for Broker {
     /// A broker over TLS with tenant `acme`, `edit` applied to its configuration.
     async fn start(edit: impl FnOnce(&mut RawConfig)) -> Broker {
         tokenfleet_testkit::logs::capture();

@@ -1,6 +1,7 @@
-//! The harness the broker's integration tests share (`services/broker/tests/integration`, where
-//! it is `crate::support`): services driven directly and the real server, beside the rest of the
-//! test kit (the fake identity provider, Redis, the log capture).
+//! The harness the broker's integration tests share (`crate::support`): services driven directly
+//! and the real server. Its test types get inherent methods in the test modules, so it lives in
+//! this binary rather than in `tokenfleet-testkit`, which provides the rest (the fake identity
+//! provider, Redis, the log capture).
 //!
 //! - clocks the tests move: [`ManualClock`] (stands still), [`ShiftedClock`] (the system clock
 //!   plus an offset);
@@ -12,9 +13,8 @@
 //! - [`Broker`]: the real server (`server::serve`) on 127.0.0.1, over TLS with the dev CA, with
 //!   [`Broker::enroll`] / [`Broker::agent_client`] for agents with client certificates.
 
-
-// A test harness: a failed step is a failed test, so it panics with the reason.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+// Every module uses a subset of the harness; a failed step panics with the reason.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
