@@ -202,6 +202,103 @@ pub(crate) async fn create_unaudited(
     }
 }
 
+/// A new random key, not stored: for `[admin] bootstrap_key_file` (`tokenfleet-broker
+/// generate-api-key`).
+pub fn generate() -> Result<Secret, ApiKeyError> {
+    Ok(Secret::new(format!(
+        "{PREFIX}{}_{}",
+        random_id()?,
+        random_secret()?
+    )))
+}
+
+/// What [`bootstrap`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// The key was stored as a new fleet-admin key.
+    Stored,
+    /// The same key was already stored (a restart, another replica): nothing changed.
+    AlreadyStored,
+}
+
+/// Errors of [`bootstrap`]; none contains the key.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    /// The file's content is not a key of the form `tfk_<id>_<secret>`.
+    #[error(
+        "not an API key: expected `{PREFIX}<12 characters a-z0-9>_<32 random bytes, base64url without padding>`"
+    )]
+    Malformed,
+    /// Another key is stored under the same id.
+    #[error(
+        "a different key with id `{0}` is already stored; revoke it (`tokenfleetctl api-key revoke {0}`) or bootstrap with a new key"
+    )]
+    Conflict(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Stores `key` (read from `[admin] bootstrap_key_file`) as a fleet-admin key unless a key with
+/// its id is already stored, audited as `apikey.bootstrap`. Used for the first admin key of a
+/// deployment the operator cannot reach otherwise (the Helm chart generates the key into a
+/// Secret; the embedded store is held open by the running broker). The secret part must be 32
+/// random bytes, as [`create`] makes them, so a hand-made weak key is refused.
+pub async fn bootstrap(state: &BrokerState, key: &Secret) -> Result<Bootstrap, BootstrapError> {
+    let text = key.expose().trim();
+    let id = parse_id(text).ok_or(BootstrapError::Malformed)?;
+    let secret = &text[PREFIX.len() + ID_LEN + 1..];
+    let decoded = zeroize::Zeroizing::new(
+        B64URL
+            .decode(secret)
+            .map_err(|_| BootstrapError::Malformed)?,
+    );
+    if decoded.len() != SECRET_BYTES {
+        return Err(BootstrapError::Malformed);
+    }
+    let record = ApiKey {
+        id: id.to_owned(),
+        role: Role::FleetAdmin,
+        tenant: None,
+        hash: hash_hex(text),
+        description: "bootstrap key ([admin] bootstrap_key_file)".to_owned(),
+        created: state.clock.now(),
+    };
+    let records = Records::new(state.store.as_ref());
+    match records.put(&record, Precondition::Absent).await {
+        Ok(_) => {}
+        Err(StoreError::AlreadyExists(_)) => {
+            let stored = records
+                .get::<ApiKey>(&api_key_key(id))
+                .await?
+                .map(|v| v.value.hash);
+            return match stored {
+                Some(hash) if bool::from(hash.as_bytes().ct_eq(record.hash.as_bytes())) => {
+                    Ok(Bootstrap::AlreadyStored)
+                }
+                _ => Err(BootstrapError::Conflict(id.to_owned())),
+            };
+        }
+        Err(e) => return Err(e.into()),
+    }
+    tracing::info!(key_id = %id, "bootstrap API key stored (fleet-admin)");
+    audit::record(
+        state,
+        &Scope::Global,
+        AuditEvent {
+            time: state.clock.now(),
+            actor: "system".to_owned(),
+            action: "apikey.bootstrap".to_owned(),
+            target: format!("apikeys/{id}"),
+            tenant: String::new(),
+            result: "ok".to_owned(),
+            detail: "role fleet-admin, from [admin] bootstrap_key_file".to_owned(),
+        },
+    )
+    .await;
+    Ok(Bootstrap::Stored)
+}
+
 /// Resolves a bearer key to its principal. UNAUTHENTICATED for a malformed, unknown or stale key
 /// (the message never contains the key); store failures map as everywhere else.
 pub async fn authenticate(state: &BrokerState, bearer: &str) -> Result<Principal, Status> {

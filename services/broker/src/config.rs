@@ -688,6 +688,7 @@ impl RawConfig {
             alerts: self.alerts.to_config()?,
             limits: self.limits.to_limits()?,
             providers: self.admin.to_policy()?,
+            bootstrap_key_file: self.admin.bootstrap_key_file.clone(),
             audit: self.audit.to_retention()?,
         })
     }
@@ -874,6 +875,9 @@ pub struct BrokerConfig {
     pub limits: ListenerLimits,
     /// Where non-fleet-admin callers may point providers.
     pub providers: crate::admin::ProviderPolicy,
+    /// `[admin] bootstrap_key_file`: a fleet-admin key to store at start (see
+    /// [`crate::api_keys::bootstrap`]).
+    pub bootstrap_key_file: Option<PathBuf>,
     /// Audit log retention.
     pub audit: crate::audit::AuditRetention,
 }
@@ -1026,6 +1030,10 @@ max_user_mailboxes_per_tenant = 5000
 # provider's requests go decides who receives its client secret and refresh tokens, so anything
 # else (and extra trusted CAs) needs a fleet-admin key.
 provider_hosts = []
+# A file holding a fleet-admin API key (tfk_<id>_<secret>) stored at start when no key with its id
+# exists, for the first admin key of a deployment (the Helm chart generates one into a Secret).
+# Only its hash is stored; a different key already stored under that id stops the broker.
+# bootstrap_key_file = "/run/tokenfleet/bootstrap/key"
 
 [audit]
 # Retention per kind of audit record, per scope (each tenant's log and the global one): the

@@ -65,6 +65,9 @@ enum Command {
     Reseal,
     /// Print a fresh base64 sealing key.
     GenerateKey,
+    /// Print a new random fleet-admin API key without storing it, for `[admin]
+    /// bootstrap_key_file` (e.g. a Kubernetes Secret); the broker stores its hash at start.
+    GenerateApiKey,
 }
 
 fn parse_role(text: &str) -> Result<Role, String> {
@@ -162,6 +165,10 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             let key = Secret::new(Keyring::generate_key_base64().context("generating a key")?);
             print_stdout(&format!("{}\n", key.expose()))
         }
+        Some(Command::GenerateApiKey) => {
+            let key = api_keys::generate().context("generating an API key")?;
+            print_stdout(&format!("{}\n", key.expose()))
+        }
         Some(Command::CreateApiKey {
             role,
             tenant,
@@ -198,6 +205,9 @@ async fn serve(mut raw: RawConfig, dev_mode: bool) -> Result<(), Failure> {
     let shutdown = shutdown_signal().context("installing signal handlers")?;
 
     let state = server::build_state(&config).await?;
+    if let Some(path) = &config.bootstrap_key_file {
+        bootstrap_key(&state, path).await?;
+    }
     if dev_mode && let Some(key) = dev::bootstrap_admin_key(&state, &config.state_dir).await? {
         let path = config.state_dir.join(dev::ADMIN_KEY_FILE);
         eprintln!(
@@ -212,6 +222,36 @@ async fn serve(mut raw: RawConfig, dev_mode: bool) -> Result<(), Failure> {
     let (grpc, http) = server::bind(&config).await?;
     server::serve(config, state, grpc, http, shutdown).await?;
     Ok(())
+}
+
+/// Stores the fleet-admin key in `[admin] bootstrap_key_file` unless it is stored already. A file
+/// that cannot be read, a malformed key or a different key under its id stop the broker with a
+/// configuration error naming the file (never the key).
+async fn bootstrap_key(
+    state: &tokenfleet_broker::state::BrokerState,
+    path: &std::path::Path,
+) -> Result<(), Failure> {
+    let bad = |e: &dyn std::fmt::Display| {
+        Failure::Config(format!(
+            "configuration: `admin.bootstrap_key_file` {}: {e}",
+            path.display()
+        ))
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(&e))?;
+    match api_keys::bootstrap(state, &Secret::new(text)).await {
+        Ok(api_keys::Bootstrap::Stored) => {
+            tracing::info!(file = %path.display(), "bootstrap fleet-admin key stored");
+            Ok(())
+        }
+        Ok(api_keys::Bootstrap::AlreadyStored) => {
+            tracing::info!(file = %path.display(), "bootstrap fleet-admin key already stored");
+            Ok(())
+        }
+        Err(api_keys::BootstrapError::Store(e)) => Err(Failure::Other(
+            anyhow::Error::new(e).context("storing the bootstrap API key"),
+        )),
+        Err(e) => Err(bad(&e)),
+    }
 }
 
 /// Completes on the first SIGTERM or SIGINT. Handlers are installed right away so a signal that

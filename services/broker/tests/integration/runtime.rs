@@ -1016,3 +1016,68 @@ async fn http_disconnects_slow_header_clients_and_caps_connections() {
     sigterm(&child);
     assert_eq!(wait_exit(&mut child).await.code(), Some(0));
 }
+
+/// `[admin] bootstrap_key_file` through the real binary on the embedded store (which a second
+/// process cannot open while the broker runs): `generate-api-key` prints a key without storing
+/// it; the broker stores it at start, it authenticates as fleet-admin, a restart keeps it (and
+/// does not store it twice), and a malformed key or a different key under the same id stop the
+/// broker with exit 64 naming the file and never the key.
+#[tokio::test]
+async fn bootstrap_key_file_gives_the_first_admin_key_on_the_embedded_store() {
+    use tokenfleet_proto::v1::ListApiKeysRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(broker().arg("generate-api-key")).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let key = text(&out.stdout).trim().to_owned();
+    assert!(key.starts_with("tfk_") && key.len() == 4 + 12 + 1 + 43, "{key}");
+    let key_file = write(dir.path(), "bootstrap.key", &format!("{key}\n"));
+    let admin_section = format!("\n[admin]\nbootstrap_key_file = {key_file:?}\n");
+
+    for round in 0..2 {
+        let (mut child, grpc, _http) = broker_with_limits(dir.path(), &admin_section).await;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{grpc}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let keys = crate::support::admin_client(channel.clone(), Some(&key))
+            .list_api_keys(ListApiKeysRequest::default())
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the bootstrap key is refused: {e}"))
+            .into_inner()
+            .api_keys;
+        assert_eq!(keys.len(), 1, "round {round}: stored once: {keys:?}");
+        assert_eq!(keys[0].id, key[4..16]);
+        assert_eq!(keys[0].role, "fleet-admin");
+        let other = crate::support::admin_client(channel, Some(&format!("{}x", &key[..60])))
+            .list_api_keys(ListApiKeysRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(other.code(), tonic::Code::Unauthenticated);
+        sigterm(&child);
+        assert!(wait_exit(&mut child).await.success());
+        let stderr = read_all(child.stderr.take()).await;
+        assert!(!stderr.contains(&key[16..]), "the key's secret is never logged");
+    }
+
+    // A different key under the same id, then a malformed key: exit 64, the file named.
+    let secret_b = &key[17..];
+    let mut other_secret: Vec<u8> = secret_b.bytes().collect();
+    other_secret[0] = if other_secret[0] == b'A' { b'B' } else { b'A' };
+    let conflicting = format!("{}{}", &key[..17], String::from_utf8(other_secret).unwrap());
+    for (content, expect) in [
+        (conflicting.as_str(), "a different key with id"),
+        ("tfk_not-a-key", "not an API key"),
+    ] {
+        std::fs::write(&key_file, content).unwrap();
+        let out = run(broker()
+            .args(["serve", "--config"])
+            .arg(dir.path().join("broker.toml")))
+        .await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        assert!(stderr.contains("admin.bootstrap_key_file"), "{stderr}");
+        assert!(stderr.contains(expect), "{stderr}");
+        assert!(!stderr.contains(content), "the key is never printed: {stderr}");
+    }
+}
