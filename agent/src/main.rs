@@ -52,6 +52,11 @@ enum Command {
         /// roots; kept in the state directory for later calls.
         #[arg(long, value_name = "PATH")]
         ca_file: Option<PathBuf>,
+        /// Do nothing (exit 0) when the state directory already holds this agent's identity:
+        /// for an init step that runs before every start (a container, a unit's ExecStartPre),
+        /// where the one-time code works only the first time.
+        #[arg(long)]
+        if_not_enrolled: bool,
         #[command(flatten)]
         state: StateDir,
     },
@@ -167,8 +172,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             code,
             code_file,
             ca_file,
+            if_not_enrolled,
             state,
         } => {
+            if if_not_enrolled && let Ok(existing) = identity::load(&state.state_dir) {
+                println!("already enrolled {}", describe(&existing));
+                return Ok(());
+            }
             let code = match (code, code_file) {
                 (Some(code), _) => EnrollmentCode::new(&code),
                 (None, Some(path)) => EnrollmentCode::new(

@@ -645,6 +645,18 @@ async fn ctl_code(broker: &TestBroker, agent: &str, extra: &[&str]) -> Result<St
 
 /// `tokenfleet-agent enroll` with `code` into `state_dir`: Ok, or the agent's stderr.
 async fn agent_enroll(broker: &TestBroker, code: &str, state_dir: &Path) -> Result<(), String> {
+    agent_enroll_with(broker, code, state_dir, &[])
+        .await
+        .map(drop)
+}
+
+/// [`agent_enroll`] with `extra` arguments: the agent's stdout, or its stderr.
+async fn agent_enroll_with(
+    broker: &TestBroker,
+    code: &str,
+    state_dir: &Path,
+    extra: &[&str],
+) -> Result<String, String> {
     let binary = tokio::task::spawn_blocking(tokenfleet_testkit::agent_site::agent_binary)
         .await
         .unwrap();
@@ -655,13 +667,14 @@ async fn agent_enroll(broker: &TestBroker, code: &str, state_dir: &Path) -> Resu
         .arg(&code_file)
         .arg("--ca-file")
         .arg(broker.tls_ca_file())
+        .args(extra)
         .env("TOKENFLEET_AGENT_STATE_DIR", state_dir)
         .output()
         .await
         .unwrap();
     register_agent_key(state_dir);
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
@@ -685,6 +698,35 @@ async fn leftover_codes_do_not_take_over_agents_through_ctl_and_agent() {
     let running = identity::load(&dir.path().join("running")).unwrap();
     hosted_device(&broker, "site-a").await;
     call(&running).await.unwrap();
+
+    // An init step that runs before every start: `--if-not-enrolled` leaves the identity alone
+    // (the used code would fail), and enrolls where there is none yet.
+    let cert_before = std::fs::read(dir.path().join("running").join(identity::CERT_FILE)).unwrap();
+    let stdout = agent_enroll_with(
+        &broker,
+        &newer,
+        &dir.path().join("running"),
+        &["--if-not-enrolled"],
+    )
+    .await
+    .unwrap();
+    assert!(stdout.starts_with("already enrolled"), "{stdout}");
+    assert_eq!(
+        std::fs::read(dir.path().join("running").join(identity::CERT_FILE)).unwrap(),
+        cert_before
+    );
+    let err = agent_enroll_with(
+        &broker,
+        &newer,
+        &dir.path().join("fresh"),
+        &["--if-not-enrolled"],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.contains("used already"),
+        "a fresh directory still needs a valid code: {err}"
+    );
 
     // The agent runs with a current certificate: a plain code is refused, naming the option.
     let err = ctl_code(&broker, "site-a", &[]).await.unwrap_err();

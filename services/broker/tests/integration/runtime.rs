@@ -1029,7 +1029,10 @@ async fn bootstrap_key_file_gives_the_first_admin_key_on_the_embedded_store() {
     let out = run(broker().arg("generate-api-key")).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let key = text(&out.stdout).trim().to_owned();
-    assert!(key.starts_with("tfk_") && key.len() == 4 + 12 + 1 + 43, "{key}");
+    assert!(
+        key.starts_with("tfk_") && key.len() == 4 + 12 + 1 + 43,
+        "{key}"
+    );
     let key_file = write(dir.path(), "bootstrap.key", &format!("{key}\n"));
     let admin_section = format!("\n[admin]\nbootstrap_key_file = {key_file:?}\n");
 
@@ -1057,7 +1060,10 @@ async fn bootstrap_key_file_gives_the_first_admin_key_on_the_embedded_store() {
         sigterm(&child);
         assert!(wait_exit(&mut child).await.success());
         let stderr = read_all(child.stderr.take()).await;
-        assert!(!stderr.contains(&key[16..]), "the key's secret is never logged");
+        assert!(
+            !stderr.contains(&key[16..]),
+            "the key's secret is never logged"
+        );
     }
 
     // A different key under the same id, then a malformed key: exit 64, the file named.
@@ -1078,6 +1084,9 @@ async fn bootstrap_key_file_gives_the_first_admin_key_on_the_embedded_store() {
         assert_eq!(out.status.code(), Some(64), "{stderr}");
         assert!(stderr.contains("admin.bootstrap_key_file"), "{stderr}");
         assert!(stderr.contains(expect), "{stderr}");
-        assert!(!stderr.contains(content), "the key is never printed: {stderr}");
+        assert!(
+            !stderr.contains(content),
+            "the key is never printed: {stderr}"
+        );
     }
 }
