@@ -90,6 +90,7 @@ Paths inside the broker container.
 {{- define "tokenfleet.paths.tls" -}}/etc/tokenfleet/tls{{- end }}
 {{- define "tokenfleet.paths.agentCa" -}}/etc/tokenfleet/agent-ca{{- end }}
 {{- define "tokenfleet.paths.alertsWebhook" -}}/etc/tokenfleet/alerts-webhook/secret{{- end }}
+{{- define "tokenfleet.paths.bootstrapKey" -}}/etc/tokenfleet/bootstrap/key{{- end }}
 
 {{/*
 The broker's public HTTP base URL: http.publicUrl, else the Ingress host, else empty (the
@@ -104,19 +105,52 @@ broker's default).
 {{- end }}
 
 {{/*
-`[tokens]` keys of the broker configuration by their camelCase names in values.yaml.
+The bootstrap admin key's Secret: bootstrapAdminKey.existingSecret, else the one the chart makes.
 */}}
-{{- define "tokenfleet.tokenKeys" -}}
-refreshMarginSeconds: refresh_margin_seconds
-maxRefreshIntervalSeconds: max_refresh_interval_seconds
-providerTimeoutSeconds: provider_timeout_seconds
-leaseTtlSeconds: lease_ttl_seconds
-backoffMinSeconds: backoff_min_seconds
-backoffMaxSeconds: backoff_max_seconds
-schedulerIntervalMs: scheduler_interval_ms
-schedulerBatch: scheduler_batch
-schedulerConcurrency: scheduler_concurrency
+{{- define "tokenfleet.bootstrapKey.secretName" -}}
+{{- default (printf "%s-admin-key" (include "tokenfleet.broker.fullname" .)) .Values.bootstrapAdminKey.existingSecret }}
 {{- end }}
+
+{{/*
+The relay agent: names, labels, image, the broker URL it enrolls with and the CA it trusts.
+*/}}
+{{- define "tokenfleet.relay.fullname" -}}
+{{- printf "%s-relay" (include "tokenfleet.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "tokenfleet.relay.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tokenfleet.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: relay-agent
+{{- end }}
+
+{{- define "tokenfleet.relay.labels" -}}
+helm.sh/chart: {{ include "tokenfleet.chart" . }}
+{{ include "tokenfleet.relay.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: tokenfleet
+{{- end }}
+
+{{- define "tokenfleet.relay.image" -}}
+{{- printf "%s:%s" .Values.relayAgent.image.repository (default .Chart.AppVersion .Values.relayAgent.image.tag) }}
+{{- end }}
+
+{{- define "tokenfleet.relay.brokerUrl" -}}
+{{- default (printf "https://%s.%s.svc:%d" (include "tokenfleet.broker.fullname" .) .Release.Namespace (int .Values.grpc.port)) .Values.relayAgent.brokerUrl }}
+{{- end }}
+
+{{- define "tokenfleet.relay.caSecret" -}}
+{{- default .Values.tls.existingSecret .Values.relayAgent.brokerCa.existingSecret }}
+{{- end }}
+
+{{/*
+Paths inside the relay agent container.
+*/}}
+{{- define "tokenfleet.relay.paths.config" -}}/etc/tokenfleet-agent/agent.toml{{- end }}
+{{- define "tokenfleet.relay.paths.state" -}}/var/lib/tokenfleet-agent{{- end }}
+{{- define "tokenfleet.relay.paths.code" -}}/run/tokenfleet-agent/enrollment/code{{- end }}
+{{- define "tokenfleet.relay.paths.brokerCa" -}}/run/tokenfleet-agent/broker-ca/ca.crt{{- end }}
 
 {{/*
 Combinations the schema cannot express; `helm template` and `helm install` stop with the message.
@@ -131,6 +165,28 @@ Combinations the schema cannot express; `helm template` and `helm install` stop 
 {{- end }}
 {{- if and (eq $v.store.backend "redis") (eq $v.store.redis.mode "sentinel") (not $v.store.redis.sentinelMaster) }}
 {{- fail "store.redis.sentinelMaster is required with store.redis.mode=sentinel" }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (eq $v.store.backend "embedded") }}
+{{- fail "autoscaling.enabled needs store.backend=redis: the embedded store allows exactly one replica" }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
+{{- fail (printf "autoscaling.maxReplicas (%d) must be at least autoscaling.minReplicas (%d)" (int $v.autoscaling.maxReplicas) (int $v.autoscaling.minReplicas)) }}
+{{- end }}
+{{- if $v.relayAgent.enabled }}
+{{- if not $v.relayAgent.enrollment.existingSecret }}
+{{- fail "relayAgent.enrollment.existingSecret is required with relayAgent.enabled: a Secret holding the one-time code from `tokenfleetctl agent enroll-code <agent>`" }}
+{{- end }}
+{{- if not $v.tls.existingSecret }}
+{{- fail "relayAgent.enabled needs tls.existingSecret: agents authenticate to the broker with client certificates over TLS" }}
+{{- end }}
+{{- if eq (int $v.relayAgent.smtpPort) (int $v.relayAgent.pop3Port) }}
+{{- fail "relayAgent.smtpPort and relayAgent.pop3Port must differ" }}
+{{- end }}
+{{- range $key, $_ := $v.relayAgent.settings }}
+{{- if has $key (list "state_dir" "smtp_listen" "pop3_listen" "broker_url") }}
+{{- fail (printf "relayAgent.settings.%s is set by the chart; use relayAgent.smtpPort, relayAgent.pop3Port or relayAgent.brokerUrl" $key) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if and $v.ingress.enabled (not $v.ingress.host) }}
 {{- fail "ingress.host is required with ingress.enabled=true" }}

@@ -8,6 +8,11 @@
 //! `helm` and `kubernetes-validate` come from `scripts/test-setup.sh` (`.tools/bin`,
 //! `.venv-test/bin`) or from `PATH`. Without them the tests fail when `CI` is set and are skipped
 //! with a notice otherwise.
+//!
+//! Every option is rendered at least once ([`EVERY_OPTION_VALUES`]: the relay agent, autoscaling,
+//! NetworkPolicies, listener limits, audit retention, the provider-host allowlist, Redis
+//! replication settings), the relay agent's configuration parsed by the agent's own loader, and
+//! the chart's README checked against `scripts/chart-readme.py`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -87,6 +92,67 @@ store:
     persistence:
       size: 2Gi
       storageClass: fast
+"#;
+
+/// Every optional part switched on: the cloud-relay agent (with extra agent settings), the
+/// autoscaler, NetworkPolicies, listener limits, audit retention, the provider-host allowlist,
+/// Redis replication settings, and an existing Secret for the bootstrap admin key.
+const EVERY_OPTION_VALUES: &str = r#"
+tls:
+  existingSecret: broker-tls
+relayAgent:
+  enabled: true
+  image:
+    tag: "1.2.3"
+  enrollment:
+    existingSecret: relay-enrollment
+    secretKey: enroll-code
+  smtpPort: 25
+  pop3Port: 110
+  service:
+    type: LoadBalancer
+    loadBalancerSourceRanges: [192.0.2.0/24]
+  settings:
+    delivery_concurrency: 8
+    ingress_require_tls: false
+autoscaling:
+  enabled: true
+  minReplicas: 3
+  maxReplicas: 9
+networkPolicy:
+  enabled: true
+  grpcFrom:
+    - ipBlock:
+        cidr: 198.51.100.0/24
+  httpFrom:
+    - namespaceSelector:
+        matchLabels:
+          kubernetes.io/metadata.name: monitoring
+  relayFrom:
+    - ipBlock:
+        cidr: 192.0.2.0/24
+limits:
+  grpcMaxConnections: 5000
+  httpHeaderReadTimeoutSeconds: 5
+audit:
+  refusedMaxAgeDays: 7
+  issuanceMaxEntries: 50000
+admin:
+  providerHosts: [idp.example.com, "proxy.example.com:3128"]
+bootstrapAdminKey:
+  existingSecret: my-admin-key
+  secretKey: api-key
+tokens:
+  leaseWaitSeconds: 15
+  maxUserMailboxesPerDevice: 100
+store:
+  redis:
+    mode: sentinel
+    sentinelMaster: mymaster
+    urls: [redis://sentinel-0:26379]
+    minReplicasAcked: 2
+    replicationTimeoutMs: 800
+    roleCheckIntervalMs: 500
 "#;
 
 const CHART: &str = "charts/tokenfleet";
@@ -208,6 +274,22 @@ impl Manifests {
             .collect()
     }
 
+    /// The resource of `kind` named `name`.
+    fn named(&self, kind: &str, name: &str) -> Result<&Value> {
+        self.docs
+            .iter()
+            .find(|doc| doc["kind"] == kind && doc["metadata"]["name"] == name)
+            .with_context(|| format!("no {kind} named {name}"))
+    }
+
+    /// The broker's gRPC Service and its in-cluster HTTP Service.
+    fn services(&self) -> Result<(&Value, &Value)> {
+        Ok((
+            self.named("Service", "tf-tokenfleet-broker")?,
+            self.named("Service", "tf-tokenfleet-broker-http")?,
+        ))
+    }
+
     fn find(&self, kind: &str) -> Option<&Value> {
         self.docs.iter().find(|doc| doc["kind"] == kind)
     }
@@ -221,7 +303,7 @@ impl Manifests {
     }
 
     fn deployment(&self) -> Result<&Value> {
-        self.one("Deployment")
+        self.named("Deployment", "tf-tokenfleet-broker")
     }
 
     fn container(&self) -> Result<&Value> {
@@ -236,7 +318,11 @@ impl Manifests {
 
     /// The broker configuration file from the ConfigMap, as written and as the broker reads it.
     fn broker_config(&self) -> Result<(String, RawConfig)> {
-        let text = text(self.one("ConfigMap")?, "/data/broker.toml").to_owned();
+        let text = text(
+            self.named("ConfigMap", "tf-tokenfleet-broker")?,
+            "/data/broker.toml",
+        )
+        .to_owned();
         let raw = RawConfig::from_toml_str(&text)
             .with_context(|| format!("the broker rejects the rendered configuration:\n{text}"))?;
         Ok((text, raw))
@@ -351,20 +437,41 @@ fn assert_common_invariants(manifests: &Manifests, grpc_port: u16, http_port: u1
         "{config_text}"
     );
     let ports = container["ports"].as_array().context("no ports")?;
-    for (name, port) in [("grpc", grpc_port), ("http", http_port)] {
+    let (grpc_service, http_service) = manifests.services()?;
+    for (name, port, service) in [
+        ("grpc", grpc_port, grpc_service),
+        ("http", http_port, http_service),
+    ] {
         ensure!(
             ports
                 .iter()
                 .any(|p| p["name"] == name && p["containerPort"] == u64::from(port)),
             "container port {name} is not {port}: {ports:?}"
         );
-        let service = manifests.one("Service")?;
+        // Each Service routes its one port: remote agents can be given the gRPC Service alone.
+        let routed = service["spec"]["ports"].as_array().context("no ports")?;
         ensure!(
-            service["spec"]["ports"].as_array().is_some_and(|ps| ps
-                .iter()
-                .any(|p| p["name"] == name && p["targetPort"] == name)),
-            "Service does not route {name}"
+            routed.len() == 1 && routed[0]["name"] == name && routed[0]["targetPort"] == name,
+            "Service {} does not route {name} alone: {routed:?}",
+            service["metadata"]["name"]
         );
+    }
+    ensure!(
+        http_service["spec"]["type"] == "ClusterIP",
+        "the HTTP Service (metrics) stays inside the cluster"
+    );
+
+    // The bootstrap admin key, when on, is a file from its Secret the configuration names.
+    match &raw.admin.bootstrap_key_file {
+        Some(file) => {
+            let (mount, _) = manifests.mount_for(&file.display().to_string())?;
+            let secret = text(
+                manifests.volume(text(mount, "/name"))?,
+                "/secret/secretName",
+            );
+            ensure!(!secret.is_empty(), "bootstrap key not from a Secret");
+        }
+        None => ensure!(manifests.volume("bootstrap-key").is_err()),
     }
 
     // Probes: liveness /healthz, readiness /readyz, both on the HTTP port.
@@ -465,6 +572,7 @@ fn chart_lints_strictly_with_every_value_set() -> Result<()> {
         ("default", None),
         ("production", Some(PRODUCTION_VALUES)),
         ("embedded", Some(EMBEDDED_VALUES)),
+        ("every-option", Some(EVERY_OPTION_VALUES)),
     ] {
         let mut args = vec!["lint", "--strict", CHART];
         let file = dir.path().join(format!("{name}.yaml"));
@@ -493,7 +601,9 @@ fn default_values_render_two_brokers_on_redis() -> Result<()> {
     let expected: BTreeSet<String> = [
         "ConfigMap",
         "Deployment",
+        "Pod",
         "PodDisruptionBudget",
+        "Secret",
         "Service",
         "ServiceAccount",
     ]
@@ -522,9 +632,52 @@ fn default_values_render_two_brokers_on_redis() -> Result<()> {
 
     // The sealing keys come from `<fullname>-seal`, which the chart does not create.
     ensure!(text(manifests.volume("seal-keys")?, "/secret/secretName") == "tf-tokenfleet-seal");
+    // The one Secret the chart makes: the generated bootstrap admin key, kept on uninstall, in
+    // the form `tokenfleet-broker generate-api-key` prints, and named by the configuration.
+    let secret = manifests.one("Secret")?;
+    ensure!(text(secret, "/metadata/name") == "tf-tokenfleet-broker-admin-key");
+    ensure!(text(secret, "/metadata/annotations/helm.sh~1resource-policy") == "keep");
+    {
+        use base64::Engine as _;
+        let key = base64::engine::general_purpose::STANDARD.decode(text(secret, "/data/key"))?;
+        let key = String::from_utf8(key)?;
+        let (id, secret_part) = key
+            .strip_prefix("tfk_")
+            .and_then(|k| k.split_once('_'))
+            .context("not tfk_<id>_<secret>")?;
+        ensure!(
+            id.len() == 12
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+            "{id}"
+        );
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(secret_part)?;
+        ensure!(bytes.len() == 32, "the secret is 32 random bytes");
+        let again = tools.render(None)?;
+        ensure!(
+            again.one("Secret")?["data"]["key"] != secret["data"]["key"],
+            "each fresh install generates its own key"
+        );
+    }
+    let bootstrap = raw
+        .admin
+        .bootstrap_key_file
+        .as_ref()
+        .context("no [admin] bootstrap_key_file")?;
+    manifests.assert_secret_file(
+        &bootstrap.display().to_string(),
+        "tf-tokenfleet-broker-admin-key",
+        "key",
+    )?;
+    // The `helm test` hook asks /readyz through the HTTP Service and opens the gRPC Service.
+    let test = manifests.one("Pod")?;
+    ensure!(text(test, "/metadata/annotations/helm.sh~1hook") == "test");
+    let command = test["spec"]["containers"][0]["command"].to_string();
     ensure!(
-        manifests.find("Secret").is_none(),
-        "the chart must not create Secrets"
+        command.contains("http://tf-tokenfleet-broker-http:8080/readyz")
+            && command.contains("tf-tokenfleet-broker 50051"),
+        "{command}"
     );
     ensure!(manifests.one("PodDisruptionBudget")?["spec"]["maxUnavailable"] == 1);
     ensure!(raw.tls.cert_file.is_none() && raw.agents.ca_cert_file.is_none());
@@ -653,12 +806,11 @@ fn production_values_render_three_replicas_on_a_tls_redis_cluster() -> Result<()
         paths.len() == 1
             && paths[0]["path"] == "/oauth/callback"
             && paths[0]["backend"]["service"]["port"]["name"] == "http"
-            && paths[0]["backend"]["service"]["name"]
-                == text(manifests.one("Service")?, "/metadata/name"),
+            && paths[0]["backend"]["service"]["name"] == "tf-tokenfleet-broker-http",
         "{paths:?}"
     );
 
-    let grpc_port = &manifests.one("Service")?["spec"]["ports"][0];
+    let grpc_port = &manifests.services()?.0["spec"]["ports"][0];
     ensure!(
         grpc_port["name"] == "grpc" && grpc_port.get("appProtocol").is_none(),
         "TLS gRPC is not h2c: {grpc_port}"
@@ -672,6 +824,19 @@ fn production_values_render_three_replicas_on_a_tls_redis_cluster() -> Result<()
 
     let monitor = manifests.one("ServiceMonitor")?;
     ensure!(monitor["metadata"]["labels"]["release"] == "prometheus");
+    // It selects the HTTP Service only (the gRPC Service has no metrics port).
+    let selector = &monitor["spec"]["selector"]["matchLabels"];
+    let (grpc_service, http_service) = manifests.services()?;
+    let selects = |service: &Value| {
+        selector.as_object().is_some_and(|m| {
+            m.iter()
+                .all(|(k, v)| &service["metadata"]["labels"][k] == v)
+        })
+    };
+    ensure!(
+        selects(http_service) && !selects(grpc_service),
+        "{selector}"
+    );
     ensure!(monitor["spec"]["endpoints"][0]["port"] == "http");
     ensure!(monitor["spec"]["endpoints"][0]["path"] == "/metrics");
     Ok(())
@@ -800,6 +965,7 @@ fn rendered_configuration_passes_the_brokers_start_up_validation() -> Result<()>
         Some(EMBEDDED_VALUES),
         Some(SENTINEL_VALUES),
         Some(PRODUCTION_VALUES),
+        Some(EVERY_OPTION_VALUES),
     ] {
         let manifests = tools.render(values)?;
         validate_in_fake_pod(&manifests, as_rendered)
@@ -844,6 +1010,7 @@ fn rendered_manifests_pass_kubernetes_schema_validation() -> Result<()> {
         ("default", None),
         ("production", Some(PRODUCTION_VALUES)),
         ("embedded", Some(EMBEDDED_VALUES)),
+        ("every-option", Some(EVERY_OPTION_VALUES)),
     ] {
         let manifests = tools.render(values)?;
         let file = dir.path().join(format!("{name}.yaml"));
@@ -968,6 +1135,34 @@ fn invalid_values_are_refused_with_the_reason() -> Result<()> {
             "tls:\n  certFile: /etc/server.pem\n",
             "additional properties 'certFile' not allowed",
         ),
+        (
+            "tls:\n  existingSecret: t\nrelayAgent:\n  enabled: true\n",
+            "relayAgent.enrollment.existingSecret is required",
+        ),
+        (
+            "relayAgent:\n  enabled: true\n  enrollment:\n    existingSecret: code\n",
+            "relayAgent.enabled needs tls.existingSecret",
+        ),
+        (
+            "tls:\n  existingSecret: t\nrelayAgent:\n  enabled: true\n  enrollment:\n    existingSecret: c\n  settings:\n    smtp_listen: 0.0.0.0:25\n",
+            "relayAgent.settings.smtp_listen is set by the chart",
+        ),
+        (
+            "replicaCount: 1\nstore:\n  backend: embedded\nautoscaling:\n  enabled: true\n",
+            "autoscaling.enabled needs store.backend=redis",
+        ),
+        (
+            "autoscaling:\n  enabled: true\n  minReplicas: 5\n  maxReplicas: 3\n",
+            "autoscaling.maxReplicas (3) must be at least autoscaling.minReplicas (5)",
+        ),
+        (
+            "limits:\n  grpcMaxStreams: 10\n",
+            "additional properties 'grpcMaxStreams' not allowed",
+        ),
+        (
+            "admin:\n  providerHosts: [\"https://idp.example.com\"]\n",
+            "/admin/providerHosts/0",
+        ),
     ];
     for (values, expected) in cases {
         let output = tools.template(Some(values))?;
@@ -983,6 +1178,190 @@ fn invalid_values_are_refused_with_the_reason() -> Result<()> {
         ensure!(
             !stderr.contains("hunter2"),
             "the error repeats the password: {stderr}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn every_option_renders_the_relay_agent_autoscaler_and_network_policies() -> Result<()> {
+    let Some(tools) = tools()? else { return Ok(()) };
+    let manifests = tools.render(Some(EVERY_OPTION_VALUES))?;
+    assert_common_invariants(&manifests, 50051, 8080)?;
+
+    // Settings that were only reachable through extraEnv before.
+    let (config_text, raw) = manifests.broker_config()?;
+    ensure!(raw.limits.grpc_max_connections == 5000, "{config_text}");
+    ensure!(
+        raw.limits.http_header_read_timeout_seconds == 5,
+        "{config_text}"
+    );
+    ensure!(raw.audit.refused_max_age_days == 7 && raw.audit.issuance_max_entries == 50_000);
+    ensure!(raw.admin.provider_hosts == ["idp.example.com", "proxy.example.com:3128"]);
+    ensure!(raw.tokens.lease_wait_seconds == 15 && raw.tokens.max_user_mailboxes_per_device == 100);
+    ensure!(
+        config_text.contains("min_replicas_acked = 2")
+            && config_text.contains("replication_timeout_ms = 800")
+            && config_text.contains("role_check_interval_ms = 500"),
+        "{config_text}"
+    );
+    // The bootstrap key from the operator's own Secret: the chart makes none.
+    ensure!(manifests.find("Secret").is_none());
+    manifests.assert_secret_file(
+        &raw.admin
+            .bootstrap_key_file
+            .as_ref()
+            .context("no bootstrap_key_file")?
+            .display()
+            .to_string(),
+        "my-admin-key",
+        "api-key",
+    )?;
+
+    // The autoscaler owns the replica count.
+    let deployment = manifests.deployment()?;
+    ensure!(
+        deployment["spec"].get("replicas").is_none(),
+        "{}",
+        deployment["spec"]
+    );
+    let hpa = manifests.one("HorizontalPodAutoscaler")?;
+    ensure!(hpa["spec"]["scaleTargetRef"]["name"] == "tf-tokenfleet-broker");
+    ensure!(hpa["spec"]["minReplicas"] == 3 && hpa["spec"]["maxReplicas"] == 9);
+
+    // NetworkPolicies: gRPC from the agents' range, HTTP from the namespace and monitoring, the
+    // relay's mail ports from the site range.
+    let broker_policy = manifests.named("NetworkPolicy", "tf-tokenfleet-broker")?;
+    let rules = broker_policy["spec"]["ingress"]
+        .as_array()
+        .context("no rules")?;
+    ensure!(rules.len() == 2, "{rules:?}");
+    ensure!(rules[0]["ports"][0]["port"] == "grpc");
+    ensure!(rules[0]["from"][0]["ipBlock"]["cidr"] == "198.51.100.0/24");
+    ensure!(rules[1]["ports"][0]["port"] == "http");
+    ensure!(rules[1]["from"].as_array().is_some_and(|f| f.len() == 2));
+    let relay_policy = manifests.named("NetworkPolicy", "tf-tokenfleet-relay")?;
+    let relay_ports = relay_policy["spec"]["ingress"][0]["ports"].to_string();
+    ensure!(
+        relay_ports.contains("smtp") && relay_ports.contains("pop3"),
+        "{relay_ports}"
+    );
+
+    // The relay agent: one pod with its spool on a claim, enrolled once by an init container with
+    // the code and the broker's CA from Secrets, its configuration accepted by the agent itself.
+    let relay = manifests.named("StatefulSet", "tf-tokenfleet-relay")?;
+    ensure!(relay["spec"]["replicas"] == 1);
+    let pod = &relay["spec"]["template"]["spec"];
+    let init = &pod["initContainers"][0];
+    let init_args: Vec<&str> = init["args"]
+        .as_array()
+        .context("no init args")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let arg = |name: &str| {
+        init_args
+            .windows(2)
+            .find(|w| w[0] == name)
+            .map(|w| w[1].to_owned())
+            .with_context(|| format!("enroll without {name}: {init_args:?}"))
+    };
+    ensure!(
+        init_args[..2] == ["enroll", "--if-not-enrolled"],
+        "{init_args:?}"
+    );
+    ensure!(arg("--broker")? == "https://tf-tokenfleet-broker.printing.svc:50051");
+    let volume_of = |path: &str| -> Result<(String, String)> {
+        let mounts = init["volumeMounts"].as_array().context("no mounts")?;
+        let mount = mounts
+            .iter()
+            .find(|m| {
+                m["mountPath"]
+                    .as_str()
+                    .is_some_and(|at| path.starts_with(&format!("{at}/")))
+            })
+            .with_context(|| format!("{path} is on no mount of the init container"))?;
+        ensure!(mount["readOnly"] == true, "{path}: writable");
+        let name = text(mount, "/name");
+        let volume = pod["volumes"]
+            .as_array()
+            .context("no volumes")?
+            .iter()
+            .find(|v| v["name"] == name)
+            .context("mount without volume")?;
+        let item = &volume["secret"]["items"][0];
+        ensure!(
+            path.ends_with(&format!("/{}", text(item, "/path"))),
+            "{path}: {volume}"
+        );
+        Ok((
+            text(volume, "/secret/secretName").to_owned(),
+            text(item, "/key").to_owned(),
+        ))
+    };
+    ensure!(volume_of(&arg("--code-file")?)? == ("relay-enrollment".into(), "enroll-code".into()));
+    ensure!(volume_of(&arg("--ca-file")?)? == ("broker-tls".into(), "ca.crt".into()));
+    let agent = &pod["containers"][0];
+    ensure!(text(agent, "/image") == "tokenfleet/tokenfleet-agent:1.2.3");
+    ensure!(agent["securityContext"]["readOnlyRootFilesystem"] == true);
+    let claim = &relay["spec"]["volumeClaimTemplates"][0];
+    ensure!(text(claim, "/metadata/name") == "state");
+    let state_dir = arg("--state-dir")?;
+    for container in [init, agent] {
+        ensure!(
+            container["volumeMounts"].as_array().is_some_and(|ms| ms
+                .iter()
+                .any(|m| m["name"] == "state" && m["mountPath"] == state_dir.as_str())),
+            "the state directory is not the claim in {}",
+            container["name"]
+        );
+    }
+    let config = manifests.named("ConfigMap", "tf-tokenfleet-relay")?;
+    let agent_toml = text(config, "/data/agent.toml");
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("agent.toml");
+    std::fs::write(&file, agent_toml)?;
+    let settings = tokenfleet_agent::config::AgentSettings::load(Some(&file), None)
+        .map_err(|e| anyhow::anyhow!("the agent rejects the rendered configuration: {}", e.0))?;
+    ensure!(settings.state_dir == Path::new(&state_dir));
+    ensure!(
+        settings.smtp_listen.port() == 25 && settings.pop3_listen.map(|a| a.port()) == Some(110)
+    );
+    ensure!(settings.delivery_concurrency == 8 && !settings.ingress_require_tls);
+    let service = manifests.named("Service", "tf-tokenfleet-relay")?;
+    ensure!(service["spec"]["type"] == "LoadBalancer");
+    let ports = service["spec"]["ports"].to_string();
+    ensure!(
+        ports.contains("\"port\":25") && ports.contains("\"port\":110"),
+        "{ports}"
+    );
+    Ok(())
+}
+
+#[test]
+fn chart_readme_is_generated_from_the_values_comments() -> Result<()> {
+    let Some(_tools) = tools()? else {
+        return Ok(());
+    };
+    let python = find_tool("python3", ".venv-test/bin").context("no python3")?;
+    let output = Command::new(python)
+        .arg(workspace_root().join("scripts/chart-readme.py"))
+        .arg("--check")
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let readme = std::fs::read_to_string(workspace_root().join(CHART).join("README.md"))?;
+    for key in [
+        "relayAgent.enrollment.existingSecret",
+        "bootstrapAdminKey.enabled",
+        "limits",
+    ] {
+        ensure!(
+            readme.contains(&format!("| `{key}` |")),
+            "{key} not in the chart README"
         );
     }
     Ok(())
