@@ -7,7 +7,9 @@
 #   4. every unit, integration and end-to-end test under nextest, profile `ci`
 #      (.config/nextest.toml), each writing its TRACE logs and the secrets it made to
 #      target/test-logs (tokenfleet_testkit::logs)
-#   5. the log scan (tests/tests/zz_log_scan.rs): no secret in any of those logs — last, after
+#   5. the container images (scripts/build-images.sh): built from the release binaries with
+#      buildah, their configuration checked, run with podman
+#   6. the log scan (tests/tests/zz_log_scan.rs): no secret in any of those logs — last, after
 #      every test has logged
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +39,9 @@ step "cargo nextest"
 rm -rf "${TOKENFLEET_TEST_LOG_DIR:-target/test-logs}"
 # The default filter (.config/nextest.toml) leaves out the log scan, which runs after everything.
 cargo nextest run --workspace --all-targets --profile ci
+
+step "container images: built from the release binaries, checked, run"
+bash scripts/build-images.sh
 
 step "log scan: no secret in any test log"
 # `--workspace --all-targets` like the run above, so cargo unifies features the same way and reuses
