@@ -163,11 +163,13 @@ mod tests {
         assert!(err.contains("audit.refused_max_entries"), "{err}");
         let bad = AdminSection {
             provider_hosts: vec!["idp.example".into(), "https://x.example/".into()],
+            ..AdminSection::default()
         };
         let err = bad.to_policy().unwrap_err().to_string();
         assert!(err.contains("admin.provider_hosts[1]"), "{err}");
         let ok = AdminSection {
             provider_hosts: vec!["127.0.0.1".into(), "Idp.Example:8443".into()],
+            ..AdminSection::default()
         };
         assert_eq!(
             ok.to_policy().unwrap().allowed_hosts,
