@@ -64,6 +64,10 @@ pub enum ConfigError {
         problem: String,
     },
     /// No sealing key is configured and the command needs one.
+    /// Several problems at once (every unknown key, ill-typed and invalid value found), each
+    /// naming its key and source.
+    #[error("configuration: {} problems:\n  {}", .0.len(), .0.iter().map(|e| e.to_string().trim_start_matches("configuration: ").to_owned()).collect::<Vec<_>>().join("\n  "))]
+    Many(Vec<ConfigError>),
     #[error(
         "configuration: `seal.keys` is empty: the broker needs a sealing key to encrypt secrets at rest.\n\
          Create one and point the configuration at it:\n\
@@ -78,6 +82,15 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    /// One error for `problems`: the only one, or [`ConfigError::Many`].
+    fn all(mut problems: Vec<ConfigError>) -> Self {
+        if problems.len() == 1 {
+            problems.remove(0)
+        } else {
+            Self::Many(problems)
+        }
+    }
+
     fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Self {
         Self::Invalid {
             field: field.into(),
@@ -578,9 +591,7 @@ impl RawConfig {
                 path.display()
             )));
         }
-        let raw: Self = Self::figment(file)
-            .extract()
-            .map_err(describe_figment_error)?;
+        let raw = extract_reporting_all(&Self::figment(file))?;
         raw.check_schema()?;
         Ok(raw)
     }
@@ -595,10 +606,7 @@ impl RawConfig {
 
     /// Parses a TOML document alone (no environment), as `load` would read it from a file.
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
-        let raw: Self = Figment::new()
-            .merge(Toml::string(text))
-            .extract()
-            .map_err(describe_figment_error)?;
+        let raw = extract_reporting_all(&Figment::new().merge(Toml::string(text)))?;
         raw.check_schema()?;
         Ok(raw)
     }
@@ -628,69 +636,124 @@ impl RawConfig {
 
     /// Checks every value and reads the sealing keys.
     pub fn validate(&self) -> Result<BrokerConfig, ConfigError> {
-        let grpc_listen = parse_listen("grpc.listen", &self.grpc.listen)?;
-        let http_listen = parse_listen("http.listen", &self.http.listen)?;
-        if grpc_listen.port() != 0 && grpc_listen == http_listen {
-            return Err(ConfigError::invalid(
-                "http.listen",
-                format!("{http_listen} is already `grpc.listen`; pick another port"),
-            ));
-        }
-        let public_url = parse_public_url(&self.http.public_url)?;
-        if self.state_dir.as_os_str().is_empty() {
-            return Err(ConfigError::invalid("state_dir", "must not be empty"));
-        }
-        let store = match self.store.backend {
-            StoreBackend::Embedded => StoreConfig::Embedded {
-                path: self.embedded_path(),
-            },
-            StoreBackend::Redis => match &self.store.redis {
-                Some(redis) => StoreConfig::Redis(Box::new(redis.to_redis_config()?)),
-                None => {
-                    return Err(ConfigError::invalid(
-                        "store.redis",
-                        "missing: `store.backend = \"redis\"` needs a `[store.redis]` section",
-                    ));
-                }
-            },
+        // Every check runs; all problems are reported at once.
+        let mut problems = Vec::new();
+        let mut check = |result: Result<(), ConfigError>| {
+            if let Err(e) = result {
+                problems.push(e);
+            }
         };
-        let keyring = self.seal.load_keyring()?;
+        let grpc_listen = parse_listen("grpc.listen", &self.grpc.listen);
+        let http_listen = parse_listen("http.listen", &self.http.listen);
+        if let (Ok(grpc), Ok(http)) = (&grpc_listen, &http_listen)
+            && grpc.port() != 0
+            && grpc == http
+        {
+            check(Err(ConfigError::invalid(
+                "http.listen",
+                format!("{http} is already `grpc.listen`; pick another port"),
+            )));
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            check(Err(ConfigError::invalid("state_dir", "must not be empty")));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(ConfigError::invalid(
+            check(Err(ConfigError::invalid(
                 "log.level",
                 format!(
                     "`{}` is not a log filter (use e.g. `info`, `debug` or `info,tokenfleet_broker=debug`)",
                     self.log.level
                 ),
-            ));
+            )));
         }
         if self.shutdown_grace_seconds > 3600 {
-            return Err(ConfigError::invalid(
+            check(Err(ConfigError::invalid(
                 "shutdown_grace_seconds",
                 "must be at most 3600",
-            ));
+            )));
         }
-        Ok(BrokerConfig {
+        let store = match self.store.backend {
+            StoreBackend::Embedded => Ok(StoreConfig::Embedded {
+                path: self.embedded_path(),
+            }),
+            StoreBackend::Redis => match &self.store.redis {
+                Some(redis) => redis
+                    .to_redis_config()
+                    .map(|r| StoreConfig::Redis(Box::new(r))),
+                None => Err(ConfigError::invalid(
+                    "store.redis",
+                    "missing: `store.backend = \"redis\"` needs a `[store.redis]` section",
+                )),
+            },
+        };
+        let results = (
             grpc_listen,
             http_listen,
-            public_url,
-            state_dir: self.state_dir.clone(),
+            parse_public_url(&self.http.public_url),
             store,
-            keyring: keyring.map(Arc::new),
-            log: LogConfig {
-                level: self.log.level.clone(),
-                format: self.log.format,
-            },
-            shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
-            tokens: self.tokens.to_config()?,
-            tls: self.tls.load()?,
-            agents: self.agents.load()?,
-            alerts: self.alerts.to_config()?,
-            limits: self.limits.to_limits()?,
-            providers: self.admin.to_policy()?,
-            bootstrap_key_file: self.admin.bootstrap_key_file.clone(),
-            audit: self.audit.to_retention()?,
-        })
+            self.seal.load_keyring(),
+            self.tokens.to_config(),
+            self.tls.load(),
+            self.agents.load(),
+            self.alerts.to_config(),
+            self.limits.to_limits(),
+            self.admin.to_policy(),
+            self.audit.to_retention(),
+        );
+        match results {
+            (
+                Ok(grpc_listen),
+                Ok(http_listen),
+                Ok(public_url),
+                Ok(store),
+                Ok(keyring),
+                Ok(tokens),
+                Ok(tls),
+                Ok(agents),
+                Ok(alerts),
+                Ok(limits),
+                Ok(providers),
+                Ok(audit),
+            ) if problems.is_empty() => Ok(BrokerConfig {
+                grpc_listen,
+                http_listen,
+                public_url,
+                state_dir: self.state_dir.clone(),
+                store,
+                keyring: keyring.map(Arc::new),
+                log: LogConfig {
+                    level: self.log.level.clone(),
+                    format: self.log.format,
+                },
+                shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+                tokens,
+                tls,
+                agents,
+                alerts,
+                limits,
+                providers,
+                bootstrap_key_file: self.admin.bootstrap_key_file.clone(),
+                audit,
+            }),
+            (a, b, c, d, e, f, g, h, i, j, k, l) => {
+                let errors = [
+                    a.err(),
+                    b.err(),
+                    c.err(),
+                    d.err(),
+                    e.err(),
+                    f.err(),
+                    g.err(),
+                    h.err(),
+                    i.err(),
+                    j.err(),
+                    k.err(),
+                    l.err(),
+                ];
+                problems.extend(errors.into_iter().flatten());
+                Err(ConfigError::all(problems))
+            }
+        }
     }
 }
 
@@ -761,47 +824,117 @@ fn parse_listen(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 /// Turns figment's error into one line that names the key and where it came from.
-fn describe_figment_error(error: figment::Error) -> ConfigError {
-    let mut lines = Vec::new();
-    for e in error {
-        let mut path = e.path.join(".");
-        let mut line = match &e.kind {
-            figment::error::Kind::UnknownField(field, expected) => {
-                // Figment's path usually ends with the unknown key already.
-                if e.path.last() != Some(field) {
-                    if !path.is_empty() {
-                        path.push('.');
-                    }
-                    path.push_str(field);
-                }
-                format!(
-                    "unknown key `{path}` (expected one of: {})",
-                    expected.join(", ")
-                )
-            }
-            figment::error::Kind::UnknownVariant(value, expected) => format!(
-                "`{path}`: unknown value `{value}` (expected one of: {})",
-                expected.join(", ")
-            ),
-            kind if path.is_empty() => kind.to_string(),
-            kind => format!("`{path}`: {kind}"),
-        };
-        if let Some(md) = &e.metadata {
-            if md.name.contains("environment") {
-                let var = format!(
-                    "{ENV_PREFIX}{}",
-                    path.to_ascii_uppercase().replace('.', ENV_SEPARATOR)
-                );
-                line.push_str(&format!(" (from environment variable {var})"));
-            } else if let Some(figment::Source::File(file)) = &md.source {
-                line.push_str(&format!(" (in {})", file.display()));
-            } else if let Some(source) = &md.source {
-                line.push_str(&format!(" (in {source})"));
-            }
+/// Most problems [`extract_reporting_all`] collects before it reports what it has.
+const MAX_REPORTED_PROBLEMS: usize = 50;
+
+/// Extracts the configuration, reporting every unknown key and ill-typed value at once: a key
+/// that fails is described (with its source, looked up in `figment`) and removed, and the rest is
+/// extracted again, until nothing fails.
+fn extract_reporting_all(figment: &Figment) -> Result<RawConfig, ConfigError> {
+    let mut error = match figment.extract::<RawConfig>() {
+        Ok(raw) => return Ok(raw),
+        Err(error) => error,
+    };
+    // The merged sources as one value, to take failing keys out of.
+    let Ok(mut data) = figment.extract::<figment::value::Value>() else {
+        return Err(describe_figment_error(error, figment));
+    };
+    let mut problems = Vec::new();
+    loop {
+        let mut removed_any = false;
+        for e in error {
+            let path = failing_path(&e);
+            problems.push(describe_one(&e, &path, figment));
+            removed_any |= remove_key(&mut data, &path);
         }
-        lines.push(line);
+        if !removed_any || problems.len() >= MAX_REPORTED_PROBLEMS {
+            break;
+        }
+        match Figment::from(figment::providers::Serialized::defaults(&data)).extract::<RawConfig>()
+        {
+            Ok(_) => break,
+            Err(next) => error = next,
+        }
     }
-    ConfigError::Source(lines.join("; "))
+    Err(ConfigError::all(
+        problems.into_iter().map(ConfigError::Source).collect(),
+    ))
+}
+
+/// The dotted key an error is about (figment's path, plus the field of an unknown-field error
+/// when the path does not end with it already).
+fn failing_path(e: &figment::Error) -> Vec<String> {
+    let mut path = e.path.clone();
+    if let figment::error::Kind::UnknownField(field, _) = &e.kind
+        && path.last() != Some(field)
+    {
+        path.push(field.clone());
+    }
+    path
+}
+
+/// Removes `path` from `data`; whether it was there.
+fn remove_key(data: &mut figment::value::Value, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut node = data;
+    for key in parents {
+        match node {
+            figment::value::Value::Dict(_, dict) => match dict.get_mut(key) {
+                Some(child) => node = child,
+                None => return false,
+            },
+            _ => return false,
+        }
+    }
+    match node {
+        figment::value::Value::Dict(_, dict) => dict.remove(last).is_some(),
+        _ => false,
+    }
+}
+
+fn describe_figment_error(error: figment::Error, figment: &Figment) -> ConfigError {
+    ConfigError::all(
+        error
+            .into_iter()
+            .map(|e| ConfigError::Source(describe_one(&e, &failing_path(&e), figment)))
+            .collect(),
+    )
+}
+
+/// One problem: the key, what is wrong, and where the value came from.
+fn describe_one(e: &figment::Error, key: &[String], figment: &Figment) -> String {
+    let path = key.join(".");
+    let mut line = match &e.kind {
+        figment::error::Kind::UnknownField(_, expected) => format!(
+            "unknown key `{path}` (expected one of: {})",
+            expected.join(", ")
+        ),
+        figment::error::Kind::UnknownVariant(value, expected) => format!(
+            "`{path}`: unknown value `{value}` (expected one of: {})",
+            expected.join(", ")
+        ),
+        kind if path.is_empty() => kind.to_string(),
+        kind => format!("`{path}`: {kind}"),
+    };
+    // The original sources know where a key came from; a later round's error only knows the
+    // re-serialized value it was extracted from.
+    let metadata = figment.find_metadata(&path).or(e.metadata.as_ref());
+    if let Some(md) = metadata {
+        if md.name.contains("environment") {
+            let var = format!(
+                "{ENV_PREFIX}{}",
+                path.to_ascii_uppercase().replace('.', ENV_SEPARATOR)
+            );
+            line.push_str(&format!(" (from environment variable {var})"));
+        } else if let Some(figment::Source::File(file)) = &md.source {
+            line.push_str(&format!(" (in {})", file.display()));
+        } else if let Some(source) = &md.source {
+            line.push_str(&format!(" (in {source})"));
+        }
+    }
+    line
 }
 
 /// Field names whose values are secrets wherever they appear.

@@ -45,8 +45,13 @@ struct ServeArgs {
 enum Command {
     /// Run the broker (the default without a subcommand).
     Serve(ServeArgs),
-    /// Print the effective configuration as TOML, secrets redacted.
+    /// Print the effective configuration as TOML, secrets redacted, after checking it (exit 64
+    /// and every problem when it is not valid).
     PrintConfig,
+    /// Check the configuration as `serve` would (every unknown key, ill-typed or invalid value,
+    /// unreadable file, with its source) without starting anything: exit 0 when valid, else 64
+    /// and every problem. For CI pipelines and before a restart.
+    CheckConfig,
     /// Print a commented configuration file holding every default.
     DefaultConfig,
     /// Create an admin API key and print it once on stdout.
@@ -158,7 +163,24 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Some(Command::PrintConfig) => {
             let raw = RawConfig::load(config_file)?;
+            raw.validate()?;
             print_stdout(&raw.to_redacted_toml()?)
+        }
+        Some(Command::CheckConfig) => {
+            let config = RawConfig::load(config_file)?.validate()?;
+            let keyring = config.require_keyring()?;
+            let store = match &config.store {
+                tokenfleet_broker::config::StoreConfig::Embedded { path } => {
+                    format!("embedded ({})", path.display())
+                }
+                tokenfleet_broker::config::StoreConfig::Redis(_) => "redis".to_owned(),
+            };
+            print_stdout(&format!(
+                "configuration OK: gRPC on {}, HTTP on {}, store {store}, sealing key {}\n",
+                config.grpc_listen,
+                config.http_listen,
+                keyring.current_key_id(),
+            ))
         }
         Some(Command::DefaultConfig) => print_stdout(DEFAULT_CONFIG_TOML),
         Some(Command::GenerateKey) => {

@@ -1090,3 +1090,105 @@ async fn bootstrap_key_file_gives_the_first_admin_key_on_the_embedded_store() {
         );
     }
 }
+
+/// `check-config` through the real binary: every unknown key, ill-typed value and invalid value at
+/// once, each naming its key and its source (the file, or the environment variable), exit 64; a
+/// valid configuration exits 0 with a summary. `print-config` checks before it prints.
+#[tokio::test]
+async fn check_config_reports_every_problem_at_once_with_its_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "broker.toml",
+        &format!(
+            "state_dir = {:?}\nshutdown_grace_secs = 5\n[grpc]\nlisten = \"nope\"\nlisen = \"x\"\n\
+             [http]\nlisten = 8080\n[tokens]\nlease_ttl_seconds = \"soon\"\n\
+             [seal]\nkeys = [{{ id = \"k1\", key_file = {:?} }}]\n",
+            dir.path().join("state"),
+            dir.path().join("missing.key"),
+        ),
+    );
+    let out = run(broker()
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .env("TOKENFLEET_LIMITS__GRPC_MAX_STREAMS", "5"))
+    .await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let file = config.display().to_string();
+    for expected in [
+        "unknown key `shutdown_grace_secs` (expected one of: ".to_owned(),
+        format!("unknown key `grpc.lisen` (expected one of: listen) (in {file})"),
+        format!(
+            "`http.listen`: invalid type: found signed int `8080`, expected a string (in {file})"
+        ),
+        "`tokens.lease_ttl_seconds`: invalid type: found string \"soon\"".to_owned(),
+        "unknown key `limits.grpc_max_streams`".to_owned(),
+        "(from environment variable TOKENFLEET_LIMITS__GRPC_MAX_STREAMS)".to_owned(),
+    ] {
+        assert!(
+            stderr.contains(&expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+    assert!(stderr.contains("5 problems"), "{stderr}");
+
+    // With the schema right, the invalid values are all reported too.
+    let config = write(
+        dir.path(),
+        "broker.toml",
+        &format!(
+            "state_dir = {:?}\n[grpc]\nlisten = \"nope\"\n[http]\nlisten = \"127.0.0.1:1\"\n\
+             [log]\nlevel = \"=\"\n[seal]\nkeys = [{{ id = \"k1\", key_file = {:?} }}]\n",
+            dir.path().join("state"),
+            dir.path().join("missing.key"),
+        ),
+    );
+    for command in ["check-config", "print-config"] {
+        let out = run(broker().arg(command).arg("--config").arg(&config)).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{command}: {stderr}");
+        assert!(
+            out.stdout.is_empty(),
+            "{command} printed a configuration it refuses"
+        );
+        for expected in [
+            "3 problems",
+            "`grpc.listen`: `nope` is not a socket address",
+            "`log.level`: `=` is not a log filter",
+            "`seal.keys[0].key_file`",
+        ] {
+            assert!(
+                stderr.contains(expected),
+                "{command}: missing {expected:?} in:\n{stderr}"
+            );
+        }
+    }
+
+    // A valid configuration.
+    let key_file = write(
+        dir.path(),
+        "seal.key",
+        &Keyring::generate_key_base64().unwrap(),
+    );
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = write(
+        dir.path(),
+        "broker.toml",
+        &format!(
+            "state_dir = {:?}\n[seal]\nkeys = [{{ id = \"k1\", key_file = {key_file:?} }}]\n",
+            dir.path().join("state"),
+        ),
+    );
+    let out = run(broker().args(["check-config", "--config"]).arg(&config)).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("configuration OK: gRPC on 127.0.0.1:50051"),
+        "{stdout}"
+    );
+    assert!(
+        !dir.path().join("state").exists(),
+        "check-config starts nothing and writes nothing"
+    );
+}
