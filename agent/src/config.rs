@@ -2,48 +2,11 @@
 //! retry policy). Device configuration comes from the broker (`GetAgentConfig`).
 //!
 //! Layers, later ones win: built-in defaults → the TOML file given with `--config` →
-//! `TOKENFLEET_AGENT_*` environment variables (nested keys joined with `__`). Unknown keys are
-//! refused with their name; the binary exits with 64 (`EX_USAGE`) on a bad configuration.
-//!
-//! ```toml
-//! state_dir = "/var/lib/tokenfleet-agent"   # key, certificate, counters, cached config
-//! # broker_url = "https://broker.example.com:50051"  # default: the one stored by `enroll`
-//! # spool_dir = "/var/lib/tokenfleet-agent/spool"    # default: <state_dir>/spool
-//! smtp_listen = "127.0.0.1:2525"
-//! pop3_listen = "127.0.0.1:1110"             # "" = no local POP3 server
-//! # ingress_tls_cert_file = "/etc/tokenfleet-agent/ingress.pem"  # STARTTLS for devices
-//! # ingress_tls_key_file = "/etc/tokenfleet-agent/ingress.key"
-//! ingress_require_tls = false                # true: no AUTH/MAIL (SMTP), USER/PASS (POP3) before TLS
-//! delivery_concurrency = 4
-//! retry_base_seconds = 30
-//! retry_max_seconds = 3600
-//! max_attempts = 0                           # 0 = no limit (max_age_seconds still applies)
-//! max_age_seconds = 432000                   # 5 days, then the message is dead-lettered
-//! token_renew_margin_seconds = 300
-//! bounce = false                             # DSN to the sender on a permanent failure
-//! shutdown_grace_seconds = 30
-//! # heartbeat_seconds = 2                    # overrides the broker's value (tests)
-//! connection_test_interval_seconds = 3600    # periodic connection tests; 0 = off
-//!
-//! [ingress_limits]                           # SMTP ingress and local POP3 server (each)
-//! max_sessions = 100                         # sessions at once, all sources
-//! max_sessions_per_source = 10               # per IPv4 address / IPv6 /64
-//! max_session_seconds = 1800                 # then a session is closed, whatever it does
-//! idle_timeout_seconds = 300                 # SMTP: wait for a command / DATA line (RFC 5321: ≥ 5 min)
-//! pop3_idle_timeout_seconds = 600            # POP3 autologout (RFC 1939: ≥ 10 min)
-//! message_memory_bytes = 65536               # of a message in memory; the rest streams to disk
-//! max_message_bytes = 36700160               # largest message (35 MiB)
-//! password_hash_concurrency = 2              # argon2 checks at once (~19 MiB each)
-//! password_hash_max_memory_kib = 65536       # larger argon2 memory costs are refused
-//! verified_login_cache_seconds = 300         # remember a verified login (keyed hash); 0 = off
-//! login_slowdown_after = 3                   # failures (per source / user) before delays
-//! login_max_delay_seconds = 5                # longest delay of a failure answer
-//! login_lockout_after = 10                   # failures within the window that lock
-//! login_failure_window_seconds = 900
-//! login_lockout_seconds = 900
-//! spool_max_bytes = 1073741824               # spool quota (queued messages); then 452 4.3.1
-//! spool_max_messages = 10000
-//! ```
+//! `TOKENFLEET_AGENT_*` environment variables (nested keys joined with `__`). Every unknown key,
+//! value of the wrong type and invalid value is reported at once, each naming its key and, for
+//! the first two, where it came from (the file, or the environment variable); the binary exits
+//! with 64 (`EX_USAGE`) on a bad configuration. [`DEFAULT_CONFIG_TOML`] (`tokenfleet-agent
+//! default-config`) documents every key with its default.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -53,6 +16,30 @@ use figment::Figment;
 use figment::providers::{Env, Format as _, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+/// How the environment names keys (`TOKENFLEET_AGENT_` + `INGRESS_LIMITS__MAX_SESSIONS`).
+const ENV: tokenfleet_configkit::EnvNaming<'static> = tokenfleet_configkit::EnvNaming {
+    prefix: ENV_PREFIX,
+    separator: "__",
+};
+
+/// `line` (a problem starting with its key: `key = value: …` or `key: …`) with where the key's
+/// value came from, when that is a file or an environment variable.
+fn with_source(line: String, figment: &Figment) -> String {
+    let key = line
+        .split([' ', ':'])
+        .next()
+        .unwrap_or_default()
+        .trim_matches('`');
+    match tokenfleet_configkit::source(figment, key, ENV) {
+        Some(source) => format!("{line} ({source})"),
+        None => line,
+    }
+}
+
+/// Every key with its default and a comment (`tokenfleet-agent default-config`); parses back to
+/// [`RawAgentConfig::default`].
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("default-config.toml");
+
 /// Prefix of the environment variables that override the file.
 pub const ENV_PREFIX: &str = "TOKENFLEET_AGENT_";
 
@@ -61,9 +48,31 @@ pub const ENV_PREFIX: &str = "TOKENFLEET_AGENT_";
 #[error("configuration: {0}")]
 pub struct ConfigError(pub String);
 
+impl ConfigError {
+    /// The problems this error holds, one per line (see [`ConfigError::all`]).
+    fn problems(self) -> Vec<String> {
+        match self.0.split_once(" problems:\n  ") {
+            Some((_, rest)) => rest.split("\n  ").map(str::to_owned).collect(),
+            None => vec![self.0],
+        }
+    }
+
+    /// One error for several problems: the only one, or `N problems:` and one per line.
+    pub fn all(problems: Vec<String>) -> Self {
+        match problems.as_slice() {
+            [one] => Self(one.clone()),
+            _ => Self(format!(
+                "{} problems:\n  {}",
+                problems.len(),
+                problems.join("\n  ")
+            )),
+        }
+    }
+}
+
 /// The configuration as written (file and environment); see the module documentation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawAgentConfig {
     /// State directory (mode 0700, created): identity, counters, cached broker configuration.
     pub state_dir: PathBuf,
@@ -106,6 +115,37 @@ pub struct RawAgentConfig {
     pub connection_test_interval_seconds: u64,
     /// Limits of the SMTP ingress and the local POP3 server.
     pub ingress_limits: RawIngressLimits,
+    /// Logging.
+    pub log: RawLog,
+}
+
+/// `[log]`: what the agent logs, and how (to stderr).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    /// Filter in tracing's EnvFilter syntax (`info`, `debug`, `info,tokenfleet_agent=debug`);
+    /// `RUST_LOG` wins when set.
+    pub level: String,
+    /// `text` (for a person) or `json` (one object per line, for a log pipeline).
+    pub format: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            format: "text".to_owned(),
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `[ingress_limits]`: what one device, or anyone who can reach the listeners, may use. See the
@@ -305,6 +345,55 @@ impl RawIngressLimits {
     }
 }
 
+impl RawAgentConfig {
+    /// Reads defaults → `file` (if given; it must exist) → environment, every unknown key and
+    /// ill-typed value reported at once; `state_dir` (from the command line) wins when given.
+    pub fn load_raw(file: Option<&Path>, state_dir: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::extract(&Self::figment(file, state_dir)?)
+    }
+
+    /// The layered sources: defaults, `file`, the environment, `state_dir`.
+    fn figment(file: Option<&Path>, state_dir: Option<&Path>) -> Result<Figment, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(RawAgentConfig::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError(format!(
+                    "--config {}: no such file",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        if let Some(dir) = state_dir {
+            figment = figment.merge(Serialized::default("state_dir", dir));
+        }
+        Ok(figment)
+    }
+
+    /// [`RawAgentConfig::load_raw`] from built sources.
+    fn extract(figment: &Figment) -> Result<Self, ConfigError> {
+        tokenfleet_configkit::extract_reporting_all(figment, ENV).map_err(|problems| {
+            // The values that did extract are checked too: one run reports everything.
+            let mut lines = problems.lines;
+            if let Some(Err(invalid)) = problems.repaired.map(AgentSettings::validate) {
+                lines.extend(
+                    invalid
+                        .problems()
+                        .into_iter()
+                        .map(|line| with_source(line, figment)),
+                );
+            }
+            ConfigError::all(lines)
+        })
+    }
+
+    /// The configuration as TOML (`tokenfleet-agent print-config`; it holds no secrets).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| ConfigError(format!("printing the configuration: {e}")))
+    }
+}
+
 impl Default for RawAgentConfig {
     fn default() -> Self {
         Self {
@@ -327,6 +416,7 @@ impl Default for RawAgentConfig {
             heartbeat_seconds: 0,
             connection_test_interval_seconds: 3600,
             ingress_limits: RawIngressLimits::default(),
+            log: RawLog::default(),
         }
     }
 }
@@ -371,49 +461,47 @@ pub struct AgentSettings {
     pub connection_test_interval: Option<Duration>,
     /// Limits of the SMTP ingress, the local POP3 server and the spool.
     pub ingress_limits: IngressLimits,
+    /// Log filter (`[log] level`).
+    pub log_level: String,
+    /// Log line format (`[log] format`).
+    pub log_format: LogFormat,
 }
 
 impl AgentSettings {
     /// Loads defaults → `file` (if given; it must exist) → environment, and validates.
     /// `state_dir` (from the command line) wins over both when given.
     pub fn load(file: Option<&Path>, state_dir: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(RawAgentConfig::default()));
-        if let Some(path) = file {
-            if !path.is_file() {
-                return Err(ConfigError(format!(
-                    "--config {}: no such file",
-                    path.display()
-                )));
-            }
-            figment = figment.merge(Toml::file_exact(path));
-        }
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
-        if let Some(dir) = state_dir {
-            figment = figment.merge(Serialized::default("state_dir", dir));
-        }
-        let raw: RawAgentConfig = figment.extract().map_err(|e| ConfigError(describe(e)))?;
-        Self::validate(raw)
+        let figment = RawAgentConfig::figment(file, state_dir)?;
+        let raw = RawAgentConfig::extract(&figment)?;
+        Self::validate(raw).map_err(|invalid| {
+            ConfigError::all(
+                invalid
+                    .problems()
+                    .into_iter()
+                    .map(|line| with_source(line, &figment))
+                    .collect(),
+            )
+        })
     }
 
     /// Checks and converts a raw configuration.
     pub fn validate(raw: RawAgentConfig) -> Result<Self, ConfigError> {
-        let addr = |key: &str, value: &str| -> Result<SocketAddr, ConfigError> {
-            value.parse().map_err(|e| {
-                ConfigError(format!(
-                    "{key} = {value:?}: not an address like 127.0.0.1:2525 ({e})"
-                ))
-            })
+        // Every check runs; all problems are reported at once.
+        let mut problems: Vec<String> = Vec::new();
+        let addr = |key: &str, value: &str| -> Result<SocketAddr, String> {
+            value
+                .parse()
+                .map_err(|e| format!("{key} = {value:?}: not an address like 127.0.0.1:2525 ({e})"))
         };
         if raw.state_dir.as_os_str().is_empty() {
-            return Err(ConfigError("state_dir: must not be empty".to_owned()));
+            problems.push("state_dir: must not be empty".to_owned());
         }
         let broker_url = match raw.broker_url.trim() {
             "" => None,
             url if url.starts_with("https://") => Some(url.to_owned()),
             url => {
-                return Err(ConfigError(format!(
-                    "broker_url = {url:?}: must be an https:// URL"
-                )));
+                problems.push(format!("broker_url = {url:?}: must be an https:// URL"));
+                None
             }
         };
         let spool_dir = if raw.spool_dir.is_empty() {
@@ -421,9 +509,12 @@ impl AgentSettings {
         } else {
             PathBuf::from(&raw.spool_dir)
         };
+        let smtp_listen = addr("smtp_listen", &raw.smtp_listen).map_err(|e| problems.push(e));
         let pop3_listen = match raw.pop3_listen.trim() {
             "" => None,
-            value => Some(addr("pop3_listen", value)?),
+            value => addr("pop3_listen", value)
+                .map_err(|e| problems.push(e))
+                .ok(),
         };
         let ingress_tls = match (
             raw.ingress_tls_cert_file.is_empty(),
@@ -435,50 +526,74 @@ impl AgentSettings {
                 PathBuf::from(&raw.ingress_tls_key_file),
             )),
             (false, true) => {
-                return Err(ConfigError(
+                problems.push(
                     "ingress_tls_key_file: must be set together with ingress_tls_cert_file"
                         .to_owned(),
-                ));
+                );
+                None
             }
             (true, false) => {
-                return Err(ConfigError(
+                problems.push(
                     "ingress_tls_cert_file: must be set together with ingress_tls_key_file"
                         .to_owned(),
-                ));
+                );
+                None
             }
         };
-        if raw.ingress_require_tls && ingress_tls.is_none() {
-            return Err(ConfigError(
+        if raw.ingress_require_tls
+            && (raw.ingress_tls_cert_file.is_empty() || raw.ingress_tls_key_file.is_empty())
+        {
+            problems.push(
                 "ingress_require_tls: needs ingress_tls_cert_file and ingress_tls_key_file"
                     .to_owned(),
-            ));
+            );
         }
         if raw.delivery_concurrency == 0 || raw.delivery_concurrency > 256 {
-            return Err(ConfigError(format!(
+            problems.push(format!(
                 "delivery_concurrency = {}: must be 1 to 256",
                 raw.delivery_concurrency
-            )));
+            ));
         }
         if raw.retry_base_seconds == 0 {
-            return Err(ConfigError(
-                "retry_base_seconds: must be at least 1".to_owned(),
-            ));
+            problems.push("retry_base_seconds: must be at least 1".to_owned());
         }
         if raw.retry_max_seconds < raw.retry_base_seconds {
-            return Err(ConfigError(format!(
+            problems.push(format!(
                 "retry_max_seconds = {}: must not be less than retry_base_seconds ({})",
                 raw.retry_max_seconds, raw.retry_base_seconds
-            )));
-        }
-        if raw.max_age_seconds == 0 {
-            return Err(ConfigError(
-                "max_age_seconds: must be at least 1".to_owned(),
             ));
         }
-        let ingress_limits = raw.ingress_limits.validate()?;
+        if raw.max_age_seconds == 0 {
+            problems.push("max_age_seconds: must be at least 1".to_owned());
+        }
+        let log_format = match raw.log.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                problems.push(format!(
+                    "log.format = {other:?}: must be \"text\" or \"json\""
+                ));
+                LogFormat::Text
+            }
+        };
+        if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
+            problems.push(format!(
+                "log.level = {:?}: not a log filter (use e.g. \"info\", \"debug\" or \"info,tokenfleet_agent=debug\")",
+                raw.log.level
+            ));
+        }
+        let ingress_limits = raw
+            .ingress_limits
+            .validate()
+            .map_err(|e| problems.push(e.0));
+        let (Ok(smtp_listen), Ok(ingress_limits), true) =
+            (smtp_listen, ingress_limits, problems.is_empty())
+        else {
+            return Err(ConfigError::all(problems));
+        };
         Ok(Self {
             ingress_limits,
-            smtp_listen: addr("smtp_listen", &raw.smtp_listen)?,
+            smtp_listen,
             state_dir: raw.state_dir,
             broker_url,
             spool_dir,
@@ -497,37 +612,47 @@ impl AgentSettings {
                 .then(|| Duration::from_secs(u64::from(raw.heartbeat_seconds))),
             connection_test_interval: (raw.connection_test_interval_seconds > 0)
                 .then(|| Duration::from_secs(raw.connection_test_interval_seconds)),
+            log_level: raw.log.level,
+            log_format,
         })
     }
-}
-
-/// One line per figment error, naming the key and where its value came from.
-fn describe(error: figment::Error) -> String {
-    error
-        .into_iter()
-        .map(|e| {
-            let key = if e.path.is_empty() {
-                String::new()
-            } else {
-                format!("{}: ", e.path.join("."))
-            };
-            let source = e
-                .metadata
-                .as_ref()
-                .map(|m| match &m.source {
-                    Some(source) => format!(" (in {} {source})", m.name),
-                    None => format!(" (in {})", m.name),
-                })
-                .unwrap_or_default();
-            format!("{key}{}{source}", e.kind)
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_config_parses_back_to_the_defaults() {
+        let raw: RawAgentConfig = Figment::new()
+            .merge(Toml::string(DEFAULT_CONFIG_TOML))
+            .extract()
+            .unwrap();
+        assert_eq!(raw, RawAgentConfig::default());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = AgentSettings::validate(RawAgentConfig {
+            smtp_listen: "nope".into(),
+            delivery_concurrency: 0,
+            log: RawLog {
+                level: "info".into(),
+                format: "xml".into(),
+            },
+            ..RawAgentConfig::default()
+        })
+        .unwrap_err()
+        .0;
+        assert!(err.starts_with("3 problems:"), "{err}");
+        for key in [
+            "smtp_listen = \"nope\"",
+            "delivery_concurrency = 0",
+            "log.format = \"xml\"",
+        ] {
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
 
     #[test]
     fn defaults_are_valid() {

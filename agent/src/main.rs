@@ -79,6 +79,28 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Print a commented configuration file holding every default.
+    DefaultConfig,
+    /// Print the effective configuration (defaults, the file, the environment) as TOML, after
+    /// checking it: exit 64 and every problem when it is not valid.
+    PrintConfig {
+        /// Local configuration file (TOML).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// State directory (overrides `state_dir` of the file and the environment).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Check the configuration as `run` would, without starting anything: exit 0 with a
+    /// summary, or 64 and every problem (for CI pipelines).
+    CheckConfig {
+        /// Local configuration file (TOML).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// State directory (overrides `state_dir` of the file and the environment).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// Show the agent's identity and certificate expiry.
     Status {
         #[command(flatten)]
@@ -86,21 +108,24 @@ enum Command {
     },
 }
 
+use tokenfleet_agent::config::LogFormat;
+
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour only for a person at a terminal, never into log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
-    if let Command::Run { config, state_dir } = &cli.command {
-        return run_agent(config.as_deref(), state_dir.as_deref());
+    match &cli.command {
+        Command::Run { config, state_dir } => {
+            return run_agent(config.as_deref(), state_dir.as_deref());
+        }
+        Command::DefaultConfig => {
+            print!("{}", tokenfleet_agent::config::DEFAULT_CONFIG_TOML);
+            return ExitCode::SUCCESS;
+        }
+        Command::PrintConfig { config, state_dir } | Command::CheckConfig { config, state_dir } => {
+            return config_command(&cli.command, config.as_deref(), state_dir.as_deref());
+        }
+        _ => init_tracing("info", LogFormat::Text),
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -121,15 +146,76 @@ fn main() -> ExitCode {
     }
 }
 
-/// `run`: bad configuration exits 64 (EX_USAGE), other failures 1, a clean stop 0.
-fn run_agent(config: Option<&std::path::Path>, state_dir: Option<&std::path::Path>) -> ExitCode {
-    let settings = match tokenfleet_agent::config::AgentSettings::load(config, state_dir) {
+/// Logs to stderr with `level` (`RUST_LOG` wins when set) in `format`.
+fn init_tracing(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never into log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// `print-config` and `check-config`: the checked configuration, or exit 64 with every problem.
+fn config_command(
+    command: &Command,
+    config: Option<&std::path::Path>,
+    state_dir: Option<&std::path::Path>,
+) -> ExitCode {
+    use tokenfleet_agent::config::{AgentSettings, RawAgentConfig};
+    let settings = match AgentSettings::load(config, state_dir) {
         Ok(settings) => settings,
         Err(error) => {
             eprintln!("tokenfleet-agent: error: {error}");
             return ExitCode::from(64);
         }
     };
+    if let Command::CheckConfig { .. } = command {
+        println!(
+            "configuration OK: SMTP on {}, POP3 {}, state in {}, spool in {}",
+            settings.smtp_listen,
+            settings
+                .pop3_listen
+                .map_or_else(|| "off".to_owned(), |a| format!("on {a}")),
+            settings.state_dir.display(),
+            settings.spool_dir.display(),
+        );
+        return ExitCode::SUCCESS;
+    }
+    match RawAgentConfig::load_raw(config, state_dir).and_then(|raw| raw.to_toml()) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("tokenfleet-agent: error: {error}");
+            ExitCode::from(64)
+        }
+    }
+}
+
+/// `run`: bad configuration exits 64 (EX_USAGE), other failures 1, a clean stop 0.
+fn run_agent(config: Option<&std::path::Path>, state_dir: Option<&std::path::Path>) -> ExitCode {
+    let settings = match tokenfleet_agent::config::AgentSettings::load(config, state_dir) {
+        Ok(settings) => settings,
+        Err(error) => {
+            init_tracing("info", LogFormat::Text);
+            eprintln!("tokenfleet-agent: error: {error}");
+            return ExitCode::from(64);
+        }
+    };
+    init_tracing(&settings.log_level, settings.log_format);
+    tracing::info!(
+        version = VERSION,
+        smtp = %settings.smtp_listen,
+        state_dir = %settings.state_dir.display(),
+        "tokenfleet-agent starting"
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -206,7 +292,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run { .. } => anyhow::bail!("`run` is started by main"),
+        Command::Run { .. }
+        | Command::DefaultConfig
+        | Command::PrintConfig { .. }
+        | Command::CheckConfig { .. } => anyhow::bail!("started by main"),
         Command::Status { state } => {
             let current = identity::load(&state.state_dir)?;
             println!("{}", describe(&current));

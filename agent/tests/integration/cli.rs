@@ -68,3 +68,82 @@ fn an_agent_that_is_not_enrolled_says_so() {
         assert!(stderr.contains("not enrolled"), "{command}: {stderr}");
     }
 }
+
+/// `default-config`, `check-config` and `print-config` through the binary: the defaults check
+/// clean; every problem of a bad file and environment is reported at once with its source (exit
+/// 64, nothing printed); `print-config` shows the effective values; `[log] format = "json"` makes
+/// every log line a JSON object.
+#[test]
+fn configuration_commands_report_every_problem_with_its_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, defaults, stderr) = agent(&["default-config"], dir.path());
+    assert_eq!(code, 0, "{stderr}");
+    let file = dir.path().join("agent.toml");
+    std::fs::write(&file, &defaults).unwrap();
+    let path = file.to_str().unwrap();
+    let (code, stdout, stderr) = agent(&["check-config", "--config", path], dir.path());
+    assert_eq!(code, 0, "the printed defaults check clean: {stderr}");
+    assert!(
+        stdout.starts_with("configuration OK: SMTP on 127.0.0.1:2525"),
+        "{stdout}"
+    );
+
+    std::fs::write(
+        &file,
+        "smtp_listen = \"nope\"\ndelivery_concurency = 3\n[log]\nformat = \"xml\"\n\
+         [ingress_limits]\nmax_sessions = \"many\"\n",
+    )
+    .unwrap();
+    for command in ["check-config", "print-config", "run"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tokenfleet-agent"))
+            .args([command, "--config", path])
+            .env("TOKENFLEET_AGENT_STATE_DIR", dir.path())
+            .env("TOKENFLEET_AGENT_RETRY_BASE_SECONDS", "0")
+            .env("TOKENFLEET_AGENT_BOUNCE", "maybe")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{command}: {stderr}");
+        assert!(out.stdout.is_empty(), "{command} printed something");
+        for expected in [
+            "6 problems".to_owned(),
+            "unknown key `delivery_concurency` (expected one of: ".to_owned(),
+            format!("`ingress_limits.max_sessions`: invalid type: found string \"many\", expected u32 (in {path})"),
+            "`bounce`: invalid type: found string \"maybe\", expected a boolean (from environment variable TOKENFLEET_AGENT_BOUNCE)".to_owned(),
+            "smtp_listen = \"nope\": not an address like 127.0.0.1:2525".to_owned(),
+            "retry_base_seconds: must be at least 1 (from environment variable TOKENFLEET_AGENT_RETRY_BASE_SECONDS)".to_owned(),
+            format!("log.format = \"xml\": must be \"text\" or \"json\" (in {path})"),
+        ] {
+            assert!(stderr.contains(&expected), "{command}: missing {expected:?} in:\n{stderr}");
+        }
+    }
+
+    // The effective configuration, environment included.
+    std::fs::write(&file, "[log]\nformat = \"json\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tokenfleet-agent"))
+        .args(["print-config", "--config", path])
+        .env("TOKENFLEET_AGENT_STATE_DIR", dir.path())
+        .env("TOKENFLEET_AGENT_DELIVERY_CONCURRENCY", "7")
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(printed.contains("delivery_concurrency = 7"), "{printed}");
+    assert!(printed.contains("format = \"json\""), "{printed}");
+
+    // JSON log lines (the agent is not enrolled, so it stops after its first line).
+    let (code, _, stderr) = agent(&["run", "--config", path], dir.path());
+    assert_eq!(code, 1, "{stderr}");
+    let first = stderr.lines().next().unwrap_or_default();
+    let line: serde_json::Value = serde_json::from_str(first)
+        .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {first}"));
+    assert_eq!(
+        line["fields"]["message"], "tokenfleet-agent starting",
+        "{line}"
+    );
+    assert_eq!(line["level"], "INFO");
+}

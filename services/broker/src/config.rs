@@ -824,117 +824,31 @@ fn parse_listen(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 /// Turns figment's error into one line that names the key and where it came from.
-/// Most problems [`extract_reporting_all`] collects before it reports what it has.
-const MAX_REPORTED_PROBLEMS: usize = 50;
-
-/// Extracts the configuration, reporting every unknown key and ill-typed value at once: a key
-/// that fails is described (with its source, looked up in `figment`) and removed, and the rest is
-/// extracted again, until nothing fails.
+/// Extracts the configuration, reporting every unknown key and ill-typed value at once, each
+/// with its source ([`tokenfleet_configkit::extract_reporting_all`]).
 fn extract_reporting_all(figment: &Figment) -> Result<RawConfig, ConfigError> {
-    let mut error = match figment.extract::<RawConfig>() {
-        Ok(raw) => return Ok(raw),
-        Err(error) => error,
-    };
-    // The merged sources as one value, to take failing keys out of.
-    let Ok(mut data) = figment.extract::<figment::value::Value>() else {
-        return Err(describe_figment_error(error, figment));
-    };
-    let mut problems = Vec::new();
-    loop {
-        let mut removed_any = false;
-        for e in error {
-            let path = failing_path(&e);
-            problems.push(describe_one(&e, &path, figment));
-            removed_any |= remove_key(&mut data, &path);
-        }
-        if !removed_any || problems.len() >= MAX_REPORTED_PROBLEMS {
-            break;
-        }
-        match Figment::from(figment::providers::Serialized::defaults(&data)).extract::<RawConfig>()
-        {
-            Ok(_) => break,
-            Err(next) => error = next,
-        }
-    }
-    Err(ConfigError::all(
-        problems.into_iter().map(ConfigError::Source).collect(),
-    ))
-}
-
-/// The dotted key an error is about (figment's path, plus the field of an unknown-field error
-/// when the path does not end with it already).
-fn failing_path(e: &figment::Error) -> Vec<String> {
-    let mut path = e.path.clone();
-    if let figment::error::Kind::UnknownField(field, _) = &e.kind
-        && path.last() != Some(field)
-    {
-        path.push(field.clone());
-    }
-    path
-}
-
-/// Removes `path` from `data`; whether it was there.
-fn remove_key(data: &mut figment::value::Value, path: &[String]) -> bool {
-    let Some((last, parents)) = path.split_last() else {
-        return false;
-    };
-    let mut node = data;
-    for key in parents {
-        match node {
-            figment::value::Value::Dict(_, dict) => match dict.get_mut(key) {
-                Some(child) => node = child,
-                None => return false,
-            },
-            _ => return false,
-        }
-    }
-    match node {
-        figment::value::Value::Dict(_, dict) => dict.remove(last).is_some(),
-        _ => false,
-    }
-}
-
-fn describe_figment_error(error: figment::Error, figment: &Figment) -> ConfigError {
-    ConfigError::all(
-        error
-            .into_iter()
-            .map(|e| ConfigError::Source(describe_one(&e, &failing_path(&e), figment)))
-            .collect(),
+    tokenfleet_configkit::extract_reporting_all(
+        figment,
+        tokenfleet_configkit::EnvNaming {
+            prefix: ENV_PREFIX,
+            separator: ENV_SEPARATOR,
+        },
     )
-}
-
-/// One problem: the key, what is wrong, and where the value came from.
-fn describe_one(e: &figment::Error, key: &[String], figment: &Figment) -> String {
-    let path = key.join(".");
-    let mut line = match &e.kind {
-        figment::error::Kind::UnknownField(_, expected) => format!(
-            "unknown key `{path}` (expected one of: {})",
-            expected.join(", ")
-        ),
-        figment::error::Kind::UnknownVariant(value, expected) => format!(
-            "`{path}`: unknown value `{value}` (expected one of: {})",
-            expected.join(", ")
-        ),
-        kind if path.is_empty() => kind.to_string(),
-        kind => format!("`{path}`: {kind}"),
-    };
-    // The original sources know where a key came from; a later round's error only knows the
-    // re-serialized value it was extracted from.
-    let metadata = figment.find_metadata(&path).or(e.metadata.as_ref());
-    if let Some(md) = metadata {
-        if md.name.contains("environment") {
-            let var = format!(
-                "{ENV_PREFIX}{}",
-                path.to_ascii_uppercase().replace('.', ENV_SEPARATOR)
-            );
-            line.push_str(&format!(" (from environment variable {var})"));
-        } else if let Some(figment::Source::File(file)) = &md.source {
-            line.push_str(&format!(" (in {})", file.display()));
-        } else if let Some(source) = &md.source {
-            line.push_str(&format!(" (in {source})"));
+    .map_err(|problems| {
+        let mut all: Vec<ConfigError> = problems
+            .lines
+            .into_iter()
+            .map(ConfigError::Source)
+            .collect();
+        // The values that did extract are checked too: one run reports everything.
+        if let Some(Err(invalid)) = problems.repaired.map(|raw: RawConfig| raw.validate()) {
+            match invalid {
+                ConfigError::Many(more) => all.extend(more),
+                one => all.push(one),
+            }
         }
-    }
-    line
+        ConfigError::all(all)
+    })
 }
 
 /// Field names whose values are secrets wherever they appear.
