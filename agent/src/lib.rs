@@ -8,6 +8,7 @@
 pub mod config;
 mod durable;
 pub mod fetch;
+pub mod fuzz;
 pub mod identity;
 pub mod ingress;
 mod line_server;
@@ -18,3 +19,4 @@ pub mod runtime;
 pub mod sasl;
 pub mod spool;
 pub mod upstream;
+pub mod wire;

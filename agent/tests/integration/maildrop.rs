@@ -125,7 +125,6 @@ fn leftover_temporary_files_are_removed_at_open() {
     );
 }
 
-
 /// Runs [`child_store_then_die`] in a child process and returns after it died.
 fn crash_child_at(stage: &str, dir: &Path) {
     let status = Command::new(std::env::current_exe().unwrap())

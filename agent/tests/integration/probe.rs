@@ -5,7 +5,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-
 use std::time::Duration;
 
 use crate::smtp_support::{AuthAnswer, Script, ScriptedSmtp, TestCa, server_config};

@@ -326,13 +326,17 @@ fn random_below(n: u64) -> u64 {
     u64::from_be_bytes(b) % n
 }
 
-
 #[test]
 fn sigkill_never_loses_an_acknowledged_message() {
     let dir = tempfile::tempdir().unwrap();
     for round in 0..3 {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", &crate::libtest_name(module_path!(), "crash_child"), "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                &crate::libtest_name(module_path!(), "crash_child"),
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -5,11 +5,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-
 use std::time::Duration;
 
-use base64::Engine as _;
 use crate::smtp_support::{AuthAnswer, Script, ScriptedSmtp, TestCa, server_config};
+use base64::Engine as _;
 use tokenfleet_agent::sasl::{AccessToken, Mechanism};
 use tokenfleet_agent::upstream::smtp::{Security, SmtpDelivery, SmtpSettings};
 use tokenfleet_agent::upstream::tls::TlsSettings;
