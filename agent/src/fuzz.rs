@@ -685,7 +685,11 @@ fn sasl_payloads(input: &[u8]) -> u64 {
     let challenge = sasl::decode_error_challenge(&String::from_utf8_lossy(input)).is_some();
     // Round trips: the payloads the agent builds parse back to what went in.
     let text = String::from_utf8_lossy(input).replace('\x01', "");
-    let (user, token) = text.split_at(text.len() / 2);
+    let mut half = text.len() / 2;
+    while !text.is_char_boundary(half) {
+        half -= 1;
+    }
+    let (user, token) = text.split_at(half);
     let token = sasl::AccessToken::new(token);
     let payload = sasl::xoauth2_payload(user, &token);
     let raw = base64_decode(payload.expose());
@@ -792,6 +796,10 @@ pub fn quiet_panics() -> impl Drop {
     struct Restore(Option<Box<dyn Fn(&std::panic::PanicHookInfo<'_>) + Sync + Send + 'static>>);
     impl Drop for Restore {
         fn drop(&mut self) {
+            // A panicking thread may not change the hook (that would abort).
+            if std::thread::panicking() {
+                return;
+            }
             if let Some(hook) = self.0.take() {
                 std::panic::set_hook(hook);
             }
