@@ -236,6 +236,11 @@ pub fn target(name: &str) -> Option<&'static Target> {
     TARGETS.iter().find(|t| t.name == name)
 }
 
+/// A length bucketed by its power of two, for signatures that should not tell every length apart.
+fn bucket(n: usize) -> u32 {
+    usize::BITS - n.leading_zeros()
+}
+
 fn signature(parts: impl Hash) -> u64 {
     let mut h = DefaultHasher::new();
     parts.hash(&mut h);
@@ -258,7 +263,7 @@ impl Rng {
     }
 
     /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -272,7 +277,7 @@ impl Rng {
         if n == 0 {
             0
         } else {
-            (self.next() % n as u64) as usize
+            (self.next_u64() % n as u64) as usize
         }
     }
 }
@@ -294,12 +299,12 @@ fn chunks<'a>(input: &'a [u8], rng: &mut Rng) -> Vec<&'a [u8]> {
 // Targets.
 
 fn smtp_command(input: &[u8]) -> u64 {
-    let mut kinds = Vec::new();
+    let mut kinds = std::collections::BTreeSet::new();
     for line in input.split(|&b| b == b'\n').take(64) {
         let text = smtp_server::command_text(line);
         let command = smtp_server::Command::parse(&text);
         let kind = std::mem::discriminant(&command);
-        kinds.push(signature(kind));
+        kinds.insert(signature(kind));
         match command {
             smtp_server::Command::Mail(args) | smtp_server::Command::Rcpt(args) => {
                 assert!(text.contains(args), "arguments are not part of the line");
@@ -307,7 +312,8 @@ fn smtp_command(input: &[u8]) -> u64 {
                     if let Some((addr, params)) = smtp_server::parse_path(args, prefix) {
                         assert!(args.contains(addr) && args.contains(params));
                         assert!(!addr.contains('<') && !addr.chars().any(char::is_control));
-                        kinds.push(smtp_server::mail_params(params).count() as u64);
+                        let params = smtp_server::mail_params(params);
+                        kinds.extend(params.map(|p| signature(std::mem::discriminant(&p))));
                     }
                 }
             }
@@ -318,7 +324,7 @@ fn smtp_command(input: &[u8]) -> u64 {
             smtp_server::Command::Auth { mechanism, initial } => {
                 assert!(!mechanism.contains(' '));
                 if let Some(i) = initial {
-                    kinds.push(signature(sasl::decode_response(i.as_bytes()).is_ok()));
+                    kinds.insert(signature(sasl::decode_response(i.as_bytes()).is_ok()));
                 }
             }
             _ => {}
@@ -395,7 +401,7 @@ fn smtp_data(input: &[u8]) -> u64 {
         let ours = smtp_server::receive_data(input, usize::MAX).and_then(Result::ok);
         assert_eq!(ours, theirs, "DATA disagrees with smtp-proto");
     }
-    signature(result.map(|r| r.map(|(m, used)| (m.len(), used))))
+    signature(result.map(|r| r.map(|(m, used)| (bucket(m.len()), used == input.len()))))
 }
 
 fn smtp_reply(input: &[u8]) -> u64 {
@@ -539,7 +545,7 @@ fn imap_response(input: &[u8]) -> u64 {
                     let _ = imap::uidvalidity(&text);
                 }
                 let _ = imap::fetch_body(parts);
-                shape.push(parts.len() as u64);
+                shape.push(u64::from(bucket(parts.len())));
             }
             imap::Response::Tagged { tag, .. } => {
                 assert!(!tag.is_empty() && !tag.contains(' '));
@@ -548,15 +554,17 @@ fn imap_response(input: &[u8]) -> u64 {
             imap::Response::Continuation(_) => shape.push(2_000),
         }
     }
-    signature((shape, error.map(|e| e.len())))
+    shape.sort_unstable();
+    shape.dedup();
+    signature((shape, error.map(|e| e.split(' ').next().map(str::to_owned))))
 }
 
 fn pop3_command(input: &[u8]) -> u64 {
-    let mut kinds = Vec::new();
+    let mut kinds = std::collections::BTreeSet::new();
     for line in input.split(|&b| b == b'\n').take(64) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let command = pop3::Command::parse(line);
-        kinds.push(command.verb as u64);
+        kinds.insert(command.verb as u64);
         if let Ok(i) = pop3::message_number(&command.arg, 10) {
             assert!(i < 10);
         }
@@ -588,7 +596,7 @@ fn pop3_response(input: &[u8]) -> u64 {
         match receiver.line(line) {
             Ok(Some(body)) => {
                 assert!(body.len() <= MAX);
-                kinds.push(pop3::body_lines(&body).len() as u64);
+                kinds.push(u64::from(bucket(pop3::body_lines(&body).len())));
                 break;
             }
             Ok(None) => {}
@@ -665,7 +673,7 @@ fn header_block(input: &[u8]) -> u64 {
     let mut login = envelope.clone();
     let login_result =
         apply_sender_policy(&SenderPolicy::LoginUser, "d", &mut login, input.to_vec());
-    signature((fields.len(), entries, login_result.is_ok()))
+    signature((bucket(fields.len()), bucket(entries), login_result.is_ok()))
 }
 
 fn sasl_payloads(input: &[u8]) -> u64 {
@@ -710,7 +718,10 @@ fn sasl_payloads(input: &[u8]) -> u64 {
         "OAUTHBEARER payload does not round-trip"
     );
     signature((
-        decoded.as_ref().map(Vec::len).map_err(|e| *e as u8),
+        decoded
+            .as_ref()
+            .map(|d| bucket(d.len()))
+            .map_err(|e| *e as u8),
         plain,
         challenge,
     ))
@@ -793,7 +804,8 @@ pub fn run_one(target: &Target, input: &[u8]) -> Result<u64, String> {
 /// Silences the default panic output while fuzzing (every panic is caught and reported as a
 /// [`Crash`]); returns a guard that puts the previous hook back.
 pub fn quiet_panics() -> impl Drop {
-    struct Restore(Option<Box<dyn Fn(&std::panic::PanicHookInfo<'_>) + Sync + Send + 'static>>);
+    type Hook = Box<dyn Fn(&std::panic::PanicHookInfo<'_>) + Sync + Send + 'static>;
+    struct Restore(Option<Hook>);
     impl Drop for Restore {
         fn drop(&mut self) {
             // A panicking thread may not change the hook (that would abort).
@@ -875,9 +887,9 @@ pub fn mutate(
             }
             1 if !out.is_empty() => {
                 let i = rng.below(out.len());
-                out[i] = rng.next() as u8;
+                out[i] = rng.next_u64() as u8;
             }
-            2 => out.insert(at, rng.next() as u8),
+            2 => out.insert(at, rng.next_u64() as u8),
             3 if !out.is_empty() => {
                 let end = (at + 1 + rng.below(16)).min(out.len());
                 let start = at.min(end);

@@ -146,8 +146,9 @@ pub fn fields(block: &[u8]) -> Vec<Field<'_>> {
 
 /// The entries of an address-list header value (`"A, B" <a@x>, b@y (c), grp: c@z;`), in order,
 /// trimmed and lower-cased: the addr-spec of each, whether it is a valid address or not (so a
-/// caller can say what is malformed). Group names, display names and comments are not entries,
-/// and an entry that is only a display name (`"Nobody"`) has no address.
+/// caller can say what is malformed; bare words count as one). Group names, display names and
+/// comments are not entries, and an entry that is only a quoted display name (`"Nobody"`) has no
+/// address.
 pub fn address_list_raw(value: &[u8]) -> Vec<String> {
     let value = &value[..value.len().min(MAX_ADDRESS_FIELD)];
     // The parser reads a value up to the line end that does not continue it.
@@ -158,6 +159,7 @@ pub fn address_list_raw(value: &[u8]) -> Vec<String> {
         input = Cow::Owned(owned);
     }
     let parsed = MessageStream::new(&input).parse_address();
+    let raw = String::from_utf8_lossy(value);
     let addrs: Vec<&mail_parser::Addr<'_>> = match &parsed {
         HeaderValue::Address(Address::List(list)) => list.iter().collect(),
         HeaderValue::Address(Address::Group(groups)) => {
@@ -168,7 +170,14 @@ pub fn address_list_raw(value: &[u8]) -> Vec<String> {
     addrs
         .into_iter()
         .filter_map(|a| {
-            let text = a.address.as_ref()?.trim().to_ascii_lowercase();
+            let text = match (&a.address, &a.name) {
+                (Some(address), _) => address.as_ref(),
+                // Bare words without `@` (`From: Jane Doe`) are the entry, so the caller can
+                // say it is malformed; a quoted display name alone (`"Nobody"`) is no entry.
+                (None, Some(name)) if !raw.contains(&format!("\"{name}\"")) => name.as_ref(),
+                _ => return None,
+            };
+            let text = text.trim().to_ascii_lowercase();
             (!text.is_empty()).then_some(text)
         })
         .collect()
@@ -197,6 +206,7 @@ mod tests {
         assert!(address_list(b"undisclosed-recipients:;").is_empty());
         assert_eq!(address_list(b" \"B\"\r\n <b@x.org>\r\n"), vec!["b@x.org"]);
         assert!(address_list_raw(b" \"Nobody\"").is_empty());
+        assert_eq!(address_list_raw(b" Jane Doe"), vec!["jane doe"]);
         assert_eq!(address_list_raw(b" <a@>"), vec!["a@"]);
         assert_eq!(
             address_list_raw(b" a@x.org, b@x.org"),
