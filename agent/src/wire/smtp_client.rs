@@ -5,11 +5,13 @@
 //! The connection in [`crate::upstream::smtp`] owns the socket, the timeouts and the SASL
 //! exchange, and feeds this module the bytes it reads.
 //!
-//! Why not stalwart's `smtp-proto` response and EHLO parsers (it is a dependency, used as the
-//! reference the fuzz targets compare against, [`crate::fuzz`]): its `EhloResponse` keeps
-//! SASL mechanisms as a bit set of the ones it knows, while the agent reports the server's own
+//! Why not stalwart's `smtp-proto` response and EHLO parsers (it is a dependency: the fuzz
+//! targets check the EHLO parser against it, [`crate::fuzz`]): its `EhloResponse` keeps SASL
+//! mechanisms as a bit set of the ones it knows, while the agent reports the server's own
 //! mechanism list in its findings (`offers: PLAIN LOGIN`), unknown names included; and its
-//! response reader has no bound on the number of lines of one reply.
+//! `ResponseReceiver` joins a multi-line reply into one string capped at 4 KiB, where the agent
+//! keeps every line (the EHLO keywords, each line of a refusal) up to [`MAX_LINE`] octets and
+//! [`MAX_REPLY_LINES`] lines.
 
 /// Longest reply line accepted from a server, CRLF included.
 pub const MAX_LINE: usize = 8192;

@@ -4,8 +4,8 @@
 //! sockets, no clocks, no allocation beyond the line given; the session loop in
 //! [`crate::ingress`] reads bounded lines and decides the replies.
 //!
-//! Why not stalwart's `smtp-proto` `RequestReceiver`/`DataReceiver` here (they are used as the
-//! reference in the fuzz targets, [`crate::fuzz`]): the ingress answers malformed input
+//! Why not stalwart's `smtp-proto` `RequestReceiver`/`DataReceiver` here (its `DataReceiver` is
+//! the reference the `smtp_data` fuzz target checks this one against, [`crate::fuzz`]): the ingress answers malformed input
 //! with exact reply codes its printers and tests rely on (`501 5.5.4 Syntax: MAIL
 //! FROM:<address>`, `555` for an unknown parameter, `500 5.5.2` for an over-long line), which
 //! `smtp-proto`'s single `Error::SyntaxError` cannot tell apart; and `DATA` must stay line-based
