@@ -12,7 +12,9 @@
 //! memory of upstream ids prevents a duplicate on the next run.
 //!
 //! Replies and multi-line bodies are parsed by [`crate::wire::pop3`] (sans-IO); this file is the
-//! session: what to send, when, and what each answer means.
+//! session — what to send, when, and what each answer means — hand-driven because the two-step
+//! `AUTH XOAUTH2` and the answer to the error challenge are what Exchange Online requires and no
+//! POP3 client crate does.
 
 use std::collections::HashMap;
 

@@ -12,6 +12,12 @@
 //!
 //! The token is only ever on the wire: never in logs, errors or `Debug` output.
 //!
+//! The grammar (replies, EHLO keywords, dot-stuffing) is [`crate::wire::smtp_client`], sans-IO;
+//! this file is the session, hand-driven rather than lettre's: lettre's XOAUTH2 mechanism does
+//! not answer the error challenge (`334 <base64 JSON>`) that Microsoft and Google send for a bad
+//! token, so the server's reason would be lost — here the challenge is answered with an empty
+//! line and both the JSON and the final `535` are reported.
+//!
 //! AUTH initial response: the one-line form `AUTH XOAUTH2 <payload>` is used only when the whole
 //! command fits the RFC 5321 command line limit of 512 octets. Otherwise (every real Exchange or
 //! Google token: they are 1–3 KB) the client sends `AUTH XOAUTH2`, waits for `334 `, and sends the
