@@ -229,7 +229,7 @@ fn run_agent(config: Option<&std::path::Path>, state_dir: Option<&std::path::Pat
     };
     let result = runtime.block_on(async {
         let shutdown = shutdown_signal()?;
-        tokenfleet_agent::runtime::run(settings, shutdown).await
+        tokenfleet_agent::runtime::wiring::run(settings, shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

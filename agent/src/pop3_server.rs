@@ -15,6 +15,8 @@
 //! out per source and user by the [`LoginGuard`] the SMTP ingress shares (a locked login gets
 //! `-ERR [AUTH] … try again in N seconds` and the connection is closed, without a password
 //! check).
+//!
+//! The command grammar is [`crate::wire::pop3`] (sans-IO); this file is the session.
 
 use std::future::Future;
 use std::io;
@@ -30,8 +32,9 @@ use crate::fetch::Io;
 use crate::ingress::{Admission, LocalDevices, LoginGuard, Password};
 use crate::line_server::{self, Line, Refusal, SessionLimits, read_limited};
 use crate::maildrop::{Maildrop, MaildropEntry, MaildropLock};
+use crate::wire::pop3::{Command, Verb, message_number, top, top_arguments};
 // POP3 byte-stuffing (RFC 1939 §3) is SMTP's (RFC 5321 §4.5.2), with the same CRLF line ends.
-use crate::upstream::smtp::dot_stuff;
+use crate::wire::smtp_client::dot_stuff;
 
 /// Settings of the local POP3 server.
 #[derive(Clone)]
@@ -176,14 +179,11 @@ struct Transaction {
 impl Transaction {
     /// The entry with 1-based number `arg`, unless deleted.
     fn get(&self, arg: &str) -> Result<usize, &'static str> {
-        let n: usize = arg.parse().map_err(|_| "-ERR invalid message number")?;
-        if n == 0 || n > self.entries.len() {
-            return Err("-ERR no such message");
-        }
-        if self.deleted[n - 1] {
+        let i = message_number(arg, self.entries.len())?;
+        if self.deleted[i] {
             return Err("-ERR message already deleted");
         }
-        Ok(n - 1)
+        Ok(i)
     }
 
     fn live(&self) -> impl Iterator<Item = (usize, &MaildropEntry)> {
@@ -214,25 +214,6 @@ struct Session {
     maildrop: Arc<Maildrop>,
     errors: u32,
     tls: bool,
-}
-
-/// The header of `message`, the empty line and the first `lines` body lines (`TOP`).
-fn top(message: &[u8], lines: usize) -> &[u8] {
-    let mut end = 0;
-    let mut in_body = false;
-    let mut body_lines = 0;
-    for line in message.split_inclusive(|&b| b == b'\n') {
-        if in_body {
-            if body_lines == lines {
-                break;
-            }
-            body_lines += 1;
-        } else if line == b"\r\n" || line == b"\n" {
-            in_body = true;
-        }
-        end += line.len();
-    }
-    &message[..end]
 }
 
 impl Session {
@@ -312,15 +293,12 @@ impl Session {
                 }
                 Line::Text(line) => line,
             };
-            let text = String::from_utf8_lossy(&line).into_owned();
-            let (verb, arg) = match text.split_once(' ') {
-                Some((v, a)) => (v.to_ascii_uppercase(), a),
-                None => (text.to_ascii_uppercase(), ""),
-            };
+            let Command { verb, arg } = Command::parse(&line);
+            let arg = arg.as_str();
             let in_auth = matches!(state, State::Authorization { .. });
             let tls_first = self.config.require_tls && !self.tls;
-            let keep_going = match (&mut state, verb.as_str()) {
-                (_, "CAPA") => {
+            let keep_going = match (&mut state, verb) {
+                (_, Verb::Capa) => {
                     let stls = self.config.tls.is_some() && !self.tls && in_auth;
                     let mut out = String::from("+OK capability list follows\r\n");
                     if !tls_first {
@@ -334,7 +312,7 @@ impl Session {
                     self.write(out.as_bytes()).await?;
                     true
                 }
-                (State::Authorization { .. }, "STLS") => {
+                (State::Authorization { .. }, Verb::Stls) => {
                     match self.config.tls.clone() {
                         Some(tls) if !self.tls => {
                             self.reply("+OK begin TLS negotiation").await?;
@@ -349,13 +327,13 @@ impl Session {
                         None => self.reply("-ERR STLS not available").await?,
                     }
                 }
-                (State::Authorization { user }, "USER" | "PASS") if tls_first => {
+                (State::Authorization { user }, Verb::User | Verb::Pass) if tls_first => {
                     // Forget a name given earlier: nothing of a login survives into TLS.
                     *user = None;
                     self.reply("-ERR [AUTH] this server takes passwords only over TLS: STLS first")
                         .await?
                 }
-                (State::Authorization { user }, "USER") => {
+                (State::Authorization { user }, Verb::User) => {
                     if arg.is_empty() {
                         self.reply("-ERR USER needs a name").await?
                     } else {
@@ -363,7 +341,7 @@ impl Session {
                         self.reply("+OK send PASS").await?
                     }
                 }
-                (State::Authorization { user }, "PASS") => {
+                (State::Authorization { user }, Verb::Pass) => {
                     let Some(name) = user.take() else {
                         if !self.reply("-ERR USER first").await? {
                             return Ok(Next::Close);
@@ -413,7 +391,7 @@ impl Session {
                         }
                     }
                 }
-                (_, "QUIT") => {
+                (_, Verb::Quit) => {
                     let reply = match &state {
                         State::Authorization { .. } => "+OK bye".to_owned(),
                         State::Transaction(tx) => self.commit(tx).await,
@@ -422,7 +400,7 @@ impl Session {
                     return Ok(Next::Close);
                 }
                 (State::Transaction(tx), _) => {
-                    let (reply, body) = transaction_command(tx, &verb, arg, &self.maildrop).await;
+                    let (reply, body) = transaction_command(tx, verb, arg, &self.maildrop).await;
                     match body {
                         Some(body) => {
                             self.write(format!("{reply}\r\n").as_bytes()).await?;
@@ -432,10 +410,9 @@ impl Session {
                         None => self.reply(&reply).await?,
                     }
                 }
-                (
-                    State::Authorization { .. },
-                    "STAT" | "LIST" | "UIDL" | "RETR" | "DELE" | "RSET" | "NOOP" | "TOP",
-                ) => self.reply("-ERR not logged in").await?,
+                (State::Authorization { .. }, v) if v.is_transaction() => {
+                    self.reply("-ERR not logged in").await?
+                }
                 (State::Authorization { .. }, _) => self.reply("-ERR unknown command").await?,
             };
             if !keep_going {
@@ -534,21 +511,21 @@ impl Session {
 /// final `.` line).
 async fn transaction_command(
     tx: &mut Transaction,
-    verb: &str,
+    verb: Verb,
     arg: &str,
     maildrop: &Arc<Maildrop>,
 ) -> (String, Option<Vec<u8>>) {
     let arg = arg.trim();
     match verb {
-        "STAT" => {
+        Verb::Stat => {
             let (n, size) = tx
                 .live()
                 .fold((0usize, 0u64), |(n, s), (_, e)| (n + 1, s + e.size));
             (format!("+OK {n} {size}"), None)
         }
-        "LIST" | "UIDL" => {
+        Verb::List | Verb::Uidl => {
             let show = |i: usize, e: &MaildropEntry| {
-                if verb == "LIST" {
+                if verb == Verb::List {
                     format!("{} {}", i + 1, e.size)
                 } else {
                     format!("{} {}", i + 1, e.id)
@@ -569,7 +546,7 @@ async fn transaction_command(
                 }
             }
         }
-        "RETR" => match tx.get(arg) {
+        Verb::Retr => match tx.get(arg) {
             Ok(i) => {
                 let entry = tx.entries[i].clone();
                 let maildrop = Arc::clone(maildrop);
@@ -588,13 +565,10 @@ async fn transaction_command(
             }
             Err(e) => (e.to_owned(), None),
         },
-        "TOP" => {
-            let (n, lines) = arg.split_once(' ').unwrap_or((arg, ""));
-            let Ok(lines) = lines.trim().parse::<usize>() else {
-                return (
-                    "-ERR TOP needs a message number and a line count".to_owned(),
-                    None,
-                );
+        Verb::Top => {
+            let (n, lines) = match top_arguments(arg) {
+                Ok(args) => args,
+                Err(reply) => return (reply.to_owned(), None),
             };
             match tx.get(n) {
                 Ok(i) => {
@@ -611,21 +585,21 @@ async fn transaction_command(
                 Err(e) => (e.to_owned(), None),
             }
         }
-        "DELE" => match tx.get(arg) {
+        Verb::Dele => match tx.get(arg) {
             Ok(i) => {
                 tx.deleted[i] = true;
                 (format!("+OK message {} deleted", i + 1), None)
             }
             Err(e) => (e.to_owned(), None),
         },
-        "RSET" => {
+        Verb::Rset => {
             tx.deleted.iter_mut().for_each(|d| *d = false);
             let n = tx.entries.len();
             (format!("+OK maildrop has {n} messages"), None)
         }
-        "NOOP" => ("+OK".to_owned(), None),
-        "USER" | "PASS" | "STLS" => ("-ERR already logged in".to_owned(), None),
-        _ => ("-ERR unknown command".to_owned(), None),
+        Verb::Noop => ("+OK".to_owned(), None),
+        Verb::User | Verb::Pass | Verb::Stls => ("-ERR already logged in".to_owned(), None),
+        Verb::Capa | Verb::Quit | Verb::Unknown => ("-ERR unknown command".to_owned(), None),
     }
 }
 

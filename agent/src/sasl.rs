@@ -1,5 +1,12 @@
-//! SASL client payloads for OAuth 2.0 bearer tokens: XOAUTH2 (Google/Microsoft) and OAUTHBEARER
-//! (RFC 7628), and the decoding of the JSON error challenge a server sends for a bad token.
+//! SASL, sans-IO: the client payloads for OAuth 2.0 bearer tokens — XOAUTH2 (Google/Microsoft)
+//! and OAUTHBEARER (RFC 7628) — with their parsers ([`parse_xoauth2`], [`parse_oauthbearer`], so
+//! the payloads round-trip under fuzzing), the decoding of the JSON error challenge a server
+//! sends for a bad token, and the server side of the ingress's `AUTH PLAIN`/`LOGIN`
+//! ([`decode_response`], [`parse_plain`]). Bytes in, typed values out; the SMTP, POP3 and IMAP
+//! loops do the exchanges.
+//!
+//! Hand-written: the payloads are one `format!` each, and no SASL crate answers the XOAUTH2
+//! error challenge the way Microsoft requires (an empty response, then the final failure).
 //!
 //! Tokens are only ever held in [`AccessToken`], whose `Debug`/`Display` print `[redacted]`; the
 //! payloads that embed them are returned as [`SaslPayload`], redacted the same way.
@@ -115,6 +122,97 @@ pub fn decode_error_challenge(challenge: &str) -> Option<serde_json::Value> {
     let bytes = STANDARD.decode(challenge.trim()).ok()?;
     let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     value.is_object().then_some(value)
+}
+
+/// Why a SASL response from a client is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaslError {
+    /// The client sent `*`.
+    Cancelled,
+    /// Not base64.
+    InvalidBase64,
+    /// A `PLAIN` response without exactly three NUL-separated parts.
+    InvalidPlain,
+}
+
+impl SaslError {
+    /// The SMTP reply for this error.
+    pub fn smtp_reply(self) -> &'static str {
+        match self {
+            Self::Cancelled => "501 5.0.0 Authentication cancelled",
+            Self::InvalidBase64 => "501 5.5.2 Invalid base64 data",
+            Self::InvalidPlain => "501 5.5.2 Invalid PLAIN response",
+        }
+    }
+}
+
+/// Decodes one client response line (RFC 4954): `*` cancels, `=` is the empty response,
+/// anything else must be base64 (surrounding whitespace ignored).
+pub fn decode_response(line: &[u8]) -> Result<Vec<u8>, SaslError> {
+    let text = line.trim_ascii();
+    if text == b"*" {
+        return Err(SaslError::Cancelled);
+    }
+    if text == b"=" {
+        return Ok(Vec::new());
+    }
+    STANDARD.decode(text).map_err(|_| SaslError::InvalidBase64)
+}
+
+/// The parts of a `PLAIN` response (RFC 4616): `authzid NUL authcid NUL password`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plain<'a> {
+    /// The authorization identity (usually empty).
+    pub authzid: &'a [u8],
+    /// The user name.
+    pub user: &'a [u8],
+    /// The password.
+    pub password: &'a [u8],
+}
+
+/// Splits a decoded `PLAIN` response.
+pub fn parse_plain(bytes: &[u8]) -> Result<Plain<'_>, SaslError> {
+    let mut parts = bytes.split(|&b| b == 0);
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(authzid), Some(user), Some(password), None) => Ok(Plain {
+            authzid,
+            user,
+            password,
+        }),
+        _ => Err(SaslError::InvalidPlain),
+    }
+}
+
+/// The user and token of a decoded XOAUTH2 payload (`user=<u>\x01auth=Bearer <t>\x01\x01`).
+pub fn parse_xoauth2(raw: &[u8]) -> Option<(&str, &str)> {
+    let text = std::str::from_utf8(raw).ok()?;
+    let rest = text.strip_suffix("\x01\x01")?;
+    let (user, auth) = rest.split_once('\x01')?;
+    let user = user.strip_prefix("user=")?;
+    let token = auth.strip_prefix("auth=Bearer ")?;
+    (!token.contains('\x01')).then_some((user, token))
+}
+
+/// The user, host, port and token of a decoded OAUTHBEARER payload (RFC 7628), the user name
+/// unescaped (`=2C` → `,`, `=3D` → `=`).
+pub fn parse_oauthbearer(raw: &[u8]) -> Option<(String, &str, u16, &str)> {
+    let text = std::str::from_utf8(raw).ok()?;
+    let rest = text.strip_prefix("n,a=")?;
+    let (user, rest) = rest.split_once(",\x01")?;
+    let rest = rest.strip_suffix("\x01\x01")?;
+    let mut fields = rest.split('\x01');
+    let host = fields.next()?.strip_prefix("host=")?;
+    let port = fields.next()?.strip_prefix("port=")?.parse().ok()?;
+    let token = fields.next()?.strip_prefix("auth=Bearer ")?;
+    if fields.next().is_some() || user.contains(',') {
+        return None;
+    }
+    Some((
+        user.replace("=2C", ",").replace("=3D", "="),
+        host,
+        port,
+        token,
+    ))
 }
 
 #[cfg(test)]

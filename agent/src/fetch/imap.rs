@@ -4,9 +4,9 @@
 //! the SASL exchange (answering the XOAUTH2 error challenge with an empty line and keeping the
 //! server's JSON, which the async IMAP crates do not expose), rustls through the agent's own
 //! [`TlsSettings`](crate::upstream::tls::TlsSettings), and hard bounds on line and literal sizes.
-//! The parser reads responses line by line; a line ending in `{n}` is followed by exactly `n`
-//! bytes of literal (refused above the configured size — read and discarded — so memory stays
-//! bounded), then the rest of the line. Anything malformed is an error, never a panic.
+//! The response grammar is [`crate::wire::imap`] (sans-IO): this client reads what it asks for —
+//! a line, a literal of `n` bytes, or `n` bytes to discard when a literal is over the
+//! configured size, so memory stays bounded. Anything malformed is an error, never a panic.
 //!
 //! A run: `CAPABILITY`, `AUTHENTICATE XOAUTH2` (with the initial response when the server offers
 //! `SASL-IR`, otherwise after the `+`), `SELECT` the folder (default `INBOX`, recording
@@ -29,80 +29,15 @@ use super::{
 use crate::maildrop::{Maildrop, StoreOutcome};
 use crate::sasl;
 use crate::upstream::{Credentials, FailureKind};
+use crate::wire::imap::{
+    Body, Need, Part, Response, ResponseAssembler, Status, Step, capability_words, fetch_body,
+    uidvalidity,
+};
+#[cfg(test)]
+use crate::wire::imap::{literal_size, parse_tagged};
 
 /// Longest response line (a `SEARCH` result for a large mailbox is long).
 pub(crate) const MAX_LINE: usize = 4 * 1024 * 1024;
-/// Most literals in one response.
-const MAX_LITERALS: usize = 64;
-
-/// Status of a tagged response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    /// `OK`.
-    Ok,
-    /// `NO`.
-    No,
-    /// `BAD`.
-    Bad,
-}
-
-/// One piece of an untagged response.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Part {
-    /// Response text (one line, or the rest of a line after a literal), without CRLF.
-    Text(Vec<u8>),
-    /// A literal's bytes.
-    Literal(Vec<u8>),
-    /// A literal above the size limit, read and discarded.
-    TooLarge(u64),
-}
-
-/// One server response.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Response {
-    /// `+ text`.
-    Continuation(String),
-    /// `* …`, with its literals.
-    Untagged(Vec<Part>),
-    /// `<tag> OK|NO|BAD text`.
-    Tagged {
-        tag: String,
-        status: Status,
-        /// The whole line, for reports.
-        line: String,
-    },
-}
-
-/// The size of a literal announced at the end of `line` (`{123}` or `{123+}`).
-fn literal_size(line: &[u8]) -> Option<u64> {
-    let inner = line.strip_suffix(b"}")?;
-    let open = inner.iter().rposition(|&b| b == b'{')?;
-    let digits = &inner[open + 1..];
-    let digits = digits.strip_suffix(b"+").unwrap_or(digits);
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(digits).ok()?.parse().ok()
-}
-
-/// Parses a tagged line `<tag> <status> <text>`.
-fn parse_tagged(line: &str) -> Option<(String, Status)> {
-    let mut f = line.splitn(3, ' ');
-    let tag = f.next()?;
-    let status = match f.next()?.to_ascii_uppercase().as_str() {
-        "OK" => Status::Ok,
-        "NO" => Status::No,
-        "BAD" => Status::Bad,
-        _ => return None,
-    };
-    let valid_tag = !tag.is_empty()
-        && tag.bytes().all(|b| {
-            b.is_ascii_graphic()
-                && !matches!(b, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b'+')
-        });
-    valid_tag.then(|| (tag.to_owned(), status))
-}
-
 /// `folder` in IMAP's modified UTF-7 (RFC 3501 §5.1.3): printable ASCII stands for itself
 /// except `&`, which becomes `&-`; every run of other characters becomes `&`, the base64 of its
 /// UTF-16BE with `,` for `/` and no padding, and `-`. Control characters are refused.
@@ -156,83 +91,6 @@ fn quoted(text: &str) -> Result<String, FetchError> {
         "\"{}\"",
         text.replace('\\', "\\\\").replace('"', "\\\"")
     ))
-}
-
-/// The capability words of a `CAPABILITY` response text (`* CAPABILITY …` or `[CAPABILITY …]`).
-fn capability_words(text: &str) -> Option<Vec<String>> {
-    let upper = text.to_ascii_uppercase();
-    let start = upper.find("CAPABILITY ")? + "CAPABILITY ".len();
-    let rest = &text[start..];
-    let rest = rest.split(']').next().unwrap_or(rest);
-    Some(
-        rest.split_whitespace()
-            .map(str::to_ascii_uppercase)
-            .collect(),
-    )
-}
-
-/// The value after `[UIDVALIDITY ` in an untagged `OK`.
-fn uidvalidity(text: &str) -> Option<u32> {
-    let upper = text.to_ascii_uppercase();
-    let start = upper.find("[UIDVALIDITY ")? + "[UIDVALIDITY ".len();
-    text[start..].split(']').next()?.trim().parse().ok()
-}
-
-/// A fetched body, or the size of one above the limit.
-type Body = Result<Vec<u8>, u64>;
-
-/// The UID and body of a FETCH response, if it is one: `* n FETCH (… UID u … BODY[] {k}` + literal.
-fn fetch_body(parts: &[Part]) -> Option<(Option<u32>, Option<Body>)> {
-    let Some(Part::Text(first)) = parts.first() else {
-        return None;
-    };
-    let first = String::from_utf8_lossy(first);
-    let mut words = first.split(' ');
-    if words.next() != Some("*") {
-        return None;
-    }
-    words.next()?.parse::<u32>().ok()?;
-    if !words.next()?.eq_ignore_ascii_case("FETCH") {
-        return None;
-    }
-    let mut uid = None;
-    let mut body = None;
-    let mut previous_text = String::new();
-    for part in parts {
-        match part {
-            Part::Text(t) => {
-                let text = String::from_utf8_lossy(t).to_ascii_uppercase();
-                let mut it = text.split([' ', '(', ')']);
-                while let Some(w) = it.next() {
-                    if w == "UID"
-                        && let Some(v) = it.next().and_then(|n| n.parse().ok())
-                    {
-                        uid = Some(v);
-                    }
-                }
-                previous_text = text;
-            }
-            Part::Literal(bytes) => {
-                if announced_by_body(&previous_text) {
-                    body = Some(Ok(bytes.clone()));
-                }
-            }
-            Part::TooLarge(n) => {
-                if announced_by_body(&previous_text) {
-                    body = Some(Err(*n));
-                }
-            }
-        }
-    }
-    Some((uid, body))
-}
-
-/// Whether a literal announced at the end of `text` (`… BODY[] {n}`) is the message body.
-fn announced_by_body(text: &str) -> bool {
-    text.rfind('{')
-        .map(|i| text[..i].trim_end())
-        .unwrap_or_default()
-        .ends_with("BODY[]")
 }
 
 /// An IMAP client session.
@@ -357,54 +215,26 @@ impl ImapClient {
         tag
     }
 
-    /// Reads one response, with its literals.
+    /// Reads one response, with its literals: the socket side of [`ResponseAssembler`].
     pub(crate) async fn response(&mut self) -> Result<Response, FetchError> {
-        let line = self.conn.line().await?;
-        if line.starts_with(b"+") {
-            let text = String::from_utf8_lossy(&line[1..]);
-            return Ok(Response::Continuation(
-                text.strip_prefix(' ').unwrap_or(&text).to_owned(),
-            ));
-        }
-        if line.starts_with(b"* ") {
-            let mut parts = Vec::new();
-            let mut line = line;
-            loop {
-                let Some(size) = literal_size(&line) else {
-                    parts.push(Part::Text(line));
-                    break;
-                };
-                parts.push(Part::Text(line));
-                if parts.len() > 2 * MAX_LITERALS {
-                    return Err(FetchError::permanent(format!(
-                        "IMAP response with more than {MAX_LITERALS} literals"
-                    )));
+        let mut assembler = ResponseAssembler::new(self.max_literal);
+        let mut step = assembler
+            .line(self.conn.line().await?)
+            .map_err(FetchError::permanent)?;
+        loop {
+            step = match step {
+                Step::Done(response) => return Ok(response),
+                Step::Need(Need::Line) => assembler
+                    .line(self.conn.line().await?)
+                    .map_err(FetchError::permanent)?,
+                Step::Need(Need::Literal(n)) => {
+                    assembler.literal(self.conn.exact(n, self.literal_timeout).await?)
                 }
-                if size > self.max_literal as u64 {
-                    self.conn.discard(size, self.literal_timeout).await?;
-                    parts.push(Part::TooLarge(size));
-                } else {
-                    let n = usize::try_from(size).map_err(|_| {
-                        FetchError::permanent(format!("IMAP literal of {size} bytes"))
-                    })?;
-                    parts.push(Part::Literal(
-                        self.conn.exact(n, self.literal_timeout).await?,
-                    ));
+                Step::Need(Need::Discard(n)) => {
+                    self.conn.discard(n, self.literal_timeout).await?;
+                    assembler.discarded(n)
                 }
-                line = self.conn.line().await?;
-            }
-            return Ok(Response::Untagged(parts));
-        }
-        let text = String::from_utf8_lossy(&line).into_owned();
-        match parse_tagged(&text) {
-            Some((tag, status)) => Ok(Response::Tagged {
-                tag,
-                status,
-                line: text,
-            }),
-            None => Err(FetchError::permanent(format!(
-                "malformed IMAP response {text:?}"
-            ))),
+            };
         }
     }
 

@@ -10,6 +10,11 @@
 //! `RETR` → [`Maildrop::store`] (fsynced) → `DELE`, and finally `QUIT`, which is when the server
 //! commits the deletions. A crash before `QUIT` keeps every message upstream; the maildrop's
 //! memory of upstream ids prevents a duplicate on the next run.
+//!
+//! Replies and multi-line bodies are parsed by [`crate::wire::pop3`] (sans-IO); this file is the
+//! session — what to send, when, and what each answer means — hand-driven because the two-step
+//! `AUTH XOAUTH2` and the answer to the error challenge are what Exchange Online requires and no
+//! POP3 client crate does.
 
 use std::collections::HashMap;
 
@@ -19,6 +24,7 @@ use super::{
 use crate::maildrop::{Maildrop, StoreOutcome};
 use crate::sasl;
 use crate::upstream::{Credentials, FailureKind};
+use crate::wire::pop3;
 
 /// Longest line accepted from the server: generous for message lines (RFC 5322 allows 998
 /// characters; real mail sometimes has more), bounded all the same.
@@ -40,13 +46,11 @@ impl std::fmt::Debug for Pop3Client {
     }
 }
 
-/// Classifies a `-ERR` reply: RFC 3206 `[IN-USE]` and `[SYS/TEMP]` are transient, the rest
-/// permanent.
+/// Classifies a `-ERR` reply: RFC 3206 `[IN-USE]` and `[SYS/TEMP]` (and `[LOGIN-DELAY]`) are
+/// transient, the rest permanent.
 fn err_reply(what: &str, reply: &str) -> FetchError {
-    let upper = reply.to_ascii_uppercase();
     let text = format!("{what}: {reply}");
-    if upper.contains("[IN-USE]") || upper.contains("[SYS/TEMP]") || upper.contains("[LOGIN-DELAY]")
-    {
+    if pop3::is_transient_err(reply) {
         FetchError::transient(text)
     } else {
         FetchError::permanent(text)
@@ -55,20 +59,10 @@ fn err_reply(what: &str, reply: &str) -> FetchError {
 
 /// A `+` continuation (`+`, `+ `, `+ <text>`) but not `+OK`: returns the text after it.
 fn continuation(line: &str) -> Option<&str> {
-    if line.starts_with("+OK") {
-        return None;
+    match pop3::Reply::parse(line) {
+        pop3::Reply::Continuation(text) => Some(text),
+        _ => None,
     }
-    let rest = line.strip_prefix('+')?;
-    Some(rest.strip_prefix(' ').unwrap_or(rest))
-}
-
-/// The non-empty CRLF-separated lines of a multi-line body (lossy UTF-8).
-fn body_lines(body: &[u8]) -> Vec<String> {
-    String::from_utf8_lossy(body)
-        .split("\r\n")
-        .filter(|l| !l.is_empty())
-        .map(str::to_owned)
-        .collect()
 }
 
 impl Pop3Client {
@@ -140,7 +134,7 @@ impl Pop3Client {
             return Ok(());
         }
         let body = self.multiline(usize::MAX, None).await?;
-        self.capabilities = body_lines(&body);
+        self.capabilities = pop3::body_lines(&body);
         Ok(())
     }
 
@@ -203,7 +197,7 @@ impl Pop3Client {
     async fn listing(&mut self, command: &str) -> Result<Vec<String>, FetchError> {
         self.ok(command).await?;
         let body = self.multiline(64 * 1024 * 1024, None).await?;
-        Ok(body_lines(&body))
+        Ok(pop3::body_lines(&body))
     }
 
     async fn ok(&mut self, command: &str) -> Result<String, FetchError> {
@@ -225,7 +219,7 @@ impl Pop3Client {
         timeout: Option<std::time::Duration>,
     ) -> Result<Vec<u8>, FetchError> {
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-        let mut out = Vec::new();
+        let mut receiver = pop3::MultilineReceiver::new(max);
         loop {
             let line = match deadline {
                 Some(d) => {
@@ -234,17 +228,9 @@ impl Pop3Client {
                 }
                 None => self.conn.line().await?,
             };
-            if line == b"." {
-                return Ok(out);
+            if let Some(body) = receiver.line(&line).map_err(FetchError::permanent)? {
+                return Ok(body);
             }
-            let line = line.strip_prefix(b".").unwrap_or(&line);
-            if out.len() + line.len() + 2 > max {
-                return Err(FetchError::permanent(format!(
-                    "multi-line reply larger than {max} bytes"
-                )));
-            }
-            out.extend_from_slice(line);
-            out.extend_from_slice(b"\r\n");
         }
     }
 

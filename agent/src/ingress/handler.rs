@@ -22,9 +22,10 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use tokenfleet_proto::v1 as pb;
 
+use super::handoff::{DeliverError, Incoming, IngressHandler};
+use super::password::Password;
 use super::password::PasswordChecker;
 use super::sender::{SenderPolicy, apply_sender_policy};
-use super::{DeliverError, Incoming, IngressHandler, Password};
 use crate::spool::{Envelope, Spool, SpoolError, SpoolId};
 
 /// One device as the ingress sees it: local credentials, source allowlist, sender policy.

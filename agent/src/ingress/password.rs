@@ -26,7 +26,27 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq as _;
 use tokio::sync::Semaphore;
 
-use super::Password;
+/// A password received in `AUTH`. `Debug` prints `[redacted]`.
+#[derive(Clone)]
+pub struct Password(zeroize::Zeroizing<String>);
+
+impl Password {
+    /// Wraps a password.
+    pub fn new(password: impl Into<String>) -> Self {
+        Self(zeroize::Zeroizing::new(password.into()))
+    }
+
+    /// The password itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password([redacted])")
+    }
+}
 
 /// Settings of the [`PasswordChecker`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,10 +12,12 @@
 //!   mailboxes' addresses sends as that mailbox ([`Envelope::mailbox`]).
 //!
 //! Rewriting touches only the header block (up to the first empty line), unfolds folded `From`
-//! fields and leaves every body byte as it was.
+//! fields and leaves every other byte as it was. The header block, its fields and address lists
+//! come from [`crate::wire::header`], the parser the mail APIs use too.
 
-use super::DeliverError;
+use super::handoff::DeliverError;
 use crate::spool::Envelope;
+use crate::wire::header::{Field, fields, split_header_block};
 
 /// How the sender of a device's messages is decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,11 +106,8 @@ fn sender_address(
     message: &[u8],
 ) -> Result<String, DeliverError> {
     let (block, _) = split_header_block(message);
-    let froms: Vec<String> = fields(block)
-        .into_iter()
-        .filter(|f| f.name.eq_ignore_ascii_case("from"))
-        .map(|f| f.unfolded())
-        .collect();
+    let from_fields: Vec<Field<'_>> = fields(block).into_iter().filter(|f| f.is("from")).collect();
+    let froms: Vec<String> = from_fields.iter().map(Field::unfolded).collect();
     match froms.as_slice() {
         [] => {
             let from = envelope.from.trim();
@@ -137,7 +136,7 @@ fn sender_address(
                 .filter(|c| !c.is_control())
                 .take(200)
                 .collect();
-            let addresses = crate::upstream::api::address_list_raw(one);
+            let addresses = from_fields[0].addresses_raw();
             match addresses.as_slice() {
                 [a] if valid_address(a) => Ok(a.clone()),
                 [] => Err(refuse(device, &shown, "the From header holds no address")),
@@ -173,100 +172,6 @@ fn valid_address(a: &str) -> bool {
                 .all(|c| !c.is_control() && !c.is_whitespace() && !"<>()[],;:\\\"".contains(c))
     };
     ok(local) && ok(domain)
-}
-
-/// Splits a message into its header block (including the line end of the last header line)
-/// and the rest (the empty line and the body). A message without an empty line is all header.
-pub(crate) fn split_header_block(message: &[u8]) -> (&[u8], &[u8]) {
-    if message.starts_with(b"\r\n") {
-        return message.split_at(0);
-    }
-    match message.windows(4).position(|w| w == b"\r\n\r\n") {
-        Some(i) => message.split_at(i + 2),
-        None => (message, &message[message.len()..]),
-    }
-}
-
-/// One header field: its name and its raw lines (first line and continuation lines, CRLF each).
-struct Field<'a> {
-    name: String,
-    raw: &'a [u8],
-}
-
-impl Field<'_> {
-    /// The raw value bytes (8-bit kept as is) with folding removed, without the final CRLF.
-    fn unfolded_bytes(&self) -> Vec<u8> {
-        let value = match self.raw.iter().position(|&b| b == b':') {
-            Some(i) => &self.raw[i + 1..],
-            None => &self.raw[..0],
-        };
-        let mut out = Vec::with_capacity(value.len());
-        let mut i = 0;
-        while i < value.len() {
-            if value[i..].starts_with(b"\r\n") {
-                i += 2;
-                continue;
-            }
-            out.push(value[i]);
-            i += 1;
-        }
-        out
-    }
-
-    /// The value with folding removed (CRLF before whitespace dropped), without the final CRLF.
-    fn unfolded(&self) -> String {
-        let text = String::from_utf8_lossy(self.raw);
-        let value = text.split_once(':').map(|(_, v)| v).unwrap_or_default();
-        value
-            .replace("\r\n", "")
-            .trim_end_matches(['\r', '\n'])
-            .to_owned()
-    }
-}
-
-/// The fields of a header block, each with its raw bytes (a line that is neither a field nor a
-/// continuation is its own nameless field, kept as is).
-fn fields(block: &[u8]) -> Vec<Field<'_>> {
-    let mut out: Vec<Field<'_>> = Vec::new();
-    let mut start = 0;
-    let mut lines = Vec::new();
-    while start < block.len() {
-        let end = block[start..]
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .map_or(block.len(), |i| start + i + 2);
-        lines.push((start, end));
-        start = end;
-    }
-    let mut current: Option<(usize, usize, String)> = None;
-    for (s, e) in lines {
-        let line = &block[s..e];
-        if matches!(line.first(), Some(b' ' | b'\t')) && current.is_some() {
-            if let Some(c) = current.as_mut() {
-                c.1 = e;
-            }
-            continue;
-        }
-        if let Some((cs, ce, name)) = current.take() {
-            out.push(Field {
-                name,
-                raw: &block[cs..ce],
-            });
-        }
-        let name = line
-            .iter()
-            .position(|&b| b == b':')
-            .map(|i| String::from_utf8_lossy(&line[..i]).trim().to_owned())
-            .unwrap_or_default();
-        current = Some((s, e, name));
-    }
-    if let Some((cs, ce, name)) = current {
-        out.push(Field {
-            name,
-            raw: &block[cs..ce],
-        });
-    }
-    out
 }
 
 /// `"Display" <address>` (RFC 2047 encoded-word when the name is not ASCII).
@@ -308,7 +213,8 @@ fn rewrite_from(message: &[u8], address: &str, display_name: &str) -> Vec<u8> {
         .as_ref()
         .zip(original_field)
         .and_then(|(o, field)| {
-            let same = crate::upstream::api::address_list_raw(o)
+            let same = field
+                .addresses_raw()
                 .iter()
                 .all(|a| a.eq_ignore_ascii_case(address));
             (!has_reply_to && !same && !o.trim().is_empty()).then(|| {

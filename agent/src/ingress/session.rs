@@ -1,19 +1,26 @@
-//! One SMTP session: the command loop, AUTH exchanges and DATA.
+//! One SMTP session: the socket loop that reads bounded lines, feeds them to the sans-IO
+//! grammar of [`crate::wire::smtp_server`] (commands, `DATA` lines) and [`crate::sasl`] (AUTH
+//! responses), and answers; STARTTLS, timeouts, limits and the hand-off to the handler.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::{Admission, DeliverError, Incoming, IngressConfig, IngressHandler, Password};
-use crate::line_server::{self, Line, read_limited};
+use super::handoff::{DeliverError, Incoming, IngressHandler};
+use super::password::Password;
+use super::{Admission, IngressConfig};
+use crate::line_server::{self, Line, RawLine, read_limited, read_limited_raw};
+use crate::sasl::{self, SaslError};
 use crate::spool::{Envelope, TailFile};
+use crate::wire::smtp_server::{
+    Command, DataLine, DataReceiver, MailParam, command_text, mail_params, parse_path,
+    printable_name,
+};
 
 /// The client connection: plain TCP, or TLS after `STARTTLS`.
 enum Stream {
@@ -108,6 +115,27 @@ impl Conn<'_> {
     /// Reads the next command line, answering `421 4.4.2` on timeout.
     async fn read(&mut self) -> io::Result<Line> {
         self.read_max(self.config.max_line_length).await
+    }
+
+    /// Reads the next line of at most `limit` bytes with its line end (for `DATA`), answering
+    /// `421 4.4.2` on timeout.
+    async fn read_raw(&mut self, limit: usize) -> io::Result<RawLine> {
+        match tokio::time::timeout(
+            self.config.command_timeout,
+            read_limited_raw(&mut self.io, limit),
+        )
+        .await
+        {
+            Ok(line) => line,
+            Err(_) => {
+                let msg = format!(
+                    "421 4.4.2 {} Timeout waiting for client input\r\n",
+                    self.config.hostname
+                );
+                self.send(msg.as_bytes()).await?;
+                Ok(RawLine::Closed)
+            }
+        }
     }
 
     /// Reads the next line of at most `limit` bytes, answering `421 4.4.2` on timeout.
@@ -216,24 +244,15 @@ async fn command<H: IngressHandler>(
     handler: &H,
     line: &[u8],
 ) -> io::Result<Flow> {
-    let text = String::from_utf8_lossy(line);
-    let text = text.trim_end();
-    let (verb, args) = match text.split_once(' ') {
-        Some((v, a)) => (v.to_ascii_uppercase(), a.trim()),
-        None => (text.to_ascii_uppercase(), ""),
-    };
+    let text = command_text(line);
     let cfg = conn.config;
-    let keep = match verb.as_str() {
-        "EHLO" if args.is_empty() => conn.reply("501 5.5.4 Syntax: EHLO hostname").await?,
-        "EHLO" => {
+    let keep = match Command::parse(&text) {
+        Command::Ehlo("") => conn.reply("501 5.5.4 Syntax: EHLO hostname").await?,
+        Command::Ehlo(args) => {
             state.greeted = true;
             state.reset();
             let mut lines = vec![
-                format!(
-                    "{} greets {}",
-                    cfg.hostname,
-                    printable(args.split(' ').next().unwrap_or_default())
-                ),
+                format!("{} greets {}", cfg.hostname, printable_name(args)),
                 format!("SIZE {}", cfg.max_message_size),
                 "8BITMIME".to_owned(),
                 "PIPELINING".to_owned(),
@@ -253,67 +272,46 @@ async fn command<H: IngressHandler>(
                 .collect();
             conn.reply(&reply.join("\n")).await?
         }
-        "HELO" if args.is_empty() => conn.reply("501 5.5.4 Syntax: HELO hostname").await?,
-        "HELO" => {
+        Command::Helo("") => conn.reply("501 5.5.4 Syntax: HELO hostname").await?,
+        Command::Helo(_) => {
             state.greeted = true;
             state.reset();
             conn.reply(&format!("250 {}", cfg.hostname)).await?
         }
-        "MAIL" => mail(conn, state, handler, args).await?,
-        "RCPT" => rcpt(conn, state, args).await?,
-        "DATA" => return data(conn, state, handler, args).await,
-        "AUTH" => return auth(conn, state, peer, handler, args).await,
-        "RSET" => {
+        Command::Mail(args) => mail(conn, state, handler, args).await?,
+        Command::Rcpt(args) => rcpt(conn, state, args).await?,
+        Command::Data(args) => return data(conn, state, handler, args).await,
+        Command::Auth { mechanism, initial } => {
+            return auth(conn, state, peer, handler, &mechanism, initial).await;
+        }
+        Command::Rset => {
             state.reset();
             conn.reply("250 2.0.0 Ok").await?
         }
-        "NOOP" => conn.reply("250 2.0.0 Ok").await?,
-        "VRFY" => {
+        Command::Noop => conn.reply("250 2.0.0 Ok").await?,
+        Command::Vrfy => {
             conn.reply("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
                 .await?
         }
-        "HELP" => {
+        Command::Help => {
             conn.reply("214 2.0.0 Commands: EHLO HELO AUTH MAIL RCPT DATA RSET NOOP QUIT VRFY")
                 .await?
         }
-        "QUIT" => {
+        Command::Quit => {
             conn.reply(&format!("221 2.0.0 {} Bye", cfg.hostname))
                 .await?;
             return Ok(Flow::Close);
         }
-        "STARTTLS" if cfg.tls.is_some() => return starttls(conn, state, peer, handler, args).await,
-        "STARTTLS" | "EXPN" | "TURN" | "ETRN" | "BDAT" => {
+        Command::StartTls(args) if cfg.tls.is_some() => {
+            return starttls(conn, state, peer, handler, args).await;
+        }
+        Command::StartTls(_) | Command::NotImplemented => {
             conn.reply("502 5.5.1 Command not implemented").await?
         }
-        "" => conn.reply("500 5.5.2 Syntax error, empty command").await?,
-        _ => conn.reply("500 5.5.1 Command unrecognized").await?,
+        Command::Empty => conn.reply("500 5.5.2 Syntax error, empty command").await?,
+        Command::Unknown => conn.reply("500 5.5.1 Command unrecognized").await?,
     };
     Ok(flow(keep))
-}
-
-/// The client's EHLO name as echoed back: printable ASCII only, at most 64 characters.
-fn printable(name: &str) -> String {
-    name.chars()
-        .filter(|c| c.is_ascii_graphic())
-        .take(64)
-        .collect()
-}
-
-/// Parses `<prefix><path> params…` (prefix `FROM:` or `TO:`, case-insensitive, optional space
-/// after the colon) into the address inside the angle brackets and the parameters.
-fn parse_path<'a>(args: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
-    let head = args.get(..prefix.len())?;
-    if !head.eq_ignore_ascii_case(prefix) {
-        return None;
-    }
-    let rest = args[prefix.len()..].trim_start();
-    let rest = rest.strip_prefix('<')?;
-    let end = rest.find('>')?;
-    let addr = &rest[..end];
-    if addr.chars().any(|c| c.is_control() || c == '<') {
-        return None;
-    }
-    Some((addr, rest[end + 1..].trim()))
 }
 
 /// The spool is over its quota (RFC 3463 X.3.1 "mail system full"); the client tries later.
@@ -345,26 +343,21 @@ async fn mail<H: IngressHandler>(
     if room == Some(0) {
         return conn.reply(SPOOL_FULL).await;
     }
-    for param in params.split_ascii_whitespace() {
-        let (key, value) = param.split_once('=').unwrap_or((param, ""));
-        match key.to_ascii_uppercase().as_str() {
-            "SIZE" => match value.parse::<u64>() {
-                Ok(size) if size > conn.config.max_message_size as u64 => {
-                    return conn
-                        .reply("552 5.3.4 Message size exceeds fixed maximum message size")
-                        .await;
-                }
-                Ok(size) if room.is_some_and(|room| size > room) => {
-                    return conn.reply(SPOOL_FULL).await;
-                }
-                Ok(_) => {}
-                Err(_) => return conn.reply("501 5.5.4 Bad SIZE parameter").await,
-            },
-            "BODY"
-                if value.eq_ignore_ascii_case("7BIT") || value.eq_ignore_ascii_case("8BITMIME") => {
+    for param in mail_params(params) {
+        match param {
+            MailParam::Size(size) if size > conn.config.max_message_size as u64 => {
+                return conn
+                    .reply("552 5.3.4 Message size exceeds fixed maximum message size")
+                    .await;
             }
-            "AUTH" => {}
-            _ => return conn.reply("555 5.5.4 Unsupported MAIL parameter").await,
+            MailParam::Size(size) if room.is_some_and(|room| size > room) => {
+                return conn.reply(SPOOL_FULL).await;
+            }
+            MailParam::Size(_) | MailParam::Body | MailParam::Auth => {}
+            MailParam::BadSize => return conn.reply("501 5.5.4 Bad SIZE parameter").await,
+            MailParam::Unsupported => {
+                return conn.reply("555 5.5.4 Unsupported MAIL parameter").await;
+            }
         }
     }
     state.from = Some(addr.to_owned());
@@ -412,17 +405,20 @@ async fn data<H: IngressHandler>(
         handler.tail_path(),
         handler.room(),
     );
+    let mut receiver = DataReceiver::new();
     loop {
         // One more byte than a command line: the dot a client adds when it stuffs a full line.
-        match conn.read_max(conn.config.max_line_length + 1).await? {
+        match conn.read_raw(conn.config.max_line_length + 1).await? {
             // Disconnect or timeout mid-DATA: nothing is queued (a tail file is removed).
-            Line::Closed => return Ok(Flow::Close),
-            Line::TooLong => sink.refuse(Refused::LineTooLong),
-            Line::Text(line) if line == b"." => break,
-            Line::Text(line) => {
-                let line = line.strip_prefix(b".").unwrap_or(&line);
-                sink.push(line).await;
+            RawLine::Closed => return Ok(Flow::Close),
+            RawLine::TooLong { crlf } => {
+                receiver.skipped(crlf);
+                sink.refuse(Refused::LineTooLong);
             }
+            RawLine::Line(raw) => match receiver.line(&raw) {
+                DataLine::End => break,
+                DataLine::Content(line) => sink.push(line).await,
+            },
         }
     }
     let received = sink.finish().await;
@@ -627,21 +623,8 @@ async fn sasl_response(
             "client left during AUTH",
         )),
         Line::TooLong => Ok(Err("500 5.5.2 Line too long")),
-        Line::Text(line) => Ok(decode_sasl(&line)),
+        Line::Text(line) => Ok(sasl::decode_response(&line).map_err(SaslError::smtp_reply)),
     }
-}
-
-fn decode_sasl(line: &[u8]) -> Result<Vec<u8>, &'static str> {
-    let text = line.trim_ascii();
-    if text == b"*" {
-        return Err("501 5.0.0 Authentication cancelled");
-    }
-    if text == b"=" {
-        return Ok(Vec::new());
-    }
-    STANDARD
-        .decode(text)
-        .map_err(|_| "501 5.5.2 Invalid base64 data")
 }
 
 async fn auth<H: IngressHandler>(
@@ -649,7 +632,8 @@ async fn auth<H: IngressHandler>(
     state: &mut State,
     peer: SocketAddr,
     handler: &H,
-    args: &str,
+    mechanism: &str,
+    initial: Option<&str>,
 ) -> io::Result<Flow> {
     if !state.greeted {
         return Ok(flow(conn.reply("503 5.5.1 Send EHLO first").await?));
@@ -672,32 +656,24 @@ async fn auth<H: IngressHandler>(
                 .await?,
         ));
     }
-    let (mechanism, initial) = match args.split_once(' ') {
-        Some((m, i)) => (m.to_ascii_uppercase(), Some(i.trim())),
-        None => (args.to_ascii_uppercase(), None),
-    };
-    let credentials = match mechanism.as_str() {
+    let credentials = match mechanism {
         "PLAIN" => {
             let response = match initial {
-                Some(i) => decode_sasl(i.as_bytes()),
+                Some(i) => sasl::decode_response(i.as_bytes()).map_err(SaslError::smtp_reply),
                 None => match sasl_response(conn, "").await {
                     Ok(r) => r,
                     Err(_) => return Ok(Flow::Close),
                 },
             };
             response.and_then(|bytes| {
-                let mut parts = bytes.split(|&b| b == 0);
-                match (parts.next(), parts.next(), parts.next(), parts.next()) {
-                    (Some(_authzid), Some(user), Some(pass), None) => {
-                        Ok((user.to_vec(), pass.to_vec()))
-                    }
-                    _ => Err("501 5.5.2 Invalid PLAIN response"),
-                }
+                sasl::parse_plain(&bytes)
+                    .map(|plain| (plain.user.to_vec(), plain.password.to_vec()))
+                    .map_err(SaslError::smtp_reply)
             })
         }
         "LOGIN" => {
             let user = match initial {
-                Some(i) => decode_sasl(i.as_bytes()),
+                Some(i) => sasl::decode_response(i.as_bytes()).map_err(SaslError::smtp_reply),
                 None => match sasl_response(conn, "VXNlcm5hbWU6").await {
                     Ok(r) => r,
                     Err(_) => return Ok(Flow::Close),

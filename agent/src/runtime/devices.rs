@@ -30,14 +30,7 @@ pub struct UpstreamDeliveries;
 
 impl DeliveryFactory for UpstreamDeliveries {
     fn delivery(&self, device: &pb::AgentDevice) -> Result<Arc<dyn Delivery>, String> {
-        let profile = device.smtp.clone().unwrap_or_default();
-        match pb::SendMethod::try_from(profile.method).unwrap_or_default() {
-            pb::SendMethod::Unspecified | pb::SendMethod::Smtp => {
-                crate::runtime::wiring::smtp_delivery(&profile)
-            }
-            pb::SendMethod::Graph => crate::runtime::wiring::graph_delivery(&profile),
-            pb::SendMethod::GmailApi => crate::runtime::wiring::gmail_delivery(&profile),
-        }
+        super::profiles::delivery(&device.smtp.clone().unwrap_or_default())
     }
 }
 

@@ -22,8 +22,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::Clock;
+use super::clock::Clock;
 use super::devices::{DeviceEntry, DeviceRegistry};
+use super::profiles::{fetch_mailbox, fetch_purpose};
 use super::status::StatusBook;
 use super::tokens::{TokenCache, TokenKey, TokenUnavailable};
 use crate::fetch::{FetchError, FetchReport, FetchSettings};
@@ -119,39 +120,6 @@ impl Default for FetchSchedulerSettings {
             keep_tombstones: KEEP_TOMBSTONES,
             max_concurrent: 8,
         }
-    }
-}
-
-/// The mailbox whose upstream a device's fetch job empties, or why there is none.
-pub fn fetch_mailbox(spec: &pb::AgentDevice) -> Result<String, String> {
-    fn pick(m: &Option<pb::MailboxRef>) -> Option<String> {
-        m.as_ref().map(|m| m.name.clone()).filter(|n| !n.is_empty())
-    }
-    let mode = pb::SenderMode::try_from(spec.sender_mode).unwrap_or_default();
-    let picked = match mode {
-        pb::SenderMode::Bulk => pick(&spec.bulk_mailbox),
-        _ => pick(&spec.admin_mailbox),
-    };
-    picked.ok_or_else(|| match mode {
-        pb::SenderMode::Bulk => {
-            "fetching: sender mode BULK but the device names no bulk mailbox".to_owned()
-        }
-        pb::SenderMode::FixedAdmin => {
-            "fetching: sender mode FIXED_ADMIN but the device names no admin mailbox".to_owned()
-        }
-        other => format!(
-            "fetching skipped: sender mode {} signs users in at the device, so there is no fixed \
-             mailbox to fetch; set the device's admin mailbox to fetch that one",
-            other.as_str_name()
-        ),
-    })
-}
-
-/// The token purpose of a fetch profile.
-pub fn fetch_purpose(profile: &pb::FetchProfile) -> pb::MailPurpose {
-    match pb::FetchProtocol::try_from(profile.protocol).unwrap_or_default() {
-        pb::FetchProtocol::Imap => pb::MailPurpose::Imap,
-        _ => pb::MailPurpose::Pop,
     }
 }
 
@@ -388,7 +356,7 @@ impl FetchScheduler {
     pub async fn fetch_device(&self, device: &DeviceEntry) -> Next {
         let name = device.spec.name.as_str();
         let profile = device.spec.fetch.clone().unwrap_or_default();
-        let settings = match super::wiring::fetch_settings(&profile) {
+        let settings = match super::profiles::fetch_settings(&profile) {
             Ok(s) => s,
             Err(e) => {
                 self.fail(

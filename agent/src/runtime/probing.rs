@@ -24,7 +24,6 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::ConnectionTester;
 use super::devices::{DeviceEntry, DeviceRegistry};
 use super::status::StatusBook;
 use super::tokens::TokenCache;
@@ -93,7 +92,7 @@ impl PeriodicTests {
         if device.spec.smtp.is_some() && device.default_mailbox().is_some() {
             targets.push(pb::ConnectionTarget::Send);
         }
-        if device.spec.fetch.is_some() && super::fetcher::fetch_mailbox(&device.spec).is_ok() {
+        if device.spec.fetch.is_some() && super::profiles::fetch_mailbox(&device.spec).is_ok() {
             targets.push(pb::ConnectionTarget::Fetch);
         }
         targets
@@ -271,7 +270,7 @@ pub async fn test_api(
     let port = base.port_or_known_default().unwrap_or(443);
     let endpoint = format!("{host}:{port}");
     let mut run = ProbeRun::new(pb::ConnectionTarget::Send, endpoint.clone(), deadline);
-    let tls = super::wiring::tls_settings(profile);
+    let tls = super::profiles::tls_settings(profile);
     let step_timeout = match profile.timeout_seconds {
         0 => Duration::from_secs(30),
         s => Duration::from_secs(u64::from(s)),
@@ -517,4 +516,154 @@ fn http_client(tls: &TlsSettings, timeout: Duration) -> Result<reqwest::Client, 
         .user_agent(concat!("tokenfleet-agent/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| format!("building the HTTP client failed: {e}"))
+}
+
+/// Runs a connection test for a device (the `TestConnection` command).
+#[async_trait::async_trait]
+pub trait ConnectionTester: Send + Sync + 'static {
+    /// Tests `device` as `command` asks, with tokens from `tokens`.
+    async fn test(
+        &self,
+        device: &DeviceEntry,
+        command: &pb::ConnectionTestCommand,
+        tokens: &TokenCache,
+    ) -> pb::ConnectionTestResult;
+}
+
+/// The answer to a connection test command while the build has no connection tests.
+pub const NO_CONNECTION_TESTS: &str = "connection tests not available in this build";
+
+/// The connection tester of this build: the probes of [`crate::probe`] for SMTP send profiles
+/// and POP3/IMAP fetch profiles, and [`test_api`] for Graph/Gmail API send
+/// profiles.
+pub fn connection_tester() -> Option<Arc<dyn ConnectionTester>> {
+    Some(Arc::new(ProbeTester))
+}
+
+/// Runs [`crate::probe`] for the `TestConnection` command.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeTester;
+
+fn unusable(target: pb::ConnectionTarget, summary: String) -> pb::ConnectionTestResult {
+    let mut result = pb::ConnectionTestResult {
+        verdict: pb::ConnectionVerdict::ProtocolError as i32,
+        summary,
+        fix: "correct the device's profile in the broker".to_owned(),
+        time: Some(super::tokens::timestamp(std::time::SystemTime::now())),
+        ..Default::default()
+    };
+    result.set_target(target);
+    result
+}
+
+#[async_trait::async_trait]
+impl ConnectionTester for ProbeTester {
+    async fn test(
+        &self,
+        device: &super::devices::DeviceEntry,
+        command: &pb::ConnectionTestCommand,
+        tokens: &super::tokens::TokenCache,
+    ) -> pb::ConnectionTestResult {
+        let seconds = match command.timeout_seconds {
+            0 => 30,
+            s => s.min(120),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(seconds));
+        let target = pb::ConnectionTarget::try_from(command.target).unwrap_or_default();
+        let purpose = if target == pb::ConnectionTarget::Fetch {
+            match pb::FetchProtocol::try_from(
+                device.spec.fetch.clone().unwrap_or_default().protocol,
+            ) {
+                Ok(pb::FetchProtocol::Imap) => pb::MailPurpose::Imap,
+                _ => pb::MailPurpose::Pop,
+            }
+        } else {
+            pb::MailPurpose::Send
+        };
+        // The fetch test uses the mailbox the fetch job empties; the send test the sender's.
+        let mailbox = if target == pb::ConnectionTarget::Fetch {
+            super::profiles::fetch_mailbox(&device.spec)
+        } else {
+            device.default_mailbox().map(str::to_owned).ok_or_else(|| {
+                "the device's sender mode has no fixed mailbox (the user signs in at the device)"
+                    .to_owned()
+            })
+        };
+        let credentials = match mailbox {
+            Ok(mailbox) => {
+                let key = super::tokens::TokenKey {
+                    device: device.spec.name.clone(),
+                    mailbox: mailbox.to_owned(),
+                    user_address: String::new(),
+                    purpose,
+                };
+                tokens.credentials(&key).await.map_err(|e| match e {
+                    super::tokens::TokenUnavailable::Wait { reason, .. }
+                    | super::tokens::TokenUnavailable::Denied(reason) => reason,
+                })
+            }
+            Err(why) => Err(why),
+        };
+        let (credentials, no_token) = match credentials {
+            Ok(c) => (Some(c), String::new()),
+            Err(reason) => (None, reason),
+        };
+        let mut result = match target {
+            pb::ConnectionTarget::Fetch => {
+                match super::profiles::fetch_settings(
+                    &device.spec.fetch.clone().unwrap_or_default(),
+                ) {
+                    Ok(settings) => {
+                        crate::probe::fetch::test_fetch(
+                            &settings,
+                            credentials.as_ref(),
+                            &no_token,
+                            deadline,
+                        )
+                        .await
+                    }
+                    Err(e) => unusable(target, e),
+                }
+            }
+            _ => {
+                let profile = device.spec.smtp.clone().unwrap_or_default();
+                match pb::SendMethod::try_from(profile.method).unwrap_or_default() {
+                    pb::SendMethod::Graph => {
+                        test_api(
+                            MailApiKind::Graph,
+                            &profile,
+                            credentials.as_ref(),
+                            &no_token,
+                            deadline,
+                        )
+                        .await
+                    }
+                    pb::SendMethod::GmailApi => {
+                        test_api(
+                            MailApiKind::Gmail,
+                            &profile,
+                            credentials.as_ref(),
+                            &no_token,
+                            deadline,
+                        )
+                        .await
+                    }
+                    _ => match super::profiles::smtp_settings(&profile) {
+                        Ok(settings) => {
+                            crate::probe::smtp::test_send(
+                                &settings,
+                                credentials.as_ref(),
+                                &no_token,
+                                deadline,
+                            )
+                            .await
+                        }
+                        Err(e) => unusable(pb::ConnectionTarget::Send, e),
+                    },
+                }
+            }
+        };
+        result.device = device.spec.name.clone();
+        result
+    }
 }

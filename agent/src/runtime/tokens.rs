@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use tokenfleet_proto::v1 as pb;
 use tokio::sync::Mutex;
 
-use super::Clock;
+use super::clock::Clock;
 use crate::sasl::AccessToken;
 use crate::upstream::Credentials;
 

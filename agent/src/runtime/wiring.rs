@@ -1,276 +1,35 @@
-//! Where the runtime meets the pieces written alongside it: the upstream constructors per send
-//! method, the connection test, and the local POP3 server. Each function is the one place to
-//! change when such a piece lands.
+//! The agent's composition root: [`run`] builds every part of a running agent from the local
+//! settings — identity and broker link, spool, maildrop, token cache, status book, device
+//! registry, ingress (SMTP and POP3), delivery worker, fetch scheduler, connection tests, status
+//! stream, certificate renewal — wires them together, starts them, and stops them in order.
+//! Nothing else in the crate uses this module; the parts it assembles know nothing of it.
 
+use std::future::Future;
 use std::sync::Arc;
-
-use tokenfleet_proto::v1 as pb;
-
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use crate::fetch::{FetchProtocol, FetchSettings};
-use crate::upstream::Delivery;
-use crate::upstream::api::{ApiSettings, GmailDelivery, GraphDelivery};
-use crate::upstream::smtp::{Security, SmtpDelivery, SmtpSettings};
-use crate::upstream::tls::{TlsSettings, TlsVersion};
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
 
-/// TLS settings of a send profile.
-pub fn tls_settings(profile: &pb::SmtpProfile) -> TlsSettings {
-    let version = |v: i32| match pb::TlsVersion::try_from(v).unwrap_or_default() {
-        pb::TlsVersion::Unspecified => None,
-        pb::TlsVersion::TlsVersion12 => Some(TlsVersion::Tls12),
-        pb::TlsVersion::TlsVersion13 => Some(TlsVersion::Tls13),
-    };
-    TlsSettings {
-        skip_verification: profile.skip_certificate_verification,
-        extra_ca_pem: (!profile.extra_ca_pem.trim().is_empty())
-            .then(|| profile.extra_ca_pem.clone()),
-        min_version: version(profile.tls_min_version),
-        max_version: version(profile.tls_max_version),
-        no_system_roots: false,
-        allow_cleartext_tokens: profile.insecure_allow_cleartext_tokens,
-    }
-}
+use super::broker::{self, BrokerLink};
+use super::clock::{Clock, SystemClock};
+use super::devices::{DeviceRegistry, FleetIngress, UpstreamDeliveries};
+use super::fetcher;
+use super::probing;
+use super::reporter;
+use super::status::StatusBook;
+use super::tokens::{self, TokenCache};
+use super::worker::{DeliveryWorker, WorkerSettings};
+use super::{AgentRuntime, VERSION};
+use crate::config::AgentSettings;
+use crate::identity;
+use crate::ingress::IngressServer;
+use crate::spool::Spool;
 
-/// Upstream SMTP settings from a device's send profile (`smtp.server`, `port`, `security`,
-/// `timeout_seconds`, TLS fields); the error names the field.
-pub fn smtp_settings(profile: &pb::SmtpProfile) -> Result<SmtpSettings, String> {
-    if profile.server.trim().is_empty() {
-        return Err("smtp.server: not set".to_owned());
-    }
-    let port = u16::try_from(profile.port)
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| format!("smtp.port {}: must be 1-65535", profile.port))?;
-    // Unset security: what the port conventionally means.
-    let mut settings = SmtpSettings::new(
-        profile.server.trim(),
-        port,
-        security(profile.security, port, 465),
-    );
-    if profile.timeout_seconds > 0 {
-        settings.timeout = Duration::from_secs(u64::from(profile.timeout_seconds));
-    }
-    settings.tls = tls_settings(profile);
-    Ok(settings)
-}
-
-/// SMTP submission for a device's send profile.
-pub fn smtp_delivery(profile: &pb::SmtpProfile) -> Result<Arc<dyn Delivery>, String> {
-    Ok(Arc::new(SmtpDelivery::new(smtp_settings(profile)?)))
-}
-
-fn api_settings(profile: &pb::SmtpProfile) -> ApiSettings {
-    ApiSettings {
-        base_url: (!profile.api_base_url.trim().is_empty()).then(|| profile.api_base_url.clone()),
-        tls: tls_settings(profile),
-        timeout: (profile.timeout_seconds > 0)
-            .then(|| Duration::from_secs(u64::from(profile.timeout_seconds))),
-    }
-}
-
-/// Microsoft Graph `sendMail` for a device's send profile.
-pub fn graph_delivery(profile: &pb::SmtpProfile) -> Result<Arc<dyn Delivery>, String> {
-    GraphDelivery::new(&api_settings(profile))
-        .map(|d| Arc::new(d) as Arc<dyn Delivery>)
-        .map_err(|e| format!("smtp.method GRAPH: {e}"))
-}
-
-/// Gmail API `messages.send` for a device's send profile.
-pub fn gmail_delivery(profile: &pb::SmtpProfile) -> Result<Arc<dyn Delivery>, String> {
-    GmailDelivery::new(&api_settings(profile))
-        .map(|d| Arc::new(d) as Arc<dyn Delivery>)
-        .map_err(|e| format!("smtp.method GMAIL_API: {e}"))
-}
-
-/// The answer to a connection test command while the build has no connection tests.
-pub const NO_CONNECTION_TESTS: &str = "connection tests not available in this build";
-
-/// The connection tester of this build: the probes of [`crate::probe`] for SMTP send profiles
-/// and POP3/IMAP fetch profiles, and [`super::probing::test_api`] for Graph/Gmail API send
-/// profiles.
-pub fn connection_tester() -> Option<Arc<dyn super::ConnectionTester>> {
-    Some(Arc::new(ProbeTester))
-}
-
-fn security(mode: i32, port: u16, implicit_port: u16) -> Security {
-    match pb::TlsMode::try_from(mode).unwrap_or_default() {
-        pb::TlsMode::Starttls => Security::Starttls,
-        pb::TlsMode::ImplicitTls => Security::ImplicitTls,
-        pb::TlsMode::None => Security::None,
-        pb::TlsMode::Unspecified if port == implicit_port => Security::ImplicitTls,
-        pb::TlsMode::Unspecified => Security::Starttls,
-    }
-}
-
-/// Fetch settings from a device's fetch profile; the error names the field.
-pub fn fetch_settings(profile: &pb::FetchProfile) -> Result<FetchSettings, String> {
-    if profile.server.trim().is_empty() {
-        return Err("fetch.server: not set".to_owned());
-    }
-    let port = u16::try_from(profile.port)
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| format!("fetch.port {}: must be 1-65535", profile.port))?;
-    let (protocol, implicit) =
-        match pb::FetchProtocol::try_from(profile.protocol).unwrap_or_default() {
-            pb::FetchProtocol::Imap => (FetchProtocol::Imap, 993),
-            pb::FetchProtocol::Pop3 => (FetchProtocol::Pop3, 995),
-            pb::FetchProtocol::Unspecified => {
-                return Err("fetch.protocol: not set (POP3 or IMAP)".to_owned());
-            }
-        };
-    let mut settings = FetchSettings::new(
-        protocol,
-        profile.server.trim(),
-        port,
-        security(profile.security, port, implicit),
-    );
-    let version = |v: i32| match pb::TlsVersion::try_from(v).unwrap_or_default() {
-        pb::TlsVersion::Unspecified => None,
-        pb::TlsVersion::TlsVersion12 => Some(TlsVersion::Tls12),
-        pb::TlsVersion::TlsVersion13 => Some(TlsVersion::Tls13),
-    };
-    settings.tls = TlsSettings {
-        skip_verification: profile.skip_certificate_verification,
-        extra_ca_pem: (!profile.extra_ca_pem.trim().is_empty())
-            .then(|| profile.extra_ca_pem.clone()),
-        min_version: version(profile.tls_min_version),
-        max_version: version(profile.tls_max_version),
-        no_system_roots: false,
-        allow_cleartext_tokens: profile.insecure_allow_cleartext_tokens,
-    };
-    if !profile.folder.trim().is_empty() {
-        settings.folder = profile.folder.trim().to_owned();
-    }
-    Ok(settings)
-}
-
-/// Runs [`crate::probe`] for the `TestConnection` command.
-#[derive(Debug, Clone, Copy)]
-pub struct ProbeTester;
-
-fn unusable(target: pb::ConnectionTarget, summary: String) -> pb::ConnectionTestResult {
-    let mut result = pb::ConnectionTestResult {
-        verdict: pb::ConnectionVerdict::ProtocolError as i32,
-        summary,
-        fix: "correct the device's profile in the broker".to_owned(),
-        time: Some(super::tokens::timestamp(std::time::SystemTime::now())),
-        ..Default::default()
-    };
-    result.set_target(target);
-    result
-}
-
-#[async_trait::async_trait]
-impl super::ConnectionTester for ProbeTester {
-    async fn test(
-        &self,
-        device: &super::devices::DeviceEntry,
-        command: &pb::ConnectionTestCommand,
-        tokens: &super::tokens::TokenCache,
-    ) -> pb::ConnectionTestResult {
-        let seconds = match command.timeout_seconds {
-            0 => 30,
-            s => s.min(120),
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(seconds));
-        let target = pb::ConnectionTarget::try_from(command.target).unwrap_or_default();
-        let purpose = if target == pb::ConnectionTarget::Fetch {
-            match pb::FetchProtocol::try_from(
-                device.spec.fetch.clone().unwrap_or_default().protocol,
-            ) {
-                Ok(pb::FetchProtocol::Imap) => pb::MailPurpose::Imap,
-                _ => pb::MailPurpose::Pop,
-            }
-        } else {
-            pb::MailPurpose::Send
-        };
-        // The fetch test uses the mailbox the fetch job empties; the send test the sender's.
-        let mailbox = if target == pb::ConnectionTarget::Fetch {
-            super::fetcher::fetch_mailbox(&device.spec)
-        } else {
-            device.default_mailbox().map(str::to_owned).ok_or_else(|| {
-                "the device's sender mode has no fixed mailbox (the user signs in at the device)"
-                    .to_owned()
-            })
-        };
-        let credentials = match mailbox {
-            Ok(mailbox) => {
-                let key = super::tokens::TokenKey {
-                    device: device.spec.name.clone(),
-                    mailbox: mailbox.to_owned(),
-                    user_address: String::new(),
-                    purpose,
-                };
-                tokens.credentials(&key).await.map_err(|e| match e {
-                    super::tokens::TokenUnavailable::Wait { reason, .. }
-                    | super::tokens::TokenUnavailable::Denied(reason) => reason,
-                })
-            }
-            Err(why) => Err(why),
-        };
-        let (credentials, no_token) = match credentials {
-            Ok(c) => (Some(c), String::new()),
-            Err(reason) => (None, reason),
-        };
-        let mut result = match target {
-            pb::ConnectionTarget::Fetch => {
-                match fetch_settings(&device.spec.fetch.clone().unwrap_or_default()) {
-                    Ok(settings) => {
-                        crate::probe::fetch::test_fetch(
-                            &settings,
-                            credentials.as_ref(),
-                            &no_token,
-                            deadline,
-                        )
-                        .await
-                    }
-                    Err(e) => unusable(target, e),
-                }
-            }
-            _ => {
-                let profile = device.spec.smtp.clone().unwrap_or_default();
-                match pb::SendMethod::try_from(profile.method).unwrap_or_default() {
-                    pb::SendMethod::Graph => {
-                        super::probing::test_api(
-                            super::probing::MailApiKind::Graph,
-                            &profile,
-                            credentials.as_ref(),
-                            &no_token,
-                            deadline,
-                        )
-                        .await
-                    }
-                    pb::SendMethod::GmailApi => {
-                        super::probing::test_api(
-                            super::probing::MailApiKind::Gmail,
-                            &profile,
-                            credentials.as_ref(),
-                            &no_token,
-                            deadline,
-                        )
-                        .await
-                    }
-                    _ => match smtp_settings(&profile) {
-                        Ok(settings) => {
-                            crate::probe::smtp::test_send(
-                                &settings,
-                                credentials.as_ref(),
-                                &no_token,
-                                deadline,
-                            )
-                            .await
-                        }
-                        Err(e) => unusable(pb::ConnectionTarget::Send, e),
-                    },
-                }
-            }
-        };
-        result.device = device.spec.name.clone();
-        result
-    }
-}
+/// The connection tester, re-exported where it used to live.
+pub use super::probing::ProbeTester;
 
 /// Ingress settings from the local configuration: STARTTLS with `ingress_tls_cert_file` /
 /// `ingress_tls_key_file` when both are set, required before AUTH and MAIL with
@@ -354,7 +113,7 @@ pub async fn open_maildrop(
 pub async fn start_pop3(
     addr: std::net::SocketAddr,
     config: crate::pop3_server::Pop3ServerConfig,
-    runtime: &Arc<super::AgentRuntime>,
+    runtime: &Arc<AgentRuntime>,
     maildrop: crate::maildrop::Maildrop,
     mut stop: tokio::sync::watch::Receiver<bool>,
     tasks: &mut tokio::task::JoinSet<()>,
@@ -380,6 +139,251 @@ pub async fn start_pop3(
             tracing::error!(%error, "the POP3 server failed");
         }
     });
+    Ok(())
+}
+
+/// Runs the agent until `shutdown` completes: ingress, delivery worker, status stream, token and
+/// certificate renewal. Returns when the ingress stopped and running deliveries finished (or the
+/// grace period ended).
+pub async fn run(
+    settings: AgentSettings,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    identity::ensure_private_dir(&settings.state_dir)?;
+    let stored = identity::load(&settings.state_dir)?;
+    let link = Arc::new(BrokerLink::new(
+        &stored,
+        settings.broker_url.clone(),
+        &settings.state_dir,
+    )?);
+    let spool_dir = settings.spool_dir.clone();
+    let spool_limits = settings.ingress_limits.spool;
+    let spool = Arc::new(
+        tokio::task::spawn_blocking(move || Spool::open_with(spool_dir, spool_limits))
+            .await
+            .context("opening the spool")??,
+    );
+    let recovery = spool.recovery();
+    tracing::info!(
+        spool = %settings.spool_dir.display(),
+        queued = recovery.queued,
+        removed_unacknowledged = recovery.removed_temp + recovery.removed_orphans,
+        "spool opened"
+    );
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let maildrop = open_maildrop(&settings.state_dir).await?;
+    let book = Arc::new(StatusBook::open(&settings.state_dir));
+    let tokens = Arc::new(TokenCache::new(
+        Arc::clone(&link) as Arc<dyn tokens::TokenSource>,
+        Arc::clone(&clock),
+        settings.token_renew_margin,
+    ));
+    let wake = Arc::new(Notify::new());
+    let registry = Arc::new(DeviceRegistry::new(Arc::new(UpstreamDeliveries)));
+    let ingress = Arc::new(FleetIngress::with_passwords(
+        Arc::clone(&spool),
+        Arc::clone(&wake),
+        Arc::new(crate::ingress::PasswordChecker::new(
+            settings.ingress_limits.passwords,
+        )),
+    ));
+    let rt = Arc::new(AgentRuntime {
+        settings: settings.clone(),
+        spool: Arc::clone(&spool),
+        registry: Arc::clone(&registry),
+        ingress: Arc::clone(&ingress),
+        tokens: Arc::clone(&tokens),
+        book: Arc::clone(&book),
+        link: Arc::clone(&link),
+        tester: probing::connection_tester(),
+        maildrop: Some(maildrop.clone()),
+        sequence: AtomicU64::new(0),
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let have_config = match tokio::time::timeout(Duration::from_secs(15), link.fetch_config()).await
+    {
+        Ok(Ok(config)) => {
+            rt.apply_config(config);
+            true
+        }
+        failed => {
+            let why = match failed {
+                Ok(Err(status)) => broker::status_text(&status),
+                _ => "no answer within 15 s".to_owned(),
+            };
+            match broker::load_cached_config(&settings.state_dir) {
+                Some(config) => {
+                    tracing::warn!(error = %why, revision = %config.revision, "the broker is unreachable; using the configuration cached in the state directory");
+                    rt.apply_config(config);
+                }
+                None => {
+                    tracing::warn!(error = %why, "the broker is unreachable and no configuration is cached; waiting for the broker (devices are refused until then)");
+                }
+            }
+            false
+        }
+    };
+    if !have_config {
+        let rt = Arc::clone(&rt);
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let mut attempt = 0;
+            loop {
+                let wait = reporter::reconnect_delay(attempt);
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    () = tokio::time::sleep(wait) => {}
+                }
+                match rt.reload().await {
+                    Ok(detail) => {
+                        tracing::info!(%detail, "configuration fetched from the broker");
+                        return;
+                    }
+                    Err(detail) => tracing::debug!(%detail, "configuration still unavailable"),
+                }
+                attempt += 1;
+            }
+        });
+    }
+
+    let worker = Arc::new(DeliveryWorker::new(
+        Arc::clone(&spool),
+        &settings.spool_dir,
+        Arc::clone(&registry),
+        Arc::clone(&tokens),
+        Arc::clone(&book),
+        Arc::clone(&clock),
+        WorkerSettings {
+            concurrency: settings.delivery_concurrency,
+            retry_base: settings.retry_base,
+            retry_max: settings.retry_max,
+            max_attempts: settings.max_attempts,
+            max_age: settings.max_age,
+            bounce: settings.bounce,
+            poll_interval: Duration::from_millis(500),
+        },
+        Arc::clone(&wake),
+    ));
+    match worker.recover_markers() {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            count = n,
+            "messages were being sent when the agent stopped; counted as possible duplicates"
+        ),
+        Err(error) => tracing::warn!(%error, "reading the sending markers failed"),
+    }
+
+    let ingress_config = ingress_config(&settings)?;
+    let pop3_config = pop3_limits(pop3_config(&ingress_config), &settings);
+    let listener = TcpListener::bind(settings.smtp_listen)
+        .await
+        .with_context(|| format!("smtp_listen {}: cannot listen", settings.smtp_listen))?;
+    tracing::info!(smtp = %settings.smtp_listen, "SMTP ingress listening");
+    {
+        let ingress = Arc::clone(&ingress);
+        let config = ingress_config;
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(error) = IngressServer::serve(listener, config, ingress, stopped).await {
+                tracing::error!(%error, "the SMTP ingress failed");
+            }
+        });
+    }
+    if let Some(addr) = settings.pop3_listen {
+        start_pop3(
+            addr,
+            pop3_config,
+            &rt,
+            maildrop.clone(),
+            stop_rx.clone(),
+            &mut tasks,
+        )
+        .await?;
+    }
+    {
+        let scheduler = Arc::new(fetcher::FetchScheduler::new(
+            Arc::clone(&registry),
+            Arc::clone(&tokens),
+            Arc::clone(&book),
+            Arc::clone(&clock),
+            Arc::new(fetcher::MaildropFetcher::new(maildrop.clone())),
+            fetcher::FetchSchedulerSettings {
+                retry_base: settings.retry_base,
+                ..fetcher::FetchSchedulerSettings::default()
+            },
+        ));
+        tasks.spawn(scheduler.run(stop_rx.clone()));
+    }
+    if let (Some(interval), Some(tester)) = (settings.connection_test_interval, rt.tester.clone()) {
+        let periodic = Arc::new(probing::PeriodicTests::new(
+            Arc::clone(&registry),
+            Arc::clone(&tokens),
+            Arc::clone(&book),
+            tester,
+            interval,
+        ));
+        tasks.spawn(periodic.run(stop_rx.clone()));
+    }
+    let worker_task = {
+        let mut stop = stop_rx.clone();
+        let grace = settings.shutdown_grace;
+        tokio::spawn(async move {
+            worker
+                .run(
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                    grace,
+                )
+                .await;
+        })
+    };
+    tasks.spawn(reporter::report_status(Arc::clone(&rt), stop_rx.clone()));
+    {
+        let tokens = Arc::clone(&tokens);
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    () = tokio::time::sleep(Duration::from_secs(5)) => tokens.renew_due().await,
+                }
+            }
+        });
+    }
+    {
+        let link = Arc::clone(&link);
+        let state_dir = settings.state_dir.clone();
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(error) =
+                identity::keep_renewed(&state_dir, VERSION, |id| link.set_identity(id), stopped)
+                    .await
+            {
+                tracing::error!(%error, "the agent certificate can no longer be renewed");
+            }
+        });
+    }
+
+    shutdown.await;
+    tracing::info!("stopping: no new messages accepted; finishing running deliveries");
+    let _ = stop_tx.send(true);
+    let _ = worker_task.await;
+    // Everything else stops promptly on the signal; do not wait past the grace period.
+    let _ = tokio::time::timeout(settings.shutdown_grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tracing::info!("stopped");
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use tokenfleet_proto::v1 as pb;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
-use super::Clock;
+use super::clock::Clock;
 use super::devices::{DeviceEntry, DeviceRegistry};
 use super::status::{Attempt, Outcome, StatusBook};
 use super::tokens::{TokenCache, TokenKey, TokenUnavailable};

@@ -24,7 +24,8 @@
 //! deliver to `Bcc` and strip the header from what recipients see. The opposite case — a header
 //! recipient that is not an envelope recipient — cannot be expressed without rewriting the
 //! visible headers, and sending would reach someone the sender did not ask for, so such a
-//! message fails [`FailureKind::Permanent`] with the address named.
+//! message fails [`FailureKind::Permanent`] with the address named. The headers are read by
+//! [`crate::wire::header`], the same parser the ingress's sender rewrite uses.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use reqwest::header::{
 
 use super::tls::TlsSettings;
 use super::{Credentials, Delivery, DeliveryError, DeliveryReceipt, FailureKind, OutgoingMessage};
+use crate::wire::header;
 
 /// Microsoft Graph's public endpoint (`api_base_url` empty).
 pub const GRAPH_DEFAULT_BASE: &str = "https://graph.microsoft.com/v1.0";
@@ -350,83 +352,6 @@ fn classify(
 // ---------------------------------------------------------------------------------------------
 // Recipients: envelope vs. headers.
 
-/// The header block of `data` (through the CRLF CRLF that ends it, or all of it) and the body.
-fn split_headers(data: &[u8]) -> (&[u8], &[u8]) {
-    if data.starts_with(b"\r\n") {
-        return (&data[..0], data);
-    }
-    match data.windows(4).position(|w| w == b"\r\n\r\n") {
-        Some(i) => data.split_at(i + 2),
-        None => (data, &data[data.len()..]),
-    }
-}
-
-/// The unfolded `(name, value)` header fields of a header block.
-fn header_fields(block: &[u8]) -> Vec<(String, String)> {
-    let text = String::from_utf8_lossy(block);
-    let mut fields: Vec<(String, String)> = Vec::new();
-    for line in text.split("\r\n") {
-        if line.starts_with([' ', '\t']) {
-            if let Some((_, value)) = fields.last_mut() {
-                value.push_str(line);
-            }
-        } else if let Some((name, value)) = line.split_once(':') {
-            fields.push((name.trim().to_owned(), value.to_owned()));
-        }
-    }
-    fields
-}
-
-/// The entries of an address-list header value (`"A, B" <a@x>, b@y (c), grp: c@z;`): the
-/// addr-spec of each, lower-cased, empty ones dropped. Quoted strings, comments, display names
-/// and group names are skipped.
-pub(crate) fn address_list_raw(value: &str) -> Vec<String> {
-    let mut items: Vec<String> = Vec::new();
-    let mut current = String::new();
-    let (mut quoted, mut depth, mut angle, mut closed) = (false, 0u32, false, false);
-    let mut chars = value.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' if quoted || depth > 0 => {
-                chars.next();
-            }
-            '"' if depth == 0 => quoted = !quoted,
-            '(' if !quoted => depth += 1,
-            ')' if !quoted && depth > 0 => depth -= 1,
-            _ if quoted || depth > 0 => {}
-            '<' => {
-                angle = true;
-                current.clear();
-            }
-            '>' => {
-                angle = false;
-                closed = true;
-            }
-            ':' if !angle => current.clear(), // group name
-            ',' | ';' if !angle => {
-                items.push(std::mem::take(&mut current));
-                closed = false;
-            }
-            _ if closed => {}
-            _ => current.push(c),
-        }
-    }
-    items.push(current);
-    items
-        .into_iter()
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect()
-}
-
-/// The addr-specs of an address-list header value, lower-cased (entries without `@` dropped).
-pub(crate) fn address_list(value: &str) -> Vec<String> {
-    address_list_raw(value)
-        .into_iter()
-        .filter(|s| s.contains('@'))
-        .collect()
-}
-
 /// Makes the recipient headers of `data` match the envelope recipients `rcpts`, for APIs that
 /// take recipients from the headers: adds a `Bcc:` header for envelope recipients no
 /// `To`/`Cc`/`Bcc` names (the message is otherwise unchanged), and refuses (permanently) a
@@ -435,14 +360,11 @@ pub fn reconcile_recipients<'a>(
     data: &'a [u8],
     rcpts: &[String],
 ) -> Result<Cow<'a, [u8]>, DeliveryError> {
-    let (block, _) = split_headers(data);
+    let (block, _) = header::split_header_block(data);
     let mut in_headers: Vec<String> = Vec::new();
-    for (name, value) in header_fields(block) {
-        if ["to", "cc", "bcc"]
-            .iter()
-            .any(|h| name.eq_ignore_ascii_case(h))
-        {
-            in_headers.extend(address_list(&value));
+    for field in header::fields(block) {
+        if field.is("to") || field.is("cc") || field.is("bcc") {
+            in_headers.extend(field.addresses());
         }
     }
     let envelope: Vec<String> = rcpts
@@ -634,17 +556,6 @@ impl Delivery for GmailDelivery {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn address_lists_are_parsed() {
-        assert_eq!(
-            address_list(
-                r#" "Doe, Jane" <Jane@Example.com>, bob@example.com (Bob, B.), grp: c@x.org, d@y.org; "#
-            ),
-            vec!["jane@example.com", "bob@example.com", "c@x.org", "d@y.org"]
-        );
-        assert!(address_list("undisclosed-recipients:;").is_empty());
-    }
 
     #[test]
     fn missing_envelope_recipients_become_bcc() {

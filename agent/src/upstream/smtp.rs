@@ -12,6 +12,12 @@
 //!
 //! The token is only ever on the wire: never in logs, errors or `Debug` output.
 //!
+//! The grammar (replies, EHLO keywords, dot-stuffing) is [`crate::wire::smtp_client`], sans-IO;
+//! this file is the session, hand-driven rather than lettre's: lettre's XOAUTH2 mechanism does
+//! not answer the error challenge (`334 <base64 JSON>`) that Microsoft and Google send for a bad
+//! token, so the server's reason would be lost — here the challenge is answered with an empty
+//! line and both the JSON and the final `535` are reported.
+//!
 //! AUTH initial response: the one-line form `AUTH XOAUTH2 <payload>` is used only when the whole
 //! command fits the RFC 5321 command line limit of 512 octets. Otherwise (every real Exchange or
 //! Google token: they are 1–3 KB) the client sends `AUTH XOAUTH2`, waits for `334 `, and sends the
@@ -41,16 +47,16 @@ use tokio::net::TcpStream;
 use super::tls::{TlsError, TlsSettings};
 use super::{Credentials, Delivery, DeliveryError, DeliveryReceipt, FailureKind, OutgoingMessage};
 use crate::sasl::{self, Mechanism};
+#[cfg(test)]
+use crate::wire::smtp_client::MAX_REPORTED;
+pub use crate::wire::smtp_client::{
+    Capabilities, MAX_LINE, MAX_REPLY_LINES, Reply, ReplyReceiver, dot_stuff, parse_reply_line,
+};
+use crate::wire::smtp_client::{message_size, truncate};
 
-/// Longest reply line accepted from a server, CRLF included.
-pub const MAX_LINE: usize = 8192;
-/// Most lines accepted in one (multi-line) reply.
-pub const MAX_REPLY_LINES: usize = 256;
 /// Longest `AUTH <mechanism> <initial response>` line sent; longer payloads go on their own line
 /// after `334 ` (RFC 5321 §4.5.3.1.4 command line limit).
 pub const MAX_INITIAL_RESPONSE_LINE: usize = 512;
-/// Longest reply text kept in an error or receipt.
-const MAX_REPORTED: usize = 1024;
 /// QUIT after the work is done gets at most this long.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// DATA is written in chunks of this size, each within the command timeout.
@@ -118,160 +124,6 @@ impl SmtpSettings {
             format!("[{}]:{}", self.host, self.port)
         } else {
             format!("{}:{}", self.host, self.port)
-        }
-    }
-}
-
-/// One SMTP reply: the code and the text of each line (without the `250-`/`250 ` prefix).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    /// The three-digit reply code.
-    pub code: u16,
-    /// The text of each line, control characters replaced by `?`.
-    pub lines: Vec<String>,
-}
-
-impl Reply {
-    /// 2xx or 3xx.
-    pub fn is_positive(&self) -> bool {
-        (200..400).contains(&self.code)
-    }
-
-    /// 4xx.
-    pub fn is_transient(&self) -> bool {
-        (400..500).contains(&self.code)
-    }
-
-    /// The enhanced status code (RFC 3463) at the start of the first line, e.g. `5.7.139`.
-    pub fn enhanced_code(&self) -> Option<&str> {
-        let first = self.lines.first()?.split_whitespace().next()?;
-        let mut parts = first.split('.');
-        let class = parts.next()?;
-        let subject = parts.next()?;
-        let detail = parts.next()?;
-        let ok = parts.next().is_none()
-            && matches!(class, "2" | "4" | "5")
-            && [subject, detail]
-                .iter()
-                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()));
-        ok.then_some(first)
-    }
-}
-
-impl fmt::Display for Reply {
-    /// `535 5.7.3 Authentication unsuccessful` (lines joined with ` / `, length bounded).
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut text = format!("{}", self.code);
-        let joined = self.lines.join(" / ");
-        if !joined.is_empty() {
-            text.push(' ');
-            text.push_str(&joined);
-        }
-        f.write_str(&truncate(text))
-    }
-}
-
-fn truncate(mut text: String) -> String {
-    if text.len() > MAX_REPORTED {
-        let mut end = MAX_REPORTED;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push('…');
-    }
-    text
-}
-
-/// Parses one reply line (CRLF already removed): `(code, is_last, text)`.
-///
-/// Accepts `NNN`, `NNN text`, `NNN-text`; the code's first digit must be 2–5.
-pub fn parse_reply_line(line: &[u8]) -> Result<(u16, bool, String), String> {
-    let shown = || truncate(printable(line));
-    if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
-        return Err(format!("not an SMTP reply line: {:?}", shown()));
-    }
-    if !(b'2'..=b'5').contains(&line[0]) {
-        return Err(format!("reply code out of range: {:?}", shown()));
-    }
-    let code = u16::from(line[0] - b'0') * 100
-        + u16::from(line[1] - b'0') * 10
-        + u16::from(line[2] - b'0');
-    match line.get(3) {
-        None => Ok((code, true, String::new())),
-        Some(b' ') => Ok((code, true, printable(&line[4..]))),
-        Some(b'-') => Ok((code, false, printable(&line[4..]))),
-        Some(_) => Err(format!("malformed reply line: {:?}", shown())),
-    }
-}
-
-/// The bytes as text with control characters (and invalid UTF-8) made harmless.
-fn printable(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes)
-        .chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
-}
-
-/// What the server announced in its EHLO reply.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Capabilities {
-    /// The EHLO keyword lines, as sent (e.g. `SIZE 35882577`, `AUTH XOAUTH2 OAUTHBEARER`).
-    pub lines: Vec<String>,
-    /// SASL mechanisms from `AUTH`/`AUTH=` lines, upper case.
-    pub auth: Vec<String>,
-    /// `STARTTLS` offered.
-    pub starttls: bool,
-    /// `SIZE` offered, with its limit in octets (`Some(0)`: offered without a limit).
-    pub size: Option<u64>,
-    /// `8BITMIME` offered.
-    pub eight_bit_mime: bool,
-}
-
-impl Capabilities {
-    /// Parses the lines of a 250 EHLO reply (the first line is the server's name).
-    pub fn parse(reply: &Reply) -> Self {
-        let mut caps = Self::default();
-        for line in reply.lines.iter().skip(1) {
-            caps.lines.push(line.clone());
-            let mut words = line.split_whitespace();
-            let Some(keyword) = words.next() else {
-                continue;
-            };
-            let keyword = keyword.to_ascii_uppercase();
-            if keyword == "AUTH" || keyword.starts_with("AUTH=") {
-                let first = keyword.strip_prefix("AUTH=").filter(|m| !m.is_empty());
-                for m in first
-                    .map(str::to_owned)
-                    .into_iter()
-                    .chain(words.map(str::to_ascii_uppercase))
-                {
-                    if !caps.auth.contains(&m) {
-                        caps.auth.push(m);
-                    }
-                }
-            } else if keyword == "STARTTLS" {
-                caps.starttls = true;
-            } else if keyword == "SIZE" {
-                caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0));
-            } else if keyword == "8BITMIME" {
-                caps.eight_bit_mime = true;
-            }
-        }
-        caps
-    }
-
-    /// Whether `mechanism` is offered.
-    pub fn offers(&self, mechanism: Mechanism) -> bool {
-        self.auth.iter().any(|m| m == mechanism.as_str())
-    }
-
-    /// The offered mechanisms for messages: `PLAIN LOGIN`, or `none`.
-    pub fn auth_list(&self) -> String {
-        if self.auth.is_empty() {
-            "none".to_owned()
-        } else {
-            self.auth.join(" ")
         }
     }
 }
@@ -484,25 +336,23 @@ impl SmtpConnection {
         }
     }
 
-    /// One line without its line end; at most [`MAX_LINE`] octets.
-    async fn read_line(&mut self, what: &str) -> Result<Vec<u8>, SmtpError> {
+    /// Reads one (possibly multi-line) reply; `what` names it in errors (`reply to EHLO`). The
+    /// grammar and its bounds are [`ReplyReceiver`]'s; this loop only reads.
+    pub async fn read_reply(&mut self, what: &str) -> Result<Reply, SmtpError> {
+        let mut receiver = ReplyReceiver::new();
         loop {
-            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
-                let mut line: Vec<u8> = self.buf.drain(..=i).collect();
-                line.pop();
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                return Ok(line);
-            }
-            if self.buf.len() >= MAX_LINE {
-                return Err(SmtpError::Protocol {
-                    peer: self.peer.clone(),
-                    reason: format!("{what}: reply line longer than {MAX_LINE} octets"),
-                });
+            let (used, reply) = receiver.push(&self.buf).map_err(|e| SmtpError::Protocol {
+                peer: self.peer.clone(),
+                reason: format!("{what}: {e}"),
+            })?;
+            self.buf.drain(..used);
+            if let Some(reply) = reply {
+                return Ok(reply);
             }
             let mut chunk = [0u8; 4096];
-            let room = (MAX_LINE - self.buf.len()).min(chunk.len());
+            let room = MAX_LINE
+                .saturating_sub(self.buf.len())
+                .clamp(1, chunk.len());
             let n = match tokio::time::timeout(self.timeout, self.io.read(&mut chunk[..room])).await
             {
                 Err(_) => return Err(self.timeout_error(what)),
@@ -513,38 +363,6 @@ impl SmtpConnection {
                 return Err(self.io_error(what, "the server closed the connection"));
             }
             self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    /// Reads one (possibly multi-line) reply; `what` names it in errors (`reply to EHLO`).
-    pub async fn read_reply(&mut self, what: &str) -> Result<Reply, SmtpError> {
-        let mut lines = Vec::new();
-        let mut code = None;
-        loop {
-            let raw = self.read_line(what).await?;
-            let (c, last, text) = parse_reply_line(&raw).map_err(|reason| SmtpError::Protocol {
-                peer: self.peer.clone(),
-                reason: format!("{what}: {reason}"),
-            })?;
-            if *code.get_or_insert(c) != c {
-                return Err(SmtpError::Protocol {
-                    peer: self.peer.clone(),
-                    reason: format!(
-                        "{what}: reply code changed from {} to {c} mid-reply",
-                        code.unwrap_or_default()
-                    ),
-                });
-            }
-            lines.push(text);
-            if last {
-                return Ok(Reply { code: c, lines });
-            }
-            if lines.len() >= MAX_REPLY_LINES {
-                return Err(SmtpError::Protocol {
-                    peer: self.peer.clone(),
-                    reason: format!("{what}: reply longer than {MAX_REPLY_LINES} lines"),
-                });
-            }
         }
     }
 
@@ -802,41 +620,6 @@ fn message_failure(peer: &str, step: &str, reply: &Reply) -> DeliveryError {
     } else {
         DeliveryError::transient(text)
     }
-}
-
-/// The RFC 1870 size: the message with CRLF line ends, without dot-stuffing.
-fn message_size(data: &[u8]) -> u64 {
-    let bare_lf = data
-        .iter()
-        .enumerate()
-        .filter(|(i, b)| **b == b'\n' && (*i == 0 || data[i - 1] != b'\r'))
-        .count();
-    let unterminated = u64::from(!data.is_empty() && !data.ends_with(b"\n")) * 2;
-    (data.len() + bare_lf) as u64 + unterminated
-}
-
-/// The DATA payload: CRLF line ends (a bare LF becomes CRLF), a `.` at the start of a line
-/// doubled (RFC 5321 §4.5.2), a final CRLF if missing, and the terminating `.` line.
-pub fn dot_stuff(raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(raw.len() + raw.len() / 64 + 8);
-    let mut at_line_start = true;
-    let mut prev = 0u8;
-    for &b in raw {
-        if at_line_start && b == b'.' {
-            out.push(b'.');
-        }
-        if b == b'\n' && prev != b'\r' {
-            out.push(b'\r');
-        }
-        out.push(b);
-        at_line_start = b == b'\n';
-        prev = b;
-    }
-    if !raw.is_empty() && !at_line_start {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
-    out
 }
 
 /// Submits messages over SMTP with XOAUTH2/OAUTHBEARER, one connection per message.

@@ -1,7 +1,9 @@
 //! The agent's integration tests, one test binary with a module per area; `smtp_support` is the
-//! scripted upstream SMTP server the upstream and probe tests share.
+//! scripted upstream SMTP server the upstream and probe tests share; `fuzz` runs the protocol
+//! parsers' fuzz targets briefly.
 
 mod cli;
+mod fuzz;
 mod maildrop;
 mod pop3_server;
 mod probe;

@@ -357,6 +357,36 @@ fn auth_login_pipelining_and_dot_unstuffing() {
     c.assert_closed();
 }
 
+/// SMTP smuggling: only `<CR><LF>.<CR><LF>` ends a message. A bare-LF dot line (`\n.\n`,
+/// `\r\n.\n`, `\n.\r\n`) followed by what looks like a second transaction is content of the
+/// first message, which is queued once, whole, with CRLF line ends.
+#[test]
+fn a_bare_lf_dot_never_ends_a_message() {
+    let server = Server::start(Server::config(), false);
+    let mut c = Client::connect(server.addr);
+    c.expect("EHLO printer", 250, "");
+    c.expect("AUTH LOGIN", 334, "VXNlcm5hbWU6");
+    c.expect(&STANDARD.encode(USER), 334, "UGFzc3dvcmQ6");
+    c.expect(&STANDARD.encode(PASSWORD), 235, "2.7.0");
+    c.expect("MAIL FROM:<scan@example.com>", 250, "2.1.0");
+    c.expect("RCPT TO:<a@example.com>", 250, "2.1.5");
+    c.expect("DATA", 354, "");
+    c.write(
+        b"Subject: x\r\n\r\none\n.\nMAIL FROM:<ceo@example.com>\r\n.\nRCPT TO:<b@example.com>\n.\r\nDATA\r\nend\r\n.\r\n",
+    );
+    let (code, text) = c.reply();
+    assert_eq!(code, 250, "{text}");
+    let ids = server.spool.queued().unwrap();
+    assert_eq!(ids.len(), 1, "one message, not a smuggled second one");
+    assert_eq!(
+        server.spool.message(&ids[0]).unwrap(),
+        b"Subject: x\r\n\r\none\r\n.\r\nMAIL FROM:<ceo@example.com>\r\n\r\nRCPT TO:<b@example.com>\r\n.\r\nDATA\r\nend\r\n".to_vec()
+    );
+    // The session is still in step: the next command is a command.
+    c.expect("NOOP", 250, "2.0.0");
+    c.expect("QUIT", 221, "2.0.0");
+}
+
 #[test]
 fn allowlisted_source_address_needs_no_auth() {
     let server = Server::start(Server::config(), true);
