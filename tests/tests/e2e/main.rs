@@ -14,6 +14,7 @@ mod dovecot_xoauth2;
 mod enrollment_e2e;
 mod helm_chart;
 mod providers_fake_idp;
+mod readiness;
 mod refresh_replicas;
 mod secrets_at_rest;
 mod store_conformance;
