@@ -13,6 +13,7 @@ mod consent_e2e;
 mod dovecot_xoauth2;
 mod enrollment_e2e;
 mod helm_chart;
+mod malformed_grpc;
 mod providers_fake_idp;
 mod readiness;
 mod refresh_replicas;
