@@ -9,6 +9,7 @@ mod agent_mail_api;
 mod agent_send_e2e;
 mod agent_smtp_upstream;
 mod broker_e2e;
+mod chaos;
 mod consent_e2e;
 mod dovecot_xoauth2;
 mod enrollment_e2e;
