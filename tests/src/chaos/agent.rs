@@ -59,14 +59,27 @@ async fn check_delivered(
     report: &mut Report,
     limit: Duration,
 ) -> Result<()> {
+    // Wait until every acknowledged X-Seq is there (a count is not enough: duplicates).
     let started = Instant::now();
-    let mut count = site.upstream_count().await;
-    while count < sent.len() && started.elapsed() < limit {
+    loop {
+        let mut pop = site.upstream_pop3().await;
+        let count = pop.count().await;
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 1..=count {
+            let head = pop.multiline(&format!("TOP {i} 0")).await;
+            if let Some(seq) = header(&head, "X-Seq").and_then(|s| s.parse::<usize>().ok()) {
+                seen.insert(seq);
+            }
+        }
+        pop.quit().await;
+        if sent.keys().all(|seq| seen.contains(seq)) || started.elapsed() >= limit {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
-        count = site.upstream_count().await;
     }
     report.figure("delivered_in", secs(started.elapsed()));
     let mut pop = site.upstream_pop3().await;
+    let count = pop.count().await;
     let mut copies: BTreeMap<usize, usize> = BTreeMap::new();
     let mut altered = Vec::new();
     for i in 1..=count {
