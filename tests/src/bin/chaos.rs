@@ -5,7 +5,8 @@
 //! `tests/tests/e2e/chaos.rs`); run it by hand:
 //!
 //! ```text
-//! cargo run --release -p tokenfleet-testkit --bin chaos -- [--short] [--scenario NAME]... [--idp-recovery-bound SECS]
+//! cargo run --release -p tokenfleet-testkit --bin chaos -- [--short] [--scenario NAME]... \
+//!     [--idp-recovery-bound SECS] [--store-min-replicas-acked N] [--list]
 //! ```
 //!
 //! Without `--scenario` it runs them all, one after another. Each prints one machine-readable
@@ -37,6 +38,10 @@ struct Cli {
     /// (0: measure only).
     #[arg(long, value_name = "SECS")]
     idp_recovery_bound: Option<u64>,
+    /// `store-failover`: replicas the probed store's writes wait for (default 1; 0 shows the
+    /// store without the wait).
+    #[arg(long, value_name = "N")]
+    store_min_replicas_acked: Option<u32>,
     /// List the scenarios and exit.
     #[arg(long)]
     list: bool,
@@ -59,6 +64,7 @@ async fn main() -> ExitCode {
     if let Some(bound) = cli.idp_recovery_bound {
         options.idp_recovery_bound = (bound > 0).then(|| Duration::from_secs(bound));
     }
+    options.store_min_replicas_acked = cli.store_min_replicas_acked;
     let names: Vec<String> = if cli.scenarios.is_empty() {
         SCENARIOS.iter().map(|(n, _)| (*n).to_owned()).collect()
     } else {

@@ -29,6 +29,9 @@ pub struct Options {
     /// The identity-provider outage: the longest time from the provider's recovery to every grant
     /// usable again that passes (`None`: only measured, not asserted).
     pub idp_recovery_bound: Option<Duration>,
+    /// `store-failover`: `min_replicas_acked` of the probed store (`None`: 1, the Sentinel
+    /// default, also set for the Cluster); 0 shows what the store did before it waited.
+    pub store_min_replicas_acked: Option<u32>,
 }
 
 impl Options {
@@ -37,6 +40,7 @@ impl Options {
         Self {
             short: true,
             idp_recovery_bound: Some(SHORT_IDP_RECOVERY_BOUND),
+            store_min_replicas_acked: None,
         }
     }
 
@@ -45,6 +49,7 @@ impl Options {
         Self {
             short: false,
             idp_recovery_bound: None,
+            store_min_replicas_acked: None,
         }
     }
 

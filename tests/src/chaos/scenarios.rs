@@ -390,13 +390,17 @@ pub async fn store_failover(o: &Options, report: &mut Report) -> Result<()> {
             ("cluster", Failover::Forced),
             ("cluster", Failover::Kill),
         ] {
+            let replicas = o.store_min_replicas_acked.unwrap_or(1);
+            let tune = |c: &mut tokenfleet_store::redis_store::RedisConfig| {
+                c.min_replicas_acked = Some(replicas);
+            };
             let result = if mode == "sentinel" {
-                sentinel_write_loss_probe(how, settle, |_| {}).await
+                sentinel_write_loss_probe(how, settle, tune).await
             } else {
-                cluster_write_loss_probe(how, settle, |c| c.min_replicas_acked = Some(1)).await
+                cluster_write_loss_probe(how, settle, tune).await
             };
             let result = result.with_context(|| format!("{mode} {how:?} probe"))?;
-            let label = format!("r{round}_{mode}_{how:?}").to_lowercase();
+            let label = format!("r{round}_{mode}_{how:?}_acked{replicas}").to_lowercase();
             report.figure(
                 &label,
                 format!(
