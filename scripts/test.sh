@@ -32,7 +32,8 @@ cargo test --workspace --doc
 step "binaries the end-to-end tests start"
 # The same command tests/src/agent_site.rs (E2E_BINARIES_BUILD) runs inside the tests; built here
 # once, the tests find it fresh instead of each waiting on the build.
-cargo build -p tokenfleet-agent --bin tokenfleet-agent -p tokenfleetctl --bin tokenfleetctl
+cargo build -p tokenfleet-agent --bin tokenfleet-agent -p tokenfleetctl --bin tokenfleetctl \
+  -p tokenfleet-broker --bin tokenfleet-broker
 
 step "cargo nextest"
 # Fresh logs: the scan must see this run's tests only.

@@ -87,7 +87,7 @@ pub fn free_port() -> u16 {
 /// The one `cargo build` the end-to-end tests run for the binaries they start. Always all of them
 /// in one command, so feature unification is the same every time: `scripts/test.sh` runs the same
 /// command before the suite, and then the build inside a test finds everything fresh.
-pub const E2E_BINARIES_BUILD: [&str; 9] = [
+pub const E2E_BINARIES_BUILD: [&str; 13] = [
     "build",
     "-p",
     "tokenfleet-agent",
@@ -97,6 +97,10 @@ pub const E2E_BINARIES_BUILD: [&str; 9] = [
     "tokenfleetctl",
     "--bin",
     "tokenfleetctl",
+    "-p",
+    "tokenfleet-broker",
+    "--bin",
+    "tokenfleet-broker",
 ];
 
 /// Builds the end-to-end binaries ([`E2E_BINARIES_BUILD`], once per test process) and returns
@@ -128,22 +132,26 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
         "TMPDIR",
         "RUSTUP_AUTO_INSTALL",
     ];
+    // target/debug/deps/<this test> → target/debug/<bin>; a benchmark or chaos binary of this
+    // crate (target/<profile>/<bench>) finds it next to itself, built with the same profile.
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => panic!("the test executable's path: {e}"),
+    };
+    let release = exe
+        .parent()
+        .is_some_and(|dir| dir.file_name().is_some_and(|n| n == "release"));
     let status = Command::new(cargo)
         .env_clear()
         .envs(std::env::vars().filter(|(k, _)| keep.contains(&k.as_str())))
         .args(E2E_BINARIES_BUILD)
+        .args(release.then_some("--release"))
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .status();
     match status {
         Ok(s) if s.success() => {}
         other => panic!("building {bin} ({package}) failed: {other:?}"),
     }
-    // target/debug/deps/<this test> → target/debug/<bin>; a benchmark binary of this crate
-    // (target/debug/<bench>) finds it next to itself.
-    let exe = match std::env::current_exe() {
-        Ok(exe) => exe,
-        Err(e) => panic!("the test executable's path: {e}"),
-    };
     let path = exe
         .parent()
         .and_then(|dir| {
@@ -172,6 +180,11 @@ pub fn agent_binary() -> PathBuf {
 /// The `tokenfleetctl` binary.
 pub fn ctl_binary() -> PathBuf {
     workspace_binary("tokenfleetctl", "tokenfleetctl")
+}
+
+/// The `tokenfleet-broker` binary.
+pub fn broker_binary() -> PathBuf {
+    workspace_binary("tokenfleet-broker", "tokenfleet-broker")
 }
 
 /// The SASL XOAUTH2 initial response for `user` and `token`.
@@ -434,7 +447,8 @@ import smtplib, sys, time, os
 from email.message import EmailMessage
 from email import policy
 port, user, password, to, count, out_dir, attach = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6], sys.argv[7]
-for i in range(count):
+first = int(sys.argv[8]) if len(sys.argv) > 8 else 0
+for i in range(first, first + count):
     m = EmailMessage(policy=policy.SMTP)
     m["From"] = "Scanner <scanner@printer.local>"
     m["To"] = to
@@ -465,6 +479,7 @@ for i in range(count):
 pub struct PrinterRun {
     child: tokio::process::Child,
     out_dir: PathBuf,
+    first: usize,
     count: usize,
     agent_log: PathBuf,
 }
@@ -490,7 +505,7 @@ impl PrinterRun {
             String::from_utf8_lossy(&out.stderr),
             std::fs::read_to_string(&self.agent_log).unwrap_or_default()
         );
-        (0..self.count)
+        (self.first..self.first + self.count)
             .map(|i| {
                 let path = self.out_dir.join(format!("{i}.eml"));
                 std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -949,6 +964,18 @@ impl AgentSite {
         count: usize,
         attachment: Option<&Path>,
     ) -> PrinterRun {
+        self.start_printer_from(password, 0, count, attachment)
+    }
+
+    /// [`AgentSite::start_printer`] numbering the messages from `first` (`X-Seq: first` …), so
+    /// several runs send distinguishable messages.
+    pub fn start_printer_from(
+        &self,
+        password: &str,
+        first: usize,
+        count: usize,
+        attachment: Option<&Path>,
+    ) -> PrinterRun {
         static NEXT_RUN: AtomicUsize = AtomicUsize::new(0);
         let out_dir = self.dir.path().join(format!(
             "printed-{}",
@@ -966,6 +993,7 @@ impl AgentSite {
             .arg(count.to_string())
             .arg(&out_dir)
             .arg(attachment.map_or_else(String::new, |p| p.display().to_string()))
+            .arg(first.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -975,6 +1003,7 @@ impl AgentSite {
         PrinterRun {
             child,
             out_dir,
+            first,
             count,
             agent_log: self.log.clone(),
         }

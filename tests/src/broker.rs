@@ -73,6 +73,8 @@ pub struct TestOptions {
     /// Lifetime of agent certificates (`[agents] certificate_lifetime_seconds`); `None` = the
     /// default (7 days).
     pub agent_certificate_lifetime: Option<Duration>,
+    /// `min_replicas_acked` of the Redis store (`None` = the store's default for its mode).
+    pub redis_min_replicas_acked: Option<u32>,
 }
 
 /// A client of the `Admin` service that sends an API key with every call.
@@ -356,6 +358,13 @@ impl TestBroker {
                 raw.store.backend = StoreBackend::Redis;
                 raw.store.redis = Some(RedisSection::cluster(seeds));
             }
+        }
+        if let (Some(replicas), Some(redis)) =
+            (options.redis_min_replicas_acked, raw.store.redis.as_mut())
+        {
+            redis
+                .0
+                .insert("min_replicas_acked".into(), i64::from(replicas).into());
         }
         if options.tls {
             let (cert, key) = tokenfleet_broker::dev::ensure_dev_tls(&state_dir)

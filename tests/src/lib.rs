@@ -6,6 +6,7 @@
 
 pub mod agent_site;
 pub mod broker;
+pub mod chaos;
 pub mod dovecot;
 pub mod fake_idp;
 pub mod fake_mail_api;

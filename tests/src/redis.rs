@@ -520,6 +520,74 @@ impl RedisCluster {
             .ok_or_else(|| anyhow!("no live master serves slot {slot}"))
     }
 
+    /// Port and node id of every live master that serves slots.
+    pub async fn masters(&self) -> Result<Vec<(u16, String)>> {
+        Ok(self
+            .topology()
+            .await?
+            .into_iter()
+            .filter(|n| n.master && !n.failed && !n.slots.is_empty())
+            .map(|n| (n.port, n.id))
+            .collect())
+    }
+
+    /// Migrates the slot of `key` to the master on `to_port`, as `redis-cli --cluster reshard`
+    /// does: `CLUSTER SETSLOT … IMPORTING` on the target, `MIGRATING` on the source, `MIGRATE` of
+    /// the slot's keys `batch` at a time with `pause` between batches (clients meanwhile get
+    /// `ASK` and `TRYAGAIN`), then `SETSLOT … NODE` on the target, the source and every other
+    /// master. Returns how many keys moved.
+    pub async fn migrate_slot(
+        &self,
+        key: &str,
+        to_port: u16,
+        batch: usize,
+        pause: Duration,
+    ) -> Result<usize> {
+        let (from_port, from_id) = self.master_of(key).await?;
+        if from_port == to_port {
+            bail!("the slot of {key} is already on 127.0.0.1:{to_port}");
+        }
+        let slot = command(from_port, &["CLUSTER", "KEYSLOT", key]).await?;
+        let to_id = command(to_port, &["CLUSTER", "MYID"]).await?;
+        command(
+            to_port,
+            &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id],
+        )
+        .await?;
+        command(
+            from_port,
+            &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id],
+        )
+        .await?;
+        let to = to_port.to_string();
+        let count = batch.to_string();
+        let mut moved = 0;
+        loop {
+            let keys = command(from_port, &["CLUSTER", "GETKEYSINSLOT", &slot, &count]).await?;
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec!["MIGRATE", "127.0.0.1", &to, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().copied());
+            command(from_port, &args)
+                .await
+                .with_context(|| format!("MIGRATE of {} keys", keys.len()))?;
+            moved += keys.len();
+            tokio::time::sleep(pause).await;
+        }
+        let mut order = vec![to_port, from_port];
+        for (port, _) in self.masters().await? {
+            if !order.contains(&port) {
+                order.push(port);
+            }
+        }
+        for port in order {
+            command(port, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]).await?;
+        }
+        Ok(moved)
+    }
+
     /// Port of a replica of the master with node id `master_id`.
     pub async fn replica_of(&self, master_id: &str) -> Result<u16> {
         self.topology()
@@ -878,7 +946,7 @@ impl ProbeWriter {
 
 /// Waits until the server on `port` is a replica with a live link to its master: a demoted old
 /// master has then thrown away whatever only it held.
-async fn demoted_and_resynced(port: u16) -> Result<()> {
+pub async fn demoted_and_resynced(port: u16) -> Result<()> {
     wait_until(
         Duration::from_secs(40),
         "old master demoted and resynced",

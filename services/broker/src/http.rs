@@ -1,5 +1,7 @@
-//! The broker's HTTP surface: `GET /healthz` (the process is up), `GET /readyz` (the store
-//! answers), `GET /metrics` (Prometheus text) and `GET /oauth/callback` (the browser redirect
+//! The broker's HTTP surface: `GET /healthz` (the process is up), `GET /readyz` (the store takes
+//! writes now: reachable, a master, with the replicas writes wait for; see
+//! [`tokenfleet_store::Store::ready`] — what a load balancer needs to route traffic here; 503
+//! with a short reason otherwise), `GET /metrics` (Prometheus text) and `GET /oauth/callback` (the browser redirect
 //! of auth-code consents, see [`crate::tokens::consent::callback_page`]).
 
 use std::sync::Arc;
@@ -45,23 +47,43 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<HttpState>) -> Response {
-    let ping = tokio::time::timeout(READY_TIMEOUT, state.store.ping()).await;
-    match ping {
+    let ready = tokio::time::timeout(READY_TIMEOUT, state.store.ready()).await;
+    let reason = match ready {
         Ok(Ok(())) => {
             state.metrics.store_ping(true);
-            (StatusCode::OK, "ready").into_response()
+            return (StatusCode::OK, "ready\n").into_response();
         }
         Ok(Err(error)) => {
-            state.metrics.store_ping(false);
-            tracing::warn!(%error, "readiness: store ping failed");
-            (StatusCode::SERVICE_UNAVAILABLE, "store unavailable").into_response()
+            tracing::warn!(%error, "readiness: the store cannot take writes");
+            // The store's reason; the store redacts credentials from every error it makes.
+            format!("not ready: {}\n", short_reason(&error))
         }
         Err(_) => {
-            state.metrics.store_ping(false);
-            tracing::warn!("readiness: store ping timed out");
-            (StatusCode::SERVICE_UNAVAILABLE, "store unavailable").into_response()
+            tracing::warn!("readiness: the store did not answer in time");
+            format!(
+                "not ready: the store did not answer within {} ms\n",
+                READY_TIMEOUT.as_millis()
+            )
         }
+    };
+    state.metrics.store_ping(false);
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::CACHE_CONTROL, "no-store")],
+        reason,
+    )
+        .into_response()
+}
+
+/// The reason a probe shows: the store error's message, cut to one line of at most 200 bytes.
+fn short_reason(error: &tokenfleet_store::StoreError) -> String {
+    let text = error.to_string();
+    let line = text.lines().next().unwrap_or_default();
+    let mut end = line.len().min(200);
+    while !line.is_char_boundary(end) {
+        end -= 1;
     }
+    line[..end].to_owned()
 }
 
 async fn metrics(State(state): State<HttpState>) -> Response {

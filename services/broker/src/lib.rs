@@ -20,6 +20,7 @@ pub mod config;
 pub mod dev;
 pub mod http;
 pub mod listener;
+pub mod malformed;
 pub mod metrics;
 pub mod server;
 

@@ -229,6 +229,8 @@ pub async fn serve(
     };
     let grpc_server = grpc_builder
         .layer(GrpcMetricsLayer::new(metrics.clone()))
+        // Inside the metrics layer, so they count the rewritten code.
+        .layer(crate::malformed::MalformedRequestLayer)
         .add_service(health_service)
         .add_service(tokenfleet_proto::v1::admin_server::AdminServer::new(
             crate::admin::AdminService::new(state.clone())

@@ -738,6 +738,18 @@ impl Store for EmbeddedStore {
         })
         .await
     }
+
+    async fn ready(&self) -> StoreResult<()> {
+        // An empty write transaction, committed: redb writes and syncs its header, so a file that
+        // cannot be written (read-only mount, full disk) fails here rather than on the next write.
+        self.run(|db, path| {
+            let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
+            txn.open_table(RECORDS).map_err(|e| storage_err(path, e))?;
+            txn.commit().map_err(|e| storage_err(path, e))?;
+            Ok(())
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

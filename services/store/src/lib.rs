@@ -243,6 +243,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Checks the backend answers (for health endpoints).
     async fn ping(&self) -> StoreResult<()>;
+
+    /// Checks the store can take writes now (for readiness probes): reachable, and the node that
+    /// would take a write is a master with the replicas writes wait for. Redis: `ROLE`/`INFO
+    /// replication` say master with at least `min_replicas_acked` replicas online (Cluster: the
+    /// cluster state is ok and every master serving slots has them); embedded: a write transaction
+    /// commits. The error says what is missing. Default: [`Store::ping`].
+    async fn ready(&self) -> StoreResult<()> {
+        self.ping().await
+    }
 }
 
 /// Largest magnitude of a schedule due time: Redis keeps sorted-set scores as doubles, which hold

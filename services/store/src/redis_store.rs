@@ -1446,11 +1446,165 @@ impl Store for RedisStore {
             ))),
         }
     }
+
+    async fn ready(&self) -> StoreResult<()> {
+        let not_ready = |problem: String| StoreError::Unavailable(format!("redis: {problem}"));
+        if let Backend::Cluster(_) = &*self.backend {
+            let info = self.query(redis::cmd("CLUSTER").arg("INFO")).await?;
+            let info = String::from_utf8_lossy(&bytes_of(info).unwrap_or_default()).into_owned();
+            if info_field(&info, "cluster_state") != Some("ok") {
+                return Err(not_ready("cluster state is not ok".into()));
+            }
+            let nodes = self.query(redis::cmd("CLUSTER").arg("NODES")).await?;
+            let nodes = String::from_utf8_lossy(&bytes_of(nodes).unwrap_or_default()).into_owned();
+            return cluster_readiness(&nodes, self.replicas).map_err(not_ready);
+        }
+        // Standalone and Sentinel: the connection a write would take (in Sentinel mode one that
+        // answered `ROLE` master when it was made) must be a master now, with the replicas writes
+        // wait for online.
+        let info = self.query(redis::cmd("INFO").arg("replication")).await?;
+        let info = String::from_utf8_lossy(&bytes_of(info).unwrap_or_default()).into_owned();
+        match info_field(&info, "role") {
+            Some("master") => {}
+            Some(role) => {
+                if let Backend::Sentinel(link) = &*self.backend {
+                    link.forget();
+                }
+                return Err(not_ready(format!("the server is a {role}, not a master")));
+            }
+            None => return Err(not_ready("INFO replication names no role".into())),
+        }
+        let online = online_replicas(&info);
+        if online < u64::from(self.replicas) {
+            return Err(not_ready(format!(
+                "{online} of the {} replicas writes wait for (min_replicas_acked) are online",
+                self.replicas
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Replicas are counted as online up to this replication lag (seconds since their last ack);
+/// a stalled replica would make every `WAIT` time out.
+const READY_MAX_REPLICA_LAG_SECS: u64 = 5;
+
+/// The value of `name` in an `INFO` or `CLUSTER INFO` answer (`name:value` lines).
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines().find_map(|line| {
+        let (key, value) = line.trim_end().split_once(':')?;
+        (key == name).then_some(value)
+    })
+}
+
+/// Replicas in `INFO replication` (`slaveN:ip=…,port=…,state=online,offset=…,lag=…`) that are
+/// online with a lag of at most [`READY_MAX_REPLICA_LAG_SECS`].
+fn online_replicas(info: &str) -> u64 {
+    let mut online = 0;
+    for line in info.lines() {
+        let Some((key, value)) = line.trim_end().split_once(':') else {
+            continue;
+        };
+        if !key.starts_with("slave") || key[5..].parse::<u32>().is_err() {
+            continue;
+        }
+        let field = |name: &str| {
+            value.split(',').find_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                (k == name).then_some(v)
+            })
+        };
+        let lag_ok = field("lag")
+            .and_then(|l| l.parse::<u64>().ok())
+            .is_some_and(|l| l <= READY_MAX_REPLICA_LAG_SECS);
+        if field("state") == Some("online") && lag_ok {
+            online += 1;
+        }
+    }
+    online
+}
+
+/// Checks a `CLUSTER NODES` answer: every master that serves slots is up and has at least
+/// `replicas` connected replicas that are not failing. The error names the first master short.
+fn cluster_readiness(nodes: &str, replicas: u32) -> Result<(), String> {
+    struct Node<'a> {
+        id: &'a str,
+        addr: &'a str,
+        flags: &'a str,
+        master: &'a str,
+        link: &'a str,
+        slots: usize,
+    }
+    let parsed: Vec<Node<'_>> = nodes
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() >= 8).then(|| Node {
+                id: f[0],
+                addr: f[1].split('@').next().unwrap_or(f[1]),
+                flags: f[2],
+                master: f[3],
+                link: f[7],
+                slots: f.len() - 8,
+            })
+        })
+        .collect();
+    let failing = |n: &Node<'_>| n.flags.split(',').any(|f| f == "fail" || f == "fail?");
+    let masters: Vec<&Node<'_>> = parsed
+        .iter()
+        .filter(|n| n.flags.split(',').any(|f| f == "master") && n.slots > 0)
+        .collect();
+    if masters.is_empty() {
+        return Err("no master serves slots".into());
+    }
+    for master in masters {
+        if failing(master) {
+            return Err(format!("master {} is failing", master.addr));
+        }
+        let healthy = parsed
+            .iter()
+            .filter(|n| n.master == master.id && !failing(n) && n.link == "connected")
+            .count();
+        if healthy < replicas as usize {
+            return Err(format!(
+                "master {} has {healthy} of the {replicas} replicas writes wait for \
+                 (min_replicas_acked)",
+                master.addr
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readiness_counts_online_replicas_and_cluster_masters() {
+        let info = "# Replication\r\nrole:master\r\nconnected_slaves:3\r\n\
+                    slave0:ip=127.0.0.1,port=7001,state=online,offset=10,lag=0\r\n\
+                    slave1:ip=127.0.0.1,port=7002,state=wait_bgsave,offset=0,lag=0\r\n\
+                    slave2:ip=127.0.0.1,port=7003,state=online,offset=10,lag=9\r\n\
+                    slave_read_only:1\r\n";
+        assert_eq!(info_field(info, "role"), Some("master"));
+        assert_eq!(online_replicas(info), 1);
+        let nodes = "a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\
+                     b1 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-10922\n\
+                     c1 127.0.0.1:7002@17002 master - 0 0 3 connected 10923-16383\n\
+                     a2 127.0.0.1:7003@17003 slave a1 0 0 1 connected\n\
+                     b2 127.0.0.1:7004@17004 slave b1 0 0 2 connected\n\
+                     c2 127.0.0.1:7005@17005 slave,fail c1 0 0 3 disconnected\n";
+        assert_eq!(cluster_readiness(nodes, 0), Ok(()));
+        let short = cluster_readiness(nodes, 1).unwrap_err();
+        assert!(short.contains("127.0.0.1:7002 has 0 of the 1"), "{short}");
+        let failing = nodes.replace(
+            "b1 127.0.0.1:7001@17001 master",
+            "b1 127.0.0.1:7001@17001 master,fail",
+        );
+        let err = cluster_readiness(&failing, 0).unwrap_err();
+        assert!(err.contains("master 127.0.0.1:7001 is failing"), "{err}");
+    }
 
     #[test]
     fn redacts_passwords_in_urls() {

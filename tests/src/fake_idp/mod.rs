@@ -543,6 +543,14 @@ impl FakeIdp {
         self.st().outage = on;
     }
 
+    /// While on, every request to a known endpoint hangs without being processed (a provider
+    /// that accepts connections and never answers). It is recorded on arrival with status 0;
+    /// when the hang ends, requests still waiting get a 503 (their clients have usually given
+    /// up by then).
+    pub fn set_hang(&self, on: bool) {
+        self.st().hang = on;
+    }
+
     /// `Retry-After` seconds sent with outage answers.
     pub fn set_outage_retry_after(&self, seconds: Option<u64>) {
         self.st().outage_retry_after = seconds;

@@ -118,6 +118,38 @@ async fn handle(
         .map(|(_, v)| v.clone());
     let routed = route(&path);
 
+    // A hanging provider: recorded on arrival, held, never processed.
+    let hung = {
+        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.hang && routed.is_some() {
+            let now = st.now();
+            st.requests.push(RecordedRequest {
+                endpoint: routed.as_ref().map(|(e, _, _)| *e),
+                method: method.to_string(),
+                path: path.clone(),
+                query: query.clone(),
+                form: form.clone(),
+                grant_type: grant_type.clone(),
+                status: 0,
+                time: now,
+            });
+            true
+        } else {
+            false
+        }
+    };
+    if hung {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let st = state.lock().unwrap_or_else(|p| p.into_inner());
+            if !st.hang {
+                let now = st.now();
+                drop(st);
+                return into_response(Reply::text(503, "Service Unavailable"), now);
+            }
+        }
+    }
+
     let (reply, now, latency) = {
         let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
         let reply = match &routed {

@@ -275,6 +275,8 @@ pub(super) struct State {
     access_tokens: HashMap<String, AccessToken>,
     pub scripts: HashMap<Endpoint, VecDeque<ScriptedResponse>>,
     pub outage: bool,
+    /// While on, requests to known endpoints get no answer (see `FakeIdp::set_hang`).
+    pub hang: bool,
     pub outage_retry_after: Option<u64>,
     pub latency: Duration,
     pub forced_refresh_failures: Vec<(RefreshMatch, u64)>,
@@ -347,6 +349,7 @@ impl State {
             access_tokens: HashMap::new(),
             scripts: HashMap::new(),
             outage: false,
+            hang: false,
             outage_retry_after: None,
             latency: Duration::ZERO,
             forced_refresh_failures: Vec::new(),

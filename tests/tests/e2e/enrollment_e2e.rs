@@ -41,6 +41,7 @@ async fn tls_broker(lifetime: Option<Duration>) -> TestBroker {
         TestOptions {
             tls: true,
             agent_certificate_lifetime: lifetime,
+            ..TestOptions::default()
         },
     )
     .await

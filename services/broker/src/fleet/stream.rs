@@ -135,6 +135,10 @@ impl Session {
                     }
                     Ok(None) => break Ok("agent closed the stream"),
                     Err(status) => {
+                        // A report that does not decode is the agent's bad input, not a break.
+                        if let Some(invalid) = crate::malformed::request_decode_failure(&status) {
+                            break Err(invalid);
+                        }
                         tracing::debug!(code = ?status.code(), message = status.message(), "status stream broken");
                         break Ok("stream broken");
                     }
