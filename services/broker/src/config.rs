@@ -1033,7 +1033,7 @@ scheduler_interval_ms = 2000
 scheduler_batch = 256
 scheduler_concurrency = 16
 # While a provider's token endpoint fails transiently (network, timeouts, HTTP 5xx/429), its grants
-# stop calling it after this many consecutive failures (0 = never: each grant backs off alone);
+# stop calling it after this many consecutive failures (0 turns it off: each grant backs off alone);
 # one probe refresh goes through every breaker_probe_interval_ms (never before a Retry-After), and
 # when a probe gets an answer every held grant is refreshed at once, spread over
 # breaker_release_spread_ms, at most breaker_release_concurrency at a time per replica.

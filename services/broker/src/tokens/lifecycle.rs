@@ -63,13 +63,14 @@ use tokenfleet_seal::{SealError, Secret};
 use tokenfleet_store::{Lease, Precondition, StoreError};
 use tonic::Status;
 
-use super::backoff::{Backoff, MAX_RETRY_AFTER, unit_random};
+use super::backoff::{Backoff, unit_random};
 use super::breaker::{Admission, BreakerConfig, Breakers, GrantId, Held, Outcome, release_delay};
 use super::grant::{
     GrantField, GrantRecord, LAST_ISSUED_GRANULARITY, ResourceToken, grant_key, open_field,
     seal_field,
 };
-use super::scheduler::{SchedulerConfig, next_refresh_at, schedule_refresh, unschedule_refresh};
+use super::machine::{self, Alert, Effects, Event, Failure, Lifecycle, Schedule};
+use super::scheduler::{SchedulerConfig, schedule_refresh, unschedule_refresh};
 use crate::records::{
     CAS_ATTEMPTS, Records, Versioned, mailbox_key, open_client_secret, open_service_account_key,
     provider_key,
@@ -1532,18 +1533,16 @@ impl TokenService {
             held.since,
             self.inner.config.breaker.probe_interval.as_millis()
         );
-        grant.state.status = TokenStatus::RefreshFailing;
-        grant.state.last_error = Some(error.clone());
-        let fallback = (now
-            + self.inner.config.backoff.delay(
-                grant.consecutive_failures.max(1),
-                None,
-                unit_random(),
-            ))
-        .max(held.next_probe);
-        grant.next_refresh = Some(fallback);
+        let effects = self.step(
+            &mut grant,
+            Event::Held {
+                error: error.clone(),
+                next_probe: held.next_probe,
+            },
+            now,
+        );
         self.write(&original, &grant, version, lease).await?;
-        schedule_refresh(self.inner.state.store.as_ref(), tenant, mailbox, fallback).await?;
+        self.run_effects(m, &grant, &effects, now, "").await?;
         tracing::debug!(
             tenant,
             mailbox,
@@ -1582,12 +1581,6 @@ impl TokenService {
         );
         keep_refresh_token(keyring, m, &record, &mut grant, &granted, now)?;
         let expires = now + granted.expires_in;
-        grant.state.status = TokenStatus::Active;
-        grant.state.last_refresh = Some(now);
-        grant.state.access_token_expires = Some(expires);
-        grant.state.last_error = None;
-        grant.consecutive_failures = 0;
-        grant.retry_not_before = None;
         grant.clock_skew_secs = match granted.server_date {
             Some(date) => {
                 let skew = (date - now).whole_seconds();
@@ -1610,45 +1603,30 @@ impl TokenService {
         {
             grant.scopes = scope.split_whitespace().map(str::to_owned).collect();
         }
-        let next = next_refresh_at(
-            now,
-            granted.expires_in,
-            is_delegated(m.grant_type),
-            self.inner.config.max_refresh_interval,
-            unit_random(),
-        );
         // Be back when the refresh token enters the alert horizon, so the alert goes out in time.
-        let next = match (self.alerts(), grant.refresh_token_expires) {
-            (Some(alerts), Some(expiry)) => alerts
-                .expiry_check_at(expiry, now)
-                .map_or(next, |check| next.min(check)),
-            _ => next,
+        let expiry_check_at = match (self.alerts(), grant.refresh_token_expires) {
+            (Some(alerts), Some(expiry)) => alerts.expiry_check_at(expiry, now),
+            _ => None,
         };
-        grant.next_refresh = Some(next);
+        let effects = self.step(
+            &mut grant,
+            Event::Refreshed {
+                lifetime: granted.expires_in,
+                delegated: is_delegated(m.grant_type),
+                expiry_check_at,
+            },
+            now,
+        );
+        // The rotated refresh token is stored (the store acknowledged the write) before anyone
+        // gets the new access token.
         self.write(&original, &grant, version, lease).await?;
-        schedule_refresh(self.inner.state.store.as_ref(), tenant, mailbox, next).await?;
-        if let Some(alerts) = self.alerts() {
-            if original.state.status != TokenStatus::Active
-                && let Err(error) = alerts
-                    .resolve(tenant, mailbox, crate::alerts::AlertKind::ReauthRequired)
-                    .await
-            {
-                tracing::warn!(%error, tenant, mailbox, "clearing the mailbox's alert failed");
-            }
-            if let Some(expiry) = grant.refresh_token_expires
-                && let Err(error) = alerts
-                    .check_expiry(tenant, mailbox, &m.address, expiry, now)
-                    .await
-            {
-                tracing::warn!(%error, tenant, mailbox, "raising the expiry alert failed");
-            }
-        }
+        self.run_effects(m, &grant, &effects, now, "").await?;
         tracing::info!(
             tenant,
             mailbox,
             rotated = granted.refresh_token.is_some(),
             expires = %expires,
-            next_refresh = %next,
+            next_refresh = ?grant.next_refresh,
             "token refreshed"
         );
         Ok(IssuedToken {
@@ -1693,14 +1671,9 @@ impl TokenService {
             },
         );
         keep_refresh_token(keyring, m, &record, &mut grant, &granted, now)?;
-        if grant.state.status == TokenStatus::RefreshFailing {
-            // The grant works again; the scheduler's next look refreshes the mail token.
-            grant.state.status = TokenStatus::Active;
-            grant.state.last_error = None;
-            grant.consecutive_failures = 0;
-            grant.retry_not_before = None;
-        }
+        let effects = self.step(&mut grant, Event::ResourceMinted, now);
         self.write(&original, &grant, version, lease).await?;
+        self.run_effects(m, &grant, &effects, now, "").await?;
         tracing::info!(
             tenant,
             mailbox,
@@ -1727,17 +1700,19 @@ impl TokenService {
         let original = grant.clone();
         let (tenant, mailbox) = (m.tenant.as_str(), m.name.as_str());
         let now = self.now();
-        let status = error.class.refresh_status();
         let token_error = error.to_token_error(mailbox, now);
-        grant.state.status = status;
-        grant.state.last_error = Some(token_error.clone());
-        grant.consecutive_failures = grant.consecutive_failures.saturating_add(1);
-        grant.retry_not_before = error.retry_after.map(|r| now + r.min(MAX_RETRY_AFTER));
-        let store = self.inner.state.store.as_ref();
-        if status == TokenStatus::ReauthRequired {
-            grant.next_refresh = None;
-            self.write(&original, &grant, version, lease).await?;
-            unschedule_refresh(store, tenant, mailbox).await?;
+        let effects = self.step(
+            &mut grant,
+            Event::Failed {
+                failure: Failure::of(error.class),
+                error: token_error.clone(),
+                retry_after: error.retry_after,
+            },
+            now,
+        );
+        self.write(&original, &grant, version, lease).await?;
+        self.run_effects(m, &grant, &effects, now, "").await?;
+        if grant.state.status == TokenStatus::ReauthRequired {
             tracing::warn!(
                 tenant,
                 mailbox,
@@ -1745,38 +1720,11 @@ impl TokenService {
                 reason = %error.reason,
                 "grant is dead: the mailbox needs a new consent"
             );
-            // Alert on the transition only: a forced retry of a dead grant is no new problem.
-            if original.state.status != TokenStatus::ReauthRequired
-                && let Some(alerts) = self.alerts()
-            {
-                let event = crate::alerts::AlertEvent::reauth_required(
-                    tenant,
-                    mailbox,
-                    &m.address,
-                    &token_error,
-                    now,
-                );
-                if let Err(error) = alerts
-                    .raise(event, &crate::alerts::grant_problem(&grant))
-                    .await
-                {
-                    tracing::warn!(%error, tenant, mailbox, "raising the alert failed");
-                }
-            }
             return Err(TokenError::ReauthRequired {
                 mailbox: mailbox.to_owned(),
                 error: Box::new(token_error),
             });
         }
-        let delay = self.inner.config.backoff.delay(
-            grant.consecutive_failures,
-            error.retry_after,
-            unit_random(),
-        );
-        let next = now + delay;
-        grant.next_refresh = Some(next);
-        self.write(&original, &grant, version, lease).await?;
-        schedule_refresh(store, tenant, mailbox, next).await?;
         tracing::warn!(
             tenant,
             mailbox,
@@ -1784,14 +1732,97 @@ impl TokenService {
             code = %error.code,
             reason = %error.reason,
             failures = grant.consecutive_failures,
-            retry_in_s = delay.as_secs(),
+            retry_at = ?grant.next_refresh,
             "token refresh failed; retrying with backoff"
         );
         Err(TokenError::RefreshFailing {
             mailbox: mailbox.to_owned(),
             error: Box::new(token_error),
-            retry_at: Some(next),
+            retry_at: grant.next_refresh,
         })
+    }
+
+    /// Runs the state machine on `grant` (its [`Lifecycle`] part) and returns the effects to
+    /// run once the result is written.
+    fn step(&self, grant: &mut GrantRecord, event: Event, now: OffsetDateTime) -> Effects {
+        let cx = machine::Context {
+            now,
+            unit: unit_random(),
+            backoff: self.inner.config.backoff,
+            max_refresh_interval: self.inner.config.max_refresh_interval,
+        };
+        let (next, effects) = machine::transition(&Lifecycle::of(grant), event, &cx);
+        next.apply_to(grant);
+        effects
+    }
+
+    /// Runs a transition's effects for the grant as written: the schedule entry (its errors are
+    /// the caller's), alerts and audit (best effort, logged).
+    async fn run_effects(
+        &self,
+        m: &Mailbox,
+        grant: &GrantRecord,
+        effects: &Effects,
+        now: OffsetDateTime,
+        audit_detail: &str,
+    ) -> Result<(), TokenError> {
+        let (tenant, mailbox) = (m.tenant.as_str(), m.name.as_str());
+        let store = self.inner.state.store.as_ref();
+        match effects.schedule {
+            Schedule::At(at) => schedule_refresh(store, tenant, mailbox, at).await?,
+            Schedule::Remove => unschedule_refresh(store, tenant, mailbox).await?,
+            Schedule::Keep => {}
+        }
+        if let Some(alerts) = self.alerts() {
+            match (effects.alert, grant.state.last_error.as_ref()) {
+                (Alert::RaiseReauth, Some(error)) => {
+                    let event = crate::alerts::AlertEvent::reauth_required(
+                        tenant, mailbox, &m.address, error, now,
+                    );
+                    if let Err(error) = alerts
+                        .raise(event, &crate::alerts::grant_problem(grant))
+                        .await
+                    {
+                        tracing::warn!(%error, tenant, mailbox, "raising the alert failed");
+                    }
+                }
+                (Alert::ResolveReauth, _) => {
+                    if let Err(error) = alerts
+                        .resolve(tenant, mailbox, crate::alerts::AlertKind::ReauthRequired)
+                        .await
+                    {
+                        tracing::warn!(%error, tenant, mailbox, "clearing the mailbox's alert failed");
+                    }
+                }
+                _ => {}
+            }
+            if effects.check_expiry
+                && let Some(expiry) = grant.refresh_token_expires
+                && let Err(error) = alerts
+                    .check_expiry(tenant, mailbox, &m.address, expiry, now)
+                    .await
+            {
+                tracing::warn!(%error, tenant, mailbox, "raising the expiry alert failed");
+            }
+        }
+        if let Some(action) = effects.audit {
+            let event = tokenfleet_domain::AuditEvent {
+                time: now,
+                actor: SCHEDULER_ACTOR.to_owned(),
+                action: action.to_owned(),
+                target: crate::admin::object_path(tenant, "mailboxes", mailbox),
+                tenant: tenant.to_owned(),
+                result: "ok".to_owned(),
+                detail: audit_detail.to_owned(),
+            };
+            crate::audit::record(
+                &self.inner.state,
+                &tokenfleet_store::Scope::Tenant(tenant.to_owned()),
+                event,
+            )
+            .await;
+        }
+        Ok(())
     }
 
     /// Writes `updated`, the refresh's outcome for the grant `original` read at `version` under
@@ -1921,22 +1952,8 @@ impl TokenService {
         let revocation = self
             .delete_token_noting(tenant, mailbox, Some(&reason))
             .await?;
+        // Audited (`token.idle_delete`) as the state machine's effect of the idle deletion.
         tracing::info!(tenant, mailbox, idle_days = days, outcome = %revocation, "idle user token deleted");
-        let event = tokenfleet_domain::AuditEvent {
-            time: self.now(),
-            actor: SCHEDULER_ACTOR.to_owned(),
-            action: IDLE_DELETE_ACTION.to_owned(),
-            target: crate::admin::object_path(tenant, "mailboxes", mailbox),
-            tenant: tenant.to_owned(),
-            result: "ok".to_owned(),
-            detail: format!("{reason} (user_token_idle_days); revocation: {revocation}"),
-        };
-        crate::audit::record(
-            &self.inner.state,
-            &tokenfleet_store::Scope::Tenant(tenant.to_owned()),
-            event,
-        )
-        .await;
         Ok(true)
     }
 
@@ -2046,39 +2063,53 @@ impl TokenService {
                 }
             },
         };
-        let mut wiped = GrantRecord::empty(tenant, mailbox);
-        wiped.fence = lease.fence;
+        let now = self.now();
         let noted = note.map(|n| format!("{n}; ")).unwrap_or_default();
+        let mut left = None;
         if let Revocation::Failed { code, reason } = &revocation {
-            wiped.state.last_error = Some(tokenfleet_domain::TokenError {
+            left = Some(tokenfleet_domain::TokenError {
                 code: code.clone(),
                 reason: format!(
                     "{noted}the stored tokens were wiped, but revoking the grant at the provider failed: {reason}"
                 ),
                 fix: "revoke the app's access in the provider's console (Google: myaccount.google.com → Security → Third-party access; admin console → Security → API controls)".to_owned(),
-                time: self.now(),
+                time: now,
             });
         } else if let Some(note) = note {
-            wiped.state.last_error = Some(tokenfleet_domain::TokenError {
+            left = Some(tokenfleet_domain::TokenError {
                 code: "idle_deleted".to_owned(),
                 reason: note.to_owned(),
                 fix: format!(
                     "the next sign-in at a device asks the person to consent again (`tokenfleetctl mailbox consent --tenant {tenant} --name {mailbox}`)"
                 ),
-                time: self.now(),
+                time: now,
             });
         }
+        // The secrets are wiped here; the state machine decides the rest (NOT_RETRIEVED, off
+        // the schedule, audited when it was an idle deletion).
+        let mut wiped = grant.clone();
+        let event = match (note, left) {
+            (Some(_), Some(note)) => Event::IdleDeleted { note },
+            (_, note) => Event::Deleted { note },
+        };
+        let effects = self.step(&mut wiped, event, now);
+        let lifecycle = Lifecycle::of(&wiped);
+        wiped = GrantRecord::empty(tenant, mailbox);
+        lifecycle.apply_to(&mut wiped);
+        wiped.fence = lease.fence;
         // Under the lease nobody else refreshes; a consent finishing right now loses to the
         // explicit delete, which is what the operator asked for.
         self.records().put(&wiped, Precondition::Any).await?;
-        unschedule_refresh(store, tenant, mailbox).await?;
+        let detail = note.map_or_else(String::new, |reason| {
+            format!("{reason} (user_token_idle_days); revocation: {revocation}")
+        });
+        self.run_effects(m, &wiped, &effects, now, &detail).await?;
         tracing::info!(tenant, mailbox, outcome = %revocation, "token deleted");
         Ok(revocation)
     }
 }
 
-/// Audit action of an idle user token's deletion.
-pub const IDLE_DELETE_ACTION: &str = "token.idle_delete";
+pub use super::machine::IDLE_DELETE_ACTION;
 
 /// Actor of the scheduler's own actions in the audit log.
 pub const SCHEDULER_ACTOR: &str = "broker:refresh-scheduler";
