@@ -590,6 +590,12 @@ impl FakeIdp {
         self.st().held_now
     }
 
+    /// Token requests held (or hanging) since the start, including those whose client gave up
+    /// (they are recorded in [`Self::requests`] only if and when they are processed).
+    pub fn held_total(&self) -> usize {
+        self.st().held_total
+    }
+
     /// How many spent single-use refresh tokens were presented again.
     pub fn refresh_token_reuses(&self) -> usize {
         self.st().refresh_token_reuses

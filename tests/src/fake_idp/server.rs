@@ -236,6 +236,7 @@ async fn hold(state: &Shared) {
     let _holding = {
         let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
         st.held_now += 1;
+        st.held_total += 1;
         Holding(state.clone())
     };
     loop {

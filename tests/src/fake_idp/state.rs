@@ -283,6 +283,8 @@ pub(super) struct State {
     pub hold_next: usize,
     /// Token requests held right now.
     pub held_now: usize,
+    /// Token requests held since the start (answered later or given up by their client).
+    pub held_total: usize,
     /// Bumped to let held requests go.
     pub release: tokio::sync::watch::Sender<u64>,
     access_tokens: HashMap<String, AccessToken>,
@@ -362,6 +364,7 @@ impl State {
             hang: false,
             hold_next: 0,
             held_now: 0,
+            held_total: 0,
             release: tokio::sync::watch::channel(0).0,
             access_tokens: HashMap::new(),
             scripts: HashMap::new(),

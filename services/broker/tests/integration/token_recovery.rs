@@ -442,3 +442,78 @@ async fn a_provider_that_revokes_on_reuse_ends_in_reauth_after_one_retry() {
         TokenStatus::ReauthRequired
     );
 }
+
+// ----------------------------------------------------------------------------------------------
+// Measurement in real time with the default settings
+// ----------------------------------------------------------------------------------------------
+
+/// 50 grants with 30-second access tokens under the broker's default `[tokens]` settings (a
+/// scheduler look every 2 s, 30 s provider timeout, breaker after 2 failures, a probe every 5 s,
+/// releases spread over 3 s); the provider answers 503 for 30 s, then hangs for 30 s. Prints the
+/// provider calls per grant during the outage and the time from the provider's recovery to every
+/// grant ACTIVE. About 75 s of real time:
+/// `cargo nextest run -p tokenfleet-broker --test integration token_recovery::measure --run-ignored all --no-capture`
+#[tokio::test]
+#[ignore = "real-time measurement (about 75 s); run by command, see the README"]
+async fn measure_outage_recovery_with_default_settings() {
+    use tokenfleet_broker::tokens::lifecycle::{TokenConfig, TokenService};
+    let env = Env::start(
+        Backend::Embedded,
+        ProviderKind::Microsoft,
+        Arc::new(tokenfleet_domain::SystemClock),
+    )
+    .await;
+    env.fake.set_access_token_lifetime(Duration::from_secs(30));
+    let grants = names(50);
+    for n in &grants {
+        env.consented_mailbox(n).await;
+    }
+    let service = TokenService::new(env.state.clone(), TokenConfig::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let scheduler = RefreshScheduler::spawn(service.clone(), async {
+        let _ = stopped.await;
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    // 30 s of 503, then 30 s of hanging.
+    let before = env.refreshes().len();
+    env.fake.set_outage(true);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    env.fake.set_hang(true);
+    env.fake.set_outage(false);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let answered_503 = env.refreshes().len() - before;
+    let hung = env.fake.held_total();
+    let failing = statuses(&env, &grants)
+        .await
+        .iter()
+        .filter(|s| **s == TokenStatus::RefreshFailing)
+        .count();
+    let recovered = Instant::now();
+    env.fake.set_hang(false);
+    eventually(
+        "every grant ACTIVE after the recovery",
+        Duration::from_secs(60),
+        async || {
+            statuses(&env, &grants)
+                .await
+                .iter()
+                .all(|s| *s == TokenStatus::Active)
+                .then_some(())
+        },
+    )
+    .await;
+    let took = recovered.elapsed();
+    let calls = answered_503 + hung;
+    println!(
+        "default settings, 50 grants, 30 s access tokens, 30 s of 503 then 30 s hanging: {failing} grants REFRESH_FAILING at the end of the outage; {calls} provider calls during the outage ({answered_503} answered 503, {hung} hung) = {:.2} per grant; every grant ACTIVE {:.1} s after the provider's recovery",
+        calls as f64 / grants.len() as f64,
+        took.as_secs_f64()
+    );
+    assert!(failing > 40, "the outage outlasted the tokens: {failing}");
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    // One probe per 5 s over 60 s, plus the calls in flight when the breaker opened.
+    assert!(calls <= 12 + 16 + 2, "{calls}");
+    let _ = stop.send(());
+    scheduler.await.unwrap();
+}
