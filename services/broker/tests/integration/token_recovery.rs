@@ -256,6 +256,72 @@ async fn the_breaker_honours_a_long_retry_after() {
     scheduler.await.unwrap();
 }
 
+/// A device whose token has run out while the breaker is open becomes the probe when one is due;
+/// a second device arriving while that probe is at the provider waits for its outcome (bounded)
+/// instead of failing or calling, and gets a token once the probe closes the breaker.
+#[tokio::test]
+async fn devices_become_or_wait_for_the_probe() {
+    let clock = ManualClock::new();
+    let env = Env::start(Backend::Embedded, ProviderKind::Microsoft, clock.clone()).await;
+    let grants = names(2);
+    for n in &grants {
+        env.consented_mailbox(n).await;
+    }
+    // Two failures open the breaker (an operator's RefreshNow counts like any call).
+    env.fake.set_outage(true);
+    for n in &grants {
+        let err = env.service.refresh_now(TENANT, n).await.unwrap_err();
+        assert!(matches!(err, TokenError::RefreshFailing { .. }), "{err:?}");
+    }
+    assert!(env.service.breakers().status().iter().any(|b| b.open));
+    // An hour later the tokens have run out; the provider is back.
+    clock.advance(Duration::from_secs(61 * 60));
+    env.fake.set_outage(false);
+    env.fake.hold_next_token_requests(1);
+    let service = env.service.clone();
+    let (a, b) = (grants[0].clone(), grants[1].clone());
+    let probe = tokio::spawn(async move {
+        service
+            .access_token(TENANT, &a, Duration::from_secs(300))
+            .await
+    });
+    eventually(
+        "the probe at the provider",
+        Duration::from_secs(5),
+        async || (env.fake.held_requests() == 1).then_some(()),
+    )
+    .await;
+    let service = env.service.clone();
+    let waiter = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = service
+            .access_token(TENANT, &b, Duration::from_secs(300))
+            .await;
+        (r, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the second device waits for the probe"
+    );
+    assert_eq!(env.refreshes().len(), 2, "and does not call meanwhile");
+    env.fake.release_held();
+    probe
+        .await
+        .unwrap()
+        .expect("the probe's device gets a token");
+    let (r, waited) = waiter.await.unwrap();
+    r.expect("the waiting device gets a token once the breaker closes");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    // One call each: the probe, then the waiting device's refresh (the release joined it).
+    settle().await;
+    assert_eq!(env.refreshes().len(), 4);
+    assert!(env.service.breakers().status().iter().all(|b| !b.open));
+    for n in &grants {
+        assert_eq!(env.grant(n).await.state.status, TokenStatus::Active);
+    }
+}
+
 // ----------------------------------------------------------------------------------------------
 // Rotated refresh tokens
 // ----------------------------------------------------------------------------------------------
