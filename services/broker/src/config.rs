@@ -474,6 +474,17 @@ pub struct TokensSection {
     pub scheduler_batch: usize,
     /// Most refreshes one replica runs at once.
     pub scheduler_concurrency: usize,
+    /// Consecutive transient failures (network, timeouts, HTTP 5xx/429) of one provider token
+    /// endpoint, across its grants, that open the endpoint's breaker; 0 = no breaker.
+    pub breaker_failures: u32,
+    /// While a breaker is open, one probe refresh goes to the provider at most this often
+    /// (milliseconds), and never before the provider's `Retry-After`.
+    pub breaker_probe_interval_ms: u64,
+    /// When a probe gets an answer, the grants held back are refreshed, each starting at a
+    /// random moment within this window (milliseconds)…
+    pub breaker_release_spread_ms: u64,
+    /// …at most this many at once per replica.
+    pub breaker_release_concurrency: usize,
     /// Tokens of `user`-kind mailboxes (the signed-in people of `login_user` devices) are deleted
     /// after this many days without an issuance instead of being refreshed; 0 = never.
     pub user_token_idle_days: u64,
@@ -498,6 +509,10 @@ impl Default for TokensSection {
             scheduler_interval_ms: 2000,
             scheduler_batch: 256,
             scheduler_concurrency: 16,
+            breaker_failures: 2,
+            breaker_probe_interval_ms: 5000,
+            breaker_release_spread_ms: 3000,
+            breaker_release_concurrency: 8,
             user_token_idle_days: 30,
             max_user_mailboxes_per_device: 500,
             max_user_mailboxes_per_tenant: 5000,
@@ -522,6 +537,12 @@ impl TokensSection {
                 interval: Duration::from_millis(self.scheduler_interval_ms),
                 batch: self.scheduler_batch,
                 concurrency: self.scheduler_concurrency,
+            },
+            breaker: crate::tokens::breaker::BreakerConfig {
+                failures: self.breaker_failures,
+                probe_interval: Duration::from_millis(self.breaker_probe_interval_ms),
+                release_spread: Duration::from_millis(self.breaker_release_spread_ms),
+                release_concurrency: self.breaker_release_concurrency,
             },
             user_token_idle: match self.user_token_idle_days {
                 0 => None,
@@ -1062,6 +1083,15 @@ backoff_max_seconds = 1800
 scheduler_interval_ms = 2000
 scheduler_batch = 256
 scheduler_concurrency = 16
+# While a provider's token endpoint fails transiently (network, timeouts, HTTP 5xx/429), its grants
+# stop calling it after this many consecutive failures (0 turns it off: each grant backs off alone);
+# one probe refresh goes through every breaker_probe_interval_ms (never before a Retry-After), and
+# when a probe gets an answer every held grant is refreshed at once, spread over
+# breaker_release_spread_ms, at most breaker_release_concurrency at a time per replica.
+breaker_failures = 2
+breaker_probe_interval_ms = 5000
+breaker_release_spread_ms = 3000
+breaker_release_concurrency = 8
 # Tokens of user mailboxes (created on demand for the people who sign in at login_user devices)
 # are deleted, instead of refreshed, after this many days without an issuance; 0 means never.
 user_token_idle_days = 30

@@ -20,8 +20,9 @@
 //! `email_verified`), as the real providers send; the test chooses that user in
 //! [`FakeIdp::approve_device_code`] and [`FakeIdp::authorize_url`].
 //!
-//! Tests script it ([`FakeIdp::script`], [`FakeIdp::set_outage`], [`FakeIdp::fail_next_refresh`],
-//! …), drive the person's side ([`FakeIdp::approve_device_code`], [`FakeIdp::authorize`]), move its
+//! Tests script it ([`FakeIdp::script`], [`FakeIdp::set_outage`], [`FakeIdp::set_hang`],
+//! [`FakeIdp::fail_next_refresh`], …, and per client [`RefreshRotation`]: single-use refresh
+//! tokens with RFC 9700 reuse detection), drive the person's side ([`FakeIdp::approve_device_code`], [`FakeIdp::authorize`]), move its
 //! clock ([`FakeIdp::advance`]) and inspect what it saw ([`FakeIdp::requests`],
 //! [`FakeIdp::assert_no_violations`]). Requests to unknown paths or with the wrong method are
 //! violations: strict by default.
@@ -74,6 +75,22 @@ pub enum Endpoint {
     DeviceLogin,
 }
 
+/// How a client's refresh tokens rotate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RefreshRotation {
+    /// As the provider documents it (`FACTS.md`): Microsoft returns a new refresh token on every
+    /// refresh and the old ones stay valid; Google returns none (the old one stays).
+    #[default]
+    Provider,
+    /// Every refresh returns a new refresh token and the presented one is spent: presenting it
+    /// again answers `invalid_grant` ("already used"), the grant itself stays alive.
+    SingleUse,
+    /// [`RefreshRotation::SingleUse`] with reuse detection as RFC 9700 §4.14.2 describes it
+    /// (Okta, Auth0, Keycloak's "revoke refresh token"): a spent token presented again revokes
+    /// the whole grant, newest refresh token included.
+    SingleUseRevokeOnReuse,
+}
+
 /// A registered app.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientSpec {
@@ -98,6 +115,8 @@ pub struct ClientSpec {
     /// redeemed for these (e.g. `https://graph.microsoft.com/Mail.Send` next to the SMTP scope
     /// the person consented to). Empty: only what the person consented to.
     pub consented_scopes: Vec<String>,
+    /// How refresh tokens rotate (default: as the provider documents it).
+    pub refresh_rotation: RefreshRotation,
 }
 
 impl ClientSpec {
@@ -112,6 +131,7 @@ impl ClientSpec {
             app_only_mailbox: None,
             refresh_token_lifetime: None,
             consented_scopes: Vec::new(),
+            refresh_rotation: RefreshRotation::Provider,
         }
     }
 
@@ -543,12 +563,42 @@ impl FakeIdp {
         self.st().outage = on;
     }
 
-    /// While on, every request to a known endpoint hangs without being processed (a provider
-    /// that accepts connections and never answers). It is recorded on arrival with status 0;
-    /// when the hang ends, requests still waiting get a 503 (their clients have usually given
-    /// up by then).
+    /// While on, token requests (both token endpoints and device authorization) hang: they are
+    /// recorded on arrival and not answered; when the hang ends they are processed as if they
+    /// had just arrived (a stalled network path delivering late), which may rotate a refresh
+    /// token for a client that has long given up.
     pub fn set_hang(&self, on: bool) {
-        self.st().hang = on;
+        let mut st = self.st();
+        st.hang = on;
+        if !on {
+            st.release.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Holds the next `n` token requests (not processed) until [`Self::release_held`].
+    pub fn hold_next_token_requests(&self, n: usize) {
+        self.st().hold_next = n;
+    }
+
+    /// Lets every held token request go on (processed now).
+    pub fn release_held(&self) {
+        self.st().release.send_modify(|n| *n += 1);
+    }
+
+    /// Token requests held (or hanging) right now.
+    pub fn held_requests(&self) -> usize {
+        self.st().held_now
+    }
+
+    /// Token requests held (or hanging) since the start, including those whose client gave up
+    /// (they are recorded in [`Self::requests`] only if and when they are processed).
+    pub fn held_total(&self) -> usize {
+        self.st().held_total
+    }
+
+    /// How many spent single-use refresh tokens were presented again.
+    pub fn refresh_token_reuses(&self) -> usize {
+        self.st().refresh_token_reuses
     }
 
     /// `Retry-After` seconds sent with outage answers.

@@ -1,5 +1,6 @@
-//! HTTP glue: one handler that routes by path, records every request, applies outage, scripts
-//! and latency, and turns [`Reply`] into a response.
+//! HTTP glue: one handler that routes by path, holds token requests while the fake hangs,
+//! records every request, applies outage, scripts and latency, and turns [`Reply`] into a
+//! response.
 
 use std::sync::{Arc, Mutex};
 
@@ -118,36 +119,14 @@ async fn handle(
         .map(|(_, v)| v.clone());
     let routed = route(&path);
 
-    // A hanging provider: recorded on arrival, held, never processed.
-    let hung = {
-        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.hang && routed.is_some() {
-            let now = st.now();
-            st.requests.push(RecordedRequest {
-                endpoint: routed.as_ref().map(|(e, _, _)| *e),
-                method: method.to_string(),
-                path: path.clone(),
-                query: query.clone(),
-                form: form.clone(),
-                grant_type: grant_type.clone(),
-                status: 0,
-                time: now,
-            });
-            true
-        } else {
-            false
-        }
-    };
-    if hung {
-        loop {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            let st = state.lock().unwrap_or_else(|p| p.into_inner());
-            if !st.hang {
-                let now = st.now();
-                drop(st);
-                return into_response(Reply::text(503, "Service Unavailable"), now);
-            }
-        }
+    let token_request = routed.as_ref().is_some_and(|(e, _, _)| {
+        matches!(
+            e,
+            Endpoint::MicrosoftToken | Endpoint::GoogleToken | Endpoint::MicrosoftDeviceCode
+        )
+    });
+    if token_request {
+        hold(&state).await;
     }
 
     let (reply, now, latency) = {
@@ -228,6 +207,47 @@ async fn handle(
         tokio::time::sleep(delay).await;
     }
     into_response(reply, now)
+}
+
+/// Counts a held request while it waits; dropped when it goes on or its client gives up.
+struct Holding(Shared);
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        let mut st = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        st.held_now = st.held_now.saturating_sub(1);
+    }
+}
+
+/// Holds a token request while the fake hangs (until the hang ends) or while it is one of the
+/// next requests to hold (until `release_held`).
+async fn hold(state: &Shared) {
+    let (mut rx, hanging) = {
+        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.hang {
+            (st.release.subscribe(), true)
+        } else if st.hold_next > 0 {
+            st.hold_next -= 1;
+            (st.release.subscribe(), false)
+        } else {
+            return;
+        }
+    };
+    let _holding = {
+        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+        st.held_now += 1;
+        st.held_total += 1;
+        Holding(state.clone())
+    };
+    loop {
+        if rx.changed().await.is_err() {
+            return;
+        }
+        let still_hanging = state.lock().unwrap_or_else(|p| p.into_inner()).hang;
+        if !hanging || !still_hanging {
+            return;
+        }
+    }
 }
 
 fn into_response(reply: Reply, now: time::OffsetDateTime) -> Response {

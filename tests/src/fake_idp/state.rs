@@ -1,7 +1,7 @@
 //! The fake's state and protocol logic (no I/O): clients, users, grants, codes and tokens, and the
 //! answers Microsoft and Google give.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -272,11 +272,24 @@ pub(super) struct State {
     grants: Vec<Grant>,
     /// Refresh token → grant, in issue order.
     refresh_tokens: Vec<(String, usize)>,
+    /// Refresh tokens already redeemed, for clients whose tokens are single-use
+    /// ([`super::RefreshRotation`]).
+    used_refresh_tokens: HashSet<String>,
+    /// Single-use refresh tokens presented again.
+    pub refresh_token_reuses: usize,
+    /// Token requests are held (not processed) while this is on (a hanging provider).
+    pub hang: bool,
+    /// The next this-many token requests are held until [`super::FakeIdp::release_held`].
+    pub hold_next: usize,
+    /// Token requests held right now.
+    pub held_now: usize,
+    /// Token requests held since the start (answered later or given up by their client).
+    pub held_total: usize,
+    /// Bumped to let held requests go.
+    pub release: tokio::sync::watch::Sender<u64>,
     access_tokens: HashMap<String, AccessToken>,
     pub scripts: HashMap<Endpoint, VecDeque<ScriptedResponse>>,
     pub outage: bool,
-    /// While on, requests to known endpoints get no answer (see `FakeIdp::set_hang`).
-    pub hang: bool,
     pub outage_retry_after: Option<u64>,
     pub latency: Duration,
     pub forced_refresh_failures: Vec<(RefreshMatch, u64)>,
@@ -346,10 +359,16 @@ impl State {
             auth_codes: HashMap::new(),
             grants: Vec::new(),
             refresh_tokens: Vec::new(),
+            used_refresh_tokens: HashSet::new(),
+            refresh_token_reuses: 0,
+            hang: false,
+            hold_next: 0,
+            held_now: 0,
+            held_total: 0,
+            release: tokio::sync::watch::channel(0).0,
             access_tokens: HashMap::new(),
             scripts: HashMap::new(),
             outage: false,
-            hang: false,
             outage_retry_after: None,
             latency: Duration::ZERO,
             forced_refresh_failures: Vec::new(),
@@ -1208,6 +1227,23 @@ impl State {
                 Flavor::Google => self.error(flavor, 401, "unauthorized_client", 0, "Unauthorized"),
             };
         }
+        let rotation = client.refresh_rotation;
+        if rotation != super::RefreshRotation::Provider && self.used_refresh_tokens.contains(rt) {
+            // RFC 9700 §4.14.2: a single-use refresh token presented again. The server cannot
+            // tell the legitimate client from an attacker; with reuse detection it revokes the
+            // grant (all its refresh and access tokens).
+            self.refresh_token_reuses += 1;
+            if rotation == super::RefreshRotation::SingleUseRevokeOnReuse {
+                self.grants[grant_id].revoked = true;
+            }
+            return self.error(
+                Flavor::Google,
+                400,
+                "invalid_grant",
+                0,
+                "The refresh token has already been used.",
+            );
+        }
         let expired = grant.refresh_expires_at.is_some_and(|at| at <= self.now());
         if grant.revoked || expired {
             return match flavor {
@@ -1254,7 +1290,12 @@ impl State {
             };
         }
         // Microsoft rotates (old refresh tokens stay valid); Google sends none on refresh.
+        if rotation != super::RefreshRotation::Provider {
+            // Redeemed: this token may not be used again.
+            self.used_refresh_tokens.insert(rt.to_owned());
+        }
         let with_refresh = match flavor {
+            _ if rotation != super::RefreshRotation::Provider => true,
             Flavor::Microsoft if self.omit_refresh_token > 0 => {
                 self.omit_refresh_token -= 1;
                 false

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use tokenfleet_domain::{AuditEvent, GrantType, Mailbox, Provider, TokenError, TokenStatus};
+use tokenfleet_domain::{AuditEvent, GrantType, Mailbox, Provider, TokenError};
 use tokenfleet_providers::{
     ErrorClass, ProviderClient, ProviderError, ProviderSettings, TokenGrant, identity_scopes,
     new_state, parse_pasted_code, signed_in_account,
@@ -42,6 +42,7 @@ use crate::state::BrokerState;
 use crate::tokens::grant::{
     GrantField, GrantRecord, PendingConsent, grant_key, open_field, seal_field,
 };
+use crate::tokens::machine;
 
 /// Store schedule of device-code polls (member `<tenant>/<mailbox>`).
 pub const CONSENT_POLL_SCHEDULE: &str = "consent-poll";
@@ -320,13 +321,7 @@ pub fn activate(
         .transpose()
         .map_err(ConsentError::seal(record))?;
     let lifetime = token.expires_in;
-    let next_refresh = crate::tokens::scheduler::next_refresh_at(
-        now,
-        lifetime,
-        refresh.is_some(),
-        MAX_FIRST_REFRESH,
-        crate::tokens::backoff::unit_random(),
-    );
+    let delegated = refresh.is_some();
     grant.refresh_token_obtained = refresh.as_ref().map(|_| now);
     // Google apps in "Testing" publishing status: 7-day refresh tokens (alerted before expiry).
     grant.refresh_token_expires = refresh
@@ -343,12 +338,16 @@ pub fn activate(
         .map(|s| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| scopes.to_vec());
-    grant.state.status = TokenStatus::Active;
-    grant.state.last_refresh = Some(now);
-    grant.state.access_token_expires = Some(now + lifetime);
-    grant.state.last_error = None;
-    grant.consecutive_failures = 0;
-    grant.next_refresh = Some(next_refresh);
+    // Status, times and the first refresh: the state machine's (`hand_over` schedules it).
+    step(
+        grant,
+        machine::Event::ConsentCompleted {
+            lifetime,
+            delegated,
+            first_refresh_within: MAX_FIRST_REFRESH,
+        },
+        now,
+    );
     grant.clock_skew_secs = token
         .server_date
         .map(|d| (d - now).whole_seconds())
@@ -361,21 +360,39 @@ pub fn activate(
 /// grant exists (it is not usable on its own any more once someone set out to replace it).
 pub fn fail_consent(grant: &mut GrantRecord, error: TokenError) {
     grant.pending = None;
-    grant.state.status = if grant.refresh_token.is_some() || grant.access_token.is_some() {
-        TokenStatus::ReauthRequired
-    } else {
-        TokenStatus::NotRetrieved
-    };
-    grant.state.last_error = Some(error);
+    let had_grant = grant.refresh_token.is_some() || grant.access_token.is_some();
+    // The failure's own time is the clock reading of this transition.
+    let now = error.time;
+    step(
+        grant,
+        machine::Event::ConsentFailed { error, had_grant },
+        now,
+    );
 }
 
 /// Sets a new pending consent; returns the one it replaces.
-fn begin_pending(grant: &mut GrantRecord, pending: PendingConsent) -> Option<PendingConsent> {
+fn begin_pending(
+    grant: &mut GrantRecord,
+    pending: PendingConsent,
+    now: OffsetDateTime,
+) -> Option<PendingConsent> {
     let previous = grant.pending.replace(pending);
-    grant.state.status = TokenStatus::ConsentPending;
-    grant.state.last_error = None;
-    grant.consecutive_failures = 0;
+    step(grant, machine::Event::ConsentStarted, now);
     previous
+}
+
+/// Runs the token state machine on a grant for a consent event. Consent transitions schedule
+/// and alert through their own callers (`hand_over`, the device poller), so the effects are
+/// not needed here.
+fn step(grant: &mut GrantRecord, event: machine::Event, now: OffsetDateTime) {
+    let cx = machine::Context {
+        now,
+        unit: crate::tokens::backoff::unit_random(),
+        backoff: crate::tokens::backoff::Backoff::default(),
+        max_refresh_interval: MAX_FIRST_REFRESH,
+    };
+    let (next, _effects) = machine::transition(&machine::Lifecycle::of(grant), event, &cx);
+    next.apply_to(grant);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -660,7 +677,7 @@ async fn start_device_code(
     // poller drops, never a pending consent nobody polls.
     schedule_poll(state, &tenant, &name, next_poll).await?;
     let (grant, previous) = update_grant(state, &tenant, &name, |g| {
-        Ok(begin_pending(g, pending.clone()))
+        Ok(begin_pending(g, pending.clone(), now))
     })
     .await?;
     forget_previous(state, previous).await;
@@ -723,7 +740,7 @@ async fn start_auth_code(
         scopes,
     };
     let (grant, previous) = match update_grant(state, &tenant, &name, |g| {
-        Ok(begin_pending(g, pending.clone()))
+        Ok(begin_pending(g, pending.clone(), now))
     })
     .await
     {
@@ -1176,6 +1193,7 @@ pub fn html_escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokenfleet_domain::TokenStatus;
 
     #[test]
     fn html_is_escaped() {

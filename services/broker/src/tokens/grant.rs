@@ -157,6 +157,14 @@ pub struct GrantRecord {
     /// Next scheduled refresh or retry.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub next_refresh: Option<OffsetDateTime>,
+    /// The provider's `Retry-After` for this grant's last failure: nothing calls the provider
+    /// for the grant before it (not a device's request, not the breaker's release).
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retry_not_before: Option<OffsetDateTime>,
     /// Provider clock minus broker clock at the last token response, seconds.
     #[serde(default)]
     pub clock_skew_secs: i64,
@@ -194,6 +202,7 @@ impl GrantRecord {
             refresh_token_expires: None,
             consecutive_failures: 0,
             next_refresh: None,
+            retry_not_before: None,
             clock_skew_secs: 0,
             pending: None,
             fence: 0,

@@ -64,11 +64,13 @@ use tokenfleet_store::{Lease, Precondition, StoreError};
 use tonic::Status;
 
 use super::backoff::{Backoff, unit_random};
+use super::breaker::{Admission, BreakerConfig, Breakers, GrantId, Held, Outcome, release_delay};
 use super::grant::{
     GrantField, GrantRecord, LAST_ISSUED_GRANULARITY, ResourceToken, grant_key, open_field,
     seal_field,
 };
-use super::scheduler::{SchedulerConfig, next_refresh_at, schedule_refresh, unschedule_refresh};
+use super::machine::{self, Alert, Effects, Event, Failure, Lifecycle, Schedule};
+use super::scheduler::{SchedulerConfig, schedule_refresh, unschedule_refresh};
 use crate::records::{
     CAS_ATTEMPTS, Records, Versioned, mailbox_key, open_client_secret, open_service_account_key,
     provider_key,
@@ -111,6 +113,8 @@ pub struct TokenConfig {
     pub backoff: Backoff,
     /// The background scheduler.
     pub scheduler: SchedulerConfig,
+    /// The per-provider breaker that pauses calls to a failing token endpoint.
+    pub breaker: BreakerConfig,
     /// Names this replica in lease owners and logs (random by default).
     pub replica_id: String,
     /// Grants of `user`-kind mailboxes unused (no issuance) for this long are deleted by the
@@ -132,6 +136,7 @@ impl Default for TokenConfig {
             lease_wait: Duration::from_secs(10),
             backoff: Backoff::default(),
             scheduler: SchedulerConfig::default(),
+            breaker: BreakerConfig::default(),
             replica_id: format!("broker-{}", uuid::Uuid::new_v4().simple()),
             user_token_idle: Some(Duration::from_secs(30 * 86_400)),
             max_user_mailboxes_per_device: 500,
@@ -185,6 +190,31 @@ impl TokenConfig {
         if self.scheduler.interval.is_zero() {
             return Err(E::new("tokens.scheduler_interval_ms", "must be positive"));
         }
+        if self.breaker.probe_interval.is_zero() || self.breaker.probe_interval > MAX_PROBE_INTERVAL
+        {
+            return Err(E::new(
+                "tokens.breaker_probe_interval_ms",
+                format!(
+                    "must be between 1 and {} (milliseconds)",
+                    MAX_PROBE_INTERVAL.as_millis()
+                ),
+            ));
+        }
+        if self.breaker.release_spread > MAX_RELEASE_SPREAD {
+            return Err(E::new(
+                "tokens.breaker_release_spread_ms",
+                format!(
+                    "must be at most {} (milliseconds)",
+                    MAX_RELEASE_SPREAD.as_millis()
+                ),
+            ));
+        }
+        if self.breaker.release_concurrency == 0 {
+            return Err(E::new(
+                "tokens.breaker_release_concurrency",
+                "must be positive",
+            ));
+        }
         if self.scheduler.batch == 0 || self.scheduler.concurrency == 0 {
             return Err(E::new(
                 "tokens.scheduler_concurrency",
@@ -212,6 +242,10 @@ pub const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
 pub const MAX_LEASE_TTL: Duration = Duration::from_secs(300);
 /// Longest bounded wait for a held lease (`tokens.lease_wait_seconds`).
 pub const MAX_LEASE_WAIT: Duration = Duration::from_secs(300);
+/// Longest breaker probe interval (`tokens.breaker_probe_interval_ms`).
+pub const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(600);
+/// Longest release spread (`tokens.breaker_release_spread_ms`).
+pub const MAX_RELEASE_SPREAD: Duration = Duration::from_secs(600);
 
 /// Keeps a held store lease alive while its holder works: renews it every `every` (for `ttl`)
 /// until dropped. When the holder dies, so does the keeper, and the lease expires one TTL after
@@ -415,8 +449,12 @@ pub enum Trigger {
     OnDemand(Duration),
     /// The scheduler found the mailbox due.
     Scheduled,
-    /// An operator asked (`RefreshNow`): refresh even if the cached token is fine.
+    /// An operator asked (`RefreshNow`): refresh even if the cached token is fine. Not held
+    /// back by the provider's breaker (its answer may close it).
     Forced,
+    /// The provider's breaker released the grant (a probe got an answer), or picked it as the
+    /// probe: refresh a failing grant now, whatever its backoff said.
+    Released,
 }
 
 /// What [`TokenService::delete_token`] did at the provider.
@@ -477,6 +515,8 @@ struct Inner {
     next_flight: AtomicU64,
     /// Where status problems are reported (set once, see [`TokenService::with_alerts`]).
     alerts: std::sync::OnceLock<crate::alerts::Alerter>,
+    /// One breaker per provider token endpoint.
+    breakers: Arc<Breakers>,
 }
 
 /// Access tokens for mailboxes; see the module documentation. Cheap to clone.
@@ -598,11 +638,12 @@ impl TokenService {
         Self {
             inner: Arc::new(Inner {
                 state,
-                config,
                 clients: Mutex::new(HashMap::new()),
                 flights: Mutex::new(HashMap::new()),
                 next_flight: AtomicU64::new(1),
                 alerts: std::sync::OnceLock::new(),
+                breakers: Breakers::new(config.breaker.clone()),
+                config,
             }),
         }
     }
@@ -784,14 +825,84 @@ impl TokenService {
                 let backing_off = grant.state.status == TokenStatus::RefreshFailing
                     && grant.next_refresh.is_some_and(|t| t > now);
                 if backing_off {
-                    // Retry-After and the backoff are honoured; the scheduler retries.
-                    return Ok(Some(
-                        cached(FALLBACK_FLOOR)?.ok_or_else(|| state_error(grant, mailbox)),
-                    ));
+                    // The backoff is honoured while the last good token lasts; the scheduler
+                    // (or the provider's breaker, once a probe gets an answer) retries.
+                    if let Some(token) = cached(FALLBACK_FLOOR)? {
+                        return Ok(Some(Ok(token)));
+                    }
+                    // A device needs a token and has none left: one bounded attempt, which the
+                    // breaker turns into (or makes wait for) its probe.
+                    if self.on_demand_attempt_allowed(grant, now) {
+                        return Ok(None);
+                    }
+                    return Ok(Some(Err(state_error(grant, mailbox))));
                 }
                 Ok(None)
             }
         }
+    }
+
+    /// Whether a device's request may try a failing grant before its backoff ends: when the
+    /// breaker is on, the grant's last attempt is a probe interval old, and the provider's
+    /// `Retry-After` has passed. So a grant costs at most one on-demand attempt per probe
+    /// interval, and the breaker decides whether that attempt reaches the provider.
+    fn on_demand_attempt_allowed(&self, grant: &GrantRecord, now: OffsetDateTime) -> bool {
+        let breaker = &self.inner.config.breaker;
+        breaker.failures > 0
+            && grant.retry_not_before.is_none_or(|t| t <= now)
+            && grant
+                .state
+                .last_error
+                .as_ref()
+                .is_none_or(|e| e.time + breaker.probe_interval <= now)
+    }
+
+    /// The provider breakers of this process.
+    pub fn breakers(&self) -> &Arc<Breakers> {
+        &self.inner.breakers
+    }
+
+    /// Starts, in the background, a refresh of one held grant per open breaker whose probe is
+    /// due (called by the scheduler on every tick).
+    pub fn start_due_probes(&self) {
+        for (tenant, mailbox) in self.inner.breakers.due_probes(self.now()) {
+            let this = self.clone();
+            tokio::spawn(async move { this.released_refresh(&tenant, &mailbox).await });
+        }
+    }
+
+    /// Refreshes grants a closing breaker released: each starts at a random moment within the
+    /// release spread, at most `release_concurrency` at once.
+    fn release(&self, grants: Vec<GrantId>) {
+        if grants.is_empty() {
+            return;
+        }
+        let config = self.inner.config.breaker.clone();
+        tracing::info!(
+            grants = grants.len(),
+            spread_ms = config.release_spread.as_millis() as u64,
+            "the identity provider answers again: refreshing the grants held back"
+        );
+        let this = self.clone();
+        tokio::spawn(async move {
+            let permits = Arc::new(tokio::sync::Semaphore::new(
+                config.release_concurrency.max(1),
+            ));
+            let count = grants.len();
+            let mut running = tokio::task::JoinSet::new();
+            for (index, (tenant, mailbox)) in grants.into_iter().enumerate() {
+                let delay = release_delay(config.release_spread, index, count, unit_random());
+                let (this, permits) = (this.clone(), permits.clone());
+                running.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let Ok(_permit) = permits.acquire_owned().await else {
+                        return;
+                    };
+                    this.released_refresh(&tenant, &mailbox).await;
+                });
+            }
+            while running.join_next().await.is_some() {}
+        });
     }
 
     /// Joins the in-flight refresh of the mailbox in this process, or starts one.
@@ -848,6 +959,18 @@ impl TokenService {
     /// One scheduled refresh (called by the scheduler); outcomes are logged and the schedule
     /// entry is moved to when the mailbox should be looked at next.
     pub async fn scheduled_refresh(&self, tenant: &str, mailbox: &str) {
+        self.background_refresh(tenant, mailbox, Trigger::Scheduled)
+            .await;
+    }
+
+    /// A refresh of a grant the provider's breaker released (or picked as its probe); outcomes
+    /// are handled like the scheduler's.
+    pub async fn released_refresh(&self, tenant: &str, mailbox: &str) {
+        self.background_refresh(tenant, mailbox, Trigger::Released)
+            .await;
+    }
+
+    async fn background_refresh(&self, tenant: &str, mailbox: &str, trigger: Trigger) {
         let store = self.inner.state.store.as_ref();
         match self.delete_if_idle(tenant, mailbox).await {
             Ok(true) => return,
@@ -857,14 +980,15 @@ impl TokenService {
             }
         }
         let result = self
-            .flight(
-                tenant,
-                mailbox,
-                Trigger::Scheduled,
-                TokenResource::MailProtocols,
-            )
+            .flight(tenant, mailbox, trigger, TokenResource::MailProtocols)
             .await;
         let now = self.now();
+        if !matches!(result, Err(TokenError::RefreshFailing { .. })) {
+            // Whatever happened, the grant no longer waits for the provider's recovery.
+            self.inner
+                .breakers
+                .forget(&(tenant.to_owned(), mailbox.to_owned()));
+        }
         let next = match &result {
             Ok(_) => return,
             // Rescheduled where the failure was recorded (or by whoever recorded it).
@@ -1013,6 +1137,10 @@ impl TokenService {
                 remaining(grant, now, resource) >= needed(grant, want, resource)
             }
             Trigger::Scheduled => grant.next_refresh.is_some_and(|t| t > now),
+            Trigger::Released => {
+                grant.state.status == TokenStatus::Active
+                    && grant.next_refresh.is_some_and(|t| t > now)
+            }
             Trigger::Forced => false,
         };
         if usable(grant.state.status)
@@ -1140,13 +1268,34 @@ impl TokenService {
                     return done;
                 }
             }
+            // Released by the breaker: refreshed elsewhere meanwhile (ACTIVE, not due), or
+            // still inside the provider's Retry-After.
+            Trigger::Released
+                if grant.state.status == TokenStatus::Active
+                    && grant.next_refresh.is_some_and(|t| t > now) =>
+            {
+                return match self.open_access(&grant, &m.address, resource)? {
+                    Some(token) => Ok(token),
+                    None => Err(TokenError::NotRetrieved {
+                        mailbox: mailbox.to_owned(),
+                    }),
+                };
+            }
+            Trigger::Released if grant.retry_not_before.is_some_and(|t| t > now) => {
+                return Err(state_error(&grant, mailbox));
+            }
             Trigger::Scheduled if usable(grant.state.status) => {
                 if let Some(next) = grant.next_refresh
                     && next > now
                 {
-                    // Done elsewhere; make the schedule agree with the record.
+                    // Done elsewhere (or a failure was recorded meanwhile, which keeps the
+                    // grant waiting for its retry or the breaker's release); make the schedule
+                    // agree with the record.
                     schedule_refresh(self.inner.state.store.as_ref(), tenant, mailbox, next)
                         .await?;
+                    if grant.state.status != TokenStatus::Active {
+                        return Err(state_error(&grant, mailbox));
+                    }
                     return match self.open_access(&grant, &m.address, resource)? {
                         Some(token) => Ok(token),
                         None => Err(TokenError::NotRetrieved {
@@ -1201,9 +1350,43 @@ impl TokenService {
         } else {
             grant.scopes.clone()
         };
+        // The provider's breaker: while its token endpoint fails transiently, only its probe
+        // calls; everyone else is held back (and released when a probe gets an answer).
+        let endpoint = client.settings().endpoints.token.to_string();
+        let grant_id: GrantId = (tenant.to_owned(), mailbox.to_owned());
+        let mut waited = false;
+        let ticket = loop {
+            let admission = match trigger {
+                Trigger::Forced => Admission::Call(self.inner.breakers.unconditional(&endpoint)),
+                _ => self.inner.breakers.admit(&endpoint, self.now()),
+            };
+            match admission {
+                Admission::Call(ticket) | Admission::Probe(ticket) => break ticket,
+                // A device waits (bounded) for a probe that is at the provider right now.
+                Admission::Held(held)
+                    if matches!(trigger, Trigger::OnDemand(_))
+                        && held.probe_in_flight
+                        && !waited =>
+                {
+                    waited = true;
+                    self.inner
+                        .breakers
+                        .changed_within(self.inner.config.breaker.probe_interval)
+                        .await;
+                }
+                Admission::Held(held) => {
+                    self.inner.breakers.hold(&endpoint, &grant_id);
+                    let result = self
+                        .record_held(&m, stored.version, grant, &held, lease)
+                        .await;
+                    return self.on_demand_fallback(trigger, result, &m, resource).await;
+                }
+            }
+        };
+        let probe = ticket.is_probe();
         let started = std::time::Instant::now();
-        let response = match (m.grant_type, refresh_token) {
-            (_, Some(rt)) => client.refresh(&rt, &scopes).await,
+        let response = match (m.grant_type, refresh_token.as_ref()) {
+            (_, Some(rt)) => client.refresh(rt, &scopes).await,
             (GrantType::ServiceAccount, _) => {
                 let record = format!(
                     "{}#service_account_key",
@@ -1232,33 +1415,145 @@ impl TokenService {
             %resource,
             elapsed_ms = started.elapsed().as_millis() as u64,
             ok = response.is_ok(),
+            probe,
             "provider token request"
         );
+        let released = ticket.report(
+            self.now(),
+            &grant_id,
+            Outcome::of(&response),
+            response.as_ref().err(),
+        );
+        self.release(released);
+        // A refresh token refused as dead may only be one that was already rotated: another
+        // replica (or a consent) stored a newer one while this refresh was under way, or a
+        // provider with single-use refresh tokens saw it spent. Before the grant is declared
+        // dead, the stored one is tried once.
+        let (version, grant, response) = match (response, refresh_token.as_ref()) {
+            (Err(e), Some(presented)) if e.class == ErrorClass::GrantDead => {
+                match self.stored_if_rotated(tenant, mailbox, presented).await? {
+                    Some((fresh, stored_rt)) => {
+                        tracing::info!(
+                            tenant,
+                            mailbox,
+                            code = %e.code,
+                            "the provider refused a refresh token that has since been replaced in the store; retrying once with the stored one"
+                        );
+                        let again = client.refresh(&stored_rt, &scopes).await;
+                        (fresh.version, fresh.value, again)
+                    }
+                    None => (stored.version, grant, Err(e)),
+                }
+            }
+            (response, _) => (stored.version, grant, response),
+        };
         match response {
             Ok(granted) if resource != TokenResource::MailProtocols => {
-                self.record_resource_success(&m, stored.version, grant, granted, resource, lease)
+                self.record_resource_success(&m, version, grant, granted, resource, lease)
                     .await
             }
             Ok(granted) => {
-                self.record_success(&m, stored.version, grant, granted, lease)
+                self.record_success(&m, version, grant, granted, lease)
                     .await
             }
             Err(e) => {
-                let fallback = matches!(trigger, Trigger::OnDemand(_));
-                let result = self
-                    .record_failure(&m, stored.version, grant, e, lease)
-                    .await;
-                if fallback
-                    && let Err(TokenError::RefreshFailing { .. }) = &result
-                    && let Some(fresh) = self.grant(tenant, mailbox).await?
-                    && remaining(&fresh.value, self.now(), resource) >= FALLBACK_FLOOR
-                    && let Some(token) = self.open_access(&fresh.value, &m.address, resource)?
-                {
-                    return Ok(token);
-                }
-                result
+                let result = self.record_failure(&m, version, grant, e, lease).await;
+                self.on_demand_fallback(trigger, result, &m, resource).await
             }
         }
+    }
+
+    /// The grant as stored now and its refresh token, when that is not the one just presented.
+    async fn stored_if_rotated(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+        presented: &Secret,
+    ) -> Result<Option<(Versioned<GrantRecord>, Secret)>, TokenError> {
+        let Some(fresh) = self.grant(tenant, mailbox).await? else {
+            return Ok(None);
+        };
+        let Some(sealed) = fresh.value.refresh_token.as_ref() else {
+            return Ok(None);
+        };
+        if !usable(fresh.value.state.status)
+            && fresh.value.state.status != TokenStatus::ReauthRequired
+        {
+            return Ok(None);
+        }
+        let stored = open_field(
+            &self.inner.state.keyring,
+            tenant,
+            mailbox,
+            GrantField::RefreshToken,
+            sealed,
+        )
+        .map_err(seal_error(&format!("{}#refresh_token", fresh.value.key())))?;
+        Ok((stored.expose() != presented.expose()).then_some((fresh, stored)))
+    }
+
+    /// An on-demand request whose refresh failed transiently (or was held back) still gets the
+    /// last good token while it has [`FALLBACK_FLOOR`] left.
+    async fn on_demand_fallback(
+        &self,
+        trigger: Trigger,
+        result: Result<IssuedToken, TokenError>,
+        m: &Mailbox,
+        resource: TokenResource,
+    ) -> Result<IssuedToken, TokenError> {
+        if matches!(trigger, Trigger::OnDemand(_))
+            && let Err(TokenError::RefreshFailing { .. }) = &result
+            && let Some(fresh) = self.grant(&m.tenant, &m.name).await?
+            && remaining(&fresh.value, self.now(), resource) >= FALLBACK_FLOOR
+            && let Some(token) = self.open_access(&fresh.value, &m.address, resource)?
+        {
+            return Ok(token);
+        }
+        result
+    }
+
+    /// The provider's breaker held the refresh back: the grant is `REFRESH_FAILING` with the
+    /// provider's last transient error, and it is looked at again by the breaker (released when
+    /// a probe gets an answer) or, should this replica stop, by the schedule at the backoff.
+    async fn record_held(
+        &self,
+        m: &Mailbox,
+        version: u64,
+        mut grant: GrantRecord,
+        held: &Held,
+        lease: &Lease,
+    ) -> Result<IssuedToken, TokenError> {
+        let original = grant.clone();
+        let (tenant, mailbox) = (m.tenant.as_str(), m.name.as_str());
+        let now = self.now();
+        let mut error = held.error.to_token_error(mailbox, now);
+        error.reason = format!(
+            "{}; calls to this provider are paused since {} until a probe (one every {} ms) gets an answer, then held mailboxes are refreshed at once",
+            error.reason,
+            held.since,
+            self.inner.config.breaker.probe_interval.as_millis()
+        );
+        let effects = self.step(
+            &mut grant,
+            Event::Held {
+                error: error.clone(),
+                next_probe: held.next_probe,
+            },
+            now,
+        );
+        self.write(&original, &grant, version, lease).await?;
+        self.run_effects(m, &grant, &effects, now, "").await?;
+        tracing::debug!(
+            tenant,
+            mailbox,
+            next_probe = %held.next_probe,
+            "refresh held back: the provider's breaker is open"
+        );
+        Err(TokenError::RefreshFailing {
+            mailbox: mailbox.to_owned(),
+            error: Box::new(error),
+            retry_at: Some(held.next_probe),
+        })
     }
 
     async fn record_success(
@@ -1286,11 +1581,6 @@ impl TokenService {
         );
         keep_refresh_token(keyring, m, &record, &mut grant, &granted, now)?;
         let expires = now + granted.expires_in;
-        grant.state.status = TokenStatus::Active;
-        grant.state.last_refresh = Some(now);
-        grant.state.access_token_expires = Some(expires);
-        grant.state.last_error = None;
-        grant.consecutive_failures = 0;
         grant.clock_skew_secs = match granted.server_date {
             Some(date) => {
                 let skew = (date - now).whole_seconds();
@@ -1313,45 +1603,30 @@ impl TokenService {
         {
             grant.scopes = scope.split_whitespace().map(str::to_owned).collect();
         }
-        let next = next_refresh_at(
-            now,
-            granted.expires_in,
-            is_delegated(m.grant_type),
-            self.inner.config.max_refresh_interval,
-            unit_random(),
-        );
         // Be back when the refresh token enters the alert horizon, so the alert goes out in time.
-        let next = match (self.alerts(), grant.refresh_token_expires) {
-            (Some(alerts), Some(expiry)) => alerts
-                .expiry_check_at(expiry, now)
-                .map_or(next, |check| next.min(check)),
-            _ => next,
+        let expiry_check_at = match (self.alerts(), grant.refresh_token_expires) {
+            (Some(alerts), Some(expiry)) => alerts.expiry_check_at(expiry, now),
+            _ => None,
         };
-        grant.next_refresh = Some(next);
+        let effects = self.step(
+            &mut grant,
+            Event::Refreshed {
+                lifetime: granted.expires_in,
+                delegated: is_delegated(m.grant_type),
+                expiry_check_at,
+            },
+            now,
+        );
+        // The rotated refresh token is stored (the store acknowledged the write) before anyone
+        // gets the new access token.
         self.write(&original, &grant, version, lease).await?;
-        schedule_refresh(self.inner.state.store.as_ref(), tenant, mailbox, next).await?;
-        if let Some(alerts) = self.alerts() {
-            if original.state.status != TokenStatus::Active
-                && let Err(error) = alerts
-                    .resolve(tenant, mailbox, crate::alerts::AlertKind::ReauthRequired)
-                    .await
-            {
-                tracing::warn!(%error, tenant, mailbox, "clearing the mailbox's alert failed");
-            }
-            if let Some(expiry) = grant.refresh_token_expires
-                && let Err(error) = alerts
-                    .check_expiry(tenant, mailbox, &m.address, expiry, now)
-                    .await
-            {
-                tracing::warn!(%error, tenant, mailbox, "raising the expiry alert failed");
-            }
-        }
+        self.run_effects(m, &grant, &effects, now, "").await?;
         tracing::info!(
             tenant,
             mailbox,
             rotated = granted.refresh_token.is_some(),
             expires = %expires,
-            next_refresh = %next,
+            next_refresh = ?grant.next_refresh,
             "token refreshed"
         );
         Ok(IssuedToken {
@@ -1396,13 +1671,9 @@ impl TokenService {
             },
         );
         keep_refresh_token(keyring, m, &record, &mut grant, &granted, now)?;
-        if grant.state.status == TokenStatus::RefreshFailing {
-            // The grant works again; the scheduler's next look refreshes the mail token.
-            grant.state.status = TokenStatus::Active;
-            grant.state.last_error = None;
-            grant.consecutive_failures = 0;
-        }
+        let effects = self.step(&mut grant, Event::ResourceMinted, now);
         self.write(&original, &grant, version, lease).await?;
+        self.run_effects(m, &grant, &effects, now, "").await?;
         tracing::info!(
             tenant,
             mailbox,
@@ -1429,16 +1700,19 @@ impl TokenService {
         let original = grant.clone();
         let (tenant, mailbox) = (m.tenant.as_str(), m.name.as_str());
         let now = self.now();
-        let status = error.class.refresh_status();
         let token_error = error.to_token_error(mailbox, now);
-        grant.state.status = status;
-        grant.state.last_error = Some(token_error.clone());
-        grant.consecutive_failures = grant.consecutive_failures.saturating_add(1);
-        let store = self.inner.state.store.as_ref();
-        if status == TokenStatus::ReauthRequired {
-            grant.next_refresh = None;
-            self.write(&original, &grant, version, lease).await?;
-            unschedule_refresh(store, tenant, mailbox).await?;
+        let effects = self.step(
+            &mut grant,
+            Event::Failed {
+                failure: Failure::of(error.class),
+                error: token_error.clone(),
+                retry_after: error.retry_after,
+            },
+            now,
+        );
+        self.write(&original, &grant, version, lease).await?;
+        self.run_effects(m, &grant, &effects, now, "").await?;
+        if grant.state.status == TokenStatus::ReauthRequired {
             tracing::warn!(
                 tenant,
                 mailbox,
@@ -1446,38 +1720,11 @@ impl TokenService {
                 reason = %error.reason,
                 "grant is dead: the mailbox needs a new consent"
             );
-            // Alert on the transition only: a forced retry of a dead grant is no new problem.
-            if original.state.status != TokenStatus::ReauthRequired
-                && let Some(alerts) = self.alerts()
-            {
-                let event = crate::alerts::AlertEvent::reauth_required(
-                    tenant,
-                    mailbox,
-                    &m.address,
-                    &token_error,
-                    now,
-                );
-                if let Err(error) = alerts
-                    .raise(event, &crate::alerts::grant_problem(&grant))
-                    .await
-                {
-                    tracing::warn!(%error, tenant, mailbox, "raising the alert failed");
-                }
-            }
             return Err(TokenError::ReauthRequired {
                 mailbox: mailbox.to_owned(),
                 error: Box::new(token_error),
             });
         }
-        let delay = self.inner.config.backoff.delay(
-            grant.consecutive_failures,
-            error.retry_after,
-            unit_random(),
-        );
-        let next = now + delay;
-        grant.next_refresh = Some(next);
-        self.write(&original, &grant, version, lease).await?;
-        schedule_refresh(store, tenant, mailbox, next).await?;
         tracing::warn!(
             tenant,
             mailbox,
@@ -1485,14 +1732,97 @@ impl TokenService {
             code = %error.code,
             reason = %error.reason,
             failures = grant.consecutive_failures,
-            retry_in_s = delay.as_secs(),
+            retry_at = ?grant.next_refresh,
             "token refresh failed; retrying with backoff"
         );
         Err(TokenError::RefreshFailing {
             mailbox: mailbox.to_owned(),
             error: Box::new(token_error),
-            retry_at: Some(next),
+            retry_at: grant.next_refresh,
         })
+    }
+
+    /// Runs the state machine on `grant` (its [`Lifecycle`] part) and returns the effects to
+    /// run once the result is written.
+    fn step(&self, grant: &mut GrantRecord, event: Event, now: OffsetDateTime) -> Effects {
+        let cx = machine::Context {
+            now,
+            unit: unit_random(),
+            backoff: self.inner.config.backoff,
+            max_refresh_interval: self.inner.config.max_refresh_interval,
+        };
+        let (next, effects) = machine::transition(&Lifecycle::of(grant), event, &cx);
+        next.apply_to(grant);
+        effects
+    }
+
+    /// Runs a transition's effects for the grant as written: the schedule entry (its errors are
+    /// the caller's), alerts and audit (best effort, logged).
+    async fn run_effects(
+        &self,
+        m: &Mailbox,
+        grant: &GrantRecord,
+        effects: &Effects,
+        now: OffsetDateTime,
+        audit_detail: &str,
+    ) -> Result<(), TokenError> {
+        let (tenant, mailbox) = (m.tenant.as_str(), m.name.as_str());
+        let store = self.inner.state.store.as_ref();
+        match effects.schedule {
+            Schedule::At(at) => schedule_refresh(store, tenant, mailbox, at).await?,
+            Schedule::Remove => unschedule_refresh(store, tenant, mailbox).await?,
+            Schedule::Keep => {}
+        }
+        if let Some(alerts) = self.alerts() {
+            match (effects.alert, grant.state.last_error.as_ref()) {
+                (Alert::RaiseReauth, Some(error)) => {
+                    let event = crate::alerts::AlertEvent::reauth_required(
+                        tenant, mailbox, &m.address, error, now,
+                    );
+                    if let Err(error) = alerts
+                        .raise(event, &crate::alerts::grant_problem(grant))
+                        .await
+                    {
+                        tracing::warn!(%error, tenant, mailbox, "raising the alert failed");
+                    }
+                }
+                (Alert::ResolveReauth, _) => {
+                    if let Err(error) = alerts
+                        .resolve(tenant, mailbox, crate::alerts::AlertKind::ReauthRequired)
+                        .await
+                    {
+                        tracing::warn!(%error, tenant, mailbox, "clearing the mailbox's alert failed");
+                    }
+                }
+                _ => {}
+            }
+            if effects.check_expiry
+                && let Some(expiry) = grant.refresh_token_expires
+                && let Err(error) = alerts
+                    .check_expiry(tenant, mailbox, &m.address, expiry, now)
+                    .await
+            {
+                tracing::warn!(%error, tenant, mailbox, "raising the expiry alert failed");
+            }
+        }
+        if let Some(action) = effects.audit {
+            let event = tokenfleet_domain::AuditEvent {
+                time: now,
+                actor: SCHEDULER_ACTOR.to_owned(),
+                action: action.to_owned(),
+                target: crate::admin::object_path(tenant, "mailboxes", mailbox),
+                tenant: tenant.to_owned(),
+                result: "ok".to_owned(),
+                detail: audit_detail.to_owned(),
+            };
+            crate::audit::record(
+                &self.inner.state,
+                &tokenfleet_store::Scope::Tenant(tenant.to_owned()),
+                event,
+            )
+            .await;
+        }
+        Ok(())
     }
 
     /// Writes `updated`, the refresh's outcome for the grant `original` read at `version` under
@@ -1551,6 +1881,7 @@ impl TokenService {
             merged.scopes.clone_from(&updated.scopes);
             merged.resource_tokens.clone_from(&updated.resource_tokens);
             merged.consecutive_failures = updated.consecutive_failures;
+            merged.retry_not_before = updated.retry_not_before;
             merged.next_refresh = updated.next_refresh;
             merged.clock_skew_secs = updated.clock_skew_secs;
             merged.state.last_refresh = updated.state.last_refresh;
@@ -1621,22 +1952,8 @@ impl TokenService {
         let revocation = self
             .delete_token_noting(tenant, mailbox, Some(&reason))
             .await?;
+        // Audited (`token.idle_delete`) as the state machine's effect of the idle deletion.
         tracing::info!(tenant, mailbox, idle_days = days, outcome = %revocation, "idle user token deleted");
-        let event = tokenfleet_domain::AuditEvent {
-            time: self.now(),
-            actor: SCHEDULER_ACTOR.to_owned(),
-            action: IDLE_DELETE_ACTION.to_owned(),
-            target: crate::admin::object_path(tenant, "mailboxes", mailbox),
-            tenant: tenant.to_owned(),
-            result: "ok".to_owned(),
-            detail: format!("{reason} (user_token_idle_days); revocation: {revocation}"),
-        };
-        crate::audit::record(
-            &self.inner.state,
-            &tokenfleet_store::Scope::Tenant(tenant.to_owned()),
-            event,
-        )
-        .await;
         Ok(true)
     }
 
@@ -1746,39 +2063,53 @@ impl TokenService {
                 }
             },
         };
-        let mut wiped = GrantRecord::empty(tenant, mailbox);
-        wiped.fence = lease.fence;
+        let now = self.now();
         let noted = note.map(|n| format!("{n}; ")).unwrap_or_default();
+        let mut left = None;
         if let Revocation::Failed { code, reason } = &revocation {
-            wiped.state.last_error = Some(tokenfleet_domain::TokenError {
+            left = Some(tokenfleet_domain::TokenError {
                 code: code.clone(),
                 reason: format!(
                     "{noted}the stored tokens were wiped, but revoking the grant at the provider failed: {reason}"
                 ),
                 fix: "revoke the app's access in the provider's console (Google: myaccount.google.com → Security → Third-party access; admin console → Security → API controls)".to_owned(),
-                time: self.now(),
+                time: now,
             });
         } else if let Some(note) = note {
-            wiped.state.last_error = Some(tokenfleet_domain::TokenError {
+            left = Some(tokenfleet_domain::TokenError {
                 code: "idle_deleted".to_owned(),
                 reason: note.to_owned(),
                 fix: format!(
                     "the next sign-in at a device asks the person to consent again (`tokenfleetctl mailbox consent --tenant {tenant} --name {mailbox}`)"
                 ),
-                time: self.now(),
+                time: now,
             });
         }
+        // The secrets are wiped here; the state machine decides the rest (NOT_RETRIEVED, off
+        // the schedule, audited when it was an idle deletion).
+        let mut wiped = grant.clone();
+        let event = match (note, left) {
+            (Some(_), Some(note)) => Event::IdleDeleted { note },
+            (_, note) => Event::Deleted { note },
+        };
+        let effects = self.step(&mut wiped, event, now);
+        let lifecycle = Lifecycle::of(&wiped);
+        wiped = GrantRecord::empty(tenant, mailbox);
+        lifecycle.apply_to(&mut wiped);
+        wiped.fence = lease.fence;
         // Under the lease nobody else refreshes; a consent finishing right now loses to the
         // explicit delete, which is what the operator asked for.
         self.records().put(&wiped, Precondition::Any).await?;
-        unschedule_refresh(store, tenant, mailbox).await?;
+        let detail = note.map_or_else(String::new, |reason| {
+            format!("{reason} (user_token_idle_days); revocation: {revocation}")
+        });
+        self.run_effects(m, &wiped, &effects, now, &detail).await?;
         tracing::info!(tenant, mailbox, outcome = %revocation, "token deleted");
         Ok(revocation)
     }
 }
 
-/// Audit action of an idle user token's deletion.
-pub const IDLE_DELETE_ACTION: &str = "token.idle_delete";
+pub use super::machine::IDLE_DELETE_ACTION;
 
 /// Actor of the scheduler's own actions in the audit log.
 pub const SCHEDULER_ACTOR: &str = "broker:refresh-scheduler";

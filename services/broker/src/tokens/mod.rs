@@ -8,9 +8,11 @@
 //! one replica works on a mailbox at a time.
 
 pub mod backoff;
+pub mod breaker;
 pub mod consent;
 pub mod device_poller;
 pub mod grant;
 pub mod issue;
 pub mod lifecycle;
+pub mod machine;
 pub mod scheduler;

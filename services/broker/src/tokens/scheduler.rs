@@ -196,6 +196,8 @@ async fn run(service: TokenService, shutdown: impl Future<Output = ()> + Send + 
             }
         }
         let now = service.state().clock.now();
+        // Open provider breakers whose probe is due send one held grant to the provider.
+        service.start_due_probes();
         let due = match store
             .due(REFRESH_SCHEDULE, unix_ms(now), config.batch.max(1))
             .await

@@ -9,4 +9,5 @@ mod identity;
 mod runtime;
 mod support;
 mod token_lifecycle;
+mod token_recovery;
 mod user_mailboxes;

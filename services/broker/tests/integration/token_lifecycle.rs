@@ -38,28 +38,28 @@ use crate::support::{
     token_config,
 };
 
-const TENANT: &str = "acme";
-const PROVIDER: &str = "m365";
-const CLIENT_ID: &str = "app-lifecycle";
-const CLIENT_SECRET: &str = "client-secret-lifecycle-do-not-leak";
+pub(crate) const TENANT: &str = "acme";
+pub(crate) const PROVIDER: &str = "m365";
+pub(crate) const CLIENT_ID: &str = "app-lifecycle";
+pub(crate) const CLIENT_SECRET: &str = "client-secret-lifecycle-do-not-leak";
 const REDIRECT: &str = "http://127.0.0.1:9/oauth/callback";
 
 // ----------------------------------------------------------------------------------------------
 // Harness
 // ----------------------------------------------------------------------------------------------
 
-struct Env {
-    fake: FakeIdp,
-    state: BrokerState,
-    service: TokenService,
+pub(crate) struct Env {
+    pub(crate) fake: FakeIdp,
+    pub(crate) state: BrokerState,
+    pub(crate) service: TokenService,
     kind: ProviderKind,
     /// The sealing key (`k1`), base64.
     key: String,
-    store: StoreHome,
+    pub(crate) store: StoreHome,
 }
 
 impl Env {
-    async fn start(backend: Backend, kind: ProviderKind, clock: Arc<dyn Clock>) -> Env {
+    pub(crate) async fn start(backend: Backend, kind: ProviderKind, clock: Arc<dyn Clock>) -> Env {
         let mut client = ClientSpec::confidential(CLIENT_ID, CLIENT_SECRET);
         // An admin consented the app for Graph's Mail.Send tenant-wide (static permission).
         client.consented_scopes = vec![tokenfleet_providers::MS_GRAPH_MAIL_SEND.to_owned()];
@@ -80,19 +80,19 @@ impl Env {
         }
     }
 
-    fn records(&self) -> Records<'_> {
+    pub(crate) fn records(&self) -> Records<'_> {
         Records::new(self.state.store.as_ref())
     }
 
-    fn now(&self) -> OffsetDateTime {
+    pub(crate) fn now(&self) -> OffsetDateTime {
         self.state.clock.now()
     }
 
-    fn address(name: &str) -> String {
+    pub(crate) fn address(name: &str) -> String {
         format!("{name}@contoso.example")
     }
 
-    async fn add_mailbox(&self, name: &str, grant_type: GrantType) {
+    pub(crate) async fn add_mailbox(&self, name: &str, grant_type: GrantType) {
         self.records()
             .put(
                 &Mailbox {
@@ -114,7 +114,7 @@ impl Env {
             .unwrap();
     }
 
-    async fn provider_client(&self) -> ProviderClient {
+    pub(crate) async fn provider_client(&self) -> ProviderClient {
         let p = self
             .records()
             .get::<Provider>(&tokenfleet_broker::records::provider_key(TENANT, PROVIDER))
@@ -130,7 +130,7 @@ impl Env {
 
     /// A delegated mailbox whose owner consented through the fake's auth-code path; the grant is
     /// written sealed and ACTIVE, as a completed consent leaves it. Returns the refresh token.
-    async fn consented_mailbox(&self, name: &str) -> String {
+    pub(crate) async fn consented_mailbox(&self, name: &str) -> String {
         self.add_mailbox(name, GrantType::DelegatedAuthCode).await;
         let user = Self::address(name);
         self.fake.add_user(&user);
@@ -169,11 +169,16 @@ impl Env {
         rt.expose().to_owned()
     }
 
-    fn seal(&self, mailbox: &str, field: GrantField, value: &Secret) -> tokenfleet_seal::Sealed {
+    pub(crate) fn seal(
+        &self,
+        mailbox: &str,
+        field: GrantField,
+        value: &Secret,
+    ) -> tokenfleet_seal::Sealed {
         seal_field(&self.state.keyring, TENANT, mailbox, field, value).unwrap()
     }
 
-    async fn grant(&self, mailbox: &str) -> GrantRecord {
+    pub(crate) async fn grant(&self, mailbox: &str) -> GrantRecord {
         self.records()
             .get::<GrantRecord>(&grant_key(TENANT, mailbox))
             .await
@@ -182,7 +187,7 @@ impl Env {
             .value
     }
 
-    fn open(&self, g: &GrantRecord, field: GrantField) -> String {
+    pub(crate) fn open(&self, g: &GrantRecord, field: GrantField) -> String {
         let sealed = match field {
             GrantField::RefreshToken => g.refresh_token.as_ref(),
             GrantField::AccessToken => g.access_token.as_ref(),
@@ -196,7 +201,7 @@ impl Env {
     }
 
     /// Schedule entries due at or before `at` (unix ms).
-    async fn due_at(&self, at: OffsetDateTime) -> Vec<(String, i64)> {
+    pub(crate) async fn due_at(&self, at: OffsetDateTime) -> Vec<(String, i64)> {
         self.state
             .store
             .due(REFRESH_SCHEDULE, unix_ms(at), 1000)
@@ -204,7 +209,7 @@ impl Env {
             .unwrap()
     }
 
-    async fn scheduled_time(&self, mailbox: &str) -> Option<i64> {
+    pub(crate) async fn scheduled_time(&self, mailbox: &str) -> Option<i64> {
         let far = OffsetDateTime::now_utc() + Duration::from_secs(3650 * 24 * 3600);
         self.due_at(far)
             .await
@@ -214,7 +219,7 @@ impl Env {
     }
 
     /// Refresh requests the fake saw, with the refresh token each carried.
-    fn refreshes(&self) -> Vec<String> {
+    pub(crate) fn refreshes(&self) -> Vec<String> {
         self.fake
             .requests()
             .into_iter()
