@@ -873,7 +873,7 @@ pub struct BrokerConfig {
     /// Listener limits.
     pub limits: ListenerLimits,
     /// Where non-fleet-admin callers may point providers.
-    pub providers: crate::admin::ProviderPolicy,
+    pub providers: crate::ops::provider_policy::ProviderPolicy,
     /// Audit log retention.
     pub audit: crate::audit::AuditRetention,
 }
