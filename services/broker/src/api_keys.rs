@@ -12,6 +12,12 @@
 //! A tenant-bound key stops working when its tenant is deleted, and stays dead if a tenant of
 //! the same name is created later (the key predates the tenant record).
 
+use crate::audit;
+use crate::authz::Principal;
+use crate::ops::Error;
+use crate::ops::names::shown;
+use crate::records::{Records, api_key_key, tenant_key};
+use crate::state::BrokerState;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use sha2::{Digest, Sha256};
@@ -19,13 +25,6 @@ use subtle::ConstantTimeEq;
 use tokenfleet_domain::{ApiKey, AuditEvent, Role, Tenant, ValidationError};
 use tokenfleet_seal::Secret;
 use tokenfleet_store::{Precondition, Scope, StoreError};
-use tonic::Status;
-
-use crate::admin::store_status;
-use crate::audit;
-use crate::authz::Principal;
-use crate::records::{Records, api_key_key, tenant_key};
-use crate::state::BrokerState;
 
 /// Prefix of every key.
 pub const PREFIX: &str = "tfk_";
@@ -49,6 +48,22 @@ pub enum ApiKeyError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl From<ApiKeyError> for Error {
+    fn from(e: ApiKeyError) -> Self {
+        match e {
+            ApiKeyError::Invalid(v) => v.into(),
+            ApiKeyError::TenantNotFound(t) => {
+                Self::NotFound(format!("tenant `{}` not found", shown(&t)))
+            }
+            ApiKeyError::Random => Self::internal(
+                "random number generator failed",
+                "random number generator failed",
+            ),
+            ApiKeyError::Store(s) => s.into(),
+        }
+    }
 }
 
 /// Creates a key with `role`, bound to `tenant` (required for `tenant-admin`, optional for
@@ -301,14 +316,13 @@ pub async fn bootstrap(state: &BrokerState, key: &Secret) -> Result<Bootstrap, B
 
 /// Resolves a bearer key to its principal. UNAUTHENTICATED for a malformed, unknown or stale key
 /// (the message never contains the key); store failures map as everywhere else.
-pub async fn authenticate(state: &BrokerState, bearer: &str) -> Result<Principal, Status> {
-    let unknown = || Status::unauthenticated("API key not recognised");
+pub async fn authenticate(state: &BrokerState, bearer: &str) -> Result<Principal, Error> {
+    let unknown = || Error::Unauthenticated("API key not recognised".to_owned());
     let id = parse_id(bearer).ok_or_else(unknown)?;
     let records = Records::new(state.store.as_ref());
     let stored = records
         .get::<ApiKey>(&api_key_key(id))
-        .await
-        .map_err(store_status)?
+        .await?
         .ok_or_else(unknown)?
         .value;
     let presented = hash_hex(bearer);
@@ -316,16 +330,13 @@ pub async fn authenticate(state: &BrokerState, bearer: &str) -> Result<Principal
         return Err(unknown());
     }
     if let Some(t) = &stored.tenant {
-        let tenant = records
-            .get::<Tenant>(&tenant_key(t))
-            .await
-            .map_err(store_status)?;
+        let tenant = records.get::<Tenant>(&tenant_key(t)).await?;
         match tenant {
             Some(t) if t.value.stamps.created <= stored.created => {}
             _ => {
                 tracing::warn!(key_id = %stored.id, tenant = %t, "API key's tenant no longer exists");
-                return Err(Status::unauthenticated(
-                    "API key not recognised (its tenant no longer exists)",
+                return Err(Error::Unauthenticated(
+                    "API key not recognised (its tenant no longer exists)".to_owned(),
                 ));
             }
         }

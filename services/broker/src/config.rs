@@ -942,7 +942,7 @@ pub struct BrokerConfig {
     /// Listener limits.
     pub limits: ListenerLimits,
     /// Where non-fleet-admin callers may point providers.
-    pub providers: crate::admin::ProviderPolicy,
+    pub providers: crate::ops::provider_policy::ProviderPolicy,
     /// `[admin] bootstrap_key_file`: a fleet-admin key to store at start (see
     /// [`crate::api_keys::bootstrap`]).
     pub bootstrap_key_file: Option<PathBuf>,

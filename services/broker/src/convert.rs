@@ -320,9 +320,10 @@ impl UpdateMask {
 }
 
 /// What an update does to an input-only secret.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub enum SecretChange {
     /// Keep the stored value.
+    #[default]
     Keep,
     /// Remove the stored value.
     Clear,

@@ -7,6 +7,11 @@
 
 pub mod state;
 
+// Operations without a transport (the one error type, the resource kit, audited changes) and
+// the edges that map them to gRPC and HTTP.
+pub mod edge;
+pub mod ops;
+
 // Admin API (CRUD, validation, conversion, authorization, audit, API keys).
 pub mod admin;
 pub mod api_keys;
@@ -14,6 +19,7 @@ pub mod audit;
 pub mod authz;
 pub mod convert;
 pub mod records;
+pub mod reseal;
 
 // Runtime (configuration, gRPC + HTTP serving, dev mode).
 pub mod config;

@@ -11,7 +11,7 @@ use tokenfleet_broker::config::{
     ConfigError, DEFAULT_CONFIG_TOML, LogConfig, LogFormat, RawConfig,
 };
 use tokenfleet_broker::server::{self, ServeError};
-use tokenfleet_broker::{api_keys, dev, records};
+use tokenfleet_broker::{api_keys, dev, reseal};
 use tokenfleet_domain::Role;
 use tokenfleet_seal::{Keyring, Secret};
 
@@ -209,7 +209,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             let config = RawConfig::load(config_file)?.validate()?;
             init_tracing(&config.log)?;
             let state = server::build_state(&config).await?;
-            let report = records::reseal_all(&state)
+            let report = reseal::reseal_all(&state)
                 .await
                 .context("re-sealing secrets")?;
             print_stdout(&format!("{report}\n"))

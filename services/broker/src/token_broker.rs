@@ -22,13 +22,15 @@ use tokenfleet_store::{Precondition, Scope, StoreError};
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
-use crate::admin::{shown, store_status};
 use crate::audit;
 use crate::convert::{self, timestamp};
+use crate::edge::grpc_status::result_of;
 use crate::identity::ca::IssuedCertificate;
-use crate::identity::codes::{self, CodeError};
+use crate::identity::codes;
 use crate::identity::peer::{self, AgentPeer, PeerError};
-use crate::identity::{AgentCertificates, AgentId, AgentIdentity, IdentityError};
+use crate::identity::{AgentCertificates, AgentId, AgentIdentity};
+use crate::ops::Error;
+use crate::ops::names::shown;
 use crate::rate_limit::{Rate, RateLimiter};
 use crate::records::{CAS_ATTEMPTS, Records, agent_key, device_key};
 use crate::state::BrokerState;
@@ -125,20 +127,11 @@ impl TokenBrokerService {
     async fn enroll(&self, req: pb::EnrollRequest) -> Result<pb::AgentCertificate, Status> {
         let identity = self.identity()?;
         // Check the request before the code is spent, so a bad CSR does not burn it.
-        crate::identity::ca::check_csr(&req.csr_der).map_err(identity_status)?;
+        crate::identity::ca::check_csr(&req.csr_der).map_err(status)?;
         let version = software_version(&req.software_version)?;
         let (code, agent) = codes::redeem(&self.state, &req.code).await.map_err(|e| {
             tracing::info!(error = %e, "enrollment refused");
-            match e {
-                CodeError::Store(e) => store_status(e),
-                CodeError::Unknown | CodeError::Expired | CodeError::Superseded => {
-                    Status::unauthenticated(e.to_string())
-                }
-                CodeError::AgentReplaced(_) | CodeError::ReEnrollRequired(..) => {
-                    Status::failed_precondition(e.to_string())
-                }
-                CodeError::Revoked(_) => Status::permission_denied(e.to_string()),
-            }
+            status(e)
         })?;
         let id = AgentId {
             tenant: code.tenant.clone(),
@@ -179,7 +172,7 @@ impl TokenBrokerService {
                 self.state.clock.now(),
                 identity.certificate_lifetime,
             )
-            .map_err(identity_status)?;
+            .map_err(status)?;
         // Enrollment replaces every earlier certificate of the agent.
         let certificates = AgentCertificates {
             tenant: id.tenant.clone(),
@@ -189,7 +182,7 @@ impl TokenBrokerService {
         };
         peer::write_certificates(&self.state, &certificates, Precondition::Any)
             .await
-            .map_err(store_status)?;
+            .map_err(status)?;
         self.record_certificate(id, &issued, version).await?;
         Ok(issued)
     }
@@ -225,18 +218,18 @@ impl TokenBrokerService {
                 self.state.clock.now(),
                 identity.certificate_lifetime,
             )
-            .map_err(identity_status)?;
+            .map_err(status)?;
         // Keep the certificate this call came with (connections still use it) and the new one.
         let mut committed = false;
         for _ in 0..CAS_ATTEMPTS {
             let Some((stored_version, mut certificates)) = peer::read_certificates(&self.state, id)
                 .await
-                .map_err(store_status)?
+                .map_err(status)?
             else {
-                return Err(PeerError::Superseded(id.clone()).into_status());
+                return Err(status(PeerError::Superseded(id.clone())));
             };
             if !certificates.serials.contains(&peer.certificate.serial) {
-                return Err(PeerError::Superseded(id.clone()).into_status());
+                return Err(status(PeerError::Superseded(id.clone())));
             }
             certificates.serials = vec![issued.serial.clone(), peer.certificate.serial.clone()];
             match peer::write_certificates(
@@ -251,7 +244,7 @@ impl TokenBrokerService {
                     break;
                 }
                 Err(StoreError::Conflict { .. }) => continue,
-                Err(e) => return Err(store_status(e)),
+                Err(e) => return Err(status(e)),
             }
         }
         if !committed {
@@ -273,7 +266,7 @@ impl TokenBrokerService {
         let records = Records::new(self.state.store.as_ref());
         let key = agent_key(&id.tenant, &id.name);
         for _ in 0..CAS_ATTEMPTS {
-            let Some(stored) = records.get::<Agent>(&key).await.map_err(store_status)? else {
+            let Some(stored) = records.get::<Agent>(&key).await.map_err(status)? else {
                 return Err(Status::failed_precondition(format!(
                     "agent `{id}` was deleted meanwhile"
                 )));
@@ -292,7 +285,7 @@ impl TokenBrokerService {
             {
                 Ok(_) => return Ok(()),
                 Err(StoreError::Conflict { .. }) => continue,
-                Err(e) => return Err(store_status(e)),
+                Err(e) => return Err(status(e)),
             }
         }
         Err(Status::aborted(format!(
@@ -316,7 +309,7 @@ impl TokenBrokerService {
                 ),
             ),
             Err(status) => (
-                audit::result_of(status.code()),
+                result_of(status.code()),
                 status.message().chars().take(300).collect(),
             ),
         };
@@ -366,7 +359,7 @@ impl TokenBrokerService {
             action,
             id,
             id.path(),
-            audit::result_of(tonic::Code::PermissionDenied),
+            result_of(tonic::Code::PermissionDenied),
             error.to_string(),
         )
         .await;
@@ -396,7 +389,7 @@ impl TokenBrokerService {
             && let Some(device) = Records::new(self.state.store.as_ref())
                 .get::<Device>(&device_key(&id.tenant, &req.device))
                 .await
-                .map_err(store_status)?
+                .map_err(status)?
             && device.value.agent != id.name
         {
             let message = format!(
@@ -407,7 +400,7 @@ impl TokenBrokerService {
             self.audit(
                 ISSUE_ACTION,
                 id,
-                crate::admin::object_path(
+                crate::ops::names::object_path(
                     &id.tenant,
                     "mailboxes",
                     if req.mailbox.is_empty() {
@@ -416,7 +409,7 @@ impl TokenBrokerService {
                         &req.mailbox
                     },
                 ),
-                audit::result_of(tonic::Code::PermissionDenied),
+                result_of(tonic::Code::PermissionDenied),
                 format!(
                     "device `{}`, purpose {purpose}: {message}",
                     shown(&req.device)
@@ -433,7 +426,7 @@ impl TokenBrokerService {
         };
         let issued = issue_for_agent(&self.tokens, &actor, &id.tenant, &request, &self.public_url)
             .await
-            .map_err(|e| e.to_status())?;
+            .map_err(status)?;
         Ok(match issued {
             Issued::Token { mailbox, token } => pb::IssueAccessTokenResponse {
                 access_token: token.access_token.expose().to_owned(),
@@ -474,14 +467,18 @@ pub fn token_broker_server(
 fn rate_limited(id: &AgentId, wait: std::time::Duration) -> Status {
     let secs = wait.as_secs_f64().ceil().max(1.0);
     tracing::info!(agent = %id, retry_after_seconds = secs, "access token refused: rate limited");
-    let mut status = Status::resource_exhausted(format!(
-        "agent `{id}` is over its IssueAccessToken rate (`[agents] issue_rate_per_minute`); \
-         retry after {secs} s"
-    ));
-    if let Ok(value) = format!("{secs}").parse() {
-        status.metadata_mut().insert("retry-after", value);
-    }
-    status
+    status(Error::ResourceExhausted {
+        message: format!(
+            "agent `{id}` is over its IssueAccessToken rate (`[agents] issue_rate_per_minute`); \
+             retry after {secs} s"
+        ),
+        retry_after: Some(wait),
+    })
+}
+
+/// The gRPC status of any error of the operations (the one mapping in [`crate::edge`]).
+fn status(e: impl Into<Error>) -> Status {
+    e.into().into()
 }
 
 fn rfc3339(t: time::OffsetDateTime) -> String {
@@ -497,20 +494,6 @@ fn software_version(value: &str) -> Result<&str, Status> {
         )));
     }
     Ok(value)
-}
-
-/// Maps identity errors: bad CSRs are the caller's fault, everything else is internal.
-fn identity_status(e: IdentityError) -> Status {
-    match e {
-        IdentityError::Csr(_) => Status::invalid_argument(e.to_string()),
-        IdentityError::Store(e) => store_status(e),
-        other => {
-            tracing::error!(error = %other, "issuing an agent certificate failed");
-            Status::internal(
-                "internal error while issuing the certificate (details in the broker log)",
-            )
-        }
-    }
 }
 
 fn certificate_response(
@@ -545,7 +528,7 @@ impl TokenBroker for TokenBrokerService {
                 Ok(peer) => peer,
                 Err(error) => {
                     self.audit_refused_peer(ISSUE_ACTION, &error).await;
-                    return Err(error.into_status());
+                    return Err(status(error));
                 }
             };
             TokenBrokerService::issue_access_token(self, peer, request.into_inner())
@@ -579,7 +562,7 @@ impl TokenBroker for TokenBrokerService {
                 Ok(peer) => peer,
                 Err(error) => {
                     self.audit_refused_peer("agent.renew", &error).await;
-                    return Err(error.into_status());
+                    return Err(status(error));
                 }
             };
             TokenBrokerService::renew(self, peer, request.into_inner())
@@ -600,7 +583,7 @@ impl TokenBroker for TokenBrokerService {
                 Ok(peer) => peer,
                 Err(error) => {
                     self.audit_refused_peer("agent.config", &error).await;
-                    return Err(error.into_status());
+                    return Err(status(error));
                 }
             };
             crate::fleet::agent_config(&self.state, &self.fleet, &peer, request.into_inner())
@@ -623,7 +606,7 @@ impl TokenBroker for TokenBrokerService {
                 Ok(peer) => peer,
                 Err(error) => {
                     self.audit_refused_peer("agent.status", &error).await;
-                    return Err(error.into_status());
+                    return Err(status(error));
                 }
             };
             crate::fleet::status_stream(&self.state, &self.fleet, peer, request.into_inner())

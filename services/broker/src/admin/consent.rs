@@ -1,17 +1,17 @@
 //! Consent RPCs: `StartConsent` and `CompleteConsent` (the flows themselves are in
-//! [`crate::tokens::consent`]), and the wire form of a mailbox with its grant's state.
+//! [`crate::tokens::consent`]).
 
-use tokenfleet_domain::{Mailbox, TokenStatus};
 use tokenfleet_proto::v1 as pb;
-use tonic::Status;
 
-use super::{Change, audited, invalid, object_path, seal_status, span_object, store_status};
+use super::mailboxes::{check_names, mailbox_with_grant};
 use crate::authz::{Access, Principal, Target, authorize};
 use crate::config::DEFAULT_PUBLIC_URL;
 use crate::convert;
+use crate::ops::Error;
+use crate::ops::change::{Change, audited};
+use crate::ops::names::{object_path, span_object};
 use crate::state::BrokerState;
-use crate::tokens::consent::{self, Challenge, ConsentError};
-use crate::tokens::grant::{GrantRecord, PendingConsent};
+use crate::tokens::consent::{self, Challenge};
 
 /// What the consent RPCs take from the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,22 +37,9 @@ fn change(action: &'static str, tenant: &str, mailbox: &str) -> Change {
     }
 }
 
-/// The one mapping from consent errors to gRPC status.
-fn consent_status(err: ConsentError) -> Status {
-    match err {
-        ConsentError::NotFound(m) => Status::not_found(m),
-        ConsentError::InvalidArgument(m) => Status::invalid_argument(m),
-        ConsentError::FailedPrecondition(m) => Status::failed_precondition(m),
-        ConsentError::Unavailable(m) => Status::unavailable(m),
-        ConsentError::Conflict(m) => Status::aborted(m),
-        ConsentError::Store(e) => store_status(e),
-        ConsentError::Seal { record, source } => seal_status(&source, &record),
-    }
-}
-
 /// A redirect URI from the request: an absolute `http`/`https` URL without a fragment.
-fn check_redirect_uri(value: &str) -> Result<(), Status> {
-    let bad = |problem: &str| Status::invalid_argument(format!("redirect_uri: {problem}"));
+fn check_redirect_uri(value: &str) -> Result<(), Error> {
+    let bad = |problem: &str| Error::invalid("redirect_uri", problem);
     if value.len() > 2048 {
         return Err(bad("longer than 2048 characters"));
     }
@@ -69,18 +56,12 @@ fn check_redirect_uri(value: &str) -> Result<(), Status> {
     Ok(())
 }
 
-fn check_names(tenant: &str, mailbox: &str) -> Result<(), Status> {
-    tokenfleet_domain::name("tenant", tenant).map_err(invalid)?;
-    tokenfleet_domain::name("mailbox", mailbox).map_err(invalid)?;
-    Ok(())
-}
-
 pub(super) async fn start(
     state: &BrokerState,
     principal: &Principal,
     req: pb::StartConsentRequest,
     settings: &ConsentSettings,
-) -> Result<pb::StartConsentResponse, Status> {
+) -> Result<pb::StartConsentResponse, Error> {
     span_object(&req.tenant, &req.mailbox);
     audited(
         state,
@@ -100,8 +81,7 @@ pub(super) async fn start(
                 (!redirect.is_empty()).then_some(redirect),
                 &settings.public_url,
             )
-            .await
-            .map_err(consent_status)?;
+            .await?;
             let mailbox = mailbox_with_grant(
                 &outcome.mailbox.value,
                 outcome.mailbox.version,
@@ -166,7 +146,7 @@ pub(super) async fn complete(
     state: &BrokerState,
     principal: &Principal,
     req: pb::CompleteConsentRequest,
-) -> Result<pb::Mailbox, Status> {
+) -> Result<pb::Mailbox, Error> {
     span_object(&req.tenant, &req.mailbox);
     audited(
         state,
@@ -176,8 +156,9 @@ pub(super) async fn complete(
             authorize(principal, Target::Tenant(&req.tenant), Access::Write)?;
             check_names(&req.tenant, &req.mailbox)?;
             if req.code.trim().is_empty() {
-                return Err(Status::invalid_argument(
-                    "code: is required: paste the authorization code or the whole address the browser ended on",
+                return Err(Error::invalid(
+                    "code",
+                    "is required: paste the authorization code or the whole address the browser ended on",
                 ));
             }
             let done = consent::complete(
@@ -187,8 +168,7 @@ pub(super) async fn complete(
                 &req.code,
                 &principal.actor(),
             )
-            .await
-            .map_err(consent_status)?;
+            .await?;
             Ok((
                 mailbox_with_grant(&done.mailbox.value, done.mailbox.version, Some(&done.grant)),
                 "authorization code redeemed".to_owned(),
@@ -196,58 +176,6 @@ pub(super) async fn complete(
         },
     )
     .await
-}
-
-/// Wire form of a mailbox whose token state comes from its grant record (when there is one): a
-/// disabled mailbox shows DISABLED; a pending device-code consent shows its user code.
-pub fn mailbox_with_grant(
-    mailbox: &Mailbox,
-    version: u64,
-    grant: Option<&GrantRecord>,
-) -> pb::Mailbox {
-    let mut out = convert::mailbox_to_proto(mailbox, version);
-    let Some(g) = grant else {
-        return out;
-    };
-    let status = if mailbox.disabled {
-        TokenStatus::Disabled
-    } else {
-        g.state.status
-    };
-    let pending_device_code = match &g.pending {
-        Some(PendingConsent::DeviceCode {
-            user_code,
-            verification_uri,
-            message,
-            expires,
-            interval_secs,
-            ..
-        }) => Some(pb::DeviceCodeChallenge {
-            user_code: user_code.clone(),
-            verification_uri: verification_uri.clone(),
-            expire_time: Some(convert::timestamp(*expires)),
-            message: message.clone(),
-            interval_seconds: u32::try_from(*interval_secs).unwrap_or(u32::MAX),
-        }),
-        _ => None,
-    };
-    out.token = Some(pb::TokenState {
-        status: convert::token_status_out(status),
-        last_refresh_time: g.state.last_refresh.map(convert::timestamp),
-        access_token_expire_time: g.state.access_token_expires.map(convert::timestamp),
-        last_error: g.state.last_error.as_ref().map(|e| pb::TokenError {
-            code: e.code.clone(),
-            reason: e.reason.clone(),
-            fix: e.fix.clone(),
-            time: Some(convert::timestamp(e.time)),
-        }),
-        pending_device_code,
-        refresh_token_expire_time: g.refresh_token_expires.map(convert::timestamp),
-        next_refresh_time: g.next_refresh.map(convert::timestamp),
-        consecutive_failures: g.consecutive_failures,
-        clock_skew_seconds: g.clock_skew_secs,
-    });
-    out
 }
 
 #[cfg(test)]
@@ -265,8 +193,10 @@ mod tests {
             "/oauth/callback",
         ] {
             let e = check_redirect_uri(bad).unwrap_err();
-            assert_eq!(e.code(), tonic::Code::InvalidArgument);
-            assert!(e.message().starts_with("redirect_uri:"), "{}", e.message());
+            assert!(
+                matches!(&e, Error::InvalidArgument(m) if m.starts_with("redirect_uri:")),
+                "{e}"
+            );
         }
     }
 }

@@ -10,16 +10,14 @@ use std::time::Duration;
 use tokenfleet_domain::{Agent, Stamps};
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_store::{Precondition, StoreError};
-use tonic::Status;
 
-use super::{
-    Change, audited, commit, invalid, must_get, object_path, precondition, records, require_tenant,
-    shown, span_object, store_status,
-};
 use crate::authz::{Access, Principal, Target, authorize};
 use crate::convert;
-use crate::identity::IdentityError;
 use crate::identity::codes::{self, DEFAULT_TTL, MAX_TTL, MIN_TTL};
+use crate::ops::Error;
+use crate::ops::change::{Change, audited};
+use crate::ops::names::{object_path, shown, span_object};
+use crate::ops::stored::{commit, must_get, records, require_tenant, still_contended};
 use crate::records::{CAS_ATTEMPTS, Versioned, agent_key};
 use crate::state::BrokerState;
 
@@ -36,7 +34,7 @@ fn change(action: &'static str, tenant: &str, name: &str) -> Change {
 }
 
 /// Validates `ttl_seconds` (0 = default).
-fn code_ttl(ttl_seconds: i32) -> Result<Duration, Status> {
+fn code_ttl(ttl_seconds: i32) -> Result<Duration, Error> {
     if ttl_seconds == 0 {
         return Ok(DEFAULT_TTL);
     }
@@ -49,8 +47,8 @@ fn code_ttl(ttl_seconds: i32) -> Result<Duration, Status> {
     Ok(ttl)
 }
 
-fn ttl_error(got: i32) -> Status {
-    Status::invalid_argument(format!(
+fn ttl_error(got: i32) -> Error {
+    Error::InvalidArgument(format!(
         "ttl_seconds: must be {}-{} (0 = {}), got {got}",
         MIN_TTL.as_secs(),
         MAX_TTL.as_secs(),
@@ -63,30 +61,16 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
         .unwrap_or_default()
 }
 
-fn identity_status(e: IdentityError) -> Status {
-    match e {
-        IdentityError::Store(e) => store_status(e),
-        other => {
-            tracing::error!(error = %other, "creating an enrollment code failed");
-            Status::internal("internal error while creating the code (details in the broker log)")
-        }
-    }
-}
-
 /// The agent record, created (with `display_name`) when missing.
 async fn agent_for_enrollment(
     state: &BrokerState,
     tenant: &str,
     name: &str,
     display_name: &str,
-) -> Result<(Versioned<Agent>, bool), Status> {
+) -> Result<(Versioned<Agent>, bool), Error> {
     let key = agent_key(tenant, name);
     for _ in 0..CAS_ATTEMPTS {
-        if let Some(existing) = records(state)
-            .get::<Agent>(&key)
-            .await
-            .map_err(store_status)?
-        {
+        if let Some(existing) = records(state).get::<Agent>(&key).await? {
             return Ok((existing, false));
         }
         let input = pb::Agent {
@@ -95,8 +79,7 @@ async fn agent_for_enrollment(
             display_name: display_name.to_owned(),
             ..Default::default()
         };
-        let agent =
-            convert::agent_from_proto(&input, Stamps::new(state.clock.now())).map_err(invalid)?;
+        let agent = convert::agent_from_proto(&input, Stamps::new(state.clock.now()))?;
         match records(state).put(&agent, Precondition::Absent).await {
             Ok(version) => {
                 return Ok((
@@ -109,20 +92,17 @@ async fn agent_for_enrollment(
             }
             // Created concurrently: use that one.
             Err(StoreError::AlreadyExists(_)) => continue,
-            Err(e) => return Err(store_status(e)),
+            Err(e) => return Err(e.into()),
         }
     }
-    Err(Status::aborted(format!(
-        "{} was changed concurrently; retry",
-        what(tenant, name)
-    )))
+    Err(still_contended(&what(tenant, name)))
 }
 
 pub(super) async fn create_code(
     state: &BrokerState,
     principal: &Principal,
     req: pb::CreateEnrollmentCodeRequest,
-) -> Result<pb::CreateEnrollmentCodeResponse, Status> {
+) -> Result<pb::CreateEnrollmentCodeResponse, Error> {
     span_object(&req.tenant, &req.agent);
     audited(
         state,
@@ -130,29 +110,27 @@ pub(super) async fn create_code(
         change("agent.enrollment_code.create", &req.tenant, &req.agent),
         async {
             authorize(principal, Target::Tenant(&req.tenant), Access::Write)?;
-            tokenfleet_domain::name("tenant", &req.tenant).map_err(invalid)?;
-            tokenfleet_domain::name("agent", &req.agent).map_err(invalid)?;
+            tokenfleet_domain::name("tenant", &req.tenant)?;
+            tokenfleet_domain::name("agent", &req.agent)?;
             tokenfleet_domain::text(
                 "display_name",
                 &req.display_name,
                 tokenfleet_domain::MAX_TEXT_LEN,
             )
-            .map_err(invalid)?;
+            ?;
             let ttl = code_ttl(req.ttl_seconds)?;
             require_tenant(state, &req.tenant).await?;
             let (agent, created) =
                 agent_for_enrollment(state, &req.tenant, &req.agent, &req.display_name).await?;
             if agent.value.revoked {
-                return Err(Status::failed_precondition(format!(
+                return Err(Error::FailedPrecondition(format!(
                     "{} has been revoked; revocation is final, so enroll the site as a new agent (another name)",
                     what(&req.tenant, &req.agent)
                 )));
             }
-            let held = codes::current_certificate(state, &agent.value, state.clock.now())
-                .await
-                .map_err(store_status)?;
+            let held = codes::current_certificate(state, &agent.value, state.clock.now()).await?;
             if let (Some(expires), false) = (held, req.re_enroll) {
-                return Err(precondition(
+                return Err(Error::precondition(
                     "re_enroll",
                     format!(
                         "{} holds a current certificate (valid until {}); enrolling again replaces it and cuts off the agent running with it. If that is intended (the site was rebuilt, the key lost), create a re-enroll code: `tokenfleetctl agent enroll-code {} --tenant {} --re-enroll`",
@@ -165,8 +143,7 @@ pub(super) async fn create_code(
             }
             let (code, record) =
                 codes::create(state, &agent.value, ttl, req.re_enroll, &principal.actor())
-                    .await
-                    .map_err(identity_status)?;
+                    .await?;
             let detail = format!(
                 "{}{}code expires {}; earlier codes of the agent no longer work",
                 if created { "agent created; " } else { "" },
@@ -190,7 +167,7 @@ pub(super) async fn revoke(
     state: &BrokerState,
     principal: &Principal,
     req: pb::RevokeAgentRequest,
-) -> Result<pb::Agent, Status> {
+) -> Result<pb::Agent, Error> {
     span_object(&req.tenant, &req.name);
     audited(
         state,
@@ -198,8 +175,8 @@ pub(super) async fn revoke(
         change("agent.revoke", &req.tenant, &req.name),
         async {
             authorize(principal, Target::Tenant(&req.tenant), Access::Write)?;
-            tokenfleet_domain::name("tenant", &req.tenant).map_err(invalid)?;
-            tokenfleet_domain::name("name", &req.name).map_err(invalid)?;
+            tokenfleet_domain::name("tenant", &req.tenant)?;
+            tokenfleet_domain::name("name", &req.name)?;
             let what = what(&req.tenant, &req.name);
             let key = agent_key(&req.tenant, &req.name);
             for attempt in 0..CAS_ATTEMPTS {
@@ -217,9 +194,7 @@ pub(super) async fn revoke(
                     return Ok((convert::agent_to_proto(&next, v), String::new()));
                 }
             }
-            Err(Status::aborted(format!(
-                "{what} was changed concurrently; retry"
-            )))
+            Err(still_contended(&what))
         },
     )
     .await
@@ -236,11 +211,7 @@ mod tests {
         assert_eq!(code_ttl(86_400).unwrap(), MAX_TTL);
         for bad in [-1, 59, 86_401] {
             let err = code_ttl(bad).unwrap_err();
-            assert!(
-                err.message().starts_with("ttl_seconds:"),
-                "{}",
-                err.message()
-            );
+            assert!(err.to_string().starts_with("ttl_seconds:"), "{err}");
         }
     }
 }

@@ -7,15 +7,15 @@
 //! answers NOT_FOUND, like one that does not exist, so ids of other tenants' keys reveal nothing.
 //! Each change is audited (in the key's tenant's stream when it is bound to one).
 
-use tokenfleet_domain::{ApiKey, Role};
-use tokenfleet_proto::v1 as pb;
-use tonic::Status;
-
-use super::{Change, audited, invalid, shown, span_object, store_status};
-use crate::api_keys::{self, ApiKeyError};
+use crate::api_keys;
 use crate::authz::Principal;
 use crate::convert::timestamp;
+use crate::ops::Error;
+use crate::ops::change::{Change, audited};
+use crate::ops::names::{shown, span_object};
 use crate::state::BrokerState;
+use tokenfleet_domain::{ApiKey, Role};
+use tokenfleet_proto::v1 as pb;
 
 fn to_proto(key: &ApiKey) -> pb::ApiKey {
     pb::ApiKey {
@@ -38,9 +38,9 @@ fn may_manage(principal: &Principal, role: Role, tenant: Option<&str>) -> bool {
     }
 }
 
-fn no_key_rights(principal: &Principal) -> Result<(), Status> {
+fn no_key_rights(principal: &Principal) -> Result<(), Error> {
     if principal.role == Role::Viewer {
-        return Err(Status::permission_denied(format!(
+        return Err(Error::PermissionDenied(format!(
             "API key `{}` is a viewer and may not manage API keys",
             principal.key_id
         )));
@@ -48,22 +48,11 @@ fn no_key_rights(principal: &Principal) -> Result<(), Status> {
     Ok(())
 }
 
-fn key_error(e: ApiKeyError) -> Status {
-    match e {
-        ApiKeyError::Invalid(v) => invalid(v),
-        ApiKeyError::TenantNotFound(t) => {
-            Status::not_found(format!("tenant `{}` not found", shown(&t)))
-        }
-        ApiKeyError::Random => Status::internal("random number generator failed"),
-        ApiKeyError::Store(s) => store_status(s),
-    }
-}
-
 pub(super) async fn create(
     state: &BrokerState,
     principal: &Principal,
     req: pb::CreateApiKeyRequest,
-) -> Result<pb::CreateApiKeyResponse, Status> {
+) -> Result<pb::CreateApiKeyResponse, Error> {
     span_object(&req.tenant, "");
     let change = Change {
         action: "apikey.create",
@@ -74,7 +63,7 @@ pub(super) async fn create(
         no_key_rights(principal)?;
         let role = Role::parse(&req.role).ok_or_else(|| {
             let names: Vec<_> = Role::ALL.iter().map(|r| r.as_str()).collect();
-            Status::invalid_argument(format!(
+            Error::InvalidArgument(format!(
                 "role: unknown role `{}` (expected one of: {})",
                 shown(&req.role),
                 names.join(", ")
@@ -82,7 +71,7 @@ pub(super) async fn create(
         })?;
         let tenant = (!req.tenant.is_empty()).then_some(req.tenant.as_str());
         if !may_manage(principal, role, tenant) {
-            return Err(Status::permission_denied(format!(
+            return Err(Error::PermissionDenied(format!(
                 "API key `{}` ({}) may create only tenant-admin or viewer keys bound to its own \
                  tenant, not a {role} key{}",
                 principal.key_id,
@@ -92,9 +81,8 @@ pub(super) async fn create(
                     .unwrap_or_default()
             )));
         }
-        let (record, key) = api_keys::create_unaudited(state, role, tenant, &req.description)
-            .await
-            .map_err(key_error)?;
+        let (record, key) =
+            api_keys::create_unaudited(state, role, tenant, &req.description).await?;
         let detail = format!("id {}, role {role}", record.id);
         Ok((
             pb::CreateApiKeyResponse {
@@ -111,20 +99,20 @@ pub(super) async fn list(
     state: &BrokerState,
     principal: &Principal,
     req: pb::ListApiKeysRequest,
-) -> Result<pb::ListApiKeysResponse, Status> {
+) -> Result<pb::ListApiKeysResponse, Error> {
     span_object(&req.tenant, "");
     no_key_rights(principal)?;
     if principal.role == Role::TenantAdmin
         && !req.tenant.is_empty()
         && Some(req.tenant.as_str()) != principal.tenant.as_deref()
     {
-        return Err(Status::permission_denied(format!(
+        return Err(Error::PermissionDenied(format!(
             "API key `{}` may not access tenant `{}`",
             principal.key_id,
             shown(&req.tenant)
         )));
     }
-    let keys = api_keys::list_all(state).await.map_err(store_status)?;
+    let keys = api_keys::list_all(state).await?;
     let api_keys = keys
         .iter()
         .filter(|k| may_manage(principal, k.role, k.tenant.as_deref()))
@@ -138,13 +126,13 @@ pub(super) async fn revoke(
     state: &BrokerState,
     principal: &Principal,
     req: pb::RevokeApiKeyRequest,
-) -> Result<pb::RevokeApiKeyResponse, Status> {
+) -> Result<pb::RevokeApiKeyResponse, Error> {
     span_object("", &req.id);
     // The audit stream is the key's tenant's, once the caller is known to reach it.
     let stored = if principal.role == Role::Viewer {
         None
     } else {
-        api_keys::get(state, &req.id).await.map_err(store_status)?
+        api_keys::get(state, &req.id).await?
     };
     let visible = stored
         .as_ref()
@@ -157,16 +145,13 @@ pub(super) async fn revoke(
     audited(state, principal, change, async {
         no_key_rights(principal)?;
         let Some(key) = visible else {
-            return Err(Status::not_found(format!(
+            return Err(Error::NotFound(format!(
                 "API key `{}` not found",
                 shown(&req.id)
             )));
         };
-        if !api_keys::revoke(state, &key.id)
-            .await
-            .map_err(store_status)?
-        {
-            return Err(Status::not_found(format!(
+        if !api_keys::revoke(state, &key.id).await? {
+            return Err(Error::NotFound(format!(
                 "API key `{}` not found (revoked concurrently)",
                 shown(&req.id)
             )));

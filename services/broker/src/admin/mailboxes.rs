@@ -1,43 +1,40 @@
-//! Mailbox RPCs. A mailbox's provider must exist in its tenant and support its grant type.
+//! Mailboxes as a [`Resource`]. A mailbox's provider must exist in its tenant, fit its grant type
+//! and hold the credential the grant type needs. The token state is the grant record's: reads show
+//! it, an update that changes what the grant belongs to discards it, a delete takes it along. A
+//! mailbox that devices use is not deleted. Agents of the tenant learn about every change.
 
-use tokenfleet_domain::{Device, GrantType, Mailbox, Provider, Stamps, TokenState};
+use std::collections::HashMap;
+
+use tokenfleet_domain::{GrantType, Mailbox, Provider, TokenState, TokenStatus};
 use tokenfleet_proto::v1 as pb;
-use tokenfleet_store::{Precondition, Scope, StoreError};
-use tonic::Status;
+use tokenfleet_store::Scope;
 
-use super::{
-    Change, audited, check_version, commit, delete_record, invalid, list_page, must_get,
-    object_path, page_request, precondition, records, refuse_if_referenced, require_tenant, shown,
-    span_object, store_status,
-};
-use crate::authz::{Access, Principal, Target, authorize};
-use crate::convert::{self, MAILBOX_FIELDS, UpdateMask};
-use crate::records::{CAS_ATTEMPTS, mailbox_key, provider_key};
+use crate::authz::Principal;
+use crate::convert::{self, UpdateMask};
+use crate::ops::Error;
+use crate::ops::paging::PageRequest;
+use crate::ops::resource::{self, Id, Resource, resource_basics};
+use crate::ops::stored::{Reference, Referrer, must_get, records};
+use crate::records::{Versioned, mailbox_key, provider_key};
 use crate::state::BrokerState;
-use crate::tokens::grant::{GrantRecord, grant_key};
+use crate::tokens::grant::{GrantRecord, PendingConsent, grant_key};
 use crate::tokens::lifecycle::discard_grant;
 
-fn what(tenant: &str, name: &str) -> String {
-    format!("mailbox `{}` in tenant `{}`", shown(name), shown(tenant))
-}
+/// The mailbox resource.
+pub(crate) struct Mailboxes;
 
-fn change(action: &'static str, tenant: &str, name: &str) -> Change {
-    Change {
-        action,
-        target: object_path(tenant, "mailboxes", name),
-        tenant: tenant.to_owned(),
-    }
-}
+/// Whether an update keeps the grant (decided per attempt, used for the answer).
+#[derive(Debug, Default)]
+pub(crate) struct SameGrant(bool);
 
 /// The provider exists in the mailbox's tenant, fits the grant type, and holds the credential the
 /// grant type needs.
-async fn check_provider(state: &BrokerState, m: &Mailbox) -> Result<(), Status> {
+async fn check_provider(state: &BrokerState, m: &Mailbox) -> Result<(), Error> {
     let provider = records(state)
         .get::<Provider>(&provider_key(&m.tenant, &m.provider))
-        .await
-        .map_err(store_status)?
+        .await?
         .ok_or_else(|| {
-            precondition(
+            Error::precondition(
                 "mailbox.provider",
                 format!(
                     "no provider `{}` in tenant `{}`; create it first",
@@ -46,237 +43,217 @@ async fn check_provider(state: &BrokerState, m: &Mailbox) -> Result<(), Status> 
             )
         })?
         .value;
-    convert::check_grant_fits(provider.kind, m.grant_type).map_err(invalid)?;
+    convert::check_grant_fits(provider.kind, m.grant_type)?;
     match m.grant_type {
-        GrantType::AppOnly if provider.client_secret.is_none() => Err(precondition(
+        GrantType::AppOnly if provider.client_secret.is_none() => Err(Error::precondition(
             "mailbox.grant_type",
             format!(
                 "app_only needs a client secret, and provider `{}` has none; set provider.client_secret first",
                 m.provider
             ),
         )),
-        GrantType::ServiceAccount if provider.service_account_key.is_none() => Err(precondition(
-            "mailbox.grant_type",
-            format!(
-                "service_account needs a service-account key, and provider `{}` has none; set provider.service_account_key first",
-                m.provider
-            ),
-        )),
+        GrantType::ServiceAccount if provider.service_account_key.is_none() => {
+            Err(Error::precondition(
+                "mailbox.grant_type",
+                format!(
+                    "service_account needs a service-account key, and provider `{}` has none; set provider.service_account_key first",
+                    m.provider
+                ),
+            ))
+        }
         _ => Ok(()),
     }
 }
 
-pub(super) async fn create(
+async fn grant_of(state: &BrokerState, m: &Mailbox) -> Result<Option<GrantRecord>, Error> {
+    let grant = records(state)
+        .get::<GrantRecord>(&grant_key(&m.tenant, &m.name))
+        .await?;
+    Ok(grant.map(|g| g.value))
+}
+
+/// The wire form of mailbox `name` of `tenant` with the token state of its grant record.
+pub(super) async fn mailbox_view(
     state: &BrokerState,
-    principal: &Principal,
-    req: pb::CreateMailboxRequest,
-) -> Result<pb::Mailbox, Status> {
-    let input = req.mailbox.unwrap_or_default();
-    span_object(&input.tenant, &input.name);
-    audited(
-        state,
-        principal,
-        change("mailbox.create", &input.tenant, &input.name),
-        async {
-            authorize(principal, Target::Tenant(&input.tenant), Access::Write)?;
-            let mailbox = convert::mailbox_from_proto(&input, Stamps::new(state.clock.now()))
-                .map_err(invalid)?;
-            require_tenant(state, &mailbox.tenant).await?;
-            check_provider(state, &mailbox).await?;
-            let version = match records(state).put(&mailbox, Precondition::Absent).await {
-                Ok(v) => v,
-                Err(StoreError::AlreadyExists(_)) => {
-                    return Err(Status::already_exists(format!(
-                        "{} already exists",
-                        what(&mailbox.tenant, &mailbox.name)
-                    )));
+    tenant: &str,
+    name: &str,
+) -> Result<pb::Mailbox, Error> {
+    let id = Id::scoped(tenant, name);
+    let what = resource::what::<Mailboxes>(&id);
+    let stored = must_get::<Mailbox>(state, &Mailboxes::key(&id), &what).await?;
+    Mailboxes.view(state, stored).await
+}
+
+/// Validates the tenant and mailbox names of a token or consent request.
+pub(super) fn check_names(tenant: &str, mailbox: &str) -> Result<(), Error> {
+    tokenfleet_domain::name("tenant", tenant)?;
+    tokenfleet_domain::name("mailbox", mailbox)?;
+    Ok(())
+}
+
+/// Wire form of a mailbox whose token state comes from its grant record (when there is one): a
+/// disabled mailbox shows DISABLED; a pending device-code consent shows its user code.
+pub fn mailbox_with_grant(
+    mailbox: &Mailbox,
+    version: u64,
+    grant: Option<&GrantRecord>,
+) -> pb::Mailbox {
+    let mut out = convert::mailbox_to_proto(mailbox, version);
+    let Some(g) = grant else {
+        return out;
+    };
+    let status = if mailbox.disabled {
+        TokenStatus::Disabled
+    } else {
+        g.state.status
+    };
+    let pending_device_code = match &g.pending {
+        Some(PendingConsent::DeviceCode {
+            user_code,
+            verification_uri,
+            message,
+            expires,
+            interval_secs,
+            ..
+        }) => Some(pb::DeviceCodeChallenge {
+            user_code: user_code.clone(),
+            verification_uri: verification_uri.clone(),
+            expire_time: Some(convert::timestamp(*expires)),
+            message: message.clone(),
+            interval_seconds: u32::try_from(*interval_secs).unwrap_or(u32::MAX),
+        }),
+        _ => None,
+    };
+    out.token = Some(pb::TokenState {
+        status: convert::token_status_out(status),
+        last_refresh_time: g.state.last_refresh.map(convert::timestamp),
+        access_token_expire_time: g.state.access_token_expires.map(convert::timestamp),
+        last_error: g.state.last_error.as_ref().map(|e| pb::TokenError {
+            code: e.code.clone(),
+            reason: e.reason.clone(),
+            fix: e.fix.clone(),
+            time: Some(convert::timestamp(e.time)),
+        }),
+        pending_device_code,
+        refresh_token_expire_time: g.refresh_token_expires.map(convert::timestamp),
+        next_refresh_time: g.next_refresh.map(convert::timestamp),
+        consecutive_failures: g.consecutive_failures,
+        clock_skew_seconds: g.clock_skew_secs,
+    });
+    out
+}
+
+impl Resource for Mailboxes {
+    type Plan = SameGrant;
+    resource_basics!(scoped "mailbox" in "mailboxes": Mailbox as pb::Mailbox, key mailbox_key, to_wire convert::mailbox_to_proto, from_wire convert::mailbox_from_proto, merge convert::merge_mailbox);
+    const REFERENCES: &'static [Reference] = &[Reference::new(
+        Referrer::DeviceMailbox,
+        "is still used by devices",
+        "change or delete them first",
+    )];
+
+    async fn prepare_new(
+        &self,
+        state: &BrokerState,
+        record: &mut Mailbox,
+        _: (),
+    ) -> Result<String, Error> {
+        check_provider(state, record).await?;
+        Ok(String::new())
+    }
+
+    /// A grant belongs to one address, app registration, flow and signed-in account: changing
+    /// any of them means a new consent, so the token state starts over.
+    async fn prepare_update(
+        &self,
+        state: &BrokerState,
+        _: &Principal,
+        same: &mut SameGrant,
+        old: &Mailbox,
+        next: &mut Mailbox,
+        _: (),
+    ) -> Result<(), Error> {
+        same.0 = next.address == old.address
+            && next.provider == old.provider
+            && next.grant_type == old.grant_type
+            && next
+                .consent_account
+                .eq_ignore_ascii_case(&old.consent_account);
+        next.token = if same.0 {
+            old.token.clone()
+        } else {
+            TokenState::default()
+        };
+        check_provider(state, next).await
+    }
+
+    async fn updated(
+        &self,
+        state: &BrokerState,
+        same: SameGrant,
+        next: &Mailbox,
+        version: u64,
+        mask: &UpdateMask,
+    ) -> Result<(pb::Mailbox, String), Error> {
+        let grant = if same.0 {
+            grant_of(state, next).await?
+        } else {
+            // The grant belongs to the old address, app, flow or account.
+            discard_grant(state, &next.tenant, &next.name).await?;
+            None
+        };
+        Ok((
+            mailbox_with_grant(next, version, grant.as_ref()),
+            format!("fields: {}", mask.describe()),
+        ))
+    }
+
+    /// Its tokens must not outlive it.
+    async fn deleted(&self, state: &BrokerState, id: &Id) -> Result<(), Error> {
+        discard_grant(state, &id.tenant, &id.name).await?;
+        Ok(())
+    }
+
+    async fn view(&self, state: &BrokerState, m: Versioned<Mailbox>) -> Result<pb::Mailbox, Error> {
+        let grant = grant_of(state, &m.value).await?;
+        Ok(mailbox_with_grant(&m.value, m.version, grant.as_ref()))
+    }
+
+    /// The grant records of a page of mailboxes. Grants share their mailbox's id, so one listing
+    /// from the same cursor finds them; mailboxes beyond a full listing (possible only with
+    /// orphaned grants) are read one by one.
+    async fn view_page(
+        &self,
+        state: &BrokerState,
+        scope: &Scope,
+        page: &PageRequest,
+        items: &[Versioned<Mailbox>],
+    ) -> Result<Vec<pb::Mailbox>, Error> {
+        let limit = page.size + 1;
+        let listed = records(state)
+            .list::<GrantRecord>(scope, page.cursor.as_deref(), limit)
+            .await?;
+        let complete_up_to = (listed.len() >= limit)
+            .then(|| listed.last().map(|g| g.value.mailbox.clone()))
+            .flatten();
+        let mut grants: HashMap<String, GrantRecord> = listed
+            .into_iter()
+            .map(|g| (g.value.mailbox.clone(), g.value))
+            .collect();
+        if let Some(last) = complete_up_to {
+            for m in items.iter().filter(|m| m.value.name > last) {
+                if let Some(g) = grant_of(state, &m.value).await? {
+                    grants.insert(m.value.name.clone(), g);
                 }
-                Err(e) => return Err(store_status(e)),
-            };
-            Ok((convert::mailbox_to_proto(&mailbox, version), String::new()))
-        },
-    )
-    .await
-}
-
-pub(super) async fn get(
-    state: &BrokerState,
-    principal: &Principal,
-    req: pb::GetMailboxRequest,
-) -> Result<pb::Mailbox, Status> {
-    span_object(&req.tenant, &req.name);
-    authorize(principal, Target::Tenant(&req.tenant), Access::Read)?;
-    tokenfleet_domain::name("tenant", &req.tenant).map_err(invalid)?;
-    tokenfleet_domain::name("name", &req.name).map_err(invalid)?;
-    super::tokens::mailbox_view(state, &req.tenant, &req.name).await
-}
-
-pub(super) async fn list(
-    state: &BrokerState,
-    principal: &Principal,
-    req: pb::ListMailboxesRequest,
-) -> Result<pb::ListMailboxesResponse, Status> {
-    span_object(&req.tenant, "");
-    authorize(principal, Target::Tenant(&req.tenant), Access::Read)?;
-    tokenfleet_domain::name("tenant", &req.tenant).map_err(invalid)?;
-    let page = page_request(req.page_size, &req.page_token)?;
-    require_tenant(state, &req.tenant).await?;
-    let scope = Scope::Tenant(req.tenant.clone());
-    let (items, next_page_token) = list_page::<Mailbox>(state, &scope, &page).await?;
-    let grants = grants_of(state, &scope, &page, &items).await?;
-    Ok(pb::ListMailboxesResponse {
-        mailboxs: items
-            .iter()
-            .map(|m| super::mailbox_with_grant(&m.value, m.version, grants.get(&m.value.name)))
-            .collect(),
-        next_page_token,
-    })
-}
-
-/// The grant records of a page of mailboxes. Grants share their mailbox's id, so one listing
-/// from the same cursor finds them; mailboxes beyond a full listing (possible only with orphaned
-/// grants) are read one by one.
-async fn grants_of(
-    state: &BrokerState,
-    scope: &Scope,
-    page: &super::PageRequest,
-    items: &[crate::records::Versioned<Mailbox>],
-) -> Result<std::collections::HashMap<String, GrantRecord>, Status> {
-    let limit = page.size + 1;
-    let listed = records(state)
-        .list::<GrantRecord>(scope, page.cursor.as_deref(), limit)
-        .await
-        .map_err(store_status)?;
-    let complete_up_to = (listed.len() >= limit)
-        .then(|| listed.last().map(|g| g.value.mailbox.clone()))
-        .flatten();
-    let mut grants: std::collections::HashMap<String, GrantRecord> = listed
-        .into_iter()
-        .map(|g| (g.value.mailbox.clone(), g.value))
-        .collect();
-    if let Some(last) = complete_up_to {
-        for m in items.iter().filter(|m| m.value.name > last) {
-            if let Some(g) = records(state)
-                .get::<GrantRecord>(&grant_key(&m.value.tenant, &m.value.name))
-                .await
-                .map_err(store_status)?
-            {
-                grants.insert(m.value.name.clone(), g.value);
             }
         }
+        Ok(items
+            .iter()
+            .map(|m| mailbox_with_grant(&m.value, m.version, grants.get(&m.value.name)))
+            .collect())
     }
-    Ok(grants)
-}
 
-pub(super) async fn update(
-    state: &BrokerState,
-    principal: &Principal,
-    req: pb::UpdateMailboxRequest,
-) -> Result<pb::Mailbox, Status> {
-    let input = req.mailbox.unwrap_or_default();
-    span_object(&input.tenant, &input.name);
-    let mask = UpdateMask::parse(&MAILBOX_FIELDS, req.update_mask.as_ref());
-    audited(
-        state,
-        principal,
-        change("mailbox.update", &input.tenant, &input.name),
-        async {
-            authorize(principal, Target::Tenant(&input.tenant), Access::Write)?;
-            tokenfleet_domain::name("mailbox.tenant", &input.tenant).map_err(invalid)?;
-            tokenfleet_domain::name("mailbox.name", &input.name).map_err(invalid)?;
-            let mask = mask.map_err(invalid)?;
-            let what = what(&input.tenant, &input.name);
-            let key = mailbox_key(&input.tenant, &input.name);
-            for attempt in 0..CAS_ATTEMPTS {
-                let stored = must_get::<Mailbox>(state, &key, &what).await?;
-                check_version(&what, input.version, stored.version)?;
-                let old = &stored.value;
-                let mut merged = convert::mailbox_to_proto(old, stored.version);
-                convert::merge_mailbox(&mut merged, &input, &mask);
-                let stamps = Stamps {
-                    created: old.stamps.created,
-                    updated: state.clock.now(),
-                };
-                let mut next = convert::mailbox_from_proto(&merged, stamps).map_err(invalid)?;
-                // A grant belongs to one address, app registration, flow and signed-in account:
-                // changing any of them means a new consent.
-                let same_grant = next.address == old.address
-                    && next.provider == old.provider
-                    && next.grant_type == old.grant_type
-                    && next
-                        .consent_account
-                        .eq_ignore_ascii_case(&old.consent_account);
-                next.token = if same_grant {
-                    old.token.clone()
-                } else {
-                    TokenState::default()
-                };
-                check_provider(state, &next).await?;
-                if let Some(v) =
-                    commit(state, &what, &next, stored.version, input.version, attempt).await?
-                {
-                    let grant = if same_grant {
-                        records(state)
-                            .get::<GrantRecord>(&grant_key(&next.tenant, &next.name))
-                            .await
-                            .map_err(store_status)?
-                            .map(|g| g.value)
-                    } else {
-                        // The grant belongs to the old address, app, flow or account.
-                        discard_grant(state, &next.tenant, &next.name)
-                            .await
-                            .map_err(store_status)?;
-                        None
-                    };
-                    return Ok((
-                        super::mailbox_with_grant(&next, v, grant.as_ref()),
-                        format!("fields: {}", mask.describe()),
-                    ));
-                }
-            }
-            Err(Status::aborted(format!(
-                "{what} was changed concurrently; retry"
-            )))
-        },
-    )
-    .await
-}
-
-pub(super) async fn delete(
-    state: &BrokerState,
-    principal: &Principal,
-    req: pb::DeleteMailboxRequest,
-) -> Result<pb::DeleteMailboxResponse, Status> {
-    span_object(&req.tenant, &req.name);
-    audited(
-        state,
-        principal,
-        change("mailbox.delete", &req.tenant, &req.name),
-        async {
-            authorize(principal, Target::Tenant(&req.tenant), Access::Write)?;
-            tokenfleet_domain::name("tenant", &req.tenant).map_err(invalid)?;
-            tokenfleet_domain::name("name", &req.name).map_err(invalid)?;
-            let what = what(&req.tenant, &req.name);
-            let key = mailbox_key(&req.tenant, &req.name);
-            let stored = must_get::<Mailbox>(state, &key, &what).await?;
-            check_version(&what, req.version, stored.version)?;
-            refuse_if_referenced::<Device>(
-                state,
-                &req.tenant,
-                &what,
-                |d| d.referenced_mailboxes().any(|m| m == req.name),
-                |d| d.name.as_str(),
-                "is still used by devices",
-                "change or delete them first",
-            )
-            .await?;
-            delete_record(state, &key, &what, req.version).await?;
-            // Its tokens must not outlive it.
-            discard_grant(state, &req.tenant, &req.name)
-                .await
-                .map_err(store_status)?;
-            Ok((pb::DeleteMailboxResponse {}, String::new()))
-        },
-    )
-    .await
+    async fn changed(&self, state: &BrokerState, tenant: &str) {
+        crate::fleet::config_changed(state, tenant).await;
+    }
 }

@@ -1,6 +1,7 @@
-//! Provider RPCs. Client secrets, service-account keys and proxy passwords are sealed before they
-//! are stored, bound to the provider through the associated data, and never returned (a proxy URL
-//! is shown as `http://user:[redacted]@host`).
+//! Providers as a [`Resource`]. Client secrets, service-account keys and proxy passwords are
+//! sealed before they are stored, bound to the provider through the associated data, and never
+//! returned (a proxy URL is shown as `http://user:[redacted]@host`). A provider's kind is
+//! immutable; a provider that mailboxes or devices use is not deleted.
 //!
 //! Where a provider's requests go — its endpoints, its HTTP proxy, its extra trusted CA — decides
 //! who receives the stored secrets and refresh tokens. So:
@@ -13,72 +14,54 @@
 //!   first), so no refresh token is ever sent to the new host. The audit entry names the old and
 //!   the new hosts.
 
-use tokenfleet_domain::{Device, Mailbox, Provider, Role, Stamps};
+use tokenfleet_domain::{Mailbox, Provider, ProviderKind, Role, Stamps, ValidationError};
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_seal::{Sealed, Secret};
-use tokenfleet_store::{Precondition, Scope, StoreError};
-use tonic::Status;
+use tokenfleet_store::Scope;
 
-use super::{
-    Change, audited, check_version, commit, delete_record, invalid, list_page, must_get,
-    object_path, page_request, records, refuse_if_referenced, require_tenant, seal_status, shown,
-    span_object, store_status,
-};
-use crate::authz::{Access, Principal, Target, authorize};
-use crate::convert::{self, PROVIDER_FIELDS, SecretChange, UpdateMask, secret_change};
-use crate::records::{CAS_ATTEMPTS, provider_key};
+use crate::authz::Principal;
+use crate::convert::{self, ProviderSecrets, SecretChange, UpdateMask, secret_change};
+use crate::ops::Error;
+use crate::ops::names::{name_list, shown};
+use crate::ops::provider_policy::ProviderPolicy;
+use crate::ops::resource::{self, Id, Resource, resource_basics};
+use crate::ops::stored::{Reference, Referrer, records};
+use crate::records::provider_key;
 use crate::state::BrokerState;
-use crate::tokens::lifecycle::TokenService;
+use crate::tokens::lifecycle::{Revocation, TokenService};
 
-/// Sign-in hosts of Microsoft (public and sovereign clouds) and Google that any caller with write
-/// access may point a provider at.
-pub const WELL_KNOWN_PROVIDER_HOSTS: &[&str] = &[
-    "login.microsoftonline.com",
-    "login.microsoftonline.us",
-    "login.partner.microsoftonline.cn",
-    "login.chinacloudapi.cn",
-    "accounts.google.com",
-    "oauth2.googleapis.com",
-    "www.googleapis.com",
-];
-
-/// Who may point providers where (the `[admin]` section of the broker configuration).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ProviderPolicy {
-    /// Hosts (lower case, optionally `host:port`) that tenant admins may use in endpoint overrides
-    /// and as HTTP proxy, besides [`WELL_KNOWN_PROVIDER_HOSTS`]. Fleet admins may use any host.
-    pub allowed_hosts: Vec<String>,
+/// The provider resource, with the policy for destinations and the token service that discards
+/// grants when a provider is re-pointed.
+#[derive(Debug, Clone)]
+pub(crate) struct Providers {
+    /// Where non-fleet-admin callers may point providers.
+    pub policy: ProviderPolicy,
+    /// Revokes and wipes grants.
+    pub tokens: TokenService,
 }
 
-impl ProviderPolicy {
-    fn allows(&self, host: &str, port: Option<u16>) -> bool {
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
-        let with_port = port.map(|p| format!("{host}:{p}"));
-        WELL_KNOWN_PROVIDER_HOSTS.contains(&host.as_str())
-            || self.allowed_hosts.iter().any(|allowed| {
-                let allowed = allowed.trim().to_ascii_lowercase();
-                allowed == host || Some(&allowed) == with_port.as_ref()
-            })
-    }
+/// What an update does to the secrets, worked out once (sealed once), and what it did.
+#[derive(Debug, Default)]
+pub(crate) struct SecretsPlan {
+    kind: Option<ProviderKind>,
+    client_secret: SecretChange,
+    service_account_key: SecretChange,
+    sealed_client_secret: Option<Sealed>,
+    sealed_service_account_key: Option<Sealed>,
+    /// Whether the mask names `http_proxy` (its password then follows the URL).
+    proxy_in_mask: bool,
+    proxy_password: SecretChange,
+    /// `re-pointed from … to …` when the destination changed.
+    route: Option<String>,
+    /// Mailboxes whose grants were discarded because of it.
+    discarded: Vec<String>,
 }
 
-fn what(tenant: &str, name: &str) -> String {
-    format!("provider `{}` in tenant `{}`", shown(name), shown(tenant))
-}
-
-fn change(action: &'static str, tenant: &str, name: &str) -> Change {
-    Change {
-        action,
-        target: object_path(tenant, "providers", name),
-        tenant: tenant.to_owned(),
-    }
-}
-
-fn seal(state: &BrokerState, aad: &str, secret: &Secret) -> Result<Sealed, Status> {
+fn seal(state: &BrokerState, aad: &str, secret: &Secret) -> Result<Sealed, Error> {
     state
         .keyring
         .seal_secret(aad, secret)
-        .map_err(|e| seal_status(&e, aad))
+        .map_err(|e| Error::seal(&e, aad))
 }
 
 /// Which secrets a change touched, for the audit detail (never the values).
@@ -165,10 +148,10 @@ impl<'a> Destination<'a> {
 
 /// Endpoint URLs must not carry credentials (`https://user:password@host/…`): they would be shown
 /// and stored in clear, and a provider authenticates with its client secret, not with the URL.
-fn no_credentials_in_endpoints(dest: &Destination<'_>) -> Result<(), Status> {
+fn no_credentials_in_endpoints(dest: &Destination<'_>) -> Result<(), Error> {
     for (field, url) in dest.overrides() {
         if tokenfleet_domain::split_url_password(url).1.is_some() {
-            return Err(Status::invalid_argument(format!(
+            return Err(Error::InvalidArgument(format!(
                 "{field}: must not carry a password (`user:password@`); the provider \
                  authenticates with its client secret"
             )));
@@ -185,12 +168,12 @@ fn check_destination(
     policy: &ProviderPolicy,
     dest: &Destination<'_>,
     before: Option<&Destination<'_>>,
-) -> Result<(), Status> {
+) -> Result<(), Error> {
     if principal.role == Role::FleetAdmin {
         return Ok(());
     }
     let denied = |field: &str, problem: String| {
-        Status::permission_denied(format!(
+        Error::PermissionDenied(format!(
             "{field}: {problem}; only a fleet-admin key may point a provider elsewhere (or a fleet \
              admin adds the host to the broker's `[admin] provider_hosts`)"
         ))
@@ -235,9 +218,10 @@ fn check_destination(
     if !dest.extra_ca_pem.trim().is_empty()
         && before.is_none_or(|b| b.extra_ca_pem != dest.extra_ca_pem)
     {
-        return Err(Status::permission_denied(
+        return Err(Error::PermissionDenied(
             "provider.tls.extra_ca_pem: trusting another CA for a provider is a fleet-level \
-             decision; only a fleet-admin key may set it",
+             decision; only a fleet-admin key may set it"
+                .to_owned(),
         ));
     }
     Ok(())
@@ -253,119 +237,6 @@ fn proxy_password_change(given: Option<&Secret>) -> SecretChange {
     }
 }
 
-pub(super) async fn create(
-    state: &BrokerState,
-    principal: &Principal,
-    req: pb::CreateProviderRequest,
-    policy: &ProviderPolicy,
-) -> Result<pb::Provider, Status> {
-    let input = req.provider.unwrap_or_default();
-    span_object(&input.tenant, &input.name);
-    audited(
-        state,
-        principal,
-        change("provider.create", &input.tenant, &input.name),
-        async {
-            authorize(principal, Target::Tenant(&input.tenant), Access::Write)?;
-            let (mut provider, secrets) =
-                convert::provider_from_proto(&input, Stamps::new(state.clock.now()))
-                    .map_err(invalid)?;
-            no_credentials_in_endpoints(&Destination::of(&provider))?;
-            check_destination(principal, policy, &Destination::of(&provider), None)?;
-            require_tenant(state, &provider.tenant).await?;
-            let (tenant, name) = (provider.tenant.clone(), provider.name.clone());
-            if let Some(s) = &secrets.client_secret {
-                provider.client_secret = Some(seal(
-                    state,
-                    &Provider::client_secret_aad(&tenant, &name),
-                    s,
-                )?);
-            }
-            if let Some(s) = &secrets.service_account_key {
-                provider.service_account_key = Some(seal(
-                    state,
-                    &Provider::service_account_key_aad(&tenant, &name),
-                    s,
-                )?);
-            }
-            if let Some(s) = &secrets.http_proxy_password {
-                provider.http_proxy_password = Some(seal(
-                    state,
-                    &Provider::http_proxy_password_aad(&tenant, &name),
-                    s,
-                )?);
-            }
-            let version = match records(state).put(&provider, Precondition::Absent).await {
-                Ok(v) => v,
-                Err(StoreError::AlreadyExists(_)) => {
-                    return Err(Status::already_exists(format!(
-                        "{} already exists",
-                        what(&tenant, &name)
-                    )));
-                }
-                Err(e) => return Err(store_status(e)),
-            };
-            let set = |present: bool| if present { "set" } else { "" };
-            let mut detail = Destination::of(&provider).describe(&provider);
-            let secrets = secrets_detail(&[
-                ("client_secret", set(provider.client_secret.is_some())),
-                (
-                    "service_account_key",
-                    set(provider.service_account_key.is_some()),
-                ),
-                (
-                    "http_proxy_password",
-                    set(provider.http_proxy_password.is_some()),
-                ),
-            ]);
-            if !secrets.is_empty() {
-                detail = format!("{detail}; {secrets}");
-            }
-            Ok((convert::provider_to_proto(&provider, version), detail))
-        },
-    )
-    .await
-}
-
-pub(super) async fn get(
-    state: &BrokerState,
-    principal: &Principal,
-    req: pb::GetProviderRequest,
-) -> Result<pb::Provider, Status> {
-    span_object(&req.tenant, &req.name);
-    authorize(principal, Target::Tenant(&req.tenant), Access::Read)?;
-    tokenfleet_domain::name("tenant", &req.tenant).map_err(invalid)?;
-    tokenfleet_domain::name("name", &req.name).map_err(invalid)?;
-    let p = must_get::<Provider>(
-        state,
-        &provider_key(&req.tenant, &req.name),
-        &what(&req.tenant, &req.name),
-    )
-    .await?;
-    Ok(convert::provider_to_proto(&p.value, p.version))
-}
-
-pub(super) async fn list(
-    state: &BrokerState,
-    principal: &Principal,
-    req: pb::ListProvidersRequest,
-) -> Result<pb::ListProvidersResponse, Status> {
-    span_object(&req.tenant, "");
-    authorize(principal, Target::Tenant(&req.tenant), Access::Read)?;
-    tokenfleet_domain::name("tenant", &req.tenant).map_err(invalid)?;
-    let page = page_request(req.page_size, &req.page_token)?;
-    require_tenant(state, &req.tenant).await?;
-    let (items, next_page_token) =
-        list_page::<Provider>(state, &Scope::Tenant(req.tenant.clone()), &page).await?;
-    Ok(pb::ListProvidersResponse {
-        providers: items
-            .iter()
-            .map(|p| convert::provider_to_proto(&p.value, p.version))
-            .collect(),
-        next_page_token,
-    })
-}
-
 /// Refuses a change of destination that would carry a stored secret along: each stored secret
 /// must be given again (or cleared) in the same request.
 fn require_secrets_again(
@@ -375,9 +246,9 @@ fn require_secrets_again(
     proxy_password: &SecretChange,
     proxy_changed: bool,
     moved: &str,
-) -> Result<(), Status> {
+) -> Result<(), Error> {
     let missing = |field: &str| {
-        Status::invalid_argument(format!(
+        Error::InvalidArgument(format!(
             "provider.{field}: this update changes {moved}, where the stored {field} would be \
              sent; give the {field} again in the same request (or clear it)"
         ))
@@ -392,9 +263,10 @@ fn require_secrets_again(
         && stored.http_proxy_password.is_some()
         && matches!(proxy_password, SecretChange::Keep)
     {
-        return Err(Status::invalid_argument(
+        return Err(Error::InvalidArgument(
             "provider.http_proxy: the proxy changes and a proxy password is stored; give the \
-             password again in the URL (`http://user:password@host:port`) or none",
+             password again in the URL (`http://user:password@host:port`) or none"
+                .to_owned(),
         ));
     }
     Ok(())
@@ -415,136 +287,13 @@ fn moved_fields(before: &Destination<'_>, after: &Destination<'_>) -> String {
     fields.join(", ")
 }
 
-pub(super) async fn update(
-    state: &BrokerState,
-    principal: &Principal,
-    req: pb::UpdateProviderRequest,
-    (tokens, policy): (&TokenService, &ProviderPolicy),
-) -> Result<pb::Provider, Status> {
-    let input = req.provider.unwrap_or_default();
-    span_object(&input.tenant, &input.name);
-    let mask = UpdateMask::parse(&PROVIDER_FIELDS, req.update_mask.as_ref());
-    audited(state, principal, change("provider.update", &input.tenant, &input.name), async {
-        authorize(principal, Target::Tenant(&input.tenant), Access::Write)?;
-        tokenfleet_domain::name("provider.tenant", &input.tenant).map_err(invalid)?;
-        tokenfleet_domain::name("provider.name", &input.name).map_err(invalid)?;
-        let mask = mask.map_err(invalid)?;
-        let kind = convert::provider_kind_in("provider.kind", input.kind).map_err(invalid)?;
-        let (tenant, name) = (input.tenant.as_str(), input.name.as_str());
-        let what = what(tenant, name);
-        let key = provider_key(tenant, name);
-
-        let client_secret = secret_change(&mask, "client_secret", &input.client_secret);
-        let service_account_key = secret_change(&mask, "service_account_key", &input.service_account_key);
-        // Sealed once, outside the retry loop; validated below together with everything else.
-        let sealed_client_secret = match &client_secret {
-            SecretChange::Set(s) => Some(seal(state, &Provider::client_secret_aad(tenant, name), s)?),
-            _ => None,
-        };
-        let sealed_service_account_key = match &service_account_key {
-            SecretChange::Set(s) => Some(seal(state, &Provider::service_account_key_aad(tenant, name), s)?),
-            _ => None,
-        };
-
-        for attempt in 0..CAS_ATTEMPTS {
-            let stored = must_get::<Provider>(state, &key, &what).await?;
-            check_version(&what, input.version, stored.version)?;
-            if let Some(kind) = kind
-                && kind != stored.value.kind
-            {
-                return Err(Status::invalid_argument(format!(
-                    "provider.kind: is immutable: {what} is {}; create a new provider for {kind}",
-                    stored.value.kind
-                )));
-            }
-            let mut merged = convert::provider_to_proto(&stored.value, stored.version);
-            convert::merge_provider(&mut merged, &input, &mask);
-            let stamps = Stamps {
-                created: stored.value.stamps.created,
-                updated: state.clock.now(),
-            };
-            let (mut next, secrets) = convert::provider_from_proto(&merged, stamps).map_err(invalid)?;
-            next.client_secret = match &client_secret {
-                SecretChange::Keep => stored.value.client_secret.clone(),
-                SecretChange::Clear => None,
-                SecretChange::Set(_) => sealed_client_secret.clone(),
-            };
-            next.service_account_key = match &service_account_key {
-                SecretChange::Keep => stored.value.service_account_key.clone(),
-                SecretChange::Clear => None,
-                SecretChange::Set(_) => sealed_service_account_key.clone(),
-            };
-            let proxy_password = if mask.includes("http_proxy") {
-                proxy_password_change(secrets.http_proxy_password.as_ref())
-            } else {
-                next.http_proxy.clone_from(&stored.value.http_proxy);
-                SecretChange::Keep
-            };
-            next.http_proxy_password = match &proxy_password {
-                SecretChange::Keep => stored.value.http_proxy_password.clone(),
-                SecretChange::Clear => None,
-                SecretChange::Set(s) => Some(seal(state, &Provider::http_proxy_password_aad(tenant, name), s)?),
-            };
-
-            let (before, after) = (Destination::of(&stored.value), Destination::of(&next));
-            let moved = before != after;
-            if moved {
-                no_credentials_in_endpoints(&after)?;
-                check_destination(principal, policy, &after, Some(&before))?;
-                require_secrets_again(
-                    &stored.value,
-                    &client_secret,
-                    &service_account_key,
-                    &proxy_password,
-                    before.http_proxy != after.http_proxy,
-                    &moved_fields(&before, &after),
-                )?;
-            }
-            let route = moved.then(|| {
-                format!(
-                    "re-pointed from {} to {}",
-                    before.describe(&stored.value),
-                    after.describe(&next)
-                )
-            });
-            // The grants go before the new destination is stored: they are revoked at the old
-            // (trusted) provider, and no refresh can reach the new host with them.
-            let discarded = if moved {
-                discard_grants(state, tokens, tenant, name).await?
-            } else {
-                Vec::new()
-            };
-            if let Some(v) = commit(state, &what, &next, stored.version, input.version, attempt).await? {
-                let verb = |c: &SecretChange| match c {
-                    SecretChange::Keep => "",
-                    SecretChange::Clear => "cleared",
-                    SecretChange::Set(_) => "replaced",
-                };
-                let secrets = secrets_detail(&[
-                    ("client_secret", verb(&client_secret)),
-                    ("service_account_key", verb(&service_account_key)),
-                    ("http_proxy_password", verb(&proxy_password)),
-                ]);
-                let mut detail = format!("fields: {}", mask.describe());
-                if let Some(route) = route {
-                    detail = format!(
-                        "{detail}; {route}; grants discarded: {}",
-                        if discarded.is_empty() {
-                            "none".to_owned()
-                        } else {
-                            super::name_list(discarded.iter().map(String::as_str))
-                        }
-                    );
-                }
-                if !secrets.is_empty() {
-                    detail = format!("{detail}; {secrets}");
-                }
-                return Ok((convert::provider_to_proto(&next, v), detail));
-            }
-        }
-        Err(Status::aborted(format!("{what} was changed concurrently; retry")))
-    })
-    .await
+/// `set`/`replaced`/`cleared` for the audit detail.
+fn verb(change: &SecretChange) -> &'static str {
+    match change {
+        SecretChange::Keep => "",
+        SecretChange::Clear => "cleared",
+        SecretChange::Set(_) => "replaced",
+    }
 }
 
 /// Deletes (revoking where the provider can) the grants of every mailbox that uses provider
@@ -554,76 +303,234 @@ async fn discard_grants(
     tokens: &TokenService,
     tenant: &str,
     name: &str,
-) -> Result<Vec<String>, Status> {
+) -> Result<Vec<String>, Error> {
     let mailboxes = records(state)
         .list_all::<Mailbox>(&Scope::Tenant(tenant.to_owned()))
-        .await
-        .map_err(store_status)?;
+        .await?;
     let mut discarded = Vec::new();
     for m in mailboxes.iter().filter(|m| m.value.provider == name) {
-        let revocation = tokens
-            .delete_token(tenant, &m.value.name)
-            .await
-            .map_err(|e| e.to_status())?;
+        let revocation = tokens.delete_token(tenant, &m.value.name).await?;
         tracing::info!(
             tenant,
             mailbox = %m.value.name,
             outcome = %revocation,
             "grant discarded: its provider was re-pointed"
         );
-        if !matches!(
-            revocation,
-            crate::tokens::lifecycle::Revocation::NothingStored
-        ) {
+        if !matches!(revocation, Revocation::NothingStored) {
             discarded.push(m.value.name.clone());
         }
     }
     Ok(discarded)
 }
 
-pub(super) async fn delete(
-    state: &BrokerState,
-    principal: &Principal,
-    req: pb::DeleteProviderRequest,
-) -> Result<pb::DeleteProviderResponse, Status> {
-    span_object(&req.tenant, &req.name);
-    audited(
-        state,
-        principal,
-        change("provider.delete", &req.tenant, &req.name),
-        async {
-            authorize(principal, Target::Tenant(&req.tenant), Access::Write)?;
-            tokenfleet_domain::name("tenant", &req.tenant).map_err(invalid)?;
-            tokenfleet_domain::name("name", &req.name).map_err(invalid)?;
-            let what = what(&req.tenant, &req.name);
-            let key = provider_key(&req.tenant, &req.name);
-            let stored = must_get::<Provider>(state, &key, &what).await?;
-            check_version(&what, req.version, stored.version)?;
-            refuse_if_referenced::<Mailbox>(
+impl Resource for Providers {
+    type Extra = ProviderSecrets;
+    type Plan = SecretsPlan;
+    resource_basics!(scoped "provider" in "providers": Provider as pb::Provider, key provider_key, to_wire convert::provider_to_proto, merge convert::merge_provider);
+    const REFERENCES: &'static [Reference] = &[
+        Reference::new(
+            Referrer::MailboxProvider,
+            "is still used by mailboxes",
+            "change or delete them first",
+        ),
+        Reference::new(
+            Referrer::DeviceUserProvider,
+            "is still the user provider of devices",
+            "change their `user_provider` or delete them first",
+        ),
+    ];
+
+    fn from_wire(
+        wire: &pb::Provider,
+        stamps: Stamps,
+    ) -> Result<(Provider, ProviderSecrets), ValidationError> {
+        convert::provider_from_proto(wire, stamps)
+    }
+
+    fn check_new(
+        &self,
+        principal: &Principal,
+        provider: &mut Provider,
+        _: &ProviderSecrets,
+    ) -> Result<(), Error> {
+        let dest = Destination::of(provider);
+        no_credentials_in_endpoints(&dest)?;
+        check_destination(principal, &self.policy, &dest, None)
+    }
+
+    async fn prepare_new(
+        &self,
+        state: &BrokerState,
+        provider: &mut Provider,
+        secrets: ProviderSecrets,
+    ) -> Result<String, Error> {
+        let (tenant, name) = (provider.tenant.clone(), provider.name.clone());
+        let sealed = |aad: String, secret: &Option<Secret>| {
+            secret.as_ref().map(|s| seal(state, &aad, s)).transpose()
+        };
+        provider.client_secret = sealed(
+            Provider::client_secret_aad(&tenant, &name),
+            &secrets.client_secret,
+        )?;
+        provider.service_account_key = sealed(
+            Provider::service_account_key_aad(&tenant, &name),
+            &secrets.service_account_key,
+        )?;
+        provider.http_proxy_password = sealed(
+            Provider::http_proxy_password_aad(&tenant, &name),
+            &secrets.http_proxy_password,
+        )?;
+        let set = |present: bool| if present { "set" } else { "" };
+        let mut detail = Destination::of(provider).describe(provider);
+        let secrets = secrets_detail(&[
+            ("client_secret", set(provider.client_secret.is_some())),
+            (
+                "service_account_key",
+                set(provider.service_account_key.is_some()),
+            ),
+            (
+                "http_proxy_password",
+                set(provider.http_proxy_password.is_some()),
+            ),
+        ]);
+        if !secrets.is_empty() {
+            detail = format!("{detail}; {secrets}");
+        }
+        Ok(detail)
+    }
+
+    /// The kind is checked, and given secrets sealed, once, before the read-modify-write loop.
+    fn plan_update(
+        &self,
+        state: &BrokerState,
+        input: &pb::Provider,
+        mask: &UpdateMask,
+    ) -> Result<SecretsPlan, Error> {
+        let kind = convert::provider_kind_in("provider.kind", input.kind)?;
+        let (tenant, name) = (input.tenant.as_str(), input.name.as_str());
+        let client_secret = secret_change(mask, "client_secret", &input.client_secret);
+        let service_account_key =
+            secret_change(mask, "service_account_key", &input.service_account_key);
+        let sealed = |aad: String, change: &SecretChange| match change {
+            SecretChange::Set(s) => seal(state, &aad, s).map(Some),
+            _ => Ok(None),
+        };
+        Ok(SecretsPlan {
+            kind,
+            sealed_client_secret: sealed(
+                Provider::client_secret_aad(tenant, name),
+                &client_secret,
+            )?,
+            sealed_service_account_key: sealed(
+                Provider::service_account_key_aad(tenant, name),
+                &service_account_key,
+            )?,
+            client_secret,
+            service_account_key,
+            proxy_in_mask: mask.includes("http_proxy"),
+            ..SecretsPlan::default()
+        })
+    }
+
+    fn check_stored(&self, plan: &SecretsPlan, stored: &Provider) -> Result<(), Error> {
+        match plan.kind {
+            Some(kind) if kind != stored.kind => Err(Error::InvalidArgument(format!(
+                "provider.kind: is immutable: {} is {}; create a new provider for {kind}",
+                resource::what::<Self>(&Id::scoped(&stored.tenant, &stored.name)),
+                stored.kind
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    async fn prepare_update(
+        &self,
+        state: &BrokerState,
+        principal: &Principal,
+        plan: &mut SecretsPlan,
+        stored: &Provider,
+        next: &mut Provider,
+        secrets: ProviderSecrets,
+    ) -> Result<(), Error> {
+        let (tenant, name) = (stored.tenant.as_str(), stored.name.as_str());
+        next.client_secret = match &plan.client_secret {
+            SecretChange::Keep => stored.client_secret.clone(),
+            SecretChange::Clear => None,
+            SecretChange::Set(_) => plan.sealed_client_secret.clone(),
+        };
+        next.service_account_key = match &plan.service_account_key {
+            SecretChange::Keep => stored.service_account_key.clone(),
+            SecretChange::Clear => None,
+            SecretChange::Set(_) => plan.sealed_service_account_key.clone(),
+        };
+        plan.proxy_password = if plan.proxy_in_mask {
+            proxy_password_change(secrets.http_proxy_password.as_ref())
+        } else {
+            next.http_proxy.clone_from(&stored.http_proxy);
+            SecretChange::Keep
+        };
+        next.http_proxy_password = match &plan.proxy_password {
+            SecretChange::Keep => stored.http_proxy_password.clone(),
+            SecretChange::Clear => None,
+            SecretChange::Set(s) => Some(seal(
                 state,
-                &req.tenant,
-                &what,
-                |m| m.provider == req.name,
-                |m| m.name.as_str(),
-                "is still used by mailboxes",
-                "change or delete them first",
-            )
-            .await?;
-            refuse_if_referenced::<Device>(
-                state,
-                &req.tenant,
-                &what,
-                |d| d.user_provider == req.name,
-                |d| d.name.as_str(),
-                "is still the user provider of devices",
-                "change their `user_provider` or delete them first",
-            )
-            .await?;
-            delete_record(state, &key, &what, req.version).await?;
-            Ok((pb::DeleteProviderResponse {}, String::new()))
-        },
-    )
-    .await
+                &Provider::http_proxy_password_aad(tenant, name),
+                s,
+            )?),
+        };
+        let (before, after) = (Destination::of(stored), Destination::of(next));
+        if before == after {
+            plan.route = None;
+            return Ok(());
+        }
+        no_credentials_in_endpoints(&after)?;
+        check_destination(principal, &self.policy, &after, Some(&before))?;
+        require_secrets_again(
+            stored,
+            &plan.client_secret,
+            &plan.service_account_key,
+            &plan.proxy_password,
+            before.http_proxy != after.http_proxy,
+            &moved_fields(&before, &after),
+        )?;
+        plan.route = Some(format!(
+            "re-pointed from {} to {}",
+            before.describe(stored),
+            after.describe(next)
+        ));
+        // The grants go before the new destination is stored: they are revoked at the old
+        // (trusted) provider, and no refresh can reach the new host with them.
+        plan.discarded = discard_grants(state, &self.tokens, tenant, name).await?;
+        Ok(())
+    }
+
+    async fn updated(
+        &self,
+        _: &BrokerState,
+        plan: SecretsPlan,
+        next: &Provider,
+        version: u64,
+        mask: &UpdateMask,
+    ) -> Result<(pb::Provider, String), Error> {
+        let secrets = secrets_detail(&[
+            ("client_secret", verb(&plan.client_secret)),
+            ("service_account_key", verb(&plan.service_account_key)),
+            ("http_proxy_password", verb(&plan.proxy_password)),
+        ]);
+        let mut detail = format!("fields: {}", mask.describe());
+        if let Some(route) = plan.route {
+            let discarded = if plan.discarded.is_empty() {
+                "none".to_owned()
+            } else {
+                name_list(plan.discarded.iter().map(String::as_str))
+            };
+            detail = format!("{detail}; {route}; grants discarded: {discarded}");
+        }
+        if !secrets.is_empty() {
+            detail = format!("{detail}; {secrets}");
+        }
+        Ok((Self::to_wire(next, version), detail))
+    }
 }
 
 #[cfg(test)]
@@ -672,8 +579,9 @@ mod tests {
         assert!(check_destination(&ta, &policy, &Destination::of(&local), None).is_ok());
         let evil = provider("https://evil.example/token", "", "");
         let err = check_destination(&ta, &policy, &Destination::of(&evil), None).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::PermissionDenied);
-        assert!(err.message().starts_with("provider.endpoints.token_url:"));
+        assert!(
+            matches!(&err, Error::PermissionDenied(m) if m.starts_with("provider.endpoints.token_url:"))
+        );
         assert!(check_destination(&fa, &policy, &Destination::of(&evil), None).is_ok());
         // What a fleet admin set stays usable by a tenant admin as long as it does not change.
         let before = Destination::of(&evil);
@@ -682,30 +590,16 @@ mod tests {
         assert!(check_destination(&ta, &policy, &Destination::of(&proxy), None).is_err());
         let ca = provider("", "", "-----BEGIN CERTIFICATE-----");
         let err = check_destination(&ta, &policy, &Destination::of(&ca), None).unwrap_err();
-        assert!(err.message().contains("extra_ca_pem"));
+        assert!(err.to_string().contains("extra_ca_pem"));
     }
 
     #[test]
     fn endpoints_may_not_carry_passwords() {
         let p = provider("https://u:pw@login.microsoftonline.com/x/token", "", "");
         let err = no_credentials_in_endpoints(&Destination::of(&p)).unwrap_err();
-        assert!(!err.message().contains("pw@"), "{}", err.message());
-        assert!(err.message().starts_with("provider.endpoints.token_url:"));
+        assert!(!err.to_string().contains("pw@"), "{}", err.to_string());
+        assert!(err.to_string().starts_with("provider.endpoints.token_url:"));
         let p = provider("https://login.microsoftonline.com/x/token", "", "");
         assert!(no_credentials_in_endpoints(&Destination::of(&p)).is_ok());
-    }
-
-    #[test]
-    fn policy_allows_well_known_and_listed_hosts() {
-        let policy = ProviderPolicy {
-            allowed_hosts: vec!["idp.example".into(), "127.0.0.1:9000".into()],
-        };
-        assert!(policy.allows("login.microsoftonline.com", None));
-        assert!(policy.allows("LOGIN.microsoftonline.com.", None));
-        assert!(policy.allows("idp.example", Some(443)));
-        assert!(policy.allows("127.0.0.1", Some(9000)));
-        assert!(!policy.allows("127.0.0.1", Some(9001)));
-        assert!(!policy.allows("evil.example", None));
-        assert!(!ProviderPolicy::default().allows("127.0.0.1", None));
     }
 }

@@ -1,13 +1,13 @@
 //! Token RPCs: `DeleteToken` and `RefreshNow` (the lifecycle itself is in
-//! [`crate::tokens::lifecycle`]), and reading a mailbox together with its grant's state.
+//! [`crate::tokens::lifecycle`]).
 
-use tokenfleet_domain::Mailbox;
 use tokenfleet_proto::v1 as pb;
-use tonic::Status;
 
-use super::{Change, audited, invalid, must_get, object_path, shown, span_object, store_status};
+use super::mailboxes::{check_names, mailbox_view};
 use crate::authz::{Access, Principal, Target, authorize};
-use crate::records::mailbox_key;
+use crate::ops::Error;
+use crate::ops::change::{Change, audited};
+use crate::ops::names::{object_path, span_object};
 use crate::state::BrokerState;
 use crate::tokens::lifecycle::{TokenError, TokenService};
 
@@ -19,41 +19,12 @@ fn change(action: &'static str, tenant: &str, mailbox: &str) -> Change {
     }
 }
 
-fn check_names(tenant: &str, mailbox: &str) -> Result<(), Status> {
-    tokenfleet_domain::name("tenant", tenant).map_err(invalid)?;
-    tokenfleet_domain::name("mailbox", mailbox).map_err(invalid)?;
-    Ok(())
-}
-
-/// The wire form of a mailbox with the token state of its grant record.
-pub(super) async fn mailbox_view(
-    state: &BrokerState,
-    tenant: &str,
-    mailbox: &str,
-) -> Result<pb::Mailbox, Status> {
-    let m = must_get::<Mailbox>(
-        state,
-        &mailbox_key(tenant, mailbox),
-        &format!("mailbox `{}` in tenant `{}`", shown(mailbox), shown(tenant)),
-    )
-    .await?;
-    let grant = super::records(state)
-        .get::<crate::tokens::grant::GrantRecord>(&crate::tokens::grant::grant_key(tenant, mailbox))
-        .await
-        .map_err(store_status)?;
-    Ok(super::mailbox_with_grant(
-        &m.value,
-        m.version,
-        grant.as_ref().map(|g| &g.value),
-    ))
-}
-
 pub(super) async fn delete_token(
     state: &BrokerState,
     principal: &Principal,
     req: pb::DeleteTokenRequest,
     tokens: &TokenService,
-) -> Result<pb::Mailbox, Status> {
+) -> Result<pb::Mailbox, Error> {
     span_object(&req.tenant, &req.mailbox);
     audited(
         state,
@@ -62,10 +33,7 @@ pub(super) async fn delete_token(
         async {
             authorize(principal, Target::Tenant(&req.tenant), Access::Write)?;
             check_names(&req.tenant, &req.mailbox)?;
-            let revocation = tokens
-                .delete_token(&req.tenant, &req.mailbox)
-                .await
-                .map_err(|e| e.to_status())?;
+            let revocation = tokens.delete_token(&req.tenant, &req.mailbox).await?;
             let mailbox = mailbox_view(state, &req.tenant, &req.mailbox).await?;
             Ok((mailbox, revocation.to_string()))
         },
@@ -78,7 +46,7 @@ pub(super) async fn refresh_now(
     principal: &Principal,
     req: pb::RefreshNowRequest,
     tokens: &TokenService,
-) -> Result<pb::Mailbox, Status> {
+) -> Result<pb::Mailbox, Error> {
     span_object(&req.tenant, &req.mailbox);
     audited(
         state,
@@ -101,7 +69,7 @@ pub(super) async fn refresh_now(
                 Err(
                     e @ (TokenError::RefreshFailing { .. } | TokenError::ReauthRequired { .. }),
                 ) => e.to_string().chars().take(300).collect(),
-                Err(e) => return Err(e.to_status()),
+                Err(e) => return Err(e.into()),
             };
             let mailbox = mailbox_view(state, &req.tenant, &req.mailbox).await?;
             Ok((mailbox, detail))

@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
-use crate::admin::ProviderPolicy;
 use crate::audit::{AuditRetention, Retention};
+use crate::ops::provider_policy::ProviderPolicy;
 
 /// `[admin]`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

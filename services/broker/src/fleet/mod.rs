@@ -27,9 +27,9 @@ use futures::Stream;
 use tokenfleet_proto::v1 as pb;
 use tonic::{Status, Streaming};
 
-use crate::admin::store_status;
 use crate::authz::Principal;
 use crate::identity::peer::AgentPeer;
+use crate::ops::Error;
 use crate::state::BrokerState;
 
 pub use agent_config::revision;
@@ -99,7 +99,7 @@ pub async fn agent_config(
         settings.heartbeat_seconds,
     )
     .await
-    .map_err(store_status)?;
+    .map_err(Error::from)?;
     tracing::debug!(
         devices = config.devices.len(),
         revision = %config.revision,
@@ -187,7 +187,7 @@ pub async fn get_fleet_status(
     state: &BrokerState,
     principal: &Principal,
     req: pb::GetFleetStatusRequest,
-) -> Result<pb::GetFleetStatusResponse, Status> {
+) -> Result<pb::GetFleetStatusResponse, Error> {
     status::fleet_status(state, principal, req).await
 }
 
@@ -196,7 +196,7 @@ pub async fn test_connection(
     state: &BrokerState,
     principal: &Principal,
     req: pb::TestConnectionRequest,
-) -> Result<pb::ConnectionTestResult, Status> {
+) -> Result<pb::ConnectionTestResult, Error> {
     test_connection::run(state, principal, req).await
 }
 

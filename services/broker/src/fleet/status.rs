@@ -10,13 +10,14 @@ use time::OffsetDateTime;
 use tokenfleet_domain::{Agent, Device, Mailbox, Tenant, TokenStatus};
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_store::Scope;
-use tonic::Status;
 
 use super::STALE_HEARTBEATS;
 use super::store::{AgentPresence, DeviceStatusRecord};
-use crate::admin::{invalid, records, span_object, store_status};
 use crate::authz::{Access, Principal, Target, authorize};
 use crate::convert::timestamp;
+use crate::ops::Error;
+use crate::ops::names::span_object;
+use crate::ops::stored::records;
 use crate::state::BrokerState;
 use crate::tokens::grant::GrantRecord;
 
@@ -24,7 +25,7 @@ pub(super) async fn fleet_status(
     state: &BrokerState,
     principal: &Principal,
     req: pb::GetFleetStatusRequest,
-) -> Result<pb::GetFleetStatusResponse, Status> {
+) -> Result<pb::GetFleetStatusResponse, Error> {
     let tenants = if req.tenant.is_empty() {
         match &principal.tenant {
             Some(own) => vec![own.clone()],
@@ -32,8 +33,7 @@ pub(super) async fn fleet_status(
                 authorize(principal, Target::Fleet, Access::Read)?;
                 records(state)
                     .list_all::<Tenant>(&Scope::Global)
-                    .await
-                    .map_err(store_status)?
+                    .await?
                     .into_iter()
                     .map(|t| t.value.name)
                     .collect()
@@ -41,7 +41,7 @@ pub(super) async fn fleet_status(
         }
     } else {
         authorize(principal, Target::Tenant(&req.tenant), Access::Read)?;
-        tokenfleet_domain::name("tenant", &req.tenant).map_err(invalid)?;
+        tokenfleet_domain::name("tenant", &req.tenant)?;
         span_object(&req.tenant, "");
         vec![req.tenant.clone()]
     };
@@ -71,45 +71,40 @@ async fn tenant_status(
     state: &BrokerState,
     tenant: &str,
     now: OffsetDateTime,
-) -> Result<Vec<pb::FleetDeviceStatus>, Status> {
+) -> Result<Vec<pb::FleetDeviceStatus>, Error> {
     let r = records(state);
     let scope = Scope::Tenant(tenant.to_owned());
-    let devices = r.list_all::<Device>(&scope).await.map_err(store_status)?;
+    let devices = r.list_all::<Device>(&scope).await?;
     if devices.is_empty() {
         return Ok(Vec::new());
     }
     let agents: HashMap<String, Agent> = r
         .list_all::<Agent>(&scope)
-        .await
-        .map_err(store_status)?
+        .await?
         .into_iter()
         .map(|a| (a.value.name.clone(), a.value))
         .collect();
     let presence: HashMap<String, AgentPresence> = r
         .list_all::<AgentPresence>(&scope)
-        .await
-        .map_err(store_status)?
+        .await?
         .into_iter()
         .map(|p| (p.value.agent.clone(), p.value))
         .collect();
     let reports: HashMap<String, DeviceStatusRecord> = r
         .list_all::<DeviceStatusRecord>(&scope)
-        .await
-        .map_err(store_status)?
+        .await?
         .into_iter()
         .map(|s| (s.value.device.clone(), s.value))
         .collect();
     let mailboxes: HashMap<String, Mailbox> = r
         .list_all::<Mailbox>(&scope)
-        .await
-        .map_err(store_status)?
+        .await?
         .into_iter()
         .map(|m| (m.value.name.clone(), m.value))
         .collect();
     let grants: HashMap<String, GrantRecord> = r
         .list_all::<GrantRecord>(&scope)
-        .await
-        .map_err(store_status)?
+        .await?
         .into_iter()
         .map(|g| (g.value.mailbox.clone(), g.value))
         .collect();

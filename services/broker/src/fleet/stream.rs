@@ -27,8 +27,8 @@ use super::store::{
     presence_key,
 };
 use super::{CommandStream, FleetSettings, STALE_HEARTBEATS, agent_config};
-use crate::admin::store_status;
 use crate::identity::peer::AgentPeer;
+use crate::ops::Error;
 use crate::records::{CAS_ATTEMPTS, Records, StoredRecord as _, agent_key};
 use crate::state::BrokerState;
 
@@ -263,7 +263,7 @@ impl Session {
             self.settings.heartbeat_seconds,
         )
         .await
-        .map_err(store_status)?;
+        .map_err(Error::from)?;
         self.config = Some((config.clone(), now));
         Ok(config)
     }
@@ -274,7 +274,7 @@ impl Session {
             .records()
             .get::<Agent>(&agent_key(&self.tenant, &self.agent))
             .await
-            .map_err(store_status)?;
+            .map_err(Error::from)?;
         match agent {
             None => Err(Status::permission_denied(format!(
                 "agent `{}` of tenant `{}` was deleted",
@@ -318,11 +318,11 @@ impl Session {
                     .records()
                     .put(&presence, Precondition::Any)
                     .await
-                    .map_err(store_status)?;
+                    .map_err(Error::from)?;
                 self.presence_version = Some(v);
                 Ok(())
             }
-            Err(e) => Err(store_status(e)),
+            Err(e) => Err(Error::from(e).into()),
         }
     }
 
@@ -332,7 +332,7 @@ impl Session {
             .records()
             .get::<AgentPresence>(&presence_key(&self.tenant, &self.agent))
             .await
-            .map_err(store_status)?;
+            .map_err(Error::from)?;
         match current {
             Some(p) if p.value.stream != self.stream => Err(Status::aborted(format!(
                 "a newer status stream of agent `{}` (replica {}) replaced this one",
@@ -351,7 +351,7 @@ impl Session {
         for status in &report.devices {
             if !config.devices.iter().any(|d| d.name == status.device) {
                 tracing::debug!(
-                    device = %crate::admin::shown(&status.device),
+                    device = %crate::ops::names::shown(&status.device),
                     "report names a device this agent does not host; ignored"
                 );
                 continue;
@@ -372,7 +372,7 @@ impl Session {
             self.records()
                 .put(&record, Precondition::Any)
                 .await
-                .map_err(store_status)?;
+                .map_err(Error::from)?;
         }
         Ok(())
     }
@@ -407,7 +407,7 @@ impl Session {
             .put(&answer, Precondition::Any)
             .await
             .map(|_| ())
-            .map_err(store_status)
+            .map_err(|e| Error::from(e).into())
     }
 
     /// Updates `last_seen` and `software_version` on the agent record, at most every half
@@ -445,7 +445,7 @@ impl Session {
                         self.agent, self.tenant
                     )));
                 }
-                Err(e) => return Err(store_status(e)),
+                Err(e) => return Err(Error::from(e).into()),
             }
         }
         // Someone keeps changing the record; the next report tries again.

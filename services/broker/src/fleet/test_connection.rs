@@ -11,19 +11,18 @@ use time::OffsetDateTime;
 use tokenfleet_domain::Device;
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_store::{Precondition, StoreError};
-use tonic::Status;
 
 use super::format_age;
 use super::store::{
     AgentPresence, CommandAnswer, QueuedCommand, command_key, command_result_key, encode_wire,
     new_command_id, presence_key,
 };
-use crate::admin::{
-    Change, audited, invalid, must_get, object_path, precondition, records, shown, span_object,
-    store_status,
-};
 use crate::authz::{Access, Principal, Target, authorize};
 use crate::convert::timestamp;
+use crate::ops::Error;
+use crate::ops::change::{Change, audited};
+use crate::ops::names::{object_path, shown, span_object};
+use crate::ops::stored::{must_get, records};
 use crate::records::device_key;
 use crate::state::BrokerState;
 
@@ -40,7 +39,7 @@ pub(super) async fn run(
     state: &BrokerState,
     principal: &Principal,
     req: pb::TestConnectionRequest,
-) -> Result<pb::ConnectionTestResult, Status> {
+) -> Result<pb::ConnectionTestResult, Error> {
     let change = Change {
         action: "device.test",
         target: object_path(&req.tenant, "devices", &req.device),
@@ -66,15 +65,15 @@ pub(super) async fn run(
 async fn test(
     state: &BrokerState,
     req: &pb::TestConnectionRequest,
-) -> Result<pb::ConnectionTestResult, Status> {
-    tokenfleet_domain::name("tenant", &req.tenant).map_err(invalid)?;
-    tokenfleet_domain::name("device", &req.device).map_err(invalid)?;
+) -> Result<pb::ConnectionTestResult, Error> {
+    tokenfleet_domain::name("tenant", &req.tenant)?;
+    tokenfleet_domain::name("device", &req.device)?;
     span_object(&req.tenant, &req.device);
     let timeout = match req.timeout_seconds {
         0 => DEFAULT_TIMEOUT_SECONDS,
         t if t <= MAX_TIMEOUT_SECONDS => t,
         t => {
-            return Err(Status::invalid_argument(format!(
+            return Err(Error::InvalidArgument(format!(
                 "timeout_seconds: must be 0-{MAX_TIMEOUT_SECONDS} (0 = {DEFAULT_TIMEOUT_SECONDS}), got {t}"
             )));
         }
@@ -83,7 +82,7 @@ async fn test(
         Ok(pb::ConnectionTarget::Unspecified) => pb::ConnectionTarget::Send,
         Ok(t) => t,
         Err(_) => {
-            return Err(Status::invalid_argument(format!(
+            return Err(Error::InvalidArgument(format!(
                 "target: unknown value {}",
                 req.target
             )));
@@ -101,7 +100,7 @@ async fn test(
     .await?
     .value;
     if device.agent.is_empty() {
-        return Err(precondition(
+        return Err(Error::precondition(
             "device.agent",
             format!(
                 "device `{}` has no agent assigned, so nothing can test its connections; set its agent",
@@ -110,7 +109,7 @@ async fn test(
         ));
     }
     if target == pb::ConnectionTarget::Fetch && device.fetch.server.is_empty() {
-        return Err(precondition(
+        return Err(Error::precondition(
             "target",
             format!("device `{}` has no fetch profile to test", device.name),
         ));
@@ -127,8 +126,7 @@ async fn test(
     };
     let presence = records(state)
         .get::<AgentPresence>(&presence_key(&device.tenant, &device.agent))
-        .await
-        .map_err(store_status)?
+        .await?
         .map(|p| p.value)
         .filter(|p| p.live(now));
     if presence.is_none() {
@@ -163,20 +161,13 @@ async fn test(
         expires: now + time::Duration::seconds(i64::from(timeout)),
         command: encode_wire(&command),
     };
-    records(state)
-        .put(&queued, Precondition::Absent)
-        .await
-        .map_err(store_status)?;
+    records(state).put(&queued, Precondition::Absent).await?;
     super::wake::wake(state, &device.tenant, &device.agent);
     tracing::info!(command = %id, agent = %device.agent, "connection test queued");
 
     let answer_key = command_result_key(&device.tenant, &id);
     loop {
-        if let Some(answer) = records(state)
-            .get::<CommandAnswer>(&answer_key)
-            .await
-            .map_err(store_status)?
-        {
+        if let Some(answer) = records(state).get::<CommandAnswer>(&answer_key).await? {
             let _ = records(state)
                 .delete(&answer_key, Precondition::Version(answer.version))
                 .await;
@@ -203,12 +194,11 @@ async fn test(
     {
         Ok(removed) => removed,
         Err(StoreError::NotFound(_)) => false,
-        Err(e) => return Err(store_status(e)),
+        Err(e) => return Err(e.into()),
     };
     let connected = records(state)
         .get::<AgentPresence>(&presence_key(&device.tenant, &device.agent))
-        .await
-        .map_err(store_status)?
+        .await?
         .is_some_and(|p| p.value.live(state.clock.now()));
     let summary = match (never_sent, connected) {
         (_, false) => format!(
@@ -239,7 +229,7 @@ async fn await_current_config(
     state: &BrokerState,
     device: &Device,
     timeout: Duration,
-) -> Result<(), Status> {
+) -> Result<(), Error> {
     let wait = CONFIG_WAIT.min(timeout / 4);
     let deadline = tokio::time::Instant::now() + wait;
     let key = presence_key(&device.tenant, &device.agent);
@@ -247,8 +237,7 @@ async fn await_current_config(
     loop {
         let Some(presence) = records(state)
             .get::<AgentPresence>(&key)
-            .await
-            .map_err(store_status)?
+            .await?
             .map(|p| p.value)
         else {
             return Ok(());
@@ -260,8 +249,7 @@ async fn await_current_config(
             &device.agent,
             presence.heartbeat_seconds,
         )
-        .await
-        .map_err(store_status)?
+        .await?
         .revision;
         // Applied, or at least acted on (an agent that could not apply it tests what it runs).
         if presence.config_revision == current || presence.reloaded_revision == current {

@@ -110,6 +110,23 @@ pub enum CodeError {
     Store(#[from] StoreError),
 }
 
+/// How a refused enrollment code answers: unknown, expired and replaced codes as an unknown
+/// credential, a revoked agent as a refusal, a changed agent record as a precondition.
+impl From<CodeError> for crate::ops::Error {
+    fn from(e: CodeError) -> Self {
+        match e {
+            CodeError::Store(e) => e.into(),
+            CodeError::Unknown | CodeError::Expired | CodeError::Superseded => {
+                Self::Unauthenticated(e.to_string())
+            }
+            CodeError::AgentReplaced(_) | CodeError::ReEnrollRequired(..) => {
+                Self::FailedPrecondition(e.to_string())
+            }
+            CodeError::Revoked(_) => Self::PermissionDenied(e.to_string()),
+        }
+    }
+}
+
 /// Store key of the code with hash `hash`.
 pub fn code_key(hash: &str) -> RecordKey {
     RecordKey::global(CODES, hash)

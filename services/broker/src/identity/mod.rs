@@ -70,6 +70,24 @@ pub enum IdentityError {
     Random(String),
 }
 
+/// The one mapping of identity errors: an unusable CSR is the caller's fault, a store failure
+/// maps as everywhere, everything else is internal (details in the log, not in the answer).
+impl From<IdentityError> for crate::ops::Error {
+    fn from(e: IdentityError) -> Self {
+        match e {
+            IdentityError::Csr(_) => Self::InvalidArgument(e.to_string()),
+            IdentityError::Store(e) => e.into(),
+            IdentityError::Ca(_)
+            | IdentityError::Seal(_)
+            | IdentityError::Certificate(_)
+            | IdentityError::Random(_) => Self::internal(
+                "internal error in the agent CA (details in the broker log)",
+                format_args!("agent identity: {e}"),
+            ),
+        }
+    }
+}
+
 /// Who an agent is: its tenant and name, as its certificate says.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct AgentId {

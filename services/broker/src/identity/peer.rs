@@ -9,7 +9,7 @@
 use time::OffsetDateTime;
 use tokenfleet_domain::Agent;
 use tokenfleet_store::{Precondition, StoreError};
-use tonic::{Request, Status};
+use tonic::Request;
 
 use super::ca::{CertificateProblem, VerifiedCert};
 use super::{AgentCa, AgentCertificates, AgentId, certificates_key};
@@ -57,14 +57,16 @@ pub enum PeerError {
     Store(#[from] StoreError),
 }
 
-impl PeerError {
-    /// The gRPC status for the caller; details of store failures are logged, not sent.
-    pub fn into_status(self) -> Status {
-        match self {
-            Self::Store(e) => crate::admin::store_status(e),
-            Self::NoCertificate | Self::Certificate(_) => Status::unauthenticated(self.to_string()),
-            Self::UnknownAgent(_) | Self::Revoked(_) | Self::Superseded(_) => {
-                Status::permission_denied(self.to_string())
+/// The gRPC answer to a refused caller; store failures map as everywhere.
+impl From<PeerError> for crate::ops::Error {
+    fn from(e: PeerError) -> Self {
+        match e {
+            PeerError::Store(e) => e.into(),
+            PeerError::NoCertificate | PeerError::Certificate(_) => {
+                Self::Unauthenticated(e.to_string())
+            }
+            PeerError::UnknownAgent(_) | PeerError::Revoked(_) | PeerError::Superseded(_) => {
+                Self::PermissionDenied(e.to_string())
             }
         }
     }

@@ -120,6 +120,31 @@ impl ConsentError {
     }
 }
 
+/// The one mapping of consent errors to the operations' error.
+impl From<&ConsentError> for crate::ops::Error {
+    fn from(err: &ConsentError) -> Self {
+        match err {
+            ConsentError::NotFound(m) => Self::NotFound(m.clone()),
+            ConsentError::InvalidArgument(m) => Self::InvalidArgument(m.clone()),
+            ConsentError::FailedPrecondition(m) => Self::FailedPrecondition(m.clone()),
+            ConsentError::Unavailable(m) => Self::Unavailable {
+                message: m.clone(),
+                retry_after: None,
+                detail: String::new(),
+            },
+            ConsentError::Conflict(m) => Self::Aborted(m.clone()),
+            ConsentError::Store(e) => e.into(),
+            ConsentError::Seal { record, source } => Self::seal(source, record),
+        }
+    }
+}
+
+impl From<ConsentError> for crate::ops::Error {
+    fn from(err: ConsentError) -> Self {
+        Self::from(&err)
+    }
+}
+
 /// A provider error as one line for an operator: reason, what the provider said, code, fix.
 pub fn describe_provider_error(e: &ProviderError, mailbox: &str) -> String {
     let mut text = e.reason.clone();
@@ -1097,21 +1122,17 @@ pub async fn callback_page(state: &BrokerState, query: Option<&str>) -> Callback
             )
         }
         Err(e) => {
-            let status = match &e {
-                ConsentError::NotFound(_) => 404,
-                ConsentError::InvalidArgument(_) => 400,
-                ConsentError::FailedPrecondition(_) | ConsentError::Conflict(_) => 409,
-                ConsentError::Unavailable(_) => 502,
-                ConsentError::Store(_) | ConsentError::Seal { .. } => 500,
-            };
-            let text = match &e {
-                ConsentError::Store(_) | ConsentError::Seal { .. } => {
-                    tracing::error!(error = %e, tenant, mailbox = name, "oauth callback failed");
+            let provider_refused = matches!(e, ConsentError::FailedPrecondition(_));
+            let err = crate::ops::Error::from(e);
+            let status = crate::edge::http_status::http_status(&err);
+            let text = match &err {
+                crate::ops::Error::Internal { detail, .. } => {
+                    tracing::error!(error = %detail, tenant, mailbox = name, "oauth callback failed");
                     "The broker failed internally (details in its log); try again.".to_owned()
                 }
                 other => other.to_string(),
             };
-            if !matches!(e, ConsentError::FailedPrecondition(_)) || provider_error.is_none() {
+            if !provider_refused || provider_error.is_none() {
                 // Provider errors in the redirect were audited as `consent.failed` already.
                 audit(
                     state,

@@ -55,7 +55,6 @@ use tokenfleet_domain::{
 };
 use tokenfleet_providers::TokenResource;
 use tokenfleet_store::{Precondition, RecordKey, Scope, StoreError};
-use tonic::Status;
 
 use super::consent::{self, Challenge, ConsentError};
 use super::grant::PendingConsent;
@@ -228,27 +227,24 @@ impl From<StoreError> for IssueError {
     }
 }
 
-impl IssueError {
-    /// The gRPC status for this error (internal details are logged, not sent).
-    pub fn to_status(&self) -> Status {
-        match self {
-            Self::Token(e) => e.to_status(),
-            Self::Precondition(m) => Status::failed_precondition(m.clone()),
-            Self::Limit(m) => Status::resource_exhausted(m.clone()),
-            Self::Consent(e) => match e {
-                ConsentError::NotFound(m) => Status::not_found(m.clone()),
-                ConsentError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
-                ConsentError::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
-                ConsentError::Unavailable(m) => Status::unavailable(m.clone()),
-                ConsentError::Conflict(m) => Status::aborted(m.clone()),
-                ConsentError::Store(_) | ConsentError::Seal { .. } => {
-                    tracing::error!(error = %e, "starting a user consent failed");
-                    Status::internal(
-                        "internal error while starting the consent (details in the broker log)",
-                    )
-                }
+/// The one mapping of issuance errors to the operations' error.
+impl From<&IssueError> for crate::ops::Error {
+    fn from(e: &IssueError) -> Self {
+        match e {
+            IssueError::Token(e) => e.into(),
+            IssueError::Precondition(m) => Self::FailedPrecondition(m.clone()),
+            IssueError::Limit(m) => Self::ResourceExhausted {
+                message: m.clone(),
+                retry_after: None,
             },
+            IssueError::Consent(e) => e.into(),
         }
+    }
+}
+
+impl From<IssueError> for crate::ops::Error {
+    fn from(e: IssueError) -> Self {
+        Self::from(&e)
     }
 }
 
@@ -280,12 +276,12 @@ async fn audit_issue(
         time: state.clock.now(),
         actor: actor.to_owned(),
         action: ISSUE_ACTION.to_owned(),
-        target: crate::admin::object_path(tenant, "mailboxes", mailbox),
-        tenant: crate::admin::shown(tenant),
+        target: crate::ops::names::object_path(tenant, "mailboxes", mailbox),
+        tenant: crate::ops::names::shown(tenant),
         result: outcome.to_owned(),
         detail: format!(
             "device `{}`, purpose {purpose}{detail}",
-            crate::admin::shown(device)
+            crate::ops::names::shown(device)
         )
         .chars()
         .take(300)
@@ -319,7 +315,7 @@ pub async fn issue(
             record_issued(service, tenant, mailbox).await;
             ("ok", format!("; token expires {}", rfc3339(token.expires)))
         }
-        Err(e) => (audit::result_of(e.to_status().code()), format!(": {e}")),
+        Err(e) => (crate::ops::Error::from(e).result(), format!(": {e}")),
     };
     audit_issue(
         service, actor, tenant, device, mailbox, purpose, outcome, detail,
@@ -436,7 +432,7 @@ pub async fn issue_for_agent(
     }
     // The audit target: the mailbox once it is known.
     let mut target = if req.mailbox.is_empty() {
-        crate::admin::shown(req.user_address)
+        crate::ops::names::shown(req.user_address)
     } else {
         req.mailbox.to_owned()
     };
@@ -450,7 +446,7 @@ pub async fn issue_for_agent(
             CONSENT_REQUIRED_RESULT,
             format!(
                 ": consent required for user `{}` ({}, expires {})",
-                crate::admin::shown(req.user_address),
+                crate::ops::names::shown(req.user_address),
                 if c.authorization_url.is_empty() {
                     "device code"
                 } else {
@@ -459,7 +455,7 @@ pub async fn issue_for_agent(
                 rfc3339(c.expires)
             ),
         ),
-        Err(e) => (audit::result_of(e.to_status().code()), format!(": {e}")),
+        Err(e) => (crate::ops::Error::from(e).result(), format!(": {e}")),
     };
     audit_issue(
         service,
@@ -534,7 +530,7 @@ async fn for_user(
         return Err(TokenError::Denied(format!(
             "device `{}` may not send as user `{}`: the address is not among the device's ingress user addresses [{}]; add it (or its @domain) with `tokenfleetctl device update --tenant {tenant} --name {} --ingress-user-address <address>`",
             req.device,
-            crate::admin::shown(req.user_address),
+            crate::ops::names::shown(req.user_address),
             device.ingress.user_addresses.join(", "),
             req.device
         ))
@@ -625,7 +621,7 @@ async fn user_mailbox(
                         &mailbox,
                         format!(
                             "user mailbox of `{}` created on demand for device `{}` (provider `{}`, {}, purposes {})",
-                            crate::admin::shown(address),
+                            crate::ops::names::shown(address),
                             device.name,
                             mailbox.provider,
                             mailbox.grant_type,
@@ -645,8 +641,8 @@ async fn user_mailbox(
             return Err(IssueError::Precondition(format!(
                 "mailbox `{name}` in tenant `{tenant}` (kind {}, address `{}`) is not the user mailbox of `{}`; rename or delete it",
                 value.kind,
-                crate::admin::shown(&value.address),
-                crate::admin::shown(address)
+                crate::ops::names::shown(&value.address),
+                crate::ops::names::shown(address)
             )));
         }
         if value.purposes.contains(&purpose) {
@@ -772,7 +768,7 @@ async fn audit_mailbox(
         time: state.clock.now(),
         actor: actor.to_owned(),
         action: action.to_owned(),
-        target: crate::admin::object_path(&mailbox.tenant, "mailboxes", &mailbox.name),
+        target: crate::ops::names::object_path(&mailbox.tenant, "mailboxes", &mailbox.name),
         tenant: mailbox.tenant.clone(),
         result: "ok".to_owned(),
         detail: detail.chars().take(300).collect(),

@@ -61,7 +61,6 @@ use tokenfleet_providers::{
 };
 use tokenfleet_seal::{SealError, Secret};
 use tokenfleet_store::{Lease, Precondition, StoreError};
-use tonic::Status;
 
 use super::backoff::{Backoff, unit_random};
 use super::breaker::{Admission, BreakerConfig, Breakers, GrantId, Held, Outcome, release_delay};
@@ -407,38 +406,36 @@ impl From<StoreError> for TokenError {
     }
 }
 
-impl TokenError {
-    /// The gRPC status for this error (the one mapping; internal details are logged, not sent).
-    pub fn to_status(&self) -> Status {
-        match self {
-            Self::MailboxNotFound { .. } => Status::not_found(self.to_string()),
-            Self::Disabled { .. }
-            | Self::NotRetrieved { .. }
-            | Self::ConsentPending { .. }
-            | Self::ReauthRequired { .. }
-            | Self::Provider { .. } => Status::failed_precondition(self.to_string()),
-            Self::RefreshFailing { .. } | Self::Busy { .. } => {
-                Status::unavailable(self.to_string())
-            }
-            Self::Changed { .. } => Status::aborted(self.to_string()),
-            Self::Denied(m) => Status::permission_denied(m.clone()),
-            Self::Invalid(m) => Status::invalid_argument(m.clone()),
-            Self::Store(e) => match e.as_ref() {
-                StoreError::Conflict { .. } => Status::aborted("changed concurrently; retry"),
-                StoreError::Unavailable(_) => {
-                    tracing::warn!(error = %e, "store unavailable");
-                    Status::unavailable("the store is unavailable; retry later")
-                }
-                other => {
-                    tracing::error!(error = %other, "store failure");
-                    Status::internal("internal store error (details in the broker log)")
-                }
+/// The one mapping of token errors to the operations' error (the gRPC and HTTP edges map that).
+impl From<&TokenError> for crate::ops::Error {
+    fn from(e: &TokenError) -> Self {
+        match e {
+            TokenError::MailboxNotFound { .. } => Self::NotFound(e.to_string()),
+            TokenError::Disabled { .. }
+            | TokenError::NotRetrieved { .. }
+            | TokenError::ConsentPending { .. }
+            | TokenError::ReauthRequired { .. }
+            | TokenError::Provider { .. } => Self::FailedPrecondition(e.to_string()),
+            TokenError::RefreshFailing { .. } | TokenError::Busy { .. } => Self::Unavailable {
+                message: e.to_string(),
+                retry_after: None,
+                detail: String::new(),
             },
-            Self::Internal(_) => {
-                tracing::error!(error = %self, "token lifecycle failure");
-                Status::internal("internal error (details in the broker log)")
-            }
+            TokenError::Changed { .. } => Self::Aborted(e.to_string()),
+            TokenError::Denied(m) => Self::PermissionDenied(m.clone()),
+            TokenError::Invalid(m) => Self::InvalidArgument(m.clone()),
+            TokenError::Store(s) => s.as_ref().into(),
+            TokenError::Internal(_) => Self::internal(
+                "internal error (details in the broker log)",
+                format_args!("token lifecycle failure: {e}"),
+            ),
         }
+    }
+}
+
+impl From<TokenError> for crate::ops::Error {
+    fn from(e: TokenError) -> Self {
+        Self::from(&e)
     }
 }
 

@@ -1922,7 +1922,9 @@ async fn reseal_seals_proxy_passwords_of_older_records() {
         shown.http_proxy,
         "http://proxy-user:[redacted]@127.0.0.1:3128"
     );
-    records::reseal_all(&broker.state).await.unwrap();
+    tokenfleet_broker::reseal::reseal_all(&broker.state)
+        .await
+        .unwrap();
     let p = records
         .get::<tokenfleet_domain::Provider>(&key)
         .await
@@ -1955,9 +1957,13 @@ async fn reseal_all_moves_every_secret_to_the_new_key() {
         keyring: Arc::new(keyring("k2", &["k1", "k2"])),
         ..broker.state.clone()
     };
-    let report = records::reseal_all(&rotated).await.unwrap();
+    let report = tokenfleet_broker::reseal::reseal_all(&rotated)
+        .await
+        .unwrap();
     assert_eq!((report.examined, report.resealed), (3, 3));
-    let again = records::reseal_all(&rotated).await.unwrap();
+    let again = tokenfleet_broker::reseal::reseal_all(&rotated)
+        .await
+        .unwrap();
     assert_eq!((again.examined, again.resealed), (3, 0));
 
     // With only the new key, every secret still opens.

@@ -689,14 +689,14 @@ async fn the_agent_ca_survives_a_sealing_key_rotation() {
     assert_eq!(ca.cert_pem(), again.cert_pem());
 
     let rotated = state("k2", &[("k1", &k1), ("k2", &k2)]);
-    let report = tokenfleet_broker::records::reseal_all(&rotated)
+    let report = tokenfleet_broker::reseal::reseal_all(&rotated)
         .await
         .unwrap();
     assert_eq!((report.examined, report.resealed), (1, 1));
     let only_new = state("k2", &[("k2", &k2)]);
     let reloaded = AgentCa::load_or_create(&only_new).await.unwrap();
     assert_eq!(reloaded.cert_pem(), ca.cert_pem());
-    let report = tokenfleet_broker::records::reseal_all(&only_new)
+    let report = tokenfleet_broker::reseal::reseal_all(&only_new)
         .await
         .unwrap();
     assert_eq!((report.examined, report.resealed), (1, 0));

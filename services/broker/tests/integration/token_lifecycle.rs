@@ -1771,12 +1771,12 @@ async fn reseal_moves_grant_secrets_to_the_new_key() {
         ),
         ..env.state.clone()
     };
-    let report = tokenfleet_broker::records::reseal_all(&rotated)
+    let report = tokenfleet_broker::reseal::reseal_all(&rotated)
         .await
         .unwrap();
     // The provider's client secret, the grant's refresh and access token.
     assert_eq!((report.examined, report.resealed), (3, 3));
-    let again = tokenfleet_broker::records::reseal_all(&rotated)
+    let again = tokenfleet_broker::reseal::reseal_all(&rotated)
         .await
         .unwrap();
     assert_eq!((again.examined, again.resealed), (3, 0));

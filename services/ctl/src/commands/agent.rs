@@ -3,59 +3,29 @@
 
 use tokenfleet_proto::v1 as pb;
 
-use super::{Changes, Ctx, collect_pages, version_of};
+use super::resource::{self, Agents, Name};
+use super::{Changes, Ctx, version_of};
 use crate::cli::{AgentCommand, AgentFields, ScopedName, VersionArg};
 use crate::error::CtlError;
-use crate::view::{AgentView, DeletedView};
+use crate::view::AgentView;
 
 pub(super) async fn run(cmd: AgentCommand, ctx: &Ctx) -> Result<(), CtlError> {
     match cmd {
         AgentCommand::Create { id, fields } => {
             let req = create_request(id, fields);
-            let a = ctx
-                .call(|mut c| async move { c.create_agent(req).await })
-                .await?;
-            ctx.printer.object(&AgentView::from(&a))
+            resource::create::<Agents>(ctx, req).await
         }
         AgentCommand::List { scope, list } => {
-            let tenant = scope.tenant;
-            let all = collect_pages(list, |page_size, page_token| {
-                let req = pb::ListAgentsRequest {
-                    tenant: tenant.clone(),
-                    page_size,
-                    page_token,
-                };
-                async move {
-                    let page = ctx
-                        .call(|mut c| async move { c.list_agents(req).await })
-                        .await?;
-                    Ok((page.agents, page.next_page_token))
-                }
-            })
-            .await?;
-            ctx.printer
-                .list(&all.iter().map(AgentView::from).collect::<Vec<_>>())
+            resource::list::<Agents>(ctx, scope.tenant, list).await
         }
-        AgentCommand::Show { id } => {
-            let req = pb::GetAgentRequest {
-                tenant: id.tenant,
-                name: id.name,
-            };
-            let a = ctx
-                .call(|mut c| async move { c.get_agent(req).await })
-                .await?;
-            ctx.printer.object(&AgentView::from(&a))
-        }
+        AgentCommand::Show { id } => resource::show::<Agents>(ctx, Name::scoped(id)).await,
         AgentCommand::Update {
             id,
             fields,
             version,
         } => {
             let req = update_request(id, fields, version)?;
-            let a = ctx
-                .call(|mut c| async move { c.update_agent(req).await })
-                .await?;
-            ctx.printer.object(&AgentView::from(&a))
+            resource::update::<Agents>(ctx, req).await
         }
         AgentCommand::EnrollCode(args) => {
             let req = crate::agent_identity::enroll_code_request(args);
@@ -75,19 +45,7 @@ pub(super) async fn run(cmd: AgentCommand, ctx: &Ctx) -> Result<(), CtlError> {
             ctx.printer.object(&AgentView::from(&a))
         }
         AgentCommand::Delete { id, version } => {
-            let req = pb::DeleteAgentRequest {
-                tenant: id.tenant.clone(),
-                name: id.name.clone(),
-                version: version_of(version.version),
-            };
-            ctx.call(|mut c| async move { c.delete_agent(req).await })
-                .await?;
-            ctx.printer.deleted(&DeletedView {
-                deleted: true,
-                kind: "agent",
-                tenant: Some(id.tenant),
-                name: id.name,
-            })
+            resource::delete::<Agents>(ctx, Name::scoped(id), version.version).await
         }
     }
 }

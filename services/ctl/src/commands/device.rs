@@ -2,7 +2,8 @@
 
 use tokenfleet_proto::v1 as pb;
 
-use super::{Changes, Ctx, collect_pages, leaf, version_of};
+use super::resource::{self, Devices, Name};
+use super::{Changes, Ctx, leaf, version_of};
 use crate::cli::{
     DeviceClear, DeviceCommand, DeviceFields, FetchFields, IngressFields, ScopedName, SmtpFields,
     VersionArg,
@@ -10,40 +11,17 @@ use crate::cli::{
 use crate::enums::TlsVersion;
 use crate::error::CtlError;
 use crate::input::FileInput;
-use crate::view::{DeletedView, DeviceView};
 
 pub(super) async fn run(cmd: DeviceCommand, ctx: &Ctx) -> Result<(), CtlError> {
     match cmd {
         DeviceCommand::Create { id, fields } => {
             let req = create_request(id, fields, &mut FileInput::new())?;
-            let d = ctx
-                .call(|mut c| async move { c.create_device(req).await })
-                .await?;
-            ctx.printer.object(&DeviceView::from(&d))
+            resource::create::<Devices>(ctx, req).await
         }
         DeviceCommand::List { scope, list } => {
-            let tenant = scope.tenant;
-            let all = collect_pages(list, |page_size, page_token| {
-                let req = pb::ListDevicesRequest {
-                    tenant: tenant.clone(),
-                    page_size,
-                    page_token,
-                };
-                async move {
-                    let page = ctx
-                        .call(|mut c| async move { c.list_devices(req).await })
-                        .await?;
-                    Ok((page.devices, page.next_page_token))
-                }
-            })
-            .await?;
-            ctx.printer
-                .list(&all.iter().map(DeviceView::from).collect::<Vec<_>>())
+            resource::list::<Devices>(ctx, scope.tenant, list).await
         }
-        DeviceCommand::Show { id } => {
-            let d = get(ctx, &id).await?;
-            ctx.printer.object(&DeviceView::from(&d))
-        }
+        DeviceCommand::Show { id } => resource::show::<Devices>(ctx, Name::scoped(id)).await,
         DeviceCommand::Update {
             id,
             fields,
@@ -53,42 +31,18 @@ pub(super) async fn run(cmd: DeviceCommand, ctx: &Ctx) -> Result<(), CtlError> {
             // Local input first: a bad file fails before anything is sent.
             let files = DeviceFiles::read(&fields, &mut FileInput::new())?;
             let current = if needs_current(&fields, &clear) {
-                Some(get(ctx, &id).await?)
+                Some(resource::get::<Devices>(ctx, Name::scoped(id.clone())).await?)
             } else {
                 None
             };
             let req = update_request(id, fields, files, clear, version, current.as_ref())?;
-            let d = ctx
-                .call(|mut c| async move { c.update_device(req).await })
-                .await?;
-            ctx.printer.object(&DeviceView::from(&d))
+            resource::update::<Devices>(ctx, req).await
         }
         DeviceCommand::Test(args) => super::fleet::run_test(args, ctx).await,
         DeviceCommand::Delete { id, version } => {
-            let req = pb::DeleteDeviceRequest {
-                tenant: id.tenant.clone(),
-                name: id.name.clone(),
-                version: version_of(version.version),
-            };
-            ctx.call(|mut c| async move { c.delete_device(req).await })
-                .await?;
-            ctx.printer.deleted(&DeletedView {
-                deleted: true,
-                kind: "device",
-                tenant: Some(id.tenant),
-                name: id.name,
-            })
+            resource::delete::<Devices>(ctx, Name::scoped(id), version.version).await
         }
     }
-}
-
-async fn get(ctx: &Ctx, id: &ScopedName) -> Result<pb::Device, CtlError> {
-    let req = pb::GetDeviceRequest {
-        tenant: id.tenant.clone(),
-        name: id.name.clone(),
-    };
-    ctx.call(|mut c| async move { c.get_device(req).await })
-        .await
 }
 
 /// Contents of the files the flags name.

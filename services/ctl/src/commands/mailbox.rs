@@ -2,74 +2,31 @@
 
 use tokenfleet_proto::v1 as pb;
 
-use super::{Changes, Ctx, collect_pages, version_of};
+use super::resource::{self, Mailboxes, Name};
+use super::{Changes, Ctx, version_of};
 use crate::cli::{MailboxCommand, MailboxFields, ScopedName, VersionArg};
 use crate::error::CtlError;
-use crate::view::{DeletedView, MailboxView};
 
 pub(super) async fn run(cmd: MailboxCommand, ctx: &Ctx) -> Result<(), CtlError> {
     match cmd {
         MailboxCommand::Create { id, fields } => {
             let req = create_request(id, fields);
-            let m = ctx
-                .call(|mut c| async move { c.create_mailbox(req).await })
-                .await?;
-            ctx.printer.object(&MailboxView::from(&m))
+            resource::create::<Mailboxes>(ctx, req).await
         }
         MailboxCommand::List { scope, list } => {
-            let tenant = scope.tenant;
-            let all = collect_pages(list, |page_size, page_token| {
-                let req = pb::ListMailboxesRequest {
-                    tenant: tenant.clone(),
-                    page_size,
-                    page_token,
-                };
-                async move {
-                    let page = ctx
-                        .call(|mut c| async move { c.list_mailboxes(req).await })
-                        .await?;
-                    Ok((page.mailboxs, page.next_page_token))
-                }
-            })
-            .await?;
-            ctx.printer
-                .list(&all.iter().map(MailboxView::from).collect::<Vec<_>>())
+            resource::list::<Mailboxes>(ctx, scope.tenant, list).await
         }
-        MailboxCommand::Show { id } => {
-            let req = pb::GetMailboxRequest {
-                tenant: id.tenant,
-                name: id.name,
-            };
-            let m = ctx
-                .call(|mut c| async move { c.get_mailbox(req).await })
-                .await?;
-            ctx.printer.object(&MailboxView::from(&m))
-        }
+        MailboxCommand::Show { id } => resource::show::<Mailboxes>(ctx, Name::scoped(id)).await,
         MailboxCommand::Update {
             id,
             fields,
             version,
         } => {
             let req = update_request(id, fields, version)?;
-            let m = ctx
-                .call(|mut c| async move { c.update_mailbox(req).await })
-                .await?;
-            ctx.printer.object(&MailboxView::from(&m))
+            resource::update::<Mailboxes>(ctx, req).await
         }
         MailboxCommand::Delete { id, version } => {
-            let req = pb::DeleteMailboxRequest {
-                tenant: id.tenant.clone(),
-                name: id.name.clone(),
-                version: version_of(version.version),
-            };
-            ctx.call(|mut c| async move { c.delete_mailbox(req).await })
-                .await?;
-            ctx.printer.deleted(&DeletedView {
-                deleted: true,
-                kind: "mailbox",
-                tenant: Some(id.tenant),
-                name: id.name,
-            })
+            resource::delete::<Mailboxes>(ctx, Name::scoped(id), version.version).await
         }
         MailboxCommand::Consent(args) => super::consent::run_consent(args, ctx).await,
         MailboxCommand::DeleteToken(target) => super::consent::run_delete_token(target, ctx).await,

@@ -10,6 +10,7 @@ mod device;
 pub mod fleet;
 mod mailbox;
 mod provider;
+mod resource;
 mod tenant;
 
 use std::future::Future;

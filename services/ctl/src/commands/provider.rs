@@ -2,45 +2,23 @@
 
 use tokenfleet_proto::v1 as pb;
 
-use super::{Changes, Ctx, collect_pages, leaf, version_of};
+use super::resource::{self, Name, Providers};
+use super::{Changes, Ctx, leaf, version_of};
 use crate::cli::{ProviderClear, ProviderCommand, ProviderFields, ScopedName, VersionArg};
 use crate::enums::ProviderKind;
 use crate::error::CtlError;
 use crate::input::FileInput;
-use crate::view::{DeletedView, ProviderView};
 
 pub(super) async fn run(cmd: ProviderCommand, ctx: &Ctx) -> Result<(), CtlError> {
     match cmd {
         ProviderCommand::Create { id, kind, fields } => {
             let req = create_request(id, kind, fields, &mut FileInput::new())?;
-            let p = ctx
-                .call(|mut c| async move { c.create_provider(req).await })
-                .await?;
-            ctx.printer.object(&ProviderView::from(&p))
+            resource::create::<Providers>(ctx, req).await
         }
         ProviderCommand::List { scope, list } => {
-            let tenant = scope.tenant;
-            let all = collect_pages(list, |page_size, page_token| {
-                let req = pb::ListProvidersRequest {
-                    tenant: tenant.clone(),
-                    page_size,
-                    page_token,
-                };
-                async move {
-                    let page = ctx
-                        .call(|mut c| async move { c.list_providers(req).await })
-                        .await?;
-                    Ok((page.providers, page.next_page_token))
-                }
-            })
-            .await?;
-            ctx.printer
-                .list(&all.iter().map(ProviderView::from).collect::<Vec<_>>())
+            resource::list::<Providers>(ctx, scope.tenant, list).await
         }
-        ProviderCommand::Show { id } => {
-            let p = get(ctx, &id).await?;
-            ctx.printer.object(&ProviderView::from(&p))
-        }
+        ProviderCommand::Show { id } => resource::show::<Providers>(ctx, Name::scoped(id)).await,
         ProviderCommand::Update {
             id,
             fields,
@@ -51,41 +29,17 @@ pub(super) async fn run(cmd: ProviderCommand, ctx: &Ctx) -> Result<(), CtlError>
             let mut input = FileInput::new();
             let files = ProviderFiles::read(&fields, &mut input)?;
             let current = if needs_current(&fields) {
-                Some(get(ctx, &id).await?)
+                Some(resource::get::<Providers>(ctx, Name::scoped(id.clone())).await?)
             } else {
                 None
             };
             let req = update_request(id, fields, files, clear, version, current.as_ref())?;
-            let p = ctx
-                .call(|mut c| async move { c.update_provider(req).await })
-                .await?;
-            ctx.printer.object(&ProviderView::from(&p))
+            resource::update::<Providers>(ctx, req).await
         }
         ProviderCommand::Delete { id, version } => {
-            let req = pb::DeleteProviderRequest {
-                tenant: id.tenant.clone(),
-                name: id.name.clone(),
-                version: version_of(version.version),
-            };
-            ctx.call(|mut c| async move { c.delete_provider(req).await })
-                .await?;
-            ctx.printer.deleted(&DeletedView {
-                deleted: true,
-                kind: "provider",
-                tenant: Some(id.tenant),
-                name: id.name,
-            })
+            resource::delete::<Providers>(ctx, Name::scoped(id), version.version).await
         }
     }
-}
-
-async fn get(ctx: &Ctx, id: &ScopedName) -> Result<pb::Provider, CtlError> {
-    let req = pb::GetProviderRequest {
-        tenant: id.tenant.clone(),
-        name: id.name.clone(),
-    };
-    ctx.call(|mut c| async move { c.get_provider(req).await })
-        .await
 }
 
 /// Contents of the files the flags name.

@@ -2,66 +2,29 @@
 
 use tokenfleet_proto::v1 as pb;
 
-use super::{Changes, Ctx, collect_pages, version_of};
+use super::resource::{self, Name, Tenants};
+use super::{Changes, Ctx, version_of};
 use crate::cli::{TenantCommand, TenantFields, TenantName, VersionArg};
 use crate::error::CtlError;
-use crate::view::{DeletedView, TenantView};
 
 pub(super) async fn run(cmd: TenantCommand, ctx: &Ctx) -> Result<(), CtlError> {
     match cmd {
         TenantCommand::Create { id, fields } => {
             let req = create_request(id, fields);
-            let t = ctx
-                .call(|mut c| async move { c.create_tenant(req).await })
-                .await?;
-            ctx.printer.object(&TenantView::from(&t))
+            resource::create::<Tenants>(ctx, req).await
         }
-        TenantCommand::List { list } => {
-            let all = collect_pages(list, |page_size, page_token| async move {
-                let req = pb::ListTenantsRequest {
-                    page_size,
-                    page_token,
-                };
-                let page = ctx
-                    .call(|mut c| async move { c.list_tenants(req).await })
-                    .await?;
-                Ok((page.tenants, page.next_page_token))
-            })
-            .await?;
-            ctx.printer
-                .list(&all.iter().map(TenantView::from).collect::<Vec<_>>())
-        }
-        TenantCommand::Show { id } => {
-            let req = pb::GetTenantRequest { name: id.name };
-            let t = ctx
-                .call(|mut c| async move { c.get_tenant(req).await })
-                .await?;
-            ctx.printer.object(&TenantView::from(&t))
-        }
+        TenantCommand::List { list } => resource::list::<Tenants>(ctx, String::new(), list).await,
+        TenantCommand::Show { id } => resource::show::<Tenants>(ctx, Name::global(id.name)).await,
         TenantCommand::Update {
             id,
             fields,
             version,
         } => {
             let req = update_request(id, fields, version)?;
-            let t = ctx
-                .call(|mut c| async move { c.update_tenant(req).await })
-                .await?;
-            ctx.printer.object(&TenantView::from(&t))
+            resource::update::<Tenants>(ctx, req).await
         }
         TenantCommand::Delete { id, version } => {
-            let req = pb::DeleteTenantRequest {
-                name: id.name.clone(),
-                version: version_of(version.version),
-            };
-            ctx.call(|mut c| async move { c.delete_tenant(req).await })
-                .await?;
-            ctx.printer.deleted(&DeletedView {
-                deleted: true,
-                kind: "tenant",
-                tenant: None,
-                name: id.name,
-            })
+            resource::delete::<Tenants>(ctx, Name::global(id.name), version.version).await
         }
     }
 }

@@ -1,0 +1,71 @@
+//! Audited changes: every change an operation makes (and every refused attempt) is recorded in
+//! the audit log with its outcome, in the stream of the tenant it concerns.
+
+use std::future::Future;
+
+use tokenfleet_domain::AuditEvent;
+use tokenfleet_store::Scope;
+
+use super::Error;
+use super::names::shown;
+use crate::audit;
+use crate::authz::{Access, Principal};
+use crate::state::BrokerState;
+
+/// What an audited change concerns.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// `provider.create`, ...
+    pub action: &'static str,
+    /// `tenants/acme/providers/m365`, ...
+    pub target: String,
+    /// Tenant of the object; empty for global objects (tenant records themselves).
+    pub tenant: String,
+}
+
+/// Runs a change and records its outcome (success, refusal or failure) in the audit log.
+/// The change's future returns the result and a detail line for the audit event.
+pub async fn audited<T>(
+    state: &BrokerState,
+    principal: &Principal,
+    change: Change,
+    run: impl Future<Output = Result<(T, String), Error>>,
+) -> Result<T, Error> {
+    let outcome = run.await;
+    let (result, detail) = match &outcome {
+        Ok((_, detail)) => ("ok", detail.clone()),
+        Err(err) => (err.result(), err.to_string().chars().take(300).collect()),
+    };
+    // A tenant's stream gets what happened in it, as far as the caller is allowed to look at the
+    // tenant; attempts on other tenants go to the global stream, so a caller cannot write into a
+    // foreign tenant's log.
+    let scope = if change.tenant.is_empty()
+        || tokenfleet_domain::name("tenant", &change.tenant).is_err()
+        || !principal.may_access_tenant(&change.tenant, Access::Read)
+    {
+        Scope::Global
+    } else {
+        Scope::Tenant(change.tenant.clone())
+    };
+    match &outcome {
+        Ok(_) => tracing::info!(action = change.action, target = %change.target, "admin change"),
+        Err(err) => tracing::info!(
+            action = change.action,
+            target = %change.target,
+            code = err.result(),
+            message = %err,
+            "admin change refused"
+        ),
+    }
+    let event = AuditEvent {
+        time: state.clock.now(),
+        actor: principal.actor(),
+        action: change.action.to_owned(),
+        target: change.target,
+        tenant: shown(&change.tenant),
+        result: result.to_owned(),
+        detail,
+    };
+    audit::record(state, &scope, event).await;
+    outcome.map(|(value, _)| value)
+}

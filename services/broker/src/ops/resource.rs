@@ -1,0 +1,480 @@
+//! The generic resource operations: one implementation of create, get, list, update (with a
+//! field mask) and delete for every admin resource (tenants, providers, mailboxes, devices,
+//! agents), with optimistic versions, reference checks, server-owned fields and audit.
+//!
+//! A resource is described by a [`Resource`] implementation that says only what varies: its key
+//! and names, its conversions to and from the front end's form (`Wire`), the checks and
+//! server-owned fields of a create and an update, the records that must not refer to it when it
+//! is deleted, and what follows a change. The steps and their order are here, once:
+//!
+//! - create: authorize → convert and validate everything → pure checks → the tenant exists →
+//!   references, sealing, hashing → write if absent (ALREADY_EXISTS otherwise) → audit;
+//! - update: authorize → names → mask → plan (secrets sealed once) → read, check the version,
+//!   merge the masked fields into the stored form, convert, keep server-owned fields, check →
+//!   compare-and-set on the read version, re-read and retry when the caller gave none → audit;
+//! - delete: authorize → names → read, check the version → no referrers → delete → clean up →
+//!   audit;
+//! - get and list: authorize → names → read (list: the tenant exists, one page).
+//!
+//! Authorization is one decision per resource and access ([`Resource::target`]), taken before
+//! anything is read, so another tenant's objects answer PERMISSION_DENIED whether or not they
+//! exist.
+
+use std::future::Future;
+
+use time::OffsetDateTime;
+use tokenfleet_domain::{Stamps, ValidationError};
+use tokenfleet_store::{RecordKey, Scope};
+
+use super::Error;
+use super::change::{Change, audited};
+use super::names::{object_path, shown, span_object};
+use super::paging::{PageRequest, page_request};
+use super::stored::{
+    Reference, check_version, commit, create_new, delete_record, list_page, must_get,
+    refuse_if_referenced, require_tenant, still_contended,
+};
+use crate::authz::{Access, Principal, Target, authorize};
+use crate::convert::UpdateMask;
+use crate::records::{CAS_ATTEMPTS, StoredRecord, Versioned};
+use crate::state::BrokerState;
+
+/// Which object an operation concerns. `tenant` is empty for tenant records themselves.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Id {
+    /// Tenant of the object (empty for tenants).
+    pub tenant: String,
+    /// Name of the object.
+    pub name: String,
+}
+
+impl Id {
+    /// An object inside a tenant.
+    pub fn scoped(tenant: &str, name: &str) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// A global object (a tenant record).
+    pub fn global(name: &str) -> Self {
+        Self::scoped("", name)
+    }
+}
+
+/// The audit actions of a resource.
+#[derive(Debug, Clone, Copy)]
+pub struct Actions {
+    /// `provider.create`, …
+    pub create: &'static str,
+    /// `provider.update`, …
+    pub update: &'static str,
+    /// `provider.delete`, …
+    pub delete: &'static str,
+}
+
+/// What varies between resources. The hooks have defaults for resources without such a step.
+pub(crate) trait Resource: Sync {
+    /// The record as stored.
+    type Record: StoredRecord + Clone;
+    /// The record as the front end sends and shows it.
+    type Wire: Send + Sync;
+    /// What the conversion yields besides the record: input-only values (secrets in clear) that
+    /// are sealed or hashed before they are stored.
+    type Extra: Send;
+    /// What an update works out once, before its read-modify-write loop, and keeps across
+    /// retries (a secret sealed once, a password hashed once, what the change did).
+    type Plan: Send + Default;
+
+    /// `provider`, … (messages, field paths `provider.name`).
+    const KIND: &'static str;
+    /// `providers`, … (audit targets `tenants/acme/providers/m365`).
+    const COLLECTION: &'static str;
+    /// Audit actions.
+    const ACTIONS: Actions;
+    /// Whether records live inside a tenant (all but tenants).
+    const SCOPED: bool = true;
+
+    /// The object a wire record names.
+    fn id(wire: &Self::Wire) -> Id;
+    /// The version a wire record carries (0: unconditional).
+    fn version(wire: &Self::Wire) -> u64;
+    /// Where the record is stored.
+    fn key(id: &Id) -> RecordKey;
+    /// When the record was created (kept by updates).
+    fn created(record: &Self::Record) -> OffsetDateTime;
+    /// The wire form of a stored record.
+    fn to_wire(record: &Self::Record, version: u64) -> Self::Wire;
+    /// Validates a whole wire record and converts it.
+    fn from_wire(
+        wire: &Self::Wire,
+        stamps: Stamps,
+    ) -> Result<(Self::Record, Self::Extra), ValidationError>;
+    /// Copies the fields `mask` names from `src` into `dst`.
+    fn merge(dst: &mut Self::Wire, src: &Self::Wire, mask: &UpdateMask);
+
+    /// What `access` to `id` is checked against. Inside a tenant: that tenant.
+    fn target(id: &Id, _access: Access) -> Target<'_> {
+        Target::Tenant(&id.tenant)
+    }
+
+    /// Checks of a new record that read nothing (run before the tenant is looked up).
+    fn check_new(
+        &self,
+        _principal: &Principal,
+        _record: &mut Self::Record,
+        _extra: &Self::Extra,
+    ) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// References, sealing and hashing of a new record; returns the audit detail.
+    async fn prepare_new(
+        &self,
+        _state: &BrokerState,
+        _record: &mut Self::Record,
+        _extra: Self::Extra,
+    ) -> Result<String, Error> {
+        Ok(String::new())
+    }
+
+    /// What an update works out before reading (input-only secrets, immutable fields).
+    fn plan_update(
+        &self,
+        _state: &BrokerState,
+        _input: &Self::Wire,
+        _mask: &UpdateMask,
+    ) -> Result<Self::Plan, Error> {
+        Ok(Self::Plan::default())
+    }
+
+    /// Checks the stored record against the plan before merging (immutable fields).
+    fn check_stored(&self, _plan: &Self::Plan, _stored: &Self::Record) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// Copies the server-owned fields (set by the broker, never by the caller) of `stored` into
+    /// `next`.
+    fn keep_server_owned(_stored: &Self::Record, _next: &mut Self::Record) {}
+
+    /// Applies the plan to `next` and checks its references.
+    async fn prepare_update(
+        &self,
+        _state: &BrokerState,
+        _principal: &Principal,
+        _plan: &mut Self::Plan,
+        _stored: &Self::Record,
+        _next: &mut Self::Record,
+        _extra: Self::Extra,
+    ) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// The answer and the audit detail of a written update.
+    async fn updated(
+        &self,
+        _state: &BrokerState,
+        _plan: Self::Plan,
+        next: &Self::Record,
+        version: u64,
+        mask: &UpdateMask,
+    ) -> Result<(Self::Wire, String), Error> {
+        Ok((
+            Self::to_wire(next, version),
+            format!("fields: {}", mask.describe()),
+        ))
+    }
+
+    /// The records that keep an object from being deleted.
+    const REFERENCES: &'static [Reference] = &[];
+
+    /// Refuses a delete while other records refer to the object (FAILED_PRECONDITION naming
+    /// them): by default the [`Resource::REFERENCES`], in order.
+    async fn check_unreferenced(
+        &self,
+        state: &BrokerState,
+        id: &Id,
+        what: &str,
+    ) -> Result<(), Error> {
+        for reference in Self::REFERENCES {
+            refuse_if_referenced(state, &id.tenant, &id.name, what, reference).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes what belonged to a deleted object.
+    async fn deleted(&self, _state: &BrokerState, _id: &Id) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// The wire form of one record as `Get` shows it.
+    async fn view(
+        &self,
+        _state: &BrokerState,
+        record: Versioned<Self::Record>,
+    ) -> Result<Self::Wire, Error> {
+        Ok(Self::to_wire(&record.value, record.version))
+    }
+
+    /// The wire forms of a page of records as `List` shows them.
+    async fn view_page(
+        &self,
+        _state: &BrokerState,
+        _scope: &Scope,
+        _page: &PageRequest,
+        items: &[Versioned<Self::Record>],
+    ) -> Result<Vec<Self::Wire>, Error> {
+        Ok(items
+            .iter()
+            .map(|r| Self::to_wire(&r.value, r.version))
+            .collect())
+    }
+
+    /// After a successful create, update or delete in `tenant` (e.g. tell the agents).
+    async fn changed(&self, _state: &BrokerState, _tenant: &str) {}
+}
+
+/// The items of a [`Resource`] implementation that only name things: the record and wire types,
+/// kind, collection and audit actions, and how a wire record names its object, its key, its
+/// creation time, its conversion to the wire and the merge of masked fields. `scoped` for
+/// objects inside a tenant (`key(tenant, name)`), `global` for tenant records (`key(name)`).
+/// With `from_wire`, also the conversion from the wire of a resource without input-only values.
+macro_rules! resource_basics {
+    (@common $kind:literal, $collection:literal, $record:ty, $wire:ty, $to_wire:path, $merge:path) => {
+        type Record = $record;
+        type Wire = $wire;
+        const KIND: &'static str = $kind;
+        const COLLECTION: &'static str = $collection;
+        const ACTIONS: $crate::ops::resource::Actions = $crate::ops::resource::Actions {
+            create: concat!($kind, ".create"),
+            update: concat!($kind, ".update"),
+            delete: concat!($kind, ".delete"),
+        };
+        fn version(wire: &$wire) -> u64 {
+            wire.version
+        }
+        fn created(record: &$record) -> time::OffsetDateTime {
+            record.stamps.created
+        }
+        fn to_wire(record: &$record, version: u64) -> $wire {
+            $to_wire(record, version)
+        }
+        fn merge(dst: &mut $wire, src: &$wire, mask: &$crate::convert::UpdateMask) {
+            $merge(dst, src, mask);
+        }
+    };
+    ($scope:ident $kind:literal in $collection:literal: $record:ty as $wire:ty, key $key:path, to_wire $to_wire:path, from_wire $from_wire:path, merge $merge:path) => {
+        $crate::ops::resource::resource_basics!($scope $kind in $collection: $record as $wire, key $key, to_wire $to_wire, merge $merge);
+        type Extra = ();
+        fn from_wire(
+            wire: &$wire,
+            stamps: tokenfleet_domain::Stamps,
+        ) -> Result<($record, ()), tokenfleet_domain::ValidationError> {
+            Ok(($from_wire(wire, stamps)?, ()))
+        }
+    };
+    (scoped $kind:literal in $collection:literal: $record:ty as $wire:ty, key $key:path, to_wire $to_wire:path, merge $merge:path) => {
+        $crate::ops::resource::resource_basics!(@common $kind, $collection, $record, $wire, $to_wire, $merge);
+        fn id(wire: &$wire) -> $crate::ops::resource::Id {
+            $crate::ops::resource::Id::scoped(&wire.tenant, &wire.name)
+        }
+        fn key(id: &$crate::ops::resource::Id) -> tokenfleet_store::RecordKey {
+            $key(&id.tenant, &id.name)
+        }
+    };
+    (global $kind:literal in $collection:literal: $record:ty as $wire:ty, key $key:path, to_wire $to_wire:path, merge $merge:path) => {
+        $crate::ops::resource::resource_basics!(@common $kind, $collection, $record, $wire, $to_wire, $merge);
+        const SCOPED: bool = false;
+        fn id(wire: &$wire) -> $crate::ops::resource::Id {
+            $crate::ops::resource::Id::global(&wire.name)
+        }
+        fn key(id: &$crate::ops::resource::Id) -> tokenfleet_store::RecordKey {
+            $key(&id.name)
+        }
+    };
+}
+pub(crate) use resource_basics;
+
+/// `provider `m365` in tenant `acme``, `tenant `acme``: how messages name the object.
+pub(crate) fn what<R: Resource>(id: &Id) -> String {
+    if R::SCOPED {
+        format!(
+            "{} `{}` in tenant `{}`",
+            R::KIND,
+            shown(&id.name),
+            shown(&id.tenant)
+        )
+    } else {
+        format!("{} `{}`", R::KIND, shown(&id.name))
+    }
+}
+
+fn change<R: Resource>(action: &'static str, id: &Id) -> Change {
+    let target = if R::SCOPED {
+        object_path(&id.tenant, R::COLLECTION, &id.name)
+    } else {
+        format!("{}/{}", R::COLLECTION, shown(&id.name))
+    };
+    Change {
+        action,
+        target,
+        tenant: id.tenant.clone(),
+    }
+}
+
+fn span<R: Resource>(id: &Id) {
+    if R::SCOPED {
+        span_object(&id.tenant, &id.name);
+    } else {
+        span_object(&id.name, "");
+    }
+}
+
+/// Validates the names of `id`; field names `{prefix}tenant`, `{prefix}name`.
+fn check_id<R: Resource>(id: &Id, prefix: &str) -> Result<(), Error> {
+    if R::SCOPED {
+        tokenfleet_domain::name(&format!("{prefix}tenant"), &id.tenant)?;
+    }
+    tokenfleet_domain::name(&format!("{prefix}name"), &id.name)?;
+    Ok(())
+}
+
+/// Runs an audited change and, when it succeeded, the resource's follow-up.
+async fn change_of<R: Resource, T>(
+    resource: &R,
+    state: &BrokerState,
+    principal: &Principal,
+    action: &'static str,
+    id: &Id,
+    run: impl Future<Output = Result<(T, String), Error>>,
+) -> Result<T, Error> {
+    let out = audited(state, principal, change::<R>(action, id), run).await?;
+    resource.changed(state, &id.tenant).await;
+    Ok(out)
+}
+
+/// Creates a record from `input`.
+pub(crate) async fn create<R: Resource>(
+    resource: &R,
+    state: &BrokerState,
+    principal: &Principal,
+    input: R::Wire,
+) -> Result<R::Wire, Error> {
+    let id = R::id(&input);
+    span::<R>(&id);
+    change_of(resource, state, principal, R::ACTIONS.create, &id, async {
+        authorize(principal, R::target(&id, Access::Write), Access::Write)?;
+        let (mut record, extra) = R::from_wire(&input, Stamps::new(state.clock.now()))?;
+        resource.check_new(principal, &mut record, &extra)?;
+        if R::SCOPED {
+            require_tenant(state, &id.tenant).await?;
+        }
+        let detail = resource.prepare_new(state, &mut record, extra).await?;
+        let version = create_new(state, &record, &what::<R>(&id)).await?;
+        Ok((R::to_wire(&record, version), detail))
+    })
+    .await
+}
+
+/// Reads one record.
+pub(crate) async fn get<R: Resource>(
+    resource: &R,
+    state: &BrokerState,
+    principal: &Principal,
+    id: Id,
+) -> Result<R::Wire, Error> {
+    span::<R>(&id);
+    authorize(principal, R::target(&id, Access::Read), Access::Read)?;
+    check_id::<R>(&id, "")?;
+    let stored = must_get::<R::Record>(state, &R::key(&id), &what::<R>(&id)).await?;
+    resource.view(state, stored).await
+}
+
+/// Lists one page of the records of `tenant`; returns them and the next page token.
+pub(crate) async fn list<R: Resource>(
+    resource: &R,
+    state: &BrokerState,
+    principal: &Principal,
+    tenant: &str,
+    page_size: i32,
+    page_token: &str,
+) -> Result<(Vec<R::Wire>, String), Error> {
+    span_object(tenant, "");
+    let id = Id::scoped(tenant, "");
+    authorize(principal, R::target(&id, Access::Read), Access::Read)?;
+    tokenfleet_domain::name("tenant", tenant)?;
+    let page = page_request(page_size, page_token)?;
+    require_tenant(state, tenant).await?;
+    let scope = Scope::Tenant(tenant.to_owned());
+    let (items, next) = list_page::<R::Record>(state, &scope, &page).await?;
+    let wire = resource.view_page(state, &scope, &page, &items).await?;
+    Ok((wire, next))
+}
+
+/// Changes the fields of `input` that `mask` names (all mutable fields for an empty mask), on
+/// the version `input` carries (0: whatever is stored, retried on a concurrent write).
+pub(crate) async fn update<R: Resource>(
+    resource: &R,
+    state: &BrokerState,
+    principal: &Principal,
+    input: R::Wire,
+    mask: Result<UpdateMask, ValidationError>,
+) -> Result<R::Wire, Error> {
+    let id = R::id(&input);
+    span::<R>(&id);
+    change_of(resource, state, principal, R::ACTIONS.update, &id, async {
+        authorize(principal, R::target(&id, Access::Write), Access::Write)?;
+        check_id::<R>(&id, &format!("{}.", R::KIND))?;
+        let mask = mask?;
+        let what = what::<R>(&id);
+        let key = R::key(&id);
+        let expected = R::version(&input);
+        let mut plan = resource.plan_update(state, &input, &mask)?;
+        for attempt in 0..CAS_ATTEMPTS {
+            let stored = must_get::<R::Record>(state, &key, &what).await?;
+            check_version(&what, expected, stored.version)?;
+            resource.check_stored(&plan, &stored.value)?;
+            let mut merged = R::to_wire(&stored.value, stored.version);
+            R::merge(&mut merged, &input, &mask);
+            let stamps = Stamps {
+                created: R::created(&stored.value),
+                updated: state.clock.now(),
+            };
+            let (mut next, extra) = R::from_wire(&merged, stamps)?;
+            R::keep_server_owned(&stored.value, &mut next);
+            resource
+                .prepare_update(state, principal, &mut plan, &stored.value, &mut next, extra)
+                .await?;
+            if let Some(v) = commit(state, &what, &next, stored.version, expected, attempt).await? {
+                return resource.updated(state, plan, &next, v, &mask).await;
+            }
+        }
+        Err(still_contended(&what))
+    })
+    .await
+}
+
+/// Deletes a record (on `version` when non-zero) that nothing refers to any more.
+pub(crate) async fn delete<R: Resource>(
+    resource: &R,
+    state: &BrokerState,
+    principal: &Principal,
+    id: Id,
+    version: u64,
+) -> Result<(), Error> {
+    span::<R>(&id);
+    change_of(resource, state, principal, R::ACTIONS.delete, &id, async {
+        authorize(principal, R::target(&id, Access::Write), Access::Write)?;
+        check_id::<R>(&id, "")?;
+        let what = what::<R>(&id);
+        let key = R::key(&id);
+        let stored = must_get::<R::Record>(state, &key, &what).await?;
+        check_version(&what, version, stored.version)?;
+        resource.check_unreferenced(state, &id, &what).await?;
+        delete_record(state, &key, &what, version).await?;
+        resource.deleted(state, &id).await?;
+        Ok(((), String::new()))
+    })
+    .await
+}
