@@ -635,7 +635,8 @@ pub async fn idp_outage(o: &Options, report: &mut Report) -> Result<()> {
     // Refresh calls the provider processed, plus token requests it held unanswered while it
     // hung (the fake records a request when it processes it; a hung one that its client gave up
     // on is processed late, when the hang ends, and then counted again below).
-    let refreshes = |fake: &FakeIdp| fake.token_requests(fixture::REFRESH_GRANT) + fake.held_total();
+    let refreshes =
+        |fake: &FakeIdp| fake.token_requests(fixture::REFRESH_GRANT) + fake.held_total();
     let before = refreshes(&fake);
     let outage_started = Instant::now();
     // Longer than the access tokens live: at the recovery every grant needs a refresh.

@@ -1807,7 +1807,7 @@ impl TokenService {
                 time: now,
                 actor: SCHEDULER_ACTOR.to_owned(),
                 action: action.to_owned(),
-                target: crate::admin::object_path(tenant, "mailboxes", mailbox),
+                target: crate::ops::names::object_path(tenant, "mailboxes", mailbox),
                 tenant: tenant.to_owned(),
                 result: "ok".to_owned(),
                 detail: audit_detail.to_owned(),
@@ -1851,20 +1851,59 @@ impl TokenService {
                 mailbox: updated.mailbox.clone(),
             }
         };
-        for _ in 0..CAS_ATTEMPTS {
-            match self
+        // A store that is failing over (Sentinel promotion, Cluster slot migration) answers
+        // `Unavailable` for a few seconds. The provider may already have rotated the refresh
+        // token this record carries, and this process holds the only copy: the write is retried
+        // for up to `lease_wait` (the lease is renewed meanwhile) before the caller gets
+        // UNAVAILABLE.
+        let transient_until = std::time::Instant::now() + self.inner.config.lease_wait;
+        let mut pause = Duration::from_millis(100);
+        let mut conflicts = 0;
+        while conflicts < CAS_ATTEMPTS {
+            let outcome = match self
                 .records()
                 .put(&target, Precondition::Version(version))
                 .await
             {
                 Ok(v) => return Ok(v),
-                Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-            let Some(fresh) = self.grant(&updated.tenant, &updated.mailbox).await? else {
+                Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => {
+                    conflicts += 1;
+                    self.grant(&updated.tenant, &updated.mailbox).await
+                }
+                Err(e) => Err(e.into()),
+            };
+            let fresh = match outcome {
+                Ok(fresh) => fresh,
+                Err(TokenError::Store(reason))
+                    if matches!(*reason, StoreError::Unavailable(_))
+                        && std::time::Instant::now() < transient_until =>
+                {
+                    tracing::warn!(
+                        tenant = %updated.tenant,
+                        mailbox = %updated.mailbox,
+                        %reason,
+                        "store unavailable while writing a refreshed grant; retrying"
+                    );
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(fresh) = fresh else {
                 return Err(changed());
             };
             let mut merged = fresh.value;
+            if merged.refresh_token == updated.refresh_token
+                && merged.access_token == updated.access_token
+                && merged.fence == lease.fence
+            {
+                // An earlier attempt of this write landed (its acknowledgement was lost, or the
+                // replicas had not confirmed it): write it again, to be acknowledged.
+                target = merged;
+                version = fresh.version;
+                continue;
+            }
             if merged.refresh_token != original.refresh_token
                 || merged.access_token != original.access_token
                 || merged.fence > lease.fence

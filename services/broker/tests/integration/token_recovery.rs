@@ -604,3 +604,66 @@ async fn measure_outage(hang: bool) {
     let _ = stop.send(());
     scheduler.await.unwrap();
 }
+
+/// A store that refuses writes for a moment (a failover, a slot migration) while the provider
+/// rotates the refresh token: the write is retried until the store takes it, so the rotated token
+/// is kept, every device gets its access token, and no spent token is ever presented again.
+#[tokio::test]
+async fn a_store_that_refuses_writes_for_a_moment_does_not_lose_the_rotated_refresh_token() {
+    let clock = ManualClock::new();
+    let env = Env::start(Backend::Redis, ProviderKind::Microsoft, clock.clone()).await;
+    rotate_with(&env, RefreshRotation::SingleUseRevokeOnReuse);
+    env.consented_mailbox("scan").await;
+    let port = env.store.redis.as_ref().unwrap().port();
+    env.service.refresh_now(TENANT, "scan").await.unwrap();
+
+    clock.advance(Duration::from_secs(56 * 60));
+    let before = env.refreshes().len();
+    env.fake.hold_next_token_requests(1);
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let service = env.service.clone();
+        calls.spawn(async move {
+            service
+                .access_token(TENANT, "scan", Duration::from_secs(300))
+                .await
+        });
+    }
+    eventually(
+        "the refresh at the provider",
+        Duration::from_secs(5),
+        async || (env.fake.held_requests() == 1).then_some(()),
+    )
+    .await;
+    tokenfleet_testkit::redis::command(port, &["CONFIG", "SET", "min-replicas-to-write", "1"])
+        .await
+        .unwrap();
+    env.fake.release_held();
+    // The provider has answered (and rotated) and the write is being refused; then the store
+    // takes writes again, well within the retry window.
+    eventually(
+        "the provider's answer",
+        Duration::from_secs(5),
+        async || (env.refreshes().len() == before + 1).then_some(()),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokenfleet_testkit::redis::command(port, &["CONFIG", "SET", "min-replicas-to-write", "0"])
+        .await
+        .unwrap();
+    while let Some(r) = calls.join_next().await {
+        r.unwrap()
+            .expect("the token, once its rotated refresh token is stored");
+    }
+    assert_eq!(env.refreshes().len(), before + 1, "one refresh for all");
+    let stored = env.open(&env.grant("scan").await, GrantField::RefreshToken);
+    assert_eq!(
+        env.fake.live_refresh_tokens(&Env::address("scan")).last(),
+        Some(&stored),
+        "the stored refresh token is the one the provider rotated to"
+    );
+    // The next refresh presents it, and it works.
+    clock.advance(Duration::from_secs(56 * 60));
+    env.service.refresh_now(TENANT, "scan").await.unwrap();
+    assert_eq!(env.fake.refresh_token_reuses(), 0);
+}
