@@ -145,6 +145,7 @@ bootstrapAdminKey:
 tokens:
   leaseWaitSeconds: 15
   maxUserMailboxesPerDevice: 100
+  breakerProbeIntervalMs: 2000
 store:
   redis:
     mode: sentinel
@@ -1199,6 +1200,10 @@ fn every_option_renders_the_relay_agent_autoscaler_and_network_policies() -> Res
     ensure!(raw.audit.refused_max_age_days == 7 && raw.audit.issuance_max_entries == 50_000);
     ensure!(raw.admin.provider_hosts == ["idp.example.com", "proxy.example.com:3128"]);
     ensure!(raw.tokens.lease_wait_seconds == 15 && raw.tokens.max_user_mailboxes_per_device == 100);
+    ensure!(
+        raw.tokens.breaker_probe_interval_ms == 2000,
+        "{config_text}"
+    );
     ensure!(
         config_text.contains("min_replicas_acked = 2")
             && config_text.contains("replication_timeout_ms = 800")
