@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::ConfigError;
+use super::error::ConfigError;
 use crate::audit::{AuditRetention, Retention};
 use crate::ops::provider_policy::ProviderPolicy;
 

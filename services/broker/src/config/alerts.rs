@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokenfleet_seal::Secret;
 
-use super::ConfigError;
+use super::error::ConfigError;
 use crate::alerts::{
     AlertsConfig, EmailConfig, RetryPolicy, SmtpAuth, SmtpSecurity, WebhookConfig,
     check_webhook_url,

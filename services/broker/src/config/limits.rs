@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::ConfigError;
+use super::error::ConfigError;
 
 /// `[limits]`. Every value has a safe default; `0` is refused where it would mean "unlimited".
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

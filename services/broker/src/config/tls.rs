@@ -12,7 +12,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use tokenfleet_seal::Secret;
 
-use super::ConfigError;
+use super::error::ConfigError;
 use crate::identity::{
     AgentCa, DEFAULT_CERTIFICATE_LIFETIME, MAX_CERTIFICATE_LIFETIME, MIN_CERTIFICATE_LIFETIME,
 };
