@@ -49,14 +49,6 @@ pub const ENV_PREFIX: &str = "TOKENFLEET_AGENT_";
 pub struct ConfigError(pub String);
 
 impl ConfigError {
-    /// The problems this error holds, one per line (see [`ConfigError::all`]).
-    fn problems(self) -> Vec<String> {
-        match self.0.split_once(" problems:\n  ") {
-            Some((_, rest)) => rest.split("\n  ").map(str::to_owned).collect(),
-            None => vec![self.0],
-        }
-    }
-
     /// One error for several problems: the only one, or `N problems:` and one per line.
     pub fn all(problems: Vec<String>) -> Self {
         match problems.as_slice() {
@@ -376,13 +368,8 @@ impl RawAgentConfig {
         tokenfleet_configkit::extract_reporting_all(figment, ENV).map_err(|problems| {
             // The values that did extract are checked too: one run reports everything.
             let mut lines = problems.lines;
-            if let Some(Err(invalid)) = problems.repaired.map(AgentSettings::validate) {
-                lines.extend(
-                    invalid
-                        .problems()
-                        .into_iter()
-                        .map(|line| with_source(line, figment)),
-                );
+            if let Some(Err(invalid)) = problems.repaired.map(AgentSettings::check) {
+                lines.extend(invalid.into_iter().map(|line| with_source(line, figment)));
             }
             ConfigError::all(lines)
         })
@@ -473,10 +460,9 @@ impl AgentSettings {
     pub fn load(file: Option<&Path>, state_dir: Option<&Path>) -> Result<Self, ConfigError> {
         let figment = RawAgentConfig::figment(file, state_dir)?;
         let raw = RawAgentConfig::extract(&figment)?;
-        Self::validate(raw).map_err(|invalid| {
+        Self::check(raw).map_err(|invalid| {
             ConfigError::all(
                 invalid
-                    .problems()
                     .into_iter()
                     .map(|line| with_source(line, &figment))
                     .collect(),
@@ -486,6 +472,11 @@ impl AgentSettings {
 
     /// Checks and converts a raw configuration.
     pub fn validate(raw: RawAgentConfig) -> Result<Self, ConfigError> {
+        Self::check(raw).map_err(ConfigError::all)
+    }
+
+    /// [`AgentSettings::validate`] with every problem as a line of its own (key first).
+    fn check(raw: RawAgentConfig) -> Result<Self, Vec<String>> {
         // Every check runs; all problems are reported at once.
         let mut problems: Vec<String> = Vec::new();
         let addr = |key: &str, value: &str| -> Result<SocketAddr, String> {
@@ -589,7 +580,7 @@ impl AgentSettings {
         let (Ok(smtp_listen), Ok(ingress_limits), true) =
             (smtp_listen, ingress_limits, problems.is_empty())
         else {
-            return Err(ConfigError::all(problems));
+            return Err(problems);
         };
         Ok(Self {
             ingress_limits,

@@ -76,6 +76,40 @@ where
     }
 }
 
+/// Creates the Microsoft provider `name` of `tenant` whose endpoints are the fake identity
+/// provider's for the Entra tenant `entra`, with a confidential client.
+pub async fn microsoft_provider(
+    admin: &mut TestAdminClient,
+    fake: &FakeIdp,
+    tenant: &str,
+    name: &str,
+    entra: &str,
+    client_id: &str,
+    client_secret: &str,
+) -> Result<(), tonic::Status> {
+    let e = fake.microsoft_endpoints(entra);
+    admin
+        .create_provider(pb::CreateProviderRequest {
+            provider: Some(pb::Provider {
+                tenant: tenant.into(),
+                name: name.into(),
+                kind: pb::ProviderKind::Microsoft as i32,
+                authority: entra.into(),
+                client_id: client_id.into(),
+                client_secret: client_secret.into(),
+                endpoints: Some(pb::ProviderEndpoints {
+                    authorize_url: e.authorize_url,
+                    token_url: e.token_url,
+                    device_code_url: e.device_code_url,
+                    revoke_url: e.revoke_url,
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .map(drop)
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     match crate::ports::free_port() {
@@ -721,28 +755,18 @@ impl AgentSite {
             .await
             .map(|_| ()),
         );
-        let e = fake.microsoft_endpoints(ENTRA);
         must(
             "create provider",
-            a.create_provider(pb::CreateProviderRequest {
-                provider: Some(pb::Provider {
-                    tenant: TENANT.into(),
-                    name: "m365".into(),
-                    kind: pb::ProviderKind::Microsoft as i32,
-                    authority: ENTRA.into(),
-                    client_id: CLIENT_ID.into(),
-                    client_secret: CLIENT_SECRET.into(),
-                    endpoints: Some(pb::ProviderEndpoints {
-                        authorize_url: e.authorize_url,
-                        token_url: e.token_url,
-                        device_code_url: e.device_code_url,
-                        revoke_url: e.revoke_url,
-                    }),
-                    ..Default::default()
-                }),
-            })
-            .await
-            .map(|_| ()),
+            microsoft_provider(
+                &mut a,
+                &fake,
+                TENANT,
+                "m365",
+                ENTRA,
+                CLIENT_ID,
+                CLIENT_SECRET,
+            )
+            .await,
         );
         must(
             "create mailbox",

@@ -50,27 +50,17 @@ pub async fn tenant_and_provider(admin: &mut TestAdminClient, fake: &FakeIdp) ->
         })
         .await
         .context("create tenant")?;
-    let e = fake.microsoft_endpoints(ENTRA);
-    admin
-        .create_provider(pb::CreateProviderRequest {
-            provider: Some(pb::Provider {
-                tenant: TENANT.into(),
-                name: PROVIDER.into(),
-                kind: pb::ProviderKind::Microsoft as i32,
-                authority: ENTRA.into(),
-                client_id: CLIENT_ID.into(),
-                client_secret: CLIENT_SECRET.into(),
-                endpoints: Some(pb::ProviderEndpoints {
-                    authorize_url: e.authorize_url,
-                    token_url: e.token_url,
-                    device_code_url: e.device_code_url,
-                    revoke_url: e.revoke_url,
-                }),
-                ..Default::default()
-            }),
-        })
-        .await
-        .context("create provider")?;
+    crate::agent_site::microsoft_provider(
+        admin,
+        fake,
+        TENANT,
+        PROVIDER,
+        ENTRA,
+        CLIENT_ID,
+        CLIENT_SECRET,
+    )
+    .await
+    .context("create provider")?;
     Ok(())
 }
 
