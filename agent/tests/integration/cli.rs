@@ -108,8 +108,8 @@ fn configuration_commands_report_every_problem_with_its_source() {
         for expected in [
             "6 problems".to_owned(),
             "unknown key `delivery_concurency` (expected one of: ".to_owned(),
-            format!("`ingress_limits.max_sessions`: invalid type: found string \"many\", expected u32 (in {path})"),
-            "`bounce`: invalid type: found string \"maybe\", expected a boolean (from environment variable TOKENFLEET_AGENT_BOUNCE)".to_owned(),
+            format!("`ingress_limits.max_sessions`: invalid type: found a string (4 characters), expected u32 (in {path})"),
+            "`bounce`: invalid type: found a string (5 characters), expected a boolean (from environment variable TOKENFLEET_AGENT_BOUNCE)".to_owned(),
             "smtp_listen = \"nope\": not an address like 127.0.0.1:2525".to_owned(),
             "retry_base_seconds: must be at least 1 (from environment variable TOKENFLEET_AGENT_RETRY_BASE_SECONDS)".to_owned(),
             format!("log.format = \"xml\": must be \"text\" or \"json\" (in {path})"),

@@ -134,6 +134,20 @@ fn describe(e: &figment::Error, key: &[String], figment: &Figment, env: EnvNamin
             "`{path}`: unknown value `{value}` (expected one of: {})",
             expected.join(", ")
         ),
+        // The value itself is not repeated when it is text: a secret in the wrong place (a key
+        // where a list belongs, a password in a number) must not reach a terminal or a log.
+        figment::error::Kind::InvalidType(actual, expected) => {
+            format!(
+                "`{path}`: invalid type: found {}, expected {expected}",
+                shown(actual)
+            )
+        }
+        figment::error::Kind::InvalidValue(actual, expected) => {
+            format!(
+                "`{path}`: invalid value: found {}, expected {expected}",
+                shown(actual)
+            )
+        }
         kind if path.is_empty() => kind.to_string(),
         kind => format!("`{path}`: {kind}"),
     };
@@ -144,6 +158,20 @@ fn describe(e: &figment::Error, key: &[String], figment: &Figment, env: EnvNamin
         line.push_str(&format!(" ({source})"));
     }
     line
+}
+
+/// A found value for an error message: numbers and booleans as they are, text and bytes by their
+/// length only.
+fn shown(actual: &figment::error::Actual) -> String {
+    use figment::error::Actual;
+    match actual {
+        Actual::Str(text) | Actual::Other(text) => {
+            format!("a string ({} characters)", text.chars().count())
+        }
+        Actual::Bytes(bytes) => format!("bytes ({} of them)", bytes.len()),
+        Actual::Char(_) => "a character".to_owned(),
+        other => other.to_string(),
+    }
 }
 
 /// Where the value of `key` (dotted) came from: `in <file>` or `from environment variable <VAR>`;

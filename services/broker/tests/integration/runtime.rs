@@ -1123,7 +1123,8 @@ async fn check_config_reports_every_problem_at_once_with_its_source() {
         format!(
             "`http.listen`: invalid type: found signed int `8080`, expected a string (in {file})"
         ),
-        "`tokens.lease_ttl_seconds`: invalid type: found string \"soon\"".to_owned(),
+        "`tokens.lease_ttl_seconds`: invalid type: found a string (4 characters), expected u64"
+            .to_owned(),
         "unknown key `limits.grpc_max_streams`".to_owned(),
         "(from environment variable TOKENFLEET_LIMITS__GRPC_MAX_STREAMS)".to_owned(),
     ] {
@@ -1139,6 +1140,32 @@ async fn check_config_reports_every_problem_at_once_with_its_source() {
     );
     assert!(stderr.contains("`seal.keys[0].key_file`"), "{stderr}");
     assert!(stderr.contains("7 problems"), "{stderr}");
+    assert!(
+        !stderr.contains("soon"),
+        "text values are not repeated: {stderr}"
+    );
+
+    // A secret in the wrong place (a sealing key where the list of keys belongs) is named by its
+    // key and source, never shown.
+    let out = run(broker()
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .env(
+            "TOKENFLEET_SEAL__KEYS",
+            "c2VjcmV0LXNlYWxpbmcta2V5LW1hdGVyaWFs",
+        ))
+    .await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("`seal.keys`: invalid type: found a string (36 characters)")
+            && stderr.contains("(from environment variable TOKENFLEET_SEAL__KEYS)"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("c2VjcmV0"),
+        "the value is never shown: {stderr}"
+    );
 
     // With the schema right, the invalid values are all reported too.
     let config = write(
