@@ -190,7 +190,7 @@ macro_rules! rpc {
         .instrument(span)
         .await
         .map(Response::new)
-        .map_err(Status::from)
+        .map_err(crate::edge::grpc_status::status)
     }};
 }
 
@@ -199,7 +199,7 @@ fn mask(
     table: &convert::FieldTable,
     mask: Option<&prost_types::FieldMask>,
 ) -> Result<UpdateMask, tokenfleet_domain::ValidationError> {
-    UpdateMask::parse(table, mask)
+    convert::update_mask(table, mask)
 }
 
 async fn who_am_i(

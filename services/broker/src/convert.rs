@@ -10,10 +10,9 @@
 //! device password), so sealing and hashing happen in one place and a record never holds
 //! plaintext.
 
-use std::collections::BTreeSet;
-
 use prost_types::{FieldMask, Timestamp};
 use time::OffsetDateTime;
+pub use tokenfleet_core::ops::mask::{FieldTable, UpdateMask};
 use tokenfleet_domain::{self as dom, MAX_TEXT_LEN, Stamps, Valid, ValidationError};
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_seal::Secret;
@@ -124,19 +123,6 @@ wire_enum!(fetch_protocol_in, fetch_protocol_out, FetchProtocol, FetchProtocol, 
 // ---------------------------------------------------------------------------------------------
 // Update masks
 
-/// The field paths of one resource, by how an update may treat them.
-#[derive(Debug)]
-pub struct FieldTable {
-    /// Resource name as used in error messages (`provider`).
-    pub resource: &'static str,
-    /// Paths an update may change.
-    pub mutable: &'static [&'static str],
-    /// Paths that identify the object or can never change.
-    pub immutable: &'static [&'static str],
-    /// Paths the broker sets.
-    pub output_only: &'static [&'static str],
-}
-
 /// Fields of `Tenant`.
 pub const TENANT_FIELDS: FieldTable = FieldTable {
     resource: "tenant",
@@ -226,97 +212,9 @@ pub const AGENT_FIELDS: FieldTable = FieldTable {
     ],
 };
 
-/// Which fields an update changes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UpdateMask {
-    /// Empty mask: every mutable field.
-    All,
-    /// The named mutable paths.
-    Paths(BTreeSet<&'static str>),
-}
-
-/// `displayName` → `display_name` (JSON clients send lowerCamelCase paths).
-fn snake_case(path: &str) -> String {
-    let mut out = String::with_capacity(path.len() + 4);
-    for c in path.chars() {
-        if c.is_ascii_uppercase() {
-            out.push('_');
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-impl UpdateMask {
-    /// Checks the paths of `mask` against `table`.
-    pub fn parse(table: &FieldTable, mask: Option<&FieldMask>) -> Valid<Self> {
-        let paths = mask.map(|m| m.paths.as_slice()).unwrap_or_default();
-        if paths.is_empty() {
-            return Ok(Self::All);
-        }
-        let mut named = BTreeSet::new();
-        for raw in paths {
-            let path = snake_case(raw.trim());
-            let field = "update_mask";
-            if let Some(known) = table.mutable.iter().find(|p| **p == path) {
-                named.insert(*known);
-            } else if table.immutable.contains(&path.as_str()) {
-                return Err(ValidationError::new(
-                    field,
-                    format!(
-                        "`{path}` is immutable; it identifies the {} or cannot change",
-                        table.resource
-                    ),
-                ));
-            } else if table.output_only.contains(&path.as_str()) {
-                return Err(ValidationError::new(
-                    field,
-                    format!("`{path}` is output only and cannot be updated"),
-                ));
-            } else if let Some((head, _)) = path.split_once('.')
-                && table.mutable.contains(&head)
-            {
-                return Err(ValidationError::new(
-                    field,
-                    format!("`{path}`: name the whole field `{head}` to replace it"),
-                ));
-            } else {
-                let shown: String = path.chars().take(80).flat_map(char::escape_debug).collect();
-                return Err(ValidationError::new(
-                    field,
-                    format!(
-                        "unknown {} field `{shown}` (updatable: {})",
-                        table.resource,
-                        table.mutable.join(", ")
-                    ),
-                ));
-            }
-        }
-        Ok(Self::Paths(named))
-    }
-
-    /// Whether `path` is changed (named, or every field).
-    pub fn includes(&self, path: &str) -> bool {
-        match self {
-            Self::All => true,
-            Self::Paths(p) => p.contains(path),
-        }
-    }
-
-    /// Whether `path` is named explicitly.
-    pub fn names(&self, path: &str) -> bool {
-        matches!(self, Self::Paths(p) if p.contains(path))
-    }
-
-    /// Human-readable list for the audit log.
-    pub fn describe(&self) -> String {
-        match self {
-            Self::All => "all fields".to_owned(),
-            Self::Paths(p) => p.iter().copied().collect::<Vec<_>>().join(", "),
-        }
-    }
+/// Checks the paths of a request's `update_mask` against `table` (no mask: every field).
+pub fn update_mask(table: &FieldTable, mask: Option<&FieldMask>) -> Valid<UpdateMask> {
+    UpdateMask::parse(table, mask.map(|m| m.paths.as_slice()).unwrap_or_default())
 }
 
 /// What an update does to an input-only secret.
@@ -1835,13 +1733,13 @@ mod tests {
     #[test]
     fn update_masks() {
         assert_eq!(
-            UpdateMask::parse(&PROVIDER_FIELDS, None).unwrap(),
+            update_mask(&PROVIDER_FIELDS, None).unwrap(),
             UpdateMask::All
         );
         let mask = |paths: &[&str]| FieldMask {
             paths: paths.iter().map(|p| (*p).to_owned()).collect(),
         };
-        let m = UpdateMask::parse(&PROVIDER_FIELDS, Some(&mask(&["clientId", "scopes"]))).unwrap();
+        let m = update_mask(&PROVIDER_FIELDS, Some(&mask(&["clientId", "scopes"]))).unwrap();
         assert!(m.names("client_id") && m.includes("scopes") && !m.includes("authority"));
         for (path, needle) in [
             ("name", "immutable"),
@@ -1850,11 +1748,11 @@ mod tests {
             ("bogus", "unknown provider field"),
             ("endpoints.token_url", "name the whole field `endpoints`"),
         ] {
-            let err = UpdateMask::parse(&PROVIDER_FIELDS, Some(&mask(&[path]))).unwrap_err();
+            let err = update_mask(&PROVIDER_FIELDS, Some(&mask(&[path]))).unwrap_err();
             assert_eq!(err.field, "update_mask");
             assert!(err.problem.contains(needle), "{path}: {err}");
         }
-        let m = UpdateMask::parse(&DEVICE_FIELDS, Some(&mask(&["ingress.password"]))).unwrap();
+        let m = update_mask(&DEVICE_FIELDS, Some(&mask(&["ingress.password"]))).unwrap();
         assert!(m.names("ingress.password") && !m.includes("ingress"));
     }
 

@@ -2,7 +2,7 @@
 //! writes now: reachable, a master, with the replicas writes wait for; see
 //! [`tokenfleet_store::Store::ready`] — what a load balancer needs to route traffic here; 503
 //! with a short reason otherwise), `GET /metrics` (Prometheus text) and `GET /oauth/callback` (the browser redirect
-//! of auth-code consents, see [`crate::tokens::consent::callback_page`]).
+//! of auth-code consents, see [`crate::edge::callback::callback_page`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,7 +101,7 @@ async fn metrics(State(state): State<HttpState>) -> Response {
 }
 
 async fn oauth_callback(State(state): State<HttpState>, RawQuery(query): RawQuery) -> Response {
-    let page = crate::tokens::consent::callback_page(&state.broker, query.as_deref()).await;
+    let page = crate::edge::callback::callback_page(&state.broker, query.as_deref()).await;
     let status = StatusCode::from_u16(page.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (
         status,

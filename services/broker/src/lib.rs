@@ -2,24 +2,23 @@
 //! operator-facing `Admin` API and the agent-facing `TokenBroker` API on one gRPC listener (plus
 //! health and reflection), and health/metrics on an HTTP listener.
 //!
-//! Dependency direction: proto, domain, seal and store are below this crate; only binaries
-//! (`tokenfleet-broker`) and the test kit depend on it.
+//! Dependency direction: `tokenfleet-core` (the operations: resources, token lifecycle,
+//! consent, agent identity, alerts, audit) and proto, domain, seal and store are below this
+//! crate; only binaries (`tokenfleet-broker`) and the test kit depend on it. This crate is the
+//! edge: it decodes requests, calls the core's operations, encodes their results, and maps the
+//! core's one error type to gRPC and HTTP statuses ([`edge`]). The core's modules are re-exported
+//! under their own names, so `tokenfleet_broker::tokens` is `tokenfleet_core::tokens`.
 
-pub mod state;
+pub use tokenfleet_core::{
+    alerts, api_keys, audit, authz, identity, ops, rate_limit, records, reseal, state, tokens,
+};
 
-// Operations without a transport (the one error type, the resource kit, audited changes) and
-// the edges that map them to gRPC and HTTP.
+// The edges that map the core's errors to gRPC and HTTP.
 pub mod edge;
-pub mod ops;
 
-// Admin API (CRUD, validation, conversion, authorization, audit, API keys).
+// Admin API (the gRPC service, the resources' wire conversions).
 pub mod admin;
-pub mod api_keys;
-pub mod audit;
-pub mod authz;
 pub mod convert;
-pub mod records;
-pub mod reseal;
 
 // Runtime (configuration, gRPC + HTTP serving, dev mode).
 pub mod config;
@@ -30,15 +29,8 @@ pub mod malformed;
 pub mod metrics;
 pub mod server;
 
-// Agent-facing API and agent identity (CA, enrollment, client certificates).
-pub mod identity;
-pub mod rate_limit;
+// Agent-facing API (the TokenBroker gRPC service).
 pub mod token_broker;
 
 // Fleet status, agent configuration and commands (status streams, connection tests).
 pub mod fleet;
-
-pub mod tokens;
-
-// Operator alerts (REAUTH_REQUIRED, expiring refresh tokens): signed webhooks and e-mail.
-pub mod alerts;

@@ -25,6 +25,7 @@ use tracing::Instrument as _;
 use crate::audit;
 use crate::convert::{self, timestamp};
 use crate::edge::grpc_status::result_of;
+use crate::edge::grpc_status::status;
 use crate::identity::ca::IssuedCertificate;
 use crate::identity::codes;
 use crate::identity::peer::{self, AgentPeer, PeerError};
@@ -112,7 +113,7 @@ impl TokenBrokerService {
         let Some(identity) = &self.identity else {
             return Err(PeerError::NoCertificate);
         };
-        let leaf = peer::peer_certificate(request);
+        let leaf = crate::edge::peer_certificate(request);
         let peer = peer::authenticate(&self.state, &identity.ca, leaf.as_deref()).await;
         match &peer {
             Ok(p) => {
@@ -474,11 +475,6 @@ fn rate_limited(id: &AgentId, wait: std::time::Duration) -> Status {
         ),
         retry_after: Some(wait),
     })
-}
-
-/// The gRPC status of any error of the operations (the one mapping in [`crate::edge`]).
-fn status(e: impl Into<Error>) -> Status {
-    e.into().into()
 }
 
 fn rfc3339(t: time::OffsetDateTime) -> String {

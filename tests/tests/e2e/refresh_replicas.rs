@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
+use tokenfleet_broker::edge::grpc_status::ToStatus as _;
 
 use time::OffsetDateTime;
 use tokenfleet_broker::records::Records;

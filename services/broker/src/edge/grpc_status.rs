@@ -7,9 +7,12 @@ use tonic::{Code, Status};
 
 use crate::ops::Error;
 
-impl From<Error> for Status {
-    fn from(err: Error) -> Self {
-        match err {
+/// The gRPC status of `err`. A function, not `From`: the error enum belongs to `tokenfleet-core`
+/// and `Status` to tonic, and the orphan rule keeps an impl between two foreign types out of
+/// this crate. Handlers end with `.map_err(status)`.
+pub fn status(err: impl Into<Error>) -> Status {
+    {
+        match err.into() {
             Error::InvalidArgument(m) => Status::invalid_argument(m),
             Error::NotFound(m) => Status::not_found(m),
             Error::AlreadyExists(m) => Status::already_exists(m),
@@ -96,17 +99,21 @@ pub fn bearer(metadata: &MetadataMap) -> Result<&str, Error> {
     Ok(key)
 }
 
-impl crate::tokens::lifecycle::TokenError {
-    /// The gRPC status for this error (through [`Error`]).
-    pub fn to_status(&self) -> Status {
-        Error::from(self).into()
+/// The gRPC status of one of the core's narrower errors (through [`Error`]).
+pub trait ToStatus {
+    /// The status this error answers with.
+    fn to_status(&self) -> Status;
+}
+
+impl ToStatus for crate::tokens::lifecycle::TokenError {
+    fn to_status(&self) -> Status {
+        status(Error::from(self))
     }
 }
 
-impl crate::tokens::issue::IssueError {
-    /// The gRPC status for this error (through [`Error`]).
-    pub fn to_status(&self) -> Status {
-        Error::from(self).into()
+impl ToStatus for crate::tokens::issue::IssueError {
+    fn to_status(&self) -> Status {
+        status(Error::from(self))
     }
 }
 
@@ -159,7 +166,7 @@ mod tests {
         ];
         for (err, code, message) in table {
             let result = err.result();
-            let status = Status::from(err);
+            let status = status(err);
             assert_eq!(status.code(), code);
             assert_eq!(status.message(), message);
             assert_eq!(result, result_of(code), "audit outcome of {code:?}");
@@ -169,17 +176,17 @@ mod tests {
 
     #[test]
     fn waits_travel_as_retry_after() {
-        let status = Status::from(Error::ResourceExhausted {
+        let exhausted = status(Error::ResourceExhausted {
             message: "slow down".into(),
             retry_after: Some(Duration::from_millis(1500)),
         });
-        assert_eq!(status.metadata().get("retry-after").unwrap(), "2");
-        let status = Status::from(Error::Unavailable {
+        assert_eq!(exhausted.metadata().get("retry-after").unwrap(), "2");
+        let unavailable = status(Error::Unavailable {
             message: "busy".into(),
             retry_after: Some(Duration::from_millis(10)),
             detail: String::new(),
         });
-        assert_eq!(status.metadata().get("retry-after").unwrap(), "1");
+        assert_eq!(unavailable.metadata().get("retry-after").unwrap(), "1");
     }
 
     #[test]
@@ -209,13 +216,13 @@ mod tests {
             (StoreError::Config("password=x".into()), Code::Internal),
         ];
         for (err, code) in cases {
-            let status = Status::from(Error::from(err));
+            let status = status(Error::from(err));
             assert_eq!(status.code(), code);
             assert!(!status.message().contains("10.0.0.1"));
             assert!(!status.message().contains("bad json"));
             assert!(!status.message().contains("password"));
         }
-        let conflict = Status::from(Error::from(StoreError::Conflict {
+        let conflict = status(Error::from(StoreError::Conflict {
             key: "k".into(),
             expected: 1,
             found: 2,
@@ -234,5 +241,41 @@ mod tests {
         assert_eq!(bearer(&md).unwrap(), "tfk_x");
         md.insert("authorization", "Bearer ".parse().unwrap());
         assert!(bearer(&md).is_err());
+    }
+
+    #[test]
+    fn errors_map_to_status_codes() {
+        use time::OffsetDateTime;
+        use tokenfleet_core::tokens::lifecycle::TokenError;
+        use tokenfleet_store::StoreError;
+        let e = tokenfleet_domain::TokenError {
+            code: "AADSTS700082".into(),
+            reason: "the refresh token expired after 90 days without use".into(),
+            fix: "run `tokenfleetctl mailbox consent scan`".into(),
+            time: OffsetDateTime::UNIX_EPOCH,
+        };
+        let dead = TokenError::ReauthRequired {
+            mailbox: "scan".into(),
+            error: Box::new(e.clone()),
+        };
+        assert_eq!(dead.to_status().code(), Code::FailedPrecondition);
+        assert!(dead.to_string().contains("90 days") && dead.to_string().contains("consent scan"));
+        let failing = TokenError::RefreshFailing {
+            mailbox: "scan".into(),
+            error: Box::new(e),
+            retry_at: None,
+        };
+        assert_eq!(failing.to_status().code(), Code::Unavailable);
+        assert_eq!(
+            TokenError::Denied("no".into()).to_status().code(),
+            Code::PermissionDenied
+        );
+        let internal = TokenError::from(StoreError::Corrupt {
+            key: "k".into(),
+            problem: "secret-ish detail".into(),
+        })
+        .to_status();
+        assert_eq!(internal.code(), Code::Internal);
+        assert!(!internal.message().contains("secret-ish"));
     }
 }

@@ -14,76 +14,29 @@
 
 mod agent_config;
 pub mod housekeeping;
+mod reload;
+pub mod settings;
 mod status;
 pub mod store;
 mod stream;
 mod test_connection;
 mod wake;
 
-use std::pin::Pin;
-use std::time::Duration;
-
-use futures::Stream;
 use tokenfleet_proto::v1 as pb;
 use tonic::{Status, Streaming};
 
 use crate::authz::Principal;
+use crate::edge::grpc_status::status;
 use crate::identity::peer::AgentPeer;
 use crate::ops::Error;
 use crate::state::BrokerState;
 
 pub use agent_config::revision;
-pub use status::format_age;
-
-/// Default seconds between an agent's status reports (`[agents] heartbeat_seconds`).
-pub const DEFAULT_HEARTBEAT_SECONDS: u32 = 30;
-/// Largest `[agents] heartbeat_seconds`.
-pub const MAX_HEARTBEAT_SECONDS: u32 = 3600;
-/// A report (and a presence marker) older than this many heartbeats no longer counts.
-pub const STALE_HEARTBEATS: i32 = 3;
-/// How often the replica holding an agent's stream looks for commands queued for it.
-pub const COMMAND_POLL: Duration = Duration::from_millis(200);
-
-/// The stream of commands sent down to one agent.
-pub type CommandStream = Pin<Box<dyn Stream<Item = Result<pb::AgentCommand, Status>> + Send>>;
-
-/// What the agent-facing side of the fleet needs from the broker's configuration.
-#[derive(Debug, Clone)]
-pub struct FleetSettings {
-    /// Seconds between an agent's status reports (sent in the agent configuration).
-    pub heartbeat_seconds: u32,
-    /// This replica's id in presence markers (random per process).
-    pub replica: String,
-    /// How often a stream looks for queued commands.
-    pub command_poll: Duration,
-    /// Turns true when the broker shuts down: open streams end with UNAVAILABLE.
-    pub shutdown: Option<tokio::sync::watch::Receiver<bool>>,
-}
-
-impl Default for FleetSettings {
-    fn default() -> Self {
-        Self::new(DEFAULT_HEARTBEAT_SECONDS)
-    }
-}
-
-impl FleetSettings {
-    /// Settings with `heartbeat_seconds` and a new replica id.
-    pub fn new(heartbeat_seconds: u32) -> Self {
-        Self {
-            heartbeat_seconds: heartbeat_seconds.clamp(1, MAX_HEARTBEAT_SECONDS),
-            replica: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
-            command_poll: COMMAND_POLL,
-            shutdown: None,
-        }
-    }
-
-    /// Ends open streams when `shutdown` turns true.
-    #[must_use]
-    pub fn with_shutdown(mut self, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
-        self.shutdown = Some(shutdown);
-        self
-    }
-}
+pub use reload::{CONFIG_ACTIONS, config_changed, queue_reload};
+pub use settings::{
+    COMMAND_POLL, CommandStream, DEFAULT_HEARTBEAT_SECONDS, FleetSettings, MAX_HEARTBEAT_SECONDS,
+    STALE_HEARTBEATS, format_age,
+};
 
 /// `TokenBroker.GetAgentConfig` for an authenticated agent.
 pub async fn agent_config(
@@ -99,7 +52,7 @@ pub async fn agent_config(
         settings.heartbeat_seconds,
     )
     .await
-    .map_err(Error::from)?;
+    .map_err(status)?;
     tracing::debug!(
         devices = config.devices.len(),
         revision = %config.revision,
@@ -116,70 +69,6 @@ pub async fn status_stream(
     reports: Streaming<pb::AgentReport>,
 ) -> Result<CommandStream, Status> {
     Ok(stream::start(state, settings, peer, reports))
-}
-
-/// Admin changes after which the agents of the tenant may run an outdated configuration: the
-/// configuration is built from device and mailbox records.
-pub const CONFIG_ACTIONS: &[&str] = &[
-    "device.create",
-    "device.update",
-    "device.delete",
-    "mailbox.create",
-    "mailbox.update",
-    "mailbox.delete",
-];
-
-/// How long a queued configuration nudge waits for the stream before it is dropped.
-const CONFIG_NUDGE_TTL: time::Duration = time::Duration::seconds(60);
-
-/// A record the agents' configurations of `tenant` are built from changed: queues a
-/// `ReloadConfig` in the store for every agent of the tenant with a live status stream. The
-/// replica holding the stream (any replica: the queue is in the store) takes it within
-/// [`COMMAND_POLL`], builds the agent's configuration again and sends the command on only when
-/// the agent does not run that configuration already, so unrelated agents reload nothing. Best
-/// effort: a failure is logged, and the agent's next report catches up.
-pub async fn config_changed(state: &BrokerState, tenant: &str) {
-    let records = crate::records::Records::new(state.store.as_ref());
-    let scope = tokenfleet_store::Scope::Tenant(tenant.to_owned());
-    let now = state.clock.now();
-    let agents = match records.list_all::<store::AgentPresence>(&scope).await {
-        Ok(all) => all,
-        Err(error) => {
-            tracing::warn!(%error, tenant, "listing connected agents for a configuration change failed");
-            return;
-        }
-    };
-    for presence in agents.into_iter().map(|p| p.value).filter(|p| p.live(now)) {
-        queue_reload(state, tenant, &presence.agent).await;
-    }
-}
-
-/// Queues a `ReloadConfig` for agent `agent` of `tenant` (see [`config_changed`]). Best effort.
-pub(crate) async fn queue_reload(state: &BrokerState, tenant: &str, agent: &str) {
-    let now = state.clock.now();
-    let id = store::new_command_id(now);
-    let command = pb::AgentCommand {
-        id: id.clone(),
-        command: Some(pb::agent_command::Command::ReloadConfig(
-            pb::ReloadConfig {},
-        )),
-    };
-    let queued = store::QueuedCommand {
-        tenant: tenant.to_owned(),
-        agent: agent.to_owned(),
-        id,
-        expires: now + CONFIG_NUDGE_TTL,
-        command: store::encode_wire(&command),
-    };
-    match crate::records::Records::new(state.store.as_ref())
-        .put(&queued, tokenfleet_store::Precondition::Absent)
-        .await
-    {
-        Ok(_) => wake::wake(state, tenant, agent),
-        Err(error) => {
-            tracing::warn!(%error, tenant, agent, "queueing a configuration reload failed");
-        }
-    }
 }
 
 /// `Admin.GetFleetStatus`.

@@ -11,7 +11,7 @@ use tokenfleet_domain::{Agent, Device, Mailbox, Tenant, TokenStatus};
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_store::Scope;
 
-use super::STALE_HEARTBEATS;
+use super::settings::{STALE_HEARTBEATS, format_age};
 use super::store::{AgentPresence, DeviceStatusRecord};
 use crate::authz::{Access, Principal, Target, authorize};
 use crate::convert::timestamp;
@@ -339,17 +339,6 @@ fn flag_insecure_token_transport(device: &Device, out: &mut pb::FleetDeviceStatu
     } else {
         format!("{}; {insecure}", out.problem)
     };
-}
-
-/// A duration as people read it: `45s`, `4m 10s`, `3h 5m`, `2d 4h` (negative counts as 0).
-pub fn format_age(age: time::Duration) -> String {
-    let s = age.whole_seconds().max(0);
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m {}s", s / 60, s % 60),
-        3600..86_400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
-    }
 }
 
 #[cfg(test)]

@@ -22,13 +22,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use tracing::Instrument as _;
 
+use super::agent_config;
+use super::settings::{CommandStream, FleetSettings, STALE_HEARTBEATS};
 use super::store::{
     AgentPresence, CommandAnswer, DeviceStatusRecord, QueuedCommand, encode_wire, new_command_id,
     presence_key,
 };
-use super::{CommandStream, FleetSettings, STALE_HEARTBEATS, agent_config};
+use crate::edge::grpc_status::status;
 use crate::identity::peer::AgentPeer;
-use crate::ops::Error;
 use crate::records::{CAS_ATTEMPTS, Records, StoredRecord as _, agent_key};
 use crate::state::BrokerState;
 
@@ -263,7 +264,7 @@ impl Session {
             self.settings.heartbeat_seconds,
         )
         .await
-        .map_err(Error::from)?;
+        .map_err(status)?;
         self.config = Some((config.clone(), now));
         Ok(config)
     }
@@ -274,7 +275,7 @@ impl Session {
             .records()
             .get::<Agent>(&agent_key(&self.tenant, &self.agent))
             .await
-            .map_err(Error::from)?;
+            .map_err(status)?;
         match agent {
             None => Err(Status::permission_denied(format!(
                 "agent `{}` of tenant `{}` was deleted",
@@ -318,11 +319,11 @@ impl Session {
                     .records()
                     .put(&presence, Precondition::Any)
                     .await
-                    .map_err(Error::from)?;
+                    .map_err(status)?;
                 self.presence_version = Some(v);
                 Ok(())
             }
-            Err(e) => Err(Error::from(e).into()),
+            Err(e) => Err(status(e)),
         }
     }
 
@@ -332,7 +333,7 @@ impl Session {
             .records()
             .get::<AgentPresence>(&presence_key(&self.tenant, &self.agent))
             .await
-            .map_err(Error::from)?;
+            .map_err(status)?;
         match current {
             Some(p) if p.value.stream != self.stream => Err(Status::aborted(format!(
                 "a newer status stream of agent `{}` (replica {}) replaced this one",
@@ -372,7 +373,7 @@ impl Session {
             self.records()
                 .put(&record, Precondition::Any)
                 .await
-                .map_err(Error::from)?;
+                .map_err(crate::edge::grpc_status::status)?;
         }
         Ok(())
     }
@@ -407,7 +408,7 @@ impl Session {
             .put(&answer, Precondition::Any)
             .await
             .map(|_| ())
-            .map_err(|e| Error::from(e).into())
+            .map_err(status)
     }
 
     /// Updates `last_seen` and `software_version` on the agent record, at most every half
@@ -445,7 +446,7 @@ impl Session {
                         self.agent, self.tenant
                     )));
                 }
-                Err(e) => return Err(Error::from(e).into()),
+                Err(e) => return Err(status(e)),
             }
         }
         // Someone keeps changing the record; the next report tries again.

@@ -12,7 +12,8 @@ use tokenfleet_domain::Device;
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_store::{Precondition, StoreError};
 
-use super::format_age;
+use super::reload::queue_reload;
+use super::settings::format_age;
 use super::store::{
     AgentPresence, CommandAnswer, QueuedCommand, command_key, command_result_key, encode_wire,
     new_command_id, presence_key,
@@ -263,7 +264,7 @@ async fn await_current_config(
             return Ok(());
         }
         if !nudged {
-            super::queue_reload(state, &device.tenant, &device.agent).await;
+            queue_reload(state, &device.tenant, &device.agent).await;
             nudged = true;
         }
         tokio::time::sleep(ANSWER_POLL).await;

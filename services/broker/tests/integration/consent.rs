@@ -668,7 +668,7 @@ async fn the_callback_page_completes_the_consent_and_escapes_errors() {
         .query()
         .unwrap()
         .to_owned();
-    let page = consent::callback_page(&env.state, Some(&query)).await;
+    let page = tokenfleet_broker::edge::callback::callback_page(&env.state, Some(&query)).await;
     assert_eq!(page.status, 200, "{}", page.html);
     assert!(
         page.html.contains(&format!(
@@ -679,7 +679,7 @@ async fn the_callback_page_completes_the_consent_and_escapes_errors() {
     );
     assert_eq!(env.grant("scan").await.state.status, TokenStatus::Active);
     // Used up: the same redirect again finds nothing.
-    let page = consent::callback_page(&env.state, Some(&query)).await;
+    let page = tokenfleet_broker::edge::callback::callback_page(&env.state, Some(&query)).await;
     assert_eq!(page.status, 404);
     assert!(!page.html.contains(&state));
 
@@ -688,7 +688,7 @@ async fn the_callback_page_completes_the_consent_and_escapes_errors() {
     let query = format!(
         "error=access_denied&error_description=%3Cscript%3Ealert(1)%3C%2Fscript%3E&state={state}"
     );
-    let page = consent::callback_page(&env.state, Some(&query)).await;
+    let page = tokenfleet_broker::edge::callback::callback_page(&env.state, Some(&query)).await;
     assert_eq!(page.status, 409, "{}", page.html);
     assert!(!page.html.contains("<script>"), "{}", page.html);
     assert!(
@@ -707,7 +707,7 @@ async fn the_callback_page_completes_the_consent_and_escapes_errors() {
     );
 
     // No state at all.
-    let page = consent::callback_page(&env.state, Some("code=abc")).await;
+    let page = tokenfleet_broker::edge::callback::callback_page(&env.state, Some("code=abc")).await;
     assert_eq!(page.status, 400);
 }
 

@@ -8,6 +8,7 @@
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokenfleet_broker::edge::grpc_status::ToStatus as _;
 
 use time::OffsetDateTime;
 use tokenfleet_broker::admin::AdminService;

@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokenfleet_broker::edge::grpc_status::ToStatus as _;
 
 use tokenfleet_broker::tokens::grant::{GrantField, GrantRecord, grant_key};
 use tokenfleet_broker::tokens::lifecycle::TokenError;

@@ -15,10 +15,12 @@ use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use tokenfleet_domain::Mailbox;
 
-use super::{AlertEvent, AlertKind, AlertsConfig, Delivery, EmailConfig, SmtpAuth, SmtpSecurity};
+use super::{
+    AlertEvent, AlertKind, AlertsConfig, Delivery, EmailConfig, SenderTokens, SmtpAuth,
+    SmtpSecurity,
+};
 use crate::records::{Records, mailbox_key};
 use crate::state::BrokerState;
-use crate::tokens::lifecycle::TokenService;
 
 /// How long the sender mailbox's access token must still be valid for one SMTP session.
 const TOKEN_VALIDITY: Duration = Duration::from_secs(5 * 60);
@@ -64,7 +66,7 @@ enum Attempt {
 pub async fn deliver(
     config: &EmailConfig,
     settings: &AlertsConfig,
-    tokens: &TokenService,
+    tokens: &dyn SenderTokens,
     state: &BrokerState,
     event: &AlertEvent,
 ) -> Delivery {
@@ -89,7 +91,7 @@ pub async fn deliver(
 async fn attempt(
     config: &EmailConfig,
     timeout: Duration,
-    tokens: &TokenService,
+    tokens: &dyn SenderTokens,
     state: &BrokerState,
     event: &AlertEvent,
 ) -> Attempt {
@@ -125,7 +127,7 @@ async fn attempt(
     };
     if config.auth == SmtpAuth::Xoauth2 {
         let token = match tokens
-            .access_token(&config.from_tenant, &config.from_mailbox, TOKEN_VALIDITY)
+            .sender_token(&config.from_tenant, &config.from_mailbox, TOKEN_VALIDITY)
             .await
         {
             Ok(t) => t,
@@ -137,7 +139,7 @@ async fn attempt(
         };
         builder = builder
             .credentials(Credentials::new(
-                token.sasl_username.clone(),
+                token.username,
                 token.access_token.expose().to_owned(),
             ))
             .authentication(vec![Mechanism::Xoauth2]);

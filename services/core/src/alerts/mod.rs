@@ -43,9 +43,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::records::{CAS_ATTEMPTS, Records, StoredRecord};
+use crate::schedule::{parse_member, unix_ms};
 use crate::state::BrokerState;
-use crate::tokens::lifecycle::TokenService;
-use crate::tokens::scheduler::{parse_member, unix_ms};
 
 /// Collection (tenant scope) of [`AlertRecord`]s, id `<mailbox>.<kind>`.
 pub const ALERTS: &str = "alert";
@@ -176,6 +175,30 @@ impl AlertEvent {
             time: now,
         }
     }
+}
+
+/// What alert e-mail needs from the token lifecycle: the sender mailbox's access token. The
+/// lifecycle's `TokenService` implements it; alerts do not import the lifecycle (which raises
+/// alerts), so the two stay out of one import circle.
+#[async_trait::async_trait]
+pub trait SenderTokens: Send + Sync + 'static {
+    /// An access token of `tenant`/`mailbox` for the mail protocols, valid for at least
+    /// `min_validity`; the error says why there is none (never a secret).
+    async fn sender_token(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+        min_validity: Duration,
+    ) -> Result<SenderToken, String>;
+}
+
+/// A sender mailbox's credentials for SMTP XOAUTH2.
+#[derive(Debug)]
+pub struct SenderToken {
+    /// The SASL user name (the mailbox address).
+    pub username: String,
+    /// The access token.
+    pub access_token: tokenfleet_seal::Secret,
 }
 
 /// Names a dead grant's problem: the grant incarnation (when its refresh token was obtained), so
@@ -628,9 +651,10 @@ impl Alerter {
     /// first call starts a worker; later ones return a finished task.
     pub fn spawn_worker(
         &self,
-        tokens: TokenService,
+        tokens: impl SenderTokens,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> JoinHandle<()> {
+        let tokens: Arc<dyn SenderTokens> = Arc::new(tokens);
         let receiver = self
             .inner
             .receiver
@@ -649,7 +673,7 @@ impl Alerter {
     async fn run(
         &self,
         mut receiver: mpsc::Receiver<String>,
-        tokens: TokenService,
+        tokens: Arc<dyn SenderTokens>,
         shutdown: impl Future<Output = ()> + Send,
     ) {
         let mut shutdown = std::pin::pin!(shutdown);
@@ -678,7 +702,7 @@ impl Alerter {
                 };
                 let (this, tokens) = (self.clone(), tokens.clone());
                 running.spawn(async move {
-                    this.deliver(&member, &tokens).await;
+                    this.deliver(&member, tokens.as_ref()).await;
                     drop(permit);
                 });
             }
@@ -707,7 +731,7 @@ impl Alerter {
     }
 
     /// One delivery round of the alert behind `member`, under its lease.
-    pub async fn deliver(&self, member: &str, tokens: &TokenService) {
+    pub async fn deliver(&self, member: &str, tokens: &dyn SenderTokens) {
         let store = self.inner.state.store.as_ref();
         let Some((tenant, mailbox, kind)) = parse_outbox_member(member) else {
             tracing::warn!(member, "dropping a malformed alert outbox entry");
@@ -740,7 +764,7 @@ impl Alerter {
         mailbox: &str,
         kind: AlertKind,
         member: &str,
-        tokens: &TokenService,
+        tokens: &dyn SenderTokens,
     ) -> Result<(), StoreError> {
         let store = self.inner.state.store.as_ref();
         let key = alert_key(tenant, mailbox, kind);

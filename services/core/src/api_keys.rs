@@ -156,7 +156,7 @@ fn valid_id(id: &str) -> bool {
 }
 
 /// Creates a key without writing an audit event (the caller audits).
-pub(crate) async fn create_unaudited(
+pub async fn create_unaudited(
     state: &BrokerState,
     role: Role,
     tenant: Option<&str>,

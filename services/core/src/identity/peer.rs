@@ -9,7 +9,6 @@
 use time::OffsetDateTime;
 use tokenfleet_domain::Agent;
 use tokenfleet_store::{Precondition, StoreError};
-use tonic::Request;
 
 use super::ca::{CertificateProblem, VerifiedCert};
 use super::{AgentCa, AgentCertificates, AgentId, certificates_key};
@@ -70,12 +69,6 @@ impl From<PeerError> for crate::ops::Error {
             }
         }
     }
-}
-
-/// The leaf client certificate (DER) of the connection `request` came on, if any.
-pub fn peer_certificate<T>(request: &Request<T>) -> Option<Vec<u8>> {
-    let certs = request.peer_certs()?;
-    certs.first().map(|c| c.as_ref().to_vec())
 }
 
 /// Verifies `leaf_der` and checks the agent against the store; records `last_seen`.
