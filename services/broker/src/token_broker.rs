@@ -62,6 +62,9 @@ pub struct TokenBrokerService {
     /// `http.public_url`: auth-code consents of user mailboxes redirect to
     /// `<public_url>/oauth/callback`.
     public_url: String,
+    /// Turns the store's fleet notifications into wakes of the status streams this service
+    /// holds; stops with the service.
+    _fleet_listener: std::sync::Arc<crate::fleet::wake::Listener>,
 }
 
 impl TokenBrokerService {
@@ -69,12 +72,13 @@ impl TokenBrokerService {
     /// without TLS (then every call is refused).
     pub fn new(state: BrokerState, identity: Option<AgentIdentity>, tokens: TokenService) -> Self {
         Self {
-            state,
             identity,
             tokens,
             issue_limit: RateLimiter::new(DEFAULT_ISSUE_RATE),
             fleet: crate::fleet::FleetSettings::default(),
             public_url: crate::config::DEFAULT_PUBLIC_URL.to_owned(),
+            _fleet_listener: std::sync::Arc::new(crate::fleet::wake::Listener::start(&state.store)),
+            state,
         }
     }
 

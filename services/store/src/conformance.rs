@@ -59,6 +59,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     schedule_isolation(s).await;
     schedule_rejects_bad_input(s).await;
     schedule_concurrent(Arc::clone(&store)).await;
+    notifications(s).await;
 }
 
 /// A schedule name no other check uses. Schedule names are `&'static str` (callers use
@@ -1242,5 +1243,30 @@ pub async fn lease_renewal(s: &dyn Store) {
     assert!(
         !s.renew_lease(&name, "bob", short).await.unwrap(),
         "a released lease cannot be renewed"
+    );
+}
+
+/// A subscriber hears [`Notice::Subscribed`] once its subscription holds, then what is published
+/// on its channel (by this handle; another process's handle reaches it the same way), in order,
+/// and nothing published on another channel. Bad channel names are refused.
+pub async fn notifications(s: &dyn Store) {
+    use crate::Notice;
+    let wait = Duration::from_secs(10);
+    let channel = unique_schedule("notify");
+    let other = unique_schedule("notify-other");
+    let mut rx = s.subscribe(channel);
+    let first = tokio::time::timeout(wait, rx.recv()).await;
+    assert_eq!(first.ok().flatten(), Some(Notice::Subscribed));
+    s.publish(other, "not for this channel").await.unwrap();
+    s.publish(channel, "one").await.unwrap();
+    s.publish(channel, "two").await.unwrap();
+    for expected in ["one", "two"] {
+        let got = tokio::time::timeout(wait, rx.recv()).await.ok().flatten();
+        assert_eq!(got, Some(Notice::Message(expected.to_owned())));
+    }
+    let err = s.publish("a:b", "x").await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Config(m) if m.contains("a:b")),
+        "{err:?}"
     );
 }

@@ -25,7 +25,8 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::{
-    Lease, Precondition, Record, RecordKey, Scope, Store, StoreError, StoreResult, StreamEntry,
+    Lease, Notice, Precondition, Record, RecordKey, Scope, Store, StoreError, StoreResult,
+    StreamEntry,
 };
 
 type Key3<'a> = (&'a str, &'a str, &'a str);
@@ -44,6 +45,8 @@ const VERSION_LEN: usize = 8;
 pub struct EmbeddedStore {
     db: Arc<Database>,
     path: Arc<PathBuf>,
+    /// Notifications (one process: delivered in memory), as `(channel, message)`.
+    notices: tokio::sync::broadcast::Sender<(&'static str, String)>,
 }
 
 impl fmt::Debug for EmbeddedStore {
@@ -119,6 +122,7 @@ impl EmbeddedStore {
         Ok(Self {
             db: Arc::new(db),
             path: Arc::new(path),
+            notices: tokio::sync::broadcast::channel(crate::NOTICE_BUFFER).0,
         })
     }
 
@@ -727,6 +731,45 @@ impl Store for EmbeddedStore {
             Ok(out)
         })
         .await
+    }
+
+    async fn publish(&self, channel: &'static str, message: &str) -> StoreResult<()> {
+        crate::check_channel(channel)?;
+        // No subscriber is not an error: a notification is only a hint.
+        let _ = self.notices.send((channel, message.to_owned()));
+        Ok(())
+    }
+
+    fn subscribe(&self, channel: &'static str) -> tokio::sync::mpsc::Receiver<Notice> {
+        use tokio::sync::broadcast::error::RecvError;
+        let (tx, rx) = tokio::sync::mpsc::channel(crate::NOTICE_BUFFER);
+        if let Err(error) = crate::check_channel(channel) {
+            tracing::error!(%error, "subscription refused");
+            return rx;
+        }
+        let mut notices = self.notices.subscribe();
+        tokio::spawn(async move {
+            if tx.send(Notice::Subscribed).await.is_err() {
+                return;
+            }
+            loop {
+                let notice = tokio::select! {
+                    () = tx.closed() => return,
+                    notice = notices.recv() => notice,
+                };
+                let forward = match notice {
+                    Ok((c, message)) if c == channel => Notice::Message(message),
+                    Ok(_) => continue,
+                    // Fell behind: what was dropped must be caught up from the records.
+                    Err(RecvError::Lagged(_)) => Notice::Subscribed,
+                    Err(RecvError::Closed) => return,
+                };
+                if tx.send(forward).await.is_err() {
+                    return;
+                }
+            }
+        });
+        rx
     }
 
     async fn ping(&self) -> StoreResult<()> {

@@ -244,6 +244,19 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Checks the backend answers (for health endpoints).
     async fn ping(&self) -> StoreResult<()>;
 
+    /// Publishes `message` on `channel` to the subscribers of every process sharing this store
+    /// (Redis `PUBLISH`, which a Cluster carries to every node and a master to its replicas; the
+    /// embedded store has one process and delivers in memory). A notification is a hint to look
+    /// at records, never the only copy of anything: subscribers may miss one while reconnecting.
+    async fn publish(&self, channel: &'static str, message: &str) -> StoreResult<()>;
+
+    /// Subscribes to `channel` (see [`Store::publish`]). The receiver yields
+    /// [`Notice::Subscribed`] once the subscription holds and again after every reconnect (or
+    /// lag), since messages published in between are lost and the subscriber must catch up from
+    /// the records; then the messages. It keeps reconnecting by itself and ends when the receiver
+    /// is dropped. `channel` must be non-empty and free of `:`.
+    fn subscribe(&self, channel: &'static str) -> tokio::sync::mpsc::Receiver<Notice>;
+
     /// Checks the store can take writes now (for readiness probes): reachable, and the node that
     /// would take a write is a master with the replicas writes wait for. Redis: `ROLE`/`INFO
     /// replication` say master with at least `min_replicas_acked` replicas online (Cluster: the
@@ -253,6 +266,19 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         self.ping().await
     }
 }
+
+/// What a subscription ([`Store::subscribe`]) yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// The subscription holds (first, and after a reconnect or lag): whatever was published while
+    /// it did not is lost, so the subscriber catches up from the records.
+    Subscribed,
+    /// A message published on the channel.
+    Message(String),
+}
+
+/// Messages a subscriber may fall behind by before it is told to catch up from the records.
+pub const NOTICE_BUFFER: usize = 1024;
 
 /// Largest magnitude of a schedule due time: Redis keeps sorted-set scores as doubles, which hold
 /// every integer up to 2^53 exactly (unix milliseconds reach that in the year 287,396).
@@ -271,6 +297,17 @@ fn check_schedule(name: &str, due_ms: Option<i64>) -> StoreResult<()> {
     {
         return Err(StoreError::Config(format!(
             "schedule {name}: due time {due} ms is outside ±2^53"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a notification channel name (see [`Store::publish`]).
+fn check_channel(name: &str) -> StoreResult<()> {
+    if name.is_empty() || name.contains(':') {
+        return Err(StoreError::Config(format!(
+            "notification channel `{}` must be non-empty and free of `:`",
+            name.escape_debug()
         )));
     }
     Ok(())

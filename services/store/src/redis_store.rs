@@ -40,9 +40,11 @@ use redis::{
     RedisFuture, Script, ScriptInvocation, TlsCertificates, TlsMode, Value,
 };
 use serde::Deserialize;
+use tokio::sync::mpsc;
 
 use crate::{
-    Lease, Precondition, Record, RecordKey, Scope, Store, StoreError, StoreResult, StreamEntry,
+    Lease, Notice, Precondition, Record, RecordKey, Scope, Store, StoreError, StoreResult,
+    StreamEntry,
 };
 
 /// Which Redis deployment [`RedisConfig::urls`] points at.
@@ -527,10 +529,97 @@ enum Backend {
     Sentinel(Arc<SentinelLink>),
 }
 
+/// Where a subscription connects. Pub/sub messages reach every node: a Cluster carries `PUBLISH`
+/// over its bus to all nodes, and a master passes it to its replicas; so any node that answers
+/// will do, and a subscriber tries them in turn.
+enum SubscribeVia {
+    /// Standalone: the server; Cluster: every seed node.
+    Nodes(Vec<Client>),
+    /// Sentinel: the master the sentinels name now.
+    Sentinel(Arc<SentinelLink>),
+}
+
+impl SubscribeVia {
+    /// A client for the `attempt`-th try.
+    async fn client(&self, attempt: usize) -> Result<Client, String> {
+        match self {
+            Self::Nodes(nodes) if nodes.is_empty() => Err("no redis node configured".into()),
+            Self::Nodes(nodes) => Ok(nodes[attempt % nodes.len()].clone()),
+            Self::Sentinel(link) => link
+                .client
+                .lock()
+                .await
+                .async_get_client()
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Keeps one subscription to `channel` (the full Redis channel name) alive, forwarding to `tx`
+/// until the receiver is dropped: [`Notice::Subscribed`] after every (re)subscribe, then the
+/// messages. Reconnects after any error, one node after the other, pausing between rounds.
+async fn keep_subscribed(via: Arc<SubscribeVia>, channel: String, tx: mpsc::Sender<Notice>) {
+    use futures::StreamExt;
+    const PAUSE: Duration = Duration::from_millis(500);
+    let mut attempt = 0usize;
+    while !tx.is_closed() {
+        let this_attempt = attempt;
+        attempt = attempt.wrapping_add(1);
+        let subscribed = async {
+            let client = via.client(this_attempt).await?;
+            let mut pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
+            pubsub
+                .subscribe(channel.as_str())
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(pubsub)
+        };
+        let pubsub = match tokio::time::timeout(PAUSE * 10, subscribed).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(error)) => {
+                tracing::debug!(%error, channel, "redis subscription failed; retrying");
+                tokio::time::sleep(PAUSE).await;
+                continue;
+            }
+            Err(_) => {
+                tracing::debug!(channel, "redis subscription timed out; retrying");
+                continue;
+            }
+        };
+        if tx.send(Notice::Subscribed).await.is_err() {
+            return;
+        }
+        let mut messages = pubsub.into_on_message();
+        loop {
+            tokio::select! {
+                () = tx.closed() => return,
+                message = messages.next() => {
+                    let Some(message) = message else { break };
+                    let Ok(text) = message.get_payload::<String>() else { continue };
+                    match tx.try_send(Notice::Message(text)) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Closed(_)) => return,
+                        // The subscriber fell behind: drop the message, tell it to catch up.
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            if tx.send(Notice::Subscribed).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        tracing::info!(channel, "redis subscription lost; resubscribing");
+        tokio::time::sleep(PAUSE).await;
+    }
+}
+
 /// The Redis store. Cheap to clone; all clones share the connections.
 #[derive(Clone)]
 pub struct RedisStore {
     backend: Arc<Backend>,
+    subscribe_via: Arc<SubscribeVia>,
     prefix: Arc<str>,
     mode: RedisMode,
     /// Where it connects, without credentials, for Debug and messages.
@@ -726,6 +815,7 @@ impl RedisStore {
         };
         let connect_timeout = config.connect_timeout();
         let command_timeout = config.command_timeout();
+        let mut subscribe_nodes = Vec::new();
         let backend = match config.mode {
             RedisMode::Standalone => {
                 let info = config.connection_info(0)?;
@@ -734,6 +824,7 @@ impl RedisStore {
                     None => Client::open(info),
                 }
                 .map_err(|e| StoreError::Config(format!("redis.urls[0]: {e}")))?;
+                subscribe_nodes.push(client.clone());
                 let manager_config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(connect_timeout))
                     .set_response_timeout(Some(command_timeout))
@@ -757,6 +848,14 @@ impl RedisStore {
                 let infos = (0..config.urls.len())
                     .map(|i| config.connection_info(i))
                     .collect::<StoreResult<Vec<_>>>()?;
+                for (i, info) in infos.iter().enumerate() {
+                    let node = match &certs {
+                        Some(certs) => Client::build_with_tls(info.clone(), certs.clone()),
+                        None => Client::open(info.clone()),
+                    }
+                    .map_err(|e| StoreError::Config(format!("redis.urls[{i}]: {e}")))?;
+                    subscribe_nodes.push(node);
+                }
                 let mut builder = ClusterClientBuilder::new(infos)
                     .connection_timeout(connect_timeout)
                     .response_timeout(command_timeout)
@@ -880,8 +979,13 @@ impl RedisStore {
                 Backend::Sentinel(link)
             }
         };
+        let subscribe_via = match &backend {
+            Backend::Sentinel(link) => SubscribeVia::Sentinel(Arc::clone(link)),
+            Backend::Standalone(_) | Backend::Cluster(_) => SubscribeVia::Nodes(subscribe_nodes),
+        };
         Ok(Self {
             backend: Arc::new(backend),
+            subscribe_via: Arc::new(subscribe_via),
             prefix: config.key_prefix.as_str().into(),
             mode: config.mode,
             target: target.into(),
@@ -1064,6 +1168,11 @@ impl RedisStore {
     fn lease_keys(&self, name: &str) -> (String, String) {
         let base = format!("{}:{{lease:{}}}", self.prefix, escape_tag(name));
         (format!("{base}:owner"), format!("{base}:fence"))
+    }
+
+    /// The Redis channel of notification channel `name` (see [`Store::publish`]).
+    fn notify_channel(&self, name: &str) -> String {
+        format!("{}:notify:{name}", self.prefix)
     }
 
     fn schedule_key(&self, name: &str) -> String {
@@ -1433,6 +1542,31 @@ impl Store for RedisStore {
                     })
             })
             .collect()
+    }
+
+    async fn publish(&self, channel: &'static str, message: &str) -> StoreResult<()> {
+        crate::check_channel(channel)?;
+        self.query(
+            redis::cmd("PUBLISH")
+                .arg(self.notify_channel(channel))
+                .arg(message),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    fn subscribe(&self, channel: &'static str) -> mpsc::Receiver<Notice> {
+        let (tx, rx) = mpsc::channel(crate::NOTICE_BUFFER);
+        if let Err(error) = crate::check_channel(channel) {
+            tracing::error!(%error, "subscription refused");
+            return rx;
+        }
+        tokio::spawn(keep_subscribed(
+            Arc::clone(&self.subscribe_via),
+            self.notify_channel(channel),
+            tx,
+        ));
+        rx
     }
 
     async fn ping(&self) -> StoreResult<()> {

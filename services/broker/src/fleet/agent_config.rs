@@ -1,7 +1,17 @@
 //! `GetAgentConfig`: the devices an agent hosts, built from the device and mailbox records.
 //! Carries no secret but the devices' Argon2id password hashes.
+//!
+//! Every agent's report compares the configuration it runs with the current one, so building
+//! must not list the tenant's records each time (with one large tenant that made reports cost
+//! O(agents × devices)). A process keeps one snapshot per tenant — its devices by agent and its
+//! mailboxes — built once and reused until a change of the tenant's devices or mailboxes is
+//! announced on the fleet channel ([`super::wake`]: [`forget`]), the subscription restarts
+//! ([`forget_all`]) or [`SNAPSHOT_TTL`] passes (a backstop, never the mechanism). A generation
+//! counter per tenant keeps a build that raced with a change from being kept.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use prost::Message as _;
 use sha2::{Digest as _, Sha256};
@@ -13,39 +23,139 @@ use crate::convert;
 use crate::records::Records;
 use crate::state::BrokerState;
 
-/// The configuration of agent `agent` of `tenant`, revision set.
+/// Longest a tenant snapshot serves without a change announced (a backstop for a lost
+/// notification; changes are announced and drop the snapshot at once).
+pub const SNAPSHOT_TTL: Duration = Duration::from_secs(60);
+
+/// A tenant's configuration records as one process last read them.
+#[derive(Debug)]
+struct Snapshot {
+    devices: HashMap<String, Vec<Device>>,
+    mailboxes: HashMap<String, Mailbox>,
+    built: Instant,
+}
+
+/// Per (store, tenant): the generation (bumped by every announced change) and the snapshot
+/// built at that generation.
+#[derive(Debug, Default)]
+struct Slot {
+    generation: u64,
+    snapshot: Option<(u64, Arc<Snapshot>)>,
+}
+
+type Slots = HashMap<(usize, String), Slot>;
+
+fn slots() -> &'static Mutex<Slots> {
+    static SLOTS: OnceLock<Mutex<Slots>> = OnceLock::new();
+    SLOTS.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn locked() -> std::sync::MutexGuard<'static, Slots> {
+    slots()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Drops the snapshot of `tenant` (a device or mailbox of it changed).
+pub fn forget(store: usize, tenant: &str) {
+    let mut slots = locked();
+    let slot = slots.entry((store, tenant.to_owned())).or_default();
+    slot.generation += 1;
+    slot.snapshot = None;
+}
+
+/// Drops every snapshot of `store` (notifications may have been lost).
+pub fn forget_all(store: usize) {
+    for ((s, _), slot) in locked().iter_mut() {
+        if *s == store {
+            slot.generation += 1;
+            slot.snapshot = None;
+        }
+    }
+}
+
+/// The tenant's snapshot: the kept one while current, else read from the store (`fresh`: always
+/// read, for a change the caller knows of).
+async fn snapshot(state: &BrokerState, tenant: &str, fresh: bool) -> StoreResult<Arc<Snapshot>> {
+    let key = (super::wake::store_id(state), tenant.to_owned());
+    let generation = {
+        let slots = locked();
+        let slot = slots.get(&key);
+        if !fresh
+            && let Some(Slot {
+                generation,
+                snapshot: Some((built_at, snapshot)),
+            }) = slot
+            && built_at == generation
+            && snapshot.built.elapsed() < SNAPSHOT_TTL
+        {
+            return Ok(Arc::clone(snapshot));
+        }
+        slot.map_or(0, |s| s.generation)
+    };
+    let records = Records::new(state.store.as_ref());
+    let scope = Scope::Tenant(tenant.to_owned());
+    let mut devices: HashMap<String, Vec<Device>> = HashMap::new();
+    for d in records.list_all::<Device>(&scope).await? {
+        devices
+            .entry(d.value.agent.clone())
+            .or_default()
+            .push(d.value);
+    }
+    let mailboxes = records
+        .list_all::<Mailbox>(&scope)
+        .await?
+        .into_iter()
+        .map(|v| (v.value.name.clone(), v.value))
+        .collect();
+    let snapshot = Arc::new(Snapshot {
+        devices,
+        mailboxes,
+        built: Instant::now(),
+    });
+    let mut slots = locked();
+    let slot = slots.entry(key).or_default();
+    // A change announced while this was read: do not keep it (it may predate the change).
+    if slot.generation == generation {
+        slot.snapshot = Some((generation, Arc::clone(&snapshot)));
+    }
+    Ok(snapshot)
+}
+
+/// The configuration of agent `agent` of `tenant`, revision set, from the tenant's snapshot.
 pub async fn build(
     state: &BrokerState,
     tenant: &str,
     agent: &str,
     heartbeat_seconds: u32,
 ) -> StoreResult<pb::AgentConfig> {
-    let records = Records::new(state.store.as_ref());
-    let scope = Scope::Tenant(tenant.to_owned());
-    let devices: Vec<Device> = records
-        .list_all::<Device>(&scope)
-        .await?
-        .into_iter()
-        .map(|v| v.value)
-        .filter(|d| d.agent == agent)
-        .collect();
-    let mailboxes: HashMap<String, Mailbox> = if devices.is_empty() {
-        HashMap::new()
-    } else {
-        records
-            .list_all::<Mailbox>(&scope)
-            .await?
-            .into_iter()
-            .map(|v| (v.value.name.clone(), v.value))
-            .collect()
-    };
+    from_snapshot(state, tenant, agent, heartbeat_seconds, false).await
+}
+
+/// [`build`] from the records as they are now (a change of them is known to the caller).
+pub async fn build_fresh(
+    state: &BrokerState,
+    tenant: &str,
+    agent: &str,
+    heartbeat_seconds: u32,
+) -> StoreResult<pb::AgentConfig> {
+    from_snapshot(state, tenant, agent, heartbeat_seconds, true).await
+}
+
+async fn from_snapshot(
+    state: &BrokerState,
+    tenant: &str,
+    agent: &str,
+    heartbeat_seconds: u32,
+    fresh: bool,
+) -> StoreResult<pb::AgentConfig> {
+    let snapshot = snapshot(state, tenant, fresh).await?;
+    let devices: &[Device] = snapshot.devices.get(agent).map_or(&[], Vec::as_slice);
+    let mailboxes = &snapshot.mailboxes;
     let mut config = pb::AgentConfig {
         tenant: tenant.to_owned(),
         agent: agent.to_owned(),
-        devices: devices
-            .iter()
-            .map(|d| agent_device(d, &mailboxes))
-            .collect(),
+        devices: devices.iter().map(|d| agent_device(d, mailboxes)).collect(),
         revision: String::new(),
         heartbeat_seconds,
     };

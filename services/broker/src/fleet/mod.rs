@@ -5,14 +5,16 @@
 //! Replicas share nothing but the store, so everything that crosses a stream goes through it
 //! ([`store`]): the last status per device, a presence marker per connected agent (which replica
 //! holds its stream, valid for three heartbeats), commands queued for an agent (taken and sent by
-//! whichever replica holds the agent's stream, polled every [`COMMAND_POLL`]) and the agents'
+//! whichever replica holds the agent's stream, woken through the store's notification channel
+//! ([`wake`]), with a sweep at most every [`COMMAND_SWEEP_MAX`] as a backstop) and the agents'
 //! answers (read by whoever waits); [`housekeeping`] removes the commands and answers nobody
 //! will read. A change of a device or mailbox queues a `ReloadConfig` for the tenant's connected
-//! agents ([`config_changed`]), so the change reaches them within a second; a stream held by this
-//! process is woken at once ([`wake`]), one on another replica takes it at its next poll. Depends on `records`, `convert`, `authz`, `admin` (audit and
-//! error mapping) and `identity` (the authenticated peer).
+//! agents ([`config_changed`]); the stream holding each, on any replica, is woken at once and
+//! rebuilds the configuration from a per-tenant snapshot ([`agent_config`]) dropped by the same
+//! announcement. Depends on `records`, `convert`, `authz`, the edge's error mapping and
+//! `identity` (the authenticated peer).
 
-mod agent_config;
+pub mod agent_config;
 pub mod housekeeping;
 mod reload;
 pub mod settings;
@@ -20,7 +22,7 @@ mod status;
 pub mod store;
 mod stream;
 mod test_connection;
-mod wake;
+pub mod wake;
 
 use tokenfleet_proto::v1 as pb;
 use tonic::{Status, Streaming};
@@ -34,8 +36,8 @@ use crate::state::BrokerState;
 pub use agent_config::revision;
 pub use reload::{CONFIG_ACTIONS, config_changed, queue_reload};
 pub use settings::{
-    COMMAND_POLL, CommandStream, DEFAULT_HEARTBEAT_SECONDS, FleetSettings, MAX_HEARTBEAT_SECONDS,
-    STALE_HEARTBEATS, format_age,
+    COMMAND_SWEEP_MAX, CommandStream, DEFAULT_HEARTBEAT_SECONDS, FleetSettings,
+    MAX_HEARTBEAT_SECONDS, STALE_HEARTBEATS, format_age,
 };
 
 /// `TokenBroker.GetAgentConfig` for an authenticated agent.

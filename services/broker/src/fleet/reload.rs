@@ -24,11 +24,13 @@ const CONFIG_NUDGE_TTL: time::Duration = time::Duration::seconds(60);
 
 /// A record the agents' configurations of `tenant` are built from changed: queues a
 /// `ReloadConfig` in the store for every agent of the tenant with a live status stream. The
-/// replica holding the stream (any replica: the queue is in the store) takes it within
-/// [`super::settings::COMMAND_POLL`], builds the agent's configuration again and sends the command on only when
-/// the agent does not run that configuration already, so unrelated agents reload nothing. Best
+/// replica holding the stream (any replica: the queue is in the store) is woken through the
+/// store's notification channel ([`super::wake`]), takes it, builds the agent's configuration
+/// again and sends the command on only when the agent does not run that configuration already, so unrelated agents reload nothing. Best
 /// effort: a failure is logged, and the agent's next report catches up.
 pub async fn config_changed(state: &BrokerState, tenant: &str) {
+    // First, so every replica drops its snapshot of the tenant before the wakes below arrive.
+    wake::config_changed(state, tenant).await;
     let records = crate::records::Records::new(state.store.as_ref());
     let scope = tokenfleet_store::Scope::Tenant(tenant.to_owned());
     let now = state.clock.now();
@@ -65,7 +67,7 @@ pub async fn queue_reload(state: &BrokerState, tenant: &str, agent: &str) {
         .put(&queued, tokenfleet_store::Precondition::Absent)
         .await
     {
-        Ok(_) => wake::wake(state, tenant, agent),
+        Ok(_) => wake::wake(state, tenant, agent).await,
         Err(error) => {
             tracing::warn!(%error, tenant, agent, "queueing a configuration reload failed");
         }

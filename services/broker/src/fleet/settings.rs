@@ -15,8 +15,11 @@ pub const DEFAULT_HEARTBEAT_SECONDS: u32 = 30;
 pub const MAX_HEARTBEAT_SECONDS: u32 = 3600;
 /// A report (and a presence marker) older than this many heartbeats no longer counts.
 pub const STALE_HEARTBEATS: i32 = 3;
-/// How often the replica holding an agent's stream looks for commands queued for it.
-pub const COMMAND_POLL: Duration = Duration::from_millis(200);
+/// How often the replica holding an agent's stream looks for commands queued for it when no wake
+/// came (a notification lost while the subscription reconnected, which also wakes every stream)
+/// and checks it still holds the presence marker (every report checks that too): commands are
+/// pushed by a wake ([`super::wake`]), so this is a backstop, not a poll.
+pub const COMMAND_SWEEP_MAX: Duration = Duration::from_secs(60);
 
 /// The stream of commands sent down to one agent.
 pub type CommandStream = Pin<Box<dyn Stream<Item = Result<pb::AgentCommand, Status>> + Send>>;
@@ -28,8 +31,9 @@ pub struct FleetSettings {
     pub heartbeat_seconds: u32,
     /// This replica's id in presence markers (random per process).
     pub replica: String,
-    /// How often a stream looks for queued commands.
-    pub command_poll: Duration,
+    /// How often a stream looks for queued commands without a wake (a backstop; see
+    /// [`COMMAND_SWEEP_MAX`]).
+    pub command_sweep: Duration,
     /// Turns true when the broker shuts down: open streams end with UNAVAILABLE.
     pub shutdown: Option<tokio::sync::watch::Receiver<bool>>,
 }
@@ -46,7 +50,7 @@ impl FleetSettings {
         Self {
             heartbeat_seconds: heartbeat_seconds.clamp(1, MAX_HEARTBEAT_SECONDS),
             replica: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
-            command_poll: COMMAND_POLL,
+            command_sweep: COMMAND_SWEEP_MAX,
             shutdown: None,
         }
     }

@@ -37,8 +37,6 @@ use crate::state::BrokerState;
 const COMMAND_BUFFER: usize = 16;
 /// Commands taken from the store per poll.
 const COMMAND_BATCH: usize = 16;
-/// Polls between two checks that this stream still holds the presence marker.
-const PRESENCE_CHECK_EVERY: u32 = 5;
 /// Longest software version kept on the agent record.
 const MAX_VERSION_LEN: usize = 100;
 /// Largest device status kept (encoded); bigger ones are dropped with a warning.
@@ -116,10 +114,9 @@ struct Session {
 impl Session {
     async fn run(mut self, mut reports: Streaming<pb::AgentReport>, tx: Tx) {
         tracing::info!("status stream opened");
-        let mut poll = tokio::time::interval(self.settings.command_poll);
+        let mut poll = tokio::time::interval(self.settings.command_sweep);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.settings.shutdown.clone();
-        let mut ticks: u32 = 0;
         // Woken when a command is queued for the agent on this replica (see `super::wake`).
         let woken = super::wake::register(&self.state, &self.tenant, &self.agent);
         let end: Result<&'static str, Status> = loop {
@@ -146,18 +143,16 @@ impl Session {
                 },
                 () = woken.notified() => {
                     if self.presence_version.is_some()
-                        && let Err(status) = self.poll(&tx, false).await
+                        && let Err(status) = self.poll(&tx, true).await
                     {
                         break Err(status);
                     }
                 }
                 _ = poll.tick() => {
-                    if self.presence_version.is_some() {
-                        ticks = ticks.wrapping_add(1);
-                        let check = ticks.is_multiple_of(PRESENCE_CHECK_EVERY);
-                        if let Err(status) = self.poll(&tx, check).await {
-                            break Err(status);
-                        }
+                    if self.presence_version.is_some()
+                        && let Err(status) = self.poll(&tx, true).await
+                    {
+                        break Err(status);
                     }
                 }
             }
@@ -236,9 +231,19 @@ impl Session {
     /// it already.
     async fn on_config_changed(&mut self, id: String, tx: &Tx) {
         let now = self.state.clock.now();
-        self.config = None;
-        match self.current_config(now).await {
-            Ok(config) => self.push_config(&config, id, tx).await,
+        let built = agent_config::build_fresh(
+            &self.state,
+            &self.tenant,
+            &self.agent,
+            self.settings.heartbeat_seconds,
+        )
+        .await
+        .map_err(status);
+        match built {
+            Ok(config) => {
+                self.config = Some((config.clone(), now));
+                self.push_config(&config, id, tx).await;
+            }
             Err(status) => {
                 tracing::warn!(
                     message = status.message(),
@@ -309,7 +314,12 @@ impl Session {
         };
         match self.records().put(&presence, pre).await {
             Ok(v) => {
+                let first = self.presence_version.is_none();
                 self.presence_version = Some(v);
+                if first {
+                    // A stream this one replaces (on any replica) learns it at once.
+                    super::wake::wake(&self.state, &self.tenant, &self.agent).await;
+                }
                 Ok(())
             }
             Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => {

@@ -163,7 +163,7 @@ async fn test(
         command: encode_wire(&command),
     };
     records(state).put(&queued, Precondition::Absent).await?;
-    super::wake::wake(state, &device.tenant, &device.agent);
+    super::wake::wake(state, &device.tenant, &device.agent).await;
     tracing::info!(command = %id, agent = %device.agent, "connection test queued");
 
     let answer_key = command_result_key(&device.tenant, &id);

@@ -1,8 +1,13 @@
-//! Wakes the status streams this process holds as soon as a command is queued for their agent,
-//! instead of at their next command poll. The queue itself stays in the store (so a command
-//! queued on any replica reaches the replica holding the stream at its next poll); this only
-//! shortens the way when the stream is held here, which is always the case with the embedded
-//! store (one node).
+//! Wakes the status streams of agents as soon as something is queued for them, on whichever
+//! replica holds the stream: a push, not a poll. The queue itself stays in the store (records are
+//! the truth); a wake is a notification on the store's channel [`CHANNEL`] (Redis pub/sub across
+//! replicas, in memory on the embedded store), which each process's [`Listener`] turns into a
+//! `Notify` of the registered stream. The same channel announces configuration changes of a
+//! tenant, so a replica drops its configuration snapshot ([`super::agent_config`]) before it
+//! wakes the streams that will rebuild from it: one channel, one listener, messages in order.
+//!
+//! When the subscription (re)starts, messages may have been lost: the listener drops every
+//! snapshot and wakes every stream it holds, which then look at the store.
 //!
 //! Streams register under (store instance, tenant, agent): two brokers in one process (tests)
 //! with stores of their own do not wake each other's streams.
@@ -10,20 +15,29 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use tokenfleet_store::{Notice, Store};
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
 use crate::state::BrokerState;
 
+/// The store notification channel of the fleet.
+pub const CHANNEL: &str = "fleet";
+
 type Key = (usize, String, String);
 
-fn registry() -> &'static Mutex<HashMap<Key, Weak<Notify>>> {
-    static WAKERS: OnceLock<Mutex<HashMap<Key, Weak<Notify>>>> = OnceLock::new();
+fn registry() -> &'static Mutex<HashMap<Key, Vec<Weak<Notify>>>> {
+    static WAKERS: OnceLock<Mutex<HashMap<Key, Vec<Weak<Notify>>>>> = OnceLock::new();
     WAKERS.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
 /// The address of the store instance: identifies the broker within the process.
-fn store_id(state: &BrokerState) -> usize {
-    Arc::as_ptr(&state.store).cast::<()>().addr()
+pub fn store_id(state: &BrokerState) -> usize {
+    store_addr(&state.store)
+}
+
+fn store_addr(store: &Arc<dyn Store>) -> usize {
+    Arc::as_ptr(store).cast::<()>().addr()
 }
 
 /// The notifier of the stream of agent `agent` of `tenant` held by this process, registered
@@ -32,9 +46,63 @@ pub fn register(state: &BrokerState, tenant: &str, agent: &str) -> Arc<Notify> {
     register_at(store_id(state), tenant, agent)
 }
 
-/// Wakes the stream of agent `agent` of `tenant` if this process holds it.
-pub fn wake(state: &BrokerState, tenant: &str, agent: &str) {
-    wake_at(store_id(state), tenant, agent);
+/// Wakes the stream of agent `agent` of `tenant` on whichever replica holds it. Best effort: a
+/// lost wake is caught up by the stream's next sweep or report.
+pub async fn wake(state: &BrokerState, tenant: &str, agent: &str) {
+    announce(state, &format!("wake {tenant}/{agent}")).await;
+}
+
+/// Announces that the configuration records of `tenant` changed: every replica drops its
+/// snapshot of the tenant before it handles the wakes that follow.
+pub async fn config_changed(state: &BrokerState, tenant: &str) {
+    announce(state, &format!("config {tenant}")).await;
+}
+
+async fn announce(state: &BrokerState, message: &str) {
+    if let Err(error) = state.store.publish(CHANNEL, message).await {
+        tracing::warn!(%error, message, "fleet notification not published");
+    }
+}
+
+/// The process's listener on [`CHANNEL`] for one store; stops when dropped.
+#[derive(Debug)]
+pub struct Listener(JoinHandle<()>);
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Listener {
+    /// Subscribes to the store's fleet channel and starts handling its messages.
+    pub fn start(store: &Arc<dyn Store>) -> Self {
+        let id = store_addr(store);
+        let mut notices = store.subscribe(CHANNEL);
+        Self(tokio::spawn(async move {
+            while let Some(notice) = notices.recv().await {
+                handle(id, notice);
+            }
+        }))
+    }
+}
+
+fn handle(store: usize, notice: Notice) {
+    match notice {
+        Notice::Subscribed => {
+            super::agent_config::forget_all(store);
+            wake_all_at(store);
+        }
+        Notice::Message(message) => match message.split_once(' ') {
+            Some(("wake", who)) => {
+                if let Some((tenant, agent)) = who.split_once('/') {
+                    wake_at(store, tenant, agent);
+                }
+            }
+            Some(("config", tenant)) => super::agent_config::forget(store, tenant),
+            _ => tracing::debug!(message, "unknown fleet notification ignored"),
+        },
+    }
 }
 
 fn register_at(store: usize, tenant: &str, agent: &str) -> Arc<Notify> {
@@ -42,26 +110,43 @@ fn register_at(store: usize, tenant: &str, agent: &str) -> Arc<Notify> {
     let mut map = registry()
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    map.retain(|_, w| w.strong_count() > 0);
-    map.insert(
-        (store, tenant.to_owned(), agent.to_owned()),
-        Arc::downgrade(&notify),
-    );
+    map.retain(|_, streams| {
+        streams.retain(|w| w.strong_count() > 0);
+        !streams.is_empty()
+    });
+    map.entry((store, tenant.to_owned(), agent.to_owned()))
+        .or_default()
+        .push(Arc::downgrade(&notify));
     notify
 }
 
+/// Wakes every stream of the agent this process holds (a newer one and the one it replaced,
+/// which then finds it lost the presence marker); whether there was one.
 fn wake_at(store: usize, tenant: &str, agent: &str) -> bool {
-    let notify = registry()
+    let streams: Vec<Arc<Notify>> = registry()
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .get(&(store, tenant.to_owned(), agent.to_owned()))
-        .and_then(Weak::upgrade);
-    match notify {
-        Some(notify) => {
-            notify.notify_one();
-            true
-        }
-        None => false,
+        .into_iter()
+        .flatten()
+        .filter_map(Weak::upgrade)
+        .collect();
+    for notify in &streams {
+        notify.notify_one();
+    }
+    !streams.is_empty()
+}
+
+fn wake_all_at(store: usize) {
+    let woken: Vec<Arc<Notify>> = registry()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .filter(|((s, _, _), _)| *s == store)
+        .flat_map(|(_, streams)| streams.iter().filter_map(Weak::upgrade))
+        .collect();
+    for notify in woken {
+        notify.notify_one();
     }
 }
 
