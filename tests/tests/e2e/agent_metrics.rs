@@ -90,7 +90,11 @@ async fn metrics_count_what_the_agent_did_in_both_formats_and_healthz_tells_the_
         purposes: vec![pb::MailPurpose::Send, pb::MailPurpose::Pop],
         device: Box::new(|dovecot: &Dovecot| pb::Device {
             smtp: Some(plain_smtp(dovecot.submission_addr())),
-            fetch: Some(plain_fetch(pb::FetchProtocol::Pop3, dovecot.pop3_addr(), 2)),
+            fetch: Some(plain_fetch(
+                pb::FetchProtocol::Pop3,
+                dovecot.pop3_addr(),
+                10,
+            )),
             ..Default::default()
         }),
         // No periodic tests: the one on-demand test below is the only one counted. A short
