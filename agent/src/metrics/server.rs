@@ -1,13 +1,14 @@
 //! The metrics listener (`[metrics] listen`): HTTP/1.1 with `GET /metrics` (Prometheus text, by
 //! `Accept` header OpenMetrics or 0.0.4) and `GET /healthz` (`200 ok`, or `503` and the reason).
 //!
-//! Its limits are the agent's other listeners' ([`crate::line_server`]: connections at once, in
-//! total and per source, each closed after a longest lifetime; a connection over a cap gets
-//! `503` and is closed) plus HTTP's own, applied by hyper's HTTP/1 connection builder: the
-//! request header must arrive within `header_read_timeout` (also the next one on a keep-alive
-//! connection) and fit in `max_header_bytes` (else `431`). Requests with a body are refused
-//! (`413`): nothing here reads one. HTTP/1.1 only — protocol detection for h2c would read the
-//! first bytes without a timeout, and scrapers and probes speak HTTP/1.1.
+//! Its limits are the agent's other listeners' (the accept loop of `crate::line_server`:
+//! connections at once, in total and per source, each closed after a longest lifetime; a
+//! connection over a cap gets `503` and is closed) plus HTTP's own, applied by hyper's HTTP/1
+//! connection builder: the request header must arrive within `header_read_timeout` (also the
+//! next one on a keep-alive connection) and fit in `max_header_bytes` with at most 64 fields
+//! (else `431`). Requests with a body are refused (`413`): nothing here reads one. HTTP/1.1
+//! only — protocol detection for h2c would read the first bytes without a timeout, and scrapers
+//! and probes speak HTTP/1.1.
 
 use std::convert::Infallible;
 use std::future::Future;
