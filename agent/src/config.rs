@@ -107,8 +107,115 @@ pub struct RawAgentConfig {
     pub connection_test_interval_seconds: u64,
     /// Limits of the SMTP ingress and the local POP3 server.
     pub ingress_limits: RawIngressLimits,
+    /// The metrics and health listener.
+    pub metrics: RawMetrics,
     /// Logging.
     pub log: RawLog,
+}
+
+/// `[metrics]`: the HTTP listener serving `/metrics` (Prometheus) and `/healthz`, and its limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    /// Listen address; empty = no metrics listener.
+    pub listen: String,
+    /// Connections at once, all sources together.
+    pub max_connections: u32,
+    /// Connections at once from one IPv4 address or IPv6 /64.
+    pub max_connections_per_source: u32,
+    /// Longest a connection may stay open, in seconds.
+    pub max_connection_seconds: u64,
+    /// Longest wait for a complete request header, in seconds.
+    pub header_read_timeout_seconds: u64,
+    /// Largest request header in bytes (request line and fields); larger ones get 431.
+    pub max_request_header_bytes: u64,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9465".to_owned(),
+            max_connections: 16,
+            max_connections_per_source: 8,
+            max_connection_seconds: 60,
+            header_read_timeout_seconds: 10,
+            max_request_header_bytes: 8192,
+        }
+    }
+}
+
+impl RawMetrics {
+    /// The validated section, or every problem (each naming its `metrics.*` key).
+    fn validate(&self) -> Result<MetricsSettings, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut range = |key: &str, value: u64, min: u64, max: u64| {
+            if !(min..=max).contains(&value) {
+                problems.push(format!("metrics.{key} = {value}: must be {min} to {max}"));
+            }
+        };
+        range("max_connections", self.max_connections.into(), 1, 10_000);
+        range(
+            "max_connections_per_source",
+            self.max_connections_per_source.into(),
+            1,
+            u64::from(self.max_connections.max(1)),
+        );
+        range(
+            "max_connection_seconds",
+            self.max_connection_seconds,
+            1,
+            3600,
+        );
+        range(
+            "header_read_timeout_seconds",
+            self.header_read_timeout_seconds,
+            1,
+            300,
+        );
+        range(
+            "max_request_header_bytes",
+            self.max_request_header_bytes,
+            crate::metrics::server::MIN_HEADER_BYTES as u64,
+            1 << 20,
+        );
+        let listen = match self.listen.trim() {
+            "" => None,
+            value => match value.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(e) => {
+                    problems.push(format!(
+                        "metrics.listen = {value:?}: not an address like 127.0.0.1:9465 ({e}); \"\" turns the listener off"
+                    ));
+                    None
+                }
+            },
+        };
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let usize_of = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        Ok(MetricsSettings {
+            listen,
+            limits: crate::metrics::MetricsLimits {
+                connections: crate::line_server::SessionLimits {
+                    max_sessions: usize_of(self.max_connections.into()),
+                    max_sessions_per_source: usize_of(self.max_connections_per_source.into()),
+                    max_session: Duration::from_secs(self.max_connection_seconds),
+                },
+                header_read_timeout: Duration::from_secs(self.header_read_timeout_seconds),
+                max_header_bytes: usize_of(self.max_request_header_bytes),
+            },
+        })
+    }
+}
+
+/// The validated `[metrics]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsSettings {
+    /// Where `/metrics` and `/healthz` are served (`None` = nowhere).
+    pub listen: Option<SocketAddr>,
+    /// The listener's limits.
+    pub limits: crate::metrics::MetricsLimits,
 }
 
 /// `[log]`: what the agent logs, and how (to stderr).
@@ -403,6 +510,7 @@ impl Default for RawAgentConfig {
             heartbeat_seconds: 0,
             connection_test_interval_seconds: 3600,
             ingress_limits: RawIngressLimits::default(),
+            metrics: RawMetrics::default(),
             log: RawLog::default(),
         }
     }
@@ -448,6 +556,8 @@ pub struct AgentSettings {
     pub connection_test_interval: Option<Duration>,
     /// Limits of the SMTP ingress, the local POP3 server and the spool.
     pub ingress_limits: IngressLimits,
+    /// The metrics and health listener (`[metrics]`).
+    pub metrics: MetricsSettings,
     /// Log filter (`[log] level`).
     pub log_level: String,
     /// Log line format (`[log] format`).
@@ -577,13 +687,30 @@ impl AgentSettings {
             .ingress_limits
             .validate()
             .map_err(|e| problems.push(e.0));
-        let (Ok(smtp_listen), Ok(ingress_limits), true) =
-            (smtp_listen, ingress_limits, problems.is_empty())
+        let metrics = raw
+            .metrics
+            .validate()
+            .map_err(|lines| problems.extend(lines));
+        if let (Ok(metrics), Ok(smtp)) = (&metrics, &smtp_listen)
+            && let Some(listen) = metrics.listen
+        {
+            let taken = [("smtp_listen", Some(*smtp)), ("pop3_listen", pop3_listen)];
+            for (key, addr) in taken {
+                if addr == Some(listen) && listen.port() != 0 {
+                    problems.push(format!(
+                        "metrics.listen = \"{listen}\": the same address as {key}"
+                    ));
+                }
+            }
+        }
+        let (Ok(smtp_listen), Ok(ingress_limits), Ok(metrics), true) =
+            (smtp_listen, ingress_limits, metrics, problems.is_empty())
         else {
             return Err(problems);
         };
         Ok(Self {
             ingress_limits,
+            metrics,
             smtp_listen,
             state_dir: raw.state_dir,
             broker_url,
@@ -693,6 +820,68 @@ mod tests {
         bad(
             |r| r.ingress_limits.message_memory_bytes = 10,
             "ingress_limits.message_memory_bytes",
+        );
+    }
+
+    #[test]
+    fn the_metrics_listener_is_on_loopback_by_default_and_checked() {
+        let s = AgentSettings::validate(RawAgentConfig::default()).unwrap();
+        assert_eq!(
+            s.metrics.listen.map(|a| a.to_string()).as_deref(),
+            Some("127.0.0.1:9465")
+        );
+        assert_eq!(s.metrics.limits, crate::metrics::MetricsLimits::default());
+        let off = AgentSettings::validate(RawAgentConfig {
+            metrics: RawMetrics {
+                listen: String::new(),
+                ..RawMetrics::default()
+            },
+            ..RawAgentConfig::default()
+        })
+        .unwrap();
+        assert_eq!(off.metrics.listen, None);
+        let err = AgentSettings::validate(RawAgentConfig {
+            metrics: RawMetrics {
+                listen: "127.0.0.1:2525".into(),
+                max_request_header_bytes: 100,
+                max_connections_per_source: 17,
+                ..RawMetrics::default()
+            },
+            ..RawAgentConfig::default()
+        })
+        .unwrap_err()
+        .0;
+        for key in [
+            "metrics.max_request_header_bytes = 100: must be 8192 to 1048576",
+            "metrics.max_connections_per_source = 17: must be 1 to 16",
+        ] {
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        let err = AgentSettings::validate(RawAgentConfig {
+            metrics: RawMetrics {
+                listen: "127.0.0.1:2525".into(),
+                ..RawMetrics::default()
+            },
+            ..RawAgentConfig::default()
+        })
+        .unwrap_err()
+        .0;
+        assert!(
+            err.contains("metrics.listen = \"127.0.0.1:2525\": the same address as smtp_listen"),
+            "{err}"
+        );
+        let err = AgentSettings::validate(RawAgentConfig {
+            metrics: RawMetrics {
+                listen: "metrics-port".into(),
+                ..RawMetrics::default()
+            },
+            ..RawAgentConfig::default()
+        })
+        .unwrap_err()
+        .0;
+        assert!(
+            err.starts_with("metrics.listen = \"metrics-port\""),
+            "{err}"
         );
     }
 

@@ -7,7 +7,8 @@
 //! XOAUTH2/OAUTHBEARER, Microsoft Graph, the Gmail API). Fetching goes the other way:
 //! [`fetch`] (POP3/IMAP with XOAUTH2) → [`maildrop`] → [`pop3_server`] (the LAN-side POP3
 //! server). [`probe`] runs connection tests; [`identity`] enrolls the agent and keeps its client
-//! certificate; [`config`] reads the local settings.
+//! certificate; [`config`] reads the local settings; [`metrics`] serves `/metrics` and
+//! `/healthz` on a listener of their own.
 //!
 //! Underneath: [`wire`], the mail protocols without I/O (SMTP both sides, IMAP, POP3 both sides,
 //! RFC 5322 headers), which every socket loop above drives, and [`sasl`]; [`fuzz`] holds their
@@ -26,6 +27,7 @@ pub mod identity;
 pub mod ingress;
 mod line_server;
 pub mod maildrop;
+pub mod metrics;
 pub mod pop3_server;
 pub mod probe;
 pub mod runtime;

@@ -177,13 +177,17 @@ fn config_command(
     };
     if let Command::CheckConfig { .. } = command {
         println!(
-            "configuration OK: SMTP on {}, POP3 {}, state in {}, spool in {}",
+            "configuration OK: SMTP on {}, POP3 {}, state in {}, spool in {}, metrics {}",
             settings.smtp_listen,
             settings
                 .pop3_listen
                 .map_or_else(|| "off".to_owned(), |a| format!("on {a}")),
             settings.state_dir.display(),
             settings.spool_dir.display(),
+            settings
+                .metrics
+                .listen
+                .map_or_else(|| "off".to_owned(), |a| format!("on {a}")),
         );
         return ExitCode::SUCCESS;
     }

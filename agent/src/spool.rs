@@ -271,6 +271,15 @@ pub struct SpoolStats {
     pub dead: usize,
 }
 
+/// Disk use of the spool directory ([`Spool::disk_usage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SpoolUsage {
+    /// Bytes allocated on disk to the files below the spool directory.
+    pub bytes: u64,
+    /// Entries in `dead/`.
+    pub dead_messages: usize,
+}
+
 /// What recovery found when the spool was opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Recovery {
@@ -780,6 +789,34 @@ impl Spool {
             slot.1 = slot.1.max(age);
         }
         out
+    }
+
+    /// Bytes of the queued messages (from memory; what the quota counts).
+    pub fn queued_bytes(&self) -> u64 {
+        self.lock_index().bytes
+    }
+
+    /// What the spool directory holds on disk: blocks allocated to every file below it (the
+    /// queue, dead letters, entries being written, markers; what `du` counts) and the number of
+    /// dead-lettered messages. Reads the directories, so call it from blocking code.
+    pub fn disk_usage(&self) -> Result<SpoolUsage, SpoolError> {
+        use std::os::unix::fs::MetadataExt as _;
+        fn walk(dir: &Path, depth: u32, usage: &mut SpoolUsage) -> io::Result<()> {
+            for entry in fs::read_dir(dir)? {
+                let entry = entry?;
+                // Files can go away while the worker settles entries: skip them.
+                let Ok(meta) = entry.metadata() else { continue };
+                usage.bytes += meta.blocks() * 512;
+                if meta.is_dir() && depth < 2 {
+                    walk(&entry.path(), depth + 1, usage)?;
+                }
+            }
+            Ok(())
+        }
+        let mut usage = SpoolUsage::default();
+        walk(&self.root, 0, &mut usage).map_err(io_err(&self.root))?;
+        usage.dead_messages = self.dead()?.len();
+        Ok(usage)
     }
 
     /// Queue depth, oldest age and dead-letter count.

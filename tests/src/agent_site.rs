@@ -1,7 +1,8 @@
 //! A whole agent site for end-to-end tests of `tokenfleet-agent run`: the fake identity provider
 //! (one confidential client with an app-only mailbox), a real Dovecot validating XOAUTH2 by
 //! introspection at the fake, a TLS broker with tenant, provider, mailbox and one device, and the
-//! real agent binary — enrolled, then run as a child process with a local SMTP and POP3 listener.
+//! real agent binary — enrolled, then run as a child process with a local SMTP and POP3 listener
+//! and its metrics listener on a free port ([`AgentSite::metrics`]).
 //!
 //! The site can be disturbed the way the suites need: the agent stopped (SIGTERM), killed
 //! (SIGKILL) and started again on the same state directory ([`AgentSite::stop_agent`],
@@ -637,6 +638,8 @@ pub struct AgentSite {
     pub smtp: SocketAddr,
     /// The agent's local POP3 server.
     pub pop3: SocketAddr,
+    /// The agent's metrics listener (`/metrics`, `/healthz`).
+    pub metrics: SocketAddr,
     /// The agent's log file.
     pub log: PathBuf,
     child: Option<Child>,
@@ -649,6 +652,7 @@ impl std::fmt::Debug for AgentSite {
             .field("state", &self.state)
             .field("smtp", &self.smtp)
             .field("pop3", &self.pop3)
+            .field("metrics", &self.metrics)
             .field("log", &self.log)
             .finish_non_exhaustive()
     }
@@ -858,7 +862,7 @@ impl AgentSite {
         if let Ok(pem) = std::fs::read_to_string(state.join("agent.key")) {
             crate::logs::secret(&pem);
         }
-        let [smtp, pop3] = match crate::ports::free_ports::<2>() {
+        let [smtp, pop3, metrics] = match crate::ports::free_ports::<3>() {
             Ok(ports) => ports.map(|port| SocketAddr::from(([127, 0, 0, 1], port))),
             Err(e) => panic!("no free loopback ports: {e:#}"),
         };
@@ -869,6 +873,7 @@ impl AgentSite {
         ));
         let config = format!(
             "state_dir = {state:?}\nsmtp_listen = \"{smtp}\"\npop3_listen = \"{pop3}\"\n\
+             metrics.listen = \"{metrics}\"\n\
              retry_base_seconds = 1\nretry_max_seconds = 3\nheartbeat_seconds = {}\n\
              shutdown_grace_seconds = 5\n{}",
             options.heartbeat_seconds, options.agent_config
@@ -883,6 +888,7 @@ impl AgentSite {
             state,
             smtp,
             pop3,
+            metrics,
             log,
             child: None,
             runs: 0,

@@ -14,6 +14,7 @@ use crate::ingress::{
     DeliverError, Incoming, IngressHandler, LocalDevice, LocalDevices, Password, PasswordChecker,
     SenderPolicy, check_devices, parse_source,
 };
+use crate::metrics::AgentMetrics;
 use crate::spool::{Envelope, Spool, SpoolId};
 use crate::upstream::Delivery;
 
@@ -135,13 +136,14 @@ impl DeviceRegistry {
 
 /// The agent's [`IngressHandler`]: the configured devices' [`LocalDevices`] (credentials, source
 /// ranges, sender policy), swapped as a whole on every configuration change; wakes the delivery
-/// worker for each message spooled.
+/// worker for each message spooled, and counts it.
 #[derive(Debug)]
 pub struct FleetIngress {
     spool: Arc<Spool>,
     table: RwLock<Arc<LocalDevices>>,
     wake: Arc<Notify>,
     passwords: Arc<PasswordChecker>,
+    metrics: AgentMetrics,
 }
 
 impl FleetIngress {
@@ -167,7 +169,14 @@ impl FleetIngress {
             table: RwLock::new(table),
             wake,
             passwords,
+            metrics: AgentMetrics::default(),
         }
+    }
+
+    /// Counts accepted messages into `metrics`.
+    pub fn with_metrics(mut self, metrics: AgentMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     fn table(&self) -> Arc<LocalDevices> {
@@ -251,6 +260,8 @@ impl IngressHandler for FleetIngress {
     ) -> Result<SpoolId, DeliverError> {
         let table = self.table();
         let id = table.deliver(envelope, message).await?;
+        // In the spool and fsynced: the device is told 250 next.
+        self.metrics.message_accepted();
         self.wake.notify_one();
         Ok(id)
     }

@@ -29,6 +29,7 @@ use super::status::StatusBook;
 use super::tokens::{TokenCache, TokenKey, TokenUnavailable};
 use crate::fetch::{FetchError, FetchReport, FetchSettings};
 use crate::maildrop::Maildrop;
+use crate::metrics::{AgentMetrics, FetchResult};
 use crate::upstream::{Credentials, FailureKind};
 
 /// How long tombstones of collected messages are kept (see [`Maildrop::prune_seen`]).
@@ -167,6 +168,7 @@ pub struct FetchScheduler {
     clock: Arc<dyn Clock>,
     fetcher: Arc<dyn Fetcher>,
     settings: FetchSchedulerSettings,
+    metrics: AgentMetrics,
 }
 
 impl std::fmt::Debug for FetchScheduler {
@@ -194,7 +196,14 @@ impl FetchScheduler {
             clock,
             fetcher,
             settings,
+            metrics: AgentMetrics::default(),
         }
+    }
+
+    /// Counts the runs by result (and the messages fetched) into `metrics`.
+    pub fn with_metrics(mut self, metrics: AgentMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The backoff after `failures` failed runs (1 = the first), capped at `interval`.
@@ -362,6 +371,7 @@ impl FetchScheduler {
                 self.fail(
                     name,
                     0,
+                    FetchResult::Misconfigured,
                     pb::DeviceHealth::Failing,
                     format!("fetch profile unusable: {e}"),
                 );
@@ -371,7 +381,13 @@ impl FetchScheduler {
         let mailbox = match fetch_mailbox(&device.spec) {
             Ok(m) => m,
             Err(problem) => {
-                self.fail(name, 0, pb::DeviceHealth::Failing, problem);
+                self.fail(
+                    name,
+                    0,
+                    FetchResult::Misconfigured,
+                    pb::DeviceHealth::Failing,
+                    problem,
+                );
                 return Next::Interval;
             }
         };
@@ -405,15 +421,17 @@ impl FetchScheduler {
         }
         match result {
             Ok(report) => {
-                self.book
-                    .record_fetch(name, (fetched + report.fetched) as u64, None);
+                let fetched = (fetched + report.fetched) as u64;
+                self.metrics.fetch_run(FetchResult::Ok, fetched);
+                self.book.record_fetch(name, fetched, None);
                 Next::Interval
             }
             Err(e) => {
                 fetched += e.partial.fetched;
                 let endpoint = settings.endpoint();
-                let (health, next, mut problem) = match e.kind {
+                let (result, health, next, mut problem) = match e.kind {
                     FailureKind::AuthRejected => (
+                        FetchResult::AuthRejected,
                         pb::DeviceHealth::Failing,
                         Next::Backoff,
                         format!(
@@ -422,6 +440,7 @@ impl FetchScheduler {
                         ),
                     ),
                     FailureKind::Transient => (
+                        FetchResult::Transient,
                         pb::DeviceHealth::Degraded,
                         Next::Backoff,
                         format!(
@@ -430,6 +449,7 @@ impl FetchScheduler {
                         ),
                     ),
                     FailureKind::Permanent => (
+                        FetchResult::Permanent,
                         pb::DeviceHealth::Failing,
                         Next::Interval,
                         format!(
@@ -441,7 +461,7 @@ impl FetchScheduler {
                 if let Some(json) = &e.auth_challenge_json {
                     problem.push_str(&format!(" (challenge: {json})"));
                 }
-                self.fail(name, fetched, health, problem);
+                self.fail(name, fetched, result, health, problem);
                 next
             }
         }
@@ -460,14 +480,23 @@ impl FetchScheduler {
         self.fail(
             device,
             fetched,
+            FetchResult::NoToken,
             pb::DeviceHealth::Failing,
             format!("no token to fetch mailbox {mailbox}: {reason}"),
         );
         Next::Backoff
     }
 
-    fn fail(&self, device: &str, fetched: usize, health: pb::DeviceHealth, problem: String) {
+    fn fail(
+        &self,
+        device: &str,
+        fetched: usize,
+        result: FetchResult,
+        health: pb::DeviceHealth,
+        problem: String,
+    ) {
         tracing::warn!(device, %problem, "fetch run failed");
+        self.metrics.fetch_run(result, fetched as u64);
         self.book
             .record_fetch(device, fetched as u64, Some((health, problem)));
     }

@@ -69,6 +69,8 @@ pub struct AgentRuntime {
     pub tester: Option<Arc<dyn ConnectionTester>>,
     /// The local maildrop (for the depth in status reports).
     pub maildrop: Option<crate::maildrop::Maildrop>,
+    /// The agent's metrics (the tester counts its own verdicts; this counts the others).
+    pub metrics: crate::metrics::AgentMetrics,
     /// Numbers the status reports.
     pub(crate) sequence: AtomicU64,
 }
@@ -172,6 +174,10 @@ impl AgentRuntime {
                             self.registry.current().config.revision
                         );
                         result.detail.clone_from(&summary);
+                        self.metrics.connection_test(
+                            pb::ConnectionTarget::try_from(test.target).unwrap_or_default(),
+                            pb::ConnectionVerdict::DeviceNotLoaded,
+                        );
                         result.connection_test = Some(pb::ConnectionTestResult {
                             device: test.device.clone(),
                             target: test.target,

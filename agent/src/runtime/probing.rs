@@ -530,6 +530,46 @@ pub trait ConnectionTester: Send + Sync + 'static {
     ) -> pb::ConnectionTestResult;
 }
 
+/// A [`ConnectionTester`] that counts every verdict of the one it wraps (on-demand and periodic
+/// tests go through the same tester).
+pub struct CountedTests {
+    inner: Arc<dyn ConnectionTester>,
+    metrics: crate::metrics::AgentMetrics,
+}
+
+impl CountedTests {
+    /// `inner`, its verdicts counted into `metrics`.
+    pub fn wrap(
+        inner: Arc<dyn ConnectionTester>,
+        metrics: crate::metrics::AgentMetrics,
+    ) -> Arc<dyn ConnectionTester> {
+        Arc::new(Self { inner, metrics })
+    }
+}
+
+impl std::fmt::Debug for CountedTests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CountedTests").finish_non_exhaustive()
+    }
+}
+
+#[async_trait::async_trait]
+impl ConnectionTester for CountedTests {
+    async fn test(
+        &self,
+        device: &DeviceEntry,
+        command: &pb::ConnectionTestCommand,
+        tokens: &TokenCache,
+    ) -> pb::ConnectionTestResult {
+        let result = self.inner.test(device, command, tokens).await;
+        self.metrics.connection_test(
+            pb::ConnectionTarget::try_from(command.target).unwrap_or_default(),
+            pb::ConnectionVerdict::try_from(result.verdict).unwrap_or_default(),
+        );
+        result
+    }
+}
+
 /// The answer to a connection test command while the build has no connection tests.
 pub const NO_CONNECTION_TESTS: &str = "connection tests not available in this build";
 

@@ -10,6 +10,7 @@ use tokenfleet_proto::v1 as pb;
 use tokio::sync::Mutex;
 
 use super::clock::Clock;
+use crate::metrics::{AgentMetrics, TokenResult};
 use crate::sasl::AccessToken;
 use crate::upstream::Credentials;
 
@@ -148,6 +149,7 @@ pub struct TokenCache {
     clock: Arc<dyn Clock>,
     margin: Duration,
     slots: StdMutex<HashMap<TokenKey, Arc<Mutex<Slot>>>>,
+    metrics: AgentMetrics,
 }
 
 impl std::fmt::Debug for TokenCache {
@@ -170,7 +172,14 @@ impl TokenCache {
             clock,
             margin,
             slots: StdMutex::new(HashMap::new()),
+            metrics: AgentMetrics::default(),
         }
+    }
+
+    /// Counts the requests to the source by result into `metrics`.
+    pub fn with_metrics(mut self, metrics: AgentMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     fn slot(&self, key: &TokenKey) -> Arc<Mutex<Slot>> {
@@ -217,6 +226,15 @@ impl TokenCache {
         now: SystemTime,
     ) -> Result<Credentials, TokenUnavailable> {
         let answer = self.source.issue(key).await;
+        self.metrics.token_request(match &answer {
+            Ok(TokenAnswer::Token(_)) => TokenResult::Ok,
+            Ok(TokenAnswer::ConsentRequired(_)) => TokenResult::ConsentRequired,
+            Err(TokenFailure::Unreachable(_)) => TokenResult::Unreachable,
+            Err(TokenFailure::RefreshFailing(_)) => TokenResult::RefreshFailing,
+            Err(TokenFailure::NoGrant { .. }) => TokenResult::NoGrant,
+            Err(TokenFailure::Denied(_)) => TokenResult::Denied,
+            Err(TokenFailure::RateLimited { .. }) => TokenResult::RateLimited,
+        });
         let still_valid = slot.token.as_ref().filter(|t| now < t.expires).cloned();
         match answer {
             Ok(TokenAnswer::Token(token)) => {

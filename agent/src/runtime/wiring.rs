@@ -1,8 +1,10 @@
 //! The agent's composition root: [`run`] builds every part of a running agent from the local
 //! settings — identity and broker link, spool, maildrop, token cache, status book, device
 //! registry, ingress (SMTP and POP3), delivery worker, fetch scheduler, connection tests, status
-//! stream, certificate renewal — wires them together, starts them, and stops them in order.
-//! Nothing else in the crate uses this module; the parts it assembles know nothing of it.
+//! stream, certificate renewal, the metrics listener — wires them together, starts them, and
+//! stops them in order. The one [`AgentMetrics`] handle is made here and given to every part
+//! that counts something; [`Health`] learns here which listeners are up. Nothing else in the
+//! crate uses this module; the parts it assembles know nothing of it.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -26,6 +28,7 @@ use super::{AgentRuntime, VERSION};
 use crate::config::AgentSettings;
 use crate::identity;
 use crate::ingress::IngressServer;
+use crate::metrics::{AgentMetrics, Health};
 use crate::spool::Spool;
 
 /// The connection tester, re-exported where it used to live.
@@ -107,9 +110,15 @@ pub async fn open_maildrop(
         .map_err(|e| anyhow::anyhow!("maildrop {}: {e}", dir.display()))
 }
 
+/// Name of the SMTP ingress in `/healthz` answers.
+const SMTP_LISTENER: &str = "SMTP ingress";
+/// Name of the local POP3 server in `/healthz` answers.
+const POP3_LISTENER: &str = "POP3 server";
+
 /// The local POP3 server: devices fetch the mail the fetch jobs stored in `maildrop`, logging in
-/// with their local credentials. Stops when `stop` turns true. (The fetch jobs that fill the
-/// maildrop are started separately, see [`super::fetcher`].)
+/// with their local credentials. Stops when `stop` turns true; `health` learns when it listens
+/// and when it stopped. (The fetch jobs that fill the maildrop are started separately, see
+/// [`super::fetcher`].)
 pub async fn start_pop3(
     addr: std::net::SocketAddr,
     config: crate::pop3_server::Pop3ServerConfig,
@@ -117,26 +126,68 @@ pub async fn start_pop3(
     maildrop: crate::maildrop::Maildrop,
     mut stop: tokio::sync::watch::Receiver<bool>,
     tasks: &mut tokio::task::JoinSet<()>,
+    health: &Health,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("pop3_listen {addr}: cannot listen: {e}"))?;
     tracing::info!(pop3 = %addr, "POP3 server listening");
+    health.listener_up(POP3_LISTENER);
     let auth = Arc::clone(&runtime.ingress);
+    let health = health.clone();
     tasks.spawn(async move {
         let stopped = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        if let Err(error) = crate::pop3_server::Pop3Server::serve(
+        let result = crate::pop3_server::Pop3Server::serve(
             listener,
             config,
             auth,
             Arc::new(maildrop),
             stopped,
         )
+        .await;
+        health.listener_failed(POP3_LISTENER, ended(result));
+    });
+    Ok(())
+}
+
+/// What `/healthz` says of a listener whose serve loop returned `result`.
+fn ended(result: std::io::Result<()>) -> String {
+    match result {
+        Ok(()) => "stopped".to_owned(),
+        Err(error) => {
+            tracing::error!(%error, "a listener failed");
+            format!("stopped: {error}")
+        }
+    }
+}
+
+/// Binds the metrics listener (`[metrics] listen`, if set) and serves `/metrics` and `/healthz`
+/// on it until `stop` turns true.
+async fn start_metrics(
+    settings: &AgentSettings,
+    metrics: &AgentMetrics,
+    health: &Health,
+    mut stop: watch::Receiver<bool>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> anyhow::Result<()> {
+    let Some(addr) = settings.metrics.listen else {
+        return Ok(());
+    };
+    let listener = TcpListener::bind(addr)
         .await
+        .with_context(|| format!("metrics.listen {addr}: cannot listen"))?;
+    tracing::info!(metrics = %addr, "metrics listening (GET /metrics, GET /healthz)");
+    let (limits, metrics, health) = (settings.metrics.limits, metrics.clone(), health.clone());
+    tasks.spawn(async move {
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(error) =
+            crate::metrics::server::serve(listener, limits, metrics, health, stopped).await
         {
-            tracing::error!(%error, "the POP3 server failed");
+            tracing::error!(%error, "the metrics listener failed");
         }
     });
     Ok(())
@@ -170,23 +221,40 @@ pub async fn run(
         removed_unacknowledged = recovery.removed_temp + recovery.removed_orphans,
         "spool opened"
     );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let metrics = AgentMetrics::new(Some(Arc::clone(&spool)));
+    let health = Health::new(&settings.spool_dir);
+    health.expect_listener(SMTP_LISTENER);
+    if settings.pop3_listen.is_some() {
+        health.expect_listener(POP3_LISTENER);
+    }
+    // First, so /healthz tells why the agent is not ready while it waits for the broker.
+    start_metrics(&settings, &metrics, &health, stop_rx.clone(), &mut tasks).await?;
+
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let maildrop = open_maildrop(&settings.state_dir).await?;
     let book = Arc::new(StatusBook::open(&settings.state_dir));
-    let tokens = Arc::new(TokenCache::new(
-        Arc::clone(&link) as Arc<dyn tokens::TokenSource>,
-        Arc::clone(&clock),
-        settings.token_renew_margin,
-    ));
+    let tokens = Arc::new(
+        TokenCache::new(
+            Arc::clone(&link) as Arc<dyn tokens::TokenSource>,
+            Arc::clone(&clock),
+            settings.token_renew_margin,
+        )
+        .with_metrics(metrics.clone()),
+    );
     let wake = Arc::new(Notify::new());
     let registry = Arc::new(DeviceRegistry::new(Arc::new(UpstreamDeliveries)));
-    let ingress = Arc::new(FleetIngress::with_passwords(
-        Arc::clone(&spool),
-        Arc::clone(&wake),
-        Arc::new(crate::ingress::PasswordChecker::new(
-            settings.ingress_limits.passwords,
-        )),
-    ));
+    let ingress = Arc::new(
+        FleetIngress::with_passwords(
+            Arc::clone(&spool),
+            Arc::clone(&wake),
+            Arc::new(crate::ingress::PasswordChecker::new(
+                settings.ingress_limits.passwords,
+            )),
+        )
+        .with_metrics(metrics.clone()),
+    );
     let rt = Arc::new(AgentRuntime {
         settings: settings.clone(),
         spool: Arc::clone(&spool),
@@ -195,13 +263,12 @@ pub async fn run(
         tokens: Arc::clone(&tokens),
         book: Arc::clone(&book),
         link: Arc::clone(&link),
-        tester: probing::connection_tester(),
+        tester: probing::connection_tester()
+            .map(|tester| probing::CountedTests::wrap(tester, metrics.clone())),
         maildrop: Some(maildrop.clone()),
+        metrics: metrics.clone(),
         sequence: AtomicU64::new(0),
     });
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
 
     let have_config = match tokio::time::timeout(Duration::from_secs(15), link.fetch_config()).await
     {
@@ -249,24 +316,27 @@ pub async fn run(
         });
     }
 
-    let worker = Arc::new(DeliveryWorker::new(
-        Arc::clone(&spool),
-        &settings.spool_dir,
-        Arc::clone(&registry),
-        Arc::clone(&tokens),
-        Arc::clone(&book),
-        Arc::clone(&clock),
-        WorkerSettings {
-            concurrency: settings.delivery_concurrency,
-            retry_base: settings.retry_base,
-            retry_max: settings.retry_max,
-            max_attempts: settings.max_attempts,
-            max_age: settings.max_age,
-            bounce: settings.bounce,
-            poll_interval: Duration::from_millis(500),
-        },
-        Arc::clone(&wake),
-    ));
+    let worker = Arc::new(
+        DeliveryWorker::new(
+            Arc::clone(&spool),
+            &settings.spool_dir,
+            Arc::clone(&registry),
+            Arc::clone(&tokens),
+            Arc::clone(&book),
+            Arc::clone(&clock),
+            WorkerSettings {
+                concurrency: settings.delivery_concurrency,
+                retry_base: settings.retry_base,
+                retry_max: settings.retry_max,
+                max_attempts: settings.max_attempts,
+                max_age: settings.max_age,
+                bounce: settings.bounce,
+                poll_interval: Duration::from_millis(500),
+            },
+            Arc::clone(&wake),
+        )
+        .with_metrics(metrics.clone()),
+    );
     match worker.recover_markers() {
         Ok(0) => {}
         Ok(n) => tracing::warn!(
@@ -282,17 +352,18 @@ pub async fn run(
         .await
         .with_context(|| format!("smtp_listen {}: cannot listen", settings.smtp_listen))?;
     tracing::info!(smtp = %settings.smtp_listen, "SMTP ingress listening");
+    health.listener_up(SMTP_LISTENER);
     {
         let ingress = Arc::clone(&ingress);
         let config = ingress_config;
         let mut stop = stop_rx.clone();
+        let health = health.clone();
         tasks.spawn(async move {
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(error) = IngressServer::serve(listener, config, ingress, stopped).await {
-                tracing::error!(%error, "the SMTP ingress failed");
-            }
+            let result = IngressServer::serve(listener, config, ingress, stopped).await;
+            health.listener_failed(SMTP_LISTENER, ended(result));
         });
     }
     if let Some(addr) = settings.pop3_listen {
@@ -303,21 +374,25 @@ pub async fn run(
             maildrop.clone(),
             stop_rx.clone(),
             &mut tasks,
+            &health,
         )
         .await?;
     }
     {
-        let scheduler = Arc::new(fetcher::FetchScheduler::new(
-            Arc::clone(&registry),
-            Arc::clone(&tokens),
-            Arc::clone(&book),
-            Arc::clone(&clock),
-            Arc::new(fetcher::MaildropFetcher::new(maildrop.clone())),
-            fetcher::FetchSchedulerSettings {
-                retry_base: settings.retry_base,
-                ..fetcher::FetchSchedulerSettings::default()
-            },
-        ));
+        let scheduler = Arc::new(
+            fetcher::FetchScheduler::new(
+                Arc::clone(&registry),
+                Arc::clone(&tokens),
+                Arc::clone(&book),
+                Arc::clone(&clock),
+                Arc::new(fetcher::MaildropFetcher::new(maildrop.clone())),
+                fetcher::FetchSchedulerSettings {
+                    retry_base: settings.retry_base,
+                    ..fetcher::FetchSchedulerSettings::default()
+                },
+            )
+            .with_metrics(metrics.clone()),
+        );
         tasks.spawn(scheduler.run(stop_rx.clone()));
     }
     if let (Some(interval), Some(tester)) = (settings.connection_test_interval, rt.tester.clone()) {
@@ -376,6 +451,7 @@ pub async fn run(
 
     shutdown.await;
     tracing::info!("stopping: no new messages accepted; finishing running deliveries");
+    health.stopping();
     let _ = stop_tx.send(true);
     let _ = worker_task.await;
     // Everything else stops promptly on the signal; do not wait past the grace period.

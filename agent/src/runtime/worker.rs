@@ -23,6 +23,7 @@ use super::clock::Clock;
 use super::devices::{DeviceEntry, DeviceRegistry};
 use super::status::{Attempt, Outcome, StatusBook};
 use super::tokens::{TokenCache, TokenKey, TokenUnavailable};
+use crate::metrics::{AgentMetrics, DeadLetter, Deferral};
 use crate::spool::{self, EntryMeta, Spool, SpoolError, SpoolId};
 use crate::upstream::{Credentials, Delivery, DeliveryError, FailureKind, OutgoingMessage};
 
@@ -84,6 +85,7 @@ pub struct DeliveryWorker {
     /// (slowly, from disk) while deliveries finish: an entry delivered and removed from
     /// `in_flight` during the scan may still be in its result and must not be started again.
     settled_since_scan: Mutex<HashSet<SpoolId>>,
+    metrics: AgentMetrics,
 }
 
 impl std::fmt::Debug for DeliveryWorker {
@@ -146,7 +148,14 @@ impl DeliveryWorker {
             wake,
             in_flight: Mutex::new(HashSet::new()),
             settled_since_scan: Mutex::new(HashSet::new()),
+            metrics: AgentMetrics::default(),
         }
+    }
+
+    /// Counts deliveries, deferrals and dead letters into `metrics`.
+    pub fn with_metrics(mut self, metrics: AgentMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Replaces the jitter source (tests pass a constant).
@@ -306,21 +315,24 @@ impl DeliveryWorker {
         at_least.map_or(d, |min| d.max(min))
     }
 
-    async fn retry_later(&self, meta: &EntryMeta, reason: &str, delay: Duration) {
+    async fn retry_later(&self, meta: &EntryMeta, kind: Deferral, reason: &str, delay: Duration) {
         let next = self.clock.now() + delay;
         let id = meta.id.clone();
         let reason = reason.to_owned();
-        if let Err(error) = blocking(&self.spool, move |s| s.retry_later(&id, &reason, next)).await
-        {
-            tracing::error!(id = %meta.id, %error, "recording a retry in the spool failed");
+        match blocking(&self.spool, move |s| s.retry_later(&id, &reason, next)).await {
+            Ok(_) => self.metrics.message_deferred(kind),
+            Err(error) => {
+                tracing::error!(id = %meta.id, %error, "recording a retry in the spool failed");
+            }
         }
     }
 
-    async fn dead_letter(&self, meta: &EntryMeta, reason: &str) {
+    async fn dead_letter(&self, meta: &EntryMeta, kind: DeadLetter, reason: &str) {
         let id = meta.id.clone();
         let why = reason.to_owned();
-        if let Err(error) = blocking(&self.spool, move |s| s.dead_letter(&id, &why)).await {
-            tracing::error!(id = %meta.id, %error, "dead-lettering failed");
+        match blocking(&self.spool, move |s| s.dead_letter(&id, &why)).await {
+            Ok(()) => self.metrics.message_dead_lettered(kind),
+            Err(error) => tracing::error!(id = %meta.id, %error, "dead-lettering failed"),
         }
         tracing::warn!(id = %meta.id, device = %meta.envelope.device, reason, "message dead-lettered");
     }
@@ -359,8 +371,13 @@ impl DeliveryWorker {
             let reason = format!(
                 "device `{device_name}` is not in this agent's configuration; the message is kept in the spool"
             );
-            self.retry_later(&meta, &reason, self.settings.retry_max)
-                .await;
+            self.retry_later(
+                &meta,
+                Deferral::UnknownDevice,
+                &reason,
+                self.settings.retry_max,
+            )
+            .await;
             return Settled {
                 id: meta.id.clone(),
                 outcome: Outcome::Retrying,
@@ -379,15 +396,20 @@ impl DeliveryWorker {
                 age.as_secs(),
                 meta.last_error.as_deref().unwrap_or("none")
             );
-            self.dead_letter(&meta, &reason).await;
+            self.dead_letter(&meta, DeadLetter::Expired, &reason).await;
             return self.record(&meta, "", Outcome::DeadLettered, &reason, "");
         }
         let delivery = match &device.delivery {
             Ok(d) => Arc::clone(d),
             Err(why) => {
                 let reason = format!("device `{device_name}` has no usable upstream: {why}");
-                self.retry_later(&meta, &reason, self.delay(meta.attempts, None))
-                    .await;
+                self.retry_later(
+                    &meta,
+                    Deferral::Misconfigured,
+                    &reason,
+                    self.delay(meta.attempts, None),
+                )
+                .await;
                 return self.record(&meta, "", Outcome::Misconfigured, &reason, "");
             }
         };
@@ -396,6 +418,7 @@ impl DeliveryWorker {
                 format!("device `{device_name}`: its sender mode names no mailbox to send as");
             self.retry_later(
                 &meta,
+                Deferral::Misconfigured,
                 &reason,
                 self.delay(meta.attempts, None).min(TOKEN_WAIT_MAX),
             )
@@ -457,6 +480,7 @@ impl DeliveryWorker {
         }
         match result {
             Ok(receipt) => {
+                self.metrics.message_delivered();
                 let id = meta.id.clone();
                 if let Err(error) = blocking(&self.spool, move |s| s.complete(&id)).await {
                     tracing::error!(id = %meta.id, %error, "removing a delivered message from the spool failed; it may be delivered twice");
@@ -481,16 +505,18 @@ impl DeliveryWorker {
             FailureKind::Transient | FailureKind::AuthRejected => {
                 let delay = self.delay(meta.attempts, error.retry_after);
                 tracing::warn!(id = %meta.id, device = %meta.envelope.device, mailbox, reply = %error.final_reply, retry_in_s = delay.as_secs(), "delivery failed; retrying later");
-                self.retry_later(meta, &error.final_reply, delay).await;
-                let outcome = if error.kind == FailureKind::AuthRejected {
-                    Outcome::RetryingAuthRejected
+                let (kind, outcome) = if error.kind == FailureKind::AuthRejected {
+                    (Deferral::AuthRejected, Outcome::RetryingAuthRejected)
                 } else {
-                    Outcome::Retrying
+                    (Deferral::Upstream, Outcome::Retrying)
                 };
+                self.retry_later(meta, kind, &error.final_reply, delay)
+                    .await;
                 self.record(meta, mailbox, outcome, &error.final_reply, &challenge)
             }
             FailureKind::Permanent => {
-                self.dead_letter(meta, &error.final_reply).await;
+                self.dead_letter(meta, DeadLetter::Permanent, &error.final_reply)
+                    .await;
                 if self.settings.bounce {
                     self.bounce(meta, mailbox, delivery, &error.final_reply)
                         .await;
@@ -522,12 +548,14 @@ impl DeliveryWorker {
                     .delay(meta.attempts, None)
                     .min(TOKEN_WAIT_MAX)
                     .max(retry_after.unwrap_or_default());
-                self.retry_later(meta, &reason, delay).await;
+                self.retry_later(meta, Deferral::NoToken, &reason, delay)
+                    .await;
                 self.record(meta, mailbox, Outcome::WaitingForToken, &reason, "")
             }
             TokenUnavailable::Denied(reason) => {
                 let reason = format!("the broker refused a token for mailbox {mailbox}: {reason}");
-                self.dead_letter(meta, &reason).await;
+                self.dead_letter(meta, DeadLetter::TokenDenied, &reason)
+                    .await;
                 self.record(meta, mailbox, Outcome::DeadLettered, &reason, "")
             }
         }

@@ -147,3 +147,63 @@ fn configuration_commands_report_every_problem_with_its_source() {
     );
     assert_eq!(line["level"], "INFO");
 }
+
+/// `[metrics]` through the binary: on loopback by default, off with `listen = ""` from the
+/// environment, its problems named with their source, and `print-config` shows the section.
+#[test]
+fn the_metrics_listener_is_configured_and_checked_like_every_other_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        "[metrics]\nlisten = \"127.0.0.1:9555\"\nmax_request_header_bytes = 100\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let run = |command: &str, env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokenfleet-agent"));
+        cmd.args([command, "--config", path])
+            .env("TOKENFLEET_AGENT_STATE_DIR", dir.path());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, stderr) = run(
+        "check-config",
+        &[("TOKENFLEET_AGENT_METRICS__LISTEN", "lan")],
+    );
+    assert_eq!(code, 64, "{stderr}");
+    for expected in [
+        format!("metrics.max_request_header_bytes = 100: must be 8192 to 1048576 (in {path})"),
+        "metrics.listen = \"lan\": not an address like 127.0.0.1:9465".to_owned(),
+        "(from environment variable TOKENFLEET_AGENT_METRICS__LISTEN)".to_owned(),
+    ] {
+        assert!(
+            stderr.contains(&expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+
+    std::fs::write(&file, "[metrics]\nlisten = \"127.0.0.1:9555\"\n").unwrap();
+    let (code, stdout, stderr) = run("check-config", &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.trim_end().ends_with("metrics on 127.0.0.1:9555"),
+        "{stdout}"
+    );
+    let (code, stdout, stderr) = run("check-config", &[("TOKENFLEET_AGENT_METRICS__LISTEN", "")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.trim_end().ends_with("metrics off"), "{stdout}");
+    let (code, stdout, stderr) = run("print-config", &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("[metrics]\nlisten = \"127.0.0.1:9555\"\nmax_connections = 16\n"),
+        "{stdout}"
+    );
+}

@@ -158,6 +158,7 @@ struct Rig {
     book: Arc<StatusBook>,
     registry: Arc<DeviceRegistry>,
     worker: Arc<DeliveryWorker>,
+    metrics: tokenfleet_agent::metrics::AgentMetrics,
 }
 
 fn device(name: &str) -> pb::AgentDevice {
@@ -191,11 +192,15 @@ fn rig_with(settings: WorkerSettings) -> Rig {
         down: Mutex::new(false),
         calls: Mutex::new(Vec::new()),
     });
-    let tokens = Arc::new(TokenCache::new(
-        Arc::clone(&broker) as Arc<dyn TokenSource>,
-        Arc::clone(&clock) as Arc<dyn Clock>,
-        Duration::from_secs(300),
-    ));
+    let metrics = tokenfleet_agent::metrics::AgentMetrics::new(Some(Arc::clone(&spool)));
+    let tokens = Arc::new(
+        TokenCache::new(
+            Arc::clone(&broker) as Arc<dyn TokenSource>,
+            Arc::clone(&clock) as Arc<dyn Clock>,
+            Duration::from_secs(300),
+        )
+        .with_metrics(metrics.clone()),
+    );
     let book = Arc::new(StatusBook::open(&state));
     let registry = Arc::new(DeviceRegistry::new(Arc::new(Factory(Arc::clone(
         &delivery,
@@ -218,7 +223,8 @@ fn rig_with(settings: WorkerSettings) -> Rig {
             settings,
             Arc::new(Notify::new()),
         )
-        .with_jitter(Arc::new(|| 0.0)),
+        .with_jitter(Arc::new(|| 0.0))
+        .with_metrics(metrics.clone()),
     );
     Rig {
         _dir: dir,
@@ -232,6 +238,7 @@ fn rig_with(settings: WorkerSettings) -> Rig {
         book,
         registry,
         worker,
+        metrics,
     }
 }
 
@@ -270,6 +277,87 @@ impl Rig {
         let next = SystemTime::UNIX_EPOCH + Duration::from_millis(meta.next_attempt_ms);
         next.duration_since(self.clock.now()).unwrap_or_default()
     }
+}
+
+/// The value of `series` (name and labels as exposed) in the rig's metrics.
+fn metric(r: &Rig, series: &str) -> f64 {
+    let text = r
+        .metrics
+        .encode(tokenfleet_agent::metrics::Format::OpenMetrics)
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+#[tokio::test]
+async fn every_outcome_is_counted_by_kind() {
+    let r = rig();
+    let failure = |kind, reply: &str| DeliveryError {
+        kind,
+        final_reply: reply.into(),
+        auth_challenge_json: None,
+        retry_after: None,
+    };
+    // Delivered; then a 4xx (deferred), then a 5xx (dead-lettered).
+    r.accept("mfp", "one");
+    r.worker.run_once().await;
+    r.delivery
+        .push(Err(failure(FailureKind::Transient, "451 4.3.0 try later")));
+    r.accept("mfp", "two");
+    r.worker.run_once().await;
+    r.clock.advance(MAX);
+    r.delivery
+        .push(Err(failure(FailureKind::Permanent, "550 5.7.1 no")));
+    r.worker.run_once().await;
+    // A device that is not configured, one without a usable upstream, and a token the broker
+    // refuses for good.
+    r.accept("gone", "three");
+    r.registry.apply(pb::AgentConfig {
+        devices: vec![device("mfp"), device("broken"), device("denied")],
+        ..Default::default()
+    });
+    r.accept("broken", "four");
+    r.broker.push(Err(TokenFailure::Denied(
+        "not this device's mailbox".into(),
+    )));
+    r.accept("denied", "five");
+    r.clock.advance(Duration::from_secs(1));
+    r.worker.run_once().await;
+
+    let kinds = "tokenfleet_agent_messages";
+    assert_eq!(metric(&r, &format!("{kinds}_delivered_total")), 1.0);
+    for (kind, n) in [
+        ("upstream", 1.0),
+        ("unknown_device", 1.0),
+        ("misconfigured", 1.0),
+        ("no_token", 0.0),
+        ("auth_rejected", 0.0),
+    ] {
+        let series = format!("{kinds}_deferred_total{{kind=\"{kind}\"}}");
+        assert_eq!(metric(&r, &series), n, "{series}");
+    }
+    for (kind, n) in [("permanent", 1.0), ("token_denied", 1.0), ("expired", 0.0)] {
+        let series = format!("{kinds}_dead_lettered_total{{kind=\"{kind}\"}}");
+        assert_eq!(metric(&r, &series), n, "{series}");
+    }
+    // The send token of mfp, again after the clock moved past its expiry, then the refused one
+    // of `denied`.
+    assert_eq!(
+        metric(&r, "tokenfleet_agent_token_requests_total{result=\"ok\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &r,
+            "tokenfleet_agent_token_requests_total{result=\"denied\"}"
+        ),
+        1.0
+    );
+    // Queued now: the messages of `gone` and `broken`; dead: two.
+    assert_eq!(metric(&r, "tokenfleet_agent_queued_messages"), 2.0);
+    assert_eq!(metric(&r, "tokenfleet_agent_dead_letter_messages"), 2.0);
 }
 
 fn auth_rejected() -> DeliveryError {

@@ -183,9 +183,12 @@ Combinations the schema cannot express; `helm template` and `helm install` stop 
 {{- fail "relayAgent.smtpPort and relayAgent.pop3Port must differ" }}
 {{- end }}
 {{- range $key, $_ := $v.relayAgent.settings }}
-{{- if has $key (list "state_dir" "smtp_listen" "pop3_listen" "broker_url") }}
-{{- fail (printf "relayAgent.settings.%s is set by the chart; use relayAgent.smtpPort, relayAgent.pop3Port or relayAgent.brokerUrl" $key) }}
+{{- if has $key (list "state_dir" "smtp_listen" "pop3_listen" "broker_url" "metrics") }}
+{{- fail (printf "relayAgent.settings.%s is set by the chart; use relayAgent.smtpPort, relayAgent.pop3Port, relayAgent.metrics or relayAgent.brokerUrl" $key) }}
 {{- end }}
+{{- end }}
+{{- if and $v.relayAgent.metrics.enabled (has (int $v.relayAgent.metrics.port) (list (int $v.relayAgent.smtpPort) (int $v.relayAgent.pop3Port))) }}
+{{- fail (printf "relayAgent.metrics.port %d is already relayAgent.smtpPort or relayAgent.pop3Port" (int $v.relayAgent.metrics.port)) }}
 {{- end }}
 {{- end }}
 {{- if and $v.ingress.enabled (not $v.ingress.host) }}

@@ -112,6 +112,11 @@ relayAgent:
   service:
     type: LoadBalancer
     loadBalancerSourceRanges: [192.0.2.0/24]
+  metrics:
+    port: 9100
+    service:
+      annotations:
+        example.com/scrape: "true"
   settings:
     delivery_concurrency: 8
     ingress_require_tls: false
@@ -1149,6 +1154,18 @@ fn invalid_values_are_refused_with_the_reason() -> Result<()> {
             "relayAgent.settings.smtp_listen is set by the chart",
         ),
         (
+            "tls:\n  existingSecret: t\nrelayAgent:\n  enabled: true\n  enrollment:\n    existingSecret: c\n  metrics:\n    port: 2525\n",
+            "relayAgent.metrics.port 2525 is already relayAgent.smtpPort or relayAgent.pop3Port",
+        ),
+        (
+            "relayAgent:\n  metrics:\n    port: 0\n",
+            "/relayAgent/metrics/port",
+        ),
+        (
+            "relayAgent:\n  metrics:\n    path: /m\n",
+            "additional properties 'path' not allowed",
+        ),
+        (
             "replicaCount: 1\nstore:\n  backend: embedded\nautoscaling:\n  enabled: true\n",
             "autoscaling.enabled needs store.backend=redis",
         ),
@@ -1251,6 +1268,14 @@ fn every_option_renders_the_relay_agent_autoscaler_and_network_policies() -> Res
         relay_ports.contains("smtp") && relay_ports.contains("pop3"),
         "{relay_ports}"
     );
+    // The relay's metrics port: from the namespace and the monitoring peers, not the sites.
+    let metrics_rule = &relay_policy["spec"]["ingress"][1];
+    ensure!(
+        metrics_rule["ports"][0]["port"] == "metrics",
+        "{relay_policy:?}"
+    );
+    ensure!(metrics_rule["from"][0]["podSelector"].is_object());
+    ensure!(metrics_rule["from"][1]["namespaceSelector"].is_object());
 
     // The relay agent: one pod with its spool on a claim, enrolled once by an init container with
     // the code and the broker's CA from Secrets, its configuration accepted by the agent itself.
@@ -1340,6 +1365,76 @@ fn every_option_renders_the_relay_agent_autoscaler_and_network_policies() -> Res
         ports.contains("\"port\":25") && ports.contains("\"port\":110"),
         "{ports}"
     );
+
+    // The metrics listener: on all interfaces of the pod at relayAgent.metrics.port, probed on
+    // /healthz, behind a ClusterIP Service of its own (never the devices' LoadBalancer).
+    ensure!(
+        settings.metrics.listen == Some("0.0.0.0:9100".parse()?),
+        "{agent_toml}"
+    );
+    ensure!(
+        !ports.contains("metrics") && !ports.contains("9100"),
+        "{ports}"
+    );
+    let container_ports = agent["ports"].to_string();
+    ensure!(
+        container_ports.contains("\"name\":\"metrics\"")
+            && container_ports.contains("\"containerPort\":9100"),
+        "{container_ports}"
+    );
+    for probe in ["readinessProbe", "livenessProbe"] {
+        ensure!(
+            text(agent, &format!("/{probe}/httpGet/path")) == "/healthz"
+                && text(agent, &format!("/{probe}/httpGet/port")) == "metrics",
+            "{probe}: {}",
+            agent[probe]
+        );
+    }
+    let metrics_service = manifests.named("Service", "tf-tokenfleet-relay-metrics")?;
+    ensure!(metrics_service["spec"]["type"] == "ClusterIP");
+    ensure!(metrics_service["spec"]["ports"][0]["port"] == 9100);
+    ensure!(metrics_service["spec"]["ports"][0]["targetPort"] == "metrics");
+    ensure!(metrics_service["metadata"]["annotations"]["example.com/scrape"] == "true");
+    ensure!(metrics_service["spec"]["selector"] == relay["spec"]["selector"]["matchLabels"]);
+    Ok(())
+}
+
+#[test]
+fn a_relay_agent_without_metrics_listens_nowhere_else_and_probes_smtp() -> Result<()> {
+    let Some(tools) = tools()? else { return Ok(()) };
+    let manifests = tools.render(Some(
+        "tls:\n  existingSecret: broker-tls\nrelayAgent:\n  enabled: true\n  enrollment:\n    existingSecret: code\n  metrics:\n    enabled: false\n",
+    ))?;
+    let config = manifests.named("ConfigMap", "tf-tokenfleet-relay")?;
+    let agent_toml = text(config, "/data/agent.toml");
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("agent.toml");
+    std::fs::write(&file, agent_toml)?;
+    let settings = tokenfleet_agent::config::AgentSettings::load(Some(&file), None)
+        .map_err(|e| anyhow::anyhow!("the agent rejects the rendered configuration: {}", e.0))?;
+    ensure!(settings.metrics.listen.is_none(), "{agent_toml}");
+    ensure!(
+        manifests
+            .named("Service", "tf-tokenfleet-relay-metrics")
+            .is_err()
+    );
+    let relay = manifests.named("StatefulSet", "tf-tokenfleet-relay")?;
+    let agent = &relay["spec"]["template"]["spec"]["containers"][0];
+    ensure!(!agent["ports"].to_string().contains("metrics"));
+    for probe in ["readinessProbe", "livenessProbe"] {
+        ensure!(
+            text(agent, &format!("/{probe}/tcpSocket/port")) == "smtp",
+            "{probe}: {}",
+            agent[probe]
+        );
+    }
+
+    // On by default, at 9465.
+    let manifests = tools.render(Some(
+        "tls:\n  existingSecret: broker-tls\nrelayAgent:\n  enabled: true\n  enrollment:\n    existingSecret: code\n",
+    ))?;
+    let service = manifests.named("Service", "tf-tokenfleet-relay-metrics")?;
+    ensure!(service["spec"]["ports"][0]["port"] == 9465);
     Ok(())
 }
 
@@ -1361,6 +1456,7 @@ fn chart_readme_is_generated_from_the_values_comments() -> Result<()> {
     let readme = std::fs::read_to_string(workspace_root().join(CHART).join("README.md"))?;
     for key in [
         "relayAgent.enrollment.existingSecret",
+        "relayAgent.metrics.port",
         "bootstrapAdminKey.enabled",
         "limits",
     ] {

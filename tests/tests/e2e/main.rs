@@ -6,6 +6,7 @@ mod agent_connection_test_e2e;
 mod agent_fetch;
 mod agent_fetch_e2e;
 mod agent_mail_api;
+mod agent_metrics;
 mod agent_send_e2e;
 mod agent_smtp_upstream;
 mod broker_e2e;
