@@ -1,51 +1,116 @@
 //! `agent create|list|show|update|delete|enroll-code|revoke` (the last two with
 //! [`crate::agent_identity`]).
 
+use clap::{Args, Subcommand};
 use tokenfleet_proto::v1 as pb;
 
 use super::resource::{self, Agents, Name};
 use super::{Changes, Ctx, version_of};
-use crate::cli::{AgentCommand, AgentFields, ScopedName, VersionArg};
+use crate::agent_identity::{EnrollCodeArgs, RevokeArgs, enroll_code_view};
+use crate::args::{ConfirmArg, ListArgs, ScopedName, TenantScope, VersionArg};
 use crate::error::CtlError;
 use crate::view::AgentView;
 
-pub(super) async fn run(cmd: AgentCommand, ctx: &Ctx) -> Result<(), CtlError> {
+/// `agent …`
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Pre-register an agent.
+    Create {
+        #[command(flatten)]
+        id: ScopedName,
+        #[command(flatten)]
+        fields: AgentFields,
+    },
+    /// List the agents of a tenant.
+    List {
+        #[command(flatten)]
+        scope: TenantScope,
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Show one agent.
+    Show {
+        #[command(flatten)]
+        id: ScopedName,
+    },
+    /// Change the given fields of an agent.
+    Update {
+        #[command(flatten)]
+        id: ScopedName,
+        #[command(flatten)]
+        fields: AgentFields,
+        #[command(flatten)]
+        version: VersionArg,
+    },
+    /// Create a one-time enrollment code for `tokenfleet-agent enroll` (creating the agent when
+    /// it is new). The code is printed once.
+    EnrollCode(EnrollCodeArgs),
+    /// Revoke an agent: its next call to the broker is refused. Final for this agent name.
+    Revoke(RevokeArgs),
+    /// Delete an agent (only when it hosts no devices).
+    Delete {
+        #[command(flatten)]
+        id: ScopedName,
+        #[command(flatten)]
+        version: VersionArg,
+        #[command(flatten)]
+        confirm: ConfirmArg,
+    },
+}
+
+/// Settable fields of an agent.
+#[derive(Debug, Clone, Default, Args)]
+pub struct AgentFields {
+    /// Human-readable name (site).
+    #[arg(long, value_name = "TEXT")]
+    pub display_name: Option<String>,
+}
+
+/// Runs `agent …`.
+pub async fn run(cmd: AgentCommand, ctx: &Ctx) -> Result<(), CtlError> {
     match cmd {
         AgentCommand::Create { id, fields } => {
-            let req = create_request(id, fields);
+            let req = create_request(Name::scoped(ctx, id)?, fields);
             resource::create::<Agents>(ctx, req).await
         }
         AgentCommand::List { scope, list } => {
-            resource::list::<Agents>(ctx, scope.tenant, list).await
+            resource::list::<Agents>(ctx, ctx.tenant(scope.tenant)?, list).await
         }
-        AgentCommand::Show { id } => resource::show::<Agents>(ctx, Name::scoped(id)).await,
+        AgentCommand::Show { id } => resource::show::<Agents>(ctx, Name::scoped(ctx, id)?).await,
         AgentCommand::Update {
             id,
             fields,
             version,
         } => {
-            let req = update_request(id, fields, version)?;
+            let req = update_request(Name::scoped(ctx, id)?, fields, version)?;
             resource::update::<Agents>(ctx, req).await
         }
-        AgentCommand::EnrollCode(args) => {
+        AgentCommand::EnrollCode(mut args) => {
+            args.id.tenant = ctx.tenant(args.id.tenant)?;
             let req = crate::agent_identity::enroll_code_request(args);
             let created = ctx
                 .call(|mut c| async move { c.create_enrollment_code(req).await })
                 .await?;
-            ctx.printer.object(&crate::agent_identity::enroll_code_view(
-                &created,
-                &ctx.global.broker,
-            ))
+            ctx.printer
+                .object(&enroll_code_view(&created, &ctx.settings.broker))
         }
-        AgentCommand::Revoke(args) => {
+        AgentCommand::Revoke(mut args) => {
+            args.id.tenant = ctx.tenant(args.id.tenant)?;
+            let what = format!("revoke agent {}/{}", args.id.tenant, args.id.name);
+            ctx.confirm(&what, args.confirm.yes)?;
             let req = crate::agent_identity::revoke_request(args);
             let a = ctx
                 .call(|mut c| async move { c.revoke_agent(req).await })
                 .await?;
             ctx.printer.object(&AgentView::from(&a))
         }
-        AgentCommand::Delete { id, version } => {
-            resource::delete::<Agents>(ctx, Name::scoped(id), version.version).await
+        AgentCommand::Delete {
+            id,
+            version,
+            confirm,
+        } => {
+            let name = Name::scoped(ctx, id)?;
+            resource::delete::<Agents>(ctx, name, version.version, confirm.yes).await
         }
     }
 }
@@ -54,41 +119,25 @@ fn apply(f: AgentFields, a: &mut pb::Agent, changes: &mut Changes) {
     changes.set("display_name", f.display_name, &mut a.display_name);
 }
 
-fn create_request(id: ScopedName, fields: AgentFields) -> pb::CreateAgentRequest {
-    let mut agent = pb::Agent {
-        tenant: id.tenant,
-        name: id.name,
-        ..Default::default()
-    };
-    apply(fields, &mut agent, &mut Changes::default());
-    pb::CreateAgentRequest { agent: Some(agent) }
+fn create_request(id: Name, fields: AgentFields) -> pb::CreateAgentRequest {
+    resource::create_request::<Agents>(id, |a, c| apply(fields, a, c))
 }
 
 fn update_request(
-    id: ScopedName,
+    id: Name,
     fields: AgentFields,
     version: VersionArg,
 ) -> Result<pb::UpdateAgentRequest, CtlError> {
-    let mut agent = pb::Agent {
-        tenant: id.tenant,
-        name: id.name,
-        version: version_of(version.version),
-        ..Default::default()
-    };
-    let mut changes = Changes::default();
-    apply(fields, &mut agent, &mut changes);
-    Ok(pb::UpdateAgentRequest {
-        agent: Some(agent),
-        update_mask: Some(changes.into_mask("agent")?),
-    })
+    let version = version_of(version.version);
+    resource::update_request::<Agents>(id, version, |a, c| apply(fields, a, c))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn id() -> ScopedName {
-        ScopedName {
+    fn id() -> Name {
+        Name {
             tenant: "acme".into(),
             name: "site-a".into(),
         }

@@ -1,39 +1,195 @@
-//! `mailbox create|list|show|update|delete`.
+//! `mailbox create|list|show|update|delete|consent|delete-token|refresh`; `list` also across
+//! tenants (`--all-tenants`) and by token status (`--status reauth_required`).
 
+use clap::{Args, Subcommand};
 use tokenfleet_proto::v1 as pb;
 
-use super::resource::{self, Mailboxes, Name};
+use super::consent::{ConsentArgs, DeleteTokenArgs};
+use super::resource::{self, Mailboxes, Name, Tenants};
 use super::{Changes, Ctx, version_of};
-use crate::cli::{MailboxCommand, MailboxFields, ScopedName, VersionArg};
+use crate::args::{ConfirmArg, ListArgs, ScopedName, TenantScope, VersionArg};
+use crate::enums::{GrantType, MailPurpose, MailboxKind, TokenStatus};
 use crate::error::CtlError;
+use crate::view::MailboxView;
 
-pub(super) async fn run(cmd: MailboxCommand, ctx: &Ctx) -> Result<(), CtlError> {
+/// `mailbox …`
+#[derive(Debug, Subcommand)]
+pub enum MailboxCommand {
+    /// Create a mailbox.
+    #[command(
+        mut_arg("address", |a| a.required(true)),
+        mut_arg("provider", |a| a.required(true)),
+        mut_arg("grant_type", |a| a.required(true)),
+        mut_arg("kind", |a| a.required(true)),
+        mut_arg("purposes", |a| a.required(true))
+    )]
+    Create {
+        #[command(flatten)]
+        id: ScopedName,
+        #[command(flatten)]
+        fields: MailboxFields,
+    },
+    /// List the mailboxes of a tenant (or of every tenant), with their token status.
+    List {
+        #[command(flatten)]
+        scope: TenantScope,
+        /// Every tenant the API key may see (a tenant-bound key sees its own); --tenant is
+        /// ignored.
+        #[arg(long)]
+        all_tenants: bool,
+        /// Only mailboxes whose token has this status (case does not matter).
+        #[arg(long, value_enum, ignore_case = true, value_name = "STATUS")]
+        status: Option<TokenStatus>,
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Show one mailbox.
+    Show {
+        #[command(flatten)]
+        id: ScopedName,
+    },
+    /// Change the given fields of a mailbox.
+    Update {
+        #[command(flatten)]
+        id: ScopedName,
+        #[command(flatten)]
+        fields: MailboxFields,
+        #[command(flatten)]
+        version: VersionArg,
+    },
+    /// Delete a mailbox (only when no device uses it).
+    Delete {
+        #[command(flatten)]
+        id: ScopedName,
+        #[command(flatten)]
+        version: VersionArg,
+        #[command(flatten)]
+        confirm: ConfirmArg,
+    },
+    /// Obtain the mailbox's grant: show the device code or sign-in URL and wait for the person
+    /// (app-only and service-account mailboxes get their token at once). Exit 0 only when ACTIVE.
+    Consent(ConsentArgs),
+    /// Delete the mailbox's stored tokens (revoked at the provider where possible).
+    DeleteToken(DeleteTokenArgs),
+    /// Refresh the mailbox's access token now.
+    Refresh(ScopedName),
+}
+
+/// Settable fields of a mailbox.
+#[derive(Debug, Clone, Default, Args)]
+pub struct MailboxFields {
+    /// E-mail address (also the SASL user name).
+    #[arg(long, value_name = "EMAIL")]
+    pub address: Option<String>,
+    /// Provider (in the same tenant) that obtains the tokens.
+    #[arg(long, value_name = "NAME")]
+    pub provider: Option<String>,
+    /// How tokens are obtained.
+    #[arg(long, value_enum)]
+    pub grant_type: Option<GrantType>,
+    /// Role of the mailbox.
+    #[arg(long, value_enum)]
+    pub kind: Option<MailboxKind>,
+    /// What the tokens are used for; repeat for several. Replaces the list on update.
+    #[arg(long = "purpose", value_enum, value_name = "PURPOSE")]
+    pub purposes: Vec<MailPurpose>,
+    /// Disable the mailbox (no refreshes, no issuance); `--disabled=false` enables it.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub disabled: Option<bool>,
+    /// Account expected to sign in at consent when it is not the mailbox's address (e.g. one
+    /// with Send As rights on it); `--consent-account ""` clears it. A consent signed in with any
+    /// other account fails and stores nothing. Changing it discards the grant.
+    #[arg(long, value_name = "EMAIL")]
+    pub consent_account: Option<String>,
+}
+
+/// Runs `mailbox …`.
+pub async fn run(cmd: MailboxCommand, ctx: &Ctx) -> Result<(), CtlError> {
     match cmd {
         MailboxCommand::Create { id, fields } => {
-            let req = create_request(id, fields);
+            let req = create_request(Name::scoped(ctx, id)?, fields);
             resource::create::<Mailboxes>(ctx, req).await
         }
-        MailboxCommand::List { scope, list } => {
-            resource::list::<Mailboxes>(ctx, scope.tenant, list).await
+        MailboxCommand::List {
+            scope,
+            all_tenants,
+            status,
+            list,
+        } => run_list(ctx, scope, all_tenants, status, list).await,
+        MailboxCommand::Show { id } => {
+            resource::show::<Mailboxes>(ctx, Name::scoped(ctx, id)?).await
         }
-        MailboxCommand::Show { id } => resource::show::<Mailboxes>(ctx, Name::scoped(id)).await,
         MailboxCommand::Update {
             id,
             fields,
             version,
         } => {
-            let req = update_request(id, fields, version)?;
+            let req = update_request(Name::scoped(ctx, id)?, fields, version)?;
             resource::update::<Mailboxes>(ctx, req).await
         }
-        MailboxCommand::Delete { id, version } => {
-            resource::delete::<Mailboxes>(ctx, Name::scoped(id), version.version).await
+        MailboxCommand::Delete {
+            id,
+            version,
+            confirm,
+        } => {
+            let name = Name::scoped(ctx, id)?;
+            resource::delete::<Mailboxes>(ctx, name, version.version, confirm.yes).await
         }
         MailboxCommand::Consent(args) => super::consent::run_consent(args, ctx).await,
-        MailboxCommand::DeleteToken(target) => super::consent::run_delete_token(target, ctx).await,
+        MailboxCommand::DeleteToken(args) => super::consent::run_delete_token(args, ctx).await,
         MailboxCommand::Refresh(target) => super::consent::run_refresh(target, ctx).await,
     }
 }
 
+/// `mailbox list`: one tenant's, or every visible tenant's (the broker lists a tenant-bound key
+/// only its own tenant), filtered by token status.
+async fn run_list(
+    ctx: &Ctx,
+    scope: TenantScope,
+    all_tenants: bool,
+    status: Option<TokenStatus>,
+    list: ListArgs,
+) -> Result<(), CtlError> {
+    let keep = |m: &pb::Mailbox| {
+        status
+            .is_none_or(|s| m.token.as_ref().map(|t| t.status).unwrap_or_default() == s.to_proto())
+    };
+    if !all_tenants {
+        let tenant = ctx.tenant(scope.tenant)?;
+        let page = ListArgs {
+            limit: if status.is_some() { None } else { list.limit },
+            ..list
+        };
+        let mut all = resource::fetch_all::<Mailboxes>(ctx, tenant, page).await?;
+        all.retain(keep);
+        truncate(&mut all, list.limit);
+        return ctx
+            .printer
+            .list(&all.iter().map(MailboxView::from).collect::<Vec<_>>());
+    }
+    let every = ListArgs {
+        page_size: list.page_size,
+        limit: None,
+    };
+    let tenants = resource::fetch_all::<Tenants>(ctx, String::new(), every).await?;
+    let mut all = Vec::new();
+    for tenant in tenants {
+        let mut mailboxes = resource::fetch_all::<Mailboxes>(ctx, tenant.name, every).await?;
+        mailboxes.retain(keep);
+        all.append(&mut mailboxes);
+    }
+    truncate(&mut all, list.limit);
+    ctx.printer
+        .list_across_tenants(&all.iter().map(MailboxView::from).collect::<Vec<_>>())
+}
+
+fn truncate<T>(items: &mut Vec<T>, limit: Option<u64>) {
+    if let Some(limit) = limit {
+        items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    }
+}
+
+/// Sets the fields whose flags were given.
 fn apply(f: MailboxFields, m: &mut pb::Mailbox, changes: &mut Changes) {
     changes.set("address", f.address, &mut m.address);
     changes.set("provider", f.provider, &mut m.provider);
@@ -49,35 +205,17 @@ fn apply(f: MailboxFields, m: &mut pb::Mailbox, changes: &mut Changes) {
     changes.set("consent_account", f.consent_account, &mut m.consent_account);
 }
 
-fn create_request(id: ScopedName, fields: MailboxFields) -> pb::CreateMailboxRequest {
-    let mut mailbox = pb::Mailbox {
-        tenant: id.tenant,
-        name: id.name,
-        ..Default::default()
-    };
-    apply(fields, &mut mailbox, &mut Changes::default());
-    pb::CreateMailboxRequest {
-        mailbox: Some(mailbox),
-    }
+fn create_request(id: Name, fields: MailboxFields) -> pb::CreateMailboxRequest {
+    resource::create_request::<Mailboxes>(id, |m, c| apply(fields, m, c))
 }
 
 fn update_request(
-    id: ScopedName,
+    id: Name,
     fields: MailboxFields,
     version: VersionArg,
 ) -> Result<pb::UpdateMailboxRequest, CtlError> {
-    let mut mailbox = pb::Mailbox {
-        tenant: id.tenant,
-        name: id.name,
-        version: version_of(version.version),
-        ..Default::default()
-    };
-    let mut changes = Changes::default();
-    apply(fields, &mut mailbox, &mut changes);
-    Ok(pb::UpdateMailboxRequest {
-        mailbox: Some(mailbox),
-        update_mask: Some(changes.into_mask("mailbox")?),
-    })
+    let version = version_of(version.version);
+    resource::update_request::<Mailboxes>(id, version, |m, c| apply(fields, m, c))
 }
 
 #[cfg(test)]
@@ -85,6 +223,13 @@ mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
     use clap::Parser;
+
+    fn name(id: ScopedName) -> Name {
+        Name {
+            tenant: id.tenant,
+            name: id.name,
+        }
+    }
 
     fn parse(args: &[&str]) -> MailboxCommand {
         let cli = Cli::try_parse_from(
@@ -124,7 +269,7 @@ mod tests {
         ]) else {
             panic!("expected create");
         };
-        let m = create_request(id, fields).mailbox.unwrap();
+        let m = create_request(name(id), fields).mailbox.unwrap();
         assert_eq!(m.address, "scan@acme.example");
         assert_eq!(m.provider, "m365");
         assert_eq!(m.grant_type, pb::GrantType::DelegatedDeviceCode as i32);
@@ -155,7 +300,7 @@ mod tests {
         else {
             panic!("expected update");
         };
-        let req = update_request(id, fields, version).unwrap();
+        let req = update_request(name(id), fields, version).unwrap();
         assert_eq!(req.update_mask.unwrap().paths, vec!["purposes", "disabled"]);
         let m = req.mailbox.unwrap();
         assert!(m.disabled);
@@ -174,7 +319,7 @@ mod tests {
         else {
             panic!("expected update");
         };
-        let req = update_request(id, fields, version).unwrap();
+        let req = update_request(name(id), fields, version).unwrap();
         assert_eq!(req.update_mask.unwrap().paths, vec!["disabled"]);
         assert!(!req.mailbox.unwrap().disabled);
     }

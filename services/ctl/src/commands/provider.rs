@@ -1,43 +1,159 @@
 //! `provider create|list|show|update|delete`.
 
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
 use tokenfleet_proto::v1 as pb;
 
 use super::resource::{self, Name, Providers};
 use super::{Changes, Ctx, leaf, version_of};
-use crate::cli::{ProviderClear, ProviderCommand, ProviderFields, ScopedName, VersionArg};
+use crate::args::{ConfirmArg, ListArgs, ScopedName, TenantScope, VersionArg};
 use crate::enums::ProviderKind;
 use crate::error::CtlError;
 use crate::input::FileInput;
 
-pub(super) async fn run(cmd: ProviderCommand, ctx: &Ctx) -> Result<(), CtlError> {
+/// `provider …`
+#[derive(Debug, Subcommand)]
+pub enum ProviderCommand {
+    /// Create a provider (app registration).
+    #[command(mut_arg("client_id", |a| a.required(true)))]
+    Create {
+        #[command(flatten)]
+        id: ScopedName,
+        /// Kind of app registration (cannot change later).
+        #[arg(long, value_enum)]
+        kind: ProviderKind,
+        #[command(flatten)]
+        fields: ProviderFields,
+    },
+    /// List the providers of a tenant.
+    List {
+        #[command(flatten)]
+        scope: TenantScope,
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Show one provider.
+    Show {
+        #[command(flatten)]
+        id: ScopedName,
+    },
+    /// Change the given fields of a provider (the kind cannot change).
+    Update {
+        #[command(flatten)]
+        id: ScopedName,
+        #[command(flatten)]
+        fields: ProviderFields,
+        #[command(flatten)]
+        clear: ProviderClear,
+        #[command(flatten)]
+        version: VersionArg,
+    },
+    /// Delete a provider (only when no mailbox uses it).
+    Delete {
+        #[command(flatten)]
+        id: ScopedName,
+        #[command(flatten)]
+        version: VersionArg,
+        #[command(flatten)]
+        confirm: ConfirmArg,
+    },
+}
+
+/// Settable fields of a provider.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ProviderFields {
+    /// Microsoft: Entra tenant segment (organizations, common, consumers, tenant id or domain).
+    #[arg(long, value_name = "SEGMENT")]
+    pub authority: Option<String>,
+    /// OAuth client (application) id.
+    #[arg(long, value_name = "ID")]
+    pub client_id: Option<String>,
+    /// File holding the OAuth client secret ("-" reads standard input).
+    #[arg(long, value_name = "PATH")]
+    pub client_secret_file: Option<PathBuf>,
+    /// Google service-account key JSON file ("-" reads standard input).
+    #[arg(long, value_name = "PATH")]
+    pub service_account_key_file: Option<PathBuf>,
+    /// Authorization endpoint override.
+    #[arg(long, value_name = "URL")]
+    pub authorize_url: Option<String>,
+    /// Token endpoint override.
+    #[arg(long, value_name = "URL")]
+    pub token_url: Option<String>,
+    /// Device authorization endpoint override.
+    #[arg(long, value_name = "URL")]
+    pub device_code_url: Option<String>,
+    /// Revocation endpoint override.
+    #[arg(long, value_name = "URL")]
+    pub revoke_url: Option<String>,
+    /// HTTPS proxy for calls to this provider, e.g. http://proxy.example:3128.
+    #[arg(long, value_name = "URL")]
+    pub http_proxy: Option<String>,
+    /// Extra trusted CA certificate (PEM file) for calls to this provider.
+    #[arg(long, value_name = "PATH")]
+    pub extra_ca_file: Option<PathBuf>,
+    /// Scope to request (generic providers); repeat for several. Replaces the list on update.
+    #[arg(long = "scope", value_name = "SCOPE")]
+    pub scopes: Vec<String>,
+}
+
+/// Fields of a provider that `update` can empty.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ProviderClear {
+    /// Remove the stored client secret.
+    #[arg(long, conflicts_with = "client_secret_file")]
+    pub clear_client_secret: bool,
+    /// Remove the stored service-account key.
+    #[arg(long, conflicts_with = "service_account_key_file")]
+    pub clear_service_account_key: bool,
+    /// Empty the scope list.
+    #[arg(long, conflicts_with = "scopes")]
+    pub clear_scopes: bool,
+    /// Remove the extra trusted CA certificate.
+    #[arg(long, conflicts_with = "extra_ca_file")]
+    pub clear_extra_ca: bool,
+}
+
+/// Runs `provider …`.
+pub async fn run(cmd: ProviderCommand, ctx: &Ctx) -> Result<(), CtlError> {
     match cmd {
         ProviderCommand::Create { id, kind, fields } => {
+            let id = Name::scoped(ctx, id)?;
             let req = create_request(id, kind, fields, &mut FileInput::new())?;
             resource::create::<Providers>(ctx, req).await
         }
         ProviderCommand::List { scope, list } => {
-            resource::list::<Providers>(ctx, scope.tenant, list).await
+            resource::list::<Providers>(ctx, ctx.tenant(scope.tenant)?, list).await
         }
-        ProviderCommand::Show { id } => resource::show::<Providers>(ctx, Name::scoped(id)).await,
+        ProviderCommand::Show { id } => {
+            resource::show::<Providers>(ctx, Name::scoped(ctx, id)?).await
+        }
         ProviderCommand::Update {
             id,
             fields,
             clear,
             version,
         } => {
+            let id = Name::scoped(ctx, id)?;
             // Local input first: a bad file fails before anything is sent.
             let mut input = FileInput::new();
             let files = ProviderFiles::read(&fields, &mut input)?;
             let current = if needs_current(&fields) {
-                Some(resource::get::<Providers>(ctx, Name::scoped(id.clone())).await?)
+                Some(resource::get::<Providers>(ctx, id.clone()).await?)
             } else {
                 None
             };
             let req = update_request(id, fields, files, clear, version, current.as_ref())?;
             resource::update::<Providers>(ctx, req).await
         }
-        ProviderCommand::Delete { id, version } => {
-            resource::delete::<Providers>(ctx, Name::scoped(id), version.version).await
+        ProviderCommand::Delete {
+            id,
+            version,
+            confirm,
+        } => {
+            let name = Name::scoped(ctx, id)?;
+            resource::delete::<Providers>(ctx, name, version.version, confirm.yes).await
         }
     }
 }
@@ -132,53 +248,33 @@ fn apply(
 }
 
 fn create_request(
-    id: ScopedName,
+    id: Name,
     kind: ProviderKind,
     fields: ProviderFields,
     input: &mut FileInput,
 ) -> Result<pb::CreateProviderRequest, CtlError> {
     let files = ProviderFiles::read(&fields, input)?;
-    let mut provider = pb::Provider {
-        tenant: id.tenant,
-        name: id.name,
-        kind: kind.to_proto(),
-        ..Default::default()
-    };
-    apply(
-        fields,
-        files,
-        &ProviderClear::default(),
-        None,
-        &mut provider,
-        &mut Changes::default(),
-    );
-    Ok(pb::CreateProviderRequest {
-        provider: Some(provider),
-    })
+    let clear = ProviderClear::default();
+    Ok(resource::create_request::<Providers>(id, |p, c| {
+        p.kind = kind.to_proto();
+        apply(fields, files, &clear, None, p, c);
+    }))
 }
 
 /// The update request. When `current` was read (to merge endpoint URLs), the update is
 /// conditional on its version unless `--version` says otherwise, so a concurrent change is not
 /// overwritten.
 fn update_request(
-    id: ScopedName,
+    id: Name,
     fields: ProviderFields,
     files: ProviderFiles,
     clear: ProviderClear,
     version: VersionArg,
     current: Option<&pb::Provider>,
 ) -> Result<pb::UpdateProviderRequest, CtlError> {
-    let mut provider = pb::Provider {
-        tenant: id.tenant,
-        name: id.name,
-        version: version_of(version.version.or(current.map(|c| c.version))),
-        ..Default::default()
-    };
-    let mut changes = Changes::default();
-    apply(fields, files, &clear, current, &mut provider, &mut changes);
-    Ok(pb::UpdateProviderRequest {
-        provider: Some(provider),
-        update_mask: Some(changes.into_mask("provider")?),
+    let version = version_of(version.version.or(current.map(|c| c.version)));
+    resource::update_request::<Providers>(id, version, |p, c| {
+        apply(fields, files, &clear, current, p, c);
     })
 }
 
@@ -187,6 +283,13 @@ mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
     use clap::Parser;
+
+    fn name(id: ScopedName) -> Name {
+        Name {
+            tenant: id.tenant,
+            name: id.name,
+        }
+    }
 
     fn parse(args: &[&str]) -> ProviderCommand {
         let cli = Cli::try_parse_from(
@@ -231,7 +334,7 @@ mod tests {
         ]) else {
             panic!("expected create");
         };
-        let req = create_request(id, kind, fields, &mut FileInput::new()).unwrap();
+        let req = create_request(name(id), kind, fields, &mut FileInput::new()).unwrap();
         let p = req.provider.unwrap();
         assert_eq!(p.tenant, "acme");
         assert_eq!(p.name, "m365");
@@ -272,7 +375,7 @@ mod tests {
             panic!("expected update");
         };
         let files = ProviderFiles::read(&fields, &mut FileInput::new()).unwrap();
-        update_request(id, fields, files, clear, version, current).unwrap()
+        update_request(name(id), fields, files, clear, version, current).unwrap()
     }
 
     #[test]

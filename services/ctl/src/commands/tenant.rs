@@ -1,17 +1,66 @@
 //! `tenant create|list|show|update|delete`.
 
+use clap::{Args, Subcommand};
 use tokenfleet_proto::v1 as pb;
 
 use super::resource::{self, Name, Tenants};
 use super::{Changes, Ctx, version_of};
-use crate::cli::{TenantCommand, TenantFields, TenantName, VersionArg};
+use crate::args::{ConfirmArg, ListArgs, TenantName, VersionArg};
 use crate::error::CtlError;
 
-pub(super) async fn run(cmd: TenantCommand, ctx: &Ctx) -> Result<(), CtlError> {
+/// `tenant …`
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant.
+    Create {
+        #[command(flatten)]
+        id: TenantName,
+        #[command(flatten)]
+        fields: TenantFields,
+    },
+    /// List all tenants.
+    List {
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Show one tenant.
+    Show {
+        #[command(flatten)]
+        id: TenantName,
+    },
+    /// Change the given fields of a tenant.
+    Update {
+        #[command(flatten)]
+        id: TenantName,
+        #[command(flatten)]
+        fields: TenantFields,
+        #[command(flatten)]
+        version: VersionArg,
+    },
+    /// Delete a tenant (only when it holds nothing).
+    Delete {
+        #[command(flatten)]
+        id: TenantName,
+        #[command(flatten)]
+        version: VersionArg,
+        #[command(flatten)]
+        confirm: ConfirmArg,
+    },
+}
+
+/// Settable fields of a tenant.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TenantFields {
+    /// Human-readable name.
+    #[arg(long, value_name = "TEXT")]
+    pub display_name: Option<String>,
+}
+
+/// Runs `tenant …`.
+pub async fn run(cmd: TenantCommand, ctx: &Ctx) -> Result<(), CtlError> {
     match cmd {
         TenantCommand::Create { id, fields } => {
-            let req = create_request(id, fields);
-            resource::create::<Tenants>(ctx, req).await
+            resource::create::<Tenants>(ctx, create_request(id, fields)).await
         }
         TenantCommand::List { list } => resource::list::<Tenants>(ctx, String::new(), list).await,
         TenantCommand::Show { id } => resource::show::<Tenants>(ctx, Name::global(id.name)).await,
@@ -23,13 +72,19 @@ pub(super) async fn run(cmd: TenantCommand, ctx: &Ctx) -> Result<(), CtlError> {
             let req = update_request(id, fields, version)?;
             resource::update::<Tenants>(ctx, req).await
         }
-        TenantCommand::Delete { id, version } => {
-            resource::delete::<Tenants>(ctx, Name::global(id.name), version.version).await
+        TenantCommand::Delete {
+            id,
+            version,
+            confirm,
+        } => {
+            let name = Name::global(id.name);
+            resource::delete::<Tenants>(ctx, name, version.version, confirm.yes).await
         }
     }
 }
 
-fn apply(fields: TenantFields, tenant: &mut pb::Tenant, changes: &mut Changes) {
+/// Sets the fields whose flags were given.
+pub(super) fn apply(fields: TenantFields, tenant: &mut pb::Tenant, changes: &mut Changes) {
     changes.set(
         "display_name",
         fields.display_name,
@@ -38,14 +93,7 @@ fn apply(fields: TenantFields, tenant: &mut pb::Tenant, changes: &mut Changes) {
 }
 
 fn create_request(id: TenantName, fields: TenantFields) -> pb::CreateTenantRequest {
-    let mut tenant = pb::Tenant {
-        name: id.name,
-        ..Default::default()
-    };
-    apply(fields, &mut tenant, &mut Changes::default());
-    pb::CreateTenantRequest {
-        tenant: Some(tenant),
-    }
+    resource::create_request::<Tenants>(Name::global(id.name), |t, c| apply(fields, t, c))
 }
 
 fn update_request(
@@ -53,17 +101,9 @@ fn update_request(
     fields: TenantFields,
     version: VersionArg,
 ) -> Result<pb::UpdateTenantRequest, CtlError> {
-    let mut tenant = pb::Tenant {
-        name: id.name,
-        version: version_of(version.version),
-        ..Default::default()
-    };
-    let mut changes = Changes::default();
-    apply(fields, &mut tenant, &mut changes);
-    Ok(pb::UpdateTenantRequest {
-        tenant: Some(tenant),
-        update_mask: Some(changes.into_mask("tenant")?),
-    })
+    let name = Name::global(id.name);
+    let version = version_of(version.version);
+    resource::update_request::<Tenants>(name, version, |t, c| apply(fields, t, c))
 }
 
 #[cfg(test)]
