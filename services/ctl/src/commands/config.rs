@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use crate::config::{self, ConfigFile, Context};
+use crate::config::{self, ConfigFile};
 use crate::error::CtlError;
 use crate::output::{Listed, Printer};
 
@@ -150,10 +150,7 @@ fn set_context(
         return Err(CtlError::usage("the context name is empty"));
     }
     let cwd = std::env::current_dir().unwrap_or_default();
-    let context = file
-        .contexts
-        .entry(args.name.clone())
-        .or_insert_with(Context::default);
+    let context = file.contexts.entry(args.name.clone()).or_default();
     if let Some(broker) = broker {
         context.broker = Some(broker);
     }

@@ -249,6 +249,8 @@ pub struct DeviceSpec {
 }
 
 /// The spec of one object, by kind.
+// A few hundred documents at most, each read once: the size of the device spec does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Spec {
     Tenant(TenantSpec),
@@ -486,6 +488,7 @@ pub fn to_yaml(docs: &[Document]) -> Result<String, CtlError> {
 // Documents ↔ wire objects
 
 /// A wire object built from a document.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Wire {
     Tenant(pb::Tenant),

@@ -1678,9 +1678,47 @@ mod every_enum_value {
             .ok();
             used(&mut seen, "kind", kind);
         }
-        for output in ["table", "json"] {
-            admin(&broker, &["whoami", "-o", output]).await.ok();
+        let key_id = admin(&broker, &["whoami", "-o", "json"]).await.ok().json()["key_id"].clone();
+        for output in ["table", "wide", "json", "yaml", "name"] {
+            let run = admin(&broker, &["whoami", "-o", output]).await.ok();
+            let role = match output {
+                "json" => run.json()["role"].clone(),
+                "yaml" => serde_norway::from_str::<Value>(&run.stdout).unwrap()["role"].clone(),
+                "name" => {
+                    assert_eq!(Value::from(run.stdout.trim_end()), key_id);
+                    Value::from("fleet-admin")
+                }
+                _ => Value::from(if run.stdout.contains("fleet-admin") {
+                    "fleet-admin"
+                } else {
+                    "?"
+                }),
+            };
+            assert_eq!(role, "fleet-admin", "-o {output}: {}", run.stdout);
             used(&mut seen, "output", output);
+        }
+
+        // mailbox list --status: every value filters (only mailboxes in that state come back).
+        for status in [
+            "not_retrieved",
+            "consent_pending",
+            "active",
+            "refresh_failing",
+            "reauth_required",
+            "disabled",
+        ] {
+            let run = admin(
+                &broker,
+                &[
+                    "mailbox", "list", "--tenant", "acme", "--status", status, "-o", "json",
+                ],
+            )
+            .await
+            .ok();
+            for m in run.json().as_array().unwrap() {
+                assert_eq!(m["token"]["status"], status);
+            }
+            used(&mut seen, "status", status);
         }
 
         // Every value the binary's help offers was exercised.
@@ -1691,6 +1729,7 @@ mod every_enum_value {
             vec!["device", "create"],
             vec!["api-key", "create"],
             vec!["audit"],
+            vec!["mailbox", "list"],
         ] {
             for (flag, values) in possible_values(&command).await {
                 offered.entry(flag).or_default().extend(values);

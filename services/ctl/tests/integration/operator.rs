@@ -281,7 +281,6 @@ async fn contexts_name_brokers_and_flags_override_them() {
     let config_text = config.display().to_string();
     let env = [("TOKENFLEETCTL_CONFIG", config_text.as_str())];
     let run = |args: Vec<&str>| {
-        let env = env;
         let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
         async move {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
