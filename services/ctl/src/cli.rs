@@ -101,19 +101,64 @@ pub struct GlobalArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Tenants (MSP customers).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        mut_subcommand("create", |c| c.about("Create a tenant")),
+        mut_subcommand("list", |c| c.about("List the tenants (a tenant-bound key: its own)")),
+        mut_subcommand("show", |c| c.about("Show one tenant")),
+        mut_subcommand("update", |c| c.about("Change the given fields of a tenant")),
+        mut_subcommand("delete", |c| c.about("Delete a tenant (only when it holds nothing); asks first")),
+    )]
     Tenant(commands::tenant::TenantCommand),
     /// Providers (app registrations).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        mut_subcommand("create", |c| c
+            .about("Create a provider (app registration)")
+            .mut_arg("client_id", |a| a.required(true))),
+        mut_subcommand("list", |c| c.about("List the providers of a tenant")),
+        mut_subcommand("show", |c| c.about("Show one provider")),
+        mut_subcommand("update", |c| c.about("Change the given fields of a provider (the kind cannot change)")),
+        mut_subcommand("delete", |c| c.about("Delete a provider (only when no mailbox uses it); asks first")),
+    )]
     Provider(commands::provider::ProviderCommand),
     /// Mailboxes (the printers' "tokens").
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        mut_subcommand("create", |c| c
+            .about("Create a mailbox")
+            .mut_arg("address", |a| a.required(true))
+            .mut_arg("provider", |a| a.required(true))
+            .mut_arg("grant_type", |a| a.required(true))
+            .mut_arg("kind", |a| a.required(true))
+            .mut_arg("purposes", |a| a.required(true))),
+        mut_subcommand("list", |c| c.about("List the mailboxes of a tenant (or of every tenant), with their token status")),
+        mut_subcommand("show", |c| c.about("Show one mailbox")),
+        mut_subcommand("update", |c| c.about("Change the given fields of a mailbox")),
+        mut_subcommand("delete", |c| c.about("Delete a mailbox (only when no device uses it); asks first")),
+    )]
     Mailbox(commands::mailbox::MailboxCommand),
     /// Devices (printers, MFDs).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        mut_subcommand("create", |c| c
+            .about("Create a device")
+            .mut_arg("sender_mode", |a| a.required(true))),
+        mut_subcommand("list", |c| c.about("List the devices of a tenant")),
+        mut_subcommand("show", |c| c.about("Show one device")),
+        mut_subcommand("update", |c| c.about("Change the given fields of a device")),
+        mut_subcommand("delete", |c| c.about("Delete a device; asks first")),
+    )]
     Device(commands::device::DeviceCommand),
     /// Agents (site processes hosting devices).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        mut_subcommand("create", |c| c.about("Pre-register an agent")),
+        mut_subcommand("list", |c| c.about("List the agents of a tenant")),
+        mut_subcommand("show", |c| c.about("Show one agent")),
+        mut_subcommand("update", |c| c.about("Change the given fields of an agent")),
+        mut_subcommand("delete", |c| c.about("Delete an agent (only when it hosts no devices); asks first")),
+    )]
     Agent(commands::agent::AgentCommand),
     // `consent-link create|list|revoke` (single-use links for the mailbox owner) joins here as
     // `ConsentLink(commands::consent_link::ConsentLinkCommand)` once the broker's consent-link
@@ -297,7 +342,10 @@ mod tests {
             "--disabled",
         ]);
         let Ok(Cli {
-            command: Command::Mailbox(commands::mailbox::MailboxCommand::Update { fields, .. }),
+            command:
+                Command::Mailbox(commands::mailbox::MailboxCommand::Crud(
+                    commands::crud::Crud::Update { fields, .. },
+                )),
             ..
         }) = cli
         else {
@@ -314,7 +362,10 @@ mod tests {
             "--disabled=false",
         ]);
         let Ok(Cli {
-            command: Command::Mailbox(commands::mailbox::MailboxCommand::Update { fields, .. }),
+            command:
+                Command::Mailbox(commands::mailbox::MailboxCommand::Crud(
+                    commands::crud::Crud::Update { fields, .. },
+                )),
             ..
         }) = cli
         else {

@@ -1,61 +1,27 @@
-//! `agent create|list|show|update|delete|enroll-code|revoke` (the last two with
-//! [`crate::agent_identity`]).
+//! `agent create|list|show|update|delete` (the generic verbs of [`super::crud`]) and
+//! `agent enroll-code|revoke` (with [`crate::agent_identity`]).
 
 use clap::{Args, Subcommand};
 use tokenfleet_proto::v1 as pb;
 
+use super::crud::{self, CrudOf, CrudResource, Nothing};
 use super::resource::{self, Agents, Name};
 use super::{Changes, Ctx, version_of};
 use crate::agent_identity::{EnrollCodeArgs, RevokeArgs, enroll_code_view};
-use crate::args::{ConfirmArg, ListArgs, ScopedName, TenantScope, VersionArg};
+use crate::args::{ListArgs, ScopedName, TenantScope, VersionArg};
 use crate::error::CtlError;
 use crate::view::AgentView;
 
 /// `agent …`
 #[derive(Debug, Subcommand)]
 pub enum AgentCommand {
-    /// Pre-register an agent.
-    Create {
-        #[command(flatten)]
-        id: ScopedName,
-        #[command(flatten)]
-        fields: AgentFields,
-    },
-    /// List the agents of a tenant.
-    List {
-        #[command(flatten)]
-        scope: TenantScope,
-        #[command(flatten)]
-        list: ListArgs,
-    },
-    /// Show one agent.
-    Show {
-        #[command(flatten)]
-        id: ScopedName,
-    },
-    /// Change the given fields of an agent.
-    Update {
-        #[command(flatten)]
-        id: ScopedName,
-        #[command(flatten)]
-        fields: AgentFields,
-        #[command(flatten)]
-        version: VersionArg,
-    },
+    #[command(flatten)]
+    Crud(CrudOf<Agents>),
     /// Create a one-time enrollment code for `tokenfleet-agent enroll` (creating the agent when
     /// it is new). The code is printed once.
     EnrollCode(EnrollCodeArgs),
     /// Revoke an agent: its next call to the broker is refused. Final for this agent name.
     Revoke(RevokeArgs),
-    /// Delete an agent (only when it hosts no devices).
-    Delete {
-        #[command(flatten)]
-        id: ScopedName,
-        #[command(flatten)]
-        version: VersionArg,
-        #[command(flatten)]
-        confirm: ConfirmArg,
-    },
 }
 
 /// Settable fields of an agent.
@@ -66,25 +32,39 @@ pub struct AgentFields {
     pub display_name: Option<String>,
 }
 
+impl CrudResource for Agents {
+    type Id = ScopedName;
+    type Scope = TenantScope;
+    type New = Nothing;
+    type Fields = AgentFields;
+    type Clear = Nothing;
+
+    async fn from_create_flags(
+        _: &Ctx,
+        id: Name,
+        _: Nothing,
+        fields: AgentFields,
+    ) -> Result<pb::CreateAgentRequest, CtlError> {
+        Ok(create_request(id, fields))
+    }
+    async fn from_update_flags(
+        _: &Ctx,
+        id: Name,
+        fields: AgentFields,
+        _: Nothing,
+        version: VersionArg,
+    ) -> Result<pb::UpdateAgentRequest, CtlError> {
+        update_request(id, fields, version)
+    }
+    async fn list_command(ctx: &Ctx, scope: TenantScope, list: ListArgs) -> Result<(), CtlError> {
+        crud::list_in::<Agents>(ctx, scope, list).await
+    }
+}
+
 /// Runs `agent …`.
 pub async fn run(cmd: AgentCommand, ctx: &Ctx) -> Result<(), CtlError> {
     match cmd {
-        AgentCommand::Create { id, fields } => {
-            let req = create_request(Name::scoped(ctx, id)?, fields);
-            resource::create::<Agents>(ctx, req).await
-        }
-        AgentCommand::List { scope, list } => {
-            resource::list::<Agents>(ctx, ctx.tenant(scope.tenant)?, list).await
-        }
-        AgentCommand::Show { id } => resource::show::<Agents>(ctx, Name::scoped(ctx, id)?).await,
-        AgentCommand::Update {
-            id,
-            fields,
-            version,
-        } => {
-            let req = update_request(Name::scoped(ctx, id)?, fields, version)?;
-            resource::update::<Agents>(ctx, req).await
-        }
+        AgentCommand::Crud(cmd) => crud::run::<Agents>(cmd, ctx).await,
         AgentCommand::EnrollCode(mut args) => {
             args.id.tenant = ctx.tenant(args.id.tenant)?;
             let req = crate::agent_identity::enroll_code_request(args);
@@ -103,14 +83,6 @@ pub async fn run(cmd: AgentCommand, ctx: &Ctx) -> Result<(), CtlError> {
                 .call(|mut c| async move { c.revoke_agent(req).await })
                 .await?;
             ctx.printer.object(&AgentView::from(&a))
-        }
-        AgentCommand::Delete {
-            id,
-            version,
-            confirm,
-        } => {
-            let name = Name::scoped(ctx, id)?;
-            resource::delete::<Agents>(ctx, name, version.version, confirm.yes).await
         }
     }
 }

@@ -1,61 +1,27 @@
-//! `device create|list|show|update|delete|test`.
+//! `device create|list|show|update|delete` (the generic verbs of [`super::crud`] with a device's
+//! profiles, merged into the stored ones on update) and `device test`.
 
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use tokenfleet_proto::v1 as pb;
 
+use super::crud::{self, CrudOf, CrudResource, Nothing};
 use super::fleet::DeviceTestArgs;
 use super::resource::{self, Devices, Name};
 use super::{Changes, Ctx, leaf, version_of};
-use crate::args::{ConfirmArg, ListArgs, ScopedName, TenantScope, VersionArg};
+use crate::args::{ListArgs, ScopedName, TenantScope, VersionArg};
 use crate::enums::{FetchProtocol, SendMethod, SenderMode, TlsMode, TlsVersion};
 use crate::error::CtlError;
 use crate::input::FileInput;
 
 /// `device …`
+// Parsed once per run: the size of the device flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
-    /// Create a device.
-    #[command(mut_arg("sender_mode", |a| a.required(true)))]
-    Create {
-        #[command(flatten)]
-        id: ScopedName,
-        #[command(flatten)]
-        fields: DeviceFields,
-    },
-    /// List the devices of a tenant.
-    List {
-        #[command(flatten)]
-        scope: TenantScope,
-        #[command(flatten)]
-        list: ListArgs,
-    },
-    /// Show one device.
-    Show {
-        #[command(flatten)]
-        id: ScopedName,
-    },
-    /// Change the given fields of a device.
-    Update {
-        #[command(flatten)]
-        id: ScopedName,
-        #[command(flatten)]
-        fields: DeviceFields,
-        #[command(flatten)]
-        clear: DeviceClear,
-        #[command(flatten)]
-        version: VersionArg,
-    },
-    /// Delete a device.
-    Delete {
-        #[command(flatten)]
-        id: ScopedName,
-        #[command(flatten)]
-        version: VersionArg,
-        #[command(flatten)]
-        confirm: ConfirmArg,
-    },
+    #[command(flatten)]
+    Crud(CrudOf<Devices>),
     /// Test a device's upstream connection from its agent (exit 0 only when the verdict is ok).
     Test(DeviceTestArgs),
 }
@@ -265,43 +231,47 @@ const FETCH_FLAGS: [&str; 12] = [
     "clear_fetch_extra_ca",
 ];
 
+impl CrudResource for Devices {
+    type Id = ScopedName;
+    type Scope = TenantScope;
+    type New = Nothing;
+    type Fields = DeviceFields;
+    type Clear = DeviceClear;
+
+    async fn from_create_flags(
+        _: &Ctx,
+        id: Name,
+        _: Nothing,
+        fields: DeviceFields,
+    ) -> Result<pb::CreateDeviceRequest, CtlError> {
+        create_request(id, fields, &mut FileInput::new())
+    }
+    async fn from_update_flags(
+        ctx: &Ctx,
+        id: Name,
+        fields: DeviceFields,
+        clear: DeviceClear,
+        version: VersionArg,
+    ) -> Result<pb::UpdateDeviceRequest, CtlError> {
+        // Local input first: a bad file fails before anything is sent.
+        let files = DeviceFiles::read(&fields, &mut FileInput::new())?;
+        let current = if needs_current(&fields, &clear) {
+            Some(resource::get::<Devices>(ctx, id.clone()).await?)
+        } else {
+            None
+        };
+        update_request(id, fields, files, clear, version, current.as_ref())
+    }
+    async fn list_command(ctx: &Ctx, scope: TenantScope, list: ListArgs) -> Result<(), CtlError> {
+        crud::list_in::<Devices>(ctx, scope, list).await
+    }
+}
+
 /// Runs `device …`.
 pub async fn run(cmd: DeviceCommand, ctx: &Ctx) -> Result<(), CtlError> {
     match cmd {
-        DeviceCommand::Create { id, fields } => {
-            let req = create_request(Name::scoped(ctx, id)?, fields, &mut FileInput::new())?;
-            resource::create::<Devices>(ctx, req).await
-        }
-        DeviceCommand::List { scope, list } => {
-            resource::list::<Devices>(ctx, ctx.tenant(scope.tenant)?, list).await
-        }
-        DeviceCommand::Show { id } => resource::show::<Devices>(ctx, Name::scoped(ctx, id)?).await,
-        DeviceCommand::Update {
-            id,
-            fields,
-            clear,
-            version,
-        } => {
-            let id = Name::scoped(ctx, id)?;
-            // Local input first: a bad file fails before anything is sent.
-            let files = DeviceFiles::read(&fields, &mut FileInput::new())?;
-            let current = if needs_current(&fields, &clear) {
-                Some(resource::get::<Devices>(ctx, id.clone()).await?)
-            } else {
-                None
-            };
-            let req = update_request(id, fields, files, clear, version, current.as_ref())?;
-            resource::update::<Devices>(ctx, req).await
-        }
+        DeviceCommand::Crud(cmd) => crud::run::<Devices>(cmd, ctx).await,
         DeviceCommand::Test(args) => super::fleet::run_test(args, ctx).await,
-        DeviceCommand::Delete {
-            id,
-            version,
-            confirm,
-        } => {
-            let name = Name::scoped(ctx, id)?;
-            resource::delete::<Devices>(ctx, name, version.version, confirm.yes).await
-        }
     }
 }
 
@@ -540,6 +510,7 @@ fn update_request(
 mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
+    use crate::commands::crud::Crud;
     use clap::Parser;
 
     fn name(id: ScopedName) -> Name {
@@ -569,7 +540,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pw = dir.path().join("pw");
         std::fs::write(&pw, "local-pass\n").unwrap();
-        let DeviceCommand::Create { id, fields } = parse(&[
+        let DeviceCommand::Crud(Crud::Create { id, fields, .. }) = parse(&[
             "create",
             "--tenant",
             "acme",
@@ -646,12 +617,12 @@ mod tests {
     }
 
     fn update(args: &[&str], current: Option<&pb::Device>) -> pb::UpdateDeviceRequest {
-        let DeviceCommand::Update {
+        let DeviceCommand::Crud(Crud::Update {
             id,
             fields,
             clear,
             version,
-        } = parse(args)
+        }) = parse(args)
         else {
             panic!("expected update");
         };

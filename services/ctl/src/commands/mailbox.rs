@@ -1,13 +1,15 @@
-//! `mailbox create|list|show|update|delete|consent|delete-token|refresh`; `list` also across
-//! tenants (`--all-tenants`) and by token status (`--status reauth_required`).
+//! `mailbox create|list|show|update|delete` (the generic verbs of [`super::crud`]; `list` also
+//! across tenants, `--all-tenants`, and by token status, `--status reauth_required`) and
+//! `mailbox consent|delete-token|refresh`.
 
 use clap::{Args, Subcommand};
 use tokenfleet_proto::v1 as pb;
 
 use super::consent::{ConsentArgs, DeleteTokenArgs};
+use super::crud::{self, CrudOf, CrudResource, Nothing};
 use super::resource::{self, Mailboxes, Name, Tenants};
 use super::{Changes, Ctx, version_of};
-use crate::args::{ConfirmArg, ListArgs, ScopedName, TenantScope, VersionArg};
+use crate::args::{ListArgs, ScopedName, TenantScope, VersionArg};
 use crate::enums::{GrantType, MailPurpose, MailboxKind, TokenStatus};
 use crate::error::CtlError;
 use crate::view::MailboxView;
@@ -15,57 +17,8 @@ use crate::view::MailboxView;
 /// `mailbox …`
 #[derive(Debug, Subcommand)]
 pub enum MailboxCommand {
-    /// Create a mailbox.
-    #[command(
-        mut_arg("address", |a| a.required(true)),
-        mut_arg("provider", |a| a.required(true)),
-        mut_arg("grant_type", |a| a.required(true)),
-        mut_arg("kind", |a| a.required(true)),
-        mut_arg("purposes", |a| a.required(true))
-    )]
-    Create {
-        #[command(flatten)]
-        id: ScopedName,
-        #[command(flatten)]
-        fields: MailboxFields,
-    },
-    /// List the mailboxes of a tenant (or of every tenant), with their token status.
-    List {
-        #[command(flatten)]
-        scope: TenantScope,
-        /// Every tenant the API key may see (a tenant-bound key sees its own); --tenant is
-        /// ignored.
-        #[arg(long)]
-        all_tenants: bool,
-        /// Only mailboxes whose token has this status (case does not matter).
-        #[arg(long, value_enum, ignore_case = true, value_name = "STATUS")]
-        status: Option<TokenStatus>,
-        #[command(flatten)]
-        list: ListArgs,
-    },
-    /// Show one mailbox.
-    Show {
-        #[command(flatten)]
-        id: ScopedName,
-    },
-    /// Change the given fields of a mailbox.
-    Update {
-        #[command(flatten)]
-        id: ScopedName,
-        #[command(flatten)]
-        fields: MailboxFields,
-        #[command(flatten)]
-        version: VersionArg,
-    },
-    /// Delete a mailbox (only when no device uses it).
-    Delete {
-        #[command(flatten)]
-        id: ScopedName,
-        #[command(flatten)]
-        version: VersionArg,
-        #[command(flatten)]
-        confirm: ConfirmArg,
-    },
+    #[command(flatten)]
+    Crud(CrudOf<Mailboxes>),
     /// Obtain the mailbox's grant: show the device code or sign-in URL and wait for the person
     /// (app-only and service-account mailboxes get their token at once). Exit 0 only when ACTIVE.
     Consent(ConsentArgs),
@@ -73,6 +26,19 @@ pub enum MailboxCommand {
     DeleteToken(DeleteTokenArgs),
     /// Refresh the mailbox's access token now.
     Refresh(ScopedName),
+}
+
+/// Which mailboxes `mailbox list` shows.
+#[derive(Debug, Clone, Default, Args)]
+pub struct MailboxScope {
+    #[command(flatten)]
+    pub scope: TenantScope,
+    /// Every tenant the API key may see (a tenant-bound key sees its own); --tenant is ignored.
+    #[arg(long)]
+    pub all_tenants: bool,
+    /// Only mailboxes whose token has this status (case does not matter).
+    #[arg(long, value_enum, ignore_case = true, value_name = "STATUS")]
+    pub status: Option<TokenStatus>,
 }
 
 /// Settable fields of a mailbox.
@@ -103,38 +69,39 @@ pub struct MailboxFields {
     pub consent_account: Option<String>,
 }
 
+impl CrudResource for Mailboxes {
+    type Id = ScopedName;
+    type Scope = MailboxScope;
+    type New = Nothing;
+    type Fields = MailboxFields;
+    type Clear = Nothing;
+
+    async fn from_create_flags(
+        _: &Ctx,
+        id: Name,
+        _: Nothing,
+        fields: MailboxFields,
+    ) -> Result<pb::CreateMailboxRequest, CtlError> {
+        Ok(create_request(id, fields))
+    }
+    async fn from_update_flags(
+        _: &Ctx,
+        id: Name,
+        fields: MailboxFields,
+        _: Nothing,
+        version: VersionArg,
+    ) -> Result<pb::UpdateMailboxRequest, CtlError> {
+        update_request(id, fields, version)
+    }
+    async fn list_command(ctx: &Ctx, scope: MailboxScope, list: ListArgs) -> Result<(), CtlError> {
+        run_list(ctx, scope, list).await
+    }
+}
+
 /// Runs `mailbox …`.
 pub async fn run(cmd: MailboxCommand, ctx: &Ctx) -> Result<(), CtlError> {
     match cmd {
-        MailboxCommand::Create { id, fields } => {
-            let req = create_request(Name::scoped(ctx, id)?, fields);
-            resource::create::<Mailboxes>(ctx, req).await
-        }
-        MailboxCommand::List {
-            scope,
-            all_tenants,
-            status,
-            list,
-        } => run_list(ctx, scope, all_tenants, status, list).await,
-        MailboxCommand::Show { id } => {
-            resource::show::<Mailboxes>(ctx, Name::scoped(ctx, id)?).await
-        }
-        MailboxCommand::Update {
-            id,
-            fields,
-            version,
-        } => {
-            let req = update_request(Name::scoped(ctx, id)?, fields, version)?;
-            resource::update::<Mailboxes>(ctx, req).await
-        }
-        MailboxCommand::Delete {
-            id,
-            version,
-            confirm,
-        } => {
-            let name = Name::scoped(ctx, id)?;
-            resource::delete::<Mailboxes>(ctx, name, version.version, confirm.yes).await
-        }
+        MailboxCommand::Crud(cmd) => crud::run::<Mailboxes>(cmd, ctx).await,
         MailboxCommand::Consent(args) => super::consent::run_consent(args, ctx).await,
         MailboxCommand::DeleteToken(args) => super::consent::run_delete_token(args, ctx).await,
         MailboxCommand::Refresh(target) => super::consent::run_refresh(target, ctx).await,
@@ -143,13 +110,12 @@ pub async fn run(cmd: MailboxCommand, ctx: &Ctx) -> Result<(), CtlError> {
 
 /// `mailbox list`: one tenant's, or every visible tenant's (the broker lists a tenant-bound key
 /// only its own tenant), filtered by token status.
-async fn run_list(
-    ctx: &Ctx,
-    scope: TenantScope,
-    all_tenants: bool,
-    status: Option<TokenStatus>,
-    list: ListArgs,
-) -> Result<(), CtlError> {
+async fn run_list(ctx: &Ctx, scope: MailboxScope, list: ListArgs) -> Result<(), CtlError> {
+    let MailboxScope {
+        scope,
+        all_tenants,
+        status,
+    } = scope;
     let keep = |m: &pb::Mailbox| {
         status
             .is_none_or(|s| m.token.as_ref().map(|t| t.status).unwrap_or_default() == s.to_proto())
@@ -222,6 +188,7 @@ fn update_request(
 mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
+    use crate::commands::crud::Crud;
     use clap::Parser;
 
     fn name(id: ScopedName) -> Name {
@@ -248,7 +215,7 @@ mod tests {
 
     #[test]
     fn create_maps_enums_and_repeated_purposes() {
-        let MailboxCommand::Create { id, fields } = parse(&[
+        let MailboxCommand::Crud(Crud::Create { id, fields, .. }) = parse(&[
             "create",
             "--tenant",
             "acme",
@@ -283,11 +250,12 @@ mod tests {
 
     #[test]
     fn update_mask_for_disable_and_purposes() {
-        let MailboxCommand::Update {
+        let MailboxCommand::Crud(Crud::Update {
             id,
             fields,
             version,
-        } = parse(&[
+            ..
+        }) = parse(&[
             "update",
             "--tenant",
             "acme",
@@ -311,11 +279,12 @@ mod tests {
 
     #[test]
     fn re_enabling_is_an_explicit_false() {
-        let MailboxCommand::Update {
+        let MailboxCommand::Crud(Crud::Update {
             id,
             fields,
             version,
-        } = parse(&["update", "--tenant", "a", "--name", "m", "--disabled=false"])
+            ..
+        }) = parse(&["update", "--tenant", "a", "--name", "m", "--disabled=false"])
         else {
             panic!("expected update");
         };

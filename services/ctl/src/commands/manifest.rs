@@ -53,198 +53,129 @@ struct RawDocument {
 
 /// Where a secret comes from.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct SecretRef {
     /// File holding the value (trailing newline removed).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
     /// Environment variable holding the value.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<String>,
     /// `true`: keep the value the broker holds (there must be one).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stored: bool,
-}
-
-fn is_false(b: &bool) -> bool {
-    !*b
-}
-fn is_zero(n: &u32) -> bool {
-    *n == 0
 }
 
 /// Settable fields of a tenant.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TenantSpec {
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub display_name: String,
 }
 
 /// Endpoint overrides of a provider.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct EndpointsSpec {
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub authorize_url: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub token_url: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub device_code_url: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub revoke_url: String,
 }
 
 /// TLS settings of a provider.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ProviderTlsSpec {
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub extra_ca_pem: String,
 }
 
 /// Settable fields of a provider.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ProviderSpec {
     /// `microsoft`, `google` or `generic` (cannot change).
     pub kind: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub authority: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub client_id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_secret: Option<SecretRef>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_key: Option<SecretRef>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<EndpointsSpec>,
     /// As the broker shows it (a password in it as `[redacted]`).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub http_proxy: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ProviderTlsSpec>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scopes: Vec<String>,
 }
 
 /// Settable fields of a mailbox.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct MailboxSpec {
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub address: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub provider: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub grant_type: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub kind: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub purposes: Vec<String>,
-    #[serde(default, skip_serializing_if = "is_false")]
     pub disabled: bool,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub consent_account: String,
 }
 
 /// SMTP send profile of a device.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct SmtpSpec {
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub server: String,
-    #[serde(default, skip_serializing_if = "is_zero")]
     pub port: u32,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub security: String,
-    #[serde(default, skip_serializing_if = "is_zero")]
     pub timeout_seconds: u32,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sender_name: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sender_address: String,
-    #[serde(default, skip_serializing_if = "is_false")]
     pub skip_certificate_verification: bool,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub extra_ca_pem: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tls_min_version: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tls_max_version: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub method: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub api_base_url: String,
-    #[serde(default, skip_serializing_if = "is_false")]
     pub insecure_allow_cleartext_tokens: bool,
 }
 
 /// Fetch profile of a device.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct FetchSpec {
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub protocol: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub server: String,
-    #[serde(default, skip_serializing_if = "is_zero")]
     pub port: u32,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub security: String,
-    #[serde(default, skip_serializing_if = "is_zero")]
     pub interval_seconds: u32,
-    #[serde(default, skip_serializing_if = "is_false")]
     pub skip_certificate_verification: bool,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub extra_ca_pem: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tls_min_version: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tls_max_version: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub folder: String,
-    #[serde(default, skip_serializing_if = "is_false")]
     pub insecure_allow_cleartext_tokens: bool,
 }
 
 /// Local ingress credentials of a device.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct IngressSpec {
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub username: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<SecretRef>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_sources: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub user_addresses: Vec<String>,
 }
 
 /// Settable fields of a device.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct DeviceSpec {
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub display_name: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub agent: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sender_mode: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub admin_mailbox: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub bulk_mailbox: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_mailboxes: Vec<String>,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub user_provider: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smtp: Option<SmtpSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fetch: Option<FetchSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress: Option<IngressSpec>,
 }
 
@@ -311,15 +242,17 @@ impl Document {
         prune(value)
     }
 
-    /// The document as YAML-ready data (what `export` writes).
+    /// The document as YAML-ready data (what `export` writes): fields at their defaults left out.
     fn raw(&self) -> Result<RawDocument, CtlError> {
         let spec = match &self.spec {
-            Spec::Tenant(s) => serde_norway::to_value(s),
-            Spec::Provider(s) => serde_norway::to_value(s),
-            Spec::Mailbox(s) => serde_norway::to_value(s),
-            Spec::Device(s) => serde_norway::to_value(s),
+            Spec::Tenant(s) => serde_json::to_value(s),
+            Spec::Provider(s) => serde_json::to_value(s),
+            Spec::Mailbox(s) => serde_json::to_value(s),
+            Spec::Device(s) => serde_json::to_value(s),
         }
         .map_err(|e| CtlError::Output(format!("encoding YAML: {e}")))?;
+        let spec = serde_norway::to_value(prune(spec))
+            .map_err(|e| CtlError::Output(format!("encoding YAML: {e}")))?;
         Ok(RawDocument {
             kind: self.kind().to_owned(),
             tenant: (!self.name.tenant.is_empty()).then(|| self.name.tenant.clone()),

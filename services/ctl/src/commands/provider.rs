@@ -1,63 +1,28 @@
-//! `provider create|list|show|update|delete`.
+//! `provider create|list|show|update|delete`: the generic verbs of [`super::crud`] with a
+//! provider's flags, secret files and endpoint merging.
 
 use std::path::PathBuf;
 
-use clap::{Args, Subcommand};
+use clap::Args;
 use tokenfleet_proto::v1 as pb;
 
+use super::crud::{self, CrudOf, CrudResource};
 use super::resource::{self, Name, Providers};
 use super::{Changes, Ctx, leaf, version_of};
-use crate::args::{ConfirmArg, ListArgs, ScopedName, TenantScope, VersionArg};
+use crate::args::{ListArgs, TenantScope, VersionArg};
 use crate::enums::ProviderKind;
 use crate::error::CtlError;
 use crate::input::FileInput;
 
 /// `provider …`
-#[derive(Debug, Subcommand)]
-pub enum ProviderCommand {
-    /// Create a provider (app registration).
-    #[command(mut_arg("client_id", |a| a.required(true)))]
-    Create {
-        #[command(flatten)]
-        id: ScopedName,
-        /// Kind of app registration (cannot change later).
-        #[arg(long, value_enum)]
-        kind: ProviderKind,
-        #[command(flatten)]
-        fields: ProviderFields,
-    },
-    /// List the providers of a tenant.
-    List {
-        #[command(flatten)]
-        scope: TenantScope,
-        #[command(flatten)]
-        list: ListArgs,
-    },
-    /// Show one provider.
-    Show {
-        #[command(flatten)]
-        id: ScopedName,
-    },
-    /// Change the given fields of a provider (the kind cannot change).
-    Update {
-        #[command(flatten)]
-        id: ScopedName,
-        #[command(flatten)]
-        fields: ProviderFields,
-        #[command(flatten)]
-        clear: ProviderClear,
-        #[command(flatten)]
-        version: VersionArg,
-    },
-    /// Delete a provider (only when no mailbox uses it).
-    Delete {
-        #[command(flatten)]
-        id: ScopedName,
-        #[command(flatten)]
-        version: VersionArg,
-        #[command(flatten)]
-        confirm: ConfirmArg,
-    },
+pub type ProviderCommand = CrudOf<Providers>;
+
+/// What only `provider create` takes.
+#[derive(Debug, Clone, Args)]
+pub struct ProviderNew {
+    /// Kind of app registration (cannot change later).
+    #[arg(long, value_enum)]
+    pub kind: ProviderKind,
 }
 
 /// Settable fields of a provider.
@@ -115,47 +80,45 @@ pub struct ProviderClear {
     pub clear_extra_ca: bool,
 }
 
+impl CrudResource for Providers {
+    type Id = crate::args::ScopedName;
+    type Scope = TenantScope;
+    type New = ProviderNew;
+    type Fields = ProviderFields;
+    type Clear = ProviderClear;
+
+    async fn from_create_flags(
+        _: &Ctx,
+        id: Name,
+        new: ProviderNew,
+        fields: ProviderFields,
+    ) -> Result<pb::CreateProviderRequest, CtlError> {
+        create_request(id, new.kind, fields, &mut FileInput::new())
+    }
+    async fn from_update_flags(
+        ctx: &Ctx,
+        id: Name,
+        fields: ProviderFields,
+        clear: ProviderClear,
+        version: VersionArg,
+    ) -> Result<pb::UpdateProviderRequest, CtlError> {
+        // Local input first: a bad file fails before anything is sent.
+        let files = ProviderFiles::read(&fields, &mut FileInput::new())?;
+        let current = if needs_current(&fields) {
+            Some(resource::get::<Providers>(ctx, id.clone()).await?)
+        } else {
+            None
+        };
+        update_request(id, fields, files, clear, version, current.as_ref())
+    }
+    async fn list_command(ctx: &Ctx, scope: TenantScope, list: ListArgs) -> Result<(), CtlError> {
+        crud::list_in::<Providers>(ctx, scope, list).await
+    }
+}
+
 /// Runs `provider …`.
 pub async fn run(cmd: ProviderCommand, ctx: &Ctx) -> Result<(), CtlError> {
-    match cmd {
-        ProviderCommand::Create { id, kind, fields } => {
-            let id = Name::scoped(ctx, id)?;
-            let req = create_request(id, kind, fields, &mut FileInput::new())?;
-            resource::create::<Providers>(ctx, req).await
-        }
-        ProviderCommand::List { scope, list } => {
-            resource::list::<Providers>(ctx, ctx.tenant(scope.tenant)?, list).await
-        }
-        ProviderCommand::Show { id } => {
-            resource::show::<Providers>(ctx, Name::scoped(ctx, id)?).await
-        }
-        ProviderCommand::Update {
-            id,
-            fields,
-            clear,
-            version,
-        } => {
-            let id = Name::scoped(ctx, id)?;
-            // Local input first: a bad file fails before anything is sent.
-            let mut input = FileInput::new();
-            let files = ProviderFiles::read(&fields, &mut input)?;
-            let current = if needs_current(&fields) {
-                Some(resource::get::<Providers>(ctx, id.clone()).await?)
-            } else {
-                None
-            };
-            let req = update_request(id, fields, files, clear, version, current.as_ref())?;
-            resource::update::<Providers>(ctx, req).await
-        }
-        ProviderCommand::Delete {
-            id,
-            version,
-            confirm,
-        } => {
-            let name = Name::scoped(ctx, id)?;
-            resource::delete::<Providers>(ctx, name, version.version, confirm.yes).await
-        }
-    }
+    crud::run::<Providers>(cmd, ctx).await
 }
 
 /// Contents of the files the flags name.
@@ -281,7 +244,9 @@ fn update_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::args::ScopedName;
     use crate::cli::{Cli, Command};
+    use crate::commands::crud::Crud;
     use clap::Parser;
 
     fn name(id: ScopedName) -> Name {
@@ -311,7 +276,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("secret");
         std::fs::write(&secret, "s3cret\n").unwrap();
-        let ProviderCommand::Create { id, kind, fields } = parse(&[
+        let Crud::Create { id, new, fields } = parse(&[
             "create",
             "--tenant",
             "acme",
@@ -334,7 +299,7 @@ mod tests {
         ]) else {
             panic!("expected create");
         };
-        let req = create_request(name(id), kind, fields, &mut FileInput::new()).unwrap();
+        let req = create_request(name(id), new.kind, fields, &mut FileInput::new()).unwrap();
         let p = req.provider.unwrap();
         assert_eq!(p.tenant, "acme");
         assert_eq!(p.name, "m365");
@@ -365,7 +330,7 @@ mod tests {
     }
 
     fn update(args: &[&str], current: Option<&pb::Provider>) -> pb::UpdateProviderRequest {
-        let ProviderCommand::Update {
+        let Crud::Update {
             id,
             fields,
             clear,
@@ -423,13 +388,13 @@ mod tests {
             "--revoke-url",
             "",
         ];
-        let ProviderCommand::Update { fields, .. } = parse(&args) else {
+        let Crud::Update { fields, .. } = parse(&args) else {
             panic!("expected update");
         };
         assert!(needs_current(&fields));
         let req = update(&args, Some(&stored()));
         assert_eq!(req.provider.unwrap().version, 5);
-        let ProviderCommand::Update { fields, .. } =
+        let Crud::Update { fields, .. } =
             parse(&["update", "--tenant", "a", "--name", "p", "--client-id", "x"])
         else {
             panic!("expected update");

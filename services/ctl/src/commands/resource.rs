@@ -23,7 +23,7 @@ pub struct Name {
 }
 
 /// What varies between the resources of the generic commands.
-pub(super) trait CtlResource {
+pub trait CtlResource {
     /// The resource as the API sends it.
     type Wire: Clone + Default + PartialEq;
     /// How it is printed.
@@ -228,7 +228,7 @@ macro_rules! ctl_resource {
      $delete:ident($delete_req:ident)) => {
         /// The resource's description for the generic commands.
         #[derive(Debug)]
-        pub(super) struct $res;
+        pub struct $res;
 
         impl $crate::commands::resource::CtlResource for $res {
             type Wire = pb::$wire;

@@ -1,52 +1,17 @@
-//! `tenant create|list|show|update|delete`.
+//! `tenant create|list|show|update|delete`: the generic verbs ([`super::crud`]) with a tenant's
+//! one settable field.
 
-use clap::{Args, Subcommand};
+use clap::Args;
 use tokenfleet_proto::v1 as pb;
 
+use super::crud::{self, CrudOf, CrudResource, Nothing};
 use super::resource::{self, Name, Tenants};
 use super::{Changes, Ctx, version_of};
-use crate::args::{ConfirmArg, ListArgs, TenantName, VersionArg};
+use crate::args::{ListArgs, TenantName, VersionArg};
 use crate::error::CtlError;
 
 /// `tenant …`
-#[derive(Debug, Subcommand)]
-pub enum TenantCommand {
-    /// Create a tenant.
-    Create {
-        #[command(flatten)]
-        id: TenantName,
-        #[command(flatten)]
-        fields: TenantFields,
-    },
-    /// List all tenants.
-    List {
-        #[command(flatten)]
-        list: ListArgs,
-    },
-    /// Show one tenant.
-    Show {
-        #[command(flatten)]
-        id: TenantName,
-    },
-    /// Change the given fields of a tenant.
-    Update {
-        #[command(flatten)]
-        id: TenantName,
-        #[command(flatten)]
-        fields: TenantFields,
-        #[command(flatten)]
-        version: VersionArg,
-    },
-    /// Delete a tenant (only when it holds nothing).
-    Delete {
-        #[command(flatten)]
-        id: TenantName,
-        #[command(flatten)]
-        version: VersionArg,
-        #[command(flatten)]
-        confirm: ConfirmArg,
-    },
-}
+pub type TenantCommand = CrudOf<Tenants>;
 
 /// Settable fields of a tenant.
 #[derive(Debug, Clone, Default, Args)]
@@ -56,35 +21,44 @@ pub struct TenantFields {
     pub display_name: Option<String>,
 }
 
-/// Runs `tenant …`.
-pub async fn run(cmd: TenantCommand, ctx: &Ctx) -> Result<(), CtlError> {
-    match cmd {
-        TenantCommand::Create { id, fields } => {
-            resource::create::<Tenants>(ctx, create_request(id, fields)).await
-        }
-        TenantCommand::List { list } => resource::list::<Tenants>(ctx, String::new(), list).await,
-        TenantCommand::Show { id } => resource::show::<Tenants>(ctx, Name::global(id.name)).await,
-        TenantCommand::Update {
-            id,
-            fields,
-            version,
-        } => {
-            let req = update_request(id, fields, version)?;
-            resource::update::<Tenants>(ctx, req).await
-        }
-        TenantCommand::Delete {
-            id,
-            version,
-            confirm,
-        } => {
-            let name = Name::global(id.name);
-            resource::delete::<Tenants>(ctx, name, version.version, confirm.yes).await
-        }
+impl CrudResource for Tenants {
+    type Id = TenantName;
+    type Scope = Nothing;
+    type New = Nothing;
+    type Fields = TenantFields;
+    type Clear = Nothing;
+
+    async fn from_create_flags(
+        _: &Ctx,
+        id: Name,
+        _: Nothing,
+        fields: TenantFields,
+    ) -> Result<pb::CreateTenantRequest, CtlError> {
+        Ok(resource::create_request::<Tenants>(id, |t, c| {
+            apply(fields, t, c)
+        }))
+    }
+    async fn from_update_flags(
+        _: &Ctx,
+        id: Name,
+        fields: TenantFields,
+        _: Nothing,
+        version: VersionArg,
+    ) -> Result<pb::UpdateTenantRequest, CtlError> {
+        update_request(id, fields, version)
+    }
+    async fn list_command(ctx: &Ctx, scope: Nothing, list: ListArgs) -> Result<(), CtlError> {
+        crud::list_in::<Tenants>(ctx, scope, list).await
     }
 }
 
+/// Runs `tenant …`.
+pub async fn run(cmd: TenantCommand, ctx: &Ctx) -> Result<(), CtlError> {
+    crud::run::<Tenants>(cmd, ctx).await
+}
+
 /// Sets the fields whose flags were given.
-pub(super) fn apply(fields: TenantFields, tenant: &mut pb::Tenant, changes: &mut Changes) {
+fn apply(fields: TenantFields, tenant: &mut pb::Tenant, changes: &mut Changes) {
     changes.set(
         "display_name",
         fields.display_name,
@@ -92,18 +66,13 @@ pub(super) fn apply(fields: TenantFields, tenant: &mut pb::Tenant, changes: &mut
     );
 }
 
-fn create_request(id: TenantName, fields: TenantFields) -> pb::CreateTenantRequest {
-    resource::create_request::<Tenants>(Name::global(id.name), |t, c| apply(fields, t, c))
-}
-
 fn update_request(
-    id: TenantName,
+    id: Name,
     fields: TenantFields,
     version: VersionArg,
 ) -> Result<pb::UpdateTenantRequest, CtlError> {
-    let name = Name::global(id.name);
     let version = version_of(version.version);
-    resource::update_request::<Tenants>(name, version, |t, c| apply(fields, t, c))
+    resource::update_request::<Tenants>(id, version, |t, c| apply(fields, t, c))
 }
 
 #[cfg(test)]
@@ -113,9 +82,7 @@ mod tests {
     #[test]
     fn update_sends_only_given_fields_and_the_version() {
         let req = update_request(
-            TenantName {
-                name: "acme".into(),
-            },
+            Name::global("acme".into()),
             TenantFields {
                 display_name: Some("Acme Corp".into()),
             },
@@ -132,9 +99,7 @@ mod tests {
     #[test]
     fn update_without_fields_is_refused() {
         let err = update_request(
-            TenantName {
-                name: "acme".into(),
-            },
+            Name::global("acme".into()),
             TenantFields::default(),
             VersionArg { version: None },
         )
