@@ -268,6 +268,58 @@ async fn irreversible_verbs_are_refused_without_yes_when_nobody_can_answer() {
     broker.shutdown().await;
 }
 
+/// Runs `args` under a pseudo-terminal (util-linux `script`), typing `answer` at the prompt.
+async fn on_terminal(broker: &TestBroker, args: &str, answer: &str) -> (i32, String) {
+    use tokio::io::AsyncWriteExt as _;
+    let command = format!("{} {args}", env!("CARGO_BIN_EXE_tokenfleetctl"));
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("TOKENFLEET_BROKER", url(broker))
+        .env("TOKENFLEET_API_KEY", broker.admin_key.expose())
+        .env(
+            "TOKENFLEETCTL_CONFIG",
+            "/nonexistent/tokenfleetctl/config.yaml",
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("util-linux `script` runs the CLI on a terminal");
+    let mut stdin = child.stdin.take().unwrap();
+    // Typed once the question is up; the terminal echoes it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stdin.write_all(answer.as_bytes()).await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("the CLI answers within 20 s")
+        .unwrap();
+    drop(stdin);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_at_a_terminal_is_asked_first() {
+    let broker = broker().await;
+    admin(&broker, &["tenant", "create", "gone"]).await.ok();
+    let (code, screen) = on_terminal(&broker, "tenant delete gone", "n\n").await;
+    assert_eq!(code, 2, "{screen}");
+    assert!(
+        screen.contains("delete tenant gone? This cannot be undone. [y/N]"),
+        "{screen}"
+    );
+    assert!(screen.contains("not confirmed"), "{screen}");
+    admin(&broker, &["tenant", "show", "gone"]).await.ok();
+    let (code, screen) = on_terminal(&broker, "tenant delete gone", "y\n").await;
+    assert_eq!(code, 0, "{screen}");
+    assert!(screen.contains("deleted tenant gone"), "{screen}");
+    let run = admin(&broker, &["tenant", "show", "gone"]).await;
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    broker.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contexts_name_brokers_and_flags_override_them() {
     let east = broker().await;
