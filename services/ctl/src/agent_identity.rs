@@ -1,22 +1,12 @@
 //! Agent enrollment from the operator's side: `agent enroll-code` (a one-time code for
-//! `tokenfleet-agent enroll`, printed once) and `agent revoke`; and where the CA of an `https://`
-//! broker comes from when `--ca-file` is not given and the broker is a local `--dev` broker.
-
-use std::ffi::OsString;
-use std::path::PathBuf;
+//! `tokenfleet-agent enroll`, printed once) and `agent revoke`.
 
 use clap::Args;
 use serde::Serialize;
 use tokenfleet_proto::v1 as pb;
 
-use crate::cli::ScopedName;
+use crate::args::{ConfirmArg, ScopedName};
 use crate::view::{AgentView, rfc3339};
-
-/// File name of the dev CA a `tokenfleet-broker serve --dev` writes into its state directory.
-pub const DEV_CA_FILE: &str = "dev-ca.pem";
-
-/// The broker's default state directory (relative to where it was started).
-pub const DEFAULT_STATE_DIR: &str = "./tokenfleet-data";
 
 /// `agent enroll-code`
 #[derive(Debug, Clone, Args)]
@@ -40,6 +30,8 @@ pub struct EnrollCodeArgs {
 pub struct RevokeArgs {
     #[command(flatten)]
     pub id: ScopedName,
+    #[command(flatten)]
+    pub confirm: ConfirmArg,
 }
 
 /// Reads `900`, `90s`, `15m`, `2h` as seconds (60-86400).
@@ -114,39 +106,6 @@ pub fn enroll_code_view(
     }
 }
 
-/// Whether `url` names this machine (`localhost`, `127.x.y.z`, `[::1]`).
-fn is_loopback_url(url: &str) -> bool {
-    let Ok(uri) = url.parse::<tonic::transport::Uri>() else {
-        return false;
-    };
-    let Some(host) = uri.host() else {
-        return false;
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// The CA of a local `--dev` broker, for an `https://` URL on this machine when no `--ca-file`
-/// was given: `$TOKENFLEET_STATE_DIR/dev-ca.pem`, else `./tokenfleet-data/dev-ca.pem`, whichever
-/// exists first. `env` reads an environment variable (injected for tests).
-pub fn dev_ca_file(broker_url: &str, env: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
-    if !broker_url.starts_with("https://") || !is_loopback_url(broker_url) {
-        return None;
-    }
-    let from_env = env("TOKENFLEET_STATE_DIR")
-        .filter(|dir| !dir.is_empty())
-        .map(|dir| PathBuf::from(dir).join(DEV_CA_FILE));
-    from_env
-        .into_iter()
-        .chain(std::iter::once(
-            PathBuf::from(DEFAULT_STATE_DIR).join(DEV_CA_FILE),
-        ))
-        .find(|path| path.is_file())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,7 +149,10 @@ mod tests {
         });
         assert_eq!(req.ttl_seconds, 0);
         assert!(!req.re_enroll);
-        let req = revoke_request(RevokeArgs { id: id() });
+        let req = revoke_request(RevokeArgs {
+            id: id(),
+            confirm: ConfirmArg::default(),
+        });
         assert_eq!((req.tenant.as_str(), req.name.as_str()), ("acme", "site-a"));
     }
 
@@ -219,32 +181,6 @@ mod tests {
             ),
             "{}",
             view.enroll_command
-        );
-    }
-
-    #[test]
-    fn the_dev_ca_is_found_only_for_local_https_brokers() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = dir.path().join(DEV_CA_FILE);
-        std::fs::write(&ca, "pem").unwrap();
-        let env =
-            |k: &str| (k == "TOKENFLEET_STATE_DIR").then(|| dir.path().as_os_str().to_owned());
-        for url in [
-            "https://localhost:50051",
-            "https://127.0.0.1:50051",
-            "https://[::1]:50051",
-        ] {
-            assert_eq!(dev_ca_file(url, env), Some(ca.clone()), "{url}");
-        }
-        for url in ["http://localhost:50051", "https://broker.example.com:50051"] {
-            assert_eq!(dev_ca_file(url, env), None, "{url}");
-        }
-        let empty = tempfile::tempdir().unwrap();
-        let env =
-            |k: &str| (k == "TOKENFLEET_STATE_DIR").then(|| empty.path().as_os_str().to_owned());
-        assert!(
-            dev_ca_file("https://localhost:1", env)
-                .is_none_or(|p| p == PathBuf::from(DEFAULT_STATE_DIR).join(DEV_CA_FILE))
         );
     }
 }

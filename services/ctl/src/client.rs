@@ -1,9 +1,11 @@
-//! Connection to the broker's Admin API: the API key (from a file or the environment, sent as
-//! `authorization: Bearer <key>`, never printed), the channel (plain or TLS), and the mapping of
-//! call failures to [`CtlError`].
+//! Connection to the broker's Admin API: the API key (from a file, the environment or the
+//! context, sent as `authorization: Bearer <key>`, never printed), the channel (plain or TLS, with
+//! the dev CA of a local `--dev` broker found on its own), and the mapping of call failures to
+//! [`CtlError`].
 
+use std::ffi::OsString;
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokenfleet_proto::v1::admin_client::AdminClient;
@@ -14,7 +16,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
-use crate::cli::GlobalArgs;
+use crate::config::Settings;
 use crate::error::{CtlError, one_line, transport_cause};
 
 /// Environment variable holding the API key itself.
@@ -27,10 +29,17 @@ const CERT_PEM_TAG: &str = "-----BEGIN CERTIFICATE-----";
 /// The Admin client with the API key attached to every call.
 pub type Admin = AdminClient<InterceptedService<Channel, BearerAuth>>;
 
-/// Finds the API key: `--api-key-file`, else `TOKENFLEET_API_KEY`, else `TOKENFLEET_API_KEY_FILE`.
-/// `env` reads an environment variable (injected for tests).
+/// File name of the dev CA a `tokenfleet-broker serve --dev` writes into its state directory.
+pub const DEV_CA_FILE: &str = "dev-ca.pem";
+
+/// The broker's default state directory (relative to where it was started).
+pub const DEFAULT_STATE_DIR: &str = "./tokenfleet-data";
+
+/// Finds the API key: `--api-key-file`, else `TOKENFLEET_API_KEY`, else `TOKENFLEET_API_KEY_FILE`,
+/// else the context's key file. `env` reads an environment variable (injected for tests).
 pub fn resolve_api_key(
     flag_file: Option<&Path>,
+    context_file: Option<&Path>,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Secret, CtlError> {
     let from_file = |path: &Path, origin: &str| -> Result<Secret, CtlError> {
@@ -59,8 +68,11 @@ pub fn resolve_api_key(
     if let Some(path) = env(ENV_API_KEY_FILE).filter(|v| !v.trim().is_empty()) {
         return from_file(Path::new(path.trim()), ENV_API_KEY_FILE);
     }
+    if let Some(path) = context_file {
+        return from_file(path, "the context's key-file");
+    }
     Err(CtlError::usage(format!(
-        "no API key: set {ENV_API_KEY} or --api-key-file"
+        "no API key: set {ENV_API_KEY}, --api-key-file or a context's key file"
     )))
 }
 
@@ -112,8 +124,8 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Connects to the broker named by the global flags, with `key`.
-    pub async fn connect(global: &GlobalArgs, key: &Secret) -> Result<Self, CtlError> {
+    /// Connects to the broker the settings name, with `key`.
+    pub async fn connect(global: &Settings, key: &Secret) -> Result<Self, CtlError> {
         let auth = BearerAuth::new(key)?;
         let timeout = Duration::from_secs(global.timeout);
         let mut endpoint = Endpoint::from_shared(global.broker.clone())
@@ -126,9 +138,10 @@ impl Broker {
             // have no system roots at all.
             let mut tls = ClientTlsConfig::new();
             // A local `--dev` broker's generated CA is found without --ca-file.
-            let ca_file = global.ca_file.clone().or_else(|| {
-                crate::agent_identity::dev_ca_file(&global.broker, |k| std::env::var_os(k))
-            });
+            let ca_file = global
+                .ca_file
+                .clone()
+                .or_else(|| dev_ca_file(&global.broker, |k| std::env::var_os(k)));
             if ca_file.is_none() {
                 tls = tls.with_native_roots();
             }
@@ -192,6 +205,39 @@ impl Broker {
     }
 }
 
+/// Whether `url` names this machine (`localhost`, `127.x.y.z`, `[::1]`).
+fn is_loopback_url(url: &str) -> bool {
+    let Ok(uri) = url.parse::<tonic::transport::Uri>() else {
+        return false;
+    };
+    let Some(host) = uri.host() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The CA of a local `--dev` broker, for an `https://` URL on this machine when no `--ca-file`
+/// was given: `$TOKENFLEET_STATE_DIR/dev-ca.pem`, else `./tokenfleet-data/dev-ca.pem`, whichever
+/// exists first. `env` reads an environment variable (injected for tests).
+pub fn dev_ca_file(broker_url: &str, env: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
+    if !broker_url.starts_with("https://") || !is_loopback_url(broker_url) {
+        return None;
+    }
+    let from_env = env("TOKENFLEET_STATE_DIR")
+        .filter(|dir| !dir.is_empty())
+        .map(|dir| PathBuf::from(dir).join(DEV_CA_FILE));
+    from_env
+        .into_iter()
+        .chain(std::iter::once(
+            PathBuf::from(DEFAULT_STATE_DIR).join(DEV_CA_FILE),
+        ))
+        .find(|path| path.is_file())
+}
+
 /// See [`Broker::failure`].
 pub fn map_status(status: &Status, url: &str, timeout_secs: u64) -> CtlError {
     if let Some(source) = std::error::Error::source(status) {
@@ -242,28 +288,28 @@ mod tests {
             (ENV_API_KEY, "from-env"),
             (ENV_API_KEY_FILE, envfile.to_str().unwrap()),
         ]);
-        let key = resolve_api_key(Some(&flag), &env).unwrap();
+        let key = resolve_api_key(Some(&flag), None, &env).unwrap();
         assert_eq!(key.expose(), "from-flag");
-        let key = resolve_api_key(None, &env).unwrap();
+        let key = resolve_api_key(None, None, &env).unwrap();
         assert_eq!(key.expose(), "from-env");
         let env = env_of(&[(ENV_API_KEY_FILE, envfile.to_str().unwrap())]);
-        let key = resolve_api_key(None, &env).unwrap();
+        let key = resolve_api_key(None, None, &env).unwrap();
         assert_eq!(key.expose(), "from-env-file");
     }
 
     #[test]
     fn missing_api_key_says_how_to_set_one() {
-        let err = resolve_api_key(None, env_of(&[])).err().unwrap();
+        let err = resolve_api_key(None, None, env_of(&[])).err().unwrap();
         assert_eq!(
             err.to_string(),
-            "no API key: set TOKENFLEET_API_KEY or --api-key-file"
+            "no API key: set TOKENFLEET_API_KEY, --api-key-file or a context's key file"
         );
         assert_eq!(err.exit_code(), 2);
     }
 
     #[test]
     fn unreadable_key_file_names_the_file_but_not_a_key() {
-        let err = resolve_api_key(Some(Path::new("/nonexistent/key")), env_of(&[]))
+        let err = resolve_api_key(Some(Path::new("/nonexistent/key")), None, env_of(&[]))
             .err()
             .unwrap();
         let text = err.to_string();
@@ -296,5 +342,31 @@ mod tests {
             "permission denied: viewer keys are read-only second line"
         );
         assert_eq!(err.exit_code(), 1);
+    }
+
+    #[test]
+    fn the_dev_ca_is_found_only_for_local_https_brokers() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join(DEV_CA_FILE);
+        std::fs::write(&ca, "pem").unwrap();
+        let env =
+            |k: &str| (k == "TOKENFLEET_STATE_DIR").then(|| dir.path().as_os_str().to_owned());
+        for url in [
+            "https://localhost:50051",
+            "https://127.0.0.1:50051",
+            "https://[::1]:50051",
+        ] {
+            assert_eq!(dev_ca_file(url, env), Some(ca.clone()), "{url}");
+        }
+        for url in ["http://localhost:50051", "https://broker.example.com:50051"] {
+            assert_eq!(dev_ca_file(url, env), None, "{url}");
+        }
+        let empty = tempfile::tempdir().unwrap();
+        let env =
+            |k: &str| (k == "TOKENFLEET_STATE_DIR").then(|| empty.path().as_os_str().to_owned());
+        assert!(
+            dev_ca_file("https://localhost:1", env)
+                .is_none_or(|p| p == PathBuf::from(DEFAULT_STATE_DIR).join(DEV_CA_FILE))
+        );
     }
 }

@@ -29,6 +29,24 @@ macro_rules! cli_enum {
 }
 
 cli_enum!(
+    /// Token status of a mailbox, as `mailbox list --status` filters by it.
+    TokenStatus => TokenStatus {
+        /// No grant has been obtained yet.
+        NotRetrieved = "not_retrieved" => NotRetrieved,
+        /// A consent was started; waiting for a person.
+        ConsentPending = "consent_pending" => ConsentPending,
+        /// A usable grant exists and refreshes succeed.
+        Active = "active" => Active,
+        /// Refreshes fail for transient reasons.
+        RefreshFailing = "refresh_failing" => RefreshFailing,
+        /// The grant is dead; a person must consent again.
+        ReauthRequired = "reauth_required" => ReauthRequired,
+        /// An operator disabled the mailbox.
+        Disabled = "disabled" => Disabled,
+    }
+);
+
+cli_enum!(
     /// Kind of app registration.
     ProviderKind => ProviderKind {
         /// Microsoft Entra ID / Exchange Online.

@@ -1,22 +1,49 @@
-//! Printing results: JSON (the shapes in [`crate::view`]) or readable tables (comfy-table).
+//! Printing results: readable tables (comfy-table), JSON or YAML (the shapes in [`crate::view`]),
+//! or only the names. A leaf below the commands: they choose what to print, this module how.
 //!
 //! `list` prints one row per object with the columns that matter day to day, problems included
 //! (token status and its last error, revoked agents); `show`/`create`/`update` print every field of
-//! one object as a two-column table.
+//! one object as a two-column table. `table` cuts long cells to [`CELL_WIDTH`] characters with an
+//! ellipsis so a row fits a terminal; `wide` prints the same tables with every cell whole.
 
 use std::io::{self, Write};
 
+use clap::ValueEnum;
 use comfy_table::{ContentArrangement, Table, presets};
 use serde::Serialize;
 use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 
-use crate::cli::OutputFormat;
 use crate::error::CtlError;
 use crate::view::{
     AgentView, ApiKeyView, AuditEventView, DeletedView, DeviceView, MailboxView, ProviderView,
     TenantView, WhoAmIView,
 };
+
+/// How results are printed (`-o`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Human-readable tables; long cells are cut with an ellipsis.
+    Table,
+    /// Tables with every cell whole.
+    Wide,
+    /// JSON: an array for `list`, an object otherwise (shape documented in the README).
+    Json,
+    /// YAML: the same shapes as JSON.
+    Yaml,
+    /// Only the names, one per line (`TENANT/NAME` where a list spans tenants).
+    Name,
+}
+
+impl OutputFormat {
+    /// Whether the output is for programs (JSON or YAML) rather than people.
+    pub fn is_structured(self) -> bool {
+        matches!(self, OutputFormat::Json | OutputFormat::Yaml)
+    }
+}
+
+/// Longest cell of a `table` (in characters, the ellipsis included).
+pub const CELL_WIDTH: usize = 48;
 
 /// An object that can be printed as a row of a list.
 pub trait Listed: Serialize {
@@ -26,6 +53,12 @@ pub trait Listed: Serialize {
     fn columns() -> &'static [&'static str];
     /// One row, matching [`Listed::columns`].
     fn row(&self) -> Vec<String>;
+    /// What `-o name` prints.
+    fn name(&self) -> String;
+    /// The tenant of the object (empty for fleet-wide ones), for lists that span tenants.
+    fn tenant(&self) -> &str {
+        ""
+    }
 }
 
 /// Prints results in the chosen format.
@@ -40,41 +73,106 @@ impl Printer {
         Self { format }
     }
 
+    /// The chosen format.
+    pub fn format(&self) -> OutputFormat {
+        self.format
+    }
+
     /// One object (`show`, `create`, `update`, `whoami`).
     pub fn object<T: Serialize>(&self, object: &T) -> Result<(), CtlError> {
         match self.format {
             OutputFormat::Json => emit(&json_text(object)?),
-            OutputFormat::Table => emit(&field_table(&to_value(object)?).to_string()),
+            OutputFormat::Yaml => emit(&yaml_text(object)?),
+            OutputFormat::Name => emit(&object_name(&to_value(object)?)),
+            OutputFormat::Table | OutputFormat::Wide => {
+                emit(&field_table(&to_value(object)?, self.cut()).to_string())
+            }
         }
     }
 
-    /// A list of objects.
+    /// A list of objects of one tenant (or of tenants themselves).
     pub fn list<T: Listed>(&self, objects: &[T]) -> Result<(), CtlError> {
+        self.list_rows(objects, false)
+    }
+
+    /// A list that spans tenants: tables get a TENANT column, `-o name` prints `TENANT/NAME`.
+    pub fn list_across_tenants<T: Listed>(&self, objects: &[T]) -> Result<(), CtlError> {
+        self.list_rows(objects, true)
+    }
+
+    fn list_rows<T: Listed>(&self, objects: &[T], tenants: bool) -> Result<(), CtlError> {
         match self.format {
             OutputFormat::Json => emit(&json_text(objects)?),
-            OutputFormat::Table if objects.is_empty() => emit(&format!("no {}", T::PLURAL)),
-            OutputFormat::Table => emit(&list_table(objects).to_string()),
+            OutputFormat::Yaml => emit(&yaml_text(objects)?),
+            OutputFormat::Name => {
+                let names: Vec<String> = objects
+                    .iter()
+                    .map(|o| match (tenants, o.tenant()) {
+                        (true, t) if !t.is_empty() => format!("{t}/{}", o.name()),
+                        _ => o.name(),
+                    })
+                    .collect();
+                emit_lines(&names)
+            }
+            OutputFormat::Table | OutputFormat::Wide if objects.is_empty() => {
+                emit(&format!("no {}", T::PLURAL))
+            }
+            OutputFormat::Table | OutputFormat::Wide => {
+                emit(&list_table(objects, tenants, self.cut()).to_string())
+            }
         }
     }
 
     /// Confirmation of a delete.
     pub fn deleted(&self, deleted: &DeletedView) -> Result<(), CtlError> {
+        let what = match &deleted.tenant {
+            Some(tenant) => format!("{tenant}/{}", deleted.name),
+            None => deleted.name.clone(),
+        };
         match self.format {
             OutputFormat::Json => emit(&json_text(deleted)?),
-            OutputFormat::Table => {
-                let what = match &deleted.tenant {
-                    Some(tenant) => format!("{tenant}/{}", deleted.name),
-                    None => deleted.name.clone(),
-                };
+            OutputFormat::Yaml => emit(&yaml_text(deleted)?),
+            OutputFormat::Name => emit(&what),
+            OutputFormat::Table | OutputFormat::Wide => {
                 emit(&format!("deleted {} {what}", deleted.kind))
             }
         }
     }
 
-    /// Raw text (completion scripts).
+    /// Raw text (completion scripts, reports).
     pub fn raw(bytes: &[u8]) -> Result<(), CtlError> {
         write_stdout(bytes)
     }
+
+    /// The cell width limit of the format: `table` cuts, `wide` does not.
+    fn cut(&self) -> Option<usize> {
+        (self.format == OutputFormat::Table).then_some(CELL_WIDTH)
+    }
+}
+
+/// What `-o name` prints for one object: its name (or key id), `TENANT/NAME` when it has a
+/// tenant.
+fn object_name(value: &Value) -> String {
+    let text = |key: &str| value.get(key).and_then(Value::as_str).unwrap_or_default();
+    let name = ["name", "key_id", "id", "device", "agent"]
+        .iter()
+        .map(|k| text(k))
+        .find(|n| !n.is_empty())
+        .unwrap_or_default();
+    match text("tenant") {
+        "" => name.to_owned(),
+        tenant => format!("{tenant}/{name}"),
+    }
+}
+
+/// Cuts `text` to `width` characters, the last one an ellipsis.
+pub fn truncate(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_owned();
+    }
+    let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
 }
 
 fn to_value<T: Serialize + ?Sized>(object: &T) -> Result<Value, CtlError> {
@@ -87,7 +185,24 @@ fn json_text<T: Serialize + ?Sized>(object: &T) -> Result<String, CtlError> {
         .map_err(|e| CtlError::Output(format!("encoding JSON: {e}")))
 }
 
-fn emit(text: &str) -> Result<(), CtlError> {
+/// YAML text of the same shapes as JSON.
+pub fn yaml_text<T: Serialize + ?Sized>(object: &T) -> Result<String, CtlError> {
+    let text = serde_norway::to_string(object)
+        .map_err(|e| CtlError::Output(format!("encoding YAML: {e}")))?;
+    Ok(text.trim_end().to_owned())
+}
+
+fn emit_lines(lines: &[String]) -> Result<(), CtlError> {
+    let mut bytes = Vec::new();
+    for line in lines {
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+    }
+    write_stdout(&bytes)
+}
+
+/// Writes `text` and a newline to standard output.
+pub fn emit(text: &str) -> Result<(), CtlError> {
     let mut bytes = text.as_bytes().to_vec();
     bytes.push(b'\n');
     write_stdout(&bytes)
@@ -111,17 +226,28 @@ fn new_table() -> Table {
     table
 }
 
-fn list_table<T: Listed>(objects: &[T]) -> Table {
+fn list_table<T: Listed>(objects: &[T], tenants: bool, cut: Option<usize>) -> Table {
     let mut table = new_table();
-    table.set_header(T::columns().iter().copied());
+    let mut header: Vec<&str> = T::columns().to_vec();
+    if tenants {
+        header.insert(0, "TENANT");
+    }
+    table.set_header(header);
     for object in objects {
-        table.add_row(object.row());
+        let mut row = object.row();
+        if tenants {
+            row.insert(0, object.tenant().to_owned());
+        }
+        table.add_row(row.iter().map(|c| match cut {
+            Some(width) => truncate(c, width),
+            None => c.clone(),
+        }));
     }
     table
 }
 
 /// Every field of one object, nested fields as dotted names (`smtp.port`).
-fn field_table(value: &Value) -> Table {
+fn field_table(value: &Value, cut: Option<usize>) -> Table {
     let mut rows = Vec::new();
     flatten("", value, &mut rows);
     // Identity first, bookkeeping last, the rest by name.
@@ -129,6 +255,10 @@ fn field_table(value: &Value) -> Table {
     let mut table = new_table();
     table.set_header(["FIELD", "VALUE"]);
     for (field, text) in rows {
+        let text = match cut {
+            Some(width) => truncate(&text, width),
+            None => text,
+        };
         table.add_row([field, text]);
     }
     table
@@ -205,6 +335,9 @@ fn when(rfc3339: &Option<String>) -> String {
 }
 
 impl Listed for TenantView {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
     const PLURAL: &'static str = "tenants";
     fn columns() -> &'static [&'static str] {
         &["NAME", "DISPLAY NAME", "CREATED", "VERSION"]
@@ -220,6 +353,12 @@ impl Listed for TenantView {
 }
 
 impl Listed for ProviderView {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
     const PLURAL: &'static str = "providers";
     fn columns() -> &'static [&'static str] {
         &[
@@ -250,6 +389,12 @@ impl Listed for ProviderView {
 }
 
 impl Listed for MailboxView {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
     const PLURAL: &'static str = "mailboxes";
     fn columns() -> &'static [&'static str] {
         &[
@@ -315,6 +460,12 @@ impl Listed for MailboxView {
 }
 
 impl Listed for DeviceView {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
     const PLURAL: &'static str = "devices";
     fn columns() -> &'static [&'static str] {
         &[
@@ -377,6 +528,12 @@ impl Listed for DeviceView {
 }
 
 impl Listed for AgentView {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
     const PLURAL: &'static str = "agents";
     fn columns() -> &'static [&'static str] {
         &[
@@ -410,6 +567,12 @@ impl Listed for AgentView {
 }
 
 impl Listed for AuditEventView {
+    fn name(&self) -> String {
+        self.id.clone()
+    }
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
     const PLURAL: &'static str = "audit events";
     fn columns() -> &'static [&'static str] {
         &["TIME", "ACTOR", "ACTION", "TARGET", "RESULT", "DETAIL"]
@@ -427,6 +590,12 @@ impl Listed for AuditEventView {
 }
 
 impl Listed for ApiKeyView {
+    fn name(&self) -> String {
+        self.id.clone()
+    }
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
     const PLURAL: &'static str = "API keys";
     fn columns() -> &'static [&'static str] {
         &["ID", "ROLE", "TENANT", "DESCRIPTION", "CREATED"]
@@ -447,6 +616,12 @@ impl Listed for ApiKeyView {
 }
 
 impl Listed for WhoAmIView {
+    fn name(&self) -> String {
+        self.key_id.clone()
+    }
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
     const PLURAL: &'static str = "identities";
     fn columns() -> &'static [&'static str] {
         &["KEY ID", "ROLE", "TENANT"]
@@ -587,7 +762,7 @@ mod tests {
             "tenant": "acme",
             "create_time": null
         });
-        let text = field_table(&value).to_string();
+        let text = field_table(&value, None).to_string();
         let order: Vec<usize> = [
             "tenant",
             "name",

@@ -1,51 +1,88 @@
-//! `agent create|list|show|update|delete|enroll-code|revoke` (the last two with
-//! [`crate::agent_identity`]).
+//! `agent create|list|show|update|delete` (the generic verbs of [`super::crud`]) and
+//! `agent enroll-code|revoke` (with [`crate::agent_identity`]).
 
+use clap::{Args, Subcommand};
 use tokenfleet_proto::v1 as pb;
 
+use super::crud::{self, CrudOf, CrudResource, Nothing};
 use super::resource::{self, Agents, Name};
 use super::{Changes, Ctx, version_of};
-use crate::cli::{AgentCommand, AgentFields, ScopedName, VersionArg};
+use crate::agent_identity::{EnrollCodeArgs, RevokeArgs, enroll_code_view};
+use crate::args::{ListArgs, ScopedName, TenantScope, VersionArg};
 use crate::error::CtlError;
 use crate::view::AgentView;
 
-pub(super) async fn run(cmd: AgentCommand, ctx: &Ctx) -> Result<(), CtlError> {
+/// `agent …`
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    #[command(flatten)]
+    Crud(CrudOf<Agents>),
+    /// Create a one-time enrollment code for `tokenfleet-agent enroll` (creating the agent when
+    /// it is new). The code is printed once.
+    EnrollCode(EnrollCodeArgs),
+    /// Revoke an agent: its next call to the broker is refused. Final for this agent name.
+    Revoke(RevokeArgs),
+}
+
+/// Settable fields of an agent.
+#[derive(Debug, Clone, Default, Args)]
+pub struct AgentFields {
+    /// Human-readable name (site).
+    #[arg(long, value_name = "TEXT")]
+    pub display_name: Option<String>,
+}
+
+impl CrudResource for Agents {
+    type Id = ScopedName;
+    type Scope = TenantScope;
+    type New = Nothing;
+    type Fields = AgentFields;
+    type Clear = Nothing;
+
+    async fn from_create_flags(
+        _: &Ctx,
+        id: Name,
+        _: Nothing,
+        fields: AgentFields,
+    ) -> Result<pb::CreateAgentRequest, CtlError> {
+        Ok(create_request(id, fields))
+    }
+    async fn from_update_flags(
+        _: &Ctx,
+        id: Name,
+        fields: AgentFields,
+        _: Nothing,
+        version: VersionArg,
+    ) -> Result<pb::UpdateAgentRequest, CtlError> {
+        update_request(id, fields, version)
+    }
+    async fn list_command(ctx: &Ctx, scope: TenantScope, list: ListArgs) -> Result<(), CtlError> {
+        crud::list_in::<Agents>(ctx, scope, list).await
+    }
+}
+
+/// Runs `agent …`.
+pub async fn run(cmd: AgentCommand, ctx: &Ctx) -> Result<(), CtlError> {
     match cmd {
-        AgentCommand::Create { id, fields } => {
-            let req = create_request(id, fields);
-            resource::create::<Agents>(ctx, req).await
-        }
-        AgentCommand::List { scope, list } => {
-            resource::list::<Agents>(ctx, scope.tenant, list).await
-        }
-        AgentCommand::Show { id } => resource::show::<Agents>(ctx, Name::scoped(id)).await,
-        AgentCommand::Update {
-            id,
-            fields,
-            version,
-        } => {
-            let req = update_request(id, fields, version)?;
-            resource::update::<Agents>(ctx, req).await
-        }
-        AgentCommand::EnrollCode(args) => {
+        AgentCommand::Crud(cmd) => crud::run::<Agents>(cmd, ctx).await,
+        AgentCommand::EnrollCode(mut args) => {
+            args.id.tenant = ctx.tenant(args.id.tenant)?;
             let req = crate::agent_identity::enroll_code_request(args);
             let created = ctx
                 .call(|mut c| async move { c.create_enrollment_code(req).await })
                 .await?;
-            ctx.printer.object(&crate::agent_identity::enroll_code_view(
-                &created,
-                &ctx.global.broker,
-            ))
+            ctx.printer
+                .object(&enroll_code_view(&created, &ctx.settings.broker))
         }
-        AgentCommand::Revoke(args) => {
+        AgentCommand::Revoke(mut args) => {
+            args.id.tenant = ctx.tenant(args.id.tenant)?;
+            let what = format!("revoke agent {}/{}", args.id.tenant, args.id.name);
+            ctx.confirm(&what, args.confirm.yes)?;
             let req = crate::agent_identity::revoke_request(args);
             let a = ctx
                 .call(|mut c| async move { c.revoke_agent(req).await })
                 .await?;
             ctx.printer.object(&AgentView::from(&a))
-        }
-        AgentCommand::Delete { id, version } => {
-            resource::delete::<Agents>(ctx, Name::scoped(id), version.version).await
         }
     }
 }
@@ -54,41 +91,25 @@ fn apply(f: AgentFields, a: &mut pb::Agent, changes: &mut Changes) {
     changes.set("display_name", f.display_name, &mut a.display_name);
 }
 
-fn create_request(id: ScopedName, fields: AgentFields) -> pb::CreateAgentRequest {
-    let mut agent = pb::Agent {
-        tenant: id.tenant,
-        name: id.name,
-        ..Default::default()
-    };
-    apply(fields, &mut agent, &mut Changes::default());
-    pb::CreateAgentRequest { agent: Some(agent) }
+fn create_request(id: Name, fields: AgentFields) -> pb::CreateAgentRequest {
+    resource::create_request::<Agents>(id, |a, c| apply(fields, a, c))
 }
 
 fn update_request(
-    id: ScopedName,
+    id: Name,
     fields: AgentFields,
     version: VersionArg,
 ) -> Result<pb::UpdateAgentRequest, CtlError> {
-    let mut agent = pb::Agent {
-        tenant: id.tenant,
-        name: id.name,
-        version: version_of(version.version),
-        ..Default::default()
-    };
-    let mut changes = Changes::default();
-    apply(fields, &mut agent, &mut changes);
-    Ok(pb::UpdateAgentRequest {
-        agent: Some(agent),
-        update_mask: Some(changes.into_mask("agent")?),
-    })
+    let version = version_of(version.version);
+    resource::update_request::<Agents>(id, version, |a, c| apply(fields, a, c))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn id() -> ScopedName {
-        ScopedName {
+    fn id() -> Name {
+        Name {
             tenant: "acme".into(),
             name: "site-a".into(),
         }

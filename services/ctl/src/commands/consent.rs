@@ -18,9 +18,10 @@ use tokenfleet_proto::v1 as pb;
 use tonic::Code;
 
 use super::Ctx;
-use crate::cli::OutputFormat;
+use crate::args::{ConfirmArg, ScopedName};
 use crate::enums::token_status_name;
 use crate::error::CtlError;
+use crate::output::OutputFormat;
 use crate::view::{MailboxView, datetime};
 
 /// How often the mailbox is read while waiting.
@@ -30,15 +31,11 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(15 * 60);
 /// Extra time after the code's expiry for the broker's last poll to land.
 const EXPIRY_SLACK: Duration = Duration::from_secs(30);
 
-/// `mailbox consent MAILBOX`
+/// `mailbox consent NAME`
 #[derive(Debug, Clone, Args)]
 pub struct ConsentArgs {
-    /// Name of the mailbox.
-    #[arg(value_name = "MAILBOX")]
-    pub mailbox: String,
-    /// Tenant of the mailbox.
-    #[arg(long, env = "TOKENFLEET_TENANT", value_name = "TENANT")]
-    pub tenant: String,
+    #[command(flatten)]
+    pub id: ScopedName,
     /// Finish a browser (auth-code) consent: the code, or the whole address the browser ended on
     /// (`-` reads it from standard input).
     #[arg(long, value_name = "CODE_OR_URL")]
@@ -63,22 +60,23 @@ pub struct ConsentArgs {
     pub no_qr: bool,
 }
 
-/// A mailbox named on the command line: `MAILBOX --tenant TENANT`.
+/// `mailbox delete-token NAME`
 #[derive(Debug, Clone, Args)]
-pub struct MailboxRef {
-    /// Name of the mailbox.
-    #[arg(value_name = "MAILBOX")]
-    pub mailbox: String,
-    /// Tenant of the mailbox.
-    #[arg(long, env = "TOKENFLEET_TENANT", value_name = "TENANT")]
-    pub tenant: String,
+pub struct DeleteTokenArgs {
+    #[command(flatten)]
+    pub id: ScopedName,
+    #[command(flatten)]
+    pub confirm: ConfirmArg,
 }
 
 /// `mailbox delete-token`: wipes the stored tokens (revoking them where the provider can).
-pub(super) async fn run_delete_token(target: MailboxRef, ctx: &Ctx) -> Result<(), CtlError> {
+pub(super) async fn run_delete_token(args: DeleteTokenArgs, ctx: &Ctx) -> Result<(), CtlError> {
+    let tenant = ctx.tenant(args.id.tenant)?;
+    let what = format!("delete the tokens of mailbox {tenant}/{}", args.id.name);
+    ctx.confirm(&what, args.confirm.yes)?;
     let req = pb::DeleteTokenRequest {
-        tenant: target.tenant,
-        mailbox: target.mailbox,
+        tenant,
+        mailbox: args.id.name,
     };
     let m = ctx
         .call(|mut c| async move { c.delete_token(req).await })
@@ -87,10 +85,10 @@ pub(super) async fn run_delete_token(target: MailboxRef, ctx: &Ctx) -> Result<()
 }
 
 /// `mailbox refresh`: refreshes the access token now.
-pub(super) async fn run_refresh(target: MailboxRef, ctx: &Ctx) -> Result<(), CtlError> {
+pub(super) async fn run_refresh(target: ScopedName, ctx: &Ctx) -> Result<(), CtlError> {
     let req = pb::RefreshNowRequest {
-        tenant: target.tenant,
-        mailbox: target.mailbox,
+        tenant: ctx.tenant(target.tenant)?,
+        mailbox: target.name,
     };
     let m = ctx
         .call(|mut c| async move { c.refresh_now(req).await })
@@ -135,8 +133,9 @@ fn not_active(mut message: String, error: Option<&pb::TokenError>) -> CtlError {
 }
 
 /// `mailbox consent`.
-pub(super) async fn run_consent(args: ConsentArgs, ctx: &Ctx) -> Result<(), CtlError> {
-    let json = ctx.global.output == OutputFormat::Json;
+pub(super) async fn run_consent(mut args: ConsentArgs, ctx: &Ctx) -> Result<(), CtlError> {
+    let json = ctx.printer.format() == OutputFormat::Json;
+    args.id.tenant = ctx.tenant(args.id.tenant)?;
     if let Some(code) = args.code {
         let code = if code == "-" {
             read_stdin_line()?
@@ -149,8 +148,8 @@ pub(super) async fn run_consent(args: ConsentArgs, ctx: &Ctx) -> Result<(), CtlE
             ));
         }
         let req = pb::CompleteConsentRequest {
-            tenant: args.tenant,
-            mailbox: args.mailbox,
+            tenant: args.id.tenant,
+            mailbox: args.id.name,
             code,
         };
         let m = ctx
@@ -160,8 +159,8 @@ pub(super) async fn run_consent(args: ConsentArgs, ctx: &Ctx) -> Result<(), CtlE
     }
 
     let req = pb::StartConsentRequest {
-        tenant: args.tenant.clone(),
-        mailbox: args.mailbox.clone(),
+        tenant: args.id.tenant.clone(),
+        mailbox: args.id.name.clone(),
         redirect_uri: args.redirect_uri.clone().unwrap_or_default(),
     };
     let started = ctx
@@ -192,7 +191,7 @@ pub(super) async fn run_consent(args: ConsentArgs, ctx: &Ctx) -> Result<(), CtlE
             })
             .unwrap_or(DEFAULT_WAIT),
     };
-    let m = watch(ctx, &args.tenant, &args.mailbox, limit).await?;
+    let m = watch(ctx, &args.id.tenant, &args.id.name, limit).await?;
     finish(&m, json)
 }
 
@@ -453,7 +452,8 @@ fn write_out(text: &str) -> Result<(), CtlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Cli, Command, MailboxCommand};
+    use crate::cli::{Cli, Command};
+    use crate::commands::mailbox::MailboxCommand;
     use clap::Parser;
 
     fn parse(args: &[&str]) -> Result<MailboxCommand, clap::Error> {
@@ -475,8 +475,8 @@ mod tests {
         else {
             panic!("expected consent");
         };
-        assert_eq!(args.mailbox, "scan");
-        assert_eq!(args.tenant, "acme");
+        assert_eq!(args.id.name, "scan");
+        assert_eq!(args.id.tenant, "acme");
         assert!(args.no_wait);
         assert!(args.code.is_none());
         let Ok(MailboxCommand::Consent(args)) = parse(&[
@@ -527,7 +527,7 @@ mod tests {
     fn delete_token_and_refresh_parse() {
         assert!(matches!(
             parse(&["delete-token", "scan", "--tenant", "acme"]),
-            Ok(MailboxCommand::DeleteToken(MailboxRef { mailbox, tenant })) if mailbox == "scan" && tenant == "acme"
+            Ok(MailboxCommand::DeleteToken(DeleteTokenArgs { id, .. })) if id.name == "scan" && id.tenant == "acme"
         ));
         assert!(matches!(
             parse(&["refresh", "scan", "--tenant", "acme"]),

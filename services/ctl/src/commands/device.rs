@@ -1,47 +1,277 @@
-//! `device create|list|show|update|delete`.
+//! `device create|list|show|update|delete` (the generic verbs of [`super::crud`] with a device's
+//! profiles, merged into the stored ones on update) and `device test`.
 
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
 use tokenfleet_proto::v1 as pb;
 
+use super::crud::{self, CrudOf, CrudResource, Nothing};
+use super::fleet::DeviceTestArgs;
 use super::resource::{self, Devices, Name};
 use super::{Changes, Ctx, leaf, version_of};
-use crate::cli::{
-    DeviceClear, DeviceCommand, DeviceFields, FetchFields, IngressFields, ScopedName, SmtpFields,
-    VersionArg,
-};
-use crate::enums::TlsVersion;
+use crate::args::{ListArgs, ScopedName, TenantScope, VersionArg};
+use crate::enums::{FetchProtocol, SendMethod, SenderMode, TlsMode, TlsVersion};
 use crate::error::CtlError;
 use crate::input::FileInput;
 
-pub(super) async fn run(cmd: DeviceCommand, ctx: &Ctx) -> Result<(), CtlError> {
+/// `device …`
+// Parsed once per run: the size of the device flags does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    #[command(flatten)]
+    Crud(CrudOf<Devices>),
+    /// Test a device's upstream connection from its agent (exit 0 only when the verdict is ok).
+    Test(DeviceTestArgs),
+}
+
+/// Settable fields of a device.
+#[derive(Debug, Clone, Default, Args)]
+pub struct DeviceFields {
+    /// Human-readable name.
+    #[arg(long, value_name = "TEXT")]
+    pub display_name: Option<String>,
+    /// Agent (in the same tenant) that hosts the device; "" unassigns it.
+    #[arg(long, value_name = "NAME")]
+    pub agent: Option<String>,
+    /// Which sender the device's mail leaves as.
+    #[arg(long, value_enum)]
+    pub sender_mode: Option<SenderMode>,
+    /// Mailbox used in fixed_admin mode.
+    #[arg(long, value_name = "NAME")]
+    pub admin_mailbox: Option<String>,
+    /// Mailbox used in bulk mode.
+    #[arg(long, value_name = "NAME")]
+    pub bulk_mailbox: Option<String>,
+    /// Further mailbox the device may use (allow_user_change); repeat. Replaces the list on update.
+    #[arg(long = "allowed-mailbox", value_name = "NAME")]
+    pub allowed_mailboxes: Vec<String>,
+    /// Provider (in the same tenant) of the user mailboxes the broker creates on demand
+    /// (login_user, allow_user_change); "" unsets it.
+    #[arg(long, value_name = "NAME")]
+    pub user_provider: Option<String>,
+
+    #[command(flatten)]
+    pub smtp: SmtpFields,
+    #[command(flatten)]
+    pub fetch: FetchFields,
+    #[command(flatten)]
+    pub ingress: IngressFields,
+}
+
+/// Upstream SMTP profile of a device.
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "SMTP send profile")]
+pub struct SmtpFields {
+    /// SMTP server host name, e.g. smtp.office365.com.
+    #[arg(long, value_name = "HOST")]
+    pub smtp_server: Option<String>,
+    /// SMTP server port (587 STARTTLS, 465 implicit TLS).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u32).range(1..=65535))]
+    pub smtp_port: Option<u32>,
+    /// SMTP transport security.
+    #[arg(long, value_enum)]
+    pub smtp_security: Option<TlsMode>,
+    /// SMTP connection and command timeout in seconds (0 = default 60).
+    #[arg(long, value_name = "SECONDS")]
+    pub smtp_timeout: Option<u32>,
+    /// Display name of the sender.
+    #[arg(long, value_name = "TEXT")]
+    pub smtp_sender_name: Option<String>,
+    /// Sender address override ("" = the mailbox address).
+    #[arg(long, value_name = "EMAIL")]
+    pub smtp_sender_address: Option<String>,
+    /// Do not verify the SMTP server's certificate (lab servers only); `=false` verifies again.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub smtp_skip_certificate_verification: Option<bool>,
+    /// Extra trusted CA certificate (PEM file) for the SMTP server.
+    #[arg(long, value_name = "PATH")]
+    pub smtp_extra_ca_file: Option<PathBuf>,
+    /// Lowest TLS version for SMTP.
+    #[arg(long, value_enum)]
+    pub smtp_tls_min_version: Option<TlsVersion>,
+    /// Highest TLS version for SMTP.
+    #[arg(long, value_enum)]
+    pub smtp_tls_max_version: Option<TlsVersion>,
+    /// How mail is sent upstream: SMTP submission, or the Graph / Gmail mail API.
+    #[arg(long, value_enum)]
+    pub smtp_method: Option<SendMethod>,
+    /// Mail API base URL override for graph / gmail_api ("" = the public endpoint).
+    #[arg(long, value_name = "URL")]
+    pub smtp_api_base_url: Option<String>,
+    /// INSECURE: let the agent send the OAuth token to a non-loopback host without TLS
+    /// (`--smtp-security none`, an http:// API URL) or without certificate verification. Refused
+    /// otherwise; audited and flagged in device output and fleet status. `=false` turns it off.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub smtp_insecure_allow_cleartext_tokens: Option<bool>,
+}
+
+/// Upstream fetch profile of a device.
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "Fetch profile")]
+pub struct FetchFields {
+    /// Fetch protocol.
+    #[arg(long, value_enum)]
+    pub fetch_protocol: Option<FetchProtocol>,
+    /// POP3/IMAP server host name, e.g. outlook.office365.com.
+    #[arg(long, value_name = "HOST")]
+    pub fetch_server: Option<String>,
+    /// POP3/IMAP server port.
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u32).range(1..=65535))]
+    pub fetch_port: Option<u32>,
+    /// Fetch transport security.
+    #[arg(long, value_enum)]
+    pub fetch_security: Option<TlsMode>,
+    /// Check interval in seconds (0 = fetching disabled).
+    #[arg(long, value_name = "SECONDS")]
+    pub fetch_interval: Option<u32>,
+    /// Do not verify the fetch server's certificate (lab servers only); `=false` verifies again.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub fetch_skip_certificate_verification: Option<bool>,
+    /// Extra trusted CA certificate (PEM file) for the fetch server.
+    #[arg(long, value_name = "PATH")]
+    pub fetch_extra_ca_file: Option<PathBuf>,
+    /// Lowest TLS version for fetching.
+    #[arg(long, value_enum)]
+    pub fetch_tls_min_version: Option<TlsVersion>,
+    /// Highest TLS version for fetching.
+    #[arg(long, value_enum)]
+    pub fetch_tls_max_version: Option<TlsVersion>,
+    /// IMAP folder to fetch from (default INBOX), as users see it (e.g. "Scans Büro"); the agent
+    /// sends it in IMAP's modified UTF-7.
+    #[arg(long, value_name = "FOLDER")]
+    pub fetch_folder: Option<String>,
+    /// INSECURE: let the agent log in to a non-loopback POP3/IMAP server with the OAuth token
+    /// without TLS or without certificate verification. Audited and flagged in device output and
+    /// fleet status. `=false` turns it off.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub fetch_insecure_allow_cleartext_tokens: Option<bool>,
+}
+
+/// Local ingress credentials of a device.
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "Local ingress (device → agent)")]
+pub struct IngressFields {
+    /// User name the device logs in to the agent with.
+    #[arg(long, value_name = "USER")]
+    pub ingress_username: Option<String>,
+    /// File holding the device's local password ("-" reads standard input).
+    #[arg(long, value_name = "PATH")]
+    pub ingress_password_file: Option<PathBuf>,
+    /// Source address or CIDR allowed without login, e.g. 192.168.1.20/32; repeat. Replaces the
+    /// list on update.
+    #[arg(long = "allowed-source", value_name = "CIDR")]
+    pub allowed_sources: Vec<String>,
+    /// login_user / allow_user_change: a user address the device may send as (and get the
+    /// token of), or @domain for every address of a domain; repeat. Replaces the list on
+    /// update. Without any, no user mailbox may be used.
+    #[arg(long = "ingress-user-address", value_name = "ADDRESS")]
+    pub user_addresses: Vec<String>,
+}
+
+/// Fields of a device that `update` can empty.
+#[derive(Debug, Clone, Default, Args)]
+pub struct DeviceClear {
+    /// Empty the allowed-mailbox list.
+    #[arg(long, conflicts_with = "allowed_mailboxes")]
+    pub clear_allowed_mailboxes: bool,
+    /// Empty the allowed-source list.
+    #[arg(long, conflicts_with = "allowed_sources")]
+    pub clear_allowed_sources: bool,
+    /// Empty the ingress user-address list.
+    #[arg(long, conflicts_with = "user_addresses")]
+    pub clear_ingress_user_addresses: bool,
+    /// Remove the local ingress password.
+    #[arg(long, conflicts_with = "ingress_password_file")]
+    pub clear_ingress_password: bool,
+    /// Remove the SMTP send profile.
+    #[arg(long, conflicts_with_all = SMTP_FLAGS)]
+    pub clear_smtp: bool,
+    /// Remove the fetch profile.
+    #[arg(long, conflicts_with_all = FETCH_FLAGS)]
+    pub clear_fetch: bool,
+    /// Remove the SMTP extra trusted CA certificate.
+    #[arg(long, conflicts_with = "smtp_extra_ca_file")]
+    pub clear_smtp_extra_ca: bool,
+    /// Remove the fetch extra trusted CA certificate.
+    #[arg(long, conflicts_with = "fetch_extra_ca_file")]
+    pub clear_fetch_extra_ca: bool,
+}
+
+const SMTP_FLAGS: [&str; 14] = [
+    "smtp_server",
+    "smtp_port",
+    "smtp_security",
+    "smtp_timeout",
+    "smtp_sender_name",
+    "smtp_sender_address",
+    "smtp_skip_certificate_verification",
+    "smtp_extra_ca_file",
+    "smtp_tls_min_version",
+    "smtp_tls_max_version",
+    "smtp_method",
+    "smtp_api_base_url",
+    "smtp_insecure_allow_cleartext_tokens",
+    "clear_smtp_extra_ca",
+];
+
+const FETCH_FLAGS: [&str; 12] = [
+    "fetch_protocol",
+    "fetch_server",
+    "fetch_port",
+    "fetch_security",
+    "fetch_interval",
+    "fetch_skip_certificate_verification",
+    "fetch_extra_ca_file",
+    "fetch_tls_min_version",
+    "fetch_tls_max_version",
+    "fetch_folder",
+    "fetch_insecure_allow_cleartext_tokens",
+    "clear_fetch_extra_ca",
+];
+
+impl CrudResource for Devices {
+    type Id = ScopedName;
+    type Scope = TenantScope;
+    type New = Nothing;
+    type Fields = DeviceFields;
+    type Clear = DeviceClear;
+
+    async fn from_create_flags(
+        _: &Ctx,
+        id: Name,
+        _: Nothing,
+        fields: DeviceFields,
+    ) -> Result<pb::CreateDeviceRequest, CtlError> {
+        create_request(id, fields, &mut FileInput::new())
+    }
+    async fn from_update_flags(
+        ctx: &Ctx,
+        id: Name,
+        fields: DeviceFields,
+        clear: DeviceClear,
+        version: VersionArg,
+    ) -> Result<pb::UpdateDeviceRequest, CtlError> {
+        // Local input first: a bad file fails before anything is sent.
+        let files = DeviceFiles::read(&fields, &mut FileInput::new())?;
+        let current = if needs_current(&fields, &clear) {
+            Some(resource::get::<Devices>(ctx, id.clone()).await?)
+        } else {
+            None
+        };
+        update_request(id, fields, files, clear, version, current.as_ref())
+    }
+    async fn list_command(ctx: &Ctx, scope: TenantScope, list: ListArgs) -> Result<(), CtlError> {
+        crud::list_in::<Devices>(ctx, scope, list).await
+    }
+}
+
+/// Runs `device …`.
+pub async fn run(cmd: DeviceCommand, ctx: &Ctx) -> Result<(), CtlError> {
     match cmd {
-        DeviceCommand::Create { id, fields } => {
-            let req = create_request(id, fields, &mut FileInput::new())?;
-            resource::create::<Devices>(ctx, req).await
-        }
-        DeviceCommand::List { scope, list } => {
-            resource::list::<Devices>(ctx, scope.tenant, list).await
-        }
-        DeviceCommand::Show { id } => resource::show::<Devices>(ctx, Name::scoped(id)).await,
-        DeviceCommand::Update {
-            id,
-            fields,
-            clear,
-            version,
-        } => {
-            // Local input first: a bad file fails before anything is sent.
-            let files = DeviceFiles::read(&fields, &mut FileInput::new())?;
-            let current = if needs_current(&fields, &clear) {
-                Some(resource::get::<Devices>(ctx, Name::scoped(id.clone())).await?)
-            } else {
-                None
-            };
-            let req = update_request(id, fields, files, clear, version, current.as_ref())?;
-            resource::update::<Devices>(ctx, req).await
-        }
+        DeviceCommand::Crud(cmd) => crud::run::<Devices>(cmd, ctx).await,
         DeviceCommand::Test(args) => super::fleet::run_test(args, ctx).await,
-        DeviceCommand::Delete { id, version } => {
-            resource::delete::<Devices>(ctx, Name::scoped(id), version.version).await
-        }
     }
 }
 
@@ -248,51 +478,31 @@ fn apply(
 }
 
 fn create_request(
-    id: ScopedName,
+    id: Name,
     fields: DeviceFields,
     input: &mut FileInput,
 ) -> Result<pb::CreateDeviceRequest, CtlError> {
     let files = DeviceFiles::read(&fields, input)?;
-    let mut device = pb::Device {
-        tenant: id.tenant,
-        name: id.name,
-        ..Default::default()
-    };
-    apply(
-        fields,
-        files,
-        &DeviceClear::default(),
-        None,
-        &mut device,
-        &mut Changes::default(),
-    );
-    Ok(pb::CreateDeviceRequest {
-        device: Some(device),
-    })
+    let clear = DeviceClear::default();
+    Ok(resource::create_request::<Devices>(id, |d, c| {
+        apply(fields, files, &clear, None, d, c);
+    }))
 }
 
 /// The update request. When `current` was read (to merge profile fields), the update is
 /// conditional on its version unless `--version` says otherwise, so a concurrent change is not
 /// overwritten.
 fn update_request(
-    id: ScopedName,
+    id: Name,
     fields: DeviceFields,
     files: DeviceFiles,
     clear: DeviceClear,
     version: VersionArg,
     current: Option<&pb::Device>,
 ) -> Result<pb::UpdateDeviceRequest, CtlError> {
-    let mut device = pb::Device {
-        tenant: id.tenant,
-        name: id.name,
-        version: version_of(version.version.or(current.map(|c| c.version))),
-        ..Default::default()
-    };
-    let mut changes = Changes::default();
-    apply(fields, files, &clear, current, &mut device, &mut changes);
-    Ok(pb::UpdateDeviceRequest {
-        device: Some(device),
-        update_mask: Some(changes.into_mask("device")?),
+    let version = version_of(version.version.or(current.map(|c| c.version)));
+    resource::update_request::<Devices>(id, version, |d, c| {
+        apply(fields, files, &clear, current, d, c);
     })
 }
 
@@ -300,7 +510,15 @@ fn update_request(
 mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
+    use crate::commands::crud::Crud;
     use clap::Parser;
+
+    fn name(id: ScopedName) -> Name {
+        Name {
+            tenant: id.tenant,
+            name: id.name,
+        }
+    }
 
     fn parse(args: &[&str]) -> DeviceCommand {
         let cli = Cli::try_parse_from(
@@ -322,7 +540,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pw = dir.path().join("pw");
         std::fs::write(&pw, "local-pass\n").unwrap();
-        let DeviceCommand::Create { id, fields } = parse(&[
+        let DeviceCommand::Crud(Crud::Create { id, fields, .. }) = parse(&[
             "create",
             "--tenant",
             "acme",
@@ -351,7 +569,7 @@ mod tests {
         ]) else {
             panic!("expected create");
         };
-        let d = create_request(id, fields, &mut FileInput::new())
+        let d = create_request(name(id), fields, &mut FileInput::new())
             .unwrap()
             .device
             .unwrap();
@@ -399,12 +617,12 @@ mod tests {
     }
 
     fn update(args: &[&str], current: Option<&pb::Device>) -> pb::UpdateDeviceRequest {
-        let DeviceCommand::Update {
+        let DeviceCommand::Crud(Crud::Update {
             id,
             fields,
             clear,
             version,
-        } = parse(args)
+        }) = parse(args)
         else {
             panic!("expected update");
         };
@@ -414,7 +632,7 @@ mod tests {
             "{args:?}"
         );
         let files = DeviceFiles::read(&fields, &mut FileInput::new()).unwrap();
-        update_request(id, fields, files, clear, version, current).unwrap()
+        update_request(name(id), fields, files, clear, version, current).unwrap()
     }
 
     #[test]

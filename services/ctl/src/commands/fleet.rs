@@ -9,6 +9,7 @@
 //! result is printed either way), like a refused request.
 
 use std::fmt::Write as _;
+use std::io::IsTerminal as _;
 
 use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::{ContentArrangement, Table, presets};
@@ -17,10 +18,9 @@ use time::OffsetDateTime;
 use tokenfleet_proto::v1 as pb;
 
 use super::Ctx;
-use crate::cli::{GlobalArgs, OutputFormat};
-use crate::client::{Broker, resolve_api_key};
+use crate::args::ScopedName;
 use crate::error::CtlError;
-use crate::output::{Listed, Printer};
+use crate::output::{Listed, OutputFormat, Printer};
 use crate::view::{datetime, rfc3339};
 
 /// Longest connection test the broker runs (`TestConnectionRequest.timeout_seconds`).
@@ -36,6 +36,18 @@ pub enum FleetCommand {
         /// Only this tenant (default: every tenant the API key may see).
         #[arg(long, value_name = "TENANT")]
         tenant: Option<String>,
+        /// Show the status again every --interval seconds until interrupted (Ctrl-C).
+        #[arg(short = 'w', long)]
+        watch: bool,
+        /// Seconds between two renderings of --watch.
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            default_value_t = 2,
+            requires = "watch",
+            value_parser = clap::value_parser!(u64).range(1..=3600)
+        )]
+        interval: u64,
     },
 }
 
@@ -46,12 +58,8 @@ pub enum FleetCommand {
 default 30). Exit code 0 when the verdict is ok, 1 otherwise."
 )]
 pub struct DeviceTestArgs {
-    /// Device to test.
-    #[arg(value_name = "DEVICE")]
-    pub device: String,
-    /// Tenant of the device.
-    #[arg(long, env = "TOKENFLEET_TENANT", value_name = "TENANT")]
-    pub tenant: String,
+    #[command(flatten)]
+    pub id: ScopedName,
     /// Which upstream connection to test.
     #[arg(long, value_enum, default_value_t = TestTarget::Send)]
     pub target: TestTarget,
@@ -76,48 +84,74 @@ impl TestTarget {
 }
 
 /// Runs `fleet …`.
-pub(super) async fn run(cmd: FleetCommand, ctx: &Ctx) -> Result<(), CtlError> {
+pub async fn run(cmd: FleetCommand, ctx: &Ctx) -> Result<(), CtlError> {
     match cmd {
-        FleetCommand::Status { tenant } => {
-            let req = pb::GetFleetStatusRequest {
-                tenant: tenant.unwrap_or_default(),
-            };
-            let response = ctx
-                .call(|mut c| async move { c.get_fleet_status(req).await })
-                .await?;
-            let now = OffsetDateTime::now_utc();
-            let views: Vec<FleetDeviceView> = response
-                .devices
-                .iter()
-                .map(|d| FleetDeviceView::new(d, now))
-                .collect();
-            ctx.printer.list(&views)
+        FleetCommand::Status {
+            tenant,
+            watch,
+            interval,
+        } => {
+            let tenant = tenant.unwrap_or_default();
+            if !watch {
+                return show_status(ctx, &tenant).await;
+            }
+            // Until interrupted: Ctrl-C ends the process like any other command.
+            let every = std::time::Duration::from_secs(interval);
+            let on_terminal = std::io::stdout().is_terminal();
+            loop {
+                let now = OffsetDateTime::now_utc()
+                    .replace_nanosecond(0)
+                    .ok()
+                    .and_then(|t| {
+                        t.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
+                    .unwrap_or_default();
+                let header = format!("Every {interval}s: fleet status at {now} (Ctrl-C to stop)");
+                if !ctx.printer.format().is_structured() {
+                    // A terminal is redrawn in place; a pipe gets one block after the other.
+                    let clear = if on_terminal { "\x1b[H\x1b[2J" } else { "" };
+                    Printer::raw(format!("{clear}{header}\n").as_bytes())?;
+                }
+                show_status(ctx, &tenant).await?;
+                tokio::time::sleep(every).await;
+            }
         }
     }
 }
 
-/// Runs `device test`.
-pub(super) async fn run_test(args: DeviceTestArgs, ctx: &Ctx) -> Result<(), CtlError> {
-    let req = test_request(&args, ctx.global.timeout)?;
-    // The test may take its whole deadline; the call needs a little longer than that.
-    let global = GlobalArgs {
-        broker: ctx.global.broker.clone(),
-        api_key_file: ctx.global.api_key_file.clone(),
-        ca_file: ctx.global.ca_file.clone(),
-        output: ctx.global.output,
-        timeout: ctx.global.timeout + CALL_MARGIN_SECONDS,
+/// One rendering of `fleet status`.
+async fn show_status(ctx: &Ctx, tenant: &str) -> Result<(), CtlError> {
+    let req = pb::GetFleetStatusRequest {
+        tenant: tenant.to_owned(),
     };
-    let key = resolve_api_key(global.api_key_file.as_deref(), |name| {
-        std::env::var(name).ok()
-    })?;
-    let broker = Broker::connect(&global, &key).await?;
+    let response = ctx
+        .call(|mut c| async move { c.get_fleet_status(req).await })
+        .await?;
+    let now = OffsetDateTime::now_utc();
+    let views: Vec<FleetDeviceView> = response
+        .devices
+        .iter()
+        .map(|d| FleetDeviceView::new(d, now))
+        .collect();
+    ctx.printer.list_across_tenants(&views)
+}
+
+/// Runs `device test`.
+pub(super) async fn run_test(mut args: DeviceTestArgs, ctx: &Ctx) -> Result<(), CtlError> {
+    args.id.tenant = ctx.tenant(args.id.tenant)?;
+    let req = test_request(&args, ctx.settings.timeout)?;
+    // The test may take its whole deadline; the call needs a little longer than that.
+    let mut settings = ctx.settings.clone();
+    settings.timeout += CALL_MARGIN_SECONDS;
+    let broker = ctx.connect(&settings).await?;
     let result = broker
         .call(|mut c| async move { c.test_connection(req).await })
         .await?;
     let view = ConnectionTestView::from(&result);
-    match ctx.global.output {
-        OutputFormat::Json => ctx.printer.object(&view)?,
-        OutputFormat::Table => Printer::raw(render_test(&view).as_bytes())?,
+    match ctx.printer.format() {
+        OutputFormat::Table | OutputFormat::Wide => Printer::raw(render_test(&view).as_bytes())?,
+        _ => ctx.printer.object(&view)?,
     }
     verdict_exit(&view)
 }
@@ -133,8 +167,8 @@ fn test_request(
         )));
     }
     Ok(pb::TestConnectionRequest {
-        tenant: args.tenant.clone(),
-        device: args.device.clone(),
+        tenant: args.id.tenant.clone(),
+        device: args.id.name.clone(),
         target: args.target.wire() as i32,
         // In range: checked above.
         timeout_seconds: u32::try_from(timeout).unwrap_or(30),
@@ -254,10 +288,15 @@ impl FleetDeviceView {
 }
 
 impl Listed for FleetDeviceView {
+    fn name(&self) -> String {
+        self.device.clone()
+    }
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
     const PLURAL: &'static str = "devices";
     fn columns() -> &'static [&'static str] {
         &[
-            "TENANT",
             "DEVICE",
             "AGENT",
             "HEALTH",
@@ -286,7 +325,6 @@ impl Listed for FleetDeviceView {
             None => (dash(), dash()),
         };
         vec![
-            self.tenant.clone(),
             self.device.clone(),
             agent,
             self.health.to_ascii_uppercase(),
@@ -606,8 +644,10 @@ mod tests {
     #[test]
     fn test_timeouts_are_checked_locally() {
         let args = DeviceTestArgs {
-            device: "mfp".into(),
-            tenant: "acme".into(),
+            id: ScopedName {
+                tenant: "acme".into(),
+                name: "mfp".into(),
+            },
             target: TestTarget::Fetch,
         };
         let req = test_request(&args, 30).unwrap();
@@ -644,7 +684,6 @@ mod tests {
         assert_eq!(
             view.row(),
             vec![
-                "acme",
                 "mfp",
                 "site-a (offline)",
                 "UNKNOWN",

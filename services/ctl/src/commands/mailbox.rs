@@ -1,39 +1,161 @@
-//! `mailbox create|list|show|update|delete`.
+//! `mailbox create|list|show|update|delete` (the generic verbs of [`super::crud`]; `list` also
+//! across tenants, `--all-tenants`, and by token status, `--status reauth_required`) and
+//! `mailbox consent|delete-token|refresh`.
 
+use clap::{Args, Subcommand};
 use tokenfleet_proto::v1 as pb;
 
-use super::resource::{self, Mailboxes, Name};
+use super::consent::{ConsentArgs, DeleteTokenArgs};
+use super::crud::{self, CrudOf, CrudResource, Nothing};
+use super::resource::{self, Mailboxes, Name, Tenants};
 use super::{Changes, Ctx, version_of};
-use crate::cli::{MailboxCommand, MailboxFields, ScopedName, VersionArg};
+use crate::args::{ListArgs, ScopedName, TenantScope, VersionArg};
+use crate::enums::{GrantType, MailPurpose, MailboxKind, TokenStatus};
 use crate::error::CtlError;
+use crate::view::MailboxView;
 
-pub(super) async fn run(cmd: MailboxCommand, ctx: &Ctx) -> Result<(), CtlError> {
+/// `mailbox …`
+#[derive(Debug, Subcommand)]
+pub enum MailboxCommand {
+    #[command(flatten)]
+    Crud(CrudOf<Mailboxes>),
+    /// Obtain the mailbox's grant: show the device code or sign-in URL and wait for the person
+    /// (app-only and service-account mailboxes get their token at once). Exit 0 only when ACTIVE.
+    Consent(ConsentArgs),
+    /// Delete the mailbox's stored tokens (revoked at the provider where possible).
+    DeleteToken(DeleteTokenArgs),
+    /// Refresh the mailbox's access token now.
+    Refresh(ScopedName),
+}
+
+/// Which mailboxes `mailbox list` shows.
+#[derive(Debug, Clone, Default, Args)]
+pub struct MailboxScope {
+    #[command(flatten)]
+    pub scope: TenantScope,
+    /// Every tenant the API key may see (a tenant-bound key sees its own); --tenant is ignored.
+    #[arg(long)]
+    pub all_tenants: bool,
+    /// Only mailboxes whose token has this status (case does not matter).
+    #[arg(long, value_enum, ignore_case = true, value_name = "STATUS")]
+    pub status: Option<TokenStatus>,
+}
+
+/// Settable fields of a mailbox.
+#[derive(Debug, Clone, Default, Args)]
+pub struct MailboxFields {
+    /// E-mail address (also the SASL user name).
+    #[arg(long, value_name = "EMAIL")]
+    pub address: Option<String>,
+    /// Provider (in the same tenant) that obtains the tokens.
+    #[arg(long, value_name = "NAME")]
+    pub provider: Option<String>,
+    /// How tokens are obtained.
+    #[arg(long, value_enum)]
+    pub grant_type: Option<GrantType>,
+    /// Role of the mailbox.
+    #[arg(long, value_enum)]
+    pub kind: Option<MailboxKind>,
+    /// What the tokens are used for; repeat for several. Replaces the list on update.
+    #[arg(long = "purpose", value_enum, value_name = "PURPOSE")]
+    pub purposes: Vec<MailPurpose>,
+    /// Disable the mailbox (no refreshes, no issuance); `--disabled=false` enables it.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub disabled: Option<bool>,
+    /// Account expected to sign in at consent when it is not the mailbox's address (e.g. one
+    /// with Send As rights on it); `--consent-account ""` clears it. A consent signed in with any
+    /// other account fails and stores nothing. Changing it discards the grant.
+    #[arg(long, value_name = "EMAIL")]
+    pub consent_account: Option<String>,
+}
+
+impl CrudResource for Mailboxes {
+    type Id = ScopedName;
+    type Scope = MailboxScope;
+    type New = Nothing;
+    type Fields = MailboxFields;
+    type Clear = Nothing;
+
+    async fn from_create_flags(
+        _: &Ctx,
+        id: Name,
+        _: Nothing,
+        fields: MailboxFields,
+    ) -> Result<pb::CreateMailboxRequest, CtlError> {
+        Ok(create_request(id, fields))
+    }
+    async fn from_update_flags(
+        _: &Ctx,
+        id: Name,
+        fields: MailboxFields,
+        _: Nothing,
+        version: VersionArg,
+    ) -> Result<pb::UpdateMailboxRequest, CtlError> {
+        update_request(id, fields, version)
+    }
+    async fn list_command(ctx: &Ctx, scope: MailboxScope, list: ListArgs) -> Result<(), CtlError> {
+        run_list(ctx, scope, list).await
+    }
+}
+
+/// Runs `mailbox …`.
+pub async fn run(cmd: MailboxCommand, ctx: &Ctx) -> Result<(), CtlError> {
     match cmd {
-        MailboxCommand::Create { id, fields } => {
-            let req = create_request(id, fields);
-            resource::create::<Mailboxes>(ctx, req).await
-        }
-        MailboxCommand::List { scope, list } => {
-            resource::list::<Mailboxes>(ctx, scope.tenant, list).await
-        }
-        MailboxCommand::Show { id } => resource::show::<Mailboxes>(ctx, Name::scoped(id)).await,
-        MailboxCommand::Update {
-            id,
-            fields,
-            version,
-        } => {
-            let req = update_request(id, fields, version)?;
-            resource::update::<Mailboxes>(ctx, req).await
-        }
-        MailboxCommand::Delete { id, version } => {
-            resource::delete::<Mailboxes>(ctx, Name::scoped(id), version.version).await
-        }
+        MailboxCommand::Crud(cmd) => crud::run::<Mailboxes>(cmd, ctx).await,
         MailboxCommand::Consent(args) => super::consent::run_consent(args, ctx).await,
-        MailboxCommand::DeleteToken(target) => super::consent::run_delete_token(target, ctx).await,
+        MailboxCommand::DeleteToken(args) => super::consent::run_delete_token(args, ctx).await,
         MailboxCommand::Refresh(target) => super::consent::run_refresh(target, ctx).await,
     }
 }
 
+/// `mailbox list`: one tenant's, or every visible tenant's (the broker lists a tenant-bound key
+/// only its own tenant), filtered by token status.
+async fn run_list(ctx: &Ctx, scope: MailboxScope, list: ListArgs) -> Result<(), CtlError> {
+    let MailboxScope {
+        scope,
+        all_tenants,
+        status,
+    } = scope;
+    let keep = |m: &pb::Mailbox| {
+        status
+            .is_none_or(|s| m.token.as_ref().map(|t| t.status).unwrap_or_default() == s.to_proto())
+    };
+    if !all_tenants {
+        let tenant = ctx.tenant(scope.tenant)?;
+        let page = ListArgs {
+            limit: if status.is_some() { None } else { list.limit },
+            ..list
+        };
+        let mut all = resource::fetch_all::<Mailboxes>(ctx, tenant, page).await?;
+        all.retain(keep);
+        truncate(&mut all, list.limit);
+        return ctx
+            .printer
+            .list(&all.iter().map(MailboxView::from).collect::<Vec<_>>());
+    }
+    let every = ListArgs {
+        page_size: list.page_size,
+        limit: None,
+    };
+    let tenants = resource::fetch_all::<Tenants>(ctx, String::new(), every).await?;
+    let mut all = Vec::new();
+    for tenant in tenants {
+        let mut mailboxes = resource::fetch_all::<Mailboxes>(ctx, tenant.name, every).await?;
+        mailboxes.retain(keep);
+        all.append(&mut mailboxes);
+    }
+    truncate(&mut all, list.limit);
+    ctx.printer
+        .list_across_tenants(&all.iter().map(MailboxView::from).collect::<Vec<_>>())
+}
+
+fn truncate<T>(items: &mut Vec<T>, limit: Option<u64>) {
+    if let Some(limit) = limit {
+        items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    }
+}
+
+/// Sets the fields whose flags were given.
 fn apply(f: MailboxFields, m: &mut pb::Mailbox, changes: &mut Changes) {
     changes.set("address", f.address, &mut m.address);
     changes.set("provider", f.provider, &mut m.provider);
@@ -49,42 +171,32 @@ fn apply(f: MailboxFields, m: &mut pb::Mailbox, changes: &mut Changes) {
     changes.set("consent_account", f.consent_account, &mut m.consent_account);
 }
 
-fn create_request(id: ScopedName, fields: MailboxFields) -> pb::CreateMailboxRequest {
-    let mut mailbox = pb::Mailbox {
-        tenant: id.tenant,
-        name: id.name,
-        ..Default::default()
-    };
-    apply(fields, &mut mailbox, &mut Changes::default());
-    pb::CreateMailboxRequest {
-        mailbox: Some(mailbox),
-    }
+fn create_request(id: Name, fields: MailboxFields) -> pb::CreateMailboxRequest {
+    resource::create_request::<Mailboxes>(id, |m, c| apply(fields, m, c))
 }
 
 fn update_request(
-    id: ScopedName,
+    id: Name,
     fields: MailboxFields,
     version: VersionArg,
 ) -> Result<pb::UpdateMailboxRequest, CtlError> {
-    let mut mailbox = pb::Mailbox {
-        tenant: id.tenant,
-        name: id.name,
-        version: version_of(version.version),
-        ..Default::default()
-    };
-    let mut changes = Changes::default();
-    apply(fields, &mut mailbox, &mut changes);
-    Ok(pb::UpdateMailboxRequest {
-        mailbox: Some(mailbox),
-        update_mask: Some(changes.into_mask("mailbox")?),
-    })
+    let version = version_of(version.version);
+    resource::update_request::<Mailboxes>(id, version, |m, c| apply(fields, m, c))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
+    use crate::commands::crud::Crud;
     use clap::Parser;
+
+    fn name(id: ScopedName) -> Name {
+        Name {
+            tenant: id.tenant,
+            name: id.name,
+        }
+    }
 
     fn parse(args: &[&str]) -> MailboxCommand {
         let cli = Cli::try_parse_from(
@@ -103,7 +215,7 @@ mod tests {
 
     #[test]
     fn create_maps_enums_and_repeated_purposes() {
-        let MailboxCommand::Create { id, fields } = parse(&[
+        let MailboxCommand::Crud(Crud::Create { id, fields, .. }) = parse(&[
             "create",
             "--tenant",
             "acme",
@@ -124,7 +236,7 @@ mod tests {
         ]) else {
             panic!("expected create");
         };
-        let m = create_request(id, fields).mailbox.unwrap();
+        let m = create_request(name(id), fields).mailbox.unwrap();
         assert_eq!(m.address, "scan@acme.example");
         assert_eq!(m.provider, "m365");
         assert_eq!(m.grant_type, pb::GrantType::DelegatedDeviceCode as i32);
@@ -138,11 +250,12 @@ mod tests {
 
     #[test]
     fn update_mask_for_disable_and_purposes() {
-        let MailboxCommand::Update {
+        let MailboxCommand::Crud(Crud::Update {
             id,
             fields,
             version,
-        } = parse(&[
+            ..
+        }) = parse(&[
             "update",
             "--tenant",
             "acme",
@@ -155,7 +268,7 @@ mod tests {
         else {
             panic!("expected update");
         };
-        let req = update_request(id, fields, version).unwrap();
+        let req = update_request(name(id), fields, version).unwrap();
         assert_eq!(req.update_mask.unwrap().paths, vec!["purposes", "disabled"]);
         let m = req.mailbox.unwrap();
         assert!(m.disabled);
@@ -166,15 +279,16 @@ mod tests {
 
     #[test]
     fn re_enabling_is_an_explicit_false() {
-        let MailboxCommand::Update {
+        let MailboxCommand::Crud(Crud::Update {
             id,
             fields,
             version,
-        } = parse(&["update", "--tenant", "a", "--name", "m", "--disabled=false"])
+            ..
+        }) = parse(&["update", "--tenant", "a", "--name", "m", "--disabled=false"])
         else {
             panic!("expected update");
         };
-        let req = update_request(id, fields, version).unwrap();
+        let req = update_request(name(id), fields, version).unwrap();
         assert_eq!(req.update_mask.unwrap().paths, vec!["disabled"]);
         assert!(!req.mailbox.unwrap().disabled);
     }

@@ -1,74 +1,73 @@
-//! The commands: each resource module turns flags into a request (pure functions, unit-tested),
-//! sends it and prints the result. Local problems (unreadable files, nothing to update) are found
-//! before the broker is contacted.
+//! The commands: each module defines its subcommand's flags and turns them into requests (pure
+//! functions, unit-tested), sends them and prints the result. Local problems (unreadable files,
+//! nothing to update) are found before the broker is contacted. `crate::cli` dispatches to them;
+//! nothing here knows the command line as a whole.
+//!
+//! This module holds what every command uses: [`Ctx`] (settings, printer, broker connected on
+//! first use), [`Changes`] (update masks) and [`collect_pages`].
 
-mod agent;
-mod api_key;
-mod audit;
+pub mod agent;
+pub mod api_key;
+pub mod apply;
+pub mod audit;
+pub mod completion;
+pub mod config;
 pub mod consent;
-mod device;
+pub mod crud;
+pub mod device;
 pub mod fleet;
-mod mailbox;
-mod provider;
+pub mod mailbox;
+pub mod manifest;
+pub mod provider;
 mod resource;
-mod tenant;
+pub mod tenant;
 
 use std::future::Future;
 
-use clap::CommandFactory;
 use prost_types::FieldMask;
 use tokio::sync::OnceCell;
 use tonic::{Response, Status};
 
-use crate::cli::{Cli, Command, GlobalArgs, ListArgs};
+use crate::args::ListArgs;
 use crate::client::{Admin, Broker, resolve_api_key};
+use crate::config::Settings;
 use crate::error::CtlError;
 use crate::output::Printer;
 
-/// Runs one parsed command line.
-pub async fn run(cli: Cli) -> Result<(), CtlError> {
-    let ctx = Ctx {
-        printer: Printer::new(cli.global.output),
-        global: cli.global,
-        broker: OnceCell::new(),
-    };
-    match cli.command {
-        Command::Tenant(cmd) => tenant::run(cmd, &ctx).await,
-        Command::Provider(cmd) => provider::run(cmd, &ctx).await,
-        Command::Mailbox(cmd) => mailbox::run(cmd, &ctx).await,
-        Command::Device(cmd) => device::run(cmd, &ctx).await,
-        Command::Agent(cmd) => agent::run(cmd, &ctx).await,
-        Command::Fleet(cmd) => fleet::run(cmd, &ctx).await,
-        Command::Audit(args) => audit::run_audit(args, &ctx).await,
-        Command::ApiKey(cmd) => api_key::run(cmd, &ctx).await,
-        Command::Whoami => audit::run_whoami(&ctx).await,
-        Command::Completions { shell } => {
-            let mut script = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "tokenfleetctl", &mut script);
-            Printer::raw(&script)
-        }
-    }
-}
-
-/// What a command needs: the flags, the printer, and the broker (connected on first use).
+/// What a command needs: the resolved settings, the printer, and the broker (connected on first
+/// use).
 #[derive(Debug)]
 pub struct Ctx {
-    global: GlobalArgs,
-    printer: Printer,
+    pub settings: Settings,
+    pub printer: Printer,
     broker: OnceCell<Broker>,
 }
 
 impl Ctx {
+    /// A context for one run.
+    pub fn new(settings: Settings, printer: Printer) -> Self {
+        Self {
+            settings,
+            printer,
+            broker: OnceCell::new(),
+        }
+    }
+
     /// The broker, connecting on first use.
     async fn broker(&self) -> Result<&Broker, CtlError> {
         self.broker
-            .get_or_try_init(|| async {
-                let key = resolve_api_key(self.global.api_key_file.as_deref(), |name| {
-                    std::env::var(name).ok()
-                })?;
-                Broker::connect(&self.global, &key).await
-            })
+            .get_or_try_init(|| self.connect(&self.settings))
             .await
+    }
+
+    /// A new connection with `settings` (e.g. a longer timeout).
+    async fn connect(&self, settings: &Settings) -> Result<Broker, CtlError> {
+        let key = resolve_api_key(
+            settings.api_key_file.as_deref(),
+            settings.context_key_file.as_deref(),
+            |name| std::env::var(name).ok(),
+        )?;
+        Broker::connect(settings, &key).await
     }
 
     /// One call to the Admin API.
@@ -78,6 +77,24 @@ impl Ctx {
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         self.broker().await?.call(f).await
+    }
+
+    /// The tenant of a scoped command: the one given (`--tenant`, `TOKENFLEET_TENANT`), else the
+    /// context's default.
+    pub fn tenant(&self, given: String) -> Result<String, CtlError> {
+        if !given.is_empty() {
+            return Ok(given);
+        }
+        self.settings.tenant.clone().ok_or_else(|| {
+            CtlError::usage(
+                "no tenant: give --tenant, set TOKENFLEET_TENANT, or set a default tenant in the context (`tokenfleetctl config set-context NAME --tenant TENANT`)",
+            )
+        })
+    }
+
+    /// Asks before an irreversible `action` (see [`crate::confirm`]).
+    pub fn confirm(&self, action: &str, yes: bool) -> Result<(), CtlError> {
+        crate::confirm::confirm(action, yes)
     }
 }
 

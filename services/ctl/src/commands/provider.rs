@@ -1,45 +1,124 @@
-//! `provider create|list|show|update|delete`.
+//! `provider create|list|show|update|delete`: the generic verbs of [`super::crud`] with a
+//! provider's flags, secret files and endpoint merging.
 
+use std::path::PathBuf;
+
+use clap::Args;
 use tokenfleet_proto::v1 as pb;
 
+use super::crud::{self, CrudOf, CrudResource};
 use super::resource::{self, Name, Providers};
 use super::{Changes, Ctx, leaf, version_of};
-use crate::cli::{ProviderClear, ProviderCommand, ProviderFields, ScopedName, VersionArg};
+use crate::args::{ListArgs, TenantScope, VersionArg};
 use crate::enums::ProviderKind;
 use crate::error::CtlError;
 use crate::input::FileInput;
 
-pub(super) async fn run(cmd: ProviderCommand, ctx: &Ctx) -> Result<(), CtlError> {
-    match cmd {
-        ProviderCommand::Create { id, kind, fields } => {
-            let req = create_request(id, kind, fields, &mut FileInput::new())?;
-            resource::create::<Providers>(ctx, req).await
-        }
-        ProviderCommand::List { scope, list } => {
-            resource::list::<Providers>(ctx, scope.tenant, list).await
-        }
-        ProviderCommand::Show { id } => resource::show::<Providers>(ctx, Name::scoped(id)).await,
-        ProviderCommand::Update {
-            id,
-            fields,
-            clear,
-            version,
-        } => {
-            // Local input first: a bad file fails before anything is sent.
-            let mut input = FileInput::new();
-            let files = ProviderFiles::read(&fields, &mut input)?;
-            let current = if needs_current(&fields) {
-                Some(resource::get::<Providers>(ctx, Name::scoped(id.clone())).await?)
-            } else {
-                None
-            };
-            let req = update_request(id, fields, files, clear, version, current.as_ref())?;
-            resource::update::<Providers>(ctx, req).await
-        }
-        ProviderCommand::Delete { id, version } => {
-            resource::delete::<Providers>(ctx, Name::scoped(id), version.version).await
-        }
+/// `provider …`
+pub type ProviderCommand = CrudOf<Providers>;
+
+/// What only `provider create` takes.
+#[derive(Debug, Clone, Args)]
+pub struct ProviderNew {
+    /// Kind of app registration (cannot change later).
+    #[arg(long, value_enum)]
+    pub kind: ProviderKind,
+}
+
+/// Settable fields of a provider.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ProviderFields {
+    /// Microsoft: Entra tenant segment (organizations, common, consumers, tenant id or domain).
+    #[arg(long, value_name = "SEGMENT")]
+    pub authority: Option<String>,
+    /// OAuth client (application) id.
+    #[arg(long, value_name = "ID")]
+    pub client_id: Option<String>,
+    /// File holding the OAuth client secret ("-" reads standard input).
+    #[arg(long, value_name = "PATH")]
+    pub client_secret_file: Option<PathBuf>,
+    /// Google service-account key JSON file ("-" reads standard input).
+    #[arg(long, value_name = "PATH")]
+    pub service_account_key_file: Option<PathBuf>,
+    /// Authorization endpoint override.
+    #[arg(long, value_name = "URL")]
+    pub authorize_url: Option<String>,
+    /// Token endpoint override.
+    #[arg(long, value_name = "URL")]
+    pub token_url: Option<String>,
+    /// Device authorization endpoint override.
+    #[arg(long, value_name = "URL")]
+    pub device_code_url: Option<String>,
+    /// Revocation endpoint override.
+    #[arg(long, value_name = "URL")]
+    pub revoke_url: Option<String>,
+    /// HTTPS proxy for calls to this provider, e.g. http://proxy.example:3128.
+    #[arg(long, value_name = "URL")]
+    pub http_proxy: Option<String>,
+    /// Extra trusted CA certificate (PEM file) for calls to this provider.
+    #[arg(long, value_name = "PATH")]
+    pub extra_ca_file: Option<PathBuf>,
+    /// Scope to request (generic providers); repeat for several. Replaces the list on update.
+    #[arg(long = "scope", value_name = "SCOPE")]
+    pub scopes: Vec<String>,
+}
+
+/// Fields of a provider that `update` can empty.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ProviderClear {
+    /// Remove the stored client secret.
+    #[arg(long, conflicts_with = "client_secret_file")]
+    pub clear_client_secret: bool,
+    /// Remove the stored service-account key.
+    #[arg(long, conflicts_with = "service_account_key_file")]
+    pub clear_service_account_key: bool,
+    /// Empty the scope list.
+    #[arg(long, conflicts_with = "scopes")]
+    pub clear_scopes: bool,
+    /// Remove the extra trusted CA certificate.
+    #[arg(long, conflicts_with = "extra_ca_file")]
+    pub clear_extra_ca: bool,
+}
+
+impl CrudResource for Providers {
+    type Id = crate::args::ScopedName;
+    type Scope = TenantScope;
+    type New = ProviderNew;
+    type Fields = ProviderFields;
+    type Clear = ProviderClear;
+
+    async fn from_create_flags(
+        _: &Ctx,
+        id: Name,
+        new: ProviderNew,
+        fields: ProviderFields,
+    ) -> Result<pb::CreateProviderRequest, CtlError> {
+        create_request(id, new.kind, fields, &mut FileInput::new())
     }
+    async fn from_update_flags(
+        ctx: &Ctx,
+        id: Name,
+        fields: ProviderFields,
+        clear: ProviderClear,
+        version: VersionArg,
+    ) -> Result<pb::UpdateProviderRequest, CtlError> {
+        // Local input first: a bad file fails before anything is sent.
+        let files = ProviderFiles::read(&fields, &mut FileInput::new())?;
+        let current = if needs_current(&fields) {
+            Some(resource::get::<Providers>(ctx, id.clone()).await?)
+        } else {
+            None
+        };
+        update_request(id, fields, files, clear, version, current.as_ref())
+    }
+    async fn list_command(ctx: &Ctx, scope: TenantScope, list: ListArgs) -> Result<(), CtlError> {
+        crud::list_in::<Providers>(ctx, scope, list).await
+    }
+}
+
+/// Runs `provider …`.
+pub async fn run(cmd: ProviderCommand, ctx: &Ctx) -> Result<(), CtlError> {
+    crud::run::<Providers>(cmd, ctx).await
 }
 
 /// Contents of the files the flags name.
@@ -132,61 +211,50 @@ fn apply(
 }
 
 fn create_request(
-    id: ScopedName,
+    id: Name,
     kind: ProviderKind,
     fields: ProviderFields,
     input: &mut FileInput,
 ) -> Result<pb::CreateProviderRequest, CtlError> {
     let files = ProviderFiles::read(&fields, input)?;
-    let mut provider = pb::Provider {
-        tenant: id.tenant,
-        name: id.name,
-        kind: kind.to_proto(),
-        ..Default::default()
-    };
-    apply(
-        fields,
-        files,
-        &ProviderClear::default(),
-        None,
-        &mut provider,
-        &mut Changes::default(),
-    );
-    Ok(pb::CreateProviderRequest {
-        provider: Some(provider),
-    })
+    let clear = ProviderClear::default();
+    Ok(resource::create_request::<Providers>(id, |p, c| {
+        p.kind = kind.to_proto();
+        apply(fields, files, &clear, None, p, c);
+    }))
 }
 
 /// The update request. When `current` was read (to merge endpoint URLs), the update is
 /// conditional on its version unless `--version` says otherwise, so a concurrent change is not
 /// overwritten.
 fn update_request(
-    id: ScopedName,
+    id: Name,
     fields: ProviderFields,
     files: ProviderFiles,
     clear: ProviderClear,
     version: VersionArg,
     current: Option<&pb::Provider>,
 ) -> Result<pb::UpdateProviderRequest, CtlError> {
-    let mut provider = pb::Provider {
-        tenant: id.tenant,
-        name: id.name,
-        version: version_of(version.version.or(current.map(|c| c.version))),
-        ..Default::default()
-    };
-    let mut changes = Changes::default();
-    apply(fields, files, &clear, current, &mut provider, &mut changes);
-    Ok(pb::UpdateProviderRequest {
-        provider: Some(provider),
-        update_mask: Some(changes.into_mask("provider")?),
+    let version = version_of(version.version.or(current.map(|c| c.version)));
+    resource::update_request::<Providers>(id, version, |p, c| {
+        apply(fields, files, &clear, current, p, c);
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::args::ScopedName;
     use crate::cli::{Cli, Command};
+    use crate::commands::crud::Crud;
     use clap::Parser;
+
+    fn name(id: ScopedName) -> Name {
+        Name {
+            tenant: id.tenant,
+            name: id.name,
+        }
+    }
 
     fn parse(args: &[&str]) -> ProviderCommand {
         let cli = Cli::try_parse_from(
@@ -208,7 +276,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("secret");
         std::fs::write(&secret, "s3cret\n").unwrap();
-        let ProviderCommand::Create { id, kind, fields } = parse(&[
+        let Crud::Create { id, new, fields } = parse(&[
             "create",
             "--tenant",
             "acme",
@@ -231,7 +299,7 @@ mod tests {
         ]) else {
             panic!("expected create");
         };
-        let req = create_request(id, kind, fields, &mut FileInput::new()).unwrap();
+        let req = create_request(name(id), new.kind, fields, &mut FileInput::new()).unwrap();
         let p = req.provider.unwrap();
         assert_eq!(p.tenant, "acme");
         assert_eq!(p.name, "m365");
@@ -262,7 +330,7 @@ mod tests {
     }
 
     fn update(args: &[&str], current: Option<&pb::Provider>) -> pb::UpdateProviderRequest {
-        let ProviderCommand::Update {
+        let Crud::Update {
             id,
             fields,
             clear,
@@ -272,7 +340,7 @@ mod tests {
             panic!("expected update");
         };
         let files = ProviderFiles::read(&fields, &mut FileInput::new()).unwrap();
-        update_request(id, fields, files, clear, version, current).unwrap()
+        update_request(name(id), fields, files, clear, version, current).unwrap()
     }
 
     #[test]
@@ -320,13 +388,13 @@ mod tests {
             "--revoke-url",
             "",
         ];
-        let ProviderCommand::Update { fields, .. } = parse(&args) else {
+        let Crud::Update { fields, .. } = parse(&args) else {
             panic!("expected update");
         };
         assert!(needs_current(&fields));
         let req = update(&args, Some(&stored()));
         assert_eq!(req.provider.unwrap().version, 5);
-        let ProviderCommand::Update { fields, .. } =
+        let Crud::Update { fields, .. } =
             parse(&["update", "--tenant", "a", "--name", "p", "--client-id", "x"])
         else {
             panic!("expected update");

@@ -1,34 +1,63 @@
-//! `tenant create|list|show|update|delete`.
+//! `tenant create|list|show|update|delete`: the generic verbs ([`super::crud`]) with a tenant's
+//! one settable field.
 
+use clap::Args;
 use tokenfleet_proto::v1 as pb;
 
+use super::crud::{self, CrudOf, CrudResource, Nothing};
 use super::resource::{self, Name, Tenants};
 use super::{Changes, Ctx, version_of};
-use crate::cli::{TenantCommand, TenantFields, TenantName, VersionArg};
+use crate::args::{ListArgs, TenantName, VersionArg};
 use crate::error::CtlError;
 
-pub(super) async fn run(cmd: TenantCommand, ctx: &Ctx) -> Result<(), CtlError> {
-    match cmd {
-        TenantCommand::Create { id, fields } => {
-            let req = create_request(id, fields);
-            resource::create::<Tenants>(ctx, req).await
-        }
-        TenantCommand::List { list } => resource::list::<Tenants>(ctx, String::new(), list).await,
-        TenantCommand::Show { id } => resource::show::<Tenants>(ctx, Name::global(id.name)).await,
-        TenantCommand::Update {
-            id,
-            fields,
-            version,
-        } => {
-            let req = update_request(id, fields, version)?;
-            resource::update::<Tenants>(ctx, req).await
-        }
-        TenantCommand::Delete { id, version } => {
-            resource::delete::<Tenants>(ctx, Name::global(id.name), version.version).await
-        }
+/// `tenant …`
+pub type TenantCommand = CrudOf<Tenants>;
+
+/// Settable fields of a tenant.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TenantFields {
+    /// Human-readable name.
+    #[arg(long, value_name = "TEXT")]
+    pub display_name: Option<String>,
+}
+
+impl CrudResource for Tenants {
+    type Id = TenantName;
+    type Scope = Nothing;
+    type New = Nothing;
+    type Fields = TenantFields;
+    type Clear = Nothing;
+
+    async fn from_create_flags(
+        _: &Ctx,
+        id: Name,
+        _: Nothing,
+        fields: TenantFields,
+    ) -> Result<pb::CreateTenantRequest, CtlError> {
+        Ok(resource::create_request::<Tenants>(id, |t, c| {
+            apply(fields, t, c)
+        }))
+    }
+    async fn from_update_flags(
+        _: &Ctx,
+        id: Name,
+        fields: TenantFields,
+        _: Nothing,
+        version: VersionArg,
+    ) -> Result<pb::UpdateTenantRequest, CtlError> {
+        update_request(id, fields, version)
+    }
+    async fn list_command(ctx: &Ctx, scope: Nothing, list: ListArgs) -> Result<(), CtlError> {
+        crud::list_in::<Tenants>(ctx, scope, list).await
     }
 }
 
+/// Runs `tenant …`.
+pub async fn run(cmd: TenantCommand, ctx: &Ctx) -> Result<(), CtlError> {
+    crud::run::<Tenants>(cmd, ctx).await
+}
+
+/// Sets the fields whose flags were given.
 fn apply(fields: TenantFields, tenant: &mut pb::Tenant, changes: &mut Changes) {
     changes.set(
         "display_name",
@@ -37,33 +66,13 @@ fn apply(fields: TenantFields, tenant: &mut pb::Tenant, changes: &mut Changes) {
     );
 }
 
-fn create_request(id: TenantName, fields: TenantFields) -> pb::CreateTenantRequest {
-    let mut tenant = pb::Tenant {
-        name: id.name,
-        ..Default::default()
-    };
-    apply(fields, &mut tenant, &mut Changes::default());
-    pb::CreateTenantRequest {
-        tenant: Some(tenant),
-    }
-}
-
 fn update_request(
-    id: TenantName,
+    id: Name,
     fields: TenantFields,
     version: VersionArg,
 ) -> Result<pb::UpdateTenantRequest, CtlError> {
-    let mut tenant = pb::Tenant {
-        name: id.name,
-        version: version_of(version.version),
-        ..Default::default()
-    };
-    let mut changes = Changes::default();
-    apply(fields, &mut tenant, &mut changes);
-    Ok(pb::UpdateTenantRequest {
-        tenant: Some(tenant),
-        update_mask: Some(changes.into_mask("tenant")?),
-    })
+    let version = version_of(version.version);
+    resource::update_request::<Tenants>(id, version, |t, c| apply(fields, t, c))
 }
 
 #[cfg(test)]
@@ -73,9 +82,7 @@ mod tests {
     #[test]
     fn update_sends_only_given_fields_and_the_version() {
         let req = update_request(
-            TenantName {
-                name: "acme".into(),
-            },
+            Name::global("acme".into()),
             TenantFields {
                 display_name: Some("Acme Corp".into()),
             },
@@ -92,9 +99,7 @@ mod tests {
     #[test]
     fn update_without_fields_is_refused() {
         let err = update_request(
-            TenantName {
-                name: "acme".into(),
-            },
+            Name::global("acme".into()),
             TenantFields::default(),
             VersionArg { version: None },
         )

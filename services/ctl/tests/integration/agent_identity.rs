@@ -31,6 +31,12 @@ async fn ctl(cwd: &Path, env: &[(&str, &str)], args: &[&str]) -> Run {
         .env_remove("TOKENFLEET_API_KEY_FILE")
         .env_remove("TOKENFLEET_TENANT")
         .env_remove("TOKENFLEET_CA_FILE")
+        // No operator config file of this machine: contexts only where a test writes one.
+        .env(
+            "TOKENFLEETCTL_CONFIG",
+            "/nonexistent/tokenfleetctl/config.yaml",
+        )
+        .env_remove("TOKENFLEETCTL_CONTEXT")
         .env_remove("TOKENFLEET_STATE_DIR")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
@@ -129,7 +135,7 @@ async fn enroll_codes_and_revocation_from_the_cli() {
         cwd.path(),
         &env,
         &[
-            "agent", "revoke", "--tenant", "acme", "--name", "site-a", "-o", "json",
+            "agent", "revoke", "--tenant", "acme", "--name", "site-a", "-o", "json", "--yes",
         ],
     )
     .await

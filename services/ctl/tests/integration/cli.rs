@@ -15,14 +15,14 @@ const CLIENT_SECRET: &str = "client-s3cret-value";
 const INGRESS_PASSWORD: &str = "ingress-pa55word";
 
 /// One run of the binary.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(super) struct Run {
+    pub(super) code: i32,
+    pub(super) stdout: String,
+    pub(super) stderr: String,
 }
 
 impl Run {
-    fn json(&self) -> Value {
+    pub(super) fn json(&self) -> Value {
         match serde_json::from_str(&self.stdout) {
             Ok(v) => v,
             Err(e) => panic!(
@@ -33,26 +33,47 @@ impl Run {
     }
 
     #[track_caller]
-    fn ok(self) -> Self {
+    pub(super) fn ok(self) -> Self {
         assert_eq!(self.code, 0, "expected success; stderr: {}", self.stderr);
         self
     }
 }
 
 /// Runs `tokenfleetctl` with a clean environment except for the broker URL and API key.
-async fn ctl_at(url: &str, key: Option<&str>, args: &[&str]) -> Run {
+pub(super) async fn ctl_at(url: &str, key: Option<&str>, args: &[&str]) -> Run {
+    ctl_env(Some(url), key, &[], args).await
+}
+
+/// Runs `tokenfleetctl` with a clean environment, the broker URL and API key when given, and
+/// `env` on top.
+pub(super) async fn ctl_env(
+    url: Option<&str>,
+    key: Option<&str>,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Run {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenfleetctl"));
     cmd.args(args)
-        .env("TOKENFLEET_BROKER", url)
+        .env_remove("TOKENFLEET_BROKER")
         .env_remove("TOKENFLEET_API_KEY")
         .env_remove("TOKENFLEET_API_KEY_FILE")
         .env_remove("TOKENFLEET_TENANT")
         .env_remove("TOKENFLEET_CA_FILE")
+        // No operator config file of this machine: contexts only where a test writes one.
+        .env(
+            "TOKENFLEETCTL_CONFIG",
+            "/nonexistent/tokenfleetctl/config.yaml",
+        )
+        .env_remove("TOKENFLEETCTL_CONTEXT")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
+    if let Some(url) = url {
+        cmd.env("TOKENFLEET_BROKER", url);
+    }
     if let Some(key) = key {
         cmd.env("TOKENFLEET_API_KEY", key);
     }
+    cmd.envs(env.iter().copied());
     let Output {
         status,
         stdout,
@@ -68,7 +89,7 @@ async fn ctl_at(url: &str, key: Option<&str>, args: &[&str]) -> Run {
     }
 }
 
-async fn ctl(broker: &TestBroker, key: &Secret, args: &[&str]) -> Run {
+pub(super) async fn ctl(broker: &TestBroker, key: &Secret, args: &[&str]) -> Run {
     ctl_at(
         &format!("http://{}", broker.grpc_addr),
         Some(key.expose()),
@@ -77,11 +98,11 @@ async fn ctl(broker: &TestBroker, key: &Secret, args: &[&str]) -> Run {
     .await
 }
 
-async fn admin(broker: &TestBroker, args: &[&str]) -> Run {
+pub(super) async fn admin(broker: &TestBroker, args: &[&str]) -> Run {
     ctl(broker, &broker.admin_key, args).await
 }
 
-fn write(dir: &Path, name: &str, content: &str) -> String {
+pub(super) fn write(dir: &Path, name: &str, content: &str) -> String {
     let path = dir.join(name);
     if let Err(e) = std::fs::write(&path, content) {
         panic!("writing {}: {e}", path.display());
@@ -519,7 +540,9 @@ async fn validation_errors_name_the_field_and_exit_1() {
     ] {
         let run = admin(
             &broker,
-            &[resource, "delete", "--tenant", "acme", "--name", name],
+            &[
+                resource, "delete", "--tenant", "acme", "--name", name, "--yes",
+            ],
         )
         .await
         .ok();
@@ -598,7 +621,7 @@ async fn keys_and_roles() {
     assert_eq!(run.code, 2);
     assert_eq!(
         run.stderr.trim_end(),
-        "error: no API key: set TOKENFLEET_API_KEY or --api-key-file"
+        "error: no API key: set TOKENFLEET_API_KEY, --api-key-file or a context's key file"
     );
 
     // The key can come from a file too.
@@ -796,7 +819,7 @@ mod keys_providers_audit {
         let run = ctl(
             &broker,
             acme_admin,
-            &["api-key", "revoke", "--id", &beta_admin_id],
+            &["api-key", "revoke", "--id", &beta_admin_id, "--yes"],
         )
         .await;
         assert_eq!(run.code, 1, "{}", run.stderr);
@@ -811,7 +834,7 @@ mod keys_providers_audit {
         ctl(
             &broker,
             acme_admin,
-            &["api-key", "revoke", "--id", &acme_viewer_id],
+            &["api-key", "revoke", "--id", &acme_viewer_id, "-y"],
         )
         .await
         .ok();
@@ -1224,7 +1247,9 @@ mod keys_providers_audit {
             let run = ctl(
                 &broker,
                 &viewer,
-                &["provider", "delete", "--tenant", "acme", "--name", "m365"],
+                &[
+                    "provider", "delete", "--tenant", "acme", "--name", "m365", "--yes",
+                ],
             )
             .await;
             assert_eq!(run.code, 1, "{}", run.stderr);
@@ -1314,7 +1339,9 @@ mod keys_providers_audit {
         let run = ctl(
             &broker,
             &viewer,
-            &["provider", "delete", "--tenant", "acme", "--name", "m365"],
+            &[
+                "provider", "delete", "--tenant", "acme", "--name", "m365", "--yes",
+            ],
         )
         .await;
         assert_eq!(run.code, 1);
@@ -1651,9 +1678,47 @@ mod every_enum_value {
             .ok();
             used(&mut seen, "kind", kind);
         }
-        for output in ["table", "json"] {
-            admin(&broker, &["whoami", "-o", output]).await.ok();
+        let key_id = admin(&broker, &["whoami", "-o", "json"]).await.ok().json()["key_id"].clone();
+        for output in ["table", "wide", "json", "yaml", "name"] {
+            let run = admin(&broker, &["whoami", "-o", output]).await.ok();
+            let role = match output {
+                "json" => run.json()["role"].clone(),
+                "yaml" => serde_norway::from_str::<Value>(&run.stdout).unwrap()["role"].clone(),
+                "name" => {
+                    assert_eq!(Value::from(run.stdout.trim_end()), key_id);
+                    Value::from("fleet-admin")
+                }
+                _ => Value::from(if run.stdout.contains("fleet-admin") {
+                    "fleet-admin"
+                } else {
+                    "?"
+                }),
+            };
+            assert_eq!(role, "fleet-admin", "-o {output}: {}", run.stdout);
             used(&mut seen, "output", output);
+        }
+
+        // mailbox list --status: every value filters (only mailboxes in that state come back).
+        for status in [
+            "not_retrieved",
+            "consent_pending",
+            "active",
+            "refresh_failing",
+            "reauth_required",
+            "disabled",
+        ] {
+            let run = admin(
+                &broker,
+                &[
+                    "mailbox", "list", "--tenant", "acme", "--status", status, "-o", "json",
+                ],
+            )
+            .await
+            .ok();
+            for m in run.json().as_array().unwrap() {
+                assert_eq!(m["token"]["status"], status);
+            }
+            used(&mut seen, "status", status);
         }
 
         // Every value the binary's help offers was exercised.
@@ -1664,6 +1729,7 @@ mod every_enum_value {
             vec!["device", "create"],
             vec!["api-key", "create"],
             vec!["audit"],
+            vec!["mailbox", "list"],
         ] {
             for (flag, values) in possible_values(&command).await {
                 offered.entry(flag).or_default().extend(values);

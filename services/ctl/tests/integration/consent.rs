@@ -28,6 +28,12 @@ fn command(broker: &TestBroker, args: &[&str]) -> tokio::process::Command {
         .env_remove("TOKENFLEET_API_KEY_FILE")
         .env_remove("TOKENFLEET_TENANT")
         .env_remove("TOKENFLEET_CA_FILE")
+        // No operator config file of this machine: contexts only where a test writes one.
+        .env(
+            "TOKENFLEETCTL_CONFIG",
+            "/nonexistent/tokenfleetctl/config.yaml",
+        )
+        .env_remove("TOKENFLEETCTL_CONTEXT")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -419,4 +425,88 @@ async fn refresh_exits_non_zero_with_the_reason_when_the_grant_is_dead() {
         "{stderr}"
     );
     assert!(stderr.contains("fix:"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_fleet_wide_list_finds_the_mailbox_that_needs_a_person() {
+    let (fake, broker) = start().await;
+    let (code, stdout, stderr) = consent_with(&broker, &fake, "scan", |user_code| {
+        fake.approve_device_code(user_code, USER).unwrap();
+    })
+    .await;
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    fake.revoke_user_grants(USER);
+    let dead = command(&broker, &["mailbox", "refresh", "scan", "--tenant", TENANT])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(dead.status.code(), Some(1));
+    let list = |key: String, args: &'static [&'static str]| {
+        let mut cmd = command(&broker, args);
+        cmd.env("TOKENFLEET_API_KEY", key);
+        async move {
+            let out = cmd.output().await.unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    let admin_key = broker.admin_key.expose().to_owned();
+    let needing = list(
+        admin_key.clone(),
+        &[
+            "mailbox",
+            "list",
+            "--all-tenants",
+            "--status",
+            "reauth_required",
+            "-o",
+            "name",
+        ],
+    )
+    .await;
+    assert_eq!(needing, "acme/scan\n");
+    let table = list(
+        admin_key.clone(),
+        &[
+            "mailbox",
+            "list",
+            "--all-tenants",
+            "--status",
+            "reauth_required",
+        ],
+    )
+    .await;
+    assert!(
+        table.contains("REAUTH_REQUIRED") && table.contains("scan"),
+        "{table}"
+    );
+    assert!(!table.contains("fax"), "{table}");
+    // Another tenant's key sees none of acme's mailboxes, whatever it asks for.
+    let mut admin = broker.admin_client();
+    admin
+        .create_tenant(pb::CreateTenantRequest {
+            tenant: Some(pb::Tenant {
+                name: "beta".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let beta = broker
+        .create_key(tokenfleet_domain::Role::TenantAdmin, Some("beta"))
+        .await;
+    let seen = list(
+        beta.expose().to_owned(),
+        &["mailbox", "list", "--all-tenants", "-o", "json"],
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&seen).unwrap(),
+        serde_json::json!([])
+    );
 }

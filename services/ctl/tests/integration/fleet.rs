@@ -51,6 +51,12 @@ async fn ctl(broker: &TestBroker, key: &Secret, args: &[&str]) -> Run {
         .env_remove("TOKENFLEET_API_KEY_FILE")
         .env_remove("TOKENFLEET_TENANT")
         .env_remove("TOKENFLEET_CA_FILE")
+        // No operator config file of this machine: contexts only where a test writes one.
+        .env(
+            "TOKENFLEETCTL_CONFIG",
+            "/nonexistent/tokenfleetctl/config.yaml",
+        )
+        .env_remove("TOKENFLEETCTL_CONTEXT")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     let Output {

@@ -5,3 +5,4 @@ mod agent_identity;
 mod cli;
 mod consent;
 mod fleet;
+mod operator;
