@@ -131,6 +131,15 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
+    /// `PIPELINING` offered (RFC 2920): commands may be sent in groups.
+    pub fn pipelining(&self) -> bool {
+        self.lines.iter().any(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|k| k.eq_ignore_ascii_case("PIPELINING"))
+        })
+    }
+
     /// Parses the lines of a 250 EHLO reply (the first line is the server's name).
     pub fn parse(reply: &Reply) -> Self {
         let mut caps = Self::default();
@@ -193,24 +202,61 @@ pub fn message_size(data: &[u8]) -> u64 {
 /// doubled (RFC 5321 §4.5.2), a final CRLF if missing, and the terminating `.` line.
 pub fn dot_stuff(raw: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(raw.len() + raw.len() / 64 + 8);
-    let mut at_line_start = true;
-    let mut prev = 0u8;
-    for &b in raw {
-        if at_line_start && b == b'.' {
-            out.push(b'.');
-        }
-        if b == b'\n' && prev != b'\r' {
-            out.push(b'\r');
-        }
-        out.push(b);
-        at_line_start = b == b'\n';
-        prev = b;
-    }
-    if !raw.is_empty() && !at_line_start {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
+    let mut stuffer = DotStuffer::new();
+    stuffer.push(raw, &mut out);
+    stuffer.finish(&mut out);
     out
+}
+
+/// [`dot_stuff`] a piece at a time, so a large message is sent through a small buffer instead
+/// of being copied whole: [`DotStuffer::push`] each piece in order, then [`DotStuffer::finish`].
+#[derive(Debug, Clone, Copy)]
+pub struct DotStuffer {
+    at_line_start: bool,
+    prev: u8,
+    empty: bool,
+}
+
+impl Default for DotStuffer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DotStuffer {
+    /// At the start of a message.
+    pub fn new() -> Self {
+        Self {
+            at_line_start: true,
+            prev: 0,
+            empty: true,
+        }
+    }
+
+    /// Appends the stuffed form of the next piece of the message to `out`.
+    pub fn push(&mut self, raw: &[u8], out: &mut Vec<u8>) {
+        out.reserve(raw.len() + raw.len() / 64 + 2);
+        for &b in raw {
+            if self.at_line_start && b == b'.' {
+                out.push(b'.');
+            }
+            if b == b'\n' && self.prev != b'\r' {
+                out.push(b'\r');
+            }
+            out.push(b);
+            self.at_line_start = b == b'\n';
+            self.prev = b;
+        }
+        self.empty &= raw.is_empty();
+    }
+
+    /// Appends the final CRLF (if the message did not end with one) and the `.` line.
+    pub fn finish(self, out: &mut Vec<u8>) {
+        if !self.empty && !self.at_line_start {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+    }
 }
 
 /// Why bytes from a server are not an SMTP reply.
