@@ -651,7 +651,7 @@ mod tests {
         assert_eq!(s.smtp_listen.to_string(), "127.0.0.1:2525");
         assert_eq!(s.pop3_listen.unwrap().to_string(), "127.0.0.1:1110");
         assert_eq!(s.spool_dir, PathBuf::from("./tokenfleet-agent-data/spool"));
-        assert_eq!(s.delivery_concurrency, 4);
+        assert_eq!(s.delivery_concurrency, 16);
         assert_eq!(s.retry_base, Duration::from_secs(30));
         assert_eq!(s.max_age, Duration::from_secs(432_000));
         assert_eq!(s.token_renew_margin, Duration::from_secs(300));

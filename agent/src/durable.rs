@@ -153,3 +153,28 @@ impl GroupSync {
         (state.requested, state.syncs)
     }
 }
+
+/// Bytes of address space a large read reserves (see [`read_unpooled`]): above glibc's
+/// `DEFAULT_MMAP_THRESHOLD_MAX` (32 MiB on 64-bit systems).
+pub const UNPOOLED_CAPACITY: usize = 33 << 20;
+
+/// Reads the file `path` whole into a buffer that the allocator maps for it alone and unmaps when
+/// it is dropped. A 1 MiB message read into an exact-size `Vec` would be served by glibc from a
+/// thread's arena once its dynamic mmap threshold has risen (the first freed 1 MiB mapping raises
+/// it to 1 MiB), and the arenas keep what the delivery threads freed: resident memory grows with
+/// the deliveries that ever ran at once. With a capacity above the largest threshold the buffer
+/// is always `mmap`ed, only the pages the message fills become resident, and `munmap` returns
+/// them as soon as the delivery ends. Small files are read as usual.
+pub fn read_unpooled(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut file = File::open(path)?;
+    let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+    if len < 128 << 10 {
+        let mut out = Vec::with_capacity(len);
+        file.read_to_end(&mut out)?;
+        return Ok(out);
+    }
+    let mut out = Vec::with_capacity(len.saturating_add(1).max(UNPOOLED_CAPACITY));
+    file.read_to_end(&mut out)?;
+    Ok(out)
+}

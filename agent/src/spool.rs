@@ -669,7 +669,8 @@ impl Spool {
     /// The message bytes of a queued entry.
     pub fn message(&self, id: &SpoolId) -> Result<Vec<u8>, SpoolError> {
         let path = self.path(QUEUE, id, MESSAGE_EXT);
-        fs::read(&path).map_err(|error| {
+        // Its memory goes back to the system when the delivery drops it (see the function).
+        durable::read_unpooled(&path).map_err(|error| {
             if error.kind() == io::ErrorKind::NotFound {
                 SpoolError::NotFound(id.clone())
             } else {

@@ -5,10 +5,15 @@
 //! pool, 150 parallel wrong-password logins took the agent to 1.9 GB; and glibc keeps freed
 //! blocks of that size in each thread's arena. So:
 //!
-//! * at most [`PasswordSettings::concurrency`] checks run at once (a semaphore; others wait),
-//!   each in a memory block taken from a pool of at most that many blocks that are allocated once
-//!   and reused, never freed — the hashing memory is `concurrency × m_cost`, whatever the load
-//!   (and stays allocated after the first logins: a fixed cost instead of allocator churn);
+//! * at most [`PasswordSettings::concurrency`] checks run at once (a semaphore; others wait):
+//!   the hashing memory is at most `concurrency × m_cost`, whatever the load;
+//! * each check's memory is given back to the system when it ends: it is allocated with a
+//!   capacity above glibc's largest dynamic mmap threshold ([`MMAP_BLOCKS`], 33 MiB of address
+//!   space, of which only `m_cost` is touched), so glibc serves it with `mmap` and returns it
+//!   with `munmap` instead of keeping it in an arena (a 19 MiB block freed once would raise the
+//!   threshold to 19 MiB, and every later block would stay resident). With the verified-login
+//!   cache, a site whose printers log in per scan pays one check per period, and the agent's
+//!   resident size between checks is its idle size, not idle + 19 MiB;
 //! * a hash asking for more than [`PasswordSettings::max_memory_kib`] is refused (a mistaken or
 //!   hostile PHC string cannot make the agent allocate gigabytes);
 //! * a verified credential is remembered for [`PasswordSettings::cache_for`] as an HMAC-SHA256
@@ -86,7 +91,6 @@ impl Default for PasswordSettings {
 pub struct PasswordChecker {
     settings: PasswordSettings,
     permits: Semaphore,
-    memory: Mutex<Vec<Vec<Block>>>,
     cache_key: [u8; 32],
     /// HMAC(user) → (HMAC(user, hash, password), valid until).
     cache: Mutex<HashMap<[u8; 32], Remembered>>,
@@ -143,7 +147,6 @@ impl PasswordChecker {
         };
         Self {
             permits: Semaphore::new(settings.concurrency),
-            memory: Mutex::new(Vec::new()),
             settings,
             cache_key,
             cache: Mutex::new(HashMap::new()),
@@ -277,23 +280,14 @@ impl PasswordChecker {
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak_running.fetch_max(now, Ordering::SeqCst);
         let checked = tokio::task::spawn_blocking(move || {
-            let mut block = this
-                .memory
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pop()
-                .unwrap_or_default();
-            let result = verify_in(
+            let mut block = Vec::new();
+            // Dropped (unmapped) when the check ends; see the module documentation.
+            verify_in(
                 &mut block,
                 password.expose().as_bytes(),
                 &phc,
                 this.settings,
-            );
-            this.memory
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(block);
-            result
+            )
         })
         .await;
         self.running.fetch_sub(1, Ordering::SeqCst);
@@ -311,6 +305,11 @@ impl PasswordChecker {
         }
     }
 }
+
+/// Blocks (1 KiB each) of address space reserved for one check: above glibc's
+/// `DEFAULT_MMAP_THRESHOLD_MAX` (32 MiB on 64-bit systems), so the allocation is always mapped
+/// and unmapped on its own and never moves the dynamic mmap threshold.
+pub const MMAP_BLOCKS: usize = 33 * 1024;
 
 /// Checks `password` against `phc` using `memory` (grown to the hash's memory cost if needed,
 /// then kept for the next check).
@@ -340,6 +339,8 @@ fn verify_in(
     };
     let blocks = params.block_count();
     if memory.len() < blocks {
+        // Capacity beyond what is used is address space only: never touched, never resident.
+        memory.reserve_exact(blocks.max(MMAP_BLOCKS) - memory.len());
         memory.resize(blocks, Block::default());
     }
     let mut out = vec![0u8; expected.len()];
@@ -362,14 +363,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn verifies_with_reused_memory_and_caches_only_successes() {
+    async fn verifies_and_caches_only_successes() {
         let checker = Arc::new(PasswordChecker::default());
         let hash = phc("right");
         assert!(checker.verify("u", Password::new("right"), &hash).await);
         assert!(!checker.verify("u", Password::new("wrong"), &hash).await);
         assert!(!checker.verify("v", Password::new("wrong"), &hash).await);
-        // One block in the pool, reused for every check.
-        assert_eq!(checker.memory.lock().map(|m| m.len()).unwrap_or(0), 1);
         assert_eq!(checker.cache.lock().map(|c| c.len()).unwrap_or(0), 1);
         // The cache hit needs the same user, hash and password.
         assert!(checker.verify("u", Password::new("right"), &hash).await);
@@ -420,8 +419,6 @@ mod tests {
             "{}",
             checker.peak_concurrent_hashes()
         );
-        // The memory pool never holds more blocks than checks may run at once.
-        assert!(checker.memory.lock().map(|m| m.len()).unwrap_or(99) <= 2);
     }
 
     #[test]

@@ -55,7 +55,7 @@ pub use crate::wire::smtp_client::{
     Capabilities, DotStuffer, MAX_LINE, MAX_REPLY_LINES, Reply, ReplyReceiver, dot_stuff,
     parse_reply_line,
 };
-use crate::wire::smtp_client::{message_size, truncate};
+use crate::wire::smtp_client::{has_eight_bit, message_size, truncate};
 
 /// Longest `AUTH <mechanism> <initial response>` line sent; longer payloads go on their own line
 /// after `334 ` (RFC 5321 §4.5.3.1.4 command line limit).
@@ -584,7 +584,7 @@ impl SmtpConnection {
             return Err(early(DeliveryError::permanent("message has no recipients")));
         }
         let size = message_size(message.data);
-        let eight_bit = message.data.iter().any(|b| *b >= 0x80);
+        let eight_bit = has_eight_bit(message.data);
         if let Some(limit) = caps.size.filter(|l| *l > 0 && size > *l) {
             return Err(early(DeliveryError::permanent(format!(
                 "message of {size} octets exceeds {}'s limit (SIZE {limit})",
@@ -1174,6 +1174,48 @@ mod tests {
         let none = Capabilities::parse(&reply(250, &["only-name"]));
         assert_eq!(none.auth_list(), "none");
         assert_eq!(none.size, None);
+    }
+
+    #[test]
+    fn dot_stuffing_in_pieces_is_the_same_as_at_once() {
+        let samples: [&[u8]; 6] = [
+            b"a\r\n.b\r\n..c\n.\nlast",
+            b".\r\n",
+            b"x\r\r\n\n\n.y\rz\n",
+            b"a long line without any end at all, longer than one word",
+            b"\n",
+            b"0123456789abcdef\n.0123456789abcdef\r\n0123456789abcdefg",
+        ];
+        for raw in samples {
+            let whole = dot_stuff(raw);
+            for cut in 0..=raw.len() {
+                for cut2 in cut..=raw.len() {
+                    let mut out = Vec::new();
+                    let mut s = DotStuffer::new();
+                    s.push(&raw[..cut], &mut out);
+                    s.push(&raw[cut..cut2], &mut out);
+                    s.push(&raw[cut2..], &mut out);
+                    s.finish(&mut out);
+                    assert_eq!(out, whole, "{raw:?} cut at {cut}, {cut2}");
+                }
+            }
+            let naive_bare_lf = raw
+                .iter()
+                .enumerate()
+                .filter(|(i, b)| **b == b'\n' && (*i == 0 || raw[i - 1] != b'\r'))
+                .count();
+            let unterminated = if !raw.is_empty() && !raw.ends_with(b"\n") {
+                2
+            } else {
+                0
+            };
+            assert_eq!(
+                message_size(raw),
+                (raw.len() + naive_bare_lf + unterminated) as u64
+            );
+        }
+        assert!(!has_eight_bit(b"plain ascii"));
+        assert!(has_eight_bit("caf\u{e9}".as_bytes()));
     }
 
     #[test]
