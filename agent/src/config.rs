@@ -267,7 +267,7 @@ pub struct RawIngressLimits {
     pub message_memory_bytes: u64,
     /// Largest message accepted, in bytes.
     pub max_message_bytes: u64,
-    /// Password (argon2) checks running at once.
+    /// Password (argon2) checks running at once; 0 = one per core.
     pub password_hash_concurrency: u32,
     /// Largest argon2 memory cost, in KiB, accepted in a stored password hash.
     pub password_hash_max_memory_kib: u32,
@@ -299,7 +299,7 @@ impl Default for RawIngressLimits {
             pop3_idle_timeout_seconds: 600,
             message_memory_bytes: 64 * 1024,
             max_message_bytes: 35 * 1024 * 1024,
-            password_hash_concurrency: 2,
+            password_hash_concurrency: 0,
             password_hash_max_memory_kib: 64 * 1024,
             verified_login_cache_seconds: 300,
             login_slowdown_after: 3,
@@ -370,7 +370,7 @@ impl RawIngressLimits {
         range(
             "password_hash_concurrency",
             self.password_hash_concurrency.into(),
-            1,
+            0,
             64,
         )?;
         range(
@@ -499,7 +499,7 @@ impl Default for RawAgentConfig {
             ingress_tls_cert_file: String::new(),
             ingress_tls_key_file: String::new(),
             ingress_require_tls: false,
-            delivery_concurrency: 4,
+            delivery_concurrency: 16,
             retry_base_seconds: 30,
             retry_max_seconds: 3600,
             max_attempts: 0,
@@ -778,7 +778,7 @@ mod tests {
         assert_eq!(s.smtp_listen.to_string(), "127.0.0.1:2525");
         assert_eq!(s.pop3_listen.unwrap().to_string(), "127.0.0.1:1110");
         assert_eq!(s.spool_dir, PathBuf::from("./tokenfleet-agent-data/spool"));
-        assert_eq!(s.delivery_concurrency, 4);
+        assert_eq!(s.delivery_concurrency, 16);
         assert_eq!(s.retry_base, Duration::from_secs(30));
         assert_eq!(s.max_age, Duration::from_secs(432_000));
         assert_eq!(s.token_renew_margin, Duration::from_secs(300));
@@ -814,7 +814,7 @@ mod tests {
             "ingress_limits.max_sessions_per_source",
         );
         bad(
-            |r| r.ingress_limits.password_hash_concurrency = 0,
+            |r| r.ingress_limits.password_hash_concurrency = 65,
             "ingress_limits.password_hash_concurrency",
         );
         bad(
@@ -891,7 +891,7 @@ mod tests {
         let l = &s.ingress_limits;
         assert_eq!(l.sessions.max_sessions, 100);
         assert_eq!(l.sessions.max_sessions_per_source, 10);
-        assert_eq!(l.passwords.concurrency, 2);
+        assert_eq!(l.passwords.concurrency, 0, "0 = one check per core");
         assert_eq!(l.logins.lockout_after, 10);
         assert_eq!(l.spool.max_bytes, 1 << 30);
         assert_eq!(l.idle_timeout, Duration::from_secs(300));

@@ -20,7 +20,7 @@
 //! (`python3 scripts/import-cycles.py agent`).
 
 pub mod config;
-mod durable;
+pub mod durable;
 pub mod fetch;
 pub mod fuzz;
 pub mod identity;

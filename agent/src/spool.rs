@@ -16,6 +16,12 @@
 //! only then does it return. A crash before that fsync leaves an unacknowledged entry that
 //! recovery may drop; a crash after it cannot lose the entry.
 //!
+//! Group commit: the fsync of `queue/` is shared ([`GroupSync`]). Entries accepted (and
+//! completed, retried) at the same time wait for one fsync that started after their renames,
+//! instead of one fsync each; none returns before the fsync that covers it has completed, so the
+//! guarantee above is unchanged. The files' own fsyncs run in the accepting threads, at the same
+//! time, where the file system's journal merges them.
+//!
 //! Quota ([`SpoolLimits`]): the queue holds at most `max_bytes` of messages and `max_messages`
 //! entries (dead letters are not counted: they are the operator's to clear). A message that
 //! does not fit is refused with [`SpoolError::Full`] before anything is written; the ingress
@@ -32,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::durable;
+use crate::durable::{self, DirSyncer, GroupSync};
 use serde::{Deserialize, Serialize};
 
 const TMP: &str = "tmp";
@@ -308,6 +314,8 @@ pub struct Spool {
     /// delivered in that order even within one millisecond.
     last_ms: Mutex<u64>,
     limits: SpoolLimits,
+    /// Group commit of `queue/`'s fsync.
+    queue_sync: GroupSync,
 }
 
 /// Queued entries by next attempt time, with what the status needs of each.
@@ -420,6 +428,16 @@ impl Spool {
 
     /// [`Spool::open`] with a quota.
     pub fn open_with(dir: impl AsRef<Path>, limits: SpoolLimits) -> Result<Self, SpoolError> {
+        Self::open_with_syncer(dir, limits, None)
+    }
+
+    /// [`Spool::open_with`] whose shared fsync of `queue/` goes through `syncer` (tests simulate
+    /// a crash before it); `None` = [`durable::fsync_dir`].
+    pub fn open_with_syncer(
+        dir: impl AsRef<Path>,
+        limits: SpoolLimits,
+        syncer: Option<DirSyncer>,
+    ) -> Result<Self, SpoolError> {
         let root = dir.as_ref().to_path_buf();
         create_dir_0700(&root)?;
         for sub in [TMP, QUEUE, DEAD] {
@@ -469,6 +487,10 @@ impl Spool {
             index: Mutex::new(DueIndex::default()),
             last_ms: Mutex::new(0),
             limits,
+            queue_sync: match syncer {
+                Some(syncer) => GroupSync::with_syncer(queue.clone(), syncer),
+                None => GroupSync::new(queue.clone()),
+            },
         };
         let mut index = DueIndex::default();
         for id in spool.queued()? {
@@ -618,7 +640,7 @@ impl Spool {
             fs::rename(&tmp_meta, &q_meta).map_err(io_err(&tmp_meta))?;
             let q_msg = self.path(QUEUE, &id, MESSAGE_EXT);
             fs::rename(&tmp_msg, &q_msg).map_err(io_err(&tmp_msg))?;
-            fsync_dir(&self.root.join(QUEUE))
+            self.sync_queue()
         })();
         if let Err(e) = result {
             // Best effort: leftovers are also removed by the next open.
@@ -656,7 +678,8 @@ impl Spool {
     /// The message bytes of a queued entry.
     pub fn message(&self, id: &SpoolId) -> Result<Vec<u8>, SpoolError> {
         let path = self.path(QUEUE, id, MESSAGE_EXT);
-        fs::read(&path).map_err(|error| {
+        // Its memory goes back to the system when the delivery drops it (see the function).
+        durable::read_unpooled(&path).map_err(|error| {
             if error.kind() == io::ErrorKind::NotFound {
                 SpoolError::NotFound(id.clone())
             } else {
@@ -739,7 +762,7 @@ impl Spool {
         write_synced(&tmp, &json)?;
         let dest = self.path(QUEUE, id, META_EXT);
         fs::rename(&tmp, &dest).map_err(io_err(&tmp))?;
-        fsync_dir(&self.root.join(QUEUE))?;
+        self.sync_queue()?;
         self.lock_index().set_meta(&meta);
         Ok(meta)
     }
@@ -753,7 +776,7 @@ impl Spool {
         }
         self.lock_index().remove(id);
         remove_if_exists(&self.path(QUEUE, id, META_EXT))?;
-        fsync_dir(&self.root.join(QUEUE))
+        self.sync_queue()
     }
 
     /// Moves an entry to `dead/` with the reason in its sidecar.
@@ -774,7 +797,35 @@ impl Spool {
         fs::rename(&tmp, self.path(DEAD, id, META_EXT)).map_err(io_err(&tmp))?;
         remove_if_exists(&self.path(QUEUE, id, META_EXT))?;
         fsync_dir(&self.root.join(DEAD))?;
-        fsync_dir(&self.root.join(QUEUE))
+        self.sync_queue()
+    }
+
+    /// The shared fsync of `queue/` (group commit; see the module documentation).
+    fn sync_queue(&self) -> Result<(), SpoolError> {
+        self.queue_sync
+            .sync()
+            .map_err(io_err(&self.root.join(QUEUE)))
+    }
+
+    /// (changes to `queue/` made durable, fsyncs of `queue/` that made them so) since open.
+    pub fn queue_sync_counts(&self) -> (u64, u64) {
+        self.queue_sync.counts()
+    }
+
+    /// Moves a queued entry's next attempt to `until` in memory only, without counting an
+    /// attempt or writing its sidecar: a delivery deferred by a rate limit (not a failure). After
+    /// a restart the entry is due at its recorded time again, which is never later.
+    pub fn postpone(&self, id: &SpoolId, until: SystemTime) {
+        let mut index = self.lock_index();
+        if let Some(entry) = index.by_id.get(id).cloned() {
+            index.set(
+                id,
+                Indexed {
+                    next_attempt_ms: durable::unix_ms(until),
+                    ..entry
+                },
+            );
+        }
     }
 
     /// Queue depth and age of the oldest queued message per device, from memory (no disk

@@ -562,6 +562,8 @@ pub struct SiteOptions {
     pub agent_config: String,
     /// The agent's local heartbeat override (default [`HEARTBEAT_SECONDS`]).
     pub heartbeat_seconds: u64,
+    /// The agent's `RUST_LOG` (default `info,tokenfleet_agent=trace`; benchmarks log less).
+    pub log_filter: String,
 }
 
 impl std::fmt::Debug for SiteOptions {
@@ -588,6 +590,7 @@ impl Default for SiteOptions {
             }),
             agent_config: String::new(),
             heartbeat_seconds: HEARTBEAT_SECONDS,
+            log_filter: "info,tokenfleet_agent=trace".to_owned(),
         }
     }
 }
@@ -644,6 +647,7 @@ pub struct AgentSite {
     pub log: PathBuf,
     child: Option<Child>,
     runs: usize,
+    log_filter: String,
 }
 
 impl std::fmt::Debug for AgentSite {
@@ -892,6 +896,7 @@ impl AgentSite {
             log,
             child: None,
             runs: 0,
+            log_filter: options.log_filter,
         };
         site.start_agent().await;
         site
@@ -914,7 +919,7 @@ impl AgentSite {
             .arg("run")
             .arg("--config")
             .arg(self.dir.path().join("agent.toml"))
-            .env("RUST_LOG", "info,tokenfleet_agent=trace")
+            .env("RUST_LOG", &self.log_filter)
             .env_remove("TOKENFLEET_AGENT_STATE_DIR")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -120,6 +120,11 @@ impl Conn<'_> {
     /// Reads the next line of at most `limit` bytes with its line end (for `DATA`), answering
     /// `421 4.4.2` on timeout.
     async fn read_raw(&mut self, limit: usize) -> io::Result<RawLine> {
+        // A whole line already buffered (most lines of a large DATA): no wait, so no timer — a
+        // timer per line cost more than the line itself.
+        if self.io.buffer().contains(&b'\n') {
+            return read_limited_raw(&mut self.io, limit).await;
+        }
         match tokio::time::timeout(
             self.config.command_timeout,
             read_limited_raw(&mut self.io, limit),

@@ -234,6 +234,9 @@ impl FleetIngress {
             .table
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = table;
+        // A changed or removed password must not be accepted from memory: every login is
+        // checked against the new table's hashes.
+        self.passwords.forget_all();
         problems
     }
 }

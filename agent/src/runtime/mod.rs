@@ -20,6 +20,7 @@ pub mod broker;
 pub mod clock;
 pub mod devices;
 pub mod fetcher;
+pub mod mailbox_rate;
 pub mod probing;
 pub mod profiles;
 pub mod reporter;

@@ -2,6 +2,11 @@
 //! mailbox the message is sent as, hands the message to the device's [`Delivery`], and settles
 //! the entry: complete, retry later (exponential backoff with jitter), or dead-letter.
 //!
+//! Provider limits: where the upstream has a per-mailbox sending limit
+//! ([`Delivery::messages_per_minute`]; Exchange Online's 30 messages a minute), a message that
+//! would exceed it is deferred — postponed in memory to when the mailbox has room
+//! ([`MailboxRate`]), no attempt counted, nothing dropped — and delivered then.
+//!
 //! Possible duplicates are counted, never hidden: a marker file `sending/<id>` (next to the
 //! spool's own directories, holding the device name) exists while a message is with the
 //! upstream. A marker found at
@@ -21,6 +26,7 @@ use tokio::task::JoinSet;
 
 use super::clock::Clock;
 use super::devices::{DeviceEntry, DeviceRegistry};
+use super::mailbox_rate::MailboxRate;
 use super::status::{Attempt, Outcome, StatusBook};
 use super::tokens::{TokenCache, TokenKey, TokenUnavailable};
 use crate::metrics::{AgentMetrics, DeadLetter, Deferral};
@@ -55,7 +61,7 @@ pub struct WorkerSettings {
 impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
-            concurrency: 4,
+            concurrency: 16,
             retry_base: Duration::from_secs(30),
             retry_max: Duration::from_secs(3600),
             max_attempts: None,
@@ -86,6 +92,8 @@ pub struct DeliveryWorker {
     /// `in_flight` during the scan may still be in its result and must not be started again.
     settled_since_scan: Mutex<HashSet<SpoolId>>,
     metrics: AgentMetrics,
+    /// Recent sends per mailbox, for upstreams with a per-mailbox limit.
+    rate: Mutex<MailboxRate>,
 }
 
 impl std::fmt::Debug for DeliveryWorker {
@@ -149,6 +157,7 @@ impl DeliveryWorker {
             in_flight: Mutex::new(HashSet::new()),
             settled_since_scan: Mutex::new(HashSet::new()),
             metrics: AgentMetrics::default(),
+            rate: Mutex::new(MailboxRate::new()),
         }
     }
 
@@ -430,6 +439,32 @@ impl DeliveryWorker {
             Ok(c) => c,
             Err(unavailable) => return self.no_token(&meta, &mailbox, unavailable).await,
         };
+        if let Some(limit) = delivery.messages_per_minute() {
+            let now = self.clock.now();
+            let admitted = {
+                let mut rate = self
+                    .rate
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                rate.prune(now);
+                rate.admit(&credentials.username, limit, now)
+            };
+            if let Err(when) = admitted {
+                // Deferred, not failed: no attempt counted, nothing recorded; due again when the
+                // mailbox has room.
+                self.spool.postpone(&meta.id, when);
+                let detail = format!(
+                    "deferred: mailbox {} sent {limit} messages in the last minute (the upstream's limit)",
+                    credentials.username
+                );
+                tracing::debug!(id = %meta.id, device = %device_name, wait_ms = when.duration_since(now).unwrap_or_default().as_millis() as u64, "{detail}");
+                return Settled {
+                    id: meta.id.clone(),
+                    outcome: Outcome::Retrying,
+                    detail,
+                };
+            }
+        }
         let id = meta.id.clone();
         let data = match blocking(&self.spool, move |s| s.message(&id)).await {
             Ok(data) => data,

@@ -474,6 +474,11 @@ impl Delivery for GraphDelivery {
             ),
         })
     }
+
+    /// Graph's `sendMail` submits from an Exchange Online mailbox: the same per-mailbox limit.
+    fn messages_per_minute(&self) -> Option<u32> {
+        Some(super::EXCHANGE_ONLINE_MESSAGES_PER_MINUTE)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -108,4 +108,31 @@ pub trait Delivery: Send + Sync + fmt::Debug + 'static {
         message: OutgoingMessage<'_>,
         credentials: &Credentials,
     ) -> Result<DeliveryReceipt, DeliveryError>;
+
+    /// Most messages one mailbox may send a minute through this upstream (`None`: no limit). The
+    /// delivery worker holds each mailbox to it, deferring (never dropping) what would exceed it.
+    fn messages_per_minute(&self) -> Option<u32> {
+        None
+    }
+}
+
+/// Exchange Online's documented submission limit: 30 messages a minute per mailbox
+/// (`/work/shared/FACTS.md`, "Exchange Online SMTP client submission limits"). An agent that
+/// queues must stay under it rather than trip it.
+pub const EXCHANGE_ONLINE_MESSAGES_PER_MINUTE: u32 = 30;
+
+/// The per-mailbox rate limit of a submission host: [`EXCHANGE_ONLINE_MESSAGES_PER_MINUTE`] for
+/// Exchange Online (`smtp.office365.com` and the other `*.office365.com`, `*.outlook.com`
+/// hosts, and the sovereign clouds' `*.office365.us`, `*.partner.outlook.cn`), none otherwise.
+pub fn messages_per_minute_for(host: &str) -> Option<u32> {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let exchange = [
+        "office365.com",
+        "outlook.com",
+        "office365.us",
+        "partner.outlook.cn",
+    ]
+    .iter()
+    .any(|d| host == *d || host.ends_with(&format!(".{d}")));
+    exchange.then_some(EXCHANGE_ONLINE_MESSAGES_PER_MINUTE)
 }

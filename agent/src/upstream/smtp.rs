@@ -8,7 +8,9 @@
 //!   the SASL exchange including the error challenge. The connection test
 //!   ([`crate::probe::smtp`]) drives it step by step.
 //! - [`SmtpDelivery`]: the [`Delivery`] implementation: connect, greeting, EHLO, STARTTLS,
-//!   EHLO, AUTH, MAIL/RCPT/DATA, QUIT — one connection per message.
+//!   EHLO, AUTH, MAIL/RCPT/DATA — and the next message of the same mailbox over the same
+//!   session after `RSET` (pipelined where offered), up to [`MAX_MESSAGES_PER_SESSION`], `QUIT`
+//!   after [`SESSION_IDLE`] without one.
 //!
 //! The token is only ever on the wire: never in logs, errors or `Debug` output.
 //!
@@ -50,9 +52,10 @@ use crate::sasl::{self, Mechanism};
 #[cfg(test)]
 use crate::wire::smtp_client::MAX_REPORTED;
 pub use crate::wire::smtp_client::{
-    Capabilities, MAX_LINE, MAX_REPLY_LINES, Reply, ReplyReceiver, dot_stuff, parse_reply_line,
+    Capabilities, DotStuffer, MAX_LINE, MAX_REPLY_LINES, Reply, ReplyReceiver, dot_stuff,
+    parse_reply_line,
 };
-use crate::wire::smtp_client::{message_size, truncate};
+use crate::wire::smtp_client::{has_eight_bit, message_size, truncate};
 
 /// Longest `AUTH <mechanism> <initial response>` line sent; longer payloads go on their own line
 /// after `334 ` (RFC 5321 §4.5.3.1.4 command line limit).
@@ -101,14 +104,19 @@ pub struct SmtpSettings {
     pub helo_name: String,
     /// SASL mechanisms in order of preference; the first one the server offers is used.
     pub mechanisms: Vec<Mechanism>,
+    /// Most messages a mailbox may send a minute through this server (`None`: no limit); set
+    /// for Exchange Online by [`SmtpSettings::new`] (see [`super::messages_per_minute_for`]).
+    pub messages_per_minute: Option<u32>,
 }
 
 impl SmtpSettings {
     /// Settings with the defaults: 60 s timeout, default TLS, EHLO `localhost`, XOAUTH2 before
     /// OAUTHBEARER.
     pub fn new(host: impl Into<String>, port: u16, security: Security) -> Self {
+        let host = host.into();
         Self {
-            host: host.into(),
+            messages_per_minute: super::messages_per_minute_for(&host),
+            host,
             port,
             security,
             timeout: Duration::from_secs(60),
@@ -366,8 +374,14 @@ impl SmtpConnection {
         }
     }
 
-    /// Writes `bytes` (in chunks, each within the timeout).
+    /// Writes `bytes` (in chunks, each within the timeout) and flushes.
     async fn write(&mut self, bytes: &[u8], what: &str) -> Result<(), SmtpError> {
+        self.write_unflushed(bytes, what).await?;
+        self.flush(what).await
+    }
+
+    /// Writes `bytes` in chunks, each within the timeout, without flushing.
+    async fn write_unflushed(&mut self, bytes: &[u8], what: &str) -> Result<(), SmtpError> {
         for chunk in bytes.chunks(WRITE_CHUNK) {
             match tokio::time::timeout(self.timeout, self.io.write_all(chunk)).await {
                 Err(_) => return Err(self.timeout_error(what)),
@@ -375,6 +389,11 @@ impl SmtpConnection {
                 Ok(Ok(())) => {}
             }
         }
+        Ok(())
+    }
+
+    /// Flushes what was written, within the timeout.
+    async fn flush(&mut self, what: &str) -> Result<(), SmtpError> {
         match tokio::time::timeout(self.timeout, self.io.flush()).await {
             Err(_) => Err(self.timeout_error(what)),
             Ok(Err(e)) => Err(self.io_error(what, e)),
@@ -542,17 +561,35 @@ impl SmtpConnection {
         caps: &Capabilities,
         message: OutgoingMessage<'_>,
     ) -> Result<DeliveryReceipt, DeliveryError> {
+        self.transaction(caps, message, false)
+            .await
+            .map_err(|failed| failed.error)
+    }
+
+    /// One mail transaction: `RSET` first when `reset` (a reused session), then `MAIL` and every
+    /// `RCPT` — written as one group when the server offers `PIPELINING` (RFC 2920), else one
+    /// command at a time — then, once the replies are in, `DATA` and the message, dot-stuffed a
+    /// piece at a time (never a second copy of the whole message in memory).
+    async fn transaction(
+        &mut self,
+        caps: &Capabilities,
+        message: OutgoingMessage<'_>,
+        reset: bool,
+    ) -> Result<DeliveryReceipt, Failed> {
+        let early = |error: DeliveryError| Failed {
+            error,
+            content_sent: false,
+        };
         if message.rcpts.is_empty() {
-            return Err(DeliveryError::permanent("message has no recipients"));
+            return Err(early(DeliveryError::permanent("message has no recipients")));
         }
-        let data = dot_stuff(message.data);
         let size = message_size(message.data);
-        let eight_bit = message.data.iter().any(|b| *b >= 0x80);
+        let eight_bit = has_eight_bit(message.data);
         if let Some(limit) = caps.size.filter(|l| *l > 0 && size > *l) {
-            return Err(DeliveryError::permanent(format!(
+            return Err(early(DeliveryError::permanent(format!(
                 "message of {size} octets exceeds {}'s limit (SIZE {limit})",
                 self.peer
-            )));
+            ))));
         }
         let mut mail = format!("MAIL FROM:<{}>", message.from);
         if caps.size.is_some() {
@@ -561,46 +598,131 @@ impl SmtpConnection {
         if eight_bit && caps.eight_bit_mime {
             mail.push_str(" BODY=8BITMIME");
         }
-        let reply = self.command(&mail, "MAIL FROM").await?;
+        let mut commands: Vec<(String, String)> = Vec::with_capacity(message.rcpts.len() + 2);
+        if reset {
+            commands.push(("RSET".to_owned(), "RSET".to_owned()));
+        }
+        commands.push((mail, "MAIL FROM".to_owned()));
+        for rcpt in message.rcpts {
+            commands.push((format!("RCPT TO:<{rcpt}>"), format!("RCPT TO:<{rcpt}>")));
+        }
+        let replies = if caps.pipelining() {
+            let mut group = Vec::new();
+            for (line, _) in &commands {
+                group.extend_from_slice(line.as_bytes());
+                group.extend_from_slice(b"\r\n");
+            }
+            self.write(&group, "sending MAIL and RCPT")
+                .await
+                .map_err(|e| early(e.into()))?;
+            let mut replies = Vec::with_capacity(commands.len());
+            for (_, verb) in &commands {
+                let reply = self
+                    .read_reply(&format!("reply to {verb}"))
+                    .await
+                    .map_err(|e| early(e.into()))?;
+                replies.push(reply);
+            }
+            replies
+        } else {
+            let mut replies = Vec::with_capacity(commands.len());
+            for (line, verb) in &commands {
+                let reply = self
+                    .command(line, verb)
+                    .await
+                    .map_err(|e| early(e.into()))?;
+                // Without pipelining, stop at a refused MAIL (the RCPTs would only be refused).
+                let stop = verb == "MAIL FROM" && reply.code != 250;
+                replies.push(reply);
+                if stop {
+                    break;
+                }
+            }
+            replies
+        };
+        let mut replies = replies.into_iter();
+        if reset {
+            let reply = replies.next().unwrap_or_else(|| Reply {
+                code: 0,
+                lines: Vec::new(),
+            });
+            if reply.code != 250 {
+                return Err(early(message_failure(&self.peer, "RSET", &reply)));
+            }
+        }
+        let Some(reply) = replies.next() else {
+            return Err(early(DeliveryError::transient("no reply to MAIL FROM")));
+        };
         if reply.code != 250 {
-            return Err(message_failure(&self.peer, "MAIL FROM", &reply));
+            return Err(early(message_failure(&self.peer, "MAIL FROM", &reply)));
         }
         let mut accepted = 0usize;
         let mut refused = Vec::new();
-        for rcpt in message.rcpts {
-            let reply = self
-                .command(&format!("RCPT TO:<{rcpt}>"), "RCPT TO")
-                .await?;
+        let mut temporary = None;
+        for (rcpt, reply) in message.rcpts.iter().zip(replies) {
             if reply.code == 250 || reply.code == 251 {
                 accepted += 1;
             } else if reply.is_transient() || !(500..600).contains(&reply.code) {
                 // Keep it simple: any temporary refusal retries the whole message later.
-                let _ = self.command("RSET", "RSET").await;
-                return Err(message_failure(
-                    &self.peer,
-                    &format!("RCPT TO:<{rcpt}>"),
-                    &reply,
-                ));
+                temporary.get_or_insert_with(|| {
+                    message_failure(&self.peer, &format!("RCPT TO:<{rcpt}>"), &reply)
+                });
             } else {
                 refused.push(format!("<{rcpt}>: {reply}"));
             }
         }
+        if let Some(error) = temporary {
+            let _ = self.command("RSET", "RSET").await;
+            return Err(early(error));
+        }
         if accepted == 0 {
             let _ = self.command("RSET", "RSET").await;
-            return Err(DeliveryError::permanent(truncate(format!(
+            return Err(early(DeliveryError::permanent(truncate(format!(
                 "every recipient refused by {}: {}",
                 self.peer,
                 refused.join("; ")
-            ))));
+            )))));
         }
-        let reply = self.command("DATA", "DATA").await?;
+        let reply = self
+            .command("DATA", "DATA")
+            .await
+            .map_err(|e| early(e.into()))?;
         if reply.code != 354 {
-            return Err(message_failure(&self.peer, "DATA", &reply));
+            return Err(early(message_failure(&self.peer, "DATA", &reply)));
         }
-        self.write(&data, "sending the message").await?;
-        let reply = self.read_reply("reply to the end of DATA").await?;
+        let sent = |error: DeliveryError| Failed {
+            error,
+            content_sent: true,
+        };
+        let mut stuffer = DotStuffer::new();
+        let mut piece = Vec::with_capacity(WRITE_CHUNK + WRITE_CHUNK / 32 + 8);
+        let mut chunks = message.data.chunks(WRITE_CHUNK).peekable();
+        while let Some(chunk) = chunks.next() {
+            piece.clear();
+            stuffer.push(chunk, &mut piece);
+            if chunks.peek().is_none() {
+                stuffer.finish(&mut piece);
+            }
+            self.write_unflushed(&piece, "sending the message")
+                .await
+                .map_err(|e| sent(e.into()))?;
+        }
+        if message.data.is_empty() {
+            piece.clear();
+            stuffer.finish(&mut piece);
+            self.write_unflushed(&piece, "sending the message")
+                .await
+                .map_err(|e| sent(e.into()))?;
+        }
+        self.flush("sending the message")
+            .await
+            .map_err(|e| sent(e.into()))?;
+        let reply = self
+            .read_reply("reply to the end of DATA")
+            .await
+            .map_err(|e| sent(e.into()))?;
         if reply.code != 250 {
-            return Err(message_failure(&self.peer, "message data", &reply));
+            return Err(sent(message_failure(&self.peer, "message data", &reply)));
         }
         let mut final_reply = reply.to_string();
         if !refused.is_empty() {
@@ -610,6 +732,13 @@ impl SmtpConnection {
             final_reply: truncate(final_reply),
         })
     }
+}
+
+/// A failed transaction, and whether any of the message went out: a reused session that fails
+/// before that (the server closed it while idle) is retried at once on a fresh one.
+struct Failed {
+    error: DeliveryError,
+    content_sent: bool,
 }
 
 /// 4xx (and anything outside 5xx) → transient; 5xx → permanent.
@@ -622,21 +751,193 @@ fn message_failure(peer: &str, step: &str, reply: &Reply) -> DeliveryError {
     }
 }
 
-/// Submits messages over SMTP with XOAUTH2/OAUTHBEARER, one connection per message.
-#[derive(Debug, Clone)]
+/// Messages sent over one upstream session before it is closed and a new one opened.
+pub const MAX_MESSAGES_PER_SESSION: u32 = 50;
+/// How long an authenticated session is kept open without a message (then `QUIT`).
+pub const SESSION_IDLE: Duration = Duration::from_secs(30);
+/// Idle sessions kept per mailbox.
+pub const MAX_IDLE_SESSIONS_PER_MAILBOX: usize = 16;
+
+/// An authenticated session waiting for the next message of its mailbox.
+struct IdleSession {
+    id: u64,
+    conn: SmtpConnection,
+    caps: Capabilities,
+    /// SHA-256 of the token it authenticated with: only a message with the same token reuses it.
+    token: [u8; 32],
+    sent: u32,
+    since: tokio::time::Instant,
+}
+
+/// Idle sessions by mailbox (SASL user name).
+#[derive(Default)]
+struct SessionPool {
+    idle: std::sync::Mutex<std::collections::HashMap<String, Vec<IdleSession>>>,
+    next_id: std::sync::atomic::AtomicU64,
+    opened: std::sync::atomic::AtomicU64,
+    reused: std::sync::atomic::AtomicU64,
+}
+
+impl SessionPool {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Vec<IdleSession>>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// An idle session of `user` authenticated with `token`, if one is fresh enough; stale ones
+    /// met on the way are closed.
+    fn take(&self, user: &str, token: &[u8; 32]) -> Option<IdleSession> {
+        let mut stale = Vec::new();
+        let found = {
+            let mut idle = self.lock();
+            let list = idle.get_mut(user)?;
+            let mut found = None;
+            while let Some(session) = list.pop() {
+                if session.since.elapsed() < SESSION_IDLE && session.token == *token {
+                    found = Some(session);
+                    break;
+                }
+                stale.push(session);
+            }
+            if list.is_empty() {
+                idle.remove(user);
+            }
+            found
+        };
+        for session in stale {
+            close_in_background(session.conn);
+        }
+        found
+    }
+
+    /// Keeps `session` for the next message of `user` (closes it when the pool is full or the
+    /// session has sent its share); it is closed after [`SESSION_IDLE`] unused.
+    fn put(self: &std::sync::Arc<Self>, user: &str, mut session: IdleSession) {
+        if session.sent >= MAX_MESSAGES_PER_SESSION {
+            return close_in_background(session.conn);
+        }
+        session.id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        session.since = tokio::time::Instant::now();
+        let id = session.id;
+        {
+            let mut idle = self.lock();
+            let list = idle.entry(user.to_owned()).or_default();
+            if list.len() >= MAX_IDLE_SESSIONS_PER_MAILBOX {
+                drop(idle);
+                return close_in_background(session.conn);
+            }
+            list.push(session);
+        }
+        // Closes it when nobody took it in time; the pool may be gone by then.
+        let pool = std::sync::Arc::downgrade(self);
+        let user = user.to_owned();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                tokio::time::sleep(SESSION_IDLE).await;
+                let Some(pool) = pool.upgrade() else {
+                    return;
+                };
+                let expired = {
+                    let mut idle = pool.lock();
+                    let Some(list) = idle.get_mut(&user) else {
+                        return;
+                    };
+                    let at = list.iter().position(|s| s.id == id);
+                    let expired = at.map(|at| list.remove(at));
+                    if list.is_empty() {
+                        idle.remove(&user);
+                    }
+                    expired
+                };
+                if let Some(session) = expired {
+                    quit_quietly(session.conn).await;
+                }
+            });
+        }
+    }
+
+    fn drain(&self) -> Vec<IdleSession> {
+        self.lock().drain().flat_map(|(_, list)| list).collect()
+    }
+}
+
+async fn quit_quietly(mut conn: SmtpConnection) {
+    conn.set_timeout(conn.timeout.min(QUIT_TIMEOUT));
+    let _ = conn.quit().await;
+}
+
+/// `QUIT` on a task of its own (best effort; without a runtime the connection is just dropped).
+fn close_in_background(conn: SmtpConnection) {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(quit_quietly(conn));
+    }
+}
+
+fn token_fingerprint(credentials: &Credentials) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(credentials.token.expose().as_bytes()).into()
+}
+
+/// Submits messages over SMTP with XOAUTH2/OAUTHBEARER.
+///
+/// Sessions are reused per mailbox: after a message, the authenticated session waits (up to
+/// [`SESSION_IDLE`], at most [`MAX_IDLE_SESSIONS_PER_MAILBOX`] per mailbox) for the next message
+/// of the same mailbox with the same token, which goes over it after `RSET` — `RSET`, `MAIL` and
+/// `RCPT` in one write where the server offers `PIPELINING` — so a queue of scans pays for one
+/// connection, TLS handshake and `AUTH` per [`MAX_MESSAGES_PER_SESSION`] messages instead of per
+/// message. A reused session that fails before any of the message was sent (the server closed
+/// it meanwhile) is replaced by a fresh one at once; a failure after that is the message's, as
+/// on a fresh session. A session that failed is never reused. Dropping the delivery (a new
+/// configuration) closes its idle sessions with `QUIT`.
+///
+/// How often a mailbox may send is the worker's business ([`Delivery::messages_per_minute`]).
 pub struct SmtpDelivery {
     settings: SmtpSettings,
+    pool: std::sync::Arc<SessionPool>,
+}
+
+impl fmt::Debug for SmtpDelivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmtpDelivery")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for SmtpDelivery {
+    fn drop(&mut self) {
+        for session in self.pool.drain() {
+            close_in_background(session.conn);
+        }
+    }
 }
 
 impl SmtpDelivery {
     /// A delivery to the server `settings` describes.
     pub fn new(settings: SmtpSettings) -> Self {
-        Self { settings }
+        Self {
+            settings,
+            pool: std::sync::Arc::default(),
+        }
     }
 
     /// The settings.
     pub fn settings(&self) -> &SmtpSettings {
         &self.settings
+    }
+
+    /// (sessions opened, messages sent over a reused session) since this delivery was made.
+    pub fn session_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.pool.opened.load(Relaxed),
+            self.pool.reused.load(Relaxed),
+        )
     }
 
     /// Connects and secures the connection (greeting, EHLO, STARTTLS, EHLO): returns it ready
@@ -682,6 +983,47 @@ impl SmtpDelivery {
         }
         Ok((conn, caps))
     }
+
+    /// A fresh session: connect, secure, authenticate, one transaction.
+    async fn send_fresh(
+        &self,
+        message: OutgoingMessage<'_>,
+        credentials: &Credentials,
+        token: [u8; 32],
+    ) -> Result<DeliveryReceipt, DeliveryError> {
+        let s = &self.settings;
+        let (mut conn, caps) = self.connect().await?;
+        self.pool
+            .opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = conn
+            .authenticate(&caps, &s.mechanisms, credentials, &s.host, s.port)
+            .await
+        {
+            quit_quietly(conn).await;
+            return Err(e.into());
+        }
+        match conn.transaction(&caps, message, false).await {
+            Ok(receipt) => {
+                self.pool.put(
+                    &credentials.username,
+                    IdleSession {
+                        id: 0,
+                        conn,
+                        caps,
+                        token,
+                        sent: 1,
+                        since: tokio::time::Instant::now(),
+                    },
+                );
+                Ok(receipt)
+            }
+            Err(failed) => {
+                quit_quietly(conn).await;
+                Err(failed.error)
+            }
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -691,17 +1033,34 @@ impl Delivery for SmtpDelivery {
         message: OutgoingMessage<'_>,
         credentials: &Credentials,
     ) -> Result<DeliveryReceipt, DeliveryError> {
-        let s = &self.settings;
-        let (mut conn, caps) = self.connect().await?;
-        let result = match conn
-            .authenticate(&caps, &s.mechanisms, credentials, &s.host, s.port)
-            .await
-        {
-            Ok(_) => conn.send_message(&caps, message).await,
-            Err(e) => Err(e.into()),
+        let token = token_fingerprint(credentials);
+        let result = match self.pool.take(&credentials.username, &token) {
+            Some(mut session) => match session.conn.transaction(&session.caps, message, true).await
+            {
+                Ok(receipt) => {
+                    self.pool
+                        .reused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    session.sent += 1;
+                    self.pool.put(&credentials.username, session);
+                    Ok(receipt)
+                }
+                Err(failed)
+                    if !failed.content_sent && failed.error.kind == FailureKind::Transient =>
+                {
+                    // Closed while idle (or refused the reset): nothing of the message went
+                    // out, so it goes over a fresh session now.
+                    tracing::debug!(upstream = %self.settings.endpoint(), reply = %failed.error.final_reply, "reused SMTP session failed before the message; opening a fresh one");
+                    drop(session);
+                    self.send_fresh(message, credentials, token).await
+                }
+                Err(failed) => {
+                    quit_quietly(session.conn).await;
+                    Err(failed.error)
+                }
+            },
+            None => self.send_fresh(message, credentials, token).await,
         };
-        conn.set_timeout(s.timeout.min(QUIT_TIMEOUT));
-        let _ = conn.quit().await;
         if let Err(e) = &result {
             tracing::debug!(
                 upstream = %self.settings.endpoint(),
@@ -711,6 +1070,10 @@ impl Delivery for SmtpDelivery {
             );
         }
         result
+    }
+
+    fn messages_per_minute(&self) -> Option<u32> {
+        self.settings.messages_per_minute
     }
 }
 
@@ -811,6 +1174,48 @@ mod tests {
         let none = Capabilities::parse(&reply(250, &["only-name"]));
         assert_eq!(none.auth_list(), "none");
         assert_eq!(none.size, None);
+    }
+
+    #[test]
+    fn dot_stuffing_in_pieces_is_the_same_as_at_once() {
+        let samples: [&[u8]; 6] = [
+            b"a\r\n.b\r\n..c\n.\nlast",
+            b".\r\n",
+            b"x\r\r\n\n\n.y\rz\n",
+            b"a long line without any end at all, longer than one word",
+            b"\n",
+            b"0123456789abcdef\n.0123456789abcdef\r\n0123456789abcdefg",
+        ];
+        for raw in samples {
+            let whole = dot_stuff(raw);
+            for cut in 0..=raw.len() {
+                for cut2 in cut..=raw.len() {
+                    let mut out = Vec::new();
+                    let mut s = DotStuffer::new();
+                    s.push(&raw[..cut], &mut out);
+                    s.push(&raw[cut..cut2], &mut out);
+                    s.push(&raw[cut2..], &mut out);
+                    s.finish(&mut out);
+                    assert_eq!(out, whole, "{raw:?} cut at {cut}, {cut2}");
+                }
+            }
+            let naive_bare_lf = raw
+                .iter()
+                .enumerate()
+                .filter(|(i, b)| **b == b'\n' && (*i == 0 || raw[i - 1] != b'\r'))
+                .count();
+            let unterminated = if !raw.is_empty() && !raw.ends_with(b"\n") {
+                2
+            } else {
+                0
+            };
+            assert_eq!(
+                message_size(raw),
+                (raw.len() + naive_bare_lf + unterminated) as u64
+            );
+        }
+        assert!(!has_eight_bit(b"plain ascii"));
+        assert!(has_eight_bit("caf\u{e9}".as_bytes()));
     }
 
     #[test]

@@ -50,6 +50,8 @@ struct ScriptedDelivery {
     script: Mutex<VecDeque<Result<(), DeliveryError>>>,
     /// (sasl user, token, message bytes) per call.
     calls: Mutex<Vec<(String, String, Vec<u8>)>>,
+    /// The per-mailbox limit it reports (`Delivery::messages_per_minute`).
+    limit: Mutex<Option<u32>>,
 }
 
 impl ScriptedDelivery {
@@ -84,6 +86,10 @@ impl Delivery for ScriptedDelivery {
                 final_reply: "250 2.0.0 Ok: queued".into(),
             }),
         }
+    }
+
+    fn messages_per_minute(&self) -> Option<u32> {
+        *self.limit.lock().unwrap()
     }
 }
 
@@ -1383,4 +1389,77 @@ mod fetch_concurrency {
         let _ = stop.send(true);
         task.await.unwrap();
     }
+}
+
+/// A mailbox whose upstream allows 3 messages a minute (Exchange Online: 30): a queue of 7 is
+/// delivered 3 per 60 s, the rest deferred — not failed, no attempt counted, nothing dropped —
+/// and no 60 s ever holds more than 3 sends.
+#[tokio::test]
+async fn a_per_mailbox_rate_limit_defers_and_never_drops() {
+    let r = rig();
+    *r.delivery.limit.lock().unwrap() = Some(3);
+    let ids: Vec<SpoolId> = (0..7).map(|i| r.accept("mfp", &format!("m{i}"))).collect();
+    let first = r.worker.run_once().await;
+    let delivered = |s: &[tokenfleet_agent::runtime::worker::Settled]| {
+        s.iter().filter(|s| s.outcome == Outcome::Delivered).count()
+    };
+    assert_eq!(delivered(&first), 3);
+    let deferred: Vec<_> = first
+        .iter()
+        .filter(|s| s.outcome != Outcome::Delivered)
+        .collect();
+    assert_eq!(deferred.len(), 4);
+    assert!(
+        deferred.iter().all(|s| s.detail.starts_with("deferred")),
+        "{deferred:?}"
+    );
+    assert_eq!(r.spool.queued().unwrap().len(), 4);
+    for id in r.spool.queued().unwrap() {
+        let meta = r.spool.entry(&id).unwrap();
+        assert_eq!(meta.attempts, 0, "a deferral is not a failed attempt");
+        assert!(meta.last_error.is_none());
+    }
+    // Within the minute nothing more goes out.
+    r.clock.advance(Duration::from_secs(30));
+    assert_eq!(delivered(&r.worker.run_once().await), 0);
+    r.clock.advance(Duration::from_secs(31));
+    assert_eq!(delivered(&r.worker.run_once().await), 3);
+    r.clock.advance(Duration::from_secs(61));
+    assert_eq!(delivered(&r.worker.run_once().await), 1);
+    assert!(r.spool.queued().unwrap().is_empty());
+    let mut bodies: Vec<Vec<u8>> = r
+        .delivery
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.2.clone())
+        .collect();
+    bodies.sort();
+    bodies.dedup();
+    assert_eq!(bodies.len(), ids.len(), "each message sent exactly once");
+    let status = r.status("mfp");
+    assert_eq!(status.delivered_total, 7);
+    assert_eq!(
+        status.health,
+        pb::DeviceHealth::Ok as i32,
+        "deferral is not a failure"
+    );
+}
+
+/// Without a limit (a local relay, Gmail) the same queue goes out at once.
+#[tokio::test]
+async fn without_a_limit_the_queue_goes_out_at_once() {
+    let r = rig();
+    for i in 0..40 {
+        r.accept("mfp", &format!("m{i}"));
+    }
+    let settled = r.worker.run_once().await;
+    assert_eq!(
+        settled
+            .iter()
+            .filter(|s| s.outcome == Outcome::Delivered)
+            .count(),
+        40
+    );
 }

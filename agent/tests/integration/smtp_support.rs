@@ -117,6 +117,9 @@ pub struct Script {
     pub refuse_rcpts: Vec<(String, String)>,
     /// Raw bytes sent instead of the greeting (hostile server tests).
     pub raw_greeting: Option<Vec<u8>>,
+    /// Close the connection without a word after this many messages (a server dropping an
+    /// idle session).
+    pub close_after_messages: Option<usize>,
 }
 
 impl Default for Script {
@@ -130,6 +133,7 @@ impl Default for Script {
             extra_ehlo: vec!["SIZE 10485760".into(), "8BITMIME".into()],
             refuse_rcpts: vec![],
             raw_greeting: None,
+            close_after_messages: None,
         }
     }
 }
@@ -140,9 +144,13 @@ pub struct Seen {
     pub commands: Vec<String>,
     pub mail_from: Option<String>,
     pub rcpts: Vec<String>,
-    /// The message with dot-stuffing undone.
+    /// The message with dot-stuffing undone (every message of the session, one after another).
     pub data: Vec<u8>,
     pub tls: bool,
+    /// Messages accepted in the session.
+    pub messages: usize,
+    /// Reads from the socket that returned more than one command line at once (pipelining).
+    pub pipelined_groups: usize,
 }
 
 /// The running scripted server (aborted on drop).
@@ -232,6 +240,10 @@ async fn session(
         line.clear();
         if r.read_line(&mut line).await? == 0 {
             return Ok(());
+        }
+        // A whole command line already buffered behind this one: the client pipelined them.
+        if r.buffer().contains(&b'\n') && !line.starts_with("AUTH") {
+            seen.pipelined_groups += 1;
         }
         let text = line.trim_end().to_owned();
         let verb = text
@@ -338,7 +350,11 @@ async fn session(
                     let unstuffed = buf.strip_prefix(b".").unwrap_or(&buf);
                     seen.data.extend_from_slice(unstuffed);
                 }
+                seen.messages += 1;
                 send(&mut r, "250 2.0.0 queued as SCRIPTED1").await?;
+                if script.close_after_messages == Some(seen.messages) {
+                    return Ok(());
+                }
             }
             "RSET" | "NOOP" => send(&mut r, "250 2.0.0 ok").await?,
             "QUIT" => {

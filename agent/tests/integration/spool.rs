@@ -460,3 +460,130 @@ fn the_quota_refuses_what_does_not_fit_and_delivery_frees_it() {
         0
     );
 }
+
+/// Group commit: concurrent accepts share fsyncs of `queue/`, and none is acknowledged before an
+/// fsync that covers it. The shared fsync is replaced by one that records what it makes durable
+/// (the names in `queue/` when it starts) and then — the crash — blocks forever: what survives a
+/// power loss is what the completed fsyncs covered. Every acknowledged message must be in it;
+/// the accepts caught behind the crashed fsync never return.
+#[test]
+fn group_commit_never_acknowledges_before_the_shared_fsync() {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    let durable: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let crashed = Arc::new(AtomicBool::new(false));
+    let syncs = Arc::new(AtomicUsize::new(0));
+    let syncer = {
+        let (durable, crashed, syncs) = (
+            Arc::clone(&durable),
+            Arc::clone(&crashed),
+            Arc::clone(&syncs),
+        );
+        Arc::new(move |queue: &std::path::Path| -> std::io::Result<()> {
+            let listed: HashSet<String> = std::fs::read_dir(queue)?
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect();
+            if crashed.load(Ordering::SeqCst) {
+                // The machine lost power during this fsync: it never completes.
+                loop {
+                    std::thread::park();
+                }
+            }
+            // Let more accepts pile up behind this fsync, as a real disk would.
+            std::thread::sleep(Duration::from_millis(20));
+            tokenfleet_agent::durable::fsync_dir(queue)?;
+            durable.lock().unwrap().extend(listed);
+            syncs.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+    };
+    let spool = Arc::new(Spool::open_with_syncer(&root, Default::default(), Some(syncer)).unwrap());
+    let acked: Arc<Mutex<Vec<SpoolId>>> = Arc::default();
+    let mut threads = Vec::new();
+    for t in 0..16 {
+        let (spool, acked, crashed) =
+            (Arc::clone(&spool), Arc::clone(&acked), Arc::clone(&crashed));
+        threads.push(std::thread::spawn(move || {
+            for i in 0.. {
+                if crashed.load(Ordering::SeqCst) {
+                    return;
+                }
+                let body = format!("Subject: {t}/{i}\r\n\r\nscan\r\n");
+                let id = spool.accept(&envelope("mfd"), body.as_bytes()).unwrap();
+                acked.lock().unwrap().push(id);
+            }
+        }));
+    }
+    // Accept for a while, then crash in the middle of the traffic.
+    while acked.lock().unwrap().len() < 200 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    crashed.store(true, Ordering::SeqCst);
+    let before_crash = acked.lock().unwrap().len();
+    std::thread::sleep(Duration::from_millis(300));
+    let acked = acked.lock().unwrap().clone();
+    // Threads stuck behind the crashed fsync never got their acknowledgement.
+    assert!(
+        acked.len() <= before_crash + 16,
+        "{} > {before_crash} + 16",
+        acked.len()
+    );
+    let durable = durable.lock().unwrap().clone();
+    for id in &acked {
+        assert!(
+            durable.contains(&format!("{id}.eml")) && durable.contains(&format!("{id}.json")),
+            "acknowledged {id} was not covered by a completed fsync"
+        );
+    }
+    let (requests, fsyncs) = spool.queue_sync_counts();
+    let completed = syncs.load(Ordering::SeqCst);
+    assert!(
+        completed * 4 <= acked.len(),
+        "{} accepts should share fsyncs, but took {completed} of them ({requests} requests, {fsyncs} started)",
+        acked.len()
+    );
+    // The threads blocked in the crashed fsync stay blocked: leak them (the process ends).
+    drop(threads);
+}
+
+/// Group commit against the real file system: many threads accept at once, all messages are
+/// there after reopening, and far fewer directory fsyncs ran than messages were accepted.
+#[test]
+fn concurrent_accepts_share_directory_fsyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    let spool = Arc::new(Spool::open(&root).unwrap());
+    let mut threads = Vec::new();
+    for t in 0..16 {
+        let spool = Arc::clone(&spool);
+        threads.push(std::thread::spawn(move || {
+            (0..25)
+                .map(|i| {
+                    spool
+                        .accept(
+                            &envelope("mfd"),
+                            format!("Subject: {t}/{i}\r\n\r\nx\r\n").as_bytes(),
+                        )
+                        .unwrap()
+                })
+                .collect::<Vec<_>>()
+        }));
+    }
+    let mut ids: Vec<SpoolId> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let (requests, fsyncs) = spool.queue_sync_counts();
+    assert_eq!(requests, 400);
+    assert!(fsyncs < requests, "{fsyncs} fsyncs for {requests} accepts");
+    drop(spool);
+    let spool = Spool::open(&root).unwrap();
+    let mut queued = spool.queued().unwrap();
+    ids.sort();
+    queued.sort();
+    assert_eq!(queued, ids);
+}

@@ -431,3 +431,131 @@ async fn connection_refused_is_transient_and_nothing_leaks() {
         err.final_reply
     );
 }
+
+async fn send_with(delivery: &SmtpDelivery, token: &str) -> Result<DeliveryReceipt, DeliveryError> {
+    let rcpts = vec!["a@example.net".to_owned()];
+    delivery
+        .send(
+            OutgoingMessage {
+                from: FROM,
+                rcpts: &rcpts,
+                data: MESSAGE,
+            },
+            &creds(token),
+        )
+        .await
+}
+
+/// Several messages of one mailbox go over one session (one TLS handshake and AUTH), with RSET
+/// between them and RSET/MAIL/RCPT in one write where PIPELINING is offered; dropping the
+/// delivery ends the session with QUIT.
+#[tokio::test]
+async fn messages_of_one_mailbox_reuse_the_session_with_pipelining() {
+    let ca = TestCa::new("test CA");
+    let cert = ca.issue(&["127.0.0.1"]);
+    let server = ScriptedSmtp::start(Script {
+        starttls: Some(server_config(&cert, rustls::DEFAULT_VERSIONS)),
+        auth_only_after_tls: true,
+        extra_ehlo: vec!["PIPELINING".into(), "SIZE 10485760".into()],
+        ..Script::default()
+    })
+    .await;
+    let delivery = SmtpDelivery::new(settings(server.addr.port(), Security::Starttls, Some(&ca)));
+    for _ in 0..3 {
+        send_with(&delivery, TOKEN).await.unwrap();
+    }
+    assert_eq!(
+        delivery.session_counts(),
+        (1, 2),
+        "one session opened, reused twice"
+    );
+    drop(delivery);
+    let sessions = server.wait_sessions(1).await;
+    assert_eq!(sessions.len(), 1);
+    let seen = &sessions[0];
+    assert_eq!(seen.messages, 3);
+    assert_eq!(seen.data, [MESSAGE, MESSAGE, MESSAGE].concat());
+    let verbs: Vec<&str> = seen
+        .commands
+        .iter()
+        .map(|c| c.split(':').next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        verbs,
+        [
+            "EHLO agent.test",
+            "STARTTLS",
+            "EHLO agent.test",
+            "AUTH XOAUTH2 <initial response>",
+            "MAIL FROM",
+            "RCPT TO",
+            "DATA",
+            "RSET",
+            "MAIL FROM",
+            "RCPT TO",
+            "DATA",
+            "RSET",
+            "MAIL FROM",
+            "RCPT TO",
+            "DATA",
+            "QUIT"
+        ]
+    );
+    assert!(seen.pipelined_groups >= 3, "{}", seen.pipelined_groups);
+}
+
+/// Without PIPELINING the commands go one at a time; a new token opens a new session (a session
+/// is only reused by messages with the token it authenticated with).
+#[tokio::test]
+async fn no_pipelining_unless_offered_and_a_new_token_gets_a_new_session() {
+    let server = ScriptedSmtp::start(Script::default()).await;
+    let delivery = SmtpDelivery::new(settings(server.addr.port(), Security::None, None));
+    send_with(&delivery, TOKEN).await.unwrap();
+    send_with(&delivery, TOKEN).await.unwrap();
+    send_with(&delivery, "tok-upstream-smtp-rotated-987654")
+        .await
+        .unwrap();
+    assert_eq!(delivery.session_counts(), (2, 1));
+    drop(delivery);
+    let sessions = server.wait_sessions(2).await;
+    assert_eq!(sessions.len(), 2);
+    assert_eq!(sessions.iter().map(|s| s.messages).sum::<usize>(), 3);
+    assert!(sessions.iter().all(|s| s.pipelined_groups == 0));
+}
+
+/// A reused session the server dropped while it was idle: the message goes over a fresh
+/// session at once, exactly once.
+#[tokio::test]
+async fn a_session_closed_while_idle_is_replaced_without_losing_the_message() {
+    let server = ScriptedSmtp::start(Script {
+        close_after_messages: Some(1),
+        extra_ehlo: vec!["PIPELINING".into()],
+        ..Script::default()
+    })
+    .await;
+    let delivery = SmtpDelivery::new(settings(server.addr.port(), Security::None, None));
+    send_with(&delivery, TOKEN).await.unwrap();
+    // Let the server's close arrive.
+    server.wait_sessions(1).await;
+    send_with(&delivery, TOKEN).await.unwrap();
+    send_with(&delivery, TOKEN).await.unwrap();
+    assert_eq!(delivery.session_counts(), (3, 0));
+    drop(delivery);
+    let sessions = server.wait_sessions(3).await;
+    assert_eq!(sessions.iter().map(|s| s.messages).sum::<usize>(), 3);
+}
+
+/// Exchange Online hosts carry the per-mailbox limit of 30 messages a minute; others none.
+#[test]
+fn exchange_online_has_a_per_mailbox_rate_limit() {
+    use tokenfleet_agent::upstream::messages_per_minute_for;
+    assert_eq!(
+        SmtpSettings::new("smtp.office365.com", 587, Security::Starttls).messages_per_minute,
+        Some(30)
+    );
+    assert_eq!(messages_per_minute_for("SMTP.Office365.com."), Some(30));
+    assert_eq!(messages_per_minute_for("outlook.office365.us"), Some(30));
+    assert_eq!(messages_per_minute_for("smtp.gmail.com"), None);
+    assert_eq!(messages_per_minute_for("notoffice365.com"), None);
+    assert_eq!(messages_per_minute_for("127.0.0.1"), None);
+}
