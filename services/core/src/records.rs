@@ -189,10 +189,12 @@ impl Snapshot {
 /// since the last claim at least `every` ago. Under load every concurrent call of one agent
 /// sees the same stale time at once; without the claim they would all try the same
 /// compare-and-set write (on the embedded store one fsync each) and all but one lose.
-/// Per store object, so brokers sharing a process keep apart.
+/// Per store object, so brokers sharing a process keep apart, and per record version read, so a
+/// record that changed since (re-created, refreshed) is not held back by an older claim.
 pub fn claim_periodic_write(
     store: &dyn Store,
     key: &RecordKey,
+    version: u64,
     now: time::OffsetDateTime,
     every: time::Duration,
 ) -> bool {
@@ -201,7 +203,10 @@ pub fn claim_periodic_write(
     /// Entries beyond this are dropped all at once (the cost: some repeated writes).
     const MAX_CLAIMS: usize = 100_000;
     static CLAIMS: OnceLock<Mutex<HashMap<String, time::OffsetDateTime>>> = OnceLock::new();
-    let id = format!("{:p}/{key}", std::ptr::from_ref(store).cast::<()>());
+    let id = format!(
+        "{:p}/{key}@{version}",
+        std::ptr::from_ref(store).cast::<()>()
+    );
     let mut claims = CLAIMS
         .get_or_init(Mutex::default)
         .lock()

@@ -212,6 +212,7 @@ async fn touch_last_seen(
     if !crate::records::claim_periodic_write(
         state.store.as_ref(),
         &agent_key(&agent.value.tenant, &agent.value.name),
+        agent.version,
         now,
         LAST_SEEN_GRANULARITY,
     ) {

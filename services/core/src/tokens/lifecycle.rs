@@ -2015,6 +2015,7 @@ impl TokenService {
         if !crate::records::claim_periodic_write(
             self.inner.state.store.as_ref(),
             &key,
+            stored.version,
             now,
             LAST_ISSUED_GRANULARITY,
         ) {
