@@ -2,6 +2,7 @@
 //! target 1). Not part of any test suite; run it by hand:
 //!
 //! ```text
+//! cargo build --release -p tokenfleet-broker --bin tokenfleet-broker   # the broker it starts
 //! cargo run --release -p tokenfleet-testkit --bin bench_issuance
 //! cargo run --release -p tokenfleet-testkit --bin bench_issuance -- --store redis --inflight 64
 //! cargo run --release -p tokenfleet-testkit --bin bench_issuance -- --broker-bin /path/to/tokenfleet-broker
