@@ -2,9 +2,13 @@
 //!
 //! - `Enroll` (the only RPC without a client certificate): a one-time code and a CSR become a
 //!   client certificate of the agent CA ([`crate::identity`]).
-//! - Every other RPC authenticates the caller from its TLS client certificate alone
-//!   ([`crate::identity::peer::authenticate`]: CA, validity, revocation, current certificate),
-//!   on every call.
+//! - Every other RPC authenticates the caller from its TLS client certificate alone, on every
+//!   call ([`crate::identity::peer::authenticate_handshake_verified`]): the listener trusts only
+//!   the agent CA for client certificates, so the handshake verified chain and signature; each
+//!   call checks validity by the broker's clock, the identity, and in the store revocation and
+//!   whether the certificate is still current.
+//! - `IssueAccessToken` reads the agent, its certificate list, the device, the mailbox and its
+//!   grant in one store round trip ([`crate::records::Snapshot`]).
 //! - `Renew` issues a fresh certificate to the caller's identity.
 //! - `IssueAccessToken` checks that the calling agent hosts the device, then hands over to the
 //!   token lifecycle's [`crate::tokens::issue::issue_for_agent`] (device in the agent's tenant,
@@ -33,9 +37,9 @@ use crate::identity::{AgentCertificates, AgentId, AgentIdentity};
 use crate::ops::Error;
 use crate::ops::names::shown;
 use crate::rate_limit::{Rate, RateLimiter};
-use crate::records::{CAS_ATTEMPTS, Records, agent_key, device_key};
+use crate::records::{CAS_ATTEMPTS, Records, Snapshot, agent_key, device_key};
 use crate::state::BrokerState;
-use crate::tokens::issue::{ISSUE_ACTION, IssueRequest, Issued, issue_for_agent};
+use crate::tokens::issue::{ISSUE_ACTION, IssueRequest, Issued, issue_for_agent_via, issue_keys};
 use crate::tokens::lifecycle::TokenService;
 
 /// What every RPC answers when the broker serves without TLS.
@@ -118,7 +122,14 @@ impl TokenBrokerService {
             return Err(PeerError::NoCertificate);
         };
         let leaf = crate::edge::peer_certificate(request);
-        let peer = peer::authenticate(&self.state, &identity.ca, leaf.as_deref()).await;
+        let peer = peer::authenticate_handshake_verified(
+            &self.state,
+            &identity.ca,
+            leaf.as_deref(),
+            |_| Vec::new(),
+        )
+        .await
+        .map(|(peer, _)| peer);
         match &peer {
             Ok(p) => {
                 let span = tracing::Span::current();
@@ -373,6 +384,7 @@ impl TokenBrokerService {
     async fn issue_access_token(
         &self,
         peer: AgentPeer,
+        snapshot: &Snapshot,
         req: pb::IssueAccessTokenRequest,
     ) -> Result<pb::IssueAccessTokenResponse, Status> {
         let id = &peer.id;
@@ -392,7 +404,7 @@ impl TokenBrokerService {
         // which refuses and audits it.
         if tokenfleet_domain::name("device", &req.device).is_ok()
             && let Some(device) = Records::new(self.state.store.as_ref())
-                .get::<Device>(&device_key(&id.tenant, &req.device))
+                .get_via::<Device>(Some(snapshot), &device_key(&id.tenant, &req.device))
                 .await
                 .map_err(status)?
             && device.value.agent != id.name
@@ -429,9 +441,16 @@ impl TokenBrokerService {
             user_address: &req.user_address,
             purpose,
         };
-        let issued = issue_for_agent(&self.tokens, &actor, &id.tenant, &request, &self.public_url)
-            .await
-            .map_err(status)?;
+        let issued = issue_for_agent_via(
+            Some(snapshot),
+            &self.tokens,
+            &actor,
+            &id.tenant,
+            &request,
+            &self.public_url,
+        )
+        .await
+        .map_err(status)?;
         Ok(match issued {
             Issued::Token { mailbox, token } => pb::IssueAccessTokenResponse {
                 access_token: token.access_token.expose().to_owned(),
@@ -523,15 +542,28 @@ impl TokenBroker for TokenBrokerService {
         request: Request<pb::IssueAccessTokenRequest>,
     ) -> Result<Response<pb::IssueAccessTokenResponse>, Status> {
         async {
-            self.identity()?;
-            let peer = match self.authenticate(&request).await {
-                Ok(peer) => peer,
+            let identity = self.identity()?;
+            // The agent's own records and the ones this request needs, in one store round
+            // trip; the certificate's signature was verified by the TLS handshake.
+            let leaf = crate::edge::peer_certificate(&request);
+            let req = request.get_ref();
+            let authenticated = peer::authenticate_handshake_verified(
+                &self.state,
+                &identity.ca,
+                leaf.as_deref(),
+                |id| issue_keys(&id.tenant, &req.device, &req.mailbox, &req.user_address),
+            )
+            .await;
+            let (peer, snapshot) = match authenticated {
+                Ok(authenticated) => authenticated,
                 Err(error) => {
+                    tracing::info!(%error, "agent call not authenticated");
                     self.audit_refused_peer(ISSUE_ACTION, &error).await;
                     return Err(status(error));
                 }
             };
-            TokenBrokerService::issue_access_token(self, peer, request.into_inner())
+            tracing::Span::current().record("agent", peer.id.to_string().as_str());
+            TokenBrokerService::issue_access_token(self, peer, &snapshot, request.into_inner())
                 .await
                 .map(Response::new)
         }

@@ -139,6 +139,91 @@ pub fn decode<T: StoredRecord>(key: &RecordKey, data: &[u8]) -> StoreResult<T> {
     Ok(value)
 }
 
+/// Records one call read together in one store round trip ([`Store::get_many`]), so the steps
+/// of the call that need them do not each go to the store (an agent's `IssueAccessToken` reads
+/// its agent, certificate list, device, mailbox and grant this way). A snapshot lives for one
+/// call only; writes still go to the store with compare-and-set on the versions read here.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    records: Vec<(RecordKey, Option<tokenfleet_store::Record>)>,
+}
+
+impl Snapshot {
+    /// Reads `keys` in one round trip.
+    pub async fn read(store: &dyn Store, keys: Vec<RecordKey>) -> StoreResult<Self> {
+        let records = store.get_many(&keys).await?;
+        Ok(Self {
+            records: keys.into_iter().zip(records).collect(),
+        })
+    }
+
+    /// The raw record at `key` as read (`Some(None)`: read and missing); `None` when the
+    /// snapshot did not read `key`.
+    pub fn raw(&self, key: &RecordKey) -> Option<Option<&tokenfleet_store::Record>> {
+        self.records
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, r)| r.as_ref())
+    }
+
+    /// The record at `key` as read, decoded; `None` when the snapshot did not read `key`.
+    pub fn get<T: StoredRecord>(
+        &self,
+        key: &RecordKey,
+    ) -> Option<StoreResult<Option<Versioned<T>>>> {
+        self.raw(key).map(|record| {
+            record
+                .map(|record| {
+                    Ok(Versioned {
+                        version: record.version,
+                        value: decode(key, &record.data)?,
+                    })
+                })
+                .transpose()
+        })
+    }
+}
+
+/// Whether this caller should make a periodic bookkeeping write of `key` (an agent's
+/// `last_seen`, a grant's `last_issued`) at `now`: `true` for the first caller in this process
+/// since the last claim at least `every` ago. Under load every concurrent call of one agent
+/// sees the same stale time at once; without the claim they would all try the same
+/// compare-and-set write (on the embedded store one fsync each) and all but one lose.
+/// Per store object, so brokers sharing a process keep apart, and per record version read, so a
+/// record that changed since (re-created, refreshed) is not held back by an older claim.
+pub fn claim_periodic_write(
+    store: &dyn Store,
+    key: &RecordKey,
+    version: u64,
+    now: time::OffsetDateTime,
+    every: time::Duration,
+) -> bool {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    /// Entries beyond this are dropped all at once (the cost: some repeated writes).
+    const MAX_CLAIMS: usize = 100_000;
+    static CLAIMS: OnceLock<Mutex<HashMap<String, time::OffsetDateTime>>> = OnceLock::new();
+    let id = format!(
+        "{:p}/{key}@{version}",
+        std::ptr::from_ref(store).cast::<()>()
+    );
+    let mut claims = CLAIMS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if claims
+        .get(&id)
+        .is_some_and(|claimed| now >= *claimed && now - *claimed < every)
+    {
+        return false;
+    }
+    if claims.len() >= MAX_CLAIMS {
+        claims.clear();
+    }
+    claims.insert(id, now);
+    true
+}
+
 /// Typed access to the domain records of a [`Store`].
 #[derive(Debug, Clone, Copy)]
 pub struct Records<'a> {
@@ -159,6 +244,18 @@ impl<'a> Records<'a> {
                 version: record.version,
                 value: decode(key, &record.data)?,
             })),
+        }
+    }
+
+    /// Reads one record from `snapshot` when it read `key`, else from the store.
+    pub async fn get_via<T: StoredRecord>(
+        &self,
+        snapshot: Option<&Snapshot>,
+        key: &RecordKey,
+    ) -> StoreResult<Option<Versioned<T>>> {
+        match snapshot.and_then(|s| s.get(key)) {
+            Some(read) => read,
+            None => self.get(key).await,
         }
     }
 

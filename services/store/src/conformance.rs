@@ -38,6 +38,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     let s = store.as_ref();
     ping(s).await;
     create_get_update(s).await;
+    get_many(s).await;
     put_preconditions(s).await;
     delete_preconditions(s).await;
     versions_after_delete(s).await;
@@ -48,6 +49,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     concurrent_cas(Arc::clone(&store)).await;
     stream_order_and_paging(s).await;
     stream_bounded(s).await;
+    stream_concurrent_appends(Arc::clone(&store)).await;
     stream_trim_by_age(s).await;
     stream_isolation(s).await;
     lease_exclusive_and_fenced(s).await;
@@ -377,6 +379,78 @@ pub async fn create_get_update(s: &dyn Store) {
         1
     );
     assert_eq!(s.get(&odd).await.unwrap().unwrap().data, b"odd");
+}
+
+/// `get_many` answers one entry per key in the order asked, across scopes and collections,
+/// with missing records as `None`, repeated keys answered each time, versions as `get` sees
+/// them.
+pub async fn get_many(s: &dyn Store) {
+    let t = unique("cf-many");
+    let u = unique("cf-many-other");
+    assert!(
+        s.get_many(&[]).await.unwrap().is_empty(),
+        "no keys, no answers"
+    );
+    let a = RecordKey::tenant(&t, COLL, "a");
+    let b = RecordKey::tenant(&t, COLL_LONGER, "b");
+    let c = RecordKey::tenant(&u, COLL, "a");
+    let g = RecordKey::global(COLL, &unique("cf-many-global"));
+    let missing = RecordKey::tenant(&t, COLL, "missing");
+    s.put(&a, b"a1".to_vec(), Precondition::Absent)
+        .await
+        .unwrap();
+    s.put(&a, b"a2".to_vec(), Precondition::Version(1))
+        .await
+        .unwrap();
+    s.put(&b, vec![0, 255, 1], Precondition::Absent)
+        .await
+        .unwrap();
+    s.put(&c, b"other tenant".to_vec(), Precondition::Absent)
+        .await
+        .unwrap();
+    s.put(&g, b"global".to_vec(), Precondition::Absent)
+        .await
+        .unwrap();
+    let keys = [
+        missing.clone(),
+        c.clone(),
+        a.clone(),
+        g.clone(),
+        b.clone(),
+        a.clone(),
+    ];
+    let got = s.get_many(&keys).await.unwrap();
+    assert_eq!(got.len(), keys.len(), "one answer per key");
+    let shown: Vec<Option<(u64, Vec<u8>)>> = got
+        .into_iter()
+        .map(|r| r.map(|r| (r.version, r.data)))
+        .collect();
+    assert_eq!(
+        shown,
+        vec![
+            None,
+            Some((1, b"other tenant".to_vec())),
+            Some((2, b"a2".to_vec())),
+            Some((1, b"global".to_vec())),
+            Some((1, vec![0, 255, 1])),
+            Some((2, b"a2".to_vec())),
+        ],
+        "get_many must answer like get, in the order of the keys"
+    );
+    for key in &keys {
+        let one = s.get(key).await.unwrap().map(|r| (r.version, r.data));
+        let many = s
+            .get_many(std::slice::from_ref(key))
+            .await
+            .unwrap()
+            .pop()
+            .unwrap()
+            .map(|r| (r.version, r.data));
+        assert_eq!(one, many, "get and get_many disagree on {key}");
+    }
+    // A deleted record reads as missing.
+    assert!(s.delete(&a, Precondition::Any).await.unwrap());
+    assert!(s.get_many(std::slice::from_ref(&a)).await.unwrap()[0].is_none());
 }
 
 /// Every precondition of `put`, including the versions a conflict reports.
@@ -876,6 +950,72 @@ pub async fn stream_order_and_paging(s: &dyn Store) {
             .unwrap()
             .is_empty(),
         "limit 0"
+    );
+}
+
+/// Appends from many tasks at once (the audit log under load; the embedded store commits them
+/// in groups): every append is answered with its own id, and once answered it is stored: all of
+/// them read back, each once, newest first in id order, including those of another stream
+/// appended in the same moment and with a length bound in force.
+pub async fn stream_concurrent_appends(store: Arc<dyn Store>) {
+    const TASKS: usize = 64;
+    const PER_TASK: usize = 8;
+    let scope = Scope::Tenant(unique("cf-group"));
+    let mut handles = Vec::new();
+    for task in 0..TASKS {
+        let (store, scope) = (Arc::clone(&store), scope.clone());
+        handles.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..PER_TASK {
+                let data = format!("{task}/{i}").into_bytes();
+                ids.push((
+                    store
+                        .append(&scope, STREAM, data.clone(), 100_000)
+                        .await
+                        .unwrap(),
+                    data,
+                ));
+                // Another stream, bounded to 10 entries, in the same groups.
+                let last = ids.last().map(|(_, d): &(String, Vec<u8>)| d.clone());
+                store
+                    .append(&scope, "cf_bounded", last.unwrap_or_default(), 10)
+                    .await
+                    .unwrap();
+            }
+            ids
+        }));
+    }
+    let mut answered = Vec::new();
+    for handle in handles {
+        answered.extend(handle.await.unwrap());
+    }
+    let ids: BTreeSet<&String> = answered.iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), TASKS * PER_TASK, "every append gets its own id");
+    let back = store
+        .read_back(&scope, STREAM, None, TASKS * PER_TASK + 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        back.len(),
+        TASKS * PER_TASK,
+        "every answered append is stored"
+    );
+    assert!(
+        back.windows(2).all(|w| w[0].id > w[1].id),
+        "read_back is newest first"
+    );
+    let mut stored: Vec<(String, Vec<u8>)> = back.into_iter().map(|e| (e.id, e.data)).collect();
+    stored.sort();
+    answered.sort();
+    assert_eq!(stored, answered, "each id holds the data appended with it");
+    assert_eq!(
+        store
+            .read_back(&scope, "cf_bounded", None, 100)
+            .await
+            .unwrap()
+            .len(),
+        10,
+        "the length bound holds under concurrent appends"
     );
 }
 

@@ -18,7 +18,7 @@
 use std::fmt;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -47,6 +47,49 @@ pub struct EmbeddedStore {
     path: Arc<PathBuf>,
     /// Notifications (one process: delivered in memory), as `(channel, message)`.
     notices: tokio::sync::broadcast::Sender<(&'static str, String)>,
+    /// Stream appends waiting for the next group commit (see [`EmbeddedStore::commit_appends`]).
+    appends: Arc<Mutex<AppendQueue>>,
+}
+
+/// Most appends one group commit writes in its transaction.
+const MAX_GROUP_COMMIT: usize = 1024;
+
+/// Appends waiting to be committed, and whether a committer is running.
+#[derive(Default)]
+struct AppendQueue {
+    pending: Vec<PendingAppend>,
+    /// A committer is running and takes `pending` before it stops.
+    committing: bool,
+}
+
+/// One `append` waiting for its group commit; `done` gets its id once the transaction holding
+/// it is durable (or the commit's error).
+struct PendingAppend {
+    scope: String,
+    stream: &'static str,
+    data: Vec<u8>,
+    max_len: u64,
+    done: tokio::sync::oneshot::Sender<StoreResult<String>>,
+}
+
+fn lock_queue(queue: &Mutex<AppendQueue>) -> std::sync::MutexGuard<'_, AppendQueue> {
+    queue
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Lets the next append start a committer again if this one ends, even by a panic (then the
+/// appends it had not taken fail instead of waiting for ever).
+struct CommitterGuard<'a>(&'a Mutex<AppendQueue>);
+
+impl Drop for CommitterGuard<'_> {
+    fn drop(&mut self) {
+        let mut queue = lock_queue(self.0);
+        queue.committing = false;
+        if std::thread::panicking() {
+            queue.pending.clear();
+        }
+    }
 }
 
 impl fmt::Debug for EmbeddedStore {
@@ -123,12 +166,54 @@ impl EmbeddedStore {
             db: Arc::new(db),
             path: Arc::new(path),
             notices: tokio::sync::broadcast::channel(crate::NOTICE_BUFFER).0,
+            appends: Arc::default(),
         })
     }
 
     /// The file this store lives in.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Group commit of stream appends (the audit log): concurrent appends share one write
+    /// transaction and so one fsync. The first append that finds no committer running starts
+    /// one on the blocking pool; it takes everything pending (up to [`MAX_GROUP_COMMIT`]),
+    /// writes it in one transaction, commits (durable: redb's default durability syncs the file),
+    /// answers each append with its id, and repeats until nothing is pending. Appends arriving
+    /// while a commit syncs wait for the next one, so under load each transaction carries the
+    /// appends of one sync's duration. No append is answered before its transaction committed;
+    /// when a commit fails, every append in it gets the error.
+    fn commit_appends(&self) {
+        let _guard = CommitterGuard(&self.appends);
+        loop {
+            let batch: Vec<PendingAppend> = {
+                let mut queue = lock_queue(&self.appends);
+                if queue.pending.is_empty() {
+                    return;
+                }
+                let n = queue.pending.len().min(MAX_GROUP_COMMIT);
+                queue.pending.drain(..n).collect()
+            };
+            match append_batch(&self.db, &self.path, &batch) {
+                Ok(ids) => {
+                    for (pending, id) in batch.into_iter().zip(ids) {
+                        let _ = pending.done.send(Ok(id));
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for pending in batch {
+                        let _ = pending.done.send(Err(match &e {
+                            StoreError::Corrupt { key, problem } => StoreError::Corrupt {
+                                key: key.clone(),
+                                problem: problem.clone(),
+                            },
+                            _ => StoreError::Unavailable(message.clone()),
+                        }));
+                    }
+                }
+            }
+        }
     }
 
     async fn run<T, F>(&self, op: F) -> StoreResult<T>
@@ -214,6 +299,60 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Writes `batch` in one write transaction, in order (each entry as one `append` would,
+/// including its stream's length bound), and commits it; the ids, in order.
+fn append_batch(db: &Database, path: &Path, batch: &[PendingAppend]) -> StoreResult<Vec<String>> {
+    let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
+    let mut ids = Vec::with_capacity(batch.len());
+    {
+        let mut meta = txn
+            .open_table(STREAM_META)
+            .map_err(|e| storage_err(path, e))?;
+        let mut entries = txn.open_table(STREAMS).map_err(|e| storage_err(path, e))?;
+        for append in batch {
+            let (scope, stream) = (append.scope.as_str(), append.stream);
+            let (last, len) = meta
+                .get((scope, stream))
+                .map_err(|e| storage_err(path, e))?
+                .map(|v| v.value())
+                .unwrap_or((0, 0));
+            let seq = (last + 1).max(time_seq(now_millis()));
+            let id = stream_id(seq);
+            entries
+                .insert((scope, stream, id.as_str()), append.data.as_slice())
+                .map_err(|e| storage_err(path, e))?;
+            let mut len = len + 1;
+            if len > append.max_len {
+                let excess = usize::try_from(len - append.max_len).unwrap_or(usize::MAX);
+                let mut oldest = Vec::with_capacity(excess.min(1024));
+                for item in entries
+                    .range::<Key3>((scope, stream, "")..)
+                    .map_err(|e| storage_err(path, e))?
+                    .take(excess)
+                {
+                    let (k, _) = item.map_err(|e| storage_err(path, e))?;
+                    let (s, st, old) = k.value();
+                    if s != scope || st != stream {
+                        break;
+                    }
+                    oldest.push(old.to_owned());
+                }
+                for old in &oldest {
+                    entries
+                        .remove((scope, stream, old.as_str()))
+                        .map_err(|e| storage_err(path, e))?;
+                }
+                len -= u64::try_from(oldest.len()).unwrap_or(0);
+            }
+            meta.insert((scope, stream), (seq, len))
+                .map_err(|e| storage_err(path, e))?;
+            ids.push(id);
+        }
+    }
+    txn.commit().map_err(|e| storage_err(path, e))?;
+    Ok(ids)
 }
 
 fn storage_err(path: &Path, e: impl fmt::Display) -> StoreError {
@@ -311,6 +450,27 @@ impl Store for EmbeddedStore {
                 .get((scope.as_str(), key.collection, key.id.as_str()))
                 .map_err(|e| storage_err(path, e))?;
             raw.map(|v| decode_record(&key, v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn get_many(&self, keys: &[RecordKey]) -> StoreResult<Vec<Option<Record>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = keys.to_vec();
+        self.run(move |db, path| {
+            let txn = db.begin_read().map_err(|e| storage_err(path, e))?;
+            let table = txn.open_table(RECORDS).map_err(|e| storage_err(path, e))?;
+            keys.iter()
+                .map(|key| {
+                    let scope = scope_key(&key.scope);
+                    let raw = table
+                        .get((scope.as_str(), key.collection, key.id.as_str()))
+                        .map_err(|e| storage_err(path, e))?;
+                    raw.map(|v| decode_record(key, v.value())).transpose()
+                })
+                .collect()
         })
         .await
     }
@@ -433,56 +593,29 @@ impl Store for EmbeddedStore {
         data: Vec<u8>,
         max_len: usize,
     ) -> StoreResult<String> {
-        let scope = scope_key(scope);
-        let max_len = u64::try_from(max_len.max(1)).unwrap_or(u64::MAX);
-        self.run(move |db, path| {
-            let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
-            let id = {
-                let mut meta = txn
-                    .open_table(STREAM_META)
-                    .map_err(|e| storage_err(path, e))?;
-                let mut entries = txn.open_table(STREAMS).map_err(|e| storage_err(path, e))?;
-                let (last, len) = meta
-                    .get((scope.as_str(), stream))
-                    .map_err(|e| storage_err(path, e))?
-                    .map(|v| v.value())
-                    .unwrap_or((0, 0));
-                let seq = (last + 1).max(time_seq(now_millis()));
-                let id = stream_id(seq);
-                entries
-                    .insert((scope.as_str(), stream, id.as_str()), data.as_slice())
-                    .map_err(|e| storage_err(path, e))?;
-                let mut len = len + 1;
-                if len > max_len {
-                    let excess = usize::try_from(len - max_len).unwrap_or(usize::MAX);
-                    let mut oldest = Vec::with_capacity(excess.min(1024));
-                    for item in entries
-                        .range::<Key3>((scope.as_str(), stream, "")..)
-                        .map_err(|e| storage_err(path, e))?
-                        .take(excess)
-                    {
-                        let (k, _) = item.map_err(|e| storage_err(path, e))?;
-                        let (s, st, old) = k.value();
-                        if s != scope || st != stream {
-                            break;
-                        }
-                        oldest.push(old.to_owned());
-                    }
-                    for old in &oldest {
-                        entries
-                            .remove((scope.as_str(), stream, old.as_str()))
-                            .map_err(|e| storage_err(path, e))?;
-                    }
-                    len -= u64::try_from(oldest.len()).unwrap_or(0);
-                }
-                meta.insert((scope.as_str(), stream), (seq, len))
-                    .map_err(|e| storage_err(path, e))?;
-                id
-            };
-            txn.commit().map_err(|e| storage_err(path, e))?;
-            Ok(id)
-        })
-        .await
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let pending = PendingAppend {
+            scope: scope_key(scope),
+            stream,
+            data,
+            max_len: u64::try_from(max_len.max(1)).unwrap_or(u64::MAX),
+            done,
+        };
+        let start_committer = {
+            let mut queue = lock_queue(&self.appends);
+            queue.pending.push(pending);
+            !std::mem::replace(&mut queue.committing, true)
+        };
+        if start_committer {
+            let this = self.clone();
+            tokio::task::spawn_blocking(move || this.commit_appends());
+        }
+        answer.await.map_err(|_| {
+            StoreError::Unavailable(format!(
+                "embedded store {}: the append was not committed (commit task failed)",
+                self.path.display()
+            ))
+        })?
     }
 
     async fn trim_stream(

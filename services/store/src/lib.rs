@@ -155,6 +155,14 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Reads one record.
     async fn get(&self, key: &RecordKey) -> StoreResult<Option<Record>>;
 
+    /// Reads several records in one round trip (Redis: one pipeline; embedded: one read
+    /// transaction); the answer has one entry per key, in the order of `keys`. Keys may be of
+    /// any scopes and collections and may repeat. Each record is as [`Store::get`] would read it;
+    /// Redis reads the keys one after the other within the pipeline, so records written
+    /// concurrently may be seen at different moments (as with separate `get`s), while the
+    /// embedded store reads them all at one snapshot.
+    async fn get_many(&self, keys: &[RecordKey]) -> StoreResult<Vec<Option<Record>>>;
+
     /// Writes one record if `pre` holds; returns the new version.
     async fn put(&self, key: &RecordKey, data: Vec<u8>, pre: Precondition) -> StoreResult<u64>;
 

@@ -1179,6 +1179,54 @@ impl RedisStore {
         format!("{}:{{sched:{}}}", self.prefix, escape_tag(name))
     }
 
+    /// `HMGET v d` of each key in one pipeline (all keys of one scope: one Cluster slot).
+    async fn read_pipeline<'k>(
+        &self,
+        keys: impl Iterator<Item = &'k RecordKey>,
+    ) -> StoreResult<Vec<Option<Record>>> {
+        let keys: Vec<&RecordKey> = keys.collect();
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            let rec = format!(
+                "{}{}",
+                self.record_prefix(&key.scope, key.collection),
+                key.id
+            );
+            pipe.add_command(redis::cmd("HMGET").arg(rec).arg("v").arg("d").clone());
+        }
+        let mut conn = self.conn().await?;
+        let answers =
+            match tokio::time::timeout(self.op_timeout, pipe.query_async::<Vec<Value>>(&mut conn))
+                .await
+            {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => return Err(self.failed(&e)),
+                Err(_) => return Err(self.timed_out()),
+            };
+        if answers.len() != keys.len() {
+            return Err(StoreError::Unavailable(format!(
+                "redis at {}: {} reads got {} answers",
+                self.target,
+                keys.len(),
+                answers.len()
+            )));
+        }
+        keys.into_iter()
+            .zip(answers)
+            .map(|(key, answer)| {
+                let (version, data): (Option<u64>, Option<Vec<u8>>) = self.decode(key, answer)?;
+                match (version, data) {
+                    (None, _) => Ok(None),
+                    (Some(version), Some(data)) => Ok(Some(Record { version, data })),
+                    (Some(_), None) => Err(StoreError::Corrupt {
+                        key: key.to_string(),
+                        problem: "record has a version but no data".into(),
+                    }),
+                }
+            })
+            .collect()
+    }
+
     fn decode<T: redis::FromRedisValue>(
         &self,
         what: &dyn fmt::Display,
@@ -1212,6 +1260,39 @@ impl Store for RedisStore {
                 problem: "record has a version but no data".into(),
             }),
         }
+    }
+
+    async fn get_many(&self, keys: &[RecordKey]) -> StoreResult<Vec<Option<Record>>> {
+        for key in keys {
+            Self::check_name("collection", key.collection)?;
+        }
+        // One pipeline per scope: the keys of a scope share a hash tag, so each pipeline stays
+        // in one Cluster slot (a pipeline across slots is refused there). The pipelines of
+        // different scopes run at the same time.
+        let mut scopes: Vec<&Scope> = Vec::new();
+        for key in keys {
+            if !scopes.contains(&&key.scope) {
+                scopes.push(&key.scope);
+            }
+        }
+        let groups = scopes.iter().map(|scope| {
+            let members: Vec<(usize, &RecordKey)> = keys
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| &k.scope == *scope)
+                .collect();
+            async move {
+                let answers = self.read_pipeline(members.iter().map(|(_, k)| *k)).await?;
+                Ok::<_, StoreError>(members.into_iter().map(|(i, _)| i).zip(answers))
+            }
+        });
+        let mut out: Vec<Option<Record>> = vec![None; keys.len()];
+        for group in futures::future::try_join_all(groups).await? {
+            for (i, record) in group {
+                out[i] = record;
+            }
+        }
+        Ok(out)
     }
 
     async fn put(&self, key: &RecordKey, data: Vec<u8>, pre: Precondition) -> StoreResult<u64> {

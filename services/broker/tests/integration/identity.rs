@@ -2,7 +2,9 @@
 //! enrollment codes (once, expiry, concurrency), who may call `TokenBroker` (no certificate,
 //! another CA, an expired certificate, revoked, superseded), renewal, the device-host check of
 //! `IssueAccessToken`, the Admin API over TLS without a client certificate, audit entries, and
-//! that no secret reaches the log at trace level.
+//! that no secret reaches the log at trace level. The issuance fast path keeps the per-call
+//! checks: a cached-token issuance is refused on the next call after revocation or
+//! re-enrollment, and concurrent issuances (embedded store and Redis) are each audited.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -799,4 +801,169 @@ async fn leftover_codes_cannot_take_an_agent_over() {
     assert!(err.message().contains("re-created"), "{}", err.message());
     // Other agents' codes are untouched by all this.
     enroll_with_code(&broker, &fresh_for_b).await.unwrap();
+}
+
+// ----------------------------------------------------------------------------------------------
+// The issuance fast path (issue 15): one store read per call, the handshake's verification
+// trusted, audit appends committed in groups. Each guarantee still holds per call.
+// ----------------------------------------------------------------------------------------------
+
+/// A grant of `tenant`/`mailbox` holding a cached access token `token` valid for an hour.
+async fn put_cached_grant(state: &BrokerState, tenant: &str, mailbox: &str, token: &str) {
+    use tokenfleet_broker::tokens::grant::{GrantField, GrantRecord, seal_field};
+    let seal = |field, value: &str| {
+        seal_field(
+            &state.keyring,
+            tenant,
+            mailbox,
+            field,
+            &tokenfleet_seal::Secret::new(value),
+        )
+        .unwrap()
+    };
+    let now = state.clock.now();
+    let mut g = GrantRecord::empty(tenant, mailbox);
+    g.refresh_token = Some(seal(GrantField::RefreshToken, "made-up-refresh-token"));
+    g.access_token = Some(seal(GrantField::AccessToken, token));
+    g.refresh_token_obtained = Some(now);
+    g.state.status = tokenfleet_domain::TokenStatus::Active;
+    g.state.last_refresh = Some(now);
+    g.state.access_token_expires = Some(now + time::Duration::hours(1));
+    Records::new(state.store.as_ref())
+        .put(&g, Precondition::Any)
+        .await
+        .unwrap();
+}
+
+/// Asks for the token of `mfp-a`/`scan` and checks it is the cached one.
+async fn issues_cached(client: &mut TokenBrokerClient<Channel>) -> Result<(), tonic::Status> {
+    let answer = client
+        .issue_access_token(issue_request("mfp-a", "scan"))
+        .await?
+        .into_inner();
+    assert_eq!(answer.access_token, "cached-access-token");
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_a_cached_token_revocation_and_re_enrollment_still_refuse_the_next_call() {
+    let broker = Broker::start(true, None).await;
+    let (key1, cert1) = broker.enroll("acme", "site-a").await;
+    broker.put_device("acme", "mfp-a", "site-a").await;
+    put_cached_grant(&broker.state, "acme", "scan", "cached-access-token").await;
+    let mut first = broker.broker_client(broker.with_certificate(&cert1.certificate_pem, &key1));
+    issues_cached(&mut first).await.unwrap();
+    issues_cached(&mut first).await.unwrap();
+
+    // Re-enrollment: the open connection with the old certificate is refused on its next call.
+    let (key2, cert2) = broker.enroll_with("acme", "site-a", true).await;
+    let err = issues_cached(&mut first).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("replaced"), "{}", err.message());
+    let mut second = broker.broker_client(broker.with_certificate(&cert2.certificate_pem, &key2));
+    issues_cached(&mut second).await.unwrap();
+
+    // Revocation: the next call on the same connection is refused, and audited.
+    broker
+        .admin()
+        .revoke_agent(pb::RevokeAgentRequest {
+            tenant: "acme".into(),
+            name: "site-a".into(),
+        })
+        .await
+        .unwrap();
+    let err = issues_cached(&mut second).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("revoked"), "{}", err.message());
+    let refused = broker
+        .audit("acme")
+        .await
+        .into_iter()
+        .filter(|e| e.action == "token.issue" && e.result == "permission_denied")
+        .count();
+    assert_eq!(
+        refused, 2,
+        "the superseded and the revoked call are audited"
+    );
+}
+
+/// `calls` concurrent issuances over `connections` connections of one agent: every one is
+/// answered with the cached token, and every answered one has its audit record (the embedded
+/// store commits concurrent appends in groups, each durable before its calls are answered).
+async fn concurrent_issuances_are_all_audited(broker: &Broker) {
+    const CALLS: usize = 300;
+    const CONNECTIONS: usize = 4;
+    let (key, cert) = broker.enroll("acme", "site-a").await;
+    broker.put_device("acme", "mfp-a", "site-a").await;
+    put_cached_grant(&broker.state, "acme", "scan", "cached-access-token").await;
+    let clients: Vec<_> = (0..CONNECTIONS)
+        .map(|_| broker.broker_client(broker.with_certificate(&cert.certificate_pem, &key)))
+        .collect();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..CALLS {
+        let mut client = clients[i % CONNECTIONS].clone();
+        calls.spawn(async move { issues_cached(&mut client).await });
+    }
+    let mut answered = 0;
+    while let Some(result) = calls.join_next().await {
+        result.unwrap().unwrap();
+        answered += 1;
+    }
+    assert_eq!(answered, CALLS);
+    let mut audited = 0;
+    let mut page_token = String::new();
+    loop {
+        let page = broker
+            .admin()
+            .list_audit_events(pb::ListAuditEventsRequest {
+                tenant: "acme".into(),
+                page_size: 1000,
+                page_token,
+                kind: "issuance".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        audited += page
+            .events
+            .iter()
+            .filter(|e| {
+                e.action == "token.issue" && e.result == "ok" && e.actor == "agent:acme/site-a"
+            })
+            .count();
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(
+        audited, CALLS,
+        "every answered issuance has its audit record"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_issuances_are_each_audited_on_the_embedded_store() {
+    log_capture();
+    let broker = Broker::launch(Launch::tls(), |raw| raw.agents.issue_rate_per_minute = 0).await;
+    broker.put_tenant("acme").await;
+    concurrent_issuances_are_all_audited(&broker).await;
+}
+
+#[tokio::test]
+async fn concurrent_issuances_are_each_audited_on_redis() {
+    log_capture();
+    let redis = tokenfleet_testkit::redis::RedisServer::start()
+        .await
+        .unwrap();
+    let broker = Broker::launch(
+        Launch {
+            redis: Some(redis.url()),
+            ..Launch::tls()
+        },
+        |raw| raw.agents.issue_rate_per_minute = 0,
+    )
+    .await;
+    broker.put_tenant("acme").await;
+    concurrent_issuances_are_all_audited(&broker).await;
 }

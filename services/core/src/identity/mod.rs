@@ -11,10 +11,13 @@
 //!   an expiry); the agent sends it with a CSR. An agent has one live code, bound to its agent
 //!   record; replacing a current certificate takes a re-enroll code. Consuming a code is a
 //!   compare-and-set delete, so of two concurrent uses exactly one wins.
-//! - Every call ([`peer::authenticate`]) verifies the certificate against the CA and the clock,
-//!   then reads the agent record (revoked? still the same agent?) and the agent's certificate
-//!   record (is this one of its current certificates?): revocation and re-enrollment take effect
-//!   on the next call, without a restart.
+//! - Every call ([`peer::authenticate`]; on the broker's TLS listener
+//!   [`peer::authenticate_handshake_verified`], which leaves the signature to the handshake that
+//!   already verified it against this CA) checks the certificate against the clock, then reads
+//!   the agent record (revoked? still the same agent?) and the agent's certificate record (is
+//!   this one of its current certificates?) from the store, in one round trip: revocation and
+//!   re-enrollment take effect on the next call on every replica, without a restart and without
+//!   a cache to invalidate.
 
 pub mod ca;
 pub mod codes;

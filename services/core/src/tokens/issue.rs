@@ -60,7 +60,9 @@ use super::consent::{self, Challenge, ConsentError};
 use super::grant::PendingConsent;
 use super::lifecycle::{IssuedToken, TokenError, TokenService};
 use crate::audit;
-use crate::records::{CAS_ATTEMPTS, Records, Versioned, device_key, mailbox_key, provider_key};
+use crate::records::{
+    CAS_ATTEMPTS, Records, Snapshot, Versioned, device_key, mailbox_key, provider_key,
+};
 
 /// Audit action of an issuance.
 pub const ISSUE_ACTION: &str = "token.issue";
@@ -309,10 +311,24 @@ pub async fn issue(
     mailbox: &str,
     purpose: MailPurpose,
 ) -> Result<IssuedToken, TokenError> {
-    let result = authorize_and_issue(service, tenant, device, mailbox, purpose).await;
+    issue_via(None, service, actor, tenant, device, mailbox, purpose).await
+}
+
+/// [`issue`] reading the device, mailbox and grant from `snapshot` first (see
+/// [`issue_keys`]).
+async fn issue_via(
+    snapshot: Option<&Snapshot>,
+    service: &TokenService,
+    actor: &str,
+    tenant: &str,
+    device: &str,
+    mailbox: &str,
+    purpose: MailPurpose,
+) -> Result<IssuedToken, TokenError> {
+    let result = authorize_and_issue(snapshot, service, tenant, device, mailbox, purpose).await;
     let (outcome, detail) = match &result {
         Ok(token) => {
-            record_issued(service, tenant, mailbox).await;
+            record_issued(snapshot, service, tenant, mailbox).await;
             ("ok", format!("; token expires {}", rfc3339(token.expires)))
         }
         Err(e) => (crate::ops::Error::from(e).result(), format!(": {e}")),
@@ -324,13 +340,19 @@ pub async fn issue(
     result
 }
 
-async fn record_issued(service: &TokenService, tenant: &str, mailbox: &str) {
-    if let Err(error) = service.record_issued(tenant, mailbox).await {
+async fn record_issued(
+    snapshot: Option<&Snapshot>,
+    service: &TokenService,
+    tenant: &str,
+    mailbox: &str,
+) {
+    if let Err(error) = service.record_issued_via(snapshot, tenant, mailbox).await {
         tracing::warn!(%error, tenant, mailbox, "recording the issuance time failed");
     }
 }
 
 async fn authorize_and_issue(
+    snapshot: Option<&Snapshot>,
     service: &TokenService,
     tenant: &str,
     device: &str,
@@ -340,7 +362,7 @@ async fn authorize_and_issue(
     for (field, value) in [("tenant", tenant), ("device", device), ("mailbox", mailbox)] {
         tokenfleet_domain::name(field, value).map_err(|e| TokenError::Invalid(e.to_string()))?;
     }
-    let d = load_device(service, tenant, device).await?;
+    let d = load_device(snapshot, service, tenant, device).await?;
     if !device_may_use(&d, mailbox) {
         let allowed = match d.sender_mode {
             SenderMode::FixedAdmin => format!("its admin mailbox `{}`", d.admin_mailbox),
@@ -360,16 +382,25 @@ async fn authorize_and_issue(
             d.sender_mode
         )));
     }
-    issue_mailbox(service, tenant, mailbox, purpose, resource_for(&d, purpose)).await
+    issue_mailbox(
+        snapshot,
+        service,
+        tenant,
+        mailbox,
+        purpose,
+        resource_for(&d, purpose),
+    )
+    .await
 }
 
 async fn load_device(
+    snapshot: Option<&Snapshot>,
     service: &TokenService,
     tenant: &str,
     device: &str,
 ) -> Result<Device, TokenError> {
     Records::new(service.state().store.as_ref())
-        .get::<Device>(&device_key(tenant, device))
+        .get_via::<Device>(snapshot, &device_key(tenant, device))
         .await?
         .map(|d| d.value)
         .ok_or_else(|| {
@@ -381,6 +412,7 @@ async fn load_device(
 
 /// The token of a mailbox the device may use: the mailbox must exist and serve `purpose`.
 async fn issue_mailbox(
+    snapshot: Option<&Snapshot>,
     service: &TokenService,
     tenant: &str,
     mailbox: &str,
@@ -388,7 +420,7 @@ async fn issue_mailbox(
     resource: TokenResource,
 ) -> Result<IssuedToken, TokenError> {
     let Some(m) = Records::new(service.state().store.as_ref())
-        .get::<Mailbox>(&mailbox_key(tenant, mailbox))
+        .get_via::<Mailbox>(snapshot, &mailbox_key(tenant, mailbox))
         .await?
     else {
         return Err(TokenError::MailboxNotFound {
@@ -408,7 +440,13 @@ async fn issue_mailbox(
         )));
     }
     service
-        .access_token_for(tenant, mailbox, resource, service.config().refresh_margin)
+        .access_token_via(
+            snapshot,
+            tenant,
+            mailbox,
+            resource,
+            service.config().refresh_margin,
+        )
         .await
 }
 
@@ -423,8 +461,50 @@ pub async fn issue_for_agent(
     req: &IssueRequest<'_>,
     public_url: &str,
 ) -> Result<Issued, IssueError> {
+    issue_for_agent_via(None, service, actor, tenant, req, public_url).await
+}
+
+/// The records an agent's request reads, for one round trip before the call
+/// ([`crate::identity::peer::authenticate_handshake_verified`] reads them with the agent's own):
+/// the device, and for a request without `user_address` the mailbox and its grant. Names that
+/// are not valid are left out (the call refuses them).
+pub fn issue_keys(tenant: &str, device: &str, mailbox: &str, user_address: &str) -> Vec<RecordKey> {
+    let mut keys = Vec::new();
+    if tokenfleet_domain::name("tenant", tenant).is_err()
+        || tokenfleet_domain::name("device", device).is_err()
+    {
+        return keys;
+    }
+    keys.push(device_key(tenant, device));
+    if user_address.is_empty() && tokenfleet_domain::name("mailbox", mailbox).is_ok() {
+        keys.push(mailbox_key(tenant, mailbox));
+        keys.push(super::grant::grant_key(tenant, mailbox));
+    }
+    keys
+}
+
+/// [`issue_for_agent`] reading the records [`issue_keys`] names from `snapshot` (read in the
+/// same round trip as the agent's identity) instead of one store read each. Writes are
+/// unchanged (compare-and-set on the versions read), and a refresh reads the grant again.
+pub async fn issue_for_agent_via(
+    snapshot: Option<&Snapshot>,
+    service: &TokenService,
+    actor: &str,
+    tenant: &str,
+    req: &IssueRequest<'_>,
+    public_url: &str,
+) -> Result<Issued, IssueError> {
     if req.user_address.is_empty() {
-        let token = issue(service, actor, tenant, req.device, req.mailbox, req.purpose).await?;
+        let token = issue_via(
+            snapshot,
+            service,
+            actor,
+            tenant,
+            req.device,
+            req.mailbox,
+            req.purpose,
+        )
+        .await?;
         return Ok(Issued::Token {
             mailbox: req.mailbox.to_owned(),
             token,
@@ -436,10 +516,19 @@ pub async fn issue_for_agent(
     } else {
         req.mailbox.to_owned()
     };
-    let result = for_user(service, actor, tenant, req, public_url, &mut target).await;
+    let result = for_user(
+        snapshot,
+        service,
+        actor,
+        tenant,
+        req,
+        public_url,
+        &mut target,
+    )
+    .await;
     let (outcome, detail) = match &result {
         Ok(Issued::Token { token, .. }) => {
-            record_issued(service, tenant, &target).await;
+            record_issued(None, service, tenant, &target).await;
             ("ok", format!("; token expires {}", rfc3339(token.expires)))
         }
         Ok(Issued::ConsentRequired(c)) => (
@@ -472,6 +561,7 @@ pub async fn issue_for_agent(
 }
 
 async fn for_user(
+    snapshot: Option<&Snapshot>,
     service: &TokenService,
     actor: &str,
     tenant: &str,
@@ -484,7 +574,7 @@ async fn for_user(
     tokenfleet_domain::name("device", req.device).map_err(invalid)?;
     tokenfleet_domain::optional_name("mailbox", req.mailbox).map_err(invalid)?;
     tokenfleet_domain::email("user_address", req.user_address).map_err(invalid)?;
-    let device = load_device(service, tenant, req.device).await?;
+    let device = load_device(snapshot, service, tenant, req.device).await?;
     if !matches!(
         device.sender_mode,
         SenderMode::LoginUser | SenderMode::AllowUserChange
@@ -501,6 +591,7 @@ async fn for_user(
         if device.sender_mode == SenderMode::AllowUserChange && device_may_use(&device, req.mailbox)
         {
             let token = issue_mailbox(
+                None,
                 service,
                 tenant,
                 req.mailbox,

@@ -71,8 +71,8 @@ use super::grant::{
 use super::machine::{self, Alert, Effects, Event, Failure, Lifecycle, Schedule};
 use super::scheduler::{SchedulerConfig, schedule_refresh, unschedule_refresh};
 use crate::records::{
-    CAS_ATTEMPTS, Records, Versioned, mailbox_key, open_client_secret, open_service_account_key,
-    provider_key,
+    CAS_ATTEMPTS, Records, Snapshot, Versioned, mailbox_key, open_client_secret,
+    open_service_account_key, provider_key,
 };
 use crate::state::BrokerState;
 
@@ -710,9 +710,14 @@ impl TokenService {
             .await?)
     }
 
-    async fn mailbox(&self, tenant: &str, mailbox: &str) -> Result<Mailbox, TokenError> {
+    async fn mailbox(
+        &self,
+        snapshot: Option<&Snapshot>,
+        tenant: &str,
+        mailbox: &str,
+    ) -> Result<Mailbox, TokenError> {
         self.records()
-            .get::<Mailbox>(&mailbox_key(tenant, mailbox))
+            .get_via::<Mailbox>(snapshot, &mailbox_key(tenant, mailbox))
             .await?
             .map(|m| m.value)
             .ok_or_else(|| TokenError::MailboxNotFound {
@@ -776,15 +781,35 @@ impl TokenService {
         resource: TokenResource,
         min_validity: Duration,
     ) -> Result<IssuedToken, TokenError> {
+        self.access_token_via(None, tenant, mailbox, resource, min_validity)
+            .await
+    }
+
+    /// [`Self::access_token_for`] reading the mailbox and its grant from `snapshot` first (the
+    /// records the call read in one round trip); after a refresh they are read again from the
+    /// store.
+    pub async fn access_token_via(
+        &self,
+        snapshot: Option<&Snapshot>,
+        tenant: &str,
+        mailbox: &str,
+        resource: TokenResource,
+        min_validity: Duration,
+    ) -> Result<IssuedToken, TokenError> {
         Self::check_names(tenant, mailbox)?;
         for round in 0..2 {
-            let m = self.mailbox(tenant, mailbox).await?;
+            let snapshot = if round == 0 { snapshot } else { None };
+            let m = self.mailbox(snapshot, tenant, mailbox).await?;
             if m.disabled {
                 return Err(TokenError::Disabled {
                     mailbox: mailbox.to_owned(),
                 });
             }
-            let Some(grant) = self.grant(tenant, mailbox).await? else {
+            let Some(grant) = self
+                .records()
+                .get_via::<GrantRecord>(snapshot, &grant_key(tenant, mailbox))
+                .await?
+            else {
                 return Err(TokenError::NotRetrieved {
                     mailbox: mailbox.to_owned(),
                 });
@@ -1094,7 +1119,7 @@ impl TokenService {
             // instead of calling the provider.
             if trigger != Trigger::Forced {
                 if address.is_none() {
-                    address = Some(self.mailbox(tenant, mailbox).await?.address);
+                    address = Some(self.mailbox(None, tenant, mailbox).await?.address);
                 }
                 if let Some(done) = self
                     .check_while_waiting(
@@ -1258,7 +1283,7 @@ impl TokenService {
         resource: TokenResource,
         lease: &Lease,
     ) -> Result<IssuedToken, TokenError> {
-        let m = self.mailbox(tenant, mailbox).await?;
+        let m = self.mailbox(None, tenant, mailbox).await?;
         let Some(stored) = self.grant(tenant, mailbox).await? else {
             return Err(TokenError::NotRetrieved {
                 mailbox: mailbox.to_owned(),
@@ -1959,8 +1984,25 @@ impl TokenService {
     /// write per [`LAST_ISSUED_GRANULARITY`]). Best effort: a lost race is retried by the next
     /// issuance.
     pub async fn record_issued(&self, tenant: &str, mailbox: &str) -> Result<(), TokenError> {
+        self.record_issued_via(None, tenant, mailbox).await
+    }
+
+    /// [`Self::record_issued`] looking at the grant as `snapshot` read it (when it did): a
+    /// write is due at most once per [`LAST_ISSUED_GRANULARITY`], and then the compare-and-set
+    /// write itself tells whether the grant changed since.
+    pub async fn record_issued_via(
+        &self,
+        snapshot: Option<&Snapshot>,
+        tenant: &str,
+        mailbox: &str,
+    ) -> Result<(), TokenError> {
         let now = self.now();
-        let Some(stored) = self.grant(tenant, mailbox).await? else {
+        let key = grant_key(tenant, mailbox);
+        let Some(stored) = self
+            .records()
+            .get_via::<GrantRecord>(snapshot, &key)
+            .await?
+        else {
             return Ok(());
         };
         if stored
@@ -1968,6 +2010,15 @@ impl TokenService {
             .last_issued
             .is_some_and(|t| now - t < LAST_ISSUED_GRANULARITY)
         {
+            return Ok(());
+        }
+        if !crate::records::claim_periodic_write(
+            self.inner.state.store.as_ref(),
+            &key,
+            stored.version,
+            now,
+            LAST_ISSUED_GRANULARITY,
+        ) {
             return Ok(());
         }
         let mut updated = stored.value;
@@ -1988,7 +2039,7 @@ impl TokenService {
         let Some(idle) = self.inner.config.user_token_idle else {
             return Ok(false);
         };
-        let m = match self.mailbox(tenant, mailbox).await {
+        let m = match self.mailbox(None, tenant, mailbox).await {
             Ok(m) => m,
             Err(TokenError::MailboxNotFound { .. }) => return Ok(false),
             Err(e) => return Err(e),
@@ -2032,7 +2083,7 @@ impl TokenService {
         note: Option<&str>,
     ) -> Result<Revocation, TokenError> {
         Self::check_names(tenant, mailbox)?;
-        let m = self.mailbox(tenant, mailbox).await?;
+        let m = self.mailbox(None, tenant, mailbox).await?;
         let store = self.inner.state.store.as_ref();
         let name = lease_name(tenant, mailbox);
         let owner = format!(

@@ -1,0 +1,555 @@
+//! Benchmark of cached-token issuance over mTLS against the transport's own floor (issue 15,
+//! target 1). Not part of any test suite; run it by hand:
+//!
+//! ```text
+//! cargo build --release -p tokenfleet-broker --bin tokenfleet-broker   # the broker it starts
+//! cargo run --release -p tokenfleet-testkit --bin bench_issuance
+//! cargo run --release -p tokenfleet-testkit --bin bench_issuance -- --store redis --inflight 64
+//! cargo run --release -p tokenfleet-testkit --bin bench_issuance -- --broker-bin /path/to/tokenfleet-broker
+//! ```
+//!
+//! For each store (`--store embedded`, `redis` or `both`, the default) it starts the release
+//! `tokenfleet-broker serve --dev` as a child process on loopback ports (TLS on the gRPC
+//! listener with the dev CA; Redis: its own `redis-server` from the test kit on a free port),
+//! with the per-agent issue rate limit off (`issue_rate_per_minute = 0`: the bucket would
+//! otherwise be what is measured). Through the Admin API it creates a tenant, a Microsoft
+//! provider pointing at the in-process fake identity provider, an app-only mailbox whose consent
+//! it completes (so the broker holds a cached access token), a device hosted by an agent, and
+//! an enrollment code; the agent is enrolled with the agent library (key pair and CSR here, the
+//! certificate from the broker).
+//!
+//! Then, for each `--inflight` N (default 64 and 256), over `--connections` mTLS HTTP/2
+//! connections opened once with the agent's certificate (the same connections for both
+//! phases), N tasks each call in a loop for `--seconds`, after a warm-up:
+//!
+//! 1. `grpc.health.v1.Health/Check` (the baseline: TLS, HTTP/2 and gRPC framing, no work);
+//! 2. `tokenfleet.v1.TokenBroker/IssueAccessToken` for the device's mailbox (cached token).
+//!
+//! Every issuance must succeed; a failed call aborts the run. Printed, one line per figure:
+//!
+//! ```text
+//! bench=issuance store=embedded inflight=64 impl=health rps=.. p50_ms=.. p99_ms=..
+//! bench=issuance store=embedded inflight=64 impl=issue rps=.. p50_ms=.. p99_ms=..
+//! bench=issuance store=embedded inflight=64 ratio_rps=.. ratio_p99=..
+//! ```
+//!
+//! and, after the runs, `audit_records=..` per store: the `token.issue` audit records the broker
+//! holds against the issuances answered (each answered issuance must have its record). With
+//! `--perf-pause SECS` it prints the broker's pid and waits that long before each issuance phase
+//! so `perf record -g -p PID` can be attached. Only 127.0.0.1 is contacted.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use tokenfleet_agent::identity::{EnrollmentCode, StoredIdentity};
+use tokenfleet_proto::v1 as pb;
+use tokenfleet_proto::v1::admin_client::AdminClient;
+use tokenfleet_proto::v1::token_broker_client::TokenBrokerClient;
+use tokenfleet_seal::Secret;
+use tokenfleet_testkit::agent_site::microsoft_provider;
+use tokenfleet_testkit::broker::{BearerAuth, TestAdminClient};
+use tokenfleet_testkit::fake_idp::{ClientSpec, FakeIdp};
+use tokenfleet_testkit::redis::RedisServer;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+const TENANT: &str = "bench";
+const AGENT: &str = "site1";
+const DEVICE: &str = "mfp";
+const MAILBOX: &str = "scan";
+const ADDRESS: &str = "scan@contoso.example";
+const ENTRA: &str = "contoso-tenant";
+const CLIENT_ID: &str = "bench-issuance-app";
+const CLIENT_SECRET: &str = "bench-issuance-client-secret";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StoreArg {
+    Embedded,
+    Redis,
+    Both,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench_issuance",
+    about = "Cached-token IssueAccessToken over mTLS against Health/Check on the same connections"
+)]
+struct Args {
+    /// Which store the broker runs on.
+    #[arg(long, value_enum, default_value_t = StoreArg::Both)]
+    store: StoreArg,
+    /// Requests in flight (repeat the flag for several runs).
+    #[arg(long, default_values_t = [64u32, 256])]
+    inflight: Vec<u32>,
+    /// mTLS HTTP/2 connections the requests are spread over (opened once, used by both phases).
+    #[arg(long, default_value_t = 8)]
+    connections: u32,
+    /// Measured seconds per phase (after one second of warm-up).
+    #[arg(long, default_value_t = 8)]
+    seconds: u64,
+    /// The broker binary (default: `tokenfleet-broker` next to this executable).
+    #[arg(long)]
+    broker_bin: Option<PathBuf>,
+    /// Print the broker's pid and wait this many seconds before each issuance phase (to attach
+    /// `perf record -g -p PID`).
+    #[arg(long, default_value_t = 0)]
+    perf_pause: u64,
+}
+
+/// The broker child process; killed on drop.
+struct BrokerProcess {
+    child: Child,
+    grpc: String,
+    state: tempfile::TempDir,
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl BrokerProcess {
+    fn start(bin: &Path, store_toml: &str) -> Result<Self> {
+        let state = tempfile::tempdir().context("temp dir")?;
+        let [grpc, http] = tokenfleet_testkit::ports::free_ports::<2>()?;
+        let config = format!(
+            "state_dir = {:?}\n[grpc]\nlisten = \"127.0.0.1:{grpc}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n\
+             public_url = \"http://127.0.0.1:{http}\"\n[log]\nlevel = \"warn\"\n\
+             [agents]\nissue_rate_per_minute = 0\n[audit]\nissuance_max_entries = 10000000\n{store_toml}",
+            state.path().join("data")
+        );
+        let config_path = state.path().join("broker.toml");
+        std::fs::write(&config_path, config).context("broker.toml")?;
+        let log = std::fs::File::create(state.path().join("broker.log")).context("broker.log")?;
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(&config_path)
+            .args(["serve", "--dev"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        Ok(Self {
+            child,
+            grpc: format!("https://127.0.0.1:{grpc}"),
+            state,
+        })
+    }
+
+    fn data(&self, file: &str) -> PathBuf {
+        self.state.path().join("data").join(file)
+    }
+
+    fn log_tail(&self) -> String {
+        let text =
+            std::fs::read_to_string(self.state.path().join("broker.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    fn ca_pem(&self) -> Result<String> {
+        std::fs::read_to_string(self.data("dev-ca.pem")).context("dev-ca.pem")
+    }
+
+    /// Waits until the admin key exists and the broker answers an Admin call with it.
+    async fn admin(&mut self) -> Result<TestAdminClient> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("broker exited ({status}):\n{}", self.log_tail());
+            }
+            if let (Ok(key), Ok(ca)) = (
+                std::fs::read_to_string(self.data("admin.key")),
+                self.ca_pem(),
+            ) {
+                let channel = tls_endpoint(
+                    &self.grpc,
+                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca)),
+                )?
+                .connect()
+                .await;
+                if let Ok(channel) = channel {
+                    let key = Secret::new(key.trim().to_owned());
+                    let mut admin = AdminClient::with_interceptor(channel, BearerAuth::new(&key));
+                    if admin
+                        .list_tenants(pb::ListTenantsRequest::default())
+                        .await
+                        .is_ok()
+                    {
+                        return Ok(admin);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("broker not ready within 60 s:\n{}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn tls_endpoint(url: &str, tls: ClientTlsConfig) -> Result<Endpoint> {
+    Ok(Endpoint::from_shared(url.to_owned())?
+        .tls_config(tls.domain_name("localhost"))?
+        .connect_timeout(Duration::from_secs(5)))
+}
+
+/// Sets up tenant, provider, consented mailbox, device and agent; returns the agent identity.
+async fn provision(
+    broker: &BrokerProcess,
+    admin: &mut TestAdminClient,
+    fake: &FakeIdp,
+) -> Result<StoredIdentity> {
+    admin
+        .create_tenant(pb::CreateTenantRequest {
+            tenant: Some(pb::Tenant {
+                name: TENANT.into(),
+                display_name: "Bench".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .context("create tenant")?;
+    microsoft_provider(admin, fake, TENANT, "m365", ENTRA, CLIENT_ID, CLIENT_SECRET)
+        .await
+        .context("create provider")?;
+    admin
+        .create_mailbox(pb::CreateMailboxRequest {
+            mailbox: Some(pb::Mailbox {
+                tenant: TENANT.into(),
+                name: MAILBOX.into(),
+                address: ADDRESS.into(),
+                provider: "m365".into(),
+                grant_type: pb::GrantType::AppOnly as i32,
+                kind: pb::MailboxKind::Admin as i32,
+                purposes: vec![pb::MailPurpose::Send as i32],
+                ..Default::default()
+            }),
+        })
+        .await
+        .context("create mailbox")?;
+    admin
+        .start_consent(pb::StartConsentRequest {
+            tenant: TENANT.into(),
+            mailbox: MAILBOX.into(),
+            redirect_uri: String::new(),
+        })
+        .await
+        .context("consent")?;
+    let code = admin
+        .create_enrollment_code(pb::CreateEnrollmentCodeRequest {
+            tenant: TENANT.into(),
+            agent: AGENT.into(),
+            display_name: "bench site".into(),
+            ttl_seconds: 600,
+            re_enroll: false,
+        })
+        .await
+        .context("enrollment code")?
+        .into_inner()
+        .code;
+    admin
+        .create_device(pb::CreateDeviceRequest {
+            device: Some(pb::Device {
+                tenant: TENANT.into(),
+                name: DEVICE.into(),
+                agent: AGENT.into(),
+                sender_mode: pb::SenderMode::FixedAdmin as i32,
+                admin_mailbox: MAILBOX.into(),
+                ingress: Some(pb::IngressCredentials {
+                    username: "printer".into(),
+                    password: "bench-printer-password".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .context("create device")?;
+    let agent_state = broker.state.path().join("agent");
+    let identity = tokenfleet_agent::identity::enroll(
+        &broker.grpc,
+        &EnrollmentCode::new(&code),
+        Some(broker.ca_pem()?),
+        &agent_state,
+        "bench",
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("enroll: {e}"))?;
+    Ok(identity)
+}
+
+/// `count` separate mTLS connections with the agent's certificate.
+async fn connections(
+    broker: &BrokerProcess,
+    identity: &StoredIdentity,
+    count: u32,
+) -> Result<Vec<Channel>> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(broker.ca_pem()?))
+        .identity(Identity::from_pem(
+            &identity.cert_pem,
+            identity.key_pem.as_bytes(),
+        ));
+    let mut channels = Vec::new();
+    for _ in 0..count.max(1) {
+        channels.push(tls_endpoint(&broker.grpc, tls.clone())?.connect().await?);
+    }
+    Ok(channels)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Health,
+    Issue,
+}
+
+impl Call {
+    fn name(self) -> &'static str {
+        match self {
+            Call::Health => "health",
+            Call::Issue => "issue",
+        }
+    }
+}
+
+async fn one_call(call: Call, channel: &Channel) -> Result<()> {
+    match call {
+        Call::Health => {
+            HealthClient::new(channel.clone())
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await?;
+        }
+        Call::Issue => {
+            let answer = TokenBrokerClient::new(channel.clone())
+                .issue_access_token(pb::IssueAccessTokenRequest {
+                    device: DEVICE.into(),
+                    mailbox: MAILBOX.into(),
+                    purpose: pb::MailPurpose::Send as i32,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            if answer.access_token.is_empty() {
+                bail!("IssueAccessToken answered without a token");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Figure {
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+    calls: u64,
+}
+
+/// N tasks calling `call` in a loop over `channels` for warm-up + `seconds`; latencies of the
+/// measured part only.
+async fn phase(call: Call, channels: &[Channel], inflight: u32, seconds: u64) -> Result<Figure> {
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..inflight {
+        let channel = channels[i as usize % channels.len()].clone();
+        let (measuring, stop, failed) = (measuring.clone(), stop.clone(), failed.clone());
+        tasks.spawn(async move {
+            let mut latencies = Vec::with_capacity(4096);
+            let mut first_error = None;
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let result = one_call(call, &channel).await;
+                let took = started.elapsed();
+                if let Err(e) = result {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    first_error.get_or_insert(e);
+                    break;
+                }
+                if measuring.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+                    latencies.push(took);
+                }
+            }
+            (latencies, first_error)
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    let mut all = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (latencies, error) = joined?;
+        if let Some(e) = error {
+            bail!("{} call failed: {e:#}", call.name());
+        }
+        all.extend(latencies);
+    }
+    all.sort_unstable();
+    let pct = |p: usize| {
+        all.get((all.len() * p / 100).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    Ok(Figure {
+        rps: all.len() as f64 / elapsed.as_secs_f64(),
+        p50: pct(50),
+        p99: pct(99),
+        calls: all.len() as u64,
+    })
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+async fn run_store(args: &Args, bin: &Path, store: &str, fake: &FakeIdp) -> Result<()> {
+    let mut redis = None;
+    let store_toml = if store == "redis" {
+        let server = RedisServer::start().await.context("redis-server")?;
+        let toml = format!(
+            "[store]\nbackend = \"redis\"\n[store.redis]\nurls = [{:?}]\n",
+            server.url()
+        );
+        redis = Some(server);
+        toml
+    } else {
+        "[store]\nbackend = \"embedded\"\n".to_owned()
+    };
+    let mut broker = BrokerProcess::start(bin, &store_toml)?;
+    let mut admin = broker.admin().await?;
+    let identity = provision(&broker, &mut admin, fake).await?;
+    let channels = connections(&broker, &identity, args.connections).await?;
+    // One issuance first: the token is fetched from the fake and cached.
+    one_call(Call::Issue, &channels[0])
+        .await
+        .context("first issuance")?;
+    let mut issued = 1u64;
+    for &inflight in &args.inflight {
+        let health = phase(Call::Health, &channels, inflight, args.seconds).await?;
+        if args.perf_pause > 0 {
+            println!("# broker pid {} — attach perf now", broker.child.id());
+            tokio::time::sleep(Duration::from_secs(args.perf_pause)).await;
+        }
+        let issue = phase(Call::Issue, &channels, inflight, args.seconds).await?;
+        // The warm-up second's and the cut-off calls are answered too: count them from the
+        // audit log rather than from the measured ones.
+        issued += issue.calls;
+        for (name, f) in [("health", health), ("issue", issue)] {
+            println!(
+                "bench=issuance store={store} inflight={inflight} impl={name} rps={:.0} p50_ms={} p99_ms={}",
+                f.rps,
+                ms(f.p50),
+                ms(f.p99)
+            );
+        }
+        println!(
+            "bench=issuance store={store} inflight={inflight} ratio_rps={:.2} ratio_p99={:.2}",
+            issue.rps / health.rps,
+            issue.p99.as_secs_f64() / health.p99.as_secs_f64().max(1e-9)
+        );
+    }
+    let audited = count_issue_audits(&mut admin).await?;
+    println!(
+        "bench=issuance store={store} audit_records={audited} issued_at_least={issued} audit_complete={}",
+        audited >= issued
+    );
+    if audited < issued {
+        bail!("{store}: {audited} token.issue audit records for at least {issued} issuances");
+    }
+    drop(broker);
+    drop(redis);
+    Ok(())
+}
+
+/// Counts the tenant's `token.issue` audit records through the Admin API.
+async fn count_issue_audits(admin: &mut TestAdminClient) -> Result<u64> {
+    let mut count = 0u64;
+    let mut page_token = String::new();
+    loop {
+        let page = admin
+            .list_audit_events(pb::ListAuditEventsRequest {
+                tenant: TENANT.into(),
+                page_size: 1000,
+                page_token: page_token.clone(),
+                kind: "issuance".into(),
+            })
+            .await
+            .context("list audit events")?
+            .into_inner();
+        count += page
+            .events
+            .iter()
+            .filter(|e| e.action == "token.issue" && e.result == "ok")
+            .count() as u64;
+        if page.next_page_token.is_empty() {
+            return Ok(count);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let bin = match &args.broker_bin {
+        Some(bin) => bin.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("executable directory")?
+            .join("tokenfleet-broker"),
+    };
+    if !bin.is_file() {
+        bail!(
+            "{} missing: cargo build --release -p tokenfleet-broker --bin tokenfleet-broker",
+            bin.display()
+        );
+    }
+    let fake = FakeIdp::start().await.context("fake IdP")?;
+    fake.register_client({
+        let mut spec = ClientSpec::confidential(CLIENT_ID, CLIENT_SECRET);
+        spec.app_only_mailbox = Some(ADDRESS.into());
+        spec
+    });
+    println!(
+        "# machine: {} cpus, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model()
+    );
+    let stores: &[&str] = match args.store {
+        StoreArg::Embedded => &["embedded"],
+        StoreArg::Redis => &["redis"],
+        StoreArg::Both => &["embedded", "redis"],
+    };
+    for store in stores {
+        run_store(&args, &bin, store, &fake).await?;
+    }
+    Ok(())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown cpu".into())
+}
