@@ -309,6 +309,7 @@ pub async fn issue(
     mailbox: &str,
     purpose: MailPurpose,
 ) -> Result<IssuedToken, TokenError> {
+    let started = std::time::Instant::now();
     let result = authorize_and_issue(service, tenant, device, mailbox, purpose).await;
     let (outcome, detail) = match &result {
         Ok(token) => {
@@ -317,6 +318,9 @@ pub async fn issue(
         }
         Err(e) => (crate::ops::Error::from(e).result(), format!(": {e}")),
     };
+    service
+        .metrics()
+        .issuance(tenant, outcome, started.elapsed());
     audit_issue(
         service, actor, tenant, device, mailbox, purpose, outcome, detail,
     )
@@ -436,6 +440,7 @@ pub async fn issue_for_agent(
     } else {
         req.mailbox.to_owned()
     };
+    let started = std::time::Instant::now();
     let result = for_user(service, actor, tenant, req, public_url, &mut target).await;
     let (outcome, detail) = match &result {
         Ok(Issued::Token { token, .. }) => {
@@ -457,6 +462,9 @@ pub async fn issue_for_agent(
         ),
         Err(e) => (crate::ops::Error::from(e).result(), format!(": {e}")),
     };
+    service
+        .metrics()
+        .issuance(tenant, outcome, started.elapsed());
     audit_issue(
         service,
         actor,
