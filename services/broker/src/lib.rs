@@ -24,6 +24,7 @@ pub mod convert;
 pub mod config;
 pub mod dev;
 pub mod http;
+pub mod inventory;
 pub mod listener;
 pub mod malformed;
 pub mod metrics;

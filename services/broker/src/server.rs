@@ -192,8 +192,21 @@ pub async fn serve(
     http: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    // The composition root of the metrics: one registry, whose core handle goes to the token
+    // service, the alerter and (here, once) the store decorator every component then uses.
+    let metrics = Metrics::with_tenant_labels(config.metrics.per_tenant_labels);
+    let state = BrokerState {
+        store: tokenfleet_core::metrics::TimedStore::wrap(
+            state.store.clone(),
+            config.store.backend_label(),
+            metrics.core().clone(),
+        ),
+        ..state
+    };
+    metrics
+        .inventory()
+        .set_heartbeat(config.agents.heartbeat_seconds);
     let (grpc_builder, identity) = grpc_tls(&config, &state).await?;
-    let metrics = Metrics::new();
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -215,14 +228,17 @@ pub async fn serve(
 
     // One token service per replica: the admin RPCs and the refresh scheduler share its
     // in-process single flight and provider clients.
-    let tokens = crate::tokens::lifecycle::TokenService::new(state.clone(), config.tokens.clone());
+    let tokens = crate::tokens::lifecycle::TokenService::new(state.clone(), config.tokens.clone())
+        .with_metrics(metrics.core().clone());
     // Alerts (when configured) about mailboxes that need a person, delivered in the background.
-    let alerter = crate::alerts::Alerter::for_config(&state, &config.alerts).map_err(|e| {
-        ServeError::Config(ConfigError::Invalid {
-            field: e.field,
-            problem: e.problem,
-        })
-    })?;
+    let alerter = crate::alerts::Alerter::for_config(&state, &config.alerts)
+        .map_err(|e| {
+            ServeError::Config(ConfigError::Invalid {
+                field: e.field,
+                problem: e.problem,
+            })
+        })?
+        .map(|alerter| alerter.with_metrics(metrics.core().clone()));
     let tokens = match &alerter {
         Some(alerter) => tokens.with_alerts(alerter.clone()),
         None => tokens,
@@ -293,6 +309,13 @@ pub async fn serve(
         crate::tokens::scheduler::RefreshScheduler::spawn(tokens, stopped(stop_rx.clone()));
     // Every replica removes agent commands and answers nobody will read (conditional deletes).
     let sweep_task = crate::fleet::housekeeping::spawn(state.clone(), stop_rx.clone());
+    // Fleet gauges for /metrics, recomputed in the background (scrapes read the snapshot).
+    let inventory_task = crate::inventory::spawn(
+        state.clone(),
+        metrics.inventory().clone(),
+        config.metrics.inventory_interval,
+        stop_rx.clone(),
+    );
     let health_task = tokio::spawn(watch_store_health(
         state.store.clone(),
         health.clone(),
@@ -348,9 +371,16 @@ pub async fn serve(
     poller_task.abort();
     scheduler_task.abort();
     sweep_task.abort();
+    inventory_task.abort();
     // Wait until the aborted tasks are gone: they hold the state (and so the store); a caller that
     // reopens the embedded store right after `serve` returns must not find it still open.
-    let _ = tokio::join!(health_task, poller_task, scheduler_task, sweep_task);
+    let _ = tokio::join!(
+        health_task,
+        poller_task,
+        scheduler_task,
+        sweep_task,
+        inventory_task
+    );
     if let Some(task) = alerts_task {
         task.abort();
         let _ = task.await;

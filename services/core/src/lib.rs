@@ -17,6 +17,9 @@
 
 pub mod state;
 
+// Instrumentation: one handle the composition root registers and hands down.
+pub mod metrics;
+
 // Records, authorization and audit: what every operation uses.
 pub mod audit;
 pub mod authz;

@@ -81,6 +81,30 @@ serviceMonitor:
   enabled: true
   labels:
     release: prometheus
+metrics:
+  perTenantLabels: true
+  inventoryIntervalSeconds: 120
+prometheusRule:
+  enabled: true
+  labels:
+    release: prometheus
+  ruleLabels:
+    team: printing
+  alerts:
+    TokenfleetAgentNotSeen:
+      threshold: 5
+      for: 10m
+    TokenfleetRefreshTokenExpiring:
+      threshold: 7
+    TokenfleetMailboxReauthRequired:
+      severity: page
+    TokenfleetStoreDown:
+      enabled: false
+grafanaDashboard:
+  enabled: true
+  namespace: monitoring
+  annotations:
+    grafana_folder: Printing
 "#;
 
 /// The zero-setup installation: one replica, embedded store on a PersistentVolumeClaim.
@@ -845,6 +869,129 @@ fn production_values_render_three_replicas_on_a_tls_redis_cluster() -> Result<()
     );
     ensure!(monitor["spec"]["endpoints"][0]["port"] == "http");
     ensure!(monitor["spec"]["endpoints"][0]["path"] == "/metrics");
+    // The job the alert rules select: `tokenfleet-broker`, from the Service's label.
+    ensure!(monitor["spec"]["jobLabel"] == "tokenfleet.io/job");
+    ensure!(http_service["metadata"]["labels"]["tokenfleet.io/job"] == "tokenfleet-broker");
+    ensure!(raw.metrics.per_tenant_labels && raw.metrics.inventory_interval_seconds == 120);
+    Ok(())
+}
+
+/// The alerts of `files/prometheus-rules.yaml`, by name, as `(group, rule)`.
+fn rule_file_alerts() -> Result<Vec<(String, Value)>> {
+    let source = std::fs::read_to_string(
+        workspace_root()
+            .join(CHART)
+            .join("files/prometheus-rules.yaml"),
+    )?;
+    let file: Value = serde_norway::from_str(&source)?;
+    let mut alerts = Vec::new();
+    for group in file["groups"].as_array().context("no groups")? {
+        for rule in group["rules"].as_array().context("no rules")? {
+            alerts.push((text(group, "/name").to_owned(), rule.clone()));
+        }
+    }
+    Ok(alerts)
+}
+
+#[test]
+fn prometheus_rule_and_dashboard_come_from_the_chart_files_with_the_overrides() -> Result<()> {
+    let Some(tools) = tools()? else { return Ok(()) };
+    // Off by default.
+    let defaults = tools.render(None)?;
+    for kind in ["PrometheusRule", "ServiceMonitor"] {
+        ensure!(defaults.find(kind).is_none(), "{kind} rendered by default");
+    }
+    ensure!(
+        defaults
+            .named("ConfigMap", "tf-tokenfleet-dashboard")
+            .is_err(),
+        "dashboard rendered by default"
+    );
+    let (_, raw) = defaults.broker_config()?;
+    ensure!(!raw.metrics.per_tenant_labels && raw.metrics.inventory_interval_seconds == 30);
+
+    let manifests = tools.render(Some(PRODUCTION_VALUES))?;
+    let rule = manifests.one("PrometheusRule")?;
+    ensure!(
+        rule["metadata"]["labels"]["release"] == "prometheus",
+        "{rule}"
+    );
+    let rendered: Vec<&Value> = rule["spec"]["groups"]
+        .as_array()
+        .context("no groups")?
+        .iter()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .collect();
+    let alerts = rule_file_alerts()?;
+    // Every alert of the file but the one switched off, in the file's order.
+    let names: Vec<&str> = rendered.iter().map(|r| text(r, "/alert")).collect();
+    let expected: Vec<&str> = alerts
+        .iter()
+        .map(|(_, r)| text(r, "/alert"))
+        .filter(|n| *n != "TokenfleetStoreDown")
+        .collect();
+    ensure!(names == expected, "{names:?}");
+    let by_name = |name: &str| {
+        rendered
+            .iter()
+            .find(|r| r["alert"] == name)
+            .copied()
+            .with_context(|| format!("{name} not rendered"))
+    };
+    let not_seen = by_name("TokenfleetAgentNotSeen")?;
+    ensure!(text(not_seen, "/expr").ends_with("> 5"), "{not_seen}");
+    ensure!(not_seen["for"] == "10m" && not_seen["labels"]["team"] == "printing");
+    ensure!(text(by_name("TokenfleetRefreshTokenExpiring")?, "/expr").ends_with("< 7"));
+    let reauth = by_name("TokenfleetMailboxReauthRequired")?;
+    ensure!(reauth["labels"]["severity"] == "page", "{reauth}");
+    // Untouched alerts are the file's, annotations (with their Prometheus templates) included.
+    for (_, original) in &alerts {
+        let name = text(original, "/alert");
+        if matches!(
+            name,
+            "TokenfleetAgentNotSeen" | "TokenfleetRefreshTokenExpiring" | "TokenfleetStoreDown"
+        ) {
+            continue;
+        }
+        let r = by_name(name)?;
+        ensure!(
+            r["expr"] == original["expr"] && r["for"] == original["for"],
+            "{name}: {r}"
+        );
+        ensure!(r["annotations"] == original["annotations"], "{name}: {r}");
+    }
+    // What the operator applies is valid Prometheus rules.
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("rendered-rules.yaml");
+    std::fs::write(&file, serde_json::to_string(&rule["spec"])?)?;
+    let promtool = find_tool("promtool", "/usr/bin")
+        .context("promtool not found: run scripts/test-setup.sh (Debian package `prometheus`)")?;
+    let output = Command::new(promtool)
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // The dashboard: the file as is, for the Grafana sidecar, in the namespace asked for.
+    let dashboard = manifests.named("ConfigMap", "tf-tokenfleet-dashboard")?;
+    ensure!(dashboard["metadata"]["namespace"] == "monitoring");
+    ensure!(dashboard["metadata"]["labels"]["grafana_dashboard"] == "1");
+    ensure!(dashboard["metadata"]["annotations"]["grafana_folder"] == "Printing");
+    let shipped: Value = serde_json::from_str(text(dashboard, "/data/tokenfleet.json"))?;
+    let file: Value = serde_json::from_str(&std::fs::read_to_string(
+        workspace_root()
+            .join(CHART)
+            .join("files/grafana-dashboard.json"),
+    )?)?;
+    ensure!(
+        shipped == file,
+        "the ConfigMap's dashboard differs from the file"
+    );
     Ok(())
 }
 
@@ -1180,6 +1327,22 @@ fn invalid_values_are_refused_with_the_reason() -> Result<()> {
         (
             "admin:\n  providerHosts: [\"https://idp.example.com\"]\n",
             "/admin/providerHosts/0",
+        ),
+        (
+            "prometheusRule:\n  enabled: true\n  alerts:\n    TokenfleetNoSuchAlert:\n      for: 5m\n",
+            "additional properties 'TokenfleetNoSuchAlert' not allowed",
+        ),
+        (
+            "prometheusRule:\n  enabled: true\n  alerts:\n    TokenfleetBrokerDown:\n      threshold: 2\n",
+            "prometheusRule.alerts.TokenfleetBrokerDown.threshold: this alert has no threshold",
+        ),
+        (
+            "prometheusRule:\n  alerts:\n    TokenfleetAgentNotSeen:\n      for: soon\n",
+            "/prometheusRule/alerts/TokenfleetAgentNotSeen/for",
+        ),
+        (
+            "metrics:\n  inventoryIntervalSeconds: 0\n",
+            "/metrics/inventoryIntervalSeconds",
         ),
     ];
     for (values, expected) in cases {

@@ -16,6 +16,7 @@ mod dovecot_xoauth2;
 mod enrollment_e2e;
 mod helm_chart;
 mod malformed_grpc;
+mod observability;
 mod providers_fake_idp;
 mod readiness;
 mod refresh_replicas;

@@ -464,6 +464,8 @@ struct Inner {
     queue: mpsc::Sender<String>,
     receiver: Mutex<Option<mpsc::Receiver<String>>>,
     http: Option<reqwest::Client>,
+    /// Where raised alerts and delivery rounds are counted (see [`Alerter::with_metrics`]).
+    metrics: std::sync::OnceLock<crate::metrics::CoreMetrics>,
 }
 
 /// Raises alerts (deduplicated in the store) and delivers them in the background. Cheap to
@@ -502,6 +504,7 @@ impl Alerter {
                 queue,
                 receiver: Mutex::new(Some(receiver)),
                 http,
+                metrics: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -515,6 +518,22 @@ impl Alerter {
             return Ok(None);
         }
         Self::new(state.clone(), config.clone()).map(Some)
+    }
+
+    /// Counts raised alerts and delivery rounds into `metrics`. Set once; later calls are
+    /// ignored.
+    #[must_use]
+    pub fn with_metrics(self, metrics: crate::metrics::CoreMetrics) -> Self {
+        if self.inner.metrics.set(metrics).is_err() {
+            tracing::warn!("alerter already has a metrics handle; keeping the first");
+        }
+        self
+    }
+
+    fn metrics(&self) -> &crate::metrics::CoreMetrics {
+        self.inner
+            .metrics
+            .get_or_init(crate::metrics::CoreMetrics::default)
     }
 
     /// The settings.
@@ -582,6 +601,7 @@ impl Alerter {
             code = %record.event.code,
             "alert raised"
         );
+        self.metrics().alert_raised(&tenant, kind.as_str());
         if self.inner.queue.try_send(member).is_err() {
             tracing::warn!(
                 event_id = %record.event.id,
@@ -803,6 +823,14 @@ impl Alerter {
             );
         }
         for (channel, result) in [("webhook", &webhook_result), ("email", &email_result)] {
+            if let Some(delivery) = result {
+                let outcome = match delivery {
+                    Delivery::Delivered => "delivered",
+                    Delivery::Rejected(_) => "rejected",
+                    Delivery::Failed(_) => "failed",
+                };
+                self.metrics().alert_delivery(channel, outcome);
+            }
             match result {
                 Some(Delivery::Delivered) => tracing::info!(
                     event_id = %event.id, kind = %kind, tenant, mailbox, channel,

@@ -325,6 +325,7 @@ async fn issue_via(
     mailbox: &str,
     purpose: MailPurpose,
 ) -> Result<IssuedToken, TokenError> {
+    let started = std::time::Instant::now();
     let result = authorize_and_issue(snapshot, service, tenant, device, mailbox, purpose).await;
     let (outcome, detail) = match &result {
         Ok(token) => {
@@ -333,6 +334,9 @@ async fn issue_via(
         }
         Err(e) => (crate::ops::Error::from(e).result(), format!(": {e}")),
     };
+    service
+        .metrics()
+        .issuance(tenant, outcome, started.elapsed());
     audit_issue(
         service, actor, tenant, device, mailbox, purpose, outcome, detail,
     )
@@ -516,6 +520,7 @@ pub async fn issue_for_agent_via(
     } else {
         req.mailbox.to_owned()
     };
+    let started = std::time::Instant::now();
     let result = for_user(
         snapshot,
         service,
@@ -546,6 +551,9 @@ pub async fn issue_for_agent_via(
         ),
         Err(e) => (crate::ops::Error::from(e).result(), format!(": {e}")),
     };
+    service
+        .metrics()
+        .issuance(tenant, outcome, started.elapsed());
     audit_issue(
         service,
         actor,

@@ -514,6 +514,8 @@ struct Inner {
     alerts: std::sync::OnceLock<crate::alerts::Alerter>,
     /// One breaker per provider token endpoint.
     breakers: Arc<Breakers>,
+    /// Where refreshes and issuances are counted (set once, see [`TokenService::with_metrics`]).
+    metrics: std::sync::OnceLock<crate::metrics::CoreMetrics>,
 }
 
 /// Access tokens for mailboxes; see the module documentation. Cheap to clone.
@@ -658,6 +660,7 @@ impl TokenService {
                 flights: Mutex::new(HashMap::new()),
                 next_flight: AtomicU64::new(1),
                 alerts: std::sync::OnceLock::new(),
+                metrics: std::sync::OnceLock::new(),
                 breakers: Breakers::new(config.breaker.clone()),
                 config,
             }),
@@ -673,6 +676,24 @@ impl TokenService {
             tracing::warn!("token service already has an alerter; keeping the first");
         }
         self
+    }
+
+    /// Counts provider token requests and issuances into `metrics` (the composition root's
+    /// registered handle). Set once; later calls are ignored. Without it they count into an
+    /// unregistered handle.
+    #[must_use]
+    pub fn with_metrics(self, metrics: crate::metrics::CoreMetrics) -> Self {
+        if self.inner.metrics.set(metrics).is_err() {
+            tracing::warn!("token service already has a metrics handle; keeping the first");
+        }
+        self
+    }
+
+    /// The metrics handle (an unregistered one when none was set).
+    pub fn metrics(&self) -> &crate::metrics::CoreMetrics {
+        self.inner
+            .metrics
+            .get_or_init(crate::metrics::CoreMetrics::default)
     }
 
     /// The alerter, if alerts are configured.
@@ -1488,6 +1509,15 @@ impl TokenService {
             }
             (response, _) => (stored.version, grant, response),
         };
+        self.metrics().refresh(
+            tenant,
+            provider.value.kind.as_str(),
+            match &response {
+                Ok(_) => "ok",
+                Err(e) => e.class.as_str(),
+            },
+            started.elapsed(),
+        );
         match response {
             Ok(granted) if resource != TokenResource::MailProtocols => {
                 self.record_resource_success(&m, version, grant, granted, resource, lease)
