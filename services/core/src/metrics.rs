@@ -32,7 +32,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokenfleet_store::{
-    Lease, Precondition, Record, RecordKey, Scope, Store, StoreResult, StreamEntry,
+    Lease, Notice, Precondition, Record, RecordKey, Scope, Store, StoreResult, StreamEntry,
 };
 
 /// A label set: fixed keys, plus `tenant` when per-tenant labels are on.
@@ -372,6 +372,16 @@ impl Store for TimedStore {
     }
     async fn ready(&self) -> StoreResult<()> {
         timed!(self, "ready", self.inner.ready())
+    }
+    async fn get_many(&self, keys: &[RecordKey]) -> StoreResult<Vec<Option<Record>>> {
+        timed!(self, "get_many", self.inner.get_many(keys))
+    }
+    async fn publish(&self, channel: &'static str, message: &str) -> StoreResult<()> {
+        timed!(self, "publish", self.inner.publish(channel, message))
+    }
+    /// A subscription is one long-lived call, not an operation to time.
+    fn subscribe(&self, channel: &'static str) -> tokio::sync::mpsc::Receiver<Notice> {
+        self.inner.subscribe(channel)
     }
 }
 
