@@ -63,7 +63,7 @@ impl ConfigError {
 }
 
 /// The configuration as written (file and environment); see the module documentation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawAgentConfig {
     /// State directory (mode 0700, created): identity, counters, cached broker configuration.
@@ -109,7 +109,20 @@ pub struct RawAgentConfig {
     pub ingress_limits: RawIngressLimits,
     /// Logging.
     pub log: RawLog,
+    /// OpenTelemetry traces (OTLP over gRPC); off unless `otlp_endpoint` is set.
+    pub tracing: RawTracing,
 }
+
+/// The agent as a traced program: its default `service.name`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentProgram;
+
+impl tokenfleet_telemetry::Program for AgentProgram {
+    const SERVICE_NAME: &'static str = "tokenfleet-agent";
+}
+
+/// `[tracing]` of the agent.
+pub type RawTracing = tokenfleet_telemetry::RawTracing<AgentProgram>;
 
 /// `[log]`: what the agent logs, and how (to stderr).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -404,12 +417,13 @@ impl Default for RawAgentConfig {
             connection_test_interval_seconds: 3600,
             ingress_limits: RawIngressLimits::default(),
             log: RawLog::default(),
+            tracing: RawTracing::default(),
         }
     }
 }
 
 /// The validated local configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AgentSettings {
     /// State directory.
     pub state_dir: PathBuf,
@@ -452,6 +466,8 @@ pub struct AgentSettings {
     pub log_level: String,
     /// Log line format (`[log] format`).
     pub log_format: LogFormat,
+    /// OpenTelemetry traces (`[tracing]`).
+    pub tracing: tokenfleet_telemetry::TracingSettings,
 }
 
 impl AgentSettings {
@@ -573,6 +589,10 @@ impl AgentSettings {
                 raw.log.level
             ));
         }
+        let tracing = raw.tracing.check().unwrap_or_else(|invalid| {
+            problems.extend(invalid.iter().map(ToString::to_string));
+            tokenfleet_telemetry::TracingSettings::off("tokenfleet-agent")
+        });
         let ingress_limits = raw
             .ingress_limits
             .validate()
@@ -605,6 +625,7 @@ impl AgentSettings {
                 .then(|| Duration::from_secs(raw.connection_test_interval_seconds)),
             log_level: raw.log.level,
             log_format,
+            tracing,
         })
     }
 }
@@ -694,6 +715,36 @@ mod tests {
             |r| r.ingress_limits.message_memory_bytes = 10,
             "ingress_limits.message_memory_bytes",
         );
+    }
+
+    #[test]
+    fn tracing_is_off_by_default_and_checked() {
+        let s = AgentSettings::validate(RawAgentConfig::default()).unwrap();
+        assert_eq!(s.tracing.otlp_endpoint, None);
+        assert_eq!(s.tracing.service_name, "tokenfleet-agent");
+        let mut raw = RawAgentConfig::default();
+        raw.tracing.otlp_endpoint = "127.0.0.1:4317".into();
+        raw.tracing.sample_ratio = 2.0;
+        let e = AgentSettings::validate(raw).unwrap_err().to_string();
+        assert!(e.contains("2 problems"), "{e}");
+        assert!(
+            e.contains("tracing.otlp_endpoint = \"127.0.0.1:4317\""),
+            "{e}"
+        );
+        assert!(e.contains("tracing.sample_ratio = 2: must be"), "{e}");
+        // A partial table keeps the agent's service name.
+        let raw: RawAgentConfig = Figment::new()
+            .merge(Toml::string(
+                "[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"\n",
+            ))
+            .extract()
+            .unwrap();
+        let s = AgentSettings::validate(raw).unwrap();
+        assert_eq!(
+            s.tracing.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        assert_eq!(s.tracing.service_name, "tokenfleet-agent");
     }
 
     #[test]

@@ -561,6 +561,9 @@ pub struct SiteOptions {
     pub agent_config: String,
     /// The agent's local heartbeat override (default [`HEARTBEAT_SECONDS`]).
     pub heartbeat_seconds: u64,
+    /// Run the broker as the `tokenfleet-broker` binary with these TOML tables merged into its
+    /// configuration ([`crate::broker::TestOptions::binary_config`]); `None` = in-process.
+    pub broker_config: Option<String>,
 }
 
 impl std::fmt::Debug for SiteOptions {
@@ -587,6 +590,7 @@ impl Default for SiteOptions {
             }),
             agent_config: String::new(),
             heartbeat_seconds: HEARTBEAT_SECONDS,
+            broker_config: None,
         }
     }
 }
@@ -732,6 +736,7 @@ impl AgentSite {
             TestStore::Embedded,
             TestOptions {
                 tls: true,
+                binary_config: options.broker_config.clone(),
                 ..Default::default()
             },
         )
