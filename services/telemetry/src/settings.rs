@@ -211,7 +211,7 @@ mod tests {
             assert_eq!(s.otlp_endpoint.as_deref(), Some(want), "{text}");
         }
         for (text, why) in [
-            ("127.0.0.1:4317", "scheme"),
+            ("127.0.0.1:4317", "not a URL"),
             ("grpc://127.0.0.1:4317", "scheme"),
             ("http://127.0.0.1", "needs a port"),
             ("http://u:p@127.0.0.1:4317", "user name or password"),
