@@ -63,7 +63,7 @@ impl ConfigError {
 }
 
 /// The configuration as written (file and environment); see the module documentation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawAgentConfig {
     /// State directory (mode 0700, created): identity, counters, cached broker configuration.
@@ -111,6 +111,8 @@ pub struct RawAgentConfig {
     pub metrics: RawMetrics,
     /// Logging.
     pub log: RawLog,
+    /// OpenTelemetry traces (OTLP over gRPC); off unless `otlp_endpoint` is set.
+    pub tracing: RawTracing,
 }
 
 /// `[metrics]`: the HTTP listener serving `/metrics` (Prometheus) and `/healthz`, and its limits.
@@ -217,6 +219,16 @@ pub struct MetricsSettings {
     /// The listener's limits.
     pub limits: crate::metrics::MetricsLimits,
 }
+/// The agent as a traced program: its default `service.name`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentProgram;
+
+impl tokenfleet_telemetry::Program for AgentProgram {
+    const SERVICE_NAME: &'static str = "tokenfleet-agent";
+}
+
+/// `[tracing]` of the agent.
+pub type RawTracing = tokenfleet_telemetry::RawTracing<AgentProgram>;
 
 /// `[log]`: what the agent logs, and how (to stderr).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -512,12 +524,13 @@ impl Default for RawAgentConfig {
             ingress_limits: RawIngressLimits::default(),
             metrics: RawMetrics::default(),
             log: RawLog::default(),
+            tracing: RawTracing::default(),
         }
     }
 }
 
 /// The validated local configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AgentSettings {
     /// State directory.
     pub state_dir: PathBuf,
@@ -562,6 +575,8 @@ pub struct AgentSettings {
     pub log_level: String,
     /// Log line format (`[log] format`).
     pub log_format: LogFormat,
+    /// OpenTelemetry traces (`[tracing]`).
+    pub tracing: tokenfleet_telemetry::TracingSettings,
 }
 
 impl AgentSettings {
@@ -683,6 +698,10 @@ impl AgentSettings {
                 raw.log.level
             ));
         }
+        let tracing = raw.tracing.check().unwrap_or_else(|invalid| {
+            problems.extend(invalid.iter().map(ToString::to_string));
+            tokenfleet_telemetry::TracingSettings::off("tokenfleet-agent")
+        });
         let ingress_limits = raw
             .ingress_limits
             .validate()
@@ -732,6 +751,7 @@ impl AgentSettings {
                 .then(|| Duration::from_secs(raw.connection_test_interval_seconds)),
             log_level: raw.log.level,
             log_format,
+            tracing,
         })
     }
 }
@@ -883,6 +903,36 @@ mod tests {
             err.starts_with("metrics.listen = \"metrics-port\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tracing_is_off_by_default_and_checked() {
+        let s = AgentSettings::validate(RawAgentConfig::default()).unwrap();
+        assert_eq!(s.tracing.otlp_endpoint, None);
+        assert_eq!(s.tracing.service_name, "tokenfleet-agent");
+        let mut raw = RawAgentConfig::default();
+        raw.tracing.otlp_endpoint = "127.0.0.1:4317".into();
+        raw.tracing.sample_ratio = 2.0;
+        let e = AgentSettings::validate(raw).unwrap_err().to_string();
+        assert!(e.contains("2 problems"), "{e}");
+        assert!(
+            e.contains("tracing.otlp_endpoint = \"127.0.0.1:4317\""),
+            "{e}"
+        );
+        assert!(e.contains("tracing.sample_ratio = 2: must be"), "{e}");
+        // A partial table keeps the agent's service name.
+        let raw: RawAgentConfig = Figment::new()
+            .merge(Toml::string(
+                "[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"\n",
+            ))
+            .extract()
+            .unwrap();
+        let s = AgentSettings::validate(raw).unwrap();
+        assert_eq!(
+            s.tracing.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        assert_eq!(s.tracing.service_name, "tokenfleet-agent");
     }
 
     #[test]

@@ -148,17 +148,36 @@ fn main() -> ExitCode {
 
 /// Logs to stderr with `level` (`RUST_LOG` wins when set) in `format`.
 fn init_tracing(level: &str, format: LogFormat) {
+    init_tracing_with(level, format, None);
+}
+
+/// [`init_tracing`], and with `otel` the agent's spans also go to the OTLP collector (the log
+/// filter does not apply to them).
+fn init_tracing_with(
+    level: &str,
+    format: LogFormat,
+    otel: Option<tokenfleet_telemetry::OtelLayer>,
+) {
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only for a person at a terminal, never into log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    // Colour only for a person at a terminal, never into log files.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let lines = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .boxed(),
     };
+    let _ = tracing_subscriber::registry()
+        .with(otel)
+        .with(lines.with_filter(filter))
+        .try_init();
 }
 
 /// `print-config` and `check-config`: the checked configuration, or exit 64 with every problem.
@@ -177,7 +196,7 @@ fn config_command(
     };
     if let Command::CheckConfig { .. } = command {
         println!(
-            "configuration OK: SMTP on {}, POP3 {}, state in {}, spool in {}, metrics {}",
+            "configuration OK: SMTP on {}, POP3 {}, state in {}, spool in {}, metrics {}, traces {}",
             settings.smtp_listen,
             settings
                 .pop3_listen
@@ -188,6 +207,7 @@ fn config_command(
                 .metrics
                 .listen
                 .map_or_else(|| "off".to_owned(), |a| format!("on {a}")),
+            settings.tracing.describe(),
         );
         return ExitCode::SUCCESS;
     }
@@ -213,13 +233,6 @@ fn run_agent(config: Option<&std::path::Path>, state_dir: Option<&std::path::Pat
             return ExitCode::from(64);
         }
     };
-    init_tracing(&settings.log_level, settings.log_format);
-    tracing::info!(
-        version = VERSION,
-        smtp = %settings.smtp_listen,
-        state_dir = %settings.state_dir.display(),
-        "tokenfleet-agent starting"
-    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -231,10 +244,33 @@ fn run_agent(config: Option<&std::path::Path>, state_dir: Option<&std::path::Pat
             return ExitCode::FAILURE;
         }
     };
+    // The exporter's gRPC channel lives on this runtime.
+    let exporter = {
+        let _runtime = runtime.enter();
+        tokenfleet_telemetry::otel_layer(&settings.tracing, VERSION)
+    };
+    let (otel, traces) = match exporter {
+        Ok(built) => built,
+        Err(error) => {
+            init_tracing("info", LogFormat::Text);
+            eprintln!("tokenfleet-agent: error: configuration: tracing: {error}");
+            return ExitCode::from(64);
+        }
+    };
+    init_tracing_with(&settings.log_level, settings.log_format, otel);
+    tracing::info!(
+        version = VERSION,
+        smtp = %settings.smtp_listen,
+        state_dir = %settings.state_dir.display(),
+        traces = %settings.tracing.describe(),
+        "tokenfleet-agent starting"
+    );
     let result = runtime.block_on(async {
         let shutdown = shutdown_signal()?;
         tokenfleet_agent::runtime::wiring::run(settings, shutdown).await
     });
+    // The runtime still runs (its worker threads): the last spans go out over its channel.
+    traces.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

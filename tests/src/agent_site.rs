@@ -564,6 +564,9 @@ pub struct SiteOptions {
     pub heartbeat_seconds: u64,
     /// The agent's `RUST_LOG` (default `info,tokenfleet_agent=trace`; benchmarks log less).
     pub log_filter: String,
+    /// Run the broker as the `tokenfleet-broker` binary with these TOML tables merged into its
+    /// configuration ([`crate::broker::TestOptions::binary_config`]); `None` = in-process.
+    pub broker_config: Option<String>,
 }
 
 impl std::fmt::Debug for SiteOptions {
@@ -591,6 +594,7 @@ impl Default for SiteOptions {
             agent_config: String::new(),
             heartbeat_seconds: HEARTBEAT_SECONDS,
             log_filter: "info,tokenfleet_agent=trace".to_owned(),
+            broker_config: None,
         }
     }
 }
@@ -740,6 +744,7 @@ impl AgentSite {
             TestStore::Embedded,
             TestOptions {
                 tls: true,
+                binary_config: options.broker_config.clone(),
                 ..Default::default()
             },
         )

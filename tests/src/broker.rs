@@ -24,6 +24,11 @@
 //! and a server certificate for `127.0.0.1`/`localhost` generated in the state directory (as
 //! `--dev` does), so agents can enroll and call `TokenBroker` with client certificates;
 //! [`TestBroker::grpc_url`] and [`TestBroker::tls_ca_pem`] are what a client needs.
+//!
+//! With [`TestOptions::binary_config`] the broker is the real `tokenfleet-broker` binary instead
+//! (a child process with the same configuration plus the given tables, its stderr in the test
+//! log directory), stopped with SIGTERM by [`TestBroker::shutdown`]; the store then belongs to
+//! the process, so [`TestBroker::state`] and [`TestBroker::create_key`] are not available.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -75,6 +80,9 @@ pub struct TestOptions {
     pub agent_certificate_lifetime: Option<Duration>,
     /// `min_replicas_acked` of the Redis store (`None` = the store's default for its mode).
     pub redis_min_replicas_acked: Option<u32>,
+    /// Run the `tokenfleet-broker` binary as a child process, with these TOML tables merged into
+    /// its configuration (`"[tracing]\notlp_endpoint = …"`); `None` = in this process.
+    pub binary_config: Option<String>,
 }
 
 /// A client of the `Admin` service that sends an API key with every call.
@@ -118,11 +126,34 @@ impl Interceptor for BearerAuth {
     }
 }
 
-/// The server task and the state it shares with the test.
-struct Running {
-    state: BrokerState,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), ServeError>>,
+/// The running broker: a server task (and the state it shares with the test), or a process.
+enum Running {
+    InProcess {
+        state: BrokerState,
+        stop: oneshot::Sender<()>,
+        task: JoinHandle<Result<(), ServeError>>,
+    },
+    Process {
+        child: std::process::Child,
+        log: PathBuf,
+    },
+}
+
+static NEXT_PROCESS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// `raw` as TOML with the tables of `extra` merged in (keys of `extra` win).
+fn merged_toml(raw: &RawConfig, extra: &str) -> anyhow::Result<String> {
+    let mut table = toml::Table::try_from(raw).context("rendering the test configuration")?;
+    let extra: toml::Table = extra.parse().context("TestOptions::binary_config")?;
+    for (key, value) in extra {
+        match (table.get_mut(&key), value) {
+            (Some(toml::Value::Table(have)), toml::Value::Table(more)) => have.extend(more),
+            (_, value) => {
+                table.insert(key, value);
+            }
+        }
+    }
+    toml::to_string(&table).context("rendering the test configuration")
 }
 
 /// A broker running in this process. See the module documentation.
@@ -283,10 +314,10 @@ impl TestBroker {
     /// Creates an API key directly in the store (as `tokenfleet-broker create-api-key` does).
     /// Panics if that fails.
     pub async fn create_key(&self, role: Role, tenant: Option<&str>) -> Secret {
-        let Some(running) = &self.running else {
-            panic!("create_key on a stopped test broker");
+        let Some(Running::InProcess { state, .. }) = &self.running else {
+            panic!("create_key on a stopped test broker, or one running as a process");
         };
-        match api_keys::create(&running.state, role, tenant, format!("test {role} key")).await {
+        match api_keys::create(state, role, tenant, format!("test {role} key")).await {
             Ok((_, secret)) => {
                 crate::logs::secret(secret.expose());
                 secret
@@ -298,8 +329,8 @@ impl TestBroker {
     /// The state the broker serves from (store, keyring, clock), for tests that look behind the API.
     pub fn state(&self) -> &BrokerState {
         match &self.running {
-            Some(running) => &running.state,
-            None => panic!("state() on a stopped test broker"),
+            Some(Running::InProcess { state, .. }) => state,
+            _ => panic!("state() on a stopped test broker, or one running as a process"),
         }
     }
 
@@ -314,12 +345,77 @@ impl TestBroker {
         let Some(running) = self.running.take() else {
             return Ok(());
         };
-        let Running { state, stop, task } = running;
+        let (state, stop, task) = match running {
+            Running::InProcess { state, stop, task } => (state, stop, task),
+            Running::Process { mut child, log } => {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+                let status = tokio::task::spawn_blocking(move || child.wait())
+                    .await
+                    .context("waiting for tokenfleet-broker")??;
+                anyhow::ensure!(
+                    status.success(),
+                    "tokenfleet-broker exited with {status}; log {}",
+                    log.display()
+                );
+                return Ok(());
+            }
+        };
         // The server may already have ended (and dropped the receiver); its result says why.
         let _ = stop.send(());
         let result = task.await.context("test broker task panicked")?;
         drop(state);
         result.context("test broker")
+    }
+
+    /// Runs the broker binary on `raw` (plus `extra`) on free loopback ports; returns when its
+    /// gRPC port accepts connections (it binds after opening the store and the CA).
+    async fn spawn_binary(
+        mut raw: RawConfig,
+        extra: &str,
+        state_dir: &Path,
+    ) -> anyhow::Result<(Running, SocketAddr, SocketAddr)> {
+        let [grpc_port, http_port] = crate::ports::free_ports::<2>()?;
+        let grpc_addr = SocketAddr::from(([127, 0, 0, 1], grpc_port));
+        let http_addr = SocketAddr::from(([127, 0, 0, 1], http_port));
+        raw.grpc.listen = grpc_addr.to_string();
+        raw.http.listen = http_addr.to_string();
+        let config = state_dir.join("broker.toml");
+        std::fs::write(&config, merged_toml(&raw, extra)?)
+            .with_context(|| format!("writing {}", config.display()))?;
+        let log = crate::logs::log_dir().join(format!(
+            "broker-binary-{}-{}.log",
+            std::process::id(),
+            NEXT_PROCESS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        ));
+        let stderr =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let binary = tokio::task::spawn_blocking(crate::agent_site::broker_binary).await?;
+        let mut child = std::process::Command::new(binary)
+            .arg("--config")
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .context("starting tokenfleet-broker")?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(grpc_addr).await.is_err() {
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!(
+                    "tokenfleet-broker exited with {status}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "tokenfleet-broker not listening within 30 s; log {}",
+                log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok((Running::Process { child, log }, grpc_addr, http_addr))
     }
 
     async fn launch(
@@ -404,15 +500,29 @@ impl TestBroker {
         };
         crate::logs::secret(admin_key.expose());
 
-        let grpc = TcpListener::bind("127.0.0.1:0").await?;
-        let http = TcpListener::bind("127.0.0.1:0").await?;
-        let grpc_addr = grpc.local_addr()?;
-        let http_addr = http.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::serve(config, state.clone(), grpc, http, async {
-            // A dropped sender (TestBroker dropped) stops the broker too.
-            let _ = stopped.await;
-        }));
+        let (running, grpc_addr, http_addr) = match &options.binary_config {
+            Some(extra) => {
+                // The process opens the store itself (the embedded file has one owner).
+                drop(state);
+                Self::spawn_binary(raw, extra, &state_dir).await?
+            }
+            None => {
+                let grpc = TcpListener::bind("127.0.0.1:0").await?;
+                let http = TcpListener::bind("127.0.0.1:0").await?;
+                let grpc_addr = grpc.local_addr()?;
+                let http_addr = http.local_addr()?;
+                let (stop, stopped) = oneshot::channel::<()>();
+                let task = tokio::spawn(server::serve(config, state.clone(), grpc, http, async {
+                    // A dropped sender (TestBroker dropped) stops the broker too.
+                    let _ = stopped.await;
+                }));
+                (
+                    Running::InProcess { state, stop, task },
+                    grpc_addr,
+                    http_addr,
+                )
+            }
+        };
         let channel = if options.tls {
             let ca =
                 std::fs::read_to_string(state_dir.join(tokenfleet_broker::dev::DEV_CA_CERT_FILE))
@@ -431,7 +541,7 @@ impl TestBroker {
             store,
             options,
             channel,
-            running: Some(Running { state, stop, task }),
+            running: Some(running),
             temp_dir,
         })
     }
@@ -439,10 +549,17 @@ impl TestBroker {
 
 impl Drop for TestBroker {
     fn drop(&mut self) {
-        if let Some(running) = self.running.take() {
-            // Not awaited: stop accepting right away and cut open connections.
-            let _ = running.stop.send(());
-            running.task.abort();
+        match self.running.take() {
+            Some(Running::InProcess { stop, task, .. }) => {
+                // Not awaited: stop accepting right away and cut open connections.
+                let _ = stop.send(());
+                task.abort();
+            }
+            Some(Running::Process { mut child, .. }) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            None => {}
         }
     }
 }

@@ -139,6 +139,17 @@ fn grant_status(message: &str) -> pb::TokenStatus {
     }
 }
 
+/// A trace attribute for a failed token request (never the message, which may name a mailbox).
+fn failure_kind(failure: &TokenFailure) -> &'static str {
+    match failure {
+        TokenFailure::Unreachable(_) => "unreachable",
+        TokenFailure::RefreshFailing(_) => "refresh_failing",
+        TokenFailure::NoGrant { .. } => "no_grant",
+        TokenFailure::Denied(_) => "denied",
+        TokenFailure::RateLimited { .. } => "rate_limited",
+    }
+}
+
 /// Maps an `IssueAccessToken` error to what the token cache does with it.
 pub fn token_failure(status: &tonic::Status) -> TokenFailure {
     use tonic::Code;
@@ -172,14 +183,42 @@ pub fn token_failure(status: &tonic::Status) -> TokenFailure {
 #[async_trait::async_trait]
 impl TokenSource for BrokerLink {
     async fn issue(&self, key: &TokenKey) -> Result<TokenAnswer, TokenFailure> {
+        // Device and purpose only: mailbox names and user addresses stay out of traces.
+        let span = tracing::info_span!(
+            "token_request",
+            otel.kind = "client",
+            device = %key.device,
+            purpose = key.purpose.as_str_name(),
+            result = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let answer = tracing::Instrument::instrument(self.issue_traced(key), span.clone()).await;
+        let result = match &answer {
+            Ok(TokenAnswer::Token(_)) => "issued",
+            Ok(TokenAnswer::ConsentRequired(_)) => "consent_required",
+            Err(failure) => {
+                span.record("otel.status_code", "ERROR");
+                failure_kind(failure)
+            }
+        };
+        span.record("result", result);
+        answer
+    }
+}
+
+impl BrokerLink {
+    /// `IssueAccessToken`, carrying the current span as `traceparent`.
+    async fn issue_traced(&self, key: &TokenKey) -> Result<TokenAnswer, TokenFailure> {
         let answer = self
             .client()
-            .issue_access_token(pb::IssueAccessTokenRequest {
-                device: key.device.clone(),
-                mailbox: key.mailbox.clone(),
-                purpose: key.purpose as i32,
-                user_address: key.user_address.clone(),
-            })
+            .issue_access_token(tokenfleet_telemetry::traced_request(
+                pb::IssueAccessTokenRequest {
+                    device: key.device.clone(),
+                    mailbox: key.mailbox.clone(),
+                    purpose: key.purpose as i32,
+                    user_address: key.user_address.clone(),
+                },
+            ))
             .await
             .map_err(|s| token_failure(&s))?
             .into_inner();

@@ -307,7 +307,21 @@ impl DeliveryWorker {
 
     async fn deliver_entry(self: Arc<Self>, meta: EntryMeta) -> Settled {
         let id = meta.id.clone();
-        let settled = self.deliver(meta).await;
+        // One trace per delivery attempt: device, spool id and attempt, then the outcome; no
+        // addresses (sender, recipients, mailbox).
+        let span = tracing::info_span!(
+            "deliver",
+            device = %meta.envelope.device,
+            message = %meta.id,
+            attempt = meta.attempts + 1,
+            result = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let settled = tracing::Instrument::instrument(self.deliver(meta), span.clone()).await;
+        span.record("result", settled.outcome.as_str());
+        if settled.outcome != Outcome::Delivered {
+            span.record("otel.status_code", "ERROR");
+        }
         // Into `settled_since_scan` before leaving `in_flight`, so no scan sees it in neither.
         self.lock_settled().insert(id.clone());
         self.lock_in_flight().remove(&id);

@@ -91,9 +91,22 @@ pub struct RawConfig {
     pub audit: AuditSection,
     /// What `/metrics` shows (tenant labels) and how often the fleet gauges are computed.
     pub metrics: MetricsSection,
+    /// OpenTelemetry traces (OTLP over gRPC); off unless `otlp_endpoint` is set.
+    pub tracing: RawTracing,
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT before connections are cut.
     pub shutdown_grace_seconds: u64,
 }
+
+/// The broker as a traced program: its default `service.name`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BrokerProgram;
+
+impl tokenfleet_telemetry::Program for BrokerProgram {
+    const SERVICE_NAME: &'static str = "tokenfleet-broker";
+}
+
+/// `[tracing]` of the broker.
+pub type RawTracing = tokenfleet_telemetry::RawTracing<BrokerProgram>;
 
 impl Default for RawConfig {
     fn default() -> Self {
@@ -112,6 +125,7 @@ impl Default for RawConfig {
             admin: AdminSection::default(),
             audit: AuditSection::default(),
             metrics: MetricsSection::default(),
+            tracing: RawTracing::default(),
             shutdown_grace_seconds: 20,
         }
     }
@@ -649,6 +663,15 @@ impl RawConfig {
             check(Err(e));
             MetricsConfig::default()
         });
+        let tracing = self.tracing.check().unwrap_or_else(|invalid| {
+            for p in invalid {
+                check(Err(ConfigError::invalid(
+                    p.key,
+                    format!("`{}`: {}", p.value, p.problem),
+                )));
+            }
+            tokenfleet_telemetry::TracingSettings::off("tokenfleet-broker")
+        });
         if self.shutdown_grace_seconds > 3600 {
             check(Err(ConfigError::invalid(
                 "shutdown_grace_seconds",
@@ -718,6 +741,7 @@ impl RawConfig {
                 bootstrap_key_file: self.admin.bootstrap_key_file.clone(),
                 audit,
                 metrics,
+                tracing,
             }),
             (a, b, c, d, e, f, g, h, i, j, k, l) => {
                 let errors = [
@@ -913,6 +937,8 @@ pub struct BrokerConfig {
     pub audit: crate::audit::AuditRetention,
     /// `/metrics` settings.
     pub metrics: MetricsConfig,
+    /// OpenTelemetry traces (`[tracing]`).
+    pub tracing: tokenfleet_telemetry::TracingSettings,
 }
 
 impl BrokerConfig {
@@ -1031,6 +1057,17 @@ keys = []
 level = "info"
 # "text" or "json".
 format = "text"
+
+[tracing]
+# OpenTelemetry traces over OTLP/gRPC, e.g. "http://127.0.0.1:4317" (https: checked against the
+# system's CA roots). "" = off. Spans: gRPC requests (continuing an agent's W3C traceparent),
+# access-token issuance, refreshes, store operations, identity-provider calls.
+otlp_endpoint = ""
+# Share of new traces recorded, 0.0 to 1.0. Requests that carry a traceparent follow the
+# caller's sampling decision.
+sample_ratio = 1.0
+# service.name of the spans.
+service_name = "tokenfleet-broker"
 
 [tokens]
 # An agent's request refreshes a mailbox's token when the cached one has less than this left.

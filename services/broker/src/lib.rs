@@ -32,6 +32,7 @@ pub mod server;
 
 // Agent-facing API (the TokenBroker gRPC service).
 pub mod token_broker;
+pub mod tracing_store;
 
 // Fleet status, agent configuration and commands (status streams, connection tests).
 pub mod fleet;

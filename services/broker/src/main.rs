@@ -176,10 +176,11 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 tokenfleet_broker::config::StoreConfig::Redis(_) => "redis".to_owned(),
             };
             print_stdout(&format!(
-                "configuration OK: gRPC on {}, HTTP on {}, store {store}, sealing key {}\n",
+                "configuration OK: gRPC on {}, HTTP on {}, store {store}, sealing key {}, traces {}\n",
                 config.grpc_listen,
                 config.http_listen,
                 keyring.current_key_id(),
+                config.tracing.describe(),
             ))
         }
         Some(Command::DefaultConfig) => print_stdout(DEFAULT_CONFIG_TOML),
@@ -223,7 +224,23 @@ async fn serve(mut raw: RawConfig, dev_mode: bool) -> Result<(), Failure> {
         dev::prepare(&mut raw)?;
     }
     let config = raw.validate()?;
-    init_tracing(&config.log)?;
+    let (otel, traces) =
+        tokenfleet_telemetry::otel_layer(&config.tracing, env!("CARGO_PKG_VERSION"))
+            .map_err(|e| Failure::Config(format!("configuration: `tracing`: {e}")))?;
+    init_tracing_with(&config.log, otel)?;
+    if config.tracing.otlp_endpoint.is_some() {
+        tracing::info!(traces = %config.tracing.describe(), "OpenTelemetry traces on");
+    }
+    let served = serve_traced(config, dev_mode).await;
+    // Blocking: the last batch goes to the collector (bounded by the export timeout).
+    let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+    served
+}
+
+async fn serve_traced(
+    config: tokenfleet_broker::config::BrokerConfig,
+    dev_mode: bool,
+) -> Result<(), Failure> {
     let shutdown = shutdown_signal().context("installing signal handlers")?;
 
     let state = server::build_state(&config).await?;
@@ -291,18 +308,36 @@ fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send> {
 }
 
 fn init_tracing(log: &LogConfig) -> Result<(), Failure> {
+    init_tracing_with(log, None)
+}
+
+/// Logs to stderr per `[log]`; with `otel`, tokenfleet's spans also go to the OTLP collector
+/// (the log filter does not apply to them).
+fn init_tracing_with(
+    log: &LogConfig,
+    otel: Option<tokenfleet_telemetry::OtelLayer>,
+) -> Result<(), Failure> {
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_new(&log.level)
         .map_err(|e| Failure::Config(format!("configuration: `log.level`: {e}")))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only for a person at a terminal, never into log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let installed = match log.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    // Colour only for a person at a terminal, never into log files.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let lines = match log.format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .boxed(),
     };
-    installed.map_err(|e| Failure::Other(anyhow::anyhow!("installing the logger: {e}")))
+    tracing_subscriber::registry()
+        .with(otel)
+        .with(lines.with_filter(filter))
+        .try_init()
+        .map_err(|e| Failure::Other(anyhow::anyhow!("installing the logger: {e}")))
 }
 
 fn print_stdout(text: &str) -> Result<(), Failure> {

@@ -136,6 +136,13 @@ pub async fn open_store(config: &BrokerConfig) -> Result<Arc<dyn Store>, ServeEr
             Arc::new(store)
         }
     };
+    if config.tracing.otlp_endpoint.is_some() {
+        let backend = match &config.store {
+            StoreConfig::Embedded { .. } => "embedded",
+            StoreConfig::Redis(_) => "redis",
+        };
+        return Ok(crate::tracing_store::traced(store, backend));
+    }
     Ok(store)
 }
 
@@ -244,6 +251,14 @@ pub async fn serve(
         None => tokens,
     };
     let grpc_server = grpc_builder
+        // Outermost: the request span (continuing the caller's traceparent) covers the rest.
+        .layer(tower::util::option_layer(
+            config
+                .tracing
+                .otlp_endpoint
+                .is_some()
+                .then_some(tokenfleet_telemetry::GrpcTraceLayer),
+        ))
         .layer(GrpcMetricsLayer::new(metrics.clone()))
         // Inside the metrics layer, so they count the rewritten code.
         .layer(crate::malformed::MalformedRequestLayer)

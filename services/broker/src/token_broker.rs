@@ -563,9 +563,31 @@ impl TokenBroker for TokenBrokerService {
                 }
             };
             tracing::Span::current().record("agent", peer.id.to_string().as_str());
-            TokenBrokerService::issue_access_token(self, peer, &snapshot, request.into_inner())
-                .await
-                .map(Response::new)
+            let request = request.into_inner();
+            // Device and purpose only: mailbox names and user addresses stay out of traces.
+            let issuance = tracing::info_span!(
+                "issue_access_token",
+                device = %shown(&request.device),
+                purpose = request.purpose,
+                result = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            );
+            let answer = TokenBrokerService::issue_access_token(self, peer, &snapshot, request)
+                .instrument(issuance.clone())
+                .await;
+            match &answer {
+                Ok(a) if a.consent_required.is_some() => {
+                    issuance.record("result", "consent_required");
+                }
+                Ok(_) => {
+                    issuance.record("result", "issued");
+                }
+                Err(status) => {
+                    issuance.record("result", format!("{:?}", status.code()).as_str());
+                    issuance.record("otel.status_code", "ERROR");
+                }
+            }
+            answer.map(Response::new)
         }
         .instrument(span("IssueAccessToken"))
         .await

@@ -202,6 +202,34 @@ impl<'a> Exchange<'a> {
     }
 
     pub async fn send(&self, request: HttpRequest) -> Result<HttpResponse, TransportError> {
+        // One client span per provider call: method, host and path (the token endpoint's path
+        // names the directory tenant at most), never the query or the body.
+        let span = tracing::info_span!(
+            "provider_request",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = %request.method(),
+            server.address = request.uri().host().unwrap_or_default(),
+            url.path = request.uri().path(),
+            http.response.status_code = tracing::field::Empty,
+        );
+        let answer =
+            tracing::Instrument::instrument(self.send_untraced(request), span.clone()).await;
+        match &answer {
+            Ok(response) => {
+                span.record("http.response.status_code", response.status().as_u16());
+                if !response.status().is_success() {
+                    span.record("otel.status_code", "ERROR");
+                }
+            }
+            Err(_) => {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        answer
+    }
+
+    async fn send_untraced(&self, request: HttpRequest) -> Result<HttpResponse, TransportError> {
         let host = host_of(&request.uri().to_string());
         let request = reqwest::Request::try_from(request).map_err(|e| TransportError {
             host: host.clone(),

@@ -22,6 +22,7 @@ mod readiness;
 mod refresh_replicas;
 mod secrets_at_rest;
 mod store_conformance;
+mod traces;
 
 /// The libtest name of the test `name` in `module` (a `module_path!()` of this binary): the path
 /// without the binary's crate name, for re-running one test of this binary in a child process.

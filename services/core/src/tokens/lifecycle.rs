@@ -983,14 +983,20 @@ impl TokenService {
         let id = self.inner.next_flight.fetch_add(1, Ordering::Relaxed);
         let this = self.clone();
         let (t, m, r) = key.clone();
-        let task = tokio::spawn(async move {
-            let result = this.refresh_exclusive(&t, &m, trigger, r).await;
-            let mut flights = lock(&this.inner.flights);
-            if flights.get(&(t.clone(), m.clone(), r)).map(|(i, _)| *i) == Some(id) {
-                flights.remove(&(t, m, r));
-            }
-            result
-        });
+        // The refresh is a child of the first caller's span (an agent's issuance, a scheduler
+        // run), so its store and provider calls show up in that trace.
+        let span = tracing::info_span!("refresh_token", trigger = ?trigger, resource = ?r);
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let result = this.refresh_exclusive(&t, &m, trigger, r).await;
+                let mut flights = lock(&this.inner.flights);
+                if flights.get(&(t.clone(), m.clone(), r)).map(|(i, _)| *i) == Some(id) {
+                    flights.remove(&(t, m, r));
+                }
+                result
+            },
+            span,
+        ));
         let flight = async move {
             task.await
                 .unwrap_or_else(|e| Err(TokenError::Internal(format!("refresh task failed: {e}"))))
