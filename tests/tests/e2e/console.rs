@@ -86,11 +86,32 @@ pub async fn request(
     req.push_str("\r\n");
     req.push_str(body);
     stream.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut raw))
+    // Read to the end of the body: the connection's end, or Content-Length bytes after the
+    // head (some servers, chromedriver among them, keep the connection open anyway).
+    let read = async {
+        let mut raw = Vec::new();
+        let mut buf = vec![0_u8; 16 * 1024];
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return raw;
+            }
+            raw.extend_from_slice(&buf[..n]);
+            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                if length.is_some_and(|len| raw.len() >= end + 4 + len) {
+                    return raw;
+                }
+            }
+        }
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(90), read)
         .await
-        .expect("answer within 60 s")
-        .unwrap();
+        .expect("answer within 90 s");
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
@@ -352,12 +373,26 @@ pub async fn fleet() -> Fleet {
             .await
             .unwrap();
     }
+    // An agent that never connected hosts the device: its connection test answers
+    // AGENT_UNREACHABLE.
+    admin
+        .create_agent(pb::CreateAgentRequest {
+            agent: Some(pb::Agent {
+                tenant: TENANT.into(),
+                name: "site-b".into(),
+                display_name: "Branch office".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
     admin
         .create_device(pb::CreateDeviceRequest {
             device: Some(pb::Device {
                 tenant: TENANT.into(),
                 name: "mfp-1".into(),
                 display_name: "Reception printer".into(),
+                agent: "site-b".into(),
                 sender_mode: pb::SenderMode::Bulk as i32,
                 bulk_mailbox: "scan".into(),
                 allowed_mailboxes: vec!["web".into()],

@@ -279,6 +279,11 @@ fn artifacts() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_in_chromium() {
+    // The walk-through is one large future: keep it on the heap, not the test thread's stack.
+    Box::pin(walk_through()).await;
+}
+
+async fn walk_through() {
     let Some(chromium) = find_binary(&["/usr/bin/chromium", "/usr/bin/chromium-browser"]) else {
         eprintln!(
             "SKIPPED console_in_chromium: /usr/bin/chromium is missing (apt-get install chromium chromium-driver, as scripts/test-setup.sh does)"
