@@ -89,8 +89,16 @@ pub(super) async fn open(State(state): State<ConsoleState>, Path(token): Path<St
 <h2>What you allow</h2><ul class=\"scopes\">",
         esc(&view.address)
     );
+    // One line per meaning (openid, profile and email say the same thing to the owner).
+    let mut lines: Vec<String> = Vec::new();
     for s in &view.scopes {
-        let _ = write!(body, "<li>{}</li>", esc(&scope_words(s, &view.address)));
+        let line = scope_words(s, &view.address);
+        if !lines.contains(&line) {
+            lines.push(line);
+        }
+    }
+    for line in &lines {
+        let _ = write!(body, "<li>{}</li>", esc(line));
     }
     body.push_str("</ul><h2>Which devices will use it</h2>");
     if view.devices.is_empty() {
