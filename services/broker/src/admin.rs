@@ -17,8 +17,10 @@
 
 mod agents;
 mod consent;
+pub mod consent_links;
 mod devices;
 mod enrollment;
+mod in_process;
 mod keys;
 mod mailboxes;
 mod providers;
@@ -564,5 +566,30 @@ impl Admin for AdminService {
         request: Request<pb::RevokeApiKeyRequest>,
     ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
         rpc!(self, request, "RevokeApiKey", keys::revoke)
+    }
+
+    async fn create_consent_link(
+        &self,
+        request: Request<pb::CreateConsentLinkRequest>,
+    ) -> Result<Response<pb::CreateConsentLinkResponse>, Status> {
+        rpc!(
+            self,
+            request,
+            "CreateConsentLink",
+            consent_links::create,
+            &self.consent
+        )
+    }
+    async fn list_consent_links(
+        &self,
+        request: Request<pb::ListConsentLinksRequest>,
+    ) -> Result<Response<pb::ListConsentLinksResponse>, Status> {
+        rpc!(self, request, "ListConsentLinks", consent_links::list)
+    }
+    async fn revoke_consent_link(
+        &self,
+        request: Request<pb::RevokeConsentLinkRequest>,
+    ) -> Result<Response<pb::ConsentLink>, Status> {
+        rpc!(self, request, "RevokeConsentLink", consent_links::revoke)
     }
 }

@@ -10,7 +10,8 @@
 //! under their own names, so `tokenfleet_broker::tokens` is `tokenfleet_core::tokens`.
 
 pub use tokenfleet_core::{
-    alerts, api_keys, audit, authz, identity, ops, rate_limit, records, reseal, state, tokens,
+    alerts, api_keys, audit, authz, consent_links, identity, ops, rate_limit, records, reseal,
+    state, tokens,
 };
 
 // The edges that map the core's errors to gRPC and HTTP.
@@ -33,6 +34,9 @@ pub mod server;
 // Agent-facing API (the TokenBroker gRPC service).
 pub mod token_broker;
 pub mod tracing_store;
+
+// The web console and the consent-link pages on the HTTP listener.
+pub mod console;
 
 // Fleet status, agent configuration and commands (status streams, connection tests).
 pub mod fleet;

@@ -250,6 +250,13 @@ pub async fn serve(
         Some(alerter) => tokens.with_alerts(alerter.clone()),
         None => tokens,
     };
+    // One admin service for the gRPC API and the web console: the same operations.
+    let admin_service = crate::admin::AdminService::new(state.clone())
+        .with_consent_settings(crate::admin::ConsentSettings {
+            public_url: config.public_url.clone(),
+        })
+        .with_token_service(tokens.clone())
+        .with_provider_policy(config.providers.clone());
     let grpc_server = grpc_builder
         // Outermost: the request span (continuing the caller's traceparent) covers the rest.
         .layer(tower::util::option_layer(
@@ -264,12 +271,7 @@ pub async fn serve(
         .layer(crate::malformed::MalformedRequestLayer)
         .add_service(health_service)
         .add_service(tokenfleet_proto::v1::admin_server::AdminServer::new(
-            crate::admin::AdminService::new(state.clone())
-                .with_consent_settings(crate::admin::ConsentSettings {
-                    public_url: config.public_url.clone(),
-                })
-                .with_token_service(tokens.clone())
-                .with_provider_policy(config.providers.clone()),
+            admin_service.clone(),
         ))
         .add_service(
             tokenfleet_proto::v1::token_broker_server::TokenBrokerServer::new(
@@ -297,7 +299,10 @@ pub async fn serve(
         store: state.store.clone(),
         metrics: metrics.clone(),
         broker: state.clone(),
-    });
+    })
+    .merge(crate::console::router(crate::console::ConsoleState::new(
+        admin_service,
+    )));
     let http_server = serve_http(
         http,
         http_router,
@@ -309,7 +314,7 @@ pub async fn serve(
     servers.spawn(async move { ("gRPC", grpc_server.await.map_err(ServeError::Grpc)) });
     servers.spawn(async move { ("HTTP", http_server.await.map_err(ServeError::Http)) });
     tracing::info!(address = %grpc_addr, "gRPC listening (tokenfleet.v1.Admin, tokenfleet.v1.TokenBroker, health, reflection)");
-    tracing::info!(address = %http_addr, "HTTP listening (/healthz, /readyz, /metrics, /oauth/callback)");
+    tracing::info!(address = %http_addr, "HTTP listening (/healthz, /readyz, /metrics, /oauth/callback, /console/, /consent/)");
     tracing::info!(store = %config.store.describe(), seal_key = %state.keyring.current_key_id(), "broker ready");
 
     // Every replica polls pending device codes; store leases keep it to one poller per code.

@@ -41,6 +41,9 @@ pub mod identity;
 pub mod alerts;
 pub mod tokens;
 
+// Consent links the mailbox owner opens (operator side and owner side).
+pub mod consent_links;
+
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};

@@ -12,6 +12,8 @@ mod agent_smtp_upstream;
 mod broker_e2e;
 mod chaos;
 mod consent_e2e;
+mod console;
+mod console_browser;
 mod dovecot_xoauth2;
 mod enrollment_e2e;
 mod helm_chart;

@@ -38,7 +38,7 @@ impl Resource for Tenants {
 
 /// `ListTenants`: every tenant for fleet-wide keys; a tenant-bound key sees its own tenant and
 /// nothing else.
-pub(super) async fn list(
+pub(crate) async fn list(
     state: &BrokerState,
     principal: &Principal,
     req: pb::ListTenantsRequest,

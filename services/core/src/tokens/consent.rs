@@ -489,6 +489,11 @@ impl ConsentTarget {
     fn tenant(&self) -> &str {
         &self.mailbox.value.tenant
     }
+    /// The scopes a consent for this mailbox asks for (also shown on consent-link pages).
+    pub fn scopes_to_request(&self) -> Result<Vec<String>, ConsentError> {
+        self.scopes()
+    }
+
     fn scopes(&self) -> Result<Vec<String>, ConsentError> {
         let m = &self.mailbox.value;
         let mut scopes = self

@@ -1,0 +1,292 @@
+//! The admin operations called in-process by the web console ([`crate::console`]): the very
+//! handlers the gRPC RPCs run (same authorization, validation and audit), with the principal the
+//! console resolved from its session instead of from a bearer header. Nothing here reads or
+//! writes the store on its own.
+
+use tokenfleet_proto::v1 as pb;
+
+use super::{
+    AdminService, Agents, Devices, Mailboxes, consent, consent_links, enrollment, tenants, tokens,
+};
+use crate::authz::Principal;
+use crate::ops::Error;
+use crate::ops::resource::{self, Id};
+
+/// Page size the console reads lists with (the API's largest).
+const PAGE: i32 = super::MAX_PAGE_SIZE as i32;
+
+impl AdminService {
+    /// `ListTenants` (every page).
+    pub async fn console_tenants(&self, p: &Principal) -> Result<Vec<pb::Tenant>, Error> {
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = tenants::list(
+                &self.state,
+                p,
+                pb::ListTenantsRequest {
+                    page_size: PAGE,
+                    page_token: token,
+                },
+            )
+            .await?;
+            out.extend(page.tenants);
+            if page.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    /// `ListMailboxes` of one tenant (every page).
+    pub async fn console_mailboxes(
+        &self,
+        p: &Principal,
+        tenant: &str,
+    ) -> Result<Vec<pb::Mailbox>, Error> {
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let (items, next) =
+                resource::list(&Mailboxes, &self.state, p, tenant, PAGE, &token).await?;
+            out.extend(items);
+            if next.is_empty() {
+                return Ok(out);
+            }
+            token = next;
+        }
+    }
+
+    /// `GetMailbox`.
+    pub async fn console_mailbox(
+        &self,
+        p: &Principal,
+        tenant: &str,
+        name: &str,
+    ) -> Result<pb::Mailbox, Error> {
+        resource::get(&Mailboxes, &self.state, p, Id::scoped(tenant, name)).await
+    }
+
+    /// `ListDevices` of one tenant (every page).
+    pub async fn console_devices(
+        &self,
+        p: &Principal,
+        tenant: &str,
+    ) -> Result<Vec<pb::Device>, Error> {
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let (items, next) =
+                resource::list(&Devices, &self.state, p, tenant, PAGE, &token).await?;
+            out.extend(items);
+            if next.is_empty() {
+                return Ok(out);
+            }
+            token = next;
+        }
+    }
+
+    /// `GetDevice`.
+    pub async fn console_device(
+        &self,
+        p: &Principal,
+        tenant: &str,
+        name: &str,
+    ) -> Result<pb::Device, Error> {
+        resource::get(&Devices, &self.state, p, Id::scoped(tenant, name)).await
+    }
+
+    /// `ListAgents` of one tenant (every page).
+    pub async fn console_agents(
+        &self,
+        p: &Principal,
+        tenant: &str,
+    ) -> Result<Vec<pb::Agent>, Error> {
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let (items, next) =
+                resource::list(&Agents, &self.state, p, tenant, PAGE, &token).await?;
+            out.extend(items);
+            if next.is_empty() {
+                return Ok(out);
+            }
+            token = next;
+        }
+    }
+
+    /// `GetFleetStatus`.
+    pub async fn console_fleet_status(
+        &self,
+        p: &Principal,
+        tenant: &str,
+    ) -> Result<pb::GetFleetStatusResponse, Error> {
+        crate::fleet::get_fleet_status(
+            &self.state,
+            p,
+            pb::GetFleetStatusRequest {
+                tenant: tenant.to_owned(),
+            },
+        )
+        .await
+    }
+
+    /// `TestConnection`.
+    pub async fn console_test_connection(
+        &self,
+        p: &Principal,
+        req: pb::TestConnectionRequest,
+    ) -> Result<pb::ConnectionTestResult, Error> {
+        crate::fleet::test_connection(&self.state, p, req).await
+    }
+
+    /// `StartConsent` (redirecting to the broker's own callback).
+    pub async fn console_start_consent(
+        &self,
+        p: &Principal,
+        tenant: &str,
+        mailbox: &str,
+    ) -> Result<pb::StartConsentResponse, Error> {
+        consent::start(
+            &self.state,
+            p,
+            pb::StartConsentRequest {
+                tenant: tenant.to_owned(),
+                mailbox: mailbox.to_owned(),
+                ..Default::default()
+            },
+            &self.consent,
+        )
+        .await
+    }
+
+    /// `DeleteToken`.
+    pub async fn console_delete_token(
+        &self,
+        p: &Principal,
+        tenant: &str,
+        mailbox: &str,
+    ) -> Result<pb::Mailbox, Error> {
+        tokens::delete_token(
+            &self.state,
+            p,
+            pb::DeleteTokenRequest {
+                tenant: tenant.to_owned(),
+                mailbox: mailbox.to_owned(),
+            },
+            &self.providers.tokens,
+        )
+        .await
+    }
+
+    /// `RefreshNow`.
+    pub async fn console_refresh_now(
+        &self,
+        p: &Principal,
+        tenant: &str,
+        mailbox: &str,
+    ) -> Result<pb::Mailbox, Error> {
+        tokens::refresh_now(
+            &self.state,
+            p,
+            pb::RefreshNowRequest {
+                tenant: tenant.to_owned(),
+                mailbox: mailbox.to_owned(),
+            },
+            &self.providers.tokens,
+        )
+        .await
+    }
+
+    /// `CreateEnrollmentCode`.
+    pub async fn console_enroll(
+        &self,
+        p: &Principal,
+        req: pb::CreateEnrollmentCodeRequest,
+    ) -> Result<pb::CreateEnrollmentCodeResponse, Error> {
+        enrollment::create_code(&self.state, p, req).await
+    }
+
+    /// `RevokeAgent`.
+    pub async fn console_revoke_agent(
+        &self,
+        p: &Principal,
+        tenant: &str,
+        name: &str,
+    ) -> Result<pb::Agent, Error> {
+        enrollment::revoke(
+            &self.state,
+            p,
+            pb::RevokeAgentRequest {
+                tenant: tenant.to_owned(),
+                name: name.to_owned(),
+            },
+        )
+        .await
+    }
+
+    /// `ListAuditEvents` (one page).
+    pub async fn console_audit(
+        &self,
+        p: &Principal,
+        req: pb::ListAuditEventsRequest,
+    ) -> Result<pb::ListAuditEventsResponse, Error> {
+        super::list_audit_events(&self.state, p, req).await
+    }
+
+    /// `CreateConsentLink`.
+    pub async fn console_create_link(
+        &self,
+        p: &Principal,
+        req: pb::CreateConsentLinkRequest,
+    ) -> Result<pb::CreateConsentLinkResponse, Error> {
+        consent_links::create(&self.state, p, req, &self.consent).await
+    }
+
+    /// `ListConsentLinks`.
+    pub async fn console_links(
+        &self,
+        p: &Principal,
+        tenant: &str,
+        mailbox: &str,
+    ) -> Result<Vec<pb::ConsentLink>, Error> {
+        consent_links::list(
+            &self.state,
+            p,
+            pb::ListConsentLinksRequest {
+                tenant: tenant.to_owned(),
+                mailbox: mailbox.to_owned(),
+            },
+        )
+        .await
+        .map(|r| r.links)
+    }
+
+    /// `RevokeConsentLink`.
+    pub async fn console_revoke_link(
+        &self,
+        p: &Principal,
+        tenant: &str,
+        id: &str,
+    ) -> Result<pb::ConsentLink, Error> {
+        consent_links::revoke(
+            &self.state,
+            p,
+            pb::RevokeConsentLinkRequest {
+                tenant: tenant.to_owned(),
+                id: id.to_owned(),
+            },
+        )
+        .await
+    }
+
+    /// The broker state (for the console's session checks).
+    pub fn broker_state(&self) -> &crate::state::BrokerState {
+        &self.state
+    }
+
+    /// The broker's public URL.
+    pub fn public_url(&self) -> &str {
+        &self.consent.public_url
+    }
+}
