@@ -160,9 +160,9 @@ pub enum Command {
         mut_subcommand("delete", |c| c.about("Delete an agent (only when it hosts no devices); asks first")),
     )]
     Agent(commands::agent::AgentCommand),
-    // `consent-link create|list|revoke` (single-use links for the mailbox owner) joins here as
-    // `ConsentLink(commands::consent_link::ConsentLinkCommand)` once the broker's consent-link
-    // API exists (issue 14, item 2).
+    /// Consent links: single-use links a mailbox's owner opens to consent themselves.
+    #[command(subcommand)]
+    ConsentLink(commands::consent_link::ConsentLinkCommand),
     /// Fleet status: what the agents report about their devices.
     #[command(subcommand)]
     Fleet(commands::fleet::FleetCommand),
@@ -214,6 +214,7 @@ pub async fn run(cli: Cli, broker_typed: bool) -> Result<(), CtlError> {
         Command::Export(args) => commands::apply::run_export(args, &context(&global)?).await,
         Command::Audit(args) => commands::audit::run_audit(args, &context(&global)?).await,
         Command::ApiKey(cmd) => commands::api_key::run(cmd, &context(&global)?).await,
+        Command::ConsentLink(cmd) => commands::consent_link::run(cmd, &context(&global)?).await,
         Command::Whoami => commands::audit::run_whoami(&context(&global)?).await,
     }
 }

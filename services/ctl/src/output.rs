@@ -16,8 +16,8 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::error::CtlError;
 use crate::view::{
-    AgentView, ApiKeyView, AuditEventView, DeletedView, DeviceView, MailboxView, ProviderView,
-    TenantView, WhoAmIView,
+    AgentView, ApiKeyView, AuditEventView, ConsentLinkView, DeletedView, DeviceView, MailboxView,
+    ProviderView, TenantView, WhoAmIView,
 };
 
 /// How results are printed (`-o`).
@@ -611,6 +611,28 @@ impl Listed for ApiKeyView {
             },
             cell(&self.description),
             when(&self.create_time),
+        ]
+    }
+}
+
+impl Listed for ConsentLinkView {
+    fn name(&self) -> String {
+        self.id.clone()
+    }
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
+    const PLURAL: &'static str = "consent links";
+    fn columns() -> &'static [&'static str] {
+        &["ID", "MAILBOX", "STATE", "EXPIRES", "CREATED BY"]
+    }
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.id.clone(),
+            self.mailbox.clone(),
+            self.state.clone(),
+            when(&self.expire_time),
+            cell(&self.created_by),
         ]
     }
 }

@@ -419,6 +419,44 @@ pub struct CreatedApiKeyView {
     pub api_key: ApiKeyView,
 }
 
+/// A consent link as listed (never its token).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConsentLinkView {
+    pub id: String,
+    pub tenant: String,
+    pub mailbox: String,
+    /// `pending`, `used`, `revoked` or `expired`.
+    pub state: String,
+    pub created_by: String,
+    pub create_time: Option<String>,
+    pub expire_time: Option<String>,
+    pub use_time: Option<String>,
+}
+
+impl From<&pb::ConsentLink> for ConsentLinkView {
+    fn from(l: &pb::ConsentLink) -> Self {
+        Self {
+            id: l.id.clone(),
+            tenant: l.tenant.clone(),
+            mailbox: l.mailbox.clone(),
+            state: l.state.clone(),
+            created_by: l.created_by.clone(),
+            create_time: rfc3339(l.create_time.as_ref()),
+            expire_time: rfc3339(l.expire_time.as_ref()),
+            use_time: rfc3339(l.use_time.as_ref()),
+        }
+    }
+}
+
+/// A link just created: its address (shown this once) and its record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CreatedConsentLinkView {
+    /// The address to send to the mailbox's owner; the broker keeps only its hash.
+    pub url: String,
+    #[serde(flatten)]
+    pub link: ConsentLinkView,
+}
+
 /// The caller's identity.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WhoAmIView {

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod completion;
 pub mod config;
 pub mod consent;
+pub mod consent_link;
 pub mod crud;
 pub mod device;
 pub mod fleet;

@@ -510,3 +510,105 @@ async fn the_fleet_wide_list_finds_the_mailbox_that_needs_a_person() {
         serde_json::json!([])
     );
 }
+
+/// `consent-link create|list|revoke` through the binary: the link is printed once (its token
+/// never again), listed with its state, revoked only with `--yes` when nobody can answer, and a
+/// lifetime outside the broker's range is refused before anything is sent.
+#[tokio::test]
+async fn consent_links_are_created_once_listed_and_revoked() {
+    let (_fake, broker) = start().await;
+    let run = async |args: &[&str]| command(&broker, args).output().await.unwrap();
+
+    let created = run(&[
+        "consent-link",
+        "create",
+        "browser",
+        "--tenant",
+        TENANT,
+        "--ttl-seconds",
+        "3600",
+        "-o",
+        "json",
+    ])
+    .await;
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let link: Value = serde_json::from_slice(&created.stdout).unwrap();
+    let (id, url) = (link["id"].as_str().unwrap(), link["url"].as_str().unwrap());
+    assert_eq!(link["mailbox"], "browser");
+    assert_eq!(link["state"], "pending");
+    assert!(url.contains("/consent/"), "{url}");
+    let token = url.rsplit('/').next().unwrap();
+    assert!(token.len() > 20, "{url}");
+    assert!(String::from_utf8_lossy(&created.stderr).contains("shown this once"));
+
+    let listed = run(&["consent-link", "list", "--tenant", TENANT, "-o", "json"]).await;
+    assert!(listed.status.success());
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        !text.contains(token),
+        "a listed link shows its token: {text}"
+    );
+    let links: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(links.as_array().unwrap().len(), 1, "{text}");
+    assert_eq!(links[0]["id"], id);
+    assert_eq!(links[0]["state"], "pending");
+    let table = run(&[
+        "consent-link",
+        "list",
+        "--tenant",
+        TENANT,
+        "--mailbox",
+        "scan",
+    ])
+    .await;
+    assert!(table.status.success());
+    assert!(
+        !String::from_utf8_lossy(&table.stdout).contains(id),
+        "the filter by mailbox kept another mailbox's link"
+    );
+
+    // Nobody at a terminal: refused without --yes, and the link stays usable.
+    let refused = run(&["consent-link", "revoke", id, "--tenant", TENANT]).await;
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
+    let still = run(&["consent-link", "list", "--tenant", TENANT, "-o", "json"]).await;
+    let still: Value = serde_json::from_slice(&still.stdout).unwrap();
+    assert_eq!(still[0]["state"], "pending");
+
+    let revoked = run(&[
+        "consent-link",
+        "revoke",
+        "--name",
+        id,
+        "--tenant",
+        TENANT,
+        "--yes",
+        "-o",
+        "json",
+    ])
+    .await;
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    let revoked: Value = serde_json::from_slice(&revoked.stdout).unwrap();
+    assert_eq!(revoked["state"], "revoked");
+
+    let bad = run(&[
+        "consent-link",
+        "create",
+        "browser",
+        "--tenant",
+        TENANT,
+        "--ttl-seconds",
+        "10",
+    ])
+    .await;
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--ttl-seconds"));
+}
