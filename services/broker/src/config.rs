@@ -1060,7 +1060,7 @@ format = "text"
 
 [tracing]
 # OpenTelemetry traces over OTLP/gRPC, e.g. "http://127.0.0.1:4317" (https: checked against the
-# system's CA roots). "" = off. Spans: gRPC requests (continuing an agent's W3C traceparent),
+# system's CA roots). An empty endpoint turns it off. Spans: gRPC requests (continuing an agent's W3C traceparent),
 # access-token issuance, refreshes, store operations, identity-provider calls.
 otlp_endpoint = ""
 # Share of new traces recorded, 0.0 to 1.0. Requests that carry a traceparent follow the

@@ -183,18 +183,37 @@ impl EmbeddedStore {
     /// while a commit syncs wait for the next one, so under load each transaction carries the
     /// appends of one sync's duration. No append is answered before its transaction committed;
     /// when a commit fails, every append in it gets the error.
-    fn commit_appends(&self) {
-        let _guard = CommitterGuard(&self.appends);
+    ///
+    /// The committer lets go of the database before it answers its last batch, so a caller that
+    /// drops the store right after its append can open the file again at once.
+    fn commit_appends(self) {
+        let appends = Arc::clone(&self.appends);
+        let guard = CommitterGuard(&appends);
+        let mut store = Some(self);
         loop {
             let batch: Vec<PendingAppend> = {
-                let mut queue = lock_queue(&self.appends);
+                let mut queue = lock_queue(&appends);
                 if queue.pending.is_empty() {
                     return;
                 }
                 let n = queue.pending.len().min(MAX_GROUP_COMMIT);
                 queue.pending.drain(..n).collect()
             };
-            match append_batch(&self.db, &self.path, &batch) {
+            let Some(this) = store.as_ref() else { return };
+            let result = append_batch(&this.db, &this.path, &batch);
+            let last = {
+                let mut queue = lock_queue(&appends);
+                let last = queue.pending.is_empty();
+                if last {
+                    // The next append starts a committer of its own.
+                    queue.committing = false;
+                }
+                last
+            };
+            if last {
+                drop(store.take());
+            }
+            match result {
                 Ok(ids) => {
                     for (pending, id) in batch.into_iter().zip(ids) {
                         let _ = pending.done.send(Ok(id));
@@ -212,6 +231,11 @@ impl EmbeddedStore {
                         }));
                     }
                 }
+            }
+            if last {
+                // `committing` is already false, and a newer committer may have set it again.
+                std::mem::forget(guard);
+                return;
             }
         }
     }

@@ -759,7 +759,9 @@ async fn leftover_codes_do_not_take_over_agents_through_ctl_and_agent() {
     let stale = ctl_code(&broker, "site-b", &[]).await.unwrap();
     let (code, _, stderr) = ctl(
         &broker,
-        &["agent", "delete", "--name", "site-b", "--tenant", "acme"],
+        &[
+            "agent", "delete", "--name", "site-b", "--tenant", "acme", "--yes",
+        ],
     )
     .await;
     assert_eq!(code, 0, "{stderr}");
