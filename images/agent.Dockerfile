@@ -33,6 +33,8 @@ LABEL org.opencontainers.image.title="tokenfleet-agent" \
       org.opencontainers.image.vendor="tokenfleet"
 COPY --from=rootfs / /
 USER 65532:65532
-EXPOSE 2525/tcp 1110/tcp
+# SMTP and POP3 for the printers; 9465 for /metrics and /healthz when `[metrics] listen` is
+# set to 0.0.0.0:9465 (the default listens on loopback only).
+EXPOSE 2525/tcp 1110/tcp 9465/tcp
 ENTRYPOINT ["/usr/local/bin/tokenfleet-agent"]
 CMD ["run"]

@@ -52,7 +52,7 @@ for name in broker agent; do
     [ "$entrypoint" = "[\"/usr/local/bin/$bin\"]" ] || fail "$tag: entrypoint $entrypoint"
     case $name in
         broker) want='["50051/tcp","8080/tcp"]' ;;
-        agent) want='["1110/tcp","2525/tcp"]' ;;
+        agent) want='["1110/tcp","2525/tcp","9465/tcp"]' ;;
     esac
     [ "$ports" = "$want" ] || fail "$tag: exposed ports $ports, expected $want"
     for label in title source version revision licenses; do
