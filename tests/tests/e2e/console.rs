@@ -197,6 +197,7 @@ impl Browser {
         .await;
         assert_eq!(done.status, 303, "{}", done.body);
         let session = done.cookie("tf_console").expect("session cookie");
+        tokenfleet_testkit::logs::secret(&session);
         let cookie = format!("tf_console={session}");
         let overview = request(addr, "GET", "/console/", &[("Cookie", &cookie)], "").await;
         assert_eq!(overview.status, 200, "{}", overview.body);
@@ -247,7 +248,8 @@ impl Fleet {
     }
 
     pub async fn key(&self, role: &str, tenant: &str) -> String {
-        self.admin()
+        let key = self
+            .admin()
             .create_api_key(pb::CreateApiKeyRequest {
                 role: role.into(),
                 tenant: tenant.into(),
@@ -256,7 +258,10 @@ impl Fleet {
             .await
             .unwrap()
             .into_inner()
-            .key
+            .key;
+        // The log scan fails if the key reaches any broker log.
+        tokenfleet_testkit::logs::secret(&key);
+        key
     }
 
     pub async fn status(&self, name: &str) -> i32 {
@@ -548,6 +553,7 @@ async fn console_sessions_csrf_headers_and_roles() {
         assert!(set.contains(flag), "{set}");
     }
     let sid = a.cookie("tf_console").unwrap();
+    tokenfleet_testkit::logs::secret(&sid);
     assert!(sid.len() >= 43, "256-bit session id: {sid}");
     assert!(!set.contains(&key) && !key.contains(&sid));
     let admin = Browser::sign_in(addr, &key).await;
@@ -728,8 +734,12 @@ fn hash(token: &str) -> String {
         .collect()
 }
 
+/// The token of a consent link's address, registered with the log scan: a link is a bearer
+/// credential and must never reach a log.
 fn token_of(url: &str) -> String {
-    url.rsplit('/').next().unwrap().to_owned()
+    let token = url.rsplit('/').next().unwrap().to_owned();
+    tokenfleet_testkit::logs::secret(&token);
+    token
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -543,6 +543,8 @@ async fn consent_links_are_created_once_listed_and_revoked() {
     assert!(url.contains("/consent/"), "{url}");
     let token = url.rsplit('/').next().unwrap();
     assert!(token.len() > 20, "{url}");
+    // A consent link is a bearer credential: the log scan fails if it reaches a log.
+    tokenfleet_testkit::logs::secret(token);
     assert!(String::from_utf8_lossy(&created.stderr).contains("shown this once"));
 
     let listed = run(&["consent-link", "list", "--tenant", TENANT, "-o", "json"]).await;
