@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the relay benchmark (`bench-relay`, tests/src/bin/bench_relay.rs) needs beyond the
+# Installs what the relay benchmark (`bench relay`, tests/src/bin/bench/relay.rs) needs beyond the
 # test suite; idempotent and quiet when nothing is missing. Not part of the test setup.
 #
 #   Debian packages  postfix, sasl2-bin, libsasl2-modules (the Postfix baseline: its own instance

@@ -39,19 +39,43 @@ fn find_binary(names: &[&str]) -> Option<PathBuf> {
 struct Driver {
     addr: SocketAddr,
     child: Child,
+    /// chromedriver runs in a PID namespace of its own (`unshare`).
+    namespaced: bool,
 }
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        // chromedriver runs in a process group of its own, with the browsers it started: end
-        // them all, also when a failed assertion skipped the sessions' clean end.
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(format!("-{}", self.child.id()))
-            .status();
+        // In a PID namespace (see `start`), killing `unshare` kills chromedriver (`--kill-child`),
+        // the namespace's first process, and with it every browser it started. Without one,
+        // chromedriver leads a process group of its own with its browsers: end that group, and
+        // only when it is still chromedriver's own (never a group this test shares).
+        if !self.namespaced && process_group_of(self.child.id()) == Some(self.child.id()) {
+            let _ = Command::new("kill")
+                .args(["-TERM", "--", &format!("-{}", self.child.id())])
+                .status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The process group of `pid` from `/proc/PID/stat` (field 5, after the parenthesised name).
+fn process_group_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// Whether `unshare` can give chromedriver and its browsers a PID namespace of their own here
+/// (root, or user namespaces allowed).
+fn pid_namespace_available() -> bool {
+    Command::new("unshare")
+        .args(["--pid", "--fork", "--kill-child", "--mount-proc", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// One browser (a WebDriver session: its own profile, so its own cookies).
@@ -83,7 +107,19 @@ async fn wd(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> 
 impl Driver {
     async fn start(binary: &Path) -> Driver {
         let port = tokenfleet_testkit::agent_site::free_port();
-        let child = Command::new(binary)
+        // The browsers run where no signal they or chromedriver send can reach anything else:
+        // a PID namespace of their own when `unshare` can make one (a stray `kill(-1)` there
+        // ends only them), else a process group of their own.
+        let namespaced = pid_namespace_available();
+        let mut command = if namespaced {
+            let mut c = Command::new("unshare");
+            c.args(["--pid", "--fork", "--kill-child", "--mount-proc"])
+                .arg(binary);
+            c
+        } else {
+            Command::new(binary)
+        };
+        let child = command
             .arg(format!("--port={port}"))
             .process_group(0)
             .stdin(Stdio::null())
@@ -103,7 +139,11 @@ impl Driver {
             assert!(Instant::now() < deadline, "chromedriver did not listen");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Driver { addr, child }
+        Driver {
+            addr,
+            child,
+            namespaced,
+        }
     }
 
     async fn browser(&self, chromium: &Path, base: &str) -> Browser {
@@ -117,7 +157,9 @@ impl Driver {
                     "binary": chromium.to_string_lossy(),
                     "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
                              "--disable-dev-shm-usage", "--window-size=1280,1000",
-                             "--no-first-run", "--password-store=basic"]
+                             "--no-first-run", "--password-store=basic",
+                             "--disable-background-networking", "--disable-component-update",
+                             "--disable-sync", "--disable-quic"]
                 }
             }}})),
         )

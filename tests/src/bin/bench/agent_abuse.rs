@@ -7,10 +7,10 @@
 //! optimized there):
 //!
 //! ```text
-//! cargo run -p tokenfleet-testkit --bin bench-agent-abuse
-//! cargo run -p tokenfleet-testkit --bin bench-agent-abuse -- --no-lockout
+//! cargo run -p tokenfleet-testkit --bin bench -- agent-abuse
+//! cargo run -p tokenfleet-testkit --bin bench -- agent-abuse --no-lockout
 //! # the same attack on another build of the agent (e.g. main's, before the limits):
-//! TOKENFLEET_TEST_AGENT_BINARY=/path/to/tokenfleet-agent cargo run -p tokenfleet-testkit --bin bench-agent-abuse
+//! TOKENFLEET_TEST_AGENT_BINARY=/path/to/tokenfleet-agent cargo run -p tokenfleet-testkit --bin bench -- agent-abuse
 //! ```
 //!
 //! Phases, each from its own loopback source addresses (the agent counts sessions per source):
@@ -47,8 +47,8 @@ use tokio::net::{TcpSocket, TcpStream};
 
 /// Agent listener abuse benchmark (see the file header).
 #[derive(Debug, Parser)]
-#[command(name = "bench-agent-abuse")]
-struct Args {
+
+pub struct Args {
     /// Parallel wrong-password connections (one source address each).
     #[arg(long, default_value_t = 150)]
     wrong_logins: usize,
@@ -192,8 +192,7 @@ async fn print_one(site: &AgentSite) -> Duration {
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<()> {
-    let args = Args::parse();
+pub async fn run(args: Args) -> Result<()> {
     let mut agent_config = String::new();
     if args.no_lockout {
         agent_config.push_str(

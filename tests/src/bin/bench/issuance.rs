@@ -3,9 +3,9 @@
 //!
 //! ```text
 //! cargo build --release -p tokenfleet-broker --bin tokenfleet-broker   # the broker it starts
-//! cargo run --release -p tokenfleet-testkit --bin bench_issuance
-//! cargo run --release -p tokenfleet-testkit --bin bench_issuance -- --store redis --inflight 64
-//! cargo run --release -p tokenfleet-testkit --bin bench_issuance -- --broker-bin /path/to/tokenfleet-broker
+//! cargo run --release -p tokenfleet-testkit --bin bench -- issuance
+//! cargo run --release -p tokenfleet-testkit --bin bench -- issuance --store redis --inflight 64
+//! cargo run --release -p tokenfleet-testkit --bin bench -- issuance --broker-bin /path/to/tokenfleet-broker
 //! ```
 //!
 //! For each store (`--store embedded`, `redis` or `both`, the default) it starts the release
@@ -77,10 +77,9 @@ enum StoreArg {
 
 #[derive(Debug, Parser)]
 #[command(
-    name = "bench_issuance",
     about = "Cached-token IssueAccessToken over mTLS against Health/Check on the same connections"
 )]
-struct Args {
+pub struct Args {
     /// Which store the broker runs on.
     #[arg(long, value_enum, default_value_t = StoreArg::Both)]
     store: StoreArg,
@@ -463,6 +462,27 @@ async fn run_store(args: &Args, bin: &Path, store: &str, fake: &FakeIdp) -> Resu
             issue.rps / health.rps,
             issue.p99.as_secs_f64() / health.p99.as_secs_f64().max(1e-9)
         );
+        let scenario = format!("issuance-{store}-{inflight}");
+        crate::figure(&crate::Figure {
+            scenario: &scenario,
+            figure: "throughput",
+            unit: "req/s",
+            value: issue.rps,
+            baseline: "health-check",
+            baseline_value: health.rps,
+            target: ">= 0.8x",
+            met: issue.rps >= 0.8 * health.rps,
+        });
+        crate::figure(&crate::Figure {
+            scenario: &scenario,
+            figure: "p99",
+            unit: "ms",
+            value: issue.p99.as_secs_f64() * 1000.0,
+            baseline: "health-check",
+            baseline_value: health.p99.as_secs_f64() * 1000.0,
+            target: "<= 1.5x",
+            met: issue.p99.as_secs_f64() <= 1.5 * health.p99.as_secs_f64(),
+        });
     }
     let audited = count_issue_audits(&mut admin).await?;
     println!(
@@ -505,8 +525,7 @@ async fn count_issue_audits(admin: &mut TestAdminClient) -> Result<u64> {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
-    let args = Args::parse();
+pub async fn run(args: Args) -> Result<()> {
     let bin = match &args.broker_bin {
         Some(bin) => bin.clone(),
         None => std::env::current_exe()?

@@ -22,9 +22,9 @@
 //! bash scripts/bench-setup.sh
 //! cargo build --release -p tokenfleet-agent --bin tokenfleet-agent
 //! TOKENFLEET_TEST_AGENT_BINARY=$PWD/target/release/tokenfleet-agent \
-//!   cargo run -p tokenfleet-testkit --bin bench-relay
+//!   cargo run -p tokenfleet-testkit --bin bench -- relay
 //! # one scenario, one implementation, and a perf profile of the agent during its runs:
-//! ... --bin bench-relay -- --scenarios 1MiB-auth --impls tokenfleet,postfix --perf-dir /tmp/prof
+//! ... --bin bench -- relay --scenarios 1MiB-auth --impls tokenfleet,postfix --perf-dir /tmp/prof
 //! ```
 //!
 //! The upstream is a sink in this process: STARTTLS (a certificate from a CA of the run, which
@@ -89,8 +89,8 @@ const POSTFIX_HOST: &str = "bench-postfix.localdomain";
 
 /// Relay benchmark (see the file header).
 #[derive(Debug, Parser)]
-#[command(name = "bench-relay")]
-struct Args {
+
+pub struct Args {
     /// Printers sending at once (one session per message each).
     #[arg(long, default_value_t = 20)]
     concurrency: usize,
@@ -127,8 +127,7 @@ struct Args {
     emailproxy_venv: Option<PathBuf>,
 }
 
-fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+pub fn bench(args: Args) -> std::process::ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
@@ -1188,6 +1187,16 @@ async fn run(args: Args) -> Result<bool> {
                     "bench=relay scenario={scenario} impl=tokenfleet msgs_per_s={:.1} baseline={baseline} baseline_msgs_per_s={:.1} ratio={ratio:.2} target={target} met={met}",
                     tf.msgs_per_s, b.msgs_per_s
                 );
+                crate::figure(&crate::Figure {
+                    scenario: &format!("relay-{scenario}"),
+                    figure: "msgs_per_s",
+                    unit: "msg/s",
+                    value: tf.msgs_per_s,
+                    baseline,
+                    baseline_value: b.msgs_per_s,
+                    target: &format!(">= {target}x"),
+                    met,
+                });
             }
             if let Some(pss) = postfix_pss {
                 let ratio = tf.pss_mib / pss;
@@ -1197,6 +1206,16 @@ async fn run(args: Args) -> Result<bool> {
                     "bench=relay scenario={scenario} impl=tokenfleet pss_mib={:.1} baseline=postfix baseline_pss_mib={pss:.1} pss_ratio={ratio:.2} target=0.33 met={met}",
                     tf.pss_mib
                 );
+                crate::figure(&crate::Figure {
+                    scenario: &format!("relay-{scenario}"),
+                    figure: "peak_pss",
+                    unit: "MiB",
+                    value: tf.pss_mib,
+                    baseline: "postfix",
+                    baseline_value: pss,
+                    target: "<= 0.33x",
+                    met,
+                });
             }
             let under = tf.pss_mib <= args.ceiling_mib as f64;
             ok &= under || !args.enforce;
@@ -1204,6 +1223,16 @@ async fn run(args: Args) -> Result<bool> {
                 "bench=relay scenario={scenario} impl=tokenfleet pss_mib={:.1} ceiling_mib={} met={under}",
                 tf.pss_mib, args.ceiling_mib
             );
+            crate::figure(&crate::Figure {
+                scenario: &format!("relay-{scenario}"),
+                figure: "peak_pss",
+                unit: "MiB",
+                value: tf.pss_mib,
+                baseline: "ceiling",
+                baseline_value: args.ceiling_mib as f64,
+                target: "<= 1x (documented ceiling)",
+                met: under,
+            });
         }
     }
     let dups = sink.duplicates.load(Ordering::Relaxed);

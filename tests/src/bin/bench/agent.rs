@@ -2,9 +2,9 @@
 //! XOAUTH2 submission. Not part of any test suite; run it by hand, in release:
 //!
 //! ```text
-//! cargo run --release -p tokenfleet-testkit --bin bench-agent -- --messages 2000
-//! cargo run --release -p tokenfleet-testkit --bin bench-agent -- --mode ingress-only
-//! cargo run --release -p tokenfleet-testkit --bin bench-agent -- --size 1048576 --messages 200
+//! cargo run --release -p tokenfleet-testkit --bin bench -- agent --messages 2000
+//! cargo run --release -p tokenfleet-testkit --bin bench -- agent --mode ingress-only
+//! cargo run --release -p tokenfleet-testkit --bin bench -- agent --size 1048576 --messages 200
 //! ```
 //!
 //! Everything runs in this one process on 127.0.0.1, except Dovecot (`dovecot` must be on
@@ -81,8 +81,8 @@ enum Mode {
 
 /// Agent mail-path benchmark (see the file header).
 #[derive(Debug, Parser)]
-#[command(name = "bench-agent")]
-struct Args {
+
+pub struct Args {
     /// Messages to send.
     #[arg(long, default_value_t = 2000)]
     messages: usize,
@@ -136,8 +136,7 @@ struct Upstream {
     token: AccessToken,
 }
 
-fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+pub fn bench(args: Args) -> std::process::ExitCode {
     // Warnings and errors to stderr (RUST_LOG overrides); installed before the test kit's
     // TRACE capture can be, which would slow the path under test down.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -2,8 +2,8 @@
 //! scales to 100,000 mailboxes"). Not part of any test suite; run it by hand:
 //!
 //! ```text
-//! cargo run --release -p tokenfleet-testkit --bin bench-refresh -- --mailboxes 100000 --store embedded
-//! cargo run --release -p tokenfleet-testkit --bin bench-refresh -- --mailboxes 100000 --store redis
+//! cargo run --release -p tokenfleet-testkit --bin bench -- refresh --mailboxes 100000 --store embedded
+//! cargo run --release -p tokenfleet-testkit --bin bench -- refresh --mailboxes 100000 --store redis
 //! ```
 //!
 //! With `--store redis` it starts its own `redis-server` on a free loopback port (stopped on exit);
@@ -29,7 +29,7 @@
 //!    requests, M distinct refresh tokens) and this process's RSS (which includes the fake).
 //!
 //! ```text
-//! cargo run --release -p tokenfleet-testkit --bin bench-refresh -- --mailboxes 100000 --store redis --e2e 2000
+//! cargo run --release -p tokenfleet-testkit --bin bench -- refresh --mailboxes 100000 --store redis --e2e 2000
 //! ```
 //!
 //! Only 127.0.0.1 is contacted.
@@ -65,8 +65,8 @@ enum Backend {
 
 /// Refresh-schedule benchmark (see the file header).
 #[derive(Debug, Parser)]
-#[command(name = "bench-refresh")]
-struct Args {
+
+pub struct Args {
     /// Mailboxes to schedule.
     #[arg(long, default_value_t = 100_000)]
     mailboxes: usize,
@@ -91,8 +91,7 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
-    let args = Args::parse();
+pub async fn run(args: Args) -> Result<()> {
     if args.mailboxes == 0 {
         bail!("--mailboxes must be at least 1");
     }

@@ -2,9 +2,9 @@
 //! part of any test suite; run it by hand against the real broker binary:
 //!
 //! ```text
-//! cargo build --release -p tokenfleet-broker -p tokenfleet-testkit --bin tokenfleet-broker --bin bench-broker-abuse
-//! target/release/bench-broker-abuse                       # 20,000 streams + 500 slow clients
-//! target/release/bench-broker-abuse --broker-bin /path/to/other/tokenfleet-broker
+//! cargo build --release -p tokenfleet-broker -p tokenfleet-testkit --bin tokenfleet-broker --bin bench
+//! target/release/bench broker-abuse                       # 20,000 streams + 500 slow clients
+//! target/release/bench broker-abuse --broker-bin /path/to/other/tokenfleet-broker
 //! ```
 //!
 //! It starts `tokenfleet-broker serve` (plaintext gRPC, embedded store, default `[limits]` unless
@@ -43,11 +43,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "bench-broker-abuse",
-    about = "The broker under half-open HTTP/2 streams and slow HTTP clients"
-)]
-struct Args {
+#[command(about = "The broker under half-open HTTP/2 streams and slow HTTP clients")]
+pub struct Args {
     /// Half-open HTTP/2 streams to attempt with the `h2` client (and again as raw frames).
     #[arg(long, default_value_t = 20_000)]
     streams: u32,
@@ -339,8 +336,7 @@ async fn slow_clients(port: u16, n: u32, stop: Arc<AtomicBool>) -> Vec<Option<Du
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
-    let args = Args::parse();
+pub async fn run(args: Args) -> Result<()> {
     let broker_bin = match &args.broker_bin {
         Some(path) => path.clone(),
         None => std::env::current_exe()?

@@ -1,0 +1,231 @@
+//! `bench`: every benchmark of issue 15 (and the abuse benchmarks) behind one command. Not part
+//! of any test suite; run it by hand, in release:
+//!
+//! ```text
+//! cargo build --release -p tokenfleet-broker -p tokenfleet-agent -p tokenfleet-testkit \
+//!   --bin tokenfleet-broker --bin tokenfleet-agent --bin bench
+//! target/release/bench all --out target/bench/figures.txt    # every scenario with its baseline
+//! python3 scripts/bench-table.py target/bench/figures.txt     # the README's benchmark table
+//! target/release/bench issuance --store redis                # one scenario; --help for each
+//! ```
+//!
+//! Each scenario measures its baseline in the same run and prints one machine-readable line per
+//! figure (`bench=SCENARIO key=value ...`). The figures a target is about are also printed in one
+//! shared shape by [`figure`] (`bench=SCENARIO figure=NAME ... ratio=.. target=".." met=..`);
+//! `scripts/bench-table.py` turns those lines into the README's table.
+//!
+//! One binary rather than one per scenario: CI builds every binary of the workspace
+//! (`--all-targets`), and each is a link of the whole test kit.
+
+mod agent;
+mod agent_abuse;
+mod broker_abuse;
+mod issuance;
+mod refresh;
+mod relay;
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench",
+    about = "tokenfleet benchmarks, each against its baseline in the same run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Every target scenario of issue 15 in turn (issuance, relay, refresh), with default
+    /// options; the figure lines also go to `--out`.
+    All(AllArgs),
+    /// Cached-token IssueAccessToken over mTLS against Health/Check (target 1).
+    Issuance(issuance::Args),
+    /// Printers' scans relayed by the agent, Postfix and emailproxy (target 2).
+    Relay(relay::Args),
+    /// The refresh schedule at fleet scale (target 4).
+    Refresh(refresh::Args),
+    /// The agent's mail path in one process.
+    Agent(agent::Args),
+    /// The agent under idle floods and wrong-password storms.
+    AgentAbuse(agent_abuse::Args),
+    /// The broker under half-open HTTP/2 streams and slow HTTP clients.
+    BrokerAbuse(broker_abuse::Args),
+}
+
+#[derive(Debug, clap::Args)]
+struct AllArgs {
+    /// File the `bench=` lines of every scenario are written to (for scripts/bench-table.py).
+    #[arg(long, default_value = "target/bench/figures.txt")]
+    out: PathBuf,
+    /// Scenarios to run, in order.
+    #[arg(long, value_delimiter = ',', default_values_t = ["issuance".to_owned(), "relay".to_owned(), "refresh".to_owned()])]
+    only: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().scenario {
+        Scenario::All(args) => all(&args),
+        Scenario::Issuance(args) => done(issuance::run(args)),
+        Scenario::Relay(args) => relay::bench(args),
+        Scenario::Refresh(args) => done(refresh::run(args)),
+        Scenario::Agent(args) => agent::bench(args),
+        Scenario::AgentAbuse(args) => done(agent_abuse::run(args)),
+        Scenario::BrokerAbuse(args) => done(broker_abuse::run(args)),
+    }
+}
+
+fn done(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: FAILED: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One figure a target is about, in the shape `scripts/bench-table.py` reads: the figure's name,
+/// its value and unit, the baseline's name and value from the same run (or a ceiling), the ratio,
+/// the target as written in the issue and whether this run met it.
+#[derive(Debug)]
+pub struct Figure<'a> {
+    pub scenario: &'a str,
+    pub figure: &'a str,
+    pub unit: &'a str,
+    pub value: f64,
+    /// `postfix`, `health`, `ceiling`, ... and its value measured in the same run.
+    pub baseline: &'a str,
+    pub baseline_value: f64,
+    pub target: &'a str,
+    pub met: bool,
+}
+
+/// Prints `figure` as one `bench=` line (see [`Figure`]).
+pub fn figure(f: &Figure<'_>) {
+    let ratio = if f.baseline_value == 0.0 {
+        f64::NAN
+    } else {
+        f.value / f.baseline_value
+    };
+    println!(
+        "bench={} figure={} unit={} value={:.3} baseline={} baseline_value={:.3} ratio={:.3} target=\"{}\" met={}",
+        f.scenario,
+        f.figure,
+        f.unit,
+        f.value,
+        f.baseline,
+        f.baseline_value,
+        ratio,
+        f.target.replace('"', "'"),
+        f.met
+    );
+}
+
+/// What the machine is, for the table's "machine" column.
+fn machine_line() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_default();
+    format!(
+        "bench=machine cores={cores} mem_gib={mem_gib:.0} load1={load} cpu=\"{}\"",
+        cpu.replace('"', "'")
+    )
+}
+
+/// Runs each scenario as a child process of this executable (one clean process, its own
+/// runtime and memory, per scenario), echoes its output and keeps its `bench=` lines.
+fn all(args: &AllArgs) -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("bench all: this executable's path: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Err(e) = std::fs::create_dir_all(dir)
+    {
+        eprintln!("bench all: creating {}: {e}", dir.display());
+        return ExitCode::FAILURE;
+    }
+    let mut out = match std::fs::File::create(&args.out) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("bench all: creating {}: {e}", args.out.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let machine = machine_line();
+    println!("{machine}");
+    let _ = writeln!(out, "{machine}");
+    let mut failed = Vec::new();
+    for scenario in &args.only {
+        println!("\n### bench {scenario}");
+        let child = Command::new(&exe)
+            .arg(scenario)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("bench all: starting {scenario}: {e}");
+                failed.push(scenario.clone());
+                continue;
+            }
+        };
+        if let Some(stdout) = child.stdout.take() {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                println!("{line}");
+                if line.starts_with("bench=") {
+                    let _ = writeln!(out, "{line}");
+                }
+            }
+        }
+        match child.wait() {
+            Ok(status) if status.success() => {}
+            Ok(status) => {
+                eprintln!("bench all: {scenario} ended with {status}");
+                failed.push(scenario.clone());
+            }
+            Err(e) => {
+                eprintln!("bench all: waiting for {scenario}: {e}");
+                failed.push(scenario.clone());
+            }
+        }
+    }
+    println!("\nbench all: figures in {}", args.out.display());
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("bench all: failed: {}", failed.join(", "));
+        ExitCode::FAILURE
+    }
+}
