@@ -629,6 +629,49 @@ pub struct RedisStore {
     replicas: u32,
     /// How long a write waits for them.
     replication_timeout: Duration,
+    /// Stream appends waiting for the next grouped pipeline (see [`RedisStore::commit_appends`]).
+    appends: Arc<std::sync::Mutex<AppendQueue>>,
+}
+
+/// Most appends one grouped pipeline carries.
+const MAX_APPEND_GROUP: usize = 512;
+
+/// Appends waiting to be sent, and whether a committer task is running.
+#[derive(Default)]
+struct AppendQueue {
+    pending: Vec<PendingAppend>,
+    /// A committer is running and takes `pending` before it stops.
+    committing: bool,
+}
+
+/// One `append` waiting for its pipeline; `done` gets its id once Redis (and, with replicas to
+/// wait for, enough replicas) acknowledged it.
+struct PendingAppend {
+    key: String,
+    shown: String,
+    data: Vec<u8>,
+    max_len: usize,
+    done: tokio::sync::oneshot::Sender<StoreResult<String>>,
+}
+
+fn lock_appends(queue: &std::sync::Mutex<AppendQueue>) -> std::sync::MutexGuard<'_, AppendQueue> {
+    queue
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Lets the next append start a committer again if one ends by a panic (the appends it had not
+/// taken then fail instead of waiting for ever).
+struct AppendCommitterGuard(Arc<std::sync::Mutex<AppendQueue>>);
+
+impl Drop for AppendCommitterGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut queue = lock_appends(&self.0);
+            queue.committing = false;
+            queue.pending.clear();
+        }
+    }
 }
 
 impl fmt::Debug for RedisStore {
@@ -993,6 +1036,7 @@ impl RedisStore {
             op_timeout: connect_timeout + command_timeout * 2,
             replicas: config.replicas_to_wait(),
             replication_timeout: Duration::from_millis(config.replication_timeout_ms),
+            appends: Arc::default(),
         })
     }
 
@@ -1041,58 +1085,13 @@ impl RedisStore {
         if self.replicas == 0 {
             return self.query(cmd).await;
         }
-        let mut pipe = redis::pipe();
-        pipe.add_command(cmd.clone()).add_command(
-            redis::cmd("WAIT")
-                .arg(self.replicas)
-                .arg(u64::try_from(self.replication_timeout.as_millis()).unwrap_or(u64::MAX))
-                .clone(),
-        );
-        let mut conn = self.conn().await?;
-        let answer = tokio::time::timeout(
-            self.op_timeout + self.replication_timeout,
-            pipe.query_async::<Vec<Value>>(&mut conn),
-        )
-        .await;
-        let mut answers = match answer {
-            Ok(Ok(v)) => v.into_iter(),
-            Ok(Err(e)) => return Err(self.failed(&e)),
-            Err(_) => return Err(self.timed_out()),
-        };
-        let (Some(value), Some(acked)) = (answers.next(), answers.next()) else {
-            return Err(StoreError::Unavailable(format!(
-                "redis at {}: a write and its WAIT got fewer than two answers",
-                self.target
-            )));
-        };
-        let acked = match acked {
-            Value::Int(n) => n,
-            Value::ServerError(e) => {
-                return Err(StoreError::Unavailable(format!(
-                    "redis at {}: WAIT failed: {e:?}",
-                    self.target
-                )));
-            }
-            other => {
-                return Err(StoreError::Unavailable(format!(
-                    "redis at {}: WAIT answered {other:?}",
-                    self.target
-                )));
-            }
-        };
-        if acked < i64::from(self.replicas) {
-            // The master may have lost its replicas to a failover: look it up again.
-            if let Backend::Sentinel(link) = &*self.backend {
-                link.forget();
-            }
-            return Err(StoreError::Unavailable(format!(
-                "redis at {}: write confirmed by {acked} of the {} replicas required within \
-                 {} ms; not acknowledged, as a failover could discard it",
-                self.target,
-                self.replicas,
-                self.replication_timeout.as_millis()
-            )));
-        }
+        let value = self
+            .write_many(std::slice::from_ref(cmd))
+            .await?
+            .pop()
+            .ok_or_else(|| {
+                StoreError::Unavailable(format!("redis at {}: a write got no answer", self.target))
+            })?;
         if let Value::ServerError(e) = value {
             return Err(StoreError::Unavailable(format!(
                 "redis at {}: {e:?}",
@@ -1100,6 +1099,148 @@ impl RedisStore {
             )));
         }
         Ok(value)
+    }
+
+    /// Runs mutations of one key (one Cluster slot) in one pipeline on one connection, with one
+    /// `WAIT` after them when there are replicas to wait for (see [`RedisStore::write`]): all or
+    /// none are acknowledged. Returns each command's answer, server errors included as values.
+    async fn write_many(&self, cmds: &[Cmd]) -> StoreResult<Vec<Value>> {
+        let mut pipe = redis::pipe();
+        for cmd in cmds {
+            pipe.add_command(cmd.clone());
+        }
+        let mut limit = self.op_timeout;
+        if self.replicas > 0 {
+            pipe.add_command(
+                redis::cmd("WAIT")
+                    .arg(self.replicas)
+                    .arg(u64::try_from(self.replication_timeout.as_millis()).unwrap_or(u64::MAX))
+                    .clone(),
+            );
+            limit += self.replication_timeout;
+        }
+        let mut conn = self.conn().await?;
+        let answer = tokio::time::timeout(limit, pipe.query_async::<Vec<Value>>(&mut conn)).await;
+        let mut answers = match answer {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return Err(self.failed(&e)),
+            Err(_) => return Err(self.timed_out()),
+        };
+        if self.replicas > 0 {
+            let acked = match answers.pop() {
+                Some(Value::Int(n)) => n,
+                Some(Value::ServerError(e)) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "redis at {}: WAIT failed: {e:?}",
+                        self.target
+                    )));
+                }
+                other => {
+                    return Err(StoreError::Unavailable(format!(
+                        "redis at {}: WAIT answered {other:?}",
+                        self.target
+                    )));
+                }
+            };
+            if acked < i64::from(self.replicas) {
+                // The master may have lost its replicas to a failover: look it up again.
+                if let Backend::Sentinel(link) = &*self.backend {
+                    link.forget();
+                }
+                return Err(StoreError::Unavailable(format!(
+                    "redis at {}: write confirmed by {acked} of the {} replicas required within \
+                     {} ms; not acknowledged, as a failover could discard it",
+                    self.target,
+                    self.replicas,
+                    self.replication_timeout.as_millis()
+                )));
+            }
+        }
+        if answers.len() != cmds.len() {
+            return Err(StoreError::Unavailable(format!(
+                "redis at {}: {} writes got {} answers",
+                self.target,
+                cmds.len(),
+                answers.len()
+            )));
+        }
+        Ok(answers)
+    }
+
+    /// Group commit of stream appends (the audit log): the first append that finds no
+    /// committer running starts this task; it takes everything pending, sends each stream's
+    /// appends as one pipeline (one `WAIT` for all of them when replicas must confirm), answers
+    /// each append with its id or the pipeline's error, and repeats while appends keep
+    /// arriving. Without it, every audited call paid its own `WAIT`, and `WAIT` holds the shared
+    /// connection until the replicas answer, so audited calls queued one replication round trip
+    /// each. An append is still answered only after its record is acknowledged.
+    async fn commit_appends(self) {
+        let guard = AppendCommitterGuard(Arc::clone(&self.appends));
+        loop {
+            let batch: Vec<PendingAppend> = {
+                let mut queue = lock_appends(&self.appends);
+                if queue.pending.is_empty() {
+                    // The next append starts a committer of its own.
+                    queue.committing = false;
+                    break;
+                }
+                let n = queue.pending.len().min(MAX_APPEND_GROUP);
+                queue.pending.drain(..n).collect()
+            };
+            let mut by_key: std::collections::BTreeMap<String, Vec<PendingAppend>> =
+                std::collections::BTreeMap::new();
+            for pending in batch {
+                by_key.entry(pending.key.clone()).or_default().push(pending);
+            }
+            futures::future::join_all(by_key.into_values().map(|group| self.send_appends(group)))
+                .await;
+        }
+        drop(guard);
+    }
+
+    /// One stream's appends in one pipeline (see [`RedisStore::commit_appends`]).
+    async fn send_appends(&self, group: Vec<PendingAppend>) {
+        let cmds: Vec<Cmd> = group
+            .iter()
+            .map(|p| {
+                redis::cmd("XADD")
+                    .arg(&p.key)
+                    .arg("MAXLEN")
+                    .arg("=")
+                    .arg(p.max_len.max(1))
+                    .arg("*")
+                    .arg("d")
+                    .arg(&p.data)
+                    .clone()
+            })
+            .collect();
+        match self.write_many(&cmds).await {
+            Ok(answers) => {
+                for (pending, answer) in group.into_iter().zip(answers) {
+                    let id = match answer {
+                        Value::ServerError(e) => Err(StoreError::Unavailable(format!(
+                            "redis at {}: {e:?}",
+                            self.target
+                        ))),
+                        other => self.decode::<String>(&pending.shown, other).and_then(|id| {
+                            store_stream_id(&id).ok_or_else(|| StoreError::Corrupt {
+                                key: pending.shown.clone(),
+                                problem: format!("unexpected stream id `{id}`"),
+                            })
+                        }),
+                    };
+                    let _ = pending.done.send(id);
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for pending in group {
+                    let _ = pending
+                        .done
+                        .send(Err(StoreError::Unavailable(message.clone())));
+                }
+            }
+        }
     }
 
     /// The start of a script's `EVAL` command with `keys` keys (so a write script can share a
@@ -1420,24 +1561,26 @@ impl Store for RedisStore {
         max_len: usize,
     ) -> StoreResult<String> {
         Self::check_name("stream", stream)?;
-        let key = self.stream_key(scope, stream);
-        let answer = self
-            .write(
-                redis::cmd("XADD")
-                    .arg(&key)
-                    .arg("MAXLEN")
-                    .arg("=")
-                    .arg(max_len.max(1))
-                    .arg("*")
-                    .arg("d")
-                    .arg(data),
-            )
-            .await?;
-        let shown = format!("{scope}/stream/{stream}");
-        let id: String = self.decode(&shown, answer)?;
-        store_stream_id(&id).ok_or_else(|| StoreError::Corrupt {
-            key: shown,
-            problem: format!("unexpected stream id `{id}`"),
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let start_committer = {
+            let mut queue = lock_appends(&self.appends);
+            queue.pending.push(PendingAppend {
+                key: self.stream_key(scope, stream),
+                shown: format!("{scope}/stream/{stream}"),
+                data,
+                max_len,
+                done,
+            });
+            !std::mem::replace(&mut queue.committing, true)
+        };
+        if start_committer {
+            tokio::spawn(self.clone().commit_appends());
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "redis at {}: the append's committer ended without an answer",
+                self.target
+            )))
         })
     }
 

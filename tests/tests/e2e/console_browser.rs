@@ -399,6 +399,15 @@ async fn walk_through() {
     person.type_into("input[name=user_code]", &user_code).await;
     person.type_into("input[name=user]", SCAN_USER).await;
     person.click("button[value=approve]").await;
+    // The provider's answer page first: closing the browser before the form's POST arrived
+    // would withdraw the approval (seen under load).
+    person
+        .until(
+            "the provider's sign-in confirmation",
+            "return document.body.innerText.indexOf('You have signed in') >= 0;",
+            Duration::from_secs(20),
+        )
+        .await;
     person.quit().await;
     op.until(
         "ACTIVE on the operator's page",

@@ -51,6 +51,71 @@ async fn redis_sentinel_conformance() {
     conformance::run_all(Arc::new(store)).await;
 }
 
+/// Concurrent audit appends with a replica to wait for share their `WAIT`s: each stream's
+/// pending appends go in one pipeline with one `WAIT` (group commit), every append still answered
+/// only after the replica confirmed it, each with its own id, none lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_concurrent_appends_share_their_replication_waits() {
+    let master = RedisServer::start().await.unwrap();
+    let replica = RedisServer::start_replica_of(&master).await.unwrap();
+    let mut config = RedisConfig::standalone(master.url());
+    config.min_replicas_acked = Some(1);
+    let store = Arc::new(RedisStore::connect(&config).await.unwrap());
+    let scope = Scope::Tenant("acme".into());
+    let appends: u64 = 400;
+    let tasks: Vec<_> = (0..appends)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            let scope = scope.clone();
+            tokio::spawn(async move {
+                store
+                    .append(&scope, "audit", format!("record {i}").into_bytes(), 10_000)
+                    .await
+            })
+        })
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    for task in tasks {
+        ids.insert(task.await.unwrap().expect("append acknowledged"));
+    }
+    assert_eq!(ids.len() as u64, appends, "every append got its own id");
+    let back = store
+        .read_back(&scope, "audit", None, appends as usize + 10)
+        .await
+        .unwrap();
+    assert_eq!(back.len() as u64, appends, "every record is in the stream");
+    // The replica holds them all: they were confirmed before being acknowledged.
+    let keys = tokenfleet_testkit::redis::command(master.port(), &["KEYS", "*audit*"])
+        .await
+        .unwrap();
+    let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(keys.len(), 1, "one audit stream: {keys:?}");
+    let on_replica = tokenfleet_testkit::redis::command(replica.port(), &["XLEN", keys[0]])
+        .await
+        .unwrap();
+    assert_eq!(on_replica.trim(), appends.to_string(), "replica's XLEN");
+    let stats = tokenfleet_testkit::redis::command(master.port(), &["INFO", "commandstats"])
+        .await
+        .unwrap();
+    let waits = command_calls(&stats, "wait");
+    let xadds = command_calls(&stats, "xadd");
+    assert_eq!(xadds, appends, "INFO commandstats: {stats}");
+    assert!(
+        waits >= 1 && waits < appends / 2,
+        "{waits} WAITs for {appends} concurrent appends: they were not grouped"
+    );
+}
+
+/// `calls=` of `cmdstat_NAME` in `INFO commandstats` (0 when absent).
+fn command_calls(stats: &str, name: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("cmdstat_{name}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn embedded_data_survives_close_and_reopen() {
     let dir = tempfile::tempdir().unwrap();

@@ -136,32 +136,7 @@ struct Upstream {
     token: AccessToken,
 }
 
-pub fn bench(args: Args) -> std::process::ExitCode {
-    // Warnings and errors to stderr (RUST_LOG overrides); installed before the test kit's
-    // TRACE capture can be, which would slow the path under test down.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("bench-agent: starting the tokio runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench-agent: FAILED: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run(args: Args) -> Result<()> {
+pub async fn run(args: Args) -> Result<()> {
     if args.messages == 0 || args.concurrency == 0 || args.delivery_concurrency == 0 {
         bail!("--messages, --concurrency and --delivery-concurrency must be at least 1");
     }

@@ -73,12 +73,31 @@ fn main() -> ExitCode {
     match Cli::parse().scenario {
         Scenario::All(args) => all(&args),
         Scenario::Issuance(args) => done(issuance::run(args)),
-        Scenario::Relay(args) => relay::bench(args),
+        Scenario::Relay(args) => match quiet(relay::run(args)) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => done(Err(e)),
+        },
         Scenario::Refresh(args) => done(refresh::run(args)),
-        Scenario::Agent(args) => agent::bench(args),
+        Scenario::Agent(args) => done(quiet(agent::run(args))),
         Scenario::AgentAbuse(args) => done(agent_abuse::run(args)),
         Scenario::BrokerAbuse(args) => done(broker_abuse::run(args)),
     }
+}
+
+/// Runs a scenario whose measured path logs through `tracing` in the same process: warnings and
+/// errors to stderr (RUST_LOG overrides), installed before the test kit's TRACE capture can be,
+/// which would slow the path under test down.
+fn quiet<T>(scenario: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    tokio::runtime::Runtime::new()
+        .map_err(|e| anyhow::anyhow!("starting the tokio runtime: {e}"))?
+        .block_on(scenario)
 }
 
 fn done(result: anyhow::Result<()>) -> ExitCode {

@@ -127,30 +127,6 @@ pub struct Args {
     emailproxy_venv: Option<PathBuf>,
 }
 
-pub fn bench(args: Args) -> std::process::ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("bench-relay: starting the tokio runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(true) => std::process::ExitCode::SUCCESS,
-        Ok(false) => std::process::ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("bench-relay: FAILED: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
 // ------------------------------------------------------------------------------------------------
 // The upstream sink
 
@@ -1037,7 +1013,7 @@ fn free_port() -> Result<u16> {
 
 // ------------------------------------------------------------------------------------------------
 
-async fn run(args: Args) -> Result<bool> {
+pub async fn run(args: Args) -> Result<bool> {
     if args.concurrency == 0 || args.concurrency > 250 {
         bail!("--concurrency must be 1 to 250 (one loopback source address each)");
     }
