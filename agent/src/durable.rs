@@ -169,12 +169,17 @@ pub fn read_unpooled(path: &Path) -> io::Result<Vec<u8>> {
     use std::io::Read as _;
     let mut file = File::open(path)?;
     let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
-    if len < 128 << 10 {
-        let mut out = Vec::with_capacity(len);
-        file.read_to_end(&mut out)?;
-        return Ok(out);
-    }
-    let mut out = Vec::with_capacity(len.saturating_add(1).max(UNPOOLED_CAPACITY));
+    let mut out = unpooled_buffer(len);
     file.read_to_end(&mut out)?;
     Ok(out)
+}
+
+/// An empty buffer for `len` bytes, allocated as [`read_unpooled`] does: exactly `len` for
+/// small sizes, a mapping of its own (at least [`UNPOOLED_CAPACITY`]) from 128 KiB on.
+pub fn unpooled_buffer(len: usize) -> Vec<u8> {
+    if len < 128 << 10 {
+        Vec::with_capacity(len)
+    } else {
+        Vec::with_capacity(len.saturating_add(1).max(UNPOOLED_CAPACITY))
+    }
 }

@@ -18,7 +18,8 @@
 //! **What the targets check**, beyond "no panic": bounds (reply lines and line lengths, literal
 //! sizes, body sizes), round trips where the agent has the serializer (the `DATA` payload, POP3
 //! bodies, SMTP replies, XOAUTH2/OAUTHBEARER payloads), chunking independence of the sans-IO
-//! receivers (bytes fed in any split give the same result as all at once), agreement with
+//! receivers (bytes fed in any split give the same result as all at once; the `DATA` block
+//! scanner the ingress runs gives, cut anywhere, what the line grammar gives), agreement with
 //! stalwart's `smtp-proto` (`DATA` end and content on CRLF-only input; STARTTLS, 8BITMIME and
 //! the OAuth mechanisms of generated EHLO replies), the SMTP-smuggling rule (a message ends only
 //! at `<CR><LF>.<CR><LF>`), and that the sender rewrite changes nothing outside the header block.
@@ -336,6 +337,23 @@ fn smtp_command(input: &[u8]) -> u64 {
 fn smtp_data(input: &[u8]) -> u64 {
     const MAX_LINE: usize = 1001;
     let result = smtp_server::receive_data(input, MAX_LINE);
+    // The session reads DATA in blocks (`DataScanner`): cut anywhere, the same result as line
+    // by line.
+    let mut hasher = DefaultHasher::new();
+    input.hash(&mut hasher);
+    let h = hasher.finish();
+    let cuts = [
+        1 + (h % 7) as usize,
+        1 + ((h >> 8) % 64) as usize,
+        1 + ((h >> 16) % 4096) as usize,
+    ];
+    for cuts in [&cuts[..], &[usize::MAX]] {
+        assert_eq!(
+            smtp_server::receive_data_blocks(input, MAX_LINE, cuts),
+            result,
+            "DATA in blocks {cuts:?} differs from DATA in lines"
+        );
+    }
     // The smuggling rule: the end is a `.` line with CRLF before and after.
     if let Some(Ok((_, used)) | Err(used)) = result {
         let end = &input[..used];

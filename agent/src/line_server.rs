@@ -25,60 +25,25 @@ pub enum Line {
     Closed,
 }
 
-/// One line read from the client with its line end (for grammars that tell CRLF from a bare
-/// LF, such as SMTP `DATA`).
-pub enum RawLine {
-    /// A line, with its `\n` or `\r\n`.
-    Line(Vec<u8>),
-    /// A line longer than the limit, consumed and discarded; `crlf` tells how it ended.
-    TooLong {
-        /// Whether it ended with CRLF.
-        crlf: bool,
-    },
-    /// The client went away, timed out (already answered) or the server is stopping.
-    Closed,
-}
-
 /// Reads one line of at most `limit` bytes (line end included). Over-long lines are consumed to
-/// their end and reported as [`Line::TooLong`]; a partial line at EOF is dropped.
+/// their end and reported as [`Line::TooLong`]; a partial line at EOF is dropped. (SMTP `DATA`
+/// is not read in lines: see [`crate::wire::smtp_server::DataScanner`].)
 pub async fn read_limited<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     limit: usize,
 ) -> io::Result<Line> {
-    Ok(match read_limited_raw(reader, limit).await? {
-        RawLine::Closed => Line::Closed,
-        RawLine::TooLong { .. } => Line::TooLong,
-        RawLine::Line(mut line) => {
-            line.pop();
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            Line::Text(line)
-        }
-    })
-}
-
-/// [`read_limited`], keeping the line end.
-pub async fn read_limited_raw<R: AsyncBufRead + Unpin>(
-    reader: &mut R,
-    limit: usize,
-) -> io::Result<RawLine> {
     let mut line = Vec::new();
     let mut too_long = false;
-    // The last byte seen, to tell a CRLF from a bare LF of an over-long line.
-    let mut last = 0u8;
     loop {
         let buf = reader.fill_buf().await?;
         if buf.is_empty() {
-            return Ok(RawLine::Closed);
+            return Ok(Line::Closed);
         }
-        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+        let (chunk, done) = match memchr::memchr(b'\n', buf) {
             Some(i) => (&buf[..=i], true),
             None => (buf, false),
         };
         let n = chunk.len();
-        let before_lf = if n >= 2 { chunk[n - 2] } else { last };
-        last = chunk[n - 1];
         if !too_long && line.len() + n <= limit {
             line.extend_from_slice(chunk);
         } else {
@@ -88,11 +53,13 @@ pub async fn read_limited_raw<R: AsyncBufRead + Unpin>(
         reader.consume(n);
         if done {
             if too_long {
-                return Ok(RawLine::TooLong {
-                    crlf: before_lf == b'\r',
-                });
+                return Ok(Line::TooLong);
             }
-            return Ok(RawLine::Line(line));
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            return Ok(Line::Text(line));
         }
     }
 }

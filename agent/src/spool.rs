@@ -6,15 +6,32 @@
 //!
 //! | path | content |
 //! |---|---|
-//! | `tmp/` | entries being written; anything here at open was never acknowledged and is removed |
-//! | `queue/<id>.eml` | the message as received (dot-unstuffed, CRLF line ends) |
-//! | `queue/<id>.json` | its [`EntryMeta`]: device, envelope, attempts, next attempt, last error |
-//! | `dead/<id>.{eml,json}` | dead-lettered entries, kept for the operator |
+//! | `tmp/` | entries being written (an arriving message's streamed part, `<name>.part`); anything here at open was never acknowledged and is removed |
+//! | `queue/<id>.msg` | one entry in one file: the message and its [`EntryMeta`] (device, envelope, attempts, next attempt, last error) — see below |
+//! | `queue/<id>.json` | the entry's [`EntryMeta`] once it changed after acceptance (a retry); it supersedes the one in `<id>.msg` |
+//! | `queue/<id>.eml` + `queue/<id>.json` | an entry written by an agent of the previous, two-file layout (message, metadata): still read, delivered, retried and dead-lettered as they are; never written any more |
+//! | `dead/<id>.{eml,json}` | dead-lettered entries, kept for the operator: the message as received and its metadata with the reason |
 //!
-//! An entry exists when its `.eml` is in `queue/`. [`Spool::accept`] writes both files to `tmp/`,
-//! fsyncs them, renames the sidecar and then the message into `queue/` and fsyncs the directory;
-//! only then does it return. A crash before that fsync leaves an unacknowledged entry that
-//! recovery may drop; a crash after it cannot lose the entry.
+//! **The entry file** `queue/<id>.msg` is written once and never changed:
+//! `[tail][head][metadata JSON][footer]`, where the message is `head` followed by `tail` —
+//! `head` is what the ingress kept in memory (the header block, rewritten by the sender policy
+//! after `DATA`), `tail` what it streamed to disk while the message arrived. The tail comes
+//! first because it is already in the file when the message ends: the ingress streams it into
+//! `tmp/`, and accepting appends the head, the metadata and the footer to that same file — no
+//! copy of the message, one file created per message instead of four (tail, message and
+//! sidecar in `tmp/`, and the worker's sending marker). The footer is 32 bytes: the lengths
+//! of head, tail and metadata (little-endian `u64`s) and the magic `tfspool1`; a file whose
+//! length does not match its footer is reported as corrupt, never guessed at.
+//!
+//! An entry exists when its `.msg` (or, from the previous layout, its `.eml` with its `.json`)
+//! is in `queue/`. [`Spool::accept`] writes the file in `tmp/`, fsyncs it, renames it into
+//! `queue/` and fsyncs the directory; only then does it return. A crash before that fsync leaves
+//! an unacknowledged entry that recovery may drop; a crash after it cannot lose the entry. A
+//! retry writes `<id>.json` in `tmp/`, fsyncs it and renames it over; completion removes the
+//! message file, then the `.json` (a crash in between leaves an orphan `.json` that recovery
+//! removes, never a message without its envelope); dead-lettering writes the message and the
+//! metadata with the reason into `dead/` (fsynced) before it removes the queued entry, and
+//! recovery finishes a dead-lettering that a crash interrupted.
 //!
 //! Group commit: the fsync of `queue/` is shared ([`GroupSync`]). Entries accepted (and
 //! completed, retried) at the same time wait for one fsync that started after their renames,
@@ -29,11 +46,12 @@
 //!
 //! Large messages are not held in memory while they arrive: the ingress keeps the first bytes
 //! (the header block and the start of the body) in memory and streams the rest into a
-//! [`TailFile`] in `tmp/`; [`Spool::accept_incoming`] joins both into the entry.
+//! [`TailFile`] in `tmp/`; [`Spool::accept_incoming`] turns that file into the entry.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
-use std::io;
+use std::io::{self, Read as _, Seek as _, Write as _};
+use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -44,8 +62,15 @@ use serde::{Deserialize, Serialize};
 const TMP: &str = "tmp";
 const QUEUE: &str = "queue";
 const DEAD: &str = "dead";
+/// One entry in one file (see the module documentation).
+const ENTRY_EXT: &str = "msg";
+/// The message alone: dead letters, and queued entries of the previous layout.
 const MESSAGE_EXT: &str = "eml";
 const META_EXT: &str = "json";
+/// Length of the entry file's footer.
+const FOOTER_LEN: u64 = 32;
+/// Last bytes of every entry file.
+const FOOTER_MAGIC: &[u8; 8] = b"tfspool1";
 
 /// Errors of the spool.
 #[derive(Debug, thiserror::Error)]
@@ -108,18 +133,18 @@ impl Default for SpoolLimits {
     }
 }
 
-/// The part of an arriving message that did not stay in memory: a file in the spool's `tmp/`,
-/// removed when this is dropped (after [`Spool::accept_incoming`] copied it, or when the message
-/// was refused).
+/// The part of an arriving message that did not stay in memory: a file in the spool's `tmp/`.
+/// [`Spool::accept_incoming`] makes it the entry's file; dropped without that (the message was
+/// refused, the client left), it is removed.
 #[derive(Debug)]
 pub struct TailFile {
+    /// Empty once handed over to the spool.
     path: PathBuf,
 }
 
 impl TailFile {
     /// Creates the new, empty file `path` (mode 0600) for writing.
     pub fn create(path: PathBuf) -> io::Result<(Self, fs::File)> {
-        use std::os::unix::fs::OpenOptionsExt as _;
         let file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -142,11 +167,18 @@ impl TailFile {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The path, no longer removed on drop (the spool took the file over).
+    fn into_path(mut self) -> PathBuf {
+        std::mem::take(&mut self.path)
+    }
 }
 
 impl Drop for TailFile {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        if !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -291,7 +323,8 @@ pub struct SpoolUsage {
 pub struct Recovery {
     /// Temporary files removed (never acknowledged).
     pub removed_temp: usize,
-    /// Sidecars without a message removed (an unacknowledged or completed entry).
+    /// Files of no entry removed: a sidecar without a message (an unacknowledged or completed
+    /// entry), a message without its sidecar, a queued entry already copied to `dead/`.
     pub removed_orphans: usize,
     /// Entries kept in the queue.
     pub queued: usize,
@@ -300,10 +333,10 @@ pub struct Recovery {
 /// The durable spool. Cheap to share behind an `Arc`; all methods take `&self` and are
 /// blocking (call them from `spawn_blocking` in async code).
 ///
-/// The queue's due times are also kept in memory (built from the sidecars at [`Spool::open`],
-/// kept current by every method that changes an entry), so finding what is due reads only the
-/// sidecars of due entries instead of every queued one. Hence: one `Spool` per directory per
-/// process — entries added by another instance are seen only after opening it again.
+/// The queue's metadata is also kept in memory (read at [`Spool::open`], kept current by every
+/// method that changes an entry), so finding what is due reads nothing from disk, however long
+/// the queue is (a few hundred bytes per queued entry). Hence: one `Spool` per directory per
+/// process — entries added or changed by another instance are seen only after opening it again.
 #[derive(Debug)]
 pub struct Spool {
     root: PathBuf,
@@ -318,7 +351,22 @@ pub struct Spool {
     queue_sync: GroupSync,
 }
 
-/// Queued entries by next attempt time, with what the status needs of each.
+/// How a queued entry is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// `<id>.msg`; `sidecar`: a `<id>.json` supersedes the metadata in it.
+    Packed { sidecar: bool },
+    /// The previous layout: `<id>.eml` and `<id>.json`.
+    Legacy,
+}
+
+impl Form {
+    fn has_sidecar(self) -> bool {
+        matches!(self, Self::Packed { sidecar: true } | Self::Legacy)
+    }
+}
+
+/// Queued entries by next attempt time, with their metadata.
 #[derive(Debug, Default)]
 struct DueIndex {
     by_time: BTreeSet<(u64, SpoolId)>,
@@ -332,10 +380,15 @@ struct DueIndex {
 
 #[derive(Debug, Clone)]
 struct Indexed {
+    /// When it is due (in memory: [`Spool::postpone`] moves it without touching the disk).
     next_attempt_ms: u64,
     device: String,
     accepted_at_ms: u64,
     size: u64,
+    form: Form,
+    /// `None` when the metadata could not be read at open: [`Spool::entry`] reads it again
+    /// and reports why.
+    meta: Option<EntryMeta>,
 }
 
 impl DueIndex {
@@ -349,7 +402,7 @@ impl DueIndex {
         self.by_time.insert((at, id.clone()));
     }
 
-    fn set_meta(&mut self, meta: &EntryMeta) {
+    fn set_meta(&mut self, meta: &EntryMeta, form: Form) {
         self.set(
             &meta.id,
             Indexed {
@@ -357,15 +410,17 @@ impl DueIndex {
                 device: meta.envelope.device.clone(),
                 accepted_at_ms: meta.accepted_at_ms,
                 size: meta.size,
+                form,
+                meta: Some(meta.clone()),
             },
         );
     }
 
-    fn remove(&mut self, id: &SpoolId) {
-        if let Some(old) = self.by_id.remove(id) {
-            self.by_time.remove(&(old.next_attempt_ms, id.clone()));
-            self.bytes = self.bytes.saturating_sub(old.size);
-        }
+    fn remove(&mut self, id: &SpoolId) -> Option<Indexed> {
+        let old = self.by_id.remove(id)?;
+        self.by_time.remove(&(old.next_attempt_ms, id.clone()));
+        self.bytes = self.bytes.saturating_sub(old.size);
+        Some(old)
     }
 
     /// Up to `limit` ids due at `now_ms`, earliest first.
@@ -391,22 +446,6 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
     durable::write_synced(path, bytes).map_err(io_err(path))
 }
 
-/// Creates `path` (0600, new) with `head` followed by the contents of the file `tail`, fsynced.
-fn write_joined(path: &Path, head: &[u8], tail: &Path) -> Result<(), SpoolError> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err(path))?;
-    file.write_all(head).map_err(io_err(path))?;
-    let mut source = fs::File::open(tail).map_err(io_err(tail))?;
-    io::copy(&mut source, &mut file).map_err(io_err(path))?;
-    file.sync_all().map_err(io_err(path))
-}
-
 fn remove_if_exists(path: &Path) -> Result<bool, SpoolError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(true),
@@ -418,10 +457,130 @@ fn remove_if_exists(path: &Path) -> Result<bool, SpoolError> {
     }
 }
 
+fn corrupt(why: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("corrupt entry file: {why}"),
+    )
+}
+
+fn meta_json(meta: &EntryMeta, path: &Path) -> Result<Vec<u8>, SpoolError> {
+    serde_json::to_vec(meta).map_err(|error| SpoolError::Meta {
+        path: path.to_path_buf(),
+        error,
+    })
+}
+
+/// An open entry file with its footer read and checked.
+struct EntryFile {
+    file: fs::File,
+    head: u64,
+    tail: u64,
+    meta: u64,
+}
+
+impl EntryFile {
+    fn open(path: &Path) -> io::Result<Self> {
+        let file = fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        if len < FOOTER_LEN {
+            return Err(corrupt("shorter than its footer"));
+        }
+        let mut footer = [0u8; FOOTER_LEN as usize];
+        file.read_exact_at(&mut footer, len - FOOTER_LEN)?;
+        if &footer[24..] != FOOTER_MAGIC {
+            return Err(corrupt("no footer"));
+        }
+        let word = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&footer[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(b)
+        };
+        let (head, tail, meta) = (word(0), word(1), word(2));
+        let total = head
+            .checked_add(tail)
+            .and_then(|n| n.checked_add(meta))
+            .and_then(|n| n.checked_add(FOOTER_LEN));
+        if total != Some(len) {
+            return Err(corrupt("its length does not match its footer"));
+        }
+        Ok(Self {
+            file,
+            head,
+            tail,
+            meta,
+        })
+    }
+
+    fn footer(head: u64, tail: u64, meta: u64) -> [u8; FOOTER_LEN as usize] {
+        let mut footer = [0u8; FOOTER_LEN as usize];
+        footer[..8].copy_from_slice(&head.to_le_bytes());
+        footer[8..16].copy_from_slice(&tail.to_le_bytes());
+        footer[16..24].copy_from_slice(&meta.to_le_bytes());
+        footer[24..].copy_from_slice(FOOTER_MAGIC);
+        footer
+    }
+
+    fn read_meta(&self, path: &Path) -> Result<EntryMeta, SpoolError> {
+        let len = usize::try_from(self.meta).map_err(|_| io_err(path)(corrupt("metadata size")))?;
+        let mut json = vec![0u8; len];
+        self.file
+            .read_exact_at(&mut json, self.head + self.tail)
+            .map_err(io_err(path))?;
+        serde_json::from_slice(&json).map_err(|error| SpoolError::Meta {
+            path: path.to_path_buf(),
+            error,
+        })
+    }
+
+    /// Writes the message (head, then tail) to `out`.
+    fn copy_message(&mut self, out: &mut impl io::Write) -> io::Result<()> {
+        self.file.seek(io::SeekFrom::Start(self.tail))?;
+        io::copy(&mut (&self.file).take(self.head), out)?;
+        self.file.seek(io::SeekFrom::Start(0))?;
+        io::copy(&mut (&self.file).take(self.tail), out)?;
+        Ok(())
+    }
+
+    /// The message in a buffer of its own ([`durable::unpooled_buffer`]).
+    fn read_message(mut self) -> io::Result<Vec<u8>> {
+        let len = usize::try_from(self.head + self.tail).map_err(|_| corrupt("size"))?;
+        let mut out = durable::unpooled_buffer(len);
+        self.file.seek(io::SeekFrom::Start(self.tail))?;
+        (&self.file).take(self.head).read_to_end(&mut out)?;
+        self.file.seek(io::SeekFrom::Start(0))?;
+        (&self.file).take(self.tail).read_to_end(&mut out)?;
+        if out.len() != len {
+            return Err(corrupt("shorter than its footer says"));
+        }
+        Ok(out)
+    }
+}
+
+fn not_found_or(id: &SpoolId, path: &Path, error: io::Error) -> SpoolError {
+    if error.kind() == io::ErrorKind::NotFound {
+        SpoolError::NotFound(id.clone())
+    } else {
+        SpoolError::Io {
+            path: path.to_path_buf(),
+            error,
+        }
+    }
+}
+
+/// What recovery found in `queue/`, by id.
+#[derive(Default)]
+struct Listing {
+    packed: BTreeSet<String>,
+    messages: BTreeSet<String>,
+    sidecars: BTreeSet<String>,
+    other: Vec<PathBuf>,
+}
+
 impl Spool {
     /// Opens (creating if needed) the spool in `dir` and recovers from a crash: temporary files
-    /// are removed, queued entries are kept, a sidecar whose message was moved to `dead/`
-    /// follows it there, and other sidecars without a message are removed.
+    /// are removed, queued entries are kept (in either layout), an entry whose dead-lettering
+    /// was interrupted is finished, and files of no entry are removed.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, SpoolError> {
         Self::open_with(dir, SpoolLimits::default())
     }
@@ -453,7 +612,7 @@ impl Spool {
         fsync_dir(&tmp)?;
         let queue = root.join(QUEUE);
         let dead = root.join(DEAD);
-        let mut dead_changed = false;
+        let mut listing = Listing::default();
         for entry in fs::read_dir(&queue).map_err(io_err(&queue))? {
             let path = entry.map_err(io_err(&queue))?.path();
             let stem = path
@@ -462,25 +621,67 @@ impl Spool {
                 .unwrap_or_default()
                 .to_owned();
             match path.extension().and_then(|e| e.to_str()) {
-                Some(MESSAGE_EXT) if path.with_extension(META_EXT).exists() => recovery.queued += 1,
-                Some(META_EXT) if path.with_extension(MESSAGE_EXT).exists() => {}
-                Some(META_EXT) if dead.join(format!("{stem}.{MESSAGE_EXT}")).exists() => {
-                    let to = dead.join(format!("{stem}.{META_EXT}"));
-                    fs::rename(&path, &to).map_err(io_err(&path))?;
-                    dead_changed = true;
-                }
-                // A message without a sidecar or a sidecar without a message: never acknowledged
-                // (accept renames the sidecar first) or already completed.
+                Some(ENTRY_EXT) => listing.packed.insert(stem),
+                Some(MESSAGE_EXT) => listing.messages.insert(stem),
+                Some(META_EXT) => listing.sidecars.insert(stem),
                 _ => {
-                    remove_if_exists(&path)?;
-                    recovery.removed_orphans += 1;
+                    listing.other.push(path);
+                    true
                 }
+            };
+        }
+        let in_dead = |stem: &str, ext: &str| dead.join(format!("{stem}.{ext}")).exists();
+        let mut forms: Vec<(String, Form)> = Vec::new();
+        let mut orphans: Vec<PathBuf> = std::mem::take(&mut listing.other);
+        let mut dead_changed = false;
+        for stem in &listing.packed {
+            let sidecar = listing.sidecars.contains(stem);
+            if in_dead(stem, MESSAGE_EXT) {
+                // Dead-lettered (its copy in dead/ is complete: the message is renamed there
+                // last) but not yet removed from the queue when the agent stopped.
+                orphans.push(queue.join(format!("{stem}.{ENTRY_EXT}")));
+                if sidecar {
+                    orphans.push(queue.join(format!("{stem}.{META_EXT}")));
+                }
+                continue;
+            }
+            forms.push((stem.clone(), Form::Packed { sidecar }));
+        }
+        for stem in &listing.messages {
+            if listing.sidecars.contains(stem) && !listing.packed.contains(stem) {
+                forms.push((stem.clone(), Form::Legacy));
+            } else {
+                // A message without a sidecar: never acknowledged (the previous layout renamed
+                // the sidecar first).
+                orphans.push(queue.join(format!("{stem}.{MESSAGE_EXT}")));
+            }
+        }
+        for stem in &listing.sidecars {
+            if listing.packed.contains(stem) || listing.messages.contains(stem) {
+                continue;
+            }
+            let path = queue.join(format!("{stem}.{META_EXT}"));
+            if in_dead(stem, MESSAGE_EXT) && !in_dead(stem, META_EXT) {
+                // The previous layout's dead-lettering moved the message first.
+                fs::rename(&path, dead.join(format!("{stem}.{META_EXT}")))
+                    .map_err(io_err(&path))?;
+                dead_changed = true;
+            } else {
+                // A sidecar without a message: never acknowledged, or completed (the message is
+                // removed first).
+                orphans.push(path);
+            }
+        }
+        for path in orphans {
+            if remove_if_exists(&path)? {
+                recovery.removed_orphans += 1;
             }
         }
         fsync_dir(&queue)?;
         if dead_changed {
             fsync_dir(&dead)?;
         }
+        recovery.queued = forms.len();
         let spool = Self {
             root,
             recovery,
@@ -493,22 +694,32 @@ impl Spool {
             },
         };
         let mut index = DueIndex::default();
-        for id in spool.queued()? {
-            match spool.entry(&id) {
-                Ok(meta) => index.set_meta(&meta),
-                // An unreadable sidecar is due at once: the worker reports it rather than skip
-                // it.
-                Err(_) => index.set(
-                    &id,
-                    Indexed {
-                        next_attempt_ms: 0,
-                        device: String::new(),
-                        accepted_at_ms: 0,
-                        size: fs::metadata(spool.path(QUEUE, &id, MESSAGE_EXT))
-                            .map(|m| m.len())
-                            .unwrap_or(0),
-                    },
-                ),
+        for (stem, form) in forms {
+            let Ok(id) = SpoolId::parse(&stem) else {
+                continue;
+            };
+            match spool.read_entry_meta(&id, form) {
+                Ok(meta) => index.set_meta(&meta, form),
+                // Unreadable metadata is due at once: the worker reports it rather than skip it.
+                Err(_) => {
+                    let ext = match form {
+                        Form::Packed { .. } => ENTRY_EXT,
+                        Form::Legacy => MESSAGE_EXT,
+                    };
+                    index.set(
+                        &id,
+                        Indexed {
+                            next_attempt_ms: 0,
+                            device: String::new(),
+                            accepted_at_ms: 0,
+                            size: fs::metadata(spool.path(QUEUE, &id, ext))
+                                .map(|m| m.len())
+                                .unwrap_or(0),
+                            form,
+                            meta: None,
+                        },
+                    )
+                }
             }
         }
         *spool.lock_index() = index;
@@ -528,8 +739,8 @@ impl Spool {
         self.root.join(sub).join(format!("{id}.{ext}"))
     }
 
-    /// Stores a message durably and returns its id. When this returns `Ok`, the message and its
-    /// sidecar are renamed into `queue/` and the directory is fsynced: the caller may acknowledge.
+    /// Stores a message durably and returns its id. When this returns `Ok`, the entry's file is
+    /// renamed into `queue/` and the directory is fsynced: the caller may acknowledge.
     pub fn accept(&self, envelope: &Envelope, message: &[u8]) -> Result<SpoolId, SpoolError> {
         self.accept_incoming(envelope, message, None)
     }
@@ -583,21 +794,22 @@ impl Spool {
     }
 
     /// [`Spool::accept`] for a message received in two parts: `head` (in memory) followed by
-    /// the contents of `tail`, if any. The message is refused with [`SpoolError::Full`] when it
-    /// does not fit in the quota.
+    /// the contents of `tail`, if any — which becomes the entry's file (nothing is copied). The
+    /// message is refused with [`SpoolError::Full`] when it does not fit in the quota (and the
+    /// tail file is removed).
     pub fn accept_incoming(
         &self,
         envelope: &Envelope,
         head: &[u8],
-        tail: Option<&TailFile>,
+        tail: Option<TailFile>,
     ) -> Result<SpoolId, SpoolError> {
-        let size = head.len() as u64 + tail.map_or(0, TailFile::len);
+        let size = head.len() as u64 + tail.as_ref().map_or(0, TailFile::len);
         self.reserve(size)?;
         let result = self.write_entry(envelope, head, tail, size);
         let mut index = self.lock_index();
         Self::unreserve(&mut index, size);
         if let Ok((_, meta)) = &result {
-            index.set_meta(meta);
+            index.set_meta(meta, Form::Packed { sidecar: false });
         }
         result.map(|(id, _)| id)
     }
@@ -606,7 +818,7 @@ impl Spool {
         &self,
         envelope: &Envelope,
         head: &[u8],
-        tail: Option<&TailFile>,
+        tail: Option<TailFile>,
         size: u64,
     ) -> Result<(SpoolId, EntryMeta), SpoolError> {
         let stamp = {
@@ -624,99 +836,135 @@ impl Spool {
             next_attempt_ms: stamp,
             last_error: None,
         };
-        let tmp_msg = self.path(TMP, &id, MESSAGE_EXT);
-        let tmp_meta = self.path(TMP, &id, META_EXT);
-        let result = (|| {
-            match tail {
-                None => write_synced(&tmp_msg, head)?,
-                Some(tail) => write_joined(&tmp_msg, head, tail.path())?,
+        let tail_len = size - head.len() as u64;
+        // The file to finish: the streamed tail (appended to), or a new one.
+        let (tmp, opened) = match tail {
+            Some(tail) => {
+                let path = tail.into_path();
+                let file = fs::OpenOptions::new().append(true).open(&path);
+                (path, file)
             }
-            let json = serde_json::to_vec(&meta).map_err(|error| SpoolError::Meta {
-                path: tmp_meta.clone(),
-                error,
-            })?;
-            write_synced(&tmp_meta, &json)?;
-            let q_meta = self.path(QUEUE, &id, META_EXT);
-            fs::rename(&tmp_meta, &q_meta).map_err(io_err(&tmp_meta))?;
-            let q_msg = self.path(QUEUE, &id, MESSAGE_EXT);
-            fs::rename(&tmp_msg, &q_msg).map_err(io_err(&tmp_msg))?;
+            None => {
+                let path = self.path(TMP, &id, ENTRY_EXT);
+                let file = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path);
+                (path, file)
+            }
+        };
+        let result = (|| {
+            let mut file = opened.map_err(io_err(&tmp))?;
+            let json = meta_json(&meta, &tmp)?;
+            let footer = EntryFile::footer(head.len() as u64, tail_len, json.len() as u64);
+            file.write_all(head).map_err(io_err(&tmp))?;
+            let mut trailer = json;
+            trailer.extend_from_slice(&footer);
+            file.write_all(&trailer).map_err(io_err(&tmp))?;
+            file.sync_all().map_err(io_err(&tmp))?;
+            drop(file);
+            let queued = self.path(QUEUE, &id, ENTRY_EXT);
+            fs::rename(&tmp, &queued).map_err(io_err(&tmp))?;
             self.sync_queue()
         })();
         if let Err(e) = result {
             // Best effort: leftovers are also removed by the next open.
-            let _ = remove_if_exists(&tmp_msg);
-            let _ = remove_if_exists(&tmp_meta);
+            let _ = remove_if_exists(&tmp);
             return Err(e);
         }
         Ok((id, meta))
     }
 
-    /// The sidecar of a queued entry.
+    /// The metadata of a queued entry.
     pub fn entry(&self, id: &SpoolId) -> Result<EntryMeta, SpoolError> {
-        self.read_meta(&self.path(QUEUE, id, META_EXT), id)
+        let form = match self.lock_index().by_id.get(id) {
+            Some(Indexed {
+                meta: Some(meta), ..
+            }) => return Ok(meta.clone()),
+            Some(indexed) => Some(indexed.form),
+            None => None,
+        };
+        let form = match form {
+            Some(form) => form,
+            // Not in this instance's index: whatever is on disk.
+            None if self.path(QUEUE, id, META_EXT).exists() => Form::Packed { sidecar: true },
+            None => Form::Packed { sidecar: false },
+        };
+        self.read_entry_meta(id, form)
+    }
+
+    /// Reads an entry's metadata from disk.
+    fn read_entry_meta(&self, id: &SpoolId, form: Form) -> Result<EntryMeta, SpoolError> {
+        if form.has_sidecar() {
+            return self.read_meta(&self.path(QUEUE, id, META_EXT), id);
+        }
+        let path = self.path(QUEUE, id, ENTRY_EXT);
+        let file = EntryFile::open(&path).map_err(|error| not_found_or(id, &path, error))?;
+        file.read_meta(&path)
     }
 
     fn read_meta(&self, path: &Path, id: &SpoolId) -> Result<EntryMeta, SpoolError> {
-        let bytes = match fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(SpoolError::NotFound(id.clone()));
-            }
-            Err(error) => {
-                return Err(SpoolError::Io {
-                    path: path.to_path_buf(),
-                    error,
-                });
-            }
-        };
+        let bytes = fs::read(path).map_err(|error| not_found_or(id, path, error))?;
         serde_json::from_slice(&bytes).map_err(|error| SpoolError::Meta {
             path: path.to_path_buf(),
             error,
         })
     }
 
-    /// The message bytes of a queued entry.
+    /// The message bytes of a queued entry, in a buffer whose memory goes back to the system
+    /// when the delivery drops it ([`durable::read_unpooled`]).
     pub fn message(&self, id: &SpoolId) -> Result<Vec<u8>, SpoolError> {
-        let path = self.path(QUEUE, id, MESSAGE_EXT);
-        // Its memory goes back to the system when the delivery drops it (see the function).
-        durable::read_unpooled(&path).map_err(|error| {
-            if error.kind() == io::ErrorKind::NotFound {
-                SpoolError::NotFound(id.clone())
-            } else {
-                SpoolError::Io { path, error }
+        let path = self.path(QUEUE, id, ENTRY_EXT);
+        let read = match EntryFile::open(&path) {
+            Ok(file) => file.read_message().map_err(io_err(&path)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // The previous layout.
+                let legacy = self.path(QUEUE, id, MESSAGE_EXT);
+                durable::read_unpooled(&legacy).map_err(|error| not_found_or(id, &legacy, error))
             }
-        })
+            Err(error) => Err(SpoolError::Io { path, error }),
+        };
+        if let Err(SpoolError::NotFound(_)) = &read {
+            // Completed or dead-lettered by another instance: forget it here too.
+            self.lock_index().remove(id);
+        }
+        read
     }
 
-    fn list(&self, sub: &str) -> Result<Vec<SpoolId>, SpoolError> {
+    fn list(&self, sub: &str, exts: &[&str]) -> Result<Vec<SpoolId>, SpoolError> {
         let dir = self.root.join(sub);
-        let mut ids = Vec::new();
+        let mut ids = HashSet::new();
         for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let path = entry.map_err(io_err(&dir))?.path();
-            if path.extension().and_then(|e| e.to_str()) == Some(MESSAGE_EXT)
+            if path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| exts.contains(&e))
                 && let Some(id) = path
                     .file_stem()
                     .and_then(|s| s.to_str())
                     .and_then(|s| SpoolId::parse(s).ok())
             {
-                ids.push(id);
+                ids.insert(id);
             }
         }
+        let mut ids: Vec<SpoolId> = ids.into_iter().collect();
         ids.sort();
         Ok(ids)
     }
 
-    /// Ids of all queued entries, oldest first.
+    /// Ids of all queued entries, oldest first (read from the directory).
     pub fn queued(&self) -> Result<Vec<SpoolId>, SpoolError> {
-        self.list(QUEUE)
+        self.list(QUEUE, &[ENTRY_EXT, MESSAGE_EXT])
     }
 
     /// Ids of all dead-lettered entries, oldest first.
     pub fn dead(&self) -> Result<Vec<SpoolId>, SpoolError> {
-        self.list(DEAD)
+        self.list(DEAD, &[MESSAGE_EXT])
     }
 
-    /// The sidecar of a dead-lettered entry.
+    /// The metadata of a dead-lettered entry.
     pub fn dead_entry(&self, id: &SpoolId) -> Result<EntryMeta, SpoolError> {
         self.read_meta(&self.path(DEAD, id, META_EXT), id)
     }
@@ -726,8 +974,8 @@ impl Spool {
         self.due_up_to(now, usize::MAX)
     }
 
-    /// Like [`Spool::due`], but at most `limit` entries (the earliest): reads only their
-    /// sidecars, however long the queue is.
+    /// Like [`Spool::due`], but at most `limit` entries (the earliest), from memory however
+    /// long the queue is.
     pub fn due_up_to(&self, now: SystemTime, limit: usize) -> Result<Vec<EntryMeta>, SpoolError> {
         let ids = self.lock_index().due(durable::unix_ms(now), limit);
         let mut due = Vec::with_capacity(ids.len());
@@ -735,68 +983,125 @@ impl Spool {
             match self.entry(&id) {
                 Ok(meta) => due.push(meta),
                 // Completed or dead-lettered meanwhile (or by another process).
-                Err(SpoolError::NotFound(_)) => self.lock_index().remove(&id),
+                Err(SpoolError::NotFound(_)) => {
+                    self.lock_index().remove(&id);
+                }
                 Err(e) => return Err(e),
             }
         }
         Ok(due)
     }
 
-    /// Records a failed attempt: increments `attempts`, stores the error and the next attempt time.
+    fn form(&self, id: &SpoolId) -> Result<Form, SpoolError> {
+        match self.lock_index().by_id.get(id) {
+            Some(indexed) => Ok(indexed.form),
+            None => Err(SpoolError::NotFound(id.clone())),
+        }
+    }
+
+    /// Records a failed attempt: increments `attempts`, stores the error and the next attempt
+    /// time (in the entry's `.json`, which supersedes the metadata in its file).
     pub fn retry_later(
         &self,
         id: &SpoolId,
         error: &str,
         next_at: SystemTime,
     ) -> Result<EntryMeta, SpoolError> {
+        let form = self.form(id)?;
         let mut meta = self.entry(id)?;
         meta.attempts = meta.attempts.saturating_add(1);
         meta.last_error = Some(error.to_owned());
         meta.next_attempt_ms = durable::unix_ms(next_at);
         let tmp = self.path(TMP, id, META_EXT);
         let _ = remove_if_exists(&tmp);
-        let json = serde_json::to_vec(&meta).map_err(|error| SpoolError::Meta {
-            path: tmp.clone(),
-            error,
-        })?;
-        write_synced(&tmp, &json)?;
+        write_synced(&tmp, &meta_json(&meta, &tmp)?)?;
         let dest = self.path(QUEUE, id, META_EXT);
         fs::rename(&tmp, &dest).map_err(io_err(&tmp))?;
         self.sync_queue()?;
-        self.lock_index().set_meta(&meta);
+        let form = match form {
+            Form::Packed { .. } => Form::Packed { sidecar: true },
+            Form::Legacy => Form::Legacy,
+        };
+        self.lock_index().set_meta(&meta, form);
         Ok(meta)
     }
 
     /// Removes a delivered entry (message first, so a crash in between leaves an orphan sidecar
     /// that recovery removes, never a message without its envelope).
     pub fn complete(&self, id: &SpoolId) -> Result<(), SpoolError> {
-        if !remove_if_exists(&self.path(QUEUE, id, MESSAGE_EXT))? {
-            self.lock_index().remove(id);
+        let form = self.lock_index().by_id.get(id).map(|r| r.form);
+        let gone = match form {
+            Some(Form::Packed { .. }) => remove_if_exists(&self.path(QUEUE, id, ENTRY_EXT))?,
+            Some(Form::Legacy) => remove_if_exists(&self.path(QUEUE, id, MESSAGE_EXT))?,
+            None => {
+                remove_if_exists(&self.path(QUEUE, id, ENTRY_EXT))?
+                    || remove_if_exists(&self.path(QUEUE, id, MESSAGE_EXT))?
+            }
+        };
+        self.lock_index().remove(id);
+        if !gone {
             return Err(SpoolError::NotFound(id.clone()));
         }
-        self.lock_index().remove(id);
-        remove_if_exists(&self.path(QUEUE, id, META_EXT))?;
+        if form.is_none_or(Form::has_sidecar) {
+            remove_if_exists(&self.path(QUEUE, id, META_EXT))?;
+        }
         self.sync_queue()
     }
 
-    /// Moves an entry to `dead/` with the reason in its sidecar.
+    /// Moves an entry to `dead/` (`<id>.eml`, the message as received, and `<id>.json`, its
+    /// metadata with the reason).
     pub fn dead_letter(&self, id: &SpoolId, reason: &str) -> Result<(), SpoolError> {
+        let form = self.form(id)?;
         let mut meta = self.entry(id)?;
         meta.last_error = Some(reason.to_owned());
         let tmp = self.path(TMP, id, META_EXT);
         let _ = remove_if_exists(&tmp);
-        let json = serde_json::to_vec(&meta).map_err(|error| SpoolError::Meta {
-            path: tmp.clone(),
-            error,
-        })?;
-        write_synced(&tmp, &json)?;
-        // Message first: recovery moves a queued sidecar whose message is in dead/ after it.
-        let from = self.path(QUEUE, id, MESSAGE_EXT);
-        fs::rename(&from, self.path(DEAD, id, MESSAGE_EXT)).map_err(io_err(&from))?;
-        self.lock_index().remove(id);
-        fs::rename(&tmp, self.path(DEAD, id, META_EXT)).map_err(io_err(&tmp))?;
-        remove_if_exists(&self.path(QUEUE, id, META_EXT))?;
-        fsync_dir(&self.root.join(DEAD))?;
+        write_synced(&tmp, &meta_json(&meta, &tmp)?)?;
+        let dead = self.root.join(DEAD);
+        match form {
+            Form::Legacy => {
+                // Message first: recovery moves a queued sidecar whose message is in dead/
+                // after it.
+                let from = self.path(QUEUE, id, MESSAGE_EXT);
+                fs::rename(&from, self.path(DEAD, id, MESSAGE_EXT)).map_err(io_err(&from))?;
+                self.lock_index().remove(id);
+                fs::rename(&tmp, self.path(DEAD, id, META_EXT)).map_err(io_err(&tmp))?;
+                remove_if_exists(&self.path(QUEUE, id, META_EXT))?;
+                fsync_dir(&dead)?;
+            }
+            Form::Packed { sidecar } => {
+                // A copy in dead/, complete and durable (metadata first, the message last:
+                // recovery drops a queued entry whose message is in dead/), then the queued
+                // entry goes.
+                let from = self.path(QUEUE, id, ENTRY_EXT);
+                let tmp_message = self.path(TMP, id, MESSAGE_EXT);
+                let _ = remove_if_exists(&tmp_message);
+                let copied = (|| {
+                    let mut source = EntryFile::open(&from)?;
+                    let mut out = fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&tmp_message)?;
+                    source.copy_message(&mut out)?;
+                    out.sync_all()
+                })();
+                if let Err(error) = copied {
+                    let _ = remove_if_exists(&tmp_message);
+                    let _ = remove_if_exists(&tmp);
+                    return Err(not_found_or(id, &from, error));
+                }
+                fs::rename(&tmp, self.path(DEAD, id, META_EXT)).map_err(io_err(&tmp))?;
+                fs::rename(&tmp_message, self.path(DEAD, id, MESSAGE_EXT))
+                    .map_err(io_err(&tmp_message))?;
+                fsync_dir(&dead)?;
+                self.lock_index().remove(id);
+                remove_if_exists(&from)?;
+                if sidecar {
+                    remove_if_exists(&self.path(QUEUE, id, META_EXT))?;
+                }
+            }
+        }
         self.sync_queue()
     }
 

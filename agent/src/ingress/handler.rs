@@ -336,10 +336,9 @@ impl IngressHandler for LocalDevices {
             None => head,
         };
         let spool = Arc::clone(&self.spool);
-        let stored = tokio::task::spawn_blocking(move || {
-            spool.accept_incoming(&envelope, &head, tail.as_ref())
-        })
-        .await;
+        let stored =
+            tokio::task::spawn_blocking(move || spool.accept_incoming(&envelope, &head, tail))
+                .await;
         match stored {
             Ok(Ok(id)) => Ok(id),
             Ok(Err(e @ SpoolError::Full { .. })) => {

@@ -1,26 +1,40 @@
-//! One SMTP session: the socket loop that reads bounded lines, feeds them to the sans-IO
-//! grammar of [`crate::wire::smtp_server`] (commands, `DATA` lines) and [`crate::sasl`] (AUTH
-//! responses), and answers; STARTTLS, timeouts, limits and the hand-off to the handler.
+//! One SMTP session: the socket loop that reads bounded command lines and `DATA` blocks, feeds
+//! them to the sans-IO grammar of [`crate::wire::smtp_server`] (commands; `DATA` through its
+//! block scanner) and [`crate::sasl`] (AUTH responses), and answers; STARTTLS, timeouts, limits
+//! and the hand-off to the handler.
+//!
+//! `DATA` is read a buffer at a time, not a line at a time: [`DataScanner`] finds the line ends
+//! of the whole buffer, copies the lines that need no change in runs and applies the `DATA`
+//! rules (end of message, dot-unstuffing, bare LF, line limit) exactly as line by line; the
+//! content goes to the [`MessageSink`] in blocks of [`DATA_BLOCK`] bytes, which keeps the
+//! header block (and the first bytes of the body) in memory and streams the rest to the
+//! spool's tail file — the file that becomes the spool entry.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::handoff::{DeliverError, Incoming, IngressHandler};
 use super::password::Password;
 use super::{Admission, IngressConfig};
-use crate::line_server::{self, Line, RawLine, read_limited, read_limited_raw};
+use crate::line_server::{self, Line, read_limited};
 use crate::sasl::{self, SaslError};
 use crate::spool::{Envelope, TailFile};
 use crate::wire::smtp_server::{
-    Command, DataLine, DataReceiver, MailParam, command_text, mail_params, parse_path,
+    Command, DataEvent, DataScanner, MailParam, command_text, mail_params, parse_path,
     printable_name,
 };
+
+/// Read buffer of a session: one TLS record, and a few read calls per 64 KiB of `DATA`.
+const READ_BUFFER: usize = 16 * 1024;
+
+/// `DATA` content is handed to the [`MessageSink`] in blocks of about this size.
+const DATA_BLOCK: usize = 64 * 1024;
 
 /// The client connection: plain TCP, or TLS after `STARTTLS`.
 enum Stream {
@@ -117,28 +131,23 @@ impl Conn<'_> {
         self.read_max(self.config.max_line_length).await
     }
 
-    /// Reads the next line of at most `limit` bytes with its line end (for `DATA`), answering
-    /// `421 4.4.2` on timeout.
-    async fn read_raw(&mut self, limit: usize) -> io::Result<RawLine> {
-        // A whole line already buffered (most lines of a large DATA): no wait, so no timer — a
-        // timer per line cost more than the line itself.
-        if self.io.buffer().contains(&b'\n') {
-            return read_limited_raw(&mut self.io, limit).await;
+    /// Makes sure input is buffered (for `DATA`): `false` when the client left, or sent nothing
+    /// for the command timeout (answered `421 4.4.2`). Input already buffered needs no wait, so
+    /// no timer.
+    async fn fill(&mut self) -> io::Result<bool> {
+        if !self.io.buffer().is_empty() {
+            return Ok(true);
         }
-        match tokio::time::timeout(
-            self.config.command_timeout,
-            read_limited_raw(&mut self.io, limit),
-        )
-        .await
-        {
-            Ok(line) => line,
+        match tokio::time::timeout(self.config.command_timeout, self.io.fill_buf()).await {
+            Ok(Ok(buf)) => Ok(!buf.is_empty()),
+            Ok(Err(e)) => Err(e),
             Err(_) => {
                 let msg = format!(
                     "421 4.4.2 {} Timeout waiting for client input\r\n",
                     self.config.hostname
                 );
                 self.send(msg.as_bytes()).await?;
-                Ok(RawLine::Closed)
+                Ok(false)
             }
         }
     }
@@ -198,7 +207,7 @@ pub(super) async fn run<H: IngressHandler>(
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let mut conn = Conn {
-        io: BufReader::new(Stream::Plain(stream)),
+        io: BufReader::with_capacity(READ_BUFFER, Stream::Plain(stream)),
         tls: false,
         config,
         errors: 0,
@@ -410,22 +419,27 @@ async fn data<H: IngressHandler>(
         handler.tail_path(),
         handler.room(),
     );
-    let mut receiver = DataReceiver::new();
+    // One more byte than a command line: the dot a client adds when it stuffs a full line.
+    let mut scanner = DataScanner::new(conn.config.max_line_length + 1);
+    let mut block = Vec::with_capacity(DATA_BLOCK + READ_BUFFER);
     loop {
-        // One more byte than a command line: the dot a client adds when it stuffs a full line.
-        match conn.read_raw(conn.config.max_line_length + 1).await? {
-            // Disconnect or timeout mid-DATA: nothing is queued (a tail file is removed).
-            RawLine::Closed => return Ok(Flow::Close),
-            RawLine::TooLong { crlf } => {
-                receiver.skipped(crlf);
-                sink.refuse(Refused::LineTooLong);
-            }
-            RawLine::Line(raw) => match receiver.line(&raw) {
-                DataLine::End => break,
-                DataLine::Content(line) => sink.push(line).await,
-            },
+        // Disconnect or timeout mid-DATA: nothing is queued (a tail file is removed).
+        if !conn.fill().await? {
+            return Ok(Flow::Close);
+        }
+        let (taken, event) = scanner.feed(conn.io.buffer(), &mut block);
+        conn.io.consume(taken);
+        if block.len() >= DATA_BLOCK || event != DataEvent::More {
+            sink.push_block(&block).await;
+            block.clear();
+        }
+        match event {
+            DataEvent::More => {}
+            DataEvent::LineTooLong => sink.refuse(Refused::LineTooLong),
+            DataEvent::End => break,
         }
     }
+    drop(block);
     let received = sink.finish().await;
     let envelope = Envelope {
         device: state
@@ -539,6 +553,44 @@ impl MessageSink {
         }
     }
 
+    /// Takes complete lines of content, each ending with CRLF (what [`DataScanner`] gives). The
+    /// header block, and a block that crosses the size limit or the spool's room, go line by
+    /// line ([`MessageSink::push`]: the header's end and memory limit, the refusal's reason);
+    /// the rest of the body in one piece.
+    async fn push_block(&mut self, block: &[u8]) {
+        let limit = (self.max as u64).min(self.room.unwrap_or(u64::MAX));
+        let mut rest = block;
+        while !rest.is_empty() && self.refused.is_none() {
+            if !self.in_header && self.len + rest.len() as u64 <= limit {
+                self.len += rest.len() as u64;
+                return self.store_body(rest).await;
+            }
+            let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
+            let line = &rest[..end];
+            self.push(line.strip_suffix(b"\r\n").unwrap_or(line)).await;
+            rest = &rest[end..];
+        }
+    }
+
+    /// Body bytes within the limits: into memory up to `memory` bytes in all (everything when
+    /// there is no tail file), the rest to the tail file.
+    async fn store_body(&mut self, bytes: &[u8]) {
+        let mut bytes = bytes;
+        if self.tail.is_none() {
+            let fit = if self.tail_path.is_none() {
+                bytes.len()
+            } else {
+                self.memory.saturating_sub(self.head.len()).min(bytes.len())
+            };
+            self.head.extend_from_slice(&bytes[..fit]);
+            bytes = &bytes[fit..];
+        }
+        if !bytes.is_empty() {
+            self.write_tail(&[bytes]).await;
+        }
+    }
+
+    /// One line of content (without its CRLF).
     async fn push(&mut self, line: &[u8]) {
         if self.refused.is_some() {
             return;
@@ -566,14 +618,20 @@ impl MessageSink {
             self.head.extend_from_slice(b"\r\n");
             return;
         }
+        self.write_tail(&[line, b"\r\n"]).await;
+    }
+
+    /// Appends `parts` to the tail file, creating it first if needed.
+    async fn write_tail(&mut self, parts: &[&[u8]]) {
         if self.tail.is_none() {
             let Some(path) = self.tail_path.take() else {
                 return self.refuse(Refused::Io(io::Error::other("no tail file")));
             };
             match TailFile::create(path) {
                 Ok((tail, file)) => {
+                    // Blocks of DATA_BLOCK bytes pass through; single lines are gathered.
                     let writer = tokio::io::BufWriter::with_capacity(
-                        32 * 1024,
+                        8 * 1024,
                         tokio::fs::File::from_std(file),
                     );
                     self.tail = Some((tail, writer));
@@ -584,8 +642,10 @@ impl MessageSink {
         if let Some((_, writer)) = self.tail.as_mut() {
             use tokio::io::AsyncWriteExt as _;
             let written = async {
-                writer.write_all(line).await?;
-                writer.write_all(b"\r\n").await
+                for part in parts {
+                    writer.write_all(part).await?;
+                }
+                Ok::<_, io::Error>(())
             }
             .await;
             if let Err(e) = written {
@@ -781,7 +841,7 @@ async fn starttls<H: IngressHandler>(
     };
     match tokio::time::timeout(conn.config.command_timeout, tls.acceptor().accept(tcp)).await {
         Ok(Ok(stream)) => {
-            conn.io = BufReader::new(Stream::Tls(Box::new(stream)));
+            conn.io = BufReader::with_capacity(READ_BUFFER, Stream::Tls(Box::new(stream)));
             conn.tls = true;
             *state = State {
                 device: handler.device_for_peer(peer),

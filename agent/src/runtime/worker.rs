@@ -7,13 +7,18 @@
 //! would exceed it is deferred — postponed in memory to when the mailbox has room
 //! ([`MailboxRate`]), no attempt counted, nothing dropped — and delivered then.
 //!
-//! Possible duplicates are counted, never hidden: a marker file `sending/<id>` (next to the
-//! spool's own directories, holding the device name) exists while a message is with the
-//! upstream. A marker found at
-//! start-up whose entry is still queued means the agent died mid-send — the upstream may have
-//! accepted the message, which is sent again. `complete` failing after acceptance counts too. A
-//! marker whose entry is gone means the process died after removing a delivered entry: it is
-//! counted as delivered unless the counters already hold its id.
+//! Delivery is at least once: an entry leaves the spool only after the upstream accepted it, so
+//! an agent that stops (or crashes) between the upstream's acceptance and the removal sends
+//! that message again at its next start. Possible duplicates are counted, never hidden: the
+//! sending journal (`sending/journal` next to the spool's own directories, [`SendingJournal`])
+//! records each message while it is with the upstream — a line when the send starts, one when
+//! it ends, appended to one file. An entry the journal shows as being sent at start-up whose
+//! entry is still queued means the agent died mid-send — the upstream may have accepted the
+//! message, which is sent again: counted as a possible duplicate. `complete` failing after
+//! acceptance counts too. One whose entry is gone means the process died after removing a
+//! delivered entry: it is counted as delivered unless the counters already hold its id. Marker
+//! files `sending/<id>` (holding the device name) left by an agent from before the journal are
+//! read the same way.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -33,8 +38,170 @@ use crate::metrics::{AgentMetrics, DeadLetter, Deferral};
 use crate::spool::{self, EntryMeta, Spool, SpoolError, SpoolId};
 use crate::upstream::{Credentials, Delivery, DeliveryError, FailureKind, OutgoingMessage};
 
-/// Directory (inside the spool directory) of the "being sent" markers.
+/// Directory (inside the spool directory) of the sending journal.
 pub const SENDING_DIR: &str = "sending";
+
+/// The sending journal's file in [`SENDING_DIR`].
+pub const SENDING_JOURNAL: &str = "journal";
+
+/// The journal is rewritten with only the sends still running when it grows past this.
+const JOURNAL_COMPACT_BYTES: u64 = 64 * 1024;
+
+/// Which messages are with the upstream, on disk, for counting possible duplicates after the
+/// agent died (see the module documentation). One file, appended to: `+<id> <device>` when a
+/// send starts, `-<id>` when it ended; emptied whenever no send is running and rewritten with
+/// the running ones when it grows past 64 KiB. Not fsynced, as the marker files it replaces
+/// (one created and removed per message, two inode changes) were not: it survives the agent's
+/// process dying, which is what it is for, not necessarily a power loss (after which possible
+/// duplicates may go uncounted; none is lost either way).
+#[derive(Debug)]
+pub struct SendingJournal {
+    dir: PathBuf,
+    state: Mutex<JournalState>,
+}
+
+#[derive(Debug, Default)]
+struct JournalState {
+    file: Option<std::fs::File>,
+    len: u64,
+    running: std::collections::HashMap<SpoolId, String>,
+}
+
+impl SendingJournal {
+    /// The journal in `dir` (created when first written).
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            state: Mutex::new(JournalState::default()),
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join(SENDING_JOURNAL)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, JournalState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn open_append(&self) -> std::io::Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::create_dir_all(&self.dir)?;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(self.path())
+    }
+
+    fn append(&self, state: &mut JournalState, line: &str) -> std::io::Result<()> {
+        use std::io::Write as _;
+        if state.file.is_none() {
+            let file = self.open_append()?;
+            state.len = file.metadata()?.len();
+            state.file = Some(file);
+        }
+        if let Some(file) = state.file.as_mut() {
+            // One write: a line is whole in the file even if the process dies right after.
+            file.write_all(line.as_bytes())?;
+            state.len += line.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// A send of `id` (from `device`) starts.
+    pub fn started(&self, id: &SpoolId, device: &str) -> std::io::Result<()> {
+        let device = device.replace(['\r', '\n'], " ");
+        let mut state = self.lock();
+        let line = format!("+{id} {device}\n");
+        state.running.insert(id.clone(), device);
+        self.append(&mut state, &line)
+    }
+
+    /// The send of `id` ended (delivered and removed, or settled otherwise).
+    pub fn ended(&self, id: &SpoolId) -> std::io::Result<()> {
+        let mut state = self.lock();
+        state.running.remove(id);
+        if state.running.is_empty()
+            && state.len > 0
+            && let Some(file) = state.file.as_ref()
+        {
+            // Nothing is being sent: nothing to remember.
+            file.set_len(0)?;
+            state.len = 0;
+            return Ok(());
+        }
+        self.append(&mut state, &format!("-{id}\n"))?;
+        if state.len > JOURNAL_COMPACT_BYTES {
+            self.compact(&mut state)?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the journal with the running sends only (a new file renamed over it).
+    fn compact(&self, state: &mut JournalState) -> std::io::Result<()> {
+        let text: String = state
+            .running
+            .iter()
+            .map(|(id, device)| format!("+{id} {device}\n"))
+            .collect();
+        let tmp = self.dir.join(format!("{SENDING_JOURNAL}.tmp"));
+        std::fs::write(&tmp, text.as_bytes())?;
+        std::fs::rename(&tmp, self.path())?;
+        state.file = None;
+        state.len = 0;
+        Ok(())
+    }
+
+    /// Start-up: the sends that were running when the agent stopped (id, device), from the
+    /// journal and from marker files of an agent from before it; then clears both.
+    pub fn recover(&self) -> std::io::Result<Vec<(SpoolId, String)>> {
+        std::fs::create_dir_all(&self.dir)?;
+        let mut running: std::collections::BTreeMap<SpoolId, String> = Default::default();
+        match std::fs::read_to_string(self.path()) {
+            Ok(text) => {
+                for line in text.lines() {
+                    if let Some(rest) = line.strip_prefix('+') {
+                        let (id, device) = rest.split_once(' ').unwrap_or((rest, ""));
+                        if let Ok(id) = SpoolId::parse(id) {
+                            running.insert(id, device.to_owned());
+                        }
+                    } else if let Some(id) = line.strip_prefix('-')
+                        && let Ok(id) = SpoolId::parse(id)
+                    {
+                        running.remove(&id);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            // A marker file of the previous layout.
+            if let Ok(id) = SpoolId::parse(name) {
+                let device = std::fs::read_to_string(&path).unwrap_or_default();
+                running.insert(id, device);
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        let mut state = self.lock();
+        state.file = None;
+        state.len = 0;
+        match std::fs::remove_file(self.path()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(running.into_iter().collect())
+    }
+}
 
 /// Longest wait between tries while a message waits for a token.
 pub const TOKEN_WAIT_MAX: Duration = Duration::from_secs(60);
@@ -78,7 +245,7 @@ pub type Jitter = Arc<dyn Fn() -> f64 + Send + Sync>;
 /// The delivery worker.
 pub struct DeliveryWorker {
     spool: Arc<Spool>,
-    markers: PathBuf,
+    journal: SendingJournal,
     registry: Arc<DeviceRegistry>,
     tokens: Arc<TokenCache>,
     book: Arc<StatusBook>,
@@ -99,7 +266,7 @@ pub struct DeliveryWorker {
 impl std::fmt::Debug for DeliveryWorker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeliveryWorker")
-            .field("markers", &self.markers)
+            .field("journal", &self.journal.dir)
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
@@ -146,7 +313,7 @@ impl DeliveryWorker {
     ) -> Self {
         Self {
             spool,
-            markers: spool_dir.join(SENDING_DIR),
+            journal: SendingJournal::new(spool_dir.join(SENDING_DIR)),
             registry,
             tokens,
             book,
@@ -174,35 +341,26 @@ impl DeliveryWorker {
     }
 
     /// Start-up: counts the entries that were being sent when the agent stopped as possible
-    /// duplicates (per device) and clears the markers. Returns how many were counted.
+    /// duplicates (per device) and clears the sending journal (and any marker files of an
+    /// agent from before it). Returns how many were counted.
     pub fn recover_markers(&self) -> std::io::Result<u64> {
-        std::fs::create_dir_all(&self.markers)?;
         let mut counted = 0;
-        for entry in std::fs::read_dir(&self.markers)? {
-            let path = entry?.path();
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
-            if let Ok(id) = SpoolId::parse(name) {
-                match self.spool.entry(&id) {
-                    Ok(meta) => {
-                        tracing::warn!(id = %id, device = %meta.envelope.device, "the agent stopped while this message was being sent; it is sent again and may arrive twice");
-                        self.book.count_duplicates(&meta.envelope.device, 1);
-                        counted += 1;
-                    }
-                    Err(SpoolError::NotFound(_)) => {
-                        // Delivered and removed, but perhaps not counted: the marker holds the
-                        // device.
-                        let device = std::fs::read_to_string(&path).unwrap_or_default();
-                        if !device.is_empty() {
-                            self.book.count_unrecorded_delivery(&device, id.as_str());
-                        }
-                    }
-                    Err(_) => {}
+        for (id, device) in self.journal.recover()? {
+            match self.spool.entry(&id) {
+                Ok(meta) => {
+                    tracing::warn!(id = %id, device = %meta.envelope.device, "the agent stopped while this message was being sent; it is sent again and may arrive twice");
+                    self.book.count_duplicates(&meta.envelope.device, 1);
+                    counted += 1;
                 }
+                Err(SpoolError::NotFound(_)) => {
+                    // Delivered and removed, but perhaps not counted: the journal holds the
+                    // device.
+                    if !device.is_empty() {
+                        self.book.count_unrecorded_delivery(&device, id.as_str());
+                    }
+                }
+                Err(_) => {}
             }
-            let _ = std::fs::remove_file(&path);
         }
         Ok(counted)
     }
@@ -491,14 +649,15 @@ impl DeliveryWorker {
                 };
             }
         };
-        let marker = self.markers.join(meta.id.as_str());
-        if let Err(error) = std::fs::write(&marker, meta.envelope.device.as_bytes()) {
-            tracing::warn!(path = %marker.display(), %error, "writing the sending marker failed");
+        if let Err(error) = self.journal.started(&meta.id, &meta.envelope.device) {
+            tracing::warn!(%error, "writing the sending journal failed");
         }
         let settled = self
             .send_with_retry(&meta, &key, &mailbox, delivery.as_ref(), credentials, &data)
             .await;
-        let _ = std::fs::remove_file(&marker);
+        if let Err(error) = self.journal.ended(&meta.id) {
+            tracing::warn!(%error, "writing the sending journal failed");
+        }
         settled
     }
 

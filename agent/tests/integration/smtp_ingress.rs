@@ -1210,6 +1210,93 @@ fn large_messages_stream_to_disk_and_a_full_spool_answers_452() {
     c.expect("MAIL FROM:<jane@example.com>", 250, "2.1.0");
 }
 
+/// DATA is read in blocks: a message sent in pieces of odd sizes (lines cut anywhere, across
+/// the session's read buffer, the memory limit and the tail file) with dot-stuffed lines, bare
+/// LF line ends and lines at the length limit is stored exactly as line by line would store it;
+/// a line one byte over the limit still refuses the message with `500 5.5.2`.
+#[test]
+fn a_message_cut_anywhere_is_stored_exactly() {
+    let config = IngressConfig {
+        message_memory: 4096,
+        ..Server::config()
+    };
+    let server = Server::start_with(config, vec![login_device(fixed_mailbox())]);
+    let mut wire = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..3000usize {
+        let (sent, stored): (Vec<u8>, Vec<u8>) = match i % 6 {
+            // Dot-stuffed by the client, unstuffed in the spool.
+            0 => (
+                format!("..dotted {i}\r\n").into_bytes(),
+                format!(".dotted {i}\r\n").into_bytes(),
+            ),
+            // A bare LF line end is stored as CRLF (and a dot after it is content).
+            1 => (
+                format!("bare {i}\n.after\r\n").into_bytes(),
+                format!("bare {i}\r\n.after\r\n").into_bytes(),
+            ),
+            // 1001 bytes with the stuffed dot: the longest line taken.
+            2 => {
+                let text = format!(".{}", "x".repeat(996));
+                (
+                    format!(".{text}\r\n").into_bytes(),
+                    format!("{text}\r\n").into_bytes(),
+                )
+            }
+            _ => {
+                let line = format!("line {i} {}\r\n", "=".repeat(i % 90)).into_bytes();
+                (line.clone(), line)
+            }
+        };
+        wire.extend_from_slice(&sent);
+        expected.extend_from_slice(&stored);
+    }
+    let head = b"From: jane@example.com\r\nSubject: cut\r\n\r\n";
+    let mut c = Client::connect(server.addr);
+    c.login();
+    c.expect("MAIL FROM:<jane@example.com>", 250, "");
+    c.expect("RCPT TO:<a@example.com>", 250, "");
+    c.expect("DATA", 354, "");
+    c.write(head);
+    let sizes = [1, 7, 4093, 2, 16385, 999, 3, 65536, 13];
+    let (mut at, mut n) = (0, 0);
+    while at < wire.len() {
+        let end = wire.len().min(at + sizes[n % sizes.len()]);
+        c.write(&wire[at..end]);
+        c.reader.get_mut().flush().unwrap();
+        if n % 3 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (at, n) = (end, n + 1);
+    }
+    c.expect(".", 250, "2.0.0");
+    let ids = server.spool.queued().unwrap();
+    assert_eq!(ids.len(), 1);
+    let stored = server.spool.message(&ids[0]).unwrap();
+    // The From line is rewritten; the body is exactly what line by line would have stored.
+    assert!(stored.ends_with(&expected), "body changed");
+    assert!(
+        stored.len() > expected.len() + 20,
+        "the header block is kept"
+    );
+    assert_eq!(
+        server.spool.entry(&ids[0]).unwrap().size,
+        stored.len() as u64
+    );
+
+    // One byte over the limit, in the middle of a large message: refused, session in step.
+    c.expect("MAIL FROM:<jane@example.com>", 250, "");
+    c.expect("RCPT TO:<a@example.com>", 250, "");
+    c.expect("DATA", 354, "");
+    c.write(head);
+    c.write(&wire[..wire.len() / 2]);
+    c.write(format!("..{}\r\n", "y".repeat(998)).as_bytes());
+    c.write(&wire[wire.len() / 2..]);
+    c.expect(".", 500, "5.5.2");
+    c.expect("NOOP", 250, "2.0.0");
+    assert_eq!(server.spool.queued().unwrap().len(), 1);
+}
+
 #[test]
 fn a_header_block_larger_than_the_message_memory_is_refused() {
     let config = IngressConfig {

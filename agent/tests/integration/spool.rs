@@ -1,5 +1,6 @@
 //! The durable spool against a real file system: recovery, permissions, concurrency,
-//! dead-lettering and a SIGKILL crash simulation.
+//! dead-lettering, the previous (two-file) layout still read, and a SIGKILL crash simulation
+//! over accepts (in memory and streamed), retries and completions.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest as _, Sha256};
-use tokenfleet_agent::spool::{Envelope, Spool, SpoolError, SpoolId};
+use tokenfleet_agent::spool::{EntryMeta, Envelope, Spool, SpoolError, SpoolId, TailFile};
 
 fn envelope(device: &str) -> Envelope {
     Envelope {
@@ -310,9 +311,35 @@ fn crash_child() {
     let mut out = std::io::stdout().lock();
     for seq in 0.. {
         let msg = crash_message(seq);
-        let id = spool.accept(&envelope("mfd-crash"), &msg).unwrap();
+        let id = if seq % 2 == 0 {
+            spool.accept(&envelope("mfd-crash"), &msg).unwrap()
+        } else {
+            // As the ingress does: the start in memory, the rest streamed to a tail file in
+            // tmp/, which becomes the entry.
+            let split = msg.len().min(64 + (seq as usize * 31) % 4096);
+            let (tail, mut file) = TailFile::create(spool.tail_path().unwrap()).unwrap();
+            file.write_all(&msg[split..]).unwrap();
+            drop(file);
+            spool
+                .accept_incoming(&envelope("mfd-crash"), &msg[..split], Some(tail))
+                .unwrap()
+        };
         writeln!(out, "ACK {id} {}", hex(&Sha256::digest(&msg))).unwrap();
         out.flush().unwrap();
+        if seq % 3 == 0 {
+            // A failed attempt: the metadata is rewritten beside the entry.
+            spool
+                .retry_later(&id, "451 4.3.0 later", SystemTime::now())
+                .unwrap();
+        }
+        if seq % 4 == 1 {
+            // A delivery: once `complete` returned, the entry must never come back.
+            writeln!(out, "COMPLETING {id}").unwrap();
+            out.flush().unwrap();
+            spool.complete(&id).unwrap();
+            writeln!(out, "COMPLETED {id}").unwrap();
+            out.flush().unwrap();
+        }
     }
 }
 
@@ -354,25 +381,35 @@ fn sigkill_never_loses_an_acknowledged_message() {
         let mut lines = BufReader::new(stdout).lines();
         let target = 5 + random_below(60);
         let mut acked = Vec::new();
+        // Being completed when the kill came (may be queued or not), and completed.
+        let mut completing = std::collections::HashSet::new();
+        let mut completed = std::collections::HashSet::new();
+        let read = |line: String,
+                    acked: &mut Vec<(SpoolId, String)>,
+                    completing: &mut std::collections::HashSet<SpoolId>,
+                    completed: &mut std::collections::HashSet<SpoolId>| {
+            if let Some(rest) = line.strip_prefix("ACK ") {
+                let (id, sum) = rest.split_once(' ').unwrap();
+                acked.push((SpoolId::parse(id).unwrap(), sum.to_owned()));
+            } else if let Some(id) = line.strip_prefix("COMPLETING ") {
+                completing.insert(SpoolId::parse(id).unwrap());
+            } else if let Some(id) = line.strip_prefix("COMPLETED ") {
+                completed.insert(SpoolId::parse(id).unwrap());
+            }
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         while (acked.len() as u64) < target {
             assert!(Instant::now() < deadline, "child too slow");
             let line = lines.next().expect("child exited early").unwrap();
-            if let Some(rest) = line.strip_prefix("ACK ") {
-                let (id, sum) = rest.split_once(' ').unwrap();
-                acked.push((SpoolId::parse(id).unwrap(), sum.to_owned()));
-            }
+            read(line, &mut acked, &mut completing, &mut completed);
         }
-        // A random moment: somewhere in the middle of the next accepts.
+        // A random moment: somewhere in the middle of the next accepts, retries, completions.
         std::thread::sleep(Duration::from_micros(random_below(20_000)));
         child.0.kill().unwrap();
         child.0.wait().unwrap();
-        // Acks printed before the kill are still in the pipe.
+        // Lines printed before the kill are still in the pipe.
         for line in lines.map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("ACK ") {
-                let (id, sum) = rest.split_once(' ').unwrap();
-                acked.push((SpoolId::parse(id).unwrap(), sum.to_owned()));
-            }
+            read(line, &mut acked, &mut completing, &mut completed);
         }
 
         let spool = Spool::open(dir.path()).unwrap();
@@ -382,6 +419,18 @@ fn sigkill_never_loses_an_acknowledged_message() {
             spool.recovery()
         );
         for (id, sum) in &acked {
+            if completed.contains(id) {
+                // Delivered and removed: never delivered again.
+                assert!(
+                    matches!(spool.message(id), Err(SpoolError::NotFound(_))),
+                    "round {round}: completed {id} came back"
+                );
+                continue;
+            }
+            if completing.contains(id) && matches!(spool.message(id), Err(SpoolError::NotFound(_)))
+            {
+                continue;
+            }
             let msg = spool
                 .message(id)
                 .unwrap_or_else(|e| panic!("round {round}: acknowledged {id} lost: {e}"));
@@ -403,7 +452,7 @@ fn sigkill_never_loses_an_acknowledged_message() {
         {
             assert_eq!(spool.message(&meta.id).unwrap().len() as u64, meta.size);
         }
-        for (id, _) in acked {
+        for id in spool.queued().unwrap() {
             spool.complete(&id).unwrap();
         }
     }
@@ -411,7 +460,7 @@ fn sigkill_never_loses_an_acknowledged_message() {
 
 #[test]
 fn the_quota_refuses_what_does_not_fit_and_delivery_frees_it() {
-    use tokenfleet_agent::spool::{SpoolError, SpoolLimits, TailFile};
+    use tokenfleet_agent::spool::SpoolLimits;
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open_with(
         dir.path().join("spool"),
@@ -431,9 +480,27 @@ fn the_quota_refuses_what_does_not_fit_and_delivery_frees_it() {
     let (tail, mut file) = TailFile::create(spool.tail_path().unwrap()).unwrap();
     std::io::Write::write_all(&mut file, b" and the tail").unwrap();
     drop(file);
-    let b = spool.accept_incoming(&env, b"head", Some(&tail)).unwrap();
-    drop(tail);
+    let tail_path = tail.path().to_path_buf();
+    let b = spool.accept_incoming(&env, b"head", Some(tail)).unwrap();
     assert_eq!(spool.message(&b).unwrap(), b"head and the tail");
+    // The tail file became the entry: nothing copied, nothing left in tmp/.
+    assert!(!tail_path.exists());
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("spool/tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
+    // A refused message's tail file is removed.
+    let (big, mut file) = TailFile::create(spool.tail_path().unwrap()).unwrap();
+    std::io::Write::write_all(&mut file, &[b'z'; 900]).unwrap();
+    drop(file);
+    let big_path = big.path().to_path_buf();
+    assert!(matches!(
+        spool.accept_incoming(&env, b"head", Some(big)).unwrap_err(),
+        SpoolError::Full { .. }
+    ));
+    assert!(!big_path.exists());
     // Two messages: the count is reached.
     assert_eq!(spool.room(), 0);
     assert!(matches!(
@@ -535,7 +602,7 @@ fn group_commit_never_acknowledges_before_the_shared_fsync() {
     let durable = durable.lock().unwrap().clone();
     for id in &acked {
         assert!(
-            durable.contains(&format!("{id}.eml")) && durable.contains(&format!("{id}.json")),
+            durable.contains(&format!("{id}.msg")),
             "acknowledged {id} was not covered by a completed fsync"
         );
     }
@@ -586,4 +653,194 @@ fn concurrent_accepts_share_directory_fsyncs() {
     ids.sort();
     queued.sort();
     assert_eq!(queued, ids);
+}
+
+/// Writes an entry as an agent of the previous layout did: `queue/<id>.eml` (the message) and
+/// `queue/<id>.json` (its metadata).
+fn legacy_entry(root: &std::path::Path, millis: u64, message: &[u8], attempts: u32) -> SpoolId {
+    let id = SpoolId::parse(&format!("{millis:013}-{:016x}", millis * 7 + 1)).unwrap();
+    let meta = EntryMeta {
+        id: id.clone(),
+        envelope: envelope("old-mfp"),
+        size: message.len() as u64,
+        accepted_at_ms: millis,
+        attempts,
+        next_attempt_ms: millis,
+        last_error: (attempts > 0).then(|| "421 4.7.0 earlier".to_owned()),
+    };
+    std::fs::create_dir_all(root.join("queue")).unwrap();
+    std::fs::write(root.join(format!("queue/{id}.eml")), message).unwrap();
+    std::fs::write(
+        root.join(format!("queue/{id}.json")),
+        serde_json::to_vec(&meta).unwrap(),
+    )
+    .unwrap();
+    id
+}
+
+/// An agent upgraded with a non-empty spool: entries of the previous layout are queued, due,
+/// read, retried, completed and dead-lettered as they are, next to new ones.
+#[test]
+fn entries_of_the_previous_layout_are_still_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    let now_ms = tokenfleet_agent::durable::unix_ms(SystemTime::now());
+    let first = legacy_entry(&root, now_ms - 3000, b"Subject: old 1\r\n\r\none\r\n", 0);
+    let second = legacy_entry(&root, now_ms - 2000, b"Subject: old 2\r\n\r\ntwo\r\n", 2);
+    let third = legacy_entry(&root, now_ms - 1000, b"Subject: old 3\r\n\r\nthree\r\n", 0);
+    // A legacy message whose sidecar never followed (never acknowledged): dropped.
+    std::fs::write(
+        root.join("queue/0001700000000000-00000000deadbeef.eml"),
+        b"half",
+    )
+    .unwrap();
+
+    let spool = Spool::open(&root).unwrap();
+    let rec = spool.recovery();
+    assert_eq!((rec.queued, rec.removed_orphans), (3, 1), "{rec:?}");
+    let new = spool.accept(&envelope("mfd-1"), b"new\r\n").unwrap();
+    assert_eq!(
+        spool.queued().unwrap(),
+        vec![first.clone(), second.clone(), third.clone(), new.clone()]
+    );
+    let due: Vec<EntryMeta> = spool
+        .due(SystemTime::now() + Duration::from_secs(1))
+        .unwrap();
+    let ids: Vec<&SpoolId> = due.iter().map(|m| &m.id).collect();
+    assert_eq!(ids, vec![&first, &second, &third, &new]);
+    assert_eq!(due[1].attempts, 2);
+    assert_eq!(due[1].envelope, envelope("old-mfp"));
+    assert_eq!(
+        spool.message(&first).unwrap(),
+        b"Subject: old 1\r\n\r\none\r\n"
+    );
+    assert_eq!(spool.queued_bytes(), 23 + 23 + 25 + 5);
+
+    // Retried: the sidecar is rewritten; the entry stays in the previous layout.
+    let later = SystemTime::now() + Duration::from_secs(600);
+    assert_eq!(
+        spool
+            .retry_later(&second, "451 again", later)
+            .unwrap()
+            .attempts,
+        3
+    );
+    assert!(root.join(format!("queue/{second}.eml")).exists());
+    // Delivered: both files go.
+    spool.complete(&first).unwrap();
+    assert!(!root.join(format!("queue/{first}.eml")).exists());
+    assert!(!root.join(format!("queue/{first}.json")).exists());
+    // Dead-lettered: moved to dead/ with the reason.
+    spool.dead_letter(&third, "550 5.1.1 no such user").unwrap();
+    assert_eq!(spool.dead().unwrap(), vec![third.clone()]);
+    assert_eq!(
+        std::fs::read(root.join(format!("dead/{third}.eml"))).unwrap(),
+        b"Subject: old 3\r\n\r\nthree\r\n"
+    );
+    assert_eq!(
+        spool.dead_entry(&third).unwrap().last_error.as_deref(),
+        Some("550 5.1.1 no such user")
+    );
+    drop(spool);
+
+    // After a restart: the retried legacy entry with its new state, and the new entry.
+    let spool = Spool::open(&root).unwrap();
+    assert_eq!(spool.recovery().queued, 2);
+    assert_eq!(spool.entry(&second).unwrap().attempts, 3);
+    assert_eq!(
+        spool.message(&second).unwrap(),
+        b"Subject: old 2\r\n\r\ntwo\r\n"
+    );
+    assert_eq!(spool.message(&new).unwrap(), b"new\r\n");
+    spool.complete(&second).unwrap();
+    spool.complete(&new).unwrap();
+    assert_eq!(std::fs::read_dir(root.join("queue")).unwrap().count(), 0);
+}
+
+/// One file per entry: the message and its metadata together in `queue/<id>.msg`; a retry adds
+/// `<id>.json`, which wins over the metadata in the file, also after a restart; a file that
+/// does not match its footer is reported as corrupt, never read as a message.
+#[test]
+fn one_file_per_entry_and_a_retry_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    let spool = Spool::open(&root).unwrap();
+    let id = spool
+        .accept(&envelope("mfd-1"), b"Subject: one\r\n\r\nfile\r\n")
+        .unwrap();
+    let names = |root: &std::path::Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(root.join("queue"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(&root), vec![format!("{id}.msg")]);
+    let later = SystemTime::now() + Duration::from_secs(600);
+    spool.retry_later(&id, "451 4.3.0 later", later).unwrap();
+    assert_eq!(
+        names(&root),
+        vec![format!("{id}.json"), format!("{id}.msg")]
+    );
+    drop(spool);
+    let spool = Spool::open(&root).unwrap();
+    let meta = spool.entry(&id).unwrap();
+    assert_eq!(
+        (meta.attempts, meta.last_error.as_deref()),
+        (1, Some("451 4.3.0 later"))
+    );
+    assert_eq!(spool.message(&id).unwrap(), b"Subject: one\r\n\r\nfile\r\n");
+    spool.complete(&id).unwrap();
+    assert!(names(&root).is_empty());
+
+    // A corrupt entry file (cut short): kept, due at once, and reported, never delivered cut.
+    let bad = spool.accept(&envelope("mfd-1"), b"soon to be cut").unwrap();
+    let path = root.join(format!("queue/{bad}.msg"));
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 5)
+        .unwrap();
+    drop(spool);
+    let spool = Spool::open(&root).unwrap();
+    assert_eq!(spool.recovery().queued, 1);
+    assert!(matches!(spool.entry(&bad), Err(SpoolError::Io { .. })));
+    assert!(matches!(spool.message(&bad), Err(SpoolError::Io { .. })));
+    assert!(spool.due(SystemTime::now()).is_err());
+}
+
+/// Dead-lettering copies the entry to `dead/` (metadata, then the message) before it removes
+/// the queued one; a crash in between leaves both, and the next open drops the queued copy:
+/// the message is in `dead/` once and not delivered.
+#[test]
+fn a_dead_lettering_cut_by_a_crash_is_finished_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    let spool = Spool::open(&root).unwrap();
+    let id = spool.accept(&envelope("mfd-1"), b"doomed\r\n").unwrap();
+    spool.dead_letter(&id, "550 5.7.1 refused").unwrap();
+    // Put the queued entry back as it was before the removal (the crash came just before it).
+    let kept = spool.accept(&envelope("mfd-1"), b"doomed\r\n").unwrap();
+    drop(spool);
+    std::fs::rename(
+        root.join(format!("queue/{kept}.msg")),
+        root.join(format!("queue/{id}.msg")),
+    )
+    .unwrap();
+    let spool = Spool::open(&root).unwrap();
+    let rec = spool.recovery();
+    assert_eq!((rec.queued, rec.removed_orphans), (0, 1), "{rec:?}");
+    assert!(spool.queued().unwrap().is_empty());
+    assert_eq!(spool.dead().unwrap(), vec![id.clone()]);
+    assert_eq!(
+        spool.dead_entry(&id).unwrap().last_error.as_deref(),
+        Some("550 5.7.1 refused")
+    );
+    assert_eq!(
+        std::fs::read(root.join(format!("dead/{id}.eml"))).unwrap(),
+        b"doomed\r\n"
+    );
 }
