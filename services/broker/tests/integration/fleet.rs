@@ -298,7 +298,17 @@ async fn agent_config_lists_the_agents_devices_and_a_change_pushes_reload() {
     );
     assert_eq!(config.heartbeat_seconds, 1);
     assert_eq!(config.revision.len(), 64);
-    assert_eq!(tokenfleet_broker::fleet::revision(&config), config.revision);
+    // The wire configuration carries the revision of the core's configuration it encodes.
+    let built = tokenfleet_broker::fleet::config::build(
+        &broker.state,
+        "acme",
+        "site-a",
+        config.heartbeat_seconds,
+    )
+    .await
+    .unwrap();
+    assert_eq!(built.revision, config.revision);
+    assert_eq!(tokenfleet_broker::fleet::revision(&built), config.revision);
     assert_eq!(config.devices.len(), 1, "only the agent's own devices");
     let d = &config.devices[0];
     assert_eq!(d.name, "mfp");
@@ -843,6 +853,7 @@ async fn answers_nobody_waits_for_are_not_stored() {
 #[tokio::test]
 async fn expired_commands_and_unread_answers_are_swept() {
     use tokenfleet_broker::fleet::housekeeping::{self, ANSWER_KEEP, Swept};
+    use tokenfleet_broker::fleet::model::{AgentCommand, Command, CommandResult, DeviceReport};
     use tokenfleet_broker::fleet::store::{CommandAnswer, QueuedCommand};
     use tokenfleet_broker::records::Records;
     use tokenfleet_store::Scope;
@@ -850,19 +861,19 @@ async fn expired_commands_and_unread_answers_are_swept() {
     let broker = Broker::start().await;
     let now = broker.state.clock.now();
     let records = Records::new(broker.state.store.as_ref());
-    let command = |tenant: &str, id: &str, expires| QueuedCommand {
-        tenant: tenant.into(),
-        agent: "site-a".into(),
-        id: id.into(),
-        expires,
-        command: String::new(),
+    let command = |tenant: &str, id: &str, expires| {
+        let command = AgentCommand {
+            id: id.into(),
+            command: Some(Command::ReloadConfig),
+        };
+        QueuedCommand::new(tenant, "site-a", command, expires)
     };
-    let answer = |tenant: &str, id: &str, time| CommandAnswer {
-        tenant: tenant.into(),
-        agent: "site-a".into(),
-        id: id.into(),
-        time,
-        result: String::new(),
+    let answer = |tenant: &str, id: &str, time| {
+        let result = CommandResult {
+            command_id: id.into(),
+            ..Default::default()
+        };
+        CommandAnswer::new(tenant, "site-a", result, time)
     };
     let second = time::Duration::seconds(1);
     for queued in [
@@ -882,14 +893,11 @@ async fn expired_commands_and_unread_answers_are_swept() {
     // Statuses: one of a device that exists, one of a device deleted since it reported.
     broker.put_device(&device("acme", "mfp", "site-a")).await;
     for name in ["mfp", "gone"] {
-        let status = DeviceStatusRecord {
-            tenant: "acme".into(),
+        let report = DeviceReport {
             device: name.into(),
-            agent: "site-a".into(),
-            report_time: now,
-            heartbeat_seconds: 30,
-            status: String::new(),
+            ..Default::default()
         };
+        let status = DeviceStatusRecord::new("acme", "site-a", report, now, 30);
         records.put(&status, Precondition::Any).await.unwrap();
     }
 
