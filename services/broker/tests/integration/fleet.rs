@@ -1108,3 +1108,37 @@ async fn idle_status_streams_cost_no_store_operations_between_heartbeats() {
     );
     drop(agents);
 }
+
+/// A device status stored before the fleet moved into the core (the agent's `DeviceStatus` as
+/// base64 of its protobuf encoding) still shows in the fleet status, field for field, until the
+/// device's agent reports again.
+#[tokio::test]
+async fn a_status_stored_in_the_old_wire_form_still_shows() {
+    use base64::Engine as _;
+    use prost::Message as _;
+
+    let broker = Broker::start().await;
+    broker.put_mailbox("acme", "scan", MailboxKind::Admin).await;
+    broker.put_device(&device("acme", "mfp", "site-a")).await;
+    let mut old = status("mfp", pb::DeviceHealth::Failing, "535 5.7.139");
+    old.queue_depth = 4;
+    old.delivered_total = 1234;
+    let record = DeviceStatusRecord {
+        tenant: "acme".into(),
+        device: "mfp".into(),
+        agent: "site-a".into(),
+        report_time: broker.state.clock.now(),
+        heartbeat_seconds: 30,
+        report: None,
+        status: base64::engine::general_purpose::STANDARD.encode(old.encode_to_vec()),
+    };
+    broker
+        .records()
+        .put(&record, Precondition::Any)
+        .await
+        .unwrap();
+    let shown = broker.fleet_device("acme", "mfp").await;
+    assert_eq!(shown.health, pb::DeviceHealth::Failing as i32);
+    assert_eq!(shown.problem, "535 5.7.139");
+    assert_eq!(shown.status, Some(old));
+}
