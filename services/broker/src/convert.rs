@@ -15,6 +15,7 @@ use time::OffsetDateTime;
 use tokenfleet_core::fleet::exposure::{check_token_exposure, fetch_exposure, smtp_exposure};
 pub use tokenfleet_core::fleet::exposure::{cleartext_token_warnings, is_loopback_host};
 pub use tokenfleet_core::ops::mask::{FieldTable, UpdateMask};
+use tokenfleet_core::records::Versioned;
 use tokenfleet_domain::{self as dom, MAX_TEXT_LEN, Stamps, Valid, ValidationError};
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_seal::Secret;
@@ -198,21 +199,8 @@ pub const DEVICE_FIELDS: FieldTable = FieldTable {
     ],
 };
 
-/// Fields of `Agent`.
-pub const AGENT_FIELDS: FieldTable = FieldTable {
-    resource: "agent",
-    mutable: &["display_name"],
-    immutable: &["tenant", "name"],
-    output_only: &[
-        "revoked",
-        "certificate_expire_time",
-        "last_seen_time",
-        "software_version",
-        "create_time",
-        "update_time",
-        "version",
-    ],
-};
+/// Fields of `Agent` (the core's agent resource holds the table).
+pub use tokenfleet_core::resources::agents::FIELDS as AGENT_FIELDS;
 
 /// Checks the paths of a request's `update_mask` against `table` (no mask: every field).
 pub fn update_mask(table: &FieldTable, mask: Option<&FieldMask>) -> Valid<UpdateMask> {
@@ -1117,28 +1105,28 @@ pub fn agent_to_proto(a: &dom::Agent, version: u64) -> pb::Agent {
     }
 }
 
-/// Validated domain agent from the wire (output-only fields start empty).
-pub fn agent_from_proto(a: &pb::Agent, stamps: Stamps) -> Valid<dom::Agent> {
-    dom::name("agent.tenant", &a.tenant)?;
-    dom::name("agent.name", &a.name)?;
-    dom::text("agent.display_name", &a.display_name, MAX_TEXT_LEN)?;
-    Ok(dom::Agent {
-        tenant: a.tenant.clone(),
-        name: a.name.clone(),
-        display_name: a.display_name.clone(),
-        revoked: false,
-        certificate_expires: None,
-        last_seen: None,
-        software_version: String::new(),
-        stamps,
-    })
+/// An agent as a caller sent it, before validation: the fields a caller sets (tenant, name,
+/// display name) and the version; the broker's own fields start empty
+/// ([`tokenfleet_core::resources::agents`] validates it and keeps the stored ones on updates).
+pub fn agent_in(a: &pb::Agent) -> Versioned<dom::Agent> {
+    Versioned {
+        version: a.version,
+        value: dom::Agent {
+            tenant: a.tenant.clone(),
+            name: a.name.clone(),
+            display_name: a.display_name.clone(),
+            revoked: false,
+            certificate_expires: None,
+            last_seen: None,
+            software_version: String::new(),
+            stamps: Stamps::new(OffsetDateTime::UNIX_EPOCH),
+        },
+    }
 }
 
-/// Copies the fields `mask` selects from `src` onto `dst`.
-pub fn merge_agent(dst: &mut pb::Agent, src: &pb::Agent, mask: &UpdateMask) {
-    if mask.includes("display_name") {
-        dst.display_name.clone_from(&src.display_name);
-    }
+/// Validated domain agent from the wire (output-only fields start empty).
+pub fn agent_from_proto(a: &pb::Agent, stamps: Stamps) -> Valid<dom::Agent> {
+    tokenfleet_core::resources::agents::from_input(&agent_in(a).value, stamps)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -45,6 +45,9 @@ pub mod tokens;
 // Consent links the mailbox owner opens (operator side and owner side).
 pub mod consent_links;
 
+// Admin resources whose operations are domain-typed end to end (agents).
+pub mod resources;
+
 // Fleet state: agent configuration, device reports, commands to agents, connection tests.
 pub mod fleet;
 
