@@ -12,8 +12,10 @@
 //! [`crate::ops::Error`]; the one mapping to gRPC status is [`crate::edge::grpc_status`].
 //!
 //! The five resources (tenants, providers, mailboxes, devices, agents) run the generic
-//! operations of [`crate::ops::resource`], described per resource in `admin/<resource>.rs`; this
-//! file only decodes a request, calls one operation and encodes the answer.
+//! operations of [`crate::ops::resource`], described per resource in `admin/<resource>.rs`
+//! (agents in the core, [`tokenfleet_core::resources::agents`], with domain types; `admin/agents.rs`
+//! only converts the message); this file only decodes a request, calls one operation and encodes
+//! the answer.
 
 mod agents;
 mod consent;
@@ -416,7 +418,8 @@ impl Admin for AdminService {
         request: Request<pb::CreateAgentRequest>,
     ) -> Result<Response<pb::Agent>, Status> {
         rpc!(self, request, "CreateAgent", |s, p, r| {
-            resource::create(&Agents, s, p, r.agent.unwrap_or_default())
+            resource::create(&Agents, s, p, agents::agent_in(r.agent))
+                .map(|out| out.map(agents::agent_out))
         })
     }
     async fn get_agent(
@@ -425,6 +428,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Agent>, Status> {
         rpc!(self, request, "GetAgent", |s, p, r| {
             resource::get(&Agents, s, p, Id::scoped(&r.tenant, &r.name))
+                .map(|out| out.map(agents::agent_out))
         })
     }
     async fn list_agents(
@@ -433,8 +437,8 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
         rpc!(self, request, "ListAgents", |s, p, r| {
             resource::list(&Agents, s, p, &r.tenant, r.page_size, &r.page_token).map(|out| {
-                out.map(|(agents, next_page_token)| pb::ListAgentsResponse {
-                    agents,
+                out.map(|(list, next_page_token)| pb::ListAgentsResponse {
+                    agents: list.into_iter().map(agents::agent_out).collect(),
                     next_page_token,
                 })
             })
@@ -446,7 +450,8 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Agent>, Status> {
         rpc!(self, request, "UpdateAgent", |s, p, r| {
             let mask = mask(&convert::AGENT_FIELDS, r.update_mask.as_ref());
-            resource::update(&Agents, s, p, r.agent.unwrap_or_default(), mask)
+            resource::update(&Agents, s, p, agents::agent_in(r.agent), mask)
+                .map(|out| out.map(agents::agent_out))
         })
     }
     async fn delete_agent(

@@ -12,7 +12,10 @@
 
 use prost_types::{FieldMask, Timestamp};
 use time::OffsetDateTime;
+use tokenfleet_core::fleet::exposure::{check_token_exposure, fetch_exposure, smtp_exposure};
+pub use tokenfleet_core::fleet::exposure::{cleartext_token_warnings, is_loopback_host};
 pub use tokenfleet_core::ops::mask::{FieldTable, UpdateMask};
+use tokenfleet_core::records::Versioned;
 use tokenfleet_domain::{self as dom, MAX_TEXT_LEN, Stamps, Valid, ValidationError};
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_seal::Secret;
@@ -196,21 +199,8 @@ pub const DEVICE_FIELDS: FieldTable = FieldTable {
     ],
 };
 
-/// Fields of `Agent`.
-pub const AGENT_FIELDS: FieldTable = FieldTable {
-    resource: "agent",
-    mutable: &["display_name"],
-    immutable: &["tenant", "name"],
-    output_only: &[
-        "revoked",
-        "certificate_expire_time",
-        "last_seen_time",
-        "software_version",
-        "create_time",
-        "update_time",
-        "version",
-    ],
-};
+/// Fields of `Agent` (the core's agent resource holds the table).
+pub use tokenfleet_core::resources::agents::FIELDS as AGENT_FIELDS;
 
 /// Checks the paths of a request's `update_mask` against `table` (no mask: every field).
 pub fn update_mask(table: &FieldTable, mask: Option<&FieldMask>) -> Valid<UpdateMask> {
@@ -683,112 +673,8 @@ pub fn merge_mailbox(dst: &mut pb::Mailbox, src: &pb::Mailbox, mask: &UpdateMask
 // ---------------------------------------------------------------------------------------------
 // Device
 
-/// Whether `host` is this machine (`localhost`, 127.0.0.0/8, `::1`): a token sent there in clear
-/// text does not cross a network.
-pub fn is_loopback_host(host: &str) -> bool {
-    let host = host.trim().trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// How a profile would carry the access token to `host`, when that exposes it: `Some((field,
-/// problem))` for no TLS (`cleartext_field`, e.g. `security none` or an `http://` URL) or TLS
-/// without certificate verification, to a host that is not loopback.
-fn token_exposure(
-    section: &str,
-    host: &str,
-    cleartext_field: Option<&str>,
-    skip_verification: bool,
-) -> Option<(String, String)> {
-    if is_loopback_host(host) {
-        return None;
-    }
-    if let Some(field) = cleartext_field {
-        return Some((
-            format!("device.{section}.{field}"),
-            format!("would send the OAuth access token in clear text to `{host}`"),
-        ));
-    }
-    skip_verification.then(|| {
-        (
-            format!("device.{section}.skip_certificate_verification"),
-            format!(
-                "would send the OAuth access token to `{host}` without checking who holds its certificate"
-            ),
-        )
-    })
-}
-
-/// Refuses an exposure (see [`token_exposure`]) unless the profile explicitly allows it.
-fn check_token_exposure(section: &str, exposure: Option<(String, String)>, allowed: bool) -> Valid {
-    match exposure {
-        Some((field, problem)) if !allowed => Err(ValidationError::new(
-            field,
-            format!(
-                "{problem}; use TLS with verification (security starttls or implicit_tls, an \
-                 https:// URL, a private CA in extra_ca_pem), or for a relay on a trusted network \
-                 set device.{section}.insecure_allow_cleartext_tokens (audited)"
-            ),
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// How the send profile carries the token, when that exposes it (see [`token_exposure`]).
-fn smtp_exposure(s: &dom::SmtpProfile) -> Option<(String, String)> {
-    if s.method == dom::SendMethod::Smtp {
-        let cleartext = (s.security == dom::TlsMode::None).then_some("security");
-        return token_exposure("smtp", &s.server, cleartext, !s.verify_certificate);
-    }
-    let base = match (s.api_base_url.as_str(), s.method) {
-        ("", dom::SendMethod::Graph) => "https://graph.microsoft.com/v1.0",
-        ("", _) => "https://gmail.googleapis.com",
-        (url, _) => url,
-    };
-    let url = url::Url::parse(base).ok()?;
-    let cleartext = (url.scheme() == "http").then_some("api_base_url");
-    token_exposure(
-        "smtp",
-        url.host_str().unwrap_or_default(),
-        cleartext,
-        !s.verify_certificate,
-    )
-}
-
-/// How the fetch profile carries the token, when that exposes it (see [`token_exposure`]).
-fn fetch_exposure(f: &dom::FetchProfile) -> Option<(String, String)> {
-    if f.server.is_empty() {
-        return None;
-    }
-    let cleartext = (f.security == dom::TlsMode::None).then_some("security");
-    token_exposure("fetch", &f.server, cleartext, !f.verify_certificate)
-}
-
-/// The insecure settings a device uses, one line each (`device.smtp.security would send …
-/// (allowed by insecure_allow_cleartext_tokens)`), for audit entries and warnings on every
-/// surface. Empty for a device that sends tokens only over verified TLS or to loopback.
-pub fn cleartext_token_warnings(d: &dom::Device) -> Vec<String> {
-    [
-        (
-            smtp_exposure(&d.smtp),
-            d.smtp.insecure_allow_cleartext_tokens,
-        ),
-        (
-            fetch_exposure(&d.fetch),
-            d.fetch.insecure_allow_cleartext_tokens,
-        ),
-    ]
-    .into_iter()
-    .filter_map(|(exposure, allowed)| {
-        let (field, problem) = exposure?;
-        allowed.then(|| format!("INSECURE: {field} {problem} (insecure_allow_cleartext_tokens)"))
-    })
-    .collect()
-}
-
-fn smtp_to_proto(s: &dom::SmtpProfile) -> Option<pb::SmtpProfile> {
+/// The wire send profile (`None` for an unset SMTP profile).
+pub fn smtp_to_proto(s: &dom::SmtpProfile) -> Option<pb::SmtpProfile> {
     if s.server.is_empty() && s.method == dom::SendMethod::Smtp {
         return None;
     }
@@ -866,7 +752,8 @@ fn smtp_from_proto(s: Option<&pb::SmtpProfile>) -> Valid<dom::SmtpProfile> {
     Ok(profile)
 }
 
-fn fetch_to_proto(f: &dom::FetchProfile) -> Option<pb::FetchProfile> {
+/// The wire fetch profile (`None` when the device fetches nothing).
+pub fn fetch_to_proto(f: &dom::FetchProfile) -> Option<pb::FetchProfile> {
     if f.server.is_empty() {
         return None;
     }
@@ -1218,28 +1105,28 @@ pub fn agent_to_proto(a: &dom::Agent, version: u64) -> pb::Agent {
     }
 }
 
-/// Validated domain agent from the wire (output-only fields start empty).
-pub fn agent_from_proto(a: &pb::Agent, stamps: Stamps) -> Valid<dom::Agent> {
-    dom::name("agent.tenant", &a.tenant)?;
-    dom::name("agent.name", &a.name)?;
-    dom::text("agent.display_name", &a.display_name, MAX_TEXT_LEN)?;
-    Ok(dom::Agent {
-        tenant: a.tenant.clone(),
-        name: a.name.clone(),
-        display_name: a.display_name.clone(),
-        revoked: false,
-        certificate_expires: None,
-        last_seen: None,
-        software_version: String::new(),
-        stamps,
-    })
+/// An agent as a caller sent it, before validation: the fields a caller sets (tenant, name,
+/// display name) and the version; the broker's own fields start empty
+/// ([`tokenfleet_core::resources::agents`] validates it and keeps the stored ones on updates).
+pub fn agent_in(a: &pb::Agent) -> Versioned<dom::Agent> {
+    Versioned {
+        version: a.version,
+        value: dom::Agent {
+            tenant: a.tenant.clone(),
+            name: a.name.clone(),
+            display_name: a.display_name.clone(),
+            revoked: false,
+            certificate_expires: None,
+            last_seen: None,
+            software_version: String::new(),
+            stamps: Stamps::new(OffsetDateTime::UNIX_EPOCH),
+        },
+    }
 }
 
-/// Copies the fields `mask` selects from `src` onto `dst`.
-pub fn merge_agent(dst: &mut pb::Agent, src: &pb::Agent, mask: &UpdateMask) {
-    if mask.includes("display_name") {
-        dst.display_name.clone_from(&src.display_name);
-    }
+/// Validated domain agent from the wire (output-only fields start empty).
+pub fn agent_from_proto(a: &pb::Agent, stamps: Stamps) -> Valid<dom::Agent> {
+    tokenfleet_core::resources::agents::from_input(&agent_in(a).value, stamps)
 }
 
 // ---------------------------------------------------------------------------------------------

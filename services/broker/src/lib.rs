@@ -38,5 +38,6 @@ pub mod tracing_store;
 // The web console and the consent-link pages on the HTTP listener.
 pub mod console;
 
-// Fleet status, agent configuration and commands (status streams, connection tests).
+// The fleet's edge: agent configuration and status streams on the wire, fleet status and
+// connection tests (the state and operations are `tokenfleet_core::fleet`).
 pub mod fleet;

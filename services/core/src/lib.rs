@@ -2,7 +2,8 @@
 //! operation shares ([`state`]), the typed records over the store ([`records`]), authorization
 //! ([`authz`]), the audit log ([`audit`]), the operations kit and the generic resources ([`ops`]),
 //! API keys, the token lifecycle, consent and issuance ([`tokens`]), the agent CA and enrollment
-//! ([`identity`]), operator alerts ([`alerts`]) and re-sealing ([`reseal`]).
+//! ([`identity`]), fleet state — agent configuration, device reports, commands to agents,
+//! connection tests ([`fleet`]) —, operator alerts ([`alerts`]) and re-sealing ([`reseal`]).
 //!
 //! Operations take a caller ([`authz::Principal`], or an agent's [`identity::AgentId`]) and typed
 //! input, authorize, do the work, audit, and return typed results or the one error type
@@ -43,6 +44,12 @@ pub mod tokens;
 
 // Consent links the mailbox owner opens (operator side and owner side).
 pub mod consent_links;
+
+// Admin resources whose operations are domain-typed end to end (agents).
+pub mod resources;
+
+// Fleet state: agent configuration, device reports, commands to agents, connection tests.
+pub mod fleet;
 
 #[cfg(test)]
 mod tests {

@@ -1,43 +1,22 @@
-//! Agents as a [`Resource`]. Only the display name is set here; enrollment, certificates and
-//! heartbeats fill in the rest, which updates keep. An agent that hosts devices is not deleted;
-//! deleting one also removes its enrollment codes.
+//! Agents on the wire: the Admin API's agent calls convert the `Agent` message to and from the
+//! domain record and call the core's domain-typed agent resource
+//! ([`tokenfleet_core::resources::Agents`]: authorization, validation, versions, references,
+//! server-owned fields, audit). The web console calls the same operations without converting.
 
+use tokenfleet_core::records::Versioned;
 use tokenfleet_domain::Agent;
 use tokenfleet_proto::v1 as pb;
 
-use crate::convert::{self};
-use crate::ops::Error;
-use crate::ops::resource::{Id, Resource, resource_basics};
-use crate::ops::stored::{Reference, Referrer};
-use crate::records::agent_key;
-use crate::state::BrokerState;
+pub(crate) use tokenfleet_core::resources::Agents;
 
-/// The agent resource.
-pub(crate) struct Agents;
+use crate::convert;
 
-impl Resource for Agents {
-    type Plan = ();
-    resource_basics!(scoped "agent" in "agents": Agent as pb::Agent, key agent_key, to_wire convert::agent_to_proto, from_wire convert::agent_from_proto, merge convert::merge_agent);
-    const REFERENCES: &'static [Reference] = &[Reference::new(
-        Referrer::DeviceAgent,
-        "still hosts devices",
-        "move or delete them first",
-    )];
+/// The core's form of an agent a caller sent (validated by the core, after authorization).
+pub(crate) fn agent_in(wire: Option<pb::Agent>) -> Versioned<Agent> {
+    convert::agent_in(&wire.unwrap_or_default())
+}
 
-    /// Revocation, certificates and heartbeats are the broker's, not the caller's.
-    fn keep_server_owned(old: &Agent, next: &mut Agent) {
-        next.revoked = old.revoked;
-        next.certificate_expires = old.certificate_expires;
-        next.last_seen = old.last_seen;
-        next.software_version.clone_from(&old.software_version);
-    }
-
-    /// Its enrollment codes are bound to the record and useless now; removed best effort (a code
-    /// left behind still cannot enroll a re-created agent).
-    async fn deleted(&self, state: &BrokerState, id: &Id) -> Result<(), Error> {
-        if let Err(error) = crate::identity::codes::remove_all(state, &id.tenant, &id.name).await {
-            tracing::warn!(%error, "removing the enrollment codes of a deleted agent failed");
-        }
-        Ok(())
-    }
+/// The wire form of an agent and its version.
+pub(crate) fn agent_out(agent: Versioned<Agent>) -> pb::Agent {
+    convert::agent_to_proto(&agent.value, agent.version)
 }

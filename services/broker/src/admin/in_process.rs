@@ -1,8 +1,11 @@
 //! The admin operations called in-process by the web console ([`crate::console`]): the very
 //! handlers the gRPC RPCs run (same authorization, validation and audit), with the principal the
-//! console resolved from its session instead of from a bearer header. Nothing here reads or
-//! writes the store on its own.
+//! console resolved from its session instead of from a bearer header. Agents are listed with the
+//! core's domain-typed operation itself (no wire form); the other resources still in their wire
+//! form. Nothing here reads or writes the store on its own.
 
+use tokenfleet_core::records::Versioned;
+use tokenfleet_domain::Agent;
 use tokenfleet_proto::v1 as pb;
 
 use super::{
@@ -96,12 +99,13 @@ impl AdminService {
         resource::get(&Devices, &self.state, p, Id::scoped(tenant, name)).await
     }
 
-    /// `ListAgents` of one tenant (every page).
+    /// The agents of one tenant (every page), as the core's agent resource lists them: domain
+    /// records, no wire form in between.
     pub async fn console_agents(
         &self,
         p: &Principal,
         tenant: &str,
-    ) -> Result<Vec<pb::Agent>, Error> {
+    ) -> Result<Vec<Versioned<Agent>>, Error> {
         let mut out = Vec::new();
         let mut token = String::new();
         loop {

@@ -145,7 +145,12 @@ pub fn to_time(ts: Option<&prost_types::Timestamp>) -> Option<OffsetDateTime> {
 
 /// `2026-12-06 08:00 UTC (in 3 h)`, or `—`.
 pub fn when(ts: Option<&prost_types::Timestamp>, now: OffsetDateTime) -> String {
-    let Some(t) = to_time(ts) else {
+    when_at(to_time(ts), now)
+}
+
+/// [`when`] of a domain time.
+pub fn when_at(t: Option<OffsetDateTime>, now: OffsetDateTime) -> String {
+    let Some(t) = t else {
         return "—".to_owned();
     };
     let fmt = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute] UTC");

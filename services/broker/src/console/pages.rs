@@ -16,7 +16,7 @@ use super::ConsoleState;
 use super::help::anchor_for;
 use super::html::{
     Chrome, action_button, badge, csrf_field, esc, notice, page, relative, seg, status_words,
-    to_time, when,
+    to_time, when, when_at,
 };
 use super::session::{
     self, MAX_LIFETIME, SESSION_COOKIE, SIGNIN_COOKIE, cookie, read_cookie, same_token,
@@ -430,11 +430,12 @@ async fn overview_body(
             mailboxes.push(m);
         }
         for a in state.admin.console_agents(&s.principal, tenant).await? {
+            let a = a.value;
             c.agents += 1;
             if a.revoked {
                 continue;
             }
-            let seen = to_time(a.last_seen_time.as_ref());
+            let seen = a.last_seen;
             if seen.is_none_or(|t| now - t > AGENT_SILENT) {
                 c.agents_silent += 1;
                 problems.push(Problem {
@@ -1219,10 +1220,10 @@ async fn agents_page(state: &ConsoleState, s: &Signed, flash: Option<String>) ->
             Ok(l) => l,
             Err(e) => return error_page(&e, Some(&chrome)),
         };
-        for a in list {
+        for a in list.into_iter().map(|a| a.value) {
             let state_badge = if a.revoked {
                 badge("REVOKED", "muted")
-            } else if to_time(a.last_seen_time.as_ref()).is_some_and(|x| now - x <= AGENT_SILENT) {
+            } else if a.last_seen.is_some_and(|x| now - x <= AGENT_SILENT) {
                 badge("SEEN", "ok")
             } else {
                 badge("NOT_SEEN", "warn")
@@ -1246,9 +1247,9 @@ async fn agents_page(state: &ConsoleState, s: &Signed, flash: Option<String>) ->
                 esc(t),
                 esc(&a.name),
                 esc(&a.display_name),
-                when(a.last_seen_time.as_ref(), now),
+                when_at(a.last_seen, now),
                 esc(&a.software_version),
-                when(a.certificate_expire_time.as_ref(), now),
+                when_at(a.certificate_expires, now),
                 state_badge
             );
         }

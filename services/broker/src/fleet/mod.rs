@@ -1,29 +1,19 @@
-//! Fleet status and agent commands: the agent configuration (`GetAgentConfig`), the agents'
-//! status streams (`StatusStream`), the last report per device (`Admin.GetFleetStatus`) and
-//! connection tests routed to an agent (`Admin.TestConnection`).
-//!
-//! Replicas share nothing but the store, so everything that crosses a stream goes through it
-//! ([`store`]): the last status per device, a presence marker per connected agent (which replica
-//! holds its stream, valid for three heartbeats), commands queued for an agent (taken and sent by
-//! whichever replica holds the agent's stream, woken through the store's notification channel
-//! ([`wake`]), with a sweep at most every [`COMMAND_SWEEP_MAX`] as a backstop) and the agents'
-//! answers (read by whoever waits); [`housekeeping`] removes the commands and answers nobody
-//! will read. A change of a device or mailbox queues a `ReloadConfig` for the tenant's connected
-//! agents ([`config_changed`]); the stream holding each, on any replica, is woken at once and
-//! rebuilds the configuration from a per-tenant snapshot ([`agent_config`]) dropped by the same
-//! announcement. Depends on `records`, `convert`, `authz`, the edge's error mapping and
-//! `identity` (the authenticated peer).
+//! The fleet's edge: the agent-facing `TokenBroker.GetAgentConfig` and `TokenBroker.StatusStream`
+//! calls and the operator-facing `Admin.GetFleetStatus` and `Admin.TestConnection`, each decoding
+//! the wire messages ([`wire`], the conversions in one place), calling the core's fleet
+//! operations and encoding their results. The fleet's state and its operations — the agent
+//! configuration, the stored device reports, presence markers, queued commands and answers, the
+//! per-agent session, connection tests, housekeeping and the wake channel — live in
+//! [`tokenfleet_core::fleet`]; its modules are re-exported here under their own names, so
+//! `tokenfleet_broker::fleet::store` is `tokenfleet_core::fleet::store`. Depends on the core,
+//! `wire`, the edge's error mapping and `identity` (the authenticated peer).
 
-pub mod agent_config;
-pub mod housekeeping;
-mod reload;
-pub mod settings;
-mod status;
-pub mod store;
 mod stream;
-mod test_connection;
-pub mod wake;
+pub mod wire;
 
+use std::pin::Pin;
+
+use futures::Stream;
 use tokenfleet_proto::v1 as pb;
 use tonic::{Status, Streaming};
 
@@ -33,12 +23,14 @@ use crate::identity::peer::AgentPeer;
 use crate::ops::Error;
 use crate::state::BrokerState;
 
-pub use agent_config::revision;
-pub use reload::{CONFIG_ACTIONS, config_changed, queue_reload};
-pub use settings::{
-    COMMAND_SWEEP_MAX, CommandStream, DEFAULT_HEARTBEAT_SECONDS, FleetSettings,
-    MAX_HEARTBEAT_SECONDS, STALE_HEARTBEATS, format_age,
+pub use tokenfleet_core::fleet::{
+    COMMAND_SWEEP_MAX, CONFIG_ACTIONS, DEFAULT_HEARTBEAT_SECONDS, FleetSettings,
+    MAX_HEARTBEAT_SECONDS, STALE_HEARTBEATS, config, config_changed, format_age, housekeeping,
+    model, queue_reload, revision, settings, store, wake,
 };
+
+/// The stream of commands sent down to one agent.
+pub type CommandStream = Pin<Box<dyn Stream<Item = Result<pb::AgentCommand, Status>> + Send>>;
 
 /// `TokenBroker.GetAgentConfig` for an authenticated agent.
 pub async fn agent_config(
@@ -47,20 +39,10 @@ pub async fn agent_config(
     peer: &AgentPeer,
     _req: pb::GetAgentConfigRequest,
 ) -> Result<pb::AgentConfig, Status> {
-    let config = agent_config::build(
-        state,
-        &peer.id.tenant,
-        &peer.id.name,
-        settings.heartbeat_seconds,
-    )
-    .await
-    .map_err(status)?;
-    tracing::debug!(
-        devices = config.devices.len(),
-        revision = %config.revision,
-        "agent configuration sent"
-    );
-    Ok(config)
+    tokenfleet_core::fleet::agent_config(state, settings, peer)
+        .await
+        .map(wire::config_out)
+        .map_err(status)
 }
 
 /// `TokenBroker.StatusStream` for an authenticated agent.
@@ -79,7 +61,9 @@ pub async fn get_fleet_status(
     principal: &Principal,
     req: pb::GetFleetStatusRequest,
 ) -> Result<pb::GetFleetStatusResponse, Error> {
-    status::fleet_status(state, principal, req).await
+    tokenfleet_core::fleet::fleet_status(state, principal, &req.tenant)
+        .await
+        .map(wire::fleet_status_out)
 }
 
 /// `Admin.TestConnection`.
@@ -88,7 +72,9 @@ pub async fn test_connection(
     principal: &Principal,
     req: pb::TestConnectionRequest,
 ) -> Result<pb::ConnectionTestResult, Error> {
-    test_connection::run(state, principal, req).await
+    tokenfleet_core::fleet::test_connection(state, principal, wire::test_request_in(req))
+        .await
+        .map(wire::test_result_out)
 }
 
 #[cfg(test)]

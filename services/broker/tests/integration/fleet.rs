@@ -298,7 +298,17 @@ async fn agent_config_lists_the_agents_devices_and_a_change_pushes_reload() {
     );
     assert_eq!(config.heartbeat_seconds, 1);
     assert_eq!(config.revision.len(), 64);
-    assert_eq!(tokenfleet_broker::fleet::revision(&config), config.revision);
+    // The wire configuration carries the revision of the core's configuration it encodes.
+    let built = tokenfleet_broker::fleet::config::build(
+        &broker.state,
+        "acme",
+        "site-a",
+        config.heartbeat_seconds,
+    )
+    .await
+    .unwrap();
+    assert_eq!(built.revision, config.revision);
+    assert_eq!(tokenfleet_broker::fleet::revision(&built), config.revision);
     assert_eq!(config.devices.len(), 1, "only the agent's own devices");
     let d = &config.devices[0];
     assert_eq!(d.name, "mfp");
@@ -843,6 +853,7 @@ async fn answers_nobody_waits_for_are_not_stored() {
 #[tokio::test]
 async fn expired_commands_and_unread_answers_are_swept() {
     use tokenfleet_broker::fleet::housekeeping::{self, ANSWER_KEEP, Swept};
+    use tokenfleet_broker::fleet::model::{AgentCommand, Command, CommandResult, DeviceReport};
     use tokenfleet_broker::fleet::store::{CommandAnswer, QueuedCommand};
     use tokenfleet_broker::records::Records;
     use tokenfleet_store::Scope;
@@ -850,19 +861,19 @@ async fn expired_commands_and_unread_answers_are_swept() {
     let broker = Broker::start().await;
     let now = broker.state.clock.now();
     let records = Records::new(broker.state.store.as_ref());
-    let command = |tenant: &str, id: &str, expires| QueuedCommand {
-        tenant: tenant.into(),
-        agent: "site-a".into(),
-        id: id.into(),
-        expires,
-        command: String::new(),
+    let command = |tenant: &str, id: &str, expires| {
+        let command = AgentCommand {
+            id: id.into(),
+            command: Some(Command::ReloadConfig),
+        };
+        QueuedCommand::new(tenant, "site-a", command, expires)
     };
-    let answer = |tenant: &str, id: &str, time| CommandAnswer {
-        tenant: tenant.into(),
-        agent: "site-a".into(),
-        id: id.into(),
-        time,
-        result: String::new(),
+    let answer = |tenant: &str, id: &str, time| {
+        let result = CommandResult {
+            command_id: id.into(),
+            ..Default::default()
+        };
+        CommandAnswer::new(tenant, "site-a", result, time)
     };
     let second = time::Duration::seconds(1);
     for queued in [
@@ -882,14 +893,11 @@ async fn expired_commands_and_unread_answers_are_swept() {
     // Statuses: one of a device that exists, one of a device deleted since it reported.
     broker.put_device(&device("acme", "mfp", "site-a")).await;
     for name in ["mfp", "gone"] {
-        let status = DeviceStatusRecord {
-            tenant: "acme".into(),
+        let report = DeviceReport {
             device: name.into(),
-            agent: "site-a".into(),
-            report_time: now,
-            heartbeat_seconds: 30,
-            status: String::new(),
+            ..Default::default()
         };
+        let status = DeviceStatusRecord::new("acme", "site-a", report, now, 30);
         records.put(&status, Precondition::Any).await.unwrap();
     }
 
@@ -1099,4 +1107,38 @@ async fn idle_status_streams_cost_no_store_operations_between_heartbeats() {
          without them ({per_agent_per_second:.2} per agent per second)"
     );
     drop(agents);
+}
+
+/// A device status stored before the fleet moved into the core (the agent's `DeviceStatus` as
+/// base64 of its protobuf encoding) still shows in the fleet status, field for field, until the
+/// device's agent reports again.
+#[tokio::test]
+async fn a_status_stored_in_the_old_wire_form_still_shows() {
+    use base64::Engine as _;
+    use prost::Message as _;
+
+    let broker = Broker::start().await;
+    broker.put_mailbox("acme", "scan", MailboxKind::Admin).await;
+    broker.put_device(&device("acme", "mfp", "site-a")).await;
+    let mut old = status("mfp", pb::DeviceHealth::Failing, "535 5.7.139");
+    old.queue_depth = 4;
+    old.delivered_total = 1234;
+    let record = DeviceStatusRecord {
+        tenant: "acme".into(),
+        device: "mfp".into(),
+        agent: "site-a".into(),
+        report_time: broker.state.clock.now(),
+        heartbeat_seconds: 30,
+        report: None,
+        status: base64::engine::general_purpose::STANDARD.encode(old.encode_to_vec()),
+    };
+    broker
+        .records()
+        .put(&record, Precondition::Any)
+        .await
+        .unwrap();
+    let shown = broker.fleet_device("acme", "mfp").await;
+    assert_eq!(shown.health, pb::DeviceHealth::Failing as i32);
+    assert_eq!(shown.problem, "535 5.7.139");
+    assert_eq!(shown.status, Some(old));
 }

@@ -3,7 +3,7 @@
 //! the truth); a wake is a notification on the store's channel [`CHANNEL`] (Redis pub/sub across
 //! replicas, in memory on the embedded store), which each process's [`Listener`] turns into a
 //! `Notify` of the registered stream. The same channel announces configuration changes of a
-//! tenant, so a replica drops its configuration snapshot ([`super::agent_config`]) before it
+//! tenant, so a replica drops its configuration snapshot ([`super::config`]) before it
 //! wakes the streams that will rebuild from it: one channel, one listener, messages in order.
 //!
 //! When the subscription (re)starts, messages may have been lost: the listener drops every
@@ -90,7 +90,7 @@ impl Listener {
 fn handle(store: usize, notice: Notice) {
     match notice {
         Notice::Subscribed => {
-            super::agent_config::forget_all(store);
+            super::config::forget_all(store);
             wake_all_at(store);
         }
         Notice::Message(message) => match message.split_once(' ') {
@@ -99,7 +99,7 @@ fn handle(store: usize, notice: Notice) {
                     wake_at(store, tenant, agent);
                 }
             }
-            Some(("config", tenant)) => super::agent_config::forget(store, tenant),
+            Some(("config", tenant)) => super::config::forget(store, tenant),
             _ => tracing::debug!(message, "unknown fleet notification ignored"),
         },
     }

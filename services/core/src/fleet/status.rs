@@ -1,4 +1,4 @@
-//! `Admin.GetFleetStatus`: every device the caller may see, joined with its last report and
+//! The fleet status (`Admin.GetFleetStatus`): every device the caller may see, joined with its last report and
 //! with the broker's own grant status of the mailboxes it names. The agent reports the access
 //! token it caches, which stays usable for up to an hour after the grant behind it died; the
 //! broker knows at once (REAUTH_REQUIRED), so a grant that is not ACTIVE makes the device's
@@ -8,25 +8,28 @@ use std::collections::HashMap;
 
 use time::OffsetDateTime;
 use tokenfleet_domain::{Agent, Device, Mailbox, Tenant, TokenStatus};
-use tokenfleet_proto::v1 as pb;
 use tokenfleet_store::Scope;
 
+use super::exposure::cleartext_token_warnings;
+use super::model::{DeviceHealth, FleetDeviceStatus, FleetMailboxGrant};
 use super::settings::{STALE_HEARTBEATS, format_age};
 use super::store::{AgentPresence, DeviceStatusRecord};
 use crate::authz::{Access, Principal, Target, authorize};
-use crate::convert::timestamp;
 use crate::ops::Error;
 use crate::ops::names::span_object;
 use crate::ops::stored::records;
 use crate::state::BrokerState;
 use crate::tokens::grant::GrantRecord;
 
-pub(super) async fn fleet_status(
+/// The status of every device of `tenant` (empty: of every tenant the caller may see),
+/// problems first: FAILING, UNKNOWN, DEGRADED, OK; then by tenant and device. Needs read access
+/// to the tenant (all tenants: to the fleet).
+pub async fn fleet_status(
     state: &BrokerState,
     principal: &Principal,
-    req: pb::GetFleetStatusRequest,
-) -> Result<pb::GetFleetStatusResponse, Error> {
-    let tenants = if req.tenant.is_empty() {
+    tenant: &str,
+) -> Result<Vec<FleetDeviceStatus>, Error> {
+    let tenants = if tenant.is_empty() {
         match &principal.tenant {
             Some(own) => vec![own.clone()],
             None => {
@@ -40,10 +43,10 @@ pub(super) async fn fleet_status(
             }
         }
     } else {
-        authorize(principal, Target::Tenant(&req.tenant), Access::Read)?;
-        tokenfleet_domain::name("tenant", &req.tenant)?;
-        span_object(&req.tenant, "");
-        vec![req.tenant.clone()]
+        authorize(principal, Target::Tenant(tenant), Access::Read)?;
+        tokenfleet_domain::name("tenant", tenant)?;
+        span_object(tenant, "");
+        vec![tenant.to_owned()]
     };
     let now = state.clock.now();
     let mut devices = Vec::new();
@@ -51,27 +54,16 @@ pub(super) async fn fleet_status(
         devices.extend(tenant_status(state, tenant, now).await?);
     }
     devices.sort_by(|a, b| {
-        (rank(a.health), &a.tenant, &a.device).cmp(&(rank(b.health), &b.tenant, &b.device))
+        (a.health.rank(), &a.tenant, &a.device).cmp(&(b.health.rank(), &b.tenant, &b.device))
     });
-    Ok(pb::GetFleetStatusResponse { devices })
-}
-
-/// Problems first: FAILING, UNKNOWN, DEGRADED, OK.
-fn rank(health: i32) -> u8 {
-    match pb::DeviceHealth::try_from(health) {
-        Ok(pb::DeviceHealth::Failing) => 0,
-        Ok(pb::DeviceHealth::Unknown) => 1,
-        Ok(pb::DeviceHealth::Degraded) => 2,
-        Ok(pb::DeviceHealth::Ok) => 3,
-        Ok(pb::DeviceHealth::Unspecified) | Err(_) => 4,
-    }
+    Ok(devices)
 }
 
 async fn tenant_status(
     state: &BrokerState,
     tenant: &str,
     now: OffsetDateTime,
-) -> Result<Vec<pb::FleetDeviceStatus>, Error> {
+) -> Result<Vec<FleetDeviceStatus>, Error> {
     let r = records(state);
     let scope = Scope::Tenant(tenant.to_owned());
     let devices = r.list_all::<Device>(&scope).await?;
@@ -130,12 +122,12 @@ fn grant_view(
     name: &str,
     mailboxes: &HashMap<String, Mailbox>,
     grants: &HashMap<String, GrantRecord>,
-) -> pb::FleetMailboxGrant {
+) -> FleetMailboxGrant {
     let Some(mailbox) = mailboxes.get(name) else {
-        return pb::FleetMailboxGrant {
+        return FleetMailboxGrant {
             mailbox: name.to_owned(),
             address: String::new(),
-            status: pb::TokenStatus::Unspecified as i32,
+            status: None,
             problem: format!("mailbox {name} does not exist"),
         };
     };
@@ -167,45 +159,43 @@ fn grant_view(
         ),
         (status, None) => format!("mailbox {name}: {} at the broker", status_name(status)),
     };
-    pb::FleetMailboxGrant {
+    FleetMailboxGrant {
         mailbox: name.to_owned(),
         address: mailbox.address.clone(),
-        status: crate::convert::token_status_out(status),
+        status: Some(status),
         problem,
     }
 }
 
-/// `REAUTH_REQUIRED`, `REFRESH_FAILING`, …
+/// `REAUTH_REQUIRED`, `REFRESH_FAILING`, … (the wire names, as operators read them elsewhere).
 fn status_name(status: TokenStatus) -> &'static str {
-    pb::TokenStatus::try_from(crate::convert::token_status_out(status))
-        .map_or("UNKNOWN", |s| s.as_str_name())
-        .trim_start_matches("TOKEN_STATUS_")
+    match status {
+        TokenStatus::NotRetrieved => "NOT_RETRIEVED",
+        TokenStatus::ConsentPending => "CONSENT_PENDING",
+        TokenStatus::Active => "ACTIVE",
+        TokenStatus::RefreshFailing => "REFRESH_FAILING",
+        TokenStatus::ReauthRequired => "REAUTH_REQUIRED",
+        TokenStatus::Disabled => "DISABLED",
+    }
 }
 
 /// Health a grant status gives a device, where the agent's cached token can hide it: FAILING
 /// when the grant died or the mailbox is disabled (a person must act), DEGRADED while refreshing
 /// fails. A grant not obtained yet or a pending consent the agent reports itself (it gets no
 /// token), so they add nothing here.
-fn grant_health(status: i32) -> Option<pb::DeviceHealth> {
-    match pb::TokenStatus::try_from(status).unwrap_or_default() {
-        pb::TokenStatus::ReauthRequired | pb::TokenStatus::Disabled => {
-            Some(pb::DeviceHealth::Failing)
-        }
-        pb::TokenStatus::RefreshFailing => Some(pb::DeviceHealth::Degraded),
-        _ => None,
+fn grant_health(status: Option<TokenStatus>) -> Option<DeviceHealth> {
+    match status? {
+        TokenStatus::ReauthRequired | TokenStatus::Disabled => Some(DeviceHealth::Failing),
+        TokenStatus::RefreshFailing => Some(DeviceHealth::Degraded),
+        TokenStatus::NotRetrieved | TokenStatus::ConsentPending | TokenStatus::Active => None,
     }
-}
-
-/// How bad a health is, for "the worse of two" (UNKNOWN ranks between DEGRADED and FAILING).
-fn severity(health: i32) -> u8 {
-    4 - rank(health).min(4)
 }
 
 /// Adds the broker's grant status of every mailbox `device` names to `out`: the worst grant that
 /// is not ACTIVE sets health and problem when it is worse than what the agent reported, and the
 /// agent's view of each such mailbox's tokens shows the broker's status.
 fn apply_grants(
-    out: &mut pb::FleetDeviceStatus,
+    out: &mut FleetDeviceStatus,
     device: &Device,
     mailboxes: &HashMap<String, Mailbox>,
     grants: &HashMap<String, GrantRecord>,
@@ -221,18 +211,18 @@ fn apply_grants(
         .iter()
         .map(|n| grant_view(n, mailboxes, grants))
         .collect();
-    let mut worst: Option<(pb::DeviceHealth, &pb::FleetMailboxGrant)> = None;
+    let mut worst: Option<(DeviceHealth, &FleetMailboxGrant)> = None;
     for grant in &out.grants {
         if let Some(health) = grant_health(grant.status)
-            && worst.is_none_or(|(h, _)| severity(health as i32) > severity(h as i32))
+            && worst.is_none_or(|(h, _)| health.severity() > h.severity())
         {
             worst = Some((health, grant));
         }
     }
     if let Some((health, grant)) = worst
-        && severity(health as i32) > severity(out.health)
+        && health.severity() > out.health.severity()
     {
-        out.health = health as i32;
+        out.health = health;
         out.problem.clone_from(&grant.problem);
     }
     if let Some(status) = out.status.as_mut() {
@@ -255,14 +245,14 @@ fn device_status(
     presence: Option<&AgentPresence>,
     report: Option<&DeviceStatusRecord>,
     now: OffsetDateTime,
-) -> pb::FleetDeviceStatus {
-    let mut out = pb::FleetDeviceStatus {
+) -> FleetDeviceStatus {
+    let mut out = FleetDeviceStatus {
         tenant: device.tenant.clone(),
         device: device.name.clone(),
         agent: device.agent.clone(),
         agent_connected: presence.is_some(),
-        last_report_time: report.map(|r| timestamp(r.report_time)),
-        health: pb::DeviceHealth::Unknown as i32,
+        last_report_time: report.map(|r| r.report_time),
+        health: DeviceHealth::Unknown,
         problem: String::new(),
         status: None,
         agent_software_version: agent
@@ -309,15 +299,13 @@ fn device_status(
             None => format!("agent \"{agent_name}\" not seen for {}", format_age(age)),
         };
     } else {
-        match pb::DeviceHealth::try_from(status.health) {
-            Ok(
-                h @ (pb::DeviceHealth::Ok | pb::DeviceHealth::Degraded | pb::DeviceHealth::Failing),
-            ) => {
-                out.health = h as i32;
+        match status.health {
+            h @ (DeviceHealth::Ok | DeviceHealth::Degraded | DeviceHealth::Failing) => {
+                out.health = h;
                 out.problem.clone_from(&status.problem);
             }
-            Ok(pb::DeviceHealth::Unknown) => out.problem.clone_from(&status.problem),
-            Ok(pb::DeviceHealth::Unspecified) | Err(_) => {
+            DeviceHealth::Unknown => out.problem.clone_from(&status.problem),
+            DeviceHealth::Unspecified => {
                 out.problem = format!("agent \"{agent_name}\" reported no health for this device");
             }
         }
@@ -328,8 +316,8 @@ fn device_status(
 
 /// A device whose profile lets tokens leave in clear text (`insecure_allow_cleartext_tokens`)
 /// says so in its problem, whatever its health.
-fn flag_insecure_token_transport(device: &Device, out: &mut pb::FleetDeviceStatus) {
-    let warnings = crate::convert::cleartext_token_warnings(device);
+fn flag_insecure_token_transport(device: &Device, out: &mut FleetDeviceStatus) {
+    let warnings = cleartext_token_warnings(device);
     if warnings.is_empty() {
         return;
     }
@@ -344,7 +332,8 @@ fn flag_insecure_token_transport(device: &Device, out: &mut pb::FleetDeviceStatu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokenfleet_domain::{SenderMode, Stamps};
+    use crate::fleet::model::{DeviceReport, MailboxTokenView};
+    use tokenfleet_domain::{MailPurpose, SenderMode, Stamps};
 
     #[test]
     fn ages_read_like_people_write_them() {
@@ -378,25 +367,24 @@ mod tests {
     fn stale_reports_and_missing_agents_are_unknown() {
         let now = OffsetDateTime::UNIX_EPOCH + time::Duration::hours(1);
         let out = device_status(&device(""), None, None, None, now);
-        assert_eq!(out.health, pb::DeviceHealth::Unknown as i32);
+        assert_eq!(out.health, DeviceHealth::Unknown);
         assert_eq!(out.problem, "no agent assigned");
 
-        let failing = pb::DeviceStatus {
+        let failing = DeviceReport {
             device: "mfp".into(),
-            health: pb::DeviceHealth::Failing as i32,
+            health: DeviceHealth::Failing,
             problem: "535 5.7.139".into(),
             ..Default::default()
         };
-        let report = DeviceStatusRecord {
-            tenant: "acme".into(),
-            device: "mfp".into(),
-            agent: "site-a".into(),
-            report_time: now - time::Duration::seconds(10),
-            heartbeat_seconds: 30,
-            status: super::super::store::encode_wire(&failing),
-        };
+        let report = DeviceStatusRecord::new(
+            "acme",
+            "site-a",
+            failing,
+            now - time::Duration::seconds(10),
+            30,
+        );
         let out = device_status(&device("site-a"), None, None, Some(&report), now);
-        assert_eq!(out.health, pb::DeviceHealth::Failing as i32);
+        assert_eq!(out.health, DeviceHealth::Failing);
         assert_eq!(out.problem, "535 5.7.139");
 
         let old = DeviceStatusRecord {
@@ -404,7 +392,7 @@ mod tests {
             ..report
         };
         let out = device_status(&device("site-a"), None, None, Some(&old), now);
-        assert_eq!(out.health, pb::DeviceHealth::Unknown as i32);
+        assert_eq!(out.health, DeviceHealth::Unknown);
         assert_eq!(out.problem, "agent \"site-a\" not seen for 4m 10s");
         assert!(out.status.is_some());
     }
@@ -429,25 +417,24 @@ mod tests {
     fn a_dead_grant_outranks_the_agents_cached_token() {
         let now = OffsetDateTime::UNIX_EPOCH + time::Duration::hours(1);
         // The agent reports OK: it holds an access token that has not expired.
-        let healthy = pb::DeviceStatus {
+        let healthy = DeviceReport {
             device: "mfp".into(),
-            health: pb::DeviceHealth::Ok as i32,
-            tokens: vec![pb::MailboxTokenView {
+            health: DeviceHealth::Ok,
+            tokens: vec![MailboxTokenView {
                 mailbox: "scan".into(),
-                status: pb::TokenStatus::Active as i32,
-                purpose: pb::MailPurpose::Send as i32,
+                status: Some(TokenStatus::Active),
+                purpose: Some(MailPurpose::Send),
                 ..Default::default()
             }],
             ..Default::default()
         };
-        let report = DeviceStatusRecord {
-            tenant: "acme".into(),
-            device: "mfp".into(),
-            agent: "site-a".into(),
-            report_time: now - time::Duration::seconds(5),
-            heartbeat_seconds: 30,
-            status: super::super::store::encode_wire(&healthy),
-        };
+        let report = DeviceStatusRecord::new(
+            "acme",
+            "site-a",
+            healthy.clone(),
+            now - time::Duration::seconds(5),
+            30,
+        );
         let device = device("site-a");
         let mailboxes: HashMap<String, Mailbox> =
             [("scan".to_owned(), mailbox("scan"))].into_iter().collect();
@@ -459,9 +446,9 @@ mod tests {
         // Grant ACTIVE: the report stands.
         let mut out = device_status(&device, None, None, Some(&report), now);
         apply_grants(&mut out, &device, &mailboxes, &grants);
-        assert_eq!(out.health, pb::DeviceHealth::Ok as i32);
+        assert_eq!(out.health, DeviceHealth::Ok);
         assert_eq!(out.grants.len(), 1);
-        assert_eq!(out.grants[0].status, pb::TokenStatus::Active as i32);
+        assert_eq!(out.grants[0].status, Some(TokenStatus::Active));
 
         // The grant died at the broker: FAILING, the mailbox and the fix named, the agent's
         // token shown with the broker's status.
@@ -475,7 +462,7 @@ mod tests {
         grants.insert("scan".into(), grant.clone());
         let mut out = device_status(&device, None, None, Some(&report), now);
         apply_grants(&mut out, &device, &mailboxes, &grants);
-        assert_eq!(out.health, pb::DeviceHealth::Failing as i32);
+        assert_eq!(out.health, DeviceHealth::Failing);
         assert!(
             out.problem.starts_with("mailbox scan: REAUTH_REQUIRED"),
             "{}",
@@ -483,18 +470,18 @@ mod tests {
         );
         assert!(out.problem.contains("consent again"), "{}", out.problem);
         let token = &out.status.as_ref().unwrap().tokens[0];
-        assert_eq!(token.status, pb::TokenStatus::ReauthRequired as i32);
-        assert_eq!(token.purpose, pb::MailPurpose::Send as i32);
+        assert_eq!(token.status, Some(TokenStatus::ReauthRequired));
+        assert_eq!(token.purpose, Some(MailPurpose::Send));
 
         // Refreshing fails for now: DEGRADED. A worse report (FAILING) is kept.
         grant.state.status = TokenStatus::RefreshFailing;
         grants.insert("scan".into(), grant);
         let mut out = device_status(&device, None, None, Some(&report), now);
         apply_grants(&mut out, &device, &mailboxes, &grants);
-        assert_eq!(out.health, pb::DeviceHealth::Degraded as i32);
+        assert_eq!(out.health, DeviceHealth::Degraded);
         let failing = DeviceStatusRecord {
-            status: super::super::store::encode_wire(&pb::DeviceStatus {
-                health: pb::DeviceHealth::Failing as i32,
+            report: Some(DeviceReport {
+                health: DeviceHealth::Failing,
                 problem: "535 5.7.139".into(),
                 ..healthy
             }),
@@ -502,7 +489,7 @@ mod tests {
         };
         let mut out = device_status(&device, None, None, Some(&failing), now);
         apply_grants(&mut out, &device, &mailboxes, &grants);
-        assert_eq!(out.health, pb::DeviceHealth::Failing as i32);
+        assert_eq!(out.health, DeviceHealth::Failing);
         assert_eq!(out.problem, "535 5.7.139");
 
         // A disabled mailbox is FAILING whatever its grant says.
@@ -510,6 +497,6 @@ mod tests {
         disabled.get_mut("scan").unwrap().disabled = true;
         let mut out = device_status(&device, None, None, Some(&failing), now);
         apply_grants(&mut out, &device, &disabled, &grants);
-        assert_eq!(out.grants[0].status, pb::TokenStatus::Disabled as i32);
+        assert_eq!(out.grants[0].status, Some(TokenStatus::Disabled));
     }
 }

@@ -1,5 +1,7 @@
-//! `GetAgentConfig`: the devices an agent hosts, built from the device and mailbox records.
-//! Carries no secret but the devices' Argon2id password hashes.
+//! The configuration of an agent ([`AgentConfig`], sent by `GetAgentConfig`): the devices it
+//! hosts, built from the device and mailbox records. Carries no secret but the devices' Argon2id
+//! password hashes. Its revision ([`revision`]) is the SHA-256 of the configuration's JSON
+//! without the revision, so it changes whenever anything the agent receives changes.
 //!
 //! Every agent's report compares the configuration it runs with the current one, so building
 //! must not list the tenant's records each time (with one large tenant that made reports cost
@@ -13,13 +15,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use prost::Message as _;
 use sha2::{Digest as _, Sha256};
 use tokenfleet_domain::{Device, Mailbox};
-use tokenfleet_proto::v1 as pb;
 use tokenfleet_store::{Scope, StoreResult};
 
-use crate::convert;
+use super::model::{AgentConfig, AgentDevice, MailboxRef};
 use crate::records::Records;
 use crate::state::BrokerState;
 
@@ -128,7 +128,7 @@ pub async fn build(
     tenant: &str,
     agent: &str,
     heartbeat_seconds: u32,
-) -> StoreResult<pb::AgentConfig> {
+) -> StoreResult<AgentConfig> {
     from_snapshot(state, tenant, agent, heartbeat_seconds, false).await
 }
 
@@ -138,7 +138,7 @@ pub async fn build_fresh(
     tenant: &str,
     agent: &str,
     heartbeat_seconds: u32,
-) -> StoreResult<pb::AgentConfig> {
+) -> StoreResult<AgentConfig> {
     from_snapshot(state, tenant, agent, heartbeat_seconds, true).await
 }
 
@@ -148,11 +148,11 @@ async fn from_snapshot(
     agent: &str,
     heartbeat_seconds: u32,
     fresh: bool,
-) -> StoreResult<pb::AgentConfig> {
+) -> StoreResult<AgentConfig> {
     let snapshot = snapshot(state, tenant, fresh).await?;
     let devices: &[Device] = snapshot.devices.get(agent).map_or(&[], Vec::as_slice);
     let mailboxes = &snapshot.mailboxes;
-    let mut config = pb::AgentConfig {
+    let mut config = AgentConfig {
         tenant: tenant.to_owned(),
         agent: agent.to_owned(),
         devices: devices.iter().map(|d| agent_device(d, mailboxes)).collect(),
@@ -163,23 +163,22 @@ async fn from_snapshot(
     Ok(config)
 }
 
-/// Hex SHA-256 of the encoded configuration without its revision.
-pub fn revision(config: &pb::AgentConfig) -> String {
+/// Hex SHA-256 of the configuration's JSON without its revision.
+pub fn revision(config: &AgentConfig) -> String {
     let mut bare = config.clone();
     bare.revision.clear();
-    crate::identity::ca::hex(&Sha256::digest(bare.encode_to_vec()))
+    // Serializing plain structs, strings and numbers cannot fail; an empty text would still
+    // give a revision, only one that no longer follows the content.
+    let json = serde_json::to_vec(&bare).unwrap_or_default();
+    crate::identity::ca::hex(&Sha256::digest(json))
 }
 
-fn mailbox_ref(
-    name: &str,
-    mailboxes: &HashMap<String, Mailbox>,
-    device: &Device,
-) -> pb::MailboxRef {
+fn mailbox_ref(name: &str, mailboxes: &HashMap<String, Mailbox>, device: &Device) -> MailboxRef {
     match mailboxes.get(name) {
-        Some(m) => pb::MailboxRef {
+        Some(m) => MailboxRef {
             name: m.name.clone(),
             address: m.address.clone(),
-            kind: convert::mailbox_kind_out(m.kind),
+            kind: Some(m.kind),
         },
         None => {
             // Deleting a referenced mailbox is refused, so this is a race or damaged data: the
@@ -190,23 +189,21 @@ fn mailbox_ref(
                 mailbox = name,
                 "device names a mailbox that does not exist"
             );
-            pb::MailboxRef {
+            MailboxRef {
                 name: name.to_owned(),
                 address: String::new(),
-                kind: pb::MailboxKind::Unspecified as i32,
+                kind: None,
             }
         }
     }
 }
 
-fn agent_device(d: &Device, mailboxes: &HashMap<String, Mailbox>) -> pb::AgentDevice {
+fn agent_device(d: &Device, mailboxes: &HashMap<String, Mailbox>) -> AgentDevice {
     let optional = |name: &str| (!name.is_empty()).then(|| mailbox_ref(name, mailboxes, d));
-    // The admin API's wire form has the profiles; its ingress part never has the hash.
-    let wire = convert::device_to_proto(d, 0);
-    pb::AgentDevice {
+    AgentDevice {
         name: d.name.clone(),
         display_name: d.display_name.clone(),
-        sender_mode: convert::sender_mode_out(d.sender_mode),
+        sender_mode: d.sender_mode,
         admin_mailbox: optional(&d.admin_mailbox),
         bulk_mailbox: optional(&d.bulk_mailbox),
         allowed_mailboxes: d
@@ -214,8 +211,8 @@ fn agent_device(d: &Device, mailboxes: &HashMap<String, Mailbox>) -> pb::AgentDe
             .iter()
             .map(|m| mailbox_ref(m, mailboxes, d))
             .collect(),
-        smtp: wire.smtp,
-        fetch: wire.fetch,
+        smtp: d.smtp.clone(),
+        fetch: d.fetch.clone(),
         ingress_username: d.ingress.username.clone(),
         ingress_password_hash: d.ingress.password_hash.clone().unwrap_or_default(),
         ingress_allowed_sources: d.ingress.allowed_sources.clone(),
@@ -229,7 +226,7 @@ mod tests {
 
     #[test]
     fn revision_ignores_itself_and_follows_content() {
-        let mut config = pb::AgentConfig {
+        let mut config = AgentConfig {
             tenant: "acme".into(),
             agent: "site".into(),
             heartbeat_seconds: 30,

@@ -3,8 +3,7 @@
 //! [`config_changed`]), and the stream holding the agent is woken. A leaf over [`super::store`]
 //! and [`super::wake`].
 
-use tokenfleet_proto::v1 as pb;
-
+use super::model::{AgentCommand, Command};
 use super::{store, wake};
 use crate::state::BrokerState;
 
@@ -50,19 +49,11 @@ pub async fn config_changed(state: &BrokerState, tenant: &str) {
 pub async fn queue_reload(state: &BrokerState, tenant: &str, agent: &str) {
     let now = state.clock.now();
     let id = store::new_command_id(now);
-    let command = pb::AgentCommand {
-        id: id.clone(),
-        command: Some(pb::agent_command::Command::ReloadConfig(
-            pb::ReloadConfig {},
-        )),
-    };
-    let queued = store::QueuedCommand {
-        tenant: tenant.to_owned(),
-        agent: agent.to_owned(),
+    let command = AgentCommand {
         id,
-        expires: now + CONFIG_NUDGE_TTL,
-        command: store::encode_wire(&command),
+        command: Some(Command::ReloadConfig),
     };
+    let queued = store::QueuedCommand::new(tenant, agent, command, now + CONFIG_NUDGE_TTL);
     match crate::records::Records::new(state.store.as_ref())
         .put(&queued, tokenfleet_store::Precondition::Absent)
         .await

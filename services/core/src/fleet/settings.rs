@@ -1,13 +1,8 @@
 //! What the fleet's parts share and nothing else: heartbeat and staleness constants, the
-//! settings of the agent-facing side, the command stream type, and how ages read. A leaf — the
-//! status, stream and connection-test modules import it, and it imports none of them.
+//! settings of the agent-facing side, and how ages read. A leaf — the status, session and
+//! connection-test modules import it, and it imports none of them.
 
-use std::pin::Pin;
 use std::time::Duration;
-
-use futures::Stream;
-use tokenfleet_proto::v1 as pb;
-use tonic::Status;
 
 /// Default seconds between an agent's status reports (`[agents] heartbeat_seconds`).
 pub const DEFAULT_HEARTBEAT_SECONDS: u32 = 30;
@@ -20,9 +15,6 @@ pub const STALE_HEARTBEATS: i32 = 3;
 /// and checks it still holds the presence marker (every report checks that too): commands are
 /// pushed by a wake ([`super::wake`]), so this is a backstop, not a poll.
 pub const COMMAND_SWEEP_MAX: Duration = Duration::from_secs(60);
-
-/// The stream of commands sent down to one agent.
-pub type CommandStream = Pin<Box<dyn Stream<Item = Result<pb::AgentCommand, Status>> + Send>>;
 
 /// What the agent-facing side of the fleet needs from the broker's configuration.
 #[derive(Debug, Clone)]

@@ -1,23 +1,27 @@
-//! The fleet's records in the store (all tenant scope, JSON like every other record; wire
-//! messages inside them are kept as base64 of their protobuf encoding):
+//! The fleet's records in the store (all tenant scope, JSON like every other record):
 //!
 //! | collection              | id                      | what                                          |
 //! |-------------------------|-------------------------|-----------------------------------------------|
-//! | `device_status`         | `<device>`              | last [`pb::DeviceStatus`] reported for it      |
+//! | `device_status`         | `<device>`              | last [`DeviceReport`] for the device           |
 //! | `agent_presence`        | `<agent>`               | which replica holds the agent's stream, until |
-//! | `agent_command`         | `<agent>/<command id>`  | a command waiting to be sent to the agent     |
-//! | `agent_command_result`  | `<command id>`          | the agent's answer, for whoever waits on it   |
+//! | `agent_command`         | `<agent>/<command id>`  | an [`AgentCommand`] waiting to be sent         |
+//! | `agent_command_result`  | `<command id>`          | the agent's [`CommandResult`], for the waiter  |
 //!
 //! Command ids start with the enqueue time in milliseconds (13 digits), so an agent's commands
 //! list in the order they were enqueued.
+//!
+//! Until the fleet moved into the core, reports, commands and answers were kept as base64 of the
+//! agents' protobuf messages in a field of their own (`status`, `command`, `result`). Records
+//! hold the domain types now (`report`, `order`, `answer`); a record of the old form is still
+//! read ([`super::legacy`]), so nothing needs migrating: old device reports stay readable until
+//! the device's agent next reports, and old commands and answers expire within minutes.
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use tokenfleet_proto::v1 as pb;
 use tokenfleet_store::{RecordKey, StoreError, StoreResult};
 
+use super::legacy;
+use super::model::{AgentCommand, CommandResult, DeviceReport};
 use crate::records::StoredRecord;
 
 /// Collection of [`DeviceStatusRecord`]s.
@@ -43,14 +47,40 @@ pub struct DeviceStatusRecord {
     pub report_time: OffsetDateTime,
     /// Heartbeat in force when it was reported (the report is stale after three).
     pub heartbeat_seconds: u32,
-    /// `pb::DeviceStatus`, protobuf, base64.
+    /// The report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<DeviceReport>,
+    /// A report stored before the fleet moved into the core: `DeviceStatus`, protobuf, base64.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub status: String,
 }
 
 impl DeviceStatusRecord {
-    /// The reported status; `Corrupt` when the stored bytes do not decode.
-    pub fn decode_status(&self) -> StoreResult<pb::DeviceStatus> {
-        decode_wire(&self.key(), &self.status)
+    /// A record of `report`.
+    pub fn new(
+        tenant: &str,
+        agent: &str,
+        report: DeviceReport,
+        report_time: OffsetDateTime,
+        heartbeat_seconds: u32,
+    ) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            device: report.device.clone(),
+            agent: agent.to_owned(),
+            report_time,
+            heartbeat_seconds,
+            report: Some(report),
+            status: String::new(),
+        }
+    }
+
+    /// The reported status; `Corrupt` when an old record's bytes do not decode.
+    pub fn decode_status(&self) -> StoreResult<DeviceReport> {
+        match &self.report {
+            Some(report) => Ok(report.clone()),
+            None => legacy::device_report(&self.status).map_err(|e| corrupt(&self.key(), e)),
+        }
     }
 }
 
@@ -117,14 +147,33 @@ pub struct QueuedCommand {
     /// Dropped unsent after this.
     #[serde(with = "time::serde::rfc3339")]
     pub expires: OffsetDateTime,
-    /// `pb::AgentCommand`, protobuf, base64.
+    /// The command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<AgentCommand>,
+    /// A command queued before the fleet moved into the core: `AgentCommand`, protobuf, base64.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub command: String,
 }
 
 impl QueuedCommand {
-    /// The command; `Corrupt` when the stored bytes do not decode.
-    pub fn decode_command(&self) -> StoreResult<pb::AgentCommand> {
-        decode_wire(&self.key(), &self.command)
+    /// `command` for agent `agent` of `tenant`, dropped unsent after `expires`.
+    pub fn new(tenant: &str, agent: &str, command: AgentCommand, expires: OffsetDateTime) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            agent: agent.to_owned(),
+            id: command.id.clone(),
+            expires,
+            order: Some(command),
+            command: String::new(),
+        }
+    }
+
+    /// The command; `Corrupt` when an old record's bytes do not decode.
+    pub fn decode_command(&self) -> StoreResult<AgentCommand> {
+        match &self.order {
+            Some(command) => Ok(command.clone()),
+            None => legacy::agent_command(&self.command).map_err(|e| corrupt(&self.key(), e)),
+        }
     }
 }
 
@@ -147,14 +196,33 @@ pub struct CommandAnswer {
     /// When the broker received it.
     #[serde(with = "time::serde::rfc3339")]
     pub time: OffsetDateTime,
-    /// `pb::CommandResult`, protobuf, base64.
+    /// The answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<CommandResult>,
+    /// An answer stored before the fleet moved into the core: `CommandResult`, protobuf, base64.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub result: String,
 }
 
 impl CommandAnswer {
-    /// The result; `Corrupt` when the stored bytes do not decode.
-    pub fn decode_result(&self) -> StoreResult<pb::CommandResult> {
-        decode_wire(&self.key(), &self.result)
+    /// `result` of agent `agent` of `tenant`, received at `time`.
+    pub fn new(tenant: &str, agent: &str, result: CommandResult, time: OffsetDateTime) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            agent: agent.to_owned(),
+            id: result.command_id.clone(),
+            time,
+            answer: Some(result),
+            result: String::new(),
+        }
+    }
+
+    /// The result; `Corrupt` when an old record's bytes do not decode.
+    pub fn decode_result(&self) -> StoreResult<CommandResult> {
+        match &self.answer {
+            Some(result) => Ok(result.clone()),
+            None => legacy::command_result(&self.result).map_err(|e| corrupt(&self.key(), e)),
+        }
     }
 }
 
@@ -162,6 +230,13 @@ impl StoredRecord for CommandAnswer {
     const COLLECTION: &'static str = AGENT_COMMAND_RESULTS;
     fn key(&self) -> RecordKey {
         command_result_key(&self.tenant, &self.id)
+    }
+}
+
+fn corrupt(key: &RecordKey, problem: String) -> StoreError {
+    StoreError::Corrupt {
+        key: key.to_string(),
+        problem: format!("stored message does not decode: {problem}"),
     }
 }
 
@@ -182,22 +257,6 @@ pub fn command_result_key(tenant: &str, id: &str) -> RecordKey {
     RecordKey::tenant(tenant, AGENT_COMMAND_RESULTS, id)
 }
 
-/// A wire message as stored inside a record.
-pub fn encode_wire<M: prost::Message>(message: &M) -> String {
-    B64.encode(message.encode_to_vec())
-}
-
-fn decode_wire<M: prost::Message + Default>(key: &RecordKey, text: &str) -> StoreResult<M> {
-    let corrupt = |problem: String| StoreError::Corrupt {
-        key: key.to_string(),
-        problem,
-    };
-    let bytes = B64
-        .decode(text)
-        .map_err(|e| corrupt(format!("stored message is not base64: {e}")))?;
-    M::decode(bytes.as_slice()).map_err(|e| corrupt(format!("stored message does not decode: {e}")))
-}
-
 /// A new command id: enqueue time in milliseconds (13 digits, so ids sort by time) and 64 random
 /// bits.
 pub fn new_command_id(now: OffsetDateTime) -> String {
@@ -209,26 +268,37 @@ pub fn new_command_id(now: OffsetDateTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fleet::model::DeviceHealth;
 
     #[test]
-    fn wire_messages_round_trip_and_bad_bytes_are_corrupt() {
-        let status = pb::DeviceStatus {
+    fn reports_round_trip_as_json_and_old_records_still_read() {
+        let report = DeviceReport {
             device: "mfp".into(),
+            health: DeviceHealth::Degraded,
             queue_depth: 3,
             ..Default::default()
         };
-        let record = DeviceStatusRecord {
-            tenant: "acme".into(),
-            device: "mfp".into(),
-            agent: "site".into(),
-            report_time: OffsetDateTime::UNIX_EPOCH,
-            heartbeat_seconds: 30,
-            status: encode_wire(&status),
-        };
-        assert_eq!(record.decode_status().unwrap(), status);
+        let record = DeviceStatusRecord::new(
+            "acme",
+            "site",
+            report.clone(),
+            OffsetDateTime::UNIX_EPOCH,
+            30,
+        );
+        let json = serde_json::to_string(&record).unwrap();
+        assert!(!json.contains("\"status\""), "{json}");
+        let back: DeviceStatusRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.decode_status().unwrap(), report);
+
+        // The old form: the wire message in `status` (`device: "mfp"`, `queue_depth: 3`).
+        let old = r#"{"tenant":"acme","device":"mfp","agent":"site",
+            "report_time":"1970-01-01T00:00:00Z","heartbeat_seconds":30,"status":"CgNtZnAwAw=="}"#;
+        let old: DeviceStatusRecord = serde_json::from_str(old).unwrap();
+        let read = old.decode_status().unwrap();
+        assert_eq!((read.device.as_str(), read.queue_depth), ("mfp", 3));
         let bad = DeviceStatusRecord {
             status: "%%%".into(),
-            ..record
+            ..old
         };
         assert!(matches!(
             bad.decode_status(),

@@ -1,4 +1,4 @@
-//! `Admin.TestConnection`: queue a connection test for the device's agent, wait for its answer
+//! Connection tests (`Admin.TestConnection`): queue a connection test for the device's agent, wait for its answer
 //! until the deadline. The test waits (a few seconds at most) until the agent runs the current
 //! configuration, so it tests the device as it is now, not as it was. An agent that is not
 //! connected, or does not answer in time, gives the verdict AGENT_UNREACHABLE (not an error: the
@@ -8,18 +8,20 @@
 use std::time::Duration;
 
 use time::OffsetDateTime;
-use tokenfleet_domain::Device;
-use tokenfleet_proto::v1 as pb;
+use tokenfleet_domain::{Device, ValidationError};
 use tokenfleet_store::{Precondition, StoreError};
 
+use super::model::{
+    AgentCommand, Command, ConnectionTarget, ConnectionTestCommand, ConnectionTestResult,
+    ConnectionVerdict,
+};
 use super::reload::queue_reload;
 use super::settings::format_age;
 use super::store::{
-    AgentPresence, CommandAnswer, QueuedCommand, command_key, command_result_key, encode_wire,
-    new_command_id, presence_key,
+    AgentPresence, CommandAnswer, QueuedCommand, command_key, command_result_key, new_command_id,
+    presence_key,
 };
 use crate::authz::{Access, Principal, Target, authorize};
-use crate::convert::timestamp;
 use crate::ops::Error;
 use crate::ops::change::{Change, audited};
 use crate::ops::names::{object_path, shown, span_object};
@@ -36,11 +38,27 @@ const CONFIG_WAIT: Duration = Duration::from_secs(5);
 /// How often the waiting replica looks for the answer.
 const ANSWER_POLL: Duration = Duration::from_millis(100);
 
-pub(super) async fn run(
+/// What a connection test asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestRequest {
+    /// Tenant of the device.
+    pub tenant: String,
+    /// Device to test.
+    pub device: String,
+    /// Which connection (UNSPECIFIED: the send profile). An error when the caller named a
+    /// target this broker does not know: reported after authorization, like every other
+    /// problem of the request.
+    pub target: Result<ConnectionTarget, ValidationError>,
+    /// Deadline (0: [`DEFAULT_TIMEOUT_SECONDS`], at most [`MAX_TIMEOUT_SECONDS`]).
+    pub timeout_seconds: u32,
+}
+
+/// Runs a connection test of a device through its agent; audited as `device.test`.
+pub async fn test_connection(
     state: &BrokerState,
     principal: &Principal,
-    req: pb::TestConnectionRequest,
-) -> Result<pb::ConnectionTestResult, Error> {
+    req: TestRequest,
+) -> Result<ConnectionTestResult, Error> {
     let change = Change {
         action: "device.test",
         target: object_path(&req.tenant, "devices", &req.device),
@@ -53,9 +71,7 @@ pub(super) async fn run(
         let result = test(state, &req).await?;
         let detail = format!(
             "{}: {}",
-            pb::ConnectionVerdict::try_from(result.verdict)
-                .map(|v| v.as_str_name())
-                .unwrap_or("UNKNOWN_VERDICT"),
+            result.verdict.wire_name(),
             result.summary.chars().take(200).collect::<String>()
         );
         Ok((result, detail))
@@ -63,10 +79,7 @@ pub(super) async fn run(
     .await
 }
 
-async fn test(
-    state: &BrokerState,
-    req: &pb::TestConnectionRequest,
-) -> Result<pb::ConnectionTestResult, Error> {
+async fn test(state: &BrokerState, req: &TestRequest) -> Result<ConnectionTestResult, Error> {
     tokenfleet_domain::name("tenant", &req.tenant)?;
     tokenfleet_domain::name("device", &req.device)?;
     span_object(&req.tenant, &req.device);
@@ -79,15 +92,10 @@ async fn test(
             )));
         }
     };
-    let target = match pb::ConnectionTarget::try_from(req.target) {
-        Ok(pb::ConnectionTarget::Unspecified) => pb::ConnectionTarget::Send,
-        Ok(t) => t,
-        Err(_) => {
-            return Err(Error::InvalidArgument(format!(
-                "target: unknown value {}",
-                req.target
-            )));
-        }
+    let target = match &req.target {
+        Ok(ConnectionTarget::Unspecified) => ConnectionTarget::Send,
+        Ok(t) => *t,
+        Err(e) => return Err(e.clone().into()),
     };
     let device = must_get::<Device>(
         state,
@@ -109,20 +117,20 @@ async fn test(
             ),
         ));
     }
-    if target == pb::ConnectionTarget::Fetch && device.fetch.server.is_empty() {
+    if target == ConnectionTarget::Fetch && device.fetch.server.is_empty() {
         return Err(Error::precondition(
             "target",
             format!("device `{}` has no fetch profile to test", device.name),
         ));
     }
     let now = state.clock.now();
-    let unreachable = |summary: String, fix: &str| pb::ConnectionTestResult {
+    let unreachable = |summary: String, fix: &str| ConnectionTestResult {
         device: device.name.clone(),
-        target: target as i32,
-        verdict: pb::ConnectionVerdict::AgentUnreachable as i32,
+        target,
+        verdict: ConnectionVerdict::AgentUnreachable,
         summary,
         fix: fix.to_owned(),
-        time: Some(timestamp(now)),
+        time: Some(now),
         ..Default::default()
     };
     let presence = records(state)
@@ -145,23 +153,20 @@ async fn test(
     await_current_config(state, &device, Duration::from_secs(u64::from(timeout))).await?;
 
     let id = new_command_id(now);
-    let command = pb::AgentCommand {
+    let command = AgentCommand {
         id: id.clone(),
-        command: Some(pb::agent_command::Command::TestConnection(
-            pb::ConnectionTestCommand {
-                device: device.name.clone(),
-                target: target as i32,
-                timeout_seconds: timeout,
-            },
-        )),
+        command: Some(Command::TestConnection(ConnectionTestCommand {
+            device: device.name.clone(),
+            target,
+            timeout_seconds: timeout,
+        })),
     };
-    let queued = QueuedCommand {
-        tenant: device.tenant.clone(),
-        agent: device.agent.clone(),
-        id: id.clone(),
-        expires: now + time::Duration::seconds(i64::from(timeout)),
-        command: encode_wire(&command),
-    };
+    let queued = QueuedCommand::new(
+        &device.tenant,
+        &device.agent,
+        command,
+        now + time::Duration::seconds(i64::from(timeout)),
+    );
     records(state).put(&queued, Precondition::Absent).await?;
     super::wake::wake(state, &device.tenant, &device.agent).await;
     tracing::info!(command = %id, agent = %device.agent, "connection test queued");
@@ -244,7 +249,7 @@ async fn await_current_config(
             return Ok(());
         };
         // The revision covers the heartbeat the stream sends, which the presence marker keeps.
-        let current = super::agent_config::build(
+        let current = super::config::build(
             state,
             &device.tenant,
             &device.agent,
@@ -287,24 +292,24 @@ async fn last_seen(state: &BrokerState, device: &Device, now: OffsetDateTime) ->
 fn answer_result(
     answer: &CommandAnswer,
     device: &Device,
-    target: pb::ConnectionTarget,
+    target: ConnectionTarget,
     now: OffsetDateTime,
-) -> pb::ConnectionTestResult {
+) -> ConnectionTestResult {
     let result = match answer.decode_result() {
         Ok(result) => result,
         Err(error) => {
             tracing::error!(%error, "stored command result is damaged");
-            pb::CommandResult::default()
+            super::model::CommandResult::default()
         }
     };
     let mut test = result
         .connection_test
-        .unwrap_or_else(|| pb::ConnectionTestResult {
+        .unwrap_or_else(|| ConnectionTestResult {
             // The agent answered without a structured result (an old agent, or it failed early).
             verdict: if result.ok {
-                pb::ConnectionVerdict::Ok as i32
+                ConnectionVerdict::Ok
             } else {
-                pb::ConnectionVerdict::Unspecified as i32
+                ConnectionVerdict::Unspecified
             },
             summary: if result.detail.is_empty() {
                 "the agent answered without a test result".to_owned()
@@ -316,11 +321,11 @@ fn answer_result(
     if test.device.is_empty() {
         test.device.clone_from(&device.name);
     }
-    if test.target == pb::ConnectionTarget::Unspecified as i32 {
-        test.target = target as i32;
+    if test.target == ConnectionTarget::Unspecified {
+        test.target = target;
     }
     if test.time.is_none() {
-        test.time = Some(timestamp(now));
+        test.time = Some(now);
     }
     test
 }
