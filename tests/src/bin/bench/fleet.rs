@@ -398,6 +398,8 @@ struct Shared {
     reloads: AtomicU64,
     failures: AtomicU64,
     first_error: Mutex<Option<String>>,
+    /// Why held streams ended, with how often.
+    breaks: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Shared {
@@ -417,6 +419,28 @@ impl Shared {
             .iter()
             .filter(|a| a.replica.load(Ordering::Relaxed) == replica)
             .count()
+    }
+
+    fn note_break(&self, why: String) {
+        let why: String = why.chars().take(100).collect();
+        *self
+            .breaks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(why)
+            .or_default() += 1;
+    }
+
+    fn breaks(&self) -> String {
+        let breaks = self
+            .breaks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        breaks
+            .iter()
+            .map(|(why, n)| format!("{n}x {why}"))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     fn note_error(&self, error: String) {
@@ -464,8 +488,8 @@ fn report(
 enum Ended {
     /// Never opened (connect, config or StatusStream failed).
     NotOpened(String),
-    /// Opened, then broken or closed (by the broker, or the broker went away).
-    Broken,
+    /// Opened, then broken or closed (by the broker, or the broker went away): why.
+    Broken(String),
     Stopped,
 }
 
@@ -489,7 +513,10 @@ async fn agent_loop(shared: Arc<Shared>, index: usize, mut stop: watch::Receiver
         agent.replica.store(usize::MAX, Ordering::Relaxed);
         match ended {
             Ended::Stopped => return,
-            Ended::Broken => failures = 0,
+            Ended::Broken(why) => {
+                failures = 0;
+                shared.note_break(why);
+            }
             Ended::NotOpened(error) => shared.note_error(format!("{}: {error}", agent.name)),
         }
         let wait = tokenfleet_agent::runtime::reporter::reconnect_delay(failures);
@@ -560,7 +587,7 @@ async fn session(
             () = tokio::time::sleep_until(next) => {
                 next = tokio::time::Instant::now() + shared.heartbeat;
                 if tx.send(report(agent, revision, sequence, None)).await.is_err() {
-                    return Ended::Broken;
+                    return Ended::Broken("report channel closed".into());
                 }
             }
             message = commands.message() => match message {
@@ -602,11 +629,13 @@ async fn session(
                         },
                     };
                     if tx.send(report(agent, revision, sequence, Some(result))).await.is_err() {
-                        return Ended::Broken;
+                        return Ended::Broken("report channel closed".into());
                     }
                 }
-                Ok(None) => return Ended::Broken,
-                Err(_) => return Ended::Broken,
+                Ok(None) => return Ended::Broken("closed by the broker".into()),
+                Err(status) => {
+                    return Ended::Broken(format!("{:?}: {}", status.code(), status.message()));
+                }
             },
         }
     }
@@ -715,7 +744,7 @@ async fn command_latencies(
     shared: &Shared,
     admin: &mut TestAdminClient,
     agents: &[usize],
-) -> Result<Vec<f64>> {
+) -> Vec<f64> {
     let mut latencies = Vec::new();
     for &i in agents {
         let agent = &shared.agents[i];
@@ -728,28 +757,34 @@ async fn command_latencies(
                 target: pb::ConnectionTarget::Send as i32,
                 timeout_seconds: 10,
             })
-            .await
-            .with_context(|| format!("TestConnection of {}", agent.name))?
-            .into_inner();
+            .await;
         let arrived = agent.test_arrived.load(Ordering::Relaxed);
-        if arrived == 0 || answer.verdict != pb::ConnectionVerdict::Ok as i32 {
-            bail!(
-                "the connection test of {} did not reach it: {:?} {}",
-                agent.name,
-                pb::ConnectionVerdict::try_from(answer.verdict),
-                answer.summary
+        let delivered =
+            matches!(&answer, Ok(a) if a.get_ref().verdict == pb::ConnectionVerdict::Ok as i32);
+        if arrived == 0 || !delivered {
+            // Not delivered: counts as never (the percentiles show it).
+            let why = match answer {
+                Ok(a) => a.into_inner().summary,
+                Err(status) => status.message().to_owned(),
+            };
+            println!(
+                "# the connection test of {} did not reach it: {why}",
+                agent.name
             );
+            latencies.push(f64::INFINITY);
+            continue;
         }
         latencies.push(arrived.saturating_sub(sent) as f64 / 1e9);
     }
     latencies.sort_by(f64::total_cmp);
-    Ok(latencies)
+    latencies
 }
 
 fn print_latencies(scenario: &str, replicas: usize, what: &str, latencies: &[f64]) {
     println!(
-        "bench=fleet replicas={replicas} {what}_commands={} p50_ms={:.1} p99_ms={:.1} max_ms={:.1}",
+        "bench=fleet replicas={replicas} {what}_commands={} undelivered={} p50_ms={:.1} p99_ms={:.1} max_ms={:.1}",
         latencies.len(),
+        latencies.iter().filter(|l| l.is_infinite()).count(),
         pct(latencies, 50.0) * 1000.0,
         pct(latencies, 99.0) * 1000.0,
         latencies.last().copied().unwrap_or(f64::NAN) * 1000.0
@@ -891,6 +926,7 @@ async fn run_replicas(args: &Args, bin: &Path, fake: &FakeIdp, replicas: usize) 
         reloads: AtomicU64::new(0),
         failures: AtomicU64::new(0),
         first_error: Mutex::new(None),
+        breaks: Mutex::new(std::collections::BTreeMap::new()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let connect_started = Instant::now();
@@ -989,6 +1025,10 @@ async fn run_replicas(args: &Args, bin: &Path, fake: &FakeIdp, replicas: usize) 
         });
     }
     println!(
+        "bench=fleet replicas={replicas} phase=steady streams_broken={:?}",
+        shared.breaks()
+    );
+    println!(
         "bench=fleet replicas={replicas} phase=steady redis_ops_per_s={busy_ops:.0} idle_redis_ops_per_s={idle_ops:.0} redis_ops_per_agent_s={:.3} reconnects_in_window={} reloads={} bench_cpu_pct={:.1} bench_rss_mib={:.0}",
         (busy_ops - idle_ops) / n as f64,
         streams_after - streams_before,
@@ -997,10 +1037,22 @@ async fn run_replicas(args: &Args, bin: &Path, fake: &FakeIdp, replicas: usize) 
         bench_usage.rss_max_mib
     );
 
+    for (r, broker) in brokers.iter().enumerate() {
+        let log =
+            std::fs::read_to_string(broker.state.path().join("broker.log")).unwrap_or_default();
+        let warnings = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .count();
+        println!(
+            "# replica {r}: {warnings} warning/error lines in its log; last lines:\n{}",
+            broker.log_tail()
+        );
+    }
     // Command push: K agents sampled across the fleet, through replica 0.
     let k = args.commands.min(n).max(1);
     let sample: Vec<usize> = (0..k).map(|j| j * n / k).collect();
-    let latencies = command_latencies(&shared, &mut admins[0], &sample).await?;
+    let latencies = command_latencies(&shared, &mut admins[0], &sample).await;
     print_latencies(&scenario, replicas, "steady", &latencies);
 
     if replicas > 1 {
@@ -1069,7 +1121,7 @@ async fn run_replicas(args: &Args, bin: &Path, fake: &FakeIdp, replicas: usize) 
         }
         let k = k.min(moved.len());
         let sample: Vec<usize> = (0..k).map(|j| moved[j * moved.len() / k]).collect();
-        let latencies = command_latencies(&shared, &mut admins[0], &sample).await?;
+        let latencies = command_latencies(&shared, &mut admins[0], &sample).await;
         print_latencies(&scenario, replicas, "moved", &latencies);
     }
 
