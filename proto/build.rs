@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     let include = protoc_bin_vendored::include_path()?;
     tonic_prost_build::configure()
+        // Prost with small per-call buffers (see src/codec.rs).
+        .codec_path("crate::codec::SmallBufferCodec")
         .file_descriptor_set_path(out.join("tokenfleet_v1_descriptor.bin"))
         .compile_with_config(
             config,

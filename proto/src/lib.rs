@@ -10,6 +10,8 @@ pub mod v1 {
     tonic::include_proto!("tokenfleet.v1");
 }
 
+pub mod codec;
+
 /// Encoded `FileDescriptorSet` of every tokenfleet.v1 file, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("tokenfleet_v1_descriptor");

@@ -9,7 +9,8 @@
 //! mailboxes — built once and reused until a change of the tenant's devices or mailboxes is
 //! announced on the fleet channel ([`super::wake`]: [`forget`]), the subscription restarts
 //! ([`forget_all`]) or [`SNAPSHOT_TTL`] passes (a backstop, never the mechanism). A generation
-//! counter per tenant keeps a build that raced with a change from being kept.
+//! counter per tenant keeps a build that raced with a change from being kept. One caller at a time
+//! reads a tenant's records; the others wait for its snapshot (see [`Slot`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -32,15 +33,37 @@ pub const SNAPSHOT_TTL: Duration = Duration::from_secs(60);
 struct Snapshot {
     devices: HashMap<String, Vec<Device>>,
     mailboxes: HashMap<String, Mailbox>,
+    /// When reading the records began (what the snapshot is at least as new as).
     built: Instant,
 }
 
-/// Per (store, tenant): the generation (bumped by every announced change) and the snapshot
-/// built at that generation.
+/// Per (store, tenant): the generation (bumped by every announced change), the snapshot built at
+/// that generation, and the lock held by the one caller reading the records: callers that find
+/// no usable snapshot wait for that read and take its snapshot instead of each reading every
+/// device of the tenant at once (with 10,000 agents connecting, or reloading after a change,
+/// that was thousands of concurrent reads of every device, and their memory).
 #[derive(Debug, Default)]
 struct Slot {
     generation: u64,
     snapshot: Option<(u64, Arc<Snapshot>)>,
+    building: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Slot {
+    /// The kept snapshot if it is current and, for a caller asking at `fresh_since`, was read
+    /// after that.
+    fn usable(&self, fresh_since: Option<Instant>) -> Option<Arc<Snapshot>> {
+        match &self.snapshot {
+            Some((generation, snapshot))
+                if *generation == self.generation
+                    && snapshot.built.elapsed() < SNAPSHOT_TTL
+                    && fresh_since.is_none_or(|asked| snapshot.built >= asked) =>
+            {
+                Some(Arc::clone(snapshot))
+            }
+            _ => None,
+        }
+    }
 }
 
 type Slots = HashMap<(usize, String), Slot>;
@@ -74,25 +97,30 @@ pub fn forget_all(store: usize) {
     }
 }
 
-/// The tenant's snapshot: the kept one while current, else read from the store (`fresh`: always
-/// read, for a change the caller knows of).
+/// The tenant's snapshot: the kept one while current, else read from the store by one caller
+/// at a time (`fresh`: one read after this call began, for a change the caller knows of).
 async fn snapshot(state: &BrokerState, tenant: &str, fresh: bool) -> StoreResult<Arc<Snapshot>> {
     let key = (super::wake::store_id(state), tenant.to_owned());
-    let generation = {
-        let slots = locked();
-        let slot = slots.get(&key);
-        if !fresh
-            && let Some(Slot {
-                generation,
-                snapshot: Some((built_at, snapshot)),
-            }) = slot
-            && built_at == generation
-            && snapshot.built.elapsed() < SNAPSHOT_TTL
-        {
-            return Ok(Arc::clone(snapshot));
+    let fresh_since = fresh.then(Instant::now);
+    let building = {
+        let mut slots = locked();
+        let slot = slots.entry(key.clone()).or_default();
+        if let Some(snapshot) = slot.usable(fresh_since) {
+            return Ok(snapshot);
         }
-        slot.map_or(0, |s| s.generation)
+        Arc::clone(&slot.building)
     };
+    let _building = building.lock().await;
+    let generation = {
+        let mut slots = locked();
+        let slot = slots.entry(key.clone()).or_default();
+        // Read by the caller this one waited for.
+        if let Some(snapshot) = slot.usable(fresh_since) {
+            return Ok(snapshot);
+        }
+        slot.generation
+    };
+    let started = Instant::now();
     let records = Records::new(state.store.as_ref());
     let scope = Scope::Tenant(tenant.to_owned());
     let mut devices: HashMap<String, Vec<Device>> = HashMap::new();
@@ -111,7 +139,7 @@ async fn snapshot(state: &BrokerState, tenant: &str, fresh: bool) -> StoreResult
     let snapshot = Arc::new(Snapshot {
         devices,
         mailboxes,
-        built: Instant::now(),
+        built: started,
     });
     let mut slots = locked();
     let slot = slots.entry(key).or_default();
