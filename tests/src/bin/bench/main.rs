@@ -20,6 +20,7 @@
 mod agent;
 mod agent_abuse;
 mod broker_abuse;
+mod cost;
 mod issuance;
 mod refresh;
 mod relay;
@@ -42,7 +43,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Scenario {
-    /// Every target scenario of issue 15 in turn (issuance, relay, refresh), with default
+    /// Every target scenario of issue 15 in turn (issuance, relay, refresh, cost), with default
     /// options; the figure lines also go to `--out`.
     All(AllArgs),
     /// Cached-token IssueAccessToken over mTLS against Health/Check (target 1).
@@ -51,6 +52,8 @@ enum Scenario {
     Relay(relay::Args),
     /// The refresh schedule at fleet scale (target 4).
     Refresh(refresh::Args),
+    /// Issuance latency and broker RSS with 1,000 and 100,000 mailboxes (target 5).
+    Cost(cost::Args),
     /// The agent's mail path in one process.
     Agent(agent::Args),
     /// The agent under idle floods and wrong-password storms.
@@ -65,7 +68,7 @@ struct AllArgs {
     #[arg(long, default_value = "target/bench/figures.txt")]
     out: PathBuf,
     /// Scenarios to run, in order.
-    #[arg(long, value_delimiter = ',', default_values_t = ["issuance".to_owned(), "relay".to_owned(), "refresh".to_owned()])]
+    #[arg(long, value_delimiter = ',', default_values_t = ["issuance".to_owned(), "relay".to_owned(), "refresh".to_owned(), "cost".to_owned()])]
     only: Vec<String>,
 }
 
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
         Scenario::Issuance(args) => done(issuance::run(args)),
         Scenario::Relay(args) => relay::bench(args),
         Scenario::Refresh(args) => done(refresh::run(args)),
+        Scenario::Cost(args) => done(cost::run(args)),
         Scenario::Agent(args) => agent::bench(args),
         Scenario::AgentAbuse(args) => done(agent_abuse::run(args)),
         Scenario::BrokerAbuse(args) => done(broker_abuse::run(args)),
