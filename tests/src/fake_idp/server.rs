@@ -196,12 +196,12 @@ async fn handle(
         }
         if st.recording {
             st.requests.push(RecordedRequest {
-            endpoint: routed.as_ref().map(|(e, _, _)| *e),
-            method: method.to_string(),
-            path,
-            query,
-            form,
-            grant_type,
+                endpoint: routed.as_ref().map(|(e, _, _)| *e),
+                method: method.to_string(),
+                path,
+                query,
+                form,
+                grant_type,
                 status: reply.status,
                 time: now,
             });

@@ -20,16 +20,21 @@
 //! How many refreshes a replica runs at once is not fixed: a [`ConcurrencyController`] adapts it
 //! to the provider. Refresh throughput is concurrency ÷ provider latency (Little's law), so a
 //! fixed limit of 16 refreshes 80 mailboxes a second at 200 ms of provider latency whatever is
-//! due. The controller grows the limit while due work waits for a slot (one more per successful
-//! refresh until the provider first pushes back, then about one more per round trip), jumps
-//! towards what the due backlog needs at the measured latency, and halves it — once per round
-//! trip — when the provider throttles or fails transiently (429, 5xx, timeouts, an open
-//! breaker); `tokens.scheduler_concurrency` is its ceiling. It is written here rather than taken
-//! from a crate: the adaptive limiters published (AIMD/Vegas/gradient layers for tower or
-//! reqwest) treat a rising latency as overload and shrink, while here latency is the provider's
-//! and a long one is exactly when more must be in flight, and the signal that must shrink it is
-//! the scheduler's own outcome of a refresh (not an HTTP response the layer could see: a breaker
-//! that holds a grant back never reaches the client).
+//! due. The controller (AIMD with a slow start, as TCP's congestion window) grows the limit while
+//! due work waits for a slot — by one per successful refresh, i.e. doubling per provider round
+//! trip, until the provider first pushes back, then by about one per round trip — so the refreshes
+//! in flight reach what the due work needs at the measured latency; it halves the limit, once per
+//! round trip, when the provider throttles or fails transiently (429, 5xx, timeouts, an open
+//! breaker). `tokens.scheduler_concurrency` is its ceiling. A poll takes only as many due entries
+//! as there are free slots (picked at random among the earliest few times that many, so replicas
+//! polling together mostly claim different ones), and polls again as soon as a slot frees while
+//! more is due.
+//!
+//! The controller is written here rather than taken from a crate: the adaptive limiters published
+//! (AIMD/Vegas/gradient layers for tower or reqwest) treat a rising latency as overload and
+//! shrink, while here latency is the provider's and a long one is exactly when more must be in
+//! flight; and the signal that must shrink it is the outcome of a whole refresh (a breaker that
+//! holds a grant back never sends an HTTP request such a layer could see).
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -180,7 +185,13 @@ impl ConcurrencyController {
 
     /// A refresh ended (`outcome`, after `took`); `backlog`: due work was waiting for a slot
     /// when it ended (only then does the limit grow: a limit nobody needs proves nothing).
-    pub fn on_done(&mut self, outcome: RefreshOutcome, took: Duration, backlog: bool, now: Instant) {
+    pub fn on_done(
+        &mut self,
+        outcome: RefreshOutcome,
+        took: Duration,
+        backlog: bool,
+        now: Instant,
+    ) {
         match outcome {
             RefreshOutcome::Refreshed => {
                 self.latency = Some(match self.latency {
@@ -210,27 +221,6 @@ impl ConcurrencyController {
                 }
             }
             RefreshOutcome::Other => {}
-        }
-    }
-
-    /// A poll found `waiting` due entries not yet running. Little's law: to start them all
-    /// within `within` at the measured latency takes `waiting × latency ÷ within` in flight; the
-    /// limit moves towards that, at most doubling per poll (and never after the provider pushed
-    /// back within the last round trip), so a throttling provider is found before the ceiling.
-    pub fn on_backlog(&mut self, waiting: usize, within: Duration, now: Instant) {
-        let Some(latency) = self.latency else { return };
-        if within.is_zero() || waiting == 0 {
-            return;
-        }
-        if self
-            .last_decrease
-            .is_some_and(|at| now.saturating_duration_since(at) < latency)
-        {
-            return;
-        }
-        let needed = waiting as f64 * latency.as_secs_f64() / within.as_secs_f64();
-        if needed > self.limit {
-            self.set(needed.min(self.limit * 2.0));
         }
     }
 }
@@ -309,8 +299,7 @@ impl RefreshScheduler {
         service: TokenService,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> JoinHandle<()> {
-        let controller =
-            ConcurrencyController::adaptive(service.config().scheduler.concurrency);
+        let controller = ConcurrencyController::adaptive(service.config().scheduler.concurrency);
         Self::spawn_with(service, shutdown, controller).0
     }
 
@@ -362,9 +351,6 @@ async fn run(
     // A claimed entry is not taken again before its refresh could have finished: one provider
     // call plus a lease TTL (the lease itself is short and renewed while the refresh runs).
     let claim_for = service.config().provider_timeout + service.config().lease_ttl;
-    // A due list older than this is polled again rather than worked through: other replicas
-    // have claimed part of it meanwhile.
-    let stale_after = config.interval.min(Duration::from_secs(1));
     stats.limit.store(controller.limit(), Ordering::Relaxed);
     stats.peak_limit.store(controller.peak(), Ordering::Relaxed);
     let mut running: JoinSet<Done> = JoinSet::new();
@@ -396,18 +382,36 @@ async fn run(
                 () = &mut shutdown => break,
                 _ = ticker.tick() => {}
             }
+        } else if running.len() >= controller.limit() {
+            // The last poll left due work behind and every slot is taken: the work waits for a
+            // slot (what lets the controller grow the limit).
+            tokio::select! {
+                () = &mut shutdown => break,
+                done = running.join_next() => if let Some(done) = done {
+                    finished(done, true, &mut in_flight, &mut controller, &stats);
+                },
+            }
         }
+        let backlog = again_now;
         again_now = false;
         while let Some(done) = running.try_join_next() {
-            finished(done, false, &mut in_flight, &mut controller, &stats);
+            finished(done, backlog, &mut in_flight, &mut controller, &stats);
+        }
+        let free = controller.limit().saturating_sub(running.len());
+        if free == 0 {
+            again_now = backlog;
+            continue;
         }
         let now = service.state().clock.now();
         // Open provider breakers whose probe is due send one held grant to the provider.
         service.start_due_probes();
-        let due = match store
-            .due(REFRESH_SCHEDULE, unix_ms(now), config.batch.max(1))
-            .await
-        {
+        // Only as many as can start now: the rest stays on the schedule for whichever replica
+        // has a slot first (a claimed entry is pushed ahead, so the next poll skips it). Picked
+        // at random among a few times as many of the earliest, so replicas polling at the same
+        // moment mostly claim different ones.
+        let want = free.min(config.batch.max(1));
+        let fetch = (want * 4).min(config.batch.max(1)).max(want);
+        let due = match store.due(REFRESH_SCHEDULE, unix_ms(now), fetch).await {
             Ok(due) => {
                 if store_down {
                     tracing::info!("refresh scheduler reaches the store again");
@@ -423,21 +427,15 @@ async fn run(
                 continue;
             }
         };
-        let polled = Instant::now();
-        let full = due.len() >= config.batch.max(1);
+        let full = due.len() > want || due.len() >= fetch;
         let mut due: Vec<String> = due
             .into_iter()
             .map(|(entry, _)| entry)
             .filter(|entry| !in_flight.contains(entry))
             .collect();
-        // Replicas polling together get the same earliest entries: each works through them in
-        // its own order, so they mostly claim different ones.
         shuffle(&mut due);
-        // More is due than this poll returned: as if it all had to start within one interval.
-        let waiting = if full { due.len() * 2 } else { due.len() };
-        controller.on_backlog(waiting, config.interval, Instant::now());
+        due.truncate(want);
         let mut claimed_any = false;
-        let mut stale = false;
         for entry in due {
             let Some((tenant, mailbox)) = parse_member(&entry) else {
                 tracing::warn!(member = %entry, "dropping a malformed refresh schedule entry");
@@ -445,22 +443,7 @@ async fn run(
                 continue;
             };
             let (tenant, mailbox) = (tenant.to_owned(), mailbox.to_owned());
-            // A slot first (due work waits: the controller may grow the limit).
-            while running.len() >= controller.limit() {
-                tokio::select! {
-                    () = &mut shutdown => return drain(running).await,
-                    done = running.join_next() => match done {
-                        Some(done) => finished(done, true, &mut in_flight, &mut controller, &stats),
-                        None => break,
-                    },
-                }
-            }
-            if polled.elapsed() > stale_after {
-                stale = true;
-                break;
-            }
             // Claim: nobody (here or elsewhere) takes it again before the refresh could be done.
-            let now = service.state().clock.now();
             if let Err(error) = store
                 .schedule(REFRESH_SCHEDULE, &entry, unix_ms(now + claim_for))
                 .await
@@ -471,7 +454,9 @@ async fn run(
             claimed_any = true;
             in_flight.insert(entry.clone());
             let running_now = stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-            stats.peak_in_flight.fetch_max(running_now, Ordering::Relaxed);
+            stats
+                .peak_in_flight
+                .fetch_max(running_now, Ordering::Relaxed);
             let service = service.clone();
             running.spawn(async move {
                 let started = Instant::now();
@@ -481,7 +466,8 @@ async fn run(
         }
         stats.limit.store(controller.limit(), Ordering::Relaxed);
         stats.peak_limit.store(controller.peak(), Ordering::Relaxed);
-        again_now = (full && claimed_any) || stale;
+        // More is due than there were slots: poll again as soon as one frees.
+        again_now = full && claimed_any;
     }
     drain(running).await;
 }
@@ -684,7 +670,10 @@ mod tests {
         }
         assert!(c.limit() >= 256, "{} after {rounds} rounds", c.limit());
         assert!(rounds <= 6, "{rounds} rounds to reach {}", c.limit());
-        assert!(c.latency().is_some_and(|l| l.abs_diff(RTT) < Duration::from_micros(1)));
+        assert!(
+            c.latency()
+                .is_some_and(|l| l.abs_diff(RTT) < Duration::from_micros(1))
+        );
         assert_eq!(c.peak(), c.limit());
     }
 
@@ -696,29 +685,6 @@ mod tests {
             c.on_done(RefreshOutcome::Refreshed, RTT, false, now);
         }
         assert_eq!(c.limit(), INITIAL_CONCURRENCY);
-        // Nothing waiting, nothing needed.
-        c.on_backlog(0, Duration::from_secs(2), now);
-        assert_eq!(c.limit(), INITIAL_CONCURRENCY);
-    }
-
-    #[test]
-    fn a_backlog_moves_the_limit_towards_littles_law_at_most_doubling() {
-        let mut c = ConcurrencyController::adaptive(1000);
-        let now = Instant::now();
-        // No latency measured yet: no basis for a jump.
-        c.on_backlog(10_000, Duration::from_secs(2), now);
-        assert_eq!(c.limit(), INITIAL_CONCURRENCY);
-        c.on_done(RefreshOutcome::Refreshed, RTT, false, now);
-        // 500 waiting, 200 ms each, within 2 s: 50 in flight needed; at most doubling per poll.
-        c.on_backlog(500, Duration::from_secs(2), now);
-        assert_eq!(c.limit(), 2 * INITIAL_CONCURRENCY);
-        for _ in 0..10 {
-            c.on_backlog(500, Duration::from_secs(2), now);
-        }
-        assert_eq!(c.limit(), 50);
-        // A smaller backlog does not shrink it (the provider is what shrinks it).
-        c.on_backlog(10, Duration::from_secs(2), now);
-        assert_eq!(c.limit(), 50);
     }
 
     #[test]
@@ -733,9 +699,6 @@ mod tests {
         assert_eq!(c.limit(), 32);
         // A round trip later it is a new signal.
         c.on_done(RefreshOutcome::ProviderFailing, RTT, true, now + RTT);
-        assert_eq!(c.limit(), 16);
-        // No Little's-law jump right after a decrease.
-        c.on_backlog(100_000, Duration::from_secs(2), now + RTT + RTT / 2);
         assert_eq!(c.limit(), 16);
         // After the first push back it grows by about one per round trip, not by doubling.
         for _ in 0..20 {
@@ -752,22 +715,28 @@ mod tests {
         for _ in 0..10_000 {
             c.on_done(RefreshOutcome::Refreshed, RTT, true, now);
         }
-        c.on_backlog(1_000_000, Duration::from_millis(1), now);
         assert_eq!(c.limit(), 20);
         for i in 0..100u32 {
-            c.on_done(RefreshOutcome::ProviderFailing, RTT, true, now + RTT * (i + 1));
+            c.on_done(
+                RefreshOutcome::ProviderFailing,
+                RTT,
+                true,
+                now + RTT * (i + 1),
+            );
         }
         assert_eq!(c.limit(), 2);
         // Outcomes without a signal move nothing.
         c.on_done(RefreshOutcome::Other, Duration::from_secs(30), true, now);
         assert_eq!(c.limit(), 2);
-        assert!(c.latency().is_some_and(|l| l.abs_diff(RTT) < Duration::from_micros(1)));
+        assert!(
+            c.latency()
+                .is_some_and(|l| l.abs_diff(RTT) < Duration::from_micros(1))
+        );
         // A fixed limit never moves; a ceiling below the initial limit wins.
         let mut f = ConcurrencyController::fixed(16);
         for _ in 0..100 {
             f.on_done(RefreshOutcome::Refreshed, RTT, true, now);
         }
-        f.on_backlog(100_000, Duration::from_secs(1), now);
         f.on_done(RefreshOutcome::ProviderFailing, RTT, true, now);
         assert_eq!((f.limit(), f.peak()), (16, 16));
         assert_eq!(ConcurrencyController::adaptive(3).limit(), 3);

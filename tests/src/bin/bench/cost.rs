@@ -133,7 +133,9 @@ pub async fn run(args: Args) -> Result<()> {
         "# machine: {} cpus, {}; load {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         issuance::cpu_model(),
-        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
 
     let mut steps: Vec<Step> = Vec::new();
@@ -215,7 +217,12 @@ fn figures(first: &Step, last: &Step) {
 }
 
 /// Adds idle mailboxes `from..to` (`idle000000`, …) with active grants, as a consent leaves them.
-async fn seed(store: &Arc<RedisStore>, keyring: &Arc<Keyring>, from: usize, to: usize) -> Result<()> {
+async fn seed(
+    store: &Arc<RedisStore>,
+    keyring: &Arc<Keyring>,
+    from: usize,
+    to: usize,
+) -> Result<()> {
     let next = Arc::new(AtomicUsize::new(from));
     let now = OffsetDateTime::now_utc();
     let mut workers = tokio::task::JoinSet::new();

@@ -361,7 +361,12 @@ pub(crate) struct Figure {
 
 /// N tasks calling `call` in a loop over `channels` for warm-up + `seconds`; latencies of the
 /// measured part only.
-pub(crate) async fn phase(call: Call, channels: &[Channel], inflight: u32, seconds: u64) -> Result<Figure> {
+pub(crate) async fn phase(
+    call: Call,
+    channels: &[Channel],
+    inflight: u32,
+    seconds: u64,
+) -> Result<Figure> {
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let failed = Arc::new(AtomicU64::new(0));
