@@ -27,8 +27,9 @@
 //! round trip, when the provider throttles or fails transiently (429, 5xx, timeouts, an open
 //! breaker). `tokens.scheduler_concurrency` is its ceiling. A poll takes only as many due entries
 //! as there are free slots (picked at random among the earliest few times that many, so replicas
-//! polling together mostly claim different ones), and polls again as soon as a slot frees while
-//! more is due.
+//! polling together mostly pick different ones), claims each with a store lease on the entry (a
+//! conditional write: of two replicas that picked the same entry one starts it, the other moves
+//! on) held until the refresh ends, and polls again as soon as a slot frees while more is due.
 //!
 //! The controller is written here rather than taken from a crate: the adaptive limiters published
 //! (AIMD/Vegas/gradient layers for tower or reqwest) treat a rising latency as overload and
@@ -238,6 +239,10 @@ pub struct SchedulerStats {
     pub peak_in_flight: AtomicUsize,
     /// Refreshes whose provider failed transiently.
     pub provider_failing: AtomicUsize,
+    /// Scheduled refreshes started (a mailbox another replica refreshed meanwhile counts too).
+    pub started: AtomicUsize,
+    /// The controller's smoothed refresh duration, in milliseconds.
+    pub latency_ms: AtomicUsize,
 }
 
 /// The schedule member of a mailbox: `<tenant>/<mailbox>` (names never contain `/`).
@@ -335,6 +340,11 @@ fn finished(
         stats.provider_failing.fetch_add(1, Ordering::Relaxed);
     }
     controller.on_done(outcome, took, backlog, Instant::now());
+    if let Some(latency) = controller.latency() {
+        stats
+            .latency_ms
+            .store(latency.as_millis() as usize, Ordering::Relaxed);
+    }
     stats.limit.store(controller.limit(), Ordering::Relaxed);
     stats.peak_limit.store(controller.peak(), Ordering::Relaxed);
 }
@@ -351,6 +361,7 @@ async fn run(
     // A claimed entry is not taken again before its refresh could have finished: one provider
     // call plus a lease TTL (the lease itself is short and renewed while the refresh runs).
     let claim_for = service.config().provider_timeout + service.config().lease_ttl;
+    let owner = format!("{}:{}", service.config().replica_id, uuid::Uuid::new_v4());
     stats.limit.store(controller.limit(), Ordering::Relaxed);
     stats.peak_limit.store(controller.peak(), Ordering::Relaxed);
     let mut running: JoinSet<Done> = JoinSet::new();
@@ -376,11 +387,18 @@ async fn run(
     );
 
     let mut again_now = false;
-    loop {
+    'polls: loop {
         if !again_now {
-            tokio::select! {
-                () = &mut shutdown => break,
-                _ = ticker.tick() => {}
+            // Until the next poll, refreshes that end are counted at once (not at the poll):
+            // a finished refresh must not look like a busy slot.
+            loop {
+                tokio::select! {
+                    () = &mut shutdown => break 'polls,
+                    _ = ticker.tick() => break,
+                    Some(done) = running.join_next(), if !running.is_empty() => {
+                        finished(done, false, &mut in_flight, &mut controller, &stats);
+                    }
+                }
             }
         } else if running.len() >= controller.limit() {
             // The last poll left due work behind and every slot is taken: the work waits for a
@@ -443,25 +461,40 @@ async fn run(
                 continue;
             };
             let (tenant, mailbox) = (tenant.to_owned(), mailbox.to_owned());
-            // Claim: nobody (here or elsewhere) takes it again before the refresh could be done.
+            // Claim, in one conditional write: a replica that polled the same entry a moment
+            // earlier holds it, and this one goes on to the next.
+            let claim = claim_name(&entry);
+            match store.try_lease(&claim, &owner, claim_for).await {
+                Ok(Some(_)) => {}
+                Ok(None) => continue,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot claim a due refresh; retrying later");
+                    break;
+                }
+            }
+            // Nobody (here or elsewhere) polls it again before the refresh could be done.
             if let Err(error) = store
                 .schedule(REFRESH_SCHEDULE, &entry, unix_ms(now + claim_for))
                 .await
             {
                 tracing::warn!(%error, "cannot claim a due refresh; retrying later");
+                let _ = store.release_lease(&claim, &owner).await;
                 break;
             }
             claimed_any = true;
             in_flight.insert(entry.clone());
+            stats.started.fetch_add(1, Ordering::Relaxed);
             let running_now = stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
             stats
                 .peak_in_flight
                 .fetch_max(running_now, Ordering::Relaxed);
-            let service = service.clone();
+            let (service, owner) = (service.clone(), owner.clone());
             running.spawn(async move {
                 let started = Instant::now();
                 let outcome = service.scheduled_refresh(&tenant, &mailbox).await;
-                (entry, outcome, started.elapsed())
+                let took = started.elapsed();
+                let _ = service.state().store.release_lease(&claim, &owner).await;
+                (entry, outcome, took)
             });
         }
         stats.limit.store(controller.limit(), Ordering::Relaxed);
@@ -470,6 +503,11 @@ async fn run(
         again_now = full && claimed_any;
     }
     drain(running).await;
+}
+
+/// The store lease a replica holds on a schedule entry while it refreshes that mailbox.
+fn claim_name(member: &str) -> String {
+    format!("refresh-claim/{member}")
 }
 
 /// Fisher–Yates with the scheduler's jitter source.

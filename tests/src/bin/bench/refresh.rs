@@ -754,6 +754,8 @@ mod scale {
         peak_in_flight_total: usize,
         peak_in_flight_replica: usize,
         provider_failing: usize,
+        /// Scheduled refreshes started, all replicas (above `n`: a mailbox taken by two).
+        started: usize,
         per_grant_max: usize,
         grants_over_once: usize,
         stopped_at_cap: bool,
@@ -860,9 +862,18 @@ mod scale {
                     .iter()
                     .map(|s| s.limit.load(Ordering::Relaxed).to_string())
                     .collect();
+                let latencies: Vec<String> = stats
+                    .iter()
+                    .map(|s| s.latency_ms.load(Ordering::Relaxed).to_string())
+                    .collect();
+                let started: usize = stats
+                    .iter()
+                    .map(|s| s.started.load(Ordering::Relaxed))
+                    .sum();
                 println!(
-                    "bench=refresh-scale phase={label} progress refreshed={refreshed} in_flight={total} limits={} to_expiry_s={:.0}",
+                    "bench=refresh-scale phase={label} progress refreshed={refreshed} started={started} in_flight={total} limits={} refresh_ms={} to_expiry_s={:.0}",
                     limits.join("/"),
+                    latencies.join("/"),
                     (expiry - now).as_seconds_f64()
                 );
             }
@@ -922,6 +933,10 @@ mod scale {
                 .iter()
                 .map(|s| s.provider_failing.load(Ordering::Relaxed))
                 .sum(),
+            started: stats
+                .iter()
+                .map(|s| s.started.load(Ordering::Relaxed))
+                .sum(),
             per_grant_max: per_grant.iter().max().copied().unwrap_or(0),
             grants_over_once: per_grant.iter().filter(|&&c| c > 1).count(),
             stopped_at_cap,
@@ -935,7 +950,7 @@ mod scale {
 
     fn print(p: &Phase, args: &super::Args) {
         println!(
-            "bench=refresh-scale phase={} mailboxes={} replicas={} latency_ms={} lifetime_s={} seed_s={:.1} refresh_requests={} refreshed_before_expiry={} missed={} margin_s={:.1} margin_projected={} run_s={:.1} refreshes_per_s={:.0} peak_limit_per_replica={} peak_in_flight_replica={} peak_in_flight_total={} provider_failing={} refresh_requests_per_grant_max={} grants_refreshed_more_than_once={} stopped_at_cap={} process_rss=\"{}\"",
+            "bench=refresh-scale phase={} mailboxes={} replicas={} latency_ms={} lifetime_s={} seed_s={:.1} refresh_requests={} refreshed_before_expiry={} missed={} margin_s={:.1} margin_projected={} run_s={:.1} refreshes_per_s={:.0} peak_limit_per_replica={} peak_in_flight_replica={} peak_in_flight_total={} provider_failing={} scheduled_refreshes_started={} refresh_requests_per_grant_max={} grants_refreshed_more_than_once={} stopped_at_cap={} process_rss=\"{}\"",
             p.label,
             p.n,
             args.replicas,
@@ -953,6 +968,7 @@ mod scale {
             p.peak_in_flight_replica,
             p.peak_in_flight_total,
             p.provider_failing,
+            p.started,
             p.per_grant_max,
             p.grants_over_once,
             p.stopped_at_cap,
