@@ -444,7 +444,8 @@ pub struct TokensSection {
     pub scheduler_interval_ms: u64,
     /// Most due mailboxes taken per look.
     pub scheduler_batch: usize,
-    /// Most refreshes one replica runs at once.
+    /// Ceiling of the refreshes one replica runs at once: below it the scheduler adapts the
+    /// limit to the provider (grows while due work waits, halves when the provider throttles).
     pub scheduler_concurrency: usize,
     /// Consecutive transient failures (network, timeouts, HTTP 5xx/429) of one provider token
     /// endpoint, across its grants, that open the endpoint's breaker; 0 = no breaker.
@@ -480,7 +481,7 @@ impl Default for TokensSection {
             backoff_max_seconds: 1800,
             scheduler_interval_ms: 2000,
             scheduler_batch: 256,
-            scheduler_concurrency: 16,
+            scheduler_concurrency: crate::tokens::scheduler::DEFAULT_CONCURRENCY_CEILING,
             breaker_failures: 2,
             breaker_probe_interval_ms: 5000,
             breaker_release_spread_ms: 3000,
@@ -1089,10 +1090,11 @@ lease_wait_seconds = 10
 backoff_min_seconds = 30
 backoff_max_seconds = 1800
 # How often each replica looks for mailboxes due for a refresh (milliseconds), how many it takes
-# per look, and how many refreshes it runs at once.
+# per look, and the ceiling of refreshes it runs at once (below it the limit adapts: it grows while
+# due work waits for a slow provider and halves when the provider throttles or fails).
 scheduler_interval_ms = 2000
 scheduler_batch = 256
-scheduler_concurrency = 16
+scheduler_concurrency = 128
 # While a provider's token endpoint fails transiently (network, timeouts, HTTP 5xx/429), its grants
 # stop calling it after this many consecutive failures (0 turns it off: each grant backs off alone);
 # one probe refresh goes through every breaker_probe_interval_ms (never before a Retry-After), and

@@ -606,9 +606,25 @@ impl FakeIdp {
         self.st().outage_retry_after = seconds;
     }
 
-    /// Delay added to every answer.
+    /// Delay added to every answer (token endpoint included: a provider 200 ms away is
+    /// `set_latency(Duration::from_millis(200))`). Requests are processed at once and answered
+    /// after the delay, so any number can be in flight, as at a real provider.
     pub fn set_latency(&self, latency: Duration) {
         self.st().latency = latency;
+    }
+
+    /// Whether every request is kept for [`Self::requests`] (default on). Benchmarks with
+    /// hundreds of thousands of requests turn it off; the counters
+    /// ([`Self::token_requests`], [`Self::refresh_requests_per_grant`]) still count.
+    pub fn set_recording(&self, on: bool) {
+        self.st().recording = on;
+    }
+
+    /// For every grant the fake issued (in issue order: authorization codes, device codes,
+    /// client credentials), how many `refresh_token` requests presented one of its refresh
+    /// tokens, whatever the answer. "Never more than once per grant" is `max() <= 1`.
+    pub fn refresh_requests_per_grant(&self) -> Vec<usize> {
+        self.st().refresh_requests_per_grant.clone()
     }
 
     /// The next refresh with this refresh token fails with `AADSTS<aadsts>` (Microsoft) and the
@@ -692,19 +708,14 @@ impl FakeIdp {
             .collect()
     }
 
-    /// How many token requests (both token endpoints) had this `grant_type`.
+    /// How many token requests (both token endpoints) had this `grant_type` (counted when
+    /// processed, recorded or not).
     pub fn token_requests(&self, grant_type: &str) -> usize {
         self.st()
-            .requests
-            .iter()
-            .filter(|r| {
-                matches!(
-                    r.endpoint,
-                    Some(Endpoint::MicrosoftToken | Endpoint::GoogleToken)
-                )
-            })
-            .filter(|r| r.grant_type.as_deref() == Some(grant_type))
-            .count()
+            .token_request_counts
+            .get(grant_type)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Refresh tokens issued to a user that are still valid (newest last).

@@ -189,16 +189,23 @@ async fn handle(
             },
         };
         let now = st.now();
-        st.requests.push(RecordedRequest {
-            endpoint: routed.as_ref().map(|(e, _, _)| *e),
-            method: method.to_string(),
-            path,
-            query,
-            form,
-            grant_type,
-            status: reply.status,
-            time: now,
-        });
+        if let (Some((Endpoint::MicrosoftToken | Endpoint::GoogleToken, _, _)), Some(g)) =
+            (&routed, &grant_type)
+        {
+            *st.token_request_counts.entry(g.clone()).or_insert(0) += 1;
+        }
+        if st.recording {
+            st.requests.push(RecordedRequest {
+                endpoint: routed.as_ref().map(|(e, _, _)| *e),
+                method: method.to_string(),
+                path,
+                query,
+                form,
+                grant_type,
+                status: reply.status,
+                time: now,
+            });
+        }
         (reply, now, st.latency)
     };
 

@@ -272,6 +272,15 @@ pub(super) struct State {
     grants: Vec<Grant>,
     /// Refresh token → grant, in issue order.
     refresh_tokens: Vec<(String, usize)>,
+    /// Refresh token → grant (the lookup of [`Self::refresh_tokens`], which keeps the order).
+    refresh_token_grant: HashMap<String, usize>,
+    /// `refresh_token` requests that presented a token of each grant (index = grant), whatever
+    /// the answer.
+    pub refresh_requests_per_grant: Vec<usize>,
+    /// Token-endpoint requests per `grant_type` (counted even when requests are not recorded).
+    pub token_request_counts: HashMap<String, usize>,
+    /// Whether every request is kept in [`Self::requests`] (off for benchmarks at scale).
+    pub recording: bool,
     /// Refresh tokens already redeemed, for clients whose tokens are single-use
     /// ([`super::RefreshRotation`]).
     used_refresh_tokens: HashSet<String>,
@@ -359,6 +368,10 @@ impl State {
             auth_codes: HashMap::new(),
             grants: Vec::new(),
             refresh_tokens: Vec::new(),
+            refresh_token_grant: HashMap::new(),
+            refresh_requests_per_grant: Vec::new(),
+            token_request_counts: HashMap::new(),
+            recording: true,
             used_refresh_tokens: HashSet::new(),
             refresh_token_reuses: 0,
             hang: false,
@@ -551,6 +564,7 @@ impl State {
             revoked: false,
             refresh_expires_at,
         });
+        self.refresh_requests_per_grant.push(0);
         self.grants.len() - 1
     }
 
@@ -594,6 +608,7 @@ impl State {
         }
         if with_refresh {
             let rt = random("fake-rt-");
+            self.refresh_token_grant.insert(rt.clone(), grant);
             self.refresh_tokens.push((rt.clone(), grant));
             body["refresh_token"] = json!(rt);
         }
@@ -696,10 +711,9 @@ impl State {
 
     pub fn revoke_grant_of(&mut self, token: &str) -> Result<(), String> {
         let grant = self
-            .refresh_tokens
-            .iter()
-            .find(|(t, _)| t == token)
-            .map(|(_, g)| *g)
+            .refresh_token_grant
+            .get(token)
+            .copied()
             .or_else(|| self.access_tokens.get(token).map(|a| a.grant))
             .ok_or_else(|| "no such token".to_owned())?;
         self.grants[grant].revoked = true;
@@ -1174,11 +1188,10 @@ impl State {
                 "The request body must contain the following parameter: 'refresh_token'.",
             );
         };
-        let grant_id = self
-            .refresh_tokens
-            .iter()
-            .find(|(t, _)| t == rt)
-            .map(|(_, g)| *g);
+        let grant_id = self.refresh_token_grant.get(rt).copied();
+        if let Some(count) = grant_id.and_then(|g| self.refresh_requests_per_grant.get_mut(g)) {
+            *count += 1;
+        }
         // Forced failures (tests) come first.
         let forced = self
             .forced_refresh_failures

@@ -69,7 +69,7 @@ use super::grant::{
     seal_field,
 };
 use super::machine::{self, Alert, Effects, Event, Failure, Lifecycle, Schedule};
-use super::scheduler::{SchedulerConfig, schedule_refresh, unschedule_refresh};
+use super::scheduler::{RefreshOutcome, SchedulerConfig, schedule_refresh, unschedule_refresh};
 use crate::records::{
     CAS_ATTEMPTS, Records, Snapshot, Versioned, mailbox_key, open_client_secret,
     open_service_account_key, provider_key,
@@ -1025,10 +1025,11 @@ impl TokenService {
     }
 
     /// One scheduled refresh (called by the scheduler); outcomes are logged and the schedule
-    /// entry is moved to when the mailbox should be looked at next.
-    pub async fn scheduled_refresh(&self, tenant: &str, mailbox: &str) {
+    /// entry is moved to when the mailbox should be looked at next. The returned outcome feeds
+    /// the scheduler's concurrency controller.
+    pub async fn scheduled_refresh(&self, tenant: &str, mailbox: &str) -> RefreshOutcome {
         self.background_refresh(tenant, mailbox, Trigger::Scheduled)
-            .await;
+            .await
     }
 
     /// A refresh of a grant the provider's breaker released (or picked as its probe); outcomes
@@ -1038,10 +1039,15 @@ impl TokenService {
             .await;
     }
 
-    async fn background_refresh(&self, tenant: &str, mailbox: &str, trigger: Trigger) {
+    async fn background_refresh(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+        trigger: Trigger,
+    ) -> RefreshOutcome {
         let store = self.inner.state.store.as_ref();
         match self.delete_if_idle(tenant, mailbox).await {
-            Ok(true) => return,
+            Ok(true) => return RefreshOutcome::Other,
             Ok(false) => {}
             Err(error) => {
                 tracing::warn!(%error, tenant, mailbox, "checking an idle user token failed");
@@ -1058,9 +1064,9 @@ impl TokenService {
                 .forget(&(tenant.to_owned(), mailbox.to_owned()));
         }
         let next = match &result {
-            Ok(_) => return,
+            Ok(_) => return RefreshOutcome::Refreshed,
             // Rescheduled where the failure was recorded (or by whoever recorded it).
-            Err(TokenError::RefreshFailing { .. }) => return,
+            Err(TokenError::RefreshFailing { .. }) => return RefreshOutcome::ProviderFailing,
             // A dead grant waits for a person; nothing to schedule.
             Err(TokenError::ReauthRequired { .. }) => None,
             Err(TokenError::MailboxNotFound { .. }) => {
@@ -1095,6 +1101,7 @@ impl TokenService {
         if let Err(error) = written {
             tracing::warn!(%error, tenant, mailbox, "updating the refresh schedule failed");
         }
+        RefreshOutcome::Other
     }
 
     /// Takes the mailbox's lease (waiting for another holder, bounded by a deadline) and runs the

@@ -16,17 +16,37 @@
 //! finds an entry due whose grant says "later" re-schedules it to the grant's time. A one-time
 //! sweep at start-up ([`reconcile`], at most once per [`RECONCILE_EVERY`] across all replicas)
 //! re-indexes grants that have no entry, e.g. written by an older broker.
+//!
+//! How many refreshes a replica runs at once is not fixed: a [`ConcurrencyController`] adapts it
+//! to the provider. Refresh throughput is concurrency ÷ provider latency (Little's law), so a
+//! fixed limit of 16 refreshes 80 mailboxes a second at 200 ms of provider latency whatever is
+//! due. The controller (AIMD with a slow start, as TCP's congestion window) grows the limit while
+//! due work waits for a slot — by one per successful refresh, i.e. doubling per provider round
+//! trip, until the provider first pushes back, then by about one per round trip — so the refreshes
+//! in flight reach what the due work needs at the measured latency; it halves the limit, once per
+//! round trip, when the provider throttles or fails transiently (429, 5xx, timeouts, an open
+//! breaker). `tokens.scheduler_concurrency` is its ceiling. A poll takes only as many due entries
+//! as there are free slots (picked at random among the earliest few times that many, so replicas
+//! polling together mostly pick different ones), claims each with a store lease on the entry (a
+//! conditional write: of two replicas that picked the same entry one starts it, the other moves
+//! on) held until the refresh ends, and polls again as soon as a slot frees while more is due.
+//!
+//! The controller is written here rather than taken from a crate: the adaptive limiters published
+//! (AIMD/Vegas/gradient layers for tower or reqwest) treat a rising latency as overload and
+//! shrink, while here latency is the provider's and a long one is exactly when more must be in
+//! flight; and the signal that must shrink it is the outcome of a whole refresh (a breaker that
+//! holds a grant back never sends an HTTP request such a layer could see).
 
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokenfleet_domain::{Tenant, TokenStatus};
 use tokenfleet_store::{Precondition, RecordKey, Scope, Store, StoreResult};
-use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::backoff::unit_random;
@@ -61,18 +81,168 @@ pub struct SchedulerConfig {
     pub interval: Duration,
     /// Most due entries taken per poll.
     pub batch: usize,
-    /// Most refreshes running at once on this replica.
+    /// Ceiling of the refreshes running at once on this replica; the [`ConcurrencyController`]
+    /// adapts the actual limit below it.
     pub concurrency: usize,
 }
+
+/// Default ceiling of concurrent refreshes per replica.
+pub const DEFAULT_CONCURRENCY_CEILING: usize = 128;
+
+/// The limit the controller starts at (or the ceiling, if lower).
+pub const INITIAL_CONCURRENCY: usize = 8;
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
             interval: Duration::from_secs(2),
             batch: 256,
-            concurrency: 16,
+            concurrency: DEFAULT_CONCURRENCY_CEILING,
         }
     }
+}
+
+/// What became of one scheduled refresh, as the concurrency controller sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshOutcome {
+    /// The grant has a fresh token (from the provider, or another replica's answer).
+    Refreshed,
+    /// The provider failed transiently (429, 5xx, timeout, network) or its breaker is open.
+    ProviderFailing,
+    /// Anything else (nothing to refresh, a dead grant, a store problem): no signal.
+    Other,
+}
+
+/// The adaptive limit on refreshes in flight (see the module documentation). Pure state: the
+/// scheduler tells it what happened, it answers [`Self::limit`]; time comes in as arguments so
+/// it can be tested without clocks.
+#[derive(Debug, Clone)]
+pub struct ConcurrencyController {
+    limit: f64,
+    min: usize,
+    max: usize,
+    /// Grow by one per success (doubling per round trip) until the provider first pushes back.
+    slow_start: bool,
+    /// Smoothed duration of refreshes that succeeded.
+    latency: Option<Duration>,
+    last_decrease: Option<Instant>,
+    peak: usize,
+}
+
+impl ConcurrencyController {
+    /// Weight of a new latency sample in the moving average.
+    const SMOOTHING: f64 = 0.2;
+    /// Factor of a decrease on throttling.
+    const DECREASE: f64 = 0.5;
+    /// Round trip assumed before any refresh has succeeded.
+    const DEFAULT_LATENCY: Duration = Duration::from_millis(500);
+
+    /// An adaptive limit within `[min, max]` starting at `initial`.
+    pub fn new(initial: usize, min: usize, max: usize) -> Self {
+        let max = max.max(1);
+        let min = min.clamp(1, max);
+        let initial = initial.clamp(min, max);
+        Self {
+            limit: initial as f64,
+            min,
+            max,
+            slow_start: true,
+            latency: None,
+            last_decrease: None,
+            peak: initial,
+        }
+    }
+
+    /// The scheduler's default: start at [`INITIAL_CONCURRENCY`], never below 1, at most
+    /// `ceiling`.
+    pub fn adaptive(ceiling: usize) -> Self {
+        Self::new(INITIAL_CONCURRENCY, 1, ceiling)
+    }
+
+    /// A limit that never moves (what the scheduler did before; benchmarks' baseline).
+    pub fn fixed(limit: usize) -> Self {
+        Self::new(limit, limit, limit)
+    }
+
+    /// Refreshes that may run at once now.
+    pub fn limit(&self) -> usize {
+        (self.limit.floor() as usize).clamp(self.min, self.max)
+    }
+
+    /// The highest limit reached so far.
+    pub fn peak(&self) -> usize {
+        self.peak
+    }
+
+    /// The smoothed duration of successful refreshes, once there was one.
+    pub fn latency(&self) -> Option<Duration> {
+        self.latency
+    }
+
+    fn set(&mut self, limit: f64) {
+        self.limit = limit.clamp(self.min as f64, self.max as f64);
+        self.peak = self.peak.max(self.limit());
+    }
+
+    /// A refresh ended (`outcome`, after `took`); `backlog`: due work was waiting for a slot
+    /// when it ended (only then does the limit grow: a limit nobody needs proves nothing).
+    pub fn on_done(
+        &mut self,
+        outcome: RefreshOutcome,
+        took: Duration,
+        backlog: bool,
+        now: Instant,
+    ) {
+        match outcome {
+            RefreshOutcome::Refreshed => {
+                self.latency = Some(match self.latency {
+                    None => took,
+                    Some(avg) => avg.mul_f64(1.0 - Self::SMOOTHING) + took.mul_f64(Self::SMOOTHING),
+                });
+                if backlog {
+                    let step = if self.slow_start {
+                        1.0
+                    } else {
+                        1.0 / self.limit.max(1.0)
+                    };
+                    self.set(self.limit + step);
+                }
+            }
+            RefreshOutcome::ProviderFailing => {
+                // Once per round trip: the refreshes already in flight when the provider pushed
+                // back fail together, and that is one signal, not many.
+                let round_trip = self.latency.unwrap_or(Self::DEFAULT_LATENCY);
+                if self
+                    .last_decrease
+                    .is_none_or(|at| now.saturating_duration_since(at) >= round_trip)
+                {
+                    self.slow_start = false;
+                    self.last_decrease = Some(now);
+                    self.set((self.limit * Self::DECREASE).floor());
+                }
+            }
+            RefreshOutcome::Other => {}
+        }
+    }
+}
+
+/// What a running scheduler shows of itself (for benchmarks and logs).
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    /// The controller's current limit.
+    pub limit: AtomicUsize,
+    /// The highest limit it reached.
+    pub peak_limit: AtomicUsize,
+    /// Refreshes running now.
+    pub in_flight: AtomicUsize,
+    /// The most refreshes that ran at once.
+    pub peak_in_flight: AtomicUsize,
+    /// Refreshes whose provider failed transiently.
+    pub provider_failing: AtomicUsize,
+    /// Scheduled refreshes started (a mailbox another replica refreshed meanwhile counts too).
+    pub started: AtomicUsize,
+    /// The controller's smoothed refresh duration, in milliseconds.
+    pub latency_ms: AtomicUsize,
 }
 
 /// The schedule member of a mailbox: `<tenant>/<mailbox>` (names never contain `/`).
@@ -134,19 +304,67 @@ impl RefreshScheduler {
         service: TokenService,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> JoinHandle<()> {
-        tokio::spawn(run(service, shutdown))
+        let controller = ConcurrencyController::adaptive(service.config().scheduler.concurrency);
+        Self::spawn_with(service, shutdown, controller).0
+    }
+
+    /// [`Self::spawn`] with a given controller (e.g. [`ConcurrencyController::fixed`]), and what
+    /// it shows of itself while it runs.
+    pub fn spawn_with(
+        service: TokenService,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        controller: ConcurrencyController,
+    ) -> (JoinHandle<()>, Arc<SchedulerStats>) {
+        let stats = Arc::new(SchedulerStats::default());
+        let handle = tokio::spawn(run(service, shutdown, controller, stats.clone()));
+        (handle, stats)
     }
 }
 
-async fn run(service: TokenService, shutdown: impl Future<Output = ()> + Send + 'static) {
+type Done = (String, RefreshOutcome, Duration);
+
+/// Feeds a finished refresh to the controller and the stats.
+fn finished(
+    done: Result<Done, tokio::task::JoinError>,
+    backlog: bool,
+    in_flight: &mut HashSet<String>,
+    controller: &mut ConcurrencyController,
+    stats: &SchedulerStats,
+) {
+    stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    let Ok((member, outcome, took)) = done else {
+        return;
+    };
+    in_flight.remove(&member);
+    if outcome == RefreshOutcome::ProviderFailing {
+        stats.provider_failing.fetch_add(1, Ordering::Relaxed);
+    }
+    controller.on_done(outcome, took, backlog, Instant::now());
+    if let Some(latency) = controller.latency() {
+        stats
+            .latency_ms
+            .store(latency.as_millis() as usize, Ordering::Relaxed);
+    }
+    stats.limit.store(controller.limit(), Ordering::Relaxed);
+    stats.peak_limit.store(controller.peak(), Ordering::Relaxed);
+}
+
+async fn run(
+    service: TokenService,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    mut controller: ConcurrencyController,
+    stats: Arc<SchedulerStats>,
+) {
     let mut shutdown = std::pin::pin!(shutdown);
     let config = service.config().scheduler.clone();
     let store = service.state().store.clone();
     // A claimed entry is not taken again before its refresh could have finished: one provider
     // call plus a lease TTL (the lease itself is short and renewed while the refresh runs).
     let claim_for = service.config().provider_timeout + service.config().lease_ttl;
-    let semaphore = Arc::new(Semaphore::new(config.concurrency.max(1)));
-    let mut running: JoinSet<String> = JoinSet::new();
+    let owner = format!("{}:{}", service.config().replica_id, uuid::Uuid::new_v4());
+    stats.limit.store(controller.limit(), Ordering::Relaxed);
+    stats.peak_limit.store(controller.peak(), Ordering::Relaxed);
+    let mut running: JoinSet<Done> = JoinSet::new();
     let mut in_flight: HashSet<String> = HashSet::new();
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -163,31 +381,55 @@ async fn run(service: TokenService, shutdown: impl Future<Output = ()> + Send + 
     }
     tracing::info!(
         interval_ms = config.interval.as_millis() as u64,
-        concurrency = config.concurrency,
+        concurrency_ceiling = config.concurrency,
+        concurrency = controller.limit(),
         "refresh scheduler running"
     );
 
     let mut again_now = false;
-    loop {
+    'polls: loop {
         if !again_now {
+            // Until the next poll, refreshes that end are counted at once (not at the poll):
+            // a finished refresh must not look like a busy slot.
+            loop {
+                tokio::select! {
+                    () = &mut shutdown => break 'polls,
+                    _ = ticker.tick() => break,
+                    Some(done) = running.join_next(), if !running.is_empty() => {
+                        finished(done, false, &mut in_flight, &mut controller, &stats);
+                    }
+                }
+            }
+        } else if running.len() >= controller.limit() {
+            // The last poll left due work behind and every slot is taken: the work waits for a
+            // slot (what lets the controller grow the limit).
             tokio::select! {
                 () = &mut shutdown => break,
-                _ = ticker.tick() => {}
+                done = running.join_next() => if let Some(done) = done {
+                    finished(done, true, &mut in_flight, &mut controller, &stats);
+                },
             }
         }
+        let backlog = again_now;
         again_now = false;
         while let Some(done) = running.try_join_next() {
-            if let Ok(member) = done {
-                in_flight.remove(&member);
-            }
+            finished(done, backlog, &mut in_flight, &mut controller, &stats);
+        }
+        let free = controller.limit().saturating_sub(running.len());
+        if free == 0 {
+            again_now = backlog;
+            continue;
         }
         let now = service.state().clock.now();
         // Open provider breakers whose probe is due send one held grant to the provider.
         service.start_due_probes();
-        let due = match store
-            .due(REFRESH_SCHEDULE, unix_ms(now), config.batch.max(1))
-            .await
-        {
+        // Only as many as can start now: the rest stays on the schedule for whichever replica
+        // has a slot first (a claimed entry is pushed ahead, so the next poll skips it). Picked
+        // at random among a few times as many of the earliest, so replicas polling at the same
+        // moment mostly claim different ones.
+        let want = free.min(config.batch.max(1));
+        let fetch = (want * 4).min(config.batch.max(1)).max(want);
+        let due = match store.due(REFRESH_SCHEDULE, unix_ms(now), fetch).await {
             Ok(due) => {
                 if store_down {
                     tracing::info!("refresh scheduler reaches the store again");
@@ -203,49 +445,81 @@ async fn run(service: TokenService, shutdown: impl Future<Output = ()> + Send + 
                 continue;
             }
         };
-        let full = due.len() >= config.batch.max(1);
+        let full = due.len() > want || due.len() >= fetch;
+        let mut due: Vec<String> = due
+            .into_iter()
+            .map(|(entry, _)| entry)
+            .filter(|entry| !in_flight.contains(entry))
+            .collect();
+        shuffle(&mut due);
+        due.truncate(want);
         let mut claimed_any = false;
-        for (entry, _) in due {
-            if in_flight.contains(&entry) {
-                continue;
-            }
+        for entry in due {
             let Some((tenant, mailbox)) = parse_member(&entry) else {
                 tracing::warn!(member = %entry, "dropping a malformed refresh schedule entry");
                 let _ = store.unschedule(REFRESH_SCHEDULE, &entry).await;
                 continue;
             };
             let (tenant, mailbox) = (tenant.to_owned(), mailbox.to_owned());
-            // Claim: nobody (here or elsewhere) takes it again before the refresh could be done.
+            // Claim, in one conditional write: a replica that polled the same entry a moment
+            // earlier holds it, and this one goes on to the next.
+            let claim = claim_name(&entry);
+            match store.try_lease(&claim, &owner, claim_for).await {
+                Ok(Some(_)) => {}
+                Ok(None) => continue,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot claim a due refresh; retrying later");
+                    break;
+                }
+            }
+            // Nobody (here or elsewhere) polls it again before the refresh could be done.
             if let Err(error) = store
                 .schedule(REFRESH_SCHEDULE, &entry, unix_ms(now + claim_for))
                 .await
             {
                 tracing::warn!(%error, "cannot claim a due refresh; retrying later");
+                let _ = store.release_lease(&claim, &owner).await;
                 break;
             }
-            let permit = tokio::select! {
-                () = &mut shutdown => return drain(running).await,
-                permit = semaphore.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-            };
             claimed_any = true;
             in_flight.insert(entry.clone());
-            let service = service.clone();
+            stats.started.fetch_add(1, Ordering::Relaxed);
+            let running_now = stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+            stats
+                .peak_in_flight
+                .fetch_max(running_now, Ordering::Relaxed);
+            let (service, owner) = (service.clone(), owner.clone());
             running.spawn(async move {
-                service.scheduled_refresh(&tenant, &mailbox).await;
-                drop(permit);
-                entry
+                let started = Instant::now();
+                let outcome = service.scheduled_refresh(&tenant, &mailbox).await;
+                let took = started.elapsed();
+                let _ = service.state().store.release_lease(&claim, &owner).await;
+                (entry, outcome, took)
             });
         }
+        stats.limit.store(controller.limit(), Ordering::Relaxed);
+        stats.peak_limit.store(controller.peak(), Ordering::Relaxed);
+        // More is due than there were slots: poll again as soon as one frees.
         again_now = full && claimed_any;
     }
     drain(running).await;
 }
 
+/// The store lease a replica holds on a schedule entry while it refreshes that mailbox.
+fn claim_name(member: &str) -> String {
+    format!("refresh-claim/{member}")
+}
+
+/// Fisher–Yates with the scheduler's jitter source.
+fn shuffle(entries: &mut [String]) {
+    for i in (1..entries.len()).rev() {
+        let j = ((unit_random() * (i + 1) as f64) as usize).min(i);
+        entries.swap(i, j);
+    }
+}
+
 /// Lets running refreshes finish (they hold leases), bounded.
-async fn drain(mut running: JoinSet<String>) {
+async fn drain(mut running: JoinSet<Done>) {
     let wait = async { while running.join_next().await.is_some() {} };
     if tokio::time::timeout(Duration::from_secs(5), wait)
         .await
@@ -415,6 +689,105 @@ mod tests {
             *per_second.entry(t.unix_timestamp()).or_insert(0) += 1;
         }
         assert!(per_second.values().all(|&n| n < 20), "{per_second:?}");
+    }
+
+    const RTT: Duration = Duration::from_millis(200);
+
+    #[test]
+    fn the_limit_grows_while_due_work_waits_at_a_slow_provider() {
+        let mut c = ConcurrencyController::adaptive(512);
+        let now = Instant::now();
+        assert_eq!(c.limit(), INITIAL_CONCURRENCY);
+        // 200 ms per refresh and work always waiting: slow start doubles per round of successes.
+        let mut rounds = 0;
+        while c.limit() < 256 && rounds < 20 {
+            for _ in 0..c.limit() {
+                c.on_done(RefreshOutcome::Refreshed, RTT, true, now);
+            }
+            rounds += 1;
+        }
+        assert!(c.limit() >= 256, "{} after {rounds} rounds", c.limit());
+        assert!(rounds <= 6, "{rounds} rounds to reach {}", c.limit());
+        assert!(
+            c.latency()
+                .is_some_and(|l| l.abs_diff(RTT) < Duration::from_micros(1))
+        );
+        assert_eq!(c.peak(), c.limit());
+    }
+
+    #[test]
+    fn the_limit_does_not_grow_without_waiting_work() {
+        let mut c = ConcurrencyController::adaptive(512);
+        let now = Instant::now();
+        for _ in 0..1000 {
+            c.on_done(RefreshOutcome::Refreshed, RTT, false, now);
+        }
+        assert_eq!(c.limit(), INITIAL_CONCURRENCY);
+    }
+
+    #[test]
+    fn throttling_halves_the_limit_once_per_round_trip() {
+        let mut c = ConcurrencyController::new(64, 1, 512);
+        let now = Instant::now();
+        c.on_done(RefreshOutcome::Refreshed, RTT, false, now);
+        // The refreshes in flight when the provider answered 429 fail together: one decrease.
+        for _ in 0..20 {
+            c.on_done(RefreshOutcome::ProviderFailing, RTT, true, now);
+        }
+        assert_eq!(c.limit(), 32);
+        // A round trip later it is a new signal.
+        c.on_done(RefreshOutcome::ProviderFailing, RTT, true, now + RTT);
+        assert_eq!(c.limit(), 16);
+        // After the first push back it grows by about one per round trip, not by doubling.
+        for _ in 0..20 {
+            c.on_done(RefreshOutcome::Refreshed, RTT, true, now + 4 * RTT);
+        }
+        assert_eq!(c.limit(), 17);
+        assert_eq!(c.peak(), 64);
+    }
+
+    #[test]
+    fn the_limit_stays_within_its_bounds() {
+        let now = Instant::now();
+        let mut c = ConcurrencyController::new(4, 2, 20);
+        for _ in 0..10_000 {
+            c.on_done(RefreshOutcome::Refreshed, RTT, true, now);
+        }
+        assert_eq!(c.limit(), 20);
+        for i in 0..100u32 {
+            c.on_done(
+                RefreshOutcome::ProviderFailing,
+                RTT,
+                true,
+                now + RTT * (i + 1),
+            );
+        }
+        assert_eq!(c.limit(), 2);
+        // Outcomes without a signal move nothing.
+        c.on_done(RefreshOutcome::Other, Duration::from_secs(30), true, now);
+        assert_eq!(c.limit(), 2);
+        assert!(
+            c.latency()
+                .is_some_and(|l| l.abs_diff(RTT) < Duration::from_micros(1))
+        );
+        // A fixed limit never moves; a ceiling below the initial limit wins.
+        let mut f = ConcurrencyController::fixed(16);
+        for _ in 0..100 {
+            f.on_done(RefreshOutcome::Refreshed, RTT, true, now);
+        }
+        f.on_done(RefreshOutcome::ProviderFailing, RTT, true, now);
+        assert_eq!((f.limit(), f.peak()), (16, 16));
+        assert_eq!(ConcurrencyController::adaptive(3).limit(), 3);
+        assert_eq!(ConcurrencyController::adaptive(0).limit(), 1);
+    }
+
+    #[test]
+    fn shuffling_keeps_every_entry() {
+        let mut entries: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+        shuffle(&mut entries);
+        let mut sorted = entries.clone();
+        sorted.sort_by_key(|e| e.parse::<u32>().unwrap_or(0));
+        assert_eq!(sorted, (0..100).map(|i| i.to_string()).collect::<Vec<_>>());
     }
 
     #[test]

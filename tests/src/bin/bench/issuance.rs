@@ -59,14 +59,14 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-const TENANT: &str = "bench";
+pub(crate) const TENANT: &str = "bench";
 const AGENT: &str = "site1";
 const DEVICE: &str = "mfp";
-const MAILBOX: &str = "scan";
-const ADDRESS: &str = "scan@contoso.example";
+pub(crate) const MAILBOX: &str = "scan";
+pub(crate) const ADDRESS: &str = "scan@contoso.example";
 const ENTRA: &str = "contoso-tenant";
-const CLIENT_ID: &str = "bench-issuance-app";
-const CLIENT_SECRET: &str = "bench-issuance-client-secret";
+pub(crate) const CLIENT_ID: &str = "bench-issuance-app";
+pub(crate) const CLIENT_SECRET: &str = "bench-issuance-client-secret";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum StoreArg {
@@ -102,10 +102,10 @@ pub struct Args {
 }
 
 /// The broker child process; killed on drop.
-struct BrokerProcess {
-    child: Child,
-    grpc: String,
-    state: tempfile::TempDir,
+pub(crate) struct BrokerProcess {
+    pub(crate) child: Child,
+    pub(crate) grpc: String,
+    pub(crate) state: tempfile::TempDir,
 }
 
 impl Drop for BrokerProcess {
@@ -116,7 +116,9 @@ impl Drop for BrokerProcess {
 }
 
 impl BrokerProcess {
-    fn start(bin: &Path, store_toml: &str) -> Result<Self> {
+    /// Starts `bin serve --dev` on free loopback ports; `store_toml` is appended to its
+    /// configuration (the `[store]` section, and whatever else a scenario sets).
+    pub(crate) fn start(bin: &Path, store_toml: &str) -> Result<Self> {
         let state = tempfile::tempdir().context("temp dir")?;
         let [grpc, http] = tokenfleet_testkit::ports::free_ports::<2>()?;
         let config = format!(
@@ -144,7 +146,7 @@ impl BrokerProcess {
         })
     }
 
-    fn data(&self, file: &str) -> PathBuf {
+    pub(crate) fn data(&self, file: &str) -> PathBuf {
         self.state.path().join("data").join(file)
     }
 
@@ -155,12 +157,12 @@ impl BrokerProcess {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
-    fn ca_pem(&self) -> Result<String> {
+    pub(crate) fn ca_pem(&self) -> Result<String> {
         std::fs::read_to_string(self.data("dev-ca.pem")).context("dev-ca.pem")
     }
 
     /// Waits until the admin key exists and the broker answers an Admin call with it.
-    async fn admin(&mut self) -> Result<TestAdminClient> {
+    pub(crate) async fn admin(&mut self) -> Result<TestAdminClient> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -203,7 +205,7 @@ fn tls_endpoint(url: &str, tls: ClientTlsConfig) -> Result<Endpoint> {
 }
 
 /// Sets up tenant, provider, consented mailbox, device and agent; returns the agent identity.
-async fn provision(
+pub(crate) async fn provision(
     broker: &BrokerProcess,
     admin: &mut TestAdminClient,
     fake: &FakeIdp,
@@ -288,7 +290,7 @@ async fn provision(
 }
 
 /// `count` separate mTLS connections with the agent's certificate.
-async fn connections(
+pub(crate) async fn connections(
     broker: &BrokerProcess,
     identity: &StoredIdentity,
     count: u32,
@@ -307,7 +309,7 @@ async fn connections(
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Call {
+pub(crate) enum Call {
     Health,
     Issue,
 }
@@ -321,7 +323,7 @@ impl Call {
     }
 }
 
-async fn one_call(call: Call, channel: &Channel) -> Result<()> {
+pub(crate) async fn one_call(call: Call, channel: &Channel) -> Result<()> {
     match call {
         Call::Health => {
             HealthClient::new(channel.clone())
@@ -348,17 +350,23 @@ async fn one_call(call: Call, channel: &Channel) -> Result<()> {
     Ok(())
 }
 
+/// What one phase measured.
 #[derive(Debug, Clone, Copy)]
-struct Figure {
-    rps: f64,
-    p50: Duration,
-    p99: Duration,
-    calls: u64,
+pub(crate) struct Figure {
+    pub(crate) rps: f64,
+    pub(crate) p50: Duration,
+    pub(crate) p99: Duration,
+    pub(crate) calls: u64,
 }
 
 /// N tasks calling `call` in a loop over `channels` for warm-up + `seconds`; latencies of the
 /// measured part only.
-async fn phase(call: Call, channels: &[Channel], inflight: u32, seconds: u64) -> Result<Figure> {
+pub(crate) async fn phase(
+    call: Call,
+    channels: &[Channel],
+    inflight: u32,
+    seconds: u64,
+) -> Result<Figure> {
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let failed = Arc::new(AtomicU64::new(0));
@@ -413,7 +421,7 @@ async fn phase(call: Call, channels: &[Channel], inflight: u32, seconds: u64) ->
     })
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
 
@@ -421,10 +429,7 @@ async fn run_store(args: &Args, bin: &Path, store: &str, fake: &FakeIdp) -> Resu
     let mut redis = None;
     let store_toml = if store == "redis" {
         let server = RedisServer::start().await.context("redis-server")?;
-        let toml = format!(
-            "[store]\nbackend = \"redis\"\n[store.redis]\nurls = [{:?}]\n",
-            server.url()
-        );
+        let toml = redis_toml(&server);
         redis = Some(server);
         toml
     } else {
@@ -524,10 +529,18 @@ async fn count_issue_audits(admin: &mut TestAdminClient) -> Result<u64> {
     }
 }
 
-#[tokio::main]
-pub async fn run(args: Args) -> Result<()> {
-    let bin = match &args.broker_bin {
-        Some(bin) => bin.clone(),
+/// The broker's `[store]` section for a Redis server.
+pub(crate) fn redis_toml(server: &RedisServer) -> String {
+    format!(
+        "[store]\nbackend = \"redis\"\n[store.redis]\nurls = [{:?}]\n",
+        server.url()
+    )
+}
+
+/// `--broker-bin`, else `tokenfleet-broker` next to this executable; it must exist.
+pub(crate) fn broker_bin(given: Option<&Path>) -> Result<PathBuf> {
+    let bin = match given {
+        Some(bin) => bin.to_owned(),
         None => std::env::current_exe()?
             .parent()
             .context("executable directory")?
@@ -539,12 +552,24 @@ pub async fn run(args: Args) -> Result<()> {
             bin.display()
         );
     }
+    Ok(bin)
+}
+
+/// The fake identity provider with the app [`provision`] consents for.
+pub(crate) async fn fake_idp() -> Result<FakeIdp> {
     let fake = FakeIdp::start().await.context("fake IdP")?;
     fake.register_client({
         let mut spec = ClientSpec::confidential(CLIENT_ID, CLIENT_SECRET);
         spec.app_only_mailbox = Some(ADDRESS.into());
         spec
     });
+    Ok(fake)
+}
+
+#[tokio::main]
+pub async fn run(args: Args) -> Result<()> {
+    let bin = broker_bin(args.broker_bin.as_deref())?;
+    let fake = fake_idp().await?;
     println!(
         "# machine: {} cpus, {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -561,7 +586,7 @@ pub async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn cpu_model() -> String {
+pub(crate) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

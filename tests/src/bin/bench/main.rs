@@ -20,6 +20,7 @@
 mod agent;
 mod agent_abuse;
 mod broker_abuse;
+mod cost;
 mod fleet;
 mod issuance;
 mod refresh;
@@ -43,7 +44,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Scenario {
-    /// Every target scenario of issue 15 in turn (issuance, relay, refresh, fleet), with default
+    /// Every target scenario of issue 15 in turn (issuance, relay, refresh, fleet, cost), with
+    /// default
     /// options; the figure lines also go to `--out`.
     All(AllArgs),
     /// Cached-token IssueAccessToken over mTLS against Health/Check (target 1).
@@ -54,6 +56,8 @@ enum Scenario {
     Refresh(refresh::Args),
     /// Agents holding status streams at fleet scale: RSS, CPU, command push, failover (target 3).
     Fleet(fleet::Args),
+    /// Issuance latency and broker RSS with 1,000 and 100,000 mailboxes (target 5).
+    Cost(cost::Args),
     /// The agent's mail path in one process.
     Agent(agent::Args),
     /// The agent under idle floods and wrong-password storms.
@@ -68,7 +72,7 @@ struct AllArgs {
     #[arg(long, default_value = "target/bench/figures.txt")]
     out: PathBuf,
     /// Scenarios to run, in order.
-    #[arg(long, value_delimiter = ',', default_values_t = ["issuance".to_owned(), "relay".to_owned(), "refresh".to_owned(), "fleet".to_owned()])]
+    #[arg(long, value_delimiter = ',', default_values_t = ["issuance".to_owned(), "relay".to_owned(), "refresh".to_owned(), "fleet".to_owned(), "cost".to_owned()])]
     only: Vec<String>,
 }
 
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
         },
         Scenario::Refresh(args) => done(refresh::run(args)),
         Scenario::Fleet(args) => done(fleet::run(args)),
+        Scenario::Cost(args) => done(cost::run(args)),
         Scenario::Agent(args) => done(quiet(agent::run(args))),
         Scenario::AgentAbuse(args) => done(agent_abuse::run(args)),
         Scenario::BrokerAbuse(args) => done(broker_abuse::run(args)),

@@ -32,6 +32,28 @@
 //! cargo run --release -p tokenfleet-testkit --bin bench -- refresh --mailboxes 100000 --store redis --e2e 2000
 //! ```
 //!
+//! 4. At scale (issue 15 target 4; `--scale N`, default 100,000, 0 skips it): N mailboxes
+//!    whose access tokens were all obtained at one instant, refreshed by `--replicas` (3)
+//!    [`RefreshScheduler`]s, each a `TokenService` with its own connection to one fresh
+//!    `redis-server`, against the fake provider answering after `--latency-ms` (200). The grants
+//!    come from the fake (authorization-code flow) and are written as a consent leaves them:
+//!    obtained at `t0`, access token valid until `t0 + L`, due when the broker's own
+//!    [`next_refresh_at`] says (65–85 % of L, jittered). Time is compressed, and exactly so:
+//!    `--lifetime-secs` L is 900 s instead of the real 3,600 (4×: due window, expiry and the
+//!    rate needed all scaled by 4), and `t0` is back-dated so the first refresh comes due
+//!    `--lead-secs` after seeding (the 65 % of L in which nothing is due is skipped). The
+//!    schedulers run until every mailbox is refreshed or 15 s past the expiry; then every grant
+//!    is read back: refreshed before expiry means a `last_refresh` after `t0` and not after
+//!    `t0 + L`, and a new token valid past `t0 + L`. Reported for the adaptive limit
+//!    (`--ceiling` per replica) and then, on a fresh Redis and fake, for the old fixed limit
+//!    (`--baseline-fixed`, 16): mailboxes refreshed in time, the margin (expiry minus the latest
+//!    refresh), refreshes/s, the peak limit and peak refreshes in flight, and from the fake's
+//!    per-grant counters the most `refresh_token` requests any grant received (must be 1).
+//!
+//! ```text
+//! target/release/bench refresh --mailboxes 1000 --scale 100000
+//! ```
+//!
 //! Only 127.0.0.1 is contacted.
 
 use std::sync::Arc;
@@ -88,6 +110,33 @@ pub struct Args {
     /// Deadline of each phase in seconds; a phase stops early and reports what it did.
     #[arg(long, default_value_t = 300)]
     phase_secs: u64,
+    /// Mailboxes of the at-scale phase (issue 15 target 4; 0 skips it): all obtained at one
+    /// instant, refreshed by `--replicas` schedulers on one Redis against a provider
+    /// `--latency-ms` away, with the adaptive limit and then with the old fixed 16.
+    #[arg(long, default_value_t = 100_000)]
+    scale: usize,
+    /// Scheduler replicas of the at-scale phase.
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
+    /// The fake provider's answer latency in the at-scale phase (milliseconds).
+    #[arg(long, default_value_t = 200)]
+    latency_ms: u64,
+    /// Access-token lifetime of the at-scale phase (seconds). Real providers issue 1 h tokens;
+    /// the default 900 compresses time 4× (every due time and the expiry 4× closer to when
+    /// the tokens were obtained, so 4× the refresh rate is needed) so a phase fits in minutes.
+    #[arg(long, default_value_t = 900)]
+    lifetime_secs: u64,
+    /// Seconds from the end of seeding to the first due refresh (the idle time before it,
+    /// 65 % of the lifetime, is skipped by back-dating when the tokens were obtained).
+    #[arg(long, default_value_t = 30)]
+    lead_secs: u64,
+    /// Ceiling of the adaptive limit per replica (`tokens.scheduler_concurrency`).
+    #[arg(long, default_value_t = tokenfleet_broker::tokens::scheduler::DEFAULT_CONCURRENCY_CEILING)]
+    ceiling: usize,
+    /// The baseline's fixed limit per replica (the scheduler before it adapted); 0 skips the
+    /// baseline.
+    #[arg(long, default_value_t = 16)]
+    baseline_fixed: usize,
 }
 
 #[tokio::main]
@@ -99,6 +148,14 @@ pub async fn run(args: Args) -> Result<()> {
         bail!("--batch, --queries and --concurrency must be at least 1");
     }
     let deadline = Duration::from_secs(args.phase_secs.max(1));
+    // Warnings only, to stderr: the test kit's servers would otherwise install the suite's
+    // TRACE capture of every log line, whose cost at 100,000 refreshes is what gets measured.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        ))
+        .with_writer(std::io::stderr)
+        .try_init();
 
     // Keep whichever owns the data alive until the end.
     let dir = tempfile::Builder::new()
@@ -279,6 +336,10 @@ pub async fn run(args: Args) -> Result<()> {
     }
     drop(dir);
 
+    if args.scale > 0 {
+        scale::bench(&args).await?;
+    }
+
     if args.e2e > 0 {
         let mut rows = Vec::new();
         for replicas in [1, 3] {
@@ -296,8 +357,7 @@ pub async fn run(args: Args) -> Result<()> {
 }
 
 /// Phase 3: real refreshes by `RefreshScheduler` replicas.
-mod e2e {
-    use std::collections::HashSet;
+pub(crate) mod e2e {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
@@ -315,14 +375,14 @@ mod e2e {
     use tokenfleet_providers::{ProviderClient, ProviderSettings};
     use tokenfleet_seal::{Keyring, Secret};
     use tokenfleet_store::redis_store::{RedisConfig, RedisStore};
-    use tokenfleet_store::{Precondition, Store};
+    use tokenfleet_store::{Precondition, Scope, Store};
     use tokenfleet_testkit::fake_idp::{ClientSpec, FakeIdp};
     use tokenfleet_testkit::redis::RedisServer;
 
-    const TENANT: &str = "bench";
+    pub const TENANT: &str = "bench";
     const PROVIDER: &str = "m365";
-    const CLIENT_ID: &str = "app-bench";
-    const CLIENT_SECRET: &str = "client-secret-bench";
+    pub const CLIENT_ID: &str = "app-bench";
+    pub const CLIENT_SECRET: &str = "client-secret-bench";
     const ENTRA_TENANT: &str = "contoso.example";
     const REDIRECT: &str = "http://127.0.0.1:9/oauth/callback";
     const SEED_WORKERS: usize = 16;
@@ -339,9 +399,39 @@ mod e2e {
             .with_context(|| format!("no {name} in the fake's redirect"))
     }
 
-    /// Tenant, provider, `n` mailboxes with grants whose access tokens expired a second ago, each
-    /// due on the refresh schedule now.
-    async fn seed(state: &BrokerState, fake: &Arc<FakeIdp>, n: usize) -> Result<()> {
+    /// When the seeded grants' tokens were obtained and when each comes due.
+    pub trait Timing: Send + Sync + 'static {
+        /// Called once, after the fake handed out every grant and before any grant is written:
+        /// the instant every access token was obtained, and their lifetime.
+        fn obtained(&self) -> (OffsetDateTime, Duration);
+        /// When mailbox `i`'s refresh is due (grant `next_refresh` and schedule entry).
+        fn due(&self, i: usize, obtained: OffsetDateTime) -> OffsetDateTime;
+    }
+
+    /// The original end-to-end case: every access token expired a second ago, all due now.
+    struct AllExpired;
+
+    impl Timing for AllExpired {
+        fn obtained(&self) -> (OffsetDateTime, Duration) {
+            (
+                OffsetDateTime::now_utc() - Duration::from_secs(3600),
+                Duration::from_secs(3599),
+            )
+        }
+        fn due(&self, _: usize, obtained: OffsetDateTime) -> OffsetDateTime {
+            obtained + Duration::from_secs(3599)
+        }
+    }
+
+    /// Tenant, provider, `n` mailboxes with grants obtained from the fake (authorization-code
+    /// flow), written as [`Timing`] says, each on the refresh schedule. Returns the instant the
+    /// tokens were obtained.
+    pub async fn seed(
+        state: &BrokerState,
+        fake: &Arc<FakeIdp>,
+        n: usize,
+        timing: Arc<dyn Timing>,
+    ) -> Result<(OffsetDateTime, Duration)> {
         let records = Records::new(state.store.as_ref());
         let now = OffsetDateTime::now_utc();
         let tenant = Tenant {
@@ -375,6 +465,7 @@ mod e2e {
         )?)?);
         let purposes = [MailPurpose::Send, MailPurpose::Pop];
         let scopes = client.scopes_for(GrantType::DelegatedAuthCode, &purposes)?;
+        // Pass 1: mailboxes, and a grant from the fake for each (the slow part).
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..SEED_WORKERS {
@@ -387,10 +478,11 @@ mod e2e {
             );
             workers.spawn(async move {
                 let records = Records::new(state.store.as_ref());
+                let mut got = Vec::new();
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if i >= n {
-                        return anyhow::Ok(());
+                        return anyhow::Ok(got);
                     }
                     let name = format!("mbx{i:06}");
                     let mailbox = Mailbox {
@@ -417,36 +509,79 @@ mod e2e {
                             REDIRECT,
                         )
                         .await?;
+                    let refresh = granted
+                        .refresh_token
+                        .clone()
+                        .context("the fake issued no refresh token")?;
+                    got.push((i, granted.access_token, refresh));
+                }
+            });
+        }
+        let mut granted = Vec::with_capacity(n);
+        while let Some(done) = workers.join_next().await {
+            granted.extend(done.context("seed worker")??);
+        }
+        // Pass 2: the grants as the broker writes them after a consent, all obtained at one
+        // instant, each on the schedule at its due time.
+        let (obtained, lifetime) = timing.obtained();
+        let granted = Arc::new(std::sync::Mutex::new(granted));
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..SEED_WORKERS {
+            let (state, scopes, granted, timing) = (
+                state.clone(),
+                scopes.clone(),
+                granted.clone(),
+                timing.clone(),
+            );
+            workers.spawn(async move {
+                let records = Records::new(state.store.as_ref());
+                loop {
+                    let next = granted.lock().unwrap_or_else(|p| p.into_inner()).pop();
+                    let Some((i, access, refresh)) = next else {
+                        return anyhow::Ok(());
+                    };
+                    let name = format!("mbx{i:06}");
                     let seal = |field, value: &Secret| {
                         seal_field(&state.keyring, TENANT, &name, field, value)
                     };
+                    let due = timing.due(i, obtained);
                     let mut g = GrantRecord::empty(TENANT, &name);
                     g.state.status = TokenStatus::Active;
-                    g.state.last_refresh = Some(now - Duration::from_secs(3600));
-                    g.state.access_token_expires = Some(now - Duration::from_secs(1));
-                    g.access_token = Some(seal(GrantField::AccessToken, &granted.access_token)?);
-                    let refresh = granted
-                        .refresh_token
-                        .as_ref()
-                        .context("the fake issued no refresh token")?;
-                    g.refresh_token = Some(seal(GrantField::RefreshToken, refresh)?);
+                    g.state.last_refresh = Some(obtained);
+                    g.state.access_token_expires = Some(obtained + lifetime);
+                    g.access_token = Some(seal(GrantField::AccessToken, &access)?);
+                    g.refresh_token = Some(seal(GrantField::RefreshToken, &refresh)?);
+                    g.refresh_token_obtained = Some(obtained);
                     g.scopes = scopes.clone();
-                    g.next_refresh = Some(now - Duration::from_secs(1));
+                    g.next_refresh = Some(due);
                     records.put(&g, Precondition::Absent).await?;
-                    schedule_refresh(
-                        state.store.as_ref(),
-                        TENANT,
-                        &name,
-                        now - Duration::from_secs(1),
-                    )
-                    .await?;
+                    schedule_refresh(state.store.as_ref(), TENANT, &name, due).await?;
                 }
             });
         }
         while let Some(done) = workers.join_next().await {
             done.context("seed worker")??;
         }
-        Ok(())
+        Ok((obtained, lifetime))
+    }
+
+    /// Every grant of the bench tenant, read back from the store.
+    pub async fn grants(state: &BrokerState) -> Result<Vec<GrantRecord>> {
+        let records = Records::new(state.store.as_ref());
+        let scope = Scope::Tenant(TENANT.into());
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = records
+                .list::<GrantRecord>(&scope, after.as_deref(), 500)
+                .await?;
+            let full = page.len() == 500;
+            after = page.last().map(|g| g.value.mailbox.clone());
+            all.extend(page.into_iter().map(|g| g.value));
+            if !full {
+                return Ok(all);
+            }
+        }
     }
 
     /// One run with `replicas` schedulers; returns table rows.
@@ -472,7 +607,7 @@ mod e2e {
             });
         }
         let seeding = Instant::now();
-        seed(&states[0], &fake, n).await?;
+        seed(&states[0], &fake, n, Arc::new(AllExpired)).await?;
         let seed_took = seeding.elapsed();
         let before = fake.token_requests("refresh_token");
         if before != 0 {
@@ -513,17 +648,8 @@ mod e2e {
             let _ = handle.await;
         }
         let total = fake.token_requests("refresh_token");
-        let distinct: HashSet<String> = fake
-            .requests()
-            .iter()
-            .filter(|r| r.grant_type.as_deref() == Some("refresh_token"))
-            .filter_map(|r| {
-                r.form
-                    .iter()
-                    .find(|(k, _)| k == "refresh_token")
-                    .map(|(_, v)| v.clone())
-            })
-            .collect();
+        let per_grant = fake.refresh_requests_per_grant();
+        let once = per_grant.iter().filter(|&&c| c == 1).count();
         let label = |what: &str| format!("3 e2e {replicas} replica(s): {what}");
         let mut rows = vec![
             (
@@ -541,13 +667,10 @@ mod e2e {
             (
                 label("exactly once"),
                 format!(
-                    "{} ({total} refresh requests, {} distinct refresh tokens)",
-                    if total == n && distinct.len() == n {
-                        "yes"
-                    } else {
-                        "NO"
-                    },
-                    distinct.len()
+                    "{} ({total} refresh requests, {once} of {} grants refreshed once, most for one grant {})",
+                    if total == n && once == n { "yes" } else { "NO" },
+                    per_grant.len(),
+                    per_grant.iter().max().copied().unwrap_or(0)
                 ),
             ),
             (label("process RSS (incl. fake IdP)"), super::rss()),
@@ -562,6 +685,373 @@ mod e2e {
         drop(fake);
         drop(redis);
         Ok(rows)
+    }
+}
+
+/// Issue 15 target 4: refresh at scale against a slow provider, adaptive against fixed.
+mod scale {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context, Result};
+    use time::OffsetDateTime;
+    use tokenfleet_broker::state::BrokerState;
+    use tokenfleet_broker::tokens::backoff::unit_random;
+    use tokenfleet_broker::tokens::lifecycle::{TokenConfig, TokenService};
+    use tokenfleet_broker::tokens::scheduler::{
+        ConcurrencyController, RefreshScheduler, SchedulerConfig, next_refresh_at,
+    };
+    use tokenfleet_domain::SystemClock;
+    use tokenfleet_seal::Keyring;
+    use tokenfleet_store::Store;
+    use tokenfleet_store::redis_store::{RedisConfig, RedisStore};
+    use tokenfleet_testkit::fake_idp::{ClientSpec, FakeIdp};
+    use tokenfleet_testkit::redis::RedisServer;
+
+    use super::e2e::{self, CLIENT_ID, CLIENT_SECRET, Timing};
+    use super::{LIFETIME, MAX_INTERVAL};
+
+    /// All tokens obtained at one instant, back-dated so the first refresh comes due `lead`
+    /// after seeding; each due when the broker's own [`next_refresh_at`] says.
+    struct Burst {
+        lifetime: Duration,
+        lead: Duration,
+    }
+
+    impl Timing for Burst {
+        fn obtained(&self) -> (OffsetDateTime, Duration) {
+            let first_due = self.lifetime.mul_f64(0.65);
+            (
+                OffsetDateTime::now_utc() + self.lead - first_due,
+                self.lifetime,
+            )
+        }
+        fn due(&self, _: usize, obtained: OffsetDateTime) -> OffsetDateTime {
+            next_refresh_at(obtained, self.lifetime, true, MAX_INTERVAL, unit_random())
+        }
+    }
+
+    /// What one phase measured.
+    #[derive(Debug, Default)]
+    struct Phase {
+        label: String,
+        n: usize,
+        seed_secs: f64,
+        /// Refresh requests the provider answered.
+        refreshed: usize,
+        /// Mailboxes whose grant holds a token obtained after the burst and before the old one
+        /// expired.
+        in_time: usize,
+        /// Expiry minus the latest refresh (seconds); when some were not refreshed in time,
+        /// projected at the phase's rate (negative: that late).
+        margin_s: f64,
+        margin_projected: bool,
+        /// First due refresh to the latest refresh (seconds).
+        run_secs: f64,
+        rate: f64,
+        peak_limit: usize,
+        peak_in_flight_total: usize,
+        peak_in_flight_replica: usize,
+        provider_failing: usize,
+        /// Scheduled refreshes started, all replicas (above `n`: a mailbox taken by two).
+        started: usize,
+        per_grant_max: usize,
+        grants_over_once: usize,
+        stopped_at_cap: bool,
+        rss: String,
+    }
+
+    async fn phase(args: &super::Args, fixed: Option<usize>) -> Result<Phase> {
+        let n = args.scale;
+        let lifetime = Duration::from_secs(args.lifetime_secs.max(60));
+        let latency = Duration::from_millis(args.latency_ms);
+        let label = match fixed {
+            Some(f) => format!("fixed-{f}"),
+            None => "adaptive".to_owned(),
+        };
+        let redis = RedisServer::start()
+            .await
+            .context("starting redis-server")?;
+        let fake = Arc::new(FakeIdp::start().await.context("starting the fake IdP")?);
+        fake.set_recording(false);
+        fake.register_client(ClientSpec::confidential(CLIENT_ID, CLIENT_SECRET));
+        let key = Keyring::generate_key_base64()?;
+        let mut states = Vec::new();
+        for _ in 0..args.replicas.max(1) {
+            let store: Arc<dyn Store> =
+                Arc::new(RedisStore::connect(&RedisConfig::standalone(redis.url())).await?);
+            states.push(BrokerState {
+                store,
+                keyring: Arc::new(Keyring::from_base64("k1", [("k1", key.as_str())])?),
+                clock: Arc::new(SystemClock),
+            });
+        }
+        let seeding = Instant::now();
+        let timing = Arc::new(Burst {
+            lifetime,
+            lead: Duration::from_secs(args.lead_secs),
+        });
+        let (obtained, lifetime) = e2e::seed(&states[0], &fake, n, timing).await?;
+        let seed_secs = seeding.elapsed().as_secs_f64();
+        let expiry = obtained + lifetime;
+        let first_due = obtained + lifetime.mul_f64(0.65);
+        // From here on the provider answers after `latency`, with tokens of the same lifetime.
+        fake.set_latency(latency);
+        fake.set_access_token_lifetime(lifetime);
+        println!(
+            "bench=refresh-scale phase={label} seeded={n} seed_s={seed_secs:.1} first_due_in_s={:.1} expiry_in_s={:.1}",
+            (first_due - OffsetDateTime::now_utc()).as_seconds_f64(),
+            (expiry - OffsetDateTime::now_utc()).as_seconds_f64()
+        );
+
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut handles = Vec::new();
+        let mut stats = Vec::new();
+        for (i, state) in states.iter().enumerate() {
+            let service = TokenService::new(
+                state.clone(),
+                TokenConfig {
+                    replica_id: format!("replica-{i}"),
+                    scheduler: SchedulerConfig {
+                        concurrency: fixed.unwrap_or(args.ceiling),
+                        ..SchedulerConfig::default()
+                    },
+                    ..TokenConfig::default()
+                },
+            );
+            let controller = match fixed {
+                Some(f) => ConcurrencyController::fixed(f),
+                None => ConcurrencyController::adaptive(args.ceiling),
+            };
+            let mut stopped = stopped.clone();
+            let (handle, stat) = RefreshScheduler::spawn_with(
+                service,
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+                controller,
+            );
+            handles.push(handle);
+            stats.push(stat);
+        }
+        // Until every mailbox is refreshed, or (the baseline) a little past the expiry.
+        let cap = expiry + Duration::from_secs(15);
+        let mut peak_total = 0;
+        let mut refreshed;
+        let mut stopped_at_cap = false;
+        let mut last_print = Instant::now();
+        loop {
+            refreshed = fake.token_requests("refresh_token");
+            let total: usize = stats
+                .iter()
+                .map(|s| s.in_flight.load(Ordering::Relaxed))
+                .sum();
+            peak_total = peak_total.max(total);
+            if refreshed >= n {
+                break;
+            }
+            let now = OffsetDateTime::now_utc();
+            if now > cap {
+                stopped_at_cap = true;
+                break;
+            }
+            if last_print.elapsed() > Duration::from_secs(10) {
+                last_print = Instant::now();
+                let limits: Vec<String> = stats
+                    .iter()
+                    .map(|s| s.limit.load(Ordering::Relaxed).to_string())
+                    .collect();
+                let latencies: Vec<String> = stats
+                    .iter()
+                    .map(|s| s.latency_ms.load(Ordering::Relaxed).to_string())
+                    .collect();
+                let started: usize = stats
+                    .iter()
+                    .map(|s| s.started.load(Ordering::Relaxed))
+                    .sum();
+                println!(
+                    "bench=refresh-scale phase={label} progress refreshed={refreshed} started={started} in_flight={total} limits={} refresh_ms={} to_expiry_s={:.0}",
+                    limits.join("/"),
+                    latencies.join("/"),
+                    (expiry - now).as_seconds_f64()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Let the answers in flight be written.
+        tokio::time::sleep(latency + Duration::from_secs(2)).await;
+        let _ = stop.send(true);
+        for handle in handles {
+            let _ = handle.await;
+        }
+        let grants = e2e::grants(&states[0]).await?;
+        let mut in_time = 0;
+        let mut latest: Option<OffsetDateTime> = None;
+        for g in &grants {
+            let Some(at) = g.state.last_refresh.filter(|at| *at > obtained) else {
+                continue;
+            };
+            latest = Some(latest.map_or(at, |l| l.max(at)));
+            if at <= expiry && g.state.access_token_expires.is_some_and(|e| e > expiry) {
+                in_time += 1;
+            }
+        }
+        let end = latest.unwrap_or(first_due);
+        let run_secs = (end - first_due).as_seconds_f64().max(1e-3);
+        let rate = refreshed as f64 / run_secs;
+        let margin_projected = in_time < n;
+        let margin_s = if margin_projected {
+            // Not all in time: where the last one would have come at this phase's rate.
+            (expiry - first_due).as_seconds_f64() - n as f64 / rate.max(1e-9)
+        } else {
+            (expiry - end).as_seconds_f64()
+        };
+        let per_grant = fake.refresh_requests_per_grant();
+        let phase = Phase {
+            label,
+            n,
+            seed_secs,
+            refreshed,
+            in_time,
+            margin_s,
+            margin_projected,
+            run_secs,
+            rate,
+            peak_limit: stats
+                .iter()
+                .map(|s| s.peak_limit.load(Ordering::Relaxed))
+                .max()
+                .unwrap_or(0),
+            peak_in_flight_total: peak_total,
+            peak_in_flight_replica: stats
+                .iter()
+                .map(|s| s.peak_in_flight.load(Ordering::Relaxed))
+                .max()
+                .unwrap_or(0),
+            provider_failing: stats
+                .iter()
+                .map(|s| s.provider_failing.load(Ordering::Relaxed))
+                .sum(),
+            started: stats
+                .iter()
+                .map(|s| s.started.load(Ordering::Relaxed))
+                .sum(),
+            per_grant_max: per_grant.iter().max().copied().unwrap_or(0),
+            grants_over_once: per_grant.iter().filter(|&&c| c > 1).count(),
+            stopped_at_cap,
+            rss: super::rss(),
+        };
+        drop(states);
+        drop(fake);
+        drop(redis);
+        Ok(phase)
+    }
+
+    fn print(p: &Phase, args: &super::Args) {
+        println!(
+            "bench=refresh-scale phase={} mailboxes={} replicas={} latency_ms={} lifetime_s={} seed_s={:.1} refresh_requests={} refreshed_before_expiry={} missed={} margin_s={:.1} margin_projected={} run_s={:.1} refreshes_per_s={:.0} peak_limit_per_replica={} peak_in_flight_replica={} peak_in_flight_total={} provider_failing={} scheduled_refreshes_started={} refresh_requests_per_grant_max={} grants_refreshed_more_than_once={} stopped_at_cap={} process_rss=\"{}\"",
+            p.label,
+            p.n,
+            args.replicas,
+            args.latency_ms,
+            args.lifetime_secs,
+            p.seed_secs,
+            p.refreshed,
+            p.in_time,
+            p.n - p.in_time,
+            p.margin_s,
+            p.margin_projected,
+            p.run_secs,
+            p.rate,
+            p.peak_limit,
+            p.peak_in_flight_replica,
+            p.peak_in_flight_total,
+            p.provider_failing,
+            p.started,
+            p.per_grant_max,
+            p.grants_over_once,
+            p.stopped_at_cap,
+            p.rss
+        );
+    }
+
+    pub async fn bench(args: &super::Args) -> Result<()> {
+        println!(
+            "bench=refresh-scale mailboxes={} replicas={} latency_ms={} lifetime_s={} real_lifetime_s={} time_compression={:.1}x ceiling={} baseline_fixed={}",
+            args.scale,
+            args.replicas,
+            args.latency_ms,
+            args.lifetime_secs,
+            LIFETIME.as_secs(),
+            LIFETIME.as_secs_f64() / args.lifetime_secs.max(60) as f64,
+            args.ceiling,
+            args.baseline_fixed
+        );
+        let adaptive = phase(args, None).await?;
+        print(&adaptive, args);
+        let baseline = if args.baseline_fixed > 0 {
+            let b = phase(args, Some(args.baseline_fixed)).await?;
+            print(&b, args);
+            Some(b)
+        } else {
+            None
+        };
+        let scenario = "refresh-scale";
+        let base = |f: fn(&Phase) -> f64| baseline.as_ref().map_or(f64::NAN, f);
+        let base_name = format!("fixed-{}", args.baseline_fixed);
+        crate::figure(&crate::Figure {
+            scenario,
+            figure: "mailboxes_expired_before_refresh",
+            unit: "mailboxes",
+            value: (adaptive.n - adaptive.in_time) as f64,
+            baseline: &base_name,
+            baseline_value: base(|b| (b.n - b.in_time) as f64),
+            target: "0 (every mailbox refreshed before its token expires)",
+            met: adaptive.in_time == adaptive.n,
+        });
+        crate::figure(&crate::Figure {
+            scenario,
+            figure: "margin_before_expiry",
+            unit: "s",
+            value: adaptive.margin_s,
+            baseline: &base_name,
+            baseline_value: base(|b| b.margin_s),
+            target: "> 0",
+            met: adaptive.margin_s > 0.0 && adaptive.in_time == adaptive.n,
+        });
+        crate::figure(&crate::Figure {
+            scenario,
+            figure: "refresh_requests_per_grant_max",
+            unit: "requests",
+            value: adaptive.per_grant_max as f64,
+            baseline: "ceiling",
+            baseline_value: 1.0,
+            target: "<= 1 per grant",
+            met: adaptive.per_grant_max <= 1
+                && baseline.as_ref().is_none_or(|b| b.per_grant_max <= 1),
+        });
+        crate::figure(&crate::Figure {
+            scenario,
+            figure: "refresh_rate",
+            unit: "refreshes/s",
+            value: adaptive.rate,
+            baseline: &base_name,
+            baseline_value: base(|b| b.rate),
+            target: "keeps up with what is due",
+            met: adaptive.in_time == adaptive.n,
+        });
+        crate::figure(&crate::Figure {
+            scenario,
+            figure: "peak_concurrency_per_replica",
+            unit: "in flight",
+            value: adaptive.peak_limit as f64,
+            baseline: &base_name,
+            baseline_value: args.baseline_fixed as f64,
+            target: "adapts to provider latency (not a fixed 16)",
+            met: adaptive.peak_limit > args.baseline_fixed,
+        });
+        Ok(())
     }
 }
 
