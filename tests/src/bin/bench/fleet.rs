@@ -72,7 +72,6 @@ use tokenfleet_proto::v1 as pb;
 use tokenfleet_proto::v1::admin_client::AdminClient;
 use tokenfleet_proto::v1::token_broker_client::TokenBrokerClient;
 use tokenfleet_seal::Secret;
-use tokenfleet_testkit::agent_site::microsoft_provider;
 use tokenfleet_testkit::broker::{BearerAuth, TestAdminClient};
 use tokenfleet_testkit::fake_idp::{ClientSpec, FakeIdp};
 use tokenfleet_testkit::redis::RedisServer;
@@ -83,7 +82,6 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 const TENANT: &str = "fleet";
 const MAILBOX: &str = "scan";
 const ADDRESS: &str = "scan@contoso.example";
-const ENTRA: &str = "contoso-tenant";
 const CLIENT_ID: &str = "bench-fleet-app";
 const CLIENT_SECRET: &str = "bench-fleet-client-secret";
 /// Target ceilings of issue 15, target 3.
@@ -645,35 +643,15 @@ async fn session(
 // Setup
 
 async fn provision_tenant(admin: &mut TestAdminClient, fake: &FakeIdp) -> Result<()> {
-    admin
-        .create_tenant(pb::CreateTenantRequest {
-            tenant: Some(pb::Tenant {
-                name: TENANT.into(),
-                display_name: "Fleet bench".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .context("create tenant")?;
-    microsoft_provider(admin, fake, TENANT, "m365", ENTRA, CLIENT_ID, CLIENT_SECRET)
-        .await
-        .context("create provider")?;
-    admin
-        .create_mailbox(pb::CreateMailboxRequest {
-            mailbox: Some(pb::Mailbox {
-                tenant: TENANT.into(),
-                name: MAILBOX.into(),
-                address: ADDRESS.into(),
-                provider: "m365".into(),
-                grant_type: pb::GrantType::AppOnly as i32,
-                kind: pb::MailboxKind::Admin as i32,
-                purposes: vec![pb::MailPurpose::Send as i32],
-                ..Default::default()
-            }),
-        })
-        .await
-        .context("create mailbox")?;
-    Ok(())
+    crate::issuance::tenant_with_mailbox(
+        admin,
+        fake,
+        TENANT,
+        "Fleet bench",
+        CLIENT_ID,
+        CLIENT_SECRET,
+    )
+    .await
 }
 
 /// Agent record (enrollment code), devices, and enrollment of agent `name` through `url`.

@@ -204,29 +204,33 @@ fn tls_endpoint(url: &str, tls: ClientTlsConfig) -> Result<Endpoint> {
         .connect_timeout(Duration::from_secs(5)))
 }
 
-/// Sets up tenant, provider, consented mailbox, device and agent; returns the agent identity.
-pub(crate) async fn provision(
-    broker: &BrokerProcess,
+/// The tenant `tenant` with a Microsoft provider `m365` (app `client_id`) at the fake identity
+/// provider and the app-only mailbox `scan` (`MAILBOX`, `ADDRESS`) that sends through it.
+pub(crate) async fn tenant_with_mailbox(
     admin: &mut TestAdminClient,
     fake: &FakeIdp,
-) -> Result<StoredIdentity> {
+    tenant: &str,
+    display_name: &str,
+    client_id: &str,
+    client_secret: &str,
+) -> Result<()> {
     admin
         .create_tenant(pb::CreateTenantRequest {
             tenant: Some(pb::Tenant {
-                name: TENANT.into(),
-                display_name: "Bench".into(),
+                name: tenant.into(),
+                display_name: display_name.into(),
                 ..Default::default()
             }),
         })
         .await
         .context("create tenant")?;
-    microsoft_provider(admin, fake, TENANT, "m365", ENTRA, CLIENT_ID, CLIENT_SECRET)
+    microsoft_provider(admin, fake, tenant, "m365", ENTRA, client_id, client_secret)
         .await
         .context("create provider")?;
     admin
         .create_mailbox(pb::CreateMailboxRequest {
             mailbox: Some(pb::Mailbox {
-                tenant: TENANT.into(),
+                tenant: tenant.into(),
                 name: MAILBOX.into(),
                 address: ADDRESS.into(),
                 provider: "m365".into(),
@@ -238,6 +242,16 @@ pub(crate) async fn provision(
         })
         .await
         .context("create mailbox")?;
+    Ok(())
+}
+
+/// Sets up tenant, provider, consented mailbox, device and agent; returns the agent identity.
+pub(crate) async fn provision(
+    broker: &BrokerProcess,
+    admin: &mut TestAdminClient,
+    fake: &FakeIdp,
+) -> Result<StoredIdentity> {
+    tenant_with_mailbox(admin, fake, TENANT, "Bench", CLIENT_ID, CLIENT_SECRET).await?;
     admin
         .start_consent(pb::StartConsentRequest {
             tenant: TENANT.into(),
