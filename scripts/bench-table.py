@@ -82,7 +82,7 @@ def table(lines):
                 value=number(r.get("value")),
                 ratio=number(r.get("ratio")),
                 target=r.get("target", "?"),
-                met="**yes**" if r.get("met") == "true" else "no",
+                met={"true": "**yes**", "stated": "stated"}.get(r.get("met"), "no"),
             )
         )
     return "\n".join(out) + "\n"

@@ -149,7 +149,7 @@ pub async fn run(args: Args) -> Result<()> {
         tokio::time::sleep(settle).await;
         let issue = issuance::phase(Call::Issue, &channels, args.inflight, args.seconds).await?;
         tokio::time::sleep(settle).await;
-        let rss_kib = rss_kib(broker.child.id()).context("the broker's RSS")?;
+        let rss_kib = rss_kib(broker.pid).context("the broker's RSS")?;
         let redis_bytes = redis_used_memory(&redis).await?;
         let step = Step {
             mailboxes: count,
@@ -194,7 +194,7 @@ fn figures(first: &Step, last: &Step) {
             baseline: &baseline,
             baseline_value: base,
             target: "flat (<= 1.2x)",
-            met: value <= 1.2 * base,
+            met: Some(value <= 1.2 * base),
         });
     }
     let added = (last.mailboxes - first.mailboxes) as f64;
@@ -212,7 +212,7 @@ fn figures(first: &Step, last: &Step) {
         baseline: "redis-bytes-per-mailbox",
         baseline_value: redis_per,
         target: "stated",
-        met: true,
+        met: None,
     });
 }
 

@@ -101,31 +101,55 @@ pub struct Args {
     perf_pause: u64,
 }
 
-/// The broker child process; killed on drop.
+/// A release broker child process (`serve --dev` on free loopback ports), shared by every
+/// scenario that starts one; killed on drop.
 pub(crate) struct BrokerProcess {
-    pub(crate) child: Child,
+    child: Option<Child>,
+    pub(crate) pid: u32,
     pub(crate) grpc: String,
     pub(crate) state: tempfile::TempDir,
 }
 
 impl Drop for BrokerProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
 impl BrokerProcess {
-    /// Starts `bin serve --dev` on free loopback ports; `store_toml` is appended to its
-    /// configuration (the `[store]` section, and whatever else a scenario sets).
+    /// The issuance scenarios' broker: issue rate limit off and room for every issuance's audit
+    /// record; `store_toml` (the `[store]` section) is appended.
     pub(crate) fn start(bin: &Path, store_toml: &str) -> Result<Self> {
+        Self::start_with(
+            bin,
+            &format!(
+                "[agents]\nissue_rate_per_minute = 0\n[audit]\nissuance_max_entries = 10000000\n{store_toml}"
+            ),
+            None,
+        )
+    }
+
+    /// Starts `bin serve --dev` with `sections` (TOML tables: the store and whatever a scenario
+    /// sets) after the listeners; `seed` (another replica's data directory) gives this one the
+    /// same sealing key, dev CA and admin key.
+    pub(crate) fn start_with(bin: &Path, sections: &str, seed: Option<&Path>) -> Result<Self> {
         let state = tempfile::tempdir().context("temp dir")?;
+        let data = state.path().join("data");
+        if let Some(seed) = seed {
+            std::fs::create_dir(&data).context("data dir")?;
+            std::fs::set_permissions(
+                &data,
+                <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o700),
+            )?;
+            for file in ["seal.key", "dev-ca.pem", "dev-ca.key", "admin.key"] {
+                std::fs::copy(seed.join(file), data.join(file))
+                    .with_context(|| format!("copying {file}"))?;
+            }
+        }
         let [grpc, http] = tokenfleet_testkit::ports::free_ports::<2>()?;
         let config = format!(
-            "state_dir = {:?}\n[grpc]\nlisten = \"127.0.0.1:{grpc}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n\
-             public_url = \"http://127.0.0.1:{http}\"\n[log]\nlevel = \"warn\"\n\
-             [agents]\nissue_rate_per_minute = 0\n[audit]\nissuance_max_entries = 10000000\n{store_toml}",
-            state.path().join("data")
+            "state_dir = {data:?}\n[grpc]\nlisten = \"127.0.0.1:{grpc}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n\
+             public_url = \"http://127.0.0.1:{http}\"\n[log]\nlevel = \"warn\"\n{sections}"
         );
         let config_path = state.path().join("broker.toml");
         std::fs::write(&config_path, config).context("broker.toml")?;
@@ -140,17 +164,30 @@ impl BrokerProcess {
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         Ok(Self {
-            child,
+            pid: child.id(),
+            child: Some(child),
             grpc: format!("https://127.0.0.1:{grpc}"),
             state,
         })
     }
 
-    pub(crate) fn data(&self, file: &str) -> PathBuf {
-        self.state.path().join("data").join(file)
+    /// Kills the broker with SIGKILL (no chance to clean up) and reaps it.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
-    fn log_tail(&self) -> String {
+    pub(crate) fn data_dir(&self) -> PathBuf {
+        self.state.path().join("data")
+    }
+
+    pub(crate) fn data(&self, file: &str) -> PathBuf {
+        self.data_dir().join(file)
+    }
+
+    pub(crate) fn log_tail(&self) -> String {
         let text =
             std::fs::read_to_string(self.state.path().join("broker.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -165,7 +202,9 @@ impl BrokerProcess {
     pub(crate) async fn admin(&mut self) -> Result<TestAdminClient> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
                 bail!("broker exited ({status}):\n{}", self.log_tail());
             }
             if let (Ok(key), Ok(ca)) = (
@@ -461,7 +500,7 @@ async fn run_store(args: &Args, bin: &Path, store: &str, fake: &FakeIdp) -> Resu
     for &inflight in &args.inflight {
         let health = phase(Call::Health, &channels, inflight, args.seconds).await?;
         if args.perf_pause > 0 {
-            println!("# broker pid {} — attach perf now", broker.child.id());
+            println!("# broker pid {} — attach perf now", broker.pid);
             tokio::time::sleep(Duration::from_secs(args.perf_pause)).await;
         }
         let issue = phase(Call::Issue, &channels, inflight, args.seconds).await?;
@@ -490,7 +529,7 @@ async fn run_store(args: &Args, bin: &Path, store: &str, fake: &FakeIdp) -> Resu
             baseline: "health-check",
             baseline_value: health.rps,
             target: ">= 0.8x",
-            met: issue.rps >= 0.8 * health.rps,
+            met: Some(issue.rps >= 0.8 * health.rps),
         });
         crate::figure(&crate::Figure {
             scenario: &scenario,
@@ -500,7 +539,7 @@ async fn run_store(args: &Args, bin: &Path, store: &str, fake: &FakeIdp) -> Resu
             baseline: "health-check",
             baseline_value: health.p99.as_secs_f64() * 1000.0,
             target: "<= 1.5x",
-            met: issue.p99.as_secs_f64() <= 1.5 * health.p99.as_secs_f64(),
+            met: Some(issue.p99.as_secs_f64() <= 1.5 * health.p99.as_secs_f64()),
         });
     }
     let audited = count_issue_audits(&mut admin).await?;

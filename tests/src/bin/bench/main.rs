@@ -132,7 +132,8 @@ pub struct Figure<'a> {
     pub baseline: &'a str,
     pub baseline_value: f64,
     pub target: &'a str,
-    pub met: bool,
+    /// Whether this run met the target; `None` for a figure the issue asks to be stated only.
+    pub met: Option<bool>,
 }
 
 /// Prints `figure` as one `bench=` line (see [`Figure`]).
@@ -153,6 +154,7 @@ pub fn figure(f: &Figure<'_>) {
         ratio,
         f.target.replace('"', "'"),
         f.met
+            .map_or("stated", |met| if met { "true" } else { "false" })
     );
 }
 

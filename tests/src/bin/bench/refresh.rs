@@ -1008,7 +1008,7 @@ mod scale {
             baseline: &base_name,
             baseline_value: base(|b| (b.n - b.in_time) as f64),
             target: "0 (every mailbox refreshed before its token expires)",
-            met: adaptive.in_time == adaptive.n,
+            met: Some(adaptive.in_time == adaptive.n),
         });
         crate::figure(&crate::Figure {
             scenario,
@@ -1018,7 +1018,7 @@ mod scale {
             baseline: &base_name,
             baseline_value: base(|b| b.margin_s),
             target: "> 0",
-            met: adaptive.margin_s > 0.0 && adaptive.in_time == adaptive.n,
+            met: Some(adaptive.margin_s > 0.0 && adaptive.in_time == adaptive.n),
         });
         crate::figure(&crate::Figure {
             scenario,
@@ -1028,8 +1028,10 @@ mod scale {
             baseline: "ceiling",
             baseline_value: 1.0,
             target: "<= 1 per grant",
-            met: adaptive.per_grant_max <= 1
-                && baseline.as_ref().is_none_or(|b| b.per_grant_max <= 1),
+            met: Some(
+                adaptive.per_grant_max <= 1
+                    && baseline.as_ref().is_none_or(|b| b.per_grant_max <= 1),
+            ),
         });
         crate::figure(&crate::Figure {
             scenario,
@@ -1039,7 +1041,7 @@ mod scale {
             baseline: &base_name,
             baseline_value: base(|b| b.rate),
             target: "keeps up with what is due",
-            met: adaptive.in_time == adaptive.n,
+            met: Some(adaptive.in_time == adaptive.n),
         });
         crate::figure(&crate::Figure {
             scenario,
@@ -1049,7 +1051,7 @@ mod scale {
             baseline: &base_name,
             baseline_value: args.baseline_fixed as f64,
             target: "adapts to provider latency (not a fixed 16)",
-            met: adaptive.peak_limit > args.baseline_fixed,
+            met: Some(adaptive.peak_limit > args.baseline_fixed),
         });
         Ok(())
     }

@@ -1171,7 +1171,7 @@ pub async fn run(args: Args) -> Result<bool> {
                     baseline,
                     baseline_value: b.msgs_per_s,
                     target: &format!(">= {target}x"),
-                    met,
+                    met: Some(met),
                 });
             }
             if let Some(pss) = postfix_pss {
@@ -1190,7 +1190,7 @@ pub async fn run(args: Args) -> Result<bool> {
                     baseline: "postfix",
                     baseline_value: pss,
                     target: "<= 0.33x",
-                    met,
+                    met: Some(met),
                 });
             }
             let under = tf.pss_mib <= args.ceiling_mib as f64;
@@ -1207,7 +1207,7 @@ pub async fn run(args: Args) -> Result<bool> {
                 baseline: "ceiling",
                 baseline_value: args.ceiling_mib as f64,
                 target: "<= 1x (documented ceiling)",
-                met: under,
+                met: Some(under),
             });
         }
     }
