@@ -13,6 +13,7 @@
 //! with stores of their own do not wake each other's streams.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use tokenfleet_store::{Notice, Store};
@@ -110,15 +111,30 @@ fn register_at(store: usize, tenant: &str, agent: &str) -> Arc<Notify> {
     let mut map = registry()
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    map.retain(|_, streams| {
-        streams.retain(|w| w.strong_count() > 0);
-        !streams.is_empty()
-    });
-    map.entry((store, tenant.to_owned(), agent.to_owned()))
-        .or_default()
-        .push(Arc::downgrade(&notify));
+    let streams = map
+        .entry((store, tenant.to_owned(), agent.to_owned()))
+        .or_default();
+    streams.retain(|w| w.strong_count() > 0);
+    streams.push(Arc::downgrade(&notify));
+    // Agents that left keep an entry of dead references until the whole map is swept; sweeping
+    // on every registration made 10,000 agents connecting at once quadratic. The map is swept
+    // when it has doubled since the last sweep, so each registration pays O(1) amortized.
+    if map.len() >= PRUNE_AT.load(Ordering::Relaxed) {
+        map.retain(|_, streams| {
+            streams.retain(|w| w.strong_count() > 0);
+            !streams.is_empty()
+        });
+        PRUNE_AT.store((map.len() * 2).max(MIN_PRUNE_AT), Ordering::Relaxed);
+    }
     notify
 }
+
+/// Registry size below which dead entries are never swept.
+const MIN_PRUNE_AT: usize = 1024;
+
+/// Registry size at which the next registration sweeps dead entries (only read and written with
+/// the registry's lock held).
+static PRUNE_AT: AtomicUsize = AtomicUsize::new(MIN_PRUNE_AT);
 
 /// Wakes every stream of the agent this process holds (a newer one and the one it replaced,
 /// which then finds it lost the presence marker); whether there was one.
@@ -173,5 +189,35 @@ mod tests {
             .unwrap();
         drop(newer);
         assert!(!wake_at(1, "acme", "site-a"));
+    }
+
+    #[test]
+    fn entries_of_agents_that_left_are_swept_as_the_registry_grows() {
+        // A store id of this test's own: other tests register under theirs.
+        let store = 0xdead_0001;
+        let mine = |map: &HashMap<Key, Vec<Weak<Notify>>>| {
+            map.keys().filter(|(s, _, _)| *s == store).count()
+        };
+        let live = register_at(store, "acme", "stays");
+        for i in 0..5 * MIN_PRUNE_AT {
+            // Each agent connects and leaves again (its stream dropped at once).
+            drop(register_at(store, "acme", &format!("left-{i}")));
+        }
+        let map = registry()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let left = mine(&map);
+        assert!(
+            left < 3 * MIN_PRUNE_AT,
+            "{left} entries for 1 live and {} departed agents: the dead are never swept",
+            5 * MIN_PRUNE_AT
+        );
+        assert!(
+            map.contains_key(&(store, "acme".to_owned(), "stays".to_owned())),
+            "the live stream's entry was swept"
+        );
+        drop(map);
+        assert!(wake_at(store, "acme", "stays"));
+        drop(live);
     }
 }
