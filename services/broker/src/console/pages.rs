@@ -87,6 +87,19 @@ async fn signed_in(state: &ConsoleState, headers: &HeaderMap) -> Result<Signed, 
     })
 }
 
+/// A page handler's signed-in session: a request without a live session is answered with the
+/// redirect to the sign-in page (or the error page) before the handler runs.
+impl axum::extract::FromRequestParts<ConsoleState> for Signed {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &ConsoleState,
+    ) -> Result<Self, Self::Rejection> {
+        signed_in(state, &parts.headers).await
+    }
+}
+
 /// The session of a POST with a matching CSRF token.
 async fn signed_post(
     state: &ConsoleState,
@@ -380,13 +393,9 @@ struct TenantCounts {
 
 pub(super) async fn overview(
     State(state): State<ConsoleState>,
-    headers: HeaderMap,
+    s: Signed,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let s = match signed_in(&state, &headers).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     let chrome = s.chrome("overview");
     match overview_body(&state, &s, &q).await {
         Ok(body) => status_page(StatusCode::OK, "Fleet overview", Some(&chrome), &body),
@@ -604,13 +613,9 @@ async fn overview_body(
 
 pub(super) async fn mailbox(
     State(state): State<ConsoleState>,
-    headers: HeaderMap,
+    s: Signed,
     Path((tenant, name)): Path<(String, String)>,
 ) -> Response {
-    let s = match signed_in(&state, &headers).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     mailbox_page(&state, &s, &tenant, &name, None).await
 }
 
@@ -981,13 +986,9 @@ pub(super) async fn revoke_link(
 
 pub(super) async fn device(
     State(state): State<ConsoleState>,
-    headers: HeaderMap,
+    s: Signed,
     Path((tenant, name)): Path<(String, String)>,
 ) -> Response {
-    let s = match signed_in(&state, &headers).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     device_page(&state, &s, &tenant, &name, None).await
 }
 
@@ -1186,11 +1187,7 @@ pub(super) async fn test_connection(
 // ---------------------------------------------------------------------------------------------
 // Agents
 
-pub(super) async fn agents(State(state): State<ConsoleState>, headers: HeaderMap) -> Response {
-    let s = match signed_in(&state, &headers).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+pub(super) async fn agents(State(state): State<ConsoleState>, s: Signed) -> Response {
     agents_page(&state, &s, None).await
 }
 
@@ -1353,13 +1350,9 @@ fn audit_table(events: &[&pb::AuditEvent], now: OffsetDateTime) -> String {
 
 pub(super) async fn audit(
     State(state): State<ConsoleState>,
-    headers: HeaderMap,
+    s: Signed,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let s = match signed_in(&state, &headers).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     let chrome = s.chrome("audit");
     let tenants = match visible_tenants(&state, &s).await {
         Ok(t) => t,
