@@ -16,6 +16,7 @@ use tokenfleet_core::fleet::model::AgentCommand;
 use tokenfleet_core::fleet::{AgentSession, CommandSink, FleetSettings};
 use tokenfleet_proto::v1 as pb;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use tracing::Instrument as _;
@@ -50,10 +51,12 @@ pub fn start(
         agent: peer.id.name.clone(),
     };
     tokio::spawn(stream.run(reports, tx).instrument(span));
-    Box::pin(ReceiverStream::new(rx))
+    Box::pin(ReceiverStream::new(rx).map(|command| *command))
 }
 
-type Tx = mpsc::Sender<Result<pb::AgentCommand, Status>>;
+/// Commands go down the channel boxed: its buffer is allocated in blocks of 32 slots whatever
+/// its bound, and a slot of the unboxed item would cost every idle stream kilobytes.
+type Tx = mpsc::Sender<Box<Result<pb::AgentCommand, Status>>>;
 
 /// The agent's side of the channel the commands go down.
 struct Sink<'a>(&'a Tx);
@@ -62,7 +65,7 @@ struct Sink<'a>(&'a Tx);
 impl CommandSink for Sink<'_> {
     async fn send(&mut self, command: AgentCommand) -> bool {
         self.0
-            .send(Ok(super::wire::command_out(command)))
+            .send(Box::new(Ok(super::wire::command_out(command))))
             .await
             .is_ok()
     }
@@ -93,7 +96,11 @@ impl Stream {
                 message = reports.message() => match message {
                     Ok(Some(report)) => {
                         let report = super::wire::report_in(report);
-                        if let Err(error) = self.session.on_report(report, &mut Sink(&tx)).await {
+                        // Boxed: the report's future is large and lives only while a report
+                        // is handled; inline it would sit in every idle stream's task.
+                        let mut sink = Sink(&tx);
+                        let handled = Box::pin(self.session.on_report(report, &mut sink));
+                        if let Err(error) = handled.await {
                             break Err(status(error));
                         }
                     }
@@ -109,27 +116,29 @@ impl Stream {
                 },
                 () = woken.notified() => {
                     if self.session.joined()
-                        && let Err(error) = self.session.poll(&mut Sink(&tx), true).await
+                        && let Err(error) = Box::pin(self.session.poll(&mut Sink(&tx), true)).await
                     {
                         break Err(status(error));
                     }
                 }
                 _ = poll.tick() => {
                     if self.session.joined()
-                        && let Err(error) = self.session.poll(&mut Sink(&tx), true).await
+                        && let Err(error) = Box::pin(self.session.poll(&mut Sink(&tx), true)).await
                     {
                         break Err(status(error));
                     }
                 }
             }
         };
-        self.session.leave().await;
+        Box::pin(self.session.leave()).await;
         match end {
             Ok(why) => tracing::info!(why, "status stream closed"),
             Err(status) => {
                 tracing::info!(code = ?status.code(), message = status.message(), "status stream ended");
                 // The agent may not be reading; do not hang on it.
-                let _ = tokio::time::timeout(Duration::from_secs(1), tx.send(Err(status))).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), tx.send(Box::new(Err(status))))
+                        .await;
             }
         }
     }

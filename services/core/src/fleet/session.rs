@@ -46,6 +46,24 @@ pub trait CommandSink: Send {
     async fn send(&mut self, command: AgentCommand) -> bool;
 }
 
+/// What a session keeps of its agent's configuration between reports: its revision and the
+/// devices it hosts. Not the whole configuration: that is kilobytes per agent (every device's
+/// mailboxes and settings), held by every idle stream of the fleet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ConfigSummary {
+    revision: String,
+    devices: Vec<String>,
+}
+
+impl From<AgentConfig> for ConfigSummary {
+    fn from(config: AgentConfig) -> Self {
+        Self {
+            revision: config.revision,
+            devices: config.devices.into_iter().map(|d| d.name).collect(),
+        }
+    }
+}
+
 /// The broker's side of one agent's status stream.
 #[derive(Debug)]
 pub struct AgentSession {
@@ -71,10 +89,10 @@ pub struct AgentSession {
     /// waiter gives up. Only their answers are stored: a late answer, or one for a command this
     /// stream never sent, would otherwise stay in the store with nobody to read it.
     awaited: HashMap<String, OffsetDateTime>,
-    /// The agent's configuration and when it was built: reports come in bursts (every command
-    /// answer and health change sends one), and building lists every device and mailbox of the
-    /// tenant, so it is rebuilt at most once per [`CONFIG_REUSE`].
-    config: Option<(AgentConfig, OffsetDateTime)>,
+    /// What this session needs of the agent's configuration, and when it was built: reports come
+    /// in bursts (every command answer and health change sends one), and building lists every
+    /// device and mailbox of the tenant, so it is rebuilt at most once per [`CONFIG_REUSE`].
+    config: Option<(ConfigSummary, OffsetDateTime)>,
 }
 
 impl AgentSession {
@@ -144,7 +162,12 @@ impl AgentSession {
 
     /// Sends `ReloadConfig` (with id `id`) when the agent runs another revision than `config`'s
     /// and none was sent for that revision yet.
-    async fn push_config(&mut self, config: &AgentConfig, id: String, sink: &mut dyn CommandSink) {
+    async fn push_config(
+        &mut self,
+        config: &ConfigSummary,
+        id: String,
+        sink: &mut dyn CommandSink,
+    ) {
         if self.running_revision == config.revision
             || self.pushed_revision.as_deref() == Some(config.revision.as_str())
         {
@@ -179,6 +202,7 @@ impl AgentSession {
         .await;
         match built {
             Ok(config) => {
+                let config = ConfigSummary::from(config);
                 self.config = Some((config.clone(), now));
                 self.push_config(&config, id, sink).await;
             }
@@ -191,19 +215,21 @@ impl AgentSession {
     /// The agent's configuration, built again when the cached one is older than
     /// [`CONFIG_REUSE`]: a device change reaches the agent (ReloadConfig) with its next report
     /// after that.
-    async fn current_config(&mut self, now: OffsetDateTime) -> Result<AgentConfig, Error> {
+    async fn current_config(&mut self, now: OffsetDateTime) -> Result<ConfigSummary, Error> {
         if let Some((config, built)) = &self.config
             && now - *built < CONFIG_REUSE
         {
             return Ok(config.clone());
         }
-        let config = super::config::build(
-            &self.state,
-            &self.tenant,
-            &self.agent,
-            self.settings.heartbeat_seconds,
-        )
-        .await?;
+        let config = ConfigSummary::from(
+            super::config::build(
+                &self.state,
+                &self.tenant,
+                &self.agent,
+                self.settings.heartbeat_seconds,
+            )
+            .await?,
+        );
         self.config = Some((config.clone(), now));
         Ok(config)
     }
@@ -286,11 +312,11 @@ impl AgentSession {
     async fn store_statuses(
         &self,
         devices: Vec<DeviceReport>,
-        config: &AgentConfig,
+        config: &ConfigSummary,
         now: OffsetDateTime,
     ) -> Result<(), Error> {
         for status in devices {
-            if !config.devices.iter().any(|d| d.name == status.device) {
+            if !config.devices.contains(&status.device) {
                 tracing::debug!(
                     device = %crate::ops::names::shown(&status.device),
                     "report names a device this agent does not host; ignored"

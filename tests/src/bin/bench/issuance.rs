@@ -154,7 +154,15 @@ impl BrokerProcess {
         let config_path = state.path().join("broker.toml");
         std::fs::write(&config_path, config).context("broker.toml")?;
         let log = std::fs::File::create(state.path().join("broker.log")).context("broker.log")?;
-        let child = Command::new(bin)
+        let mut command = Command::new(bin);
+        // The broker reads every `TOKENFLEET_*` variable as configuration and refuses the ones
+        // it does not know; the bench's own (`TOKENFLEET_TEST_AGENT_BINARY`, ...) are not its.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("TOKENFLEET_") {
+                command.env_remove(name);
+            }
+        }
+        let child = command
             .arg("--config")
             .arg(&config_path)
             .args(["serve", "--dev"])
