@@ -2,8 +2,9 @@
 //! log and `WhoAmI`.
 //!
 //! Every RPC runs the same steps: authenticate the API key ([`crate::api_keys`]), authorize the
-//! target ([`crate::authz`]) before anything is read, validate the whole input
-//! ([`crate::convert`]) and every cross-reference, and only then write one record. Nothing is
+//! target ([`crate::authz`]) before anything is read, validate the whole input (the core's
+//! resources, after [`crate::convert`] read it off the wire) and every cross-reference, and only
+//! then write one record. Nothing is
 //! half-written after an error. Changes (including refused attempts) are audited
 //! ([`crate::audit`]).
 //!
@@ -12,10 +13,9 @@
 //! [`crate::ops::Error`]; the one mapping to gRPC status is [`crate::edge::grpc_status`].
 //!
 //! The five resources (tenants, providers, mailboxes, devices, agents) run the generic
-//! operations of [`crate::ops::resource`], described per resource in `admin/<resource>.rs`
-//! (agents in the core, [`tokenfleet_core::resources::agents`], with domain types; `admin/agents.rs`
-//! only converts the message); this file only decodes a request, calls one operation and encodes
-//! the answer.
+//! operations of [`crate::ops::resource`], described per resource in the core
+//! ([`tokenfleet_core::resources`], with domain types); `admin/<resource>.rs` only converts the
+//! messages, and this file only decodes a request, calls one operation and encodes the answer.
 
 mod agents;
 mod consent;
@@ -225,7 +225,8 @@ impl Admin for AdminService {
         request: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
         rpc!(self, request, "CreateTenant", |s, p, r| {
-            resource::create(&Tenants, s, p, r.tenant.unwrap_or_default())
+            resource::create(&Tenants, s, p, tenants::tenant_in(r.tenant))
+                .map(|out| out.map(tenants::tenant_out))
         })
     }
     async fn get_tenant(
@@ -234,6 +235,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Tenant>, Status> {
         rpc!(self, request, "GetTenant", |s, p, r| {
             resource::get(&Tenants, s, p, Id::global(&r.name))
+                .map(|out| out.map(tenants::tenant_out))
         })
     }
     async fn list_tenants(
@@ -248,7 +250,8 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Tenant>, Status> {
         rpc!(self, request, "UpdateTenant", |s, p, r| {
             let mask = mask(&convert::TENANT_FIELDS, r.update_mask.as_ref());
-            resource::update(&Tenants, s, p, r.tenant.unwrap_or_default(), mask)
+            resource::update(&Tenants, s, p, tenants::tenant_in(r.tenant), mask)
+                .map(|out| out.map(tenants::tenant_out))
         })
     }
     async fn delete_tenant(
@@ -266,7 +269,8 @@ impl Admin for AdminService {
         request: Request<pb::CreateProviderRequest>,
     ) -> Result<Response<pb::Provider>, Status> {
         rpc!(self, request, "CreateProvider", |s, p, r| {
-            resource::create(&self.providers, s, p, r.provider.unwrap_or_default())
+            resource::create(&self.providers, s, p, providers::provider_in(r.provider))
+                .map(|out| out.map(providers::provider_out))
         })
     }
     async fn get_provider(
@@ -275,6 +279,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Provider>, Status> {
         rpc!(self, request, "GetProvider", |s, p, r| {
             resource::get(&self.providers, s, p, Id::scoped(&r.tenant, &r.name))
+                .map(|out| out.map(providers::provider_out))
         })
     }
     async fn list_providers(
@@ -284,8 +289,8 @@ impl Admin for AdminService {
         rpc!(self, request, "ListProviders", |s, p, r| {
             resource::list(&self.providers, s, p, &r.tenant, r.page_size, &r.page_token).map(
                 |out| {
-                    out.map(|(providers, next_page_token)| pb::ListProvidersResponse {
-                        providers,
+                    out.map(|(list, next_page_token)| pb::ListProvidersResponse {
+                        providers: list.into_iter().map(providers::provider_out).collect(),
                         next_page_token,
                     })
                 },
@@ -298,7 +303,14 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Provider>, Status> {
         rpc!(self, request, "UpdateProvider", |s, p, r| {
             let mask = mask(&convert::PROVIDER_FIELDS, r.update_mask.as_ref());
-            resource::update(&self.providers, s, p, r.provider.unwrap_or_default(), mask)
+            resource::update(
+                &self.providers,
+                s,
+                p,
+                providers::provider_in(r.provider),
+                mask,
+            )
+            .map(|out| out.map(providers::provider_out))
         })
     }
     async fn delete_provider(
@@ -322,7 +334,8 @@ impl Admin for AdminService {
         request: Request<pb::CreateMailboxRequest>,
     ) -> Result<Response<pb::Mailbox>, Status> {
         rpc!(self, request, "CreateMailbox", |s, p, r| {
-            resource::create(&Mailboxes, s, p, r.mailbox.unwrap_or_default())
+            resource::create(&Mailboxes, s, p, mailboxes::mailbox_in(r.mailbox))
+                .map(|out| out.map(mailboxes::mailbox_out))
         })
     }
     async fn get_mailbox(
@@ -331,6 +344,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Mailbox>, Status> {
         rpc!(self, request, "GetMailbox", |s, p, r| {
             resource::get(&Mailboxes, s, p, Id::scoped(&r.tenant, &r.name))
+                .map(|out| out.map(mailboxes::mailbox_out))
         })
     }
     async fn list_mailboxes(
@@ -339,8 +353,8 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListMailboxesResponse>, Status> {
         rpc!(self, request, "ListMailboxes", |s, p, r| {
             resource::list(&Mailboxes, s, p, &r.tenant, r.page_size, &r.page_token).map(|out| {
-                out.map(|(mailboxs, next_page_token)| pb::ListMailboxesResponse {
-                    mailboxs,
+                out.map(|(list, next_page_token)| pb::ListMailboxesResponse {
+                    mailboxs: list.into_iter().map(mailboxes::mailbox_out).collect(),
                     next_page_token,
                 })
             })
@@ -352,7 +366,8 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Mailbox>, Status> {
         rpc!(self, request, "UpdateMailbox", |s, p, r| {
             let mask = mask(&convert::MAILBOX_FIELDS, r.update_mask.as_ref());
-            resource::update(&Mailboxes, s, p, r.mailbox.unwrap_or_default(), mask)
+            resource::update(&Mailboxes, s, p, mailboxes::mailbox_in(r.mailbox), mask)
+                .map(|out| out.map(mailboxes::mailbox_out))
         })
     }
     async fn delete_mailbox(
@@ -370,7 +385,8 @@ impl Admin for AdminService {
         request: Request<pb::CreateDeviceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
         rpc!(self, request, "CreateDevice", |s, p, r| {
-            resource::create(&Devices, s, p, r.device.unwrap_or_default())
+            resource::create(&Devices, s, p, devices::device_in(r.device))
+                .map(|out| out.map(devices::device_out))
         })
     }
     async fn get_device(
@@ -379,6 +395,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Device>, Status> {
         rpc!(self, request, "GetDevice", |s, p, r| {
             resource::get(&Devices, s, p, Id::scoped(&r.tenant, &r.name))
+                .map(|out| out.map(devices::device_out))
         })
     }
     async fn list_devices(
@@ -387,8 +404,8 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListDevicesResponse>, Status> {
         rpc!(self, request, "ListDevices", |s, p, r| {
             resource::list(&Devices, s, p, &r.tenant, r.page_size, &r.page_token).map(|out| {
-                out.map(|(devices, next_page_token)| pb::ListDevicesResponse {
-                    devices,
+                out.map(|(list, next_page_token)| pb::ListDevicesResponse {
+                    devices: list.into_iter().map(devices::device_out).collect(),
                     next_page_token,
                 })
             })
@@ -400,7 +417,8 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Device>, Status> {
         rpc!(self, request, "UpdateDevice", |s, p, r| {
             let mask = mask(&convert::DEVICE_FIELDS, r.update_mask.as_ref());
-            resource::update(&Devices, s, p, r.device.unwrap_or_default(), mask)
+            resource::update(&Devices, s, p, devices::device_in(r.device), mask)
+                .map(|out| out.map(devices::device_out))
         })
     }
     async fn delete_device(

@@ -1,16 +1,16 @@
 //! The admin operations called in-process by the web console ([`crate::console`]): the very
 //! handlers the gRPC RPCs run (same authorization, validation and audit), with the principal the
-//! console resolved from its session instead of from a bearer header. Agents are listed with the
-//! core's domain-typed operation itself (no wire form); the other resources still in their wire
-//! form. Nothing here reads or writes the store on its own.
+//! console resolved from its session instead of from a bearer header. Tenants, mailboxes,
+//! devices and agents are read with the core's domain-typed resource operations themselves (no
+//! wire form, no gRPC handler in between); the other operations still in their wire form.
+//! Nothing here reads or writes the store on its own.
 
 use tokenfleet_core::records::Versioned;
-use tokenfleet_domain::Agent;
+use tokenfleet_core::resources::mailboxes::MailboxView;
+use tokenfleet_domain::{Agent, Device, Tenant};
 use tokenfleet_proto::v1 as pb;
 
-use super::{
-    AdminService, Agents, Devices, Mailboxes, consent, consent_links, enrollment, tenants, tokens,
-};
+use super::{AdminService, Agents, Devices, Mailboxes, consent, consent_links, enrollment, tokens};
 use crate::authz::Principal;
 use crate::ops::Error;
 use crate::ops::resource::{self, Id};
@@ -19,34 +19,29 @@ use crate::ops::resource::{self, Id};
 const PAGE: i32 = super::MAX_PAGE_SIZE as i32;
 
 impl AdminService {
-    /// `ListTenants` (every page).
-    pub async fn console_tenants(&self, p: &Principal) -> Result<Vec<pb::Tenant>, Error> {
+    /// The tenants the caller may see (every page), as the core's tenant resource lists them:
+    /// domain records, no wire form in between.
+    pub async fn console_tenants(&self, p: &Principal) -> Result<Vec<Versioned<Tenant>>, Error> {
         let mut out = Vec::new();
         let mut token = String::new();
         loop {
-            let page = tenants::list(
-                &self.state,
-                p,
-                pb::ListTenantsRequest {
-                    page_size: PAGE,
-                    page_token: token,
-                },
-            )
-            .await?;
-            out.extend(page.tenants);
-            if page.next_page_token.is_empty() {
+            let (items, next) =
+                tokenfleet_core::resources::tenants::list(&self.state, p, PAGE, &token).await?;
+            out.extend(items);
+            if next.is_empty() {
                 return Ok(out);
             }
-            token = page.next_page_token;
+            token = next;
         }
     }
 
-    /// `ListMailboxes` of one tenant (every page).
+    /// The mailboxes of one tenant (every page), as the core's mailbox resource lists them:
+    /// domain records with their grants' token state, no wire form in between.
     pub async fn console_mailboxes(
         &self,
         p: &Principal,
         tenant: &str,
-    ) -> Result<Vec<pb::Mailbox>, Error> {
+    ) -> Result<Vec<MailboxView>, Error> {
         let mut out = Vec::new();
         let mut token = String::new();
         loop {
@@ -60,22 +55,23 @@ impl AdminService {
         }
     }
 
-    /// `GetMailbox`.
+    /// One mailbox, as the core's mailbox resource shows it.
     pub async fn console_mailbox(
         &self,
         p: &Principal,
         tenant: &str,
         name: &str,
-    ) -> Result<pb::Mailbox, Error> {
+    ) -> Result<MailboxView, Error> {
         resource::get(&Mailboxes, &self.state, p, Id::scoped(tenant, name)).await
     }
 
-    /// `ListDevices` of one tenant (every page).
+    /// The devices of one tenant (every page), as the core's device resource lists them:
+    /// domain records, no wire form in between.
     pub async fn console_devices(
         &self,
         p: &Principal,
         tenant: &str,
-    ) -> Result<Vec<pb::Device>, Error> {
+    ) -> Result<Vec<Versioned<Device>>, Error> {
         let mut out = Vec::new();
         let mut token = String::new();
         loop {
@@ -89,13 +85,13 @@ impl AdminService {
         }
     }
 
-    /// `GetDevice`.
+    /// One device, as the core's device resource shows it.
     pub async fn console_device(
         &self,
         p: &Principal,
         tenant: &str,
         name: &str,
-    ) -> Result<pb::Device, Error> {
+    ) -> Result<Versioned<Device>, Error> {
         resource::get(&Devices, &self.state, p, Id::scoped(tenant, name)).await
     }
 

@@ -10,13 +10,15 @@ use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use time::OffsetDateTime;
+use tokenfleet_core::resources::mailboxes::MailboxView;
+use tokenfleet_domain::TokenStatus;
 use tokenfleet_proto::v1 as pb;
 
 use super::ConsoleState;
 use super::help::anchor_for;
 use super::html::{
-    Chrome, action_button, badge, csrf_field, esc, notice, page, relative, seg, status_words,
-    to_time, when, when_at,
+    Chrome, action_button, badge, csrf_field, esc, notice, page, relative, seg, status_words, when,
+    when_at,
 };
 use super::session::{
     self, MAX_LIFETIME, SESSION_COOKIE, SIGNIN_COOKIE, cookie, read_cookie, same_token,
@@ -300,7 +302,7 @@ async fn visible_tenants(state: &ConsoleState, s: &Signed) -> Result<Vec<String>
         .console_tenants(&s.principal)
         .await?
         .into_iter()
-        .map(|t| t.name)
+        .map(|t| t.value.name)
         .collect())
 }
 
@@ -327,21 +329,25 @@ const AGENT_SILENT: time::Duration = time::Duration::minutes(5);
 /// A refresh token this close to its expiry is listed.
 const REFRESH_TOKEN_SOON: time::Duration = time::Duration::days(7);
 
-fn mailbox_problem(m: &pb::Mailbox, now: OffsetDateTime) -> Option<Problem> {
-    let token = m.token.clone().unwrap_or_default();
+fn mailbox_problem(view: &MailboxView, now: OffsetDateTime) -> Option<Problem> {
+    let m = &view.mailbox;
+    let token = &m.token;
     let (word, class) = status_words(token.status);
     let reason = token
         .last_error
         .as_ref()
         .map(|e| e.reason.clone())
         .unwrap_or_default();
-    let rank = match pb::TokenStatus::try_from(token.status).unwrap_or_default() {
-        pb::TokenStatus::ReauthRequired => 0,
-        pb::TokenStatus::RefreshFailing => 1,
-        pb::TokenStatus::ConsentPending => 2,
-        pb::TokenStatus::NotRetrieved => 3,
-        _ => {
-            let expiring = to_time(token.refresh_token_expire_time.as_ref())
+    let rank = match token.status {
+        TokenStatus::ReauthRequired => 0,
+        TokenStatus::RefreshFailing => 1,
+        TokenStatus::ConsentPending => 2,
+        TokenStatus::NotRetrieved => 3,
+        TokenStatus::Active | TokenStatus::Disabled => {
+            let expiring = view
+                .grant
+                .as_ref()
+                .and_then(|g| g.refresh_token_expires)
                 .filter(|t| *t - now < REFRESH_TOKEN_SOON)?;
             return Some(Problem {
                 rank: 2,
@@ -426,8 +432,7 @@ async fn overview_body(
         let mut c = TenantCounts::default();
         for m in state.admin.console_mailboxes(&s.principal, tenant).await? {
             c.mailboxes += 1;
-            let status = m.token.as_ref().map(|t| t.status).unwrap_or_default();
-            if status == pb::TokenStatus::Active as i32 {
+            if m.mailbox.token.status == TokenStatus::Active {
                 c.active += 1;
             }
             if let Some(p) = mailbox_problem(&m, now) {
@@ -568,10 +573,10 @@ async fn overview_body(
     body.push_str("<section aria-labelledby=\"mailboxes-h\"><h2 id=\"mailboxes-h\">Mailboxes</h2><div class=\"table-wrap\"><table id=\"mailboxes\"><thead><tr><th scope=\"col\">Status</th><th scope=\"col\">Tenant</th><th scope=\"col\">Mailbox</th><th scope=\"col\">Address</th><th scope=\"col\">Access token expires</th></tr></thead><tbody>");
     for m in mailboxes
         .iter()
+        .map(|v| &v.mailbox)
         .filter(|m| matches(&m.tenant, &format!("{} {} {}", m.tenant, m.name, m.address)))
     {
-        let token = m.token.clone().unwrap_or_default();
-        let (word, class) = status_words(token.status);
+        let (word, class) = status_words(m.token.status);
         let _ = write!(
             body,
             "<tr><td>{}</td><td>{}</td><td><a href=\"{}\">{}</a></td><td>{}</td><td>{}</td></tr>",
@@ -580,7 +585,7 @@ async fn overview_body(
             esc(&mailbox_link(&m.tenant, &m.name)),
             esc(&m.name),
             esc(&m.address),
-            when(token.access_token_expire_time.as_ref(), now)
+            when_at(m.token.access_token_expires, now)
         );
     }
     body.push_str("</tbody></table></div></section>");
@@ -627,16 +632,17 @@ async fn mailbox_page(
     flash: Option<String>,
 ) -> Response {
     let chrome = s.chrome("overview");
-    let m = match state
+    let view = match state
         .admin
         .console_mailbox(&s.principal, tenant, name)
         .await
     {
-        Ok(m) => m,
+        Ok(view) => view,
         Err(e) => return error_page(&e, Some(&chrome)),
     };
     let now = state.admin.broker_state().clock.now();
-    let token = m.token.clone().unwrap_or_default();
+    let (m, grant) = (&view.mailbox, view.grant.clone().unwrap_or_default());
+    let token = &m.token;
     let (word, class) = status_words(token.status);
     let base = mailbox_link(tenant, name);
     let write = s.may_write(tenant);
@@ -644,13 +650,6 @@ async fn mailbox_page(
     if let Some(flash) = flash {
         body.push_str(&flash);
     }
-    let grant = pb::GrantType::try_from(m.grant_type)
-        .map(|g| {
-            g.as_str_name()
-                .trim_start_matches("GRANT_TYPE_")
-                .to_lowercase()
-        })
-        .unwrap_or_default();
     let _ = write!(
         body,
         "<p class=\"lead\"><strong>{}</strong> · tenant {} · provider {} · {}</p>\
@@ -658,7 +657,7 @@ async fn mailbox_page(
         esc(&m.address),
         esc(tenant),
         esc(&m.provider),
-        esc(&grant),
+        esc(m.grant_type.as_str()),
         esc(&base),
         badge(word, class)
     );
@@ -673,10 +672,8 @@ async fn mailbox_page(
             esc(if err.code.is_empty() { word } else { &err.code })
         );
     }
-    if let Some(dc) = &token.pending_device_code {
-        let expires = to_time(dc.expire_time.as_ref())
-            .map(|t| t.unix_timestamp())
-            .unwrap_or(0);
+    if let Some(dc) = &grant.pending_device_code {
+        let expires = dc.expires.unix_timestamp();
         let _ = write!(
             body,
             "<div class=\"device-code\" aria-live=\"polite\"><p>Sign in as <strong>{}</strong> at <a href=\"{}\" target=\"_blank\" rel=\"noopener noreferrer\">{}</a> and enter the code</p>\
@@ -690,23 +687,21 @@ async fn mailbox_page(
             esc(&dc.verification_uri),
             esc(&dc.user_code),
             expires,
-            esc(&to_time(dc.expire_time.as_ref())
-                .map(|t| relative(t, now))
-                .unwrap_or_default())
+            esc(&relative(dc.expires, now))
         );
     }
     let _ = write!(
         body,
         "<dl class=\"facts\"><dt>Access token expires</dt><dd>{}</dd><dt>Refresh token expires</dt><dd>{}</dd><dt>Last refresh</dt><dd>{}</dd><dt>Next refresh</dt><dd>{}</dd><dt>Failed refreshes in a row</dt><dd>{}</dd><dt>Clock skew</dt><dd>{}</dd></dl>",
-        when(token.access_token_expire_time.as_ref(), now),
-        when(token.refresh_token_expire_time.as_ref(), now),
-        when(token.last_refresh_time.as_ref(), now),
-        when(token.next_refresh_time.as_ref(), now),
-        token.consecutive_failures,
-        if token.clock_skew_seconds == 0 {
+        when_at(token.access_token_expires, now),
+        when_at(grant.refresh_token_expires, now),
+        when_at(token.last_refresh, now),
+        when_at(grant.next_refresh, now),
+        grant.consecutive_failures,
+        if grant.clock_skew_secs == 0 {
             "—".to_owned()
         } else {
-            format!("{} s", token.clock_skew_seconds)
+            format!("{} s", grant.clock_skew_secs)
         }
     );
     if write {
@@ -865,15 +860,19 @@ pub(super) async fn mailbox_status(
 }
 
 /// The JSON the live parts poll: status word, its class, reason and fix.
-pub(super) fn status_json(m: &pb::Mailbox) -> serde_json::Value {
-    let token = m.token.clone().unwrap_or_default();
+pub(super) fn status_json(view: &MailboxView) -> serde_json::Value {
+    let token = &view.mailbox.token;
     let (word, class) = status_words(token.status);
-    let err = token.last_error.unwrap_or_default();
+    let (reason, fix) = token
+        .last_error
+        .as_ref()
+        .map(|e| (e.reason.as_str(), e.fix.as_str()))
+        .unwrap_or_default();
     serde_json::json!({
         "status": word,
         "class": class,
-        "reason": err.reason,
-        "fix": err.fix,
+        "reason": reason,
+        "fix": fix,
     })
 }
 
@@ -1001,7 +1000,7 @@ async fn device_page(
 ) -> Response {
     let chrome = s.chrome("overview");
     let d = match state.admin.console_device(&s.principal, tenant, name).await {
-        Ok(d) => d,
+        Ok(d) => d.value,
         Err(e) => return error_page(&e, Some(&chrome)),
     };
     let now = state.admin.broker_state().clock.now();
@@ -1015,13 +1014,6 @@ async fn device_page(
     if let Some(r) = &result {
         body.push_str(&test_result(r, now));
     }
-    let mode = pb::SenderMode::try_from(d.sender_mode)
-        .map(|m| {
-            m.as_str_name()
-                .trim_start_matches("SENDER_MODE_")
-                .to_lowercase()
-        })
-        .unwrap_or_default();
     let _ = write!(
         body,
         "<section class=\"card\" aria-labelledby=\"dev-h\"><h2 id=\"dev-h\">{}</h2><dl class=\"facts\"><dt>Agent</dt><dd>{}</dd><dt>Sender mode</dt><dd>{}</dd><dt>Mailboxes</dt><dd>",
@@ -1035,7 +1027,7 @@ async fn device_page(
         } else {
             &d.agent
         }),
-        esc(&mode)
+        esc(d.sender_mode.as_str())
     );
     let names: Vec<&str> = [d.admin_mailbox.as_str(), d.bulk_mailbox.as_str()]
         .into_iter()

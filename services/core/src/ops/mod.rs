@@ -10,6 +10,7 @@
 //! this crate has no transport at all (see the crate header).
 
 pub mod change;
+pub mod choice;
 pub mod error;
 pub mod mask;
 pub mod names;
