@@ -1,9 +1,10 @@
 //! tokenfleet's core: the broker's operations without a transport. It holds the state every
 //! operation shares ([`state`]), the typed records over the store ([`records`]), authorization
 //! ([`authz`]), the audit log ([`audit`]), the operations kit and the generic resources ([`ops`]),
-//! API keys, the token lifecycle, consent and issuance ([`tokens`]), the agent CA and enrollment
-//! ([`identity`]), fleet state — agent configuration, device reports, commands to agents,
-//! connection tests ([`fleet`]) —, operator alerts ([`alerts`]) and re-sealing ([`reseal`]).
+//! the five admin resources in domain types ([`resources`]), API keys, the token lifecycle,
+//! consent and issuance ([`tokens`]), the agent CA and enrollment ([`identity`]), fleet state —
+//! agent configuration, device reports, commands to agents, connection tests ([`fleet`]) —,
+//! operator alerts ([`alerts`]) and re-sealing ([`reseal`]).
 //!
 //! Operations take a caller ([`authz::Principal`], or an agent's [`identity::AgentId`]) and typed
 //! input, authorize, do the work, audit, and return typed results or the one error type
@@ -45,7 +46,7 @@ pub mod tokens;
 // Consent links the mailbox owner opens (operator side and owner side).
 pub mod consent_links;
 
-// Admin resources whose operations are domain-typed end to end (agents).
+// The admin resources (tenants, providers, mailboxes, devices, agents), domain-typed end to end.
 pub mod resources;
 
 // Fleet state: agent configuration, device reports, commands to agents, connection tests.

@@ -3,7 +3,8 @@
 //! kit every operation uses (names for messages and audit targets, paging, reading and writing
 //! versioned records with the errors a caller sees, audited changes), the generic resource
 //! operations (create/get/list/update/delete with versions, references, server-owned fields and
-//! audit, see [`resource`]) and the provider policy.
+//! audit, see [`resource`]), enum values as callers sent them ([`choice`]) and the provider
+//! policy.
 //!
 //! Dependency direction: `ops` uses the domain, store, seal and `crate::{records, audit, authz,
 //! state}`; the edges (the broker's gRPC services and HTTP listener) use it, never the reverse —
