@@ -13,8 +13,8 @@ use crate::authz::Principal;
 use crate::convert::{self, UpdateMask};
 use crate::ops::Error;
 use crate::ops::paging::PageRequest;
-use crate::ops::resource::{self, Id, Resource, resource_basics};
-use crate::ops::stored::{Reference, Referrer, must_get, records};
+use crate::ops::resource::{Id, Resource, resource_basics};
+use crate::ops::stored::{Reference, Referrer, records};
 use crate::records::{Versioned, mailbox_key, provider_key};
 use crate::state::BrokerState;
 use crate::tokens::grant::{GrantRecord, PendingConsent, grant_key};
@@ -70,25 +70,6 @@ async fn grant_of(state: &BrokerState, m: &Mailbox) -> Result<Option<GrantRecord
         .get::<GrantRecord>(&grant_key(&m.tenant, &m.name))
         .await?;
     Ok(grant.map(|g| g.value))
-}
-
-/// The wire form of mailbox `name` of `tenant` with the token state of its grant record.
-pub(super) async fn mailbox_view(
-    state: &BrokerState,
-    tenant: &str,
-    name: &str,
-) -> Result<pb::Mailbox, Error> {
-    let id = Id::scoped(tenant, name);
-    let what = resource::what::<Mailboxes>(&id);
-    let stored = must_get::<Mailbox>(state, &Mailboxes::key(&id), &what).await?;
-    Mailboxes.view(state, stored).await
-}
-
-/// Validates the tenant and mailbox names of a token or consent request.
-pub(super) fn check_names(tenant: &str, mailbox: &str) -> Result<(), Error> {
-    tokenfleet_domain::name("tenant", tenant)?;
-    tokenfleet_domain::name("mailbox", mailbox)?;
-    Ok(())
 }
 
 /// Wire form of a mailbox whose token state comes from its grant record (when there is one): a
