@@ -16,6 +16,13 @@
 //! operations of [`crate::ops::resource`], described per resource in the core
 //! ([`tokenfleet_core::resources`], with domain types); `admin/<resource>.rs` only converts the
 //! messages, and this file only decodes a request, calls one operation and encodes the answer.
+//!
+//! The other RPCs call the core's operations, which authorize, work and audit in domain types:
+//! consent and tokens ([`crate::tokens::operator`], from `admin/consent.rs`, `admin/tokens.rs`),
+//! enrollment ([`crate::identity::enrollment`], `admin/enrollment.rs`), API keys
+//! ([`crate::api_keys`], `admin/keys.rs`), consent links ([`crate::consent_links`],
+//! `admin/consent_links.rs`), the audit log ([`crate::audit::list_events`]), fleet status and
+//! connection tests ([`tokenfleet_core::fleet`], through [`crate::fleet`]).
 
 mod agents;
 mod consent;
@@ -32,17 +39,13 @@ mod tokens;
 use futures::FutureExt as _;
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_proto::v1::admin_server::{Admin, AdminServer};
-use tokenfleet_store::Scope;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
-use crate::audit::AuditKind;
-use crate::authz::{self, Access, Principal, Target};
+use crate::authz::Principal;
 use crate::convert::{self, UpdateMask};
 use crate::edge::grpc_status::bearer;
 use crate::ops::Error;
-use crate::ops::names::{shown, span_object};
-use crate::ops::paging::page_request;
 use crate::ops::resource::{self, Id};
 use crate::state::BrokerState;
 use crate::{api_keys, audit};
@@ -126,44 +129,20 @@ async fn list_audit_events(
     principal: &Principal,
     req: pb::ListAuditEventsRequest,
 ) -> Result<pb::ListAuditEventsResponse, Error> {
-    let scope = if req.tenant.is_empty() {
-        authz::authorize(principal, Target::GlobalAudit, Access::Read)?;
-        Scope::Global
-    } else {
-        authz::authorize(principal, Target::Tenant(&req.tenant), Access::Read)?;
-        tokenfleet_domain::name("tenant", &req.tenant)?;
-        Scope::Tenant(req.tenant.clone())
+    let query = audit::AuditQuery {
+        tenant: req.tenant,
+        kind: req.kind,
+        page_size: req.page_size,
+        page_token: req.page_token,
     };
-    span_object(&req.tenant, "");
-    let kinds: Vec<AuditKind> = if req.kind.trim().is_empty() || req.kind.trim() == "all" {
-        AuditKind::ALL.to_vec()
-    } else {
-        vec![AuditKind::parse(&req.kind).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "kind: unknown audit kind `{}` (expected changes, refused, issuance or all)",
-                shown(&req.kind)
-            ))
-        })?]
-    };
-    // Page tokens are per-kind cursors; only the page size is checked the common way.
-    let size = page_request(req.page_size, "")?.size;
-    let cursor = if req.page_token.is_empty() {
-        audit::Cursor::start(&kinds)
-    } else {
-        audit::Cursor::parse(&req.page_token, &kinds).ok_or_else(|| {
-            Error::InvalidArgument(
-                "page_token: malformed (pass `next_page_token` back unchanged, with the same kind)"
-                    .to_owned(),
-            )
-        })?
-    };
-    let (entries, next) = audit::list_merged(state, &scope, &cursor, size).await?;
+    let page = audit::list_events(state, principal, &query).await?;
     Ok(pb::ListAuditEventsResponse {
-        events: entries
+        events: page
+            .events
             .iter()
             .map(|(id, e)| convert::audit_event_to_proto(id, e))
             .collect(),
-        next_page_token: next.map(|c| c.token()).unwrap_or_default(),
+        next_page_token: page.next_page_token,
     })
 }
 

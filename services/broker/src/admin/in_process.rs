@@ -2,15 +2,20 @@
 //! handlers the gRPC RPCs run (same authorization, validation and audit), with the principal the
 //! console resolved from its session instead of from a bearer header. Tenants, mailboxes,
 //! devices and agents are read with the core's domain-typed resource operations themselves (no
-//! wire form, no gRPC handler in between); the other operations still in their wire form.
-//! Nothing here reads or writes the store on its own.
+//! wire form, no gRPC handler in between). Nothing here reads or writes the store on its own.
+//!
+//! Consent, the token buttons, consent links, enrollment, agent revocation, the audit log, fleet
+//! status and connection tests need no handler here: the console calls the core's operations
+//! for them directly, in domain types ([`crate::tokens::operator`], [`crate::consent_links`],
+//! [`crate::identity::enrollment`], [`crate::audit::list_events`], [`tokenfleet_core::fleet`]),
+//! with what this service was configured with ([`AdminService::tokens`],
+//! [`AdminService::public_url`], [`AdminService::broker_state`]).
 
 use tokenfleet_core::records::Versioned;
 use tokenfleet_core::resources::mailboxes::MailboxView;
 use tokenfleet_domain::{Agent, Device, Tenant};
-use tokenfleet_proto::v1 as pb;
 
-use super::{AdminService, Agents, Devices, Mailboxes, consent, consent_links, enrollment, tokens};
+use super::{AdminService, Agents, Devices, Mailboxes};
 use crate::authz::Principal;
 use crate::ops::Error;
 use crate::ops::resource::{self, Id};
@@ -115,174 +120,15 @@ impl AdminService {
         }
     }
 
-    /// `GetFleetStatus`.
-    pub async fn console_fleet_status(
-        &self,
-        p: &Principal,
-        tenant: &str,
-    ) -> Result<pb::GetFleetStatusResponse, Error> {
-        crate::fleet::get_fleet_status(
-            &self.state,
-            p,
-            pb::GetFleetStatusRequest {
-                tenant: tenant.to_owned(),
-            },
-        )
-        .await
-    }
-
-    /// `TestConnection`.
-    pub async fn console_test_connection(
-        &self,
-        p: &Principal,
-        req: pb::TestConnectionRequest,
-    ) -> Result<pb::ConnectionTestResult, Error> {
-        crate::fleet::test_connection(&self.state, p, req).await
-    }
-
-    /// `StartConsent` (redirecting to the broker's own callback).
-    pub async fn console_start_consent(
-        &self,
-        p: &Principal,
-        tenant: &str,
-        mailbox: &str,
-    ) -> Result<pb::StartConsentResponse, Error> {
-        consent::start(
-            &self.state,
-            p,
-            pb::StartConsentRequest {
-                tenant: tenant.to_owned(),
-                mailbox: mailbox.to_owned(),
-                ..Default::default()
-            },
-            &self.consent,
-        )
-        .await
-    }
-
-    /// `DeleteToken`.
-    pub async fn console_delete_token(
-        &self,
-        p: &Principal,
-        tenant: &str,
-        mailbox: &str,
-    ) -> Result<pb::Mailbox, Error> {
-        tokens::delete_token(
-            &self.state,
-            p,
-            pb::DeleteTokenRequest {
-                tenant: tenant.to_owned(),
-                mailbox: mailbox.to_owned(),
-            },
-            &self.providers.tokens,
-        )
-        .await
-    }
-
-    /// `RefreshNow`.
-    pub async fn console_refresh_now(
-        &self,
-        p: &Principal,
-        tenant: &str,
-        mailbox: &str,
-    ) -> Result<pb::Mailbox, Error> {
-        tokens::refresh_now(
-            &self.state,
-            p,
-            pb::RefreshNowRequest {
-                tenant: tenant.to_owned(),
-                mailbox: mailbox.to_owned(),
-            },
-            &self.providers.tokens,
-        )
-        .await
-    }
-
-    /// `CreateEnrollmentCode`.
-    pub async fn console_enroll(
-        &self,
-        p: &Principal,
-        req: pb::CreateEnrollmentCodeRequest,
-    ) -> Result<pb::CreateEnrollmentCodeResponse, Error> {
-        enrollment::create_code(&self.state, p, req).await
-    }
-
-    /// `RevokeAgent`.
-    pub async fn console_revoke_agent(
-        &self,
-        p: &Principal,
-        tenant: &str,
-        name: &str,
-    ) -> Result<pb::Agent, Error> {
-        enrollment::revoke(
-            &self.state,
-            p,
-            pb::RevokeAgentRequest {
-                tenant: tenant.to_owned(),
-                name: name.to_owned(),
-            },
-        )
-        .await
-    }
-
-    /// `ListAuditEvents` (one page).
-    pub async fn console_audit(
-        &self,
-        p: &Principal,
-        req: pb::ListAuditEventsRequest,
-    ) -> Result<pb::ListAuditEventsResponse, Error> {
-        super::list_audit_events(&self.state, p, req).await
-    }
-
-    /// `CreateConsentLink`.
-    pub async fn console_create_link(
-        &self,
-        p: &Principal,
-        req: pb::CreateConsentLinkRequest,
-    ) -> Result<pb::CreateConsentLinkResponse, Error> {
-        consent_links::create(&self.state, p, req, &self.consent).await
-    }
-
-    /// `ListConsentLinks`.
-    pub async fn console_links(
-        &self,
-        p: &Principal,
-        tenant: &str,
-        mailbox: &str,
-    ) -> Result<Vec<pb::ConsentLink>, Error> {
-        consent_links::list(
-            &self.state,
-            p,
-            pb::ListConsentLinksRequest {
-                tenant: tenant.to_owned(),
-                mailbox: mailbox.to_owned(),
-            },
-        )
-        .await
-        .map(|r| r.links)
-    }
-
-    /// `RevokeConsentLink`.
-    pub async fn console_revoke_link(
-        &self,
-        p: &Principal,
-        tenant: &str,
-        id: &str,
-    ) -> Result<pb::ConsentLink, Error> {
-        consent_links::revoke(
-            &self.state,
-            p,
-            pb::RevokeConsentLinkRequest {
-                tenant: tenant.to_owned(),
-                id: id.to_owned(),
-            },
-        )
-        .await
-    }
-
     /// The broker state (for the console's session checks).
     pub fn broker_state(&self) -> &crate::state::BrokerState {
         &self.state
+    }
+
+    /// The token service the token operations run on
+    /// ([`crate::tokens::operator::refresh_now`], [`crate::tokens::operator::delete_token`]).
+    pub fn tokens(&self) -> &crate::tokens::lifecycle::TokenService {
+        &self.providers.tokens
     }
 
     /// The broker's public URL.

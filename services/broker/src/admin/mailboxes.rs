@@ -3,18 +3,15 @@
 //! resource ([`tokenfleet_core::resources::Mailboxes`]: authorization, validation, the provider
 //! checks, versions, references, the grant's fate, audit). The web console calls the same
 //! operations without converting. The token and consent calls answer with a mailbox too
-//! ([`mailbox_view`], [`mailbox_with_grant`]).
+//! ([`mailbox_out`] of the core's view, [`mailbox_with_grant`] of a mailbox and its grant).
 
 use tokenfleet_core::resources::mailboxes::{self as core_mailboxes, MailboxInput, MailboxView};
 use tokenfleet_domain::Mailbox;
 use tokenfleet_proto::v1 as pb;
 
 pub(crate) use tokenfleet_core::resources::Mailboxes;
-pub(crate) use tokenfleet_core::resources::mailboxes::check_names;
 
 use crate::convert;
-use crate::ops::Error;
-use crate::state::BrokerState;
 use crate::tokens::grant::GrantRecord;
 
 /// The core's form of a mailbox a caller sent (validated by the core, after authorization).
@@ -25,17 +22,6 @@ pub(crate) fn mailbox_in(wire: Option<pb::Mailbox>) -> MailboxInput {
 /// The wire form of a mailbox as reads show it.
 pub(crate) fn mailbox_out(view: MailboxView) -> pb::Mailbox {
     convert::mailbox_view_to_proto(&view)
-}
-
-/// The wire form of mailbox `name` of `tenant` with the token state of its grant record.
-pub(super) async fn mailbox_view(
-    state: &BrokerState,
-    tenant: &str,
-    name: &str,
-) -> Result<pb::Mailbox, Error> {
-    core_mailboxes::read(state, tenant, name)
-        .await
-        .map(mailbox_out)
 }
 
 /// Wire form of a mailbox whose token state comes from its grant record (when there is one): a
