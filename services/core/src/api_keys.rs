@@ -577,7 +577,7 @@ mod tests {
         );
     }
 
-    use crate::authz::test_principal as p;
+    use crate::testing::principal as p;
 
     #[test]
     fn key_rights_follow_role_and_tenant() {
@@ -599,17 +599,9 @@ mod tests {
     #[tokio::test]
     async fn operations_apply_the_key_rights() {
         let dir = tempfile::tempdir().unwrap();
-        let state = crate::state::for_tests(dir.path()).await;
+        let state = crate::testing::state(dir.path()).await;
         for t in ["a", "b"] {
-            let tenant = Tenant {
-                name: t.into(),
-                display_name: String::new(),
-                stamps: tokenfleet_domain::Stamps::new(state.clock.now()),
-            };
-            Records::new(state.store.as_ref())
-                .put(&tenant, Precondition::Absent)
-                .await
-                .unwrap();
+            crate::testing::put_tenant(&state, t).await;
         }
         let fleet = p(Role::FleetAdmin, None);
         let ta = p(Role::TenantAdmin, Some("a"));

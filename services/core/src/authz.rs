@@ -54,16 +54,6 @@ impl Principal {
     }
 }
 
-/// A principal with key id `k` (for tests).
-#[cfg(test)]
-pub(crate) fn test_principal(role: Role, tenant: Option<&str>) -> Principal {
-    Principal {
-        key_id: "k".into(),
-        role,
-        tenant: tenant.map(str::to_owned),
-    }
-}
-
 /// Kind of access an RPC needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {

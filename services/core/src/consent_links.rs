@@ -37,7 +37,7 @@ use crate::authz::{Access, Principal, Target, authorize};
 use crate::identity::ca::hex;
 use crate::ops::Error;
 use crate::ops::change::{Change, audited};
-use crate::ops::names::{object_path, span_object};
+use crate::ops::names::span_object;
 use crate::records::{Records, mailbox_key};
 use crate::state::BrokerState;
 use crate::tokens::consent::{self, Challenge, StartOutcome};
@@ -203,20 +203,6 @@ pub fn link_url(public_url: &str, token: &str) -> String {
     format!("{}{LINK_PATH}{token}", public_url.trim_end_matches('/'))
 }
 
-fn change(action: &'static str, tenant: &str, mailbox: &str) -> Change {
-    Change {
-        action,
-        target: object_path(tenant, "mailboxes", mailbox),
-        tenant: tenant.to_owned(),
-    }
-}
-
-fn check_names(tenant: &str, mailbox: &str) -> Result<(), Error> {
-    tokenfleet_domain::name("tenant", tenant)?;
-    tokenfleet_domain::name("mailbox", mailbox)?;
-    Ok(())
-}
-
 /// The lifetime a caller asked for in seconds: 0 is the default ([`DEFAULT_TTL`], `None`), a
 /// negative number is refused (INVALID_ARGUMENT naming `ttl_seconds`). The range is checked by
 /// [`create`], inside its audited change; this check is part of reading the request.
@@ -260,10 +246,10 @@ pub async fn create(
     audited(
         state,
         principal,
-        change("consent_link.create", tenant, mailbox),
+        Change::of_object("consent_link.create", tenant, "mailboxes", mailbox),
         async {
             authorize(principal, Target::Tenant(tenant), Access::Write)?;
-            check_names(tenant, mailbox)?;
+            crate::resources::mailboxes::check_names(tenant, mailbox)?;
             let ttl = ttl.unwrap_or(DEFAULT_TTL);
             if ttl < MIN_TTL || ttl > MAX_TTL {
                 return Err(Error::invalid(

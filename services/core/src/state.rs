@@ -16,17 +16,3 @@ pub struct BrokerState {
     /// Time source (injected for tests).
     pub clock: Arc<dyn Clock>,
 }
-
-/// A state over an embedded store in `dir`, a fresh keyring and the system clock (for tests).
-#[cfg(test)]
-pub(crate) async fn for_tests(dir: &std::path::Path) -> BrokerState {
-    let store = tokenfleet_store::embedded::EmbeddedStore::open(&dir.join("s.redb"))
-        .await
-        .expect("open the embedded store");
-    let key = Keyring::generate_key_base64().expect("generate a key");
-    BrokerState {
-        store: Arc::new(store),
-        keyring: Arc::new(Keyring::from_base64("k", [("k", key.as_str())]).expect("keyring")),
-        clock: Arc::new(tokenfleet_domain::SystemClock),
-    }
-}

@@ -4,21 +4,12 @@
 
 use tokenfleet_proto::v1 as pb;
 
-use super::mailboxes::mailbox_with_grant;
+use super::mailboxes::mailbox_out;
 use crate::authz::Principal;
 use crate::ops::Error;
 use crate::state::BrokerState;
 use crate::tokens::lifecycle::TokenService;
-use crate::tokens::operator::{self, MailboxGrant};
-
-/// The wire form of a mailbox with the token state of its grant record.
-fn mailbox_out(view: &MailboxGrant) -> pb::Mailbox {
-    mailbox_with_grant(
-        &view.mailbox.value,
-        view.mailbox.version,
-        view.grant.as_ref(),
-    )
-}
+use crate::tokens::operator;
 
 pub(super) async fn delete_token(
     _state: &BrokerState,
@@ -26,8 +17,9 @@ pub(super) async fn delete_token(
     req: pb::DeleteTokenRequest,
     tokens: &TokenService,
 ) -> Result<pb::Mailbox, Error> {
-    let view = operator::delete_token(tokens, principal, &req.tenant, &req.mailbox).await?;
-    Ok(mailbox_out(&view))
+    operator::delete_token(tokens, principal, &req.tenant, &req.mailbox)
+        .await
+        .map(mailbox_out)
 }
 
 pub(super) async fn refresh_now(
@@ -36,6 +28,7 @@ pub(super) async fn refresh_now(
     req: pb::RefreshNowRequest,
     tokens: &TokenService,
 ) -> Result<pb::Mailbox, Error> {
-    let view = operator::refresh_now(tokens, principal, &req.tenant, &req.mailbox).await?;
-    Ok(mailbox_out(&view))
+    operator::refresh_now(tokens, principal, &req.tenant, &req.mailbox)
+        .await
+        .map(mailbox_out)
 }

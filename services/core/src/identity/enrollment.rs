@@ -17,7 +17,7 @@ use super::codes::{self, DEFAULT_TTL, MAX_TTL, MIN_TTL};
 use crate::authz::{Access, Principal, Target, authorize};
 use crate::ops::Error;
 use crate::ops::change::{Change, audited};
-use crate::ops::names::{object_path, shown, span_object};
+use crate::ops::names::{shown, span_object};
 use crate::ops::stored::{commit, must_get, records, require_tenant, still_contended};
 use crate::records::{CAS_ATTEMPTS, Versioned, agent_key};
 use crate::resources::agents;
@@ -52,14 +52,6 @@ pub struct IssuedCode {
 
 fn what(tenant: &str, name: &str) -> String {
     format!("agent `{}` in tenant `{}`", shown(name), shown(tenant))
-}
-
-fn change(action: &'static str, tenant: &str, name: &str) -> Change {
-    Change {
-        action,
-        target: object_path(tenant, "agents", name),
-        tenant: tenant.to_owned(),
-    }
 }
 
 /// Validates `ttl_seconds` (0 = default).
@@ -142,7 +134,7 @@ pub async fn create_code(
     audited(
         state,
         principal,
-        change("agent.enrollment_code.create", &req.tenant, &req.agent),
+        Change::of_object("agent.enrollment_code.create", &req.tenant, "agents", &req.agent),
         async {
             authorize(principal, Target::Tenant(&req.tenant), Access::Write)?;
             tokenfleet_domain::name("tenant", &req.tenant)?;
@@ -209,7 +201,7 @@ pub async fn revoke_agent(
     audited(
         state,
         principal,
-        change("agent.revoke", tenant, name),
+        Change::of_object("agent.revoke", tenant, "agents", name),
         async {
             authorize(principal, Target::Tenant(tenant), Access::Write)?;
             tokenfleet_domain::name("tenant", tenant)?;
@@ -242,7 +234,7 @@ pub async fn revoke_agent(
 
 #[cfg(test)]
 mod tests {
-    use tokenfleet_domain::{Role, Tenant};
+    use tokenfleet_domain::Role;
 
     use super::*;
 
@@ -257,23 +249,15 @@ mod tests {
         }
     }
 
-    use crate::authz::test_principal as p;
+    use crate::testing::principal as p;
 
     /// Enrollment and revocation need write access to the agent's tenant; a revoked agent gets
     /// no new code.
     #[tokio::test]
     async fn enrollment_needs_write_access_and_revocation_is_final() {
         let dir = tempfile::tempdir().unwrap();
-        let state = crate::state::for_tests(dir.path()).await;
-        let tenant = Tenant {
-            name: "acme".into(),
-            display_name: String::new(),
-            stamps: Stamps::new(state.clock.now()),
-        };
-        records(&state)
-            .put(&tenant, Precondition::Absent)
-            .await
-            .unwrap();
+        let state = crate::testing::state(dir.path()).await;
+        crate::testing::put_tenant(&state, "acme").await;
         let req = CodeRequest {
             tenant: "acme".into(),
             agent: "site-a".into(),

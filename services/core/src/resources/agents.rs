@@ -94,7 +94,7 @@ mod tests {
     use super::*;
     use crate::ops::resource;
     use crate::records::{Records, tenant_key};
-    use crate::resources::testing::{principal, state};
+    use crate::testing::{principal, state};
 
     fn input(name: &str, display_name: &str, version: u64) -> Versioned<Agent> {
         Versioned {

@@ -801,7 +801,7 @@ mod tests {
 
     use super::*;
     use crate::ops::resource;
-    use crate::resources::testing::{principal, put_tenant, state};
+    use crate::testing::{principal, put_tenant, state};
 
     fn input(name: &str, username: &str, password: &str) -> DeviceInput {
         DeviceInput {

@@ -457,7 +457,7 @@ mod tests {
 
     use super::*;
     use crate::records::Records;
-    use crate::resources::testing::{principal, put_tenant, state};
+    use crate::testing::{principal, put_tenant, state};
 
     fn input(name: &str, grant_type: Choice<GrantType>) -> MailboxInput {
         MailboxInput {

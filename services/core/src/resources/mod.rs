@@ -7,6 +7,11 @@
 //! its own edge. All five resources live here: [`tenants`], [`providers`], [`mailboxes`],
 //! [`devices`], [`agents`]. Authorization, validation, references, server-owned fields, secret
 //! handling and audit are the core's.
+//!
+//! A mailbox as every surface shows it — the record with its grant record's token state — is
+//! one form, [`mailboxes::MailboxView`]; operations that have already authorized their caller
+//! read it with [`mailboxes::read`] (the token operations of [`crate::tokens::operator`] answer
+//! with it).
 
 pub mod agents;
 pub mod devices;
@@ -14,8 +19,6 @@ mod fields;
 pub mod mailboxes;
 pub mod providers;
 pub mod tenants;
-#[cfg(test)]
-pub(crate) mod testing;
 
 pub use agents::Agents;
 pub use devices::Devices;

@@ -96,7 +96,7 @@ mod tests {
 
     use super::*;
     use crate::ops::resource;
-    use crate::resources::testing::{principal, state};
+    use crate::testing::{principal, state};
 
     fn input(name: &str, display_name: &str) -> Versioned<Tenant> {
         Versioned {

@@ -6,62 +6,25 @@
 //! Each one authorizes (write access to the mailbox's tenant), checks the names, runs the flow
 //! ([`super::consent`], [`super::lifecycle`]) and is audited on the mailbox
 //! (`consent.start`, `consent.complete`, `mailbox.refresh_now`, `mailbox.delete_token`), refusals
-//! included. The answer is the mailbox with its grant record, whose state is what every surface
-//! shows. Tokens, device codes and verifiers are never in an audit detail or the log.
+//! included. Refresh and delete answer with the mailbox as reads show it ([`MailboxView`], from
+//! [`crate::resources::mailboxes::read`]: the grant record's token state); the consent
+//! operations with the flow's outcome (the mailbox, its grant record, what the person must do). Tokens, device codes and verifiers are never in an audit detail or the log.
 
 use std::future::Future;
 
-use tokenfleet_domain::Mailbox;
-
 use super::consent::{self, Challenge, CompleteOutcome, StartOutcome};
-use super::grant::{GrantRecord, grant_key};
 use super::lifecycle::{TokenError, TokenService};
 use crate::authz::{Access, Principal, Target, authorize};
 use crate::ops::Error;
 use crate::ops::change::{Change, audited};
-use crate::ops::names::{object_path, shown, span_object};
-use crate::ops::stored::{must_get, records};
-use crate::records::{Versioned, mailbox_key};
+use crate::ops::names::span_object;
+use crate::resources::mailboxes::{self, MailboxView, check_names};
 use crate::state::BrokerState;
-
-/// A mailbox with the grant record its token state comes from (none: never consented).
-#[derive(Debug, Clone)]
-pub struct MailboxGrant {
-    /// The mailbox and its version.
-    pub mailbox: Versioned<Mailbox>,
-    /// Its grant record, when there is one.
-    pub grant: Option<GrantRecord>,
-}
-
-fn change(action: &'static str, tenant: &str, mailbox: &str) -> Change {
-    Change {
-        action,
-        target: object_path(tenant, "mailboxes", mailbox),
-        tenant: tenant.to_owned(),
-    }
-}
 
 /// Write access to `tenant`, then valid tenant and mailbox names.
 fn authorize_mailbox(principal: &Principal, tenant: &str, mailbox: &str) -> Result<(), Error> {
     authorize(principal, Target::Tenant(tenant), Access::Write)?;
-    tokenfleet_domain::name("tenant", tenant)?;
-    tokenfleet_domain::name("mailbox", mailbox)?;
-    Ok(())
-}
-
-/// Mailbox `name` of `tenant` with its grant record, as it is stored now.
-async fn mailbox_grant(
-    state: &BrokerState,
-    tenant: &str,
-    name: &str,
-) -> Result<MailboxGrant, Error> {
-    let what = format!("mailbox `{}` in tenant `{}`", shown(name), shown(tenant));
-    let mailbox = must_get::<Mailbox>(state, &mailbox_key(tenant, name), &what).await?;
-    let grant = records(state)
-        .get::<GrantRecord>(&grant_key(tenant, name))
-        .await?
-        .map(|g| g.value);
-    Ok(MailboxGrant { mailbox, grant })
+    check_names(tenant, mailbox)
 }
 
 /// A redirect URI a caller asked for: an absolute `http`/`https` URL without a fragment.
@@ -111,10 +74,15 @@ where
     F: Future<Output = Result<(T, String), Error>>,
 {
     span_object(tenant, mailbox);
-    audited(state, principal, change(action, tenant, mailbox), async {
-        authorize_mailbox(principal, tenant, mailbox)?;
-        work().await
-    })
+    audited(
+        state,
+        principal,
+        Change::of_object(action, tenant, "mailboxes", mailbox),
+        async {
+            authorize_mailbox(principal, tenant, mailbox)?;
+            work().await
+        },
+    )
     .await
 }
 
@@ -171,6 +139,27 @@ pub async fn complete_consent(
     .await
 }
 
+/// Runs `work` on the token of `mailbox` (it answers the audit detail) as [`mailbox_change`]
+/// does, and answers with the mailbox as reads show it afterwards.
+async fn token_change<F>(
+    tokens: &TokenService,
+    principal: &Principal,
+    action: &'static str,
+    tenant: &str,
+    mailbox: &str,
+    work: impl FnOnce() -> F,
+) -> Result<MailboxView, Error>
+where
+    F: Future<Output = Result<String, Error>>,
+{
+    let state = tokens.state();
+    mailbox_change(state, principal, action, tenant, mailbox, || async {
+        let detail = work().await?;
+        Ok((mailboxes::read(state, tenant, mailbox).await?, detail))
+    })
+    .await
+}
+
 /// `principal` deletes the token of `mailbox` (revoked at the provider where possible, wiped
 /// anyway, see [`TokenService::delete_token`]); what happened at the provider is the audit
 /// detail.
@@ -179,19 +168,14 @@ pub async fn delete_token(
     principal: &Principal,
     tenant: &str,
     mailbox: &str,
-) -> Result<MailboxGrant, Error> {
-    let state = tokens.state();
-    mailbox_change(
-        state,
+) -> Result<MailboxView, Error> {
+    token_change(
+        tokens,
         principal,
         "mailbox.delete_token",
         tenant,
         mailbox,
-        || async {
-            let revocation = tokens.delete_token(tenant, mailbox).await?;
-            let view = mailbox_grant(state, tenant, mailbox).await?;
-            Ok((view, revocation.to_string()))
-        },
+        || async { Ok(tokens.delete_token(tenant, mailbox).await?.to_string()) },
     )
     .await
 }
@@ -204,30 +188,27 @@ pub async fn refresh_now(
     principal: &Principal,
     tenant: &str,
     mailbox: &str,
-) -> Result<MailboxGrant, Error> {
-    let state = tokens.state();
-    mailbox_change(
-        state,
+) -> Result<MailboxView, Error> {
+    token_change(
+        tokens,
         principal,
         "mailbox.refresh_now",
         tenant,
         mailbox,
         || async {
-            let detail = match tokens.refresh_now(tenant, mailbox).await {
-                Ok(token) => format!(
+            match tokens.refresh_now(tenant, mailbox).await {
+                Ok(token) => Ok(format!(
                     "refreshed; access token expires {}",
                     token
                         .expires
                         .format(&time::format_description::well_known::Rfc3339)
                         .unwrap_or_default()
-                ),
+                )),
                 Err(
                     e @ (TokenError::RefreshFailing { .. } | TokenError::ReauthRequired { .. }),
-                ) => e.to_string().chars().take(300).collect(),
-                Err(e) => return Err(e.into()),
-            };
-            let view = mailbox_grant(state, tenant, mailbox).await?;
-            Ok((view, detail))
+                ) => Ok(e.to_string().chars().take(300).collect()),
+                Err(e) => Err(e.into()),
+            }
         },
     )
     .await
@@ -257,7 +238,7 @@ mod tests {
         }
     }
 
-    use crate::authz::test_principal as p;
+    use crate::testing::principal as p;
 
     /// Token operations need write access to the mailbox's tenant, decided before the names
     /// are read (so another tenant's caller learns nothing from a bad name either).

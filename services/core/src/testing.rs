@@ -1,5 +1,5 @@
-//! What the resources' unit tests share: a broker state over a fresh embedded store, callers of
-//! each role, and a tenant to put objects in.
+//! What the core's unit tests share: a broker state over a fresh embedded store, callers of each
+//! role, and a tenant to put objects in. Test builds only.
 
 use std::sync::Arc;
 
