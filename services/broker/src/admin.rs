@@ -1,28 +1,31 @@
-//! The `Admin` gRPC service: CRUD of tenants, providers, mailboxes, devices and agents, the audit
-//! log and `WhoAmI`.
+//! The `Admin` gRPC service: tenants, providers, mailboxes, devices and agents (create, get,
+//! list, update, delete), consent and tokens, enrollment codes and agent revocation, API keys,
+//! consent links, the audit log, fleet status, connection tests and `WhoAmI`.
 //!
-//! Every RPC runs the same steps: authenticate the API key ([`crate::api_keys`]), authorize the
-//! target ([`crate::authz`]) before anything is read, validate the whole input (the core's
-//! resources, after [`crate::convert`] read it off the wire) and every cross-reference, and only
-//! then write one record. Nothing is
-//! half-written after an error. Changes (including refused attempts) are audited
-//! ([`crate::audit`]).
+//! Every RPC is the edge's three steps: authenticate the API key ([`crate::api_keys`]) and decode
+//! the request (the `admin/<topic>.rs` files and [`crate::convert`] read it off the wire), call
+//! one operation of the core, encode its answer (`WhoAmI` answers the authenticated caller). Authorization before anything is read,
+//! validation of the whole input and every cross-reference, the single write and the audit
+//! record (refused attempts included) are the core operation's; nothing is half-written after
+//! an error.
 //!
 //! Errors: invalid input → INVALID_ARGUMENT naming the field; another tenant's objects →
-//! PERMISSION_DENIED (never NOT_FOUND, so existence is not revealed). Handlers return
+//! PERMISSION_DENIED (never NOT_FOUND, so existence is not revealed). Operations return
 //! [`crate::ops::Error`]; the one mapping to gRPC status is [`crate::edge::grpc_status`].
 //!
 //! The five resources (tenants, providers, mailboxes, devices, agents) run the generic
 //! operations of [`crate::ops::resource`], described per resource in the core
 //! ([`tokenfleet_core::resources`], with domain types); `admin/<resource>.rs` only converts the
-//! messages, and this file only decodes a request, calls one operation and encodes the answer.
+//! messages.
 //!
-//! The other RPCs call the core's operations, which authorize, work and audit in domain types:
-//! consent and tokens ([`crate::tokens::operator`], from `admin/consent.rs`, `admin/tokens.rs`),
-//! enrollment ([`crate::identity::enrollment`], `admin/enrollment.rs`), API keys
-//! ([`crate::api_keys`], `admin/keys.rs`), consent links ([`crate::consent_links`],
-//! `admin/consent_links.rs`), the audit log ([`crate::audit::list_events`]), fleet status and
-//! connection tests ([`tokenfleet_core::fleet`], through [`crate::fleet`]).
+//! The other RPCs call the core's operations in domain types the same way: consent and tokens
+//! ([`crate::tokens::operator`], from `admin/consent.rs`, `admin/tokens.rs`; they answer with
+//! the mailbox as [`tokenfleet_core::resources::mailboxes`] shows it), enrollment
+//! ([`crate::identity::enrollment`], `admin/enrollment.rs`), API keys ([`crate::api_keys`],
+//! `admin/keys.rs`), consent links ([`crate::consent_links`], `admin/consent_links.rs`), the
+//! audit log ([`crate::audit::list_events`]), fleet status and connection tests
+//! ([`tokenfleet_core::fleet`], through [`crate::fleet`]). The web console calls the same
+//! operations without the wire (see `admin/in_process.rs` for the resource reads it uses).
 
 mod agents;
 mod consent;
@@ -513,7 +516,7 @@ impl Admin for AdminService {
         )
     }
 
-    // Token lifecycle RPCs: being built (issue 3); answer UNIMPLEMENTED until then.
+    // Consent and token RPCs: the core's `tokens::operator`.
     async fn start_consent(
         &self,
         request: Request<pb::StartConsentRequest>,

@@ -1,11 +1,11 @@
-//! The admin operations called in-process by the web console ([`crate::console`]): the very
-//! handlers the gRPC RPCs run (same authorization, validation and audit), with the principal the
-//! console resolved from its session instead of from a bearer header. Tenants, mailboxes,
-//! devices and agents are read with the core's domain-typed resource operations themselves (no
-//! wire form, no gRPC handler in between). Nothing here reads or writes the store on its own.
+//! The resource reads of the web console ([`crate::console`]): tenants, mailboxes, devices and
+//! agents, every page of a list or one object, read with the core's domain-typed resource
+//! operations themselves — the ones the gRPC RPCs call, so the same authorization — with the
+//! principal the console resolved from its session instead of from a bearer header. No wire
+//! form, no gRPC handler in between; nothing here reads or writes the store on its own.
 //!
 //! Consent, the token buttons, consent links, enrollment, agent revocation, the audit log, fleet
-//! status and connection tests need no handler here: the console calls the core's operations
+//! status and connection tests need no method here: the console calls the core's operations
 //! for them directly, in domain types ([`crate::tokens::operator`], [`crate::consent_links`],
 //! [`crate::identity::enrollment`], [`crate::audit::list_events`], [`tokenfleet_core::fleet`]),
 //! with what this service was configured with ([`AdminService::tokens`],
@@ -23,21 +23,33 @@ use crate::ops::resource::{self, Id};
 /// Page size the console reads lists with (the API's largest).
 const PAGE: i32 = super::MAX_PAGE_SIZE as i32;
 
+/// Every page of a list: `page` reads the one after a page token (empty: the first) and
+/// answers its items and the next token (empty: no more).
+async fn every_page<T, F, Fut>(mut page: F) -> Result<Vec<T>, Error>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<(Vec<T>, String), Error>>,
+{
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = page(token).await?;
+        out.extend(items);
+        if next.is_empty() {
+            return Ok(out);
+        }
+        token = next;
+    }
+}
+
 impl AdminService {
     /// The tenants the caller may see (every page), as the core's tenant resource lists them:
     /// domain records, no wire form in between.
     pub async fn console_tenants(&self, p: &Principal) -> Result<Vec<Versioned<Tenant>>, Error> {
-        let mut out = Vec::new();
-        let mut token = String::new();
-        loop {
-            let (items, next) =
-                tokenfleet_core::resources::tenants::list(&self.state, p, PAGE, &token).await?;
-            out.extend(items);
-            if next.is_empty() {
-                return Ok(out);
-            }
-            token = next;
-        }
+        every_page(|token| async move {
+            tokenfleet_core::resources::tenants::list(&self.state, p, PAGE, &token).await
+        })
+        .await
     }
 
     /// The mailboxes of one tenant (every page), as the core's mailbox resource lists them:
@@ -47,17 +59,10 @@ impl AdminService {
         p: &Principal,
         tenant: &str,
     ) -> Result<Vec<MailboxView>, Error> {
-        let mut out = Vec::new();
-        let mut token = String::new();
-        loop {
-            let (items, next) =
-                resource::list(&Mailboxes, &self.state, p, tenant, PAGE, &token).await?;
-            out.extend(items);
-            if next.is_empty() {
-                return Ok(out);
-            }
-            token = next;
-        }
+        every_page(|token| async move {
+            resource::list(&Mailboxes, &self.state, p, tenant, PAGE, &token).await
+        })
+        .await
     }
 
     /// One mailbox, as the core's mailbox resource shows it.
@@ -77,17 +82,10 @@ impl AdminService {
         p: &Principal,
         tenant: &str,
     ) -> Result<Vec<Versioned<Device>>, Error> {
-        let mut out = Vec::new();
-        let mut token = String::new();
-        loop {
-            let (items, next) =
-                resource::list(&Devices, &self.state, p, tenant, PAGE, &token).await?;
-            out.extend(items);
-            if next.is_empty() {
-                return Ok(out);
-            }
-            token = next;
-        }
+        every_page(|token| async move {
+            resource::list(&Devices, &self.state, p, tenant, PAGE, &token).await
+        })
+        .await
     }
 
     /// One device, as the core's device resource shows it.
@@ -107,17 +105,10 @@ impl AdminService {
         p: &Principal,
         tenant: &str,
     ) -> Result<Vec<Versioned<Agent>>, Error> {
-        let mut out = Vec::new();
-        let mut token = String::new();
-        loop {
-            let (items, next) =
-                resource::list(&Agents, &self.state, p, tenant, PAGE, &token).await?;
-            out.extend(items);
-            if next.is_empty() {
-                return Ok(out);
-            }
-            token = next;
-        }
+        every_page(|token| async move {
+            resource::list(&Agents, &self.state, p, tenant, PAGE, &token).await
+        })
+        .await
     }
 
     /// The broker state (for the console's session checks).
