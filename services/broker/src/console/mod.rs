@@ -9,11 +9,11 @@
 //! edge does, so authorization and audit are the API's. Hiding a button is presentation only: a
 //! viewer's forged POST reaches the operation and is refused there (403).
 //!
-//! Routes: `/console/…` (operators, [`pages`]), `/consent/<token>…` (mailbox owners,
-//! [`link`]), `/console/static/…` (one stylesheet, one script), `/console/help/troubleshooting`
+//! Routes: `/console/…` (operators, `pages.rs`), `/consent/<token>…` (mailbox owners,
+//! `link.rs`), `/console/static/…` (one stylesheet, one script), `/console/help/troubleshooting`
 //! (the troubleshooting guide the error messages link to), and `/` → `/console/`.
 //!
-//! Every answer carries the security headers ([`security_headers`]): CSP without inline script
+//! Every answer carries the security headers (`security_headers`): CSP without inline script
 //! and without framing, `nosniff`, `no-referrer`, and `no-store` on everything but the static
 //! files. Sessions and CSRF: [`session`].
 
