@@ -1,21 +1,31 @@
-//! The `Admin` gRPC service: CRUD of tenants, providers, mailboxes, devices and agents, the audit
-//! log and `WhoAmI`.
+//! The `Admin` gRPC service: tenants, providers, mailboxes, devices and agents (create, get,
+//! list, update, delete), consent and tokens, enrollment codes and agent revocation, API keys,
+//! consent links, the audit log, fleet status, connection tests and `WhoAmI`.
 //!
-//! Every RPC runs the same steps: authenticate the API key ([`crate::api_keys`]), authorize the
-//! target ([`crate::authz`]) before anything is read, validate the whole input
-//! ([`crate::convert`]) and every cross-reference, and only then write one record. Nothing is
-//! half-written after an error. Changes (including refused attempts) are audited
-//! ([`crate::audit`]).
+//! Every RPC is the edge's three steps: authenticate the API key ([`crate::api_keys`]) and decode
+//! the request (the `admin/<topic>.rs` files and [`crate::convert`] read it off the wire), call
+//! one operation of the core, encode its answer (`WhoAmI` answers the authenticated caller). Authorization before anything is read,
+//! validation of the whole input and every cross-reference, the single write and the audit
+//! record (refused attempts included) are the core operation's; nothing is half-written after
+//! an error.
 //!
 //! Errors: invalid input → INVALID_ARGUMENT naming the field; another tenant's objects →
-//! PERMISSION_DENIED (never NOT_FOUND, so existence is not revealed). Handlers return
+//! PERMISSION_DENIED (never NOT_FOUND, so existence is not revealed). Operations return
 //! [`crate::ops::Error`]; the one mapping to gRPC status is [`crate::edge::grpc_status`].
 //!
 //! The five resources (tenants, providers, mailboxes, devices, agents) run the generic
-//! operations of [`crate::ops::resource`], described per resource in `admin/<resource>.rs`
-//! (agents in the core, [`tokenfleet_core::resources::agents`], with domain types; `admin/agents.rs`
-//! only converts the message); this file only decodes a request, calls one operation and encodes
-//! the answer.
+//! operations of [`crate::ops::resource`], described per resource in the core
+//! ([`tokenfleet_core::resources`], with domain types); `admin/<resource>.rs` only converts the
+//! messages.
+//!
+//! The other RPCs call the core's operations in domain types the same way: consent and tokens
+//! ([`crate::tokens::operator`], from `admin/consent.rs`, `admin/tokens.rs`; they answer with
+//! the mailbox as [`tokenfleet_core::resources::mailboxes`] shows it), enrollment
+//! ([`crate::identity::enrollment`], `admin/enrollment.rs`), API keys ([`crate::api_keys`],
+//! `admin/keys.rs`), consent links ([`crate::consent_links`], `admin/consent_links.rs`), the
+//! audit log ([`crate::audit::list_events`]), fleet status and connection tests
+//! ([`tokenfleet_core::fleet`], through [`crate::fleet`]). The web console calls the same
+//! operations without the wire (see `admin/in_process.rs` for the resource reads it uses).
 
 mod agents;
 mod consent;
@@ -32,17 +42,13 @@ mod tokens;
 use futures::FutureExt as _;
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_proto::v1::admin_server::{Admin, AdminServer};
-use tokenfleet_store::Scope;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
-use crate::audit::AuditKind;
-use crate::authz::{self, Access, Principal, Target};
+use crate::authz::Principal;
 use crate::convert::{self, UpdateMask};
 use crate::edge::grpc_status::bearer;
 use crate::ops::Error;
-use crate::ops::names::{shown, span_object};
-use crate::ops::paging::page_request;
 use crate::ops::resource::{self, Id};
 use crate::state::BrokerState;
 use crate::{api_keys, audit};
@@ -126,44 +132,20 @@ async fn list_audit_events(
     principal: &Principal,
     req: pb::ListAuditEventsRequest,
 ) -> Result<pb::ListAuditEventsResponse, Error> {
-    let scope = if req.tenant.is_empty() {
-        authz::authorize(principal, Target::GlobalAudit, Access::Read)?;
-        Scope::Global
-    } else {
-        authz::authorize(principal, Target::Tenant(&req.tenant), Access::Read)?;
-        tokenfleet_domain::name("tenant", &req.tenant)?;
-        Scope::Tenant(req.tenant.clone())
+    let query = audit::AuditQuery {
+        tenant: req.tenant,
+        kind: req.kind,
+        page_size: req.page_size,
+        page_token: req.page_token,
     };
-    span_object(&req.tenant, "");
-    let kinds: Vec<AuditKind> = if req.kind.trim().is_empty() || req.kind.trim() == "all" {
-        AuditKind::ALL.to_vec()
-    } else {
-        vec![AuditKind::parse(&req.kind).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "kind: unknown audit kind `{}` (expected changes, refused, issuance or all)",
-                shown(&req.kind)
-            ))
-        })?]
-    };
-    // Page tokens are per-kind cursors; only the page size is checked the common way.
-    let size = page_request(req.page_size, "")?.size;
-    let cursor = if req.page_token.is_empty() {
-        audit::Cursor::start(&kinds)
-    } else {
-        audit::Cursor::parse(&req.page_token, &kinds).ok_or_else(|| {
-            Error::InvalidArgument(
-                "page_token: malformed (pass `next_page_token` back unchanged, with the same kind)"
-                    .to_owned(),
-            )
-        })?
-    };
-    let (entries, next) = audit::list_merged(state, &scope, &cursor, size).await?;
+    let page = audit::list_events(state, principal, &query).await?;
     Ok(pb::ListAuditEventsResponse {
-        events: entries
+        events: page
+            .events
             .iter()
             .map(|(id, e)| convert::audit_event_to_proto(id, e))
             .collect(),
-        next_page_token: next.map(|c| c.token()).unwrap_or_default(),
+        next_page_token: page.next_page_token,
     })
 }
 
@@ -225,7 +207,8 @@ impl Admin for AdminService {
         request: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
         rpc!(self, request, "CreateTenant", |s, p, r| {
-            resource::create(&Tenants, s, p, r.tenant.unwrap_or_default())
+            resource::create(&Tenants, s, p, tenants::tenant_in(r.tenant))
+                .map(|out| out.map(tenants::tenant_out))
         })
     }
     async fn get_tenant(
@@ -234,6 +217,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Tenant>, Status> {
         rpc!(self, request, "GetTenant", |s, p, r| {
             resource::get(&Tenants, s, p, Id::global(&r.name))
+                .map(|out| out.map(tenants::tenant_out))
         })
     }
     async fn list_tenants(
@@ -248,7 +232,8 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Tenant>, Status> {
         rpc!(self, request, "UpdateTenant", |s, p, r| {
             let mask = mask(&convert::TENANT_FIELDS, r.update_mask.as_ref());
-            resource::update(&Tenants, s, p, r.tenant.unwrap_or_default(), mask)
+            resource::update(&Tenants, s, p, tenants::tenant_in(r.tenant), mask)
+                .map(|out| out.map(tenants::tenant_out))
         })
     }
     async fn delete_tenant(
@@ -266,7 +251,8 @@ impl Admin for AdminService {
         request: Request<pb::CreateProviderRequest>,
     ) -> Result<Response<pb::Provider>, Status> {
         rpc!(self, request, "CreateProvider", |s, p, r| {
-            resource::create(&self.providers, s, p, r.provider.unwrap_or_default())
+            resource::create(&self.providers, s, p, providers::provider_in(r.provider))
+                .map(|out| out.map(providers::provider_out))
         })
     }
     async fn get_provider(
@@ -275,6 +261,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Provider>, Status> {
         rpc!(self, request, "GetProvider", |s, p, r| {
             resource::get(&self.providers, s, p, Id::scoped(&r.tenant, &r.name))
+                .map(|out| out.map(providers::provider_out))
         })
     }
     async fn list_providers(
@@ -284,8 +271,8 @@ impl Admin for AdminService {
         rpc!(self, request, "ListProviders", |s, p, r| {
             resource::list(&self.providers, s, p, &r.tenant, r.page_size, &r.page_token).map(
                 |out| {
-                    out.map(|(providers, next_page_token)| pb::ListProvidersResponse {
-                        providers,
+                    out.map(|(list, next_page_token)| pb::ListProvidersResponse {
+                        providers: list.into_iter().map(providers::provider_out).collect(),
                         next_page_token,
                     })
                 },
@@ -298,7 +285,14 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Provider>, Status> {
         rpc!(self, request, "UpdateProvider", |s, p, r| {
             let mask = mask(&convert::PROVIDER_FIELDS, r.update_mask.as_ref());
-            resource::update(&self.providers, s, p, r.provider.unwrap_or_default(), mask)
+            resource::update(
+                &self.providers,
+                s,
+                p,
+                providers::provider_in(r.provider),
+                mask,
+            )
+            .map(|out| out.map(providers::provider_out))
         })
     }
     async fn delete_provider(
@@ -322,7 +316,8 @@ impl Admin for AdminService {
         request: Request<pb::CreateMailboxRequest>,
     ) -> Result<Response<pb::Mailbox>, Status> {
         rpc!(self, request, "CreateMailbox", |s, p, r| {
-            resource::create(&Mailboxes, s, p, r.mailbox.unwrap_or_default())
+            resource::create(&Mailboxes, s, p, mailboxes::mailbox_in(r.mailbox))
+                .map(|out| out.map(mailboxes::mailbox_out))
         })
     }
     async fn get_mailbox(
@@ -331,6 +326,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Mailbox>, Status> {
         rpc!(self, request, "GetMailbox", |s, p, r| {
             resource::get(&Mailboxes, s, p, Id::scoped(&r.tenant, &r.name))
+                .map(|out| out.map(mailboxes::mailbox_out))
         })
     }
     async fn list_mailboxes(
@@ -339,8 +335,8 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListMailboxesResponse>, Status> {
         rpc!(self, request, "ListMailboxes", |s, p, r| {
             resource::list(&Mailboxes, s, p, &r.tenant, r.page_size, &r.page_token).map(|out| {
-                out.map(|(mailboxs, next_page_token)| pb::ListMailboxesResponse {
-                    mailboxs,
+                out.map(|(list, next_page_token)| pb::ListMailboxesResponse {
+                    mailboxs: list.into_iter().map(mailboxes::mailbox_out).collect(),
                     next_page_token,
                 })
             })
@@ -352,7 +348,8 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Mailbox>, Status> {
         rpc!(self, request, "UpdateMailbox", |s, p, r| {
             let mask = mask(&convert::MAILBOX_FIELDS, r.update_mask.as_ref());
-            resource::update(&Mailboxes, s, p, r.mailbox.unwrap_or_default(), mask)
+            resource::update(&Mailboxes, s, p, mailboxes::mailbox_in(r.mailbox), mask)
+                .map(|out| out.map(mailboxes::mailbox_out))
         })
     }
     async fn delete_mailbox(
@@ -370,7 +367,8 @@ impl Admin for AdminService {
         request: Request<pb::CreateDeviceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
         rpc!(self, request, "CreateDevice", |s, p, r| {
-            resource::create(&Devices, s, p, r.device.unwrap_or_default())
+            resource::create(&Devices, s, p, devices::device_in(r.device))
+                .map(|out| out.map(devices::device_out))
         })
     }
     async fn get_device(
@@ -379,6 +377,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Device>, Status> {
         rpc!(self, request, "GetDevice", |s, p, r| {
             resource::get(&Devices, s, p, Id::scoped(&r.tenant, &r.name))
+                .map(|out| out.map(devices::device_out))
         })
     }
     async fn list_devices(
@@ -387,8 +386,8 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListDevicesResponse>, Status> {
         rpc!(self, request, "ListDevices", |s, p, r| {
             resource::list(&Devices, s, p, &r.tenant, r.page_size, &r.page_token).map(|out| {
-                out.map(|(devices, next_page_token)| pb::ListDevicesResponse {
-                    devices,
+                out.map(|(list, next_page_token)| pb::ListDevicesResponse {
+                    devices: list.into_iter().map(devices::device_out).collect(),
                     next_page_token,
                 })
             })
@@ -400,7 +399,8 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Device>, Status> {
         rpc!(self, request, "UpdateDevice", |s, p, r| {
             let mask = mask(&convert::DEVICE_FIELDS, r.update_mask.as_ref());
-            resource::update(&Devices, s, p, r.device.unwrap_or_default(), mask)
+            resource::update(&Devices, s, p, devices::device_in(r.device), mask)
+                .map(|out| out.map(devices::device_out))
         })
     }
     async fn delete_device(
@@ -516,7 +516,7 @@ impl Admin for AdminService {
         )
     }
 
-    // Token lifecycle RPCs: being built (issue 3); answer UNIMPLEMENTED until then.
+    // Consent and token RPCs: the core's `tokens::operator`.
     async fn start_consent(
         &self,
         request: Request<pb::StartConsentRequest>,

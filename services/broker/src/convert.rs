@@ -1,35 +1,29 @@
-//! Conversion between the wire messages (`tokenfleet_proto::v1`) and the domain records
-//! (`tokenfleet_domain`), with the validation every admin RPC applies to its input, and the
-//! `update_mask` handling of the `Update*` RPCs.
+//! Conversion between the wire messages (`tokenfleet_proto::v1`) and the domain values of the
+//! core (`tokenfleet_domain` records, the core's resource inputs and views), and the
+//! `update_mask` paths of the `Update*` RPCs.
 //!
-//! Pure functions, no I/O: checks that need the store (does the referenced provider exist?) live
-//! in [`crate::admin`]. Every error names the field at fault as the API spells it
-//! (`device.smtp.port`, `mailbox.purposes[1]`).
+//! Pure functions, no I/O, and no validation beyond reading the wire: what a caller sent becomes
+//! the core's input form as is (enum numbers as [`Choice`], secrets in clear), and the core's
+//! resources ([`tokenfleet_core::resources`]) validate it after authorizing the caller, naming
+//! the field at fault as the API spells it (`device.smtp.port`, `mailbox.purposes[1]`). The
+//! `*_from_proto` functions are that conversion followed by the core's validation, for tests.
 //!
-//! Input-only secrets are returned separately from the domain record ([`ProviderSecrets`], the
-//! device password), so sealing and hashing happen in one place and a record never holds
-//! plaintext.
+//! Secrets appear on the way out only as `*_set` flags (`[redacted]` in a proxy URL).
 
 use prost_types::{FieldMask, Timestamp};
 use time::OffsetDateTime;
-use tokenfleet_core::fleet::exposure::{check_token_exposure, fetch_exposure, smtp_exposure};
 pub use tokenfleet_core::fleet::exposure::{cleartext_token_warnings, is_loopback_host};
-pub use tokenfleet_core::ops::mask::{FieldTable, UpdateMask};
+use tokenfleet_core::ops::choice::Choice;
+pub use tokenfleet_core::ops::mask::{FieldTable, SecretChange, UpdateMask, secret_change};
 use tokenfleet_core::records::Versioned;
-use tokenfleet_domain::{self as dom, MAX_TEXT_LEN, Stamps, Valid, ValidationError};
+use tokenfleet_core::resources::devices::{DeviceInput, FetchInput, IngressInput, SmtpInput};
+pub use tokenfleet_core::resources::mailboxes::check_grant_fits;
+use tokenfleet_core::resources::mailboxes::{MailboxInput, MailboxView};
+pub use tokenfleet_core::resources::providers::ProviderSecrets;
+use tokenfleet_core::resources::providers::{ProviderInput, ProviderView, shown_proxy};
+use tokenfleet_domain::{self as dom, Stamps, Valid, ValidationError};
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_seal::Secret;
-
-/// Most scopes a provider may list.
-const MAX_SCOPES: usize = 50;
-/// Most mailboxes a device may list as allowed.
-const MAX_ALLOWED_MAILBOXES: usize = 100;
-/// Most ingress source ranges.
-const MAX_SOURCES: usize = 100;
-/// Longest device ingress password.
-const MAX_PASSWORD_LEN: usize = 1024;
-/// Longest SMTP/fetch timeout or interval, seconds.
-const MAX_SECONDS: u32 = 86_400;
 
 /// A wire timestamp.
 pub fn timestamp(t: OffsetDateTime) -> Timestamp {
@@ -48,17 +42,22 @@ pub fn required<T>(field: &str, value: Option<T>) -> Valid<T> {
     value.ok_or_else(|| ValidationError::new(field, "must be set (UNSPECIFIED is not a value)"))
 }
 
-/// Generates `<name>_in(field, i32) -> Valid<Option<domain>>` (UNSPECIFIED = `None`, unknown
+/// Generates `<name>_choice(i32) -> Choice<domain>` (the value as sent, for the core to
+/// validate), `<name>_in(field, i32) -> Valid<Option<domain>>` (UNSPECIFIED = `None`, unknown
 /// numbers rejected) and `<name>_out(domain) -> i32`.
 macro_rules! wire_enum {
-    ($in_fn:ident, $out_fn:ident, $pb:ident, $dom:ident, { $($pbv:ident <=> $domv:ident),+ $(,)? }) => {
+    ($choice_fn:ident, $in_fn:ident, $out_fn:ident, $pb:ident, $dom:ident, { $($pbv:ident <=> $domv:ident),+ $(,)? }) => {
+        #[doc = concat!("Reads a wire `", stringify!($pb), "` as sent.")]
+        pub fn $choice_fn(value: i32) -> Choice<dom::$dom> {
+            match pb::$pb::try_from(value) {
+                Ok(pb::$pb::Unspecified) => Choice::Unset,
+                $(Ok(pb::$pb::$pbv) => Choice::Is(dom::$dom::$domv),)+
+                Err(_) => Choice::Unknown(value),
+            }
+        }
         #[doc = concat!("Reads a wire `", stringify!($pb), "`; UNSPECIFIED is `None`.")]
         pub fn $in_fn(field: &str, value: i32) -> Valid<Option<dom::$dom>> {
-            match pb::$pb::try_from(value) {
-                Ok(pb::$pb::Unspecified) => Ok(None),
-                $(Ok(pb::$pb::$pbv) => Ok(Some(dom::$dom::$domv)),)+
-                Err(_) => Err(ValidationError::new(field, format!("unknown value {value}"))),
-            }
+            $choice_fn(value).optional(field)
         }
         #[doc = concat!("Writes a wire `", stringify!($pb), "`.")]
         pub fn $out_fn(value: dom::$dom) -> i32 {
@@ -69,7 +68,7 @@ macro_rules! wire_enum {
     };
 }
 
-wire_enum!(token_status_in, token_status_out, TokenStatus, TokenStatus, {
+wire_enum!(token_status_choice, token_status_in, token_status_out, TokenStatus, TokenStatus, {
     NotRetrieved <=> NotRetrieved,
     ConsentPending <=> ConsentPending,
     Active <=> Active,
@@ -77,48 +76,48 @@ wire_enum!(token_status_in, token_status_out, TokenStatus, TokenStatus, {
     ReauthRequired <=> ReauthRequired,
     Disabled <=> Disabled,
 });
-wire_enum!(provider_kind_in, provider_kind_out, ProviderKind, ProviderKind, {
+wire_enum!(provider_kind_choice, provider_kind_in, provider_kind_out, ProviderKind, ProviderKind, {
     Microsoft <=> Microsoft,
     Google <=> Google,
     Generic <=> Generic,
 });
-wire_enum!(grant_type_in, grant_type_out, GrantType, GrantType, {
+wire_enum!(grant_type_choice, grant_type_in, grant_type_out, GrantType, GrantType, {
     DelegatedDeviceCode <=> DelegatedDeviceCode,
     DelegatedAuthCode <=> DelegatedAuthCode,
     AppOnly <=> AppOnly,
     ServiceAccount <=> ServiceAccount,
 });
-wire_enum!(mailbox_kind_in, mailbox_kind_out, MailboxKind, MailboxKind, {
+wire_enum!(mailbox_kind_choice, mailbox_kind_in, mailbox_kind_out, MailboxKind, MailboxKind, {
     Admin <=> Admin,
     Bulk <=> Bulk,
     User <=> User,
 });
-wire_enum!(mail_purpose_in, mail_purpose_out, MailPurpose, MailPurpose, {
+wire_enum!(mail_purpose_choice, mail_purpose_in, mail_purpose_out, MailPurpose, MailPurpose, {
     Send <=> Send,
     Pop <=> Pop,
     Imap <=> Imap,
 });
-wire_enum!(sender_mode_in, sender_mode_out, SenderMode, SenderMode, {
+wire_enum!(sender_mode_choice, sender_mode_in, sender_mode_out, SenderMode, SenderMode, {
     FixedAdmin <=> FixedAdmin,
     Bulk <=> Bulk,
     LoginUser <=> LoginUser,
     AllowUserChange <=> AllowUserChange,
 });
-wire_enum!(tls_mode_in, tls_mode_out, TlsMode, TlsMode, {
+wire_enum!(tls_mode_choice, tls_mode_in, tls_mode_out, TlsMode, TlsMode, {
     Starttls <=> Starttls,
     ImplicitTls <=> ImplicitTls,
     None <=> None,
 });
-wire_enum!(tls_version_in, tls_version_out, TlsVersion, TlsVersion, {
+wire_enum!(tls_version_choice, tls_version_in, tls_version_out, TlsVersion, TlsVersion, {
     TlsVersion12 <=> V1_2,
     TlsVersion13 <=> V1_3,
 });
-wire_enum!(send_method_in, send_method_out, SendMethod, SendMethod, {
+wire_enum!(send_method_choice, send_method_in, send_method_out, SendMethod, SendMethod, {
     Smtp <=> Smtp,
     Graph <=> Graph,
     GmailApi <=> GmailApi,
 });
-wire_enum!(fetch_protocol_in, fetch_protocol_out, FetchProtocol, FetchProtocol, {
+wire_enum!(fetch_protocol_choice, fetch_protocol_in, fetch_protocol_out, FetchProtocol, FetchProtocol, {
     Pop3 <=> Pop3,
     Imap <=> Imap,
 });
@@ -126,78 +125,17 @@ wire_enum!(fetch_protocol_in, fetch_protocol_out, FetchProtocol, FetchProtocol, 
 // ---------------------------------------------------------------------------------------------
 // Update masks
 
-/// Fields of `Tenant`.
-pub const TENANT_FIELDS: FieldTable = FieldTable {
-    resource: "tenant",
-    mutable: &["display_name"],
-    immutable: &["name"],
-    output_only: &["create_time", "update_time", "version"],
-};
+/// Fields of `Tenant` (the core's tenant resource holds the table).
+pub use tokenfleet_core::resources::tenants::FIELDS as TENANT_FIELDS;
 
-/// Fields of `Provider`. The kind is immutable: mailboxes' grant types were checked against it.
-pub const PROVIDER_FIELDS: FieldTable = FieldTable {
-    resource: "provider",
-    mutable: &[
-        "authority",
-        "client_id",
-        "client_secret",
-        "endpoints",
-        "http_proxy",
-        "tls",
-        "scopes",
-        "service_account_key",
-    ],
-    immutable: &["tenant", "name", "kind"],
-    output_only: &[
-        "client_secret_set",
-        "service_account_key_set",
-        "create_time",
-        "update_time",
-        "version",
-    ],
-};
+/// Fields of `Provider` (the core's provider resource holds the table).
+pub use tokenfleet_core::resources::providers::FIELDS as PROVIDER_FIELDS;
 
-/// Fields of `Mailbox`.
-pub const MAILBOX_FIELDS: FieldTable = FieldTable {
-    resource: "mailbox",
-    mutable: &[
-        "address",
-        "provider",
-        "grant_type",
-        "kind",
-        "purposes",
-        "disabled",
-        "consent_account",
-    ],
-    immutable: &["tenant", "name"],
-    output_only: &["token", "create_time", "update_time", "version"],
-};
+/// Fields of `Mailbox` (the core's mailbox resource holds the table).
+pub use tokenfleet_core::resources::mailboxes::FIELDS as MAILBOX_FIELDS;
 
-/// Fields of `Device`. `ingress.password` may be named alone to set or (empty) clear only the
-/// password.
-pub const DEVICE_FIELDS: FieldTable = FieldTable {
-    resource: "device",
-    mutable: &[
-        "display_name",
-        "agent",
-        "sender_mode",
-        "admin_mailbox",
-        "bulk_mailbox",
-        "allowed_mailboxes",
-        "smtp",
-        "fetch",
-        "ingress",
-        "ingress.password",
-        "user_provider",
-    ],
-    immutable: &["tenant", "name"],
-    output_only: &[
-        "ingress.password_set",
-        "create_time",
-        "update_time",
-        "version",
-    ],
-};
+/// Fields of `Device` (the core's device resource holds the table).
+pub use tokenfleet_core::resources::devices::FIELDS as DEVICE_FIELDS;
 
 /// Fields of `Agent` (the core's agent resource holds the table).
 pub use tokenfleet_core::resources::agents::FIELDS as AGENT_FIELDS;
@@ -205,78 +143,6 @@ pub use tokenfleet_core::resources::agents::FIELDS as AGENT_FIELDS;
 /// Checks the paths of a request's `update_mask` against `table` (no mask: every field).
 pub fn update_mask(table: &FieldTable, mask: Option<&FieldMask>) -> Valid<UpdateMask> {
     UpdateMask::parse(table, mask.map(|m| m.paths.as_slice()).unwrap_or_default())
-}
-
-/// What an update does to an input-only secret.
-#[derive(Debug, Default)]
-pub enum SecretChange {
-    /// Keep the stored value.
-    #[default]
-    Keep,
-    /// Remove the stored value.
-    Clear,
-    /// Replace it.
-    Set(Secret),
-}
-
-/// An input-only secret changes when the mask names it (empty value = clear), or with an empty
-/// mask when a non-empty value is given.
-pub fn secret_change(mask: &UpdateMask, path: &str, value: &str) -> SecretChange {
-    if mask.names(path) {
-        if value.is_empty() {
-            SecretChange::Clear
-        } else {
-            SecretChange::Set(Secret::new(value))
-        }
-    } else if mask.includes(path) && !value.is_empty() {
-        SecretChange::Set(Secret::new(value))
-    } else {
-        SecretChange::Keep
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Shared validators
-
-fn list_len(field: &str, len: usize, max: usize) -> Valid {
-    if len > max {
-        return Err(ValidationError::new(
-            field,
-            format!("at most {max} entries, got {len}"),
-        ));
-    }
-    Ok(())
-}
-
-/// A TLS version range; min must not exceed max.
-fn tls_range(
-    prefix: &str,
-    min: i32,
-    max: i32,
-) -> Valid<(Option<dom::TlsVersion>, Option<dom::TlsVersion>)> {
-    let lo = tls_version_in(&format!("{prefix}.tls_min_version"), min)?;
-    let hi = tls_version_in(&format!("{prefix}.tls_max_version"), max)?;
-    if let (Some(lo), Some(hi)) = (lo, hi)
-        && lo == dom::TlsVersion::V1_3
-        && hi == dom::TlsVersion::V1_2
-    {
-        return Err(ValidationError::new(
-            format!("{prefix}.tls_max_version"),
-            "must not be lower than tls_min_version",
-        ));
-    }
-    Ok((lo, hi))
-}
-
-fn seconds(field: &str, value: u32, default: u32, min: u32) -> Valid<u32> {
-    match value {
-        0 => Ok(default),
-        v if v < min || v > MAX_SECONDS => Err(ValidationError::new(
-            field,
-            format!("must be {min}-{MAX_SECONDS} seconds (0 = default), got {v}"),
-        )),
-        v => Ok(v),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -293,37 +159,21 @@ pub fn tenant_to_proto(t: &dom::Tenant, version: u64) -> pb::Tenant {
     }
 }
 
-/// Validated domain tenant from the wire (output-only fields ignored).
-pub fn tenant_from_proto(t: &pb::Tenant, stamps: Stamps) -> Valid<dom::Tenant> {
-    dom::name("tenant.name", &t.name)?;
-    dom::text("tenant.display_name", &t.display_name, MAX_TEXT_LEN)?;
-    Ok(dom::Tenant {
-        name: t.name.clone(),
-        display_name: t.display_name.clone(),
-        stamps,
-    })
-}
-
-/// Copies the fields `mask` selects from `src` onto `dst`.
-pub fn merge_tenant(dst: &mut pb::Tenant, src: &pb::Tenant, mask: &UpdateMask) {
-    if mask.includes("display_name") {
-        dst.display_name.clone_from(&src.display_name);
+/// A tenant as a caller sent it, before validation (the core's tenant resource validates it):
+/// the name, display name and version.
+pub fn tenant_in(t: &pb::Tenant) -> Versioned<dom::Tenant> {
+    Versioned {
+        version: t.version,
+        value: dom::Tenant {
+            name: t.name.clone(),
+            display_name: t.display_name.clone(),
+            stamps: Stamps::new(OffsetDateTime::UNIX_EPOCH),
+        },
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Provider
-
-/// Secrets given with a provider (non-empty inputs only).
-#[derive(Debug, Default)]
-pub struct ProviderSecrets {
-    /// `client_secret`.
-    pub client_secret: Option<Secret>,
-    /// `service_account_key`.
-    pub service_account_key: Option<Secret>,
-    /// The password inside `http_proxy` (`http://user:password@host`), taken out of the URL.
-    pub http_proxy_password: Option<Secret>,
-}
 
 /// Wire form of a provider; secrets appear only as `*_set` flags.
 pub fn provider_to_proto(p: &dom::Provider, version: u64) -> pb::Provider {
@@ -342,12 +192,7 @@ pub fn provider_to_proto(p: &dom::Provider, version: u64) -> pb::Provider {
             revoke_url: p.endpoints.revoke_url.clone(),
         }),
         // Never the password: `http://user:[redacted]@proxy:3128` says one is stored.
-        http_proxy: match &p.http_proxy_password {
-            Some(_) if !p.http_proxy.is_empty() => {
-                dom::with_url_password(&dom::split_url_password(&p.http_proxy).0, dom::REDACTED)
-            }
-            _ => dom::redact_url_password(&p.http_proxy),
-        },
+        http_proxy: shown_proxy(p),
         tls: Some(pb::ProviderTls {
             extra_ca_pem: p.extra_ca_pem.clone(),
         }),
@@ -360,69 +205,33 @@ pub fn provider_to_proto(p: &dom::Provider, version: u64) -> pb::Provider {
     }
 }
 
-/// An Entra authority segment: `organizations`, `common`, `consumers`, a tenant id or a domain.
-fn authority(field: &str, value: &str) -> Valid {
-    if value.len() > 253
-        || !value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-    {
-        let shown: String = value
-            .chars()
-            .take(80)
-            .flat_map(char::escape_debug)
-            .collect();
-        return Err(ValidationError::new(
-            field,
-            format!(
-                "`{shown}` is not an Entra tenant segment (organizations, common, consumers, a tenant id or a domain)"
-            ),
-        ));
+/// A provider as a caller sent it, before validation (the core's provider resource validates
+/// it; the `*_set` flags are output only and not read).
+pub fn provider_in(p: &pb::Provider) -> ProviderInput {
+    let e = p.endpoints.clone().unwrap_or_default();
+    ProviderInput {
+        version: p.version,
+        tenant: p.tenant.clone(),
+        name: p.name.clone(),
+        kind: provider_kind_choice(p.kind),
+        authority: p.authority.clone(),
+        client_id: p.client_id.clone(),
+        client_secret: Secret::new(p.client_secret.as_str()),
+        endpoints: dom::ProviderEndpoints {
+            authorize_url: e.authorize_url,
+            token_url: e.token_url,
+            device_code_url: e.device_code_url,
+            revoke_url: e.revoke_url,
+        },
+        http_proxy: p.http_proxy.clone(),
+        extra_ca_pem: p
+            .tls
+            .as_ref()
+            .map(|t| t.extra_ca_pem.clone())
+            .unwrap_or_default(),
+        scopes: p.scopes.clone(),
+        service_account_key: Secret::new(p.service_account_key.as_str()),
     }
-    Ok(())
-}
-
-/// An OAuth scope token (RFC 6749 §3.3: printable ASCII without space, `"` or `\`).
-fn scope(field: &str, value: &str) -> Valid {
-    if value.is_empty() {
-        return Err(ValidationError::new(field, "must not be empty"));
-    }
-    if value.len() > 512 {
-        return Err(ValidationError::new(
-            field,
-            "must be at most 512 characters",
-        ));
-    }
-    if !value
-        .bytes()
-        .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
-    {
-        return Err(ValidationError::new(
-            field,
-            "may contain only printable ASCII without spaces, quotes or backslashes (give one scope per entry)",
-        ));
-    }
-    Ok(())
-}
-
-/// A Google service-account key: the JSON key file's contents. The value is never echoed.
-fn service_account_key(field: &str, value: &str) -> Valid {
-    dom::secret_len(field, value)?;
-    let parsed: serde_json::Value = serde_json::from_str(value)
-        .map_err(|_| ValidationError::new(field, "is not JSON (give the key file's contents)"))?;
-    let text = |name: &str| {
-        parsed
-            .get(name)
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or("")
-    };
-    if text("client_email").is_empty() || text("private_key").is_empty() {
-        return Err(ValidationError::new(
-            field,
-            "is not a service-account key file (needs `client_email` and `private_key`)",
-        ));
-    }
-    Ok(())
 }
 
 /// Validated domain provider from the wire. Secrets come back separately, unsealed; the record's
@@ -431,106 +240,15 @@ pub fn provider_from_proto(
     p: &pb::Provider,
     stamps: Stamps,
 ) -> Valid<(dom::Provider, ProviderSecrets)> {
-    dom::name("provider.tenant", &p.tenant)?;
-    dom::name("provider.name", &p.name)?;
-    let kind = required("provider.kind", provider_kind_in("provider.kind", p.kind)?)?;
-    let authority_value = match kind {
-        dom::ProviderKind::Microsoft if p.authority.is_empty() => "organizations".to_owned(),
-        dom::ProviderKind::Microsoft => {
-            authority("provider.authority", &p.authority)?;
-            p.authority.clone()
-        }
-        // Other kinds do not use an authority segment.
-        _ => String::new(),
-    };
-    dom::required_text("provider.client_id", &p.client_id, MAX_TEXT_LEN)?;
-    if p.client_id.chars().any(char::is_whitespace) {
-        return Err(ValidationError::new(
-            "provider.client_id",
-            "must not contain spaces",
-        ));
-    }
-    dom::secret_len("provider.client_secret", &p.client_secret)?;
-    let e = p.endpoints.clone().unwrap_or_default();
-    let generic = kind == dom::ProviderKind::Generic;
-    dom::url(
-        "provider.endpoints.authorize_url",
-        &e.authorize_url,
-        generic,
-    )?;
-    dom::url("provider.endpoints.token_url", &e.token_url, generic)?;
-    dom::url(
-        "provider.endpoints.device_code_url",
-        &e.device_code_url,
-        false,
-    )?;
-    dom::url("provider.endpoints.revoke_url", &e.revoke_url, false)?;
-    dom::url("provider.http_proxy", &p.http_proxy, false)?;
-    let extra_ca_pem = p
-        .tls
-        .as_ref()
-        .map(|t| t.extra_ca_pem.clone())
-        .unwrap_or_default();
-    dom::pem("provider.tls.extra_ca_pem", &extra_ca_pem)?;
-    list_len("provider.scopes", p.scopes.len(), MAX_SCOPES)?;
-    for (i, s) in p.scopes.iter().enumerate() {
-        scope(&format!("provider.scopes[{i}]"), s)?;
-    }
-    if !p.service_account_key.is_empty() {
-        if kind != dom::ProviderKind::Google {
-            return Err(ValidationError::new(
-                "provider.service_account_key",
-                format!("only google providers use a service-account key, this one is {kind}"),
-            ));
-        }
-        service_account_key("provider.service_account_key", &p.service_account_key)?;
-    }
-    let nonempty = |s: &str| (!s.is_empty()).then(|| Secret::new(s));
-    // A proxy password is kept apart from the URL and sealed like the other secrets.
-    let (proxy_url, proxy_password) = dom::split_url_password(&p.http_proxy);
-    Ok((
-        dom::Provider {
-            tenant: p.tenant.clone(),
-            name: p.name.clone(),
-            kind,
-            authority: authority_value,
-            client_id: p.client_id.clone(),
-            client_secret: None,
-            endpoints: dom::ProviderEndpoints {
-                authorize_url: e.authorize_url,
-                token_url: e.token_url,
-                device_code_url: e.device_code_url,
-                revoke_url: e.revoke_url,
-            },
-            http_proxy: proxy_url,
-            http_proxy_password: None,
-            extra_ca_pem,
-            scopes: p.scopes.clone(),
-            service_account_key: None,
-            stamps,
-        },
-        ProviderSecrets {
-            client_secret: nonempty(&p.client_secret),
-            service_account_key: nonempty(&p.service_account_key),
-            http_proxy_password: proxy_password.as_deref().and_then(nonempty),
-        },
-    ))
+    tokenfleet_core::resources::providers::from_input(&provider_in(p), stamps)
 }
 
-/// Copies the fields `mask` selects from `src` onto `dst`.
-pub fn merge_provider(dst: &mut pb::Provider, src: &pb::Provider, mask: &UpdateMask) {
-    for path in PROVIDER_FIELDS.mutable.iter().filter(|p| mask.includes(p)) {
-        match *path {
-            "authority" => dst.authority.clone_from(&src.authority),
-            "client_id" => dst.client_id.clone_from(&src.client_id),
-            "client_secret" => dst.client_secret.clone_from(&src.client_secret),
-            "endpoints" => dst.endpoints.clone_from(&src.endpoints),
-            "http_proxy" => dst.http_proxy.clone_from(&src.http_proxy),
-            "tls" => dst.tls.clone_from(&src.tls),
-            "scopes" => dst.scopes.clone_from(&src.scopes),
-            "service_account_key" => dst.service_account_key.clone_from(&src.service_account_key),
-            _ => {}
-        }
+/// Wire form of a provider as reads show it (no secrets, which `*_set` flags say are stored).
+pub fn provider_view_to_proto(view: &ProviderView) -> pb::Provider {
+    pb::Provider {
+        client_secret_set: view.client_secret_set,
+        service_account_key_set: view.service_account_key_set,
+        ..provider_to_proto(&view.provider, view.version)
     }
 }
 
@@ -572,102 +290,48 @@ pub fn mailbox_to_proto(m: &dom::Mailbox, version: u64) -> pb::Mailbox {
     }
 }
 
-/// Validated domain mailbox from the wire; the token state starts as NOT_RETRIEVED.
-pub fn mailbox_from_proto(m: &pb::Mailbox, stamps: Stamps) -> Valid<dom::Mailbox> {
-    dom::name("mailbox.tenant", &m.tenant)?;
-    dom::name("mailbox.name", &m.name)?;
-    dom::email("mailbox.address", &m.address)?;
-    dom::name("mailbox.provider", &m.provider)?;
-    let grant_type = required(
-        "mailbox.grant_type",
-        grant_type_in("mailbox.grant_type", m.grant_type)?,
-    )?;
-    let kind = required("mailbox.kind", mailbox_kind_in("mailbox.kind", m.kind)?)?;
-    if m.purposes.is_empty() {
-        return Err(ValidationError::new(
-            "mailbox.purposes",
-            "must name at least one purpose",
-        ));
-    }
-    let mut purposes = Vec::new();
-    for (i, raw) in m.purposes.iter().enumerate() {
-        let field = format!("mailbox.purposes[{i}]");
-        let purpose = required(&field, mail_purpose_in(&field, *raw)?)?;
-        if !purposes.contains(&purpose) {
-            purposes.push(purpose);
-        }
-    }
-    Ok(dom::Mailbox {
+/// A mailbox as a caller sent it, before validation (the core's mailbox resource validates it).
+pub fn mailbox_in(m: &pb::Mailbox) -> MailboxInput {
+    MailboxInput {
+        version: m.version,
         tenant: m.tenant.clone(),
         name: m.name.clone(),
         address: m.address.clone(),
         provider: m.provider.clone(),
-        grant_type,
-        kind,
-        purposes,
+        grant_type: grant_type_choice(m.grant_type),
+        kind: mailbox_kind_choice(m.kind),
+        purposes: m.purposes.iter().map(|p| mail_purpose_choice(*p)).collect(),
         disabled: m.disabled,
-        token: dom::TokenState::default(),
-        stamps,
-        consent_account: consent_account(&m.consent_account, grant_type)?,
-    })
+        consent_account: m.consent_account.clone(),
+    }
 }
 
-/// `mailbox.consent_account`: empty, or an e-mail address (compared case-insensitively), and
-/// only for grant types where a person signs in.
-fn consent_account(raw: &str, grant_type: dom::GrantType) -> Valid<String> {
-    let account = raw.trim();
-    if account.is_empty() {
-        return Ok(String::new());
-    }
-    dom::email("mailbox.consent_account", account)?;
-    if !matches!(
-        grant_type,
-        dom::GrantType::DelegatedDeviceCode | dom::GrantType::DelegatedAuthCode
-    ) {
-        return Err(ValidationError::new(
-            "mailbox.consent_account",
-            "only delegated mailboxes (delegated_device_code, delegated_auth_code) have a person signing in; leave it empty for app_only and service_account",
-        ));
-    }
-    Ok(account.to_owned())
+/// Validated domain mailbox from the wire; the token state starts as NOT_RETRIEVED.
+pub fn mailbox_from_proto(m: &pb::Mailbox, stamps: Stamps) -> Valid<dom::Mailbox> {
+    tokenfleet_core::resources::mailboxes::from_input(&mailbox_in(m), stamps)
 }
 
-/// Whether a provider of `kind` can obtain tokens with `grant`. The error names
-/// `mailbox.grant_type` and says what to use instead.
-pub fn check_grant_fits(kind: dom::ProviderKind, grant: dom::GrantType) -> Valid {
-    use dom::{GrantType as G, ProviderKind as K};
-    let problem = match (grant, kind) {
-        (G::DelegatedDeviceCode, K::Google) => {
-            "Google does not allow the device authorization flow for Gmail scopes; use delegated_auth_code (browser consent) or service_account (Workspace domain-wide delegation)"
-        }
-        (G::AppOnly, K::Google | K::Generic) => {
-            "app_only (client credentials for SMTP.SendAsApp / POP.AccessAsApp) exists only for microsoft providers; for google use service_account"
-        }
-        (G::ServiceAccount, K::Microsoft | K::Generic) => {
-            "service_account (JWT bearer with domain-wide delegation) exists only for google providers; for microsoft use app_only"
-        }
-        _ => return Ok(()),
+/// Wire form of a mailbox as reads show it: its token state, and what its grant record adds.
+pub fn mailbox_view_to_proto(view: &MailboxView) -> pb::Mailbox {
+    let mut out = mailbox_to_proto(&view.mailbox, view.version);
+    let (Some(g), Some(token)) = (&view.grant, out.token.as_mut()) else {
+        return out;
     };
-    Err(ValidationError::new(
-        "mailbox.grant_type",
-        format!("{problem} (provider kind is {kind}, grant type {grant})"),
-    ))
-}
-
-/// Copies the fields `mask` selects from `src` onto `dst`.
-pub fn merge_mailbox(dst: &mut pb::Mailbox, src: &pb::Mailbox, mask: &UpdateMask) {
-    for path in MAILBOX_FIELDS.mutable.iter().filter(|p| mask.includes(p)) {
-        match *path {
-            "address" => dst.address.clone_from(&src.address),
-            "provider" => dst.provider.clone_from(&src.provider),
-            "grant_type" => dst.grant_type = src.grant_type,
-            "kind" => dst.kind = src.kind,
-            "purposes" => dst.purposes.clone_from(&src.purposes),
-            "disabled" => dst.disabled = src.disabled,
-            "consent_account" => dst.consent_account.clone_from(&src.consent_account),
-            _ => {}
-        }
-    }
+    token.pending_device_code = g
+        .pending_device_code
+        .as_ref()
+        .map(|p| pb::DeviceCodeChallenge {
+            user_code: p.user_code.clone(),
+            verification_uri: p.verification_uri.clone(),
+            expire_time: Some(timestamp(p.expires)),
+            message: p.message.clone(),
+            interval_seconds: u32::try_from(p.interval_secs).unwrap_or(u32::MAX),
+        });
+    token.refresh_token_expire_time = opt_timestamp(g.refresh_token_expires);
+    token.next_refresh_time = opt_timestamp(g.next_refresh);
+    token.consecutive_failures = g.consecutive_failures;
+    token.clock_skew_seconds = g.clock_skew_secs;
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -695,63 +359,6 @@ pub fn smtp_to_proto(s: &dom::SmtpProfile) -> Option<pb::SmtpProfile> {
     })
 }
 
-fn smtp_from_proto(s: Option<&pb::SmtpProfile>) -> Valid<dom::SmtpProfile> {
-    let Some(s) = s.filter(|s| **s != pb::SmtpProfile::default()) else {
-        return Ok(dom::SmtpProfile::default());
-    };
-    let method = send_method_in("device.smtp.method", s.method)?.unwrap_or(dom::SendMethod::Smtp);
-    // A mail API needs no SMTP server; its TLS settings (CA, versions, verification) still apply.
-    let api = method != dom::SendMethod::Smtp;
-    if !(api && s.server.is_empty()) {
-        dom::host("device.smtp.server", &s.server)?;
-    }
-    let security = match tls_mode_in("device.smtp.security", s.security)? {
-        Some(mode) => mode,
-        None if api => dom::TlsMode::ImplicitTls,
-        None => required("device.smtp.security", None)?,
-    };
-    let port = match s.port {
-        0 => match security {
-            dom::TlsMode::Starttls => 587,
-            dom::TlsMode::ImplicitTls => 465,
-            dom::TlsMode::None => 25,
-        },
-        p => dom::port("device.smtp.port", p)?,
-    };
-    let timeout_seconds = seconds("device.smtp.timeout_seconds", s.timeout_seconds, 60, 1)?;
-    dom::text("device.smtp.sender_name", &s.sender_name, MAX_TEXT_LEN)?;
-    if !s.sender_address.is_empty() {
-        dom::email("device.smtp.sender_address", &s.sender_address)?;
-    }
-    dom::pem("device.smtp.extra_ca_pem", &s.extra_ca_pem)?;
-    let (tls_min_version, tls_max_version) =
-        tls_range("device.smtp", s.tls_min_version, s.tls_max_version)?;
-    if !s.api_base_url.is_empty() {
-        dom::url("device.smtp.api_base_url", &s.api_base_url, false)?;
-    }
-    let profile = dom::SmtpProfile {
-        server: s.server.clone(),
-        port,
-        security,
-        timeout_seconds,
-        sender_name: s.sender_name.clone(),
-        sender_address: s.sender_address.clone(),
-        verify_certificate: !s.skip_certificate_verification,
-        extra_ca_pem: s.extra_ca_pem.clone(),
-        tls_min_version,
-        tls_max_version,
-        method,
-        api_base_url: s.api_base_url.clone(),
-        insecure_allow_cleartext_tokens: s.insecure_allow_cleartext_tokens,
-    };
-    check_token_exposure(
-        "smtp",
-        smtp_exposure(&profile),
-        profile.insecure_allow_cleartext_tokens,
-    )?;
-    Ok(profile)
-}
-
 /// The wire fetch profile (`None` when the device fetches nothing).
 pub fn fetch_to_proto(f: &dom::FetchProfile) -> Option<pb::FetchProfile> {
     if f.server.is_empty() {
@@ -772,67 +379,6 @@ pub fn fetch_to_proto(f: &dom::FetchProfile) -> Option<pb::FetchProfile> {
     })
 }
 
-fn fetch_from_proto(f: Option<&pb::FetchProfile>) -> Valid<dom::FetchProfile> {
-    let Some(f) = f.filter(|f| **f != pb::FetchProfile::default()) else {
-        return Ok(dom::FetchProfile::default());
-    };
-    let protocol = required(
-        "device.fetch.protocol",
-        fetch_protocol_in("device.fetch.protocol", f.protocol)?,
-    )?;
-    dom::host("device.fetch.server", &f.server)?;
-    let security = required(
-        "device.fetch.security",
-        tls_mode_in("device.fetch.security", f.security)?,
-    )?;
-    let port = match f.port {
-        0 => match (protocol, security) {
-            (dom::FetchProtocol::Pop3, dom::TlsMode::ImplicitTls) => 995,
-            (dom::FetchProtocol::Pop3, _) => 110,
-            (dom::FetchProtocol::Imap, dom::TlsMode::ImplicitTls) => 993,
-            (dom::FetchProtocol::Imap, _) => 143,
-        },
-        p => dom::port("device.fetch.port", p)?,
-    };
-    if f.interval_seconds != 0 && !(10..=MAX_SECONDS).contains(&f.interval_seconds) {
-        return Err(ValidationError::new(
-            "device.fetch.interval_seconds",
-            format!(
-                "must be 0 (fetching disabled) or 10-{MAX_SECONDS} seconds, got {}",
-                f.interval_seconds
-            ),
-        ));
-    }
-    dom::pem("device.fetch.extra_ca_pem", &f.extra_ca_pem)?;
-    let (tls_min_version, tls_max_version) =
-        tls_range("device.fetch", f.tls_min_version, f.tls_max_version)?;
-    let folder = if f.folder.is_empty() {
-        "INBOX".to_owned()
-    } else {
-        dom::text("device.fetch.folder", &f.folder, MAX_TEXT_LEN)?;
-        f.folder.clone()
-    };
-    let profile = dom::FetchProfile {
-        protocol,
-        server: f.server.clone(),
-        port,
-        security,
-        interval_seconds: f.interval_seconds,
-        verify_certificate: !f.skip_certificate_verification,
-        extra_ca_pem: f.extra_ca_pem.clone(),
-        tls_min_version,
-        tls_max_version,
-        folder,
-        insecure_allow_cleartext_tokens: f.insecure_allow_cleartext_tokens,
-    };
-    check_token_exposure(
-        "fetch",
-        fetch_exposure(&profile),
-        profile.insecure_allow_cleartext_tokens,
-    )?;
-    Ok(profile)
-}
-
 fn ingress_to_proto(i: &dom::IngressCredentials) -> Option<pb::IngressCredentials> {
     if *i == dom::IngressCredentials::default() {
         return None;
@@ -844,117 +390,6 @@ fn ingress_to_proto(i: &dom::IngressCredentials) -> Option<pb::IngressCredential
         allowed_sources: i.allowed_sources.clone(),
         user_addresses: i.user_addresses.clone(),
     })
-}
-
-/// Most user addresses of one device.
-const MAX_USER_ADDRESSES: usize = 1000;
-/// Shortest prefix of an ingress source range (IPv4, IPv6): anything wider, such as
-/// `0.0.0.0/0` or `::/0`, would let the whole internet send as the device (an open relay when
-/// the agent listens publicly). The agent refuses the same ranges.
-const MIN_SOURCE_PREFIX: (u8, u8) = (8, 16);
-
-/// A source range no wider than [`MIN_SOURCE_PREFIX`] (the text already passed `dom::cidr`).
-fn source_width(field: &str, source: &str) -> Valid {
-    let Some((addr, prefix)) = source.split_once('/') else {
-        return Ok(());
-    };
-    let (Ok(ip), Ok(prefix)) = (addr.parse::<std::net::IpAddr>(), prefix.parse::<u8>()) else {
-        return Ok(());
-    };
-    let (min, family) = if ip.is_ipv4() {
-        (MIN_SOURCE_PREFIX.0, "IPv4")
-    } else {
-        (MIN_SOURCE_PREFIX.1, "IPv6")
-    };
-    if prefix < min {
-        return Err(ValidationError::new(
-            field,
-            format!(
-                "`{source}` is too wide: it would let any host send as the device (an open relay if the agent is reachable); an {family} range must be /{min} or narrower — list the devices' addresses or their LAN range"
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// A user address entry: `local@domain`, or `@domain` for every address of the domain; kept in
-/// lower case.
-fn user_address(field: &str, value: &str) -> Result<String, ValidationError> {
-    let value = value.trim().to_ascii_lowercase();
-    match value.strip_prefix('@') {
-        Some(domain) => {
-            dom::email(field, &format!("user@{domain}")).map_err(|_| {
-                ValidationError::new(
-                    field,
-                    format!(
-                        "`{}` is not an address (jane@contoso.com) or a domain (@contoso.com)",
-                        value
-                            .chars()
-                            .filter(|c| !c.is_control())
-                            .take(100)
-                            .collect::<String>()
-                    ),
-                )
-            })?;
-        }
-        None => dom::email(field, &value)?,
-    }
-    Ok(value)
-}
-
-fn ingress_from_proto(
-    i: Option<&pb::IngressCredentials>,
-) -> Valid<(dom::IngressCredentials, Option<Secret>)> {
-    let Some(i) = i else {
-        return Ok((dom::IngressCredentials::default(), None));
-    };
-    dom::text("device.ingress.username", &i.username, MAX_TEXT_LEN)?;
-    if i.username
-        .chars()
-        .any(|c| c.is_whitespace() || c.is_control())
-    {
-        return Err(ValidationError::new(
-            "device.ingress.username",
-            "must not contain spaces or control characters",
-        ));
-    }
-    if i.password.len() > MAX_PASSWORD_LEN {
-        return Err(ValidationError::new(
-            "device.ingress.password",
-            format!("must be at most {MAX_PASSWORD_LEN} bytes"),
-        ));
-    }
-    list_len(
-        "device.ingress.allowed_sources",
-        i.allowed_sources.len(),
-        MAX_SOURCES,
-    )?;
-    for (n, source) in i.allowed_sources.iter().enumerate() {
-        let field = format!("device.ingress.allowed_sources[{n}]");
-        dom::cidr(&field, source)?;
-        source_width(&field, source)?;
-    }
-    list_len(
-        "device.ingress.user_addresses",
-        i.user_addresses.len(),
-        MAX_USER_ADDRESSES,
-    )?;
-    let mut user_addresses = Vec::with_capacity(i.user_addresses.len());
-    for (n, a) in i.user_addresses.iter().enumerate() {
-        let a = user_address(&format!("device.ingress.user_addresses[{n}]"), a)?;
-        if !user_addresses.contains(&a) {
-            user_addresses.push(a);
-        }
-    }
-    Ok((
-        dom::IngressCredentials {
-            username: i.username.clone(),
-            password_hash: None,
-            allowed_sources: i.allowed_sources.clone(),
-            user_addresses,
-        },
-        (!i.password.is_empty()).then(|| Secret::new(i.password.as_str())),
-    ))
 }
 
 /// Wire form of a device; the ingress password appears only as `password_set`.
@@ -978,112 +413,73 @@ pub fn device_to_proto(d: &dom::Device, version: u64) -> pb::Device {
     }
 }
 
+/// A send profile as a caller sent it (`None` for an absent or empty one).
+fn smtp_in(s: Option<&pb::SmtpProfile>) -> Option<SmtpInput> {
+    let s = s.filter(|s| **s != pb::SmtpProfile::default())?;
+    Some(SmtpInput {
+        server: s.server.clone(),
+        port: s.port,
+        security: tls_mode_choice(s.security),
+        timeout_seconds: s.timeout_seconds,
+        sender_name: s.sender_name.clone(),
+        sender_address: s.sender_address.clone(),
+        verify_certificate: !s.skip_certificate_verification,
+        extra_ca_pem: s.extra_ca_pem.clone(),
+        tls_min_version: tls_version_choice(s.tls_min_version),
+        tls_max_version: tls_version_choice(s.tls_max_version),
+        method: send_method_choice(s.method),
+        api_base_url: s.api_base_url.clone(),
+        insecure_allow_cleartext_tokens: s.insecure_allow_cleartext_tokens,
+    })
+}
+
+/// A fetch profile as a caller sent it (`None` for an absent or empty one).
+fn fetch_in(f: Option<&pb::FetchProfile>) -> Option<FetchInput> {
+    let f = f.filter(|f| **f != pb::FetchProfile::default())?;
+    Some(FetchInput {
+        protocol: fetch_protocol_choice(f.protocol),
+        server: f.server.clone(),
+        port: f.port,
+        security: tls_mode_choice(f.security),
+        interval_seconds: f.interval_seconds,
+        verify_certificate: !f.skip_certificate_verification,
+        extra_ca_pem: f.extra_ca_pem.clone(),
+        tls_min_version: tls_version_choice(f.tls_min_version),
+        tls_max_version: tls_version_choice(f.tls_max_version),
+        folder: f.folder.clone(),
+        insecure_allow_cleartext_tokens: f.insecure_allow_cleartext_tokens,
+    })
+}
+
+/// A device as a caller sent it, before validation (the core's device resource validates it;
+/// `ingress.password_set` is output only and not read).
+pub fn device_in(d: &pb::Device) -> DeviceInput {
+    DeviceInput {
+        version: d.version,
+        tenant: d.tenant.clone(),
+        name: d.name.clone(),
+        display_name: d.display_name.clone(),
+        agent: d.agent.clone(),
+        sender_mode: sender_mode_choice(d.sender_mode),
+        admin_mailbox: d.admin_mailbox.clone(),
+        bulk_mailbox: d.bulk_mailbox.clone(),
+        allowed_mailboxes: d.allowed_mailboxes.clone(),
+        smtp: smtp_in(d.smtp.as_ref()),
+        fetch: fetch_in(d.fetch.as_ref()),
+        ingress: d.ingress.as_ref().map(|i| IngressInput {
+            username: i.username.clone(),
+            password: Secret::new(i.password.as_str()),
+            allowed_sources: i.allowed_sources.clone(),
+            user_addresses: i.user_addresses.clone(),
+        }),
+        user_provider: d.user_provider.clone(),
+    }
+}
+
 /// Validated domain device from the wire, and the ingress password if one was given (the
 /// record's `password_hash` is `None`). Mailbox and agent references are checked for form only.
 pub fn device_from_proto(d: &pb::Device, stamps: Stamps) -> Valid<(dom::Device, Option<Secret>)> {
-    dom::name("device.tenant", &d.tenant)?;
-    dom::name("device.name", &d.name)?;
-    dom::text("device.display_name", &d.display_name, MAX_TEXT_LEN)?;
-    dom::optional_name("device.agent", &d.agent)?;
-    let sender_mode = required(
-        "device.sender_mode",
-        sender_mode_in("device.sender_mode", d.sender_mode)?,
-    )?;
-    dom::optional_name("device.admin_mailbox", &d.admin_mailbox)?;
-    dom::optional_name("device.bulk_mailbox", &d.bulk_mailbox)?;
-    list_len(
-        "device.allowed_mailboxes",
-        d.allowed_mailboxes.len(),
-        MAX_ALLOWED_MAILBOXES,
-    )?;
-    let mut allowed: Vec<String> = Vec::new();
-    for (i, m) in d.allowed_mailboxes.iter().enumerate() {
-        dom::name(&format!("device.allowed_mailboxes[{i}]"), m)?;
-        if !allowed.contains(m) {
-            allowed.push(m.clone());
-        }
-    }
-    match sender_mode {
-        dom::SenderMode::FixedAdmin if d.admin_mailbox.is_empty() => {
-            return Err(ValidationError::new(
-                "device.admin_mailbox",
-                "must be set when sender_mode is fixed_admin",
-            ));
-        }
-        dom::SenderMode::Bulk if d.bulk_mailbox.is_empty() => {
-            return Err(ValidationError::new(
-                "device.bulk_mailbox",
-                "must be set when sender_mode is bulk",
-            ));
-        }
-        _ => {}
-    }
-    dom::optional_name("device.user_provider", &d.user_provider)?;
-    let smtp = smtp_from_proto(d.smtp.as_ref())?;
-    let fetch = fetch_from_proto(d.fetch.as_ref())?;
-    let (ingress, password) = ingress_from_proto(d.ingress.as_ref())?;
-    Ok((
-        dom::Device {
-            tenant: d.tenant.clone(),
-            name: d.name.clone(),
-            display_name: d.display_name.clone(),
-            agent: d.agent.clone(),
-            sender_mode,
-            admin_mailbox: d.admin_mailbox.clone(),
-            bulk_mailbox: d.bulk_mailbox.clone(),
-            allowed_mailboxes: allowed,
-            smtp,
-            fetch,
-            ingress,
-            user_provider: d.user_provider.clone(),
-            stamps,
-        },
-        password,
-    ))
-}
-
-/// A device with an ingress password must have an ingress user name.
-pub fn check_device_ingress(d: &dom::Device) -> Valid {
-    if d.ingress.password_hash.is_some() && d.ingress.username.is_empty() {
-        return Err(ValidationError::new(
-            "device.ingress.username",
-            "must not be empty when a password is set",
-        ));
-    }
-    Ok(())
-}
-
-/// Copies the fields `mask` selects from `src` onto `dst` (the password is handled by
-/// [`secret_change`]).
-pub fn merge_device(dst: &mut pb::Device, src: &pb::Device, mask: &UpdateMask) {
-    for path in DEVICE_FIELDS.mutable.iter().filter(|p| mask.includes(p)) {
-        match *path {
-            "display_name" => dst.display_name.clone_from(&src.display_name),
-            "agent" => dst.agent.clone_from(&src.agent),
-            "sender_mode" => dst.sender_mode = src.sender_mode,
-            "admin_mailbox" => dst.admin_mailbox.clone_from(&src.admin_mailbox),
-            "bulk_mailbox" => dst.bulk_mailbox.clone_from(&src.bulk_mailbox),
-            "allowed_mailboxes" => dst.allowed_mailboxes.clone_from(&src.allowed_mailboxes),
-            "smtp" => dst.smtp.clone_from(&src.smtp),
-            "fetch" => dst.fetch.clone_from(&src.fetch),
-            "user_provider" => dst.user_provider.clone_from(&src.user_provider),
-            "ingress" => {
-                let mut ingress = src.ingress.clone().unwrap_or_default();
-                // Keep the password field for validation; whether it applies is decided apart.
-                ingress.password_set = false;
-                dst.ingress = Some(ingress);
-            }
-            "ingress.password" => {
-                let password = src
-                    .ingress
-                    .as_ref()
-                    .map(|i| i.password.clone())
-                    .unwrap_or_default();
-                dst.ingress.get_or_insert_with(Default::default).password = password;
-            }
-            _ => {}
-        }
-    }
+    tokenfleet_core::resources::devices::from_input(&device_in(d), stamps)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1664,19 +1060,5 @@ mod tests {
             secret_change(&other, "client_secret", "x"),
             SecretChange::Keep
         ));
-    }
-
-    #[test]
-    fn merge_copies_only_masked_fields() {
-        let (stored, _) = provider_from_proto(&provider(), stamps()).unwrap();
-        let mut base = provider_to_proto(&stored, 1);
-        let mut input = provider();
-        input.client_id = "new-id".into();
-        input.http_proxy = "http://proxy.example:3128".into();
-        let mask = UpdateMask::Paths(["client_id"].into_iter().collect());
-        merge_provider(&mut base, &input, &mask);
-        assert_eq!(base.client_id, "new-id");
-        assert!(base.http_proxy.is_empty());
-        assert!(base.client_secret.is_empty());
     }
 }

@@ -5,9 +5,11 @@
 //! Dependency direction: `tokenfleet-core` (the operations: resources, token lifecycle,
 //! consent, agent identity, alerts, audit) and proto, domain, seal and store are below this
 //! crate; only binaries (`tokenfleet-broker`) and the test kit depend on it. This crate is the
-//! edge: it decodes requests, calls the core's operations, encodes their results, and maps the
-//! core's one error type to gRPC and HTTP statuses ([`edge`]). The core's modules are re-exported
-//! under their own names, so `tokenfleet_broker::tokens` is `tokenfleet_core::tokens`.
+//! edge: the gRPC services ([`admin`], [`token_broker`], [`fleet`]), the HTTP listener and the
+//! web console ([`console`]) decode a request, call one of the core's operations, and encode its
+//! result ([`convert`] holds the wire conversions; the console renders domain values); the core's
+//! one error type maps to gRPC and HTTP statuses once each ([`edge`]). The core's modules are
+//! re-exported under their own names, so `tokenfleet_broker::tokens` is `tokenfleet_core::tokens`.
 
 pub use tokenfleet_core::{
     alerts, api_keys, audit, authz, consent_links, identity, ops, rate_limit, records, reseal,

@@ -5,9 +5,17 @@
 //! keeps only the hex SHA-256 of the whole key string (the secret has 256 bits of entropy, so a
 //! fast hash is enough); authentication compares hashes in constant time.
 //!
-//! Keys are managed offline (`tokenfleet-broker create-api-key`) or through the Admin API
-//! (`CreateApiKey`, `ListApiKeys`, `RevokeApiKey`, see [`crate::admin`]). Revoking deletes the
-//! record, and every call looks the key up again, so a revoked key fails its next call.
+//! Keys are managed offline (`tokenfleet-broker create-api-key`) or by an operator through the
+//! operations [`create_by`], [`list_visible`] and [`revoke_by`] (the Admin API's `CreateApiKey`,
+//! `ListApiKeys`, `RevokeApiKey`). Revoking deletes the record, and every call looks the key up
+//! again, so a revoked key fails its next call.
+//!
+//! Who manages which key ([`may_manage`]): a fleet admin manages every key. A tenant admin
+//! manages only keys bound to its own tenant, and only with roles up to its own (`tenant-admin`,
+//! `viewer`), so it can neither mint a fleet-wide key nor reach another tenant. Viewers manage
+//! none. A key outside the caller's reach answers NOT_FOUND, like one that does not exist, so ids
+//! of other tenants' keys reveal nothing. Each change is audited (in the key's tenant's stream
+//! when it is bound to one); the key itself is returned once and never logged or audited.
 //!
 //! A tenant-bound key stops working when its tenant is deleted, and stays dead if a tenant of
 //! the same name is created later (the key predates the tenant record).
@@ -15,7 +23,8 @@
 use crate::audit;
 use crate::authz::Principal;
 use crate::ops::Error;
-use crate::ops::names::shown;
+use crate::ops::change::{Change, audited};
+use crate::ops::names::{shown, span_object};
 use crate::records::{Records, api_key_key, tenant_key};
 use crate::state::BrokerState;
 use base64::Engine as _;
@@ -348,6 +357,139 @@ pub async fn authenticate(state: &BrokerState, bearer: &str) -> Result<Principal
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// The operator's operations
+
+/// Whether `principal` may manage a key with `role` bound to `tenant`.
+pub fn may_manage(principal: &Principal, role: Role, tenant: Option<&str>) -> bool {
+    match principal.role {
+        Role::FleetAdmin => true,
+        Role::TenantAdmin => {
+            role != Role::FleetAdmin && tenant.is_some() && tenant == principal.tenant.as_deref()
+        }
+        Role::Viewer => false,
+    }
+}
+
+fn no_key_rights(principal: &Principal) -> Result<(), Error> {
+    if principal.role == Role::Viewer {
+        return Err(Error::PermissionDenied(format!(
+            "API key `{}` is a viewer and may not manage API keys",
+            principal.key_id
+        )));
+    }
+    Ok(())
+}
+
+/// `principal` creates a key with the role named `role`, bound to `tenant` (empty: fleet-wide),
+/// described by `description`. Returns the record and the key itself, which is shown once and
+/// never stored. The role is read here, inside the audited change, so an attempt with an
+/// unknown role is audited like any refusal.
+pub async fn create_by(
+    state: &BrokerState,
+    principal: &Principal,
+    role: &str,
+    tenant: &str,
+    description: &str,
+) -> Result<(ApiKey, Secret), Error> {
+    span_object(tenant, "");
+    let change = Change {
+        action: "apikey.create",
+        target: "apikeys".to_owned(),
+        tenant: tenant.to_owned(),
+    };
+    audited(state, principal, change, async {
+        no_key_rights(principal)?;
+        let role = Role::parse(role).ok_or_else(|| {
+            let names: Vec<_> = Role::ALL.iter().map(|r| r.as_str()).collect();
+            Error::InvalidArgument(format!(
+                "role: unknown role `{}` (expected one of: {})",
+                shown(role),
+                names.join(", ")
+            ))
+        })?;
+        let tenant = (!tenant.is_empty()).then_some(tenant);
+        if !may_manage(principal, role, tenant) {
+            return Err(Error::PermissionDenied(format!(
+                "API key `{}` ({}) may create only tenant-admin or viewer keys bound to its own \
+                 tenant, not a {role} key{}",
+                principal.key_id,
+                principal.role,
+                tenant
+                    .map(|t| format!(" for tenant `{}`", shown(t)))
+                    .unwrap_or_default()
+            )));
+        }
+        let (record, key) = create_unaudited(state, role, tenant, description).await?;
+        let detail = format!("id {}, role {role}", record.id);
+        Ok(((record, key), detail))
+    })
+    .await
+}
+
+/// The keys `principal` may manage (of `tenant` only, when not empty), in id order, hashes
+/// included: the edge shows only the public fields.
+pub async fn list_visible(
+    state: &BrokerState,
+    principal: &Principal,
+    tenant: &str,
+) -> Result<Vec<ApiKey>, Error> {
+    span_object(tenant, "");
+    no_key_rights(principal)?;
+    if principal.role == Role::TenantAdmin
+        && !tenant.is_empty()
+        && Some(tenant) != principal.tenant.as_deref()
+    {
+        return Err(Error::PermissionDenied(format!(
+            "API key `{}` may not access tenant `{}`",
+            principal.key_id,
+            shown(tenant)
+        )));
+    }
+    Ok(list_all(state)
+        .await?
+        .into_iter()
+        .filter(|k| may_manage(principal, k.role, k.tenant.as_deref()))
+        .filter(|k| tenant.is_empty() || k.tenant.as_deref() == Some(tenant))
+        .collect())
+}
+
+/// `principal` revokes the key with id `id`; NOT_FOUND for a key it may not manage.
+pub async fn revoke_by(state: &BrokerState, principal: &Principal, id: &str) -> Result<(), Error> {
+    span_object("", id);
+    // The audit stream is the key's tenant's, once the caller is known to reach it.
+    let stored = if principal.role == Role::Viewer {
+        None
+    } else {
+        get(state, id).await?
+    };
+    let visible = stored
+        .as_ref()
+        .filter(|k| may_manage(principal, k.role, k.tenant.as_deref()));
+    let change = Change {
+        action: "apikey.revoke",
+        target: format!("apikeys/{}", shown(id)),
+        tenant: visible.and_then(|k| k.tenant.clone()).unwrap_or_default(),
+    };
+    audited(state, principal, change, async {
+        no_key_rights(principal)?;
+        let Some(key) = visible else {
+            return Err(Error::NotFound(format!(
+                "API key `{}` not found",
+                shown(id)
+            )));
+        };
+        if !revoke(state, &key.id).await? {
+            return Err(Error::NotFound(format!(
+                "API key `{}` not found (revoked concurrently)",
+                shown(id)
+            )));
+        }
+        Ok(((), format!("role {}", key.role)))
+    })
+    .await
+}
+
 /// The id part of a well-formed key.
 fn parse_id(key: &str) -> Option<&str> {
     let rest = key.strip_prefix(PREFIX)?;
@@ -433,5 +575,71 @@ mod tests {
             hash_hex("abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    use crate::testing::principal as p;
+
+    #[test]
+    fn key_rights_follow_role_and_tenant() {
+        let fleet = p(Role::FleetAdmin, None);
+        assert!(may_manage(&fleet, Role::FleetAdmin, None));
+        assert!(may_manage(&fleet, Role::Viewer, Some("b")));
+        let ta = p(Role::TenantAdmin, Some("a"));
+        assert!(may_manage(&ta, Role::TenantAdmin, Some("a")));
+        assert!(may_manage(&ta, Role::Viewer, Some("a")));
+        assert!(!may_manage(&ta, Role::Viewer, None), "fleet-wide viewer");
+        assert!(!may_manage(&ta, Role::FleetAdmin, None));
+        assert!(!may_manage(&ta, Role::TenantAdmin, Some("b")));
+        let viewer = p(Role::Viewer, None);
+        assert!(!may_manage(&viewer, Role::Viewer, None));
+    }
+
+    /// The operations apply the rights: viewers manage nothing, a tenant admin mints only keys
+    /// of its tenant and sees (and revokes) only those, another tenant's key is NOT_FOUND.
+    #[tokio::test]
+    async fn operations_apply_the_key_rights() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::testing::state(dir.path()).await;
+        for t in ["a", "b"] {
+            crate::testing::put_tenant(&state, t).await;
+        }
+        let fleet = p(Role::FleetAdmin, None);
+        let ta = p(Role::TenantAdmin, Some("a"));
+        let viewer = p(Role::Viewer, None);
+
+        let (b_key, _) = create_by(&state, &fleet, "viewer", "b", "").await.unwrap();
+        let (a_key, secret) = create_by(&state, &ta, "viewer", "a", "scanner")
+            .await
+            .unwrap();
+        assert!(secret.expose().starts_with(PREFIX));
+        assert_eq!(a_key.tenant.as_deref(), Some("a"));
+
+        let err = create_by(&state, &ta, "fleet-admin", "", "")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::PermissionDenied(_)), "{err:?}");
+        let err = create_by(&state, &ta, "viewer", "b", "").await.unwrap_err();
+        assert!(matches!(err, Error::PermissionDenied(_)), "{err:?}");
+        let err = create_by(&state, &ta, "root", "a", "").await.unwrap_err();
+        assert!(err.to_string().starts_with("role: unknown role"), "{err}");
+        let err = create_by(&state, &viewer, "viewer", "", "")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::PermissionDenied(_)), "{err:?}");
+
+        let seen: Vec<_> = list_visible(&state, &ta, "").await.unwrap();
+        assert_eq!(seen.iter().map(|k| &k.id).collect::<Vec<_>>(), [&a_key.id]);
+        assert_eq!(list_visible(&state, &fleet, "").await.unwrap().len(), 2);
+        let err = list_visible(&state, &ta, "b").await.unwrap_err();
+        assert!(matches!(err, Error::PermissionDenied(_)), "{err:?}");
+        let err = list_visible(&state, &viewer, "").await.unwrap_err();
+        assert!(matches!(err, Error::PermissionDenied(_)), "{err:?}");
+
+        let err = revoke_by(&state, &ta, &b_key.id).await.unwrap_err();
+        assert!(matches!(err, Error::NotFound(_)), "{err:?}");
+        revoke_by(&state, &ta, &a_key.id).await.unwrap();
+        let err = revoke_by(&state, &ta, &a_key.id).await.unwrap_err();
+        assert!(matches!(err, Error::NotFound(_)), "{err:?}");
+        assert!(get(&state, &b_key.id).await.unwrap().is_some());
     }
 }

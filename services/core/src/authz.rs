@@ -7,7 +7,7 @@
 //! - `viewer`: reads only (`Get*`, `List*`, `ListAuditEvents`, `WhoAmI`, `GetFleetStatus`);
 //!   fleet-wide when not bound to a tenant, else only its tenant. The global audit log is for
 //!   fleet admins only. `TestConnection` needs write access (the agent connects upstream with the
-//!   device's tokens), and API keys are managed by admins only (see `admin::keys`).
+//!   device's tokens), and API keys are managed by admins only (see [`crate::api_keys::may_manage`]).
 //!
 //! A request for another tenant's objects is answered PERMISSION_DENIED, before anything is read,
 //! whether or not the tenant or object exists, so the answer reveals nothing about the other

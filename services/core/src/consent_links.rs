@@ -37,7 +37,7 @@ use crate::authz::{Access, Principal, Target, authorize};
 use crate::identity::ca::hex;
 use crate::ops::Error;
 use crate::ops::change::{Change, audited};
-use crate::ops::names::object_path;
+use crate::ops::names::span_object;
 use crate::records::{Records, mailbox_key};
 use crate::state::BrokerState;
 use crate::tokens::consent::{self, Challenge, StartOutcome};
@@ -203,18 +203,18 @@ pub fn link_url(public_url: &str, token: &str) -> String {
     format!("{}{LINK_PATH}{token}", public_url.trim_end_matches('/'))
 }
 
-fn change(action: &'static str, tenant: &str, mailbox: &str) -> Change {
-    Change {
-        action,
-        target: object_path(tenant, "mailboxes", mailbox),
-        tenant: tenant.to_owned(),
+/// The lifetime a caller asked for in seconds: 0 is the default ([`DEFAULT_TTL`], `None`), a
+/// negative number is refused (INVALID_ARGUMENT naming `ttl_seconds`). The range is checked by
+/// [`create`], inside its audited change; this check is part of reading the request.
+pub fn ttl_from_seconds(seconds: i64) -> Result<Option<Duration>, Error> {
+    match seconds {
+        0 => Ok(None),
+        s if s < 0 => Err(Error::invalid(
+            "ttl_seconds",
+            "must not be negative (0 = 7 days)",
+        )),
+        s => Ok(Some(Duration::from_secs(s.unsigned_abs()))),
     }
-}
-
-fn check_names(tenant: &str, mailbox: &str) -> Result<(), Error> {
-    tokenfleet_domain::name("tenant", tenant)?;
-    tokenfleet_domain::name("mailbox", mailbox)?;
-    Ok(())
 }
 
 /// A new link (the token, shown once, and its record).
@@ -226,6 +226,13 @@ pub struct NewLink {
     pub link: ConsentLink,
 }
 
+impl NewLink {
+    /// The address to send to the mailbox's owner, under the broker's `public_url`.
+    pub fn url(&self, public_url: &str) -> String {
+        link_url(public_url, self.token.expose())
+    }
+}
+
 /// Creates a link for `mailbox` of `tenant`, valid for `ttl` (`None`: [`DEFAULT_TTL`]; between
 /// [`MIN_TTL`] and [`MAX_TTL`]). Only delegated mailboxes have a person who signs in.
 pub async fn create(
@@ -235,13 +242,14 @@ pub async fn create(
     mailbox: &str,
     ttl: Option<Duration>,
 ) -> Result<NewLink, Error> {
+    span_object(tenant, mailbox);
     audited(
         state,
         principal,
-        change("consent_link.create", tenant, mailbox),
+        Change::of_object("consent_link.create", tenant, "mailboxes", mailbox),
         async {
             authorize(principal, Target::Tenant(tenant), Access::Write)?;
-            check_names(tenant, mailbox)?;
+            crate::resources::mailboxes::check_names(tenant, mailbox)?;
             let ttl = ttl.unwrap_or(DEFAULT_TTL);
             if ttl < MIN_TTL || ttl > MAX_TTL {
                 return Err(Error::invalid(
@@ -319,6 +327,7 @@ pub async fn list(
     tenant: &str,
     mailbox: &str,
 ) -> Result<Vec<ConsentLink>, Error> {
+    span_object(tenant, mailbox);
     authorize(principal, Target::Tenant(tenant), Access::Read)?;
     tokenfleet_domain::name("tenant", tenant)?;
     if !mailbox.is_empty() {
@@ -362,6 +371,7 @@ pub async fn revoke(
     tenant: &str,
     id: &str,
 ) -> Result<ConsentLink, Error> {
+    span_object(tenant, "");
     let id = id.trim().to_ascii_lowercase();
     audited(
         state,
@@ -686,5 +696,19 @@ mod tests {
         );
         assert_eq!(link(LinkState::Pending, 0).shown_state(now), "expired");
         assert_eq!(link(LinkState::Pending, 0).id(), "0123456789abcdef");
+    }
+
+    #[test]
+    fn requested_lifetimes_are_read() {
+        assert_eq!(ttl_from_seconds(0).unwrap(), None);
+        assert_eq!(
+            ttl_from_seconds(3600).unwrap(),
+            Some(Duration::from_secs(3600))
+        );
+        let err = ttl_from_seconds(-1).unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidArgument(m) if m.starts_with("ttl_seconds:")),
+            "{err}"
+        );
     }
 }

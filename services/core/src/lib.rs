@@ -1,20 +1,27 @@
 //! tokenfleet's core: the broker's operations without a transport. It holds the state every
 //! operation shares ([`state`]), the typed records over the store ([`records`]), authorization
-//! ([`authz`]), the audit log ([`audit`]), the operations kit and the generic resources ([`ops`]),
-//! API keys, the token lifecycle, consent and issuance ([`tokens`]), the agent CA and enrollment
-//! ([`identity`]), fleet state — agent configuration, device reports, commands to agents,
-//! connection tests ([`fleet`]) —, operator alerts ([`alerts`]) and re-sealing ([`reseal`]).
+//! ([`authz`]), the audit log and its listing ([`audit`]), the operations kit and the generic
+//! resources ([`ops`]), the five admin resources in domain types ([`resources`]; a mailbox with
+//! its grant's token state is [`resources::mailboxes::MailboxView`] wherever one is shown), API
+//! keys and who may manage them ([`api_keys`]), consent links ([`consent_links`]), the token
+//! lifecycle, consent, issuance and the operator's token operations ([`tokens`],
+//! [`tokens::operator`]), the agent CA, enrollment codes and agent revocation ([`identity`]),
+//! fleet state — agent configuration, device reports, commands to agents, connection tests
+//! ([`fleet`]) —, operator alerts ([`alerts`]) and re-sealing ([`reseal`]).
 //!
 //! Operations take a caller ([`authz::Principal`], or an agent's [`identity::AgentId`]) and typed
 //! input, authorize, do the work, audit, and return typed results or the one error type
-//! [`ops::Error`]. The edges that put a transport in front of them — the gRPC services and the HTTP
-//! listener of `tokenfleet-broker`, later the console — only decode, call and encode; each maps
-//! [`ops::Error`] to its status codes once.
+//! [`ops::Error`]. The edges that put a transport in front of them — the gRPC services, the HTTP
+//! listener and the web console of `tokenfleet-broker` — only decode, call and encode (the
+//! console calls the operations with domain values); each maps [`ops::Error`] to its status
+//! codes once. The unit tests share one kit (a state over a fresh store, callers, a tenant:
+//! `testing`, test builds only).
 //!
 //! Dependency direction: `tokenfleet-domain`, `-seal`, `-store` and `-providers` are below this
 //! crate; `tokenfleet-broker` is above it. This crate never depends on tonic, prost, the proto
-//! crate or axum (its HTTP client, reqwest, is for calling out); [`tests::core_is_transport_free`] reads `Cargo.lock` and fails
-//! when one of them becomes a dependency, directly or through another crate.
+//! crate or axum (its HTTP client, reqwest, is for calling out); the unit test
+//! `tests::core_is_transport_free` reads `Cargo.lock` and fails when one of them becomes a
+//! dependency, directly or through another crate.
 
 pub mod state;
 
@@ -45,11 +52,15 @@ pub mod tokens;
 // Consent links the mailbox owner opens (operator side and owner side).
 pub mod consent_links;
 
-// Admin resources whose operations are domain-typed end to end (agents).
+// The admin resources (tenants, providers, mailboxes, devices, agents), domain-typed end to end.
 pub mod resources;
 
 // Fleet state: agent configuration, device reports, commands to agents, connection tests.
 pub mod fleet;
+
+// What the unit tests share (a state over a fresh store, callers, a tenant).
+#[cfg(test)]
+pub(crate) mod testing;
 
 #[cfg(test)]
 mod tests {

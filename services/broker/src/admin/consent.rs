@@ -1,17 +1,18 @@
-//! Consent RPCs: `StartConsent` and `CompleteConsent` (the flows themselves are in
-//! [`crate::tokens::consent`]).
+//! Consent RPCs on the wire: `StartConsent` and `CompleteConsent`. The operations
+//! (authorization, validation, the flows, audit) are the core's
+//! [`crate::tokens::operator::start_consent`] and [`crate::tokens::operator::complete_consent`];
+//! this file converts, and holds the consent settings the service is configured with.
 
 use tokenfleet_proto::v1 as pb;
 
-use super::mailboxes::{check_names, mailbox_with_grant};
-use crate::authz::{Access, Principal, Target, authorize};
+use super::mailboxes::mailbox_with_grant;
+use crate::authz::Principal;
 use crate::config::DEFAULT_PUBLIC_URL;
 use crate::convert;
 use crate::ops::Error;
-use crate::ops::change::{Change, audited};
-use crate::ops::names::{object_path, span_object};
 use crate::state::BrokerState;
-use crate::tokens::consent::{self, Challenge};
+use crate::tokens::consent::Challenge;
+use crate::tokens::operator;
 
 /// What the consent RPCs take from the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,31 +30,36 @@ impl Default for ConsentSettings {
     }
 }
 
-fn change(action: &'static str, tenant: &str, mailbox: &str) -> Change {
-    Change {
-        action,
-        target: object_path(tenant, "mailboxes", mailbox),
-        tenant: tenant.to_owned(),
+/// The wire form of what a person must do to finish a consent.
+fn challenge_out(challenge: Challenge) -> Option<pb::start_consent_response::Challenge> {
+    use pb::start_consent_response::Challenge as Wire;
+    match challenge {
+        Challenge::None => None,
+        Challenge::DeviceCode {
+            user_code,
+            verification_uri,
+            message,
+            expires,
+            interval_secs,
+        } => Some(Wire::DeviceCode(pb::DeviceCodeChallenge {
+            user_code,
+            verification_uri,
+            expire_time: Some(convert::timestamp(expires)),
+            message,
+            interval_seconds: u32::try_from(interval_secs).unwrap_or(u32::MAX),
+        })),
+        Challenge::Authorization {
+            url,
+            state,
+            redirect_uri,
+            expires,
+        } => Some(Wire::Authorization(pb::AuthorizationChallenge {
+            authorization_url: url,
+            state,
+            redirect_uri,
+            expire_time: Some(convert::timestamp(expires)),
+        })),
     }
-}
-
-/// A redirect URI from the request: an absolute `http`/`https` URL without a fragment.
-fn check_redirect_uri(value: &str) -> Result<(), Error> {
-    let bad = |problem: &str| Error::invalid("redirect_uri", problem);
-    if value.len() > 2048 {
-        return Err(bad("longer than 2048 characters"));
-    }
-    let url = url::Url::parse(value).map_err(|e| bad(&format!("not a valid URL ({e})")))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(bad("scheme must be http or https"));
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(bad("needs a host"));
-    }
-    if url.fragment().is_some() {
-        return Err(bad("must not have a fragment (`#…`)"));
-    }
-    Ok(())
 }
 
 pub(super) async fn start(
@@ -62,84 +68,24 @@ pub(super) async fn start(
     req: pb::StartConsentRequest,
     settings: &ConsentSettings,
 ) -> Result<pb::StartConsentResponse, Error> {
-    span_object(&req.tenant, &req.mailbox);
-    audited(
+    let outcome = operator::start_consent(
         state,
         principal,
-        change("consent.start", &req.tenant, &req.mailbox),
-        async {
-            authorize(principal, Target::Tenant(&req.tenant), Access::Write)?;
-            check_names(&req.tenant, &req.mailbox)?;
-            let redirect = req.redirect_uri.trim();
-            if !redirect.is_empty() {
-                check_redirect_uri(redirect)?;
-            }
-            let outcome = consent::start(
-                state,
-                &req.tenant,
-                &req.mailbox,
-                (!redirect.is_empty()).then_some(redirect),
-                &settings.public_url,
-            )
-            .await?;
-            let mailbox = mailbox_with_grant(
-                &outcome.mailbox.value,
-                outcome.mailbox.version,
-                Some(&outcome.grant),
-            );
-            use pb::start_consent_response::Challenge as Wire;
-            let (challenge, detail) = match outcome.challenge {
-                Challenge::None => (
-                    None,
-                    format!(
-                        "token obtained without a person ({})",
-                        outcome.mailbox.value.grant_type
-                    ),
-                ),
-                Challenge::DeviceCode {
-                    user_code,
-                    verification_uri,
-                    message,
-                    expires,
-                    interval_secs,
-                } => (
-                    Some(Wire::DeviceCode(pb::DeviceCodeChallenge {
-                        user_code,
-                        verification_uri,
-                        expire_time: Some(convert::timestamp(expires)),
-                        message,
-                        interval_seconds: u32::try_from(interval_secs).unwrap_or(u32::MAX),
-                    })),
-                    "device code issued; waiting for the person".to_owned(),
-                ),
-                Challenge::Authorization {
-                    url,
-                    state: oauth_state,
-                    redirect_uri,
-                    expires,
-                } => {
-                    let detail = format!("authorization URL issued; redirect to {redirect_uri}");
-                    (
-                        Some(Wire::Authorization(pb::AuthorizationChallenge {
-                            authorization_url: url,
-                            state: oauth_state,
-                            redirect_uri,
-                            expire_time: Some(convert::timestamp(expires)),
-                        })),
-                        detail,
-                    )
-                }
-            };
-            Ok((
-                pb::StartConsentResponse {
-                    mailbox: Some(mailbox),
-                    challenge,
-                },
-                detail,
-            ))
-        },
+        &req.tenant,
+        &req.mailbox,
+        &req.redirect_uri,
+        &settings.public_url,
     )
-    .await
+    .await?;
+    let mailbox = mailbox_with_grant(
+        &outcome.mailbox.value,
+        outcome.mailbox.version,
+        Some(&outcome.grant),
+    );
+    Ok(pb::StartConsentResponse {
+        mailbox: Some(mailbox),
+        challenge: challenge_out(outcome.challenge),
+    })
 }
 
 pub(super) async fn complete(
@@ -147,56 +93,11 @@ pub(super) async fn complete(
     principal: &Principal,
     req: pb::CompleteConsentRequest,
 ) -> Result<pb::Mailbox, Error> {
-    span_object(&req.tenant, &req.mailbox);
-    audited(
-        state,
-        principal,
-        change("consent.complete", &req.tenant, &req.mailbox),
-        async {
-            authorize(principal, Target::Tenant(&req.tenant), Access::Write)?;
-            check_names(&req.tenant, &req.mailbox)?;
-            if req.code.trim().is_empty() {
-                return Err(Error::invalid(
-                    "code",
-                    "is required: paste the authorization code or the whole address the browser ended on",
-                ));
-            }
-            let done = consent::complete(
-                state,
-                &req.tenant,
-                &req.mailbox,
-                &req.code,
-                &principal.actor(),
-            )
-            .await?;
-            Ok((
-                mailbox_with_grant(&done.mailbox.value, done.mailbox.version, Some(&done.grant)),
-                "authorization code redeemed".to_owned(),
-            ))
-        },
-    )
-    .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redirect_uris_are_checked() {
-        assert!(check_redirect_uri("http://127.0.0.1:8080/oauth/callback").is_ok());
-        assert!(check_redirect_uri("https://broker.example/oauth/callback?x=1").is_ok());
-        for bad in [
-            "ftp://x/cb",
-            "not a url",
-            "https://broker.example/cb#frag",
-            "/oauth/callback",
-        ] {
-            let e = check_redirect_uri(bad).unwrap_err();
-            assert!(
-                matches!(&e, Error::InvalidArgument(m) if m.starts_with("redirect_uri:")),
-                "{e}"
-            );
-        }
-    }
+    let done =
+        operator::complete_consent(state, principal, &req.tenant, &req.mailbox, &req.code).await?;
+    Ok(mailbox_with_grant(
+        &done.mailbox.value,
+        done.mailbox.version,
+        Some(&done.grant),
+    ))
 }

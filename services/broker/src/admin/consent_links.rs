@@ -1,8 +1,6 @@
-//! Consent-link RPCs of the admin API: `CreateConsentLink`, `ListConsentLinks`,
-//! `RevokeConsentLink`. The operations (authorization, audit, storage of the hash only) are in
-//! [`crate::consent_links`]; this file only converts.
-
-use std::time::Duration;
+//! Consent-link RPCs on the wire: `CreateConsentLink`, `ListConsentLinks`, `RevokeConsentLink`.
+//! The operations (authorization, audit, storage of the hash only) are the core's
+//! [`crate::consent_links`]; this file only converts. The token is in the create response once.
 
 use time::OffsetDateTime;
 use tokenfleet_proto::v1 as pb;
@@ -12,7 +10,6 @@ use crate::authz::Principal;
 use crate::consent_links::{self, ConsentLink};
 use crate::convert;
 use crate::ops::Error;
-use crate::ops::names::span_object;
 use crate::state::BrokerState;
 
 /// A link record as the API shows it (never the token).
@@ -35,20 +32,10 @@ pub(crate) async fn create(
     req: pb::CreateConsentLinkRequest,
     settings: &ConsentSettings,
 ) -> Result<pb::CreateConsentLinkResponse, Error> {
-    span_object(&req.tenant, &req.mailbox);
-    let ttl = match req.ttl_seconds {
-        0 => None,
-        s if s < 0 => {
-            return Err(Error::invalid(
-                "ttl_seconds",
-                "must not be negative (0 = 7 days)",
-            ));
-        }
-        s => Some(Duration::from_secs(s.unsigned_abs().into())),
-    };
+    let ttl = consent_links::ttl_from_seconds(req.ttl_seconds.into())?;
     let new = consent_links::create(state, principal, &req.tenant, &req.mailbox, ttl).await?;
     Ok(pb::CreateConsentLinkResponse {
-        url: consent_links::link_url(&settings.public_url, new.token.expose()),
+        url: new.url(&settings.public_url),
         token: new.token.expose().to_owned(),
         link: Some(link_to_proto(&new.link, state.clock.now())),
     })
@@ -59,9 +46,8 @@ pub(crate) async fn list(
     principal: &Principal,
     req: pb::ListConsentLinksRequest,
 ) -> Result<pb::ListConsentLinksResponse, Error> {
-    span_object(&req.tenant, &req.mailbox);
-    let now = state.clock.now();
     let links = consent_links::list(state, principal, &req.tenant, &req.mailbox).await?;
+    let now = state.clock.now();
     Ok(pb::ListConsentLinksResponse {
         links: links.iter().map(|l| link_to_proto(l, now)).collect(),
     })
@@ -72,7 +58,6 @@ pub(crate) async fn revoke(
     principal: &Principal,
     req: pb::RevokeConsentLinkRequest,
 ) -> Result<pb::ConsentLink, Error> {
-    span_object(&req.tenant, "");
     let link = consent_links::revoke(state, principal, &req.tenant, &req.id).await?;
     Ok(link_to_proto(&link, state.clock.now()))
 }

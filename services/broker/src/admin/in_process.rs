@@ -1,16 +1,21 @@
-//! The admin operations called in-process by the web console ([`crate::console`]): the very
-//! handlers the gRPC RPCs run (same authorization, validation and audit), with the principal the
-//! console resolved from its session instead of from a bearer header. Agents are listed with the
-//! core's domain-typed operation itself (no wire form); the other resources still in their wire
-//! form. Nothing here reads or writes the store on its own.
+//! The resource reads of the web console ([`crate::console`]): tenants, mailboxes, devices and
+//! agents, every page of a list or one object, read with the core's domain-typed resource
+//! operations themselves — the ones the gRPC RPCs call, so the same authorization — with the
+//! principal the console resolved from its session instead of from a bearer header. No wire
+//! form, no gRPC handler in between; nothing here reads or writes the store on its own.
+//!
+//! Consent, the token buttons, consent links, enrollment, agent revocation, the audit log, fleet
+//! status and connection tests need no method here: the console calls the core's operations
+//! for them directly, in domain types ([`crate::tokens::operator`], [`crate::consent_links`],
+//! [`crate::identity::enrollment`], [`crate::audit::list_events`], [`tokenfleet_core::fleet`]),
+//! with what this service was configured with ([`AdminService::tokens`],
+//! [`AdminService::public_url`], [`AdminService::broker_state`]).
 
 use tokenfleet_core::records::Versioned;
-use tokenfleet_domain::Agent;
-use tokenfleet_proto::v1 as pb;
+use tokenfleet_core::resources::mailboxes::MailboxView;
+use tokenfleet_domain::{Agent, Device, Tenant};
 
-use super::{
-    AdminService, Agents, Devices, Mailboxes, consent, consent_links, enrollment, tenants, tokens,
-};
+use super::{AdminService, Agents, Devices, Mailboxes};
 use crate::authz::Principal;
 use crate::ops::Error;
 use crate::ops::resource::{self, Id};
@@ -18,84 +23,78 @@ use crate::ops::resource::{self, Id};
 /// Page size the console reads lists with (the API's largest).
 const PAGE: i32 = super::MAX_PAGE_SIZE as i32;
 
-impl AdminService {
-    /// `ListTenants` (every page).
-    pub async fn console_tenants(&self, p: &Principal) -> Result<Vec<pb::Tenant>, Error> {
-        let mut out = Vec::new();
-        let mut token = String::new();
-        loop {
-            let page = tenants::list(
-                &self.state,
-                p,
-                pb::ListTenantsRequest {
-                    page_size: PAGE,
-                    page_token: token,
-                },
-            )
-            .await?;
-            out.extend(page.tenants);
-            if page.next_page_token.is_empty() {
-                return Ok(out);
-            }
-            token = page.next_page_token;
+/// Every page of a list: `page` reads the one after a page token (empty: the first) and
+/// answers its items and the next token (empty: no more).
+async fn every_page<T, F, Fut>(mut page: F) -> Result<Vec<T>, Error>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<(Vec<T>, String), Error>>,
+{
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = page(token).await?;
+        out.extend(items);
+        if next.is_empty() {
+            return Ok(out);
         }
+        token = next;
+    }
+}
+
+impl AdminService {
+    /// The tenants the caller may see (every page), as the core's tenant resource lists them:
+    /// domain records, no wire form in between.
+    pub async fn console_tenants(&self, p: &Principal) -> Result<Vec<Versioned<Tenant>>, Error> {
+        every_page(|token| async move {
+            tokenfleet_core::resources::tenants::list(&self.state, p, PAGE, &token).await
+        })
+        .await
     }
 
-    /// `ListMailboxes` of one tenant (every page).
+    /// The mailboxes of one tenant (every page), as the core's mailbox resource lists them:
+    /// domain records with their grants' token state, no wire form in between.
     pub async fn console_mailboxes(
         &self,
         p: &Principal,
         tenant: &str,
-    ) -> Result<Vec<pb::Mailbox>, Error> {
-        let mut out = Vec::new();
-        let mut token = String::new();
-        loop {
-            let (items, next) =
-                resource::list(&Mailboxes, &self.state, p, tenant, PAGE, &token).await?;
-            out.extend(items);
-            if next.is_empty() {
-                return Ok(out);
-            }
-            token = next;
-        }
+    ) -> Result<Vec<MailboxView>, Error> {
+        every_page(|token| async move {
+            resource::list(&Mailboxes, &self.state, p, tenant, PAGE, &token).await
+        })
+        .await
     }
 
-    /// `GetMailbox`.
+    /// One mailbox, as the core's mailbox resource shows it.
     pub async fn console_mailbox(
         &self,
         p: &Principal,
         tenant: &str,
         name: &str,
-    ) -> Result<pb::Mailbox, Error> {
+    ) -> Result<MailboxView, Error> {
         resource::get(&Mailboxes, &self.state, p, Id::scoped(tenant, name)).await
     }
 
-    /// `ListDevices` of one tenant (every page).
+    /// The devices of one tenant (every page), as the core's device resource lists them:
+    /// domain records, no wire form in between.
     pub async fn console_devices(
         &self,
         p: &Principal,
         tenant: &str,
-    ) -> Result<Vec<pb::Device>, Error> {
-        let mut out = Vec::new();
-        let mut token = String::new();
-        loop {
-            let (items, next) =
-                resource::list(&Devices, &self.state, p, tenant, PAGE, &token).await?;
-            out.extend(items);
-            if next.is_empty() {
-                return Ok(out);
-            }
-            token = next;
-        }
+    ) -> Result<Vec<Versioned<Device>>, Error> {
+        every_page(|token| async move {
+            resource::list(&Devices, &self.state, p, tenant, PAGE, &token).await
+        })
+        .await
     }
 
-    /// `GetDevice`.
+    /// One device, as the core's device resource shows it.
     pub async fn console_device(
         &self,
         p: &Principal,
         tenant: &str,
         name: &str,
-    ) -> Result<pb::Device, Error> {
+    ) -> Result<Versioned<Device>, Error> {
         resource::get(&Devices, &self.state, p, Id::scoped(tenant, name)).await
     }
 
@@ -106,187 +105,21 @@ impl AdminService {
         p: &Principal,
         tenant: &str,
     ) -> Result<Vec<Versioned<Agent>>, Error> {
-        let mut out = Vec::new();
-        let mut token = String::new();
-        loop {
-            let (items, next) =
-                resource::list(&Agents, &self.state, p, tenant, PAGE, &token).await?;
-            out.extend(items);
-            if next.is_empty() {
-                return Ok(out);
-            }
-            token = next;
-        }
-    }
-
-    /// `GetFleetStatus`.
-    pub async fn console_fleet_status(
-        &self,
-        p: &Principal,
-        tenant: &str,
-    ) -> Result<pb::GetFleetStatusResponse, Error> {
-        crate::fleet::get_fleet_status(
-            &self.state,
-            p,
-            pb::GetFleetStatusRequest {
-                tenant: tenant.to_owned(),
-            },
-        )
-        .await
-    }
-
-    /// `TestConnection`.
-    pub async fn console_test_connection(
-        &self,
-        p: &Principal,
-        req: pb::TestConnectionRequest,
-    ) -> Result<pb::ConnectionTestResult, Error> {
-        crate::fleet::test_connection(&self.state, p, req).await
-    }
-
-    /// `StartConsent` (redirecting to the broker's own callback).
-    pub async fn console_start_consent(
-        &self,
-        p: &Principal,
-        tenant: &str,
-        mailbox: &str,
-    ) -> Result<pb::StartConsentResponse, Error> {
-        consent::start(
-            &self.state,
-            p,
-            pb::StartConsentRequest {
-                tenant: tenant.to_owned(),
-                mailbox: mailbox.to_owned(),
-                ..Default::default()
-            },
-            &self.consent,
-        )
-        .await
-    }
-
-    /// `DeleteToken`.
-    pub async fn console_delete_token(
-        &self,
-        p: &Principal,
-        tenant: &str,
-        mailbox: &str,
-    ) -> Result<pb::Mailbox, Error> {
-        tokens::delete_token(
-            &self.state,
-            p,
-            pb::DeleteTokenRequest {
-                tenant: tenant.to_owned(),
-                mailbox: mailbox.to_owned(),
-            },
-            &self.providers.tokens,
-        )
-        .await
-    }
-
-    /// `RefreshNow`.
-    pub async fn console_refresh_now(
-        &self,
-        p: &Principal,
-        tenant: &str,
-        mailbox: &str,
-    ) -> Result<pb::Mailbox, Error> {
-        tokens::refresh_now(
-            &self.state,
-            p,
-            pb::RefreshNowRequest {
-                tenant: tenant.to_owned(),
-                mailbox: mailbox.to_owned(),
-            },
-            &self.providers.tokens,
-        )
-        .await
-    }
-
-    /// `CreateEnrollmentCode`.
-    pub async fn console_enroll(
-        &self,
-        p: &Principal,
-        req: pb::CreateEnrollmentCodeRequest,
-    ) -> Result<pb::CreateEnrollmentCodeResponse, Error> {
-        enrollment::create_code(&self.state, p, req).await
-    }
-
-    /// `RevokeAgent`.
-    pub async fn console_revoke_agent(
-        &self,
-        p: &Principal,
-        tenant: &str,
-        name: &str,
-    ) -> Result<pb::Agent, Error> {
-        enrollment::revoke(
-            &self.state,
-            p,
-            pb::RevokeAgentRequest {
-                tenant: tenant.to_owned(),
-                name: name.to_owned(),
-            },
-        )
-        .await
-    }
-
-    /// `ListAuditEvents` (one page).
-    pub async fn console_audit(
-        &self,
-        p: &Principal,
-        req: pb::ListAuditEventsRequest,
-    ) -> Result<pb::ListAuditEventsResponse, Error> {
-        super::list_audit_events(&self.state, p, req).await
-    }
-
-    /// `CreateConsentLink`.
-    pub async fn console_create_link(
-        &self,
-        p: &Principal,
-        req: pb::CreateConsentLinkRequest,
-    ) -> Result<pb::CreateConsentLinkResponse, Error> {
-        consent_links::create(&self.state, p, req, &self.consent).await
-    }
-
-    /// `ListConsentLinks`.
-    pub async fn console_links(
-        &self,
-        p: &Principal,
-        tenant: &str,
-        mailbox: &str,
-    ) -> Result<Vec<pb::ConsentLink>, Error> {
-        consent_links::list(
-            &self.state,
-            p,
-            pb::ListConsentLinksRequest {
-                tenant: tenant.to_owned(),
-                mailbox: mailbox.to_owned(),
-            },
-        )
-        .await
-        .map(|r| r.links)
-    }
-
-    /// `RevokeConsentLink`.
-    pub async fn console_revoke_link(
-        &self,
-        p: &Principal,
-        tenant: &str,
-        id: &str,
-    ) -> Result<pb::ConsentLink, Error> {
-        consent_links::revoke(
-            &self.state,
-            p,
-            pb::RevokeConsentLinkRequest {
-                tenant: tenant.to_owned(),
-                id: id.to_owned(),
-            },
-        )
+        every_page(|token| async move {
+            resource::list(&Agents, &self.state, p, tenant, PAGE, &token).await
+        })
         .await
     }
 
     /// The broker state (for the console's session checks).
     pub fn broker_state(&self) -> &crate::state::BrokerState {
         &self.state
+    }
+
+    /// The token service the token operations run on
+    /// ([`crate::tokens::operator::refresh_now`], [`crate::tokens::operator::delete_token`]).
+    pub fn tokens(&self) -> &crate::tokens::lifecycle::TokenService {
+        &self.providers.tokens
     }
 
     /// The broker's public URL.

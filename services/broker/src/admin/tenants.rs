@@ -1,69 +1,41 @@
-//! Tenants as a [`Resource`]. Tenant records are global: only fleet admins create, change or
-//! delete them; a tenant's own keys read it. A tenant is deleted only when empty.
+//! Tenants on the wire: the Admin API's tenant calls convert the `Tenant` message to and from
+//! the domain record and call the core's domain-typed tenant resource
+//! ([`tokenfleet_core::resources::Tenants`]: authorization — changes are fleet-admin only —,
+//! validation, versions, the refusal to delete a tenant that still holds objects, audit). The web
+//! console calls the same operations without converting.
 
+use tokenfleet_core::records::Versioned;
 use tokenfleet_domain::Tenant;
 use tokenfleet_proto::v1 as pb;
-use tokenfleet_store::Scope;
 
-use crate::authz::{Access, Principal, Target, authorize};
-use crate::convert::{self};
+pub(crate) use tokenfleet_core::resources::Tenants;
+
+use crate::authz::Principal;
+use crate::convert;
 use crate::ops::Error;
-use crate::ops::paging::page_request;
-use crate::ops::resource::{Id, Resource, resource_basics};
-use crate::ops::stored::{Reference, Referrer, list_page, records};
-use crate::records::tenant_key;
 use crate::state::BrokerState;
 
-/// The tenant resource.
-pub(crate) struct Tenants;
-
-impl Resource for Tenants {
-    type Plan = ();
-    resource_basics!(global "tenant" in "tenants": Tenant as pb::Tenant, key tenant_key, to_wire convert::tenant_to_proto, from_wire convert::tenant_from_proto, merge convert::merge_tenant);
-    /// Changing tenant records is a fleet decision; reading one is the tenant's.
-    fn target(id: &Id, access: Access) -> Target<'_> {
-        match access {
-            Access::Write => Target::Fleet,
-            Access::Read => Target::Tenant(&id.name),
-        }
-    }
-
-    /// A tenant that still holds objects is not deleted (they would be orphaned).
-    const REFERENCES: &'static [Reference] = &[Reference::new(
-        Referrer::TenantContents,
-        "still holds",
-        "delete them first",
-    )];
+/// The core's form of a tenant a caller sent (validated by the core, after authorization).
+pub(crate) fn tenant_in(wire: Option<pb::Tenant>) -> Versioned<Tenant> {
+    convert::tenant_in(&wire.unwrap_or_default())
 }
 
-/// `ListTenants`: every tenant for fleet-wide keys; a tenant-bound key sees its own tenant and
-/// nothing else.
+/// The wire form of a tenant and its version.
+pub(crate) fn tenant_out(tenant: Versioned<Tenant>) -> pb::Tenant {
+    convert::tenant_to_proto(&tenant.value, tenant.version)
+}
+
+/// `ListTenants`: every tenant for fleet-wide keys, its own for a tenant-bound key.
 pub(crate) async fn list(
     state: &BrokerState,
     principal: &Principal,
     req: pb::ListTenantsRequest,
 ) -> Result<pb::ListTenantsResponse, Error> {
-    let page = page_request(req.page_size, &req.page_token)?;
-    let (items, next_page_token) = match &principal.tenant {
-        Some(own) => {
-            let past = page.cursor.as_deref().is_some_and(|c| c >= own.as_str());
-            let own = if past {
-                None
-            } else {
-                records(state).get::<Tenant>(&tenant_key(own)).await?
-            };
-            (own.into_iter().collect(), String::new())
-        }
-        None => {
-            authorize(principal, Target::Fleet, Access::Read)?;
-            list_page::<Tenant>(state, &Scope::Global, &page).await?
-        }
-    };
+    let (tenants, next_page_token) =
+        tokenfleet_core::resources::tenants::list(state, principal, req.page_size, &req.page_token)
+            .await?;
     Ok(pb::ListTenantsResponse {
-        tenants: items
-            .iter()
-            .map(|t| Tenants::to_wire(&t.value, t.version))
-            .collect(),
+        tenants: tenants.into_iter().map(tenant_out).collect(),
         next_page_token,
     })
 }

@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 
 use time::OffsetDateTime;
-use tokenfleet_proto::v1 as pb;
+use tokenfleet_domain::TokenStatus;
 
 /// Escapes text for HTML element content and double- or single-quoted attribute values.
 pub fn esc(text: &str) -> String {
@@ -112,15 +112,14 @@ pub fn action_button(
 }
 
 /// The token status as words and a CSS class.
-pub fn status_words(status: i32) -> (&'static str, &'static str) {
-    match pb::TokenStatus::try_from(status).unwrap_or(pb::TokenStatus::Unspecified) {
-        pb::TokenStatus::NotRetrieved => ("NOT_RETRIEVED", "warn"),
-        pb::TokenStatus::ConsentPending => ("CONSENT_PENDING", "warn"),
-        pb::TokenStatus::Active => ("ACTIVE", "ok"),
-        pb::TokenStatus::RefreshFailing => ("REFRESH_FAILING", "bad"),
-        pb::TokenStatus::ReauthRequired => ("REAUTH_REQUIRED", "bad"),
-        pb::TokenStatus::Disabled => ("DISABLED", "muted"),
-        pb::TokenStatus::Unspecified => ("UNKNOWN", "muted"),
+pub fn status_words(status: TokenStatus) -> (&'static str, &'static str) {
+    match status {
+        TokenStatus::NotRetrieved => ("NOT_RETRIEVED", "warn"),
+        TokenStatus::ConsentPending => ("CONSENT_PENDING", "warn"),
+        TokenStatus::Active => ("ACTIVE", "ok"),
+        TokenStatus::RefreshFailing => ("REFRESH_FAILING", "bad"),
+        TokenStatus::ReauthRequired => ("REAUTH_REQUIRED", "bad"),
+        TokenStatus::Disabled => ("DISABLED", "muted"),
     }
 }
 

@@ -1,17 +1,19 @@
 //! The web console on the broker's HTTP listener: the admin operations as pages for operators
 //! (signed in with an API key), and the consent-link pages for mailbox owners.
 //!
-//! Built on the operations layer: every page and every button calls the same handlers as the
-//! gRPC Admin API ([`crate::admin::AdminService`]'s in-process calls), with the principal the
-//! session holds — resolved at sign-in by [`crate::api_keys::authenticate`], exactly as the
-//! gRPC edge does — so authorization and audit are the API's. Hiding a button is presentation
-//! only: a viewer's forged POST reaches the operation and is refused there (403).
+//! Built on the operations layer: every page and every button calls the same operations as the
+//! gRPC Admin API — the core's, in domain types (consent and the token buttons, consent links,
+//! enrollment and agent revocation, the audit log, fleet status, connection tests), or the
+//! resources' through [`crate::admin::AdminService`]'s in-process calls — with the principal the
+//! session holds, resolved at sign-in by [`crate::api_keys::authenticate`] exactly as the gRPC
+//! edge does, so authorization and audit are the API's. Hiding a button is presentation only: a
+//! viewer's forged POST reaches the operation and is refused there (403).
 //!
-//! Routes: `/console/…` (operators, [`pages`]), `/consent/<token>…` (mailbox owners,
-//! [`link`]), `/console/static/…` (one stylesheet, one script), `/console/help/troubleshooting`
+//! Routes: `/console/…` (operators, `pages.rs`), `/consent/<token>…` (mailbox owners,
+//! `link.rs`), `/console/static/…` (one stylesheet, one script), `/console/help/troubleshooting`
 //! (the troubleshooting guide the error messages link to), and `/` → `/console/`.
 //!
-//! Every answer carries the security headers ([`security_headers`]): CSP without inline script
+//! Every answer carries the security headers (`security_headers`): CSP without inline script
 //! and without framing, `nosniff`, `no-referrer`, and `no-store` on everything but the static
 //! files. Sessions and CSRF: [`session`].
 

@@ -10,19 +10,27 @@ use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use time::OffsetDateTime;
-use tokenfleet_proto::v1 as pb;
+use tokenfleet_core::fleet::model::{ConnectionTarget, ConnectionTestResult, DeviceHealth};
+use tokenfleet_core::fleet::{self, TestRequest};
+use tokenfleet_core::resources::mailboxes::MailboxView;
+use tokenfleet_domain::{AuditEvent, TokenStatus};
 
 use super::ConsoleState;
 use super::help::anchor_for;
 use super::html::{
     Chrome, action_button, badge, csrf_field, esc, notice, page, relative, seg, status_words,
-    to_time, when, when_at,
+    when_at,
 };
 use super::session::{
     self, MAX_LIFETIME, SESSION_COOKIE, SIGNIN_COOKIE, cookie, read_cookie, same_token,
 };
+use crate::audit::{self, AuditQuery};
 use crate::authz::{Access, Principal};
+use crate::consent_links;
+use crate::identity::enrollment::{self, CodeRequest};
 use crate::ops::Error;
+use crate::tokens::consent::Challenge;
+use crate::tokens::operator;
 
 type FormData = Form<HashMap<String, String>>;
 
@@ -300,7 +308,7 @@ async fn visible_tenants(state: &ConsoleState, s: &Signed) -> Result<Vec<String>
         .console_tenants(&s.principal)
         .await?
         .into_iter()
-        .map(|t| t.name)
+        .map(|t| t.value.name)
         .collect())
 }
 
@@ -327,21 +335,25 @@ const AGENT_SILENT: time::Duration = time::Duration::minutes(5);
 /// A refresh token this close to its expiry is listed.
 const REFRESH_TOKEN_SOON: time::Duration = time::Duration::days(7);
 
-fn mailbox_problem(m: &pb::Mailbox, now: OffsetDateTime) -> Option<Problem> {
-    let token = m.token.clone().unwrap_or_default();
+fn mailbox_problem(view: &MailboxView, now: OffsetDateTime) -> Option<Problem> {
+    let m = &view.mailbox;
+    let token = &m.token;
     let (word, class) = status_words(token.status);
     let reason = token
         .last_error
         .as_ref()
         .map(|e| e.reason.clone())
         .unwrap_or_default();
-    let rank = match pb::TokenStatus::try_from(token.status).unwrap_or_default() {
-        pb::TokenStatus::ReauthRequired => 0,
-        pb::TokenStatus::RefreshFailing => 1,
-        pb::TokenStatus::ConsentPending => 2,
-        pb::TokenStatus::NotRetrieved => 3,
-        _ => {
-            let expiring = to_time(token.refresh_token_expire_time.as_ref())
+    let rank = match token.status {
+        TokenStatus::ReauthRequired => 0,
+        TokenStatus::RefreshFailing => 1,
+        TokenStatus::ConsentPending => 2,
+        TokenStatus::NotRetrieved => 3,
+        TokenStatus::Active | TokenStatus::Disabled => {
+            let expiring = view
+                .grant
+                .as_ref()
+                .and_then(|g| g.refresh_token_expires)
                 .filter(|t| *t - now < REFRESH_TOKEN_SOON)?;
             return Some(Problem {
                 rank: 2,
@@ -371,12 +383,12 @@ fn mailbox_problem(m: &pb::Mailbox, now: OffsetDateTime) -> Option<Problem> {
     })
 }
 
-fn health_words(health: i32) -> (&'static str, &'static str) {
-    match pb::DeviceHealth::try_from(health).unwrap_or_default() {
-        pb::DeviceHealth::Ok => ("OK", "ok"),
-        pb::DeviceHealth::Degraded => ("DEGRADED", "warn"),
-        pb::DeviceHealth::Failing => ("FAILING", "bad"),
-        _ => ("SILENT", "warn"),
+fn health_words(health: DeviceHealth) -> (&'static str, &'static str) {
+    match health {
+        DeviceHealth::Ok => ("OK", "ok"),
+        DeviceHealth::Degraded => ("DEGRADED", "warn"),
+        DeviceHealth::Failing => ("FAILING", "bad"),
+        DeviceHealth::Unknown | DeviceHealth::Unspecified => ("SILENT", "warn"),
     }
 }
 
@@ -421,13 +433,12 @@ async fn overview_body(
     let mut problems = Vec::new();
     let mut counts: Vec<(String, TenantCounts)> = Vec::new();
     let mut mailboxes = Vec::new();
-    let fleet = state.admin.console_fleet_status(&s.principal, "").await?;
+    let fleet = fleet::fleet_status(state.admin.broker_state(), &s.principal, "").await?;
     for tenant in &tenants {
         let mut c = TenantCounts::default();
         for m in state.admin.console_mailboxes(&s.principal, tenant).await? {
             c.mailboxes += 1;
-            let status = m.token.as_ref().map(|t| t.status).unwrap_or_default();
-            if status == pb::TokenStatus::Active as i32 {
+            if m.mailbox.token.status == TokenStatus::Active {
                 c.active += 1;
             }
             if let Some(p) = mailbox_problem(&m, now) {
@@ -462,14 +473,14 @@ async fn overview_body(
         }
         counts.push((tenant.clone(), c));
     }
-    for d in &fleet.devices {
+    for d in &fleet {
         if let Some((_, c)) = counts.iter_mut().find(|(t, _)| *t == d.tenant) {
             c.devices += 1;
-            if d.health != pb::DeviceHealth::Ok as i32 {
+            if d.health != DeviceHealth::Ok {
                 c.devices_bad += 1;
             }
         }
-        if d.health == pb::DeviceHealth::Ok as i32 {
+        if d.health == DeviceHealth::Ok {
             continue;
         }
         let (word, class) = health_words(d.health);
@@ -568,10 +579,10 @@ async fn overview_body(
     body.push_str("<section aria-labelledby=\"mailboxes-h\"><h2 id=\"mailboxes-h\">Mailboxes</h2><div class=\"table-wrap\"><table id=\"mailboxes\"><thead><tr><th scope=\"col\">Status</th><th scope=\"col\">Tenant</th><th scope=\"col\">Mailbox</th><th scope=\"col\">Address</th><th scope=\"col\">Access token expires</th></tr></thead><tbody>");
     for m in mailboxes
         .iter()
+        .map(|v| &v.mailbox)
         .filter(|m| matches(&m.tenant, &format!("{} {} {}", m.tenant, m.name, m.address)))
     {
-        let token = m.token.clone().unwrap_or_default();
-        let (word, class) = status_words(token.status);
+        let (word, class) = status_words(m.token.status);
         let _ = write!(
             body,
             "<tr><td>{}</td><td>{}</td><td><a href=\"{}\">{}</a></td><td>{}</td><td>{}</td></tr>",
@@ -580,14 +591,13 @@ async fn overview_body(
             esc(&mailbox_link(&m.tenant, &m.name)),
             esc(&m.name),
             esc(&m.address),
-            when(token.access_token_expire_time.as_ref(), now)
+            when_at(m.token.access_token_expires, now)
         );
     }
     body.push_str("</tbody></table></div></section>");
 
     body.push_str("<section aria-labelledby=\"devices-h\"><h2 id=\"devices-h\">Devices</h2><div class=\"table-wrap\"><table id=\"devices\"><thead><tr><th scope=\"col\">Health</th><th scope=\"col\">Tenant</th><th scope=\"col\">Device</th><th scope=\"col\">Agent</th><th scope=\"col\">Last report</th><th scope=\"col\">Problem</th></tr></thead><tbody>");
     for d in fleet
-        .devices
         .iter()
         .filter(|d| matches(&d.tenant, &format!("{} {} {}", d.tenant, d.device, d.agent)))
     {
@@ -600,7 +610,7 @@ async fn overview_body(
             esc(&device_link(&d.tenant, &d.device)),
             esc(&d.device),
             esc(&d.agent),
-            when(d.last_report_time.as_ref(), now),
+            when_at(d.last_report_time, now),
             esc(&d.problem)
         );
     }
@@ -627,16 +637,17 @@ async fn mailbox_page(
     flash: Option<String>,
 ) -> Response {
     let chrome = s.chrome("overview");
-    let m = match state
+    let view = match state
         .admin
         .console_mailbox(&s.principal, tenant, name)
         .await
     {
-        Ok(m) => m,
+        Ok(view) => view,
         Err(e) => return error_page(&e, Some(&chrome)),
     };
     let now = state.admin.broker_state().clock.now();
-    let token = m.token.clone().unwrap_or_default();
+    let (m, grant) = (&view.mailbox, view.grant.clone().unwrap_or_default());
+    let token = &m.token;
     let (word, class) = status_words(token.status);
     let base = mailbox_link(tenant, name);
     let write = s.may_write(tenant);
@@ -644,13 +655,6 @@ async fn mailbox_page(
     if let Some(flash) = flash {
         body.push_str(&flash);
     }
-    let grant = pb::GrantType::try_from(m.grant_type)
-        .map(|g| {
-            g.as_str_name()
-                .trim_start_matches("GRANT_TYPE_")
-                .to_lowercase()
-        })
-        .unwrap_or_default();
     let _ = write!(
         body,
         "<p class=\"lead\"><strong>{}</strong> · tenant {} · provider {} · {}</p>\
@@ -658,7 +662,7 @@ async fn mailbox_page(
         esc(&m.address),
         esc(tenant),
         esc(&m.provider),
-        esc(&grant),
+        esc(m.grant_type.as_str()),
         esc(&base),
         badge(word, class)
     );
@@ -673,10 +677,8 @@ async fn mailbox_page(
             esc(if err.code.is_empty() { word } else { &err.code })
         );
     }
-    if let Some(dc) = &token.pending_device_code {
-        let expires = to_time(dc.expire_time.as_ref())
-            .map(|t| t.unix_timestamp())
-            .unwrap_or(0);
+    if let Some(dc) = &grant.pending_device_code {
+        let expires = dc.expires.unix_timestamp();
         let _ = write!(
             body,
             "<div class=\"device-code\" aria-live=\"polite\"><p>Sign in as <strong>{}</strong> at <a href=\"{}\" target=\"_blank\" rel=\"noopener noreferrer\">{}</a> and enter the code</p>\
@@ -690,23 +692,21 @@ async fn mailbox_page(
             esc(&dc.verification_uri),
             esc(&dc.user_code),
             expires,
-            esc(&to_time(dc.expire_time.as_ref())
-                .map(|t| relative(t, now))
-                .unwrap_or_default())
+            esc(&relative(dc.expires, now))
         );
     }
     let _ = write!(
         body,
         "<dl class=\"facts\"><dt>Access token expires</dt><dd>{}</dd><dt>Refresh token expires</dt><dd>{}</dd><dt>Last refresh</dt><dd>{}</dd><dt>Next refresh</dt><dd>{}</dd><dt>Failed refreshes in a row</dt><dd>{}</dd><dt>Clock skew</dt><dd>{}</dd></dl>",
-        when(token.access_token_expire_time.as_ref(), now),
-        when(token.refresh_token_expire_time.as_ref(), now),
-        when(token.last_refresh_time.as_ref(), now),
-        when(token.next_refresh_time.as_ref(), now),
-        token.consecutive_failures,
-        if token.clock_skew_seconds == 0 {
+        when_at(token.access_token_expires, now),
+        when_at(grant.refresh_token_expires, now),
+        when_at(token.last_refresh, now),
+        when_at(grant.next_refresh, now),
+        grant.consecutive_failures,
+        if grant.clock_skew_secs == 0 {
             "—".to_owned()
         } else {
-            format!("{} s", token.clock_skew_seconds)
+            format!("{} s", grant.clock_skew_secs)
         }
     );
     if write {
@@ -746,16 +746,17 @@ async fn mailbox_page(
             csrf_field(&s.csrf)
         );
     }
-    match state.admin.console_links(&s.principal, tenant, name).await {
+    match consent_links::list(state.admin.broker_state(), &s.principal, tenant, name).await {
         Ok(links) if !links.is_empty() => {
             body.push_str("<div class=\"table-wrap\"><table id=\"links\"><thead><tr><th scope=\"col\">Link id</th><th scope=\"col\">State</th><th scope=\"col\">Created</th><th scope=\"col\">Expires</th><th scope=\"col\"><span class=\"sr-only\">Actions</span></th></tr></thead><tbody>");
             for l in links {
-                let revoke = if write && (l.state == "pending" || l.state == "used") {
+                let shown = l.shown_state(now);
+                let revoke = if write && (shown == "pending" || shown == "used") {
                     action_button(
                         &format!(
                             "/console/t/{}/links/{}/revoke?mailbox={}",
                             seg(tenant),
-                            seg(&l.id),
+                            seg(l.id()),
                             seg(name)
                         ),
                         &s.csrf,
@@ -769,17 +770,10 @@ async fn mailbox_page(
                 let _ = write!(
                     body,
                     "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{revoke}</td></tr>",
-                    esc(&l.id),
-                    badge(
-                        &l.state,
-                        if l.state == "pending" {
-                            "warn"
-                        } else {
-                            "muted"
-                        }
-                    ),
-                    when(l.create_time.as_ref(), now),
-                    when(l.expire_time.as_ref(), now)
+                    esc(l.id()),
+                    badge(shown, if shown == "pending" { "warn" } else { "muted" }),
+                    when_at(Some(l.created), now),
+                    when_at(Some(l.expires), now)
                 );
             }
             body.push_str("</tbody></table></div>");
@@ -794,22 +788,17 @@ async fn mailbox_page(
         "<section class=\"card\" aria-labelledby=\"history-h\"><h2 id=\"history-h\">History</h2>",
     );
     let target = format!("tenants/{tenant}/mailboxes/{name}");
-    match state
-        .admin
-        .console_audit(
-            &s.principal,
-            pb::ListAuditEventsRequest {
-                tenant: tenant.to_owned(),
-                page_size: 500,
-                ..Default::default()
-            },
-        )
-        .await
-    {
-        Ok(events) => {
-            let rows: Vec<_> = events
+    let query = AuditQuery {
+        tenant: tenant.to_owned(),
+        page_size: 500,
+        ..AuditQuery::default()
+    };
+    match audit::list_events(state.admin.broker_state(), &s.principal, &query).await {
+        Ok(page) => {
+            let rows: Vec<_> = page
                 .events
                 .iter()
+                .map(|(_, e)| e)
                 .filter(|e| e.target == target)
                 .take(50)
                 .collect();
@@ -865,15 +854,19 @@ pub(super) async fn mailbox_status(
 }
 
 /// The JSON the live parts poll: status word, its class, reason and fix.
-pub(super) fn status_json(m: &pb::Mailbox) -> serde_json::Value {
-    let token = m.token.clone().unwrap_or_default();
+pub(super) fn status_json(view: &MailboxView) -> serde_json::Value {
+    let token = &view.mailbox.token;
     let (word, class) = status_words(token.status);
-    let err = token.last_error.unwrap_or_default();
+    let (reason, fix) = token
+        .last_error
+        .as_ref()
+        .map(|e| (e.reason.as_str(), e.fix.as_str()))
+        .unwrap_or_default();
     serde_json::json!({
         "status": word,
         "class": class,
-        "reason": err.reason,
-        "fix": err.fix,
+        "reason": reason,
+        "fix": fix,
     })
 }
 
@@ -889,50 +882,51 @@ pub(super) async fn mailbox_action(
     };
     let chrome = s.chrome("overview");
     let p = &s.principal;
+    let broker = state.admin.broker_state();
     let flash = match action.as_str() {
-        "consent" => match state.admin.console_start_consent(p, &tenant, &name).await {
-            Ok(started) => match started.challenge {
-                Some(pb::start_consent_response::Challenge::Authorization(a)) => {
-                    // Off to the provider; it comes back through /oauth/callback.
-                    return Redirect::to(&a.authorization_url).into_response();
-                }
-                Some(pb::start_consent_response::Challenge::DeviceCode(_)) => notice(
-                    "ok",
-                    "Device code issued: the person signs in with the code below.",
-                ),
-                None => notice("ok", "Token obtained; nobody had to sign in."),
-            },
-            Err(e) => return error_page(&e, Some(&chrome)),
-        },
-        "refresh" => match state.admin.console_refresh_now(p, &tenant, &name).await {
+        // Consent redirects to the broker's own callback (no redirect URI of the caller's).
+        "consent" => {
+            match operator::start_consent(broker, p, &tenant, &name, "", state.admin.public_url())
+                .await
+            {
+                Ok(started) => match started.challenge {
+                    Challenge::Authorization { url, .. } => {
+                        // Off to the provider; it comes back through /oauth/callback.
+                        return Redirect::to(&url).into_response();
+                    }
+                    Challenge::DeviceCode { .. } => notice(
+                        "ok",
+                        "Device code issued: the person signs in with the code below.",
+                    ),
+                    Challenge::None => notice("ok", "Token obtained; nobody had to sign in."),
+                },
+                Err(e) => return error_page(&e, Some(&chrome)),
+            }
+        }
+        "refresh" => match operator::refresh_now(state.admin.tokens(), p, &tenant, &name).await {
             Ok(_) => notice("ok", "Refreshed."),
             Err(e) => return error_page(&e, Some(&chrome)),
         },
-        "delete-token" => match state.admin.console_delete_token(p, &tenant, &name).await {
-            Ok(_) => notice("ok", "Token deleted; the mailbox is NOT_RETRIEVED."),
-            Err(e) => return error_page(&e, Some(&chrome)),
-        },
+        "delete-token" => {
+            match operator::delete_token(state.admin.tokens(), p, &tenant, &name).await {
+                Ok(_) => notice("ok", "Token deleted; the mailbox is NOT_RETRIEVED."),
+                Err(e) => return error_page(&e, Some(&chrome)),
+            }
+        }
         "links" => {
             let ttl = form
                 .get("ttl_seconds")
                 .and_then(|v| v.trim().parse::<i32>().ok())
                 .unwrap_or(0);
-            match state
-                .admin
-                .console_create_link(
-                    p,
-                    pb::CreateConsentLinkRequest {
-                        tenant: tenant.clone(),
-                        mailbox: name.clone(),
-                        ttl_seconds: ttl,
-                    },
-                )
-                .await
-            {
+            let created = match consent_links::ttl_from_seconds(ttl.into()) {
+                Ok(ttl) => consent_links::create(broker, p, &tenant, &name, ttl).await,
+                Err(e) => Err(e),
+            };
+            match created {
                 Ok(created) => format!(
                     "<div class=\"notice ok\" role=\"status\"><p>Consent link created. Send this address to the mailbox's owner; it is shown only now.</p>\
 <label for=\"link-url\">Consent link</label><input id=\"link-url\" class=\"copy\" readonly value=\"{}\"><button class=\"btn\" type=\"button\" data-copy=\"link-url\">Copy</button></div>",
-                    esc(&created.url)
+                    esc(&created.url(state.admin.public_url()))
                 ),
                 Err(e) => return error_page(&e, Some(&chrome)),
             }
@@ -961,19 +955,21 @@ pub(super) async fn revoke_link(
         Err(r) => return r,
     };
     let chrome = s.chrome("overview");
-    match state
-        .admin
-        .console_revoke_link(&s.principal, &tenant, &id)
-        .await
-    {
+    match consent_links::revoke(state.admin.broker_state(), &s.principal, &tenant, &id).await {
         Ok(link) => {
-            let mailbox = q.get("mailbox").cloned().unwrap_or(link.mailbox);
+            let mailbox = q
+                .get("mailbox")
+                .cloned()
+                .unwrap_or_else(|| link.mailbox.clone());
             mailbox_page(
                 &state,
                 &s,
                 &tenant,
                 &mailbox,
-                Some(notice("ok", &format!("Consent link {} revoked.", link.id))),
+                Some(notice(
+                    "ok",
+                    &format!("Consent link {} revoked.", link.id()),
+                )),
             )
             .await
         }
@@ -997,31 +993,22 @@ async fn device_page(
     s: &Signed,
     tenant: &str,
     name: &str,
-    result: Option<pb::ConnectionTestResult>,
+    result: Option<ConnectionTestResult>,
 ) -> Response {
     let chrome = s.chrome("overview");
     let d = match state.admin.console_device(&s.principal, tenant, name).await {
-        Ok(d) => d,
+        Ok(d) => d.value,
         Err(e) => return error_page(&e, Some(&chrome)),
     };
     let now = state.admin.broker_state().clock.now();
-    let fleet = state
-        .admin
-        .console_fleet_status(&s.principal, tenant)
+    let fleet = fleet::fleet_status(state.admin.broker_state(), &s.principal, tenant)
         .await
         .ok()
-        .and_then(|f| f.devices.into_iter().find(|x| x.device == name));
+        .and_then(|f| f.into_iter().find(|x| x.device == name));
     let mut body = String::new();
     if let Some(r) = &result {
         body.push_str(&test_result(r, now));
     }
-    let mode = pb::SenderMode::try_from(d.sender_mode)
-        .map(|m| {
-            m.as_str_name()
-                .trim_start_matches("SENDER_MODE_")
-                .to_lowercase()
-        })
-        .unwrap_or_default();
     let _ = write!(
         body,
         "<section class=\"card\" aria-labelledby=\"dev-h\"><h2 id=\"dev-h\">{}</h2><dl class=\"facts\"><dt>Agent</dt><dd>{}</dd><dt>Sender mode</dt><dd>{}</dd><dt>Mailboxes</dt><dd>",
@@ -1035,7 +1022,7 @@ async fn device_page(
         } else {
             &d.agent
         }),
-        esc(&mode)
+        esc(d.sender_mode.as_str())
     );
     let names: Vec<&str> = [d.admin_mailbox.as_str(), d.bulk_mailbox.as_str()]
         .into_iter()
@@ -1065,7 +1052,7 @@ async fn device_page(
             badge(word, class),
             esc(&f.problem),
             if f.agent_connected { "yes" } else { "no" },
-            when(f.last_report_time.as_ref(), now)
+            when_at(f.last_report_time, now)
         );
         if let Some(st) = &f.status {
             let last = st
@@ -1109,14 +1096,12 @@ async fn device_page(
     )
 }
 
-fn test_result(r: &pb::ConnectionTestResult, now: OffsetDateTime) -> String {
-    let verdict = pb::ConnectionVerdict::try_from(r.verdict)
-        .map(|v| {
-            v.as_str_name()
-                .trim_start_matches("CONNECTION_VERDICT_")
-                .to_owned()
-        })
-        .unwrap_or_else(|_| "UNKNOWN".to_owned());
+fn test_result(r: &ConnectionTestResult, now: OffsetDateTime) -> String {
+    let verdict = r
+        .verdict
+        .wire_name()
+        .trim_start_matches("CONNECTION_VERDICT_")
+        .to_owned();
     let class = if verdict == "OK" { "ok" } else { "bad" };
     let mut out = format!(
         "<section class=\"card\" id=\"test-result\" aria-live=\"polite\"><h2>Verdict {}</h2><dl class=\"facts\"><dt>Endpoint</dt><dd>{}</dd><dt>Summary</dt><dd>{}</dd>",
@@ -1132,11 +1117,7 @@ fn test_result(r: &pb::ConnectionTestResult, now: OffsetDateTime) -> String {
             esc(&anchor_for(&verdict.to_lowercase(), &r.summary))
         );
     }
-    let _ = write!(
-        out,
-        "<dt>Time</dt><dd>{}</dd></dl>",
-        when(r.time.as_ref(), now)
-    );
+    let _ = write!(out, "<dt>Time</dt><dd>{}</dd></dl>", when_at(r.time, now));
     if !r.steps.is_empty() {
         out.push_str("<div class=\"table-wrap\"><table class=\"steps\"><thead><tr><th scope=\"col\">Step</th><th scope=\"col\">Result</th><th scope=\"col\">Detail</th><th scope=\"col\">ms</th></tr></thead><tbody>");
         for st in &r.steps {
@@ -1169,16 +1150,16 @@ pub(super) async fn test_connection(
         Err(r) => return r,
     };
     let target = match form.get("target").map(String::as_str) {
-        Some("fetch") => pb::ConnectionTarget::Fetch,
-        _ => pb::ConnectionTarget::Send,
+        Some("fetch") => ConnectionTarget::Fetch,
+        _ => ConnectionTarget::Send,
     };
-    let req = pb::TestConnectionRequest {
+    let req = TestRequest {
         tenant: tenant.clone(),
         device: name.clone(),
-        target: target as i32,
+        target: Ok(target),
         timeout_seconds: 30,
     };
-    match state.admin.console_test_connection(&s.principal, req).await {
+    match fleet::test_connection(state.admin.broker_state(), &s.principal, req).await {
         Ok(result) => device_page(&state, &s, &tenant, &name, Some(result)).await,
         Err(e) => error_page(&e, Some(&s.chrome("overview"))),
     }
@@ -1265,30 +1246,28 @@ pub(super) async fn enroll(
         Err(r) => return r,
     };
     let get = |k: &str| form.get(k).map(|v| v.trim().to_owned()).unwrap_or_default();
-    let req = pb::CreateEnrollmentCodeRequest {
+    let req = CodeRequest {
         tenant: get("tenant"),
         agent: get("agent"),
         display_name: get("display_name"),
         ttl_seconds: 0,
         re_enroll: form.contains_key("re_enroll"),
     };
-    match state.admin.console_enroll(&s.principal, req).await {
+    let broker = state.admin.broker_state();
+    match enrollment::create_code(broker, &s.principal, &req).await {
         Ok(r) => {
             let public = state.admin.public_url().to_owned();
             let command = format!(
                 "tokenfleet-agent enroll --broker <broker gRPC address> --code {} --ca-file ca.pem --state-dir ./agent-data",
-                r.code
+                r.code.expose()
             );
             let flash = format!(
                 "<div class=\"notice ok\" role=\"status\"><p>One-time code for agent <strong>{}</strong>, shown only now; it expires {}.</p>\
 <label for=\"en-code\">Code</label><input id=\"en-code\" class=\"copy\" readonly value=\"{}\"><button class=\"btn\" type=\"button\" data-copy=\"en-code\">Copy</button>\
 <label for=\"en-cmd\">Run at the site</label><input id=\"en-cmd\" class=\"copy\" readonly value=\"{}\"><button class=\"btn\" type=\"button\" data-copy=\"en-cmd\">Copy</button><p class=\"muted\">Broker: {}</p></div>",
-                esc(&r.agent.map(|a| a.name).unwrap_or_default()),
-                when(
-                    r.expire_time.as_ref(),
-                    state.admin.broker_state().clock.now()
-                ),
-                esc(&r.code),
+                esc(&r.agent.value.name),
+                when_at(Some(r.expires), broker.clock.now()),
+                esc(r.code.expose()),
                 esc(&command),
                 esc(&public)
             );
@@ -1308,16 +1287,12 @@ pub(super) async fn revoke_agent(
         Ok(s) => s,
         Err(r) => return r,
     };
-    match state
-        .admin
-        .console_revoke_agent(&s.principal, &tenant, &name)
-        .await
-    {
+    match enrollment::revoke_agent(state.admin.broker_state(), &s.principal, &tenant, &name).await {
         Ok(a) => {
             agents_page(
                 &state,
                 &s,
-                Some(notice("ok", &format!("Agent {} revoked.", a.name))),
+                Some(notice("ok", &format!("Agent {} revoked.", a.value.name))),
             )
             .await
         }
@@ -1328,7 +1303,7 @@ pub(super) async fn revoke_agent(
 // ---------------------------------------------------------------------------------------------
 // Audit
 
-fn audit_table(events: &[&pb::AuditEvent], now: OffsetDateTime) -> String {
+fn audit_table(events: &[&AuditEvent], now: OffsetDateTime) -> String {
     let mut out = String::from(
         "<div class=\"table-wrap\"><table class=\"audit\"><thead><tr><th scope=\"col\">Time</th><th scope=\"col\">Actor</th><th scope=\"col\">Action</th><th scope=\"col\">Target</th><th scope=\"col\">Result</th><th scope=\"col\">Detail</th></tr></thead><tbody>",
     );
@@ -1336,7 +1311,7 @@ fn audit_table(events: &[&pb::AuditEvent], now: OffsetDateTime) -> String {
         let _ = write!(
             out,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            when(e.time.as_ref(), now),
+            when_at(Some(e.time), now),
             esc(&e.actor),
             esc(&e.action),
             esc(&e.target),
@@ -1404,18 +1379,19 @@ pub(super) async fn audit(
         "</select><label for=\"a-q\">Contains</label><input id=\"a-q\" name=\"q\" type=\"search\" value=\"{}\"><button class=\"btn\" type=\"submit\">Filter</button></form>",
         esc(&search)
     );
-    let req = pb::ListAuditEventsRequest {
+    let query = AuditQuery {
         tenant: tenant.clone(),
+        kind,
         page_size: 500,
         page_token: String::new(),
-        kind,
     };
-    match state.admin.console_audit(&s.principal, req).await {
-        Ok(r) => {
+    match audit::list_events(state.admin.broker_state(), &s.principal, &query).await {
+        Ok(page) => {
             let now = state.admin.broker_state().clock.now();
-            let rows: Vec<_> = r
+            let rows: Vec<_> = page
                 .events
                 .iter()
+                .map(|(_, e)| e)
                 .filter(|e| {
                     search.is_empty()
                         || format!(

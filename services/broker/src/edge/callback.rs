@@ -1,6 +1,6 @@
 //! The browser's end of an auth-code consent: `GET /oauth/callback?code=…&state=…`. Finds the
-//! consent by its `state` ([`consent::read_state_index`]), completes it through the core
-//! ([`consent::complete`]) and answers the person with a small HTML page; the status of a failure
+//! consent by its `state` ([`tokenfleet_core::tokens::consent::read_state_index`]), completes it through the core
+//! ([`tokenfleet_core::tokens::consent::complete`]) and answers the person with a small HTML page; the status of a failure
 //! comes from the one HTTP map ([`super::http_status`]).
 
 use std::fmt::Write as _;

@@ -1,7 +1,7 @@
 //! The e-mail channel: a short plain-text mail ("tokenfleet: mailbox X needs consent again") with
 //! the reason and the fix, sent with lettre over SMTP (STARTTLS, implicit TLS or plain for a
 //! local relay) from a configured mailbox. With `smtp_auth = "xoauth2"` the broker logs in as
-//! that mailbox with the access token it holds for it ([`TokenService::access_token`]), so no
+//! that mailbox with the access token it holds for it ([`crate::tokens::lifecycle::TokenService::access_token`]), so no
 //! password is involved. SMTP 5xx answers are rejections (not retried); everything else is
 //! retried with backoff.
 //!

@@ -10,7 +10,7 @@
 //! announced on the fleet channel ([`super::wake`]: [`forget`]), the subscription restarts
 //! ([`forget_all`]) or [`SNAPSHOT_TTL`] passes (a backstop, never the mechanism). A generation
 //! counter per tenant keeps a build that raced with a change from being kept. One caller at a time
-//! reads a tenant's records; the others wait for its snapshot (see [`Slot`]).
+//! reads a tenant's records; the others wait for its snapshot (see `Slot`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};

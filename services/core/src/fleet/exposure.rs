@@ -44,7 +44,7 @@ fn token_exposure(
     })
 }
 
-/// Refuses an exposure (see [`token_exposure`]) unless the profile explicitly allows it.
+/// Refuses an exposure (see `token_exposure`) unless the profile explicitly allows it.
 pub fn check_token_exposure(
     section: &str,
     exposure: Option<(String, String)>,
@@ -63,7 +63,7 @@ pub fn check_token_exposure(
     }
 }
 
-/// How the send profile carries the token, when that exposes it (see [`token_exposure`]).
+/// How the send profile carries the token, when that exposes it (see `token_exposure`).
 pub fn smtp_exposure(s: &dom::SmtpProfile) -> Option<(String, String)> {
     if s.method == dom::SendMethod::Smtp {
         let cleartext = (s.security == dom::TlsMode::None).then_some("security");
@@ -84,7 +84,7 @@ pub fn smtp_exposure(s: &dom::SmtpProfile) -> Option<(String, String)> {
     )
 }
 
-/// How the fetch profile carries the token, when that exposes it (see [`token_exposure`]).
+/// How the fetch profile carries the token, when that exposes it (see `token_exposure`).
 pub fn fetch_exposure(f: &dom::FetchProfile) -> Option<(String, String)> {
     if f.server.is_empty() {
         return None;

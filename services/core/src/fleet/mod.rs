@@ -1,6 +1,6 @@
 //! Fleet state and its operations: the configuration each agent receives ([`config`]), what the
 //! agents report about their devices and the operator's view of it ([`status`]), the commands
-//! queued for an agent and its answers ([`session`], [`test_connection`], [`reload`]), all as the
+//! queued for an agent and its answers ([`session`], [`test_connection`](mod@test_connection), [`reload`]), all as the
 //! domain types of [`model`], stored as JSON records ([`store`]).
 //!
 //! Replicas share nothing but the store, so everything that crosses an agent's stream goes

@@ -24,7 +24,7 @@ use super::store::{
 use crate::authz::{Access, Principal, Target, authorize};
 use crate::ops::Error;
 use crate::ops::change::{Change, audited};
-use crate::ops::names::{object_path, shown, span_object};
+use crate::ops::names::{shown, span_object};
 use crate::ops::stored::{must_get, records};
 use crate::records::device_key;
 use crate::state::BrokerState;
@@ -59,11 +59,7 @@ pub async fn test_connection(
     principal: &Principal,
     req: TestRequest,
 ) -> Result<ConnectionTestResult, Error> {
-    let change = Change {
-        action: "device.test",
-        target: object_path(&req.tenant, "devices", &req.device),
-        tenant: req.tenant.clone(),
-    };
+    let change = Change::of_object("device.test", &req.tenant, "devices", &req.device);
     audited(state, principal, change, async {
         // A test makes the agent open connections and use the device's tokens: write access
         // (viewers only read).

@@ -10,7 +10,8 @@
 //! - Enrollment ([`codes`]): an operator creates a one-time code (stored as its SHA-256 hash, with
 //!   an expiry); the agent sends it with a CSR. An agent has one live code, bound to its agent
 //!   record; replacing a current certificate takes a re-enroll code. Consuming a code is a
-//!   compare-and-set delete, so of two concurrent uses exactly one wins.
+//!   compare-and-set delete, so of two concurrent uses exactly one wins. The operator's side —
+//!   creating a code, revoking an agent — is [`enrollment`] (authorized and audited).
 //! - Every call ([`peer::authenticate`]; on the broker's TLS listener
 //!   [`peer::authenticate_handshake_verified`], which leaves the signature to the handshake that
 //!   already verified it against this CA) checks the certificate against the clock, then reads
@@ -21,6 +22,7 @@
 
 pub mod ca;
 pub mod codes;
+pub mod enrollment;
 pub mod peer;
 pub mod pki;
 

@@ -7,7 +7,7 @@ use tokenfleet_domain::AuditEvent;
 use tokenfleet_store::Scope;
 
 use super::Error;
-use super::names::shown;
+use super::names::{object_path, shown};
 use crate::audit;
 use crate::authz::{Access, Principal};
 use crate::state::BrokerState;
@@ -21,6 +21,18 @@ pub struct Change {
     pub target: String,
     /// Tenant of the object; empty for global objects (tenant records themselves).
     pub tenant: String,
+}
+
+impl Change {
+    /// A change of object `name` in `collection` of `tenant` (target
+    /// `tenants/<tenant>/<collection>/<name>`, in the tenant's stream).
+    pub fn of_object(action: &'static str, tenant: &str, collection: &str, name: &str) -> Self {
+        Self {
+            action,
+            target: object_path(tenant, collection, name),
+            tenant: tenant.to_owned(),
+        }
+    }
 }
 
 /// Runs a change and records its outcome (success, refusal or failure) in the audit log.

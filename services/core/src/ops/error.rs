@@ -1,6 +1,6 @@
 //! The one error type of the broker's operations. Every module below the edges (resources,
 //! tokens, identity, fleet, API keys) reports failures as an [`Error`]; each front end maps it
-//! once: gRPC in [`crate::edge::grpc_status`], HTTP in [`crate::edge::http_status`]. No transport
+//! once, in the broker's edge (one map to gRPC status codes, one to HTTP statuses). No transport
 //! type appears here.
 //!
 //! Messages are for the caller: they name the field or object and say what to do. What must not

@@ -1,11 +1,12 @@
 //! Update masks: which fields of a resource an update changes, checked against the resource's
 //! table of mutable, immutable and output-only paths. The edge hands over the paths as the caller
 //! sent them (gRPC `FieldMask`, a form's field list); JSON-style `lowerCamelCase` paths are
-//! accepted.
+//! accepted. Input-only secrets change by what the mask names ([`secret_change`]).
 
 use std::collections::BTreeSet;
 
 use tokenfleet_domain::{Valid, ValidationError};
+use tokenfleet_seal::Secret;
 
 /// The field paths of one resource, by how an update may treat them.
 #[derive(Debug)]
@@ -109,5 +110,33 @@ impl UpdateMask {
             Self::All => "all fields".to_owned(),
             Self::Paths(p) => p.iter().copied().collect::<Vec<_>>().join(", "),
         }
+    }
+}
+
+/// What an update does to an input-only secret.
+#[derive(Debug, Default)]
+pub enum SecretChange {
+    /// Keep the stored value.
+    #[default]
+    Keep,
+    /// Remove the stored value.
+    Clear,
+    /// Replace it.
+    Set(Secret),
+}
+
+/// An input-only secret changes when the mask names it (empty value = clear), or with an empty
+/// mask when a non-empty value is given.
+pub fn secret_change(mask: &UpdateMask, path: &str, value: &str) -> SecretChange {
+    if mask.names(path) {
+        if value.is_empty() {
+            SecretChange::Clear
+        } else {
+            SecretChange::Set(Secret::new(value))
+        }
+    } else if mask.includes(path) && !value.is_empty() {
+        SecretChange::Set(Secret::new(value))
+    } else {
+        SecretChange::Keep
     }
 }

@@ -3,8 +3,9 @@
 //! agents), with optimistic versions, reference checks, server-owned fields and audit.
 //!
 //! A resource is described by a [`Resource`] implementation that says only what varies: its key
-//! and names, its conversions to and from the front end's form (`Wire`), the checks and
-//! server-owned fields of a create and an update, the records that must not refer to it when it
+//! and names, what a caller sends (`Input`: domain values as given, not yet validated, input-only
+//! secrets in clear) and what the operations answer (`Output`: domain records with their version,
+//! never a secret), the checks and server-owned fields of a create and an update, the records that must not refer to it when it
 //! is deleted, and what follows a change. The steps and their order are here, once:
 //!
 //! - create: authorize → convert and validate everything → pure checks → the tenant exists →
@@ -76,14 +77,19 @@ pub struct Actions {
 
 /// What varies between resources. The hooks have defaults for resources without such a step.
 ///
-/// The broker's edge implements it for each admin resource and calls the operations below from
-/// its handlers with the concrete types, so the futures' `Send` is known there.
+/// [`crate::resources`] implements it for each admin resource; the front ends call the operations
+/// below with the concrete types, so the futures' `Send` is known there.
 #[allow(async_fn_in_trait)]
 pub trait Resource: Sync {
     /// The record as stored.
     type Record: StoredRecord + Clone;
-    /// The record as the front end sends and shows it.
-    type Wire: Send + Sync;
+    /// What a caller sends: the record's fields as given, before validation (input-only secrets
+    /// in clear, enum values possibly unset). An update merges the fields its mask names into
+    /// the stored record's input form ([`Resource::to_input`]) and validates the result.
+    type Input: Send + Sync;
+    /// What the operations answer: the record and its version as a front end shows it (never a
+    /// secret).
+    type Output: Send;
     /// What the conversion yields besides the record: input-only values (secrets in clear) that
     /// are sealed or hashed before they are stored.
     type Extra: Send;
@@ -100,23 +106,25 @@ pub trait Resource: Sync {
     /// Whether records live inside a tenant (all but tenants).
     const SCOPED: bool = true;
 
-    /// The object a wire record names.
-    fn id(wire: &Self::Wire) -> Id;
-    /// The version a wire record carries (0: unconditional).
-    fn version(wire: &Self::Wire) -> u64;
+    /// The object an input names.
+    fn id(input: &Self::Input) -> Id;
+    /// The version an input carries (0: unconditional).
+    fn version(input: &Self::Input) -> u64;
     /// Where the record is stored.
     fn key(id: &Id) -> RecordKey;
     /// When the record was created (kept by updates).
     fn created(record: &Self::Record) -> OffsetDateTime;
-    /// The wire form of a stored record.
-    fn to_wire(record: &Self::Record, version: u64) -> Self::Wire;
-    /// Validates a whole wire record and converts it.
-    fn from_wire(
-        wire: &Self::Wire,
+    /// The input form of a stored record (what an update merges the caller's fields into).
+    fn to_input(record: &Self::Record, version: u64) -> Self::Input;
+    /// What the operations answer for a stored record (without reading anything else).
+    fn output(record: &Self::Record, version: u64) -> Self::Output;
+    /// Validates a whole input and converts it.
+    fn from_input(
+        input: &Self::Input,
         stamps: Stamps,
     ) -> Result<(Self::Record, Self::Extra), ValidationError>;
     /// Copies the fields `mask` names from `src` into `dst`.
-    fn merge(dst: &mut Self::Wire, src: &Self::Wire, mask: &UpdateMask);
+    fn merge(dst: &mut Self::Input, src: &Self::Input, mask: &UpdateMask);
 
     /// What `access` to `id` is checked against. Inside a tenant: that tenant.
     fn target(id: &Id, _access: Access) -> Target<'_> {
@@ -147,7 +155,7 @@ pub trait Resource: Sync {
     fn plan_update(
         &self,
         _state: &BrokerState,
-        _input: &Self::Wire,
+        _input: &Self::Input,
         _mask: &UpdateMask,
     ) -> Result<Self::Plan, Error> {
         Ok(Self::Plan::default())
@@ -183,9 +191,9 @@ pub trait Resource: Sync {
         next: &Self::Record,
         version: u64,
         mask: &UpdateMask,
-    ) -> Result<(Self::Wire, String), Error> {
+    ) -> Result<(Self::Output, String), Error> {
         Ok((
-            Self::to_wire(next, version),
+            Self::output(next, version),
             format!("fields: {}", mask.describe()),
         ))
     }
@@ -212,26 +220,26 @@ pub trait Resource: Sync {
         Ok(())
     }
 
-    /// The wire form of one record as `Get` shows it.
+    /// One record as `Get` shows it.
     async fn view(
         &self,
         _state: &BrokerState,
         record: Versioned<Self::Record>,
-    ) -> Result<Self::Wire, Error> {
-        Ok(Self::to_wire(&record.value, record.version))
+    ) -> Result<Self::Output, Error> {
+        Ok(Self::output(&record.value, record.version))
     }
 
-    /// The wire forms of a page of records as `List` shows them.
+    /// A page of records as `List` shows them.
     async fn view_page(
         &self,
         _state: &BrokerState,
         _scope: &Scope,
         _page: &PageRequest,
         items: &[Versioned<Self::Record>],
-    ) -> Result<Vec<Self::Wire>, Error> {
+    ) -> Result<Vec<Self::Output>, Error> {
         Ok(items
             .iter()
-            .map(|r| Self::to_wire(&r.value, r.version))
+            .map(|r| Self::output(&r.value, r.version))
             .collect())
     }
 
@@ -239,16 +247,21 @@ pub trait Resource: Sync {
     async fn changed(&self, _state: &BrokerState, _tenant: &str) {}
 }
 
-/// The items of a [`Resource`] implementation that only name things: the record and wire types,
-/// kind, collection and audit actions, and how a wire record names its object, its key, its
-/// creation time, its conversion to the wire and the merge of masked fields. `scoped` for
-/// objects inside a tenant (`key(tenant, name)`), `global` for tenant records (`key(name)`).
-/// With `from_wire`, also the conversion from the wire of a resource without input-only values.
+/// The items of a [`Resource`] implementation that only name things: the record and input
+/// types, kind, collection and audit actions, how an input names its object and carries its
+/// version, the record's key and creation time.
+///
+/// - `scoped "device" in "devices": Device, input DeviceInput, key device_key`: an object inside
+///   a tenant whose input has `tenant`, `name` and `version` fields;
+/// - `scoped versioned "agent" in "agents": Agent, from from_input, key agent_key`: the input and
+///   the output are the record with its version ([`Versioned`]), validated by `from_input(record,
+///   stamps)`, without input-only values;
+/// - `global versioned …`: the same for global records (tenants), keyed by name alone.
 #[macro_export]
-macro_rules! resource_basics {
-    (@common $kind:literal, $collection:literal, $record:ty, $wire:ty, $to_wire:path, $merge:path) => {
+macro_rules! resource_names {
+    (@common $kind:literal, $collection:literal, $record:ty, $input:ty) => {
         type Record = $record;
-        type Wire = $wire;
+        type Input = $input;
         const KIND: &'static str = $kind;
         const COLLECTION: &'static str = $collection;
         const ACTIONS: $crate::ops::resource::Actions = $crate::ops::resource::Actions {
@@ -256,50 +269,64 @@ macro_rules! resource_basics {
             update: concat!($kind, ".update"),
             delete: concat!($kind, ".delete"),
         };
-        fn version(wire: &$wire) -> u64 {
-            wire.version
+        fn version(input: &$input) -> u64 {
+            input.version
         }
         fn created(record: &$record) -> time::OffsetDateTime {
             record.stamps.created
         }
-        fn to_wire(record: &$record, version: u64) -> $wire {
-            $to_wire(record, version)
-        }
-        fn merge(dst: &mut $wire, src: &$wire, mask: &$crate::ops::mask::UpdateMask) {
-            $merge(dst, src, mask);
-        }
     };
-    ($scope:ident $kind:literal in $collection:literal: $record:ty as $wire:ty, key $key:path, to_wire $to_wire:path, from_wire $from_wire:path, merge $merge:path) => {
-        $crate::resource_basics!($scope $kind in $collection: $record as $wire, key $key, to_wire $to_wire, merge $merge);
+    (@versioned $record:ty, $from:path) => {
+        type Output = $crate::records::Versioned<$record>;
         type Extra = ();
-        fn from_wire(
-            wire: &$wire,
+        fn to_input(record: &$record, version: u64) -> $crate::records::Versioned<$record> {
+            Self::output(record, version)
+        }
+        fn output(record: &$record, version: u64) -> $crate::records::Versioned<$record> {
+            $crate::records::Versioned {
+                version,
+                value: record.clone(),
+            }
+        }
+        fn from_input(
+            input: &$crate::records::Versioned<$record>,
             stamps: tokenfleet_domain::Stamps,
-        ) -> Result<($record, ()), tokenfleet_domain::ValidationError> {
-            Ok(($from_wire(wire, stamps)?, ()))
+        ) -> tokenfleet_domain::Valid<($record, ())> {
+            Ok(($from(&input.value, stamps)?, ()))
         }
     };
-    (scoped $kind:literal in $collection:literal: $record:ty as $wire:ty, key $key:path, to_wire $to_wire:path, merge $merge:path) => {
-        $crate::resource_basics!(@common $kind, $collection, $record, $wire, $to_wire, $merge);
-        fn id(wire: &$wire) -> $crate::ops::resource::Id {
-            $crate::ops::resource::Id::scoped(&wire.tenant, &wire.name)
+    (scoped $kind:literal in $collection:literal: $record:ty, input $input:ty, key $key:path) => {
+        $crate::resource_names!(@common $kind, $collection, $record, $input);
+        fn id(input: &$input) -> $crate::ops::resource::Id {
+            $crate::ops::resource::Id::scoped(&input.tenant, &input.name)
         }
         fn key(id: &$crate::ops::resource::Id) -> tokenfleet_store::RecordKey {
             $key(&id.tenant, &id.name)
         }
     };
-    (global $kind:literal in $collection:literal: $record:ty as $wire:ty, key $key:path, to_wire $to_wire:path, merge $merge:path) => {
-        $crate::resource_basics!(@common $kind, $collection, $record, $wire, $to_wire, $merge);
+    (scoped versioned $kind:literal in $collection:literal: $record:ty, from $from:path, key $key:path) => {
+        $crate::resource_names!(@common $kind, $collection, $record, $crate::records::Versioned<$record>);
+        $crate::resource_names!(@versioned $record, $from);
+        fn id(input: &$crate::records::Versioned<$record>) -> $crate::ops::resource::Id {
+            $crate::ops::resource::Id::scoped(&input.value.tenant, &input.value.name)
+        }
+        fn key(id: &$crate::ops::resource::Id) -> tokenfleet_store::RecordKey {
+            $key(&id.tenant, &id.name)
+        }
+    };
+    (global versioned $kind:literal in $collection:literal: $record:ty, from $from:path, key $key:path) => {
+        $crate::resource_names!(@common $kind, $collection, $record, $crate::records::Versioned<$record>);
+        $crate::resource_names!(@versioned $record, $from);
         const SCOPED: bool = false;
-        fn id(wire: &$wire) -> $crate::ops::resource::Id {
-            $crate::ops::resource::Id::global(&wire.name)
+        fn id(input: &$crate::records::Versioned<$record>) -> $crate::ops::resource::Id {
+            $crate::ops::resource::Id::global(&input.value.name)
         }
         fn key(id: &$crate::ops::resource::Id) -> tokenfleet_store::RecordKey {
             $key(&id.name)
         }
     };
 }
-pub use crate::resource_basics;
+pub use crate::resource_names;
 
 /// `provider `m365` in tenant `acme``, `tenant `acme``: how messages name the object.
 pub fn what<R: Resource>(id: &Id) -> String {
@@ -364,20 +391,20 @@ pub async fn create<R: Resource>(
     resource: &R,
     state: &BrokerState,
     principal: &Principal,
-    input: R::Wire,
-) -> Result<R::Wire, Error> {
+    input: R::Input,
+) -> Result<R::Output, Error> {
     let id = R::id(&input);
     span::<R>(&id);
     change_of(resource, state, principal, R::ACTIONS.create, &id, async {
         authorize(principal, R::target(&id, Access::Write), Access::Write)?;
-        let (mut record, extra) = R::from_wire(&input, Stamps::new(state.clock.now()))?;
+        let (mut record, extra) = R::from_input(&input, Stamps::new(state.clock.now()))?;
         resource.check_new(principal, &mut record, &extra)?;
         if R::SCOPED {
             require_tenant(state, &id.tenant).await?;
         }
         let detail = resource.prepare_new(state, &mut record, extra).await?;
         let version = create_new(state, &record, &what::<R>(&id)).await?;
-        Ok((R::to_wire(&record, version), detail))
+        Ok((R::output(&record, version), detail))
     })
     .await
 }
@@ -388,7 +415,7 @@ pub async fn get<R: Resource>(
     state: &BrokerState,
     principal: &Principal,
     id: Id,
-) -> Result<R::Wire, Error> {
+) -> Result<R::Output, Error> {
     span::<R>(&id);
     authorize(principal, R::target(&id, Access::Read), Access::Read)?;
     check_id::<R>(&id, "")?;
@@ -404,7 +431,7 @@ pub async fn list<R: Resource>(
     tenant: &str,
     page_size: i32,
     page_token: &str,
-) -> Result<(Vec<R::Wire>, String), Error> {
+) -> Result<(Vec<R::Output>, String), Error> {
     span_object(tenant, "");
     let id = Id::scoped(tenant, "");
     authorize(principal, R::target(&id, Access::Read), Access::Read)?;
@@ -413,8 +440,8 @@ pub async fn list<R: Resource>(
     require_tenant(state, tenant).await?;
     let scope = Scope::Tenant(tenant.to_owned());
     let (items, next) = list_page::<R::Record>(state, &scope, &page).await?;
-    let wire = resource.view_page(state, &scope, &page, &items).await?;
-    Ok((wire, next))
+    let out = resource.view_page(state, &scope, &page, &items).await?;
+    Ok((out, next))
 }
 
 /// Changes the fields of `input` that `mask` names (all mutable fields for an empty mask), on
@@ -423,9 +450,9 @@ pub async fn update<R: Resource>(
     resource: &R,
     state: &BrokerState,
     principal: &Principal,
-    input: R::Wire,
+    input: R::Input,
     mask: Result<UpdateMask, ValidationError>,
-) -> Result<R::Wire, Error> {
+) -> Result<R::Output, Error> {
     let id = R::id(&input);
     span::<R>(&id);
     change_of(resource, state, principal, R::ACTIONS.update, &id, async {
@@ -440,13 +467,13 @@ pub async fn update<R: Resource>(
             let stored = must_get::<R::Record>(state, &key, &what).await?;
             check_version(&what, expected, stored.version)?;
             resource.check_stored(&plan, &stored.value)?;
-            let mut merged = R::to_wire(&stored.value, stored.version);
+            let mut merged = R::to_input(&stored.value, stored.version);
             R::merge(&mut merged, &input, &mask);
             let stamps = Stamps {
                 created: R::created(&stored.value),
                 updated: state.clock.now(),
             };
-            let (mut next, extra) = R::from_wire(&merged, stamps)?;
+            let (mut next, extra) = R::from_input(&merged, stamps)?;
             R::keep_server_owned(&stored.value, &mut next);
             resource
                 .prepare_update(state, principal, &mut plan, &stored.value, &mut next, extra)

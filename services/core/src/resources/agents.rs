@@ -6,13 +6,11 @@
 //! What a caller sends is read for `tenant`, `name`, `display_name` and the version only; the
 //! other fields are the broker's ([`from_input`] resets them, updates keep the stored ones).
 
-use time::OffsetDateTime;
 use tokenfleet_domain::{Agent, MAX_TEXT_LEN, Stamps, Valid};
-use tokenfleet_store::RecordKey;
 
 use crate::ops::Error;
 use crate::ops::mask::{FieldTable, UpdateMask};
-use crate::ops::resource::{Actions, Id, Resource};
+use crate::ops::resource::{Id, Resource, resource_names};
 use crate::ops::stored::{Reference, Referrer};
 use crate::records::{Versioned, agent_key};
 use crate::state::BrokerState;
@@ -55,39 +53,8 @@ pub fn from_input(input: &Agent, stamps: Stamps) -> Valid<Agent> {
 }
 
 impl Resource for Agents {
-    type Record = Agent;
-    type Wire = Versioned<Agent>;
-    type Extra = ();
     type Plan = ();
-    const KIND: &'static str = "agent";
-    const COLLECTION: &'static str = "agents";
-    const ACTIONS: Actions = Actions {
-        create: "agent.create",
-        update: "agent.update",
-        delete: "agent.delete",
-    };
-
-    fn id(wire: &Versioned<Agent>) -> Id {
-        Id::scoped(&wire.value.tenant, &wire.value.name)
-    }
-    fn version(wire: &Versioned<Agent>) -> u64 {
-        wire.version
-    }
-    fn key(id: &Id) -> RecordKey {
-        agent_key(&id.tenant, &id.name)
-    }
-    fn created(record: &Agent) -> OffsetDateTime {
-        record.stamps.created
-    }
-    fn to_wire(record: &Agent, version: u64) -> Versioned<Agent> {
-        Versioned {
-            version,
-            value: record.clone(),
-        }
-    }
-    fn from_wire(wire: &Versioned<Agent>, stamps: Stamps) -> Valid<(Agent, ())> {
-        Ok((from_input(&wire.value, stamps)?, ()))
-    }
+    resource_names!(scoped versioned "agent" in "agents": Agent, from from_input, key agent_key);
     fn merge(dst: &mut Versioned<Agent>, src: &Versioned<Agent>, mask: &UpdateMask) {
         if mask.includes("display_name") {
             dst.value.display_name.clone_from(&src.value.display_name);
@@ -120,37 +87,14 @@ impl Resource for Agents {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use tokenfleet_domain::{Role, SystemClock, Tenant};
+    use time::OffsetDateTime;
+    use tokenfleet_domain::{Role, Tenant};
     use tokenfleet_store::Precondition;
 
     use super::*;
-    use crate::authz::Principal;
     use crate::ops::resource;
     use crate::records::{Records, tenant_key};
-
-    async fn state(dir: &std::path::Path) -> BrokerState {
-        let store = tokenfleet_store::embedded::EmbeddedStore::open(&dir.join("s.redb"))
-            .await
-            .unwrap();
-        let key = tokenfleet_seal::Keyring::generate_key_base64().unwrap();
-        BrokerState {
-            store: Arc::new(store),
-            keyring: Arc::new(
-                tokenfleet_seal::Keyring::from_base64("k", [("k", key.as_str())]).unwrap(),
-            ),
-            clock: Arc::new(SystemClock),
-        }
-    }
-
-    fn principal(role: Role, tenant: Option<&str>) -> Principal {
-        Principal {
-            key_id: "k1".into(),
-            role,
-            tenant: tenant.map(str::to_owned),
-        }
-    }
+    use crate::testing::{principal, state};
 
     fn input(name: &str, display_name: &str, version: u64) -> Versioned<Agent> {
         Versioned {

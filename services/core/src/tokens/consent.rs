@@ -7,7 +7,7 @@
 //! - Authorization code + PKCE (Microsoft, Google, generic): [`start`] builds the authorization
 //!   URL with a random `state` and keeps the sealed PKCE verifier ([`PendingConsent::AuthCode`])
 //!   plus an index record `consent-state/<state>` (global scope) so the browser redirect to
-//!   `/oauth/callback` finds its mailbox ([`callback_page`]); [`complete`] takes a pasted code or
+//!   `/oauth/callback` finds its mailbox (the broker's HTTP edge answers it); [`complete`] takes a pasted code or
 //!   the whole redirect URL.
 //! - App-only (client credentials) and Google service accounts (JWT bearer): [`start`] obtains a
 //!   token at once; nobody has to sign in.

@@ -42,7 +42,7 @@
 //! protocols ([`resource_for`]). The agent only names the purpose.
 //!
 //! Checking that the calling agent hosts the device is the caller's job
-//! ([`crate::token_broker`]), as is the per-agent rate limit.
+//! (the broker's `TokenBroker` gRPC service), as is the per-agent rate limit.
 
 use std::time::Duration;
 

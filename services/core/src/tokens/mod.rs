@@ -6,6 +6,9 @@
 //! time (refresh before expiry, retry after a transient failure, the next device-code poll) is
 //! put on a store schedule, which any replica may pick up; a store lease per mailbox makes sure only
 //! one replica works on a mailbox at a time.
+//!
+//! What operators do to a mailbox's token (start or complete a consent, refresh now, delete the
+//! token), authorized and audited, is [`operator`].
 
 pub mod backoff;
 pub mod breaker;
@@ -15,4 +18,5 @@ pub mod grant;
 pub mod issue;
 pub mod lifecycle;
 pub mod machine;
+pub mod operator;
 pub mod scheduler;
