@@ -18,9 +18,13 @@
 //!   the agent record (revoked? still the same agent?) and the agent's certificate record (is
 //!   this one of its current certificates?) from the store, in one round trip: revocation and
 //!   re-enrollment take effect on the next call on every replica, without a restart and without
-//!   a cache to invalidate.
+//!   a cache to invalidate. A refused caller that presented a certificate of this CA is audited
+//!   ([`peer::admit`]).
+//! - The agent's own certificate operations, `Enroll` and `Renew` ([`certificates`]): issue,
+//!   record on the agent, audit.
 
 pub mod ca;
+pub mod certificates;
 pub mod codes;
 pub mod enrollment;
 pub mod peer;

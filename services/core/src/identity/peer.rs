@@ -6,10 +6,15 @@
 //! both read the identity from the certificate and then consult the store, so revocation and re-enrollment take effect on the next call without a restart:
 //! the agent record must exist and not be revoked, and the certificate's serial must be one of
 //! the agent's current certificates ([`super::AgentCertificates`]).
+//!
+//! [`admit`] is the check every `TokenBroker` call runs: [`authenticate_handshake_verified`],
+//! with a refused caller logged and, when it presented a certificate of this CA but may not
+//! call (revoked, deleted, superseded), audited as the call's action with result
+//! `permission_denied`. [`audit`] records an agent's call on the agent's tenant.
 
 use time::OffsetDateTime;
-use tokenfleet_domain::Agent;
-use tokenfleet_store::{Precondition, RecordKey, StoreError};
+use tokenfleet_domain::{Agent, AuditEvent};
+use tokenfleet_store::{Precondition, RecordKey, Scope, StoreError};
 
 use super::ca::{CertificateProblem, VerifiedCert};
 use super::{AgentCa, AgentCertificates, AgentId, certificates_key};
@@ -107,6 +112,56 @@ pub async fn authenticate_handshake_verified(
     let snapshot = Snapshot::read(state.store.as_ref(), keys).await?;
     let peer = check_current(state, certificate, &snapshot, now).await?;
     Ok((peer, snapshot))
+}
+
+/// [`authenticate_handshake_verified`] for a call audited as `action` (see the module
+/// documentation); on success the caller's identity is recorded in the current span's `agent`.
+pub async fn admit(
+    state: &BrokerState,
+    ca: &AgentCa,
+    leaf_der: Option<&[u8]>,
+    action: &str,
+    also: impl FnOnce(&AgentId) -> Vec<RecordKey>,
+) -> Result<(AgentPeer, Snapshot), PeerError> {
+    match authenticate_handshake_verified(state, ca, leaf_der, also).await {
+        Ok((peer, snapshot)) => {
+            tracing::Span::current().record("agent", peer.id.to_string().as_str());
+            Ok((peer, snapshot))
+        }
+        Err(error) => {
+            tracing::info!(%error, "agent call not authenticated");
+            if let PeerError::Revoked(id)
+            | PeerError::UnknownAgent(id)
+            | PeerError::Superseded(id) = &error
+            {
+                // What `From<PeerError> for Error` answers these with.
+                let result = "permission_denied";
+                audit(state, action, id, id.path(), result, error.to_string()).await;
+            }
+            Err(error)
+        }
+    }
+}
+
+/// Records `action` of agent `id` on `target` in the audit log of the agent's tenant.
+pub async fn audit(
+    state: &BrokerState,
+    action: &str,
+    id: &AgentId,
+    target: String,
+    result: &str,
+    detail: String,
+) {
+    let event = AuditEvent {
+        time: state.clock.now(),
+        actor: id.actor(),
+        action: action.to_owned(),
+        target,
+        tenant: id.tenant.clone(),
+        result: result.to_owned(),
+        detail,
+    };
+    crate::audit::record(state, &Scope::Tenant(id.tenant.clone()), event).await;
 }
 
 /// The agent record and its certificate list.

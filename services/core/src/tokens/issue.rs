@@ -41,8 +41,12 @@
 //! (`smtp.method graph`) gets a Graph token for `send`, every other use a token for the mail
 //! protocols ([`resource_for`]). The agent only names the purpose.
 //!
-//! Checking that the calling agent hosts the device is the caller's job
-//! (the broker's `TokenBroker` gRPC service), as is the per-agent rate limit.
+//! [`issue_to_agent`] is the agent's `IssueAccessToken`, and the one place that decides who may
+//! get a token: the agent (authenticated by [`crate::identity::peer::admit`], which read the
+//! records [`issue_keys`] names in the same round trip) must be within its per-agent rate
+//! ([`RateLimiter`], RESOURCE_EXHAUSTED with the wait), name a purpose, and host the device
+//! (else PERMISSION_DENIED, audited as a refused `token.issue`); then [`issue_for_agent`]
+//! checks the rest. The tenant is always the agent's own, so no call reaches across tenants.
 
 use std::time::Duration;
 
@@ -60,6 +64,9 @@ use super::consent::{self, Challenge, ConsentError};
 use super::grant::PendingConsent;
 use super::lifecycle::{IssuedToken, TokenError, TokenService};
 use crate::audit;
+use crate::identity::AgentId;
+use crate::ops::choice::Choice;
+use crate::rate_limit::RateLimiter;
 use crate::records::{
     CAS_ATTEMPTS, Records, Snapshot, Versioned, device_key, mailbox_key, provider_key,
 };
@@ -485,6 +492,115 @@ pub fn issue_keys(tenant: &str, device: &str, mailbox: &str, user_address: &str)
         keys.push(super::grant::grant_key(tenant, mailbox));
     }
     keys
+}
+
+/// An agent's `IssueAccessToken` as it arrived ([`issue_to_agent`]): the purpose as sent, so it
+/// is checked after the rate limit.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentRequest<'a> {
+    /// Device name.
+    pub device: &'a str,
+    /// Mailbox name (may be empty when `user_address` is set).
+    pub mailbox: &'a str,
+    /// Address of the user signed in at the device (empty: none).
+    pub user_address: &'a str,
+    /// What the token is for, as sent.
+    pub purpose: Choice<MailPurpose>,
+}
+
+/// Agent `agent`'s `IssueAccessToken` (see the module documentation): the rate limit, the
+/// purpose, that the agent hosts the device, then [`issue_for_agent`]. `snapshot` holds the
+/// records [`issue_keys`] names, read with the agent's own; nothing here reads the store again
+/// unless a record is missing from it. Every refusal after the purpose is audited.
+pub async fn issue_to_agent(
+    snapshot: &Snapshot,
+    service: &TokenService,
+    limit: &RateLimiter,
+    agent: &AgentId,
+    req: &AgentRequest<'_>,
+    public_url: &str,
+) -> Result<Issued, crate::ops::Error> {
+    if let Err(wait) = limit.check(&agent.to_string(), std::time::Instant::now()) {
+        return Err(rate_limited(agent, wait));
+    }
+    let purpose = req.purpose.required("purpose")?;
+    let request = IssueRequest {
+        device: req.device,
+        mailbox: req.mailbox,
+        user_address: req.user_address,
+        purpose,
+    };
+    check_hosted(snapshot, service, agent, &request).await?;
+    Ok(issue_for_agent_via(
+        Some(snapshot),
+        service,
+        &agent.actor(),
+        &agent.tenant,
+        &request,
+        public_url,
+    )
+    .await?)
+}
+
+/// RESOURCE_EXHAUSTED for an agent over its issue rate, with the wait.
+fn rate_limited(agent: &AgentId, wait: Duration) -> crate::ops::Error {
+    let secs = wait.as_secs_f64().ceil().max(1.0);
+    tracing::info!(agent = %agent, retry_after_seconds = secs, "access token refused: rate limited");
+    crate::ops::Error::ResourceExhausted {
+        message: format!(
+            "agent `{agent}` is over its IssueAccessToken rate (`[agents] issue_rate_per_minute`); \
+             retry after {secs} s"
+        ),
+        retry_after: Some(wait),
+    }
+}
+
+/// PERMISSION_DENIED (audited) unless `agent` hosts the device. A missing device (or bad
+/// names) is left to [`issue_for_agent`], which refuses and audits it.
+async fn check_hosted(
+    snapshot: &Snapshot,
+    service: &TokenService,
+    agent: &AgentId,
+    req: &IssueRequest<'_>,
+) -> Result<(), crate::ops::Error> {
+    if tokenfleet_domain::name("device", req.device).is_err() {
+        return Ok(());
+    }
+    let Some(device) = Records::new(service.state().store.as_ref())
+        .get_via::<Device>(Some(snapshot), &device_key(&agent.tenant, req.device))
+        .await?
+    else {
+        return Ok(());
+    };
+    if device.value.agent == agent.name {
+        return Ok(());
+    }
+    let shown = crate::ops::names::shown;
+    let message = format!(
+        "device `{}` is not hosted by agent `{agent}`",
+        shown(req.device)
+    );
+    tracing::info!(agent = %agent, device = %shown(req.device), mailbox = %shown(req.mailbox), "access token refused: device hosted elsewhere");
+    let error = crate::ops::Error::PermissionDenied(message);
+    let target = if req.mailbox.is_empty() {
+        req.user_address
+    } else {
+        req.mailbox
+    };
+    crate::identity::peer::audit(
+        service.state(),
+        ISSUE_ACTION,
+        agent,
+        crate::ops::names::object_path(&agent.tenant, "mailboxes", target),
+        error.result(),
+        format!(
+            "device `{}`, purpose {}: {error}",
+            shown(req.device),
+            req.purpose
+        ),
+    )
+    .await;
+    Err(error)
 }
 
 /// [`issue_for_agent`] reading the records [`issue_keys`] names from `snapshot` (read in the
@@ -1129,6 +1245,114 @@ mod tests {
         let d = device(SenderMode::AllowUserChange);
         assert!(device_may_use(&d, "alice") && device_may_use(&d, "admin"));
         assert!(!device_may_use(&d, "bulk") && !device_may_use(&d, "carol"));
+    }
+
+    /// The records an agent's call reads, as the broker reads them with the agent's own.
+    async fn snapshot(state: &crate::state::BrokerState, req: &AgentRequest<'_>) -> Snapshot {
+        let keys = issue_keys("acme", req.device, req.mailbox, req.user_address);
+        Snapshot::read(state.store.as_ref(), keys).await.unwrap()
+    }
+
+    /// Who may get a token: the rate limit comes first, then the purpose, then the device must
+    /// be hosted by the calling agent (refused and audited otherwise); the hosting agent gets
+    /// past that check to the device's own rules.
+    #[tokio::test]
+    async fn only_the_agent_hosting_the_device_gets_past_the_host_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::testing::state(dir.path()).await;
+        crate::testing::put_tenant(&state, "acme").await;
+        let mut hosted = device(SenderMode::FixedAdmin);
+        hosted.agent = "site-b".into();
+        Records::new(state.store.as_ref())
+            .put(&hosted, Precondition::Any)
+            .await
+            .unwrap();
+        let service = TokenService::new(state.clone(), Default::default());
+        let unlimited = RateLimiter::new(crate::rate_limit::Rate {
+            per_minute: 0,
+            burst: 1,
+        });
+        let req = AgentRequest {
+            device: "mfp",
+            mailbox: "admin",
+            user_address: "",
+            purpose: Choice::Is(MailPurpose::Send),
+        };
+        let site_a = AgentId::new("acme", "site-a").unwrap();
+        let site_b = AgentId::new("acme", "site-b").unwrap();
+        let snap = snapshot(&state, &req).await;
+
+        let err = issue_to_agent(&snap, &service, &unlimited, &site_a, &req, "")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            crate::ops::Error::PermissionDenied(
+                "device `mfp` is not hosted by agent `acme/site-a`".into()
+            )
+        );
+        let events = audit::list(&state, &Scope::Tenant("acme".into()), None, 10)
+            .await
+            .unwrap();
+        let refused = &events.first().expect("the refusal is audited").1;
+        assert_eq!(
+            (
+                refused.action.as_str(),
+                refused.result.as_str(),
+                refused.actor.as_str(),
+                refused.target.as_str(),
+                refused.detail.as_str()
+            ),
+            (
+                ISSUE_ACTION,
+                "permission_denied",
+                "agent:acme/site-a",
+                "tenants/acme/mailboxes/admin",
+                "device `mfp`, purpose send: device `mfp` is not hosted by agent `acme/site-a`"
+            )
+        );
+
+        // The hosting agent passes the host check; the missing mailbox stops it next.
+        let err = issue_to_agent(&snap, &service, &unlimited, &site_b, &req, "")
+            .await
+            .unwrap_err();
+        assert!(
+            !err.to_string().contains("not hosted"),
+            "the hosting agent was refused as a stranger: {err}"
+        );
+
+        // The purpose is checked before the device, and the rate limit before both.
+        let unset = AgentRequest {
+            purpose: Choice::Unset,
+            ..req
+        };
+        let err = issue_to_agent(&snap, &service, &unlimited, &site_a, &unset, "")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            crate::ops::Error::InvalidArgument(
+                "purpose: must be set (UNSPECIFIED is not a value)".into()
+            )
+        );
+        let one = RateLimiter::new(crate::rate_limit::Rate {
+            per_minute: 1,
+            burst: 1,
+        });
+        let _ = issue_to_agent(&snap, &service, &one, &site_a, &unset, "").await;
+        let err = issue_to_agent(&snap, &service, &one, &site_a, &unset, "")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                crate::ops::Error::ResourceExhausted {
+                    retry_after: Some(_),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
