@@ -99,11 +99,6 @@ pub async fn run(args: Args) -> Result<()> {
     if args.mailboxes.is_empty() || args.mailboxes.windows(2).any(|w| w[0] >= w[1]) {
         bail!("--mailboxes must be ascending counts");
     }
-    // Warnings only: the fake would otherwise install the suite's TRACE capture in this process.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
-        .with_writer(std::io::stderr)
-        .try_init();
     let bin = issuance::broker_bin(args.broker_bin.as_deref())?;
     let fake = issuance::fake_idp().await?;
     let redis = RedisServer::start().await.context("redis-server")?;

@@ -77,10 +77,11 @@ struct AllArgs {
 }
 
 fn main() -> ExitCode {
+    log_to_stderr();
     match Cli::parse().scenario {
         Scenario::All(args) => all(&args),
         Scenario::Issuance(args) => done(issuance::run(args)),
-        Scenario::Relay(args) => match quiet(relay::run(args)) {
+        Scenario::Relay(args) => match in_runtime(relay::run(args)) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(e) => done(Err(e)),
@@ -88,22 +89,29 @@ fn main() -> ExitCode {
         Scenario::Refresh(args) => done(refresh::run(args)),
         Scenario::Fleet(args) => done(fleet::run(args)),
         Scenario::Cost(args) => done(cost::run(args)),
-        Scenario::Agent(args) => done(quiet(agent::run(args))),
+        Scenario::Agent(args) => done(in_runtime(agent::run(args))),
         Scenario::AgentAbuse(args) => done(agent_abuse::run(args)),
         Scenario::BrokerAbuse(args) => done(broker_abuse::run(args)),
     }
 }
 
-/// Runs a scenario whose measured path logs through `tracing` in the same process: warnings and
-/// errors to stderr (RUST_LOG overrides), installed before the test kit's TRACE capture can be,
-/// which would slow the path under test down.
-fn quiet<T>(scenario: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+/// Every scenario logs warnings and errors to stderr (RUST_LOG overrides). Installed first, in
+/// every bench process (`bench all` runs each scenario as a child): otherwise the test kit's
+/// servers install the suite's TRACE capture, which slows the measured path down and writes
+/// gigabytes to `target/test-logs` for the log scan to read.
+fn log_to_stderr() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Runs a scenario's future on a multi-threaded tokio runtime.
+fn in_runtime<T>(
+    scenario: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
     tokio::runtime::Runtime::new()
         .map_err(|e| anyhow::anyhow!("starting the tokio runtime: {e}"))?
         .block_on(scenario)

@@ -148,14 +148,6 @@ pub async fn run(args: Args) -> Result<()> {
         bail!("--batch, --queries and --concurrency must be at least 1");
     }
     let deadline = Duration::from_secs(args.phase_secs.max(1));
-    // Warnings only, to stderr: the test kit's servers would otherwise install the suite's
-    // TRACE capture of every log line, whose cost at 100,000 refreshes is what gets measured.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
-        ))
-        .with_writer(std::io::stderr)
-        .try_init();
 
     // Keep whichever owns the data alive until the end.
     let dir = tempfile::Builder::new()
