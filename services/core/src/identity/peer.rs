@@ -216,11 +216,12 @@ fn decode_certificates(
     key: &RecordKey,
     record: &tokenfleet_store::Record,
 ) -> Result<(u64, AgentCertificates), StoreError> {
-    let value: AgentCertificates =
-        serde_json::from_slice(&record.data).map_err(|e| StoreError::Corrupt {
+    let value = crate::records::decode_kept(key, &record.data, |key, data| {
+        serde_json::from_slice::<AgentCertificates>(data).map_err(|e| StoreError::Corrupt {
             key: key.to_string(),
             problem: format!("not a valid agent certificate record: {e}"),
-        })?;
+        })
+    })?;
     Ok((record.version, value))
 }
 
