@@ -187,14 +187,36 @@ fn machine_line() -> String {
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_default();
+    let load = load1().map(|l| format!("{l:.2}")).unwrap_or_default();
     format!(
         "bench=machine cores={cores} mem_gib={mem_gib:.0} load1={load} cpu=\"{}\"",
         cpu.replace('"', "'")
     )
+}
+
+/// The one-minute load average.
+fn load1() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Says so on stderr when other work ran on the machine in the last minute: the baselines share
+/// the cores with it too, and a busy machine slows the cheap baseline (the health check above
+/// all) more than tokenfleet's own work, so the same-run ratios look better than they are (runs
+/// at load 4-19 reported issuance at 0.8-0.99x where an idle machine gives 0.3x).
+fn warn_if_busy() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if let Some(load) = load1().filter(|&load| load >= 1.0) {
+        eprintln!(
+            "bench all: WARNING: the one-minute load average is {load:.2} on {cores} cores: \
+             other work is running or just ran; its figures hide tokenfleet's own cost \
+             (issuance most). Quote figures only from a run on an idle machine."
+        );
+    }
 }
 
 /// Runs each scenario as a child process of this executable (one clean process, its own
@@ -223,6 +245,7 @@ fn all(args: &AllArgs) -> ExitCode {
     let machine = machine_line();
     println!("{machine}");
     let _ = writeln!(out, "{machine}");
+    warn_if_busy();
     let mut failed = Vec::new();
     for scenario in &args.only {
         println!("\n### bench {scenario}");
