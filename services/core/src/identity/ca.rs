@@ -599,12 +599,21 @@ mod tests {
         let first = ours.identify_handshake_verified(&der, now).unwrap();
         assert_eq!(first, ours.verify(&der, now).unwrap());
         assert_eq!(ours.leaves.lock().len(), 1);
-        assert_eq!(ours.identify_handshake_verified(&der, now), Ok(first));
+        // The next call answers from the kept reading, not from parsing again: mark the kept
+        // entry and see the mark come back.
+        ours.leaves
+            .lock()
+            .get_mut(der.as_slice())
+            .expect("the first call kept its reading")
+            .cert
+            .serial = "kept".into();
+        let second = ours.identify_handshake_verified(&der, now).unwrap();
         assert_eq!(
-            ours.leaves.lock().len(),
-            1,
+            second.serial, "kept",
             "the second call used the kept reading"
         );
+        assert_eq!(second.id, first.id);
+        assert_eq!(ours.leaves.lock().len(), 1);
         for late_or_early in [
             now + time::Duration::seconds(601),
             now - time::Duration::seconds(120),
