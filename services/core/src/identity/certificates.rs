@@ -16,8 +16,8 @@ use super::ca::{IssuedCertificate, check_csr};
 use super::codes;
 use super::peer::{self, AgentPeer, PeerError};
 use super::{AgentCertificates, AgentId, AgentIdentity};
-use crate::ops::Error;
-use crate::records::{CAS_ATTEMPTS, Records, agent_key};
+use crate::ops::{Error, stored};
+use crate::records::{CAS_ATTEMPTS, agent_key};
 use crate::state::BrokerState;
 
 /// Longest software version string kept.
@@ -168,12 +168,12 @@ async fn record_certificate(
     issued: &IssuedCertificate,
     version: &str,
 ) -> Result<(), Error> {
-    let records = Records::new(state.store.as_ref());
     let key = agent_key(&id.tenant, &id.name);
-    for _ in 0..CAS_ATTEMPTS {
-        let Some(stored) = records.get::<Agent>(&key).await? else {
+    let what = format!("agent `{id}`");
+    for attempt in 0..CAS_ATTEMPTS {
+        let Some(stored) = stored::records(state).get::<Agent>(&key).await? else {
             return Err(Error::FailedPrecondition(format!(
-                "agent `{id}` was deleted meanwhile"
+                "{what} was deleted meanwhile"
             )));
         };
         let mut agent = stored.value;
@@ -184,18 +184,14 @@ async fn record_certificate(
             agent.software_version = version.to_owned();
         }
         agent.stamps.updated = now;
-        match records
-            .put(&agent, Precondition::Version(stored.version))
-            .await
+        if stored::commit(state, &what, &agent, stored.version, 0, attempt)
+            .await?
+            .is_some()
         {
-            Ok(_) => return Ok(()),
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
+            return Ok(());
         }
     }
-    Err(Error::Aborted(format!(
-        "agent `{id}` changed concurrently; retry"
-    )))
+    Err(stored::still_contended(&what))
 }
 
 async fn audit_certificate(
@@ -297,7 +293,7 @@ mod tests {
         let renewed = renew(&state, &identity, &peer, &csr(), "2.0")
             .await
             .unwrap();
-        let agent = Records::new(state.store.as_ref())
+        let agent = stored::records(&state)
             .get::<Agent>(&agent_key("acme", "site-a"))
             .await
             .unwrap()
