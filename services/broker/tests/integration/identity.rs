@@ -541,6 +541,35 @@ async fn authenticates(client: &mut TokenBrokerClient<Channel>) -> Result<(), to
     }
 }
 
+/// A certificate that expires while its connection stays open is refused on that connection's
+/// next call: the TLS handshake verified it once, and each call checks its validity period
+/// against the broker's clock (what the broker keeps of a certificate per DER does not keep it
+/// valid). The connection is the same one throughout: a new handshake with the expired
+/// certificate would fail in TLS, not with the broker's UNAUTHENTICATED naming the expiry.
+#[tokio::test]
+async fn a_certificate_expiring_on_an_open_connection_is_refused_on_its_next_call() {
+    let broker = Broker::start(true, Some(Duration::from_secs(5))).await;
+    broker.put_device("acme", "mfp-a", "site-a").await;
+    let (key, cert) = broker.enroll("acme", "site-a").await;
+    let mut client = broker.broker_client(broker.with_certificate(&cert.certificate_pem, &key));
+    authenticates(&mut client).await.unwrap();
+    authenticates(&mut client).await.unwrap();
+    let expires = cert.expire_time.expect("the certificate's expiry").seconds;
+    // Validity is checked in whole seconds (`now > not_after`): wait until two seconds past it.
+    let wait = expires + 2 - OffsetDateTime::now_utc().unix_timestamp();
+    assert!(
+        (1..=8).contains(&wait),
+        "a 5 s certificate expires in {wait} s"
+    );
+    tokio::time::sleep(Duration::from_secs(wait.unsigned_abs())).await;
+    let err = authenticates(&mut client).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("expired"), "{}", err.message());
+    // Renewal on the same connection is refused the same way: an expired agent enrolls again.
+    let err = renew(&mut client).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+}
+
 #[tokio::test]
 async fn renewal_keeps_the_last_certificate_and_re_enrollment_retires_all() {
     let broker = Broker::start(true, None).await;
