@@ -31,6 +31,7 @@ pub mod metrics;
 // Records, authorization and audit: what every operation uses.
 pub mod audit;
 pub mod authz;
+pub mod kept;
 pub mod records;
 pub mod reseal;
 pub mod schedule;

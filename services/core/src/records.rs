@@ -12,6 +12,8 @@ use tokenfleet_domain::{Agent, ApiKey, Device, Mailbox, Provider, Tenant};
 use tokenfleet_seal::{Keyring, SealError, Secret};
 use tokenfleet_store::{Precondition, RecordKey, Scope, Store, StoreError, StoreResult};
 
+use crate::kept::Kept;
+
 /// Collection of [`Tenant`] records (global scope).
 pub const TENANTS: &str = "tenant";
 /// Collection of [`Provider`] records (tenant scope).
@@ -185,15 +187,14 @@ impl Snapshot {
     }
 }
 
-/// Most decoded records [`decode_kept`] keeps; when full it is emptied at once and refills with
-/// the records still in use.
-const KEPT_DECODED_MAX: usize = 2048;
-
 /// A decoded record and the stored bytes it was decoded from.
 struct KeptDecoded {
     data: Vec<u8>,
     value: std::sync::Arc<dyn std::any::Any + Send + Sync>,
 }
+
+/// Decoded records by type and key, at most 2,048 ([`decode_kept`]).
+static DECODED: Kept<(std::any::TypeId, RecordKey), KeptDecoded> = Kept::new(2048);
 
 /// `decode(key, data)`, from a per-process memory of earlier decodings when the very same bytes
 /// were decoded as the same type at the same key before. Decoding is a function of type, key
@@ -207,32 +208,22 @@ pub fn decode_kept<T: Clone + Send + Sync + 'static>(
     data: &[u8],
     decode: impl FnOnce(&RecordKey, &[u8]) -> StoreResult<T>,
 ) -> StoreResult<T> {
-    use std::any::TypeId;
-    use std::collections::HashMap;
-    use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-    type Kept = HashMap<(TypeId, RecordKey), KeptDecoded>;
-    static KEPT: OnceLock<Mutex<Kept>> = OnceLock::new();
-    let kept = KEPT.get_or_init(Mutex::default);
-    let id = (TypeId::of::<T>(), key.clone());
-    let hit = kept
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get(&id)
-        .filter(|k| k.data == data)
-        .map(|k| Arc::clone(&k.value));
+    let id = (std::any::TypeId::of::<T>(), key.clone());
+    // Only the `Arc` is cloned under the lock; the value outside it.
+    let hit = DECODED.find(&id, |kept| {
+        (kept.data == data).then(|| std::sync::Arc::clone(&kept.value))
+    });
     if let Some(value) = hit.as_deref().and_then(|v| v.downcast_ref::<T>()) {
         return Ok(value.clone());
     }
     let value = decode(key, data)?;
-    let entry = KeptDecoded {
-        data: data.to_vec(),
-        value: Arc::new(value.clone()),
-    };
-    let mut kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
-    if kept.len() >= KEPT_DECODED_MAX {
-        kept.clear();
-    }
-    kept.insert(id, entry);
+    DECODED.put(
+        id,
+        KeptDecoded {
+            data: data.to_vec(),
+            value: std::sync::Arc::new(value.clone()),
+        },
+    );
     Ok(value)
 }
 

@@ -17,6 +17,7 @@ use x509_parser::extensions::GeneralName;
 
 use super::pki::{self, random_serial, whole_seconds};
 use super::{AgentId, IdentityError};
+use crate::kept::Kept;
 use crate::state::BrokerState;
 
 /// Collection of the CA record (global scope).
@@ -104,8 +105,8 @@ pub struct AgentCa {
     subject_der: Vec<u8>,
     not_after: OffsetDateTime,
     /// What [`AgentCa::identify_handshake_verified`] read from the certificates it was given,
-    /// by certificate (DER).
-    leaves: LeafCache,
+    /// by certificate (DER, compared whole: a kept reading serves only the very same certificate).
+    leaves: Kept<Vec<u8>, Leaf>,
 }
 
 /// What one handshake-verified certificate says, kept so a connection's calls parse its
@@ -118,35 +119,9 @@ struct Leaf {
     not_after: i64,
 }
 
-/// Certificates read by [`AgentCa::identify_handshake_verified`], keyed by their DER (compared
-/// whole, so a cached entry is used only for the very same certificate). Bounded: when full it is
-/// emptied at once and refills with the certificates still in use (agents' certificates are
-/// ~600 bytes: at most ~3 MiB).
-#[derive(Debug, Default)]
-struct LeafCache(std::sync::Mutex<std::collections::HashMap<Vec<u8>, Leaf>>);
-
-/// Most certificates [`LeafCache`] keeps.
+/// Most certificates [`AgentCa::identify_handshake_verified`] keeps readings of (agents'
+/// certificates are ~600 bytes: at most ~3 MiB).
 const LEAF_CACHE_MAX: usize = 4096;
-
-impl LeafCache {
-    fn get(&self, der: &[u8]) -> Option<Leaf> {
-        self.lock().get(der).cloned()
-    }
-
-    fn put(&self, der: &[u8], leaf: Leaf) {
-        let mut map = self.lock();
-        if map.len() >= LEAF_CACHE_MAX {
-            map.clear();
-        }
-        map.insert(der.to_vec(), leaf);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Vec<u8>, Leaf>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
 
 impl std::fmt::Debug for AgentCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -201,7 +176,7 @@ impl AgentCa {
             cert_der,
             subject_der,
             not_after,
-            leaves: LeafCache::default(),
+            leaves: Kept::new(LEAF_CACHE_MAX),
         })
     }
 
@@ -354,11 +329,11 @@ impl AgentCa {
         leaf_der: &[u8],
         now: OffsetDateTime,
     ) -> Result<VerifiedCert, CertificateProblem> {
-        let leaf = match self.leaves.get(leaf_der) {
+        let leaf = match self.leaves.find(leaf_der, |leaf| Some(leaf.clone())) {
             Some(leaf) => leaf,
             None => {
                 let leaf = self.read_leaf(leaf_der)?;
-                self.leaves.put(leaf_der, leaf.clone());
+                self.leaves.put(leaf_der.to_vec(), leaf.clone());
                 leaf
             }
         };
@@ -598,22 +573,18 @@ mod tests {
         let der = first_cert_der(&issued.cert_pem).unwrap();
         let first = ours.identify_handshake_verified(&der, now).unwrap();
         assert_eq!(first, ours.verify(&der, now).unwrap());
-        assert_eq!(ours.leaves.lock().len(), 1);
+        assert_eq!(ours.leaves.len(), 1);
         // The next call answers from the kept reading, not from parsing again: mark the kept
         // entry and see the mark come back.
         ours.leaves
-            .lock()
-            .get_mut(der.as_slice())
-            .expect("the first call kept its reading")
-            .cert
-            .serial = "kept".into();
+            .change(der.as_slice(), |leaf| leaf.cert.serial = "kept".into());
         let second = ours.identify_handshake_verified(&der, now).unwrap();
         assert_eq!(
             second.serial, "kept",
             "the second call used the kept reading"
         );
         assert_eq!(second.id, first.id);
-        assert_eq!(ours.leaves.lock().len(), 1);
+        assert_eq!(ours.leaves.len(), 1);
         for late_or_early in [
             now + time::Duration::seconds(601),
             now - time::Duration::seconds(120),
@@ -631,7 +602,7 @@ mod tests {
             ours.identify_handshake_verified(&other_der, now),
             Err(CertificateProblem::UnknownIssuer)
         );
-        assert_eq!(ours.leaves.lock().len(), 1, "refusals are not kept");
+        assert_eq!(ours.leaves.len(), 1, "refusals are not kept");
     }
 
     #[test]
