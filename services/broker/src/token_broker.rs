@@ -21,6 +21,8 @@
 //! Without TLS (`[tls]` not configured) there are no client certificates, so every RPC answers
 //! FAILED_PRECONDITION.
 
+use std::sync::Arc;
+
 use tokenfleet_core::ops::choice::Choice;
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_proto::v1::token_broker_server::{TokenBroker, TokenBrokerServer};
@@ -36,7 +38,7 @@ use crate::identity::peer::{self, AgentPeer, PeerError};
 use crate::identity::{AgentId, AgentIdentity};
 use crate::ops::names::shown;
 use crate::rate_limit::{Rate, RateLimiter};
-use crate::records::Snapshot;
+use crate::records::{Snapshot, SnapshotCache};
 use crate::state::BrokerState;
 use crate::tokens::issue::{AgentRequest, ISSUE_ACTION, Issued, issue_keys, issue_to_agent};
 use crate::tokens::lifecycle::TokenService;
@@ -62,6 +64,8 @@ pub struct TokenBrokerService {
     /// `http.public_url`: auth-code consents of user mailboxes redirect to
     /// `<public_url>/oauth/callback`.
     public_url: String,
+    /// The records each agent's calls read, kept while their tenant's records do not change.
+    snapshots: Arc<SnapshotCache>,
     /// Turns the store's fleet notifications into wakes of the status streams this service
     /// holds; stops with the service.
     _fleet_listener: std::sync::Arc<crate::fleet::wake::Listener>,
@@ -74,6 +78,7 @@ impl TokenBrokerService {
         Self {
             identity,
             tokens,
+            snapshots: Arc::default(),
             issue_limit: RateLimiter::new(DEFAULT_ISSUE_RATE),
             fleet: crate::fleet::FleetSettings::default(),
             public_url: crate::config::DEFAULT_PUBLIC_URL.to_owned(),
@@ -120,14 +125,21 @@ impl TokenBrokerService {
         request: &Request<T>,
         action: &str,
         also: impl FnOnce(&AgentId) -> Vec<RecordKey>,
-    ) -> Result<(AgentPeer, Snapshot), Status> {
+    ) -> Result<(AgentPeer, Arc<Snapshot>), Status> {
         let Some(identity) = &self.identity else {
             return Err(status(PeerError::NoCertificate));
         };
         let leaf = crate::edge::peer_certificate(request);
-        peer::admit(&self.state, &identity.ca, leaf.as_deref(), action, also)
-            .await
-            .map_err(status)
+        peer::admit(
+            &self.state,
+            &identity.ca,
+            &self.snapshots,
+            leaf.as_deref(),
+            action,
+            also,
+        )
+        .await
+        .map_err(status)
     }
 
     async fn issue_access_token(

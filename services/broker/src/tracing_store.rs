@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokenfleet_store::{
-    Lease, Notice, Precondition, Record, RecordKey, Scope, Store, StoreResult, StreamEntry,
+    Lease, Notice, Precondition, Record, RecordKey, Scope, ScopeRead, Store, StoreResult,
+    StreamEntry,
 };
 use tracing::Instrument as _;
 
@@ -74,6 +75,21 @@ impl Store for TracingStore {
         let collection = keys.first().map_or("", |k| k.collection);
         self.run("get_many", collection, self.inner.get_many(keys))
             .await
+    }
+
+    async fn get_many_since(
+        &self,
+        scope: &Scope,
+        keys: &[RecordKey],
+        known: Option<u64>,
+    ) -> StoreResult<ScopeRead> {
+        let collection = keys.first().map_or("", |k| k.collection);
+        self.run(
+            "get_many_since",
+            collection,
+            self.inner.get_many_since(scope, keys, known),
+        )
+        .await
     }
 
     async fn publish(&self, channel: &'static str, message: &str) -> StoreResult<()> {

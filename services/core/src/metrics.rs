@@ -32,7 +32,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokenfleet_store::{
-    Lease, Notice, Precondition, Record, RecordKey, Scope, Store, StoreResult, StreamEntry,
+    Lease, Notice, Precondition, Record, RecordKey, Scope, ScopeRead, Store, StoreResult,
+    StreamEntry,
 };
 
 /// A label set: fixed keys, plus `tenant` when per-tenant labels are on.
@@ -375,6 +376,18 @@ impl Store for TimedStore {
     }
     async fn get_many(&self, keys: &[RecordKey]) -> StoreResult<Vec<Option<Record>>> {
         timed!(self, "get_many", self.inner.get_many(keys))
+    }
+    async fn get_many_since(
+        &self,
+        scope: &Scope,
+        keys: &[RecordKey],
+        known: Option<u64>,
+    ) -> StoreResult<ScopeRead> {
+        timed!(
+            self,
+            "get_many_since",
+            self.inner.get_many_since(scope, keys, known)
+        )
     }
     async fn publish(&self, channel: &'static str, message: &str) -> StoreResult<()> {
         timed!(self, "publish", self.inner.publish(channel, message))

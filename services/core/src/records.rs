@@ -6,11 +6,14 @@
 //! Also home of the helpers that open a provider's sealed secrets, and of the error of a re-seal
 //! ([`crate::reseal`]).
 
+use std::any::Any;
+use std::sync::{Arc, Mutex, OnceLock};
+
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokenfleet_domain::{Agent, ApiKey, Device, Mailbox, Provider, Tenant};
 use tokenfleet_seal::{Keyring, SealError, Secret};
-use tokenfleet_store::{Precondition, RecordKey, Scope, Store, StoreError, StoreResult};
+use tokenfleet_store::{Precondition, RecordKey, Scope, ScopeRead, Store, StoreError, StoreResult};
 
 use crate::kept::Kept;
 
@@ -143,47 +146,202 @@ pub fn decode<T: StoredRecord>(key: &RecordKey, data: &[u8]) -> StoreResult<T> {
 
 /// Records one call read together in one store round trip ([`Store::get_many`]), so the steps
 /// of the call that need them do not each go to the store (an agent's `IssueAccessToken` reads
-/// its agent, certificate list, device, mailbox and grant this way). A snapshot lives for one
-/// call only; writes still go to the store with compare-and-set on the versions read here.
-#[derive(Debug, Default)]
+/// its agent, certificate list, device, mailbox and grant this way). Writes still go to the store
+/// with compare-and-set on the versions read here. A snapshot read through a [`SnapshotCache`]
+/// serves every later call that reads the same keys until a record of their scope changes; it
+/// decodes each record once and remembers what [`Snapshot::memo`] computed from its records.
+#[derive(Default)]
 pub struct Snapshot {
     records: Vec<(RecordKey, Option<tokenfleet_store::Record>)>,
+    /// Each record decoded, by the first [`Snapshot::get`] of it.
+    decoded: Vec<OnceLock<Arc<dyn Any + Send + Sync>>>,
+    /// What [`Snapshot::memo`] computed, at most [`MAX_MEMOS`].
+    memos: Mutex<Vec<Memo>>,
+}
+
+/// Most values one snapshot remembers through [`Snapshot::memo`] (a call computes one or two).
+const MAX_MEMOS: usize = 16;
+
+/// One value [`Snapshot::memo`] remembers: what it is, of which record, computed from `input`.
+struct Memo {
+    what: String,
+    input: Box<dyn Any + Send + Sync>,
+    value: Arc<dyn Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    // Records may hold sealed secrets and memos opened ones: only the keys are shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field(
+                "keys",
+                &self.records.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl Snapshot {
+    fn new(keys: Vec<RecordKey>, records: Vec<Option<tokenfleet_store::Record>>) -> Self {
+        let decoded = keys.iter().map(|_| OnceLock::new()).collect();
+        Self {
+            records: keys.into_iter().zip(records).collect(),
+            decoded,
+            memos: Mutex::default(),
+        }
+    }
+
     /// Reads `keys` in one round trip.
     pub async fn read(store: &dyn Store, keys: Vec<RecordKey>) -> StoreResult<Self> {
         let records = store.get_many(&keys).await?;
-        Ok(Self {
-            records: keys.into_iter().zip(records).collect(),
-        })
+        Ok(Self::new(keys, records))
+    }
+
+    fn position(&self, key: &RecordKey) -> Option<usize> {
+        self.records.iter().position(|(k, _)| k == key)
     }
 
     /// The raw record at `key` as read (`Some(None)`: read and missing); `None` when the
     /// snapshot did not read `key`.
     pub fn raw(&self, key: &RecordKey) -> Option<Option<&tokenfleet_store::Record>> {
-        self.records
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, r)| r.as_ref())
+        self.position(key).map(|i| self.records[i].1.as_ref())
     }
 
-    /// The record at `key` as read, decoded (through [`decode_kept`]); `None` when the snapshot
-    /// did not read `key`.
+    /// The record at `key` as read, decoded (once per snapshot, through [`decode_kept`]);
+    /// `None` when the snapshot did not read `key`.
     pub fn get<T: StoredRecord + Clone>(
         &self,
         key: &RecordKey,
     ) -> Option<StoreResult<Option<Versioned<T>>>> {
-        self.raw(key).map(|record| {
-            record
-                .map(|record| {
-                    Ok(Versioned {
-                        version: record.version,
-                        value: decode_kept(key, &record.data, decode::<T>)?,
-                    })
-                })
-                .transpose()
-        })
+        let i = self.position(key)?;
+        let Some(record) = &self.records[i].1 else {
+            return Some(Ok(None));
+        };
+        let cell = &self.decoded[i];
+        if let Some(value) = cell.get().and_then(|v| v.downcast_ref::<T>()) {
+            return Some(Ok(Some(Versioned {
+                version: record.version,
+                value: value.clone(),
+            })));
+        }
+        Some(decode_kept(key, &record.data, decode::<T>).map(|value| {
+            // A record decoded as another type first keeps that decoding.
+            let _ = cell.set(Arc::new(value.clone()));
+            Some(Versioned {
+                version: record.version,
+                value,
+            })
+        }))
+    }
+
+    /// `compute()`, remembered for this snapshot's lifetime under `what` (which must name the
+    /// record and the derivation, e.g. `<grant key>#access_token@mail`) and `input` (the exact
+    /// data of the record it is computed from): a later call asking for the same `what` with an
+    /// equal `input` gets the remembered value. Only for values that are a function of `what`
+    /// and `input` (opening a sealed field: the ciphertext and the record it belongs to).
+    /// Errors are never remembered.
+    pub fn memo<I, T, E>(
+        &self,
+        what: &str,
+        input: &I,
+        compute: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        I: PartialEq + Clone + Send + Sync + 'static,
+        T: Clone + Send + Sync + 'static,
+    {
+        let found = self.lock_memos().iter().find_map(|m| {
+            (m.what == what && m.input.downcast_ref::<I>() == Some(input))
+                .then(|| Arc::clone(&m.value))
+        });
+        if let Some(value) = found.as_deref().and_then(|v| v.downcast_ref::<T>()) {
+            return Ok(value.clone());
+        }
+        let value = compute()?;
+        let mut memos = self.lock_memos();
+        if memos.len() < MAX_MEMOS {
+            memos.push(Memo {
+                what: what.to_owned(),
+                input: Box::new(input.clone()),
+                value: Arc::new(value.clone()),
+            });
+        }
+        Ok(value)
+    }
+
+    fn lock_memos(&self) -> std::sync::MutexGuard<'_, Vec<Memo>> {
+        self.memos
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The snapshots of the calls that read the same keys again and again (each agent's
+/// `IssueAccessToken` reads the same five records), each with the generation of the scope it
+/// was read at ([`Store::get_many_since`]): a call whose keys were read before asks the store
+/// only whether their scope changed since, and gets the kept snapshot when it did not (the
+/// embedded store answers from memory; Redis with one short script answer instead of the
+/// records). Any write of a record of the scope (a revocation, a re-enrollment, a device
+/// change, a refreshed token) gives the scope a new generation, so the next call reads afresh:
+/// what the store holds takes effect on the next call, on every replica, as with a plain read.
+/// At most `max` snapshots are kept per cache (emptied at once when full).
+#[derive(Debug)]
+pub struct SnapshotCache {
+    kept: Kept<Vec<RecordKey>, (u64, Arc<Snapshot>)>,
+}
+
+impl Default for SnapshotCache {
+    fn default() -> Self {
+        Self::new(4096)
+    }
+}
+
+impl SnapshotCache {
+    /// A cache of at most `max` snapshots.
+    #[must_use]
+    pub const fn new(max: usize) -> Self {
+        Self {
+            kept: Kept::new(max),
+        }
+    }
+
+    /// The records at `keys`: the kept snapshot of these keys when their scope has not changed
+    /// since it was read, else a new read (kept when the store gives it a generation). Keys of
+    /// several scopes are read without the cache.
+    pub async fn read(
+        &self,
+        store: &dyn Store,
+        keys: Vec<RecordKey>,
+    ) -> StoreResult<Arc<Snapshot>> {
+        let Some(scope) = keys.first().map(|k| k.scope.clone()) else {
+            return Ok(Arc::new(Snapshot::default()));
+        };
+        if keys.iter().any(|k| k.scope != scope) {
+            return Snapshot::read(store, keys).await.map(Arc::new);
+        }
+        let known = self.kept.find(&keys, |(generation, snapshot)| {
+            Some((*generation, Arc::clone(snapshot)))
+        });
+        match store
+            .get_many_since(&scope, &keys, known.as_ref().map(|(g, _)| *g))
+            .await?
+        {
+            ScopeRead::Unchanged => known.map(|(_, snapshot)| snapshot).ok_or_else(|| {
+                StoreError::Unavailable(format!(
+                    "the store answered `unchanged` to a read of scope {scope} that named no generation"
+                ))
+            }),
+            ScopeRead::Read {
+                generation,
+                records,
+            } => {
+                let snapshot = Arc::new(Snapshot::new(keys.clone(), records));
+                if let Some(generation) = generation {
+                    self.kept.put(keys, (generation, Arc::clone(&snapshot)));
+                }
+                Ok(snapshot)
+            }
+        }
     }
 }
 

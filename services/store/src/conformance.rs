@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::{Precondition, RecordKey, Scope, Store, StoreError};
+use crate::{Precondition, RecordKey, Scope, ScopeRead, Store, StoreError};
 
 const COLL: &str = "cf_item";
 const COLL_LONGER: &str = "cf_items";
@@ -39,6 +39,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     ping(s).await;
     create_get_update(s).await;
     get_many(s).await;
+    get_many_since(s).await;
     put_preconditions(s).await;
     delete_preconditions(s).await;
     versions_after_delete(s).await;
@@ -451,6 +452,118 @@ pub async fn get_many(s: &dyn Store) {
     // A deleted record reads as missing.
     assert!(s.delete(&a, Precondition::Any).await.unwrap());
     assert!(s.get_many(std::slice::from_ref(&a)).await.unwrap()[0].is_none());
+}
+
+/// The generation of a scope, as a read by generation answers it.
+async fn read_since(
+    s: &dyn Store,
+    scope: &Scope,
+    keys: &[RecordKey],
+    known: Option<u64>,
+) -> Option<(u64, Vec<Option<(u64, Vec<u8>)>>)> {
+    match s.get_many_since(scope, keys, known).await.unwrap() {
+        ScopeRead::Unchanged => None,
+        ScopeRead::Read {
+            generation,
+            records,
+        } => Some((
+            generation.expect("a scope written by this store has a generation"),
+            records
+                .into_iter()
+                .map(|r| r.map(|r| (r.version, r.data)))
+                .collect(),
+        )),
+    }
+}
+
+/// `get_many_since`: the records as `get_many` reads them with the scope's generation; the
+/// same generation answers `Unchanged`; every write or delete that takes effect in the scope
+/// (and only in that scope) gives another generation, never one answered before; keys of
+/// another scope are refused.
+pub async fn get_many_since(s: &dyn Store) {
+    let t = unique("cf-since");
+    let scope = Scope::Tenant(t.clone());
+    let other = unique("cf-since-other");
+    let a = RecordKey::tenant(&t, COLL, "a");
+    let b = RecordKey::tenant(&t, COLL_LONGER, "b");
+    let elsewhere = RecordKey::tenant(&unique("cf-since-x"), COLL, "a");
+    s.put(&a, b"a1".to_vec(), Precondition::Absent)
+        .await
+        .unwrap();
+    let keys = [a.clone(), b.clone()];
+    let (g1, read) = read_since(s, &scope, &keys, None)
+        .await
+        .expect("no generation known: the records are read");
+    assert_eq!(
+        read,
+        vec![Some((1, b"a1".to_vec())), None],
+        "as get_many reads"
+    );
+    assert!(
+        read_since(s, &scope, &keys, Some(g1)).await.is_none(),
+        "nothing written since generation {g1}: unchanged"
+    );
+    let (g, read) = read_since(s, &scope, &keys, Some(g1.wrapping_add(7)))
+        .await
+        .expect("another generation known: the records are read");
+    assert_eq!(g, g1, "the generation stays while nothing is written");
+    assert_eq!(read, vec![Some((1, b"a1".to_vec())), None]);
+
+    // Writes elsewhere leave the scope's generation alone.
+    s.put(&elsewhere, b"x".to_vec(), Precondition::Any)
+        .await
+        .unwrap();
+    s.put(
+        &RecordKey::tenant(&other, COLL, "a"),
+        b"y".to_vec(),
+        Precondition::Any,
+    )
+    .await
+    .unwrap();
+    assert!(
+        read_since(s, &scope, &keys, Some(g1)).await.is_none(),
+        "a write in another scope changed the generation of {scope}"
+    );
+
+    // Each write that takes effect gives a new generation, never an earlier one.
+    let mut seen = vec![g1];
+    s.put(&b, b"b1".to_vec(), Precondition::Absent)
+        .await
+        .unwrap();
+    let (g2, read) = read_since(s, &scope, &keys, Some(g1))
+        .await
+        .expect("a put in the scope is a change");
+    assert!(!seen.contains(&g2), "generation {g2} was answered before");
+    assert_eq!(
+        read,
+        vec![Some((1, b"a1".to_vec())), Some((1, b"b1".to_vec()))]
+    );
+    seen.push(g2);
+    s.put(&a, b"a2".to_vec(), Precondition::Version(1))
+        .await
+        .unwrap();
+    let (g3, read) = read_since(s, &scope, &keys, Some(g2))
+        .await
+        .expect("an update in the scope is a change");
+    assert!(!seen.contains(&g3), "generation {g3} was answered before");
+    assert_eq!(read[0], Some((2, b"a2".to_vec())));
+    seen.push(g3);
+    assert!(s.delete(&b, Precondition::Any).await.unwrap());
+    let (g4, read) = read_since(s, &scope, &keys, Some(g3))
+        .await
+        .expect("a delete in the scope is a change");
+    assert!(!seen.contains(&g4), "generation {g4} was answered before");
+    assert_eq!(read[1], None, "the deleted record reads as missing");
+
+    // Keys of another scope are refused, naming the key.
+    let err = s
+        .get_many_since(&scope, &[a.clone(), elsewhere.clone()], None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Config(m) if m.contains(&elsewhere.to_string())),
+        "{err:?}"
+    );
 }
 
 /// Every precondition of `put`, including the versions a conflict reports.

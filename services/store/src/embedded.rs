@@ -25,8 +25,8 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::{
-    Lease, Notice, Precondition, Record, RecordKey, Scope, Store, StoreError, StoreResult,
-    StreamEntry,
+    Lease, Notice, Precondition, Record, RecordKey, Scope, ScopeRead, Store, StoreError,
+    StoreResult, StreamEntry,
 };
 
 type Key3<'a> = (&'a str, &'a str, &'a str);
@@ -49,6 +49,55 @@ pub struct EmbeddedStore {
     notices: tokio::sync::broadcast::Sender<(&'static str, String)>,
     /// Stream appends waiting for the next group commit (see [`EmbeddedStore::commit_appends`]).
     appends: Arc<Mutex<AppendQueue>>,
+    /// Each scope's generation ([`Store::get_many_since`]); one process holds the file, so
+    /// memory is where they live.
+    generations: Arc<Generations>,
+}
+
+/// The generations of the scopes written since the store was opened; every other scope is at
+/// the generation of the opening.
+#[derive(Debug)]
+struct Generations {
+    opened: u64,
+    by_scope: Mutex<std::collections::HashMap<String, u64>>,
+}
+
+impl Generations {
+    fn new() -> Self {
+        Self {
+            opened: now_micros(),
+            by_scope: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u64>> {
+        self.by_scope
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, scope: &str) -> u64 {
+        self.lock().get(scope).copied().unwrap_or(self.opened)
+    }
+
+    fn bump(&self, scope: String) {
+        let mut by_scope = self.lock();
+        let last = by_scope.get(&scope).copied().unwrap_or(self.opened);
+        by_scope.insert(scope, crate::next_generation(last, now_micros()));
+    }
+}
+
+/// Gives a scope its next generation when dropped: a write transaction declared after it has
+/// ended (committed, failed or aborted) by then, so the write is visible before the generation
+/// changes, whatever way the closure left.
+struct BumpOnDrop<'a>(&'a Generations, Option<String>);
+
+impl Drop for BumpOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(scope) = self.1.take() {
+            self.0.bump(scope);
+        }
+    }
 }
 
 /// Most appends one group commit writes in its transaction.
@@ -167,6 +216,7 @@ impl EmbeddedStore {
             path: Arc::new(path),
             notices: tokio::sync::broadcast::channel(crate::NOTICE_BUFFER).0,
             appends: Arc::default(),
+            generations: Arc::new(Generations::new()),
         })
     }
 
@@ -335,54 +385,67 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Writes `batch` in one write transaction, in order (each entry as one `append` would,
-/// including its stream's length bound), and commits it; the ids, in order.
+/// Writes `batch` in one transaction and answers each append's id, in the order of `batch`.
+/// The appends of one stream are written together: its length and last id are read and
+/// written once, and its excess over the bound (that of the stream's last append) is removed
+/// in one pass, leaving what appending one at a time would.
 fn append_batch(db: &Database, path: &Path, batch: &[PendingAppend]) -> StoreResult<Vec<String>> {
+    let mut streams: Vec<((&str, &str), Vec<usize>)> = Vec::new();
+    for (i, append) in batch.iter().enumerate() {
+        let stream = (append.scope.as_str(), append.stream);
+        match streams.iter_mut().find(|(s, _)| *s == stream) {
+            Some((_, members)) => members.push(i),
+            None => streams.push((stream, vec![i])),
+        }
+    }
     let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
-    let mut ids = Vec::with_capacity(batch.len());
+    let mut ids = vec![String::new(); batch.len()];
     {
         let mut meta = txn
             .open_table(STREAM_META)
             .map_err(|e| storage_err(path, e))?;
         let mut entries = txn.open_table(STREAMS).map_err(|e| storage_err(path, e))?;
-        for append in batch {
-            let (scope, stream) = (append.scope.as_str(), append.stream);
-            let (last, len) = meta
-                .get((scope, stream))
+        let now = time_seq(now_millis());
+        for ((scope, stream), members) in &streams {
+            let (mut last, mut len) = meta
+                .get((*scope, *stream))
                 .map_err(|e| storage_err(path, e))?
                 .map(|v| v.value())
                 .unwrap_or((0, 0));
-            let seq = (last + 1).max(time_seq(now_millis()));
-            let id = stream_id(seq);
-            entries
-                .insert((scope, stream, id.as_str()), append.data.as_slice())
-                .map_err(|e| storage_err(path, e))?;
-            let mut len = len + 1;
-            if len > append.max_len {
-                let excess = usize::try_from(len - append.max_len).unwrap_or(usize::MAX);
+            for &i in members {
+                last = (last + 1).max(now);
+                let id = stream_id(last);
+                entries
+                    .insert((*scope, *stream, id.as_str()), batch[i].data.as_slice())
+                    .map_err(|e| storage_err(path, e))?;
+                len += 1;
+                ids[i] = id;
+            }
+            let max_len = members.last().map_or(u64::MAX, |&i| batch[i].max_len);
+            if len > max_len {
+                let excess = usize::try_from(len - max_len).unwrap_or(usize::MAX);
                 let mut oldest = Vec::with_capacity(excess.min(1024));
                 for item in entries
-                    .range::<Key3>((scope, stream, "")..)
+                    .range::<Key3>((*scope, *stream, "")..)
                     .map_err(|e| storage_err(path, e))?
                     .take(excess)
                 {
                     let (k, _) = item.map_err(|e| storage_err(path, e))?;
                     let (s, st, old) = k.value();
-                    if s != scope || st != stream {
+                    if s != *scope || st != *stream {
                         break;
                     }
                     oldest.push(old.to_owned());
                 }
                 for old in &oldest {
                     entries
-                        .remove((scope, stream, old.as_str()))
+                        .remove((*scope, *stream, old.as_str()))
                         .map_err(|e| storage_err(path, e))?;
                 }
                 len -= u64::try_from(oldest.len()).unwrap_or(0);
             }
-            meta.insert((scope, stream), (seq, len))
+            meta.insert((*scope, *stream), (last, len))
                 .map_err(|e| storage_err(path, e))?;
-            ids.push(id);
         }
     }
     txn.commit().map_err(|e| storage_err(path, e))?;
@@ -436,6 +499,13 @@ const TIME_SHIFT: u32 = 20;
 
 fn time_seq(now_ms: u64) -> u64 {
     now_ms.checked_shl(TIME_SHIFT).unwrap_or(u64::MAX >> 1)
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 fn now_millis() -> u64 {
@@ -505,9 +575,28 @@ impl Store for EmbeddedStore {
         })
     }
 
+    async fn get_many_since(
+        &self,
+        scope: &Scope,
+        keys: &[RecordKey],
+        known: Option<u64>,
+    ) -> StoreResult<ScopeRead> {
+        crate::check_one_scope(scope, keys)?;
+        let generation = self.generations.get(&scope_key(scope));
+        if known == Some(generation) {
+            return Ok(ScopeRead::Unchanged);
+        }
+        Ok(ScopeRead::Read {
+            generation: Some(generation),
+            records: self.get_many(keys).await?,
+        })
+    }
+
     async fn put(&self, key: &RecordKey, data: Vec<u8>, pre: Precondition) -> StoreResult<u64> {
         let key = key.clone();
+        let generations = Arc::clone(&self.generations);
         self.run(move |db, path| {
+            let _bump = BumpOnDrop(&generations, Some(scope_key(&key.scope)));
             let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
             let version = {
                 let mut table = txn.open_table(RECORDS).map_err(|e| storage_err(path, e))?;
@@ -533,7 +622,9 @@ impl Store for EmbeddedStore {
 
     async fn delete(&self, key: &RecordKey, pre: Precondition) -> StoreResult<bool> {
         let key = key.clone();
+        let generations = Arc::clone(&self.generations);
         self.run(move |db, path| {
+            let _bump = BumpOnDrop(&generations, Some(scope_key(&key.scope)));
             let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
             let removed = {
                 let mut table = txn.open_table(RECORDS).map_err(|e| storage_err(path, e))?;

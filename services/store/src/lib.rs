@@ -146,6 +146,38 @@ pub enum StoreError {
 /// Result of store operations.
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// What [`Store::get_many_since`] found.
+#[derive(Debug)]
+pub enum ScopeRead {
+    /// No record of the scope changed since the generation the caller knew.
+    Unchanged,
+    /// The records, one per key in the order asked, and the scope's generation read with them
+    /// (`None`: not to be remembered).
+    Read {
+        /// The scope's generation, read no later than the records.
+        generation: Option<u64>,
+        /// The records as [`Store::get_many`] reads them.
+        records: Vec<Option<Record>>,
+    },
+}
+
+/// Refuses keys of another scope than `scope` (see [`Store::get_many_since`]).
+pub fn check_one_scope(scope: &Scope, keys: &[RecordKey]) -> StoreResult<()> {
+    match keys.iter().find(|k| &k.scope != scope) {
+        Some(other) => Err(StoreError::Config(format!(
+            "a read by generation of scope {scope} cannot read {other}, a record of another scope"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The generation that follows `last` at the wall-clock time `now_us` (microseconds since the
+/// Unix epoch): the time, or `last + 1` when the time is not larger (see
+/// [`Store::get_many_since`]).
+pub fn next_generation(last: u64, now_us: u64) -> u64 {
+    now_us.max(last.saturating_add(1))
+}
+
 /// The storage every broker replica shares.
 ///
 /// Implementations must be safe for concurrent use from many tasks and many processes: every
@@ -162,6 +194,27 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// concurrently may be seen at different moments (as with separate `get`s), while the
     /// embedded store reads them all at one snapshot.
     async fn get_many(&self, keys: &[RecordKey]) -> StoreResult<Vec<Option<Record>>>;
+
+    /// Reads `keys`, all of `scope`, unless no record of `scope` was written or deleted since
+    /// the scope's generation was `known` (then [`ScopeRead::Unchanged`], and nothing else is
+    /// read). Embedded: the generation is in memory; Redis: one `GET` of the generation when one
+    /// is known, and one pipeline of the generation and the records when none is known or it
+    /// changed. Every put or delete of a record of a scope that takes effect gives
+    /// the scope a new generation, atomically with the write (Redis: in the write's script;
+    /// embedded: before the write returns). A generation is a microsecond timestamp, or one more
+    /// than the last when that is not larger, so one that was answered is never given to other
+    /// contents of the scope again, not after a restart, a Redis failover that lost writes, or a
+    /// flush. The answer's generation was read no later than its records, so a write between
+    /// the two shows up as another generation on the next call. `None` (Redis: the scope has
+    /// not been written since this version of tokenfleet first ran on it) tells the caller the
+    /// records cannot be remembered by generation. Keys of another scope are refused
+    /// ([`StoreError::Config`]).
+    async fn get_many_since(
+        &self,
+        scope: &Scope,
+        keys: &[RecordKey],
+        known: Option<u64>,
+    ) -> StoreResult<ScopeRead>;
 
     /// Writes one record if `pre` holds; returns the new version.
     async fn put(&self, key: &RecordKey, data: Vec<u8>, pre: Precondition) -> StoreResult<u64>;

@@ -43,8 +43,8 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::{
-    Lease, Notice, Precondition, Record, RecordKey, Scope, Store, StoreError, StoreResult,
-    StreamEntry,
+    Lease, Notice, Precondition, Record, RecordKey, Scope, ScopeRead, Store, StoreError,
+    StoreResult, StreamEntry,
 };
 
 /// Which Redis deployment [`RedisConfig::urls`] points at.
@@ -684,7 +684,25 @@ impl fmt::Debug for RedisStore {
     }
 }
 
-const PUT: &str = r"
+/// The Lua function that gives a scope (its generation key) the next generation, in every
+/// script that writes a record: the server's time in microseconds, or one more than the last
+/// (see `Store::get_many_since`).
+macro_rules! bump_generation_lua {
+    () => {
+        r"
+local function bump_generation(key)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = tonumber(redis.call('GET', key) or '0') or 0
+  redis.call('SET', key, string.format('%d', math.max(now, last + 1)))
+end
+"
+    };
+}
+
+const PUT: &str = concat!(
+    bump_generation_lua!(),
+    r"
 local cur = redis.call('HGET', KEYS[1], 'v')
 local mode = ARGV[1]
 if mode == 'absent' and cur then return {1, tonumber(cur)} end
@@ -693,10 +711,14 @@ if mode == 'version' and cur ~= ARGV[2] then return {3, tonumber(cur)} end
 local v = redis.call('HINCRBY', KEYS[1], 'v', 1)
 redis.call('HSET', KEYS[1], 'd', ARGV[3])
 redis.call('ZADD', KEYS[2], 0, ARGV[4])
+bump_generation(KEYS[3])
 return {0, v}
-";
+"
+);
 
-const DELETE: &str = r"
+const DELETE: &str = concat!(
+    bump_generation_lua!(),
+    r"
 local cur = redis.call('HGET', KEYS[1], 'v')
 local mode = ARGV[1]
 if mode == 'absent' and cur then return {1, tonumber(cur)} end
@@ -705,8 +727,10 @@ if mode == 'version' and cur ~= ARGV[2] then return {3, tonumber(cur)} end
 if not cur then return {0, 0} end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[3])
+bump_generation(KEYS[3])
 return {0, 1}
-";
+"
+);
 
 // The record keys are built from the index key's scope prefix, so they share its hash tag.
 static LIST: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
@@ -754,6 +778,22 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 ";
+
+/// The record a `HMGET v d` found: none without a version, corrupt with a version but no data.
+fn record_of(
+    key: &RecordKey,
+    version: Option<u64>,
+    data: Option<Vec<u8>>,
+) -> StoreResult<Option<Record>> {
+    match (version, data) {
+        (None, _) => Ok(None),
+        (Some(version), Some(data)) => Ok(Some(Record { version, data })),
+        (Some(_), None) => Err(StoreError::Corrupt {
+            key: key.to_string(),
+            problem: "record has a version but no data".into(),
+        }),
+    }
+}
 
 /// Escapes what would end or confuse a hash tag.
 fn escape_tag(s: &str) -> String {
@@ -1302,6 +1342,11 @@ impl RedisStore {
         format!("{}:{}:idx:{collection}", self.prefix, Self::tag(scope))
     }
 
+    /// The key of a scope's generation (see [`Store::get_many_since`]).
+    fn generation_key(&self, scope: &Scope) -> String {
+        format!("{}:{}:gen", self.prefix, Self::tag(scope))
+    }
+
     fn stream_key(&self, scope: &Scope, stream: &str) -> String {
         format!("{}:{}:stream:{stream}", self.prefix, Self::tag(scope))
     }
@@ -1325,8 +1370,23 @@ impl RedisStore {
         &self,
         keys: impl Iterator<Item = &'k RecordKey>,
     ) -> StoreResult<Vec<Option<Record>>> {
+        self.read_pipeline_after(None, keys)
+            .await
+            .map(|(_, records)| records)
+    }
+
+    /// [`RedisStore::read_pipeline`], led by a `GET` of `first` when given (its answer first).
+    async fn read_pipeline_after<'k>(
+        &self,
+        first: Option<String>,
+        keys: impl Iterator<Item = &'k RecordKey>,
+    ) -> StoreResult<(Option<Value>, Vec<Option<Record>>)> {
         let keys: Vec<&RecordKey> = keys.collect();
         let mut pipe = redis::pipe();
+        let led = first.is_some();
+        if let Some(first) = first {
+            pipe.add_command(redis::cmd("GET").arg(first).clone());
+        }
         for key in &keys {
             let rec = format!(
                 "{}{}",
@@ -1336,7 +1396,7 @@ impl RedisStore {
             pipe.add_command(redis::cmd("HMGET").arg(rec).arg("v").arg("d").clone());
         }
         let mut conn = self.conn().await?;
-        let answers =
+        let mut answers =
             match tokio::time::timeout(self.op_timeout, pipe.query_async::<Vec<Value>>(&mut conn))
                 .await
             {
@@ -1344,6 +1404,7 @@ impl RedisStore {
                 Ok(Err(e)) => return Err(self.failed(&e)),
                 Err(_) => return Err(self.timed_out()),
             };
+        let lead = (led && !answers.is_empty()).then(|| answers.remove(0));
         if answers.len() != keys.len() {
             return Err(StoreError::Unavailable(format!(
                 "redis at {}: {} reads got {} answers",
@@ -1356,16 +1417,25 @@ impl RedisStore {
             .zip(answers)
             .map(|(key, answer)| {
                 let (version, data): (Option<u64>, Option<Vec<u8>>) = self.decode(key, answer)?;
-                match (version, data) {
-                    (None, _) => Ok(None),
-                    (Some(version), Some(data)) => Ok(Some(Record { version, data })),
-                    (Some(_), None) => Err(StoreError::Corrupt {
-                        key: key.to_string(),
-                        problem: "record has a version but no data".into(),
-                    }),
-                }
+                record_of(key, version, data)
             })
-            .collect()
+            .collect::<StoreResult<Vec<_>>>()
+            .map(|records| (lead, records))
+    }
+
+    /// A scope's generation as stored (`None`: the scope has none yet).
+    fn generation_of(&self, scope: &Scope, answer: Option<Value>) -> StoreResult<Option<u64>> {
+        let text: Option<String> = match answer {
+            Some(answer) => self.decode(&self.generation_key(scope), answer)?,
+            None => None,
+        };
+        text.map(|g| {
+            g.parse::<u64>().map_err(|_| StoreError::Corrupt {
+                key: self.generation_key(scope),
+                problem: "the scope's generation is not a number".into(),
+            })
+        })
+        .transpose()
     }
 
     fn decode<T: redis::FromRedisValue>(
@@ -1393,14 +1463,36 @@ impl Store for RedisStore {
             .query(redis::cmd("HMGET").arg(&rec).arg("v").arg("d"))
             .await?;
         let (version, data): (Option<u64>, Option<Vec<u8>>) = self.decode(key, answer)?;
-        match (version, data) {
-            (None, _) => Ok(None),
-            (Some(version), Some(data)) => Ok(Some(Record { version, data })),
-            (Some(_), None) => Err(StoreError::Corrupt {
-                key: key.to_string(),
-                problem: "record has a version but no data".into(),
-            }),
+        record_of(key, version, data)
+    }
+
+    async fn get_many_since(
+        &self,
+        scope: &Scope,
+        keys: &[RecordKey],
+        known: Option<u64>,
+    ) -> StoreResult<ScopeRead> {
+        crate::check_one_scope(scope, keys)?;
+        for key in keys {
+            Self::check_name("collection", key.collection)?;
         }
+        // Known: one `GET` (Redis's cheapest command, no script) answers the common case.
+        if let Some(known) = known {
+            let answer = self
+                .query(redis::cmd("GET").arg(self.generation_key(scope)))
+                .await?;
+            if self.generation_of(scope, Some(answer))? == Some(known) {
+                return Ok(ScopeRead::Unchanged);
+            }
+        }
+        // The generation is read before the records in one pipeline (one Cluster slot).
+        let (lead, records) = self
+            .read_pipeline_after(Some(self.generation_key(scope)), keys.iter())
+            .await?;
+        Ok(ScopeRead::Read {
+            generation: self.generation_of(scope, lead)?,
+            records,
+        })
     }
 
     async fn get_many(&self, keys: &[RecordKey]) -> StoreResult<Vec<Option<Record>>> {
@@ -1447,9 +1539,10 @@ impl Store for RedisStore {
         let (mode, expected) = precondition_args(pre);
         let answer = self
             .write(
-                Self::eval(PUT, 2)
+                Self::eval(PUT, 3)
                     .arg(&rec)
                     .arg(&idx)
+                    .arg(self.generation_key(&key.scope))
                     .arg(mode)
                     .arg(expected)
                     .arg(data)
@@ -1470,9 +1563,10 @@ impl Store for RedisStore {
         let (mode, expected) = precondition_args(pre);
         let answer = self
             .write(
-                Self::eval(DELETE, 2)
+                Self::eval(DELETE, 3)
                     .arg(&rec)
                     .arg(&idx)
+                    .arg(self.generation_key(&key.scope))
                     .arg(mode)
                     .arg(expected)
                     .arg(&key.id),

@@ -6,7 +6,8 @@
 //! - Reused and expired codes are refused.
 //! - With certificate lifetimes of seconds, the agent keeps calling successfully across several
 //!   expiries because it renews at two thirds of each lifetime; an expired certificate is refused.
-//! - A revoked agent is refused on its next call, without a broker restart.
+//! - A revoked agent is refused on its next call, without a broker restart, also when the
+//!   revocation is made through another replica.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -36,8 +37,13 @@ use tonic::transport::{Certificate, Channel, Identity, ServerTlsConfig};
 const VERSION: &str = "e2e-1.0";
 
 async fn tls_broker(lifetime: Option<Duration>) -> TestBroker {
+    tls_broker_on(TestStore::Embedded, lifetime).await
+}
+
+/// [`tls_broker`] on `store`.
+async fn tls_broker_on(store: TestStore, lifetime: Option<Duration>) -> TestBroker {
     let broker = TestBroker::start_with(
-        TestStore::Embedded,
+        store,
         TestOptions {
             tls: true,
             agent_certificate_lifetime: lifetime,
@@ -543,39 +549,13 @@ async fn a_revoked_agent_is_refused_on_its_next_call() {
     register_agent_key(dir.path());
     let channel: Channel = enrolled.channel().unwrap();
     let mut client = TokenBrokerClient::new(channel);
-    let request = || pb::IssueAccessTokenRequest {
-        device: "mfp".into(),
-        mailbox: "scan".into(),
-        purpose: pb::MailPurpose::Send as i32,
-        ..Default::default()
-    };
-    let before = client.issue_access_token(request()).await.unwrap_err();
+    let before = client.issue_access_token(scan_request()).await.unwrap_err();
     assert_eq!(before.code(), Code::FailedPrecondition, "{before:?}");
 
-    broker
-        .admin_client()
-        .revoke_agent(pb::RevokeAgentRequest {
-            tenant: "acme".into(),
-            name: "site-a".into(),
-        })
-        .await
-        .unwrap();
+    revoke_site_a(&broker).await;
 
     // The same connection, the next call.
-    let after = client.issue_access_token(request()).await.unwrap_err();
-    assert_eq!(after.code(), Code::PermissionDenied, "{after:?}");
-    assert!(after.message().contains("revoked"), "{}", after.message());
-    let err = identity::renew(dir.path(), VERSION).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            IdentityError::Refused {
-                code: Code::PermissionDenied,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_revoked(&mut client, dir.path()).await;
     let listed = broker
         .admin_client()
         .list_agents(pb::ListAgentsRequest {
@@ -592,6 +572,80 @@ async fn a_revoked_agent_is_refused_on_its_next_call() {
             .iter()
             .any(|a| a.name == "site-a" && a.revoked)
     );
+}
+
+/// Each replica keeps the records an agent's calls read between calls, while their tenant's
+/// records do not change (the scope's generation in Redis). A revocation made through another
+/// replica reaches that memory: after two calls answered from the same records, the next call
+/// on the same connection is refused, as is the agent's renewal.
+#[tokio::test]
+async fn a_revocation_through_another_replica_is_refused_on_the_next_call() {
+    let redis = tokenfleet_testkit::redis::RedisServer::start()
+        .await
+        .unwrap();
+    let first = tls_broker_on(TestStore::Redis(redis.url()), None).await;
+    let second = first.replica().await.unwrap();
+    hosted_device(&first, "site-a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let enrolled = identity::enroll(
+        &first.grpc_url(),
+        &enrollment_code(&first, "site-a").await,
+        first.tls_ca_pem(),
+        dir.path(),
+        VERSION,
+    )
+    .await
+    .unwrap();
+    register_agent_key(dir.path());
+    let mut client = TokenBrokerClient::new(enrolled.channel().unwrap());
+    // No consent yet: the calls get as far as the grant, twice from the same records.
+    for _ in 0..2 {
+        let before = client.issue_access_token(scan_request()).await.unwrap_err();
+        assert_eq!(before.code(), Code::FailedPrecondition, "{before:?}");
+    }
+    revoke_site_a(&second).await;
+    assert_revoked(&mut client, dir.path()).await;
+}
+
+/// Revokes agent `site-a` of `acme` through `broker`'s admin API.
+async fn revoke_site_a(broker: &TestBroker) {
+    broker
+        .admin_client()
+        .revoke_agent(pb::RevokeAgentRequest {
+            tenant: "acme".into(),
+            name: "site-a".into(),
+        })
+        .await
+        .unwrap();
+}
+
+/// The next issuance on `client`'s connection and the renewal of the identity in `state_dir`
+/// are refused as revoked.
+async fn assert_revoked(client: &mut TokenBrokerClient<Channel>, state_dir: &Path) {
+    let after = client.issue_access_token(scan_request()).await.unwrap_err();
+    assert_eq!(after.code(), Code::PermissionDenied, "{after:?}");
+    assert!(after.message().contains("revoked"), "{}", after.message());
+    let err = identity::renew(state_dir, VERSION).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            IdentityError::Refused {
+                code: Code::PermissionDenied,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+/// An issuance for device `mfp` and mailbox `scan` (see [`hosted_device`]).
+fn scan_request() -> pb::IssueAccessTokenRequest {
+    pb::IssueAccessTokenRequest {
+        device: "mfp".into(),
+        mailbox: "scan".into(),
+        purpose: pb::MailPurpose::Send as i32,
+        ..Default::default()
+    }
 }
 
 // ----------------------------------------------------------------------------------------------

@@ -249,7 +249,8 @@ async fn redis_store_reconnects_after_server_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_keys_of_one_tenant_share_a_hash_slot() {
-    // The layout the scripts rely on in Cluster: one hash tag per scope.
+    // The layout the scripts rely on in Cluster: one hash tag per scope (the scope's generation,
+    // which every record write changes in the same script, included).
     let server = RedisServer::start().await.unwrap();
     let store = RedisStore::connect(&RedisConfig::standalone(server.url()))
         .await
@@ -274,6 +275,7 @@ async fn redis_keys_of_one_tenant_share_a_hash_slot() {
     assert_eq!(
         keys,
         [
+            "tf:{t:acme}:gen",
             "tf:{t:acme}:idx:mailbox",
             "tf:{t:acme}:rec:mailbox:m1",
             "tf:{t:acme}:stream:audit"

@@ -285,9 +285,16 @@ mod tests {
         assert!(matches!(err, Error::Unauthenticated(_)), "{err:?}");
 
         let leaf = first_cert_der(&enrolled.certificate.cert_pem).unwrap();
-        let (peer, _) = peer::admit(&state, &identity.ca, Some(&leaf), RENEW_ACTION, |_| {
-            Vec::new()
-        })
+        // One cache across the revocation: the kept snapshot must not outlive it.
+        let snapshots = crate::records::SnapshotCache::default();
+        let (peer, _) = peer::admit(
+            &state,
+            &identity.ca,
+            &snapshots,
+            Some(&leaf),
+            RENEW_ACTION,
+            |_| Vec::new(),
+        )
         .await
         .unwrap();
         let renewed = renew(&state, &identity, &peer, &csr(), "2.0")
@@ -307,9 +314,14 @@ mod tests {
             .unwrap();
         let renewed_leaf = first_cert_der(&renewed.cert_pem).unwrap();
         for leaf in [&leaf, &renewed_leaf] {
-            let err = peer::admit(&state, &identity.ca, Some(leaf), RENEW_ACTION, |_| {
-                Vec::new()
-            })
+            let err = peer::admit(
+                &state,
+                &identity.ca,
+                &snapshots,
+                Some(leaf),
+                RENEW_ACTION,
+                |_| Vec::new(),
+            )
             .await
             .unwrap_err();
             assert!(matches!(err, PeerError::Revoked(_)), "{err:?}");

@@ -12,13 +12,15 @@
 //! call (revoked, deleted, superseded), audited as the call's action with result
 //! `permission_denied`. [`audit`] records an agent's call on the agent's tenant.
 
+use std::sync::Arc;
+
 use time::OffsetDateTime;
 use tokenfleet_domain::{Agent, AuditEvent};
 use tokenfleet_store::{Precondition, RecordKey, Scope, StoreError};
 
 use super::ca::{CertificateProblem, VerifiedCert};
 use super::{AgentCa, AgentCertificates, AgentId, certificates_key};
-use crate::records::{Records, Snapshot, Versioned, agent_key};
+use crate::records::{Records, Snapshot, SnapshotCache, Versioned, agent_key};
 use crate::state::BrokerState;
 
 /// `last_seen` is written at most this often per agent (every call would be a write otherwise).
@@ -94,22 +96,24 @@ pub async fn authenticate(
 /// call on the broker's listener): the signature is not verified again
 /// ([`AgentCa::identify_handshake_verified`]), and the agent record and its certificate list
 /// are read in one round trip together with the `also` keys the call needs next (named from
-/// the caller's identity), which the returned [`Snapshot`] holds. The per-call check is
-/// unchanged: the agent must exist, not be revoked, and the certificate must be one of its
-/// current ones, all read from the store on this call, so revocation and re-enrollment take
-/// effect on the next call on every replica.
+/// the caller's identity), which the returned [`Snapshot`] holds, through `snapshots` (the
+/// records as the store holds them on this call: a kept snapshot only while their scope has
+/// not changed). The per-call check is unchanged: the agent must exist, not be revoked, and the
+/// certificate must be one of its current ones, so revocation and re-enrollment take effect on
+/// the next call on every replica.
 pub async fn authenticate_handshake_verified(
     state: &BrokerState,
     ca: &AgentCa,
+    snapshots: &SnapshotCache,
     leaf_der: Option<&[u8]>,
     also: impl FnOnce(&AgentId) -> Vec<RecordKey>,
-) -> Result<(AgentPeer, Snapshot), PeerError> {
+) -> Result<(AgentPeer, Arc<Snapshot>), PeerError> {
     let leaf = leaf_der.ok_or(PeerError::NoCertificate)?;
     let now = state.clock.now();
     let certificate = ca.identify_handshake_verified(leaf, now)?;
     let mut keys = identity_keys(&certificate.id);
     keys.extend(also(&certificate.id));
-    let snapshot = Snapshot::read(state.store.as_ref(), keys).await?;
+    let snapshot = snapshots.read(state.store.as_ref(), keys).await?;
     let peer = check_current(state, certificate, &snapshot, now).await?;
     Ok((peer, snapshot))
 }
@@ -119,11 +123,12 @@ pub async fn authenticate_handshake_verified(
 pub async fn admit(
     state: &BrokerState,
     ca: &AgentCa,
+    snapshots: &SnapshotCache,
     leaf_der: Option<&[u8]>,
     action: &str,
     also: impl FnOnce(&AgentId) -> Vec<RecordKey>,
-) -> Result<(AgentPeer, Snapshot), PeerError> {
-    match authenticate_handshake_verified(state, ca, leaf_der, also).await {
+) -> Result<(AgentPeer, Arc<Snapshot>), PeerError> {
+    match authenticate_handshake_verified(state, ca, snapshots, leaf_der, also).await {
         Ok((peer, snapshot)) => {
             tracing::Span::current().record("agent", peer.id.to_string().as_str());
             Ok((peer, snapshot))

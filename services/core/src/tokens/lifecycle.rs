@@ -761,18 +761,36 @@ impl TokenService {
         address: &str,
         resource: TokenResource,
     ) -> Result<Option<IssuedToken>, TokenError> {
+        self.open_access_via(None, grant, address, resource)
+    }
+
+    /// [`Self::open_access`], opened once per `snapshot` ([`Snapshot::memo`]: by the grant's
+    /// field and its exact ciphertext, so any other ciphertext is opened afresh).
+    fn open_access_via(
+        &self,
+        snapshot: Option<&Snapshot>,
+        grant: &GrantRecord,
+        address: &str,
+        resource: TokenResource,
+    ) -> Result<Option<IssuedToken>, TokenError> {
         let (Some(sealed), Some(expires), _) = grant.cached(resource) else {
             return Ok(None);
         };
         let record = format!("{}#access_token@{resource}", grant.key());
-        let access_token = open_field(
-            &self.inner.state.keyring,
-            &grant.tenant,
-            &grant.mailbox,
-            GrantRecord::access_field(resource),
-            sealed,
-        )
-        .map_err(seal_error(&record))?;
+        let open = || {
+            open_field(
+                &self.inner.state.keyring,
+                &grant.tenant,
+                &grant.mailbox,
+                GrantRecord::access_field(resource),
+                sealed,
+            )
+            .map_err(seal_error(&record))
+        };
+        let access_token = match snapshot {
+            Some(snapshot) => snapshot.memo(&record, sealed, open)?,
+            None => open()?,
+        };
         Ok(Some(IssuedToken {
             access_token,
             expires,
@@ -837,7 +855,9 @@ impl TokenService {
             };
             let grant = grant.value;
             let need = needed(&grant, min_validity, resource);
-            if let Some(done) = self.without_refresh(&grant, need, &m.address, resource)? {
+            if let Some(done) =
+                self.without_refresh(snapshot, &grant, need, &m.address, resource)?
+            {
                 return done;
             }
             let token = self
@@ -859,6 +879,7 @@ impl TokenService {
     /// error). `None`: refresh.
     fn without_refresh(
         &self,
+        snapshot: Option<&Snapshot>,
         grant: &GrantRecord,
         need: Duration,
         address: &str,
@@ -868,7 +889,7 @@ impl TokenService {
         let left = remaining(grant, now, resource);
         let cached = |floor: Duration| -> Result<Option<IssuedToken>, TokenError> {
             if left >= floor && !left.is_zero() {
-                self.open_access(grant, address, resource)
+                self.open_access_via(snapshot, grant, address, resource)
             } else {
                 Ok(None)
             }
@@ -1335,6 +1356,7 @@ impl TokenService {
         match trigger {
             Trigger::OnDemand(want) => {
                 if let Some(done) = self.without_refresh(
+                    None,
                     &grant,
                     needed(&grant, want, resource),
                     &m.address,
