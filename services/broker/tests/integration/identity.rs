@@ -916,6 +916,38 @@ async fn with_a_cached_token_revocation_and_re_enrollment_still_refuse_the_next_
     );
 }
 
+/// The broker keeps an agent's records, and the token it opened, between calls only while the
+/// tenant's records are unchanged: a new token stored for the mailbox (as a refresh on another
+/// replica would store it) and the device moved to another agent reach the very next call.
+#[tokio::test]
+async fn a_changed_token_or_device_reaches_the_next_call() {
+    let broker = Broker::start(true, None).await;
+    let (key, cert) = broker.enroll("acme", "site-a").await;
+    broker.put_device("acme", "mfp-a", "site-a").await;
+    put_cached_grant(&broker.state, "acme", "scan", "cached-access-token").await;
+    let mut client = broker.broker_client(broker.with_certificate(&cert.certificate_pem, &key));
+    issues_cached(&mut client).await.unwrap();
+    issues_cached(&mut client).await.unwrap();
+
+    put_cached_grant(&broker.state, "acme", "scan", "refreshed-access-token").await;
+    let answer = client
+        .issue_access_token(issue_request("mfp-a", "scan"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        answer.access_token, "refreshed-access-token",
+        "the token stored after the kept snapshot is the one issued"
+    );
+
+    broker.put_device("acme", "mfp-a", "site-b").await;
+    let err = client
+        .issue_access_token(issue_request("mfp-a", "scan"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+}
+
 /// `calls` concurrent issuances over `connections` connections of one agent: every one is
 /// answered with the cached token, and every answered one has its audit record (the embedded
 /// store commits concurrent appends in groups, each durable before its calls are answered).
