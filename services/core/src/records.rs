@@ -201,17 +201,21 @@ impl Snapshot {
         self.records.iter().position(|(k, _)| k == key)
     }
 
-    /// The raw record at `key` as read (`Some(None)`: read and missing); `None` when the
-    /// snapshot did not read `key`.
-    pub fn raw(&self, key: &RecordKey) -> Option<Option<&tokenfleet_store::Record>> {
-        self.position(key).map(|i| self.records[i].1.as_ref())
-    }
-
     /// The record at `key` as read, decoded (once per snapshot, through [`decode_kept`]);
     /// `None` when the snapshot did not read `key`.
     pub fn get<T: StoredRecord + Clone>(
         &self,
         key: &RecordKey,
+    ) -> Option<StoreResult<Option<Versioned<T>>>> {
+        self.decoded(key, decode::<T>)
+    }
+
+    /// [`Snapshot::get`] for records that are not [`StoredRecord`]s (an agent's certificate
+    /// list), decoded by `decode`: once per snapshot and type, through [`decode_kept`].
+    pub fn decoded<T: Clone + Send + Sync + 'static>(
+        &self,
+        key: &RecordKey,
+        decode: impl FnOnce(&RecordKey, &[u8]) -> StoreResult<T>,
     ) -> Option<StoreResult<Option<Versioned<T>>>> {
         let i = self.position(key)?;
         let Some(record) = &self.records[i].1 else {
@@ -224,7 +228,7 @@ impl Snapshot {
                 value: value.clone(),
             })));
         }
-        Some(decode_kept(key, &record.data, decode::<T>).map(|value| {
+        Some(decode_kept(key, &record.data, decode).map(|value| {
             // A record decoded as another type first keeps that decoding.
             let _ = cell.set(Arc::new(value.clone()));
             Some(Versioned {
@@ -280,7 +284,7 @@ impl Snapshot {
 /// `IssueAccessToken` reads the same five records), each with the generation of the scope it
 /// was read at ([`Store::get_many_since`]): a call whose keys were read before asks the store
 /// only whether their scope changed since, and gets the kept snapshot when it did not (the
-/// embedded store answers from memory; Redis with one short script answer instead of the
+/// embedded store answers from memory; Redis with one `GET` of the generation instead of the
 /// records). Any write of a record of the scope (a revocation, a re-enrollment, a device
 /// change, a refreshed token) gives the scope a new generation, so the next call reads afresh:
 /// what the store holds takes effect on the next call, on every replica, as with a plain read.
@@ -604,6 +608,56 @@ mod tests {
             stamps: tokenfleet_domain::Stamps::new(time::OffsetDateTime::UNIX_EPOCH),
         };
         serde_json::to_vec(&value).unwrap()
+    }
+
+    /// A snapshot remembers a computed value only for the same `what` and an equal input: another
+    /// ciphertext of the same field (a refreshed token) is computed afresh, and a failure is
+    /// never remembered.
+    #[test]
+    fn memos_answer_only_for_the_same_what_and_input() {
+        let snapshot = Snapshot::default();
+        let calls = std::cell::Cell::new(0);
+        let open = |value: &str| {
+            let value = value.to_owned();
+            let calls = &calls;
+            move || {
+                calls.set(calls.get() + 1);
+                Ok::<_, String>(value)
+            }
+        };
+        let what = "tenants/acme/grants/scan#access_token@mail";
+        assert_eq!(
+            snapshot.memo(what, &"ct-1", open("token-1")),
+            Ok("token-1".into())
+        );
+        assert_eq!(
+            snapshot.memo(what, &"ct-1", open("other")),
+            Ok("token-1".into())
+        );
+        assert_eq!(calls.get(), 1, "the same input was computed once");
+        assert_eq!(
+            snapshot.memo(what, &"ct-2", open("token-2")),
+            Ok("token-2".into())
+        );
+        let other = "tenants/acme/grants/bulk#access_token@mail";
+        assert_eq!(
+            snapshot.memo(other, &"ct-1", open("token-3")),
+            Ok("token-3".into())
+        );
+        assert_eq!(
+            calls.get(),
+            3,
+            "another input or another field is computed afresh"
+        );
+        for _ in 0..2 {
+            let failed: Result<String, String> =
+                snapshot.memo(what, &"ct-bad", || Err("cannot open".to_owned()));
+            assert_eq!(failed, Err("cannot open".into()));
+        }
+        assert_eq!(
+            snapshot.memo(what, &"ct-bad", open("fixed")),
+            Ok("fixed".into())
+        );
     }
 
     /// A kept decoding is used only for the very same bytes at the same key as the same type;

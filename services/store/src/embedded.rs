@@ -90,13 +90,11 @@ impl Generations {
 /// Gives a scope its next generation when dropped: a write transaction declared after it has
 /// ended (committed, failed or aborted) by then, so the write is visible before the generation
 /// changes, whatever way the closure left.
-struct BumpOnDrop<'a>(&'a Generations, Option<String>);
+struct BumpOnDrop<'a>(&'a Generations, String);
 
 impl Drop for BumpOnDrop<'_> {
     fn drop(&mut self) {
-        if let Some(scope) = self.1.take() {
-            self.0.bump(scope);
-        }
+        self.0.bump(std::mem::take(&mut self.1));
     }
 }
 
@@ -390,14 +388,10 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
 /// written once, and its excess over the bound (that of the stream's last append) is removed
 /// in one pass, leaving what appending one at a time would.
 fn append_batch(db: &Database, path: &Path, batch: &[PendingAppend]) -> StoreResult<Vec<String>> {
-    let mut streams: Vec<((&str, &str), Vec<usize>)> = Vec::new();
-    for (i, append) in batch.iter().enumerate() {
-        let stream = (append.scope.as_str(), append.stream);
-        match streams.iter_mut().find(|(s, _)| *s == stream) {
-            Some((_, members)) => members.push(i),
-            None => streams.push((stream, vec![i])),
-        }
-    }
+    // The appends by stream, each stream's in batch order (a stable sort keeps it).
+    let stream_of = |i: usize| (batch[i].scope.as_str(), batch[i].stream);
+    let mut order: Vec<usize> = (0..batch.len()).collect();
+    order.sort_by_key(|&i| stream_of(i));
     let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
     let mut ids = vec![String::new(); batch.len()];
     {
@@ -406,7 +400,8 @@ fn append_batch(db: &Database, path: &Path, batch: &[PendingAppend]) -> StoreRes
             .map_err(|e| storage_err(path, e))?;
         let mut entries = txn.open_table(STREAMS).map_err(|e| storage_err(path, e))?;
         let now = time_seq(now_millis());
-        for ((scope, stream), members) in &streams {
+        for members in order.chunk_by(|&a, &b| stream_of(a) == stream_of(b)) {
+            let (scope, stream) = &stream_of(members[0]);
             let (mut last, mut len) = meta
                 .get((*scope, *stream))
                 .map_err(|e| storage_err(path, e))?
@@ -596,7 +591,7 @@ impl Store for EmbeddedStore {
         let key = key.clone();
         let generations = Arc::clone(&self.generations);
         self.run(move |db, path| {
-            let _bump = BumpOnDrop(&generations, Some(scope_key(&key.scope)));
+            let _bump = BumpOnDrop(&generations, scope_key(&key.scope));
             let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
             let version = {
                 let mut table = txn.open_table(RECORDS).map_err(|e| storage_err(path, e))?;
@@ -624,7 +619,7 @@ impl Store for EmbeddedStore {
         let key = key.clone();
         let generations = Arc::clone(&self.generations);
         self.run(move |db, path| {
-            let _bump = BumpOnDrop(&generations, Some(scope_key(&key.scope)));
+            let _bump = BumpOnDrop(&generations, scope_key(&key.scope));
             let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
             let removed = {
                 let mut table = txn.open_table(RECORDS).map_err(|e| storage_err(path, e))?;

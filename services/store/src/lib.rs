@@ -200,7 +200,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// read). Embedded: the generation is in memory; Redis: one `GET` of the generation when one
     /// is known, and one pipeline of the generation and the records when none is known or it
     /// changed. Every put or delete of a record of a scope that takes effect gives
-    /// the scope a new generation, atomically with the write (Redis: in the write's script;
+    /// the scope a new generation (the embedded store also gives one after a refused write: a
+    /// needless re-read, never a missed change), atomically with the write (Redis: in the write's script;
     /// embedded: before the write returns). A generation is a microsecond timestamp, or one more
     /// than the last when that is not larger, so one that was answered is never given to other
     /// contents of the scope again, not after a restart, a Redis failover that lost writes, or a

@@ -197,10 +197,8 @@ async fn check_current(
         return Err(PeerError::Revoked(id));
     }
     let cert_key = certificates_key(&id.tenant, &id.name);
-    let current = match snapshot.raw(&cert_key) {
-        Some(record) => record
-            .map(|r| decode_certificates(&cert_key, r))
-            .transpose()?,
+    let current = match snapshot.decoded(&cert_key, decode_certificates) {
+        Some(read) => read?.map(|c| (c.version, c.value)),
         None => read_certificates(state, &id).await?,
     };
     let listed = current.as_ref().is_some_and(|(_, c)| {
@@ -217,17 +215,11 @@ async fn check_current(
     })
 }
 
-fn decode_certificates(
-    key: &RecordKey,
-    record: &tokenfleet_store::Record,
-) -> Result<(u64, AgentCertificates), StoreError> {
-    let value = crate::records::decode_kept(key, &record.data, |key, data| {
-        serde_json::from_slice::<AgentCertificates>(data).map_err(|e| StoreError::Corrupt {
-            key: key.to_string(),
-            problem: format!("not a valid agent certificate record: {e}"),
-        })
-    })?;
-    Ok((record.version, value))
+fn decode_certificates(key: &RecordKey, data: &[u8]) -> Result<AgentCertificates, StoreError> {
+    serde_json::from_slice::<AgentCertificates>(data).map_err(|e| StoreError::Corrupt {
+        key: key.to_string(),
+        problem: format!("not a valid agent certificate record: {e}"),
+    })
 }
 
 /// Reads an agent's certificate record.
@@ -239,7 +231,8 @@ pub async fn read_certificates(
     let Some(record) = state.store.get(&key).await? else {
         return Ok(None);
     };
-    decode_certificates(&key, &record).map(Some)
+    crate::records::decode_kept(&key, &record.data, decode_certificates)
+        .map(|value| Some((record.version, value)))
 }
 
 /// Writes an agent's certificate record if `pre` holds.
