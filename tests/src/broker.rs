@@ -269,6 +269,23 @@ impl TestBroker {
         }
     }
 
+    /// Kills the broker process (SIGKILL: no shutdown, no destructor, nothing it kept in memory
+    /// reaches the disk) and starts it again on the same store, like [`TestBroker::restart`].
+    /// Only for a broker run as a binary ([`TestOptions::binary_config`]).
+    pub async fn kill_and_restart(mut self) -> TestBroker {
+        match self.running.take() {
+            Some(Running::Process { mut child, .. }) => {
+                child.kill().expect("killing tokenfleet-broker");
+                tokio::task::spawn_blocking(move || child.wait())
+                    .await
+                    .expect("waiting for the killed broker")
+                    .expect("waiting for the killed broker");
+            }
+            _ => panic!("kill_and_restart needs a broker run as a binary (binary_config)"),
+        }
+        self.restart().await
+    }
+
     /// Starts a second broker on the same Redis store with the same sealing key (another replica),
     /// with its own ports and the same admin key. Not possible with the embedded store (one
     /// process owns the file).

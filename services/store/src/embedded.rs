@@ -10,6 +10,9 @@
 //! - `schedule`: `(schedule, member)` → due time (Unix milliseconds), and `schedule_due`:
 //!   `(schedule, due, member)` → `()`, its index in due order. Both change in one write
 //!   transaction, so [`Store::due`] is a range scan of the index.
+//! - `journal`: `"applied"` → the sequence number of the last append group the database holds
+//!   (see [`crate::journal`]: stream appends are made durable by a journal file beside the
+//!   database, `<path>.journal`, and the database catches up with it when opened).
 //!
 //! redb is synchronous: every operation runs in one redb transaction on tokio's blocking pool, and
 //! every precondition is checked inside the write transaction that performs the write. redb locks
@@ -24,6 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
+use crate::journal::{EntryRef, Journal, JournalGroup};
 use crate::{
     Lease, Notice, Precondition, Record, RecordKey, Scope, ScopeRead, Store, StoreError,
     StoreResult, StreamEntry,
@@ -37,6 +41,8 @@ const STREAM_META: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::
 const LEASES: TableDefinition<&str, (&str, u64, u64)> = TableDefinition::new("leases");
 const SCHEDULE: TableDefinition<(&str, &str), i64> = TableDefinition::new("schedule");
 const SCHEDULE_DUE: TableDefinition<(&str, i64, &str), ()> = TableDefinition::new("schedule_due");
+const JOURNAL: TableDefinition<&str, u64> = TableDefinition::new("journal");
+const JOURNAL_APPLIED: &str = "applied";
 
 const VERSION_LEN: usize = 8;
 
@@ -52,6 +58,15 @@ pub struct EmbeddedStore {
     /// Each scope's generation ([`Store::get_many_since`]); one process holds the file, so
     /// memory is where they live.
     generations: Arc<Generations>,
+    /// The append journal and the next group's sequence number; only the group committer
+    /// uses it.
+    journal: Arc<Mutex<JournalState>>,
+}
+
+#[derive(Debug)]
+struct JournalState {
+    journal: Journal,
+    next_lsn: u64,
 }
 
 /// The generations of the scopes written since the store was opened; every other scope is at
@@ -208,13 +223,14 @@ impl EmbeddedStore {
             .map_err(|e| {
                 StoreError::Unavailable(format!("embedded store open task failed: {e}"))
             })?;
-        let (db, path) = opened?;
+        let ((db, journal), path) = opened?;
         Ok(Self {
             db: Arc::new(db),
             path: Arc::new(path),
             notices: tokio::sync::broadcast::channel(crate::NOTICE_BUFFER).0,
             appends: Arc::default(),
             generations: Arc::new(Generations::new()),
+            journal: Arc::new(Mutex::new(journal)),
         })
     }
 
@@ -224,13 +240,13 @@ impl EmbeddedStore {
     }
 
     /// Group commit of stream appends (the audit log): concurrent appends share one write
-    /// transaction and so one fsync. The first append that finds no committer running starts
+    /// transaction and one sync. The first append that finds no committer running starts
     /// one on the blocking pool; it takes everything pending (up to [`MAX_GROUP_COMMIT`]),
-    /// writes it in one transaction, commits (durable: redb's default durability syncs the file),
-    /// answers each append with its id, and repeats until nothing is pending. Appends arriving
-    /// while a commit syncs wait for the next one, so under load each transaction carries the
-    /// appends of one sync's duration. No append is answered before its transaction committed;
-    /// when a commit fails, every append in it gets the error.
+    /// writes it in one transaction, makes it durable (one journal write and sync, or now and
+    /// then a durable commit: see [`append_batch`]), answers each append with its id, and
+    /// repeats until nothing is pending. Appends arriving while a commit syncs wait for the next
+    /// one, so under load each transaction carries the appends of one sync's duration. No append
+    /// is answered before it is durable; when a commit fails, every append in it gets the error.
     ///
     /// The committer lets go of the database before it answers its last batch, so a caller that
     /// drops the store right after its append can open the file again at once.
@@ -248,7 +264,13 @@ impl EmbeddedStore {
                 queue.pending.drain(..n).collect()
             };
             let Some(this) = store.as_ref() else { return };
-            let result = append_batch(&this.db, &this.path, &batch);
+            let result = {
+                let mut journal = this
+                    .journal
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                append_batch(&this.db, &this.path, &mut journal, &batch)
+            };
             let last = {
                 let mut queue = lock_queue(&appends);
                 let last = queue.pending.is_empty();
@@ -311,7 +333,7 @@ impl EmbeddedStore {
     }
 }
 
-fn open_blocking(path: &Path) -> StoreResult<Database> {
+fn open_blocking(path: &Path) -> StoreResult<(Database, JournalState)> {
     let shown = path.display();
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         create_private_dir(parent).map_err(|e| {
@@ -348,9 +370,114 @@ fn open_blocking(path: &Path) -> StoreResult<Database> {
         txn.open_table(SCHEDULE).map_err(|e| storage_err(path, e))?;
         txn.open_table(SCHEDULE_DUE)
             .map_err(|e| storage_err(path, e))?;
+        txn.open_table(JOURNAL).map_err(|e| storage_err(path, e))?;
     }
     txn.commit().map_err(|e| storage_err(path, e))?;
-    Ok(db)
+    let (mut journal, groups) = Journal::open(path).map_err(StoreError::Unavailable)?;
+    let last_lsn = replay(&db, path, groups)?;
+    journal.checkpointed();
+    Ok((
+        db,
+        JournalState {
+            journal,
+            next_lsn: last_lsn + 1,
+        },
+    ))
+}
+
+/// Applies the journal's groups the database does not hold durably (sequence number above the
+/// stored one: appends acknowledged before a crash) in one durable transaction, and answers the
+/// last sequence number used. Each entry goes where its group commit put it, under the id it
+/// was answered with, and its stream's bound applies as at the append.
+fn replay(db: &Database, path: &Path, groups: Vec<JournalGroup>) -> StoreResult<u64> {
+    let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
+    let mut last_lsn;
+    let mut replayed = 0usize;
+    {
+        let mut journal = txn.open_table(JOURNAL).map_err(|e| storage_err(path, e))?;
+        let applied = journal
+            .get(JOURNAL_APPLIED)
+            .map_err(|e| storage_err(path, e))?
+            .map_or(0, |v| v.value());
+        last_lsn = applied;
+        let mut meta = txn
+            .open_table(STREAM_META)
+            .map_err(|e| storage_err(path, e))?;
+        let mut entries = txn.open_table(STREAMS).map_err(|e| storage_err(path, e))?;
+        for group in groups.iter().filter(|g| g.lsn > applied) {
+            last_lsn = last_lsn.max(group.lsn);
+            for entry in &group.entries {
+                let (scope, stream) = (entry.scope.as_str(), entry.stream.as_str());
+                let (mut last, mut len) = meta
+                    .get((scope, stream))
+                    .map_err(|e| storage_err(path, e))?
+                    .map(|v| v.value())
+                    .unwrap_or((0, 0));
+                let seq = entry.id.parse::<u64>().map_err(|_| StoreError::Corrupt {
+                    key: crate::journal::journal_path(path).display().to_string(),
+                    problem: format!("journaled stream id {:?} is not a number", entry.id),
+                })?;
+                let fresh = entries
+                    .insert((scope, stream, entry.id.as_str()), entry.data.as_slice())
+                    .map_err(|e| storage_err(path, e))?
+                    .is_none();
+                if fresh {
+                    len += 1;
+                    replayed += 1;
+                }
+                last = last.max(seq);
+                len -= remove_excess(&mut entries, path, scope, stream, len, entry.max_len)?;
+                meta.insert((scope, stream), (last, len))
+                    .map_err(|e| storage_err(path, e))?;
+            }
+        }
+        journal
+            .insert(JOURNAL_APPLIED, last_lsn)
+            .map_err(|e| storage_err(path, e))?;
+    }
+    txn.commit().map_err(|e| storage_err(path, e))?;
+    if replayed > 0 {
+        tracing::info!(
+            store = %path.display(),
+            appends = replayed,
+            "embedded store: applied journaled appends the database had not made durable"
+        );
+    }
+    Ok(last_lsn)
+}
+
+/// Removes the oldest entries of a stream of `len` entries over `max_len`; answers how many.
+fn remove_excess(
+    entries: &mut redb::Table<Key3, &[u8]>,
+    path: &Path,
+    scope: &str,
+    stream: &str,
+    len: u64,
+    max_len: u64,
+) -> StoreResult<u64> {
+    if len <= max_len {
+        return Ok(0);
+    }
+    let excess = usize::try_from(len - max_len).unwrap_or(usize::MAX);
+    let mut oldest = Vec::with_capacity(excess.min(1024));
+    for item in entries
+        .range::<Key3>((scope, stream, "")..)
+        .map_err(|e| storage_err(path, e))?
+        .take(excess)
+    {
+        let (k, _) = item.map_err(|e| storage_err(path, e))?;
+        let (s, st, old) = k.value();
+        if s != scope || st != stream {
+            break;
+        }
+        oldest.push(old.to_owned());
+    }
+    for old in &oldest {
+        entries
+            .remove((scope, stream, old.as_str()))
+            .map_err(|e| storage_err(path, e))?;
+    }
+    Ok(u64::try_from(oldest.len()).unwrap_or(0))
 }
 
 #[cfg(unix)]
@@ -387,12 +514,24 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
 /// The appends of one stream are written together: its length and last id are read and
 /// written once, and its excess over the bound (that of the stream's last append) is removed
 /// in one pass, leaving what appending one at a time would.
-fn append_batch(db: &Database, path: &Path, batch: &[PendingAppend]) -> StoreResult<Vec<String>> {
+///
+/// Durability: the transaction also stores the group's journal sequence number. Usually the
+/// group (with its ids) is written to the journal and synced, then the transaction commits
+/// without a sync; when [`Journal::checkpoint_due`], the transaction commits durably instead
+/// (which makes every earlier group durable in the database) and the journal starts again.
+fn append_batch(
+    db: &Database,
+    path: &Path,
+    state: &mut JournalState,
+    batch: &[PendingAppend],
+) -> StoreResult<Vec<String>> {
     // The appends by stream, each stream's in batch order (a stable sort keeps it).
     let stream_of = |i: usize| (batch[i].scope.as_str(), batch[i].stream);
     let mut order: Vec<usize> = (0..batch.len()).collect();
     order.sort_by_key(|&i| stream_of(i));
-    let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
+    let mut txn = db.begin_write().map_err(|e| storage_err(path, e))?;
+    let lsn = state.next_lsn;
+    state.next_lsn += 1;
     let mut ids = vec![String::new(); batch.len()];
     {
         let mut meta = txn
@@ -417,33 +556,43 @@ fn append_batch(db: &Database, path: &Path, batch: &[PendingAppend]) -> StoreRes
                 ids[i] = id;
             }
             let max_len = members.last().map_or(u64::MAX, |&i| batch[i].max_len);
-            if len > max_len {
-                let excess = usize::try_from(len - max_len).unwrap_or(usize::MAX);
-                let mut oldest = Vec::with_capacity(excess.min(1024));
-                for item in entries
-                    .range::<Key3>((*scope, *stream, "")..)
-                    .map_err(|e| storage_err(path, e))?
-                    .take(excess)
-                {
-                    let (k, _) = item.map_err(|e| storage_err(path, e))?;
-                    let (s, st, old) = k.value();
-                    if s != *scope || st != *stream {
-                        break;
-                    }
-                    oldest.push(old.to_owned());
-                }
-                for old in &oldest {
-                    entries
-                        .remove((*scope, *stream, old.as_str()))
-                        .map_err(|e| storage_err(path, e))?;
-                }
-                len -= u64::try_from(oldest.len()).unwrap_or(0);
-            }
+            len -= remove_excess(&mut entries, path, scope, stream, len, max_len)?;
             meta.insert((*scope, *stream), (last, len))
                 .map_err(|e| storage_err(path, e))?;
         }
+        txn.open_table(JOURNAL)
+            .map_err(|e| storage_err(path, e))?
+            .insert(JOURNAL_APPLIED, lsn)
+            .map_err(|e| storage_err(path, e))?;
     }
-    txn.commit().map_err(|e| storage_err(path, e))?;
+    if state.journal.checkpoint_due() {
+        txn.commit().map_err(|e| storage_err(path, e))?;
+        state.journal.checkpointed();
+        return Ok(ids);
+    }
+    let start = state.journal.len();
+    state
+        .journal
+        .write_group(
+            lsn,
+            batch.iter().zip(&ids).map(|(pending, id)| EntryRef {
+                scope: &pending.scope,
+                stream: pending.stream,
+                id,
+                max_len: pending.max_len,
+                data: &pending.data,
+            }),
+        )
+        .map_err(StoreError::Unavailable)?;
+    txn.set_durability(redb::Durability::None)
+        .map_err(|e| storage_err(path, e))?;
+    if let Err(e) = txn.commit() {
+        // Never acknowledged, so it must not come back from the journal after a crash.
+        if let Err(problem) = state.journal.undo_last(start) {
+            tracing::error!(store = %path.display(), %problem, "embedded store: a failed append group stays in the journal");
+        }
+        return Err(storage_err(path, e));
+    }
     Ok(ids)
 }
 
@@ -1164,5 +1313,145 @@ mod tests {
         assert_eq!(back.len(), 2);
         assert_eq!(back[0].id, id);
         assert!(back[1].id < back[0].id);
+    }
+
+    const CRASH_AT: &str = "TOKENFLEET_STORE_TEST_CRASH";
+
+    fn journal_len(store: &EmbeddedStore) -> u64 {
+        store.journal.lock().unwrap().journal.len()
+    }
+
+    /// Run by `acknowledged_appends_survive_a_crash` in a child process: appends three entries,
+    /// trims them (a durable commit), appends 40 more concurrently from the journal alone, prints
+    /// their ids and aborts (no destructor runs, so nothing the database kept in memory reaches
+    /// the file).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn append_then_crash() {
+        let Some(path) = std::env::var_os(CRASH_AT) else {
+            return;
+        };
+        let store = EmbeddedStore::open(&path).await.unwrap();
+        store
+            .journal
+            .lock()
+            .unwrap()
+            .journal
+            .force_checkpoint_due(false);
+        let acme = Scope::Tenant("acme".into());
+        for i in 0..3 {
+            store
+                .append(&acme, "audit", format!("old-{i}").into_bytes(), 100)
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            store
+                .trim_stream(&acme, "audit", now_millis() + 1)
+                .await
+                .unwrap(),
+            3
+        );
+        let appends = (0..40).map(|i| {
+            let store = store.clone();
+            let acme = acme.clone();
+            async move {
+                let data = format!("new-{i}").into_bytes();
+                let id = store.append(&acme, "audit", data, 100).await.unwrap();
+                format!("{id}=new-{i}")
+            }
+        });
+        let ids = futures::future::join_all(appends).await;
+        assert!(journal_len(&store) > 0, "the appends are in the journal");
+        println!("CHILD-IDS: {}", ids.join(","));
+        std::process::abort();
+    }
+
+    #[tokio::test]
+    async fn acknowledged_appends_survive_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "embedded::tests::append_then_crash",
+                "--nocapture",
+            ])
+            .env(CRASH_AT, &path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !out.status.success(),
+            "the child should have aborted: {stdout}"
+        );
+        let line = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("CHILD-IDS: "))
+            .unwrap_or_else(|| panic!("child did not append: {stdout}"));
+        let mut acknowledged: Vec<(String, String)> = line
+            .split(',')
+            .map(|pair| {
+                let (id, data) = pair.split_once('=').unwrap();
+                (id.to_owned(), data.to_owned())
+            })
+            .collect();
+        acknowledged.sort();
+        assert_eq!(acknowledged.len(), 40);
+
+        let store = EmbeddedStore::open(&path).await.unwrap();
+        let acme = Scope::Tenant("acme".into());
+        let mut back: Vec<(String, String)> = store
+            .read_back(&acme, "audit", None, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.id, String::from_utf8(e.data).unwrap()))
+            .collect();
+        back.sort();
+        // Every acknowledged append under its id, and none of the trimmed ones back.
+        assert_eq!(back, acknowledged);
+        assert_eq!(journal_len(&store), 0, "opening starts the journal again");
+        // The stream goes on after them, and its length counts them.
+        let next = store
+            .append(&acme, "audit", b"after".to_vec(), 10)
+            .await
+            .unwrap();
+        assert!(next > acknowledged.last().unwrap().0);
+        let back = store.read_back(&acme, "audit", None, 1000).await.unwrap();
+        assert_eq!(back.len(), 10, "bound 10 keeps 10 of the 41 entries");
+        assert_eq!(back[0].id, next);
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_commits_durably_and_starts_the_journal_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let store = EmbeddedStore::open(&path).await.unwrap();
+        let set_due = |due: bool| {
+            store
+                .journal
+                .lock()
+                .unwrap()
+                .journal
+                .force_checkpoint_due(due);
+        };
+        set_due(false);
+        store
+            .append(&Scope::Global, "audit", b"e1".to_vec(), 10)
+            .await
+            .unwrap();
+        let journaled = journal_len(&store);
+        assert!(journaled > 0);
+        set_due(true);
+        store
+            .append(&Scope::Global, "audit", b"e2".to_vec(), 10)
+            .await
+            .unwrap();
+        assert_eq!(journal_len(&store), 0);
+        let back = store
+            .read_back(&Scope::Global, "audit", None, 10)
+            .await
+            .unwrap();
+        assert_eq!(back.len(), 2);
     }
 }

@@ -376,6 +376,7 @@ fn check_channel(name: &str) -> StoreResult<()> {
 }
 
 pub mod embedded;
+mod journal;
 pub mod redis_store;
 
 /// Which backend the broker uses, as it appears in the broker configuration: a table with one
