@@ -11,7 +11,7 @@
 //!   `(schedule, due, member)` → `()`, its index in due order. Both change in one write
 //!   transaction, so [`Store::due`] is a range scan of the index.
 //! - `journal`: `"applied"` → the sequence number of the last append group the database holds
-//!   (see [`crate::journal`]: stream appends are made durable by a journal file beside the
+//!   (see the `journal` module: stream appends are made durable by a journal file beside the
 //!   database, `<path>.journal`, and the database catches up with it when opened).
 //!
 //! redb is synchronous: every operation runs in one redb transaction on tokio's blocking pool, and
