@@ -275,11 +275,14 @@ impl TestBroker {
     pub async fn kill_and_restart(mut self) -> TestBroker {
         match self.running.take() {
             Some(Running::Process { mut child, .. }) => {
-                child.kill().expect("killing tokenfleet-broker");
-                tokio::task::spawn_blocking(move || child.wait())
-                    .await
-                    .expect("waiting for the killed broker")
-                    .expect("waiting for the killed broker");
+                if let Err(error) = child.kill() {
+                    panic!("killing tokenfleet-broker: {error}");
+                }
+                match tokio::task::spawn_blocking(move || child.wait()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => panic!("waiting for the killed broker: {error}"),
+                    Err(error) => panic!("waiting for the killed broker: {error}"),
+                }
             }
             _ => panic!("kill_and_restart needs a broker run as a binary (binary_config)"),
         }
