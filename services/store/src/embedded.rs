@@ -1317,6 +1317,39 @@ mod tests {
 
     const CRASH_AT: &str = "TOKENFLEET_STORE_TEST_CRASH";
 
+    /// Runs the test `child` of this binary with `env` set to `path`, checks that it aborted
+    /// (a crash: no destructor ran), and answers the rest of its stdout line starting `prefix`.
+    fn crashed_child_says(child: &str, env: &str, path: &Path, prefix: &str) -> String {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                &format!("embedded::tests::{child}"),
+                "--nocapture",
+            ])
+            .env(env, path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !out.status.success(),
+            "{child} should have aborted: {stdout}"
+        );
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("{child} printed no {prefix:?} line: {stdout}"))
+            .to_owned()
+    }
+
+    fn set_checkpoint_due(store: &EmbeddedStore, due: bool) {
+        store
+            .journal
+            .lock()
+            .unwrap()
+            .journal
+            .force_checkpoint_due(due);
+    }
+
     fn journal_len(store: &EmbeddedStore) -> u64 {
         store.journal.lock().unwrap().journal.len()
     }
@@ -1331,12 +1364,7 @@ mod tests {
             return;
         };
         let store = EmbeddedStore::open(&path).await.unwrap();
-        store
-            .journal
-            .lock()
-            .unwrap()
-            .journal
-            .force_checkpoint_due(false);
+        set_checkpoint_due(&store, false);
         let acme = Scope::Tenant("acme".into());
         for i in 0..3 {
             store
@@ -1370,24 +1398,7 @@ mod tests {
     async fn acknowledged_appends_survive_a_crash() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "embedded::tests::append_then_crash",
-                "--nocapture",
-            ])
-            .env(CRASH_AT, &path)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            !out.status.success(),
-            "the child should have aborted: {stdout}"
-        );
-        let line = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("CHILD-IDS: "))
-            .unwrap_or_else(|| panic!("child did not append: {stdout}"));
+        let line = crashed_child_says("append_then_crash", CRASH_AT, &path, "CHILD-IDS: ");
         let mut acknowledged: Vec<(String, String)> = line
             .split(',')
             .map(|pair| {
@@ -1422,27 +1433,66 @@ mod tests {
         assert_eq!(back[0].id, next);
     }
 
+    const CHECKPOINT_CRASH_AT: &str = "TOKENFLEET_STORE_TEST_CHECKPOINT_CRASH";
+
+    /// Run by `a_checkpoint_group_survives_a_crash_without_the_journal` in a child process: one
+    /// append carried by a checkpoint (the journal starts again, so only the database holds it),
+    /// then an abort.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn checkpoint_then_crash() {
+        let Some(path) = std::env::var_os(CHECKPOINT_CRASH_AT) else {
+            return;
+        };
+        let store = EmbeddedStore::open(&path).await.unwrap();
+        set_checkpoint_due(&store, true);
+        let id = store
+            .append(&Scope::Global, "audit", b"ckpt".to_vec(), 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            journal_len(&store),
+            0,
+            "the checkpoint started the journal again"
+        );
+        println!("CHILD-ID: {id}");
+        std::process::abort();
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_group_survives_a_crash_without_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let id = crashed_child_says(
+            "checkpoint_then_crash",
+            CHECKPOINT_CRASH_AT,
+            &path,
+            "CHILD-ID: ",
+        );
+        let store = EmbeddedStore::open(&path).await.unwrap();
+        let back = store
+            .read_back(&Scope::Global, "audit", None, 10)
+            .await
+            .unwrap();
+        assert_eq!(back.len(), 1, "the checkpoint's append is durable");
+        assert_eq!(
+            (back[0].id.as_str(), back[0].data.as_slice()),
+            (id.as_str(), b"ckpt".as_slice())
+        );
+    }
+
     #[tokio::test]
     async fn a_checkpoint_commits_durably_and_starts_the_journal_again() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
         let store = EmbeddedStore::open(&path).await.unwrap();
-        let set_due = |due: bool| {
-            store
-                .journal
-                .lock()
-                .unwrap()
-                .journal
-                .force_checkpoint_due(due);
-        };
-        set_due(false);
+        set_checkpoint_due(&store, false);
         store
             .append(&Scope::Global, "audit", b"e1".to_vec(), 10)
             .await
             .unwrap();
         let journaled = journal_len(&store);
         assert!(journaled > 0);
-        set_due(true);
+        set_checkpoint_due(&store, true);
         store
             .append(&Scope::Global, "audit", b"e2".to_vec(), 10)
             .await
