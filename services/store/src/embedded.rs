@@ -12,7 +12,8 @@
 //!   transaction, so [`Store::due`] is a range scan of the index.
 //! - `journal`: `"applied"` → the sequence number of the last append group the database holds
 //!   (see the `journal` module: stream appends are made durable by a journal file beside the
-//!   database, `<path>.journal`, and the database catches up with it when opened).
+//!   database, `<path>.journal`; the database gets them in batches, before any read of a
+//!   stream, and catches up with the journal when opened).
 //!
 //! redb is synchronous: every operation runs in one redb transaction on tokio's blocking pool, and
 //! every precondition is checked inside the write transaction that performs the write. redb locks
@@ -58,15 +59,63 @@ pub struct EmbeddedStore {
     /// Each scope's generation ([`Store::get_many_since`]); one process holds the file, so
     /// memory is where they live.
     generations: Arc<Generations>,
-    /// The append journal and the next group's sequence number; only the group committer
-    /// uses it.
+    /// The append journal, the next group's sequence number and each stream's last sequence
+    /// number; only the group committer uses it.
     journal: Arc<Mutex<JournalState>>,
+    /// Groups durable in the journal and answered, not yet written to the database (see
+    /// [`apply_unapplied`]).
+    unapplied: Arc<Mutex<Unapplied>>,
 }
 
 #[derive(Debug)]
 struct JournalState {
     journal: Journal,
     next_lsn: u64,
+    /// Each stream's last sequence number, by scope key then stream: read from the database
+    /// the first time the stream is appended to, then kept here (the group committer is the
+    /// only writer of sequence numbers, and the database may lag behind by the unapplied
+    /// groups). Bounded by [`LAST_SEQ_MAX`] scopes.
+    last_seq: std::collections::HashMap<String, std::collections::HashMap<&'static str, u64>>,
+}
+
+/// Scopes whose streams' last sequence numbers the group committer keeps; past this it applies
+/// every pending group and starts afresh (reading them from the database again).
+const LAST_SEQ_MAX: usize = 65_536;
+
+/// Groups the journal holds and the database does not yet: written to the database in one
+/// transaction when [`Unapplied::due`], before any read or trim of a stream, and by every
+/// checkpoint. The mutex is held while they are written, so a reader that finds it empty
+/// sees every answered append in the database.
+#[derive(Debug, Default)]
+struct Unapplied {
+    groups: Vec<JournalGroup>,
+    entries: usize,
+    /// When the oldest of them was answered.
+    since: Option<std::time::Instant>,
+}
+
+/// The group committer writes the unapplied groups to the database once the oldest is this
+/// old...
+const APPLY_AFTER: Duration = Duration::from_millis(25);
+/// ...or they hold this many appends.
+const APPLY_ENTRIES: usize = 2048;
+
+impl Unapplied {
+    fn due(&self) -> bool {
+        self.entries >= APPLY_ENTRIES || self.since.is_some_and(|t| t.elapsed() >= APPLY_AFTER)
+    }
+
+    fn push(&mut self, group: JournalGroup) {
+        self.entries += group.entries.len();
+        self.since.get_or_insert_with(std::time::Instant::now);
+        self.groups.push(group);
+    }
+
+    fn clear(&mut self) {
+        self.groups.clear();
+        self.entries = 0;
+        self.since = None;
+    }
 }
 
 /// The generations of the scopes written since the store was opened; every other scope is at
@@ -134,8 +183,8 @@ struct PendingAppend {
     done: tokio::sync::oneshot::Sender<StoreResult<String>>,
 }
 
-fn lock_queue(queue: &Mutex<AppendQueue>) -> std::sync::MutexGuard<'_, AppendQueue> {
-    queue
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -146,7 +195,7 @@ struct CommitterGuard<'a>(&'a Mutex<AppendQueue>);
 
 impl Drop for CommitterGuard<'_> {
     fn drop(&mut self) {
-        let mut queue = lock_queue(self.0);
+        let mut queue = lock(self.0);
         queue.committing = false;
         if std::thread::panicking() {
             queue.pending.clear();
@@ -231,6 +280,7 @@ impl EmbeddedStore {
             appends: Arc::default(),
             generations: Arc::new(Generations::new()),
             journal: Arc::new(Mutex::new(journal)),
+            unapplied: Arc::default(),
         })
     }
 
@@ -239,14 +289,18 @@ impl EmbeddedStore {
         &self.path
     }
 
-    /// Group commit of stream appends (the audit log): concurrent appends share one write
-    /// transaction and one sync. The first append that finds no committer running starts
-    /// one on the blocking pool; it takes everything pending (up to [`MAX_GROUP_COMMIT`]),
-    /// writes it in one transaction, makes it durable (one journal write and sync, or now and
-    /// then a durable commit: see [`append_batch`]), answers each append with its id, and
-    /// repeats until nothing is pending. Appends arriving while a commit syncs wait for the next
-    /// one, so under load each transaction carries the appends of one sync's duration. No append
-    /// is answered before it is durable; when a commit fails, every append in it gets the error.
+    /// Group commit of stream appends (the audit log): concurrent appends share one journal
+    /// write and one sync. The first append that finds no committer running starts one on the
+    /// blocking pool; it takes everything pending (up to [`MAX_GROUP_COMMIT`]), gives each
+    /// append its id, makes the group durable (one journal write and sync, or now and then a
+    /// durable database commit: see [`journal_batch`]), answers each append with its id, and
+    /// repeats until nothing is pending. Appends arriving while a group syncs wait for the next
+    /// one, so under load each group carries the appends of one sync's duration. No append is
+    /// answered before it is durable; when a group fails, every append in it gets the error.
+    ///
+    /// The database gets the answered groups later, many in one transaction (see
+    /// [`apply_unapplied`]): between groups once they are [`Unapplied::due`], and before any
+    /// read or trim of a stream, so every read sees every answered append.
     ///
     /// The committer lets go of the database before it answers its last batch, so a caller that
     /// drops the store right after its append can open the file again at once.
@@ -256,7 +310,7 @@ impl EmbeddedStore {
         let mut store = Some(self);
         loop {
             let batch: Vec<PendingAppend> = {
-                let mut queue = lock_queue(&appends);
+                let mut queue = lock(&appends);
                 if queue.pending.is_empty() {
                     return;
                 }
@@ -264,15 +318,12 @@ impl EmbeddedStore {
                 queue.pending.drain(..n).collect()
             };
             let Some(this) = store.as_ref() else { return };
-            let result = {
-                let mut journal = this
-                    .journal
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                append_batch(&this.db, &this.path, &mut journal, &batch)
+            let (answers, result) = {
+                let mut journal = lock(&this.journal);
+                journal_batch(&this.db, &this.path, &mut journal, &this.unapplied, batch)
             };
             let last = {
-                let mut queue = lock_queue(&appends);
+                let mut queue = lock(&appends);
                 let last = queue.pending.is_empty();
                 if last {
                     // The next append starts a committer of its own.
@@ -285,14 +336,14 @@ impl EmbeddedStore {
             }
             match result {
                 Ok(ids) => {
-                    for (pending, id) in batch.into_iter().zip(ids) {
-                        let _ = pending.done.send(Ok(id));
+                    for (done, id) in answers.into_iter().zip(ids) {
+                        let _ = done.send(Ok(id));
                     }
                 }
                 Err(e) => {
                     let message = e.to_string();
-                    for pending in batch {
-                        let _ = pending.done.send(Err(match &e {
+                    for done in answers {
+                        let _ = done.send(Err(match &e {
                             StoreError::Corrupt { key, problem } => StoreError::Corrupt {
                                 key: key.clone(),
                                 problem: problem.clone(),
@@ -306,6 +357,15 @@ impl EmbeddedStore {
                 // `committing` is already false, and a newer committer may have set it again.
                 std::mem::forget(guard);
                 return;
+            }
+            if let Some(this) = store.as_ref() {
+                let mut unapplied = lock(&this.unapplied);
+                if unapplied.due()
+                    && let Err(error) = apply_unapplied(&this.db, &this.path, &mut unapplied)
+                {
+                    // They stay pending (durable in the journal) for the next attempt.
+                    tracing::error!(%error, "embedded store: writing journaled appends to the database failed");
+                }
             }
         }
     }
@@ -381,6 +441,7 @@ fn open_blocking(path: &Path) -> StoreResult<(Database, JournalState)> {
         JournalState {
             journal,
             next_lsn: last_lsn + 1,
+            last_seq: std::collections::HashMap::new(),
         },
     ))
 }
@@ -391,50 +452,15 @@ fn open_blocking(path: &Path) -> StoreResult<(Database, JournalState)> {
 /// was answered with, and its stream's bound applies as at the append.
 fn replay(db: &Database, path: &Path, groups: Vec<JournalGroup>) -> StoreResult<u64> {
     let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
-    let mut last_lsn;
-    let mut replayed = 0usize;
-    {
-        let mut journal = txn.open_table(JOURNAL).map_err(|e| storage_err(path, e))?;
-        let applied = journal
-            .get(JOURNAL_APPLIED)
-            .map_err(|e| storage_err(path, e))?
-            .map_or(0, |v| v.value());
-        last_lsn = applied;
-        let mut meta = txn
-            .open_table(STREAM_META)
-            .map_err(|e| storage_err(path, e))?;
-        let mut entries = txn.open_table(STREAMS).map_err(|e| storage_err(path, e))?;
-        for group in groups.iter().filter(|g| g.lsn > applied) {
-            last_lsn = last_lsn.max(group.lsn);
-            for entry in &group.entries {
-                let (scope, stream) = (entry.scope.as_str(), entry.stream.as_str());
-                let (mut last, mut len) = meta
-                    .get((scope, stream))
-                    .map_err(|e| storage_err(path, e))?
-                    .map(|v| v.value())
-                    .unwrap_or((0, 0));
-                let seq = entry.id.parse::<u64>().map_err(|_| StoreError::Corrupt {
-                    key: crate::journal::journal_path(path).display().to_string(),
-                    problem: format!("journaled stream id {:?} is not a number", entry.id),
-                })?;
-                let fresh = entries
-                    .insert((scope, stream, entry.id.as_str()), entry.data.as_slice())
-                    .map_err(|e| storage_err(path, e))?
-                    .is_none();
-                if fresh {
-                    len += 1;
-                    replayed += 1;
-                }
-                last = last.max(seq);
-                len -= remove_excess(&mut entries, path, scope, stream, len, entry.max_len)?;
-                meta.insert((scope, stream), (last, len))
-                    .map_err(|e| storage_err(path, e))?;
-            }
-        }
-        journal
-            .insert(JOURNAL_APPLIED, last_lsn)
-            .map_err(|e| storage_err(path, e))?;
-    }
+    let applied = txn
+        .open_table(JOURNAL)
+        .map_err(|e| storage_err(path, e))?
+        .get(JOURNAL_APPLIED)
+        .map_err(|e| storage_err(path, e))?
+        .map_or(0, |v| v.value());
+    let pending: Vec<JournalGroup> = groups.into_iter().filter(|g| g.lsn > applied).collect();
+    let last_lsn = pending.last().map_or(applied, |g| g.lsn.max(applied));
+    let replayed = apply_groups(&txn, path, &pending)?;
     txn.commit().map_err(|e| storage_err(path, e))?;
     if replayed > 0 {
         tracing::info!(
@@ -444,6 +470,83 @@ fn replay(db: &Database, path: &Path, groups: Vec<JournalGroup>) -> StoreResult<
         );
     }
     Ok(last_lsn)
+}
+
+/// Writes `groups` (in sequence order) into `txn`: each entry under its id, each stream's
+/// length and last sequence number updated once and its excess over the bound (that of its
+/// last entry) removed in one pass, leaving what appending one at a time would; and the last
+/// group's sequence number as the one the database holds. Answers how many entries were new.
+fn apply_groups(
+    txn: &redb::WriteTransaction,
+    path: &Path,
+    groups: &[JournalGroup],
+) -> StoreResult<usize> {
+    let Some(last_group) = groups.last() else {
+        return Ok(0);
+    };
+    // The entries by stream, each stream's in sequence order (a stable sort keeps it).
+    let mut all: Vec<&crate::journal::JournalEntry> =
+        groups.iter().flat_map(|g| &g.entries).collect();
+    all.sort_by(|a, b| (&a.scope, &a.stream).cmp(&(&b.scope, &b.stream)));
+    let mut fresh = 0usize;
+    {
+        let mut meta = txn
+            .open_table(STREAM_META)
+            .map_err(|e| storage_err(path, e))?;
+        let mut entries = txn.open_table(STREAMS).map_err(|e| storage_err(path, e))?;
+        for members in all.chunk_by(|a, b| a.scope == b.scope && a.stream == b.stream) {
+            let (scope, stream) = (members[0].scope.as_str(), members[0].stream.as_str());
+            let (mut last, mut len) = meta
+                .get((scope, stream))
+                .map_err(|e| storage_err(path, e))?
+                .map(|v| v.value())
+                .unwrap_or((0, 0));
+            for entry in members {
+                let seq = entry.id.parse::<u64>().map_err(|_| StoreError::Corrupt {
+                    key: crate::journal::journal_path(path).display().to_string(),
+                    problem: format!("journaled stream id {:?} is not a number", entry.id),
+                })?;
+                let new = entries
+                    .insert((scope, stream, entry.id.as_str()), entry.data.as_slice())
+                    .map_err(|e| storage_err(path, e))?
+                    .is_none();
+                if new {
+                    len += 1;
+                    fresh += 1;
+                }
+                last = last.max(seq);
+            }
+            let max_len = members.last().map_or(u64::MAX, |e| e.max_len);
+            len -= remove_excess(&mut entries, path, scope, stream, len, max_len)?;
+            meta.insert((scope, stream), (last, len))
+                .map_err(|e| storage_err(path, e))?;
+        }
+        let mut journal = txn.open_table(JOURNAL).map_err(|e| storage_err(path, e))?;
+        let applied = journal
+            .get(JOURNAL_APPLIED)
+            .map_err(|e| storage_err(path, e))?
+            .map_or(0, |v| v.value());
+        journal
+            .insert(JOURNAL_APPLIED, applied.max(last_group.lsn))
+            .map_err(|e| storage_err(path, e))?;
+    }
+    Ok(fresh)
+}
+
+/// Writes the unapplied groups to the database in one transaction committed without a sync
+/// (they are durable in the journal already; a crash before the next durable commit replays
+/// them). On an error they stay pending.
+fn apply_unapplied(db: &Database, path: &Path, unapplied: &mut Unapplied) -> StoreResult<()> {
+    if unapplied.groups.is_empty() {
+        return Ok(());
+    }
+    let mut txn = db.begin_write().map_err(|e| storage_err(path, e))?;
+    apply_groups(&txn, path, &unapplied.groups)?;
+    txn.set_durability(redb::Durability::None)
+        .map_err(|e| storage_err(path, e))?;
+    txn.commit().map_err(|e| storage_err(path, e))?;
+    unapplied.clear();
+    Ok(())
 }
 
 /// Removes the oldest entries of a stream of `len` entries over `max_len`; answers how many.
@@ -510,90 +613,129 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Writes `batch` in one transaction and answers each append's id, in the order of `batch`.
-/// The appends of one stream are written together: its length and last id are read and
-/// written once, and its excess over the bound (that of the stream's last append) is removed
-/// in one pass, leaving what appending one at a time would.
+/// Gives each append of `batch` its id and makes the group durable; answers each append's
+/// answer channel and (on success) its id, in the order of `batch`. Ids continue each stream's
+/// last sequence number ([`JournalState::last_seq`]).
 ///
-/// Durability: the transaction also stores the group's journal sequence number. Usually the
-/// group (with its ids) is written to the journal and synced, then the transaction commits
-/// without a sync; when [`Journal::checkpoint_due`], the transaction commits durably instead
-/// (which makes every earlier group durable in the database) and the journal starts again.
-fn append_batch(
+/// Usually the group (with its ids) is written to the journal and synced, then joins the
+/// unapplied groups. When [`Journal::checkpoint_due`], the unapplied groups and this one are
+/// written to the database in one durable transaction instead (which makes every journaled
+/// group durable in the database) and the journal starts again.
+#[allow(clippy::type_complexity)]
+fn journal_batch(
     db: &Database,
     path: &Path,
     state: &mut JournalState,
-    batch: &[PendingAppend],
-) -> StoreResult<Vec<String>> {
-    // The appends by stream, each stream's in batch order (a stable sort keeps it).
-    let stream_of = |i: usize| (batch[i].scope.as_str(), batch[i].stream);
-    let mut order: Vec<usize> = (0..batch.len()).collect();
-    order.sort_by_key(|&i| stream_of(i));
-    let mut txn = db.begin_write().map_err(|e| storage_err(path, e))?;
-    let lsn = state.next_lsn;
+    unapplied: &Mutex<Unapplied>,
+    batch: Vec<PendingAppend>,
+) -> (
+    Vec<tokio::sync::oneshot::Sender<StoreResult<String>>>,
+    StoreResult<Vec<String>>,
+) {
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut entries = Vec::with_capacity(batch.len());
+    let now = time_seq(now_millis());
+    for pending in batch {
+        answers.push(pending.done);
+        let last = match next_seq(db, path, state, &pending.scope, pending.stream, now) {
+            Ok(last) => last,
+            Err(e) => return (answers, Err(e)),
+        };
+        entries.push(crate::journal::JournalEntry {
+            scope: pending.scope,
+            stream: pending.stream.to_owned(),
+            id: stream_id(last),
+            max_len: pending.max_len,
+            data: pending.data,
+        });
+    }
+    let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+    let group = JournalGroup {
+        lsn: state.next_lsn,
+        entries,
+    };
     state.next_lsn += 1;
-    let mut ids = vec![String::new(); batch.len()];
-    {
-        let mut meta = txn
-            .open_table(STREAM_META)
-            .map_err(|e| storage_err(path, e))?;
-        let mut entries = txn.open_table(STREAMS).map_err(|e| storage_err(path, e))?;
-        let now = time_seq(now_millis());
-        for members in order.chunk_by(|&a, &b| stream_of(a) == stream_of(b)) {
-            let (scope, stream) = &stream_of(members[0]);
-            let (mut last, mut len) = meta
-                .get((*scope, *stream))
-                .map_err(|e| storage_err(path, e))?
-                .map(|v| v.value())
-                .unwrap_or((0, 0));
-            for &i in members {
-                last = (last + 1).max(now);
-                let id = stream_id(last);
-                entries
-                    .insert((*scope, *stream, id.as_str()), batch[i].data.as_slice())
-                    .map_err(|e| storage_err(path, e))?;
-                len += 1;
-                ids[i] = id;
-            }
-            let max_len = members.last().map_or(u64::MAX, |&i| batch[i].max_len);
-            len -= remove_excess(&mut entries, path, scope, stream, len, max_len)?;
-            meta.insert((*scope, *stream), (last, len))
-                .map_err(|e| storage_err(path, e))?;
-        }
-        txn.open_table(JOURNAL)
-            .map_err(|e| storage_err(path, e))?
-            .insert(JOURNAL_APPLIED, lsn)
-            .map_err(|e| storage_err(path, e))?;
-    }
     if state.journal.checkpoint_due() {
-        txn.commit().map_err(|e| storage_err(path, e))?;
-        state.journal.checkpointed();
-        return Ok(ids);
+        let mut unapplied = lock(unapplied);
+        unapplied.push(group);
+        let result = (|| {
+            let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
+            apply_groups(&txn, path, &unapplied.groups)?;
+            txn.commit().map_err(|e| storage_err(path, e))
+        })();
+        return match result {
+            Ok(()) => {
+                unapplied.clear();
+                state.journal.checkpointed();
+                (answers, Ok(ids))
+            }
+            Err(e) => {
+                // This group was not answered: it must not be written later.
+                unapplied.groups.pop();
+                (answers, Err(e))
+            }
+        };
     }
-    let start = state.journal.len();
-    state
-        .journal
-        .write_group(
-            lsn,
-            batch.iter().zip(&ids).map(|(pending, id)| EntryRef {
-                scope: &pending.scope,
-                stream: pending.stream,
-                id,
-                max_len: pending.max_len,
-                data: &pending.data,
-            }),
-        )
-        .map_err(StoreError::Unavailable)?;
-    txn.set_durability(redb::Durability::None)
-        .map_err(|e| storage_err(path, e))?;
-    if let Err(e) = txn.commit() {
-        // Never acknowledged, so it must not come back from the journal after a crash.
-        if let Err(problem) = state.journal.undo_last(start) {
-            tracing::error!(store = %path.display(), %problem, "embedded store: a failed append group stays in the journal");
+    let written = state.journal.write_group(
+        group.lsn,
+        group.entries.iter().map(|e| EntryRef {
+            scope: &e.scope,
+            stream: &e.stream,
+            id: &e.id,
+            max_len: e.max_len,
+            data: &e.data,
+        }),
+    );
+    if let Err(problem) = written {
+        return (answers, Err(StoreError::Unavailable(problem)));
+    }
+    let mut unapplied = lock(unapplied);
+    unapplied.push(group);
+    if state.last_seq.len() > LAST_SEQ_MAX {
+        // The database must hold every sequence number before the kept ones are forgotten.
+        match apply_unapplied(db, path, &mut unapplied) {
+            Ok(()) => state.last_seq.clear(),
+            Err(error) => {
+                tracing::error!(%error, "embedded store: writing journaled appends to the database failed");
+            }
         }
-        return Err(storage_err(path, e));
     }
-    Ok(ids)
+    (answers, Ok(ids))
+}
+
+/// The next sequence number of `stream` in `scope` (stored as its last): one above the last,
+/// and at least `now` (ids grow with the append time).
+fn next_seq(
+    db: &Database,
+    path: &Path,
+    state: &mut JournalState,
+    scope: &str,
+    stream: &'static str,
+    now: u64,
+) -> StoreResult<u64> {
+    if !state.last_seq.contains_key(scope) {
+        state
+            .last_seq
+            .insert(scope.to_owned(), std::collections::HashMap::new());
+    }
+    let streams = state
+        .last_seq
+        .get_mut(scope)
+        .ok_or_else(|| StoreError::Unavailable("embedded store: stream sequence lost".into()))?;
+    let last = match streams.get(stream) {
+        Some(&last) => last,
+        None => {
+            let txn = db.begin_read().map_err(|e| storage_err(path, e))?;
+            txn.open_table(STREAM_META)
+                .map_err(|e| storage_err(path, e))?
+                .get((scope, stream))
+                .map_err(|e| storage_err(path, e))?
+                .map_or(0, |v| v.value().0)
+        }
+    };
+    let next = (last + 1).max(now);
+    streams.insert(stream, next);
+    Ok(next)
 }
 
 fn storage_err(path: &Path, e: impl fmt::Display) -> StoreError {
@@ -867,7 +1009,7 @@ impl Store for EmbeddedStore {
             done,
         };
         let start_committer = {
-            let mut queue = lock_queue(&self.appends);
+            let mut queue = lock(&self.appends);
             queue.pending.push(pending);
             !std::mem::replace(&mut queue.committing, true)
         };
@@ -891,7 +1033,9 @@ impl Store for EmbeddedStore {
     ) -> StoreResult<u64> {
         let scope = scope_key(scope);
         let cutoff = stream_id(time_seq(before_ms));
+        let unapplied = Arc::clone(&self.unapplied);
         self.run(move |db, path| {
+            apply_unapplied(db, path, &mut lock(&unapplied))?;
             let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
             let removed = {
                 let mut meta = txn
@@ -945,7 +1089,9 @@ impl Store for EmbeddedStore {
     ) -> StoreResult<Vec<StreamEntry>> {
         let scope = scope_key(scope);
         let before = before.map(str::to_owned);
+        let unapplied = Arc::clone(&self.unapplied);
         self.run(move |db, path| {
+            apply_unapplied(db, path, &mut lock(&unapplied))?;
             let txn = db.begin_read().map_err(|e| storage_err(path, e))?;
             let table = txn.open_table(STREAMS).map_err(|e| storage_err(path, e))?;
             let lower = Bound::Included((scope.as_str(), stream, ""));
@@ -1355,8 +1501,8 @@ mod tests {
     }
 
     /// Run by `acknowledged_appends_survive_a_crash` in a child process: appends three entries,
-    /// trims them (a durable commit), appends 40 more concurrently from the journal alone, prints
-    /// their ids and aborts (no destructor runs, so nothing the database kept in memory reaches
+    /// trims them (a durable commit), appends 40 more concurrently and 2 one at a time (durable in
+    /// the journal alone), prints their ids and aborts (no destructor runs, so nothing the database kept in memory reaches
     /// the file).
     #[tokio::test(flavor = "multi_thread")]
     async fn append_then_crash() {
@@ -1388,7 +1534,15 @@ mod tests {
                 format!("{id}=new-{i}")
             }
         });
-        let ids = futures::future::join_all(appends).await;
+        let mut ids = futures::future::join_all(appends).await;
+        // Two more one at a time: each is its committer's last group, so neither is written to
+        // the database before the crash (only the journal has them).
+        for i in 40..42 {
+            let data = format!("new-{i}").into_bytes();
+            let id = store.append(&acme, "audit", data, 100).await.unwrap();
+            ids.push(format!("{id}=new-{i}"));
+        }
+        assert!(lock(&store.unapplied).entries >= 2, "unapplied groups");
         assert!(journal_len(&store) > 0, "the appends are in the journal");
         println!("CHILD-IDS: {}", ids.join(","));
         std::process::abort();
@@ -1407,7 +1561,7 @@ mod tests {
             })
             .collect();
         acknowledged.sort();
-        assert_eq!(acknowledged.len(), 40);
+        assert_eq!(acknowledged.len(), 42);
 
         let store = EmbeddedStore::open(&path).await.unwrap();
         let acme = Scope::Tenant("acme".into());
@@ -1429,7 +1583,7 @@ mod tests {
             .unwrap();
         assert!(next > acknowledged.last().unwrap().0);
         let back = store.read_back(&acme, "audit", None, 1000).await.unwrap();
-        assert_eq!(back.len(), 10, "bound 10 keeps 10 of the 41 entries");
+        assert_eq!(back.len(), 10, "bound 10 keeps 10 of the 43 entries");
         assert_eq!(back[0].id, next);
     }
 
@@ -1478,6 +1632,96 @@ mod tests {
             (back[0].id.as_str(), back[0].data.as_slice()),
             (id.as_str(), b"ckpt".as_slice())
         );
+    }
+
+    /// How many entries of `stream` in `scope` the database itself holds (its stream length).
+    fn in_database(store: &EmbeddedStore, scope: &str, stream: &str) -> u64 {
+        let txn = store.db.begin_read().unwrap();
+        txn.open_table(STREAM_META)
+            .unwrap()
+            .get((scope, stream))
+            .unwrap()
+            .map_or(0, |v| v.value().1)
+    }
+
+    #[tokio::test]
+    async fn answered_appends_wait_for_the_database_and_every_read_sees_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path().join("store.redb"))
+            .await
+            .unwrap();
+        set_checkpoint_due(&store, false);
+        let acme = Scope::Tenant("acme".into());
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let data = format!("e{i}").into_bytes();
+            ids.push(store.append(&acme, "audit", data, 2).await.unwrap());
+        }
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        // Durable in the journal and answered; the database has not got them yet.
+        assert_eq!(lock(&store.unapplied).entries, 3);
+        assert_eq!(in_database(&store, "t:acme", "audit"), 0);
+        let back = store.read_back(&acme, "audit", None, 10).await.unwrap();
+        let back: Vec<&str> = back.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(back, [ids[2].as_str(), ids[1].as_str()], "bound 2 applies");
+        assert_eq!(lock(&store.unapplied).entries, 0);
+        assert_eq!(in_database(&store, "t:acme", "audit"), 2);
+        // A trim sees answered appends too, and ids go on from the kept sequence.
+        let next = store
+            .append(&acme, "audit", b"e3".to_vec(), 10)
+            .await
+            .unwrap();
+        assert!(next > ids[2]);
+        assert_eq!(
+            store
+                .trim_stream(&acme, "audit", now_millis() + 1)
+                .await
+                .unwrap(),
+            3
+        );
+        assert!(
+            store
+                .read_back(&acme, "audit", None, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_committer_writes_answered_groups_to_the_database_without_a_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path().join("store.redb"))
+            .await
+            .unwrap();
+        set_checkpoint_due(&store, false);
+        let n = 3 * APPLY_ENTRIES;
+        let appends = (0..n).map(|i| {
+            let store = store.clone();
+            async move {
+                let data = format!("e{i}").into_bytes();
+                store
+                    .append(&Scope::Global, "audit", data, 100_000)
+                    .await
+                    .unwrap()
+            }
+        });
+        let ids = futures::future::join_all(appends).await;
+        let waiting = lock(&store.unapplied).entries;
+        let held = in_database(&store, "g", "audit");
+        assert!(
+            held > 0,
+            "nothing written to the database ({waiting} waiting)"
+        );
+        assert_eq!(held + waiting as u64, n as u64);
+        let back = store
+            .read_back(&Scope::Global, "audit", None, n)
+            .await
+            .unwrap();
+        let mut expected = ids;
+        expected.sort();
+        expected.reverse();
+        assert_eq!(back.into_iter().map(|e| e.id).collect::<Vec<_>>(), expected);
     }
 
     #[tokio::test]

@@ -2,15 +2,16 @@
 //! that makes stream appends (the audit log) durable with one write and one `fdatasync` per
 //! group commit, where a durable redb transaction wrote about a dozen pages and synced them.
 //!
-//! A group commit inserts its appends in a redb write transaction as before, records the group
-//! (with the ids the transaction gave) as one journal record, syncs the journal, and only then
-//! commits the transaction without a sync of its own (`Durability::None`: visible to every later
-//! read, durable with the next durable commit). Every so often (see [`Journal::checkpoint_due`])
-//! a group commits durably instead, which makes every earlier group durable in the database too,
-//! and the journal starts again from its beginning. Each group carries a sequence number (LSN)
-//! that its transaction also writes into the database, so after a crash the journal's groups the
-//! database does not hold durably (LSN above the stored one) are applied again, and no others:
-//! an entry trimmed after it was appended never comes back.
+//! A group commit gives its appends their ids, records the group as one journal record, syncs
+//! the journal and answers them; the database gets the answered groups later, many in one
+//! transaction committed without a sync of its own (`Durability::None`: visible to every later
+//! read, durable with the next durable commit), and always before a read or trim of a stream.
+//! Every so often (see [`Journal::checkpoint_due`]) a group commits durably instead, together
+//! with every group not yet in the database, and the journal starts again from its beginning.
+//! Each group carries a sequence number (LSN) that the database also stores with the last group
+//! it holds, so after a crash the journal's groups the database does not hold durably (LSN
+//! above the stored one) are applied again, and no others: an entry trimmed after it was
+//! appended never comes back.
 //!
 //! The file is written in place and only grows, by zero-filled steps: overwriting blocks the
 //! file already has makes `fdatasync` a data flush, where appending to a growing file also
@@ -149,8 +150,8 @@ impl Journal {
         }
     }
 
-    /// Takes the group written at `start` out again (its database commit failed, so it was
-    /// never acknowledged and must not come back after a crash): its header is zeroed and synced.
+    /// Takes the group written at `start` out again (its write or sync failed, so it was never
+    /// acknowledged and must not come back after a crash): its header is zeroed and synced.
     pub(crate) fn undo_last(&mut self, start: u64) -> Result<(), String> {
         self.len = start;
         self.file
@@ -165,6 +166,7 @@ impl Journal {
     }
 
     /// Where the next group starts.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> u64 {
         self.len
     }
