@@ -212,26 +212,28 @@ fn age_trim_every(age: std::time::Duration) -> std::time::Duration {
 /// Whether the stream of `kind` in `scope` is due for its age trim (and marks it done). The table
 /// is bounded: past [`AGE_TRIM_TABLE_MAX`] scopes it starts afresh, which only trims early.
 fn age_trim_due(scope: &Scope, kind: AuditKind, age: std::time::Duration) -> bool {
-    static LAST_TRIM: std::sync::Mutex<
-        Option<std::collections::HashMap<(String, &'static str), std::time::Instant>>,
-    > = std::sync::Mutex::new(None);
+    /// Per scope, each kind's last trim (looked up by the caller's scope: no key is built per
+    /// append, which is every token issuance).
+    type LastTrims =
+        std::collections::HashMap<Scope, [Option<std::time::Instant>; AuditKind::ALL.len()]>;
+    static LAST_TRIM: std::sync::Mutex<Option<LastTrims>> = std::sync::Mutex::new(None);
     let now = std::time::Instant::now();
     let mut table = match LAST_TRIM.lock() {
         Ok(t) => t,
         Err(poisoned) => poisoned.into_inner(),
     };
     let table = table.get_or_insert_with(Default::default);
-    if table.len() >= AGE_TRIM_TABLE_MAX {
+    let slot = AuditKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+    if let Some(last) = table.get(scope).and_then(|kinds| kinds[slot])
+        && now.duration_since(last) < age_trim_every(age)
+    {
+        return false;
+    }
+    if table.len() >= AGE_TRIM_TABLE_MAX && !table.contains_key(scope) {
         table.clear();
     }
-    let key = (scope.to_string(), kind.stream());
-    match table.get(&key) {
-        Some(last) if now.duration_since(*last) < age_trim_every(age) => false,
-        _ => {
-            table.insert(key, now);
-            true
-        }
-    }
+    table.entry(scope.clone()).or_default()[slot] = Some(now);
+    true
 }
 
 /// Scopes (tenants) whose last age trim one process remembers.

@@ -3,6 +3,11 @@
 
 /// A name from the request, shortened and escaped for log fields, audit targets and messages.
 pub fn shown(value: &str) -> String {
+    // Most names are short printable ASCII with nothing to escape: those are shown as they are.
+    let plain = |b: &u8| (0x20..0x7f).contains(b) && !matches!(b, b'\\' | b'\'' | b'"');
+    if value.len() <= 64 && value.as_bytes().iter().all(plain) {
+        return value.to_owned();
+    }
     let mut s: String = value
         .chars()
         .take(64)
@@ -53,5 +58,26 @@ mod tests {
         assert_eq!(object_path("t", "devices", "d"), "tenants/t/devices/d");
         let many: Vec<String> = (0..12).map(|i| i.to_string()).collect();
         assert!(name_list(many.iter().map(String::as_str)).ends_with("and 2 more"));
+    }
+
+    #[test]
+    fn plain_names_are_shown_as_escaping_them_would() {
+        let escaped = |v: &str| {
+            let mut s: String = v.chars().take(64).flat_map(char::escape_debug).collect();
+            if v.chars().count() > 64 {
+                s.push('…');
+            }
+            s
+        };
+        let mut samples: Vec<String> = (0u8..=0x7f).map(|b| format!("a{}b", b as char)).collect();
+        samples.extend(
+            ["", "printer-1", "x y", "é", "\u{200b}", "tab\t"]
+                .iter()
+                .map(|s| (*s).to_owned()),
+        );
+        samples.extend([63, 64, 65].map(|n| "n".repeat(n)));
+        for v in &samples {
+            assert_eq!(shown(v), escaped(v), "{v:?}");
+        }
     }
 }
