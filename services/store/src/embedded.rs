@@ -111,6 +111,16 @@ impl Unapplied {
         self.groups.push(group);
     }
 
+    /// Takes the last group out again (one that was not answered).
+    fn pop(&mut self) {
+        if let Some(group) = self.groups.pop() {
+            self.entries -= group.entries.len();
+        }
+        if self.groups.is_empty() {
+            self.clear();
+        }
+    }
+
     fn clear(&mut self) {
         self.groups.clear();
         self.entries = 0;
@@ -671,7 +681,7 @@ fn journal_batch(
             }
             Err(e) => {
                 // This group was not answered: it must not be written later.
-                unapplied.groups.pop();
+                unapplied.pop();
                 (answers, Err(e))
             }
         };
@@ -1685,6 +1695,34 @@ mod tests {
                 .await
                 .unwrap()
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_group_taken_out_again_leaves_the_count_and_age_of_the_rest() {
+        let group = |lsn: u64, n: usize| JournalGroup {
+            lsn,
+            entries: (0..n)
+                .map(|i| crate::journal::JournalEntry {
+                    scope: "g".into(),
+                    stream: "audit".into(),
+                    id: stream_id(lsn * 100 + i as u64),
+                    max_len: 10,
+                    data: vec![1],
+                })
+                .collect(),
+        };
+        let mut unapplied = Unapplied::default();
+        unapplied.push(group(1, 2));
+        unapplied.push(group(2, 3));
+        unapplied.pop();
+        assert_eq!((unapplied.groups.len(), unapplied.entries), (1, 2));
+        assert!(unapplied.since.is_some(), "the first group still waits");
+        unapplied.pop();
+        assert_eq!((unapplied.groups.len(), unapplied.entries), (0, 0));
+        assert!(
+            unapplied.since.is_none() && !unapplied.due(),
+            "nothing waits"
         );
     }
 
