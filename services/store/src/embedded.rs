@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use crate::journal::{EntryRef, Journal, JournalGroup};
+use crate::journal::{Journal, JournalEntry, JournalGroup};
 use crate::{
     Lease, Notice, Precondition, Record, RecordKey, Scope, ScopeRead, Store, StoreError,
     StoreResult, StreamEntry,
@@ -469,7 +469,11 @@ fn replay(db: &Database, path: &Path, groups: Vec<JournalGroup>) -> StoreResult<
         .map_err(|e| storage_err(path, e))?
         .map_or(0, |v| v.value());
     let pending: Vec<JournalGroup> = groups.into_iter().filter(|g| g.lsn > applied).collect();
-    let last_lsn = pending.last().map_or(applied, |g| g.lsn.max(applied));
+    let Some(last_lsn) = pending.last().map(|g| g.lsn) else {
+        // The database holds every journaled group: nothing to write.
+        txn.abort().map_err(|e| storage_err(path, e))?;
+        return Ok(applied);
+    };
     let replayed = apply_groups(&txn, path, &pending)?;
     txn.commit().map_err(|e| storage_err(path, e))?;
     if replayed > 0 {
@@ -495,8 +499,7 @@ fn apply_groups(
         return Ok(0);
     };
     // The entries by stream, each stream's in sequence order (a stable sort keeps it).
-    let mut all: Vec<&crate::journal::JournalEntry> =
-        groups.iter().flat_map(|g| &g.entries).collect();
+    let mut all: Vec<&JournalEntry> = groups.iter().flat_map(|g| &g.entries).collect();
     all.sort_by(|a, b| (&a.scope, &a.stream).cmp(&(&b.scope, &b.stream)));
     let mut fresh = 0usize;
     {
@@ -547,12 +550,23 @@ fn apply_groups(
 /// (they are durable in the journal already; a crash before the next durable commit replays
 /// them). On an error they stay pending.
 fn apply_unapplied(db: &Database, path: &Path, unapplied: &mut Unapplied) -> StoreResult<()> {
+    write_unapplied(db, path, unapplied, redb::Durability::None)
+}
+
+/// Writes the unapplied groups to the database in one transaction committed with `durability`
+/// (`Immediate` for a checkpoint); on an error they stay pending.
+fn write_unapplied(
+    db: &Database,
+    path: &Path,
+    unapplied: &mut Unapplied,
+    durability: redb::Durability,
+) -> StoreResult<()> {
     if unapplied.groups.is_empty() {
         return Ok(());
     }
     let mut txn = db.begin_write().map_err(|e| storage_err(path, e))?;
     apply_groups(&txn, path, &unapplied.groups)?;
-    txn.set_durability(redb::Durability::None)
+    txn.set_durability(durability)
         .map_err(|e| storage_err(path, e))?;
     txn.commit().map_err(|e| storage_err(path, e))?;
     unapplied.clear();
@@ -651,7 +665,7 @@ fn journal_batch(
             Ok(last) => last,
             Err(e) => return (answers, Err(e)),
         };
-        entries.push(crate::journal::JournalEntry {
+        entries.push(JournalEntry {
             scope: pending.scope,
             stream: pending.stream.to_owned(),
             id: stream_id(last),
@@ -668,14 +682,8 @@ fn journal_batch(
     if state.journal.checkpoint_due() {
         let mut unapplied = lock(unapplied);
         unapplied.push(group);
-        let result = (|| {
-            let txn = db.begin_write().map_err(|e| storage_err(path, e))?;
-            apply_groups(&txn, path, &unapplied.groups)?;
-            txn.commit().map_err(|e| storage_err(path, e))
-        })();
-        return match result {
+        return match write_unapplied(db, path, &mut unapplied, redb::Durability::Immediate) {
             Ok(()) => {
-                unapplied.clear();
                 state.journal.checkpointed();
                 (answers, Ok(ids))
             }
@@ -686,17 +694,7 @@ fn journal_batch(
             }
         };
     }
-    let written = state.journal.write_group(
-        group.lsn,
-        group.entries.iter().map(|e| EntryRef {
-            scope: &e.scope,
-            stream: &e.stream,
-            id: &e.id,
-            max_len: e.max_len,
-            data: &e.data,
-        }),
-    );
-    if let Err(problem) = written {
+    if let Err(problem) = state.journal.write_group(&group) {
         return (answers, Err(StoreError::Unavailable(problem)));
     }
     let mut unapplied = lock(unapplied);
@@ -723,17 +721,13 @@ fn next_seq(
     stream: &'static str,
     now: u64,
 ) -> StoreResult<u64> {
-    if !state.last_seq.contains_key(scope) {
-        state
-            .last_seq
-            .insert(scope.to_owned(), std::collections::HashMap::new());
-    }
-    let streams = state
+    let kept = state
         .last_seq
-        .get_mut(scope)
-        .ok_or_else(|| StoreError::Unavailable("embedded store: stream sequence lost".into()))?;
-    let last = match streams.get(stream) {
-        Some(&last) => last,
+        .get(scope)
+        .and_then(|s| s.get(stream))
+        .copied();
+    let last = match kept {
+        Some(last) => last,
         None => {
             let txn = db.begin_read().map_err(|e| storage_err(path, e))?;
             txn.open_table(STREAM_META)
@@ -744,7 +738,15 @@ fn next_seq(
         }
     };
     let next = (last + 1).max(now);
-    streams.insert(stream, next);
+    match state.last_seq.get_mut(scope) {
+        Some(streams) => {
+            streams.insert(stream, next);
+        }
+        None => {
+            let streams = std::collections::HashMap::from([(stream, next)]);
+            state.last_seq.insert(scope.to_owned(), streams);
+        }
+    }
     Ok(next)
 }
 
@@ -1497,6 +1499,13 @@ mod tests {
             .to_owned()
     }
 
+    /// The store at `path` with checkpoints off, so appends stay in the journal.
+    async fn without_checkpoints(path: impl AsRef<Path>) -> EmbeddedStore {
+        let store = EmbeddedStore::open(path).await.unwrap();
+        set_checkpoint_due(&store, false);
+        store
+    }
+
     fn set_checkpoint_due(store: &EmbeddedStore, due: bool) {
         store
             .journal
@@ -1511,16 +1520,15 @@ mod tests {
     }
 
     /// Run by `acknowledged_appends_survive_a_crash` in a child process: appends three entries,
-    /// trims them (a durable commit), appends 40 more concurrently and 2 one at a time (durable in
-    /// the journal alone), prints their ids and aborts (no destructor runs, so nothing the database kept in memory reaches
-    /// the file).
+    /// trims them (a durable commit), appends 40 more concurrently and 2 one at a time (durable
+    /// in the journal alone), prints their ids and aborts (no destructor runs, so nothing the
+    /// database kept in memory reaches the file).
     #[tokio::test(flavor = "multi_thread")]
     async fn append_then_crash() {
         let Some(path) = std::env::var_os(CRASH_AT) else {
             return;
         };
-        let store = EmbeddedStore::open(&path).await.unwrap();
-        set_checkpoint_due(&store, false);
+        let store = without_checkpoints(&path).await;
         let acme = Scope::Tenant("acme".into());
         for i in 0..3 {
             store
@@ -1600,16 +1608,21 @@ mod tests {
     const CHECKPOINT_CRASH_AT: &str = "TOKENFLEET_STORE_TEST_CHECKPOINT_CRASH";
 
     /// Run by `a_checkpoint_group_survives_a_crash_without_the_journal` in a child process: one
-    /// append carried by a checkpoint (the journal starts again, so only the database holds it),
-    /// then an abort.
+    /// append only the journal holds, then one carried by a checkpoint (which starts the journal
+    /// again, so only the database holds either), then an abort.
     #[tokio::test(flavor = "multi_thread")]
     async fn checkpoint_then_crash() {
         let Some(path) = std::env::var_os(CHECKPOINT_CRASH_AT) else {
             return;
         };
-        let store = EmbeddedStore::open(&path).await.unwrap();
+        let store = without_checkpoints(&path).await;
+        let first = store
+            .append(&Scope::Global, "audit", b"journaled".to_vec(), 10)
+            .await
+            .unwrap();
+        assert_eq!(lock(&store.unapplied).entries, 1, "only the journal has it");
         set_checkpoint_due(&store, true);
-        let id = store
+        let second = store
             .append(&Scope::Global, "audit", b"ckpt".to_vec(), 10)
             .await
             .unwrap();
@@ -1618,7 +1631,7 @@ mod tests {
             0,
             "the checkpoint started the journal again"
         );
-        println!("CHILD-ID: {id}");
+        println!("CHILD-IDS: {first},{second}");
         std::process::abort();
     }
 
@@ -1626,21 +1639,28 @@ mod tests {
     async fn a_checkpoint_group_survives_a_crash_without_the_journal() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
-        let id = crashed_child_says(
+        let ids = crashed_child_says(
             "checkpoint_then_crash",
             CHECKPOINT_CRASH_AT,
             &path,
-            "CHILD-ID: ",
+            "CHILD-IDS: ",
         );
         let store = EmbeddedStore::open(&path).await.unwrap();
-        let back = store
+        let back: Vec<(String, Vec<u8>)> = store
             .read_back(&Scope::Global, "audit", None, 10)
             .await
-            .unwrap();
-        assert_eq!(back.len(), 1, "the checkpoint's append is durable");
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.id, e.data))
+            .collect();
+        let (first, second) = ids.split_once(',').unwrap();
+        // The checkpoint made its own append and the one only the journal held durable.
         assert_eq!(
-            (back[0].id.as_str(), back[0].data.as_slice()),
-            (id.as_str(), b"ckpt".as_slice())
+            back,
+            [
+                (second.to_owned(), b"ckpt".to_vec()),
+                (first.to_owned(), b"journaled".to_vec())
+            ]
         );
     }
 
@@ -1657,10 +1677,7 @@ mod tests {
     #[tokio::test]
     async fn answered_appends_wait_for_the_database_and_every_read_sees_them() {
         let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path().join("store.redb"))
-            .await
-            .unwrap();
-        set_checkpoint_due(&store, false);
+        let store = without_checkpoints(dir.path().join("store.redb")).await;
         let acme = Scope::Tenant("acme".into());
         let mut ids = Vec::new();
         for i in 0..3 {
@@ -1729,10 +1746,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn the_committer_writes_answered_groups_to_the_database_without_a_read() {
         let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path().join("store.redb"))
-            .await
-            .unwrap();
-        set_checkpoint_due(&store, false);
+        let store = without_checkpoints(dir.path().join("store.redb")).await;
         let n = 3 * APPLY_ENTRIES;
         let appends = (0..n).map(|i| {
             let store = store.clone();
@@ -1766,8 +1780,7 @@ mod tests {
     async fn a_checkpoint_commits_durably_and_starts_the_journal_again() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
-        let store = EmbeddedStore::open(&path).await.unwrap();
-        set_checkpoint_due(&store, false);
+        let store = without_checkpoints(&path).await;
         store
             .append(&Scope::Global, "audit", b"e1".to_vec(), 10)
             .await

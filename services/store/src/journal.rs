@@ -114,12 +114,8 @@ impl Journal {
 
     /// Writes the group where the last one ended and syncs it; on an error the group is not
     /// in the journal.
-    pub(crate) fn write_group<'a>(
-        &mut self,
-        lsn: u64,
-        entries: impl Iterator<Item = EntryRef<'a>>,
-    ) -> Result<(), String> {
-        let record = encode(lsn, entries)?;
+    pub(crate) fn write_group(&mut self, group: &JournalGroup) -> Result<(), String> {
+        let record = encode(group)?;
         let start = self.len;
         let end = start + u64::try_from(record.len()).unwrap_or(u64::MAX);
         let written = if end > self.size {
@@ -152,7 +148,7 @@ impl Journal {
 
     /// Takes the group written at `start` out again (its write or sync failed, so it was never
     /// acknowledged and must not come back after a crash): its header is zeroed and synced.
-    pub(crate) fn undo_last(&mut self, start: u64) -> Result<(), String> {
+    fn undo_last(&mut self, start: u64) -> Result<(), String> {
         self.len = start;
         self.file
             .write_all_at(&[0u8; HEADER_LEN], start)
@@ -197,22 +193,12 @@ impl Journal {
     }
 }
 
-/// One append to journal, borrowed from the group commit's queue.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct EntryRef<'a> {
-    pub(crate) scope: &'a str,
-    pub(crate) stream: &'a str,
-    pub(crate) id: &'a str,
-    pub(crate) max_len: u64,
-    pub(crate) data: &'a [u8],
-}
-
-fn encode<'a>(lsn: u64, entries: impl Iterator<Item = EntryRef<'a>>) -> Result<Vec<u8>, String> {
+fn encode(group: &JournalGroup) -> Result<Vec<u8>, String> {
     let mut record = vec![0u8; HEADER_LEN];
     record.extend_from_slice(&0u32.to_le_bytes());
     let mut count: u32 = 0;
-    for entry in entries {
-        for text in [entry.scope, entry.stream, entry.id] {
+    for entry in &group.entries {
+        for text in [&entry.scope, &entry.stream, &entry.id] {
             let len = u16::try_from(text.len())
                 .map_err(|_| format!("a journaled name is {} bytes, over 65535", text.len()))?;
             record.extend_from_slice(&len.to_le_bytes());
@@ -226,13 +212,13 @@ fn encode<'a>(lsn: u64, entries: impl Iterator<Item = EntryRef<'a>>) -> Result<V
             )
         })?;
         record.extend_from_slice(&len.to_le_bytes());
-        record.extend_from_slice(entry.data);
+        record.extend_from_slice(&entry.data);
         count += 1;
     }
     record[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&count.to_le_bytes());
     let payload_len = u32::try_from(record.len() - HEADER_LEN)
         .map_err(|_| "a journaled group is over 4 GiB".to_owned())?;
-    record[8..16].copy_from_slice(&lsn.to_le_bytes());
+    record[8..16].copy_from_slice(&group.lsn.to_le_bytes());
     let crc = crc32fast::hash(&record[8..]);
     record[0..4].copy_from_slice(&payload_len.to_le_bytes());
     record[4..8].copy_from_slice(&crc.to_le_bytes());
@@ -313,28 +299,15 @@ mod tests {
         }
     }
 
-    fn record(lsn: u64, entries: &[JournalEntry]) -> Vec<u8> {
-        encode(
+    fn group(lsn: u64, entries: &[JournalEntry]) -> JournalGroup {
+        JournalGroup {
             lsn,
-            entries.iter().map(|e| EntryRef {
-                scope: &e.scope,
-                stream: &e.stream,
-                id: &e.id,
-                max_len: e.max_len,
-                data: &e.data,
-            }),
-        )
-        .unwrap()
+            entries: entries.to_vec(),
+        }
     }
 
-    fn one(e: &JournalEntry) -> EntryRef<'_> {
-        EntryRef {
-            scope: &e.scope,
-            stream: &e.stream,
-            id: &e.id,
-            max_len: e.max_len,
-            data: &e.data,
-        }
+    fn record(lsn: u64, entries: &[JournalEntry]) -> Vec<u8> {
+        encode(&group(lsn, entries)).unwrap()
     }
 
     #[test]
@@ -394,9 +367,11 @@ mod tests {
         {
             let (mut journal, groups) = Journal::open(&db).unwrap();
             assert!(groups.is_empty());
-            journal.write_group(1, [one(&e1)].into_iter()).unwrap();
             journal
-                .write_group(2, [one(&e2), one(&e1)].into_iter())
+                .write_group(&group(1, std::slice::from_ref(&e1)))
+                .unwrap();
+            journal
+                .write_group(&group(2, &[e2.clone(), e1.clone()]))
                 .unwrap();
         }
         let path = journal_path(&db);
@@ -410,10 +385,10 @@ mod tests {
             assert_eq!(groups[1].entries, vec![entry(5), entry(4)]);
             // A new round from the start, shorter than the last: only it is read back.
             journal.checkpointed();
-            journal.write_group(3, [one(&e3)].into_iter()).unwrap();
-            // A group whose database commit failed is taken out again.
+            journal.write_group(&group(3, &[e3])).unwrap();
+            // A group whose write failed is taken out again.
             let start = journal.len();
-            journal.write_group(4, [one(&e1)].into_iter()).unwrap();
+            journal.write_group(&group(4, &[e1])).unwrap();
             journal.undo_last(start).unwrap();
         }
         let (_, groups) = Journal::open(&db).unwrap();

@@ -225,8 +225,8 @@ async fn embedded_store_keeps_a_tenant_across_restart() {
 /// What a broker acknowledged is audited durably: tenants created concurrently through the
 /// broker executable on its embedded store, the process killed (SIGKILL) right after the last
 /// answer, started again: every creation has its audit record. (The store makes each group of
-/// audit appends durable through its append journal before answering; the database itself
-/// syncs only every 500 ms.)
+/// audit appends durable through its append journal before answering; the database gets them
+/// later, in batches, and syncs only every 500 ms.)
 #[tokio::test(flavor = "multi_thread")]
 async fn audit_records_acknowledged_before_a_kill_survive_it() {
     let broker = TestBroker::start_with(
