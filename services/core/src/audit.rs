@@ -39,6 +39,20 @@ pub const REFUSED_STREAM: &str = "audit_refused";
 pub const ISSUANCE_STREAM: &str = "audit_issuance";
 /// Default count bound of the changes stream (per scope).
 pub const MAX_LEN: usize = 100_000;
+/// The most characters an audit record's detail keeps ([`detail`]).
+pub const DETAIL_CHARS: usize = 300;
+
+/// `text` as an audit record's detail: its first [`DETAIL_CHARS`] characters (cut in place; a
+/// text that short in bytes is returned as it is).
+pub fn detail(mut text: String) -> String {
+    if text.len() > DETAIL_CHARS
+        && let Some((cut, _)) = text.char_indices().nth(DETAIL_CHARS)
+    {
+        text.truncate(cut);
+    }
+    text
+}
+
 /// Audit action of a token issuance (see `tokens::issue`).
 const ISSUE_ACTION: &str = "token.issue";
 
@@ -473,6 +487,27 @@ pub async fn list_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A detail keeps its first 300 characters, counted as characters (a multi-byte one is
+    /// never cut), and a short one stays as it was.
+    #[test]
+    fn a_detail_keeps_its_first_300_characters() {
+        assert_eq!(detail("short".into()), "short");
+        let ascii = "a".repeat(DETAIL_CHARS + 5);
+        assert_eq!(detail(ascii.clone()), ascii[..DETAIL_CHARS]);
+        let exact = "é".repeat(DETAIL_CHARS);
+        assert_eq!(
+            detail(exact.clone()),
+            exact,
+            "300 two-byte characters are kept"
+        );
+        let long = format!("{exact}ü and more");
+        assert_eq!(detail(long), exact);
+        let mixed: String = "aé".repeat(DETAIL_CHARS);
+        let kept = detail(mixed.clone());
+        assert_eq!(kept.chars().count(), DETAIL_CHARS);
+        assert!(mixed.starts_with(&kept));
+    }
 
     #[test]
     fn age_trims_run_once_per_period_per_stream() {

@@ -23,7 +23,7 @@
 //! prometheus-client is not a transport (it only formats text); the broker serves it.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -65,6 +65,10 @@ struct Inner {
     alert_deliveries: Family<Labels, Counter>,
     store_seconds: HistogramFamily,
     store_errors: Family<Labels, Counter>,
+    /// The issuance series by result, when they carry no tenant label (a fixed, small set):
+    /// looked up by the `&'static str` itself instead of building and hashing a label set on
+    /// every issuance.
+    issuance_series: RwLock<Vec<(&'static str, Counter, Histogram)>>,
 }
 
 /// The core's metrics handle. Cheap to clone; a handle that was never registered counts into
@@ -102,6 +106,7 @@ impl CoreMetrics {
                 alert_deliveries: Family::default(),
                 store_seconds: Family::new_with_constructor(store_histogram),
                 store_errors: Family::default(),
+                issuance_series: RwLock::new(Vec::new()),
             }),
         }
     }
@@ -180,13 +185,45 @@ impl CoreMetrics {
     }
 
     /// One answered access-token request.
-    pub fn issuance(&self, tenant: &str, result: &str, elapsed: Duration) {
-        let labels = self.labels(tenant, &[("result", result)]);
-        self.inner.issuances.get_or_create(&labels).inc();
-        self.inner
-            .issuance_seconds
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
+    pub fn issuance(&self, tenant: &str, result: &'static str, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let i = &self.inner;
+        if i.per_tenant {
+            let labels = self.labels(tenant, &[("result", result)]);
+            i.issuances.get_or_create(&labels).inc();
+            i.issuance_seconds.get_or_create(&labels).observe(seconds);
+            return;
+        }
+        let count = |series: &[(&'static str, Counter, Histogram)]| {
+            let found = series.iter().find(|(r, _, _)| *r == result);
+            if let Some((_, count, latency)) = found {
+                count.inc();
+                latency.observe(seconds);
+            }
+            found.is_some()
+        };
+        if count(
+            &i.issuance_series
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        ) {
+            return;
+        }
+        let mut series = i
+            .issuance_series
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !count(&series) {
+            let labels = self.labels(tenant, &[("result", result)]);
+            let made = (
+                result,
+                i.issuances.get_or_create(&labels).clone(),
+                i.issuance_seconds.get_or_create(&labels).clone(),
+            );
+            made.1.inc();
+            made.2.observe(seconds);
+            series.push(made);
+        }
     }
 
     /// One alert raised.
@@ -208,23 +245,101 @@ impl CoreMetrics {
             .inc();
     }
 
-    fn store_call(
-        &self,
-        backend: &'static str,
-        operation: &'static str,
-        elapsed: Duration,
-        failed: bool,
-    ) {
-        let labels: Labels = vec![
-            ("backend", backend.to_owned()),
-            ("operation", operation.to_owned()),
-        ];
+    /// One store call's latency series (the error count is taken on the rare failure only).
+    fn store_seconds(&self, backend: &'static str, operation: &'static str) -> Histogram {
         self.inner
             .store_seconds
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
-        if failed {
-            self.inner.store_errors.get_or_create(&labels).inc();
+            .get_or_create(&store_labels(backend, operation))
+            .clone()
+    }
+
+    fn store_error(&self, backend: &'static str, operation: &'static str) {
+        self.inner
+            .store_errors
+            .get_or_create(&store_labels(backend, operation))
+            .inc();
+    }
+}
+
+fn store_labels(backend: &'static str, operation: &'static str) -> Labels {
+    vec![
+        ("backend", backend.to_owned()),
+        ("operation", operation.to_owned()),
+    ]
+}
+
+/// The store operations [`TimedStore`] times, as `operation` label values.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Get,
+    Put,
+    Delete,
+    List,
+    Count,
+    Append,
+    TrimStream,
+    ReadBack,
+    TryLease,
+    ReleaseLease,
+    RenewLease,
+    Schedule,
+    Unschedule,
+    Due,
+    Ping,
+    Ready,
+    GetMany,
+    GetManySince,
+    Publish,
+}
+
+/// Every [`Op`], in order.
+#[cfg(test)]
+const OPS: [Op; Op::COUNT] = [
+    Op::Get,
+    Op::Put,
+    Op::Delete,
+    Op::List,
+    Op::Count,
+    Op::Append,
+    Op::TrimStream,
+    Op::ReadBack,
+    Op::TryLease,
+    Op::ReleaseLease,
+    Op::RenewLease,
+    Op::Schedule,
+    Op::Unschedule,
+    Op::Due,
+    Op::Ping,
+    Op::Ready,
+    Op::GetMany,
+    Op::GetManySince,
+    Op::Publish,
+];
+
+impl Op {
+    const COUNT: usize = Op::Publish as usize + 1;
+
+    fn name(self) -> &'static str {
+        match self {
+            Op::Get => "get",
+            Op::Put => "put",
+            Op::Delete => "delete",
+            Op::List => "list",
+            Op::Count => "count",
+            Op::Append => "append",
+            Op::TrimStream => "trim_stream",
+            Op::ReadBack => "read_back",
+            Op::TryLease => "try_lease",
+            Op::ReleaseLease => "release_lease",
+            Op::RenewLease => "renew_lease",
+            Op::Schedule => "schedule",
+            Op::Unschedule => "unschedule",
+            Op::Due => "due",
+            Op::Ping => "ping",
+            Op::Ready => "ready",
+            Op::GetMany => "get_many",
+            Op::GetManySince => "get_many_since",
+            Op::Publish => "publish",
         }
     }
 }
@@ -237,6 +352,9 @@ pub struct TimedStore {
     inner: Arc<dyn Store>,
     backend: &'static str,
     metrics: CoreMetrics,
+    /// Each operation's latency series, made on its first call (so `/metrics` shows only the
+    /// operations that ran) and then observed without building a label set per call.
+    seconds: [OnceLock<Histogram>; Op::COUNT],
 }
 
 impl TimedStore {
@@ -250,20 +368,25 @@ impl TimedStore {
             inner,
             backend,
             metrics,
+            seconds: std::array::from_fn(|_| OnceLock::new()),
         })
     }
 
-    fn record<T>(&self, operation: &'static str, started: Instant, result: &StoreResult<T>) {
+    fn record<T>(&self, operation: Op, started: Instant, result: &StoreResult<T>) {
         use tokenfleet_store::StoreError as E;
+        let seconds = started.elapsed().as_secs_f64();
+        self.seconds[operation as usize]
+            .get_or_init(|| self.metrics.store_seconds(self.backend, operation.name()))
+            .observe(seconds);
         // Precondition misses are answers, not store failures.
-        let failed = matches!(result, Err(E::Unavailable(_) | E::Corrupt { .. }));
-        self.metrics
-            .store_call(self.backend, operation, started.elapsed(), failed);
+        if matches!(result, Err(E::Unavailable(_) | E::Corrupt { .. })) {
+            self.metrics.store_error(self.backend, operation.name());
+        }
     }
 }
 
 macro_rules! timed {
-    ($self:ident, $op:literal, $call:expr) => {{
+    ($self:ident, $op:expr, $call:expr) => {{
         let started = Instant::now();
         let result = $call.await;
         $self.record($op, started, &result);
@@ -274,13 +397,13 @@ macro_rules! timed {
 #[async_trait]
 impl Store for TimedStore {
     async fn get(&self, key: &RecordKey) -> StoreResult<Option<Record>> {
-        timed!(self, "get", self.inner.get(key))
+        timed!(self, Op::Get, self.inner.get(key))
     }
     async fn put(&self, key: &RecordKey, data: Vec<u8>, pre: Precondition) -> StoreResult<u64> {
-        timed!(self, "put", self.inner.put(key, data, pre))
+        timed!(self, Op::Put, self.inner.put(key, data, pre))
     }
     async fn delete(&self, key: &RecordKey, pre: Precondition) -> StoreResult<bool> {
-        timed!(self, "delete", self.inner.delete(key, pre))
+        timed!(self, Op::Delete, self.inner.delete(key, pre))
     }
     async fn list(
         &self,
@@ -291,12 +414,12 @@ impl Store for TimedStore {
     ) -> StoreResult<Vec<(String, Record)>> {
         timed!(
             self,
-            "list",
+            Op::List,
             self.inner.list(scope, collection, start_after, limit)
         )
     }
     async fn count(&self, scope: &Scope, collection: &'static str) -> StoreResult<u64> {
-        timed!(self, "count", self.inner.count(scope, collection))
+        timed!(self, Op::Count, self.inner.count(scope, collection))
     }
     async fn append(
         &self,
@@ -307,7 +430,7 @@ impl Store for TimedStore {
     ) -> StoreResult<String> {
         timed!(
             self,
-            "append",
+            Op::Append,
             self.inner.append(scope, stream, data, max_len)
         )
     }
@@ -319,7 +442,7 @@ impl Store for TimedStore {
     ) -> StoreResult<u64> {
         timed!(
             self,
-            "trim_stream",
+            Op::TrimStream,
             self.inner.trim_stream(scope, stream, before_ms)
         )
     }
@@ -332,7 +455,7 @@ impl Store for TimedStore {
     ) -> StoreResult<Vec<StreamEntry>> {
         timed!(
             self,
-            "read_back",
+            Op::ReadBack,
             self.inner.read_back(scope, stream, before, limit)
         )
     }
@@ -342,23 +465,31 @@ impl Store for TimedStore {
         owner: &str,
         ttl: Duration,
     ) -> StoreResult<Option<Lease>> {
-        timed!(self, "try_lease", self.inner.try_lease(name, owner, ttl))
+        timed!(self, Op::TryLease, self.inner.try_lease(name, owner, ttl))
     }
     async fn release_lease(&self, name: &str, owner: &str) -> StoreResult<bool> {
-        timed!(self, "release_lease", self.inner.release_lease(name, owner))
+        timed!(
+            self,
+            Op::ReleaseLease,
+            self.inner.release_lease(name, owner)
+        )
     }
     async fn renew_lease(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool> {
         timed!(
             self,
-            "renew_lease",
+            Op::RenewLease,
             self.inner.renew_lease(name, owner, ttl)
         )
     }
     async fn schedule(&self, name: &'static str, member: &str, due_ms: i64) -> StoreResult<()> {
-        timed!(self, "schedule", self.inner.schedule(name, member, due_ms))
+        timed!(
+            self,
+            Op::Schedule,
+            self.inner.schedule(name, member, due_ms)
+        )
     }
     async fn unschedule(&self, name: &'static str, member: &str) -> StoreResult<()> {
-        timed!(self, "unschedule", self.inner.unschedule(name, member))
+        timed!(self, Op::Unschedule, self.inner.unschedule(name, member))
     }
     async fn due(
         &self,
@@ -366,16 +497,16 @@ impl Store for TimedStore {
         now_ms: i64,
         limit: usize,
     ) -> StoreResult<Vec<(String, i64)>> {
-        timed!(self, "due", self.inner.due(name, now_ms, limit))
+        timed!(self, Op::Due, self.inner.due(name, now_ms, limit))
     }
     async fn ping(&self) -> StoreResult<()> {
-        timed!(self, "ping", self.inner.ping())
+        timed!(self, Op::Ping, self.inner.ping())
     }
     async fn ready(&self) -> StoreResult<()> {
-        timed!(self, "ready", self.inner.ready())
+        timed!(self, Op::Ready, self.inner.ready())
     }
     async fn get_many(&self, keys: &[RecordKey]) -> StoreResult<Vec<Option<Record>>> {
-        timed!(self, "get_many", self.inner.get_many(keys))
+        timed!(self, Op::GetMany, self.inner.get_many(keys))
     }
     async fn get_many_since(
         &self,
@@ -385,12 +516,12 @@ impl Store for TimedStore {
     ) -> StoreResult<ScopeRead> {
         timed!(
             self,
-            "get_many_since",
+            Op::GetManySince,
             self.inner.get_many_since(scope, keys, known)
         )
     }
     async fn publish(&self, channel: &'static str, message: &str) -> StoreResult<()> {
-        timed!(self, "publish", self.inner.publish(channel, message))
+        timed!(self, Op::Publish, self.inner.publish(channel, message))
     }
     /// A subscription is one long-lived call, not an operation to time.
     fn subscribe(&self, channel: &'static str) -> tokio::sync::mpsc::Receiver<Notice> {
@@ -472,5 +603,49 @@ mod tests {
             !t.contains("tokenfleet_store_operation_errors_total{"),
             "{t}"
         );
+    }
+
+    /// The issuance series kept by result count each result apart (and carry the tenant when
+    /// per-tenant labels are on, where nothing is kept).
+    #[test]
+    fn issuances_count_by_result_in_both_label_modes() {
+        for per_tenant in [false, true] {
+            let m = CoreMetrics::new(per_tenant);
+            m.issuance("acme", "ok", Duration::from_millis(2));
+            m.issuance("acme", "denied", Duration::from_millis(2));
+            m.issuance("acme", "ok", Duration::from_millis(2));
+            m.issuance("beta", "ok", Duration::from_millis(2));
+            let t = text(&m);
+            let expected: &[&str] = if per_tenant {
+                &[
+                    r#"tokenfleet_token_issuances_total{result="ok",tenant="acme"} 2"#,
+                    r#"tokenfleet_token_issuances_total{result="ok",tenant="beta"} 1"#,
+                    r#"tokenfleet_token_issuances_total{result="denied",tenant="acme"} 1"#,
+                    r#"tokenfleet_token_issuance_duration_seconds_count{result="ok",tenant="acme"} 2"#,
+                ]
+            } else {
+                &[
+                    r#"tokenfleet_token_issuances_total{result="ok"} 3"#,
+                    r#"tokenfleet_token_issuances_total{result="denied"} 1"#,
+                    r#"tokenfleet_token_issuance_duration_seconds_count{result="ok"} 3"#,
+                    r#"tokenfleet_token_issuance_duration_seconds_count{result="denied"} 1"#,
+                ]
+            };
+            for line in expected {
+                assert!(
+                    t.contains(line),
+                    "per_tenant={per_tenant}: {line} missing in {t}"
+                );
+            }
+        }
+    }
+
+    /// Every timed operation has its own label value.
+    #[test]
+    fn operation_names_are_distinct() {
+        let names: std::collections::HashSet<&str> =
+            (0..Op::COUNT).map(|i| OPS[i].name()).collect();
+        assert_eq!(names.len(), Op::COUNT);
+        assert!(OPS.iter().enumerate().all(|(i, op)| *op as usize == i));
     }
 }

@@ -220,7 +220,7 @@ async fn audit_certificate(
         }
         Err(e) => {
             tracing::info!(action, agent = %id, result = e.result(), message = %e, "agent certificate refused");
-            (e.result(), e.to_string().chars().take(300).collect())
+            (e.result(), crate::audit::detail(e.to_string()))
         }
     };
     peer::audit(state, action, id, id.path(), outcome, detail).await;

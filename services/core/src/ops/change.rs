@@ -46,7 +46,7 @@ pub async fn audited<T>(
     let outcome = run.await;
     let (result, detail) = match &outcome {
         Ok((_, detail)) => ("ok", detail.clone()),
-        Err(err) => (err.result(), err.to_string().chars().take(300).collect()),
+        Err(err) => (err.result(), crate::audit::detail(err.to_string())),
     };
     // A tenant's stream gets what happened in it, as far as the caller is allowed to look at the
     // tenant; attempts on other tenants go to the global stream, so a caller cannot write into a

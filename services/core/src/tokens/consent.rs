@@ -1034,7 +1034,7 @@ pub async fn audit(
         target: format!("tenants/{tenant}/mailboxes/{mailbox}"),
         tenant: tenant.to_owned(),
         result: result.to_owned(),
-        detail: detail.chars().take(300).collect(),
+        detail: crate::audit::detail(detail.to_owned()),
     };
     crate::audit::record(state, &Scope::Tenant(tenant.to_owned()), event).await;
 }

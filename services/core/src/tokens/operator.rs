@@ -206,7 +206,7 @@ pub async fn refresh_now(
                 )),
                 Err(
                     e @ (TokenError::RefreshFailing { .. } | TokenError::ReauthRequired { .. }),
-                ) => Ok(e.to_string().chars().take(300).collect()),
+                ) => Ok(crate::audit::detail(e.to_string())),
                 Err(e) => Err(e.into()),
             }
         },

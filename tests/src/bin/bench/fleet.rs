@@ -60,7 +60,6 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -139,25 +138,6 @@ pub struct Args {
 // ---------------------------------------------------------------------------------------------
 // Broker processes
 
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .unwrap_or(100.0)
-}
-
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the command: state is field 3, utime field 14, stime field 15.
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
 fn status_kib(pid: u32, key: &str) -> Option<u64> {
     let path = if key == "Pss:" {
         format!("/proc/{pid}/smaps_rollup")
@@ -206,7 +186,10 @@ struct Usage {
 async fn measure(pids: &[u32], redis_port: u16, seconds: u64) -> Result<(Vec<Usage>, Usage, f64)> {
     let own = std::process::id();
     let all: Vec<u32> = pids.iter().copied().chain([own]).collect();
-    let ticks0: Vec<u64> = all.iter().map(|&p| cpu_ticks(p).unwrap_or(0)).collect();
+    let ticks0: Vec<u64> = all
+        .iter()
+        .map(|&p| crate::cpu_ticks(p).unwrap_or(0))
+        .collect();
     let ops0 = redis_commands(redis_port).await?;
     let started = Instant::now();
     let mut sums = vec![0u64; all.len()];
@@ -227,7 +210,7 @@ async fn measure(pids: &[u32], redis_port: u16, seconds: u64) -> Result<(Vec<Usa
     }
     let elapsed = started.elapsed().as_secs_f64();
     let ops1 = redis_commands(redis_port).await?;
-    let hz = clock_ticks();
+    let hz = crate::clock_ticks();
     let mut usages: Vec<Usage> = all
         .iter()
         .enumerate()
@@ -235,7 +218,9 @@ async fn measure(pids: &[u32], redis_port: u16, seconds: u64) -> Result<(Vec<Usa
             rss_mean_mib: sums[i] as f64 / samples.max(1) as f64 / 1024.0,
             rss_max_mib: maxes[i] as f64 / 1024.0,
             pss_mib: status_kib(p, "Pss:").unwrap_or(0) as f64 / 1024.0,
-            cpu_pct: (cpu_ticks(p).unwrap_or(0).saturating_sub(ticks0[i])) as f64 / hz / elapsed
+            cpu_pct: (crate::cpu_ticks(p).unwrap_or(0).saturating_sub(ticks0[i])) as f64
+                / hz
+                / elapsed
                 * 100.0,
         })
         .collect();

@@ -418,6 +418,9 @@ pub(crate) struct Figure {
     pub(crate) p50: Duration,
     pub(crate) p99: Duration,
     pub(crate) calls: u64,
+    /// Every call answered during the phase, warm-up and cut-off included (what the processes'
+    /// CPU time over the phase is divided by).
+    pub(crate) all_calls: u64,
 }
 
 /// N tasks calling `call` in a loop over `channels` for warm-up + `seconds`; latencies of the
@@ -431,10 +434,16 @@ pub(crate) async fn phase(
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let failed = Arc::new(AtomicU64::new(0));
+    let answered = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..inflight {
         let channel = channels[i as usize % channels.len()].clone();
-        let (measuring, stop, failed) = (measuring.clone(), stop.clone(), failed.clone());
+        let (measuring, stop, failed, answered) = (
+            measuring.clone(),
+            stop.clone(),
+            failed.clone(),
+            answered.clone(),
+        );
         tasks.spawn(async move {
             let mut latencies = Vec::with_capacity(4096);
             let mut first_error = None;
@@ -447,6 +456,7 @@ pub(crate) async fn phase(
                     first_error.get_or_insert(e);
                     break;
                 }
+                answered.fetch_add(1, Ordering::Relaxed);
                 if measuring.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
                     latencies.push(took);
                 }
@@ -479,7 +489,41 @@ pub(crate) async fn phase(
         p50: pct(50),
         p99: pct(99),
         calls: all.len() as u64,
+        all_calls: answered.load(Ordering::Relaxed),
     })
+}
+
+/// CPU time per answered call over one phase, from `/proc/<pid>/stat` (clock ticks: 10 ms
+/// each, so a phase of several seconds on two cores resolves better than 1%). Less disturbed by
+/// a noisy machine than the throughput ratio: it says what a call costs, not how the scheduler
+/// shared the cores.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PhaseCpu {
+    pub(crate) broker_us: f64,
+    pub(crate) client_us: f64,
+}
+
+/// [`phase`] with the broker's (`broker_pid`) and this process's CPU time per answered call.
+pub(crate) async fn costed_phase(
+    call: Call,
+    channels: &[Channel],
+    inflight: u32,
+    seconds: u64,
+    broker_pid: u32,
+) -> Result<(Figure, PhaseCpu)> {
+    let me = std::process::id();
+    let ticks = |pid| crate::cpu_ticks(pid).context("reading /proc/<pid>/stat");
+    let (broker0, client0) = (ticks(broker_pid)?, ticks(me)?);
+    let figure = phase(call, channels, inflight, seconds).await?;
+    let (broker1, client1) = (ticks(broker_pid)?, ticks(me)?);
+    let per_call = |t0: u64, t1: u64| {
+        t1.saturating_sub(t0) as f64 / crate::clock_ticks() * 1e6 / figure.all_calls.max(1) as f64
+    };
+    let cpu = PhaseCpu {
+        broker_us: per_call(broker0, broker1),
+        client_us: per_call(client0, client1),
+    };
+    Ok((figure, cpu))
 }
 
 pub(crate) fn ms(d: Duration) -> String {
@@ -506,12 +550,14 @@ async fn run_store(args: &Args, bin: &Path, store: &str, fake: &FakeIdp) -> Resu
         .context("first issuance")?;
     let mut issued = 1u64;
     for &inflight in &args.inflight {
-        let health = phase(Call::Health, &channels, inflight, args.seconds).await?;
+        let (health, health_cpu) =
+            costed_phase(Call::Health, &channels, inflight, args.seconds, broker.pid).await?;
         if args.perf_pause > 0 {
             println!("# broker pid {} — attach perf now", broker.pid);
             tokio::time::sleep(Duration::from_secs(args.perf_pause)).await;
         }
-        let issue = phase(Call::Issue, &channels, inflight, args.seconds).await?;
+        let (issue, issue_cpu) =
+            costed_phase(Call::Issue, &channels, inflight, args.seconds, broker.pid).await?;
         // The warm-up second's and the cut-off calls are answered too: count them from the
         // audit log rather than from the measured ones.
         issued += issue.calls;
@@ -528,6 +574,13 @@ async fn run_store(args: &Args, bin: &Path, store: &str, fake: &FakeIdp) -> Resu
             issue.rps / health.rps,
             issue.p99.as_secs_f64() / health.p99.as_secs_f64().max(1e-9)
         );
+        for (name, cpu) in [("health", health_cpu), ("issue", issue_cpu)] {
+            println!(
+                "bench=issuance store={store} inflight={inflight} impl={name} \
+                 broker_cpu_us_per_call={:.1} client_cpu_us_per_call={:.1}",
+                cpu.broker_us, cpu.client_us
+            );
+        }
         let scenario = format!("issuance-{store}-{inflight}");
         crate::figure(&crate::Figure {
             scenario: &scenario,
