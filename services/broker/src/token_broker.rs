@@ -260,7 +260,10 @@ impl TokenBroker for TokenBrokerService {
         &self,
         request: Request<pb::IssueAccessTokenRequest>,
     ) -> Result<Response<pb::IssueAccessTokenResponse>, Status> {
-        TokenBrokerService::issue_access_token(self, request)
+        // Boxed before it is instrumented: the call's future (~5 KB) was otherwise held twice
+        // in the boxed trait future (~10 KB, measured in a release build), and all of it was
+        // moved into the box on every call.
+        Box::pin(TokenBrokerService::issue_access_token(self, request))
             .instrument(span("IssueAccessToken"))
             .await
             .map(Response::new)
