@@ -1424,14 +1424,15 @@ impl RedisStore {
     }
 
     /// A scope's generation as stored (`None`: the scope has none yet).
-    fn generation_of(&self, scope: &Scope, answer: Option<Value>) -> StoreResult<Option<u64>> {
+    /// The generation stored at `key` (the scope's [`Self::generation_key`]) as `answer` gave it.
+    fn generation_of(&self, key: &str, answer: Option<Value>) -> StoreResult<Option<u64>> {
         let text: Option<String> = match answer {
-            Some(answer) => self.decode(&self.generation_key(scope), answer)?,
+            Some(answer) => self.decode(&key, answer)?,
             None => None,
         };
         text.map(|g| {
             g.parse::<u64>().map_err(|_| StoreError::Corrupt {
-                key: self.generation_key(scope),
+                key: key.to_owned(),
                 problem: "the scope's generation is not a number".into(),
             })
         })
@@ -1476,21 +1477,20 @@ impl Store for RedisStore {
         for key in keys {
             Self::check_name("collection", key.collection)?;
         }
+        let generation = self.generation_key(scope);
         // Known: one `GET` (Redis's cheapest command, no script) answers the common case.
         if let Some(known) = known {
-            let answer = self
-                .query(redis::cmd("GET").arg(self.generation_key(scope)))
-                .await?;
-            if self.generation_of(scope, Some(answer))? == Some(known) {
+            let answer = self.query(redis::cmd("GET").arg(&generation)).await?;
+            if self.generation_of(&generation, Some(answer))? == Some(known) {
                 return Ok(ScopeRead::Unchanged);
             }
         }
         // The generation is read before the records in one pipeline (one Cluster slot).
         let (lead, records) = self
-            .read_pipeline_after(Some(self.generation_key(scope)), keys.iter())
+            .read_pipeline_after(Some(generation.clone()), keys.iter())
             .await?;
         Ok(ScopeRead::Read {
-            generation: self.generation_of(scope, lead)?,
+            generation: self.generation_of(&generation, lead)?,
             records,
         })
     }
