@@ -268,80 +268,50 @@ fn store_labels(backend: &'static str, operation: &'static str) -> Labels {
     ]
 }
 
-/// The store operations [`TimedStore`] times, as `operation` label values.
-#[derive(Debug, Clone, Copy)]
-enum Op {
-    Get,
-    Put,
-    Delete,
-    List,
-    Count,
-    Append,
-    TrimStream,
-    ReadBack,
-    TryLease,
-    ReleaseLease,
-    RenewLease,
-    Schedule,
-    Unschedule,
-    Due,
-    Ping,
-    Ready,
-    GetMany,
-    GetManySince,
-    Publish,
+/// Declares [`Op`] from one list: each variant with its `operation` label value.
+macro_rules! operations {
+    ($($op:ident => $name:literal),* $(,)?) => {
+        /// The store operations [`TimedStore`] times.
+        #[derive(Debug, Clone, Copy)]
+        enum Op {
+            $($op),*
+        }
+
+        impl Op {
+            /// Every operation, in declaration order (each one's index is `op as usize`).
+            const ALL: &[Op] = &[$(Op::$op),*];
+            const COUNT: usize = Op::ALL.len();
+
+            /// The `operation` label value.
+            fn name(self) -> &'static str {
+                match self {
+                    $(Op::$op => $name),*
+                }
+            }
+        }
+    };
 }
 
-/// Every [`Op`], in order.
-#[cfg(test)]
-const OPS: [Op; Op::COUNT] = [
-    Op::Get,
-    Op::Put,
-    Op::Delete,
-    Op::List,
-    Op::Count,
-    Op::Append,
-    Op::TrimStream,
-    Op::ReadBack,
-    Op::TryLease,
-    Op::ReleaseLease,
-    Op::RenewLease,
-    Op::Schedule,
-    Op::Unschedule,
-    Op::Due,
-    Op::Ping,
-    Op::Ready,
-    Op::GetMany,
-    Op::GetManySince,
-    Op::Publish,
-];
-
-impl Op {
-    const COUNT: usize = Op::Publish as usize + 1;
-
-    fn name(self) -> &'static str {
-        match self {
-            Op::Get => "get",
-            Op::Put => "put",
-            Op::Delete => "delete",
-            Op::List => "list",
-            Op::Count => "count",
-            Op::Append => "append",
-            Op::TrimStream => "trim_stream",
-            Op::ReadBack => "read_back",
-            Op::TryLease => "try_lease",
-            Op::ReleaseLease => "release_lease",
-            Op::RenewLease => "renew_lease",
-            Op::Schedule => "schedule",
-            Op::Unschedule => "unschedule",
-            Op::Due => "due",
-            Op::Ping => "ping",
-            Op::Ready => "ready",
-            Op::GetMany => "get_many",
-            Op::GetManySince => "get_many_since",
-            Op::Publish => "publish",
-        }
-    }
+operations! {
+    Get => "get",
+    Put => "put",
+    Delete => "delete",
+    List => "list",
+    Count => "count",
+    Append => "append",
+    TrimStream => "trim_stream",
+    ReadBack => "read_back",
+    TryLease => "try_lease",
+    ReleaseLease => "release_lease",
+    RenewLease => "renew_lease",
+    Schedule => "schedule",
+    Unschedule => "unschedule",
+    Due => "due",
+    Ping => "ping",
+    Ready => "ready",
+    GetMany => "get_many",
+    GetManySince => "get_many_since",
+    Publish => "publish",
 }
 
 /// A [`Store`] that times every call of the store it wraps into
@@ -640,12 +610,11 @@ mod tests {
         }
     }
 
-    /// Every timed operation has its own label value.
+    /// Every timed operation has its own label value and its own slot.
     #[test]
     fn operation_names_are_distinct() {
-        let names: std::collections::HashSet<&str> =
-            (0..Op::COUNT).map(|i| OPS[i].name()).collect();
+        let names: std::collections::HashSet<&str> = Op::ALL.iter().map(|op| op.name()).collect();
         assert_eq!(names.len(), Op::COUNT);
-        assert!(OPS.iter().enumerate().all(|(i, op)| *op as usize == i));
+        assert!(Op::ALL.iter().enumerate().all(|(i, op)| *op as usize == i));
     }
 }

@@ -636,7 +636,7 @@ pub async fn issue_for_agent_via(
     let started = std::time::Instant::now();
     // Boxed: the user path (consent flows, mailbox creation) is a future of ~9 KB; inline it
     // made every issuance's future (mailbox path included) that much larger, and every one of
-    // them was moved whole into its box (19 KB before, 9 KB after, release build).
+    // them was moved whole into its box.
     let result = Box::pin(for_user(
         snapshot,
         service,

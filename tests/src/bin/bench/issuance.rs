@@ -516,9 +516,9 @@ pub(crate) async fn costed_phase(
     let (broker0, client0) = (ticks(broker_pid)?, ticks(me)?);
     let figure = phase(call, channels, inflight, seconds).await?;
     let (broker1, client1) = (ticks(broker_pid)?, ticks(me)?);
-    let per_call = |t0: u64, t1: u64| {
-        t1.saturating_sub(t0) as f64 / crate::clock_ticks() * 1e6 / figure.all_calls.max(1) as f64
-    };
+    let hz = crate::clock_ticks();
+    let per_call =
+        |t0: u64, t1: u64| t1.saturating_sub(t0) as f64 / hz * 1e6 / figure.all_calls.max(1) as f64;
     let cpu = PhaseCpu {
         broker_us: per_call(broker0, broker1),
         client_us: per_call(client0, client1),
