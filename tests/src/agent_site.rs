@@ -808,20 +808,7 @@ impl AgentSite {
             .await
             .map(|_| ()),
         );
-        let code = match a
-            .create_enrollment_code(pb::CreateEnrollmentCodeRequest {
-                tenant: TENANT.into(),
-                agent: AGENT.into(),
-                display_name: "site one".into(),
-                ttl_seconds: 600,
-                re_enroll: false,
-            })
-            .await
-        {
-            Ok(r) => r.into_inner().code,
-            Err(status) => panic!("enrollment code: {status:?}"),
-        };
-        crate::logs::secret(&code);
+        let code = crate::broker::enrollment_code(&mut a, TENANT, AGENT).await;
         crate::logs::secret(DEVICE_PASSWORD);
         let mut device = (options.device)(&dovecot);
         device.tenant = TENANT.into();

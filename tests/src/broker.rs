@@ -88,6 +88,25 @@ pub struct TestOptions {
 /// A client of the `Admin` service that sends an API key with every call.
 pub type TestAdminClient = AdminClient<InterceptedService<Channel, BearerAuth>>;
 
+/// A new enrollment code (valid 10 minutes) for agent `agent` of `tenant`, registered with the
+/// log scan as a secret ([`crate::logs::secret`]). Panics if the broker refuses it.
+pub async fn enrollment_code(admin: &mut TestAdminClient, tenant: &str, agent: &str) -> String {
+    let code = admin
+        .create_enrollment_code(tokenfleet_proto::v1::CreateEnrollmentCodeRequest {
+            tenant: tenant.to_owned(),
+            agent: agent.to_owned(),
+            display_name: format!("agent {agent}"),
+            ttl_seconds: 600,
+            re_enroll: false,
+        })
+        .await
+        .unwrap_or_else(|status| panic!("enrollment code for {tenant}/{agent}: {status}"))
+        .into_inner()
+        .code;
+    crate::logs::secret(&code);
+    code
+}
+
 /// Interceptor adding `authorization: Bearer <API key>` to every request.
 #[derive(Clone)]
 pub struct BearerAuth {

@@ -1211,6 +1211,11 @@ redeliver_after_seconds = 600
 # keep-alive pings on idle connections, and how long a call may take to produce its response (a
 # half-open call that never sends its request is ended then; StatusStream only needs to open).
 grpc_max_connections = 10000
+# Of those, how many may be open without a client certificate (API-key clients, enrolling
+# agents, strangers); over it a certificate-less connection's first call gets RESOURCE_EXHAUSTED
+# naming this limit and the connection is closed, so they cannot take the slots agents need.
+# With [tls] only.
+grpc_max_anonymous_connections = 512
 grpc_max_concurrent_streams = 100
 grpc_max_header_list_bytes = 16384
 grpc_keepalive_interval_seconds = 30

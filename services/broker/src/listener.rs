@@ -6,6 +6,14 @@
 //! and a connection over the limit is accepted and closed at once (the client sees a reset
 //! rather than a silent backlog; the warning is logged at most once a minute per listener).
 //!
+//! With `[tls]`, [`grpc_incoming`] also does the TLS handshake (tonic's own TLS layer would do it
+//! after the connection is handed over, where nothing can count it): a connection that presents
+//! no client certificate — an admin client with an API key, an agent enrolling, or anyone who
+//! can reach the port — takes one of `grpc_max_anonymous_connections` slots besides its listener
+//! slot, and over that limit its first call is answered `RESOURCE_EXHAUSTED` naming the limit and
+//! the connection is closed with an HTTP/2 `GOAWAY` (`ENHANCE_YOUR_CALM`). So connections that prove nothing cannot hold the slots agents need; an agent's
+//! certificate is verified against the agent CA during the handshake, as tonic did.
+//!
 //! [`serve_http`] runs the axum router on hyper's HTTP/1.1 connection builder, because
 //! `axum::serve` offers no header-read timeout: a client that sends its request header a byte at
 //! a time (or nothing at all, or keeps an idle keep-alive connection) is disconnected after
@@ -20,10 +28,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tokio_rustls::TlsAcceptor;
+use tonic::transport::server::Connected;
 
 use crate::config::ListenerLimits;
 
@@ -80,16 +90,6 @@ impl AsyncWrite for LimitedStream {
     }
 }
 
-impl Connected for LimitedStream {
-    // The TCP stream's own info, so tonic's TLS layer still exposes peer certificates
-    // (`Request::peer_certs` looks for `TlsConnectInfo<TcpConnectInfo>`).
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
-    }
-}
-
 /// Accepts connections from `listener`, at most `max` open at once; see the module documentation.
 #[derive(Debug)]
 struct Acceptor {
@@ -137,16 +137,7 @@ impl Acceptor {
     }
 
     fn warn_full(&self, peer: std::net::SocketAddr) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let last = self.last_warning.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= LIMIT_WARNING_EVERY_SECS
-            && self
-                .last_warning
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if warning_due(&self.last_warning) {
             tracing::warn!(
                 listener = self.name,
                 max_connections = self.max,
@@ -158,17 +149,299 @@ impl Acceptor {
     }
 }
 
-/// The gRPC listener's connections for tonic's `serve_with_incoming_shutdown`, at most `max`
-/// open at once.
-pub fn limited_incoming(
-    listener: TcpListener,
+/// Whether a limit warning may be logged now (at most one per [`LIMIT_WARNING_EVERY_SECS`] for
+/// each `last` stamp); takes the turn when it is.
+fn warning_due(last: &AtomicU64) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let before = last.load(Ordering::Relaxed);
+    now.saturating_sub(before) >= LIMIT_WARNING_EVERY_SECS
+        && last
+            .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
+/// What the gRPC services learn of a connection.
+#[derive(Debug, Clone, Default)]
+pub struct GrpcPeer {
+    /// The client certificate chain presented in the TLS handshake (leaf first, verified against
+    /// the agent CA there); `None` without TLS or without a certificate.
+    pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+}
+
+/// A gRPC connection as tonic gets it: plain TCP (no `[tls]`), or TLS after its handshake.
+#[derive(Debug)]
+pub enum GrpcConn {
+    /// Without `[tls]`.
+    Plain(LimitedStream),
+    /// With `[tls]`.
+    Tls(Box<TlsConn>),
+}
+
+/// A TLS gRPC connection: its listener slot, and without a client certificate one of the
+/// anonymous slots, held until it is dropped.
+#[derive(Debug)]
+pub struct TlsConn {
+    io: tokio_rustls::server::TlsStream<LimitedStream>,
+    _anonymous: Option<OwnedSemaphorePermit>,
+    peer: GrpcPeer,
+}
+
+impl AsyncRead for GrpcConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Self::Tls(conn) => Pin::new(&mut conn.io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for GrpcConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Self::Tls(conn) => Pin::new(&mut conn.io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(io) => Pin::new(io).poll_flush(cx),
+            Self::Tls(conn) => Pin::new(&mut conn.io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Self::Tls(conn) => Pin::new(&mut conn.io).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Self::Tls(conn) => Pin::new(&mut conn.io).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(io) => io.is_write_vectored(),
+            Self::Tls(conn) => conn.io.is_write_vectored(),
+        }
+    }
+}
+
+impl Connected for GrpcConn {
+    type ConnectInfo = GrpcPeer;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        match self {
+            Self::Plain(_) => GrpcPeer::default(),
+            Self::Tls(conn) => conn.peer.clone(),
+        }
+    }
+}
+
+/// The gRPC listener's TLS: the server configuration (client certificates of the agent CA
+/// optional) and how long a client may take for its handshake.
+#[derive(Clone)]
+pub struct GrpcTls {
+    /// The rustls server configuration.
+    pub config: Arc<rustls::ServerConfig>,
+    /// Handshakes taking longer are abandoned.
+    pub handshake_timeout: Duration,
+}
+
+impl std::fmt::Debug for GrpcTls {
+    // The configuration holds the server's key: not shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcTls")
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The anonymous slots of a TLS gRPC listener.
+struct Anonymous {
+    slots: Arc<Semaphore>,
     max: usize,
-) -> impl Stream<Item = Result<LimitedStream, io::Error>> + Send + 'static {
-    let acceptor = Arc::new(Acceptor::new(listener, max, "grpc"));
-    futures::stream::unfold(acceptor, |acceptor| async move {
-        let stream = acceptor.accept().await;
-        Some((Ok(stream), acceptor))
+    last_warning: AtomicU64,
+}
+
+/// How long a connection refused over the anonymous limit is waited on for its first call...
+const FIRST_CALL_WAIT: Duration = Duration::from_secs(1);
+/// ...and kept in all.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Handshakes done and not yet taken by tonic.
+const HANDED_OVER: usize = 64;
+
+/// The gRPC listener's connections for tonic's `serve_with_incoming_shutdown`: at most
+/// `limits.grpc_max_connections` open at once, and with `tls` the handshake done here, each on
+/// its own task, with certificate-less connections held to
+/// `limits.grpc_max_anonymous_connections` (see the module documentation).
+pub fn grpc_incoming(
+    listener: TcpListener,
+    limits: &ListenerLimits,
+    tls: Option<GrpcTls>,
+) -> Pin<Box<dyn Stream<Item = Result<GrpcConn, io::Error>> + Send>> {
+    let acceptor = Acceptor::new(listener, limits.grpc_max_connections, "grpc");
+    let Some(tls) = tls else {
+        return Box::pin(futures::stream::unfold(
+            Arc::new(acceptor),
+            |acceptor| async move {
+                let stream = acceptor.accept().await;
+                Some((Ok(GrpcConn::Plain(stream)), acceptor))
+            },
+        ));
+    };
+    let anonymous = Arc::new(Anonymous {
+        slots: Arc::new(Semaphore::new(limits.grpc_max_anonymous_connections)),
+        max: limits.grpc_max_anonymous_connections,
+        last_warning: AtomicU64::new(0),
+    });
+    let acceptor_tls = TlsAcceptor::from(tls.config);
+    let (handed, taken) = tokio::sync::mpsc::channel::<GrpcConn>(HANDED_OVER);
+    tokio::spawn(async move {
+        loop {
+            // Ends when tonic drops the stream (the server stopped).
+            let stream = tokio::select! {
+                stream = acceptor.accept() => stream,
+                () = handed.closed() => break,
+            };
+            let (handed, acceptor_tls, anonymous) =
+                (handed.clone(), acceptor_tls.clone(), Arc::clone(&anonymous));
+            tokio::spawn(async move {
+                if let Some(conn) =
+                    handshake(stream, &acceptor_tls, tls.handshake_timeout, &anonymous).await
+                {
+                    // Fails only when the server has stopped: the connection is dropped.
+                    let _ = handed.send(GrpcConn::Tls(Box::new(conn))).await;
+                }
+            });
+        }
+    });
+    Box::pin(futures::stream::unfold(taken, |mut taken| async move {
+        let conn = taken.recv().await?;
+        Some((Ok(conn), taken))
+    }))
+}
+
+/// The TLS handshake of `stream` within `timeout`, then its anonymous slot if it presented no
+/// client certificate; `None` when the handshake failed or the connection was refused.
+async fn handshake(
+    stream: LimitedStream,
+    acceptor: &TlsAcceptor,
+    timeout: Duration,
+    anonymous: &Anonymous,
+) -> Option<TlsConn> {
+    let remote = stream.io.peer_addr().ok();
+    let io = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(io)) => io,
+        Ok(Err(error)) => {
+            tracing::debug!(%error, ?remote, "gRPC TLS handshake failed");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(?remote, "gRPC TLS handshake timed out");
+            return None;
+        }
+    };
+    let certs = io.get_ref().1.peer_certificates().map(|chain| {
+        Arc::new(
+            chain
+                .iter()
+                .map(|c| c.clone().into_owned())
+                .collect::<Vec<_>>(),
+        )
+    });
+    let slot = if certs.is_some() {
+        None
+    } else if let Ok(slot) = Arc::clone(&anonymous.slots).try_acquire_owned() {
+        Some(slot)
+    } else {
+        if warning_due(&anonymous.last_warning) {
+            tracing::warn!(
+                max_anonymous_connections = anonymous.max,
+                ?remote,
+                "gRPC connections without a client certificate at their limit: closing new ones \
+                 (limits.grpc_max_anonymous_connections)"
+            );
+        }
+        refuse(io, anonymous.max).await;
+        return None;
+    };
+    Some(TlsConn {
+        io,
+        _anonymous: slot,
+        peer: GrpcPeer { certs },
     })
+}
+
+/// Tells a client over the anonymous limit why it is closed, on HTTP/2 as the client speaks
+/// it: a call that arrives within [`FIRST_CALL_WAIT`] is answered `RESOURCE_EXHAUSTED` naming the
+/// limit (so `tokenfleetctl` and gRPC clients show the reason), then the connection ends with a
+/// `GOAWAY` (`ENHANCE_YOUR_CALM`); all of it within [`REFUSAL_TIMEOUT`].
+async fn refuse(io: tokio_rustls::server::TlsStream<LimitedStream>, max: usize) {
+    let message = refusal_message(max);
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async move {
+        let mut conn = h2::server::handshake(io).await?;
+        if let Ok(Some(Ok((_, mut respond)))) =
+            tokio::time::timeout(FIRST_CALL_WAIT, conn.accept()).await
+        {
+            let _ = respond.send_response(resource_exhausted(&message), true);
+            // Graceful: the client finishes sending its call and reads the answer first.
+            conn.graceful_shutdown();
+        } else {
+            conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+        }
+        while let Some(next) = conn.accept().await {
+            if let Ok((_, mut respond)) = next {
+                let _ = respond.send_response(resource_exhausted(&message), true);
+            }
+        }
+        Ok::<(), h2::Error>(())
+    })
+    .await;
+}
+
+/// Why a connection over the anonymous limit is refused.
+fn refusal_message(max: usize) -> String {
+    format!(
+        "too many gRPC connections without a client certificate are open \
+         (limits.grpc_max_anonymous_connections = {max}); try again later"
+    )
+}
+
+/// A trailers-only gRPC answer: status `RESOURCE_EXHAUSTED` (8) with `message` (printable ASCII,
+/// so it needs no percent-encoding).
+fn resource_exhausted(message: &str) -> http::Response<()> {
+    let mut response = http::Response::new(());
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    if let Ok(value) = http::HeaderValue::from_str(message) {
+        headers.insert("grpc-message", value);
+    }
+    response
 }
 
 /// Serves `router` on `listener` with the HTTP limits until `shutdown` completes, then stops

@@ -29,7 +29,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::config::{BrokerConfig, ConfigError, StoreConfig};
 use crate::http::{HttpState, router};
-use crate::listener::{limited_incoming, serve_http};
+use crate::listener::{GrpcTls, grpc_incoming, serve_http};
 use crate::metrics::{GrpcMetricsLayer, Metrics};
 use crate::state::BrokerState;
 
@@ -213,7 +213,7 @@ pub async fn serve(
     metrics
         .inventory()
         .set_heartbeat(config.agents.heartbeat_seconds);
-    let (grpc_builder, identity) = grpc_tls(&config, &state).await?;
+    let (grpc_builder, identity, grpc_tls) = grpc_tls(&config, &state).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -291,7 +291,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
-            limited_incoming(grpc, config.limits.grpc_max_connections),
+            grpc_incoming(grpc, &config.limits, grpc_tls),
             stopped(stop_rx.clone()),
         );
 
@@ -417,10 +417,12 @@ pub async fn serve(
 /// How long a client may take for the TLS handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The gRPC server builder, with TLS when `[tls]` is configured, and the agent identity the
-/// `TokenBroker` service works with (`None` without TLS). Client certificates are optional at the
-/// TLS layer, so admin clients (API keys) need none; when one is presented it must chain to the
-/// agent CA, and `TokenBroker` requires one on every call but `Enroll`.
+/// The gRPC server builder, the agent identity the `TokenBroker` service works with and the
+/// listener's TLS (both `None` without `[tls]`). The TLS handshake is done by the listener
+/// ([`grpc_incoming`]), which counts connections without a client certificate. Client
+/// certificates are optional at the TLS layer, so admin clients (API keys) need none; when one
+/// is presented it must chain to the agent CA, and `TokenBroker` requires one on every call but
+/// `Enroll`.
 async fn grpc_tls(
     config: &BrokerConfig,
     state: &BrokerState,
@@ -428,6 +430,7 @@ async fn grpc_tls(
     (
         tonic::transport::Server,
         Option<crate::identity::AgentIdentity>,
+        Option<GrpcTls>,
     ),
     ServeError,
 > {
@@ -448,7 +451,7 @@ async fn grpc_tls(
         tracing::warn!(
             "gRPC without TLS (`[tls]` is not configured): agents cannot enroll or authenticate"
         );
-        return Ok((builder, None));
+        return Ok((builder, None, None));
     };
     // ring is the only provider compiled in; installing it explicitly keeps that so even if
     // another dependency ever enables a second one.
@@ -461,16 +464,7 @@ async fn grpc_tls(
                 .map_err(ServeError::Identity)?,
         ),
     };
-    let tls_config = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(
-            &tls.cert_pem,
-            tls.key_pem.expose(),
-        ))
-        .client_ca_root(tonic::transport::Certificate::from_pem(ca.cert_pem()))
-        .client_auth_optional(true)
-        .timeout(TLS_HANDSHAKE_TIMEOUT);
-    let builder = builder
-        .tls_config(tls_config)
+    let server_config = grpc_server_config(&tls.cert_pem, tls.key_pem.expose(), ca.cert_pem())
         .map_err(|e| ServeError::Tls(format!("{} ({e})", tls.cert_file.display())))?;
     tracing::info!(
         certificate = %tls.cert_file.display(),
@@ -484,7 +478,46 @@ async fn grpc_tls(
             ca,
             certificate_lifetime: config.agents.certificate_lifetime,
         }),
+        Some(GrpcTls {
+            config: server_config,
+            handshake_timeout: TLS_HANDSHAKE_TIMEOUT,
+        }),
     ))
+}
+
+/// The gRPC listener's rustls configuration: the server's certificate chain and key (PEM),
+/// client certificates optional and, when presented, verified against the agent CA (PEM), and
+/// HTTP/2 offered by ALPN — what tonic's `ServerTlsConfig` built before the listener did the
+/// handshake itself.
+fn grpc_server_config(
+    cert_pem: &str,
+    key_pem: &str,
+    agent_ca_pem: &str,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("reading the certificate chain: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| format!("reading the private key: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(agent_ca_pem.as_bytes()) {
+        let ca = ca.map_err(|e| format!("reading the agent CA certificate: {e}"))?;
+        roots
+            .add(ca)
+            .map_err(|e| format!("the agent CA certificate: {e}"))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| format!("the agent CA as client certificate verifier: {e}"))?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("the certificate and its key: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
 }
 
 type ServerEnd = (&'static str, Result<(), ServeError>);

@@ -14,7 +14,7 @@ use tokenfleet_proto::v1::token_broker_client::TokenBrokerClient;
 use tokenfleet_proto::v1::{
     CreateTenantRequest, GetTenantRequest, IssueAccessTokenRequest, Tenant,
 };
-use tokenfleet_testkit::broker::{TestBroker, TestOptions, TestStore};
+use tokenfleet_testkit::broker::{TestBroker, TestOptions, TestStore, enrollment_code};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -593,5 +593,154 @@ async fn cleartext_token_profiles_are_refused_unless_loudly_allowed() {
     };
     assert!(problem("lab-relay").contains("INSECURE"), "{fleet}");
     assert!(!problem("local-relay").contains("INSECURE"), "{fleet}");
+    broker.shutdown().await;
+}
+
+/// A new gRPC connection to the TLS broker without a client certificate, and its health check:
+/// the channel (holding its connection) when it was served, else the call's status.
+async fn anonymous_health(
+    broker: &TestBroker,
+    ca_pem: &str,
+) -> Result<tonic::transport::Channel, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(broker.grpc_url())
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    let status = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest::default())
+        .await?
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::Serving);
+    Ok(channel)
+}
+
+/// Connections without a client certificate are held to `[limits]
+/// grpc_max_anonymous_connections`, through the broker executable over TLS: over the limit a new
+/// one's call gets RESOURCE_EXHAUSTED naming the limit, while an enrolled agent with its
+/// certificate is still served and the connections already open keep working; closing one frees
+/// its slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_without_a_certificate_cannot_take_the_agents_slots() {
+    const LIMIT: usize = 3;
+    let broker = TestBroker::start_with(
+        TestStore::Embedded,
+        TestOptions {
+            tls: true,
+            binary_config: Some(format!(
+                "[limits]\ngrpc_max_anonymous_connections = {LIMIT}\n"
+            )),
+            ..TestOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    create_tenant(&broker, "acme").await;
+    let code = enrollment_code(&mut broker.admin_client(), "acme", "site-1").await;
+    let agent_dir = tempfile::tempdir().unwrap();
+    let ca_pem = broker.tls_ca_pem().unwrap();
+    let identity = tokenfleet_agent::identity::enroll(
+        &broker.grpc_url(),
+        &tokenfleet_agent::identity::EnrollmentCode::new(&code),
+        Some(ca_pem.clone()),
+        agent_dir.path(),
+        "test",
+    )
+    .await
+    .unwrap();
+
+    // The test broker's admin channel holds one anonymous slot; the enrollment's connection is
+    // closed but may be counted for a moment: fill the others, starting again until all take.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut held = Vec::new();
+    while held.len() < LIMIT - 1 {
+        match anonymous_health(&broker, &ca_pem).await {
+            Ok(channel) => held.push(channel),
+            Err(status) => {
+                assert!(Instant::now() < deadline, "slots never freed: {status}");
+                held.clear();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    // Over the limit: refused, naming the limit.
+    let status = anonymous_health(&broker, &ca_pem)
+        .await
+        .expect_err("a connection over the anonymous limit was served");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+    assert!(
+        status.message().contains(&format!(
+            "without a client certificate are open (limits.grpc_max_anonymous_connections = {LIMIT})"
+        )),
+        "{status}"
+    );
+    // The agent with its certificate is served: its certificate is read (the call gets past
+    // authentication, as tenant acme's agent, to the missing device).
+    let agent = tonic::transport::Endpoint::from_shared(broker.grpc_url())
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&ca_pem))
+                .identity(tonic::transport::Identity::from_pem(
+                    &identity.cert_pem,
+                    identity.key_pem.as_bytes(),
+                ))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let status = TokenBrokerClient::new(agent)
+        .issue_access_token(IssueAccessTokenRequest {
+            device: "printer-1".into(),
+            mailbox: "scans".into(),
+            purpose: tokenfleet_proto::v1::MailPurpose::Send as i32,
+            user_address: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+    assert!(
+        status
+            .message()
+            .contains("device `printer-1` does not exist in tenant `acme`"),
+        "{status}"
+    );
+    // The anonymous connections already open keep working: the admin channel and the held ones.
+    assert_eq!(get_tenant(&broker, "acme").await.unwrap().name, "acme");
+    for channel in &held {
+        HealthClient::new(channel.clone())
+            .check(HealthCheckRequest::default())
+            .await
+            .unwrap();
+    }
+    // Closing one frees its slot for the next.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match anonymous_health(&broker, &ca_pem).await {
+            Ok(channel) => {
+                held.push(channel);
+                break;
+            }
+            Err(status) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the freed slot was not reused: {status}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    drop(held);
     broker.shutdown().await;
 }

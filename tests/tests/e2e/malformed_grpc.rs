@@ -208,19 +208,7 @@ async fn an_undecodable_report_ends_the_status_stream_with_invalid_argument() {
         })
         .await
         .unwrap();
-    let code = admin
-        .create_enrollment_code(pb::CreateEnrollmentCodeRequest {
-            tenant: "acme".into(),
-            agent: "site1".into(),
-            display_name: "site one".into(),
-            ttl_seconds: 600,
-            re_enroll: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .code;
-    tokenfleet_testkit::logs::secret(&code);
+    let code = tokenfleet_testkit::broker::enrollment_code(&mut admin, "acme", "site1").await;
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("agent");
     let enrolled = identity::enroll(

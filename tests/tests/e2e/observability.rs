@@ -776,19 +776,7 @@ async fn metrics_after_real_traffic_and_the_alerts_they_fire() {
     for (name, user) in users {
         create_mailbox(&mut admin, name, user).await;
     }
-    let code = admin
-        .create_enrollment_code(pb::CreateEnrollmentCodeRequest {
-            tenant: TENANT.into(),
-            agent: AGENT.into(),
-            display_name: "site one".into(),
-            ttl_seconds: 600,
-            re_enroll: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .code;
-    tokenfleet_testkit::logs::secret(&code);
+    let code = tokenfleet_testkit::broker::enrollment_code(&mut admin, TENANT, AGENT).await;
     let agent_dir = dir.path().join("agent");
     let agent = identity::enroll(
         &broker.url(),

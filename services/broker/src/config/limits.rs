@@ -20,6 +20,12 @@ pub struct LimitsSection {
     /// Most open gRPC connections (every agent holds one); further connections are accepted and
     /// closed at once.
     pub grpc_max_connections: usize,
+    /// Most of those open without a client certificate (admin clients with API keys, agents
+    /// enrolling, and anyone who can reach the port): counted once the TLS handshake is done,
+    /// and a certificate-less connection over it gets `RESOURCE_EXHAUSTED` naming this limit
+    /// for its first call and is closed, so connections that prove nothing cannot take the
+    /// slots agents need. At most `grpc_max_connections`; without `[tls]` it does not apply.
+    pub grpc_max_anonymous_connections: usize,
     /// Most concurrent HTTP/2 streams per gRPC connection (advertised in SETTINGS; streams
     /// beyond it are refused with `REFUSED_STREAM`).
     pub grpc_max_concurrent_streams: u32,
@@ -46,6 +52,7 @@ impl Default for LimitsSection {
     fn default() -> Self {
         Self {
             grpc_max_connections: 10_000,
+            grpc_max_anonymous_connections: 512,
             grpc_max_concurrent_streams: 100,
             grpc_max_header_list_bytes: 16 * 1024,
             grpc_keepalive_interval_seconds: 30,
@@ -62,6 +69,8 @@ impl Default for LimitsSection {
 pub struct ListenerLimits {
     /// See [`LimitsSection::grpc_max_connections`].
     pub grpc_max_connections: usize,
+    /// See [`LimitsSection::grpc_max_anonymous_connections`].
+    pub grpc_max_anonymous_connections: usize,
     /// See [`LimitsSection::grpc_max_concurrent_streams`].
     pub grpc_max_concurrent_streams: u32,
     /// See [`LimitsSection::grpc_max_header_list_bytes`].
@@ -83,6 +92,7 @@ impl Default for ListenerLimits {
     fn default() -> Self {
         Self {
             grpc_max_connections: 10_000,
+            grpc_max_anonymous_connections: 512,
             grpc_max_concurrent_streams: 100,
             grpc_max_header_list_bytes: 16 * 1024,
             grpc_keepalive_interval: Duration::from_secs(30),
@@ -116,13 +126,21 @@ impl LimitsSection {
         let secs = |field: &str, value: u64, min: u64, max: u64| {
             range(field, value, min, max, " seconds").map(Duration::from_secs)
         };
+        let grpc_max_connections = range(
+            "grpc_max_connections",
+            self.grpc_max_connections,
+            1,
+            1_000_000,
+            "",
+        )?;
         Ok(ListenerLimits {
-            grpc_max_connections: range(
-                "grpc_max_connections",
-                self.grpc_max_connections,
+            grpc_max_connections,
+            grpc_max_anonymous_connections: range(
+                "grpc_max_anonymous_connections",
+                self.grpc_max_anonymous_connections,
                 1,
-                1_000_000,
-                "",
+                grpc_max_connections,
+                " (limits.grpc_max_connections)",
             )?,
             grpc_max_concurrent_streams: range(
                 "grpc_max_concurrent_streams",
@@ -195,5 +213,32 @@ mod tests {
         };
         let e = bad.to_limits().unwrap_err().to_string();
         assert!(e.contains("limits.http_header_read_timeout_seconds"), "{e}");
+    }
+
+    #[test]
+    fn anonymous_connections_fit_within_all_connections() {
+        let fits = LimitsSection {
+            grpc_max_connections: 20,
+            grpc_max_anonymous_connections: 20,
+            ..LimitsSection::default()
+        };
+        assert_eq!(fits.to_limits().unwrap().grpc_max_anonymous_connections, 20);
+        let over = LimitsSection {
+            grpc_max_connections: 20,
+            grpc_max_anonymous_connections: 21,
+            ..LimitsSection::default()
+        };
+        let e = over.to_limits().unwrap_err().to_string();
+        assert!(
+            e.contains("limits.grpc_max_anonymous_connections")
+                && e.contains("must be 1 to 20 (limits.grpc_max_connections)"),
+            "{e}"
+        );
+        let zero = LimitsSection {
+            grpc_max_anonymous_connections: 0,
+            ..LimitsSection::default()
+        };
+        let e = zero.to_limits().unwrap_err().to_string();
+        assert!(e.contains("limits.grpc_max_anonymous_connections"), "{e}");
     }
 }

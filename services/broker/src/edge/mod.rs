@@ -9,8 +9,15 @@ pub mod grpc_status;
 pub mod http_status;
 
 /// The leaf client certificate (DER) of the connection `request` came on, if any: what the
-/// core's agent check ([`crate::identity::peer::authenticate`]) verifies.
+/// core's agent check ([`crate::identity::peer::authenticate`]) verifies. The broker's own
+/// listener ([`crate::listener::grpc_incoming`]) records it; a service served through tonic's
+/// TLS instead (the services are public) has it from there.
 pub fn peer_certificate<T>(request: &tonic::Request<T>) -> Option<Vec<u8>> {
-    let certs = request.peer_certs()?;
-    certs.first().map(|c| c.as_ref().to_vec())
+    let leaf = |certs: &[rustls::pki_types::CertificateDer<'static>]| {
+        certs.first().map(|c| c.as_ref().to_vec())
+    };
+    match request.extensions().get::<crate::listener::GrpcPeer>() {
+        Some(peer) => leaf(peer.certs.as_deref()?),
+        None => leaf(request.peer_certs()?.as_slice()),
+    }
 }
