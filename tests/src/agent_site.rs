@@ -1156,25 +1156,6 @@ impl AgentSite {
     /// Runs the real `tokenfleetctl` with `args` against the site's broker (fleet-admin key,
     /// the broker's CA); returns (exit code, stdout, stderr).
     pub async fn ctl(&self, args: &[&str]) -> (i32, String, String) {
-        let binary = tokio::task::spawn_blocking(ctl_binary)
-            .await
-            .unwrap_or_else(|e| panic!("building tokenfleetctl: {e}"));
-        let out = tokio::process::Command::new(binary)
-            .args(args)
-            .env("TOKENFLEET_BROKER", self.broker().grpc_url())
-            .env("TOKENFLEET_API_KEY", self.broker().admin_key.expose())
-            .env("TOKENFLEET_CA_FILE", self.broker().tls_ca_file())
-            .env_remove("TOKENFLEET_API_KEY_FILE")
-            .env_remove("TOKENFLEET_TENANT")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output()
-            .await
-            .unwrap_or_else(|e| panic!("running tokenfleetctl: {e}"));
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        self.broker().ctl(args).await
     }
 }

@@ -345,6 +345,31 @@ impl TestBroker {
         AdminClient::with_interceptor(self.channel.clone(), BearerAuth::new(key))
     }
 
+    /// Runs `tokenfleetctl` with `args` against this broker (its fleet-admin key and, with TLS,
+    /// its CA): exit code, stdout, stderr. Panics if the binary cannot be run.
+    pub async fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let binary = tokio::task::spawn_blocking(crate::agent_site::ctl_binary)
+            .await
+            .unwrap_or_else(|e| panic!("finding tokenfleetctl: {e}"));
+        let out = tokio::process::Command::new(binary)
+            .args(args)
+            .env("TOKENFLEET_BROKER", self.grpc_url())
+            .env("TOKENFLEET_API_KEY", self.admin_key.expose())
+            .env("TOKENFLEET_CA_FILE", self.tls_ca_file())
+            .env_remove("TOKENFLEET_API_KEY_FILE")
+            .env_remove("TOKENFLEET_TENANT")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("running tokenfleetctl: {e}"));
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// A plain channel to the gRPC listener (for health, reflection, `TokenBroker` clients).
     pub fn channel(&self) -> Channel {
         self.channel.clone()

@@ -682,6 +682,15 @@ async fn connections_without_a_certificate_cannot_take_the_agents_slots() {
         )),
         "{status}"
     );
+    // tokenfleetctl (an API-key client) says why.
+    let (code, _, stderr) = broker.ctl(&["tenant", "list"]).await;
+    assert_ne!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains(
+            "resource exhausted: too many gRPC connections without a client certificate are open"
+        ),
+        "{stderr}"
+    );
     // The agent with its certificate is served: its certificate is read (the call gets past
     // authentication, as tenant acme's agent, to the missing device).
     let agent = tonic::transport::Endpoint::from_shared(broker.grpc_url())

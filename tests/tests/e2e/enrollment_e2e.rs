@@ -653,28 +653,6 @@ fn scan_request() -> pb::IssueAccessTokenRequest {
 // `tokenfleet-agent enroll`.
 // ----------------------------------------------------------------------------------------------
 
-/// Runs `tokenfleetctl` against `broker` (fleet-admin key, the broker's CA).
-async fn ctl(broker: &TestBroker, args: &[&str]) -> (i32, String, String) {
-    let binary = tokio::task::spawn_blocking(tokenfleet_testkit::agent_site::ctl_binary)
-        .await
-        .unwrap();
-    let out = tokio::process::Command::new(binary)
-        .args(args)
-        .env("TOKENFLEET_BROKER", broker.grpc_url())
-        .env("TOKENFLEET_API_KEY", broker.admin_key.expose())
-        .env("TOKENFLEET_CA_FILE", broker.tls_ca_file())
-        .env_remove("TOKENFLEET_API_KEY_FILE")
-        .env_remove("TOKENFLEET_TENANT")
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// `tokenfleetctl agent enroll-code <agent> --tenant acme [extra]`: the code, or the failure.
 async fn ctl_code(broker: &TestBroker, agent: &str, extra: &[&str]) -> Result<String, String> {
     let mut args = vec![
@@ -688,7 +666,7 @@ async fn ctl_code(broker: &TestBroker, agent: &str, extra: &[&str]) -> Result<St
         "acme",
     ];
     args.extend_from_slice(extra);
-    let (code, stdout, stderr) = ctl(broker, &args).await;
+    let (code, stdout, stderr) = broker.ctl(&args).await;
     if code != 0 {
         return Err(format!("exit {code}: {stderr}"));
     }
@@ -811,19 +789,15 @@ async fn leftover_codes_do_not_take_over_agents_through_ctl_and_agent() {
 
     // A code made before the agent was deleted and re-created does not enroll the new one.
     let stale = ctl_code(&broker, "site-b", &[]).await.unwrap();
-    let (code, _, stderr) = ctl(
-        &broker,
-        &[
+    let (code, _, stderr) = broker
+        .ctl(&[
             "agent", "delete", "--name", "site-b", "--tenant", "acme", "--yes",
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(code, 0, "{stderr}");
-    let (code, _, stderr) = ctl(
-        &broker,
-        &["agent", "create", "--name", "site-b", "--tenant", "acme"],
-    )
-    .await;
+    let (code, _, stderr) = broker
+        .ctl(&["agent", "create", "--name", "site-b", "--tenant", "acme"])
+        .await;
     assert_eq!(code, 0, "{stderr}");
     let err = agent_enroll(&broker, &stale, &dir.path().join("stale"))
         .await
