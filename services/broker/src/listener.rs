@@ -287,6 +287,8 @@ struct Anonymous {
 const FIRST_CALL_WAIT: Duration = Duration::from_secs(1);
 /// ...and kept in all.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Largest header list and request body window of a refused connection's call.
+const REFUSAL_HEADER_BYTES: u32 = 16 * 1024;
 
 /// Handshakes done and not yet taken by tonic.
 const HANDED_OVER: usize = 64;
@@ -400,7 +402,13 @@ async fn handshake(
 async fn refuse(io: tokio_rustls::server::TlsStream<LimitedStream>, max: usize) {
     let message = refusal_message(max);
     let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async move {
-        let mut conn = h2::server::handshake(io).await?;
+        // One stream, small headers and body window: a refused client holds next to nothing.
+        let mut conn = h2::server::Builder::new()
+            .max_concurrent_streams(1)
+            .max_header_list_size(REFUSAL_HEADER_BYTES)
+            .initial_window_size(REFUSAL_HEADER_BYTES)
+            .handshake::<_, hyper::body::Bytes>(io)
+            .await?;
         if let Ok(Some(Ok((_, mut respond)))) =
             tokio::time::timeout(FIRST_CALL_WAIT, conn.accept()).await
         {
