@@ -1,18 +1,19 @@
 //! Connection limits of the broker's listeners and the HTTP server loop that applies the HTTP
 //! limits of `[limits]` (see [`crate::config::ListenerLimits`]).
 //!
-//! [`limited_incoming`] accepts TCP connections for tonic while at most `max` are open: every
-//! accepted socket carries a semaphore permit that is released when the connection is dropped,
-//! and a connection over the limit is accepted and closed at once (the client sees a reset
-//! rather than a silent backlog; the warning is logged at most once a minute per listener).
+//! [`grpc_incoming`] accepts TCP connections for tonic while at most `grpc_max_connections` are
+//! open: every accepted socket carries a semaphore permit that is released when the connection is
+//! dropped, and a connection over the limit is accepted and closed at once (the client sees a
+//! reset rather than a silent backlog; the warning is logged at most once a minute per limit).
 //!
-//! With `[tls]`, [`grpc_incoming`] also does the TLS handshake (tonic's own TLS layer would do it
-//! after the connection is handed over, where nothing can count it): a connection that presents
-//! no client certificate — an admin client with an API key, an agent enrolling, or anyone who
-//! can reach the port — takes one of `grpc_max_anonymous_connections` slots besides its listener
-//! slot, and over that limit its first call is answered `RESOURCE_EXHAUSTED` naming the limit and
-//! the connection is closed with an HTTP/2 `GOAWAY` (`ENHANCE_YOUR_CALM`). So connections that prove nothing cannot hold the slots agents need; an agent's
-//! certificate is verified against the agent CA during the handshake, as tonic did.
+//! With `[tls]` it also does the TLS handshake (tonic's own TLS layer would do it after the
+//! connection is handed over, where nothing can count it): a connection that presents no client
+//! certificate — an admin client with an API key, an agent enrolling, or anyone who can reach the
+//! port — takes one of `grpc_max_anonymous_connections` slots besides its listener slot, and over
+//! that limit its first call is answered `RESOURCE_EXHAUSTED` naming the limit and the connection
+//! is closed with an HTTP/2 `GOAWAY` (`ENHANCE_YOUR_CALM`). So connections that prove nothing
+//! cannot hold the slots agents need; an agent's certificate is verified against the agent CA
+//! during the handshake, as tonic did.
 //!
 //! [`serve_http`] runs the axum router on hyper's HTTP/1.1 connection builder, because
 //! `axum::serve` offers no header-read timeout: a client that sends its request header a byte at
@@ -33,6 +34,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 use tonic::transport::server::Connected;
 
 use crate::config::ListenerLimits;
@@ -90,24 +92,58 @@ impl AsyncWrite for LimitedStream {
     }
 }
 
-/// Accepts connections from `listener`, at most `max` open at once; see the module documentation.
+/// A number of slots, each held by one connection until it is dropped, and when the last "limit
+/// reached" warning about them was logged.
+#[derive(Debug)]
+struct Limit {
+    slots: Arc<Semaphore>,
+    max: usize,
+    last_warning: AtomicU64,
+}
+
+impl Limit {
+    fn new(max: usize) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+            last_warning: AtomicU64::new(0),
+        }
+    }
+
+    /// A free slot, if any.
+    fn take(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.slots).try_acquire_owned().ok()
+    }
+
+    /// Whether a "limit reached" warning may be logged now (at most one per
+    /// [`LIMIT_WARNING_EVERY_SECS`]); takes the turn when it is.
+    fn warning_due(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let before = self.last_warning.load(Ordering::Relaxed);
+        now.saturating_sub(before) >= LIMIT_WARNING_EVERY_SECS
+            && self
+                .last_warning
+                .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+/// Accepts connections from `listener` within `limit`; see the module documentation.
 #[derive(Debug)]
 struct Acceptor {
     listener: TcpListener,
-    slots: Arc<Semaphore>,
-    max: usize,
+    limit: Limit,
     name: &'static str,
-    last_warning: AtomicU64,
 }
 
 impl Acceptor {
     fn new(listener: TcpListener, max: usize, name: &'static str) -> Self {
         Self {
             listener,
-            slots: Arc::new(Semaphore::new(max)),
-            max,
+            limit: Limit::new(max),
             name,
-            last_warning: AtomicU64::new(0),
         }
     }
 
@@ -122,25 +158,21 @@ impl Acceptor {
                     continue;
                 }
             };
-            match self.slots.clone().try_acquire_owned() {
-                Ok(slot) => {
-                    // TCP options stay as the listener gave them (as tonic's own
-                    // `TcpListenerStream` path does).
-                    return LimitedStream { io, _slot: slot };
-                }
-                Err(_) => {
-                    drop(io);
-                    self.warn_full(peer);
-                }
+            if let Some(slot) = self.limit.take() {
+                // TCP options stay as the listener gave them (as tonic's own
+                // `TcpListenerStream` path does).
+                return LimitedStream { io, _slot: slot };
             }
+            drop(io);
+            self.warn_full(peer);
         }
     }
 
     fn warn_full(&self, peer: std::net::SocketAddr) {
-        if warning_due(&self.last_warning) {
+        if self.limit.warning_due() {
             tracing::warn!(
                 listener = self.name,
-                max_connections = self.max,
+                max_connections = self.limit.max,
                 %peer,
                 "connection limit reached: closing new connections (limits.{}_max_connections)",
                 self.name
@@ -149,43 +181,32 @@ impl Acceptor {
     }
 }
 
-/// Whether a limit warning may be logged now (at most one per [`LIMIT_WARNING_EVERY_SECS`] for
-/// each `last` stamp); takes the turn when it is.
-fn warning_due(last: &AtomicU64) -> bool {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let before = last.load(Ordering::Relaxed);
-    now.saturating_sub(before) >= LIMIT_WARNING_EVERY_SECS
-        && last
-            .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-}
-
 /// What the gRPC services learn of a connection.
 #[derive(Debug, Clone, Default)]
 pub struct GrpcPeer {
-    /// The client certificate chain presented in the TLS handshake (leaf first, verified against
-    /// the agent CA there); `None` without TLS or without a certificate.
-    pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// The client certificate (DER) presented in the TLS handshake and verified there against the
+    /// agent CA; `None` without TLS or without a certificate.
+    pub leaf: Option<Arc<CertificateDer<'static>>>,
 }
 
-/// A gRPC connection as tonic gets it: plain TCP (no `[tls]`), or TLS after its handshake.
+/// A gRPC connection as tonic gets it: plain TCP (no `[tls]`) or TLS after its handshake, its
+/// listener slot (in the stream), and without a client certificate one of the anonymous slots,
+/// held until it is dropped.
 #[derive(Debug)]
-pub enum GrpcConn {
-    /// Without `[tls]`.
-    Plain(LimitedStream),
-    /// With `[tls]`.
-    Tls(Box<TlsConn>),
-}
-
-/// A TLS gRPC connection: its listener slot, and without a client certificate one of the
-/// anonymous slots, held until it is dropped.
-#[derive(Debug)]
-pub struct TlsConn {
-    io: tokio_rustls::server::TlsStream<LimitedStream>,
+pub struct GrpcConn {
+    io: Either<LimitedStream, Box<tokio_rustls::server::TlsStream<LimitedStream>>>,
     _anonymous: Option<OwnedSemaphorePermit>,
     peer: GrpcPeer,
+}
+
+impl GrpcConn {
+    fn plain(io: LimitedStream) -> Self {
+        Self {
+            io: Either::Left(io),
+            _anonymous: None,
+            peer: GrpcPeer::default(),
+        }
+    }
 }
 
 impl AsyncRead for GrpcConn {
@@ -194,10 +215,7 @@ impl AsyncRead for GrpcConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(io) => Pin::new(io).poll_read(cx, buf),
-            Self::Tls(conn) => Pin::new(&mut conn.io).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
@@ -207,24 +225,15 @@ impl AsyncWrite for GrpcConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(io) => Pin::new(io).poll_write(cx, buf),
-            Self::Tls(conn) => Pin::new(&mut conn.io).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(io) => Pin::new(io).poll_flush(cx),
-            Self::Tls(conn) => Pin::new(&mut conn.io).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(io) => Pin::new(io).poll_shutdown(cx),
-            Self::Tls(conn) => Pin::new(&mut conn.io).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -232,17 +241,11 @@ impl AsyncWrite for GrpcConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
-            Self::Tls(conn) => Pin::new(&mut conn.io).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Self::Plain(io) => io.is_write_vectored(),
-            Self::Tls(conn) => conn.io.is_write_vectored(),
-        }
+        self.io.is_write_vectored()
     }
 }
 
@@ -250,10 +253,7 @@ impl Connected for GrpcConn {
     type ConnectInfo = GrpcPeer;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        match self {
-            Self::Plain(_) => GrpcPeer::default(),
-            Self::Tls(conn) => conn.peer.clone(),
-        }
+        self.peer.clone()
     }
 }
 
@@ -274,13 +274,6 @@ impl std::fmt::Debug for GrpcTls {
             .field("handshake_timeout", &self.handshake_timeout)
             .finish_non_exhaustive()
     }
-}
-
-/// The anonymous slots of a TLS gRPC listener.
-struct Anonymous {
-    slots: Arc<Semaphore>,
-    max: usize,
-    last_warning: AtomicU64,
 }
 
 /// How long a connection refused over the anonymous limit is waited on for its first call...
@@ -308,15 +301,11 @@ pub fn grpc_incoming(
             Arc::new(acceptor),
             |acceptor| async move {
                 let stream = acceptor.accept().await;
-                Some((Ok(GrpcConn::Plain(stream)), acceptor))
+                Some((Ok(GrpcConn::plain(stream)), acceptor))
             },
         ));
     };
-    let anonymous = Arc::new(Anonymous {
-        slots: Arc::new(Semaphore::new(limits.grpc_max_anonymous_connections)),
-        max: limits.grpc_max_anonymous_connections,
-        last_warning: AtomicU64::new(0),
-    });
+    let anonymous = Arc::new(Limit::new(limits.grpc_max_anonymous_connections));
     let acceptor_tls = TlsAcceptor::from(tls.config);
     let (handed, taken) = tokio::sync::mpsc::channel::<GrpcConn>(HANDED_OVER);
     tokio::spawn(async move {
@@ -333,7 +322,7 @@ pub fn grpc_incoming(
                     handshake(stream, &acceptor_tls, tls.handshake_timeout, &anonymous).await
                 {
                     // Fails only when the server has stopped: the connection is dropped.
-                    let _ = handed.send(GrpcConn::Tls(Box::new(conn))).await;
+                    let _ = handed.send(conn).await;
                 }
             });
         }
@@ -350,8 +339,8 @@ async fn handshake(
     stream: LimitedStream,
     acceptor: &TlsAcceptor,
     timeout: Duration,
-    anonymous: &Anonymous,
-) -> Option<TlsConn> {
+    anonymous: &Limit,
+) -> Option<GrpcConn> {
     let remote = stream.io.peer_addr().ok();
     let io = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
         Ok(Ok(io)) => io,
@@ -364,20 +353,18 @@ async fn handshake(
             return None;
         }
     };
-    let certs = io.get_ref().1.peer_certificates().map(|chain| {
-        Arc::new(
-            chain
-                .iter()
-                .map(|c| c.clone().into_owned())
-                .collect::<Vec<_>>(),
-        )
-    });
-    let slot = if certs.is_some() {
+    let leaf = io
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|leaf| Arc::new(leaf.clone().into_owned()));
+    let slot = if leaf.is_some() {
         None
-    } else if let Ok(slot) = Arc::clone(&anonymous.slots).try_acquire_owned() {
+    } else if let Some(slot) = anonymous.take() {
         Some(slot)
     } else {
-        if warning_due(&anonymous.last_warning) {
+        if anonymous.warning_due() {
             tracing::warn!(
                 max_anonymous_connections = anonymous.max,
                 ?remote,
@@ -388,10 +375,10 @@ async fn handshake(
         refuse(io, anonymous.max).await;
         return None;
     };
-    Some(TlsConn {
-        io,
+    Some(GrpcConn {
+        io: Either::Right(Box::new(io)),
         _anonymous: slot,
-        peer: GrpcPeer { certs },
+        peer: GrpcPeer { leaf },
     })
 }
 
@@ -400,7 +387,10 @@ async fn handshake(
 /// limit (so `tokenfleetctl` and gRPC clients show the reason), then the connection ends with a
 /// `GOAWAY` (`ENHANCE_YOUR_CALM`); all of it within [`REFUSAL_TIMEOUT`].
 async fn refuse(io: tokio_rustls::server::TlsStream<LimitedStream>, max: usize) {
-    let message = refusal_message(max);
+    let message = format!(
+        "too many gRPC connections without a client certificate are open \
+         (limits.grpc_max_anonymous_connections = {max}); try again later"
+    );
     let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async move {
         // One stream, small headers and body window: a refused client holds next to nothing.
         let mut conn = h2::server::Builder::new()
@@ -426,14 +416,6 @@ async fn refuse(io: tokio_rustls::server::TlsStream<LimitedStream>, max: usize) 
         Ok::<(), h2::Error>(())
     })
     .await;
-}
-
-/// Why a connection over the anonymous limit is refused.
-fn refusal_message(max: usize) -> String {
-    format!(
-        "too many gRPC connections without a client certificate are open \
-         (limits.grpc_max_anonymous_connections = {max}); try again later"
-    )
 }
 
 /// A trailers-only gRPC answer: status `RESOURCE_EXHAUSTED` (8) with `message` (printable ASCII,

@@ -464,7 +464,7 @@ async fn grpc_tls(
                 .map_err(ServeError::Identity)?,
         ),
     };
-    let server_config = grpc_server_config(&tls.cert_pem, tls.key_pem.expose(), ca.cert_pem())
+    let server_config = grpc_server_config(&tls.certified, &ca)
         .map_err(|e| ServeError::Tls(format!("{} ({e})", tls.cert_file.display())))?;
     tracing::info!(
         certificate = %tls.cert_file.display(),
@@ -485,37 +485,29 @@ async fn grpc_tls(
     ))
 }
 
-/// The gRPC listener's rustls configuration: the server's certificate chain and key (PEM),
-/// client certificates optional and, when presented, verified against the agent CA (PEM), and
-/// HTTP/2 offered by ALPN — what tonic's `ServerTlsConfig` built before the listener did the
-/// handshake itself.
+/// The gRPC listener's rustls configuration: the server's certificate and key (read and checked
+/// with the configuration), client certificates optional and, when presented, verified against
+/// the agent CA, and HTTP/2 offered by ALPN — what tonic's `ServerTlsConfig` built before the
+/// listener did the handshake itself.
 fn grpc_server_config(
-    cert_pem: &str,
-    key_pem: &str,
-    agent_ca_pem: &str,
+    certified: &Arc<rustls::sign::CertifiedKey>,
+    ca: &crate::identity::AgentCa,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("reading the certificate chain: {e}"))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| format!("reading the private key: {e}"))?;
     let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(agent_ca_pem.as_bytes()) {
-        let ca = ca.map_err(|e| format!("reading the agent CA certificate: {e}"))?;
-        roots
-            .add(ca)
-            .map_err(|e| format!("the agent CA certificate: {e}"))?;
-    }
+    roots
+        .add(rustls::pki_types::CertificateDer::from(
+            ca.cert_der().to_vec(),
+        ))
+        .map_err(|e| format!("the agent CA certificate: {e}"))?;
     let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
         .allow_unauthenticated()
         .build()
         .map_err(|e| format!("the agent CA as client certificate verifier: {e}"))?;
     let mut config = rustls::ServerConfig::builder()
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| format!("the certificate and its key: {e}"))?;
+        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(Arc::clone(
+            certified,
+        ))));
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }

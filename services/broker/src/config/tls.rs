@@ -68,16 +68,14 @@ impl Default for AgentsSection {
     }
 }
 
-/// Validated TLS settings: the server certificate chain and key, read from their files. `Debug`
-/// does not show the key.
+/// Validated TLS settings: the server certificate chain and its key, read from their files and
+/// checked to belong together. `Debug` does not show the key (rustls shows its algorithm only).
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
     /// Where the certificate came from.
     pub cert_file: PathBuf,
-    /// The certificate chain, PEM.
-    pub cert_pem: String,
-    /// The private key, PEM.
-    pub key_pem: Secret,
+    /// The certificate chain with its signing key, as the gRPC listener serves them.
+    pub certified: Arc<rustls::sign::CertifiedKey>,
 }
 
 /// Validated agent identity settings.
@@ -156,21 +154,24 @@ impl TlsSection {
                 ),
             )
         })?;
-        rustls::sign::CertifiedKey::from_der(chain, key, &rustls::crypto::ring::default_provider())
-            .map_err(|e| {
-                ConfigError::invalid(
-                    "tls.key_file",
-                    format!(
-                        "{} does not fit the certificate in {}: {e}",
-                        key_file.display(),
-                        cert_file.display()
-                    ),
-                )
-            })?;
+        let certified = rustls::sign::CertifiedKey::from_der(
+            chain,
+            key,
+            &rustls::crypto::ring::default_provider(),
+        )
+        .map_err(|e| {
+            ConfigError::invalid(
+                "tls.key_file",
+                format!(
+                    "{} does not fit the certificate in {}: {e}",
+                    key_file.display(),
+                    cert_file.display()
+                ),
+            )
+        })?;
         Ok(Some(TlsConfig {
             cert_file: cert_file.clone(),
-            cert_pem,
-            key_pem,
+            certified: Arc::new(certified),
         }))
     }
 }
@@ -274,6 +275,13 @@ mod tests {
         .unwrap()
         .unwrap();
         assert!(!format!("{ok:?}").contains("PRIVATE KEY"));
+        assert_eq!(
+            ok.certified.end_entity_cert().unwrap().as_ref(),
+            crate::identity::ca::first_cert_der(&server.cert_pem)
+                .unwrap()
+                .as_slice(),
+            "the chain served is the certificate file's"
+        );
 
         let cases = [
             (Some(cert.clone()), None, "tls.key_file"),

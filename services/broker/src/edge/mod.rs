@@ -13,11 +13,8 @@ pub mod http_status;
 /// listener ([`crate::listener::grpc_incoming`]) records it; a service served through tonic's
 /// TLS instead (the services are public) has it from there.
 pub fn peer_certificate<T>(request: &tonic::Request<T>) -> Option<Vec<u8>> {
-    let leaf = |certs: &[rustls::pki_types::CertificateDer<'static>]| {
-        certs.first().map(|c| c.as_ref().to_vec())
-    };
     match request.extensions().get::<crate::listener::GrpcPeer>() {
-        Some(peer) => leaf(peer.certs.as_deref()?),
-        None => leaf(request.peer_certs()?.as_slice()),
+        Some(peer) => peer.leaf.as_ref().map(|leaf| leaf.to_vec()),
+        None => request.peer_certs()?.first().map(|leaf| leaf.to_vec()),
     }
 }

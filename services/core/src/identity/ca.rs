@@ -226,6 +226,11 @@ impl AgentCa {
         &self.cert_pem
     }
 
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
     /// End of the CA's validity; issued certificates never outlive it.
     pub fn not_after(&self) -> OffsetDateTime {
         self.not_after
