@@ -1205,7 +1205,9 @@ redeliver_after_seconds = 600
 
 [limits]
 # What a client may hold on the listeners before it has authenticated. Over a connection limit,
-# new connections are accepted and closed at once.
+# new connections are accepted and closed at once — but only when no connection waits: a new one
+# first closes the connection that has waited longest in its TLS handshake (gRPC with [tls]) or
+# for a request (HTTP, also idle keep-alive), so idle clients cannot keep anyone out.
 # gRPC: open connections (every agent holds one), concurrent HTTP/2 streams per connection
 # (advertised in SETTINGS; more are refused with REFUSED_STREAM), largest request header list,
 # keep-alive pings on idle connections, and how long a call may take to produce its response (a

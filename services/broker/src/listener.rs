@@ -3,28 +3,39 @@
 //!
 //! [`grpc_incoming`] accepts TCP connections for tonic while at most `grpc_max_connections` are
 //! open: every accepted socket carries a semaphore permit that is released when the connection is
-//! dropped, and a connection over the limit is accepted and closed at once (the client sees a
-//! reset rather than a silent backlog; the warning is logged at most once a minute per limit).
+//! dropped. When none is free, a new connection takes the slot of the one that has waited longest
+//! unserved (below), and when none waits it is accepted and closed at once (the client sees a
+//! reset rather than a silent backlog; warnings are logged at most once a minute per limit).
 //!
 //! With `[tls]` it also does the TLS handshake (tonic's own TLS layer would do it after the
-//! connection is handed over, where nothing can count it): a connection that presents no client
-//! certificate — an admin client with an API key, an agent enrolling, or anyone who can reach the
-//! port — takes one of `grpc_max_anonymous_connections` slots besides its listener slot, and over
-//! that limit its first call is answered `RESOURCE_EXHAUSTED` naming the limit and the connection
-//! is closed with an HTTP/2 `GOAWAY` (`ENHANCE_YOUR_CALM`). So connections that prove nothing
-//! cannot hold the slots agents need; an agent's certificate is verified against the agent CA
-//! during the handshake, as tonic did.
+//! connection is handed over, where nothing can count it). A connection that is not served —
+//! still in its handshake (10 s at most), or being told it is refused — waits in its slot, and
+//! when every slot is taken a new connection closes the one that has waited longest and takes
+//! its slot (as nginx reuses its idle connections); only when every open connection is being
+//! served is the new one closed at once. So clients that connect and then send nothing, or
+//! trickle their hello, cannot keep anyone out: to hold off one honest client an attacker would
+//! have to open as many connections as there are free slots within that client's handshake (a
+//! few milliseconds), and the connections already served are never touched.
+//!
+//! A connection that presents no client certificate — an admin client with an API key, an agent
+//! enrolling, or anyone who can reach the port — takes one of `grpc_max_anonymous_connections`
+//! slots besides its listener slot, and over that limit its first call is answered
+//! `RESOURCE_EXHAUSTED` naming the limit and the connection is closed with an HTTP/2 `GOAWAY`
+//! (`ENHANCE_YOUR_CALM`). So connections that prove nothing cannot hold the slots agents need; an
+//! agent's certificate is verified against the agent CA during the handshake, as tonic did.
 //!
 //! [`serve_http`] runs the axum router on hyper's HTTP/1.1 connection builder, because
 //! `axum::serve` offers no header-read timeout: a client that sends its request header a byte at
 //! a time (or nothing at all, or keeps an idle keep-alive connection) is disconnected after
-//! `http_header_read_timeout`.
+//! `http_header_read_timeout`. Its connections wait likewise whenever they serve no request, so a
+//! full HTTP listener also makes room by closing the one that has waited longest.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -35,6 +46,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
 use crate::config::ListenerLimits;
@@ -130,35 +142,109 @@ impl Limit {
     }
 }
 
+/// The connections of a listener that wait in their slot without being served, longest first
+/// (see the module documentation): when the listener is full, a new connection closes the
+/// first of them for its slot.
+#[derive(Debug, Default)]
+struct Waiting {
+    /// The next seat's number (numbers only grow, so the first entry has waited longest) and the
+    /// waiting connections, each with what closes it.
+    seats: Mutex<(u64, BTreeMap<u64, CancellationToken>)>,
+}
+
+/// A connection's place among the [`Waiting`] ones until it is dropped; `closed` fires when a
+/// new connection took its slot.
+#[derive(Debug)]
+struct Seat {
+    waiting: Arc<Waiting>,
+    number: u64,
+    closed: CancellationToken,
+}
+
+impl Seat {
+    /// Stops waiting: `false` when the connection was closed for a new one first (it must end).
+    fn leave(self) -> bool {
+        self.waiting.lock().1.remove(&self.number).is_some()
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.waiting.lock().1.remove(&self.number);
+    }
+}
+
+impl Waiting {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, BTreeMap<u64, CancellationToken>)> {
+        self.seats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A seat for a connection that starts waiting; `closed` closes it.
+    fn seat(self: &Arc<Self>, closed: CancellationToken) -> Seat {
+        let mut seats = self.lock();
+        let number = seats.0;
+        seats.0 += 1;
+        seats.1.insert(number, closed.clone());
+        drop(seats);
+        Seat {
+            waiting: Arc::clone(self),
+            number,
+            closed,
+        }
+    }
+
+    /// Closes the connection that has waited longest, if any waits.
+    fn close_longest(&self) -> bool {
+        // Closed under the lock, so `Seat::leave` sees either its seat or its closing.
+        let mut seats = self.lock();
+        seats
+            .1
+            .pop_first()
+            .map(|(_, closed)| closed.cancel())
+            .is_some()
+    }
+}
+
 /// Accepts connections from `listener` within `limit`; see the module documentation.
 #[derive(Debug)]
 struct Acceptor {
     listener: TcpListener,
     limit: Limit,
     name: &'static str,
+    /// What its waiting connections wait for, for the log.
+    waits_for: &'static str,
 }
 
 impl Acceptor {
-    fn new(listener: TcpListener, max: usize, name: &'static str) -> Self {
+    fn new(listener: TcpListener, max: usize, name: &'static str, waits_for: &'static str) -> Self {
         Self {
             listener,
             limit: Limit::new(max),
             name,
+            waits_for,
         }
     }
 
-    /// The next connection within the limit (connections over it are closed on the spot).
-    async fn accept(&self) -> LimitedStream {
+    /// The next accepted connection, slot or not.
+    async fn next(&self) -> (TcpStream, std::net::SocketAddr) {
         loop {
-            let (io, peer) = match self.listener.accept().await {
-                Ok(accepted) => accepted,
+            match self.listener.accept().await {
+                Ok(accepted) => return accepted,
                 Err(error) => {
                     tracing::warn!(listener = self.name, %error, "accepting a connection failed");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
                 }
-            };
-            if let Some(slot) = self.limit.take() {
+            }
+        }
+    }
+
+    /// The next connection within the limit: in a free slot, or in the slot of the connection
+    /// that has waited longest among `waiting` (closed for it). Connections that find neither
+    /// are closed on the spot.
+    async fn accept(&self, waiting: &Waiting) -> LimitedStream {
+        loop {
+            let (io, peer) = self.next().await;
+            if let Some(slot) = self.slot_or_longest_waiting(waiting).await {
                 // TCP options stay as the listener gave them (as tonic's own
                 // `TcpListenerStream` path does).
                 return LimitedStream { io, _slot: slot };
@@ -166,6 +252,30 @@ impl Acceptor {
             drop(io);
             self.warn_full(peer);
         }
+    }
+
+    /// A free slot, else the slot of the connection that has waited longest (closed for it);
+    /// `None` when no connection waits.
+    async fn slot_or_longest_waiting(&self, waiting: &Waiting) -> Option<OwnedSemaphorePermit> {
+        if let Some(slot) = self.limit.take() {
+            return Some(slot);
+        }
+        if !waiting.close_longest() {
+            return None;
+        }
+        if self.limit.warning_due() {
+            tracing::warn!(
+                listener = self.name,
+                max_connections = self.limit.max,
+                "connection limit reached: closing, for each new connection, the one that has \
+                 waited longest {} (limits.{}_max_connections)",
+                self.waits_for,
+                self.name
+            );
+        }
+        // Only the accept loop takes slots, so the closed connection's slot comes here.
+        let slot = Arc::clone(&self.limit.slots).acquire_owned();
+        tokio::time::timeout(SLOT_HANDOVER, slot).await.ok()?.ok()
     }
 
     fn warn_full(&self, peer: std::net::SocketAddr) {
@@ -286,41 +396,54 @@ const REFUSAL_HEADER_BYTES: u32 = 16 * 1024;
 /// Handshakes done and not yet taken by tonic.
 const HANDED_OVER: usize = 64;
 
+/// How long a new connection waits for the slot of the connection it closed (that one's task
+/// only has to drop it).
+const SLOT_HANDOVER: Duration = Duration::from_secs(1);
+
 /// The gRPC listener's connections for tonic's `serve_with_incoming_shutdown`: at most
 /// `limits.grpc_max_connections` open at once, and with `tls` the handshake done here, each on
-/// its own task, with certificate-less connections held to
-/// `limits.grpc_max_anonymous_connections` (see the module documentation).
+/// its own task, a full listener making room by closing the connection that has waited longest
+/// unserved, and certificate-less connections held to `limits.grpc_max_anonymous_connections`
+/// (see the module documentation).
 pub fn grpc_incoming(
     listener: TcpListener,
     limits: &ListenerLimits,
     tls: Option<GrpcTls>,
 ) -> Pin<Box<dyn Stream<Item = Result<GrpcConn, io::Error>> + Send>> {
-    let acceptor = Acceptor::new(listener, limits.grpc_max_connections, "grpc");
+    let acceptor = Acceptor::new(
+        listener,
+        limits.grpc_max_connections,
+        "grpc",
+        "in its TLS handshake",
+    );
+    // Without TLS no connection waits (nor can it be told from one being served).
+    let waiting = Arc::new(Waiting::default());
     let Some(tls) = tls else {
         return Box::pin(futures::stream::unfold(
-            Arc::new(acceptor),
-            |acceptor| async move {
-                let stream = acceptor.accept().await;
-                Some((Ok(GrpcConn::plain(stream)), acceptor))
+            (acceptor, waiting),
+            |(acceptor, waiting)| async move {
+                let stream = acceptor.accept(&waiting).await;
+                Some((Ok(GrpcConn::plain(stream)), (acceptor, waiting)))
             },
         ));
     };
     let anonymous = Arc::new(Limit::new(limits.grpc_max_anonymous_connections));
-    let acceptor_tls = TlsAcceptor::from(tls.config);
     let (handed, taken) = tokio::sync::mpsc::channel::<GrpcConn>(HANDED_OVER);
     tokio::spawn(async move {
         loop {
             // Ends when tonic drops the stream (the server stopped).
             let stream = tokio::select! {
-                stream = acceptor.accept() => stream,
+                stream = acceptor.accept(&waiting) => stream,
                 () = handed.closed() => break,
             };
-            let (handed, acceptor_tls, anonymous) =
-                (handed.clone(), acceptor_tls.clone(), Arc::clone(&anonymous));
+            let connection = Handshake {
+                remote: stream.io.peer_addr().ok(),
+                stream,
+                seat: waiting.seat(CancellationToken::new()),
+            };
+            let (tls, anonymous, handed) = (tls.clone(), Arc::clone(&anonymous), handed.clone());
             tokio::spawn(async move {
-                if let Some(conn) =
-                    handshake(stream, &acceptor_tls, tls.handshake_timeout, &anonymous).await
-                {
+                if let Some(conn) = connection.run(&tls, &anonymous).await {
                     // Fails only when the server has stopped: the connection is dropped.
                     let _ = handed.send(conn).await;
                 }
@@ -333,53 +456,78 @@ pub fn grpc_incoming(
     }))
 }
 
-/// The TLS handshake of `stream` within `timeout`, then its anonymous slot if it presented no
-/// client certificate; `None` when the handshake failed or the connection was refused.
-async fn handshake(
+/// A connection accepted into its slot, waiting in its `seat` until its handshake is done.
+#[derive(Debug)]
+struct Handshake {
     stream: LimitedStream,
-    acceptor: &TlsAcceptor,
-    timeout: Duration,
-    anonymous: &Limit,
-) -> Option<GrpcConn> {
-    let remote = stream.io.peer_addr().ok();
-    let io = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-        Ok(Ok(io)) => io,
-        Ok(Err(error)) => {
-            tracing::debug!(%error, ?remote, "gRPC TLS handshake failed");
+    remote: Option<std::net::SocketAddr>,
+    seat: Seat,
+}
+
+impl Handshake {
+    /// The TLS handshake within the timeout, unless a new connection takes the slot first; then
+    /// the anonymous slot if the client presented no certificate. `None` when the handshake
+    /// failed or was cut short, or the connection was refused.
+    async fn run(self, tls: &GrpcTls, anonymous: &Limit) -> Option<GrpcConn> {
+        let Self {
+            stream,
+            remote,
+            seat,
+        } = self;
+        let acceptor = TlsAcceptor::from(Arc::clone(&tls.config));
+        let io = tokio::select! {
+            done = tokio::time::timeout(tls.handshake_timeout, acceptor.accept(stream)) => match done {
+                Ok(Ok(io)) => io,
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, ?remote, "gRPC TLS handshake failed");
+                    return None;
+                }
+                Err(_) => {
+                    tracing::debug!(?remote, "gRPC TLS handshake timed out");
+                    return None;
+                }
+            },
+            () = seat.closed.cancelled() => {
+                tracing::debug!(?remote, "gRPC TLS handshake closed: its slot went to a new connection");
+                return None;
+            }
+        };
+        let leaf = io
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|leaf| Arc::new(leaf.clone().into_owned()));
+        let anonymous_slot = if leaf.is_some() {
+            None
+        } else if let Some(anonymous_slot) = anonymous.take() {
+            Some(anonymous_slot)
+        } else {
+            if anonymous.warning_due() {
+                tracing::warn!(
+                    max_anonymous_connections = anonymous.max,
+                    ?remote,
+                    "gRPC connections without a client certificate at their limit: closing new \
+                     ones (limits.grpc_max_anonymous_connections)"
+                );
+            }
+            // Told why while still waiting in the slot: a new connection may cut it short.
+            tokio::select! {
+                () = refuse(io, anonymous.max) => {}
+                () = seat.closed.cancelled() => {}
+            }
+            return None;
+        };
+        // Served from here on, unless its slot went to a new connection just now.
+        if !seat.leave() {
             return None;
         }
-        Err(_) => {
-            tracing::debug!(?remote, "gRPC TLS handshake timed out");
-            return None;
-        }
-    };
-    let leaf = io
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .map(|leaf| Arc::new(leaf.clone().into_owned()));
-    let slot = if leaf.is_some() {
-        None
-    } else if let Some(slot) = anonymous.take() {
-        Some(slot)
-    } else {
-        if anonymous.warning_due() {
-            tracing::warn!(
-                max_anonymous_connections = anonymous.max,
-                ?remote,
-                "gRPC connections without a client certificate at their limit: closing new ones \
-                 (limits.grpc_max_anonymous_connections)"
-            );
-        }
-        refuse(io, anonymous.max).await;
-        return None;
-    };
-    Some(GrpcConn {
-        io: Either::Right(Box::new(io)),
-        _anonymous: slot,
-        peer: GrpcPeer { leaf },
-    })
+        Some(GrpcConn {
+            io: Either::Right(Box::new(io)),
+            _anonymous: anonymous_slot,
+            peer: GrpcPeer { leaf },
+        })
+    }
 }
 
 /// Tells a client over the anonymous limit why it is closed, on HTTP/2 as the client speaks
@@ -435,7 +583,11 @@ fn resource_exhausted(message: &str) -> http::Response<()> {
 }
 
 /// Serves `router` on `listener` with the HTTP limits until `shutdown` completes, then stops
-/// accepting and waits for open connections to finish (the caller bounds that wait).
+/// accepting and waits for open connections to finish (the caller bounds that wait). A
+/// connection waits (see [`Waiting`]) whenever it is not serving a request — before its first
+/// one and between keep-alive requests — so when every slot is taken a new connection closes the
+/// one that has waited longest, and idle or slow clients cannot keep out the health probes,
+/// Prometheus or a browser finishing a consent.
 pub async fn serve_http(
     listener: TcpListener,
     router: axum::Router,
@@ -443,9 +595,14 @@ pub async fn serve_http(
     shutdown: impl Future<Output = ()> + Send,
 ) -> io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
 
-    let acceptor = Acceptor::new(listener, limits.http_max_connections, "http");
+    let acceptor = Acceptor::new(
+        listener,
+        limits.http_max_connections,
+        "http",
+        "for a request",
+    );
+    let waiting = Arc::new(Waiting::default());
     // HTTP/1.1 only (health probes, Prometheus, browsers on the consent callback): protocol
     // detection for h2c would read the first bytes without any timeout.
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -456,20 +613,95 @@ pub async fn serve_http(
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let stream = tokio::select! {
-            stream = acceptor.accept() => stream,
+            stream = acceptor.accept(&waiting) => stream,
             () = &mut shutdown => break,
         };
-        let service = TowerToHyperService::new(router.clone());
+        let closed = CancellationToken::new();
+        let seat = Arc::new(Mutex::new(Some(waiting.seat(closed.clone()))));
+        let (router, waiting, service_closed) =
+            (router.clone(), Arc::clone(&waiting), closed.clone());
+        let service = hyper::service::service_fn(move |request| {
+            // Served, not waiting, until the response is ready.
+            let served = Served {
+                seat: Arc::clone(&seat),
+                waiting: Arc::clone(&waiting),
+                closed: service_closed.clone(),
+            };
+            served.start();
+            let response = tower::ServiceExt::oneshot(router.clone(), request);
+            async move {
+                let response = response.await;
+                drop(served);
+                response
+            }
+        });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            // Errors here are a client's doing (reset, timeout, bad request): nothing to report.
-            if let Err(error) = connection.await {
-                tracing::debug!(error = %error, "HTTP connection ended with an error");
+            tokio::select! {
+                // Errors here are a client's doing (reset, timeout, bad request): nothing to
+                // report.
+                done = connection => if let Err(error) = done {
+                    tracing::debug!(error = %error, "HTTP connection ended with an error");
+                },
+                () = closed.cancelled() => {
+                    tracing::debug!("HTTP connection closed: its slot went to a new connection");
+                }
             }
         });
     }
     drop(acceptor);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// An HTTP connection's request in progress: the connection leaves the waiting ones when it
+/// starts and joins them again (as the newest) when it is dropped.
+struct Served {
+    seat: Arc<Mutex<Option<Seat>>>,
+    waiting: Arc<Waiting>,
+    closed: CancellationToken,
+}
+
+impl Served {
+    fn start(&self) {
+        let seat = self
+            .seat
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(seat);
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let seat = self.waiting.seat(self.closed.clone());
+        *self.seat.lock().unwrap_or_else(PoisonError::into_inner) = Some(seat);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_that_waited_longest_is_closed_first_and_knows_it() {
+        let waiting = Arc::new(Waiting::default());
+        let first = waiting.seat(CancellationToken::new());
+        let second = waiting.seat(CancellationToken::new());
+        let third = waiting.seat(CancellationToken::new());
+        // The second stops waiting on its own (served): it can no longer be closed.
+        assert!(second.leave());
+        assert!(waiting.close_longest());
+        assert!(first.closed.is_cancelled());
+        assert!(!third.closed.is_cancelled());
+        // Closed before it could leave: it must end.
+        assert!(!first.leave());
+        // Next is the third; the served second is never closed.
+        assert!(waiting.close_longest());
+        assert!(third.closed.is_cancelled());
+        assert!(!waiting.close_longest(), "nobody waits any more");
+        drop(third);
+    }
 }

@@ -596,24 +596,39 @@ async fn cleartext_token_profiles_are_refused_unless_loudly_allowed() {
     broker.shutdown().await;
 }
 
+/// A new gRPC connection to the TLS broker whose server certificate `ca_pem` signed, with the
+/// client certificate of `agent` if given.
+async fn tls_channel(
+    broker: &TestBroker,
+    ca_pem: &str,
+    agent: Option<&tokenfleet_agent::identity::StoredIdentity>,
+) -> tonic::transport::Channel {
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    if let Some(agent) = agent {
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            &agent.cert_pem,
+            agent.key_pem.as_bytes(),
+        ));
+    }
+    tonic::transport::Endpoint::from_shared(broker.grpc_url())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// A new gRPC connection to the TLS broker without a client certificate, and its health check:
 /// the channel (holding its connection) when it was served, else the call's status.
 async fn anonymous_health(
     broker: &TestBroker,
     ca_pem: &str,
 ) -> Result<tonic::transport::Channel, tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(broker.grpc_url())
-        .unwrap()
-        .tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
-                .domain_name("localhost"),
-        )
-        .unwrap()
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .unwrap();
+    let channel = tls_channel(broker, ca_pem, None).await;
     let status = HealthClient::new(channel.clone())
         .check(HealthCheckRequest::default())
         .await?
@@ -623,21 +638,22 @@ async fn anonymous_health(
     Ok(channel)
 }
 
-/// Connections without a client certificate are held to `[limits]
-/// grpc_max_anonymous_connections`, through the broker executable over TLS: over the limit a new
-/// one's call gets RESOURCE_EXHAUSTED naming the limit, while an enrolled agent with its
-/// certificate is still served and the connections already open keep working; closing one frees
-/// its slot.
-#[tokio::test(flavor = "multi_thread")]
-async fn connections_without_a_certificate_cannot_take_the_agents_slots() {
-    const LIMIT: usize = 3;
+/// A TLS broker executable with `limits` as its `[limits]` section, tenant `acme`, and agent
+/// `site-1` enrolled in it: the broker, the CA of its server certificate (PEM) and the agent's
+/// identity (kept in the returned directory).
+async fn tls_broker_with_agent(
+    limits: &str,
+) -> (
+    TestBroker,
+    String,
+    tokenfleet_agent::identity::StoredIdentity,
+    tempfile::TempDir,
+) {
     let broker = TestBroker::start_with(
         TestStore::Embedded,
         TestOptions {
             tls: true,
-            binary_config: Some(format!(
-                "[limits]\ngrpc_max_anonymous_connections = {LIMIT}\n"
-            )),
+            binary_config: Some(format!("[limits]\n{limits}")),
             ..TestOptions::default()
         },
     )
@@ -656,6 +672,46 @@ async fn connections_without_a_certificate_cannot_take_the_agents_slots() {
     )
     .await
     .unwrap();
+    (broker, ca_pem, identity, agent_dir)
+}
+
+/// The enrolled agent's call on a new connection with its certificate is served: its
+/// certificate is read (the call gets past authentication, as tenant acme's agent, to the
+/// missing device).
+async fn assert_agent_served(
+    broker: &TestBroker,
+    ca_pem: &str,
+    identity: &tokenfleet_agent::identity::StoredIdentity,
+) {
+    let agent = tls_channel(broker, ca_pem, Some(identity)).await;
+    let status = TokenBrokerClient::new(agent)
+        .issue_access_token(IssueAccessTokenRequest {
+            device: "printer-1".into(),
+            mailbox: "scans".into(),
+            purpose: tokenfleet_proto::v1::MailPurpose::Send as i32,
+            user_address: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+    assert!(
+        status
+            .message()
+            .contains("device `printer-1` does not exist in tenant `acme`"),
+        "{status}"
+    );
+}
+
+/// Connections without a client certificate are held to `[limits]
+/// grpc_max_anonymous_connections`, through the broker executable over TLS: over the limit a new
+/// one's call gets RESOURCE_EXHAUSTED naming the limit, while an enrolled agent with its
+/// certificate is still served and the connections already open keep working; closing one frees
+/// its slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_without_a_certificate_cannot_take_the_agents_slots() {
+    const LIMIT: usize = 3;
+    let (broker, ca_pem, identity, _agent_dir) =
+        tls_broker_with_agent(&format!("grpc_max_anonymous_connections = {LIMIT}\n")).await;
 
     // The test broker's admin channel holds one anonymous slot; the enrollment's connection is
     // closed but may be counted for a moment: fill the others, starting again until all take.
@@ -691,39 +747,8 @@ async fn connections_without_a_certificate_cannot_take_the_agents_slots() {
         ),
         "{stderr}"
     );
-    // The agent with its certificate is served: its certificate is read (the call gets past
-    // authentication, as tenant acme's agent, to the missing device).
-    let agent = tonic::transport::Endpoint::from_shared(broker.grpc_url())
-        .unwrap()
-        .tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(&ca_pem))
-                .identity(tonic::transport::Identity::from_pem(
-                    &identity.cert_pem,
-                    identity.key_pem.as_bytes(),
-                ))
-                .domain_name("localhost"),
-        )
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let status = TokenBrokerClient::new(agent)
-        .issue_access_token(IssueAccessTokenRequest {
-            device: "printer-1".into(),
-            mailbox: "scans".into(),
-            purpose: tokenfleet_proto::v1::MailPurpose::Send as i32,
-            user_address: String::new(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
-    assert!(
-        status
-            .message()
-            .contains("device `printer-1` does not exist in tenant `acme`"),
-        "{status}"
-    );
+    // The agent with its certificate is served.
+    assert_agent_served(&broker, &ca_pem, &identity).await;
     // The anonymous connections already open keep working: the admin channel and the held ones.
     assert_eq!(get_tenant(&broker, "acme").await.unwrap().name, "acme");
     for channel in &held {
@@ -751,5 +776,130 @@ async fn connections_without_a_certificate_cannot_take_the_agents_slots() {
         }
     }
     drop(held);
+    broker.shutdown().await;
+}
+
+/// Whether the broker closed `stream` within `wait` (end of stream or a reset; anything it sent
+/// first is read and dropped); `false` when it is still open then.
+async fn closed_within(stream: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let closed = async { while let Ok(1..) = stream.read(&mut buf).await {} };
+    tokio::time::timeout(wait, closed).await.is_ok()
+}
+
+/// A full gRPC listener makes room for a new connection by closing the one that has waited
+/// longest in its TLS handshake: through the broker executable with `grpc_max_connections = 4`,
+/// clients that connect and send nothing — six times as many as there are slots — are closed
+/// longest-waiting first at once (not after the 10 s handshake timeout), and neither an agent nor
+/// `tokenfleetctl` is kept out while the newest of them still wait.
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_connections_cannot_keep_clients_out() {
+    const SLOTS: usize = 4;
+    const SILENT: usize = 6 * SLOTS;
+    let (broker, ca_pem, identity, _agent_dir) = tls_broker_with_agent(&format!(
+        "grpc_max_connections = {SLOTS}\ngrpc_max_anonymous_connections = 3\n"
+    ))
+    .await;
+    let started = Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..SILENT {
+        silent.push(
+            tokio::net::TcpStream::connect(broker.grpc_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    // The test's admin channel holds a slot (the enrollment's connection may still hold one):
+    // the silent connections share the other two or three, each new one closing the oldest.
+    let waiting = SLOTS - 2;
+    for (n, stream) in silent.iter_mut().enumerate().take(SILENT - SLOTS + 1) {
+        assert!(
+            closed_within(stream, Duration::from_secs(3)).await,
+            "silent connection {n} of {SILENT} was not closed for a newer one"
+        );
+    }
+    for (n, stream) in silent.iter_mut().enumerate().skip(SILENT - waiting) {
+        assert!(
+            !closed_within(stream, Duration::from_millis(200)).await,
+            "silent connection {n}, one of the newest {waiting}, was closed"
+        );
+    }
+    // Clients that do their handshake get in past the silent ones, each closing the oldest.
+    assert_agent_served(&broker, &ca_pem, &identity).await;
+    let (code, stdout, stderr) = broker.ctl(&["tenant", "list"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("acme"), "{stdout}");
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "the checks outlasted the handshake timeout, so they prove nothing: {:?}",
+        started.elapsed()
+    );
+    broker.shutdown().await;
+}
+
+/// A full HTTP listener makes room for a new connection by closing the one that has waited
+/// longest for a request — before its first one or between keep-alive requests: through the
+/// broker executable with `http_max_connections = 4`, a keep-alive connection idle after its
+/// answer and twelve clients that connect and send nothing are closed longest-waiting first at
+/// once (not after the 10 s header timeout), and `/healthz` still answers while the newest wait.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_http_connections_cannot_keep_probes_out() {
+    const SLOTS: usize = 4;
+    const IDLE: usize = 3 * SLOTS;
+    let broker = TestBroker::start_with(
+        TestStore::Embedded,
+        TestOptions {
+            binary_config: Some(format!("[limits]\nhttp_max_connections = {SLOTS}\n")),
+            ..TestOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    // Served once, then idle on keep-alive.
+    let mut kept = tokio::net::TcpStream::connect(broker.http_addr)
+        .await
+        .unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: broker\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut buf = [0u8; 1024];
+        let n = kept.read(&mut buf).await.unwrap();
+        assert_ne!(n, 0, "closed before answering: {answer:?}");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    let mut idle = Vec::new();
+    for _ in 0..IDLE {
+        idle.push(
+            tokio::net::TcpStream::connect(broker.http_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(
+        closed_within(&mut kept, Duration::from_secs(3)).await,
+        "the idle keep-alive connection was not closed for a newer one"
+    );
+    for (n, stream) in idle.iter_mut().enumerate().take(IDLE - SLOTS) {
+        assert!(
+            closed_within(stream, Duration::from_secs(3)).await,
+            "idle connection {n} of {IDLE} was not closed for a newer one"
+        );
+    }
+    for (n, stream) in idle.iter_mut().enumerate().skip(IDLE - 2) {
+        assert!(
+            !closed_within(stream, Duration::from_millis(200)).await,
+            "idle connection {n}, one of the newest two, was closed"
+        );
+    }
+    assert_eq!(http_get(broker.http_addr, "/healthz").await.0, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "the checks outlasted the header timeout, so they prove nothing: {:?}",
+        started.elapsed()
+    );
     broker.shutdown().await;
 }

@@ -17,8 +17,9 @@ use super::error::ConfigError;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsSection {
-    /// Most open gRPC connections (every agent holds one); further connections are accepted and
-    /// closed at once.
+    /// Most open gRPC connections (every agent holds one). When all are taken, a new connection
+    /// closes the one that has waited longest in its TLS handshake and takes its slot; when all
+    /// are past their handshake (or there is no `[tls]`), it is accepted and closed at once.
     pub grpc_max_connections: usize,
     /// Most of those open without a client certificate (admin clients with API keys, agents
     /// enrolling, and anyone who can reach the port): counted once the TLS handshake is done,
@@ -39,8 +40,9 @@ pub struct LimitsSection {
     /// the stream itself then lives as long as the agent). A half-open call that never sends its
     /// request message is ended after this.
     pub grpc_request_timeout_seconds: u64,
-    /// Most open HTTP connections (health, metrics, consent callback); further connections are
-    /// accepted and closed at once.
+    /// Most open HTTP connections (health, metrics, consent callback). When all are taken, a new
+    /// connection closes the one that has waited longest for a request (its first, or the next on
+    /// keep-alive) and takes its slot; when all are serving a request it is closed at once.
     pub http_max_connections: usize,
     /// Seconds an HTTP client may take to send a complete request header (also the first one
     /// after connecting, and the next one on an idle keep-alive connection); the connection is
