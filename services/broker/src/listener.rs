@@ -19,10 +19,14 @@
 //!
 //! A connection that presents no client certificate — an admin client with an API key, an agent
 //! enrolling, or anyone who can reach the port — takes one of `grpc_max_anonymous_connections`
-//! slots besides its listener slot, and over that limit its first call is answered
-//! `RESOURCE_EXHAUSTED` naming the limit and the connection is closed with an HTTP/2 `GOAWAY`
-//! (`ENHANCE_YOUR_CALM`). So connections that prove nothing cannot hold the slots agents need; an
-//! agent's certificate is verified against the agent CA during the handshake, as tonic did.
+//! slots besides its listener slot. Those wait the same way whenever they have no call in flight
+//! ([`AnonymousCallsLayer`] counts them, until each response body is done): over the limit a new
+//! one closes the one idle longest and takes its slot, so idle clients cannot keep
+//! `tokenfleetctl` or an enrolling agent out. Only when every one of them has a call in flight is
+//! the new connection's first call answered `RESOURCE_EXHAUSTED` naming the limit and the
+//! connection closed with an HTTP/2 `GOAWAY` (`ENHANCE_YOUR_CALM`). So connections that prove
+//! nothing cannot hold the slots agents need; an agent's certificate is verified against the
+//! agent CA during the handshake, as tonic did.
 //!
 //! [`serve_http`] runs the axum router on hyper's HTTP/1.1 connection builder, because
 //! `axum::serve` offers no header-read timeout: a client that sends its request header a byte at
@@ -125,6 +129,25 @@ impl Limit {
     /// A free slot, if any.
     fn take(&self) -> Option<OwnedSemaphorePermit> {
         Arc::clone(&self.slots).try_acquire_owned().ok()
+    }
+
+    /// A free slot, else the slot of the connection that has waited longest among `waiting`,
+    /// closed for it (`true` in the answer); `None` when none is free and none waits, or when
+    /// the closed connection's slot went to another new one first and no other came free within
+    /// [`SLOT_HANDOVER`].
+    async fn take_or_close_longest(
+        &self,
+        waiting: &Waiting,
+    ) -> Option<(OwnedSemaphorePermit, bool)> {
+        if let Some(slot) = self.take() {
+            return Some((slot, false));
+        }
+        if !waiting.close_longest() {
+            return None;
+        }
+        let slot = Arc::clone(&self.slots).acquire_owned();
+        let slot = tokio::time::timeout(SLOT_HANDOVER, slot).await.ok()?.ok()?;
+        Some((slot, true))
     }
 
     /// Whether a "limit reached" warning may be logged now (at most one per
@@ -257,13 +280,8 @@ impl Acceptor {
     /// A free slot, else the slot of the connection that has waited longest (closed for it);
     /// `None` when no connection waits.
     async fn slot_or_longest_waiting(&self, waiting: &Waiting) -> Option<OwnedSemaphorePermit> {
-        if let Some(slot) = self.limit.take() {
-            return Some(slot);
-        }
-        if !waiting.close_longest() {
-            return None;
-        }
-        if self.limit.warning_due() {
+        let (slot, closed_one) = self.limit.take_or_close_longest(waiting).await?;
+        if closed_one && self.limit.warning_due() {
             tracing::warn!(
                 listener = self.name,
                 max_connections = self.limit.max,
@@ -273,9 +291,7 @@ impl Acceptor {
                 self.name
             );
         }
-        // Only the accept loop takes slots, so the closed connection's slot comes here.
-        let slot = Arc::clone(&self.limit.slots).acquire_owned();
-        tokio::time::timeout(SLOT_HANDOVER, slot).await.ok()?.ok()
+        Some(slot)
     }
 
     fn warn_full(&self, peer: std::net::SocketAddr) {
@@ -297,6 +313,162 @@ pub struct GrpcPeer {
     /// The client certificate (DER) presented in the TLS handshake and verified there against the
     /// agent CA; `None` without TLS or without a certificate.
     pub leaf: Option<Arc<CertificateDer<'static>>>,
+    /// The calls in flight on a TLS connection without a client certificate, counted by
+    /// [`AnonymousCallsLayer`].
+    calls: Option<Arc<AnonymousCalls>>,
+}
+
+/// Calls in flight on a TLS connection without a client certificate. While it has none, the
+/// connection waits among the idle anonymous ones (see [`Waiting`]): when
+/// `grpc_max_anonymous_connections` are open, a new one closes the one idle longest.
+#[derive(Debug)]
+struct AnonymousCalls {
+    /// Calls in flight, and the connection's seat among the idle ones while there are none.
+    state: Mutex<(usize, Option<Seat>)>,
+    idle: Arc<Waiting>,
+    closed: CancellationToken,
+}
+
+impl AnonymousCalls {
+    /// A new connection's: idle, no call yet.
+    fn new(idle: &Arc<Waiting>) -> Arc<Self> {
+        let closed = CancellationToken::new();
+        Arc::new(Self {
+            state: Mutex::new((0, Some(idle.seat(closed.clone())))),
+            idle: Arc::clone(idle),
+            closed,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Option<Seat>)> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A call starts: the connection is no longer idle until it and every other call ended.
+    fn start(self: &Arc<Self>) -> CallInFlight {
+        let seat = {
+            let mut state = self.lock();
+            state.0 += 1;
+            state.1.take()
+        };
+        // Leaving the idle ones (a connection closed just now ends anyway).
+        drop(seat);
+        CallInFlight(Arc::clone(self))
+    }
+}
+
+/// One call in flight on a connection without a client certificate, until its response body is
+/// done (dropped): then, with no other call, the connection is idle again, as the newest.
+#[derive(Debug)]
+pub struct CallInFlight(Arc<AnonymousCalls>);
+
+impl Drop for CallInFlight {
+    fn drop(&mut self) {
+        let calls = &self.0;
+        let mut state = calls.lock();
+        state.0 = state.0.saturating_sub(1);
+        if state.0 == 0 && !calls.closed.is_cancelled() {
+            state.1 = Some(calls.idle.seat(calls.closed.clone()));
+        }
+    }
+}
+
+/// Counts the calls in flight on each connection without a client certificate (see
+/// [`GrpcPeer`]); calls on other connections pass untouched.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AnonymousCallsLayer;
+
+impl<S> tower::Layer<S> for AnonymousCallsLayer {
+    type Service = AnonymousCallsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AnonymousCallsService { inner }
+    }
+}
+
+/// The service of [`AnonymousCallsLayer`].
+#[derive(Debug, Clone)]
+pub struct AnonymousCallsService<S> {
+    inner: S,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for AnonymousCallsService<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+{
+    type Response = http::Response<CountedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = CountedCall<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let call = request
+            .extensions()
+            .get::<GrpcPeer>()
+            .and_then(|peer| peer.calls.as_ref())
+            .map(AnonymousCalls::start);
+        CountedCall {
+            inner: self.inner.call(request),
+            call,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call's response future holding its [`CallInFlight`], handed to the response body.
+    #[derive(Debug)]
+    pub struct CountedCall<F> {
+        #[pin]
+        inner: F,
+        call: Option<CallInFlight>,
+    }
+}
+
+impl<F, ResBody, E> Future for CountedCall<F>
+where
+    F: Future<Output = Result<http::Response<ResBody>, E>>,
+{
+    type Output = Result<http::Response<CountedBody<ResBody>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        let call = this.call.take();
+        Poll::Ready(result.map(|response| response.map(|body| CountedBody { body, _call: call })))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body holding its call's [`CallInFlight`] until it is dropped.
+    #[derive(Debug)]
+    pub struct CountedBody<B> {
+        #[pin]
+        body: B,
+        _call: Option<CallInFlight>,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for CountedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// A gRPC connection as tonic gets it: plain TCP (no `[tls]`) or TLS after its handshake, its
@@ -306,6 +478,8 @@ pub struct GrpcPeer {
 pub struct GrpcConn {
     io: Either<LimitedStream, Box<tokio_rustls::server::TlsStream<LimitedStream>>>,
     _anonymous: Option<OwnedSemaphorePermit>,
+    /// Without a client certificate: fires when a new connection took its anonymous slot.
+    closed: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
     peer: GrpcPeer,
 }
 
@@ -314,6 +488,7 @@ impl GrpcConn {
         Self {
             io: Either::Left(io),
             _anonymous: None,
+            closed: None,
             peer: GrpcPeer::default(),
         }
     }
@@ -325,7 +500,19 @@ impl AsyncRead for GrpcConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        // HTTP/2 always keeps a read waiting, so this is where the connection learns it is
+        // closed: the error ends it, and dropping it frees its slots.
+        if let Some(closed) = &mut this.closed
+            && closed.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "idle connection without a client certificate closed for a new one \
+                 (limits.grpc_max_anonymous_connections)",
+            )));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
 
@@ -427,7 +614,10 @@ pub fn grpc_incoming(
             },
         ));
     };
-    let anonymous = Arc::new(Limit::new(limits.grpc_max_anonymous_connections));
+    let anonymous = Arc::new(Anonymous {
+        limit: Limit::new(limits.grpc_max_anonymous_connections),
+        idle: Arc::new(Waiting::default()),
+    });
     let (handed, taken) = tokio::sync::mpsc::channel::<GrpcConn>(HANDED_OVER);
     tokio::spawn(async move {
         loop {
@@ -456,6 +646,14 @@ pub fn grpc_incoming(
     }))
 }
 
+/// The anonymous slots (`grpc_max_anonymous_connections`) and their connections that have no
+/// call in flight, idle longest first.
+#[derive(Debug)]
+struct Anonymous {
+    limit: Limit,
+    idle: Arc<Waiting>,
+}
+
 /// A connection accepted into its slot, waiting in its `seat` until its handshake is done.
 #[derive(Debug)]
 struct Handshake {
@@ -468,7 +666,7 @@ impl Handshake {
     /// The TLS handshake within the timeout, unless a new connection takes the slot first; then
     /// the anonymous slot if the client presented no certificate. `None` when the handshake
     /// failed or was cut short, or the connection was refused.
-    async fn run(self, tls: &GrpcTls, anonymous: &Limit) -> Option<GrpcConn> {
+    async fn run(self, tls: &GrpcTls, anonymous: &Anonymous) -> Option<GrpcConn> {
         let Self {
             stream,
             remote,
@@ -498,22 +696,32 @@ impl Handshake {
             .peer_certificates()
             .and_then(|chain| chain.first())
             .map(|leaf| Arc::new(leaf.clone().into_owned()));
-        let anonymous_slot = if leaf.is_some() {
-            None
-        } else if let Some(anonymous_slot) = anonymous.take() {
-            Some(anonymous_slot)
-        } else {
-            if anonymous.warning_due() {
+        let (anonymous_slot, calls) = if leaf.is_some() {
+            (None, None)
+        } else if let Some((slot, closed_one)) =
+            anonymous.limit.take_or_close_longest(&anonymous.idle).await
+        {
+            if closed_one && anonymous.limit.warning_due() {
                 tracing::warn!(
-                    max_anonymous_connections = anonymous.max,
+                    max_anonymous_connections = anonymous.limit.max,
                     ?remote,
-                    "gRPC connections without a client certificate at their limit: closing new \
-                     ones (limits.grpc_max_anonymous_connections)"
+                    "gRPC connections without a client certificate at their limit: closing, for \
+                     each new one, the one idle longest (limits.grpc_max_anonymous_connections)"
+                );
+            }
+            (Some(slot), Some(AnonymousCalls::new(&anonymous.idle)))
+        } else {
+            if anonymous.limit.warning_due() {
+                tracing::warn!(
+                    max_anonymous_connections = anonymous.limit.max,
+                    ?remote,
+                    "gRPC connections without a client certificate at their limit, all with \
+                     calls in flight: closing new ones (limits.grpc_max_anonymous_connections)"
                 );
             }
             // Told why while still waiting in the slot: a new connection may cut it short.
             tokio::select! {
-                () = refuse(io, anonymous.max) => {}
+                () = refuse(io, anonymous.limit.max) => {}
                 () = seat.closed.cancelled() => {}
             }
             return None;
@@ -522,10 +730,14 @@ impl Handshake {
         if !seat.leave() {
             return None;
         }
+        let closed = calls
+            .as_ref()
+            .map(|calls| Box::pin(calls.closed.clone().cancelled_owned()));
         Some(GrpcConn {
             io: Either::Right(Box::new(io)),
             _anonymous: anonymous_slot,
-            peer: GrpcPeer { leaf },
+            closed,
+            peer: GrpcPeer { leaf, calls },
         })
     }
 }

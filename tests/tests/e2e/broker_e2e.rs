@@ -16,9 +16,9 @@ use tokenfleet_proto::v1::{
 };
 use tokenfleet_testkit::broker::{TestBroker, TestOptions, TestStore, enrollment_code};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -702,32 +702,55 @@ async fn assert_agent_served(
     );
 }
 
+/// A new gRPC connection to the TLS broker without a client certificate with a call in flight:
+/// a `Health/Watch` stream (answered SERVING at once, then only on a change), kept open with
+/// its channel; else the call's status.
+async fn anonymous_watch(
+    broker: &TestBroker,
+    ca_pem: &str,
+) -> Result<
+    (
+        tonic::transport::Channel,
+        tonic::Streaming<HealthCheckResponse>,
+    ),
+    tonic::Status,
+> {
+    let channel = tls_channel(broker, ca_pem, None).await;
+    let mut watch = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest::default())
+        .await?
+        .into_inner();
+    let first = watch.message().await?.unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    Ok((channel, watch))
+}
+
 /// Connections without a client certificate are held to `[limits]
-/// grpc_max_anonymous_connections`, through the broker executable over TLS: over the limit a new
-/// one's call gets RESOURCE_EXHAUSTED naming the limit, while an enrolled agent with its
-/// certificate is still served and the connections already open keep working; closing one frees
-/// its slot.
+/// grpc_max_anonymous_connections`, through the broker executable over TLS: a new one closes
+/// the one idle longest (no call in flight) for its slot; when every one has a call in flight
+/// the new one's call gets RESOURCE_EXHAUSTED naming the limit, while an enrolled agent with its
+/// certificate is still served and the connections already open keep working; once one of them
+/// is idle, `tokenfleetctl` gets in again.
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_without_a_certificate_cannot_take_the_agents_slots() {
     const LIMIT: usize = 3;
     let (broker, ca_pem, identity, _agent_dir) =
         tls_broker_with_agent(&format!("grpc_max_anonymous_connections = {LIMIT}\n")).await;
 
-    // The test broker's admin channel holds one anonymous slot; the enrollment's connection is
-    // closed but may be counted for a moment: fill the others, starting again until all take.
+    // Every slot taken by a connection with a call in flight: the test's admin channel and the
+    // enrollment's connection are idle, so the new ones close them for their slots.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut held = Vec::new();
-    while held.len() < LIMIT - 1 {
-        match anonymous_health(&broker, &ca_pem).await {
-            Ok(channel) => held.push(channel),
+    let mut busy = Vec::new();
+    while busy.len() < LIMIT {
+        match anonymous_watch(&broker, &ca_pem).await {
+            Ok(held) => busy.push(held),
             Err(status) => {
-                assert!(Instant::now() < deadline, "slots never freed: {status}");
-                held.clear();
+                assert!(Instant::now() < deadline, "no slot for a new one: {status}");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }
-    // Over the limit: refused, naming the limit.
+    // Over the limit with nobody idle: refused, naming the limit.
     let status = anonymous_health(&broker, &ca_pem)
         .await
         .expect_err("a connection over the anonymous limit was served");
@@ -749,33 +772,35 @@ async fn connections_without_a_certificate_cannot_take_the_agents_slots() {
     );
     // The agent with its certificate is served.
     assert_agent_served(&broker, &ca_pem, &identity).await;
-    // The anonymous connections already open keep working: the admin channel and the held ones.
-    assert_eq!(get_tenant(&broker, "acme").await.unwrap().name, "acme");
-    for channel in &held {
+    // The connections already open keep working.
+    for (channel, _) in &busy {
         HealthClient::new(channel.clone())
             .check(HealthCheckRequest::default())
             .await
             .unwrap();
     }
-    // Closing one frees its slot for the next.
-    drop(held.pop());
+    // One call ends, so its connection is idle: the next client closes it for its slot.
+    let (idle, watch) = busy.remove(0);
+    drop(watch);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match anonymous_health(&broker, &ca_pem).await {
-            Ok(channel) => {
-                held.push(channel);
-                break;
-            }
-            Err(status) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "the freed slot was not reused: {status}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+        let (code, stdout, stderr) = broker.ctl(&["tenant", "list"]).await;
+        if code == 0 {
+            assert!(stdout.contains("acme"), "{stdout}");
+            break;
         }
+        assert!(
+            Instant::now() < deadline,
+            "the idle connection's slot was not taken: {stderr}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    drop(held);
+    // The connections with calls in flight were not touched.
+    for (n, (_, watch)) in busy.iter_mut().enumerate() {
+        let next = tokio::time::timeout(Duration::from_millis(300), watch.message()).await;
+        assert!(next.is_err(), "busy connection {n} ended: {next:?}");
+    }
+    drop((idle, busy));
     broker.shutdown().await;
 }
 
