@@ -20,13 +20,17 @@
 //!   SETTINGS (what a hostile client does): counted are the streams the server refuses
 //!   (`RST_STREAM REFUSED_STREAM`) and the calls it ends itself (its request timeout);
 //! * `--slow-clients` HTTP/1.1 clients on the HTTP listener, each sending a request header one
-//!   line per second and never finishing it; counted is when the broker disconnects each.
+//!   line per second and never finishing it; counted is when the broker disconnects each;
+//! * `--silent-clients` connections to the HTTP listener that send nothing at all, each opened
+//!   again as soon as the broker closes it (a sustained flood; default none); counted are the
+//!   connections opened and how long the broker let them stay.
 //!
-//! Meanwhile a probe calls `grpc.health.v1.Health/Check` every 250 ms on a new connection and
-//! the broker's `VmRSS`/`VmHWM` (from `/proc/<pid>/status`) are sampled every 100 ms. Printed:
-//! baseline, peak during and RSS after the attack (the attack's connections closed, 3 s later),
-//! the probe's answers, and what the limits did. Exits non-zero if any probe did not answer
-//! SERVING.
+//! Meanwhile one probe calls `grpc.health.v1.Health/Check` and another `GET /healthz` on the
+//! HTTP listener, each every 250 ms on a new connection, and the broker's `VmRSS`/`VmHWM` (from
+//! `/proc/<pid>/status`) are sampled every 100 ms. Printed: baseline, peak during and RSS after
+//! the attack (the attack's connections closed, 3 s later), the probes' answers, and what the
+//! limits did. Exits non-zero if any gRPC probe did not answer SERVING or any HTTP probe not
+//! `200`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -54,6 +58,9 @@ pub struct Args {
     /// Slow HTTP/1.1 clients on the HTTP listener.
     #[arg(long, default_value_t = 500)]
     slow_clients: u32,
+    /// Connections to the HTTP listener that send nothing, each reopened when closed.
+    #[arg(long, default_value_t = 0)]
+    silent_clients: u32,
     /// How long the attack lasts, in seconds.
     #[arg(long, default_value_t = 20)]
     hold_seconds: u64,
@@ -335,6 +342,92 @@ async fn slow_clients(port: u16, n: u32, stop: Arc<AtomicBool>) -> Vec<Option<Du
     out
 }
 
+/// `n` connections to `port` that send nothing, each opened again as soon as the broker closes
+/// it, until `stop`: how many were opened, and how long each the broker closed had stayed.
+async fn silent_clients(port: u16, n: u32, stop: Arc<AtomicBool>) -> (u64, Vec<Duration>) {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let stop = Arc::clone(&stop);
+        tasks.push(tokio::spawn(async move {
+            let (mut opened, mut closed) = (0u64, Vec::new());
+            let mut buf = [0u8; 512];
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                opened += 1;
+                let started = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    match tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await {
+                        Err(_) => {}
+                        Ok(Ok(1..)) => {}
+                        Ok(_) => {
+                            closed.push(started.elapsed());
+                            break;
+                        }
+                    }
+                }
+            }
+            (opened, closed)
+        }));
+    }
+    let (mut opened, mut closed) = (0, Vec::new());
+    for task in tasks {
+        if let Ok((o, c)) = task.await {
+            opened += o;
+            closed.extend(c);
+        }
+    }
+    (opened, closed)
+}
+
+/// `GET /healthz` on a new connection to the HTTP listener: the status code.
+async fn http_health(port: u16) -> Result<u16> {
+    let exchange = async {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await?;
+        let status = String::from_utf8_lossy(&answer)
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .context("not an HTTP answer")?;
+        anyhow::Ok(status)
+    };
+    tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .context("no answer within 2 s")?
+}
+
+/// Calls `probe` every 250 ms until `done`: how many answered as `good` says, the other
+/// answers, and the slowest.
+async fn probe_every_250_ms<T, F, P>(
+    done: Arc<AtomicBool>,
+    probe: P,
+    good: fn(&T) -> bool,
+) -> (u64, Vec<String>, Duration)
+where
+    T: std::fmt::Debug,
+    F: std::future::Future<Output = Result<T>>,
+    P: Fn() -> F,
+{
+    let (mut ok, mut other, mut slowest) = (0u64, Vec::new(), Duration::ZERO);
+    while !done.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        match probe().await {
+            Ok(answer) if good(&answer) => ok += 1,
+            Ok(answer) => other.push(format!("{answer:?}")),
+            Err(e) => other.push(format!("{e:#}")),
+        }
+        slowest = slowest.max(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    (ok, other, slowest)
+}
+
 #[tokio::main]
 pub async fn run(args: Args) -> Result<()> {
     let broker_bin = match &args.broker_bin {
@@ -395,28 +488,26 @@ pub async fn run(args: Args) -> Result<()> {
             }
         })
     };
-    let probe = {
-        let done = Arc::clone(&done_sampling);
-        tokio::spawn(async move {
-            let (mut serving, mut other, mut slowest) = (0u64, Vec::new(), Duration::ZERO);
-            while !done.load(Ordering::Relaxed) {
-                let started = Instant::now();
-                match health(grpc).await {
-                    Ok(ServingStatus::Serving) => serving += 1,
-                    Ok(status) => other.push(format!("{status:?}")),
-                    Err(e) => other.push(e.to_string()),
-                }
-                slowest = slowest.max(started.elapsed());
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            (serving, other, slowest)
-        })
-    };
+    let probe = tokio::spawn(probe_every_250_ms(
+        Arc::clone(&done_sampling),
+        move || health(grpc),
+        |status| *status == ServingStatus::Serving,
+    ));
+    let http_probe = tokio::spawn(probe_every_250_ms(
+        Arc::clone(&done_sampling),
+        move || http_health(http),
+        |status| *status == 200,
+    ));
 
     let started = Instant::now();
     println!(
-        "attack: {} h2 streams over {} connection(s) + {} raw streams ignoring SETTINGS + {} slow HTTP/1 clients, {} s",
-        args.streams, args.connections, args.streams, args.slow_clients, args.hold_seconds
+        "attack: {} h2 streams over {} connection(s) + {} raw streams ignoring SETTINGS + {} slow HTTP/1 clients + {} silent HTTP clients, {} s",
+        args.streams,
+        args.connections,
+        args.streams,
+        args.slow_clients,
+        args.silent_clients,
+        args.hold_seconds
     );
     let polite = tokio::spawn(polite_streams(
         grpc,
@@ -426,23 +517,27 @@ pub async fn run(args: Args) -> Result<()> {
     ));
     let hostile = tokio::spawn(hostile_streams(grpc, args.streams, Arc::clone(&stop)));
     let slow = tokio::spawn(slow_clients(http, args.slow_clients, Arc::clone(&stop)));
+    let silent = tokio::spawn(silent_clients(http, args.silent_clients, Arc::clone(&stop)));
     tokio::time::sleep(Duration::from_secs(args.hold_seconds)).await;
     let during = memory(pid).unwrap_or_default();
     stop.store(true, Ordering::Relaxed);
     let (opened, open_at_broker) = polite.await.unwrap_or((0, 0));
     let (refused, answered, advertised) = hostile.await?.unwrap_or((0, 0, None));
     let slow = slow.await.unwrap_or_default();
+    let (silent_opened, mut silent_closed) = silent.await.unwrap_or_default();
     let attack = started.elapsed();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = memory(pid).unwrap_or_default();
     done_sampling.store(true, Ordering::Relaxed);
     let _ = sampler.await;
     let (serving, failed, slowest) = probe.await.unwrap_or_default();
+    let (http_ok, http_failed, http_slowest) = http_probe.await.unwrap_or_default();
 
     let mut cut: Vec<Duration> = slow.iter().flatten().copied().collect();
     cut.sort();
-    let pct = |p: f64| {
-        cut.get(((cut.len() as f64 * p) as usize).min(cut.len().saturating_sub(1)))
+    silent_closed.sort();
+    let pct = |of: &[Duration], p: f64| {
+        of.get(((of.len() as f64 * p) as usize).min(of.len().saturating_sub(1)))
             .map_or("-".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()))
     };
     println!("advertised SETTINGS_MAX_CONCURRENT_STREAMS: {advertised:?}");
@@ -456,11 +551,20 @@ pub async fn run(args: Args) -> Result<()> {
         "slow HTTP/1 clients: {} of {} disconnected by the broker (p50 {}, max {}), {} still connected after {:.0} s",
         cut.len(),
         slow.len(),
-        pct(0.5),
-        pct(1.0),
+        pct(&cut, 0.5),
+        pct(&cut, 1.0),
         slow.len() - cut.len(),
         attack.as_secs_f64()
     );
+    if args.silent_clients > 0 {
+        println!(
+            "silent HTTP clients: {silent_opened} connections opened by {}, {} closed by the broker (stayed p50 {}, max {})",
+            args.silent_clients,
+            silent_closed.len(),
+            pct(&silent_closed, 0.5),
+            pct(&silent_closed, 1.0)
+        );
+    }
     println!(
         "broker memory: baseline VmRSS {} | during (end of attack) VmRSS {} | peak sampled VmRSS {} | VmHWM {} | after VmRSS {}",
         mib(baseline.rss_kib),
@@ -477,10 +581,21 @@ pub async fn run(args: Args) -> Result<()> {
     for f in failed.iter().take(5) {
         println!("  probe failure: {f}");
     }
+    println!(
+        "HTTP probes (GET /healthz, new connection every 250 ms): {http_ok} answered 200, {} failed, slowest {:.0} ms",
+        http_failed.len(),
+        http_slowest.as_secs_f64() * 1000.0
+    );
+    for f in http_failed.iter().take(5) {
+        println!("  HTTP probe failure: {f}");
+    }
     let _ = child.start_kill();
     let _ = child.wait().await;
     if !failed.is_empty() || serving == 0 {
         bail!("health was not SERVING throughout the attack");
+    }
+    if !http_failed.is_empty() || http_ok == 0 {
+        bail!("/healthz did not answer 200 throughout the attack");
     }
     Ok(())
 }
