@@ -165,6 +165,9 @@ async fn polite_streams(
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            // What the server allows, read at the end even if the last `ready` timed out with
+            // the handle.
+            let watcher = send.clone();
             let mut held = Vec::new();
             let mut opened = 0u32;
             // One handle throughout: `ready` waits while its last stream cannot be opened yet
@@ -194,7 +197,7 @@ async fn polite_streams(
                 }
                 sender = Some(ready);
             }
-            let allowed = sender.as_ref().map_or(0, |s| s.current_max_send_streams());
+            let allowed = watcher.current_max_send_streams();
             while !stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
