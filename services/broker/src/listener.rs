@@ -396,7 +396,7 @@ impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for AnonymousCa
 where
     S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
 {
-    type Response = http::Response<CountedBody<ResBody>>;
+    type Response = http::Response<GuardedBody<ResBody, Option<CallInFlight>>>;
     type Error = S::Error;
     type Future = CountedCall<S::Future>;
 
@@ -431,27 +431,28 @@ impl<F, ResBody, E> Future for CountedCall<F>
 where
     F: Future<Output = Result<http::Response<ResBody>, E>>,
 {
-    type Output = Result<http::Response<CountedBody<ResBody>>, E>;
+    type Output = Result<http::Response<GuardedBody<ResBody, Option<CallInFlight>>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
         let call = this.call.take();
-        Poll::Ready(result.map(|response| response.map(|body| CountedBody { body, _call: call })))
+        Poll::Ready(result.map(|response| response.map(|body| GuardedBody { body, _guard: call })))
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A response body holding its call's [`CallInFlight`] until it is dropped.
+    /// A response body holding a guard until it is dropped (its answer sent or abandoned): a
+    /// gRPC call's [`CallInFlight`], an HTTP request's [`Served`].
     #[derive(Debug)]
-    pub struct CountedBody<B> {
+    pub struct GuardedBody<B, G> {
         #[pin]
         body: B,
-        _call: Option<CallInFlight>,
+        _guard: G,
     }
 }
 
-impl<B: http_body::Body> http_body::Body for CountedBody<B> {
+impl<B: http_body::Body, G> http_body::Body for GuardedBody<B, G> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -833,7 +834,7 @@ pub async fn serve_http(
         let (router, waiting, service_closed) =
             (router.clone(), Arc::clone(&waiting), closed.clone());
         let service = hyper::service::service_fn(move |request| {
-            // Served, not waiting, until the response is ready.
+            // Served, not waiting, until the answer is sent (its body dropped).
             let served = Served {
                 seat: Arc::clone(&seat),
                 waiting: Arc::clone(&waiting),
@@ -843,8 +844,12 @@ pub async fn serve_http(
             let response = tower::ServiceExt::oneshot(router.clone(), request);
             async move {
                 let response = response.await;
-                drop(served);
-                response
+                response.map(|response| {
+                    response.map(|body| GuardedBody {
+                        body,
+                        _guard: served,
+                    })
+                })
             }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
@@ -869,6 +874,7 @@ pub async fn serve_http(
 
 /// An HTTP connection's request in progress: the connection leaves the waiting ones when it
 /// starts and joins them again (as the newest) when it is dropped.
+#[derive(Debug)]
 struct Served {
     seat: Arc<Mutex<Option<Seat>>>,
     waiting: Arc<Waiting>,
