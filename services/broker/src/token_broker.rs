@@ -134,7 +134,7 @@ impl TokenBrokerService {
             &self.state,
             &identity.ca,
             &self.snapshots,
-            leaf.as_deref(),
+            leaf.as_deref().map(|leaf| leaf.as_ref()),
             action,
             also,
         )
