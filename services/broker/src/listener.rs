@@ -228,11 +228,13 @@ impl Waiting {
     }
 }
 
-/// Accepts connections from `listener` within `limit`; see the module documentation.
+/// Accepts connections from `listener` within `limit`, making room by closing the longest of
+/// its `waiting` connections; see the module documentation.
 #[derive(Debug)]
 struct Acceptor {
     listener: TcpListener,
     limit: Limit,
+    waiting: Arc<Waiting>,
     name: &'static str,
     /// What its waiting connections wait for, for the log.
     waits_for: &'static str,
@@ -243,6 +245,7 @@ impl Acceptor {
         Self {
             listener,
             limit: Limit::new(max),
+            waiting: Arc::new(Waiting::default()),
             name,
             waits_for,
         }
@@ -261,16 +264,16 @@ impl Acceptor {
         }
     }
 
-    /// The next connection within the limit: in a free slot, or in the slot of the connection
-    /// that has waited longest among `waiting` (closed for it). Connections that find neither
-    /// are closed on the spot.
-    async fn accept(&self, waiting: &Waiting) -> LimitedStream {
+    /// The next connection within the limit and its peer's address: in a free slot, or in the
+    /// slot of the connection that has waited longest (closed for it). Connections that find
+    /// neither are closed on the spot.
+    async fn accept(&self) -> (LimitedStream, std::net::SocketAddr) {
         loop {
             let (io, peer) = self.next().await;
-            if let Some(slot) = self.slot_or_longest_waiting(waiting).await {
+            if let Some(slot) = self.slot_or_longest_waiting().await {
                 // TCP options stay as the listener gave them (as tonic's own
                 // `TcpListenerStream` path does).
-                return LimitedStream { io, _slot: slot };
+                return (LimitedStream { io, _slot: slot }, peer);
             }
             drop(io);
             self.warn_full(peer);
@@ -279,8 +282,8 @@ impl Acceptor {
 
     /// A free slot, else the slot of the connection that has waited longest (closed for it);
     /// `None` when no connection waits.
-    async fn slot_or_longest_waiting(&self, waiting: &Waiting) -> Option<OwnedSemaphorePermit> {
-        let (slot, closed_one) = self.limit.take_or_close_longest(waiting).await?;
+    async fn slot_or_longest_waiting(&self) -> Option<OwnedSemaphorePermit> {
+        let (slot, closed_one) = self.limit.take_or_close_longest(&self.waiting).await?;
         if closed_one && self.limit.warning_due() {
             tracing::warn!(
                 listener = self.name,
@@ -315,21 +318,22 @@ pub struct GrpcPeer {
     pub leaf: Option<Arc<CertificateDer<'static>>>,
     /// The calls in flight on a TLS connection without a client certificate, counted by
     /// [`AnonymousCallsLayer`].
-    calls: Option<Arc<AnonymousCalls>>,
+    calls: Option<Arc<Calls>>,
 }
 
-/// Calls in flight on a TLS connection without a client certificate. While it has none, the
-/// connection waits among the idle anonymous ones (see [`Waiting`]): when
-/// `grpc_max_anonymous_connections` are open, a new one closes the one idle longest.
+/// The calls (requests) in flight on one connection: while it has none, the connection waits
+/// among `idle` (see [`Waiting`]) and may be closed for a new one. Used for gRPC connections
+/// without a client certificate (idle ones make room within `grpc_max_anonymous_connections`)
+/// and for HTTP connections (idle ones make room within `http_max_connections`).
 #[derive(Debug)]
-struct AnonymousCalls {
+struct Calls {
     /// Calls in flight, and the connection's seat among the idle ones while there are none.
     state: Mutex<(usize, Option<Seat>)>,
     idle: Arc<Waiting>,
     closed: CancellationToken,
 }
 
-impl AnonymousCalls {
+impl Calls {
     /// A new connection's: idle, no call yet.
     fn new(idle: &Arc<Waiting>) -> Arc<Self> {
         let closed = CancellationToken::new();
@@ -357,10 +361,10 @@ impl AnonymousCalls {
     }
 }
 
-/// One call in flight on a connection without a client certificate, until its response body is
-/// done (dropped): then, with no other call, the connection is idle again, as the newest.
+/// One call in flight on a connection, until its response body is done (dropped): then, with no
+/// other call, the connection is idle again, as the newest.
 #[derive(Debug)]
-pub struct CallInFlight(Arc<AnonymousCalls>);
+pub struct CallInFlight(Arc<Calls>);
 
 impl Drop for CallInFlight {
     fn drop(&mut self) {
@@ -409,7 +413,7 @@ where
             .extensions()
             .get::<GrpcPeer>()
             .and_then(|peer| peer.calls.as_ref())
-            .map(AnonymousCalls::start);
+            .map(Calls::start);
         CountedCall {
             inner: self.inner.call(request),
             call,
@@ -442,8 +446,8 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// A response body holding a guard until it is dropped (its answer sent or abandoned): a
-    /// gRPC call's [`CallInFlight`], an HTTP request's [`Served`].
+    /// A response body holding a guard until it is dropped (its answer sent or abandoned): its
+    /// call's [`CallInFlight`].
     #[derive(Debug)]
     pub struct GuardedBody<B, G> {
         #[pin]
@@ -605,15 +609,11 @@ pub fn grpc_incoming(
         "in its TLS handshake",
     );
     // Without TLS no connection waits (nor can it be told from one being served).
-    let waiting = Arc::new(Waiting::default());
     let Some(tls) = tls else {
-        return Box::pin(futures::stream::unfold(
-            (acceptor, waiting),
-            |(acceptor, waiting)| async move {
-                let stream = acceptor.accept(&waiting).await;
-                Some((Ok(GrpcConn::plain(stream)), (acceptor, waiting)))
-            },
-        ));
+        return Box::pin(futures::stream::unfold(acceptor, |acceptor| async move {
+            let (stream, _) = acceptor.accept().await;
+            Some((Ok(GrpcConn::plain(stream)), acceptor))
+        }));
     };
     let anonymous = Arc::new(Anonymous {
         limit: Limit::new(limits.grpc_max_anonymous_connections),
@@ -623,14 +623,14 @@ pub fn grpc_incoming(
     tokio::spawn(async move {
         loop {
             // Ends when tonic drops the stream (the server stopped).
-            let stream = tokio::select! {
-                stream = acceptor.accept(&waiting) => stream,
+            let (stream, remote) = tokio::select! {
+                accepted = acceptor.accept() => accepted,
                 () = handed.closed() => break,
             };
             let connection = Handshake {
-                remote: stream.io.peer_addr().ok(),
                 stream,
-                seat: waiting.seat(CancellationToken::new()),
+                remote,
+                seat: acceptor.waiting.seat(CancellationToken::new()),
             };
             let (tls, anonymous, handed) = (tls.clone(), Arc::clone(&anonymous), handed.clone());
             tokio::spawn(async move {
@@ -659,7 +659,7 @@ struct Anonymous {
 #[derive(Debug)]
 struct Handshake {
     stream: LimitedStream,
-    remote: Option<std::net::SocketAddr>,
+    remote: std::net::SocketAddr,
     seat: Seat,
 }
 
@@ -678,16 +678,16 @@ impl Handshake {
             done = tokio::time::timeout(tls.handshake_timeout, acceptor.accept(stream)) => match done {
                 Ok(Ok(io)) => io,
                 Ok(Err(error)) => {
-                    tracing::debug!(%error, ?remote, "gRPC TLS handshake failed");
+                    tracing::debug!(%error, %remote, "gRPC TLS handshake failed");
                     return None;
                 }
                 Err(_) => {
-                    tracing::debug!(?remote, "gRPC TLS handshake timed out");
+                    tracing::debug!(%remote, "gRPC TLS handshake timed out");
                     return None;
                 }
             },
             () = seat.closed.cancelled() => {
-                tracing::debug!(?remote, "gRPC TLS handshake closed: its slot went to a new connection");
+                tracing::debug!(%remote, "gRPC TLS handshake closed: its slot went to a new connection");
                 return None;
             }
         };
@@ -705,17 +705,17 @@ impl Handshake {
             if closed_one && anonymous.limit.warning_due() {
                 tracing::warn!(
                     max_anonymous_connections = anonymous.limit.max,
-                    ?remote,
+                    %remote,
                     "gRPC connections without a client certificate at their limit: closing, for \
                      each new one, the one idle longest (limits.grpc_max_anonymous_connections)"
                 );
             }
-            (Some(slot), Some(AnonymousCalls::new(&anonymous.idle)))
+            (Some(slot), Some(Calls::new(&anonymous.idle)))
         } else {
             if anonymous.limit.warning_due() {
                 tracing::warn!(
                     max_anonymous_connections = anonymous.limit.max,
-                    ?remote,
+                    %remote,
                     "gRPC connections without a client certificate at their limit, all with \
                      calls in flight: closing new ones (limits.grpc_max_anonymous_connections)"
                 );
@@ -815,7 +815,6 @@ pub async fn serve_http(
         "http",
         "for a request",
     );
-    let waiting = Arc::new(Waiting::default());
     // HTTP/1.1 only (health probes, Prometheus, browsers on the consent callback): protocol
     // detection for h2c would read the first bytes without any timeout.
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -825,31 +824,21 @@ pub async fn serve_http(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let stream = tokio::select! {
-            stream = acceptor.accept(&waiting) => stream,
+        let (stream, _) = tokio::select! {
+            accepted = acceptor.accept() => accepted,
             () = &mut shutdown => break,
         };
-        let closed = CancellationToken::new();
-        let seat = Arc::new(Mutex::new(Some(waiting.seat(closed.clone()))));
-        let (router, waiting, service_closed) =
-            (router.clone(), Arc::clone(&waiting), closed.clone());
+        // Idle (waiting for a request) whenever no request is in flight.
+        let calls = Calls::new(&acceptor.waiting);
+        let closed = calls.closed.clone();
+        let (router, service_calls) = (router.clone(), Arc::clone(&calls));
         let service = hyper::service::service_fn(move |request| {
             // Served, not waiting, until the answer is sent (its body dropped).
-            let served = Served {
-                seat: Arc::clone(&seat),
-                waiting: Arc::clone(&waiting),
-                closed: service_closed.clone(),
-            };
-            served.start();
+            let call = service_calls.start();
             let response = tower::ServiceExt::oneshot(router.clone(), request);
             async move {
                 let response = response.await;
-                response.map(|response| {
-                    response.map(|body| GuardedBody {
-                        body,
-                        _guard: served,
-                    })
-                })
+                response.map(|response| response.map(|body| GuardedBody { body, _guard: call }))
             }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
@@ -870,33 +859,6 @@ pub async fn serve_http(
     drop(acceptor);
     graceful.shutdown().await;
     Ok(())
-}
-
-/// An HTTP connection's request in progress: the connection leaves the waiting ones when it
-/// starts and joins them again (as the newest) when it is dropped.
-#[derive(Debug)]
-struct Served {
-    seat: Arc<Mutex<Option<Seat>>>,
-    waiting: Arc<Waiting>,
-    closed: CancellationToken,
-}
-
-impl Served {
-    fn start(&self) {
-        let seat = self
-            .seat
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        drop(seat);
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let seat = self.waiting.seat(self.closed.clone());
-        *self.seat.lock().unwrap_or_else(PoisonError::into_inner) = Some(seat);
-    }
 }
 
 #[cfg(test)]
@@ -921,5 +883,25 @@ mod tests {
         assert!(third.closed.is_cancelled());
         assert!(!waiting.close_longest(), "nobody waits any more");
         drop(third);
+    }
+
+    #[test]
+    fn a_connection_is_idle_only_with_no_call_in_flight_and_not_after_it_was_closed() {
+        let idle = Arc::new(Waiting::default());
+        let calls = Calls::new(&idle);
+        // Two calls at once: idle again only after both ended.
+        let (one, two) = (calls.start(), calls.start());
+        assert!(
+            !idle.close_longest(),
+            "a connection with calls in flight was closed"
+        );
+        drop(one);
+        assert!(!idle.close_longest(), "one call is still in flight");
+        drop(two);
+        assert!(idle.close_longest());
+        assert!(calls.closed.is_cancelled());
+        // Closed: a call that started meanwhile and ends does not make it wait again.
+        drop(calls.start());
+        assert!(!idle.close_longest(), "a closed connection waits again");
     }
 }

@@ -804,6 +804,15 @@ async fn connections_without_a_certificate_cannot_take_the_agents_slots() {
     broker.shutdown().await;
 }
 
+/// `n` TCP connections to `addr` that send nothing (yet), opened one after another.
+async fn connect_silent(addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut silent = Vec::new();
+    for _ in 0..n {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    silent
+}
+
 /// Whether the broker closed `stream` within `wait` (end of stream or a reset; anything it sent
 /// first is read and dropped); `false` when it is still open then.
 async fn closed_within(stream: &mut tokio::net::TcpStream, wait: Duration) -> bool {
@@ -826,14 +835,7 @@ async fn silent_connections_cannot_keep_clients_out() {
     ))
     .await;
     let started = Instant::now();
-    let mut silent = Vec::new();
-    for _ in 0..SILENT {
-        silent.push(
-            tokio::net::TcpStream::connect(broker.grpc_addr)
-                .await
-                .unwrap(),
-        );
-    }
+    let mut silent = connect_silent(broker.grpc_addr, SILENT).await;
     // The test's admin channel holds a slot (the enrollment's connection may still hold one):
     // the silent connections share the other two or three, each new one closing the oldest.
     let waiting = SLOTS - 2;
@@ -896,14 +898,7 @@ async fn idle_http_connections_cannot_keep_probes_out() {
         answer.extend_from_slice(&buf[..n]);
     }
     assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
-    let mut idle = Vec::new();
-    for _ in 0..IDLE {
-        idle.push(
-            tokio::net::TcpStream::connect(broker.http_addr)
-                .await
-                .unwrap(),
-        );
-    }
+    let mut idle = connect_silent(broker.http_addr, IDLE).await;
     assert!(
         closed_within(&mut kept, Duration::from_secs(3)).await,
         "the idle keep-alive connection was not closed for a newer one"
