@@ -10,9 +10,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use tokenfleet_listen::Waiting;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
 /// One line read from the client.
@@ -119,25 +120,33 @@ struct Occupancy {
     per_source: HashMap<IpAddr, usize>,
 }
 
+/// A server's sessions: how many are open, in total and per source, and a signal when one ends.
+#[derive(Debug, Default)]
+struct Seats {
+    counts: Mutex<Occupancy>,
+    /// Notified whenever a slot is freed (a connection closed for a new one hands its slot over).
+    freed: Notify,
+}
+
 /// One admitted session; frees its slot when dropped.
 struct Slot {
-    occupancy: Arc<Mutex<Occupancy>>,
+    seats: Arc<Seats>,
     source: IpAddr,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut o = self
-            .occupancy
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        o.total = o.total.saturating_sub(1);
-        if let Some(n) = o.per_source.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                o.per_source.remove(&self.source);
+        {
+            let mut o = self.seats.lock();
+            o.total = o.total.saturating_sub(1);
+            if let Some(n) = o.per_source.get_mut(&self.source) {
+                *n -= 1;
+                if *n == 0 {
+                    o.per_source.remove(&self.source);
+                }
             }
         }
+        self.seats.freed.notify_waiters();
     }
 }
 
@@ -150,27 +159,87 @@ pub enum Refusal {
     PerSource,
 }
 
-fn admit(
-    occupancy: &Arc<Mutex<Occupancy>>,
-    limits: SessionLimits,
-    ip: IpAddr,
-    known: bool,
-) -> Result<Slot, Refusal> {
-    let source = source_key(ip);
-    let mut o = occupancy.lock().unwrap_or_else(PoisonError::into_inner);
-    if o.total >= limits.max_sessions && !known {
-        return Err(Refusal::Total);
+/// How long a new connection waits for the slot of the connection it closed (that one's task
+/// only has to drop it).
+const SLOT_HANDOVER: Duration = Duration::from_secs(1);
+
+impl Seats {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Occupancy> {
+        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
     }
-    let n = o.per_source.entry(source).or_insert(0);
-    if *n >= limits.max_sessions_per_source {
-        return Err(Refusal::PerSource);
+
+    /// A slot for a connection from `ip` within `limits` (`known` sources pass the total cap),
+    /// or the cap that refuses it. The per-source cap is checked first: a source over its own
+    /// cap never makes another connection room.
+    fn admit(
+        self: &Arc<Self>,
+        limits: SessionLimits,
+        ip: IpAddr,
+        known: bool,
+    ) -> Result<Slot, Refusal> {
+        let source = source_key(ip);
+        let mut o = self.lock();
+        if o.per_source.get(&source).copied().unwrap_or(0) >= limits.max_sessions_per_source {
+            return Err(Refusal::PerSource);
+        }
+        if o.total >= limits.max_sessions && !known {
+            return Err(Refusal::Total);
+        }
+        *o.per_source.entry(source).or_insert(0) += 1;
+        o.total += 1;
+        Ok(Slot {
+            seats: Arc::clone(self),
+            source,
+        })
     }
-    *n += 1;
-    o.total += 1;
-    Ok(Slot {
-        occupancy: Arc::clone(occupancy),
-        source,
-    })
+
+    /// Like [`Seats::admit`], but when the total cap is reached and a connection of `waiting`
+    /// waits unserved, the one that has waited longest is closed and the new one takes its slot
+    /// (`true` in the answer): it waits at most [`SLOT_HANDOVER`] for it, and is refused if
+    /// another new connection took it first.
+    async fn admit_or_make_room(
+        self: &Arc<Self>,
+        limits: SessionLimits,
+        ip: IpAddr,
+        known: bool,
+        waiting: Option<&Waiting>,
+    ) -> Result<(Slot, bool), Refusal> {
+        match self.admit(limits, ip, known) {
+            Err(Refusal::Total) if waiting.is_some_and(Waiting::close_longest) => {}
+            other => return other.map(|slot| (slot, false)),
+        }
+        let deadline = tokio::time::Instant::now() + SLOT_HANDOVER;
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            // Registered before looking, so a slot freed in between is not missed.
+            freed.as_mut().enable();
+            match self.admit(limits, ip, known) {
+                Err(Refusal::Total) => {
+                    if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                        return Err(Refusal::Total);
+                    }
+                }
+                other => return other.map(|slot| (slot, true)),
+            }
+        }
+    }
+}
+
+/// Who a server lets in: its caps, how it refuses, which sources pass the total cap, and
+/// whether a full server makes room.
+pub struct Gate<K> {
+    /// The caps.
+    pub limits: SessionLimits,
+    /// The answer to a connection over a cap (one protocol line, written without waiting).
+    pub busy: fn(Refusal) -> &'static [u8],
+    /// Sources exempt from the total cap (not from their own).
+    pub known: K,
+    /// The server's connections that wait unserved (see [`tokenfleet_listen`]), when it makes
+    /// room: over the total cap a new connection closes the one that has waited longest and takes
+    /// its slot, and is refused only when none waits. `None`: new connections over the cap are
+    /// refused.
+    pub waiting: Option<Arc<Waiting>>,
 }
 
 /// Accepts connections on `listener` until `shutdown` completes, running `session` for each on
@@ -179,25 +248,25 @@ fn admit(
 /// protocol in log lines; accept errors (out of file descriptors and the like) are logged and
 /// followed by a short back-off.
 ///
-/// A connection over one of the `limits` gets `busy(refusal)` (one protocol line, written without
-/// waiting) and is closed; `known` tells the sources exempt from the total cap.
-pub async fn serve<F, S>(
+/// A connection over one of the `gate` caps (after making room, where the server does) gets
+/// its `busy` answer and is closed.
+pub async fn serve<F, S, K>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     what: &'static str,
-    limits: SessionLimits,
-    busy: fn(Refusal) -> &'static [u8],
-    known: impl Fn(SocketAddr) -> bool,
+    gate: Gate<K>,
     mut session: F,
 ) -> io::Result<()>
 where
     F: FnMut(TcpStream, SocketAddr, watch::Receiver<bool>) -> S,
     S: Future<Output = io::Result<()>> + Send + 'static,
+    K: Fn(SocketAddr) -> bool,
 {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut sessions = JoinSet::new();
-    let occupancy = Arc::new(Mutex::new(Occupancy::default()));
-    let mut refused: u64 = 0;
+    let seats = Arc::new(Seats::default());
+    let limits = gate.limits;
+    let (mut refused, mut closed_for_new): (u64, u64) = (0, 0);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -205,11 +274,22 @@ where
             accepted = listener.accept() => {
                 match accepted {
                     Ok((stream, peer)) => {
-                        let slot = match admit(&occupancy, limits, peer.ip(), known(peer)) {
-                            Ok(slot) => slot,
+                        let admitted = seats
+                            .admit_or_make_room(limits, peer.ip(), (gate.known)(peer), gate.waiting.as_deref())
+                            .await;
+                        let slot = match admitted {
+                            Ok((slot, closed_one)) => {
+                                if closed_one {
+                                    closed_for_new += 1;
+                                    if closed_for_new.is_power_of_two() {
+                                        tracing::warn!(%peer, closed_so_far = closed_for_new, max_connections = limits.max_sessions, "{what}: connection limit reached: closing, for each new connection, the one that has waited longest for a request");
+                                    }
+                                }
+                                slot
+                            }
                             Err(refusal) => {
                                 // The socket's send buffer is empty: this never blocks.
-                                let _ = stream.try_write(busy(refusal));
+                                let _ = stream.try_write((gate.busy)(refusal));
                                 refused += 1;
                                 if refused.is_power_of_two() {
                                     tracing::warn!(%peer, ?refusal, refused_so_far = refused, "{what}: connection refused, session limit reached");
@@ -250,10 +330,11 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokenfleet_listen::CancellationToken;
 
     #[test]
     fn slots_count_per_source_and_free_on_drop() {
-        let occupancy = Arc::new(Mutex::new(Occupancy::default()));
+        let seats = Arc::new(Seats::default());
         let limits = SessionLimits {
             max_sessions: 3,
             max_sessions_per_source: 2,
@@ -263,24 +344,77 @@ mod tests {
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap_or(a);
         let b: IpAddr = "fd00::1:2".parse().unwrap_or(a);
         let b2: IpAddr = "fd00::9".parse().unwrap_or(a);
-        let s1 = admit(&occupancy, limits, a, false);
-        let s2 = admit(&occupancy, limits, mapped, false);
+        let s1 = seats.admit(limits, a, false);
+        let s2 = seats.admit(limits, mapped, false);
         assert!(s1.is_ok() && s2.is_ok());
-        assert_eq!(
-            admit(&occupancy, limits, a, true).err(),
-            Some(Refusal::PerSource)
-        );
-        let s3 = admit(&occupancy, limits, b, false);
+        assert_eq!(seats.admit(limits, a, true).err(), Some(Refusal::PerSource));
+        let s3 = seats.admit(limits, b, false);
         assert!(s3.is_ok());
-        assert_eq!(
-            admit(&occupancy, limits, b2, false).err(),
-            Some(Refusal::Total)
-        );
+        assert_eq!(seats.admit(limits, b2, false).err(), Some(Refusal::Total));
         // A known source passes the total cap (not its own).
-        let known = admit(&occupancy, limits, "10.9.9.9".parse().unwrap_or(a), true);
+        let known = seats.admit(limits, "10.9.9.9".parse().unwrap_or(a), true);
         assert!(known.is_ok());
         drop(known);
         drop(s1);
-        assert!(admit(&occupancy, limits, b2, false).is_ok());
+        assert!(seats.admit(limits, b2, false).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_full_server_closes_the_connection_that_waited_longest_for_a_new_one() {
+        let seats = Arc::new(Seats::default());
+        let waiting = Arc::new(Waiting::default());
+        let limits = SessionLimits {
+            max_sessions: 2,
+            max_sessions_per_source: 2,
+            ..SessionLimits::default()
+        };
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) = (
+            IpAddr::from([10, 0, 0, 1]),
+            IpAddr::from([10, 0, 0, 2]),
+            IpAddr::from([10, 0, 0, 3]),
+        );
+        // Two connections from one source fill the server, each waiting in a seat; a task per
+        // connection drops its slot when it is closed (as a session ends).
+        let mut seated = Vec::new();
+        for _ in 0..2 {
+            let slot = seats.admit(limits, a, false).unwrap();
+            let seat = waiting.seat(CancellationToken::new());
+            let closed = seat.closed().clone();
+            tokio::spawn(async move {
+                closed.cancelled().await;
+                drop(slot);
+            });
+            seated.push(seat);
+        }
+        // Over its own cap a source is refused and closes nobody.
+        let refused = seats
+            .admit_or_make_room(limits, a, false, Some(&waiting))
+            .await;
+        assert_eq!(refused.err(), Some(Refusal::PerSource));
+        assert!(!seated.iter().any(|s| s.closed().is_cancelled()));
+        // Another source closes the one that waited longest and gets its slot.
+        let (slot, closed_one) = seats
+            .admit_or_make_room(limits, b, false, Some(&waiting))
+            .await
+            .unwrap();
+        assert!(closed_one);
+        assert!(seated[0].closed().is_cancelled());
+        assert!(!seated[1].closed().is_cancelled());
+        // A server that does not make room refuses.
+        assert_eq!(
+            seats.admit_or_make_room(limits, c, false, None).await.err(),
+            Some(Refusal::Total)
+        );
+        // When the other connection is being served (not waiting), nobody is closed.
+        let served = seated.pop().unwrap();
+        assert!(served.leave());
+        assert_eq!(
+            seats
+                .admit_or_make_room(limits, c, false, Some(&waiting))
+                .await
+                .err(),
+            Some(Refusal::Total)
+        );
+        drop(slot);
     }
 }

@@ -30,7 +30,7 @@ use tokio::sync::watch;
 
 use crate::fetch::Io;
 use crate::ingress::{Admission, LocalDevices, LoginGuard, Password};
-use crate::line_server::{self, Line, Refusal, SessionLimits, read_limited};
+use crate::line_server::{self, Gate, Line, Refusal, SessionLimits, read_limited};
 use crate::maildrop::{Maildrop, MaildropEntry, MaildropLock};
 use crate::wire::pop3::{Command, Verb, message_number, top, top_arguments};
 // POP3 byte-stuffing (RFC 1939 §3) is SMTP's (RFC 5321 §4.5.2), with the same CRLF line ends.
@@ -133,9 +133,12 @@ impl Pop3Server {
             listener,
             shutdown,
             "pop3",
-            limits,
-            busy,
-            known,
+            Gate {
+                limits,
+                busy,
+                known,
+                waiting: None,
+            },
             move |stream, peer, stop| {
                 let session = Session {
                     reader: BufReader::new(Box::new(stream)),

@@ -13,3 +13,4 @@ pub mod fake_mail_api;
 pub mod logs;
 pub mod ports;
 pub mod redis;
+pub mod silent;

@@ -144,9 +144,14 @@ impl IngressServer {
             listener,
             shutdown,
             "smtp ingress",
-            config.limits,
-            busy,
-            move |peer| guard.known_source(peer.ip()) || devices.device_for_peer(peer).is_some(),
+            line_server::Gate {
+                limits: config.limits,
+                busy,
+                known: move |peer: std::net::SocketAddr| {
+                    guard.known_source(peer.ip()) || devices.device_for_peer(peer).is_some()
+                },
+                waiting: None,
+            },
             move |stream, peer, stop| {
                 let config = Arc::clone(&config);
                 let handler = Arc::clone(&handler);

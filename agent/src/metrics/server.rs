@@ -2,17 +2,24 @@
 //! `Accept` header OpenMetrics or 0.0.4) and `GET /healthz` (`200 ok`, or `503` and the reason).
 //!
 //! Its limits are the agent's other listeners' (the accept loop of `crate::line_server`:
-//! connections at once, in total and per source, each closed after a longest lifetime; a
-//! connection over a cap gets `503` and is closed) plus HTTP's own, applied by hyper's HTTP/1
-//! connection builder: the request header must arrive within `header_read_timeout` (also the
-//! next one on a keep-alive connection) and fit in `max_header_bytes` with at most 64 fields
-//! (else `431`). Requests with a body are refused (`413`): nothing here reads one. HTTP/1.1
-//! only — protocol detection for h2c would read the first bytes without a timeout, and scrapers
-//! and probes speak HTTP/1.1.
+//! connections at once, in total and per source, each closed after a longest lifetime) plus
+//! HTTP's own, applied by hyper's HTTP/1 connection builder: the request header must arrive
+//! within `header_read_timeout` (also the next one on a keep-alive connection) and fit in
+//! `max_header_bytes` with at most 64 fields (else `431`). Requests with a body are refused
+//! (`413`): nothing here reads one. HTTP/1.1 only — protocol detection for h2c would read the
+//! first bytes without a timeout, and scrapers and probes speak HTTP/1.1.
+//!
+//! A connection waits (`tokenfleet_listen::Waiting`) whenever it serves no request — before its
+//! first one and idle between keep-alive requests — so when all `max_connections` are taken a
+//! new connection closes the one that has waited longest and takes its slot: hosts that connect
+//! and send nothing cannot keep Prometheus or a health probe out. A new connection gets `503` and
+//! is closed only when its own source is at `max_connections_per_source`, or when every open
+//! connection is serving a request.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -20,10 +27,11 @@ use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokenfleet_listen::{Calls, GuardedBody, Waiting};
 use tokio::net::TcpListener;
 
 use super::{AgentMetrics, Format, Health};
-use crate::line_server::{self, Refusal, SessionLimits};
+use crate::line_server::{self, Gate, Refusal, SessionLimits};
 
 /// The limits of the metrics listener (`[metrics]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,22 +85,34 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES))
         .max_headers(MAX_HEADER_FIELDS);
+    // Connections waiting for a request (the first, or the next on a keep-alive connection).
+    let waiting = Arc::new(Waiting::default());
     line_server::serve(
         listener,
         shutdown,
         "metrics",
-        limits.connections,
-        busy,
-        |_| false,
+        Gate {
+            limits: limits.connections,
+            busy,
+            known: |_| false,
+            waiting: Some(Arc::clone(&waiting)),
+        },
         move |stream, _peer, mut stop| {
             let builder = builder.clone();
             let metrics = metrics.clone();
             let health = health.clone();
+            // Waiting whenever no request is in flight, until the answer is sent.
+            let calls = Calls::new(&waiting);
             async move {
+                let service_calls = Arc::clone(&calls);
                 let service = hyper::service::service_fn(move |request| {
+                    let call = service_calls.start();
                     let metrics = metrics.clone();
                     let health = health.clone();
-                    async move { Ok::<_, Infallible>(respond(request, metrics, health).await) }
+                    async move {
+                        let response = respond(request, metrics, health).await;
+                        Ok::<_, Infallible>(response.map(|body| GuardedBody::new(body, call)))
+                    }
                 });
                 let connection = builder.serve_connection(TokioIo::new(stream), service);
                 tokio::pin!(connection);
@@ -105,6 +125,8 @@ pub async fn serve(
                         connection.as_mut().graceful_shutdown();
                         connection.await
                     }
+                    // Its slot went to a new connection (it was waiting for a request).
+                    () = calls.closed().cancelled() => Ok(()),
                 };
                 // A client's doing (timeout, reset, bad request): line_server logs it at debug.
                 result.map_err(io::Error::other)

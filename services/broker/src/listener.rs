@@ -11,7 +11,8 @@
 //! connection is handed over, where nothing can count it). A connection that is not served —
 //! still in its handshake (10 s at most), or being told it is refused — waits in its slot, and
 //! when every slot is taken a new connection closes the one that has waited longest and takes
-//! its slot (as nginx reuses its idle connections); only when every open connection is being
+//! its slot (as nginx reuses its idle connections; the waiting set is `tokenfleet_listen`'s,
+//! shared with the agent's metrics listener); only when every open connection is being
 //! served is the new one closed at once. So clients that connect and then send nothing, or
 //! trickle their hello, cannot keep anyone out: to hold off one honest client an attacker would
 //! have to open as many connections as there are free slots within that client's handshake (a
@@ -34,17 +35,17 @@
 //! `http_header_read_timeout`. Its connections wait likewise whenever they serve no request, so a
 //! full HTTP listener also makes room by closing the one that has waited longest.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
 use rustls::pki_types::CertificateDer;
+use tokenfleet_listen::{CallInFlight, Calls, GuardedBody, Seat, Waiting};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -165,69 +166,6 @@ impl Limit {
     }
 }
 
-/// The connections of a listener that wait in their slot without being served, longest first
-/// (see the module documentation): when the listener is full, a new connection closes the
-/// first of them for its slot.
-#[derive(Debug, Default)]
-struct Waiting {
-    /// The next seat's number (numbers only grow, so the first entry has waited longest) and the
-    /// waiting connections, each with what closes it.
-    seats: Mutex<(u64, BTreeMap<u64, CancellationToken>)>,
-}
-
-/// A connection's place among the [`Waiting`] ones until it is dropped; `closed` fires when a
-/// new connection took its slot.
-#[derive(Debug)]
-struct Seat {
-    waiting: Arc<Waiting>,
-    number: u64,
-    closed: CancellationToken,
-}
-
-impl Seat {
-    /// Stops waiting: `false` when the connection was closed for a new one first (it must end).
-    fn leave(self) -> bool {
-        self.waiting.lock().1.remove(&self.number).is_some()
-    }
-}
-
-impl Drop for Seat {
-    fn drop(&mut self) {
-        self.waiting.lock().1.remove(&self.number);
-    }
-}
-
-impl Waiting {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, BTreeMap<u64, CancellationToken>)> {
-        self.seats.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// A seat for a connection that starts waiting; `closed` closes it.
-    fn seat(self: &Arc<Self>, closed: CancellationToken) -> Seat {
-        let mut seats = self.lock();
-        let number = seats.0;
-        seats.0 += 1;
-        seats.1.insert(number, closed.clone());
-        drop(seats);
-        Seat {
-            waiting: Arc::clone(self),
-            number,
-            closed,
-        }
-    }
-
-    /// Closes the connection that has waited longest, if any waits.
-    fn close_longest(&self) -> bool {
-        // Closed under the lock, so `Seat::leave` sees either its seat or its closing.
-        let mut seats = self.lock();
-        seats
-            .1
-            .pop_first()
-            .map(|(_, closed)| closed.cancel())
-            .is_some()
-    }
-}
-
 /// Accepts connections from `listener` within `limit`, making room by closing the longest of
 /// its `waiting` connections; see the module documentation.
 #[derive(Debug)]
@@ -321,62 +259,6 @@ pub struct GrpcPeer {
     calls: Option<Arc<Calls>>,
 }
 
-/// The calls (requests) in flight on one connection: while it has none, the connection waits
-/// among `idle` (see [`Waiting`]) and may be closed for a new one. Used for gRPC connections
-/// without a client certificate (idle ones make room within `grpc_max_anonymous_connections`)
-/// and for HTTP connections (idle ones make room within `http_max_connections`).
-#[derive(Debug)]
-struct Calls {
-    /// Calls in flight, and the connection's seat among the idle ones while there are none.
-    state: Mutex<(usize, Option<Seat>)>,
-    idle: Arc<Waiting>,
-    closed: CancellationToken,
-}
-
-impl Calls {
-    /// A new connection's: idle, no call yet.
-    fn new(idle: &Arc<Waiting>) -> Arc<Self> {
-        let closed = CancellationToken::new();
-        Arc::new(Self {
-            state: Mutex::new((0, Some(idle.seat(closed.clone())))),
-            idle: Arc::clone(idle),
-            closed,
-        })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Option<Seat>)> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// A call starts: the connection is no longer idle until it and every other call ended.
-    fn start(self: &Arc<Self>) -> CallInFlight {
-        let seat = {
-            let mut state = self.lock();
-            state.0 += 1;
-            state.1.take()
-        };
-        // Leaving the idle ones (a connection closed just now ends anyway).
-        drop(seat);
-        CallInFlight(Arc::clone(self))
-    }
-}
-
-/// One call in flight on a connection, until its response body is done (dropped): then, with no
-/// other call, the connection is idle again, as the newest.
-#[derive(Debug)]
-pub struct CallInFlight(Arc<Calls>);
-
-impl Drop for CallInFlight {
-    fn drop(&mut self) {
-        let calls = &self.0;
-        let mut state = calls.lock();
-        state.0 = state.0.saturating_sub(1);
-        if state.0 == 0 && !calls.closed.is_cancelled() {
-            state.1 = Some(calls.idle.seat(calls.closed.clone()));
-        }
-    }
-}
-
 /// Counts the calls in flight on each connection without a client certificate (see
 /// [`GrpcPeer`]); calls on other connections pass untouched.
 #[derive(Debug, Clone, Copy, Default)]
@@ -441,38 +323,7 @@ where
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
         let call = this.call.take();
-        Poll::Ready(result.map(|response| response.map(|body| GuardedBody { body, _guard: call })))
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A response body holding a guard until it is dropped (its answer sent or abandoned): its
-    /// call's [`CallInFlight`].
-    #[derive(Debug)]
-    pub struct GuardedBody<B, G> {
-        #[pin]
-        body: B,
-        _guard: G,
-    }
-}
-
-impl<B: http_body::Body, G> http_body::Body for GuardedBody<B, G> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        self.project().body.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+        Poll::Ready(result.map(|response| response.map(|body| GuardedBody::new(body, call))))
     }
 }
 
@@ -686,7 +537,7 @@ impl Handshake {
                     return None;
                 }
             },
-            () = seat.closed.cancelled() => {
+            () = seat.closed().cancelled() => {
                 tracing::debug!(%remote, "gRPC TLS handshake closed: its slot went to a new connection");
                 return None;
             }
@@ -723,7 +574,7 @@ impl Handshake {
             // Told why while still waiting in the slot: a new connection may cut it short.
             tokio::select! {
                 () = refuse(io, anonymous.limit.max) => {}
-                () = seat.closed.cancelled() => {}
+                () = seat.closed().cancelled() => {}
             }
             return None;
         };
@@ -733,7 +584,7 @@ impl Handshake {
         }
         let closed = calls
             .as_ref()
-            .map(|calls| Box::pin(calls.closed.clone().cancelled_owned()));
+            .map(|calls| Box::pin(calls.closed().clone().cancelled_owned()));
         Some(GrpcConn {
             io: Either::Right(Box::new(io)),
             _anonymous: anonymous_slot,
@@ -830,7 +681,7 @@ pub async fn serve_http(
         };
         // Idle (waiting for a request) whenever no request is in flight.
         let calls = Calls::new(&acceptor.waiting);
-        let closed = calls.closed.clone();
+        let closed = calls.closed().clone();
         let (router, service_calls) = (router.clone(), Arc::clone(&calls));
         let service = hyper::service::service_fn(move |request| {
             // Served, not waiting, until the answer is sent (its body dropped).
@@ -838,7 +689,7 @@ pub async fn serve_http(
             let response = tower::ServiceExt::oneshot(router.clone(), request);
             async move {
                 let response = response.await;
-                response.map(|response| response.map(|body| GuardedBody { body, _guard: call }))
+                response.map(|response| response.map(|body| GuardedBody::new(body, call)))
             }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
@@ -859,49 +710,4 @@ pub async fn serve_http(
     drop(acceptor);
     graceful.shutdown().await;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_connection_that_waited_longest_is_closed_first_and_knows_it() {
-        let waiting = Arc::new(Waiting::default());
-        let first = waiting.seat(CancellationToken::new());
-        let second = waiting.seat(CancellationToken::new());
-        let third = waiting.seat(CancellationToken::new());
-        // The second stops waiting on its own (served): it can no longer be closed.
-        assert!(second.leave());
-        assert!(waiting.close_longest());
-        assert!(first.closed.is_cancelled());
-        assert!(!third.closed.is_cancelled());
-        // Closed before it could leave: it must end.
-        assert!(!first.leave());
-        // Next is the third; the served second is never closed.
-        assert!(waiting.close_longest());
-        assert!(third.closed.is_cancelled());
-        assert!(!waiting.close_longest(), "nobody waits any more");
-        drop(third);
-    }
-
-    #[test]
-    fn a_connection_is_idle_only_with_no_call_in_flight_and_not_after_it_was_closed() {
-        let idle = Arc::new(Waiting::default());
-        let calls = Calls::new(&idle);
-        // Two calls at once: idle again only after both ended.
-        let (one, two) = (calls.start(), calls.start());
-        assert!(
-            !idle.close_longest(),
-            "a connection with calls in flight was closed"
-        );
-        drop(one);
-        assert!(!idle.close_longest(), "one call is still in flight");
-        drop(two);
-        assert!(idle.close_longest());
-        assert!(calls.closed.is_cancelled());
-        // Closed: a call that started meanwhile and ends does not make it wait again.
-        drop(calls.start());
-        assert!(!idle.close_longest(), "a closed connection waits again");
-    }
 }

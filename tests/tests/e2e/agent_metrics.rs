@@ -5,7 +5,8 @@
 //! away so a second message is deferred — then `/metrics` scraped as OpenMetrics and as the
 //! Prometheus 0.0.4 text and the series checked by value; `/healthz` answers 200, and 503 with
 //! the reason while the spool cannot be written; the listener's limits hold (header size,
-//! request bodies, methods, connections per source, header read timeout).
+//! request bodies, methods, connections per source, header read timeout), and a full listener
+//! makes room for a new connection by closing the one that has waited longest for a request.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,6 +20,7 @@ use tokenfleet_testkit::agent_site::{
     plain_smtp,
 };
 use tokenfleet_testkit::dovecot::Dovecot;
+use tokenfleet_testkit::silent::{closed_within, connect_silent_from};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -323,7 +325,8 @@ async fn metrics_count_what_the_agent_did_in_both_formats_and_healthz_tells_the_
 async fn the_metrics_listener_refuses_what_is_over_its_limits() {
     let site = AgentSite::start(SiteOptions {
         purposes: vec![pb::MailPurpose::Send],
-        agent_config: "metrics.header_read_timeout_seconds = 2\n\
+        agent_config: "metrics.header_read_timeout_seconds = 4\n\
+                       metrics.max_connections = 4\n\
                        metrics.max_connections_per_source = 3\n"
             .into(),
         ..SiteOptions::default()
@@ -362,13 +365,13 @@ async fn the_metrics_listener_refuses_what_is_over_its_limits() {
     let mut idle = TcpStream::connect(addr).await.unwrap();
     let started = std::time::Instant::now();
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), idle.read_to_end(&mut buf))
+    tokio::time::timeout(Duration::from_secs(15), idle.read_to_end(&mut buf))
         .await
-        .expect("closed within 10 s")
+        .expect("closed within 15 s")
         .ok();
     let waited = started.elapsed();
     assert!(
-        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(8),
+        waited >= Duration::from_millis(3500) && waited < Duration::from_secs(10),
         "closed after {waited:?}"
     );
 
@@ -387,4 +390,58 @@ async fn the_metrics_listener_refuses_what_is_over_its_limits() {
     })
     .await;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
+
+    // A full listener makes room: a keep-alive connection idle after its answer and three
+    // connections from two other hosts that send nothing fill it; four more silent ones from two
+    // more hosts each close the one that has waited longest (at once, not after the header read
+    // timeout), the newest still wait, and a health probe still gets in.
+    let mut keep_alive = TcpStream::connect(addr).await.unwrap();
+    keep_alive
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"ok\n") {
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(10), keep_alive.read(&mut buf))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        assert!(n > 0, "closed before its answer: {answer:?}");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200 "), "{answer:?}");
+    let host = |n: u8| std::net::IpAddr::from([127, 0, 0, n]);
+    let mut oldest = connect_silent_from(host(2), addr, 2).await;
+    oldest.extend(connect_silent_from(host(3), addr, 1).await);
+    let mut newest = connect_silent_from(host(4), addr, 2).await;
+    newest.extend(connect_silent_from(host(5), addr, 2).await);
+    assert!(
+        closed_within(&mut keep_alive, Duration::from_secs(1)).await,
+        "the idle keep-alive connection was not closed for a newer one"
+    );
+    for (n, stream) in oldest.iter_mut().enumerate() {
+        assert!(
+            closed_within(stream, Duration::from_secs(1)).await,
+            "silent connection {n} was not closed for a newer one"
+        );
+    }
+    let still_open = futures::future::join_all(
+        newest
+            .iter_mut()
+            .map(|stream| closed_within(stream, Duration::from_millis(300))),
+    )
+    .await;
+    assert_eq!(still_open, [false; 4], "the newest connections were closed");
+    let (status, _, body) = get(addr, "/healthz", None).await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    // One of the newest made room for the probe; the others stay.
+    let mut closed = 0;
+    for stream in &mut newest {
+        closed += usize::from(closed_within(stream, Duration::from_millis(100)).await);
+    }
+    assert_eq!(
+        closed, 1,
+        "the probe closed {closed} of the four waiting connections"
+    );
 }

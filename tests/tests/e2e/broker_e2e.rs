@@ -15,6 +15,7 @@ use tokenfleet_proto::v1::{
     CreateTenantRequest, GetTenantRequest, IssueAccessTokenRequest, Tenant,
 };
 use tokenfleet_testkit::broker::{TestBroker, TestOptions, TestStore, enrollment_code};
+use tokenfleet_testkit::silent::{closed_within, connect_silent};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -802,23 +803,6 @@ async fn connections_without_a_certificate_cannot_take_the_agents_slots() {
     }
     drop((idle, busy));
     broker.shutdown().await;
-}
-
-/// `n` TCP connections to `addr` that send nothing (yet), opened one after another.
-async fn connect_silent(addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
-    let mut silent = Vec::new();
-    for _ in 0..n {
-        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
-    }
-    silent
-}
-
-/// Whether the broker closed `stream` within `wait` (end of stream or a reset; anything it sent
-/// first is read and dropped); `false` when it is still open then.
-async fn closed_within(stream: &mut tokio::net::TcpStream, wait: Duration) -> bool {
-    let mut buf = [0u8; 1024];
-    let closed = async { while let Ok(1..) = stream.read(&mut buf).await {} };
-    tokio::time::timeout(wait, closed).await.is_ok()
 }
 
 /// A full gRPC listener makes room for a new connection by closing the one that has waited

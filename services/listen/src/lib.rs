@@ -1,0 +1,245 @@
+//! Listener slots that make room, shared by the broker's listeners and the agent's metrics
+//! listener: a connection that is not being served — still in its TLS handshake, waiting for its
+//! first request, idle between keep-alive requests — waits in its slot among the [`Waiting`]
+//! ones, and when every slot of its listener is taken, a new connection closes the one that has
+//! waited longest and takes its slot (as nginx reuses its idle connections). Only when every open
+//! connection is being served is a new one turned away. So clients that connect and then send
+//! nothing cannot keep anyone out: to hold off one honest client an attacker would have to open
+//! as many connections as there are slots within that client's first request (milliseconds), and
+//! connections being served are never touched.
+//!
+//! [`Calls`] counts a connection's requests in flight and keeps it among the waiting ones while
+//! it has none; [`GuardedBody`] keeps a request counted until its answer's body is done.
+//!
+//! Written here because no crate offers it: hyper, tonic and axum cap nothing, tower's
+//! concurrency limits turn new work away instead of closing idle connections, and nginx's rule
+//! (close the idle connection used least recently) lives inside nginx. How a listener counts its
+//! slots (a semaphore, per-source counts) stays with the listener; this crate only says which
+//! connection goes.
+//!
+//! Dependency direction: depends on tokio-util and http-body only; the broker and the agent
+//! depend on it.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+
+pub use tokio_util::sync::CancellationToken;
+
+/// The connections of a listener that wait in their slot without being served, longest first:
+/// when the listener is full, a new connection closes the first of them for its slot.
+#[derive(Debug, Default)]
+pub struct Waiting {
+    /// The next seat's number (numbers only grow, so the first entry has waited longest) and the
+    /// waiting connections, each with what closes it.
+    seats: Mutex<(u64, BTreeMap<u64, CancellationToken>)>,
+}
+
+/// A connection's place among the [`Waiting`] ones until it is dropped (or leaves); its
+/// [`closed`](Seat::closed) token fires when a new connection took its slot.
+#[derive(Debug)]
+pub struct Seat {
+    waiting: Arc<Waiting>,
+    number: u64,
+    closed: CancellationToken,
+}
+
+impl Seat {
+    /// Fires when a new connection took this one's slot: the connection must end.
+    pub fn closed(&self) -> &CancellationToken {
+        &self.closed
+    }
+
+    /// Stops waiting (the connection is served from now on): `false` when it was closed for a
+    /// new one first, and must end.
+    pub fn leave(self) -> bool {
+        self.waiting.lock().1.remove(&self.number).is_some()
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.waiting.lock().1.remove(&self.number);
+    }
+}
+
+impl Waiting {
+    fn lock(&self) -> MutexGuard<'_, (u64, BTreeMap<u64, CancellationToken>)> {
+        self.seats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A seat for a connection that starts waiting; `closed` closes it.
+    pub fn seat(self: &Arc<Self>, closed: CancellationToken) -> Seat {
+        let mut seats = self.lock();
+        let number = seats.0;
+        seats.0 += 1;
+        seats.1.insert(number, closed.clone());
+        drop(seats);
+        Seat {
+            waiting: Arc::clone(self),
+            number,
+            closed,
+        }
+    }
+
+    /// Closes the connection that has waited longest, if any waits (`false` when none does).
+    pub fn close_longest(&self) -> bool {
+        // Closed under the lock, so `Seat::leave` sees either its seat or its closing.
+        let mut seats = self.lock();
+        seats
+            .1
+            .pop_first()
+            .map(|(_, closed)| closed.cancel())
+            .is_some()
+    }
+}
+
+/// The calls (requests) in flight on one connection: while it has none, the connection waits
+/// among its listener's [`Waiting`] ones and may be closed for a new one.
+#[derive(Debug)]
+pub struct Calls {
+    /// Calls in flight, and the connection's seat among the waiting ones while there are none.
+    state: Mutex<(usize, Option<Seat>)>,
+    idle: Arc<Waiting>,
+    closed: CancellationToken,
+}
+
+impl Calls {
+    /// A new connection's: waiting, no call yet.
+    pub fn new(idle: &Arc<Waiting>) -> Arc<Self> {
+        let closed = CancellationToken::new();
+        Arc::new(Self {
+            state: Mutex::new((0, Some(idle.seat(closed.clone())))),
+            idle: Arc::clone(idle),
+            closed,
+        })
+    }
+
+    /// Fires when a new connection took this one's slot: the connection must end.
+    pub fn closed(&self) -> &CancellationToken {
+        &self.closed
+    }
+
+    fn lock(&self) -> MutexGuard<'_, (usize, Option<Seat>)> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A call starts: the connection no longer waits until it and every other call ended.
+    pub fn start(self: &Arc<Self>) -> CallInFlight {
+        let seat = {
+            let mut state = self.lock();
+            state.0 += 1;
+            state.1.take()
+        };
+        // Leaving the waiting ones (a connection closed just now ends anyway).
+        drop(seat);
+        CallInFlight(Arc::clone(self))
+    }
+}
+
+/// One call in flight on a connection, until dropped (hand it to the answer's body with
+/// [`GuardedBody`]): then, with no other call, the connection waits again, as the newest.
+#[derive(Debug)]
+pub struct CallInFlight(Arc<Calls>);
+
+impl Drop for CallInFlight {
+    fn drop(&mut self) {
+        let calls = &self.0;
+        let mut state = calls.lock();
+        state.0 = state.0.saturating_sub(1);
+        if state.0 == 0 && !calls.closed.is_cancelled() {
+            state.1 = Some(calls.idle.seat(calls.closed.clone()));
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body holding a guard until it is dropped (its answer sent or abandoned), such
+    /// as its call's [`CallInFlight`].
+    #[derive(Debug)]
+    pub struct GuardedBody<B, G> {
+        #[pin]
+        body: B,
+        _guard: G,
+    }
+}
+
+impl<B, G> GuardedBody<B, G> {
+    /// `body`, holding `guard` until it is dropped.
+    pub fn new(body: B, guard: G) -> Self {
+        Self {
+            body,
+            _guard: guard,
+        }
+    }
+}
+
+impl<B: http_body::Body, G> http_body::Body for GuardedBody<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_that_waited_longest_is_closed_first_and_knows_it() {
+        let waiting = Arc::new(Waiting::default());
+        let first = waiting.seat(CancellationToken::new());
+        let second = waiting.seat(CancellationToken::new());
+        let third = waiting.seat(CancellationToken::new());
+        // The second stops waiting on its own (served): it can no longer be closed.
+        assert!(second.leave());
+        assert!(waiting.close_longest());
+        assert!(first.closed().is_cancelled());
+        assert!(!third.closed().is_cancelled());
+        // Closed before it could leave: it must end.
+        assert!(!first.leave());
+        // Next is the third; the served second is never closed.
+        assert!(waiting.close_longest());
+        assert!(third.closed().is_cancelled());
+        assert!(!waiting.close_longest(), "nobody waits any more");
+        drop(third);
+        // A seat dropped while waiting (its connection ended) is gone from the set.
+        let dropped = waiting.seat(CancellationToken::new());
+        drop(dropped);
+        assert!(!waiting.close_longest(), "a dropped seat was closed");
+    }
+
+    #[test]
+    fn a_connection_is_idle_only_with_no_call_in_flight_and_not_after_it_was_closed() {
+        let idle = Arc::new(Waiting::default());
+        let calls = Calls::new(&idle);
+        // Two calls at once: idle again only after both ended.
+        let (one, two) = (calls.start(), calls.start());
+        assert!(
+            !idle.close_longest(),
+            "a connection with calls in flight was closed"
+        );
+        drop(one);
+        assert!(!idle.close_longest(), "one call is still in flight");
+        drop(two);
+        assert!(idle.close_longest());
+        assert!(calls.closed().is_cancelled());
+        // Closed: a call that started meanwhile and ends does not make it wait again.
+        drop(calls.start());
+        assert!(!idle.close_longest(), "a closed connection waits again");
+    }
+}

@@ -1,0 +1,51 @@
+//! Clients that connect and send nothing, for the tests of listeners that make room (a full
+//! listener closes the connection that has waited longest unserved for a new one).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt as _;
+use tokio::net::{TcpSocket, TcpStream};
+
+/// `n` TCP connections to `addr` that send nothing (yet), opened one after another.
+pub async fn connect_silent(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut silent = Vec::new();
+    for _ in 0..n {
+        silent.push(TcpStream::connect(addr).await.unwrap_or_else(|e| {
+            panic!("connecting to {addr}: {e}");
+        }));
+    }
+    silent
+}
+
+/// `n` silent connections to `addr` from the loopback address `source` (such as 127.0.0.2: a
+/// host of its own for listeners that count connections per source).
+pub async fn connect_silent_from(source: IpAddr, addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut silent = Vec::new();
+    for _ in 0..n {
+        let socket = if source.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        };
+        let stream = async {
+            let socket = socket?;
+            socket.bind(SocketAddr::new(source, 0))?;
+            socket.connect(addr).await
+        };
+        silent.push(
+            stream
+                .await
+                .unwrap_or_else(|e| panic!("connecting to {addr} from {source}: {e}")),
+        );
+    }
+    silent
+}
+
+/// Whether the server closed `stream` within `wait` (end of stream or a reset; anything it sent
+/// first is read and dropped); `false` when it is still open then.
+pub async fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let closed = async { while let Ok(1..) = stream.read(&mut buf).await {} };
+    tokio::time::timeout(wait, closed).await.is_ok()
+}
