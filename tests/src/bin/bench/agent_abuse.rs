@@ -22,6 +22,11 @@
 //!    connection (new connection when the agent closes one), while the printer sends a message;
 //! 3. `--idle` (2000) connections from 200 sources `127.5.x.y` that send nothing and are held
 //!    open, while the printer sends a message.
+//! 4. `--metrics-silent` (200) connections to the metrics listener from `--metrics-sources` (50)
+//!    sources `127.6.x.y` that send nothing, each opened again as soon as the agent closes it,
+//!    for `--metrics-seconds` (10), while `GET /healthz` is probed every 250 ms on a new
+//!    connection from 127.0.0.1 (the listener's 16 slots are full throughout: each new
+//!    connection closes the one that has waited longest for a request).
 //!
 //! The agent's RSS is sampled every 10 ms throughout (`VmRSS`), and its `VmHWM` read at the end.
 //! Printed: idle RSS, peak RSS per phase, `VmHWM`, the documented ceiling
@@ -30,9 +35,10 @@
 //! accepted, and how long the printer's messages took. `--no-lockout` raises the lockout and
 //! slowdown thresholds out of reach, so every wrong password costs a password check: it shows
 //! the bound on concurrent hashing alone. Exits non-zero when the peak exceeds the ceiling or a
-//! printer message was not acknowledged and delivered.
+//! printer message was not acknowledged and delivered, or a `/healthz` probe of phase 4 not
+//! answered 200.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -42,8 +48,10 @@ use base64::Engine as _;
 use clap::Parser;
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_testkit::agent_site::{AgentSite, DEVICE_USER, SiteOptions, eventually};
+
+use crate::flood::{self, connect_from};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 /// Agent listener abuse benchmark (see the file header).
 #[derive(Debug, Parser)]
@@ -67,6 +75,16 @@ pub struct Args {
     /// Lockout and slowdown out of reach: every wrong password is checked.
     #[arg(long)]
     no_lockout: bool,
+    /// Connections to the metrics listener that send nothing, each opened again as soon as the
+    /// agent closes it (0: no metrics phase).
+    #[arg(long, default_value_t = 200)]
+    metrics_silent: u32,
+    /// Source addresses they come from.
+    #[arg(long, default_value_t = 50)]
+    metrics_sources: usize,
+    /// How long the metrics flood lasts, in seconds.
+    #[arg(long, default_value_t = 10)]
+    metrics_seconds: u64,
 }
 
 /// A field of `/proc/<pid>/status` in KiB ("VmRSS:  1234 kB").
@@ -95,12 +113,6 @@ fn sample_rss(pid: u32, peak: Arc<AtomicU64>, run: Arc<AtomicBool>) -> std::thre
             std::thread::sleep(Duration::from_millis(10));
         }
     })
-}
-
-async fn connect_from(source: [u8; 4], addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::from((source, 0)))?;
-    socket.connect(addr).await
 }
 
 async fn line(reader: &mut BufReader<TcpStream>) -> Option<String> {
@@ -144,7 +156,7 @@ async fn attacker(source: [u8; 4], addr: SocketAddr, rounds: usize, out: Arc<Out
     );
     let mut done = 0;
     while done < rounds {
-        let Ok(stream) = connect_from(source, addr).await else {
+        let Ok(stream) = connect_from(source.into(), addr).await else {
             out.other.fetch_add(1, Ordering::Relaxed);
             return;
         };
@@ -265,7 +277,7 @@ pub async fn run(args: Args) -> Result<()> {
     for i in 0..args.idle {
         let s = i % args.idle_sources.max(1);
         let source = [127, 5, (s / 250) as u8, (s % 250 + 1) as u8];
-        match connect_from(source, site.smtp).await {
+        match connect_from(source.into(), site.smtp).await {
             Ok(stream) => {
                 let mut c = BufReader::new(stream);
                 match line(&mut c).await {
@@ -293,6 +305,18 @@ pub async fn run(args: Args) -> Result<()> {
     );
     drop(held);
 
+    // 4. Metrics flood.
+    let run = Arc::new(AtomicBool::new(true));
+    let peak_metrics = Arc::new(AtomicU64::new(0));
+    let sampler = sample_rss(pid, Arc::clone(&peak_metrics), Arc::clone(&run));
+    let probes = metrics_flood(&site, &args).await;
+    run.store(false, Ordering::Relaxed);
+    let _ = sampler.join();
+    let metrics_peak = peak_metrics.load(Ordering::Relaxed);
+    if args.metrics_silent > 0 {
+        println!("metrics flood: peak RSS {}", mib(metrics_peak));
+    }
+
     eventually(
         "the printer's three messages delivered",
         Duration::from_secs(60),
@@ -301,7 +325,7 @@ pub async fn run(args: Args) -> Result<()> {
     .await;
     let hwm = status_kib(pid, "VmHWM").unwrap_or(0);
     // The kernel updates VmHWM lazily; a sample can be a little higher.
-    let peak = login_peak.max(idle_peak).max(hwm);
+    let peak = login_peak.max(idle_peak).max(metrics_peak).max(hwm);
     let ceiling = args.ceiling_mib * 1024;
     println!(
         "agent RSS: idle {} -> peak {} (sampled VmRSS and VmHWM {}); ceiling {} MiB: {}",
@@ -314,6 +338,71 @@ pub async fn run(args: Args) -> Result<()> {
     println!("printer: 3 messages acknowledged and delivered to Dovecot during the attacks");
     if peak > ceiling {
         bail!("the agent's peak RSS {} exceeds the ceiling", mib(peak));
+    }
+    probes
+}
+
+/// Phase 4: `--metrics-silent` connections to the metrics listener from `--metrics-sources`
+/// addresses `127.6.x.y` that send nothing, each opened again as soon as the agent closes it, for
+/// `--metrics-seconds`, while `GET /healthz` is probed every 250 ms on a new connection from
+/// 127.0.0.1. An error when a probe was not answered 200.
+async fn metrics_flood(site: &AgentSite, args: &Args) -> Result<()> {
+    if args.metrics_silent == 0 {
+        return Ok(());
+    }
+    let target = site.metrics;
+    let sources: Vec<IpAddr> = (0..args.metrics_sources.max(1))
+        .map(|s| IpAddr::from([127, 6, (s / 250) as u8, (s % 250 + 1) as u8]))
+        .collect();
+    let (stop, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let probe = tokio::spawn(flood::probe_every_250_ms(
+        Arc::clone(&done),
+        move || flood::http_health(target),
+        |status| *status == 200,
+    ));
+    // The attackers run on a runtime of their own, as if on other hosts: the probe is not queued
+    // behind their tasks in this process.
+    let silent = {
+        let (stop, n) = (Arc::clone(&stop), args.metrics_silent);
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|attackers| {
+                    attackers.block_on(flood::silent_clients(target, &sources, n, stop))
+                })
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(args.metrics_seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    done.store(true, Ordering::Relaxed);
+    let (opened, mut closed) = tokio::task::spawn_blocking(move || silent.join())
+        .await
+        .ok()
+        .and_then(|joined| joined.ok())
+        .and_then(|built| built.ok())
+        .unwrap_or_default();
+    closed.sort();
+    let (ok, failed, slowest) = probe.await.unwrap_or_default();
+    println!(
+        "metrics flood: {} silent connections from {} sources for {} s: {opened} opened, {} closed by the agent (stayed p50 {}, max {}); /healthz probes (new connection every 250 ms from 127.0.0.1): {ok} answered 200, {} failed, slowest {:.0} ms",
+        args.metrics_silent,
+        args.metrics_sources.max(1),
+        args.metrics_seconds,
+        closed.len(),
+        flood::quantile(&closed, 0.5),
+        flood::quantile(&closed, 1.0),
+        failed.len(),
+        slowest.as_secs_f64() * 1000.0
+    );
+    for f in failed.iter().take(5) {
+        println!("  probe failure: {f}");
+    }
+    if !failed.is_empty() || ok == 0 {
+        bail!("the agent's /healthz did not answer 200 throughout the metrics flood");
     }
     Ok(())
 }

@@ -40,6 +40,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+
+use crate::flood;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tonic_health::pb::HealthCheckRequest;
@@ -345,92 +347,6 @@ async fn slow_clients(port: u16, n: u32, stop: Arc<AtomicBool>) -> Vec<Option<Du
     out
 }
 
-/// `n` connections to `port` that send nothing, each opened again as soon as the broker closes
-/// it, until `stop`: how many were opened, and how long each the broker closed had stayed.
-async fn silent_clients(port: u16, n: u32, stop: Arc<AtomicBool>) -> (u64, Vec<Duration>) {
-    let mut tasks = Vec::new();
-    for _ in 0..n {
-        let stop = Arc::clone(&stop);
-        tasks.push(tokio::spawn(async move {
-            let (mut opened, mut closed) = (0u64, Vec::new());
-            let mut buf = [0u8; 512];
-            while !stop.load(Ordering::Relaxed) {
-                let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
-                opened += 1;
-                let started = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
-                    match tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await {
-                        Err(_) => {}
-                        Ok(Ok(1..)) => {}
-                        Ok(_) => {
-                            closed.push(started.elapsed());
-                            break;
-                        }
-                    }
-                }
-            }
-            (opened, closed)
-        }));
-    }
-    let (mut opened, mut closed) = (0, Vec::new());
-    for task in tasks {
-        if let Ok((o, c)) = task.await {
-            opened += o;
-            closed.extend(c);
-        }
-    }
-    (opened, closed)
-}
-
-/// `GET /healthz` on a new connection to the HTTP listener: the status code.
-async fn http_health(port: u16) -> Result<u16> {
-    let exchange = async {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut answer = Vec::new();
-        s.read_to_end(&mut answer).await?;
-        let status = String::from_utf8_lossy(&answer)
-            .split(' ')
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .context("not an HTTP answer")?;
-        anyhow::Ok(status)
-    };
-    tokio::time::timeout(Duration::from_secs(2), exchange)
-        .await
-        .context("no answer within 2 s")?
-}
-
-/// Calls `probe` every 250 ms until `done`: how many answered as `good` says, the other
-/// answers, and the slowest.
-async fn probe_every_250_ms<T, F, P>(
-    done: Arc<AtomicBool>,
-    probe: P,
-    good: fn(&T) -> bool,
-) -> (u64, Vec<String>, Duration)
-where
-    T: std::fmt::Debug,
-    F: std::future::Future<Output = Result<T>>,
-    P: Fn() -> F,
-{
-    let (mut ok, mut other, mut slowest) = (0u64, Vec::new(), Duration::ZERO);
-    while !done.load(Ordering::Relaxed) {
-        let started = Instant::now();
-        match probe().await {
-            Ok(answer) if good(&answer) => ok += 1,
-            Ok(answer) => other.push(format!("{answer:?}")),
-            Err(e) => other.push(format!("{e:#}")),
-        }
-        slowest = slowest.max(started.elapsed());
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    (ok, other, slowest)
-}
-
 #[tokio::main]
 pub async fn run(args: Args) -> Result<()> {
     let broker_bin = match &args.broker_bin {
@@ -448,6 +364,7 @@ pub async fn run(args: Args) -> Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let [grpc, http] = tokenfleet_testkit::ports::free_ports::<2>()?;
+    let http_addr = std::net::SocketAddr::from(([127, 0, 0, 1], http));
     let config = write_config(dir.path(), grpc, http, &args.limits)?;
     let mut child = tokio::process::Command::new(&broker_bin)
         .args(["serve", "--config"])
@@ -491,14 +408,14 @@ pub async fn run(args: Args) -> Result<()> {
             }
         })
     };
-    let probe = tokio::spawn(probe_every_250_ms(
+    let probe = tokio::spawn(flood::probe_every_250_ms(
         Arc::clone(&done_sampling),
         move || health(grpc),
         |status| *status == ServingStatus::Serving,
     ));
-    let http_probe = tokio::spawn(probe_every_250_ms(
+    let http_probe = tokio::spawn(flood::probe_every_250_ms(
         Arc::clone(&done_sampling),
-        move || http_health(http),
+        move || flood::http_health(http_addr),
         |status| *status == 200,
     ));
 
@@ -520,7 +437,12 @@ pub async fn run(args: Args) -> Result<()> {
     ));
     let hostile = tokio::spawn(hostile_streams(grpc, args.streams, Arc::clone(&stop)));
     let slow = tokio::spawn(slow_clients(http, args.slow_clients, Arc::clone(&stop)));
-    let silent = tokio::spawn(silent_clients(http, args.silent_clients, Arc::clone(&stop)));
+    let silent = {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            flood::silent_clients(http_addr, &[], args.silent_clients, stop).await
+        })
+    };
     tokio::time::sleep(Duration::from_secs(args.hold_seconds)).await;
     let during = memory(pid).unwrap_or_default();
     stop.store(true, Ordering::Relaxed);
@@ -539,10 +461,7 @@ pub async fn run(args: Args) -> Result<()> {
     let mut cut: Vec<Duration> = slow.iter().flatten().copied().collect();
     cut.sort();
     silent_closed.sort();
-    let pct = |of: &[Duration], p: f64| {
-        of.get(((of.len() as f64 * p) as usize).min(of.len().saturating_sub(1)))
-            .map_or("-".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()))
-    };
+    let pct = flood::quantile;
     println!("advertised SETTINGS_MAX_CONCURRENT_STREAMS: {advertised:?}");
     println!(
         "h2 client (obeys SETTINGS): {opened} half-open requests issued; the broker lets {open_at_broker} be open at once, the client queues the rest"

@@ -22,6 +22,7 @@ mod agent_abuse;
 mod broker_abuse;
 mod cost;
 mod fleet;
+mod flood;
 mod issuance;
 mod refresh;
 mod relay;
