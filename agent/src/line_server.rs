@@ -1,7 +1,10 @@
-//! What the two line-oriented servers of the agent — the SMTP [`crate::ingress`] and the local
-//! POP3 server ([`crate::pop3_server`]) — share: the accept loop with shutdown draining, the
-//! session caps ([`SessionLimits`]: total and per source, so idle or slow clients cannot hold
-//! every slot) and bounded line reading. Each protocol keeps its own replies.
+//! What the agent's listeners — the SMTP [`crate::ingress`], the local POP3 server
+//! ([`crate::pop3_server`]) and the metrics listener — share: the accept loop with shutdown
+//! draining, the session caps ([`SessionLimits`]: total and per source, so idle or slow clients
+//! cannot hold every slot; over the total a full server makes room by closing the session that
+//! has waited longest unserved, see [`Gate`]) and bounded line reading. Each protocol keeps its
+//! own replies and says when a session waits (SMTP and POP3: until it logs in; metrics: while no
+//! request is in flight).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -10,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokenfleet_listen::Waiting;
+use tokenfleet_listen::{Seat, Waiting};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
@@ -72,7 +75,9 @@ pub async fn send<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -> io::Re
 }
 
 /// How many sessions a server runs at once. A connection over either cap is answered with the
-/// protocol's "busy" line and closed at once, before any session state is allocated.
+/// protocol's "busy" line and closed at once, before any session state is allocated — except
+/// that over `max_sessions` a server that makes room ([`Gate::waiting`]) first closes the session
+/// that has waited longest unserved and lets the new one take its slot.
 ///
 /// Known sources (the server's `known` test: a device's allowlisted address, or one that logged
 /// in successfully before) are exempt from `max_sessions` — but not from the per-source cap — so
@@ -195,8 +200,10 @@ impl Seats {
 
     /// Like [`Seats::admit`], but when the total cap is reached and a connection of `waiting`
     /// waits unserved, the one that has waited longest is closed and the new one takes its slot
-    /// (`true` in the answer): it waits at most [`SLOT_HANDOVER`] for it, and is refused if
-    /// another new connection took it first.
+    /// (`true` in the answer) once a slot has been freed — normally the closed one's, within
+    /// [`SLOT_HANDOVER`]; else it is refused. The accept loop admits one connection at a time, so
+    /// each one let in this way follows one slot freed: the total never grows by it, even when
+    /// known sources hold more than `max_sessions`.
     async fn admit_or_make_room(
         self: &Arc<Self>,
         limits: SessionLimits,
@@ -204,25 +211,27 @@ impl Seats {
         known: bool,
         waiting: Option<&Waiting>,
     ) -> Result<(Slot, bool), Refusal> {
+        let freed = self.freed.notified();
+        tokio::pin!(freed);
+        // Registered before closing anyone, so the slot freed for this one is not missed.
+        freed.as_mut().enable();
         match self.admit(limits, ip, known) {
             Err(Refusal::Total) if waiting.is_some_and(Waiting::close_longest) => {}
             other => return other.map(|slot| (slot, false)),
         }
-        let deadline = tokio::time::Instant::now() + SLOT_HANDOVER;
-        loop {
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            // Registered before looking, so a slot freed in between is not missed.
-            freed.as_mut().enable();
-            match self.admit(limits, ip, known) {
-                Err(Refusal::Total) => {
-                    if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                        return Err(Refusal::Total);
-                    }
-                }
-                other => return other.map(|slot| (slot, true)),
-            }
+        if tokio::time::timeout(SLOT_HANDOVER, freed).await.is_err() {
+            return Err(Refusal::Total);
         }
+        self.admit(limits, ip, true).map(|slot| (slot, true))
+    }
+}
+
+/// Completes when `seat` (a session's place among the connections waiting unserved) was closed
+/// for a new connection; never without a seat.
+pub async fn closed_for_new(seat: Option<&Seat>) {
+    match seat {
+        Some(seat) => seat.closed().cancelled().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -11,7 +11,9 @@
 //! arguments get `-ERR`, and a client that keeps erring or stays silent is disconnected.
 //!
 //! Limits: sessions at once, in total and per source ([`SessionLimits`]; over them a
-//! connection gets `-ERR [SYS/TEMP]` and is closed), and failed logins slowed down, then locked
+//! connection gets `-ERR [SYS/TEMP]` and is closed — except that over the total, a session that
+//! has not logged in from a source that is not known makes room: the one that has waited longest
+//! gets `-ERR [SYS/TEMP]` and is closed, and the new connection takes its slot), and failed logins slowed down, then locked
 //! out per source and user by the [`LoginGuard`] the SMTP ingress shares (a locked login gets
 //! `-ERR [AUTH] … try again in N seconds` and the connection is closed, without a password
 //! check).
@@ -24,6 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokenfleet_listen::{CancellationToken, Seat, Waiting};
 use tokio::io::BufReader;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -128,7 +131,9 @@ impl Pop3Server {
         let config = Arc::new(config);
         let limits = config.limits;
         let guard = Arc::clone(&config.login_guard);
-        let known = move |peer: SocketAddr| guard.known_source(peer.ip());
+        let known = Arc::new(move |peer: SocketAddr| guard.known_source(peer.ip()));
+        // Sessions from sources that are not known, until they log in.
+        let waiting = Arc::new(Waiting::default());
         line_server::serve(
             listener,
             shutdown,
@@ -136,8 +141,11 @@ impl Pop3Server {
             Gate {
                 limits,
                 busy,
-                known,
-                waiting: None,
+                known: {
+                    let known = Arc::clone(&known);
+                    move |peer| known(peer)
+                },
+                waiting: Some(Arc::clone(&waiting)),
             },
             move |stream, peer, stop| {
                 let session = Session {
@@ -147,6 +155,7 @@ impl Pop3Server {
                     maildrop: Arc::clone(&maildrop),
                     errors: 0,
                     tls: false,
+                    waiting: (!known(peer)).then(|| waiting.seat(CancellationToken::new())),
                 };
                 let auth = Arc::clone(&auth);
                 async move { session.run(&*auth, stop).await }
@@ -165,6 +174,10 @@ fn busy(refusal: Refusal) -> &'static [u8] {
         }
     }
 }
+
+/// The last line to a session that has not logged in when a new connection took its slot.
+const CLOSED_FOR_NEW: &[u8] =
+    b"-ERR [SYS/TEMP] too many connections: closing this one, which has not logged in\r\n";
 
 /// Completes when the server is stopping.
 async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -217,6 +230,10 @@ struct Session {
     maildrop: Arc<Maildrop>,
     errors: u32,
     tls: bool,
+    /// A session from a source that is not known waits among the listener's connections until
+    /// it logs in: a new connection over `max_sessions` may close it (see
+    /// [`tokenfleet_listen::Waiting`]).
+    waiting: Option<Seat>,
 }
 
 impl Session {
@@ -252,6 +269,10 @@ impl Session {
             },
             () = stopped(stop) => {
                 self.write(b"-ERR [SYS/TEMP] server shutting down, nothing deleted\r\n").await?;
+                Ok(Line::Closed)
+            }
+            () = line_server::closed_for_new(self.waiting.as_ref()) => {
+                self.write(CLOSED_FOR_NEW).await?;
                 Ok(Line::Closed)
             }
         }
@@ -378,6 +399,11 @@ impl Session {
                         }
                         Some(device) => {
                             guard.succeeded(self.peer.ip(), &name);
+                            // Served from now on, unless closed for a new connection first.
+                            if self.waiting.take().is_some_and(|seat| !seat.leave()) {
+                                self.write(CLOSED_FOR_NEW).await?;
+                                return Ok(Next::Close);
+                            }
                             match self.open_maildrop(&device).await {
                                 Ok(tx) => {
                                     let count = tx.entries.len();
@@ -432,6 +458,7 @@ impl Session {
             config,
             maildrop,
             errors,
+            waiting,
             ..
         } = self;
         let stream = reader.into_inner();
@@ -444,6 +471,7 @@ impl Session {
                 maildrop,
                 errors,
                 tls: true,
+                waiting,
             })),
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "pop3 STLS handshake failed");

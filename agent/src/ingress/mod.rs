@@ -20,7 +20,9 @@
 //!
 //! Limits (all in [`IngressConfig`], set from the agent configuration's `[ingress_limits]`):
 //! sessions at once, in total and per source ([`SessionLimits`]; over them a connection gets
-//! `421 4.7.0` and is closed); idle time per command ([`IngressConfig::command_timeout`]);
+//! `421 4.7.0` and is closed — except that over the total, a session that has not logged in
+//! from a source that is not known makes room: the one that has waited longest gets `421 4.3.2`
+//! and is closed, and the new connection takes its slot); idle time per command ([`IngressConfig::command_timeout`]);
 //! failed logins slowed down and then locked out per source and user ([`LoginGuard`]; a locked
 //! login gets `421 4.7.0 … try again in N seconds` without its password being checked);
 //! concurrent password hashing ([`PasswordChecker`]); a message's memory
@@ -40,6 +42,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokenfleet_listen::{CancellationToken, Waiting};
 use tokio::net::TcpListener;
 
 pub use guard::{Admission, LoginGuard, LoginLimits};
@@ -138,8 +141,13 @@ impl IngressServer {
             ));
         }
         let config = Arc::new(config);
-        let guard = Arc::clone(&config.login_guard);
-        let devices = Arc::clone(&handler);
+        let (guard, devices) = (Arc::clone(&config.login_guard), Arc::clone(&handler));
+        // A device's allowlisted address, or one that logged in successfully lately.
+        let known = Arc::new(move |peer: std::net::SocketAddr| {
+            guard.known_source(peer.ip()) || devices.device_for_peer(peer).is_some()
+        });
+        // Sessions from other sources, until they log in.
+        let waiting = Arc::new(Waiting::default());
         line_server::serve(
             listener,
             shutdown,
@@ -147,15 +155,17 @@ impl IngressServer {
             line_server::Gate {
                 limits: config.limits,
                 busy,
-                known: move |peer: std::net::SocketAddr| {
-                    guard.known_source(peer.ip()) || devices.device_for_peer(peer).is_some()
+                known: {
+                    let known = Arc::clone(&known);
+                    move |peer| known(peer)
                 },
-                waiting: None,
+                waiting: Some(Arc::clone(&waiting)),
             },
             move |stream, peer, stop| {
                 let config = Arc::clone(&config);
                 let handler = Arc::clone(&handler);
-                async move { session::run(stream, peer, &config, &*handler, stop).await }
+                let seat = (!known(peer)).then(|| waiting.seat(CancellationToken::new()));
+                async move { session::run(stream, peer, &config, &*handler, stop, seat).await }
             },
         )
         .await

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use tokenfleet_listen::Seat;
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -98,6 +99,10 @@ struct Conn<'a> {
     tls: bool,
     config: &'a IngressConfig,
     errors: u32,
+    /// A session from a source that is not known waits among the listener's connections until
+    /// it logs in: a new connection over `max_sessions` may close it (see
+    /// [`tokenfleet_listen::Waiting`]).
+    waiting: Option<Seat>,
 }
 
 impl Conn<'_> {
@@ -152,16 +157,21 @@ impl Conn<'_> {
         }
     }
 
-    /// Reads the next line of at most `limit` bytes, answering `421 4.4.2` on timeout.
+    /// Reads the next line of at most `limit` bytes, answering `421 4.4.2` on timeout, and
+    /// `421 4.3.2` when the session was closed for a new connection while it read.
     async fn read_max(&mut self, limit: usize) -> io::Result<Line> {
-        match tokio::time::timeout(
+        let read = tokio::time::timeout(
             self.config.command_timeout,
             read_limited(&mut self.io, limit),
-        )
-        .await
-        {
-            Ok(line) => line,
-            Err(_) => {
+        );
+        let read = tokio::select! {
+            biased;
+            () = line_server::closed_for_new(self.waiting.as_ref()) => None,
+            read = read => Some(read),
+        };
+        match read {
+            Some(Ok(line)) => line,
+            Some(Err(_)) => {
                 let msg = format!(
                     "421 4.4.2 {} Timeout waiting for client input\r\n",
                     self.config.hostname
@@ -169,7 +179,30 @@ impl Conn<'_> {
                 self.send(msg.as_bytes()).await?;
                 Ok(Line::Closed)
             }
+            None => {
+                self.closed_for_new().await?;
+                Ok(Line::Closed)
+            }
         }
+    }
+
+    /// Tells a session that has not logged in that its slot went to a new connection.
+    async fn closed_for_new(&mut self) -> io::Result<()> {
+        let msg = format!(
+            "421 4.3.2 {} Too many connections: closing this one, which has not logged in\r\n",
+            self.config.hostname
+        );
+        self.send(msg.as_bytes()).await
+    }
+
+    /// The session logged in: it no longer waits (it is served). `false` when it was closed for
+    /// a new connection first (and told so): it must end.
+    async fn served(&mut self) -> io::Result<bool> {
+        if self.waiting.take().is_some_and(|seat| !seat.leave()) {
+            self.closed_for_new().await?;
+            return Ok(false);
+        }
+        Ok(true)
     }
 }
 
@@ -199,18 +232,22 @@ fn flow(keep: bool) -> Flow {
     if keep { Flow::Continue } else { Flow::Close }
 }
 
+/// Runs one session; `waiting`: its seat among the connections a new one may close, until it
+/// logs in (`None` for a known source).
 pub(super) async fn run<H: IngressHandler>(
     stream: TcpStream,
     peer: SocketAddr,
     config: &IngressConfig,
     handler: &H,
     mut stop: watch::Receiver<bool>,
+    waiting: Option<Seat>,
 ) -> io::Result<()> {
     let mut conn = Conn {
         io: BufReader::with_capacity(READ_BUFFER, Stream::Plain(stream)),
         tls: false,
         config,
         errors: 0,
+        waiting,
     };
     let mut state = State {
         device: handler.device_for_peer(peer),
@@ -785,6 +822,9 @@ async fn auth<H: IngressHandler>(
     {
         Some(device) => {
             guard.succeeded(peer.ip(), &user);
+            if !conn.served().await? {
+                return Ok(Flow::Close);
+            }
             state.authenticated = true;
             state.device = Some(device);
             Ok(flow(

@@ -586,7 +586,7 @@ fn sessions_are_capped_and_failed_logins_locked_out() {
         login_guard: Arc::clone(&guard),
         ..Server::config()
     });
-    // Per source, then in total.
+    // Per source, then in total (where idle sessions make room).
     let mut held = Vec::new();
     for source in [[127, 0, 0, 2], [127, 0, 0, 2]] {
         let (r, line) = greeting_from(source, server.addr);
@@ -603,11 +603,33 @@ fn sessions_are_capped_and_failed_logins_locked_out() {
         assert!(line.starts_with("+OK"), "{line}");
         held.push(r);
     }
-    let (_, line) = greeting_from([127, 0, 0, 4], server.addr);
+    // Over the total, a new connection closes the one that has waited longest without logging
+    // in and takes its slot.
+    let (r, line) = greeting_from([127, 0, 0, 4], server.addr);
+    assert!(line.starts_with("+OK"), "{line}");
+    held.push(r);
+    let mut closed = String::new();
+    held[0].read_line(&mut closed).unwrap();
     assert!(
-        line.starts_with("-ERR [SYS/TEMP] too many connections"),
-        "{line}"
+        closed.starts_with("-ERR [SYS/TEMP] too many connections: closing this one"),
+        "{closed}"
     );
+    // A session that logged in is served and never closed for a new one: the next new
+    // connection closes the oldest one still waiting (the first from 127.0.0.3).
+    assert!(say(&mut held[1], &format!("USER {USER}")).starts_with("+OK"));
+    let reply = say(&mut held[1], &format!("PASS {PASSWORD}"));
+    assert!(reply.starts_with("+OK maildrop"), "{reply}");
+    let (r, line) = greeting_from([127, 0, 0, 6], server.addr);
+    assert!(line.starts_with("+OK"), "{line}");
+    held.push(r);
+    let mut closed = String::new();
+    held[2].read_line(&mut closed).unwrap();
+    assert!(
+        closed.starts_with("-ERR [SYS/TEMP] too many connections"),
+        "{closed}"
+    );
+    assert!(say(&mut held[1], "STAT").starts_with("+OK"));
+    assert!(say(&mut held[1], "QUIT").starts_with("+OK"));
     held.clear();
 
     // Three wrong passwords from one source lock it, even for the right password.
