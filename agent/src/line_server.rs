@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokenfleet_listen::{Seat, Waiting};
+use tokenfleet_listen::{CancellationToken, Seat, Waiting};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
@@ -235,6 +235,28 @@ pub async fn closed_for_new(seat: Option<&Seat>) {
     }
 }
 
+/// How long a session closed for a new connection has to say so and end (it notices at its next
+/// read) before it is dropped wherever it is — in a TLS handshake, or writing to a client that
+/// does not read. Shorter than [`SLOT_HANDOVER`], so the new connection gets the slot.
+const CLOSE_GRACE: Duration = Duration::from_millis(250);
+
+/// Runs a session that waits in a seat until it is served (`closed`: the seat's token, `None`
+/// without a seat): when the seat is closed for a new connection, the session ends within
+/// [`CLOSE_GRACE`], by itself or dropped.
+pub async fn ending_when_closed<F>(closed: Option<CancellationToken>, session: F) -> io::Result<()>
+where
+    F: Future<Output = io::Result<()>>,
+{
+    let Some(closed) = closed else {
+        return session.await;
+    };
+    tokio::pin!(session);
+    tokio::select! {
+        ended = &mut session => ended,
+        () = closed.cancelled() => tokio::time::timeout(CLOSE_GRACE, session).await.unwrap_or(Ok(())),
+    }
+}
+
 /// Who a server lets in: its caps, how it refuses, which sources pass the total cap, and
 /// whether a full server makes room.
 pub struct Gate<K> {
@@ -339,7 +361,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokenfleet_listen::CancellationToken;
 
     #[test]
     fn slots_count_per_source_and_free_on_drop() {

@@ -157,8 +157,11 @@ impl Pop3Server {
                     tls: false,
                     waiting: (!known(peer)).then(|| waiting.seat(CancellationToken::new())),
                 };
+                let closed = session.waiting.as_ref().map(|seat| seat.closed().clone());
                 let auth = Arc::clone(&auth);
-                async move { session.run(&*auth, stop).await }
+                async move {
+                    line_server::ending_when_closed(closed, session.run(&*auth, stop)).await
+                }
             },
         )
         .await

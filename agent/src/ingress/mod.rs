@@ -165,7 +165,11 @@ impl IngressServer {
                 let config = Arc::clone(&config);
                 let handler = Arc::clone(&handler);
                 let seat = (!known(peer)).then(|| waiting.seat(CancellationToken::new()));
-                async move { session::run(stream, peer, &config, &*handler, stop, seat).await }
+                let closed = seat.as_ref().map(|seat| seat.closed().clone());
+                async move {
+                    let session = session::run(stream, peer, &config, &*handler, stop, seat);
+                    line_server::ending_when_closed(closed, session).await
+                }
             },
         )
         .await

@@ -1095,6 +1095,58 @@ fn sessions_are_capped_per_source_and_in_total_but_known_devices_get_in() {
     );
 }
 
+/// A stranger that starts `STARTTLS` and never sends its hello cannot keep its slot: a new
+/// connection over `max_sessions` closes it at once (it is dropped mid-handshake after a short
+/// grace), not after the 10 s handshake timeout.
+#[test]
+fn a_session_stalled_in_its_tls_handshake_makes_room_for_a_new_one() {
+    let tls = IngressTls::self_signed(&["127.0.0.1".to_owned()]).unwrap();
+    let server = Server::start(
+        IngressConfig {
+            tls: Some(tls),
+            ..limited(SessionLimits {
+                max_sessions: 2,
+                max_sessions_per_source: 2,
+                ..SessionLimits::default()
+            })
+        },
+        true,
+    );
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut c = Client::connect_from([127, 0, 0, 2], server.addr);
+        c.expect("EHLO stranger", 250, "STARTTLS");
+        c.expect("STARTTLS", 220, "2.0.0");
+        stalled.push(c);
+    }
+    let started = std::time::Instant::now();
+    let (_newcomer, line) = greeting_from([127, 0, 0, 3], server.addr);
+    assert!(line.starts_with("220 "), "{line}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the new connection waited {:?}",
+        started.elapsed()
+    );
+    let mut buf = [0u8; 64];
+    let first = stalled[0].reader.get_mut();
+    first
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    assert!(
+        matches!(first.read(&mut buf), Ok(0) | Err(_))
+            && started.elapsed() < Duration::from_secs(4),
+        "the stalled session that waited longest was not closed"
+    );
+    let second = stalled[1].reader.get_mut();
+    second
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        matches!(second.read(&mut buf), Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "the newer stalled session was closed too"
+    );
+}
+
 fn plain(user: &str, password: &str) -> String {
     format!(
         "AUTH PLAIN {}",
