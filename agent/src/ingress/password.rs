@@ -90,7 +90,7 @@ impl Default for PasswordSettings {
 /// agent installs (an `Arc`), so its limits hold across configuration changes.
 pub struct PasswordChecker {
     settings: PasswordSettings,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     cache_key: [u8; 32],
     /// HMAC(user) → (HMAC(user, hash, password), valid until).
     cache: Mutex<HashMap<[u8; 32], Remembered>>,
@@ -125,6 +125,30 @@ type Remembered = ([u8; 32], Instant);
 /// The answer of a check in progress, which concurrent callers with the same credentials await.
 type InFlight = Arc<tokio::sync::OnceCell<bool>>;
 
+/// A caller's part in a check in progress: its entry in `in_flight` is removed when the caller is
+/// done or dropped (unless a newer check took the entry's place).
+struct LeavingFlight<'a> {
+    checker: &'a PasswordChecker,
+    id: [u8; 32],
+    cell: InFlight,
+}
+
+impl Drop for LeavingFlight<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = self
+            .checker
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if in_flight
+            .get(&self.id)
+            .is_some_and(|c| Arc::ptr_eq(c, &self.cell))
+        {
+            in_flight.remove(&self.id);
+        }
+    }
+}
+
 impl PasswordChecker {
     /// A checker with these settings (a `concurrency` of 0 is taken as 1).
     pub fn new(settings: PasswordSettings) -> Self {
@@ -146,7 +170,7 @@ impl PasswordChecker {
             ..settings
         };
         Self {
-            permits: Semaphore::new(settings.concurrency),
+            permits: Arc::new(Semaphore::new(settings.concurrency)),
             settings,
             cache_key,
             cache: Mutex::new(HashMap::new()),
@@ -246,7 +270,13 @@ impl PasswordChecker {
                 .entry(id)
                 .or_default(),
         );
-        let ok = *cell
+        // The entry goes when this caller is done, or dropped (its session closed).
+        let _leaving = LeavingFlight {
+            checker: self,
+            id,
+            cell: Arc::clone(&cell),
+        };
+        *cell
             .get_or_init(|| async move {
                 // A check that finished between the cache look-up and here answered it.
                 if self.cached(&user_id, &id) {
@@ -258,20 +288,14 @@ impl PasswordChecker {
                 }
                 ok
             })
-            .await;
-        let mut in_flight = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if in_flight.get(&id).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            in_flight.remove(&id);
-        }
-        ok
+            .await
     }
 
-    /// One argon2 check, within the concurrency bound.
+    /// One argon2 check, within the concurrency bound. The slot is held by the computation, not
+    /// by this future: a caller that goes away (its session closed) does not free it while the
+    /// hash still runs.
     async fn check(self: &Arc<Self>, password: Password, phc: &str) -> bool {
-        let Ok(_permit) = self.permits.acquire().await else {
+        let Ok(permit) = Arc::clone(&self.permits).acquire_owned().await else {
             return false;
         };
         let this = Arc::clone(self);
@@ -280,17 +304,19 @@ impl PasswordChecker {
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak_running.fetch_max(now, Ordering::SeqCst);
         let checked = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let mut block = Vec::new();
             // Dropped (unmapped) when the check ends; see the module documentation.
-            verify_in(
+            let checked = verify_in(
                 &mut block,
                 password.expose().as_bytes(),
                 &phc,
                 this.settings,
-            )
+            );
+            this.running.fetch_sub(1, Ordering::SeqCst);
+            checked
         })
         .await;
-        self.running.fetch_sub(1, Ordering::SeqCst);
         match checked {
             Ok(Ok(true)) => true,
             Ok(Ok(false)) => false,
@@ -419,6 +445,53 @@ mod tests {
             "{}",
             checker.peak_concurrent_hashes()
         );
+    }
+
+    /// Callers that go away mid-check (their session closed for a new connection) free neither
+    /// the hashing slot nor leave their single-flight entry behind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn callers_dropped_mid_check_keep_the_bound_and_leave_nothing_behind() {
+        let checker = uncached(2);
+        // The default cost (19 MiB, two passes): long enough to drop callers while it runs.
+        let hashes: Vec<String> = (0..8).map(|i| phc(&format!("pw{i}"))).collect();
+        let mut dropped = Vec::new();
+        for (i, hash) in hashes.iter().enumerate() {
+            let (checker, hash) = (Arc::clone(&checker), hash.clone());
+            dropped.push(tokio::spawn(async move {
+                checker
+                    .verify(&format!("u{i}"), Password::new(format!("pw{i}")), &hash)
+                    .await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        for task in &dropped {
+            task.abort();
+        }
+        // More callers right away: the aborted callers' hashes still hold their slots.
+        let mut checks = tokio::task::JoinSet::new();
+        for i in 0..4 {
+            let checker = Arc::clone(&checker);
+            let hash = cheap_phc(&format!("again{i}"));
+            checks.spawn(async move {
+                checker
+                    .verify(&format!("w{i}"), Password::new(format!("again{i}")), &hash)
+                    .await
+            });
+        }
+        while let Some(ok) = checks.join_next().await {
+            assert!(matches!(ok, Ok(true)));
+        }
+        assert!(
+            checker.peak_concurrent_hashes() <= 2,
+            "{} hashes ran at once",
+            checker.peak_concurrent_hashes()
+        );
+        let left = checker
+            .in_flight
+            .lock()
+            .map(|f| f.len())
+            .unwrap_or(usize::MAX);
+        assert_eq!(left, 0, "single-flight entries left behind");
     }
 
     #[test]

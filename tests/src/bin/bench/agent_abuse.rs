@@ -21,7 +21,8 @@
 //!    `AUTH PLAIN` with the device's user name and a wrong password, `--rounds` times per
 //!    connection (new connection when the agent closes one), while the printer sends a message;
 //! 3. `--idle` (2000) connections from 200 sources `127.5.x.y` that send nothing and are held
-//!    open, while the printer sends a message.
+//!    open (over `max_sessions` each new one closes the one that has waited longest without
+//!    logging in), while the printer sends a message.
 //! 4. `--metrics-silent` (200) connections to the metrics listener from `--metrics-sources` (50)
 //!    sources `127.6.x.y` that send nothing, each opened again as soon as the agent closes it,
 //!    for `--metrics-seconds` (10), while `GET /healthz` is probed every 250 ms on a new
@@ -143,6 +144,8 @@ async fn say(reader: &mut BufReader<TcpStream>, text: &str) -> Option<String> {
 struct Outcomes {
     refused_535: AtomicUsize,
     locked_421: AtomicUsize,
+    /// Closed for a newer connection before its login was answered (`421 4.3.2`).
+    closed_for_newer: AtomicUsize,
     busy_at_connect: AtomicUsize,
     other: AtomicUsize,
 }
@@ -182,6 +185,10 @@ async fn attacker(source: [u8; 4], addr: SocketAddr, rounds: usize, out: Arc<Out
             match say(&mut c, &wrong).await {
                 Some(r) if r.starts_with("535") => {
                     out.refused_535.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(r) if r.starts_with("421 4.3.2") => {
+                    out.closed_for_newer.fetch_add(1, Ordering::Relaxed);
+                    break;
                 }
                 Some(r) if r.starts_with("421") => {
                     out.locked_421.fetch_add(1, Ordering::Relaxed);
@@ -258,11 +265,12 @@ pub async fn run(args: Args) -> Result<()> {
     let _ = sampler.join();
     let login_peak = peak_login.load(Ordering::Relaxed);
     println!(
-        "wrong-password storm: {} connections x {} attempts in {storm:?}: 535 {} / locked 421 {} / refused at connect {} / other {}; printer acknowledged in {during_logins:?}; peak RSS {}",
+        "wrong-password storm: {} connections x {} attempts in {storm:?}: 535 {} / locked 421 {} / closed for a newer connection (421 4.3.2) {} / refused at connect {} / closed without a reply or other {}; printer acknowledged in {during_logins:?}; peak RSS {}",
         args.wrong_logins,
         args.rounds,
         out.refused_535.load(Ordering::Relaxed),
         out.locked_421.load(Ordering::Relaxed),
+        out.closed_for_newer.load(Ordering::Relaxed),
         out.busy_at_connect.load(Ordering::Relaxed),
         out.other.load(Ordering::Relaxed),
         mib(login_peak)
@@ -297,10 +305,23 @@ pub async fn run(args: Args) -> Result<()> {
     run.store(false, Ordering::Relaxed);
     let _ = sampler.join();
     let idle_peak = peak_idle.load(Ordering::Relaxed);
+    // Greeted, then closed for a newer connection (`421 4.3.2`), or still open.
+    let closed_for_newer = futures::future::join_all(held.iter_mut().map(|c| async move {
+        tokio::time::timeout(Duration::from_millis(100), line(c))
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|l| l.starts_with("421 4.3.2"))
+    }))
+    .await
+    .into_iter()
+    .filter(|closed| *closed)
+    .count();
     println!(
-        "idle flood: {} connections from {} sources: accepted {accepted} (held open) / refused with 421 {refused} / failed {failed}; printer acknowledged in {during_idle:?}; peak RSS {}",
+        "idle flood: {} connections from {} sources: greeted {accepted} ({closed_for_newer} of them closed for a newer one with 421 4.3.2, {} still open) / refused at connect with 421 {refused} / failed {failed}; printer acknowledged in {during_idle:?}; peak RSS {}",
         args.idle,
         args.idle_sources,
+        accepted - closed_for_newer,
         mib(idle_peak)
     );
     drop(held);
