@@ -235,14 +235,11 @@ pub async fn closed_for_new(seat: Option<&Seat>) {
     }
 }
 
-/// How long a session closed for a new connection has to say so and end (it notices at its next
-/// read) before it is dropped wherever it is — in a TLS handshake, or writing to a client that
-/// does not read. Shorter than [`SLOT_HANDOVER`], so the new connection gets the slot.
-const CLOSE_GRACE: Duration = Duration::from_millis(250);
-
 /// Runs a session that waits in a seat until it is served (`closed`: the seat's token, `None`
-/// without a seat): when the seat is closed for a new connection, the session ends within
-/// [`CLOSE_GRACE`], by itself or dropped.
+/// without a seat). When the seat is closed for a new connection the session is polled once more
+/// — at a read it says why and ends (see [`closed_for_new`]) — and dropped if it has not ended
+/// (in a TLS handshake, waiting for a password check, writing to a client that does not read),
+/// so its slot goes to the new connection at once and the accept loop never waits on it.
 pub async fn ending_when_closed<F>(closed: Option<CancellationToken>, session: F) -> io::Result<()>
 where
     F: Future<Output = io::Result<()>>,
@@ -252,8 +249,9 @@ where
     };
     tokio::pin!(session);
     tokio::select! {
+        biased;
         ended = &mut session => ended,
-        () = closed.cancelled() => tokio::time::timeout(CLOSE_GRACE, session).await.unwrap_or(Ok(())),
+        () = closed.cancelled() => Ok(()),
     }
 }
 

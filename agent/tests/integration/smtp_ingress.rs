@@ -1096,8 +1096,8 @@ fn sessions_are_capped_per_source_and_in_total_but_known_devices_get_in() {
 }
 
 /// A stranger that starts `STARTTLS` and never sends its hello cannot keep its slot: a new
-/// connection over `max_sessions` closes it at once (it is dropped mid-handshake after a short
-/// grace), not after the 10 s handshake timeout.
+/// connection over `max_sessions` closes it at once (it is dropped mid-handshake), not after the
+/// 10 s handshake timeout.
 #[test]
 fn a_session_stalled_in_its_tls_handshake_makes_room_for_a_new_one() {
     let tls = IngressTls::self_signed(&["127.0.0.1".to_owned()]).unwrap();
