@@ -311,7 +311,7 @@ where
                                 if closed_one {
                                     closed_for_new += 1;
                                     if closed_for_new.is_power_of_two() {
-                                        tracing::warn!(%peer, closed_so_far = closed_for_new, max_connections = limits.max_sessions, "{what}: connection limit reached: closing, for each new connection, the one that has waited longest for a request");
+                                        tracing::warn!(%peer, closed_so_far = closed_for_new, max_connections = limits.max_sessions, "{what}: connection limit reached: closing, for each new connection, the session that has waited longest unserved (not logged in, or no request in flight)");
                                     }
                                 }
                                 slot

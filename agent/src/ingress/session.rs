@@ -411,6 +411,10 @@ async fn mail<H: IngressHandler>(
             }
         }
     }
+    // A mail transaction without a login (`require_auth` off) is served from here on.
+    if !conn.served().await? {
+        return Ok(false);
+    }
     state.from = Some(addr.to_owned());
     conn.reply("250 2.1.0 Ok").await
 }

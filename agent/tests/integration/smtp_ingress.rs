@@ -1147,6 +1147,37 @@ fn a_session_stalled_in_its_tls_handshake_makes_room_for_a_new_one() {
     );
 }
 
+/// Without `require_auth` a stranger's session is served once its mail transaction starts: a new
+/// connection over `max_sessions` closes the idle one, not the one sending.
+#[test]
+fn a_mail_transaction_without_a_login_is_not_closed_for_a_new_connection() {
+    let server = Server::start(
+        IngressConfig {
+            require_auth: false,
+            ..limited(SessionLimits {
+                max_sessions: 2,
+                max_sessions_per_source: 2,
+                ..SessionLimits::default()
+            })
+        },
+        false,
+    );
+    let mut sending = Client::connect_from([127, 0, 0, 2], server.addr);
+    sending.expect("EHLO sender", 250, "");
+    sending.expect("MAIL FROM:<scan@example.com>", 250, "2.1.0");
+    let (idle, line) = greeting_from([127, 0, 0, 3], server.addr);
+    assert!(line.starts_with("220 "), "{line}");
+    let (_newcomer, line) = greeting_from([127, 0, 0, 4], server.addr);
+    assert!(line.starts_with("220 "), "{line}");
+    let mut closed = String::new();
+    BufReader::new(&idle).read_line(&mut closed).unwrap();
+    assert!(closed.starts_with("421 4.3.2"), "{closed}");
+    sending.expect("RCPT TO:<someone@example.com>", 250, "");
+    sending.expect("DATA", 354, "");
+    sending.expect("Subject: kept\r\n\r\nbody\r\n.", 250, "");
+    assert_eq!(server.spool.queued().unwrap().len(), 1);
+}
+
 fn plain(user: &str, password: &str) -> String {
     format!(
         "AUTH PLAIN {}",
