@@ -255,15 +255,19 @@ where
     }
 }
 
+/// Which sources are known (exempt from the total cap).
+pub type Known = Arc<dyn Fn(SocketAddr) -> bool + Send + Sync>;
+
 /// Who a server lets in: its caps, how it refuses, which sources pass the total cap, and
 /// whether a full server makes room.
-pub struct Gate<K> {
+pub struct Gate {
     /// The caps.
     pub limits: SessionLimits,
     /// The answer to a connection over a cap (one protocol line, written without waiting).
     pub busy: fn(Refusal) -> &'static [u8],
-    /// Sources exempt from the total cap (not from their own).
-    pub known: K,
+    /// Sources exempt from the total cap (not from their own); shared with the sessions, which
+    /// may ask it too.
+    pub known: Known,
     /// The server's connections that wait unserved (see [`tokenfleet_listen`]), when it makes
     /// room: over the total cap a new connection closes the one that has waited longest and takes
     /// its slot, and is refused only when none waits. `None`: new connections over the cap are
@@ -279,17 +283,16 @@ pub struct Gate<K> {
 ///
 /// A connection over one of the `gate` caps (after making room, where the server does) gets
 /// its `busy` answer and is closed.
-pub async fn serve<F, S, K>(
+pub async fn serve<F, S>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     what: &'static str,
-    gate: Gate<K>,
+    gate: Gate,
     mut session: F,
 ) -> io::Result<()>
 where
     F: FnMut(TcpStream, SocketAddr, watch::Receiver<bool>) -> S,
     S: Future<Output = io::Result<()>> + Send + 'static,
-    K: Fn(SocketAddr) -> bool,
 {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut sessions = JoinSet::new();

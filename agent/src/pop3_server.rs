@@ -13,10 +13,10 @@
 //! Limits: sessions at once, in total and per source ([`SessionLimits`]; over them a
 //! connection gets `-ERR [SYS/TEMP]` and is closed — except that over the total, a session that
 //! has not logged in from a source that is not known makes room: the one that has waited longest
-//! gets `-ERR [SYS/TEMP]` and is closed, and the new connection takes its slot), and failed logins slowed down, then locked
-//! out per source and user by the [`LoginGuard`] the SMTP ingress shares (a locked login gets
-//! `-ERR [AUTH] … try again in N seconds` and the connection is closed, without a password
-//! check).
+//! gets `-ERR [SYS/TEMP]` and is closed, and the new connection takes its slot), and failed
+//! logins slowed down, then locked out per source and user by the [`LoginGuard`] the SMTP
+//! ingress shares (a locked login gets `-ERR [AUTH] … try again in N seconds` and the connection
+//! is closed, without a password check).
 //!
 //! The command grammar is [`crate::wire::pop3`] (sans-IO); this file is the session.
 
@@ -131,7 +131,8 @@ impl Pop3Server {
         let config = Arc::new(config);
         let limits = config.limits;
         let guard = Arc::clone(&config.login_guard);
-        let known = Arc::new(move |peer: SocketAddr| guard.known_source(peer.ip()));
+        let known: line_server::Known =
+            Arc::new(move |peer: SocketAddr| guard.known_source(peer.ip()));
         // Sessions from sources that are not known, until they log in.
         let waiting = Arc::new(Waiting::default());
         line_server::serve(
@@ -141,10 +142,7 @@ impl Pop3Server {
             Gate {
                 limits,
                 busy,
-                known: {
-                    let known = Arc::clone(&known);
-                    move |peer| known(peer)
-                },
+                known: Arc::clone(&known),
                 waiting: Some(Arc::clone(&waiting)),
             },
             move |stream, peer, stop| {

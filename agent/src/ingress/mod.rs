@@ -143,7 +143,7 @@ impl IngressServer {
         let config = Arc::new(config);
         let (guard, devices) = (Arc::clone(&config.login_guard), Arc::clone(&handler));
         // A device's allowlisted address, or one that logged in successfully lately.
-        let known = Arc::new(move |peer: std::net::SocketAddr| {
+        let known: line_server::Known = Arc::new(move |peer: std::net::SocketAddr| {
             guard.known_source(peer.ip()) || devices.device_for_peer(peer).is_some()
         });
         // Sessions from other sources, until they log in.
@@ -155,10 +155,7 @@ impl IngressServer {
             line_server::Gate {
                 limits: config.limits,
                 busy,
-                known: {
-                    let known = Arc::clone(&known);
-                    move |peer| known(peer)
-                },
+                known: Arc::clone(&known),
                 waiting: Some(Arc::clone(&waiting)),
             },
             move |stream, peer, stop| {

@@ -94,7 +94,7 @@ pub async fn serve(
         Gate {
             limits: limits.connections,
             busy,
-            known: |_| false,
+            known: Arc::new(|_| false),
             waiting: Some(Arc::clone(&waiting)),
         },
         move |stream, _peer, mut stop| {
