@@ -240,7 +240,7 @@ pub async fn closed_for_new(seat: Option<&Seat>) {
 /// — at a read it says why and ends (see [`closed_for_new`]) — and dropped if it has not ended
 /// (in a TLS handshake, waiting for a password check, writing to a client that does not read),
 /// so its slot goes to the new connection at once and the accept loop never waits on it.
-pub async fn ending_when_closed<F>(closed: Option<CancellationToken>, session: F) -> io::Result<()>
+async fn ending_when_closed<F>(closed: Option<CancellationToken>, session: F) -> io::Result<()>
 where
     F: Future<Output = io::Result<()>>,
 {
@@ -255,8 +255,8 @@ where
     }
 }
 
-/// Which sources are known (exempt from the total cap).
-pub type Known = Arc<dyn Fn(SocketAddr) -> bool + Send + Sync>;
+/// Which sources are known (exempt from the total cap, and never waiting).
+pub type Known = Box<dyn Fn(SocketAddr) -> bool + Send + Sync>;
 
 /// Who a server lets in: its caps, how it refuses, which sources pass the total cap, and
 /// whether a full server makes room.
@@ -265,18 +265,21 @@ pub struct Gate {
     pub limits: SessionLimits,
     /// The answer to a connection over a cap (one protocol line, written without waiting).
     pub busy: fn(Refusal) -> &'static [u8],
-    /// Sources exempt from the total cap (not from their own); shared with the sessions, which
-    /// may ask it too.
+    /// Sources exempt from the total cap (not from their own); their sessions never wait.
     pub known: Known,
     /// The server's connections that wait unserved (see [`tokenfleet_listen`]), when it makes
-    /// room: over the total cap a new connection closes the one that has waited longest and takes
-    /// its slot, and is refused only when none waits. `None`: new connections over the cap are
-    /// refused.
+    /// room: each session from a source that is not known is handed a seat among them, which it
+    /// leaves when it is served (SMTP and POP3: at login) or turns into a call counter
+    /// (`Calls::seated`, metrics: waiting whenever no request is in flight); when its seat is
+    /// closed the session ends. Over the total cap a new connection closes the one that has
+    /// waited longest and takes its slot, and is refused only when none waits. `None`: sessions
+    /// get no seat and new connections over the cap are refused.
     pub waiting: Option<Arc<Waiting>>,
 }
 
 /// Accepts connections on `listener` until `shutdown` completes, running `session` for each on
-/// its own task (with `TCP_NODELAY` set and a receiver that turns `true` when the server stops).
+/// its own task (with `TCP_NODELAY` set, a receiver that turns `true` when the server stops, and
+/// its seat when the server makes room and the source is not known; see [`Gate::waiting`]).
 /// Then stops accepting, signals the sessions and waits for them to end. `what` names the
 /// protocol in log lines; accept errors (out of file descriptors and the like) are logged and
 /// followed by a short back-off.
@@ -291,7 +294,7 @@ pub async fn serve<F, S>(
     mut session: F,
 ) -> io::Result<()>
 where
-    F: FnMut(TcpStream, SocketAddr, watch::Receiver<bool>) -> S,
+    F: FnMut(TcpStream, SocketAddr, watch::Receiver<bool>, Option<Seat>) -> S,
     S: Future<Output = io::Result<()>> + Send + 'static,
 {
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -306,8 +309,9 @@ where
             accepted = listener.accept() => {
                 match accepted {
                     Ok((stream, peer)) => {
+                        let known = (gate.known)(peer);
                         let admitted = seats
-                            .admit_or_make_room(limits, peer.ip(), (gate.known)(peer), gate.waiting.as_deref())
+                            .admit_or_make_room(limits, peer.ip(), known, gate.waiting.as_deref())
                             .await;
                         let slot = match admitted {
                             Ok((slot, closed_one)) => {
@@ -330,7 +334,13 @@ where
                             }
                         };
                         let _ = stream.set_nodelay(true);
-                        let run = session(stream, peer, stop_rx.clone());
+                        let seat = gate
+                            .waiting
+                            .as_ref()
+                            .filter(|_| !known)
+                            .map(|waiting| waiting.seat(CancellationToken::new()));
+                        let closed = seat.as_ref().map(|seat| seat.closed().clone());
+                        let run = ending_when_closed(closed, session(stream, peer, stop_rx.clone(), seat));
                         let lifetime = limits.max_session;
                         sessions.spawn(async move {
                             let _slot = slot;

@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokenfleet_listen::{CancellationToken, Seat, Waiting};
+use tokenfleet_listen::{Seat, Waiting};
 use tokio::io::BufReader;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -131,10 +131,6 @@ impl Pop3Server {
         let config = Arc::new(config);
         let limits = config.limits;
         let guard = Arc::clone(&config.login_guard);
-        let known: line_server::Known =
-            Arc::new(move |peer: SocketAddr| guard.known_source(peer.ip()));
-        // Sessions from sources that are not known, until they log in.
-        let waiting = Arc::new(Waiting::default());
         line_server::serve(
             listener,
             shutdown,
@@ -142,10 +138,11 @@ impl Pop3Server {
             Gate {
                 limits,
                 busy,
-                known: Arc::clone(&known),
-                waiting: Some(Arc::clone(&waiting)),
+                known: Box::new(move |peer: SocketAddr| guard.known_source(peer.ip())),
+                // Sessions from other sources wait until they log in.
+                waiting: Some(Arc::new(Waiting::default())),
             },
-            move |stream, peer, stop| {
+            move |stream, peer, stop, seat| {
                 let session = Session {
                     reader: BufReader::new(Box::new(stream)),
                     peer,
@@ -153,13 +150,10 @@ impl Pop3Server {
                     maildrop: Arc::clone(&maildrop),
                     errors: 0,
                     tls: false,
-                    waiting: (!known(peer)).then(|| waiting.seat(CancellationToken::new())),
+                    waiting: seat,
                 };
-                let closed = session.waiting.as_ref().map(|seat| seat.closed().clone());
                 let auth = Arc::clone(&auth);
-                async move {
-                    line_server::ending_when_closed(closed, session.run(&*auth, stop)).await
-                }
+                async move { session.run(&*auth, stop).await }
             },
         )
         .await

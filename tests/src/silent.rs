@@ -18,23 +18,24 @@ pub async fn connect_silent(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
     silent
 }
 
-/// `n` silent connections to `addr` from the loopback address `source` (such as 127.0.0.2: a
-/// host of its own for listeners that count connections per source).
+/// A TCP connection to `target` from the local address `source` (a loopback address such as
+/// 127.0.0.2: a host of its own for listeners that count connections per source).
+pub async fn connect_from(source: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if source.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(target).await
+}
+
+/// `n` silent connections to `addr` from the loopback address `source` (see [`connect_from`]).
 pub async fn connect_silent_from(source: IpAddr, addr: SocketAddr, n: usize) -> Vec<TcpStream> {
     let mut silent = Vec::new();
     for _ in 0..n {
-        let socket = if source.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        };
-        let stream = async {
-            let socket = socket?;
-            socket.bind(SocketAddr::new(source, 0))?;
-            socket.connect(addr).await
-        };
         silent.push(
-            stream
+            connect_from(source, addr)
                 .await
                 .unwrap_or_else(|e| panic!("connecting to {addr} from {source}: {e}")),
         );

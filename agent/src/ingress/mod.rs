@@ -42,7 +42,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokenfleet_listen::{CancellationToken, Waiting};
+use tokenfleet_listen::Waiting;
 use tokio::net::TcpListener;
 
 pub use guard::{Admission, LoginGuard, LoginLimits};
@@ -142,12 +142,6 @@ impl IngressServer {
         }
         let config = Arc::new(config);
         let (guard, devices) = (Arc::clone(&config.login_guard), Arc::clone(&handler));
-        // A device's allowlisted address, or one that logged in successfully lately.
-        let known: line_server::Known = Arc::new(move |peer: std::net::SocketAddr| {
-            guard.known_source(peer.ip()) || devices.device_for_peer(peer).is_some()
-        });
-        // Sessions from other sources, until they log in.
-        let waiting = Arc::new(Waiting::default());
         line_server::serve(
             listener,
             shutdown,
@@ -155,18 +149,17 @@ impl IngressServer {
             line_server::Gate {
                 limits: config.limits,
                 busy,
-                known: Arc::clone(&known),
-                waiting: Some(Arc::clone(&waiting)),
+                // A device's allowlisted address, or one that logged in successfully lately.
+                known: Box::new(move |peer| {
+                    guard.known_source(peer.ip()) || devices.device_for_peer(peer).is_some()
+                }),
+                // Sessions from other sources wait until they log in.
+                waiting: Some(Arc::new(Waiting::default())),
             },
-            move |stream, peer, stop| {
+            move |stream, peer, stop, seat| {
                 let config = Arc::clone(&config);
                 let handler = Arc::clone(&handler);
-                let seat = (!known(peer)).then(|| waiting.seat(CancellationToken::new()));
-                let closed = seat.as_ref().map(|seat| seat.closed().clone());
-                async move {
-                    let session = session::run(stream, peer, &config, &*handler, stop, seat);
-                    line_server::ending_when_closed(closed, session).await
-                }
+                async move { session::run(stream, peer, &config, &*handler, stop, seat).await }
             },
         )
         .await

@@ -85,8 +85,6 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES))
         .max_headers(MAX_HEADER_FIELDS);
-    // Connections waiting for a request (the first, or the next on a keep-alive connection).
-    let waiting = Arc::new(Waiting::default());
     line_server::serve(
         listener,
         shutdown,
@@ -94,19 +92,21 @@ pub async fn serve(
         Gate {
             limits: limits.connections,
             busy,
-            known: Arc::new(|_| false),
-            waiting: Some(Arc::clone(&waiting)),
+            known: Box::new(|_| false),
+            // Connections waiting for a request (the first, or the next on a keep-alive one).
+            waiting: Some(Arc::new(Waiting::default())),
         },
-        move |stream, _peer, mut stop| {
+        move |stream, _peer, mut stop, seat| {
             let builder = builder.clone();
             let metrics = metrics.clone();
             let health = health.clone();
-            // Waiting whenever no request is in flight, until the answer is sent.
-            let calls = Calls::new(&waiting);
+            // Waiting whenever no request is in flight, until the answer is sent; no source is
+            // known, so every connection has its seat (and ends when it is closed).
+            let calls = seat.map(Calls::seated);
             async move {
-                let service_calls = Arc::clone(&calls);
+                let service_calls = calls;
                 let service = hyper::service::service_fn(move |request| {
-                    let call = service_calls.start();
+                    let call = service_calls.as_ref().map(Calls::start);
                     let metrics = metrics.clone();
                     let health = health.clone();
                     async move {
@@ -125,8 +125,6 @@ pub async fn serve(
                         connection.as_mut().graceful_shutdown();
                         connection.await
                     }
-                    // Its slot went to a new connection (it was waiting for a request).
-                    () = calls.closed().cancelled() => Ok(()),
                 };
                 // A client's doing (timeout, reset, bad request): line_server logs it at debug.
                 result.map_err(io::Error::other)

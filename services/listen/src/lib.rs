@@ -108,11 +108,16 @@ pub struct Calls {
 impl Calls {
     /// A new connection's: waiting, no call yet.
     pub fn new(idle: &Arc<Waiting>) -> Arc<Self> {
-        let closed = CancellationToken::new();
+        Self::seated(idle.seat(CancellationToken::new()))
+    }
+
+    /// The calls of a connection that waits in `seat` (no call yet): it waits again, under the
+    /// same closing token, whenever its calls have all ended.
+    pub fn seated(seat: Seat) -> Arc<Self> {
         Arc::new(Self {
-            state: Mutex::new((0, Some(idle.seat(closed.clone())))),
-            idle: Arc::clone(idle),
-            closed,
+            idle: Arc::clone(&seat.waiting),
+            closed: seat.closed.clone(),
+            state: Mutex::new((0, Some(seat))),
         })
     }
 

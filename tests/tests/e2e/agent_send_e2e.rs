@@ -375,11 +375,9 @@ async fn greeting_from(
     addr: std::net::SocketAddr,
 ) -> (tokio::io::BufReader<tokio::net::TcpStream>, String) {
     use tokio::io::AsyncBufReadExt as _;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket
-        .bind(std::net::SocketAddr::from((source, 0)))
+    let stream = tokenfleet_testkit::silent::connect_from(source.into(), addr)
+        .await
         .unwrap();
-    let stream = socket.connect(addr).await.unwrap();
     let mut reader = tokio::io::BufReader::new(stream);
     let mut line = String::new();
     tokio::time::timeout(Duration::from_secs(20), reader.read_line(&mut line))

@@ -50,7 +50,9 @@ use clap::Parser;
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_testkit::agent_site::{AgentSite, DEVICE_USER, SiteOptions, eventually};
 
-use crate::flood::{self, connect_from};
+use tokenfleet_testkit::silent::connect_from;
+
+use crate::flood;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
 

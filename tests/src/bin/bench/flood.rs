@@ -7,20 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use tokenfleet_testkit::silent::connect_from;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpSocket, TcpStream};
-
-/// A TCP connection to `target` from the local address `source` (a loopback address such as
-/// 127.4.0.1: a host of its own for listeners that count connections per source).
-pub async fn connect_from(source: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = if source.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.bind(SocketAddr::new(source, 0))?;
-    socket.connect(target).await
-}
+use tokio::net::TcpStream;
 
 /// `n` connections to `target` that send nothing, the `i`-th from `sources[i % len]`, each
 /// opened again as soon as the server closes it, until `stop`: how many were opened, and how long
