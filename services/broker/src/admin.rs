@@ -115,8 +115,10 @@ impl AdminService {
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<Principal, Error> {
         let key = bearer(request.metadata())?;
         let principal = api_keys::authenticate(&self.state, key).await;
-        if let Err(err) = &principal {
-            tracing::info!(code = err.result(), "admin call not authenticated");
+        match &principal {
+            // Its connection is served from now on, not closed for a new one.
+            Ok(_) => crate::listener::prove_call(request),
+            Err(err) => tracing::info!(code = err.result(), "admin call not authenticated"),
         }
         principal
     }

@@ -1214,9 +1214,10 @@ redeliver_after_seconds = 600
 # half-open call that never sends its request is ended then; StatusStream only needs to open).
 grpc_max_connections = 10000
 # Of those, how many may be open without a client certificate (API-key clients, enrolling
-# agents, strangers); over it a new one closes the one idle longest (no call in flight), and when
-# every one has a call in flight the new one's first call gets RESOURCE_EXHAUSTED naming this
-# limit and it is closed, so they cannot take the slots agents need.
+# agents, strangers); over it a new one closes the one that has waited longest without a call
+# that proved its caller (an admin call with an accepted API key) in flight, and when every one
+# has such a call in flight the new one's first call gets RESOURCE_EXHAUSTED naming this limit
+# and it is closed, so they cannot take the slots agents need.
 # With [tls] only.
 grpc_max_anonymous_connections = 512
 grpc_max_concurrent_streams = 100

@@ -20,14 +20,20 @@
 //!
 //! A connection that presents no client certificate — an admin client with an API key, an agent
 //! enrolling, or anyone who can reach the port — takes one of `grpc_max_anonymous_connections`
-//! slots besides its listener slot. Those wait the same way whenever they have no call in flight
-//! ([`AnonymousCallsLayer`] counts them, until each response body is done): over the limit a new
-//! one closes the one idle longest and takes its slot, so idle clients cannot keep
-//! `tokenfleetctl` or an enrolling agent out. Only when every one of them has a call in flight is
-//! the new connection's first call answered `RESOURCE_EXHAUSTED` naming the limit and the
-//! connection closed with an HTTP/2 `GOAWAY` (`ENHANCE_YOUR_CALM`). So connections that prove
-//! nothing cannot hold the slots agents need; an agent's certificate is verified against the
-//! agent CA during the handshake, as tonic did.
+//! slots besides its listener slot. Those wait the same way whenever they have no *proven*
+//! call in flight: a call whose caller proved who they are (an admin call whose API key was
+//! accepted, [`prove_call`]), counted by [`AnonymousCallsLayer`] until its response body is
+//! done. Over the limit a new one closes the one that has waited longest and takes its slot, so
+//! neither idle clients nor clients holding calls that prove nothing — half-open calls that
+//! never send their request, `Health/Watch` streams, calls with a bad key — can keep
+//! `tokenfleetctl` or an enrolling agent out (an enrollment, which proves itself by its one-time
+//! code only once its request is read, takes milliseconds: to close it, an attacker would have
+//! to open as many connections as there are anonymous slots meanwhile). Only when every one of
+//! them has a proven call in flight is the new connection's first call answered
+//! `RESOURCE_EXHAUSTED` naming the limit and the connection closed with an HTTP/2 `GOAWAY`
+//! (`ENHANCE_YOUR_CALM`). So connections that prove nothing cannot hold the slots agents or
+//! operators need; an agent's certificate is verified against the agent CA during the
+//! handshake, as tonic did.
 //!
 //! [`serve_http`] runs the axum router on hyper's HTTP/1.1 connection builder, because
 //! `axum::serve` offers no header-read timeout: a client that sends its request header a byte at
@@ -254,13 +260,13 @@ pub struct GrpcPeer {
     /// The client certificate (DER) presented in the TLS handshake and verified there against the
     /// agent CA; `None` without TLS or without a certificate.
     pub leaf: Option<Arc<CertificateDer<'static>>>,
-    /// The calls in flight on a TLS connection without a client certificate, counted by
-    /// [`AnonymousCallsLayer`].
+    /// The proven calls in flight on a TLS connection without a client certificate, counted by
+    /// [`AnonymousCallsLayer`] ([`prove_call`]).
     calls: Option<Arc<Calls>>,
 }
 
-/// Counts the calls in flight on each connection without a client certificate (see
-/// [`GrpcPeer`]); calls on other connections pass untouched.
+/// Counts the proven calls in flight on each connection without a client certificate (see
+/// [`GrpcPeer`] and [`prove_call`]); calls on other connections pass untouched.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AnonymousCallsLayer;
 
@@ -278,11 +284,38 @@ pub struct AnonymousCallsService<S> {
     inner: S,
 }
 
+/// One call on a connection without a client certificate, in the request's extensions and held
+/// by its response until the response body is done. It keeps its connection from waiting (from
+/// being closed for a new connection) only once it has proven who makes it ([`prove_call`]):
+/// a half-open call that never sends its request, a `Health/Watch` stream or a call refused
+/// for a bad API key proves nothing, so holding such calls cannot keep anyone out.
+#[derive(Debug)]
+pub struct AnonymousCall {
+    calls: Arc<Calls>,
+    proven: std::sync::Mutex<Option<CallInFlight>>,
+}
+
+/// Marks `request`'s call as made by a caller who proved who they are (an admin call whose API
+/// key was accepted): from now until its response is done, its connection (one without a
+/// client certificate) is served, not waiting, and is never closed for a new connection. Does
+/// nothing for calls on connections with a certificate or without TLS.
+pub fn prove_call<T>(request: &tonic::Request<T>) {
+    if let Some(call) = request.extensions().get::<Arc<AnonymousCall>>() {
+        let mut proven = call
+            .proven
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if proven.is_none() {
+            *proven = Some(call.calls.start());
+        }
+    }
+}
+
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for AnonymousCallsService<S>
 where
     S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
 {
-    type Response = http::Response<GuardedBody<ResBody, Option<CallInFlight>>>;
+    type Response = http::Response<GuardedBody<ResBody, Option<Arc<AnonymousCall>>>>;
     type Error = S::Error;
     type Future = CountedCall<S::Future>;
 
@@ -290,12 +323,20 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         let call = request
             .extensions()
             .get::<GrpcPeer>()
             .and_then(|peer| peer.calls.as_ref())
-            .map(Calls::start);
+            .map(|calls| {
+                Arc::new(AnonymousCall {
+                    calls: Arc::clone(calls),
+                    proven: std::sync::Mutex::new(None),
+                })
+            });
+        if let Some(call) = &call {
+            request.extensions_mut().insert(Arc::clone(call));
+        }
         CountedCall {
             inner: self.inner.call(request),
             call,
@@ -304,12 +345,12 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// A call's response future holding its [`CallInFlight`], handed to the response body.
+    /// A call's response future holding its [`AnonymousCall`], handed to the response body.
     #[derive(Debug)]
     pub struct CountedCall<F> {
         #[pin]
         inner: F,
-        call: Option<CallInFlight>,
+        call: Option<Arc<AnonymousCall>>,
     }
 }
 
@@ -317,7 +358,7 @@ impl<F, ResBody, E> Future for CountedCall<F>
 where
     F: Future<Output = Result<http::Response<ResBody>, E>>,
 {
-    type Output = Result<http::Response<GuardedBody<ResBody, Option<CallInFlight>>>, E>;
+    type Output = Result<http::Response<GuardedBody<ResBody, Option<Arc<AnonymousCall>>>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -675,7 +716,7 @@ pub async fn serve_http(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = acceptor.accept() => accepted,
             () = &mut shutdown => break,
         };
@@ -683,7 +724,11 @@ pub async fn serve_http(
         let calls = Calls::new(&acceptor.waiting);
         let closed = calls.closed().clone();
         let (router, service_calls) = (router.clone(), Arc::clone(&calls));
-        let service = hyper::service::service_fn(move |request| {
+        let service = hyper::service::service_fn(move |mut request: http::Request<_>| {
+            // The client's address, for handlers that limit per source (console sign-in).
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
             // Served, not waiting, until the answer is sent (its body dropped).
             let call = service_calls.start();
             let response = tower::ServiceExt::oneshot(router.clone(), request);

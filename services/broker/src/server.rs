@@ -269,7 +269,7 @@ pub async fn serve(
         .layer(GrpcMetricsLayer::new(metrics.clone()))
         // Inside the metrics layer, so they count the rewritten code.
         .layer(crate::malformed::MalformedRequestLayer)
-        // Which connections without a client certificate are idle (no call in flight).
+        // Which connections without a client certificate wait (no proven call in flight).
         .layer(crate::listener::AnonymousCallsLayer)
         .add_service(health_service)
         .add_service(tokenfleet_proto::v1::admin_server::AdminServer::new(

@@ -726,82 +726,198 @@ async fn anonymous_watch(
     Ok((channel, watch))
 }
 
+/// A new gRPC connection to the TLS broker without a client certificate holding a half-open
+/// `Enroll` call: its headers are sent, its request message never is. The task ends with the
+/// call's error once the broker closes the connection.
+async fn half_open_enroll(
+    broker: &TestBroker,
+    ca_pem: &str,
+) -> tokio::task::JoinHandle<tonic::Status> {
+    use tokenfleet_proto::v1::{AgentCertificate, EnrollRequest};
+    let channel = tls_channel(broker, ca_pem, None).await;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    tokio::spawn(async move {
+        let never = futures::stream::pending::<EnrollRequest>();
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+            "/tokenfleet.v1.TokenBroker/Enroll",
+        );
+        let codec =
+            tokenfleet_proto::codec::SmallBufferCodec::<EnrollRequest, AgentCertificate>::default();
+        match grpc
+            .client_streaming(tonic::Request::new(never), path, codec)
+            .await
+        {
+            Ok(answer) => panic!("a half-open Enroll call was answered: {answer:?}"),
+            Err(status) => status,
+        }
+    })
+}
+
 /// Connections without a client certificate are held to `[limits]
-/// grpc_max_anonymous_connections`, through the broker executable over TLS: a new one closes
-/// the one idle longest (no call in flight) for its slot; when every one has a call in flight
-/// the new one's call gets RESOURCE_EXHAUSTED naming the limit, while an enrolled agent with its
-/// certificate is still served and the connections already open keep working; once one of them
-/// is idle, `tokenfleetctl` gets in again.
+/// grpc_max_anonymous_connections`, through the broker executable over TLS. Calls that prove
+/// nothing do not hold a slot: with every slot taken by a half-open `Enroll` call or a
+/// `Health/Watch` stream, `tokenfleetctl` gets in at once, closing the one that waited longest
+/// (the others untouched). Calls whose API key was accepted do: with every slot held by a
+/// `tokenfleetctl device test` waiting for the agent, a new connection's call gets
+/// RESOURCE_EXHAUSTED naming the limit (also through `tokenfleetctl`), while the agent with its
+/// certificate is still served and the tests in flight end with their verdict; once they are
+/// done, `tokenfleetctl` gets in again.
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_without_a_certificate_cannot_take_the_agents_slots() {
     const LIMIT: usize = 3;
     let (broker, ca_pem, identity, _agent_dir) =
         tls_broker_with_agent(&format!("grpc_max_anonymous_connections = {LIMIT}\n")).await;
+    let (code, _, stderr) = broker
+        .ctl(&[
+            "device",
+            "create",
+            "--tenant",
+            "acme",
+            "--name",
+            "mfp-limits",
+            "--agent",
+            "site-1",
+            "--sender-mode",
+            "login_user",
+        ])
+        .await;
+    assert_eq!(code, 0, "{stderr}");
 
-    // Every slot taken by a connection with a call in flight: the test's admin channel and the
-    // enrollment's connection are idle, so the new ones close them for their slots.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut busy = Vec::new();
-    while busy.len() < LIMIT {
-        match anonymous_watch(&broker, &ca_pem).await {
-            Ok(held) => busy.push(held),
-            Err(status) => {
-                assert!(Instant::now() < deadline, "no slot for a new one: {status}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every slot taken by a call that proves nothing, the half-open one first: the test's admin
+    // channel and the enrollment's connection wait longer, so the new ones close them first.
+    let half_open = half_open_enroll(&broker, &ca_pem).await;
+    let mut watches = Vec::new();
+    for _ in 1..LIMIT {
+        watches.push(anonymous_watch(&broker, &ca_pem).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!half_open.is_finished(), "the half-open call ended early");
+    // The old rule (any call in flight holds its slot) answered this RESOURCE_EXHAUSTED.
+    let (code, stdout, stderr) = broker.ctl(&["tenant", "list"]).await;
+    assert_eq!(
+        code, 0,
+        "calls that prove nothing kept tokenfleetctl out: {stderr}"
+    );
+    assert!(stdout.contains("acme"), "{stdout}");
+    // It closed the one that waited longest, the half-open call, and nothing else.
+    let ended = tokio::time::timeout(Duration::from_secs(5), half_open)
+        .await
+        .expect("the half-open call's connection was not closed")
+        .unwrap();
+    assert_ne!(ended.code(), tonic::Code::Ok, "{ended}");
+    for (n, (_, watch)) in watches.iter_mut().enumerate() {
+        let next = tokio::time::timeout(Duration::from_millis(300), watch.message()).await;
+        assert!(next.is_err(), "watch {n} ended: {next:?}");
+    }
+
+    // The agent's status stream, on its own connection with its certificate; the commands it
+    // gets are collected and never answered, so connection tests wait for their deadline.
+    let (report, reports) = tokio::sync::mpsc::channel(4);
+    report
+        .send(tokenfleet_proto::v1::AgentReport {
+            time: Some(prost_types::Timestamp {
+                seconds: time::OffsetDateTime::now_utc().unix_timestamp(),
+                nanos: 0,
+            }),
+            software_version: "limits-test".into(),
+            sequence: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut commands = TokenBrokerClient::new(tls_channel(&broker, &ca_pem, Some(&identity)).await)
+        .status_stream(tokio_stream::wrappers::ReceiverStream::new(reports))
+        .await
+        .unwrap()
+        .into_inner();
+    let (tests_seen, mut tests_arrived) = tokio::sync::mpsc::unbounded_channel();
+    let _reader = tokio::spawn(async move {
+        while let Ok(Some(command)) = commands.message().await {
+            if let Some(tokenfleet_proto::v1::agent_command::Command::TestConnection(_)) =
+                command.command
+            {
+                let _ = tests_seen.send(());
             }
         }
-    }
-    // Over the limit with nobody idle: refused, naming the limit.
-    let status = anonymous_health(&broker, &ca_pem)
-        .await
-        .expect_err("a connection over the anonymous limit was served");
-    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
-    assert!(
-        status.message().contains(&format!(
-            "without a client certificate are open (limits.grpc_max_anonymous_connections = {LIMIT})"
-        )),
-        "{status}"
-    );
-    // tokenfleetctl (an API-key client) says why.
-    let (code, _, stderr) = broker.ctl(&["tenant", "list"]).await;
-    assert_ne!(code, 0, "{stderr}");
-    assert!(
-        stderr.contains(
-            "resource exhausted: too many gRPC connections without a client certificate are open"
-        ),
-        "{stderr}"
-    );
-    // The agent with its certificate is served.
-    assert_agent_served(&broker, &ca_pem, &identity).await;
-    // The connections already open keep working.
-    for (channel, _) in &busy {
-        HealthClient::new(channel.clone())
-            .check(HealthCheckRequest::default())
-            .await
-            .unwrap();
-    }
-    // One call ends, so its connection is idle: the next client closes it for its slot.
-    let (idle, watch) = busy.remove(0);
-    drop(watch);
-    let deadline = Instant::now() + Duration::from_secs(5);
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (code, stdout, stderr) = broker.ctl(&["tenant", "list"]).await;
-        if code == 0 {
-            assert!(stdout.contains("acme"), "{stdout}");
+        let status = broker
+            .admin_client()
+            .get_fleet_status(tokenfleet_proto::v1::GetFleetStatusRequest {
+                tenant: "acme".into(),
+            })
+            .await;
+        if status.is_ok_and(|s| s.into_inner().devices.iter().any(|d| d.agent_connected)) {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "the idle connection's slot was not taken: {stderr}"
+            "the agent's status stream was not seen"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // The connections with calls in flight were not touched.
-    for (n, (_, watch)) in busy.iter_mut().enumerate() {
-        let next = tokio::time::timeout(Duration::from_millis(300), watch.message()).await;
-        assert!(next.is_err(), "busy connection {n} ended: {next:?}");
+
+    // Every slot held by a call whose API key was accepted: three connection tests in flight
+    // (closing the two watches and the idle admin channel for their slots).
+    let device_test = || {
+        broker.ctl(&[
+            "device",
+            "test",
+            "mfp-limits",
+            "--tenant",
+            "acme",
+            "--timeout",
+            "6",
+        ])
+    };
+    let over_the_limit = async {
+        for n in 0..LIMIT {
+            tokio::time::timeout(Duration::from_secs(15), tests_arrived.recv())
+                .await
+                .unwrap_or_else(|_| panic!("only {n} connection tests reached the agent"));
+        }
+        // Over the limit with every one serving a proven call: refused, naming the limit.
+        let status = anonymous_health(&broker, &ca_pem)
+            .await
+            .expect_err("a connection over the anonymous limit was served");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+        assert!(
+            status.message().contains(&format!(
+                "without a client certificate are open (limits.grpc_max_anonymous_connections = {LIMIT})"
+            )),
+            "{status}"
+        );
+        // tokenfleetctl (an API-key client) says why.
+        let (code, _, stderr) = broker.ctl(&["tenant", "list"]).await;
+        assert_ne!(code, 0, "{stderr}");
+        assert!(
+            stderr.contains(
+                "resource exhausted: too many gRPC connections without a client certificate are open"
+            ),
+            "{stderr}"
+        );
+        // The agent with its certificate is served.
+        assert_agent_served(&broker, &ca_pem, &identity).await;
+    };
+    let (first, second, third, ()) =
+        tokio::join!(device_test(), device_test(), device_test(), over_the_limit);
+    // The tests in flight were not cut short: each ended with the broker's verdict.
+    for (code, stdout, stderr) in [first, second, third] {
+        assert!(stdout.contains("verdict:"), "exit {code}: {stdout}{stderr}");
     }
-    drop((idle, busy));
+    for (n, (_, watch)) in watches.iter_mut().enumerate() {
+        let next = tokio::time::timeout(Duration::from_secs(5), watch.message()).await;
+        assert!(
+            matches!(next, Ok(Err(_) | Ok(None))),
+            "watch {n} was not closed for a connection test: {next:?}"
+        );
+    }
+    // With the tests done, tokenfleetctl gets in again.
+    let (code, stdout, stderr) = broker.ctl(&["tenant", "list"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("acme"), "{stdout}");
     broker.shutdown().await;
 }
 

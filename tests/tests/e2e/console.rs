@@ -75,7 +75,24 @@ pub async fn request(
     headers: &[(&str, &str)],
     body: &str,
 ) -> Answer {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    request_from(None, addr, method, path, headers, body).await
+}
+
+/// [`request`] from the loopback address `source` (default: the system's choice).
+pub async fn request_from(
+    source: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Answer {
+    let mut stream = match source {
+        Some(source) => tokenfleet_testkit::silent::connect_from(source, addr)
+            .await
+            .unwrap(),
+        None => tokio::net::TcpStream::connect(addr).await.unwrap(),
+    };
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
@@ -500,8 +517,9 @@ async fn console_sessions_csrf_headers_and_roles() {
     let pre = page.cookie("tf_signin").unwrap();
     let csrf = csrf_of(&page.body);
     let key = f.admin_key().expose().to_owned();
-    let post = |cookie: String, body: String| async move {
-        request(
+    let post_from = |source: Option<std::net::IpAddr>, cookie: String, body: String| async move {
+        request_from(
+            source,
             addr,
             "POST",
             "/console/sign-in",
@@ -514,7 +532,8 @@ async fn console_sessions_csrf_headers_and_roles() {
         .await
     };
     // Without the form's token (a cross-site sign-in) → 403, no session.
-    let a = post(
+    let a = post_from(
+        None,
         format!("tf_signin={pre}"),
         form(&[("csrf", "forged"), ("api_key", &key)]),
     )
@@ -522,7 +541,8 @@ async fn console_sessions_csrf_headers_and_roles() {
     assert_eq!(a.status, 403, "{}", a.body);
     assert!(a.cookie("tf_console").is_none());
     // A wrong key → 401 naming the problem, no session.
-    let a = post(
+    let a = post_from(
+        None,
         format!("tf_signin={pre}"),
         form(&[("csrf", &csrf), ("api_key", "tfk_nothing_real")]),
     )
@@ -530,8 +550,36 @@ async fn console_sessions_csrf_headers_and_roles() {
     assert_eq!(a.status, 401, "{}", a.body);
     assert!(a.body.contains("API key not recognised"), "{}", a.body);
     assert!(a.cookie("tf_console").is_none());
+    // Failed sign-ins are limited per source: one address that spent its 20 in a minute is
+    // answered 429 even with the right key, while the others still sign in (the old limit per
+    // replica kept everybody out).
+    let sign_in_from = |source: &str, api_key: &str| {
+        post_from(
+            Some(source.parse().unwrap()),
+            format!("tf_signin={pre}"),
+            form(&[("csrf", &csrf), ("api_key", api_key)]),
+        )
+    };
+    for n in 0..20 {
+        let a = sign_in_from("127.0.7.1", &format!("tfk_guess_{n}")).await;
+        assert_eq!(a.status, 401, "guess {n}: {}", a.body);
+    }
+    for api_key in ["tfk_guess_more", &key] {
+        let a = sign_in_from("127.0.7.1", api_key).await;
+        assert_eq!(a.status, 429, "{}", a.body);
+        assert!(
+            a.body
+                .contains("Too many failed sign-ins from your address"),
+            "{}",
+            a.body
+        );
+        assert!(a.cookie("tf_console").is_none());
+    }
+    let a = sign_in_from("127.0.7.2", &key).await;
+    assert_eq!(a.status, 303, "another address was kept out: {}", a.body);
     // The right key → a session cookie: random, flagged, and not the key.
-    let a = post(
+    let a = post_from(
+        None,
         format!("tf_signin={pre}"),
         form(&[("csrf", &csrf), ("api_key", &key)]),
     )

@@ -23,10 +23,12 @@ pub struct LimitsSection {
     pub grpc_max_connections: usize,
     /// Most of those open without a client certificate (admin clients with API keys, agents
     /// enrolling, and anyone who can reach the port): counted once the TLS handshake is done. A
-    /// certificate-less connection over it closes the one idle longest (no call in flight) for
-    /// its slot; when every one has a call in flight it gets `RESOURCE_EXHAUSTED` naming this
-    /// limit for its first call and is closed, so connections that prove nothing cannot take
-    /// the slots agents need. At most `grpc_max_connections`; without `[tls]` it does not apply.
+    /// certificate-less connection over it closes, for its slot, the one that has waited
+    /// longest without a proven call in flight (an admin call whose API key was accepted;
+    /// half-open calls and `Health/Watch` streams prove nothing); when every one has a proven
+    /// call in flight it gets `RESOURCE_EXHAUSTED` naming this limit for its first call and is
+    /// closed, so connections that prove nothing cannot take the slots agents need. At most
+    /// `grpc_max_connections`; without `[tls]` it does not apply.
     pub grpc_max_anonymous_connections: usize,
     /// Most concurrent HTTP/2 streams per gRPC connection (advertised in SETTINGS; streams
     /// beyond it are refused with `REFUSED_STREAM`).

@@ -207,9 +207,13 @@ fn sign_in_page(status: StatusCode, problem: Option<&str>) -> Response {
 
 pub(super) async fn sign_in(
     State(state): State<ConsoleState>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     headers: HeaderMap,
     Form(form): FormData,
 ) -> Response {
+    // The client's address (set by the HTTP listener; absent when the router is driven
+    // directly): failed sign-ins are counted per source.
+    let peer = peer.map(|axum::Extension(axum::extract::ConnectInfo(peer))| peer.ip());
     // Double-submit check of the sign-in form (there is no session yet).
     let pre = read_cookie(cookie_header(&headers), SIGNIN_COOKIE).unwrap_or_default();
     let sent = form.get("csrf").map(String::as_str).unwrap_or_default();
@@ -221,11 +225,12 @@ pub(super) async fn sign_in(
             ),
         );
     }
-    if !state.sessions.failure_allowed() {
+    if !state.sessions.failure_allowed(peer) {
+        tracing::info!(peer = ?peer, "console sign-in refused: too many failed sign-ins from this address");
         return sign_in_page(
             StatusCode::TOO_MANY_REQUESTS,
             Some(
-                "Too many failed sign-ins on this broker in the last minute; wait a minute and try again.",
+                "Too many failed sign-ins from your address in the last minute; wait a minute and try again.",
             ),
         );
     }
@@ -233,7 +238,7 @@ pub(super) async fn sign_in(
     let principal = match crate::api_keys::authenticate(state.admin.broker_state(), key).await {
         Ok(p) => p,
         Err(Error::Unauthenticated(msg)) => {
-            state.sessions.record_failure();
+            state.sessions.record_failure(peer);
             tracing::info!("console sign-in refused: {msg}");
             return sign_in_page(
                 StatusCode::UNAUTHORIZED,

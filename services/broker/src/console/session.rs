@@ -18,6 +18,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 
+use std::net::{IpAddr, Ipv6Addr};
+
 use crate::authz::Principal;
 
 /// Name of the session cookie.
@@ -30,10 +32,15 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 pub const MAX_LIFETIME: Duration = Duration::from_secs(8 * 3600);
 /// At most this many sessions per replica; the oldest is dropped for a new one.
 pub const MAX_SESSIONS: usize = 10_000;
-/// Failed sign-ins allowed per replica per [`FAILURE_WINDOW`] before sign-in answers 429.
+/// Failed sign-ins allowed per source (an IPv4 address, an IPv6 /64) per replica per
+/// [`FAILURE_WINDOW`] before sign-in from that source answers 429. Per source, so one client
+/// failing on purpose cannot keep everybody else out of the console.
 pub const MAX_FAILURES: u32 = 20;
 /// Window of [`MAX_FAILURES`].
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Sources whose failures are counted at once; when more fail within a window, the one whose
+/// window started first is forgotten (bounded memory whatever the flood).
+pub const MAX_FAILING_SOURCES: usize = 10_000;
 
 /// One signed-in browser.
 #[derive(Debug, Clone)]
@@ -56,8 +63,21 @@ pub struct Sessions {
 #[derive(Debug, Default)]
 struct Inner {
     sessions: HashMap<String, Session>,
-    failures: u32,
-    window_start: Option<Instant>,
+    /// Failed sign-ins per source in its current window: when the window started, how many.
+    failures: HashMap<IpAddr, (Instant, u32)>,
+}
+
+/// What failed sign-ins are counted by: the address, or its /64 for IPv6 (one host commonly
+/// holds a whole /64). `None` (no address known) is one source.
+fn source_of(peer: Option<IpAddr>) -> IpAddr {
+    match peer {
+        Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1_u128 << 64) - 1))),
+        },
+        Some(v4) => v4,
+        None => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
 }
 
 /// 32 random bytes, base64url.
@@ -139,24 +159,40 @@ impl Sessions {
             .retain(|_, s| s.principal.key_id != key_id);
     }
 
-    /// Counts a failed sign-in; `false` when the replica's budget is spent.
-    pub fn failure_allowed(&self) -> bool {
+    /// Whether `peer` may try to sign in: `false` when its source spent its failure budget
+    /// ([`MAX_FAILURES`] in the last [`FAILURE_WINDOW`]) on this replica.
+    pub fn failure_allowed(&self, peer: Option<IpAddr>) -> bool {
         let now = Instant::now();
-        let mut inner = self.lock();
-        match inner.window_start {
-            Some(start) if now.duration_since(start) < FAILURE_WINDOW => {}
-            _ => {
-                inner.window_start = Some(now);
-                inner.failures = 0;
-            }
-        }
-        inner.failures < MAX_FAILURES
+        self.lock()
+            .failures
+            .get(&source_of(peer))
+            .is_none_or(|(start, failures)| {
+                now.duration_since(*start) >= FAILURE_WINDOW || *failures < MAX_FAILURES
+            })
     }
 
-    /// Records a failed sign-in.
-    pub fn record_failure(&self) {
+    /// Records a failed sign-in from `peer`.
+    pub fn record_failure(&self, peer: Option<IpAddr>) {
+        let now = Instant::now();
+        let source = source_of(peer);
         let mut inner = self.lock();
-        inner.failures = inner.failures.saturating_add(1);
+        let failures = &mut inner.failures;
+        if !failures.contains_key(&source) && failures.len() >= MAX_FAILING_SOURCES {
+            failures.retain(|_, (start, _)| now.duration_since(*start) < FAILURE_WINDOW);
+            if failures.len() >= MAX_FAILING_SOURCES
+                && let Some(first) = failures
+                    .iter()
+                    .min_by_key(|(_, (start, _))| *start)
+                    .map(|(source, _)| *source)
+            {
+                failures.remove(&first);
+            }
+        }
+        let entry = failures.entry(source).or_insert((now, 0));
+        if now.duration_since(entry.0) >= FAILURE_WINDOW {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
     }
 }
 
@@ -195,6 +231,47 @@ mod tests {
         assert!(sessions.get("other").is_none());
         sessions.remove_key("k");
         assert!(sessions.get(&id).is_none());
+    }
+
+    #[test]
+    fn failed_sign_ins_are_counted_per_source() {
+        let sessions = Sessions::default();
+        let one: IpAddr = "192.0.2.1".parse().unwrap();
+        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        for _ in 0..MAX_FAILURES {
+            assert!(sessions.failure_allowed(Some(one)));
+            sessions.record_failure(Some(one));
+        }
+        assert!(!sessions.failure_allowed(Some(one)), "the budget is spent");
+        assert!(
+            sessions.failure_allowed(Some(other)),
+            "another source was refused"
+        );
+        // The same address written as an IPv4-mapped IPv6 one is the same source.
+        assert!(!sessions.failure_allowed(Some("::ffff:192.0.2.1".parse().unwrap())));
+        // One IPv6 /64 is one source.
+        for _ in 0..MAX_FAILURES {
+            sessions.record_failure(Some("2001:db8:1:2::1".parse().unwrap()));
+        }
+        assert!(!sessions.failure_allowed(Some("2001:db8:1:2:ffff::9".parse().unwrap())));
+        assert!(sessions.failure_allowed(Some("2001:db8:1:3::1".parse().unwrap())));
+    }
+
+    #[test]
+    fn the_failing_sources_kept_are_bounded() {
+        let sessions = Sessions::default();
+        let first: IpAddr = "10.0.0.0".parse().unwrap();
+        for _ in 0..MAX_FAILURES {
+            sessions.record_failure(Some(first));
+        }
+        for n in 1..=MAX_FAILING_SOURCES as u32 {
+            sessions.record_failure(Some(IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + n))));
+        }
+        assert_eq!(sessions.lock().failures.len(), MAX_FAILING_SOURCES);
+        assert!(
+            sessions.failure_allowed(Some(first)),
+            "the source whose window started first was not the one forgotten"
+        );
     }
 
     #[test]
