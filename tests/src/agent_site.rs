@@ -217,8 +217,12 @@ pub fn ctl_binary() -> PathBuf {
     workspace_binary("tokenfleetctl", "tokenfleetctl")
 }
 
-/// The `tokenfleet-broker` binary.
+/// The `tokenfleet-broker` binary: `BENCH_BROKER_BINARY` when set (benchmarks compare
+/// another build), else the one [`E2E_BINARIES_BUILD`] builds.
 pub fn broker_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("BENCH_BROKER_BINARY") {
+        return PathBuf::from(path);
+    }
     workspace_binary("tokenfleet-broker", "tokenfleet-broker")
 }
 

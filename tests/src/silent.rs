@@ -1,5 +1,6 @@
-//! Clients that connect and send nothing, for the tests of listeners that make room (a full
-//! listener closes the connection that has waited longest unserved for a new one).
+//! Clients that connect and send nothing (or start a call and never finish its request), for the
+//! tests of listeners that make room (a full listener closes the connection that has waited
+//! longest unserved for a new one).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -49,4 +50,24 @@ pub async fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
     let mut buf = [0u8; 1024];
     let closed = async { while let Ok(1..) = stream.read(&mut buf).await {} };
     tokio::time::timeout(wait, closed).await.is_ok()
+}
+
+/// A half-open `TokenBroker/Enroll` call on `channel`: its headers are sent, its request message
+/// never is. Ends when the broker ends the call or its connection (with the call's error).
+pub async fn half_open_enroll(
+    channel: tonic::transport::Channel,
+) -> Result<tokenfleet_proto::v1::AgentCertificate, tonic::Status> {
+    use tokenfleet_proto::v1::{AgentCertificate, EnrollRequest};
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/tokenfleet.v1.TokenBroker/Enroll");
+    let codec =
+        tokenfleet_proto::codec::SmallBufferCodec::<EnrollRequest, AgentCertificate>::default();
+    let never = futures::stream::pending::<EnrollRequest>();
+    grpc.client_streaming(tonic::Request::new(never), path, codec)
+        .await
+        .map(tonic::Response::into_inner)
 }

@@ -733,21 +733,9 @@ async fn half_open_enroll(
     broker: &TestBroker,
     ca_pem: &str,
 ) -> tokio::task::JoinHandle<tonic::Status> {
-    use tokenfleet_proto::v1::{AgentCertificate, EnrollRequest};
     let channel = tls_channel(broker, ca_pem, None).await;
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
     tokio::spawn(async move {
-        let never = futures::stream::pending::<EnrollRequest>();
-        let path = tonic::codegen::http::uri::PathAndQuery::from_static(
-            "/tokenfleet.v1.TokenBroker/Enroll",
-        );
-        let codec =
-            tokenfleet_proto::codec::SmallBufferCodec::<EnrollRequest, AgentCertificate>::default();
-        match grpc
-            .client_streaming(tonic::Request::new(never), path, codec)
-            .await
-        {
+        match tokenfleet_testkit::silent::half_open_enroll(channel).await {
             Ok(answer) => panic!("a half-open Enroll call was answered: {answer:?}"),
             Err(status) => status,
         }

@@ -31,6 +31,9 @@
 //! the attack (the attack's connections closed, 3 s later), the probes' answers, and what the
 //! limits did. Exits non-zero if any gRPC probe did not answer SERVING or any HTTP probe not
 //! `200`.
+//!
+//! Then, unless `--anonymous-clients 0`, the TLS phase of [`crate::anonymous`]: the anonymous
+//! gRPC slots flooded with calls that prove nothing while an API-key client probes.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -72,6 +75,21 @@ pub struct Args {
     /// Extra lines for the broker's `[limits]` section (e.g. `grpc_max_concurrent_streams = 50`).
     #[arg(long, default_value = "")]
     limits: String,
+    /// Then, over TLS: clients without a certificate each holding a call that proves nothing
+    /// (`Health/Watch`, half-open `Enroll`), reconnecting when closed, while an API-key client
+    /// probes (0: skip this phase; its broker is the test kit's, `BENCH_BROKER_BINARY`
+    /// for another build).
+    #[arg(long, default_value_t = 200)]
+    anonymous_clients: u32,
+    /// Loopback addresses those clients connect from.
+    #[arg(long, default_value_t = 50)]
+    anonymous_sources: u32,
+    /// The TLS broker's `grpc_max_anonymous_connections`.
+    #[arg(long, default_value_t = 64)]
+    anonymous_limit: u32,
+    /// How long that flood lasts, in seconds.
+    #[arg(long, default_value_t = 10)]
+    anonymous_seconds: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -518,6 +536,15 @@ pub async fn run(args: Args) -> Result<()> {
     }
     if !http_failed.is_empty() || http_ok == 0 {
         bail!("/healthz did not answer 200 throughout the attack");
+    }
+    if args.anonymous_clients > 0 {
+        crate::anonymous::run(crate::anonymous::Flood {
+            clients: args.anonymous_clients,
+            sources: args.anonymous_sources,
+            limit: args.anonymous_limit,
+            seconds: args.anonymous_seconds,
+        })
+        .await?;
     }
     Ok(())
 }

@@ -19,6 +19,7 @@
 
 mod agent;
 mod agent_abuse;
+mod anonymous;
 mod broker_abuse;
 mod cost;
 mod fleet;
