@@ -8,8 +8,11 @@
 //! Every POST carries the session's CSRF token (a random value rendered into each form),
 //! compared in constant time. The sign-in form itself, before there is a session, is protected
 //! the double-submit way: a short-lived pre-session cookie and the same value in the form.
+//! Failed sign-ins are limited per source address (an IPv6 /64), so one client failing on
+//! purpose cannot keep the others out.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,8 +20,6 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
-
-use std::net::{IpAddr, Ipv6Addr};
 
 use crate::authz::Principal;
 
