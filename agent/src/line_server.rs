@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokenfleet_listen::{CancellationToken, Seat, Waiting};
+use tokenfleet_listen::{CancellationToken, Seat, Waiting, source_key};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
@@ -101,21 +101,6 @@ impl Default for SessionLimits {
             max_sessions_per_source: 10,
             max_session: Duration::from_secs(1800),
         }
-    }
-}
-
-/// The key sessions are counted under: the IPv4 address (IPv4-mapped IPv6 included), or the /64
-/// of an IPv6 address.
-pub fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-        v4 => v4,
     }
 }
 

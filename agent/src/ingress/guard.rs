@@ -2,7 +2,7 @@
 //! listeners so a client cannot switch protocols to get fresh attempts.
 //!
 //! Failures are counted per source (an IPv4 address or an IPv6 /64, see
-//! [`line_server::source_key`]) and per user name, within [`LoginLimits::failure_window`]:
+//! [`tokenfleet_listen::source_key`]) and per user name, within [`LoginLimits::failure_window`]:
 //!
 //! * after [`LoginLimits::slowdown_after`] failures the answer to each further failure is
 //!   delayed ([`LoginLimits::delay_step`] per failure over the threshold, at most
@@ -27,7 +27,6 @@ use std::net::IpAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::line_server;
 
 /// Settings of the [`LoginGuard`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,7 +141,7 @@ impl LoginGuard {
     /// Whether `user` may try to log in from `ip` now.
     pub fn check(&self, ip: IpAddr, user: &str) -> Admission {
         let now = Instant::now();
-        let source = line_server::source_key(ip);
+        let source = tokenfleet_listen::source_key(ip);
         let user = self.user_key(user);
         let tables = self.lock();
         let locked = |key: Key| {
@@ -173,9 +172,9 @@ impl LoginGuard {
     }
 
     /// Whether a login from `ip` succeeded within [`LoginLimits::trusted_for`] (such sources are
-    /// exempt from the listeners' total session cap, see [`line_server::SessionLimits`]).
+    /// exempt from the listeners' total session cap, see [`crate::line_server::SessionLimits`]).
     pub fn known_source(&self, ip: IpAddr) -> bool {
-        let source = line_server::source_key(ip);
+        let source = tokenfleet_listen::source_key(ip);
         self.lock()
             .known
             .get(&source)
@@ -185,7 +184,7 @@ impl LoginGuard {
     /// Records a failed login; returns how long to wait before answering it.
     pub fn failed(&self, ip: IpAddr, user: &str) -> Duration {
         let now = Instant::now();
-        let source = line_server::source_key(ip);
+        let source = tokenfleet_listen::source_key(ip);
         let user = self.user_key(user);
         let limits = self.limits;
         let mut tables = self.lock();
@@ -228,7 +227,7 @@ impl LoginGuard {
     /// Records a successful login: clears the source's failures and trusts it for `user`.
     pub fn succeeded(&self, ip: IpAddr, user: &str) {
         let now = Instant::now();
-        let source = line_server::source_key(ip);
+        let source = tokenfleet_listen::source_key(ip);
         let user = self.user_key(user);
         let limits = self.limits;
         let mut tables = self.lock();

@@ -292,7 +292,8 @@ pub struct AnonymousCallsService<S> {
 #[derive(Debug)]
 pub struct AnonymousCall {
     calls: Arc<Calls>,
-    proven: std::sync::Mutex<Option<CallInFlight>>,
+    /// Set once the call is proven: from then on it counts among the connection's calls.
+    proven: std::sync::OnceLock<CallInFlight>,
 }
 
 /// Marks `request`'s call as made by a caller who proved who they are (an admin call whose API
@@ -301,13 +302,7 @@ pub struct AnonymousCall {
 /// nothing for calls on connections with a certificate or without TLS.
 pub fn prove_call<T>(request: &tonic::Request<T>) {
     if let Some(call) = request.extensions().get::<Arc<AnonymousCall>>() {
-        let mut proven = call
-            .proven
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if proven.is_none() {
-            *proven = Some(call.calls.start());
-        }
+        call.proven.get_or_init(|| call.calls.start());
     }
 }
 
@@ -331,7 +326,7 @@ where
             .map(|calls| {
                 Arc::new(AnonymousCall {
                     calls: Arc::clone(calls),
-                    proven: std::sync::Mutex::new(None),
+                    proven: std::sync::OnceLock::new(),
                 })
             });
         if let Some(call) = &call {

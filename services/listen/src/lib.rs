@@ -10,6 +10,7 @@
 //!
 //! [`Calls`] counts a connection's requests in flight and keeps it among the waiting ones while
 //! it has none; [`GuardedBody`] keeps a request counted until its answer's body is done.
+//! [`source_key`] says which connections come from one client, for limits counted per source.
 //!
 //! Written here because no crate offers it: hyper, tonic and axum cap nothing, tower's
 //! concurrency limits turn new work away instead of closing idle connections, and nginx's rule
@@ -21,11 +22,28 @@
 //! depend on it.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv6Addr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
 pub use tokio_util::sync::CancellationToken;
+
+/// The key a client's connections (or failed logins) are counted under by limits per source: the
+/// IPv4 address (IPv4-mapped IPv6 included), or the /64 of an IPv6 address (one host commonly
+/// holds a whole /64).
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
 
 /// The connections of a listener that wait in their slot without being served, longest first:
 /// when the listener is full, a new connection closes the first of them for its slot.
@@ -203,6 +221,15 @@ impl<B: http_body::Body, G> http_body::Body for GuardedBody<B, G> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_is_an_ipv4_address_or_an_ipv6_64() {
+        let key = |ip: &str| source_key(ip.parse().unwrap());
+        assert_eq!(key("192.0.2.1"), key("::ffff:192.0.2.1"));
+        assert_ne!(key("192.0.2.1"), key("192.0.2.2"));
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+    }
 
     #[test]
     fn the_connection_that_waited_longest_is_closed_first_and_knows_it() {

@@ -68,17 +68,14 @@ struct Inner {
     failures: HashMap<IpAddr, (Instant, u32)>,
 }
 
-/// What failed sign-ins are counted by: the address, or its /64 for IPv6 (one host commonly
-/// holds a whole /64). `None` (no address known) is one source.
+/// What failed sign-ins are counted by: the source of the address
+/// ([`tokenfleet_listen::source_key`]: an IPv6 address's /64); `None` (no address known) is one
+/// source.
 fn source_of(peer: Option<IpAddr>) -> IpAddr {
-    match peer {
-        Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1_u128 << 64) - 1))),
-        },
-        Some(v4) => v4,
-        None => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-    }
+    peer.map_or(
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        tokenfleet_listen::source_key,
+    )
 }
 
 /// 32 random bytes, base64url.

@@ -386,28 +386,16 @@ async fn metrics_flood(site: &AgentSite, args: &Args) -> Result<()> {
         move || flood::http_health(target),
         |status| *status == 200,
     ));
-    // The attackers run on a runtime of their own, as if on other hosts: the probe is not queued
-    // behind their tasks in this process.
     let silent = {
         let (stop, n) = (Arc::clone(&stop), args.metrics_silent);
-        std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map(|attackers| {
-                    attackers.block_on(flood::silent_clients(target, &sources, n, stop))
-                })
+        flood::on_a_runtime_of_its_own(async move {
+            flood::silent_clients(target, &sources, n, stop).await
         })
     };
     tokio::time::sleep(Duration::from_secs(args.metrics_seconds)).await;
     stop.store(true, Ordering::Relaxed);
     done.store(true, Ordering::Relaxed);
-    let (opened, mut closed) = tokio::task::spawn_blocking(move || silent.join())
-        .await
-        .ok()
-        .and_then(|joined| joined.ok())
-        .and_then(|built| built.ok())
-        .unwrap_or_default();
+    let (opened, mut closed) = flood::joined(silent).await;
     closed.sort();
     let (ok, failed, slowest) = probe.await.unwrap_or_default();
     println!(

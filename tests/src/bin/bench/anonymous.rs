@@ -134,8 +134,6 @@ pub async fn run(flood: Flood) -> Result<()> {
         .map(|i| IpAddr::V4(Ipv4Addr::new(127, 9, (i / 250) as u8, (i % 250 + 1) as u8)))
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
-    // The flood runs on a runtime of its own, as if on other hosts: the probe is not queued
-    // behind its tasks in this process.
     let callers = {
         let (url, ca_pem, stop, n) = (
             broker.grpc_url(),
@@ -143,14 +141,7 @@ pub async fn run(flood: Flood) -> Result<()> {
             Arc::clone(&stop),
             flood.clients,
         );
-        std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map(|attackers| {
-                    attackers.block_on(unproven_callers(url, ca_pem, sources, n, stop))
-                })
-        })
+        flood::on_a_runtime_of_its_own(unproven_callers(url, ca_pem, sources, n, stop))
     };
     // Let the flood fill the slots before probing.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -183,12 +174,7 @@ pub async fn run(flood: Flood) -> Result<()> {
     done.store(true, Ordering::Relaxed);
     let (ok, failures, slowest) = probe.await?;
     stop.store(true, Ordering::Relaxed);
-    let (opened, mut stayed, held) = tokio::task::spawn_blocking(move || callers.join())
-        .await
-        .ok()
-        .and_then(|joined| joined.ok())
-        .and_then(|built| built.ok())
-        .unwrap_or_default();
+    let (opened, mut stayed, held) = flood::joined(callers).await;
     stayed.sort();
     let probes = ok + failures.len() as u64;
     println!(

@@ -114,3 +114,31 @@ pub fn quantile(sorted: &[Duration], p: f64) -> String {
         .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
         .map_or("-".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()))
 }
+
+/// Runs `attack` on a runtime of its own on another thread, as if on other hosts: a probe in
+/// this process is not queued behind its tasks. Join it with [`joined`].
+pub fn on_a_runtime_of_its_own<F>(attack: F) -> std::thread::JoinHandle<std::io::Result<F::Output>>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|attackers| attackers.block_on(attack))
+    })
+}
+
+/// What an attack started by [`on_a_runtime_of_its_own`] returned (the default if its runtime
+/// could not be built or it panicked).
+pub async fn joined<T: Default + Send + 'static>(
+    attack: std::thread::JoinHandle<std::io::Result<T>>,
+) -> T {
+    tokio::task::spawn_blocking(move || attack.join())
+        .await
+        .ok()
+        .and_then(|joined| joined.ok())
+        .and_then(|built| built.ok())
+        .unwrap_or_default()
+}
