@@ -27,7 +27,6 @@ use std::net::IpAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-
 /// Settings of the [`LoginGuard`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoginLimits {
