@@ -47,33 +47,17 @@ pub struct LocalDevice {
     pub user_addresses: Vec<String>,
 }
 
-/// Shortest prefix of an allowed IPv4 range (`10.0.0.0/8` is the largest private block).
-pub const MIN_IPV4_PREFIX: u8 = 8;
-/// Shortest prefix of an allowed IPv6 range.
-pub const MIN_IPV6_PREFIX: u8 = 16;
-
 /// Parses an allowed source: an address (`192.168.1.20`, `fd00::7`) or a CIDR range
 /// (`192.168.1.0/24`; host bits are cleared). Ranges wider than /8 (IPv4) or /16 (IPv6), such
-/// as `0.0.0.0/0` or `::/0`, are refused: they would admit the whole internet.
+/// as `0.0.0.0/0` or `::/0`, are refused: they would admit the whole internet
+/// ([`tokenfleet_listen::parse_network`]).
 pub fn parse_source(text: &str) -> Result<IpNet, String> {
-    let text = text.trim();
-    let net = match text.parse::<IpNet>() {
-        Ok(net) => net.trunc(),
-        Err(_) => text
-            .parse::<IpAddr>()
-            .map(IpNet::from)
-            .map_err(|_| format!("{text:?} is not an IP address or CIDR range"))?,
-    };
-    let min = match net {
-        IpNet::V4(_) => MIN_IPV4_PREFIX,
-        IpNet::V6(_) => MIN_IPV6_PREFIX,
-    };
-    if net.prefix_len() < min {
-        return Err(format!(
-            "{text:?} is too wide (at most /{MIN_IPV4_PREFIX} for IPv4, /{MIN_IPV6_PREFIX} for IPv6): it would let any host send as the device; list the devices' addresses or their LAN range"
-        ));
-    }
-    Ok(net)
+    tokenfleet_listen::parse_network(text).map_err(|error| match error {
+        tokenfleet_listen::NetworkError::TooWide(_) => format!(
+            "{error}: it would let any host send as the device; list the devices' addresses or their LAN range"
+        ),
+        tokenfleet_listen::NetworkError::NotANetwork(_) => error.to_string(),
+    })
 }
 
 /// Problems the agent refuses in a set of devices that each device alone does not show: a

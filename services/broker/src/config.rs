@@ -156,6 +156,11 @@ pub struct HttpSection {
     /// The broker's externally reachable HTTP base URL (`http(s)://host[:port][/path]`), as a
     /// browser reaches it: consent redirects come back to `<public_url>/oauth/callback`.
     pub public_url: String,
+    /// Reverse proxies in front of the HTTP listener (addresses or CIDR ranges, at most /8 for
+    /// IPv4 and /16 for IPv6) whose `X-Forwarded-For` names the client: limits per source (the
+    /// console's failed sign-ins) then count the client, not the proxy. Empty: the header is
+    /// never read.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for HttpSection {
@@ -163,8 +168,42 @@ impl Default for HttpSection {
         Self {
             listen: "127.0.0.1:8080".to_owned(),
             public_url: DEFAULT_PUBLIC_URL.to_owned(),
+            trusted_proxies: Vec::new(),
         }
     }
+}
+
+/// Most entries of `http.trusted_proxies`.
+const MAX_TRUSTED_PROXIES: usize = 64;
+
+/// Checks `http.trusted_proxies`: the networks, and a problem for each entry that is wrong,
+/// named by its index.
+fn parse_trusted_proxies(values: &[String]) -> (Vec<tokenfleet_listen::IpNet>, Vec<ConfigError>) {
+    let field = "http.trusted_proxies";
+    if values.len() > MAX_TRUSTED_PROXIES {
+        let problem = format!(
+            "{} entries; at most {MAX_TRUSTED_PROXIES} (use CIDR ranges)",
+            values.len()
+        );
+        return (Vec::new(), vec![ConfigError::invalid(field, problem)]);
+    }
+    let mut problems = Vec::new();
+    let mut networks = Vec::with_capacity(values.len());
+    for (n, value) in values.iter().enumerate() {
+        match tokenfleet_listen::parse_network(value) {
+            Ok(net) => networks.push(net),
+            Err(error) => problems.push(ConfigError::invalid(
+                format!("{field}[{n}]"),
+                match error {
+                    tokenfleet_listen::NetworkError::TooWide(_) => format!(
+                        "{error}: any client could then name itself any address; list your proxies' addresses or their subnet"
+                    ),
+                    tokenfleet_listen::NetworkError::NotANetwork(_) => error.to_string(),
+                },
+            )),
+        }
+    }
+    (networks, problems)
 }
 
 /// Default of `http.public_url`.
@@ -664,6 +703,10 @@ impl RawConfig {
             check(Err(e));
             MetricsConfig::default()
         });
+        let (trusted_proxies, proxy_problems) = parse_trusted_proxies(&self.http.trusted_proxies);
+        for problem in proxy_problems {
+            check(Err(problem));
+        }
         let tracing = self.tracing.check().unwrap_or_else(|invalid| {
             for p in invalid {
                 check(Err(ConfigError::invalid(
@@ -725,6 +768,7 @@ impl RawConfig {
                 grpc_listen,
                 http_listen,
                 public_url,
+                trusted_proxies,
                 state_dir: self.state_dir.clone(),
                 store,
                 keyring: keyring.map(Arc::new),
@@ -908,6 +952,8 @@ pub struct BrokerConfig {
     pub http_listen: SocketAddr,
     /// Externally reachable HTTP base URL, without a trailing `/` (consent redirect URIs).
     pub public_url: String,
+    /// Reverse proxies whose `X-Forwarded-For` names the HTTP client (`http.trusted_proxies`).
+    pub trusted_proxies: Vec<tokenfleet_listen::IpNet>,
     /// Local state directory.
     pub state_dir: PathBuf,
     /// Store backend and its settings.
@@ -1015,6 +1061,10 @@ listen = "127.0.0.1:8080"
 # address). Consent redirects come back to <public_url>/oauth/callback; register that URL as a
 # redirect URI in the app registration.
 public_url = "http://127.0.0.1:8080"
+# Reverse proxies in front of this listener whose X-Forwarded-For header names the client
+# (addresses or CIDR ranges, at most /8 for IPv4 and /16 for IPv6), so limits per source (the
+# console's failed sign-ins) count the client and not the proxy. Empty: the header is ignored.
+trusted_proxies = []
 
 [store]
 # "embedded" (one file, one broker replica) or "redis" (standalone, Sentinel or Cluster).

@@ -682,16 +682,26 @@ fn resource_exhausted(message: &str) -> http::Response<()> {
     response
 }
 
+/// The address of the client an HTTP request came from, in the request's extensions: the
+/// connection's peer, or the client behind a trusted reverse proxy (see [`serve_http`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddress(pub std::net::IpAddr);
+
 /// Serves `router` on `listener` with the HTTP limits until `shutdown` completes, then stops
 /// accepting and waits for open connections to finish (the caller bounds that wait). A
 /// connection waits (see [`Waiting`]) whenever it is not serving a request — before its first
 /// one and between keep-alive requests — so when every slot is taken a new connection closes the
 /// one that has waited longest, and idle or slow clients cannot keep out the health probes,
 /// Prometheus or a browser finishing a consent.
+///
+/// Each request carries its [`ClientAddress`]: the connection's peer, or, when the peer is one
+/// of `trusted_proxies`, the client its `X-Forwarded-For` names
+/// ([`tokenfleet_listen::client_behind_proxies`]).
 pub async fn serve_http(
     listener: TcpListener,
     router: axum::Router,
     limits: ListenerLimits,
+    trusted_proxies: Vec<tokenfleet_listen::IpNet>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -709,6 +719,7 @@ pub async fn serve_http(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.http_header_read_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let trusted_proxies: Arc<[tokenfleet_listen::IpNet]> = trusted_proxies.into();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -719,11 +730,19 @@ pub async fn serve_http(
         let calls = Calls::new(&acceptor.waiting);
         let closed = calls.closed().clone();
         let (router, service_calls) = (router.clone(), Arc::clone(&calls));
+        let trusted = Arc::clone(&trusted_proxies);
         let service = hyper::service::service_fn(move |mut request: http::Request<_>| {
             // The client's address, for handlers that limit per source (console sign-in).
-            request
-                .extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer));
+            let client = tokenfleet_listen::client_behind_proxies(
+                peer.ip(),
+                request
+                    .headers()
+                    .get_all("x-forwarded-for")
+                    .iter()
+                    .filter_map(|value| value.to_str().ok()),
+                &trusted,
+            );
+            request.extensions_mut().insert(ClientAddress(client));
             // Served, not waiting, until the answer is sent (its body dropped).
             let call = service_calls.start();
             let response = tower::ServiceExt::oneshot(router.clone(), request);

@@ -309,6 +309,7 @@ pub async fn serve(
         http,
         http_router,
         config.limits.clone(),
+        config.trusted_proxies.clone(),
         stopped(stop_rx.clone()),
     );
 

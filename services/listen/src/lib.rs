@@ -10,7 +10,9 @@
 //!
 //! [`Calls`] counts a connection's requests in flight and keeps it among the waiting ones while
 //! it has none; [`GuardedBody`] keeps a request counted until its answer's body is done.
-//! [`source_key`] says which connections come from one client, for limits counted per source.
+//! [`source_key`] says which connections come from one client, for limits counted per source;
+//! [`client_behind_proxies`] finds that client's address behind trusted reverse proxies
+//! (`X-Forwarded-For`), and [`parse_network`] reads the networks such lists name.
 //!
 //! Written here because no crate offers it: hyper, tonic and axum cap nothing, tower's
 //! concurrency limits turn new work away instead of closing idle connections, and nginx's rule
@@ -18,8 +20,12 @@
 //! slots (a semaphore, per-source counts) stays with the listener; this crate only says which
 //! connection goes.
 //!
-//! Dependency direction: depends on tokio-util and http-body only; the broker and the agent
-//! depend on it.
+//! The walk through `X-Forwarded-For` is written here too (a dozen lines over `ipnet`): the
+//! crates that read it either trust its leftmost entry, which any client can write, or take a
+//! fixed number of hops instead of a list of trusted proxies.
+//!
+//! Dependency direction: depends on tokio-util, http-body and ipnet only; the broker and the
+//! agent depend on it.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -27,6 +33,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
+pub use ipnet::IpNet;
 pub use tokio_util::sync::CancellationToken;
 
 /// The key a client's connections (or failed logins) are counted under by limits per source: the
@@ -43,6 +50,107 @@ pub fn source_key(ip: IpAddr) -> IpAddr {
         },
         v4 => v4,
     }
+}
+
+/// Shortest prefix [`parse_network`] accepts for an IPv4 range (`10.0.0.0/8` is the largest
+/// private block).
+pub const MIN_IPV4_PREFIX: u8 = 8;
+/// Shortest prefix [`parse_network`] accepts for an IPv6 range.
+pub const MIN_IPV6_PREFIX: u8 = 16;
+
+/// Why [`parse_network`] refused a text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkError {
+    /// Neither an address nor a CIDR range.
+    NotANetwork(String),
+    /// Wider than /[`MIN_IPV4_PREFIX`] (IPv4) or /[`MIN_IPV6_PREFIX`] (IPv6): close to
+    /// everybody.
+    TooWide(String),
+}
+
+impl std::fmt::Display for NetworkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotANetwork(text) => write!(f, "{text:?} is not an IP address or CIDR range"),
+            Self::TooWide(text) => write!(
+                f,
+                "{text:?} is too wide (at most /{MIN_IPV4_PREFIX} for IPv4, /{MIN_IPV6_PREFIX} for IPv6)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for NetworkError {}
+
+/// Parses an address (`192.168.1.20`, `fd00::7`: a /32 or /128) or a CIDR range
+/// (`192.168.1.0/24`; host bits are cleared). Ranges wider than /8 (IPv4) or /16 (IPv6), such as
+/// `0.0.0.0/0` or `::/0`, are refused: a list of trusted hosts that holds them trusts the
+/// internet.
+pub fn parse_network(text: &str) -> Result<IpNet, NetworkError> {
+    let text = text.trim();
+    let net = match text.parse::<IpNet>() {
+        Ok(net) => net.trunc(),
+        Err(_) => text
+            .parse::<IpAddr>()
+            .map(IpNet::from)
+            .map_err(|_| NetworkError::NotANetwork(text.to_owned()))?,
+    };
+    let min = match net {
+        IpNet::V4(_) => MIN_IPV4_PREFIX,
+        IpNet::V6(_) => MIN_IPV6_PREFIX,
+    };
+    if net.prefix_len() < min {
+        return Err(NetworkError::TooWide(text.to_owned()));
+    }
+    Ok(net)
+}
+
+/// The client's address when `peer` (the address a connection came from) may be a reverse proxy
+/// listed in `trusted`, given the values of the request's `X-Forwarded-For` header fields in the
+/// order they came (several fields are one comma-separated list, RFC 9110 §5.3).
+///
+/// Only when `peer` is trusted is the header read, and then from its right end: each proxy
+/// appends the address it got the request from, so the rightmost entry that is not a trusted
+/// proxy is the client, and everything left of it is what that client (or proxies it chose)
+/// wrote, which is never believed. An entry that is not an address (`unknown`, an obfuscated
+/// name) ends the walk at the trusted hop right of it; when every entry is trusted, the leftmost
+/// is the client. Entries may carry a port (`192.0.2.1:5000`, `[2001:db8::1]:443`).
+/// IPv4-mapped IPv6 addresses count as their IPv4 address throughout.
+pub fn client_behind_proxies<'a>(
+    peer: IpAddr,
+    forwarded_for: impl IntoIterator<Item = &'a str>,
+    trusted: &[IpNet],
+) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|net| net.contains(&ip));
+    let mut client = peer.to_canonical();
+    if trusted.is_empty() || !is_trusted(client) {
+        return client;
+    }
+    let entries: Vec<&str> = forwarded_for
+        .into_iter()
+        .flat_map(|value| value.split(','))
+        .collect();
+    for entry in entries.iter().rev() {
+        let Some(hop) = forwarded_address(entry) else {
+            return client;
+        };
+        client = hop;
+        if !is_trusted(hop) {
+            return hop;
+        }
+    }
+    client
+}
+
+/// One `X-Forwarded-For` entry's address: `192.0.2.1`, `192.0.2.1:5000`, `2001:db8::1` or
+/// `[2001:db8::1]:443`, canonical (IPv4-mapped → IPv4).
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    let ip = entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))?;
+    Some(ip.to_canonical())
 }
 
 /// The connections of a listener that wait in their slot without being served, longest first:
@@ -229,6 +337,75 @@ mod tests {
         assert_ne!(key("192.0.2.1"), key("192.0.2.2"));
         assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
         assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+    }
+
+    #[test]
+    fn networks_are_addresses_or_ranges_no_wider_than_a_private_block() {
+        assert_eq!(
+            parse_network(" 10.1.2.3/8 ").unwrap(),
+            "10.0.0.0/8".parse::<IpNet>().unwrap(),
+            "host bits cleared"
+        );
+        assert_eq!(
+            parse_network("fd00::7").unwrap(),
+            "fd00::7/128".parse::<IpNet>().unwrap()
+        );
+        for wide in ["0.0.0.0/0", "10.0.0.0/7", "::/0", "2001::/15"] {
+            let error = parse_network(wide).unwrap_err();
+            assert_eq!(error, NetworkError::TooWide(wide.to_owned()));
+            assert!(error.to_string().contains("too wide"), "{error}");
+        }
+        let error = parse_network("proxy.example").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "\"proxy.example\" is not an IP address or CIDR range"
+        );
+    }
+
+    #[test]
+    fn the_client_is_the_rightmost_forwarded_address_that_is_not_a_trusted_proxy() {
+        let trusted = [
+            parse_network("10.0.0.0/8").unwrap(),
+            parse_network("192.0.2.7").unwrap(),
+        ];
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        let client = |peer: &str, fields: &[&str]| {
+            client_behind_proxies(ip(peer), fields.iter().copied(), &trusted)
+        };
+        // Not from a trusted proxy: the header is whatever the client wrote.
+        assert_eq!(client("198.51.100.9", &["203.0.113.5"]), ip("198.51.100.9"));
+        // From a trusted proxy without the header: the proxy itself.
+        assert_eq!(client("10.1.1.1", &[]), ip("10.1.1.1"));
+        // One proxy: its entry is the client; what the client wrote to the left is not believed.
+        assert_eq!(
+            client("10.1.1.1", &["1.1.1.1, 203.0.113.5"]),
+            ip("203.0.113.5")
+        );
+        // Two proxies, in two header fields, with ports and a mapped address.
+        assert_eq!(
+            client(
+                "::ffff:10.1.1.1",
+                &["6.6.6.6, [2001:db8::5]:443", "192.0.2.7:8080"]
+            ),
+            ip("2001:db8::5")
+        );
+        assert_eq!(
+            client("10.1.1.1", &["::ffff:203.0.113.9, 10.2.2.2"]),
+            ip("203.0.113.9")
+        );
+        // Garbage left by a trusted hop: the walk stops at that hop.
+        assert_eq!(
+            client("10.1.1.1", &["203.0.113.5, unknown, 10.2.2.2"]),
+            ip("10.2.2.2")
+        );
+        assert_eq!(client("10.1.1.1", &["unknown"]), ip("10.1.1.1"));
+        // Every entry trusted: the leftmost.
+        assert_eq!(client("10.1.1.1", &["10.3.3.3, 10.2.2.2"]), ip("10.3.3.3"));
+        // Nothing trusted: never read.
+        assert_eq!(
+            client_behind_proxies(ip("10.1.1.1"), ["203.0.113.5"], &[]),
+            ip("10.1.1.1")
+        );
     }
 
     #[test]

@@ -190,9 +190,11 @@ pub struct BrokerReplicas {
     _dir: tempfile::TempDir,
 }
 
-/// Extra configuration of the replicas (TOML lines appended to `[tokens]`).
+/// Extra configuration of the replicas (TOML lines appended to `[http]` and `[tokens]`).
 #[derive(Debug, Clone, Default)]
 pub struct ReplicaSettings {
+    /// Lines for the `[http]` table after `listen` and `public_url` (empty: every default).
+    pub http: String,
     /// Lines for the `[tokens]` table (empty: every default).
     pub tokens: String,
 }
@@ -223,12 +225,13 @@ impl BrokerReplicas {
                 format!(
                     "state_dir = {state:?}\nshutdown_grace_seconds = 2\n\
                      [grpc]\nlisten = \"127.0.0.1:{grpc}\"\n\
-                     [http]\nlisten = \"127.0.0.1:{http}\"\npublic_url = \"http://127.0.0.1:{http}\"\n\
+                     [http]\nlisten = \"127.0.0.1:{http}\"\npublic_url = \"http://127.0.0.1:{http}\"\n{}\
                      [store]\nbackend = \"redis\"\n[store.redis]\n{}\
                      [seal]\ncurrent_key_id = \"chaos\"\nkeys = [{{ id = \"chaos\", key_file = {key_file:?} }}]\n\
                      [admin]\nprovider_hosts = [\"127.0.0.1\"]\n\
                      [log]\nlevel = \"info\"\n\
                      [tokens]\n{}",
+                    settings.http,
                     store.toml(),
                     settings.tokens
                 ),

@@ -322,6 +322,9 @@ impl Fleet {
 /// Tenant `acme` with provider `m365` on the fake; mailboxes `dead` (REAUTH_REQUIRED: consented,
 /// then its grant revoked at the provider and refreshed), `scan` (device code, NOT_RETRIEVED),
 /// `web` (auth code, NOT_RETRIEVED); device `mfp-1` using `scan` and `web`.
+/// The console test broker's `http.trusted_proxies`.
+const TRUSTED_PROXIES: &str = "127.0.9.0/24";
+
 pub async fn fleet() -> Fleet {
     let fake = FakeIdp::start().await.unwrap();
     for user in [DEAD_USER, SCAN_USER, WEB_USER, "intruder@contoso.example"] {
@@ -333,7 +336,11 @@ pub async fn fleet() -> Fleet {
     let brokers = BrokerReplicas::start(
         1,
         ChaosStore::Standalone(redis.url()),
-        ReplicaSettings::default(),
+        ReplicaSettings {
+            // A reverse proxy's addresses: its X-Forwarded-For names the client.
+            http: format!("trusted_proxies = [\"{TRUSTED_PROXIES}\"]\n"),
+            ..ReplicaSettings::default()
+        },
     )
     .await
     .unwrap();
@@ -550,16 +557,28 @@ async fn console_sessions_csrf_headers_and_roles() {
     assert_eq!(a.status, 401, "{}", a.body);
     assert!(a.body.contains("API key not recognised"), "{}", a.body);
     assert!(a.cookie("tf_console").is_none());
+    // A sign-in with the form's token from `source`, with `X-Forwarded-For: forwarded_for`
+    // when given.
+    let sign_in_via = |source: &str, forwarded_for: Option<&str>, api_key: &str| {
+        let source = Some(source.parse().unwrap());
+        let (cookie, body) = (
+            format!("tf_signin={pre}"),
+            form(&[("csrf", &csrf), ("api_key", api_key)]),
+        );
+        let forwarded_for = forwarded_for.map(str::to_owned);
+        async move {
+            let mut headers = vec![
+                ("Cookie", cookie.as_str()),
+                ("Content-Type", "application/x-www-form-urlencoded"),
+            ];
+            headers.extend(forwarded_for.as_deref().map(|f| ("X-Forwarded-For", f)));
+            request_from(source, addr, "POST", "/console/sign-in", &headers, &body).await
+        }
+    };
+    let sign_in_from = |source: &str, api_key: &str| sign_in_via(source, None, api_key);
     // Failed sign-ins are limited per source: one address that spent its 20 in a minute is
     // answered 429 even with the right key, while the others still sign in (the old limit per
     // replica kept everybody out).
-    let sign_in_from = |source: &str, api_key: &str| {
-        post_from(
-            Some(source.parse().unwrap()),
-            format!("tf_signin={pre}"),
-            form(&[("csrf", &csrf), ("api_key", api_key)]),
-        )
-    };
     for n in 0..20 {
         let a = sign_in_from("127.0.7.1", &format!("tfk_guess_{n}")).await;
         assert_eq!(a.status, 401, "guess {n}: {}", a.body);
@@ -577,6 +596,34 @@ async fn console_sessions_csrf_headers_and_roles() {
     }
     let a = sign_in_from("127.0.7.2", &key).await;
     assert_eq!(a.status, 303, "another address was kept out: {}", a.body);
+    // From a client that is not a trusted proxy, X-Forwarded-For is what the client wrote: the
+    // spent address does not get a new budget by naming another.
+    let a = sign_in_via("127.0.7.1", Some("203.0.113.99"), &key).await;
+    assert_eq!(
+        a.status, 429,
+        "an untrusted X-Forwarded-For was believed: {}",
+        a.body
+    );
+    // Behind the trusted proxy (127.0.9.1), each client it names has its own budget: one that
+    // spent its 20 is answered 429 — also when it writes another address to the left of the
+    // proxy's entry — while another client behind the same proxy signs in.
+    let via_proxy =
+        |forwarded_for: &str, api_key: &str| sign_in_via("127.0.9.1", Some(forwarded_for), api_key);
+    for n in 0..20 {
+        let a = via_proxy("203.0.113.5", &format!("tfk_guess_{n}")).await;
+        assert_eq!(a.status, 401, "guess {n} via the proxy: {}", a.body);
+    }
+    for forwarded_for in ["203.0.113.5", "198.51.100.1, 203.0.113.5"] {
+        let a = via_proxy(forwarded_for, &key).await;
+        assert_eq!(a.status, 429, "{forwarded_for}: {}", a.body);
+        assert!(a.cookie("tf_console").is_none());
+    }
+    let a = via_proxy("203.0.113.5, 203.0.113.6", &key).await;
+    assert_eq!(
+        a.status, 303,
+        "another client behind the proxy was kept out: {}",
+        a.body
+    );
     // The right key → a session cookie: random, flagged, and not the key.
     let a = post_from(
         None,
@@ -1040,4 +1087,41 @@ async fn consent_links_single_use_expiry_revocation() {
         "{}",
         err.message()
     );
+}
+
+/// `http.trusted_proxies` is checked when the broker reads its configuration: an entry that is
+/// not an address or range, or one so wide that any client could name itself, is named by its
+/// index and the broker refuses to start.
+#[tokio::test]
+async fn trusted_proxies_that_are_wrong_or_too_wide_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        "[http]\ntrusted_proxies = [\"10.0.0.0/24\", \"0.0.0.0/0\", \"proxy.example\"]\n",
+    )
+    .unwrap();
+    let broker = tokio::task::spawn_blocking(tokenfleet_testkit::agent_site::broker_binary)
+        .await
+        .unwrap();
+    let out = tokio::process::Command::new(broker)
+        .arg("--config")
+        .arg(&config)
+        .arg("print-config")
+        .env_remove("TOKENFLEET_HTTP__TRUSTED_PROXIES")
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("http.trusted_proxies[1]") && err.contains("\"0.0.0.0/0\" is too wide"),
+        "{err}"
+    );
+    assert!(
+        err.contains("http.trusted_proxies[2]")
+            && err.contains("\"proxy.example\" is not an IP address or CIDR range"),
+        "{err}"
+    );
+    assert!(!err.contains("http.trusted_proxies[0]"), "{err}");
 }

@@ -25,14 +25,16 @@ use tokenfleet_broker::config::{RawConfig, StoreBackend};
 use tokenfleet_broker::identity::pki;
 
 /// A production-like installation: three replicas on a TLS Redis Cluster with a password, two
-/// sealing keys (after a rotation), TLS on gRPC, an own agent CA, a public URL behind an Ingress,
-/// alerts by signed webhook and e-mail, token tuning and a ServiceMonitor.
+/// sealing keys (after a rotation), TLS on gRPC, an own agent CA, a public URL behind an Ingress
+/// (whose controller's pods are trusted proxies), alerts by signed webhook and e-mail, token
+/// tuning and a ServiceMonitor.
 const PRODUCTION_VALUES: &str = r#"
 replicaCount: 3
 image:
   tag: "1.2.3"
 http:
   publicUrl: https://tokenfleet.example.com
+  trustedProxies: [10.42.0.0/16, fd00:42::/48]
 ingress:
   enabled: true
   className: nginx
@@ -786,6 +788,7 @@ fn production_values_render_three_replicas_on_a_tls_redis_cluster() -> Result<()
 
     // gRPC TLS and the agent CA from their kubernetes.io/tls Secrets.
     ensure!(raw.http.public_url == "https://tokenfleet.example.com");
+    ensure!(raw.http.trusted_proxies == ["10.42.0.0/16", "fd00:42::/48"]);
     for (file, key) in [
         (&raw.tls.cert_file, "tls.crt"),
         (&raw.tls.key_file, "tls.key"),

@@ -205,15 +205,20 @@ fn sign_in_page(status: StatusCode, problem: Option<&str>) -> Response {
     response
 }
 
+/// A sign-in's client address for the log (`unknown` when the router is driven directly).
+fn shown_client(client: Option<std::net::IpAddr>) -> String {
+    client.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string())
+}
+
 pub(super) async fn sign_in(
     State(state): State<ConsoleState>,
-    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    client: Option<axum::Extension<crate::listener::ClientAddress>>,
     headers: HeaderMap,
     Form(form): FormData,
 ) -> Response {
-    // The client's address (set by the HTTP listener; absent when the router is driven
-    // directly): failed sign-ins are counted per source.
-    let peer = peer.map(|axum::Extension(axum::extract::ConnectInfo(peer))| peer.ip());
+    // The client's address (set by the HTTP listener, behind trusted proxies the one they
+    // name; absent when the router is driven directly): failed sign-ins are counted per source.
+    let peer = client.map(|axum::Extension(crate::listener::ClientAddress(ip))| ip);
     // Double-submit check of the sign-in form (there is no session yet).
     let pre = read_cookie(cookie_header(&headers), SIGNIN_COOKIE).unwrap_or_default();
     let sent = form.get("csrf").map(String::as_str).unwrap_or_default();
@@ -226,7 +231,7 @@ pub(super) async fn sign_in(
         );
     }
     if !state.sessions.failure_allowed(peer) {
-        tracing::info!(peer = ?peer, "console sign-in refused: too many failed sign-ins from this address");
+        tracing::info!(client = %shown_client(peer), "console sign-in refused: too many failed sign-ins from this address");
         return sign_in_page(
             StatusCode::TOO_MANY_REQUESTS,
             Some(
@@ -239,7 +244,7 @@ pub(super) async fn sign_in(
         Ok(p) => p,
         Err(Error::Unauthenticated(msg)) => {
             state.sessions.record_failure(peer);
-            tracing::info!("console sign-in refused: {msg}");
+            tracing::info!(client = %shown_client(peer), "console sign-in refused: {msg}");
             return sign_in_page(
                 StatusCode::UNAUTHORIZED,
                 Some(&format!("{msg}; check the key and try again.")),

@@ -8,8 +8,9 @@
 //! Every POST carries the session's CSRF token (a random value rendered into each form),
 //! compared in constant time. The sign-in form itself, before there is a session, is protected
 //! the double-submit way: a short-lived pre-session cookie and the same value in the form.
-//! Failed sign-ins are limited per source address (an IPv6 /64), so one client failing on
-//! purpose cannot keep the others out.
+//! Failed sign-ins are limited per source address (an IPv6 /64; behind `[http]
+//! trusted_proxies`, the client they name, see [`crate::listener::ClientAddress`]), so one
+//! client failing on purpose cannot keep the others out.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
