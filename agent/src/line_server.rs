@@ -260,6 +260,17 @@ pub struct Gate {
     /// waited longest and takes its slot, and is refused only when none waits. `None`: sessions
     /// get no seat and new connections over the cap are refused.
     pub waiting: Option<Arc<Waiting>>,
+    /// Told of every connection the caps close (the metrics count them).
+    pub closed: Box<dyn Fn(Closed) + Send + Sync>,
+}
+
+/// Why a server's caps closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// It waited unserved and a new connection took its slot.
+    MadeRoom,
+    /// It was new and a cap refused it.
+    Refused(Refusal),
 }
 
 /// Accepts connections on `listener` until `shutdown` completes, running `session` for each on
@@ -301,6 +312,7 @@ where
                         let slot = match admitted {
                             Ok((slot, closed_one)) => {
                                 if closed_one {
+                                    (gate.closed)(Closed::MadeRoom);
                                     closed_for_new += 1;
                                     if closed_for_new.is_power_of_two() {
                                         tracing::warn!(%peer, closed_so_far = closed_for_new, max_connections = limits.max_sessions, "{what}: connection limit reached: closing, for each new connection, the session that has waited longest unserved (not logged in, or no request in flight)");
@@ -309,6 +321,7 @@ where
                                 slot
                             }
                             Err(refusal) => {
+                                (gate.closed)(Closed::Refused(refusal));
                                 // The socket's send buffer is empty: this never blocks.
                                 let _ = stream.try_write((gate.busy)(refusal));
                                 refused += 1;

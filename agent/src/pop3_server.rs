@@ -35,6 +35,7 @@ use crate::fetch::Io;
 use crate::ingress::{Admission, LocalDevices, LoginGuard, Password};
 use crate::line_server::{self, Gate, Line, Refusal, SessionLimits, read_limited};
 use crate::maildrop::{Maildrop, MaildropEntry, MaildropLock};
+use crate::metrics::{AgentMetrics, Listener, Login, LoginProtocol};
 use crate::wire::pop3::{Command, Verb, message_number, top, top_arguments};
 // POP3 byte-stuffing (RFC 1939 §3) is SMTP's (RFC 5321 §4.5.2), with the same CRLF line ends.
 use crate::wire::smtp_client::dot_stuff;
@@ -60,6 +61,8 @@ pub struct Pop3ServerConfig {
     pub limits: SessionLimits,
     /// Failed-login throttling (the runtime shares the SMTP ingress's).
     pub login_guard: Arc<LoginGuard>,
+    /// Where logins and the connections the limits close are counted.
+    pub metrics: AgentMetrics,
 }
 
 impl Default for Pop3ServerConfig {
@@ -73,6 +76,7 @@ impl Default for Pop3ServerConfig {
             require_tls: false,
             limits: SessionLimits::default(),
             login_guard: Arc::new(LoginGuard::default()),
+            metrics: AgentMetrics::default(),
         }
     }
 }
@@ -141,6 +145,7 @@ impl Pop3Server {
                 known: Box::new(move |peer: SocketAddr| guard.known_source(peer.ip())),
                 // Sessions from other sources wait until they log in.
                 waiting: Some(Arc::new(Waiting::default())),
+                closed: config.metrics.closed_by(Listener::Pop3),
             },
             move |stream, peer, stop, seat| {
                 let session = Session {
@@ -372,6 +377,9 @@ impl Session {
                         guard.check(self.peer.ip(), &name)
                     {
                         tracing::info!(peer = %self.peer, "pop3 login refused: locked out");
+                        self.config
+                            .metrics
+                            .login(LoginProtocol::Pop3, Login::LockedOut);
                         let reply = format!(
                             "-ERR [AUTH] too many failed logins from your address or for this user; try again in {} seconds\r\n",
                             retry_after.as_secs().max(1)
@@ -385,6 +393,9 @@ impl Session {
                     {
                         None => {
                             tracing::info!(peer = %self.peer, "pop3 login failed");
+                            self.config
+                                .metrics
+                                .login(LoginProtocol::Pop3, Login::Failed);
                             let delay = guard.failed(self.peer.ip(), &name);
                             if !delay.is_zero() {
                                 tokio::time::sleep(delay).await;
@@ -394,6 +405,7 @@ impl Session {
                         }
                         Some(device) => {
                             guard.succeeded(self.peer.ip(), &name);
+                            self.config.metrics.login(LoginProtocol::Pop3, Login::Ok);
                             // Served from now on, unless closed for a new connection first.
                             if self.waiting.take().is_some_and(|seat| !seat.leave()) {
                                 self.write(CLOSED_FOR_NEW).await?;

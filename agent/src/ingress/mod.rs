@@ -54,6 +54,7 @@ pub use tls::{IngressTls, IngressTlsError};
 
 pub use crate::line_server::SessionLimits;
 use crate::line_server::{self, Refusal};
+use crate::metrics::{AgentMetrics, Listener};
 
 /// Settings of the ingress server.
 #[derive(Debug, Clone)]
@@ -86,6 +87,8 @@ pub struct IngressConfig {
     pub message_memory: usize,
     /// Failed-login throttling (share one between the SMTP and POP3 listeners).
     pub login_guard: Arc<LoginGuard>,
+    /// Where logins and the connections the limits close are counted.
+    pub metrics: AgentMetrics,
 }
 
 impl Default for IngressConfig {
@@ -104,6 +107,7 @@ impl Default for IngressConfig {
             limits: SessionLimits::default(),
             message_memory: 64 * 1024,
             login_guard: Arc::new(LoginGuard::default()),
+            metrics: AgentMetrics::default(),
         }
     }
 }
@@ -155,6 +159,7 @@ impl IngressServer {
                 }),
                 // Sessions from other sources wait until they log in.
                 waiting: Some(Arc::new(Waiting::default())),
+                closed: config.metrics.closed_by(Listener::Smtp),
             },
             move |stream, peer, stop, seat| {
                 let config = Arc::clone(&config);

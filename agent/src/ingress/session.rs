@@ -24,6 +24,7 @@ use super::handoff::{DeliverError, Incoming, IngressHandler};
 use super::password::Password;
 use super::{Admission, IngressConfig};
 use crate::line_server::{self, Line, read_limited};
+use crate::metrics::{Login, LoginProtocol};
 use crate::sasl::{self, SaslError};
 use crate::spool::{Envelope, TailFile};
 use crate::wire::smtp_server::{
@@ -812,6 +813,9 @@ async fn auth<H: IngressHandler>(
     } = guard.check(peer.ip(), &user)
     {
         tracing::info!(%peer, locked = if source { "source" } else { "user name" }, "smtp ingress login refused: locked out");
+        conn.config
+            .metrics
+            .login(LoginProtocol::Smtp, Login::LockedOut);
         conn.reply(&format!(
             "421 4.7.0 {} Too many failed logins from your address or for this user; try again in {} seconds",
             conn.config.hostname,
@@ -826,6 +830,7 @@ async fn auth<H: IngressHandler>(
     {
         Some(device) => {
             guard.succeeded(peer.ip(), &user);
+            conn.config.metrics.login(LoginProtocol::Smtp, Login::Ok);
             if !conn.served().await? {
                 return Ok(Flow::Close);
             }
@@ -837,6 +842,9 @@ async fn auth<H: IngressHandler>(
         }
         None => {
             tracing::info!(%peer, "smtp ingress authentication failed");
+            conn.config
+                .metrics
+                .login(LoginProtocol::Smtp, Login::Failed);
             let delay = guard.failed(peer.ip(), &user);
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;

@@ -5,7 +5,8 @@
 //! (`runtime::wiring`) creates and hands to the parts where things happen: the ingress counts a
 //! message once it is fsynced in the spool, the delivery worker counts deliveries, deferrals and
 //! dead letters, the fetch scheduler its runs, the token cache its requests to the broker, the
-//! connection tester its verdicts. What is a state rather than an event — queue depth and age,
+//! connection tester its verdicts, the SMTP and POP3 servers their logins, and every listener
+//! (`line_server`) the connections its limits closed. What is a state rather than an event — queue depth and age,
 //! spool disk use, the process's CPU, memory and file descriptors — is read when scraped.
 //!
 //! Names follow Prometheus conventions (`tokenfleet_agent_…_total`, `_seconds`, `_bytes`; the
@@ -14,8 +15,8 @@
 //! never a tenant, mailbox, device or address, so the agent's series stay as few as its code
 //! paths.
 //!
-//! Depends on [`crate::spool`] (read at scrape time) and general crates; nothing here knows the
-//! runtime that feeds it.
+//! Depends on [`crate::spool`] (read at scrape time), [`crate::line_server`] (what its caps
+//! close) and general crates; nothing here knows the runtime that feeds it.
 
 mod exposition;
 mod health;
@@ -35,6 +36,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 use tokenfleet_proto::v1 as pb;
 
+use crate::line_server;
 use crate::spool::Spool;
 
 pub use exposition::Format;
@@ -130,6 +132,64 @@ label_values! {
     }
 }
 
+label_values! {
+    /// A listener whose limits close connections (the `listener` label).
+    Listener {
+        /// The SMTP ingress.
+        Smtp => "smtp",
+        /// The POP3 server.
+        Pop3 => "pop3",
+        /// The metrics listener.
+        Metrics => "metrics",
+    }
+}
+
+label_values! {
+    /// Why a listener closed a connection (the `reason` label).
+    Closure {
+        /// It waited unserved (not logged in, no request in flight) and a new one took its slot.
+        MadeRoom => "made_room",
+        /// New, over the total cap, and no session waited that could make room.
+        Refused => "refused",
+        /// New, over the cap of its source address.
+        RefusedPerSource => "refused_per_source",
+    }
+}
+
+label_values! {
+    /// How a device's login to the SMTP ingress or the POP3 server ended (the `result` label).
+    Login {
+        /// Accepted.
+        Ok => "ok",
+        /// Wrong user name or password.
+        Failed => "failed",
+        /// Refused unchecked: the source or the user name is locked out after failures.
+        LockedOut => "locked_out",
+    }
+}
+
+label_values! {
+    /// A server devices log in to (the `protocol` label).
+    LoginProtocol {
+        /// SMTP `AUTH`.
+        Smtp => "smtp",
+        /// POP3 `USER`/`PASS` or `AUTH`.
+        Pop3 => "pop3",
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClosedLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LoginLabels {
+    protocol: &'static str,
+    result: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
@@ -156,6 +216,8 @@ struct Inner {
     fetched: Counter,
     token_requests: Family<ResultLabel, Counter>,
     connection_tests: Family<TestLabels, Counter>,
+    connections_closed: Family<ClosedLabels, Counter>,
+    logins: Family<LoginLabels, Counter>,
 }
 
 /// The agent's metrics (see the module documentation). Cheap to clone: clones count into the
@@ -188,6 +250,23 @@ where
     let family = Family::<L, Counter>::default();
     for value in values {
         drop(family.get_or_create(&label(*value)));
+    }
+    family
+}
+
+/// Builds a family with two labels whose values are `firsts` and `seconds`, every combination
+/// created at 0.
+fn pairs<L, A, B>(firsts: &[A], seconds: &[B], label: impl Fn(A, B) -> L) -> Family<L, Counter>
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + fmt::Debug + Send + Sync + 'static,
+    A: Copy,
+    B: Copy,
+{
+    let family = Family::<L, Counter>::default();
+    for first in firsts {
+        for second in seconds {
+            drop(family.get_or_create(&label(*first, *second)));
+        }
     }
     family
 }
@@ -249,6 +328,26 @@ impl AgentMetrics {
             "Connection tests (on demand and periodic), by target and verdict",
             connection_tests.clone(),
         );
+        let connections_closed = pairs(Listener::ALL, Closure::ALL, |l, r| ClosedLabels {
+            listener: l.as_str(),
+            reason: r.as_str(),
+        });
+        registry.register(
+            "tokenfleet_agent_connections_closed",
+            "Connections a listener's limits closed, by listener and reason (made_room: waited \
+             unserved and closed for a new one; refused: new, every slot serving; \
+             refused_per_source: new, over its address's cap)",
+            connections_closed.clone(),
+        );
+        let logins = pairs(LoginProtocol::ALL, Login::ALL, |p, r| LoginLabels {
+            protocol: p.as_str(),
+            result: r.as_str(),
+        });
+        registry.register(
+            "tokenfleet_agent_ingress_logins",
+            "Device logins to the SMTP ingress and the POP3 server, by protocol and result",
+            logins.clone(),
+        );
         if let Some(spool) = spool {
             registry.register_collector(Box::new(SpoolCollector { spool }));
         }
@@ -264,6 +363,8 @@ impl AgentMetrics {
                 fetched,
                 token_requests,
                 connection_tests,
+                connections_closed,
+                logins,
             }),
         }
     }
@@ -318,6 +419,44 @@ impl AgentMetrics {
             })
             .inc();
         self.inner.fetched.inc_by(fetched);
+    }
+
+    /// `listener` closed a connection for `reason`.
+    pub fn connection_closed(&self, listener: Listener, reason: Closure) {
+        self.inner
+            .connections_closed
+            .get_or_create(&ClosedLabels {
+                listener: listener.as_str(),
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// What a [`crate::line_server::Gate`] of `listener` tells of the connections it closed,
+    /// counted here.
+    pub fn closed_by(&self, listener: Listener) -> Box<dyn Fn(line_server::Closed) + Send + Sync> {
+        let metrics = self.clone();
+        Box::new(move |closed| {
+            let reason = match closed {
+                line_server::Closed::MadeRoom => Closure::MadeRoom,
+                line_server::Closed::Refused(line_server::Refusal::Total) => Closure::Refused,
+                line_server::Closed::Refused(line_server::Refusal::PerSource) => {
+                    Closure::RefusedPerSource
+                }
+            };
+            metrics.connection_closed(listener, reason);
+        })
+    }
+
+    /// A device's login over `protocol` ended with `result`.
+    pub fn login(&self, protocol: LoginProtocol, result: Login) {
+        self.inner
+            .logins
+            .get_or_create(&LoginLabels {
+                protocol: protocol.as_str(),
+                result: result.as_str(),
+            })
+            .inc();
     }
 
     /// The broker answered a token request with `result`.

@@ -95,6 +95,7 @@ pub async fn serve(
             known: Box::new(|_| false),
             // Connections waiting for a request (the first, or the next on a keep-alive one).
             waiting: Some(Arc::new(Waiting::default())),
+            closed: metrics.closed_by(super::Listener::Metrics),
         },
         move |stream, _peer, mut stop, seat| {
             let builder = builder.clone();

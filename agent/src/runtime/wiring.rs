@@ -66,9 +66,10 @@ pub fn ingress_config(
 }
 
 /// The local POP3 server follows the SMTP ingress: the same certificate for `STLS`, the same
-/// rule on whether devices must start TLS before they log in, the same session caps, and the
-/// same [`crate::ingress::LoginGuard`] (failures on one count on the other). Its idle timeout is
-/// the default (600 s, RFC 1939's minimum autologout) until [`pop3_limits`] sets it.
+/// rule on whether devices must start TLS before they log in, the same session caps, the
+/// same [`crate::ingress::LoginGuard`] (failures on one count on the other) and metrics. Its
+/// idle timeout is the default (600 s, RFC 1939's minimum autologout) until [`pop3_limits`]
+/// sets it.
 pub fn pop3_config(
     ingress: &crate::ingress::IngressConfig,
 ) -> crate::pop3_server::Pop3ServerConfig {
@@ -81,6 +82,7 @@ pub fn pop3_config(
         require_tls: ingress.require_tls,
         limits: ingress.limits,
         login_guard: Arc::clone(&ingress.login_guard),
+        metrics: ingress.metrics.clone(),
         ..crate::pop3_server::Pop3ServerConfig::default()
     }
 }
@@ -346,7 +348,10 @@ pub async fn run(
         Err(error) => tracing::warn!(%error, "reading the sending markers failed"),
     }
 
-    let ingress_config = ingress_config(&settings)?;
+    let ingress_config = crate::ingress::IngressConfig {
+        metrics: metrics.clone(),
+        ..ingress_config(&settings)?
+    };
     let pop3_config = pop3_limits(pop3_config(&ingress_config), &settings);
     let listener = TcpListener::bind(settings.smtp_listen)
         .await

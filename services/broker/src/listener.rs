@@ -40,6 +40,11 @@
 //! a time (or nothing at all, or keeps an idle keep-alive connection) is disconnected after
 //! `http_header_read_timeout`. Its connections wait likewise whenever they serve no request, so a
 //! full HTTP listener also makes room by closing the one that has waited longest.
+//!
+//! Each of the three limits counts what it closed in `tokenfleet_listener_connections_closed_total`
+//! (`listener` = `grpc`, `grpc_anonymous` or `http`; `reason` = `made_room` for a waiting
+//! connection closed for a new one, `refused` for a new one closed because every slot serves),
+//! so a flood shows on a dashboard and not only in the once-a-minute warnings.
 
 use std::future::Future;
 use std::io;
@@ -61,6 +66,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
 use crate::config::ListenerLimits;
+use crate::metrics::{LimitCounters, Metrics};
 
 /// A pause after a failed `accept` (e.g. out of file descriptors), so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -115,21 +121,23 @@ impl AsyncWrite for LimitedStream {
     }
 }
 
-/// A number of slots, each held by one connection until it is dropped, and when the last "limit
-/// reached" warning about them was logged.
+/// A number of slots, each held by one connection until it is dropped, when the last "limit
+/// reached" warning about them was logged, and the counters of the connections it closed.
 #[derive(Debug)]
 struct Limit {
     slots: Arc<Semaphore>,
     max: usize,
     last_warning: AtomicU64,
+    counters: LimitCounters,
 }
 
 impl Limit {
-    fn new(max: usize) -> Self {
+    fn new(max: usize, counters: LimitCounters) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(max)),
             max,
             last_warning: AtomicU64::new(0),
+            counters,
         }
     }
 
@@ -150,11 +158,18 @@ impl Limit {
             return Some((slot, false));
         }
         if !waiting.close_longest() {
+            self.counters.refused.inc();
             return None;
         }
+        self.counters.made_room.inc();
         let slot = Arc::clone(&self.slots).acquire_owned();
-        let slot = tokio::time::timeout(SLOT_HANDOVER, slot).await.ok()?.ok()?;
-        Some((slot, true))
+        match tokio::time::timeout(SLOT_HANDOVER, slot).await {
+            Ok(Ok(slot)) => Some((slot, true)),
+            _ => {
+                self.counters.refused.inc();
+                None
+            }
+        }
     }
 
     /// Whether a "limit reached" warning may be logged now (at most one per
@@ -185,10 +200,17 @@ struct Acceptor {
 }
 
 impl Acceptor {
-    fn new(listener: TcpListener, max: usize, name: &'static str, waits_for: &'static str) -> Self {
+    /// `name` is the listener's label in the metrics and its key prefix in `[limits]`.
+    fn new(
+        listener: TcpListener,
+        max: usize,
+        name: &'static str,
+        waits_for: &'static str,
+        metrics: &Metrics,
+    ) -> Self {
         Self {
             listener,
-            limit: Limit::new(max),
+            limit: Limit::new(max, metrics.limit_counters(name)),
             waiting: Arc::new(Waiting::default()),
             name,
             waits_for,
@@ -484,16 +506,19 @@ const SLOT_HANDOVER: Duration = Duration::from_secs(1);
 /// its own task, a full listener making room by closing the connection that has waited longest
 /// unserved, and certificate-less connections held to `limits.grpc_max_anonymous_connections`
 /// (see the module documentation).
+/// What the limits close is counted in `metrics`.
 pub fn grpc_incoming(
     listener: TcpListener,
     limits: &ListenerLimits,
     tls: Option<GrpcTls>,
+    metrics: &Metrics,
 ) -> Pin<Box<dyn Stream<Item = Result<GrpcConn, io::Error>> + Send>> {
     let acceptor = Acceptor::new(
         listener,
         limits.grpc_max_connections,
         "grpc",
         "in its TLS handshake",
+        metrics,
     );
     // Without TLS no connection waits (nor can it be told from one being served).
     let Some(tls) = tls else {
@@ -503,7 +528,10 @@ pub fn grpc_incoming(
         }));
     };
     let anonymous = Arc::new(Anonymous {
-        limit: Limit::new(limits.grpc_max_anonymous_connections),
+        limit: Limit::new(
+            limits.grpc_max_anonymous_connections,
+            metrics.limit_counters("grpc_anonymous"),
+        ),
         idle: Arc::new(Waiting::default()),
     });
     let (handed, taken) = tokio::sync::mpsc::channel::<GrpcConn>(HANDED_OVER);
@@ -702,6 +730,7 @@ pub async fn serve_http(
     router: axum::Router,
     limits: ListenerLimits,
     trusted_proxies: Vec<tokenfleet_listen::IpNet>,
+    metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send,
 ) -> io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -711,6 +740,7 @@ pub async fn serve_http(
         limits.http_max_connections,
         "http",
         "for a request",
+        &metrics,
     );
     // HTTP/1.1 only (health probes, Prometheus, browsers on the consent callback): protocol
     // detection for h2c would read the first bytes without any timeout.

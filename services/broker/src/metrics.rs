@@ -3,7 +3,8 @@
 //! otherwise ([`Metrics::encode_for`]).
 //!
 //! - here: build info, gRPC requests by method and status code (counted by [`GrpcMetricsLayer`]
-//!   around every gRPC service), store health checks, and process metrics read from
+//!   around every gRPC service), connections the listeners' limits closed ([`LimitCounters`]),
+//!   console sign-ins by result, store health checks, and process metrics read from
 //!   `/proc/self` at scrape time ([`ProcessCollector`]);
 //! - the core's series (refreshes, issuances, alerts, store latency), counted where the events
 //!   happen through the [`CoreMetrics`] handle this registry owns ([`Metrics::core`]);
@@ -42,9 +43,43 @@ struct GrpcLabels {
     code: String,
 }
 
+/// Labels of `tokenfleet_listener_connections_closed_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClosedLabels {
+    /// `grpc`, `grpc_anonymous` or `http`.
+    listener: String,
+    /// `made_room` or `refused`.
+    reason: String,
+}
+
+/// The limits whose closed connections are counted, as the `listener` label: the gRPC
+/// listener's connections, those of them without a client certificate, the HTTP listener's.
+pub const LIMITED_LISTENERS: [&str; 3] = ["grpc", "grpc_anonymous", "http"];
+
+/// What one listener limit closed (`tokenfleet_listener_connections_closed_total`), counted by
+/// the listener ([`crate::listener`]); clones count into the same series.
+#[derive(Debug, Clone, Default)]
+pub struct LimitCounters {
+    /// Connections that waited unserved and were closed to make room for a new one.
+    pub made_room: Counter,
+    /// New connections closed at once because every slot was serving one.
+    pub refused: Counter,
+}
+
+/// Labels of `tokenfleet_console_sign_ins_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SignInLabels {
+    result: String,
+}
+
+/// Results of console sign-ins (the `result` label).
+pub const SIGN_IN_RESULTS: [&str; 4] = ["ok", "unauthenticated", "rate_limited", "csrf_failed"];
+
 struct Inner {
     registry: Registry,
     grpc_requests: Family<GrpcLabels, Counter>,
+    listener_closed: Family<ClosedLabels, Counter>,
+    sign_ins: Family<SignInLabels, Counter>,
     store_ping_failures: Counter,
     store_up: Gauge,
     known_methods: HashSet<String>,
@@ -94,6 +129,34 @@ impl Metrics {
             "gRPC requests handled, by method and status code",
             grpc_requests.clone(),
         );
+        let listener_closed = Family::<ClosedLabels, Counter>::default();
+        registry.register(
+            "tokenfleet_listener_connections_closed",
+            "Connections a listener's limit closed: `made_room` (waited unserved, closed for a \
+             new connection) or `refused` (new, closed because every slot was serving one)",
+            listener_closed.clone(),
+        );
+        for listener in LIMITED_LISTENERS {
+            for reason in ["made_room", "refused"] {
+                // Every series from the start, so rates and alerts see the first event.
+                let _ = listener_closed.get_or_create(&ClosedLabels {
+                    listener: listener.to_owned(),
+                    reason: reason.to_owned(),
+                });
+            }
+        }
+        let sign_ins = Family::<SignInLabels, Counter>::default();
+        registry.register(
+            "tokenfleet_console_sign_ins",
+            "Console sign-ins by result: ok, unauthenticated (wrong or revoked key), rate_limited \
+             (too many failures from the client's address), csrf_failed",
+            sign_ins.clone(),
+        );
+        for result in SIGN_IN_RESULTS {
+            let _ = sign_ins.get_or_create(&SignInLabels {
+                result: result.to_owned(),
+            });
+        }
         let store_ping_failures = Counter::default();
         registry.register(
             "tokenfleet_store_ping_failures",
@@ -115,6 +178,8 @@ impl Metrics {
             inner: Arc::new(Inner {
                 registry,
                 grpc_requests,
+                listener_closed,
+                sign_ins,
                 store_ping_failures,
                 store_up,
                 known_methods: served_methods(),
@@ -150,6 +215,33 @@ impl Metrics {
         } else {
             Ok((to_prometheus_text(&text), PROMETHEUS_CONTENT_TYPE))
         }
+    }
+
+    /// The counters of the limit `listener` (one of [`LIMITED_LISTENERS`]).
+    pub fn limit_counters(&self, listener: &str) -> LimitCounters {
+        let counter = |reason: &str| {
+            self.inner
+                .listener_closed
+                .get_or_create(&ClosedLabels {
+                    listener: listener.to_owned(),
+                    reason: reason.to_owned(),
+                })
+                .clone()
+        };
+        LimitCounters {
+            made_room: counter("made_room"),
+            refused: counter("refused"),
+        }
+    }
+
+    /// Counts one console sign-in with its `result` (one of [`SIGN_IN_RESULTS`]).
+    pub fn sign_in(&self, result: &str) {
+        self.inner
+            .sign_ins
+            .get_or_create(&SignInLabels {
+                result: result.to_owned(),
+            })
+            .inc();
     }
 
     /// Records a store health check result.

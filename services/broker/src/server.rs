@@ -293,7 +293,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
-            grpc_incoming(grpc, &config.limits, grpc_tls),
+            grpc_incoming(grpc, &config.limits, grpc_tls, &metrics),
             stopped(stop_rx.clone()),
         );
 
@@ -304,12 +304,14 @@ pub async fn serve(
     })
     .merge(crate::console::router(crate::console::ConsoleState::new(
         admin_service,
+        metrics.clone(),
     )));
     let http_server = serve_http(
         http,
         http_router,
         config.limits.clone(),
         config.trusted_proxies.clone(),
+        metrics.clone(),
         stopped(stop_rx.clone()),
     );
 

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use tokenfleet_proto::v1 as pb;
 use tokenfleet_testkit::agent_site::{
-    ADDRESS, AgentSite, DEVICE, MAILBOX, SiteOptions, TENANT, TcpRelay, eventually, plain_fetch,
-    plain_smtp,
+    ADDRESS, AgentSite, DEVICE, DEVICE_USER, MAILBOX, SiteOptions, TENANT, TcpRelay, eventually,
+    plain_fetch, plain_smtp,
 };
 use tokenfleet_testkit::dovecot::Dovecot;
 use tokenfleet_testkit::silent::{closed_within, connect_silent_from};
@@ -52,14 +52,40 @@ async fn get(addr: SocketAddr, path: &str, accept: Option<&str>) -> (u16, String
     http(addr, request.as_bytes()).await
 }
 
+/// Logs in to the SMTP ingress at `addr` with `AUTH PLAIN` and returns the reply to it.
+async fn smtp_auth_plain(addr: SocketAddr, user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(read));
+    // The reply to the last command: its lines up to the one without a continuation.
+    let mut reply = async || loop {
+        let line = lines.next_line().await.unwrap().expect("a reply");
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return line;
+        }
+    };
+    assert!(reply().await.starts_with("220 "));
+    write.write_all(b"EHLO metrics-test\r\n").await.unwrap();
+    assert!(reply().await.starts_with("250 "));
+    let credentials =
+        base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+    write
+        .write_all(format!("AUTH PLAIN {credentials}\r\n").as_bytes())
+        .await
+        .unwrap();
+    reply().await
+}
+
 /// The value of the sample `series` (name and label set exactly as exposed) in `text`.
-fn value(text: &str, series: &str) -> Option<f64> {
+pub(crate) fn value(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn must(text: &str, series: &str) -> f64 {
+/// [`value`], which must be there.
+pub(crate) fn must(text: &str, series: &str) -> f64 {
     value(text, series).unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
 }
 
@@ -126,6 +152,25 @@ async fn metrics_count_what_the_agent_did_in_both_formats_and_healthz_tells_the_
     .await;
     assert!(
         must(&text, "tokenfleet_agent_fetch_runs_total{result=\"ok\"}") >= 1.0,
+        "{text}"
+    );
+    // The printer logged in; a wrong password is answered 535 and counted as failed.
+    assert!(
+        must(
+            &text,
+            "tokenfleet_agent_ingress_logins_total{protocol=\"smtp\",result=\"ok\"}"
+        ) >= 1.0,
+        "{text}"
+    );
+    let reply = smtp_auth_plain(site.smtp, DEVICE_USER, "not-the-password").await;
+    assert!(reply.starts_with("535 "), "{reply}");
+    let text = scrape(&site).await;
+    assert_eq!(
+        must(
+            &text,
+            "tokenfleet_agent_ingress_logins_total{protocol=\"smtp\",result=\"failed\"}"
+        ),
+        1.0,
         "{text}"
     );
 
@@ -241,9 +286,11 @@ async fn metrics_count_what_the_agent_did_in_both_formats_and_healthz_tells_the_
 
     // No tenant, mailbox, device or address in any label: only the fixed label names.
     let names = label_names(&om);
-    let allowed: BTreeSet<String> = ["kind", "result", "target", "verdict", "version"]
-        .map(str::to_owned)
-        .into();
+    let allowed: BTreeSet<String> = [
+        "kind", "listener", "protocol", "reason", "result", "target", "verdict", "version",
+    ]
+    .map(str::to_owned)
+    .into();
     assert!(names.is_subset(&allowed), "label names {names:?}");
     for name in [TENANT, DEVICE, MAILBOX, ADDRESS] {
         assert!(
@@ -444,4 +491,14 @@ async fn the_metrics_listener_refuses_what_is_over_its_limits() {
         closed, 1,
         "the probe closed {closed} of the four waiting connections"
     );
+    // What the caps closed is counted: the keep-alive connection, the three oldest and one of
+    // the newest made room, and the fourth connection from one address was refused.
+    let text = scrape(&site).await;
+    let series = |reason: &str| {
+        format!(
+            "tokenfleet_agent_connections_closed_total{{listener=\"metrics\",reason=\"{reason}\"}}"
+        )
+    };
+    assert!(must(&text, &series("made_room")) >= 5.0, "{text}");
+    assert!(must(&text, &series("refused_per_source")) >= 1.0, "{text}");
 }

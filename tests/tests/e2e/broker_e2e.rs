@@ -906,7 +906,25 @@ async fn connections_without_a_certificate_cannot_take_the_agents_slots() {
     let (code, stdout, stderr) = broker.ctl(&["tenant", "list"]).await;
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("acme"), "{stdout}");
+    // What the anonymous limit closed is counted: the half-open call's connection and the two
+    // watch streams' made room, and the health check and tenant list above were refused.
+    let text = http_get(broker.http_addr, "/metrics").await.1;
+    assert!(
+        closed_by_limit(&text, "grpc_anonymous", "made_room") >= 3.0
+            && closed_by_limit(&text, "grpc_anonymous", "refused") >= 2.0,
+        "{text}"
+    );
     broker.shutdown().await;
+}
+
+/// `tokenfleet_listener_connections_closed_total` of `listener` for `reason` in a scrape.
+fn closed_by_limit(text: &str, listener: &str, reason: &str) -> f64 {
+    crate::agent_metrics::must(
+        text,
+        &format!(
+            "tokenfleet_listener_connections_closed_total{{listener=\"{listener}\",reason=\"{reason}\"}}"
+        ),
+    )
 }
 
 /// A full gRPC listener makes room for a new connection by closing the one that has waited
@@ -949,6 +967,14 @@ async fn silent_connections_cannot_keep_clients_out() {
         "the checks outlasted the handshake timeout, so they prove nothing: {:?}",
         started.elapsed()
     );
+    // Each silent connection closed for a newer one is counted; none was refused (one waited).
+    let text = http_get(broker.http_addr, "/metrics").await.1;
+    let made_room = closed_by_limit(&text, "grpc", "made_room");
+    assert!(
+        made_room >= (SILENT - SLOTS + 1) as f64,
+        "{made_room}: {text}"
+    );
+    assert_eq!(closed_by_limit(&text, "grpc", "refused"), 0.0, "{text}");
     broker.shutdown().await;
 }
 
@@ -1008,6 +1034,13 @@ async fn idle_http_connections_cannot_keep_probes_out() {
         started.elapsed() < Duration::from_secs(9),
         "the checks outlasted the header timeout, so they prove nothing: {:?}",
         started.elapsed()
+    );
+    // The keep-alive connection and each idle one closed for a newer one are counted.
+    let text = http_get(broker.http_addr, "/metrics").await.1;
+    let made_room = closed_by_limit(&text, "http", "made_room");
+    assert!(
+        made_room >= (IDLE - SLOTS + 1) as f64,
+        "{made_room}: {text}"
     );
     broker.shutdown().await;
 }

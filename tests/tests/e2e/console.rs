@@ -624,6 +624,21 @@ async fn console_sessions_csrf_headers_and_roles() {
         "another client behind the proxy was kept out: {}",
         a.body
     );
+    // Every sign-in so far is counted by its result.
+    let metrics = request(addr, "GET", "/metrics", &[], "").await;
+    for (result, count) in [
+        ("ok", 2.0),
+        ("unauthenticated", 41.0),
+        ("rate_limited", 5.0),
+        ("csrf_failed", 1.0),
+    ] {
+        let series = format!("tokenfleet_console_sign_ins_total{{result=\"{result}\"}}");
+        assert_eq!(
+            crate::agent_metrics::must(&metrics.body, &series),
+            count,
+            "{series}"
+        );
+    }
     // The right key → a session cookie: random, flagged, and not the key.
     let a = post_from(
         None,

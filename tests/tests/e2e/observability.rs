@@ -510,6 +510,8 @@ const AGENT_SERIES: &[&str] = &[
     "tokenfleet_agent_fetched_messages_total",
     "tokenfleet_agent_token_requests_total",
     "tokenfleet_agent_connection_tests_total",
+    "tokenfleet_agent_ingress_logins_total",
+    "tokenfleet_agent_connections_closed_total",
     "tokenfleet_agent_queued_messages",
     "tokenfleet_agent_oldest_queued_message_age_seconds",
     "tokenfleet_agent_queued_message_bytes",
@@ -1218,6 +1220,9 @@ async fn metrics_after_real_traffic_and_the_alerts_they_fire() {
                 {"eval_time": "55m", "alertname": "TokenfleetBrokerDown", "exp_alerts": []},
                 {"eval_time": "55m", "alertname": "TokenfleetBrokerAbsent", "exp_alerts": []},
                 {"eval_time": "20m", "alertname": "TokenfleetAlertDeliveriesFailing", "exp_alerts": []},
+                // No listener turned anyone away, nobody guessed console keys.
+                {"eval_time": "55m", "alertname": "TokenfleetListenerRefusingConnections", "exp_alerts": []},
+                {"eval_time": "20m", "alertname": "TokenfleetConsoleSignInGuessing", "exp_alerts": []},
             ],
         }],
     });

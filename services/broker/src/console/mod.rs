@@ -44,14 +44,17 @@ pub struct ConsoleState {
     pub admin: AdminService,
     /// This replica's console sessions.
     pub sessions: Sessions,
+    /// Where sign-ins are counted (`tokenfleet_console_sign_ins_total`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl ConsoleState {
-    /// A console over `admin` with no sessions yet.
-    pub fn new(admin: AdminService) -> Self {
+    /// A console over `admin` with no sessions yet, counting its sign-ins in `metrics`.
+    pub fn new(admin: AdminService, metrics: crate::metrics::Metrics) -> Self {
         Self {
             admin,
             sessions: Sessions::default(),
+            metrics,
         }
     }
 }

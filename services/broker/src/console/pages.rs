@@ -223,6 +223,7 @@ pub(super) async fn sign_in(
     let pre = read_cookie(cookie_header(&headers), SIGNIN_COOKIE).unwrap_or_default();
     let sent = form.get("csrf").map(String::as_str).unwrap_or_default();
     if !same_token(sent, pre) {
+        state.metrics.sign_in("csrf_failed");
         return sign_in_page(
             StatusCode::FORBIDDEN,
             Some(
@@ -231,6 +232,7 @@ pub(super) async fn sign_in(
         );
     }
     if !state.sessions.failure_allowed(peer) {
+        state.metrics.sign_in("rate_limited");
         tracing::info!(client = %shown_client(peer), "console sign-in refused: too many failed sign-ins from this address");
         return sign_in_page(
             StatusCode::TOO_MANY_REQUESTS,
@@ -244,6 +246,7 @@ pub(super) async fn sign_in(
         Ok(p) => p,
         Err(Error::Unauthenticated(msg)) => {
             state.sessions.record_failure(peer);
+            state.metrics.sign_in("unauthenticated");
             tracing::info!(client = %shown_client(peer), "console sign-in refused: {msg}");
             return sign_in_page(
                 StatusCode::UNAUTHORIZED,
@@ -252,6 +255,7 @@ pub(super) async fn sign_in(
         }
         Err(e) => return error_page(&e, None),
     };
+    state.metrics.sign_in("ok");
     tracing::info!(principal = %principal.key_id, "console sign-in");
     let broker = state.admin.broker_state();
     crate::audit::record(
