@@ -292,6 +292,19 @@ async fn metrics_count_what_the_agent_did_in_both_formats_and_healthz_tells_the_
     .map(str::to_owned)
     .into();
     assert!(names.is_subset(&allowed), "label names {names:?}");
+    // The dashboard check (`observability`) knows the agent's series by a list: it must be
+    // exactly what the agent serves, so neither a missing nor a misspelt name hides there.
+    let served: BTreeSet<&str> = om
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .filter(|name| name.starts_with("tokenfleet_agent_"))
+        .collect();
+    let listed: BTreeSet<&str> = crate::observability::AGENT_SERIES.iter().copied().collect();
+    assert_eq!(
+        served, listed,
+        "the agent's series against observability::AGENT_SERIES"
+    );
     for name in [TENANT, DEVICE, MAILBOX, ADDRESS] {
         assert!(
             !om.lines()
