@@ -1265,7 +1265,8 @@ redeliver_after_seconds = 600
 grpc_max_connections = 10000
 # Of those, how many may be open without a client certificate (API-key clients, enrolling
 # agents, strangers); over it a new one closes the one that has waited longest without a call
-# that proved its caller (an admin call with an accepted API key) in flight, and when every one
+# that proved its caller (an admin call with an accepted API key, an enrollment whose code was
+# redeemed) in flight, and when every one
 # has such a call in flight the new one's first call gets RESOURCE_EXHAUSTED naming this limit
 # and it is closed, so they cannot take the slots agents need.
 # With [tls] only.

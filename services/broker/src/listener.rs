@@ -22,14 +22,15 @@
 //! enrolling, or anyone who can reach the port — takes one of `grpc_max_anonymous_connections`
 //! slots besides its listener slot. Those wait the same way whenever they have no *proven*
 //! call in flight: a call whose caller proved who they are (an admin call whose API key was
-//! accepted, [`prove_call`]), counted by [`AnonymousCallsLayer`] until its response body is
-//! done. Over the limit a new one closes the one that has waited longest and takes its slot, so
-//! neither idle clients nor clients holding calls that prove nothing — half-open calls that
-//! never send their request, `Health/Watch` streams, calls with a bad key — can keep
-//! `tokenfleetctl` or an enrolling agent out (an enrollment, which proves itself by its one-time
-//! code only once its request is read, takes milliseconds: to close it, an attacker would have
-//! to open as many connections as there are anonymous slots meanwhile). Only when every one of
-//! them has a proven call in flight is the new connection's first call answered
+//! accepted, [`prove_call`]; an enrollment whose one-time code was redeemed, [`call_proof`]),
+//! counted by [`AnonymousCallsLayer`] until its response body is done. Over the limit a new one
+//! closes the one that has waited longest and takes its slot, so neither idle clients nor
+//! clients holding calls that prove nothing — half-open calls that never send their request,
+//! `Health/Watch` streams, calls with a bad key — can keep `tokenfleetctl` or an enrolling agent
+//! out (an enrollment proves itself once its one-time code is redeemed, so a flood cannot cut it
+//! off after that and spend the code for nothing; before, it is one request: to close it, an
+//! attacker would have to open as many connections as there are anonymous slots within its
+//! milliseconds). Only when every one of them has a proven call in flight is the new connection's first call answered
 //! `RESOURCE_EXHAUSTED` naming the limit and the connection closed with an HTTP/2 `GOAWAY`
 //! (`ENHANCE_YOUR_CALM`). So connections that prove nothing cannot hold the slots agents or
 //! operators need; an agent's certificate is verified against the agent CA during the
@@ -323,8 +324,17 @@ pub struct AnonymousCall {
 /// client certificate) is served, not waiting, and is never closed for a new connection. Does
 /// nothing for calls on connections with a certificate or without TLS.
 pub fn prove_call<T>(request: &tonic::Request<T>) {
-    if let Some(call) = request.extensions().get::<Arc<AnonymousCall>>() {
-        call.proven.get_or_init(|| call.calls.start());
+    call_proof(request)();
+}
+
+/// [`prove_call`] for later: what proves `request`'s call when run (after the request itself
+/// is consumed — an enrollment proves itself only once its one-time code is redeemed).
+pub fn call_proof<T>(request: &tonic::Request<T>) -> impl FnOnce() + Send + use<T> {
+    let call = request.extensions().get::<Arc<AnonymousCall>>().cloned();
+    move || {
+        if let Some(call) = call {
+            call.proven.get_or_init(|| call.calls.start());
+        }
     }
 }
 

@@ -275,6 +275,8 @@ impl TokenBroker for TokenBrokerService {
     ) -> Result<Response<pb::AgentCertificate>, Status> {
         async {
             let identity = self.identity()?;
+            // Proven (its connection kept) once the code is redeemed.
+            let proven = crate::listener::call_proof(&request);
             let req = request.into_inner();
             let enrolled = certificates::enroll(
                 &self.state,
@@ -282,6 +284,7 @@ impl TokenBroker for TokenBrokerService {
                 &req.code,
                 &req.csr_der,
                 &req.software_version,
+                proven,
             )
             .await
             .map_err(status)?;

@@ -24,8 +24,8 @@ pub struct LimitsSection {
     /// Most of those open without a client certificate (admin clients with API keys, agents
     /// enrolling, and anyone who can reach the port): counted once the TLS handshake is done. A
     /// certificate-less connection over it closes, for its slot, the one that has waited
-    /// longest without a proven call in flight (an admin call whose API key was accepted;
-    /// half-open calls and `Health/Watch` streams prove nothing); when every one has a proven
+    /// longest without a proven call in flight (an admin call whose API key was accepted, an
+    /// enrollment whose one-time code was redeemed; half-open calls and `Health/Watch` streams prove nothing); when every one has a proven
     /// call in flight it gets `RESOURCE_EXHAUSTED` naming this limit for its first call and is
     /// closed, so connections that prove nothing cannot take the slots agents need. At most
     /// `grpc_max_connections`; without `[tls]` it does not apply.

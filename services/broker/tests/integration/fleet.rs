@@ -71,6 +71,7 @@ impl FleetBroker for Broker {
             redis: Some(url.to_owned()),
             seal_key_file: Some(key_file.to_path_buf()),
             admin_key,
+            ..Launch::default()
         };
         Broker::launch(launch, heartbeat).await
     }

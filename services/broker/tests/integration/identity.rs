@@ -25,7 +25,9 @@ use tokenfleet_store::embedded::EmbeddedStore;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::support::{Broker, Launch, ShiftedClock, csr, fixed_admin_device, send_mailbox};
+use crate::support::{
+    Broker, HeldWrites, Launch, ShiftedClock, csr, fixed_admin_device, send_mailbox,
+};
 
 // ----------------------------------------------------------------------------------------------
 // Harness
@@ -1027,4 +1029,60 @@ async fn concurrent_issuances_are_each_audited_on_redis() {
     .await;
     broker.put_tenant("acme").await;
     concurrent_issuances_are_all_audited(&broker).await;
+}
+
+/// An enrollment proves its call once its one-time code is redeemed: through the real server
+/// over TLS with `grpc_max_anonymous_connections = 2`, an `Enroll` held while its certificate is
+/// written (after the redemption) keeps its connection while three new connections without a
+/// certificate arrive — each of them closes the one that waited longest instead — and ends with
+/// its certificate. Closing it there would have spent the code for nothing (the old rule closed
+/// it: the call failed and the code was gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrollment_past_its_code_is_not_closed_for_new_connections() {
+    log_capture();
+    let (wrap, held) = HeldWrites::holding(tokenfleet_broker::identity::AGENT_CERTIFICATES);
+    let launch = Launch {
+        tls: true,
+        wrap_store: Some(wrap),
+        ..Launch::default()
+    };
+    let broker = Broker::launch(launch, |raw| {
+        raw.limits.grpc_max_anonymous_connections = 2;
+    })
+    .await;
+    broker.put_tenant("acme").await;
+    let code = broker.enrollment_code("acme", "site-a").await;
+    let key = KeyPair::generate().unwrap();
+    let channel = broker.connected_anonymous().await.unwrap();
+    let enrolling = tokio::spawn(async move {
+        TokenBrokerClient::new(channel)
+            .enroll(pb::EnrollRequest {
+                code,
+                csr_der: csr(&key),
+                software_version: "1.2.3".into(),
+            })
+            .await
+    });
+    tokio::time::timeout(Duration::from_secs(20), held.reached())
+        .await
+        .expect("the enrollment reached the write of its certificate");
+    // Three newcomers: over the limit, each closes the connection that waited longest.
+    let mut newcomers = Vec::new();
+    for _ in 0..3 {
+        newcomers.push(broker.connected_anonymous().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    held.release();
+    let answer = tokio::time::timeout(Duration::from_secs(20), enrolling)
+        .await
+        .expect("the enrollment answered")
+        .unwrap();
+    let certificate = answer
+        .expect("the enrollment was cut off after its code was redeemed")
+        .into_inner();
+    assert!(
+        certificate.certificate_pem.contains("BEGIN CERTIFICATE"),
+        "{certificate:?}"
+    );
+    assert_eq!(newcomers.len(), 3);
 }

@@ -386,7 +386,12 @@ pub struct Launch {
     pub seal_key_file: Option<PathBuf>,
     /// The fleet-admin API key (a replica takes the first one's); a new one when `None`.
     pub admin_key: Option<Secret>,
+    /// Wraps the store the broker serves with (a test's decorator); as built when `None`.
+    pub wrap_store: Option<WrapStore>,
 }
+
+/// A decorator around the store a [`Broker`] serves with ([`Launch::wrap_store`]).
+pub type WrapStore = Box<dyn FnOnce(Arc<dyn Store>) -> Arc<dyn Store>>;
 
 impl Launch {
     /// Over TLS, on the embedded store, with new keys.
@@ -462,6 +467,9 @@ impl Broker {
         edit(&mut raw);
         let config = raw.validate().unwrap();
         let mut state = server::build_state(&config).await.unwrap();
+        if let Some(wrap) = launch.wrap_store {
+            state.store = wrap(Arc::clone(&state.store));
+        }
         let clock = Arc::new(ShiftedClock::default());
         state.clock = clock.clone();
         let admin_key = match launch.admin_key {
@@ -525,6 +533,18 @@ impl Broker {
                 .unwrap();
         }
         endpoint.connect_lazy()
+    }
+
+    /// Like [`Broker::anonymous`], connected now (TCP, TLS and HTTP/2 handshakes done), or the
+    /// error that ended the connection.
+    pub async fn connected_anonymous(&self) -> Result<Channel, tonic::transport::Error> {
+        self.endpoint()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(self.server_ca.clone())),
+            )?
+            .connect()
+            .await
     }
 
     /// A TLS channel that presents `cert_pem` with `key`.
@@ -660,5 +680,229 @@ pub fn send_mailbox(tenant: &str, name: &str, address: String, kind: MailboxKind
         disabled: false,
         token: Default::default(),
         stamps: Stamps::new(OffsetDateTime::now_utc()),
+    }
+}
+
+/// A store that holds every `put` into one collection until the test lets it go: the test
+/// learns when a call has got that far ([`HeldWrites::reached`]) and decides when it goes on
+/// ([`HeldWrites::release`]). Everything else passes straight through.
+pub struct HeldWrites {
+    inner: Arc<dyn Store>,
+    collection: &'static str,
+    reached: Arc<tokio::sync::Notify>,
+    released: Arc<tokio::sync::Semaphore>,
+}
+
+/// The test's side of a [`HeldWrites`] store.
+#[derive(Clone)]
+pub struct HeldWritesControl {
+    reached: Arc<tokio::sync::Notify>,
+    released: Arc<tokio::sync::Semaphore>,
+}
+
+impl HeldWrites {
+    /// The decorator for [`Launch::wrap_store`] holding the puts into `collection`, and its
+    /// control.
+    pub fn holding(collection: &'static str) -> (WrapStore, HeldWritesControl) {
+        let control = HeldWritesControl {
+            reached: Arc::new(tokio::sync::Notify::new()),
+            released: Arc::new(tokio::sync::Semaphore::new(0)),
+        };
+        let (reached, released) = (Arc::clone(&control.reached), Arc::clone(&control.released));
+        let wrap: WrapStore = Box::new(move |inner: Arc<dyn Store>| -> Arc<dyn Store> {
+            Arc::new(HeldWrites {
+                inner,
+                collection,
+                reached,
+                released,
+            })
+        });
+        (wrap, control)
+    }
+}
+
+impl HeldWritesControl {
+    /// Completes when a put into the collection is being held.
+    pub async fn reached(&self) {
+        self.reached.notified().await;
+    }
+
+    /// Lets every held put (and every later one) go on.
+    pub fn release(&self) {
+        self.released
+            .add_permits(tokio::sync::Semaphore::MAX_PERMITS / 2);
+    }
+}
+
+impl std::fmt::Debug for HeldWrites {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldWrites")
+            .field("collection", &self.collection)
+            .finish_non_exhaustive()
+    }
+}
+
+#[tonic::async_trait]
+impl Store for HeldWrites {
+    async fn get_many(
+        &self,
+        keys: &[tokenfleet_store::RecordKey],
+    ) -> tokenfleet_store::StoreResult<Vec<Option<tokenfleet_store::Record>>> {
+        self.inner.get_many(keys).await
+    }
+
+    async fn get_many_since(
+        &self,
+        scope: &tokenfleet_store::Scope,
+        keys: &[tokenfleet_store::RecordKey],
+        known: Option<u64>,
+    ) -> tokenfleet_store::StoreResult<tokenfleet_store::ScopeRead> {
+        self.inner.get_many_since(scope, keys, known).await
+    }
+
+    async fn publish(
+        &self,
+        channel: &'static str,
+        message: &str,
+    ) -> tokenfleet_store::StoreResult<()> {
+        self.inner.publish(channel, message).await
+    }
+
+    fn subscribe(
+        &self,
+        channel: &'static str,
+    ) -> tokio::sync::mpsc::Receiver<tokenfleet_store::Notice> {
+        self.inner.subscribe(channel)
+    }
+
+    async fn get(
+        &self,
+        key: &tokenfleet_store::RecordKey,
+    ) -> tokenfleet_store::StoreResult<Option<tokenfleet_store::Record>> {
+        self.inner.get(key).await
+    }
+
+    async fn put(
+        &self,
+        key: &tokenfleet_store::RecordKey,
+        data: Vec<u8>,
+        pre: Precondition,
+    ) -> tokenfleet_store::StoreResult<u64> {
+        if key.collection == self.collection {
+            self.reached.notify_one();
+            let _permit = self.released.acquire().await;
+        }
+        self.inner.put(key, data, pre).await
+    }
+
+    async fn delete(
+        &self,
+        key: &tokenfleet_store::RecordKey,
+        pre: Precondition,
+    ) -> tokenfleet_store::StoreResult<bool> {
+        self.inner.delete(key, pre).await
+    }
+
+    async fn list(
+        &self,
+        scope: &tokenfleet_store::Scope,
+        collection: &'static str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> tokenfleet_store::StoreResult<Vec<(String, tokenfleet_store::Record)>> {
+        self.inner.list(scope, collection, start_after, limit).await
+    }
+
+    async fn count(
+        &self,
+        scope: &tokenfleet_store::Scope,
+        collection: &'static str,
+    ) -> tokenfleet_store::StoreResult<u64> {
+        self.inner.count(scope, collection).await
+    }
+
+    async fn append(
+        &self,
+        scope: &tokenfleet_store::Scope,
+        stream: &'static str,
+        data: Vec<u8>,
+        max_len: usize,
+    ) -> tokenfleet_store::StoreResult<String> {
+        self.inner.append(scope, stream, data, max_len).await
+    }
+
+    async fn trim_stream(
+        &self,
+        scope: &tokenfleet_store::Scope,
+        stream: &'static str,
+        before_ms: u64,
+    ) -> tokenfleet_store::StoreResult<u64> {
+        self.inner.trim_stream(scope, stream, before_ms).await
+    }
+
+    async fn read_back(
+        &self,
+        scope: &tokenfleet_store::Scope,
+        stream: &'static str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> tokenfleet_store::StoreResult<Vec<tokenfleet_store::StreamEntry>> {
+        self.inner.read_back(scope, stream, before, limit).await
+    }
+
+    async fn try_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> tokenfleet_store::StoreResult<Option<tokenfleet_store::Lease>> {
+        self.inner.try_lease(name, owner, ttl).await
+    }
+
+    async fn release_lease(&self, name: &str, owner: &str) -> tokenfleet_store::StoreResult<bool> {
+        self.inner.release_lease(name, owner).await
+    }
+
+    async fn renew_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> tokenfleet_store::StoreResult<bool> {
+        self.inner.renew_lease(name, owner, ttl).await
+    }
+
+    async fn schedule(
+        &self,
+        name: &'static str,
+        member: &str,
+        due_ms: i64,
+    ) -> tokenfleet_store::StoreResult<()> {
+        self.inner.schedule(name, member, due_ms).await
+    }
+
+    async fn unschedule(
+        &self,
+        name: &'static str,
+        member: &str,
+    ) -> tokenfleet_store::StoreResult<()> {
+        self.inner.unschedule(name, member).await
+    }
+
+    async fn due(
+        &self,
+        name: &'static str,
+        now_ms: i64,
+        limit: usize,
+    ) -> tokenfleet_store::StoreResult<Vec<(String, i64)>> {
+        self.inner.due(name, now_ms, limit).await
+    }
+
+    async fn ping(&self) -> tokenfleet_store::StoreResult<()> {
+        self.inner.ping().await
+    }
+
+    async fn ready(&self) -> tokenfleet_store::StoreResult<()> {
+        self.inner.ready().await
     }
 }

@@ -49,12 +49,16 @@ pub fn software_version(value: &str) -> Result<&str, Error> {
 
 /// `Enroll`: redeems `code` and issues the agent it was made for a certificate for `csr_der`,
 /// replacing every earlier certificate of the agent (see the module documentation).
+/// `accepted` runs once the code is redeemed — the caller has proved who it is — before the
+/// certificate is written (the edge keeps the call's connection from being closed from then
+/// on: a code cut off after its redemption would be spent for nothing).
 pub async fn enroll(
     state: &BrokerState,
     identity: &AgentIdentity,
     code: &str,
     csr_der: &[u8],
     version: &str,
+    accepted: impl FnOnce() + Send,
 ) -> Result<Enrolled, Error> {
     // Check the request before the code is spent, so a bad CSR does not burn it.
     check_csr(csr_der)?;
@@ -68,6 +72,7 @@ pub async fn enroll(
         name: code.agent.clone(),
     };
     tracing::Span::current().record("agent", id.to_string().as_str());
+    accepted();
     let result = enroll_agent(state, identity, &id, &agent.value, csr_der, version).await;
     let action = if code.re_enroll {
         "agent.re_enroll"
@@ -271,18 +276,26 @@ mod tests {
         };
         let code = create_code(&state, &admin, &req).await.unwrap().code;
 
-        let err = enroll(&state, &identity, code.expose(), b"not a csr", "1.0")
+        // `accepted` runs only when the code is redeemed.
+        let accepted = std::sync::atomic::AtomicUsize::new(0);
+        let count = || {
+            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        };
+        let err = enroll(&state, &identity, code.expose(), b"not a csr", "1.0", count)
             .await
             .unwrap_err();
         assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
-        let enrolled = enroll(&state, &identity, code.expose(), &csr(), "1.0")
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let enrolled = enroll(&state, &identity, code.expose(), &csr(), "1.0", count)
             .await
             .unwrap();
         assert_eq!(enrolled.id, AgentId::new("acme", "site-a").unwrap());
-        let err = enroll(&state, &identity, code.expose(), &csr(), "1.0")
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let err = enroll(&state, &identity, code.expose(), &csr(), "1.0", count)
             .await
             .unwrap_err();
         assert!(matches!(err, Error::Unauthenticated(_)), "{err:?}");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
 
         let leaf = first_cert_der(&enrolled.certificate.cert_pem).unwrap();
         // One cache across the revocation: the kept snapshot must not outlive it.
