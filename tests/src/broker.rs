@@ -158,6 +158,9 @@ enum Running {
     },
 }
 
+/// How often a starting broker binary moves to new ports when one was taken meanwhile.
+const PORT_ATTEMPTS: usize = 3;
+
 static NEXT_PROCESS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// `raw` as TOML with the tables of `extra` merged in (keys of `extra` win).
@@ -433,53 +436,64 @@ impl TestBroker {
         result.context("test broker")
     }
 
-    /// Runs the broker binary on `raw` (plus `extra`) on free loopback ports; returns when its
-    /// gRPC port accepts connections (it binds after opening the store and the CA).
+    /// Runs the broker binary on `raw` (plus `extra`) on free loopback ports (new ones when
+    /// another test took one meanwhile); returns when its gRPC port accepts connections (it
+    /// binds after opening the store and the CA).
     async fn spawn_binary(
         mut raw: RawConfig,
         extra: &str,
         state_dir: &Path,
     ) -> anyhow::Result<(Running, SocketAddr, SocketAddr)> {
-        let [grpc_port, http_port] = crate::ports::free_ports::<2>()?;
-        let grpc_addr = SocketAddr::from(([127, 0, 0, 1], grpc_port));
-        let http_addr = SocketAddr::from(([127, 0, 0, 1], http_port));
-        raw.grpc.listen = grpc_addr.to_string();
-        raw.http.listen = http_addr.to_string();
-        let config = state_dir.join("broker.toml");
-        std::fs::write(&config, merged_toml(&raw, extra)?)
-            .with_context(|| format!("writing {}", config.display()))?;
-        let log = crate::logs::log_dir().join(format!(
-            "broker-binary-{}-{}.log",
-            std::process::id(),
-            NEXT_PROCESS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-        ));
-        let stderr =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let binary = tokio::task::spawn_blocking(crate::agent_site::broker_binary).await?;
-        let mut child = std::process::Command::new(binary)
-            .arg("--config")
-            .arg(&config)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .context("starting tokenfleet-broker")?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(grpc_addr).await.is_err() {
-            if let Some(status) = child.try_wait()? {
-                anyhow::bail!(
-                    "tokenfleet-broker exited with {status}: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
+        // The ports were free when found; another test may take one before the broker binds it.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let [grpc_port, http_port] = crate::ports::free_ports::<2>()?;
+            let grpc_addr = SocketAddr::from(([127, 0, 0, 1], grpc_port));
+            let http_addr = SocketAddr::from(([127, 0, 0, 1], http_port));
+            raw.grpc.listen = grpc_addr.to_string();
+            raw.http.listen = http_addr.to_string();
+            let config = state_dir.join("broker.toml");
+            std::fs::write(&config, merged_toml(&raw, extra)?)
+                .with_context(|| format!("writing {}", config.display()))?;
+            let log = crate::logs::log_dir().join(format!(
+                "broker-binary-{}-{}.log",
+                std::process::id(),
+                NEXT_PROCESS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            ));
+            let stderr = std::fs::File::create(&log)
+                .with_context(|| format!("creating {}", log.display()))?;
+            let mut child = std::process::Command::new(&binary)
+                .arg("--config")
+                .arg(&config)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .context("starting tokenfleet-broker")?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let mut exited = None;
+            while tokio::net::TcpStream::connect(grpc_addr).await.is_err() {
+                if let Some(status) = child.try_wait()? {
+                    exited = Some(status);
+                    break;
+                }
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "tokenfleet-broker not listening within 30 s; log {}",
+                    log.display()
                 );
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "tokenfleet-broker not listening within 30 s; log {}",
-                log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            let Some(status) = exited else {
+                return Ok((Running::Process { child, log }, grpc_addr, http_addr));
+            };
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if !(text.contains("Address already in use") && attempts < PORT_ATTEMPTS) {
+                anyhow::bail!("tokenfleet-broker exited with {status}: {text}");
+            }
         }
-        Ok((Running::Process { child, log }, grpc_addr, http_addr))
     }
 
     async fn launch(

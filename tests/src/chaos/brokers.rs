@@ -98,6 +98,28 @@ impl BrokerProcess {
         Ok(())
     }
 
+    /// Waits until the spawned broker is ready; when it could not listen because another test
+    /// took one of its ports after they were found free, moves it to new ones and starts it
+    /// again (a few times).
+    async fn ready_on_free_ports(&mut self) -> Result<()> {
+        for _ in 0..PORT_ATTEMPTS {
+            match self.wait_ready(Duration::from_secs(30)).await {
+                Err(error) if format!("{error:#}").contains("Address already in use") => {
+                    let [grpc, http] = crate::ports::free_ports::<2>()?;
+                    let config = std::fs::read_to_string(&self.config)?
+                        .replace(&self.grpc.to_string(), &format!("127.0.0.1:{grpc}"))
+                        .replace(&self.http.to_string(), &format!("127.0.0.1:{http}"));
+                    std::fs::write(&self.config, config)?;
+                    self.grpc = SocketAddr::from(([127, 0, 0, 1], grpc));
+                    self.http = SocketAddr::from(([127, 0, 0, 1], http));
+                    self.spawn()?;
+                }
+                done => return done,
+            }
+        }
+        self.wait_ready(Duration::from_secs(30)).await
+    }
+
     /// Waits until `/readyz` answers 200 (fails after `limit`, or when the process exited).
     pub async fn wait_ready(&mut self, limit: Duration) -> Result<()> {
         let deadline = Instant::now() + limit;
@@ -280,7 +302,7 @@ impl BrokerReplicas {
             replica.spawn()?;
         }
         for replica in &mut replicas {
-            replica.wait_ready(Duration::from_secs(30)).await?;
+            replica.ready_on_free_ports().await?;
         }
         Ok(Self {
             replicas,
@@ -294,6 +316,9 @@ impl BrokerReplicas {
         self.replicas[i].admin(&self.admin_key)
     }
 }
+
+/// How often a starting replica moves to new ports when one was taken meanwhile.
+const PORT_ATTEMPTS: usize = 3;
 
 static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
