@@ -273,6 +273,15 @@ pub enum Closed {
     Refused(Refusal),
 }
 
+impl Closed {
+    /// Every reason (the metrics create each series at 0).
+    pub const ALL: [Self; 3] = [
+        Self::MadeRoom,
+        Self::Refused(Refusal::Total),
+        Self::Refused(Refusal::PerSource),
+    ];
+}
+
 /// Accepts connections on `listener` until `shutdown` completes, running `session` for each on
 /// its own task (with `TCP_NODELAY` set, a receiver that turns `true` when the server stops, and
 /// its seat when the server makes room and the source is not known; see [`Gate::waiting`]).

@@ -6,8 +6,9 @@
 //! message once it is fsynced in the spool, the delivery worker counts deliveries, deferrals and
 //! dead letters, the fetch scheduler its runs, the token cache its requests to the broker, the
 //! connection tester its verdicts, the SMTP and POP3 servers their logins, and every listener
-//! (`line_server`) the connections its limits closed. What is a state rather than an event — queue depth and age,
-//! spool disk use, the process's CPU, memory and file descriptors — is read when scraped.
+//! (`line_server`) the connections its limits closed. What is a state rather than an event —
+//! queue depth and age, spool disk use, the process's CPU, memory and file descriptors — is read
+//! when scraped.
 //!
 //! Names follow Prometheus conventions (`tokenfleet_agent_…_total`, `_seconds`, `_bytes`; the
 //! process series use the names every Prometheus client library uses, `process_…`). Labels
@@ -144,15 +145,12 @@ label_values! {
     }
 }
 
-label_values! {
-    /// Why a listener closed a connection (the `reason` label).
-    Closure {
-        /// It waited unserved (not logged in, no request in flight) and a new one took its slot.
-        MadeRoom => "made_room",
-        /// New, over the total cap, and no session waited that could make room.
-        Refused => "refused",
-        /// New, over the cap of its source address.
-        RefusedPerSource => "refused_per_source",
+/// The `reason` label of a connection a listener's caps closed.
+fn closed_reason(closed: line_server::Closed) -> &'static str {
+    match closed {
+        line_server::Closed::MadeRoom => "made_room",
+        line_server::Closed::Refused(line_server::Refusal::Total) => "refused",
+        line_server::Closed::Refused(line_server::Refusal::PerSource) => "refused_per_source",
     }
 }
 
@@ -328,9 +326,11 @@ impl AgentMetrics {
             "Connection tests (on demand and periodic), by target and verdict",
             connection_tests.clone(),
         );
-        let connections_closed = pairs(Listener::ALL, Closure::ALL, |l, r| ClosedLabels {
-            listener: l.as_str(),
-            reason: r.as_str(),
+        let connections_closed = pairs(Listener::ALL, &line_server::Closed::ALL, |l, c| {
+            ClosedLabels {
+                listener: l.as_str(),
+                reason: closed_reason(c),
+            }
         });
         registry.register(
             "tokenfleet_agent_connections_closed",
@@ -421,30 +421,19 @@ impl AgentMetrics {
         self.inner.fetched.inc_by(fetched);
     }
 
-    /// `listener` closed a connection for `reason`.
-    pub fn connection_closed(&self, listener: Listener, reason: Closure) {
-        self.inner
-            .connections_closed
-            .get_or_create(&ClosedLabels {
-                listener: listener.as_str(),
-                reason: reason.as_str(),
-            })
-            .inc();
-    }
-
     /// What a [`crate::line_server::Gate`] of `listener` tells of the connections it closed,
     /// counted here.
     pub fn closed_by(&self, listener: Listener) -> Box<dyn Fn(line_server::Closed) + Send + Sync> {
         let metrics = self.clone();
         Box::new(move |closed| {
-            let reason = match closed {
-                line_server::Closed::MadeRoom => Closure::MadeRoom,
-                line_server::Closed::Refused(line_server::Refusal::Total) => Closure::Refused,
-                line_server::Closed::Refused(line_server::Refusal::PerSource) => {
-                    Closure::RefusedPerSource
-                }
-            };
-            metrics.connection_closed(listener, reason);
+            metrics
+                .inner
+                .connections_closed
+                .get_or_create(&ClosedLabels {
+                    listener: listener.as_str(),
+                    reason: closed_reason(closed),
+                })
+                .inc();
         })
     }
 

@@ -30,11 +30,11 @@
 //! out (an enrollment proves itself once its one-time code is redeemed, so a flood cannot cut it
 //! off after that and spend the code for nothing; before, it is one request: to close it, an
 //! attacker would have to open as many connections as there are anonymous slots within its
-//! milliseconds). Only when every one of them has a proven call in flight is the new connection's first call answered
-//! `RESOURCE_EXHAUSTED` naming the limit and the connection closed with an HTTP/2 `GOAWAY`
-//! (`ENHANCE_YOUR_CALM`). So connections that prove nothing cannot hold the slots agents or
-//! operators need; an agent's certificate is verified against the agent CA during the
-//! handshake, as tonic did.
+//! milliseconds). Only when every one of them has a proven call in flight is the new
+//! connection's first call answered `RESOURCE_EXHAUSTED` naming the limit and the connection
+//! closed with an HTTP/2 `GOAWAY` (`ENHANCE_YOUR_CALM`). So connections that prove nothing
+//! cannot hold the slots agents or operators need; an agent's certificate is verified against
+//! the agent CA during the handshake, as tonic did.
 //!
 //! [`serve_http`] runs the axum router on hyper's HTTP/1.1 connection builder, because
 //! `axum::serve` offers no header-read timeout: a client that sends its request header a byte at
@@ -779,7 +779,7 @@ pub async fn serve_http(
                     .headers()
                     .get_all("x-forwarded-for")
                     .iter()
-                    .filter_map(|value| value.to_str().ok()),
+                    .map(http::HeaderValue::as_bytes),
                 &trusted,
             );
             request.extensions_mut().insert(ClientAddress(client));

@@ -69,11 +69,41 @@ pub struct LimitCounters {
 /// Labels of `tokenfleet_console_sign_ins_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SignInLabels {
-    result: String,
+    result: &'static str,
 }
 
-/// Results of console sign-ins (the `result` label).
-pub const SIGN_IN_RESULTS: [&str; 4] = ["ok", "unauthenticated", "rate_limited", "csrf_failed"];
+/// How a console sign-in ended (the `result` label of `tokenfleet_console_sign_ins_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignIn {
+    /// Signed in.
+    Ok,
+    /// The key was wrong or revoked.
+    Unauthenticated,
+    /// Refused unchecked: too many failures from the client's address.
+    RateLimited,
+    /// The form's CSRF token did not match.
+    CsrfFailed,
+}
+
+impl SignIn {
+    /// Every result (each series exists from the start).
+    pub const ALL: [Self; 4] = [
+        Self::Ok,
+        Self::Unauthenticated,
+        Self::RateLimited,
+        Self::CsrfFailed,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Unauthenticated => "unauthenticated",
+            Self::RateLimited => "rate_limited",
+            Self::CsrfFailed => "csrf_failed",
+        }
+    }
+}
 
 struct Inner {
     registry: Registry,
@@ -152,9 +182,9 @@ impl Metrics {
              (too many failures from the client's address), csrf_failed",
             sign_ins.clone(),
         );
-        for result in SIGN_IN_RESULTS {
+        for result in SignIn::ALL {
             let _ = sign_ins.get_or_create(&SignInLabels {
-                result: result.to_owned(),
+                result: result.as_str(),
             });
         }
         let store_ping_failures = Counter::default();
@@ -234,12 +264,12 @@ impl Metrics {
         }
     }
 
-    /// Counts one console sign-in with its `result` (one of [`SIGN_IN_RESULTS`]).
-    pub fn sign_in(&self, result: &str) {
+    /// Counts one console sign-in with its `result`.
+    pub fn sign_in(&self, result: SignIn) {
         self.inner
             .sign_ins
             .get_or_create(&SignInLabels {
-                result: result.to_owned(),
+                result: result.as_str(),
             })
             .inc();
     }

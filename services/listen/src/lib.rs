@@ -106,8 +106,10 @@ pub fn parse_network(text: &str) -> Result<IpNet, NetworkError> {
 }
 
 /// The client's address when `peer` (the address a connection came from) may be a reverse proxy
-/// listed in `trusted`, given the values of the request's `X-Forwarded-For` header fields in the
-/// order they came (several fields are one comma-separated list, RFC 9110 §5.3).
+/// listed in `trusted`, given the values of the request's `X-Forwarded-For` header fields as
+/// they came, bytes and all (several fields are one comma-separated list, RFC 9110 §5.3; a
+/// field with bytes that are not text is still read entry by entry, so what a client writes
+/// cannot hide the entry its proxy appended).
 ///
 /// Only when `peer` is trusted is the header read, and then from its right end: each proxy
 /// appends the address it got the request from, so the rightmost entry that is not a trusted
@@ -118,7 +120,7 @@ pub fn parse_network(text: &str) -> Result<IpNet, NetworkError> {
 /// IPv4-mapped IPv6 addresses count as their IPv4 address throughout.
 pub fn client_behind_proxies<'a>(
     peer: IpAddr,
-    forwarded_for: impl IntoIterator<Item = &'a str>,
+    forwarded_for: impl IntoIterator<Item = &'a [u8]>,
     trusted: &[IpNet],
 ) -> IpAddr {
     let is_trusted = |ip: IpAddr| trusted.iter().any(|net| net.contains(&ip));
@@ -126,9 +128,9 @@ pub fn client_behind_proxies<'a>(
     if trusted.is_empty() || !is_trusted(client) {
         return client;
     }
-    let entries: Vec<&str> = forwarded_for
+    let entries: Vec<&[u8]> = forwarded_for
         .into_iter()
-        .flat_map(|value| value.split(','))
+        .flat_map(|value| value.split(|byte| *byte == b','))
         .collect();
     for entry in entries.iter().rev() {
         let Some(hop) = forwarded_address(entry) else {
@@ -143,9 +145,9 @@ pub fn client_behind_proxies<'a>(
 }
 
 /// One `X-Forwarded-For` entry's address: `192.0.2.1`, `192.0.2.1:5000`, `2001:db8::1` or
-/// `[2001:db8::1]:443`, canonical (IPv4-mapped → IPv4).
-fn forwarded_address(entry: &str) -> Option<IpAddr> {
-    let entry = entry.trim();
+/// `[2001:db8::1]:443`, canonical (IPv4-mapped → IPv4); `None` for anything else.
+fn forwarded_address(entry: &[u8]) -> Option<IpAddr> {
+    let entry = std::str::from_utf8(entry).ok()?.trim();
     let ip = entry
         .parse::<IpAddr>()
         .ok()
@@ -370,7 +372,7 @@ mod tests {
         ];
         let ip = |text: &str| text.parse::<IpAddr>().unwrap();
         let client = |peer: &str, fields: &[&str]| {
-            client_behind_proxies(ip(peer), fields.iter().copied(), &trusted)
+            client_behind_proxies(ip(peer), fields.iter().map(|f| f.as_bytes()), &trusted)
         };
         // Not from a trusted proxy: the header is whatever the client wrote.
         assert_eq!(client("198.51.100.9", &["203.0.113.5"]), ip("198.51.100.9"));
@@ -401,9 +403,19 @@ mod tests {
         assert_eq!(client("10.1.1.1", &["unknown"]), ip("10.1.1.1"));
         // Every entry trusted: the leftmost.
         assert_eq!(client("10.1.1.1", &["10.3.3.3, 10.2.2.2"]), ip("10.3.3.3"));
+        // Bytes that are not text in the client's part hide nothing of the proxy's entry.
+        assert_eq!(
+            client_behind_proxies(
+                ip("10.1.1.1"),
+                [b"\xff\xfe, 203.0.113.5".as_slice()],
+                &trusted
+            ),
+            ip("203.0.113.5")
+        );
+        assert_eq!(client("10.1.1.1", &["é, 203.0.113.5"]), ip("203.0.113.5"));
         // Nothing trusted: never read.
         assert_eq!(
-            client_behind_proxies(ip("10.1.1.1"), ["203.0.113.5"], &[]),
+            client_behind_proxies(ip("10.1.1.1"), [b"203.0.113.5".as_slice()], &[]),
             ip("10.1.1.1")
         );
     }

@@ -77,6 +77,21 @@ async fn smtp_auth_plain(addr: SocketAddr, user: &str, password: &str) -> String
     reply().await
 }
 
+/// Logs in to the POP3 server at `addr` with `USER`/`PASS` and returns the reply to `PASS`.
+async fn pop3_user_pass(addr: SocketAddr, user: &str, password: &str) -> String {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(read));
+    let greeting = lines.next_line().await.unwrap().expect("a greeting");
+    assert!(greeting.starts_with("+OK"), "{greeting}");
+    for command in [format!("USER {user}\r\n"), format!("PASS {password}\r\n")] {
+        write.write_all(command.as_bytes()).await.unwrap();
+    }
+    let user_reply = lines.next_line().await.unwrap().expect("a reply to USER");
+    assert!(user_reply.starts_with("+OK"), "{user_reply}");
+    lines.next_line().await.unwrap().expect("a reply to PASS")
+}
+
 /// The value of the sample `series` (name and label set exactly as exposed) in `text`.
 pub(crate) fn value(text: &str, series: &str) -> Option<f64> {
     text.lines()
@@ -164,15 +179,16 @@ async fn metrics_count_what_the_agent_did_in_both_formats_and_healthz_tells_the_
     );
     let reply = smtp_auth_plain(site.smtp, DEVICE_USER, "not-the-password").await;
     assert!(reply.starts_with("535 "), "{reply}");
+    // And on the local POP3 server: `-ERR [AUTH]`, counted as a failed POP3 login.
+    let reply = pop3_user_pass(site.pop3, DEVICE_USER, "not-the-password").await;
+    assert!(reply.starts_with("-ERR [AUTH]"), "{reply}");
     let text = scrape(&site).await;
-    assert_eq!(
-        must(
-            &text,
-            "tokenfleet_agent_ingress_logins_total{protocol=\"smtp\",result=\"failed\"}"
-        ),
-        1.0,
-        "{text}"
-    );
+    for protocol in ["smtp", "pop3"] {
+        let series = format!(
+            "tokenfleet_agent_ingress_logins_total{{protocol=\"{protocol}\",result=\"failed\"}}"
+        );
+        assert_eq!(must(&text, &series), 1.0, "{text}");
+    }
 
     // An on-demand connection test of the send profile.
     let result = site

@@ -28,6 +28,7 @@ use crate::audit::{self, AuditQuery};
 use crate::authz::{Access, Principal};
 use crate::consent_links;
 use crate::identity::enrollment::{self, CodeRequest};
+use crate::metrics::SignIn;
 use crate::ops::Error;
 use crate::tokens::consent::Challenge;
 use crate::tokens::operator;
@@ -223,7 +224,7 @@ pub(super) async fn sign_in(
     let pre = read_cookie(cookie_header(&headers), SIGNIN_COOKIE).unwrap_or_default();
     let sent = form.get("csrf").map(String::as_str).unwrap_or_default();
     if !same_token(sent, pre) {
-        state.metrics.sign_in("csrf_failed");
+        state.metrics.sign_in(SignIn::CsrfFailed);
         return sign_in_page(
             StatusCode::FORBIDDEN,
             Some(
@@ -232,7 +233,7 @@ pub(super) async fn sign_in(
         );
     }
     if !state.sessions.failure_allowed(peer) {
-        state.metrics.sign_in("rate_limited");
+        state.metrics.sign_in(SignIn::RateLimited);
         tracing::info!(client = %shown_client(peer), "console sign-in refused: too many failed sign-ins from this address");
         return sign_in_page(
             StatusCode::TOO_MANY_REQUESTS,
@@ -246,7 +247,7 @@ pub(super) async fn sign_in(
         Ok(p) => p,
         Err(Error::Unauthenticated(msg)) => {
             state.sessions.record_failure(peer);
-            state.metrics.sign_in("unauthenticated");
+            state.metrics.sign_in(SignIn::Unauthenticated);
             tracing::info!(client = %shown_client(peer), "console sign-in refused: {msg}");
             return sign_in_page(
                 StatusCode::UNAUTHORIZED,
@@ -255,7 +256,7 @@ pub(super) async fn sign_in(
         }
         Err(e) => return error_page(&e, None),
     };
-    state.metrics.sign_in("ok");
+    state.metrics.sign_in(SignIn::Ok);
     tracing::info!(principal = %principal.key_id, "console sign-in");
     let broker = state.admin.broker_state();
     crate::audit::record(

@@ -1084,5 +1084,8 @@ async fn an_enrollment_past_its_code_is_not_closed_for_new_connections() {
         certificate.certificate_pem.contains("BEGIN CERTIFICATE"),
         "{certificate:?}"
     );
-    assert_eq!(newcomers.len(), 3);
+    // The pressure was real: each newcomer finished its handshake.
+    for (n, newcomer) in newcomers.iter().enumerate() {
+        assert!(newcomer.is_ok(), "newcomer {n}: {newcomer:?}");
+    }
 }
