@@ -25,7 +25,7 @@
 //! fixed number of hops instead of a list of trusted proxies.
 //!
 //! Dependency direction: depends on tokio-util, http-body and ipnet only; the broker and the
-//! agent depend on it.
+//! agent depend on it, and the core for [`parse_network`] (a device's ingress source ranges).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};

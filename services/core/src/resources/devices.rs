@@ -9,6 +9,7 @@
 use tokenfleet_domain::{
     self as dom, Agent, Device, MAX_TEXT_LEN, Mailbox, Provider, Stamps, Valid, ValidationError,
 };
+use tokenfleet_listen::{MIN_IPV4_PREFIX, MIN_IPV6_PREFIX, NetworkError, parse_network};
 use tokenfleet_seal::Secret;
 use tokenfleet_store::{RecordKey, Scope};
 
@@ -279,33 +280,26 @@ fn fetch_from_input(f: Option<&FetchInput>) -> Valid<dom::FetchProfile> {
 
 /// Most user addresses of one device.
 const MAX_USER_ADDRESSES: usize = 1000;
-/// Shortest prefix of an ingress source range (IPv4, IPv6): anything wider, such as
-/// `0.0.0.0/0` or `::/0`, would let the whole internet send as the device (an open relay when
-/// the agent listens publicly). The agent refuses the same ranges.
-const MIN_SOURCE_PREFIX: (u8, u8) = (8, 16);
-
-/// A source range no wider than [`MIN_SOURCE_PREFIX`] (the text already passed `dom::cidr`).
+/// A source range no wider than /[`MIN_IPV4_PREFIX`] (IPv4) or /[`MIN_IPV6_PREFIX`] (IPv6):
+/// anything wider, such as `0.0.0.0/0` or `::/0`, would let the whole internet send as the device
+/// (an open relay when the agent listens publicly). The rule is [`parse_network`]'s, the one the
+/// agent reads the same ranges with and the broker its trusted proxies; the text already passed
+/// `dom::cidr`, which named any text that is not an address or range.
 fn source_width(field: &str, source: &str) -> Valid {
-    let Some((addr, prefix)) = source.split_once('/') else {
+    let Err(NetworkError::TooWide(_)) = parse_network(source) else {
         return Ok(());
     };
-    let (Ok(ip), Ok(prefix)) = (addr.parse::<std::net::IpAddr>(), prefix.parse::<u8>()) else {
-        return Ok(());
-    };
-    let (min, family) = if ip.is_ipv4() {
-        (MIN_SOURCE_PREFIX.0, "IPv4")
+    let (min, family) = if source.contains(':') {
+        (MIN_IPV6_PREFIX, "IPv6")
     } else {
-        (MIN_SOURCE_PREFIX.1, "IPv6")
+        (MIN_IPV4_PREFIX, "IPv4")
     };
-    if prefix < min {
-        return Err(ValidationError::new(
-            field,
-            format!(
-                "`{source}` is too wide: it would let any host send as the device (an open relay if the agent is reachable); an {family} range must be /{min} or narrower — list the devices' addresses or their LAN range"
-            ),
-        ));
-    }
-    Ok(())
+    Err(ValidationError::new(
+        field,
+        format!(
+            "`{source}` is too wide: it would let any host send as the device (an open relay if the agent is reachable); an {family} range must be /{min} or narrower — list the devices' addresses or their LAN range"
+        ),
+    ))
 }
 
 /// A user address entry: `local@domain`, or `@domain` for every address of the domain; kept in
@@ -911,5 +905,30 @@ mod tests {
             .unwrap()
             .0;
         assert_eq!(again, device);
+    }
+
+    /// Ingress source ranges wider than /8 (IPv4) or /16 (IPv6) are refused, naming the entry.
+    #[test]
+    fn source_ranges_wider_than_the_rule_are_refused() {
+        for ok in ["192.168.1.20", "10.0.0.0/8", "fd00::/16", "fd00::7"] {
+            source_width("f", ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for (wide, family) in [
+            ("0.0.0.0/0", "IPv4 range must be /8"),
+            ("10.0.0.0/7", "IPv4 range must be /8"),
+            ("::/0", "IPv6 range must be /16"),
+            ("fd00::/15", "IPv6 range must be /16"),
+        ] {
+            let e = source_width("device.ingress.allowed_sources[2]", wide)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("allowed_sources[2]")
+                    && e.contains(wide)
+                    && e.contains("too wide")
+                    && e.contains(family),
+                "{e}"
+            );
+        }
     }
 }
