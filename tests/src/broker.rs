@@ -351,13 +351,19 @@ impl TestBroker {
     /// Runs `tokenfleetctl` with `args` against this broker (its fleet-admin key and, with TLS,
     /// its CA): exit code, stdout, stderr. Panics if the binary cannot be run.
     pub async fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        self.ctl_with_key(self.admin_key.expose(), args).await
+    }
+
+    /// Runs `tokenfleetctl` with `args` against this broker as the API key `key`: exit code,
+    /// stdout, stderr. Panics if the binary cannot be run.
+    pub async fn ctl_with_key(&self, key: &str, args: &[&str]) -> (i32, String, String) {
         let binary = tokio::task::spawn_blocking(crate::agent_site::ctl_binary)
             .await
             .unwrap_or_else(|e| panic!("finding tokenfleetctl: {e}"));
         let out = tokio::process::Command::new(binary)
             .args(args)
             .env("TOKENFLEET_BROKER", self.grpc_url())
-            .env("TOKENFLEET_API_KEY", self.admin_key.expose())
+            .env("TOKENFLEET_API_KEY", key)
             .env("TOKENFLEET_CA_FILE", self.tls_ca_file())
             .env_remove("TOKENFLEET_API_KEY_FILE")
             .env_remove("TOKENFLEET_TENANT")

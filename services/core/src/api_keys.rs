@@ -23,7 +23,7 @@
 use crate::audit;
 use crate::authz::Principal;
 use crate::ops::Error;
-use crate::ops::change::{Change, audited};
+use crate::ops::change::{Change, audited, refusal_audited};
 use crate::ops::names::{shown, span_object};
 use crate::records::{Records, api_key_key, tenant_key};
 use crate::state::BrokerState;
@@ -435,17 +435,25 @@ pub async fn list_visible(
     tenant: &str,
 ) -> Result<Vec<ApiKey>, Error> {
     span_object(tenant, "");
-    no_key_rights(principal)?;
-    if principal.role == Role::TenantAdmin
-        && !tenant.is_empty()
-        && Some(tenant) != principal.tenant.as_deref()
-    {
-        return Err(Error::PermissionDenied(format!(
-            "API key `{}` may not access tenant `{}`",
-            principal.key_id,
-            shown(tenant)
-        )));
-    }
+    let checked = no_key_rights(principal).and_then(|()| {
+        if principal.role == Role::TenantAdmin
+            && !tenant.is_empty()
+            && Some(tenant) != principal.tenant.as_deref()
+        {
+            return Err(Error::PermissionDenied(format!(
+                "API key `{}` may not access tenant `{}`",
+                principal.key_id,
+                shown(tenant)
+            )));
+        }
+        Ok(())
+    });
+    let read = Change {
+        action: "apikey.list",
+        target: "apikeys".to_owned(),
+        tenant: tenant.to_owned(),
+    };
+    refusal_audited(state, principal, read, checked).await?;
     Ok(list_all(state)
         .await?
         .into_iter()

@@ -25,8 +25,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use tokenfleet_domain::AuditEvent;
 use tokenfleet_store::{RecordKey, Scope, StoreError, StoreResult};
 
-use crate::authz::{Access, Principal, Target, authorize};
+use crate::authz::{Principal, Target};
 use crate::ops::Error;
+use crate::ops::change::{Change, authorize_read};
 use crate::ops::names::{shown, span_object};
 use crate::ops::paging::page_request;
 use crate::state::BrokerState;
@@ -445,11 +446,20 @@ pub async fn list_events(
     principal: &Principal,
     query: &AuditQuery,
 ) -> Result<AuditPage, Error> {
+    let read = Change {
+        action: "audit.list",
+        target: if query.tenant.is_empty() {
+            "audit".to_owned()
+        } else {
+            format!("tenants/{}/audit", shown(&query.tenant))
+        },
+        tenant: query.tenant.clone(),
+    };
     let scope = if query.tenant.is_empty() {
-        authorize(principal, Target::GlobalAudit, Access::Read)?;
+        authorize_read(state, principal, read, Target::GlobalAudit).await?;
         Scope::Global
     } else {
-        authorize(principal, Target::Tenant(&query.tenant), Access::Read)?;
+        authorize_read(state, principal, read, Target::Tenant(&query.tenant)).await?;
         tokenfleet_domain::name("tenant", &query.tenant)?;
         Scope::Tenant(query.tenant.clone())
     };

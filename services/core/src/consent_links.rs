@@ -36,8 +36,8 @@ use tokenfleet_store::{Precondition, RecordKey, Scope, StoreError};
 use crate::authz::{Access, Principal, Target, authorize};
 use crate::identity::ca::hex;
 use crate::ops::Error;
-use crate::ops::change::{Change, audited};
-use crate::ops::names::span_object;
+use crate::ops::change::{Change, audited, authorize_read};
+use crate::ops::names::{shown, span_object};
 use crate::records::{Records, mailbox_key};
 use crate::state::BrokerState;
 use crate::tokens::consent::{self, Challenge, StartOutcome};
@@ -328,7 +328,12 @@ pub async fn list(
     mailbox: &str,
 ) -> Result<Vec<ConsentLink>, Error> {
     span_object(tenant, mailbox);
-    authorize(principal, Target::Tenant(tenant), Access::Read)?;
+    let read = Change {
+        action: "consent_link.list",
+        target: format!("tenants/{}/consent_links", shown(tenant)),
+        tenant: tenant.to_owned(),
+    };
+    authorize_read(state, principal, read, Target::Tenant(tenant)).await?;
     tokenfleet_domain::name("tenant", tenant)?;
     if !mailbox.is_empty() {
         tokenfleet_domain::name("mailbox", mailbox)?;

@@ -4,7 +4,8 @@
 //! `list` prints one row per object with the columns that matter day to day, problems included
 //! (token status and its last error, revoked agents); `show`/`create`/`update` print every field of
 //! one object as a two-column table. `table` cuts long cells to [`CELL_WIDTH`] characters with an
-//! ellipsis so a row fits a terminal; `wide` prints the same tables with every cell whole.
+//! ellipsis so a row fits a terminal, but never those of what is shown only once
+//! ([`Printer::shown_once`]); `wide` prints the same tables with every cell whole.
 
 use std::io::{self, Write};
 
@@ -87,6 +88,16 @@ impl Printer {
             OutputFormat::Table | OutputFormat::Wide => {
                 emit(&field_table(&to_value(object)?, self.cut()).to_string())
             }
+        }
+    }
+
+    /// One object holding what is shown this once (a new API key, an enrollment command, a
+    /// consent link): as [`Printer::object`], but a table never cuts it, since a cut value is
+    /// one nobody can use or get again.
+    pub fn shown_once<T: Serialize>(&self, object: &T) -> Result<(), CtlError> {
+        match self.format {
+            OutputFormat::Table => Printer::new(OutputFormat::Wide).object(object),
+            _ => self.object(object),
         }
     }
 

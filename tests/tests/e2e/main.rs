@@ -11,6 +11,7 @@ mod agent_send_e2e;
 mod agent_smtp_upstream;
 mod broker_e2e;
 mod chaos;
+mod cli_tenants;
 mod consent_e2e;
 mod console;
 mod console_browser;

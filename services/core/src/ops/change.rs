@@ -1,5 +1,5 @@
-//! Audited changes: every change an operation makes (and every refused attempt) is recorded in
-//! the audit log with its outcome, in the stream of the tenant it concerns.
+//! Audited changes: every change an operation makes (and every refused attempt, reads included)
+//! is recorded in the audit log with its outcome, in the stream of the tenant it concerns.
 
 use std::future::Future;
 
@@ -9,10 +9,10 @@ use tokenfleet_store::Scope;
 use super::Error;
 use super::names::{object_path, shown};
 use crate::audit;
-use crate::authz::{Access, Principal};
+use crate::authz::{Access, Principal, Target, authorize};
 use crate::state::BrokerState;
 
-/// What an audited change concerns.
+/// What an audited change (or refused read) concerns.
 #[derive(Debug, Clone)]
 pub struct Change {
     /// `provider.create`, ...
@@ -44,8 +44,56 @@ pub async fn audited<T>(
     run: impl Future<Output = Result<(T, String), Error>>,
 ) -> Result<T, Error> {
     let outcome = run.await;
-    let (result, detail) = match &outcome {
-        Ok((_, detail)) => ("ok", detail.clone()),
+    let recorded = match &outcome {
+        Ok((_, detail)) => Ok(detail.as_str()),
+        Err(err) => Err(err),
+    };
+    record(state, principal, change, recorded).await;
+    outcome.map(|(value, _)| value)
+}
+
+/// Checks that `principal` may read `target` ([`authorize`]); a refused read is audited as a
+/// refused change is (`read` names it: `mailbox.get`, `tenants/acme/mailboxes/scan`), so a key
+/// probing another tenant's objects shows in the log as one trying to change them does. Allowed
+/// reads are not audited.
+pub async fn authorize_read(
+    state: &BrokerState,
+    principal: &Principal,
+    read: Change,
+    target: Target<'_>,
+) -> Result<(), Error> {
+    refusal_audited(
+        state,
+        principal,
+        read,
+        authorize(principal, target, Access::Read),
+    )
+    .await
+}
+
+/// `checked` (the answer of an authorization check), its refusal audited as [`authorize_read`]
+/// does, for reads whose rule is not [`authorize`]'s.
+pub async fn refusal_audited(
+    state: &BrokerState,
+    principal: &Principal,
+    read: Change,
+    checked: Result<(), Error>,
+) -> Result<(), Error> {
+    if let Err(err) = &checked {
+        record(state, principal, read, Err(err)).await;
+    }
+    checked
+}
+
+/// Records what became of `change`: `Ok(detail)` or the error.
+async fn record(
+    state: &BrokerState,
+    principal: &Principal,
+    change: Change,
+    outcome: Result<&str, &Error>,
+) {
+    let (result, detail) = match outcome {
+        Ok(detail) => ("ok", detail.to_owned()),
         Err(err) => (err.result(), crate::audit::detail(err.to_string())),
     };
     // A tenant's stream gets what happened in it, as far as the caller is allowed to look at the
@@ -59,7 +107,7 @@ pub async fn audited<T>(
     } else {
         Scope::Tenant(change.tenant.clone())
     };
-    match &outcome {
+    match outcome {
         Ok(_) => tracing::info!(action = change.action, target = %change.target, "admin change"),
         Err(err) => tracing::info!(
             action = change.action,
@@ -79,5 +127,4 @@ pub async fn audited<T>(
         detail,
     };
     audit::record(state, &scope, event).await;
-    outcome.map(|(value, _)| value)
 }

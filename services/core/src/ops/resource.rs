@@ -28,7 +28,7 @@ use tokenfleet_domain::{Stamps, ValidationError};
 use tokenfleet_store::{RecordKey, Scope};
 
 use super::Error;
-use super::change::{Change, audited};
+use super::change::{Change, audited, authorize_read};
 use super::mask::UpdateMask;
 use super::names::{object_path, shown, span_object};
 use super::paging::{PageRequest, page_request};
@@ -73,6 +73,10 @@ pub struct Actions {
     pub update: &'static str,
     /// `provider.delete`, …
     pub delete: &'static str,
+    /// `provider.get`, … (audited when refused)
+    pub get: &'static str,
+    /// `provider.list`, … (audited when refused)
+    pub list: &'static str,
 }
 
 /// What varies between resources. The hooks have defaults for resources without such a step.
@@ -268,6 +272,8 @@ macro_rules! resource_names {
             create: concat!($kind, ".create"),
             update: concat!($kind, ".update"),
             delete: concat!($kind, ".delete"),
+            get: concat!($kind, ".get"),
+            list: concat!($kind, ".list"),
         };
         fn version(input: &$input) -> u64 {
             input.version
@@ -417,7 +423,8 @@ pub async fn get<R: Resource>(
     id: Id,
 ) -> Result<R::Output, Error> {
     span::<R>(&id);
-    authorize(principal, R::target(&id, Access::Read), Access::Read)?;
+    let read = change::<R>(R::ACTIONS.get, &id);
+    authorize_read(state, principal, read, R::target(&id, Access::Read)).await?;
     check_id::<R>(&id, "")?;
     let stored = must_get::<R::Record>(state, &R::key(&id), &what::<R>(&id)).await?;
     resource.view(state, stored).await
@@ -434,7 +441,12 @@ pub async fn list<R: Resource>(
 ) -> Result<(Vec<R::Output>, String), Error> {
     span_object(tenant, "");
     let id = Id::scoped(tenant, "");
-    authorize(principal, R::target(&id, Access::Read), Access::Read)?;
+    let read = Change {
+        action: R::ACTIONS.list,
+        target: format!("tenants/{}/{}", shown(tenant), R::COLLECTION),
+        tenant: tenant.to_owned(),
+    };
+    authorize_read(state, principal, read, R::target(&id, Access::Read)).await?;
     tokenfleet_domain::name("tenant", tenant)?;
     let page = page_request(page_size, page_token)?;
     require_tenant(state, tenant).await?;

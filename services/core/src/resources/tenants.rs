@@ -6,8 +6,9 @@
 use tokenfleet_domain::{MAX_TEXT_LEN, Stamps, Tenant, Valid};
 use tokenfleet_store::Scope;
 
-use crate::authz::{Access, Principal, Target, authorize};
+use crate::authz::{Access, Principal, Target};
 use crate::ops::Error;
+use crate::ops::change::{Change, authorize_read};
 use crate::ops::mask::{FieldTable, UpdateMask};
 use crate::ops::paging::page_request;
 use crate::ops::resource::{Id, Resource, resource_names};
@@ -83,7 +84,12 @@ pub async fn list(
             Ok((own.into_iter().collect(), String::new()))
         }
         None => {
-            authorize(principal, Target::Fleet, Access::Read)?;
+            let read = Change {
+                action: "tenant.list",
+                target: "tenants".to_owned(),
+                tenant: String::new(),
+            };
+            authorize_read(state, principal, read, Target::Fleet).await?;
             list_page::<Tenant>(state, &Scope::Global, &page).await
         }
     }

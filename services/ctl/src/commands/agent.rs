@@ -72,7 +72,7 @@ pub async fn run(cmd: AgentCommand, ctx: &Ctx) -> Result<(), CtlError> {
                 .call(|mut c| async move { c.create_enrollment_code(req).await })
                 .await?;
             ctx.printer
-                .object(&enroll_code_view(&created, &ctx.settings.broker))
+                .shown_once(&enroll_code_view(&created, &ctx.settings.broker))
         }
         AgentCommand::Revoke(mut args) => {
             args.id.tenant = ctx.tenant(args.id.tenant)?;

@@ -67,7 +67,7 @@ pub async fn run(cmd: ApiKeyCommand, ctx: &Ctx) -> Result<(), CtlError> {
             eprintln!(
                 "The API key is shown this once; store it now (the broker keeps only its hash)."
             );
-            ctx.printer.object(&CreatedApiKeyView {
+            ctx.printer.shown_once(&CreatedApiKeyView {
                 key: created.key,
                 api_key,
             })

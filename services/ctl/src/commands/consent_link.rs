@@ -71,7 +71,7 @@ pub async fn run(cmd: ConsentLinkCommand, ctx: &Ctx) -> Result<(), CtlError> {
             eprintln!(
                 "The link is shown this once; send it to the mailbox's owner now (the broker keeps only its hash)."
             );
-            ctx.printer.object(&CreatedConsentLinkView {
+            ctx.printer.shown_once(&CreatedConsentLinkView {
                 url: created.url,
                 link,
             })

@@ -1,0 +1,344 @@
+//! Tenant boundaries and roles through what an operator runs: the broker executable and
+//! `tokenfleetctl`, with keys made by `tokenfleetctl api-key create` and read from the table it
+//! prints by default (a key cut short there would be one nobody can use or get again).
+
+use tokenfleet_testkit::broker::{TestBroker, TestStore};
+
+/// `tokenfleetctl` with the words of `line` (none holds a space) as the API key `key`.
+async fn ctl_as(broker: &TestBroker, key: &str, line: &str) -> (i32, String, String) {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    broker.ctl_with_key(key, &words).await
+}
+
+/// Asserts a `tokenfleetctl` run succeeded; its stdout.
+fn ok((code, stdout, stderr): (i32, String, String), what: &str) -> String {
+    assert_eq!(code, 0, "{what}: {stderr}");
+    stdout
+}
+
+/// Asserts a `tokenfleetctl` run failed with `needle` in its error.
+fn refused((code, stdout, stderr): (i32, String, String), what: &str, needle: &str) {
+    assert_ne!(code, 0, "{what} was allowed: {stdout}");
+    assert!(
+        stderr.contains("permission denied") && stderr.contains(needle),
+        "{what}: {stderr}"
+    );
+}
+
+/// The API key in the table `api-key create` prints by default (`tfk_<id>_<secret>`), whole.
+fn key_in_table(stdout: &str) -> String {
+    let key = stdout
+        .split(|c: char| c.is_whitespace() || c == '│' || c == '┆')
+        .find(|word| word.starts_with("tfk_"))
+        .unwrap_or_else(|| panic!("no key in the output:\n{stdout}"))
+        .to_owned();
+    assert!(
+        !key.contains('…'),
+        "the key was cut in the table:\n{stdout}"
+    );
+    key
+}
+
+/// The id of an API key (`tfk_<id>_…`).
+fn key_id(key: &str) -> &str {
+    key.split('_').nth(1).unwrap_or_default()
+}
+
+/// Two tenants with the same objects, made by the fleet admin through the CLI.
+async fn two_tenants(broker: &TestBroker, admin: &str, dir: &std::path::Path) {
+    for t in ["alpha", "bravo"] {
+        let secret = dir.join(format!("{t}.secret"));
+        std::fs::write(&secret, format!("client-secret-of-{t}"))
+            .unwrap_or_else(|e| panic!("writing {}: {e}", secret.display()));
+        for line in [
+            format!("tenant create --name {t}"),
+            format!(
+                "provider create m365 --tenant {t} --kind microsoft --client-id 11111111-2222-3333-4444-555555555555 --client-secret-file {}",
+                secret.display()
+            ),
+            format!(
+                "mailbox create scan --tenant {t} --address scan@{t}.example --provider m365 --grant-type app_only --kind bulk --purpose send"
+            ),
+            format!("agent create site-1 --tenant {t}"),
+            format!(
+                "device create mfp --tenant {t} --agent site-1 --sender-mode bulk --bulk-mailbox scan --smtp-server smtp.office365.com --smtp-port 587 --smtp-security starttls"
+            ),
+        ] {
+            ok(ctl_as(broker, admin, &line).await, &line);
+        }
+    }
+}
+
+/// A tenant-admin key made with `tokenfleetctl` for tenant alpha manages alpha and cannot see,
+/// change or take over tenant bravo, nor make keys beyond its own tenant; an alpha viewer reads
+/// and changes nothing; every refusal names why, is audited, and bravo is unchanged afterwards.
+#[tokio::test]
+async fn keys_made_by_the_cli_see_and_change_only_their_own_tenant() {
+    let broker = TestBroker::start_tls(TestStore::Embedded).await.unwrap();
+    let admin = broker.admin_key.expose().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    two_tenants(&broker, &admin, dir.path()).await;
+
+    // Keys as an operator makes them, read from the default output.
+    let line = "api-key create --role tenant-admin --tenant alpha --description alpha-admin";
+    let ta = key_in_table(&ok(ctl_as(&broker, &admin, line).await, line));
+    tokenfleet_testkit::logs::secret(&ta);
+    let line = "api-key create --role viewer --tenant alpha";
+    let viewer = key_in_table(&ok(ctl_as(&broker, &admin, line).await, line));
+    tokenfleet_testkit::logs::secret(&viewer);
+    let me = ok(ctl_as(&broker, &ta, "whoami -o json").await, "whoami");
+    let me: serde_json::Value = serde_json::from_str(&me).unwrap();
+    assert_eq!(
+        (
+            me["key_id"].as_str(),
+            me["role"].as_str(),
+            me["tenant"].as_str()
+        ),
+        (Some(key_id(&ta)), Some("tenant-admin"), Some("alpha")),
+        "{me}"
+    );
+
+    // Its own tenant: read and change.
+    for line in [
+        "mailbox show scan --tenant alpha",
+        "device update mfp --tenant alpha --display-name front-desk",
+        "agent enroll-code site-2 --tenant alpha",
+        "audit --tenant alpha",
+    ] {
+        ok(ctl_as(&broker, &ta, line).await, line);
+    }
+
+    // Every kind of object of the other tenant, read or changed: refused, naming the tenant.
+    let other = [
+        "tenant show bravo",
+        "provider show m365 --tenant bravo",
+        "provider update m365 --tenant bravo --client-id 99999999-2222-3333-4444-555555555555",
+        "provider list --tenant bravo",
+        "mailbox list --tenant bravo",
+        "mailbox show scan --tenant bravo",
+        "mailbox update scan --tenant bravo --disabled",
+        "mailbox delete scan --tenant bravo --yes",
+        "mailbox create scan2 --tenant bravo --address scan2@bravo.example --provider m365 --grant-type app_only --kind bulk --purpose send",
+        "device list --tenant bravo",
+        "device show mfp --tenant bravo",
+        "device update mfp --tenant bravo --display-name taken",
+        "device delete mfp --tenant bravo --yes",
+        "agent list --tenant bravo",
+        "agent show site-1 --tenant bravo",
+        "agent enroll-code site-9 --tenant bravo",
+        "agent revoke site-1 --tenant bravo --yes",
+        "consent-link create scan --tenant bravo",
+        "consent-link list --tenant bravo",
+        "audit --tenant bravo",
+        "fleet status --tenant bravo",
+    ];
+    for line in other {
+        refused(
+            ctl_as(&broker, &ta, line).await,
+            line,
+            "may not access tenant `bravo`",
+        );
+    }
+
+    for line in [
+        "tenant update bravo --display-name taken",
+        "tenant delete bravo --yes",
+    ] {
+        refused(
+            ctl_as(&broker, &ta, line).await,
+            line,
+            "may not create, change or delete tenants (fleet-admin only)",
+        );
+    }
+
+    // Lists that span tenants hold only its own.
+    let tenants = ok(ctl_as(&broker, &ta, "tenant list -o name").await, "tenants");
+    assert_eq!(tenants.trim(), "alpha");
+    let mailboxes = ok(
+        ctl_as(&broker, &ta, "mailbox list --all-tenants -o name").await,
+        "mailboxes",
+    );
+    assert_eq!(mailboxes.trim(), "alpha/scan");
+    let export = ok(ctl_as(&broker, &ta, "export").await, "export");
+    assert!(
+        export.contains("tenant: alpha") && !export.contains("bravo"),
+        "{export}"
+    );
+    let keys = ok(ctl_as(&broker, &ta, "api-key list -o json").await, "keys");
+    let keys: Vec<serde_json::Value> = serde_json::from_str(&keys).unwrap();
+    assert!(
+        !keys.is_empty() && keys.iter().all(|k| k["tenant"] == "alpha"),
+        "{keys:?}"
+    );
+
+    // No key beyond its own tenant, and no revoking the fleet admin's.
+    for (line, needle) in [
+        ("api-key create --role fleet-admin", "not a fleet-admin key"),
+        (
+            "api-key create --role tenant-admin --tenant bravo",
+            "for tenant `bravo`",
+        ),
+        ("api-key create --role viewer", "not a viewer key"),
+    ] {
+        refused(ctl_as(&broker, &ta, line).await, line, needle);
+    }
+    // A key of another scope is not even said to exist.
+    let line = format!("api-key revoke --id {} --yes", key_id(&admin));
+    let (code, _, stderr) = ctl_as(&broker, &ta, &line).await;
+    assert_ne!(code, 0, "{line} was allowed");
+    assert!(
+        stderr.contains(&format!(
+            "not found: API key `{}` not found",
+            key_id(&admin)
+        )),
+        "{stderr}"
+    );
+
+    // A manifest that also names the other tenant is refused whole: nothing of it is written.
+    let manifest = dir.path().join("both.yaml");
+    std::fs::write(
+        &manifest,
+        "kind: device\ntenant: alpha\nname: mfp-new\nspec:\n  agent: site-1\n  sender_mode: bulk\n  bulk_mailbox: scan\n  smtp: {server: smtp.office365.com, port: 587, security: starttls}\n---\nkind: device\ntenant: bravo\nname: mfp-new\nspec:\n  agent: site-1\n  sender_mode: bulk\n  bulk_mailbox: scan\n  smtp: {server: smtp.office365.com, port: 587, security: starttls}\n",
+    )
+    .unwrap();
+    let line = format!("apply -f {}", manifest.display());
+    refused(
+        ctl_as(&broker, &ta, &line).await,
+        &line,
+        "document 2 (device bravo/mfp-new)",
+    );
+
+    // The viewer reads its tenant and changes nothing.
+    ok(
+        ctl_as(&broker, &viewer, "device show mfp --tenant alpha").await,
+        "viewer show",
+    );
+    for line in [
+        "mailbox update scan --tenant alpha --disabled",
+        "device delete mfp --tenant alpha --yes",
+        "consent-link create scan --tenant alpha",
+        "agent enroll-code site-3 --tenant alpha",
+    ] {
+        refused(
+            ctl_as(&broker, &viewer, line).await,
+            line,
+            "is read-only and may not change anything",
+        );
+    }
+    refused(
+        ctl_as(
+            &broker,
+            &viewer,
+            "api-key create --role viewer --tenant alpha",
+        )
+        .await,
+        "viewer api-key create",
+        "may not manage API keys",
+    );
+    refused(
+        ctl_as(&broker, &viewer, "mailbox show scan --tenant bravo").await,
+        "viewer of alpha reading bravo",
+        "may not access tenant `bravo`",
+    );
+
+    // Bravo is as the fleet admin made it; alpha got only what its admin did.
+    let show = |line: &'static str| {
+        let broker = &broker;
+        let admin = admin.clone();
+        async move {
+            let text = ok(ctl_as(broker, &admin, line).await, line);
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()
+        }
+    };
+    let tenant = show("tenant show bravo -o json").await;
+    assert!(
+        tenant["display_name"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
+        "{tenant}"
+    );
+    let provider = show("provider show m365 --tenant bravo -o json").await;
+    assert_eq!(
+        provider["client_id"], "11111111-2222-3333-4444-555555555555",
+        "{provider}"
+    );
+    let mailbox = show("mailbox show scan --tenant bravo -o json").await;
+    assert_eq!(mailbox["disabled"], false, "{mailbox}");
+    let device = show("device show mfp --tenant bravo -o json").await;
+    assert!(
+        device["display_name"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
+        "{device}"
+    );
+    let agent = show("agent show site-1 --tenant bravo -o json").await;
+    assert_eq!(agent["revoked"], false, "{agent}");
+    let bravo_agents = show("agent list --tenant bravo -o json").await;
+    assert_eq!(
+        bravo_agents.as_array().map(Vec::len),
+        Some(1),
+        "{bravo_agents}"
+    );
+    let devices = ok(
+        ctl_as(&broker, &admin, "device list --tenant alpha -o name").await,
+        "alpha devices",
+    );
+    assert_eq!(devices.trim(), "mfp", "the refused manifest wrote mfp-new");
+    let device = show("device show mfp --tenant alpha -o json").await;
+    assert_eq!(device["display_name"], "front-desk", "{device}");
+    ok(
+        ctl_as(&broker, &admin, "whoami").await,
+        "the fleet admin's key still works",
+    );
+
+    // Every refusal of the tenant admin is in the (global) audit log, with its key as the
+    // actor: reads of the other tenant as well as changes.
+    let refusals = ok(
+        ctl_as(&broker, &admin, "audit --kind refused -o json").await,
+        "audit",
+    );
+    let refusals: Vec<serde_json::Value> = serde_json::from_str(&refusals).unwrap();
+    let actor = format!("apikey:{}", key_id(&ta));
+    let by_ta: Vec<&serde_json::Value> = refusals
+        .iter()
+        .filter(|e| e["actor"] == actor.as_str() && e["result"] == "permission_denied")
+        .collect();
+    // The other tenant's objects, the two tenant changes and the three keys.
+    let made = other.len() + 2 + 3;
+    assert!(
+        by_ta.len() >= made,
+        "{} refusals of {actor} audited, {made} made: {by_ta:#?}",
+        by_ta.len()
+    );
+    for (action, target) in [
+        ("tenant.get", "tenants/bravo"),
+        ("provider.get", "tenants/bravo/providers/m365"),
+        ("provider.list", "tenants/bravo/providers"),
+        ("mailbox.list", "tenants/bravo/mailboxes"),
+        ("mailbox.get", "tenants/bravo/mailboxes/scan"),
+        ("mailbox.update", "tenants/bravo/mailboxes/scan"),
+        ("device.list", "tenants/bravo/devices"),
+        ("device.get", "tenants/bravo/devices/mfp"),
+        ("agent.list", "tenants/bravo/agents"),
+        ("agent.get", "tenants/bravo/agents/site-1"),
+        ("consent_link.list", "tenants/bravo/consent_links"),
+        ("audit.list", "tenants/bravo/audit"),
+        ("fleet_status.get", "tenants/bravo/fleet_status"),
+        ("apikey.create", "apikeys"),
+    ] {
+        assert!(
+            by_ta
+                .iter()
+                .any(|e| e["action"] == action && e["target"] == target),
+            "no refused {action} of {target} audited: {by_ta:#?}"
+        );
+    }
+    // Nothing of it went into the other tenant's own log.
+    let bravo = ok(
+        ctl_as(&broker, &admin, "audit --tenant bravo -o json").await,
+        "bravo audit",
+    );
+    assert!(!bravo.contains(&actor), "{bravo}");
+}
