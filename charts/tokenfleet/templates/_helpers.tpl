@@ -194,6 +194,9 @@ Combinations the schema cannot express; `helm template` and `helm install` stop 
 {{- if and $v.ingress.enabled (not $v.ingress.host) }}
 {{- fail "ingress.host is required with ingress.enabled=true" }}
 {{- end }}
+{{- if and $v.ingress.enabled $v.ingress.console (not $v.http.trustedProxies) }}
+{{- fail "ingress.console=true needs http.trustedProxies (the ingress controller's pod range): without it every console sign-in comes from the controller's address, so failed sign-ins from anyone would lock every operator out" }}
+{{- end }}
 {{- $hook := $v.alerts.webhook }}
 {{- if and $hook.url (not $hook.secretName) }}
 {{- fail "alerts.webhook.secretName is required with alerts.webhook.url: the broker signs every alert request with the HMAC key from that Secret" }}

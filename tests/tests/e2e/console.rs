@@ -900,6 +900,25 @@ async fn consent_links_single_use_expiry_revocation() {
     assert_security_headers(&page, "link page");
     assert_eq!(page.header("cache-control"), Some("no-store"));
     assert_no_inline_script(&page.body);
+    // Everything it loads or posts to is under the prefixes the chart's Ingress routes.
+    let local: Vec<&str> = ["href=\"/", "src=\"/", "action=\"/"]
+        .iter()
+        .flat_map(|attr| {
+            page.body
+                .match_indices(attr)
+                .map(move |(at, _)| at + attr.len() - 1)
+        })
+        .filter_map(|start| page.body[start..].split('"').next())
+        .collect();
+    assert!(local.len() >= 2, "no stylesheet or script: {}", page.body);
+    for url in &local {
+        assert!(
+            crate::OWNER_PAGE_PREFIXES
+                .iter()
+                .any(|p| url.starts_with(p)),
+            "the owner's page uses {url}, which the chart's Ingress does not route"
+        );
+    }
     for text in [
         WEB_USER,
         "Microsoft 365",

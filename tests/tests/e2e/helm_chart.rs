@@ -751,6 +751,70 @@ fn ingress_host_becomes_the_public_url() -> Result<()> {
     Ok(())
 }
 
+/// Whether Kubernetes routes `url` by `route` (an Ingress path: `Exact`, or `Prefix` matched
+/// element by element, so `/consent` matches `/consent/x` but not `/consentx`).
+fn ingress_matches(route: &Value, url: &str) -> bool {
+    let path = route["path"].as_str().unwrap_or_default();
+    match route["pathType"].as_str() {
+        Some("Exact") => url == path,
+        Some("Prefix") => {
+            let path = path.trim_end_matches('/');
+            url == path || url.starts_with(&format!("{path}/"))
+        }
+        _ => false,
+    }
+}
+
+/// The Ingress routes the consent callback and the mailbox owners' pages (and the console when
+/// `console`) to the broker's HTTP port, and nothing else of it.
+fn assert_ingress_routes(ingress: &Value, console: bool) -> Result<()> {
+    let routes = ingress["spec"]["rules"][0]["http"]["paths"]
+        .as_array()
+        .context("no paths")?;
+    for route in routes {
+        ensure!(
+            route["backend"]["service"]["port"]["name"] == "http"
+                && route["backend"]["service"]["name"] == "tf-tokenfleet-broker-http",
+            "{route}"
+        );
+    }
+    let routed = |url: &str| routes.iter().any(|r| ingress_matches(r, url));
+    let mut open = vec![tokenfleet_broker::tokens::consent::CALLBACK_PATH.to_owned()];
+    for prefix in crate::OWNER_PAGE_PREFIXES {
+        open.extend(
+            [
+                "tfc_abc",
+                "tfc_abc/start",
+                "tfc_abc/status.json",
+                "console.css",
+            ]
+            .map(|rest| format!("{prefix}{rest}")),
+        );
+    }
+    let console_pages = ["/console/", "/console/audit", "/console/sign-in"];
+    if console {
+        open.extend(console_pages.map(str::to_owned));
+    }
+    for url in &open {
+        ensure!(routed(url), "the Ingress does not route {url}: {routes:?}");
+    }
+    let mut closed = vec![
+        "/metrics",
+        "/healthz",
+        "/readyz",
+        "/",
+        "/consentx",
+        "/oauth/callback/x",
+    ];
+    if !console {
+        closed.extend(console_pages);
+    }
+    for url in closed {
+        ensure!(!routed(url), "the Ingress routes {url}: {routes:?}");
+    }
+    Ok(())
+}
+
 #[test]
 fn production_values_render_three_replicas_on_a_tls_redis_cluster() -> Result<()> {
     let Some(tools) = tools()? else { return Ok(()) };
@@ -828,20 +892,21 @@ fn production_values_render_three_replicas_on_a_tls_redis_cluster() -> Result<()
         "{config_text}"
     );
 
-    // The Ingress exposes the consent callback only, on the public host, with TLS.
+    // The Ingress exposes what browsers open, on the public host, with TLS: the consent
+    // callback and the owners' consent pages, not the metrics, probes or the console.
     let ingress = manifests.one("Ingress")?;
     ensure!(ingress["spec"]["ingressClassName"] == "nginx", "{ingress}");
     ensure!(ingress["spec"]["tls"][0]["secretName"] == "tokenfleet-ingress-tls");
     let rule = &ingress["spec"]["rules"][0];
     ensure!(rule["host"] == "tokenfleet.example.com", "{rule}");
-    let paths = rule["http"]["paths"].as_array().context("no paths")?;
-    ensure!(
-        paths.len() == 1
-            && paths[0]["path"] == "/oauth/callback"
-            && paths[0]["backend"]["service"]["port"]["name"] == "http"
-            && paths[0]["backend"]["service"]["name"] == "tf-tokenfleet-broker-http",
-        "{paths:?}"
+    assert_ingress_routes(ingress, false)?;
+    let with_console = PRODUCTION_VALUES.replace(
+        "ingress:\n  enabled: true\n",
+        "ingress:\n  enabled: true\n  console: true\n",
     );
+    ensure!(with_console.contains("console: true"));
+    let console_manifests = tools.render(Some(&with_console))?;
+    assert_ingress_routes(console_manifests.one("Ingress")?, true)?;
 
     let grpc_port = &manifests.services()?.0["spec"]["ports"][0];
     ensure!(
@@ -1286,6 +1351,10 @@ fn invalid_values_are_refused_with_the_reason() -> Result<()> {
         (
             "ingress:\n  enabled: true\n",
             "ingress.host is required with ingress.enabled=true",
+        ),
+        (
+            "ingress:\n  enabled: true\n  console: true\n  host: tf.example.com\n",
+            "ingress.console=true needs http.trustedProxies",
         ),
         (
             "tls:\n  certFile: /etc/server.pem\n",

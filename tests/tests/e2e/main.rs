@@ -27,6 +27,11 @@ mod secrets_at_rest;
 mod store_conformance;
 mod traces;
 
+/// Where the pages a mailbox owner opens (consent links) and everything they load live: what the
+/// chart's Ingress routes from outside the cluster besides the consent callback (`helm_chart`
+/// checks the routes, `console` the pages).
+const OWNER_PAGE_PREFIXES: [&str; 2] = ["/consent/", "/console/static/"];
+
 /// The libtest name of the test `name` in `module` (a `module_path!()` of this binary): the path
 /// without the binary's crate name, for re-running one test of this binary in a child process.
 fn libtest_name(module: &str, name: &str) -> String {

@@ -51,9 +51,15 @@ pub fn page(title: &str, chrome: Option<&Chrome<'_>>, body: &str) -> String {
 <title>{} · tokenfleet</title>\
 <link rel=\"stylesheet\" href=\"/console/static/console.css\">\
 <script src=\"/console/static/console.js\" defer></script></head>\n<body>\
-<a class=\"skip\" href=\"#main\">Skip to content</a>\n<header class=\"top\"><a class=\"brand\" href=\"/console/\">tokenfleet</a>",
+<a class=\"skip\" href=\"#main\">Skip to content</a>\n<header class=\"top\">",
         esc(title)
     );
+    // The name links home only for a signed-in operator: a mailbox owner's consent page
+    // leads nowhere else (the Ingress does not route the console to owners).
+    out.push_str(match chrome {
+        Some(_) => "<a class=\"brand\" href=\"/console/\">tokenfleet</a>",
+        None => "<span class=\"brand\">tokenfleet</span>",
+    });
     if let Some(c) = chrome {
         out.push_str("<nav aria-label=\"Console\"><ul>");
         for (href, key, label) in [
