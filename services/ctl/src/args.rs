@@ -125,6 +125,17 @@ pub struct TenantScope {
     pub tenant: String,
 }
 
+/// Which tenants a `list` covers: one (`--tenant`, default the context's), or with
+/// `--all-tenants` every one the API key may see.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TenantsScope {
+    #[command(flatten)]
+    pub scope: TenantScope,
+    /// Every tenant the API key may see (a tenant-bound key sees its own); --tenant is ignored.
+    #[arg(long)]
+    pub all_tenants: bool,
+}
+
 /// Paging of `list`.
 #[derive(Debug, Clone, Copy, Default, Args)]
 pub struct ListArgs {

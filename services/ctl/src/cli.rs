@@ -116,7 +116,7 @@ pub enum Command {
         mut_subcommand("create", |c| c
             .about("Create a provider (app registration)")
             .mut_arg("client_id", |a| a.required(true))),
-        mut_subcommand("list", |c| c.about("List the providers of a tenant")),
+        mut_subcommand("list", |c| c.about("List the providers of a tenant (or of every tenant)")),
         mut_subcommand("show", |c| c.about("Show one provider")),
         mut_subcommand("update", |c| c.about("Change the given fields of a provider (the kind cannot change)")),
         mut_subcommand("delete", |c| c.about("Delete a provider (only when no mailbox uses it); asks first")),
@@ -144,7 +144,7 @@ pub enum Command {
         mut_subcommand("create", |c| c
             .about("Create a device")
             .mut_arg("sender_mode", |a| a.required(true))),
-        mut_subcommand("list", |c| c.about("List the devices of a tenant")),
+        mut_subcommand("list", |c| c.about("List the devices of a tenant (or of every tenant)")),
         mut_subcommand("show", |c| c.about("Show one device")),
         mut_subcommand("update", |c| c.about("Change the given fields of a device")),
         mut_subcommand("delete", |c| c.about("Delete a device; asks first")),
@@ -154,7 +154,7 @@ pub enum Command {
     #[command(
         subcommand,
         mut_subcommand("create", |c| c.about("Pre-register an agent")),
-        mut_subcommand("list", |c| c.about("List the agents of a tenant")),
+        mut_subcommand("list", |c| c.about("List the agents of a tenant (or of every tenant)")),
         mut_subcommand("show", |c| c.about("Show one agent")),
         mut_subcommand("update", |c| c.about("Change the given fields of an agent")),
         mut_subcommand("delete", |c| c.about("Delete an agent (only when it hosts no devices); asks first")),

@@ -159,6 +159,14 @@ async fn keys_made_by_the_cli_see_and_change_only_their_own_tenant() {
         "mailboxes",
     );
     assert_eq!(mailboxes.trim(), "alpha/scan");
+    for kind in ["provider", "device", "agent"] {
+        let line = format!("{kind} list --all-tenants -o name");
+        let names = ok(ctl_as(&broker, &ta, &line).await, &line);
+        assert!(
+            !names.trim().is_empty() && names.lines().all(|n| n.starts_with("alpha/")),
+            "{line}: {names}"
+        );
+    }
     let export = ok(ctl_as(&broker, &ta, "export").await, "export");
     assert!(
         export.contains("tenant: alpha") && !export.contains("bravo"),

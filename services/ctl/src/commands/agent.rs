@@ -8,7 +8,7 @@ use super::crud::{self, CrudOf, CrudResource, Nothing};
 use super::resource::{self, Agents, Name};
 use super::{Changes, Ctx, version_of};
 use crate::agent_identity::{EnrollCodeArgs, RevokeArgs, enroll_code_view};
-use crate::args::{ListArgs, ScopedName, TenantScope, VersionArg};
+use crate::args::{ListArgs, ScopedName, TenantsScope, VersionArg};
 use crate::error::CtlError;
 use crate::view::AgentView;
 
@@ -34,7 +34,7 @@ pub struct AgentFields {
 
 impl CrudResource for Agents {
     type Id = ScopedName;
-    type Scope = TenantScope;
+    type Scope = TenantsScope;
     type New = Nothing;
     type Fields = AgentFields;
     type Clear = Nothing;
@@ -56,8 +56,8 @@ impl CrudResource for Agents {
     ) -> Result<pb::UpdateAgentRequest, CtlError> {
         update_request(id, fields, version)
     }
-    async fn list_command(ctx: &Ctx, scope: TenantScope, list: ListArgs) -> Result<(), CtlError> {
-        crud::list_in::<Agents>(ctx, scope, list).await
+    async fn list_command(ctx: &Ctx, scope: TenantsScope, list: ListArgs) -> Result<(), CtlError> {
+        crud::list_scoped::<Agents>(ctx, scope, list).await
     }
 }
 

@@ -9,7 +9,9 @@ use clap::{Args, Subcommand};
 
 use super::Ctx;
 use super::resource::{self, CtlResource, Name};
-use crate::args::{ConfirmArg, ListArgs, ScopedName, TenantName, TenantScope, VersionArg};
+use crate::args::{
+    ConfirmArg, ListArgs, ScopedName, TenantName, TenantScope, TenantsScope, VersionArg,
+};
 use crate::error::CtlError;
 
 /// The verbs every resource has.
@@ -159,6 +161,16 @@ pub(super) async fn run<R: CrudResource>(cmd: CrudOf<R>, ctx: &Ctx) -> Result<()
             confirm,
         } => resource::delete::<R>(ctx, id.resolve(ctx)?, version.version, confirm.yes).await,
     }
+}
+
+/// The `list` of a resource inside tenants: one tenant's, or `--all-tenants`.
+pub(super) async fn list_scoped<R: CtlResource>(
+    ctx: &Ctx,
+    scope: TenantsScope,
+    list: ListArgs,
+) -> Result<(), CtlError> {
+    let found = resource::fetch_scoped::<R>(ctx, scope, list, None).await?;
+    resource::print_scoped::<R>(ctx, found)
 }
 
 /// The plain `list` of a resource whose scope is a tenant (or nothing).

@@ -10,7 +10,7 @@ use super::crud::{self, CrudOf, CrudResource, Nothing};
 use super::fleet::DeviceTestArgs;
 use super::resource::{self, Devices, Name};
 use super::{Changes, Ctx, leaf, version_of};
-use crate::args::{ListArgs, ScopedName, TenantScope, VersionArg};
+use crate::args::{ListArgs, ScopedName, TenantsScope, VersionArg};
 use crate::enums::{FetchProtocol, SendMethod, SenderMode, TlsMode, TlsVersion};
 use crate::error::CtlError;
 use crate::input::FileInput;
@@ -233,7 +233,7 @@ const FETCH_FLAGS: [&str; 12] = [
 
 impl CrudResource for Devices {
     type Id = ScopedName;
-    type Scope = TenantScope;
+    type Scope = TenantsScope;
     type New = Nothing;
     type Fields = DeviceFields;
     type Clear = DeviceClear;
@@ -262,8 +262,8 @@ impl CrudResource for Devices {
         };
         update_request(id, fields, files, clear, version, current.as_ref())
     }
-    async fn list_command(ctx: &Ctx, scope: TenantScope, list: ListArgs) -> Result<(), CtlError> {
-        crud::list_in::<Devices>(ctx, scope, list).await
+    async fn list_command(ctx: &Ctx, scope: TenantsScope, list: ListArgs) -> Result<(), CtlError> {
+        crud::list_scoped::<Devices>(ctx, scope, list).await
     }
 }
 

@@ -7,12 +7,11 @@ use tokenfleet_proto::v1 as pb;
 
 use super::consent::{ConsentArgs, DeleteTokenArgs};
 use super::crud::{self, CrudOf, CrudResource, Nothing};
-use super::resource::{self, Mailboxes, Name, Tenants};
+use super::resource::{self, Mailboxes, Name};
 use super::{Changes, Ctx, version_of};
-use crate::args::{ListArgs, ScopedName, TenantScope, VersionArg};
+use crate::args::{ListArgs, ScopedName, TenantsScope, VersionArg};
 use crate::enums::{GrantType, MailPurpose, MailboxKind, TokenStatus};
 use crate::error::CtlError;
-use crate::view::MailboxView;
 
 /// `mailbox …`
 #[derive(Debug, Subcommand)]
@@ -32,10 +31,7 @@ pub enum MailboxCommand {
 #[derive(Debug, Clone, Default, Args)]
 pub struct MailboxScope {
     #[command(flatten)]
-    pub scope: TenantScope,
-    /// Every tenant the API key may see (a tenant-bound key sees its own); --tenant is ignored.
-    #[arg(long)]
-    pub all_tenants: bool,
+    pub scope: TenantsScope,
     /// Only mailboxes whose token has this status (case does not matter).
     #[arg(long, value_enum, ignore_case = true, value_name = "STATUS")]
     pub status: Option<TokenStatus>,
@@ -108,51 +104,16 @@ pub async fn run(cmd: MailboxCommand, ctx: &Ctx) -> Result<(), CtlError> {
     }
 }
 
-/// `mailbox list`: one tenant's, or every visible tenant's (the broker lists a tenant-bound key
-/// only its own tenant), filtered by token status.
+/// `mailbox list`: one tenant's, or every visible tenant's, filtered by token status.
 async fn run_list(ctx: &Ctx, scope: MailboxScope, list: ListArgs) -> Result<(), CtlError> {
-    let MailboxScope {
-        scope,
-        all_tenants,
-        status,
-    } = scope;
-    let keep = |m: &pb::Mailbox| {
+    let MailboxScope { scope, status } = scope;
+    let has_status = |m: &pb::Mailbox| {
         status
             .is_none_or(|s| m.token.as_ref().map(|t| t.status).unwrap_or_default() == s.to_proto())
     };
-    if !all_tenants {
-        let tenant = ctx.tenant(scope.tenant)?;
-        let page = ListArgs {
-            limit: if status.is_some() { None } else { list.limit },
-            ..list
-        };
-        let mut all = resource::fetch_all::<Mailboxes>(ctx, tenant, page).await?;
-        all.retain(keep);
-        truncate(&mut all, list.limit);
-        return ctx
-            .printer
-            .list(&all.iter().map(MailboxView::from).collect::<Vec<_>>());
-    }
-    let every = ListArgs {
-        page_size: list.page_size,
-        limit: None,
-    };
-    let tenants = resource::fetch_all::<Tenants>(ctx, String::new(), every).await?;
-    let mut all = Vec::new();
-    for tenant in tenants {
-        let mut mailboxes = resource::fetch_all::<Mailboxes>(ctx, tenant.name, every).await?;
-        mailboxes.retain(keep);
-        all.append(&mut mailboxes);
-    }
-    truncate(&mut all, list.limit);
-    ctx.printer
-        .list_across_tenants(&all.iter().map(MailboxView::from).collect::<Vec<_>>())
-}
-
-fn truncate<T>(items: &mut Vec<T>, limit: Option<u64>) {
-    if let Some(limit) = limit {
-        items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    }
+    let keep: Option<resource::Keep<'_, pb::Mailbox>> = status.map(|_| &has_status as _);
+    let found = resource::fetch_scoped::<Mailboxes>(ctx, scope, list, keep).await?;
+    resource::print_scoped::<Mailboxes>(ctx, found)
 }
 
 /// Sets the fields whose flags were given.

@@ -9,7 +9,7 @@ use tokenfleet_proto::v1 as pb;
 use super::crud::{self, CrudOf, CrudResource};
 use super::resource::{self, Name, Providers};
 use super::{Changes, Ctx, leaf, version_of};
-use crate::args::{ListArgs, TenantScope, VersionArg};
+use crate::args::{ListArgs, TenantsScope, VersionArg};
 use crate::enums::ProviderKind;
 use crate::error::CtlError;
 use crate::input::FileInput;
@@ -82,7 +82,7 @@ pub struct ProviderClear {
 
 impl CrudResource for Providers {
     type Id = crate::args::ScopedName;
-    type Scope = TenantScope;
+    type Scope = TenantsScope;
     type New = ProviderNew;
     type Fields = ProviderFields;
     type Clear = ProviderClear;
@@ -111,8 +111,8 @@ impl CrudResource for Providers {
         };
         update_request(id, fields, files, clear, version, current.as_ref())
     }
-    async fn list_command(ctx: &Ctx, scope: TenantScope, list: ListArgs) -> Result<(), CtlError> {
-        crud::list_in::<Providers>(ctx, scope, list).await
+    async fn list_command(ctx: &Ctx, scope: TenantsScope, list: ListArgs) -> Result<(), CtlError> {
+        crud::list_scoped::<Providers>(ctx, scope, list).await
     }
 }
 

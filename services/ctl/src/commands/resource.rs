@@ -9,7 +9,7 @@ use prost_types::FieldMask;
 use tokenfleet_proto::v1 as pb;
 
 use super::{Changes, Ctx, collect_pages};
-use crate::args::ListArgs;
+use crate::args::{ListArgs, TenantsScope};
 use crate::client::Admin;
 use crate::error::CtlError;
 use crate::output::Listed;
@@ -160,6 +160,62 @@ pub(super) async fn list<R: CtlResource>(
     let all = fetch_all::<R>(ctx, tenant, args).await?;
     ctx.printer
         .list(&all.iter().map(R::View::from).collect::<Vec<_>>())
+}
+
+/// Which listed objects to keep (`mailbox list --status`).
+pub(super) type Keep<'a, T> = &'a dyn Fn(&T) -> bool;
+
+/// The objects `scope` covers that `keep` keeps (all without it), at most `--limit` of them:
+/// one tenant's, or (`--all-tenants`) those of every tenant the key may see, tenant by tenant
+/// (the broker lists a tenant-bound key only its own tenant). Whether they span tenants comes
+/// with them.
+pub(super) async fn fetch_scoped<R: CtlResource>(
+    ctx: &Ctx,
+    scope: TenantsScope,
+    args: ListArgs,
+    keep: Option<Keep<'_, R::Wire>>,
+) -> Result<(Vec<R::Wire>, bool), CtlError> {
+    // Pages are read up to the limit only when nothing is filtered out afterwards.
+    let pages = match keep {
+        Some(_) => ListArgs {
+            page_size: args.page_size,
+            limit: None,
+        },
+        None => args,
+    };
+    let mut all = Vec::new();
+    if scope.all_tenants {
+        let tenants = ListArgs {
+            page_size: args.page_size,
+            limit: None,
+        };
+        for tenant in fetch_all::<Tenants>(ctx, String::new(), tenants).await? {
+            all.extend(fetch_all::<R>(ctx, tenant.name, pages).await?);
+        }
+    } else {
+        all = fetch_all::<R>(ctx, ctx.tenant(scope.scope.tenant)?, pages).await?;
+    }
+    if let Some(keep) = keep {
+        all.retain(|o| keep(o));
+    }
+    if let Some(limit) = args.limit {
+        all.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    }
+    Ok((all, scope.all_tenants))
+}
+
+/// Prints what [`fetch_scoped`] found: with a TENANT column (`TENANT/NAME`) when it spans
+/// tenants.
+pub(super) fn print_scoped<R: CtlResource>(
+    ctx: &Ctx,
+    (objects, across): (Vec<R::Wire>, bool),
+) -> Result<(), CtlError> {
+    let views: Vec<R::View> = objects.iter().map(R::View::from).collect();
+    if across {
+        ctx.printer.list_across_tenants(&views)
+    } else {
+        ctx.printer.list(&views)
+    }
 }
 
 /// `X update`: sends the request, prints the changed object.
