@@ -61,7 +61,14 @@ pub struct GlobalArgs {
     pub api_key_file: Option<PathBuf>,
 
     /// CA certificate (PEM) to trust for an https:// broker instead of the system roots.
-    #[arg(long, global = true, env = "TOKENFLEET_CA_FILE", value_name = "PATH")]
+    /// `TOKENFLEET_CA_FILE` set but empty counts as not set.
+    #[arg(
+        long,
+        global = true,
+        env = "TOKENFLEET_CA_FILE",
+        value_name = "PATH",
+        value_parser = any_path
+    )]
     pub ca_file: Option<PathBuf>,
 
     /// Context of the config file to use (default: its current context).
@@ -219,12 +226,22 @@ pub async fn run(cli: Cli, broker_typed: bool) -> Result<(), CtlError> {
     }
 }
 
+/// A path as given, the empty one included (clap's own parser refuses it with "a value is
+/// required … but none was supplied", naming a flag that was not typed when an environment
+/// variable is set but empty, as deployment templates often leave them).
+fn any_path(text: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(text))
+}
+
 /// The context of a command that talks to the broker: the settings resolved from the flags, the
 /// environment and the config file.
 fn context(global: &GlobalArgs) -> Result<Ctx, CtlError> {
     let overrides = Overrides {
         broker: global.broker.clone(),
-        ca_file: global.ca_file.clone(),
+        ca_file: global
+            .ca_file
+            .clone()
+            .filter(|path| !path.as_os_str().is_empty()),
         api_key_file: global.api_key_file.clone(),
         context: global.context.clone(),
         timeout: global.timeout,

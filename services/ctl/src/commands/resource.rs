@@ -190,6 +190,9 @@ pub(super) async fn fetch_scoped<R: CtlResource>(
             limit: None,
         };
         for tenant in fetch_all::<Tenants>(ctx, String::new(), tenants).await? {
+            if keep.is_none() && args.limit.is_some_and(|limit| all.len() as u64 >= limit) {
+                break;
+            }
             all.extend(fetch_all::<R>(ctx, tenant.name, pages).await?);
         }
     } else {

@@ -666,6 +666,21 @@ async fn unreachable_broker_exits_69_with_a_readable_message() {
     );
 }
 
+/// `TOKENFLEET_CA_FILE` set but empty (as deployment templates leave variables) counts as not
+/// set: before, clap took it for `--ca-file` given without a value and refused the command.
+#[tokio::test]
+async fn an_empty_ca_file_variable_counts_as_unset() {
+    let run = ctl_env(
+        Some("https://127.0.0.1:1"),
+        Some("tfk_some.key"),
+        &[("TOKENFLEET_CA_FILE", "")],
+        &["tenant", "list"],
+    )
+    .await;
+    assert_eq!(run.code, 69, "{}", run.stderr);
+    assert!(run.stderr.contains("cannot reach broker"), "{}", run.stderr);
+}
+
 #[tokio::test]
 async fn completions_mention_the_binary() {
     let run = ctl_at("http://127.0.0.1:1", None, &["completions", "bash"])
