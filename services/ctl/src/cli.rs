@@ -51,7 +51,7 @@ pub struct GlobalArgs {
         global = true,
         env = "TOKENFLEET_BROKER",
         value_name = "URL",
-        value_parser = config::parse_broker_url
+        value_parser = broker_url
     )]
     pub broker: Option<String>,
 
@@ -61,7 +61,7 @@ pub struct GlobalArgs {
     pub api_key_file: Option<PathBuf>,
 
     /// CA certificate (PEM) to trust for an https:// broker instead of the system roots.
-    /// `TOKENFLEET_CA_FILE` set but empty counts as not set.
+    /// Set but empty, `TOKENFLEET_CA_FILE` counts as not set (as every variable here).
     #[arg(
         long,
         global = true,
@@ -206,7 +206,7 @@ pub async fn run(cli: Cli, broker_typed: bool) -> Result<(), CtlError> {
     let printer = Printer::new(global.output);
     match command {
         Command::Config(cmd) => {
-            let broker = global.broker.clone().filter(|_| broker_typed);
+            let broker = set(&global.broker).filter(|_| broker_typed);
             commands::config::run(cmd, broker, &printer)
         }
         Command::Completion { shell } => commands::completion::script(shell, Cli::command()),
@@ -226,24 +226,36 @@ pub async fn run(cli: Cli, broker_typed: bool) -> Result<(), CtlError> {
     }
 }
 
-/// A path as given, the empty one included (clap's own parser refuses it with "a value is
-/// required … but none was supplied", naming a flag that was not typed when an environment
-/// variable is set but empty, as deployment templates often leave them).
+// A variable of the environment set but empty (as deployment templates often leave them) counts
+// as not set, for every setting read from one: the parsers below let the empty value through
+// (clap's own refuse it, naming a flag nobody typed) and `context` drops it with [`set`].
+
+/// A path as given, the empty one included.
 fn any_path(text: &str) -> Result<PathBuf, std::convert::Infallible> {
     Ok(PathBuf::from(text))
+}
+
+/// A broker URL ([`config::parse_broker_url`]), or the empty value.
+fn broker_url(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        return Ok(String::new());
+    }
+    config::parse_broker_url(text)
+}
+
+/// `value` unless it is empty.
+fn set<T: AsRef<std::ffi::OsStr> + Clone>(value: &Option<T>) -> Option<T> {
+    value.clone().filter(|v| !v.as_ref().is_empty())
 }
 
 /// The context of a command that talks to the broker: the settings resolved from the flags, the
 /// environment and the config file.
 fn context(global: &GlobalArgs) -> Result<Ctx, CtlError> {
     let overrides = Overrides {
-        broker: global.broker.clone(),
-        ca_file: global
-            .ca_file
-            .clone()
-            .filter(|path| !path.as_os_str().is_empty()),
+        broker: set(&global.broker),
+        ca_file: set(&global.ca_file),
         api_key_file: global.api_key_file.clone(),
-        context: global.context.clone(),
+        context: set(&global.context),
         timeout: global.timeout,
     };
     let file = match config::config_path(|name| std::env::var(name).ok()) {

@@ -666,14 +666,15 @@ async fn unreachable_broker_exits_69_with_a_readable_message() {
     );
 }
 
-/// `TOKENFLEET_CA_FILE` set but empty (as deployment templates leave variables) counts as not
-/// set: before, clap took it for `--ca-file` given without a value and refused the command.
+/// Variables set but empty (as deployment templates leave them) count as not set: before,
+/// clap took `TOKENFLEET_CA_FILE=""` for `--ca-file` given without a value and refused the
+/// command, and `TOKENFLEETCTL_CONTEXT=""` named a context "".
 #[tokio::test]
-async fn an_empty_ca_file_variable_counts_as_unset() {
+async fn empty_variables_count_as_unset() {
     let run = ctl_env(
         Some("https://127.0.0.1:1"),
         Some("tfk_some.key"),
-        &[("TOKENFLEET_CA_FILE", "")],
+        &[("TOKENFLEET_CA_FILE", ""), ("TOKENFLEETCTL_CONTEXT", "")],
         &["tenant", "list"],
     )
     .await;
