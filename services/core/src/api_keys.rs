@@ -448,7 +448,8 @@ pub async fn list_visible(
         }
         Ok(())
     });
-    let read = Change {
+    // Target `apikeys`, as every API-key event (the tenant is the event's).
+    let read = || Change {
         action: "apikey.list",
         target: "apikeys".to_owned(),
         tenant: tenant.to_owned(),

@@ -446,15 +446,7 @@ pub async fn list_events(
     principal: &Principal,
     query: &AuditQuery,
 ) -> Result<AuditPage, Error> {
-    let read = Change {
-        action: "audit.list",
-        target: if query.tenant.is_empty() {
-            "audit".to_owned()
-        } else {
-            format!("tenants/{}/audit", shown(&query.tenant))
-        },
-        tenant: query.tenant.clone(),
-    };
+    let read = || Change::of_collection("audit.list", &query.tenant, "audit");
     let scope = if query.tenant.is_empty() {
         authorize_read(state, principal, read, Target::GlobalAudit).await?;
         Scope::Global

@@ -37,7 +37,7 @@ use crate::authz::{Access, Principal, Target, authorize};
 use crate::identity::ca::hex;
 use crate::ops::Error;
 use crate::ops::change::{Change, audited, authorize_read};
-use crate::ops::names::{shown, span_object};
+use crate::ops::names::span_object;
 use crate::records::{Records, mailbox_key};
 use crate::state::BrokerState;
 use crate::tokens::consent::{self, Challenge, StartOutcome};
@@ -328,11 +328,7 @@ pub async fn list(
     mailbox: &str,
 ) -> Result<Vec<ConsentLink>, Error> {
     span_object(tenant, mailbox);
-    let read = Change {
-        action: "consent_link.list",
-        target: format!("tenants/{}/consent_links", shown(tenant)),
-        tenant: tenant.to_owned(),
-    };
+    let read = || Change::of_collection("consent_link.list", tenant, "consent_links");
     authorize_read(state, principal, read, Target::Tenant(tenant)).await?;
     tokenfleet_domain::name("tenant", tenant)?;
     if !mailbox.is_empty() {

@@ -259,13 +259,7 @@ async fn keys_made_by_the_cli_see_and_change_only_their_own_tenant() {
         }
     };
     let tenant = show("tenant show bravo -o json").await;
-    assert!(
-        tenant["display_name"]
-            .as_str()
-            .unwrap_or_default()
-            .is_empty(),
-        "{tenant}"
-    );
+    assert_eq!(tenant["display_name"], "", "{tenant}");
     let provider = show("provider show m365 --tenant bravo -o json").await;
     assert_eq!(
         provider["client_id"], "11111111-2222-3333-4444-555555555555",
@@ -274,13 +268,7 @@ async fn keys_made_by_the_cli_see_and_change_only_their_own_tenant() {
     let mailbox = show("mailbox show scan --tenant bravo -o json").await;
     assert_eq!(mailbox["disabled"], false, "{mailbox}");
     let device = show("device show mfp --tenant bravo -o json").await;
-    assert!(
-        device["display_name"]
-            .as_str()
-            .unwrap_or_default()
-            .is_empty(),
-        "{device}"
-    );
+    assert_eq!(device["display_name"], "", "{device}");
     let agent = show("agent show site-1 --tenant bravo -o json").await;
     assert_eq!(agent["revoked"], false, "{agent}");
     let bravo_agents = show("agent list --tenant bravo -o json").await;

@@ -779,21 +779,23 @@ fn assert_ingress_routes(ingress: &Value, console: bool) -> Result<()> {
         );
     }
     let routed = |url: &str| routes.iter().any(|r| ingress_matches(r, url));
-    let mut open = vec![tokenfleet_broker::tokens::consent::CALLBACK_PATH.to_owned()];
-    for prefix in crate::OWNER_PAGE_PREFIXES {
-        open.extend(
-            [
-                "tfc_abc",
-                "tfc_abc/start",
-                "tfc_abc/status.json",
-                "console.css",
-            ]
-            .map(|rest| format!("{prefix}{rest}")),
-        );
-    }
+    // The callback, a link's page, its sign-in start and status, and under every prefix the
+    // owner's page uses (checked against the real page in `console`) something.
+    let mut open = vec![
+        tokenfleet_broker::tokens::consent::CALLBACK_PATH,
+        "/consent/tfc_abc",
+        "/consent/tfc_abc/start",
+        "/consent/tfc_abc/status.json",
+        "/console/static/console.css",
+    ];
+    ensure!(
+        crate::OWNER_PAGE_PREFIXES
+            .iter()
+            .all(|p| open.iter().any(|u| u.starts_with(p)))
+    );
     let console_pages = ["/console/", "/console/audit", "/console/sign-in"];
     if console {
-        open.extend(console_pages.map(str::to_owned));
+        open.extend(console_pages);
     }
     for url in &open {
         ensure!(routed(url), "the Ingress does not route {url}: {routes:?}");

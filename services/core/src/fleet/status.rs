@@ -17,23 +17,13 @@ use super::store::{AgentPresence, DeviceStatusRecord};
 use crate::authz::{Principal, Target};
 use crate::ops::Error;
 use crate::ops::change::{Change, authorize_read};
-use crate::ops::names::{shown, span_object};
+use crate::ops::names::span_object;
 use crate::ops::stored::records;
 use crate::state::BrokerState;
 use crate::tokens::grant::GrantRecord;
 
-/// What a refused fleet-status read is audited as: of `tenant`, or of every tenant (empty).
-fn status_read(tenant: &str) -> Change {
-    Change {
-        action: "fleet_status.get",
-        target: if tenant.is_empty() {
-            "fleet_status".to_owned()
-        } else {
-            format!("tenants/{}/fleet_status", shown(tenant))
-        },
-        tenant: tenant.to_owned(),
-    }
-}
+/// What a refused fleet-status read is audited as.
+const STATUS_READ: &str = "fleet_status.get";
 
 /// The status of every device of `tenant` (empty: of every tenant the caller may see),
 /// problems first: FAILING, UNKNOWN, DEGRADED, OK; then by tenant and device. Needs read access
@@ -47,7 +37,8 @@ pub async fn fleet_status(
         match &principal.tenant {
             Some(own) => vec![own.clone()],
             None => {
-                authorize_read(state, principal, status_read(""), Target::Fleet).await?;
+                let read = || Change::of_collection(STATUS_READ, "", "fleet_status");
+                authorize_read(state, principal, read, Target::Fleet).await?;
                 records(state)
                     .list_all::<Tenant>(&Scope::Global)
                     .await?
@@ -57,7 +48,7 @@ pub async fn fleet_status(
             }
         }
     } else {
-        let read = status_read(tenant);
+        let read = || Change::of_collection(STATUS_READ, tenant, "fleet_status");
         authorize_read(state, principal, read, Target::Tenant(tenant)).await?;
         tokenfleet_domain::name("tenant", tenant)?;
         span_object(tenant, "");

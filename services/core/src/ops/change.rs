@@ -33,6 +33,22 @@ impl Change {
             tenant: tenant.to_owned(),
         }
     }
+
+    /// A read or change of `collection` of `tenant` as a whole (target
+    /// `tenants/<tenant>/<collection>`; `<collection>` of the global scope when `tenant` is
+    /// empty).
+    pub fn of_collection(action: &'static str, tenant: &str, collection: &str) -> Self {
+        let target = if tenant.is_empty() {
+            collection.to_owned()
+        } else {
+            format!("tenants/{}/{collection}", shown(tenant))
+        };
+        Self {
+            action,
+            target,
+            tenant: tenant.to_owned(),
+        }
+    }
 }
 
 /// Runs a change and records its outcome (success, refusal or failure) in the audit log.
@@ -53,13 +69,13 @@ pub async fn audited<T>(
 }
 
 /// Checks that `principal` may read `target` ([`authorize`]); a refused read is audited as a
-/// refused change is (`read` names it: `mailbox.get`, `tenants/acme/mailboxes/scan`), so a key
-/// probing another tenant's objects shows in the log as one trying to change them does. Allowed
-/// reads are not audited.
+/// refused change is (`read` names it: `mailbox.get`, `tenants/acme/mailboxes/scan`; built only
+/// then), so a key probing another tenant's objects shows in the log as one trying to change
+/// them does. Allowed reads are not audited.
 pub async fn authorize_read(
     state: &BrokerState,
     principal: &Principal,
-    read: Change,
+    read: impl FnOnce() -> Change,
     target: Target<'_>,
 ) -> Result<(), Error> {
     refusal_audited(
@@ -76,11 +92,11 @@ pub async fn authorize_read(
 pub async fn refusal_audited(
     state: &BrokerState,
     principal: &Principal,
-    read: Change,
+    read: impl FnOnce() -> Change,
     checked: Result<(), Error>,
 ) -> Result<(), Error> {
     if let Err(err) = &checked {
-        record(state, principal, read, Err(err)).await;
+        record(state, principal, read(), Err(err)).await;
     }
     checked
 }

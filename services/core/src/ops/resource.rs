@@ -423,7 +423,7 @@ pub async fn get<R: Resource>(
     id: Id,
 ) -> Result<R::Output, Error> {
     span::<R>(&id);
-    let read = change::<R>(R::ACTIONS.get, &id);
+    let read = || change::<R>(R::ACTIONS.get, &id);
     authorize_read(state, principal, read, R::target(&id, Access::Read)).await?;
     check_id::<R>(&id, "")?;
     let stored = must_get::<R::Record>(state, &R::key(&id), &what::<R>(&id)).await?;
@@ -441,11 +441,7 @@ pub async fn list<R: Resource>(
 ) -> Result<(Vec<R::Output>, String), Error> {
     span_object(tenant, "");
     let id = Id::scoped(tenant, "");
-    let read = Change {
-        action: R::ACTIONS.list,
-        target: format!("tenants/{}/{}", shown(tenant), R::COLLECTION),
-        tenant: tenant.to_owned(),
-    };
+    let read = || Change::of_collection(R::ACTIONS.list, tenant, R::COLLECTION);
     authorize_read(state, principal, read, R::target(&id, Access::Read)).await?;
     tokenfleet_domain::name("tenant", tenant)?;
     let page = page_request(page_size, page_token)?;

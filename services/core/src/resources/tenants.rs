@@ -84,11 +84,7 @@ pub async fn list(
             Ok((own.into_iter().collect(), String::new()))
         }
         None => {
-            let read = Change {
-                action: "tenant.list",
-                target: "tenants".to_owned(),
-                tenant: String::new(),
-            };
+            let read = || Change::of_collection("tenant.list", "", "tenants");
             authorize_read(state, principal, read, Target::Fleet).await?;
             list_page::<Tenant>(state, &Scope::Global, &page).await
         }
