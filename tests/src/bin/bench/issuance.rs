@@ -25,9 +25,14 @@
 //! 1. `grpc.health.v1.Health/Check` (the baseline: TLS, HTTP/2 and gRPC framing, no work);
 //! 2. `tokenfleet.v1.TokenBroker/IssueAccessToken` for the device's mailbox (cached token).
 //!
-//! Every issuance must succeed; a failed call aborts the run. Printed, one line per figure:
+//! The two phases alternate `--rounds` times (health, issue, health, issue, ...) and each
+//! figure is over all rounds of its phase (calls over measured time; percentiles of every
+//! measured latency): a virtual machine whose speed drifts over a minute slows both alike,
+//! where one phase each compared whichever half of the minute was faster. Every issuance must
+//! succeed; a failed call aborts the run. Printed, one line per figure:
 //!
 //! ```text
+//! bench=issuance store=embedded inflight=64 round=1 ratio_rps=..
 //! bench=issuance store=embedded inflight=64 impl=health rps=.. p50_ms=.. p99_ms=..
 //! bench=issuance store=embedded inflight=64 impl=issue rps=.. p50_ms=.. p99_ms=..
 //! bench=issuance store=embedded inflight=64 ratio_rps=.. ratio_p99=..
@@ -89,9 +94,12 @@ pub struct Args {
     /// mTLS HTTP/2 connections the requests are spread over (opened once, used by both phases).
     #[arg(long, default_value_t = 8)]
     connections: u32,
-    /// Measured seconds per phase (after one second of warm-up).
-    #[arg(long, default_value_t = 8)]
+    /// Measured seconds per phase and round (after one second of warm-up).
+    #[arg(long, default_value_t = 4)]
     seconds: u64,
+    /// How many times the health and the issuance phases alternate.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     /// The broker binary (default: `tokenfleet-broker` next to this executable).
     #[arg(long)]
     broker_bin: Option<PathBuf>,
@@ -423,6 +431,47 @@ pub(crate) struct Figure {
     pub(crate) all_calls: u64,
 }
 
+/// What one or more phases of one call measured, before it is summed up as a [`Figure`].
+#[derive(Debug, Default)]
+pub(crate) struct Measured {
+    /// The latency of every call in the measured part.
+    latencies: Vec<Duration>,
+    /// The measured part's length.
+    elapsed: Duration,
+    /// Every call answered, warm-up and cut-off included.
+    all_calls: u64,
+}
+
+impl Measured {
+    fn add(&mut self, other: Measured) {
+        self.latencies.extend(other.latencies);
+        self.elapsed += other.elapsed;
+        self.all_calls += other.all_calls;
+    }
+
+    fn rps(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn figure(mut self) -> Figure {
+        let rps = self.rps();
+        let all = &mut self.latencies;
+        all.sort_unstable();
+        let pct = |p: usize| {
+            all.get((all.len() * p / 100).min(all.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or_default()
+        };
+        Figure {
+            rps,
+            p50: pct(50),
+            p99: pct(99),
+            calls: all.len() as u64,
+            all_calls: self.all_calls,
+        }
+    }
+}
+
 /// N tasks calling `call` in a loop over `channels` for warm-up + `seconds`; latencies of the
 /// measured part only.
 pub(crate) async fn phase(
@@ -431,6 +480,16 @@ pub(crate) async fn phase(
     inflight: u32,
     seconds: u64,
 ) -> Result<Figure> {
+    Ok(measure(call, channels, inflight, seconds).await?.figure())
+}
+
+/// [`phase`] before it is summed up.
+async fn measure(
+    call: Call,
+    channels: &[Channel],
+    inflight: u32,
+    seconds: u64,
+) -> Result<Measured> {
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let failed = Arc::new(AtomicU64::new(0));
@@ -478,17 +537,9 @@ pub(crate) async fn phase(
         }
         all.extend(latencies);
     }
-    all.sort_unstable();
-    let pct = |p: usize| {
-        all.get((all.len() * p / 100).min(all.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
-    };
-    Ok(Figure {
-        rps: all.len() as f64 / elapsed.as_secs_f64(),
-        p50: pct(50),
-        p99: pct(99),
-        calls: all.len() as u64,
+    Ok(Measured {
+        latencies: all,
+        elapsed,
         all_calls: answered.load(Ordering::Relaxed),
     })
 }
@@ -503,27 +554,47 @@ pub(crate) struct PhaseCpu {
     pub(crate) client_us: f64,
 }
 
-/// [`phase`] with the broker's (`broker_pid`) and this process's CPU time per answered call.
-pub(crate) async fn costed_phase(
+/// One call's phases over the rounds, and the broker's and this process's CPU time in them.
+#[derive(Debug, Default)]
+struct Costed {
+    measured: Measured,
+    broker_ticks: u64,
+    client_ticks: u64,
+}
+
+impl Costed {
+    /// The figure over every round, and the CPU time per answered call.
+    fn figure(self) -> (Figure, PhaseCpu) {
+        let hz = crate::clock_ticks();
+        let figure = self.measured.figure();
+        let per_call = |ticks: u64| ticks as f64 / hz * 1e6 / figure.all_calls.max(1) as f64;
+        let cpu = PhaseCpu {
+            broker_us: per_call(self.broker_ticks),
+            client_us: per_call(self.client_ticks),
+        };
+        (figure, cpu)
+    }
+}
+
+/// [`measure`] adding to `costed`, with the broker's (`broker_pid`) and this process's CPU time.
+async fn costed_phase(
+    costed: &mut Costed,
     call: Call,
     channels: &[Channel],
     inflight: u32,
     seconds: u64,
     broker_pid: u32,
-) -> Result<(Figure, PhaseCpu)> {
+) -> Result<f64> {
     let me = std::process::id();
     let ticks = |pid| crate::cpu_ticks(pid).context("reading /proc/<pid>/stat");
     let (broker0, client0) = (ticks(broker_pid)?, ticks(me)?);
-    let figure = phase(call, channels, inflight, seconds).await?;
+    let measured = measure(call, channels, inflight, seconds).await?;
     let (broker1, client1) = (ticks(broker_pid)?, ticks(me)?);
-    let hz = crate::clock_ticks();
-    let per_call =
-        |t0: u64, t1: u64| t1.saturating_sub(t0) as f64 / hz * 1e6 / figure.all_calls.max(1) as f64;
-    let cpu = PhaseCpu {
-        broker_us: per_call(broker0, broker1),
-        client_us: per_call(client0, client1),
-    };
-    Ok((figure, cpu))
+    costed.broker_ticks += broker1.saturating_sub(broker0);
+    costed.client_ticks += client1.saturating_sub(client0);
+    let rps = measured.rps();
+    costed.measured.add(measured);
+    Ok(rps)
 }
 
 pub(crate) fn ms(d: Duration) -> String {
@@ -550,14 +621,23 @@ async fn run_store(args: &Args, bin: &Path, store: &str, fake: &FakeIdp) -> Resu
         .context("first issuance")?;
     let mut issued = 1u64;
     for &inflight in &args.inflight {
-        let (health, health_cpu) =
-            costed_phase(Call::Health, &channels, inflight, args.seconds, broker.pid).await?;
-        if args.perf_pause > 0 {
-            println!("# broker pid {} — attach perf now", broker.pid);
-            tokio::time::sleep(Duration::from_secs(args.perf_pause)).await;
+        let (mut health, mut issue) = (Costed::default(), Costed::default());
+        for round in 1..=args.rounds {
+            let (seconds, pid) = (args.seconds, broker.pid);
+            let base = costed_phase(&mut health, Call::Health, &channels, inflight, seconds, pid);
+            let base = base.await?;
+            if args.perf_pause > 0 {
+                println!("# broker pid {} — attach perf now", broker.pid);
+                tokio::time::sleep(Duration::from_secs(args.perf_pause)).await;
+            }
+            let rps = costed_phase(&mut issue, Call::Issue, &channels, inflight, seconds, pid);
+            let rps = rps.await?;
+            println!(
+                "bench=issuance store={store} inflight={inflight} round={round} ratio_rps={:.2}",
+                rps / base.max(1e-9)
+            );
         }
-        let (issue, issue_cpu) =
-            costed_phase(Call::Issue, &channels, inflight, args.seconds, broker.pid).await?;
+        let ((health, health_cpu), (issue, issue_cpu)) = (health.figure(), issue.figure());
         // The warm-up second's and the cut-off calls are answered too: count them from the
         // audit log rather than from the measured ones.
         issued += issue.calls;
