@@ -624,14 +624,14 @@ async fn run_store(args: &Args, bin: &Path, store: &str, fake: &FakeIdp) -> Resu
         let (mut health, mut issue) = (Costed::default(), Costed::default());
         for round in 1..=args.rounds {
             let (seconds, pid) = (args.seconds, broker.pid);
-            let base = costed_phase(&mut health, Call::Health, &channels, inflight, seconds, pid);
-            let base = base.await?;
+            let base =
+                costed_phase(&mut health, Call::Health, &channels, inflight, seconds, pid).await?;
             if args.perf_pause > 0 {
                 println!("# broker pid {} — attach perf now", broker.pid);
                 tokio::time::sleep(Duration::from_secs(args.perf_pause)).await;
             }
-            let rps = costed_phase(&mut issue, Call::Issue, &channels, inflight, seconds, pid);
-            let rps = rps.await?;
+            let rps =
+                costed_phase(&mut issue, Call::Issue, &channels, inflight, seconds, pid).await?;
             println!(
                 "bench=issuance store={store} inflight={inflight} round={round} ratio_rps={:.2}",
                 rps / base.max(1e-9)

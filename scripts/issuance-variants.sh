@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Builds the broker variants behind README's "What bounds target 1 now" (issue 15): each patch
+# in scripts/issuance-variants/ takes one part of an issuance out (floor: every call answered
+# with a copy of the first answer; no-audit: issuances not audited; no-commit: appends answered
+# without being queued or written; no-sync: the journal written but never synced). Benchmark
+# builds only: each one breaks a guarantee on purpose and is never installed.
+#
+#   bash scripts/issuance-variants.sh [NAME...]     # default: all four
+#   target/release/bench issuance --store embedded --rounds 3 \
+#       --broker-bin target/variants/tokenfleet-broker-floor
+#
+# Each patch is applied to the working tree, the release broker built and copied to
+# target/variants/tokenfleet-broker-NAME, and the patch taken out again (also on failure or
+# interrupt). The files a patch touches must have no uncommitted changes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=scripts/issuance-variants
+names=("$@")
+[[ ${#names[@]} -gt 0 ]] || names=(floor no-audit no-commit no-sync)
+mkdir -p target/variants
+applied=
+revert() { [[ -z $applied ]] || git apply -R "$applied"; applied=; }
+trap revert EXIT
+for name in "${names[@]}"; do
+    patch=$dir/$name.patch
+    [[ -f $patch ]] || { echo "issuance-variants: no variant '$name' ($patch)" >&2; exit 2; }
+    for file in $(git apply --numstat "$patch" | cut -f3); do
+        git diff --quiet HEAD -- "$file" || {
+            echo "issuance-variants: $file has uncommitted changes; commit or stash them first" >&2
+            exit 1
+        }
+    done
+    git apply "$patch"
+    applied=$patch
+    cargo build --release -p tokenfleet-broker --bin tokenfleet-broker
+    cp target/release/tokenfleet-broker "target/variants/tokenfleet-broker-$name"
+    revert
+    echo "issuance-variants: target/variants/tokenfleet-broker-$name"
+done
+# The release broker left behind is a variant's: build the real one again.
+cargo build --release -p tokenfleet-broker --bin tokenfleet-broker
