@@ -6,6 +6,7 @@
 # builds only: each one breaks a guarantee on purpose and is never installed.
 #
 #   bash scripts/issuance-variants.sh [NAME...]     # default: all four
+#   bash scripts/issuance-variants.sh --check       # each patch still applies (scripts/test.sh)
 #   target/release/bench issuance --store embedded --rounds 3 \
 #       --broker-bin target/variants/tokenfleet-broker-floor
 #
@@ -15,6 +16,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=scripts/issuance-variants
+if [[ ${1:-} == --check ]]; then
+    # A change to the code a patch touches must bring the patch along, or README's figures can
+    # no longer be reproduced.
+    for patch in "$dir"/*.patch; do
+        git apply --check "$patch" || {
+            echo "issuance-variants: $patch no longer applies; update it with the code it patches" >&2
+            exit 1
+        }
+    done
+    echo "issuance-variants: every patch in $dir applies"
+    exit 0
+fi
 names=("$@")
 [[ ${#names[@]} -gt 0 ]] || names=(floor no-audit no-commit no-sync)
 mkdir -p target/variants

@@ -26,6 +26,9 @@ cargo fmt --all --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "benchmark variant patches still apply"
+bash scripts/issuance-variants.sh --check
+
 step "doctests"
 cargo test --workspace --doc
 
