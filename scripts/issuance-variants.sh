@@ -3,9 +3,12 @@
 # in scripts/issuance-variants/ takes one part of an issuance out (floor: every call answered
 # with a copy of the first answer; no-audit: issuances not audited; no-commit: appends answered
 # without being queued or written; no-sync: the journal written but never synced). Benchmark
-# builds only: each one breaks a guarantee on purpose and is never installed.
+# builds only: each one breaks a guarantee on purpose and is never installed. One more is a
+# design that keeps every guarantee and was measured and not kept (inline-commit: each group
+# committed by one of its own appends on its task, holding a lock, instead of a committer thread;
+# README "Committing without the thread hop").
 #
-#   bash scripts/issuance-variants.sh [NAME...]     # default: all four
+#   bash scripts/issuance-variants.sh [NAME...]     # default: all of them
 #   bash scripts/issuance-variants.sh --check       # each patch still applies (scripts/test.sh)
 #   target/release/bench issuance --store embedded --rounds 3 \
 #       --broker-bin target/variants/tokenfleet-broker-floor
@@ -29,7 +32,9 @@ if [[ ${1:-} == --check ]]; then
     exit 0
 fi
 names=("$@")
-[[ ${#names[@]} -gt 0 ]] || names=(floor no-audit no-commit no-sync)
+if [[ ${#names[@]} -eq 0 ]]; then
+    for patch in "$dir"/*.patch; do names+=("$(basename "$patch" .patch)"); done
+fi
 mkdir -p target/variants
 applied=
 revert() { [[ -z $applied ]] || git apply -R "$applied"; applied=; }

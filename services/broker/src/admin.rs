@@ -50,6 +50,7 @@ use crate::convert::{self, UpdateMask};
 use crate::edge::grpc_status::bearer;
 use crate::ops::Error;
 use crate::ops::resource::{self, Id};
+use crate::rate_limit::{Rate, RateLimiter};
 use crate::state::BrokerState;
 use crate::{api_keys, audit};
 
@@ -71,7 +72,15 @@ pub struct AdminService {
     /// The provider resource: the destination policy and the token service (also used by the
     /// token RPCs).
     providers: Providers,
+    /// Calls per API key (`[admin] call_rate_per_minute`, `call_burst`).
+    call_limit: RateLimiter,
 }
+
+/// Default Admin API calls per API key (`[admin] call_rate_per_minute`, `call_burst`).
+pub const DEFAULT_CALL_RATE: Rate = Rate {
+    per_minute: 3000,
+    burst: 500,
+};
 
 impl AdminService {
     /// A service over `state`.
@@ -87,6 +96,7 @@ impl AdminService {
                 policy: ProviderPolicy::default(),
                 tokens,
             },
+            call_limit: RateLimiter::new(DEFAULT_CALL_RATE),
         }
     }
 
@@ -94,6 +104,13 @@ impl AdminService {
     #[must_use]
     pub fn with_provider_policy(mut self, policy: ProviderPolicy) -> Self {
         self.providers.policy = policy;
+        self
+    }
+
+    /// Limits each API key to `rate` calls (per replica).
+    #[must_use]
+    pub fn with_call_rate(mut self, rate: Rate) -> Self {
+        self.call_limit = RateLimiter::new(rate);
         self
     }
 
@@ -120,7 +137,25 @@ impl AdminService {
             Ok(_) => crate::listener::prove_call(request),
             Err(err) => tracing::info!(code = err.result(), "admin call not authenticated"),
         }
-        principal
+        let principal = principal?;
+        // Before the call reads or writes anything, so a key over its rate costs the broker
+        // one bucket update per call and writes no record (not even a refused one).
+        if let Err(wait) = self
+            .call_limit
+            .check(&principal.key_id, std::time::Instant::now())
+        {
+            let secs = wait.as_secs_f64().ceil().max(1.0);
+            tracing::debug!(key_id = %principal.key_id, retry_after_seconds = secs, "admin call refused: rate limited");
+            return Err(Error::ResourceExhausted {
+                message: format!(
+                    "API key `{}` is over its Admin API call rate (`[admin] \
+                     call_rate_per_minute`); retry after {secs} s",
+                    principal.key_id
+                ),
+                retry_after: Some(wait),
+            });
+        }
+        Ok(principal)
     }
 }
 

@@ -29,7 +29,7 @@ pub use alerts::AlertsSection;
 mod limits;
 pub use limits::{LimitsSection, ListenerLimits};
 mod admin;
-pub use admin::{AdminSection, AuditSection};
+pub use admin::{AdminConfig, AdminSection, AuditSection};
 mod metrics;
 pub use metrics::{MetricsConfig, MetricsSection};
 
@@ -747,7 +747,7 @@ impl RawConfig {
             self.agents.load(),
             self.alerts.to_config(),
             self.limits.to_limits(),
-            self.admin.to_policy(),
+            self.admin.load(),
             self.audit.to_retention(),
         );
         match results {
@@ -762,7 +762,7 @@ impl RawConfig {
                 Ok(agents),
                 Ok(alerts),
                 Ok(limits),
-                Ok(providers),
+                Ok(admin),
                 Ok(audit),
             ) if problems.is_empty() => Ok(BrokerConfig {
                 grpc_listen,
@@ -782,7 +782,8 @@ impl RawConfig {
                 agents,
                 alerts,
                 limits,
-                providers,
+                providers: admin.providers,
+                admin_call_rate: admin.call_rate,
                 bootstrap_key_file: self.admin.bootstrap_key_file.clone(),
                 audit,
                 metrics,
@@ -977,6 +978,8 @@ pub struct BrokerConfig {
     pub limits: ListenerLimits,
     /// Where non-fleet-admin callers may point providers.
     pub providers: crate::ops::provider_policy::ProviderPolicy,
+    /// `[admin] call_rate_per_minute` and `call_burst`: Admin API calls per API key.
+    pub admin_call_rate: crate::rate_limit::Rate,
     /// `[admin] bootstrap_key_file`: a fleet-admin key to store at start (see
     /// [`crate::api_keys::bootstrap`]).
     pub bootstrap_key_file: Option<PathBuf>,
@@ -1173,6 +1176,11 @@ provider_hosts = []
 # exists, for the first admin key of a deployment (the Helm chart generates one into a Secret).
 # Only its hash is stored; a different key already stored under that id stops the broker.
 # bootstrap_key_file = "/run/tokenfleet/bootstrap/key"
+# Admin API calls per API key: a token bucket refilling call_rate_per_minute (0 means unlimited)
+# and holding up to call_burst. A key over it gets RESOURCE_EXHAUSTED with a retry-after before
+# the call touches anything. Kept in each replica's memory, so N replicas allow up to N times it.
+call_rate_per_minute = 3000
+call_burst = 500
 
 [audit]
 # Retention per kind of audit record, per scope (each tenant's log and the global one): the

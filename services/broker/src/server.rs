@@ -256,7 +256,8 @@ pub async fn serve(
             public_url: config.public_url.clone(),
         })
         .with_token_service(tokens.clone())
-        .with_provider_policy(config.providers.clone());
+        .with_provider_policy(config.providers.clone())
+        .with_call_rate(config.admin_call_rate);
     let grpc_server = grpc_builder
         // Outermost: the request span (continuing the caller's traceparent) covers the rest.
         .layer(tower::util::option_layer(

@@ -71,14 +71,16 @@ pub struct EmbeddedStore {
 struct JournalState {
     journal: Journal,
     next_lsn: u64,
-    /// Each stream's last sequence number, by scope key then stream: read from the database
-    /// the first time the stream is appended to, then kept here (the group committer is the
-    /// only writer of sequence numbers, and the database may lag behind by the unapplied
-    /// groups). Bounded by [`LAST_SEQ_MAX`] scopes.
-    last_seq: std::collections::HashMap<String, std::collections::HashMap<&'static str, u64>>,
+    /// Each scope's last sequence number over all its streams, by scope key: read from the
+    /// database the first time the scope is appended to, then kept here (the group committer
+    /// is the only writer of sequence numbers, and the database may lag behind by the
+    /// unapplied groups). One sequence per scope orders the entries of its streams among each
+    /// other too (the audit log lists its kinds merged by id). Bounded by [`LAST_SEQ_MAX`]
+    /// scopes.
+    last_seq: std::collections::HashMap<String, u64>,
 }
 
-/// Scopes whose streams' last sequence numbers the group committer keeps; past this it applies
+/// Scopes whose last sequence numbers the group committer keeps; past this it applies
 /// every pending group and starts afresh (reading them from the database again).
 const LAST_SEQ_MAX: usize = 65_536;
 
@@ -638,8 +640,8 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
 }
 
 /// Gives each append of `batch` its id and makes the group durable; answers each append's
-/// answer channel and (on success) its id, in the order of `batch`. Ids continue each stream's
-/// last sequence number ([`JournalState::last_seq`]).
+/// answer channel and (on success) its id, in the order of `batch`. Ids continue each append's
+/// scope's last sequence number ([`JournalState::last_seq`]).
 ///
 /// Usually the group (with its ids) is written to the journal and synced, then joins the
 /// unapplied groups. When [`Journal::checkpoint_due`], the unapplied groups and this one are
@@ -661,7 +663,7 @@ fn journal_batch(
     let now = time_seq(now_millis());
     for pending in batch {
         answers.push(pending.done);
-        let last = match next_seq(db, path, state, &pending.scope, pending.stream, now) {
+        let last = match next_seq(db, path, state, &pending.scope, now) {
             Ok(last) => last,
             Err(e) => return (answers, Err(e)),
         };
@@ -711,42 +713,38 @@ fn journal_batch(
     (answers, Ok(ids))
 }
 
-/// The next sequence number of `stream` in `scope` (stored as its last): one above the last,
-/// and at least `now` (ids grow with the append time).
+/// The next sequence number of an append to `scope` (stored as its stream's last): one above
+/// the last of any stream of the scope, and at least `now` (ids grow with the append time).
 fn next_seq(
     db: &Database,
     path: &Path,
     state: &mut JournalState,
     scope: &str,
-    stream: &'static str,
     now: u64,
 ) -> StoreResult<u64> {
-    let kept = state
-        .last_seq
-        .get(scope)
-        .and_then(|s| s.get(stream))
-        .copied();
-    let last = match kept {
-        Some(last) => last,
+    let last = match state.last_seq.get(scope) {
+        Some(last) => *last,
         None => {
             let txn = db.begin_read().map_err(|e| storage_err(path, e))?;
-            txn.open_table(STREAM_META)
+            let meta = txn
+                .open_table(STREAM_META)
+                .map_err(|e| storage_err(path, e))?;
+            let mut last = 0;
+            for row in meta
+                .range::<(&str, &str)>((scope, "")..)
                 .map_err(|e| storage_err(path, e))?
-                .get((scope, stream))
-                .map_err(|e| storage_err(path, e))?
-                .map_or(0, |v| v.value().0)
+            {
+                let (key, value) = row.map_err(|e| storage_err(path, e))?;
+                if key.value().0 != scope {
+                    break;
+                }
+                last = last.max(value.value().0);
+            }
+            last
         }
     };
     let next = (last + 1).max(now);
-    match state.last_seq.get_mut(scope) {
-        Some(streams) => {
-            streams.insert(stream, next);
-        }
-        None => {
-            let streams = std::collections::HashMap::from([(stream, next)]);
-            state.last_seq.insert(scope.to_owned(), streams);
-        }
-    }
+    state.last_seq.insert(scope.to_owned(), next);
     Ok(next)
 }
 
@@ -1471,6 +1469,33 @@ mod tests {
         assert_eq!(back.len(), 2);
         assert_eq!(back[0].id, id);
         assert!(back[1].id < back[0].id);
+    }
+
+    /// One sequence per scope: appends to different streams of a scope get increasing ids in
+    /// the order they were answered, also within one millisecond and after reopening (the
+    /// audit log merges its kinds by id).
+    #[tokio::test]
+    async fn the_streams_of_a_scope_share_one_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let acme = Scope::Tenant("acme".into());
+        let mut ids = Vec::new();
+        {
+            let store = EmbeddedStore::open(&path).await.unwrap();
+            for i in 0..50 {
+                let stream = ["changes", "refused", "issuance"][i % 3];
+                ids.push(store.append(&acme, stream, vec![1], 100).await.unwrap());
+            }
+        }
+        // After reopening, the scope's last is read from all of its streams.
+        let store = EmbeddedStore::open(&path).await.unwrap();
+        for stream in ["refused", "changes"] {
+            ids.push(store.append(&acme, stream, vec![3], 100).await.unwrap());
+        }
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "not in the order of the appends: {ids:?}"
+        );
     }
 
     const CRASH_AT: &str = "TOKENFLEET_STORE_TEST_CRASH";

@@ -238,6 +238,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     async fn count(&self, scope: &Scope, collection: &'static str) -> StoreResult<u64>;
 
     /// Appends to a bounded stream (oldest entries beyond `max_len` are dropped); returns the id.
+    /// Ids grow with the append time. Across the streams of one scope the embedded store's ids
+    /// also follow the order of the appends; Redis stream ids are per stream (`<ms>-<n>`), so
+    /// entries of two streams appended in the same millisecond may compare either way.
     async fn append(
         &self,
         scope: &Scope,

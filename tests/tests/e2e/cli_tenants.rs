@@ -338,3 +338,100 @@ async fn keys_made_by_the_cli_see_and_change_only_their_own_tenant() {
     );
     assert!(!bravo.contains(&actor), "{bravo}");
 }
+
+/// `[admin] call_rate_per_minute` / `call_burst` through the executables: a key over its rate is
+/// refused with RESOURCE_EXHAUSTED naming the setting and the wait, before its call touches
+/// anything (a refused change within the rate is audited, the same change over it is not);
+/// other keys have buckets of their own; a burst of 0 stops the broker naming the entry.
+#[tokio::test]
+async fn each_api_key_is_held_to_its_call_rate() {
+    use tokenfleet_testkit::broker::TestOptions;
+    let broker = TestBroker::start_with(
+        TestStore::Embedded,
+        TestOptions {
+            tls: true,
+            binary_config: Some("[admin]\ncall_rate_per_minute = 1\ncall_burst = 4\n".to_owned()),
+            ..TestOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let admin = broker.admin_key.expose().to_owned();
+    // The admin's calls: 1 of its 4.
+    let line = "api-key create --role viewer --description flood";
+    let viewer = key_in_table(&ok(ctl_as(&broker, &admin, line).await, line));
+    tokenfleet_testkit::logs::secret(&viewer);
+
+    // Within the viewer's burst: three reads and one refused change (audited).
+    for line in ["whoami", "tenant list", "whoami"] {
+        ok(ctl_as(&broker, &viewer, line).await, line);
+    }
+    let change = "tenant create --name flood";
+    refused(
+        ctl_as(&broker, &viewer, change).await,
+        "viewer tenant create",
+        "is read-only",
+    );
+    // Over it: refused for the rate, whatever the call, with the setting and the wait named.
+    for line in [change, "whoami"] {
+        let (code, stdout, stderr) = ctl_as(&broker, &viewer, line).await;
+        assert_ne!(code, 0, "{line} over the rate was served: {stdout}");
+        assert!(
+            stderr.contains(&format!(
+                "API key `{}` is over its Admin API call rate",
+                key_id(&viewer)
+            )) && stderr.contains("call_rate_per_minute")
+                && stderr.contains("retry after"),
+            "{line}: {stderr}"
+        );
+        assert!(!stderr.contains("permission denied"), "{line}: {stderr}");
+    }
+
+    // The fleet admin's own bucket (calls 2 and 3): one refused record of the viewer's, from the
+    // change within its rate; the one over it was refused before anything was written.
+    ok(ctl_as(&broker, &admin, "whoami").await, "the admin's key");
+    let refusals = ok(
+        ctl_as(&broker, &admin, "audit --kind refused -o json").await,
+        "audit",
+    );
+    let refusals: Vec<serde_json::Value> = serde_json::from_str(&refusals).unwrap();
+    let actor = format!("apikey:{}", key_id(&viewer));
+    let by_viewer: Vec<&serde_json::Value> = refusals
+        .iter()
+        .filter(|e| e["actor"] == actor.as_str())
+        .collect();
+    assert_eq!(by_viewer.len(), 1, "{by_viewer:#?}");
+    assert_eq!(by_viewer[0]["action"], "tenant.create", "{by_viewer:#?}");
+    // Call 4 of the admin's burst, then its fifth is over the rate too.
+    ok(
+        ctl_as(&broker, &admin, "whoami").await,
+        "the admin's fourth call",
+    );
+    let (code, _, stderr) = ctl_as(&broker, &admin, "whoami").await;
+    assert!(
+        code != 0 && stderr.contains("is over its Admin API call rate"),
+        "{stderr}"
+    );
+
+    // A burst of 0 is refused at start, naming the entry.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("broker.toml");
+    std::fs::write(&config, "[admin]\ncall_burst = 0\n").unwrap();
+    let binary = tokio::task::spawn_blocking(tokenfleet_testkit::agent_site::broker_binary)
+        .await
+        .unwrap();
+    let out = tokio::process::Command::new(binary)
+        .arg("--config")
+        .arg(&config)
+        .arg("print-config")
+        .env_remove("TOKENFLEET_ADMIN__CALL_BURST")
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("admin.call_burst") && err.contains("must be at least 1"),
+        "{err}"
+    );
+}

@@ -170,6 +170,8 @@ audit:
   issuanceMaxEntries: 50000
 admin:
   providerHosts: [idp.example.com, "proxy.example.com:3128"]
+  callRatePerMinute: 600
+  callBurst: 50
 bootstrapAdminKey:
   existingSecret: my-admin-key
   secretKey: api-key
@@ -1453,6 +1455,10 @@ fn every_option_renders_the_relay_agent_autoscaler_and_network_policies() -> Res
     );
     ensure!(raw.audit.refused_max_age_days == 7 && raw.audit.issuance_max_entries == 50_000);
     ensure!(raw.admin.provider_hosts == ["idp.example.com", "proxy.example.com:3128"]);
+    ensure!(
+        (raw.admin.call_rate_per_minute, raw.admin.call_burst) == (600, 50),
+        "{config_text}"
+    );
     ensure!(raw.tokens.lease_wait_seconds == 15 && raw.tokens.max_user_mailboxes_per_device == 100);
     ensure!(
         raw.tokens.breaker_probe_interval_ms == 2000,

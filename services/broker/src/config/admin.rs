@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 use super::error::ConfigError;
 use crate::audit::{AuditRetention, Retention};
 use crate::ops::provider_policy::ProviderPolicy;
+use crate::rate_limit::Rate;
 
 /// `[admin]`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSection {
     /// Hosts (`host` or `host:port`) that tenant admins may use in provider endpoint overrides
@@ -23,9 +24,53 @@ pub struct AdminSection {
     /// first admin key of a deployment whose store the broker holds open (the embedded store
     /// cannot be opened by a second process). Only its hash is stored.
     pub bootstrap_key_file: Option<PathBuf>,
+    /// Admin API calls per API key: a token bucket refilling `call_rate_per_minute` (0 means
+    /// unlimited) and holding up to `call_burst`. A key over it gets `RESOURCE_EXHAUSTED` with
+    /// the wait, before the call reads or writes anything (so a stolen or runaway key cannot
+    /// flood the store or the refused-attempt log). Kept in each replica's memory.
+    pub call_rate_per_minute: u32,
+    /// See `call_rate_per_minute` (at least 1).
+    pub call_burst: u32,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            provider_hosts: Vec::new(),
+            bootstrap_key_file: None,
+            call_rate_per_minute: crate::admin::DEFAULT_CALL_RATE.per_minute,
+            call_burst: crate::admin::DEFAULT_CALL_RATE.burst,
+        }
+    }
+}
+
+/// The validated `[admin]` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// Where tenant admins may point providers.
+    pub providers: ProviderPolicy,
+    /// Admin API calls per API key.
+    pub call_rate: Rate,
 }
 
 impl AdminSection {
+    /// The validated section (the error names the `admin.*` entry at fault).
+    pub fn load(&self) -> Result<AdminConfig, ConfigError> {
+        if self.call_burst == 0 {
+            return Err(ConfigError::invalid(
+                "admin.call_burst",
+                "must be at least 1".to_owned(),
+            ));
+        }
+        Ok(AdminConfig {
+            providers: self.to_policy()?,
+            call_rate: Rate {
+                per_minute: self.call_rate_per_minute,
+                burst: self.call_burst,
+            },
+        })
+    }
+
     /// The validated policy (the error names the `admin.*` entry at fault).
     pub fn to_policy(&self) -> Result<ProviderPolicy, ConfigError> {
         let mut allowed_hosts = Vec::with_capacity(self.provider_hosts.len());

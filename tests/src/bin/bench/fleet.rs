@@ -646,7 +646,7 @@ async fn run_replicas(args: &Args, bin: &Path, fake: &FakeIdp, replicas: usize) 
     let redis = RedisServer::start().await.context("redis-server")?;
     // The default of 10,000 connections would refuse the last agent.
     let sections = format!(
-        "[agents]\nheartbeat_seconds = {}\n[limits]\ngrpc_max_connections = {}\n{}",
+        "[agents]\nheartbeat_seconds = {}\n[limits]\ngrpc_max_connections = {}\n[admin]\ncall_rate_per_minute = 0\n{}",
         args.heartbeat,
         args.agents + 1000,
         crate::issuance::redis_toml(&redis)
