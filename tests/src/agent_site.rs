@@ -226,6 +226,30 @@ pub fn broker_binary() -> PathBuf {
     workspace_binary("tokenfleet-broker", "tokenfleet-broker")
 }
 
+/// `tokenfleet-broker --config <config> print-config` with the environment variable `unset`
+/// taken out (the suite may set the entry under test): its exit code and stderr.
+pub async fn broker_print_config(config: &Path, unset: &str) -> (Option<i32>, String) {
+    let broker = match tokio::task::spawn_blocking(broker_binary).await {
+        Ok(path) => path,
+        Err(e) => panic!("finding the broker binary: {e}"),
+    };
+    let out = match tokio::process::Command::new(&broker)
+        .arg("--config")
+        .arg(config)
+        .arg("print-config")
+        .env_remove(unset)
+        .output()
+        .await
+    {
+        Ok(out) => out,
+        Err(e) => panic!("running {}: {e}", broker.display()),
+    };
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The SASL XOAUTH2 initial response for `user` and `token`.
 pub fn xoauth2(user: &str, token: &str) -> String {
     B64.encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"))

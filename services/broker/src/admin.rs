@@ -138,24 +138,32 @@ impl AdminService {
             Err(err) => tracing::info!(code = err.result(), "admin call not authenticated"),
         }
         let principal = principal?;
-        // Before the call reads or writes anything, so a key over its rate costs the broker
-        // one bucket update per call and writes no record (not even a refused one).
-        if let Err(wait) = self
-            .call_limit
-            .check(&principal.key_id, std::time::Instant::now())
-        {
-            let secs = wait.as_secs_f64().ceil().max(1.0);
-            tracing::debug!(key_id = %principal.key_id, retry_after_seconds = secs, "admin call refused: rate limited");
-            return Err(Error::ResourceExhausted {
-                message: format!(
-                    "API key `{}` is over its Admin API call rate (`[admin] \
-                     call_rate_per_minute`); retry after {secs} s",
-                    principal.key_id
-                ),
-                retry_after: Some(wait),
-            });
-        }
+        // Before the call reads or writes anything.
+        self.check_call_rate(&principal.key_id)?;
         Ok(principal)
+    }
+
+    /// Takes one call of API key `key_id` from its bucket (`[admin] call_rate_per_minute`,
+    /// `call_burst`): every Admin API call and every request of a console session signed in
+    /// with the key. Over the rate: RESOURCE_EXHAUSTED with the wait, so a key over it costs
+    /// the broker one bucket update per call and writes no record (not even a refused one).
+    pub fn check_call_rate(&self, key_id: &str) -> Result<(), Error> {
+        let Err(wait) = self.call_limit.check(key_id, std::time::Instant::now()) else {
+            return Ok(());
+        };
+        let secs = wait.as_secs_f64().ceil().max(1.0);
+        tracing::debug!(
+            key_id,
+            retry_after_seconds = secs,
+            "call refused: rate limited"
+        );
+        Err(Error::ResourceExhausted {
+            message: format!(
+                "API key `{key_id}` is over its call rate (`[admin] call_rate_per_minute`); \
+                 retry after {secs} s"
+            ),
+            retry_after: Some(wait),
+        })
     }
 }
 

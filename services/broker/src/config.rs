@@ -978,7 +978,8 @@ pub struct BrokerConfig {
     pub limits: ListenerLimits,
     /// Where non-fleet-admin callers may point providers.
     pub providers: crate::ops::provider_policy::ProviderPolicy,
-    /// `[admin] call_rate_per_minute` and `call_burst`: Admin API calls per API key.
+    /// `[admin] call_rate_per_minute` and `call_burst`: Admin API calls and console requests
+    /// per API key.
     pub admin_call_rate: crate::rate_limit::Rate,
     /// `[admin] bootstrap_key_file`: a fleet-admin key to store at start (see
     /// [`crate::api_keys::bootstrap`]).
@@ -1176,9 +1177,10 @@ provider_hosts = []
 # exists, for the first admin key of a deployment (the Helm chart generates one into a Secret).
 # Only its hash is stored; a different key already stored under that id stops the broker.
 # bootstrap_key_file = "/run/tokenfleet/bootstrap/key"
-# Admin API calls per API key: a token bucket refilling call_rate_per_minute (0 means unlimited)
-# and holding up to call_burst. A key over it gets RESOURCE_EXHAUSTED with a retry-after before
-# the call touches anything. Kept in each replica's memory, so N replicas allow up to N times it.
+# Admin API calls (and console requests) per API key: a token bucket refilling
+# call_rate_per_minute (0 means unlimited) and holding up to call_burst. A key over it gets
+# RESOURCE_EXHAUSTED (console: 429) with a retry-after before the call touches anything. Kept in
+# each replica's memory, so N replicas allow up to N times it.
 call_rate_per_minute = 3000
 call_burst = 500
 

@@ -1141,19 +1141,12 @@ async fn trusted_proxies_that_are_wrong_or_too_wide_are_named() {
         "[http]\ntrusted_proxies = [\"10.0.0.0/24\", \"0.0.0.0/0\", \"proxy.example\"]\n",
     )
     .unwrap();
-    let broker = tokio::task::spawn_blocking(tokenfleet_testkit::agent_site::broker_binary)
-        .await
-        .unwrap();
-    let out = tokio::process::Command::new(broker)
-        .arg("--config")
-        .arg(&config)
-        .arg("print-config")
-        .env_remove("TOKENFLEET_HTTP__TRUSTED_PROXIES")
-        .output()
-        .await
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{err}");
+    let (code, err) = tokenfleet_testkit::agent_site::broker_print_config(
+        &config,
+        "TOKENFLEET_HTTP__TRUSTED_PROXIES",
+    )
+    .await;
+    assert_eq!(code, Some(64), "{err}");
     assert!(
         err.contains("http.trusted_proxies[1]") && err.contains("\"0.0.0.0/0\" is too wide"),
         "{err}"
@@ -1164,4 +1157,64 @@ async fn trusted_proxies_that_are_wrong_or_too_wide_are_named() {
         "{err}"
     );
     assert!(!err.contains("http.trusted_proxies[0]"), "{err}");
+}
+
+/// A console session is held to its key's call rate (`[admin] call_rate_per_minute`,
+/// `call_burst`), the same bucket as the key's Admin API calls: pages within it are served,
+/// the next is `429` naming the key and the setting, with `Retry-After`.
+#[tokio::test]
+async fn a_console_session_is_held_to_its_keys_call_rate() {
+    use tokenfleet_testkit::broker::{TestBroker, TestOptions, TestStore};
+    let broker = TestBroker::start_with(
+        TestStore::Embedded,
+        TestOptions {
+            binary_config: Some("[admin]\ncall_rate_per_minute = 1\ncall_burst = 3\n".to_owned()),
+            ..TestOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let addr = broker.http_addr;
+    let page = request(addr, "GET", "/console/sign-in", &[], "").await;
+    let pre = page.cookie("tf_signin").unwrap();
+    let key = broker.admin_key.expose().to_owned();
+    let a = request(
+        addr,
+        "POST",
+        "/console/sign-in",
+        &[
+            ("Cookie", &format!("tf_signin={pre}")),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        &form(&[("csrf", &csrf_of(&page.body)), ("api_key", &key)]),
+    )
+    .await;
+    assert_eq!(a.status, 303, "{}", a.body);
+    let cookie = format!("tf_console={}", a.cookie("tf_console").unwrap());
+    // One call of the burst through the API, two pages: the bucket is shared.
+    let mut admin = broker.admin_client();
+    admin.who_am_i(pb::WhoAmIRequest::default()).await.unwrap();
+    for path in ["/console/", "/console/audit"] {
+        let a = request(addr, "GET", path, &[("Cookie", &cookie)], "").await;
+        assert_eq!(a.status, 200, "{path}: {}", a.body);
+    }
+    let a = request(addr, "GET", "/console/", &[("Cookie", &cookie)], "").await;
+    assert_eq!(a.status, 429, "{}", a.body);
+    let id = key.split('_').nth(1).unwrap();
+    assert!(
+        a.body
+            .contains(&format!("API key `{id}` is over its call rate"))
+            && a.body.contains("call_rate_per_minute"),
+        "{}",
+        a.body
+    );
+    let retry: u64 = a.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_security_headers(&a, "rate-limited page");
+    // The API call after it is refused too.
+    let err = admin
+        .who_am_i(pb::WhoAmIRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
 }

@@ -24,10 +24,11 @@ pub struct AdminSection {
     /// first admin key of a deployment whose store the broker holds open (the embedded store
     /// cannot be opened by a second process). Only its hash is stored.
     pub bootstrap_key_file: Option<PathBuf>,
-    /// Admin API calls per API key: a token bucket refilling `call_rate_per_minute` (0 means
-    /// unlimited) and holding up to `call_burst`. A key over it gets `RESOURCE_EXHAUSTED` with
-    /// the wait, before the call reads or writes anything (so a stolen or runaway key cannot
-    /// flood the store or the refused-attempt log). Kept in each replica's memory.
+    /// Admin API calls (and requests of console sessions) per API key: a token bucket
+    /// refilling `call_rate_per_minute` (0 means unlimited) and holding up to `call_burst`. A
+    /// key over it gets `RESOURCE_EXHAUSTED` with the wait, before the call reads or writes
+    /// anything (so a stolen or runaway key cannot flood the store or the refused-attempt log).
+    /// Kept in each replica's memory.
     pub call_rate_per_minute: u32,
     /// See `call_rate_per_minute` (at least 1).
     pub call_burst: u32,
@@ -49,7 +50,7 @@ impl Default for AdminSection {
 pub struct AdminConfig {
     /// Where tenant admins may point providers.
     pub providers: ProviderPolicy,
-    /// Admin API calls per API key.
+    /// Admin API calls and console requests per API key.
     pub call_rate: Rate,
 }
 

@@ -89,6 +89,11 @@ async fn signed_in(state: &ConsoleState, headers: &HeaderMap) -> Result<Signed, 
         }
         Err(e) => return Err(error_page(&Error::from(e), None)),
     }
+    // The key's call rate holds for its console session too.
+    state
+        .admin
+        .check_call_rate(&s.principal.key_id)
+        .map_err(|e| error_page(&e, None))?;
     Ok(Signed {
         principal: s.principal,
         csrf: s.csrf,
@@ -158,7 +163,18 @@ fn error_page(err: &Error, chrome: Option<&Chrome<'_>>) -> Response {
         Error::Unauthenticated(_) => "Not signed in",
         _ => "The operation failed",
     };
-    status_page(status, title, chrome, &notice("bad", &text))
+    let mut page = status_page(status, title, chrome, &notice("bad", &text));
+    if let Error::ResourceExhausted {
+        retry_after: Some(wait),
+        ..
+    } = err
+    {
+        let secs = wait.as_secs_f64().ceil().max(1.0).to_string();
+        if let Ok(value) = HeaderValue::from_str(&secs) {
+            page.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+    }
+    page
 }
 
 // ---------------------------------------------------------------------------------------------
