@@ -45,6 +45,7 @@ use tokenfleet_proto::v1::admin_server::{Admin, AdminServer};
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
+use crate::auth_failures::AuthFailures;
 use crate::authz::Principal;
 use crate::convert::{self, UpdateMask};
 use crate::edge::grpc_status::bearer;
@@ -74,6 +75,8 @@ pub struct AdminService {
     providers: Providers,
     /// Calls per API key (`[admin] call_rate_per_minute`, `call_burst`).
     call_limit: RateLimiter,
+    /// Failed authentications per client address (shared with the console's sign-in).
+    auth_failures: AuthFailures,
 }
 
 /// Default Admin API calls per API key (`[admin] call_rate_per_minute`, `call_burst`).
@@ -97,6 +100,7 @@ impl AdminService {
                 tokens,
             },
             call_limit: RateLimiter::new(DEFAULT_CALL_RATE),
+            auth_failures: AuthFailures::default(),
         }
     }
 
@@ -129,13 +133,41 @@ impl AdminService {
         self
     }
 
+    /// The budget of failed authentications per client address, shared with the console.
+    pub fn auth_failures(&self) -> AuthFailures {
+        self.auth_failures.clone()
+    }
+
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<Principal, Error> {
-        let key = bearer(request.metadata())?;
-        let principal = api_keys::authenticate(&self.state, key).await;
+        let peer = request
+            .extensions()
+            .get::<crate::listener::GrpcPeer>()
+            .and_then(|p| p.remote);
+        // A source that keeps failing is refused before its key is looked up or logged.
+        if let Err(wait) = self.auth_failures.check(peer) {
+            let secs = wait.as_secs_f64().ceil().max(1.0);
+            return Err(Error::ResourceExhausted {
+                message: format!(
+                    "too many failed authentications from your address in the last minute; \
+                     retry after {secs} s"
+                ),
+                retry_after: Some(wait),
+            });
+        }
+        let key = bearer(request.metadata());
+        let principal = match key {
+            Ok(key) => api_keys::authenticate(&self.state, key).await,
+            Err(e) => Err(e),
+        };
         match &principal {
             // Its connection is served from now on, not closed for a new one.
             Ok(_) => crate::listener::prove_call(request),
-            Err(err) => tracing::info!(code = err.result(), "admin call not authenticated"),
+            Err(err) => {
+                if matches!(err, Error::Unauthenticated(_)) {
+                    self.auth_failures.record(peer);
+                }
+                tracing::info!(code = err.result(), "admin call not authenticated");
+            }
         }
         let principal = principal?;
         // Before the call reads or writes anything.

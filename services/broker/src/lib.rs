@@ -19,6 +19,8 @@ pub use tokenfleet_core::{
 // The edges that map the core's errors to gRPC and HTTP.
 pub mod edge;
 
+pub mod auth_failures;
+
 // Admin API (the gRPC service, the resources' wire conversions).
 pub mod admin;
 pub mod convert;

@@ -280,6 +280,8 @@ impl Acceptor {
 /// What the gRPC services learn of a connection.
 #[derive(Debug, Clone, Default)]
 pub struct GrpcPeer {
+    /// The client's address (the TCP peer's).
+    pub remote: Option<std::net::IpAddr>,
     /// The client certificate (DER) presented in the TLS handshake and verified there against the
     /// agent CA; `None` without TLS or without a certificate.
     pub leaf: Option<Arc<CertificateDer<'static>>>,
@@ -408,12 +410,15 @@ pub struct GrpcConn {
 }
 
 impl GrpcConn {
-    fn plain(io: LimitedStream) -> Self {
+    fn plain(io: LimitedStream, remote: std::net::SocketAddr) -> Self {
         Self {
             io: Either::Left(io),
             _anonymous: None,
             closed: None,
-            peer: GrpcPeer::default(),
+            peer: GrpcPeer {
+                remote: Some(remote.ip()),
+                ..GrpcPeer::default()
+            },
         }
     }
 }
@@ -533,8 +538,8 @@ pub fn grpc_incoming(
     // Without TLS no connection waits (nor can it be told from one being served).
     let Some(tls) = tls else {
         return Box::pin(futures::stream::unfold(acceptor, |acceptor| async move {
-            let (stream, _) = acceptor.accept().await;
-            Some((Ok(GrpcConn::plain(stream)), acceptor))
+            let (stream, remote) = acceptor.accept().await;
+            Some((Ok(GrpcConn::plain(stream, remote)), acceptor))
         }));
     };
     let anonymous = Arc::new(Anonymous {
@@ -663,7 +668,11 @@ impl Handshake {
             io: Either::Right(Box::new(io)),
             _anonymous: anonymous_slot,
             closed,
-            peer: GrpcPeer { leaf, calls },
+            peer: GrpcPeer {
+                remote: Some(remote.ip()),
+                leaf,
+                calls,
+            },
         })
     }
 }

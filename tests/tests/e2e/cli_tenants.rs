@@ -428,3 +428,83 @@ async fn each_api_key_is_held_to_its_call_rate() {
         "{err}"
     );
 }
+
+/// Failed authentications are limited per client address, one budget for the Admin API and the
+/// console's sign-in (broker binary): after 20 wrong keys from one address, even the right key
+/// from it is refused (`RESOURCE_EXHAUSTED` with the wait, and the console's sign-in `429`),
+/// while another address is served.
+#[tokio::test]
+async fn failed_authentications_are_limited_per_address() {
+    use tokenfleet_proto::v1 as pb;
+    use tokenfleet_seal::Secret;
+    use tokenfleet_testkit::broker::{BearerAuth, TestOptions};
+    let broker = TestBroker::start_with(
+        TestStore::Embedded,
+        TestOptions {
+            binary_config: Some(String::new()),
+            ..TestOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let from = |source: &str, key: &Secret| {
+        let endpoint = tonic::transport::Endpoint::from_shared(broker.grpc_url())
+            .unwrap()
+            .local_address(Some(source.parse().unwrap()));
+        let auth = BearerAuth::new(key);
+        async move {
+            pb::admin_client::AdminClient::with_interceptor(endpoint.connect().await.unwrap(), auth)
+                .who_am_i(pb::WhoAmIRequest::default())
+                .await
+        }
+    };
+    let wrong = Secret::new("tfk_0123456789abcdef_not-the-key");
+    for n in 0..20 {
+        let err = from("127.0.0.1", &wrong).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::Unauthenticated,
+            "attempt {n}: {err}"
+        );
+    }
+    let err = from("127.0.0.1", &broker.admin_key).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(
+        err.message()
+            .contains("too many failed authentications from your address"),
+        "{err}"
+    );
+    let retry: u64 = err
+        .metadata()
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    // The console's sign-in from that address: the same budget, spent.
+    let addr = broker.http_addr;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = "csrf=x&api_key=y";
+    let request = format!(
+        "POST /console/sign-in HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Cookie: tf_signin=x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut answer)
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    // Another address is served.
+    let me = from("127.0.0.2", &broker.admin_key)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!me.key_id.is_empty(), "{me:?}");
+}

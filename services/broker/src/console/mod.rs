@@ -52,8 +52,8 @@ impl ConsoleState {
     /// A console over `admin` with no sessions yet, counting its sign-ins in `metrics`.
     pub fn new(admin: AdminService, metrics: crate::metrics::Metrics) -> Self {
         Self {
+            sessions: Sessions::with_failures(admin.auth_failures()),
             admin,
-            sessions: Sessions::default(),
             metrics,
         }
     }

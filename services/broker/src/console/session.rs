@@ -10,10 +10,11 @@
 //! the double-submit way: a short-lived pre-session cookie and the same value in the form.
 //! Failed sign-ins are limited per source address (an IPv6 /64; behind `[http]
 //! trusted_proxies`, the client they name, see [`crate::listener::ClientAddress`]), so one
-//! client failing on purpose cannot keep the others out.
+//! client failing on purpose cannot keep the others out: the budget of
+//! [`crate::auth_failures`], shared with the Admin API's failed authentications.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 
+use crate::auth_failures::AuthFailures;
 use crate::authz::Principal;
 
 /// Name of the session cookie.
@@ -34,15 +36,6 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 pub const MAX_LIFETIME: Duration = Duration::from_secs(8 * 3600);
 /// At most this many sessions per replica; the oldest is dropped for a new one.
 pub const MAX_SESSIONS: usize = 10_000;
-/// Failed sign-ins allowed per source (an IPv4 address, an IPv6 /64) per replica per
-/// [`FAILURE_WINDOW`] before sign-in from that source answers 429. Per source, so one client
-/// failing on purpose cannot keep everybody else out of the console.
-pub const MAX_FAILURES: u32 = 20;
-/// Window of [`MAX_FAILURES`].
-pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-/// Sources whose failures are counted at once; when more fail within a window, the one whose
-/// window started first is forgotten (bounded memory whatever the flood).
-pub const MAX_FAILING_SOURCES: usize = 10_000;
 
 /// One signed-in browser.
 #[derive(Debug, Clone)]
@@ -60,23 +53,13 @@ pub struct Session {
 #[derive(Debug, Clone, Default)]
 pub struct Sessions {
     inner: Arc<Mutex<Inner>>,
+    /// Failed sign-ins per source (shared with the Admin API).
+    failures: AuthFailures,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     sessions: HashMap<String, Session>,
-    /// Failed sign-ins per source in its current window: when the window started, how many.
-    failures: HashMap<IpAddr, (Instant, u32)>,
-}
-
-/// What failed sign-ins are counted by: the source of the address
-/// ([`tokenfleet_listen::source_key`]: an IPv6 address's /64); `None` (no address known) is one
-/// source.
-fn source_of(peer: Option<IpAddr>) -> IpAddr {
-    peer.map_or(
-        IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        tokenfleet_listen::source_key,
-    )
 }
 
 /// 32 random bytes, base64url.
@@ -158,40 +141,23 @@ impl Sessions {
             .retain(|_, s| s.principal.key_id != key_id);
     }
 
+    /// Sessions whose failed sign-ins count in `failures` (the Admin API's budget).
+    pub fn with_failures(failures: AuthFailures) -> Self {
+        Self {
+            inner: Arc::default(),
+            failures,
+        }
+    }
+
     /// Whether `peer` may try to sign in: `false` when its source spent its failure budget
-    /// ([`MAX_FAILURES`] in the last [`FAILURE_WINDOW`]) on this replica.
+    /// ([`crate::auth_failures::MAX_FAILURES`] in the last minute) on this replica.
     pub fn failure_allowed(&self, peer: Option<IpAddr>) -> bool {
-        let now = Instant::now();
-        self.lock()
-            .failures
-            .get(&source_of(peer))
-            .is_none_or(|(start, failures)| {
-                now.duration_since(*start) >= FAILURE_WINDOW || *failures < MAX_FAILURES
-            })
+        self.failures.check(peer).is_ok()
     }
 
     /// Records a failed sign-in from `peer`.
     pub fn record_failure(&self, peer: Option<IpAddr>) {
-        let now = Instant::now();
-        let source = source_of(peer);
-        let mut inner = self.lock();
-        let failures = &mut inner.failures;
-        if !failures.contains_key(&source) && failures.len() >= MAX_FAILING_SOURCES {
-            failures.retain(|_, (start, _)| now.duration_since(*start) < FAILURE_WINDOW);
-            if failures.len() >= MAX_FAILING_SOURCES
-                && let Some(first) = failures
-                    .iter()
-                    .min_by_key(|(_, (start, _))| *start)
-                    .map(|(source, _)| *source)
-            {
-                failures.remove(&first);
-            }
-        }
-        let entry = failures.entry(source).or_insert((now, 0));
-        if now.duration_since(entry.0) >= FAILURE_WINDOW {
-            *entry = (now, 0);
-        }
-        entry.1 = entry.1.saturating_add(1);
+        self.failures.record(peer);
     }
 }
 
@@ -230,47 +196,6 @@ mod tests {
         assert!(sessions.get("other").is_none());
         sessions.remove_key("k");
         assert!(sessions.get(&id).is_none());
-    }
-
-    #[test]
-    fn failed_sign_ins_are_counted_per_source() {
-        let sessions = Sessions::default();
-        let one: IpAddr = "192.0.2.1".parse().unwrap();
-        let other: IpAddr = "192.0.2.2".parse().unwrap();
-        for _ in 0..MAX_FAILURES {
-            assert!(sessions.failure_allowed(Some(one)));
-            sessions.record_failure(Some(one));
-        }
-        assert!(!sessions.failure_allowed(Some(one)), "the budget is spent");
-        assert!(
-            sessions.failure_allowed(Some(other)),
-            "another source was refused"
-        );
-        // The same address written as an IPv4-mapped IPv6 one is the same source.
-        assert!(!sessions.failure_allowed(Some("::ffff:192.0.2.1".parse().unwrap())));
-        // One IPv6 /64 is one source.
-        for _ in 0..MAX_FAILURES {
-            sessions.record_failure(Some("2001:db8:1:2::1".parse().unwrap()));
-        }
-        assert!(!sessions.failure_allowed(Some("2001:db8:1:2:ffff::9".parse().unwrap())));
-        assert!(sessions.failure_allowed(Some("2001:db8:1:3::1".parse().unwrap())));
-    }
-
-    #[test]
-    fn the_failing_sources_kept_are_bounded() {
-        let sessions = Sessions::default();
-        let first: IpAddr = "10.0.0.0".parse().unwrap();
-        for _ in 0..MAX_FAILURES {
-            sessions.record_failure(Some(first));
-        }
-        for n in 1..=MAX_FAILING_SOURCES as u32 {
-            sessions.record_failure(Some(IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + n))));
-        }
-        assert_eq!(sessions.lock().failures.len(), MAX_FAILING_SOURCES);
-        assert!(
-            sessions.failure_allowed(Some(first)),
-            "the source whose window started first was not the one forgotten"
-        );
     }
 
     #[test]
