@@ -139,21 +139,11 @@ impl AdminService {
     }
 
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<Principal, Error> {
-        let peer = request
-            .extensions()
-            .get::<crate::listener::GrpcPeer>()
-            .and_then(|p| p.remote);
+        let peer = crate::listener::client_ip(request);
         // A source that keeps failing is refused before its key is looked up or logged.
-        if let Err(wait) = self.auth_failures.check(peer) {
-            let secs = wait.as_secs_f64().ceil().max(1.0);
-            return Err(Error::ResourceExhausted {
-                message: format!(
-                    "too many failed authentications from your address in the last minute; \
-                     retry after {secs} s"
-                ),
-                retry_after: Some(wait),
-            });
-        }
+        self.auth_failures
+            .check(peer)
+            .map_err(crate::auth_failures::refused)?;
         let key = bearer(request.metadata());
         let principal = match key {
             Ok(key) => api_keys::authenticate(&self.state, key).await,

@@ -1,5 +1,6 @@
 //! Failed authentications per source address, one budget per replica shared by the console's
-//! sign-in and the Admin API: a source (an IPv4 address, an IPv6 /64; behind the console's
+//! sign-in, the Admin API (a wrong or missing API key) and agent enrollment (a code that is not
+//! valid): a source (an IPv4 address, an IPv6 /64; behind the console's
 //! `[http] trusted_proxies`, the client they name) that failed [`MAX_FAILURES`] times within
 //! [`FAILURE_WINDOW`] is refused before its key is even looked up, so one client guessing keys
 //! (or sending a wrong one in a loop) costs neither store reads nor a log line per attempt,
@@ -18,6 +19,18 @@ pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// Sources whose failures are counted at once; when more fail within a window, the one whose
 /// window started first is forgotten (bounded memory whatever the flood).
 pub const MAX_FAILING_SOURCES: usize = 10_000;
+
+/// The answer to a source over its budget, `wait` before its window ends.
+pub fn refused(wait: Duration) -> crate::ops::Error {
+    let secs = wait.as_secs_f64().ceil().max(1.0);
+    crate::ops::Error::ResourceExhausted {
+        message: format!(
+            "too many failed authentications from your address in the last minute; retry after \
+             {secs} s"
+        ),
+        retry_after: Some(wait),
+    }
+}
 
 /// The failure budget of each source on this replica. Cheap to clone (one shared map).
 #[derive(Debug, Clone, Default)]

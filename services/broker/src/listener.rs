@@ -321,6 +321,14 @@ pub struct AnonymousCall {
     proven: std::sync::OnceLock<CallInFlight>,
 }
 
+/// The address of `request`'s client (the TCP peer's), when the gRPC listener served it.
+pub fn client_ip<T>(request: &tonic::Request<T>) -> Option<std::net::IpAddr> {
+    request
+        .extensions()
+        .get::<GrpcPeer>()
+        .and_then(|p| p.remote)
+}
+
 /// Marks `request`'s call as made by a caller who proved who they are (an admin call whose API
 /// key was accepted): from now until its response is done, its connection (one without a
 /// client certificate) is served, not waiting, and is never closed for a new connection. Does

@@ -284,6 +284,7 @@ pub async fn serve(
                     tokens.clone(),
                 )
                 .with_issue_rate(config.agents.issue_rate)
+                .with_auth_failures(admin_service.auth_failures())
                 .with_fleet_settings(
                     crate::fleet::FleetSettings::new(config.agents.heartbeat_seconds)
                         .with_shutdown(stop_rx.clone()),

@@ -30,6 +30,7 @@ use tokenfleet_store::RecordKey;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
+use crate::auth_failures::AuthFailures;
 use crate::convert::{self, timestamp};
 use crate::edge::grpc_status::status;
 use crate::identity::ca::IssuedCertificate;
@@ -66,6 +67,9 @@ pub struct TokenBrokerService {
     public_url: String,
     /// The records each agent's calls read, kept while their tenant's records do not change.
     snapshots: Arc<SnapshotCache>,
+    /// Failed enrollments per client address (the budget shared with the Admin API and the
+    /// console: [`crate::auth_failures`]).
+    auth_failures: AuthFailures,
     /// Turns the store's fleet notifications into wakes of the status streams this service
     /// holds; stops with the service.
     _fleet_listener: std::sync::Arc<crate::fleet::wake::Listener>,
@@ -80,6 +84,7 @@ impl TokenBrokerService {
             tokens,
             snapshots: Arc::default(),
             issue_limit: RateLimiter::new(DEFAULT_ISSUE_RATE),
+            auth_failures: AuthFailures::default(),
             fleet: crate::fleet::FleetSettings::default(),
             public_url: crate::config::DEFAULT_PUBLIC_URL.to_owned(),
             _fleet_listener: std::sync::Arc::new(crate::fleet::wake::Listener::start(&state.store)),
@@ -108,6 +113,13 @@ impl TokenBrokerService {
     #[must_use]
     pub fn with_issue_rate(mut self, rate: Rate) -> Self {
         self.issue_limit = RateLimiter::new(rate);
+        self
+    }
+
+    /// Counts failed enrollments in `failures` (the Admin API's budget).
+    #[must_use]
+    pub fn with_auth_failures(mut self, failures: AuthFailures) -> Self {
+        self.auth_failures = failures;
         self
     }
 
@@ -275,6 +287,11 @@ impl TokenBroker for TokenBrokerService {
     ) -> Result<Response<pb::AgentCertificate>, Status> {
         async {
             let identity = self.identity()?;
+            // A source that keeps failing is refused before its request is even checked.
+            let peer = crate::listener::client_ip(&request);
+            self.auth_failures
+                .check(peer)
+                .map_err(|wait| status(crate::auth_failures::refused(wait)))?;
             // Proven (its connection kept) once the code is redeemed.
             let proven = crate::listener::call_proof(&request);
             let req = request.into_inner();
@@ -287,7 +304,12 @@ impl TokenBroker for TokenBrokerService {
                 proven,
             )
             .await
-            .map_err(status)?;
+            .map_err(|e| {
+                if matches!(e, crate::ops::Error::Unauthenticated(_)) {
+                    self.auth_failures.record(peer);
+                }
+                status(e)
+            })?;
             Ok(Response::new(certificate_response(
                 identity,
                 &enrolled.id,

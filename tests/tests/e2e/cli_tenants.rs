@@ -508,3 +508,53 @@ async fn failed_authentications_are_limited_per_address() {
         .into_inner();
     assert!(!me.key_id.is_empty(), "{me:?}");
 }
+
+/// Enrollment codes that are not valid count in the same per-address budget (broker binary over
+/// TLS, the agent's own enrollment): after 20 from one address, a valid code from it is refused
+/// with the wait before it is looked at, and so is the Admin API from that address.
+#[tokio::test]
+async fn failed_enrollments_count_in_the_same_budget() {
+    use tokenfleet_agent::identity::{EnrollmentCode, enroll};
+    let broker = TestBroker::start_tls(TestStore::Embedded).await.unwrap();
+    let admin = broker.admin_key.expose().to_owned();
+    ok(
+        ctl_as(&broker, &admin, "tenant create --name acme").await,
+        "tenant create",
+    );
+    let code =
+        tokenfleet_testkit::broker::enrollment_code(&mut broker.admin_client(), "acme", "site-1")
+            .await;
+    let ca = broker.tls_ca_pem();
+    let dir = tempfile::tempdir().unwrap();
+    let url = broker.grpc_url();
+    for n in 0..20 {
+        let bogus = EnrollmentCode::new(&format!("tfe_{n:040x}"));
+        let err = enroll(&url, &bogus, ca.clone(), dir.path(), "test")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("enrollment code is unknown"),
+            "attempt {n}: {err}"
+        );
+    }
+    let err = enroll(
+        &url,
+        &EnrollmentCode::new(&code),
+        ca.clone(),
+        dir.path(),
+        "test",
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("too many failed authentications from your address"),
+        "{err}"
+    );
+    let (code, _, stderr) = ctl_as(&broker, &admin, "whoami").await;
+    assert!(
+        code != 0 && stderr.contains("too many failed authentications from your address"),
+        "{stderr}"
+    );
+}
