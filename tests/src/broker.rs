@@ -85,6 +85,17 @@ pub struct TestOptions {
     pub binary_config: Option<String>,
 }
 
+impl TestOptions {
+    /// The `tokenfleet-broker` binary as a child process with `config` (TOML tables, may be
+    /// empty) merged into its configuration; plaintext gRPC.
+    pub fn binary(config: impl Into<String>) -> Self {
+        Self {
+            binary_config: Some(config.into()),
+            ..Self::default()
+        }
+    }
+}
+
 /// A client of the `Admin` service that sends an API key with every call.
 pub type TestAdminClient = AdminClient<InterceptedService<Channel, BearerAuth>>;
 

@@ -144,8 +144,7 @@ impl AdminService {
         self.auth_failures
             .check(peer)
             .map_err(crate::auth_failures::refused)?;
-        let key = bearer(request.metadata());
-        let principal = match key {
+        let principal = match bearer(request.metadata()) {
             Ok(key) => api_keys::authenticate(&self.state, key).await,
             Err(e) => Err(e),
         };
@@ -173,19 +172,13 @@ impl AdminService {
         let Err(wait) = self.call_limit.check(key_id, std::time::Instant::now()) else {
             return Ok(());
         };
-        let secs = wait.as_secs_f64().ceil().max(1.0);
-        tracing::debug!(
-            key_id,
-            retry_after_seconds = secs,
-            "call refused: rate limited"
-        );
-        Err(Error::ResourceExhausted {
-            message: format!(
-                "API key `{key_id}` is over its call rate (`[admin] call_rate_per_minute`); \
-                 retry after {secs} s"
+        tracing::debug!(key_id, "call refused: rate limited");
+        Err(Error::exhausted_for(
+            format_args!(
+                "API key `{key_id}` is over its call rate (`[admin] call_rate_per_minute`)"
             ),
-            retry_after: Some(wait),
-        })
+            wait,
+        ))
     }
 }
 

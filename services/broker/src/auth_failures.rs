@@ -22,14 +22,10 @@ pub const MAX_FAILING_SOURCES: usize = 10_000;
 
 /// The answer to a source over its budget, `wait` before its window ends.
 pub fn refused(wait: Duration) -> crate::ops::Error {
-    let secs = wait.as_secs_f64().ceil().max(1.0);
-    crate::ops::Error::ResourceExhausted {
-        message: format!(
-            "too many failed authentications from your address in the last minute; retry after \
-             {secs} s"
-        ),
-        retry_after: Some(wait),
-    }
+    crate::ops::Error::exhausted_for(
+        "too many failed authentications from your address in the last minute",
+        wait,
+    )
 }
 
 /// The failure budget of each source on this replica. Cheap to clone (one shared map).

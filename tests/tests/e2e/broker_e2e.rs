@@ -230,15 +230,9 @@ async fn embedded_store_keeps_a_tenant_across_restart() {
 /// later, in batches, and syncs only every 500 ms.)
 #[tokio::test(flavor = "multi_thread")]
 async fn audit_records_acknowledged_before_a_kill_survive_it() {
-    let broker = TestBroker::start_with(
-        TestStore::Embedded,
-        TestOptions {
-            binary_config: Some(String::new()),
-            ..TestOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let broker = TestBroker::start_with(TestStore::Embedded, TestOptions::binary(""))
+        .await
+        .unwrap();
     let names: Vec<String> = (0..24).map(|i| format!("crash{i}")).collect();
     futures::future::join_all(names.iter().map(|name| create_tenant(&broker, name))).await;
     let broker = broker.kill_and_restart().await;

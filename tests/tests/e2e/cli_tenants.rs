@@ -44,6 +44,19 @@ fn key_id(key: &str) -> &str {
     key.split('_').nth(1).unwrap_or_default()
 }
 
+/// The refused-attempt records whose actor is API key `key`, as `tokenfleetctl audit --kind
+/// refused -o json` run with the key `admin` shows them.
+async fn refusals_of(broker: &TestBroker, admin: &str, key: &str) -> Vec<serde_json::Value> {
+    let line = "audit --kind refused -o json";
+    let text = ok(ctl_as(broker, admin, line).await, line);
+    let all: Vec<serde_json::Value> = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{line} printed no JSON list ({e}):\n{text}"));
+    let actor = format!("apikey:{}", key_id(key));
+    all.into_iter()
+        .filter(|e| e["actor"] == actor.as_str())
+        .collect()
+}
+
 /// Two tenants with the same objects, made by the fleet admin through the CLI.
 async fn two_tenants(broker: &TestBroker, admin: &str, dir: &std::path::Path) {
     for t in ["alpha", "bravo"] {
@@ -291,15 +304,11 @@ async fn keys_made_by_the_cli_see_and_change_only_their_own_tenant() {
 
     // Every refusal of the tenant admin is in the (global) audit log, with its key as the
     // actor: reads of the other tenant as well as changes.
-    let refusals = ok(
-        ctl_as(&broker, &admin, "audit --kind refused -o json").await,
-        "audit",
-    );
-    let refusals: Vec<serde_json::Value> = serde_json::from_str(&refusals).unwrap();
     let actor = format!("apikey:{}", key_id(&ta));
-    let by_ta: Vec<&serde_json::Value> = refusals
-        .iter()
-        .filter(|e| e["actor"] == actor.as_str() && e["result"] == "permission_denied")
+    let by_ta: Vec<serde_json::Value> = refusals_of(&broker, &admin, &ta)
+        .await
+        .into_iter()
+        .filter(|e| e["result"] == "permission_denied")
         .collect();
     // The other tenant's objects, the two tenant changes and the three keys.
     let made = other.len() + 2 + 3;
@@ -350,8 +359,7 @@ async fn each_api_key_is_held_to_its_call_rate() {
         TestStore::Embedded,
         TestOptions {
             tls: true,
-            binary_config: Some("[admin]\ncall_rate_per_minute = 1\ncall_burst = 4\n".to_owned()),
-            ..TestOptions::default()
+            ..TestOptions::binary("[admin]\ncall_rate_per_minute = 1\ncall_burst = 4\n")
         },
     )
     .await
@@ -390,16 +398,7 @@ async fn each_api_key_is_held_to_its_call_rate() {
     // The fleet admin's own bucket (calls 2 and 3): one refused record of the viewer's, from the
     // change within its rate; the one over it was refused before anything was written.
     ok(ctl_as(&broker, &admin, "whoami").await, "the admin's key");
-    let refusals = ok(
-        ctl_as(&broker, &admin, "audit --kind refused -o json").await,
-        "audit",
-    );
-    let refusals: Vec<serde_json::Value> = serde_json::from_str(&refusals).unwrap();
-    let actor = format!("apikey:{}", key_id(&viewer));
-    let by_viewer: Vec<&serde_json::Value> = refusals
-        .iter()
-        .filter(|e| e["actor"] == actor.as_str())
-        .collect();
+    let by_viewer = refusals_of(&broker, &admin, &viewer).await;
     assert_eq!(by_viewer.len(), 1, "{by_viewer:#?}");
     assert_eq!(by_viewer[0]["action"], "tenant.create", "{by_viewer:#?}");
     // Call 4 of the admin's burst, then its fifth is over the rate too.
@@ -438,15 +437,9 @@ async fn failed_authentications_are_limited_per_address() {
     use tokenfleet_proto::v1 as pb;
     use tokenfleet_seal::Secret;
     use tokenfleet_testkit::broker::{BearerAuth, TestOptions};
-    let broker = TestBroker::start_with(
-        TestStore::Embedded,
-        TestOptions {
-            binary_config: Some(String::new()),
-            ..TestOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let broker = TestBroker::start_with(TestStore::Embedded, TestOptions::binary(""))
+        .await
+        .unwrap();
     let from = |source: &str, key: &Secret| {
         let endpoint = tonic::transport::Endpoint::from_shared(broker.grpc_url())
             .unwrap()
@@ -511,7 +504,7 @@ async fn failed_authentications_are_limited_per_address() {
 
 /// Enrollment codes that are not valid count in the same per-address budget (broker binary over
 /// TLS, the agent's own enrollment): after 20 from one address, a valid code from it is refused
-/// with the wait before it is looked at, and so is the Admin API from that address.
+/// with the wait, and so is the Admin API from that address.
 #[tokio::test]
 async fn failed_enrollments_count_in_the_same_budget() {
     use tokenfleet_agent::identity::{EnrollmentCode, enroll};

@@ -1167,10 +1167,7 @@ async fn a_console_session_is_held_to_its_keys_call_rate() {
     use tokenfleet_testkit::broker::{TestBroker, TestOptions, TestStore};
     let broker = TestBroker::start_with(
         TestStore::Embedded,
-        TestOptions {
-            binary_config: Some("[admin]\ncall_rate_per_minute = 1\ncall_burst = 3\n".to_owned()),
-            ..TestOptions::default()
-        },
+        TestOptions::binary("[admin]\ncall_rate_per_minute = 1\ncall_burst = 3\n"),
     )
     .await
     .unwrap();

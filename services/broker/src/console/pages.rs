@@ -169,7 +169,7 @@ fn error_page(err: &Error, chrome: Option<&Chrome<'_>>) -> Response {
         ..
     } = err
     {
-        let secs = wait.as_secs_f64().ceil().max(1.0).to_string();
+        let secs = crate::ops::error::retry_after_secs(*wait).to_string();
         if let Ok(value) = HeaderValue::from_str(&secs) {
             page.headers_mut().insert(header::RETRY_AFTER, value);
         }

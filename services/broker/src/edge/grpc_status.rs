@@ -45,8 +45,8 @@ pub fn status(err: impl Into<Error>) -> Status {
 /// Adds a `retry-after` metadata entry (whole seconds, at least 1).
 fn with_retry_after(mut status: Status, retry_after: Option<std::time::Duration>) -> Status {
     if let Some(wait) = retry_after {
-        let secs = wait.as_secs_f64().ceil().max(1.0);
-        if let Ok(value) = format!("{secs}").parse() {
+        let secs = crate::ops::error::retry_after_secs(wait);
+        if let Ok(value) = secs.to_string().parse() {
             status.metadata_mut().insert("retry-after", value);
         }
     }

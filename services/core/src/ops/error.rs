@@ -68,7 +68,23 @@ pub enum Error {
 /// Result of an operation.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// `wait` as a `retry-after` value: whole seconds, rounded up, at least 1.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    wait.as_secs()
+        .saturating_add(u64::from(wait.subsec_nanos() > 0))
+        .max(1)
+}
+
 impl Error {
+    /// RESOURCE_EXHAUSTED for a limit that frees up after `wait` (a rate): `"{what}; retry
+    /// after N s"` ([`retry_after_secs`]), with the wait for the caller's `retry-after`.
+    pub fn exhausted_for(what: impl std::fmt::Display, wait: Duration) -> Self {
+        Self::ResourceExhausted {
+            message: format!("{what}; retry after {} s", retry_after_secs(wait)),
+            retry_after: Some(wait),
+        }
+    }
+
     /// INVALID_ARGUMENT naming the field: `"{field}: {problem}"`.
     pub fn invalid(field: &str, problem: impl std::fmt::Display) -> Self {
         Self::InvalidArgument(format!("{field}: {problem}"))
@@ -149,5 +165,32 @@ impl From<&StoreError> for Error {
 impl From<StoreError> for Error {
     fn from(err: StoreError) -> Self {
         Self::from(&err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_is_told_in_whole_seconds_rounded_up_at_least_one() {
+        for (wait, secs) in [
+            (Duration::ZERO, 1),
+            (Duration::from_millis(1), 1),
+            (Duration::from_secs(3), 3),
+            (Duration::from_millis(3001), 4),
+            (Duration::from_secs(59) + Duration::from_nanos(1), 60),
+        ] {
+            assert_eq!(retry_after_secs(wait), secs, "{wait:?}");
+        }
+        let err = Error::exhausted_for("key `k` is over its rate", Duration::from_millis(1500));
+        assert_eq!(err.to_string(), "key `k` is over its rate; retry after 2 s");
+        assert!(matches!(
+            err,
+            Error::ResourceExhausted {
+                retry_after: Some(w),
+                ..
+            } if w == Duration::from_millis(1500)
+        ));
     }
 }

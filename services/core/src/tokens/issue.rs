@@ -541,15 +541,14 @@ pub async fn issue_to_agent(
 
 /// RESOURCE_EXHAUSTED for an agent over its issue rate, with the wait.
 fn rate_limited(agent: &AgentId, wait: Duration) -> crate::ops::Error {
-    let secs = wait.as_secs_f64().ceil().max(1.0);
-    tracing::info!(agent = %agent, retry_after_seconds = secs, "access token refused: rate limited");
-    crate::ops::Error::ResourceExhausted {
-        message: format!(
-            "agent `{agent}` is over its IssueAccessToken rate (`[agents] issue_rate_per_minute`); \
-             retry after {secs} s"
+    let err = crate::ops::Error::exhausted_for(
+        format_args!(
+            "agent `{agent}` is over its IssueAccessToken rate (`[agents] issue_rate_per_minute`)"
         ),
-        retry_after: Some(wait),
-    }
+        wait,
+    );
+    tracing::info!(agent = %agent, error = %err, "access token refused: rate limited");
+    err
 }
 
 /// PERMISSION_DENIED (audited) unless `agent` hosts the device. A missing device (or bad
